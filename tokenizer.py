@@ -1,0 +1,245 @@
+"""Text <-> token ids for every checkpoint hata loads, and the chat templates that go with them.
+
+One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what the file contains:
+- sentencepiece: Llama 2 `tokenizer.model` (a protobuf; read by the sentencepiece library).
+- tiktoken: Llama 3 `tokenizer.model` (lines of "base64-bytes rank"), plus Meta's 256 special tokens from 128000.
+- byte-level BPE (GPT-2 style) stored in a GGUF file (`tokenizer.ggml.model == "gpt2"`, e.g. the default
+  SmolLM2 model) or in a Hugging Face `tokenizer.json`. Token ids equal merge ranks in these vocabularies,
+  so the vocabulary is rebuilt as a `tiktoken.Encoding` with the pre-split regex the model was trained with.
+
+`encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text); only
+`encode_chat` inserts special tokens. The chat template follows the special tokens the vocabulary has:
+<|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt written in the
+checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]`. Jinja itself is not run.
+`eos_ids` holds every id that ends generation (EOS plus <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present).
+"""
+import base64
+import json
+import os
+import re
+
+import tiktoken
+
+# --- byte-level BPE: vocabulary strings -> bytes, and the pre-split regexes --------------------------------
+
+# GPT-2 stores each byte as a printable unicode character: printable Latin-1 bytes stand for themselves and
+# the other 68 bytes are shifted to U+0100 onwards, in byte order.
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+_CHAR_TO_BYTE = {chr(b): b for b in _PRINTABLE}
+_CHAR_TO_BYTE.update({chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in _PRINTABLE)})
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# HF's Digits(individual_digits) + ByteLevel; matches llama.cpp's "smollm" pre-tokenizer (DATA.md).
+SMOLLM_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"
+GGUF_PRE = {"llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "smollm": SMOLLM_PATTERN,
+            "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN, "default": GPT2_PATTERN}
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
+HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
+
+
+def _vocab_bytes(token: str, where: str) -> bytes:
+    try:
+        return bytes(_CHAR_TO_BYTE[c] for c in token)
+    except KeyError:
+        raise ValueError(f"{where}: token {token!r} is not byte-level BPE; this tokenizer type is not supported")
+
+
+def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tiktoken.Encoding:
+    # tiktoken needs every single byte; vocabularies may lack a few (SmolLM2: some control bytes, 0xF1).
+    # Those get ids past the vocabulary, and Tokenizer drops them as HF does (it has no unknown-byte token).
+    n = max([*ranks.values(), *specials.values()]) + 1
+    ranks = dict(ranks)
+    for b in range(256):
+        ranks.setdefault(bytes([b]), n + b)
+    return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens=specials), n
+
+
+def _default_system(template: str | None) -> str | None:
+    """The literal system prompt a ChatML Jinja template inserts when the chat has none (SmolLM2 has one)."""
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template or "")
+    return m.group(1) if m else None
+
+
+# --- Tokenizer ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    def __init__(self, enc=None, vocab_size=None, sp=None, specials=None, bos_id=None, eos_id=None, add_bos=False, chat=None,
+                 system=None):
+        self.enc, self.sp = enc, sp                 # exactly one backend is set
+        self.specials = dict(specials or {})        # special-token text -> id
+        self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
+        self.add_bos = add_bos                      # encode()'s default for bos
+        ends = {i for t, i in self.specials.items() if t in END_TOKENS}
+        self.eos_ids = frozenset(ends | ({eos_id} if eos_id is not None else set()))
+        self.chat = chat                            # "llama3" | "chatml" | "llama2" | None
+        self.system = system                        # ChatML default system prompt
+        self.vocab_size = sp.get_piece_size() if sp is not None else vocab_size
+
+    @classmethod
+    def from_path(cls, path) -> "Tokenizer":
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer at {path!r}: {HOW}")
+        if os.path.isdir(path):
+            names = sorted(os.listdir(path))
+            found = [n for n in ("tokenizer.model", "tokenizer.json") if n in names]
+            found = found or [n for n in names if n.endswith(".gguf")][:1]
+            if not found:
+                raise FileNotFoundError(f"no tokenizer.model, tokenizer.json or .gguf in directory {path!r}: {HOW}")
+            path = os.path.join(path, found[0])
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if head[:4] == b"GGUF":
+            return cls._from_gguf(path)
+        if path.endswith(".json"):
+            return cls._from_hf_json(path)
+        if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
+            return cls._from_tiktoken(path)
+        return cls._from_sentencepiece(path)
+
+    @classmethod
+    def _from_gguf(cls, path):
+        import gguf
+        try:
+            fields = gguf.GGUFReader(path).fields
+        except Exception as e:  # the reader fails with assorted errors on a cut or corrupt file
+            raise ValueError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it")
+        get = lambda k, default=None: fields[k].contents() if k in fields else default
+        kind = get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"{path!r}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE "
+                             "'gpt2'); point --checkpoint at the model's tokenizer.model instead")
+        pre = get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE:
+            raise ValueError(f"{path!r}: unknown GGUF pre-tokenizer {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
+        ranks, specials = {}, {}
+        for i, (tok, typ) in enumerate(zip(get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"))):
+            if typ == 1:  # NORMAL: byte-level string
+                ranks[_vocab_bytes(tok, path)] = i
+            elif typ in (3, 4):  # CONTROL, USER_DEFINED: raw text, never produced by plain encode()
+                specials[tok] = i
+        bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
+        template = get("tokenizer.chat_template")
+        add_bos = bool(get("tokenizer.ggml.add_bos_token", bos is not None))
+        return cls(*_bpe(path, ranks, specials, GGUF_PRE[pre]), None, specials, bos, eos, add_bos,
+                   cls._chat_of(specials), _default_system(template))
+
+    @classmethod
+    def _from_hf_json(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tj = json.load(f)
+            model, pre = tj["model"], tj.get("pre_tokenizer") or {}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({e}); re-download it")
+        # The pre-split regex: an explicit Split, or ByteLevel's GPT-2 regex (after per-digit splitting for SmolLM2).
+        steps = pre.get("pretokenizers", [pre])
+        split = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
+        digits = any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps)
+        pattern = split[0] if split else SMOLLM_PATTERN if digits else GPT2_PATTERN
+        if model.get("type") != "BPE" or not any(s.get("type") == "ByteLevel" for s in steps) or None in split:
+            raise ValueError(f"{path!r}: only byte-level BPE tokenizer.json is supported; for Llama 2 "
+                             "use the directory's tokenizer.model")
+        specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        ranks = {_vocab_bytes(t, path): i for t, i in model["vocab"].items() if t not in specials}
+        # bos/eos names and the chat template live beside it, in tokenizer_config.json.
+        cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+        name = lambda t: t.get("content") if isinstance(t, dict) else t
+        bos, eos = specials.get(name(cfg.get("bos_token"))), specials.get(name(cfg.get("eos_token")))
+        # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not).
+        add_bos = bos is not None and name(cfg.get("bos_token")) in json.dumps(tj.get("post_processor"))
+        template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+        jinja = os.path.join(os.path.dirname(path), "chat_template.jinja")  # where transformers 5 saves it
+        if template is None and os.path.exists(jinja):
+            template = open(jinja, encoding="utf-8").read()
+        return cls(*_bpe(path, ranks, specials, pattern), None, specials, bos, eos, add_bos,
+                   cls._chat_of(specials), _default_system(template))
+
+    @classmethod
+    def _from_tiktoken(cls, path):
+        ranks = {}
+        with open(path, "rb") as f:
+            for n, line in enumerate(f):
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"{path!r} line {n + 1} is not 'base64 rank'; the tiktoken file is corrupt")
+        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+        return cls(*_bpe(path, ranks, specials, LLAMA3_PATTERN), None, specials, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], True, "llama3")
+
+    @classmethod
+    def _from_sentencepiece(cls, path):
+        import sentencepiece
+        try:
+            sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as e:
+            raise ValueError(f"{path!r} is neither a sentencepiece nor a tiktoken tokenizer.model ({e}); {HOW}")
+        bos, eos = sp.bos_id(), sp.eos_id()
+        return cls(None, None, sp, {}, bos if bos >= 0 else None, eos if eos >= 0 else None, bos >= 0, "llama2")
+
+    @staticmethod
+    def _chat_of(specials):
+        return "llama3" if "<|start_header_id|>" in specials else "chatml" if "<|im_start|>" in specials else None
+
+    # --- encode / decode ---
+
+    def _text(self, text: str) -> list[int]:
+        if self.sp is not None:
+            return self.sp.encode(text)
+        ids = self.enc.encode_ordinary(text)
+        # Ids past the vocabulary stand for bytes it lacks (see _bpe); drop them as HF does.
+        return [i for i in ids if i < self.vocab_size] if self.enc.n_vocab > self.vocab_size else ids
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        bos = self.add_bos if bos is None else bos
+        if (bos and self.bos_id is None) or (eos and self.eos_id is None):
+            raise ValueError("this tokenizer has no BOS/EOS token; call encode() with bos=False, eos=False")
+        return [self.bos_id] * bos + self._text(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self.sp.decode(ids) if self.sp is not None else self.enc.decode(ids, errors="replace")
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        sp = self.specials.get
+        ids = [self.bos_id] if self.add_bos and self.chat != "llama2" else []
+        if self.chat == "llama3":
+            for m in messages:
+                ids += [sp("<|start_header_id|>"), *self._text(m["role"]), sp("<|end_header_id|>"),
+                        *self._text("\n\n"), *self._text(m["content"].strip()), sp("<|eot_id|>")]
+            if add_generation_prompt:
+                ids += [sp("<|start_header_id|>"), *self._text("assistant"), sp("<|end_header_id|>"),
+                        *self._text("\n\n")]
+        elif self.chat == "chatml":
+            if self.system is not None and messages and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.system}, *messages]
+            for m in messages:
+                ids += [sp("<|im_start|>"), *self._text(m["role"] + "\n" + m["content"]), sp("<|im_end|>"),
+                        *self._text("\n")]
+            if add_generation_prompt:
+                ids += [sp("<|im_start|>"), *self._text("assistant\n")]
+        elif self.chat == "llama2":
+            # Meta's format: the system prompt folds into the first user turn; each exchange is <s>...</s>.
+            if len(messages) > 1 and messages[0]["role"] == "system":
+                first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
+                messages = [{"role": "user", "content": first}, *messages[2:]]
+            for i in range(0, len(messages), 2):
+                turn = f"[INST] {messages[i]['content'].strip()} [/INST]"
+                if i + 1 < len(messages):
+                    ids += self.encode(f"{turn} {messages[i + 1]['content'].strip()} ", bos=True, eos=True)
+                else:
+                    ids += self.encode(turn, bos=True)
+        else:
+            raise ValueError("this tokenizer has no chat tokens (<|im_start|> or <|start_header_id|>); "
+                             "use a plain prompt instead of chat mode")
+        return ids
