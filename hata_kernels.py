@@ -1,0 +1,442 @@
+"""HATA decode-step kernels: hash codes, Hamming scores, top-k selection, sparse attention.
+
+Implements the decode step of HATA (Hash-Aware Top-k Attention, Gong et al., ACL 2025, arXiv 2506.02572,
+Sec. 3: learned binary hash codes, Hamming-distance scoring, top-k sparse attention). See DESIGN.md for the
+algorithm and the dimension names used in every shape comment (B, H, Hkv, G, D, R, W, S, S_max, K).
+
+Each op is a triple, side by side:
+    _op_kernel   Triton kernel (GPU; also runs on the CPU under TRITON_INTERPRET=1)
+    op()         input checks (ValueError, one line) + dispatch
+    op_ref()     pure torch, the definition; runs anywhere
+
+Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref.
+
+    hash_encode(x, proj)                        -> codes (B, Hx, T, W) int32
+    hamming_score(q_codes, k_codes, lengths)    -> score (B, Hkv, S) int32
+    select_topk(score, lengths, budget, ...)    -> idx   (B, Hkv, budget) int32, -1 = unused slot
+    hamming_topk(q_codes, k_codes, lengths, budget, ...)  fused score + select (what the model uses)
+    sparse_decode_attention(q, k_cache, v_cache, idx)     -> out (B, H, D)
+
+Conventions (the contract with model.py):
+- Packing: bit i of word w is (x @ P)[32*w + i] > 0; words are int32, bit 31 is the sign bit.
+- Score: sum over the G query heads of a KV head of popcount(k_code XOR q_code); smaller is closer.
+  Positions s >= lengths[b] score G*R + 1 (worse than any real score).
+- Selection: per (b, h) the K_eff = min(budget, lengths[b]) positions with the smallest score; ties go to
+  the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len) are always
+  selected and count toward the budget: they rank before every scored position, and if they alone exceed
+  the budget the newest of them win (the same "newer wins" rule). Slots beyond K_eff hold -1.
+  The refs return positions ascending, then the -1s; the Triton kernels do too, except that
+  hamming_topk's kernel may return the selected positions in any order (compare as sets).
+- Strides: every op accepts non-contiguous inputs (e.g. cache views k_cache[:, :, :S]); the Triton paths
+  read k_cache / v_cache / k_codes through their strides and copy nothing of size S.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers shared by the ops
+
+
+def _use_triton(use_triton, *tensors):
+    """None -> Triton when every tensor lives on CUDA, else the ref."""
+    if use_triton is None:
+        return all(t.is_cuda for t in tensors)
+    return bool(use_triton)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _popcount_lut(device):
+    """(256,) int32: popcount of every byte value; the ref popcounts int32 words byte by byte."""
+    b = torch.arange(256, device=device)
+    return sum((b >> i) & 1 for i in range(8)).to(torch.int32)
+
+
+def _next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@triton.jit
+def _popcount(x, HW_POPC: tl.constexpr):
+    """popcount of each int32 lane. SWAR bit trick (exact, also in the interpreter) or the PTX popc."""
+    if HW_POPC:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    else:
+        # arithmetic right shifts are harmless: every mask clears the sign-extended bits
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        x = x + (x >> 8)
+        x = x + (x >> 16)
+        return x & 0x3F
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. hash_encode: codes = pack(x @ P > 0)          (DESIGN.md steps 1-2)
+
+
+@triton.jit
+def _hash_encode_kernel(
+    x_ptr, p_ptr, c_ptr,                    # x (B, Hx, T, D), proj (Hkv, D, R) fp32, codes (B, Hx, T, W) int32
+    Hx, T,
+    sxb, sxh, sxt, sxd,
+    spg, spd, spr,
+    scb, sch, sct,
+    G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hx
+    j = pid_bh % Hx
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                                # (BLOCK_T,)
+    d = tl.arange(0, D)                                                        # (D,)
+    r = tl.arange(0, 32)                                                       # (32,)
+    x = tl.load(x_ptr + b * sxb + j * sxh + t[:, None] * sxt + d[None, :] * sxd,
+                mask=t[:, None] < T, other=0.0).to(tl.float32)                 # (BLOCK_T, D) fp32
+    p_base = p_ptr + (j // G) * spg                                            # query head j -> KV head j // G
+    for w in range(W):                                                         # one int32 word per 32 bits
+        p = tl.load(p_base + d[:, None] * spd + (32 * w + r[None, :]) * spr)   # (D, 32) fp32
+        y = tl.dot(x, p, input_precision="ieee")                               # (BLOCK_T, 32) fp32
+        bits = (y > 0).to(tl.int32) << r[None, :]                              # (BLOCK_T, 32) int32
+        word = tl.sum(bits, axis=1)                                            # (BLOCK_T,) distinct bits: sum == OR
+        tl.store(c_ptr + b * scb + j * sch + t * sct + w, word, mask=t < T)
+
+
+def hash_encode(x, proj, use_triton=None):
+    """x (B, Hx, T, D) float, proj (Hkv, D, R) float -> codes (B, Hx, T, W) int32; row-head j uses
+    proj[j // (Hx // Hkv)], so keys pass Hx = Hkv and queries Hx = H. The projection runs in fp32."""
+    _check(x.dim() == 4, f"hash_encode: x must be (B, Hx, T, D), got shape {tuple(x.shape)}")
+    _check(proj.dim() == 3, f"hash_encode: proj must be (Hkv, D, R), got shape {tuple(proj.shape)}")
+    _check(x.dtype in _FLOATS, f"hash_encode: x must be fp32/bf16/fp16, got {x.dtype}")
+    _check(proj.dtype == torch.float32, f"hash_encode: proj must be float32, got {proj.dtype}")
+    B, Hx, T, D = x.shape
+    Hkv, Dp, R = proj.shape
+    _check(Dp == D, f"hash_encode: proj head dim {Dp} != x head dim {D}")
+    _check(R % 32 == 0 and R > 0, f"hash_encode: R = {R} hash bits must be a positive multiple of 32")
+    _check(Hx % Hkv == 0, f"hash_encode: x heads {Hx} must be a multiple of proj heads {Hkv}")
+    _check(x.device == proj.device, f"hash_encode: x on {x.device} but proj on {proj.device}")
+    if not _use_triton(use_triton, x, proj):
+        return hash_encode_ref(x, proj)
+    _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode: Triton path needs D a power of two >= 16, got {D}")
+    W = R // 32
+    codes = torch.empty(B, Hx, T, W, dtype=torch.int32, device=x.device)     # (B, Hx, T, W) int32
+    BLOCK_T = 16 if T <= 16 else 64                                            # tl.dot needs >= 16 rows
+    grid = (triton.cdiv(T, BLOCK_T), B * Hx)
+    _hash_encode_kernel[grid](
+        x, proj, codes, Hx, T, *x.stride(), *proj.stride(), *codes.stride()[:3],
+        G=Hx // Hkv, D=D, W=W, BLOCK_T=BLOCK_T,
+    )
+    return codes
+
+
+def hash_encode_ref(x, proj):
+    """Definition. Memory: reads x (B*Hx*T*D) and proj (Hkv*D*R*4 B); writes codes (B*Hx*T*R/8 B)."""
+    B, Hx, T, D = x.shape
+    Hkv, _, R = proj.shape
+    p = proj.float().repeat_interleave(Hx // Hkv, dim=0)                      # (Hx, D, R) fp32
+    y = torch.einsum("bhtd,hdr->bhtr", x.float(), p)                          # (B, Hx, T, R) fp32
+    bits = (y > 0).view(B, Hx, T, R // 32, 32).to(torch.int64)                # (B, Hx, T, W, 32)
+    words = (bits << torch.arange(32, device=x.device)).sum(-1)               # (B, Hx, T, W) int64 in [0, 2^32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # (B, Hx, T, W) int32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. hamming_score: group-summed Hamming distance of every cached key   (DESIGN.md step 3)
+
+
+@triton.jit
+def _group_score(k_ptrs, k_mask, qc_ptr, G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
+                 HW_POPC: tl.constexpr):
+    """Sum over the G query heads of popcount(k XOR q) for a block of keys.
+    k_ptrs (BLOCK_S, W_P2) pointers to key words; qc_ptr points at the group's (G, W) query codes."""
+    wi = tl.arange(0, W_P2)                                                    # (W_P2,)
+    k = tl.load(k_ptrs, mask=k_mask & (wi[None, :] < W), other=0)              # (BLOCK_S, W_P2) int32
+    score = tl.zeros([k.shape[0]], dtype=tl.int32)                             # (BLOCK_S,)
+    for g in range(G):
+        q = tl.load(qc_ptr + g * W + wi, mask=wi < W, other=0)                 # (W_P2,) int32
+        score += tl.sum(_popcount(k ^ q[None, :], HW_POPC), axis=1)            # (BLOCK_S,)
+    return score
+
+
+@triton.jit
+def _hamming_score_kernel(
+    qc_ptr, kc_ptr, len_ptr, out_ptr,      # q codes (B, H, W) contiguous, k codes (B, Hkv, S, W), out (B, Hkv, S)
+    Hkv, S,
+    skb, skh, sks,
+    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, R: tl.constexpr,
+    BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    length = tl.load(len_ptr + b)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                                # (BLOCK_S,)
+    wi = tl.arange(0, W_P2)                                                    # (W_P2,)
+    k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]       # (BLOCK_S, W_P2)
+    score = _group_score(k_ptrs, s[:, None] < length, qc_ptr + pid_bh * G * W, G, W, W_P2, HW_POPC)
+    score = tl.where(s < length, score, G * R + 1)                             # (BLOCK_S,) int32
+    tl.store(out_ptr + pid_bh * S + s, score, mask=s < S)
+
+
+def _check_codes(q_codes, k_codes, lengths, op):
+    _check(q_codes.dim() == 3, f"{op}: q_codes must be (B, H, W), got shape {tuple(q_codes.shape)}")
+    _check(k_codes.dim() == 4, f"{op}: k_codes must be (B, Hkv, S, W), got shape {tuple(k_codes.shape)}")
+    _check(q_codes.dtype == torch.int32 and k_codes.dtype == torch.int32,
+           f"{op}: codes must be int32, got {q_codes.dtype} and {k_codes.dtype}")
+    B, H, W = q_codes.shape
+    Bk, Hkv, S, Wk = k_codes.shape
+    _check(Bk == B and Wk == W, f"{op}: q_codes {tuple(q_codes.shape)} and k_codes {tuple(k_codes.shape)} "
+           "disagree on B or W")
+    _check(H % Hkv == 0, f"{op}: query heads {H} must be a multiple of KV heads {Hkv}")
+    _check(lengths.dim() == 1 and lengths.shape[0] == B and not lengths.is_floating_point(),
+           f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
+    _check(q_codes.device == k_codes.device == lengths.device, f"{op}: inputs on different devices")
+
+
+def hamming_score(q_codes, k_codes, lengths, use_triton=None):
+    """q_codes (B, H, W) int32, k_codes (B, Hkv, S, W) int32, lengths (B,) -> score (B, Hkv, S) int32."""
+    _check_codes(q_codes, k_codes, lengths, "hamming_score")
+    if not _use_triton(use_triton, q_codes, k_codes, lengths):
+        return hamming_score_ref(q_codes, k_codes, lengths)
+    B, H, W = q_codes.shape
+    _, Hkv, S, _ = k_codes.shape
+    k_codes = k_codes if k_codes.stride(3) == 1 else k_codes.contiguous()
+    out = torch.empty(B, Hkv, S, dtype=torch.int32, device=q_codes.device)    # (B, Hkv, S) int32
+    BLOCK_S = 1024 if not _INTERPRET else max(16, min(1024, _next_pow2(S)))
+    grid = (triton.cdiv(S, BLOCK_S), B * Hkv)
+    _hamming_score_kernel[grid](
+        q_codes.contiguous(), k_codes, lengths, out, Hkv, S, *k_codes.stride()[:3],
+        G=H // Hkv, W=W, W_P2=_next_pow2(W), R=32 * W, BLOCK_S=BLOCK_S, HW_POPC=not _INTERPRET,
+    )
+    return out
+
+
+def hamming_score_ref(q_codes, k_codes, lengths):
+    """Definition. Memory: reads k_codes (B*Hkv*S*W*4 B, 16 B/token/head at R=128) G times; writes
+    (B*Hkv*S*4 B). Popcount by a 256-entry byte table."""
+    B, H, W = q_codes.shape
+    _, Hkv, S, _ = k_codes.shape
+    G = H // Hkv
+    lut = _popcount_lut(k_codes.device)                                       # (256,) int32
+    qg = q_codes.view(B, Hkv, G, 1, W)                                         # (B, Hkv, G, 1, W)
+    score = torch.zeros(B, Hkv, S, dtype=torch.int32, device=k_codes.device)  # (B, Hkv, S) int32
+    for g in range(G):                                                         # loop over heads, not tokens
+        x = (k_codes ^ qg[:, :, g]).contiguous()                               # (B, Hkv, S, W) int32
+        score += lut[x.view(torch.uint8).long()].sum(-1, dtype=torch.int32)    # (B, Hkv, S)
+    valid = torch.arange(S, device=k_codes.device) < lengths.view(B, 1, 1)    # (B, 1, S) bool
+    return torch.where(valid, score, G * 32 * W + 1)                           # (B, Hkv, S) int32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. select_topk: smallest-score positions with sinks, recent window, newest-wins ties   (DESIGN.md step 4)
+
+
+def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
+    _check(lengths.dim() == 1 and lengths.shape[0] == B and not lengths.is_floating_point(),
+           f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
+    _check(lengths.device == device, f"{op}: lengths on {lengths.device}, scores/codes on {device}")
+    _check(isinstance(budget, int) and budget >= 1, f"{op}: budget must be an int >= 1, got {budget!r}")
+    _check(isinstance(n_sink, int) and n_sink >= 0, f"{op}: n_sink must be an int >= 0, got {n_sink!r}")
+    _check(isinstance(n_recent, int) and n_recent >= 0, f"{op}: n_recent must be an int >= 0, got {n_recent!r}")
+
+
+@triton.jit
+def _select_key64(key, s, length, N_SINK: tl.constexpr, N_RECENT: tl.constexpr):
+    """int64 order key of a position: sinks and the recent window rank below every int32 key;
+    the caller excludes s >= length."""
+    forced = (s < N_SINK) | (s >= length - N_RECENT)
+    return tl.where(forced, -2147483649, key.to(tl.int64))
+
+
+@triton.jit
+def _select_topk_kernel(
+    key_ptr, len_ptr, idx_ptr,             # key (B, Hkv, S) int32 order key, lengths (B,), idx (B, Hkv, BUDGET)
+    Hkv, S,
+    BUDGET: tl.constexpr, N_SINK: tl.constexpr, N_RECENT: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (32 counting
+    passes), then compacts: keys below it, plus the newest ties, in ascending position order."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // Hkv
+    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
+    k_eff = tl.minimum(length, BUDGET)
+    row = key_ptr + pid_bh * S
+    # bisection: the largest t such that count(key < t) < k_eff is the K_eff-th smallest key
+    lo = tl.full([], -2147483650, tl.int64)                                    # below every key
+    hi = tl.full([], 2147483648, tl.int64)                                     # above every key
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cnt = tl.zeros([], tl.int32)
+        for start in range(0, S, BLOCK_S):
+            s = start + tl.arange(0, BLOCK_S)                                  # (BLOCK_S,)
+            key = _select_key64(tl.load(row + s, mask=s < length, other=0), s, length, N_SINK, N_RECENT)
+            cnt += tl.sum(((key < mid) & (s < length)).to(tl.int32))
+        if cnt < k_eff:
+            lo = mid
+        else:
+            hi = mid
+    t = lo                                                                     # threshold key
+    n_less = tl.zeros([], tl.int32)
+    n_eq = tl.zeros([], tl.int32)
+    for start in range(0, S, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        key = _select_key64(tl.load(row + s, mask=s < length, other=0), s, length, N_SINK, N_RECENT)
+        n_less += tl.sum(((key < t) & (s < length)).to(tl.int32))
+        n_eq += tl.sum(((key == t) & (s < length)).to(tl.int32))
+    skip = n_eq - (k_eff - n_less)                                             # oldest ties left out
+    # compaction in ascending position order
+    out = idx_ptr + pid_bh * BUDGET
+    n_out = tl.zeros([], tl.int32)
+    eq_seen = tl.zeros([], tl.int32)
+    for start in range(0, S, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        valid = s < length
+        key = _select_key64(tl.load(row + s, mask=valid, other=0), s, length, N_SINK, N_RECENT)
+        eq = (key == t) & valid                                                # (BLOCK_S,)
+        eq_rank = eq_seen + tl.cumsum(eq.to(tl.int32), axis=0) - 1             # (BLOCK_S,) rank among ties
+        sel = ((key < t) & valid) | (eq & (eq_rank >= skip))                   # (BLOCK_S,)
+        rank = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1                 # (BLOCK_S,)
+        tl.store(out + rank, s, mask=sel)
+        n_out += tl.sum(sel.to(tl.int32))
+        eq_seen += tl.sum(eq.to(tl.int32))
+    for start in range(0, BUDGET, BLOCK_S):
+        k = start + tl.arange(0, BLOCK_S)
+        tl.store(out + k, tl.full([BLOCK_S], -1, tl.int32), mask=(k >= k_eff) & (k < BUDGET))
+
+
+def _order_key_int32(score):
+    """Map any real score to an int32 key with the same order (and the same ties) where exact:
+    integers as they are (must fit int32), floats through their fp32 bit pattern."""
+    if not score.is_floating_point():
+        return score.to(torch.int32)
+    bits = score.float().view(torch.int32)                                     # (B, Hkv, S) int32
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)                      # negative floats: flip magnitude
+
+
+def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
+    """score (B, Hkv, S) any real dtype, smaller is closer -> idx (B, Hkv, budget) int32 ascending, -1 padded.
+    The Triton path orders scores as fp32 (integer scores must fit in int32)."""
+    _check(score.dim() == 3, f"select_topk: score must be (B, Hkv, S), got shape {tuple(score.shape)}")
+    _check(score.dtype != torch.bool and not score.is_complex(), f"select_topk: score must be real, got {score.dtype}")
+    B, Hkv, S = score.shape
+    _check_select(lengths, budget, n_sink, n_recent, B, score.device, "select_topk")
+    if not _use_triton(use_triton, score, lengths):
+        return select_topk_ref(score, lengths, budget, n_sink, n_recent)
+    key = _order_key_int32(score).contiguous()                                 # (B, Hkv, S) int32
+    idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=score.device)  # (B, Hkv, K) int32
+    BLOCK_S = 1024 if not _INTERPRET else 256
+    _select_topk_kernel[(B * Hkv,)](key, lengths, idx, Hkv, S, BUDGET=budget, N_SINK=n_sink, N_RECENT=n_recent,
+                                    BLOCK_S=BLOCK_S)
+    return idx
+
+
+def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
+    """Definition. Memory: reads score (B*Hkv*S), sorts it (O(S log S)), writes (B*Hkv*K*4 B)."""
+    B, Hkv, S = score.shape
+    dev = score.device
+    pos = torch.arange(S, device=dev)                                          # (S,)
+    length = lengths.view(B, 1, 1).to(dev)                                     # (B, 1, 1)
+    valid = pos < length                                                       # (B, 1, S)
+    forced = valid & ((pos < n_sink) | (pos >= length - n_recent))             # (B, 1, S)
+    key = score.double().masked_fill(forced, -math.inf).masked_fill(~valid, math.inf)   # (B, Hkv, S) fp64
+    # newest wins ties: a stable sort of the position-reversed row keeps larger positions first
+    order = torch.sort(key.flip(-1), dim=-1, stable=True).indices[..., :budget]  # (B, Hkv, min(K, S))
+    sel = S - 1 - order                                                        # positions, best first
+    rank = torch.arange(sel.shape[-1], device=dev)                             # (min(K, S),)
+    sel = torch.where(rank < torch.clamp(length, max=budget), sel, S)          # S marks an unused slot
+    sel = torch.sort(sel, dim=-1).values                                       # ascending, unused last
+    sel = torch.nn.functional.pad(sel, (0, budget - sel.shape[-1]), value=S)   # (B, Hkv, K)
+    return torch.where(sel == S, -1, sel).to(torch.int32)                      # (B, Hkv, K) int32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. hamming_topk: fused score + counting select (the hash selector of the model)
+
+
+def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
+    """q_codes (B, H, W), k_codes (B, Hkv, S, W) int32, lengths (B,) -> idx (B, Hkv, budget) int32, -1 padded.
+    Same selection as select_topk(hamming_score(...)); the Triton path may order the positions differently."""
+    _check_codes(q_codes, k_codes, lengths, "hamming_topk")
+    _check_select(lengths, budget, n_sink, n_recent, q_codes.shape[0], q_codes.device, "hamming_topk")
+    if not _use_triton(use_triton, q_codes, k_codes, lengths):
+        return hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink, n_recent)
+    return _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent)
+
+
+def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
+    """Definition: select_topk_ref(hamming_score_ref(...)). Memory: the sum of the two."""
+    return select_topk_ref(hamming_score_ref(q_codes, k_codes, lengths), lengths, budget, n_sink, n_recent)
+
+
+def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
+    raise NotImplementedError("hamming_topk: Triton path not written yet")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. sparse_decode_attention: softmax(q K_sel^T * scale) V_sel over the selected rows   (DESIGN.md step 5)
+
+
+def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=None):
+    """q (B, H, D), k_cache/v_cache (B, Hkv, S_max, D), idx (B, Hkv, K) int32 (-1 = unused) -> (B, H, D)
+    in q's dtype. Indices must lie in [0, S_max) or be -1 (not checked: that would need a host sync).
+    A query head whose KV head selects nothing gets zeros."""
+    _check(q.dim() == 3, f"sparse_decode_attention: q must be (B, H, D), got shape {tuple(q.shape)}")
+    _check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape,
+           f"sparse_decode_attention: k_cache/v_cache must both be (B, Hkv, S_max, D), got "
+           f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    _check(idx.dim() == 3 and idx.dtype == torch.int32,
+           f"sparse_decode_attention: idx must be (B, Hkv, K) int32, got {idx.dtype} {tuple(idx.shape)}")
+    _check(q.dtype in _FLOATS + (torch.float64,) and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+           f"sparse_decode_attention: q, k_cache, v_cache must share one float dtype, got "
+           f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    B, H, D = q.shape
+    Bk, Hkv, S_max, Dk = k_cache.shape
+    _check(Bk == B and Dk == D, f"sparse_decode_attention: q {tuple(q.shape)} and k_cache "
+           f"{tuple(k_cache.shape)} disagree on B or D")
+    _check(H % Hkv == 0, f"sparse_decode_attention: query heads {H} must be a multiple of KV heads {Hkv}")
+    _check(idx.shape[:2] == (B, Hkv), f"sparse_decode_attention: idx {tuple(idx.shape)} must start with "
+           f"(B, Hkv) = ({B}, {Hkv})")
+    _check(q.device == k_cache.device == v_cache.device == idx.device,
+           "sparse_decode_attention: inputs on different devices")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not _use_triton(use_triton, q, k_cache, v_cache, idx):
+        return sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale)
+    return _sparse_attention_triton(q, k_cache, v_cache, idx, scale)
+
+
+def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
+    """Definition. Memory: gathers K rows of K and V per KV head (2*B*Hkv*K*D*itemsize B), writes B*H*D.
+    Accumulates in fp32 (fp64 for fp64 inputs)."""
+    B, H, D = q.shape
+    _, Hkv, S_max, _ = k_cache.shape
+    K = idx.shape[-1]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    used = idx >= 0                                                            # (B, Hkv, K) bool
+    gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)               # (B, Hkv, K, D)
+    k_sel = k_cache.gather(2, gi).to(acc)                                      # (B, Hkv, K, D)
+    v_sel = v_cache.gather(2, gi).to(acc)                                      # (B, Hkv, K, D)
+    qg = q.view(B, Hkv, G, D).to(acc)                                          # (B, Hkv, G, D)
+    s = torch.einsum("bhgd,bhkd->bhgk", qg, k_sel) * scale                     # (B, Hkv, G, K)
+    s = s.masked_fill(~used[:, :, None, :], -math.inf)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                               # rows with nothing selected: 0
+    out = torch.einsum("bhgk,bhkd->bhgd", p, v_sel)                            # (B, Hkv, G, D)
+    return out.reshape(B, H, D).to(q.dtype)                                    # (B, H, D)
+
+
+def _sparse_attention_triton(q, k_cache, v_cache, idx, scale):
+    raise NotImplementedError("sparse_decode_attention: Triton path not written yet")

@@ -1,0 +1,259 @@
+"""Tests for hata_kernels.py: each ref against a brute-force Python-loop definition, each Triton kernel
+against its ref (on the CPU through the Triton interpreter), CUDA tests at realistic sizes, bad input."""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():                  # must precede the first @triton.jit definition
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import hata_kernels as hk  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# brute-force definitions: Python loops over every element, straight from DESIGN.md
+
+
+def to_int32(u):
+    """Unsigned 32-bit Python int -> the int32 with the same bits."""
+    return u - (1 << 32) if u >= (1 << 31) else u
+
+
+def brute_hash_encode(x, proj):
+    B, Hx, T, D = x.shape
+    Hkv, _, R = proj.shape
+    G = Hx // Hkv
+    xs, ps = x.double().tolist(), proj.double().tolist()
+    out = torch.zeros(B, Hx, T, R // 32, dtype=torch.int32)
+    for b in range(B):
+        for j in range(Hx):
+            for t in range(T):
+                for w in range(R // 32):
+                    word = 0
+                    for i in range(32):
+                        y = sum(xs[b][j][t][d] * ps[j // G][d][32 * w + i] for d in range(D))
+                        word |= int(y > 0) << i
+                    out[b, j, t, w] = to_int32(word)
+    return out
+
+
+def brute_hamming_score(q_codes, k_codes, lengths):
+    B, H, W = q_codes.shape
+    _, Hkv, S, _ = k_codes.shape
+    G = H // Hkv
+    qs, ks = q_codes.tolist(), k_codes.tolist()
+    out = torch.zeros(B, Hkv, S, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            for s in range(S):
+                if s >= lengths[b]:
+                    out[b, h, s] = G * 32 * W + 1
+                    continue
+                out[b, h, s] = sum(bin((ks[b][h][s][w] ^ qs[b][h * G + g][w]) & 0xFFFFFFFF).count("1")
+                                   for g in range(G) for w in range(W))
+    return out
+
+
+def brute_select(score, lengths, budget, n_sink=0, n_recent=0):
+    """Sets of selected positions, [b][h] -> sorted list."""
+    B, Hkv, S = score.shape
+    out = []
+    for b in range(B):
+        n = int(lengths[b])
+        row = []
+        for h in range(Hkv):
+            def rank(s):
+                forced = s < n_sink or s >= n - n_recent
+                return (0 if forced else 1, 0 if forced else float(score[b, h, s]), -s)
+            row.append(sorted(sorted(range(n), key=rank)[:min(budget, n)]))
+        out.append(row)
+    return out
+
+
+def as_sets(idx):
+    """(B, Hkv, K) -> [b][h] -> (sorted selected positions, number of -1 slots)."""
+    return [[(sorted(p for p in r if p >= 0), sum(1 for p in r if p < 0)) for r in rows] for rows in idx.tolist()]
+
+
+def brute_attention(q, k_cache, v_cache, idx, scale):
+    B, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = H // Hkv
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        for j in range(H):
+            h = j // G
+            sel = [int(s) for s in idx[b, h] if s >= 0]
+            if not sel:
+                continue
+            logits = [scale * sum(float(q[b, j, d]) * float(k_cache[b, h, s, d]) for d in range(D)) for s in sel]
+            m = max(logits)
+            p = [math.exp(x - m) for x in logits]
+            for d in range(D):
+                out[b, j, d] = sum(pi * float(v_cache[b, h, s, d]) for pi, s in zip(p, sel)) / sum(p)
+    return out
+
+
+def random_codes(*shape, gen):
+    return torch.randint(-2**31, 2**31, shape, dtype=torch.int64, generator=gen).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# refs against the brute-force definitions
+
+
+@pytest.mark.parametrize("G,R", [(1, 32), (3, 128), (4, 64)])
+def test_hash_encode_ref(G, R):
+    gen = torch.Generator().manual_seed(G * 100 + R)
+    Hkv, D, T = 2, 16, 3
+    proj = torch.randn(Hkv, D, R, generator=gen)
+    for Hx in (Hkv, Hkv * G):
+        x = torch.randn(2, Hx, T, D, generator=gen)
+        assert torch.equal(hk.hash_encode_ref(x, proj), brute_hash_encode(x, proj))
+
+
+def test_hash_encode_packing():
+    """A vector whose projection is positive exactly at dims 0, 31, 33 (and 127): bit 31 is the sign bit."""
+    D, R = 4, 128
+    proj = -torch.ones(1, D, R)
+    for r in (0, 31, 33, 127):
+        proj[0, :, r] = 1.0
+    x = torch.ones(1, 1, 1, D)
+    codes = hk.hash_encode_ref(x, proj)[0, 0, 0].tolist()
+    assert codes == [1 | -2**31, 2, 0, -2**31]
+    assert hk.hash_encode(x, proj, use_triton=False)[0, 0, 0].tolist() == codes
+
+
+@pytest.mark.parametrize("S", [1, 63, 257])
+@pytest.mark.parametrize("G,R", [(1, 32), (3, 128), (4, 32), (4, 128)])
+def test_hamming_score_ref(S, G, R):
+    gen = torch.Generator().manual_seed(S * 7 + G * 3 + R)
+    B, Hkv, W = 2, 2, R // 32
+    q = random_codes(B, Hkv * G, W, gen=gen)
+    k = random_codes(B, Hkv, S, W, gen=gen)
+    lengths = torch.tensor([S, max(1, S // 2)])
+    ref = hk.hamming_score_ref(q, k, lengths)
+    assert ref.dtype == torch.int32 and ref.shape == (B, Hkv, S)
+    assert torch.equal(ref, brute_hamming_score(q, k, lengths))
+
+
+@pytest.mark.parametrize("S", [1, 63, 257])
+@pytest.mark.parametrize("budget,n_sink,n_recent", [(1, 0, 0), (8, 0, 0), (16, 2, 3), (40, 4, 16), (300, 1, 1)])
+def test_select_topk_ref(S, budget, n_sink, n_recent):
+    gen = torch.Generator().manual_seed(S + budget)
+    B, Hkv = 3, 2
+    score = torch.randint(0, 12, (B, Hkv, S), generator=gen, dtype=torch.int32)   # many ties
+    lengths = torch.tensor([S, max(1, S - 5), max(1, S // 3)])
+    idx = hk.select_topk_ref(score, lengths, budget, n_sink, n_recent)
+    assert idx.shape == (B, Hkv, budget) and idx.dtype == torch.int32
+    brute = brute_select(score, lengths, budget, n_sink, n_recent)
+    for b in range(B):
+        for h in range(Hkv):
+            k_eff = min(budget, int(lengths[b]))
+            assert idx[b, h].tolist() == brute[b][h] + [-1] * (budget - k_eff)   # ascending, then -1s
+
+
+def test_select_topk_ref_float_scores():
+    gen = torch.Generator().manual_seed(5)
+    score = torch.randn(2, 3, 63, generator=gen).round(decimals=1)            # negative values and ties
+    lengths = torch.tensor([63, 20])
+    idx = hk.select_topk_ref(score, lengths, 10, 1, 2)
+    brute = brute_select(score, lengths, 10, 1, 2)
+    assert [[s for s, _ in row] for row in as_sets(idx)] == brute
+
+
+def test_select_topk_ref_rules():
+    """Ties: newer wins; sinks and recent always in; nothing at or past the length; budget >= length."""
+    score = torch.tensor([[[5, 1, 1, 1, 9, 1, 9, 9]]], dtype=torch.int32)     # (1, 1, 8)
+    L = torch.tensor([8])
+    assert hk.select_topk_ref(score, L, 2).tolist() == [[[3, 5]]]             # ties among 1s: newest two
+    assert hk.select_topk_ref(score, L, 3, n_sink=1).tolist() == [[[0, 3, 5]]]
+    assert hk.select_topk_ref(score, L, 3, n_recent=2).tolist() == [[[5, 6, 7]]]
+    assert hk.select_topk_ref(score, L, 2, n_sink=2, n_recent=2).tolist() == [[[6, 7]]]  # forced > budget: newest
+    assert hk.select_topk_ref(score, torch.tensor([4]), 3).tolist() == [[[1, 2, 3]]]     # s >= 4 never
+    assert hk.select_topk_ref(score, torch.tensor([3]), 5).tolist() == [[[0, 1, 2, -1, -1]]]  # budget >= length
+    assert hk.select_topk_ref(score, L, 5, n_sink=20, n_recent=20).tolist() == [[[3, 4, 5, 6, 7]]]
+
+
+@pytest.mark.parametrize("S,G,R", [(63, 3, 128), (257, 4, 32)])
+def test_hamming_topk_ref(S, G, R):
+    gen = torch.Generator().manual_seed(S + G)
+    B, Hkv, W = 2, 2, R // 32
+    q = random_codes(B, Hkv * G, W, gen=gen)
+    k = random_codes(B, Hkv, S, W, gen=gen)
+    lengths = torch.tensor([S, S // 3])
+    idx = hk.hamming_topk_ref(q, k, lengths, 20, 2, 4)
+    brute = brute_select(brute_hamming_score(q, k, lengths), lengths, 20, 2, 4)
+    assert [[s for s, _ in row] for row in as_sets(idx)] == brute
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_sparse_attention_ref(G):
+    gen = torch.Generator().manual_seed(G)
+    B, Hkv, S_max, D, K = 2, 2, 37, 8, 6
+    q = torch.randn(B, Hkv * G, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S_max, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S_max, D, generator=gen, dtype=torch.float64)
+    idx = torch.randint(0, S_max, (B, Hkv, K), generator=gen, dtype=torch.int32)
+    idx[0, 1, 3:] = -1                                                        # partly unused
+    idx[1, 0, :] = -1                                                         # nothing selected -> zeros
+    out = hk.sparse_decode_attention_ref(q, k, v, idx, 0.3)
+    assert torch.allclose(out, brute_attention(q, k, v, idx, 0.3), atol=1e-12)
+
+
+def test_sparse_attention_ref_is_dense_when_all_selected():
+    gen = torch.Generator().manual_seed(0)
+    B, Hkv, G, S, D = 2, 2, 3, 19, 16
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    k = torch.randn(B, Hkv, S, D, generator=gen)
+    v = torch.randn(B, Hkv, S, D, generator=gen)
+    idx = torch.arange(S, dtype=torch.int32).expand(B, Hkv, S).contiguous()
+    out = hk.sparse_decode_attention_ref(q, k, v, idx)
+    dense = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+    assert torch.allclose(out, dense, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input():
+    c = torch.zeros(1, 4, 2, 4, dtype=torch.int32)
+    q = torch.zeros(1, 8, 4, dtype=torch.int32)
+    L = torch.tensor([2])
+    with pytest.raises(ValueError):
+        hk.hash_encode(torch.zeros(1, 2, 1, 8, dtype=torch.int32), torch.zeros(2, 8, 32))   # wrong dtype
+    with pytest.raises(ValueError):
+        hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 16, 32))                     # D mismatch
+    with pytest.raises(ValueError):
+        hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8, 48))                      # R % 32 != 0
+    with pytest.raises(ValueError):
+        hk.hash_encode(torch.zeros(1, 3, 1, 8), torch.zeros(2, 8, 32))                      # Hx % Hkv != 0
+    with pytest.raises(ValueError):
+        hk.hamming_score(q.long(), c, L)                                                    # wrong dtype
+    with pytest.raises(ValueError):
+        hk.hamming_score(q[:, :, :2], c, L)                                                 # W mismatch
+    with pytest.raises(ValueError):
+        hk.hamming_score(q, c, torch.tensor([2, 2]))                                        # lengths shape
+    with pytest.raises(ValueError):
+        hk.select_topk(torch.zeros(1, 4, 2), L, 0)                                          # budget < 1
+    with pytest.raises(ValueError):
+        hk.select_topk(torch.zeros(1, 4, 2), L, 2, n_sink=-1)
+    with pytest.raises(ValueError):
+        hk.hamming_topk(q, c, L, 0)
+    qf, kf = torch.zeros(1, 8, 16), torch.zeros(1, 4, 5, 16)
+    idx = torch.zeros(1, 4, 3, dtype=torch.int32)
+    with pytest.raises(ValueError):
+        hk.sparse_decode_attention(qf, kf, kf, idx.long())                                  # idx dtype
+    with pytest.raises(ValueError):
+        hk.sparse_decode_attention(qf, kf.half(), kf.half(), idx)                           # dtype mismatch
+    with pytest.raises(ValueError):
+        hk.sparse_decode_attention(qf[:, :6], kf[:, :4], kf[:, :4], idx)                    # H % Hkv
+    with pytest.raises(ValueError):
+        hk.sparse_decode_attention(qf, kf, kf, idx[:, :2])                                  # idx heads
