@@ -111,7 +111,7 @@ class Tokenizer:
         try:
             fields = gguf.GGUFReader(path).fields
         except Exception as e:  # the reader fails with assorted errors on a cut or corrupt file
-            raise ValueError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e}); re-download it")
+            raise ValueError(f"{path!r} is not a readable GGUF file, truncated or corrupt ({e}); re-download it")
         get = lambda k, default=None: fields[k].contents() if k in fields else default
         kind = get("tokenizer.ggml.model")
         if kind != "gpt2":
