@@ -71,9 +71,11 @@ def _default_system(template: str | None) -> str | None:
 # --- Tokenizer ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    def __init__(self, enc=None, vocab_size=None, sp=None, specials=None, bos_id=None, eos_id=None, add_bos=False, chat=None,
-                 system=None):
-        self.enc, self.sp = enc, sp                 # exactly one backend is set
+    """Build with `Tokenizer.from_path`; the constructor takes what a loader read."""
+
+    def __init__(self, *, enc=None, vocab_size=None, sp=None, specials=None, bos_id=None, eos_id=None,
+                 add_bos=False, chat=None, system=None):
+        self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.specials = dict(specials or {})        # special-token text -> id
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos                      # encode()'s default for bos
@@ -128,9 +130,10 @@ class Tokenizer:
                 specials[tok] = i
         bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
         template = get("tokenizer.chat_template")
-        add_bos = bool(get("tokenizer.ggml.add_bos_token", bos is not None))
-        return cls(*_bpe(path, ranks, specials, GGUF_PRE[pre]), None, specials, bos, eos, add_bos,
-                   cls._chat_of(specials), _default_system(template))
+        enc, n = _bpe(path, ranks, specials, GGUF_PRE[pre])
+        return cls(enc=enc, vocab_size=n, specials=specials, bos_id=bos, eos_id=eos,
+                   add_bos=bool(get("tokenizer.ggml.add_bos_token", bos is not None)),
+                   chat=cls._chat_of(specials), system=_default_system(template))
 
     @classmethod
     def _from_hf_json(cls, path):
@@ -161,8 +164,9 @@ class Tokenizer:
         jinja = os.path.join(os.path.dirname(path), "chat_template.jinja")  # where transformers 5 saves it
         if template is None and os.path.exists(jinja):
             template = open(jinja, encoding="utf-8").read()
-        return cls(*_bpe(path, ranks, specials, pattern), None, specials, bos, eos, add_bos,
-                   cls._chat_of(specials), _default_system(template))
+        enc, n = _bpe(path, ranks, specials, pattern)
+        return cls(enc=enc, vocab_size=n, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
+                   chat=cls._chat_of(specials), system=_default_system(template))
 
     @classmethod
     def _from_tiktoken(cls, path):
@@ -175,7 +179,9 @@ class Tokenizer:
                 except ValueError:
                     raise ValueError(f"{path!r} line {n + 1} is not 'base64 rank'; the tiktoken file is corrupt")
         specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
-        return cls(*_bpe(path, ranks, specials, LLAMA3_PATTERN), None, specials, specials["<|begin_of_text|>"], specials["<|end_of_text|>"], True, "llama3")
+        enc, n = _bpe(path, ranks, specials, LLAMA3_PATTERN)
+        return cls(enc=enc, vocab_size=n, specials=specials, bos_id=specials["<|begin_of_text|>"],
+                   eos_id=specials["<|end_of_text|>"], add_bos=True, chat="llama3")
 
     @classmethod
     def _from_sentencepiece(cls, path):
@@ -185,7 +191,8 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"{path!r} is neither a sentencepiece nor a tiktoken tokenizer.model ({e}); {HOW}")
         bos, eos = sp.bos_id(), sp.eos_id()
-        return cls(None, None, sp, {}, bos if bos >= 0 else None, eos if eos >= 0 else None, bos >= 0, "llama2")
+        return cls(sp=sp, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None, add_bos=bos >= 0,
+                   chat="llama2")
 
     @staticmethod
     def _chat_of(specials):

@@ -1,12 +1,13 @@
 """Tests for tokenizer.py: each backend against ids from an independent implementation, chat templates
 token by token, and the error messages for bad paths and files."""
+import base64
 import importlib.util
 import json
 import os
 
 import pytest
 
-from tokenizer import Tokenizer, _CHAR_TO_BYTE
+from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE
 
 
 def _package_file(package, *parts):
@@ -43,9 +44,11 @@ def llama3():
 SMOL_IDS = {
     "The capital of France is": [504, 3575, 282, 4649, 314],
     "Hello, world!": [19556, 28, 905, 17],
-    "  leading spaces and\ttabs\n\n\nnewlines   ": [216, 2899, 5600, 284, 197, 100, 7366, 1116, 198, 2241, 5110, 333],
+    "  leading spaces and\ttabs\n\n\nnewlines   ": [216, 2899, 5600, 284, 197, 100, 7366, 1116, 198, 2241, 5110,
+                                                 333],
     "12345 67.89 1,000,000": [33, 34, 35, 36, 37, 216, 38, 39, 30, 40, 41, 216, 33, 28, 32, 32, 32, 28, 32, 32, 32],
-    "def f(x):\n    return x**2  # square\n": [1604, 275, 24, 104, 727, 472, 1003, 1792, 828, 34, 216, 907, 5222, 198],
+    "def f(x):\n    return x**2  # square\n": [1604, 275, 24, 104, 727, 472, 1003, 1792, 828, 34, 216, 907, 5222,
+                                             198],
     "naïve café 日本語 🤗 Ünïcödé": [3546, 46494, 37366, 17097, 241, 115, 40993, 179, 120, 248, 15107, 114, 241,
                                    5549, 246, 94, 25972, 83, 7466, 84, 2756],
     "I'm here, you've seen it, they'll go": [57, 5248, 1535, 28, 346, 3543, 2269, 357, 28, 502, 3060, 685],
@@ -166,6 +169,37 @@ def test_hf_tokenizer_json(tmp_path):
     nl, sys_ids = 3 + 10, [3 + ord(c) for c in "system\nBe nice"]
     assert tok.encode_chat([{"role": "user", "content": "he"}], add_generation_prompt=False) == [
         1, *sys_ids, 2, nl, 1, *[3 + ord(c) for c in "user\n"], 259, 2, nl]
+
+
+def test_hf_llama3_json_matches_tiktoken_file(tmp_path, llama3):
+    # A Llama 3 HF directory: the same vocabulary as tokenizer.json with Meta's regex in a Split step, and BOS
+    # added by the post-processor. It must tokenize exactly like Meta's tiktoken file.
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    path = _package_file("llama_models", "llama3", "tokenizer.model")
+    vocab = {}
+    with open(path, "rb") as f:
+        for line in f:
+            tok, rank = line.split()
+            vocab["".join(to_char[b] for b in base64.b64decode(tok))] = int(rank)
+    added = [{"id": 128000 + i, "content": t, "special": True} for i, t in
+             enumerate(["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"])]
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated"},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|begin_of_text|>"}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                                         "added_tokens": added, "pre_tokenizer": pre,
+                                                         "post_processor": post}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    tok = Tokenizer.from_path(tmp_path)
+    assert (tok.bos_id, tok.eos_ids) == (128000, frozenset({128001, 128008, 128009}))
+    for text in ["This is a test sentence.", "  x = 12345;\n\n\tdef f(): 'ok' 日本語 🤗"]:
+        assert tok.encode(text) == llama3.encode(text)
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert tok.encode_chat(msgs) == llama3.encode_chat(msgs)
 
 
 # --- errors a person can act on ----------------------------------------------------------------------------
