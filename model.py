@@ -1,0 +1,582 @@
+"""The Llama model, its caches, and HATA's sparse decode attention.
+
+One file tells the whole model: configuration (`ModelArgs`, `HataArgs`), the layers (RMSNorm, RoPE, attention,
+SwiGLU MLP), the caches (`KVCache`, `HashCache`), and checkpoint loading (GGUF, Hugging Face, Meta) through one
+name-mapping table. Prefill is dense causal attention; a decode step of a sparse layer (layer >= n_dense) is HATA
+(Gong et al., ACL 2025, arXiv 2506.02572, Sec. 3): hash the new key into the hash cache, hash the query, score the
+whole cache by Hamming distance, keep the top-K positions per KV head, and attend only to them.
+
+Positions are per sequence: sequence b of a batch holds its tokens at cache positions 0 .. len_b - 1, so prompts
+of different lengths are right-padded for prefill and then decode at their own positions (no left padding, no
+position offsets). A padded slot at position p >= len_b is overwritten when the sequence reaches p, and no query
+ever sees a key at a position later than its own.
+
+Internally Q and K use the Hugging Face "half-split" RoPE layout; GGUF and Meta checkpoints store Q/K rows in
+Meta's interleaved layout and are un-permuted on load. Hash projections act on post-RoPE keys in this layout.
+"""
+import glob
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hata_kernels import hamming_score, hamming_topk, hash_encode, select_topk, sparse_decode_attention
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    ffn_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None  # None, {"type": "linear", "factor"}, or {"type": "llama3", "factor",
+    #                                   "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    max_seq_len: int = 131072  # the context length the model was trained for
+    tie_embeddings: bool = False
+    head_dim: int = 0  # 0 means dim // n_heads
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def describe(self):
+        """The architecture in one line; hash-projection files record it to refuse another model's projections."""
+        return (f"llama dim={self.dim} n_layers={self.n_layers} n_heads={self.n_heads} "
+                f"n_kv_heads={self.n_kv_heads} head_dim={self.head_dim}")
+
+
+PRESETS = {
+    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=160,
+                      rope_theta=10000.0, max_seq_len=1024),
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536,
+                              rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, ffn_dim=11008,
+                            rope_theta=10000.0, max_seq_len=4096),
+    "llama-3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=14336,
+                              rope_theta=500000.0, max_seq_len=131072,
+                              rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+SELECTORS = ("hash", "oracle")
+
+
+@dataclass
+class HataArgs:
+    """How sparse decode layers pick their tokens. A model built with `hata=None` is dense everywhere."""
+    rbit: int = 128  # hash bits R per code
+    budget: float = 2048  # K: a token count (int >= 1) or a fraction of the cache capacity in (0, 1)
+    n_dense: int = 2  # the first n_dense layers always decode densely
+    n_sink: int = 0  # the first n_sink positions are always selected (they count toward K)
+    n_recent: int = 0  # the last n_recent positions are always selected (they count toward K)
+    use_norm: bool = False  # score = (G - 2 ham / R) * ||k|| (HATA's released scripts) instead of plain ham
+    selector: str = "hash"  # "hash" (HATA), or "oracle": the exact top-K by attention probability
+    hash_weights: str | None = None  # safetensors file of trained projections; None = seeded random (LSH)
+
+    def __post_init__(self):
+        if self.rbit <= 0 or self.rbit % 32:
+            raise ValueError(f"rbit must be a positive multiple of 32, got {self.rbit}")
+        if not (0 < self.budget < 1 or (self.budget >= 1 and float(self.budget).is_integer())):
+            raise ValueError(f"budget must be a token count >= 1 or a fraction in (0, 1), got {self.budget}")
+        if self.n_dense < 0 or self.n_sink < 0 or self.n_recent < 0:
+            raise ValueError("n_dense, n_sink and n_recent must be >= 0")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown selector {self.selector!r}; choose one of {', '.join(SELECTORS)}")
+
+    def budget_tokens(self, capacity):
+        """K as a token count: a fraction is taken of the cache capacity, fixed for a whole generation so the
+        decode step keeps static shapes (CUDA graphs)."""
+        return int(self.budget) if self.budget >= 1 else max(1, math.ceil(self.budget * capacity))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs, rope_factors=None):
+    """Inverse frequencies (D/2,) with default, linear or llama3 scaling; `rope_factors` (GGUF's rope_freqs
+    tensor) divides them when a checkpoint bakes its scaling in that way."""
+    D = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
+    scaling = args.rope_scaling or {"type": "default"}
+    kind = scaling.get("type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short waves
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif kind != "default":
+        raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: default, linear, llama3)")
+    if rope_factors is not None:
+        inv_freq = inv_freq / rope_factors.double()
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, nh, T, D); cos, sin (B, 1, T, D/2). Half-split layout: dim i pairs with dim i + D/2."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, B, Hkv, S_max, D, dtype, device=None):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(B, Hkv, S_max, D, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(B, Hkv, S_max, D, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        """pos (B, T) cache positions; k, v (B, Hkv, T, D). Returns the whole caches (B, Hkv, S_max, D)."""
+        b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
+        self.k[b, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
+        self.v[b, :, pos] = v.transpose(1, 2)
+        return self.k, self.v
+
+
+class HashCache(nn.Module):
+    """The key codes of every cached position (and key norms for `use_norm`), next to the KV cache."""
+
+    def __init__(self, B, Hkv, S_max, W, use_norm, device=None):
+        super().__init__()
+        self.register_buffer("codes", torch.zeros(B, Hkv, S_max, W, dtype=torch.int32, device=device),
+                             persistent=False)
+        norms = torch.zeros(B, Hkv, S_max, device=device) if use_norm else None
+        self.register_buffer("norms", norms, persistent=False)
+
+    def update(self, pos, codes, norms=None):
+        """pos (B, T); codes (B, Hkv, T, W) int32; norms (B, Hkv, T) fp32 or None."""
+        b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
+        self.codes[b, :, pos] = codes.transpose(1, 2)
+        if self.norms is not None:
+            self.norms[b, :, pos] = norms.transpose(1, 2)
+        return self.codes, self.norms
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id, hata: HataArgs | None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.hata = hata if hata is not None and layer_id >= hata.n_dense else None  # None: a dense layer
+        self.kv_cache = None
+        self.hash_cache = None
+        self.budget = 0  # K in tokens, set with the caches
+        self.hash_proj = None  # (Hkv, D, R) fp32, set by Transformer.set_hash_projections
+        self.keep_qk = False  # when True, forward keeps its post-RoPE (q, k) in self.qk (the hash trainer reads it)
+        self.qk = None
+
+    def forward(self, x, cos, sin, pos, mask):
+        """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T,
+        S_max) bool (True = may attend) or None for a fresh causal prefill starting at position 0."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.keep_qk:
+            self.qk = (q, k)
+        keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each
+        if self.hata is not None:
+            norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
+            self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
+
+        if self.hata is not None and T == 1:
+            lengths = pos[:, 0] + 1  # (B,) valid cache positions after this step
+            y = self.sparse_decode(q[:, :, 0], keys, values, lengths)[:, :, None]  # (B, H, 1, D)
+        elif mask is None:  # fresh prefill: plain causal attention over the T new positions (flash kernels)
+            y = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
+                                               enable_gqa=H != Hkv)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def sparse_decode(self, q, keys, values, lengths):
+        """HATA decode: q (B, H, D); keys, values (B, Hkv, S_max, D); lengths (B,). Returns (B, H, D)."""
+        hata, K = self.hata, self.budget
+        if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
+            idx = select_topk(-self.group_probs(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
+        else:
+            q_codes = hash_encode(q[:, :, None], self.hash_proj)[:, :, 0]  # (B, H, W) int32
+            codes, norms = self.hash_cache.codes, self.hash_cache.norms  # (B, Hkv, S_max, W), (B, Hkv, S_max)
+            if hata.use_norm:
+                G, R = self.n_heads // self.n_kv_heads, hata.rbit
+                ham = hamming_score(q_codes, codes, lengths)  # (B, Hkv, S_max) int32
+                score = -(G - 2 * ham.float() / R) * norms  # smaller is closer
+                idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)
+            else:
+                idx = hamming_topk(q_codes, codes, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
+        return sparse_decode_attention(q, keys, values, idx)
+
+    def group_probs(self, q, keys, lengths):
+        """Dense softmax probabilities summed over the G query heads of each KV head: (B, Hkv, S_max) fp32."""
+        B, H, D = q.shape
+        Hkv, S_max = keys.shape[1], keys.shape[2]
+        qg = q.float().view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+        logits = qg @ keys.float().transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, S_max)
+        valid = torch.arange(S_max, device=q.device) < lengths[:, None]  # (B, S_max)
+        logits = logits.masked_fill(~valid[:, None, None], float("-inf"))
+        return logits.softmax(-1).sum(2)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id, hata):
+        super().__init__()
+        self.attention = Attention(args, layer_id, hata)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, pos, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, hata: HataArgs | None = None):
+        super().__init__()
+        self.args, self.hata = args, hata
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, hata) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope_factors = None  # GGUF rope_freqs, if the checkpoint has them
+        self.max_batch_size = self.max_seq_len = 0
+
+    def sparse_layers(self):
+        return [layer.attention for layer in self.layers if layer.attention.hata is not None]
+
+    def setup_caches(self, max_batch_size, max_seq_len, device=None, dtype=None):
+        """Allocate the KV (and hash) caches and the RoPE table for `max_seq_len` positions."""
+        args = self.args
+        if max_seq_len > args.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context length {args.max_seq_len}")
+        device = device or self.output.weight.device
+        dtype = dtype or self.output.weight.dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(max_batch_size, args.n_kv_heads, max_seq_len, args.head_dim, dtype, device)
+            if attn.hata is not None:
+                W = attn.hata.rbit // 32
+                attn.hash_cache = HashCache(max_batch_size, args.n_kv_heads, max_seq_len, W, attn.hata.use_norm,
+                                            device)
+                attn.budget = attn.hata.budget_tokens(max_seq_len)
+        inv_freq = rope_frequencies(args, self.rope_factors)  # (D/2,)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S_max, D/2)
+        self.rope_cos, self.rope_sin = angles.cos().to(device), angles.sin().to(device)
+        if self.hata is not None and self.sparse_layers() and self.sparse_layers()[0].hash_proj is None:
+            self.set_hash_projections(self.hata.hash_weights)
+
+    def forward(self, tokens, input_pos=None, output_idx=None):
+        """tokens (B, T); input_pos (B,) the cache position of each sequence's first token, or None when every
+        sequence starts at 0 (a fresh prefill: causal attention, right padding allowed); output_idx (B,) the index
+        in T whose logits to return, or None for all. Returns logits (B, T, V) or (B, V) in fp32."""
+        B, T = tokens.shape
+        if self.max_seq_len == 0:
+            raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before forward")
+        if B > self.max_batch_size:
+            raise ValueError(f"batch of {B} exceeds the caches' max_batch_size {self.max_batch_size}")
+        start = torch.zeros(B, dtype=torch.long, device=tokens.device) if input_pos is None else input_pos
+        pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2)
+        mask = None
+        if input_pos is not None:  # the cache may hold a prefix: query at position p sees keys at positions <= p
+            mask = torch.arange(self.max_seq_len, device=tokens.device) <= pos[:, :, None]  # (B, T, S_max)
+            mask = mask[:, None]  # (B, 1, T, S_max)
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos, mask)
+        if output_idx is not None:
+            x = x[torch.arange(B, device=x.device), output_idx]  # (B, dim)
+        return self.output(self.norm(x)).float()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Hash projections: safetensors, `layers.{l}.hash_proj` (Hkv, D, R) for each sparse layer l
+
+    def set_hash_projections(self, path=None, seed=0):
+        """Load trained projections from `path`, or draw seeded Gaussian ones (plain LSH) with a warning."""
+        layers = self.sparse_layers()
+        if not layers:
+            return
+        hata, args = self.hata, self.args
+        if path is None:
+            print(f"warning: no hash weights given; using seeded random projections (seed {seed}), which select "
+                  f"less accurately than trained ones", file=sys.stderr)
+            gen = torch.Generator().manual_seed(seed)
+            projs = {i: torch.randn(args.n_kv_heads, args.head_dim, hata.rbit, generator=gen)
+                     for i in range(hata.n_dense, args.n_layers)}
+        else:
+            projs = load_hash_projections(path, args, hata)
+        device = self.output.weight.device
+        for i, layer in enumerate(self.layers):
+            if layer.attention.hata is not None:
+                layer.attention.hash_proj = projs[i].float().to(device)
+
+
+def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
+    """projs: {layer: (Hkv, D, R) tensor} for every sparse layer."""
+    from safetensors.torch import save_file
+    tensors = {f"layers.{i}.hash_proj": p.detach().float().contiguous().cpu() for i, p in projs.items()}
+    save_file(tensors, path, metadata={"model": args.describe(), "rbit": str(hata.rbit),
+                                       "n_dense": str(hata.n_dense)})
+
+
+def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
+    """Read and check a projection file against the model and HataArgs; returns {layer: (Hkv, D, R)}."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"hash weights file not found: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f"cannot read hash weights {path}: {e}") from None
+    where = f"hash weights {path}"
+    if meta.get("model") != args.describe():
+        raise ValueError(f"{where} were made for '{meta.get('model')}', not this model ('{args.describe()}')")
+    if int(meta.get("rbit", -1)) != hata.rbit:
+        raise ValueError(f"{where} have rbit={meta.get('rbit')} but rbit={hata.rbit} was asked for; "
+                         f"pass --rbit {meta.get('rbit')}")
+    if int(meta.get("n_dense", -1)) != hata.n_dense:
+        raise ValueError(f"{where} have n_dense={meta.get('n_dense')} but n_dense={hata.n_dense} was asked for; "
+                         f"pass --n-dense {meta.get('n_dense')}")
+    want = {f"layers.{i}.hash_proj" for i in range(hata.n_dense, args.n_layers)}
+    if set(tensors) != want:
+        raise ValueError(f"{where}: missing {sorted(want - set(tensors))[:3]}, unexpected "
+                         f"{sorted(set(tensors) - want)[:3]}")
+    shape = (args.n_kv_heads, args.head_dim, hata.rbit)
+    for name, t in tensors.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
+    return {i: tensors[f"layers.{i}.hash_proj"] for i in range(hata.n_dense, args.n_layers)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint loading: GGUF file, Hugging Face directory, Meta directory; every tensor consumed, every shape checked
+
+WEIGHT_NAMES = [  # (ours = Meta's, Hugging Face, GGUF); {i} is the layer index
+    ("tok_embeddings.weight", "model.embed_tokens.weight", "token_embd.weight"),
+    ("norm.weight", "model.norm.weight", "output_norm.weight"),
+    ("output.weight", "lm_head.weight", "output.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+]
+FORMATS = ("meta", "hf", "gguf")  # the columns of WEIGHT_NAMES
+DERIVED = {"rope.freqs", "model.rotary_emb.inv_freq"}  # tables some checkpoints store; we recompute them
+
+
+def load_checkpoint(path):
+    """Returns (ModelArgs, {our name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file; pass a .gguf file or a checkpoint directory")
+        fmt, (args, raw) = "gguf", read_gguf(path)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        fmt, (args, raw) = "hf", read_hf(path)
+    elif os.path.isfile(os.path.join(path, "params.json")):
+        fmt, (args, raw) = "meta", read_meta(path)
+    else:
+        raise ValueError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta); "
+                         f"pass a .gguf file or a checkpoint directory")
+    rope_factors = raw.pop("rope_freqs.weight", None)  # GGUF bakes llama3 RoPE scaling into this tensor
+    for name in [n for n in raw if n in DERIVED or n.endswith(".rotary_emb.inv_freq")]:
+        del raw[name]
+    col = FORMATS.index(fmt)
+    table = {row[col].format(i=i): row[0].format(i=i)
+             for row in WEIGHT_NAMES for i in (range(args.n_layers) if "{i}" in row[0] else [0])}
+    leftovers = sorted(set(raw) - set(table))
+    if leftovers:
+        raise ValueError(f"{path}: {len(leftovers)} tensors this model does not use, e.g. {leftovers[:4]}")
+    sd = {table[name]: w for name, w in raw.items()}
+    if fmt != "hf":  # Meta's interleaved RoPE pairs (2i, 2i+1) -> half-split pairs (i, i + D/2)
+        for i in range(args.n_layers):
+            for w, n in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+                name = f"layers.{i}.attention.{w}.weight"
+                if name in sd:
+                    t = sd[name]
+                    sd[name] = t.view(n, t.shape[0] // n // 2, 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
+    return args, sd, rope_factors
+
+
+def read_gguf(path):
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
+
+    def meta(key, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported architecture {arch!r}; hata runs Llama-architecture models")
+    n_heads = meta("llama.attention.head_count")
+    scaling = None
+    if meta("llama.rope.scaling.type") == "linear":
+        scaling = {"type": "linear", "factor": meta("llama.rope.scaling.factor")}
+    elif meta("llama.rope.scaling.type") not in (None, "none"):
+        raise ValueError(f"{path}: unsupported RoPE scaling {meta('llama.rope.scaling.type')!r}")
+    raw = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy float32, dims reversed from GGUF's order
+        raw[t.name] = torch.from_numpy(w.reshape([int(d) for d in reversed(t.shape)]).copy())
+    embed = raw["token_embd.weight"]
+    args = ModelArgs(dim=meta("llama.embedding_length"), n_layers=meta("llama.block_count"), n_heads=n_heads,
+                     n_kv_heads=meta("llama.attention.head_count_kv", n_heads), vocab_size=embed.shape[0],
+                     ffn_dim=meta("llama.feed_forward_length"),
+                     norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+                     rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
+                     max_seq_len=meta("llama.context_length"), tie_embeddings="output.weight" not in raw,
+                     head_dim=meta("llama.attention.key_length", 0))
+    return args, raw
+
+
+def read_hf(path):
+    from safetensors import safe_open
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"{path}: unsupported model_type {cfg.get('model_type')!r}; hata runs Llama models")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if kind == "default" else {"type": kind, **{k: v for k, v in rope.items()
+                                                              if k not in ("rope_type", "type", "rope_theta")}}
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                     vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
+                     rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
+                     max_seq_len=cfg.get("max_position_embeddings", 4096),
+                     tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (pickled .bin "
+                         f"checkpoints are not loaded; convert them to safetensors)")
+    raw = {}
+    for name in files:
+        try:
+            with safe_open(os.path.join(path, name), "pt") as f:
+                raw.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:
+            raise ValueError(f"cannot read {os.path.join(path, name)}: {e}") from None
+    if args.tie_embeddings:
+        raw.pop("lm_head.weight", None)  # a tied copy some exporters write: consumed, not used
+    return args, raw
+
+
+def read_meta(path):
+    with open(os.path.join(path, "params.json")) as f:
+        p = json.load(f)
+    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not shards:
+        raise ValueError(f"{path}: params.json but no consolidated.*.pth weights")
+    try:  # weights_only: plain tensors, never arbitrary pickled objects
+        parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
+    except Exception as e:
+        raise ValueError(f"cannot read Meta weights in {path}: {e}") from None
+    raw = {}
+    for name, w in parts[0].items():  # model-parallel shards: column-parallel on dim 0, row-parallel on dim 1
+        if len(parts) == 1 or w.dim() == 1:
+            raw[name] = w
+        else:
+            row = name.endswith(("wo.weight", "w2.weight")) or (name == "tok_embeddings.weight"
+                                                              and w.shape[1] != p["dim"])
+            raw[name] = torch.cat([part[name] for part in parts], dim=1 if row else 0)
+    scaled = p.get("use_scaled_rope", False)
+    args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                     n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=raw["tok_embeddings.weight"].shape[0],
+                     ffn_dim=raw["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
+                     rope_theta=p.get("rope_theta", 10000.0),
+                     rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling if scaled else None,
+                     # params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Llama 2 4K
+                     max_seq_len=p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000
+                                                          else 4096),
+                     tie_embeddings="output.weight" not in raw)
+    return args, raw
+
+
+def from_checkpoint(path, hata: HataArgs | None = None, device="cpu", dtype=torch.float32):
+    args, sd, rope_factors = load_checkpoint(path)
+    return from_state_dict(args, sd, hata, device, dtype, rope_factors, where=path)
+
+
+def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope_factors=None, where="checkpoint"):
+    """Build the model on the meta device and load `sd` (our names) into it: no double allocation, and tensors
+    already of the right device and dtype are used as they are (models built from one `sd` share them)."""
+    sd = dict(sd)
+    with torch.device("meta"):
+        model = Transformer(args, hata)
+    expected = model.state_dict()
+    if args.tie_embeddings:
+        sd["output.weight"] = sd.get("tok_embeddings.weight")
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} tensors missing, e.g. {missing[:4]}")
+    for name, w in sd.items():
+        if tuple(w.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{where}: {name} has shape {tuple(w.shape)}, the model expects "
+                             f"{tuple(expected[name].shape)}")
+    model.load_state_dict({name: w.to(device=device, dtype=dtype) for name, w in sd.items()}, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope_factors = rope_factors
+    return model.eval()

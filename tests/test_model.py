@@ -1,0 +1,205 @@
+"""The dense model against fixed expectations: golden logits from an independent implementation (Hugging Face
+transformers loading the same GGUF, see make_golden.py), the KV cache against re-running the whole sequence,
+batches against single prompts, and the three checkpoint loaders against each other on real weights."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import generate
+from model import FORMATS, PRESETS, WEIGHT_NAMES, Transformer, from_checkpoint, rope_frequencies
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
+
+
+def logits_of(model, ids):
+    model.setup_caches(1, len(ids))
+    with torch.inference_mode():
+        return model(torch.tensor([ids]))[0]  # (T, V)
+
+
+def test_golden_logits(smol):
+    gold = load_file(GOLDEN)
+    torch.testing.assert_close(logits_of(smol, gold["ids_a"].tolist()), gold["logits_a"], atol=1e-3, rtol=0)
+    got_b = logits_of(smol, gold["ids_b"].tolist())[gold["pos_b"]]
+    torch.testing.assert_close(got_b, gold["logits_b"], atol=1e-3, rtol=0)
+
+
+def test_capital_of_france(smol):
+    smol.setup_caches(1, 16)
+    with torch.inference_mode():
+        new, _ = generate(smol, [[504, 3575, 282, 4649, 314]], max_new_tokens=2)  # "The capital of France is"
+    assert new[0][0] == 7042  # " Paris"
+
+
+def test_kv_cache_decode_equals_full_rerun(smol):
+    """20 decode steps through the cache against a fresh full forward pass over the whole sequence each step."""
+    ids = load_file(GOLDEN)["ids_b"][:30].tolist()
+    smol.setup_caches(1, 64)
+    with torch.inference_mode():
+        new, _ = generate(smol, [ids], max_new_tokens=21)
+        seq = ids + new[0]
+        cached = []
+        smol.setup_caches(1, 64)
+        smol(torch.tensor([ids]))
+        for step in range(20):
+            pos = len(ids) + step
+            cached.append(smol(torch.tensor([[seq[pos]]]), torch.tensor([pos]))[0, -1])
+        full = logits_of(smol, seq[:len(ids) + 20])[len(ids):]  # (20, V)
+    torch.testing.assert_close(torch.stack(cached), full, atol=1e-4, rtol=0)
+
+
+def test_prefill_after_cached_prefix(smol):
+    """A second prefill chunk on top of a cached prefix gives the logits of one pass over both."""
+    ids = load_file(GOLDEN)["ids_b"][:40].tolist()
+    whole = logits_of(smol, ids)
+    smol.setup_caches(1, 40)
+    with torch.inference_mode():
+        smol(torch.tensor([ids[:17]]))
+        rest = smol(torch.tensor([ids[17:]]), torch.tensor([17]))[0]
+    torch.testing.assert_close(rest, whole[17:], atol=1e-4, rtol=0)
+
+
+def test_batch_equals_single(smol):
+    prompts = [[504, 3575, 282, 4649, 314], load_file(GOLDEN)["ids_b"][:23].tolist(), [19556, 28, 905, 17]]
+    with torch.inference_mode():
+        alone = []
+        for p in prompts:
+            smol.setup_caches(1, 64)
+            alone.append(generate(smol, [p], max_new_tokens=12)[0][0])
+        smol.setup_caches(3, 64)
+        batch, _ = generate(smol, prompts, max_new_tokens=12)
+    assert batch == alone
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The three loaders on the same real weights
+
+def to_interleaved(w, n_heads):
+    """Inverse of the loader's un-permute: half-split RoPE rows back to Meta's/GGUF's interleaved rows."""
+    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def export(sd, args, fmt, n_layers):
+    """Our state dict (first n_layers layers) under another format's names and RoPE layout."""
+    col = FORMATS.index(fmt)
+    out = {}
+    for row in WEIGHT_NAMES:
+        for i in (range(n_layers) if "{i}" in row[0] else [0]):
+            ours = row[0].format(i=i)
+            if ours in sd:
+                w = sd[ours]
+                if fmt == "meta" and ours.endswith(("wq.weight", "wk.weight")):
+                    w = to_interleaved(w, args.n_heads if "wq" in ours else args.n_kv_heads)
+                out[row[col].format(i=i)] = w.contiguous()
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_smol(smol_weights):
+    """The default model cut to 3 layers (so the exported copies are quick to write and read)."""
+    args, sd = smol_weights
+    keep = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < 3}
+    keep.pop("output.weight", None)  # tied
+    return args, keep
+
+
+def write_hf(path, args, sd, n_layers=3):
+    os.makedirs(path, exist_ok=True)
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": args.dim,
+           "num_hidden_layers": n_layers, "num_attention_heads": args.n_heads,
+           "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "intermediate_size": args.ffn_dim,
+           "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+           "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": True}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(export(sd, args, "hf", n_layers), os.path.join(path, "model.safetensors"))
+
+
+def write_meta(path, args, sd, n_layers=3):
+    os.makedirs(path, exist_ok=True)
+    params = {"dim": args.dim, "n_layers": n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "max_seq_len": args.max_seq_len}
+    with open(os.path.join(path, "params.json"), "w") as f:
+        json.dump(params, f)
+    torch.save(export(sd, args, "meta", n_layers), os.path.join(path, "consolidated.00.pth"))
+
+
+def test_three_loaders_agree(small_smol, tmp_path):
+    """GGUF (cut to 3 layers in memory), HF safetensors and Meta .pth directories give the same logits."""
+    from model import from_state_dict
+    args, sd = small_smol
+    ref_args = PRESETS["smollm2-135m"].__class__(**{**args.__dict__, "n_layers": 3})
+    ids = [504, 3575, 282, 4649, 314]
+    ref = logits_of(from_state_dict(ref_args, sd), ids)
+    write_hf(tmp_path / "hf", args, sd)
+    write_meta(tmp_path / "meta", args, sd)
+    for path in (tmp_path / "hf", tmp_path / "meta"):
+        torch.testing.assert_close(logits_of(from_checkpoint(str(path)), ids), ref, atol=1e-5, rtol=0)
+
+
+def test_sharded_hf_index(small_smol, tmp_path):
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    tensors = load_file(tmp_path / "model.safetensors")
+    names = sorted(tensors)
+    os.remove(tmp_path / "model.safetensors")
+    halves = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, tmp_path / file)
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {n: file for file, part in halves.items() for n in part}}, f)
+    model = from_checkpoint(str(tmp_path))
+    assert torch.equal(model.layers[2].feed_forward.w2.weight, sd["layers.2.feed_forward.w2.weight"])
+
+
+def test_missing_and_extra_keys(small_smol, tmp_path):
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
+              tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing.*layers\.1\.feed_forward\.w3"):
+        from_checkpoint(str(tmp_path))
+    save_file({**tensors, "model.layers.1.mlp.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"does not use.*mlp\.extra"):
+        from_checkpoint(str(tmp_path))
+    save_file({**tensors, "model.norm.weight": torch.zeros(7)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"norm\.weight has shape \(7,\)"):
+        from_checkpoint(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model pieces on the tiny preset: dtypes, RoPE scaling
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_run_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"])
+    ids = torch.randint(0, 512, (2, 9))
+    model.setup_caches(2, 16)
+    with torch.inference_mode():
+        ref = model(ids)
+        model.to(dtype).setup_caches(2, 16)
+        got = model(ids)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
+
+
+def test_rope_scaling():
+    base = PRESETS["tiny"]
+    plain = rope_frequencies(base)
+    linear = rope_frequencies(base.__class__(**{**base.__dict__, "rope_scaling": {"type": "linear", "factor": 4.0}}))
+    torch.testing.assert_close(linear, plain / 4)
+    l3 = PRESETS["llama-3.1-8b"]
+    f = rope_frequencies(l3)
+    raw = rope_frequencies(l3.__class__(**{**l3.__dict__, "rope_scaling": None}))
+    wavelen = 2 * torch.pi / raw
+    # llama3 scaling: short waves (< 8192/4) unchanged, long waves (> 8192/1) divided by 8, a blend between
+    assert torch.equal(f[wavelen < 2048], raw[wavelen < 2048])
+    torch.testing.assert_close(f[wavelen > 8192], raw[wavelen > 8192] / 8)
+    mid = (wavelen > 2048) & (wavelen < 8192)
+    assert mid.any() and ((f[mid] < raw[mid]) & (f[mid] > raw[mid] / 8)).all()
