@@ -25,8 +25,8 @@ Conventions (the contract with model.py):
   the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len) are always
   selected and count toward the budget: they rank before every scored position, and if they alone exceed
   the budget the newest of them win (the same "newer wins" rule). Slots beyond K_eff hold -1.
-  The refs return positions ascending, then the -1s; the Triton kernels do too, except that
-  hamming_topk's kernel may return the selected positions in any order (compare as sets).
+  The refs return positions ascending, then the -1s; so do the Triton kernels today, but callers should
+  treat a selection as a set (kernels are free to return any order).
 - Strides: every op accepts non-contiguous inputs (e.g. cache views k_cache[:, :, :S]); the Triton paths
   read k_cache / v_cache / k_codes through their strides and copy nothing of size S.
 """
@@ -381,8 +381,161 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
     return select_topk_ref(hamming_score_ref(q_codes, k_codes, lengths), lengths, budget, n_sink, n_recent)
 
 
+# The Triton path is a counting select in three launches, all on the device (no host round trip, so it can
+# be captured in a CUDA graph). The group-summed score is an integer in [0, G*R]; for even G every score of a
+# row has the same parity (popcount(k ^ q_g) = parity(k) ^ parity(q_g), summed over an even number of heads),
+# so score >> 1 keeps order and ties exactly and halves the bins. Order keys, per row:
+#     0 = sink or recent (always selected), 1 + (score >> PARITY) = scored position, KMAX + 1 = past the length.
+#   A  _topk_score_kernel      per block of BLOCK_S keys: scores -> int16 order keys + a per-block histogram
+#   B  _topk_threshold_kernel  per row: total histogram -> threshold key t (the K_eff-th smallest) and how many
+#                              ties at t each block gives (newest first); per-block output offsets; -1 padding
+#   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t
+
+
+@triton.jit
+def _topk_score_kernel(
+    qc_ptr, kc_ptr, len_ptr, key_ptr, hist_ptr,   # q codes (B, H, W), k codes (B, Hkv, S, W), lengths (B,),
+    Hkv, S, NBLK,                                 # keys (B*Hkv, S) int16, hist (B*Hkv, NBLK, NBINS) int32
+    skb, skh, sks,
+    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, PARITY: tl.constexpr, KMAX: tl.constexpr,
+    NB_P2: tl.constexpr, N_SINK: tl.constexpr, N_RECENT: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, HW_POPC: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
+    if pid_s * BLOCK_S < length:                                               # blocks past the length: idle
+        wi = tl.arange(0, W_P2)                                                # (W_P2,)
+        hist = tl.zeros([NB_P2], dtype=tl.int32)                               # (NB_P2,)
+        for c in range(0, BLOCK_S, CHUNK):
+            s = pid_s * BLOCK_S + c + tl.arange(0, CHUNK)                      # (CHUNK,)
+            valid = s < length
+            k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]
+            score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, HW_POPC)
+            forced = (s < N_SINK) | (s >= length - N_RECENT)
+            key = tl.where(forced, 0, 1 + (score >> PARITY))                   # (CHUNK,) int32
+            key = tl.where(valid, key, KMAX + 1)                               # past the length: dump bin
+            tl.store(key_ptr + pid_bh * S + s, key.to(tl.int16), mask=s < S)
+            hist += tl.histogram(key, NB_P2)                                   # (NB_P2,)
+        bins = tl.arange(0, NB_P2)
+        tl.store(hist_ptr + (pid_bh * NBLK + pid_s) * (KMAX + 1) + bins, hist, mask=bins <= KMAX)
+
+
+@triton.jit
+def _topk_threshold_kernel(
+    len_ptr, hist_ptr, info_ptr, idx_ptr,     # lengths (B,), hist (B*Hkv, NBLK, KMAX+1), info (B*Hkv, NBLK, 4),
+    Hkv, S, NBLK,                             # idx (B*Hkv, BUDGET)
+    KMAX: tl.constexpr, NB_P2: tl.constexpr, BUDGET: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLK_CHUNK: tl.constexpr, FILL: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // Hkv
+    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
+    k_eff = tl.minimum(length, BUDGET)
+    nblk = tl.cdiv(length, BLOCK_S)                                            # blocks holding valid keys
+    bins = tl.arange(0, NB_P2)                                                 # (NB_P2,)
+    hrow = hist_ptr + pid_bh * NBLK * (KMAX + 1)
+    total = tl.zeros([NB_P2], dtype=tl.int32)                                  # (NB_P2,) row histogram
+    for c in range(0, nblk, BLK_CHUNK):
+        blk = c + tl.arange(0, BLK_CHUNK)                                      # (BLK_CHUNK,)
+        tile = tl.load(hrow + blk[:, None] * (KMAX + 1) + bins[None, :],
+                       mask=(blk[:, None] < nblk) & (bins[None, :] <= KMAX), other=0)  # (BLK_CHUNK, NB_P2)
+        total += tl.sum(tile, axis=0)
+    cum = tl.cumsum(total, axis=0)                                             # (NB_P2,) inclusive
+    t = tl.sum((cum < k_eff).to(tl.int32))                                     # threshold key
+    n_less = tl.sum(tl.where(bins < t, total, 0))
+    n_eq = tl.sum(tl.where(bins == t, total, 0))
+    need = k_eff - n_less                                                      # ties at t to take, newest first
+    off = tl.zeros([], dtype=tl.int32)                                         # running output offset
+    eq_seen = tl.zeros([], dtype=tl.int32)                                     # ties in earlier blocks
+    for c in range(0, nblk, BLK_CHUNK):
+        blk = c + tl.arange(0, BLK_CHUNK)
+        tile = tl.load(hrow + blk[:, None] * (KMAX + 1) + bins[None, :],
+                       mask=(blk[:, None] < nblk) & (bins[None, :] <= KMAX), other=0)
+        less = tl.sum(tl.where(bins[None, :] < t, tile, 0), axis=1)            # (BLK_CHUNK,)
+        eq = tl.sum(tl.where(bins[None, :] == t, tile, 0), axis=1)             # (BLK_CHUNK,)
+        eq_after = n_eq - eq_seen - tl.cumsum(eq, axis=0)                      # ties in later blocks
+        take = tl.minimum(tl.maximum(need - eq_after, 0), eq)                  # (BLK_CHUNK,) this block's ties
+        cnt = less + take
+        start = off + tl.cumsum(cnt, axis=0) - cnt                             # exclusive prefix
+        ip = info_ptr + (pid_bh * NBLK + blk) * 4
+        m = blk < nblk
+        tl.store(ip + 0, start, mask=m)
+        tl.store(ip + 1, eq - take, mask=m)                                    # oldest ties skipped
+        tl.store(ip + 2, cnt, mask=m)
+        tl.store(ip + 3, tl.zeros_like(cnt) + t, mask=m)
+        off += tl.sum(cnt)
+        eq_seen += tl.sum(eq)
+    for c in range(0, BUDGET, FILL):
+        k = c + tl.arange(0, FILL)
+        tl.store(idx_ptr + pid_bh * BUDGET + k, tl.full([FILL], -1, tl.int32), mask=(k >= k_eff) & (k < BUDGET))
+
+
+@triton.jit
+def _topk_compact_kernel(
+    key_ptr, len_ptr, info_ptr, idx_ptr,      # keys (B*Hkv, S) int16, lengths, info (B*Hkv, NBLK, 4), idx
+    Hkv, S, NBLK,
+    BUDGET: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    length = tl.minimum(tl.load(len_ptr + pid_bh // Hkv).to(tl.int32), S)
+    ip = info_ptr + (pid_bh * NBLK + pid_s) * 4
+    if pid_s * BLOCK_S < length:
+        cnt = tl.load(ip + 2)
+        if cnt > 0:
+            out = idx_ptr + pid_bh * BUDGET + tl.load(ip + 0)
+            skip = tl.load(ip + 1)
+            t = tl.load(ip + 3)
+            n_less = tl.zeros([], dtype=tl.int32)
+            n_eq = tl.zeros([], dtype=tl.int32)
+            for c in range(0, BLOCK_S, CHUNK):
+                s = pid_s * BLOCK_S + c + tl.arange(0, CHUNK)                  # (CHUNK,)
+                key = tl.load(key_ptr + pid_bh * S + s, mask=s < length, other=32767).to(tl.int32)
+                less = (key < t).to(tl.int32)
+                eq = (key == t).to(tl.int32)
+                packed = tl.cumsum(less + (eq << 16), axis=0)                  # one scan counts both
+                less_before = n_less + (packed & 0xFFFF) - less
+                eq_before = n_eq + (packed >> 16) - eq
+                sel = (less == 1) | ((eq == 1) & (eq_before >= skip))
+                rank = less_before + tl.maximum(eq_before - skip, 0)           # taken ties are the last ones
+                tl.store(out + rank, s, mask=sel)
+                n_less += tl.sum(less)
+                n_eq += tl.sum(eq)
+
+
 def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
-    raise NotImplementedError("hamming_topk: Triton path not written yet")
+    B, H, W = q_codes.shape
+    _, Hkv, S, _ = k_codes.shape
+    G, R = H // Hkv, 32 * W
+    k_codes = k_codes if k_codes.stride(3) == 1 else k_codes.contiguous()
+    parity = int(G % 2 == 0)
+    kmax = (G * R >> parity) + 1                                               # largest key of a valid position
+    nb_p2 = _next_pow2(kmax + 2)
+    if _INTERPRET:
+        block_s, chunk = max(16, min(256, _next_pow2(S))), max(16, min(128, _next_pow2(S)))
+    else:
+        block_s, chunk = 2048, 1024
+    nblk = triton.cdiv(S, block_s)
+    dev = q_codes.device
+    keys = torch.empty(B * Hkv, S, dtype=torch.int16, device=dev)             # (B*Hkv, S) order keys
+    hist = torch.empty(B * Hkv, nblk, kmax + 1, dtype=torch.int32, device=dev)  # per-block histograms
+    info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # offset, skip, count, t
+    idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
+    _topk_score_kernel[(nblk, B * Hkv)](
+        q_codes.contiguous(), k_codes, lengths, keys, hist, Hkv, S, nblk, *k_codes.stride()[:3],
+        G=G, W=W, W_P2=_next_pow2(W), PARITY=parity, KMAX=kmax, NB_P2=nb_p2, N_SINK=n_sink, N_RECENT=n_recent,
+        BLOCK_S=block_s, CHUNK=chunk, HW_POPC=not _INTERPRET,
+    )
+    _topk_threshold_kernel[(B * Hkv,)](
+        lengths, hist, info, idx, Hkv, S, nblk, KMAX=kmax, NB_P2=nb_p2, BUDGET=budget, BLOCK_S=block_s,
+        BLK_CHUNK=max(2, min(16, _next_pow2(nblk))), FILL=max(16, min(1024, _next_pow2(budget))),
+    )
+    _topk_compact_kernel[(nblk, B * Hkv)](keys, lengths, info, idx, Hkv, S, nblk, BUDGET=budget,
+                                          BLOCK_S=block_s, CHUNK=chunk)
+    return idx
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,5 +591,109 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     return out.reshape(B, H, D).to(q.dtype)                                    # (B, H, D)
 
 
-def _sparse_attention_triton(q, k_cache, v_cache, idx, scale):
-    raise NotImplementedError("sparse_decode_attention: Triton path not written yet")
+# Split-K decode attention over gathered rows: program (split, b*Hkv + h) gathers BLOCK_N selected rows of K
+# and V straight from the cache (no materialized copy) and serves all G query heads of KV head h with them;
+# a small merge kernel then combines the splits' partial outputs by log-sum-exp.
+
+
+@triton.jit
+def _sparse_attn_split_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,   # q (B, H, D), k/v (B, Hkv, S_max, D), idx (B, Hkv, K),
+    Hkv, K, NSPLIT, scale,                          # o (B*Hkv, NSPLIT, G, D) fp32, lse (B*Hkv, NSPLIT, G) fp32
+    sqb, sqh, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sib, sih, sik,
+    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,)
+    d = tl.arange(0, D)                                                        # (D,)
+    g = tl.arange(0, G_P2)                                                     # (G_P2,)
+    rows = tl.load(idx_ptr + b * sib + h * sih + n * sik, mask=n < K, other=-1)  # (BLOCK_N,) int32
+    used = rows >= 0
+    rows = tl.where(used, rows, 0).to(tl.int64)
+    q = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :] * sqd,
+                mask=g[:, None] < G, other=0.0)                                # (G_P2, D)
+    k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * sks + d[None, :] * skd,
+                mask=used[:, None], other=0.0)                                 # (BLOCK_N, D) gathered rows
+    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + d[None, :] * svd,
+                mask=used[:, None], other=0.0)                                 # (BLOCK_N, D)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")                     # (G_P2, BLOCK_N) fp32
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(used[None, :], s * (scale * LOG2E), -float("inf"))            # log2 domain
+    m = tl.max(s, axis=1)                                                      # (G_P2,)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)                              # a split with nothing selected
+    p = tl.exp2(s - m_safe[:, None])                                           # (G_P2, BLOCK_N)
+    l = tl.sum(p, axis=1)                                                      # (G_P2,)
+    if IEEE:
+        acc = tl.dot(p, v.to(tl.float32), input_precision="ieee")              # (G_P2, D) fp32
+    else:
+        acc = tl.dot(p.to(v.dtype), v)
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, m_safe + tl.log2(l_safe), -float("inf"))                  # (G_P2,) log2 units
+    row = (pid_bh * NSPLIT + pid_n) * G + g                                    # (G_P2,)
+    tl.store(o_ptr + row[:, None] * D + d[None, :], o, mask=g[:, None] < G)
+    tl.store(lse_ptr + row, lse, mask=g < G)
+
+
+@triton.jit
+def _sparse_attn_merge_kernel(
+    o_ptr, lse_ptr, out_ptr,                  # o (B*Hkv, NSPLIT, G, D), lse (B*Hkv, NSPLIT, G), out (B, H, D)
+    H, NSPLIT,
+    sob, soh,
+    G: tl.constexpr, D: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)                                                     # one query head of one sequence
+    b = pid // H
+    j = pid % H
+    base = (b * (H // G) + j // G) * NSPLIT                                    # first split of KV head j // G
+    d = tl.arange(0, D)
+    m = tl.full([], -float("inf"), tl.float32)
+    for c in range(0, NSPLIT, SPLIT_CHUNK):
+        sp = c + tl.arange(0, SPLIT_CHUNK)
+        lse = tl.load(lse_ptr + (base + sp) * G + j % G, mask=sp < NSPLIT, other=-float("inf"))
+        m = tl.maximum(m, tl.max(lse))
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    acc = tl.zeros([D], dtype=tl.float32)
+    den = tl.zeros([], dtype=tl.float32)
+    for c in range(0, NSPLIT, SPLIT_CHUNK):
+        sp = c + tl.arange(0, SPLIT_CHUNK)                                     # (SPLIT_CHUNK,)
+        lse = tl.load(lse_ptr + (base + sp) * G + j % G, mask=sp < NSPLIT, other=-float("inf"))
+        wgt = tl.exp2(lse - m_safe)                                            # (SPLIT_CHUNK,)
+        o = tl.load(o_ptr + ((base + sp) * G + j % G)[:, None] * D + d[None, :],
+                    mask=sp[:, None] < NSPLIT, other=0.0)                      # (SPLIT_CHUNK, D)
+        acc += tl.sum(wgt[:, None] * o, axis=0)
+        den += tl.sum(wgt)
+    out = acc / tl.where(den > 0, den, 1.0)                                    # nothing selected: zeros
+    tl.store(out_ptr + b * sob + j * soh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _sparse_attention_triton(q, k_cache, v_cache, idx, scale, block_n=None):
+    B, H, D = q.shape
+    _, Hkv, S_max, _ = k_cache.shape
+    K = idx.shape[-1]
+    G = H // Hkv
+    _check((D & (D - 1)) == 0 and D >= 16, f"sparse_decode_attention: Triton path needs D a power of two >= 16, "
+           f"got {D}")
+    _check(q.dtype != torch.float64, "sparse_decode_attention: Triton path takes fp32/bf16/fp16, got float64")
+    block_n = block_n or (64 if not _INTERPRET else 16)
+    nsplit = triton.cdiv(K, block_n)
+    o = torch.empty(B * Hkv, nsplit, G, D, dtype=torch.float32, device=q.device)  # partial outputs
+    lse = torch.empty(B * Hkv, nsplit, G, dtype=torch.float32, device=q.device)   # partial log2-sum-exp
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)                  # (B, H, D)
+    _sparse_attn_split_kernel[(nsplit, B * Hkv)](
+        q, k_cache, v_cache, idx, o, lse, Hkv, K, nsplit, scale,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *idx.stride(),
+        G=G, G_P2=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+    )
+    _sparse_attn_merge_kernel[(B * H,)](o, lse, out, H, nsplit, *out.stride()[:2], G=G, D=D,
+                                        SPLIT_CHUNK=max(2, min(32, _next_pow2(nsplit))))
+    return out

@@ -257,3 +257,86 @@ def test_bad_input():
         hk.sparse_decode_attention(qf[:, :6], kf[:, :4], kf[:, :4], idx)                    # H % Hkv
     with pytest.raises(ValueError):
         hk.sparse_decode_attention(qf, kf, kf, idx[:, :2])                                  # idx heads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels against the refs (on the CPU through the interpreter: tiny grids)
+
+
+def attention_tolerance(q, k, v, idx, out):
+    """flash-attention's rule: kernel error <= 2 * error of torch in the same dtype + 1e-5 (vs float64)."""
+    ref64 = hk.sparse_decode_attention_ref(q.double(), k.double(), v.double(), idx)
+    ref_same = hk.sparse_decode_attention_ref(q, k, v, idx)
+    err_torch = (ref_same.double() - ref64).abs().max().item()
+    err = (out.double() - ref64).abs().max().item()
+    assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+
+
+@pytest.mark.parametrize("G,R,D,T", [(1, 32, 16, 1), (3, 128, 32, 5), (4, 64, 16, 17)])
+def test_hash_encode_triton(G, R, D, T):
+    gen = torch.Generator().manual_seed(G + R + T)
+    Hkv = 2
+    proj = torch.randn(Hkv, D, R, generator=gen)
+    for Hx, dtype in ((Hkv, torch.float32), (Hkv * G, torch.float16)):
+        x = torch.randn(2, Hx, T, D, generator=gen).to(dtype)
+        assert torch.equal(hk.hash_encode(x, proj, use_triton=True), hk.hash_encode_ref(x, proj))
+    x = torch.randn(2, Hkv, T, 2 * D, generator=gen)[..., ::2]                # non-contiguous view
+    assert torch.equal(hk.hash_encode(x, proj, use_triton=True), hk.hash_encode_ref(x, proj))
+
+
+@pytest.mark.parametrize("S,G,R", [(1, 1, 32), (63, 3, 128), (257, 4, 64)])
+def test_hamming_score_triton(S, G, R):
+    gen = torch.Generator().manual_seed(S + G + R)
+    B, Hkv, W = 2, 2, R // 32
+    q = random_codes(B, Hkv * G, W, gen=gen)
+    k = random_codes(B, Hkv, S + 3, W, gen=gen)[:, :, :S]                     # cache view (capacity S + 3)
+    lengths = torch.tensor([S, max(1, S // 2)])
+    assert torch.equal(hk.hamming_score(q, k, lengths, use_triton=True), hk.hamming_score_ref(q, k, lengths))
+
+
+@pytest.mark.parametrize("S,budget,n_sink,n_recent,dtype", [
+    (1, 4, 0, 0, torch.int32), (63, 8, 2, 3, torch.int32), (257, 40, 4, 16, torch.float32),
+    (100, 300, 1, 1, torch.float16), (70, 5, 4, 4, torch.int32)])
+def test_select_topk_triton(S, budget, n_sink, n_recent, dtype):
+    gen = torch.Generator().manual_seed(S + budget)
+    B, Hkv = 2, 2
+    if dtype.is_floating_point:
+        score = torch.randn(B, Hkv, S, generator=gen).round(decimals=1).to(dtype)   # negatives and ties
+    else:
+        score = torch.randint(0, 12, (B, Hkv, S), generator=gen, dtype=dtype)
+    lengths = torch.tensor([S, max(1, S // 3)])
+    ref = hk.select_topk_ref(score, lengths, budget, n_sink, n_recent)
+    assert torch.equal(hk.select_topk(score, lengths, budget, n_sink, n_recent, use_triton=True), ref)
+
+
+@pytest.mark.parametrize("S,G,R,budget,n_sink,n_recent", [
+    (1, 1, 32, 4, 0, 0), (63, 3, 128, 8, 2, 3), (257, 4, 64, 40, 4, 16), (300, 2, 32, 300, 0, 0),
+    (257, 4, 32, 5, 4, 4)])
+def test_hamming_topk_triton(S, G, R, budget, n_sink, n_recent):
+    gen = torch.Generator().manual_seed(S + G + budget)
+    B, Hkv, W = 2, 2, R // 32
+    q = random_codes(B, Hkv * G, W, gen=gen)
+    k = random_codes(B, Hkv, S + 5, W, gen=gen)[:, :, :S]
+    k[1, 0, :S // 2] = k[1, 0, 0]                                             # many exact ties
+    lengths = torch.tensor([S, max(1, S // 3)])
+    ref = hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent)
+    tri = hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=True)
+    assert tri.shape == ref.shape and tri.dtype == torch.int32
+    assert as_sets(tri) == as_sets(ref)
+
+
+@pytest.mark.parametrize("G,D,K,dtype", [(1, 16, 5, torch.float32), (3, 32, 37, torch.float16),
+                                         (4, 64, 20, torch.float32)])
+def test_sparse_attention_triton(G, D, K, dtype):
+    gen = torch.Generator().manual_seed(G + D + K)
+    B, Hkv, S_max = 2, 2, 50
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, S_max + 7, D, generator=gen).to(dtype)[:, :, :S_max]   # cache views
+    v = torch.randn(B, Hkv, S_max + 7, D, generator=gen).to(dtype)[:, :, :S_max]
+    idx = torch.randint(0, S_max, (B, Hkv, K), generator=gen, dtype=torch.int32)
+    idx[0, 1, K // 2:] = -1
+    idx[1, 0, :] = -1                                                         # nothing selected -> zeros
+    out = hk.sparse_decode_attention(q, k, v, idx, use_triton=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.all(out[1, :G] == 0)
+    attention_tolerance(q, k, v, idx, out)
