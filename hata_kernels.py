@@ -130,15 +130,23 @@ def hash_encode(x, proj, use_triton=None):
     if not _use_triton(use_triton, x, proj):
         return hash_encode_ref(x, proj)
     _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode: Triton path needs D a power of two >= 16, got {D}")
-    W = R // 32
-    codes = torch.empty(B, Hx, T, W, dtype=torch.int32, device=x.device)     # (B, Hx, T, W) int32
+    codes = torch.empty(B, Hx, T, R // 32, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
+    _hash_encode_into(x, proj, codes)
+    return codes
+
+
+def _hash_encode_into(x, proj, codes):
+    """Launch the kernel writing into codes (B, Hx, T, W) int32, which may be a view such as
+    code_cache[:, :, pos:pos + 1] (its last stride must be 1). No checks: callers have done them."""
+    B, Hx, T, D = x.shape
+    Hkv, _, R = proj.shape
+    assert codes.stride(3) == 1
     BLOCK_T = 16 if T <= 16 else 64                                            # tl.dot needs >= 16 rows
     grid = (triton.cdiv(T, BLOCK_T), B * Hx)
     _hash_encode_kernel[grid](
         x, proj, codes, Hx, T, *x.stride(), *proj.stride(), *codes.stride()[:3],
-        G=Hx // Hkv, D=D, W=W, BLOCK_T=BLOCK_T,
+        G=Hx // Hkv, D=D, W=R // 32, BLOCK_T=BLOCK_T,
     )
-    return codes
 
 
 def hash_encode_ref(x, proj):
@@ -254,25 +262,25 @@ def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
 
 
 @triton.jit
-def _select_key64(key, s, length, N_SINK: tl.constexpr, N_RECENT: tl.constexpr):
+def _select_key64(key, s, length, n_sink, n_recent):
     """int64 order key of a position: sinks and the recent window rank below every int32 key;
     the caller excludes s >= length."""
-    forced = (s < N_SINK) | (s >= length - N_RECENT)
+    forced = (s < n_sink) | (s >= length - n_recent)
     return tl.where(forced, -2147483649, key.to(tl.int64))
 
 
 @triton.jit
 def _select_topk_kernel(
-    key_ptr, len_ptr, idx_ptr,             # key (B, Hkv, S) int32 order key, lengths (B,), idx (B, Hkv, BUDGET)
+    key_ptr, len_ptr, idx_ptr,             # key (B, Hkv, S) int32 order key, lengths (B,), idx (B, Hkv, budget)
     Hkv, S,
-    BUDGET: tl.constexpr, N_SINK: tl.constexpr, N_RECENT: tl.constexpr, BLOCK_S: tl.constexpr,
+    budget, n_sink, n_recent, BLOCK_S: tl.constexpr, FILL: tl.constexpr,
 ):
     """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (32 counting
     passes), then compacts: keys below it, plus the newest ties, in ascending position order."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
-    k_eff = tl.minimum(length, BUDGET)
+    k_eff = tl.minimum(length, budget)
     row = key_ptr + pid_bh * S
     # bisection: the largest t such that count(key < t) < k_eff is the K_eff-th smallest key
     lo = tl.full([], -2147483650, tl.int64)                                    # below every key
@@ -282,7 +290,7 @@ def _select_topk_kernel(
         cnt = tl.zeros([], tl.int32)
         for start in range(0, S, BLOCK_S):
             s = start + tl.arange(0, BLOCK_S)                                  # (BLOCK_S,)
-            key = _select_key64(tl.load(row + s, mask=s < length, other=0), s, length, N_SINK, N_RECENT)
+            key = _select_key64(tl.load(row + s, mask=s < length, other=0), s, length, n_sink, n_recent)
             cnt += tl.sum(((key < mid) & (s < length)).to(tl.int32))
         if cnt < k_eff:
             lo = mid
@@ -293,18 +301,18 @@ def _select_topk_kernel(
     n_eq = tl.zeros([], tl.int32)
     for start in range(0, S, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
-        key = _select_key64(tl.load(row + s, mask=s < length, other=0), s, length, N_SINK, N_RECENT)
+        key = _select_key64(tl.load(row + s, mask=s < length, other=0), s, length, n_sink, n_recent)
         n_less += tl.sum(((key < t) & (s < length)).to(tl.int32))
         n_eq += tl.sum(((key == t) & (s < length)).to(tl.int32))
     skip = n_eq - (k_eff - n_less)                                             # oldest ties left out
     # compaction in ascending position order
-    out = idx_ptr + pid_bh * BUDGET
+    out = idx_ptr + pid_bh * budget
     n_out = tl.zeros([], tl.int32)
     eq_seen = tl.zeros([], tl.int32)
     for start in range(0, S, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
         valid = s < length
-        key = _select_key64(tl.load(row + s, mask=valid, other=0), s, length, N_SINK, N_RECENT)
+        key = _select_key64(tl.load(row + s, mask=valid, other=0), s, length, n_sink, n_recent)
         eq = (key == t) & valid                                                # (BLOCK_S,)
         eq_rank = eq_seen + tl.cumsum(eq.to(tl.int32), axis=0) - 1             # (BLOCK_S,) rank among ties
         sel = ((key < t) & valid) | (eq & (eq_rank >= skip))                   # (BLOCK_S,)
@@ -312,9 +320,9 @@ def _select_topk_kernel(
         tl.store(out + rank, s, mask=sel)
         n_out += tl.sum(sel.to(tl.int32))
         eq_seen += tl.sum(eq.to(tl.int32))
-    for start in range(0, BUDGET, BLOCK_S):
-        k = start + tl.arange(0, BLOCK_S)
-        tl.store(out + k, tl.full([BLOCK_S], -1, tl.int32), mask=(k >= k_eff) & (k < BUDGET))
+    for start in range(0, budget, FILL):
+        k = start + tl.arange(0, FILL)
+        tl.store(out + k, tl.full([FILL], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
 
 
 def _order_key_int32(score):
@@ -338,8 +346,8 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     key = _order_key_int32(score).contiguous()                                 # (B, Hkv, S) int32
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=score.device)  # (B, Hkv, K) int32
     BLOCK_S = 1024 if not _INTERPRET else 256
-    _select_topk_kernel[(B * Hkv,)](key, lengths, idx, Hkv, S, BUDGET=budget, N_SINK=n_sink, N_RECENT=n_recent,
-                                    BLOCK_S=BLOCK_S)
+    _select_topk_kernel[(B * Hkv,)](key, lengths, idx, Hkv, S, budget, n_sink, n_recent, BLOCK_S=BLOCK_S,
+                                    FILL=min(1024, max(16, _next_pow2(budget))))
     return idx
 
 
@@ -395,10 +403,10 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 @triton.jit
 def _topk_score_kernel(
     qc_ptr, kc_ptr, len_ptr, key_ptr, hist_ptr,   # q codes (B, H, W), k codes (B, Hkv, S, W), lengths (B,),
-    Hkv, S, NBLK,                                 # keys (B*Hkv, S) int16, hist (B*Hkv, NBLK, NBINS) int32
+    Hkv, S, NBLK, n_sink, n_recent,               # keys (B*Hkv, S) int16, hist (B*Hkv, NBLK, KMAX+1) int32
     skb, skh, sks,
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, PARITY: tl.constexpr, KMAX: tl.constexpr,
-    NB_P2: tl.constexpr, N_SINK: tl.constexpr, N_RECENT: tl.constexpr,
+    NB_P2: tl.constexpr,
     BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -414,7 +422,7 @@ def _topk_score_kernel(
             valid = s < length
             k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]
             score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, HW_POPC)
-            forced = (s < N_SINK) | (s >= length - N_RECENT)
+            forced = (s < n_sink) | (s >= length - n_recent)
             key = tl.where(forced, 0, 1 + (score >> PARITY))                   # (CHUNK,) int32
             key = tl.where(valid, key, KMAX + 1)                               # past the length: dump bin
             tl.store(key_ptr + pid_bh * S + s, key.to(tl.int16), mask=s < S)
@@ -426,14 +434,14 @@ def _topk_score_kernel(
 @triton.jit
 def _topk_threshold_kernel(
     len_ptr, hist_ptr, info_ptr, idx_ptr,     # lengths (B,), hist (B*Hkv, NBLK, KMAX+1), info (B*Hkv, NBLK, 4),
-    Hkv, S, NBLK,                             # idx (B*Hkv, BUDGET)
-    KMAX: tl.constexpr, NB_P2: tl.constexpr, BUDGET: tl.constexpr, BLOCK_S: tl.constexpr,
+    Hkv, S, NBLK, budget,                     # idx (B*Hkv, budget)
+    KMAX: tl.constexpr, NB_P2: tl.constexpr, BLOCK_S: tl.constexpr,
     BLK_CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
-    k_eff = tl.minimum(length, BUDGET)
+    k_eff = tl.minimum(length, budget)
     nblk = tl.cdiv(length, BLOCK_S)                                            # blocks holding valid keys
     bins = tl.arange(0, NB_P2)                                                 # (NB_P2,)
     hrow = hist_ptr + pid_bh * NBLK * (KMAX + 1)
@@ -468,16 +476,16 @@ def _topk_threshold_kernel(
         tl.store(ip + 3, tl.zeros_like(cnt) + t, mask=m)
         off += tl.sum(cnt)
         eq_seen += tl.sum(eq)
-    for c in range(0, BUDGET, FILL):
+    for c in range(0, budget, FILL):
         k = c + tl.arange(0, FILL)
-        tl.store(idx_ptr + pid_bh * BUDGET + k, tl.full([FILL], -1, tl.int32), mask=(k >= k_eff) & (k < BUDGET))
+        tl.store(idx_ptr + pid_bh * budget + k, tl.full([FILL], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
 
 
 @triton.jit
 def _topk_compact_kernel(
     key_ptr, len_ptr, info_ptr, idx_ptr,      # keys (B*Hkv, S) int16, lengths, info (B*Hkv, NBLK, 4), idx
-    Hkv, S, NBLK,
-    BUDGET: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+    Hkv, S, NBLK, budget,
+    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -486,7 +494,7 @@ def _topk_compact_kernel(
     if pid_s * BLOCK_S < length:
         cnt = tl.load(ip + 2)
         if cnt > 0:
-            out = idx_ptr + pid_bh * BUDGET + tl.load(ip + 0)
+            out = idx_ptr + pid_bh * budget + tl.load(ip + 0)
             skip = tl.load(ip + 1)
             t = tl.load(ip + 3)
             n_less = tl.zeros([], dtype=tl.int32)
@@ -506,14 +514,16 @@ def _topk_compact_kernel(
                 n_eq += tl.sum(eq)
 
 
-def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
+def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent):
+    """Allocate the outputs and scratch, return (idx, [(name, launch), ...]); bench.py times each launch."""
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G, R = H // Hkv, 32 * W
     k_codes = k_codes if k_codes.stride(3) == 1 else k_codes.contiguous()
+    q_codes = q_codes.contiguous()
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position
-    nb_p2 = _next_pow2(kmax + 2)
+    nb_p2 = _next_pow2(kmax + 2)                                               # bins incl. the dump bin kmax + 1
     if _INTERPRET:
         block_s, chunk = max(16, min(256, _next_pow2(S))), max(16, min(128, _next_pow2(S)))
     else:
@@ -524,17 +534,31 @@ def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
     hist = torch.empty(B * Hkv, nblk, kmax + 1, dtype=torch.int32, device=dev)  # per-block histograms
     info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # offset, skip, count, t
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
-    _topk_score_kernel[(nblk, B * Hkv)](
-        q_codes.contiguous(), k_codes, lengths, keys, hist, Hkv, S, nblk, *k_codes.stride()[:3],
-        G=G, W=W, W_P2=_next_pow2(W), PARITY=parity, KMAX=kmax, NB_P2=nb_p2, N_SINK=n_sink, N_RECENT=n_recent,
-        BLOCK_S=block_s, CHUNK=chunk, HW_POPC=not _INTERPRET,
-    )
-    _topk_threshold_kernel[(B * Hkv,)](
-        lengths, hist, info, idx, Hkv, S, nblk, KMAX=kmax, NB_P2=nb_p2, BUDGET=budget, BLOCK_S=block_s,
-        BLK_CHUNK=max(2, min(16, _next_pow2(nblk))), FILL=max(16, min(1024, _next_pow2(budget))),
-    )
-    _topk_compact_kernel[(nblk, B * Hkv)](keys, lengths, info, idx, Hkv, S, nblk, BUDGET=budget,
-                                          BLOCK_S=block_s, CHUNK=chunk)
+
+    def score():
+        _topk_score_kernel[(nblk, B * Hkv)](
+            q_codes, k_codes, lengths, keys, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:3],
+            G=G, W=W, W_P2=_next_pow2(W), PARITY=parity, KMAX=kmax, NB_P2=nb_p2, BLOCK_S=block_s, CHUNK=chunk,
+            HW_POPC=not _INTERPRET,
+        )
+
+    def threshold():
+        _topk_threshold_kernel[(B * Hkv,)](
+            lengths, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, NB_P2=nb_p2, BLOCK_S=block_s,
+            BLK_CHUNK=max(2, min(16, _next_pow2(nblk))), FILL=max(16, min(1024, _next_pow2(budget))),
+        )
+
+    def compact():
+        _topk_compact_kernel[(nblk, B * Hkv)](keys, lengths, info, idx, Hkv, S, nblk, budget,
+                                              BLOCK_S=block_s, CHUNK=chunk)
+
+    return idx, [("topk.score", score), ("topk.threshold", threshold), ("topk.compact", compact)]
+
+
+def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
+    idx, launches = _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent)
+    for _, launch in launches:
+        launch()
     return idx
 
 
@@ -676,7 +700,8 @@ def _sparse_attn_merge_kernel(
     tl.store(out_ptr + b * sob + j * soh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _sparse_attention_triton(q, k_cache, v_cache, idx, scale, block_n=None):
+def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None):
+    """Allocate the output and partials, return (out, [(name, launch), ...]); bench.py times each launch."""
     B, H, D = q.shape
     _, Hkv, S_max, _ = k_cache.shape
     K = idx.shape[-1]
@@ -689,11 +714,23 @@ def _sparse_attention_triton(q, k_cache, v_cache, idx, scale, block_n=None):
     o = torch.empty(B * Hkv, nsplit, G, D, dtype=torch.float32, device=q.device)  # partial outputs
     lse = torch.empty(B * Hkv, nsplit, G, dtype=torch.float32, device=q.device)   # partial log2-sum-exp
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)                  # (B, H, D)
-    _sparse_attn_split_kernel[(nsplit, B * Hkv)](
-        q, k_cache, v_cache, idx, o, lse, Hkv, K, nsplit, scale,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *idx.stride(),
-        G=G, G_P2=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-    )
-    _sparse_attn_merge_kernel[(B * H,)](o, lse, out, H, nsplit, *out.stride()[:2], G=G, D=D,
-                                        SPLIT_CHUNK=max(2, min(32, _next_pow2(nsplit))))
+
+    def split():
+        _sparse_attn_split_kernel[(nsplit, B * Hkv)](
+            q, k_cache, v_cache, idx, o, lse, Hkv, K, nsplit, scale,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *idx.stride(),
+            G=G, G_P2=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        )
+
+    def merge():
+        _sparse_attn_merge_kernel[(B * H,)](o, lse, out, H, nsplit, *out.stride()[:2], G=G, D=D,
+                                            SPLIT_CHUNK=max(2, min(32, _next_pow2(nsplit))))
+
+    return out, [("attn.split", split), ("attn.merge", merge)]
+
+
+def _sparse_attention_triton(q, k_cache, v_cache, idx, scale):
+    out, launches = _sparse_attention_launches(q, k_cache, v_cache, idx, scale)
+    for _, launch in launches:
+        launch()
     return out

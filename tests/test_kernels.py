@@ -14,6 +14,7 @@ import hata_kernels as hk  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DEV = "cuda" if CUDA else "cpu"             # Triton-vs-ref tests: the interpreter on the CPU, the GPU if any
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,11 +277,11 @@ def attention_tolerance(q, k, v, idx, out):
 def test_hash_encode_triton(G, R, D, T):
     gen = torch.Generator().manual_seed(G + R + T)
     Hkv = 2
-    proj = torch.randn(Hkv, D, R, generator=gen)
+    proj = torch.randn(Hkv, D, R, generator=gen).to(DEV)
     for Hx, dtype in ((Hkv, torch.float32), (Hkv * G, torch.float16)):
-        x = torch.randn(2, Hx, T, D, generator=gen).to(dtype)
+        x = torch.randn(2, Hx, T, D, generator=gen).to(dtype).to(DEV)
         assert torch.equal(hk.hash_encode(x, proj, use_triton=True), hk.hash_encode_ref(x, proj))
-    x = torch.randn(2, Hkv, T, 2 * D, generator=gen)[..., ::2]                # non-contiguous view
+    x = torch.randn(2, Hkv, T, 2 * D, generator=gen).to(DEV)[..., ::2]                # non-contiguous view
     assert torch.equal(hk.hash_encode(x, proj, use_triton=True), hk.hash_encode_ref(x, proj))
 
 
@@ -291,6 +292,7 @@ def test_hamming_score_triton(S, G, R):
     q = random_codes(B, Hkv * G, W, gen=gen)
     k = random_codes(B, Hkv, S + 3, W, gen=gen)[:, :, :S]                     # cache view (capacity S + 3)
     lengths = torch.tensor([S, max(1, S // 2)])
+    q, k, lengths = q.to(DEV), k.to(DEV), lengths.to(DEV)
     assert torch.equal(hk.hamming_score(q, k, lengths, use_triton=True), hk.hamming_score_ref(q, k, lengths))
 
 
@@ -304,7 +306,7 @@ def test_select_topk_triton(S, budget, n_sink, n_recent, dtype):
         score = torch.randn(B, Hkv, S, generator=gen).round(decimals=1).to(dtype)   # negatives and ties
     else:
         score = torch.randint(0, 12, (B, Hkv, S), generator=gen, dtype=dtype)
-    lengths = torch.tensor([S, max(1, S // 3)])
+    score, lengths = score.to(DEV), torch.tensor([S, max(1, S // 3)], device=DEV)
     ref = hk.select_topk_ref(score, lengths, budget, n_sink, n_recent)
     assert torch.equal(hk.select_topk(score, lengths, budget, n_sink, n_recent, use_triton=True), ref)
 
@@ -318,7 +320,7 @@ def test_hamming_topk_triton(S, G, R, budget, n_sink, n_recent):
     q = random_codes(B, Hkv * G, W, gen=gen)
     k = random_codes(B, Hkv, S + 5, W, gen=gen)[:, :, :S]
     k[1, 0, :S // 2] = k[1, 0, 0]                                             # many exact ties
-    lengths = torch.tensor([S, max(1, S // 3)])
+    q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, max(1, S // 3)], device=DEV)
     ref = hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent)
     tri = hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=True)
     assert tri.shape == ref.shape and tri.dtype == torch.int32
@@ -336,7 +338,86 @@ def test_sparse_attention_triton(G, D, K, dtype):
     idx = torch.randint(0, S_max, (B, Hkv, K), generator=gen, dtype=torch.int32)
     idx[0, 1, K // 2:] = -1
     idx[1, 0, :] = -1                                                         # nothing selected -> zeros
+    q, k, v, idx = q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV)
     out = hk.sparse_decode_attention(q, k, v, idx, use_triton=True)
     assert out.dtype == dtype and out.shape == q.shape
     assert torch.all(out[1, :G] == 0)
     attention_tolerance(q, k, v, idx, out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA: realistic sizes (skipped without a GPU)
+
+
+def sorted_sets(idx):
+    return torch.sort(idx, dim=-1).values                                     # -1s first, then positions
+
+
+@needs_cuda
+@pytest.mark.parametrize("R,D,dtype", [(64, 64, torch.bfloat16), (128, 128, torch.float16), (256, 128, torch.bfloat16)])
+def test_cuda_hash_encode(R, D, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(R + D)
+    Hkv, G = 8, 4
+    proj = torch.randn(Hkv, D, R, device="cuda", generator=gen)
+    for Hx, T in ((Hkv, 1000), (Hkv * G, 1)):
+        x = torch.randn(3, Hx, T, D, device="cuda", generator=gen).to(dtype)
+        tri = hk.hash_encode(x, proj)
+        ref = hk.hash_encode_ref(x, proj)
+        # fp32 sums in another order may flip the sign of a projection within rounding of zero: only there
+        y = torch.einsum("bhtd,hdr->bhtr", x.double(), proj.double().repeat_interleave(Hx // Hkv, 0))
+        diff = (tri ^ ref).view(*tri.shape, 1) >> torch.arange(32, device="cuda") & 1   # (B, Hx, T, W, 32)
+        assert torch.all(y.view(diff.shape).abs()[diff.bool()] < 1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,S,G,R", [(1, 131072, 4, 128), (8, 32768, 3, 64), (8, 131072, 4, 256)])
+def test_cuda_hamming_score_and_topk(B, S, G, R):
+    gen = torch.Generator(device="cuda").manual_seed(B + S + G + R)
+    Hkv, W = 8, R // 32
+    q = torch.randint(-2**31, 2**31 - 1, (B, Hkv * G, W), device="cuda", generator=gen, dtype=torch.int32)
+    k = torch.randint(-2**31, 2**31 - 1, (B, Hkv, S + 64, W), device="cuda", generator=gen,
+                      dtype=torch.int32)[:, :, :S]                            # cache view, capacity S + 64
+    lengths = torch.randint(S // 2, S + 1, (B,), device="cuda", generator=gen)
+    lengths[0] = S
+    score_ref = hk.hamming_score_ref(q, k, lengths)
+    assert torch.equal(hk.hamming_score(q, k, lengths), score_ref)
+    for budget, n_sink, n_recent in ((S // 64, 4, 64), (2048, 0, 0), (S, 0, 0)):
+        ref = hk.select_topk_ref(score_ref, lengths, budget, n_sink, n_recent)
+        tri = hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent)
+        assert torch.equal(sorted_sets(tri), sorted_sets(ref)), (budget, n_sink, n_recent)
+    tri = hk.select_topk(score_ref[:, :, :4096], lengths.clamp(max=4096), 300, 2, 8)
+    assert torch.equal(tri, hk.select_topk_ref(score_ref[:, :, :4096], lengths.clamp(max=4096), 300, 2, 8))
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,H,Hkv,D,dtype", [(1, 32, 8, 128, torch.bfloat16), (8, 9, 3, 64, torch.float16),
+                                             (8, 32, 8, 128, torch.bfloat16), (2, 12, 4, 64, torch.float32)])
+def test_cuda_sparse_attention(B, H, Hkv, D, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(B + H + D)
+    S_max, K = 131072, 2048
+    q = torch.randn(B, H, D, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, S_max, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, S_max, D, device="cuda", generator=gen).to(dtype)
+    idx = torch.randint(0, S_max, (B, Hkv, K), device="cuda", generator=gen, dtype=torch.int32)
+    idx[0, 0, K // 3:] = -1
+    out = hk.sparse_decode_attention(q, k, v, idx)
+    attention_tolerance(q, k, v, idx, out)
+
+
+@needs_cuda
+def test_cuda_full_budget_is_dense():
+    """Budget >= length: the HATA step reproduces dense attention (per-sequence lengths)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, H, Hkv, D, R, S = 3, 32, 8, 128, 128, 5000
+    q = torch.randn(B, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, S, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, S, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    proj = torch.randn(Hkv, D, R, device="cuda", generator=gen)
+    lengths = torch.tensor([S, 1234, 1], device="cuda")
+    idx = hk.hamming_topk(hk.hash_encode(q[:, :, None], proj)[:, :, 0], hk.hash_encode(k, proj), lengths, S)
+    out = hk.sparse_decode_attention(q, k, v, idx)
+    for b in range(B):
+        n = int(lengths[b])
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1, :, None].double(), k[b:b + 1, :, :n].double(), v[b:b + 1, :, :n].double(), enable_gqa=True)
+        assert (out[b].double() - dense[0, :, 0]).abs().max() < 2e-2

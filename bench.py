@@ -1,0 +1,219 @@
+"""Speed harness: decode latency, dense attention vs the HATA step, against the memory floor.
+
+    python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8]
+
+`attention` times one layer's decode attention (DESIGN.md, "The decode step of a sparse layer"):
+  dense  torch SDPA, q (B, H, 1, D) against the whole cache (enable_gqa)
+  HATA   hash the new key and the query heads, write the key's code, fused score + counting select, sparse
+         split-K attention over the selected rows (hata_kernels.py)
+Both sides run as captured CUDA graphs, the L2 is flushed with a large read before every run, and each
+HATA result is checked against the refs before it is timed. Prints a markdown table (medians).
+The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q; over
+4.27 TB/s (the H200's measured copy bandwidth, DESIGN.md).
+"""
+import argparse
+import datetime
+import math
+import statistics
+
+import torch
+
+import hata_kernels as hk
+
+COPY_BW = 4.27e12                     # bytes/s, H200 device-to-device copy (read + write), DESIGN.md
+SHAPES = {                            # name: (H, Hkv, D)
+    "llama8b": (32, 8, 128),          # Llama-3.1-8B
+    "default": (9, 3, 64),            # the default model (SmolLM2-135M shapes)
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timing: CUDA graphs, L2 flushed by a read, medians
+
+
+class Timer:
+    def __init__(self, reps):
+        self.reps = reps
+        self.flush_buf = torch.empty(256 * 2**20, dtype=torch.int32, device="cuda").random_()  # 1 GiB >> 60 MB L2
+        self.sink = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def flush(self):
+        self.sink += self.flush_buf.sum()                                     # a read: no dirty lines left behind
+
+    def graph(self, fn):
+        """Capture fn (a few launches) in a CUDA graph after a warm-up."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g
+
+    def time(self, fn):
+        """Median milliseconds of one replay of fn's graph, L2 flushed before each."""
+        g = self.graph(fn)
+        g.replay()
+        ts = []
+        for _ in range(self.reps):
+            self.flush()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            ts.append(start.elapsed_time(end))
+        return statistics.median(ts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention mode
+
+
+def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes, idx, out):
+    """Each HATA result against its ref, in the same run, before timing. Codes may differ only where an
+    fp32 projection is within rounding of zero (summation order): allow one differing word."""
+    for x, c in ((k_new, codes[:, :, -1]), (q, q_codes)):
+        differ = (c != hk.hash_encode_ref(x[:, :, None], proj)[:, :, 0]).sum().item()
+        assert differ <= 1, f"hash codes differ from the ref in {differ} words"
+    ref = hk.hamming_topk_ref(q_codes, codes, lengths, budget)
+    assert torch.equal(torch.sort(idx, -1).values, torch.sort(ref, -1).values), "hamming_topk != ref"
+    ref_out = hk.sparse_decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), idx)
+    torch_out = hk.sparse_decode_attention_ref(q, k_cache, v_cache, idx)
+    err = (out.double() - ref_out).abs().max().item()
+    err_torch = (torch_out.double() - ref_out).abs().max().item()
+    assert err <= 2 * err_torch + 1e-5, f"attention error {err} > 2 * {err_torch} + 1e-5"
+
+
+def bench_attention(args):
+    torch.manual_seed(0)
+    timer = Timer(args.reps)
+    dtype = torch.bfloat16
+    rows = []
+    for shape in args.shapes:
+        H, Hkv, D = SHAPES[shape]
+        for S in args.seqlens:
+            for B in args.batches:
+                for budget in sorted({max(1, S // 64), 2048}):
+                    rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
+                    torch.cuda.empty_cache()
+    print(table(rows))
+    print()
+    print(breakdown_table(rows))
+
+
+def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
+    dev = "cuda"
+    G = H // Hkv
+    k_cache = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)              # (B, Hkv, S, D)
+    v_cache = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)              # (B, Hkv, S, D)
+    q = torch.randn(B, H, D, device=dev, dtype=dtype)                         # (B, H, D)
+    proj = torch.randn(Hkv, D, R, device=dev)                                 # (Hkv, D, R) fp32
+    codes = hk.hash_encode(k_cache, proj)                                     # (B, Hkv, S, W) int32, the prefill
+    lengths = torch.full((B,), S, device=dev, dtype=torch.int64)              # (B,)
+    k_new = k_cache[:, :, -1]                                                 # (B, Hkv, D) the step's new key
+    scale = 1.0 / math.sqrt(D)
+
+    # the HATA step as explicit launches into fixed buffers, so each kernel can also be timed alone
+    W = R // 32
+    q_codes = torch.empty(B, H, 1, W, device=dev, dtype=torch.int32)          # (B, H, 1, W)
+    idx, topk_launches = hk._hamming_topk_launches(q_codes[:, :, 0], codes, lengths, budget, 0, 0)
+    out, attn_launches = hk._sparse_attention_launches(q, k_cache, v_cache, idx, scale)
+    stages = [("hash.k", lambda: hk._hash_encode_into(k_new[:, :, None], proj, codes[:, :, S - 1:S])),
+              ("hash.q", lambda: hk._hash_encode_into(q[:, :, None], proj, q_codes))]
+    stages += topk_launches + attn_launches
+
+    def hata_step():
+        for _, launch in stages:
+            launch()
+
+    # correctness first, on this very data
+    hata_step()
+    torch.cuda.synchronize()
+    check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes[:, :, 0], idx, out)
+
+    q4 = q[:, :, None]                                                        # (B, H, 1, D)
+
+    def dense():
+        return torch.nn.functional.scaled_dot_product_attention(q4, k_cache, v_cache, enable_gqa=True)
+
+    dense_ms = timer.time(dense)
+    hata_ms = timer.time(hata_step)
+    per_kernel = {name: timer.time(launch) for name, launch in stages}
+
+    esize = k_cache.element_size()
+    k_eff = min(budget, S)
+    floor_bytes = (B * Hkv * S * W * 4                                        # codes
+                   + 2 * B * Hkv * k_eff * D * esize                          # selected K and V rows
+                   + Hkv * D * R * 4 + B * (H + Hkv) * D * esize)             # projection, q, k_new
+    dense_bytes = 2 * B * Hkv * S * D * esize
+    return dict(shape=shape, B=B, S=S, budget=budget, dense_ms=dense_ms, hata_ms=hata_ms,
+                floor_ms=floor_bytes / COPY_BW * 1e3, dense_floor_ms=dense_bytes / COPY_BW * 1e3,
+                per_kernel=per_kernel, kernel_bytes=kernel_bytes(B, H, Hkv, D, S, W, k_eff, esize))
+
+
+def kernel_bytes(B, H, Hkv, D, S, W, K, esize):
+    """Bytes each streaming kernel must move (reads + writes), for its achieved bandwidth."""
+    rows = B * Hkv
+    return {
+        "topk.score": rows * S * (W * 4 + 2),                                # codes in, int16 keys out
+        "topk.compact": rows * S * 2 + rows * K * 4,                         # keys in, indices out
+        "attn.split": rows * K * (2 * D * esize + 4),                        # gathered K, V rows + indices
+    }
+
+
+def fmt_s(S):
+    return f"{S // 1024}K" if S % 1024 == 0 else str(S)
+
+
+def table(rows):
+    out = ["| shape | B | S | budget | dense ms | HATA ms | speedup | HATA floor ms | share of BW | dense vs its floor |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['B']} | {fmt_s(r['S'])} | {r['budget']} | {r['dense_ms']:.4f} | "
+                   f"{r['hata_ms']:.4f} | {r['dense_ms'] / r['hata_ms']:.2f}x | {r['floor_ms']:.4f} | "
+                   f"{100 * r['floor_ms'] / r['hata_ms']:.0f}% | {r['dense_ms'] / r['dense_floor_ms']:.2f}x |")
+    return "\n".join(out)
+
+
+def breakdown_table(rows):
+    names = list(rows[0]["per_kernel"])
+    out = ["Per kernel, each as its own graph (ms; achieved TB/s of the bytes it must move):", "",
+           "| shape | B | S | budget | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = []
+        for n in names:
+            ms = r["per_kernel"][n]
+            b = r["kernel_bytes"].get(n)
+            cells.append(f"{ms:.4f}" + (f" ({b / ms / 1e9:.2f})" if b else ""))
+        out.append(f"| {r['shape']} | {r['B']} | {fmt_s(r['S'])} | {r['budget']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("attention", help="one layer's decode attention: dense SDPA vs the HATA step")
+    p.add_argument("--shapes", nargs="+", default=["llama8b", "default"], choices=sorted(SHAPES))
+    p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768, 131072])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--rbit", type=int, default=128, help="hash bits R")
+    p.add_argument("--reps", type=int, default=50, help="timed replays per measurement (median)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("bench.py needs a CUDA GPU")
+    print(f"# {torch.cuda.get_device_name()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"torch {torch.__version__}")
+    if args.mode == "attention":
+        bench_attention(args)
+
+
+if __name__ == "__main__":
+    main()
