@@ -131,6 +131,7 @@ def build_parser():
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", help="read the prompt from this text file")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -187,7 +188,7 @@ def run(args):
                                             selector=args.selector, hash_weights=args.hash_weights)
 
     checkpoint = args.checkpoint or default_checkpoint()
-    tok = Tokenizer.from_path(checkpoint)
+    tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     longest = max(len(p) for p in prompts)
     if args.max_seq_len is not None and longest >= args.max_seq_len:

@@ -210,7 +210,7 @@ class Attention(nn.Module):
             norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
             self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
-        if self.hata is not None and T == 1:
+        if self.hata is not None and T == 1 and self.budget < keys.shape[2]:  # K >= S_max: always dense
             lengths = pos[:, 0] + 1  # (B,) valid cache positions after this step
             y = self.sparse_decode(q[:, :, 0], keys, values, lengths)[:, :, None]  # (B, H, 1, D)
         elif mask is None:  # fresh prefill: plain causal attention over the T new positions (flash kernels)

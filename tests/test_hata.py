@@ -1,0 +1,131 @@
+"""HATA inside the model (reference path on the CPU): with K >= S it is dense attention; selection is per sequence;
+the oracle selector keeps the model's tokens; hash projections save, load and refuse what does not fit."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import generate
+from model import PRESETS, HataArgs, Transformer, from_state_dict, load_hash_projections, save_hash_projections
+
+GOLDEN = "tests/data/golden_smollm2.safetensors"
+
+
+def prompt(n):
+    return load_file(GOLDEN)["ids_b"][:n].tolist()
+
+
+def decode_logits(model, ids, steps, capacity=96):
+    """Prefill ids, then teacher-force `steps` more tokens of the dense model's own greedy output; returns the
+    logits of every decode step (steps, V) and the greedy tokens."""
+    model.setup_caches(1, capacity)
+    with torch.inference_mode():
+        new, _ = generate(model, [ids], max_new_tokens=steps + 1)
+        model.setup_caches(1, capacity)
+        model(torch.tensor([ids]))
+        logits = [model(torch.tensor([[t]]), torch.tensor([len(ids) + i]))[0, -1] for i, t in enumerate(new[0][:steps])]
+    return torch.stack(logits), new[0]
+
+
+def test_budget_at_least_capacity_is_dense(smol_weights):
+    """K >= the cache capacity (the engine's case when the budget covers prompt + new tokens): dense exactly."""
+    args, sd = smol_weights
+    ids = prompt(20)
+    dense_logits, dense_tokens = decode_logits(from_state_dict(args, sd), ids, 32)
+    hata_logits, hata_tokens = decode_logits(from_state_dict(args, sd, HataArgs(budget=2048)), ids, 32)
+    assert hata_tokens == dense_tokens
+    torch.testing.assert_close(hata_logits, dense_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_norm", [False, True])
+def test_sparse_path_with_every_position_selected_is_dense(smol_weights, use_norm):
+    """K >= S but K < S_max: the sparse path runs (score, select, gather, attend) and selects everything. It
+    sums in another order than SDPA, so the logits agree to 1e-4 (30 layers of fp32 rounding), not bitwise."""
+    args, sd = smol_weights
+    ids = prompt(20)
+    dense_logits, dense_tokens = decode_logits(from_state_dict(args, sd), ids, 32)
+    hata = HataArgs(budget=64, use_norm=use_norm)  # K = 64 >= S (at most 20 + 33), capacity 96
+    hata_logits, hata_tokens = decode_logits(from_state_dict(args, sd, hata), ids, 32)
+    assert hata_tokens == dense_tokens
+    torch.testing.assert_close(hata_logits, dense_logits, atol=1e-4, rtol=0)
+
+
+def test_oracle_at_half_budget_keeps_greedy_tokens(smol_weights):
+    args, sd = smol_weights
+    ids = prompt(32)
+    model = from_state_dict(args, sd)
+    model.setup_caches(1, 48)
+    with torch.inference_mode():
+        dense, _ = generate(model, [ids], max_new_tokens=16)
+        oracle = from_state_dict(args, sd, HataArgs(budget=16, selector="oracle"))  # S/2 of the prompt
+        oracle.setup_caches(1, 48)
+        sparse, _ = generate(oracle, [ids], max_new_tokens=16)
+    assert sparse == dense
+
+
+def test_sparse_decode_really_selects(smol_weights):
+    """A budget of 2 tokens must change the logits (the selection is not silently dense)."""
+    args, sd = smol_weights
+    ids = prompt(30)
+    dense_logits, _ = decode_logits(from_state_dict(args, sd), ids, 3)
+    tiny_logits, _ = decode_logits(from_state_dict(args, sd, HataArgs(budget=2)), ids, 3)
+    assert (tiny_logits - dense_logits).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("selector", ["hash", "oracle"])
+def test_batch_selects_per_sequence(smol_weights, selector):
+    """Prompts of different lengths in one batch, budget smaller than every context: each sequence gets the
+    tokens it gets alone, so no sequence selects another's or a padded position."""
+    args, sd = smol_weights
+    model = from_state_dict(args, sd, HataArgs(budget=6, n_sink=1, n_recent=2, selector=selector))
+    prompts = [prompt(9), prompt(31)[5:], prompt(17)[3:]]
+    with torch.inference_mode():
+        alone = []
+        for p in prompts:
+            model.setup_caches(1, 48)
+            alone.append(generate(model, [p], max_new_tokens=10)[0][0])
+        model.setup_caches(3, 48)
+        batch, _ = generate(model, prompts, max_new_tokens=10)
+    assert batch == alone
+
+
+def test_bad_hata_values():
+    with pytest.raises(ValueError, match="budget"):
+        HataArgs(budget=0)
+    with pytest.raises(ValueError, match="budget"):
+        HataArgs(budget=-3)
+    with pytest.raises(ValueError, match="budget"):
+        HataArgs(budget=2.5)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        HataArgs(rbit=48)
+    with pytest.raises(ValueError, match="selector"):
+        HataArgs(selector="magic")
+    assert HataArgs(budget=1 / 64).budget_tokens(8192) == 128
+
+
+def test_hash_projections_round_trip_and_checks(tmp_path):
+    args = PRESETS["tiny"]
+    hata = HataArgs(rbit=64, n_dense=1)
+    projs = {i: torch.randn(args.n_kv_heads, args.head_dim, 64) for i in range(1, args.n_layers)}
+    path = str(tmp_path / "p.safetensors")
+    save_hash_projections(path, projs, args, hata)
+    back = load_hash_projections(path, args, hata)
+    assert all(torch.equal(back[i], projs[i]) for i in projs)
+
+    model = Transformer(args, HataArgs(rbit=64, n_dense=1, hash_weights=path))
+    model.setup_caches(1, 8)
+    assert torch.equal(model.layers[2].attention.hash_proj, projs[2])
+    assert model.layers[0].attention.hash_proj is None  # dense layer
+
+    with pytest.raises(ValueError, match="not this model"):
+        load_hash_projections(path, PRESETS["smollm2-135m"], hata)
+    with pytest.raises(ValueError, match="pass --rbit 64"):
+        load_hash_projections(path, args, HataArgs(rbit=128, n_dense=1))
+    with pytest.raises(ValueError, match="pass --n-dense 1"):
+        load_hash_projections(path, args, HataArgs(rbit=64, n_dense=2))
+    bad = dict(projs)
+    bad[2] = torch.randn(args.n_kv_heads, args.head_dim + 1, 64)
+    save_hash_projections(path, bad, args, hata)
+    with pytest.raises(ValueError, match=r"layers\.2\.hash_proj has shape"):
+        load_hash_projections(path, args, hata)
+    with pytest.raises(FileNotFoundError):
+        load_hash_projections(str(tmp_path / "nope.safetensors"), args, hata)
