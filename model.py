@@ -113,8 +113,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(args: ModelArgs, rope_factors=None):
@@ -196,7 +195,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos, mask):
         """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T,
-        S_max) bool (True = may attend) or None for a fresh causal prefill starting at position 0."""
+        S_max) additive float mask (0 or -inf), or None for a fresh causal prefill from position 0."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -324,8 +323,9 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2)
         mask = None
         if input_pos is not None:  # the cache may hold a prefix: query at position p sees keys at positions <= p
-            mask = torch.arange(self.max_seq_len, device=tokens.device) <= pos[:, :, None]  # (B, T, S_max)
-            mask = mask[:, None]  # (B, 1, T, S_max)
+            visible = torch.arange(self.max_seq_len, device=tokens.device) <= pos[:, :, None]  # (B, T, S_max)
+            mask = torch.zeros(visible.shape, dtype=self.output.weight.dtype,
+                               device=tokens.device).masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, S_max)
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, cos, sin, pos, mask)
