@@ -94,10 +94,13 @@ def _hash_encode_kernel(
     sxb, sxh, sxt, sxd,
     spg, spd, spr,
     scb, sch, sct,
-    G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """Program (t block, b * Hx + j, w) writes word w of BLOCK_T rows: one word per program keeps the
+    decode step (T = 1) spread over B * Hx * W programs."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    w = tl.program_id(2)
     b = pid_bh // Hx
     j = pid_bh % Hx
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                                # (BLOCK_T,)
@@ -105,13 +108,11 @@ def _hash_encode_kernel(
     r = tl.arange(0, 32)                                                       # (32,)
     x = tl.load(x_ptr + b * sxb + j * sxh + t[:, None] * sxt + d[None, :] * sxd,
                 mask=t[:, None] < T, other=0.0).to(tl.float32)                 # (BLOCK_T, D) fp32
-    p_base = p_ptr + (j // G) * spg                                            # query head j -> KV head j // G
-    for w in range(W):                                                         # one int32 word per 32 bits
-        p = tl.load(p_base + d[:, None] * spd + (32 * w + r[None, :]) * spr)   # (D, 32) fp32
-        y = tl.dot(x, p, input_precision="ieee")                               # (BLOCK_T, 32) fp32
-        bits = (y > 0).to(tl.int32) << r[None, :]                              # (BLOCK_T, 32) int32
-        word = tl.sum(bits, axis=1)                                            # (BLOCK_T,) distinct bits: sum == OR
-        tl.store(c_ptr + b * scb + j * sch + t * sct + w, word, mask=t < T)
+    p = tl.load(p_ptr + (j // G) * spg + d[:, None] * spd + (32 * w + r[None, :]) * spr)  # (D, 32) fp32
+    y = tl.dot(x, p, input_precision="ieee")                                   # (BLOCK_T, 32) fp32
+    bits = (y > 0).to(tl.int32) << r[None, :]                                  # (BLOCK_T, 32) int32
+    word = tl.sum(bits, axis=1)                                                # (BLOCK_T,) distinct bits: sum == OR
+    tl.store(c_ptr + b * scb + j * sch + t * sct + w, word, mask=t < T)
 
 
 def hash_encode(x, proj, use_triton=None):
@@ -142,10 +143,10 @@ def _hash_encode_into(x, proj, codes):
     Hkv, _, R = proj.shape
     assert codes.stride(3) == 1
     BLOCK_T = 16 if T <= 16 else 64                                            # tl.dot needs >= 16 rows
-    grid = (triton.cdiv(T, BLOCK_T), B * Hx)
+    grid = (triton.cdiv(T, BLOCK_T), B * Hx, R // 32)
     _hash_encode_kernel[grid](
         x, proj, codes, Hx, T, *x.stride(), *proj.stride(), *codes.stride()[:3],
-        G=Hx // Hkv, D=D, W=R // 32, BLOCK_T=BLOCK_T,
+        G=Hx // Hkv, D=D, BLOCK_T=BLOCK_T,
     )
 
 
@@ -392,22 +393,28 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 # The Triton path is a counting select in three launches, all on the device (no host round trip, so it can
 # be captured in a CUDA graph). The group-summed score is an integer in [0, G*R]; for even G every score of a
 # row has the same parity (popcount(k ^ q_g) = parity(k) ^ parity(q_g), summed over an even number of heads),
-# so score >> 1 keeps order and ties exactly and halves the bins. Order keys, per row:
+# so score >> 1 keeps order and ties exactly and halves the range. Order keys, per row:
 #     0 = sink or recent (always selected), 1 + (score >> PARITY) = scored position, KMAX + 1 = past the length.
-#   A  _topk_score_kernel      per block of BLOCK_S keys: scores -> int16 order keys + a per-block histogram
-#   B  _topk_threshold_kernel  per row: total histogram -> threshold key t (the K_eff-th smallest) and how many
-#                              ties at t each block gives (newest first); per-block output offsets; -1 padding
-#   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t
+#   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the block's smallest scored key m_b
+#                              and a windowed histogram: bin 0 = forced, bin 1 + x - m_b = key x for keys
+#                              m_b <= x < m_b + WIN - 2, bin WIN - 1 = everything above (never needed, see B)
+#   B  _topk_threshold_kernel  per row: the windows, shifted to the row's smallest key gmin, add up to exact
+#                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
+#                              key) almost always lies there (it sits ~3 standard deviations of the score
+#                              above the minimum); if not, B recounts from the stored keys (slow, exact).
+#                              Then per block: keys < t, ties at t to take (newest first), output offset.
+#   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
+# A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
+# popcount per owned bin, so its cost grows with the number of bins.
 
 
 @triton.jit
 def _topk_score_kernel(
-    qc_ptr, kc_ptr, len_ptr, key_ptr, hist_ptr,   # q codes (B, H, W), k codes (B, Hkv, S, W), lengths (B,),
-    Hkv, S, NBLK, n_sink, n_recent,               # keys (B*Hkv, S) int16, hist (B*Hkv, NBLK, KMAX+1) int32
-    skb, skh, sks,
+    qc_ptr, kc_ptr, len_ptr, key_ptr, min_ptr, hist_ptr,  # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
+    Hkv, S, NBLK, n_sink, n_recent,                       # keys (B*Hkv, S) int16, m_b (B*Hkv, NBLK),
+    skb, skh, sks,                                        # hist (B*Hkv, NBLK, WIN) int32
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, PARITY: tl.constexpr, KMAX: tl.constexpr,
-    NB_P2: tl.constexpr,
-    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, HW_POPC: tl.constexpr,
+    WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -415,67 +422,109 @@ def _topk_score_kernel(
     h = pid_bh % Hkv
     length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
     if pid_s * BLOCK_S < length:                                               # blocks past the length: idle
+        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                            # (BLOCK_S,)
+        valid = s < length
         wi = tl.arange(0, W_P2)                                                # (W_P2,)
-        hist = tl.zeros([NB_P2], dtype=tl.int32)                               # (NB_P2,)
-        for c in range(0, BLOCK_S, CHUNK):
-            s = pid_s * BLOCK_S + c + tl.arange(0, CHUNK)                      # (CHUNK,)
-            valid = s < length
-            k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]
-            score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, HW_POPC)
-            forced = (s < n_sink) | (s >= length - n_recent)
-            key = tl.where(forced, 0, 1 + (score >> PARITY))                   # (CHUNK,) int32
-            key = tl.where(valid, key, KMAX + 1)                               # past the length: dump bin
-            tl.store(key_ptr + pid_bh * S + s, key.to(tl.int16), mask=s < S)
-            hist += tl.histogram(key, NB_P2)                                   # (NB_P2,)
-        bins = tl.arange(0, NB_P2)
-        tl.store(hist_ptr + (pid_bh * NBLK + pid_s) * (KMAX + 1) + bins, hist, mask=bins <= KMAX)
+        k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]  # (BLOCK_S, W_P2)
+        score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, HW_POPC)
+        forced = (s < n_sink) | (s >= length - n_recent)
+        key = tl.where(forced, 0, 1 + (score >> PARITY))                       # (BLOCK_S,) int32
+        key = tl.where(valid, key, KMAX + 1)                                   # past the length
+        tl.store(key_ptr + pid_bh * S + s, key.to(tl.int16), mask=s < S)
+        scored = valid & (key > 0)
+        m_b = tl.min(tl.where(scored, key, KMAX + 1))                          # smallest scored key
+        rel = tl.where(scored, tl.minimum(key - m_b + 1, WIN - 1), 0)          # window bin (forced -> 0)
+        rel = tl.where(valid, rel, WIN - 1)
+        hist = tl.histogram(rel, WIN)                                          # (WIN,) int32
+        tl.store(min_ptr + pid_bh * NBLK + pid_s, m_b)
+        tl.store(hist_ptr + (pid_bh * NBLK + pid_s) * WIN + tl.arange(0, WIN), hist)
+
+
+@triton.jit
+def _window_tile(hist_ptr, min_ptr, row, blk, nblk, NBLK, j, gmin, WIN: tl.constexpr):
+    """(BLK_CHUNK, WIN) counts of the blocks blk (< nblk valid of NBLK) at row-relative bins j: j = 0 forced,
+    j >= 1 key gmin + j - 1. Exact for j <= WIN - 2: every block's window reaches key gmin + WIN - 3."""
+    m_b = tl.load(min_ptr + row * NBLK + blk, mask=blk < nblk, other=0)       # (BLK_CHUNK,)
+    bb = tl.where(j[None, :] == 0, 0, j[None, :] + gmin - m_b[:, None])        # (BLK_CHUNK, WIN) block bin
+    ok = (blk[:, None] < nblk) & (j[None, :] <= WIN - 2) & ((j[None, :] == 0) | (bb >= 1))
+    return tl.load(hist_ptr + (row * NBLK + blk[:, None]) * WIN + bb, mask=ok, other=0)
 
 
 @triton.jit
 def _topk_threshold_kernel(
-    len_ptr, hist_ptr, info_ptr, idx_ptr,     # lengths (B,), hist (B*Hkv, NBLK, KMAX+1), info (B*Hkv, NBLK, 4),
-    Hkv, S, NBLK, budget,                     # idx (B*Hkv, budget)
-    KMAX: tl.constexpr, NB_P2: tl.constexpr, BLOCK_S: tl.constexpr,
+    len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, m_b, hist,
+    Hkv, S, NBLK, budget,                                    # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget)
+    KMAX: tl.constexpr, NB_FULL: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr,
     BLK_CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
     k_eff = tl.minimum(length, budget)
-    nblk = tl.cdiv(length, BLOCK_S)                                            # blocks holding valid keys
-    bins = tl.arange(0, NB_P2)                                                 # (NB_P2,)
-    hrow = hist_ptr + pid_bh * NBLK * (KMAX + 1)
-    total = tl.zeros([NB_P2], dtype=tl.int32)                                  # (NB_P2,) row histogram
-    for c in range(0, nblk, BLK_CHUNK):
-        blk = c + tl.arange(0, BLK_CHUNK)                                      # (BLK_CHUNK,)
-        tile = tl.load(hrow + blk[:, None] * (KMAX + 1) + bins[None, :],
-                       mask=(blk[:, None] < nblk) & (bins[None, :] <= KMAX), other=0)  # (BLK_CHUNK, NB_P2)
-        total += tl.sum(tile, axis=0)
-    cum = tl.cumsum(total, axis=0)                                             # (NB_P2,) inclusive
-    t = tl.sum((cum < k_eff).to(tl.int32))                                     # threshold key
-    n_less = tl.sum(tl.where(bins < t, total, 0))
-    n_eq = tl.sum(tl.where(bins == t, total, 0))
-    need = k_eff - n_less                                                      # ties at t to take, newest first
-    off = tl.zeros([], dtype=tl.int32)                                         # running output offset
-    eq_seen = tl.zeros([], dtype=tl.int32)                                     # ties in earlier blocks
+    nblk = (length + BLOCK_S - 1) // BLOCK_S                                   # blocks holding valid keys
+    gmin = tl.full([], KMAX + 1, tl.int32)
     for c in range(0, nblk, BLK_CHUNK):
         blk = c + tl.arange(0, BLK_CHUNK)
-        tile = tl.load(hrow + blk[:, None] * (KMAX + 1) + bins[None, :],
-                       mask=(blk[:, None] < nblk) & (bins[None, :] <= KMAX), other=0)
-        less = tl.sum(tl.where(bins[None, :] < t, tile, 0), axis=1)            # (BLK_CHUNK,)
-        eq = tl.sum(tl.where(bins[None, :] == t, tile, 0), axis=1)             # (BLK_CHUNK,)
-        eq_after = n_eq - eq_seen - tl.cumsum(eq, axis=0)                      # ties in later blocks
-        take = tl.minimum(tl.maximum(need - eq_after, 0), eq)                  # (BLK_CHUNK,) this block's ties
-        cnt = less + take
-        start = off + tl.cumsum(cnt, axis=0) - cnt                             # exclusive prefix
-        ip = info_ptr + (pid_bh * NBLK + blk) * 4
-        m = blk < nblk
-        tl.store(ip + 0, start, mask=m)
-        tl.store(ip + 1, eq - take, mask=m)                                    # oldest ties skipped
-        tl.store(ip + 2, cnt, mask=m)
-        tl.store(ip + 3, tl.zeros_like(cnt) + t, mask=m)
-        off += tl.sum(cnt)
-        eq_seen += tl.sum(eq)
+        gmin = tl.minimum(gmin, tl.min(tl.load(min_ptr + pid_bh * NBLK + blk, mask=blk < nblk, other=KMAX + 1)))
+    j = tl.arange(0, WIN)                                                      # (WIN,) row-relative bins
+    total = tl.zeros([WIN], dtype=tl.int32)
+    for c in range(0, nblk, BLK_CHUNK):
+        total += tl.sum(_window_tile(hist_ptr, min_ptr, pid_bh, c + tl.arange(0, BLK_CHUNK), nblk, NBLK, j, gmin,
+                                     WIN),
+                        axis=0)
+    cum = tl.cumsum(total, axis=0)                                             # (WIN,) inclusive
+    tj = tl.sum((cum < k_eff).to(tl.int32))                                    # threshold bin
+    ip = info_ptr + pid_bh * NBLK * 4
+    if tj <= WIN - 2:
+        # fast path: per block, counts below and at the threshold from the windows
+        t = tl.where(tj == 0, 0, gmin + tj - 1)                                # threshold key
+        n_less = tl.sum(tl.where(j < tj, total, 0))
+        n_eq = tl.sum(tl.where(j == tj, total, 0))
+        need = k_eff - n_less                                                  # ties at t to take, newest first
+        off = tl.zeros([], dtype=tl.int32)                                     # running output offset
+        eq_seen = tl.zeros([], dtype=tl.int32)                                 # ties in earlier blocks
+        for c in range(0, nblk, BLK_CHUNK):
+            blk = c + tl.arange(0, BLK_CHUNK)                                  # (BLK_CHUNK,)
+            tile = _window_tile(hist_ptr, min_ptr, pid_bh, blk, nblk, NBLK, j, gmin, WIN)
+            less = tl.sum(tl.where(j[None, :] < tj, tile, 0), axis=1)          # (BLK_CHUNK,)
+            eq = tl.sum(tl.where(j[None, :] == tj, tile, 0), axis=1)           # (BLK_CHUNK,)
+            eq_after = n_eq - eq_seen - tl.cumsum(eq, axis=0)                  # ties in later blocks
+            take = tl.minimum(tl.maximum(need - eq_after, 0), eq)              # this block's ties
+            cnt = less + take
+            m = blk < nblk
+            tl.store(ip + blk * 4 + 0, off + tl.cumsum(cnt, axis=0) - cnt, mask=m)   # exclusive prefix
+            tl.store(ip + blk * 4 + 1, eq - take, mask=m)                      # oldest ties skipped
+            tl.store(ip + blk * 4 + 2, cnt, mask=m)
+            tl.store(ip + blk * 4 + 3, tl.zeros_like(cnt) + t, mask=m)
+            off += tl.sum(cnt)
+            eq_seen += tl.sum(eq)
+    else:
+        # slow exact path: the threshold lies beyond some block's window; recount from the stored keys
+        bins = tl.arange(0, NB_FULL)
+        row = key_ptr + pid_bh * S
+        full = tl.zeros([NB_FULL], dtype=tl.int32)
+        for c in range(0, length, BLOCK_S):
+            s = c + tl.arange(0, BLOCK_S)
+            full += tl.histogram(tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32), NB_FULL)
+        full = tl.where(bins <= KMAX, full, 0)
+        t = tl.sum((tl.cumsum(full, axis=0) < k_eff).to(tl.int32))
+        n_less = tl.sum(tl.where(bins < t, full, 0))
+        n_eq = tl.sum(tl.where(bins == t, full, 0))
+        need = k_eff - n_less
+        off = tl.zeros([], dtype=tl.int32)
+        eq_seen = tl.zeros([], dtype=tl.int32)
+        for blk in range(0, nblk):
+            s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+            key = tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32)
+            less = tl.sum((key < t).to(tl.int32))
+            eq = tl.sum((key == t).to(tl.int32))
+            take = tl.minimum(tl.maximum(need - (n_eq - eq_seen - eq), 0), eq)
+            tl.store(ip + blk * 4 + 0, off)
+            tl.store(ip + blk * 4 + 1, eq - take)
+            tl.store(ip + blk * 4 + 2, less + take)
+            tl.store(ip + blk * 4 + 3, t)
+            off += less + take
+            eq_seen += eq
     for c in range(0, budget, FILL):
         k = c + tl.arange(0, FILL)
         tl.store(idx_ptr + pid_bh * budget + k, tl.full([FILL], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
@@ -485,7 +534,7 @@ def _topk_threshold_kernel(
 def _topk_compact_kernel(
     key_ptr, len_ptr, info_ptr, idx_ptr,      # keys (B*Hkv, S) int16, lengths, info (B*Hkv, NBLK, 4), idx
     Hkv, S, NBLK, budget,
-    BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -497,25 +546,22 @@ def _topk_compact_kernel(
             out = idx_ptr + pid_bh * budget + tl.load(ip + 0)
             skip = tl.load(ip + 1)
             t = tl.load(ip + 3)
-            n_less = tl.zeros([], dtype=tl.int32)
-            n_eq = tl.zeros([], dtype=tl.int32)
-            for c in range(0, BLOCK_S, CHUNK):
-                s = pid_s * BLOCK_S + c + tl.arange(0, CHUNK)                  # (CHUNK,)
-                key = tl.load(key_ptr + pid_bh * S + s, mask=s < length, other=32767).to(tl.int32)
-                less = (key < t).to(tl.int32)
-                eq = (key == t).to(tl.int32)
-                packed = tl.cumsum(less + (eq << 16), axis=0)                  # one scan counts both
-                less_before = n_less + (packed & 0xFFFF) - less
-                eq_before = n_eq + (packed >> 16) - eq
-                sel = (less == 1) | ((eq == 1) & (eq_before >= skip))
-                rank = less_before + tl.maximum(eq_before - skip, 0)           # taken ties are the last ones
-                tl.store(out + rank, s, mask=sel)
-                n_less += tl.sum(less)
-                n_eq += tl.sum(eq)
+            s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                        # (BLOCK_S,)
+            key = tl.load(key_ptr + pid_bh * S + s, mask=s < length, other=32767).to(tl.int32)
+            less = (key < t).to(tl.int32)
+            eq = (key == t).to(tl.int32)
+            packed = tl.cumsum(less + (eq << 16), axis=0)                      # one scan counts both
+            less_before = (packed & 0xFFFF) - less
+            eq_before = (packed >> 16) - eq
+            sel = (less == 1) | ((eq == 1) & (eq_before >= skip))
+            rank = less_before + tl.maximum(eq_before - skip, 0)               # taken ties are the last ones
+            tl.store(out + rank, s, mask=sel)
 
 
-def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent):
-    """Allocate the outputs and scratch, return (idx, [(name, launch), ...]); bench.py times each launch."""
+def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, window=128, block_s=None,
+                           num_warps=8):
+    """Allocate the outputs and scratch, return (idx, [(name, launch), ...]); bench.py times each launch.
+    window: histogram bins per block (a power of two >= 4; tests shrink it to exercise the slow path)."""
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G, R = H // Hkv, 32 * W
@@ -523,34 +569,33 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent):
     q_codes = q_codes.contiguous()
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position
-    nb_p2 = _next_pow2(kmax + 2)                                               # bins incl. the dump bin kmax + 1
-    if _INTERPRET:
-        block_s, chunk = max(16, min(256, _next_pow2(S))), max(16, min(128, _next_pow2(S)))
-    else:
-        block_s, chunk = 2048, 1024
+    block_s = block_s or (2048 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
     nblk = triton.cdiv(S, block_s)
     dev = q_codes.device
     keys = torch.empty(B * Hkv, S, dtype=torch.int16, device=dev)             # (B*Hkv, S) order keys
-    hist = torch.empty(B * Hkv, nblk, kmax + 1, dtype=torch.int32, device=dev)  # per-block histograms
+    mins = torch.empty(B * Hkv, nblk, dtype=torch.int32, device=dev)          # (B*Hkv, NBLK) m_b
+    hist = torch.empty(B * Hkv, nblk, window, dtype=torch.int32, device=dev)  # (B*Hkv, NBLK, WIN) windows
     info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # offset, skip, count, t
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
+    nw = {} if _INTERPRET else {"num_warps": num_warps}
 
     def score():
         _topk_score_kernel[(nblk, B * Hkv)](
-            q_codes, k_codes, lengths, keys, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:3],
-            G=G, W=W, W_P2=_next_pow2(W), PARITY=parity, KMAX=kmax, NB_P2=nb_p2, BLOCK_S=block_s, CHUNK=chunk,
-            HW_POPC=not _INTERPRET,
+            q_codes, k_codes, lengths, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:3],
+            G=G, W=W, W_P2=_next_pow2(W), PARITY=parity, KMAX=kmax, WIN=window, BLOCK_S=block_s,
+            HW_POPC=not _INTERPRET, **nw,
         )
 
     def threshold():
         _topk_threshold_kernel[(B * Hkv,)](
-            lengths, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, NB_P2=nb_p2, BLOCK_S=block_s,
-            BLK_CHUNK=max(2, min(16, _next_pow2(nblk))), FILL=max(16, min(1024, _next_pow2(budget))),
+            lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, NB_FULL=_next_pow2(kmax + 2),
+            WIN=window, BLOCK_S=block_s, BLK_CHUNK=max(2, min(16, _next_pow2(nblk))),
+            FILL=max(16, min(1024, _next_pow2(budget))),
         )
 
     def compact():
-        _topk_compact_kernel[(nblk, B * Hkv)](keys, lengths, info, idx, Hkv, S, nblk, budget,
-                                              BLOCK_S=block_s, CHUNK=chunk)
+        _topk_compact_kernel[(nblk, B * Hkv)](keys, lengths, info, idx, Hkv, S, nblk, budget, BLOCK_S=block_s,
+                                              **nw)
 
     return idx, [("topk.score", score), ("topk.threshold", threshold), ("topk.compact", compact)]
 

@@ -327,6 +327,21 @@ def test_hamming_topk_triton(S, G, R, budget, n_sink, n_recent):
     assert as_sets(tri) == as_sets(ref)
 
 
+@pytest.mark.parametrize("window", [4, 16, 32])
+def test_hamming_topk_triton_window_fallback(window):
+    """A window too narrow for the threshold sends a row down the slow exact path: same selection."""
+    gen = torch.Generator().manual_seed(window)
+    B, Hkv, G, W, S = 2, 2, 3, 4, 200
+    q = random_codes(B, Hkv * G, W, gen=gen).to(DEV)
+    k = random_codes(B, Hkv, S, W, gen=gen).to(DEV)
+    lengths = torch.tensor([S, 77], device=DEV)
+    for budget, n_sink, n_recent in ((60, 2, 5), (3, 0, 0)):
+        idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, window=window)
+        for _, launch in launches:
+            launch()
+        assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
+
+
 @pytest.mark.parametrize("G,D,K,dtype", [(1, 16, 5, torch.float32), (3, 32, 37, torch.float16),
                                          (4, 64, 20, torch.float32)])
 def test_sparse_attention_triton(G, D, K, dtype):
