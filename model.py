@@ -72,7 +72,8 @@ PRESETS = {
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
 
-SELECTORS = ("hash", "oracle")
+SELECTORS = ("hash", "oracle", "quest")
+QUEST_PAGE = 16  # tokens per page of the Quest selector
 
 
 @dataclass
@@ -84,7 +85,7 @@ class HataArgs:
     n_sink: int = 0  # the first n_sink positions are always selected (they count toward K)
     n_recent: int = 0  # the last n_recent positions are always selected (they count toward K)
     use_norm: bool = False  # score = (G - 2 ham / R) * ||k|| (HATA's released scripts) instead of plain ham
-    selector: str = "hash"  # "hash" (HATA), or "oracle": the exact top-K by attention probability
+    selector: str = "hash"  # "hash" (HATA); "oracle": the exact top-K by attention probability; "quest": pages
     hash_weights: str | None = None  # safetensors file of trained projections; None = seeded random (LSH)
 
     def __post_init__(self):
@@ -224,6 +225,8 @@ class Attention(nn.Module):
         hata, K = self.hata, self.budget
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
             idx = select_topk(-self.group_probs(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
+        elif hata.selector == "quest":
+            idx = select_topk(-self.quest_bounds(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
         else:
             q_codes = hash_encode(q[:, :, None], self.hash_proj)[:, :, 0]  # (B, H, W) int32
             codes, norms = self.hash_cache.codes, self.hash_cache.norms  # (B, Hkv, S_max, W), (B, Hkv, S_max)
@@ -245,6 +248,23 @@ class Attention(nn.Module):
         valid = torch.arange(S_max, device=q.device) < lengths[:, None]  # (B, S_max)
         logits = logits.masked_fill(~valid[:, None, None], float("-inf"))
         return logits.softmax(-1).sum(2)
+
+    def quest_bounds(self, q, keys, lengths):
+        """Quest (Tang et al., ICML 2024) as a comparison selector: each page of QUEST_PAGE tokens gets the upper
+        bound of q.k from its per-channel key min/max, summed over the G query heads; every token carries its
+        page's bound, so the top-K tokens are the best pages (ties: the newer page first). The bounds are taken
+        from the cache every step: an accuracy baseline, not a fast path. Returns (B, Hkv, S_max) fp32."""
+        B, H, D = q.shape
+        Hkv, S_max = keys.shape[1], keys.shape[2]
+        n_pages = -(-S_max // QUEST_PAGE)
+        valid = (torch.arange(n_pages * QUEST_PAGE, device=q.device) < lengths[:, None])[:, None, :, None]
+        k = F.pad(keys.float(), (0, 0, 0, n_pages * QUEST_PAGE - S_max))  # (B, Hkv, P * page, D)
+        k_max = k.masked_fill(~valid, -torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amax(3)  # (B, Hkv, P, D)
+        k_min = k.masked_fill(~valid, torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amin(3)  # (B, Hkv, P, D)
+        k_max, k_min = k_max.clamp(min=-1e30), k_min.clamp(max=1e30)  # empty pages: finite (never selected)
+        qg = q.float().view(B, Hkv, H // Hkv, 1, D)  # (B, Hkv, G, 1, D)
+        bound = torch.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None]).sum(-1).sum(2)  # (B, Hkv, P)
+        return bound.repeat_interleave(QUEST_PAGE, dim=-1)[..., :S_max]  # (B, Hkv, S_max)
 
 
 class FeedForward(nn.Module):

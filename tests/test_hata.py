@@ -71,7 +71,7 @@ def test_sparse_decode_really_selects(smol_weights):
     assert (tiny_logits - dense_logits).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("selector", ["hash", "oracle"])
+@pytest.mark.parametrize("selector", ["hash", "oracle", "quest"])
 def test_batch_selects_per_sequence(smol_weights, selector):
     """Prompts of different lengths in one batch, budget smaller than every context: each sequence gets the
     tokens it gets alone, so no sequence selects another's or a padded position."""
@@ -129,3 +129,19 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         load_hash_projections(path, args, hata)
     with pytest.raises(FileNotFoundError):
         load_hash_projections(str(tmp_path / "nope.safetensors"), args, hata)
+
+
+def test_quest_selects_whole_pages_by_bound():
+    """Hand-made cache: the page whose keys bound q.k highest is selected whole."""
+    args = PRESETS["tiny"]
+    attn = Transformer(args, HataArgs(budget=16, selector="quest", n_dense=0)).layers[0].attention
+    D, S = args.head_dim, 48
+    keys = torch.zeros(1, args.n_kv_heads, S, D)
+    keys[:, :, 16:32, 0] = torch.linspace(-1, 3, 16)  # page 1 reaches 3 on channel 0
+    keys[:, :, 32:48, 0] = 1.0  # page 2: 1 at most
+    q = torch.zeros(1, args.n_heads, D)
+    q[..., 0] = 1.0
+    bounds = attn.quest_bounds(q, keys, torch.tensor([40]))
+    G = args.n_heads // args.n_kv_heads
+    assert bounds.shape == (1, args.n_kv_heads, S)
+    torch.testing.assert_close(bounds[0, 0, ::16], torch.tensor([0.0, 3.0, 1.0]) * G)
