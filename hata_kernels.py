@@ -67,6 +67,11 @@ def _next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _planes(G):
+    """Two's-complement bit planes of floor((G - 2c) / 2), c in [0, G] (see _group_score)."""
+    return (G // 2).bit_length() + 1
+
+
 @triton.jit
 def _popcount(x, HW_POPC: tl.constexpr):
     """popcount of each int32 lane. SWAR bit trick (exact, also in the interpreter) or the PTX popc."""
@@ -167,15 +172,39 @@ def hash_encode_ref(x, proj):
 
 @triton.jit
 def _group_score(k_ptrs, k_mask, qc_ptr, G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
-                 HW_POPC: tl.constexpr):
+                 NPL: tl.constexpr, HW_POPC: tl.constexpr):
     """Sum over the G query heads of popcount(k XOR q) for a block of keys.
-    k_ptrs (BLOCK_S, W_P2) pointers to key words; qc_ptr points at the group's (G, W) query codes."""
+    k_ptrs (BLOCK_S, W_P2) pointers to key words; qc_ptr points at the group's (G, W) query codes.
+
+    Direct: G popcounts per word. Bit planes (fewer popcounts for G >= 4): with c_i the number of the group's
+    query codes that have bit i set, score = sum_i c_i + sum_i k_i * (G - 2 c_i). Write G - 2 c_i =
+    2 v_i + (G odd), v_i in [-ceil(G/2), floor(G/2)], and split v_i into NPL two's-complement bit planes
+    (the same for every key; NPL = _planes(G)): score = C0 + (G odd) * popc(k) + 2 * sum_j +-2^j popc(k & plane_j)."""
     wi = tl.arange(0, W_P2)                                                    # (W_P2,)
     k = tl.load(k_ptrs, mask=k_mask & (wi[None, :] < W), other=0)              # (BLOCK_S, W_P2) int32
-    score = tl.zeros([k.shape[0]], dtype=tl.int32)                             # (BLOCK_S,)
-    for g in range(G):
-        q = tl.load(qc_ptr + g * W + wi, mask=wi < W, other=0)                 # (W_P2,) int32
-        score += tl.sum(_popcount(k ^ q[None, :], HW_POPC), axis=1)            # (BLOCK_S,)
+    if NPL + G % 2 < G:
+        r = tl.arange(0, 32)
+        score = tl.zeros([k.shape[0]], dtype=tl.int32)
+        c = tl.zeros([W_P2, 32], dtype=tl.int32)                               # (W_P2, 32) heads with bit set
+        for g in range(G):
+            q = tl.load(qc_ptr + g * W + wi, mask=wi < W, other=0)             # (W_P2,) int32
+            c += (q[:, None] >> r[None, :]) & 1
+        v = (G - 2 * c) >> 1                                                   # (W_P2, 32) floor((G - 2c) / 2)
+        for j in tl.static_range(NPL):
+            plane = tl.sum(((v >> j) & 1) << r[None, :], axis=1)               # (W_P2,) bit plane j of v
+            cnt = tl.sum(_popcount(k & plane[None, :], HW_POPC), axis=1)       # (BLOCK_S,)
+            if j == NPL - 1:
+                score -= cnt << j                                              # two's complement sign plane
+            else:
+                score += cnt << j
+        score = 2 * score + tl.sum(c)                                          # + C0
+        if G % 2 == 1:
+            score += tl.sum(_popcount(k, HW_POPC), axis=1)
+    else:
+        score = tl.zeros([k.shape[0]], dtype=tl.int32)                         # (BLOCK_S,)
+        for g in range(G):
+            q = tl.load(qc_ptr + g * W + wi, mask=wi < W, other=0)             # (W_P2,) int32
+            score += tl.sum(_popcount(k ^ q[None, :], HW_POPC), axis=1)        # (BLOCK_S,)
     return score
 
 
@@ -184,7 +213,7 @@ def _hamming_score_kernel(
     qc_ptr, kc_ptr, len_ptr, out_ptr,      # q codes (B, H, W) contiguous, k codes (B, Hkv, S, W), out (B, Hkv, S)
     Hkv, S,
     skb, skh, sks,
-    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, R: tl.constexpr,
+    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, R: tl.constexpr,
     BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -195,7 +224,7 @@ def _hamming_score_kernel(
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                                # (BLOCK_S,)
     wi = tl.arange(0, W_P2)                                                    # (W_P2,)
     k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]       # (BLOCK_S, W_P2)
-    score = _group_score(k_ptrs, s[:, None] < length, qc_ptr + pid_bh * G * W, G, W, W_P2, HW_POPC)
+    score = _group_score(k_ptrs, s[:, None] < length, qc_ptr + pid_bh * G * W, G, W, W_P2, NPL, HW_POPC)
     score = tl.where(s < length, score, G * R + 1)                             # (BLOCK_S,) int32
     tl.store(out_ptr + pid_bh * S + s, score, mask=s < S)
 
@@ -228,7 +257,7 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
     grid = (triton.cdiv(S, BLOCK_S), B * Hkv)
     _hamming_score_kernel[grid](
         q_codes.contiguous(), k_codes, lengths, out, Hkv, S, *k_codes.stride()[:3],
-        G=H // Hkv, W=W, W_P2=_next_pow2(W), R=32 * W, BLOCK_S=BLOCK_S, HW_POPC=not _INTERPRET,
+        G=H // Hkv, W=W, W_P2=_next_pow2(W), NPL=_planes(H // Hkv), R=32 * W, BLOCK_S=BLOCK_S, HW_POPC=not _INTERPRET,
     )
     return out
 
@@ -413,8 +442,8 @@ def _topk_score_kernel(
     qc_ptr, kc_ptr, len_ptr, key_ptr, min_ptr, hist_ptr,  # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
     Hkv, S, NBLK, n_sink, n_recent,                       # keys (B*Hkv, S) int16, m_b (B*Hkv, NBLK),
     skb, skh, sks,                                        # hist (B*Hkv, NBLK, WIN) int32
-    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, PARITY: tl.constexpr, KMAX: tl.constexpr,
-    WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
+    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, PARITY: tl.constexpr,
+    KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -426,7 +455,7 @@ def _topk_score_kernel(
         valid = s < length
         wi = tl.arange(0, W_P2)                                                # (W_P2,)
         k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]  # (BLOCK_S, W_P2)
-        score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, HW_POPC)
+        score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, NPL, HW_POPC)
         forced = (s < n_sink) | (s >= length - n_recent)
         key = tl.where(forced, 0, 1 + (score >> PARITY))                       # (BLOCK_S,) int32
         key = tl.where(valid, key, KMAX + 1)                                   # past the length
@@ -582,7 +611,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     def score():
         _topk_score_kernel[(nblk, B * Hkv)](
             q_codes, k_codes, lengths, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:3],
-            G=G, W=W, W_P2=_next_pow2(W), PARITY=parity, KMAX=kmax, WIN=window, BLOCK_S=block_s,
+            G=G, W=W, W_P2=_next_pow2(W), NPL=_planes(G), PARITY=parity, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             HW_POPC=not _INTERPRET, **nw,
         )
 
@@ -745,7 +774,7 @@ def _sparse_attn_merge_kernel(
     tl.store(out_ptr + b * sob + j * soh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None):
+def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None, num_warps=4):
     """Allocate the output and partials, return (out, [(name, launch), ...]); bench.py times each launch."""
     B, H, D = q.shape
     _, Hkv, S_max, _ = k_cache.shape
@@ -765,6 +794,7 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None):
             q, k_cache, v_cache, idx, o, lse, Hkv, K, nsplit, scale,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *idx.stride(),
             G=G, G_P2=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+            **({} if _INTERPRET else {"num_warps": num_warps}),
         )
 
     def merge():
