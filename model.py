@@ -316,18 +316,32 @@ class Transformer(nn.Module):
         dtype = dtype or self.output.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
-            attn = layer.attention
-            attn.kv_cache = KVCache(max_batch_size, args.n_kv_heads, max_seq_len, args.head_dim, dtype, device)
-            if attn.hata is not None:
-                W = attn.hata.rbit // 32
-                attn.hash_cache = HashCache(max_batch_size, args.n_kv_heads, max_seq_len, W, attn.hata.use_norm,
-                                            device)
-                attn.budget = attn.hata.budget_tokens(max_seq_len)
+            layer.attention.kv_cache = KVCache(max_batch_size, args.n_kv_heads, max_seq_len, args.head_dim, dtype,
+                                               device)
         inv_freq = rope_frequencies(args, self.rope_factors)  # (D/2,)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S_max, D/2)
         self.rope_cos, self.rope_sin = angles.cos().to(device), angles.sin().to(device)
-        if self.hata is not None and self.sparse_layers() and self.sparse_layers()[0].hash_proj is None:
-            self.set_hash_projections(self.hata.hash_weights)
+        self.set_hata(self.hata, rehash=False)
+
+    def set_hata(self, hata: HataArgs | None, rehash=True):
+        """Set the decode policy: dense (None) or HATA with these settings. With `rehash`, the hash caches are
+        rebuilt from the keys already cached, so one prefill can serve many selectors and budgets (eval.py)."""
+        self.hata = hata
+        for i, layer in enumerate(self.layers):
+            attn = layer.attention
+            attn.hata = hata if hata is not None and i >= hata.n_dense else None
+            attn.hash_cache, attn.hash_proj, attn.budget = None, None, 0
+        if hata is None or not self.sparse_layers() or not self.max_seq_len:
+            return
+        self.set_hash_projections(hata.hash_weights)
+        for attn in self.sparse_layers():
+            keys = attn.kv_cache.k  # (B, Hkv, S_max, D)
+            attn.hash_cache = HashCache(*keys.shape[:3], hata.rbit // 32, hata.use_norm, keys.device)
+            attn.budget = hata.budget_tokens(self.max_seq_len)
+            if rehash:
+                attn.hash_cache.codes.copy_(hash_encode(keys, attn.hash_proj))  # (B, Hkv, S_max, W) int32
+                if hata.use_norm:
+                    attn.hash_cache.norms.copy_(keys.float().norm(dim=-1))  # (B, Hkv, S_max)
 
     def forward(self, tokens, input_pos=None, output_idx=None):
         """tokens (B, T); input_pos (B,) the cache position of each sequence's first token, or None when every

@@ -88,6 +88,26 @@ def test_batch_selects_per_sequence(smol_weights, selector):
     assert batch == alone
 
 
+def test_set_hata_after_a_dense_prefill(smol_weights):
+    """One dense prefill, then switching to HATA rebuilds the hash caches from the cached keys: the tokens equal
+    those of a model that was HATA from the start (eval.py relies on this to share prefills)."""
+    args, sd = smol_weights
+    hata = HataArgs(budget=8, n_recent=2, use_norm=True)
+    ids = prompt(40)
+    direct = from_state_dict(args, sd, hata)
+    direct.setup_caches(1, 56)
+    switched = from_state_dict(args, sd)
+    switched.setup_caches(1, 56)
+    with torch.inference_mode():
+        want, _ = generate(direct, [ids], max_new_tokens=12)
+        first = switched(torch.tensor([ids]))[0, -1].argmax()
+        switched.set_hata(hata)
+        got = [int(first)]
+        for i in range(11):
+            got.append(int(switched(torch.tensor([[got[-1]]]), torch.tensor([len(ids) + i]))[0, -1].argmax()))
+    assert got == want[0]
+
+
 def test_bad_hata_values():
     with pytest.raises(ValueError, match="budget"):
         HataArgs(budget=0)
