@@ -188,6 +188,8 @@ def run(args):
                                             selector=args.selector, hash_weights=args.hash_weights)
 
     checkpoint = args.checkpoint or default_checkpoint()
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     longest = max(len(p) for p in prompts)

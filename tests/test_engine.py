@@ -1,0 +1,112 @@
+"""The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
+status 2, raised before the model is loaded where it can be."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import engine
+from engine import parse_budget, sample
+
+
+def run_cli(capsys, *argv):
+    """engine.main in-process: (exit status, stdout, stderr); argparse's own errors exit through SystemExit."""
+    try:
+        code = engine.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_generates_paris(capsys):
+    code, out, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "3", "--dense")
+    assert code == 0
+    assert out.startswith(" Paris")
+    assert "tok/s" in err and "prefill" in err
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(tmp_path / "nope.gguf"))
+    assert code == 2 and "not found" in error_line(err)
+
+
+def test_truncated_gguf(capsys, tmp_path, gguf_path):
+    cut = tmp_path / "cut.gguf"
+    with open(gguf_path, "rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(cut))
+    assert code == 2 and str(cut) in error_line(err)
+
+
+def hf_dir(tmp_path, smol_weights, drop=None, extra=None):
+    """A 2-layer Hugging Face directory of the default model's real weights (tokenizer passed separately)."""
+    from tests.test_model import write_hf
+    args, sd = smol_weights
+    write_hf(tmp_path, args, {k: v for k, v in sd.items() if k != "output.weight"}, n_layers=2)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors.pop(drop, None)
+    save_file({**tensors, **(extra or {})}, tmp_path / "model.safetensors")
+    return str(tmp_path)
+
+
+def test_safetensors_missing_key(capsys, tmp_path, smol_weights, gguf_path):
+    path = hf_dir(tmp_path, smol_weights, drop="model.layers.1.self_attn.k_proj.weight")
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", path, "--tokenizer", gguf_path)
+    assert code == 2 and "missing" in error_line(err) and "layers.1.attention.wk" in err
+
+
+def test_safetensors_extra_key(capsys, tmp_path, smol_weights, gguf_path):
+    path = hf_dir(tmp_path, smol_weights, extra={"model.layers.0.self_attn.q_bias": torch.zeros(3)})
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", path, "--tokenizer", gguf_path)
+    assert code == 2 and "does not use" in error_line(err) and "q_bias" in err
+
+
+def test_hf_directory_generates(capsys, tmp_path, smol_weights, gguf_path):
+    path = hf_dir(tmp_path, smol_weights)
+    code, out, err = run_cli(capsys, "--prompt", "Hello", "--checkpoint", path, "--tokenizer", gguf_path,
+                             "--max-new-tokens", "2")
+    assert code == 0 and "n_layers=2" in err
+
+
+def test_prompt_longer_than_max_seq_len(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "one two three four five six", "--max-seq-len", "4")
+    line = error_line(err)
+    assert code == 2 and "--max-seq-len is 4" in line and "loaded" not in err  # refused before loading
+
+
+def test_unknown_dtype(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--dtype", "float8")
+    assert code == 2 and "unknown --dtype 'float8'" in error_line(err)
+
+
+@pytest.mark.parametrize("flag, value, words", [("--budget", "0", "budget"), ("--budget", "-5", "budget"),
+                                                ("--rbit", "48", "multiple of 32"), ("--budget", "abc", "budget")])
+def test_bad_hata_flags(capsys, flag, value, words):
+    code, _, err = run_cli(capsys, "--prompt", "hi", flag, value)
+    assert code == 2 and words in error_line(err)
+
+
+def test_bad_hash_weights_file(capsys, tmp_path):
+    bad = tmp_path / "proj.safetensors"
+    save_file({"layers.2.hash_proj": torch.zeros(3, 64, 128)}, bad, metadata={"model": "llama dim=1"})
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(bad), "--max-new-tokens", "1")
+    assert code == 2 and "not this model" in error_line(err)
+
+
+def test_parse_budget():
+    assert parse_budget("2048") == 2048 and isinstance(parse_budget("2048"), int)
+    assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, 0.7, gen)) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are outside the nucleus
+    assert int(sample(logits, 0.0)) == 0
