@@ -207,7 +207,7 @@ def run(args):
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     model.setup_caches(len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
-          f"{'dense' if hata is None else f'HATA budget {hata.budget_tokens(max_seq_len)} tokens'}",
+          f"{describe_policy(hata, max_seq_len)}",
           file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -226,6 +226,16 @@ def run(args):
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {steps} steps in "
           f"{timing['decode_s']:.2f}s ({steps * len(prompts) / max(timing['decode_s'], 1e-9):.1f} tok/s, "
           f"{1000 * timing['decode_s'] / max(steps, 1):.1f} ms/step)", file=sys.stderr)
+
+
+def describe_policy(hata, max_seq_len):
+    if hata is None:
+        return "dense decode"
+    K = hata.budget_tokens(max_seq_len)
+    if K >= max_seq_len:
+        return f"HATA budget {K} tokens covers the whole {max_seq_len}-token cache: every step is dense"
+    weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"
+    return f"HATA decode: {hata.selector} selector, budget {K} of up to {max_seq_len} tokens, {weights}"
 
 
 def shipped_hash_weights(hata):
