@@ -17,7 +17,7 @@ from dataclasses import fields
 
 import torch
 
-from model import SELECTORS, HataArgs, from_checkpoint
+from model import PRESETS, SELECTORS, HataArgs, Transformer, from_checkpoint
 from tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,11 +74,42 @@ def decode_one_token(model, cur, input_pos):
     return model(cur[:, None], input_pos, output_idx=torch.zeros_like(input_pos))
 
 
+class GraphedDecode:
+    """decode_one_token captured once as a CUDA graph and replayed every step. Eager launches cost more host time
+    than the GPU work of a HATA step, so on CUDA this is what makes sparse decoding fast. The shapes are static
+    (the caches are preallocated, K is fixed) and nothing in the step synchronises with the host, so one capture
+    serves the whole generation. Capture runs the step for real: it is taken at the next step's own inputs, whose
+    cache writes the first replay then repeats."""
+
+    def __init__(self, model, cur, input_pos):
+        self.model, self.cur, self.input_pos = model, cur.clone(), input_pos.clone()  # static inputs (B,)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
+            for _ in range(2):
+                decode_one_token(model, self.cur, self.input_pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_one_token(model, self.cur, self.input_pos)  # static output (B, V)
+
+    def __call__(self, model, cur, input_pos):
+        self.cur.copy_(cur)
+        self.input_pos.copy_(input_pos)
+        self.graph.replay()
+        return self.logits
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
-             on_token=None):
+             on_token=None, cuda_graph=True):
     """prompts: lists of token ids (any lengths). Returns (the new tokens of each prompt, timing dict).
     Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,)) is called
-    after every step (streaming)."""
+    after every step (streaming). On CUDA the decode step runs as a CUDA graph unless cuda_graph is False."""
     device = model.output.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
@@ -90,7 +121,13 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
 
     t0 = time.perf_counter()
     cur = sample(prefill(model, tokens, lengths), temperature, top_p, generator)  # (B,)
+    synchronize(device)
     t1 = time.perf_counter()
+    step_fn = decode_one_token
+    if cuda_graph and device.type == "cuda" and max_new_tokens > 1:
+        step_fn = GraphedDecode(model, cur, lengths)
+        synchronize(device)
+        t1 = time.perf_counter()  # capture is setup, not decode: a long generation pays it once
     for step in range(max_new_tokens):
         out.append(torch.where(done, -1, cur))
         done |= torch.isin(cur, stop)
@@ -98,7 +135,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
             on_token(out[-1])
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        cur = sample(decode_one_token(model, cur, lengths + step), temperature, top_p, generator)
+        cur = sample(step_fn(model, cur, lengths + step), temperature, top_p, generator)
+    synchronize(device)
     t2 = time.perf_counter()
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
     new = [[t for t in row if t >= 0] for row in rows]
@@ -153,7 +191,19 @@ def build_parser():
     g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms")
     g.add_argument("--selector", choices=SELECTORS, default=h["selector"],
                    help="hash: HATA; oracle: exact top-K by attention (an upper bound, for comparison)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the --preset shape with random weights on the device, for speed measurement only")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.1-8b", help="shape for --random-weights")
+    p.add_argument("--prompt-len", type=int, default=1024, help="random prompt tokens with --random-weights")
     return p
+
+
+def random_model(preset, hata, device, dtype, seed=0):
+    """A model in a preset's shape with random weights, built directly on the device."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(PRESETS[preset], hata)
+    return model.to(dtype).eval()
 
 
 def main(argv=None):
@@ -175,6 +225,8 @@ def run(args):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if args.random_weights:
+        return run_random(args, device, dtype)
     texts = list(args.prompt or [])
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
@@ -183,9 +235,7 @@ def run(args):
             texts.append(f.read())
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
-    hata = None if args.dense else HataArgs(rbit=args.rbit, budget=args.budget, n_dense=args.n_dense,
-                                            n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm,
-                                            selector=args.selector, hash_weights=args.hash_weights)
+    hata = hata_args(args)
 
     checkpoint = args.checkpoint or default_checkpoint()
     if not os.path.exists(checkpoint):
@@ -221,10 +271,37 @@ def run(args):
     else:
         for text, ids in zip(texts, new):
             print(f"--- {text[:60]!r}\n{tok.decode([t for t in ids if t not in tok.eos_ids])}")
+    report_speed(timing, len(prompts))
+
+
+def hata_args(args):
+    return None if args.dense else HataArgs(rbit=args.rbit, budget=args.budget, n_dense=args.n_dense,
+                                            n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm,
+                                            selector=args.selector, hash_weights=args.hash_weights)
+
+
+def run_random(args, device, dtype):
+    """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
+    hata = hata_args(args)
+    model = random_model(args.preset, hata, device, dtype)
+    max_seq_len = args.max_seq_len or args.prompt_len + args.max_new_tokens
+    if args.prompt_len >= max_seq_len:
+        raise ValueError(f"--prompt-len {args.prompt_len} does not fit --max-seq-len {max_seq_len}")
+    model.setup_caches(len(args.prompt or [None]), max_seq_len)
+    print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
+          f"measurement only, the output is noise; {describe_policy(hata, max_seq_len)}", file=sys.stderr)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(0, model.args.vocab_size, (len(args.prompt or [None]), args.prompt_len), generator=gen)
+    with torch.inference_mode():
+        _, timing = generate(model, prompts.tolist(), args.max_new_tokens)
+    report_speed(timing, prompts.shape[0])
+
+
+def report_speed(timing, batch):
     steps = timing["decode_steps"]
     print(f"prefill: {timing['prefill_tokens']} tokens in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {steps} steps in "
-          f"{timing['decode_s']:.2f}s ({steps * len(prompts) / max(timing['decode_s'], 1e-9):.1f} tok/s, "
+          f"{timing['decode_s']:.2f}s ({steps * batch / max(timing['decode_s'], 1e-9):.1f} tok/s, "
           f"{1000 * timing['decode_s'] / max(steps, 1):.1f} ms/step)", file=sys.stderr)
 
 
