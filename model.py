@@ -188,6 +188,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.hata = hata if hata is not None and layer_id >= hata.n_dense else None  # None: a dense layer
         self.kv_cache = None
+        self.kv_cache_cls = KVCache  # what setup_caches allocates; offload.py swaps in a host-memory cache
         self.hash_cache = None
         self.budget = 0  # K in tokens, set with the caches
         self.hash_proj = None  # (Hkv, D, R) fp32, set by Transformer.set_hash_projections
@@ -316,8 +317,9 @@ class Transformer(nn.Module):
         dtype = dtype or self.output.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, args.n_kv_heads, max_seq_len, args.head_dim, dtype,
-                                               device)
+            layer.attention.kv_cache = None  # free the old caches before allocating new ones
+            layer.attention.kv_cache = layer.attention.kv_cache_cls(max_batch_size, args.n_kv_heads, max_seq_len,
+                                                                    args.head_dim, dtype, device)
         inv_freq = rope_frequencies(args, self.rope_factors)  # (D/2,)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S_max, D/2)
         self.rope_cos, self.rope_sin = angles.cos().to(device), angles.sin().to(device)
