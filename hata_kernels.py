@@ -67,6 +67,12 @@ def _next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _rows_contiguous(codes):
+    """(B, Hkv, S, W) codes whose (S, W) rows are packed (a cache view codes[:, :, :S] is); else a copy."""
+    W = codes.shape[-1]
+    return codes if codes.stride(3) == 1 and codes.stride(2) == W else codes.contiguous()
+
+
 def _planes(G):
     """Two's-complement bit planes of floor((G - 2c) / 2), c in [0, G] (see _group_score)."""
     return (G // 2).bit_length() + 1
@@ -95,29 +101,32 @@ def _popcount(x, HW_POPC: tl.constexpr):
 @triton.jit
 def _hash_encode_kernel(
     x_ptr, p_ptr, c_ptr,                    # x (B, Hx, T, D), proj (Hkv, D, R) fp32, codes (B, Hx, T, W) int32
-    Hx, T,
+    Hkv, T,
     sxb, sxh, sxt, sxd,
     spg, spd, spr,
     scb, sch, sct,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Program (t block, b * Hx + j, w) writes word w of BLOCK_T rows: one word per program keeps the
-    decode step (T = 1) spread over B * Hx * W programs."""
-    pid_t = tl.program_id(0)
+    """Program (row block, b * Hkv + h, w) writes word w of BLOCK_R rows r = (g, t) of the G heads that use
+    proj[h]: each projection slice is loaded once per KV head, and a decode step (T = 1) still spreads over
+    B * Hkv * W programs."""
+    pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     w = tl.program_id(2)
-    b = pid_bh // Hx
-    j = pid_bh % Hx
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                                # (BLOCK_T,)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)                                # (BLOCK_R,) flattened (g, t)
+    j = h * G + r // T                                                         # (BLOCK_R,) row head
+    t = r % T                                                                  # (BLOCK_R,) token
     d = tl.arange(0, D)                                                        # (D,)
-    r = tl.arange(0, 32)                                                       # (32,)
-    x = tl.load(x_ptr + b * sxb + j * sxh + t[:, None] * sxt + d[None, :] * sxd,
-                mask=t[:, None] < T, other=0.0).to(tl.float32)                 # (BLOCK_T, D) fp32
-    p = tl.load(p_ptr + (j // G) * spg + d[:, None] * spd + (32 * w + r[None, :]) * spr)  # (D, 32) fp32
-    y = tl.dot(x, p, input_precision="ieee")                                   # (BLOCK_T, 32) fp32
-    bits = (y > 0).to(tl.int32) << r[None, :]                                  # (BLOCK_T, 32) int32
-    word = tl.sum(bits, axis=1)                                                # (BLOCK_T,) distinct bits: sum == OR
-    tl.store(c_ptr + b * scb + j * sch + t * sct + w, word, mask=t < T)
+    i = tl.arange(0, 32)                                                       # (32,)
+    x = tl.load(x_ptr + b * sxb + j[:, None] * sxh + t[:, None] * sxt + d[None, :] * sxd,
+                mask=r[:, None] < G * T, other=0.0).to(tl.float32)             # (BLOCK_R, D) fp32
+    p = tl.load(p_ptr + h * spg + d[:, None] * spd + (32 * w + i[None, :]) * spr)  # (D, 32) fp32
+    y = tl.dot(x, p, input_precision="ieee")                                   # (BLOCK_R, 32) fp32
+    bits = (y > 0).to(tl.int32) << i[None, :]                                  # (BLOCK_R, 32) int32
+    word = tl.sum(bits, axis=1)                                                # (BLOCK_R,) distinct bits: sum == OR
+    tl.store(c_ptr + b * scb + j * sch + t * sct + w, word, mask=r < G * T)
 
 
 def hash_encode(x, proj, use_triton=None):
@@ -147,11 +156,12 @@ def _hash_encode_into(x, proj, codes):
     B, Hx, T, D = x.shape
     Hkv, _, R = proj.shape
     assert codes.stride(3) == 1
-    BLOCK_T = 16 if T <= 16 else 64                                            # tl.dot needs >= 16 rows
-    grid = (triton.cdiv(T, BLOCK_T), B * Hx, R // 32)
+    G = Hx // Hkv
+    BLOCK_R = 16 if G * T <= 16 else 64                                        # tl.dot needs >= 16 rows
+    grid = (triton.cdiv(G * T, BLOCK_R), B * Hkv, R // 32)
     _hash_encode_kernel[grid](
-        x, proj, codes, Hx, T, *x.stride(), *proj.stride(), *codes.stride()[:3],
-        G=Hx // Hkv, D=D, BLOCK_T=BLOCK_T,
+        x, proj, codes, Hkv, T, *x.stride(), *proj.stride(), *codes.stride()[:3],
+        G=G, D=D, BLOCK_R=BLOCK_R,
     )
 
 
@@ -212,7 +222,7 @@ def _group_score(k_ptrs, k_mask, qc_ptr, G: tl.constexpr, W: tl.constexpr, W_P2:
 def _hamming_score_kernel(
     qc_ptr, kc_ptr, len_ptr, out_ptr,      # q codes (B, H, W) contiguous, k codes (B, Hkv, S, W), out (B, Hkv, S)
     Hkv, S,
-    skb, skh, sks,
+    skb, skh,                              # k codes: stride W along S, 1 along W (a constexpr lets loads vectorize)
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, R: tl.constexpr,
     BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
@@ -223,7 +233,7 @@ def _hamming_score_kernel(
     length = tl.load(len_ptr + b)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                                # (BLOCK_S,)
     wi = tl.arange(0, W_P2)                                                    # (W_P2,)
-    k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]       # (BLOCK_S, W_P2)
+    k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * W + wi[None, :]         # (BLOCK_S, W_P2)
     score = _group_score(k_ptrs, s[:, None] < length, qc_ptr + pid_bh * G * W, G, W, W_P2, NPL, HW_POPC)
     score = tl.where(s < length, score, G * R + 1)                             # (BLOCK_S,) int32
     tl.store(out_ptr + pid_bh * S + s, score, mask=s < S)
@@ -251,12 +261,12 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
         return hamming_score_ref(q_codes, k_codes, lengths)
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
-    k_codes = k_codes if k_codes.stride(3) == 1 else k_codes.contiguous()
+    k_codes = _rows_contiguous(k_codes)
     out = torch.empty(B, Hkv, S, dtype=torch.int32, device=q_codes.device)    # (B, Hkv, S) int32
     BLOCK_S = 1024 if not _INTERPRET else max(16, min(1024, _next_pow2(S)))
     grid = (triton.cdiv(S, BLOCK_S), B * Hkv)
     _hamming_score_kernel[grid](
-        q_codes.contiguous(), k_codes, lengths, out, Hkv, S, *k_codes.stride()[:3],
+        q_codes.contiguous(), k_codes, lengths, out, Hkv, S, *k_codes.stride()[:2],
         G=H // Hkv, W=W, W_P2=_next_pow2(W), NPL=_planes(H // Hkv), R=32 * W, BLOCK_S=BLOCK_S, HW_POPC=not _INTERPRET,
     )
     return out
@@ -441,7 +451,7 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 def _topk_score_kernel(
     qc_ptr, kc_ptr, len_ptr, key_ptr, min_ptr, hist_ptr,  # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
     Hkv, S, NBLK, n_sink, n_recent,                       # keys (B*Hkv, S) int16, m_b (B*Hkv, NBLK),
-    skb, skh, sks,                                        # hist (B*Hkv, NBLK, WIN) int32
+    skb, skh,                                             # hist (B*Hkv, NBLK, WIN) int32
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, PARITY: tl.constexpr,
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
@@ -454,7 +464,7 @@ def _topk_score_kernel(
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                            # (BLOCK_S,)
         valid = s < length
         wi = tl.arange(0, W_P2)                                                # (W_P2,)
-        k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * sks + wi[None, :]  # (BLOCK_S, W_P2)
+        k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * W + wi[None, :]    # (BLOCK_S, W_P2)
         score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, NPL, HW_POPC)
         forced = (s < n_sink) | (s >= length - n_recent)
         key = tl.where(forced, 0, 1 + (score >> PARITY))                       # (BLOCK_S,) int32
@@ -483,7 +493,7 @@ def _window_tile(hist_ptr, min_ptr, row, blk, nblk, NBLK, j, gmin, WIN: tl.const
 def _topk_threshold_kernel(
     len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, m_b, hist,
     Hkv, S, NBLK, budget,                                    # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget)
-    KMAX: tl.constexpr, NB_FULL: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr,
+    KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr,
     BLK_CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -528,17 +538,29 @@ def _topk_threshold_kernel(
             off += tl.sum(cnt)
             eq_seen += tl.sum(eq)
     else:
-        # slow exact path: the threshold lies beyond some block's window; recount from the stored keys
-        bins = tl.arange(0, NB_FULL)
+        # slow exact path: the threshold lies beyond some block's window; bisect on the stored keys
         row = key_ptr + pid_bh * S
-        full = tl.zeros([NB_FULL], dtype=tl.int32)
+        lo = tl.full([], -1, tl.int32)                                         # count(key <= lo) < k_eff
+        hi = tl.full([], KMAX, tl.int32)                                       # count(key <= hi) >= k_eff
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            cnt = tl.zeros([], dtype=tl.int32)
+            for c in range(0, length, BLOCK_S):
+                s = c + tl.arange(0, BLOCK_S)
+                key = tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32)
+                cnt += tl.sum((key <= mid).to(tl.int32))
+            if cnt < k_eff:
+                lo = mid
+            else:
+                hi = mid
+        t = hi
+        n_less = tl.zeros([], dtype=tl.int32)
+        n_eq = tl.zeros([], dtype=tl.int32)
         for c in range(0, length, BLOCK_S):
             s = c + tl.arange(0, BLOCK_S)
-            full += tl.histogram(tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32), NB_FULL)
-        full = tl.where(bins <= KMAX, full, 0)
-        t = tl.sum((tl.cumsum(full, axis=0) < k_eff).to(tl.int32))
-        n_less = tl.sum(tl.where(bins < t, full, 0))
-        n_eq = tl.sum(tl.where(bins == t, full, 0))
+            key = tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32)
+            n_less += tl.sum((key < t).to(tl.int32))
+            n_eq += tl.sum((key == t).to(tl.int32))
         need = k_eff - n_less
         off = tl.zeros([], dtype=tl.int32)
         eq_seen = tl.zeros([], dtype=tl.int32)
@@ -594,7 +616,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G, R = H // Hkv, 32 * W
-    k_codes = k_codes if k_codes.stride(3) == 1 else k_codes.contiguous()
+    k_codes = _rows_contiguous(k_codes)
     q_codes = q_codes.contiguous()
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position
@@ -610,15 +632,14 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
 
     def score():
         _topk_score_kernel[(nblk, B * Hkv)](
-            q_codes, k_codes, lengths, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:3],
+            q_codes, k_codes, lengths, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:2],
             G=G, W=W, W_P2=_next_pow2(W), NPL=_planes(G), PARITY=parity, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             HW_POPC=not _INTERPRET, **nw,
         )
 
     def threshold():
         _topk_threshold_kernel[(B * Hkv,)](
-            lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, NB_FULL=_next_pow2(kmax + 2),
-            WIN=window, BLOCK_S=block_s, BLK_CHUNK=max(2, min(16, _next_pow2(nblk))),
+            lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s, BLK_CHUNK=max(2, min(16, _next_pow2(nblk))),
             FILL=max(16, min(1024, _next_pow2(budget))),
         )
 
