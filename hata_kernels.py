@@ -609,18 +609,22 @@ def _topk_compact_kernel(
             tl.store(out + rank, s, mask=sel)
 
 
-def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, window=128, block_s=None,
-                           num_warps=8):
+def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, window=None, block_s=None,
+                           num_warps=4):
     """Allocate the outputs and scratch, return (idx, [(name, launch), ...]); bench.py times each launch.
-    window: histogram bins per block (a power of two >= 4; tests shrink it to exercise the slow path)."""
+    window: histogram bins per block, a power of two >= 4 (tests shrink it to exercise the slow path). The
+    default spans ~8 standard deviations of the key for independent random codes, sqrt(G * R) / 2 score units."""
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G, R = H // Hkv, 32 * W
+    if window is None:
+        sigma_key = math.sqrt(G * R) / 2 / (2 if G % 2 == 0 else 1)
+        window = min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
     k_codes = _rows_contiguous(k_codes)
     q_codes = q_codes.contiguous()
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position
-    block_s = block_s or (2048 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
+    block_s = block_s or (1024 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
     nblk = triton.cdiv(S, block_s)
     dev = q_codes.device
     keys = torch.empty(B * Hkv, S, dtype=torch.int16, device=dev)             # (B*Hkv, S) order keys
