@@ -25,10 +25,11 @@ Conventions (the contract with model.py):
   the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len) are always
   selected and count toward the budget: they rank before every scored position, and if they alone exceed
   the budget the newest of them win (the same "newer wins" rule). Slots beyond K_eff hold -1.
-  The refs return positions ascending, then the -1s; so do the Triton kernels today, but callers should
-  treat a selection as a set (kernels are free to return any order).
-- Strides: every op accepts non-contiguous inputs (e.g. cache views k_cache[:, :, :S]); the Triton paths
-  read k_cache / v_cache / k_codes through their strides and copy nothing of size S.
+  The refs return positions ascending, then the -1s. The Triton select_topk does too; the Triton
+  hamming_topk returns the same set in another order (treat a selection as a set).
+- Strides: every op accepts non-contiguous inputs. The Triton paths read x, q, k_cache, v_cache and idx
+  through their strides (cache views k_cache[:, :, :S] cost nothing); k_codes may be any view whose (S, W)
+  rows are packed (codes[:, :, :S] of a (B, Hkv, S_max, W) buffer is), anything else is copied first.
 """
 import math
 import os
@@ -442,7 +443,8 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 #                              key) almost always lies there (it sits ~3 standard deviations of the score
 #                              above the minimum); if not, B recounts from the stored keys (slow, exact).
 #                              Then per block: keys < t, ties at t to take (newest first), output offset.
-#   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
+#   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t
+#                              into the block's output slots (any order within the block).
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
 # popcount per owned bin, so its cost grows with the number of bins.
 
@@ -587,6 +589,10 @@ def _topk_compact_kernel(
     Hkv, S, NBLK, budget,
     BLOCK_S: tl.constexpr,
 ):
+    """Writes the block's selected positions into its slots [offset, offset + count) of the row's output.
+    Usual case (the block takes all or none of its ties at t): slots come from an atomic cursor on the
+    block's offset, so positions land in any order within the block; no scan. The one block per row that
+    takes only its newest ties ranks them with a scan."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     length = tl.minimum(tl.load(len_ptr + pid_bh // Hkv).to(tl.int32), S)
@@ -594,19 +600,24 @@ def _topk_compact_kernel(
     if pid_s * BLOCK_S < length:
         cnt = tl.load(ip + 2)
         if cnt > 0:
-            out = idx_ptr + pid_bh * budget + tl.load(ip + 0)
             skip = tl.load(ip + 1)
             t = tl.load(ip + 3)
+            out = idx_ptr + pid_bh * budget
             s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                        # (BLOCK_S,)
             key = tl.load(key_ptr + pid_bh * S + s, mask=s < length, other=32767).to(tl.int32)
-            less = (key < t).to(tl.int32)
-            eq = (key == t).to(tl.int32)
-            packed = tl.cumsum(less + (eq << 16), axis=0)                      # one scan counts both
-            less_before = (packed & 0xFFFF) - less
-            eq_before = (packed >> 16) - eq
-            sel = (less == 1) | ((eq == 1) & (eq_before >= skip))
-            rank = less_before + tl.maximum(eq_before - skip, 0)               # taken ties are the last ones
-            tl.store(out + rank, s, mask=sel)
+            if skip == 0:
+                sel = key <= t                                                 # every tie at t is taken
+                slot = tl.atomic_add(ip + tl.zeros_like(s), 1, mask=sel, sem="relaxed")  # (BLOCK_S,) cursor
+                tl.store(out + slot, s, mask=sel)
+            else:
+                less = (key < t).to(tl.int32)
+                eq = (key == t).to(tl.int32)
+                packed = tl.cumsum(less + (eq << 16), axis=0)                  # one scan counts both
+                less_before = (packed & 0xFFFF) - less
+                eq_before = (packed >> 16) - eq
+                sel = (less == 1) | ((eq == 1) & (eq_before >= skip))
+                rank = less_before + tl.maximum(eq_before - skip, 0)           # taken ties are the last ones
+                tl.store(out + tl.load(ip + 0) + rank, s, mask=sel)
 
 
 def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, window=None, block_s=None,
@@ -624,7 +635,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     q_codes = q_codes.contiguous()
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position
-    block_s = block_s or (1024 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
+    block_s = block_s or (2048 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
     nblk = triton.cdiv(S, block_s)
     dev = q_codes.device
     keys = torch.empty(B * Hkv, S, dtype=torch.int16, device=dev)             # (B*Hkv, S) order keys
@@ -643,7 +654,8 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
 
     def threshold():
         _topk_threshold_kernel[(B * Hkv,)](
-            lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s, BLK_CHUNK=max(2, min(16, _next_pow2(nblk))),
+            lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
+            BLK_CHUNK=max(2, min(64, _next_pow2(nblk))),
             FILL=max(16, min(1024, _next_pow2(budget))),
         )
 
