@@ -1,0 +1,220 @@
+"""Decode with the KV cache of HATA's sparse layers in host memory: only the selected rows cross PCIe.
+
+A HATA decode step (DESIGN.md) reads the hash code of every cached token but the keys and values of only the K
+tokens it selects, so a sparse layer's K/V cache can live in page-locked host memory while its hash codes, and the
+dense layers' caches, stay on the GPU. `apply_offload(model, B, S_max, kv_gpu_gb=None)` plans which sparse layers
+to offload and installs `HostKVCache` as their `Attention.kv_cache_cls`; call it before `model.setup_caches`, which
+then allocates those caches in host memory only. model.py learns nothing else about offload.
+
+How the GPU reaches host memory: page-locked host memory registered as *mapped* lives in the GPU's unified
+address space (UVA), so a kernel can load and store it directly, over PCIe. `host_buffer` wraps such memory as a
+CUDA tensor over the same bytes, and Attention.forward runs unchanged:
+  decode   the new K/V row is stored through the view by an index_put kernel inside the CUDA graph (no host sync);
+           hamming_topk selects on the GPU from the codes; sparse_decode_attention's split kernel gathers the
+           selected rows straight from host memory (zero-copy) and attends on the GPU.
+  prefill  the rows are written through the view as the chunks go; a fresh prefill attends over the new k, v
+           themselves (on the GPU), a later chunk over a GPU copy of the cache made for that layer and dropped
+           after it (host syncs are fine in prefill).
+The other way to fetch, copying the selected rows into a small GPU staging buffer first (`gather_rows`, then the
+ordinary kernel over the buffer: `staged_sparse_attention`), moves the same bytes; `python bench.py offload` times
+both (BENCHMARKS.md). On the CPU the "far" memory is ordinary host memory and the views are the host tensors
+themselves, so the same code runs (and is tested) without a GPU.
+"""
+import math
+import sys
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+
+from hata_kernels import _INTERPRET, sparse_decode_attention
+from model import KVCache
+
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host memory the GPU can address
+
+class _Mapped:
+    """Owns a host tensor registered with CUDA as mapped memory and describes it by __cuda_array_interface__.
+    Under UVA the host address of mapped memory is also its device address, so torch.as_tensor(self, device=cuda)
+    wraps the same bytes as a CUDA tensor. Every such view holds this object; the last one to go unregisters."""
+
+    def __init__(self, host):
+        nbytes = host.numel() * host.element_size()
+        err = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 3))  # Portable | Mapped
+        if err != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of host memory failed (cudaError {err})")
+        weakref.finalize(self, _unregister, host)
+        self.__cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": f"<i{host.element_size()}",
+                                         "data": (host.data_ptr(), False), "strides": None, "version": 2}
+
+
+def _unregister(host):
+    torch.cuda.synchronize()  # no kernel may still read these bytes when they are unpinned and freed
+    torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+
+
+def host_buffer(shape, dtype, device):
+    """A zeroed tensor in host memory as seen from `device`: on CUDA a view over mapped host memory (the same bytes,
+    read and written through PCIe by ordinary kernels); on the CPU the host tensor itself."""
+    host = torch.zeros(shape, dtype=dtype)  # zeros: masked-out rows are read too, and must not be NaN
+    if device.type == "cpu":
+        return host
+    view = torch.as_tensor(_Mapped(host), device=device).view(dtype)  # described as ints: numpy has no bfloat16
+    assert view.data_ptr() == host.data_ptr(), "torch copied the host memory instead of viewing it"
+    return view
+
+
+class HostKVCache(nn.Module):
+    """`Attention.kv_cache_cls` of an offloaded layer: KVCache's interface, K and V in host memory."""
+
+    def __init__(self, B, Hkv, S_max, D, dtype, device=None):
+        super().__init__()
+        device = torch.device(device or "cpu")
+        # plain attributes, not buffers: model.to() must never copy them onto the GPU
+        self.k = host_buffer((B, Hkv, S_max, D), dtype, device)  # (B, Hkv, S_max, D) host memory
+        self.v = host_buffer((B, Hkv, S_max, D), dtype, device)  # (B, Hkv, S_max, D) host memory
+
+    def update(self, pos, k, v):
+        """pos (B, T); k, v (B, Hkv, T, D) on the GPU. Returns what Attention.forward attends over."""
+        b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
+        self.k[b, :, pos] = k.transpose(1, 2)  # a store kernel writing through PCIe: no host sync, graph-safe
+        self.v[b, :, pos] = v.transpose(1, 2)
+        T = k.shape[2]
+        if T == 1:  # decode: forward reads only the selected rows (or every row, if this layer decodes densely)
+            return self.k, self.v
+        if bool((pos[:, 0] == 0).all()):  # fresh prefill: forward attends over keys[:, :, :T], i.e. k, v
+            return k, v
+        end = int(pos.max()) + 1  # a later prefill chunk: the mask lets it see positions < end
+        keys, values = (torch.zeros(self.k.shape, dtype=k.dtype, device=k.device) for _ in range(2))
+        keys[:, :, :end], values[:, :, :end] = self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, S_max, D)
+        return keys, values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The staged fetch: copy the selected rows into a GPU buffer, then attend there
+
+@triton.jit
+def _gather_rows_kernel(
+    k_ptr, v_ptr, idx_ptr, ks_ptr, vs_ptr,  # k/v (B, Hkv, S_max, D) far, idx (B, Hkv, K), ks/vs (B, Hkv, K, D)
+    Hkv, K,
+    skb, skh, sks, svb, svh, svs,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) slots
+    d = tl.arange(0, D)                                                        # (D,)
+    rows = tl.load(idx_ptr + pid_bh * K + n, mask=n < K, other=-1)             # (BLOCK_N,) int32
+    used = rows >= 0
+    rows = tl.where(used, rows, 0).to(tl.int64)
+    k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * sks + d[None, :], mask=used[:, None], other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + d[None, :], mask=used[:, None], other=0.0)
+    out = (pid_bh * K + n)[:, None] * D + d[None, :]                           # (BLOCK_N, D) staging offsets
+    tl.store(ks_ptr + out, k, mask=n[:, None] < K)
+    tl.store(vs_ptr + out, v, mask=n[:, None] < K)
+
+
+def gather_rows(k_far, v_far, idx, use_triton=None):
+    """k_far, v_far (B, Hkv, S_max, D) with unit stride along D; idx (B, Hkv, K) int32, -1 = unused. Returns
+    k_sel, v_sel (B, Hkv, K, D) on idx's device (zeros in unused slots) and their own index (B, Hkv, K) int32:
+    slot n holds row n, unused slots stay -1."""
+    B, Hkv, K = idx.shape
+    D = k_far.shape[-1]
+    slots = torch.arange(K, dtype=torch.int32, device=idx.device)
+    local = torch.where(idx >= 0, slots, -1)  # (B, Hkv, K) int32
+    if not (idx.is_cuda if use_triton is None else use_triton):
+        gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
+        keep = (idx >= 0)[..., None]
+        return k_far.gather(2, gi) * keep, v_far.gather(2, gi) * keep, local
+    assert k_far.stride(3) == 1 and v_far.stride(3) == 1
+    k_sel = torch.empty(B, Hkv, K, D, dtype=k_far.dtype, device=idx.device)  # (B, Hkv, K, D) staging
+    v_sel = torch.empty(B, Hkv, K, D, dtype=v_far.dtype, device=idx.device)
+    block_n = 64 if not _INTERPRET else max(16, min(64, triton.next_power_of_2(K)))
+    _gather_rows_kernel[(triton.cdiv(K, block_n), B * Hkv)](
+        k_far, v_far, idx.contiguous(), k_sel, v_sel, Hkv, K, *k_far.stride()[:3], *v_far.stride()[:3],
+        D=D, BLOCK_N=block_n)
+    return k_sel, v_sel, local
+
+
+def staged_sparse_attention(q, k_far, v_far, idx):
+    """sparse_decode_attention with the staged fetch: q (B, H, D) -> (B, H, D)."""
+    k_sel, v_sel, local = gather_rows(k_far, v_far, idx)
+    return sparse_decode_attention(q, k_sel, v_sel, local)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The memory plan
+
+@dataclass
+class OffloadPlan:
+    layers: list  # indices of the layers whose K/V live in host memory
+    layer_bytes: int  # K + V of one layer
+    gpu_bytes: int  # what the KV cache keeps on the GPU: the other layers' K/V and every sparse layer's codes
+    host_bytes: int  # len(layers) * layer_bytes
+
+    def __str__(self):
+        return (f"offload: K/V of {len(self.layers)} sparse layers in host memory ({self.host_bytes / GiB:.2f} GiB); "
+                f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (dense layers, hash codes)")
+
+
+def host_available():
+    """Bytes of host memory available now (MemAvailable), or 0 where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, dtype=None):
+    """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
+    layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default MemAvailable)
+    cannot hold the offloaded layers."""
+    args, hata = model.args, model.hata
+    sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
+    if not sparse:
+        raise ValueError("nothing to offload: this model has no HATA sparse layers (offload needs HATA decode, "
+                         "not --dense)")
+    esize = (dtype or model.output.weight.dtype).itemsize
+    layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
+    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * (hata.rbit // 8 + 4 * hata.use_norm)
+    all_gpu = args.n_layers * layer_bytes + code_bytes
+    n = len(sparse)
+    if kv_gpu_gb is not None:
+        cap = int(kv_gpu_gb * GiB)
+        n = min(n, max(0, math.ceil((all_gpu - cap) / layer_bytes)))
+        if all_gpu - n * layer_bytes > cap:
+            raise ValueError(f"the KV cache needs {all_gpu - n * layer_bytes} bytes on the GPU even with all "
+                             f"{n} sparse layers offloaded (dense layers and hash codes), but --kv-gpu-gb "
+                             f"{kv_gpu_gb} allows {cap} bytes; raise it or shorten --max-seq-len")
+    layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
+    available = host_available() if host_bytes is None else host_bytes
+    if n * layer_bytes > available:
+        raise ValueError(f"offloading the K/V of {n} layers needs {n * layer_bytes} bytes of host memory "
+                         f"({n * layer_bytes / GiB:.2f} GiB) but {available} bytes ({available / GiB:.2f} GiB) "
+                         f"are available; lower --max-seq-len or the batch")
+    return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, n * layer_bytes)
+
+
+def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None):
+    """Plan, then make the planned layers allocate their K/V in host memory at the next setup_caches (call it
+    before setup_caches so the GPU never holds them). Returns the plan."""
+    plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_bytes)
+    for i, layer in enumerate(model.layers):
+        layer.attention.kv_cache_cls = HostKVCache if i in plan.layers else KVCache
+    return plan
+
+
+def offload_from_args(model, args, max_batch_size, max_seq_len):
+    """engine.py's hook, before setup_caches: --offload offloads every sparse layer, --kv-gpu-gb GB only as many
+    as the cap needs. Prints the plan to stderr."""
+    if args.offload or args.kv_gpu_gb is not None:
+        print(apply_offload(model, max_batch_size, max_seq_len, args.kv_gpu_gb), file=sys.stderr)

@@ -1,0 +1,136 @@
+"""offload.py: the same tokens with the sparse layers' K/V in host memory as with the whole cache on the device;
+the memory plan (cap, refusals); the staged fetch against the ref. On the CPU host memory plays the far memory and
+the Triton kernels run in the interpreter; the GPU tests (pinned host memory read through UVA) skip without CUDA."""
+import pytest
+import torch
+
+import hata_kernels as hk
+from engine import decode_one_token, generate, prefill, random_model
+from model import KVCache, HataArgs
+from offload import GiB, HostKVCache, apply_offload, gather_rows, host_buffer, plan_offload, staged_sparse_attention
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HATA = HataArgs(budget=8, n_dense=1)  # tiny preset: layers 1-3 decode sparsely, 8 of up to 64 positions
+
+
+def tiny(device="cpu", hata=HATA):
+    return random_model("tiny", hata, device, torch.float32)
+
+
+def decode(model, prompts, steps, chunk, capacity=64):
+    """Chunked prefill, then greedy decode steps; returns (tokens (B, steps), logits (steps, B, V))."""
+    dev = model.output.weight.device
+    model.setup_caches(len(prompts), capacity)
+    tokens = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    out, logits = [], []
+    with torch.inference_mode():
+        logits.append(prefill(model, tokens, lengths, chunk=chunk))
+        for step in range(steps):
+            out.append(logits[-1].argmax(-1))
+            if step < steps - 1:
+                logits.append(decode_one_token(model, out[-1], lengths + step))
+    return torch.stack(out, 1), torch.stack(logits)
+
+
+PROMPTS = [list(range(3, 40)), list(range(100, 120))]  # 37 and 20 tokens: different lengths in one batch
+
+
+@pytest.mark.parametrize("chunk", [4096, 16])  # a fresh prefill; chunks that attend over the cache with a mask
+def test_offload_gives_the_same_tokens_cpu(chunk):
+    model = tiny()
+    ref_tokens, ref_logits = decode(model, PROMPTS, 10, chunk)
+    plan = apply_offload(model, 2, 64)
+    assert plan.layers == [1, 2, 3]
+    tokens, logits = decode(model, PROMPTS, 10, chunk)
+    assert isinstance(model.layers[0].attention.kv_cache, KVCache)  # dense layers stay where they were
+    assert all(isinstance(model.layers[i].attention.kv_cache, HostKVCache) for i in plan.layers)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_cap_offloads_only_what_does_not_fit():
+    model = tiny()
+    layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
+    codes = 3 * 1 * 2 * 256 * 16  # 128-bit codes of the 3 sparse layers
+    cap = (2 * layer + codes) / GiB  # room for two layers' K/V on the GPU
+    plan = plan_offload(model, 1, 256, kv_gpu_gb=cap)
+    assert plan.layers == [2, 3] and plan.layer_bytes == layer and plan.gpu_bytes == 2 * layer + codes
+    assert plan_offload(model, 1, 256, kv_gpu_gb=100).layers == []
+    with pytest.raises(ValueError, match=f"needs {layer + codes} bytes on the GPU") as e:
+        plan_offload(model, 1, 256, kv_gpu_gb=(layer + codes - 1) / GiB)  # not even the dense layer fits
+    assert "\n" not in str(e.value)
+
+
+def test_refuses_when_host_memory_is_too_small():
+    with pytest.raises(ValueError, match=r"needs 196608 bytes of host memory .* but 1000 bytes") as e:
+        apply_offload(tiny(), 1, 256, host_bytes=1000)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="no HATA sparse layers"):
+        apply_offload(tiny(hata=None), 1, 256)
+
+
+def far_inputs(device, B=2, H=6, Hkv=3, S=37, K=13, D=16, dtype=torch.float32):
+    """q, far k/v in host memory (as seen from device), idx with unused slots and a sequence that selects nothing."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, D, generator=g).to(device, dtype)
+    k, v = host_buffer((B, Hkv, S, D), dtype, device), host_buffer((B, Hkv, S, D), dtype, device)
+    k.copy_(torch.randn(B, Hkv, S, D, generator=g))
+    v.copy_(torch.randn(B, Hkv, S, D, generator=g))
+    idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * Hkv)]).view(B, Hkv, K).int()
+    idx[0, 1, 9:] = -1
+    idx[1, 2] = -1
+    return q, k, v, idx.to(device)
+
+
+def check_staged(device):
+    q, k, v, idx = far_inputs(device)
+    k_sel, v_sel, local = gather_rows(k, v, idx, use_triton=True)
+    ref_k, ref_v, ref_local = gather_rows(k, v, idx, use_triton=False)
+    assert torch.equal(k_sel, ref_k) and torch.equal(v_sel, ref_v) and torch.equal(local, ref_local)
+    out = staged_sparse_attention(q, k, v, idx)
+    ref = hk.sparse_decode_attention_ref(q.double(), k.double(), v.double(), idx)
+    err_torch = (hk.sparse_decode_attention_ref(q, k, v, idx).double() - ref).abs().max()
+    assert (out.double() - ref).abs().max() <= 2 * err_torch + 1e-5
+
+
+def test_staged_fetch_matches_ref_cpu():
+    check_staged(torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: pinned host memory read and written through UVA
+
+@cuda
+def test_host_buffer_is_host_memory_seen_from_the_gpu():
+    view = host_buffer((3, 5, 16), torch.bfloat16, torch.device("cuda"))
+    assert view.is_cuda
+    x = torch.randn(3, 5, 16, device="cuda", dtype=torch.bfloat16)
+    view[:, 1:4] = x[:, 1:4]  # a kernel storing through PCIe
+    torch.cuda.synchronize()
+    assert torch.equal(view.cpu()[:, 1:4], x[:, 1:4].cpu()) and not view[:, 0].any()
+    free = torch.cuda.mem_get_info()[0]
+    big = host_buffer((256, 2**20), torch.float32, torch.device("cuda"))  # 1 GiB that must not come from the GPU
+    assert torch.cuda.mem_get_info()[0] > free - GiB // 2 and big.is_cuda
+
+
+@cuda
+def test_staged_fetch_matches_ref_cuda():
+    check_staged(torch.device("cuda"))
+
+
+@cuda
+def test_offload_gives_the_same_tokens_cuda():
+    """Through generate(): CUDA-graph decode with Triton kernels reading the selected rows from host memory."""
+    model = tiny("cuda")
+    ref_tokens, _ = decode(model, PROMPTS, 6, chunk=16)  # chunked prefill, eager decode
+    with torch.inference_mode():
+        ref, _ = generate(model, PROMPTS, 12)  # the caches of decode() are reused: same capacity
+    apply_offload(model, 2, 64)
+    tokens, _ = decode(model, PROMPTS, 6, chunk=16)
+    assert type(model.layers[3].attention.kv_cache) is HostKVCache
+    with torch.inference_mode():
+        got, _ = generate(model, PROMPTS, 12)
+    assert got == ref and torch.equal(tokens, ref_tokens)
