@@ -22,7 +22,6 @@ themselves, so the same code runs (and is tested) without a GPU.
 """
 import math
 import sys
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,34 +39,31 @@ GiB = 2**30
 # Host memory the GPU can address
 
 class _Mapped:
-    """Owns a host tensor registered with CUDA as mapped memory and describes it by __cuda_array_interface__.
-    Under UVA the host address of mapped memory is also its device address, so torch.as_tensor(self, device=cuda)
-    wraps the same bytes as a CUDA tensor. Every such view holds this object; the last one to go unregisters."""
+    """Describes a pinned host tensor by __cuda_array_interface__, so that torch.as_tensor(self, device=cuda)
+    wraps its bytes as a CUDA tensor. Pinned memory from cudaHostAlloc (torch's pin_memory) is mapped into the
+    GPU's address space at the same address under UVA (CUDA runtime API, "Unified Addressing"). Every view holds
+    this object, and it holds the host tensor: the memory lives as long as any view."""
 
     def __init__(self, host):
-        nbytes = host.numel() * host.element_size()
-        err = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 3))  # Portable | Mapped
-        if err != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of host memory failed (cudaError {err})")
-        weakref.finalize(self, _unregister, host)
+        self.host = host
         self.__cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": f"<i{host.element_size()}",
                                          "data": (host.data_ptr(), False), "strides": None, "version": 2}
 
 
-def _unregister(host):
-    torch.cuda.synchronize()  # no kernel may still read these bytes when they are unpinned and freed
-    torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
-
-
 def host_buffer(shape, dtype, device):
-    """A zeroed tensor in host memory as seen from `device`: on CUDA a view over mapped host memory (the same bytes,
+    """A zeroed tensor in host memory as seen from `device`: on CUDA a view over pinned host memory (the same bytes,
     read and written through PCIe by ordinary kernels); on the CPU the host tensor itself."""
-    host = torch.zeros(shape, dtype=dtype)  # zeros: masked-out rows are read too, and must not be NaN
     if device.type == "cpu":
-        return host
+        return torch.zeros(shape, dtype=dtype)  # zeros: masked-out rows are read too, and must not be NaN
+    host = torch.zeros(shape, dtype=dtype, pin_memory=True)
     view = torch.as_tensor(_Mapped(host), device=device).view(dtype)  # described as ints: numpy has no bfloat16
     assert view.data_ptr() == host.data_ptr(), "torch copied the host memory instead of viewing it"
     return view
+
+
+def pinned_bytes(nbytes):
+    """What torch's pinned-memory allocator takes for nbytes: it rounds every allocation up to a power of two."""
+    return 1 << (nbytes - 1).bit_length()
 
 
 class HostKVCache(nn.Module):
@@ -76,9 +72,9 @@ class HostKVCache(nn.Module):
     def __init__(self, B, Hkv, S_max, D, dtype, device=None):
         super().__init__()
         device = torch.device(device or "cpu")
+        kv = host_buffer((2, B, Hkv, S_max, D), dtype, device)  # one allocation: pinned sizes round up once
         # plain attributes, not buffers: model.to() must never copy them onto the GPU
-        self.k = host_buffer((B, Hkv, S_max, D), dtype, device)  # (B, Hkv, S_max, D) host memory
-        self.v = host_buffer((B, Hkv, S_max, D), dtype, device)  # (B, Hkv, S_max, D) host memory
+        self.k, self.v = kv[0], kv[1]  # (B, Hkv, S_max, D) each, in host memory
 
     def update(self, pos, k, v):
         """pos (B, T); k, v (B, Hkv, T, D) on the GPU. Returns what Attention.forward attends over."""
@@ -158,7 +154,7 @@ class OffloadPlan:
     layers: list  # indices of the layers whose K/V live in host memory
     layer_bytes: int  # K + V of one layer
     gpu_bytes: int  # what the KV cache keeps on the GPU: the other layers' K/V and every sparse layer's codes
-    host_bytes: int  # len(layers) * layer_bytes
+    host_bytes: int  # what the offloaded layers take in host memory (pinned sizes are powers of two)
 
     def __str__(self):
         return (f"offload: K/V of {len(self.layers)} sparse layers in host memory ({self.host_bytes / GiB:.2f} GiB); "
@@ -196,12 +192,14 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
                              f"{n} sparse layers offloaded (dense layers and hash codes), but --kv-gpu-gb "
                              f"{kv_gpu_gb} allows {cap} bytes; raise it or shorten --max-seq-len")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
+    pinned = model.output.weight.is_cuda
+    need = n * (pinned_bytes(layer_bytes) if pinned else layer_bytes)
     available = host_available() if host_bytes is None else host_bytes
-    if n * layer_bytes > available:
-        raise ValueError(f"offloading the K/V of {n} layers needs {n * layer_bytes} bytes of host memory "
-                         f"({n * layer_bytes / GiB:.2f} GiB) but {available} bytes ({available / GiB:.2f} GiB) "
-                         f"are available; lower --max-seq-len or the batch")
-    return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, n * layer_bytes)
+    if need > available:
+        raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
+                         f"GiB) but {available} bytes ({available / GiB:.2f} GiB) are available; lower "
+                         f"--max-seq-len or the batch")
+    return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, need)
 
 
 def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None):
