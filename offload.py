@@ -6,15 +6,15 @@ dense layers' caches, stay on the GPU. `apply_offload(model, B, S_max, kv_gpu_gb
 to offload and installs `HostKVCache` as their `Attention.kv_cache_cls`; call it before `model.setup_caches`, which
 then allocates those caches in host memory only. model.py learns nothing else about offload.
 
-How the GPU reaches host memory: page-locked host memory registered as *mapped* lives in the GPU's unified
-address space (UVA), so a kernel can load and store it directly, over PCIe. `host_buffer` wraps such memory as a
+How the GPU reaches host memory: pinned host memory (cudaHostAlloc, torch's pin_memory) is mapped into the GPU's
+unified address space (UVA) at its host address, so a kernel can load and store it directly, over PCIe. `host_buffer` wraps such memory as a
 CUDA tensor over the same bytes, and Attention.forward runs unchanged:
   decode   the new K/V row is stored through the view by an index_put kernel inside the CUDA graph (no host sync);
            hamming_topk selects on the GPU from the codes; sparse_decode_attention's split kernel gathers the
            selected rows straight from host memory (zero-copy) and attends on the GPU.
-  prefill  the rows are written through the view as the chunks go; a fresh prefill attends over the new k, v
-           themselves (on the GPU), a later chunk over a GPU copy of the cache made for that layer and dropped
-           after it (host syncs are fine in prefill).
+  prefill  the rows are written through the view as the chunks go; a fresh prefill (every sequence from position
+           0, which forward runs without a mask) attends over the new k, v themselves, on the GPU; a later chunk
+           over a GPU copy of the cache made for that layer and dropped after it (host syncs are fine in prefill).
 The other way to fetch, copying the selected rows into a small GPU staging buffer first (`gather_rows`, then the
 ordinary kernel over the buffer: `staged_sparse_attention`), moves the same bytes; `python bench.py offload` times
 both (BENCHMARKS.md). On the CPU the "far" memory is ordinary host memory and the views are the host tensors
