@@ -1,6 +1,7 @@
 """Speed harness: decode latency, dense attention vs the HATA step, against the memory floor.
 
     python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8]
+    python bench.py offload [--preset llama-3.1-8b] [--seqlen 131072] [--budget 2048]
 
 `attention` times one layer's decode attention (DESIGN.md, "The decode step of a sparse layer"):
   dense  torch SDPA, q (B, H, 1, D) against the whole cache (enable_gqa)
@@ -10,6 +11,8 @@ Both sides run as captured CUDA graphs, the L2 is flushed with a large read befo
 HATA result is checked against the refs before it is timed. Prints a markdown table (medians).
 The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q; over
 4.27 TB/s (the H200's measured copy bandwidth, DESIGN.md).
+`offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
+HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.
 """
 import argparse
 import datetime
@@ -197,6 +200,108 @@ def breakdown_table(rows):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# offload mode
+
+
+def bench_offload(args):
+    """Decode step of a preset (random weights) at S_max = --seqlen, B = 1, with the caches filled directly with
+    random K/V (no prefill; set_hata rehashes the keys), each mode as a CUDA graph: HATA all on the GPU, HATA with
+    the sparse layers' K/V in host memory (offload.py), and every row fetched from host memory (a selection of
+    S - 1 positions through the same path, the dense baseline). Then one layer's fetch: zero-copy vs staged."""
+    import offload
+    from engine import GraphedDecode, random_model
+    from model import HataArgs
+
+    S, B, dev = args.seqlen, 1, "cuda"
+    hata = HataArgs(budget=args.budget)
+    model = random_model(args.preset, hata, dev, torch.bfloat16)
+    cur = torch.randint(0, model.args.vocab_size, (B,), device=dev)
+    pos = torch.full((B,), S - 1, device=dev)  # the last slot: every step attends over all S positions
+
+    def decode_ms(policy, steps):
+        torch.manual_seed(1)  # the same random K/V whichever memory holds them
+        for layer in model.layers:
+            layer.attention.kv_cache.k.normal_()
+            layer.attention.kv_cache.v.normal_()
+        model.set_hata(policy)  # rehash the random keys
+        with torch.inference_mode():
+            step = GraphedDecode(model, cur, pos)
+            logits = step(model, cur, pos).clone()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step(model, cur, pos)
+            end.record()
+            end.synchronize()
+        ms = start.elapsed_time(end) / steps
+        print(f"  {'dense' if policy.budget >= S - 1 else 'HATA'}, {plan or 'KV on the GPU'}: {ms:.3f} ms/step",
+              flush=True)
+        return ms, logits
+
+    plan = None
+    model.setup_caches(B, S)
+    gpu_ms, gpu_logits = decode_ms(hata, args.steps)
+    torch.cuda.empty_cache()
+    plan = offload.apply_offload(model, B, S, host_bytes=args.host_gb * offload.GiB if args.host_gb else None)
+    model.setup_caches(B, S)  # frees the GPU caches, allocates the offloaded ones in host memory
+    torch.cuda.empty_cache()
+    off_ms, off_logits = decode_ms(hata, args.steps)
+    diff = (off_logits - gpu_logits).abs().max().item()
+    assert diff <= 0.05 * gpu_logits.abs().max().item(), f"offloaded logits differ from the GPU's by {diff}"
+    all_ms, _ = decode_ms(HataArgs(budget=S - 1), max(2, args.steps // 10))
+    K, n_sparse = hata.budget_tokens(S), len(plan.layers)
+    row = 2 * model.args.n_kv_heads * model.args.head_dim * 2  # K + V bytes of one token, one layer, bf16
+    fetched = n_sparse * B * K * row
+    print(f"\n{args.preset}, B={B}, S={fmt_s(S)}, budget {K}, bf16; {n_sparse} of {model.args.n_layers} layers "
+          f"offloaded; max |logit diff| offload vs GPU {diff:.2e}\n")
+    print("| mode | ms/step | tokens/s | vs HATA on GPU | bytes from host/step |\n|---|---|---|---|---|")
+    for name, ms, nbytes in (("HATA, KV on GPU", gpu_ms, 0), ("HATA, KV offloaded", off_ms, fetched),
+                             ("dense, KV offloaded (all rows fetched)", all_ms, n_sparse * B * (S - 1) * row)):
+        print(f"| {name} | {ms:.2f} | {1000 / ms:.1f} | {gpu_ms / ms:.2f}x | {nbytes / 2**20:.0f} MiB |")
+    print(f"\nHATA offloaded vs dense offloaded: {all_ms / off_ms:.1f}x faster (target >= 20x); vs HATA on GPU: "
+          f"{gpu_ms / off_ms:.2f} of its speed (target >= 0.33); fetch rate above the GPU step: "
+          f"{fetched / max(off_ms - gpu_ms, 1e-6) / 1e6:.1f} GB/s\n")
+    del model
+    torch.cuda.empty_cache()
+    bench_offload_fetch(args, S, hata.budget_tokens(S))
+
+
+def bench_offload_fetch(args, S, K, H=32, Hkv=8, D=128, B=1):
+    """One layer's attention at Llama-3.1-8B shapes over K random rows: from GPU memory, zero-copy from host
+    memory, staged (gather into a GPU buffer, then attend), and the gather alone; every row; a DMA copy."""
+    import offload
+    timer = Timer(args.reps)
+    dtype, dev = torch.bfloat16, torch.device("cuda")
+    q = torch.randn(B, H, D, device=dev, dtype=dtype)                         # (B, H, D)
+    k_gpu = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)                # (B, Hkv, S, D)
+    v_gpu = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)
+    k_host, v_host = (offload.host_buffer((B, Hkv, S, D), dtype, dev) for _ in range(2))  # mapped host memory
+    k_host.copy_(k_gpu)
+    v_host.copy_(v_gpu)
+    idx = torch.rand(B * Hkv, S, device=dev).topk(K).indices.sort().values.int().view(B, Hkv, K)  # (B, Hkv, K)
+    idx_all = torch.arange(S, device=dev, dtype=torch.int32).expand(B, Hkv, S).contiguous()      # (B, Hkv, S)
+    ref = hk.sparse_decode_attention(q, k_gpu, v_gpu, idx)
+    assert torch.equal(hk.sparse_decode_attention(q, k_host, v_host, idx), ref), "zero-copy != GPU"
+    torch.testing.assert_close(offload.staged_sparse_attention(q, k_host, v_host, idx), ref)
+    dma = torch.empty_like(k_gpu)
+    sel, every = 2 * B * Hkv * K * D * 2, 2 * B * Hkv * S * D * 2
+    rows = [("selected rows, K/V in GPU memory", lambda: hk.sparse_decode_attention(q, k_gpu, v_gpu, idx), sel),
+            ("selected rows, zero-copy from host", lambda: hk.sparse_decode_attention(q, k_host, v_host, idx), sel),
+            ("selected rows, staged (gather + attend)",
+             lambda: offload.staged_sparse_attention(q, k_host, v_host, idx), sel),
+            ("  gather alone", lambda: offload.gather_rows(k_host, v_host, idx), sel),
+            ("every row, zero-copy from host", lambda: hk.sparse_decode_attention(q, k_host, v_host, idx_all), every),
+            ("every row, SDPA reading host memory", lambda: torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, None], k_host, v_host, enable_gqa=True), every),
+            ("DMA copy of K (cudaMemcpy host -> GPU)", lambda: dma.copy_(k_host), every // 2)]
+    print(f"One layer, H={H} Hkv={Hkv} D={D}, S={fmt_s(S)}, K={K}, bf16 (median ms; GB/s of the rows fetched):\n")
+    print("| fetch | ms | GB/s |\n|---|---|---|")
+    for name, fn, nbytes in rows:
+        ms = timer.time(fn)
+        print(f"| {name} | {ms:.4f} | {nbytes / ms / 1e6:.1f} |")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -209,6 +314,13 @@ def main():
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--rbit", type=int, default=128, help="hash bits R")
     p.add_argument("--reps", type=int, default=50, help="timed replays per measurement (median)")
+    p = sub.add_parser("offload", help="decode tokens/s with the sparse layers' KV cache in host memory")
+    p.add_argument("--preset", default="llama-3.1-8b")
+    p.add_argument("--seqlen", type=int, default=131072, help="S_max; every step attends at position S_max - 1")
+    p.add_argument("--budget", type=int, default=2048, help="HATA's K in tokens")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per mode (dense: a tenth)")
+    p.add_argument("--reps", type=int, default=20, help="timed replays per one-layer measurement (median)")
+    p.add_argument("--host-gb", type=float, help="host memory the offload plan may use (default: MemAvailable)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("bench.py needs a CUDA GPU")
@@ -216,6 +328,8 @@ def main():
           f"torch {torch.__version__}")
     if args.mode == "attention":
         bench_attention(args)
+    elif args.mode == "offload":
+        bench_offload(args)
 
 
 if __name__ == "__main__":
