@@ -1,0 +1,480 @@
+"""Does HATA keep the model's answers? Retrieval, perplexity and agreement, sparse selectors against dense.
+
+    python eval.py --quick                 # a few minutes on 2 CPU cores (tests/test_eval.py runs its pieces)
+    python eval.py                         # the full run recorded in EVAL.md
+    python eval.py --text book.txt         # any text file as the prose haystack and the perplexity text
+
+Every score is measured *through the sparse decode path* (model.py, `Attention.sparse_decode`):
+- retrieval (RULER-style, Hsieh et al. 2024): a 5-digit pass key (single needle), or the key of one name among
+  four (multi-key), hidden at a depth of 0-100% in a haystack of RULER's noise sentences or of prose. Prompts are
+  completions ("... The pass key is "): asked as a chat question, this small model fails even densely past ~1K
+  tokens (DATA.md). Score: exact match of the first run of generated digits. A selector is judged by the share
+  of the samples dense gets right that it gets right too ("kept").
+- perplexity: NLL of the last N tokens of held-out 8K-token windows, fed token by token (teacher forcing) after a
+  dense prefill of the rest, so every scored token comes from a sparse decode step.
+- agreement: the same pass; the share of positions where the selector's argmax equals dense's.
+
+Prefill is dense and the same for every selector, so each batch is prefilled once and every (selector, budget)
+decodes from it: `Transformer.set_hata` switches the policy and rehashes the cached keys; decoding writes only
+positions past the prefill, which the next policy overwrites. The prefill stops one token short of the prompt, so
+even the first answer token comes from a sparse step. Budgets are fractions f of the cache capacity C, which is
+the context length (1024 ... 8192): K = f * C tokens per KV head, exactly (C is a power of two).
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from engine import decode_one_token, default_checkpoint, prefill
+from model import HataArgs, from_checkpoint
+from tokenizer import Tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)
+TRAINED = os.path.join(HERE, "weights", "smollm2-135m-r128.safetensors")
+N_DIGITS = 5  # the key's digits are single tokens (SmolLM2 splits numbers digit by digit): 5 decode steps
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+         "memorize it. I will quiz you about it at the end.\n\n")
+NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Laura", "Martin")
+TASKS, HAYSTACKS = ("single", "multikey"), ("noise", "prose")
+DEPTHS = tuple(i / 10 for i in range(11))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Selectors and policies: a policy is (selector name, budget fraction or None, HataArgs or None = dense)
+
+def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest")):
+    """name -> HataArgs keywords (the budget is added per policy). `quest`: [(n_sink, n_recent)]."""
+    out = {"oracle": dict(selector="oracle")} if "oracle" in which else {}
+    if hash_weights and "trained" in which:
+        out["hata-trained"] = dict(selector="hash", hash_weights=hash_weights)
+    if "random" in which:
+        out["hata-random"] = dict(selector="hash", hash_weights=None)  # seeded Gaussian projections (plain LSH)
+    for sink, recent in quest if "quest" in which else ():
+        out[f"quest s{sink} r{recent}"] = dict(selector="quest", n_sink=sink, n_recent=recent)
+    return out
+
+
+def policies(sels, budgets, quest_budgets=()):
+    """Dense once, then every selector at every budget; Quest also at `quest_budgets` (it needs larger ones)."""
+    pols = [("dense", None, None)]
+    for name, kw in sels.items():
+        fs = sorted(set(budgets) | set(quest_budgets if kw["selector"] == "quest" else ()), reverse=True)
+        pols += [(name, f, HataArgs(budget=f, **kw)) for f in fs]
+    return pols
+
+
+def set_policy(model, hata):
+    with contextlib.redirect_stderr(io.StringIO()):  # the random-projection warning would repeat every switch
+        model.set_hata(hata)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared machinery: one dense prefill, then a decode per policy
+
+@torch.inference_mode()
+def decode(model, tokens, pos0, steps, expect=None):
+    """Run `steps` decode steps under the model's current policy from positions pos0 (B,). Step i feeds
+    tokens[:, i] while tokens (B, F) has one (teacher forcing), else the argmax of step i - 1 (greedy).
+    Returns the argmax (B, steps) and the log-probabilities (B, F - 1) the steps gave to tokens[:, 1:].
+    With `expect` (B, steps), greedy decoding stops once every sequence has left it (all answers are wrong
+    then, whatever follows): a saving at small budgets; the steps not run are -1."""
+    B, F = tokens.shape
+    top = torch.full((B, steps), -1, dtype=torch.long)
+    logp, cur = [], tokens[:, 0]
+    for i in range(steps):
+        logits = decode_one_token(model, cur, pos0 + i)  # (B, V)
+        top[:, i] = logits.argmax(-1)
+        if i + 1 < F:
+            cur = tokens[:, i + 1]
+            logp.append(logits.log_softmax(-1).gather(1, cur[:, None])[:, 0])
+        else:
+            cur = top[:, i]
+        if expect is not None and bool((top[:, :i + 1] != expect[:, :i + 1]).any(1).all()):
+            break
+    return top, torch.stack(logp, 1) if logp else torch.zeros(B, 0)
+
+
+@torch.inference_mode()
+def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None):
+    """tokens (B, T): prefill the first n_prefill densely, once; then for each policy decode `steps` steps
+    feeding tokens[:, n_prefill:]. Returns {(name, budget): (argmax (B, steps), logp (B, T - n_prefill - 1))}."""
+    B = tokens.shape[0]
+    model.setup_caches(B, capacity)
+    prefill(model, tokens[:, :n_prefill], torch.full((B,), n_prefill))
+    pos0 = torch.full((B,), n_prefill)
+    out = {}
+    for name, f, hata in pols:
+        set_policy(model, hata)
+        out[(name, f)] = decode(model, tokens[:, n_prefill:], pos0, steps, expect)
+    set_policy(model, None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Text: RULER's noise sentences, held-out prose (train_hash.py's corpus split), or the user's files
+
+def load_prose(paths=None):
+    """Documents [(name, text)]: the user's files as they are, or the held-out part of train_hash.py's default
+    corpus (documents the hash projections were never trained on)."""
+    from train_hash import load_corpus, split_corpus
+    docs = load_corpus(paths)
+    return docs if paths else split_corpus(docs)[1]
+
+
+class Haystack:
+    """A long token stream and where its sentences end (needles go only between sentences)."""
+
+    def __init__(self, tok, text):
+        self.ids = tok.encode(text)
+        self.ends = [i + 1 for i, t in enumerate(self.ids) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
+
+    def piece(self, n, rng):
+        """n consecutive tokens starting after a sentence end, and the sentence ends inside them (0 and n incl.)."""
+        starts = [0] + [e for e in self.ends if e + n <= len(self.ids)]
+        if len(self.ids) < n:
+            raise ValueError(f"haystack text has {len(self.ids)} tokens, fewer than the {n} needed; give more text")
+        s = rng.choice(starts)
+        return self.ids[s:s + n], [0] + [e - s for e in self.ends if s < e < s + n] + [n]
+
+
+def haystacks(tok, docs, longest):
+    noise = NOISE * (4 * longest // len(tok.encode(NOISE)) + 2)
+    return {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Retrieval
+
+def retrieval_prompt(tok, hay, task, length, depth, rng):
+    """A prompt of exactly `length` tokens: intro, haystack with the needle(s), completion question.
+    Returns (ids, answer digits). The target needle sits at the sentence boundary nearest to `depth`."""
+    key = str(rng.randrange(10 ** (N_DIGITS - 1), 10 ** N_DIGITS))
+    if task == "single":
+        needles = [(depth, f" The pass key is {key}. Remember it. {key} is the pass key.")]
+        question = "\n\nThe pass key is "
+    else:
+        names = rng.sample(NAMES, 4)
+        needles = [(depth, f" The pass key for {names[0]} is {key}.")]
+        needles += [(rng.random(), f" The pass key for {n} is {rng.randrange(10 ** (N_DIGITS - 1), 10 ** N_DIGITS)}.")
+                    for n in names[1:]]
+        question = f"\n\nThe pass key for {names[0]} is "
+    head, tail = tok.encode(INTRO), tok.encode(question)  # tail ends in the " " token that precedes digits
+    needle_ids = [(d, tok.encode(t)) for d, t in needles]
+    n_hay = length - len(head) - len(tail) - sum(len(ids) for _, ids in needle_ids)
+    piece, ends = hay.piece(n_hay, rng)
+    at = [min(ends, key=lambda e: abs(e - d * n_hay)) for d, _ in needle_ids]
+    body, last = [], 0
+    for a, (_, ids) in sorted(zip(at, needle_ids), key=lambda x: x[0]):
+        body += piece[last:a] + ids
+        last = a
+    ids = head + body + piece[last:] + tail
+    assert len(ids) == length
+    return ids, key
+
+
+def parse_digits(text):
+    """The first run of digits in generated text ('' if none): ' 71432.' -> '71432'."""
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else ""
+
+
+def retrieval_specs(counts, seed):
+    """{context: n samples} -> [(context, task, haystack, depth, seed)]. Sample i cycles tasks with period 2,
+    haystacks 4 and depths 11: any run of samples covers the depths evenly and balances tasks and haystacks."""
+    return [(C, TASKS[i % 2], HAYSTACKS[(i // 2) % 2], DEPTHS[i % len(DEPTHS)], seed + 1000 * C + i)
+            for C, n in counts.items() for i in range(n)]
+
+
+def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.inf):
+    """Prefill each batch of same-length prompts once, decode the answer under every policy; no new batch
+    starts after `deadline` (time.time()). Returns one record per sample: its spec, answer, {policy: correct}."""
+    records = []
+    groups = [same[i:i + batch] for C in sorted({s[0] for s in specs})
+              for same in [[s for s in specs if s[0] == C]] for i in range(0, len(same), batch)]
+    # interleave the context lengths (the i-th of n batches of a length runs at i / n of the way), so that
+    # results saved along the way cover every length
+    rank = {id(g): i / sum(h[0][0] == g[0][0] for h in groups)
+            for C in {g[0][0] for g in groups} for i, g in enumerate(h for h in groups if h[0][0] == C)}
+    groups.sort(key=lambda g: (rank[id(g)], g[0][0]))
+    for group in tqdm(groups, desc="retrieval", unit="batch"):
+        if time.time() > deadline:
+            print(f"time limit: retrieval stopped after {len(records)} samples", file=sys.stderr)
+            break
+        C = group[0][0]
+        prompts = [retrieval_prompt(tok, hays[h], task, C - N_DIGITS, d, random.Random(sd))
+                   for _, task, h, d, sd in group]
+        tokens = torch.tensor([ids for ids, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
+        expect = torch.tensor([tok.encode(key) for _, key in prompts])  # (B, N_DIGITS)
+        out = run_policies(model, tokens, tokens.shape[1] - 1, N_DIGITS, C, pols, expect)
+        for b, ((_, task, h, d, _), (_, key)) in enumerate(zip(group, prompts)):
+            got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
+                   for (name, f), (top, _) in out.items()}
+            records.append({"context": C, "task": task, "haystack": h, "depth": d, "answer": key,
+                            "correct": {k: g == key for k, g in got.items()}, "dense_output": got["dense"]})
+        if log:
+            log(records)
+    return records
+
+
+def pkey(name, f):
+    return name if f is None else f"{name} 1/{round(1 / f)}"
+
+
+def kept(records, key):
+    """(share of the dense-correct samples that `key` also gets right, number of dense-correct samples)."""
+    base = [r for r in records if r["correct"]["dense"]]
+    return sum(r["correct"][key] for r in base) / max(len(base), 1), len(base)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Perplexity and agreement: one teacher-forced decode pass per policy gives both
+
+def text_windows(tok, docs, length, n):
+    """n windows of `length` tokens: the first window of each document long enough, then the second ones, ..."""
+    per_doc = [[ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+               for ids in (tok.encode(t) for _, t in docs)]
+    windows = [w for rank in range(max(map(len, per_doc), default=0)) for ws in per_doc if rank < len(ws)
+               for w in [ws[rank]]][:n]
+    if len(windows) < n:
+        raise ValueError(f"the text holds {len(windows)} windows of {length} tokens, {n} needed; give more text "
+                         f"or lower --ppl-docs / --ppl-context")
+    return torch.tensor(windows)
+
+
+def run_teacher_forced(model, windows, n_score, pols, batch, log=None, deadline=math.inf):
+    """NLL of the last n_score tokens of each window (W, C) under every policy, and top-1 agreement with dense;
+    no new batch of windows starts after `deadline`. Returns {policy key: {"nll": mean NLL, "ppl": exp(nll),
+    "agree": share of positions, "positions": count}}; log(partial result) after every batch."""
+    C = windows.shape[1]
+    tops, nlls, res = {}, {}, {}
+    for i in tqdm(range(0, len(windows), batch), desc="perplexity", unit="batch"):
+        if time.time() > deadline:
+            print(f"time limit: perplexity stopped after {i} windows", file=sys.stderr)
+            break
+        out = run_policies(model, windows[i:i + batch], C - n_score - 1, n_score, C, pols)
+        for (name, f), (top, logp) in out.items():
+            tops.setdefault(pkey(name, f), []).append(top)
+            nlls.setdefault(pkey(name, f), []).append(-logp)
+        dense_top = torch.cat(tops["dense"])
+        for k in tops:
+            nll = torch.cat(nlls[k]).double().mean().item()
+            res[k] = {"nll": nll, "ppl": math.exp(nll), "positions": dense_top.numel(),
+                      "agree": (torch.cat(tops[k]) == dense_top).double().mean().item()}
+        if log:
+            log(res)
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report: markdown tables and one plot
+
+def frac(f):
+    return f"1/{round(1 / f)}"
+
+
+def report(results):
+    """Markdown tables of everything in `results` (retrieval records and/or perplexity results); a budget a
+    selector did not run shows as '-'."""
+    names, budgets = results["selectors"], sorted(results["budgets"], reverse=True)
+    md, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
+    head = lambda cols: ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    if recs:
+        ran = recs[0]["correct"]
+        contexts = sorted({r["context"] for r in recs})
+        acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / max(len(rs), 1):.0f}%"
+        md += [f"### Retrieval: {len(recs)} samples; dense accuracy", ""]
+        md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
+        for C in contexts + [None]:
+            rs = [r for r in recs if C in (None, r["context"])]
+            cells = [acc([r for r in rs if (r["task"], r["haystack"]) == (t, h)], "dense") for t in TASKS
+                     for h in HAYSTACKS]
+            md.append(f"| {C or 'all'} | {len(rs)} | " + " | ".join(cells) + f" | {acc(rs, 'dense')} |")
+        md += ["", "### Retrieval: share of the dense-correct samples each selector keeps (its accuracy in brackets)",
+               ""] + head(["selector"] + [frac(f) for f in budgets])
+        for name in names:
+            cells = [f"{100 * kept(recs, k)[0]:.1f}% ({acc(recs, k)})" if k in ran else "-"
+                     for k in (pkey(name, f) for f in budgets)]
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
+        md += ["", "Kept share by context length (of n dense-correct samples):", ""]
+        md += head(["selector", "budget"] + [str(C) for C in contexts])
+        for name in names:
+            for f in (f for f in budgets if pkey(name, f) in ran):
+                cells = ["{:.0f}% of {}".format(100 * k, n) for C in contexts
+                         for k, n in [kept([r for r in recs if r["context"] == C], pkey(name, f))]]
+                md.append(f"| {name} | {frac(f)} | " + " | ".join(cells) + " |")
+        md.append("")
+    if ppl:
+        d = ppl["dense"]
+        md += [f"### Perplexity and top-1 agreement: {d['positions']} teacher-forced positions, context "
+               f"{results['ppl_context']}; dense perplexity {d['ppl']:.3f} (NLL {d['nll']:.4f})", ""]
+        md += head(["selector"] + [f"ppl {frac(f)}" for f in budgets] + [f"agree {frac(f)}" for f in budgets])
+        for name in names:
+            ks = [pkey(name, f) for f in budgets]
+            cells = [f"{ppl[k]['ppl']:.3f} ({100 * (ppl[k]['ppl'] / d['ppl'] - 1):+.1f}%)" if k in ppl else "-"
+                     for k in ks]
+            cells += [f"{100 * ppl[k]['agree']:.1f}%" if k in ppl else "-" for k in ks]
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
+        md.append("")
+    return "\n".join(md)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
+    if recs:
+        panels.append(("retrieval: dense-correct samples kept (%)", "linear", recs[0]["correct"],
+                       lambda k: 100 * kept(recs, k)[0]))
+    if ppl:
+        panels.append(("perplexity / dense perplexity", "log", ppl, lambda k: ppl[k]["ppl"] / ppl["dense"]["ppl"]))
+        panels.append(("top-1 agreement with dense (%)", "linear", ppl, lambda k: 100 * ppl[k]["agree"]))
+    budgets = sorted(results["budgets"], reverse=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, yscale, ran, score) in zip(axes[0], panels):
+        for name in results["selectors"]:
+            fs = [f for f in budgets if pkey(name, f) in ran]
+            ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale(yscale)
+        ax.set_xticks([1 / f for f in budgets], [frac(f) for f in budgets])
+        ax.set(title=title, xlabel="budget K / context")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"HATA vs dense and other selectors ({os.path.basename(results.get('checkpoint', 'default model'))})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_frac(text):
+    num, _, den = text.partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", nargs="+", help="text files for the prose haystack and perplexity (default: the "
+                                             "held-out documents of train_hash.py's corpus)")
+    p.add_argument("--hash-weights", help=f"trained projections (default: {os.path.relpath(TRAINED, HERE)} if "
+                                          "present; 'none' leaves the trained selector out)")
+    p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
+    p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
+                   default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
+    p.add_argument("--quest", nargs="+", default=["16:64"], help="Quest settings n_sink:n_recent (one row each)")
+    p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
+    p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="retrieval lengths")
+    p.add_argument("--samples", type=int, nargs="+", default=[120, 100, 56, 28], help="retrieval samples per context")
+    p.add_argument("--batch", type=int, default=4, help="sequences prefilled and decoded together")
+    p.add_argument("--ppl-context", type=int, default=8192, help="window length of the perplexity text")
+    p.add_argument("--ppl-docs", type=int, default=4, help="perplexity windows (one per document first)")
+    p.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens at the end of each window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 because on a shared 2-core machine two threads per process spin "
+                        "against other jobs (measured: 3.8 s per decode step with 2 threads, 0.1 s with 1)")
+    p.add_argument("--minutes", type=float, default=math.inf,
+                   help="time limit: no new batch starts after it; the results so far are reported")
+    p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "report"))
+    p.add_argument("--report", metavar="JSON", help="only rebuild the tables and plot from a results file")
+    return p
+
+
+QUICK = dict(contexts=[1024, 2048], samples=[4, 4], ppl_context=1024, ppl_docs=2, ppl_tokens=32, quest_budgets=[])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    name = args.name or ("eval_quick" if args.quick else "eval")
+    os.makedirs(args.out_dir, exist_ok=True)
+    json_path = os.path.join(args.out_dir, f"{name}_results.json")
+    if args.report:
+        with open(args.report) as f:
+            results = json.load(f)
+        return write_report(results, args.out_dir, name)
+    if len(args.samples) != len(args.contexts):
+        raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
+    quest = [tuple(int(x) for x in q.split(":")) for q in args.quest]
+    weights = args.hash_weights or (TRAINED if os.path.isfile(TRAINED) and not args.checkpoint else None)
+    weights = None if weights == "none" else weights
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"hash weights not found: {weights}")
+    if not weights:
+        print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
+    torch.set_num_threads(args.threads)
+    checkpoint = args.checkpoint or default_checkpoint()
+    tok = Tokenizer.from_path(checkpoint)
+    model = from_checkpoint(checkpoint, None)
+    for C in args.contexts + [args.ppl_context]:
+        if C > model.args.max_seq_len:
+            raise ValueError(f"context {C} exceeds the model's {model.args.max_seq_len} tokens")
+    docs = load_prose(args.text)
+    sels = selectors(weights, quest, args.selectors)
+    pols = policies(sels, args.budgets, args.quest_budgets)
+    results = {"command": "python eval.py " + " ".join(sys.argv[1:]), "selectors": list(sels),
+               "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint, "ppl_context": args.ppl_context, "seconds": {}}
+    save = lambda: json.dump(results, open(json_path, "w"), indent=1)
+    t0, deadline = time.perf_counter(), time.time() + 60 * args.minutes
+    if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
+        windows = text_windows(tok, docs, args.ppl_context, args.ppl_docs)
+
+        def log_ppl(res):
+            results["perplexity"] = res
+            results["seconds"]["perplexity"] = round(time.perf_counter() - t0)
+            save()
+        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch, log_ppl, deadline)
+    if "retrieval" in args.tasks:
+        t1 = time.perf_counter()
+        hays = haystacks(tok, docs, max(args.contexts))
+        specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
+
+        def log(records):
+            results["retrieval"] = records
+            results["seconds"]["retrieval"] = round(time.perf_counter() - t1)
+            save()
+        run_retrieval(model, tok, hays, specs, pols, args.batch, log, deadline)
+    write_report(results, args.out_dir, name)
+
+
+def write_report(results, out_dir, name):
+    md = report(results)
+    png = os.path.join(out_dir, f"{name}_scores.png")
+    plot(results, png)
+    with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
+        f.write(f"Command: `{results['command']}`; seconds: {results['seconds']}\n\n{md}\n")
+    print(md)
+    print(f"wrote {out_dir}/{name}_results.md, .json and {png}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

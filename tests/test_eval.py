@@ -1,0 +1,95 @@
+"""eval.py on tiny sizes: the digit scorer, the prompt builder, the kept-share arithmetic, and the shared
+prefill/decode machinery against dense attention (the same functions the full run uses)."""
+import json
+import random
+
+import pytest
+import torch
+
+import eval as ev
+from model import HataArgs
+from tokenizer import Tokenizer
+
+PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
+         "cabbage and old rag mats. At one end of it a coloured poster, too large for indoor display, had been "
+         "tacked to the wall. It depicted simply an enormous face, more than a metre wide: the face of a man of "
+         "about forty-five, with a heavy black moustache and ruggedly handsome features. Winston made for the "
+         "stairs. It was no use trying the lift. Even at the best of times it was seldom working, and at present "
+         "the electric current was cut off during daylight hours. ")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As eval.py runs by default: one thread is much faster when other jobs share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_path):
+    return Tokenizer.from_path(gguf_path)
+
+
+def test_parse_digits():
+    assert ev.parse_digits("71432.") == "71432"
+    assert ev.parse_digits(" 71432 is") == "71432"
+    assert ev.parse_digits("714325") == "714325"  # a longer number is not the key
+    assert ev.parse_digits("7143 2") == "7143"
+    assert ev.parse_digits("the key") == ""
+
+
+def test_prompt_has_exact_length_and_the_needle_at_its_depth(tok):
+    hay = ev.Haystack(tok, ev.NOISE * 200)
+    for task in ev.TASKS:
+        for depth in (0.0, 0.5, 1.0):
+            ids, key = ev.retrieval_prompt(tok, hay, task, 1018, depth, random.Random(3))
+            text = tok.decode(ids)
+            assert len(ids) == 1018 and len(key) == ev.N_DIGITS and key in text
+            assert text.endswith(" is ")
+            where = text.index(key) / len(text)
+            if task == "single":  # the only needle: its place in the text follows the depth
+                assert abs(where - depth) < 0.1, (depth, where)
+
+
+def test_kept_share_counts_only_dense_correct_samples():
+    rows = [(True, True), (True, False), (True, True), (False, True)]  # (dense, selector) correct
+    recs = [{"correct": {"dense": d, "sel 1/8": s}} for d, s in rows]
+    assert ev.kept(recs, "sel 1/8") == (2 / 3, 3)
+
+
+def test_dense_passkey_at_1k_and_report(smol, tok, tmp_path):
+    hays = {"noise": ev.Haystack(tok, ev.NOISE * 300)}
+    specs = [(1024, "single", "noise", 0.5, 1), (1024, "multikey", "noise", 0.2, 2)]
+    pols = [("dense", None, None), ("oracle", 1 / 8, HataArgs(selector="oracle", budget=1 / 8))]
+    recs = ev.run_retrieval(smol, tok, hays, specs, pols, batch=2)
+    assert [r["correct"]["dense"] for r in recs] == [True, True], [r["dense_output"] for r in recs]
+    results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "ppl_context": 0, "seconds": {},
+               "retrieval": recs}
+    ev.write_report(json.loads(json.dumps(results)), str(tmp_path), "eval_test")
+    md = (tmp_path / "eval_test_results.md").read_text()
+    assert "| all | 2 |" in md and "| oracle |" in md
+    assert (tmp_path / "eval_test_scores.png").stat().st_size > 10_000
+
+
+def test_teacher_forced_pass_matches_a_dense_forward(smol, tok):
+    C, N = 192, 24
+    windows = ev.text_windows(tok, [("prose", PROSE * 4)], C, 2)  # (2, C)
+    full = [("dense", None, None), ("dense again", None, None)]
+    # budget C - 1 covers every decode position (lengths <= C - 1) but stays below the capacity C, so the sparse
+    # path runs and must select everything: oracle and hash then equal dense up to rounding
+    full += [(name, None, HataArgs(selector=sel, budget=C - 1)) for name, sel in (("oracle", "oracle"),
+                                                                                   ("hash", "hash"))]
+    res = ev.run_teacher_forced(smol, windows, N, full, batch=2)
+    assert res["dense"]["positions"] == 2 * N
+    assert res["dense again"]["agree"] == 1.0 and res["dense again"]["nll"] == res["dense"]["nll"]
+    for name in ("oracle", "hash"):
+        assert res[name]["agree"] == 1.0
+        assert abs(res[name]["nll"] - res["dense"]["nll"]) < 1e-4
+    # the decode bookkeeping: the same NLL as one dense forward over the whole window
+    smol.setup_caches(2, C)
+    with torch.inference_mode():
+        logp = smol(windows).log_softmax(-1)  # (2, C, V)
+    ref = -logp[:, C - N - 1:C - 1].gather(2, windows[:, C - N:, None]).mean().item()
+    assert abs(res["dense"]["nll"] - ref) < 1e-3
