@@ -197,21 +197,24 @@ def retrieval_specs(counts, seed):
 
 
 def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.inf):
-    """Prefill each batch of same-length prompts once, decode the answer under every policy; no new batch
-    starts after `deadline` (time.time()). Returns one record per sample: its spec, answer, {policy: correct}."""
+    """Prefill each batch of same-length prompts once, decode the answer under every policy; a batch expected to
+    end after `deadline` (time.time()) is skipped. Returns one record per sample: spec, answer, {policy: correct}."""
     records = []
     groups = [same[i:i + batch] for C in sorted({s[0] for s in specs})
               for same in [[s for s in specs if s[0] == C]] for i in range(0, len(same), batch)]
-    # interleave the context lengths (the i-th of n batches of a length runs at i / n of the way), so that
-    # results saved along the way cover every length
-    rank = {id(g): i / sum(h[0][0] == g[0][0] for h in groups)
+    # interleave the context lengths (the i-th of n batches of a length runs at (i + 1/2) / n of the way), so
+    # that results saved along the way, or cut short by --minutes, cover every length in proportion
+    rank = {id(g): (i + 0.5) / sum(h[0][0] == g[0][0] for h in groups)
             for C in {g[0][0] for g in groups} for i, g in enumerate(h for h in groups if h[0][0] == C)}
     groups.sort(key=lambda g: (rank[id(g)], g[0][0]))
+    took = {}  # context -> seconds its last batch took
     for group in tqdm(groups, desc="retrieval", unit="batch"):
-        if time.time() > deadline:
-            print(f"time limit: retrieval stopped after {len(records)} samples", file=sys.stderr)
-            break
-        C = group[0][0]
+        C, t0 = group[0][0], time.time()
+        # skip a batch that would end past the deadline: its own length's last time, else the longest time so
+        # far scaled by the length (prefill grows a little faster than linearly)
+        guess = took.get(C) or max((t * (C / c) ** 1.2 for c, t in took.items()), default=0)
+        if t0 + guess > deadline:
+            continue
         prompts = [retrieval_prompt(tok, hays[h], task, C - N_DIGITS, d, random.Random(sd))
                    for _, task, h, d, sd in group]
         tokens = torch.tensor([ids for ids, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
@@ -222,8 +225,11 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
                    for (name, f), (top, _) in out.items()}
             records.append({"context": C, "task": task, "haystack": h, "depth": d, "answer": key,
                             "correct": {k: g == key for k, g in got.items()}, "dense_output": got["dense"]})
+        took[C] = time.time() - t0
         if log:
             log(records)
+    if len(records) < len(specs):
+        print(f"time limit: {len(records)} of {len(specs)} retrieval samples done", file=sys.stderr)
     return records
 
 
@@ -336,7 +342,7 @@ def plot(results, path):
     panels, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
     if recs:
         panels.append(("retrieval: dense-correct samples kept (%)", "linear", recs[0]["correct"],
-                       lambda k: 100 * kept(recs, k)[0]))
+                       lambda k: 100 * kept(recs, k)[0] if k != "dense" else 100))
     if ppl:
         panels.append(("perplexity / dense perplexity", "log", ppl, lambda k: ppl[k]["ppl"] / ppl["dense"]["ppl"]))
         panels.append(("top-1 agreement with dense (%)", "linear", ppl, lambda k: 100 * ppl[k]["agree"]))
@@ -346,6 +352,7 @@ def plot(results, path):
         for name in results["selectors"]:
             fs = [f for f in budgets if pkey(name, f) in ran]
             ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="o", label=name)
+        ax.axhline(score("dense"), color="gray", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_yscale(yscale)
         ax.set_xticks([1 / f for f in budgets], [frac(f) for f in budgets])
@@ -391,10 +398,11 @@ def build_parser():
                    help="torch CPU threads; 1 because on a shared 2-core machine two threads per process spin "
                         "against other jobs (measured: 3.8 s per decode step with 2 threads, 0.1 s with 1)")
     p.add_argument("--minutes", type=float, default=math.inf,
-                   help="time limit: no new batch starts after it; the results so far are reported")
+                   help="time limit: no batch starts that is expected to end after it; what is done is reported")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "report"))
-    p.add_argument("--report", metavar="JSON", help="only rebuild the tables and plot from a results file")
+    p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild the tables and plot from results "
+                   "files; several are merged (runs over the same samples with different selectors)")
     return p
 
 
@@ -419,8 +427,7 @@ def run(args):
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     if args.report:
-        with open(args.report) as f:
-            results = json.load(f)
+        results = merge([json.load(open(path)) for path in args.report])
         return write_report(results, args.out_dir, name)
     if len(args.samples) != len(args.contexts):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
@@ -464,6 +471,34 @@ def run(args):
             save()
         run_retrieval(model, tok, hays, specs, pols, args.batch, log, deadline)
     write_report(results, args.out_dir, name)
+
+
+def merge(runs):
+    """One results dict from runs that share their samples (same seed, contexts, windows) but not selectors:
+    the dense answers must agree; retrieval keeps the samples every run has."""
+    out = runs[0]
+    for r in runs[1:]:
+        out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
+        out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
+        out["command"] += " ; " + r["command"]
+        out["seconds"] = {k: out["seconds"].get(k, 0) + r["seconds"].get(k, 0)
+                          for k in set(out["seconds"]) | set(r["seconds"])}
+        if r.get("perplexity"):
+            if out.get("perplexity"):
+                a, b = out["perplexity"]["dense"], r["perplexity"]["dense"]
+                if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
+                    raise ValueError("the runs' dense perplexity passes differ: not the same windows")
+            out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
+        if r.get("retrieval"):
+            key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"])
+            theirs = {key(x): x for x in r["retrieval"]}
+            mine = [x for x in out.get("retrieval", theirs.values()) if key(x) in theirs]
+            for x in mine:
+                if x["correct"]["dense"] != theirs[key(x)]["correct"]["dense"]:
+                    raise ValueError(f"the runs' dense answers differ on {key(x)}")
+                x["correct"] = {**theirs[key(x)]["correct"], **x["correct"]}
+            out["retrieval"] = mine
+    return out
 
 
 def write_report(results, out_dir, name):

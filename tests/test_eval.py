@@ -93,3 +93,19 @@ def test_teacher_forced_pass_matches_a_dense_forward(smol, tok):
         logp = smol(windows).log_softmax(-1)  # (2, C, V)
     ref = -logp[:, C - N - 1:C - 1].gather(2, windows[:, C - N:, None]).mean().item()
     assert abs(res["dense"]["nll"] - ref) < 1e-3
+
+
+def test_merge_joins_selectors_over_the_same_samples():
+    def run(sel, answers):
+        recs = [{"context": 1024, "task": "single", "haystack": "noise", "depth": d, "answer": "12345",
+                 "correct": {"dense": True, f"{sel} 1/8": a}} for d, a in zip((0.0, 0.5), answers)]
+        return {"command": sel, "selectors": [sel], "budgets": [1 / 8], "seconds": {"retrieval": 1},
+                "retrieval": recs}
+    merged = ev.merge([run("oracle", [True, True]), run("hata-random", [True, False])])
+    assert merged["selectors"] == ["oracle", "hata-random"] and len(merged["retrieval"]) == 2
+    assert ev.kept(merged["retrieval"], "oracle 1/8")[0] == 1.0
+    assert ev.kept(merged["retrieval"], "hata-random 1/8")[0] == 0.5
+    other = run("quest", [True, True])
+    other["retrieval"][0]["correct"]["dense"] = False
+    with pytest.raises(ValueError, match="dense answers differ"):
+        ev.merge([run("oracle", [True, True]), other])
