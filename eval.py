@@ -1,24 +1,21 @@
 """Does HATA keep the model's answers? Retrieval, perplexity and agreement, sparse selectors against dense.
 
-    python eval.py --quick                 # a few minutes on 2 CPU cores (tests/test_eval.py runs its pieces)
-    python eval.py                         # the full run recorded in EVAL.md
-    python eval.py --text book.txt         # any text file as the prose haystack and the perplexity text
+    python eval.py --quick              # small sizes; tests/test_eval.py runs its pieces
+    python eval.py --text book.txt      # any text as the prose haystack and the perplexity text
+    (the full run and its results: EVAL.md)
 
-Every score is measured *through the sparse decode path* (model.py, `Attention.sparse_decode`):
-- retrieval (RULER-style, Hsieh et al. 2024): a 5-digit pass key (single needle), or the key of one name among
-  four (multi-key), hidden at a depth of 0-100% in a haystack of RULER's noise sentences or of prose. Prompts are
-  completions ("... The pass key is "): asked as a chat question, this small model fails even densely past ~1K
-  tokens (DATA.md). Score: exact match of the first run of generated digits. A selector is judged by the share
-  of the samples dense gets right that it gets right too ("kept").
-- perplexity: NLL of the last N tokens of held-out 8K-token windows, fed token by token (teacher forcing) after a
-  dense prefill of the rest, so every scored token comes from a sparse decode step.
-- agreement: the same pass; the share of positions where the selector's argmax equals dense's.
+Every score comes *out of the sparse decode path* (model.py, `Attention.sparse_decode`):
+- retrieval (RULER-style, Hsieh et al. 2024): a 5-digit pass key (single), or the key of one name among four
+  (multi-key), at a depth of 0-100% in RULER's noise sentences or in prose. Prompts are completions ("... The pass
+  key is "): this small model fails as a chat even densely past ~1K tokens (DATA.md). Score: exact match of the
+  generated digits; a selector keeps a share of the samples dense gets right.
+- perplexity: NLL of the last N tokens of held-out 8K windows, fed one by one after a prefill of the rest.
+- agreement: the same pass; the share of positions where a selector's argmax equals dense's.
 
-Prefill is dense and the same for every selector, so each batch is prefilled once and every (selector, budget)
-decodes from it: `Transformer.set_hata` switches the policy and rehashes the cached keys; decoding writes only
-positions past the prefill, which the next policy overwrites. The prefill stops one token short of the prompt, so
-even the first answer token comes from a sparse step. Budgets are fractions f of the cache capacity C, which is
-the context length (1024 ... 8192): K = f * C tokens per KV head, exactly (C is a power of two).
+Prefill is dense and the same for every selector: each batch is prefilled once, then `Transformer.set_hata`
+switches the policy (rehashing the cached keys) and each (selector, budget) decodes from the prefill's end,
+overwriting only later positions. The prefill stops one token short, so even the first answer token is sparse.
+Budgets are fractions f of the cache capacity C = the context length: K = f * C tokens per KV head, exactly.
 """
 import argparse
 import contextlib
@@ -74,11 +71,6 @@ def policies(sels, budgets, quest_budgets=()):
     return pols
 
 
-def set_policy(model, hata):
-    with contextlib.redirect_stderr(io.StringIO()):  # the random-projection warning would repeat every switch
-        model.set_hata(hata)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Shared machinery: one dense prefill, then a decode per policy
 
@@ -114,10 +106,11 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None):
     prefill(model, tokens[:, :n_prefill], torch.full((B,), n_prefill))
     pos0 = torch.full((B,), n_prefill)
     out = {}
-    for name, f, hata in pols:
-        set_policy(model, hata)
-        out[(name, f)] = decode(model, tokens[:, n_prefill:], pos0, steps, expect)
-    set_policy(model, None)
+    for name, f, hata in pols + [(None, None, None)]:  # the last switch leaves the model dense
+        with contextlib.redirect_stderr(io.StringIO()):  # the random-projection warning, at every switch
+            model.set_hata(hata)
+        if name is not None:
+            out[(name, f)] = decode(model, tokens[:, n_prefill:], pos0, steps, expect)
     return out
 
 
@@ -185,8 +178,7 @@ def retrieval_prompt(tok, hay, task, length, depth, rng):
 
 def parse_digits(text):
     """The first run of digits in generated text ('' if none): ' 71432.' -> '71432'."""
-    m = re.search(r"\d+", text)
-    return m.group(0) if m else ""
+    return (re.findall(r"\d+", text) or [""])[0]
 
 
 def retrieval_specs(counts, seed):
@@ -199,19 +191,17 @@ def retrieval_specs(counts, seed):
 def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.inf):
     """Prefill each batch of same-length prompts once, decode the answer under every policy; a batch expected to
     end after `deadline` (time.time()) is skipped. Returns one record per sample: spec, answer, {policy: correct}."""
-    records = []
-    groups = [same[i:i + batch] for C in sorted({s[0] for s in specs})
-              for same in [[s for s in specs if s[0] == C]] for i in range(0, len(same), batch)]
-    # interleave the context lengths (the i-th of n batches of a length runs at (i + 1/2) / n of the way), so
-    # that results saved along the way, or cut short by --minutes, cover every length in proportion
-    rank = {id(g): (i + 0.5) / sum(h[0][0] == g[0][0] for h in groups)
-            for C in {g[0][0] for g in groups} for i, g in enumerate(h for h in groups if h[0][0] == C)}
-    groups.sort(key=lambda g: (rank[id(g)], g[0][0]))
-    took = {}  # context -> seconds its last batch took
-    for group in tqdm(groups, desc="retrieval", unit="batch"):
+    # interleave the lengths (the i-th of n batches of a length runs (i + 1/2) / n of the way through), so that
+    # results saved along the way, or cut short by the deadline, cover every length in proportion
+    groups = []
+    for C in sorted({s[0] for s in specs}):
+        same = [s for s in specs if s[0] == C]
+        n = -(-len(same) // batch)
+        groups += [((i + 0.5) / n, C, same[i * batch:(i + 1) * batch]) for i in range(n)]
+    records, took = [], {}  # took: context -> seconds its last batch took
+    for _, _, group in tqdm(sorted(groups), desc="retrieval", unit="batch"):
         C, t0 = group[0][0], time.time()
-        # skip a batch that would end past the deadline: its own length's last time, else the longest time so
-        # far scaled by the length (prefill grows a little faster than linearly)
+        # expected time: this length's last batch, else another's scaled by the length (prefill is superlinear)
         guess = took.get(C) or max((t * (C / c) ** 1.2 for c, t in took.items()), default=0)
         if t0 + guess > deadline:
             continue
@@ -258,16 +248,13 @@ def text_windows(tok, docs, length, n):
     return torch.tensor(windows)
 
 
-def run_teacher_forced(model, windows, n_score, pols, batch, log=None, deadline=math.inf):
-    """NLL of the last n_score tokens of each window (W, C) under every policy, and top-1 agreement with dense;
-    no new batch of windows starts after `deadline`. Returns {policy key: {"nll": mean NLL, "ppl": exp(nll),
-    "agree": share of positions, "positions": count}}; log(partial result) after every batch."""
+def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
+    """NLL of the last n_score tokens of each window (W, C) under every policy, and top-1 agreement with dense.
+    Returns {policy key: {"nll": mean NLL, "ppl": exp(nll), "agree": share of positions, "positions": count}};
+    log(the result so far) after every batch."""
     C = windows.shape[1]
     tops, nlls, res = {}, {}, {}
     for i in tqdm(range(0, len(windows), batch), desc="perplexity", unit="batch"):
-        if time.time() > deadline:
-            print(f"time limit: perplexity stopped after {i} windows", file=sys.stderr)
-            break
         out = run_policies(model, windows[i:i + batch], C - n_score - 1, n_score, C, pols)
         for (name, f), (top, logp) in out.items():
             tops.setdefault(pkey(name, f), []).append(top)
@@ -287,6 +274,34 @@ def run_teacher_forced(model, windows, n_score, pols, batch, log=None, deadline=
 
 def frac(f):
     return f"1/{round(1 / f)}"
+
+
+def merge(runs):
+    """One results dict from runs that share their samples (same seed, contexts, windows) but not selectors:
+    the dense answers must agree; retrieval keeps the samples every run has."""
+    out = runs[0]
+    for r in runs[1:]:
+        out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
+        out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
+        out["command"] += " ; " + r["command"]
+        for k, v in r["seconds"].items():
+            out["seconds"][k] = out["seconds"].get(k, 0) + v
+        if r.get("perplexity"):
+            if out.get("perplexity"):
+                a, b = out["perplexity"]["dense"], r["perplexity"]["dense"]
+                if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
+                    raise ValueError("the runs' dense perplexity passes differ: not the same windows")
+            out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
+        if r.get("retrieval"):
+            key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"])
+            theirs = {key(x): x for x in r["retrieval"]}
+            mine = [x for x in out.get("retrieval", theirs.values()) if key(x) in theirs]
+            for x in mine:
+                if x["correct"]["dense"] != theirs[key(x)]["correct"]["dense"]:
+                    raise ValueError(f"the runs' dense answers differ on {key(x)}")
+                x["correct"] = {**theirs[key(x)]["correct"], **x["correct"]}
+            out["retrieval"] = mine
+    return out
 
 
 def report(results):
@@ -359,7 +374,6 @@ def plot(results, path):
         ax.set(title=title, xlabel="budget K / context")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"HATA vs dense and other selectors ({os.path.basename(results.get('checkpoint', 'default model'))})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -377,8 +391,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--text", nargs="+", help="text files for the prose haystack and perplexity (default: the "
-                                             "held-out documents of train_hash.py's corpus)")
+    p.add_argument("--text", nargs="+", help="text files (default: train_hash.py's held-out documents)")
     p.add_argument("--hash-weights", help=f"trained projections (default: {os.path.relpath(TRAINED, HERE)} if "
                                           "present; 'none' leaves the trained selector out)")
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
@@ -394,15 +407,14 @@ def build_parser():
     p.add_argument("--ppl-docs", type=int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens at the end of each window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; 1 because on a shared 2-core machine two threads per process spin "
-                        "against other jobs (measured: 3.8 s per decode step with 2 threads, 0.1 s with 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads: 2 per process on 2 shared cores spin "
+                                                           "(3.8 s per decode step, against 0.1 s with 1)")
     p.add_argument("--minutes", type=float, default=math.inf,
-                   help="time limit: no batch starts that is expected to end after it; what is done is reported")
+                   help="retrieval time limit: no batch starts that is expected to end after it")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "report"))
-    p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild the tables and plot from results "
-                   "files; several are merged (runs over the same samples with different selectors)")
+    p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild tables and plot from results files "
+                                                                "(merged: same samples, other selectors)")
     return p
 
 
@@ -410,9 +422,8 @@ QUICK = dict(contexts=[1024, 2048], samples=[4, 4], ppl_context=1024, ppl_docs=2
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -449,7 +460,8 @@ def run(args):
     sels = selectors(weights, quest, args.selectors)
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + " ".join(sys.argv[1:]), "selectors": list(sels),
-               "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint, "ppl_context": args.ppl_context, "seconds": {}}
+               "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
+               "ppl_context": args.ppl_context, "seconds": {}}
     save = lambda: json.dump(results, open(json_path, "w"), indent=1)
     t0, deadline = time.perf_counter(), time.time() + 60 * args.minutes
     if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
@@ -459,7 +471,7 @@ def run(args):
             results["perplexity"] = res
             results["seconds"]["perplexity"] = round(time.perf_counter() - t0)
             save()
-        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch, log_ppl, deadline)
+        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch, log_ppl)
     if "retrieval" in args.tasks:
         t1 = time.perf_counter()
         hays = haystacks(tok, docs, max(args.contexts))
@@ -471,34 +483,6 @@ def run(args):
             save()
         run_retrieval(model, tok, hays, specs, pols, args.batch, log, deadline)
     write_report(results, args.out_dir, name)
-
-
-def merge(runs):
-    """One results dict from runs that share their samples (same seed, contexts, windows) but not selectors:
-    the dense answers must agree; retrieval keeps the samples every run has."""
-    out = runs[0]
-    for r in runs[1:]:
-        out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
-        out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
-        out["command"] += " ; " + r["command"]
-        out["seconds"] = {k: out["seconds"].get(k, 0) + r["seconds"].get(k, 0)
-                          for k in set(out["seconds"]) | set(r["seconds"])}
-        if r.get("perplexity"):
-            if out.get("perplexity"):
-                a, b = out["perplexity"]["dense"], r["perplexity"]["dense"]
-                if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
-                    raise ValueError("the runs' dense perplexity passes differ: not the same windows")
-            out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
-        if r.get("retrieval"):
-            key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"])
-            theirs = {key(x): x for x in r["retrieval"]}
-            mine = [x for x in out.get("retrieval", theirs.values()) if key(x) in theirs]
-            for x in mine:
-                if x["correct"]["dense"] != theirs[key(x)]["correct"]["dense"]:
-                    raise ValueError(f"the runs' dense answers differ on {key(x)}")
-                x["correct"] = {**theirs[key(x)]["correct"], **x["correct"]}
-            out["retrieval"] = mine
-    return out
 
 
 def write_report(results, out_dir, name):
