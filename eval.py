@@ -34,6 +34,7 @@ from tqdm import tqdm
 from engine import decode_one_token, default_checkpoint, prefill
 from model import HataArgs, from_checkpoint
 from tokenizer import Tokenizer
+from train_hash import load_corpus, split_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)
@@ -50,13 +51,15 @@ DEPTHS = tuple(i / 10 for i in range(11))
 # --------------------------------------------------------------------------------------------------------------
 # Selectors and policies: a policy is (selector name, budget fraction or None, HataArgs or None = dense)
 
-def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest")):
-    """name -> HataArgs keywords (the budget is added per policy). `quest`: [(n_sink, n_recent)]."""
-    out = {"oracle": dict(selector="oracle")} if "oracle" in which else {}
+def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest"), sink=0):
+    """name -> HataArgs keywords (the budget is added per policy). quest: [(n_sink, n_recent)]; `sink`: the
+    first positions oracle and HATA always select (none by default)."""
+    tag, kw = (f" s{sink}", dict(n_sink=sink)) if sink else ("", {})
+    out = {"oracle" + tag: dict(selector="oracle", **kw)} if "oracle" in which else {}
     if hash_weights and "trained" in which:
-        out["hata-trained"] = dict(selector="hash", hash_weights=hash_weights)
-    if "random" in which:
-        out["hata-random"] = dict(selector="hash", hash_weights=None)  # seeded Gaussian projections (plain LSH)
+        out["hata-trained" + tag] = dict(selector="hash", hash_weights=hash_weights, **kw)
+    if "random" in which:  # seeded Gaussian projections: plain LSH
+        out["hata-random" + tag] = dict(selector="hash", hash_weights=None, **kw)
     for sink, recent in quest if "quest" in which else ():
         out[f"quest s{sink} r{recent}"] = dict(selector="quest", n_sink=sink, n_recent=recent)
     return out
@@ -79,8 +82,8 @@ def decode(model, tokens, pos0, steps, expect=None):
     """Run `steps` decode steps under the model's current policy from positions pos0 (B,). Step i feeds
     tokens[:, i] while tokens (B, F) has one (teacher forcing), else the argmax of step i - 1 (greedy).
     Returns the argmax (B, steps) and the log-probabilities (B, F - 1) the steps gave to tokens[:, 1:].
-    With `expect` (B, steps), greedy decoding stops once every sequence has left it (all answers are wrong
-    then, whatever follows): a saving at small budgets; the steps not run are -1."""
+    With `expect` (B, steps), greedy decoding stops once every sequence has left it (every answer is wrong,
+    whatever follows; the steps not run are -1)."""
     B, F = tokens.shape
     top = torch.full((B, steps), -1, dtype=torch.long)
     logp, cur = [], tokens[:, 0]
@@ -120,7 +123,6 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None):
 def load_prose(paths=None):
     """Documents [(name, text)]: the user's files as they are, or the held-out part of train_hash.py's default
     corpus (documents the hash projections were never trained on)."""
-    from train_hash import load_corpus, split_corpus
     docs = load_corpus(paths)
     return docs if paths else split_corpus(docs)[1]
 
@@ -223,10 +225,6 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
     return records
 
 
-def pkey(name, f):
-    return name if f is None else f"{name} 1/{round(1 / f)}"
-
-
 def kept(records, key):
     """(share of the dense-correct samples that `key` also gets right, number of dense-correct samples)."""
     base = [r for r in records if r["correct"]["dense"]]
@@ -243,8 +241,7 @@ def text_windows(tok, docs, length, n):
     windows = [w for rank in range(max(map(len, per_doc), default=0)) for ws in per_doc if rank < len(ws)
                for w in [ws[rank]]][:n]
     if len(windows) < n:
-        raise ValueError(f"the text holds {len(windows)} windows of {length} tokens, {n} needed; give more text "
-                         f"or lower --ppl-docs / --ppl-context")
+        raise ValueError(f"the text holds {len(windows)} windows of {length} tokens, {n} needed; give more text")
     return torch.tensor(windows)
 
 
@@ -276,6 +273,10 @@ def frac(f):
     return f"1/{round(1 / f)}"
 
 
+def pkey(name, f):
+    return name if f is None else f"{name} {frac(f)}"
+
+
 def merge(runs):
     """One results dict from runs that share their samples (same seed, contexts, windows) but not selectors:
     the dense answers must agree; retrieval keeps the samples every run has."""
@@ -287,10 +288,9 @@ def merge(runs):
         for k, v in r["seconds"].items():
             out["seconds"][k] = out["seconds"].get(k, 0) + v
         if r.get("perplexity"):
-            if out.get("perplexity"):
-                a, b = out["perplexity"]["dense"], r["perplexity"]["dense"]
-                if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
-                    raise ValueError("the runs' dense perplexity passes differ: not the same windows")
+            a, b = out.get("perplexity", r["perplexity"])["dense"], r["perplexity"]["dense"]
+            if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
+                raise ValueError("the runs' dense perplexity passes differ: not the same windows")
             out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
         if r.get("retrieval"):
             key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"])
@@ -389,7 +389,7 @@ def parse_frac(text):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files (default: train_hash.py's held-out documents)")
     p.add_argument("--hash-weights", help=f"trained projections (default: {os.path.relpath(TRAINED, HERE)} if "
@@ -397,6 +397,7 @@ def build_parser():
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
+    p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
     p.add_argument("--quest", nargs="+", default=["16:64"], help="Quest settings n_sink:n_recent (one row each)")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
@@ -457,7 +458,7 @@ def run(args):
         if C > model.args.max_seq_len:
             raise ValueError(f"context {C} exceeds the model's {model.args.max_seq_len} tokens")
     docs = load_prose(args.text)
-    sels = selectors(weights, quest, args.selectors)
+    sels = selectors(weights, quest, args.selectors, args.sink)
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + " ".join(sys.argv[1:]), "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
