@@ -136,10 +136,9 @@ class Haystack:
 
     def piece(self, n, rng):
         """n consecutive tokens starting after a sentence end, and the sentence ends inside them (0 and n incl.)."""
-        starts = [0] + [e for e in self.ends if e + n <= len(self.ids)]
         if len(self.ids) < n:
             raise ValueError(f"haystack text has {len(self.ids)} tokens, fewer than the {n} needed; give more text")
-        s = rng.choice(starts)
+        s = rng.choice([0] + [e for e in self.ends if e + n <= len(self.ids)])
         return self.ids[s:s + n], [0] + [e - s for e in self.ends if s < e < s + n] + [n]
 
 
@@ -278,8 +277,9 @@ def pkey(name, f):
 
 
 def merge(runs):
-    """One results dict from runs that share their samples (same seed, contexts, windows) but not selectors:
-    the dense answers must agree; retrieval keeps the samples every run has."""
+    """One results dict from several runs. Retrieval samples are joined by their spec: runs over the same samples
+    add selectors, runs with another seed add samples; a sample counts once every policy has run on it.
+    Perplexity runs must share their windows (the same dense pass)."""
     out = runs[0]
     for r in runs[1:]:
         out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
@@ -292,15 +292,16 @@ def merge(runs):
             if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
                 raise ValueError("the runs' dense perplexity passes differ: not the same windows")
             out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
-        if r.get("retrieval"):
-            key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"])
-            theirs = {key(x): x for x in r["retrieval"]}
-            mine = [x for x in out.get("retrieval", theirs.values()) if key(x) in theirs]
-            for x in mine:
-                if x["correct"]["dense"] != theirs[key(x)]["correct"]["dense"]:
-                    raise ValueError(f"the runs' dense answers differ on {key(x)}")
-                x["correct"] = {**theirs[key(x)]["correct"], **x["correct"]}
-            out["retrieval"] = mine
+        key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"])
+        joined = {key(x): x for x in out.get("retrieval", [])}
+        for x in r.get("retrieval", []):
+            y = joined.setdefault(key(x), x)
+            if y["correct"]["dense"] != x["correct"]["dense"]:
+                raise ValueError(f"the runs' dense answers differ on {key(x)}")
+            y["correct"] = {**x["correct"], **y["correct"]}
+        out["retrieval"] = list(joined.values())
+    every = set().union(*(x["correct"] for x in out.get("retrieval", [])))
+    out["retrieval"] = [x for x in out.get("retrieval", []) if set(x["correct"]) == every]
     return out
 
 
@@ -408,8 +409,7 @@ def build_parser():
     p.add_argument("--ppl-docs", type=int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens at the end of each window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads: 2 per process on 2 shared cores spin "
-                                                           "(3.8 s per decode step, against 0.1 s with 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
     p.add_argument("--minutes", type=float, default=math.inf,
                    help="retrieval time limit: no batch starts that is expected to end after it")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")

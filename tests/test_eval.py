@@ -105,6 +105,12 @@ def test_merge_joins_selectors_over_the_same_samples():
     assert merged["selectors"] == ["oracle", "hata-random"] and len(merged["retrieval"]) == 2
     assert ev.kept(merged["retrieval"], "oracle 1/8")[0] == 1.0
     assert ev.kept(merged["retrieval"], "hata-random 1/8")[0] == 0.5
+    more = run("oracle", [False, False])  # other samples (another seed), the same selector: added
+    for x in more["retrieval"]:
+        x["answer"] = "54321"
+    assert ev.kept(ev.merge([run("oracle", [True, True]), more])["retrieval"], "oracle 1/8") == (0.5, 4)
+    # a sample only some selectors ran on is left out
+    assert len(ev.merge([run("oracle", [True, True]), run("hata-random", [True, True]), more])["retrieval"]) == 2
     other = run("quest", [True, True])
     other["retrieval"][0]["correct"]["dense"] = False
     with pytest.raises(ValueError, match="dense answers differ"):
