@@ -352,9 +352,8 @@ def report(results):
 
 
 def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
     panels, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
     if recs:
         panels.append(("retrieval: dense-correct samples kept (%)", "linear", recs[0]["correct"],
@@ -399,7 +398,7 @@ def build_parser():
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
-    p.add_argument("--quest", nargs="+", default=["16:64"], help="Quest settings n_sink:n_recent (one row each)")
+    p.add_argument("--quest", nargs="+", default=["16:16"], help="Quest n_sink:n_recent, one row each (16:16: EVAL.md)")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="retrieval lengths")
@@ -440,6 +439,7 @@ def run(args):
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     if args.report:
         results = merge([json.load(open(path)) for path in args.report])
+        json.dump(results, open(json_path, "w"), indent=1)
         return write_report(results, args.out_dir, name)
     if len(args.samples) != len(args.contexts):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
