@@ -336,14 +336,16 @@ def report_plot(results, mean, n_dense, n_layers, path):
     import matplotlib.pyplot as plt
     names = list(dict.fromkeys(name for name, _ in results))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for i, name in enumerate(names):
-        style = dict(color="black" if name == "oracle" else f"C{i}", marker="o", ms=3,
-                     linestyle="--" if name.startswith("random") else "-")
+    sizes = list(dict.fromkeys(name.split("R=")[-1].split()[0] for name in names if "R=" in name))
+    for name in names:  # one color per R: trained solid, random dashed
+        color = "black" if "R=" not in name else f"C{sizes.index(name.split('R=')[-1].split()[0])}"
+        style = dict(color=color, marker="o", ms=3, linestyle="--" if name.startswith("random") else "-")
         ax1.plot([1 / f for f in BUDGETS], [mean[name, f][0] for f in BUDGETS], label=name, **style)
         ax2.plot(range(n_dense, n_layers), [results[name, 1 / 32][l][0] for l in range(n_dense, n_layers)], **style)
     ax1.set(xscale="log", xlabel="context / budget K", ylabel="captured attention mass",
             title="Mean over sparse layers (held-out text)")
     ax1.set_xticks([1 / f for f in BUDGETS], [f"{round(1 / f)}" for f in BUDGETS])
+    ax1.minorticks_off()
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
     ax2.set(xlabel="layer", ylabel="captured attention mass", title="Per layer, budget 1/32")
