@@ -18,6 +18,7 @@ from dataclasses import fields
 import torch
 
 from model import PRESETS, SELECTORS, HataArgs, Transformer, from_checkpoint
+from offload import offload_from_args
 from tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,6 +192,10 @@ def build_parser():
     g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms")
     g.add_argument("--selector", choices=SELECTORS, default=h["selector"],
                    help="hash: HATA; oracle: exact top-K by attention (an upper bound, for comparison)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the sparse layers' K/V cache in host memory, fetch only the selected rows (offload.py)")
+    g.add_argument("--kv-gpu-gb", type=float,
+                   help="cap the KV cache's GPU memory: offload sparse layers until it fits (implies --offload)")
     p.add_argument("--random-weights", action="store_true",
                    help="build the --preset shape with random weights on the device, for speed measurement only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.1-8b", help="shape for --random-weights")
@@ -255,6 +260,7 @@ def run(args):
     if longest >= context:
         raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
+    offload_from_args(model, args, len(prompts), max_seq_len)
     model.setup_caches(len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len)}",
@@ -287,6 +293,7 @@ def run_random(args, device, dtype):
     max_seq_len = args.max_seq_len or args.prompt_len + args.max_new_tokens
     if args.prompt_len >= max_seq_len:
         raise ValueError(f"--prompt-len {args.prompt_len} does not fit --max-seq-len {max_seq_len}")
+    offload_from_args(model, args, len(args.prompt or [None]), max_seq_len)
     model.setup_caches(len(args.prompt or [None]), max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
           f"measurement only, the output is noise; {describe_policy(hata, max_seq_len)}", file=sys.stderr)
