@@ -2,6 +2,7 @@
 
     python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8]
     python bench.py offload [--preset llama-3.1-8b] [--seqlen 131072] [--budget 2048]
+    python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--prefill-len 32768]
 
 `attention` times one layer's decode attention (DESIGN.md, "The decode step of a sparse layer"):
   dense  torch SDPA, q (B, H, 1, D) against the whole cache (enable_gqa)
@@ -13,6 +14,8 @@ The byte floor counts what the step must read: the codes, the selected K/V rows,
 4.27 TB/s (the H200's measured copy bandwidth, DESIGN.md).
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
 HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.
+`e2e` times whole decode steps of a preset with random weights, each a CUDA graph, dense vs HATA at each budget,
+then one prefill with and without key hashing.
 """
 import argparse
 import datetime
@@ -305,6 +308,88 @@ def bench_offload_fetch(args, S, K, H=32, Hkv=8, D=128, B=1):
 # command line
 
 
+def bench_e2e(args):
+    """Whole-model decode tokens/s of a preset (random weights, bf16) at each context and batch: dense against HATA
+    at each budget, every step a CUDA graph (engine.GraphedDecode), in one run. The caches are filled with random
+    K/V instead of a prefill per context (a step costs the same whatever the values; set_hata rehashes the keys).
+    Every sequence decodes at position S - 1, so each step attends over S tokens. Then prefill time at
+    --prefill-len tokens, B = 1, without and with key hashing (HATA's only prefill cost)."""
+    from engine import GraphedDecode, prefill, random_model
+    from model import HataArgs
+
+    dev, model = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16)
+    a = model.args
+
+    def step_ms(B, S, policy):
+        model.set_hata(policy)  # rehash the cached keys for this policy
+        cur = torch.randint(0, a.vocab_size, (B,), device=dev)
+        pos = torch.full((B,), S - 1, device=dev)
+        with torch.inference_mode():
+            step = GraphedDecode(model, cur, pos)
+            ts = []
+            for _ in range(args.steps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(model, cur, pos)
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end))
+        return statistics.median(ts)
+
+    def sdpa_ms(B, S, masked):  # one layer's dense decode attention, the model's masked form or plain
+        k = model.layers[0].attention.kv_cache.k
+        q = torch.randn(B, a.n_heads, 1, a.head_dim, device=dev, dtype=k.dtype)
+        mask = torch.zeros(B, 1, 1, S, device=dev, dtype=k.dtype) if masked else None
+        return Timer(20).time(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, model.layers[0].attention.kv_cache.v, attn_mask=mask, enable_gqa=True))
+
+    rows = []
+    for S in args.seqlens:
+        for B in args.batches:
+            model.set_hata(None)
+            model.setup_caches(B, S)
+            for layer in model.layers:
+                layer.attention.kv_cache.k.normal_()
+                layer.attention.kv_cache.v.normal_()
+            dense = step_ms(B, S, None)
+            layer_ms = (sdpa_ms(B, S, True), sdpa_ms(B, S, False))
+            for budget in args.budgets:
+                hata = HataArgs(budget=budget)
+                ms = step_ms(B, S, hata)
+                rows.append((S, B, hata.budget_tokens(S), dense, ms, layer_ms))
+                print(f"  S={fmt_s(S)} B={B} K={hata.budget_tokens(S)}: dense {dense:.2f} ms, HATA {ms:.2f} ms",
+                      flush=True)
+            model.setup_caches(1, 16)  # free the big caches before the next size
+            torch.cuda.empty_cache()
+    print(f"\n{args.preset} decode step (CUDA graph), bf16, random weights, median of {args.steps} steps\n")
+    print("| S | B | K | dense ms | dense tok/s | HATA ms | HATA tok/s | speedup | layer SDPA masked / plain ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for S, B, K, dense, ms, (masked, plain) in rows:
+        print(f"| {fmt_s(S)} | {B} | {K} | {dense:.2f} | {1000 * B / dense:.1f} | {ms:.2f} | {1000 * B / ms:.1f} | "
+              f"{dense / ms:.2f}x | {masked:.3f} / {plain:.3f} |")
+
+    T = args.prefill_len
+    tokens = torch.randint(0, a.vocab_size, (1, T), device=dev)
+    result = {}
+    for name, policy in (("dense", None), ("HATA (keys hashed)", HataArgs(budget=2048))):
+        model.set_hata(None)
+        model.setup_caches(1, T)
+        model.set_hata(policy)
+        ts = []
+        with torch.inference_mode():
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                prefill(model, tokens, torch.tensor([T], device=dev), chunk=T)
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end))
+        result[name] = min(ts[1:])
+    d, h = result["dense"], result["HATA (keys hashed)"]
+    print(f"\nprefill {fmt_s(T)} tokens, B=1, one causal pass: dense {d:.1f} ms, with key hashing {h:.1f} ms "
+          f"(overhead {100 * (h - d) / d:+.2f}%)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -321,6 +406,13 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per mode (dense: a tenth)")
     p.add_argument("--reps", type=int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float, help="host memory the offload plan may use (default: MemAvailable)")
+    p = sub.add_parser("e2e", help="whole-model decode tokens/s and prefill overhead, dense vs HATA")
+    p.add_argument("--preset", default="llama-3.1-8b")
+    p.add_argument("--seqlens", nargs="+", type=int, default=[32768, 131072])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--budgets", nargs="+", type=float, default=[1 / 64, 2048])
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement (median)")
+    p.add_argument("--prefill-len", type=int, default=32768)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("bench.py needs a CUDA GPU")
@@ -330,6 +422,8 @@ def main():
         bench_attention(args)
     elif args.mode == "offload":
         bench_offload(args)
+    elif args.mode == "e2e":
+        bench_e2e(args)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ def hash_encode(x, proj, use_triton=None):
     _check(R % 32 == 0 and R > 0, f"hash_encode: R = {R} hash bits must be a positive multiple of 32")
     _check(Hx % Hkv == 0, f"hash_encode: x heads {Hx} must be a multiple of proj heads {Hkv}")
     _check(x.device == proj.device, f"hash_encode: x on {x.device} but proj on {proj.device}")
-    if not _use_triton(use_triton, x, proj):
+    if use_triton is None:  # prefill: a tensor-core matmul then packing beats the per-row kernel (0.94 vs 6.6 ms
+        use_triton = x.is_cuda and T * Hx // Hkv <= 64  # for 32K keys of 8 heads, H200); decode: one launch
+    if not use_triton:
         return hash_encode_ref(x, proj)
     _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode: Triton path needs D a power of two >= 16, got {D}")
     codes = torch.empty(B, Hx, T, R // 32, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
@@ -172,9 +174,9 @@ def hash_encode_ref(x, proj):
     Hkv, _, R = proj.shape
     p = proj.float().repeat_interleave(Hx // Hkv, dim=0)                      # (Hx, D, R) fp32
     y = torch.einsum("bhtd,hdr->bhtr", x.float(), p)                          # (B, Hx, T, R) fp32
-    bits = (y > 0).view(B, Hx, T, R // 32, 32).to(torch.int64)                # (B, Hx, T, W, 32)
-    words = (bits << torch.arange(32, device=x.device)).sum(-1)               # (B, Hx, T, W) int64 in [0, 2^32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # (B, Hx, T, W) int32
+    bits = (y > 0).view(B, Hx, T, R // 32, 32).to(torch.int32)                # (B, Hx, T, W, 32)
+    weight = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=x.device)
+    return (bits * weight).sum(-1, dtype=torch.int32)  # (B, Hx, T, W); bit 31 weighs -2^31: two's complement
 
 
 # ----------------------------------------------------------------------------------------------------------
