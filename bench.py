@@ -3,6 +3,7 @@
     python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8]
     python bench.py offload [--preset llama-3.1-8b] [--seqlen 131072] [--budget 2048]
     python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--prefill-len 32768]
+    python bench.py cpu [--seqlens 16 1024 4096 8192] [--budget 512]        (no GPU needed)
 
 `attention` times one layer's decode attention (DESIGN.md, "The decode step of a sparse layer"):
   dense  torch SDPA, q (B, H, 1, D) against the whole cache (enable_gqa)
@@ -16,11 +17,14 @@ The byte floor counts what the step must read: the codes, the selected K/V rows,
 HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.
 `e2e` times whole decode steps of a preset with random weights, each a CUDA graph, dense vs HATA at each budget,
 then one prefill with and without key hashing.
+`cpu` times the default model's decode steps on the CPU (real weights, fp32), dense vs HATA, alternating.
 """
 import argparse
 import datetime
 import math
+import platform
 import statistics
+import time
 
 import torch
 
@@ -390,6 +394,48 @@ def bench_e2e(args):
           f"(overhead {100 * (h - d) / d:+.2f}%)")
 
 
+def bench_cpu(args):
+    """Whole-model decode ms/token of the default model (real weights, fp32) on the CPU: dense against HATA at
+    --budget tokens with the shipped projections, at each context. The caches hold random K/V (a step costs
+    the same whatever the values) and every step decodes at position S - 1. Dense and HATA alternate for
+    --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
+    from engine import default_checkpoint, shipped_hash_weights
+    from model import HataArgs, from_checkpoint
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = from_checkpoint(default_checkpoint())
+    hata = HataArgs(budget=args.budget)
+    hata.hash_weights = shipped_hash_weights(hata)
+    rows = []
+    for S in args.seqlens:
+        model.set_hata(None)
+        model.setup_caches(1, S)
+        for layer in model.layers:
+            layer.attention.kv_cache.k.normal_()
+            layer.attention.kv_cache.v.normal_()
+        cur, pos = torch.tensor([[1]]), torch.tensor([S - 1])
+        times = {"dense": [], "hata": []}
+        with torch.inference_mode():
+            for _ in range(args.rounds):
+                for name, policy in (("dense", None), ("hata", hata if S > args.budget else None)):
+                    model.set_hata(policy, rehash=policy is not None)
+                    for i in range(args.steps + 1):  # the first step of a round warms up
+                        t0 = time.perf_counter()
+                        model(cur, pos, output_idx=torch.zeros(1, dtype=torch.long))
+                        if i:
+                            times[name].append(1000 * (time.perf_counter() - t0))
+        dense, sparse = statistics.median(times["dense"]), statistics.median(times["hata"])
+        rows.append((S, dense, sparse))
+        print(f"  S={S}: dense {dense:.1f} ms, HATA {sparse:.1f} ms", flush=True)
+    print(f"\ndefault model decode step, fp32, CPU ({torch.get_num_threads()} threads), median of "
+          f"{args.rounds} x {args.steps} steps; HATA: K = {args.budget}, R = {hata.rbit}, n_dense {hata.n_dense}\n")
+    print("| context | dense ms/token | HATA ms/token | speedup |")
+    print("|---|---|---|---|")
+    for S, dense, sparse in rows:
+        note = f"{dense / sparse:.2f}x" if S > args.budget else "- (K >= S: dense)"
+        print(f"| {S} | {dense:.1f} | {sparse:.1f} | {note} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -413,17 +459,25 @@ def main():
     p.add_argument("--budgets", nargs="+", type=float, default=[1 / 64, 2048])
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement (median)")
     p.add_argument("--prefill-len", type=int, default=32768)
+    p = sub.add_parser("cpu", help="the default model's decode ms/token on the CPU, dense vs HATA")
+    p.add_argument("--seqlens", nargs="+", type=int, default=[16, 1024, 4096, 8192])
+    p.add_argument("--budget", type=int, default=512, help="HATA's K in tokens")
+    p.add_argument("--rounds", type=int, default=3, help="alternating dense / HATA rounds")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("bench.py needs a CUDA GPU")
-    print(f"# {torch.cuda.get_device_name()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"torch {torch.__version__}")
+    if args.mode != "cpu" and not torch.cuda.is_available():
+        parser.error(f"bench.py {args.mode} needs a CUDA GPU")
+    device = torch.cuda.get_device_name() if args.mode != "cpu" else platform.processor() or platform.machine()
+    print(f"# {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
     if args.mode == "attention":
         bench_attention(args)
     elif args.mode == "offload":
         bench_offload(args)
     elif args.mode == "e2e":
         bench_e2e(args)
+    elif args.mode == "cpu":
+        bench_cpu(args)
 
 
 if __name__ == "__main__":

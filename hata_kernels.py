@@ -34,6 +34,7 @@ Conventions (the contract with model.py):
 import math
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -172,8 +173,8 @@ def hash_encode_ref(x, proj):
     """Definition. Memory: reads x (B*Hx*T*D) and proj (Hkv*D*R*4 B); writes codes (B*Hx*T*R/8 B)."""
     B, Hx, T, D = x.shape
     Hkv, _, R = proj.shape
-    p = proj.float().repeat_interleave(Hx // Hkv, dim=0)                      # (Hx, D, R) fp32
-    y = torch.einsum("bhtd,hdr->bhtr", x.float(), p)                          # (B, Hx, T, R) fp32
+    xg = x.float().reshape(B, Hkv, Hx // Hkv * T, D)                          # (B, Hkv, G*T, D): row heads of proj h
+    y = (xg @ proj.float()).view(B, Hx, T, R)                                 # (B, Hx, T, R) fp32
     bits = (y > 0).view(B, Hx, T, R // 32, 32).to(torch.int32)                # (B, Hx, T, W, 32)
     weight = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=x.device)
     return (bits * weight).sum(-1, dtype=torch.int32)  # (B, Hx, T, W); bit 31 weighs -2^31: two's complement
@@ -276,17 +277,19 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
 
 
 def hamming_score_ref(q_codes, k_codes, lengths):
-    """Definition. Memory: reads k_codes (B*Hkv*S*W*4 B, 16 B/token/head at R=128) G times; writes
-    (B*Hkv*S*4 B). Popcount by a 256-entry byte table."""
+    """Definition. Memory: reads k_codes (B*Hkv*S*W*4 B, 16 B/token/head at R=128) once; writes the XOR with
+    the G query codes of its head as (B, Hkv, G, W, S) words (S innermost: long, fast loops on the CPU), their
+    popcounts (numpy's bitwise_count on the CPU, a 256-entry byte table elsewhere), and the score (B*Hkv*S*4 B)."""
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G = H // Hkv
-    lut = _popcount_lut(k_codes.device)                                       # (256,) int32
-    qg = q_codes.view(B, Hkv, G, 1, W)                                         # (B, Hkv, G, 1, W)
-    score = torch.zeros(B, Hkv, S, dtype=torch.int32, device=k_codes.device)  # (B, Hkv, S) int32
-    for g in range(G):                                                         # loop over heads, not tokens
-        x = (k_codes ^ qg[:, :, g]).contiguous()                               # (B, Hkv, S, W) int32
-        score += lut[x.view(torch.uint8).long()].sum(-1, dtype=torch.int32)    # (B, Hkv, S)
+    x = torch.empty(B, Hkv, G, W, S, dtype=torch.int32, device=k_codes.device)  # (B, Hkv, G, W, S) int32
+    torch.bitwise_xor(k_codes.transpose(-1, -2)[:, :, None], q_codes.view(B, Hkv, G, W, 1), out=x)
+    if x.device.type == "cpu":
+        count = torch.from_numpy(np.bitwise_count(x.numpy().view(np.uint32)))  # (B, Hkv, G, W, S) uint8
+    else:
+        count = _popcount_lut(x.device)[x.view(torch.uint8).long()].view(B, Hkv, G, W, S, 4).sum(-1)
+    score = count.view(B, Hkv, G * W, S).sum(2, dtype=torch.int32)            # (B, Hkv, S) int32
     valid = torch.arange(S, device=k_codes.device) < lengths.view(B, 1, 1)    # (B, 1, S) bool
     return torch.where(valid, score, G * 32 * W + 1)                           # (B, Hkv, S) int32
 
@@ -395,20 +398,33 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
 
 
 def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
-    """Definition. Memory: reads score (B*Hkv*S), sorts it (O(S log S)), writes (B*Hkv*K*4 B)."""
+    """Definition. Every position gets one int64 order key, smaller = selected first:
+        forced (sink or recent)   -2^62 + (S - 1 - s)               newest first
+        scored                    (order(score) + 2^31) * S + (S - 1 - s)   smallest score, then newest
+        past the length           2^62
+    where order() is the score itself for integer scores (|score| < 2^31) and _order_key_int32 for floats
+    (fp32 order, as in the Triton path). The keys of a row are distinct, so its K_eff smallest are one set,
+    whichever partial selection finds them (numpy's argpartition on the CPU, torch.topk elsewhere).
+    Memory: reads score (B*Hkv*S), writes (B*Hkv*K*4 B)."""
     B, Hkv, S = score.shape
     dev = score.device
     pos = torch.arange(S, device=dev)                                          # (S,)
     length = lengths.view(B, 1, 1).to(dev)                                     # (B, 1, 1)
     valid = pos < length                                                       # (B, 1, S)
     forced = valid & ((pos < n_sink) | (pos >= length - n_recent))             # (B, 1, S)
-    key = score.double().masked_fill(forced, -math.inf).masked_fill(~valid, math.inf)   # (B, Hkv, S) fp64
-    # newest wins ties: a stable sort of the position-reversed row keeps larger positions first
-    order = torch.sort(key.flip(-1), dim=-1, stable=True).indices[..., :budget]  # (B, Hkv, min(K, S))
-    sel = S - 1 - order                                                        # positions, best first
-    rank = torch.arange(sel.shape[-1], device=dev)                             # (min(K, S),)
-    sel = torch.where(rank < torch.clamp(length, max=budget), sel, S)          # S marks an unused slot
-    sel = torch.sort(sel, dim=-1).values                                       # ascending, unused last
+    order = score.long() if not score.is_floating_point() else _order_key_int32(score).long()
+    key = order * S + (2**31 * S + S - 1 - pos)                                # (B, Hkv, S) int64
+    key = torch.where(forced, -2**62 + (S - 1 - pos), key).masked_fill(~valid, 2**62)
+    n = min(budget, S)
+    if key.device.type == "cpu":
+        sel = torch.from_numpy(np.argpartition(key.numpy(), n - 1, axis=-1)[..., :n])  # (B, Hkv, n) any order
+    else:
+        sel = torch.topk(key, n, dim=-1, largest=False, sorted=False).indices
+    sel = torch.where(sel < length, sel, S)                                    # S marks an unused slot
+    if sel.device.type == "cpu":
+        sel = torch.from_numpy(np.sort(sel.numpy(), axis=-1))                  # ascending, unused last
+    else:
+        sel = torch.sort(sel, dim=-1).values
     sel = torch.nn.functional.pad(sel, (0, budget - sel.shape[-1]), value=S)   # (B, Hkv, K)
     return torch.where(sel == S, -1, sel).to(torch.int32)                      # (B, Hkv, K) int32
 
@@ -710,14 +726,15 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     used = idx >= 0                                                            # (B, Hkv, K) bool
-    gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)               # (B, Hkv, K, D)
-    k_sel = k_cache.gather(2, gi).to(acc)                                      # (B, Hkv, K, D)
-    v_sel = v_cache.gather(2, gi).to(acc)                                      # (B, Hkv, K, D)
+    bh = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1)                # (B, Hkv, 1)
+    rows = (bh * S_max + idx.clamp(min=0)).view(-1)                            # (B*Hkv*K,) rows of the flat cache
+    k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
+    v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     qg = q.view(B, Hkv, G, D).to(acc)                                          # (B, Hkv, G, D)
-    s = torch.einsum("bhgd,bhkd->bhgk", qg, k_sel) * scale                     # (B, Hkv, G, K)
+    s = (qg @ k_sel.transpose(-1, -2)) * scale                                 # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)                               # rows with nothing selected: 0
-    out = torch.einsum("bhgk,bhkd->bhgd", p, v_sel)                            # (B, Hkv, G, D)
+    out = p @ v_sel                                                            # (B, Hkv, G, D)
     return out.reshape(B, H, D).to(q.dtype)                                    # (B, H, D)
 
 
