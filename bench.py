@@ -323,6 +323,8 @@ def bench_e2e(args):
 
     dev, model = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16)
     a = model.args
+    if args.compile:
+        model.compile_pointwise()
 
     def step_ms(B, S, policy):
         model.set_hata(policy)  # rehash the cached keys for this policy
@@ -357,7 +359,7 @@ def bench_e2e(args):
                 layer.attention.kv_cache.v.normal_()
             dense = step_ms(B, S, None)
             layer_ms = (sdpa_ms(B, S, True), sdpa_ms(B, S, False))
-            for budget in args.budgets:
+            for budget in dict.fromkeys(HataArgs(budget=b).budget_tokens(S) for b in args.budgets):
                 hata = HataArgs(budget=budget)
                 ms = step_ms(B, S, hata)
                 rows.append((S, B, hata.budget_tokens(S), dense, ms, layer_ms))
@@ -365,7 +367,8 @@ def bench_e2e(args):
                       flush=True)
             model.setup_caches(1, 16)  # free the big caches before the next size
             torch.cuda.empty_cache()
-    print(f"\n{args.preset} decode step (CUDA graph), bf16, random weights, median of {args.steps} steps\n")
+    print(f"\n{args.preset} decode step (CUDA graph{', norms/MLP/RoPE compiled' if args.compile else ''}), bf16, "
+          f"random weights, median of {args.steps} steps\n")
     print("| S | B | K | dense ms | dense tok/s | HATA ms | HATA tok/s | speedup | layer SDPA masked / plain ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for S, B, K, dense, ms, (masked, plain) in rows:
@@ -459,6 +462,7 @@ def main():
     p.add_argument("--budgets", nargs="+", type=float, default=[1 / 64, 2048])
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement (median)")
     p.add_argument("--prefill-len", type=int, default=32768)
+    p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")
     p = sub.add_parser("cpu", help="the default model's decode ms/token on the CPU, dense vs HATA")
     p.add_argument("--seqlens", nargs="+", type=int, default=[16, 1024, 4096, 8192])
     p.add_argument("--budget", type=int, default=512, help="HATA's K in tokens")

@@ -175,9 +175,10 @@ def hash_encode_ref(x, proj):
     Hkv, _, R = proj.shape
     xg = x.float().reshape(B, Hkv, Hx // Hkv * T, D)                          # (B, Hkv, G*T, D): row heads of proj h
     y = (xg @ proj.float()).view(B, Hx, T, R)                                 # (B, Hx, T, R) fp32
-    bits = (y > 0).view(B, Hx, T, R // 32, 32).to(torch.int32)                # (B, Hx, T, W, 32)
-    weight = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=x.device)
-    return (bits * weight).sum(-1, dtype=torch.int32)  # (B, Hx, T, W); bit 31 weighs -2^31: two's complement
+    bits = (y > 0).view(B, Hx, T, R // 8, 8).view(torch.uint8)                 # (B, Hx, T, R/8, 8) 0 or 1
+    weight = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
+    packed = (bits * weight).sum(-1, dtype=torch.uint8)                       # (B, Hx, T, R/8) bytes
+    return packed.view(torch.int32)  # (B, Hx, T, W): little-endian, byte j of a word holds bits 8j..8j+7
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ class Attention(nn.Module):
         self.hash_cache = None
         self.budget = 0  # K in tokens, set with the caches
         self.hash_proj = None  # (Hkv, D, R) fp32, set by Transformer.set_hash_projections
+        self.apply_rope = apply_rope  # Transformer.compile_pointwise swaps in a compiled one
         self.keep_qk = False  # when True, forward keeps its post-RoPE (q, k) in self.qk (the hash trainer reads it)
         self.qk = None
 
@@ -203,7 +204,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
         if self.keep_qk:
             self.qk = (q, k)
         keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each
@@ -217,9 +218,9 @@ class Attention(nn.Module):
         elif mask is None:  # fresh prefill: plain causal attention over the T new positions (flash kernels)
             y = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
                                                enable_gqa=H != Hkv)  # (B, H, T, D)
-        elif T == 1:  # dense decode: the G query heads of a KV head share its keys, so they form one (G, D) block
+        elif T == 1 and not q.is_cuda:  # CPU dense decode: the G query heads of a KV head form one (G, D) block
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values,
-                                               attn_mask=mask).view(B, H, 1, D)  # 1.4x faster on the CPU at 8K
+                                               attn_mask=mask).view(B, H, 1, D)  # 1.4x faster at 8K (3x slower on CUDA)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
@@ -327,6 +328,18 @@ class Transformer(nn.Module):
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S_max, D/2)
         self.rope_cos, self.rope_sin = angles.cos().to(device), angles.sin().to(device)
         self.set_hata(self.hata, rehash=False)
+
+    def compile_pointwise(self):
+        """torch.compile the parts made of small elementwise kernels: the norms, the MLP's SiLU-gate and RoPE.
+        Inductor fuses them, which takes ~1.3 ms off a Llama-3.1-8B decode step on an H200 (7.1 -> 5.8 ms at a
+        16-token context). Attention stays eager: SDPA and the HATA kernels are fused already."""
+        rope = torch.compile(apply_rope)
+        for layer in self.layers:
+            layer.feed_forward.compile()
+            layer.attention_norm.compile()
+            layer.ffn_norm.compile()
+            layer.attention.apply_rope = rope
+        self.norm.compile()
 
     def set_hata(self, hata: HataArgs | None, rehash=True):
         """Set the decode policy: dense (None) or HATA with these settings. With `rehash`, the hash caches are
