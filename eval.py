@@ -85,7 +85,7 @@ def decode(model, tokens, pos0, steps, expect=None):
     With `expect` (B, steps), greedy decoding stops once every sequence has left it (every answer is wrong,
     whatever follows; the steps not run are -1)."""
     B, F = tokens.shape
-    top = torch.full((B, steps), -1, dtype=torch.long)
+    top = torch.full((B, steps), -1, dtype=torch.long, device=tokens.device)
     logp, cur = [], tokens[:, 0]
     for i in range(steps):
         logits = decode_one_token(model, cur, pos0 + i)  # (B, V)
@@ -104,16 +104,17 @@ def decode(model, tokens, pos0, steps, expect=None):
 def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None):
     """tokens (B, T): prefill the first n_prefill densely, once; then for each policy decode `steps` steps
     feeding tokens[:, n_prefill:]. Returns {(name, budget): (argmax (B, steps), logp (B, T - n_prefill - 1))}."""
-    B = tokens.shape[0]
+    B, dev = tokens.shape[0], model.output.weight.device
+    tokens, expect = tokens.to(dev), None if expect is None else expect.to(dev)
     model.setup_caches(B, capacity)
-    prefill(model, tokens[:, :n_prefill], torch.full((B,), n_prefill))
-    pos0 = torch.full((B,), n_prefill)
+    pos0 = torch.full((B,), n_prefill, device=dev)
+    prefill(model, tokens[:, :n_prefill], pos0)
     out = {}
     for name, f, hata in pols + [(None, None, None)]:  # the last switch leaves the model dense
         with contextlib.redirect_stderr(io.StringIO()):  # the random-projection warning, at every switch
             model.set_hata(hata)
         if name is not None:
-            out[(name, f)] = decode(model, tokens[:, n_prefill:], pos0, steps, expect)
+            out[(name, f)] = tuple(t.cpu() for t in decode(model, tokens[:, n_prefill:], pos0, steps, expect))
     return out
 
 
@@ -383,8 +384,7 @@ def plot(results, path):
 # Command line
 
 def parse_frac(text):
-    num, _, den = text.partition("/")
-    return float(num) / float(den) if den else float(num)
+    return float(text.partition("/")[0]) / float(text.partition("/")[2] or 1)
 
 
 def build_parser():
@@ -408,9 +408,9 @@ def build_parser():
     p.add_argument("--ppl-docs", type=int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens at the end of each window")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
-    p.add_argument("--minutes", type=float, default=math.inf,
-                   help="retrieval time limit: no batch starts that is expected to end after it")
+    p.add_argument("--minutes", type=float, default=math.inf, help="retrieval time limit (skips late batches)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "report"))
     p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild tables and plot from results files "
@@ -453,7 +453,7 @@ def run(args):
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or default_checkpoint()
     tok = Tokenizer.from_path(checkpoint)
-    model = from_checkpoint(checkpoint, None)
+    model = from_checkpoint(checkpoint, None, device=args.device)
     for C in args.contexts + [args.ppl_context]:
         if C > model.args.max_seq_len:
             raise ValueError(f"context {C} exceeds the model's {model.args.max_seq_len} tokens")
