@@ -41,6 +41,23 @@ SHAPES = {                            # name: (H, Hkv, D)
 # timing: CUDA graphs, L2 flushed by a read, medians
 
 
+def event_ms(fn):
+    """Milliseconds of one call of fn on the GPU, between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def fill_random_kv(model):
+    """Random K/V in every layer's cache: a decode step costs the same whatever the values (no prefill needed)."""
+    for layer in model.layers:
+        layer.attention.kv_cache.k.normal_()
+        layer.attention.kv_cache.v.normal_()
+
+
 class Timer:
     def __init__(self, reps):
         self.reps = reps
@@ -70,12 +87,7 @@ class Timer:
         ts = []
         for _ in range(self.reps):
             self.flush()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            ts.append(start.elapsed_time(end))
+            ts.append(event_ms(g.replay))
         return statistics.median(ts)
 
 
@@ -227,20 +239,12 @@ def bench_offload(args):
 
     def decode_ms(policy, steps):
         torch.manual_seed(1)  # the same random K/V whichever memory holds them
-        for layer in model.layers:
-            layer.attention.kv_cache.k.normal_()
-            layer.attention.kv_cache.v.normal_()
+        fill_random_kv(model)
         model.set_hata(policy)  # rehash the random keys
         with torch.inference_mode():
             step = GraphedDecode(model, cur, pos)
             logits = step(model, cur, pos).clone()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                step(model, cur, pos)
-            end.record()
-            end.synchronize()
-        ms = start.elapsed_time(end) / steps
+            ms = event_ms(lambda: [step(model, cur, pos) for _ in range(steps)]) / steps
         print(f"  {'dense' if policy.budget >= S - 1 else 'HATA'}, {plan or 'KV on the GPU'}: {ms:.3f} ms/step",
               flush=True)
         return ms, logits
@@ -332,15 +336,7 @@ def bench_e2e(args):
         pos = torch.full((B,), S - 1, device=dev)
         with torch.inference_mode():
             step = GraphedDecode(model, cur, pos)
-            ts = []
-            for _ in range(args.steps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step(model, cur, pos)
-                end.record()
-                end.synchronize()
-                ts.append(start.elapsed_time(end))
-        return statistics.median(ts)
+            return statistics.median([event_ms(lambda: step(model, cur, pos)) for _ in range(args.steps)])
 
     def sdpa_ms(B, S, masked):  # one layer's dense decode attention, the model's masked form or plain
         k = model.layers[0].attention.kv_cache.k
@@ -354,17 +350,13 @@ def bench_e2e(args):
         for B in args.batches:
             model.set_hata(None)
             model.setup_caches(B, S)
-            for layer in model.layers:
-                layer.attention.kv_cache.k.normal_()
-                layer.attention.kv_cache.v.normal_()
+            fill_random_kv(model)
             dense = step_ms(B, S, None)
             layer_ms = (sdpa_ms(B, S, True), sdpa_ms(B, S, False))
-            for budget in dict.fromkeys(HataArgs(budget=b).budget_tokens(S) for b in args.budgets):
-                hata = HataArgs(budget=budget)
-                ms = step_ms(B, S, hata)
-                rows.append((S, B, hata.budget_tokens(S), dense, ms, layer_ms))
-                print(f"  S={fmt_s(S)} B={B} K={hata.budget_tokens(S)}: dense {dense:.2f} ms, HATA {ms:.2f} ms",
-                      flush=True)
+            for K in dict.fromkeys(HataArgs(budget=b).budget_tokens(S) for b in args.budgets):
+                ms = step_ms(B, S, HataArgs(budget=K))
+                rows.append((S, B, K, dense, ms, layer_ms))
+                print(f"  S={fmt_s(S)} B={B} K={K}: dense {dense:.2f} ms, HATA {ms:.2f} ms", flush=True)
             model.setup_caches(1, 16)  # free the big caches before the next size
             torch.cuda.empty_cache()
     print(f"\n{args.preset} decode step (CUDA graph{', norms/MLP/RoPE compiled' if args.compile else ''}), bf16, "
@@ -382,15 +374,8 @@ def bench_e2e(args):
         model.set_hata(None)
         model.setup_caches(1, T)
         model.set_hata(policy)
-        ts = []
         with torch.inference_mode():
-            for _ in range(3):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                prefill(model, tokens, torch.tensor([T], device=dev), chunk=T)
-                end.record()
-                end.synchronize()
-                ts.append(start.elapsed_time(end))
+            ts = [event_ms(lambda: prefill(model, tokens, torch.tensor([T], device=dev), chunk=T)) for _ in range(3)]
         result[name] = min(ts[1:])
     d, h = result["dense"], result["HATA (keys hashed)"]
     print(f"\nprefill {fmt_s(T)} tokens, B=1, one causal pass: dense {d:.1f} ms, with key hashing {h:.1f} ms "
@@ -413,9 +398,7 @@ def bench_cpu(args):
     for S in args.seqlens:
         model.set_hata(None)
         model.setup_caches(1, S)
-        for layer in model.layers:
-            layer.attention.kv_cache.k.normal_()
-            layer.attention.kv_cache.v.normal_()
+        fill_random_kv(model)
         cur, pos = torch.tensor([[1]]), torch.tensor([S - 1])
         times = {"dense": [], "hata": []}
         with torch.inference_mode():

@@ -262,10 +262,7 @@ def run(args):
     if longest >= context:
         raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
-    offload_from_args(model, args, len(prompts), max_seq_len)
-    model.setup_caches(len(prompts), max_seq_len)
-    if args.compile:
-        model.compile_pointwise()
+    setup(model, args, len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len)}",
           file=sys.stderr)
@@ -284,6 +281,14 @@ def run(args):
     report_speed(timing, len(prompts))
 
 
+def setup(model, args, batch, max_seq_len):
+    """The caches (in host memory for the sparse layers with --offload), then --compile."""
+    offload_from_args(model, args, batch, max_seq_len)
+    model.setup_caches(batch, max_seq_len)
+    if args.compile:
+        model.compile_pointwise()
+
+
 def hata_args(args):
     return None if args.dense else HataArgs(rbit=args.rbit, budget=args.budget, n_dense=args.n_dense,
                                             n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm,
@@ -297,10 +302,7 @@ def run_random(args, device, dtype):
     max_seq_len = args.max_seq_len or args.prompt_len + args.max_new_tokens
     if args.prompt_len >= max_seq_len:
         raise ValueError(f"--prompt-len {args.prompt_len} does not fit --max-seq-len {max_seq_len}")
-    offload_from_args(model, args, len(args.prompt or [None]), max_seq_len)
-    model.setup_caches(len(args.prompt or [None]), max_seq_len)
-    if args.compile:
-        model.compile_pointwise()
+    setup(model, args, len(args.prompt or [None]), max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
           f"measurement only, the output is noise; {describe_policy(hata, max_seq_len)}", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)

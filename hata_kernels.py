@@ -417,17 +417,12 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
     key = order * S + (2**31 * S + S - 1 - pos)                                # (B, Hkv, S) int64
     key = torch.where(forced, -2**62 + (S - 1 - pos), key).masked_fill(~valid, 2**62)
     n = min(budget, S)
-    if key.device.type == "cpu":
-        sel = torch.from_numpy(np.argpartition(key.numpy(), n - 1, axis=-1)[..., :n])  # (B, Hkv, n) any order
+    if key.device.type == "cpu":                                               # the n smallest, ascending
+        sel = torch.from_numpy(np.sort(np.argpartition(key.numpy(), n - 1, axis=-1)[..., :n], axis=-1))
     else:
-        sel = torch.topk(key, n, dim=-1, largest=False, sorted=False).indices
-    sel = torch.where(sel < length, sel, S)                                    # S marks an unused slot
-    if sel.device.type == "cpu":
-        sel = torch.from_numpy(np.sort(sel.numpy(), axis=-1))                  # ascending, unused last
-    else:
-        sel = torch.sort(sel, dim=-1).values
-    sel = torch.nn.functional.pad(sel, (0, budget - sel.shape[-1]), value=S)   # (B, Hkv, K)
-    return torch.where(sel == S, -1, sel).to(torch.int32)                      # (B, Hkv, K) int32
+        sel = torch.topk(key, n, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
+    sel = torch.nn.functional.pad(sel, (0, budget - n), value=S)               # (B, Hkv, K)
+    return torch.where(sel < length, sel, -1).to(torch.int32)  # past the length (only when K > length): unused
 
 
 # ----------------------------------------------------------------------------------------------------------
