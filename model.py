@@ -182,9 +182,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id, hata: HataArgs | None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)  # wq|wk|wv:
+        # one matmul for q, k and v (see fused_weights)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.hata = hata if hata is not None and layer_id >= hata.n_dense else None  # None: a dense layer
         self.kv_cache = None
@@ -201,9 +200,10 @@ class Attention(nn.Module):
         S_max) additive float mask (0 or -inf), or None for a fresh causal prefill from position 0."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
         if self.keep_qk:
             self.qk = (q, k)
@@ -275,12 +275,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
+        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)  # gate w1 | up w3
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -606,6 +606,19 @@ def read_meta(path):
     return args, raw
 
 
+def fused_weights(args):
+    """The model stores wq|wk|wv and w1|w3 of each layer stacked in one matrix (one matmul instead of three and
+    two: a decode step is a chain of matrix-vector products, and fewer, larger ones run closer to the memory
+    bandwidth). Returns {fused name: [(checkpoint name, rows)]} in stacking order."""
+    H, Hkv, D = args.n_heads, args.n_kv_heads, args.head_dim
+    out = {}
+    for i in range(args.n_layers):
+        a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
+        out[a + "wqkv.weight"] = [(a + "wq.weight", H * D), (a + "wk.weight", Hkv * D), (a + "wv.weight", Hkv * D)]
+        out[f + "w13.weight"] = [(f + "w1.weight", args.ffn_dim), (f + "w3.weight", args.ffn_dim)]
+    return out
+
+
 def from_checkpoint(path, hata: HataArgs | None = None, device="cpu", dtype=torch.float32):
     args, sd, rope_factors = load_checkpoint(path)
     return from_state_dict(args, sd, hata, device, dtype, rope_factors, where=path)
@@ -613,21 +626,29 @@ def from_checkpoint(path, hata: HataArgs | None = None, device="cpu", dtype=torc
 
 def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope_factors=None, where="checkpoint"):
     """Build the model on the meta device and load `sd` (our names) into it: no double allocation, and tensors
-    already of the right device and dtype are used as they are (models built from one `sd` share them)."""
+    already of the right device and dtype are used as they are (models built from one `sd` share them), except
+    the stacked wqkv and w13 (see fused_weights)."""
     sd = dict(sd)
     with torch.device("meta"):
         model = Transformer(args, hata)
-    expected = model.state_dict()
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    fused = fused_weights(args)
+    for name, parts in fused.items():  # checked as the checkpoint's separate tensors
+        del expected[name]
+        expected.update({part: (rows, args.dim) for part, rows in parts})
     if args.tie_embeddings:
         sd["output.weight"] = sd.get("tok_embeddings.weight")
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise ValueError(f"{where}: {len(missing)} tensors missing, e.g. {missing[:4]}")
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where}: {len(missing)} tensors missing, e.g. {missing[:4]}; {len(unexpected)} "
+                         f"unexpected, e.g. {unexpected[:4]}")
     for name, w in sd.items():
-        if tuple(w.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{where}: {name} has shape {tuple(w.shape)}, the model expects "
-                             f"{tuple(expected[name].shape)}")
-    model.load_state_dict({name: w.to(device=device, dtype=dtype) for name, w in sd.items()}, assign=True)
+        if tuple(w.shape) != expected[name]:
+            raise ValueError(f"{where}: {name} has shape {tuple(w.shape)}, the model expects {expected[name]}")
+    sd = {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
+    for name, parts in fused.items():
+        sd[name] = torch.cat([sd.pop(part) for part, _ in parts])
+    model.load_state_dict(sd, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.rope_factors = rope_factors

@@ -109,9 +109,8 @@ def tiny_model():
     args = PRESETS["tiny"]
     model = Transformer(args).eval()
     with torch.no_grad():  # sharper attention than the default init, so top-k selection matters
-        for layer in model.layers:
-            layer.attention.wq.weight.mul_(4)
-            layer.attention.wk.weight.mul_(4)
+        for layer in model.layers:  # the q and k rows of the stacked wq|wk|wv
+            layer.attention.wqkv.weight[:(args.n_heads + args.n_kv_heads) * args.head_dim].mul_(4)
     return model
 
 
