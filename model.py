@@ -182,8 +182,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id, hata: HataArgs | None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)  # wq|wk|wv:
-        # one matmul for q, k and v (see fused_weights)
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)  # wq|wk|wv
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.hata = hata if hata is not None and layer_id >= hata.n_dense else None  # None: a dense layer
         self.kv_cache = None
