@@ -85,19 +85,6 @@ def test_one_step_lowers_the_loss(tiny_batch):
     assert after.item() < before.item()
 
 
-def test_merge_samples_pads_shorter_windows_with_no_triples(tiny_batch):
-    P, q, k, labels = tiny_batch  # (Hkv, D, R), (b, nq, H, D), (b, Hkv, S, D), (b, nq, H, S)
-    S = k.shape[2]
-    short = {2: {"q": q, "k": k[:, :, :S - 3], "labels": labels[..., :S - 3]}}
-    full = {2: {"q": q, "k": k, "labels": labels}}
-    merged = th.merge_samples([short, full])[2]
-    assert merged["k"].shape == (2 * k.shape[0],) + k.shape[1:]
-    assert torch.equal(merged["labels"][:q.shape[0], ..., S - 3:], torch.zeros_like(labels[..., S - 3:]))
-    assert torch.equal(merged["labels"][q.shape[0]:], labels) and torch.equal(merged["k"][q.shape[0]:], k)
-    loss, _ = th.hash_loss(P, merged["q"], merged["k"], merged["labels"])
-    assert torch.isfinite(loss)
-
-
 def test_random_projections_are_the_models_draw():
     args = PRESETS["tiny"]
     model = Transformer(args, HataArgs(rbit=64, n_dense=1))
