@@ -147,12 +147,13 @@ def hash_encode(x, proj, use_triton=None):
     _check(R % 32 == 0 and R > 0, f"hash_encode: R = {R} hash bits must be a positive multiple of 32")
     _check(Hx % Hkv == 0, f"hash_encode: x heads {Hx} must be a multiple of proj heads {Hkv}")
     _check(x.device == proj.device, f"hash_encode: x on {x.device} but proj on {proj.device}")
-    if use_triton is None:
-        use_triton = x.is_cuda
+    W = R // 32
+    if use_triton is None:  # prefill rows need W a power of two for the tensor-core path; else cuBLAS + packing
+        use_triton = x.is_cuda and (T * Hx // Hkv <= 64 or (W & (W - 1)) == 0)
     if not use_triton:
         return hash_encode_ref(x, proj)
     _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode: Triton path needs D a power of two >= 16, got {D}")
-    codes = torch.empty(B, Hx, T, R // 32, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
+    codes = torch.empty(B, Hx, T, W, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
     _hash_encode_into(x, proj, codes)
     return codes
 
