@@ -148,14 +148,20 @@ def hash_encode(x, proj, use_triton=None):
     _check(Hx % Hkv == 0, f"hash_encode: x heads {Hx} must be a multiple of proj heads {Hkv}")
     _check(x.device == proj.device, f"hash_encode: x on {x.device} but proj on {proj.device}")
     W = R // 32
-    if use_triton is None:  # prefill rows need W a power of two for the tensor-core path; else cuBLAS + packing
-        use_triton = x.is_cuda and (T * Hx // Hkv <= 64 or (W & (W - 1)) == 0)
+    rows = T * Hx // Hkv
+    if use_triton is None:  # prefill rows without the tensor-core path (W not a power of two): cuBLAS + packing
+        use_triton = x.is_cuda and (rows <= 64 or _tensor_core_rows(rows, W))
     if not use_triton:
         return hash_encode_ref(x, proj)
     _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode: Triton path needs D a power of two >= 16, got {D}")
     codes = torch.empty(B, Hx, T, W, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
     _hash_encode_into(x, proj, codes)
     return codes
+
+
+def _tensor_core_rows(rows, W):
+    """Whether hash_encode's kernel takes the prefill configuration for `rows` rows of W words each."""
+    return rows > 64 and (W & (W - 1)) == 0
 
 
 def _hash_encode_into(x, proj, codes):
@@ -168,10 +174,10 @@ def _hash_encode_into(x, proj, codes):
     Hkv, _, R = proj.shape
     assert codes.stride(3) == 1
     G, W = Hx // Hkv, R // 32
-    if G * T <= 64 or W & (W - 1):
-        BLOCK_R, NW, precision = (16 if G * T <= 16 else 64), 1, "ieee"        # tl.dot needs >= 16 rows
-    else:
+    if _tensor_core_rows(G * T, W):
         BLOCK_R, NW, precision = 128, min(W, 2), "tf32x3"                   # fastest on the H200 (0.24 ms, 32K x 8)
+    else:
+        BLOCK_R, NW, precision = (16 if G * T <= 16 else 64), 1, "ieee"        # tl.dot needs >= 16 rows
     grid = (triton.cdiv(G * T, BLOCK_R), B * Hkv, W // NW)
     _hash_encode_kernel[grid](
         x, proj, codes, Hkv, T, *x.stride(), *proj.stride(), *codes.stride()[:3],
