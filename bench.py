@@ -147,8 +147,8 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
     q_codes = torch.empty(B, H, 1, W, device=dev, dtype=torch.int32)          # (B, H, 1, W)
     idx, topk_launches = hk._hamming_topk_launches(q_codes[:, :, 0], codes, lengths, budget, 0, 0)
     out, attn_launches = hk._sparse_attention_launches(q, k_cache, v_cache, idx, scale)
-    stages = [("hash.k", lambda: hk._hash_encode_into(k_new[:, :, None], proj, codes[:, :, S - 1:S])),
-              ("hash.q", lambda: hk._hash_encode_into(q[:, :, None], proj, q_codes))]
+    pos = lengths - 1                                                         # (B,) the new key's slot
+    stages = [("hash", lambda: hk._hash_encode_into(q[:, :, None], proj, q_codes, key=(k_new, pos, codes)))]
     stages += topk_launches + attn_launches
 
     def hata_step():

@@ -12,6 +12,7 @@ Each op is a triple, side by side:
 Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref.
 
     hash_encode(x, proj)                        -> codes (B, Hx, T, W) int32
+    hash_encode_step(q, k, proj, code_cache, pos) -> q codes (B, H, W); the new keys' codes into the cache
     hamming_score(q_codes, k_codes, lengths)    -> score (B, Hkv, S) int32
     select_topk(score, lengths, budget, ...)    -> idx   (B, Hkv, budget) int32, -1 = unused slot
     hamming_topk(q_codes, k_codes, lengths, budget, ...)  fused score + select (what the model uses)
@@ -103,16 +104,22 @@ def _popcount(x, HW_POPC: tl.constexpr):
 @triton.jit
 def _hash_encode_kernel(
     x_ptr, p_ptr, c_ptr,                    # x (B, Hx, T, D), proj (Hkv, D, R) fp32, codes (B, Hx, T, W) int32
+    k_ptr, pos_ptr, kc_ptr,                 # KEY only: new keys (B, Hkv, D), pos (B,), code cache (B, Hkv, S_max, W)
     Hkv, T,
     sxb, sxh, sxt, sxd,
     spg, spd, spr,
     scb, sch, sct,
+    skb, skh, skd,
+    skcb, skch, skcs,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, NW: tl.constexpr, PRECISION: tl.constexpr,
+    KEY: tl.constexpr,
 ):
     """Program (row block, b * Hkv + h, word block) writes NW words of BLOCK_R rows r = (g, t) of the G heads
     that use proj[h]: each projection slice is loaded once per KV head. Decode (T = 1) takes NW = 1 and spreads
     over B * Hkv * W programs; prefill takes NW = 2 (the (D, 64) proj slice and a 128-row block fit in registers:
-    3x faster than the fp32 matmul of the ref for 32K keys of 8 heads, R = 128)."""
+    3x faster than the fp32 matmul of the ref for 32K keys of 8 heads, R = 128).
+    KEY (decode, T = 1): one more row, r = G, is the KV head's new key; its code goes to the cache at pos[b], so
+    a decode step hashes its queries and its key in one launch."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     wb = tl.program_id(2)
@@ -123,30 +130,29 @@ def _hash_encode_kernel(
     t = r % T                                                                  # (BLOCK_R,) token
     d = tl.arange(0, D)                                                        # (D,)
     i = tl.arange(0, 32 * NW)                                                  # (32 NW,) bit of the word block
-    x = tl.load(x_ptr + b * sxb + j[:, None] * sxh + t[:, None] * sxt + d[None, :] * sxd,
-                mask=r[:, None] < G * T, other=0.0).to(tl.float32)             # (BLOCK_R, D) fp32
+    x_ptrs = x_ptr + b * sxb + j[:, None] * sxh + t[:, None] * sxt + d[None, :] * sxd  # (BLOCK_R, D)
+    if KEY:
+        is_key = (r == G)[:, None]                                             # (BLOCK_R, 1)
+        x_ptrs = tl.where(is_key, k_ptr + b * skb + h * skh + d[None, :] * skd, x_ptrs)
+    x = tl.load(x_ptrs, mask=r[:, None] < G * T + KEY, other=0.0).to(tl.float32)  # (BLOCK_R, D) fp32
     p = tl.load(p_ptr + h * spg + d[:, None] * spd + (32 * NW * wb + i[None, :]) * spr)  # (D, 32 NW) fp32
     y = tl.dot(x, p, input_precision=PRECISION)                                # (BLOCK_R, 32 NW) fp32
     bits = (y > 0).to(tl.int32) << (i % 32)[None, :]                           # (BLOCK_R, 32 NW) int32
     words = tl.sum(tl.reshape(bits, (BLOCK_R, NW, 32)), axis=2)                # (BLOCK_R, NW) distinct bits: sum == OR
     w = NW * wb + tl.arange(0, NW)                                             # (NW,)
-    tl.store(c_ptr + b * scb + j[:, None] * sch + t[:, None] * sct + w[None, :], words,
-             mask=r[:, None] < G * T)
+    c_ptrs = c_ptr + b * scb + j[:, None] * sch + t[:, None] * sct + w[None, :]  # (BLOCK_R, NW)
+    if KEY:
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        c_ptrs = tl.where(is_key, kc_ptr + b * skcb + h * skch + pos * skcs + w[None, :], c_ptrs)
+    tl.store(c_ptrs, words, mask=r[:, None] < G * T + KEY)
 
 
 def hash_encode(x, proj, use_triton=None):
     """x (B, Hx, T, D) float, proj (Hkv, D, R) float -> codes (B, Hx, T, W) int32; row-head j uses
     proj[j // (Hx // Hkv)], so keys pass Hx = Hkv and queries Hx = H. The projection runs in fp32."""
-    _check(x.dim() == 4, f"hash_encode: x must be (B, Hx, T, D), got shape {tuple(x.shape)}")
-    _check(proj.dim() == 3, f"hash_encode: proj must be (Hkv, D, R), got shape {tuple(proj.shape)}")
-    _check(x.dtype in _FLOATS, f"hash_encode: x must be fp32/bf16/fp16, got {x.dtype}")
-    _check(proj.dtype == torch.float32, f"hash_encode: proj must be float32, got {proj.dtype}")
+    _check_hash(x, proj, "hash_encode")
     B, Hx, T, D = x.shape
-    Hkv, Dp, R = proj.shape
-    _check(Dp == D, f"hash_encode: proj head dim {Dp} != x head dim {D}")
-    _check(R % 32 == 0 and R > 0, f"hash_encode: R = {R} hash bits must be a positive multiple of 32")
-    _check(Hx % Hkv == 0, f"hash_encode: x heads {Hx} must be a multiple of proj heads {Hkv}")
-    _check(x.device == proj.device, f"hash_encode: x on {x.device} but proj on {proj.device}")
+    Hkv, _, R = proj.shape
     W = R // 32
     rows = T * Hx // Hkv
     if use_triton is None:  # prefill rows without the tensor-core path (W not a power of two): cuBLAS + packing
@@ -159,14 +165,28 @@ def hash_encode(x, proj, use_triton=None):
     return codes
 
 
+def _check_hash(x, proj, op):
+    _check(x.dim() == 4, f"{op}: x must be (B, Hx, T, D), got shape {tuple(x.shape)}")
+    _check(proj.dim() == 3, f"{op}: proj must be (Hkv, D, R), got shape {tuple(proj.shape)}")
+    _check(x.dtype in _FLOATS, f"{op}: x must be fp32/bf16/fp16, got {x.dtype}")
+    _check(proj.dtype == torch.float32, f"{op}: proj must be float32, got {proj.dtype}")
+    D, (Hkv, Dp, R) = x.shape[3], proj.shape
+    _check(Dp == D, f"{op}: proj head dim {Dp} != x head dim {D}")
+    _check(R % 32 == 0 and R > 0, f"{op}: R = {R} hash bits must be a positive multiple of 32")
+    _check(x.shape[1] % Hkv == 0, f"{op}: x heads {x.shape[1]} must be a multiple of proj heads {Hkv}")
+    _check(x.device == proj.device, f"{op}: x on {x.device} but proj on {proj.device}")
+
+
 def _tensor_core_rows(rows, W):
     """Whether hash_encode's kernel takes the prefill configuration for `rows` rows of W words each."""
     return rows > 64 and (W & (W - 1)) == 0
 
 
-def _hash_encode_into(x, proj, codes):
+def _hash_encode_into(x, proj, codes, key=None):
     """Launch the kernel writing into codes (B, Hx, T, W) int32, which may be a view such as
     code_cache[:, :, pos:pos + 1] (its last stride must be 1). No checks: callers have done them.
+    key = (k (B, Hkv, D), pos (B,), code_cache (B, Hkv, S_max, W)): decode only (T = 1), the new keys' codes go
+    to code_cache[b, :, pos[b]] in the same launch.
     Decode rows (G * T <= 64): one 32-bit word per program, fp32 FMA dot. Prefill rows: two words per program
     (W a power of two) on the tensor cores in tf32x3, which keeps fp32 accuracy (~1e-6 relative; a bit can differ
     from the ref only where x.P is that close to zero)."""
@@ -174,15 +194,38 @@ def _hash_encode_into(x, proj, codes):
     Hkv, _, R = proj.shape
     assert codes.stride(3) == 1
     G, W = Hx // Hkv, R // 32
-    if _tensor_core_rows(G * T, W):
+    rows = G * T + (key is not None)
+    if _tensor_core_rows(rows, W):
         BLOCK_R, NW, precision = 128, min(W, 2), "tf32x3"                   # fastest on the H200 (0.24 ms, 32K x 8)
     else:
-        BLOCK_R, NW, precision = (16 if G * T <= 16 else 64), 1, "ieee"        # tl.dot needs >= 16 rows
-    grid = (triton.cdiv(G * T, BLOCK_R), B * Hkv, W // NW)
-    _hash_encode_kernel[grid](
-        x, proj, codes, Hkv, T, *x.stride(), *proj.stride(), *codes.stride()[:3],
-        G=G, D=D, BLOCK_R=BLOCK_R, NW=NW, PRECISION=precision,
+        BLOCK_R, NW, precision = (16 if rows <= 16 else 64), 1, "ieee"         # tl.dot needs >= 16 rows
+    k, pos, kc = key if key is not None else (x[:, :, 0], codes, codes)       # unused without a key
+    _hash_encode_kernel[(triton.cdiv(rows, BLOCK_R), B * Hkv, W // NW)](
+        x, proj, codes, k, pos, kc, Hkv, T, *x.stride(), *proj.stride(), *codes.stride()[:3], *k.stride(),
+        *kc.stride()[:3], G=G, D=D, BLOCK_R=BLOCK_R, NW=NW, PRECISION=precision, KEY=key is not None,
     )
+
+
+def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
+    """A decode step's hashing: q (B, H, D) queries, k (B, Hkv, D) new keys, proj (Hkv, D, R) fp32, code_cache
+    (B, Hkv, S_max, W) int32, pos (B,) -> q codes (B, H, W) int32, and code_cache[b, :, pos[b]] = the keys'
+    codes. One launch on CUDA (the model's decode). pos must lie in [0, S_max) (not checked: a host sync)."""
+    _check(q.dim() == 3, f"hash_encode_step: q must be (B, H, D), got shape {tuple(q.shape)}")
+    _check_hash(q[:, :, None], proj, "hash_encode_step")
+    (B, H, D), (Hkv, _, R) = q.shape, proj.shape
+    _check(k.shape == (B, Hkv, D) and k.dtype == q.dtype, f"hash_encode_step: k must be (B, Hkv, D) = ({B}, {Hkv}, "
+           f"{D}) {q.dtype} like q, got {k.dtype} {tuple(k.shape)}")
+    _check(code_cache.dim() == 4 and code_cache.dtype == torch.int32 and code_cache.shape[:2] == (B, Hkv)
+           and code_cache.shape[3] * 32 == R, f"hash_encode_step: code_cache must be (B, Hkv, S_max, W) = ({B}, "
+           f"{Hkv}, S_max, {R // 32}) int32, got {code_cache.dtype} {tuple(code_cache.shape)}")
+    _check(pos.shape == (B,) and not pos.is_floating_point(), f"hash_encode_step: pos must be (B,) = ({B},) "
+           f"integers, got {pos.dtype} {tuple(pos.shape)}")
+    if not _use_triton(use_triton, q, k, proj, code_cache, pos):
+        return hash_encode_step_ref(q, k, proj, code_cache, pos)
+    _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode_step: Triton path needs D a power of two >= 16, got {D}")
+    codes = torch.empty(B, H, 1, R // 32, dtype=torch.int32, device=q.device)  # (B, H, 1, W) int32
+    _hash_encode_into(q[:, :, None], proj, codes, key=(k, pos, code_cache))
+    return codes[:, :, 0]                                                      # (B, H, W)
 
 
 def hash_encode_ref(x, proj):
@@ -195,6 +238,13 @@ def hash_encode_ref(x, proj):
     weight = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
     packed = (bits * weight).sum(-1, dtype=torch.uint8)                       # (B, Hx, T, R/8) bytes
     return packed.view(torch.int32)  # (B, Hx, T, W): little-endian, byte j of a word holds bits 8j..8j+7
+
+
+def hash_encode_step_ref(q, k, proj, code_cache, pos):
+    """Definition: hash_encode_ref of the queries, and of the keys into the cache at pos."""
+    b = torch.arange(k.shape[0], device=k.device)                              # (B,)
+    code_cache[b, :, pos.long()] = hash_encode_ref(k[:, :, None], proj)[:, :, 0]  # (B, Hkv, W) into the cache
+    return hash_encode_ref(q[:, :, None], proj)[:, :, 0]                       # (B, H, W) int32
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hata_kernels import hamming_score, hamming_topk, hash_encode, select_topk, sparse_decode_attention
+from hata_kernels import (hamming_score, hamming_topk, hash_encode, hash_encode_step, select_topk,
+                          sparse_decode_attention)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -170,9 +171,11 @@ class HashCache(nn.Module):
         self.register_buffer("norms", norms, persistent=False)
 
     def update(self, pos, codes, norms=None):
-        """pos (B, T); codes (B, Hkv, T, W) int32; norms (B, Hkv, T) fp32 or None."""
+        """pos (B, T); codes (B, Hkv, T, W) int32, or None when a kernel has written them; norms (B, Hkv, T)
+        fp32 or None."""
         b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
-        self.codes[b, :, pos] = codes.transpose(1, 2)
+        if codes is not None:
+            self.codes[b, :, pos] = codes.transpose(1, 2)
         if self.norms is not None:
             self.norms[b, :, pos] = norms.transpose(1, 2)
         return self.codes, self.norms
@@ -209,11 +212,17 @@ class Attention(nn.Module):
         keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each
         if self.hata is not None:
             norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
-            self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
+            if T == 1:  # decode: the new key's code goes into the cache in the launch that hashes the queries
+                q_codes = hash_encode_step(q[:, :, 0], k[:, :, 0], self.hash_proj, self.hash_cache.codes,
+                                           pos[:, 0])  # (B, H, W) int32
+                if norms is not None:
+                    self.hash_cache.update(pos, None, norms)
+            else:
+                self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
         if self.hata is not None and T == 1 and self.budget < keys.shape[2]:  # K >= S_max: always dense
             lengths = pos[:, 0] + 1  # (B,) valid cache positions after this step
-            y = self.sparse_decode(q[:, :, 0], keys, values, lengths)[:, :, None]  # (B, H, 1, D)
+            y = self.sparse_decode(q[:, :, 0], q_codes, keys, values, lengths)[:, :, None]  # (B, H, 1, D)
         elif mask is None:  # fresh prefill: plain causal attention over the T new positions (flash kernels)
             y = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
                                                enable_gqa=H != Hkv)  # (B, H, T, D)
@@ -224,15 +233,15 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def sparse_decode(self, q, keys, values, lengths):
-        """HATA decode: q (B, H, D); keys, values (B, Hkv, S_max, D); lengths (B,). Returns (B, H, D)."""
+    def sparse_decode(self, q, q_codes, keys, values, lengths):
+        """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S_max, D); lengths (B,).
+        Returns (B, H, D)."""
         hata, K = self.hata, self.budget
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
             idx = select_topk(-self.group_probs(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
         elif hata.selector == "quest":
             idx = select_topk(-self.quest_bounds(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
         else:
-            q_codes = hash_encode(q[:, :, None], self.hash_proj)[:, :, 0]  # (B, H, W) int32
             codes, norms = self.hash_cache.codes, self.hash_cache.norms  # (B, Hkv, S_max, W), (B, Hkv, S_max)
             if hata.use_norm:
                 G, R = self.n_heads // self.n_kv_heads, hata.rbit

@@ -236,6 +236,14 @@ def test_bad_input():
         hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8, 48))                      # R % 32 != 0
     with pytest.raises(ValueError):
         hk.hash_encode(torch.zeros(1, 3, 1, 8), torch.zeros(2, 8, 32))                      # Hx % Hkv != 0
+    cache, pos = torch.zeros(1, 2, 4, 1, dtype=torch.int32), torch.tensor([0])
+    with pytest.raises(ValueError):
+        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.zeros(2, 8, 64), cache, pos)  # W
+    with pytest.raises(ValueError):
+        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 3, 8), torch.zeros(2, 8, 32), cache, pos)  # Hkv
+    with pytest.raises(ValueError):
+        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.zeros(2, 8, 32), cache,
+                            torch.tensor([0.0]))                                                         # pos dtype
     with pytest.raises(ValueError):
         hk.hamming_score(q.long(), c, L)                                                    # wrong dtype
     with pytest.raises(ValueError):
@@ -283,6 +291,32 @@ def test_hash_encode_triton(G, R, D, T):
         assert_codes_match(hk.hash_encode(x, proj, use_triton=True), x, proj)
     x = torch.randn(2, Hkv, T, 2 * D, generator=gen).to(DEV)[..., ::2]                # non-contiguous view
     assert_codes_match(hk.hash_encode(x, proj, use_triton=True), x, proj)
+
+
+@pytest.mark.parametrize("G,R,D", [(1, 32, 16), (3, 96, 32), (4, 64, 16), (17, 64, 16)])
+def test_hash_encode_step(G, R, D):
+    """Decode hashing: the queries' codes returned, each new key's code in the cache at its own position and
+    nothing else in the cache touched; the ref against the brute-force codes, the kernel against the ref."""
+    gen = torch.Generator().manual_seed(G + R + D)
+    B, Hkv, S_max = 3, 2, 7
+    proj = torch.randn(Hkv, D, R, generator=gen)
+    q = torch.randn(B, Hkv * G, 2 * D, generator=gen).half()[..., ::2]               # non-contiguous view
+    k = torch.randn(B, Hkv, D, generator=gen).half()
+    pos = torch.tensor([6, 0, 3])
+    cache = random_codes(B, Hkv, S_max, R // 32, gen=gen)
+    want = cache.clone()
+    want[torch.arange(B), :, pos] = brute_hash_encode(k[:, :, None], proj)[:, :, 0]
+    ref_cache = cache.clone()
+    q_codes = hk.hash_encode_step_ref(q, k, proj, ref_cache, pos)
+    assert torch.equal(q_codes, brute_hash_encode(q[:, :, None], proj)[:, :, 0])
+    assert torch.equal(ref_cache, want)
+    tri_cache = cache.to(DEV)
+    tri = hk.hash_encode_step(q.to(DEV), k.to(DEV), proj.to(DEV), tri_cache, pos.to(DEV), use_triton=True)
+    assert_codes_match(tri[:, :, None], q.to(DEV)[:, :, None], proj.to(DEV))
+    keys = tri_cache[torch.arange(B), :, pos.to(DEV)]                                  # (B, Hkv, W)
+    assert_codes_match(keys[:, :, None], k.to(DEV)[:, :, None], proj.to(DEV))
+    tri_cache[torch.arange(B), :, pos.to(DEV)] = want[torch.arange(B), :, pos].to(DEV)
+    assert torch.equal(tri_cache.cpu(), want)                                          # no other slot written
 
 
 def assert_codes_match(codes, x, proj):
@@ -346,10 +380,12 @@ def test_hamming_topk_triton_window_fallback(window):
     gen = torch.Generator().manual_seed(window)
     B, Hkv, G, W, S = 2, 2, 3, 4, 200
     q = random_codes(B, Hkv * G, W, gen=gen).to(DEV)
-    k = random_codes(B, Hkv, S, W, gen=gen).to(DEV)
-    lengths = torch.tensor([S, 77], device=DEV)
+    k = random_codes(B, Hkv, S, W, gen=gen)
+    k[0, 1, 40:] = k[0, 1, 0]                                                  # ties at t across many blocks
+    k, lengths = k.to(DEV), torch.tensor([S, 77], device=DEV)
     for budget, n_sink, n_recent in ((60, 2, 5), (3, 0, 0)):
-        idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, window=window)
+        idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, window=window,
+                                                  block_s=16)
         for _, launch in launches:
             launch()
         assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
@@ -390,6 +426,14 @@ def test_cuda_hash_encode(R, D, dtype):
     for Hx, T in ((Hkv, 1000), (Hkv * G, 1)):
         x = torch.randn(3, Hx, T, D, device="cuda", generator=gen).to(dtype)
         assert_codes_match(hk.hash_encode(x, proj), x, proj)
+    q = torch.randn(3, Hkv * G, D, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(3, Hkv, D, device="cuda", generator=gen).to(dtype)
+    cache, pos, b = torch.zeros(3, Hkv, 4096, R // 32, dtype=torch.int32, device="cuda"), torch.tensor(
+        [4095, 0, 17], device="cuda"), torch.arange(3, device="cuda")
+    assert_codes_match(hk.hash_encode_step(q, k, proj, cache, pos)[:, :, None], q[:, :, None], proj)
+    assert_codes_match(cache[b, :, pos][:, :, None], k[:, :, None], proj)
+    cache[b, :, pos] = 0
+    assert not cache.any()                                                              # nothing else written
 
 
 @needs_cuda
