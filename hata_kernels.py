@@ -521,7 +521,8 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 #   B  _topk_threshold_kernel  per row: the windows, shifted to the row's smallest key gmin, add up to exact
 #                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
 #                              key) almost always lies there (it sits ~3 standard deviations of the score
-#                              above the minimum); if not, B recounts from the stored keys (slow, exact).
+#                              above the minimum); if not, B counts the stored keys (a histogram of every
+#                              key value: one more pass over the row, exact).
 #                              Then per block: keys < t, ties at t to take (newest first), output offset.
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
@@ -575,7 +576,7 @@ def _topk_threshold_kernel(
     len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, m_b, hist,
     Hkv, S, NBLK, budget,                                    # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget)
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLK_CHUNK: tl.constexpr, FILL: tl.constexpr,
+    BLK_CHUNK: tl.constexpr, NBINS: tl.constexpr, FILL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
@@ -619,29 +620,17 @@ def _topk_threshold_kernel(
             off += tl.sum(cnt)
             eq_seen += tl.sum(eq)
     else:
-        # slow exact path: the threshold lies beyond some block's window; bisect on the stored keys
+        # slow exact path: the threshold lies beyond some block's window; one pass over the row's stored keys
+        # counts every key value, then a pass per block
         row = key_ptr + pid_bh * S
-        lo = tl.full([], -1, tl.int32)                                         # count(key <= lo) < k_eff
-        hi = tl.full([], KMAX, tl.int32)                                       # count(key <= hi) >= k_eff
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            cnt = tl.zeros([], dtype=tl.int32)
-            for c in range(0, length, BLOCK_S):
-                s = c + tl.arange(0, BLOCK_S)
-                key = tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32)
-                cnt += tl.sum((key <= mid).to(tl.int32))
-            if cnt < k_eff:
-                lo = mid
-            else:
-                hi = mid
-        t = hi
-        n_less = tl.zeros([], dtype=tl.int32)
-        n_eq = tl.zeros([], dtype=tl.int32)
+        v = tl.arange(0, NBINS)                                                # (NBINS,) key values
+        n_all = tl.zeros([NBINS], dtype=tl.int32)
         for c in range(0, length, BLOCK_S):
             s = c + tl.arange(0, BLOCK_S)
-            key = tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32)
-            n_less += tl.sum((key < t).to(tl.int32))
-            n_eq += tl.sum((key == t).to(tl.int32))
+            n_all += tl.histogram(tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32), NBINS)
+        t = tl.sum((tl.cumsum(n_all, axis=0) < k_eff).to(tl.int32))           # the K_eff-th smallest key
+        n_less = tl.sum(tl.where(v < t, n_all, 0))
+        n_eq = tl.sum(tl.where(v == t, n_all, 0))
         need = k_eff - n_less
         off = tl.zeros([], dtype=tl.int32)
         eq_seen = tl.zeros([], dtype=tl.int32)
@@ -728,7 +717,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     def threshold():
         _topk_threshold_kernel[(B * Hkv,)](
             lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
-            BLK_CHUNK=max(2, min(64, _next_pow2(nblk))),
+            BLK_CHUNK=max(2, min(64, _next_pow2(nblk))), NBINS=_next_pow2(kmax + 2),
             FILL=max(16, min(1024, _next_pow2(budget))),
         )
 
