@@ -224,7 +224,7 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
         return hash_encode_step_ref(q, k, proj, code_cache, pos)
     _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode_step: Triton path needs D a power of two >= 16, got {D}")
     codes = torch.empty(B, H, 1, R // 32, dtype=torch.int32, device=q.device)  # (B, H, 1, W) int32
-    _hash_encode_into(q[:, :, None], proj, codes, key=(k, pos, code_cache))
+    _hash_encode_into(q[:, :, None], proj, codes, key=(k, pos.contiguous(), code_cache))
     return codes[:, :, 0]                                                      # (B, H, W)
 
 

@@ -302,7 +302,7 @@ def test_hash_encode_step(G, R, D):
     proj = torch.randn(Hkv, D, R, generator=gen)
     q = torch.randn(B, Hkv * G, 2 * D, generator=gen).half()[..., ::2]               # non-contiguous view
     k = torch.randn(B, Hkv, D, generator=gen).half()
-    pos = torch.tensor([6, 0, 3])
+    pos = torch.tensor([[6, 1], [0, 1], [3, 1]])[:, 0]                               # non-contiguous
     cache = random_codes(B, Hkv, S_max, R // 32, gen=gen)
     want = cache.clone()
     want[torch.arange(B), :, pos] = brute_hash_encode(k[:, :, None], proj)[:, :, 0]
