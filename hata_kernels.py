@@ -899,7 +899,8 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None, nu
 
     def merge():
         _sparse_attn_merge_kernel[(B * H,)](o, lse, out, H, nsplit, *out.stride()[:2], G=G, D=D,
-                                            SPLIT_CHUNK=max(2, min(32, _next_pow2(nsplit))))
+                                            SPLIT_CHUNK=max(2, min(32, _next_pow2(nsplit))),
+                                            **({} if _INTERPRET else {"num_warps": 1}))  # H200: 4.9 vs 6.6 us
 
     return out, [("attn.split", split), ("attn.merge", merge)]
 
