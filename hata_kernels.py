@@ -192,7 +192,7 @@ def _hash_encode_into(x, proj, codes, key=None):
     from the ref only where x.P is that close to zero)."""
     B, Hx, T, D = x.shape
     Hkv, _, R = proj.shape
-    assert codes.stride(3) == 1
+    assert codes.stride(3) == 1 and (key is None or T == 1)
     G, W = Hx // Hkv, R // 32
     rows = G * T + (key is not None)
     if _tensor_core_rows(rows, W):
@@ -897,10 +897,10 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None, nu
             **({} if _INTERPRET else {"num_warps": num_warps}),
         )
 
-    def merge():
+    def merge():  # one warp: 5.0 us on the H200 at B=1, S=128K, against 6.5 us with four
         _sparse_attn_merge_kernel[(B * H,)](o, lse, out, H, nsplit, *out.stride()[:2], G=G, D=D,
                                             SPLIT_CHUNK=max(2, min(32, _next_pow2(nsplit))),
-                                            **({} if _INTERPRET else {"num_warps": 1}))  # H200: 4.9 vs 6.6 us
+                                            **({} if _INTERPRET else {"num_warps": 1}))
 
     return out, [("attn.split", split), ("attn.merge", merge)]
 
