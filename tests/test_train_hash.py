@@ -85,6 +85,18 @@ def test_one_step_lowers_the_loss(tiny_batch):
     assert after.item() < before.item()
 
 
+def test_shift_keeps_every_q_dot_k():
+    """The position-shift augmentation turns q and k by one RoPE offset per sequence: q.k does not change, the
+    codes' inputs do."""
+    from model import rope_frequencies
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 4, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)  # G = 2
+    qs, ks = th.shift_positions(q, k, torch.tensor([7, 3000]), rope_frequencies(PRESETS["tiny"]))
+    dots = lambda a, b: a.view(2, 3, 2, 2, 16) @ b[:, None].transpose(-1, -2)  # (b, nq, Hkv, G, S)
+    torch.testing.assert_close(dots(qs, ks), dots(q, k), atol=1e-4, rtol=1e-4)
+    assert (qs - q).abs().max() > 0.1 and (ks - k).abs().max() > 0.1
+
+
 def test_random_projections_are_the_models_draw():
     args = PRESETS["tiny"]
     model = Transformer(args, HataArgs(rbit=64, n_dense=1))
