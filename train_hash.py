@@ -25,10 +25,8 @@ on 4K windows, but those codes fit the query positions they were trained at (-2 
 8K); trained on 4K and 8K windows together they gained at both lengths in the report yet decoded worse than random
 in eval.py (perplexity +12.5% at 1/16 against +10.6% random and +6.1% with these defaults, 2026-11-29). The
 report's mean mass hides such failures, so eval.py is the judge, and the recipe's eps = 0.01 stays.
-`--shift N` turns each training sequence's q and k by one random RoPE offset below N (q.k and the labels do not
-change), so the codes cannot fit absolute positions. With eps = 1, 1000 steps, 4K windows and N = 16384 the fit
-to positions went, and with it the gain: +2.9 / +3.4 / +3.6 points over random at 4K (1/16 / 1/32 / 1/64), +3.1 /
-+3.8 / +4.4 at 8K. So on this model the stronger pair term buys nothing that generalizes (2026-11-29).
+`--shift N` turns each sequence's q and k by a random RoPE offset below N (q.k unchanged): with eps = 1 it removes
+the fit to positions and the gain with it (+2.9 / +3.4 / +3.6 points over random at 4K, EVAL.md).
 """
 import argparse
 import contextlib
