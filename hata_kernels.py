@@ -576,7 +576,7 @@ def _topk_threshold_kernel(
     len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, m_b, hist,
     Hkv, S, NBLK, budget,                                    # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget)
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLK_CHUNK: tl.constexpr, NBINS: tl.constexpr, FILL: tl.constexpr,
+    BLK_CHUNK: tl.constexpr, NBINS: tl.constexpr, HIST_CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
@@ -625,8 +625,8 @@ def _topk_threshold_kernel(
         row = key_ptr + pid_bh * S
         v = tl.arange(0, NBINS)                                                # (NBINS,) key values
         n_all = tl.zeros([NBINS], dtype=tl.int32)
-        for c in range(0, length, BLOCK_S):
-            s = c + tl.arange(0, BLOCK_S)
+        for c in range(0, length, HIST_CHUNK):                                # 4096: 191 us at 128K (2048: 257)
+            s = c + tl.arange(0, HIST_CHUNK)
             n_all += tl.histogram(tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32), NBINS)
         t = tl.sum((tl.cumsum(n_all, axis=0) < k_eff).to(tl.int32))           # the K_eff-th smallest key
         n_less = tl.sum(tl.where(v < t, n_all, 0))
@@ -718,7 +718,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
         _topk_threshold_kernel[(B * Hkv,)](
             lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             BLK_CHUNK=max(2, min(64, _next_pow2(nblk))), NBINS=_next_pow2(kmax + 2),
-            FILL=max(16, min(1024, _next_pow2(budget))),
+            HIST_CHUNK=block_s if _INTERPRET else 4096, FILL=max(16, min(1024, _next_pow2(budget))),
         )
 
     def compact():
