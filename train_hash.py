@@ -23,8 +23,9 @@ orthogonal frame scores the same, and both select better than Gaussian LSH. Larg
 A stronger pair term (eps = 1, 1000 steps) raised the report's captured mass at 4K by 1.5-2 points when trained
 on 4K windows, but those codes fit the query positions they were trained at (-2 to -5 points against random at
 8K); trained on 4K and 8K windows together they gained at both lengths in the report yet decoded worse than random
-in eval.py (perplexity +12.5% at 1/16 against +10.6% random and +6.1% with these defaults, 2026-11-29). The
-report's mean mass hides such failures, so eval.py is the judge, and the recipe's eps = 0.01 stays.
+in eval.py (perplexity +12.5% at 1/16 against +10.6% random and +6.1% with these defaults, 2026-11-29): some of
+its heads lost 6-15 points to random at 8K, which the mean hides and the report's worst-head table shows.
+eval.py is the judge, and the recipe's eps = 0.01 stays.
 `--shift N` turns each sequence's q and k by a random RoPE offset below N (q.k unchanged): with eps = 1 it removes
 the fit to positions and the gain with it (+2.9 / +3.4 / +3.6 points over random at 4K, EVAL.md).
 """
@@ -266,9 +267,9 @@ def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
 def selection_quality(attn, q, k, lengths, selectors):
     """One layer: q (nq, H, D) queries, k (1, Hkv, S, D) keys, lengths (nq,) keys visible to each query;
     selectors {name: proj (Hkv, D, R), or None for the oracle}. Budget K = ceil(f * length) per KV head, one
-    selection per KV head shared by its G query heads (as in the engine). Returns {(name, f): (captured mass,
-    recall)} summed over the queries: the dense softmax mass on the selection (mean over query heads) and the
-    fraction of the oracle's top-K set selected (mean over KV heads)."""
+    selection per KV head shared by its G query heads (as in the engine). Returns {(name, f): (captured mass
+    (Hkv,), recall)} summed over the queries: the dense softmax mass on the selection (mean over each KV head's
+    query heads) and the fraction of the oracle's top-K set selected (mean over KV heads)."""
     nq, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -286,7 +287,7 @@ def selection_quality(attn, q, k, lengths, selectors):
             k_codes = hash_encode_ref(k, P.float()).expand(nq, -1, -1, -1)  # (nq, Hkv, S, W) int32
             scores[name] = hamming_score_ref(q_codes, k_codes, lengths)  # (nq, Hkv, S) int32
     names = list(scores)
-    out = {(name, f): [0.0, 0.0] for name in names for f in BUDGETS}
+    out = {(name, f): [torch.zeros(Hkv, dtype=torch.float64), 0.0] for name in names for f in BUDGETS}
     for j in range(nq):  # K differs per query; the selectors of one query go through select_topk_ref together
         stacked = torch.stack([scores[name][j] for name in names]).double()  # (n_sel, Hkv, S), exact for both
         ln = lengths[j:j + 1].expand(len(names))  # (n_sel,)
@@ -297,10 +298,10 @@ def selection_quality(attn, q, k, lengths, selectors):
                 oracle[j:j + 1], ln[:1], K)[0].long()  # (Hkv, K)
             in_best = torch.zeros(Hkv, S, dtype=torch.bool).scatter_(1, best, True)  # (Hkv, S)
             mass = probs[j][None].expand(len(names), -1, -1, -1).gather(
-                -1, idx[:, :, None].expand(-1, -1, G, -1)).sum(-1).mean((1, 2))  # (n_sel,)
+                -1, idx[:, :, None].expand(-1, -1, G, -1)).sum(-1).mean(2)  # (n_sel, Hkv)
             recall = in_best[None].expand(len(names), -1, -1).gather(2, idx).float().mean((1, 2))  # (n_sel,)
             for i, name in enumerate(names):
-                out[name, f][0] += float(mass[i])
+                out[name, f][0] += mass[i]
                 out[name, f][1] += float(recall[i])
     return out
 
@@ -334,7 +335,8 @@ def report_tables(results, n_dense, n_layers):
     names = list(dict.fromkeys(name for name, _ in results))
     layers = range(n_dense, n_layers)
     frac = {f: f"1/{round(1 / f)}" for f in BUDGETS}
-    mean = {key: [sum(per[l][i] for l in layers) / len(layers) for i in (0, 1)] for key, per in results.items()}
+    mean = {key: [sum(float(per[l][0].mean()) for l in layers) / len(layers),
+                  sum(per[l][1] for l in layers) / len(layers)] for key, per in results.items()}
     lines = ["Mean over sparse layers: captured attention mass | recall of the oracle's top-K", "",
              "| selector | " + " | ".join(f"mass {frac[f]}" for f in BUDGETS) + " | "
              + " | ".join(f"recall {frac[f]}" for f in BUDGETS) + " |", "|---" * (1 + 2 * len(BUDGETS)) + "|"]
@@ -344,8 +346,18 @@ def report_tables(results, n_dense, n_layers):
     for f in BUDGETS:
         lines += ["", f"Captured mass per layer, budget {frac[f]}", "",
                   "| layer | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
-        lines += [f"| {l} | " + " | ".join(f"{results[name, f][l][0]:.3f}" for name in names) + " |"
+        lines += [f"| {l} | " + " | ".join(f"{results[name, f][l][0].mean():.3f}" for name in names) + " |"
                   for l in layers]
+    # a mean can rise while some heads lose the tokens they need (EVAL.md): the worst (layer, KV head) too
+    pairs = [(n, n.replace("trained", "random").split(" (")[0]) for n in names if n.startswith("trained")]
+    lines += ["", "Worst (layer, KV head) against random projections of the same R: the smallest difference in "
+              "captured mass, and how many heads lose more than 2 points", "",
+              "| selector | " + " | ".join(f"worst {frac[f]}" for f in BUDGETS) + " | "
+              + " | ".join(f"heads < -0.02 {frac[f]}" for f in BUDGETS) + " |", "|---" * (1 + 2 * len(BUDGETS)) + "|"]
+    for name, rnd in pairs:
+        gap = {f: torch.stack([results[name, f][l][0] - results[rnd, f][l][0] for l in layers]) for f in BUDGETS}
+        lines.append(f"| {name} | " + " | ".join(f"{gap[f].min():+.3f}" for f in BUDGETS) + " | "
+                     + " | ".join(str(int((gap[f] < -0.02).sum())) for f in BUDGETS) + " |")
     return "\n".join(lines), mean
 
 
@@ -360,7 +372,8 @@ def report_plot(results, mean, n_dense, n_layers, path):
         color = "black" if "R=" not in name else f"C{sizes.index(name.split('R=')[-1].split()[0])}"
         style = dict(color=color, marker="o", ms=3, linestyle="--" if name.startswith("random") else "-")
         ax1.plot([1 / f for f in BUDGETS], [mean[name, f][0] for f in BUDGETS], label=name, **style)
-        ax2.plot(range(n_dense, n_layers), [results[name, 1 / 32][l][0] for l in range(n_dense, n_layers)], **style)
+        ax2.plot(range(n_dense, n_layers), [results[name, 1 / 32][l][0].mean() for l in range(n_dense, n_layers)],
+                 **style)
     ax1.set(xscale="log", xlabel="context / budget K", ylabel="captured attention mass",
             title="Mean over sparse layers (held-out text)")
     ax1.set_xticks([1 / f for f in BUDGETS], [f"{round(1 / f)}" for f in BUDGETS])

@@ -97,6 +97,18 @@ def test_shift_keeps_every_q_dot_k():
     assert (qs - q).abs().max() > 0.1 and (ks - k).abs().max() > 0.1
 
 
+def test_report_flags_a_head_below_random():
+    """The report's means hide a head that loses to random projections; its worst-head table shows it."""
+    head = lambda *m: (torch.tensor(m, dtype=torch.float64), 0.5)  # per-KV-head mass, recall
+    results = {}
+    for f in th.BUDGETS:
+        results["trained R=32", f] = {2: head(0.90, 0.60), 3: head(0.80, 0.80)}  # layer 2 head 1: -0.05
+        results["random R=32", f] = {2: head(0.70, 0.65), 3: head(0.70, 0.70)}
+    text, mean = th.report_tables(results, 2, 4)
+    assert mean["trained R=32", 1 / 8][0] == pytest.approx(0.775) and mean["random R=32", 1 / 8][0] == 0.6875
+    assert "| trained R=32 | -0.050 | -0.050 | -0.050 | -0.050 | 1 | 1 | 1 | 1 |" in text
+
+
 def test_random_projections_are_the_models_draw():
     args = PRESETS["tiny"]
     model = Transformer(args, HataArgs(rbit=64, n_dense=1))
