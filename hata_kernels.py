@@ -60,6 +60,11 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
+def _check_triton_head_dim(D, op):
+    """The kernels tile the head dim with tl.arange (a power of two) and tl.dot (at least 16)."""
+    _check((D & (D - 1)) == 0 and D >= 16, f"{op}: Triton path needs D a power of two >= 16, got {D}")
+
+
 def _popcount_lut(device):
     """(256,) int32: popcount of every byte value; the ref popcounts int32 words byte by byte."""
     b = torch.arange(256, device=device)
@@ -159,7 +164,7 @@ def hash_encode(x, proj, use_triton=None):
         use_triton = x.is_cuda and (rows <= 64 or _tensor_core_rows(rows, W))
     if not use_triton:
         return hash_encode_ref(x, proj)
-    _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode: Triton path needs D a power of two >= 16, got {D}")
+    _check_triton_head_dim(D, "hash_encode")
     codes = torch.empty(B, Hx, T, W, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
     _hash_encode_into(x, proj, codes)
     return codes
@@ -222,7 +227,7 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
            f"integers, got {pos.dtype} {tuple(pos.shape)}")
     if not _use_triton(use_triton, q, k, proj, code_cache, pos):
         return hash_encode_step_ref(q, k, proj, code_cache, pos)
-    _check((D & (D - 1)) == 0 and D >= 16, f"hash_encode_step: Triton path needs D a power of two >= 16, got {D}")
+    _check_triton_head_dim(D, "hash_encode_step")
     codes = torch.empty(B, H, 1, R // 32, dtype=torch.int32, device=q.device)  # (B, H, 1, W) int32
     _hash_encode_into(q[:, :, None], proj, codes, key=(k, pos.contiguous(), code_cache))
     return codes[:, :, 0]                                                      # (B, H, W)
@@ -880,8 +885,7 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None, nu
     _, Hkv, S_max, _ = k_cache.shape
     K = idx.shape[-1]
     G = H // Hkv
-    _check((D & (D - 1)) == 0 and D >= 16, f"sparse_decode_attention: Triton path needs D a power of two >= 16, "
-           f"got {D}")
+    _check_triton_head_dim(D, "sparse_decode_attention")
     _check(q.dtype != torch.float64, "sparse_decode_attention: Triton path takes fp32/bf16/fp16, got float64")
     block_n = block_n or (64 if not _INTERPRET else 16)
     nsplit = triton.cdiv(K, block_n)
