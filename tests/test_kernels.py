@@ -374,11 +374,12 @@ def test_hamming_topk_triton(S, G, R, budget, n_sink, n_recent):
     assert as_sets(tri) == as_sets(ref)
 
 
-@pytest.mark.parametrize("window", [4, 16, 32])
-def test_hamming_topk_triton_window_fallback(window):
-    """A window too narrow for the threshold sends a row down the slow exact path: same selection."""
-    gen = torch.Generator().manual_seed(window)
-    B, Hkv, G, W, S = 2, 2, 3, 4, 200
+@pytest.mark.parametrize("window,G,W", [(4, 3, 4), (16, 3, 4), (32, 3, 4), (4, 1, 1), (4, 8, 8)])
+def test_hamming_topk_triton_window_fallback(window, G, W):
+    """A window too narrow for the threshold sends a row down the slow exact path (its coarse bins are 1, 8 and
+    32 key values wide for these G, R): same selection."""
+    gen = torch.Generator().manual_seed(window + G)
+    B, Hkv, S = 2, 2, 200
     q = random_codes(B, Hkv * G, W, gen=gen).to(DEV)
     k = random_codes(B, Hkv, S, W, gen=gen)
     k[0, 1, 40:] = k[0, 1, 0]                                                  # ties at t across many blocks
