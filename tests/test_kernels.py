@@ -392,6 +392,26 @@ def test_hamming_topk_triton_window_fallback(window, G, W):
         assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
 
 
+def test_hamming_topk_triton_outlier_blocks():
+    """Keys equal to the group's best code (a sink or a repeated phrase) in a few blocks pull the row minimum far
+    below the rest, beyond the window's reach (the slow path): same selection."""
+    gen = torch.Generator().manual_seed(7)
+    B, Hkv, G, W, S = 2, 2, 3, 4, 300
+    q = random_codes(B, Hkv * G, W, gen=gen)
+    k = random_codes(B, Hkv, S, W, gen=gen)
+    bits = (q.view(B, Hkv, G, W, 1) >> torch.arange(32)) & 1                  # (B, Hkv, G, W, 32)
+    best = ((bits.sum(2) * 2 > G).int() << torch.arange(32)).sum(-1).int()     # (B, Hkv, W) majority code
+    for s in (5, 6, 70, 250):                                                  # 3 blocks of 16 keys
+        k[:, :, s] = best
+    k[1, 0, 100:140] = best[1, 0]                                              # ties at the minimum
+    q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, 257], device=DEV)
+    for budget, n_sink, n_recent in ((30, 0, 0), (50, 2, 3), (3, 0, 0)):
+        idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, window=32, block_s=16)
+        for _, launch in launches:
+            launch()
+        assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
+
+
 @pytest.mark.parametrize("G,D,K,dtype", [(1, 16, 5, torch.float32), (3, 32, 37, torch.float16),
                                          (4, 64, 20, torch.float32)])
 def test_sparse_attention_triton(G, D, K, dtype):
