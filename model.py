@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hata_kernels import (hamming_score, hamming_topk, hash_encode, hash_encode_step, select_topk,
+from hata_kernels import (cache_write, hamming_score, hamming_topk, hash_encode, hash_encode_step, select_topk,
                           sparse_decode_attention)
 
 
@@ -154,9 +154,12 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """pos (B, T) cache positions; k, v (B, Hkv, T, D). Returns the whole caches (B, Hkv, S_max, D)."""
-        b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
-        self.k[b, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
-        self.v[b, :, pos] = v.transpose(1, 2)
+        if k.shape[2] == 1:  # decode: both rows in one launch on CUDA
+            cache_write(k[:, :, 0], v[:, :, 0], self.k, self.v, pos[:, 0])
+        else:
+            b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
+            self.k[b, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
+            self.v[b, :, pos] = v.transpose(1, 2)
         return self.k, self.v
 
 

@@ -319,6 +319,37 @@ def test_hash_encode_step(G, R, D):
     assert torch.equal(tri_cache.cpu(), want)                                          # no other slot written
 
 
+@pytest.mark.parametrize("Hkv,D,dtype", [(3, 16, torch.float32), (1, 64, torch.bfloat16), (5, 32, torch.float16)])
+def test_cache_write(Hkv, D, dtype):
+    """A decode step's K and V rows land at each sequence's own position of the first B sequences' caches, nothing
+    else changes; the ref against a loop, the kernel against the ref (a copy: exact)."""
+    gen = torch.Generator().manual_seed(Hkv + D)
+    B, S_max = 2, 9
+    k = torch.randn(B, 1, Hkv, D, generator=gen).to(dtype).transpose(1, 2)[:, :, 0]  # (B, Hkv, D) strided, as in
+    v = torch.randn(B, Hkv, 2 * D, generator=gen).to(dtype)[..., ::2]                # the model; a strided view
+    pos = torch.tensor([[8, 0], [3, 0]])[:, 0]                                       # non-contiguous
+    caches = [torch.randn(B + 1, Hkv, S_max, D, generator=gen).to(dtype) for _ in range(2)]  # one more sequence
+    want = [c.clone() for c in caches]
+    for b in range(B):
+        want[0][b, :, pos[b]], want[1][b, :, pos[b]] = k[b], v[b]
+    ref = [c.clone() for c in caches]
+    hk.cache_write_ref(k, v, *ref, pos)
+    assert all(torch.equal(r, w) for r, w in zip(ref, want))
+    tri = [c.to(DEV) for c in caches]
+    hk.cache_write(k.to(DEV), v.to(DEV), *tri, pos.to(DEV), use_triton=True)
+    assert all(torch.equal(t.cpu(), w) for t, w in zip(tri, want))
+
+
+def test_cache_write_rejects_bad_input():
+    k, cache, pos = torch.zeros(2, 3, 16), torch.zeros(2, 3, 8, 16), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="caches must both be"):
+        hk.cache_write(k, k, cache[:1], cache[:1], pos)                           # fewer sequences than k
+    with pytest.raises(ValueError, match="share one dtype"):
+        hk.cache_write(k, k.half(), cache, cache, pos)
+    with pytest.raises(ValueError, match="pos must be"):
+        hk.cache_write(k, k, cache, cache, pos.float())
+
+
 def assert_codes_match(codes, x, proj):
     """Kernel codes equal the ref's, except that on a GPU fp32 sums in another order (or tf32x3) may flip the
     sign of a projection within rounding of zero: only there (the interpreter's are exactly equal)."""
