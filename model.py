@@ -200,16 +200,16 @@ class Attention(nn.Module):
         self.keep_qk = False  # when True, forward keeps its post-RoPE (q, k) in self.qk (the hash trainer reads it)
         self.qk = None
 
-    def forward(self, x, cos, sin, pos, mask):
+    def forward(self, x, cos, sin, pos, mask, lengths):
         """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T,
-        S_max) additive float mask (0 or -inf), or None for a fresh causal prefill from position 0."""
+        S_max) additive float mask (0 or -inf), or None for a fresh causal prefill from position 0; lengths (B,)
+        valid cache positions after this step (pos[:, -1] + 1, computed once a step for every layer)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        qk, v = self.wqkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        qk = self.apply_rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)  # (B, H + Hkv, T, D): one pass
+        q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
         if self.keep_qk:
             self.qk = (q, k)
         keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each
@@ -224,7 +224,6 @@ class Attention(nn.Module):
                 self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
         if self.hata is not None and T == 1 and self.budget < keys.shape[2]:  # K >= S_max: always dense
-            lengths = pos[:, 0] + 1  # (B,) valid cache positions after this step
             y = self.sparse_decode(q[:, :, 0], q_codes, keys, values, lengths)[:, :, None]  # (B, H, 1, D)
         elif mask is None:  # fresh prefill: plain causal attention over the T new positions (flash kernels)
             y = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
@@ -302,8 +301,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, pos, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, pos, mask)
+    def forward(self, x, cos, sin, pos, mask, lengths):
+        h = x + self.attention(self.attention_norm(x), cos, sin, pos, mask, lengths)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -389,9 +388,10 @@ class Transformer(nn.Module):
             visible = torch.arange(self.max_seq_len, device=tokens.device) <= pos[:, :, None]  # (B, T, S_max)
             mask = torch.zeros(visible.shape, dtype=self.output.weight.dtype,
                                device=tokens.device).masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, S_max)
+        lengths = pos[:, -1] + 1  # (B,) valid cache positions after this step
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin, pos, mask)
+            x = layer(x, cos, sin, pos, mask, lengths)
         if output_idx is not None:
             x = x[torch.arange(B, device=x.device), output_idx]  # (B, dim)
         return self.output(self.norm(x)).float()
