@@ -957,9 +957,10 @@ def _cache_write_kernel(
 
 def cache_write(k, v, k_cache, v_cache, pos, use_triton=None):
     """k, v (B, Hkv, D) -> k_cache[b, :, pos[b]] = k[b] and v_cache[b, :, pos[b]] = v[b] for the caches' first B
-    sequences, (B', Hkv, S_max, D) with B' >= B. One launch on CUDA: torch's index_put takes one per tensor plus an
-    index (13 against ~6 us on the H200 with a cold L2, each layer of a decode step). pos must lie in [0, S_max)
-    (not checked: a host sync)."""
+    sequences, (B', Hkv, S_max, D) with B' >= B. One launch on CUDA (D a power of two; else the ref): torch's
+    index_put takes one per tensor plus an arange (13 us for the two on the H200 with a cold L2), and with this
+    kernel in every layer a 128K decode step of Llama-3.1-8B's shape took 0.26-0.35 ms less. pos must lie in
+    [0, S_max) (not checked: a host sync)."""
     _check(k.dim() == 3 and v.shape == k.shape, f"cache_write: k and v must both be (B, Hkv, D), got "
            f"{tuple(k.shape)} and {tuple(v.shape)}")
     B, Hkv, D = k.shape
