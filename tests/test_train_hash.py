@@ -48,6 +48,33 @@ def test_pair_and_balance_terms_by_hand(tiny_batch):
     torch.testing.assert_close(balance, lam * (mean / R).square().sum())
 
 
+def test_listwise_term_by_hand(tiny_batch):
+    """Per (sequence, query, KV head): KL from the mean of the G heads' softmax over the keys <= t to
+    softmax(-alpha d), d_s the Hamming fraction summed over the G heads, relaxed on unit vectors."""
+    P, q, k, _ = tiny_batch
+    b, nq, H, D = q.shape
+    Hkv, S, R, G = k.shape[1], k.shape[2], P.shape[2], H // k.shape[1]
+    sigma, alpha = 3.0, 7.0
+    ts = torch.tensor([[4, 1], [2, 0]])  # (b, nq) query positions: keys <= t are visible
+    labels = torch.where(torch.arange(S) <= ts[:, :, None, None], -1.0, 0.0).expand(b, nq, H, S).double()
+    _, (kl, _, _) = th.hash_loss(P, q, k, labels, sigma=sigma, eta=0.0, loss="listwise", alpha=alpha)
+    unit = lambda x: x / x.norm()
+    want = []
+    for i in range(b):
+        for n in range(nq):
+            n_keys = int(ts[i, n]) + 1
+            for j in range(Hkv):
+                heads = range(j * G, (j + 1) * G)
+                p = sum(torch.softmax(torch.stack([q[i, n, g] @ k[i, j, s] / math.sqrt(D) for s in range(n_keys)]), 0)
+                        for g in heads) / G  # (n_keys,)
+                code = lambda x: h(unit(x), P[j], sigma)
+                d = torch.stack([sum((code(q[i, n, g]) - code(k[i, j, s])).square().sum() for g in heads) / (4 * R)
+                                 for s in range(n_keys)])  # (n_keys,)
+                m = torch.softmax(-alpha * d, 0)
+                want.append((p * (p / m).log()).sum())
+    torch.testing.assert_close(kl, torch.stack(want).mean())
+
+
 def test_orthogonality_term_by_hand():
     D = R = 8
     P = torch.stack([torch.eye(D), 2 * torch.eye(D)]).double()  # head 0: P^T P = I, head 1: 4 I
@@ -74,14 +101,16 @@ def test_labels(t):
         assert int((labels[j, :n] > 0).sum()) == n_pos
 
 
-def test_one_step_lowers_the_loss(tiny_batch):
+@pytest.mark.parametrize("loss", ["pair", "listwise"])
+def test_one_step_lowers_the_loss(tiny_batch, loss):
     P, q, k, labels = (x.float() for x in tiny_batch)
+    labels = labels if loss == "pair" else -torch.ones_like(labels)  # listwise: every key visible
     P = P.clone().requires_grad_()
     opt = torch.optim.SGD([P], lr=0.01, momentum=0.9, weight_decay=1e-6)
-    before, _ = th.hash_loss(P, q, k, labels)
+    before, _ = th.hash_loss(P, q, k, labels, loss=loss)
     before.backward()
     opt.step()
-    after, _ = th.hash_loss(P, q, k, labels)
+    after, _ = th.hash_loss(P, q, k, labels, loss=loss)
     assert after.item() < before.item()
 
 
