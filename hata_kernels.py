@@ -527,8 +527,8 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 #   B  _topk_threshold_kernel  per row: the windows, shifted to the row's smallest key gmin, add up to exact
 #                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
 #                              key) almost always lies there (it sits ~3 standard deviations of the score
-#                              above the minimum); if not, B counts the stored keys (a histogram of every
-#                              key value: one more pass over the row, exact).
+#                              above the minimum); if not, B counts the stored keys (exact: a coarse and a
+#                              fine histogram of at most 64 bins, then a count pass per block).
 #                              Then per block: keys < t, ties at t to take (newest first), output offset.
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a

@@ -146,6 +146,17 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+def write_kv(k_cache, v_cache, pos, k, v):
+    """k, v (B, Hkv, T, D) into the caches (B', Hkv, S_max, D) at pos (B, T): a decode step (T = 1) in one launch
+    on CUDA (cache_write), a longer chunk by index_put."""
+    if k.shape[2] == 1:
+        cache_write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, pos[:, 0])
+    else:
+        b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
+        k_cache[b, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
+        v_cache[b, :, pos] = v.transpose(1, 2)
+
+
 class KVCache(nn.Module):
     def __init__(self, B, Hkv, S_max, D, dtype, device=None):
         super().__init__()
@@ -154,12 +165,7 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """pos (B, T) cache positions; k, v (B, Hkv, T, D). Returns the whole caches (B, Hkv, S_max, D)."""
-        if k.shape[2] == 1:  # decode: both rows in one launch on CUDA
-            cache_write(k[:, :, 0], v[:, :, 0], self.k, self.v, pos[:, 0])
-        else:
-            b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
-            self.k[b, :, pos] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
-            self.v[b, :, pos] = v.transpose(1, 2)
+        write_kv(self.k, self.v, pos, k, v)
         return self.k, self.v
 
 

@@ -29,8 +29,8 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from hata_kernels import _INTERPRET, cache_write, sparse_decode_attention
-from model import KVCache
+from hata_kernels import _INTERPRET, sparse_decode_attention
+from model import KVCache, write_kv
 
 GiB = 2**30
 
@@ -78,13 +78,10 @@ class HostKVCache(nn.Module):
 
     def update(self, pos, k, v):
         """pos (B, T); k, v (B, Hkv, T, D) on the GPU. Returns what Attention.forward attends over."""
+        write_kv(self.k, self.v, pos, k, v)  # store kernels writing through PCIe: no host sync, graph-safe
         T = k.shape[2]
         if T == 1:  # decode: forward reads only the selected rows (or every row, if this layer decodes densely)
-            cache_write(k[:, :, 0], v[:, :, 0], self.k, self.v, pos[:, 0])  # one kernel storing through PCIe
             return self.k, self.v
-        b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
-        self.k[b, :, pos] = k.transpose(1, 2)  # store kernels writing through PCIe: no host sync, graph-safe
-        self.v[b, :, pos] = v.transpose(1, 2)
         if bool((pos[:, 0] == 0).all()):  # fresh prefill: forward attends over keys[:, :, :T], i.e. k, v
             return k, v
         end = int(pos.max()) + 1  # a later prefill chunk: the mask lets it see positions < end

@@ -270,7 +270,8 @@ def shift_positions(q, k, offsets, inv_freq):
     """q (b, nq, H, D), k (b, Hkv, S, D) post-RoPE; offsets (b,) positions. Turns both by RoPE(offset), as if the
     sequence sat `offset` positions later: RoPE angles add, so every q.k (and every label) stays the same."""
     angle = (offsets.to(q.device, torch.float32)[:, None] * inv_freq.to(q.device))[:, None, None]  # (b, 1, 1, D/2)
-    return apply_rope(q, angle.cos(), angle.sin()), apply_rope(k, angle.cos(), angle.sin())
+    cos, sin = angle.cos(), angle.sin()
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
