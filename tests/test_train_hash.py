@@ -190,3 +190,34 @@ def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path)
     for f in (1 / 8, 1 / 16):
         recall = {name: sum(r for _, r in res[name, f].values()) / 2 for name in selectors}
         assert recall["trained"] > recall["random"], (f, recall)
+
+
+def test_query_positions_are_distinct_and_in_range():
+    gen = torch.Generator().manual_seed(0)
+    for S, nq, frm in ((100, 10, 0.25), (33, 5, 0.5), (8, 6, 0.0)):
+        ts = th.query_positions(S, nq, frm, gen)
+        assert ts.shape == (nq,) and ts.unique().numel() == nq and torch.equal(ts, ts.sort().values)
+        assert int(ts.min()) >= int(frm * S) and int(ts.max()) < S
+
+
+def test_guard_sends_a_losing_head_back_to_random(tiny_model):
+    """A head whose projection ignores the keys (zero: every code equal, so selection keeps the newest keys)
+    captures less than random on the validation windows and goes back; heads equal to their start stay."""
+    model, args, R, n_dense = tiny_model, PRESETS["tiny"], 32, 2
+    start = th.random_projections(args, R, n_dense, seed=0)
+    projs = {l: P / math.sqrt(args.head_dim) for l, P in start.items()}
+    projs[3] = projs[3].clone()
+    projs[3][1] = 0.0
+    windows = torch.randint(args.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
+    out, back = th.guard_heads(model, projs, windows, R, n_dense, queries=8, query_from=0.25, seed=0)
+    assert [(l, h) for l, h, _ in back] == [(3, 1)] and back[0][2] < 0
+    for l in projs:
+        torch.testing.assert_close(out[l], start[l] / math.sqrt(args.head_dim))
+
+
+@pytest.mark.parametrize("argv", [["--query-from", "1.5"], ["--query-from", "-0.1"], ["--val-seqs", "-1"],
+                                  ["--rbit", "100"]])
+def test_bad_arguments_fail_before_loading_anything(argv, capsys):
+    assert th.main(argv + ["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "nonexistent" not in err  # the arguments fail, not the missing checkpoint
