@@ -150,9 +150,10 @@ def query_positions(S, queries, query_from, gen):
     return (lo + torch.randperm(S - lo, generator=gen)[:queries]).sort().values
 
 
-def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5):
+def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, labels=True):
     """Prefill each window (N, S); per sequence `queries` positions t (query_positions). Returns per sparse
-    layer l: {"q": (N, nq, H, D) fp32, "k": (N, Hkv, S, D) fp16, "labels": (N, nq, H, S) fp16}."""
+    layer l: {"q": (N, nq, H, D) fp32, "k": (N, Hkv, S, D) fp16, "t": (N, nq) int64, and with `labels` (the pair
+    loss; the listwise loss needs only t) "labels": (N, nq, H, S) fp16 (make_labels)}."""
     N, S = windows.shape
     samples = {}
     for i in tqdm(range(N), desc="prefill", unit="seq"):
@@ -163,11 +164,14 @@ def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5):
             q, k = q.float().cpu(), k.float().cpu()  # (H, S, D), (Hkv, S, D): plain tensors, outside inference
             if l not in samples:
                 samples[l] = {"q": torch.empty(N, len(ts), q.shape[0], q.shape[2]),
-                              "k": torch.empty(N, *k.shape, dtype=torch.float16),
-                              "labels": torch.empty(N, len(ts), q.shape[0], S, dtype=torch.float16)}
+                              "k": torch.empty(N, *k.shape, dtype=torch.float16), "t": torch.empty(N, len(ts), dtype=torch.long)}
+                if labels:  # 28 layers x 64 queries x 8K keys x 9 heads x 16 windows: 4.2 GB
+                    samples[l]["labels"] = torch.empty(N, len(ts), q.shape[0], S, dtype=torch.float16)
             samples[l]["q"][i] = q[:, ts].transpose(0, 1)
             samples[l]["k"][i] = k.half()
-            samples[l]["labels"][i] = torch.stack([make_labels(q[:, t], k, int(t)) for t in ts]).half()
+            samples[l]["t"][i] = ts
+            if labels:
+                samples[l]["labels"][i] = torch.stack([make_labels(q[:, t], k, int(t)) for t in ts]).half()
     return samples
 
 
@@ -238,13 +242,17 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
     P = P0.clone().requires_grad_()
     opt = torch.optim.SGD([P], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
     dev, history = P.device, []
-    N, S = sample["labels"].shape[0], sample["labels"].shape[-1]
+    (N, nq, H, _), S = sample["q"].shape, sample["k"].shape[2]
     for _ in range(steps):
         idx = torch.randint(N, (batch,), generator=gen)
         pos = torch.randperm(S, generator=gen)[:keys]  # (keys,) key positions of this step
         q = sample["q"][idx].to(dev, torch.float32)  # (b, nq, H, D)
         k = sample["k"][idx][:, :, pos].to(dev, torch.float32)  # (b, Hkv, keys, D)
-        lab = sample["labels"][idx][..., pos].to(dev, torch.float32)  # (b, nq, H, keys)
+        if "labels" in sample:
+            lab = sample["labels"][idx][..., pos].to(dev, torch.float32)  # (b, nq, H, keys)
+        else:  # -1 on the keys <= t, 0 (no triple) after: what make_labels gives, less the top-10% weights
+            seen = (pos <= sample["t"][idx][..., None])[:, :, None].expand(-1, -1, H, -1)  # (b, nq, H, keys)
+            lab = torch.where(seen, -1.0, 0.0).to(dev)
         if hp.get("shift"):
             q, k = shift_positions(q, k, torch.randint(hp["shift"], (batch,), generator=gen), inv_freq)
         loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"], hp.get("loss", "pair"),
@@ -521,7 +529,8 @@ def run(args):
         print(f"training text: {len(train_docs)} documents, {windows.shape[0]} windows of {seq_len} tokens, "
               f"{args.queries} queries each, {n_val} validation windows; held out: {len(heldout_docs)} "
               "documents", file=sys.stderr)
-        samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from)
+        samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
+                                  labels=args.loss == "pair")
         hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
         hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
                    for n in ("sigma", "eta")})

@@ -221,3 +221,17 @@ def test_bad_arguments_fail_before_loading_anything(argv, capsys):
     assert th.main(argv + ["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "nonexistent" not in err  # the arguments fail, not the missing checkpoint
+
+
+def test_listwise_needs_only_the_query_positions(tiny_model):
+    """The listwise loss reads the labels only as "key <= t": samples without labels train the same projection."""
+    model, args = tiny_model, PRESETS["tiny"]
+    windows = torch.randint(args.vocab_size, (3, 96), generator=torch.Generator().manual_seed(2))
+    full, light = (th.collect_samples(model, windows, 2, queries=5, gen=torch.Generator().manual_seed(0),
+                                      query_from=0.25, labels=lab) for lab in (True, False))
+    assert "labels" not in light[2] and torch.equal(full[2]["t"], light[2]["t"])
+    assert int(full[2]["t"].min()) >= 24
+    hp = dict(lr=0.1, momentum=0.9, wd=1e-6, sigma=80.0, eps=0.01, lam=1.0, eta=0.5, shift=0, loss="listwise")
+    P0 = th.random_projections(args, 32, 2)[2] / math.sqrt(args.head_dim)
+    Pa, Pb = (th.train_layer(P0, s[2], 5, 2, 40, torch.Generator().manual_seed(1), hp)[0] for s in (full, light))
+    torch.testing.assert_close(Pa, Pb, rtol=0, atol=0)
