@@ -164,7 +164,8 @@ def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, label
             q, k = q.float().cpu(), k.float().cpu()  # (H, S, D), (Hkv, S, D): plain tensors, outside inference
             if l not in samples:
                 samples[l] = {"q": torch.empty(N, len(ts), q.shape[0], q.shape[2]),
-                              "k": torch.empty(N, *k.shape, dtype=torch.float16), "t": torch.empty(N, len(ts), dtype=torch.long)}
+                              "k": torch.empty(N, *k.shape, dtype=torch.float16),
+                              "t": torch.empty(N, len(ts), dtype=torch.long)}
                 if labels:  # 28 layers x 64 queries x 8K keys x 9 heads x 16 windows: 4.2 GB
                     samples[l]["labels"] = torch.empty(N, len(ts), q.shape[0], S, dtype=torch.float16)
             samples[l]["q"][i] = q[:, ts].transpose(0, 1)
