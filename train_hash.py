@@ -105,7 +105,7 @@ def token_windows(tok, docs, seq_len, n, gen):
         ids = tok.encode(text)
         windows += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
     if not windows:
-        raise ValueError(f"no document has {seq_len} tokens; pass a smaller length or longer text")
+        raise ValueError(f"no document has {seq_len} tokens; pass a smaller --seq-len or longer text")
     if len(windows) < n:
         print(f"warning: only {len(windows)} windows of {seq_len} tokens; using all of them", file=sys.stderr)
     pick = torch.randperm(len(windows), generator=gen)[:n].sort().values
@@ -145,7 +145,7 @@ def make_labels(q, k, t, top=0.1):
 
 
 def query_positions(S, queries, query_from, gen):
-    """`queries` distinct positions t uniform in [query_from * S, S), sorted: (nq,)."""
+    """min(queries, S - lo) distinct positions t uniform in [lo, S), lo = int(query_from * S), sorted: (nq,)."""
     lo = int(query_from * S)
     return (lo + torch.randperm(S - lo, generator=gen)[:queries]).sort().values
 
@@ -251,6 +251,8 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         k = sample["k"][idx][:, :, pos].to(dev, torch.float32)  # (b, Hkv, keys, D)
         if "labels" in sample:
             lab = sample["labels"][idx][..., pos].to(dev, torch.float32)  # (b, nq, H, keys)
+        elif hp.get("loss", "pair") == "pair":
+            raise ValueError("the pair loss needs labels: collect_samples(..., labels=True)")
         else:  # -1 on the keys <= t, 0 (no triple) after: what make_labels gives, less the top-10% weights
             seen = (pos <= sample["t"][idx][..., None])[:, :, None].expand(-1, -1, H, -1)  # (b, nq, H, keys)
             lab = torch.where(seen, -1.0, 0.0).to(dev)
@@ -298,25 +300,8 @@ def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
     return projs
 
 
-def guard_heads(model, projs, windows, rbit, n_dense, queries, query_from, seed):
-    """A mean over heads can rise while one head loses the tokens it needs, and such projections decode worse than
-    random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
-    attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
-    documents not trained on, summed over the budgets; else go back to the starting point.
-    Returns ({layer: (Hkv, D, R)}, [(layer, KV head, mass lost)] of the heads sent back)."""
-    start = random_projections(model.args, rbit, n_dense, seed)
-    res = evaluate(model, windows, {"trained": projs, "random": start}, n_dense, queries, seed + 1, query_from)
-    out, back = {}, []
-    for l, P in projs.items():
-        gap = sum(res["trained", f][l][0] - res["random", f][l][0] for f in BUDGETS)  # (Hkv,) float64
-        keep = gap >= 0
-        out[l] = torch.where(keep[:, None, None], P, start[l] / math.sqrt(model.args.head_dim))
-        back += [(l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h]]
-    return out, back
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Report: what each selector keeps of the dense attention, on held-out text
+# Report: what each selector keeps of the dense attention, on held-out text; the guard measures the same
 
 def selection_quality(attn, q, k, lengths, selectors):
     """One layer: q (nq, H, D) queries, k (1, Hkv, S, D) keys, lengths (nq,) keys visible to each query;
@@ -361,7 +346,8 @@ def selection_quality(attn, q, k, lengths, selectors):
 
 
 def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5):
-    """Held-out windows (N, S) of tokens; per window `queries` positions t (query_positions). selectors:
+    """Windows (N, S) of tokens (held out, or the guard's validation); per window `queries` positions t
+    (query_positions). selectors:
     {name: {layer: proj (Hkv, D, R)}, or None for the oracle}. Returns {(name, f): {layer: (mass, recall)}},
     means over all queries (see selection_quality)."""
     gen = torch.Generator().manual_seed(seed)
@@ -381,6 +367,23 @@ def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5):
                 s = sums.setdefault(key, {}).setdefault(l, [0.0, 0.0])
                 s[0], s[1] = s[0] + m, s[1] + r
     return {key: {l: (m / count, r / count) for l, (m, r) in per.items()} for key, per in sums.items()}
+
+
+def guard_heads(model, projs, windows, rbit, n_dense, query_from, seed, queries=16):
+    """A mean over heads can rise while one head loses the tokens it needs, and such projections decode worse than
+    random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
+    attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
+    documents not trained on, summed over the budgets; else go back to the starting point.
+    Returns ({layer: (Hkv, D, R)}, [(layer, KV head, mean gap over the budgets < 0)] of the heads sent back)."""
+    start = random_projections(model.args, rbit, n_dense, seed)
+    res = evaluate(model, windows, {"trained": projs, "random": start}, n_dense, queries, seed + 1, query_from)
+    out, back = {}, []
+    for l, P in projs.items():
+        gap = sum(res["trained", f][l][0] - res["random", f][l][0] for f in BUDGETS)  # (Hkv,) float64
+        keep = gap >= 0
+        out[l] = torch.where(keep[:, None, None], P, start[l] / math.sqrt(model.args.head_dim))
+        back += [(l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h]]
+    return out, back
 
 
 def report_tables(results, n_dense, n_layers):
@@ -463,8 +466,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=1e-6)
-    p.add_argument("--sigma", type=float, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1 "
-                   f"(default per loss: {LOSS_DEFAULTS})")
+    p.add_argument("--sigma", type=float, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1 (default: "
+                   + ", ".join(f"{n} {d['sigma']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
     p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the bit-balance term")
     p.add_argument("--eta", type=float, help="weight of the orthogonality term (default per loss, as --sigma)")
@@ -505,8 +508,10 @@ def run(args):
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in args.rbit:
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
-    if not 0 <= args.query_from < 1 or args.val_seqs < 0:
-        raise ValueError(f"--query-from {args.query_from} must be in [0, 1) and --val-seqs >= 0")
+    if not 0 <= args.query_from < 1:
+        raise ValueError(f"--query-from {args.query_from} must be in [0, 1)")
+    if args.val_seqs < 0:
+        raise ValueError(f"--val-seqs {args.val_seqs} must be >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     torch.manual_seed(args.seed)
@@ -525,7 +530,9 @@ def run(args):
         seq_len = min(args.seq_len, margs.max_seq_len)
         windows = token_windows(tok, train_docs, seq_len, args.n_seqs + args.val_seqs, gen)
         windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
-        n_val = args.val_seqs if windows.shape[0] > args.val_seqs else 0
+        n_val = min(args.val_seqs, max(0, windows.shape[0] - args.n_seqs))  # training takes its windows first
+        if args.val_seqs and not n_val:
+            print("warning: no window left for validation; the per-head guard is off", file=sys.stderr)
         windows, val = windows[n_val:], windows[:n_val]
         print(f"training text: {len(train_docs)} documents, {windows.shape[0]} windows of {seq_len} tokens, "
               f"{args.queries} queries each, {n_val} validation windows; held out: {len(heldout_docs)} "
@@ -538,7 +545,7 @@ def run(args):
         for r in args.rbit:
             projs = train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
             if n_val:
-                projs, back = guard_heads(model, projs, val, r, args.n_dense, 16, args.query_from, args.seed)
+                projs, back = guard_heads(model, projs, val, r, args.n_dense, args.query_from, args.seed)
                 print(f"guard: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections went "
                       "back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
                       file=sys.stderr)

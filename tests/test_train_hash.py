@@ -198,29 +198,36 @@ def test_query_positions_are_distinct_and_in_range():
         ts = th.query_positions(S, nq, frm, gen)
         assert ts.shape == (nq,) and ts.unique().numel() == nq and torch.equal(ts, ts.sort().values)
         assert int(ts.min()) >= int(frm * S) and int(ts.max()) < S
+    assert torch.equal(th.query_positions(8, 6, 0.25, gen), torch.arange(2, 8))  # the whole range, both ends
+    assert torch.equal(th.query_positions(8, 9, 0.25, gen), torch.arange(2, 8))  # no more than there are
 
 
 def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     """A head whose projection ignores the keys (zero: every code equal, so selection keeps the newest keys)
-    captures less than random on the validation windows and goes back; heads equal to their start stay."""
+    captures less than random on the validation windows and goes back; a head with the same codes as its start
+    (scaled 3x: a tie) and heads equal to their start stay as they are."""
     model, args, R, n_dense = tiny_model, PRESETS["tiny"], 32, 2
     start = th.random_projections(args, R, n_dense, seed=0)
     projs = {l: P / math.sqrt(args.head_dim) for l, P in start.items()}
     projs[3] = projs[3].clone()
     projs[3][1] = 0.0
+    projs[2] = 3 * projs[2]
     windows = torch.randint(args.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
-    out, back = th.guard_heads(model, projs, windows, R, n_dense, queries=8, query_from=0.25, seed=0)
+    out, back = th.guard_heads(model, projs, windows, R, n_dense, query_from=0.25, seed=0, queries=8)
     assert [(l, h) for l, h, _ in back] == [(3, 1)] and back[0][2] < 0
-    for l in projs:
-        torch.testing.assert_close(out[l], start[l] / math.sqrt(args.head_dim))
+    torch.testing.assert_close(out[2], projs[2], rtol=0, atol=0)
+    torch.testing.assert_close(out[3][1], start[3][1] / math.sqrt(args.head_dim))
+    torch.testing.assert_close(out[3][[0]], projs[3][[0]], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("argv", [["--query-from", "1.5"], ["--query-from", "-0.1"], ["--val-seqs", "-1"],
-                                  ["--rbit", "100"]])
-def test_bad_arguments_fail_before_loading_anything(argv, capsys):
+@pytest.mark.parametrize("argv, named", [(["--query-from", "1.5"], "--query-from 1.5"),
+                                         (["--query-from", "-0.1"], "--query-from -0.1"),
+                                         (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100")])
+def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     assert th.main(argv + ["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"]) == 2
     err = capsys.readouterr().err
-    assert "error:" in err and "nonexistent" not in err  # the arguments fail, not the missing checkpoint
+    assert "error:" in err and named in err  # the message names the bad value
+    assert "nonexistent" not in err  # the arguments fail, not the missing checkpoint
 
 
 def test_listwise_needs_only_the_query_positions(tiny_model):
@@ -235,3 +242,5 @@ def test_listwise_needs_only_the_query_positions(tiny_model):
     P0 = th.random_projections(args, 32, 2)[2] / math.sqrt(args.head_dim)
     Pa, Pb = (th.train_layer(P0, s[2], 5, 2, 40, torch.Generator().manual_seed(1), hp)[0] for s in (full, light))
     torch.testing.assert_close(Pa, Pb, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="labels"):  # the pair loss cannot run on positions alone
+        th.train_layer(P0, light[2], 1, 2, 40, torch.Generator().manual_seed(1), dict(hp, loss="pair"))
