@@ -242,8 +242,10 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
     Returns (P, [loss terms at the first step], [mean loss terms over the last 10%])."""
     P = P0.clone().requires_grad_()
     opt = torch.optim.SGD([P], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
-    dev, history = P.device, []
+    dev, history, loss_name = P.device, [], hp.get("loss", "pair")
     (N, nq, H, _), S = sample["q"].shape, sample["k"].shape[2]
+    if "labels" not in sample and loss_name == "pair":
+        raise ValueError("the pair loss needs labels: collect_samples(..., labels=True)")
     for _ in range(steps):
         idx = torch.randint(N, (batch,), generator=gen)
         pos = torch.randperm(S, generator=gen)[:keys]  # (keys,) key positions of this step
@@ -251,14 +253,12 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         k = sample["k"][idx][:, :, pos].to(dev, torch.float32)  # (b, Hkv, keys, D)
         if "labels" in sample:
             lab = sample["labels"][idx][..., pos].to(dev, torch.float32)  # (b, nq, H, keys)
-        elif hp.get("loss", "pair") == "pair":
-            raise ValueError("the pair loss needs labels: collect_samples(..., labels=True)")
         else:  # -1 on the keys <= t, 0 (no triple) after: what make_labels gives, less the top-10% weights
             seen = (pos <= sample["t"][idx][..., None])[:, :, None].expand(-1, -1, H, -1)  # (b, nq, H, keys)
             lab = torch.where(seen, -1.0, 0.0).to(dev)
         if hp.get("shift"):
             q, k = shift_positions(q, k, torch.randint(hp["shift"], (batch,), generator=gen), inv_freq)
-        loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"], hp.get("loss", "pair"),
+        loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"], loss_name,
                                 hp.get("alpha", 10.0))
         opt.zero_grad()
         loss.backward()
