@@ -369,21 +369,24 @@ def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5):
     return {key: {l: (m / count, r / count) for l, (m, r) in per.items()} for key, per in sums.items()}
 
 
-def guard_heads(model, projs, windows, rbit, n_dense, query_from, seed, queries=16):
+def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     """A mean over heads can rise while one head loses the tokens it needs, and such projections decode worse than
     random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
     attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
-    documents not trained on, summed over the budgets; else go back to the starting point.
-    Returns ({layer: (Hkv, D, R)}, [(layer, KV head, mean gap over the budgets < 0)] of the heads sent back)."""
-    start = random_projections(model.args, rbit, n_dense, seed)
-    res = evaluate(model, windows, {"trained": projs, "random": start}, n_dense, queries, seed + 1, query_from)
-    out, back = {}, []
-    for l, P in projs.items():
-        gap = sum(res["trained", f][l][0] - res["random", f][l][0] for f in BUDGETS)  # (Hkv,) float64
-        keep = gap >= 0
-        out[l] = torch.where(keep[:, None, None], P, start[l] / math.sqrt(model.args.head_dim))
-        back += [(l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h]]
-    return out, back
+    documents not trained on, summed over the budgets; else go back to the starting point. trained: {rbit: {layer:
+    (Hkv, D, R)}}, all judged in one pass over the windows. Returns {rbit: (the same, [(layer, KV head, gap < 0)])}."""
+    start = {r: random_projections(model.args, r, n_dense, seed) for r in trained}
+    selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
+    res = evaluate(model, windows, selectors, n_dense, queries, seed + 1, query_from)
+    out = {}
+    for r, projs in trained.items():
+        out[r] = {}, []
+        for l, P in projs.items():
+            gap = sum(res[f"trained {r}", f][l][0] - res[f"random {r}", f][l][0] for f in BUDGETS)  # (Hkv,) float64
+            keep = gap >= 0
+            out[r][0][l] = torch.where(keep[:, None, None], P, start[r][l] / math.sqrt(model.args.head_dim))
+            out[r][1].extend((l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h])
+    return out
 
 
 def report_tables(results, n_dense, n_layers):
@@ -542,12 +545,14 @@ def run(args):
         hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
         hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
                    for n in ("sigma", "eta")})
-        for r in args.rbit:
-            projs = train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
+        trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
+                   for r in args.rbit}
+        guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}
+        for r, projs in trained.items():
             if n_val:
-                projs, back = guard_heads(model, projs, val, r, args.n_dense, args.query_from, args.seed)
-                print(f"guard: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections went "
-                      "back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
+                projs, back = guarded[r]
+                print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
+                      "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
                       file=sys.stderr)
             out = args.out.replace("{rbit}", str(r))
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -205,7 +205,7 @@ def test_query_positions_are_distinct_and_in_range():
 def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     """A head whose projection ignores the keys (zero: every code equal, so selection keeps the newest keys)
     captures less than random on the validation windows and goes back; a head with the same codes as its start
-    (scaled 3x: a tie) and heads equal to their start stay as they are."""
+    (scaled 3x: a tie) and heads equal to their start stay as they are; two sizes judged in one pass, as alone."""
     model, args, R, n_dense = tiny_model, PRESETS["tiny"], 32, 2
     start = th.random_projections(args, R, n_dense, seed=0)
     projs = {l: P / math.sqrt(args.head_dim) for l, P in start.items()}
@@ -213,11 +213,15 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     projs[3][1] = 0.0
     projs[2] = 3 * projs[2]
     windows = torch.randint(args.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
-    out, back = th.guard_heads(model, projs, windows, R, n_dense, query_from=0.25, seed=0, queries=8)
+    other = {l: P / math.sqrt(args.head_dim) for l, P in th.random_projections(args, 2 * R, n_dense, seed=0).items()}
+    out, back = th.guard_heads(model, {R: projs}, windows, n_dense, query_from=0.25, seed=0, queries=8)[R]
     assert [(l, h) for l, h, _ in back] == [(3, 1)] and back[0][2] < 0
     torch.testing.assert_close(out[2], projs[2], rtol=0, atol=0)
     torch.testing.assert_close(out[3][1], start[3][1] / math.sqrt(args.head_dim))
     torch.testing.assert_close(out[3][[0]], projs[3][[0]], rtol=0, atol=0)
+    both = th.guard_heads(model, {R: projs, 2 * R: other}, windows, n_dense, query_from=0.25, seed=0, queries=8)
+    assert both[R][1] == back and both[2 * R][1] == []                        # one pass judges each size alike
+    assert all(torch.equal(both[R][0][l], out[l]) for l in out)
 
 
 @pytest.mark.parametrize("argv, named", [(["--query-from", "1.5"], "--query-from 1.5"),
