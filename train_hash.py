@@ -374,18 +374,18 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
     attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
     documents not trained on, summed over the budgets; else go back to the starting point. trained: {rbit: {layer:
-    (Hkv, D, R)}}, all judged in one pass over the windows. Returns {rbit: (the same, [(layer, KV head, gap < 0)])}."""
+    (Hkv, D, R)}}, judged in one pass. Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head, gap < 0)])}."""
     start = {r: random_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
     res = evaluate(model, windows, selectors, n_dense, queries, seed + 1, query_from)
     out = {}
     for r, projs in trained.items():
-        out[r] = {}, []
+        out[r] = kept, back = {}, []
         for l, P in projs.items():
             gap = sum(res[f"trained {r}", f][l][0] - res[f"random {r}", f][l][0] for f in BUDGETS)  # (Hkv,) float64
             keep = gap >= 0
-            out[r][0][l] = torch.where(keep[:, None, None], P, start[r][l] / math.sqrt(model.args.head_dim))
-            out[r][1].extend((l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h])
+            kept[l] = torch.where(keep[:, None, None], P, start[r][l] / math.sqrt(model.args.head_dim))
+            back += [(l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h]]
     return out
 
 
