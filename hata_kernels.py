@@ -610,8 +610,9 @@ def _topk_threshold_kernel(
         blk = c + tl.arange(0, BLK_CHUNK)
         gmin = tl.minimum(gmin, tl.min(tl.load(min_ptr + pid_bh * NBLK + blk, mask=blk < nblk, other=KMAX + 1)))
     j = tl.arange(0, WIN)                                                      # (WIN,) row-relative bins
-    total = tl.zeros([WIN], dtype=tl.int32)
-    for c in range(0, nblk, BLK_CHUNK):
+    tile0 = _window_tile(hist_ptr, min_ptr, pid_bh, tl.arange(0, BLK_CHUNK), nblk, NBLK, j, gmin, WIN)
+    total = tl.sum(tile0, axis=0)                                              # (WIN,) the first chunk's, kept
+    for c in range(BLK_CHUNK, nblk, BLK_CHUNK):
         total += tl.sum(_window_tile(hist_ptr, min_ptr, pid_bh, c + tl.arange(0, BLK_CHUNK), nblk, NBLK, j, gmin,
                                      WIN),
                         axis=0)
@@ -627,7 +628,9 @@ def _topk_threshold_kernel(
         n_eq = tl.sum(tl.where(j == tj, total, 0))
         for c in range(0, nblk, BLK_CHUNK):
             blk = c + tl.arange(0, BLK_CHUNK)                                  # (BLK_CHUNK,)
-            tile = _window_tile(hist_ptr, min_ptr, pid_bh, blk, nblk, NBLK, j, gmin, WIN)
+            tile = tile0                                                       # a row of <= BLK_CHUNK blocks
+            if c > 0:                                                          # (128K keys) loads its tile once
+                tile = _window_tile(hist_ptr, min_ptr, pid_bh, blk, nblk, NBLK, j, gmin, WIN)
             less = tl.sum(tl.where(j[None, :] < tj, tile, 0), axis=1)          # (BLK_CHUNK,)
             eq = tl.sum(tl.where(j[None, :] == tj, tile, 0), axis=1)           # (BLK_CHUNK,)
             off, eq_seen = _block_info(ip, blk, nblk, less, eq, k_eff - n_less, n_eq, eq_seen, off, t)

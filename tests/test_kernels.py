@@ -423,6 +423,22 @@ def test_hamming_topk_triton_window_fallback(window, G, W):
         assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
 
 
+@pytest.mark.parametrize("window", [64, 4])
+def test_hamming_topk_triton_many_blocks(window):
+    """Rows of more blocks than the threshold kernel reads in one chunk (64): the fast path (window 64) and the
+    slow path (window 4) walk the later chunks too. Same selection."""
+    gen = torch.Generator().manual_seed(window)
+    B, Hkv, G, W, S = 2, 1, 2, 2, 16 * 64 + 99                               # 71 blocks of 16 keys
+    q = random_codes(B, Hkv * G, W, gen=gen)
+    k = random_codes(B, Hkv, S, W, gen=gen)
+    k[0, 0, 1000:] = k[0, 0, 3]                                                # ties in the second chunk
+    q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, 1030], device=DEV)
+    idx, launches = hk._hamming_topk_launches(q, k, lengths, 70, 1, 2, window=window, block_s=16)
+    for _, launch in launches:
+        launch()
+    assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, 70, 1, 2))
+
+
 def test_hamming_topk_triton_outlier_blocks():
     """Keys equal to the group's best code (a sink or a repeated phrase) in a few blocks pull the row minimum far
     below the rest, beyond the window's reach (the slow path): same selection."""
