@@ -10,7 +10,8 @@
   HATA   hash the new key and the query heads, write the key's code, fused score + counting select, sparse
          split-K attention over the selected rows (hata_kernels.py)
 Both sides run as captured CUDA graphs, the L2 is flushed with a large read before every run, and each
-HATA result is checked against the refs before it is timed. Prints a markdown table (medians).
+HATA result is checked against the refs before it is timed. Prints a markdown table (medians) and plots latency
+and speedup against the context length (report/bench_attention.png; e2e and cpu plot theirs the same way).
 The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q; over
 4.27 TB/s (the H200's measured copy bandwidth, DESIGN.md).
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
@@ -22,6 +23,7 @@ then one prefill with and without key hashing.
 import argparse
 import datetime
 import math
+import os
 import platform
 import statistics
 import time
@@ -30,6 +32,7 @@ import torch
 
 import hata_kernels as hk
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 COPY_BW = 4.27e12                     # bytes/s, H200 device-to-device copy (read + write), DESIGN.md
 SHAPES = {                            # name: (H, Hkv, D)
     "llama8b": (32, 8, 128),          # Llama-3.1-8B
@@ -111,15 +114,17 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
 
 
 def bench_attention(args):
+    from model import HataArgs
     torch.manual_seed(0)
     timer = Timer(args.reps)
     dtype = torch.bfloat16
+    budgets = [1 / 64, 2048]                                                   # the issue's: S/64 and 2048 tokens
     rows = []
     for shape in args.shapes:
         H, Hkv, D = SHAPES[shape]
         for S in args.seqlens:
             for B in args.batches:
-                for budget in sorted({max(1, S // 64), 2048}):
+                for budget in sorted({HataArgs(budget=b).budget_tokens(S) for b in budgets}):
                     rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
                     torch.cuda.empty_cache()
     print(table(rows))
@@ -128,6 +133,50 @@ def bench_attention(args):
     print()
     print(f"A graph of one trivial kernel (a scalar add) measures {timer.time(lambda: timer.sink.add_(0)) * 1e3:.1f} us "
           "the same way: every per-kernel time above includes that launch floor.")
+    panels = []
+    for shape in args.shapes:
+        ms, speedup = {}, {}
+        for r in (r for r in rows if r["shape"] == shape):
+            for k in budget_labels(r["budget"], r["S"], budgets):
+                speedup.setdefault(f"B={r['B']}, {k}", []).append((r["S"], r["dense_ms"] / r["hata_ms"]))
+                if k == "K = S/64":
+                    ms.setdefault(f"dense, B={r['B']}", []).append((r["S"], r["dense_ms"]))
+                    ms.setdefault(f"HATA, B={r['B']}, {k}", []).append((r["S"], r["hata_ms"]))
+        panels += [(f"{shape}: one layer's decode attention", "ms (median)", "log", ms, None),
+                   (f"{shape}: speedup of HATA over dense", "dense ms / HATA ms", "linear", speedup, 1)]
+    plot_speed(args.plot, panels)
+
+
+def budget_labels(K, S, budgets):
+    """The budget arguments (fractions of S or token counts) that give K tokens at context S, as line labels."""
+    from model import HataArgs
+    return [f"K = S/{round(1 / b)}" if b < 1 else f"K = {int(b)}" for b in budgets
+            if HataArgs(budget=b).budget_tokens(S) == K]
+
+
+def plot_speed(path, panels):
+    """panels: [(title, ylabel, yscale, {line label: [(S, y), ...]}, reference y or None)], side by side, the
+    context length S on a log2 axis. Writes a PNG."""
+    import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, ylabel, yscale, lines, ref) in zip(axes[0], panels):
+        for label, pts in lines.items():
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        if ref is not None:
+            ax.axhline(ref, color="gray", linestyle="--")
+        xs = sorted({x for pts in lines.values() for x, _ in pts})
+        ax.set_xscale("log", base=2)
+        ax.set_yscale(yscale)
+        ax.set_xticks(xs, [fmt_s(x) for x in xs])
+        ax.set(title=title, xlabel="context S (tokens)", ylabel=ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\nwrote {path}")
 
 
 def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
@@ -366,6 +415,16 @@ def bench_e2e(args):
     for S, B, K, dense, ms, (masked, plain) in rows:
         print(f"| {fmt_s(S)} | {B} | {K} | {dense:.2f} | {1000 * B / dense:.1f} | {ms:.2f} | {1000 * B / ms:.1f} | "
               f"{dense / ms:.2f}x | {masked:.3f} / {plain:.3f} |")
+    tps, speedup = {}, {}
+    for S, B, K, dense, ms, _ in rows:
+        for k in budget_labels(K, S, args.budgets):
+            tps.setdefault(f"dense, B={B}", {})[S] = 1000 * B / dense
+            tps.setdefault(f"HATA, B={B}, {k}", {})[S] = 1000 * B / ms
+            speedup.setdefault(f"B={B}, {k}", {})[S] = dense / ms
+    plot_speed(args.plot, [(f"{args.preset}: decode tokens/s", "tokens/s", "log",
+                            {n: list(v.items()) for n, v in tps.items()}, None),
+                           (f"{args.preset}: speedup of HATA over dense", "dense ms / HATA ms", "linear",
+                            {n: list(v.items()) for n, v in speedup.items()}, 1)])
 
     T = args.prefill_len
     tokens = torch.randint(0, a.vocab_size, (1, T), device=dev)
@@ -420,9 +479,12 @@ def bench_cpu(args):
     for S, dense, sparse in rows:
         note = f"{dense / sparse:.2f}x" if S > args.budget else "- (K >= S: dense)"
         print(f"| {S} | {dense:.1f} | {sparse:.1f} | {note} |")
+    plot_speed(args.plot, [("default model decode on the CPU", "ms / token (median)", "linear",
+                            {"dense": [(S, d) for S, d, _ in rows],
+                             f"HATA, K = {args.budget}": [(S, h) for S, _, h in rows if S > args.budget]}, None)])
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("attention", help="one layer's decode attention: dense SDPA vs the HATA step")
@@ -452,7 +514,10 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alternating dense / HATA rounds")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    for mode, p in sub.choices.items():
+        if mode != "offload":
+            p.add_argument("--plot", default=os.path.join(HERE, "report", f"bench_{mode}.png"), help="PNG to write")
+    args = parser.parse_args(argv)
     if args.mode != "cpu" and not torch.cuda.is_available():
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
     device = torch.cuda.get_device_name() if args.mode != "cpu" else platform.processor() or platform.machine()

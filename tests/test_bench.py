@@ -1,0 +1,18 @@
+"""bench.py on the CPU: its cpu mode end to end (table and plot), and how it labels budgets. The GPU modes run
+only on a GPU (BENCHMARKS.md has their output)."""
+import bench
+
+
+def test_budget_labels():
+    assert bench.budget_labels(2048, 131072, [1 / 64, 2048]) == ["K = S/64", "K = 2048"]   # one K, two rules
+    assert bench.budget_labels(512, 32768, [1 / 64, 2048.0]) == ["K = S/64"]
+    assert bench.budget_labels(2048, 32768, [1 / 64, 2048.0]) == ["K = 2048"]
+
+
+def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
+    png = tmp_path / "cpu.png"
+    bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "1", "--plot", str(png)])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 16 |") or line.startswith("| 48 |")]
+    assert len(rows) == 2 and "K >= S: dense" in rows[0] and rows[1].endswith("x |")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
