@@ -460,10 +460,11 @@ def test_hamming_topk_triton_outlier_blocks():
 
 
 @pytest.mark.parametrize("G,D,K,dtype", [(1, 16, 5, torch.float32), (3, 32, 37, torch.float16),
-                                         (4, 64, 20, torch.float32)])
+                                         (4, 64, 20, torch.float32), (2, 16, 600, torch.float32)])
 def test_sparse_attention_triton(G, D, K, dtype):
+    """K = 600: more splits than the merge reads at once (it rescales across chunks)."""
     gen = torch.Generator().manual_seed(G + D + K)
-    B, Hkv, S_max = 2, 2, 50
+    B, Hkv, S_max = 2, 2, max(50, K)
     q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, S_max + 7, D, generator=gen).to(dtype)[:, :, :S_max]   # cache views
     v = torch.randn(B, Hkv, S_max + 7, D, generator=gen).to(dtype)[:, :, :S_max]
