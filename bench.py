@@ -131,8 +131,9 @@ def bench_attention(args):
     print()
     print(breakdown_table(rows))
     print()
-    print(f"A graph of one trivial kernel (a scalar add) measures {timer.time(lambda: timer.sink.add_(0)) * 1e3:.1f} us "
-          "the same way: every per-kernel time above includes that launch floor.")
+    floor_us = timer.time(lambda: timer.sink.add_(0)) * 1e3
+    print(f"A graph of one trivial kernel (a scalar add) measures {floor_us:.1f} us the same way: every per-kernel "
+          "time above includes that launch floor.")
     panels = []
     for shape in args.shapes:
         ms, speedup = {}, {}
@@ -244,8 +245,8 @@ def fmt_s(S):
 
 
 def table(rows):
-    out = ["| shape | B | S | budget | dense ms | HATA ms | speedup | HATA floor ms | share of BW | dense vs its floor |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| shape | B | S | budget | dense ms | HATA ms | speedup | HATA floor ms | share of BW | "
+           "dense vs its floor |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['shape']} | {r['B']} | {fmt_s(r['S'])} | {r['budget']} | {r['dense_ms']:.4f} | "
                    f"{r['hata_ms']:.4f} | {r['dense_ms'] / r['hata_ms']:.2f}x | {r['floor_ms']:.4f} | "

@@ -682,7 +682,7 @@ def _topk_compact_kernel(
     """Writes the block's selected positions, ascending, into its slots [offset, offset + count) of the row.
     One scan ranks both the keys below t and the ties at t (the block takes its newest `count - less` ties).
     No branches: the length, the block's info and its keys load at once, and an idle block (past the length, or
-    nothing selected) masks its stores (branching on the length first made them three dependent loads: 1 us more
+    nothing selected) masks its stores (branching on the length first made them three dependent loads: 0.8 us more
     at B=1, S=128K on the H200). (An atomic cursor instead of the scan measured slower: 33 vs 24 us at B=8.)"""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)

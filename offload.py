@@ -7,9 +7,9 @@ to offload and installs `HostKVCache` as their `Attention.kv_cache_cls`; call it
 then allocates those caches in host memory only. model.py learns nothing else about offload.
 
 How the GPU reaches host memory: pinned host memory (cudaHostAlloc, torch's pin_memory) is mapped into the GPU's
-unified address space (UVA) at its host address, so a kernel can load and store it directly, over PCIe. `host_buffer` wraps such memory as a
-CUDA tensor over the same bytes, and Attention.forward runs unchanged:
-  decode   the new K/V row is stored through the view by an index_put kernel inside the CUDA graph (no host sync);
+unified address space (UVA) at its host address, so a kernel can load and store it directly, over PCIe.
+`host_buffer` wraps such memory as a CUDA tensor over the same bytes, and Attention.forward runs unchanged:
+  decode   the new K/V row is stored through the view by the cache_write kernel inside the CUDA graph (no host sync);
            hamming_topk selects on the GPU from the codes; sparse_decode_attention's split kernel gathers the
            selected rows straight from host memory (zero-copy) and attends on the GPU.
   prefill  the rows are written through the view as the chunks go; a fresh prefill (every sequence from position

@@ -14,8 +14,8 @@ What it makes
     8-token continuation of PROMPT_A (ids as JSON list and decoded text).
 
 Requirements
-    ``transformers`` (made with 5.23.0) and ``accelerate`` (its GGUF loader requires it), torch, gguf. transformers must NOT go into the project's python;
-    use a throwaway venv that reuses the system torch.
+    ``transformers`` (made with 5.23.0) and ``accelerate`` (its GGUF loader requires it), torch, gguf.
+    transformers must NOT go into the project's python; use a throwaway venv that reuses the system torch.
 
 Re-run (from the repository root)
     python3 -m venv --system-site-packages /tmp/tfvenv && /tmp/tfvenv/bin/pip install transformers==5.23.0 accelerate
