@@ -24,6 +24,7 @@ def error_line(err):
     return lines[0]
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_generates_paris(capsys):
     code, out, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "3", "--dense")
     assert code == 0
@@ -74,6 +75,7 @@ def test_hf_directory_generates(capsys, tmp_path, smol_weights, gguf_path):
     assert code == 0 and "n_layers=2" in err
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_longer_than_max_seq_len(capsys):
     code, _, err = run_cli(capsys, "--prompt", "one two three four five six", "--max-seq-len", "4")
     line = error_line(err)
@@ -92,6 +94,7 @@ def test_bad_hata_flags(capsys, flag, value, words):
     assert code == 2 and words in error_line(err)
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_bad_hash_weights_file(capsys, tmp_path):
     bad = tmp_path / "proj.safetensors"
     save_file({"layers.2.hash_proj": torch.zeros(3, 64, 128)}, bad, metadata={"model": "llama dim=1"})
