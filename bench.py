@@ -34,6 +34,7 @@ import hata_kernels as hk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COPY_BW = 4.27e12                     # bytes/s, H200 device-to-device copy (read + write), DESIGN.md
+BUDGETS = [1 / 64, 2048]              # HATA's K: a fraction of the context, or tokens (attention; e2e's default)
 SHAPES = {                            # name: (H, Hkv, D)
     "llama8b": (32, 8, 128),          # Llama-3.1-8B
     "default": (9, 3, 64),            # the default model (SmolLM2-135M shapes)
@@ -118,13 +119,12 @@ def bench_attention(args):
     torch.manual_seed(0)
     timer = Timer(args.reps)
     dtype = torch.bfloat16
-    budgets = [1 / 64, 2048]                                                   # the issue's: S/64 and 2048 tokens
     rows = []
     for shape in args.shapes:
         H, Hkv, D = SHAPES[shape]
         for S in args.seqlens:
             for B in args.batches:
-                for budget in sorted({HataArgs(budget=b).budget_tokens(S) for b in budgets}):
+                for budget in sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}):
                     rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
                     torch.cuda.empty_cache()
     print(table(rows))
@@ -138,7 +138,7 @@ def bench_attention(args):
     for shape in args.shapes:
         ms, speedup = {}, {}
         for r in (r for r in rows if r["shape"] == shape):
-            for k in budget_labels(r["budget"], r["S"], budgets):
+            for k in budget_labels(r["budget"], r["S"], BUDGETS):
                 speedup.setdefault(f"B={r['B']}, {k}", []).append((r["S"], r["dense_ms"] / r["hata_ms"]))
                 if k == "K = S/64":
                     ms.setdefault(f"dense, B={r['B']}", []).append((r["S"], r["dense_ms"]))
@@ -505,7 +505,7 @@ def main(argv=None):
     p.add_argument("--preset", default="llama-3.1-8b")
     p.add_argument("--seqlens", nargs="+", type=int, default=[32768, 131072])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
-    p.add_argument("--budgets", nargs="+", type=float, default=[1 / 64, 2048])
+    p.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement (median)")
     p.add_argument("--prefill-len", type=int, default=32768)
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")
