@@ -363,7 +363,8 @@ def assert_codes_match(codes, x, proj):
     assert torch.all(y.view(diff.shape).abs()[diff.bool()] < 1e-3)
 
 
-@pytest.mark.parametrize("S,G,R", [(1, 1, 32), (63, 3, 128), (257, 4, 64)])
+@pytest.mark.parametrize("S,G,R", [(1, 1, 32), (63, 3, 128), (257, 4, 64), (40, 8, 256), (33, 5, 96), (17, 2, 160),
+                                   (9, 16, 128)])
 def test_hamming_score_triton(S, G, R):
     gen = torch.Generator().manual_seed(S + G + R)
     B, Hkv, W = 2, 2, R // 32
