@@ -57,11 +57,16 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 def prefill(model, tokens, lengths, chunk=4096):
     """tokens (B, T) right-padded prompts; lengths (B,) their true lengths. Fills the caches for positions
     0 .. T-1 in chunks of `chunk` tokens (the first one a plain causal pass) and returns the logits (B, V) at each
-    sequence's last prompt token."""
+    sequence's last prompt token. A chunk after the first is never 1 token long: the model takes a 1-token
+    forward for a decode step, which a sparse layer would attend sparsely."""
     B, T = tokens.shape
+    assert chunk >= 2, "prefill chunks must hold at least 2 tokens"
     last = torch.empty(B, model.args.vocab_size, device=tokens.device)
-    for start in range(0, T, chunk):
-        piece = tokens[:, start:start + chunk]  # (B, T_chunk)
+    bounds = list(range(0, T, chunk)) + [T]
+    if len(bounds) > 2 and T - bounds[-2] == 1:
+        bounds[-2] -= 1  # ... 4096 + 1 tokens: the last chunks take 4095 and 2
+    for start, end in zip(bounds, bounds[1:]):
+        piece = tokens[:, start:end]  # (B, T_chunk)
         idx = (lengths - 1 - start).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
         input_pos = None if start == 0 else torch.full((B,), start, device=tokens.device)
         logits = model(piece, input_pos, output_idx=idx)  # (B, V)

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 
 import engine
 from engine import parse_budget, sample
+from model import HataArgs
 
 
 def run_cli(capsys, *argv):
@@ -113,3 +114,17 @@ def test_top_p_keeps_only_the_nucleus():
     draws = {int(sample(logits, 1.0, 0.7, gen)) for _ in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are outside the nucleus
     assert int(sample(logits, 0.0)) == 0
+
+
+@pytest.mark.parametrize("T", [5, 9, 6])  # 4 + 1 and 8 + 1 tokens: a 1-token last chunk; 6: none
+def test_chunked_prefill_stays_dense(T):
+    """Chunks of 4 give the logits of one pass even when 1 token would be left over for the last chunk: the
+    model takes a 1-token forward for a decode step, which the sparse layers (budget 2 here) attend sparsely."""
+    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)
+    tokens = torch.arange(3, 3 + T)[None]  # (1, T)
+    logits = []
+    for chunk in (4096, 4):
+        model.setup_caches(1, 16)
+        with torch.inference_mode():
+            logits.append(engine.prefill(model, tokens, torch.tensor([T]), chunk=chunk))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
