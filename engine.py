@@ -10,6 +10,7 @@ speed go to stderr.
 """
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -164,7 +165,7 @@ def parse_budget(text):
     try:
         num, _, den = text.partition("/")
         value = float(num) / float(den) if den else float(num)
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"budget {text!r} is not a number, a fraction like 1/16, or a count")
     return int(value) if value >= 1 and value.is_integer() else value
 
@@ -196,7 +197,8 @@ def build_parser():
     g.add_argument("--recent", type=int, default=h["n_recent"], help="last positions always attended")
     g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms")
     g.add_argument("--selector", choices=SELECTORS, default=h["selector"],
-                   help="hash: HATA; oracle: exact top-K by attention (an upper bound, for comparison)")
+                   help="hash: HATA; oracle: exact top-K by attention (an upper bound); quest: Quest-style "
+                        "16-token pages (a baseline)")
     g.add_argument("--offload", action="store_true",
                    help="keep the sparse layers' K/V cache in host memory, fetch only the selected rows (offload.py)")
     g.add_argument("--kv-gpu-gb", type=float,
@@ -237,14 +239,21 @@ def run(args):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
     if args.random_weights:
         return run_random(args, device, dtype)
     texts = list(args.prompt or [])
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
-            raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            texts.append(f.read())
+            raise FileNotFoundError(f"prompt file not found (or not a file): {args.prompt_file}")
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts.append(f.read())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text ({e})") from None
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
     hata = hata_args(args)
@@ -254,6 +263,8 @@ def run(args):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
+    if not all(prompts):
+        raise ValueError(f"prompt {[len(p) for p in prompts].index(0) + 1} is empty (0 tokens); give some text")
     longest = max(len(p) for p in prompts)
     if args.max_seq_len is not None and longest >= args.max_seq_len:
         raise ValueError(f"the prompt has {longest} tokens but --max-seq-len is {args.max_seq_len}; "
@@ -263,18 +274,24 @@ def run(args):
 
     t0 = time.perf_counter()
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
-    context = model.args.max_seq_len
+    context, top = model.args.max_seq_len, max(max(p) for p in prompts)
+    if top >= model.args.vocab_size:
+        raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {model.args.vocab_size} "
+                         f"tokens: the tokenizer does not belong to this checkpoint")
     if longest >= context:
         raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     setup(model, args, len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
-          f"{describe_policy(hata, max_seq_len)}",
+          f"{describe_policy(hata, max_seq_len, model.args.n_layers)}",
           file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok) if len(prompts) == 1 else None
     max_new = min(args.max_new_tokens, max_seq_len - longest)
+    if max_new < args.max_new_tokens:
+        print(f"note: at most {max_new} new tokens: the cache holds {max_seq_len} tokens and the prompt {longest}",
+              file=sys.stderr)
     with torch.inference_mode():
         new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p, generator,
                                on_token=streamer)
@@ -309,7 +326,7 @@ def run_random(args, device, dtype):
         raise ValueError(f"--prompt-len {args.prompt_len} does not fit --max-seq-len {max_seq_len}")
     setup(model, args, len(args.prompt or [None]), max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
-          f"measurement only, the output is noise; {describe_policy(hata, max_seq_len)}", file=sys.stderr)
+          f"measurement only, the output is noise; {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (len(args.prompt or [None]), args.prompt_len), generator=gen)
     with torch.inference_mode():
@@ -325,9 +342,11 @@ def report_speed(timing, batch):
           f"{1000 * timing['decode_s'] / max(steps, 1):.1f} ms/step)", file=sys.stderr)
 
 
-def describe_policy(hata, max_seq_len):
+def describe_policy(hata, max_seq_len, n_layers):
     if hata is None:
         return "dense decode"
+    if hata.n_dense >= n_layers:
+        return f"dense decode: --n-dense {hata.n_dense} covers all {n_layers} layers"
     K = hata.budget_tokens(max_seq_len)
     if K >= max_seq_len:
         return f"HATA budget {K} tokens covers the whole {max_seq_len}-token cache: every step is dense"

@@ -31,7 +31,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import decode_one_token, default_checkpoint, prefill
+from engine import decode_one_token, default_checkpoint, parse_budget, prefill
 from model import HataArgs, from_checkpoint
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
@@ -383,8 +383,8 @@ def plot(results, path):
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 
-def parse_frac(text):
-    return float(text.partition("/")[0]) / float(text.partition("/")[2] or 1)
+def parse_frac(text):  # engine's budget parser: one clear line for 'abc' or '1/0'
+    return float(parse_budget(text))
 
 
 def build_parser():

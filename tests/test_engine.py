@@ -1,5 +1,8 @@
 """The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
 status 2, raised before the model is loaded where it can be."""
+import importlib.util
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,11 +91,52 @@ def test_unknown_dtype(capsys):
     assert code == 2 and "unknown --dtype 'float8'" in error_line(err)
 
 
-@pytest.mark.parametrize("flag, value, words", [("--budget", "0", "budget"), ("--budget", "-5", "budget"),
-                                                ("--rbit", "48", "multiple of 32"), ("--budget", "abc", "budget")])
-def test_bad_hata_flags(capsys, flag, value, words):
+@pytest.mark.parametrize("flag, value, words", [
+    ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
+    ("--budget", "1/0", "budget"), ("--rbit", "48", "multiple of 32"), ("--temperature", "nan", "--temperature"),
+    ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
+])
+def test_bad_flags(capsys, flag, value, words):
     code, _, err = run_cli(capsys, "--prompt", "hi", flag, value)
+    assert code == 2 and words in error_line(err) and "loaded" not in err  # refused before loading
+
+
+def test_bad_prompt_files(capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "latin1.txt"))
+    assert code == 2 and "latin1.txt is not UTF-8" in error_line(err)
+    code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path))
+    assert code == 2 and "not a file" in error_line(err)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+@pytest.mark.parametrize("argv, words", [
+    (["--prompt", "hi", "--prompt", ""], "prompt 2 is empty"),
+    (["--prompt", "hi", "--tokenizer", "llama3"], "does not belong to this checkpoint"),  # ids up to 128000
+])
+def test_prompts_the_model_cannot_take(capsys, argv, words):
+    argv = [llama3_tokenizer() if a == "llama3" else a for a in argv]
+    code, _, err = run_cli(capsys, *argv, "--max-new-tokens", "1")
     assert code == 2 and words in error_line(err)
+
+
+def llama3_tokenizer():
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None:
+        pytest.skip("llama-models is not installed (pip install --no-deps -r requirements-data.txt)")
+    return os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model")
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_max_new_tokens_capped_by_the_cache_says_so(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--max-seq-len", "3", "--max-new-tokens", "20")
+    assert code == 0 and "at most 2 new tokens" in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_n_dense_covering_every_layer_says_dense(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "30", "--max-new-tokens", "1")
+    assert code == 0 and "dense decode: --n-dense 30 covers all 30 layers" in err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
