@@ -489,18 +489,21 @@ def load_checkpoint(path):
     """Returns (ModelArgs, {our name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError(f"{path} is not a GGUF file; pass a .gguf file or a checkpoint directory")
-        fmt, (args, raw) = "gguf", read_gguf(path)
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        fmt, (args, raw) = "hf", read_hf(path)
-    elif os.path.isfile(os.path.join(path, "params.json")):
-        fmt, (args, raw) = "meta", read_meta(path)
-    else:
-        raise ValueError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta); "
-                         f"pass a .gguf file or a checkpoint directory")
+    try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise ValueError(f"{path} is not a GGUF file; pass a .gguf file or a checkpoint directory")
+            fmt, (args, raw) = "gguf", read_gguf(path)
+        elif os.path.isfile(os.path.join(path, "config.json")):
+            fmt, (args, raw) = "hf", read_hf(path)
+        elif os.path.isfile(os.path.join(path, "params.json")):
+            fmt, (args, raw) = "meta", read_meta(path)
+        else:
+            raise ValueError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta); "
+                             f"pass a .gguf file or a checkpoint directory")
+    except KeyError as e:
+        raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
     rope_factors = raw.pop("rope_freqs.weight", None)  # GGUF bakes llama3 RoPE scaling into this tensor
     for name in [n for n in raw if n in DERIVED or n.endswith(".rotary_emb.inv_freq")]:
         del raw[name]
@@ -528,18 +531,20 @@ def read_gguf(path):
     except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
 
-    def meta(key, default=None):
+    def meta(key, default=...):  # no default: a required key
+        if key not in reader.fields and default is ...:
+            raise KeyError(key)
         return reader.fields[key].contents() if key in reader.fields else default
 
-    arch = meta("general.architecture")
+    arch = meta("general.architecture", None)
     if arch != "llama":
         raise ValueError(f"{path}: unsupported architecture {arch!r}; hata runs Llama-architecture models")
     n_heads = meta("llama.attention.head_count")
     scaling = None
-    if meta("llama.rope.scaling.type") == "linear":
+    if meta("llama.rope.scaling.type", None) == "linear":
         scaling = {"type": "linear", "factor": meta("llama.rope.scaling.factor")}
-    elif meta("llama.rope.scaling.type") not in (None, "none"):
-        raise ValueError(f"{path}: unsupported RoPE scaling {meta('llama.rope.scaling.type')!r}")
+    elif meta("llama.rope.scaling.type", None) not in (None, "none"):
+        raise ValueError(f"{path}: unsupported RoPE scaling {meta('llama.rope.scaling.type', None)!r}")
     raw = {}
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy float32, dims reversed from GGUF's order
@@ -557,8 +562,7 @@ def read_gguf(path):
 
 def read_hf(path):
     from safetensors import safe_open
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = read_json(os.path.join(path, "config.json"))
     if cfg.get("model_type") != "llama":
         raise ValueError(f"{path}: unsupported model_type {cfg.get('model_type')!r}; hata runs Llama models")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -592,9 +596,16 @@ def read_hf(path):
     return args, raw
 
 
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def read_meta(path):
-    with open(os.path.join(path, "params.json")) as f:
-        p = json.load(f)
+    p = read_json(os.path.join(path, "params.json"))
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not shards:
         raise ValueError(f"{path}: params.json but no consolidated.*.pth weights")

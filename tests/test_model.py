@@ -172,6 +172,33 @@ def test_missing_and_extra_keys(small_smol, tmp_path):
         from_checkpoint(str(tmp_path))
 
 
+
+def test_incomplete_checkpoint_metadata(tmp_path):
+    """A field, metadata key or tensor the readers need is missing: a ValueError naming it, not a KeyError."""
+    import gguf
+    hf, meta = tmp_path / "hf", tmp_path / "meta"
+    hf.mkdir()
+    meta.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="has no 'hidden_size'"):
+        from_checkpoint(str(hf))
+    (hf / "config.json").write_text("{model_type: llama}")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        from_checkpoint(str(hf))
+    (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
+    torch.save({}, meta / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="has no 'tok_embeddings.weight'"):
+        from_checkpoint(str(meta))
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")  # the architecture and nothing else
+    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="has no 'llama.attention.head_count'"):
+        from_checkpoint(str(tmp_path / "m.gguf"))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model pieces on the tiny preset: dtypes, RoPE scaling
 
