@@ -170,6 +170,13 @@ def parse_budget(text):
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+def positive_int(text):
+    """argparse type for counts and lengths: a whole number >= 1 (a ValueError reads "invalid positive_int value")."""
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
 def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
     p = Parser(description=__doc__.split("\n\n")[0])
@@ -177,7 +184,7 @@ def build_parser():
     p.add_argument("--prompt-file", help="read the prompt from this text file")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -208,7 +215,7 @@ def build_parser():
     p.add_argument("--random-weights", action="store_true",
                    help="build the --preset shape with random weights on the device, for speed measurement only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.1-8b", help="shape for --random-weights")
-    p.add_argument("--prompt-len", type=int, default=1024, help="random prompt tokens with --random-weights")
+    p.add_argument("--prompt-len", type=positive_int, default=1024, help="random prompt tokens with --random-weights")
     return p
 
 
@@ -326,7 +333,8 @@ def run_random(args, device, dtype):
         raise ValueError(f"--prompt-len {args.prompt_len} does not fit --max-seq-len {max_seq_len}")
     setup(model, args, len(args.prompt or [None]), max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
-          f"measurement only, the output is noise; {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
+          f"measurement only, the output is noise; {describe_policy(hata, max_seq_len, model.args.n_layers)}",
+          file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (len(args.prompt or [None]), args.prompt_len), generator=gen)
     with torch.inference_mode():

@@ -429,6 +429,8 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
     """projs: {layer: (Hkv, D, R) tensor} for every sparse layer."""
     from safetensors.torch import save_file
     tensors = {f"layers.{i}.hash_proj": p.detach().float().contiguous().cpu() for i, p in projs.items()}
+    if not all(t.isfinite().all() for t in tensors.values()):
+        raise ValueError(f"the projections for {path} are not finite (NaN or inf): not saved")
     save_file(tensors, path, metadata={"model": args.describe(), "rbit": str(hata.rbit),
                                        "n_dense": str(hata.n_dense)})
 
@@ -461,6 +463,8 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
     for name, t in tensors.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.isfinite().all():
+            raise ValueError(f"{where}: {name} holds NaN or inf values")
     return {i: tensors[f"layers.{i}.hash_proj"] for i in range(hata.n_dense, args.n_layers)}
 
 

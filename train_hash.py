@@ -38,6 +38,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from engine import default_checkpoint, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import HataArgs, apply_rope, from_checkpoint, load_hash_projections, rope_frequencies, save_hash_projections
 
@@ -457,15 +458,14 @@ def build_parser():
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
     p.add_argument("--rbit", type=int, nargs="+", default=[h.rbit], help="hash bits R (several: one file each)")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
-    p.add_argument("--seq-len", type=int, default=8192, help="tokens per training prefill")
-    p.add_argument("--n-seqs", type=int, default=16, help="training prefills")
-    p.add_argument("--queries", type=int, default=64, help="query positions per training sequence")
+    p.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training prefill")
+    p.add_argument("--n-seqs", type=positive_int, default=16, help="training prefills")
+    p.add_argument("--queries", type=positive_int, default=64, help="query positions per training sequence")
     p.add_argument("--query-from", type=float, default=0.25, help="queries at positions in [this * seq-len, seq-len)")
-    p.add_argument("--val-seqs", type=int, default=2,
-                   help="validation prefills (training documents, not trained on) for the per-head guard; 0: off")
-    p.add_argument("--steps", type=int, default=300, help="SGD steps per layer")
-    p.add_argument("--batch", type=int, default=2, help="sequences per SGD step")
-    p.add_argument("--keys", type=int, default=512, help="key positions sampled per SGD step")
+    p.add_argument("--val-seqs", type=int, default=2, help="per-head guard's prefills (unused training text); 0: off")
+    p.add_argument("--steps", type=positive_int, default=300, help="SGD steps per layer")
+    p.add_argument("--batch", type=positive_int, default=2, help="sequences per SGD step")
+    p.add_argument("--keys", type=positive_int, default=512, help="key positions sampled per SGD step")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=1e-6)
@@ -484,10 +484,10 @@ def build_parser():
     g = p.add_argument_group("report (held-out selection quality)")
     g.add_argument("--report", action="store_true", help="measure trained vs random vs oracle selection")
     g.add_argument("--hash-weights", nargs="+", help="projection files to report (default: the shipped ones)")
-    g.add_argument("--eval-seqs", type=int, default=4, help="held-out prefills")
-    g.add_argument("--eval-len", type=int, nargs="+", default=[4096, 8192],
+    g.add_argument("--eval-seqs", type=positive_int, default=4, help="held-out prefills")
+    g.add_argument("--eval-len", type=positive_int, nargs="+", default=[4096, 8192],
                    help="tokens per held-out prefill (queries in the 2nd half); several: one table each")
-    g.add_argument("--eval-queries", type=int, default=16, help="query positions per held-out prefill")
+    g.add_argument("--eval-queries", type=positive_int, default=16, help="query positions per held-out prefill")
     g.add_argument("--report-dir", default=os.path.join(HERE, "report"))
     return p
 
@@ -496,14 +496,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def run(args):
-    from engine import default_checkpoint
     from tokenizer import Tokenizer
     if not args.report and not args.out:
         raise ValueError("give --out PATH.safetensors (or --report)")
@@ -511,10 +510,14 @@ def run(args):
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in args.rbit:
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
-    if not 0 <= args.query_from < 1:
-        raise ValueError(f"--query-from {args.query_from} must be in [0, 1)")
-    if args.val_seqs < 0:
-        raise ValueError(f"--val-seqs {args.val_seqs} must be >= 0")
+    if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and args.shift >= 0):
+        raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} and "
+                         f"--shift {args.shift} must be >= 0")
+    outs = {r: args.out.replace("{rbit}", str(r)) for r in args.rbit} if args.out and not args.report else {}
+    for out in outs.values():  # a bad --out fails now, not after the training
+        if os.path.isdir(out):
+            raise ValueError(f"--out {out} is a directory; give a .safetensors file")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     torch.manual_seed(args.seed)
@@ -554,16 +557,13 @@ def run(args):
                 print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
                       "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
                       file=sys.stderr)
-            out = args.out.replace("{rbit}", str(r))
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            save_hash_projections(out, projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))
-            print(f"saved {out} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
+            save_hash_projections(outs[r], projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))
+            print(f"saved {outs[r]} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
         return
 
     files = args.hash_weights
     if files is None and args.checkpoint is None:
-        files = [p for r in (64, 128, 256) if os.path.isfile(p := os.path.join(HERE, "weights",
-                                                                                  f"smollm2-135m-r{r}.safetensors"))]
+        files = [p for r in (64, 128, 256) if os.path.isfile(p := f"{HERE}/weights/smollm2-135m-r{r}.safetensors")]
     selectors = {"oracle": None}
     for path in files or []:
         from safetensors import safe_open

@@ -1,8 +1,10 @@
 """HATA inside the model (reference path on the CPU): with K >= S it is dense attention; selection is per sequence;
 the oracle selector keeps the model's tokens; hash projections save, load and refuse what does not fit."""
+import math
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from engine import generate
 from model import PRESETS, HataArgs, Transformer, from_state_dict, load_hash_projections, save_hash_projections
@@ -149,6 +151,13 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         load_hash_projections(path, args, hata)
     with pytest.raises(FileNotFoundError):
         load_hash_projections(str(tmp_path / "nope.safetensors"), args, hata)
+    bad[2] = torch.full((args.n_kv_heads, args.head_dim, 64), math.nan)  # what a diverged training would write
+    with pytest.raises(ValueError, match="not finite"):
+        save_hash_projections(path, bad, args, hata)
+    save_file({f"layers.{i}.hash_proj": p for i, p in bad.items()}, path,
+              metadata={"model": args.describe(), "rbit": "64", "n_dense": "1"})
+    with pytest.raises(ValueError, match=r"layers\.2\.hash_proj holds NaN"):
+        load_hash_projections(path, args, hata)
 
 
 def test_quest_selects_whole_pages_by_bound():

@@ -226,9 +226,16 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
 
 @pytest.mark.parametrize("argv, named", [(["--query-from", "1.5"], "--query-from 1.5"),
                                          (["--query-from", "-0.1"], "--query-from -0.1"),
-                                         (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100")])
+                                         (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100"),
+                                         (["--shift", "-5"], "--shift -5"), (["--out", "."], "is a directory"),
+                                         (["--queries", "0"], "--queries: invalid positive_int value: '0'"),
+                                         (["--steps", "0"], "--steps: invalid positive_int value: '0'")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
-    assert th.main(argv + ["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"]) == 2
+    try:  # argparse's own errors exit through SystemExit
+        code = th.main(["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"] + argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert "error:" in err and named in err  # the message names the bad value
     assert "nonexistent" not in err  # the arguments fail, not the missing checkpoint
