@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -486,35 +487,36 @@ def bench_cpu(args):
 
 
 def main(argv=None):
+    from engine import positive_int  # counts and lengths: argparse refuses 0 and negatives in one line
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("attention", help="one layer's decode attention: dense SDPA vs the HATA step")
     p.add_argument("--shapes", nargs="+", default=["llama8b", "default"], choices=sorted(SHAPES))
-    p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768, 131072])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--rbit", type=int, default=128, help="hash bits R")
-    p.add_argument("--reps", type=int, default=50, help="timed replays per measurement (median)")
+    p.add_argument("--seqlens", nargs="+", type=positive_int, default=[8192, 32768, 131072])
+    p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8])
+    p.add_argument("--rbit", type=positive_int, default=128, help="hash bits R")
+    p.add_argument("--reps", type=positive_int, default=50, help="timed replays per measurement (median)")
     p = sub.add_parser("offload", help="decode tokens/s with the sparse layers' KV cache in host memory")
     p.add_argument("--preset", default="llama-3.1-8b")
-    p.add_argument("--seqlen", type=int, default=131072, help="S_max; every step attends at position S_max - 1")
-    p.add_argument("--budget", type=int, default=2048, help="HATA's K in tokens")
-    p.add_argument("--steps", type=int, default=20, help="timed decode steps per mode (dense: a tenth)")
-    p.add_argument("--reps", type=int, default=20, help="timed replays per one-layer measurement (median)")
+    p.add_argument("--seqlen", type=positive_int, default=131072, help="S_max; every step attends at S_max - 1")
+    p.add_argument("--budget", type=positive_int, default=2048, help="HATA's K in tokens")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per mode (dense: a tenth)")
+    p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float, help="host memory the offload plan may use (default: MemAvailable)")
     p = sub.add_parser("e2e", help="whole-model decode tokens/s and prefill overhead, dense vs HATA")
     p.add_argument("--preset", default="llama-3.1-8b")
-    p.add_argument("--seqlens", nargs="+", type=int, default=[32768, 131072])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072])
+    p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4])
     p.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
-    p.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement (median)")
-    p.add_argument("--prefill-len", type=int, default=32768)
+    p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per measurement (median)")
+    p.add_argument("--prefill-len", type=positive_int, default=32768)
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")
     p = sub.add_parser("cpu", help="the default model's decode ms/token on the CPU, dense vs HATA")
-    p.add_argument("--seqlens", nargs="+", type=int, default=[16, 1024, 4096, 8192])
-    p.add_argument("--budget", type=int, default=512, help="HATA's K in tokens")
-    p.add_argument("--rounds", type=int, default=3, help="alternating dense / HATA rounds")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--seqlens", nargs="+", type=positive_int, default=[16, 1024, 4096, 8192])
+    p.add_argument("--budget", type=positive_int, default=512, help="HATA's K in tokens")
+    p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     for mode, p in sub.choices.items():
         if mode != "offload":
             p.add_argument("--plot", default=os.path.join(HERE, "report", f"bench_{mode}.png"), help="PNG to write")
@@ -523,15 +525,13 @@ def main(argv=None):
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
     device = torch.cuda.get_device_name() if args.mode != "cpu" else platform.processor() or platform.machine()
     print(f"# {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
-    if args.mode == "attention":
-        bench_attention(args)
-    elif args.mode == "offload":
-        bench_offload(args)
-    elif args.mode == "e2e":
-        bench_e2e(args)
-    elif args.mode == "cpu":
-        bench_cpu(args)
+    try:
+        {"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode](args)
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. a context longer than the model's: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

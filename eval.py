@@ -31,7 +31,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import decode_one_token, default_checkpoint, parse_budget, prefill
+from engine import decode_one_token, default_checkpoint, parse_budget, positive_int, prefill
 from model import HataArgs, from_checkpoint
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
@@ -193,8 +193,7 @@ def retrieval_specs(counts, seed):
 def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.inf):
     """Prefill each batch of same-length prompts once, decode the answer under every policy; a batch expected to
     end after `deadline` (time.time()) is skipped. Returns one record per sample: spec, answer, {policy: correct}."""
-    # interleave the lengths (the i-th of n batches of a length runs (i + 1/2) / n of the way through), so that
-    # results saved along the way, or cut short by the deadline, cover every length in proportion
+    # lengths interleave (batch i of n runs (i + 1/2) / n of the way): saved or cut-short results cover each length
     groups = []
     for C in sorted({s[0] for s in specs}):
         same = [s for s in specs if s[0] == C]
@@ -383,8 +382,10 @@ def plot(results, path):
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 
-def parse_frac(text):  # engine's budget parser: one clear line for 'abc' or '1/0'
-    return float(parse_budget(text))
+def parse_frac(text):  # engine's budget parser (one clear line for 'abc' or '1/0'), then a fraction below 1
+    if not 0 < (f := float(parse_budget(text))) < 1:
+        raise argparse.ArgumentTypeError(f"budget {text!r} must be a fraction below 1, like 1/16")
+    return f
 
 
 def build_parser():
@@ -392,8 +393,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files (default: train_hash.py's held-out documents)")
-    p.add_argument("--hash-weights", help=f"trained projections (default: {os.path.relpath(TRAINED, HERE)} if "
-                                          "present; 'none' leaves the trained selector out)")
+    p.add_argument("--hash-weights", help="trained projections (default: the shipped 128-bit file; 'none': no trained)")
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
@@ -401,20 +401,19 @@ def build_parser():
     p.add_argument("--quest", nargs="+", default=["16:16"], help="Quest n_sink:n_recent, one row each (16:16: EVAL.md)")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="retrieval lengths")
-    p.add_argument("--samples", type=int, nargs="+", default=[120, 100, 56, 28], help="retrieval samples per context")
-    p.add_argument("--batch", type=int, default=4, help="sequences prefilled and decoded together")
-    p.add_argument("--ppl-context", type=int, default=8192, help="window length of the perplexity text")
-    p.add_argument("--ppl-docs", type=int, default=4, help="perplexity windows (one per document first)")
-    p.add_argument("--ppl-tokens", type=int, default=256, help="scored tokens at the end of each window")
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
+    p.add_argument("--samples", type=positive_int, nargs="+", default=[120, 100, 56, 28], help="per --contexts length")
+    p.add_argument("--batch", type=positive_int, default=4, help="sequences prefilled and decoded together")
+    p.add_argument("--ppl-context", type=positive_int, default=8192, help="window length of the perplexity text")
+    p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
+    p.add_argument("--ppl-tokens", type=positive_int, default=256, help="scored tokens at the end of each window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
     p.add_argument("--minutes", type=float, default=math.inf, help="retrieval time limit (skips late batches)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "report"))
-    p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild tables and plot from results files "
-                                                                "(merged: same samples, other selectors)")
+    p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild the report from results files")
     return p
 
 
@@ -424,16 +423,15 @@ QUICK = dict(contexts=[1024, 2048], samples=[4, 4], ppl_context=1024, ppl_docs=2
 def main(argv=None):
     try:
         run(build_parser().parse_args(argv))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def run(args):
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
+    for k, v in QUICK.items() if args.quick else ():  # small sizes for the flags left at their defaults
+        setattr(args, k, v if getattr(args, k) == build_parser().get_default(k) else getattr(args, k))
     name = args.name or ("eval_quick" if args.quick else "eval")
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
@@ -443,6 +441,8 @@ def run(args):
         return write_report(results, args.out_dir, name)
     if len(args.samples) != len(args.contexts):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
+    if args.ppl_tokens >= args.ppl_context:
+        raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
     quest = [tuple(int(x) for x in q.split(":")) for q in args.quest]
     weights = args.hash_weights or (TRAINED if os.path.isfile(TRAINED) and not args.checkpoint else None)
     weights = None if weights == "none" else weights

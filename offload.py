@@ -183,6 +183,8 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     all_gpu = args.n_layers * layer_bytes + code_bytes
     n = len(sparse)
     if kv_gpu_gb is not None:
+        if not (math.isfinite(kv_gpu_gb) and kv_gpu_gb > 0):
+            raise ValueError(f"--kv-gpu-gb must be a positive number of GB, got {kv_gpu_gb}")
         cap = int(kv_gpu_gb * GiB)
         n = min(n, max(0, math.ceil((all_gpu - cap) / layer_bytes)))
         if all_gpu - n * layer_bytes > cap:

@@ -1,5 +1,7 @@
 """bench.py on the CPU: its cpu mode end to end (table and plot), and how it labels budgets. The GPU modes run
 only on a GPU (BENCHMARKS.md has their output)."""
+import pytest
+
 import bench
 
 
@@ -16,3 +18,17 @@ def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 16 |") or line.startswith("| 48 |")]
     assert len(rows) == 2 and "K >= S: dense" in rows[0] and rows[1].endswith("x |")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, words", [(["cpu", "--steps", "0"], "--steps: invalid positive_int value: '0'"),
+                                         (["cpu", "--seqlens", "16", "-4"], "--seqlens: invalid positive_int"),
+                                         (["e2e", "--batches", "0"], "--batches: invalid positive_int")])
+def test_bad_flags_get_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
+    assert bench.main(["cpu", "--seqlens", "16384", "--rounds", "1", "--steps", "1", "--plot", "unused.png"]) == 2
+    assert "error: max_seq_len 16384 exceeds the model's context length 8192" in capsys.readouterr().err

@@ -115,3 +115,17 @@ def test_merge_joins_selectors_over_the_same_samples():
     other["retrieval"][0]["correct"]["dense"] = False
     with pytest.raises(ValueError, match="dense answers differ"):
         ev.merge([run("oracle", [True, True]), other])
+
+
+@pytest.mark.parametrize("argv, words", [(["--budgets", "16"], "must be a fraction below 1"),
+                                         (["--budgets", "1/0"], "is not a number"),
+                                         (["--batch", "0"], "--batch: invalid positive_int value: '0'"),
+                                         (["--ppl-tokens", "256", "--ppl-context", "256"], "must be below"),
+                                         (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024")])  # user's flag kept
+def test_bad_flags_fail_before_loading(argv, words, capsys):
+    try:  # argparse's own errors exit through SystemExit
+        code = ev.main(argv + ["--checkpoint", "/nonexistent.gguf"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "nonexistent" not in err

@@ -62,6 +62,9 @@ def test_cap_offloads_only_what_does_not_fit():
     with pytest.raises(ValueError, match=f"needs {layer + codes} bytes on the GPU") as e:
         plan_offload(model, 1, 256, kv_gpu_gb=(layer + codes - 1) / GiB)  # not even the dense layer fits
     assert "\n" not in str(e.value)
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="--kv-gpu-gb must be a positive number of GB"):
+            plan_offload(model, 1, 256, kv_gpu_gb=bad)
 
 
 def test_refuses_when_host_memory_is_too_small():
