@@ -118,11 +118,13 @@ class Tokenizer:
         kind = get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"{path!r}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE "
-                             "'gpt2'); point --checkpoint at the model's tokenizer.model instead")
+                             "'gpt2'); point --tokenizer at the model's tokenizer.model instead")
         pre = get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE:
             raise ValueError(f"{path!r}: unknown GGUF pre-tokenizer {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
         ranks, specials = {}, {}
+        if get("tokenizer.ggml.tokens") is None or get("tokenizer.ggml.token_type") is None:
+            raise ValueError(f"{path!r}: the GGUF file has no tokenizer.ggml.tokens or token_type list")
         for i, (tok, typ) in enumerate(zip(get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"))):
             if typ == 1:  # NORMAL: byte-level string
                 ranks[_vocab_bytes(tok, path)] = i
@@ -141,6 +143,8 @@ class Tokenizer:
             with open(path, encoding="utf-8") as f:
                 tj = json.load(f)
             model, pre = tj["model"], tj.get("pre_tokenizer") or {}
+            if not (isinstance(model, dict) and isinstance(pre, dict)):
+                raise TypeError("'model' and 'pre_tokenizer' must be objects")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({e}); re-download it")
         # The pre-split regex: an explicit Split, or ByteLevel's GPT-2 regex (after per-digit splitting for SmolLM2).
@@ -155,7 +159,10 @@ class Tokenizer:
         ranks = {_vocab_bytes(t, path): i for t, i in model["vocab"].items() if t not in specials}
         # bos/eos names and the chat template live beside it, in tokenizer_config.json.
         cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-        cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+        try:
+            cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+        except ValueError as e:
+            raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
         name = lambda t: t.get("content") if isinstance(t, dict) else t
         bos, eos = specials.get(name(cfg.get("bos_token"))), specials.get(name(cfg.get("eos_token")))
         # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not).
@@ -173,6 +180,8 @@ class Tokenizer:
         ranks = {}
         with open(path, "rb") as f:
             for n, line in enumerate(f):
+                if not line.strip():  # a blank line, e.g. a trailing one
+                    continue
                 try:
                     tok, rank = line.split()
                     ranks[base64.b64decode(tok, validate=True)] = int(rank)

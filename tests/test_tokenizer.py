@@ -220,3 +220,30 @@ def test_errors(tmp_path, gguf_path):
     (tmp_path / "bad.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(ValueError, match="only byte-level BPE tokenizer.json is supported"):
         Tokenizer.from_path(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"model": "BPE", "pre_tokenizer": []}))
+    with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json.*must be objects"):
+        Tokenizer.from_path(tmp_path / "bad.json")
+
+
+def test_config_and_gguf_errors(tmp_path, llama3):
+    """A corrupt tokenizer_config.json is named; a GGUF without a token list says so; a tiktoken file may end in a
+    blank line."""
+    import gguf
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    vocab = {to_char[b]: b for b in range(256)}
+    pre = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                                         "pre_tokenizer": pre}))
+    (tmp_path / "tokenizer_config.json").write_text("{bos_token: <s>}")
+    with pytest.raises(ValueError, match="tokenizer_config.json' is not valid JSON"):
+        Tokenizer.from_path(tmp_path)
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="no tokenizer.ggml.tokens or token_type list"):
+        Tokenizer.from_path(tmp_path / "t.gguf")
+    lines = _package_file("llama_models", "llama3", "tokenizer.model")
+    (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
+    assert Tokenizer.from_path(tmp_path / "tik.model").encode("hi there") == llama3.encode("hi there")
