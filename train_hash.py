@@ -106,7 +106,7 @@ def token_windows(tok, docs, seq_len, n, gen):
         ids = tok.encode(text)
         windows += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
     if not windows:
-        raise ValueError(f"no document has {seq_len} tokens; pass a smaller --seq-len or longer text")
+        raise ValueError(f"none of the {len(docs)} documents has {seq_len} tokens: give more text or shorter windows")
     if len(windows) < n:
         print(f"warning: only {len(windows)} windows of {seq_len} tokens; using all of them", file=sys.stderr)
     pick = torch.randperm(len(windows), generator=gen)[:n].sort().values
