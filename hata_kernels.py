@@ -163,7 +163,7 @@ def hash_encode(x, proj, use_triton=None):
     rows = T * Hx // Hkv
     if use_triton is None:  # prefill rows without the tensor-core path (W not a power of two): cuBLAS + packing
         use_triton = x.is_cuda and (rows <= 64 or _tensor_core_rows(rows, W))
-    if not use_triton:
+    if not use_triton or x.numel() == 0:
         return hash_encode_ref(x, proj)
     _check_triton_head_dim(D, "hash_encode")
     codes = torch.empty(B, Hx, T, W, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
@@ -343,7 +343,7 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
     BLOCK_S = 1024 if not _INTERPRET else max(16, min(1024, _next_pow2(S)))
     grid = (triton.cdiv(S, BLOCK_S), B * Hkv)
     _hamming_score_kernel[grid](
-        q_codes.contiguous(), k_codes, lengths, out, Hkv, S, *k_codes.stride()[:2],
+        q_codes.contiguous(), k_codes, lengths.contiguous(), out, Hkv, S, *k_codes.stride()[:2],
         G=H // Hkv, W=W, W_P2=_next_pow2(W), NPL=_planes(H // Hkv), R=32 * W, BLOCK_S=BLOCK_S, HW_POPC=not _INTERPRET,
     )
     return out
@@ -465,7 +465,7 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     key = _order_key_int32(score).contiguous()                                 # (B, Hkv, S) int32
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=score.device)  # (B, Hkv, K) int32
     BLOCK_S = 1024 if not _INTERPRET else 256
-    _select_topk_kernel[(B * Hkv,)](key, lengths, idx, Hkv, S, budget, n_sink, n_recent, BLOCK_S=BLOCK_S,
+    _select_topk_kernel[(B * Hkv,)](key, lengths.contiguous(), idx, Hkv, S, budget, n_sink, n_recent, BLOCK_S=BLOCK_S,
                                     FILL=min(1024, max(16, _next_pow2(budget))))
     return idx
 
@@ -482,7 +482,7 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
     B, Hkv, S = score.shape
     dev = score.device
     pos = torch.arange(S, device=dev)                                          # (S,)
-    length = lengths.view(B, 1, 1).to(dev)                                     # (B, 1, 1)
+    length = lengths.view(B, 1, 1).to(dev).clamp(max=S)                        # (B, 1, 1) as the kernels
     valid = pos < length                                                       # (B, 1, S)
     forced = valid & ((pos < n_sink) | (pos >= length - n_recent))             # (B, 1, S)
     order = score.long() if not score.is_floating_point() else _order_key_int32(score).long()
@@ -716,7 +716,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
         sigma_key = math.sqrt(G * R) / 2 / (2 if G % 2 == 0 else 1)
         window = min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
     k_codes = _rows_contiguous(k_codes)
-    q_codes = q_codes.contiguous()
+    q_codes, lengths = q_codes.contiguous(), lengths.contiguous()              # the kernels read lengths[b]
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position
     cshift = max(0, (kmax + 1).bit_length() - 6)                               # slow path: <= 64 coarse bins
@@ -805,7 +805,7 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     acc = torch.promote_types(q.dtype, torch.float32)
     used = idx >= 0                                                            # (B, Hkv, K) bool
     bh = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1)                # (B, Hkv, 1)
-    rows = (bh * S_max + idx.clamp(min=0)).view(-1)                            # (B*Hkv*K,) rows of the flat cache
+    rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     qg = q.view(B, Hkv, G, D).to(acc)                                          # (B, Hkv, G, D)

@@ -479,6 +479,32 @@ def test_sparse_attention_triton(G, D, K, dtype):
     attention_tolerance(q, k, v, idx, out)
 
 
+def test_odd_layouts_and_edges():
+    """Non-contiguous lengths (the kernels read lengths[b]), lengths beyond S (the ref clamps them as the kernels
+    do: no index S, the recent window at the cache's end), a non-contiguous idx, and T = 0 tokens to hash."""
+    gen = torch.Generator().manual_seed(7)
+    B, Hkv, G, S, W = 2, 2, 3, 20, 2
+    q, k = random_codes(B, Hkv * G, W, gen=gen).to(DEV), random_codes(B, Hkv, S, W, gen=gen).to(DEV)
+    lengths = torch.tensor([20, 0, 7, 0], device=DEV)[::2]                    # (B,) stride 2: [20, 7]
+    dense = lengths.contiguous()
+    assert torch.equal(hk.hamming_score(q, k, lengths, use_triton=True), hk.hamming_score_ref(q, k, dense))
+    score = hk.hamming_score_ref(q, k, dense)
+    assert as_sets(hk.select_topk(score, lengths, 5, use_triton=True)) == as_sets(hk.select_topk_ref(score, dense, 5))
+    assert as_sets(hk.hamming_topk(q, k, lengths, 5, 1, 2, use_triton=True)) == as_sets(
+        hk.hamming_topk_ref(q, k, dense, 5, 1, 2))
+    long = torch.tensor([S + 3, 3], device=DEV)                               # longer than the cache
+    ref = hk.hamming_topk_ref(q, k, long, S + 2, 0, 2)
+    assert ref.max() < S and as_sets(ref) == as_sets(hk.hamming_topk(q, k, long, S + 2, 0, 2, use_triton=True))
+    best = min(range(S - 2), key=lambda s: (int(score[0, 0, s]), -s))        # smallest score, newest on ties
+    assert as_sets(hk.hamming_topk_ref(q, k, long, 3, 0, 2))[0][0] == (sorted([best, S - 2, S - 1]), 0)
+    qa, kv = torch.randn(B, Hkv * G, 64, device=DEV), torch.randn(B, Hkv, S, 64, device=DEV)
+    idx = hk.hamming_topk_ref(q, k, dense, 4).transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hkv, 4) strided
+    torch.testing.assert_close(hk.sparse_decode_attention_ref(qa, kv, kv, idx),
+                               hk.sparse_decode_attention_ref(qa, kv, kv, idx.contiguous()), rtol=0, atol=0)
+    proj = torch.randn(Hkv, 64, 32 * W, device=DEV)
+    assert hk.hash_encode(qa[:, :, None][:, :, :0], proj, use_triton=True).shape == (B, Hkv * G, 0, W)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CUDA: realistic sizes (skipped without a GPU)
 
