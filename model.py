@@ -384,8 +384,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before forward")
-        if B > self.max_batch_size:
-            raise ValueError(f"batch of {B} exceeds the caches' max_batch_size {self.max_batch_size}")
+        if B != self.max_batch_size:  # the caches' rows are the batch's sequences
+            raise ValueError(f"batch of {B} but the caches hold {self.max_batch_size} sequences: setup_caches({B}, ..)")
         start = torch.zeros(B, dtype=torch.long, device=tokens.device) if input_pos is None else input_pos
         pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2)

@@ -202,6 +202,14 @@ def test_incomplete_checkpoint_metadata(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # Model pieces on the tiny preset: dtypes, RoPE scaling
 
+def test_batch_must_match_the_caches():
+    model = Transformer(PRESETS["tiny"])
+    model.setup_caches(2, 16)
+    for B in (1, 3):  # fewer sequences than the caches hold failed deep inside attention; more, here
+        with pytest.raises(ValueError, match=f"batch of {B} but the caches hold 2 sequences"):
+            model(torch.zeros(B, 3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtypes_run_close_to_fp32(dtype):
     torch.manual_seed(0)
