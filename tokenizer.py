@@ -123,9 +123,10 @@ class Tokenizer:
         if pre not in GGUF_PRE:
             raise ValueError(f"{path!r}: unknown GGUF pre-tokenizer {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
         ranks, specials = {}, {}
-        if get("tokenizer.ggml.tokens") is None or get("tokenizer.ggml.token_type") is None:
+        tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
+        if tokens is None or types is None:
             raise ValueError(f"{path!r}: the GGUF file has no tokenizer.ggml.tokens or token_type list")
-        for i, (tok, typ) in enumerate(zip(get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"))):
+        for i, (tok, typ) in enumerate(zip(tokens, types)):
             if typ == 1:  # NORMAL: byte-level string
                 ranks[_vocab_bytes(tok, path)] = i
             elif typ in (3, 4):  # CONTROL, USER_DEFINED: raw text, never produced by plain encode()

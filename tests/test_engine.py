@@ -1,8 +1,5 @@
 """The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
 status 2, raised before the model is loaded where it can be."""
-import importlib.util
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -10,6 +7,7 @@ from safetensors.torch import load_file, save_file
 import engine
 from engine import parse_budget, sample
 from model import HataArgs
+from tests.test_tokenizer import _package_file
 
 
 def run_cli(capsys, *argv):
@@ -115,16 +113,9 @@ def test_bad_prompt_files(capsys, tmp_path):
     (["--prompt", "hi", "--tokenizer", "llama3"], "does not belong to this checkpoint"),  # ids up to 128000
 ])
 def test_prompts_the_model_cannot_take(capsys, argv, words):
-    argv = [llama3_tokenizer() if a == "llama3" else a for a in argv]
+    argv = [_package_file("llama_models", "llama3", "tokenizer.model") if a == "llama3" else a for a in argv]
     code, _, err = run_cli(capsys, *argv, "--max-new-tokens", "1")
     assert code == 2 and words in error_line(err)
-
-
-def llama3_tokenizer():
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None:
-        pytest.skip("llama-models is not installed (pip install --no-deps -r requirements-data.txt)")
-    return os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model")
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
