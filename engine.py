@@ -177,6 +177,17 @@ def positive_int(text):
     return int(text)
 
 
+def device_name(text):
+    """argparse type for --device: a device torch knows that this machine has."""
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        raise ValueError(text) from None  # argparse: "invalid device_name value: 'xyz'"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use --device cpu")
+    return text
+
+
 def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
     p = Parser(description=__doc__.split("\n\n")[0])
@@ -188,7 +199,7 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-seq-len", type=int, help="KV cache capacity (default: prompt + max-new-tokens)")
@@ -241,8 +252,6 @@ def run(args):
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")

@@ -19,6 +19,7 @@ Budgets are fractions f of the cache capacity C = the context length: K = f * C 
 """
 import argparse
 import contextlib
+from functools import partial
 import io
 import json
 import math
@@ -31,7 +32,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import decode_one_token, default_checkpoint, parse_budget, positive_int, prefill
+from engine import decode_one_token, default_checkpoint, device_name, parse_budget, positive_int, prefill
 from model import HataArgs, from_checkpoint
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
@@ -46,6 +47,7 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
 NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Laura", "Martin")
 TASKS, HAYSTACKS = ("single", "multikey"), ("noise", "prose")
 DEPTHS = tuple(i / 10 for i in range(11))
+MIN_CONTEXT = 128  # a retrieval prompt's intro, needles and question take up to ~100 tokens
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,13 +123,6 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None):
 # --------------------------------------------------------------------------------------------------------------
 # Text: RULER's noise sentences, held-out prose (train_hash.py's corpus split), or the user's files
 
-def load_prose(paths=None):
-    """Documents [(name, text)]: the user's files as they are, or the held-out part of train_hash.py's default
-    corpus (documents the hash projections were never trained on)."""
-    docs = load_corpus(paths)
-    return docs if paths else split_corpus(docs)[1]
-
-
 class Haystack:
     """A long token stream and where its sentences end (needles go only between sentences)."""
 
@@ -141,11 +136,6 @@ class Haystack:
             raise ValueError(f"haystack text has {len(self.ids)} tokens, fewer than the {n} needed; give more text")
         s = rng.choice([0] + [e for e in self.ends if e + n <= len(self.ids)])
         return self.ids[s:s + n], [0] + [e - s for e in self.ends if s < e < s + n] + [n]
-
-
-def haystacks(tok, docs, longest):
-    noise = NOISE * (4 * longest // len(tok.encode(NOISE)) + 2)
-    return {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,15 +157,15 @@ def retrieval_prompt(tok, hay, task, length, depth, rng):
     head, tail = tok.encode(INTRO), tok.encode(question)  # tail ends in the " " token that precedes digits
     needle_ids = [(d, tok.encode(t)) for d, t in needles]
     n_hay = length - len(head) - len(tail) - sum(len(ids) for _, ids in needle_ids)
+    if n_hay < 0:
+        raise ValueError(f"a {task} retrieval prompt needs more than {length} tokens; raise --contexts")
     piece, ends = hay.piece(n_hay, rng)
     at = [min(ends, key=lambda e: abs(e - d * n_hay)) for d, _ in needle_ids]
     body, last = [], 0
     for a, (_, ids) in sorted(zip(at, needle_ids), key=lambda x: x[0]):
         body += piece[last:a] + ids
         last = a
-    ids = head + body + piece[last:] + tail
-    assert len(ids) == length
-    return ids, key
+    return head + body + piece[last:] + tail, key  # exactly `length` tokens
 
 
 def parse_digits(text):
@@ -274,6 +264,17 @@ def frac(f):
 
 def pkey(name, f):
     return name if f is None else f"{name} {frac(f)}"
+
+
+def load_results(path):
+    """An earlier run's results file; one clear error for a corrupt or foreign one."""
+    try:
+        results = json.load(open(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e})") from None
+    if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
+        raise ValueError(f"{path} is not a results file of eval.py")
+    return results
 
 
 def merge(runs):
@@ -382,6 +383,12 @@ def plot(results, path):
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 
+def parse_quest(text):  # 'n_sink:n_recent' -> (n_sink, n_recent)
+    if not re.fullmatch(r"\d+:\d+", text):
+        raise argparse.ArgumentTypeError(f"Quest {text!r} must be n_sink:n_recent, like 16:16")
+    return tuple(int(x) for x in text.split(":"))
+
+
 def parse_frac(text):  # engine's budget parser (one clear line for 'abc' or '1/0'), then a fraction below 1
     if not 0 < (f := float(parse_budget(text))) < 1:
         raise argparse.ArgumentTypeError(f"budget {text!r} must be a fraction below 1, like 1/16")
@@ -398,7 +405,7 @@ def build_parser():
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
-    p.add_argument("--quest", nargs="+", default=["16:16"], help="Quest n_sink:n_recent, one row each (16:16: EVAL.md)")
+    p.add_argument("--quest", type=parse_quest, nargs="+", default=["16:16"], help="Quest n_sink:n_recent, one row each (16:16: EVAL.md)")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
@@ -408,7 +415,7 @@ def build_parser():
     p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=positive_int, default=256, help="scored tokens at the end of each window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (fp32 either way)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
     p.add_argument("--minutes", type=float, default=math.inf, help="retrieval time limit (skips late batches)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
@@ -436,14 +443,15 @@ def run(args):
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     if args.report:
-        results = merge([json.load(open(path)) for path in args.report])
+        results = merge([load_results(path) for path in args.report])
         json.dump(results, open(json_path, "w"), indent=1)
         return write_report(results, args.out_dir, name)
     if len(args.samples) != len(args.contexts):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
     if args.ppl_tokens >= args.ppl_context:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
-    quest = [tuple(int(x) for x in q.split(":")) for q in args.quest]
+    if "retrieval" in args.tasks and not (min(args.contexts) >= MIN_CONTEXT and args.minutes > 0):
+        raise ValueError(f"--contexts must be >= {MIN_CONTEXT} tokens and --minutes > 0 for retrieval")
     weights = args.hash_weights or (TRAINED if os.path.isfile(TRAINED) and not args.checkpoint else None)
     weights = None if weights == "none" else weights
     if weights and not os.path.isfile(weights):
@@ -454,35 +462,27 @@ def run(args):
     checkpoint = args.checkpoint or default_checkpoint()
     tok = Tokenizer.from_path(checkpoint)
     model = from_checkpoint(checkpoint, None, device=args.device)
-    for C in args.contexts + [args.ppl_context]:
-        if C > model.args.max_seq_len:
-            raise ValueError(f"context {C} exceeds the model's {model.args.max_seq_len} tokens")
-    docs = load_prose(args.text)
-    sels = selectors(weights, quest, args.selectors, args.sink)
+    if (C := max(args.contexts + [args.ppl_context])) > model.args.max_seq_len:
+        raise ValueError(f"context {C} exceeds the model's {model.args.max_seq_len} tokens")
+    docs = load_corpus(args.text) if args.text else split_corpus(load_corpus(None))[1]  # held out from training
+    sels = selectors(weights, args.quest, args.selectors, args.sink)
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + " ".join(sys.argv[1:]), "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
                "ppl_context": args.ppl_context, "seconds": {}}
-    save = lambda: json.dump(results, open(json_path, "w"), indent=1)
-    t0, deadline = time.perf_counter(), time.time() + 60 * args.minutes
+    deadline = time.time() + 60 * args.minutes
+
+    def save(task, t0, res):  # the task's results so far, after every batch
+        results[task], results["seconds"][task] = res, round(time.perf_counter() - t0)
+        json.dump(results, open(json_path, "w"), indent=1)
     if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
         windows = text_windows(tok, docs, args.ppl_context, args.ppl_docs)
-
-        def log_ppl(res):
-            results["perplexity"] = res
-            results["seconds"]["perplexity"] = round(time.perf_counter() - t0)
-            save()
-        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch, log_ppl)
+        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch, partial(save, "perplexity", time.perf_counter()))
     if "retrieval" in args.tasks:
-        t1 = time.perf_counter()
-        hays = haystacks(tok, docs, max(args.contexts))
+        noise = NOISE * (4 * max(args.contexts) // len(tok.encode(NOISE)) + 2)
+        hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
         specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
-
-        def log(records):
-            results["retrieval"] = records
-            results["seconds"]["retrieval"] = round(time.perf_counter() - t1)
-            save()
-        run_retrieval(model, tok, hays, specs, pols, args.batch, log, deadline)
+        run_retrieval(model, tok, hays, specs, pols, args.batch, partial(save, "retrieval", time.perf_counter()), deadline)
     write_report(results, args.out_dir, name)
 
 

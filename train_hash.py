@@ -38,7 +38,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import default_checkpoint, positive_int
+from engine import default_checkpoint, device_name, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import HataArgs, apply_rope, from_checkpoint, load_hash_projections, rope_frequencies, save_hash_projections
 
@@ -480,7 +480,7 @@ def build_parser():
     p.add_argument("--shift", type=int, default=8192,
                    help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("report (held-out selection quality)")
     g.add_argument("--report", action="store_true", help="measure trained vs random vs oracle selection")
     g.add_argument("--hash-weights", nargs="+", help="projection files to report (default: the shipped ones)")
@@ -518,8 +518,6 @@ def run(args):
         if os.path.isdir(out):
             raise ValueError(f"--out {out} is a directory; give a .safetensors file")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))

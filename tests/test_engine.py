@@ -99,6 +99,13 @@ def test_bad_flags(capsys, flag, value, words):
     assert code == 2 and words in error_line(err) and "loaded" not in err  # refused before loading
 
 
+def test_bad_device(capsys):
+    for device, words in [("xyz", "invalid device_name value: 'xyz'")] + ([] if torch.cuda.is_available() else
+                                                                         [("cuda", "no CUDA device is available")]):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", device)
+        assert code == 2 and "argument --device" in err and words in err and "loaded" not in err
+
+
 def test_bad_prompt_files(capsys, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "latin1.txt"))

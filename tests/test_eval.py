@@ -121,7 +121,11 @@ def test_merge_joins_selectors_over_the_same_samples():
                                          (["--budgets", "1/0"], "is not a number"),
                                          (["--batch", "0"], "--batch: invalid positive_int value: '0'"),
                                          (["--ppl-tokens", "256", "--ppl-context", "256"], "must be below"),
-                                         (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024")])  # user's flag kept
+                                         (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024"),  # user's flag kept
+                                         (["--quest", "16"], "must be n_sink:n_recent"),
+                                         (["--contexts", "40", "--samples", "1"], "--contexts must be >= 128"),
+                                         (["--minutes", "0"], "--minutes > 0"),
+                                         (["--device", "xyz"], "--device: invalid device_name value: 'xyz'")])
 def test_bad_flags_fail_before_loading(argv, words, capsys):
     try:  # argparse's own errors exit through SystemExit
         code = ev.main(argv + ["--checkpoint", "/nonexistent.gguf"])
@@ -129,3 +133,14 @@ def test_bad_flags_fail_before_loading(argv, words, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and words in err and "nonexistent" not in err
+
+
+def test_report_from_bad_files_names_them(capsys, tmp_path):
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "eval_results.json").write_text("kept")  # the output a failed --report must not overwrite
+    for name, words in [("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
+                        ("none.json", "none.json")]:
+        assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--name", "eval"]) == 2
+        assert words in capsys.readouterr().err
+    assert (tmp_path / "eval_results.json").read_text() == "kept"
