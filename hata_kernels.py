@@ -50,10 +50,10 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _use_triton(use_triton, *tensors):
-    """None -> Triton when every tensor lives on CUDA, else the ref."""
-    if use_triton is None:
-        return all(t.is_cuda for t in tensors)
-    return bool(use_triton)
+    """None -> Triton when every tensor lives on CUDA, else the ref. True needs CUDA tensors or the interpreter."""
+    on_cuda = all(t.is_cuda for t in tensors)
+    _check(on_cuda or _INTERPRET or not use_triton, "use_triton=True needs CUDA tensors (or TRITON_INTERPRET=1)")
+    return on_cuda if use_triton is None else bool(use_triton)
 
 
 def _check(cond, msg):
@@ -163,7 +163,7 @@ def hash_encode(x, proj, use_triton=None):
     rows = T * Hx // Hkv
     if use_triton is None:  # prefill rows without the tensor-core path (W not a power of two): cuBLAS + packing
         use_triton = x.is_cuda and (rows <= 64 or _tensor_core_rows(rows, W))
-    if not use_triton or x.numel() == 0:
+    if not _use_triton(use_triton, x, proj) or x.numel() == 0:
         return hash_encode_ref(x, proj)
     _check_triton_head_dim(D, "hash_encode")
     codes = torch.empty(B, Hx, T, W, dtype=torch.int32, device=x.device)  # (B, Hx, T, W) int32
@@ -446,8 +446,10 @@ def _select_topk_kernel(
 
 def _order_key_int32(score):
     """Map any real score to an int32 key with the same order (and the same ties) where exact:
-    integers as they are (must fit int32), floats through their fp32 bit pattern."""
+    integers as they are (must fit int32: checked, a host sync, for int64), floats through their fp32 bit pattern."""
     if not score.is_floating_point():
+        _check(score.dtype != torch.int64 or score.numel() == 0 or -2 ** 31 <= score.min() and score.max() < 2 ** 31,
+               "select_topk: the Triton path needs integer scores that fit in int32")
         return score.to(torch.int32)
     bits = score.float().view(torch.int32)                                     # (B, Hkv, S) int32
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)                      # negative floats: flip magnitude

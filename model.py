@@ -90,6 +90,9 @@ class HataArgs:
     hash_weights: str | None = None  # safetensors file of trained projections; None = seeded random (LSH)
 
     def __post_init__(self):
+        ints = {k: getattr(self, k) for k in ("rbit", "n_dense", "n_sink", "n_recent")}
+        if bad := {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)}:
+            raise TypeError(f"{', '.join(bad)} must be whole numbers (int), got {', '.join(map(repr, bad.values()))}")
         if self.rbit <= 0 or self.rbit % 32:
             raise ValueError(f"rbit must be a positive multiple of 32, got {self.rbit}")
         if not (0 < self.budget < 1 or (self.budget >= 1 and float(self.budget).is_integer())):

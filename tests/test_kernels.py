@@ -505,6 +505,23 @@ def test_odd_layouts_and_edges():
     assert hk.hash_encode(qa[:, :, None][:, :, :0], proj, use_triton=True).shape == (B, Hkv * G, 0, W)
 
 
+def test_refused_inputs(monkeypatch):
+    """int64 scores beyond int32 (the Triton select orders int32 keys: they would wrap), and use_triton=True on
+    CPU tensors outside the interpreter: one ValueError each, not a wrong answer or an error deep in Triton."""
+    lengths = torch.tensor([3], device=DEV)
+    big = torch.tensor([[[0, 2 ** 31, -1]]], device=DEV)                      # (1, 1, 3) int64
+    with pytest.raises(ValueError, match="fit in int32"):
+        hk.select_topk(big, lengths, 2, use_triton=True)
+    assert as_sets(hk.select_topk_ref(big, lengths, 2)) == [[([0, 2], 0)]]
+    assert as_sets(hk.select_topk(big - 2 ** 31 + 1, lengths, 2, use_triton=True)) == [[([0, 2], 0)]]
+    monkeypatch.setattr(hk, "_INTERPRET", False)
+    codes = torch.zeros(1, 2, 1, 4, dtype=torch.int32)                       # (B, H, S, W) on the CPU
+    for call in (lambda: hk.hamming_score(codes[:, :, 0], codes[:, :1], lengths[:1].cpu(), use_triton=True),
+                 lambda: hk.hash_encode(torch.randn(1, 1, 1, 64), torch.randn(1, 64, 128), use_triton=True)):
+        with pytest.raises(ValueError, match="use_triton=True needs CUDA tensors"):
+            call()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CUDA: realistic sizes (skipped without a GPU)
 

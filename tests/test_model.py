@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import generate
-from model import FORMATS, PRESETS, WEIGHT_NAMES, Transformer, from_checkpoint, rope_frequencies
+from model import FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, Transformer, from_checkpoint, rope_frequencies
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
 
@@ -238,3 +238,10 @@ def test_rope_scaling():
     torch.testing.assert_close(f[wavelen > 8192], raw[wavelen > 8192] / 8)
     mid = (wavelen > 2048) & (wavelen < 8192)
     assert mid.any() and ((f[mid] < raw[mid]) & (f[mid] > raw[mid] / 8)).all()
+
+
+def test_hata_args_take_whole_numbers():
+    for kw in (dict(rbit=64.0), dict(n_dense=True), dict(n_sink=1.5), dict(n_recent="4")):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be whole numbers"):
+            HataArgs(**kw)
+    assert HataArgs(rbit=64, n_dense=0, budget=0.5).rbit == 64
