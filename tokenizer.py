@@ -10,7 +10,8 @@ One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what t
 `encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text); only
 `encode_chat` inserts special tokens. The chat template follows the special tokens the vocabulary has:
 <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt written in the
-checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]`. Jinja itself is not run.
+checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the checkpoint's
+template is another one). Jinja itself is not run.
 `eos_ids` holds every id that ends generation (EOS plus <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present).
 """
 import base64
@@ -60,6 +61,23 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tiktoken.Encoding:
         ranks.setdefault(bytes([b]), n + b)
     return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens=specials), n
+
+
+def _hf_config(directory):
+    """tokenizer_config.json in `directory` ({} if none) and the chat template: the config's, else the
+    chat_template.jinja beside it (where transformers 5 saves it), else None."""
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    try:
+        cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+    except ValueError as e:
+        raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path!r} holds no JSON object")
+    template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if template is None and os.path.exists(jinja):
+        template = open(jinja, encoding="utf-8").read()
+    return cfg, template
 
 
 def _default_system(template: str | None) -> str | None:
@@ -158,20 +176,11 @@ class Tokenizer:
                              "use the directory's tokenizer.model")
         specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         ranks = {_vocab_bytes(t, path): i for t, i in model["vocab"].items() if t not in specials}
-        # bos/eos names and the chat template live beside it, in tokenizer_config.json.
-        cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-        try:
-            cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
-        except ValueError as e:
-            raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
+        cfg, template = _hf_config(os.path.dirname(path))  # bos/eos names and the chat template
         name = lambda t: t.get("content") if isinstance(t, dict) else t
         bos, eos = specials.get(name(cfg.get("bos_token"))), specials.get(name(cfg.get("eos_token")))
         # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not).
         add_bos = bos is not None and name(cfg.get("bos_token")) in json.dumps(tj.get("post_processor"))
-        template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
-        jinja = os.path.join(os.path.dirname(path), "chat_template.jinja")  # where transformers 5 saves it
-        if template is None and os.path.exists(jinja):
-            template = open(jinja, encoding="utf-8").read()
         enc, n = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
                    chat=cls._chat_of(specials), system=_default_system(template))
@@ -201,8 +210,9 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"{path!r} is neither a sentencepiece nor a tiktoken tokenizer.model ({e}); {HOW}")
         bos, eos = sp.bos_id(), sp.eos_id()
+        _, template = _hf_config(os.path.dirname(path))  # Llama 2's [INST], unless the checkpoint says otherwise
         return cls(sp=sp, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None, add_bos=bos >= 0,
-                   chat="llama2")
+                   chat="llama2" if template is None or "[INST]" in template else None)
 
     @staticmethod
     def _chat_of(specials):
@@ -257,6 +267,6 @@ class Tokenizer:
                 else:
                     ids += self.encode(turn, bos=True)
         else:
-            raise ValueError("this tokenizer has no chat tokens (<|im_start|> or <|start_header_id|>); "
-                             "use a plain prompt instead of chat mode")
+            raise ValueError("this tokenizer has no chat format hata writes (Llama 3's or ChatML's tokens, or Llama 2's "
+                             "[INST] for sentencepiece); use a plain prompt instead of chat mode")
         return ids

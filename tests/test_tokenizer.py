@@ -146,6 +146,23 @@ def test_sentencepiece(sp_model):
     assert ids == (tok.encode("[INST] <<SYS>>\nS\n<</SYS>>\n\na [/INST] b ", eos=True) + tok.encode("[INST] c [/INST]"))
 
 
+def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
+    """Llama 2's [INST] only where the checkpoint's tokenizer_config.json has none or an [INST] one."""
+    (tmp_path / "tokenizer.model").write_bytes((sp_model / "tokenizer.model").read_bytes())
+    chat = [{"role": "user", "content": "a"}]
+    for template, works in [("{{ '[INST] ' + m['content'] + ' [/INST]' }}", True), ("<|user|>\n{{ m }}</s>", False)]:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+        tok = Tokenizer.from_path(tmp_path)
+        if works:
+            assert tok.encode_chat(chat) == tok.encode("[INST] a [/INST]")
+        else:
+            with pytest.raises(ValueError, match="no chat format hata writes"):
+                tok.encode_chat(chat)
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds no JSON object"):
+        Tokenizer.from_path(tmp_path)
+
+
 # --- Hugging Face tokenizer.json (byte-level BPE) ----------------------------------------------------------
 
 def test_hf_tokenizer_json(tmp_path):
