@@ -180,11 +180,11 @@ def positive_int(text):
 def device_name(text):
     """argparse type for --device: a device torch knows that this machine has."""
     try:
-        kind = torch.device(text).type
+        device = torch.device(text)
     except RuntimeError:
         raise ValueError(text) from None  # argparse: "invalid device_name value: 'xyz'"
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and (n := torch.cuda.device_count()) <= (device.index or 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s)" + "; use --device cpu" * (n == 0))
     return text
 
 

@@ -100,8 +100,9 @@ def test_bad_flags(capsys, flag, value, words):
 
 
 def test_bad_device(capsys):
-    for device, words in [("xyz", "invalid device_name value: 'xyz'")] + ([] if torch.cuda.is_available() else
-                                                                         [("cuda", "no CUDA device is available")]):
+    n = torch.cuda.device_count()
+    for device, words in [("xyz", "invalid device_name value: 'xyz'"), (f"cuda:{n}", f"this machine has {n} CUDA"),
+                          *([] if n else [("cuda", "has 0 CUDA device(s)")])]:
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", device)
         assert code == 2 and "argument --device" in err and words in err and "loaded" not in err
 
