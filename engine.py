@@ -184,7 +184,8 @@ def device_name(text):
     except RuntimeError:
         raise ValueError(text) from None  # argparse: "invalid device_name value: 'xyz'"
     if device.type == "cuda" and (n := torch.cuda.device_count()) <= (device.index or 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s)" + "; use --device cpu" * (n == 0))
+        hint = "; use --device cpu" if n == 0 else ""
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s){hint}")
     return text
 
 
