@@ -207,7 +207,7 @@ def build_parser():
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"],
-                   help="tokens attended per KV head: a count, or a fraction of the context like 1/16")
+                   help="tokens attended per KV head: a count, or a fraction of the cache (--max-seq-len) like 1/16")
     g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code")
     g.add_argument("--hash-weights", help="trained hash projections (.safetensors); default: the shipped ones "
                                           "for the default model, else seeded random projections")

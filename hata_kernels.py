@@ -129,7 +129,7 @@ def _hash_encode_kernel(
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     wb = tl.program_id(2)
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)                                           # int64: b * stride may pass 2^31
     h = pid_bh % Hkv
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)                                # (BLOCK_R,) flattened (g, t)
     j = h * G + r // T                                                         # (BLOCK_R,) row head
@@ -721,6 +721,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     q_codes, lengths = q_codes.contiguous(), lengths.contiguous()              # the kernels read lengths[b]
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position
+    _check(kmax < 2 ** 15 - 1, f"hamming_topk: G * R = {G * R} is too large for the int16 order keys")
     cshift = max(0, (kmax + 1).bit_length() - 6)                               # slow path: <= 64 coarse bins
     block_s = block_s or (2048 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
     nblk = triton.cdiv(S, block_s)
@@ -835,8 +836,8 @@ def _sparse_attn_split_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
+    b = (pid_bh // Hkv).to(tl.int64)                                           # a (B, Hkv, S_max, D) cache may
+    h = pid_bh % Hkv                                                           # pass 2^31 elements
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,)
     d = tl.arange(0, D)                                                        # (D,)
     g = tl.arange(0, G_P2)                                                     # (G_P2,)
@@ -951,7 +952,7 @@ def _cache_write_kernel(
     skcb, skch, skcs, skcd, svcb, svch, svcs, svcd,
     D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    b = tl.program_id(0)                                                       # one sequence: its Hkv rows of K and V
+    b = tl.program_id(0).to(tl.int64)                                          # one sequence: its Hkv rows of K and V
     h = tl.arange(0, BLOCK_H)[:, None]                                         # (BLOCK_H, 1)
     d = tl.arange(0, D)[None, :]                                               # (1, D)
     pos = tl.load(pos_ptr + b).to(tl.int64)

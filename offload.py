@@ -102,7 +102,7 @@ def _gather_rows_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)                                           # b * stride may pass 2^31
     h = pid_bh % Hkv
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) slots
     d = tl.arange(0, D)                                                        # (D,)
