@@ -1,5 +1,7 @@
 """The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
 status 2, raised before the model is loaded where it can be."""
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -159,15 +161,38 @@ def test_top_p_keeps_only_the_nucleus():
     assert int(sample(logits, 0.0)) == 0
 
 
-@pytest.mark.parametrize("T", [5, 9, 6])  # 4 + 1 and 8 + 1 tokens: a 1-token last chunk; 6: none
-def test_chunked_prefill_stays_dense(T):
-    """Chunks of 4 give the logits of one pass even when 1 token would be left over for the last chunk: the
-    model takes a 1-token forward for a decode step, which the sparse layers (budget 2 here) attend sparsely."""
+@pytest.mark.parametrize("lengths", [[5], [9], [6], [9, 2, 6, 1]])  # 4 + 1, 8 + 1: a 1-token last chunk
+def test_chunked_prefill_stays_dense(lengths):
+    """Chunks of 4 give the logits of one pass even when 1 token would be left over for the last chunk (the
+    model takes a 1-token forward for a decode step, which the sparse layers, budget 2 here, attend sparsely), and
+    each sequence of a right-padded batch gets the logits at its own last token, whichever chunk holds it."""
     model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)
-    tokens = torch.arange(3, 3 + T)[None]  # (1, T)
+    T = max(lengths)
+    tokens = torch.arange(3, 3 + T).repeat(len(lengths), 1)  # (B, T)
     logits = []
     for chunk in (4096, 4):
-        model.setup_caches(1, 16)
+        model.setup_caches(len(lengths), 16)
         with torch.inference_mode():
-            logits.append(engine.prefill(model, tokens, torch.tensor([T]), chunk=chunk))
+            logits.append(engine.prefill(model, tokens, torch.tensor(lengths), chunk=chunk))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    assert all(not torch.allclose(logits[0][0], logits[0][b]) for b in range(1, len(lengths)))  # rows differ
+
+
+def test_generate_stops_each_sequence_at_its_stop_token():
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    model.setup_caches(2, 32)
+    free, _ = engine.generate(model, prompts, max_new_tokens=10)
+    stop = next(t for t in free[0] if t not in free[1])  # ends sequence 0 only
+    model.setup_caches(2, 32)
+    got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop})
+    assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["decode_steps"] == 9
+
+
+def test_sampling_temperature():
+    """softmax(logits / T): at T = 0.5 the token of probability 0.6 is drawn with probability 0.36 / 0.52."""
+    logits, n = torch.log(torch.tensor([[0.6, 0.4]])), 4000
+    gen = torch.Generator().manual_seed(0)
+    share = sum(int(sample(logits, 0.5, 1.0, gen)) == 0 for _ in range(n)) / n
+    p = 0.36 / 0.52
+    assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations: 0.029

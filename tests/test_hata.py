@@ -6,8 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import generate
+import hata_kernels as hk
+import model as model_module
+from engine import decode_one_token, generate, prefill
 from model import PRESETS, HataArgs, Transformer, from_state_dict, load_hash_projections, save_hash_projections
+from tests.test_kernels import as_sets
 
 GOLDEN = "tests/data/golden_smollm2.safetensors"
 
@@ -49,6 +52,40 @@ def test_sparse_path_with_every_position_selected_is_dense(smol_weights, use_nor
     hata_logits, hata_tokens = decode_logits(from_state_dict(args, sd, hata), ids, 32)
     assert hata_tokens == dense_tokens
     torch.testing.assert_close(hata_logits, dense_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("use_norm", [False, True])
+def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm):
+    """Every decode step of every sparse layer against HATA written out from the refs (DESIGN.md): the layer's
+    projection hashes the queries and every cached key, the score is the Hamming distance summed over the G query
+    heads of a KV head (use_norm: -(G - 2 ham / R) * ||k||), and the top K, with the sinks and the recent window,
+    are what the layer attends to; per sequence, with the keys of decoded tokens too."""
+    args, hata = PRESETS["tiny"], HataArgs(budget=5, n_sink=1, n_recent=2, n_dense=1, use_norm=use_norm)
+    torch.manual_seed(0)
+    model = Transformer(args, hata).eval()
+    seen = []  # (q, keys, values, idx) of each sparse layer's attention, in layer order
+    real = model_module.sparse_decode_attention
+    monkeypatch.setattr(model_module, "sparse_decode_attention", lambda *a: seen.append(a) or real(*a))
+    lengths = torch.tensor([11, 17])
+    model.setup_caches(2, 32)
+    G, R = args.n_heads // args.n_kv_heads, hata.rbit
+    with torch.inference_mode():
+        prefill(model, torch.randint(0, args.vocab_size, (2, 17)), lengths)
+        for step in range(4):
+            seen.clear()
+            decode_one_token(model, torch.randint(0, args.vocab_size, (2,)), lengths + step)
+            attns = [layer.attention for layer in model.layers[hata.n_dense:]]
+            assert len(seen) == len(attns) == args.n_layers - hata.n_dense
+            n = lengths + step + 1  # valid positions after this step
+            for attn, (q, keys, values, idx) in zip(attns, seen):
+                codes = hk.hash_encode_ref(keys, attn.hash_proj)  # (B, Hkv, S_max, W)
+                for b in range(2):  # the code (and norm) cache holds every valid key's
+                    assert torch.equal(attn.hash_cache.codes[b, :, :n[b]], codes[b, :, :n[b]])
+                    if use_norm:
+                        torch.testing.assert_close(attn.hash_cache.norms[b, :, :n[b]], keys[b, :, :n[b]].norm(dim=-1))
+                ham = hk.hamming_score_ref(hk.hash_encode_ref(q[:, :, None], attn.hash_proj)[:, :, 0], codes, n)
+                score = -(G - 2 * ham / R) * keys.norm(dim=-1) if use_norm else ham  # (B, Hkv, S_max)
+                assert as_sets(idx) == as_sets(hk.select_topk_ref(score, n, 5, 1, 2))
 
 
 def test_oracle_at_half_budget_keeps_greedy_tokens(smol_weights):
@@ -122,6 +159,9 @@ def test_bad_hata_values():
     with pytest.raises(ValueError, match="selector"):
         HataArgs(selector="magic")
     assert HataArgs(budget=1 / 64).budget_tokens(8192) == 128
+    assert HataArgs(budget=1 / 64).budget_tokens(8193) == 129  # rounded up
+    assert HataArgs(budget=0.001).budget_tokens(63) == 1  # at least one token
+    assert HataArgs(budget=5).budget_tokens(3) == 5  # a count stays a count
 
 
 def test_hash_projections_round_trip_and_checks(tmp_path):
