@@ -17,6 +17,8 @@ def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 16 |") or line.startswith("| 48 |")]
     assert len(rows) == 2 and "K >= S: dense" in rows[0] and rows[1].endswith("x |")
+    dense, hata, speedup = (float(c.strip(" x")) for c in rows[1].split("|")[2:5])  # | 48 | dense | HATA | ratio |
+    assert abs(speedup - dense / hata) <= 0.02 * dense / hata + 0.01  # the ratio of the printed (rounded) columns
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -65,11 +65,12 @@ def test_dense_passkey_at_1k_and_report(smol, tok, tmp_path):
     pols = [("dense", None, None), ("oracle", 1 / 8, HataArgs(selector="oracle", budget=1 / 8))]
     recs = ev.run_retrieval(smol, tok, hays, specs, pols, batch=2)
     assert [r["correct"]["dense"] for r in recs] == [True, True], [r["dense_output"] for r in recs]
+    assert [r["correct"]["oracle 1/8"] for r in recs] == [True, True]  # the exact top 1/8 keeps the key
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "ppl_context": 0, "seconds": {},
                "retrieval": recs}
     ev.write_report(json.loads(json.dumps(results)), str(tmp_path), "eval_test")
     md = (tmp_path / "eval_test_results.md").read_text()
-    assert "| all | 2 |" in md and "| oracle |" in md
+    assert "| all | 2 |" in md and "| oracle | 100.0% (100%) |" in md
     assert (tmp_path / "eval_test_scores.png").stat().st_size > 10_000
 
 
@@ -121,7 +122,7 @@ def test_merge_joins_selectors_over_the_same_samples():
                                          (["--budgets", "1/0"], "is not a number"),
                                          (["--batch", "0"], "--batch: invalid positive_int value: '0'"),
                                          (["--ppl-tokens", "256", "--ppl-context", "256"], "must be below"),
-                                         (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024"),  # user's flag kept
+                                         (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
                                          (["--contexts", "40", "--samples", "1"], "--contexts must be >= 128"),
                                          (["--minutes", "0"], "--minutes > 0"),

@@ -201,16 +201,22 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
 
 
 def test_quest_selects_whole_pages_by_bound():
-    """Hand-made cache: the page whose keys bound q.k highest is selected whole."""
+    """Hand-made cache: each page's bound is sum over channels of max(q * k_max, q * k_min) over its valid keys
+    (a negative query channel takes the minimum; keys past the length do not count), and the top K tokens are the
+    pages with the highest bounds, whole (ties: the newer page first)."""
     args = PRESETS["tiny"]
     attn = Transformer(args, HataArgs(budget=16, selector="quest", n_dense=0)).layers[0].attention
     D, S = args.head_dim, 48
     keys = torch.zeros(1, args.n_kv_heads, S, D)
     keys[:, :, 16:32, 0] = torch.linspace(-1, 3, 16)  # page 1 reaches 3 on channel 0
-    keys[:, :, 32:48, 0] = 1.0  # page 2: 1 at most
+    keys[:, :, 32:40, 0] = 1.0  # page 2: 1 at most on channel 0 ...
+    keys[:, :, 32:40, 1] = torch.linspace(-3, 1, 8)  # ... and -3 at least on channel 1, where q is negative
+    keys[:, :, 40:48, :2] = 100.0  # past the length 40: must not count
     q = torch.zeros(1, args.n_heads, D)
-    q[..., 0] = 1.0
+    q[..., 0], q[..., 1] = 1.0, -1.0
     bounds = attn.quest_bounds(q, keys, torch.tensor([40]))
     G = args.n_heads // args.n_kv_heads
     assert bounds.shape == (1, args.n_kv_heads, S)
-    torch.testing.assert_close(bounds[0, 0, ::16], torch.tensor([0.0, 3.0, 1.0]) * G)
+    torch.testing.assert_close(bounds[0, 0, ::16], torch.tensor([0.0, 3.0, 4.0]) * G)  # page 2: 1 + 3
+    idx = hk.select_topk(-bounds, torch.tensor([40]), 16)  # page 2's 8 valid tokens, then the newest 8 of page 1
+    assert as_sets(idx) == [[(list(range(24, 40)), 0)] * args.n_kv_heads]

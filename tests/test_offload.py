@@ -65,6 +65,8 @@ def test_cap_offloads_only_what_does_not_fit():
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="--kv-gpu-gb must be a positive number of GB"):
             plan_offload(model, 1, 256, kv_gpu_gb=bad)
+    normed = tiny(hata=HataArgs(budget=8, n_dense=1, use_norm=True))  # + an fp32 key norm a token and KV head
+    assert plan_offload(normed, 1, 256, kv_gpu_gb=100).gpu_bytes == 4 * layer + codes + 3 * 1 * 2 * 256 * 4
 
 
 def test_refuses_when_host_memory_is_too_small():
