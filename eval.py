@@ -47,7 +47,6 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
 NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Laura", "Martin")
 TASKS, HAYSTACKS = ("single", "multikey"), ("noise", "prose")
 DEPTHS = tuple(i / 10 for i in range(11))
-MIN_CONTEXT = 128  # a retrieval prompt's intro, needles and question take up to ~100 tokens
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -286,8 +285,7 @@ def merge(runs):
         out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
         out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
         out["command"] += " ; " + r["command"]
-        for k, v in r["seconds"].items():
-            out["seconds"][k] = out["seconds"].get(k, 0) + v
+        out["seconds"] = {k: out["seconds"].get(k, 0) + r["seconds"].get(k, 0) for k in out["seconds"] | r["seconds"]}
         if r.get("perplexity"):
             a, b = out.get("perplexity", r["perplexity"])["dense"], r["perplexity"]["dense"]
             if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
@@ -405,7 +403,7 @@ def build_parser():
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
-    p.add_argument("--quest", type=parse_quest, nargs="+", default=["16:16"], help="Quest n_sink:n_recent, one row each (16:16: EVAL.md)")
+    p.add_argument("--quest", type=parse_quest, nargs="+", default=["16:16"], help="Quest rows, sink:recent")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
@@ -450,8 +448,8 @@ def run(args):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
     if args.ppl_tokens >= args.ppl_context:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
-    if "retrieval" in args.tasks and not (min(args.contexts) >= MIN_CONTEXT and args.minutes > 0):
-        raise ValueError(f"--contexts must be >= {MIN_CONTEXT} tokens and --minutes > 0 for retrieval")
+    if "retrieval" in args.tasks and not (min(args.contexts) >= 128 and args.minutes > 0):  # intro, needles and
+        raise ValueError("--contexts must be >= 128 tokens and --minutes > 0 for retrieval")  # question: ~100
     weights = args.hash_weights or (TRAINED if os.path.isfile(TRAINED) and not args.checkpoint else None)
     weights = None if weights == "none" else weights
     if weights and not os.path.isfile(weights):
@@ -477,12 +475,14 @@ def run(args):
         json.dump(results, open(json_path, "w"), indent=1)
     if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
         windows = text_windows(tok, docs, args.ppl_context, args.ppl_docs)
-        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch, partial(save, "perplexity", time.perf_counter()))
+        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch,
+                           partial(save, "perplexity", time.perf_counter()))
     if "retrieval" in args.tasks:
         noise = NOISE * (4 * max(args.contexts) // len(tok.encode(NOISE)) + 2)
         hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
         specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
-        run_retrieval(model, tok, hays, specs, pols, args.batch, partial(save, "retrieval", time.perf_counter()), deadline)
+        run_retrieval(model, tok, hays, specs, pols, args.batch, partial(save, "retrieval", time.perf_counter()),
+                      deadline)
     write_report(results, args.out_dir, name)
 
 

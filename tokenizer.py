@@ -267,6 +267,6 @@ class Tokenizer:
                 else:
                     ids += self.encode(turn, bos=True)
         else:
-            raise ValueError("this tokenizer has no chat format hata writes (Llama 3's or ChatML's tokens, or Llama 2's "
-                             "[INST] for sentencepiece); use a plain prompt instead of chat mode")
+            raise ValueError("this tokenizer has no chat format hata writes (Llama 3's or ChatML's tokens, or Llama "
+                             "2's [INST] for sentencepiece); use a plain prompt instead of chat mode")
         return ids
