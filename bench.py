@@ -487,7 +487,7 @@ def bench_cpu(args):
 
 
 def main(argv=None):
-    from engine import positive_int  # counts and lengths: argparse refuses 0 and negatives in one line
+    from engine import parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("attention", help="one layer's decode attention: dense SDPA vs the HATA step")
@@ -507,7 +507,7 @@ def main(argv=None):
     p.add_argument("--preset", default="llama-3.1-8b")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072])
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4])
-    p.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
+    p.add_argument("--budgets", nargs="+", type=parse_budget, default=BUDGETS, help="1/64 (of the context) or tokens")
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per measurement (median)")
     p.add_argument("--prefill-len", type=positive_int, default=32768)
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")

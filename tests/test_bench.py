@@ -1,6 +1,7 @@
 """bench.py on the CPU: its cpu mode end to end (table and plot), and how it labels budgets. The GPU modes run
 only on a GPU (BENCHMARKS.md has their output)."""
 import pytest
+import torch
 
 import bench
 
@@ -24,11 +25,19 @@ def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [(["cpu", "--steps", "0"], "--steps: invalid positive_int value: '0'"),
                                          (["cpu", "--seqlens", "16", "-4"], "--seqlens: invalid positive_int"),
-                                         (["e2e", "--batches", "0"], "--batches: invalid positive_int")])
+                                         (["e2e", "--batches", "0"], "--batches: invalid positive_int"),
+                                         (["e2e", "--budgets", "1/0"], "budget '1/0' is not a number")])
 def test_bad_flags_get_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the e2e run would start")
+def test_e2e_budgets_take_fractions(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["e2e", "--budgets", "1/64", "2048"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err  # parsed: only the missing GPU stops it
 
 
 def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
