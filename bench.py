@@ -5,7 +5,7 @@
     python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--prefill-len 32768]
     python bench.py cpu [--seqlens 16 1024 4096 8192] [--budget 512]        (no GPU needed)
 
-`attention` times one layer's decode attention (DESIGN.md, "The decode step of a sparse layer"):
+`attention` times one layer's decode attention (the decode step of a sparse layer):
   dense  torch SDPA, q (B, H, 1, D) against the whole cache (enable_gqa)
   HATA   hash the new key and the query heads, write the key's code, fused score + counting select, sparse
          split-K attention over the selected rows (hata_kernels.py)
@@ -13,7 +13,7 @@ Both sides run as captured CUDA graphs, the L2 is flushed with a large read befo
 HATA result is checked against the refs before it is timed. Prints a markdown table (medians) and plots latency
 and speedup against the context length (report/bench_attention.png; e2e and cpu plot theirs the same way).
 The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q; over
-4.27 TB/s (the H200's measured copy bandwidth, DESIGN.md).
+4.27 TB/s (the H200's bandwidth measured by a device-to-device copy, read + write).
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
 HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.
 `e2e` times whole decode steps of a preset with random weights, each a CUDA graph, dense vs HATA at each budget,
@@ -34,7 +34,7 @@ import torch
 import hata_kernels as hk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COPY_BW = 4.27e12                     # bytes/s, H200 device-to-device copy (read + write), DESIGN.md
+COPY_BW = 4.27e12                     # bytes/s, H200 device-to-device copy (read + write)
 BUDGETS = [1 / 64, 2048]              # HATA's K: a fraction of the context, or tokens (attention; e2e's default)
 SHAPES = {                            # name: (H, Hkv, D)
     "llama8b": (32, 8, 128),          # Llama-3.1-8B

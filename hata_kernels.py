@@ -1,8 +1,9 @@
 """HATA decode-step kernels: hash codes, Hamming scores, top-k selection, sparse attention.
 
 Implements the decode step of HATA (Hash-Aware Top-k Attention, Gong et al., ACL 2025, arXiv 2506.02572,
-Sec. 3: learned binary hash codes, Hamming-distance scoring, top-k sparse attention). See DESIGN.md for the
-algorithm and the dimension names used in every shape comment (B, H, Hkv, G, D, R, W, S, S_max, K).
+Sec. 3: learned binary hash codes, Hamming-distance scoring, top-k sparse attention). Shape comments name B
+sequences, H query heads, Hkv KV heads, G = H / Hkv, D head dim, R hash bits, W = R / 32 code words, S (S_max)
+cached positions (capacity), K the budget.
 
 Each op is a triple, side by side:
     _op_kernel   Triton kernel (GPU; also runs on the CPU under TRITON_INTERPRET=1)
@@ -104,7 +105,7 @@ def _popcount(x, HW_POPC: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. hash_encode: codes = pack(x @ P > 0)          (DESIGN.md steps 1-2)
+# 1. hash_encode: codes = pack(x @ P > 0)          (steps 1-2 of a decode step)
 
 
 @triton.jit
@@ -254,7 +255,7 @@ def hash_encode_step_ref(q, k, proj, code_cache, pos):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. hamming_score: group-summed Hamming distance of every cached key   (DESIGN.md step 3)
+# 2. hamming_score: group-summed Hamming distance of every cached key   (step 3)
 
 
 @triton.jit
@@ -368,7 +369,7 @@ def hamming_score_ref(q_codes, k_codes, lengths):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. select_topk: smallest-score positions with sinks, recent window, newest-wins ties   (DESIGN.md step 4)
+# 3. select_topk: smallest-score positions with sinks, recent window, newest-wins ties   (step 4)
 
 
 def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
@@ -766,7 +767,7 @@ def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. sparse_decode_attention: softmax(q K_sel^T * scale) V_sel over the selected rows   (DESIGN.md step 5)
+# 5. sparse_decode_attention: softmax(q K_sel^T * scale) V_sel over the selected rows   (step 5)
 
 
 def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=None):

@@ -1,6 +1,6 @@
 """Decode with the KV cache of HATA's sparse layers in host memory: only the selected rows cross PCIe.
 
-A HATA decode step (DESIGN.md) reads the hash code of every cached token but the keys and values of only the K
+A HATA decode step reads the hash code of every cached token but the keys and values of only the K
 tokens it selects, so a sparse layer's K/V cache can live in page-locked host memory while its hash codes, and the
 dense layers' caches, stay on the GPU. `apply_offload(model, B, S_max, kv_gpu_gb=None)` plans which sparse layers
 to offload and installs `HostKVCache` as their `Attention.kv_cache_cls`; call it before `model.setup_caches`, which

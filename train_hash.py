@@ -11,7 +11,7 @@ a query attends to get codes close to the query's: prefill long texts, pick quer
 and fit P to what the dense attention of those queries says. The model is read through model.py only:
 `attn.keep_qk` hands over post-RoPE q and k after a forward.
 
-Two losses. `--loss pair` is HATA's recipe (DESIGN.md, "Training recipe"): label every key <= t (top 10% by q.k:
+Two losses. `--loss pair` is HATA's training recipe: label every key <= t (top 10% by q.k:
 weights linspace(20, 1) in rank order; the rest -1) and minimise the labelled relaxed code distance per query
 head. `--loss listwise` (the default) trains what selection does: a KV head's keys are ranked by the Hamming
 distance summed over its G query heads, so the loss is the KL from the group's mean dense softmax to

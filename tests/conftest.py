@@ -1,5 +1,5 @@
 """Shared fixtures. Without CUDA, Triton kernels run in its interpreter, which must be switched on before any
-@triton.jit function is defined (MACHINES.md): hence the environment variable is set here, before the tests
+@triton.jit function is defined: hence the environment variable is set here, before the tests
 import hata_kernels."""
 import importlib.util
 import os

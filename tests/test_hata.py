@@ -56,7 +56,7 @@ def test_sparse_path_with_every_position_selected_is_dense(smol_weights, use_nor
 
 @pytest.mark.parametrize("use_norm", [False, True])
 def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm):
-    """Every decode step of every sparse layer against HATA written out from the refs (DESIGN.md): the layer's
+    """Every decode step of every sparse layer against HATA written out from the refs: the layer's
     projection hashes the queries and every cached key, the score is the Hamming distance summed over the G query
     heads of a KV head (use_norm: -(G - 2 ham / R) * ||k||), and the top K, with the sinks and the recent window,
     are what the layer attends to; per sequence, with the keys of decoded tokens too."""

@@ -18,7 +18,7 @@ DEV = "cuda" if CUDA else "cpu"             # Triton-vs-ref tests: the interpret
 
 
 # ----------------------------------------------------------------------------------------------------------
-# brute-force definitions: Python loops over every element, straight from DESIGN.md
+# brute-force definitions: Python loops over every element, straight from hata_kernels.py's conventions
 
 
 def to_int32(u):
