@@ -105,7 +105,7 @@ def _popcount(x, HW_POPC: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. hash_encode: codes = pack(x @ P > 0)          (steps 1-2 of a decode step)
+# 1. hash_encode: codes = pack(x @ P > 0)
 
 
 @triton.jit
@@ -255,7 +255,7 @@ def hash_encode_step_ref(q, k, proj, code_cache, pos):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. hamming_score: group-summed Hamming distance of every cached key   (step 3)
+# 2. hamming_score: group-summed Hamming distance of every cached key
 
 
 @triton.jit
@@ -369,7 +369,7 @@ def hamming_score_ref(q_codes, k_codes, lengths):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. select_topk: smallest-score positions with sinks, recent window, newest-wins ties   (step 4)
+# 3. select_topk: smallest-score positions with sinks, recent window, newest-wins ties
 
 
 def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
@@ -767,7 +767,7 @@ def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. sparse_decode_attention: softmax(q K_sel^T * scale) V_sel over the selected rows   (step 5)
+# 5. sparse_decode_attention: softmax(q K_sel^T * scale) V_sel over the selected rows
 
 
 def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=None):
