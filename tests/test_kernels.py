@@ -390,16 +390,17 @@ def test_select_topk_triton(S, budget, n_sink, n_recent, dtype):
     assert torch.equal(hk.select_topk(score, lengths, budget, n_sink, n_recent, use_triton=True), ref)
 
 
-@pytest.mark.parametrize("S,G,R,budget,n_sink,n_recent", [
-    (1, 1, 32, 4, 0, 0), (63, 3, 128, 8, 2, 3), (257, 4, 64, 40, 4, 16), (300, 2, 32, 300, 0, 0),
-    (257, 4, 32, 5, 4, 4)])
-def test_hamming_topk_triton(S, G, R, budget, n_sink, n_recent):
+@pytest.mark.parametrize("B,Hkv,S,G,R,budget,n_sink,n_recent", [
+    (2, 2, 1, 1, 32, 4, 0, 0), (2, 2, 63, 3, 128, 8, 2, 3), (2, 2, 257, 4, 64, 40, 4, 16),
+    (2, 2, 300, 2, 32, 300, 0, 0), (2, 2, 257, 4, 32, 5, 4, 4), (1, 1, 129, 3, 64, 7, 1, 2), (3, 1, 65, 8, 32, 9, 0, 1)])
+def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):
     gen = torch.Generator().manual_seed(S + G + budget)
-    B, Hkv, W = 2, 2, R // 32
+    W = R // 32
     q = random_codes(B, Hkv * G, W, gen=gen)
     k = random_codes(B, Hkv, S + 5, W, gen=gen)[:, :, :S]
-    k[1, 0, :S // 2] = k[1, 0, 0]                                             # many exact ties
-    q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, max(1, S // 3)], device=DEV)
+    k[-1, 0, :S // 2] = k[-1, 0, 0]                                           # many exact ties
+    lengths = torch.tensor([S, max(1, S // 3), S - 1][:B], device=DEV)
+    q, k = q.to(DEV), k.to(DEV)
     ref = hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent)
     tri = hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=True)
     assert tri.shape == ref.shape and tri.dtype == torch.int32
