@@ -392,7 +392,8 @@ def test_select_topk_triton(S, budget, n_sink, n_recent, dtype):
 
 @pytest.mark.parametrize("B,Hkv,S,G,R,budget,n_sink,n_recent", [
     (2, 2, 1, 1, 32, 4, 0, 0), (2, 2, 63, 3, 128, 8, 2, 3), (2, 2, 257, 4, 64, 40, 4, 16),
-    (2, 2, 300, 2, 32, 300, 0, 0), (2, 2, 257, 4, 32, 5, 4, 4), (1, 1, 129, 3, 64, 7, 1, 2), (3, 1, 65, 8, 32, 9, 0, 1)])
+    (2, 2, 300, 2, 32, 300, 0, 0), (2, 2, 257, 4, 32, 5, 4, 4), (1, 1, 129, 3, 64, 7, 1, 2),
+    (3, 1, 65, 8, 32, 9, 0, 1)])
 def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):
     gen = torch.Generator().manual_seed(S + G + budget)
     W = R // 32
