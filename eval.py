@@ -403,7 +403,7 @@ def build_parser():
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
-    p.add_argument("--quest", type=parse_quest, nargs="+", default=["16:16"], help="Quest rows, sink:recent")
+    p.add_argument("--quest", type=parse_quest, nargs="+", default=[(16, 16)], help="Quest rows, sink:recent")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
@@ -448,8 +448,8 @@ def run(args):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
     if args.ppl_tokens >= args.ppl_context:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
-    if "retrieval" in args.tasks and not (min(args.contexts) >= 128 and args.minutes > 0):  # intro, needles and
-        raise ValueError("--contexts must be >= 128 tokens and --minutes > 0 for retrieval")  # question: ~100
+    if "retrieval" in args.tasks and not (min(args.contexts) >= 128 and args.minutes > 0):
+        raise ValueError("retrieval needs --contexts >= 128 (intro, needles, question: ~100 tokens), --minutes > 0")
     weights = args.hash_weights or (TRAINED if os.path.isfile(TRAINED) and not args.checkpoint else None)
     weights = None if weights == "none" else weights
     if weights and not os.path.isfile(weights):

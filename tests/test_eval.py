@@ -119,12 +119,12 @@ def test_merge_joins_selectors_over_the_same_samples():
 
 
 @pytest.mark.parametrize("argv, words", [(["--budgets", "16"], "must be a fraction below 1"),
-                                         (["--budgets", "1/0"], "is not a number"),
+                                         (["--budgets", "1/0"], "is not a count"),
                                          (["--batch", "0"], "--batch: invalid positive_int value: '0'"),
                                          (["--ppl-tokens", "256", "--ppl-context", "256"], "must be below"),
                                          (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
-                                         (["--contexts", "40", "--samples", "1"], "--contexts must be >= 128"),
+                                         (["--contexts", "40", "--samples", "1"], "--contexts >= 128"),
                                          (["--minutes", "0"], "--minutes > 0"),
                                          (["--device", "xyz"], "--device: invalid device_name value: 'xyz'")])
 def test_bad_flags_fail_before_loading(argv, words, capsys):
@@ -134,6 +134,15 @@ def test_bad_flags_fail_before_loading(argv, words, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and words in err and "nonexistent" not in err
+
+
+def test_default_and_given_flags_parse_to_what_run_uses():
+    """argparse applies `type` to a string default only: list defaults must already be parsed values."""
+    for argv, quest in (([], [(16, 16)]), (["--quest", "4:8", "0:0"], [(4, 8), (0, 0)])):
+        args = ev.build_parser().parse_args(argv)
+        assert args.quest == quest and list(ev.selectors("w.safetensors", args.quest)) == [
+            "oracle", "hata-trained", "hata-random"] + [f"quest s{s} r{r}" for s, r in quest]
+        assert all(0 < f < 1 for f in args.budgets + args.quest_budgets) and args.device == "cpu"
 
 
 def test_report_from_bad_files_names_them(capsys, tmp_path):
