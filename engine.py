@@ -161,13 +161,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_budget(text):
-    """'2048' -> 2048 tokens; '0.0625' or '1/16' -> a fraction of the context."""
+    """'2048' -> 2048 tokens; '0.0625' or '1/16' -> a fraction of the cache; out of HataArgs' range: one line."""
     try:
         num, _, den = text.partition("/")
-        value = float(num) / float(den) if den else float(num)
+        value = HataArgs(budget=float(num) / float(den) if den else float(num)).budget
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number, a fraction like 1/16, or a count")
-    return int(value) if value >= 1 and value.is_integer() else value
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a count >= 1 or a fraction in (0, 1) like 1/16")
+    return int(value) if value >= 1 else value
 
 
 def positive_int(text):
@@ -223,7 +223,7 @@ def build_parser():
     g.add_argument("--kv-gpu-gb", type=float,
                    help="cap the KV cache's GPU memory: offload sparse layers until it fits (implies --offload)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the norms, MLP and RoPE (faster decode on CUDA after ~10 s of compiling)")
+                   help="torch.compile the norms, MLP and RoPE (faster decode on CUDA after a one-time compile)")
     p.add_argument("--random-weights", action="store_true",
                    help="build the --preset shape with random weights on the device, for speed measurement only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.1-8b", help="shape for --random-weights")

@@ -1,5 +1,6 @@
 """The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
 status 2, raised before the model is loaded where it can be."""
+import argparse
 import math
 
 import pytest
@@ -151,6 +152,9 @@ def test_bad_hash_weights_file(capsys, tmp_path):
 def test_parse_budget():
     assert parse_budget("2048") == 2048 and isinstance(parse_budget("2048"), int)
     assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
+    for bad in ("0", "-1", "2.5", "nan", "inf", "1/0", "abc"):  # HataArgs' range, checked by argparse
+        with pytest.raises(argparse.ArgumentTypeError, match="not a count >= 1 or a fraction in"):
+            parse_budget(bad)
 
 
 def test_top_p_keeps_only_the_nucleus():
