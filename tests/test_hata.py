@@ -202,8 +202,8 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
 
 def test_quest_selects_whole_pages_by_bound():
     """Hand-made cache: each page's bound is sum over channels of max(q * k_max, q * k_min) over its valid keys
-    (a negative query channel takes the minimum; keys past the length do not count), and the top K tokens are the
-    pages with the highest bounds, whole (ties: the newer page first)."""
+    (a negative query channel takes the minimum; keys past the length do not count), and the top K tokens come
+    from the pages with the highest bounds (ties: the newer page first, then the newer token)."""
     args = PRESETS["tiny"]
     attn = Transformer(args, HataArgs(budget=16, selector="quest", n_dense=0)).layers[0].attention
     D, S = args.head_dim, 48
