@@ -119,6 +119,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     after every step (streaming). On CUDA the decode step runs as a CUDA graph unless cuda_graph is False."""
     device = model.output.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
+    if (need := T + max_new_tokens - 1) > model.max_seq_len:  # the last new token is sampled, never cached
+        raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots; the cache has {model.max_seq_len}")
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p)
@@ -281,7 +283,7 @@ def run(args):
     if not all(prompts):
         raise ValueError(f"prompt {[len(p) for p in prompts].index(0) + 1} is empty (0 tokens); give some text")
     longest = max(len(p) for p in prompts)
-    if args.max_seq_len is not None and longest >= args.max_seq_len:
+    if args.max_seq_len is not None and longest > args.max_seq_len:
         raise ValueError(f"the prompt has {longest} tokens but --max-seq-len is {args.max_seq_len}; "
                          f"raise --max-seq-len or shorten the prompt")
     if hata is not None and hata.hash_weights is None and args.checkpoint is None:
@@ -293,17 +295,16 @@ def run(args):
     if top >= model.args.vocab_size:
         raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {model.args.vocab_size} "
                          f"tokens: the tokenizer does not belong to this checkpoint")
-    if longest >= context:
+    if longest > context:
         raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     setup(model, args, len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
-          f"{describe_policy(hata, max_seq_len, model.args.n_layers)}",
-          file=sys.stderr)
+          f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok) if len(prompts) == 1 else None
-    max_new = min(args.max_new_tokens, max_seq_len - longest)
+    max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
     if max_new < args.max_new_tokens:
         print(f"note: at most {max_new} new tokens: the cache holds {max_seq_len} tokens and the prompt {longest}",
               file=sys.stderr)
@@ -337,8 +338,6 @@ def run_random(args, device, dtype):
     hata = hata_args(args)
     model = random_model(args.preset, hata, device, dtype)
     max_seq_len = args.max_seq_len or args.prompt_len + args.max_new_tokens
-    if args.prompt_len >= max_seq_len:
-        raise ValueError(f"--prompt-len {args.prompt_len} does not fit --max-seq-len {max_seq_len}")
     setup(model, args, len(args.prompt or [None]), max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
           f"measurement only, the output is noise; {describe_policy(hata, max_seq_len, model.args.n_layers)}",

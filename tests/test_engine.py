@@ -132,7 +132,7 @@ def test_prompts_the_model_cannot_take(capsys, argv, words):
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_max_new_tokens_capped_by_the_cache_says_so(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--max-seq-len", "3", "--max-new-tokens", "20")
-    assert code == 0 and "at most 2 new tokens" in err
+    assert code == 0 and "at most 3 new tokens" in err  # 1 prompt token + 2 cached: the last is never cached
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -191,6 +191,19 @@ def test_generate_stops_each_sequence_at_its_stop_token():
     model.setup_caches(2, 32)
     got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop})
     assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["decode_steps"] == 9
+
+
+def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
+    """Prompt + new tokens - 1 positions are cached (the last token is sampled, never fed back); one more is an
+    error before any work, not an index past the cache (on CUDA, a write out of bounds)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 8)
+    assert len(engine.generate(model, [[1, 2, 3]], max_new_tokens=6)[0][0]) == 6  # 3 + 6 - 1 = 8 slots: fits
+    with pytest.raises(ValueError, match="3 \\+ 7 tokens need 9 cache slots; the cache has 8"):
+        engine.generate(model, [[1, 2, 3]], max_new_tokens=7)
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
+                           "--max-new-tokens", "10", "--device", "cpu")
+    assert code == 2 and "10 + 10 tokens need 19 cache slots; the cache has 12" in error_line(err)
 
 
 def test_sampling_temperature():
