@@ -206,6 +206,19 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     assert code == 2 and "10 + 10 tokens need 19 cache slots; the cache has 12" in error_line(err)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_equals_eager():
+    """The captured CUDA-graph step gives the eager step's tokens: HATA's Triton kernels, sequences of different
+    lengths, up to the cache's last slot (7 + 10 - 1 = 16)."""
+    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cuda", torch.float32)
+    prompts, out = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], []
+    for graph in (False, True):
+        model.setup_caches(2, 16)
+        with torch.inference_mode():
+            out.append(engine.generate(model, prompts, max_new_tokens=10, cuda_graph=graph)[0])
+    assert out[0] == out[1] and [len(t) for t in out[0]] == [10, 10]
+
+
 def test_sampling_temperature():
     """softmax(logits / T): at T = 0.5 the token of probability 0.6 is drawn with probability 0.36 / 0.52."""
     logits, n = torch.log(torch.tensor([[0.6, 0.4]])), 4000
