@@ -119,7 +119,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     after every step (streaming). On CUDA the decode step runs as a CUDA graph unless cuda_graph is False."""
     device = model.output.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    if (need := T + max_new_tokens - 1) > model.max_seq_len:  # the last new token is sampled, never cached
+    if (need := T + max(max_new_tokens - 1, 0)) > model.max_seq_len:  # the last new token is never cached
         raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots; the cache has {model.max_seq_len}")
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):

@@ -111,7 +111,7 @@ def _gather_rows_kernel(
     rows = tl.where(used, rows, 0).to(tl.int64)
     k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * sks + d[None, :], mask=used[:, None], other=0.0)
     v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + d[None, :], mask=used[:, None], other=0.0)
-    out = (pid_bh * K + n)[:, None] * D + d[None, :]                           # (BLOCK_N, D) staging offsets
+    out = (pid_bh.to(tl.int64) * K + n)[:, None] * D + d[None, :]              # (BLOCK_N, D) staging offsets
     tl.store(ks_ptr + out, k, mask=n[:, None] < K)
     tl.store(vs_ptr + out, v, mask=n[:, None] < K)
 
@@ -175,8 +175,10 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse:
-        raise ValueError("nothing to offload: this model has no HATA sparse layers (offload needs HATA decode, "
-                         "not --dense)")
+        raise ValueError("nothing to offload: no layer decodes sparsely (--dense, or --n-dense covers every layer)")
+    if kv_gpu_gb is None and hata.budget_tokens(max_seq_len) >= max_seq_len:
+        raise ValueError(f"nothing to offload: the budget covers the whole {max_seq_len}-token cache, so every step "
+                         "is dense and would read all of K/V from host memory; lower --budget or drop --offload")
     esize = (dtype or model.output.weight.dtype).itemsize
     layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
     code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * (hata.rbit // 8 + 4 * hata.use_norm)
@@ -184,13 +186,13 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     n = len(sparse)
     if kv_gpu_gb is not None:
         if not (math.isfinite(kv_gpu_gb) and kv_gpu_gb > 0):
-            raise ValueError(f"--kv-gpu-gb must be a positive number of GB, got {kv_gpu_gb}")
+            raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {kv_gpu_gb}")
         cap = int(kv_gpu_gb * GiB)
         n = min(n, max(0, math.ceil((all_gpu - cap) / layer_bytes)))
         if all_gpu - n * layer_bytes > cap:
             raise ValueError(f"the KV cache needs {all_gpu - n * layer_bytes} bytes on the GPU even with all "
                              f"{n} sparse layers offloaded (dense layers and hash codes), but --kv-gpu-gb "
-                             f"{kv_gpu_gb} allows {cap} bytes; raise it or shorten --max-seq-len")
+                             f"{kv_gpu_gb} allows {cap} bytes; raise it, or lower --max-seq-len or the batch")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     pinned = model.output.weight.is_cuda
     need = n * (pinned_bytes(layer_bytes) if pinned else layer_bytes)
@@ -212,7 +214,7 @@ def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes
 
 
 def offload_from_args(model, args, max_batch_size, max_seq_len):
-    """engine.py's hook, before setup_caches: --offload offloads every sparse layer, --kv-gpu-gb GB only as many
+    """engine.py's hook, before setup_caches: --offload offloads every sparse layer, --kv-gpu-gb GiB only as many
     as the cap needs. Prints the plan to stderr."""
     if args.offload or args.kv_gpu_gb is not None:
         print(apply_offload(model, max_batch_size, max_seq_len, args.kv_gpu_gb), file=sys.stderr)

@@ -201,6 +201,8 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     assert len(engine.generate(model, [[1, 2, 3]], max_new_tokens=6)[0][0]) == 6  # 3 + 6 - 1 = 8 slots: fits
     with pytest.raises(ValueError, match="3 \\+ 7 tokens need 9 cache slots; the cache has 8"):
         engine.generate(model, [[1, 2, 3]], max_new_tokens=7)
+    with pytest.raises(ValueError, match="9 \\+ 0 tokens need 9 cache slots"):  # the prompt alone must fit
+        engine.generate(model, [list(range(9))], max_new_tokens=0)
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
                            "--max-new-tokens", "10", "--device", "cpu")
     assert code == 2 and "10 + 10 tokens need 19 cache slots; the cache has 12" in error_line(err)

@@ -63,7 +63,7 @@ def test_cap_offloads_only_what_does_not_fit():
         plan_offload(model, 1, 256, kv_gpu_gb=(layer + codes - 1) / GiB)  # not even the dense layer fits
     assert "\n" not in str(e.value)
     for bad in (0, -1, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="--kv-gpu-gb must be a positive number of GB"):
+        with pytest.raises(ValueError, match="--kv-gpu-gb must be a positive number of GiB"):
             plan_offload(model, 1, 256, kv_gpu_gb=bad)
     normed = tiny(hata=HataArgs(budget=8, n_dense=1, use_norm=True))  # + an fp32 key norm a token and KV head
     assert plan_offload(normed, 1, 256, kv_gpu_gb=100).gpu_bytes == 4 * layer + codes + 3 * 1 * 2 * 256 * 4
@@ -73,8 +73,11 @@ def test_refuses_when_host_memory_is_too_small():
     with pytest.raises(ValueError, match=r"needs 196608 bytes of host memory .* but 1000 bytes") as e:
         apply_offload(tiny(), 1, 256, host_bytes=1000)
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="no HATA sparse layers"):
-        apply_offload(tiny(hata=None), 1, 256)
+    for hata in (None, HataArgs(budget=8, n_dense=4)):  # --dense, or n_dense covering all 4 layers
+        with pytest.raises(ValueError, match="no layer decodes sparsely"):
+            apply_offload(tiny(hata=hata), 1, 256)
+    with pytest.raises(ValueError, match="the budget covers the whole 8-token cache, so every step is dense"):
+        apply_offload(tiny(), 1, 8)  # K = 8 >= S_max: reading every row over PCIe, for nothing
 
 
 def far_inputs(device, B=2, H=6, Hkv=3, S=37, K=13, D=16, dtype=torch.float32):
