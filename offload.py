@@ -23,6 +23,7 @@ themselves, so the same code runs (and is tested) without a GPU.
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -69,8 +70,11 @@ def pinned_bytes(nbytes):
 class HostKVCache(nn.Module):
     """`Attention.kv_cache_cls` of an offloaded layer: KVCache's interface, K and V in host memory."""
 
-    def __init__(self, B, Hkv, S_max, D, dtype, device=None):
+    def __init__(self, B, Hkv, S_max, D, dtype, device=None, max_bytes=None):
         super().__init__()
+        if max_bytes is not None and (nbytes := 2 * B * Hkv * S_max * D * dtype.itemsize) > max_bytes:
+            raise ValueError(f"an offloaded layer's K/V would take {nbytes} bytes of host memory, but the offload "
+                             f"plan allowed {max_bytes}: call apply_offload again for this batch and length")
         device = torch.device(device or "cpu")
         kv = host_buffer((2, B, Hkv, S_max, D), dtype, device)  # one allocation: pinned sizes round up once
         # plain attributes, not buffers: model.to() must never copy them onto the GPU
@@ -208,8 +212,9 @@ def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes
     """Plan, then make the planned layers allocate their K/V in host memory at the next setup_caches (call it
     before setup_caches so the GPU never holds them). Returns the plan."""
     plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_bytes)
+    host_cache = partial(HostKVCache, max_bytes=plan.layer_bytes)  # a larger setup_caches needs a new plan
     for i, layer in enumerate(model.layers):
-        layer.attention.kv_cache_cls = HostKVCache if i in plan.layers else KVCache
+        layer.attention.kv_cache_cls = host_cache if i in plan.layers else KVCache
     return plan
 
 

@@ -78,6 +78,11 @@ def test_refuses_when_host_memory_is_too_small():
             apply_offload(tiny(hata=hata), 1, 256)
     with pytest.raises(ValueError, match="the budget covers the whole 8-token cache, so every step is dense"):
         apply_offload(tiny(), 1, 8)  # K = 8 >= S_max: reading every row over PCIe, for nothing
+    model = tiny()
+    apply_offload(model, 1, 256, host_bytes=10 ** 6)
+    model.setup_caches(1, 128)  # smaller than planned: fine
+    with pytest.raises(ValueError, match="the offload plan allowed 65536: call apply_offload again"):
+        model.setup_caches(2, 256)  # twice the plan's host memory, never checked against what is available
 
 
 def far_inputs(device, B=2, H=6, Hkv=3, S=37, K=13, D=16, dtype=torch.float32):
