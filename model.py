@@ -221,7 +221,7 @@ class Attention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         if self.keep_qk:
             self.qk = (q, k)
-        keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each
+        keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each, or a prefix of S_max (offload.py)
         if self.hata is not None:
             norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
             if T == 1:  # decode: the new key's code goes into the cache in the launch that hashes the queries
@@ -241,7 +241,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values,
                                                attn_mask=mask).view(B, H, 1, D)  # 1.4x faster at 8K (3x slower on CUDA)
         else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[..., :keys.shape[2]],
+                                               enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
     def sparse_decode(self, q, q_codes, keys, values, lengths):
@@ -368,6 +369,10 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.hata = hata if hata is not None and i >= hata.n_dense else None
             attn.hash_cache, attn.hash_proj, attn.budget = None, None, 0
+        if far := [i for i, l in enumerate(self.layers) if l.attention.hata is None
+                   and l.attention.kv_cache is not None and type(l.attention.kv_cache) is not KVCache]:
+            print(f"warning: layers {far} keep their K/V in host memory (offload.py) but now decode densely, reading "
+                  "all of it every step; call apply_offload and setup_caches again", file=sys.stderr)
         if hata is None or not self.sparse_layers() or not self.max_seq_len:
             return
         self.set_hash_projections(hata.hash_weights)

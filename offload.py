@@ -13,8 +13,9 @@ unified address space (UVA) at its host address, so a kernel can load and store 
            hamming_topk selects on the GPU from the codes; sparse_decode_attention's split kernel gathers the
            selected rows straight from host memory (zero-copy) and attends on the GPU.
   prefill  the rows are written through the view as the chunks go; a fresh prefill (every sequence from position
-           0, which forward runs without a mask) attends over the new k, v themselves, on the GPU; a later chunk
-           over a GPU copy of the cache made for that layer and dropped after it (host syncs are fine in prefill).
+           0) attends over the new k, v themselves, on the GPU; a later chunk over a GPU copy of the positions before
+           it, made for that layer and dropped after it (host syncs are fine in prefill; the copy is not counted in
+           --kv-gpu-gb, and is at most one layer's K/V).
 The other way to fetch, copying the selected rows into a small GPU staging buffer first (`gather_rows`, then the
 ordinary kernel over the buffer: `staged_sparse_attention`), moves the same bytes; `python bench.py offload` times
 both (BENCHMARKS.md). On the CPU the "far" memory is ordinary host memory and the views are the host tensors
@@ -86,12 +87,11 @@ class HostKVCache(nn.Module):
         T = k.shape[2]
         if T == 1:  # decode: forward reads only the selected rows (or every row, if this layer decodes densely)
             return self.k, self.v
-        if bool((pos[:, 0] == 0).all()):  # fresh prefill: forward attends over keys[:, :, :T], i.e. k, v
+        if bool((pos[:, 0] == 0).all()):  # fresh prefill: positions 0..T-1 are exactly k, v
             return k, v
-        end = int(pos.max()) + 1  # a later prefill chunk: the mask lets it see positions < end
-        keys, values = (torch.zeros(self.k.shape, dtype=k.dtype, device=k.device) for _ in range(2))
-        keys[:, :, :end], values[:, :, :end] = self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, S_max, D)
-        return keys, values
+        end = int(pos.max()) + 1  # a later prefill chunk: the mask lets it see positions < end, forward cuts it there
+        copy = partial(torch.clone, memory_format=torch.contiguous_format)  # on CUDA: one GPU copy, read over PCIe
+        return copy(self.k[:, :, :end]), copy(self.v[:, :, :end])  # (B, Hkv, end, D) each
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ PROMPTS = [list(range(3, 40)), list(range(100, 120))]  # 37 and 20 tokens: diffe
 
 
 @pytest.mark.parametrize("chunk", [4096, 16])  # a fresh prefill; chunks that attend over the cache with a mask
-def test_offload_gives_the_same_tokens_cpu(chunk):
+def test_offload_gives_the_same_tokens_cpu(chunk, capsys):
     model = tiny()
     ref_tokens, ref_logits = decode(model, PROMPTS, 10, chunk)
     plan = apply_offload(model, 2, 64)
@@ -49,6 +49,23 @@ def test_offload_gives_the_same_tokens_cpu(chunk):
     assert all(isinstance(model.layers[i].attention.kv_cache, HostKVCache) for i in plan.layers)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    model.set_hata(HataArgs(budget=8, n_dense=2))  # layer 1 is now dense, its K/V still in host memory
+    assert "layers [1] keep their K/V in host memory" in capsys.readouterr().err
+
+
+def test_offload_prefill_from_an_explicit_zero_position():
+    """forward with input_pos = 0 (a mask over S_max) and T > 1: the host cache's prefill answers with k, v
+    themselves, which the mask is cut to; then a chunk at 5 over the GPU copy of positions 0-4."""
+    model, tokens = tiny(), torch.tensor([list(range(3, 10))])  # (1, 7)
+    logits = []
+    for offload in (False, True):
+        if offload:
+            apply_offload(model, 1, 64)
+        model.setup_caches(1, 64)
+        with torch.inference_mode():
+            logits.append(torch.cat([model(tokens[:, :5], input_pos=torch.tensor([0])),
+                                     model(tokens[:, 5:], input_pos=torch.tensor([5]))], 1))  # (1, 7, V)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
 
 
 def test_cap_offloads_only_what_does_not_fit():
