@@ -443,24 +443,32 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
                                        "n_dense": str(hata.n_dense)})
 
 
-def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
-    """Read and check a projection file against the model and HataArgs; returns {layer: (Hkv, D, R)}."""
+def read_hash_file(path, with_tensors=True):
+    """(metadata, {name: tensor} or {}) of a projection file: one clear error for a missing, corrupt or foreign one.
+    The metadata says what it was trained for: int(meta["rbit"]), int(meta["n_dense"]), meta["model"]."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"hash weights file not found: {path}")
     try:
         with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys() if with_tensors}
     except Exception as e:
         raise ValueError(f"cannot read hash weights {path}: {e}") from None
+    if not {"model", "rbit", "n_dense"} <= set(meta):
+        raise ValueError(f"hash weights {path} lack train_hash.py's metadata (model, rbit, n_dense)")
+    return meta, tensors
+
+
+def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
+    """Read and check a projection file against the model and HataArgs; returns {layer: (Hkv, D, R)}."""
+    meta, tensors = read_hash_file(path)
     where = f"hash weights {path}"
-    if meta.get("model") != args.describe():
+    if meta["model"] != args.describe():
         raise ValueError(f"{where} were made for '{meta.get('model')}', not this model ('{args.describe()}')")
-    if int(meta.get("rbit", -1)) != hata.rbit:
+    if int(meta["rbit"]) != hata.rbit:
         raise ValueError(f"{where} have rbit={meta.get('rbit')} but rbit={hata.rbit} was asked for; "
                          f"pass --rbit {meta.get('rbit')}")
-    if int(meta.get("n_dense", -1)) != hata.n_dense:
+    if int(meta["n_dense"]) != hata.n_dense:
         raise ValueError(f"{where} have n_dense={meta.get('n_dense')} but n_dense={hata.n_dense} was asked for; "
                          f"pass --n-dense {meta.get('n_dense')}")
     want = {f"layers.{i}.hash_proj" for i in range(hata.n_dense, args.n_layers)}

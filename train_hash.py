@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from engine import default_checkpoint, device_name, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import HataArgs, apply_rope, from_checkpoint, load_hash_projections, rope_frequencies, save_hash_projections
+from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, read_hash_file, rope_frequencies,
+                   save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
@@ -88,12 +89,11 @@ def load_corpus(paths=None):
 
 
 def split_corpus(docs, every=5):
-    """(train, held-out) by document: every `every`-th document is held out. A single document is split
-    instead: its last 1/every of the text is held out."""
-    if len(docs) == 1:
-        name, text = docs[0]
-        cut = len(text) - len(text) // every
-        return [(name, text[:cut])], [(name + " (end)", text[cut:])]
+    """(train, held-out) by document: every `every`-th document is held out. Fewer than `every` documents are
+    split instead: the last 1/every of each text is held out."""
+    if len(docs) < every:
+        cut = [len(text) - len(text) // every for _, text in docs]
+        return [(n, t[:c]) for (n, t), c in zip(docs, cut)], [(n + " (end)", t[c:]) for (n, t), c in zip(docs, cut)]
     return ([d for i, d in enumerate(docs) if i % every != every - 1],
             [d for i, d in enumerate(docs) if i % every == every - 1])
 
@@ -257,6 +257,8 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         else:  # -1 on the keys <= t, 0 (no triple) after: what make_labels gives, less the top-10% weights
             seen = (pos <= sample["t"][idx][..., None])[:, :, None].expand(-1, -1, H, -1)  # (b, nq, H, keys)
             lab = torch.where(seen, -1.0, 0.0).to(dev)
+        if not lab.any():  # every drawn key comes after every query (few --keys): no triple, no gradient
+            continue
         if hp.get("shift"):
             q, k = shift_positions(q, k, torch.randint(hp["shift"], (batch,), generator=gen), inv_freq)
         loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"], loss_name,
@@ -265,6 +267,10 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         loss.backward()
         opt.step()
         history.append([loss.item()] + [x.item() for x in terms])
+        if not math.isfinite(history[-1][0]):
+            raise ValueError(f"the loss is not finite at step {len(history)}: lower --lr (or check the samples)")
+    if not history:
+        raise ValueError(f"no step saw a key at or before its query: raise --keys (now {keys})")
     tail = torch.tensor(history[-max(1, steps // 10):]).mean(0).tolist()
     return P.detach(), history[0], tail
 
@@ -564,10 +570,8 @@ def run(args):
         files = [p for r in (64, 128, 256) if os.path.isfile(p := f"{HERE}/weights/smollm2-135m-r{r}.safetensors")]
     selectors = {"oracle": None}
     for path in files or []:
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        r, nd = int(meta.get("rbit", 0)), int(meta.get("n_dense", -1))
+        meta = read_hash_file(path, with_tensors=False)[0]
+        r, nd = int(meta["rbit"]), int(meta["n_dense"])
         if nd != args.n_dense:
             raise ValueError(f"{path} has n_dense={nd}; pass --n-dense {nd}")
         stem = os.path.splitext(os.path.basename(path))[0]

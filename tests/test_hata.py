@@ -198,6 +198,12 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
               metadata={"model": args.describe(), "rbit": "64", "n_dense": "1"})
     with pytest.raises(ValueError, match=r"layers\.2\.hash_proj holds NaN"):
         load_hash_projections(path, args, hata)
+    save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path)  # safetensors, but not train_hash.py's
+    with pytest.raises(ValueError, match="lack train_hash.py's metadata"):
+        load_hash_projections(path, args, hata)
+    open(path, "wb").write(b"\xff" * 64)
+    with pytest.raises(ValueError, match="cannot read hash weights"):
+        load_hash_projections(path, args, hata)
 
 
 def test_quest_selects_whole_pages_by_bound():

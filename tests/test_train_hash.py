@@ -154,6 +154,22 @@ def test_split_corpus_by_document():
     assert [n for n, _ in held] == ["d4", "d9"] and len(train) == 8
     (_, a), (_, b) = th.split_corpus([("one", "x" * 100)])[0][0], th.split_corpus([("one", "x" * 100)])[1][0]
     assert len(a) == 80 and len(b) == 20
+    train, held = th.split_corpus([("one", "x" * 100), ("two", "y" * 50)])  # too few to hold whole ones out
+    assert [(n, len(t)) for n, t in train] == [("one", 80), ("two", 40)]
+    assert [(n, len(t)) for n, t in held] == [("one (end)", 20), ("two (end)", 10)]
+
+
+def test_steps_without_a_visible_key_are_skipped():
+    """A query at t = 0 sees only key 0: a step that draws other keys has no triple (0 / 0 would make P NaN)."""
+    g = torch.Generator().manual_seed(0)
+    sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 64, 8, generator=g),
+              "t": torch.zeros(2, 1, dtype=torch.long)}
+    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise")
+    P0 = torch.randn(2, 8, 32, generator=g)
+    P, first, _ = th.train_layer(P0, sample, 40, 2, 4, torch.Generator().manual_seed(0), hp)
+    assert P.isfinite().all() and not torch.equal(P, P0) and math.isfinite(first[0])
+    with pytest.raises(ValueError, match="raise --keys"):  # key 0 never drawn in 2 steps of 1 key out of 64
+        th.train_layer(P0, sample, 2, 2, 1, torch.Generator().manual_seed(1), hp)
 
 
 @pytest.fixture(scope="module")
