@@ -1,7 +1,7 @@
 """Does HATA keep the model's answers? Retrieval, perplexity and agreement, sparse selectors against dense.
 
     python eval.py --quick              # small sizes; tests/test_eval.py runs its pieces
-    python eval.py --text book.txt      # any text as the prose haystack and the perplexity text
+    python eval.py --text book.txt      # its held-out part (train_hash.py's split) as the haystack and the text
     (the full run and its results: EVAL.md)
 
 Every score comes *out of the sparse decode path* (model.py, `Attention.sparse_decode`):
@@ -33,14 +33,14 @@ import torch
 from tqdm import tqdm
 
 from engine import decode_one_token, default_checkpoint, device_name, parse_budget, positive_int, prefill
-from model import HataArgs, from_checkpoint
+from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)
 TRAINED = os.path.join(HERE, "weights", "smollm2-135m-r128.safetensors")
-N_DIGITS = 5  # the key's digits are single tokens (SmolLM2 splits numbers digit by digit): 5 decode steps
+N_DIGITS = 5  # at most 5 decode steps: one per token of the key (SmolLM2 splits numbers into digits, Llama 3 into 3s)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it at the end.\n\n")
@@ -52,17 +52,17 @@ DEPTHS = tuple(i / 10 for i in range(11))
 # --------------------------------------------------------------------------------------------------------------
 # Selectors and policies: a policy is (selector name, budget fraction or None, HataArgs or None = dense)
 
-def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest"), sink=0):
+def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest"), sink=0, **hata):
     """name -> HataArgs keywords (the budget is added per policy). quest: [(n_sink, n_recent)]; `sink`: the
-    first positions oracle and HATA always select (none by default)."""
-    tag, kw = (f" s{sink}", dict(n_sink=sink)) if sink else ("", {})
+    first positions oracle and HATA always select (none by default); `hata`: rbit and n_dense, for every one."""
+    tag, kw = (f" s{sink}", dict(n_sink=sink, **hata)) if sink else ("", hata)
     out = {"oracle" + tag: dict(selector="oracle", **kw)} if "oracle" in which else {}
     if hash_weights and "trained" in which:
         out["hata-trained" + tag] = dict(selector="hash", hash_weights=hash_weights, **kw)
     if "random" in which:  # seeded Gaussian projections: plain LSH
         out["hata-random" + tag] = dict(selector="hash", hash_weights=None, **kw)
     for sink, recent in quest if "quest" in which else ():
-        out[f"quest s{sink} r{recent}"] = dict(selector="quest", n_sink=sink, n_recent=recent)
+        out[f"quest s{sink} r{recent}"] = dict(selector="quest", n_sink=sink, n_recent=recent, **hata)
     return out
 
 
@@ -126,7 +126,7 @@ class Haystack:
     """A long token stream and where its sentences end (needles go only between sentences)."""
 
     def __init__(self, tok, text):
-        self.ids = tok.encode(text)
+        self.ids = tok.encode(text, bos=False)
         self.ends = [i + 1 for i, t in enumerate(self.ids) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
 
     def piece(self, n, rng):
@@ -153,8 +153,8 @@ def retrieval_prompt(tok, hay, task, length, depth, rng):
         needles += [(rng.random(), f" The pass key for {n} is {rng.randrange(10 ** (N_DIGITS - 1), 10 ** N_DIGITS)}.")
                     for n in names[1:]]
         question = f"\n\nThe pass key for {names[0]} is "
-    head, tail = tok.encode(INTRO), tok.encode(question)  # tail ends in the " " token that precedes digits
-    needle_ids = [(d, tok.encode(t)) for d, t in needles]
+    head, tail = tok.encode(INTRO), tok.encode(question, bos=False)  # tail ends in the " " that precedes digits
+    needle_ids = [(d, tok.encode(t, bos=False)) for d, t in needles]  # the prompt's only BOS (if any) leads head
     n_hay = length - len(head) - len(tail) - sum(len(ids) for _, ids in needle_ids)
     if n_hay < 0:
         raise ValueError(f"a {task} retrieval prompt needs more than {length} tokens; raise --contexts")
@@ -179,6 +179,12 @@ def retrieval_specs(counts, seed):
             for C, n in counts.items() for i in range(n)]
 
 
+def answer_ids(tok, keys):
+    """The keys' tokens (B, steps): as many steps as the longest takes (a tokenizer may group digits), -1 after."""
+    ids = [tok.encode(key, bos=False) for key in keys]
+    return torch.tensor([a + [-1] * (max(map(len, ids)) - len(a)) for a in ids])
+
+
 def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.inf):
     """Prefill each batch of same-length prompts once, decode the answer under every policy; a batch expected to
     end after `deadline` (time.time()) is skipped. Returns one record per sample: spec, answer, {policy: correct}."""
@@ -198,8 +204,8 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         prompts = [retrieval_prompt(tok, hays[h], task, C - N_DIGITS, d, random.Random(sd))
                    for _, task, h, d, sd in group]
         tokens = torch.tensor([ids for ids, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
-        expect = torch.tensor([tok.encode(key) for _, key in prompts])  # (B, N_DIGITS)
-        out = run_policies(model, tokens, tokens.shape[1] - 1, N_DIGITS, C, pols, expect)
+        expect = answer_ids(tok, [key for _, key in prompts])  # (B, steps <= N_DIGITS)
+        out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect)
         for b, ((_, task, h, d, _), (_, key)) in enumerate(zip(group, prompts)):
             got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
                    for (name, f), (top, _) in out.items()}
@@ -214,9 +220,9 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
 
 
 def kept(records, key):
-    """(share of the dense-correct samples that `key` also gets right, number of dense-correct samples)."""
+    """(share of the dense-correct samples that `key` also gets right (nan if none), number of them)."""
     base = [r for r in records if r["correct"]["dense"]]
-    return sum(r["correct"][key] for r in base) / max(len(base), 1), len(base)
+    return sum(r["correct"][key] for r in base) / len(base) if base else math.nan, len(base)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -282,6 +288,10 @@ def merge(runs):
     Perplexity runs must share their windows (the same dense pass)."""
     out = runs[0]
     for r in runs[1:]:
+        setup = lambda x: (os.path.basename(x.get("checkpoint") or ""), x.get("rbit", 128), x.get("n_dense", 2))
+        if setup(r) != setup(out):  # (files from before rbit and n_dense were recorded ran at 128 and 2)
+            raise ValueError(f"the runs differ in checkpoint, rbit or n_dense ({setup(out)}, {setup(r)}): their "
+                             "rows would mix two setups")
         out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
         out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
         out["command"] += " ; " + r["command"]
@@ -361,6 +371,8 @@ def plot(results, path):
         panels.append(("perplexity / dense perplexity", "log", ppl, lambda k: ppl[k]["ppl"] / ppl["dense"]["ppl"]))
         panels.append(("top-1 agreement with dense (%)", "linear", ppl, lambda k: 100 * ppl[k]["agree"]))
     budgets = sorted(results["budgets"], reverse=True)
+    if not panels:  # every retrieval batch was past the time limit, and no perplexity
+        return print("nothing to plot", file=sys.stderr)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, yscale, ran, score) in zip(axes[0], panels):
         for name in results["selectors"]:
@@ -397,12 +409,15 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--text", nargs="+", help="text files (default: train_hash.py's held-out documents)")
+    p.add_argument("--text", nargs="+", help="text files, of which the part train_hash.py holds out is used "
+                   "(default: its corpus)")
     p.add_argument("--hash-weights", help="trained projections (default: the shipped 128-bit file; 'none': no trained)")
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
+    p.add_argument("--rbit", type=positive_int, default=128, help="hash bits (as the --hash-weights file was trained)")
+    p.add_argument("--n-dense", type=int, default=2, help="first layers dense, for every selector (as trained)")
     p.add_argument("--quest", type=parse_quest, nargs="+", default=[(16, 16)], help="Quest rows, sink:recent")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
@@ -415,7 +430,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (fp32 either way)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
-    p.add_argument("--minutes", type=float, default=math.inf, help="retrieval time limit (skips late batches)")
+    p.add_argument("--minutes", type=float, default=math.inf, help="time limit from the start (skips late retrieval)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "report"))
     p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild the report from results files")
@@ -460,14 +475,17 @@ def run(args):
     checkpoint = args.checkpoint or default_checkpoint()
     tok = Tokenizer.from_path(checkpoint)
     model = from_checkpoint(checkpoint, None, device=args.device)
+    hata = dict(rbit=args.rbit, n_dense=args.n_dense)
+    if weights:  # a file for another model or settings: one line now, not after the first prefill
+        load_hash_projections(weights, model.args, HataArgs(**hata))
     if (C := max(args.contexts + [args.ppl_context])) > model.args.max_seq_len:
         raise ValueError(f"context {C} exceeds the model's {model.args.max_seq_len} tokens")
-    docs = load_corpus(args.text) if args.text else split_corpus(load_corpus(None))[1]  # held out from training
-    sels = selectors(weights, args.quest, args.selectors, args.sink)
+    docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
+    sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + " ".join(sys.argv[1:]), "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
-               "ppl_context": args.ppl_context, "seconds": {}}
+               "ppl_context": args.ppl_context, "seconds": {}, **hata}
     deadline = time.time() + 60 * args.minutes
 
     def save(task, t0, res):  # the task's results so far, after every batch

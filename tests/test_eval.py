@@ -1,6 +1,8 @@
 """eval.py on tiny sizes: the digit scorer, the prompt builder, the kept-share arithmetic, and the shared
 prefill/decode machinery against dense attention (the same functions the full run uses)."""
+import copy
 import json
+import math
 import random
 
 import pytest
@@ -53,10 +55,36 @@ def test_prompt_has_exact_length_and_the_needle_at_its_depth(tok):
                 assert abs(where - depth) < 0.1, (depth, where)
 
 
+def test_prompt_has_one_bos_at_its_start(tok):
+    """A tokenizer that adds BOS (Llama 2, 3): the pieces are encoded without it, the prompt starts with one."""
+    bos_tok = copy.copy(tok)
+    bos_tok.add_bos = True
+    ids, _ = ev.retrieval_prompt(bos_tok, ev.Haystack(bos_tok, ev.NOISE * 200), "multikey", 1018, 0.5,
+                                 random.Random(3))
+    assert len(ids) == 1018 and ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+
+
+def test_answer_ids_take_as_many_steps_as_the_longest_key():
+    class Grouped:  # a tokenizer that groups digits by three, as Llama 3's does
+        def encode(self, text, bos=None):
+            assert bos is False
+            return [int(text[i:i + 3]) for i in range(0, len(text), 3)]
+    assert ev.answer_ids(Grouped(), ["71432", "123"]).tolist() == [[714, 32], [123, -1]]
+
+
+def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
+    bos_tok = copy.copy(tok)
+    bos_tok.add_bos = True
+    hays = {"noise": ev.Haystack(bos_tok, ev.NOISE * 300)}
+    recs = ev.run_retrieval(smol, bos_tok, hays, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
+    assert recs[0]["correct"]["dense"], recs[0]["dense_output"]
+
+
 def test_kept_share_counts_only_dense_correct_samples():
     rows = [(True, True), (True, False), (True, True), (False, True)]  # (dense, selector) correct
     recs = [{"correct": {"dense": d, "sel 1/8": s}} for d, s in rows]
     assert ev.kept(recs, "sel 1/8") == (2 / 3, 3)
+    assert math.isnan(ev.kept(recs[3:], "sel 1/8")[0])  # no dense-correct sample: no share, not 0%
 
 
 def test_dense_passkey_at_1k_and_report(smol, tok, tmp_path):
@@ -116,6 +144,21 @@ def test_merge_joins_selectors_over_the_same_samples():
     other["retrieval"][0]["correct"]["dense"] = False
     with pytest.raises(ValueError, match="dense answers differ"):
         ev.merge([run("oracle", [True, True]), other])
+    for key, value in (("n_dense", 3), ("rbit", 64), ("checkpoint", "/elsewhere/other.gguf")):
+        with pytest.raises(ValueError, match="differ in checkpoint, rbit or n_dense"):
+            ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), key: value}])
+    assert len(ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128}])["selectors"]) == 2
+
+
+def test_selectors_share_the_files_rbit_and_n_dense():
+    pols = ev.policies(ev.selectors("w.safetensors", [(16, 16)], sink=4, rbit=64, n_dense=3), [1 / 8])
+    assert len(pols) == 5 and all((h.rbit, h.n_dense) == (64, 3) for _, _, h in pols[1:])
+
+
+def test_report_of_a_run_cut_before_any_result(tmp_path, capsys):
+    results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
+    ev.write_report(results, str(tmp_path), "empty")
+    assert "nothing to plot" in capsys.readouterr().err and (tmp_path / "empty_results.md").exists()
 
 
 @pytest.mark.parametrize("argv, words", [(["--budgets", "16"], "must be a fraction below 1"),
