@@ -55,6 +55,8 @@ def _vocab_bytes(token: str, where: str) -> bytes:
 def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tiktoken.Encoding:
     # tiktoken needs every single byte; vocabularies may lack a few (SmolLM2: some control bytes, 0xF1).
     # Those get ids past the vocabulary, and Tokenizer drops them as HF does (it has no unknown-byte token).
+    if len(set(ranks.values())) < len(ranks) or len(set(specials.values())) < len(specials):
+        raise ValueError(f"{name!r}: two tokens share one id; the tokenizer file is corrupt")
     n = max([*ranks.values(), *specials.values()]) + 1
     ranks = dict(ranks)
     for b in range(256):
@@ -110,20 +112,23 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer at {path!r}: {HOW}")
         if os.path.isdir(path):
             names = sorted(os.listdir(path))
-            found = [n for n in ("tokenizer.model", "tokenizer.json") if n in names]
+            found = [n for n in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(path, n))]
             found = found or [n for n in names if n.endswith(".gguf")][:1]
             if not found:
                 raise FileNotFoundError(f"no tokenizer.model, tokenizer.json or .gguf in directory {path!r}: {HOW}")
             path = os.path.join(path, found[0])
         with open(path, "rb") as f:
             head = f.read(64)
-        if head[:4] == b"GGUF":
-            return cls._from_gguf(path)
-        if path.endswith(".json"):
-            return cls._from_hf_json(path)
-        if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
-            return cls._from_tiktoken(path)
-        return cls._from_sentencepiece(path)
+        try:
+            if head[:4] == b"GGUF":
+                return cls._from_gguf(path)
+            if path.endswith(".json"):
+                return cls._from_hf_json(path)
+            if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
+                return cls._from_tiktoken(path)
+            return cls._from_sentencepiece(path)
+        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong kind
+            raise ValueError(f"{path!r}: malformed tokenizer ({type(e).__name__}: {e}); {HOW}") from None
 
     @classmethod
     def _from_gguf(cls, path):
@@ -234,7 +239,8 @@ class Tokenizer:
         return [self.bos_id] * bos + self._text(text) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
+        """Ids past the vocabulary (a model's padded rows, or another tokenizer's) decode to nothing."""
+        ids = [i for i in map(int, ids) if 0 <= i < self.vocab_size]
         return self.sp.decode(ids) if self.sp is not None else self.enc.decode(ids, errors="replace")
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

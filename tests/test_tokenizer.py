@@ -183,6 +183,15 @@ def test_hf_tokenizer_json(tmp_path):
     assert (tok.vocab_size, tok.bos_id, tok.eos_ids) == (264, 1, frozenset({0, 2}))
     assert tok.encode("hello 12 w") == [262, 3 + 32, 3 + ord("1"), 3 + ord("2"), 263]
     assert tok.decode(tok.encode("hello wörld")) == "hello wörld"
+    assert tok.decode([262, 264, 264 + 62, 50000, -1]) == "hello"  # a model's padded rows decode to nothing
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    broken = [{"content": "<|x|>"}, {"id": "1", "content": "<|im_start|>"}, None]  # no id; id a string; null
+    for entries in (broken[:1], broken[1:2], None, [{"id": 1, "content": "a"}, {"id": 1, "content": "b"}]):
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                                             "added_tokens": entries, "pre_tokenizer": pre}))
+        with pytest.raises(ValueError, match="malformed tokenizer|two tokens share one id") as e:
+            Tokenizer.from_path(tmp_path)
+        assert "\n" not in str(e.value)
     nl, sys_ids = 3 + 10, [3 + ord(c) for c in "system\nBe nice"]
     assert tok.encode_chat([{"role": "user", "content": "he"}], add_generation_prompt=False) == [
         1, *sys_ids, 2, nl, 1, *[3 + ord(c) for c in "user\n"], 259, 2, nl]
@@ -224,6 +233,9 @@ def test_hf_llama3_json_matches_tiktoken_file(tmp_path, llama3):
 def test_errors(tmp_path, gguf_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer at .*pass a .gguf file"):
         Tokenizer.from_path(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model, tokenizer.json or .gguf in directory"):
+        Tokenizer.from_path(tmp_path)
+    (tmp_path / "tokenizer.json").mkdir()  # a directory of that name is not a tokenizer
     with pytest.raises(FileNotFoundError, match="no tokenizer.model, tokenizer.json or .gguf in directory"):
         Tokenizer.from_path(tmp_path)
     cut = tmp_path / "cut.gguf"
