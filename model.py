@@ -17,6 +17,7 @@ Meta's interleaved layout and are un-permuted on load. Hash projections act on p
 import glob
 import json
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,10 @@ from hata_kernels import (cache_write, hamming_score, hamming_topk, hash_encode,
 
 # --------------------------------------------------------------------------------------------------------------
 # Configuration
+
+ROPE_SCALING = {"default": [], "linear": ["factor"],  # the keys each kind of RoPE scaling needs
+                "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+
 
 @dataclass
 class ModelArgs:
@@ -49,6 +54,14 @@ class ModelArgs:
     head_dim: int = 0  # 0 means dim // n_heads
 
     def __post_init__(self):
+        sizes = "dim n_layers n_heads n_kv_heads vocab_size ffn_dim max_seq_len".split()
+        if bad := {k: v for k in sizes if not isinstance(v := getattr(self, k), numbers.Integral) or not v >= 1}:
+            raise ValueError(f"the model's sizes must be whole numbers >= 1, got {bad}")
+        kind = (self.rope_scaling or {}).get("type", "default")
+        if kind not in ROPE_SCALING:
+            raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: {', '.join(ROPE_SCALING)})")
+        if missing := sorted(set(ROPE_SCALING.get(kind, [])) - set(self.rope_scaling or {})):
+            raise ValueError(f"{kind} RoPE scaling needs {', '.join(missing)}")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
@@ -136,8 +149,6 @@ def rope_frequencies(args: ModelArgs, rope_factors=None):
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short waves
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    elif kind != "default":
-        raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: default, linear, llama3)")
     if rope_factors is not None:
         inv_freq = inv_freq / rope_factors.double()
     return inv_freq.float()
@@ -524,6 +535,8 @@ def load_checkpoint(path):
                              f"pass a .gguf file or a checkpoint directory")
     except KeyError as e:
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
+    except (TypeError, AttributeError) as e:  # a config field or a weights file of the wrong kind
+        raise ValueError(f"{path}: malformed checkpoint ({e})") from None
     rope_factors = raw.pop("rope_freqs.weight", None)  # GGUF bakes llama3 RoPE scaling into this tensor
     for name in [n for n in raw if n in DERIVED or n.endswith(".rotary_emb.inv_freq")]:
         del raw[name]
@@ -585,6 +598,8 @@ def read_hf(path):
     cfg = read_json(os.path.join(path, "config.json"))
     if cfg.get("model_type") != "llama":
         raise ValueError(f"{path}: unsupported model_type {cfg.get('model_type')!r}; hata runs Llama models")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: unsupported hidden_act {cfg['hidden_act']!r}; Llama's MLP is SwiGLU (silu)")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = None if kind == "default" else {"type": kind, **{k: v for k, v in rope.items()
@@ -597,8 +612,7 @@ def read_hf(path):
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -608,6 +622,8 @@ def read_hf(path):
     for name in files:
         try:
             with safe_open(os.path.join(path, name), "pt") as f:
+                if again := set(f.keys()) & set(raw):
+                    raise ValueError(f"it repeats tensors of another shard, e.g. {sorted(again)[:3]}")
                 raw.update({k: f.get_tensor(k) for k in f.keys()})
         except Exception as e:
             raise ValueError(f"cannot read {os.path.join(path, name)}: {e}") from None
@@ -619,9 +635,12 @@ def read_hf(path):
 def read_json(path):
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object of settings")
+    return obj
 
 
 def read_meta(path):
@@ -631,8 +650,9 @@ def read_meta(path):
         raise ValueError(f"{path}: params.json but no consolidated.*.pth weights")
     try:  # weights_only: plain tensors, never arbitrary pickled objects
         parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
-    except Exception as e:
-        raise ValueError(f"cannot read Meta weights in {path}: {e}") from None
+    except Exception as e:  # torch's own message would suggest weights_only=False: never, for a file from elsewhere
+        raise ValueError(f"cannot read Meta weights in {path}: not a plain tensor checkpoint, or damaged "
+                         f"({type(e).__name__}; it is never unpickled)") from None
     raw = {}
     for name, w in parts[0].items():  # model-parallel shards: column-parallel on dim 0, row-parallel on dim 1
         if len(parts) == 1 or w.dim() == 1:
@@ -693,6 +713,8 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
     for name, w in sd.items():
         if tuple(w.shape) != expected[name]:
             raise ValueError(f"{where}: {name} has shape {tuple(w.shape)}, the model expects {expected[name]}")
+        if not w.is_floating_point():
+            raise ValueError(f"{where}: {name} holds {w.dtype}, not floating-point weights")
     sd = {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
     for name, parts in fused.items():
         sd[name] = torch.cat([sd.pop(part) for part, _ in parts])

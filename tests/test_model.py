@@ -1,8 +1,10 @@
 """The dense model against fixed expectations: golden logits from an independent implementation (Hugging Face
 transformers loading the same GGUF, see make_golden.py), the KV cache against re-running the whole sequence,
 batches against single prompts, and the three checkpoint loaders against each other on real weights."""
+import fractions
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -172,6 +174,49 @@ def test_missing_and_extra_keys(small_smol, tmp_path):
     with pytest.raises(ValueError, match=r"norm\.weight has shape \(7,\)"):
         from_checkpoint(str(tmp_path))
 
+
+
+def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
+    """Config fields of the wrong kind, another activation, integer weights, a tensor in two shards, a pickled
+    object in a Meta checkpoint: each a ValueError naming the problem, before any model is built."""
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for change, words in [({"num_attention_heads": 0}, "whole numbers >= 1, got {'n_heads': 0}"),
+                          ({"hidden_size": "576"}, "whole numbers >= 1, got {'dim': '576'}"),
+                          ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling needs factor"),
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported RoPE scaling 'yarn'"),
+                          ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+                          ({"rope_scaling": [1]}, "malformed checkpoint")]:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            from_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        from_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({**tensors, "model.norm.weight": tensors["model.norm.weight"].to(torch.int8)},
+              tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="norm.weight holds torch.int8, not floating-point"):
+        from_checkpoint(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    save_file(tensors, tmp_path / "a.safetensors")
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, tmp_path / "b.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {**{n: "a.safetensors" for n in tensors}, "model.norm.weight": "b.safetensors"}}))
+    with pytest.raises(ValueError, match=r"repeats tensors of another shard, e\.g\. \['model\.norm\.weight'\]"):
+        from_checkpoint(str(tmp_path))
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
+    torch.save([torch.zeros(2)], meta / "consolidated.00.pth")  # a list, not {name: tensor}
+    with pytest.raises(ValueError, match="malformed checkpoint"):
+        from_checkpoint(str(meta))
+    torch.save(fractions.Fraction(1, 3), meta / "consolidated.00.pth")  # a class weights_only refuses
+    with pytest.raises(ValueError, match="not a plain tensor checkpoint, or damaged .*never unpickled") as e:
+        from_checkpoint(str(meta))
+    assert "weights_only" not in str(e.value)
 
 
 def test_incomplete_checkpoint_metadata(tmp_path):
