@@ -205,7 +205,7 @@ def build_parser():
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-seq-len", type=int, help="KV cache capacity (default: prompt + max-new-tokens)")
+    p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: prompt + max-new-tokens)")
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"],

@@ -96,6 +96,7 @@ def test_unknown_dtype(capsys):
     ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
     ("--budget", "1/0", "budget"), ("--rbit", "48", "multiple of 32"), ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
+    ("--max-seq-len", "0", "--max-seq-len"), ("--max-seq-len", "-4", "--max-seq-len"),
 ])
 def test_bad_flags(capsys, flag, value, words):
     code, _, err = run_cli(capsys, "--prompt", "hi", flag, value)
