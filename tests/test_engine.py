@@ -145,7 +145,8 @@ def test_n_dense_covering_every_layer_says_dense(capsys):
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_bad_hash_weights_file(capsys, tmp_path):
     bad = tmp_path / "proj.safetensors"
-    save_file({"layers.2.hash_proj": torch.zeros(3, 64, 128)}, bad, metadata={"model": "llama dim=1"})
+    save_file({"layers.2.hash_proj": torch.zeros(3, 64, 128)}, bad, metadata={"model": "llama dim=1", "rbit": "128",
+                                                                       "n_dense": "2"})
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(bad), "--max-new-tokens", "1")
     assert code == 2 and "not this model" in error_line(err)
 
