@@ -163,13 +163,20 @@ class OffloadPlan:
                 f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (dense layers, hash codes)")
 
 
-def host_available():
-    """Bytes of host memory available now (MemAvailable), or 0 where /proc/meminfo is missing."""
+def host_available(meminfo="/proc/meminfo", cgroup="/sys/fs/cgroup"):
+    """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (v2) caps its memory
+    (a container); 0 where /proc/meminfo is missing."""
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open(meminfo) as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return 0
+    try:
+        with open(f"{cgroup}/memory.max") as f, open(f"{cgroup}/memory.current") as g:
+            cap, used = f.read().strip(), int(g.read())
+        return min(free, int(cap) - used) if cap != "max" else free
+    except (OSError, ValueError):  # no cgroup v2 files here
+        return free
 
 
 def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, dtype=None):

@@ -7,7 +7,8 @@ import torch
 import hata_kernels as hk
 from engine import decode_one_token, generate, prefill, random_model
 from model import KVCache, HataArgs
-from offload import GiB, HostKVCache, apply_offload, gather_rows, host_buffer, plan_offload, staged_sparse_attention
+from offload import (GiB, HostKVCache, apply_offload, gather_rows, host_available, host_buffer, plan_offload,
+                     staged_sparse_attention)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 HATA = HataArgs(budget=8, n_dense=1)  # tiny preset: layers 1-3 decode sparsely, 8 of up to 64 positions
@@ -84,6 +85,18 @@ def test_cap_offloads_only_what_does_not_fit():
             plan_offload(model, 1, 256, kv_gpu_gb=bad)
     normed = tiny(hata=HataArgs(budget=8, n_dense=1, use_norm=True))  # + an fp32 key norm a token and KV head
     assert plan_offload(normed, 1, 256, kv_gpu_gb=100).gpu_bytes == 4 * layer + codes + 3 * 1 * 2 * 256 * 4
+
+
+def test_host_memory_counts_a_containers_cap(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable:   50 kB\n")
+    meminfo, cg = str(tmp_path / "meminfo"), tmp_path / "cg"
+    assert host_available(meminfo, str(cg)) == 50 * 1024  # no cgroup files
+    cg.mkdir()
+    (cg / "memory.current").write_text("10000\n")
+    for cap, want in (("max\n", 50 * 1024), ("30000\n", 20000), ("900000\n", 50 * 1024)):
+        (cg / "memory.max").write_text(cap)
+        assert host_available(meminfo, str(cg)) == want
+    assert host_available(str(tmp_path / "none"), str(cg)) == 0
 
 
 def test_refuses_when_host_memory_is_too_small():
