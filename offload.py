@@ -6,8 +6,9 @@ dense layers' caches, stay on the GPU. `apply_offload(model, B, S_max, kv_gpu_gb
 to offload and installs `HostKVCache` as their `Attention.kv_cache_cls`; call it before `model.setup_caches`, which
 then allocates those caches in host memory only. model.py learns nothing else about offload.
 
-How the GPU reaches host memory: pinned host memory (cudaHostAlloc, torch's pin_memory) is mapped into the GPU's
-unified address space (UVA) at its host address, so a kernel can load and store it directly, over PCIe.
+How the GPU reaches host memory: page-locked host memory (here an ordinary tensor registered with cudaHostRegister)
+is mapped into the GPU's unified address space (UVA) at its host address, so a kernel can load and store it
+directly, over PCIe.
 `host_buffer` wraps such memory as a CUDA tensor over the same bytes, and Attention.forward runs unchanged:
   decode   the new K/V row is stored through the view by the cache_write kernel inside the CUDA graph (no host sync);
            hamming_topk selects on the GPU from the codes; sparse_decode_attention's split kernel gathers the
@@ -22,6 +23,7 @@ both (BENCHMARKS.md). On the CPU the "far" memory is ordinary host memory and th
 themselves, so the same code runs (and is tested) without a GPU.
 """
 import math
+import mmap
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -41,31 +43,41 @@ GiB = 2**30
 # Host memory the GPU can address
 
 class _Mapped:
-    """Describes a pinned host tensor by __cuda_array_interface__, so that torch.as_tensor(self, device=cuda)
-    wraps its bytes as a CUDA tensor. Pinned memory from cudaHostAlloc (torch's pin_memory) is mapped into the
-    GPU's address space at the same address under UVA (CUDA runtime API, "Unified Addressing"). Every view holds
-    this object, and it holds the host tensor: the memory lives as long as any view."""
+    """Page-locks a host tensor where it lies and describes it by __cuda_array_interface__, so that
+    torch.as_tensor(self, device=cuda) wraps its bytes as a CUDA tensor. Registered memory is mapped into the GPU's
+    address space at the same address under UVA (CUDA runtime API, "Unified Addressing"). cudaHostRegister takes
+    the bytes as they are, where torch's pin_memory would round each allocation up to a power of two (60 GiB for
+    45 GiB of K/V). Every view holds this object, and it holds the host tensor: the memory lives as long as any
+    view, and is unregistered before it is freed."""
 
     def __init__(self, host):
+        nbytes = host.numel() * host.element_size()
+        if err := int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 3)):  # portable | mapped
+            raise RuntimeError(f"cannot page-lock {nbytes / GiB:.2f} GiB of host memory (cudaError {err}); "
+                               "lower --max-seq-len or the batch")
         self.host = host
         self.__cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": f"<i{host.element_size()}",
                                          "data": (host.data_ptr(), False), "strides": None, "version": 2}
 
+    def __del__(self):
+        try:
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+        except Exception:  # the CUDA runtime may be gone at interpreter exit, and the process's memory with it
+            pass
+
 
 def host_buffer(shape, dtype, device):
-    """A zeroed tensor in host memory as seen from `device`: on CUDA a view over pinned host memory (the same bytes,
-    read and written through PCIe by ordinary kernels); on the CPU the host tensor itself."""
+    """A zeroed tensor in host memory as seen from `device`: on CUDA a view over page-locked host memory (the same
+    bytes, read and written through PCIe by ordinary kernels); on the CPU the host tensor itself."""
     if device.type == "cpu":
         return torch.zeros(shape, dtype=dtype)  # zeros: masked-out rows are read too, and must not be NaN
-    host = torch.zeros(shape, dtype=dtype, pin_memory=True)
-    view = torch.as_tensor(_Mapped(host), device=device).view(dtype)  # described as ints: numpy has no bfloat16
+    n = math.prod(shape) * dtype.itemsize
+    pages = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages of its own: two registrations never share one
+    raw = torch.zeros(pages + mmap.PAGESIZE, dtype=torch.uint8)
+    host = raw[-raw.data_ptr() % mmap.PAGESIZE:][:pages]  # (pages,) bytes from a page boundary
+    view = torch.as_tensor(_Mapped(host), device=device)  # described as ints: numpy has no bfloat16
     assert view.data_ptr() == host.data_ptr(), "torch copied the host memory instead of viewing it"
-    return view
-
-
-def pinned_bytes(nbytes):
-    """What torch's pinned-memory allocator takes for nbytes: it rounds every allocation up to a power of two."""
-    return 1 << (nbytes - 1).bit_length()
+    return view[:n].view(dtype).view(shape)
 
 
 class HostKVCache(nn.Module):
@@ -77,7 +89,7 @@ class HostKVCache(nn.Module):
             raise ValueError(f"an offloaded layer's K/V would take {nbytes} bytes of host memory, but the offload "
                              f"plan allowed {max_bytes}: call apply_offload again for this batch and length")
         device = torch.device(device or "cpu")
-        kv = host_buffer((2, B, Hkv, S_max, D), dtype, device)  # one allocation: pinned sizes round up once
+        kv = host_buffer((2, B, Hkv, S_max, D), dtype, device)  # one allocation, one registration
         # plain attributes, not buffers: model.to() must never copy them onto the GPU
         self.k, self.v = kv[0], kv[1]  # (B, Hkv, S_max, D) each, in host memory
 
@@ -156,7 +168,7 @@ class OffloadPlan:
     layers: list  # indices of the layers whose K/V live in host memory
     layer_bytes: int  # K + V of one layer
     gpu_bytes: int  # what the KV cache keeps on the GPU: the other layers' K/V and every sparse layer's codes
-    host_bytes: int  # what the offloaded layers take in host memory (pinned sizes are powers of two)
+    host_bytes: int  # what the offloaded layers take in host memory
 
     def __str__(self):
         return (f"offload: K/V of {len(self.layers)} sparse layers in host memory ({self.host_bytes / GiB:.2f} GiB); "
@@ -205,8 +217,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
                              f"{n} sparse layers offloaded (dense layers and hash codes), but --kv-gpu-gb "
                              f"{kv_gpu_gb} allows {cap} bytes; raise it, or lower --max-seq-len or the batch")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
-    pinned = model.output.weight.is_cuda
-    need = n * (pinned_bytes(layer_bytes) if pinned else layer_bytes)
+    need = n * layer_bytes
     available = host_available() if host_bytes is None else host_bytes
     if need > available:
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
