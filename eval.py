@@ -32,14 +32,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import decode_one_token, default_checkpoint, device_name, parse_budget, positive_int, prefill
+from engine import (decode_one_token, default_checkpoint, device_name, parse_budget, positive_int, prefill,
+                    shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)
-TRAINED = os.path.join(HERE, "weights", "smollm2-135m-r128.safetensors")
 N_DIGITS = 5  # at most 5 decode steps: one per token of the key (SmolLM2 splits numbers into digits, Llama 3 into 3s)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
@@ -142,7 +142,8 @@ class Haystack:
 
 def retrieval_prompt(tok, hay, task, length, depth, rng):
     """A prompt of exactly `length` tokens: intro, haystack with the needle(s), completion question.
-    Returns (ids, answer digits). The target needle sits at the sentence boundary nearest to `depth`."""
+    Returns (ids, answer digits, the answer's tokens as they follow the prompt). The target needle sits at the
+    sentence boundary nearest to `depth`."""
     key = str(rng.randrange(10 ** (N_DIGITS - 1), 10 ** N_DIGITS))
     if task == "single":
         needles = [(depth, f" The pass key is {key}. Remember it. {key} is the pass key.")]
@@ -164,7 +165,10 @@ def retrieval_prompt(tok, hay, task, length, depth, rng):
     for a, (_, ids) in sorted(zip(at, needle_ids), key=lambda x: x[0]):
         body += piece[last:a] + ids
         last = a
-    return head + body + piece[last:] + tail, key  # exactly `length` tokens
+    # the answer as it continues the question: alone, sentencepiece would give it a leading '▁' (the question's)
+    after = tok.encode(question + key, bos=False)
+    answer = after[len(tail):] if after[:len(tail)] == tail else tok.encode(key, bos=False)
+    return head + body + piece[last:] + tail, key, answer  # exactly `length` tokens
 
 
 def parse_digits(text):
@@ -179,10 +183,9 @@ def retrieval_specs(counts, seed):
             for C, n in counts.items() for i in range(n)]
 
 
-def answer_ids(tok, keys):
-    """The keys' tokens (B, steps): as many steps as the longest takes (a tokenizer may group digits), -1 after."""
-    ids = [tok.encode(key, bos=False) for key in keys]
-    return torch.tensor([a + [-1] * (max(map(len, ids)) - len(a)) for a in ids])
+def pad_answers(answers):
+    """The answers' tokens (B, steps): as many steps as the longest takes (a tokenizer may group digits), -1 after."""
+    return torch.tensor([a + [-1] * (max(map(len, answers)) - len(a)) for a in answers])
 
 
 def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.inf):
@@ -203,10 +206,10 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
             continue
         prompts = [retrieval_prompt(tok, hays[h], task, C - N_DIGITS, d, random.Random(sd))
                    for _, task, h, d, sd in group]
-        tokens = torch.tensor([ids for ids, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
-        expect = answer_ids(tok, [key for _, key in prompts])  # (B, steps <= N_DIGITS)
+        tokens = torch.tensor([ids for ids, _, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
+        expect = pad_answers([answer for _, _, answer in prompts])  # (B, steps <= N_DIGITS)
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect)
-        for b, ((_, task, h, d, _), (_, key)) in enumerate(zip(group, prompts)):
+        for b, ((_, task, h, d, _), (_, key, _)) in enumerate(zip(group, prompts)):
             got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
                    for (name, f), (top, _) in out.items()}
             records.append({"context": C, "task": task, "haystack": h, "depth": d, "answer": key,
@@ -288,10 +291,11 @@ def merge(runs):
     Perplexity runs must share their windows (the same dense pass)."""
     out = runs[0]
     for r in runs[1:]:
-        setup = lambda x: (os.path.basename(x.get("checkpoint") or ""), x.get("rbit", 128), x.get("n_dense", 2))
-        if setup(r) != setup(out):  # (files from before rbit and n_dense were recorded ran at 128 and 2)
-            raise ValueError(f"the runs differ in checkpoint, rbit or n_dense ({setup(out)}, {setup(r)}): their "
-                             "rows would mix two setups")
+        model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
+        setup = lambda x: (x.get("model", model), x.get("rbit", 128), x.get("n_dense", 2))
+        if setup(r) != setup(out):
+            raise ValueError(f"the runs differ in model, rbit or n_dense ({setup(out)}, {setup(r)}): their rows "
+                             "would mix two setups")
         out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
         out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
         out["command"] += " ; " + r["command"]
@@ -411,7 +415,8 @@ def build_parser():
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files, of which the part train_hash.py holds out is used "
                    "(default: its corpus)")
-    p.add_argument("--hash-weights", help="trained projections (default: the shipped 128-bit file; 'none': no trained)")
+    p.add_argument("--hash-weights", help="trained projections (default: the shipped file of --rbit, --n-dense; "
+                   "'none': no trained)")
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
@@ -465,17 +470,17 @@ def run(args):
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
     if "retrieval" in args.tasks and not (min(args.contexts) >= 128 and args.minutes > 0):
         raise ValueError("retrieval needs --contexts >= 128 (intro, needles, question: ~100 tokens), --minutes > 0")
-    weights = args.hash_weights or (TRAINED if os.path.isfile(TRAINED) and not args.checkpoint else None)
-    weights = None if weights == "none" else weights
-    if weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"hash weights not found: {weights}")
-    if not weights:
+    hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
+    if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
+        weights = args.hash_weights or (None if args.checkpoint else shipped_hash_weights(HataArgs(**hata)))
+        if weights and not os.path.isfile(weights):
+            raise FileNotFoundError(f"hash weights not found: {weights}")
+    if "trained" in args.selectors and not weights:
         print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or default_checkpoint()
     tok = Tokenizer.from_path(checkpoint)
     model = from_checkpoint(checkpoint, None, device=args.device)
-    hata = dict(rbit=args.rbit, n_dense=args.n_dense)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))
     if (C := max(args.contexts + [args.ppl_context])) > model.args.max_seq_len:
@@ -485,7 +490,7 @@ def run(args):
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + " ".join(sys.argv[1:]), "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
-               "ppl_context": args.ppl_context, "seconds": {}, **hata}
+               "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), **hata}
     deadline = time.time() + 60 * args.minutes
 
     def save(task, t0, res):  # the task's results so far, after every batch

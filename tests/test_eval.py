@@ -46,7 +46,8 @@ def test_prompt_has_exact_length_and_the_needle_at_its_depth(tok):
     hay = ev.Haystack(tok, ev.NOISE * 200)
     for task in ev.TASKS:
         for depth in (0.0, 0.5, 1.0):
-            ids, key = ev.retrieval_prompt(tok, hay, task, 1018, depth, random.Random(3))
+            ids, key, answer = ev.retrieval_prompt(tok, hay, task, 1018, depth, random.Random(3))
+            assert [tok.decode([t]) for t in answer] == list(key)  # SmolLM2: one token per digit
             text = tok.decode(ids)
             assert len(ids) == 1018 and len(key) == ev.N_DIGITS and key in text
             assert text.endswith(" is ")
@@ -59,17 +60,27 @@ def test_prompt_has_one_bos_at_its_start(tok):
     """A tokenizer that adds BOS (Llama 2, 3): the pieces are encoded without it, the prompt starts with one."""
     bos_tok = copy.copy(tok)
     bos_tok.add_bos = True
-    ids, _ = ev.retrieval_prompt(bos_tok, ev.Haystack(bos_tok, ev.NOISE * 200), "multikey", 1018, 0.5,
-                                 random.Random(3))
-    assert len(ids) == 1018 and ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    hay = ev.Haystack(bos_tok, ev.NOISE * 200)
+    ids, _, _ = ev.retrieval_prompt(bos_tok, hay, "multikey", 1018, 0.5, random.Random(3))
+    assert len(ids) == 1018 and ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 and tok.bos_id not in hay.ids
 
 
-def test_answer_ids_take_as_many_steps_as_the_longest_key():
-    class Grouped:  # a tokenizer that groups digits by three, as Llama 3's does
-        def encode(self, text, bos=None):
-            assert bos is False
-            return [int(text[i:i + 3]) for i in range(0, len(text), 3)]
-    assert ev.answer_ids(Grouped(), ["71432", "123"]).tolist() == [[714, 32], [123, -1]]
+def test_answer_tokens_follow_the_question_with_sentencepiece(tmp_path):
+    """Llama 2's sentencepiece encodes a key alone as '▁' '7' '1' ...; after the question's '▁' the model writes
+    '7' '1' ... (split_digits, as Llama 2)."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("\n".join(f"{PROSE} {i} {i * 7919}." for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False, bos_id=1,
+                                   eos_id=2, unk_id=0, minloglevel=2)
+    sp = Tokenizer.from_path(tmp_path)
+    ids, key, answer = ev.retrieval_prompt(sp, ev.Haystack(sp, PROSE * 40), "single", 700, 0.5, random.Random(1))
+    assert [sp.decode([t]) for t in answer] == list(key) and ids.count(sp.bos_id) == 1
+
+
+def test_answers_take_as_many_steps_as_the_longest():  # a tokenizer may group digits, as Llama 3's does by three
+    assert ev.pad_answers([[714, 32], [123]]).tolist() == [[714, 32], [123, -1]]
 
 
 def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
@@ -144,10 +155,12 @@ def test_merge_joins_selectors_over_the_same_samples():
     other["retrieval"][0]["correct"]["dense"] = False
     with pytest.raises(ValueError, match="dense answers differ"):
         ev.merge([run("oracle", [True, True]), other])
-    for key, value in (("n_dense", 3), ("rbit", 64), ("checkpoint", "/elsewhere/other.gguf")):
-        with pytest.raises(ValueError, match="differ in checkpoint, rbit or n_dense"):
-            ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), key: value}])
-    assert len(ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128}])["selectors"]) == 2
+    for key, value in (("n_dense", 3), ("rbit", 64), ("model", "llama dim=64")):
+        with pytest.raises(ValueError, match="differ in model, rbit or n_dense"):
+            ev.merge([{**run("oracle", [True, True]), "model": "llama dim=576"}, {**run("quest", [True, True]),
+                                                                               key: value}])
+    assert len(ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128,
+                                                       "model": "llama dim=576"}])["selectors"]) == 2
 
 
 def test_selectors_share_the_files_rbit_and_n_dense():
@@ -177,6 +190,13 @@ def test_bad_flags_fail_before_loading(argv, words, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and words in err and "nonexistent" not in err
+
+
+def test_settings_without_the_trained_selector_need_no_file(capsys):
+    """--rbit 64 --n-dense 3 with oracle alone: no projection file is chosen or checked (it fails at the checkpoint)."""
+    assert ev.main(["--rbit", "64", "--n-dense", "3", "--selectors", "oracle", "--checkpoint", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" in err and "hash weights" not in err and "no trained projections" not in err
 
 
 def test_default_and_given_flags_parse_to_what_run_uses():
