@@ -598,7 +598,7 @@ def read_hf(path):
     cfg = read_json(os.path.join(path, "config.json"))
     if cfg.get("model_type") != "llama":
         raise ValueError(f"{path}: unsupported model_type {cfg.get('model_type')!r}; hata runs Llama models")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"{path}: unsupported hidden_act {cfg['hidden_act']!r}; Llama's MLP is SwiGLU (silu)")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -648,11 +648,13 @@ def read_meta(path):
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not shards:
         raise ValueError(f"{path}: params.json but no consolidated.*.pth weights")
-    try:  # weights_only: plain tensors, never arbitrary pickled objects
-        parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
-    except Exception as e:  # torch's own message would suggest weights_only=False: never, for a file from elsewhere
-        raise ValueError(f"cannot read Meta weights in {path}: not a plain tensor checkpoint, or damaged "
-                         f"({type(e).__name__}; it is never unpickled)") from None
+    parts = []
+    for shard in shards:
+        try:  # weights_only: tensors and plain containers only, never arbitrary pickled objects
+            parts.append(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # torch's message would suggest weights_only=False: never, for a file from elsewhere
+            why = "it holds objects other than tensors" if "Weights only" in str(e) else str(e).splitlines()[0]
+            raise ValueError(f"cannot read {shard}: {why}; re-download it") from None
     raw = {}
     for name, w in parts[0].items():  # model-parallel shards: column-parallel on dim 0, row-parallel on dim 1
         if len(parts) == 1 or w.dim() == 1:

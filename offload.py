@@ -175,19 +175,27 @@ class OffloadPlan:
                 f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (dense layers, hash codes)")
 
 
-def host_available(meminfo="/proc/meminfo", cgroup="/sys/fs/cgroup"):
-    """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (v2) caps its memory
-    (a container); 0 where /proc/meminfo is missing."""
+def host_available(meminfo="/proc/meminfo", cgroup=None):
+    """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (v2: a container, a
+    systemd or Slurm scope) caps its memory below that; 0 where /proc/meminfo is missing."""
     try:
         with open(meminfo) as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return 0
     try:
-        with open(f"{cgroup}/memory.max") as f, open(f"{cgroup}/memory.current") as g:
-            cap, used = f.read().strip(), int(g.read())
-        return min(free, int(cap) - used) if cap != "max" else free
-    except (OSError, ValueError):  # no cgroup v2 files here
+        if cgroup is None:  # "0::/path" in /proc/self/cgroup, under the cgroup2 mount
+            with open("/proc/self/cgroup") as f:
+                cgroup = "/sys/fs/cgroup" + next(line[3:].strip() for line in f if line.startswith("0::"))
+        with open(f"{cgroup}/memory.max") as f:
+            cap = f.read().strip()
+        if cap == "max":
+            return free
+        with open(f"{cgroup}/memory.current") as f, open(f"{cgroup}/memory.stat") as g:
+            used = int(f.read())
+            cache = next(int(line.split()[1]) for line in g if line.startswith("inactive_file "))  # reclaimable
+        return max(0, min(free, int(cap) - used + cache))
+    except (OSError, ValueError, StopIteration):  # no cgroup v2 files here
         return free
 
 

@@ -96,7 +96,6 @@ def test_unknown_dtype(capsys):
     ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
     ("--budget", "1/0", "budget"), ("--rbit", "48", "multiple of 32"), ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
-    ("--max-seq-len", "0", "--max-seq-len"), ("--max-seq-len", "-4", "--max-seq-len"),
 ])
 def test_bad_flags(capsys, flag, value, words):
     code, _, err = run_cli(capsys, "--prompt", "hi", flag, value)
@@ -208,6 +207,9 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
                            "--max-new-tokens", "10", "--device", "cpu")
     assert code == 2 and "10 + 10 tokens need 19 cache slots; the cache has 12" in error_line(err)
+    for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
+        code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", bad, "--device", "cpu")
+        assert code == 2 and "--max-seq-len: invalid positive_int value" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

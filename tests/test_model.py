@@ -214,9 +214,13 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
     with pytest.raises(ValueError, match="malformed checkpoint"):
         from_checkpoint(str(meta))
     torch.save(fractions.Fraction(1, 3), meta / "consolidated.00.pth")  # a class weights_only refuses
-    with pytest.raises(ValueError, match="not a plain tensor checkpoint, or damaged .*never unpickled") as e:
+    with pytest.raises(ValueError, match="consolidated.00.pth: it holds objects other than tensors; re-download") as e:
         from_checkpoint(str(meta))
     assert "weights_only" not in str(e.value)
+    (meta / "consolidated.00.pth").write_bytes(open(meta / "consolidated.00.pth", "rb").read()[:40])  # truncated
+    with pytest.raises(ValueError, match="cannot read .*consolidated.00.pth: .*; re-download it") as e:
+        from_checkpoint(str(meta))
+    assert "\n" not in str(e.value)
 
 
 def test_incomplete_checkpoint_metadata(tmp_path):

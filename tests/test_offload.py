@@ -93,8 +93,9 @@ def test_host_memory_counts_a_containers_cap(tmp_path):
     assert host_available(meminfo, str(cg)) == 50 * 1024  # no cgroup files
     cg.mkdir()
     (cg / "memory.current").write_text("10000\n")
-    for cap, want in (("max\n", 50 * 1024), ("30000\n", 20000), ("900000\n", 50 * 1024)):
-        (cg / "memory.max").write_text(cap)
+    (cg / "memory.stat").write_text("anon 6000\nfile 4000\nactive_file 1000\ninactive_file 3000\n")
+    for cap, want in (("max\n", 50 * 1024), ("30000\n", 23000), ("900000\n", 50 * 1024), ("5000\n", 0)):
+        (cg / "memory.max").write_text(cap)  # cap - used + reclaimable page cache, at most MemAvailable, at least 0
         assert host_available(meminfo, str(cg)) == want
     assert host_available(str(tmp_path / "none"), str(cg)) == 0
 

@@ -170,6 +170,8 @@ def test_steps_without_a_visible_key_are_skipped():
     assert P.isfinite().all() and not torch.equal(P, P0) and math.isfinite(first[0])
     with pytest.raises(ValueError, match="raise --keys"):  # key 0 never drawn in 2 steps of 1 key out of 64
         th.train_layer(P0, sample, 2, 2, 1, torch.Generator().manual_seed(1), hp)
+    with pytest.raises(ValueError, match="the loss is not finite at step [0-9]+: lower --lr"):  # diverges
+        th.train_layer(P0, sample, 40, 2, 64, torch.Generator().manual_seed(0), {**hp, "lr": 1e30})
 
 
 @pytest.fixture(scope="module")
