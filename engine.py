@@ -150,7 +150,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
     new = [[t for t in row if t >= 0] for row in rows]
     timing = {"prefill_s": t1 - t0, "prefill_tokens": int(lengths.sum()), "decode_s": t2 - t1,
-              "decode_steps": max(len(out) - 1, 0)}
+              "decode_steps": max(len(out) - 1, 0), "decode_tokens": sum(max(len(t) - 1, 0) for t in new)}
     return new, timing
 
 
@@ -167,6 +167,8 @@ def parse_budget(text):
     try:
         num, _, den = text.partition("/")
         value = HataArgs(budget=float(num) / float(den) if den else float(num)).budget
+        if den and value >= 1:  # '2/1' is no fraction of the cache
+            raise ValueError(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"budget {text!r} is not a count >= 1 or a fraction in (0, 1) like 1/16")
     return int(value) if value >= 1 else value
@@ -278,6 +280,7 @@ def run(args):
     checkpoint = args.checkpoint or default_checkpoint()
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    t0 = time.perf_counter()  # the tokenizer's load counts: from a GGUF it reads the file as the model does
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
@@ -288,8 +291,6 @@ def run(args):
                          f"raise --max-seq-len or shorten the prompt")
     if hata is not None and hata.hash_weights is None and args.checkpoint is None:
         hata.hash_weights = shipped_hash_weights(hata)
-
-    t0 = time.perf_counter()
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     context, top = model.args.max_seq_len, max(max(p) for p in prompts)
     if top >= model.args.vocab_size:
@@ -316,7 +317,7 @@ def run(args):
     else:
         for text, ids in zip(texts, new):
             print(f"--- {text[:60]!r}\n{tok.decode([t for t in ids if t not in tok.eos_ids])}")
-    report_speed(timing, len(prompts))
+    report_speed(timing)
 
 
 def setup(model, args, batch, max_seq_len):
@@ -346,15 +347,16 @@ def run_random(args, device, dtype):
     prompts = torch.randint(0, model.args.vocab_size, (len(args.prompt or [None]), args.prompt_len), generator=gen)
     with torch.inference_mode():
         _, timing = generate(model, prompts.tolist(), args.max_new_tokens)
-    report_speed(timing, prompts.shape[0])
+    report_speed(timing)
 
 
-def report_speed(timing, batch):
+def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop, not the steps it sat finished
     steps = timing["decode_steps"]
+    decode = (f"{steps} steps in {timing['decode_s']:.2f}s ({timing['decode_tokens'] / timing['decode_s']:.1f} "
+              f"tok/s, {1000 * timing['decode_s'] / steps:.1f} ms/step)" if steps else
+              "no steps (each sequence ended with its first token, or --max-new-tokens is 1)")
     print(f"prefill: {timing['prefill_tokens']} tokens in {timing['prefill_s']:.2f}s "
-          f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {steps} steps in "
-          f"{timing['decode_s']:.2f}s ({steps * batch / max(timing['decode_s'], 1e-9):.1f} tok/s, "
-          f"{1000 * timing['decode_s'] / max(steps, 1):.1f} ms/step)", file=sys.stderr)
+          f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {decode}", file=sys.stderr)
 
 
 def describe_policy(hata, max_seq_len, n_layers):
@@ -365,8 +367,9 @@ def describe_policy(hata, max_seq_len, n_layers):
     K = hata.budget_tokens(max_seq_len)
     if K >= max_seq_len:
         return f"HATA budget {K} tokens covers the whole {max_seq_len}-token cache: every step is dense"
-    weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"
-    return f"HATA decode: {hata.selector} selector, budget {K} of up to {max_seq_len} tokens, {weights}"
+    weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"  # hash only
+    return f"HATA decode: {hata.selector} selector, budget {K} of up to {max_seq_len} tokens" + (
+        f", {weights}" if hata.selector == "hash" else "")
 
 
 def shipped_hash_weights(hata):

@@ -32,7 +32,7 @@ _CHAR_TO_BYTE.update({chr(256 + i): b for i, b in enumerate(b for b in range(256
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-# HF's Digits(individual_digits) + ByteLevel; matches llama.cpp's "smollm" pre-tokenizer (DATA.md).
+# HF's Digits(individual_digits) + ByteLevel; matches llama.cpp's "smollm" pre-tokenizer.
 SMOLLM_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"
 GGUF_PRE = {"llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "smollm": SMOLLM_PATTERN,
             "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN, "default": GPT2_PATTERN}

@@ -94,7 +94,7 @@ def test_unknown_dtype(capsys):
 
 @pytest.mark.parametrize("flag, value, words", [
     ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
-    ("--budget", "1/0", "budget"), ("--rbit", "48", "multiple of 32"), ("--temperature", "nan", "--temperature"),
+    ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"), ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
 ])
 def test_bad_flags(capsys, flag, value, words):
@@ -192,6 +192,15 @@ def test_generate_stops_each_sequence_at_its_stop_token():
     model.setup_caches(2, 32)
     got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop})
     assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["decode_steps"] == 9
+    assert timing["decode_tokens"] == len(got[0]) - 1 + 9  # a finished sequence's idle steps are not its tokens
+
+
+def test_status_lines(capsys):
+    oracle = HataArgs(selector="oracle", budget=4, hash_weights="w/proj.safetensors")
+    assert "proj" not in engine.describe_policy(oracle, 64, 4)  # oracle and Quest read no projections
+    assert "proj.safetensors" in engine.describe_policy(HataArgs(budget=4, hash_weights="w/proj.safetensors"), 64, 4)
+    engine.report_speed({"prefill_s": 0.5, "prefill_tokens": 3, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0})
+    assert "decode: no steps (each sequence ended with its first token" in capsys.readouterr().err
 
 
 def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
