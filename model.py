@@ -559,8 +559,9 @@ def load_checkpoint(path):
 
 def read_gguf(path):
     import gguf
+    from tokenizer import open_gguf  # the reader the tokenizer parsed, if it read this file
     try:
-        reader = gguf.GGUFReader(path)
+        reader = open_gguf(path)
     except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
 

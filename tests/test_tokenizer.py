@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE
+from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, open_gguf
 
 
 def _package_file(package, *parts):
@@ -272,6 +272,15 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     writer.write_kv_data_to_file()
     writer.close()
     with pytest.raises(ValueError, match="no tokenizer.ggml.tokens or token_type list"):
+        Tokenizer.from_path(tmp_path / "t.gguf")
+    first = open_gguf(str(tmp_path / "t.gguf"))
+    assert open_gguf(str(tmp_path / "t.gguf")) is first  # the model's loader gets the tokenizer's parse
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")  # the same path rewritten: parsed again
+    writer.add_tokenizer_model("llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="GGUF tokenizer type 'llama' is not supported"):
         Tokenizer.from_path(tmp_path / "t.gguf")
     lines = _package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
