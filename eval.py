@@ -102,9 +102,10 @@ def decode(model, tokens, pos0, steps, expect=None):
 
 
 @torch.inference_mode()
-def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None):
+def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, bar=None):
     """tokens (B, T): prefill the first n_prefill densely, once; then for each policy decode `steps` steps
-    feeding tokens[:, n_prefill:]. Returns {(name, budget): (argmax (B, steps), logp (B, T - n_prefill - 1))}."""
+    feeding tokens[:, n_prefill:] (a tqdm `bar` moves one a policy). Returns {(name, budget): (argmax (B, steps),
+    logp (B, T - n_prefill - 1))}."""
     B, dev = tokens.shape[0], model.output.weight.device
     tokens, expect = tokens.to(dev), None if expect is None else expect.to(dev)
     model.setup_caches(B, capacity)
@@ -116,6 +117,8 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None):
             model.set_hata(hata)
         if name is not None:
             out[(name, f)] = tuple(t.cpu() for t in decode(model, tokens[:, n_prefill:], pos0, steps, expect))
+            if bar is not None:
+                bar.update()
     return out
 
 
@@ -198,17 +201,19 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         n = -(-len(same) // batch)
         groups += [((i + 0.5) / n, C, same[i * batch:(i + 1) * batch]) for i in range(n)]
     records, took = [], {}  # took: context -> seconds its last batch took
-    for _, _, group in tqdm(sorted(groups), desc="retrieval", unit="batch"):
+    bar = tqdm(total=len(groups) * len(pols), desc="retrieval", unit="policy")  # batches x policies
+    for _, _, group in sorted(groups):
         C, t0 = group[0][0], time.time()
         # expected time: this length's last batch, else another's scaled by the length (prefill is superlinear)
         guess = took.get(C) or max((t * (C / c) ** 1.2 for c, t in took.items()), default=0)
         if t0 + guess > deadline:
+            bar.update(len(pols))
             continue
         prompts = [retrieval_prompt(tok, hays[h], task, C - N_DIGITS, d, random.Random(sd))
                    for _, task, h, d, sd in group]
         tokens = torch.tensor([ids for ids, _, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
         expect = pad_answers([answer for _, _, answer in prompts])  # (B, steps <= N_DIGITS)
-        out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect)
+        out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
         for b, ((_, task, h, d, _), (_, key, _)) in enumerate(zip(group, prompts)):
             got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
                    for (name, f), (top, _) in out.items()}
@@ -217,6 +222,7 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         took[C] = time.time() - t0
         if log:
             log(records)
+    bar.close()
     if len(records) < len(specs):
         print(f"time limit: {len(records)} of {len(specs)} retrieval samples done", file=sys.stderr)
     return records
@@ -248,8 +254,9 @@ def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
     log(the result so far) after every batch."""
     C = windows.shape[1]
     tops, nlls, res = {}, {}, {}
-    for i in tqdm(range(0, len(windows), batch), desc="perplexity", unit="batch"):
-        out = run_policies(model, windows[i:i + batch], C - n_score - 1, n_score, C, pols)
+    bar = tqdm(total=-(-len(windows) // batch) * len(pols), desc="perplexity", unit="policy")  # batches x policies
+    for i in range(0, len(windows), batch):
+        out = run_policies(model, windows[i:i + batch], C - n_score - 1, n_score, C, pols, bar=bar)
         for (name, f), (top, logp) in out.items():
             tops.setdefault(pkey(name, f), []).append(top)
             nlls.setdefault(pkey(name, f), []).append(-logp)
@@ -260,6 +267,7 @@ def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
                       "agree": (torch.cat(tops[k]) == dense_top).double().mean().item()}
         if log:
             log(res)
+    bar.close()
     return res
 
 
