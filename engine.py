@@ -354,7 +354,7 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
     steps = timing["decode_steps"]
     decode = (f"{steps} steps in {timing['decode_s']:.2f}s ({timing['decode_tokens'] / timing['decode_s']:.1f} "
               f"tok/s, {1000 * timing['decode_s'] / steps:.1f} ms/step)" if steps else
-              "no steps (each sequence ended with its first token, or --max-new-tokens is 1)")
+              "no steps (each sequence ended with its first token, or there was room for one)")
     print(f"prefill: {timing['prefill_tokens']} tokens in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {decode}", file=sys.stderr)
 

@@ -7,8 +7,8 @@
 Every score comes *out of the sparse decode path* (model.py, `Attention.sparse_decode`):
 - retrieval (RULER-style, Hsieh et al. 2024): a 5-digit pass key (single), or the key of one name among four
   (multi-key), at a depth of 0-100% in RULER's noise sentences or in prose. Prompts are completions ("... The pass
-  key is "): this small model fails as a chat even densely past ~1K tokens (tried before this was built). Score: exact match of the
-  generated digits; a selector keeps a share of the samples dense gets right.
+  key is "): this small model fails as a chat even densely past ~1K tokens (tried before this was built). Score:
+  exact match of the generated digits; a selector keeps a share of the samples dense gets right.
 - perplexity: NLL of the last N tokens of held-out 8K windows, fed one by one after a prefill of the rest.
 - agreement: the same pass; the share of positions where a selector's argmax equals dense's.
 
@@ -157,7 +157,11 @@ def retrieval_prompt(tok, hay, task, length, depth, rng):
         needles += [(rng.random(), f" The pass key for {n} is {rng.randrange(10 ** (N_DIGITS - 1), 10 ** N_DIGITS)}.")
                     for n in names[1:]]
         question = f"\n\nThe pass key for {names[0]} is "
-    head, tail = tok.encode(INTRO), tok.encode(question, bos=False)  # tail ends in the " " that precedes digits
+    # the question, and the answer as it continues the question: encoded alone, sentencepiece would give the key
+    # a leading '▁' (the question's last token); a tokenizer that joins a space to digits takes the space from it
+    after, asked = tok.encode(question + key, bos=False), tok.encode(question, bos=False)
+    n = next((i for i, (x, y) in enumerate(zip(after, asked)) if x != y), len(asked))  # the common prefix
+    head, tail, answer = tok.encode(INTRO), after[:n], after[n:]
     needle_ids = [(d, tok.encode(t, bos=False)) for d, t in needles]  # the prompt's only BOS (if any) leads head
     n_hay = length - len(head) - len(tail) - sum(len(ids) for _, ids in needle_ids)
     if n_hay < 0:
@@ -168,9 +172,6 @@ def retrieval_prompt(tok, hay, task, length, depth, rng):
     for a, (_, ids) in sorted(zip(at, needle_ids), key=lambda x: x[0]):
         body += piece[last:a] + ids
         last = a
-    # the answer as it continues the question: alone, sentencepiece would give it a leading '▁' (the question's)
-    after = tok.encode(question + key, bos=False)
-    answer = after[len(tail):] if after[:len(tail)] == tail else tok.encode(key, bos=False)
     return head + body + piece[last:] + tail, key, answer  # exactly `length` tokens
 
 
@@ -207,12 +208,13 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         # expected time: this length's last batch, else another's scaled by the length (prefill is superlinear)
         guess = took.get(C) or max((t * (C / c) ** 1.2 for c, t in took.items()), default=0)
         if t0 + guess > deadline:
-            bar.update(len(pols))
+            bar.total -= len(pols)  # skipped: the bar counts what runs
+            bar.refresh()
             continue
         prompts = [retrieval_prompt(tok, hays[h], task, C - N_DIGITS, d, random.Random(sd))
                    for _, task, h, d, sd in group]
         tokens = torch.tensor([ids for ids, _, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
-        expect = pad_answers([answer for _, _, answer in prompts])  # (B, steps <= N_DIGITS)
+        expect = pad_answers([answer for _, _, answer in prompts])  # (B, steps <= N_DIGITS + 1: the cache holds C)
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
         for b, ((_, task, h, d, _), (_, key, _)) in enumerate(zip(group, prompts)):
             got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
@@ -320,6 +322,7 @@ def merge(runs):
             if y["correct"]["dense"] != x["correct"]["dense"]:
                 raise ValueError(f"the runs' dense answers differ on {key(x)}")
             y["correct"] = {**x["correct"], **y["correct"]}
+        out.setdefault("model", r.get("model"))
         out["retrieval"] = list(joined.values())
     every = set().union(*(x["correct"] for x in out.get("retrieval", [])))
     out["retrieval"] = [x for x in out.get("retrieval", []) if set(x["correct"]) == every]

@@ -20,6 +20,7 @@ import math
 import numbers
 import os
 import sys
+import zipfile
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -455,8 +456,7 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
 
 
 def read_hash_file(path, with_tensors=True):
-    """(metadata, {name: tensor} or {}) of a projection file: one clear error for a missing, corrupt or foreign one.
-    The metadata says what it was trained for: int(meta["rbit"]), int(meta["n_dense"]), meta["model"]."""
+    """(metadata: "model", "rbit", "n_dense"; {name: tensor} or {}) of a projection file, or one clear error."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"hash weights file not found: {path}")
@@ -561,7 +561,7 @@ def read_gguf(path):
     import gguf
     from tokenizer import open_gguf  # the reader the tokenizer parsed, if it read this file
     try:
-        reader = open_gguf(path)
+        reader = open_gguf(path, keep=False)  # every tensor is copied out below: no one needs the mapping after
     except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
 
@@ -652,6 +652,8 @@ def read_meta(path):
     parts = []
     for shard in shards:
         try:  # weights_only: tensors and plain containers only, never arbitrary pickled objects
+            if not zipfile.is_zipfile(shard):
+                raise ValueError("empty, cut short, or not a torch zip file")
             parts.append(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:  # torch's message would suggest weights_only=False: never, for a file from elsewhere
             why = "it holds objects other than tensors" if "Weights only" in str(e) else str(e).splitlines()[0]

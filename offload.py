@@ -24,6 +24,7 @@ themselves, so the same code runs (and is tested) without a GPU.
 """
 import math
 import mmap
+import os
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -177,7 +178,8 @@ class OffloadPlan:
 
 def host_available(meminfo="/proc/meminfo", cgroup=None):
     """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (v2: a container, a
-    systemd or Slurm scope) caps its memory below that; 0 where /proc/meminfo is missing."""
+    systemd or Slurm scope) or one above it caps memory below that (its cap - its use + its reclaimable page cache);
+    0 where /proc/meminfo is missing."""
     try:
         with open(meminfo) as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -187,22 +189,25 @@ def host_available(meminfo="/proc/meminfo", cgroup=None):
         if cgroup is None:  # "0::/path" in /proc/self/cgroup, under the cgroup2 mount
             with open("/proc/self/cgroup") as f:
                 cgroup = "/sys/fs/cgroup" + next(line[3:].strip() for line in f if line.startswith("0::"))
-        with open(f"{cgroup}/memory.max") as f:
-            cap = f.read().strip()
-        if cap == "max":
-            return free
-        with open(f"{cgroup}/memory.current") as f, open(f"{cgroup}/memory.stat") as g:
-            used = int(f.read())
-            cache = next(int(line.split()[1]) for line in g if line.startswith("inactive_file "))  # reclaimable
-        return max(0, min(free, int(cap) - used + cache))
-    except (OSError, ValueError, StopIteration):  # no cgroup v2 files here
+    except (OSError, StopIteration):  # no cgroup v2 here
         return free
+    while cgroup != os.path.dirname(cgroup):  # this cgroup, then each one above it (a file missing: no cap there)
+        try:
+            with open(f"{cgroup}/memory.max") as f, open(f"{cgroup}/memory.current") as g, \
+                    open(f"{cgroup}/memory.stat") as h:
+                cap, used = f.read().strip(), int(g.read())
+                cache = next(int(line.split()[1]) for line in h if line.startswith("inactive_file "))
+            free = free if cap == "max" else max(0, min(free, int(cap) - used + cache))
+        except (OSError, ValueError, StopIteration):
+            pass
+        cgroup = os.path.dirname(cgroup)
+    return free
 
 
 def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, dtype=None):
     """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
-    layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default MemAvailable)
-    cannot hold the offloaded layers."""
+    layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default
+    host_available()) cannot hold the offloaded layers."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse:

@@ -66,15 +66,19 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tiktoken.Encoding:
                              special_tokens=specials), n
 
 
-def open_gguf(path):
-    """gguf.GGUFReader(path), kept for the next reader of the same unchanged file: the tokenizer and the model read
-    one GGUF, and parsing its metadata takes seconds (3.4 s for the default model's 49K token strings)."""
+def open_gguf(path, keep=True):
+    """gguf.GGUFReader(path), kept for the next reader of the same unchanged file (unless not `keep`: the last
+    reader lets the file's mapping go with it): the tokenizer and the model read one GGUF, and parsing its metadata
+    takes seconds (3.4 s for the default model's 49K token strings)."""
     st = os.stat(path)
-    return _open_gguf(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    reader = _open_gguf(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if not keep:
+        _open_gguf.cache_clear()
+    return reader
 
 
 @functools.lru_cache(maxsize=1)
-def _open_gguf(path, size, mtime_ns):  # size and time: a rewritten file is read again
+def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritten is read again
     import gguf
     return gguf.GGUFReader(path)
 

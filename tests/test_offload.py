@@ -98,6 +98,12 @@ def test_host_memory_counts_a_containers_cap(tmp_path):
         (cg / "memory.max").write_text(cap)  # cap - used + reclaimable page cache, at most MemAvailable, at least 0
         assert host_available(meminfo, str(cg)) == want
     assert host_available(str(tmp_path / "none"), str(cg)) == 0
+    leaf = cg / "step_0" / "task_0"  # a Slurm job's cap sits above the task's cgroup, which has none
+    leaf.mkdir(parents=True)
+    for name, text in (("memory.max", "max\n"), ("memory.current", "100\n"), ("memory.stat", "inactive_file 0\n")):
+        (leaf / name).write_text(text)
+    (cg / "memory.max").write_text("30000\n")
+    assert host_available(meminfo, str(leaf)) == 23000
 
 
 def test_refuses_when_host_memory_is_too_small():

@@ -275,6 +275,8 @@ def test_config_and_gguf_errors(tmp_path, llama3):
         Tokenizer.from_path(tmp_path / "t.gguf")
     first = open_gguf(str(tmp_path / "t.gguf"))
     assert open_gguf(str(tmp_path / "t.gguf")) is first  # the model's loader gets the tokenizer's parse
+    assert open_gguf(str(tmp_path / "t.gguf"), keep=False) is first  # the last reader: the cache lets it go
+    assert open_gguf(str(tmp_path / "t.gguf")) is not first
     writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")  # the same path rewritten: parsed again
     writer.add_tokenizer_model("llama")
     writer.write_header_to_file()
