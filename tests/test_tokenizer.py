@@ -266,24 +266,19 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     (tmp_path / "tokenizer_config.json").write_text("{bos_token: <s>}")
     with pytest.raises(ValueError, match="tokenizer_config.json' is not valid JSON"):
         Tokenizer.from_path(tmp_path)
-    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match="no tokenizer.ggml.tokens or token_type list"):
-        Tokenizer.from_path(tmp_path / "t.gguf")
-    first = open_gguf(str(tmp_path / "t.gguf"))
-    assert open_gguf(str(tmp_path / "t.gguf")) is first  # the model's loader gets the tokenizer's parse
-    assert open_gguf(str(tmp_path / "t.gguf"), keep=False) is first  # the last reader: the cache lets it go
-    assert open_gguf(str(tmp_path / "t.gguf")) is not first
-    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")  # the same path rewritten: parsed again
-    writer.add_tokenizer_model("llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match="GGUF tokenizer type 'llama' is not supported"):
-        Tokenizer.from_path(tmp_path / "t.gguf")
+    path = str(tmp_path / "t.gguf")
+    for kind, words in (("gpt2", "no tokenizer.ggml.tokens or token_type list"),
+                        ("llama", "GGUF tokenizer type 'llama' is not supported")):  # the same path rewritten
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_tokenizer_model(kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        with pytest.raises(ValueError, match=words):  # the second file is parsed again, not served from the cache
+            Tokenizer.from_path(path)
+        first = open_gguf(path)
+        assert open_gguf(path) is first  # the model's loader gets the tokenizer's parse
+        assert open_gguf(path, keep=False) is first and open_gguf(path) is not first  # the last reader lets it go
     lines = _package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
     assert Tokenizer.from_path(tmp_path / "tik.model").encode("hi there") == llama3.encode("hi there")
