@@ -58,10 +58,10 @@ class ModelArgs:
         sizes = "dim n_layers n_heads n_kv_heads vocab_size ffn_dim max_seq_len".split()
         if bad := {k: v for k in sizes if not isinstance(v := getattr(self, k), numbers.Integral) or not v >= 1}:
             raise ValueError(f"the model's sizes must be whole numbers >= 1, got {bad}")
-        kind = (self.rope_scaling or {}).get("type", "default")
-        if kind not in ROPE_SCALING:
+        scaling = self.rope_scaling or {}
+        if (kind := scaling.get("type", "default")) not in ROPE_SCALING:
             raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: {', '.join(ROPE_SCALING)})")
-        if missing := sorted(set(ROPE_SCALING.get(kind, [])) - set(self.rope_scaling or {})):
+        if missing := sorted(set(ROPE_SCALING[kind]) - set(scaling)):
             raise ValueError(f"{kind} RoPE scaling needs {', '.join(missing)}")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
@@ -462,7 +462,7 @@ def read_hash_file(path, with_tensors=True):
         raise FileNotFoundError(f"hash weights file not found: {path}")
     try:
         with safe_open(path, "pt") as f:
-            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys() if with_tensors}
+            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
     except Exception as e:
         raise ValueError(f"cannot read hash weights {path}: {e}") from None
     if not {"model", "rbit", "n_dense"} <= set(meta):
@@ -475,13 +475,13 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
     meta, tensors = read_hash_file(path)
     where = f"hash weights {path}"
     if meta["model"] != args.describe():
-        raise ValueError(f"{where} were made for '{meta.get('model')}', not this model ('{args.describe()}')")
+        raise ValueError(f"{where} were made for '{meta['model']}', not this model ('{args.describe()}')")
     if int(meta["rbit"]) != hata.rbit:
-        raise ValueError(f"{where} have rbit={meta.get('rbit')} but rbit={hata.rbit} was asked for; "
-                         f"pass --rbit {meta.get('rbit')}")
+        raise ValueError(f"{where} have rbit={meta['rbit']} but rbit={hata.rbit} was asked for; "
+                         f"pass --rbit {meta['rbit']}")
     if int(meta["n_dense"]) != hata.n_dense:
-        raise ValueError(f"{where} have n_dense={meta.get('n_dense')} but n_dense={hata.n_dense} was asked for; "
-                         f"pass --n-dense {meta.get('n_dense')}")
+        raise ValueError(f"{where} have n_dense={meta['n_dense']} but n_dense={hata.n_dense} was asked for; "
+                         f"pass --n-dense {meta['n_dense']}")
     want = {f"layers.{i}.hash_proj" for i in range(hata.n_dense, args.n_layers)}
     if set(tensors) != want:
         raise ValueError(f"{where}: missing {sorted(want - set(tensors))[:3]}, unexpected "
