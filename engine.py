@@ -157,9 +157,22 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help adds each option's default as one would type it: "(default: 1024 2048)", not "[1024, 2048]"."""
+    def _get_help_string(self, action):
+        d, text = action.default, action.help
+        if d is None or d is False or d is argparse.SUPPRESS or text is None or "(default" in text:
+            return text
+        return f"{text} (default: {' '.join(map(str, d)) if isinstance(d, (list, tuple)) else d})"
+
+
 class Parser(argparse.ArgumentParser):
+    """Every command line's parser (engine, eval, train_hash, bench): --help shows the defaults, errors are one line."""
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=ShowDefaults, **kwargs)
+
     def error(self, message):  # one line a person can act on, not a usage dump
-        self.exit(2, f"error: {message} (see python engine.py --help)\n")
+        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
 
 
 def parse_budget(text):
@@ -200,11 +213,12 @@ def build_parser():
     p.add_argument("--prompt-file", help="read the prompt from this text file")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (and of --random-weights' prompt)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: prompt + max-new-tokens)")

