@@ -276,6 +276,8 @@ def run(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
+        raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already")
     if args.random_weights:
         return run_random(args, device, dtype)
     texts = list(args.prompt or [])

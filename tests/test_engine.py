@@ -102,6 +102,12 @@ def test_bad_flags(capsys, flag, value, words):
     assert code == 2 and words in error_line(err) and "loaded" not in err  # refused before loading
 
 
+def test_offload_needs_a_gpu(capsys):
+    for flags in (["--offload"], ["--kv-gpu-gb", "1"]):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cpu", *flags)
+        assert code == 2 and "on the CPU it is there already" in error_line(err) and "loaded" not in err
+
+
 def test_bad_device(capsys):
     n = torch.cuda.device_count()
     for device, words in [("xyz", "invalid device_name value: 'xyz'"), (f"cuda:{n}", f"this machine has {n} CUDA"),
