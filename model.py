@@ -363,8 +363,8 @@ class Transformer(nn.Module):
 
     def compile_pointwise(self):
         """torch.compile the parts made of small elementwise kernels: the norms, the MLP's SiLU-gate and RoPE.
-        Inductor fuses them, which takes ~1.3 ms off a Llama-3.1-8B decode step on an H200 (7.1 -> 5.8 ms at a
-        16-token context). Attention stays eager: SDPA and the HATA kernels are fused already."""
+        Inductor fuses them: 1.3 ms off a Llama-3.1-8B decode step on an H200 (7.1 -> 5.8 ms at a 16-token context;
+        BENCHMARKS.md, 2026-11-29). Attention stays eager: SDPA and the HATA kernels are fused already."""
         rope = torch.compile(apply_rope)
         for layer in self.layers:
             layer.feed_forward.compile()

@@ -4,7 +4,8 @@ A HATA decode step reads the hash code of every cached token but the keys and va
 tokens it selects, so a sparse layer's K/V cache can live in page-locked host memory while its hash codes, and the
 dense layers' caches, stay on the GPU. `apply_offload(model, B, S_max, kv_gpu_gb=None)` plans which sparse layers
 to offload and installs `HostKVCache` as their `Attention.kv_cache_cls`; call it before `model.setup_caches`, which
-then allocates those caches in host memory only. model.py learns nothing else about offload.
+then allocates those caches in host memory only. model.py learns nothing else about offload (but for a warning
+when `set_hata` turns an offloaded layer dense).
 
 How the GPU reaches host memory: page-locked host memory (here an ordinary tensor registered with cudaHostRegister)
 is mapped into the GPU's unified address space (UVA) at its host address, so a kernel can load and store it
@@ -14,13 +15,13 @@ directly, over PCIe.
            hamming_topk selects on the GPU from the codes; sparse_decode_attention's split kernel gathers the
            selected rows straight from host memory (zero-copy) and attends on the GPU.
   prefill  the rows are written through the view as the chunks go; a fresh prefill (every sequence from position
-           0) attends over the new k, v themselves, on the GPU; a later chunk over a GPU copy of the positions before
-           it, made for that layer and dropped after it (host syncs are fine in prefill; the copy is not counted in
-           --kv-gpu-gb, and is at most one layer's K/V).
+           0) attends over the new k, v themselves, on the GPU; a later chunk over a GPU copy of positions 0 through
+           its own last one, made for that layer and dropped after it (host syncs are fine in prefill; the copy is
+           not counted in --kv-gpu-gb, and is at most one layer's K/V).
 The other way to fetch, copying the selected rows into a small GPU staging buffer first (`gather_rows`, then the
 ordinary kernel over the buffer: `staged_sparse_attention`), moves the same bytes; `python bench.py offload` times
 both (BENCHMARKS.md). On the CPU the "far" memory is ordinary host memory and the views are the host tensors
-themselves, so the same code runs (and is tested) without a GPU.
+themselves, so the same code runs (and is tested) without a GPU; engine.py takes --offload only on CUDA.
 """
 import math
 import mmap
