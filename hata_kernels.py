@@ -448,12 +448,13 @@ def _select_topk_kernel(
 
 def _order_key_int32(score):
     """Map any real score to an int32 key with the same order (and the same ties) where exact:
-    integers as they are (must fit int32: checked, a host sync, for int64), floats through their fp32 bit pattern."""
+    integers as they are (must fit int32: checked, a host sync, for int64), floats through their fp32 bit pattern
+    (-0.0 as 0.0: equal scores tie)."""
     if not score.is_floating_point():
         _check(score.dtype != torch.int64 or score.numel() == 0 or -2 ** 31 <= score.min() and score.max() < 2 ** 31,
                "select_topk: the Triton path needs integer scores that fit in int32")
         return score.to(torch.int32)
-    bits = score.float().view(torch.int32)                                     # (B, Hkv, S) int32
+    bits = (score.float() + 0.0).view(torch.int32)                             # (B, Hkv, S) int32; -0.0 + 0.0 = 0.0
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)                      # negative floats: flip magnitude
 
 
