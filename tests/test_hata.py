@@ -10,7 +10,7 @@ import hata_kernels as hk
 import model as model_module
 from engine import decode_one_token, generate, prefill
 from model import PRESETS, HataArgs, Transformer, from_state_dict, load_hash_projections, save_hash_projections
-from tests.test_kernels import as_sets
+from tests.test_kernels import DEV, as_sets
 
 GOLDEN = "tests/data/golden_smollm2.safetensors"
 
@@ -54,12 +54,13 @@ def test_sparse_path_with_every_position_selected_is_dense(smol_weights, use_nor
     torch.testing.assert_close(hata_logits, dense_logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("use_norm", [False, True])
-def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm):
+@pytest.mark.parametrize("use_norm, chunk", [(False, 4096), (True, 4096), (False, 4), (True, 5)])
+def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chunk):
     """Every decode step of every sparse layer against HATA written out from the refs: the layer's
     projection hashes the queries and every cached key, the score is the Hamming distance summed over the G query
     heads of a KV head (use_norm: -(G - 2 ham / R) * ||k||), and the top K, with the sinks and the recent window,
-    are what the layer attends to; per sequence, with the keys of decoded tokens too."""
+    are what the layer attends to; per sequence, with the keys of decoded tokens too, after a prefill in one
+    chunk or several (each chunk's codes at its own positions)."""
     args, hata = PRESETS["tiny"], HataArgs(budget=5, n_sink=1, n_recent=2, n_dense=1, use_norm=use_norm)
     torch.manual_seed(0)
     model = Transformer(args, hata).eval()
@@ -70,7 +71,7 @@ def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm):
     model.setup_caches(2, 32)
     G, R = args.n_heads // args.n_kv_heads, hata.rbit
     with torch.inference_mode():
-        prefill(model, torch.randint(0, args.vocab_size, (2, 17)), lengths)
+        prefill(model, torch.randint(0, args.vocab_size, (2, 17)), lengths, chunk)
         for step in range(4):
             seen.clear()
             decode_one_token(model, torch.randint(0, args.vocab_size, (2,)), lengths + step)
@@ -204,6 +205,54 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
     open(path, "wb").write(b"\xff" * 64)
     with pytest.raises(ValueError, match="cannot read hash weights"):
         load_hash_projections(path, args, hata)
+
+
+@pytest.mark.parametrize("use_norm", [False, True])
+def test_decode_through_the_kernels_matches_the_refs(monkeypatch, use_norm):
+    """The model's sparse decode (hash, select, attend, after a prefill in chunks) with every op dispatched to its
+    Triton kernel, against the same model on the refs, fed the same tokens: logits within fp32 rounding and the
+    same greedy choices. On the CPU the kernels run in Triton's interpreter: where the model meets them in CI."""
+    args, hata = PRESETS["tiny"], HataArgs(budget=5, n_sink=1, n_recent=2, n_dense=1, use_norm=use_norm)
+    torch.manual_seed(0)
+    model = Transformer(args, hata).to(DEV).eval()
+    tokens, lengths = torch.randint(0, args.vocab_size, (2, 17), device=DEV), torch.tensor([11, 17], device=DEV)
+    real, runs = hk._use_triton, []
+    for force in (False, True):  # what every op's use_triton=None picks
+        pick = lambda use_triton, *t: real(force if use_triton is None else use_triton, *t)
+        monkeypatch.setattr(hk, "_use_triton", pick)
+        model.setup_caches(2, 32)
+        with torch.inference_mode():
+            logits = [prefill(model, tokens, lengths, chunk=8)]  # (B, V) per step
+            for step in range(4):
+                cur = (runs[0] if runs else logits)[step].argmax(-1)  # the refs' greedy tokens, both times
+                logits.append(decode_one_token(model, cur, lengths + step))
+        runs.append(torch.stack(logits))  # (steps, B, V)
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=0)
+    assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1))
+
+
+def test_oracle_scores_are_the_group_summed_attention():
+    """The oracle's score, written out in float64 loops: softmax(q_j . k_s / sqrt(D)) over the valid positions,
+    summed over the G query heads j of the KV head; its top K (the newest first on ties) is what it selects."""
+    args = PRESETS["tiny"]
+    attn = Transformer(args, HataArgs(budget=7, selector="oracle", n_dense=0)).layers[0].attention
+    B, H, Hkv, D, S = 2, args.n_heads, args.n_kv_heads, args.head_dim, 23
+    G, gen = H // Hkv, torch.Generator().manual_seed(3)
+    q, keys, lengths = torch.randn(B, H, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen), [23, 9]
+    probs = attn.group_probs(q, keys, torch.tensor(lengths))  # (B, Hkv, S)
+    for b in range(B):
+        for h in range(Hkv):
+            want = [0.0] * S
+            for j in range(h * G, (h + 1) * G):
+                logits = [float(q[b, j].double() @ keys[b, h, s].double()) / math.sqrt(D) for s in range(lengths[b])]
+                top = max(logits)
+                total = sum(math.exp(x - top) for x in logits)
+                for s, x in enumerate(logits):
+                    want[s] += math.exp(x - top) / total
+            torch.testing.assert_close(probs[b, h].double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
+            best = sorted(range(lengths[b]), key=lambda s: (-want[s], -s))[:7]
+            idx = hk.select_topk(-probs, torch.tensor(lengths), 7)
+            assert sorted(p for p in idx[b, h].tolist() if p >= 0) == sorted(best)
 
 
 def test_quest_selects_whole_pages_by_bound():

@@ -120,15 +120,16 @@ def test_hash_encode_ref(G, R):
 
 
 def test_hash_encode_packing():
-    """A vector whose projection is positive exactly at dims 0, 31, 33 (and 127): bit 31 is the sign bit."""
-    D, R = 4, 128
+    """A vector whose projection is positive exactly at dims 0, 31, 33 (and 127): bit 31 is the sign bit; the
+    kernel packs the same words."""
+    D, R = 16, 128
     proj = -torch.ones(1, D, R)
     for r in (0, 31, 33, 127):
         proj[0, :, r] = 1.0
     x = torch.ones(1, 1, 1, D)
     codes = hk.hash_encode_ref(x, proj)[0, 0, 0].tolist()
     assert codes == [1 | -2**31, 2, 0, -2**31]
-    assert hk.hash_encode(x, proj, use_triton=False)[0, 0, 0].tolist() == codes
+    assert hk.hash_encode(x.to(DEV), proj.to(DEV), use_triton=True)[0, 0, 0].tolist() == codes
 
 
 @pytest.mark.parametrize("S", [1, 63, 257])
@@ -167,6 +168,10 @@ def test_select_topk_ref_float_scores():
     idx = hk.select_topk_ref(score, lengths, 10, 1, 2)
     brute = brute_select(score, lengths, 10, 1, 2)
     assert [[s for s, _ in row] for row in as_sets(idx)] == brute
+    signed = torch.tensor([[[0.0, -0.0, 0.0, 1.0, -0.0, 2.0]]])                 # -0.0 == 0.0: one tie, newest wins
+    for use_triton in (False, True):
+        picked = hk.select_topk(signed.to(DEV), torch.tensor([6], device=DEV), 2, use_triton=use_triton)
+        assert picked.tolist() == [[[2, 4]]]
 
 
 def test_select_topk_ref_rules():
@@ -479,6 +484,24 @@ def test_sparse_attention_triton(G, D, K, dtype):
     assert out.dtype == dtype and out.shape == q.shape
     assert torch.all(out[1, :G] == 0)
     attention_tolerance(q, k, v, idx, out)
+
+
+@pytest.mark.parametrize("G,K", [(2, 1), (3, 63), (1, 257)])
+def test_sparse_attention_triton_strided_large_logits_and_scale(G, K):
+    """The model's layouts: q a view into the fused q|k tensor (batch stride (H + Hkv) * D), idx transposed.
+    Logits of a few hundred (plain randn gives a few) overflow exp unless both kernels subtract the running max;
+    an explicit scale must be the one applied."""
+    gen = torch.Generator().manual_seed(G + K)
+    B, Hkv, D, S_max = 2, 2, 32, 300
+    q = (30 * torch.randn(B, Hkv * G + Hkv, D, generator=gen))[:, :Hkv * G]              # (B, H, D) strided
+    k = torch.randn(B, Hkv, S_max, D, generator=gen)
+    v = torch.randn(B, Hkv, S_max, D, generator=gen)
+    idx = torch.randint(0, S_max, (B, K, Hkv), generator=gen, dtype=torch.int32).transpose(1, 2)  # (B, Hkv, K)
+    q, k, v, idx = q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV)
+    out = hk.sparse_decode_attention(q, k, v, idx, scale=0.37, use_triton=True)
+    assert not q.is_contiguous() and torch.isfinite(out).all()
+    ref64 = hk.sparse_decode_attention_ref(q.double(), k.double(), v.double(), idx, scale=0.37)
+    torch.testing.assert_close(out.double(), ref64, atol=1e-4, rtol=0)  # fp32 in, fp32 accumulation
 
 
 def test_odd_layouts_and_edges():
