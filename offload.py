@@ -177,32 +177,45 @@ class OffloadPlan:
                 f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (dense layers, hash codes)")
 
 
+CGROUP_FILES = [("memory.max", "memory.current", "inactive_file "),  # v2: cap, use, reclaimable page cache
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file ")]  # v1
+
+
 def host_available(meminfo="/proc/meminfo", cgroup=None):
-    """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (v2: a container, a
-    systemd or Slurm scope) or one above it caps memory below that (its cap - its use + its reclaimable page cache);
-    0 where /proc/meminfo is missing."""
+    """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (a container, a
+    systemd or Slurm scope) or one above it caps memory below that (its cap - its use + its reclaimable page cache;
+    cgroup v2's files or v1's); 0 where /proc/meminfo is missing."""
     try:
         with open(meminfo) as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return 0
-    try:
-        if cgroup is None:  # "0::/path" in /proc/self/cgroup, under the cgroup2 mount
-            with open("/proc/self/cgroup") as f:
-                cgroup = "/sys/fs/cgroup" + next(line[3:].strip() for line in f if line.startswith("0::"))
-    except (OSError, StopIteration):  # no cgroup v2 here
-        return free
-    while cgroup != os.path.dirname(cgroup):  # this cgroup, then each one above it (a file missing: no cap there)
-        try:
-            with open(f"{cgroup}/memory.max") as f, open(f"{cgroup}/memory.current") as g, \
-                    open(f"{cgroup}/memory.stat") as h:
-                cap, used = f.read().strip(), int(g.read())
-                cache = next(int(line.split()[1]) for line in h if line.startswith("inactive_file "))
-            free = free if cap == "max" else max(0, min(free, int(cap) - used + cache))
-        except (OSError, ValueError, StopIteration):
-            pass
-        cgroup = os.path.dirname(cgroup)
+    for path in [cgroup] if cgroup else _own_cgroups():
+        while path != os.path.dirname(path):  # this cgroup, then each one above it (a file missing: no cap there)
+            for cap_file, used_file, cache in CGROUP_FILES:
+                try:
+                    with open(f"{path}/{cap_file}") as f, open(f"{path}/{used_file}") as g, \
+                            open(f"{path}/memory.stat") as h:
+                        cap, used = f.read().strip(), int(g.read())
+                        reclaimable = next(int(line.split()[1]) for line in h if line.startswith(cache))
+                    if cap != "max":  # v1 writes no cap as ~2^63
+                        free = max(0, min(free, int(cap) - used + reclaimable))
+                except (OSError, ValueError, StopIteration):
+                    pass
+            path = os.path.dirname(path)
     return free
+
+
+def _own_cgroups(table="/proc/self/cgroup"):
+    """This process's memory cgroups as directories: v2's ("0::/path" in /proc/self/cgroup) and v1's memory
+    controller ("4:memory:/path"); a hybrid system has both."""
+    try:
+        with open(table) as f:
+            lines = [parts for line in f if len(parts := line.rstrip("\n").split(":", 2)) == 3]
+    except OSError:
+        return []
+    return ([f"/sys/fs/cgroup{path}" for n, _, path in lines if n == "0"] +
+            [f"/sys/fs/cgroup/memory{path}" for _, kinds, path in lines if "memory" in kinds.split(",")])
 
 
 def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, dtype=None):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hata_kernels as hk
+import offload
 from engine import decode_one_token, generate, prefill, random_model
 from model import KVCache, HataArgs
 from offload import (GiB, HostKVCache, apply_offload, gather_rows, host_available, host_buffer, plan_offload,
@@ -104,6 +105,20 @@ def test_host_memory_counts_a_containers_cap(tmp_path):
         (leaf / name).write_text(text)
     (cg / "memory.max").write_text("30000\n")
     assert host_available(meminfo, str(leaf)) == 23000
+    v1 = tmp_path / "memory" / "docker" / "abc"  # cgroup v1: its own file names; no cap is written as ~2^63
+    v1.mkdir(parents=True)
+    (v1 / "memory.usage_in_bytes").write_text("10000\n")
+    (v1 / "memory.stat").write_text("cache 4000\ninactive_file 1\ntotal_inactive_file 3000\n")
+    for cap, want in (("9223372036854771712\n", 50 * 1024), ("30000\n", 23000)):
+        (v1 / "memory.limit_in_bytes").write_text(cap)
+        assert host_available(meminfo, str(v1)) == want
+
+
+def test_own_cgroups_v2_v1_and_hybrid(tmp_path):
+    table = tmp_path / "cgroup"
+    table.write_text("9:name=systemd:/\n4:cpuacct,memory:/docker/abc\n3:cpu:/\nbroken\n0::/user.slice/x\n")
+    assert offload._own_cgroups(str(table)) == ["/sys/fs/cgroup/user.slice/x", "/sys/fs/cgroup/memory/docker/abc"]
+    assert offload._own_cgroups(str(tmp_path / "none")) == []
 
 
 def test_refuses_when_host_memory_is_too_small():
