@@ -10,14 +10,15 @@ Each op is a triple, side by side:
     op()         input checks (ValueError, one line) + dispatch
     op_ref()     pure torch, the definition; runs anywhere
 
-Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref (and on CUDA where
-a kernel lacks a path: hash_encode's prefill rows with W not a power of two, cache_write with D not one).
+Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref; on CUDA, hash_encode
+takes cuBLAS for long prefills with W not a power of two and cache_write the ref for D not a power of two, and the
+other kernels refuse (ValueError) a D that is not a power of two >= 16, or fp64.
 
     hash_encode(x, proj)                        -> codes (B, Hx, T, W) int32
     hash_encode_step(q, k, proj, code_cache, pos) -> q codes (B, H, W); the new keys' codes into the cache
     hamming_score(q_codes, k_codes, lengths)    -> score (B, Hkv, S) int32
     select_topk(score, lengths, budget, ...)    -> idx   (B, Hkv, budget) int32, -1 = unused slot
-    hamming_topk(q_codes, k_codes, lengths, budget, ...)  fused score + select (what the model uses)
+    hamming_topk(q_codes, k_codes, lengths, budget, ...)  fused score + select (the hash selector)
     sparse_decode_attention(q, k_cache, v_cache, idx)     -> out (B, H, D)
     cache_write(k, v, k_cache, v_cache, pos)    a decode step's new K and V rows into the caches, one launch
 
@@ -96,7 +97,8 @@ def _popcount(x, HW_POPC: tl.constexpr):
         return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True,
                                          pack=1)
     else:
-        # arithmetic right shifts are harmless: every mask clears the sign-extended bits
+        # bit counts of 2-bit fields, then 4-bit fields, then bytes; the two folds add the four byte counts into
+        # the low byte (<= 32). Arithmetic right shifts are harmless: every mask clears the sign-extended bits
         x = x - ((x >> 1) & 0x55555555)
         x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
         x = (x + (x >> 4)) & 0x0F0F0F0F
@@ -115,7 +117,7 @@ def _hash_encode_kernel(
     k_ptr, pos_ptr, kc_ptr,                 # KEY only: new keys (B, Hkv, D), pos (B,), code cache (B, Hkv, S_max, W)
     Hkv, T,
     sxb, sxh, sxt, sxd,
-    spg, spd, spr,
+    sph, spd, spr,
     scb, sch, sct,
     skb, skh, skd,
     skcb, skch, skcs,
@@ -123,9 +125,9 @@ def _hash_encode_kernel(
     KEY: tl.constexpr,
 ):
     """Program (row block, b * Hkv + h, word block) writes NW words of BLOCK_R rows r = (g, t) of the G heads
-    that use proj[h]: each projection slice is loaded once per KV head. Decode (T = 1) takes NW = 1 and spreads
-    over B * Hkv * W programs; prefill takes NW = 2 (the (D, 64) proj slice and a 128-row block fit in registers:
-    3x faster than the fp32 matmul of the ref for 32K keys of 8 heads, R = 128).
+    that use proj[h]: each projection slice is loaded once per KV head. Up to 64 rows (decode), or W not a power of
+    two: NW = 1, spread over B * Hkv * W programs; more rows: NW = min(W, 2) (the (D, 64) proj slice and a 128-row
+    block fit in registers: 3x faster than the fp32 matmul of the ref for 32K keys of 8 heads, R = 128).
     KEY (decode, T = 1): one more row, r = G, is the KV head's new key; its code goes to the cache at pos[b], so
     a decode step hashes its queries and its key in one launch."""
     pid_r = tl.program_id(0)
@@ -143,7 +145,7 @@ def _hash_encode_kernel(
         is_key = (r == G)[:, None]                                             # (BLOCK_R, 1)
         x_ptrs = tl.where(is_key, k_ptr + b * skb + h * skh + d[None, :] * skd, x_ptrs)
     x = tl.load(x_ptrs, mask=r[:, None] < G * T + KEY, other=0.0).to(tl.float32)  # (BLOCK_R, D) fp32
-    p = tl.load(p_ptr + h * spg + d[:, None] * spd + (32 * NW * wb + i[None, :]) * spr)  # (D, 32 NW) fp32
+    p = tl.load(p_ptr + h * sph + d[:, None] * spd + (32 * NW * wb + i[None, :]) * spr)  # (D, 32 NW) fp32
     y = tl.dot(x, p, input_precision=PRECISION)                                # (BLOCK_R, 32 NW) fp32
     bits = (y > 0).to(tl.int32) << (i % 32)[None, :]                           # (BLOCK_R, 32 NW) int32
     words = tl.sum(tl.reshape(bits, (BLOCK_R, NW, 32)), axis=2)                # (BLOCK_R, NW) distinct bits: sum == OR
@@ -191,13 +193,13 @@ def _tensor_core_rows(rows, W):
 
 
 def _hash_encode_into(x, proj, codes, key=None):
-    """Launch the kernel writing into codes (B, Hx, T, W) int32, which may be a view such as
-    code_cache[:, :, pos:pos + 1] (its last stride must be 1). No checks: callers have done them.
+    """Launch the kernel writing into codes (B, Hx, T, W) int32, any view whose last stride is 1 (a decode
+    step's key codes go through `key`). No checks: callers have done them.
     key = (k (B, Hkv, D), pos (B,), code_cache (B, Hkv, S_max, W)): decode only (T = 1), the new keys' codes go
     to code_cache[b, :, pos[b]] in the same launch.
-    Decode rows (G * T <= 64): one 32-bit word per program, fp32 FMA dot. Prefill rows: two words per program
-    (W a power of two) on the tensor cores in tf32x3, which keeps fp32 accuracy (~1e-6 relative; a bit can differ
-    from the ref only where x.P is that close to zero)."""
+    Up to 64 rows (G * T, + 1 with a key), or W not a power of two: one 32-bit word per program, fp32 FMA dot.
+    More rows: two words per program (W a power of two) on the tensor cores in tf32x3, which keeps fp32 accuracy
+    (~1e-6 relative; a bit can differ from the ref only where x.P is that close to zero)."""
     B, Hx, T, D = x.shape
     Hkv, _, R = proj.shape
     assert codes.stride(3) == 1 and (key is None or T == 1)
@@ -271,7 +273,7 @@ def _group_score(k_ptrs, k_mask, qc_ptr, G: tl.constexpr, W: tl.constexpr, W_P2:
     (the same for every key; NPL = _planes(G)): score = C0 + (G odd) * popc(k) + 2 * sum_j +-2^j popc(k & plane_j)."""
     wi = tl.arange(0, W_P2)                                                    # (W_P2,)
     k = tl.load(k_ptrs, mask=k_mask & (wi[None, :] < W), other=0)              # (BLOCK_S, W_P2) int32
-    if NPL + G % 2 < G:
+    if NPL + G % 2 < G:                                                        # popcounts per word: planes vs G
         r = tl.arange(0, 32)
         score = tl.zeros([k.shape[0]], dtype=tl.int32)
         c = tl.zeros([W_P2, 32], dtype=tl.int32)                               # (W_P2, 32) heads with bit set
@@ -358,19 +360,20 @@ def hamming_score_ref(q_codes, k_codes, lengths):
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G = H // Hkv
-    x = torch.empty(B, Hkv, G, W, S, dtype=torch.int32, device=k_codes.device)  # (B, Hkv, G, W, S) int32
-    torch.bitwise_xor(k_codes.transpose(-1, -2)[:, :, None], q_codes.view(B, Hkv, G, W, 1), out=x)
-    if x.device.type == "cpu":
-        count = torch.from_numpy(np.bitwise_count(x.numpy().view(np.uint32)))  # (B, Hkv, G, W, S) uint8
+    xor = torch.empty(B, Hkv, G, W, S, dtype=torch.int32, device=k_codes.device)  # (B, Hkv, G, W, S) int32
+    torch.bitwise_xor(k_codes.transpose(-1, -2)[:, :, None], q_codes.view(B, Hkv, G, W, 1), out=xor)
+    if xor.device.type == "cpu":
+        count = torch.from_numpy(np.bitwise_count(xor.numpy().view(np.uint32)))  # (B, Hkv, G, W, S) uint8
     else:
-        count = _popcount_lut(x.device)[x.view(torch.uint8).long()].view(B, Hkv, G, W, S, 4).sum(-1)
+        count = _popcount_lut(xor.device)[xor.view(torch.uint8).long()].view(B, Hkv, G, W, S, 4).sum(-1)
     score = count.view(B, Hkv, G * W, S).sum(2, dtype=torch.int32)            # (B, Hkv, S) int32
     valid = torch.arange(S, device=k_codes.device) < lengths.view(B, 1, 1)    # (B, 1, S) bool
     return torch.where(valid, score, G * 32 * W + 1)                           # (B, Hkv, S) int32
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. select_topk: smallest-score positions with sinks, recent window, newest-wins ties
+# 3. select_topk: smallest-score positions with sinks, recent window, newest-wins ties (the oracle, Quest and
+#    use_norm selectors; the hash selector's own counting select is section 4)
 
 
 def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
@@ -460,7 +463,7 @@ def _order_key_int32(score):
 
 def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     """score (B, Hkv, S) any real dtype, smaller is closer -> idx (B, Hkv, budget) int32 ascending, -1 padded.
-    The Triton path orders scores as fp32 (integer scores must fit in int32)."""
+    Both paths order float scores by their fp32 value; integer scores must fit in int32."""
     _check(score.dim() == 3, f"select_topk: score must be (B, Hkv, S), got shape {tuple(score.shape)}")
     _check(score.dtype != torch.bool and not score.is_complex(), f"select_topk: score must be real, got {score.dtype}")
     B, Hkv, S = score.shape
@@ -481,7 +484,8 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
         scored                    (order(score) + 2^31) * S + (S - 1 - s)   smallest score, then newest
         past the length           2^62
     where order() is the score itself for integer scores (|score| < 2^31) and _order_key_int32 for floats
-    (fp32 order, as in the Triton path). The keys of a row are distinct, so its K_eff smallest are one set,
+    (fp32 order, as in the Triton path). The keys of a row's valid positions are distinct (those past the length
+    tie at 2^62 and come out as -1), so its K_eff smallest are one set,
     whichever partial selection finds them (numpy's argpartition on the CPU, torch.topk elsewhere).
     Memory: reads score (B*Hkv*S), writes (B*Hkv*K*4 B)."""
     B, Hkv, S = score.shape
@@ -523,7 +527,7 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 
 # The Triton path is a counting select in three launches, all on the device (no host round trip, so it can
 # be captured in a CUDA graph). The group-summed score is an integer in [0, G*R]; for even G every score of a
-# row has the same parity (popcount(k ^ q_g) = parity(k) ^ parity(q_g), summed over an even number of heads),
+# row has the same parity (popcount(k ^ q_g) mod 2 = parity(k) ^ parity(q_g), summed over an even number of heads),
 # so score >> 1 keeps order and ties exactly and halves the range. Order keys, per row:
 #     0 = sink or recent (always selected), 1 + (score >> PARITY) = scored position, KMAX + 1 = past the length.
 #   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the block's smallest scored key m_b
@@ -611,7 +615,7 @@ def _topk_threshold_kernel(
     k_eff = tl.minimum(length, budget)
     nblk = (length + BLOCK_S - 1) // BLOCK_S                                   # blocks holding valid keys
     blk0 = tl.arange(0, BLK_CHUNK)                                             # the first chunk's minima load
-    m0 = tl.load(min_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)  # with the length, not after
+    m0 = tl.load(min_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)  # NBLK, not nblk: no wait
     gmin = tl.min(tl.where(blk0 < nblk, m0, KMAX + 1))
     for c in range(BLK_CHUNK, nblk, BLK_CHUNK):
         blk = c + tl.arange(0, BLK_CHUNK)
@@ -635,8 +639,8 @@ def _topk_threshold_kernel(
         n_eq = tl.sum(tl.where(j == tj, total, 0))
         for c in range(0, nblk, BLK_CHUNK):
             blk = c + tl.arange(0, BLK_CHUNK)                                  # (BLK_CHUNK,)
-            tile = tile0                                                       # a row of <= BLK_CHUNK blocks
-            if c > 0:                                                          # (128K keys) loads its tile once
+            tile = tile0                                                       # the first chunk's, from the totals
+            if c > 0:                                                          # later chunks (past 128K keys) reload
                 tile = _window_tile(hist_ptr, min_ptr, pid_bh, blk, nblk, NBLK, j, gmin, WIN)
             less = tl.sum(tl.where(j[None, :] < tj, tile, 0), axis=1)          # (BLK_CHUNK,)
             eq = tl.sum(tl.where(j[None, :] == tj, tile, 0), axis=1)           # (BLK_CHUNK,)
@@ -649,8 +653,8 @@ def _topk_threshold_kernel(
         row = key_ptr + pid_bh * S
         NF: tl.constexpr = 1 << CSHIFT                                         # key values per coarse bin
         vc = tl.arange(0, NC)                                                  # (NC,) coarse bins
-        n_c = tl.zeros([NC], dtype=tl.int32)
-        for c in range(0, length, HIST_CHUNK):
+        n_c = tl.zeros([NC], dtype=tl.int32)                                   # masked lanes read KMAX + 1, above
+        for c in range(0, length, HIST_CHUNK):                                 # every key: they never move tc or tf
             s = c + tl.arange(0, HIST_CHUNK)
             n_c += tl.histogram(tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32) >> CSHIFT, NC)
         tc = tl.sum((tl.cumsum(n_c, axis=0) < k_eff).to(tl.int32))            # coarse bin of the threshold
@@ -693,7 +697,7 @@ def _topk_compact_kernel(
     pid_bh = tl.program_id(1)
     length = tl.minimum(tl.load(len_ptr + pid_bh // Hkv).to(tl.int32), S)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                                # (BLOCK_S,)
-    key = tl.load(key_ptr + pid_bh * S + s, mask=s < S, other=32767).to(tl.int32)
+    key = tl.load(key_ptr + pid_bh * S + s, mask=s < S, other=32767).to(tl.int32)  # int16 max: above every key
     ip = info_ptr + (pid_bh * NBLK + pid_s) * 4
     off = tl.load(ip + 0)
     skip = tl.load(ip + 1)
@@ -701,7 +705,7 @@ def _topk_compact_kernel(
     t = tl.load(ip + 3)
     less = (key < t).to(tl.int32)
     eq = (key == t).to(tl.int32)
-    packed = tl.cumsum(less + (eq << 16), axis=0)                              # one scan counts both
+    packed = tl.cumsum(less + (eq << 16), axis=0)                  # one scan: less below bit 16 (BLOCK_S < 2^16)
     less_before = (packed & 0xFFFF) - less
     eq_before = (packed >> 16) - eq
     active = s < tl.where(cnt > 0, length, 0)                                  # idle blocks hold no valid info
@@ -906,7 +910,7 @@ def _sparse_attn_merge_kernel(
     tl.store(out_ptr + b * sob + j * soh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None, num_warps=4):
+def _sparse_attention_launches(q, k_cache, v_cache, idx, scale):
     """Allocate the output and partials, return (out, [(name, launch), ...]); bench.py times each launch."""
     B, H, D = q.shape
     _, Hkv, S_max, _ = k_cache.shape
@@ -914,7 +918,7 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None, nu
     G = H // Hkv
     _check_triton_head_dim(D, "sparse_decode_attention")
     _check(q.dtype != torch.float64, "sparse_decode_attention: Triton path takes fp32/bf16/fp16, got float64")
-    block_n = block_n or (64 if not _INTERPRET else 16)
+    block_n = 64 if not _INTERPRET else 16                                     # selected rows a split program reads
     nsplit = triton.cdiv(K, block_n)
     o = torch.empty(B * Hkv, nsplit, G, D, dtype=torch.float32, device=q.device)  # partial outputs
     lse = torch.empty(B * Hkv, nsplit, G, dtype=torch.float32, device=q.device)   # partial log2-sum-exp
@@ -924,8 +928,8 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale, block_n=None, nu
         _sparse_attn_split_kernel[(nsplit, B * Hkv)](
             q, k_cache, v_cache, idx, o, lse, Hkv, K, nsplit, scale,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *idx.stride(),
-            G=G, G_P2=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-            **({} if _INTERPRET else {"num_warps": num_warps}),
+            G=G, G_P2=max(16, _next_pow2(G)), D=D, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,  # tl.dot: >= 16
+            **({} if _INTERPRET else {"num_warps": 4}),
         )
 
     def merge():  # one warp: 5.0 us on the H200 at B=1, S=128K, against 6.5 us with four

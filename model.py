@@ -4,7 +4,8 @@ One file tells the whole model: configuration (`ModelArgs`, `HataArgs`), the lay
 SwiGLU MLP), the caches (`KVCache`, `HashCache`), and checkpoint loading (GGUF, Hugging Face, Meta) through one
 name-mapping table. Prefill is dense causal attention; a decode step of a sparse layer (layer >= n_dense) is HATA
 (Gong et al., ACL 2025, arXiv 2506.02572, Sec. 3): hash the new key into the hash cache, hash the query, score the
-whole cache by Hamming distance, keep the top-K positions per KV head, and attend only to them.
+whole cache by Hamming distance, keep the top-K positions per KV head, and attend only to them. (A K that covers
+the cache is dense attention; the oracle and Quest selectors replace the hash scoring, for comparison.)
 
 Positions are per sequence: sequence b of a batch holds its tokens at cache positions 0 .. len_b - 1, so prompts
 of different lengths are right-padded for prefill and then decode at their own positions (no left padding, no
@@ -202,7 +203,6 @@ class HashCache(nn.Module):
             self.codes[b, :, pos] = codes.transpose(1, 2)
         if self.norms is not None:
             self.norms[b, :, pos] = norms.transpose(1, 2)
-        return self.codes, self.norms
 
 
 class Attention(nn.Module):
@@ -498,7 +498,7 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoint loading: GGUF file, Hugging Face directory, Meta directory; every tensor consumed, every shape checked
 
-WEIGHT_NAMES = [  # (ours = Meta's, Hugging Face, GGUF); {i} is the layer index
+WEIGHT_NAMES = [  # (Meta's: what from_state_dict takes, Hugging Face, GGUF); {i} is the layer index
     ("tok_embeddings.weight", "model.embed_tokens.weight", "token_embd.weight"),
     ("norm.weight", "model.norm.weight", "output_norm.weight"),
     ("output.weight", "lm_head.weight", "output.weight"),
@@ -513,11 +513,11 @@ WEIGHT_NAMES = [  # (ours = Meta's, Hugging Face, GGUF); {i} is the layer index
     ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
 ]
 FORMATS = ("meta", "hf", "gguf")  # the columns of WEIGHT_NAMES
-DERIVED = {"rope.freqs", "model.rotary_emb.inv_freq"}  # tables some checkpoints store; we recompute them
+DERIVED = ("rope.freqs", ".rotary_emb.inv_freq")  # endings of tables some checkpoints store; we recompute them
 
 
 def load_checkpoint(path):
-    """Returns (ModelArgs, {our name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None)."""
+    """Returns (ModelArgs, {Meta's name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
@@ -538,7 +538,7 @@ def load_checkpoint(path):
     except (TypeError, AttributeError) as e:  # a config field or a weights file of the wrong kind
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
     rope_factors = raw.pop("rope_freqs.weight", None)  # GGUF bakes llama3 RoPE scaling into this tensor
-    for name in [n for n in raw if n in DERIVED or n.endswith(".rotary_emb.inv_freq")]:
+    for name in [n for n in raw if n.endswith(DERIVED)]:
         del raw[name]
     col = FORMATS.index(fmt)
     table = {row[col].format(i=i): row[0].format(i=i)
@@ -663,8 +663,8 @@ def read_meta(path):
         if len(parts) == 1 or w.dim() == 1:
             raw[name] = w
         else:
-            row = name.endswith(("wo.weight", "w2.weight")) or (name == "tok_embeddings.weight"
-                                                              and w.shape[1] != p["dim"])
+            row = name.endswith(("wo.weight", "w2.weight")) or (name == "tok_embeddings.weight"  # Llama 2 cuts
+                                                              and w.shape[1] != p["dim"])  # it on dim, 3 on vocab
             raw[name] = torch.cat([part[name] for part in parts], dim=1 if row else 0)
     scaled = p.get("use_scaled_rope", False)
     args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
