@@ -493,11 +493,12 @@ def test_sparse_attention_triton_strided_large_logits_and_scale(G, K):
     an explicit scale must be the one applied."""
     gen = torch.Generator().manual_seed(G + K)
     B, Hkv, D, S_max = 2, 2, 32, 300
-    q = (30 * torch.randn(B, Hkv * G + Hkv, D, generator=gen))[:, :Hkv * G]              # (B, H, D) strided
+    qk = 30 * torch.randn(B, Hkv * G + Hkv, D, generator=gen)
     k = torch.randn(B, Hkv, S_max, D, generator=gen)
     v = torch.randn(B, Hkv, S_max, D, generator=gen)
-    idx = torch.randint(0, S_max, (B, K, Hkv), generator=gen, dtype=torch.int32).transpose(1, 2)  # (B, Hkv, K)
-    q, k, v, idx = q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV)
+    idx = torch.randint(0, S_max, (B, K, Hkv), generator=gen, dtype=torch.int32)
+    qk, k, v, idx = qk.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV)  # views taken on the device (.to copies them)
+    q, idx = qk[:, :Hkv * G], idx.transpose(1, 2)                             # (B, H, D) strided, (B, Hkv, K)
     out = hk.sparse_decode_attention(q, k, v, idx, scale=0.37, use_triton=True)
     assert not q.is_contiguous() and torch.isfinite(out).all()
     ref64 = hk.sparse_decode_attention_ref(q.double(), k.double(), v.double(), idx, scale=0.37)
