@@ -48,7 +48,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before already reach top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
@@ -62,7 +62,7 @@ def prefill(model, tokens, lengths, chunk=4096):
     sequence's last prompt token. A chunk after the first is never 1 token long: the model takes a 1-token
     forward for a decode step, which a sparse layer would attend sparsely."""
     B, T = tokens.shape
-    assert chunk >= 2, "prefill chunks must hold at least 2 tokens"
+    assert chunk >= 3, "prefill chunks must hold at least 3 tokens (the last two may share them as 2 + 2)"
     last = torch.empty(B, model.args.vocab_size, device=tokens.device)
     bounds = list(range(0, T, chunk)) + [T]
     if len(bounds) > 2 and T - bounds[-2] == 1:
@@ -86,8 +86,8 @@ class GraphedDecode:
     """decode_one_token captured once as a CUDA graph and replayed every step. Eager launches cost more host time
     than the GPU work of a HATA step, so on CUDA this is what makes sparse decoding fast. The shapes are static
     (the caches are preallocated, K is fixed) and nothing in the step synchronises with the host, so one capture
-    serves the whole generation. Capture runs the step for real: it is taken at the next step's own inputs, whose
-    cache writes the first replay then repeats."""
+    serves the whole generation. The warm-up runs the step for real (twice) at the first step's own inputs, and
+    the capture only records it; the first replay then repeats cache writes already made."""
 
     def __init__(self, model, cur, input_pos):
         self.model, self.cur, self.input_pos = model, cur.clone(), input_pos.clone()  # static inputs (B,)
@@ -115,12 +115,15 @@ def synchronize(device):
 
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True):
-    """prompts: lists of token ids (any lengths). Returns (the new tokens of each prompt, timing dict).
-    Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,)) is called
-    after every step (streaming). On CUDA the decode step runs as a CUDA graph unless cuda_graph is False."""
+    """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, timing dict).
+    Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,), -1 where a
+    sequence has stopped) is called after every step (streaming). On CUDA the decode step runs as a CUDA graph
+    unless cuda_graph is False."""
     device = model.output.weight.device
+    if not prompts or not all(prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
     B, T = len(prompts), max(len(p) for p in prompts)
-    if (need := T + max(max_new_tokens - 1, 0)) > model.max_seq_len:  # the last new token is never cached
+    if (need := T + max(max_new_tokens - 1, 0)) > model.max_seq_len:  # the cache's capacity; the last token: no slot
         raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots; the cache has {model.max_seq_len}")
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):

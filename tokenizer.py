@@ -53,7 +53,7 @@ def _vocab_bytes(token: str, where: str) -> bytes:
         raise ValueError(f"{where}: token {token!r} is not byte-level BPE; this tokenizer type is not supported")
 
 
-def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tiktoken.Encoding:
+def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Encoding, int]:  # and the vocab size
     # tiktoken needs every single byte; vocabularies may lack a few (SmolLM2: some control bytes, 0xF1).
     # Those get ids past the vocabulary, and Tokenizer drops them as HF does (it has no unknown-byte token).
     if len(set(ranks.values())) < len(ranks) or len(set(specials.values())) < len(specials):
@@ -175,7 +175,7 @@ class Tokenizer:
         template = get("tokenizer.chat_template")
         enc, n = _bpe(path, ranks, specials, GGUF_PRE[pre])
         return cls(enc=enc, vocab_size=n, specials=specials, bos_id=bos, eos_id=eos,
-                   add_bos=bool(get("tokenizer.ggml.add_bos_token", bos is not None)),
+                   add_bos=bool(get("tokenizer.ggml.add_bos_token", pre in ("llama-bpe", "llama3"))),  # llama.cpp's
                    chat=cls._chat_of(specials), system=_default_system(template))
 
     @classmethod

@@ -186,6 +186,16 @@ def test_top_p_keeps_only_the_nucleus():
     draws = {int(sample(logits, 1.0, 0.7, gen)) for _ in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are outside the nucleus
     assert int(sample(logits, 0.0)) == 0
+    top = float(torch.softmax(logits, -1)[0, 0])  # the first token alone reaches top_p: it is the nucleus
+    assert {int(sample(logits, 1.0, top, gen)) for _ in range(100)} == {0}
+
+
+def test_generate_refuses_empty_prompts():
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(2, 16)
+    for prompts in ([], [[5, 6], []]):  # an empty one would sample from uninitialised logits
+        with pytest.raises(ValueError, match="at least one prompt, each of at least one token"):
+            engine.generate(model, prompts, 3)
 
 
 @pytest.mark.parametrize("lengths", [[5], [9], [6], [9, 2, 6, 1]])  # 4 + 1, 8 + 1: a 1-token last chunk

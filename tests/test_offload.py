@@ -114,6 +114,13 @@ def test_host_memory_counts_a_containers_cap(tmp_path):
         assert host_available(meminfo, str(v1)) == want
 
 
+def test_offload_refuses_selectors_that_read_every_key():
+    for selector in ("oracle", "quest"):
+        model = random_model("tiny", HataArgs(budget=4, n_dense=1, selector=selector), "cpu", torch.float32)
+        with pytest.raises(ValueError, match=f"the {selector} selector reads every key"):
+            plan_offload(model, 1, 64, host_bytes=GiB)
+
+
 def test_own_cgroups_v2_v1_and_hybrid(tmp_path):
     table = tmp_path / "cgroup"
     table.write_text("9:name=systemd:/\n4:cpuacct,memory:/docker/abc\n3:cpu:/\nbroken\n0::/user.slice/x\n")

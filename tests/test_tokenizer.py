@@ -254,6 +254,29 @@ def test_errors(tmp_path, gguf_path):
         Tokenizer.from_path(tmp_path / "bad.json")
 
 
+def test_gguf_bos_default_follows_llama_cpp(tmp_path):
+    """Without tokenizer.ggml.add_bos_token a byte-level GGUF adds BOS only for Llama 3's pre-tokenizers, as
+    llama.cpp does (a ChatML model's BOS <|im_start|> must not open every prompt); the key, when present, rules."""
+    gguf = pytest.importorskip("gguf")
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    tokens = [to_char[b] for b in range(256)] + ["<s>"]
+    for pre, flag, want in (("smollm", None, False), ("llama-bpe", None, True), ("smollm", True, True),
+                            ("llama-bpe", False, False)):
+        path = str(tmp_path / f"{pre}-{flag}.gguf")
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * 256 + [3])
+        writer.add_bos_token_id(256)
+        if flag is not None:
+            writer.add_add_bos_token(flag)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        assert Tokenizer.from_path(path).encode("hi") == [256] * want + [ord("h"), ord("i")], (pre, flag)
+
+
 def test_config_and_gguf_errors(tmp_path, llama3):
     """A corrupt tokenizer_config.json is named; a GGUF without a token list says so; a tiktoken file may end in a
     blank line."""
