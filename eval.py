@@ -15,7 +15,7 @@ Every score comes *out of the sparse decode path* (model.py, `Attention.sparse_d
 Prefill is dense and the same for every selector: each batch is prefilled once, then `Transformer.set_hata`
 switches the policy (rehashing the cached keys) and each (selector, budget) decodes from the prefill's end,
 overwriting only later positions. The prefill stops one token short, so even the first answer token is sparse.
-Budgets are fractions f of the cache capacity C = the context length: K = f * C tokens per KV head, exactly.
+Budgets are fractions f of the cache capacity C = the context length: K = ceil(f * C) tokens per KV head.
 """
 import argparse
 import contextlib
@@ -40,7 +40,7 @@ from train_hash import load_corpus, split_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)
-N_DIGITS = 5  # at most 5 decode steps: one per token of the key (SmolLM2 splits numbers into digits, Llama 3 into 3s)
+N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it at the end.\n\n")
@@ -52,6 +52,14 @@ DEPTHS = tuple(i / 10 for i in range(11))
 # --------------------------------------------------------------------------------------------------------------
 # Selectors and policies: a policy is (selector name, budget fraction or None, HataArgs or None = dense)
 
+def frac(f):
+    return f"1/{round(1 / f)}"
+
+
+def pkey(name, f):  # a policy's key in the results: "dense", or "<selector> 1/<n>" like "hata-trained 1/64"
+    return name if f is None else f"{name} {frac(f)}"
+
+
 def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest"), sink=0, **hata):
     """name -> HataArgs keywords (the budget is added per policy). quest: [(n_sink, n_recent)]; `sink`: the
     first positions oracle and HATA always select (none by default); `hata`: rbit and n_dense, for every one."""
@@ -61,8 +69,8 @@ def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest"
         out["hata-trained" + tag] = dict(selector="hash", hash_weights=hash_weights, **kw)
     if "random" in which:  # seeded Gaussian projections: plain LSH
         out["hata-random" + tag] = dict(selector="hash", hash_weights=None, **kw)
-    for sink, recent in quest if "quest" in which else ():
-        out[f"quest s{sink} r{recent}"] = dict(selector="quest", n_sink=sink, n_recent=recent, **hata)
+    for q_sink, q_recent in quest if "quest" in which else ():  # Quest's own sink and recent window
+        out[f"quest s{q_sink} r{q_recent}"] = dict(selector="quest", n_sink=q_sink, n_recent=q_recent, **hata)
     return out
 
 
@@ -182,7 +190,8 @@ def parse_digits(text):
 
 def retrieval_specs(counts, seed):
     """{context: n samples} -> [(context, task, haystack, depth, seed)]. Sample i cycles tasks with period 2,
-    haystacks 4 and depths 11: any run of samples covers the depths evenly and balances tasks and haystacks."""
+    haystacks 4 and depths 11: every 11 consecutive samples cover the 11 depths once, and tasks and haystacks
+    stay balanced."""
     return [(C, TASKS[i % 2], HAYSTACKS[(i // 2) % 2], DEPTHS[i % len(DEPTHS)], seed + 1000 * C + i)
             for C, n in counts.items() for i in range(n)]
 
@@ -214,7 +223,10 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         prompts = [retrieval_prompt(tok, hays[h], task, C - N_DIGITS, d, random.Random(sd))
                    for _, task, h, d, sd in group]
         tokens = torch.tensor([ids for ids, _, _ in prompts])  # (B, C - N_DIGITS): the cache holds the answer too
-        expect = pad_answers([answer for _, _, answer in prompts])  # (B, steps <= N_DIGITS + 1: the cache holds C)
+        expect = pad_answers([answer for _, _, answer in prompts])  # (B, steps): one per token of the answer
+        if expect.shape[1] > N_DIGITS + 1:  # the prompt is C - N_DIGITS tokens, and prefill stops one short
+            raise ValueError(f"the tokenizer spends {expect.shape[1]} tokens on a {N_DIGITS}-digit key; the cache "
+                             f"leaves room for {N_DIGITS + 1}")
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
         for b, ((_, task, h, d, _), (_, key, _)) in enumerate(zip(group, prompts)):
             got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
@@ -275,14 +287,6 @@ def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
 
 # --------------------------------------------------------------------------------------------------------------
 # Report: markdown tables and one plot
-
-def frac(f):
-    return f"1/{round(1 / f)}"
-
-
-def pkey(name, f):
-    return name if f is None else f"{name} {frac(f)}"
-
 
 def load_results(path):
     """An earlier run's results file; one clear error for a corrupt or foreign one."""

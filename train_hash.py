@@ -151,7 +151,8 @@ def query_positions(S, queries, query_from, gen):
 
 
 def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, labels=True):
-    """Prefill each window (N, S); per sequence `queries` positions t (query_positions). Returns per sparse
+    """Prefill each window (N, S); per sequence `queries` positions t in [query_from * S, S) (0.5: HATA's recipe;
+    the command line's default is 0.25). Returns per sparse
     layer l: {"q": (N, nq, H, D) fp32, "k": (N, Hkv, S, D) fp16, "t": (N, nq) int64, and with `labels` (the pair
     loss; the listwise loss needs only t) "labels": (N, nq, H, S) fp16 (make_labels)}."""
     N, S = windows.shape
@@ -235,8 +236,9 @@ def listwise_term(hq, hk, q, k, valid, G, alpha):
 
 def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
     """SGD on one layer's projection from P0 (Hkv, D, R); each step takes `batch` random sequences with all their
-    queries and `keys` random key positions (an unbiased sample of the triples: the cost of a step is set by the
-    keys, and a few hundred keys per query give a good gradient). With hp["shift"] > 0 each sequence's q and k
+    queries and `keys` random key positions (pair loss: an unbiased sample of the triples; listwise: the KL over
+    that random subset of keys, not all of them; the cost of a step is set by the keys, and a few hundred keys per
+    query give a good gradient). With hp["shift"] > 0 each sequence's q and k
     turn by the RoPE angles (inv_freq (D/2,)) of one random offset in [0, shift): q.k and so the labels stay the
     same, but the codes see the absolute positions of every context length up to the shift.
     Returns (P, [loss terms at the first step], [mean loss terms over the last 10%])."""
@@ -290,8 +292,9 @@ def shift_positions(q, k, offsets, inv_freq):
 
 
 def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
-    """Train every sparse layer from the seeded random projections (scaled to unit-norm columns, where the
-    orthogonality term wants them). Returns {layer: (Hkv, D, R)}."""
+    """Train every sparse layer from the seeded random projections, scaled to unit-norm columns (the
+    orthogonality term's diagonal; for R > D it cannot reach 0, its minimum P P^T = I_D has columns of norm
+    sqrt(D / R)). Returns {layer: (Hkv, D, R)}."""
     args, dev = model.args, model.output.weight.device
     gen = torch.Generator().manual_seed(seed)
     inv_freq = rope_frequencies(args, model.rope_factors)  # (D/2,) for hp["shift"]
@@ -380,7 +383,8 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
     attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
     documents not trained on, summed over the budgets; else go back to the starting point. trained: {rbit: {layer:
-    (Hkv, D, R)}}, judged in one pass. Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head, gap < 0)])}."""
+    (Hkv, D, R)}}, judged in one pass. Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head, gap)])},
+    gap < 0: the mean over the budgets of the captured-mass difference, trained - random."""
     start = {r: random_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
     res = evaluate(model, windows, selectors, n_dense, queries, seed + 1, query_from)
@@ -396,8 +400,8 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
 
 
 def report_tables(results, n_dense, n_layers):
-    """Markdown: mean over sparse layers of captured mass and recall per selector and budget, then the captured
-    mass per layer at each budget."""
+    """Markdown: mean over sparse layers of captured mass and recall per selector and budget, the captured mass
+    per layer at each budget, then each file's worst (layer, KV head) against random. Returns (markdown, mean)."""
     names = list(dict.fromkeys(name for name, _ in results))
     layers = range(n_dense, n_layers)
     frac = {f: f"1/{round(1 / f)}" for f in BUDGETS}
@@ -476,7 +480,7 @@ def build_parser():
     p.add_argument("--wd", type=float, default=1e-6, help="SGD weight decay")
     p.add_argument("--sigma", type=float, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1 (default: "
                    + ", ".join(f"{n} {d['sigma']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
-    p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance")
+    p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance (pair loss only)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the bit-balance term")
     p.add_argument("--eta", type=float, help="weight of the orthogonality term (default per loss, as --sigma)")
     p.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="listwise",
