@@ -4,11 +4,12 @@ One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what t
 - sentencepiece: Llama 2 `tokenizer.model` (a protobuf; read by the sentencepiece library).
 - tiktoken: Llama 3 `tokenizer.model` (lines of "base64-bytes rank"), plus Meta's 256 special tokens from 128000.
 - byte-level BPE (GPT-2 style) stored in a GGUF file (`tokenizer.ggml.model == "gpt2"`, e.g. the default
-  SmolLM2 model) or in a Hugging Face `tokenizer.json`. Token ids equal merge ranks in these vocabularies,
-  so the vocabulary is rebuilt as a `tiktoken.Encoding` with the pre-split regex the model was trained with.
+  SmolLM2 model) or in a Hugging Face `tokenizer.json`. Token ids equal merge ranks in these vocabularies
+  (SmolLM2's 48,900 merges are in id order), so the merges list is not read: the vocabulary is rebuilt as a
+  `tiktoken.Encoding` with the pre-split regex the model was trained with.
 
-`encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text); only
-`encode_chat` inserts special tokens. The chat template follows the special tokens the vocabulary has:
+`encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text); special tokens
+come only from `encode_chat` and encode's BOS/EOS. The chat template follows the special tokens the vocabulary has:
 <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt written in the
 checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the checkpoint's
 template is another one). Jinja itself is not run.
@@ -283,6 +284,9 @@ class Tokenizer:
             if len(messages) > 1 and messages[0]["role"] == "system":
                 first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
                 messages = [{"role": "user", "content": first}, *messages[2:]]
+            if [m["role"] for m in messages] != [("user", "assistant")[i % 2] for i in range(len(messages))]:
+                raise ValueError("Llama 2's chat format takes turns user, assistant, user, ... (a system message "
+                                 "only first, before a user turn)")
             for i in range(0, len(messages), 2):
                 turn = f"[INST] {messages[i]['content'].strip()} [/INST]"
                 if i + 1 < len(messages):
