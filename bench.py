@@ -141,7 +141,7 @@ def bench_attention(args):
         for r in (r for r in rows if r["shape"] == shape):
             for k in budget_labels(r["budget"], r["S"], BUDGETS):
                 speedup.setdefault(f"B={r['B']}, {k}", []).append((r["S"], r["dense_ms"] / r["hata_ms"]))
-                if k == f"K = S/{round(1 / BUDGETS[0])}":  # the latency panel: the fractional budget
+                if k in budget_labels(r["budget"], r["S"], BUDGETS[:1]):  # the latency panel: the first budget
                     ms.setdefault(f"dense, B={r['B']}", []).append((r["S"], r["dense_ms"]))
                     ms.setdefault(f"HATA, B={r['B']}, {k}", []).append((r["S"], r["hata_ms"]))
         panels += [(f"{shape}: one layer's decode attention", "ms (median)", "log", ms, None),
@@ -371,7 +371,7 @@ def bench_offload_fetch(args, S, K, H=32, Hkv=8, D=128, B=1):
 def bench_e2e(args):
     """Whole-model decode tokens/s of a preset (random weights, bf16) at each context and batch: dense against HATA
     at each budget, every step a CUDA graph (engine.GraphedDecode), in one run. The caches are filled with random
-    K/V instead of a prefill per context (as `random_caches`, fast-path timings; set_hata rehashes the keys).
+    K/V instead of a prefill per context (as `fill_random_kv`: fast-path timings; set_hata rehashes the keys).
     Every sequence decodes at position S - 1, so each step attends over S tokens. Then prefill time at
     --prefill-len tokens, B = 1, without and with key hashing (HATA's only prefill cost)."""
     from engine import GraphedDecode, prefill, random_model
@@ -490,7 +490,7 @@ def bench_cpu(args):
 def main(argv=None):
     from engine import Parser, parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
     from model import PRESETS
-    parser = Parser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("attention", help="one layer's decode attention: dense SDPA vs the HATA step")
     p.add_argument("--shapes", nargs="+", default=["llama8b", "default"], choices=sorted(SHAPES),

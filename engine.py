@@ -48,7 +48,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before already reach top_p
+        before = torch.cat([torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(-1)[:, :-1]], -1)  # (B, V) exclusive
+        drop = before >= top_p  # the tokens before already reach top_p (not cumsum - p: it rounds)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
@@ -62,7 +63,7 @@ def prefill(model, tokens, lengths, chunk=4096):
     sequence's last prompt token. A chunk after the first is never 1 token long: the model takes a 1-token
     forward for a decode step, which a sparse layer would attend sparsely."""
     B, T = tokens.shape
-    assert chunk >= 3, "prefill chunks must hold at least 3 tokens (the last two may share them as 2 + 2)"
+    assert chunk >= min(3, T), "prefill chunks of at least 3 tokens (a 1-token remainder joins the chunk before)"
     last = torch.empty(B, model.args.vocab_size, device=tokens.device)
     bounds = list(range(0, T, chunk)) + [T]
     if len(bounds) > 2 and T - bounds[-2] == 1:
@@ -167,7 +168,8 @@ class ShowDefaults(argparse.HelpFormatter):
         d, text = action.default, action.help
         if d is None or d is False or d is argparse.SUPPRESS or text is None or "(default" in text:
             return text
-        return f"{text} (default: {' '.join(map(str, d)) if isinstance(d, (list, tuple)) else d})"
+        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # argparse %-formats the help text
 
 
 class Parser(argparse.ArgumentParser):
@@ -212,7 +214,7 @@ def device_name(text):
 
 def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="engine.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", help="read the prompt from this text file")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
@@ -281,7 +283,8 @@ def run(args):
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
     if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
-        raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already")
+        raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already "
+                         "(drop them, or use --device cuda)")
     if args.random_weights:
         return run_random(args, device, dtype)
     texts = list(args.prompt or [])

@@ -425,7 +425,7 @@ def parse_frac(text):  # engine's budget parser (one clear line for 'abc' or '1/
 
 
 def build_parser():
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files, of which the part train_hash.py holds out is used "

@@ -11,8 +11,8 @@ Each op is a triple, side by side:
     op_ref()     pure torch, the definition; runs anywhere
 
 Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref; on CUDA, hash_encode
-takes cuBLAS for long prefills with W not a power of two and cache_write the ref for D not a power of two, and the
-other kernels refuse (ValueError) a D that is not a power of two >= 16, or fp64.
+takes cuBLAS for long prefills with W not a power of two and cache_write the ref for D not a power of two; the
+hashing and attention kernels refuse (ValueError) a head dim D that is not a power of two >= 16, and attention fp64.
 
     hash_encode(x, proj)                        -> codes (B, Hx, T, W) int32
     hash_encode_step(q, k, proj, code_cache, pos) -> q codes (B, H, W); the new keys' codes into the cache
@@ -166,7 +166,7 @@ def hash_encode(x, proj, use_triton=None):
     W = R // 32
     rows = T * Hx // Hkv
     if use_triton is None:  # prefill rows without the tensor-core path (W not a power of two): cuBLAS + packing
-        use_triton = x.is_cuda and (rows <= 64 or _tensor_core_rows(rows, W))
+        use_triton = _use_triton(None, x, proj) and (rows <= 64 or _tensor_core_rows(rows, W))
     if not _use_triton(use_triton, x, proj) or x.numel() == 0:
         return hash_encode_ref(x, proj)
     _check_triton_head_dim(D, "hash_encode")

@@ -381,10 +381,10 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.hata = hata if hata is not None and i >= hata.n_dense else None
             attn.hash_cache, attn.hash_proj, attn.budget = None, None, 0
-        if far := [i for i, l in enumerate(self.layers) if l.attention.hata is None
+        if far := [i for i, l in enumerate(self.layers) if getattr(l.attention.hata, "selector", None) != "hash"
                    and l.attention.kv_cache is not None and type(l.attention.kv_cache) is not KVCache]:
-            print(f"warning: layers {far} keep their K/V in host memory (offload.py) but now decode densely, reading "
-                  "all of it every step; call apply_offload and setup_caches again", file=sys.stderr)
+            print(f"warning: layers {far} keep their K/V in host memory (offload.py) but now read all of it every "
+                  "step (dense, oracle or Quest); call apply_offload and setup_caches again", file=sys.stderr)
         if hata is None or not self.sparse_layers() or not self.max_seq_len:
             return
         self.set_hash_projections(hata.hash_weights)

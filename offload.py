@@ -230,9 +230,6 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     if kv_gpu_gb is None and hata.budget_tokens(max_seq_len) >= max_seq_len:
         raise ValueError(f"nothing to offload: the budget covers the whole {max_seq_len}-token cache, so every step "
                          "is dense and would read all of K/V from host memory; lower --budget or drop --offload")
-    if hata.selector != "hash":
-        raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
-                         "reads every key each step, which would cross PCIe whole")
     esize = model.output.weight.dtype.itemsize
     layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
     per_token = hata.rbit // 8 + 4 * hata.use_norm  # R / 8 bytes of code (+ an fp32 norm) per token and KV head
@@ -248,6 +245,9 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
             raise ValueError(f"the KV cache needs {all_gpu - n * layer_bytes} bytes on the GPU even with all "
                              f"{n} sparse layers offloaded (dense layers and hash codes), but --kv-gpu-gb "
                              f"{kv_gpu_gb} allows {cap} bytes; raise it, or lower --max-seq-len or the batch")
+    if n and hata.selector != "hash":
+        raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
+                         "reads every key each step, all of it over PCIe: use --selector hash, or drop --offload")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need = n * layer_bytes
     available = host_available() if host_bytes is None else host_bytes

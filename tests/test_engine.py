@@ -186,8 +186,18 @@ def test_top_p_keeps_only_the_nucleus():
     draws = {int(sample(logits, 1.0, 0.7, gen)) for _ in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are outside the nucleus
     assert int(sample(logits, 0.0)) == 0
-    top = float(torch.softmax(logits, -1)[0, 0])  # the first token alone reaches top_p: it is the nucleus
-    assert {int(sample(logits, 1.0, top, gen)) for _ in range(100)} == {0}
+    probs = torch.softmax(logits, -1)
+    for k in (1, 2, 3):  # top_p exactly the mass of the first k tokens (0.8 and 0.95 are not exact in fp32)
+        top = float(probs.cumsum(-1)[0, k - 1])  # as sample() sums them: already in descending order
+        assert {int(sample(logits, 1.0, top, gen)) for _ in range(300)} == set(range(k)), k
+
+
+def test_help_survives_a_percent_sign_in_a_default(capsys, monkeypatch):
+    import eval as ev
+    monkeypatch.setattr(ev, "HERE", "/tmp/100%d")  # --out-dir's default is under the checkout
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    assert "(default: /tmp/100%d/report)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_generate_refuses_empty_prompts():
@@ -207,7 +217,7 @@ def test_chunked_prefill_stays_dense(lengths):
     T = max(lengths)
     tokens = torch.arange(3, 3 + T).repeat(len(lengths), 1)  # (B, T)
     logits = []
-    for chunk in (4096, 4):
+    for chunk in (4096, 4, 3):
         model.setup_caches(len(lengths), 16)
         with torch.inference_mode():
             logits.append(engine.prefill(model, tokens, torch.tensor(lengths), chunk=chunk))

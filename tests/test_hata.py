@@ -216,9 +216,11 @@ def test_decode_through_the_kernels_matches_the_refs(monkeypatch, use_norm):
     torch.manual_seed(0)
     model = Transformer(args, hata).to(DEV).eval()
     tokens, lengths = torch.randint(0, args.vocab_size, (2, 17), device=DEV), torch.tensor([11, 17], device=DEV)
-    real, runs = hk._use_triton, []
+    real, runs, picked = hk._use_triton, [], {False: [], True: []}
     for force in (False, True):  # what every op's use_triton=None picks
-        pick = lambda use_triton, *t: real(force if use_triton is None else use_triton, *t)
+        def pick(use_triton, *tensors, force=force):  # each op's choice, recorded
+            picked[force].append(real(force if use_triton is None else use_triton, *tensors))
+            return picked[force][-1]
         monkeypatch.setattr(hk, "_use_triton", pick)
         model.setup_caches(2, 32)
         with torch.inference_mode():
@@ -227,19 +229,25 @@ def test_decode_through_the_kernels_matches_the_refs(monkeypatch, use_norm):
                 cur = (runs[0] if runs else logits)[step].argmax(-1)  # the refs' greedy tokens, both times
                 logits.append(decode_one_token(model, cur, lengths + step))
         runs.append(torch.stack(logits))  # (steps, B, V)
+    assert picked[True] and all(picked[True]) and not any(picked[False])  # every op took the path asked for
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=0)
     assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1))
 
 
-def test_oracle_scores_are_the_group_summed_attention():
+def test_oracle_scores_are_the_group_summed_attention(monkeypatch):
     """The oracle's score, written out in float64 loops: softmax(q_j . k_s / sqrt(D)) over the valid positions,
-    summed over the G query heads j of the KV head; its top K (the newest first on ties) is what it selects."""
+    summed over the G query heads j of the KV head; its top K (the newest first on ties) is what the layer's
+    sparse decode attends to."""
     args = PRESETS["tiny"]
-    attn = Transformer(args, HataArgs(budget=7, selector="oracle", n_dense=0)).layers[0].attention
     B, H, Hkv, D, S = 2, args.n_heads, args.n_kv_heads, args.head_dim, 23
+    model = Transformer(args, HataArgs(budget=7, selector="oracle", n_dense=0))
+    model.setup_caches(B, S)
+    attn, seen = model.layers[0].attention, []
+    monkeypatch.setattr(model_module, "sparse_decode_attention", lambda q, k, v, idx: seen.append(idx) or q)
     G, gen = H // Hkv, torch.Generator().manual_seed(3)
     q, keys, lengths = torch.randn(B, H, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen), [23, 9]
     probs = attn.group_probs(q, keys, torch.tensor(lengths))  # (B, Hkv, S)
+    attn.sparse_decode(q, None, keys, keys, torch.tensor(lengths))
     for b in range(B):
         for h in range(Hkv):
             want = [0.0] * S
@@ -251,8 +259,7 @@ def test_oracle_scores_are_the_group_summed_attention():
                     want[s] += math.exp(x - top) / total
             torch.testing.assert_close(probs[b, h].double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
             best = sorted(range(lengths[b]), key=lambda s: (-want[s], -s))[:7]
-            idx = hk.select_topk(-probs, torch.tensor(lengths), 7)
-            assert sorted(p for p in idx[b, h].tolist() if p >= 0) == sorted(best)
+            assert sorted(p for p in seen[0][b, h].tolist() if p >= 0) == sorted(best)
 
 
 def test_quest_selects_whole_pages_by_bound():

@@ -119,6 +119,7 @@ def test_offload_refuses_selectors_that_read_every_key():
         model = random_model("tiny", HataArgs(budget=4, n_dense=1, selector=selector), "cpu", torch.float32)
         with pytest.raises(ValueError, match=f"the {selector} selector reads every key"):
             plan_offload(model, 1, 64, host_bytes=GiB)
+        assert plan_offload(model, 1, 64, kv_gpu_gb=100).layers == []  # nothing offloaded: nothing to refuse
 
 
 def test_own_cgroups_v2_v1_and_hybrid(tmp_path):

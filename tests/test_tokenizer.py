@@ -144,7 +144,7 @@ def test_sentencepiece(sp_model):
     ids = tok.encode_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
                            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
     assert ids == (tok.encode("[INST] <<SYS>>\nS\n<</SYS>>\n\na [/INST] b ", eos=True) + tok.encode("[INST] c [/INST]"))
-    for roles in (["user", "user"], ["system"], ["assistant", "user"], ["user", "system"]):
+    for roles in (["user", "user"], ["system"], ["assistant", "user"], ["user", "system"], ["system", "assistant"]):
         with pytest.raises(ValueError, match="takes turns user, assistant"):
             tok.encode_chat([{"role": r, "content": "x"} for r in roles])
 
