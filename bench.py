@@ -2,7 +2,7 @@
 
     python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8]
     python bench.py offload [--preset llama-3.1-8b] [--seqlen 131072] [--budget 2048]
-    python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--prefill-len 32768]
+    python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--profile]
     python bench.py cpu [--seqlens 16 1024 4096 8192] [--budget 512]        (no GPU needed)
 
 `attention` times one layer's decode attention (the decode step of a sparse layer):
@@ -17,7 +17,7 @@ The byte floor counts what the step must read: the codes, the selected K/V rows,
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
 HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.
 `e2e` times whole decode steps of a preset with random weights, each a CUDA graph, dense vs HATA at each budget,
-then one prefill with and without key hashing.
+then one prefill with and without key hashing; with --profile, where one replay of each step spends its time.
 `cpu` times the default model's decode steps on the CPU (real weights, fp32), dense vs HATA, alternating.
 """
 import datetime
@@ -61,6 +61,38 @@ def fill_random_kv(model):
     for layer in model.layers:
         layer.attention.kv_cache.k.normal_()
         layer.attention.kv_cache.v.normal_()
+
+
+def kernel_kind(name):
+    """A GPU kernel's part of a decode step, from its name: 'HATA' (hata_kernels.py's Triton kernels), 'SDPA'
+    (torch's flash, memory-efficient or cuDNN attention), 'GEMV/GEMM' (cuBLAS, CUTLASS), or 'other' (norms, RoPE, SiLU,
+    casts, cache writes: inductor's and torch's elementwise kernels)."""
+    if name.startswith(("_hash_encode", "_topk_", "_sparse_attn")):
+        return "HATA"
+    if any(w in name.lower() for w in ("flash", "fmha", "attention", "sdpa")):
+        return "SDPA"
+    if any(w in name.lower() for w in ("gemv", "gemm", "cutlass", "xmma", "splitkreduce", "cublas", "nvjet")):
+        return "GEMV/GEMM"
+    return "other"
+
+
+def kernel_census(replay):
+    """One replay of a captured step under torch.profiler: ({kind: ms}, {HATA kernel: ms}), kernel times summed.
+    (The profiler slows the replay and what runs after it: time steps before taking a census. Its kernel times
+    run a little longer than unprofiled ones, so a step with no gaps can show a small negative one.)"""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay()
+        torch.cuda.synchronize()
+    kinds, hata = {}, {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0 and not e.key.startswith("cuda"):  # kernels, not runtime calls
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+            if kind == "HATA":
+                hata[e.key.split("_kernel")[0].lstrip("_")] = us / 1e3
+    return kinds, hata
 
 
 class Timer:
@@ -382,13 +414,17 @@ def bench_e2e(args):
     if args.compile:
         model.compile_pointwise()
 
-    def step_ms(B, S, policy):
+    def graphed(B, S, policy):  # one decode step at position S - 1, captured; returns its replay
         model.set_hata(policy)  # rehash the cached keys for this policy
         cur = torch.randint(0, a.vocab_size, (B,), device=dev)
         pos = torch.full((B,), S - 1, device=dev)
+        step = GraphedDecode(model, cur, pos)
+        return lambda: step(model, cur, pos)
+
+    def step_ms(B, S, policy):
         with torch.inference_mode():
-            step = GraphedDecode(model, cur, pos)
-            return statistics.median([event_ms(lambda: step(model, cur, pos)) for _ in range(args.steps)])
+            replay = graphed(B, S, policy)
+            return statistics.median([event_ms(replay) for _ in range(args.steps)])
 
     def sdpa_ms(B, S, masked):  # one layer's dense decode attention, the model's masked form or plain
         k = model.layers[0].attention.kv_cache.k
@@ -442,6 +478,23 @@ def bench_e2e(args):
     d, h = result["dense"], result["HATA (keys hashed)"]
     print(f"\nprefill {fmt_s(T)} tokens, B=1, one causal pass: dense {d:.1f} ms, with key hashing {h:.1f} ms "
           f"(overhead {100 * (h - d) / d:+.2f}%)")
+    if args.profile:  # last: the profiler would slow the timings above
+        print("\nWhere a step's time goes: kernel ms of one replay under torch.profiler, summed by kind; gaps = the "
+              "step's median above - its kernels\n")
+        print("| S | B | step | step ms | kernels ms | GEMV/GEMM | HATA kernels | SDPA | other | gaps |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for i, (S, B, K, dense, ms, _) in enumerate(rows):
+            model.set_hata(None)
+            model.setup_caches(B, S)
+            fill_random_kv(model)
+            first = i == 0 or rows[i - 1][:2] != (S, B)  # the dense step once per context and batch
+            for name, policy, step in (("dense", None, dense),) * first + ((f"HATA K={K}", HataArgs(budget=K), ms),):
+                with torch.inference_mode():
+                    kinds, hata = kernel_census(graphed(B, S, policy))
+                parts = ", ".join(f"{n} {t:.2f}" for n, t in sorted(hata.items(), key=lambda x: -x[1]))
+                print(f"| {fmt_s(S)} | {B} | {name} | {step:.2f} | {sum(kinds.values()):.2f} | "
+                      f"{kinds.get('GEMV/GEMM', 0):.2f} | {kinds.get('HATA', 0):.2f}{f' ({parts})' if parts else ''} | "
+                      f"{kinds.get('SDPA', 0):.2f} | {kinds.get('other', 0):.2f} | {step - sum(kinds.values()):.2f} |")
 
 
 def bench_cpu(args):
@@ -514,6 +567,7 @@ def main(argv=None):
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per measurement (median)")
     p.add_argument("--prefill-len", type=positive_int, default=32768, help="prompt tokens of the prefill timing")
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")
+    p.add_argument("--profile", action="store_true", help="also a kernel census of one replay of each step")
     p = sub.add_parser("cpu", help="the default model's decode ms/token on the CPU, dense vs HATA")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[16, 1024, 4096, 8192], help="cached tokens S")
     p.add_argument("--budget", type=positive_int, default=512, help="HATA's K in tokens")

@@ -12,6 +12,19 @@ def test_budget_labels():
     assert bench.budget_labels(2048, 32768, [1 / 64, 2048.0]) == ["K = 2048"]
 
 
+def test_kernel_kinds():
+    """The e2e census sorts a decode step's kernels by the names they carry in torch.profiler."""
+    kinds = {"_topk_score_kernel": "HATA", "_sparse_attn_merge_kernel": "HATA", "_hash_encode_kernel": "HATA",
+             "void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>(Params)": "SDPA",
+             "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "SDPA", "cudnn_generated_fort_native_sdpa_sm90": "SDPA",
+             "void gemv2T_kernel_val<int, int, __nv_bfloat16>": "GEMV/GEMM",
+             "nvjet_tst_64x8_64x16_4x1_v_bz": "GEMV/GEMM",
+             "void splitKreduce_kernel<32, 16>": "GEMV/GEMM", "sm90_xmma_gemm_bf16bf16_bf16f32": "GEMV/GEMM",
+             "triton_poi_fused_mul_silu_0": "other", "_cache_write_kernel": "other",
+             "triton_red_fused__to_copy_mean_pow_rsqrt_1": "other"}
+    assert {name: bench.kernel_kind(name) for name in kinds} == kinds
+
+
 def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
     png = tmp_path / "cpu.png"
     bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "1", "--plot", str(png)])
