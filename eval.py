@@ -60,6 +60,11 @@ def pkey(name, f):  # a policy's key in the results: "dense", or "<selector> 1/<
     return name if f is None else f"{name} {frac(f)}"
 
 
+def forced_only(name, f, C):  # "... sS [rR]": its sink + recent positions fill the whole budget at context C
+    m = re.search(r" s(\d+)(?: r(\d+))?$", name)
+    return m is not None and int(m[1]) + int(m[2] or 0) >= math.ceil(f * C)
+
+
 def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest"), sink=0, **hata):
     """name -> HataArgs keywords (the budget is added per policy). quest: [(n_sink, n_recent)]; `sink`: the
     first positions oracle and HATA always select (none by default); `hata`: rbit and n_dense, for every one."""
@@ -353,14 +358,15 @@ def report(results):
         md += ["", "### Retrieval: share of the dense-correct samples each selector keeps (its accuracy in brackets)",
                ""] + head(["selector"] + [frac(f) for f in budgets])
         for name in names:
-            cells = [f"{100 * kept(recs, k)[0]:.1f}% ({acc(recs, k)})" if k in ran else "-"
-                     for k in (pkey(name, f) for f in budgets)]
+            cells = [f"{100 * kept(recs, k)[0]:.1f}% ({acc(recs, k)})" + "†" * any(forced_only(name, f, C)
+                                                                                   for C in contexts)
+                     if k in ran else "-" for f, k in zip(budgets, [pkey(name, f) for f in budgets])]
             md.append(f"| {name} | " + " | ".join(cells) + " |")
         md += ["", "Kept share by context length (of n dense-correct samples):", ""]
         md += head(["selector", "budget"] + [str(C) for C in contexts])
         for name in names:
             for f in (f for f in budgets if pkey(name, f) in ran):
-                cells = ["{:.0f}% of {}".format(100 * k, n) for C in contexts
+                cells = ["{:.0f}% of {}".format(100 * k, n) + "†" * forced_only(name, f, C) for C in contexts
                          for k, n in [kept([r for r in recs if r["context"] == C], pkey(name, f))]]
                 md.append(f"| {name} | {frac(f)} | " + " | ".join(cells) + " |")
         md.append("")
@@ -371,11 +377,14 @@ def report(results):
         md += head(["selector"] + [f"ppl {frac(f)}" for f in budgets] + [f"agree {frac(f)}" for f in budgets])
         for name in names:
             ks = [pkey(name, f) for f in budgets]
-            cells = [f"{ppl[k]['ppl']:.3f} ({100 * (ppl[k]['ppl'] / d['ppl'] - 1):+.1f}%)" if k in ppl else "-"
-                     for k in ks]
+            cells = [f"{ppl[k]['ppl']:.3f} ({100 * (ppl[k]['ppl'] / d['ppl'] - 1):+.1f}%)"
+                     + "†" * forced_only(name, f, results["ppl_context"]) if k in ppl else "-"
+                     for f, k in zip(budgets, ks)]
             cells += [f"{100 * ppl[k]['agree']:.1f}%" if k in ppl else "-" for k in ks]
             md.append(f"| {name} | " + " | ".join(cells) + " |")
         md.append("")
+    if any("†" in line for line in md):
+        md += ["† sink + recent positions fill the budget (at some of these contexts): a fixed window.", ""]
     return "\n".join(md)
 
 

@@ -163,6 +163,20 @@ def test_merge_joins_selectors_over_the_same_samples():
                                                        "model": "llama dim=576"}])["selectors"]) == 2
 
 
+def test_report_marks_budgets_the_sink_and_recent_fill():
+    """Quest s16 r16 at 1/64 of 1K (K = 16) or 1/32 (K = 32) selects nothing of its own: marked. At 2K, 1/32 is
+    64 tokens: unmarked; the context-length table marks each context apart."""
+    recs = [{"context": C, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
+             "correct": {"dense": True, "quest s16 r16 1/16": True, "quest s16 r16 1/32": False}} for C in (1024, 2048)]
+    ppl = {k: {"ppl": 2.0, "agree": 1.0, "nll": 0.7, "positions": 8} for k in ("dense", "quest s16 r16 1/16",
+                                                                              "quest s16 r16 1/32")}
+    md = ev.report({"selectors": ["quest s16 r16"], "budgets": [1 / 16, 1 / 32], "ppl_context": 2048,
+                    "retrieval": recs, "perplexity": ppl})
+    assert "| quest s16 r16 | 100.0% (100%) | 0.0% (0%)† |" in md
+    assert "| quest s16 r16 | 1/32 | 0% of 1† | 0% of 1 |" in md and "| quest s16 r16 | 1/16 | 100% of 1 | 100%" in md
+    assert "| quest s16 r16 | 2.000 (+0.0%) | 2.000 (+0.0%) |" in md and md.count("† sink + recent") == 1
+
+
 def test_selectors_share_the_files_rbit_and_n_dense():
     pols = ev.policies(ev.selectors("w.safetensors", [(16, 16)], sink=4, rbit=64, n_dense=3), [1 / 8])
     assert len(pols) == 5 and all((h.rbit, h.n_dense) == (64, 3) for _, _, h in pols[1:])
