@@ -486,7 +486,7 @@ def test_sparse_attention_triton(G, D, K, dtype):
     attention_tolerance(q, k, v, idx, out)
 
 
-@pytest.mark.parametrize("G,K", [(2, 1), (3, 63), (1, 257)])
+@pytest.mark.parametrize("G,K", [(2, 1), (3, 63), (1, 257), (17, 20)])  # G > 16: the dot pads to 32 rows
 def test_sparse_attention_triton_strided_large_logits_and_scale(G, K):
     """The model's layouts: q a view into the fused q|k tensor (batch stride (H + Hkv) * D), idx transposed.
     Logits of a few hundred (plain randn gives a few) overflow exp unless both kernels subtract the running max;
