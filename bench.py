@@ -2,7 +2,8 @@
 
     python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8]
     python bench.py offload [--preset llama-3.1-8b] [--seqlen 131072] [--budget 2048]
-    python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--profile]
+    python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--prefill-len 32768]
+                        [--profile]
     python bench.py cpu [--seqlens 16 1024 4096 8192] [--budget 512]        (no GPU needed)
 
 `attention` times one layer's decode attention (the decode step of a sparse layer):
@@ -67,7 +68,7 @@ def kernel_kind(name):
     """A GPU kernel's part of a decode step, from its name: 'HATA' (hata_kernels.py's Triton kernels), 'SDPA'
     (torch's flash, memory-efficient or cuDNN attention), 'GEMV/GEMM' (cuBLAS, CUTLASS), or 'other' (norms, RoPE, SiLU,
     casts, cache writes: inductor's and torch's elementwise kernels)."""
-    if name.startswith(("_hash_encode", "_topk_", "_sparse_attn")):
+    if name.startswith(("_hash_encode", "_hamming_score", "_select_topk", "_topk_", "_sparse_attn")):
         return "HATA"
     if any(w in name.lower() for w in ("flash", "fmha", "attention", "sdpa")):
         return "SDPA"
@@ -90,8 +91,9 @@ def kernel_census(replay):
         if us > 0 and not e.key.startswith("cuda"):  # kernels, not runtime calls
             kind = kernel_kind(e.key)
             kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
-            if kind == "HATA":
-                hata[e.key.split("_kernel")[0].lstrip("_")] = us / 1e3
+            if kind == "HATA":  # "_topk_score_kernel" -> "score", "_sparse_attn_merge_kernel" -> "merge"
+                short = e.key.split("_kernel")[0].lstrip("_").removeprefix("topk_").removeprefix("sparse_attn_")
+                hata[short] = us / 1e3
     return kinds, hata
 
 
@@ -495,6 +497,8 @@ def bench_e2e(args):
                 print(f"| {fmt_s(S)} | {B} | {name} | {step:.2f} | {sum(kinds.values()):.2f} | "
                       f"{kinds.get('GEMV/GEMM', 0):.2f} | {kinds.get('HATA', 0):.2f}{f' ({parts})' if parts else ''} | "
                       f"{kinds.get('SDPA', 0):.2f} | {kinds.get('other', 0):.2f} | {step - sum(kinds.values()):.2f} |")
+            model.setup_caches(1, 16)  # free the big caches before the next size
+            torch.cuda.empty_cache()
 
 
 def bench_cpu(args):

@@ -62,7 +62,7 @@ def pkey(name, f):  # a policy's key in the results: "dense", or "<selector> 1/<
 
 def forced_only(name, f, C):  # "... sS [rR]": its sink + recent positions fill the whole budget at context C
     m = re.search(r" s(\d+)(?: r(\d+))?$", name)
-    return m is not None and int(m[1]) + int(m[2] or 0) >= math.ceil(f * C)
+    return m is not None and int(m[1]) + int(m[2] or 0) >= HataArgs(budget=f).budget_tokens(C)
 
 
 def selectors(hash_weights, quest, which=("oracle", "trained", "random", "quest"), sink=0, **hata):

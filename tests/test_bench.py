@@ -15,6 +15,7 @@ def test_budget_labels():
 def test_kernel_kinds():
     """The e2e census sorts a decode step's kernels by the names they carry in torch.profiler."""
     kinds = {"_topk_score_kernel": "HATA", "_sparse_attn_merge_kernel": "HATA", "_hash_encode_kernel": "HATA",
+             "_hamming_score_kernel": "HATA", "_select_topk_kernel": "HATA",
              "void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>(Params)": "SDPA",
              "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "SDPA", "cudnn_generated_fort_native_sdpa_sm90": "SDPA",
              "void gemv2T_kernel_val<int, int, __nv_bfloat16>": "GEMV/GEMM",

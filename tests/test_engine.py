@@ -208,7 +208,7 @@ def test_generate_refuses_empty_prompts():
             engine.generate(model, prompts, 3)
 
 
-@pytest.mark.parametrize("lengths", [[5], [9], [6], [9, 2, 6, 1]])  # 4 + 1, 8 + 1: a 1-token last chunk
+@pytest.mark.parametrize("lengths", [[5], [9], [6], [10], [9, 2, 6, 1], [2], [1]])  # 4 + 1, 8 + 1: a 1-token last chunk
 def test_chunked_prefill_stays_dense(lengths):
     """Chunks of 4 give the logits of one pass even when 1 token would be left over for the last chunk (the
     model takes a 1-token forward for a decode step, which the sparse layers, budget 2 here, attend sparsely), and
@@ -217,11 +217,12 @@ def test_chunked_prefill_stays_dense(lengths):
     T = max(lengths)
     tokens = torch.arange(3, 3 + T).repeat(len(lengths), 1)  # (B, T)
     logits = []
-    for chunk in (4096, 4, 3):
+    for chunk in (4096, 4, 3, max(lengths)):  # chunks of 3 (10 = 3 + 3 + 2 + 2), one chunk the whole prompt
         model.setup_caches(len(lengths), 16)
         with torch.inference_mode():
             logits.append(engine.prefill(model, tokens, torch.tensor(lengths), chunk=chunk))
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], atol=1e-5, rtol=0)
     assert all(not torch.allclose(logits[0][0], logits[0][b]) for b in range(1, len(lengths)))  # rows differ
 
 

@@ -229,7 +229,7 @@ def test_decode_through_the_kernels_matches_the_refs(monkeypatch, use_norm):
                 cur = (runs[0] if runs else logits)[step].argmax(-1)  # the refs' greedy tokens, both times
                 logits.append(decode_one_token(model, cur, lengths + step))
         runs.append(torch.stack(logits))  # (steps, B, V)
-    assert picked[True] and all(picked[True]) and not any(picked[False])  # every op took the path asked for
+    assert picked[True] and all(picked[True]) and not any(picked[False])  # every dispatch chose the path asked for
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=0)
     assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1))
 
