@@ -457,8 +457,8 @@ def _order_key_int32(score):
         _check(score.dtype != torch.int64 or score.numel() == 0 or -2 ** 31 <= score.min() and score.max() < 2 ** 31,
                "select_topk: the Triton path needs integer scores that fit in int32")
         return score.to(torch.int32)
-    bits = (score.float() + 0.0).view(torch.int32)                             # (B, Hkv, S) int32; -0.0 + 0.0 = 0.0
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)                      # negative floats: flip magnitude
+    bits = score.float().view(torch.int32)                                     # (B, Hkv, S) int32
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)                   # negative floats: minus magnitude
 
 
 def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
