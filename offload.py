@@ -5,7 +5,7 @@ tokens it selects, so a sparse layer's K/V cache can live in page-locked host me
 dense layers' caches, stay on the GPU. `apply_offload(model, B, S_max, kv_gpu_gb=None)` plans which sparse layers
 to offload and installs `HostKVCache` as their `Attention.kv_cache_cls`; call it before `model.setup_caches`, which
 then allocates those caches in host memory only. model.py learns nothing else about offload (but for a warning
-when `set_hata` turns an offloaded layer dense).
+when `set_hata` gives an offloaded layer a policy that reads every key).
 
 How the GPU reaches host memory: page-locked host memory (here an ordinary tensor registered with cudaHostRegister)
 is mapped into the GPU's unified address space (UVA) at its host address, so a kernel can load and store it
