@@ -332,14 +332,14 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, hata: HataArgs | None = None):
         super().__init__()
         self.args, self.hata = args, hata
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # nn.Embedding's own init (randn), given: its normal_ on the meta device imports torch._dynamo (1.5 s)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.randn(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(TransformerBlock(args, i, hata) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rope_factors = None  # GGUF rope_freqs, if the checkpoint has them
-        self.max_batch_size = self.max_seq_len = 0
+        self.rope_factors, self.max_batch_size, self.max_seq_len = None, 0, 0  # rope_factors: GGUF's rope_freqs
 
     def sparse_layers(self):
         return [layer.attention for layer in self.layers if layer.attention.hata is not None]
