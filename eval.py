@@ -488,15 +488,21 @@ def run(args):
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     if args.report:
+        if any(os.path.realpath(path) == os.path.realpath(json_path) for path in args.report):
+            raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
         results = merge([load_results(path) for path in args.report])
         json.dump(results, open(json_path, "w"), indent=1)
         return write_report(results, args.out_dir, name)
-    if len(args.samples) != len(args.contexts):
+    lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
+               "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
+    if lengths["--contexts"] and len(args.samples) != len(args.contexts):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
-    if args.ppl_tokens >= args.ppl_context:
+    if lengths["--ppl-context"] and args.ppl_tokens >= args.ppl_context:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
-    if "retrieval" in args.tasks and not (min(args.contexts) >= 128 and args.minutes > 0):
+    if lengths["--contexts"] and not (min(args.contexts) >= 128 and args.minutes > 0):
         raise ValueError("retrieval needs --contexts >= 128 (intro, needles, question: ~100 tokens), --minutes > 0")
+    if args.sink < 0:
+        raise ValueError(f"--sink {args.sink} must be >= 0")
     hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
         weights = args.hash_weights or (None if args.checkpoint else shipped_hash_weights(HataArgs(**hata)))
@@ -510,8 +516,11 @@ def run(args):
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))
-    if (C := max(args.contexts + [args.ppl_context])) > model.args.max_seq_len:
-        raise ValueError(f"context {C} exceeds the model's {model.args.max_seq_len} tokens")
+    if not 0 <= args.n_dense < model.args.n_layers:  # else no layer is sparse: every selector would be dense
+        raise ValueError(f"--n-dense {args.n_dense} must be in [0, {model.args.n_layers})")
+    for flag, Cs in lengths.items():
+        if Cs and max(Cs) > model.args.max_seq_len:
+            raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {model.args.max_seq_len} tokens")
     docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)

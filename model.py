@@ -465,8 +465,8 @@ def read_hash_file(path, with_tensors=True):
             meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
     except Exception as e:
         raise ValueError(f"cannot read hash weights {path}: {e}") from None
-    if not {"model", "rbit", "n_dense"} <= set(meta):
-        raise ValueError(f"hash weights {path} lack train_hash.py's metadata (model, rbit, n_dense)")
+    if not ({"model", "rbit", "n_dense"} <= set(meta) and meta["rbit"].isdecimal() and meta["n_dense"].isdecimal()):
+        raise ValueError(f"hash weights {path} lack train_hash.py's metadata (model, rbit, n_dense: whole numbers)")
     return meta, tensors
 
 
@@ -490,8 +490,8 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
     for name, t in tensors.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
-        if not t.isfinite().all():
-            raise ValueError(f"{where}: {name} holds NaN or inf values")
+        if not (t.is_floating_point() and t.isfinite().all()):
+            raise ValueError(f"{where}: {name} must hold finite floating-point values, not {t.dtype} or NaN/inf")
     return {i: tensors[f"layers.{i}.hash_proj"] for i in range(hata.n_dense, args.n_layers)}
 
 

@@ -514,8 +514,8 @@ def main(argv=None):
 
 def run(args):
     from tokenizer import Tokenizer
-    if not args.report and not args.out:
-        raise ValueError("give --out PATH.safetensors (or --report)")
+    if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
+        raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
     if args.out and len(args.rbit) > 1 and "{rbit}" not in args.out:
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in args.rbit:
@@ -523,7 +523,14 @@ def run(args):
     if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and args.shift >= 0):
         raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} and "
                          f"--shift {args.shift} must be >= 0")
-    outs = {r: args.out.replace("{rbit}", str(r)) for r in args.rbit} if args.out and not args.report else {}
+    hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
+    hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
+               for n in ("sigma", "eta")})
+    rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
+             "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
+    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not ok]:  # checked now, not after the prefills
+        raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), the rest >= 0")
+    outs = {r: args.out.replace("{rbit}", str(r)) for r in args.rbit} if args.out else {}
     for out in outs.values():  # a bad --out fails now, not after the training
         if os.path.isdir(out):
             raise ValueError(f"--out {out} is a directory; give a .safetensors file")
@@ -553,9 +560,6 @@ def run(args):
               "documents", file=sys.stderr)
         samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
                                   labels=args.loss == "pair")
-        hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
-        hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
-                   for n in ("sigma", "eta")})
         trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
                    for r in args.rbit}
         guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}

@@ -195,7 +195,7 @@ def test_report_of_a_run_cut_before_any_result(tmp_path, capsys):
                                          (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
                                          (["--contexts", "40", "--samples", "1"], "--contexts >= 128"),
-                                         (["--minutes", "0"], "--minutes > 0"),
+                                         (["--minutes", "0"], "--minutes > 0"), (["--sink", "-1"], "--sink -1"),
                                          (["--device", "xyz"], "--device: invalid device_name value: 'xyz'")])
 def test_bad_flags_fail_before_loading(argv, words, capsys):
     try:  # argparse's own errors exit through SystemExit
@@ -204,6 +204,20 @@ def test_bad_flags_fail_before_loading(argv, words, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and words in err and "nonexistent" not in err
+
+
+def test_flags_are_checked_against_the_model_for_the_tasks_that_run(smol, tok, monkeypatch, capsys, tmp_path):
+    """--n-dense must leave a sparse layer (else every selector is dense); a length is checked only if its task runs."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    monkeypatch.setattr(ev, "split_corpus", lambda docs: 1 / 0)  # what follows the checks: must not be reached
+    base = ["--selectors", "oracle", "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
+    for argv, words in [(["--n-dense", "30"], "--n-dense 30 must be in [0, 30)"),
+                        (["--tasks", "retrieval", "--contexts", "9000", "--samples", "1"], "--contexts 9000 exceeds"),
+                        (["--tasks", "perplexity", "--ppl-context", "9000"], "--ppl-context 9000 exceeds")]:
+        assert ev.main(argv + base) == 2 and words in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # the checks pass: the other task's lengths and counts are not its own
+        ev.main(["--tasks", "perplexity", "--contexts", "40", "--samples", "1", "2"] + base)
 
 
 def test_settings_without_the_trained_selector_need_no_file(capsys):
@@ -230,4 +244,7 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
                         ("none.json", "none.json")]:
         assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--name", "eval"]) == 2
         assert words in capsys.readouterr().err
+    assert (tmp_path / "eval_results.json").read_text() == "kept"
+    ev.main(["--report", str(tmp_path / "eval_results.json"), "--out-dir", str(tmp_path)])  # the merge's own path
+    assert "would overwrite its input" in capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"

@@ -197,11 +197,17 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         save_hash_projections(path, bad, args, hata)
     save_file({f"layers.{i}.hash_proj": p for i, p in bad.items()}, path,
               metadata={"model": args.describe(), "rbit": "64", "n_dense": "1"})
-    with pytest.raises(ValueError, match=r"layers\.2\.hash_proj holds NaN"):
+    with pytest.raises(ValueError, match=r"layers\.2\.hash_proj must hold finite floating-point values"):
         load_hash_projections(path, args, hata)
-    save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path)  # safetensors, but not train_hash.py's
-    with pytest.raises(ValueError, match="lack train_hash.py's metadata"):
+    save_file({f"layers.{i}.hash_proj": p.to(torch.int8) for i, p in projs.items()}, path,
+              metadata={"model": args.describe(), "rbit": "64", "n_dense": "1"})
+    with pytest.raises(ValueError, match="finite floating-point values, not torch.int8"):
         load_hash_projections(path, args, hata)
+    for meta in ({}, {"model": args.describe(), "rbit": "64.0", "n_dense": "1"},  # safetensors, not train_hash.py's
+                 {"model": args.describe(), "rbit": "64", "n_dense": ""}):
+        save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path, metadata=meta)
+        with pytest.raises(ValueError, match="lack train_hash.py's metadata"):
+            load_hash_projections(path, args, hata)
     open(path, "wb").write(b"\xff" * 64)
     with pytest.raises(ValueError, match="cannot read hash weights"):
         load_hash_projections(path, args, hata)

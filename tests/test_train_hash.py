@@ -272,7 +272,10 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100"),
                                          (["--shift", "-5"], "--shift -5"), (["--out", "."], "is a directory"),
                                          (["--queries", "0"], "--queries: invalid positive_int value: '0'"),
-                                         (["--steps", "0"], "--steps: invalid positive_int value: '0'")])
+                                         (["--steps", "0"], "--steps: invalid positive_int value: '0'"),
+                                         (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
+                                         (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
+                                         (["--report"], "either --out")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     try:  # argparse's own errors exit through SystemExit
         code = th.main(["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"] + argv)
