@@ -54,7 +54,8 @@ def _vocab_bytes(token: str, where: str) -> bytes:
         raise ValueError(f"{where}: token {token!r} is not byte-level BPE; this tokenizer type is not supported")
 
 
-def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Encoding, int]:  # and the vocab size
+def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Encoding, int, set]:
+    """(the encoding, the vocab size, the ids below it that are no token: a GGUF's unused slots, decoded to nothing)"""
     # tiktoken needs every single byte; vocabularies may lack a few (SmolLM2: some control bytes, 0xF1).
     # Those get ids past the vocabulary, and Tokenizer drops them as HF does (it has no unknown-byte token).
     if len(set(ranks.values())) < len(ranks) or len(set(specials.values())) < len(specials):
@@ -63,8 +64,9 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Enco
     ranks = dict(ranks)
     for b in range(256):
         ranks.setdefault(bytes([b]), n + b)
+    blank = set(range(n)) - set(ranks.values()) - set(specials.values())
     return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens=specials), n
+                             special_tokens=specials), n, blank
 
 
 def open_gguf(path, keep=True):
@@ -94,7 +96,11 @@ def _hf_config(directory):
         raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path!r} holds no JSON object")
-    template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates (transformers' list form): the one named "default"
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    template = template if isinstance(template, str) else None
     jinja = os.path.join(directory, "chat_template.jinja")
     if template is None and os.path.exists(jinja):
         template = open(jinja, encoding="utf-8").read()
@@ -112,9 +118,10 @@ def _default_system(template: str | None) -> str | None:
 class Tokenizer:
     """Build with `Tokenizer.from_path`; the constructor takes what a loader read."""
 
-    def __init__(self, *, enc=None, vocab_size=None, sp=None, specials=None, bos_id=None, eos_id=None,
+    def __init__(self, *, enc=None, vocab_size=None, blank=(), sp=None, specials=None, bos_id=None, eos_id=None,
                  add_bos=False, chat=None, system=None):
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
+        self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos                      # encode()'s default for bos
@@ -174,10 +181,10 @@ class Tokenizer:
                 specials[tok] = i
         bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
         template = get("tokenizer.chat_template")
-        enc, n = _bpe(path, ranks, specials, GGUF_PRE[pre])
-        return cls(enc=enc, vocab_size=n, specials=specials, bos_id=bos, eos_id=eos,
+        enc, n, blank = _bpe(path, ranks, specials, GGUF_PRE[pre])
+        return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos,
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", GGUF_PRE[pre] is LLAMA3_PATTERN)),  # llama.cpp's
-                   chat=cls._chat_of(specials), system=_default_system(template))
+                   chat=cls._chat_of(specials, template), system=_default_system(template))
 
     @classmethod
     def _from_hf_json(cls, path):
@@ -203,10 +210,11 @@ class Tokenizer:
         name = lambda t: t.get("content") if isinstance(t, dict) else t
         bos, eos = specials.get(name(cfg.get("bos_token"))), specials.get(name(cfg.get("eos_token")))
         # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not).
-        add_bos = bos is not None and name(cfg.get("bos_token")) in json.dumps(tj.get("post_processor"))
-        enc, n = _bpe(path, ranks, specials, pattern)
-        return cls(enc=enc, vocab_size=n, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
-                   chat=cls._chat_of(specials), system=_default_system(template))
+        add_bos = bos is not None and name(cfg.get("bos_token")) in json.dumps(tj.get("post_processor"),
+                                                                               ensure_ascii=False)
+        enc, n, blank = _bpe(path, ranks, specials, pattern)
+        return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
+                   chat=cls._chat_of(specials, template), system=_default_system(template))
 
     @classmethod
     def _from_tiktoken(cls, path):
@@ -221,8 +229,8 @@ class Tokenizer:
                 except ValueError:
                     raise ValueError(f"{path!r} line {n + 1} is not 'base64 rank'; the tiktoken file is corrupt")
         specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
-        enc, n = _bpe(path, ranks, specials, LLAMA3_PATTERN)
-        return cls(enc=enc, vocab_size=n, specials=specials, bos_id=specials["<|begin_of_text|>"],
+        enc, n, blank = _bpe(path, ranks, specials, LLAMA3_PATTERN)
+        return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=specials["<|begin_of_text|>"],
                    eos_id=specials["<|end_of_text|>"], add_bos=True, chat="llama3")
 
     @classmethod
@@ -238,8 +246,9 @@ class Tokenizer:
                    chat="llama2" if template is None or "[INST]" in template else None)
 
     @staticmethod
-    def _chat_of(specials):
-        return "llama3" if "<|start_header_id|>" in specials else "chatml" if "<|im_start|>" in specials else None
+    def _chat_of(specials, template):  # the template's format, else the vocabulary's (ChatML fine-tunes of Llama 3)
+        formats = [(c, t) for c, t in (("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>")) if t in specials]
+        return next((chat for chat, t in formats if t in (template or "")), formats[-1][0] if formats else None)
 
     # --- encode / decode ---
 
@@ -257,8 +266,8 @@ class Tokenizer:
         return [self.bos_id] * bos + self._text(text) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
-        """Ids past the vocabulary (a model's padded rows, or another tokenizer's) decode to nothing."""
-        ids = [i for i in map(int, ids) if 0 <= i < self.vocab_size]
+        """Ids past the vocabulary (a model's padded rows, or another tokenizer's) or of no token decode to nothing."""
+        ids = [i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in self.blank]
         return self.sp.decode(ids) if self.sp is not None else self.enc.decode(ids, errors="replace")
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
