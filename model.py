@@ -64,8 +64,13 @@ class ModelArgs:
             raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: {', '.join(ROPE_SCALING)})")
         if missing := sorted(set(ROPE_SCALING[kind]) - set(scaling)):
             raise ValueError(f"{kind} RoPE scaling needs {', '.join(missing)}")
+        reals = dict(norm_eps=self.norm_eps, rope_theta=self.rope_theta, **{k: scaling[k] for k in ROPE_SCALING[kind]})
+        if bad := {k: v for k, v in reals.items() if not isinstance(v, numbers.Real) or not 0 < v < math.inf}:
+            raise ValueError(f"the model's {', '.join(bad)} must be finite numbers > 0, got {bad}")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
+        if not isinstance(self.head_dim, numbers.Integral) or self.head_dim < 2 or self.head_dim % 2:  # RoPE: pairs
+            raise ValueError(f"head_dim must be an even whole number >= 2, got {self.head_dim!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -537,7 +542,12 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
     except (TypeError, AttributeError) as e:  # a config field or a weights file of the wrong kind
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
+    if bad := sorted(name for name, w in raw.items() if not isinstance(w, torch.Tensor)):
+        raise ValueError(f"{path}: {bad[:4]} are not tensors; is it a Llama checkpoint?")
     rope_factors = raw.pop("rope_freqs.weight", None)  # GGUF bakes llama3 RoPE scaling into this tensor
+    if rope_factors is not None and not (rope_factors.shape == (args.head_dim // 2,) and (rope_factors > 0).all()):
+        raise ValueError(f"{path}: rope_freqs.weight must hold head_dim / 2 = {args.head_dim // 2} factors, each > 0; "
+                         f"it has shape {tuple(rope_factors.shape)}")
     for name in [n for n in raw if n.endswith(DERIVED)]:
         del raw[name]
     col = FORMATS.index(fmt)
@@ -552,7 +562,9 @@ def load_checkpoint(path):
             for w, n in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
                 name = f"layers.{i}.attention.{w}.weight"
                 if name in sd:
-                    t = sd[name]
+                    if (t := sd[name]).shape != (n * args.head_dim, args.dim):  # before its rows are regrouped
+                        raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects "
+                                         f"{(n * args.head_dim, args.dim)}")
                     sd[name] = t.view(n, t.shape[0] // n // 2, 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
     return args, sd, rope_factors
 
@@ -573,12 +585,14 @@ def read_gguf(path):
     arch = meta("general.architecture", None)
     if arch != "llama":
         raise ValueError(f"{path}: unsupported architecture {arch!r}; hata runs Llama-architecture models")
+    if meta("llama.expert_count", 0):
+        raise ValueError(f"{path}: a mixture-of-experts model (Mixtral); hata runs dense Llama models")
     n_heads = meta("llama.attention.head_count")
-    scaling = None
-    if meta("llama.rope.scaling.type", None) == "linear":
-        scaling = {"type": "linear", "factor": meta("llama.rope.scaling.factor")}
-    elif meta("llama.rope.scaling.type", None) not in (None, "none"):
-        raise ValueError(f"{path}: unsupported RoPE scaling {meta('llama.rope.scaling.type', None)!r}")
+    kind = meta("llama.rope.scaling.type", "linear")  # as llama.cpp: a factor without a type is linear scaling
+    factor = meta("llama.rope.scale_linear", meta("llama.rope.scaling.factor", 0.0))  # the first: older converters
+    if kind not in ("linear", "none"):
+        raise ValueError(f"{path}: unsupported RoPE scaling {kind!r}")
+    scaling = {"type": "linear", "factor": factor} if kind == "linear" and factor not in (0.0, 1.0) else None
     raw = {}
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy float32, dims reversed from GGUF's order
@@ -658,6 +672,8 @@ def read_meta(path):
         except Exception as e:  # torch's message would suggest weights_only=False: never, for a file from elsewhere
             why = "it holds objects other than tensors" if "Weights only" in str(e) else str(e).splitlines()[0]
             raise ValueError(f"cannot read {shard}: {why}; re-download it") from None
+    if any(set(part) != set(parts[0]) for part in parts):
+        raise ValueError(f"{path}: the consolidated.*.pth shards hold different tensors; re-download them")
     raw = {}
     for name, w in parts[0].items():  # model-parallel shards: column-parallel on dim 0, row-parallel on dim 1
         if len(parts) == 1 or w.dim() == 1:

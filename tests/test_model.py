@@ -187,7 +187,11 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
                           ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling needs factor"),
                           ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported RoPE scaling 'yarn'"),
                           ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
-                          ({"rope_scaling": [1]}, "malformed checkpoint")]:
+                          ({"rope_scaling": [1]}, "malformed checkpoint"),
+                          ({"head_dim": "16"}, "head_dim must be an even whole number >= 2, got '16'"),
+                          ({"head_dim": 63}, "head_dim must be an even whole number >= 2, got 63"),
+                          ({"rms_norm_eps": "1e-5"}, "norm_eps must be finite numbers > 0, got {'norm_eps': '1e-5'}"),
+                          ({"rope_theta": -1.0}, "rope_theta must be finite numbers > 0")]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=re.escape(words)):
             from_checkpoint(str(tmp_path))
@@ -208,7 +212,19 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
     with pytest.raises(ValueError, match=r"repeats tensors of another shard, e\.g\. \['model\.norm\.weight'\]"):
         from_checkpoint(str(tmp_path))
     meta = tmp_path / "meta"
-    meta.mkdir()
+    write_meta(meta, args, sd)
+    one = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    for change, words in [({"norm.weight": "x"}, "['norm.weight'] are not tensors"),  # before any shape is read
+                          ({"layers.1.attention.wk.weight": torch.zeros(50, args.dim)},  # before the RoPE regrouping
+                           f"layers.1.attention.wk.weight has shape (50, {args.dim}), the model expects (192, 576)")]:
+        torch.save({**one, **change}, meta / "consolidated.00.pth")
+        with pytest.raises(ValueError, match=re.escape(words)):
+            from_checkpoint(str(meta))
+    torch.save(one, meta / "consolidated.00.pth")
+    torch.save({k: v for k, v in one.items() if k != "norm.weight"}, meta / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="shards hold different tensors"):  # not the first shard's set alone
+        from_checkpoint(str(meta))
+    os.remove(meta / "consolidated.01.pth")
     (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
     torch.save([torch.zeros(2)], meta / "consolidated.00.pth")  # a list, not {name: tensor}
     with pytest.raises(ValueError, match="malformed checkpoint"):
@@ -247,6 +263,34 @@ def test_incomplete_checkpoint_metadata(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="has no 'llama.attention.head_count'"):
         from_checkpoint(str(tmp_path / "m.gguf"))
+
+
+def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path):
+    """As llama.cpp reads a GGUF: a RoPE factor without a type (or in the older rope.scale_linear key) is linear
+    scaling; a mixture-of-experts model is refused before its tensors are read; rope_freqs must fit head_dim."""
+    gguf = pytest.importorskip("gguf")
+
+    def write(name, keys, tensors=()):
+        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
+                           "llama.feed_forward_length": 16, "llama.context_length": 64, **keys}.items():
+            (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
+        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        for t_name, t in [("token_embd.weight", torch.zeros(16, 8)), *tensors]:
+            writer.add_tensor(t_name, t.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return str(tmp_path / name)
+    for keys, want in [({}, None), ({"llama.rope.scaling.factor": 4.0}, 4.0), ({"llama.rope.scale_linear": 2.0}, 2.0)]:
+        scaling = load_checkpoint(write("s.gguf", keys))[0].rope_scaling
+        assert scaling == (want and {"type": "linear", "factor": want}), keys
+    with pytest.raises(ValueError, match="a mixture-of-experts model"):
+        from_checkpoint(write("moe.gguf", {"llama.expert_count": 8}, [("blk.0.ffn_gate_exps.weight", torch.zeros(1))]))
+    with pytest.raises(ValueError, match=r"rope_freqs.weight must hold head_dim / 2 = 2 factors.*shape \(1,\)"):
+        load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(1))]))
+    assert torch.equal(load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(2))]))[2], torch.ones(2))
 
 
 # --------------------------------------------------------------------------------------------------------------
