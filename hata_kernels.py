@@ -120,7 +120,7 @@ def _hash_encode_kernel(
     sph, spd, spr,
     scb, sch, sct,
     skb, skh, skd,
-    skcb, skch, skcs,
+    skcb, skch, skcs, skcw,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, NW: tl.constexpr, PRECISION: tl.constexpr,
     KEY: tl.constexpr,
 ):
@@ -153,7 +153,7 @@ def _hash_encode_kernel(
     c_ptrs = c_ptr + b * scb + j[:, None] * sch + t[:, None] * sct + w[None, :]  # (BLOCK_R, NW)
     if KEY:
         pos = tl.load(pos_ptr + b).to(tl.int64)
-        c_ptrs = tl.where(is_key, kc_ptr + b * skcb + h * skch + pos * skcs + w[None, :], c_ptrs)
+        c_ptrs = tl.where(is_key, kc_ptr + b * skcb + h * skch + pos * skcs + w[None, :] * skcw, c_ptrs)
     tl.store(c_ptrs, words, mask=r[:, None] < G * T + KEY)
 
 
@@ -212,7 +212,7 @@ def _hash_encode_into(x, proj, codes, key=None):
     k, pos, kc = key if key is not None else (x[:, :, 0], codes, codes)       # unused without a key
     _hash_encode_kernel[(triton.cdiv(rows, BLOCK_R), B * Hkv, W // NW)](
         x, proj, codes, k, pos, kc, Hkv, T, *x.stride(), *proj.stride(), *codes.stride()[:3], *k.stride(),
-        *kc.stride()[:3], G=G, D=D, BLOCK_R=BLOCK_R, NW=NW, PRECISION=precision, KEY=key is not None,
+        *kc.stride(), G=G, D=D, BLOCK_R=BLOCK_R, NW=NW, PRECISION=precision, KEY=key is not None,
     )
 
 
@@ -818,6 +818,7 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
+    v_sel = v_sel.masked_fill(~used[..., None], 0.0)                           # -1's row 0 may be unwritten (NaN)
     qg = q.view(B, Hkv, G, D).to(acc)                                          # (B, Hkv, G, D)
     s = (qg @ k_sel.transpose(-1, -2)) * scale                                 # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)

@@ -211,6 +211,8 @@ def test_sparse_attention_ref(G):
     idx[1, 0, :] = -1                                                         # nothing selected -> zeros
     out = hk.sparse_decode_attention_ref(q, k, v, idx, 0.3)
     assert torch.allclose(out, brute_attention(q, k, v, idx, 0.3), atol=1e-12)
+    v[1, 0] = math.nan                                                        # an unwritten cache (torch.empty)
+    assert torch.all(hk.sparse_decode_attention_ref(q, k, v, idx, 0.3)[1, :G] == 0)
 
 
 def test_sparse_attention_ref_is_dense_when_all_selected():
@@ -315,7 +317,7 @@ def test_hash_encode_step(G, R, D):
     q_codes = hk.hash_encode_step_ref(q, k, proj, ref_cache, pos)
     assert torch.equal(q_codes, brute_hash_encode(q[:, :, None], proj)[:, :, 0])
     assert torch.equal(ref_cache, want)
-    tri_cache = cache.to(DEV)
+    tri_cache = cache.to(DEV).transpose(2, 3).contiguous().transpose(2, 3)          # words strided by S_max
     tri = hk.hash_encode_step(q.to(DEV), k.to(DEV), proj.to(DEV), tri_cache, pos.to(DEV), use_triton=True)
     assert_codes_match(tri[:, :, None], q.to(DEV)[:, :, None], proj.to(DEV))
     keys = tri_cache[torch.arange(B), :, pos.to(DEV)]                                  # (B, Hkv, W)
