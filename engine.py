@@ -45,7 +45,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     whose probability reaches top_p (nucleus sampling)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)  # (B, V); no inf - inf
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = torch.cat([torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(-1)[:, :-1]], -1)  # (B, V) exclusive
@@ -285,6 +285,8 @@ def run(args):
     if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
         raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already "
                          "(drop them, or use --device cuda)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # CUDA graphs, streams and Triton launch on the current device (cuda:N)
     if args.random_weights:
         return run_random(args, device, dtype)
     texts = list(args.prompt or [])
@@ -321,17 +323,16 @@ def run(args):
                          f"tokens: the tokenizer does not belong to this checkpoint")
     if longest > context:
         raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
-    max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
+    max_seq_len, max_new = cache_size(args, longest, context)
     setup(model, args, len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
+    if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
+        print(f"note: --budget {args.budget:g} is of the batch's cache ({max_seq_len} tokens, sized by the longest "
+              "prompt): alone, a shorter prompt gets a smaller K; --max-seq-len fixes the cache", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok) if len(prompts) == 1 else None
-    max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
-    if max_new < args.max_new_tokens:
-        print(f"note: at most {max_new} new tokens: the cache holds {max_seq_len} tokens and the prompt {longest}",
-              file=sys.stderr)
     with torch.inference_mode():
         new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p, generator,
                                on_token=streamer)
@@ -341,6 +342,17 @@ def run(args):
         for text, ids in zip(texts, new):
             print(f"--- {text[:60]!r}\n{tok.decode([t for t in ids if t not in tok.eos_ids])}")
     report_speed(timing)
+
+
+def cache_size(args, longest, context):
+    """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens within the model's context;
+    the new tokens it leaves room for, with a note when fewer than asked)"""
+    max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
+    max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
+    if max_new < args.max_new_tokens:
+        print(f"note: at most {max_new} new tokens: the cache holds {max_seq_len} tokens and the prompt {longest}",
+              file=sys.stderr)
+    return max_seq_len, max_new
 
 
 def setup(model, args, batch, max_seq_len):
@@ -361,15 +373,19 @@ def run_random(args, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
     hata = hata_args(args)
     model = random_model(args.preset, hata, device, dtype)
-    max_seq_len = args.max_seq_len or args.prompt_len + args.max_new_tokens
+    if args.prompt_len > min(model.args.max_seq_len, args.max_seq_len or math.inf):
+        raise ValueError(f"--prompt-len {args.prompt_len} exceeds the cache (--max-seq-len) or the {args.preset} "
+                         f"context of {model.args.max_seq_len} tokens")
+    max_seq_len, max_new = cache_size(args, args.prompt_len, model.args.max_seq_len)
     setup(model, args, len(args.prompt or [None]), max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
           f"measurement only, the output is noise; {describe_policy(hata, max_seq_len, model.args.n_layers)}",
           file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (len(args.prompt or [None]), args.prompt_len), generator=gen)
-    with torch.inference_mode():
-        _, timing = generate(model, prompts.tolist(), args.max_new_tokens)
+    with torch.inference_mode():  # no stop token: every step runs; sampling as asked
+        _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,
+                             torch.Generator(device=device).manual_seed(args.seed))
     report_speed(timing)
 
 
@@ -390,6 +406,9 @@ def describe_policy(hata, max_seq_len, n_layers):
     K = hata.budget_tokens(max_seq_len)
     if K >= max_seq_len:
         return f"HATA budget {K} tokens covers the whole {max_seq_len}-token cache: every step is dense"
+    if hata.n_sink + hata.n_recent >= K:
+        return (f"HATA decode: --sink {hata.n_sink} + --recent {hata.n_recent} fill the budget of {K} tokens: a fixed "
+                "window of the cache, no selection")
     weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"  # hash only
     return f"HATA decode: {hata.selector} selector, budget {K} of up to {max_seq_len} tokens" + (
         f", {weights}" if hata.selector == "hash" else "")

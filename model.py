@@ -125,7 +125,9 @@ class HataArgs:
     def budget_tokens(self, capacity):
         """K as a token count: a fraction is taken of the cache capacity, fixed for a whole generation so the
         decode step keeps static shapes (CUDA graphs)."""
-        return int(self.budget) if self.budget >= 1 else max(1, math.ceil(self.budget * capacity))
+        if self.budget >= 1:
+            return int(self.budget)
+        return max(1, math.ceil(round(self.budget * capacity, 6)))  # round: 9/11 * 77 = 63.00000000000001 in floats
 
 
 # --------------------------------------------------------------------------------------------------------------

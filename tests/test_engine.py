@@ -242,6 +242,8 @@ def test_status_lines(capsys):
     oracle = HataArgs(selector="oracle", budget=4, hash_weights="w/proj.safetensors")
     assert "proj" not in engine.describe_policy(oracle, 64, 4)  # oracle and Quest read no projections
     assert "proj.safetensors" in engine.describe_policy(HataArgs(budget=4, hash_weights="w/proj.safetensors"), 64, 4)
+    assert "--sink 1 + --recent 3 fill the budget of 4 tokens: a fixed window" in engine.describe_policy(
+        HataArgs(budget=4, n_sink=1, n_recent=3), 64, 4)
     engine.report_speed({"prefill_s": 0.5, "prefill_tokens": 3, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0})
     assert "decode: no steps (each sequence ended with its first token" in capsys.readouterr().err
 
@@ -258,7 +260,11 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
         engine.generate(model, [list(range(9))], max_new_tokens=0)
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
                            "--max-new-tokens", "10", "--device", "cpu")
-    assert code == 2 and "10 + 10 tokens need 19 cache slots; the cache has 12" in error_line(err)
+    assert code == 0 and "at most 3 new tokens: the cache holds 12 tokens and the prompt 10" in err  # as run() does
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # 1024 + 200 > 1024
+    assert code == 0 and "at most 1 new tokens: the cache holds 1024 tokens" in err
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "2000", "--device", "cpu")
+    assert code == 2 and "--prompt-len 2000 exceeds the cache (--max-seq-len) or the tiny context of 1024" in err
     for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
         code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", bad, "--device", "cpu")
         assert code == 2 and "--max-seq-len: invalid positive_int value" in err
@@ -284,3 +290,4 @@ def test_sampling_temperature():
     share = sum(int(sample(logits, 0.5, 1.0, gen)) == 0 for _ in range(n)) / n
     p = 0.36 / 0.52
     assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations: 0.029
+    assert sample(torch.tensor([[0.0, 1.0, 3.0]]), 1e-39).tolist() == [2]  # logits / T overflow: not inf - inf

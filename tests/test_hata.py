@@ -162,6 +162,7 @@ def test_bad_hata_values():
     assert HataArgs(budget=1 / 64).budget_tokens(8192) == 128
     assert HataArgs(budget=1 / 64).budget_tokens(8193) == 129  # rounded up
     assert HataArgs(budget=0.001).budget_tokens(63) == 1  # at least one token
+    assert HataArgs(budget=9 / 11).budget_tokens(77) == 63  # not 64: 9/11 * 77 is 63.00000000000001 in floats
     assert HataArgs(budget=5).budget_tokens(3) == 5  # a count stays a count
 
 
