@@ -118,11 +118,13 @@ def _default_system(template: str | None) -> str | None:
 class Tokenizer:
     """Build with `Tokenizer.from_path`; the constructor takes what a loader read."""
 
-    def __init__(self, *, enc=None, vocab_size=None, blank=(), sp=None, specials=None, bos_id=None, eos_id=None,
-                 add_bos=False, chat=None, system=None):
+    def __init__(self, *, enc=None, vocab_size=None, blank=(), sp=None, specials=None, plain=(), bos_id=None,
+                 eos_id=None, add_bos=False, chat=None, system=None):
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
+        longest = sorted(plain, key=len, reverse=True)  # specials found in plain text too (as HF and llama.cpp do)
+        self.plain = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos                      # encode()'s default for bos
         ends = {i for t, i in self.specials.items() if t in END_TOKENS}
@@ -177,12 +179,13 @@ class Tokenizer:
         for i, (tok, typ) in enumerate(zip(tokens, types)):
             if typ == 1:  # NORMAL: byte-level string
                 ranks[_vocab_bytes(tok, path)] = i
-            elif typ in (3, 4):  # CONTROL, USER_DEFINED: raw text, never produced by plain encode()
+            elif typ in (3, 4):  # CONTROL, USER_DEFINED (found in plain text too): raw text, not byte-level
                 specials[tok] = i
         bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
         template = get("tokenizer.chat_template")
         enc, n, blank = _bpe(path, ranks, specials, GGUF_PRE[pre])
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos,
+                   plain=[t for t, typ in zip(tokens, types) if typ == 4],
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", GGUF_PRE[pre] is LLAMA3_PATTERN)),  # llama.cpp's
                    chat=cls._chat_of(specials, template), system=_default_system(template))
 
@@ -214,6 +217,7 @@ class Tokenizer:
                                                                                ensure_ascii=False)
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
+                   plain=[t["content"] for t in tj.get("added_tokens", []) if t.get("special") is False],
                    chat=cls._chat_of(specials, template), system=_default_system(template))
 
     @classmethod
@@ -255,7 +259,9 @@ class Tokenizer:
     def _text(self, text: str) -> list[int]:
         if self.sp is not None:
             return self.sp.encode(text)
-        ids = self.enc.encode_ordinary(text)
+        parts = self.plain.split(text) if self.plain else [text]  # odd parts: added tokens that are not special
+        ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else
+                                                           self.enc.encode_ordinary(part))]
         # Ids past the vocabulary stand for bytes it lacks (see _bpe); drop them as HF does.
         return [i for i in ids if i < self.vocab_size] if self.enc.n_vocab > self.vocab_size else ids
 

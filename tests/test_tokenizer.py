@@ -312,18 +312,19 @@ def test_config_and_gguf_errors(tmp_path, llama3):
 
 def test_unused_ids_decode_to_nothing_and_the_template_picks_the_format(tmp_path):
     """A GGUF's UNUSED slots (convert_hf_to_gguf's [PAD] fillers) decode to nothing instead of failing; a template
-    in ChatML makes a vocabulary that also holds Llama 3's header tokens chat in ChatML (Hermes-2-Pro-Llama-3)."""
+    in ChatML makes a vocabulary that also holds Llama 3's header tokens chat in ChatML (Hermes-2-Pro-Llama-3);
+    USER_DEFINED tokens are found in plain text, CONTROL tokens are not (llama.cpp without parse_special)."""
     gguf = pytest.importorskip("gguf")
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     names = ["<|begin_of_text|>", "[PAD257]", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-             "<|im_start|>", "<|im_end|>"]
+             "<|im_start|>", "<|im_end|>", "<think>"]
     for template, chat in ((None, "llama3"), ("{{bos_token}}{% for m in messages %}<|im_start|>...", "chatml")):
         path = str(tmp_path / f"{chat}.gguf")
         writer = gguf.GGUFWriter(path, "llama")
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("llama-bpe")
         writer.add_token_list([to_char[b] for b in range(256)] + names)
-        writer.add_token_types([1] * 256 + [3, 5, 3, 3, 3, 3, 3])
+        writer.add_token_types([1] * 256 + [3, 5, 3, 3, 3, 3, 3, 4])
         writer.add_bos_token_id(256)
         if template:
             writer.add_chat_template(template)
@@ -334,15 +335,17 @@ def test_unused_ids_decode_to_nothing_and_the_template_picks_the_format(tmp_path
         assert tok.decode([ord("h"), 257, ord("i")]) == "hi" and tok.chat == chat
         ids = tok.encode_chat([{"role": "user", "content": "x"}], add_generation_prompt=False)
         assert ids[:2] == ([256, 258] if chat == "llama3" else [256, 261])
+        assert tok.encode("a<think><|eot_id|>", bos=False) == [ord("a"), 263, *b"<|eot_id|>"]
 
 
-def test_hf_bos_beyond_ascii_and_a_named_template(tmp_path):
+def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
     """BOS found in the post-processor although json.dumps would escape its name (DeepSeek-R1-Distill-Llama's);
-    transformers' list form of chat_template gives its "default" entry."""
+    transformers' list form of chat_template gives its "default" entry; an added token that is not special (its
+    <think>) is found in plain text, as HF does."""
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     bos, vocab = "<｜begin▁of▁sentence｜>", {to_char[b]: b for b in range(256)}
     added = [{"id": 256, "content": bos, "special": True}, {"id": 257, "content": "<|im_start|>", "special": True},
-             {"id": 258, "content": "<|im_end|>", "special": True}]
+             {"id": 258, "content": "<|im_end|>", "special": True}, {"id": 259, "content": "<think>", "special": False}]
     post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
                                                      {"Sequence": {"id": "A", "type_id": 0}}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps({
@@ -353,3 +356,4 @@ def test_hf_bos_beyond_ascii_and_a_named_template(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "chat_template": named}))
     tok = Tokenizer.from_path(tmp_path)
     assert tok.encode("hi") == [256, ord("h"), ord("i")] and tok.system == "Hi" and tok.chat == "chatml"
+    assert tok.encode("<think>\n<|im_end|>", bos=False) == [259, ord("\n"), *b"<|im_end|>"]  # not special: found
