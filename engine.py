@@ -285,7 +285,7 @@ def run(args):
     if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
         raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already "
                          "(drop them, or use --device cuda)")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # CUDA graphs, streams and Triton launch on the current device (cuda:N)
     if args.random_weights:
         return run_random(args, device, dtype)
