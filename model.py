@@ -625,7 +625,7 @@ def read_hf(path):
                      n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                      vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
                      rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
-                     max_seq_len=cfg.get("max_position_embeddings", 4096),
+                     max_seq_len=cfg.get("max_position_embeddings", 2048),  # transformers' LlamaConfig default
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
