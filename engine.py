@@ -201,7 +201,8 @@ def positive_int(text):
 
 
 def device_name(text):
-    """argparse type for --device: a device torch knows that this machine has."""
+    """argparse type for --device: a device torch knows that this machine has; cuda:N becomes the current device
+    (CUDA graphs, streams and Triton launch on the current one)."""
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -209,6 +210,8 @@ def device_name(text):
     if device.type == "cuda" and (n := torch.cuda.device_count()) <= (device.index or 0):
         hint = "; use --device cpu" if n == 0 else ""
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s){hint}")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return text
 
 
@@ -285,8 +288,6 @@ def run(args):
     if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
         raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already "
                          "(drop them, or use --device cuda)")
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # CUDA graphs, streams and Triton launch on the current device (cuda:N)
     if args.random_weights:
         return run_random(args, device, dtype)
     texts = list(args.prompt or [])
@@ -371,11 +372,11 @@ def hata_args(args):
 
 def run_random(args, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
-    hata = hata_args(args)
-    model = random_model(args.preset, hata, device, dtype)
-    if args.prompt_len > min(model.args.max_seq_len, args.max_seq_len or math.inf):
+    hata, context = hata_args(args), PRESETS[args.preset].max_seq_len
+    if args.prompt_len > min(context, args.max_seq_len or math.inf):  # before building the model
         raise ValueError(f"--prompt-len {args.prompt_len} exceeds the cache (--max-seq-len) or the {args.preset} "
-                         f"context of {model.args.max_seq_len} tokens")
+                         f"context of {context} tokens")
+    model = random_model(args.preset, hata, device, dtype)
     max_seq_len, max_new = cache_size(args, args.prompt_len, model.args.max_seq_len)
     setup(model, args, len(args.prompt or [None]), max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "

@@ -488,10 +488,12 @@ def run(args):
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     if args.report:
-        if any(os.path.realpath(path) == os.path.realpath(json_path) for path in args.report):
+        own = os.path.realpath(json_path) in map(os.path.realpath, args.report)  # a rebuild from the results file
+        if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
         results = merge([load_results(path) for path in args.report])
-        json.dump(results, open(json_path, "w"), indent=1)
+        if not own:
+            json.dump(results, open(json_path, "w"), indent=1)
         return write_report(results, args.out_dir, name)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run

@@ -818,7 +818,7 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
-    v_sel = v_sel.masked_fill(~used[..., None], 0.0)                           # -1's row 0 may be unwritten (NaN)
+    v_sel = v_sel.masked_fill(~used[..., None], 0.0)                           # (B, Hkv, K, D); -1's row 0: maybe NaN
     qg = q.view(B, Hkv, G, D).to(acc)                                          # (B, Hkv, G, D)
     s = (qg @ k_sel.transpose(-1, -2)) * scale                                 # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)

@@ -57,7 +57,8 @@ class ModelArgs:
 
     def __post_init__(self):
         sizes = "dim n_layers n_heads n_kv_heads vocab_size ffn_dim max_seq_len".split()
-        if bad := {k: v for k in sizes if not isinstance(v := getattr(self, k), numbers.Integral) or not v >= 1}:
+        num = lambda v, kind: isinstance(v, kind) and not isinstance(v, bool)  # JSON's true is no number here
+        if bad := {k: v for k in sizes if not num(v := getattr(self, k), numbers.Integral) or v < 1}:
             raise ValueError(f"the model's sizes must be whole numbers >= 1, got {bad}")
         scaling = self.rope_scaling or {}
         if (kind := scaling.get("type", "default")) not in ROPE_SCALING:
@@ -65,11 +66,11 @@ class ModelArgs:
         if missing := sorted(set(ROPE_SCALING[kind]) - set(scaling)):
             raise ValueError(f"{kind} RoPE scaling needs {', '.join(missing)}")
         reals = dict(norm_eps=self.norm_eps, rope_theta=self.rope_theta, **{k: scaling[k] for k in ROPE_SCALING[kind]})
-        if bad := {k: v for k, v in reals.items() if not isinstance(v, numbers.Real) or not 0 < v < math.inf}:
+        if bad := {k: v for k, v in reals.items() if not num(v, numbers.Real) or not 0 < v < math.inf}:
             raise ValueError(f"the model's {', '.join(bad)} must be finite numbers > 0, got {bad}")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
-        if not isinstance(self.head_dim, numbers.Integral) or self.head_dim < 2 or self.head_dim % 2:  # RoPE: pairs
+        if not num(self.head_dim, numbers.Integral) or self.head_dim < 2 or self.head_dim % 2:  # RoPE rotates pairs
             raise ValueError(f"head_dim must be an even whole number >= 2, got {self.head_dim!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
@@ -591,22 +592,20 @@ def read_gguf(path):
         raise ValueError(f"{path}: a mixture-of-experts model (Mixtral); hata runs dense Llama models")
     n_heads = meta("llama.attention.head_count")
     kind = meta("llama.rope.scaling.type", "linear")  # as llama.cpp: a factor without a type is linear scaling
-    factor = meta("llama.rope.scale_linear", meta("llama.rope.scaling.factor", 0.0))  # the first: older converters
+    factor = meta("llama.rope.scaling.factor", meta("llama.rope.scale_linear", 0.0))  # the second: older converters
     if kind not in ("linear", "none"):
         raise ValueError(f"{path}: unsupported RoPE scaling {kind!r}")
     scaling = {"type": "linear", "factor": factor} if kind == "linear" and factor not in (0.0, 1.0) else None
-    raw = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy float32, dims reversed from GGUF's order
-        raw[t.name] = torch.from_numpy(w.reshape([int(d) for d in reversed(t.shape)]).copy())
-    embed = raw["token_embd.weight"]
+    shapes = {t.name: [int(d) for d in reversed(t.shape)] for t in reader.tensors}  # GGUF lists dims reversed
     args = ModelArgs(dim=meta("llama.embedding_length"), n_layers=meta("llama.block_count"), n_heads=n_heads,
-                     n_kv_heads=meta("llama.attention.head_count_kv", n_heads), vocab_size=embed.shape[0],
-                     ffn_dim=meta("llama.feed_forward_length"),
+                     n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
+                     vocab_size=shapes["token_embd.weight"][0], ffn_dim=meta("llama.feed_forward_length"),
                      norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
                      rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
-                     max_seq_len=meta("llama.context_length"), tie_embeddings="output.weight" not in raw,
-                     head_dim=meta("llama.attention.key_length", 0))
+                     max_seq_len=meta("llama.context_length"), tie_embeddings="output.weight" not in shapes,
+                     head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
+    raw = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]).copy())
+           for t in reader.tensors}  # numpy float32
     return args, raw
 
 
@@ -674,7 +673,7 @@ def read_meta(path):
         except Exception as e:  # torch's message would suggest weights_only=False: never, for a file from elsewhere
             why = "it holds objects other than tensors" if "Weights only" in str(e) else str(e).splitlines()[0]
             raise ValueError(f"cannot read {shard}: {why}; re-download it") from None
-    if any(set(part) != set(parts[0]) for part in parts):
+    if all(isinstance(part, dict) for part in parts) and any(part.keys() != parts[0].keys() for part in parts):
         raise ValueError(f"{path}: the consolidated.*.pth shards hold different tensors; re-download them")
     raw = {}
     for name, w in parts[0].items():  # model-parallel shards: column-parallel on dim 0, row-parallel on dim 1

@@ -8,11 +8,12 @@ One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what t
   (SmolLM2's 48,900 merges are in id order), so the merges list is not read: the vocabulary is rebuilt as a
   `tiktoken.Encoding` with the pre-split regex the model was trained with.
 
-`encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text); special tokens
-come only from `encode_chat` and encode's BOS/EOS. The chat template follows the special tokens the vocabulary has:
-<|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt written in the
-checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the checkpoint's
-template is another one). Jinja itself is not run.
+`encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text; only added tokens that
+are not special, like DeepSeek-R1-Distill's <think>, are found in text, as HF does); special tokens come only from
+`encode_chat` and encode's BOS/EOS. The chat format is the one whose tokens the checkpoint's template writes, else
+the vocabulary's: <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt
+written in the checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the
+checkpoint's template is another one). Jinja itself is not run.
 `eos_ids` holds every id that ends generation (EOS plus <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present).
 """
 import base64
@@ -123,14 +124,13 @@ class Tokenizer:
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
-        longest = sorted(plain, key=len, reverse=True)  # specials found in plain text too (as HF and llama.cpp do)
+        longest = sorted(filter(None, plain), key=len, reverse=True)  # added tokens found in plain text too (as in HF)
         self.plain = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos                      # encode()'s default for bos
         ends = {i for t, i in self.specials.items() if t in END_TOKENS}
         self.eos_ids = frozenset(ends | ({eos_id} if eos_id is not None else set()))
-        self.chat = chat                            # "llama3" | "chatml" | "llama2" | None
-        self.system = system                        # ChatML default system prompt
+        self.chat, self.system = chat, system       # "llama3" | "chatml" | "llama2" | None; ChatML's default system
         self.vocab_size = sp.get_piece_size() if sp is not None else vocab_size
 
     @classmethod

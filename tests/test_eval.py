@@ -107,7 +107,10 @@ def test_dense_passkey_at_1k_and_report(smol, tok, tmp_path):
     assert [r["correct"]["oracle 1/8"] for r in recs] == [True, True]  # the exact top 1/8 keeps the key
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "ppl_context": 0, "seconds": {},
                "retrieval": recs}
-    ev.write_report(json.loads(json.dumps(results)), str(tmp_path), "eval_test")
+    (tmp_path / "eval_test_results.json").write_text(text := json.dumps(results))
+    assert ev.main(["--report", str(tmp_path / "eval_test_results.json"), "--out-dir", str(tmp_path),
+                    "--name", "eval_test"]) == 0  # a rebuild from the results file itself: left as it is
+    assert (tmp_path / "eval_test_results.json").read_text() == text
     md = (tmp_path / "eval_test_results.md").read_text()
     assert "| all | 2 |" in md and "| oracle | 100.0% (100%) |" in md
     assert (tmp_path / "eval_test_scores.png").stat().st_size > 10_000
@@ -245,6 +248,7 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
         assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--name", "eval"]) == 2
         assert words in capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
-    ev.main(["--report", str(tmp_path / "eval_results.json"), "--out-dir", str(tmp_path)])  # the merge's own path
-    assert "would overwrite its input" in capsys.readouterr().err
+    (tmp_path / "b.json").write_text("kept too")
+    ev.main(["--report", str(tmp_path / "eval_results.json"), str(tmp_path / "b.json"), "--out-dir", str(tmp_path)])
+    assert "would overwrite its input" in capsys.readouterr().err  # the merge's own path among several inputs
     assert (tmp_path / "eval_results.json").read_text() == "kept"

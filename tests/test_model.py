@@ -191,7 +191,9 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
                           ({"head_dim": "16"}, "head_dim must be an even whole number >= 2, got '16'"),
                           ({"head_dim": 63}, "head_dim must be an even whole number >= 2, got 63"),
                           ({"rms_norm_eps": "1e-5"}, "norm_eps must be finite numbers > 0, got {'norm_eps': '1e-5'}"),
-                          ({"rope_theta": -1.0}, "rope_theta must be finite numbers > 0")]:
+                          ({"rope_theta": -1.0}, "rope_theta must be finite numbers > 0"),
+                          ({"rms_norm_eps": True}, "got {'norm_eps': True}"),  # JSON's true is no number
+                          ({"num_hidden_layers": True}, "got {'n_layers': True}")]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=re.escape(words)):
             from_checkpoint(str(tmp_path))
@@ -226,9 +228,10 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
         from_checkpoint(str(meta))
     os.remove(meta / "consolidated.01.pth")
     (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
-    torch.save([torch.zeros(2)], meta / "consolidated.00.pth")  # a list, not {name: tensor}
-    with pytest.raises(ValueError, match="malformed checkpoint"):
-        from_checkpoint(str(meta))
+    for bad in ([torch.zeros(2)], torch.zeros(3)):  # a list, a tensor: not {name: tensor}
+        torch.save(bad, meta / "consolidated.00.pth")
+        with pytest.raises(ValueError, match="malformed checkpoint"):
+            from_checkpoint(str(meta))
     torch.save(fractions.Fraction(1, 3), meta / "consolidated.00.pth")  # a class weights_only refuses
     with pytest.raises(ValueError, match="consolidated.00.pth: it holds objects other than tensors; re-download") as e:
         from_checkpoint(str(meta))
@@ -265,7 +268,7 @@ def test_incomplete_checkpoint_metadata(tmp_path):
         from_checkpoint(str(tmp_path / "m.gguf"))
 
 
-def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path):
+def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     """As llama.cpp reads a GGUF: a RoPE factor without a type (or in the older rope.scale_linear key) is linear
     scaling; a mixture-of-experts model is refused before its tensors are read; rope_freqs must fit head_dim."""
     gguf = pytest.importorskip("gguf")
@@ -283,11 +286,19 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path):
         writer.write_tensors_to_file()
         writer.close()
         return str(tmp_path / name)
-    for keys, want in [({}, None), ({"llama.rope.scaling.factor": 4.0}, 4.0), ({"llama.rope.scale_linear": 2.0}, 2.0)]:
+    for keys, want in [({}, None), ({"llama.rope.scaling.factor": 4.0}, 4.0), ({"llama.rope.scale_linear": 2.0}, 2.0),
+                       ({"llama.rope.scaling.factor": 4.0, "llama.rope.scale_linear": 2.0}, 4.0),  # llama.cpp's order
+                       ({"llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 2.0}, None)]:
         scaling = load_checkpoint(write("s.gguf", keys))[0].rope_scaling
         assert scaling == (want and {"type": "linear", "factor": want}), keys
+    dequantized = []
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: dequantized.append(a) or 1 / 0)
     with pytest.raises(ValueError, match="a mixture-of-experts model"):
         from_checkpoint(write("moe.gguf", {"llama.expert_count": 8}, [("blk.0.ffn_gate_exps.weight", torch.zeros(1))]))
+    with pytest.raises(ValueError, match="factor must be finite numbers > 0"):  # ModelArgs' checks: before too
+        from_checkpoint(write("neg.gguf", {"llama.rope.scaling.factor": -1.0}))
+    assert dequantized == []
+    monkeypatch.undo()
     with pytest.raises(ValueError, match=r"rope_freqs.weight must hold head_dim / 2 = 2 factors.*shape \(1,\)"):
         load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(1))]))
     assert torch.equal(load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(2))]))[2], torch.ones(2))

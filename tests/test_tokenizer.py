@@ -345,7 +345,8 @@ def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     bos, vocab = "<｜begin▁of▁sentence｜>", {to_char[b]: b for b in range(256)}
     added = [{"id": 256, "content": bos, "special": True}, {"id": 257, "content": "<|im_start|>", "special": True},
-             {"id": 258, "content": "<|im_end|>", "special": True}, {"id": 259, "content": "<think>", "special": False}]
+             {"id": 258, "content": "<|im_end|>", "special": True}, {"id": 259, "content": "<think>", "special": False},
+             {"id": 260, "content": "", "special": False}]  # an empty one matches nothing
     post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
                                                      {"Sequence": {"id": "A", "type_id": 0}}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps({
