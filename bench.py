@@ -186,8 +186,8 @@ def bench_attention(args):
 def budget_labels(K, S, budgets):
     """The budget arguments (fractions of S or token counts) that give K tokens at context S, as line labels."""
     from model import HataArgs
-    return [f"K = S/{round(1 / b)}" if b < 1 else f"K = {int(b)}" for b in budgets
-            if HataArgs(budget=b).budget_tokens(S) == K]
+    label = lambda b: f"K = {int(b)}" if b >= 1 else f"K = S/{round(1 / b)}" if (1 / b).is_integer() else f"K = {b:g} S"
+    return [label(b) for b in budgets if HataArgs(budget=b).budget_tokens(S) == K]
 
 
 def plot_speed(path, panels):
@@ -315,9 +315,13 @@ def bench_offload(args):
     S - 1 positions through the same path, the dense baseline). Then one layer's fetch: zero-copy vs staged."""
     import offload
     from engine import GraphedDecode, random_model
-    from model import HataArgs
+    from model import PRESETS, HataArgs
 
     S, B, dev = args.seqlen, 1, "cuda"
+    host_ok = args.host_gb is None or (math.isfinite(args.host_gb) and args.host_gb > 0)
+    if not (args.budget < S <= PRESETS[args.preset].max_seq_len and host_ok):  # now, not after the GPU's timings
+        raise ValueError(f"--budget {args.budget} must be below --seqlen {S}, which must fit the {args.preset} "
+                         f"context of {PRESETS[args.preset].max_seq_len}; --host-gb a positive number")
     hata = HataArgs(budget=args.budget)
     model = random_model(args.preset, hata, dev, torch.bfloat16)
     cur = torch.randint(0, model.args.vocab_size, (B,), device=dev)
@@ -339,7 +343,7 @@ def bench_offload(args):
     model.setup_caches(B, S)
     gpu_ms, gpu_logits = decode_ms(hata, args.steps)
     torch.cuda.empty_cache()
-    plan = offload.apply_offload(model, B, S, host_bytes=args.host_gb * offload.GiB if args.host_gb else None)
+    plan = offload.apply_offload(model, B, S, host_bytes=None if args.host_gb is None else args.host_gb * offload.GiB)
     model.setup_caches(B, S)  # frees the GPU caches, allocates the offloaded ones in host memory
     torch.cuda.empty_cache()
     off_ms, off_logits = decode_ms(hata, args.steps)
@@ -409,8 +413,10 @@ def bench_e2e(args):
     Every sequence decodes at position S - 1, so each step attends over S tokens. Then prefill time at
     --prefill-len tokens, B = 1, without and with key hashing (HATA's only prefill cost)."""
     from engine import GraphedDecode, prefill, random_model
-    from model import HataArgs
+    from model import PRESETS, HataArgs
 
+    if (L := max(args.seqlens + [args.prefill_len])) > (context := PRESETS[args.preset].max_seq_len):
+        raise ValueError(f"{L} tokens (--seqlens, --prefill-len) exceed the {args.preset} context of {context}")
     dev, model = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16)
     a = model.args
     if args.compile:
@@ -444,6 +450,9 @@ def bench_e2e(args):
             dense = step_ms(B, S, None)
             layer_ms = (sdpa_ms(B, S, True), sdpa_ms(B, S, False))
             for K in dict.fromkeys(HataArgs(budget=b).budget_tokens(S) for b in args.budgets):
+                if K >= S:  # the model decodes densely: no HATA row
+                    print(f"  S={fmt_s(S)} B={B} K={K}: K >= S, dense; not timed", flush=True)
+                    continue
                 ms = step_ms(B, S, HataArgs(budget=K))
                 rows.append((S, B, K, dense, ms, layer_ms))
                 print(f"  S={fmt_s(S)} B={B} K={K}: dense {dense:.2f} ms, HATA {ms:.2f} ms", flush=True)
@@ -512,6 +521,8 @@ def bench_cpu(args):
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = from_checkpoint(default_checkpoint())
+    if max(args.seqlens) > model.args.max_seq_len:
+        raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {model.args.max_seq_len}")
     hata = HataArgs(budget=args.budget)
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []

@@ -251,7 +251,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need = n * layer_bytes
     available = host_available() if host_bytes is None else host_bytes
-    if need > available:
+    if not need <= available:  # (a NaN cap refuses too)
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
                          f"GiB) but {available} bytes ({available / GiB:.2f} GiB) are available; lower "
                          f"--max-seq-len or the batch")

@@ -10,6 +10,8 @@ def test_budget_labels():
     assert bench.budget_labels(2048, 131072, [1 / 64, 2048]) == ["K = S/64", "K = 2048"]   # one K, two rules
     assert bench.budget_labels(512, 32768, [1 / 64, 2048.0]) == ["K = S/64"]
     assert bench.budget_labels(2048, 32768, [1 / 64, 2048.0]) == ["K = 2048"]
+    assert bench.budget_labels(30, 100, [0.3, 3 / 10]) == ["K = 0.3 S"] * 2  # not 1/n: not "S/3", one label
+    assert bench.budget_labels(96, 2048, [3 / 64]) == ["K = 0.046875 S"]
 
 
 def test_kernel_kinds():
@@ -55,5 +57,19 @@ def test_e2e_budgets_take_fractions(capsys):
 
 
 def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
-    assert bench.main(["cpu", "--seqlens", "16384", "--rounds", "1", "--steps", "1", "--plot", "unused.png"]) == 2
-    assert "error: max_seq_len 16384 exceeds the model's context length 8192" in capsys.readouterr().err
+    assert bench.main(["cpu", "--seqlens", "16", "16384", "--rounds", "1", "--steps", "1", "--plot", "unused.png"]) == 2
+    out, err = capsys.readouterr()
+    assert "error: --seqlens 16384 exceed the default model's context, 8192" in err and "S=16" not in out  # first
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU modes start only on a GPU")
+@pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048"],
+                                          "2048 tokens (--seqlens, --prefill-len) exceed the tiny context of 1024"),
+                                         (["e2e", "--seqlens", "512", "--prefill-len", "4096"], "4096 tokens"),
+                                         (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
+                                         (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
+                                          "--host-gb a positive number")])
+def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys):
+    assert bench.main(argv + ["--preset", "tiny"]) == 2
+    out, err = capsys.readouterr()
+    assert words in err and "ms" not in out
