@@ -529,7 +529,8 @@ def run(args):
     rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
              "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
     if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not ok]:  # checked now, not after the prefills
-        raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), the rest >= 0")
+        raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
+                         "--lam, --eta >= 0")
     outs = {r: args.out.replace("{rbit}", str(r)) for r in args.rbit} if args.out else {}
     for out in outs.values():  # a bad --out fails now, not after the training
         if os.path.isdir(out):
