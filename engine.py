@@ -373,9 +373,9 @@ def hata_args(args):
 def run_random(args, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
     hata, context = hata_args(args), PRESETS[args.preset].max_seq_len
-    if args.prompt_len > min(context, args.max_seq_len or math.inf):  # before building the model
-        raise ValueError(f"--prompt-len {args.prompt_len} exceeds the cache (--max-seq-len) or the {args.preset} "
-                         f"context of {context} tokens")
+    if not args.prompt_len <= (args.max_seq_len or context) <= context:  # before building the model
+        raise ValueError(f"--prompt-len {args.prompt_len} and --max-seq-len {args.max_seq_len} must fit the "
+                         f"{args.preset} context of {context} tokens, the prompt in the cache")
     model = random_model(args.preset, hata, device, dtype)
     max_seq_len, max_new = cache_size(args, args.prompt_len, model.args.max_seq_len)
     setup(model, args, len(args.prompt or [None]), max_seq_len)

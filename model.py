@@ -673,7 +673,9 @@ def read_meta(path):
         except Exception as e:  # torch's message would suggest weights_only=False: never, for a file from elsewhere
             why = "it holds objects other than tensors" if "Weights only" in str(e) else str(e).splitlines()[0]
             raise ValueError(f"cannot read {shard}: {why}; re-download it") from None
-    if all(isinstance(part, dict) for part in parts) and any(part.keys() != parts[0].keys() for part in parts):
+    if not all(isinstance(part, dict) for part in parts):
+        raise ValueError(f"{path}: malformed checkpoint (a consolidated.*.pth holds no {{name: tensor}} dict)")
+    if any(part.keys() != parts[0].keys() for part in parts):
         raise ValueError(f"{path}: the consolidated.*.pth shards hold different tensors; re-download them")
     raw = {}
     for name, w in parts[0].items():  # model-parallel shards: column-parallel on dim 0, row-parallel on dim 1

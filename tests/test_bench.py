@@ -12,6 +12,7 @@ def test_budget_labels():
     assert bench.budget_labels(2048, 32768, [1 / 64, 2048.0]) == ["K = 2048"]
     assert bench.budget_labels(30, 100, [0.3, 3 / 10]) == ["K = 0.3 S"] * 2  # not 1/n: not "S/3", one label
     assert bench.budget_labels(96, 2048, [3 / 64]) == ["K = 0.046875 S"]
+    assert bench.budget_labels(2, 98, [1 / 49]) == ["K = S/49"]  # 1 / (1/49) is 49.00000000000001 in floats
 
 
 def test_kernel_kinds():
@@ -68,7 +69,7 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
                                          (["e2e", "--seqlens", "512", "--prefill-len", "4096"], "4096 tokens"),
                                          (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
-                                          "--host-gb a positive number")])
+                                          "--host-gb must be a number of GiB > 0, got 0.0")])
 def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys):
     assert bench.main(argv + ["--preset", "tiny"]) == 2
     out, err = capsys.readouterr()

@@ -264,7 +264,9 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # 1024 + 200 > 1024
     assert code == 0 and "at most 1 new tokens: the cache holds 1024 tokens" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "2000", "--device", "cpu")
-    assert code == 2 and "--prompt-len 2000 exceeds the cache (--max-seq-len) or the tiny context of 1024" in err
+    assert code == 2 and "--prompt-len 2000 and --max-seq-len None must fit the tiny context of 1024" in err
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", "2000", "--device", "cpu")
+    assert code == 2 and "--max-seq-len 2000 must fit the tiny context" in err
     for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
         code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", bad, "--device", "cpu")
         assert code == 2 and "--max-seq-len: invalid positive_int value" in err

@@ -226,6 +226,9 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
     torch.save({k: v for k, v in one.items() if k != "norm.weight"}, meta / "consolidated.01.pth")
     with pytest.raises(ValueError, match="shards hold different tensors"):  # not the first shard's set alone
         from_checkpoint(str(meta))
+    torch.save(torch.zeros(3), meta / "consolidated.01.pth")  # a second shard that is no {name: tensor}
+    with pytest.raises(ValueError, match="malformed checkpoint"):
+        from_checkpoint(str(meta))
     os.remove(meta / "consolidated.01.pth")
     (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
     for bad in ([torch.zeros(2)], torch.zeros(3)):  # a list, a tensor: not {name: tensor}
