@@ -64,7 +64,7 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU modes start only on a GPU")
-@pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048"],
+@pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048", "--prefill-len", "512"],
                                           "2048 tokens (--seqlens, --prefill-len) exceed the tiny context of 1024"),
                                          (["e2e", "--seqlens", "512", "--prefill-len", "4096"], "4096 tokens"),
                                          (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
