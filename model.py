@@ -524,8 +524,9 @@ FORMATS = ("meta", "hf", "gguf")  # the columns of WEIGHT_NAMES
 DERIVED = ("rope.freqs", ".rotary_emb.inv_freq")  # endings of tables some checkpoints store; we recompute them
 
 
-def load_checkpoint(path):
-    """Returns (ModelArgs, {Meta's name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None)."""
+def load_checkpoint(path, dtype=torch.float32):
+    """Returns (ModelArgs, {Meta's name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None). A GGUF's weights
+    are dequantized into `dtype` one by one, never all in float32 (the default model, bf16: 0.8 GB peak, not 1.2)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
@@ -533,7 +534,7 @@ def load_checkpoint(path):
             with open(path, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise ValueError(f"{path} is not a GGUF file; pass a .gguf file or a checkpoint directory")
-            fmt, (args, raw) = "gguf", read_gguf(path)
+            fmt, (args, raw) = "gguf", read_gguf(path, dtype)
         elif os.path.isfile(os.path.join(path, "config.json")):
             fmt, (args, raw) = "hf", read_hf(path)
         elif os.path.isfile(os.path.join(path, "params.json")):
@@ -572,7 +573,7 @@ def load_checkpoint(path):
     return args, sd, rope_factors
 
 
-def read_gguf(path):
+def read_gguf(path, dtype=torch.float32):
     import gguf
     from tokenizer import open_gguf  # the reader the tokenizer parsed, if it read this file
     try:
@@ -605,7 +606,7 @@ def read_gguf(path):
                      max_seq_len=meta("llama.context_length"), tie_embeddings="output.weight" not in shapes,
                      head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
     raw = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]).copy())
-           for t in reader.tensors}  # numpy float32
+           .to(torch.float32 if t.name == "rope_freqs.weight" else dtype) for t in reader.tensors}  # numpy fp32 first
     return args, raw
 
 
@@ -712,7 +713,7 @@ def fused_weights(args):
 
 
 def from_checkpoint(path, hata: HataArgs | None = None, device="cpu", dtype=torch.float32):
-    args, sd, rope_factors = load_checkpoint(path)
+    args, sd, rope_factors = load_checkpoint(path, dtype)
     return from_state_dict(args, sd, hata, device, dtype, rope_factors, where=path)
 
 

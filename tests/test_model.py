@@ -305,6 +305,15 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"rope_freqs.weight must hold head_dim / 2 = 2 factors.*shape \(1,\)"):
         load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(1))]))
     assert torch.equal(load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(2))]))[2], torch.ones(2))
+    _, sd, factors = load_checkpoint(str(tmp_path / "f.gguf"), torch.bfloat16)
+    assert sd["tok_embeddings.weight"].dtype == torch.bfloat16 and factors.dtype == torch.float32  # RoPE stays fp32
+
+
+def test_gguf_dequantizes_into_the_asked_dtype(gguf_path, smol_weights):
+    """One tensor at a time into bf16 (no float32 copy of the whole model): the float32 load, rounded."""
+    _, sd, _ = load_checkpoint(gguf_path, torch.bfloat16)
+    ref = smol_weights[1]
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[n], w.to(torch.bfloat16)) for n, w in ref.items())
 
 
 # --------------------------------------------------------------------------------------------------------------
