@@ -249,6 +249,11 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
     hata_step()
     torch.cuda.synchronize()
     check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes[:, :, 0], idx, out)
+    checked, graph = [t.clone() for t in (q_codes, idx, out)], timer.graph(hata_step)  # the timed path: a graph
+    for t in (q_codes, idx, out):  # poisoned: one replay must write them again, as the checked launches did
+        t.fill_(-1 if t.dtype == torch.int32 else math.nan)
+    graph.replay()
+    assert all(map(torch.equal, checked, (q_codes, idx, out))), "the HATA step's graph replay differs from the check"
 
     q4 = q[:, :, None]                                                        # (B, H, 1, D)
 
