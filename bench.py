@@ -455,16 +455,16 @@ def bench_e2e(args):
     for S in args.seqlens:
         for B in args.batches:
             Ks = dict.fromkeys(HataArgs(budget=b).budget_tokens(S) for b in args.budgets)
-            if skip := [K for K in Ks if K >= S]:  # the model would decode densely: no HATA row
-                print(f"  S={fmt_s(S)} B={B} K={', '.join(map(str, skip))}: K >= S, dense; not timed", flush=True)
-            if len(skip) == len(Ks):
+            if dense_Ks := [K for K in Ks if K >= S]:  # the model would decode densely: no HATA row
+                print(f"  S={fmt_s(S)} B={B} K={', '.join(map(str, dense_Ks))}: K >= S, dense; not timed", flush=True)
+            if not (sparse_Ks := [K for K in Ks if K < S]):
                 continue
             model.set_hata(None)
             model.setup_caches(B, S)
             fill_random_kv(model)
             dense = step_ms(B, S, None)
             layer_ms = (sdpa_ms(B, S, True), sdpa_ms(B, S, False))
-            for K in [K for K in Ks if K < S]:
+            for K in sparse_Ks:
                 ms = step_ms(B, S, HataArgs(budget=K))
                 rows.append((S, B, K, dense, ms, layer_ms))
                 print(f"  S={fmt_s(S)} B={B} K={K}: dense {dense:.2f} ms, HATA {ms:.2f} ms", flush=True)
