@@ -586,7 +586,8 @@ def main(argv=None):
     p.add_argument("--budget", type=positive_int, default=2048, help="HATA's K in tokens")
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per mode (dense: a tenth)")
     p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
-    p.add_argument("--host-gb", type=float, help="host memory the offload plan may use (default: MemAvailable)")
+    p.add_argument("--host-gb", type=float,
+                   help="host memory the offload plan may pin (default: what is available, less 10%%, at least 1 GiB)")
     p = sub.add_parser("e2e", help="whole-model decode tokens/s and prefill overhead, dense vs HATA")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072], help="cached tokens S")

@@ -179,13 +179,15 @@ class OffloadPlan:
 
 
 CGROUP_FILES = [("memory.max", "memory.current", "inactive_file "),  # v2: cap, use, reclaimable page cache
+                ("memory.high", "memory.current", "inactive_file "),  # v2's throttle: past it the kernel reclaims hard
                 ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file ")]  # v1
+HOST_RESERVE = 0.1, GiB  # the share of available host memory (and the least bytes) offload leaves to the rest
 
 
 def host_available(meminfo="/proc/meminfo", cgroup=None):
     """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (a container, a
     systemd or Slurm scope) or one above it caps memory below that (its cap - its use + its reclaimable page cache;
-    cgroup v2's files or v1's); 0 where /proc/meminfo is missing."""
+    cgroup v2's memory.max and memory.high, or v1's limit); 0 where /proc/meminfo is missing."""
     try:
         with open(meminfo) as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -221,8 +223,8 @@ def _own_cgroups(table="/proc/self/cgroup"):
 
 def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None):
     """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
-    layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default
-    host_available()) cannot hold the offloaded layers."""
+    layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default what
+    host_available() finds less HOST_RESERVE) cannot hold the offloaded layers."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse:
@@ -250,10 +252,14 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
                          "reads every key each step, all of it over PCIe: use --selector hash, or drop --offload")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need = n * layer_bytes
-    available = host_available() if host_bytes is None else host_bytes
-    if not need <= available:  # (a NaN cap refuses too)
+    where = "are available"
+    if host_bytes is None:  # page-locked memory cannot be swapped or reclaimed: leave the machine some room
+        found = host_available()
+        host_bytes = int(max(0, found - max(HOST_RESERVE[0] * found, HOST_RESERVE[1])))
+        where = f"may be pinned ({found / GiB:.2f} GiB available; {HOST_RESERVE[0]:.0%}, at least 1 GiB, stays free)"
+    if not need <= host_bytes:  # (a NaN cap refuses too)
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
-                         f"GiB) but {available} bytes ({available / GiB:.2f} GiB) are available; lower "
+                         f"GiB) but {host_bytes} bytes ({host_bytes / GiB:.2f} GiB) {where}; lower "
                          f"--max-seq-len or the batch")
     return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, need)
 

@@ -98,6 +98,11 @@ def test_host_memory_counts_a_containers_cap(tmp_path):
     for cap, want in (("max\n", 50 * 1024), ("30000\n", 23000), ("900000\n", 50 * 1024), ("5000\n", 0)):
         (cg / "memory.max").write_text(cap)  # cap - used + reclaimable page cache, at most MemAvailable, at least 0
         assert host_available(meminfo, str(cg)) == want
+    (cg / "memory.max").write_text("max\n")
+    for high, want in (("20000\n", 13000), ("max\n", 50 * 1024)):  # memory.high, v2's throttle, caps as well
+        (cg / "memory.high").write_text(high)
+        assert host_available(meminfo, str(cg)) == want
+    (cg / "memory.high").unlink()
     assert host_available(str(tmp_path / "none"), str(cg)) == 0
     leaf = cg / "step_0" / "task_0"  # a Slurm job's cap sits above the task's cgroup, which has none
     leaf.mkdir(parents=True)
@@ -129,10 +134,18 @@ def test_own_cgroups_v2_v1_and_hybrid(tmp_path):
     assert offload._own_cgroups(str(tmp_path / "none")) == []
 
 
-def test_refuses_when_host_memory_is_too_small():
+def test_refuses_when_host_memory_is_too_small(monkeypatch):
     with pytest.raises(ValueError, match=r"needs 196608 bytes of host memory .* but 1000 bytes") as e:
         apply_offload(tiny(), 1, 256, host_bytes=1000)
     assert "\n" not in str(e.value)
+    # What host_available() finds is not all pinned: 10% of it, and at least 1 GiB, stays free for the machine.
+    for found, room in ((GiB + 196608, 196608), (10 * GiB, 9 * GiB), (GiB + 196607, 196607), (GiB // 2, 0)):
+        monkeypatch.setattr(offload, "host_available", lambda: found)
+        if room >= 196608:
+            assert apply_offload(tiny(), 1, 256).host_bytes == 196608
+        else:
+            with pytest.raises(ValueError, match=rf"but {room} bytes .* may be pinned \(.* GiB available; 10%"):
+                apply_offload(tiny(), 1, 256)
     for hata in (None, HataArgs(budget=8, n_dense=4)):  # --dense, or n_dense covering all 4 layers
         with pytest.raises(ValueError, match="no layer decodes sparsely"):
             apply_offload(tiny(hata=hata), 1, 256)
