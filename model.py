@@ -522,6 +522,29 @@ WEIGHT_NAMES = [  # (Meta's: what from_state_dict takes, Hugging Face, GGUF); {i
 ]
 FORMATS = ("meta", "hf", "gguf")  # the columns of WEIGHT_NAMES
 DERIVED = ("rope.freqs", ".rotary_emb.inv_freq")  # endings of tables some checkpoints store; we recompute them
+# Settings for math hata does not implement, refused rather than run as something else: (key, the test its harmless
+# values pass, what hata does). Bias tensors, experts and quantized weights need no row: WEIGHT_NAMES refuses them.
+NEVER = lambda v, a: False
+WHOLE_CONTEXT = lambda v, a: v >= a.max_seq_len  # a window that covers the whole context changes nothing
+UNSUPPORTED = {
+    "hf": [("partial_rotary_factor", lambda v, a: v == 1, "RoPE on the whole head (1)"),
+           ("rotary_dim", lambda v, a: v == a.head_dim, "RoPE on the whole head ({a.head_dim})"),
+           ("sliding_window", WHOLE_CONTEXT, "attention to the whole context (null or >= {a.max_seq_len})"),
+           ("attention_logit_softcapping", NEVER, "no softcapping (null)"),
+           ("final_logit_softcapping", NEVER, "no softcapping (null)")],
+    "gguf": [("llama.rope.dimension_count", lambda v, a: v == a.head_dim, "RoPE on the whole head ({a.head_dim})"),
+             ("llama.attention.sliding_window", WHOLE_CONTEXT, "attention to the whole context (>= {a.max_seq_len})")],
+    "meta": [("use_qk_norm", lambda v, a: not v, "no QK norm (false)"),  # Llama 4's; its MoE tensors are refused too
+             ("nope_layer_interval", NEVER, "RoPE in every layer (null)"),
+             ("attention_chunk_size", NEVER, "attention to the whole context (null)")],
+}
+
+
+def refuse_unsupported(where, fmt, setting, args):
+    """One error for the first setting (`setting(key)`, None when absent) of UNSUPPORTED[fmt] that is not harmless."""
+    for key, harmless, ours in UNSUPPORTED[fmt]:
+        if (value := setting(key)) is not None and not harmless(value, args):
+            raise ValueError(f"{where}: {key}={value!r} is not supported; hata implements {ours.format(a=args)}")
 
 
 def load_checkpoint(path, dtype=torch.float32):
@@ -605,6 +628,7 @@ def read_gguf(path, dtype=torch.float32):
                      rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
                      max_seq_len=meta("llama.context_length"), tie_embeddings="output.weight" not in shapes,
                      head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
+    refuse_unsupported(path, "gguf", lambda key: meta(key, None), args)
     raw = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]).copy())
            .to(torch.float32 if t.name == "rope_freqs.weight" else dtype) for t in reader.tensors}  # numpy fp32 first
     return args, raw
@@ -627,6 +651,7 @@ def read_hf(path):
                      rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
                      max_seq_len=cfg.get("max_position_embeddings", 2048),  # transformers' LlamaConfig default
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
+    refuse_unsupported(os.path.join(path, "config.json"), "hf", {**rope, **cfg}.get, args)  # v5: rope_parameters
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
@@ -662,6 +687,7 @@ def read_json(path):
 
 def read_meta(path):
     p = read_json(os.path.join(path, "params.json"))
+    refuse_unsupported(os.path.join(path, "params.json"), "meta", p.get, None)  # before the shards are read
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not shards:
         raise ValueError(f"{path}: params.json but no consolidated.*.pth weights")

@@ -5,6 +5,7 @@ import fractions
 import json
 import os
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -271,24 +272,31 @@ def test_incomplete_checkpoint_metadata(tmp_path):
         from_checkpoint(str(tmp_path / "m.gguf"))
 
 
+def write_gguf(path, keys, tensors=()):
+    """A one-layer GGUF (dim 8, 2 heads: head_dim 4, context 64) with `keys` over those and only the embedding and
+    `tensors`: enough for load_checkpoint, which checks no tensor set."""
+    import gguf
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
+                       "llama.feed_forward_length": 16, "llama.context_length": 64, **keys}.items():
+        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    for t_name, t in [("token_embd.weight", torch.zeros(16, 8)), *tensors]:
+        writer.add_tensor(t_name, t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
 def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     """As llama.cpp reads a GGUF: a RoPE factor without a type (or in the older rope.scale_linear key) is linear
     scaling; a mixture-of-experts model is refused before its tensors are read; rope_freqs must fit head_dim."""
     gguf = pytest.importorskip("gguf")
 
     def write(name, keys, tensors=()):
-        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
-        for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
-                           "llama.feed_forward_length": 16, "llama.context_length": 64, **keys}.items():
-            (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
-        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-        for t_name, t in [("token_embd.weight", torch.zeros(16, 8)), *tensors]:
-            writer.add_tensor(t_name, t.numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return str(tmp_path / name)
+        return write_gguf(tmp_path / name, keys, tensors)
     for keys, want in [({}, None), ({"llama.rope.scaling.factor": 4.0}, 4.0), ({"llama.rope.scale_linear": 2.0}, 2.0),
                        ({"llama.rope.scaling.factor": 4.0, "llama.rope.scale_linear": 2.0}, 4.0),  # llama.cpp's order
                        ({"llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 2.0}, None)]:
@@ -307,6 +315,64 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     assert torch.equal(load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(2))]))[2], torch.ones(2))
     _, sd, factors = load_checkpoint(str(tmp_path / "f.gguf"), torch.bfloat16)
     assert sd["tok_embeddings.weight"].dtype == torch.bfloat16 and factors.dtype == torch.float32  # RoPE stays fp32
+
+
+def test_unsupported_math_is_refused(small_smol, tmp_path):
+    """Config settings for math hata does not implement (partial RoPE, a sliding window shorter than the context,
+    softcapping, Llama 4's QK norm, NoPE layers and chunked attention) are one error naming the file, the key and its
+    value, raised before any weights are read (these directories hold none); their harmless values load, and so does
+    pretraining_tp, which only splits the matmuls."""
+    args, sd = small_smol
+    hf, meta = tmp_path / "hf", tmp_path / "meta"
+    write_hf(hf, args, sd)
+    write_meta(meta, args, sd)
+    cfg, params = json.loads((hf / "config.json").read_text()), json.loads((meta / "params.json").read_text())
+    bare = tmp_path / "bare"  # settings and no weights: the old loader failed on the weights, or read them first
+    bare.mkdir()
+    whole_head = "RoPE on the whole head"
+    whole_context = f"attention to the whole context (null or >= {args.max_seq_len})"
+    for file, change, words in [
+            ("config.json", {"partial_rotary_factor": 0.5}, f"partial_rotary_factor=0.5 is not supported; hata "
+                                                            f"implements {whole_head} (1)"),
+            ("config.json", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e5,  # transformers v5 puts it
+                                                 "partial_rotary_factor": 0.25}}, "partial_rotary_factor=0.25"),  # here
+            ("config.json", {"rotary_dim": 32}, f"rotary_dim=32 is not supported; hata implements {whole_head} (64)"),
+            ("config.json", {"sliding_window": 4096}, f"sliding_window=4096 is not supported; hata implements "
+                                                      f"{whole_context}"),
+            ("config.json", {"attention_logit_softcapping": 50.0}, "attention_logit_softcapping=50.0 is not supported"),
+            ("config.json", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+            ("params.json", {"use_qk_norm": True}, "use_qk_norm=True is not supported; hata implements no QK norm"),
+            ("params.json", {"nope_layer_interval": 4}, "nope_layer_interval=4 is not supported"),
+            ("params.json", {"attention_chunk_size": 8192}, "attention_chunk_size=8192 is not supported")]:
+        (bare / "config.json").unlink(missing_ok=True)  # one settings file at a time: config.json is looked for first
+        (bare / file).write_text(json.dumps({**(cfg if file == "config.json" else params), **change}))
+        with pytest.raises(ValueError, match=re.escape(f"{bare / file}: {words}")):
+            load_checkpoint(str(bare))
+    harmless = {"partial_rotary_factor": 1.0, "rotary_dim": args.head_dim, "sliding_window": args.max_seq_len,
+                "attention_logit_softcapping": None, "final_logit_softcapping": None, "pretraining_tp": 2}
+    (hf / "config.json").write_text(json.dumps({**cfg, **harmless}))
+    (meta / "params.json").write_text(json.dumps({**params, "use_qk_norm": False, "nope_layer_interval": None,
+                                                  "attention_chunk_size": None}))
+    for path in (hf, meta):
+        assert load_checkpoint(str(path))[0] == replace(args, n_layers=3), path
+
+
+def test_gguf_unsupported_math_is_refused(tmp_path, monkeypatch):
+    """Partial RoPE (rope.dimension_count below head_dim; llama.cpp refuses it too) and a sliding window shorter than
+    the context are one error naming the file and the key, before any tensor is dequantized; harmless values load."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: 1 / 0)
+    for keys, words in [({"llama.rope.dimension_count": 2},
+                         "llama.rope.dimension_count=2 is not supported; hata implements RoPE on the whole head (4)"),
+                        ({"llama.attention.sliding_window": 16},
+                         "llama.attention.sliding_window=16 is not supported; hata implements attention to the whole "
+                         "context (>= 64)")]:
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
+            load_checkpoint(write_gguf(path, keys))
+    monkeypatch.undo()
+    args = load_checkpoint(write_gguf(path, {"llama.rope.dimension_count": 4, "llama.attention.sliding_window": 64}))[0]
+    assert args.head_dim == 4 and args.max_seq_len == 64
 
 
 def test_gguf_dequantizes_into_the_asked_dtype(gguf_path, smol_weights):
