@@ -4,9 +4,9 @@ One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what t
 - sentencepiece: Llama 2 `tokenizer.model` (a protobuf; read by the sentencepiece library).
 - tiktoken: Llama 3 `tokenizer.model` (lines of "base64-bytes rank"), plus Meta's 256 special tokens from 128000.
 - byte-level BPE (GPT-2 style) stored in a GGUF file (`tokenizer.ggml.model == "gpt2"`, e.g. the default
-  SmolLM2 model) or in a Hugging Face `tokenizer.json`. Token ids equal merge ranks in these vocabularies
-  (SmolLM2's 48,900 merges are in id order), so the merges list is not read: the vocabulary is rebuilt as a
-  `tiktoken.Encoding` with the pre-split regex the model was trained with.
+  SmolLM2 model) or in a Hugging Face `tokenizer.json`, rebuilt as a `tiktoken.Encoding` with the pre-split regex
+  the model was trained with. tiktoken joins by token id, not by the merges list; loading checks that the merges
+  make tokens in id order (SmolLM2's 48,900 do), without which the two join in different orders.
 
 `encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text; only added tokens that
 are not special, like DeepSeek-R1-Distill's <think>, are found in text, as HF does); special tokens come only from
@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import re
+import sys
 
 import tiktoken
 
@@ -53,6 +54,26 @@ def _vocab_bytes(token: str, where: str) -> bytes:
         return bytes(_CHAR_TO_BYTE[c] for c in token)
     except KeyError:
         raise ValueError(f"{where}: token {token!r} is not byte-level BPE; this tokenizer type is not supported")
+
+
+def _check_merges(where, merges, vocab: dict, ranks: dict):
+    """Refuse merges tiktoken would apply in another order: HF's BPE joins the listed pair of lowest index, tiktoken
+    the pair whose join has the lowest id (listed or not), the same order when the ids made never decrease along the
+    list (Llama 3's merges list every split of a token, so an id repeats and a part's id may be above its join's)."""
+    if not merges and any(len(t) > 1 for t in ranks):  # HF would never join two bytes; llama.cpp refuses the file
+        raise ValueError(f"{where!r}: multi-byte tokens but no merges; the tokenizer file is incomplete, re-get it")
+    last = -1
+    for n, merge in enumerate(merges or []):  # "a b" strings, or [a, b] lists (newer tokenizer.json)
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        made = vocab.get(pair[0] + pair[1]) if len(pair) == 2 else None
+        if made is None:
+            raise ValueError(f"{where!r}: merge {n} {merge!r} is not two tokens whose join is in the vocabulary; "
+                             "the tokenizer file is corrupt")
+        if made < last:
+            raise ValueError(f"{where!r}: merge {n} {' '.join(pair)!r} makes id {made} after merge {n - 1} made id "
+                             f"{last}: the merges are not in id order, which hata's tiktoken-based BPE needs; this "
+                             "tokenizer is not supported")
+        last = made
 
 
 def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Encoding, int, set]:
@@ -181,12 +202,21 @@ class Tokenizer:
                 ranks[_vocab_bytes(tok, path)] = i
             elif typ in (3, 4):  # CONTROL, USER_DEFINED (found in plain text too): raw text, not byte-level
                 specials[tok] = i
+        _check_merges(path, get("tokenizer.ggml.merges"), dict(zip(tokens, range(len(tokens)))), ranks)
+        # Converters before llama.cpp had tokenizer.ggml.pre (April 2024) wrote none, and llama.cpp splits such files
+        # GPT-2's way, warning that generation degrades. Early Llama 3 files hold <|start_header_id|>: they get Llama
+        # 3's regex (and BOS), as Meta's and HF's tokenizers give them; the others GPT-2's, with the same warning.
+        llama3 = pre == "default" and "<|start_header_id|>" in specials
+        pattern = LLAMA3_PATTERN if llama3 else GGUF_PRE[pre]
+        if "tokenizer.ggml.pre" not in fields and not llama3:
+            print(f"warning: {path!r} names no pre-tokenizer (tokenizer.ggml.pre); splitting text GPT-2's way, which "
+                  "may not be the model's; re-convert the file with a current llama.cpp", file=sys.stderr)
         bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
         template = get("tokenizer.chat_template")
-        enc, n, blank = _bpe(path, ranks, specials, GGUF_PRE[pre])
+        enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos,
                    plain=[t for t, typ in zip(tokens, types) if typ == 4],
-                   add_bos=bool(get("tokenizer.ggml.add_bos_token", GGUF_PRE[pre] is LLAMA3_PATTERN)),  # llama.cpp's
+                   add_bos=bool(get("tokenizer.ggml.add_bos_token", pattern is LLAMA3_PATTERN)),  # llama.cpp's
                    chat=cls._chat_of(specials, template), system=_default_system(template))
 
     @classmethod
@@ -209,6 +239,7 @@ class Tokenizer:
                              "use the directory's tokenizer.model")
         specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         ranks = {_vocab_bytes(t, path): i for t, i in model["vocab"].items() if t not in specials}
+        _check_merges(path, model.get("merges"), model["vocab"], ranks)
         cfg, template = _hf_config(os.path.dirname(path))  # bos/eos names and the chat template
         name = lambda t: t.get("content") if isinstance(t, dict) else t
         bos, eos = specials.get(name(cfg.get("bos_token"))), specials.get(name(cfg.get("eos_token")))
