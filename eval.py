@@ -472,9 +472,15 @@ def build_parser():
 QUICK = dict(contexts=[1024, 2048], samples=[4, 4], ppl_context=1024, ppl_docs=2, ppl_tokens=32, quest_budgets=[])
 
 
+def parse_args(argv=None):  # --quick's sizes as its defaults: a flag given explicitly is kept, even at the usual one
+    p = build_parser()
+    p.set_defaults(**QUICK if p.parse_known_args(argv)[0].quick else {})
+    return p.parse_args(argv)
+
+
 def main(argv=None):
     try:
-        run(build_parser().parse_args(argv))
+        run(parse_args(argv))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -482,8 +488,6 @@ def main(argv=None):
 
 
 def run(args):
-    for k, v in QUICK.items() if args.quick else ():  # small sizes for the flags left at their defaults
-        setattr(args, k, v if getattr(args, k) == build_parser().get_default(k) else getattr(args, k))
     name = args.name or ("eval_quick" if args.quick else "eval")
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")

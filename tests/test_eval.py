@@ -239,6 +239,17 @@ def test_default_and_given_flags_parse_to_what_run_uses():
         assert all(0 < f < 1 for f in args.budgets + args.quest_budgets) and args.device == "cpu"
 
 
+def test_quick_sizes_are_defaults_that_given_flags_override():
+    """--quick's small sizes fill only the flags not given; one given at the full run's default value stays."""
+    quick = vars(ev.parse_args(["--quick"]))
+    assert {k: quick[k] for k in ev.QUICK} == ev.QUICK
+    args = ev.parse_args(["--quick", "--ppl-context", "8192", "--contexts", "1024", "2048", "4096", "8192",
+                          "--samples", "1", "1", "1", "1"])
+    assert (args.ppl_context, args.contexts, args.samples, args.ppl_docs) == (8192, [1024, 2048, 4096, 8192],
+                                                                              [1, 1, 1, 1], ev.QUICK["ppl_docs"])
+    assert ev.parse_args([]).ppl_context == 8192
+
+
 def test_report_from_bad_files_names_them(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{bad")
     (tmp_path / "other.json").write_text('{"a": 1}')
