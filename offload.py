@@ -17,7 +17,7 @@ directly, over PCIe.
   prefill  the rows are written through the view as the chunks go; a fresh prefill (every sequence from position
            0) attends over the new k, v themselves, on the GPU; a later chunk over a GPU copy of positions 0 through
            its own last one, made for that layer and dropped after it (host syncs are fine in prefill; the copy is
-           not counted in --kv-gpu-gb, and is at most one layer's K/V).
+           at most one layer's K/V, which --kv-gpu-gb counts).
 The other way to fetch, copying the selected rows into a small GPU staging buffer first (`gather_rows`, then the
 ordinary kernel over the buffer: `staged_sparse_attention`), moves the same bytes; `python bench.py offload` times
 both (BENCHMARKS.md). On the CPU the "far" memory is ordinary host memory and the views are the host tensors
@@ -175,7 +175,9 @@ class OffloadPlan:
 
     def __str__(self):
         return (f"offload: K/V of {len(self.layers)} sparse layers in host memory ({self.host_bytes / GiB:.2f} GiB); "
-                f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (the layers kept there, hash codes)")
+                f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (the layers kept there, hash codes)"
+                + (f", + {self.layer_bytes / GiB:.2f} GiB while a later prefill chunk copies one back" if self.layers
+                   else ""))
 
 
 CGROUP_FILES = [("memory.max", "memory.current", "inactive_file "),  # v2: cap, use, reclaimable page cache
@@ -242,11 +244,14 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
         if not (math.isfinite(kv_gpu_gb) and kv_gpu_gb > 0):
             raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {kv_gpu_gb}")
         cap = int(kv_gpu_gb * GiB)
-        n = min(n, max(0, math.ceil((all_gpu - cap) / layer_bytes)))
-        if all_gpu - n * layer_bytes > cap:
-            raise ValueError(f"the KV cache needs {all_gpu - n * layer_bytes} bytes on the GPU even with all "
-                             f"{n} sparse layers offloaded (dense layers and hash codes), but --kv-gpu-gb "
-                             f"{kv_gpu_gb} allows {cap} bytes; raise it, or lower --max-seq-len or the batch")
+        # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
+        # so while any layer is offloaded the cap holds one layer's K/V more: offloading n frees n - 1 layers.
+        n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu - cap) / layer_bytes) + 1)
+        if all_gpu - max(0, n - 1) * layer_bytes > cap:
+            raise ValueError(f"the KV cache needs {all_gpu - (n - 1) * layer_bytes} bytes on the GPU even with all "
+                             f"{n} sparse layers offloaded (dense layers, hash codes and a later prefill chunk's "
+                             f"copy of one offloaded layer), but --kv-gpu-gb {kv_gpu_gb} allows {cap} bytes; raise "
+                             "it, or lower --max-seq-len or the batch")
     if n and hata.selector != "hash":
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
                          "reads every key each step, all of it over PCIe: use --selector hash, or drop --offload")

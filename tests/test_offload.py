@@ -74,12 +74,15 @@ def test_cap_offloads_only_what_does_not_fit():
     model = tiny()
     layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
     codes = 3 * 1 * 2 * 256 * 16  # 128-bit codes of the 3 sparse layers
-    cap = (2 * layer + codes) / GiB  # room for two layers' K/V on the GPU
+    cap = (3 * layer + codes) / GiB  # room for three layers' K/V on the GPU: two kept, and a prefill chunk's copy
     plan = plan_offload(model, 1, 256, kv_gpu_gb=cap)
     assert plan.layers == [2, 3] and plan.layer_bytes == layer and plan.gpu_bytes == 2 * layer + codes
-    assert plan_offload(model, 1, 256, kv_gpu_gb=100).layers == []
-    with pytest.raises(ValueError, match=f"needs {layer + codes} bytes on the GPU") as e:
-        plan_offload(model, 1, 256, kv_gpu_gb=(layer + codes - 1) / GiB)  # not even the dense layer fits
+    assert "+ 0.00 GiB while a later prefill chunk copies one back" in str(plan)
+    assert plan_offload(model, 1, 256, kv_gpu_gb=(3 * layer + codes - 1) / GiB).layers == [1, 2, 3]
+    assert plan_offload(model, 1, 256, kv_gpu_gb=(4 * layer + codes) / GiB).layers == []  # all fit: no copy
+    assert "copies" not in str(plan_offload(model, 1, 256, kv_gpu_gb=100))
+    with pytest.raises(ValueError, match=f"needs {2 * layer + codes} bytes on the GPU") as e:
+        plan_offload(model, 1, 256, kv_gpu_gb=(2 * layer + codes - 1) / GiB)  # the dense layer and one copy: no
     assert "\n" not in str(e.value)
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="--kv-gpu-gb must be a positive number of GiB"):
