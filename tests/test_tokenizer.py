@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, open_gguf
@@ -316,6 +317,19 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     lines = _package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
     assert Tokenizer.from_path(tmp_path / "tik.model").encode("hi there") == llama3.encode("hi there")
+
+
+def test_gguf_reader_over_plain_arrays_reads_what_the_library_reads(gguf_path):
+    """open_gguf's reader slices a plain-array view of the file (the library's np.memmap slices run Python code on
+    each of the parse's ~10^6 slices); it must find the same fields and tensor bytes, read-only."""
+    gguf = pytest.importorskip("gguf")
+    ours, theirs = open_gguf(gguf_path), gguf.GGUFReader(gguf_path)
+    assert type(ours.data) is np.ndarray and type(ours.tensors[0].data) is np.ndarray and not ours.data.flags.writeable
+    assert list(ours.fields) == list(theirs.fields)
+    assert all(ours.fields[k].contents() == theirs.fields[k].contents() for k in theirs.fields)
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == [
+        (t.name, t.tensor_type, list(t.shape)) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
 
 
 def test_unused_ids_decode_to_nothing_and_the_template_picks_the_format(tmp_path):
