@@ -573,14 +573,15 @@ def main(argv=None):
     from model import PRESETS
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    p = sub.add_parser("attention", help="one layer's decode attention: dense SDPA vs the HATA step")
+    mode = lambda name, text: sub.add_parser(name, help=text, description=text)  # `bench.py MODE --help` says it too
+    p = mode("attention", "one layer's decode attention: dense SDPA vs the HATA step")
     p.add_argument("--shapes", nargs="+", default=["llama8b", "default"], choices=sorted(SHAPES),
                    help="llama8b: H=32, Hkv=8, D=128; default: the default model's H=9, Hkv=3, D=64")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[8192, 32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8], help="batch sizes B")
     p.add_argument("--rbit", type=positive_int, default=128, help="hash bits R")
     p.add_argument("--reps", type=positive_int, default=50, help="timed replays per measurement (median)")
-    p = sub.add_parser("offload", help="decode tokens/s with the sparse layers' KV cache in host memory")
+    p = mode("offload", "decode tokens/s with the sparse layers' KV cache in host memory")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlen", type=positive_int, default=131072, help="S_max; every step attends at S_max - 1")
     p.add_argument("--budget", type=positive_int, default=2048, help="HATA's K in tokens")
@@ -588,7 +589,7 @@ def main(argv=None):
     p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float,
                    help="host memory the offload plan may pin (default: what is available, less 10%%, at least 1 GiB)")
-    p = sub.add_parser("e2e", help="whole-model decode tokens/s and prefill overhead, dense vs HATA")
+    p = mode("e2e", "whole-model decode tokens/s and prefill overhead, dense vs HATA")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4], help="batch sizes B")
@@ -597,7 +598,7 @@ def main(argv=None):
     p.add_argument("--prefill-len", type=positive_int, default=32768, help="prompt tokens of the prefill timing")
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")
     p.add_argument("--profile", action="store_true", help="also a kernel census of one replay of each step")
-    p = sub.add_parser("cpu", help="the default model's decode ms/token on the CPU, dense vs HATA")
+    p = mode("cpu", "the default model's decode ms/token on the CPU, dense vs HATA")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[16, 1024, 4096, 8192], help="cached tokens S")
     p.add_argument("--budget", type=positive_int, default=512, help="HATA's K in tokens")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")

@@ -37,7 +37,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import Parser, default_checkpoint, device_name, positive_int
+from engine import Parser, default_checkpoint, device_name, is_default_model, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, read_hash_file, rope_frequencies,
                    save_hash_projections)
@@ -482,7 +482,8 @@ def build_parser():
                    + ", ".join(f"{n} {d['sigma']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
     p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance (pair loss only)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the bit-balance term")
-    p.add_argument("--eta", type=float, help="weight of the orthogonality term (default per loss, as --sigma)")
+    p.add_argument("--eta", type=float, help="weight of the orthogonality term (default: "
+                   + ", ".join(f"{n} {d['eta']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
     p.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="listwise",
                    help="listwise: KL to the group-summed softmax; pair: HATA's labelled pairs")
     p.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
@@ -575,7 +576,7 @@ def run(args):
         return
 
     files = args.hash_weights
-    if files is None and args.checkpoint is None:
+    if files is None and is_default_model(args.checkpoint):
         files = [p for r in (64, 128, 256) if os.path.isfile(p := f"{HERE}/weights/smollm2-135m-r{r}.safetensors")]
     selectors = {"oracle": None}
     for path in files or []:
