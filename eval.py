@@ -32,8 +32,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import (Parser, decode_one_token, default_checkpoint, device_name, parse_budget, positive_int,
-                    prefill, shipped_hash_weights)
+from engine import (Parser, decode_one_token, default_checkpoint, device_name, is_default_model, parse_budget,
+                    positive_int, prefill, shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
@@ -271,8 +271,7 @@ def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
     """NLL of the last n_score tokens of each window (W, C) under every policy, and top-1 agreement with dense.
     Returns {policy key: {"nll": mean NLL, "ppl": exp(nll), "agree": share of positions, "positions": count}};
     log(the result so far) after every batch."""
-    C = windows.shape[1]
-    tops, nlls, res = {}, {}, {}
+    C, tops, nlls, res = windows.shape[1], {}, {}, {}
     bar = tqdm(total=-(-len(windows) // batch) * len(pols), desc="perplexity", unit="policy")  # batches x policies
     for i in range(0, len(windows), batch):
         out = run_policies(model, windows[i:i + batch], C - n_score - 1, n_score, C, pols, bar=bar)
@@ -345,8 +344,7 @@ def report(results):
     md, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
     head = lambda cols: ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     if recs:
-        ran = recs[0]["correct"]
-        contexts = sorted({r["context"] for r in recs})
+        ran, contexts = recs[0]["correct"], sorted({r["context"] for r in recs})
         acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / max(len(rs), 1):.0f}%"
         md += [f"### Retrieval: {len(recs)} samples; dense accuracy", ""]
         md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
@@ -408,9 +406,8 @@ def plot(results, path):
             ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="o", label=name)
         ax.axhline(score("dense"), color="gray", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
-        ax.set_yscale(yscale)
         ax.set_xticks([1 / f for f in budgets], [frac(f) for f in budgets])
-        ax.set(title=title, xlabel="budget K / context")
+        ax.set(title=title, xlabel="budget K / context", yscale=yscale)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -427,18 +424,18 @@ def parse_quest(text):  # 'n_sink:n_recent' -> (n_sink, n_recent)
     return tuple(int(x) for x in text.split(":"))
 
 
-def parse_frac(text):  # engine's budget parser (one clear line for 'abc' or '1/0'), then a fraction below 1
-    if not 0 < (f := float(parse_budget(text))) < 1:
-        raise argparse.ArgumentTypeError(f"budget {text!r} must be a fraction below 1, like 1/16")
-    return f
+def parse_frac(text):  # engine's budget parser, but its errors offer token counts, which eval's budgets never are
+    with contextlib.suppress(argparse.ArgumentTypeError):
+        if 0 < (f := float(parse_budget(text))) < 1:
+            return f
+    raise argparse.ArgumentTypeError(f"budget {text!r} must be a fraction of the context in (0, 1), like 1/16")
 
 
 def build_parser():
     p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--text", nargs="+", help="text files, of which the part train_hash.py holds out is used "
-                   "(default: its corpus)")
+    p.add_argument("--text", nargs="+", help="text files; train_hash.py's held-out part is used (default: its corpus)")
     p.add_argument("--hash-weights", help="trained projections (default: the shipped file of --rbit, --n-dense; "
                    "'none': no trained)")
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
@@ -461,10 +458,10 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the retrieval samples' pass keys and distractors")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (fp32 either way)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
-    p.add_argument("--minutes", type=float, default=math.inf,
-                   help="time limit from the start (skips late retrieval) (default: none)")
+    p.add_argument("--minutes", type=float, default=math.inf, help="time limit (skips late retrieval) (default: none)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "report"), help="where the results and plots go")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this --name")
     p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild the report from results files")
     return p
 
@@ -491,8 +488,10 @@ def run(args):
     name = args.name or ("eval_quick" if args.quick else "eval")
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
+    own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
+    if os.path.exists(json_path) and not (own or args.overwrite):  # report/ holds the committed full run's results
+        raise FileExistsError(f"{json_path} exists: pass --overwrite to replace it, or --name / --out-dir to keep both")
     if args.report:
-        own = os.path.realpath(json_path) in map(os.path.realpath, args.report)  # a rebuild from the results file
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
         results = merge([load_results(path) for path in args.report])
@@ -511,10 +510,13 @@ def run(args):
         raise ValueError(f"--sink {args.sink} must be >= 0")
     hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
-        weights = args.hash_weights or (None if args.checkpoint else shipped_hash_weights(HataArgs(**hata)))
+        weights = args.hash_weights or (shipped_hash_weights(HataArgs(**hata)) if is_default_model(args.checkpoint)
+                                        else None)
         if weights and not os.path.isfile(weights):
             raise FileNotFoundError(f"hash weights not found: {weights}")
-    if "trained" in args.selectors and not weights:
+    if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
+        if set(args.selectors) == {"trained"}:
+            raise ValueError("only dense would run: no trained projections; give --hash-weights FILE or more selectors")
         print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or default_checkpoint()
@@ -552,8 +554,7 @@ def run(args):
 
 
 def write_report(results, out_dir, name):
-    md = report(results)
-    png = os.path.join(out_dir, f"{name}_scores.png")
+    md, png = report(results), os.path.join(out_dir, f"{name}_scores.png")
     plot(results, png)
     with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
         f.write(f"Command: `{results['command']}`; seconds: {results['seconds']}\n\n{md}\n")

@@ -191,18 +191,23 @@ def test_report_of_a_run_cut_before_any_result(tmp_path, capsys):
     assert "nothing to plot" in capsys.readouterr().err and (tmp_path / "empty_results.md").exists()
 
 
-@pytest.mark.parametrize("argv, words", [(["--budgets", "16"], "must be a fraction below 1"),
-                                         (["--budgets", "1/0"], "is not a count"),
+FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eval's budgets are no token counts
+
+
+@pytest.mark.parametrize("argv, words", [(["--budgets", "16"], FRACTION), (["--budgets", "1/0"], FRACTION),
+                                         (["--budgets", "0"], FRACTION), (["--quest-budgets", "abc"], FRACTION),
                                          (["--batch", "0"], "--batch: invalid positive_int value: '0'"),
                                          (["--ppl-tokens", "256", "--ppl-context", "256"], "must be below"),
                                          (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
                                          (["--contexts", "40", "--samples", "1"], "--contexts >= 128"),
                                          (["--minutes", "0"], "--minutes > 0"), (["--sink", "-1"], "--sink -1"),
-                                         (["--device", "xyz"], "--device: invalid device_name value: 'xyz'")])
-def test_bad_flags_fail_before_loading(argv, words, capsys):
+                                         (["--device", "xyz"], "--device: invalid device_name value: 'xyz'"),
+                                         (["--selectors", "trained", "--hash-weights", "none"], "only dense would run"),
+                                         (["--selectors", "trained", "--tasks", "perplexity"], "only dense would run")])
+def test_bad_flags_fail_before_loading(argv, words, capsys, tmp_path):
     try:  # argparse's own errors exit through SystemExit
-        code = ev.main(argv + ["--checkpoint", "/nonexistent.gguf"])
+        code = ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)])
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err
@@ -223,9 +228,10 @@ def test_flags_are_checked_against_the_model_for_the_tasks_that_run(smol, tok, m
         ev.main(["--tasks", "perplexity", "--contexts", "40", "--samples", "1", "2"] + base)
 
 
-def test_settings_without_the_trained_selector_need_no_file(capsys):
+def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
     """--rbit 64 --n-dense 3 with oracle alone: no projection file is chosen or checked (it fails at the checkpoint)."""
-    assert ev.main(["--rbit", "64", "--n-dense", "3", "--selectors", "oracle", "--checkpoint", "/nonexistent.gguf"]) == 2
+    assert ev.main(["--rbit", "64", "--n-dense", "3", "--selectors", "oracle", "--checkpoint", "/nonexistent.gguf",
+                    "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "nonexistent" in err and "hash weights" not in err and "no trained projections" not in err
 
@@ -256,10 +262,33 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     (tmp_path / "eval_results.json").write_text("kept")  # the output a failed --report must not overwrite
     for name, words in [("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
                         ("none.json", "none.json")]:
-        assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--name", "eval"]) == 2
+        assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--overwrite"]) == 2
         assert words in capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
     (tmp_path / "b.json").write_text("kept too")
     ev.main(["--report", str(tmp_path / "eval_results.json"), str(tmp_path / "b.json"), "--out-dir", str(tmp_path)])
     assert "would overwrite its input" in capsys.readouterr().err  # the merge's own path among several inputs
     assert (tmp_path / "eval_results.json").read_text() == "kept"
+
+
+def test_a_run_never_overwrites_earlier_results_unless_told(capsys, tmp_path):
+    """The default --name and --out-dir are where the committed full run lies: a run refuses before loading the model,
+    --quick too; --overwrite lets it through (to the missing checkpoint here). --report of other files likewise."""
+    (tmp_path / "eval_results.json").write_text("kept")
+    (tmp_path / "eval_quick_results.json").write_text("kept")
+    base = ["--tasks", "perplexity", "--selectors", "oracle", "--checkpoint", "/nonexistent.gguf", "--out-dir",
+            str(tmp_path)]
+    for argv, path in (([], "eval_results.json"), (["--quick"], "eval_quick_results.json")):
+        assert ev.main(base + argv) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / path} exists: pass --overwrite" in err and "nonexistent" not in err
+        assert ev.main(base + argv + ["--overwrite"]) == 2 and "nonexistent" in capsys.readouterr().err
+    assert ev.main(base + ["--name", "other"]) == 2 and "nonexistent" in capsys.readouterr().err
+    results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
+    (tmp_path / "a.json").write_text(json.dumps(results))
+    report = ["--report", str(tmp_path / "a.json"), "--out-dir", str(tmp_path)]
+    assert ev.main(report) == 2 and "eval_results.json exists" in capsys.readouterr().err
+    assert (tmp_path / "eval_results.json").read_text() == "kept" and not (tmp_path / "eval_results.md").exists()
+    assert ev.main(report + ["--overwrite"]) == 0
+    assert json.loads((tmp_path / "eval_results.json").read_text()) == results
+    assert ev.main(["--report", str(tmp_path / "eval_results.json"), "--out-dir", str(tmp_path)]) == 0  # a rebuild
