@@ -555,15 +555,20 @@ def load_checkpoint(path, dtype=torch.float32):
     try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
         if os.path.isfile(path):
             with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise ValueError(f"{path} is not a GGUF file; pass a .gguf file or a checkpoint directory")
+                if f.read(4) != b"GGUF":  # a *.gguf without it is a broken download; another file, a wrong argument
+                    raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'): " + (
+                        "truncated or corrupt; re-download it" if path.endswith(".gguf") else
+                        "pass a .gguf file or a checkpoint directory"))
             fmt, (args, raw) = "gguf", read_gguf(path, dtype)
         elif os.path.isfile(os.path.join(path, "config.json")):
             fmt, (args, raw) = "hf", read_hf(path)
         elif os.path.isfile(os.path.join(path, "params.json")):
             fmt, (args, raw) = "meta", read_meta(path)
+        elif len(ggufs := sorted(n for n in os.listdir(path) if n.endswith(".gguf"))) == 1:  # a GGUF's own folder
+            return load_checkpoint(os.path.join(path, ggufs[0]), dtype)
         else:
-            raise ValueError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta); "
+            raise ValueError(f"{path} holds several .gguf files ({', '.join(ggufs)}); pass the one to use" if ggufs
+                             else f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; "
                              f"pass a .gguf file or a checkpoint directory")
     except KeyError as e:
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
@@ -575,8 +580,7 @@ def load_checkpoint(path, dtype=torch.float32):
     if rope_factors is not None and not (rope_factors.shape == (args.head_dim // 2,) and (rope_factors > 0).all()):
         raise ValueError(f"{path}: rope_freqs.weight must hold head_dim / 2 = {args.head_dim // 2} factors, each > 0; "
                          f"it has shape {tuple(rope_factors.shape)}")
-    for name in [n for n in raw if n.endswith(DERIVED)]:
-        del raw[name]
+    raw = {name: w for name, w in raw.items() if not name.endswith(DERIVED)}
     col = FORMATS.index(fmt)
     table = {row[col].format(i=i): row[0].format(i=i)
              for row in WEIGHT_NAMES for i in (range(args.n_layers) if "{i}" in row[0] else [0])}

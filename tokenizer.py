@@ -162,18 +162,21 @@ class Tokenizer:
 
     @classmethod
     def from_path(cls, path) -> "Tokenizer":
-        path = os.fspath(path)
-        if not os.path.exists(path):
+        if not os.path.exists(path := os.fspath(path)):
             raise FileNotFoundError(f"no tokenizer at {path!r}: {HOW}")
         if os.path.isdir(path):
-            names = sorted(os.listdir(path))
             found = [n for n in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(path, n))]
-            found = found or [n for n in names if n.endswith(".gguf")][:1]
+            found = found[:1] or sorted(n for n in os.listdir(path) if n.endswith(".gguf"))  # as load_checkpoint
             if not found:
                 raise FileNotFoundError(f"no tokenizer.model, tokenizer.json or .gguf in directory {path!r}: {HOW}")
+            if len(found) > 1:
+                raise ValueError(f"{path!r} holds several .gguf files ({', '.join(found)}); pass the one to use")
             path = os.path.join(path, found[0])
         with open(path, "rb") as f:
             head = f.read(64)
+        if path.endswith(".gguf") and head[:4] != b"GGUF":  # by its name a GGUF: never try it as another format
+            raise ValueError(f"{path!r} is not a GGUF file (it does not start with 'GGUF'): truncated or corrupt; "
+                             "re-download it")
         try:
             if head[:4] == b"GGUF":
                 return cls._from_gguf(path)

@@ -290,6 +290,44 @@ def write_gguf(path, keys, tensors=()):
     return str(path)
 
 
+def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
+    """A *.gguf without the 'GGUF' magic: the tokenizer's one line, word for word (engine.py loads the tokenizer
+    first, a script may call load_checkpoint alone); another file without it is a wrong argument, not a bad file."""
+    from tokenizer import Tokenizer
+    for name, data in (("empty.gguf", b""), ("zeroed.gguf", b"\0\0\0\0\3\0\0\0" * 8), ("text.gguf", b"hi\n" * 9)):
+        (tmp_path / name).write_bytes(data)
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError) as ours:
+            load_checkpoint(path)
+        with pytest.raises(ValueError) as tokenizers:
+            Tokenizer.from_path(path)
+        assert str(ours.value) == f"{path} is not a GGUF file (it does not start with 'GGUF'): truncated or corrupt; " \
+                                  "re-download it"
+        assert str(ours.value).replace(path, "") == str(tokenizers.value).replace(repr(path), "")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match=r"\(it does not start with 'GGUF'\): pass a .gguf file or a checkpoint dir"):
+        load_checkpoint(str(tmp_path / "model.safetensors"))
+
+
+def test_directory_holding_one_gguf(tmp_path):
+    """A directory without config.json or params.json (a GGUF's pip package) loads its one .gguf file; with several
+    it names them and asks which; with none it says what it looked for."""
+    pytest.importorskip("gguf")
+    with pytest.raises(ValueError, match=r"has no config.json \(Hugging Face\), params.json \(Meta\) or .gguf file; "
+                                         "pass a .gguf file or a checkpoint directory"):
+        load_checkpoint(str(tmp_path))
+    path = write_gguf(tmp_path / "m.gguf", {"llama.context_length": 63})
+    (tmp_path / "README.md").write_text("not a checkpoint")
+    args, sd, _ = load_checkpoint(str(tmp_path))
+    want_args, want_sd, _ = load_checkpoint(path)
+    assert args == want_args and args.max_seq_len == 63
+    assert sd.keys() == want_sd.keys() and all(torch.equal(sd[k], want_sd[k]) for k in sd)
+    write_gguf(tmp_path / "a.gguf", {})
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(str(tmp_path))
+    assert str(e.value) == f"{tmp_path} holds several .gguf files (a.gguf, m.gguf); pass the one to use"
+
+
 def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     """As llama.cpp reads a GGUF: a RoPE factor without a type (or in the older rope.scale_linear key) is linear
     scaling; a mixture-of-experts model is refused before its tensors are read; rope_freqs must fit head_dim."""

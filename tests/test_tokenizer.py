@@ -266,6 +266,38 @@ def test_errors(tmp_path, gguf_path):
         Tokenizer.from_path(tmp_path / "bad.json")
 
 
+def test_gguf_named_file_without_magic_is_called_corrupt(tmp_path, gguf_path):
+    """A *.gguf that does not start with 'GGUF' (empty, header overwritten, text) is a broken download, never
+    parsed as a sentencepiece model; alone in a directory it is picked and refused the same way."""
+    with open(gguf_path, "rb") as f:
+        header = f.read(4096)
+    for name, data in (("empty.gguf", b""), ("zeroed.gguf", b"\0" * 4 + header[4:]), ("text.gguf", b"hello\n" * 9)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            Tokenizer.from_path(path)
+        assert str(e.value) == f"{str(path)!r} is not a GGUF file (it does not start with 'GGUF'): truncated or " \
+                               "corrupt; re-download it"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model.gguf' is not a GGUF file \(it does not start with 'GGUF'\)"):
+        Tokenizer.from_path(alone)
+
+
+def test_directory_with_several_ggufs_asks_which(tmp_path, llama3):
+    """As load_checkpoint: several .gguf files in a directory are refused by name (not the first by sorted name
+    taken), unless a tokenizer.model or tokenizer.json is there, which is preferred."""
+    for name in ("b.gguf", "a.gguf", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_path(tmp_path)
+    assert str(e.value) == f"{str(tmp_path)!r} holds several .gguf files (a.gguf, b.gguf); pass the one to use"
+    lines = _package_file("llama_models", "llama3", "tokenizer.model")
+    (tmp_path / "tokenizer.model").write_bytes(open(lines, "rb").read())
+    assert Tokenizer.from_path(tmp_path).encode("hi there") == llama3.encode("hi there")
+
+
 def test_gguf_bos_default_follows_llama_cpp(tmp_path):
     """Without tokenizer.ggml.add_bos_token a byte-level GGUF adds BOS only for Llama 3's pre-tokenizers, as
     llama.cpp does (a ChatML model's BOS <|im_start|> must not open every prompt); the key, when present, rules."""
