@@ -118,8 +118,8 @@ class HataArgs:
             raise ValueError(f"rbit must be a positive multiple of 32, got {self.rbit}")
         if not (0 < self.budget < 1 or (self.budget >= 1 and float(self.budget).is_integer())):
             raise ValueError(f"budget must be a token count >= 1 or a fraction in (0, 1), got {self.budget}")
-        if self.n_dense < 0 or self.n_sink < 0 or self.n_recent < 0:
-            raise ValueError("n_dense, n_sink and n_recent must be >= 0")
+        if bad := [f"{k} {v}" for k, v in ints.items() if v < 0]:  # (engine's flags: --n-dense, --sink, --recent)
+            raise ValueError(f"{', '.join(bad)}: must be >= 0")
         if self.selector not in SELECTORS:
             raise ValueError(f"unknown selector {self.selector!r}; choose one of {', '.join(SELECTORS)}")
 

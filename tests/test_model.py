@@ -502,3 +502,7 @@ def test_hata_args_take_whole_numbers():
         with pytest.raises(TypeError, match=f"{next(iter(kw))} must be whole numbers"):
             HataArgs(**kw)
     assert HataArgs(rbit=64, n_dense=0, budget=0.5).rbit == 64
+    for kw, words in ((dict(n_sink=-3), "n_sink -3: must be >= 0"),
+                      (dict(n_dense=-1, n_recent=-2), "n_dense -1, n_recent -2: must be >= 0")):  # which, and its value
+        with pytest.raises(ValueError, match=words):
+            HataArgs(**kw)
