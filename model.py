@@ -524,16 +524,14 @@ FORMATS = ("meta", "hf", "gguf")  # the columns of WEIGHT_NAMES
 DERIVED = ("rope.freqs", ".rotary_emb.inv_freq")  # endings of tables some checkpoints store; we recompute them
 # Settings for math hata does not implement, refused rather than run as something else: (key, the test its harmless
 # values pass, what hata does). Bias tensors, experts and quantized weights need no row: WEIGHT_NAMES refuses them.
+# A sliding window needs none either: it caps the context (read_hf, read_gguf), within which attention is whole.
 NEVER = lambda v, a: False
-WHOLE_CONTEXT = lambda v, a: v >= a.max_seq_len  # a window that covers the whole context changes nothing
 UNSUPPORTED = {
     "hf": [("partial_rotary_factor", lambda v, a: v == 1, "RoPE on the whole head (1)"),
            ("rotary_dim", lambda v, a: v == a.head_dim, "RoPE on the whole head ({a.head_dim})"),
-           ("sliding_window", WHOLE_CONTEXT, "attention to the whole context (null or >= {a.max_seq_len})"),
            ("attention_logit_softcapping", NEVER, "no softcapping (null)"),
            ("final_logit_softcapping", NEVER, "no softcapping (null)")],
-    "gguf": [("llama.rope.dimension_count", lambda v, a: v == a.head_dim, "RoPE on the whole head ({a.head_dim})"),
-             ("llama.attention.sliding_window", WHOLE_CONTEXT, "attention to the whole context (>= {a.max_seq_len})")],
+    "gguf": [("llama.rope.dimension_count", lambda v, a: v == a.head_dim, "RoPE on the whole head ({a.head_dim})")],
     "meta": [("use_qk_norm", lambda v, a: not v, "no QK norm (false)"),  # Llama 4's; its MoE tensors are refused too
              ("nope_layer_interval", NEVER, "RoPE in every layer (null)"),
              ("attention_chunk_size", NEVER, "attention to the whole context (null)")],
@@ -550,7 +548,7 @@ def refuse_unsupported(where, fmt, setting, args):
 def load_checkpoint(path, dtype=torch.float32):
     """Returns (ModelArgs, {Meta's name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None). A GGUF's weights
     are dequantized into `dtype` one by one, never all in float32 (the default model, bf16: 0.8 GB peak, not 1.2)."""
-    if not os.path.exists(path):
+    if not os.path.exists(path := os.fspath(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
         if os.path.isfile(path):
@@ -630,7 +628,8 @@ def read_gguf(path, dtype=torch.float32):
                      vocab_size=shapes["token_embd.weight"][0], ffn_dim=meta("llama.feed_forward_length"),
                      norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
                      rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
-                     max_seq_len=meta("llama.context_length"), tie_embeddings="output.weight" not in shapes,
+                     max_seq_len=min(meta("llama.context_length"), meta("llama.attention.sliding_window", math.inf)),
+                     tie_embeddings="output.weight" not in shapes,
                      head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
     refuse_unsupported(path, "gguf", lambda key: meta(key, None), args)
     raw = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]).copy())
@@ -653,7 +652,8 @@ def read_hf(path):
                      n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                      vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
                      rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
-                     max_seq_len=cfg.get("max_position_embeddings", 2048),  # transformers' LlamaConfig default
+                     max_seq_len=min(cfg.get("max_position_embeddings", 2048),  # transformers' LlamaConfig default
+                                     cfg.get("sliding_window") or math.inf),  # within the window: full attention
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
     refuse_unsupported(os.path.join(path, "config.json"), "hf", {**rope, **cfg}.get, args)  # v5: rope_parameters
     index = os.path.join(path, "model.safetensors.index.json")

@@ -298,7 +298,7 @@ def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
         (tmp_path / name).write_bytes(data)
         path = str(tmp_path / name)
         with pytest.raises(ValueError) as ours:
-            load_checkpoint(path)
+            load_checkpoint(tmp_path / name)  # a Path as well as a str
         with pytest.raises(ValueError) as tokenizers:
             Tokenizer.from_path(path)
         assert str(ours.value) == f"{path} is not a GGUF file (it does not start with 'GGUF'): truncated or corrupt; " \
@@ -368,15 +368,12 @@ def test_unsupported_math_is_refused(small_smol, tmp_path):
     bare = tmp_path / "bare"  # settings and no weights: the old loader failed on the weights, or read them first
     bare.mkdir()
     whole_head = "RoPE on the whole head"
-    whole_context = f"attention to the whole context (null or >= {args.max_seq_len})"
     for file, change, words in [
             ("config.json", {"partial_rotary_factor": 0.5}, f"partial_rotary_factor=0.5 is not supported; hata "
                                                             f"implements {whole_head} (1)"),
             ("config.json", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e5,  # transformers v5 puts it
                                                  "partial_rotary_factor": 0.25}}, "partial_rotary_factor=0.25"),  # here
             ("config.json", {"rotary_dim": 32}, f"rotary_dim=32 is not supported; hata implements {whole_head} (64)"),
-            ("config.json", {"sliding_window": 4096}, f"sliding_window=4096 is not supported; hata implements "
-                                                      f"{whole_context}"),
             ("config.json", {"attention_logit_softcapping": 50.0}, "attention_logit_softcapping=50.0 is not supported"),
             ("config.json", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
             ("params.json", {"use_qk_norm": True}, "use_qk_norm=True is not supported; hata implements no QK norm"),
@@ -386,31 +383,32 @@ def test_unsupported_math_is_refused(small_smol, tmp_path):
         (bare / file).write_text(json.dumps({**(cfg if file == "config.json" else params), **change}))
         with pytest.raises(ValueError, match=re.escape(f"{bare / file}: {words}")):
             load_checkpoint(str(bare))
-    harmless = {"partial_rotary_factor": 1.0, "rotary_dim": args.head_dim, "sliding_window": args.max_seq_len,
+    harmless = {"partial_rotary_factor": 1.0, "rotary_dim": args.head_dim, "sliding_window": None,
                 "attention_logit_softcapping": None, "final_logit_softcapping": None, "pretraining_tp": 2}
     (hf / "config.json").write_text(json.dumps({**cfg, **harmless}))
     (meta / "params.json").write_text(json.dumps({**params, "use_qk_norm": False, "nope_layer_interval": None,
                                                   "attention_chunk_size": None}))
     for path in (hf, meta):
         assert load_checkpoint(str(path))[0] == replace(args, n_layers=3), path
+    for window, context in ((args.max_seq_len + 1, args.max_seq_len), (4096, 4096)):  # a window caps the context:
+        (hf / "config.json").write_text(json.dumps({**cfg, "sliding_window": window}))  # within it, attention is whole
+        assert load_checkpoint(hf)[0].max_seq_len == context  # (a Path: load_checkpoint takes one too)
 
 
 def test_gguf_unsupported_math_is_refused(tmp_path, monkeypatch):
-    """Partial RoPE (rope.dimension_count below head_dim; llama.cpp refuses it too) and a sliding window shorter than
-    the context are one error naming the file and the key, before any tensor is dequantized; harmless values load."""
+    """Partial RoPE (rope.dimension_count below head_dim; llama.cpp refuses it too) is one error naming the file and
+    the key, before any tensor is dequantized; the whole head loads, and a sliding window caps the context."""
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "m.gguf"
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: 1 / 0)
-    for keys, words in [({"llama.rope.dimension_count": 2},
-                         "llama.rope.dimension_count=2 is not supported; hata implements RoPE on the whole head (4)"),
-                        ({"llama.attention.sliding_window": 16},
-                         "llama.attention.sliding_window=16 is not supported; hata implements attention to the whole "
-                         "context (>= 64)")]:
-        with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
-            load_checkpoint(write_gguf(path, keys))
+    words = "llama.rope.dimension_count=2 is not supported; hata implements RoPE on the whole head (4)"
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
+        load_checkpoint(write_gguf(path, {"llama.rope.dimension_count": 2}))
     monkeypatch.undo()
-    args = load_checkpoint(write_gguf(path, {"llama.rope.dimension_count": 4, "llama.attention.sliding_window": 64}))[0]
-    assert args.head_dim == 4 and args.max_seq_len == 64
+    for window, context in ((64, 64), (16, 16)):
+        args = load_checkpoint(write_gguf(path, {"llama.rope.dimension_count": 4,
+                                                 "llama.attention.sliding_window": window}))[0]
+        assert args.head_dim == 4 and args.max_seq_len == context
 
 
 def test_gguf_dequantizes_into_the_asked_dtype(gguf_path, smol_weights):
