@@ -484,12 +484,13 @@ def main(argv=None):
     return 0
 
 
-def run(args):
+def run(args):  # args from parse_args, which applies --quick's sizes
     name = args.name or ("eval_quick" if args.quick else "eval")
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
-    if os.path.exists(json_path) and not (own or args.overwrite):  # report/ holds the committed full run's results
+    if os.path.exists(json_path) and not (own or args.overwrite or args.quick and not args.name):  # report/ holds
+        # the committed full run's results; eval_quick_* are scratch, replaced run after run
         raise FileExistsError(f"{json_path} exists: pass --overwrite to replace it, or --name / --out-dir to keep both")
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun

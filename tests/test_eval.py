@@ -273,16 +273,18 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
 
 def test_a_run_never_overwrites_earlier_results_unless_told(capsys, tmp_path):
     """The default --name and --out-dir are where the committed full run lies: a run refuses before loading the model,
-    --quick too; --overwrite lets it through (to the missing checkpoint here). --report of other files likewise."""
+    --overwrite lets it through (to the missing checkpoint here), and --quick's scratch results are replaced freely.
+    --report of other files likewise."""
     (tmp_path / "eval_results.json").write_text("kept")
     (tmp_path / "eval_quick_results.json").write_text("kept")
     base = ["--tasks", "perplexity", "--selectors", "oracle", "--checkpoint", "/nonexistent.gguf", "--out-dir",
             str(tmp_path)]
-    for argv, path in (([], "eval_results.json"), (["--quick"], "eval_quick_results.json")):
+    for argv in ([], ["--quick", "--name", "eval"]):  # --quick over a name given: refused as well
         assert ev.main(base + argv) == 2
         err = capsys.readouterr().err
-        assert f"{tmp_path / path} exists: pass --overwrite" in err and "nonexistent" not in err
-        assert ev.main(base + argv + ["--overwrite"]) == 2 and "nonexistent" in capsys.readouterr().err
+        assert f"{tmp_path / 'eval_results.json'} exists: pass --overwrite" in err and "nonexistent" not in err
+    for argv in (["--overwrite"], ["--quick"]):  # --quick replaces its own eval_quick_* freely
+        assert ev.main(base + argv) == 2 and "nonexistent" in capsys.readouterr().err
     assert ev.main(base + ["--name", "other"]) == 2 and "nonexistent" in capsys.readouterr().err
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
     (tmp_path / "a.json").write_text(json.dumps(results))
