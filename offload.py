@@ -183,7 +183,7 @@ class OffloadPlan:
 CGROUP_FILES = [("memory.max", "memory.current", "inactive_file "),  # v2: cap, use, reclaimable page cache
                 ("memory.high", "memory.current", "inactive_file "),  # v2's throttle: past it the kernel reclaims hard
                 ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file ")]  # v1
-HOST_RESERVE = 0.1, GiB  # the share of available host memory (and the least bytes) offload leaves to the rest
+HOST_KEEP_SHARE, HOST_KEEP_MIN = 0.1, GiB  # of the available host memory, what offload leaves to the rest
 
 
 def host_available(meminfo="/proc/meminfo", cgroup=None):
@@ -226,7 +226,7 @@ def _own_cgroups(table="/proc/self/cgroup"):
 def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None):
     """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
     layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default what
-    host_available() finds less HOST_RESERVE) cannot hold the offloaded layers."""
+    host_available() finds less HOST_KEEP_*) cannot hold the offloaded layers."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse:
@@ -260,8 +260,9 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     where = "are available"
     if host_bytes is None:  # page-locked memory cannot be swapped or reclaimed: leave the machine some room
         found = host_available()
-        host_bytes = int(max(0, found - max(HOST_RESERVE[0] * found, HOST_RESERVE[1])))
-        where = f"may be pinned ({found / GiB:.2f} GiB available; {HOST_RESERVE[0]:.0%}, at least 1 GiB, stays free)"
+        host_bytes = int(max(0, found - max(HOST_KEEP_SHARE * found, HOST_KEEP_MIN)))
+        where = (f"may be pinned ({found / GiB:.2f} GiB available; {HOST_KEEP_SHARE:.0%}, at least "
+                 f"{HOST_KEEP_MIN / GiB:g} GiB, stays free)")
     if not need <= host_bytes:  # (a NaN cap refuses too)
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
                          f"GiB) but {host_bytes} bytes ({host_bytes / GiB:.2f} GiB) {where}; lower "

@@ -57,9 +57,9 @@ def _vocab_bytes(token: str, where: str) -> bytes:
 
 
 def _check_merges(where, merges, vocab: dict, ranks: dict):
-    """Refuse merges tiktoken would apply in another order: HF's BPE joins the listed pair of lowest index, tiktoken
-    the pair whose join has the lowest id (listed or not), the same order when the ids made never decrease along the
-    list (Llama 3's merges list every split of a token, so an id repeats and a part's id may be above its join's)."""
+    """Refuse merges tiktoken would join in another order: HF joins the listed pair of lowest index, tiktoken the pair
+    whose join has the lowest id; alike when the ids made never decrease (Llama 3 lists every split of a token, so ids
+    repeat). Unchecked: tiktoken also joins unlisted pairs whose join is a token (rare in trained vocabularies)."""
     if not merges and any(len(t) > 1 for t in ranks):  # HF would never join two bytes; llama.cpp refuses the file
         raise ValueError(f"{where!r}: multi-byte tokens but no merges; the tokenizer file is incomplete, re-get it")
     last = -1

@@ -298,9 +298,11 @@ def test_sampling_temperature():
 
 @pytest.mark.usefixtures("gguf_path")
 def test_the_default_model_named_gets_its_trained_projections(capsys, gguf_path, tmp_path):
-    """--checkpoint naming the default model's own file (or its directory) loads the shipped projections, as leaving
-    --checkpoint out does; another file, even a copy, does not (they were trained on this model)."""
+    """--checkpoint naming the default model's own file (or its directory, or a link to it) loads the shipped
+    projections, as leaving --checkpoint out does; another file does not (they were trained on this model)."""
+    (tmp_path / "link.gguf").symlink_to(gguf_path)
     assert engine.is_default_model(None) and engine.is_default_model(gguf_path)
+    assert engine.is_default_model(str(tmp_path / "link.gguf")) and not engine.is_default_model(__file__)
     assert engine.is_default_model(os.path.dirname(gguf_path)) and not engine.is_default_model(str(tmp_path))
     code, _, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "2", "--budget", "1/2",
                            "--checkpoint", gguf_path)
@@ -341,4 +343,4 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: ([[1], [1]], {}))
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     code, out, _ = run_cli(capsys, "--prompt", long, "--prompt", short, "--max-new-tokens", "2")
-    assert code == 0 and f"--- {'a' * 60 + '…'!r}\n" in out and f"--- {short!r}\n" in out
+    assert code == 0 and f"--- {'a' * 60!r}…\n" in out and f"--- {short!r}\n" in out
