@@ -569,7 +569,7 @@ def bench_cpu(args):
 
 
 def main(argv=None):
-    from engine import Parser, parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
+    from engine import Parser, cli, parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
     from model import PRESETS
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -612,12 +612,8 @@ def main(argv=None):
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
     device = torch.cuda.get_device_name() if args.mode != "cpu" else platform.processor() or platform.machine()
     print(f"# {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
-    try:
-        {"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode](args)
-    except (OSError, ValueError, RuntimeError) as e:  # e.g. a context longer than the model's: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli({"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode],
+               args)  # e.g. a context longer than the model's: one line
 
 
 if __name__ == "__main__":

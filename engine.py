@@ -285,17 +285,22 @@ def random_model(preset, hata, device, dtype, seed=0):
     return model.to(dtype).eval()
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def cli(run, args):
+    """run(args) as every script's main: an error ends in one line on stderr (status 2) and Ctrl-C in one word
+    (130), not in a traceback under what was printed."""
     try:
         run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what was streamed stays on screen, without a traceback under it
+    except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv=None):
+    return cli(run, build_parser().parse_args(argv))
 
 
 def run(args):

@@ -32,8 +32,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import (Parser, decode_one_token, default_checkpoint, device_name, is_default_model, parse_budget,
-                    positive_int, prefill, shipped_hash_weights)
+from engine import (Parser, cli, decode_one_token, default_checkpoint, device_name, is_default_model,
+                    parse_budget, positive_int, prefill, shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
@@ -476,12 +476,7 @@ def parse_args(argv=None):  # --quick's sizes as its defaults: a flag given expl
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(run, parse_args(argv))
 
 
 def run(args):  # args from parse_args, which applies --quick's sizes

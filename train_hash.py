@@ -37,7 +37,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import Parser, default_checkpoint, device_name, is_default_model, positive_int
+from engine import Parser, cli, default_checkpoint, device_name, is_default_model, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, read_hash_file, rope_frequencies,
                    save_hash_projections)
@@ -504,13 +504,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(run, build_parser().parse_args(argv))
 
 
 def run(args):
