@@ -329,6 +329,10 @@ def run(args):
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
     hata = hata_args(args)
+    unused = {"--hash-weights": args.hash_weights and (hata is None or hata.selector != "hash"),
+              "--top-p": args.top_p < 1 and args.temperature == 0}  # dense / oracle / Quest; greedy decoding
+    if unused := [flag for flag, ignored in unused.items() if ignored]:
+        print(f"note: ignored in this run: {', '.join(unused)} (see --help)", file=sys.stderr)
 
     checkpoint = args.checkpoint or default_checkpoint()
     if not os.path.exists(checkpoint):

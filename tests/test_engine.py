@@ -344,3 +344,13 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     code, out, _ = run_cli(capsys, "--prompt", long, "--prompt", short, "--max-new-tokens", "2")
     assert code == 0 and f"--- {'a' * 60!r}…\n" in out and f"--- {short!r}\n" in out
+
+
+@pytest.mark.parametrize("argv, ignored", [(["--dense", "--hash-weights", "w.safetensors"], "--hash-weights"),
+                                           (["--selector", "quest", "--hash-weights", "w.st"], "--hash-weights"),
+                                           (["--top-p", "0.9"], "--top-p"),
+                                           (["--top-p", "0.9", "--temperature", "1"], None)])
+def test_flags_that_change_nothing_say_so(capsys, argv, ignored):
+    """Projections with no hash selector to use them, and top-p with greedy decoding: a note, not silence."""
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", "/nonexistent.gguf", *argv)
+    assert code == 2 and (f"note: ignored in this run: {ignored} (see --help)" in err if ignored else "note" not in err)
