@@ -346,8 +346,8 @@ def run(args):
     if args.max_seq_len is not None and longest > args.max_seq_len:
         raise ValueError(f"the prompt has {longest} tokens but --max-seq-len is {args.max_seq_len}; "
                          f"raise --max-seq-len or shorten the prompt")
-    if hata is not None and hata.hash_weights is None and is_default_model(args.checkpoint):
-        hata.hash_weights = shipped_hash_weights(hata)
+    if hata is not None and hata.hash_weights is None:
+        hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     context, top = model.args.max_seq_len, max(max(p) for p in prompts)
     if top >= model.args.vocab_size:
@@ -450,10 +450,10 @@ def describe_policy(hata, max_seq_len, n_layers):
         f", {weights}" if hata.selector == "hash" else "")
 
 
-def shipped_hash_weights(hata):
-    """The trained projections that ship with the repository for the default model, if they match."""
+def shipped_hash_weights(hata, checkpoint=None):
+    """The repository's trained projections for these settings, if `checkpoint` is the default model's."""
     path = os.path.join(HERE, "weights", f"smollm2-135m-r{hata.rbit}.safetensors")
-    return path if os.path.isfile(path) and hata.n_dense == HataArgs.n_dense else None
+    return path if is_default_model(checkpoint) and os.path.isfile(path) and hata.n_dense == HataArgs.n_dense else None
 
 
 class Streamer:

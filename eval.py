@@ -32,8 +32,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import (Parser, cli, decode_one_token, default_checkpoint, device_name, is_default_model,
-                    parse_budget, positive_int, prefill, shipped_hash_weights)
+from engine import (Parser, cli, decode_one_token, default_checkpoint, device_name, parse_budget, positive_int,
+                    prefill, shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
 from train_hash import load_corpus, split_corpus
@@ -484,8 +484,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
-    if os.path.exists(json_path) and not (own or args.overwrite or args.quick and not args.name):  # report/ holds
-        # the committed full run's results; eval_quick_* are scratch, replaced run after run
+    scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
+    if os.path.exists(json_path) and not (own or scratch or args.overwrite):  # report/: the committed full run's
         raise FileExistsError(f"{json_path} exists: pass --overwrite to replace it, or --name / --out-dir to keep both")
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
@@ -506,8 +506,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError(f"--sink {args.sink} must be >= 0")
     hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
-        weights = args.hash_weights or (shipped_hash_weights(HataArgs(**hata)) if is_default_model(args.checkpoint)
-                                        else None)
+        weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)
         if weights and not os.path.isfile(weights):
             raise FileNotFoundError(f"hash weights not found: {weights}")
     if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
