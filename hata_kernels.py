@@ -75,6 +75,11 @@ def _popcount_lut(device):
     return sum((b >> i) & 1 for i in range(8)).to(torch.int32)
 
 
+def _check_int32_rows(n, op):  # the score and select kernels offset rows in int32 (int64 costs registers under a cap)
+    _check(n < 2 ** 31, f"{op}: the Triton path indexes with int32 offsets and this input spans {n} >= 2^31 elements; "
+           "split the batch")
+
+
 def _next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -343,6 +348,7 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     k_codes = _rows_contiguous(k_codes)
+    _check_int32_rows(B * k_codes.stride(0), "hamming_score")
     out = torch.empty(B, Hkv, S, dtype=torch.int32, device=q_codes.device)    # (B, Hkv, S) int32
     BLOCK_S = 1024 if not _INTERPRET else max(16, min(1024, _next_pow2(S)))
     grid = (triton.cdiv(S, BLOCK_S), B * Hkv)
@@ -470,6 +476,7 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     _check_select(lengths, budget, n_sink, n_recent, B, score.device, "select_topk")
     if not _use_triton(use_triton, score, lengths):
         return select_topk_ref(score, lengths, budget, n_sink, n_recent)
+    _check_int32_rows(score.numel(), "select_topk")
     key = _order_key_int32(score).contiguous()                                 # (B, Hkv, S) int32
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=score.device)  # (B, Hkv, K) int32
     BLOCK_S = 1024 if not _INTERPRET else 256
@@ -725,6 +732,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
         sigma_key = math.sqrt(G * R) / 2 / (2 if G % 2 == 0 else 1)
         window = min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
     k_codes = _rows_contiguous(k_codes)
+    _check_int32_rows(B * k_codes.stride(0), "hamming_topk")
     q_codes, lengths = q_codes.contiguous(), lengths.contiguous()              # the kernels read lengths[b]
     parity = int(G % 2 == 0)
     kmax = (G * R >> parity) + 1                                               # largest key of a valid position

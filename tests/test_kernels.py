@@ -553,6 +553,21 @@ def test_refused_inputs(monkeypatch):
             call()
 
 
+def test_refused_past_int32_offsets(monkeypatch):
+    """The score and select kernels offset rows in int32: inputs spanning 2^31 elements get one ValueError, not a
+    wrapped offset. Meta tensors: the shapes without the memory (the check runs before any launch)."""
+    monkeypatch.setattr(hk, "_INTERPRET", True)                               # the Triton path for any device
+    B, Hkv, G, S, W = 512, 8, 4, 131072, 4                                    # Llama-3.1-8B's codes at 128K
+    codes = torch.empty(B, Hkv, S, W, dtype=torch.int32, device="meta")      # 2^31 elements
+    q_codes = torch.empty(B, Hkv * G, W, dtype=torch.int32, device="meta")
+    lengths = torch.empty(B, dtype=torch.int64, device="meta")
+    for call in (lambda: hk.hamming_score(q_codes, codes, lengths, use_triton=True),
+                 lambda: hk.hamming_topk(q_codes, codes, lengths, 2048, use_triton=True),
+                 lambda: hk.select_topk(codes.view(B, Hkv, S * W), lengths, 2048, use_triton=True)):
+        with pytest.raises(ValueError, match="int32 offsets"):
+            call()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CUDA: realistic sizes (skipped without a GPU)
 
