@@ -136,37 +136,37 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, timing dict).
     Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,), -1 where a
     sequence has stopped) is called after every step (streaming). On CUDA the decode step runs as a CUDA graph
-    unless cuda_graph is False. `progress`: prefill's bar for a long prompt."""
+    unless cuda_graph is False. `progress`: bars on stderr, prefill's for a long prompt and decode's (tokens, and
+    sequences finished) unless on_token streams them."""
     device = model.output.weight.device
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
     B, T = len(prompts), max(len(p) for p in prompts)
     if (need := T + max(max_new_tokens - 1, 0)) > model.max_seq_len:  # the cache's capacity; the last token: no slot
         raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots; the cache has {model.max_seq_len}")
-    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
+    tokens = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right-padded
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
 
     t0 = time.perf_counter()
     cur = sample(prefill(model, tokens, lengths, progress=progress), temperature, top_p, generator)  # (B,)
+    step_fn = decode_one_token
+    if cuda_graph and device.type == "cuda" and max_new_tokens > 1:  # capture: setup, timed with the prefill
+        step_fn = GraphedDecode(model, cur, lengths)  # not with the decode: a long generation pays it once
     synchronize(device)
     t1 = time.perf_counter()
-    step_fn = decode_one_token
-    if cuda_graph and device.type == "cuda" and max_new_tokens > 1:
-        step_fn = GraphedDecode(model, cur, lengths)
-        synchronize(device)
-        t1 = time.perf_counter()  # capture is setup, not decode: a long generation pays it once
-    for step in range(max_new_tokens):
+    bar = tqdm(range(max_new_tokens), "decode", unit="tok", leave=False, disable=not progress or on_token is not None)
+    for step in bar:
         out.append(torch.where(done, -1, cur))
         done |= torch.isin(cur, stop)
         if on_token is not None:
             on_token(out[-1])
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or (finished := int(done.sum())) == B:  # the step's one wait for the device
             break
+        bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
         cur = sample(step_fn(model, cur, lengths + step), temperature, top_p, generator)
+    bar.close()
     synchronize(device)
     t2 = time.perf_counter()
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop

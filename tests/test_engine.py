@@ -1,12 +1,14 @@
 """The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
 status 2, raised before the model is loaded where it can be."""
 import argparse
+import functools
 import math
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import engine
 from engine import parse_budget, sample
@@ -322,6 +324,39 @@ def test_prefill_progress_bar_for_a_prompt_of_several_chunks(capsys):
         err = capsys.readouterr().err
         assert ("prefill:" in err and "/10 [" in err) == bar, err
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+
+
+def test_decode_progress_bar_for_a_batch(capsys, monkeypatch):
+    """generate(progress=True) draws a decode bar on stderr, with the sequences finished, unless on_token streams
+    the tokens; without progress (bench, eval, tests) it draws nothing. The tokens are the same either way."""
+    monkeypatch.setattr(engine, "tqdm", functools.partial(tqdm, mininterval=0))  # every step redraws, however fast
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    model.setup_caches(2, 32)
+    free, _ = engine.generate(model, prompts, max_new_tokens=10)
+    stop = next(t for t in free[0] if t not in free[1])  # ends sequence 0 only, before the last step
+    assert free[0].index(stop) < 8 and capsys.readouterr().err == ""
+    runs = {"bar": dict(progress=True), "streamed": dict(progress=True, on_token=lambda tokens: None), "quiet": {}}
+    for name, kwargs in runs.items():
+        model.setup_caches(2, 32)
+        got, _ = engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop}, **kwargs)
+        err = capsys.readouterr().err
+        assert got == [free[0][:free[0].index(stop) + 1], free[1]]
+        if name == "bar":  # it wipes itself at the end: what follows starts on a clean line
+            assert "decode:" in err and "/10 [" in err and "1/2 finished" in err and err.endswith("\r"), err
+        else:
+            assert err == "", (name, err)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_batch_shows_a_decode_bar_and_a_single_prompt_streams(capsys):
+    """A batch prints nothing on stdout until every sequence ends, so a bar on stderr shows the decode going; a
+    single prompt streams its tokens to stdout and draws no bar."""
+    for prompts, bar in ((["Hello", "The capital of France is"], True), (["Hello"], False)):
+        argv = [a for p in prompts for a in ("--prompt", p)]
+        code, out, err = run_cli(capsys, *argv, "--max-new-tokens", "3", "--dense")
+        assert code == 0 and ("decode:" in err and "/3 [" in err) == bar, err
+        assert out.count("--- ") == (len(prompts) if bar else 0)
 
 
 def test_interrupt_and_cpu_compile_notes(capsys, monkeypatch):
