@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from hata_kernels import (cache_write, hamming_score, hamming_topk, hash_encode, hash_encode_step, select_topk,
                           sparse_decode_attention)
+from tokenizer import file_head, open_gguf  # open_gguf: the reader the tokenizer parsed, if it read this GGUF
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -551,23 +552,19 @@ def load_checkpoint(path, dtype=torch.float32):
     if not os.path.exists(path := os.fspath(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":  # a *.gguf without it is a broken download; another file, a wrong argument
-                    raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'): " + (
-                        "truncated or corrupt; re-download it" if path.endswith(".gguf") else
-                        "pass a .gguf file or a checkpoint directory"))
+        if os.path.isfile(path):  # file_head refuses a *.gguf without the GGUF magic as a broken download
+            if file_head(path)[1][:4] != b"GGUF":  # another file without it: a wrong argument
+                raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf file or a "
+                                 "checkpoint directory")
             fmt, (args, raw) = "gguf", read_gguf(path, dtype)
         elif os.path.isfile(os.path.join(path, "config.json")):
             fmt, (args, raw) = "hf", read_hf(path)
         elif os.path.isfile(os.path.join(path, "params.json")):
             fmt, (args, raw) = "meta", read_meta(path)
-        elif len(ggufs := sorted(n for n in os.listdir(path) if n.endswith(".gguf"))) == 1:  # a GGUF's own folder
-            return load_checkpoint(os.path.join(path, ggufs[0]), dtype)
-        else:
-            raise ValueError(f"{path} holds several .gguf files ({', '.join(ggufs)}); pass the one to use" if ggufs
-                             else f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; "
-                             f"pass a .gguf file or a checkpoint directory")
+        else:  # a GGUF's own folder (its pip package): its one .gguf
+            return load_checkpoint(file_head(path, none=ValueError(
+                f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; pass a .gguf file or a "
+                "checkpoint directory"))[0], dtype)
     except KeyError as e:
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
     except (TypeError, AttributeError) as e:  # a config field or a weights file of the wrong kind
@@ -600,7 +597,6 @@ def load_checkpoint(path, dtype=torch.float32):
 
 def read_gguf(path, dtype=torch.float32):
     import gguf
-    from tokenizer import open_gguf  # the reader the tokenizer parsed, if it read this file
     try:
         reader = open_gguf(path, keep=False)  # every tensor is copied out below: no one needs the mapping after
     except Exception as e:
@@ -665,14 +661,16 @@ def read_hf(path):
         raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (pickled .bin "
                          f"checkpoints are not loaded; convert them to safetensors)")
     raw = {}
-    for name in files:
+    for file in (os.path.join(path, name) for name in files):
+        if os.path.isfile(file):  # a Git LFS pointer is named as one, not read as a bad safetensors header
+            file_head(file)
         try:
-            with safe_open(os.path.join(path, name), "pt") as f:
+            with safe_open(file, "pt") as f:
                 if again := set(f.keys()) & set(raw):
                     raise ValueError(f"it repeats tensors of another shard, e.g. {sorted(again)[:3]}")
                 raw.update({k: f.get_tensor(k) for k in f.keys()})
         except Exception as e:
-            raise ValueError(f"cannot read {os.path.join(path, name)}: {e}") from None
+            raise ValueError(f"cannot read {file}: {e}") from None
     if args.tie_embeddings:
         raw.pop("lm_head.weight", None)  # a tied copy some exporters write: consumed, not used
     return args, raw
@@ -697,6 +695,7 @@ def read_meta(path):
         raise ValueError(f"{path}: params.json but no consolidated.*.pth weights")
     parts = []
     for shard in shards:
+        file_head(shard)  # a Git LFS pointer is named as one
         try:  # weights_only: tensors and plain containers only, never arbitrary pickled objects
             if not zipfile.is_zipfile(shard):
                 raise ValueError("empty, cut short, or not a torch zip file")

@@ -83,9 +83,7 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Enco
     if len(set(ranks.values())) < len(ranks) or len(set(specials.values())) < len(specials):
         raise ValueError(f"{name!r}: two tokens share one id; the tokenizer file is corrupt")
     n = max([*ranks.values(), *specials.values()]) + 1
-    ranks = dict(ranks)
-    for b in range(256):
-        ranks.setdefault(bytes([b]), n + b)
+    ranks = {**{bytes([b]): n + b for b in range(256)}, **ranks}
     blank = set(range(n)) - set(ranks.values()) - set(specials.values())
     return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens=specials), n, blank
@@ -100,6 +98,27 @@ def open_gguf(path, keep=True):
     if not keep:
         _open_gguf.cache_clear()
     return reader
+
+
+def file_head(path, names=(), none: Exception | None = None):
+    """(file, its first 64 bytes): file `path`, or in directory `path` the first of `names` there, else its one .gguf
+    (else `none` is raised). Refused by name, never parsed: a Git LFS pointer, a *.gguf without the GGUF magic."""
+    if os.path.isdir(path):
+        found = [n for n in names if os.path.isfile(os.path.join(path, n))][:1] or sorted(
+            n for n in os.listdir(path) if n.endswith(".gguf"))
+        if len(found) != 1:
+            raise (ValueError(f"{path!r} holds several .gguf files ({', '.join(found)}); pass the one to use") if found
+                   else none or FileNotFoundError(f"no .gguf file in directory {path!r}"))
+        path = os.path.join(path, found[0])
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs.github.com/spec/v1"):  # a clone made without git-lfs
+        raise ValueError(f"{path!r} is a Git LFS pointer, not the file itself: fetch it with `git lfs pull` "
+                         "(or download the file)")
+    if path.endswith(".gguf") and head[:4] != b"GGUF":  # by its name a GGUF: never try it as another format
+        raise ValueError(f"{path!r} is not a GGUF file (it does not start with 'GGUF'): truncated or corrupt; "
+                         "re-download it")
+    return path, head
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,8 +174,7 @@ class Tokenizer:
         self.plain = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos                      # encode()'s default for bos
-        ends = {i for t, i in self.specials.items() if t in END_TOKENS}
-        self.eos_ids = frozenset(ends | ({eos_id} if eos_id is not None else set()))
+        self.eos_ids = frozenset({i for t, i in self.specials.items() if t in END_TOKENS} | ({eos_id} - {None}))
         self.chat, self.system = chat, system       # "llama3" | "chatml" | "llama2" | None; ChatML's default system
         self.vocab_size = sp.get_piece_size() if sp is not None else vocab_size
 
@@ -164,20 +182,9 @@ class Tokenizer:
     def from_path(cls, path) -> "Tokenizer":
         if not os.path.exists(path := os.fspath(path)):
             raise FileNotFoundError(f"no tokenizer at {path!r}: {HOW}")
-        if os.path.isdir(path):
-            found = [n for n in ("tokenizer.model", "tokenizer.json") if os.path.isfile(os.path.join(path, n))]
-            found = found[:1] or sorted(n for n in os.listdir(path) if n.endswith(".gguf"))  # as load_checkpoint
-            if not found:
-                raise FileNotFoundError(f"no tokenizer.model, tokenizer.json or .gguf in directory {path!r}: {HOW}")
-            if len(found) > 1:
-                raise ValueError(f"{path!r} holds several .gguf files ({', '.join(found)}); pass the one to use")
-            path = os.path.join(path, found[0])
-        with open(path, "rb") as f:
-            head = f.read(64)
-        if path.endswith(".gguf") and head[:4] != b"GGUF":  # by its name a GGUF: never try it as another format
-            raise ValueError(f"{path!r} is not a GGUF file (it does not start with 'GGUF'): truncated or corrupt; "
-                             "re-download it")
-        try:
+        path, head = file_head(path, ("tokenizer.model", "tokenizer.json"), FileNotFoundError(
+            f"no tokenizer.model, tokenizer.json or .gguf in directory {path!r}: {HOW}"))
+        try:  # the format by what the file holds; a .json by its name
             if head[:4] == b"GGUF":
                 return cls._from_gguf(path)
             if path.endswith(".json"):
@@ -202,15 +209,12 @@ class Tokenizer:
         pre = get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE:
             raise ValueError(f"{path!r}: unknown GGUF pre-tokenizer {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
-        ranks, specials = {}, {}
         tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
         if tokens is None or types is None:
             raise ValueError(f"{path!r}: the GGUF file has no tokenizer.ggml.tokens or token_type list")
-        for i, (tok, typ) in enumerate(zip(tokens, types)):
-            if typ == 1:  # NORMAL: byte-level string
-                ranks[_vocab_bytes(tok, path)] = i
-            elif typ in (3, 4):  # CONTROL, USER_DEFINED (found in plain text too): raw text, not byte-level
-                specials[tok] = i
+        # Types 1 NORMAL: byte-level strings; 3 CONTROL, 4 USER_DEFINED (found in plain text too): raw text.
+        ranks = {_vocab_bytes(tok, path): i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == 1}
+        specials = {tok: i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ in (3, 4)}
         _check_merges(path, get("tokenizer.ggml.merges"), dict(zip(tokens, range(len(tokens)))), ranks)
         # Converters before llama.cpp had tokenizer.ggml.pre (April 2024) wrote none, and llama.cpp splits such files
         # GPT-2's way, warning that generation degrades. Early Llama 3 files hold <|start_header_id|>: they get Llama

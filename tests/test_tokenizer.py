@@ -298,6 +298,22 @@ def test_directory_with_several_ggufs_asks_which(tmp_path, llama3):
     assert Tokenizer.from_path(tmp_path).encode("hi there") == llama3.encode("hi there")
 
 
+def test_git_lfs_pointers_are_named(tmp_path):
+    """A clone made without git-lfs holds pointer files in place of tokenizer.json, tokenizer.model (sentencepiece or
+    tiktoken) and *.gguf: each is named as one, with how to fetch it, not refused as bad JSON, protobuf or GGUF."""
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"c4" * 32 + b"\nsize 9085657\n"
+    for name in ("tokenizer.json", "tokenizer.model", "model.gguf"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_bytes(pointer)
+        (folder / "tokenizer_config.json").write_text("{}")
+        for path in (folder, folder / name):  # found in its directory, or named
+            with pytest.raises(ValueError) as e:
+                Tokenizer.from_path(path)
+            assert str(e.value) == f"{str(folder / name)!r} is a Git LFS pointer, not the file itself: fetch it with " \
+                                   "`git lfs pull` (or download the file)"
+
+
 def test_gguf_bos_default_follows_llama_cpp(tmp_path):
     """Without tokenizer.ggml.add_bos_token a byte-level GGUF adds BOS only for Llama 3's pre-tokenizers, as
     llama.cpp does (a ChatML model's BOS <|im_start|> must not open every prompt); the key, when present, rules."""
