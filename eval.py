@@ -1,7 +1,8 @@
 """Does HATA keep the model's answers? Retrieval, perplexity and agreement, sparse selectors against dense.
 
-    python eval.py --quick              # small sizes; tests/test_eval.py runs its pieces
-    python eval.py --text book.txt      # its held-out part (train_hash.py's split) as the haystack and the text
+    python eval.py --quick                      # small sizes; tests/test_eval.py runs its pieces
+    python eval.py --text book.txt --name book  # book.txt's held-out part (train_hash.py's split) as the
+                                                # haystack and the text; writes report/book_*
     (the full run and its results: EVAL.md)
 
 Every score comes *out of the sparse decode path* (model.py, `Attention.sparse_decode`):
@@ -126,7 +127,7 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, b
     prefill(model, tokens[:, :n_prefill], pos0)
     out = {}
     for name, f, hata in pols + [(None, None, None)]:  # the last switch leaves the model dense
-        with contextlib.redirect_stderr(io.StringIO()):  # the random-projection warning, at every switch
+        with contextlib.redirect_stderr(io.StringIO()):  # hata-random is random by design: no warning at each switch
             model.set_hata(hata)
         if name is not None:
             out[(name, f)] = tuple(t.cpu() for t in decode(model, tokens[:, n_prefill:], pos0, steps, expect))
@@ -456,7 +457,8 @@ def build_parser():
     p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=positive_int, default=256, help="scored tokens at the end of each window")
     p.add_argument("--seed", type=int, default=0, help="seed of the retrieval samples' pass keys and distractors")
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda (fp32 either way)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (fp32 either way)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
     p.add_argument("--minutes", type=float, default=math.inf, help="time limit (skips late retrieval) (default: none)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")

@@ -131,6 +131,9 @@ class HataArgs:
             return int(self.budget)
         return max(1, math.ceil(round(self.budget * capacity, 6)))  # round: 9/11 * 77 = 63.00000000000001 in floats
 
+    def hashes(self, capacity):  # whether sparse layers read hash codes (need projections, code caches) at capacity
+        return self.selector == "hash" and self.budget_tokens(capacity) < capacity  # K >= capacity: dense
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Layers
@@ -223,12 +226,11 @@ class Attention(nn.Module):
         self.hata = hata if hata is not None and layer_id >= hata.n_dense else None  # None: a dense layer
         self.kv_cache = None
         self.kv_cache_cls = KVCache  # what setup_caches allocates; offload.py swaps in a host-memory cache
-        self.hash_cache = None
+        self.hash_cache = None  # a HashCache only in a layer that selects by hash codes (Transformer.set_hata)
         self.budget = 0  # K in tokens, set with the caches
         self.hash_proj = None  # (Hkv, D, R) fp32, set by Transformer.set_hash_projections
         self.apply_rope = apply_rope  # Transformer.compile_pointwise swaps in a compiled one
-        self.keep_qk = False  # when True, forward keeps its post-RoPE (q, k) in self.qk (the hash trainer reads it)
-        self.qk = None
+        self.keep_qk, self.qk = False, None  # keep_qk: forward keeps its post-RoPE (q, k) in qk (the hash trainer)
 
     def forward(self, x, cos, sin, pos, mask, lengths):
         """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T,
@@ -240,18 +242,16 @@ class Attention(nn.Module):
         qk = self.apply_rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)  # (B, H + Hkv, T, D): one pass
         q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        if self.keep_qk:
-            self.qk = (q, k)
+        self.qk = (q, k) if self.keep_qk else None
         keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each, or a prefix of S_max (offload.py)
-        if self.hata is not None:
+        q_codes = None
+        if self.hash_cache is not None:  # set_hata gave one to this layer: it selects by hash codes
             norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
             if T == 1:  # decode: the new key's code goes into the cache in the launch that hashes the queries
                 q_codes = hash_encode_step(q[:, :, 0], k[:, :, 0], self.hash_proj, self.hash_cache.codes,
                                            pos[:, 0])  # (B, H, W) int32
-                if norms is not None:
-                    self.hash_cache.update(pos, None, norms)
-            else:
-                self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
+            if T > 1 or norms is not None:  # a prefill chunk's codes (B, Hkv, T, W) int32; any step's norms
+                self.hash_cache.update(pos, hash_encode(k, self.hash_proj) if T > 1 else None, norms)
 
         if self.hata is not None and T == 1 and self.budget < keys.shape[2]:  # K >= S_max: always dense
             y = self.sparse_decode(q[:, :, 0], q_codes, keys, values, lengths)[:, :, None]  # (B, H, 1, D)
@@ -389,18 +389,22 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             attn = layer.attention
             attn.hata = hata if hata is not None and i >= hata.n_dense else None
-            attn.hash_cache, attn.hash_proj, attn.budget = None, None, 0
+            attn.hash_cache, attn.hash_proj = None, None
+            attn.budget = attn.hata.budget_tokens(self.max_seq_len) if attn.hata else 0
         if far := [i for i, l in enumerate(self.layers) if getattr(l.attention.hata, "selector", None) != "hash"
                    and l.attention.kv_cache is not None and type(l.attention.kv_cache) is not KVCache]:
             print(f"warning: layers {far} keep their K/V in host memory (offload.py) but now read all of it every "
                   "step (dense, oracle or Quest); call apply_offload and setup_caches again", file=sys.stderr)
-        if hata is None or not self.sparse_layers() or not self.max_seq_len:
+        if hata is None or not self.sparse_layers():
+            return
+        if not hata.hashes(self.max_seq_len):  # oracle, Quest, a K that covers the cache, or no cache yet
+            if hata.selector == "hash" and hata.hash_weights:  # a wrong file is an error whatever the budget
+                load_hash_projections(hata.hash_weights, self.args, hata)
             return
         self.set_hash_projections(hata.hash_weights)
         for attn in self.sparse_layers():
             keys = attn.kv_cache.k  # (B, Hkv, S_max, D)
             attn.hash_cache = HashCache(*keys.shape[:3], hata.rbit // 32, hata.use_norm, keys.device)
-            attn.budget = hata.budget_tokens(self.max_seq_len)
             if rehash:
                 attn.hash_cache.codes.copy_(hash_encode(keys, attn.hash_proj))  # (B, Hkv, S_max, W) int32
                 if hata.use_norm:
@@ -436,22 +440,19 @@ class Transformer(nn.Module):
 
     def set_hash_projections(self, path=None, seed=0):
         """Load trained projections from `path`, or draw seeded Gaussian ones (plain LSH) with a warning."""
-        layers = self.sparse_layers()
-        if not layers:
+        if not self.sparse_layers():
             return
         hata, args = self.hata, self.args
         if path is None:
-            print(f"warning: no hash weights given; using seeded random projections (seed {seed}), which select "
-                  f"less accurately than trained ones", file=sys.stderr)
+            print(f"warning: no hash weights given; using seeded random projections (seed {seed}), which select less "
+                  "accurately than trained ones (pass --hash-weights; train_hash.py makes them)", file=sys.stderr)
             gen = torch.Generator().manual_seed(seed)
             projs = {i: torch.randn(args.n_kv_heads, args.head_dim, hata.rbit, generator=gen)
                      for i in range(hata.n_dense, args.n_layers)}
         else:
             projs = load_hash_projections(path, args, hata)
-        device = self.output.weight.device
-        for i, layer in enumerate(self.layers):
-            if layer.attention.hata is not None:
-                layer.attention.hash_proj = projs[i].float().to(device)
+        for i in range(hata.n_dense, args.n_layers):  # the sparse layers
+            self.layers[i].attention.hash_proj = projs[i].float().to(self.output.weight.device)
 
 
 def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):

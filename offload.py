@@ -170,7 +170,7 @@ def staged_sparse_attention(q, k_far, v_far, idx):
 class OffloadPlan:
     layers: list  # indices of the layers whose K/V live in host memory
     layer_bytes: int  # K + V of one layer
-    gpu_bytes: int  # what the KV cache keeps on the GPU: the other layers' K/V and every sparse layer's codes
+    gpu_bytes: int  # what the KV cache keeps on the GPU: the other layers' K/V and the sparse layers' codes (if any)
     host_bytes: int  # what the offloaded layers take in host memory
 
     def __str__(self):
@@ -237,7 +237,8 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     esize = model.output.weight.dtype.itemsize
     layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
     per_token = hata.rbit // 8 + 4 * hata.use_norm  # R / 8 bytes of code (+ an fp32 norm) per token and KV head
-    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
+    hashed = hata.hashes(max_seq_len)  # set_hata keeps codes only where they are read: the hash selector, K < S_max
+    code_bytes = hashed * len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
     all_gpu = args.n_layers * layer_bytes + code_bytes
     n = len(sparse)
     if kv_gpu_gb is not None:

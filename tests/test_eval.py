@@ -3,11 +3,15 @@ prefill/decode machinery against dense attention (the same functions the full ru
 import copy
 import json
 import math
+import os
 import random
+import re
+import shlex
 
 import pytest
 import torch
 
+import engine
 import eval as ev
 from model import HataArgs
 from tokenizer import Tokenizer
@@ -242,7 +246,31 @@ def test_default_and_given_flags_parse_to_what_run_uses():
         args = ev.build_parser().parse_args(argv)
         assert args.quest == quest and list(ev.selectors("w.safetensors", args.quest)) == [
             "oracle", "hata-trained", "hata-random"] + [f"quest s{s} r{r}" for s, r in quest]
-        assert all(0 < f < 1 for f in args.budgets + args.quest_budgets) and args.device == "cpu"
+        assert all(0 < f < 1 for f in args.budgets + args.quest_budgets)
+
+
+@pytest.mark.parametrize("n_gpus", [0, 1])
+def test_device_defaults_as_engines(monkeypatch, n_gpus):
+    """cuda where the machine has one, as engine.py; the CPU otherwise."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+    want = "cuda" if n_gpus else "cpu"
+    assert ev.build_parser().parse_args([]).device == engine.build_parser().parse_args([]).device == want
+
+
+def test_the_docstrings_examples_pass_the_checks_in_a_fresh_clone(capsys, tmp_path):
+    """Each `python eval.py ...` example of the module docstring gets past the checks (to the missing checkpoint
+    here) beside the committed results of report/: none of them is in its way."""
+    committed = ["eval_results.json", "eval_listwise_results.json"]
+    for name in committed:
+        assert os.path.isfile(os.path.join(ev.HERE, "report", name))
+        (tmp_path / name).write_text("kept")
+    examples = re.findall(r"^ *python eval\.py ([^#\n]*)", ev.__doc__, re.M)
+    assert len(examples) == 2
+    for line in examples:
+        assert ev.main(shlex.split(line) + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2
+        assert "nonexistent" in capsys.readouterr().err
+    assert all((tmp_path / name).read_text() == "kept" for name in committed)
 
 
 def test_quick_sizes_are_defaults_that_given_flags_override():

@@ -148,6 +148,60 @@ def test_set_hata_after_a_dense_prefill(smol_weights):
     assert got == want[0]
 
 
+def decode_tiny(model, steps=4):
+    """Prefill two random prompts (11 and 17 tokens) in a 32-token cache, then greedy decode steps: (steps + 1,
+    B, V) logits."""
+    model.setup_caches(2, 32)
+    tokens, lengths = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1)), torch.tensor([11, 17])
+    with torch.inference_mode():
+        logits = [prefill(model, tokens, lengths, chunk=8)]  # a chunk after the first hashes into the cache too
+        for step in range(steps):
+            logits.append(decode_one_token(model, logits[-1].argmax(-1), lengths + step))
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("selector, budget, hashed", [("oracle", 5, False), ("quest", 5, False), ("hash", 32, False),
+                                                      ("hash", 0.99, False), ("hash", 31, True), ("hash", 0.5, True)])
+def test_codes_only_where_the_hash_selector_reads_them(monkeypatch, capsys, selector, budget, hashed):
+    """set_hata gives projections and hash caches to the sparse layers of the hash selector with K below the
+    cache's 32 tokens (0.99 of it is 32), and to no other: nothing else is hashed and no random-projection warning
+    is printed. The logits are those of the old way, which hashed every sparse layer's keys and queries anyway."""
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"], HataArgs(budget=budget, n_dense=1, selector=selector)).eval()
+    calls = []
+    for name in ("hash_encode", "hash_encode_step"):
+        real = getattr(model_module, name)
+        monkeypatch.setattr(model_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    logits = decode_tiny(model)
+    attns = [layer.attention for layer in model.layers]
+    want = [False] + [hashed] * 3  # layer 0 is dense
+    assert [a.hash_cache is not None for a in attns] == [a.hash_proj is not None for a in attns] == want
+    assert sorted(set(calls)) == (["hash_encode", "hash_encode_step"] if hashed else [])
+    err = capsys.readouterr().err
+    if hashed:  # one line, naming where trained projections come from
+        assert err.count("\n") == 1 and "no hash weights given" in err and "train_hash.py makes them" in err
+    else:
+        assert err == ""
+        monkeypatch.setattr(HataArgs, "hashes", lambda self, capacity: capacity > 0)  # as before: codes everywhere
+        old = decode_tiny(model)
+        assert calls and model.layers[1].attention.hash_cache is not None
+        assert torch.equal(logits, old)
+
+
+def test_a_hash_weights_file_is_checked_whatever_the_budget(tmp_path):
+    """A K that covers the cache reads no codes, yet the hash selector's file is still checked before any work (a
+    short engine.py run with a wrong --hash-weights fails); the oracle's is not read (engine.py: 'ignored')."""
+    args, path = PRESETS["tiny"], str(tmp_path / "p.safetensors")
+    save_hash_projections(path, {i: torch.randn(2, 16, 64) for i in (1, 2, 3)}, args, HataArgs(rbit=64, n_dense=1))
+    for budget in (8, 64):
+        model = Transformer(args, HataArgs(budget=budget, n_dense=1, hash_weights=path))  # rbit 128, not the file's
+        with pytest.raises(ValueError, match="pass --rbit 64"):
+            model.setup_caches(1, 64)
+    model = Transformer(args, HataArgs(budget=8, n_dense=1, selector="oracle", hash_weights=path))
+    model.setup_caches(1, 64)
+    assert all(layer.attention.hash_proj is None for layer in model.layers)
+
+
 def test_bad_hata_values():
     with pytest.raises(ValueError, match="budget"):
         HataArgs(budget=0)
@@ -175,7 +229,7 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
     back = load_hash_projections(path, args, hata)
     assert all(torch.equal(back[i], projs[i]) for i in projs)
 
-    model = Transformer(args, HataArgs(rbit=64, n_dense=1, hash_weights=path))
+    model = Transformer(args, HataArgs(rbit=64, budget=4, n_dense=1, hash_weights=path))  # K below the cache's 8
     model.setup_caches(1, 8)
     assert torch.equal(model.layers[2].attention.hash_proj, projs[2])
     assert model.layers[0].attention.hash_proj is None  # dense layer

@@ -91,6 +91,20 @@ def test_cap_offloads_only_what_does_not_fit():
     assert plan_offload(normed, 1, 256, kv_gpu_gb=100).gpu_bytes == 4 * layer + codes + 3 * 1 * 2 * 256 * 4
 
 
+def test_plan_counts_the_codes_set_hata_keeps():
+    """Hash codes stay on the GPU only where they are read: the plan counts what setup_caches allocates, so a cap
+    that holds every layer's K/V fits the oracle, or a K that covers the cache, without offloading (or refusing)."""
+    layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
+    for hata, codes in ((HataArgs(budget=8, n_dense=1), 3 * 2 * 256 * 16), (HataArgs(budget=256, n_dense=1), 0),
+                        (HataArgs(budget=8, n_dense=1, selector="oracle"), 0)):
+        model = tiny(hata=hata)
+        assert plan_offload(model, 1, 256, kv_gpu_gb=(4 * layer + codes) / GiB).layers == []
+        assert plan_offload(model, 1, 256, kv_gpu_gb=100).gpu_bytes == 4 * layer + codes
+        model.setup_caches(1, 256)
+        assert sum(b.nbytes for block in model.layers if block.attention.hash_cache is not None
+                   for b in block.attention.hash_cache.buffers()) == codes
+
+
 def test_host_memory_counts_a_containers_cap(tmp_path):
     (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable:   50 kB\n")
     meminfo, cg = str(tmp_path / "meminfo"), tmp_path / "cg"
