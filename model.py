@@ -547,25 +547,28 @@ def refuse_unsupported(where, fmt, setting, args):
             raise ValueError(f"{where}: {key}={value!r} is not supported; hata implements {ours.format(a=args)}")
 
 
+def checkpoint_format(path):
+    """("gguf", the .gguf file) or ("hf" | "meta", the directory): what load_checkpoint reads, told from names and
+    64 bytes (engine.py asks first, so that a wrong --checkpoint is not met as an error of its tokenizer)."""
+    if not os.path.exists(path := os.fspath(path)):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    for fmt, name in (("hf", "config.json"), ("meta", "params.json")):
+        if os.path.isfile(os.path.join(path, name)):
+            return fmt, path
+    how = "pass a .gguf file or a checkpoint directory"
+    path, head = file_head(path, none=ValueError(  # a directory: its one .gguf (the default model's package)
+        f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; {how}"))
+    if head[:4] != b"GGUF":  # file_head calls a *.gguf without it a broken download; another file, a wrong argument
+        raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'): {how}")
+    return "gguf", path
+
+
 def load_checkpoint(path, dtype=torch.float32):
     """Returns (ModelArgs, {Meta's name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None). A GGUF's weights
     are dequantized into `dtype` one by one, never all in float32 (the default model, bf16: 0.8 GB peak, not 1.2)."""
-    if not os.path.exists(path := os.fspath(path)):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    fmt, path = checkpoint_format(path)
     try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
-        if os.path.isfile(path):  # file_head refuses a *.gguf without the GGUF magic as a broken download
-            if file_head(path)[1][:4] != b"GGUF":  # another file without it: a wrong argument
-                raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf file or a "
-                                 "checkpoint directory")
-            fmt, (args, raw) = "gguf", read_gguf(path, dtype)
-        elif os.path.isfile(os.path.join(path, "config.json")):
-            fmt, (args, raw) = "hf", read_hf(path)
-        elif os.path.isfile(os.path.join(path, "params.json")):
-            fmt, (args, raw) = "meta", read_meta(path)
-        else:  # a GGUF's own folder (its pip package): its one .gguf
-            return load_checkpoint(file_head(path, none=ValueError(
-                f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; pass a .gguf file or a "
-                "checkpoint directory"))[0], dtype)
+        args, raw = read_gguf(path, dtype) if fmt == "gguf" else read_hf(path) if fmt == "hf" else read_meta(path)
     except KeyError as e:
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
     except (TypeError, AttributeError) as e:  # a config field or a weights file of the wrong kind
@@ -580,8 +583,7 @@ def load_checkpoint(path, dtype=torch.float32):
     col = FORMATS.index(fmt)
     table = {row[col].format(i=i): row[0].format(i=i)
              for row in WEIGHT_NAMES for i in (range(args.n_layers) if "{i}" in row[0] else [0])}
-    leftovers = sorted(set(raw) - set(table))
-    if leftovers:
+    if leftovers := sorted(set(raw) - set(table)):
         raise ValueError(f"{path}: {len(leftovers)} tensors this model does not use, e.g. {leftovers[:4]}")
     sd = {table[name]: w for name, w in raw.items()}
     if fmt != "hf":  # Meta's interleaved RoPE pairs (2i, 2i+1) -> half-split pairs (i, i + D/2)

@@ -53,6 +53,24 @@ def test_truncated_gguf(capsys, tmp_path, gguf_path):
     assert code == 2 and str(cut) in error_line(err)
 
 
+def test_a_wrong_checkpoint_gets_the_loaders_error_not_the_tokenizers(capsys, tmp_path):
+    """The tokenizer comes from the checkpoint and is read first: a path that is no checkpoint (an empty directory,
+    a text file) is refused in load_checkpoint's words, before the tokenizer fails on it less clearly. A directory
+    of the right form without a tokenizer still gets the tokenizer's error."""
+    from model import load_checkpoint
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    for path in (tmp_path / "empty", tmp_path / "notes.txt"):
+        with pytest.raises(ValueError) as loader:
+            load_checkpoint(path)
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(path))
+        assert code == 2 and error_line(err) == f"error: {loader.value}", err
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(tmp_path / "hf"))
+    assert code == 2 and "no tokenizer.model, tokenizer.json or .gguf in directory" in error_line(err)
+
+
 def hf_dir(tmp_path, smol_weights, drop=None, extra=None):
     """A 2-layer Hugging Face directory of the default model's real weights (tokenizer passed separately)."""
     from tests.test_model import write_hf
@@ -92,12 +110,13 @@ def test_prompt_longer_than_max_seq_len(capsys):
 
 def test_unknown_dtype(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--dtype", "float8")
-    assert code == 2 and "unknown --dtype 'float8'" in error_line(err)
+    assert code == 2 and "argument --dtype: invalid choice: 'float8'" in error_line(err)
 
 
 @pytest.mark.parametrize("flag, value, words", [
     ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
-    ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"), ("--temperature", "nan", "--temperature"),
+    ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"),
+    ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
 ])
 def test_bad_flags(capsys, flag, value, words):
@@ -128,9 +147,24 @@ def test_bad_prompt_files(capsys, tmp_path):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
+    """`echo TEXT > FILE` (or an editor's CRLF) reads as TEXT, as llama.cpp's -f does: the same tokens and answer as
+    --prompt TEXT. Only one newline goes: a blank line at the end stays in the prompt."""
+    text, runs = "The capital of France is", []
+    for i, ending in enumerate((None, b"\n", b"\r\n", b"\n\n")):
+        (tmp_path / f"{i}.txt").write_bytes(text.encode() + (ending or b""))
+        prompt = ["--prompt", text] if ending is None else ["--prompt-file", str(tmp_path / f"{i}.txt")]
+        code, out, err = run_cli(capsys, *prompt, "--max-new-tokens", "3", "--dense")
+        assert code == 0, err
+        runs.append((out, err.split("prefill: ")[1].split(" in ")[0]))
+    assert runs[1] == runs[2] == runs[0] == (runs[0][0], "5 tokens") and runs[3][1] == "6 tokens"
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 @pytest.mark.parametrize("argv, words", [
     (["--prompt", "hi", "--prompt", ""], "prompt 2 is empty"),
     (["--prompt", "hi", "--tokenizer", "llama3"], "does not belong to this checkpoint"),  # ids up to 128000
+    (["--prompt", "hi", "--max-seq-len", "100000"], "--max-seq-len 100000 exceeds the model's context of 8192 tokens"),
 ])
 def test_prompts_the_model_cannot_take(capsys, argv, words):
     argv = [_package_file("llama_models", "llama3", "tokenizer.model") if a == "llama3" else a for a in argv]
@@ -249,6 +283,17 @@ def test_status_lines(capsys):
         HataArgs(budget=4, n_sink=1, n_recent=3), 64, 4)
     engine.report_speed({"prefill_s": 0.5, "prefill_tokens": 3, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0})
     assert "decode: no steps (each sequence ended with its first token" in capsys.readouterr().err
+    engine.report_speed({"prefill_s": 0.5, "prefill_tokens": 1, "decode_s": 0.1, "decode_steps": 1, "decode_tokens": 1})
+    assert "prefill: 1 token in 0.50s" in (err := capsys.readouterr().err) and "decode: 1 step in 0.10s" in err
+
+
+def test_status_line_names_the_selector():
+    """HATA is the hash selector; the oracle and Quest are named as what they are (an upper bound, a baseline)."""
+    line = {s: engine.describe_policy(HataArgs(budget=4, selector=s), 64, 4) for s in ("hash", "oracle", "quest")}
+    assert line["hash"] == "HATA decode: hash selector, budget 4 of up to 64 tokens, random projections"
+    assert line["oracle"] == "sparse decode: oracle selector (exact top-K, an upper bound), budget 4 of up to 64 tokens"
+    assert line["quest"] == "sparse decode: Quest pages (a baseline), budget 4 of up to 64 tokens"
+    assert "HATA" not in engine.describe_policy(HataArgs(budget=64, selector="quest"), 64, 4)  # covers the cache
 
 
 def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
@@ -265,11 +310,14 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
                            "--max-new-tokens", "10", "--device", "cpu")
     assert code == 0 and "at most 3 new tokens: the cache holds 12 tokens and the prompt 10" in err  # as run() does
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # 1024 + 200 > 1024
-    assert code == 0 and "at most 1 new tokens: the cache holds 1024 tokens" in err
+    assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "2000", "--device", "cpu")
-    assert code == 2 and "--prompt-len 2000 and --max-seq-len None must fit the tiny context of 1024" in err
+    assert code == 2 and error_line(err) == "error: the prompt has 2000 tokens but the model's context is 1024 tokens"
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "20", "--max-seq-len", "12",
+                           "--device", "cpu")
+    assert code == 2 and error_line(err) == "error: the prompt has 20 tokens but --max-seq-len is 12"
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", "2000", "--device", "cpu")
-    assert code == 2 and "--max-seq-len 2000 must fit the tiny context" in err
+    assert code == 2 and error_line(err) == "error: --max-seq-len 2000 exceeds the model's context of 1024 tokens"
     for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
         code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", bad, "--device", "cpu")
         assert code == 2 and "--max-seq-len: invalid positive_int value" in err
@@ -381,11 +429,36 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     assert code == 0 and f"--- {'a' * 60!r}…\n" in out and f"--- {short!r}\n" in out
 
 
-@pytest.mark.parametrize("argv, ignored", [(["--dense", "--hash-weights", "w.safetensors"], "--hash-weights"),
-                                           (["--selector", "quest", "--hash-weights", "w.st"], "--hash-weights"),
-                                           (["--top-p", "0.9"], "--top-p"),
-                                           (["--top-p", "0.9", "--temperature", "1"], None)])
+@pytest.mark.parametrize("argv, ignored", [
+    (["--dense", "--hash-weights", "w.safetensors"], "--hash-weights"),
+    (["--selector", "quest", "--hash-weights", "w.st"], "--hash-weights"),
+    (["--top-p", "0.9"], "--top-p"),
+    (["--top-p", "0.9", "--temperature", "1"], None),
+    (["--dense", "--budget", "1/4", "--sink", "4", "--use-norm", "--n-dense", "3", "--selector", "oracle", "--recent",
+      "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent, --rbit, --use-norm"),
+    (["--dense", "--budget", "2048", "--rbit", "128"], None),  # given, but at their defaults
+    (["--selector", "quest", "--rbit", "100"], "--rbit"),  # not refused as no multiple of 32
+    (["--selector", "oracle", "--use-norm"], "--use-norm"),
+    (["--rbit", "64", "--use-norm"], None),
+])
 def test_flags_that_change_nothing_say_so(capsys, argv, ignored):
-    """Projections with no hash selector to use them, and top-p with greedy decoding: a note, not silence."""
+    """HATA's settings with --dense, the hash selector's with another selector (an --rbit they read nothing of is
+    not refused), and top-p with greedy decoding: a note, not silence; a flag at its default value is no news."""
     code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", "/nonexistent.gguf", *argv)
-    assert code == 2 and (f"note: ignored in this run: {ignored} (see --help)" in err if ignored else "note" not in err)
+    assert code == 2 and "checkpoint not found" in error_line(err)
+    assert f"note: ignored in this run: {ignored} (see --help)" in err if ignored else "note" not in err
+
+
+def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
+    """--random-weights reads no checkpoint, tokenizer or text: those flags get the note, and --prompt only sets the
+    batch size, as the start line says."""
+    (tmp_path / "p.txt").write_text("hi")
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
+                           "--device", "cpu", "--dense", "--checkpoint", str(tmp_path), "--tokenizer", "t.json",
+                           "--chat", "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a", "--prompt", "b")
+    assert code == 0, err
+    assert "note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file (see --help)" in err
+    assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
+                           "--device", "cpu", "--dense")
+    assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err

@@ -291,8 +291,8 @@ def write_gguf(path, keys, tensors=()):
 
 
 def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
-    """A *.gguf without the 'GGUF' magic: the tokenizer's one line, word for word (engine.py loads the tokenizer
-    first, a script may call load_checkpoint alone); another file without it is a wrong argument, not a bad file."""
+    """A *.gguf without the 'GGUF' magic: the tokenizer's one line, word for word (both call tokenizer.file_head; a
+    --tokenizer may name such a file); another file without it is a wrong argument, not a bad file."""
     from tokenizer import Tokenizer
     for name, data in (("empty.gguf", b""), ("zeroed.gguf", b"\0\0\0\0\3\0\0\0" * 8), ("text.gguf", b"hi\n" * 9)):
         (tmp_path / name).write_bytes(data)
