@@ -149,18 +149,21 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
 
     t0 = time.perf_counter()
     cur = sample(prefill(model, tokens, lengths, progress=progress), temperature, top_p, generator)  # (B,)
-    step_fn = decode_one_token
-    if cuda_graph and device.type == "cuda" and max_new_tokens > 1:  # capture: setup, timed with the prefill
-        step_fn = GraphedDecode(model, cur, lengths)  # not with the decode: a long generation pays it once
     synchronize(device)
+    prefill_s, graph_s, step_fn = time.perf_counter() - t0, None, decode_one_token
+    if cuda_graph and device.type == "cuda" and max_new_tokens > 1:  # the capture is setup, timed apart: a long
+        step_fn = GraphedDecode(model, cur, lengths)  # generation pays it once (a first run: Triton compiles too)
+        synchronize(device)
+        graph_s = time.perf_counter() - t0 - prefill_s
     t1 = time.perf_counter()
-    bar = tqdm(range(max_new_tokens), "decode", unit="tok", leave=False, disable=not progress or on_token is not None)
+    bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
     for step in bar:
         out.append(torch.where(done, -1, cur))
         done |= torch.isin(cur, stop)
         if on_token is not None:
             on_token(out[-1])
-        if step == max_new_tokens - 1 or (finished := int(done.sum())) == B:  # the step's one wait for the device
+        finished = int(done.sum())  # the step's one wait for the device
+        if step == max_new_tokens - 1 or finished == B:
             break
         bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
         cur = sample(step_fn(model, cur, lengths + step), temperature, top_p, generator)
@@ -169,7 +172,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     t2 = time.perf_counter()
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
     new = [[t for t in row if t >= 0] for row in rows]
-    timing = {"prefill_s": t1 - t0, "prefill_tokens": int(lengths.sum()), "decode_s": t2 - t1,
+    timing = {"prefill_s": prefill_s, "graph_s": graph_s, "prefill_tokens": int(lengths.sum()), "decode_s": t2 - t1,
               "decode_steps": max(len(out) - 1, 0), "decode_tokens": sum(max(len(t) - 1, 0) for t in new)}
     return new, timing
 
@@ -309,11 +312,13 @@ def run(args):
                          "(drop them, or use --device cuda)")
     hata, default = hata_args(args), build_parser().get_default
     given = {"--" + k.replace("_", "-") for k, v in vars(args).items() if v != default(k)}  # not left at the default
-    off = {"--budget --selector --n-dense --sink --recent": args.dense,  # these change nothing: no sparse layer
-           "--rbit --use-norm --hash-weights": args.dense or args.selector != "hash",  # the hash selector's codes
-           "--top-p": args.temperature == 0,  # greedy
-           "--checkpoint --tokenizer --chat --prompt-file": args.random_weights}  # random tokens, no text
-    if ignored := [flag for flags, on in off.items() if on for flag in flags.split() if flag in given]:
+    off = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense),  # no sparse layer
+           (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash"),  # no hash codes
+           (("--top-p",), args.temperature == 0),  # greedy
+           (("--seed",), args.temperature == 0 and not args.random_weights),  # nothing random
+           (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights),  # random tokens
+           (("--preset", "--prompt-len"), not args.random_weights)]
+    if ignored := [flag for flags, on in off if on for flag in flags if flag in given]:
         print(f"note: ignored in this run: {', '.join(ignored)} (see --help)", file=sys.stderr)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
@@ -369,14 +374,14 @@ def run(args):
     report_speed(timing)
 
 
-def cache_size(args, longest, context):
+def cache_size(args, longest, context, prompt=None):
     """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens within the model's context;
     the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit."""
     if (args.max_seq_len or 0) > context:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
     if longest > (cache := args.max_seq_len or context):  # (run() refuses one over --max-seq-len before loading)
         limit = f"--max-seq-len is {cache}" if args.max_seq_len else f"the model's context is {cache} tokens"
-        raise ValueError(f"the prompt has {longest} tokens but {limit}")
+        raise ValueError(f"{prompt or f'the prompt has {longest} tokens'} but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
     if max_new < args.max_new_tokens:
@@ -386,7 +391,7 @@ def cache_size(args, longest, context):
 
 
 def plural(n, what="token"):  # "1 token", "2 tokens"
-    return f"{n} {what}{'s' * (n != 1)}"
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
 def setup(model, args, batch, max_seq_len):
@@ -408,8 +413,9 @@ def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as
 
 def run_random(args, hata, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
-    batch, unused = len(args.prompt or [None]), " (one per --prompt, its text unused)" * bool(args.prompt)
-    max_seq_len, max_new = cache_size(args, args.prompt_len, PRESETS[args.preset].max_seq_len)  # before the model
+    batch, unused = len(args.prompt or [None]), " (one per --prompt, its text unused)" if args.prompt else ""
+    max_seq_len, max_new = cache_size(args, args.prompt_len, PRESETS[args.preset].max_seq_len,  # before the model
+                                      f"--prompt-len is {args.prompt_len}")
     model = random_model(args.preset, hata, device, dtype)
     setup(model, args, batch, max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}), for speed only: "
@@ -428,8 +434,9 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
     decode = (f"{plural(steps, 'step')} in {secs:.2f}s ({timing['decode_tokens'] / secs:.1f} tok/s, "
               f"{1000 * secs / steps:.1f} ms/step)" if steps else
               "no steps (each sequence ended with its first token, or there was room for one)")
+    graph = f"; CUDA graph capture {timing['graph_s']:.2f}s" if timing.get("graph_s") is not None else ""
     print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
-          f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s); decode: {decode}", file=sys.stderr)
+          f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s){graph}; decode: {decode}", file=sys.stderr)
 
 
 def describe_policy(hata, max_seq_len, n_layers):
@@ -446,7 +453,7 @@ def describe_policy(hata, max_seq_len, n_layers):
         return (f"{selector}, but --sink {hata.n_sink} + --recent {hata.n_recent} fill the budget of {plural(K)}: a "
                 "fixed window of the cache, no selection")
     weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"
-    return f"{selector}, budget {K} of up to {max_seq_len} tokens" + f", {weights}" * (hata.selector == "hash")
+    return f"{selector}, budget {K} of up to {max_seq_len} tokens" + (f", {weights}" if hata.selector == "hash" else "")
 
 
 def shipped_hash_weights(hata, checkpoint=None):

@@ -148,8 +148,8 @@ def test_bad_prompt_files(capsys, tmp_path):
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
-    """`echo TEXT > FILE` (or an editor's CRLF) reads as TEXT, as llama.cpp's -f does: the same tokens and answer as
-    --prompt TEXT. Only one newline goes: a blank line at the end stays in the prompt."""
+    """`echo TEXT > FILE` reads as TEXT, as with llama.cpp's -f (and a CRLF ending too, which text mode reads as "\n"):
+    the same tokens and answer as --prompt TEXT. Only one newline goes: a blank line at the end stays in the prompt."""
     text, runs = "The capital of France is", []
     for i, ending in enumerate((None, b"\n", b"\r\n", b"\n\n")):
         (tmp_path / f"{i}.txt").write_bytes(text.encode() + (ending or b""))
@@ -285,6 +285,9 @@ def test_status_lines(capsys):
     assert "decode: no steps (each sequence ended with its first token" in capsys.readouterr().err
     engine.report_speed({"prefill_s": 0.5, "prefill_tokens": 1, "decode_s": 0.1, "decode_steps": 1, "decode_tokens": 1})
     assert "prefill: 1 token in 0.50s" in (err := capsys.readouterr().err) and "decode: 1 step in 0.10s" in err
+    engine.report_speed({"prefill_s": 0.5, "graph_s": 0.25, "prefill_tokens": 2, "decode_s": 0.1, "decode_steps": 1,
+                         "decode_tokens": 1})  # CUDA: the graph's capture is timed apart from the prefill
+    assert "prefill: 2 tokens in 0.50s (4.0 tok/s); CUDA graph capture 0.25s; decode: 1 step" in capsys.readouterr().err
 
 
 def test_status_line_names_the_selector():
@@ -312,10 +315,10 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # 1024 + 200 > 1024
     assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "2000", "--device", "cpu")
-    assert code == 2 and error_line(err) == "error: the prompt has 2000 tokens but the model's context is 1024 tokens"
+    assert code == 2 and error_line(err) == "error: --prompt-len is 2000 but the model's context is 1024 tokens"
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "20", "--max-seq-len", "12",
                            "--device", "cpu")
-    assert code == 2 and error_line(err) == "error: the prompt has 20 tokens but --max-seq-len is 12"
+    assert code == 2 and error_line(err) == "error: --prompt-len is 20 but --max-seq-len is 12"
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", "2000", "--device", "cpu")
     assert code == 2 and error_line(err) == "error: --max-seq-len 2000 exceeds the model's context of 1024 tokens"
     for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
@@ -326,14 +329,17 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_equals_eager():
     """The captured CUDA-graph step gives the eager step's tokens: HATA's Triton kernels, sequences of different
-    lengths, up to the cache's last slot (7 + 10 - 1 = 16)."""
+    lengths, up to the cache's last slot (7 + 10 - 1 = 16). The capture is timed apart from the prefill."""
     model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cuda", torch.float32)
-    prompts, out = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], []
+    prompts, out, timings = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], [], []
     for graph in (False, True):
         model.setup_caches(2, 16)
         with torch.inference_mode():
-            out.append(engine.generate(model, prompts, max_new_tokens=10, cuda_graph=graph)[0])
+            new, timing = engine.generate(model, prompts, max_new_tokens=10, cuda_graph=graph)
+        out.append(new)
+        timings.append(timing["graph_s"])
     assert out[0] == out[1] and [len(t) for t in out[0]] == [10, 10]
+    assert timings[0] is None and timings[1] > 0
 
 
 def test_sampling_temperature():
@@ -440,6 +446,8 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--selector", "quest", "--rbit", "100"], "--rbit"),  # not refused as no multiple of 32
     (["--selector", "oracle", "--use-norm"], "--use-norm"),
     (["--rbit", "64", "--use-norm"], None),
+    (["--preset", "tiny", "--prompt-len", "8", "--seed", "3"], "--seed, --preset, --prompt-len"),  # no --random-weights
+    (["--seed", "3", "--temperature", "0.7"], None),
 ])
 def test_flags_that_change_nothing_say_so(capsys, argv, ignored):
     """HATA's settings with --dense, the hash selector's with another selector (an --rbit they read nothing of is
