@@ -131,7 +131,7 @@ class HataArgs:
             return int(self.budget)
         return max(1, math.ceil(round(self.budget * capacity, 6)))  # round: 9/11 * 77 = 63.00000000000001 in floats
 
-    def hashes(self, capacity):  # whether sparse layers read hash codes (need projections, code caches) at capacity
+    def reads_codes(self, capacity):  # whether sparse layers select by hash codes (need projections, code caches)
         return self.selector == "hash" and self.budget_tokens(capacity) < capacity  # K >= capacity: dense
 
 
@@ -245,13 +245,15 @@ class Attention(nn.Module):
         self.qk = (q, k) if self.keep_qk else None
         keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each, or a prefix of S_max (offload.py)
         q_codes = None
-        if self.hash_cache is not None:  # set_hata gave one to this layer: it selects by hash codes
+        if self.hash_cache is not None:  # set_hata gave one to this layer: it selects by hash codes, K < S_max
             norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
             if T == 1:  # decode: the new key's code goes into the cache in the launch that hashes the queries
                 q_codes = hash_encode_step(q[:, :, 0], k[:, :, 0], self.hash_proj, self.hash_cache.codes,
                                            pos[:, 0])  # (B, H, W) int32
-            if T > 1 or norms is not None:  # a prefill chunk's codes (B, Hkv, T, W) int32; any step's norms
-                self.hash_cache.update(pos, hash_encode(k, self.hash_proj) if T > 1 else None, norms)
+                if norms is not None:
+                    self.hash_cache.update(pos, None, norms)
+            else:
+                self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
         if self.hata is not None and T == 1 and self.budget < keys.shape[2]:  # K >= S_max: always dense
             y = self.sparse_decode(q[:, :, 0], q_codes, keys, values, lengths)[:, :, None]  # (B, H, 1, D)
@@ -390,14 +392,15 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.hata = hata if hata is not None and i >= hata.n_dense else None
             attn.hash_cache, attn.hash_proj = None, None
-            attn.budget = attn.hata.budget_tokens(self.max_seq_len) if attn.hata else 0
-        if far := [i for i, l in enumerate(self.layers) if getattr(l.attention.hata, "selector", None) != "hash"
-                   and l.attention.kv_cache is not None and type(l.attention.kv_cache) is not KVCache]:
+            attn.budget = attn.hata.budget_tokens(self.max_seq_len) if attn.hata is not None else 0
+        if far := [i for i, l in enumerate(self.layers) if type(l.attention.kv_cache) not in (KVCache, type(None))
+                   and not (l.attention.hata is not None and l.attention.hata.reads_codes(self.max_seq_len))]:
             print(f"warning: layers {far} keep their K/V in host memory (offload.py) but now read all of it every "
-                  "step (dense, oracle or Quest); call apply_offload and setup_caches again", file=sys.stderr)
+                  "step (dense, oracle, Quest, or a budget covering the cache); call apply_offload and setup_caches "
+                  "again", file=sys.stderr)
         if hata is None or not self.sparse_layers():
             return
-        if not hata.hashes(self.max_seq_len):  # oracle, Quest, a K that covers the cache, or no cache yet
+        if not hata.reads_codes(self.max_seq_len):  # oracle, Quest, a K that covers the cache, or no cache yet
             if hata.selector == "hash" and hata.hash_weights:  # a wrong file is an error whatever the budget
                 load_hash_projections(hata.hash_weights, self.args, hata)
             return
@@ -556,7 +559,7 @@ def checkpoint_format(path):
         if os.path.isfile(os.path.join(path, name)):
             return fmt, path
     how = "pass a .gguf file or a checkpoint directory"
-    path, head = file_head(path, none=ValueError(  # a directory: its one .gguf (the default model's package)
+    path, head = file_head(path, missing=ValueError(  # a directory: its one .gguf (the default model's package)
         f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; {how}"))
     if head[:4] != b"GGUF":  # file_head calls a *.gguf without it a broken download; another file, a wrong argument
         raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'): {how}")

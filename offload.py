@@ -231,14 +231,12 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse:
         raise ValueError("nothing to offload: no layer decodes sparsely (--dense, or --n-dense covers every layer)")
-    if kv_gpu_gb is None and hata.budget_tokens(max_seq_len) >= max_seq_len:
-        raise ValueError(f"nothing to offload: the budget covers the whole {max_seq_len}-token cache, so every step "
-                         "is dense and would read all of K/V from host memory; lower --budget or drop --offload")
     esize = model.output.weight.dtype.itemsize
     layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
     per_token = hata.rbit // 8 + 4 * hata.use_norm  # R / 8 bytes of code (+ an fp32 norm) per token and KV head
-    hashed = hata.hashes(max_seq_len)  # set_hata keeps codes only where they are read: the hash selector, K < S_max
-    code_bytes = hashed * len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
+    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
+    if not hata.reads_codes(max_seq_len):  # set_hata keeps codes only where they are read: the hash selector, K < S
+        code_bytes = 0
     all_gpu = args.n_layers * layer_bytes + code_bytes
     n = len(sparse)
     if kv_gpu_gb is not None:
@@ -253,6 +251,9 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
                              f"{n} sparse layers offloaded (dense layers, hash codes and a later prefill chunk's "
                              f"copy of one offloaded layer), but --kv-gpu-gb {kv_gpu_gb} allows {cap} bytes; raise "
                              "it, or lower --max-seq-len or the batch")
+    if n and hata.budget_tokens(max_seq_len) >= max_seq_len:  # (with --kv-gpu-gb too: such layers never select)
+        raise ValueError(f"nothing to offload: the budget covers the whole {max_seq_len}-token cache, so every step "
+                         "is dense and would read all of K/V from host memory; lower --budget or drop --offload")
     if n and hata.selector != "hash":
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
                          "reads every key each step, all of it over PCIe: use --selector hash, or drop --offload")

@@ -100,15 +100,16 @@ def open_gguf(path, keep=True):
     return reader
 
 
-def file_head(path, names=(), none: Exception | None = None):
+def file_head(path, names=(), missing: Exception | None = None):
     """(file, its first 64 bytes): file `path`, or in directory `path` the first of `names` there, else its one .gguf
-    (else `none` is raised). Refused by name, never parsed: a Git LFS pointer, a *.gguf without the GGUF magic."""
+    (else `missing` is raised). Refused by name, never parsed: a Git LFS pointer, a *.gguf without the GGUF magic."""
     if os.path.isdir(path):
-        found = [n for n in names if os.path.isfile(os.path.join(path, n))][:1] or sorted(
-            n for n in os.listdir(path) if n.endswith(".gguf"))
-        if len(found) != 1:
-            raise (ValueError(f"{path!r} holds several .gguf files ({', '.join(found)}); pass the one to use") if found
-                   else none or FileNotFoundError(f"no .gguf file in directory {path!r}"))
+        found = [n for n in names if os.path.isfile(os.path.join(path, n))]
+        found = found[:1] or sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
+        if len(found) > 1:
+            raise ValueError(f"{path!r} holds several .gguf files ({', '.join(found)}); pass the one to use")
+        if not found:
+            raise missing or FileNotFoundError(f"no .gguf file in directory {path!r}")
         path = os.path.join(path, found[0])
     with open(path, "rb") as f:
         head = f.read(64)

@@ -182,7 +182,7 @@ def test_codes_only_where_the_hash_selector_reads_them(monkeypatch, capsys, sele
         assert err.count("\n") == 1 and "no hash weights given" in err and "train_hash.py makes them" in err
     else:
         assert err == ""
-        monkeypatch.setattr(HataArgs, "hashes", lambda self, capacity: capacity > 0)  # as before: codes everywhere
+        monkeypatch.setattr(HataArgs, "reads_codes", lambda self, capacity: capacity > 0)  # as before: codes everywhere
         old = decode_tiny(model)
         assert calls and model.layers[1].attention.hash_cache is not None
         assert torch.equal(logits, old)

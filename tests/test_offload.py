@@ -144,6 +144,23 @@ def test_offload_refuses_selectors_that_read_every_key():
         assert plan_offload(model, 1, 64, kv_gpu_gb=100).layers == []  # nothing offloaded: nothing to refuse
 
 
+def test_offload_refuses_a_budget_that_covers_the_cache(capsys):
+    """K >= the cache: every step is dense, all of an offloaded layer's K/V over PCIe. Refused whether every sparse
+    layer would go (--offload) or a cap asks for some (--kv-gpu-gb); and set_hata warns about layers already out."""
+    model = tiny(hata=HataArgs(budget=64, n_dense=1))
+    layer = 2 * 1 * 2 * 64 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=64, D=16, fp32
+    for cap in (None, 3 * layer / GiB):
+        with pytest.raises(ValueError, match="the budget covers the whole 64-token cache"):
+            plan_offload(model, 1, 64, kv_gpu_gb=cap, host_bytes=GiB)
+    assert plan_offload(model, 1, 64, kv_gpu_gb=100).layers == []  # it all fits: nothing to refuse
+    model = tiny()  # K = 8: layers 1-3 out, and no warning
+    apply_offload(model, 1, 64)
+    model.setup_caches(1, 64)
+    assert "host memory" not in capsys.readouterr().err
+    model.set_hata(HataArgs(budget=64, n_dense=1))
+    assert "layers [1, 2, 3] keep their K/V in host memory" in capsys.readouterr().err
+
+
 def test_own_cgroups_v2_v1_and_hybrid(tmp_path):
     table = tmp_path / "cgroup"
     table.write_text("9:name=systemd:/\n4:cpuacct,memory:/docker/abc\n3:cpu:/\nbroken\n0::/user.slice/x\n")
