@@ -547,8 +547,8 @@ def run(args):
             raise ValueError(f"--out {out} is a directory; give a .safetensors file")
         refuse_to_replace([out], args.overwrite, "another --out")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if args.report:  # now, not after the model loads; the window lengths may shrink to its context (checked again)
-        refuse_to_replace(report_files(args.report_dir, args.eval_len), args.overwrite, "another --report-dir")
+    if args.report:  # the tables now; the plots, named by window lengths cut to the model's context, once it loads
+        refuse_to_replace(report_files(args.report_dir, []), args.overwrite, "another --report-dir")
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
