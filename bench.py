@@ -425,6 +425,8 @@ def bench_e2e(args):
 
     if (L := max(args.seqlens + [args.prefill_len])) > (context := PRESETS[args.preset].max_seq_len):
         raise ValueError(f"{L} tokens (--seqlens, --prefill-len) exceed the {args.preset} context of {context}")
+    if not (hashed := HataArgs(budget=1 / 64)).reads_codes(args.prefill_len):  # codes exist only where K < the cache
+        raise ValueError(f"--prefill-len {args.prefill_len}: too short for HATA to hash its keys (K = 1/64 of it)")
     print_header(args.mode)
     dev, model = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16)
     a = model.args
@@ -487,10 +489,9 @@ def bench_e2e(args):
                            (f"{args.preset}: speedup of HATA over dense", "dense ms / HATA ms", "linear",
                             {n: list(v.items()) for n, v in speedup.items()}, 1)])
 
-    T = args.prefill_len
+    T, result = args.prefill_len, {}
     tokens = torch.randint(0, a.vocab_size, (1, T), device=dev)
-    result = {}
-    for name, policy in (("dense", None), ("HATA (keys hashed)", HataArgs(budget=2048))):
+    for name, policy in (("dense", None), ("HATA (keys hashed)", hashed)):
         model.set_hata(None)
         model.setup_caches(1, T)
         model.set_hata(policy)

@@ -80,6 +80,8 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
 @pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048", "--prefill-len", "512"],
                                           "2048 tokens (--seqlens, --prefill-len) exceed the tiny context of 1024"),
                                          (["e2e", "--seqlens", "512", "--prefill-len", "4096"], "4096 tokens"),
+                                         (["e2e", "--seqlens", "512", "--prefill-len", "1"],
+                                          "--prefill-len 1: too short for HATA to hash its keys"),
                                          (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
                                           "--host-gb must be a number of GiB > 0, got 0.0")])
