@@ -356,12 +356,12 @@ class Transformer(nn.Module):
         return [layer.attention for layer in self.layers if layer.attention.hata is not None]
 
     def setup_caches(self, max_batch_size, max_seq_len, device=None, dtype=None):
-        """Allocate the KV (and hash) caches and the RoPE table for `max_seq_len` positions."""
+        """Allocate the KV (and hash) caches and the RoPE table: self.max_seq_len positions (not args.max_seq_len, the
+        context the model was trained for, which bounds it) for exactly self.max_batch_size sequences a forward."""
         args = self.args
         if max_seq_len > args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context length {args.max_seq_len}")
-        device = device or self.output.weight.device
-        dtype = dtype or self.output.weight.dtype
+        device, dtype = device or self.output.weight.device, dtype or self.output.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old caches before allocating new ones
