@@ -470,3 +470,14 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense")
     assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err
+
+
+@pytest.mark.parametrize("n_gpus", [0, 1])
+def test_every_scripts_device_defaults_as_engines(monkeypatch, n_gpus):
+    """cuda where the machine has one, the CPU otherwise: engine.py, eval.py and train_hash.py alike."""
+    import eval as ev
+    import train_hash as th
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+    want = "cuda" if n_gpus else "cpu"
+    assert [m.build_parser().parse_args([]).device for m in (engine, ev, th)] == [want] * 3

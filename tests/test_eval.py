@@ -11,7 +11,6 @@ import shlex
 import pytest
 import torch
 
-import engine
 import eval as ev
 from model import HataArgs
 from tokenizer import Tokenizer
@@ -247,15 +246,6 @@ def test_default_and_given_flags_parse_to_what_run_uses():
         assert args.quest == quest and list(ev.selectors("w.safetensors", args.quest)) == [
             "oracle", "hata-trained", "hata-random"] + [f"quest s{s} r{r}" for s, r in quest]
         assert all(0 < f < 1 for f in args.budgets + args.quest_budgets)
-
-
-@pytest.mark.parametrize("n_gpus", [0, 1])
-def test_device_defaults_as_engines(monkeypatch, n_gpus):
-    """cuda where the machine has one, as engine.py; the CPU otherwise."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
-    want = "cuda" if n_gpus else "cpu"
-    assert ev.build_parser().parse_args([]).device == engine.build_parser().parse_args([]).device == want
 
 
 def test_the_docstrings_examples_pass_the_checks_in_a_fresh_clone(capsys, tmp_path):

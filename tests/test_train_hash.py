@@ -344,13 +344,3 @@ def test_a_window_cut_to_the_context_is_checked_again(gguf_path, tmp_path, capsy
     assert th.main(argv) == 2
     assert f"{tmp_path / 'hash_quality_8192.png'} exists: pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "hash_quality_8192.png").read_bytes() == b"earlier run"
-
-
-@pytest.mark.parametrize("n_gpus", [0, 1])
-def test_device_default_is_engines(monkeypatch, n_gpus):
-    """CUDA when there is a GPU, as engine.py (the same type, device_name, checks a --device given)."""
-    import engine
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
-    want = "cuda" if n_gpus else "cpu"
-    assert th.build_parser().parse_args([]).device == engine.build_parser().parse_args([]).device == want
