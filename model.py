@@ -393,11 +393,11 @@ class Transformer(nn.Module):
             attn.hata = hata if hata is not None and i >= hata.n_dense else None
             attn.hash_cache, attn.hash_proj = None, None
             attn.budget = attn.hata.budget_tokens(self.max_seq_len) if attn.hata is not None else 0
-        if far := [i for i, l in enumerate(self.layers) if type(l.attention.kv_cache) not in (KVCache, type(None))
+        if far := [i for i, l in enumerate(self.layers) if l.attention.kv_cache is not None
+                   and type(l.attention.kv_cache) is not KVCache
                    and not (l.attention.hata is not None and l.attention.hata.reads_codes(self.max_seq_len))]:
-            print(f"warning: layers {far} keep their K/V in host memory (offload.py) but now read all of it every "
-                  "step (dense, oracle, Quest, or a budget covering the cache); call apply_offload and setup_caches "
-                  "again", file=sys.stderr)
+            print(f"warning: layers {far} keep their K/V in host memory but now read all of it every step (dense, "
+                  "oracle, Quest, or K covering the cache): set kv_cache_cls to KVCache, setup_caches", file=sys.stderr)
         if hata is None or not self.sparse_layers():
             return
         if not hata.reads_codes(self.max_seq_len):  # oracle, Quest, a K that covers the cache, or no cache yet

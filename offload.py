@@ -234,11 +234,10 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     esize = model.output.weight.dtype.itemsize
     layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
     per_token = hata.rbit // 8 + 4 * hata.use_norm  # R / 8 bytes of code (+ an fp32 norm) per token and KV head
-    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
-    if not hata.reads_codes(max_seq_len):  # set_hata keeps codes only where they are read: the hash selector, K < S
-        code_bytes = 0
+    codes = hata.reads_codes(max_seq_len)  # set_hata keeps codes only where they are read: the hash selector, K < S
+    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token if codes else 0
     all_gpu = args.n_layers * layer_bytes + code_bytes
-    n = len(sparse)
+    n, fix = len(sparse), "drop --offload"
     if kv_gpu_gb is not None:
         if not (math.isfinite(kv_gpu_gb) and kv_gpu_gb > 0):
             raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {kv_gpu_gb}")
@@ -246,17 +245,18 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
         # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
         # so while any layer is offloaded the cap holds one layer's K/V more: offloading n frees n - 1 layers.
         n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu - cap) / layer_bytes) + 1)
-        if all_gpu - max(0, n - 1) * layer_bytes > cap:
-            raise ValueError(f"the KV cache needs {all_gpu - (n - 1) * layer_bytes} bytes on the GPU even with all "
-                             f"{n} sparse layers offloaded (dense layers, hash codes and a later prefill chunk's "
-                             f"copy of one offloaded layer), but --kv-gpu-gb {kv_gpu_gb} allows {cap} bytes; raise "
-                             "it, or lower --max-seq-len or the batch")
+        fix = f"raise --kv-gpu-gb to {all_gpu / GiB:.3g} (nothing offloaded)"
     if n and hata.budget_tokens(max_seq_len) >= max_seq_len:  # (with --kv-gpu-gb too: such layers never select)
-        raise ValueError(f"nothing to offload: the budget covers the whole {max_seq_len}-token cache, so every step "
-                         "is dense and would read all of K/V from host memory; lower --budget or drop --offload")
+        raise ValueError(f"offloading gains nothing: the budget covers the whole {max_seq_len}-token cache, so every "
+                         f"step is dense and would read all of K/V from host memory; lower --budget or {fix}")
     if n and hata.selector != "hash":
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
-                         "reads every key each step, all of it over PCIe: use --selector hash, or drop --offload")
+                         f"reads every key each step, all of it over PCIe: use --selector hash, or {fix}")
+    if kv_gpu_gb is not None and all_gpu - max(0, n - 1) * layer_bytes > cap:
+        raise ValueError(f"the KV cache needs {all_gpu - (n - 1) * layer_bytes} bytes on the GPU even with all {n} "
+                         f"sparse layers offloaded (dense layers, hash codes and a later prefill chunk's copy of one "
+                         f"offloaded layer), but --kv-gpu-gb {kv_gpu_gb} allows {cap} bytes; raise it, or lower "
+                         "--max-seq-len or the batch")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need = n * layer_bytes
     where = "are available"

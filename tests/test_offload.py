@@ -1,6 +1,8 @@
 """offload.py: the same tokens with the sparse layers' K/V in host memory as with the whole cache on the device;
 the memory plan (cap, refusals); the staged fetch against the ref. On the CPU host memory plays the far memory and
 the Triton kernels run in the interpreter; the GPU tests (pinned host memory read through UVA) skip without CUDA."""
+import re
+
 import pytest
 import torch
 
@@ -149,8 +151,10 @@ def test_offload_refuses_a_budget_that_covers_the_cache(capsys):
     layer would go (--offload) or a cap asks for some (--kv-gpu-gb); and set_hata warns about layers already out."""
     model = tiny(hata=HataArgs(budget=64, n_dense=1))
     layer = 2 * 1 * 2 * 64 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=64, D=16, fp32
-    for cap in (None, 3 * layer / GiB):
-        with pytest.raises(ValueError, match="the budget covers the whole 64-token cache"):
+    for cap, fix in ((None, "drop --offload"), (3 * layer / GiB, "raise --kv-gpu-gb to 6.1e-05 (nothing offloaded)"),
+                     (1e-9, "raise --kv-gpu-gb to 6.1e-05")):  # a cap too small for any plan: this, not the bytes
+        with pytest.raises(ValueError, match=re.escape(f"64-token cache, so every step is dense and would read all of "
+                                                       f"K/V from host memory; lower --budget or {fix}")):
             plan_offload(model, 1, 64, kv_gpu_gb=cap, host_bytes=GiB)
     assert plan_offload(model, 1, 64, kv_gpu_gb=100).layers == []  # it all fits: nothing to refuse
     model = tiny()  # K = 8: layers 1-3 out, and no warning
