@@ -131,10 +131,11 @@ def synchronize(device):
 
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False):
-    """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, timing dict).
+    """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, timing: prefill_s,
+    graph_s (the CUDA graph's capture, None without one), decode_s, prefill_tokens, decode_steps, decode_tokens).
     Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,), -1 where a
     sequence has stopped) is called after every step (streaming). On CUDA the decode step runs as a CUDA graph
-    unless cuda_graph is False. `progress`: bars on stderr, prefill's for a long prompt and decode's (tokens, and
+    unless cuda_graph is False. `progress`: bars on stderr, prefill's for a long prompt and decode's (steps, and
     sequences finished) unless on_token streams them."""
     device = model.output.weight.device
     if not prompts or not all(prompts):
@@ -150,12 +151,13 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     t0 = time.perf_counter()
     cur = sample(prefill(model, tokens, lengths, progress=progress), temperature, top_p, generator)  # (B,)
     synchronize(device)
-    prefill_s, graph_s, step_fn = time.perf_counter() - t0, None, decode_one_token
-    if cuda_graph and device.type == "cuda" and max_new_tokens > 1:  # the capture is setup, timed apart: a long
-        step_fn = GraphedDecode(model, cur, lengths)  # generation pays it once (a first run: Triton compiles too)
-        synchronize(device)
-        graph_s = time.perf_counter() - t0 - prefill_s
     t1 = time.perf_counter()
+    step_fn = decode_one_token
+    # The capture is setup, timed apart: a long generation pays it once (on a first run Triton compiles there too).
+    if cuda_graph and device.type == "cuda" and max_new_tokens > 1:
+        step_fn = GraphedDecode(model, cur, lengths)
+        synchronize(device)
+    t2 = time.perf_counter()
     bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
     for step in bar:
         out.append(torch.where(done, -1, cur))
@@ -169,11 +171,12 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         cur = sample(step_fn(model, cur, lengths + step), temperature, top_p, generator)
     bar.close()
     synchronize(device)
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
     new = [[t for t in row if t >= 0] for row in rows]
-    timing = {"prefill_s": prefill_s, "graph_s": graph_s, "prefill_tokens": int(lengths.sum()), "decode_s": t2 - t1,
-              "decode_steps": max(len(out) - 1, 0), "decode_tokens": sum(max(len(t) - 1, 0) for t in new)}
+    timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if step_fn is not decode_one_token else None,
+              "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": max(len(out) - 1, 0),
+              "decode_tokens": sum(max(len(t) - 1, 0) for t in new)}
     return new, timing
 
 
@@ -317,7 +320,7 @@ def run(args):
            (("--top-p",), args.temperature == 0),  # greedy
            (("--seed",), args.temperature == 0 and not args.random_weights),  # nothing random
            (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights),  # random tokens
-           (("--preset", "--prompt-len"), not args.random_weights)]
+           (("--preset", "--prompt-len"), not args.random_weights)]  # a real checkpoint and prompt
     if ignored := [flag for flags, on in off if on for flag in flags if flag in given]:
         print(f"note: ignored in this run: {', '.join(ignored)} (see --help)", file=sys.stderr)
     if args.random_weights:
@@ -374,14 +377,14 @@ def run(args):
     report_speed(timing)
 
 
-def cache_size(args, longest, context, prompt=None):
+def cache_size(args, longest, context, what=None):
     """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens within the model's context;
     the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit."""
     if (args.max_seq_len or 0) > context:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
     if longest > (cache := args.max_seq_len or context):  # (run() refuses one over --max-seq-len before loading)
         limit = f"--max-seq-len is {cache}" if args.max_seq_len else f"the model's context is {cache} tokens"
-        raise ValueError(f"{prompt or f'the prompt has {longest} tokens'} but {limit}")
+        raise ValueError(f"{what or 'the prompt has ' + plural(longest)} but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
     if max_new < args.max_new_tokens:

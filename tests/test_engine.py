@@ -314,6 +314,9 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     assert code == 0 and "at most 3 new tokens: the cache holds 12 tokens and the prompt 10" in err  # as run() does
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # 1024 + 200 > 1024
     assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err
+    args = argparse.Namespace(max_seq_len=None, max_new_tokens=5)  # a real prompt: its length, not a flag
+    with pytest.raises(ValueError, match="^the prompt has 2000 tokens but the model's context is 1024 tokens$"):
+        engine.cache_size(args, 2000, 1024)
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "2000", "--device", "cpu")
     assert code == 2 and error_line(err) == "error: --prompt-len is 2000 but the model's context is 1024 tokens"
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "20", "--max-seq-len", "12",
@@ -468,7 +471,7 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     assert "note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file (see --help)" in err
     assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
-                           "--device", "cpu", "--dense")
+                           "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt
     assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err
 
 
