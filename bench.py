@@ -425,7 +425,8 @@ def bench_e2e(args):
 
     if (L := max(args.seqlens + [args.prefill_len])) > (context := PRESETS[args.preset].max_seq_len):
         raise ValueError(f"{L} tokens (--seqlens, --prefill-len) exceed the {args.preset} context of {context}")
-    if not (hashed := HataArgs(budget=1 / 64)).reads_codes(args.prefill_len):  # codes exist only where K < the cache
+    hashed = HataArgs(budget=1 / 64)  # the prefill timing's policy: codes exist only where K < the cache
+    if not hashed.reads_codes(args.prefill_len):
         raise ValueError(f"--prefill-len {args.prefill_len}: too short for HATA to hash its keys (K = 1/64 of it)")
     print_header(args.mode)
     dev, model = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16)
@@ -435,8 +436,7 @@ def bench_e2e(args):
 
     def graphed(B, S, policy):  # one decode step at position S - 1, captured; returns its replay
         model.set_hata(policy)  # rehash the cached keys for this policy
-        cur = torch.randint(0, a.vocab_size, (B,), device=dev)
-        pos = torch.full((B,), S - 1, device=dev)
+        cur, pos = torch.randint(0, a.vocab_size, (B,), device=dev), torch.full((B,), S - 1, device=dev)
         step = GraphedDecode(model, cur, pos)
         return lambda: step(model, cur, pos)
 

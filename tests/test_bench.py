@@ -76,7 +76,6 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
     assert out == ""  # refused before anything is printed, the header line included
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU modes start only on a GPU")
 @pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048", "--prefill-len", "512"],
                                           "2048 tokens (--seqlens, --prefill-len) exceed the tiny context of 1024"),
                                          (["e2e", "--seqlens", "512", "--prefill-len", "4096"], "4096 tokens"),
@@ -85,7 +84,8 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
                                          (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
                                           "--host-gb must be a number of GiB > 0, got 0.0")])
-def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys):
+def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks come before any CUDA work
     assert bench.main(argv + ["--preset", "tiny"]) == 2
     out, err = capsys.readouterr()
     assert words in err and out == ""  # refused before anything is printed, the header line included
