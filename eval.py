@@ -37,7 +37,7 @@ from engine import (Parser, cli, decode_one_token, default_checkpoint, device_na
                     prefill, shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
-from train_hash import load_corpus, split_corpus
+from train_hash import load_corpus, refuse_to_replace, split_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)
@@ -487,8 +487,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
     scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
-    if os.path.exists(json_path) and not (own or scratch or args.overwrite):  # report/: the committed full run's
-        raise FileExistsError(f"{json_path} exists: pass --overwrite to replace it, or --name / --out-dir to keep both")
+    refuse_to_replace([json_path], own or scratch or args.overwrite, "--name / --out-dir")  # report/: the full run's
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
