@@ -467,7 +467,7 @@ def report_files(report_dir, lengths):
 
 
 def refuse_to_replace(paths, overwrite, keep_both):
-    """An earlier run's file (shipped projections, a committed report or eval results) is replaced only with --overwrite."""
+    """An earlier run's file (shipped projections, a committed report or eval results): kept without --overwrite."""
     for path in paths:
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists: pass --overwrite to replace it, or {keep_both} to keep both")
