@@ -13,7 +13,7 @@ from tqdm import tqdm
 import engine
 from engine import parse_budget, sample
 from model import HataArgs
-from tests.test_tokenizer import _package_file
+from tests.conftest import package_file
 
 
 def run_cli(capsys, *argv):
@@ -167,7 +167,7 @@ def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
     (["--prompt", "hi", "--max-seq-len", "100000"], "--max-seq-len 100000 exceeds the model's context of 8192 tokens"),
 ])
 def test_prompts_the_model_cannot_take(capsys, argv, words):
-    argv = [_package_file("llama_models", "llama3", "tokenizer.model") if a == "llama3" else a for a in argv]
+    argv = [package_file("llama_models", "llama3", "tokenizer.model") if a == "llama3" else a for a in argv]
     code, _, err = run_cli(capsys, *argv, "--max-new-tokens", "1")
     assert code == 2 and words in error_line(err)
 

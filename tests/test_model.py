@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from engine import generate
 from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, Transformer, from_checkpoint, load_checkpoint,
                    rope_frequencies)
+from tests.conftest import write_gguf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
 
@@ -248,7 +249,7 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
 
 def test_incomplete_checkpoint_metadata(tmp_path):
     """A field, metadata key or tensor the readers need is missing: a ValueError naming it, not a KeyError."""
-    gguf = pytest.importorskip("gguf")  # a requirement; the GPU machine lacks it
+    pytest.importorskip("gguf")  # a requirement; the GPU machine lacks it
     hf, meta = tmp_path / "hf", tmp_path / "meta"
     hf.mkdir()
     meta.mkdir()
@@ -262,32 +263,23 @@ def test_incomplete_checkpoint_metadata(tmp_path):
     torch.save({}, meta / "consolidated.00.pth")
     with pytest.raises(ValueError, match="has no 'tok_embeddings.weight'"):
         from_checkpoint(str(meta))
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")  # the architecture and nothing else
-    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match="has no 'llama.attention.head_count'"):
-        from_checkpoint(str(tmp_path / "m.gguf"))
+    embedding = torch.zeros(8, 4).numpy()
+    bare = write_gguf(tmp_path / "m.gguf", lambda writer: writer.add_tensor("token_embd.weight", embedding))
+    with pytest.raises(ValueError, match="has no 'llama.attention.head_count'"):  # the architecture and nothing else
+        from_checkpoint(bare)
 
 
-def write_gguf(path, keys, tensors=()):
+def write_model_gguf(path, keys, tensors=()):
     """A one-layer GGUF (dim 8, 2 heads: head_dim 4, context 64) with `keys` over those and only the embedding and
     `tensors`: enough for load_checkpoint, which checks no tensor set."""
-    import gguf
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
-                       "llama.feed_forward_length": 16, "llama.context_length": 64, **keys}.items():
-        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    for t_name, t in [("token_embd.weight", torch.zeros(16, 8)), *tensors]:
-        writer.add_tensor(t_name, t.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    def fill(writer):
+        for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
+                           "llama.feed_forward_length": 16, "llama.context_length": 64, **keys}.items():
+            (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
+        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        for t_name, t in [("token_embd.weight", torch.zeros(16, 8)), *tensors]:
+            writer.add_tensor(t_name, t.numpy())
+    return write_gguf(path, fill)
 
 
 def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
@@ -316,13 +308,13 @@ def test_directory_holding_one_gguf(tmp_path):
     with pytest.raises(ValueError, match=r"has no config.json \(Hugging Face\), params.json \(Meta\) or .gguf file; "
                                          "pass a .gguf file or a checkpoint directory"):
         load_checkpoint(str(tmp_path))
-    path = write_gguf(tmp_path / "m.gguf", {"llama.context_length": 63})
+    path = write_model_gguf(tmp_path / "m.gguf", {"llama.context_length": 63})
     (tmp_path / "README.md").write_text("not a checkpoint")
     args, sd, _ = load_checkpoint(str(tmp_path))
     want_args, want_sd, _ = load_checkpoint(path)
     assert args == want_args and args.max_seq_len == 63
     assert sd.keys() == want_sd.keys() and all(torch.equal(sd[k], want_sd[k]) for k in sd)
-    write_gguf(tmp_path / "a.gguf", {})
+    write_model_gguf(tmp_path / "a.gguf", {})
     with pytest.raises(ValueError) as e:
         load_checkpoint(str(tmp_path))
     assert str(e.value) == f"{str(tmp_path)!r} holds several .gguf files (a.gguf, m.gguf); pass the one to use"
@@ -357,7 +349,7 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     gguf = pytest.importorskip("gguf")
 
     def write(name, keys, tensors=()):
-        return write_gguf(tmp_path / name, keys, tensors)
+        return write_model_gguf(tmp_path / name, keys, tensors)
     for keys, want in [({}, None), ({"llama.rope.scaling.factor": 4.0}, 4.0), ({"llama.rope.scale_linear": 2.0}, 2.0),
                        ({"llama.rope.scaling.factor": 4.0, "llama.rope.scale_linear": 2.0}, 4.0),  # llama.cpp's order
                        ({"llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 2.0}, None)]:
@@ -426,10 +418,10 @@ def test_gguf_unsupported_math_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: 1 / 0)
     words = "llama.rope.dimension_count=2 is not supported; hata implements RoPE on the whole head (4)"
     with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
-        load_checkpoint(write_gguf(path, {"llama.rope.dimension_count": 2}))
+        load_checkpoint(write_model_gguf(path, {"llama.rope.dimension_count": 2}))
     monkeypatch.undo()
     for window, context in ((64, 64), (16, 16)):
-        args = load_checkpoint(write_gguf(path, {"llama.rope.dimension_count": 4,
+        args = load_checkpoint(write_model_gguf(path, {"llama.rope.dimension_count": 4,
                                                  "llama.attention.sliding_window": window}))[0]
         assert args.head_dim == 4 and args.max_seq_len == context
 

