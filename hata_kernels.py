@@ -6,7 +6,7 @@ sequences, H query heads, Hkv KV heads, G = H / Hkv, D head dim, R hash bits, W 
 cached positions (capacity), K the budget.
 
 Each op is a triple, side by side:
-    _op_kernel   Triton kernel (GPU; also runs on the CPU under TRITON_INTERPRET=1)
+    _op_kernel   Triton kernel, or _op-prefixed kernels, one a launch (GPU; on the CPU under TRITON_INTERPRET=1)
     op()         input checks (ValueError, one line) + dispatch
     op_ref()     pure torch, the definition; runs anywhere
 
@@ -26,7 +26,7 @@ Conventions (the contract with model.py):
 - Packing: bit i of word w is (x @ P)[32*w + i] > 0; words are int32, bit 31 is the sign bit.
 - Score: sum over the G query heads of a KV head of popcount(k_code XOR q_code); smaller is closer.
   Positions s >= lengths[b] score G*R + 1 (worse than any real score).
-- Selection: per (b, h) the K_eff = min(budget, lengths[b]) positions with the smallest score; ties go to
+- Selection: per (b, h) the K_eff = min(budget, lengths[b], S) positions with the smallest score; ties go to
   the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len) are always
   selected and count toward the budget: they rank before every scored position, and if they alone exceed
   the budget the newest of them win (the same "newer wins" rule). Slots beyond K_eff hold -1.
@@ -75,7 +75,7 @@ def _popcount_lut(device):
     return sum((b >> i) & 1 for i in range(8)).to(torch.int32)
 
 
-def _check_int32_rows(n, op):  # the score and select kernels offset rows in int32 (int64 costs registers under a cap)
+def _check_int32_rows(n, op):  # the score and select kernels offset rows in int32 (int64 costs registers: maxnreg 96)
     _check(n < 2 ** 31, f"{op}: the Triton path indexes with int32 offsets and this input spans {n} >= 2^31 elements; "
            "split the batch")
 
@@ -163,7 +163,7 @@ def _hash_encode_kernel(
 
 
 def hash_encode(x, proj, use_triton=None):
-    """x (B, Hx, T, D) float, proj (Hkv, D, R) float -> codes (B, Hx, T, W) int32; row-head j uses
+    """x (B, Hx, T, D) float, proj (Hkv, D, R) fp32 -> codes (B, Hx, T, W) int32; row-head j uses
     proj[j // (Hx // Hkv)], so keys pass Hx = Hkv and queries Hx = H. The projection runs in fp32."""
     _check_hash(x, proj, "hash_encode")
     B, Hx, T, D = x.shape
@@ -244,7 +244,8 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
 
 
 def hash_encode_ref(x, proj):
-    """Definition. Memory: reads x (B*Hx*T*D) and proj (Hkv*D*R*4 B); writes codes (B*Hx*T*R/8 B)."""
+    """Definition. Memory: reads x (B*Hx*T*D elements), proj (Hkv*D*R*4 B); the fp32 x @ proj (B*Hx*T*R*4 B)
+    dominates; writes codes (B*Hx*T*R/8 B)."""
     B, Hx, T, D = x.shape
     Hkv, _, R = proj.shape
     xg = x.float().reshape(B, Hkv, Hx // Hkv * T, D)                          # (B, Hkv, G*T, D): row heads of proj h
@@ -273,9 +274,10 @@ def _group_score(k_ptrs, k_mask, qc_ptr, G: tl.constexpr, W: tl.constexpr, W_P2:
     k_ptrs (BLOCK_S, W_P2) pointers to key words; qc_ptr points at the group's (G, W) query codes.
 
     Direct: G popcounts per word. Bit planes (fewer popcounts for G >= 4): with c_i the number of the group's
-    query codes that have bit i set, score = sum_i c_i + sum_i k_i * (G - 2 c_i). Write G - 2 c_i =
+    query codes that have bit i set, score = C0 + sum_i k_i * (G - 2 c_i), C0 = sum_i c_i. Write G - 2 c_i =
     2 v_i + (G odd), v_i in [-ceil(G/2), floor(G/2)], and split v_i into NPL two's-complement bit planes
-    (the same for every key; NPL = _planes(G)): score = C0 + (G odd) * popc(k) + 2 * sum_j +-2^j popc(k & plane_j)."""
+    (the same for every key; NPL = _planes(G)): score = C0 + (G odd) * popc(k) + 2 * sum_j +-2^j popc(k & plane_j)
+    (minus for the top plane, the sign)."""
     wi = tl.arange(0, W_P2)                                                    # (W_P2,)
     k = tl.load(k_ptrs, mask=k_mask & (wi[None, :] < W), other=0)              # (BLOCK_S, W_P2) int32
     if NPL + G % 2 < G:                                                        # popcounts per word: planes vs G
@@ -316,7 +318,7 @@ def _hamming_score_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    length = tl.load(len_ptr + b)
+    length = tl.minimum(tl.load(len_ptr + b), S)                               # as the refs: no read past S
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                                # (BLOCK_S,)
     wi = tl.arange(0, W_P2)                                                    # (W_P2,)
     k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * W + wi[None, :]         # (BLOCK_S, W_P2)
@@ -460,8 +462,8 @@ def _order_key_int32(score):
     integers as they are (must fit int32: checked, a host sync, for int64), floats through their fp32 bit pattern
     (-0.0 as 0.0: equal scores tie)."""
     if not score.is_floating_point():
-        _check(score.dtype != torch.int64 or score.numel() == 0 or -2 ** 31 <= score.min() and score.max() < 2 ** 31,
-               "select_topk: the Triton path needs integer scores that fit in int32")
+        fits = score.dtype != torch.int64 or score.numel() == 0 or (score.min() >= -2 ** 31 and score.max() < 2 ** 31)
+        _check(fits, "select_topk: the Triton path needs integer scores that fit in int32")
         return score.to(torch.int32)
     bits = score.float().view(torch.int32)                                     # (B, Hkv, S) int32
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)                   # negative floats: minus magnitude
@@ -493,8 +495,8 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
     where order() is the score itself for integer scores (|score| < 2^31) and _order_key_int32 for floats
     (fp32 order, as in the Triton path). The keys of a row's valid positions are distinct (those past the length
     tie at 2^62 and come out as -1), so its K_eff smallest are one set, whichever partial selection finds them
-    (torch.topk; on the CPU 5-7x faster than numpy's argpartition at 8K keys, torch 2.13).
-    Memory: reads score (B*Hkv*S), writes (B*Hkv*K*4 B)."""
+    (here torch.topk). Memory: reads score (B*Hkv*S), builds the int64 keys (B*Hkv*S*8 B) in a few passes, writes
+    (B*Hkv*K*4 B)."""
     B, Hkv, S = score.shape
     dev = score.device
     pos = torch.arange(S, device=dev)                                          # (S,)
@@ -532,16 +534,16 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 # The Triton path is a counting select in three launches, all on the device (no host round trip, so it can
 # be captured in a CUDA graph). The group-summed score is an integer in [0, G*R]; for even G every score of a
 # row has the same parity (popcount(k ^ q_g) mod 2 = parity(k) ^ parity(q_g), summed over an even number of heads),
-# so score >> 1 keeps order and ties exactly and halves the range. Order keys, per row:
-#     0 = sink or recent (always selected), 1 + (score >> PARITY) = scored position, KMAX + 1 = past the length.
+# so score >> 1 keeps order and ties exactly and halves the range (SHIFT = 1 for even G). Order keys, per row:
+#     0 = sink or recent (always selected), 1 + (score >> SHIFT) = scored position, KMAX + 1 = past the length.
 #   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the block's smallest scored key m_b
 #                              and a windowed histogram: bin 0 = forced, bin 1 + x - m_b = key x for keys
 #                              m_b <= x < m_b + WIN - 2, bin WIN - 1 = everything above (never needed, see B)
 #   B  _topk_threshold_kernel  per row: the windows, shifted to the row's smallest key gmin, add up to exact
 #                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
 #                              key) almost always lies there (it sits ~3 standard deviations of the score
-#                              above the minimum); if not, B counts the stored keys (exact: a coarse and a
-#                              fine histogram of at most 64 bins, then a count pass per block).
+#                              above the minimum); if not, B counts the stored keys (exact: a coarse histogram
+#                              of <= 64 bins, a fine one of 2 << CSHIFT, then a count pass per block).
 #                              Then per block: keys < t, ties at t to take (newest first), output offset.
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
@@ -553,7 +555,7 @@ def _topk_score_kernel(
     qc_ptr, kc_ptr, len_ptr, key_ptr, min_ptr, hist_ptr,  # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
     Hkv, S, NBLK, n_sink, n_recent,                       # keys (B*Hkv, S) int16, m_b (B*Hkv, NBLK),
     skb, skh,                                             # hist (B*Hkv, NBLK, WIN) int32
-    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, PARITY: tl.constexpr,
+    G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, SHIFT: tl.constexpr,
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -568,7 +570,7 @@ def _topk_score_kernel(
         k_ptrs = kc_ptr + b * skb + h * skh + s[:, None] * W + wi[None, :]    # (BLOCK_S, W_P2)
         score = _group_score(k_ptrs, valid[:, None], qc_ptr + pid_bh * G * W, G, W, W_P2, NPL, HW_POPC)
         forced = (s < n_sink) | (s >= length - n_recent)
-        key = tl.where(forced, 0, 1 + (score >> PARITY))                       # (BLOCK_S,) int32
+        key = tl.where(forced, 0, 1 + (score >> SHIFT))                         # (BLOCK_S,) int32
         key = tl.where(valid, key, KMAX + 1)                                   # past the length
         tl.store(key_ptr + pid_bh * S + s, key.to(tl.int16), mask=s < S)
         scored = valid & (key > 0)
@@ -619,7 +621,7 @@ def _topk_threshold_kernel(
     k_eff = tl.minimum(length, budget)
     nblk = (length + BLOCK_S - 1) // BLOCK_S                                   # blocks holding valid keys
     blk0 = tl.arange(0, BLK_CHUNK)                                             # the first chunk's minima load
-    m0 = tl.load(min_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)  # NBLK, not nblk: no wait
+    m0 = tl.load(min_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)  # NBLK: no wait on lengths[b]
     gmin = tl.min(tl.where(blk0 < nblk, m0, KMAX + 1))
     for c in range(BLK_CHUNK, nblk, BLK_CHUNK):
         blk = c + tl.arange(0, BLK_CHUNK)
@@ -644,7 +646,7 @@ def _topk_threshold_kernel(
         for c in range(0, nblk, BLK_CHUNK):
             blk = c + tl.arange(0, BLK_CHUNK)                                  # (BLK_CHUNK,)
             tile = tile0                                                       # the first chunk's, from the totals
-            if c > 0:                                                          # later chunks (past 128K keys) reload
+            if c > 0:                                                          # later chunks (past 64 blocks) reload
                 tile = _window_tile(hist_ptr, min_ptr, pid_bh, blk, nblk, NBLK, j, gmin, WIN)
             less = tl.sum(tl.where(j[None, :] < tj, tile, 0), axis=1)          # (BLK_CHUNK,)
             eq = tl.sum(tl.where(j[None, :] == tj, tile, 0), axis=1)           # (BLK_CHUNK,)
@@ -652,13 +654,13 @@ def _topk_threshold_kernel(
     else:
         # slow exact path: the threshold lies beyond some block's window. Three passes over the row's stored
         # keys: key >> CSHIFT finds the threshold's coarse bin tc, the low bits of the keys in tc find t, then
-        # each block counts its keys below and at t. (Histograms of <= 64 bins: one pass over every key value,
+        # each block counts its keys below and at t. (Coarse bins <= 64: one pass over every key value,
         # KMAX + 2 bins, took 191 instead of 116 us at 128K; 8 cut points a pass instead, 163-287 us.)
         row = key_ptr + pid_bh * S
         NF: tl.constexpr = 1 << CSHIFT                                         # key values per coarse bin
         vc = tl.arange(0, NC)                                                  # (NC,) coarse bins
-        n_c = tl.zeros([NC], dtype=tl.int32)                                   # masked lanes read KMAX + 1, above
-        for c in range(0, length, HIST_CHUNK):                                 # every key: they never move tc or tf
+        n_c = tl.zeros([NC], dtype=tl.int32)                                   # (NC,) keys per coarse bin
+        for c in range(0, length, HIST_CHUNK):  # masked lanes read KMAX + 1, above every key: never move tc, tf
             s = c + tl.arange(0, HIST_CHUNK)
             n_c += tl.histogram(tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32) >> CSHIFT, NC)
         tc = tl.sum((tl.cumsum(n_c, axis=0) < k_eff).to(tl.int32))            # coarse bin of the threshold
@@ -720,19 +722,21 @@ def _topk_compact_kernel(
 
 def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, window=None, block_s=None):
     """Allocate the outputs and scratch, return (idx, [(name, launch), ...]); bench.py times each launch.
-    window: histogram bins per block, a power of two >= 4 (tests shrink it to exercise the slow path). The
-    default spans ~8 standard deviations of the key for independent random codes, sqrt(G * R) / 2 score units."""
+    window: histogram bins per block, a power of two >= 4 (tests shrink it to exercise the slow path). The default:
+    8 standard deviations of the key for independent random codes (sqrt(G * R) / 2 score units, halved for even G),
+    rounded up to a power of two in 32..128 (64 bins, 11 sigma, for Llama-3.1-8B; 128, 13 sigma, for the default
+    model); more bins cost every block (BENCHMARKS.md: 64 / 128 / 256 bins, selector 24 / 29 / 50 us, B=1/128K)."""
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G, R = H // Hkv, 32 * W
+    shift = int(G % 2 == 0)                                # even G: a row's scores share one parity, drop that bit
     if window is None:
-        sigma_key = math.sqrt(G * R) / 2 / (2 if G % 2 == 0 else 1)
+        sigma_key = math.sqrt(G * R) / 2 / 2 ** shift
         window = min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
     k_codes = _rows_contiguous(k_codes)
     _check_int32_rows(B * k_codes.stride(0), "hamming_topk")
     q_codes, lengths = q_codes.contiguous(), lengths.contiguous()              # the kernels read lengths[b]
-    parity = int(G % 2 == 0)
-    kmax = (G * R >> parity) + 1                                               # largest key of a valid position
+    kmax = (G * R >> shift) + 1                                                # largest key of a valid position
     _check(kmax < 2 ** 15 - 1, f"hamming_topk: G * R = {G * R} is too large for the int16 order keys")
     cshift = max(0, (kmax + 1).bit_length() - 6)                               # slow path: <= 64 coarse bins
     block_s = block_s or (2048 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
@@ -751,7 +755,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     def score():
         _topk_score_kernel[(nblk, B * Hkv)](
             q_codes, k_codes, lengths, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:2],
-            G=G, W=W, W_P2=_next_pow2(W), NPL=_planes(G), PARITY=parity, KMAX=kmax, WIN=window, BLOCK_S=block_s,
+            G=G, W=W, W_P2=_next_pow2(W), NPL=_planes(G), SHIFT=shift, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             HW_POPC=not _INTERPRET, **score_cfg,
         )
 
@@ -810,8 +814,8 @@ def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=Non
 
 
 def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
-    """Definition. Memory: gathers K rows of K and V per KV head (2*B*Hkv*K*D*itemsize B), writes B*H*D.
-    Accumulates in fp32 (fp64 for fp64 inputs)."""
+    """Definition. Memory: gathers the K selected key and value rows per KV head (2*B*Hkv*K*D*itemsize B; reshape
+    copies a non-contiguous cache view first), writes B*H*D. Accumulates in fp32 (fp64 for fp64 inputs)."""
     B, H, D = q.shape
     _, Hkv, S_max, _ = k_cache.shape
     K = idx.shape[-1]
@@ -959,7 +963,7 @@ def _sparse_attention_triton(q, k_cache, v_cache, idx, scale):
 
 @triton.jit
 def _cache_write_kernel(
-    k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr,    # k/v (B, Hkv, D), pos (B,), caches (B', Hkv, S_max, D)
+    k_ptr, v_ptr, pos_ptr, kcache_ptr, vcache_ptr,  # k/v (B, Hkv, D), pos (B,), caches (B', Hkv, S_max, D)
     Hkv,
     skb, skh, skd, svb, svh, svd,
     skcb, skch, skcs, skcd, svcb, svch, svcs, svcd,
@@ -972,8 +976,8 @@ def _cache_write_kernel(
     m = h < Hkv
     k = tl.load(k_ptr + b * skb + h * skh + d * skd, mask=m)                   # (BLOCK_H, D)
     v = tl.load(v_ptr + b * svb + h * svh + d * svd, mask=m)                   # (BLOCK_H, D)
-    tl.store(kc_ptr + b * skcb + h * skch + pos * skcs + d * skcd, k, mask=m)
-    tl.store(vc_ptr + b * svcb + h * svch + pos * svcs + d * svcd, v, mask=m)
+    tl.store(kcache_ptr + b * skcb + h * skch + pos * skcs + d * skcd, k, mask=m)
+    tl.store(vcache_ptr + b * svcb + h * svch + pos * svcs + d * svcd, v, mask=m)
 
 
 def cache_write(k, v, k_cache, v_cache, pos, use_triton=None):

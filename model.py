@@ -174,7 +174,7 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
-def write_kv(k_cache, v_cache, pos, k, v):
+def write_kv(k, v, k_cache, v_cache, pos):
     """k, v (B, Hkv, T, D) into the caches (B', Hkv, S_max, D) at pos (B, T): a decode step (T = 1) in one launch
     on CUDA (cache_write), a longer chunk by index_put."""
     if k.shape[2] == 1:
@@ -193,7 +193,7 @@ class KVCache(nn.Module):
 
     def update(self, pos, k, v):
         """pos (B, T) cache positions; k, v (B, Hkv, T, D). Returns the whole caches (B, Hkv, S_max, D)."""
-        write_kv(self.k, self.v, pos, k, v)
+        write_kv(k, v, self.k, self.v, pos)
         return self.k, self.v
 
 
@@ -281,8 +281,8 @@ class Attention(nn.Module):
             if hata.use_norm:
                 G, R = self.n_heads // self.n_kv_heads, hata.rbit
                 ham = hamming_score(q_codes, codes, lengths)  # (B, Hkv, S_max) int32
-                score = -(G - 2 * ham.float() / R) * norms  # smaller is closer
-                idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)
+                score = -(G - 2 * ham.float() / R) * norms  # (B, Hkv, S_max) fp32, smaller is closer
+                idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
             else:
                 idx = hamming_topk(q_codes, codes, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
         return sparse_decode_attention(q, keys, values, idx)

@@ -98,7 +98,7 @@ class HostKVCache(nn.Module):
 
     def update(self, pos, k, v):
         """pos (B, T); k, v (B, Hkv, T, D) on the GPU. Returns what Attention.forward attends over."""
-        write_kv(self.k, self.v, pos, k, v)  # store kernels writing through PCIe: no host sync, graph-safe
+        write_kv(k, v, self.k, self.v, pos)  # store kernels writing through PCIe: no host sync, graph-safe
         T = k.shape[2]
         if T == 1:  # decode: forward reads only the selected rows (or every row, if this layer decodes densely)
             return self.k, self.v
