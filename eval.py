@@ -20,6 +20,7 @@ Budgets are fractions f of the cache capacity C = the context length: K = ceil(f
 """
 import argparse
 import contextlib
+import fractions
 from functools import partial
 import io
 import json
@@ -27,6 +28,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 
@@ -53,11 +55,12 @@ DEPTHS = tuple(i / 10 for i in range(11))
 # --------------------------------------------------------------------------------------------------------------
 # Selectors and policies: a policy is (selector name, budget fraction or None, HataArgs or None = dense)
 
-def frac(f):
-    return f"1/{round(1 / f)}"
+def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20"
+    q = fractions.Fraction(f).limit_denominator(10 ** 6)
+    return f"{q.numerator}/{q.denominator}"
 
 
-def pkey(name, f):  # a policy's key in the results: "dense", or "<selector> 1/<n>" like "hata-trained 1/64"
+def pkey(name, f):  # a policy's key in the results: "dense", or "<selector> <p>/<q>" like "hata-trained 1/64"
     return name if f is None else f"{name} {frac(f)}"
 
 
@@ -124,7 +127,7 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, b
     tokens, expect = tokens.to(dev), None if expect is None else expect.to(dev)
     model.setup_caches(B, capacity)
     pos0 = torch.full((B,), n_prefill, device=dev)
-    prefill(model, tokens[:, :n_prefill], pos0)
+    prefill(model, tokens[:, :n_prefill], pos0, progress=True)
     out = {}
     for name, f, hata in pols + [(None, None, None)]:  # the last switch leaves the model dense
         with contextlib.redirect_stderr(io.StringIO()):  # hata-random is random by design: no warning at each switch
@@ -147,11 +150,11 @@ class Haystack:
         self.ends = [i + 1 for i, t in enumerate(self.ids) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
 
     def piece(self, n, rng):
-        """n consecutive tokens starting after a sentence end, and the sentence ends inside them (0 and n incl.)."""
+        """n consecutive tokens starting after a sentence end, and the sentence ends in them (0; n if it is one)."""
         if len(self.ids) < n:
             raise ValueError(f"haystack text has {len(self.ids)} tokens, fewer than the {n} needed; give more text")
         s = rng.choice([0] + [e for e in self.ends if e + n <= len(self.ids)])
-        return self.ids[s:s + n], [0] + [e - s for e in self.ends if s < e < s + n] + [n]
+        return self.ids[s:s + n], [0] + [e - s for e in self.ends if s < e <= s + n]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,8 +200,9 @@ def parse_digits(text):
 def retrieval_specs(counts, seed):
     """{context: n samples} -> [(context, task, haystack, depth, seed)]. Sample i cycles tasks with period 2,
     haystacks 4 and depths 11: every 11 consecutive samples cover the 11 depths once, and tasks and haystacks
-    stay balanced."""
-    return [(C, TASKS[i % 2], HAYSTACKS[(i // 2) % 2], DEPTHS[i % len(DEPTHS)], seed + 1000 * C + i)
+    stay balanced. Seeds are 2**32 apart: seed 0's streams are the committed runs', and no other seed's meets them
+    below ~4M tokens of context (with `seed + 1000 * C + i`, seed N's sample i was seed 0's sample i + N)."""
+    return [(C, TASKS[i % 2], HAYSTACKS[(i // 2) % 2], DEPTHS[i % len(DEPTHS)], seed * 2 ** 32 + 1000 * C + i)
             for C, n in counts.items() for i in range(n)]
 
 
@@ -301,13 +305,18 @@ def load_results(path):
         raise ValueError(f"{path} is not a JSON file ({e})") from None
     if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
         raise ValueError(f"{path} is not a results file of eval.py")
+    if results.get("perplexity") and "ppl_context" not in results:  # the report states the perplexity's context
+        raise ValueError(f"{path} is not a results file of eval.py: perplexity results without their ppl_context")
     return results
 
 
 def merge(runs):
     """One results dict from several runs. Retrieval samples are joined by their spec: runs over the same samples
     add selectors, runs with another seed add samples; a sample counts once every policy has run on it.
-    Perplexity runs must share their windows (the same dense pass)."""
+    Perplexity runs must share their windows (the same dense pass) and context, which the merge records."""
+    ppl_contexts = {r["ppl_context"] for r in runs if r.get("perplexity")}  # a retrieval-only run records one too
+    if len(ppl_contexts) > 1:
+        raise ValueError(f"the runs' perplexity contexts differ ({sorted(ppl_contexts)}): not the same windows")
     out = runs[0]
     for r in runs[1:]:
         model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
@@ -335,6 +344,8 @@ def merge(runs):
         out["retrieval"] = list(joined.values())
     every = set().union(*(x["correct"] for x in out.get("retrieval", [])))
     out["retrieval"] = [x for x in out.get("retrieval", []) if set(x["correct"]) == every]
+    if ppl_contexts:
+        out["ppl_context"] = ppl_contexts.pop()
     return out
 
 
@@ -346,7 +357,7 @@ def report(results):
     head = lambda cols: ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     if recs:
         ran, contexts = recs[0]["correct"], sorted({r["context"] for r in recs})
-        acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / max(len(rs), 1):.0f}%"
+        acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / len(rs):.0f}%" if rs else "-"
         md += [f"### Retrieval: {len(recs)} samples; dense accuracy", ""]
         md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
         for C in contexts + [None]:
@@ -450,7 +461,7 @@ def build_parser():
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"],
                    help="pass-key retrieval (kept answers); perplexity and agreement with dense on held-out text")
-    p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="context lengths")
     p.add_argument("--samples", type=positive_int, nargs="+", default=[120, 100, 56, 28], help="per --contexts length")
     p.add_argument("--batch", type=positive_int, default=4, help="sequences prefilled and decoded together")
     p.add_argument("--ppl-context", type=positive_int, default=8192, help="window length of the perplexity text")
@@ -478,7 +489,9 @@ def parse_args(argv=None):  # --quick's sizes as its defaults: a flag given expl
 
 
 def main(argv=None):
-    return cli(run, parse_args(argv))
+    args = parse_args(argv)
+    args.command = shlex.join(sys.argv[1:] if argv is None else argv)  # the results' "command"
+    return cli(run, args)
 
 
 def run(args):  # args from parse_args, which applies --quick's sizes
@@ -499,12 +512,18 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
     if lengths["--contexts"] and len(args.samples) != len(args.contexts):
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
+    if lengths["--contexts"] and len(set(args.contexts)) < len(args.contexts):
+        raise ValueError(f"--contexts {' '.join(map(str, args.contexts))} repeats a length: give each once")
     if lengths["--ppl-context"] and args.ppl_tokens >= args.ppl_context:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
     if lengths["--contexts"] and not (min(args.contexts) >= 128 and args.minutes > 0):
         raise ValueError("retrieval needs --contexts >= 128 (intro, needles, question: ~100 tokens), --minutes > 0")
     if args.sink < 0:
         raise ValueError(f"--sink {args.sink} must be >= 0")
+    fs = sorted(set(args.budgets + args.quest_budgets))
+    for a, b in zip(fs, fs[1:]):  # two budgets with one label would share their results' keys (those sort together)
+        if frac(a) == frac(b):
+            raise ValueError(f"budgets {a} and {b} are both labelled {frac(a)}: give one of them")
     hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
         weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)
@@ -517,6 +536,12 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or default_checkpoint()
     tok = Tokenizer.from_path(checkpoint)
+    docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
+    noise = NOISE * (4 * max(args.contexts) // len(tok.encode(NOISE)) + 2)
+    hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
+    if lengths["--contexts"] and len(hays["prose"].ids) < max(args.contexts):  # before the model, not after perplexity
+        raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
+                         f"{max(args.contexts)}; give more --text")
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))
@@ -525,10 +550,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     for flag, Cs in lengths.items():
         if Cs and max(Cs) > model.args.max_seq_len:
             raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {model.args.max_seq_len} tokens")
-    docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
-    results = {"command": "python eval.py " + " ".join(sys.argv[1:]), "selectors": list(sels),
+    results = {"command": "python eval.py " + args.command, "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), **hata}
     deadline = time.time() + 60 * args.minutes
@@ -541,8 +565,6 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch,
                            partial(save, "perplexity", time.perf_counter()))
     if "retrieval" in args.tasks:
-        noise = NOISE * (4 * max(args.contexts) // len(tok.encode(NOISE)) + 2)
-        hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
         specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
         run_retrieval(model, tok, hays, specs, pols, args.batch, partial(save, "retrieval", time.perf_counter()),
                       deadline)

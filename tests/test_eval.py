@@ -59,6 +59,18 @@ def test_prompt_has_exact_length_and_the_needle_at_its_depth(tok):
                 assert abs(where - depth) < 0.1, (depth, where)
 
 
+def test_needles_go_only_between_sentences(tok):
+    """A piece's boundaries are its start and sentence ends: its end only when it ends a sentence, so a needle at
+    depth 100% follows a sentence, not the middle of one."""
+    hay = ev.Haystack(tok, ev.NOISE * 50)
+    for seed in range(12):
+        piece, ends = hay.piece(101, random.Random(seed))
+        assert ends[0] == 0 and all(tok.decode(piece[:e]).rstrip().endswith(".") for e in ends[1:]), ends
+        ids, key, _ = ev.retrieval_prompt(tok, hay, "single", 300, 1.0, random.Random(seed))
+        text = tok.decode(ids)
+        assert text[:text.index(f" The pass key is {key}")].rstrip().endswith("."), text
+
+
 def test_prompt_has_one_bos_at_its_start(tok):
     """A tokenizer that adds BOS (Llama 2, 3): the pieces are encoded without it, the prompt starts with one."""
     bos_tok = copy.copy(tok)
@@ -82,6 +94,14 @@ def test_answer_tokens_follow_the_question_with_sentencepiece(tmp_path):
     assert [sp.decode([t]) for t in answer] == list(key) and ids.count(sp.bos_id) == 1
 
 
+def test_seeds_draw_streams_no_other_seed_draws():
+    """Seed 0's streams are the committed runs' (1000 C + i); another seed's never meet them, nor each other's."""
+    counts = {1024: 200, 8192: 60}
+    streams = {seed: [sd for *_, sd in ev.retrieval_specs(counts, seed)] for seed in (0, 1, 2)}
+    assert streams[0][:2] == [1024000, 1024001] and streams[0][-1] == 8192059
+    assert len(set().union(*streams.values())) == 3 * 260
+
+
 def test_answers_take_as_many_steps_as_the_longest():  # a tokenizer may group digits, as Llama 3's does by three
     assert ev.pad_answers([[714, 32], [123]]).tolist() == [[714, 32], [123, -1]]
 
@@ -92,6 +112,18 @@ def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
     hays = {"noise": ev.Haystack(bos_tok, ev.NOISE * 300)}
     recs = ev.run_retrieval(smol, bos_tok, hays, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
     assert recs[0]["correct"]["dense"], recs[0]["dense_output"]
+
+
+def test_the_prefill_shows_its_progress(smol, tok, monkeypatch):
+    """run_policies asks prefill for its bar (shown for prompts longer than one chunk: the long ones)."""
+    asked, real = [], ev.prefill
+
+    def prefill(*args, **kwargs):
+        asked.append(kwargs.get("progress"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ev, "prefill", prefill)
+    ev.run_policies(smol, torch.tensor([tok.encode(PROSE)[:20]]), 19, 1, 24, [("dense", None, None)])
+    assert asked == [True]
 
 
 def test_kept_share_counts_only_dense_correct_samples():
@@ -169,6 +201,18 @@ def test_merge_joins_selectors_over_the_same_samples():
                                                        "model": "llama dim=576"}])["selectors"]) == 2
 
 
+def test_merge_states_the_context_of_its_perplexity_runs():
+    """Every run records --ppl-context, a retrieval-only one too: the merge takes the perplexity runs' context and
+    refuses two of them with different contexts."""
+    dense = {"dense": {"nll": 0.7, "ppl": 2.0, "agree": 1.0, "positions": 8}}
+    retrieval = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "ppl_context": 8192}
+    ppl = {**retrieval, "command": "p", "ppl_context": 1024, "perplexity": dense}
+    assert ev.merge([copy.deepcopy(retrieval), copy.deepcopy(ppl)])["ppl_context"] == 1024
+    assert ev.merge([copy.deepcopy(ppl), copy.deepcopy(retrieval)])["ppl_context"] == 1024
+    with pytest.raises(ValueError, match=r"perplexity contexts differ \(\[1024, 2048\]\)"):
+        ev.merge([copy.deepcopy(ppl), {**copy.deepcopy(ppl), "ppl_context": 2048}])
+
+
 def test_report_marks_budgets_the_sink_and_recent_fill():
     """Quest s16 r16 at 1/64 of 1K (K = 16) or 1/32 (K = 32) selects nothing of its own: marked. At 2K, 1/32 is
     64 tokens: unmarked; the context-length table marks each context apart."""
@@ -178,9 +222,17 @@ def test_report_marks_budgets_the_sink_and_recent_fill():
                                                                               "quest s16 r16 1/32")}
     md = ev.report({"selectors": ["quest s16 r16"], "budgets": [1 / 16, 1 / 32], "ppl_context": 2048,
                     "retrieval": recs, "perplexity": ppl})
+    assert "| 1024 | 1 | 100% | - | - | - | 100% |" in md  # no sample of the other three task / haystack pairs
     assert "| quest s16 r16 | 100.0% (100%) | 0.0% (0%)† |" in md
     assert "| quest s16 r16 | 1/32 | 0% of 1† | 0% of 1 |" in md and "| quest s16 r16 | 1/16 | 100% of 1 | 100%" in md
     assert "| quest s16 r16 | 2.000 (+0.0%) | 2.000 (+0.0%) |" in md and md.count("† sink + recent") == 1
+
+
+def test_budget_labels_are_exact_fractions():
+    """The committed results' labels stay "1/n"; other fractions are labelled as given, not rounded to 1/n."""
+    assert [ev.frac(f) for f in ev.BUDGETS + (1 / 4,)] == ["1/8", "1/16", "1/32", "1/64", "1/4"]
+    assert [ev.frac(f) for f in (2 / 3, 0.15, 0.3, 1 / 3, 3 / 1024)] == ["2/3", "3/20", "3/10", "1/3", "3/1024"]
+    assert ev.pkey("oracle", 2 / 3) == "oracle 2/3" and ev.pkey("dense", None) == "dense"
 
 
 def test_selectors_share_the_files_rbit_and_n_dense():
@@ -207,7 +259,10 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--minutes", "0"], "--minutes > 0"), (["--sink", "-1"], "--sink -1"),
                                          (["--device", "xyz"], "--device: invalid device_name value: 'xyz'"),
                                          (["--selectors", "trained", "--hash-weights", "none"], "only dense would run"),
-                                         (["--selectors", "trained", "--tasks", "perplexity"], "only dense would run")])
+                                         (["--selectors", "trained", "--tasks", "perplexity"], "only dense would run"),
+                                         (["--budgets", "1/3", "0.33333333333"], "both labelled 1/3"),
+                                         (["--budgets", "1/4", "--quest-budgets", "0.2500000001"], "labelled 1/4"),
+                                         (["--contexts", "1024", "1024", "--samples", "4", "8"], "repeats a length")])
 def test_bad_flags_fail_before_loading(argv, words, capsys, tmp_path):
     try:  # argparse's own errors exit through SystemExit
         code = ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)])
@@ -221,7 +276,7 @@ def test_flags_are_checked_against_the_model_for_the_tasks_that_run(smol, tok, m
     """--n-dense must leave a sparse layer (else every selector is dense); a length is checked only if its task runs."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
-    monkeypatch.setattr(ev, "split_corpus", lambda docs: 1 / 0)  # what follows the checks: must not be reached
+    monkeypatch.setattr(ev, "selectors", lambda *a, **k: 1 / 0)  # what follows the checks: must not be reached
     base = ["--selectors", "oracle", "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
     for argv, words in [(["--n-dense", "30"], "--n-dense 30 must be in [0, 30)"),
                         (["--tasks", "retrieval", "--contexts", "9000", "--samples", "1"], "--contexts 9000 exceeds"),
@@ -229,6 +284,30 @@ def test_flags_are_checked_against_the_model_for_the_tasks_that_run(smol, tok, m
         assert ev.main(argv + base) == 2 and words in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # the checks pass: the other task's lengths and counts are not its own
         ev.main(["--tasks", "perplexity", "--contexts", "40", "--samples", "1", "2"] + base)
+
+
+def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys, tmp_path):
+    """Retrieval's haystacks are checked against the longest context before anything runs, the perplexity first."""
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # must not be reached
+    (tmp_path / "short.txt").write_text(PROSE * 20)  # its held-out last fifth: ~500 tokens
+    assert ev.main(["--text", str(tmp_path / "short.txt"), "--contexts", "1024", "--samples", "1", "--checkpoint",
+                    "x.gguf", "--out-dir", str(tmp_path)]) == 2
+    assert "fewer than --contexts 1024; give more --text" in capsys.readouterr().err
+
+
+def test_a_run_records_the_argv_it_was_given(smol, tok, monkeypatch, tmp_path):
+    """The results' command is main's argv (quoted as a shell would need it), not the process's."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    (tmp_path / "my text.txt").write_text(PROSE * 10)
+    argv = ["--tasks", "perplexity", "--selectors", "oracle", "--budgets", "1/8", "--text",
+            str(tmp_path / "my text.txt"), "--ppl-context", "128", "--ppl-tokens", "4", "--ppl-docs", "1",
+            "--checkpoint", "x.gguf", "--out-dir", str(tmp_path), "--name", "argv"]
+    assert ev.main(argv) == 0
+    results = json.loads((tmp_path / "argv_results.json").read_text())
+    assert results["command"] == "python eval.py " + shlex.join(argv) and "'" in results["command"]
+    assert "context lengths" in ev.build_parser().format_help()  # --contexts: the cache, not the prompt (C - 5)
 
 
 def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
@@ -278,8 +357,11 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{bad")
     (tmp_path / "other.json").write_text('{"a": 1}')
     (tmp_path / "eval_results.json").write_text("kept")  # the output a failed --report must not overwrite
+    no_context = {"command": "t", "selectors": [], "budgets": [], "seconds": {}, "perplexity": {"dense": {}}}
+    (tmp_path / "no_context.json").write_text(json.dumps(no_context))
     for name, words in [("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
-                        ("none.json", "none.json")]:
+                        ("none.json", "none.json"), ("no_context.json", "perplexity results without their ppl_context")
+                        ]:
         assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--overwrite"]) == 2
         assert words in capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
