@@ -233,8 +233,9 @@ class Attention(nn.Module):
         self.keep_qk, self.qk = False, None  # keep_qk: forward keeps its post-RoPE (q, k) in qk (the hash trainer)
 
     def forward(self, x, cos, sin, pos, mask, lengths):
-        """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T,
-        S_max) additive float mask (0 or -inf), or None for a fresh causal prefill from position 0; lengths (B,)
+        """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T, S)
+        additive float mask (0 or -inf; S = S_max in decode, a later prefill chunk's end + 1 otherwise), or None for
+        a fresh causal prefill from position 0; lengths (B,)
         valid cache positions after this step (pos[:, -1] + 1, computed once a step for every layer)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -263,9 +264,9 @@ class Attention(nn.Module):
         elif T == 1 and not q.is_cuda:  # CPU dense decode: the G query heads of a KV head form one (G, D) block
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values,
                                                attn_mask=mask).view(B, H, 1, D)  # 1.4x faster at 8K (3x slower on CUDA)
-        else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[..., :keys.shape[2]],
-                                               enable_gqa=H != Hkv)
+        else:  # CUDA decode (the mask S_max long), or a later prefill chunk (the mask ends at the chunk's end)
+            S = mask.shape[-1]
+            y = F.scaled_dot_product_attention(q, keys[:, :, :S], values[:, :, :S], attn_mask=mask, enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
     def sparse_decode(self, q, q_codes, keys, values, lengths):
@@ -427,9 +428,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2)
         mask = None
         if input_pos is not None:  # the cache may hold a prefix: query at position p sees keys at positions <= p
-            visible = torch.arange(self.max_seq_len, device=tokens.device) <= pos[:, :, None]  # (B, T, S_max)
+            S = self.max_seq_len if T == 1 else int(pos.max()) + 1  # a later prefill chunk: keys up to its end only
+            visible = torch.arange(S, device=tokens.device) <= pos[:, :, None]  # (B, T, S)
             mask = torch.zeros(visible.shape, dtype=self.output.weight.dtype,
-                               device=tokens.device).masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, S_max)
+                               device=tokens.device).masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, S)
         lengths = pos[:, -1] + 1  # (B,) valid cache positions after this step
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:

@@ -57,12 +57,15 @@ def test_kv_cache_decode_equals_full_rerun(smol):
 
 
 def test_prefill_after_cached_prefix(smol):
-    """A second prefill chunk on top of a cached prefix gives the logits of one pass over both."""
+    """A second prefill chunk on top of a cached prefix gives the logits of one pass over both; it attends to the
+    cache up to its own end only (NaN past it would spoil a masked pass over the whole cache)."""
     ids = load_file(GOLDEN)["ids_b"][:40].tolist()
     whole = logits_of(smol, ids)
-    smol.setup_caches(1, 40)
+    smol.setup_caches(1, 64)
     with torch.inference_mode():
         smol(torch.tensor([ids[:17]]))
+        for layer in smol.layers:
+            layer.attention.kv_cache.k[:, :, 40:] = float("nan")
         rest = smol(torch.tensor([ids[17:]]), torch.tensor([17]))[0]
     torch.testing.assert_close(rest, whole[17:], atol=1e-4, rtol=0)
 
