@@ -18,7 +18,8 @@ The byte floor counts what the step must read: the codes, the selected K/V rows,
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
 HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.
 `e2e` times whole decode steps of a preset with random weights, each a CUDA graph, dense vs HATA at each budget,
-then one prefill with and without key hashing; with --profile, where one replay of each step spends its time.
+then prefills with and without key hashing (one causal pass; the engine's chunks); with --profile, where one
+replay of each step spends its time.
 `cpu` times the default model's decode steps on the CPU (real weights, fp32), dense vs HATA, alternating.
 """
 import datetime
@@ -419,7 +420,8 @@ def bench_e2e(args):
     at each budget, every step a CUDA graph (engine.GraphedDecode), in one run. The caches are filled with random
     K/V instead of a prefill per context (as `fill_random_kv`: fast-path timings; set_hata rehashes the keys).
     Every sequence decodes at position S - 1, so each step attends over S tokens. Then prefill time at
-    --prefill-len tokens, B = 1, without and with key hashing (HATA's only prefill cost)."""
+    --prefill-len tokens, B = 1, without and with key hashing (HATA's only prefill cost), in one causal pass and in
+    the chunks engine.prefill takes by default (a later chunk attends over the cache up to its end, with a mask)."""
     from engine import GraphedDecode, prefill, random_model
     from model import PRESETS, HataArgs
 
@@ -489,18 +491,21 @@ def bench_e2e(args):
                            (f"{args.preset}: speedup of HATA over dense", "dense ms / HATA ms", "linear",
                             {n: list(v.items()) for n, v in speedup.items()}, 1)])
 
-    T, result = args.prefill_len, {}
-    tokens = torch.randint(0, a.vocab_size, (1, T), device=dev)
+    T, result, ways = args.prefill_len, {}, {"one causal pass": {"chunk": T}, "the engine's chunks": {}}
+    tokens, lengths = torch.randint(0, a.vocab_size, (1, T), device=dev), torch.tensor([T], device=dev)
     for name, policy in (("dense", None), ("HATA (keys hashed)", hashed)):
         model.set_hata(None)
         model.setup_caches(1, T)
         model.set_hata(policy)
-        with torch.inference_mode():
-            ts = [event_ms(lambda: prefill(model, tokens, torch.tensor([T], device=dev), chunk=T)) for _ in range(3)]
-        result[name] = min(ts[1:])  # the first run warms up (compilation, allocator): the best of the others
-    d, h = result["dense"], result["HATA (keys hashed)"]
-    print(f"\nprefill {fmt_s(T)} tokens, B=1, one causal pass: dense {d:.1f} ms, with key hashing {h:.1f} ms "
-          f"(overhead {100 * (h - d) / d:+.2f}%)")
+        for way, chunk in ways.items():
+            with torch.inference_mode():
+                ts = [event_ms(lambda: prefill(model, tokens, lengths, **chunk)) for _ in range(3)]
+            result[name, way] = min(ts[1:])  # the first run warms up (compilation, allocator): the best of the others
+    print()
+    for way in ways:
+        d, h = result["dense", way], result["HATA (keys hashed)", way]
+        print(f"prefill {fmt_s(T)} tokens, B=1, {way}: dense {d:.1f} ms, with key hashing {h:.1f} ms "
+              f"(overhead {100 * (h - d) / d:+.2f}%)")
     if args.profile:  # last: the profiler would slow the timings above
         print("\nWhere a step's time goes: kernel ms of one replay under torch.profiler, summed by kind; gaps = the "
               "step's median above - its kernels\n")
