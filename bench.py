@@ -491,7 +491,8 @@ def bench_e2e(args):
                            (f"{args.preset}: speedup of HATA over dense", "dense ms / HATA ms", "linear",
                             {n: list(v.items()) for n, v in speedup.items()}, 1)])
 
-    T, result, ways = args.prefill_len, {}, {"one causal pass": {"chunk": T}, "the engine's chunks": {}}
+    T, result = args.prefill_len, {}
+    ways = {"one causal pass": {"chunk": T}, "the engine's chunks": {}}  # engine.prefill's own chunk size
     tokens, lengths = torch.randint(0, a.vocab_size, (1, T), device=dev), torch.tensor([T], device=dev)
     for name, policy in (("dense", None), ("HATA (keys hashed)", hashed)):
         model.set_hata(None)
