@@ -55,9 +55,16 @@ DEPTHS = tuple(i / 10 for i in range(11))
 # --------------------------------------------------------------------------------------------------------------
 # Selectors and policies: a policy is (selector name, budget fraction or None, HataArgs or None = dense)
 
-def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20"
+def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20", 0.1234567 -> "0.1234567"
     q = fractions.Fraction(f).limit_denominator(10 ** 6)
-    return f"{q.numerator}/{q.denominator}"
+    return f"{q.numerator}/{q.denominator}" if float(q) == f else f"{f:.10g}"
+
+
+def check_labels(budgets):  # two budgets with one label would share their results' keys (those sort together)
+    fs = sorted(set(budgets))
+    for a, b in zip(fs, fs[1:]):
+        if frac(a) == frac(b):
+            raise ValueError(f"budgets {a} and {b} are both labelled {frac(a)}: give one of them")
 
 
 def pkey(name, f):  # a policy's key in the results: "dense", or "<selector> <p>/<q>" like "hata-trained 1/64"
@@ -148,6 +155,8 @@ class Haystack:
     def __init__(self, tok, text):
         self.ids = tok.encode(text, bos=False)
         self.ends = [i + 1 for i, t in enumerate(self.ids) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
+        if not self.ends:
+            raise ValueError("haystack text has no sentence end (. ! ?), so no place between sentences for a needle")
 
     def piece(self, n, rng):
         """n consecutive tokens starting after a sentence end, and the sentence ends in them (0; n if it is one)."""
@@ -306,7 +315,7 @@ def load_results(path):
     if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
         raise ValueError(f"{path} is not a results file of eval.py")
     if results.get("perplexity") and "ppl_context" not in results:  # the report states the perplexity's context
-        raise ValueError(f"{path} is not a results file of eval.py: perplexity results without their ppl_context")
+        raise ValueError(f"{path} has perplexity results but no ppl_context (an older file): add \"ppl_context\": N")
     return results
 
 
@@ -317,6 +326,9 @@ def merge(runs):
     ppl_contexts = {r["ppl_context"] for r in runs if r.get("perplexity")}  # a retrieval-only run records one too
     if len(ppl_contexts) > 1:
         raise ValueError(f"the runs' perplexity contexts differ ({sorted(ppl_contexts)}): not the same windows")
+    if len({r.get("needle_rule", 1) for r in runs if r.get("retrieval")}) > 1:  # 2: none mid-sentence (2026-12-03)
+        raise ValueError("the runs place needles by different rules (before 2026-12-03 the ones at depth 100% went "
+                         "mid-sentence): one sample's spec would join two prompts")
     out = runs[0]
     for r in runs[1:]:
         model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
@@ -326,6 +338,7 @@ def merge(runs):
                              "would mix two setups")
         out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
         out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
+        check_labels(out["budgets"])
         out["command"] += " ; " + r["command"]
         out["seconds"] = {k: out["seconds"].get(k, 0) + r["seconds"].get(k, 0) for k in out["seconds"] | r["seconds"]}
         if r.get("perplexity"):
@@ -520,10 +533,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError("retrieval needs --contexts >= 128 (intro, needles, question: ~100 tokens), --minutes > 0")
     if args.sink < 0:
         raise ValueError(f"--sink {args.sink} must be >= 0")
-    fs = sorted(set(args.budgets + args.quest_budgets))
-    for a, b in zip(fs, fs[1:]):  # two budgets with one label would share their results' keys (those sort together)
-        if frac(a) == frac(b):
-            raise ValueError(f"budgets {a} and {b} are both labelled {frac(a)}: give one of them")
+    check_labels(args.budgets + args.quest_budgets)
     hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
         weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)
@@ -554,7 +564,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + args.command, "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
-               "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), **hata}
+               "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata}
     deadline = time.time() + 60 * args.minutes
 
     def save(task, t0, res):  # the task's results so far, after every batch

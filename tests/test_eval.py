@@ -69,6 +69,8 @@ def test_needles_go_only_between_sentences(tok):
         ids, key, _ = ev.retrieval_prompt(tok, hay, "single", 300, 1.0, random.Random(seed))
         text = tok.decode(ids)
         assert text[:text.index(f" The pass key is {key}")].rstrip().endswith("."), text
+    with pytest.raises(ValueError, match="no sentence end"):  # --text without one: no place for a needle
+        ev.Haystack(tok, "words and words " * 50)
 
 
 def test_prompt_has_one_bos_at_its_start(tok):
@@ -213,6 +215,20 @@ def test_merge_states_the_context_of_its_perplexity_runs():
         ev.merge([copy.deepcopy(ppl), {**copy.deepcopy(ppl), "ppl_context": 2048}])
 
 
+def test_merge_refuses_what_would_join_two_things_under_one_key():
+    """Retrieval runs from before needles at depth 100% went between sentences (no needle_rule) do not join newer ones
+    (one spec, two prompts); budgets whose labels collide (0.12345678901 and ...02) do not share their columns."""
+    rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 1.0, "answer": "1",
+           "correct": {"dense": True, "oracle 1/8": True}}
+    run = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": [rec]}
+    new = {**copy.deepcopy(run), "needle_rule": 2}
+    assert len(ev.merge([copy.deepcopy(new), copy.deepcopy(new)])["retrieval"]) == 1
+    with pytest.raises(ValueError, match="place needles by different rules"):
+        ev.merge([copy.deepcopy(run), new])
+    with pytest.raises(ValueError, match="both labelled 0.123456789"):
+        ev.merge([{**copy.deepcopy(new), "budgets": [f]} for f in (0.12345678901, 0.12345678902)])
+
+
 def test_report_marks_budgets_the_sink_and_recent_fill():
     """Quest s16 r16 at 1/64 of 1K (K = 16) or 1/32 (K = 32) selects nothing of its own: marked. At 2K, 1/32 is
     64 tokens: unmarked; the context-length table marks each context apart."""
@@ -233,6 +249,7 @@ def test_budget_labels_are_exact_fractions():
     assert [ev.frac(f) for f in ev.BUDGETS + (1 / 4,)] == ["1/8", "1/16", "1/32", "1/64", "1/4"]
     assert [ev.frac(f) for f in (2 / 3, 0.15, 0.3, 1 / 3, 3 / 1024)] == ["2/3", "3/20", "3/10", "1/3", "3/1024"]
     assert ev.pkey("oracle", 2 / 3) == "oracle 2/3" and ev.pkey("dense", None) == "dense"
+    assert [ev.frac(f) for f in (0.1234567, 1 / 3e6)] == ["0.1234567", "3.333333333e-07"]  # no fraction this side
 
 
 def test_selectors_share_the_files_rbit_and_n_dense():
@@ -260,8 +277,9 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--device", "xyz"], "--device: invalid device_name value: 'xyz'"),
                                          (["--selectors", "trained", "--hash-weights", "none"], "only dense would run"),
                                          (["--selectors", "trained", "--tasks", "perplexity"], "only dense would run"),
-                                         (["--budgets", "1/3", "0.33333333333"], "both labelled 1/3"),
-                                         (["--budgets", "1/4", "--quest-budgets", "0.2500000001"], "labelled 1/4"),
+                                         (["--budgets", "0.12345678901", "0.12345678902"], "both labelled 0.123"),
+                                         (["--budgets", "0.1234567890001", "--quest-budgets", "0.1234567890002"],
+                                          "both labelled 0.123456789"),
                                          (["--contexts", "1024", "1024", "--samples", "4", "8"], "repeats a length")])
 def test_bad_flags_fail_before_loading(argv, words, capsys, tmp_path):
     try:  # argparse's own errors exit through SystemExit
@@ -360,7 +378,7 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     no_context = {"command": "t", "selectors": [], "budgets": [], "seconds": {}, "perplexity": {"dense": {}}}
     (tmp_path / "no_context.json").write_text(json.dumps(no_context))
     for name, words in [("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
-                        ("none.json", "none.json"), ("no_context.json", "perplexity results without their ppl_context")
+                        ("none.json", "none.json"), ("no_context.json", "has perplexity results but no ppl_context")
                         ]:
         assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--overwrite"]) == 2
         assert words in capsys.readouterr().err
