@@ -75,7 +75,7 @@ def _popcount_lut(device):
     return sum((b >> i) & 1 for i in range(8)).to(torch.int32)
 
 
-def _check_int32_rows(n, op):  # the score and select kernels offset rows in int32 (int64 costs registers: maxnreg 96)
+def _check_int32_rows(n, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
     _check(n < 2 ** 31, f"{op}: the Triton path indexes with int32 offsets and this input spans {n} >= 2^31 elements; "
            "split the batch")
 

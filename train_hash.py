@@ -531,7 +531,7 @@ def run(args):
     from tokenizer import Tokenizer
     if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
-    train_rbits = args.rbit or [HataArgs.rbit]
+    train_rbits = list(dict.fromkeys(args.rbit or [HataArgs.rbit]))  # each size once
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in train_rbits:
