@@ -13,7 +13,7 @@ from tqdm import tqdm
 import engine
 from engine import parse_budget, sample
 from model import HataArgs
-from tests.conftest import package_file
+from tests.helpers import package_file
 
 
 def run_cli(capsys, *argv):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from engine import generate
 from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, Transformer, from_checkpoint, load_checkpoint,
                    rope_frequencies)
-from tests.conftest import write_gguf
+from tests.helpers import write_gguf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
 
@@ -67,7 +67,13 @@ def test_prefill_after_cached_prefix(smol):
         for layer in smol.layers:
             layer.attention.kv_cache.k[:, :, 40:] = float("nan")
         rest = smol(torch.tensor([ids[17:]]), torch.tensor([17]))[0]
+        smol.setup_caches(2, 64)  # two sequences at their own positions: the mask ends at the later one's end
+        smol(torch.tensor([ids[:23], ids[:23]]))
+        for layer in smol.layers:
+            layer.attention.kv_cache.k[:, :, 40:] = float("nan")
+        both = smol(torch.tensor([ids[17:34], ids[23:40]]), torch.tensor([17, 23]))
     torch.testing.assert_close(rest, whole[17:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(both, torch.stack([whole[17:34], whole[23:40]]), atol=1e-4, rtol=0)
 
 
 def test_batch_equals_single(smol):
@@ -425,7 +431,7 @@ def test_gguf_unsupported_math_is_refused(tmp_path, monkeypatch):
     monkeypatch.undo()
     for window, context in ((64, 64), (16, 16)):
         args = load_checkpoint(write_model_gguf(path, {"llama.rope.dimension_count": 4,
-                                                 "llama.attention.sliding_window": window}))[0]
+                                                       "llama.attention.sliding_window": window}))[0]
         assert args.head_dim == 4 and args.max_seq_len == context
 
 

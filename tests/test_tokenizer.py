@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import package_file, write_gguf
+from tests.helpers import package_file, write_gguf
 from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, open_gguf
 
 
