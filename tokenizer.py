@@ -134,6 +134,26 @@ def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritte
     return Reader(path)
 
 
+def _pre_split(pre, normalizer, path):
+    """The one regex (tiktoken splits by one) that is a tokenizer.json's pre-tokenizer: ByteLevel's GPT-2 regex,
+    Digits(individual) + ByteLevel (SmolLM2), or one isolating Split + ByteLevel without its own regex (Llama 3).
+    Another chain (several Splits, as DeepSeek's), a normalizer or a prefix space would split or drop text otherwise."""
+    steps = pre.get("pretokenizers", [pre])
+    kinds, last = [s.get("type") for s in steps], steps[-1]
+    plain = normalizer is None and kinds[-1] == "ByteLevel" and not last.get("add_prefix_space", False)
+    split = steps[0] if kinds == ["Split", "ByteLevel"] else {}
+    regex = (split.get("pattern") or {}).get("Regex")
+    if plain and kinds == ["ByteLevel"] and last.get("use_regex", True):
+        return GPT2_PATTERN
+    if plain and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
+        return SMOLLM_PATTERN
+    if plain and isinstance(regex, str) and split.get("behavior") == "Isolated" and not split.get("invert") \
+            and not last.get("use_regex", True):
+        return regex
+    raise ValueError(f"{path!r}: its pre-tokenizer ({' + '.join(map(str, kinds))}" + (", a normalizer" if normalizer
+                     else "") + ") is not one hata reproduces (ByteLevel; Digits + ByteLevel; one Split + ByteLevel)")
+
+
 def _hf_config(directory):
     """tokenizer_config.json in `directory` ({} if none) and the chat template: the config's, else the
     chat_template.jinja beside it (where transformers 5 saves it), else None."""
@@ -217,14 +237,16 @@ class Tokenizer:
         ranks = {_vocab_bytes(tok, path): i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == 1}
         specials = {tok: i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ in (3, 4)}
         _check_merges(path, get("tokenizer.ggml.merges"), dict(zip(tokens, range(len(tokens)))), ranks)
-        # Converters before llama.cpp had tokenizer.ggml.pre (April 2024) wrote none, and llama.cpp splits such files
-        # GPT-2's way, warning that generation degrades. Early Llama 3 files hold <|start_header_id|>: they get Llama
-        # 3's regex (and BOS), as Meta's and HF's tokenizers give them; the others GPT-2's, with the same warning.
+        # Converters before llama.cpp had tokenizer.ggml.pre (April 2024) wrote none; llama.cpp splits such files (and
+        # "default") by four regexes in turn, which one tiktoken regex cannot be, warning that generation degrades.
+        # Early Llama 3 files hold <|start_header_id|>: they get Llama 3's regex (and BOS), as Meta's and HF's
+        # tokenizers give them; the others GPT-2's regex, with a warning (ids differ around punctuation and digits).
         llama3 = pre == "default" and "<|start_header_id|>" in specials
         pattern = LLAMA3_PATTERN if llama3 else GGUF_PRE[pre]
-        if "tokenizer.ggml.pre" not in fields and not llama3:
-            print(f"warning: {path!r} names no pre-tokenizer (tokenizer.ggml.pre); splitting text GPT-2's way, which "
-                  "may not be the model's; re-convert the file with a current llama.cpp", file=sys.stderr)
+        if pre == "default" and not llama3:
+            print(f"warning: {path!r} names no pre-tokenizer (tokenizer.ggml.pre: {pre!r}); splitting text GPT-2's "
+                  "way, not as llama.cpp or the model does; re-convert the file with a current llama.cpp",
+                  file=sys.stderr)
         bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
         template = get("tokenizer.chat_template")
         enc, n, blank = _bpe(path, ranks, specials, pattern)
@@ -243,14 +265,10 @@ class Tokenizer:
                 raise TypeError("'model' and 'pre_tokenizer' must be objects")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({e}); re-download it")
-        # The pre-split regex: an explicit Split, or ByteLevel's GPT-2 regex (after per-digit splitting for SmolLM2).
-        steps = pre.get("pretokenizers", [pre])
-        split = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
-        digits = any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps)
-        pattern = split[0] if split else SMOLLM_PATTERN if digits else GPT2_PATTERN
-        if model.get("type") != "BPE" or not any(s.get("type") == "ByteLevel" for s in steps) or None in split:
+        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
             raise ValueError(f"{path!r}: only byte-level BPE tokenizer.json is supported; for Llama 2 "
                              "use the directory's tokenizer.model")
+        pattern = _pre_split(pre, tj.get("normalizer"), path)
         specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         ranks = {_vocab_bytes(t, path): i for t, i in model["vocab"].items() if t not in specials}
         _check_merges(path, model.get("merges"), model["vocab"], ranks)
@@ -295,9 +313,11 @@ class Tokenizer:
                    chat="llama2" if template is None or "[INST]" in template else None)
 
     @staticmethod
-    def _chat_of(specials, template):  # the template's format, else the vocabulary's (ChatML fine-tunes of Llama 3)
+    def _chat_of(specials, template):  # the template's format (None: another), else the vocabulary's
         formats = [(c, t) for c, t in (("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>")) if t in specials]
-        return next((chat for chat, t in formats if t in (template or "")), formats[-1][0] if formats else None)
+        if template is not None:  # e.g. DeepSeek-R1-Distill-Llama: Llama 3's vocabulary, its own chat format
+            return next((chat for chat, t in formats if t in template), None)
+        return formats[-1][0] if formats else None
 
     # --- encode / decode ---
 

@@ -2,6 +2,7 @@
 token by token, and the error messages for bad paths and files."""
 import base64
 import json
+import re
 
 import numpy as np
 import pytest
@@ -477,16 +478,47 @@ def test_merges_must_make_tokens_and_exist(tmp_path):
 
 def test_gguf_without_pre_tokenizer(tmp_path, capsys):
     """A GGUF naming no pre-tokenizer (converted before llama.cpp wrote one) is split with Llama 3's regex when its
-    vocabulary is Llama 3's (it holds <|start_header_id|>), and gets BOS as Llama 3 does; any other is split GPT-2's
-    way with a warning. Llama 3's regex keeps " 1" as " " and "1"; GPT-2's keeps it whole."""
+    vocabulary is Llama 3's (it holds <|start_header_id|>), and gets BOS as Llama 3 does; any other, or one naming
+    "default" (llama.cpp's four regexes in turn), is split GPT-2's way with a warning. Llama 3's regex keeps " 1" as
+    " " and "1"; GPT-2's keeps it whole."""
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     tokens = [to_char[b] for b in range(256)] + ["Ġ1", "<|begin_of_text|>", "<|start_header_id|>"]
     types = [1] * 257 + [3, 3]
     cases = [(None, 259, [257, 32, 49], ""), (None, 258, [256], "names no pre-tokenizer"),
-             ("default", 259, [257, 32, 49], ""), ("default", 258, [256], ""), ("gpt-2", 259, [256], "")]
+             ("default", 259, [257, 32, 49], ""), ("default", 258, [256], "not as llama.cpp or the model does"),
+             ("gpt-2", 259, [256], "")]
     for n, (pre, size, ids, warning) in enumerate(cases):
         path = _write_gguf(tmp_path / f"{n}.gguf", tokens[:size], types[:size], ["Ġ 1"], pre=pre, bos=257)
         capsys.readouterr()
         assert Tokenizer.from_path(path).encode(" 1") == ids, (pre, size)
         err = capsys.readouterr().err
         assert (warning in err) if warning else err == "", (pre, size, err)
+
+
+def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_path):
+    """tiktoken splits by one regex: a chain of Splits (DeepSeek's), a normalizer or a prefix space would split or
+    drop text otherwise (a chain's second Split used to be ignored, and text its first regex missed lost), so such a
+    tokenizer.json is refused by name. A template that writes neither ChatML nor Llama 3 (DeepSeek-R1-Distill-Llama,
+    on Llama 3's vocabulary) leaves the chat format unknown (an error at --chat), not Llama 3's."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    vocab = {to_char[b]: b for b in range(256)}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False}
+    for pre, normalizer, words in (
+            ({"type": "Sequence", "pretokenizers": [split, split, {"type": "Digits"}, byte_level]}, None,
+             "Split + Split + Digits + ByteLevel"),
+            ({"type": "Sequence", "pretokenizers": [split, byte_level]}, {"type": "NFC"}, "a normalizer"),
+            ({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}, None, "(ByteLevel)"),
+            ({"type": "Sequence", "pretokenizers": [{**split, "invert": True}, byte_level]}, None,
+             "(Split + ByteLevel)")):
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "pre_tokenizer": pre,
+                                    "normalizer": normalizer}))
+        with pytest.raises(ValueError, match=f"its pre-tokenizer .*{re.escape(words)}.* is not one hata reproduces"):
+            Tokenizer.from_path(path)
+    names = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    r1 = "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}<｜Assistant｜>{% endfor %}"
+    for template, chat in ((r1, None), (None, "llama3")):
+        path = _write_gguf(tmp_path / f"{chat}.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
+                           pre="llama-bpe", bos=256, template=template)
+        assert Tokenizer.from_path(path).chat == chat
