@@ -69,6 +69,8 @@ class ModelArgs:
         reals = dict(norm_eps=self.norm_eps, rope_theta=self.rope_theta, **{k: scaling[k] for k in ROPE_SCALING[kind]})
         if bad := {k: v for k, v in reals.items() if not num(v, numbers.Real) or not 0 < v < math.inf}:
             raise ValueError(f"the model's {', '.join(bad)} must be finite numbers > 0, got {bad}")
+        if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:  # else the bands invert
+            raise ValueError(f"llama3 RoPE scaling needs low_freq_factor < high_freq_factor, got {scaling}")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if not num(self.head_dim, numbers.Integral) or self.head_dim < 2 or self.head_dim % 2:  # RoPE rotates pairs
@@ -214,7 +216,7 @@ class HashCache(nn.Module):
         if codes is not None:
             self.codes[b, :, pos] = codes.transpose(1, 2)
         if self.norms is not None:
-            self.norms[b, :, pos] = norms.transpose(1, 2)
+            self.norms[b, :, pos] = norms.transpose(1, 2).to(self.norms.dtype)
 
 
 class Attention(nn.Module):
@@ -356,13 +358,14 @@ class Transformer(nn.Module):
     def sparse_layers(self):
         return [layer.attention for layer in self.layers if layer.attention.hata is not None]
 
-    def setup_caches(self, max_batch_size, max_seq_len, device=None, dtype=None):
+    def setup_caches(self, max_batch_size, max_seq_len):
         """Allocate the KV (and hash) caches and the RoPE table: self.max_seq_len positions (not args.max_seq_len, the
-        context the model was trained for, which bounds it) for exactly self.max_batch_size sequences a forward."""
+        context the model was trained for, which bounds it) for exactly self.max_batch_size sequences a forward, on
+        the weights' device and in their dtype."""
         args = self.args
         if max_seq_len > args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context length {args.max_seq_len}")
-        device, dtype = device or self.output.weight.device, dtype or self.output.weight.dtype
+        device, dtype = self.output.weight.device, self.output.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old caches before allocating new ones
@@ -423,12 +426,18 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before forward")
         if B != self.max_batch_size:  # the caches' rows are the batch's sequences
             raise ValueError(f"batch of {B} but the caches hold {self.max_batch_size} sequences: setup_caches({B}, ..)")
+        if input_pos is None and T > self.max_seq_len:
+            raise ValueError(f"{T} tokens but the caches hold {self.max_seq_len} positions: setup_caches(.., {T})")
         start = torch.zeros(B, dtype=torch.long, device=tokens.device) if input_pos is None else input_pos
         pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+        S = self.max_seq_len  # the keys a query may see: the whole cache, or a later prefill chunk's up to its end
+        if input_pos is not None and T > 1:  # (a decode step's caller checks it: no host sync inside its graph)
+            lo, S = int(start.min()), int(pos.max()) + 1
+            if not (lo >= 0 and S <= self.max_seq_len):
+                raise ValueError(f"positions {lo}..{S - 1} are outside the caches' 0..{self.max_seq_len - 1}")
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2)
         mask = None
         if input_pos is not None:  # the cache may hold a prefix: query at position p sees keys at positions <= p
-            S = self.max_seq_len if T == 1 else int(pos.max()) + 1  # a later prefill chunk: keys up to its end only
             visible = torch.arange(S, device=tokens.device) <= pos[:, :, None]  # (B, T, S)
             mask = torch.zeros(visible.shape, dtype=self.output.weight.dtype,
                                device=tokens.device).masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, S)
@@ -663,6 +672,8 @@ def read_hf(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
+        if bad := [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]:
+            raise ValueError(f"{index}: its weight_map names files outside the directory ({bad[0]!r})")
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -723,12 +734,15 @@ def read_meta(path):
             row = name.endswith(("wo.weight", "w2.weight")) or (name == "tok_embeddings.weight"  # Llama 2 cuts
                                                               and w.shape[1] != p["dim"])  # it on dim, 3 on vocab
             raw[name] = torch.cat([part[name] for part in parts], dim=1 if row else 0)
-    scaled = p.get("use_scaled_rope", False)
+    scaled = p.get("use_scaled_rope", False)  # Llama 3.1+: llama3 scaling by llama-models' factor, which params.json
+    # may omit: 32 for Llama 3.2 1B and 3B (meta-llama/llama-models#166), else 8 (Llama 3.1)
+    factor = p.get("rope_scaling_factor") or (32.0 if (p["dim"], p["n_layers"]) in ((2048, 16), (3072, 28)) else 8.0)
     args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
                      n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=raw["tok_embeddings.weight"].shape[0],
                      ffn_dim=raw["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
                      rope_theta=p.get("rope_theta", 10000.0),
-                     rope_scaling=PRESETS["llama-3.1-8b"].rope_scaling if scaled else None,
+                     rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "factor": factor,
+                                   "high_freq_factor": p.get("rope_high_freq_factor", 4.0)} if scaled else None,
                      # params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Llama 2 4K
                      max_seq_len=p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000
                                                           else 4096),

@@ -528,3 +528,42 @@ def test_hata_args_take_whole_numbers():
                       (dict(n_dense=-1, n_recent=-2), "n_dense -1, n_recent -2: must be >= 0")):  # which, and its value
         with pytest.raises(ValueError, match=words):
             HataArgs(**kw)
+
+
+def test_meta_rope_factor_bad_positions_and_stray_shards(small_smol, tmp_path):
+    """params.json's scaled RoPE takes llama-models' rope_scaling_factor / rope_high_freq_factor (Llama 3.2 1B and 3B
+    need 32, not Llama 3.1's 8); llama3 scaling with low_freq_factor >= high_freq_factor is refused; positions
+    outside the caches are one ValueError, not an IndexError or a write that wraps around to the cache's end; a
+    shard index naming a file outside the directory is refused; a use_norm cache survives model.to(bf16)."""
+    args, sd = small_smol
+    meta = tmp_path / "meta"
+    write_meta(meta, args, sd, n_layers=1)
+    params = json.loads((meta / "params.json").read_text())
+    for extra, want in (({}, None), ({"use_scaled_rope": True}, (8.0, 4.0)),
+                        ({"use_scaled_rope": True, "rope_scaling_factor": 32.0, "rope_high_freq_factor": 2.0},
+                         (32.0, 2.0))):
+        (meta / "params.json").write_text(json.dumps({**params, **extra}))
+        scaling = load_checkpoint(str(meta))[0].rope_scaling
+        assert (scaling and (scaling["factor"], scaling["high_freq_factor"])) == want, extra
+    with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
+        replace(PRESETS["llama-3.1-8b"], rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "low_freq_factor": 4.0})
+    model = Transformer(PRESETS["tiny"], HataArgs(budget=4, use_norm=True))
+    model.setup_caches(1, 8)
+    with torch.inference_mode():
+        for tokens, start, words in ((torch.zeros(1, 9, dtype=torch.long), None, "9 tokens but the caches hold 8"),
+                                     (torch.zeros(1, 3, dtype=torch.long), torch.tensor([6]), r"positions 6..8"),
+                                     (torch.zeros(1, 3, dtype=torch.long), torch.tensor([-1]), r"positions -1..1")):
+            with pytest.raises(ValueError, match=words):
+                model(tokens, start)
+        model.to(torch.bfloat16).setup_caches(1, 8)
+        model.set_hata(HataArgs(budget=4, use_norm=True))
+        model.to(torch.bfloat16)  # the norms' buffer follows; a prefill still writes them
+        model(torch.zeros(1, 5, dtype=torch.long))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+                                                "num_attention_heads": 2, "vocab_size": 16, "intermediate_size": 16,
+                                                "rms_norm_eps": 1e-5}))
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../other/model.safetensors"}}))
+    with pytest.raises(ValueError, match="names files outside the directory"):
+        load_checkpoint(str(hf))
