@@ -308,9 +308,13 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"{path!r} is neither a sentencepiece nor a tiktoken tokenizer.model ({e}); {HOW}")
         bos, eos = sp.bos_id(), sp.eos_id()
-        _, template = _hf_config(os.path.dirname(path))  # Llama 2's [INST], unless the checkpoint says otherwise
-        return cls(sp=sp, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None, add_bos=bos >= 0,
-                   chat="llama2" if template is None or "[INST]" in template else None)
+        cfg, template = _hf_config(os.path.dirname(path))  # Llama 2's [INST], unless the checkpoint says otherwise
+        # A fine-tune's tokens past the sentencepiece vocabulary (ChatML's <|im_end|> at 32000): only their end tokens
+        # matter here, to stop generation (they decode to nothing, as every id past the vocabulary)
+        added = {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
+                 if isinstance(t, dict) and str(i).isdigit() and int(i) >= sp.get_piece_size()}
+        return cls(sp=sp, specials=added, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
+                   add_bos=bos >= 0, chat="llama2" if template is None or "[INST]" in template else None)
 
     @staticmethod
     def _chat_of(specials, template):  # the template's format (None: another), else the vocabulary's

@@ -152,6 +152,10 @@ def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds no JSON object"):
         Tokenizer.from_path(tmp_path)
+    added = {"2": {"content": "</s>"}, "300": {"content": "<|im_end|>"}, "301": {"content": "<|im_start|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    tok = Tokenizer.from_path(tmp_path)  # a ChatML fine-tune of Llama 2: its added <|im_end|> ends generation too
+    assert tok.eos_ids == frozenset({2, 300}) and tok.decode([300, 301]) == ""
 
 
 # --- Hugging Face tokenizer.json (byte-level BPE) ----------------------------------------------------------
