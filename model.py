@@ -119,7 +119,8 @@ class HataArgs:
             raise TypeError(f"{', '.join(bad)} must be whole numbers (int), got {', '.join(map(repr, bad.values()))}")
         if self.rbit <= 0 or self.rbit % 32:
             raise ValueError(f"rbit must be a positive multiple of 32, got {self.rbit}")
-        if not (0 < self.budget < 1 or (self.budget >= 1 and float(self.budget).is_integer())):
+        real = isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool)  # not "1/4", not True
+        if not (real and (0 < self.budget < 1 or (self.budget >= 1 and float(self.budget).is_integer()))):
             raise ValueError(f"budget must be a token count >= 1 or a fraction in (0, 1), got {self.budget}")
         if bad := [f"{k} {v}" for k, v in ints.items() if v < 0]:  # (engine's flags: --n-dense, --sink, --recent)
             raise ValueError(f"{', '.join(bad)}: must be >= 0")

@@ -209,6 +209,9 @@ def test_bad_hata_values():
         HataArgs(budget=-3)
     with pytest.raises(ValueError, match="budget"):
         HataArgs(budget=2.5)
+    for odd in ("1/4", True, None):  # a string compared with numbers raised a bare TypeError; True passed as 1
+        with pytest.raises(ValueError, match="budget must be a token count"):
+            HataArgs(budget=odd)
     with pytest.raises(ValueError, match="multiple of 32"):
         HataArgs(rbit=48)
     with pytest.raises(ValueError, match="selector"):
