@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from model import PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_format, from_checkpoint
-from offload import offload_from_args
+from offload import host_available, offload_from_args
 from tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -228,6 +228,8 @@ def device_name(text):
         device = torch.device(text)
     except RuntimeError:
         raise ValueError(text) from None  # argparse: "invalid device_name value: 'xyz'"
+    if device.type not in ("cpu", "cuda"):  # torch knows xpu, mps, meta, ...: this engine runs on two
+        raise argparse.ArgumentTypeError(f"{text!r}: this engine runs on cpu or cuda[:N]")
     if device.type == "cuda" and (n := torch.cuda.device_count()) <= (device.index or 0):
         hint = "; use --device cpu" if n == 0 else ""
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s){hint}")
@@ -279,7 +281,15 @@ def build_parser():
 
 
 def random_model(preset, hata, device, dtype, seed=0):
-    """A model in a preset's shape with random weights, built directly on the device."""
+    """A model in a preset's shape with random weights, built directly on the device; refused at once when the
+    weights would not fit in the device's free memory (e.g. the default 8B shape on a CPU machine)."""
+    with torch.device("meta"):
+        need = sum(p.numel() for p in Transformer(PRESETS[preset]).parameters()) * dtype.itemsize
+    device = torch.device(device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available()  # 0: unknown
+    if free and need > free:
+        raise ValueError(f"the {preset} shape's weights take {need / 2**30:.1f} GiB in {dtype} but {device} has "
+                         f"{free / 2**30:.1f} GiB free; choose a smaller --preset")
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(PRESETS[preset], hata)
@@ -310,6 +320,11 @@ def run(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.kv_gpu_gb is not None and not (math.isfinite(args.kv_gpu_gb) and args.kv_gpu_gb > 0):
+        raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {args.kv_gpu_gb}")
+    if args.offload and (args.dense or args.selector != "hash"):  # (before the load; --kv-gpu-gb may offload none)
+        raise ValueError(f"--offload fetches only the rows HATA's hash selector picks, and "
+                         f"{'--dense' if args.dense else '--selector ' + args.selector} has none: drop one of them")
     if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
         raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already "
                          "(drop them, or use --device cuda)")
@@ -317,6 +332,7 @@ def run(args):
     given = {"--" + k.replace("_", "-") for k, v in vars(args).items() if v != default(k)}  # not left at the default
     off = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense),  # no sparse layer
            (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash"),  # no hash codes
+           (("--offload",), args.kv_gpu_gb is not None),  # the cap decides how many layers go to host memory
            (("--top-p",), args.temperature == 0),  # greedy
            (("--seed",), args.temperature == 0 and not args.random_weights),  # nothing random
            (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights),  # random tokens
@@ -327,8 +343,8 @@ def run(args):
         return run_random(args, hata, device, dtype)
     texts = list(args.prompt or [])
     if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            raise FileNotFoundError(f"prompt file not found (or not a file): {args.prompt_file}")
+        if os.path.isdir(args.prompt_file) or not os.path.exists(args.prompt_file):  # a pipe or /dev/stdin will do
+            raise FileNotFoundError(f"prompt file not found (or a directory): {args.prompt_file}")
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 texts.append(f.read().removesuffix("\n"))  # text mode reads "\r\n" as "\n"
@@ -466,22 +482,27 @@ def shipped_hash_weights(hata, checkpoint=None):
 
 
 class Streamer:
-    """Prints the text of one sequence as tokens arrive, holding back bytes that do not yet form a character."""
+    """Prints one sequence's text as tokens arrive, holding back bytes that do not yet form a character. A step
+    decodes only the ids from CONTEXT tokens before the last print (all of them each step: time growing with the
+    square of the length); the context keeps what a token's text owes its neighbours (sentencepiece's first space)."""
+    CONTEXT = 4
+
     def __init__(self, tok):
-        self.tok, self.ids, self.printed = tok, [], ""
+        self.tok, self.ids, self.start, self.printed = tok, [], 0, ""  # printed = decode(ids[start:]) shown so far
 
     def __call__(self, tokens):
         t = int(tokens[0])
         if t < 0 or t in self.tok.eos_ids:
             return
         self.ids.append(t)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids[self.start:])
         if not text.endswith("\ufffd"):
             print(text[len(self.printed):], end="", flush=True)
-            self.printed = text
+            self.start = max(self.start, len(self.ids) - self.CONTEXT)
+            self.printed = self.tok.decode(self.ids[self.start:])
 
     def finish(self):
-        print(self.tok.decode(self.ids)[len(self.printed):], flush=True)
+        print(self.tok.decode(self.ids[self.start:])[len(self.printed):], flush=True)
 
 
 if __name__ == "__main__":

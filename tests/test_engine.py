@@ -4,6 +4,7 @@ import argparse
 import functools
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -130,12 +131,32 @@ def test_offload_needs_a_gpu(capsys):
         assert code == 2 and "on the CPU it is there already" in error_line(err) and "loaded" not in err
 
 
+def test_offload_flags_are_checked_before_the_model_loads(capsys):
+    for flags, words in [(["--offload", "--dense"], "--offload fetches only the rows HATA's hash selector picks"),
+                         (["--offload", "--selector", "oracle"], "--offload fetches only the rows"),
+                         *[(["--kv-gpu-gb", v], f"--kv-gpu-gb must be a positive number of GiB, got {float(v)}")
+                           for v in ("-1", "0", "nan", "inf")]]:
+        code, _, err = run_cli(capsys, "--prompt", "hi", *flags)
+        assert code == 2 and words in error_line(err) and "loaded" not in err, (flags, err)
+
+
 def test_bad_device(capsys):
     n = torch.cuda.device_count()
     for device, words in [("xyz", "invalid device_name value: 'xyz'"), (f"cuda:{n}", f"this machine has {n} CUDA"),
+                          ("meta", "runs on cpu or cuda[:N]"), ("xpu", "runs on cpu or cuda[:N]"),
                           *([] if n else [("cuda", "has 0 CUDA device(s)")])]:
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", device)
         assert code == 2 and "argument --device" in err and words in err and "loaded" not in err
+
+
+def test_random_weights_that_do_not_fit_are_refused(monkeypatch, capsys):
+    monkeypatch.setattr(engine, "host_available", lambda: 1000)  # bytes free
+    with pytest.raises(ValueError, match=r"the tiny shape's weights take .* GiB in torch.float32 but cpu has 0.0 GiB"):
+        engine.random_model("tiny", None, "cpu", torch.float32)
+    code, _, err = run_cli(capsys, "--random-weights", "--device", "cpu")  # the default preset: Llama-3.1-8B
+    assert code == 2 and "llama-3.1-8b shape's weights take 29.9 GiB" in error_line(err)
+    monkeypatch.setattr(engine, "host_available", lambda: 0)  # unknown (no /proc/meminfo): built
+    assert engine.random_model("tiny", None, "cpu", torch.float32).args.dim > 0
 
 
 def test_bad_prompt_files(capsys, tmp_path):
@@ -143,7 +164,28 @@ def test_bad_prompt_files(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "latin1.txt"))
     assert code == 2 and "latin1.txt is not UTF-8" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path))
-    assert code == 2 and "not a file" in error_line(err)
+    assert code == 2 and "prompt file not found (or a directory)" in error_line(err)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_prompt_file_may_be_a_pipe(capsys, tmp_path):
+    """`--prompt-file <(...)` or `--prompt-file /dev/stdin` reads a pipe, which is no regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write():
+        try:
+            fifo.write_text("The capital of France is\n")  # blocks until a reader opens the pipe
+        except BrokenPipeError:  # the reader below, when the engine never read it
+            pass
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    code, out, err = run_cli(capsys, "--prompt-file", str(fifo), "--max-new-tokens", "3", "--dense")
+    if writer.is_alive():  # the engine refused the pipe without opening it: let the writer go
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+    writer.join()
+    assert code == 0 and "prefill: 5 tokens" in err and out.startswith(" Paris"), err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed

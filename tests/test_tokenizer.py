@@ -137,6 +137,25 @@ def test_sentencepiece(sp_model):
             tok.encode_chat([{"role": r, "content": "x"} for r in roles])
 
 
+@pytest.mark.parametrize("which", ["gguf", "sentencepiece"])
+def test_streamer_prints_what_decode_gives_from_a_few_tokens_a_step(which, smol, sp_model, capsys):
+    from engine import Streamer
+    tok = smol if which == "gguf" else Tokenizer.from_path(sp_model)
+    text = " ".join(["the lazy fox jumps, Ünïcödé 日本 🤗 and  two  spaces"] * 6) + " 12345"
+    ids = tok.encode(text, bos=False)
+    decoded, decode = [], tok.decode
+    tok.decode = lambda part: decoded.append(len(part)) or decode(part)  # instance attribute: this test's only
+    try:
+        streamer = Streamer(tok)
+        for t in ids + [-1]:  # -1: a finished sequence's filler
+            streamer([t])
+        streamer.finish()
+    finally:
+        del tok.decode
+    assert capsys.readouterr().out == decode(ids) + "\n"
+    assert len(ids) > 60 and max(decoded) <= Streamer.CONTEXT + 4  # not the whole sequence each step
+
+
 def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
     """Llama 2's [INST] only where the checkpoint's tokenizer_config.json has none or an [INST] one."""
     (tmp_path / "tokenizer.model").write_bytes((sp_model / "tokenizer.model").read_bytes())
