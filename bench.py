@@ -149,6 +149,12 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
 
 def bench_attention(args):
     from model import HataArgs
+    if args.rbit % 32:
+        raise ValueError(f"--rbit must be a multiple of 32 (whole int32 code words), got {args.rbit}")
+    Ks = {S: sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}) for S in args.seqlens}
+    if not any(K < S for S in Ks for K in Ks[S]):
+        raise ValueError(f"--seqlens {' '.join(map(str, args.seqlens))}: no budget is below S (the model would decode "
+                         "densely); give a longer S")
     print_header(args.mode)
     torch.manual_seed(0)
     timer = Timer(args.reps)
@@ -158,7 +164,10 @@ def bench_attention(args):
         H, Hkv, D = SHAPES[shape]
         for S in args.seqlens:
             for B in args.batches:
-                for budget in sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}):
+                if B == args.batches[0] and (dense_Ks := [K for K in Ks[S] if K >= S]):
+                    print(f"  S={fmt_s(S)} K={', '.join(map(str, dense_Ks))}: K >= S, the model decodes densely; "
+                          "not timed", flush=True)
+                for budget in (K for K in Ks[S] if K < S):
                     rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
                     torch.cuda.empty_cache()
     print(f"{table(rows)}\n\n{breakdown_table(rows)}\n")
@@ -270,16 +279,17 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
     dense_bytes = 2 * B * Hkv * S * D * esize
     return dict(shape=shape, B=B, S=S, budget=budget, dense_ms=dense_ms, hata_ms=hata_ms,
                 floor_ms=floor_bytes / COPY_BW * 1e3, dense_floor_ms=dense_bytes / COPY_BW * 1e3,
-                per_kernel=per_kernel, kernel_bytes=kernel_bytes(B, Hkv, D, S, W, k_eff, esize))
+                per_kernel=per_kernel, kernel_bytes=kernel_bytes(B, Hkv, G, D, S, W, k_eff, esize))
 
 
-def kernel_bytes(B, Hkv, D, S, W, K, esize):
+def kernel_bytes(B, Hkv, G, D, S, W, K, esize):
     """Bytes each streaming kernel must move (reads + writes), for its achieved bandwidth."""
     rows = B * Hkv
     return {
         "topk.score": rows * S * (W * 4 + 2),                                # codes in, int16 keys out
         "topk.compact": rows * S * 2 + rows * K * 4,                         # keys in, indices out
-        "attn.split": rows * K * (2 * D * esize + 4),                        # gathered K, V rows + indices
+        "attn.split": (rows * K * (2 * D * esize + 4)                        # gathered K, V rows + indices,
+                       + rows * -(-K // 64) * G * (D + 1) * 4),              # fp32 partials of 64-row splits out
     }
 
 
@@ -333,10 +343,15 @@ def bench_offload(args):
     print_header(args.mode)
     hata = HataArgs(budget=args.budget)
     model = random_model(args.preset, hata, dev, torch.bfloat16)
+    host_bytes = None if args.host_gb is None else args.host_gb * offload.GiB
+    try:  # the plan's host-memory check now, not after the GPU's timings
+        offload.plan_offload(model, B, S, host_bytes=host_bytes)
+    except ValueError as e:
+        raise ValueError(f"{e} (here: --seqlen, or --host-gb)") from None
     cur = torch.randint(0, model.args.vocab_size, (B,), device=dev)
     pos = torch.full((B,), S - 1, device=dev)  # the last slot: every step attends over all S positions
 
-    def decode_ms(policy, steps):
+    def decode_ms(name, policy, steps):
         torch.manual_seed(1)  # the same random K/V whichever memory holds them
         fill_random_kv(model)
         model.set_hata(policy)  # rehash the random keys
@@ -344,21 +359,20 @@ def bench_offload(args):
             step = GraphedDecode(model, cur, pos)
             logits = step(model, cur, pos).clone()
             ms = event_ms(lambda: [step(model, cur, pos) for _ in range(steps)]) / steps
-        print(f"  {'dense' if policy.budget >= S - 1 else 'HATA'}, {plan or 'KV on the GPU'}: {ms:.3f} ms/step",
-              flush=True)
+        print(f"  {name}, {plan or 'KV on the GPU'}: {ms:.3f} ms/step", flush=True)
         return ms, logits
 
     plan = None
     model.setup_caches(B, S)
-    gpu_ms, gpu_logits = decode_ms(hata, args.steps)
+    gpu_ms, gpu_logits = decode_ms("HATA", hata, args.steps)
     torch.cuda.empty_cache()
-    plan = offload.apply_offload(model, B, S, host_bytes=None if args.host_gb is None else args.host_gb * offload.GiB)
+    plan = offload.apply_offload(model, B, S, host_bytes=host_bytes)
     model.setup_caches(B, S)  # frees the GPU caches, allocates the offloaded ones in host memory
     torch.cuda.empty_cache()
-    off_ms, off_logits = decode_ms(hata, args.steps)
+    off_ms, off_logits = decode_ms("HATA", hata, args.steps)
     diff = (off_logits - gpu_logits).abs().max().item()
     assert diff <= 0.05 * gpu_logits.abs().max().item(), f"offloaded logits differ from the GPU's by {diff}"
-    all_ms, _ = decode_ms(HataArgs(budget=S - 1), max(2, args.steps // 10))
+    all_ms, _ = decode_ms("every row", HataArgs(budget=S - 1), max(2, args.steps // 10))
     K, n_sparse = hata.budget_tokens(S), len(plan.layers)
     row = 2 * model.args.n_kv_heads * model.args.head_dim * 2  # K + V bytes of one token, one layer, bf16
     fetched = n_sparse * B * K * row
@@ -412,7 +426,7 @@ def bench_offload_fetch(args, S, K, H=32, Hkv=8, D=128, B=1):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# command line
+# e2e mode
 
 
 def bench_e2e(args):
@@ -430,8 +444,10 @@ def bench_e2e(args):
     hashed = HataArgs(budget=1 / 64)  # the prefill timing's policy: codes exist only where K < the cache
     if not hashed.reads_codes(args.prefill_len):
         raise ValueError(f"--prefill-len {args.prefill_len}: too short for HATA to hash its keys (K = 1/64 of it)")
+    if not any(HataArgs(budget=b).budget_tokens(S) < S for b in args.budgets for S in args.seqlens):
+        raise ValueError("no --budgets is below any of --seqlens: the model would decode every step densely")
     print_header(args.mode)
-    dev, model = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16)
+    dev, model, timer = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16), Timer(args.steps)
     a = model.args
     if args.compile:
         model.compile_pointwise()
@@ -451,7 +467,7 @@ def bench_e2e(args):
         k = model.layers[0].attention.kv_cache.k
         q = torch.randn(B, a.n_heads, 1, a.head_dim, device=dev, dtype=k.dtype)
         mask = torch.zeros(B, 1, 1, S, device=dev, dtype=k.dtype) if masked else None
-        return Timer(20).time(lambda: torch.nn.functional.scaled_dot_product_attention(
+        return timer.time(lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, model.layers[0].attention.kv_cache.v, attn_mask=mask, enable_gqa=True))
 
     rows = []
@@ -494,14 +510,16 @@ def bench_e2e(args):
     T, result = args.prefill_len, {}
     ways = {"one causal pass": {"chunk": T}, "the engine's chunks": {}}  # engine.prefill's own chunk size
     tokens, lengths = torch.randint(0, a.vocab_size, (1, T), device=dev), torch.tensor([T], device=dev)
-    for name, policy in (("dense", None), ("HATA (keys hashed)", hashed)):
-        model.set_hata(None)
-        model.setup_caches(1, T)
-        model.set_hata(policy)
-        for way, chunk in ways.items():
-            with torch.inference_mode():
-                ts = [event_ms(lambda: prefill(model, tokens, lengths, **chunk)) for _ in range(3)]
-            result[name, way] = min(ts[1:])  # the first run warms up (compilation, allocator): the best of the others
+    model.set_hata(None)
+    model.setup_caches(1, T)
+    for way, chunk in ways.items():  # dense and hashed alternate, so a drifting GPU slows both alike
+        for rep in range(4):  # the first round warms up (compilation, allocator): medians of the other three
+            for name, policy in (("dense", None), ("HATA (keys hashed)", hashed)):
+                model.set_hata(policy, rehash=False)  # the prefill writes every code
+                with torch.inference_mode():
+                    ms = event_ms(lambda: prefill(model, tokens, lengths, **chunk))
+                result.setdefault((name, way), []).extend([ms] if rep else [])
+    result = {k: statistics.median(ts) for k, ts in result.items()}
     print()
     for way in ways:
         d, h = result["dense", way], result["HATA (keys hashed)", way]
@@ -527,6 +545,10 @@ def bench_e2e(args):
                       f"{kinds.get('SDPA', 0):.2f} | {kinds.get('other', 0):.2f} | {step - sum(kinds.values()):.2f} |")
             model.setup_caches(1, 16)  # free the big caches before the next size
             torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cpu mode
 
 
 def bench_cpu(args):
@@ -575,6 +597,10 @@ def bench_cpu(args):
                              f"HATA, {budget_label(args.budget)}": [(S, h) for S, K, _, h in rows if K < S]}, None)])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
 def print_header(mode):
     """Every mode's first line, printed once its arguments are checked: the machine, the time, torch."""
     device = torch.cuda.get_device_name() if mode != "cpu" else platform.processor() or platform.machine()
@@ -586,15 +612,15 @@ def main(argv=None):
     from model import PRESETS
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    mode = lambda name, text: sub.add_parser(name, help=text, description=text)  # `bench.py MODE --help` says it too
-    p = mode("attention", "one layer's decode attention: dense SDPA vs the HATA step")
+    add_mode = lambda name, text: sub.add_parser(name, help=text, description=text)  # `bench.py MODE --help` too
+    p = add_mode("attention", "one layer's decode attention: dense SDPA vs the HATA step")
     p.add_argument("--shapes", nargs="+", default=["llama8b", "default"], choices=sorted(SHAPES),
                    help="llama8b: H=32, Hkv=8, D=128; default: the default model's H=9, Hkv=3, D=64")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[8192, 32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8], help="batch sizes B")
     p.add_argument("--rbit", type=positive_int, default=128, help="hash bits R")
     p.add_argument("--reps", type=positive_int, default=50, help="timed replays per measurement (median)")
-    p = mode("offload", "decode tokens/s with the sparse layers' KV cache in host memory")
+    p = add_mode("offload", "decode tokens/s with the sparse layers' KV cache in host memory")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlen", type=positive_int, default=131072, help="S_max; every step attends at S_max - 1")
     p.add_argument("--budget", type=positive_int, default=2048, help="HATA's K in tokens")
@@ -602,7 +628,7 @@ def main(argv=None):
     p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float,
                    help="host memory the offload plan may pin (default: what is available, less 10%%, at least 1 GiB)")
-    p = mode("e2e", "whole-model decode tokens/s and prefill overhead, dense vs HATA")
+    p = add_mode("e2e", "whole-model decode tokens/s and prefill overhead, dense vs HATA")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4], help="batch sizes B")
@@ -611,7 +637,7 @@ def main(argv=None):
     p.add_argument("--prefill-len", type=positive_int, default=32768, help="prompt tokens of the prefill timing")
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")
     p.add_argument("--profile", action="store_true", help="also a kernel census of one replay of each step")
-    p = mode("cpu", "the default model's decode ms/token on the CPU, dense vs HATA")
+    p = add_mode("cpu", "the default model's decode ms/token on the CPU, dense vs HATA")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[16, 1024, 4096, 8192], help="cached tokens S")
     p.add_argument("--budget", type=parse_budget, default=512, help="HATA's K: tokens, or a fraction of S like 1/16")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")

@@ -83,9 +83,15 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
                                           "--prefill-len 1: too short for HATA to hash its keys"),
                                          (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
-                                          "--host-gb must be a number of GiB > 0, got 0.0")])
+                                          "--host-gb must be a number of GiB > 0, got 0.0"),
+                                         (["e2e", "--seqlens", "512", "--budgets", "512", "2048",
+                                           "--prefill-len", "512"],
+                                          "no --budgets is below any of --seqlens"),
+                                         (["attention", "--rbit", "48"],
+                                          "--rbit must be a multiple of 32 (whole int32 code words), got 48"),
+                                         (["attention", "--seqlens", "1"], "--seqlens 1: no budget is below S")])
 def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks come before any CUDA work
-    assert bench.main(argv + ["--preset", "tiny"]) == 2
+    assert bench.main(argv + (["--preset", "tiny"] if argv[0] != "attention" else [])) == 2
     out, err = capsys.readouterr()
     assert words in err and out == ""  # refused before anything is printed, the header line included
