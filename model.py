@@ -355,6 +355,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rope_factors, self.max_batch_size, self.max_seq_len = None, 0, 0  # rope_factors: GGUF's rope_freqs
+        self.warned_random_projections = False  # said once a model: eval and bench set many policies on one
 
     def sparse_layers(self):
         return [layer.attention for layer in self.layers if layer.attention.hata is not None]
@@ -459,8 +460,10 @@ class Transformer(nn.Module):
             return
         hata, args = self.hata, self.args
         if path is None:
-            print(f"warning: no hash weights given; using seeded random projections (seed {seed}), which select less "
-                  "accurately than trained ones (pass --hash-weights; train_hash.py makes them)", file=sys.stderr)
+            if not self.warned_random_projections:
+                print(f"warning: no hash weights given; using seeded random projections (seed {seed}), which select "
+                      "less accurately than trained ones (pass --hash-weights; train_hash.py makes them)", file=sys.stderr)
+                self.warned_random_projections = True
             gen = torch.Generator().manual_seed(seed)
             projs = {i: torch.randn(args.n_kv_heads, args.head_dim, hata.rbit, generator=gen)
                      for i in range(hata.n_dense, args.n_layers)}

@@ -178,8 +178,10 @@ def test_codes_only_where_the_hash_selector_reads_them(monkeypatch, capsys, sele
     assert [a.hash_cache is not None for a in attns] == [a.hash_proj is not None for a in attns] == want
     assert sorted(set(calls)) == (["hash_encode", "hash_encode_step"] if hashed else [])
     err = capsys.readouterr().err
-    if hashed:  # one line, naming where trained projections come from
+    if hashed:  # one line, naming where trained projections come from; once a model, however many policies follow
         assert err.count("\n") == 1 and "no hash weights given" in err and "train_hash.py makes them" in err
+        model.set_hata(HataArgs(budget=16, n_dense=1, selector=selector))
+        assert model.layers[1].attention.hash_proj is not None and capsys.readouterr().err == ""
     else:
         assert err == ""
         monkeypatch.setattr(HataArgs, "reads_codes", lambda self, capacity: capacity > 0)  # as before: codes everywhere
