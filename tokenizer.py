@@ -13,10 +13,12 @@ are not special, like DeepSeek-R1-Distill's <think>, are found in text, as HF do
 `encode_chat` and encode's BOS/EOS. The chat format is the one whose tokens the checkpoint's template writes, else
 the vocabulary's: <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt
 written in the checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the
-checkpoint's template is another one). Jinja itself is not run.
+checkpoint's template is another one). A Llama 3.1+ template opens every chat with a system turn that starts with
+its knowledge cutoff and a date (3.1: a fixed one; 3.2+: today's); hata writes that turn too. Jinja itself is not run.
 `eos_ids` holds every id that ends generation (EOS plus <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present).
 """
 import base64
+import datetime
 import functools
 import json
 import os
@@ -181,13 +183,26 @@ def _default_system(template: str | None) -> str | None:
     return m.group(1) if m else None
 
 
+def _dated_opening(template: str | None) -> str | None:
+    """The text a Llama 3.1+ Jinja template starts every chat's system turn with (the system message follows it):
+    the knowledge cutoff and the date, the template's fixed one or, where it calls strftime_now, today's (at
+    loading) as transformers renders it. None for other templates."""
+    cutoff = re.search(r"Cutting Knowledge Date: ([^\\\"'{}\n]+)", template or "")
+    if cutoff is None or "Today Date: " not in template:
+        return None
+    today = re.search(r"strftime_now\(\s*[\"']([^\"']+)[\"']", template)  # transformers defines it: today's date
+    fixed = re.search(r"date_string\s*=\s*[\"']([^\"']+)[\"']", template)
+    date = datetime.datetime.now().strftime(today[1]) if today else fixed[1] if fixed else "26 Jul 2024"
+    return f"Cutting Knowledge Date: {cutoff[1]}\nToday Date: {date}\n\n"
+
+
 # --- Tokenizer ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
     """Build with `Tokenizer.from_path`; the constructor takes what a loader read."""
 
     def __init__(self, *, enc=None, vocab_size=None, blank=(), sp=None, specials=None, plain=(), bos_id=None,
-                 eos_id=None, add_bos=False, chat=None, system=None):
+                 eos_id=None, add_bos=False, chat=None, system=None, opening=None):
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
@@ -197,6 +212,7 @@ class Tokenizer:
         self.add_bos = add_bos                      # encode()'s default for bos
         self.eos_ids = frozenset({i for t, i in self.specials.items() if t in END_TOKENS} | ({eos_id} - {None}))
         self.chat, self.system = chat, system       # "llama3" | "chatml" | "llama2" | None; ChatML's default system
+        self.opening = opening                      # Llama 3.1+: what every chat's system turn starts with
         self.vocab_size = sp.get_piece_size() if sp is not None else vocab_size
 
     @classmethod
@@ -253,7 +269,8 @@ class Tokenizer:
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos,
                    plain=[t for t, typ in zip(tokens, types) if typ == 4],
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", pattern is LLAMA3_PATTERN)),  # llama.cpp's
-                   chat=cls._chat_of(specials, template), system=_default_system(template))
+                   chat=cls._chat_of(specials, template), system=_default_system(template),
+                   opening=_dated_opening(template))
 
     @classmethod
     def _from_hf_json(cls, path):
@@ -281,7 +298,8 @@ class Tokenizer:
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
                    plain=[t["content"] for t in tj.get("added_tokens", []) if t.get("special") is False],
-                   chat=cls._chat_of(specials, template), system=_default_system(template))
+                   chat=cls._chat_of(specials, template), system=_default_system(template),
+                   opening=_dated_opening(template))
 
     @classmethod
     def _from_tiktoken(cls, path):
@@ -349,9 +367,13 @@ class Tokenizer:
         sp = self.specials.get
         ids = [self.bos_id] if self.add_bos and self.chat != "llama2" else []
         if self.chat == "llama3":
-            for m in messages:
-                ids += [sp("<|start_header_id|>"), *self._text(m["role"]), sp("<|end_header_id|>"),
-                        *self._text("\n\n"), *self._text(m["content"].strip()), sp("<|eot_id|>")]
+            turns = [(m["role"], m["content"].strip()) for m in messages]  # trimmed, as the templates do
+            if self.opening is not None:  # Llama 3.1+: a system turn always, the system message after the date
+                system = turns.pop(0)[1] if turns and turns[0][0] == "system" else ""
+                turns.insert(0, ("system", self.opening + system))
+            for role, text in turns:
+                ids += [sp("<|start_header_id|>"), *self._text(role), sp("<|end_header_id|>"),
+                        *self._text("\n\n"), *self._text(text), sp("<|eot_id|>")]
             if add_generation_prompt:
                 ids += [sp("<|start_header_id|>"), *self._text("assistant"), sp("<|end_header_id|>"),
                         *self._text("\n\n")]

@@ -1,6 +1,7 @@
 """Tests for tokenizer.py: each backend against ids from an independent implementation, chat templates
 token by token, and the error messages for bad paths and files."""
 import base64
+import datetime
 import json
 import re
 
@@ -388,6 +389,67 @@ def test_unused_ids_decode_to_nothing_and_the_template_picks_the_format(tmp_path
         assert ids[:2] == ([256, 258] if chat == "llama3" else [256, 261])
         assert tok.encode("a<think><|eot_id|>", bos=False) == [ord("a"), 263, *b"<|eot_id|>"]
 
+
+
+# Llama 3.2-Instruct's chat template without its tool branches; Llama 3.1's sets the date to "26 Jul 2024" instead.
+LLAMA32_TEMPLATE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+
+@pytest.mark.parametrize("version", ["3.1", "3.2"])
+def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
+    """A Llama 3.1+ template writes a system turn into every chat: the knowledge cutoff, the date (3.1: fixed;
+    3.2: today's), then the system message if any. Ids against the template rendered by Jinja as transformers does
+    (a sandbox with trim_blocks and lstrip_blocks, strftime_now defined), on a vocabulary of single bytes."""
+    jinja2 = pytest.importorskip("jinja2.sandbox")
+    template = LLAMA32_TEMPLATE
+    if version == "3.1":
+        template = re.sub(r"(?s){%- if strftime_now.*?{%- endif %}\n", '{%- set date_string = "26 Jul 2024" %}\n',
+                          template, count=1)
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    names = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    path = _write_gguf(tmp_path / "llama.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
+                       pre="llama-bpe", bos=256, template=template)
+    tok = Tokenizer.from_path(path)
+    env = jinja2.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    specials = {t: 256 + i for i, t in enumerate(names)}
+    for messages in ([{"role": "user", "content": "Hi "}],
+                     [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "Thanks"}],
+                     [{"role": "system", "content": ""}, {"role": "user", "content": "x"}]):
+        for prompt in (True, False):
+            text = env.from_string(template).render(messages=messages, add_generation_prompt=prompt,
+                                                    bos_token=names[0])
+            want = [i for part in re.split("(" + "|".join(map(re.escape, names)) + ")", text)
+                    for i in ([specials[part]] if part in specials else part.encode())]
+            assert tok.encode_chat(messages, add_generation_prompt=prompt) == want, text
+    date = "26 Jul 2024" if version == "3.1" else datetime.datetime.now().strftime("%d %b %Y")
+    assert tok.opening == f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
 
 def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
     """BOS found in the post-processor although json.dumps would escape its name (DeepSeek-R1-Distill-Llama's);
