@@ -47,6 +47,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+LLAMA3_VOCAB = 128000  # the ranks of Meta's tiktoken file; its special tokens come after them
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
 
@@ -161,7 +162,10 @@ def _hf_config(directory):
     chat_template.jinja beside it (where transformers 5 saves it), else None."""
     cfg_path = os.path.join(directory, "tokenizer_config.json")
     try:
-        cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+        cfg = {}
+        if os.path.exists(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
     except ValueError as e:
         raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
@@ -173,8 +177,18 @@ def _hf_config(directory):
     template = template if isinstance(template, str) else None
     jinja = os.path.join(directory, "chat_template.jinja")
     if template is None and os.path.exists(jinja):
-        template = open(jinja, encoding="utf-8").read()
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
     return cfg, template
+
+
+def _template_first(post) -> str | None:
+    """The special token a tokenizer.json post-processor's template puts first (how HF adds BOS), if any."""
+    for step in post.get("processors", [post]) if isinstance(post, dict) else []:
+        first = (step.get("single") or [None])[0] if isinstance(step, dict) else None
+        if isinstance(first, dict) and isinstance(first.get("SpecialToken"), dict):
+            return first["SpecialToken"].get("id")
+    return None
 
 
 def _default_system(template: str | None) -> str | None:
@@ -291,10 +305,11 @@ class Tokenizer:
         _check_merges(path, model.get("merges"), model["vocab"], ranks)
         cfg, template = _hf_config(os.path.dirname(path))  # bos/eos names and the chat template
         name = lambda t: t.get("content") if isinstance(t, dict) else t
-        bos, eos = specials.get(name(cfg.get("bos_token"))), specials.get(name(cfg.get("eos_token")))
-        # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not).
-        add_bos = bos is not None and name(cfg.get("bos_token")) in json.dumps(tj.get("post_processor"),
-                                                                               ensure_ascii=False)
+        # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not); without a config, BOS is
+        # the special token that template puts first
+        bos_name = name(cfg.get("bos_token")) or _template_first(tj.get("post_processor"))
+        bos, eos = specials.get(bos_name), specials.get(name(cfg.get("eos_token")))
+        add_bos = bos is not None and bos_name in json.dumps(tj.get("post_processor"), ensure_ascii=False)
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
                    plain=[t["content"] for t in tj.get("added_tokens", []) if t.get("special") is False],
@@ -313,7 +328,10 @@ class Tokenizer:
                     ranks[base64.b64decode(tok, validate=True)] = int(rank)
                 except ValueError:
                     raise ValueError(f"{path!r} line {n + 1} is not 'base64 rank'; the tiktoken file is corrupt")
-        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+        if sorted(ranks.values()) != list(range(LLAMA3_VOCAB)):  # Meta's specials follow its 128,000 ranks
+            raise ValueError(f"{path!r} holds {len(ranks)} token ranks, not Meta's Llama 3 tokens 0..{LLAMA3_VOCAB - 1}"
+                             " each once: the tiktoken file is cut or corrupt; re-download it")
+        specials = {t: LLAMA3_VOCAB + i for i, t in enumerate(LLAMA3_SPECIALS)}
         enc, n, blank = _bpe(path, ranks, specials, LLAMA3_PATTERN)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=specials["<|begin_of_text|>"],
                    eos_id=specials["<|end_of_text|>"], add_bos=True, chat="llama3")

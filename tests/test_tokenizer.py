@@ -358,6 +358,12 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     lines = package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
     assert Tokenizer.from_path(tmp_path / "tik.model").encode("hi there") == llama3.encode("hi there")
+    # Cut at a line, or a line lost: Meta's special tokens would land on other ids (BOS on an ordinary token)
+    whole = open(lines, "rb").read().splitlines(keepends=True)
+    for name, kept in (("cut", whole[:100000]), ("gap", whole[:5000] + whole[5001:])):
+        (tmp_path / f"{name}.model").write_bytes(b"".join(kept))
+        with pytest.raises(ValueError, match=r"not Meta's Llama 3 tokens 0..127999 each once: the tiktoken file is cut"):
+            Tokenizer.from_path(tmp_path / f"{name}.model")
 
 
 def test_gguf_reader_over_plain_arrays_reads_what_the_library_reads(gguf_path):
@@ -471,6 +477,14 @@ def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
     tok = Tokenizer.from_path(tmp_path)
     assert tok.encode("hi") == [256, ord("h"), ord("i")] and tok.system == "Hi" and tok.chat == "chatml"
     assert tok.encode("<think>\n<|im_end|>", bos=False) == [259, ord("\n"), *b"<|im_end|>"]  # not special: found
+    # Without tokenizer_config.json, BOS is what the post-processor's template puts first (as HF's tokenizers adds
+    # it); Llama 3's post-processor is a Sequence of ByteLevel and that template
+    (tmp_path / "tokenizer_config.json").unlink()
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    tj["post_processor"] = {"type": "Sequence", "processors": [{"type": "ByteLevel", "trim_offsets": False}, post]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    tok = Tokenizer.from_path(tmp_path)
+    assert (tok.bos_id, tok.add_bos, tok.encode("hi")) == (256, True, [256, ord("h"), ord("i")])
 
 
 # --- merges and the GGUF pre-tokenizer -------------------------------------------------------------------------
