@@ -309,7 +309,8 @@ def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
 def load_results(path):
     """An earlier run's results file; one clear error for a corrupt or foreign one."""
     try:
-        results = json.load(open(path))
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a JSON file ({e})") from None
     if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
@@ -321,7 +322,8 @@ def load_results(path):
 
 def merge(runs):
     """One results dict from several runs. Retrieval samples are joined by their spec: runs over the same samples
-    add selectors, runs with another seed add samples; a sample counts once every policy has run on it.
+    add selectors, runs with another seed add samples; a sample counts once every policy has run on it; where two
+    runs hold the same policy's result, the first run's counts (noted when their trained projections differ).
     Perplexity runs must share their windows (the same dense pass) and context, which the merge records."""
     ppl_contexts = {r["ppl_context"] for r in runs if r.get("perplexity")}  # a retrieval-only run records one too
     if len(ppl_contexts) > 1:
@@ -336,6 +338,10 @@ def merge(runs):
         if setup(r) != setup(out):
             raise ValueError(f"the runs differ in model, rbit or n_dense ({setup(out)}, {setup(r)}): their rows "
                              "would mix two setups")
+        files = out.get("hash_weights"), r.get("hash_weights")
+        if "hata-trained" in set(out["selectors"]) & set(r["selectors"]) and files[0] != files[1]:
+            print(f"note: where both ran a policy, hata-trained is {files[0]}'s, not {files[1]}'s (the first run's "
+                  "results win)", file=sys.stderr)
         out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
         out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
         check_labels(out["budgets"])
@@ -438,6 +444,7 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -467,8 +474,10 @@ def build_parser():
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
-    p.add_argument("--rbit", type=positive_int, default=128, help="hash bits (as the --hash-weights file was trained)")
-    p.add_argument("--n-dense", type=int, default=2, help="first layers dense, for every selector (as trained)")
+    p.add_argument("--rbit", type=positive_int, default=HataArgs.rbit,
+                   help="hash bits (as the --hash-weights file was trained)")
+    p.add_argument("--n-dense", type=int, default=HataArgs.n_dense,
+                   help="first layers dense, for every selector (as trained)")
     p.add_argument("--quest", type=parse_quest, nargs="+", default=[(16, 16)],
                    help="Quest rows, sink:recent (default: 16:16)")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
@@ -519,7 +528,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
         results = merge([load_results(path) for path in args.report])
         if not own:
-            json.dump(results, open(json_path, "w"), indent=1)
+            write_json(json_path, results)
         return write_report(results, args.out_dir, name)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
@@ -547,11 +556,12 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     checkpoint = args.checkpoint or default_checkpoint()
     tok = Tokenizer.from_path(checkpoint)
     docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
-    noise = NOISE * (4 * max(args.contexts) // len(tok.encode(NOISE)) + 2)
-    hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
-    if lengths["--contexts"] and len(hays["prose"].ids) < max(args.contexts):  # before the model, not after perplexity
-        raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
-                         f"{max(args.contexts)}; give more --text")
+    if lengths["--contexts"]:  # the haystacks (perplexity alone takes any text, with sentence ends or without)
+        noise = NOISE * (4 * max(args.contexts) // len(tok.encode(NOISE)) + 2)
+        hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
+        if len(hays["prose"].ids) < max(args.contexts):  # before the model, not after perplexity
+            raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
+                             f"{max(args.contexts)}; give more --text")
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))
@@ -569,7 +579,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
 
     def save(task, t0, res):  # the task's results so far, after every batch
         results[task], results["seconds"][task] = res, round(time.perf_counter() - t0)
-        json.dump(results, open(json_path, "w"), indent=1)
+        write_json(json_path, results)
     if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
         windows = text_windows(tok, docs, args.ppl_context, args.ppl_docs)
         run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch,
@@ -581,13 +591,19 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     write_report(results, args.out_dir, name)
 
 
+def write_json(path, results):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
 def write_report(results, out_dir, name):
     md, png = report(results), os.path.join(out_dir, f"{name}_scores.png")
-    plot(results, png)
+    plotted = plot(results, png)
     with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
         f.write(f"Command: `{results['command']}`; seconds: {results['seconds']}\n\n{md}\n")
     print(md)
-    print(f"wrote {out_dir}/{name}_results.md, .json and {png}", file=sys.stderr)
+    print(f"wrote {out_dir}/{name}_results.md" + f" and {png}" * bool(plotted) + f" (results: {name}_results.json)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

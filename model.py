@@ -22,7 +22,7 @@ import numbers
 import os
 import sys
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -363,7 +363,7 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size, max_seq_len):
         """Allocate the KV (and hash) caches and the RoPE table: self.max_seq_len positions (not args.max_seq_len, the
         context the model was trained for, which bounds it) for exactly self.max_batch_size sequences a forward, on
-        the weights' device and in their dtype."""
+        the weights' device and in their dtype: call it after moving the model (the RoPE tables stay where made)."""
         args = self.args
         if max_seq_len > args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context length {args.max_seq_len}")
@@ -422,7 +422,8 @@ class Transformer(nn.Module):
     def forward(self, tokens, input_pos=None, output_idx=None):
         """tokens (B, T); input_pos (B,) the cache position of each sequence's first token, or None when every
         sequence starts at 0 (a fresh prefill: causal attention, right padding allowed); output_idx (B,) the index
-        in T whose logits to return, or None for all. Returns logits (B, T, V) or (B, V) in fp32."""
+        in T whose logits to return, or None for all. Returns logits (B, T, V) or (B, V) in fp32. A chunk's positions
+        (T > 1) are checked against the caches; a decode step's (T == 1) are the caller's to keep inside them."""
         B, T = tokens.shape
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before forward")

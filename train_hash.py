@@ -302,7 +302,7 @@ def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
     gen = torch.Generator().manual_seed(seed)
     inv_freq = rope_frequencies(args, model.rope_factors)  # (D/2,) for hp["shift"]
     projs = {}
-    print(f"layer  loss(first -> last)   pair      balance   ortho    (R={rbit})")
+    print(f"layer  loss(first -> last)   {hp.get('loss', 'pair'):9s} balance   ortho    (R={rbit})")  # ranking term
     for l, P0 in tqdm(random_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
         with one_thread(dev):
             P, first, last = train_layer(P0.to(dev) / math.sqrt(args.head_dim), samples[l], steps, batch, keys,
@@ -598,9 +598,13 @@ def run(args):
         return
 
     files = args.hash_weights
-    if files is None and is_default_model(args.checkpoint):
+    if files is None and is_default_model(args.checkpoint):  # the shipped projections, made with --n-dense 2
         files = [p for r in args.rbit or (64, 128, 256)
                  if os.path.isfile(p := f"{HERE}/weights/smollm2-135m-r{r}.safetensors")]
+        if files and args.n_dense != HataArgs.n_dense:
+            print(f"note: the shipped projections are for --n-dense {HataArgs.n_dense}; comparing random ones only "
+                  "(--hash-weights names others)", file=sys.stderr)
+            files = []
     selectors = {"oracle": None}
     for path in files or []:
         meta = read_hash_file(path, with_tensors=False)[0]
@@ -619,14 +623,14 @@ def run(args):
     os.makedirs(args.report_dir, exist_ok=True)
     text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(heldout_docs)} documents; "
             f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {args.command}\n")
-    for seq_len in lengths:
-        windows = token_windows(tok, heldout_docs, seq_len, args.eval_seqs, gen)
-        results = evaluate(model, windows, selectors, args.n_dense, args.eval_queries, args.seed)
-        table, mean = report_tables(results, args.n_dense, margs.n_layers)
-        png = f"hash_quality_{seq_len}.png"
-        text += (f"\n## {seq_len}-token windows\n\n{windows.shape[0]} windows, {args.eval_queries} queries each at "
+    windows = {L: token_windows(tok, heldout_docs, L, args.eval_seqs, gen) for L in lengths}  # all checked first
+    results = {L: evaluate(model, w, selectors, args.n_dense, args.eval_queries, args.seed) for L, w in windows.items()}
+    for seq_len, res in results.items():  # nothing is written until every length is measured
+        table, mean = report_tables(res, args.n_dense, margs.n_layers)
+        png, queries = f"hash_quality_{seq_len}.png", min(args.eval_queries, seq_len - seq_len // 2)
+        text += (f"\n## {seq_len}-token windows\n\n{windows[seq_len].shape[0]} windows, {queries} queries each at "
                  f"positions in [{seq_len // 2}, {seq_len}). Plot: {png}\n\n{table}\n")
-        report_plot(results, mean, args.n_dense, margs.n_layers, os.path.join(args.report_dir, png))
+        report_plot(res, mean, args.n_dense, margs.n_layers, os.path.join(args.report_dir, png))
     print(text)
     with open(os.path.join(args.report_dir, "hash_quality.md"), "w") as f:
         f.write(text)

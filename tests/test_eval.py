@@ -203,6 +203,20 @@ def test_merge_joins_selectors_over_the_same_samples():
                                                        "model": "llama dim=576"}])["selectors"]) == 2
 
 
+def test_merge_notes_trained_rows_of_other_projections(capsys):
+    """Two runs of hata-trained with different --hash-weights: the first run's results count, and the merge says so."""
+    def run(weights):
+        rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
+               "correct": {"dense": True, "hata-trained 1/8": weights == "a.safetensors"}}
+        return {"command": weights, "selectors": ["hata-trained"], "budgets": [1 / 8], "seconds": {},
+                "hash_weights": weights, "retrieval": [rec]}
+    merged = ev.merge([run("a.safetensors"), run("b.safetensors")])
+    assert ev.kept(merged["retrieval"], "hata-trained 1/8")[0] == 1.0
+    assert "hata-trained is a.safetensors's, not b.safetensors's" in capsys.readouterr().err
+    ev.merge([run("a.safetensors"), run("a.safetensors")])
+    assert capsys.readouterr().err == ""
+
+
 def test_merge_states_the_context_of_its_perplexity_runs():
     """Every run records --ppl-context, a retrieval-only one too: the merge takes the perplexity runs' context and
     refuses two of them with different contexts."""
@@ -260,7 +274,8 @@ def test_selectors_share_the_files_rbit_and_n_dense():
 def test_report_of_a_run_cut_before_any_result(tmp_path, capsys):
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
     ev.write_report(results, str(tmp_path), "empty")
-    assert "nothing to plot" in capsys.readouterr().err and (tmp_path / "empty_results.md").exists()
+    err = capsys.readouterr().err  # and no plot is said to be written
+    assert "nothing to plot" in err and "empty_scores.png" not in err and (tmp_path / "empty_results.md").exists()
 
 
 FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eval's budgets are no token counts
@@ -312,6 +327,10 @@ def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys,
     assert ev.main(["--text", str(tmp_path / "short.txt"), "--contexts", "1024", "--samples", "1", "--checkpoint",
                     "x.gguf", "--out-dir", str(tmp_path)]) == 2
     assert "fewer than --contexts 1024; give more --text" in capsys.readouterr().err
+    (tmp_path / "plain.txt").write_text("words without a sentence end " * 400)  # no haystack: perplexity takes it
+    with pytest.raises(ZeroDivisionError):  # the model loads
+        ev.main(["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256",
+                 "--ppl-tokens", "4", "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)])
 
 
 def test_a_run_records_the_argv_it_was_given(smol, tok, monkeypatch, tmp_path):

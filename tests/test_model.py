@@ -532,8 +532,8 @@ def test_hata_args_take_whole_numbers():
 
 def test_meta_rope_factor_bad_positions_and_stray_shards(small_smol, tmp_path):
     """params.json's scaled RoPE takes llama-models' rope_scaling_factor / rope_high_freq_factor (Llama 3.2 1B and 3B
-    need 32, not Llama 3.1's 8); llama3 scaling with low_freq_factor >= high_freq_factor is refused; positions
-    outside the caches are one ValueError, not an IndexError or a write that wraps around to the cache's end; a
+    need 32, not Llama 3.1's 8); llama3 scaling with low_freq_factor >= high_freq_factor is refused; a prompt chunk's
+    positions outside the caches are one ValueError, not an IndexError or a write that wraps around to the end; a
     shard index naming a file outside the directory is refused; a use_norm cache survives model.to(bf16)."""
     args, sd = small_smol
     meta = tmp_path / "meta"

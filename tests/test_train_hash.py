@@ -1,6 +1,7 @@
 """train_hash.py: each loss term against a hand computation, the labels, one SGD step, the projection file round
 trip through model.py, and a short training run on a tiny random model that beats random projections."""
 import math
+import os
 import shlex
 
 import pytest
@@ -360,3 +361,17 @@ def test_the_report_reads_the_asked_sizes_each_length_once_and_records_its_comma
     assert text.count("\n## ") == 1 and "## 64-token windows" in text
     cells = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]  # the first column
     assert {cell for cell in cells if "R=" in cell} == {"trained R=64", "random R=64", "random R=32"}
+
+
+def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_path, capsys):
+    """Text too short for a later --eval-len fails before anything is measured or written (the earlier lengths'
+    plots too); the queries stated are those drawn (at most half a window); another --n-dense than the shipped
+    files' 2 compares random projections, with a note, instead of refusing the shipped files."""
+    (tmp_path / "small.txt").write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 300)
+    base = ["--report", "--text", str(tmp_path / "small.txt"), "--eval-seqs", "1", "--report-dir", str(tmp_path)]
+    assert th.main(base + ["--eval-len", "64", "4096"]) == 2
+    assert "has 4096 tokens" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["small.txt"]
+    assert th.main(base + ["--eval-len", "64", "--eval-queries", "40", "--n-dense", "3", "--rbit", "64"]) == 0
+    text, err = (tmp_path / "hash_quality.md").read_text(), capsys.readouterr().err
+    assert "1 windows, 32 queries each" in text and "trained R=" not in text and "random R=64" in text
+    assert "note: the shipped projections are for --n-dense 2" in err
