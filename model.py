@@ -748,9 +748,10 @@ def read_meta(path):
                      rope_theta=p.get("rope_theta", 10000.0),
                      rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "factor": factor,
                                    "high_freq_factor": p.get("rope_high_freq_factor", 4.0)} if scaled else None,
-                     # params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Llama 2 4K
+                     # params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Code Llama
+                     # (Llama 2 with RoPE theta 1e6) 16K, Llama 2 4K
                      max_seq_len=p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000
-                                                          else 4096),
+                                                          else 16384 if p.get("rope_theta", 0) >= 1e6 else 4096),
                      tie_embeddings="output.weight" not in raw)
     return args, raw
 

@@ -545,6 +545,10 @@ def test_meta_rope_factor_bad_positions_and_stray_shards(small_smol, tmp_path):
         (meta / "params.json").write_text(json.dumps({**params, **extra}))
         scaling = load_checkpoint(str(meta))[0].rope_scaling
         assert (scaling and (scaling["factor"], scaling["high_freq_factor"])) == want, extra
+    del params["max_seq_len"]  # as Meta writes it: the context follows from the family (Code Llama: theta 1e6)
+    for extra, context in (({}, 4096), ({"rope_theta": 1e6}, 16384), ({"use_scaled_rope": True}, 131072)):
+        (meta / "params.json").write_text(json.dumps({**params, **extra}))
+        assert load_checkpoint(str(meta))[0].max_seq_len == context, extra
     with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
         replace(PRESETS["llama-3.1-8b"], rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "low_freq_factor": 4.0})
     model = Transformer(PRESETS["tiny"], HataArgs(budget=4, use_norm=True))
