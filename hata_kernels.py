@@ -75,7 +75,8 @@ def _popcount_lut(device):
     return sum((b >> i) & 1 for i in range(8)).to(torch.int32)
 
 
-def _check_int32_rows(n, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
+def _check_int32_rows(t, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
+    n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # elements from the first to the last
     _check(n < 2 ** 31, f"{op}: the Triton path indexes with int32 offsets and this input spans {n} >= 2^31 elements; "
            "split the batch")
 
@@ -235,6 +236,7 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
            f"{Hkv}, S_max, {R // 32}) int32, got {code_cache.dtype} {tuple(code_cache.shape)}")
     _check(pos.shape == (B,) and not pos.is_floating_point(), f"hash_encode_step: pos must be (B,) = ({B},) "
            f"integers, got {pos.dtype} {tuple(pos.shape)}")
+    _check(k.device == code_cache.device == pos.device == q.device, "hash_encode_step: inputs on different devices")
     if not _use_triton(use_triton, q, k, proj, code_cache, pos):
         return hash_encode_step_ref(q, k, proj, code_cache, pos)
     _check_triton_head_dim(D, "hash_encode_step")
@@ -350,7 +352,7 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     k_codes = _rows_contiguous(k_codes)
-    _check_int32_rows(B * k_codes.stride(0), "hamming_score")
+    _check_int32_rows(k_codes, "hamming_score")
     out = torch.empty(B, Hkv, S, dtype=torch.int32, device=q_codes.device)    # (B, Hkv, S) int32
     BLOCK_S = 1024 if not _INTERPRET else max(16, min(1024, _next_pow2(S)))
     grid = (triton.cdiv(S, BLOCK_S), B * Hkv)
@@ -388,9 +390,9 @@ def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
     _check(lengths.dim() == 1 and lengths.shape[0] == B and not lengths.is_floating_point(),
            f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
     _check(lengths.device == device, f"{op}: lengths on {lengths.device}, scores/codes on {device}")
-    _check(isinstance(budget, int) and budget >= 1, f"{op}: budget must be an int >= 1, got {budget!r}")
-    _check(isinstance(n_sink, int) and n_sink >= 0, f"{op}: n_sink must be an int >= 0, got {n_sink!r}")
-    _check(isinstance(n_recent, int) and n_recent >= 0, f"{op}: n_recent must be an int >= 0, got {n_recent!r}")
+    _check(type(budget) is int and budget >= 1, f"{op}: budget must be an int >= 1, got {budget!r}")  # not True
+    _check(type(n_sink) is int and n_sink >= 0, f"{op}: n_sink must be an int >= 0, got {n_sink!r}")
+    _check(type(n_recent) is int and n_recent >= 0, f"{op}: n_recent must be an int >= 0, got {n_recent!r}")
 
 
 @triton.jit
@@ -411,7 +413,7 @@ def _select_topk_kernel(
     passes), then compacts: keys below it, plus the newest ties, in ascending position order."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
-    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
+    length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
     k_eff = tl.minimum(length, budget)
     row = key_ptr + pid_bh * S
     # bisection: the largest t such that count(key < t) < k_eff is the K_eff-th smallest key
@@ -478,7 +480,7 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     _check_select(lengths, budget, n_sink, n_recent, B, score.device, "select_topk")
     if not _use_triton(use_triton, score, lengths):
         return select_topk_ref(score, lengths, budget, n_sink, n_recent)
-    _check_int32_rows(score.numel(), "select_topk")
+    _check_int32_rows(score, "select_topk")
     key = _order_key_int32(score).contiguous()                                 # (B, Hkv, S) int32
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=score.device)  # (B, Hkv, K) int32
     BLOCK_S = 1024 if not _INTERPRET else 256
@@ -566,7 +568,7 @@ def _topk_score_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
+    length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
     if pid_s * BLOCK_S < length:                                               # blocks past the length: idle
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                            # (BLOCK_S,)
         valid = s < length
@@ -621,7 +623,7 @@ def _topk_threshold_kernel(
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
-    length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S)
+    length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
     k_eff = tl.minimum(length, budget)
     nblk = (length + BLOCK_S - 1) // BLOCK_S                                   # blocks holding valid keys
     blk0 = tl.arange(0, BLK_CHUNK)                                             # the first chunk's minima load
@@ -705,7 +707,7 @@ def _topk_compact_kernel(
     at B=1, S=128K on the H200). (An atomic cursor instead of the scan measured slower: 33 vs 24 us at B=8.)"""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    length = tl.minimum(tl.load(len_ptr + pid_bh // Hkv).to(tl.int32), S)
+    length = tl.minimum(tl.load(len_ptr + pid_bh // Hkv), S).to(tl.int32)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                                # (BLOCK_S,)
     key = tl.load(key_ptr + pid_bh * S + s, mask=s < S, other=32767).to(tl.int32)  # int16 max: above every key
     ip = info_ptr + (pid_bh * NBLK + pid_s) * 4
@@ -738,7 +740,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
         sigma_key = math.sqrt(G * R) / 2 / 2 ** shift
         window = min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
     k_codes = _rows_contiguous(k_codes)
-    _check_int32_rows(B * k_codes.stride(0), "hamming_topk")
+    _check_int32_rows(k_codes, "hamming_topk")
     q_codes, lengths = q_codes.contiguous(), lengths.contiguous()              # the kernels read lengths[b]
     kmax = (G * R >> shift) + 1                                                # largest key of a valid position
     _check(kmax < 2 ** 15 - 1, f"hamming_topk: G * R = {G * R} is too large for the int16 order keys")
@@ -814,6 +816,8 @@ def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=Non
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not _use_triton(use_triton, q, k_cache, v_cache, idx):
         return sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale)
+    _check(not (_INTERPRET and q.dtype == torch.bfloat16), "sparse_decode_attention: the Triton interpreter computes "
+           "bf16 tl.dot wrongly (triton#11584): on the CPU use fp16, fp32 or the ref")
     return _sparse_attention_triton(q, k_cache, v_cache, idx, scale)
 
 

@@ -263,6 +263,11 @@ def test_bad_input():
         hk.select_topk(torch.zeros(1, 4, 2), L, 2, n_sink=-1)
     with pytest.raises(ValueError):
         hk.hamming_topk(q, c, L, 0)
+    with pytest.raises(ValueError, match="budget must be an int"):
+        hk.hamming_topk(q, c, L, True)                                                   # not budget 1
+    with pytest.raises(ValueError, match="different devices"):
+        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 2, 8, device="meta"), torch.zeros(2, 8, 32), cache,
+                            pos)
     qf, kf = torch.zeros(1, 8, 16), torch.zeros(1, 4, 5, 16)
     idx = torch.zeros(1, 4, 3, dtype=torch.int32)
     with pytest.raises(ValueError):
@@ -417,8 +422,9 @@ def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):
 
 @pytest.mark.parametrize("window,G,W", [(4, 3, 4), (16, 3, 4), (32, 3, 4), (4, 1, 1), (4, 8, 8)])
 def test_hamming_topk_triton_window_fallback(window, G, W):
-    """A window too narrow for the threshold sends a row down the slow exact path (its coarse bins are 1, 8 and
-    32 key values wide for these G, R): same selection."""
+    """A window too narrow for the threshold sends rows down the slow exact path (windows 4 and 16 with budget 60;
+    its coarse bins are 1, 8 and 32 key values wide for these G, R), a wide one keeps them on the fast path (32):
+    the same selection either way."""
     gen = torch.Generator().manual_seed(window + G)
     B, Hkv, S = 2, 2, 200
     q = random_codes(B, Hkv * G, W, gen=gen).to(DEV)
@@ -547,6 +553,10 @@ def test_refused_inputs(monkeypatch):
         hk.hamming_topk(codes, codes[:, :, None].expand(1, 1, 4, 1024), lengths, 2, use_triton=True)
     assert as_sets(hk.select_topk_ref(big, lengths, 2)) == [[([0, 2], 0)]]
     assert as_sets(hk.select_topk(big - 2 ** 31 + 1, lengths, 2, use_triton=True)) == [[([0, 2], 0)]]
+    monkeypatch.setattr(hk, "_INTERPRET", True)                              # where bf16 tl.dot is wrong
+    x, idx = torch.zeros(1, 2, 4, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="interpreter computes bf16 tl.dot wrongly"):
+        hk.sparse_decode_attention(x[:, :, 0], x, x, idx, use_triton=True)
     monkeypatch.setattr(hk, "_INTERPRET", False)
     codes = torch.zeros(1, 2, 1, 4, dtype=torch.int32)                       # (B, H, S, W) on the CPU
     for call in (lambda: hk.hamming_score(codes[:, :, 0], codes[:, :1], lengths[:1].cpu(), use_triton=True),
@@ -563,12 +573,28 @@ def test_refused_past_int32_offsets(monkeypatch):
     codes = torch.empty(B, Hkv, S, W, dtype=torch.int32, device="meta")      # 2^31 elements
     q_codes = torch.empty(B, Hkv * G, W, dtype=torch.int32, device="meta")
     lengths = torch.empty(B, dtype=torch.int64, device="meta")
+    heads_outer = torch.empty(Hkv, B, S, W, dtype=torch.int32, device="meta").transpose(0, 1)  # batch stride S * W
     for call in (lambda: hk.hamming_score(q_codes, codes, lengths, use_triton=True),
                  lambda: hk.hamming_topk(q_codes, codes, lengths, 2048, use_triton=True),
+                 lambda: hk.hamming_topk(q_codes, heads_outer, lengths, 2048, use_triton=True),
                  lambda: hk.select_topk(codes.view(B, Hkv, S * W), lengths, 2048, use_triton=True)):
         with pytest.raises(ValueError, match="int32 offsets"):
             call()
-    hk._check_int32_rows(2 ** 31 - 1, "x")                                    # one element fewer passes
+    hk._check_int32_rows(torch.empty(2 ** 31 - 1, device="meta"), "x")       # one element fewer passes
+
+
+def test_lengths_past_int32_select_the_whole_row():
+    """A length beyond the row (the contract allows any) is clamped to S before it is narrowed to int32, as the
+    refs do: 2^31 + 5 selects like S, not like a negative length."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = random_codes(1, 2, 2, gen=gen).to(DEV), random_codes(1, 1, 9, 2, gen=gen).to(DEV)
+    for n in (2 ** 31 + 5, 2 ** 32 + 3):
+        lengths = torch.tensor([n], device=DEV)
+        want = as_sets(hk.hamming_topk_ref(q, k, lengths, 4, 1, 1))
+        assert as_sets(hk.hamming_topk(q, k, lengths, 4, 1, 1, use_triton=True)) == want, n
+        score = hk.hamming_score_ref(q, k, lengths).float()
+        assert as_sets(hk.select_topk(score, lengths, 4, 1, 1, use_triton=True)) == as_sets(
+            hk.select_topk_ref(score, lengths, 4, 1, 1)), n
 
 
 # ----------------------------------------------------------------------------------------------------------
