@@ -291,9 +291,14 @@ def random_model(preset, hata, device, dtype, seed=0):
         raise ValueError(f"the {preset} shape's weights take {need / 2**30:.1f} GiB in {dtype} but {device} has "
                          f"{free / 2**30:.1f} GiB free; choose a smaller --preset")
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = Transformer(PRESETS[preset], hata)
-    return model.to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype: no float32 copy first (7B in bf16: 12.6 GiB, not 25 + 12.6)
+    try:
+        with torch.device(device):
+            model = Transformer(PRESETS[preset], hata)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
 def cli(run, args):

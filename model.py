@@ -237,9 +237,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos, mask, lengths):
         """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T, S)
-        additive float mask (0 or -inf; S = S_max in decode, a later prefill chunk's end + 1 otherwise), or None for
-        a fresh causal prefill from position 0; lengths (B,)
-        valid cache positions after this step (pos[:, -1] + 1, computed once a step for every layer)."""
+        additive float mask (0 or -inf; S = S_max in a CUDA decode step, else the last position + 1: a later prefill
+        chunk's end, or a CPU step's longest sequence), or None for a fresh causal prefill from position 0; lengths
+        (B,) valid cache positions after this step (pos[:, -1] + 1, computed once a step for every layer)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qk, v = self.wqkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
@@ -259,33 +259,34 @@ class Attention(nn.Module):
             else:
                 self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
-        if self.hata is not None and T == 1 and self.budget < keys.shape[2]:  # K >= S_max: always dense
-            y = self.sparse_decode(q[:, :, 0], q_codes, keys, values, lengths)[:, :, None]  # (B, H, 1, D)
+        S = mask.shape[-1] if mask is not None else T  # keys to attend over: S_max in a CUDA step (static shapes)
+        if self.hata is not None and T == 1 and self.budget < S:  # K covering the keys: dense (every key selected)
+            y = self.sparse_decode(q[:, :, 0], q_codes, keys[:, :, :S], values[:, :, :S], lengths)[:, :, None]
         elif mask is None:  # fresh prefill: plain causal attention over the T new positions (flash kernels)
             y = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
                                                enable_gqa=H != Hkv)  # (B, H, T, D)
         elif T == 1 and not q.is_cuda:  # CPU dense decode: the G query heads of a KV head form one (G, D) block
-            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys, values,
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys[:, :, :S], values[:, :, :S],
                                                attn_mask=mask).view(B, H, 1, D)  # 1.4x faster at 8K (3x slower on CUDA)
         else:  # CUDA decode (the mask S_max long), or a later prefill chunk (the mask ends at the chunk's end)
-            S = mask.shape[-1]
             y = F.scaled_dot_product_attention(q, keys[:, :, :S], values[:, :, :S], attn_mask=mask, enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
     def sparse_decode(self, q, q_codes, keys, values, lengths):
-        """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S_max, D); lengths (B,).
-        Returns (B, H, D)."""
+        """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S, D), S <= S_max the positions that
+        may be valid; lengths (B,). Returns (B, H, D)."""
         hata, K = self.hata, self.budget
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
             idx = select_topk(-self.group_probs(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
         elif hata.selector == "quest":
             idx = select_topk(-self.quest_bounds(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
         else:
-            codes, norms = self.hash_cache.codes, self.hash_cache.norms  # (B, Hkv, S_max, W), (B, Hkv, S_max)
+            S = keys.shape[2]
+            codes, norms = self.hash_cache.codes[:, :, :S], self.hash_cache.norms  # (B, Hkv, S, W), (B, Hkv, S_max)
             if hata.use_norm:
                 G, R = self.n_heads // self.n_kv_heads, hata.rbit
-                ham = hamming_score(q_codes, codes, lengths)  # (B, Hkv, S_max) int32
-                score = -(G - 2 * ham.float() / R) * norms  # (B, Hkv, S_max) fp32, smaller is closer
+                ham = hamming_score(q_codes, codes, lengths)  # (B, Hkv, S) int32
+                score = -(G - 2 * ham.float() / R) * norms[:, :, :S]  # (B, Hkv, S) fp32, smaller is closer
                 idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
             else:
                 idx = hamming_topk(q_codes, codes, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
@@ -433,8 +434,8 @@ class Transformer(nn.Module):
             raise ValueError(f"{T} tokens but the caches hold {self.max_seq_len} positions: setup_caches(.., {T})")
         start = torch.zeros(B, dtype=torch.long, device=tokens.device) if input_pos is None else input_pos
         pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        S = self.max_seq_len  # the keys a query may see: the whole cache, or a later prefill chunk's up to its end
-        if input_pos is not None and T > 1:  # (a decode step's caller checks it: no host sync inside its graph)
+        S = self.max_seq_len  # the keys a query may see: the whole cache, or up to a chunk's or CPU step's last
+        if input_pos is not None and (T > 1 or not tokens.is_cuda):  # position (a CUDA step: static shapes, no sync)
             lo, S = int(start.min()), int(pos.max()) + 1
             if not (lo >= 0 and S <= self.max_seq_len):
                 raise ValueError(f"positions {lo}..{S - 1} are outside the caches' 0..{self.max_seq_len - 1}")
@@ -463,7 +464,8 @@ class Transformer(nn.Module):
         if path is None:
             if not self.warned_random_projections:
                 print(f"warning: no hash weights given; using seeded random projections (seed {seed}), which select "
-                      "less accurately than trained ones (pass --hash-weights; train_hash.py makes them)", file=sys.stderr)
+                      "less accurately than trained ones (pass --hash-weights; train_hash.py makes them)",
+                      file=sys.stderr)
                 self.warned_random_projections = True
             gen = torch.Generator().manual_seed(seed)
             projs = {i: torch.randn(args.n_kv_heads, args.head_dim, hata.rbit, generator=gen)

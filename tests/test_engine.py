@@ -159,6 +159,20 @@ def test_random_weights_that_do_not_fit_are_refused(monkeypatch, capsys):
     assert engine.random_model("tiny", None, "cpu", torch.float32).args.dim > 0
 
 
+def test_random_weights_are_built_in_their_dtype(monkeypatch):
+    """No float32 model first and a cast after (a 7B shape in bf16 was 25 GiB before its 12.6): the weights are made
+    in the dtype asked for, and the default dtype is restored."""
+    made, real = [], engine.Transformer
+
+    def build(*args):  # the dtypes of each model as it is made
+        model = real(*args)
+        made.append({p.dtype for p in model.parameters()})
+        return model
+    monkeypatch.setattr(engine, "Transformer", build)
+    engine.random_model("tiny", None, "cpu", torch.bfloat16)
+    assert made[-1] == {torch.bfloat16} and torch.get_default_dtype() == torch.float32  # (made[0]: the size check)
+
+
 def test_bad_prompt_files(capsys, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "latin1.txt"))

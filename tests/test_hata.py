@@ -42,16 +42,23 @@ def test_budget_at_least_capacity_is_dense(smol_weights):
 
 
 @pytest.mark.parametrize("use_norm", [False, True])
-def test_sparse_path_with_every_position_selected_is_dense(smol_weights, use_norm):
-    """K >= S but K < S_max: the sparse path runs (score, select, gather, attend) and selects everything. It
-    sums in another order than SDPA, so the logits agree to 1e-4 (30 layers of fp32 rounding), not bitwise."""
+def test_a_cpu_step_whose_budget_covers_its_keys_is_dense(smol_weights, use_norm, monkeypatch):
+    """K >= S but K < S_max: a CPU step attends densely, as selecting every key would (gathering K rows would cost
+    more than the step's S keys), so no step runs the sparse path and the logits are dense's; the hash codes are
+    still written for the steps that K no longer covers. (On CUDA, with static shapes, the step runs the sparse
+    path and selects everything: the same logits up to rounding order.)"""
     args, sd = smol_weights
     ids = prompt(20)
     dense_logits, dense_tokens = decode_logits(from_state_dict(args, sd), ids, 32)
+    monkeypatch.setattr(model_module.Attention, "sparse_decode", lambda *a: pytest.fail("a sparse step"))
     hata = HataArgs(budget=64, use_norm=use_norm)  # K = 64 >= S (at most 20 + 33), capacity 96
-    hata_logits, hata_tokens = decode_logits(from_state_dict(args, sd, hata), ids, 32)
+    model = from_state_dict(args, sd, hata)
+    hata_logits, hata_tokens = decode_logits(model, ids, 32)
     assert hata_tokens == dense_tokens
-    torch.testing.assert_close(hata_logits, dense_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(hata_logits, dense_logits, atol=1e-5, rtol=0)
+    attn = model.layers[2].attention  # the codes of every cached key, the decoded ones too
+    torch.testing.assert_close(attn.hash_cache.codes[:, :, :52], hk.hash_encode_ref(attn.kv_cache.k[:, :, :52],
+                                                                                       attn.hash_proj), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_norm, chunk", [(False, 4096), (True, 4096), (False, 4), (True, 5)])
