@@ -227,6 +227,8 @@ def device_name(text):
     try:
         device = torch.device(text)
     except RuntimeError:
+        if text.lower() in ("gpu", "cuda", "cpu"):
+            raise argparse.ArgumentTypeError(f"{text!r}: did you mean {'cpu' if text.lower() == 'cpu' else 'cuda'}?")
         raise ValueError(text) from None  # argparse: "invalid device_name value: 'xyz'"
     if device.type not in ("cpu", "cuda"):  # torch knows xpu, mps, meta, ...: this engine runs on two
         raise argparse.ArgumentTypeError(f"{text!r}: this engine runs on cpu or cuda[:N]")
@@ -242,7 +244,8 @@ def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
     p = Parser(prog="engine.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", help="read the prompt from this file, less one trailing newline (as llama.cpp -f)")
+    p.add_argument("--prompt-file", action="append", help="read a prompt from this file ('-': standard input), less "
+                   "one trailing newline (as llama.cpp -f); repeat for a batch")
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
@@ -252,6 +255,8 @@ def build_parser():
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, help="(default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core; when other work "
+                   "keeps the cores busy, 1 can be many times faster: waiting threads spin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: prompt + max-new-tokens)")
     g = p.add_argument_group("HATA (sparse decode attention)")
@@ -320,6 +325,8 @@ def main(argv=None):
 
 def run(args):
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
@@ -347,14 +354,14 @@ def run(args):
     if args.random_weights:
         return run_random(args, hata, device, dtype)
     texts = list(args.prompt or [])
-    if args.prompt_file:
-        if os.path.isdir(args.prompt_file) or not os.path.exists(args.prompt_file):  # a pipe or /dev/stdin will do
-            raise FileNotFoundError(f"prompt file not found (or a directory): {args.prompt_file}")
+    for path in args.prompt_file or []:  # "-": standard input; a pipe or /dev/stdin will do too
+        if path != "-" and (os.path.isdir(path) or not os.path.exists(path)):
+            raise FileNotFoundError(f"prompt file not found (or a directory): {path}")
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
+            with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8", closefd=path != "-") as f:
                 texts.append(f.read().removesuffix("\n"))  # text mode reads "\r\n" as "\n"
         except UnicodeDecodeError as e:
-            raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text ({e})") from None
+            raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
 
@@ -481,9 +488,16 @@ def describe_policy(hata, max_seq_len, n_layers):
 
 
 def shipped_hash_weights(hata, checkpoint=None):
-    """The repository's trained projections for these settings, if `checkpoint` is the default model's."""
+    """The repository's trained projections for these settings, if `checkpoint` is the default model's; a note
+    when it is and the hash selector's settings have none."""
     path = os.path.join(HERE, "weights", f"smollm2-135m-r{hata.rbit}.safetensors")
-    return path if is_default_model(checkpoint) and os.path.isfile(path) and hata.n_dense == HataArgs.n_dense else None
+    if not is_default_model(checkpoint) or hata.selector != "hash":
+        return None
+    if os.path.isfile(path) and hata.n_dense == HataArgs.n_dense:
+        return path
+    print(f"note: the default model's trained projections are for --n-dense {HataArgs.n_dense} and --rbit 64, 128 or "
+          f"256, not --n-dense {hata.n_dense} --rbit {hata.rbit}", file=sys.stderr)
+    return None
 
 
 class Streamer:

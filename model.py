@@ -490,12 +490,13 @@ def read_hash_file(path, with_tensors=True):
     """(metadata: "model", "rbit", "n_dense"; {name: tensor} or {}) of a projection file, or one clear error."""
     from safetensors import safe_open
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"hash weights file not found: {path}")
+        raise FileNotFoundError(f"hash weights file not found (or a directory): {path}")
     try:
         with safe_open(path, "pt") as f:
-            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
     except Exception as e:
-        raise ValueError(f"cannot read hash weights {path}: {e}") from None
+        raise ValueError(f"cannot read hash weights {path}: not a .safetensors file, or a cut one ({e})") from None
     if not ({"model", "rbit", "n_dense"} <= set(meta) and meta["rbit"].isdecimal() and meta["n_dense"].isdecimal()):
         raise ValueError(f"hash weights {path} lack train_hash.py's metadata (model, rbit, n_dense: whole numbers)")
     return meta, tensors

@@ -4,6 +4,7 @@ import argparse
 import functools
 import math
 import os
+import sys
 import threading
 
 import pytest
@@ -143,6 +144,7 @@ def test_offload_flags_are_checked_before_the_model_loads(capsys):
 def test_bad_device(capsys):
     n = torch.cuda.device_count()
     for device, words in [("xyz", "invalid device_name value: 'xyz'"), (f"cuda:{n}", f"this machine has {n} CUDA"),
+                          ("gpu", "'gpu': did you mean cuda?"), ("CPU", "'CPU': did you mean cpu?"),
                           ("meta", "runs on cpu or cuda[:N]"), ("xpu", "runs on cpu or cuda[:N]"),
                           *([] if n else [("cuda", "has 0 CUDA device(s)")])]:
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", device)
@@ -203,6 +205,19 @@ def test_prompt_file_may_be_a_pipe(capsys, tmp_path):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_prompt_files_repeat_into_a_batch_and_dash_is_stdin(capsys, tmp_path, monkeypatch):
+    (tmp_path / "b.txt").write_text("Hello")
+    read, write = os.pipe()
+    os.write(write, "The capital of France is\n".encode())
+    os.close(write)
+    with os.fdopen(read) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        code, out, err = run_cli(capsys, "--prompt-file", "-", "--prompt-file", str(tmp_path / "b.txt"),
+                                 "--max-new-tokens", "3", "--dense")
+    assert code == 0 and "--- 'The capital of France is'\n Paris" in out and "--- 'Hello'" in out, err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
     """`echo TEXT > FILE` reads as TEXT, as with llama.cpp's -f (and a CRLF ending too, which text mode reads as "\n"):
     the same tokens and answer as --prompt TEXT. Only one newline goes: a blank line at the end stays in the prompt."""
@@ -238,6 +253,15 @@ def test_max_new_tokens_capped_by_the_cache_says_so(capsys):
 def test_n_dense_covering_every_layer_says_dense(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "30", "--max-new-tokens", "1")
     assert code == 0 and "dense decode: --n-dense 30 covers all 30 layers" in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "3", "--budget", "2", "--max-new-tokens", "2")
+    assert code == 0 and "projections are for --n-dense 2 and --rbit 64, 128 or 256, not --n-dense 3 --rbit 128" in err
+    assert "no hash weights given; using seeded random projections" in err
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--budget", "2", "--max-new-tokens", "2")  # shipped: no note
+    assert code == 0 and "projections are for" not in err and "random projections" not in err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -529,6 +553,16 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt
     assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err
+
+
+def test_threads_sets_torchs_threads(capsys, monkeypatch):
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    argv = ["--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2", "--device", "cpu"]
+    assert run_cli(capsys, *argv, "--threads", "1")[0] == 0 and set_to == [1]
+    assert run_cli(capsys, *argv)[0] == 0 and set_to == [1]  # unset: torch's own
+    code, _, err = run_cli(capsys, *argv, "--threads", "0")
+    assert code == 2 and "--threads: invalid positive_int value: '0'" in error_line(err)
 
 
 @pytest.mark.parametrize("n_gpus", [0, 1])

@@ -276,8 +276,10 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         with pytest.raises(ValueError, match="lack train_hash.py's metadata"):
             load_hash_projections(path, args, hata)
     open(path, "wb").write(b"\xff" * 64)
-    with pytest.raises(ValueError, match="cannot read hash weights"):
+    with pytest.raises(ValueError, match="cannot read hash weights .*: not a .safetensors file, or a cut one"):
         load_hash_projections(path, args, hata)
+    with pytest.raises(FileNotFoundError, match="not found \\(or a directory\\)"):
+        load_hash_projections(str(tmp_path), args, hata)
 
 
 @pytest.mark.parametrize("use_norm", [False, True])
