@@ -281,7 +281,8 @@ def build_parser():
     p.add_argument("--random-weights", action="store_true",
                    help="build the --preset shape with random weights on the device, for speed measurement only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.1-8b", help="shape for --random-weights")
-    p.add_argument("--prompt-len", type=positive_int, default=1024, help="random prompt tokens with --random-weights")
+    p.add_argument("--prompt-len", type=positive_int, help="random prompt tokens with --random-weights (default: "
+                   "1024, or half the preset's context if less)")
     return p
 
 
@@ -445,8 +446,9 @@ def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as
 def run_random(args, hata, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
     batch, unused = len(args.prompt or [None]), " (one per --prompt, its text unused)" if args.prompt else ""
-    max_seq_len, max_new = cache_size(args, args.prompt_len, PRESETS[args.preset].max_seq_len,  # before the model
-                                      f"--prompt-len is {args.prompt_len}")
+    context = PRESETS[args.preset].max_seq_len
+    args.prompt_len = args.prompt_len or min(1024, context // 2)  # the tiny preset's context is 1024: room to decode
+    max_seq_len, max_new = cache_size(args, args.prompt_len, context, f"--prompt-len is {args.prompt_len}")
     model = random_model(args.preset, hata, device, dtype)
     setup(model, args, batch, max_seq_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}), for speed only: "

@@ -392,8 +392,10 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
                            "--max-new-tokens", "10", "--device", "cpu")
     assert code == 0 and "at most 3 new tokens: the cache holds 12 tokens and the prompt 10" in err  # as run() does
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # 1024 + 200 > 1024
-    assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1024", "--device", "cpu")
+    assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err  # 1024 + 200 > 1024
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # the default: half
+    assert code == 0 and "1 random prompt of 512 tokens" in err and "at most" not in err  # of the context, not 1024
     args = argparse.Namespace(max_seq_len=None, max_new_tokens=5)  # a real prompt: its length, not a flag
     with pytest.raises(ValueError, match="^the prompt has 2000 tokens but the model's context is 1024 tokens$"):
         engine.cache_size(args, 2000, 1024)
