@@ -333,6 +333,7 @@ def merge(runs):
                          "mid-sentence): one sample's spec would join two prompts")
     out = runs[0]
     for r in runs[1:]:
+        out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
         setup = lambda x: (x.get("model", model), x.get("rbit", 128), x.get("n_dense", 2))
         if setup(r) != setup(out):
@@ -377,7 +378,9 @@ def report(results):
     if recs:
         ran, contexts = recs[0]["correct"], sorted({r["context"] for r in recs})
         acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / len(rs):.0f}%" if rs else "-"
-        md += [f"### Retrieval: {len(recs)} samples; dense accuracy", ""]
+        planned = results.get("retrieval_planned", 0)  # more than ran: --minutes ended the run early
+        cut = f" (of {planned}: the --minutes limit cut the rest)" if planned > len(recs) else ""
+        md += [f"### Retrieval: {len(recs)} samples{cut}; dense accuracy", ""]
         md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
         for C in contexts + [None]:
             rs = [r for r in recs if C in (None, r["context"])]
@@ -586,6 +589,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                            partial(save, "perplexity", time.perf_counter()))
     if "retrieval" in args.tasks:
         specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
+        results["retrieval_planned"] = len(specs)
         run_retrieval(model, tok, hays, specs, pols, args.batch, partial(save, "retrieval", time.perf_counter()),
                       deadline)
     write_report(results, args.out_dir, name)

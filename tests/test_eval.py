@@ -271,6 +271,16 @@ def test_selectors_share_the_files_rbit_and_n_dense():
     assert len(pols) == 5 and all((h.rbit, h.n_dense) == (64, 3) for _, _, h in pols[1:])
 
 
+def test_report_says_when_the_time_limit_cut_retrieval():
+    rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
+           "correct": {"dense": True, "oracle 1/8": True}}
+    results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": [rec] * 4}
+    assert "### Retrieval: 4 samples; dense accuracy" in ev.report({**results, "retrieval_planned": 4})
+    assert "### Retrieval: 4 samples (of 8: the --minutes limit cut the rest)" in ev.report(
+        {**results, "retrieval_planned": 8})
+    assert "retrieval_planned" not in ev.merge([{**results, "retrieval_planned": 8}, copy.deepcopy(results)])
+
+
 def test_report_of_a_run_cut_before_any_result(tmp_path, capsys):
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
     ev.write_report(results, str(tmp_path), "empty")
