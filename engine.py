@@ -20,7 +20,7 @@ from dataclasses import fields
 import torch
 from tqdm import tqdm
 
-from model import PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_format, from_checkpoint
+from model import PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_format, from_checkpoint, read_hash_file
 from offload import host_available, offload_from_args
 from tokenizer import Tokenizer
 
@@ -263,10 +263,12 @@ def build_parser():
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"], help="tokens attended per KV head: a count, "
                    "or a fraction like 1/16 of the cache (the longest prompt + --max-new-tokens, or --max-seq-len)")
-    g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code (hash selector only)")
+    g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code (hash selector only; a "
+                   "--hash-weights file's own when left at the default)")
     g.add_argument("--hash-weights", help="trained hash projections (.safetensors); default: the shipped ones "
                                           "for the default model, else seeded random projections")
-    g.add_argument("--n-dense", type=int, default=h["n_dense"], help="leading layers that stay dense")
+    g.add_argument("--n-dense", type=int, default=h["n_dense"], help="leading layers that stay dense (a "
+                   "--hash-weights file's own when left at the default)")
     g.add_argument("--sink", type=int, default=h["n_sink"], help="first positions always attended")
     g.add_argument("--recent", type=int, default=h["n_recent"], help="last positions always attended")
     g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms (hash selector only)")
@@ -437,10 +439,16 @@ def setup(model, args, batch, max_seq_len):
 
 
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
-    return None if args.dense else HataArgs(rbit=args.rbit if args.selector == "hash" else HataArgs.rbit,
-                                            budget=args.budget, n_dense=args.n_dense, n_sink=args.sink,
-                                            n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
-                                            hash_weights=args.hash_weights)
+    if args.dense:
+        return None
+    rbit, n_dense = args.rbit, args.n_dense
+    if args.hash_weights and args.selector == "hash":  # the file's settings, where the flags are left at the default
+        meta = read_hash_file(args.hash_weights, with_tensors=False)[0]
+        rbit = int(meta["rbit"]) if rbit == HataArgs.rbit else rbit
+        n_dense = int(meta["n_dense"]) if n_dense == HataArgs.n_dense else n_dense
+    return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
+                    n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
+                    hash_weights=args.hash_weights)
 
 
 def run_random(args, hata, device, dtype):

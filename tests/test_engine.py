@@ -256,6 +256,17 @@ def test_n_dense_covering_every_layer_says_dense(capsys):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_hash_weights_file_sets_the_bits_and_dense_layers_left_at_the_default(capsys, tmp_path):
+    shipped = os.path.join(engine.HERE, "weights", "smollm2-135m-r64.safetensors")
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--budget", "2", "--max-new-tokens", "2")
+    assert code == 0 and "budget 2 of up to 3 tokens, smollm2-135m-r64.safetensors" in err, err
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--rbit", "256", "--max-new-tokens", "2")
+    assert code == 2 and "have rbit=64 but rbit=256 was asked for; pass --rbit 64" in error_line(err)
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(tmp_path / "none.safetensors"))
+    assert code == 2 and "hash weights file not found" in error_line(err) and "loaded" not in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "3", "--budget", "2", "--max-new-tokens", "2")
     assert code == 0 and "projections are for --n-dense 2 and --rbit 64, 128 or 256, not --n-dense 3 --rbit 128" in err
