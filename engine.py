@@ -335,6 +335,9 @@ def run(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if bad := [f"--{flag} {n}" for flag, n in (("n-dense", args.n_dense), ("sink", args.sink), ("recent", args.recent))
+               if n < 0]:
+        raise ValueError(f"{', '.join(bad)}: must be >= 0")
     if args.kv_gpu_gb is not None and not (math.isfinite(args.kv_gpu_gb) and args.kv_gpu_gb > 0):
         raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {args.kv_gpu_gb}")
     if args.offload and (args.dense or args.selector != "hash"):  # (before the load; --kv-gpu-gb may offload none)

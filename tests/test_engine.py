@@ -120,6 +120,7 @@ def test_unknown_dtype(capsys):
     ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"),
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
+    ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
 ])
 def test_bad_flags(capsys, flag, value, words):
     code, _, err = run_cli(capsys, "--prompt", "hi", flag, value)
