@@ -606,8 +606,8 @@ def write_report(results, out_dir, name):
     with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
         f.write(f"Command: `{results['command']}`; seconds: {results['seconds']}\n\n{md}\n")
     print(md)
-    print(f"wrote {out_dir}/{name}_results.md" + f" and {png}" * bool(plotted) + f" (results: {name}_results.json)",
-          file=sys.stderr)
+    also = f" and {png}" if plotted else ""
+    print(f"wrote {out_dir}/{name}_results.md{also} (results: {name}_results.json)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -330,7 +330,7 @@ class Tokenizer:
                     raise ValueError(f"{path!r} line {n + 1} is not 'base64 rank'; the tiktoken file is corrupt")
         if sorted(ranks.values()) != list(range(LLAMA3_VOCAB)):  # Meta's specials follow its 128,000 ranks
             raise ValueError(f"{path!r} holds {len(ranks)} token ranks, not Meta's Llama 3 tokens 0..{LLAMA3_VOCAB - 1}"
-                             " each once: the tiktoken file is cut or corrupt; re-download it")
+                             " each once: a cut or corrupt file (re-download it), or not Llama 3's tokenizer")
         specials = {t: LLAMA3_VOCAB + i for i, t in enumerate(LLAMA3_SPECIALS)}
         enc, n, blank = _bpe(path, ranks, specials, LLAMA3_PATTERN)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=specials["<|begin_of_text|>"],
