@@ -467,13 +467,18 @@ class Transformer(nn.Module):
                       "less accurately than trained ones (pass --hash-weights; train_hash.py makes them)",
                       file=sys.stderr)
                 self.warned_random_projections = True
-            gen = torch.Generator().manual_seed(seed)
-            projs = {i: torch.randn(args.n_kv_heads, args.head_dim, hata.rbit, generator=gen)
-                     for i in range(hata.n_dense, args.n_layers)}
+            projs = random_hash_projections(args, hata.rbit, hata.n_dense, seed)
         else:
             projs = load_hash_projections(path, args, hata)
         for i in range(hata.n_dense, args.n_layers):  # the sparse layers
             self.layers[i].attention.hash_proj = projs[i].float().to(self.output.weight.device)
+
+
+def random_hash_projections(args: ModelArgs, rbit, n_dense, seed=0):
+    """Seeded Gaussian projections (plain LSH), what a model uses without a file and what training starts from:
+    {layer: (Hkv, D, R)} for the layers from n_dense on."""
+    gen = torch.Generator().manual_seed(seed)
+    return {i: torch.randn(args.n_kv_heads, args.head_dim, rbit, generator=gen) for i in range(n_dense, args.n_layers)}
 
 
 def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):

@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from engine import Parser, cli, default_checkpoint, device_name, is_default_model, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, read_hash_file, rope_frequencies,
-                   save_hash_projections)
+from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
+                   read_hash_file, rope_frequencies, save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
@@ -279,13 +279,6 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
     return P.detach(), history[0], tail
 
 
-def random_projections(args, rbit, n_dense, seed=0):
-    """The seeded Gaussian projections the model uses without a file: the same draw as
-    model.set_hash_projections(None). Returns {layer: (Hkv, D, R)}."""
-    gen = torch.Generator().manual_seed(seed)
-    return {i: torch.randn(args.n_kv_heads, args.head_dim, rbit, generator=gen) for i in range(n_dense, args.n_layers)}
-
-
 def shift_positions(q, k, offsets, inv_freq):
     """q (b, nq, H, D), k (b, Hkv, S, D) post-RoPE; offsets (b,) positions. Turns both by RoPE(offset), as if the
     sequence sat `offset` positions later: RoPE angles add, so every q.k (and every label) stays the same."""
@@ -303,7 +296,7 @@ def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
     inv_freq = rope_frequencies(args, model.rope_factors)  # (D/2,) for hp["shift"]
     projs = {}
     print(f"layer  loss(first -> last)   {hp.get('loss', 'pair'):9s} balance   ortho    (R={rbit})")  # ranking term
-    for l, P0 in tqdm(random_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
+    for l, P0 in tqdm(random_hash_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
         with one_thread(dev):
             P, first, last = train_layer(P0.to(dev) / math.sqrt(args.head_dim), samples[l], steps, batch, keys,
                                          gen, hp, inv_freq)
@@ -388,7 +381,7 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     documents not trained on, summed over the budgets; else go back to the starting point. trained: {rbit: {layer:
     (Hkv, D, R)}}, judged in one pass. Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head, gap)])},
     gap < 0: the mean over the budgets of the captured-mass difference, trained - random."""
-    start = {r: random_projections(model.args, r, n_dense, seed) for r in trained}
+    start = {r: random_hash_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
     res = evaluate(model, windows, selectors, n_dense, queries, seed + 1, query_from)
     out = {}
@@ -614,10 +607,10 @@ def run(args):
         stem = os.path.splitext(os.path.basename(path))[0]
         name = f"trained R={r}" if f"trained R={r}" not in selectors else f"trained R={r} ({stem})"
         selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd))
-        selectors[f"random R={r}"] = random_projections(margs, r, args.n_dense)
+        selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
     for r in args.rbit or ([] if files else [HataArgs.rbit]):  # sizes asked for without a file: random ones
         if f"random R={r}" not in selectors:
-            selectors[f"random R={r}"] = random_projections(margs, r, args.n_dense)
+            selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
     lengths = list(dict.fromkeys(min(L, margs.max_seq_len) for L in args.eval_len))  # once each, cut to the context
     refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
     os.makedirs(args.report_dir, exist_ok=True)

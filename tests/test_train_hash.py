@@ -144,7 +144,7 @@ def test_random_projections_are_the_models_draw():
     args = PRESETS["tiny"]
     model = Transformer(args, HataArgs(rbit=64, n_dense=1))
     model.set_hash_projections(None, seed=3)
-    want = th.random_projections(args, 64, 1, seed=3)
+    want = th.random_hash_projections(args, 64, 1, seed=3)
     assert sorted(want) == [1, 2, 3]
     for l, P in want.items():
         torch.testing.assert_close(model.layers[l].attention.hash_proj, P)
@@ -205,7 +205,7 @@ def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path)
     with pytest.raises(ValueError, match="rbit"):
         load_hash_projections(path, args, HataArgs(rbit=64, n_dense=n_dense))
 
-    selectors = {"trained": loaded, "random": th.random_projections(args, R, n_dense)}
+    selectors = {"trained": loaded, "random": th.random_hash_projections(args, R, n_dense)}
     res = th.evaluate(model, windows, selectors, n_dense, queries=8, seed=1)
     for f in (1 / 8, 1 / 16):
         recall = {name: sum(r for _, r in res[name, f].values()) / 2 for name in selectors}
@@ -252,13 +252,13 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     captures less than random on the validation windows and goes back; a head with the same codes as its start
     (scaled 3x: a tie) and heads equal to their start stay as they are; two sizes judged in one pass, as alone."""
     model, args, R, n_dense = tiny_model, PRESETS["tiny"], 32, 2
-    start = th.random_projections(args, R, n_dense, seed=0)
+    start = th.random_hash_projections(args, R, n_dense, seed=0)
     projs = {l: P / math.sqrt(args.head_dim) for l, P in start.items()}
     projs[3] = projs[3].clone()
     projs[3][1] = 0.0
     projs[2] = 3 * projs[2]
     windows = torch.randint(args.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
-    other = {l: P / math.sqrt(args.head_dim) for l, P in th.random_projections(args, 2 * R, n_dense, seed=0).items()}
+    other = {l: P / math.sqrt(args.head_dim) for l, P in th.random_hash_projections(args, 2 * R, n_dense, seed=0).items()}
     out, back = th.guard_heads(model, {R: projs}, windows, n_dense, query_from=0.25, seed=0, queries=8)[R]
     assert [(l, h) for l, h, _ in back] == [(3, 1)] and back[0][2] < 0
     torch.testing.assert_close(out[2], projs[2], rtol=0, atol=0)
@@ -300,7 +300,7 @@ def test_listwise_needs_only_the_query_positions(tiny_model):
     assert "labels" not in light[2] and torch.equal(full[2]["t"], light[2]["t"])
     assert int(full[2]["t"].min()) >= 24
     hp = dict(lr=0.1, momentum=0.9, wd=1e-6, sigma=80.0, eps=0.01, lam=1.0, eta=0.5, shift=0, loss="listwise")
-    P0 = th.random_projections(args, 32, 2)[2] / math.sqrt(args.head_dim)
+    P0 = th.random_hash_projections(args, 32, 2)[2] / math.sqrt(args.head_dim)
     Pa, Pb = (th.train_layer(P0, s[2], 5, 2, 40, torch.Generator().manual_seed(1), hp)[0] for s in (full, light))
     torch.testing.assert_close(Pa, Pb, rtol=0, atol=0)
     with pytest.raises(ValueError, match="labels"):  # the pair loss cannot run on positions alone
