@@ -39,10 +39,7 @@ from engine import (Parser, cli, decode_one_token, default_checkpoint, device_na
                     prefill, shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections
 from tokenizer import Tokenizer
-from train_hash import load_corpus, refuse_to_replace, split_corpus
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)
+from train_hash import BUDGETS, HERE, load_corpus, refuse_to_replace, split_corpus  # the hash report's budgets
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
