@@ -12,7 +12,8 @@
          split-K attention over the selected rows (hata_kernels.py)
 Both sides run as captured CUDA graphs, the L2 is flushed with a large read before every run, and each
 HATA result is checked against the refs before it is timed. Prints a markdown table (medians) and plots latency
-and speedup against the context length (report/bench_attention.png; e2e and cpu plot theirs the same way).
+and speedup against the context length (report/bench_attention.png for the default points, else only to --plot;
+e2e and cpu plot theirs the same way).
 The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q, the new key; over
 4.27 TB/s (the H200's bandwidth measured by a device-to-device copy, read + write).
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
@@ -203,7 +204,9 @@ def budget_labels(K, S, budgets):
 
 def plot_speed(path, panels):
     """panels: [(title, ylabel, yscale, {line label: [(S, y), ...]}, reference y or None)], side by side, the
-    context length S on a log2 axis. Writes a PNG."""
+    context length S on a log2 axis. Writes a PNG (none for path None)."""
+    if path is None:
+        return
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -607,6 +610,17 @@ def print_header(mode):
     print(f"# {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
 
 
+def report_plot_path(args, mode_parser):
+    """report/bench_MODE.png, committed, is the plot of the mode's default points (contexts, batches, budgets,
+    shapes): a run of other points leaves it alone, with a note, and draws nothing unless given --plot."""
+    points = ("shapes", "seqlens", "batches", "budgets", "budget", "preset", "rbit")
+    if all(getattr(args, k) == mode_parser.get_default(k) for k in points if hasattr(args, k)):
+        return os.path.join(HERE, "report", f"bench_{args.mode}.png")
+    print(f"note: not the default points, so report/bench_{args.mode}.png stays as it is; --plot PATH draws this run",
+          file=sys.stderr)
+    return None
+
+
 def main(argv=None):
     from engine import Parser, cli, parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
     from model import PRESETS
@@ -645,8 +659,11 @@ def main(argv=None):
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     for mode, p in sub.choices.items():
         if mode != "offload":
-            p.add_argument("--plot", default=os.path.join(HERE, "report", f"bench_{mode}.png"), help="PNG to write")
+            p.add_argument("--plot", help=f"PNG to write (default: report/bench_{mode}.png, for a run of the default "
+                                          "points only)")
     args = parser.parse_args(argv)
+    if args.mode != "offload" and args.plot is None:
+        args.plot = report_plot_path(args, sub.choices[args.mode])
     if args.mode != "cpu" and not torch.cuda.is_available():
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
     return cli({"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode],

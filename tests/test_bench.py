@@ -95,3 +95,15 @@ def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys, monkeyp
     assert bench.main(argv + (["--preset", "tiny"] if argv[0] != "attention" else [])) == 2
     out, err = capsys.readouterr()
     assert words in err and out == ""  # refused before anything is printed, the header line included
+
+
+def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys):
+    """report/bench_MODE.png is the default points' plot: a run of other contexts, batches or budgets does not
+    overwrite it (it draws only to a given --plot); other flags (rounds, steps) keep the default points."""
+    plots = []
+    monkeypatch.setattr(bench, "bench_cpu", lambda args: plots.append(args.plot) or 0)
+    report = f"{bench.HERE}/report/bench_cpu.png"
+    for argv, want in ((["cpu"], report), (["cpu", "--rounds", "1"], report), (["cpu", "--seqlens", "16"], None),
+                       (["cpu", "--budget", "1/4"], None), (["cpu", "--seqlens", "16", "--plot", "x.png"], "x.png")):
+        assert bench.main(argv) == 0 and plots[-1] == want, argv
+        assert ("stays as it is; --plot PATH draws this run" in capsys.readouterr().err) == (want is None)
