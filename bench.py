@@ -438,7 +438,8 @@ def bench_e2e(args):
     K/V instead of a prefill per context (as `fill_random_kv`: fast-path timings; set_hata rehashes the keys).
     Every sequence decodes at position S - 1, so each step attends over S tokens. Then prefill time at
     --prefill-len tokens, B = 1, without and with key hashing (HATA's only prefill cost), in one causal pass and in
-    the chunks engine.prefill takes by default (a later chunk attends over the cache up to its end, with a mask)."""
+    the chunks engine.prefill takes by default (a later chunk attends over the cache up to its end: model's
+    causal_attention)."""
     from engine import GraphedDecode, prefill, random_model
     from model import PRESETS, HataArgs
 

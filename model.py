@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
 
 from hata_kernels import (cache_write, hamming_score, hamming_topk, hash_encode, hash_encode_step, select_topk,
                           sparse_decode_attention)
@@ -177,6 +178,27 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+def causal_attention(q, keys, values):
+    """Causal attention of T queries at the last T of S key positions (a prefill chunk): q (B, H, T, D); keys,
+    values (B, Hkv, S, D), S >= T. Query i sees keys 0 .. S - T + i. S = T is a fresh prefill. A later chunk
+    (S > T) on CUDA is two cuDNN passes, the S - T cached keys unmasked and the chunk's own T keys causally,
+    merged by their log-sum-exps: twice as fast as one masked pass at 32K-128K (BENCHMARKS.md). Elsewhere it is
+    one pass with the mask."""
+    T, S = q.shape[2], keys.shape[2]
+    gqa = q.shape[1] != keys.shape[1]
+    if S == T:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+    old, new = (keys[:, :, :S - T], values[:, :, :S - T]), (keys[:, :, S - T:], values[:, :, S - T:])
+    if q.is_cuda and can_use_cudnn_attention(SDPAParams(q, *old, None, 0.0, False, gqa)):
+        cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention  # SDPA's cuDNN op: it also returns the lse
+        y_old, lse_old = cudnn(q, *old, None, True)[:2]  # (B, H, T, D), (B, H, T) fp32
+        y_new, lse_new = cudnn(q, *new, None, True, is_causal=True)[:2]
+        share = torch.sigmoid(lse_old - lse_new).view(*q.shape[:3], 1)  # the cached keys' part of the softmax
+        return torch.lerp(y_new.float(), y_old.float(), share).to(q.dtype)
+    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
+
+
 def write_kv(k, v, k_cache, v_cache, pos):
     """k, v (B, Hkv, T, D) into the caches (B', Hkv, S_max, D) at pos (B, T): a decode step (T = 1) in one launch
     on CUDA (cache_write), a longer chunk by index_put."""
@@ -235,11 +257,12 @@ class Attention(nn.Module):
         self.apply_rope = apply_rope  # Transformer.compile_pointwise swaps in a compiled one
         self.keep_qk, self.qk = False, None  # keep_qk: forward keeps its post-RoPE (q, k) in qk (the hash trainer)
 
-    def forward(self, x, cos, sin, pos, mask, lengths):
+    def forward(self, x, cos, sin, pos, mask, lengths, S):
         """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T, S)
-        additive float mask (0 or -inf; S = S_max in a CUDA decode step, else the last position + 1: a later prefill
-        chunk's end, or a CPU step's longest sequence), or None for a fresh causal prefill from position 0; lengths
-        (B,) valid cache positions after this step (pos[:, -1] + 1, computed once a step for every layer)."""
+        additive float mask (0 or -inf), or None when every sequence's T tokens sit at positions S - T .. S - 1 (a
+        prefill chunk: causal attention); lengths (B,) valid cache positions after this step (pos[:, -1] + 1,
+        computed once a step for every layer); S the cache positions to attend over: S_max in a CUDA decode step
+        (static shapes), else the last position + 1 (a chunk's end, or a CPU step's longest sequence)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qk, v = self.wqkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
@@ -259,16 +282,14 @@ class Attention(nn.Module):
             else:
                 self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
-        S = mask.shape[-1] if mask is not None else T  # keys to attend over: S_max in a CUDA step (static shapes)
         if self.hata is not None and T == 1 and self.budget < S:  # K covering the keys: dense (every key selected)
             y = self.sparse_decode(q[:, :, 0], q_codes, keys[:, :, :S], values[:, :, :S], lengths)[:, :, None]
-        elif mask is None:  # fresh prefill: plain causal attention over the T new positions (flash kernels)
-            y = F.scaled_dot_product_attention(q, keys[:, :, :T], values[:, :, :T], is_causal=True,
-                                               enable_gqa=H != Hkv)  # (B, H, T, D)
+        elif mask is None:  # a prefill chunk, at the same positions in every sequence
+            y = causal_attention(q, keys[:, :, :S], values[:, :, :S])  # (B, H, T, D)
         elif T == 1 and not q.is_cuda:  # CPU dense decode: the G query heads of a KV head form one (G, D) block
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys[:, :, :S], values[:, :, :S],
                                                attn_mask=mask).view(B, H, 1, D)  # 1.4x faster at 8K (3x slower on CUDA)
-        else:  # CUDA decode (the mask S_max long), or a later prefill chunk (the mask ends at the chunk's end)
+        else:  # CUDA decode (the mask S_max long), or a chunk whose sequences start at different positions
             y = F.scaled_dot_product_attention(q, keys[:, :, :S], values[:, :, :S], attn_mask=mask, enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
@@ -339,8 +360,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, pos, mask, lengths):
-        h = x + self.attention(self.attention_norm(x), cos, sin, pos, mask, lengths)
+    def forward(self, x, cos, sin, pos, mask, lengths, S):
+        h = x + self.attention(self.attention_norm(x), cos, sin, pos, mask, lengths, S)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -434,21 +455,24 @@ class Transformer(nn.Module):
             raise ValueError(f"{T} tokens but the caches hold {self.max_seq_len} positions: setup_caches(.., {T})")
         start = torch.zeros(B, dtype=torch.long, device=tokens.device) if input_pos is None else input_pos
         pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        S = self.max_seq_len  # the keys a query may see: the whole cache, or up to a chunk's or CPU step's last
-        if input_pos is not None and (T > 1 or not tokens.is_cuda):  # position (a CUDA step: static shapes, no sync)
-            lo, S = int(start.min()), int(pos.max()) + 1
+        S = T if input_pos is None else self.max_seq_len  # keys a query may see: a fresh prefill's own, the whole
+        causal = input_pos is None  # cache (a CUDA step: static shapes, no sync), or up to a chunk's or CPU step's end
+        if input_pos is not None and (T > 1 or not tokens.is_cuda):
+            lo, hi = torch.stack(start.aminmax()).tolist()
+            S = hi + T
             if not (lo >= 0 and S <= self.max_seq_len):
                 raise ValueError(f"positions {lo}..{S - 1} are outside the caches' 0..{self.max_seq_len - 1}")
+            causal = T > 1 and lo == hi  # a prefill chunk at one position in every sequence: no mask
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2)
         mask = None
-        if input_pos is not None:  # the cache may hold a prefix: query at position p sees keys at positions <= p
+        if not causal:  # the cache may hold a prefix: query at position p sees keys at positions <= p
             visible = torch.arange(S, device=tokens.device) <= pos[:, :, None]  # (B, T, S)
             mask = torch.zeros(visible.shape, dtype=self.output.weight.dtype,
                                device=tokens.device).masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, S)
         lengths = pos[:, -1] + 1  # (B,) valid cache positions after this step
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin, pos, mask, lengths)
+            x = layer(x, cos, sin, pos, mask, lengths, S)
         if output_idx is not None:
             x = x[torch.arange(B, device=x.device), output_idx]  # (B, dim)
         return self.output(self.norm(x)).float()

@@ -9,11 +9,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine import generate
-from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, Transformer, from_checkpoint, load_checkpoint,
-                   rope_frequencies)
+import model as model_module
+from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, Transformer, causal_attention, from_checkpoint,
+                   load_checkpoint, rope_frequencies)
 from tests.helpers import write_gguf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
@@ -74,6 +76,55 @@ def test_prefill_after_cached_prefix(smol):
         both = smol(torch.tensor([ids[17:34], ids[23:40]]), torch.tensor([17, 23]))
     torch.testing.assert_close(rest, whole[17:], atol=1e-4, rtol=0)
     torch.testing.assert_close(both, torch.stack([whole[17:34], whole[23:40]]), atol=1e-4, rtol=0)
+
+
+def masked_attention_ref(q, keys, values):
+    """Query i of T sees keys 0 .. S - T + i, as one masked softmax (float64, GQA by repeating K/V heads)."""
+    T, S, G = q.shape[2], keys.shape[2], q.shape[1] // keys.shape[1]
+    k, v = (x.double().repeat_interleave(G, 1) for x in (keys, values))
+    logits = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, T, S)
+    hidden = torch.arange(S) > torch.arange(T)[:, None] + S - T
+    return logits.masked_fill(hidden.to(q.device), float("-inf")).softmax(-1) @ v
+
+
+def chunk_inputs(B, H, Hkv, T, S, D, dtype, device):
+    """Queries, keys and values whose cached part (values near +1) and chunk part (near -1) give far apart
+    outputs, so a wrong weighting of the two shows."""
+    gen = torch.Generator().manual_seed(T + S)
+    q, k, v = (torch.randn(B, h, n, D, generator=gen) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+    v[:, :, :S - T] += 1.0
+    v[:, :, S - T:] -= 1.0
+    return tuple(x.to(device, dtype) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,S,D", [(1, 4, 2, 3, 8, 16), (2, 3, 3, 5, 5, 8), (1, 9, 3, 7, 20, 64)])
+def test_causal_attention(B, H, Hkv, T, S, D):
+    """A prefill chunk's attention (query i sees keys up to S - T + i) against one masked softmax, odd sizes; S = T
+    is a fresh prefill. fp32 on the CPU: one masked pass."""
+    q, k, v = chunk_inputs(B, H, Hkv, T, S, D, torch.float32, "cpu")
+    torch.testing.assert_close(causal_attention(q, k, v).double(), masked_attention_ref(q, k, v), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H,Hkv,D,T,S", [(32, 8, 128, 3, 1000), (32, 8, 128, 2, 4098), (32, 8, 128, 257, 4099),
+                                         (9, 3, 64, 4096, 12288), (4, 4, 64, 2, 3)])
+def test_causal_attention_cuda(monkeypatch, H, Hkv, D, T, S):
+    """bf16 on CUDA: the two cuDNN passes merged by their log-sum-exps (when cuDNN takes the inputs) within
+    flash-attention's rule of the same masked pass in bf16: error <= 2x torch's own + 1e-5, against float64."""
+    verdicts = []
+    def spy(params):
+        verdicts.append(can_use(params))
+        return verdicts[-1]
+    can_use = model_module.can_use_cudnn_attention
+    monkeypatch.setattr(model_module, "can_use_cudnn_attention", spy)
+    q, k, v = chunk_inputs(2, H, Hkv, T, S, D, torch.bfloat16, "cuda")
+    ref = masked_attention_ref(q, k, v)
+    visible = torch.ones(T, S, dtype=torch.bool, device="cuda").tril(S - T)
+    err_torch = (F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=H != Hkv) - ref).abs().max()
+    err = (causal_attention(q, k, v) - ref).abs().max()
+    assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+    if S > T and not verdicts[0]:
+        pytest.skip("cuDNN attention does not take these inputs here: only the masked pass was tested")
 
 
 def test_cpu_decode_reads_the_cache_up_to_its_last_position(smol):
