@@ -348,15 +348,18 @@ def run(args):
                          "(drop them, or use --device cuda)")
     hata, default = hata_args(args), build_parser().get_default
     given = {"--" + k.replace("_", "-") for k, v in vars(args).items() if v != default(k)}  # not left at the default
-    off = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense),  # no sparse layer
-           (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash"),  # no hash codes
-           (("--offload",), args.kv_gpu_gb is not None),  # the cap decides how many layers go to host memory
-           (("--top-p",), args.temperature == 0),  # greedy
-           (("--seed",), args.temperature == 0 and not args.random_weights),  # nothing random
-           (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights),  # random tokens
-           (("--preset", "--prompt-len"), not args.random_weights)]  # a real checkpoint and prompt
-    if ignored := [flag for flags, on in off if on for flag in flags if flag in given]:
-        print(f"note: ignored in this run: {', '.join(ignored)} (see --help)", file=sys.stderr)
+    codes_off = "--dense reads no hash codes" if args.dense else f"--selector {args.selector} reads no hash codes"
+    off = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense, "--dense: no sparse layer"),
+           (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash", codes_off),
+           (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
+           (("--top-p",), args.temperature == 0, "--temperature 0 decodes greedily"),
+           (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
+           (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights,
+            "--random-weights decodes random tokens"),
+           (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
+    notes = [f"{', '.join(hit)} ({why})" for flags, on, why in off if on and (hit := [f for f in flags if f in given])]
+    if notes:
+        print(f"note: ignored in this run: {'; '.join(notes)}", file=sys.stderr)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
     texts = list(args.prompt or [])

@@ -533,25 +533,28 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, ignored", [
-    (["--dense", "--hash-weights", "w.safetensors"], "--hash-weights"),
-    (["--selector", "quest", "--hash-weights", "w.st"], "--hash-weights"),
-    (["--top-p", "0.9"], "--top-p"),
+    (["--dense", "--hash-weights", "w.safetensors"], "--hash-weights (--dense reads no hash codes)"),
+    (["--selector", "quest", "--hash-weights", "w.st"], "--hash-weights (--selector quest reads no hash codes)"),
+    (["--top-p", "0.9"], "--top-p (--temperature 0 decodes greedily)"),
     (["--top-p", "0.9", "--temperature", "1"], None),
     (["--dense", "--budget", "1/4", "--sink", "4", "--use-norm", "--n-dense", "3", "--selector", "oracle", "--recent",
-      "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent, --rbit, --use-norm"),
+      "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent (--dense: no sparse layer); --rbit, "
+     "--use-norm (--dense reads no hash codes)"),
     (["--dense", "--budget", "2048", "--rbit", "128"], None),  # given, but at their defaults
-    (["--selector", "quest", "--rbit", "100"], "--rbit"),  # not refused as no multiple of 32
-    (["--selector", "oracle", "--use-norm"], "--use-norm"),
+    (["--selector", "quest", "--rbit", "100"], "--rbit (--selector quest reads no hash codes)"),  # not refused
+    (["--selector", "oracle", "--use-norm"], "--use-norm (--selector oracle reads no hash codes)"),
     (["--rbit", "64", "--use-norm"], None),
-    (["--preset", "tiny", "--prompt-len", "8", "--seed", "3"], "--seed, --preset, --prompt-len"),  # no --random-weights
+    (["--preset", "tiny", "--prompt-len", "8", "--seed", "3"],  # no --random-weights
+     "--seed (nothing is drawn at random); --preset, --prompt-len (they shape a --random-weights run)"),
     (["--seed", "3", "--temperature", "0.7"], None),
 ])
 def test_flags_that_change_nothing_say_so(capsys, argv, ignored):
     """HATA's settings with --dense, the hash selector's with another selector (an --rbit they read nothing of is
-    not refused), and top-p with greedy decoding: a note, not silence; a flag at its default value is no news."""
+    not refused), and top-p with greedy decoding: a note that says why, not silence; a flag at its default value is
+    no news."""
     code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", "/nonexistent.gguf", *argv)
     assert code == 2 and "checkpoint not found" in error_line(err)
-    assert f"note: ignored in this run: {ignored} (see --help)" in err if ignored else "note" not in err
+    assert f"note: ignored in this run: {ignored}\n" in err if ignored else "note" not in err
 
 
 def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
@@ -562,7 +565,8 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
                            "--device", "cpu", "--dense", "--checkpoint", str(tmp_path), "--tokenizer", "t.json",
                            "--chat", "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a", "--prompt", "b")
     assert code == 0, err
-    assert "note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file (see --help)" in err
+    assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file (--random-weights decodes "
+            "random tokens)\n") in err
     assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt
