@@ -74,7 +74,10 @@ def prefill(model, tokens, lengths, chunk=4096, progress=False):
     forward for a decode step, which a sparse layer would attend sparsely. `progress`: a bar on stderr when the
     prompt takes more than one chunk."""
     B, T = tokens.shape
-    assert chunk >= min(3, T), "prefill chunks of at least 3 tokens (a 1-token remainder joins the chunk before)"
+    if chunk < min(3, T):
+        raise ValueError(f"prefill chunks of at least 3 tokens, got {chunk} (a 1-token remainder joins the one before)")
+    if not ((lengths >= 1) & (lengths <= T)).all():  # a length outside 1..T would get no row of logits
+        raise ValueError(f"prompt lengths must lie in 1..{T} (the padded prompts' width), got {lengths.tolist()}")
     last = torch.empty(B, model.args.vocab_size, device=tokens.device)
     bounds = list(range(0, T, chunk)) + [T]
     if len(bounds) > 2 and T - bounds[-2] == 1:

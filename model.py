@@ -185,6 +185,8 @@ def causal_attention(q, keys, values):
     merged by their log-sum-exps: twice as fast as one masked pass at 32K-128K (BENCHMARKS.md). Elsewhere it is
     one pass with the mask."""
     T, S = q.shape[2], keys.shape[2]
+    if S < T:
+        raise ValueError(f"causal_attention: {T} queries at the last positions of {S} keys (needs S >= T)")
     gqa = q.shape[1] != keys.shape[1]
     if S == T:
         return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)

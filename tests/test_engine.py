@@ -337,6 +337,19 @@ def test_generate_refuses_empty_prompts():
             engine.generate(model, prompts, 3)
 
 
+def test_prefill_refuses_lengths_outside_the_prompts_and_short_chunks():
+    """A length of 0 or past the padded width would get no row of logits (uninitialised memory came back); a chunk
+    under 3 tokens could leave a 1-token chunk. Errors, not asserts (python -O drops those)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(2, 16)
+    tokens = torch.arange(3, 8).repeat(2, 1)  # (2, 5)
+    for lengths in ([5, 0], [5, 6], [-1, 3]):
+        with pytest.raises(ValueError, match=rf"prompt lengths must lie in 1..5 .*got \[{lengths[0]}, {lengths[1]}\]"):
+            engine.prefill(model, tokens, torch.tensor(lengths))
+    with pytest.raises(ValueError, match="prefill chunks of at least 3 tokens, got 2"):
+        engine.prefill(model, tokens, torch.tensor([5, 5]), chunk=2)
+
+
 @pytest.mark.parametrize("lengths", [[5], [9], [6], [10], [9, 2, 6, 1], [2], [1]])  # 4 + 1, 8 + 1: a 1-token last chunk
 def test_chunked_prefill_stays_dense(lengths):
     """Chunks of 4 give the logits of one pass even when 1 token would be left over for the last chunk (the
