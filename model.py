@@ -193,8 +193,8 @@ def causal_attention(q, keys, values):
     old, new = (keys[:, :, :S - T], values[:, :, :S - T]), (keys[:, :, S - T:], values[:, :, S - T:])
     if q.is_cuda and can_use_cudnn_attention(SDPAParams(q, *old, None, 0.0, False, gqa)):
         cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention  # SDPA's cuDNN op: it also returns the lse
-        y_old, lse_old = cudnn(q, *old, None, True)[:2]  # (B, H, T, D), (B, H, T) fp32
-        y_new, lse_new = cudnn(q, *new, None, True, is_causal=True)[:2]
+        y_old, lse_old = cudnn(q, *old, attn_bias=None, compute_log_sumexp=True)[:2]  # (B, H, T, D), (B, H, T) fp32
+        y_new, lse_new = cudnn(q, *new, attn_bias=None, compute_log_sumexp=True, is_causal=True)[:2]
         share = torch.sigmoid(lse_old - lse_new).view(*q.shape[:3], 1)  # the cached keys' part of the softmax
         return torch.lerp(y_new.float(), y_old.float(), share).to(q.dtype)
     visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
