@@ -58,22 +58,30 @@ def test_kv_cache_decode_equals_full_rerun(smol):
     torch.testing.assert_close(torch.stack(cached), full, atol=1e-4, rtol=0)
 
 
-def test_prefill_after_cached_prefix(smol):
+def test_prefill_after_cached_prefix(smol, monkeypatch):
     """A second prefill chunk on top of a cached prefix gives the logits of one pass over both; it attends to the
-    cache up to its own end only (NaN past it would spoil a masked pass over the whole cache)."""
+    cache up to its own end only (NaN past it would spoil a masked pass over the whole cache). A chunk at one
+    position in every sequence takes causal_attention (no mask; two cuDNN passes on CUDA), one at different
+    positions a mask."""
     ids = load_file(GOLDEN)["ids_b"][:40].tolist()
     whole = logits_of(smol, ids)
+    calls = []
+    monkeypatch.setattr(model_module, "causal_attention",
+                        lambda q, k, v: calls.append((q.shape[2], k.shape[2])) or causal_attention(q, k, v))
     smol.setup_caches(1, 64)
     with torch.inference_mode():
         smol(torch.tensor([ids[:17]]))
         for layer in smol.layers:
             layer.attention.kv_cache.k[:, :, 40:] = float("nan")
         rest = smol(torch.tensor([ids[17:]]), torch.tensor([17]))[0]
+        assert set(calls) == {(17, 17), (23, 40)}  # the fresh prefill, then the chunk over the cache to its end
         smol.setup_caches(2, 64)  # two sequences at their own positions: the mask ends at the later one's end
         smol(torch.tensor([ids[:23], ids[:23]]))
         for layer in smol.layers:
             layer.attention.kv_cache.k[:, :, 40:] = float("nan")
+        calls.clear()
         both = smol(torch.tensor([ids[17:34], ids[23:40]]), torch.tensor([17, 23]))
+        assert not calls
     torch.testing.assert_close(rest, whole[17:], atol=1e-4, rtol=0)
     torch.testing.assert_close(both, torch.stack([whole[17:34], whole[23:40]]), atol=1e-4, rtol=0)
 
