@@ -75,7 +75,8 @@ def prefill(model, tokens, lengths, chunk=4096, progress=False):
     prompt takes more than one chunk."""
     B, T = tokens.shape
     if chunk < min(3, T):
-        raise ValueError(f"prefill chunks of at least 3 tokens, got {chunk} (a 1-token remainder joins the one before)")
+        raise ValueError(f"prefill chunks of at least 3 tokens, got {chunk}: a 1-token remainder takes a token from "
+                         "the chunk before, which must keep 2")
     if not ((lengths >= 1) & (lengths <= T)).all():  # a length outside 1..T would get no row of logits
         raise ValueError(f"prompt lengths must lie in 1..{T} (the padded prompts' width), got {lengths.tolist()}")
     last = torch.empty(B, model.args.vocab_size, device=tokens.device)

@@ -181,24 +181,32 @@ def apply_rope(x, cos, sin):
 def causal_attention(q, keys, values):
     """Causal attention of T queries at the last T of S key positions (a prefill chunk): q (B, H, T, D); keys,
     values (B, Hkv, S, D), S >= T. Query i sees keys 0 .. S - T + i. S = T is a fresh prefill. A later chunk
-    (S > T) on CUDA is two cuDNN passes, the S - T cached keys unmasked and the chunk's own T keys causally,
-    merged by their log-sum-exps: twice as fast as one masked pass at 32K-128K (BENCHMARKS.md). Elsewhere it is
-    one pass with the mask."""
+    (S > T) on CUDA, without autograd, is two cuDNN passes, the S - T cached keys unmasked and the chunk's own T
+    keys causally, merged by their log-sum-exps: 1.8-2.5x faster than one masked pass per layer at 32K-128K
+    (BENCHMARKS.md). Elsewhere it is one pass with the mask."""
     T, S = q.shape[2], keys.shape[2]
     if S < T:
         raise ValueError(f"causal_attention: {T} queries at the last positions of {S} keys (needs S >= T)")
     gqa = q.shape[1] != keys.shape[1]
     if S == T:
         return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-    old, new = (keys[:, :, :S - T], values[:, :, :S - T]), (keys[:, :, S - T:], values[:, :, S - T:])
-    if q.is_cuda and can_use_cudnn_attention(SDPAParams(q, *old, None, 0.0, False, gqa)):
+    old = keys[:, :, :S - T], values[:, :, :S - T]  # (B, Hkv, S - T, D) each: the cached keys
+    new = keys[:, :, S - T:], values[:, :, S - T:]  # (B, Hkv, T, D) each: the chunk's own
+    sdpa = SDPAParams(q, *old, None, 0.0, False, gqa)  # attn_mask, dropout_p, is_causal, enable_gqa
+    if q.is_cuda and not torch.is_grad_enabled() and can_use_cudnn_attention(sdpa):  # the op's lse has no gradient
         cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention  # SDPA's cuDNN op: it also returns the lse
         y_old, lse_old = cudnn(q, *old, attn_bias=None, compute_log_sumexp=True)[:2]  # (B, H, T, D), (B, H, T) fp32
         y_new, lse_new = cudnn(q, *new, attn_bias=None, compute_log_sumexp=True, is_causal=True)[:2]
-        share = torch.sigmoid(lse_old - lse_new).view(*q.shape[:3], 1)  # the cached keys' part of the softmax
-        return torch.lerp(y_new.float(), y_old.float(), share).to(q.dtype)
+        return merge_attention(y_old, lse_old, y_new, lse_new)
     visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
+
+
+def merge_attention(y_a, lse_a, y_b, lse_b):
+    """Attention over the union of two disjoint key sets, from each one's output y (B, H, T, D) and log-sum-exp of
+    its logits lse (B, H, T): the union's softmax weights each output by its set's share of the mass."""
+    share = torch.sigmoid(lse_a - lse_b).view(*y_a.shape[:3], 1)  # (B, H, T, 1): set a's share
+    return torch.lerp(y_b.float(), y_a.float(), share).to(y_a.dtype)
 
 
 def write_kv(k, v, k_cache, v_cache, pos):
@@ -457,8 +465,11 @@ class Transformer(nn.Module):
             raise ValueError(f"{T} tokens but the caches hold {self.max_seq_len} positions: setup_caches(.., {T})")
         start = torch.zeros(B, dtype=torch.long, device=tokens.device) if input_pos is None else input_pos
         pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        S = T if input_pos is None else self.max_seq_len  # keys a query may see: a fresh prefill's own, the whole
-        causal = input_pos is None  # cache (a CUDA step: static shapes, no sync), or up to a chunk's or CPU step's end
+        # The keys a query may see: a fresh prefill's own T; in a CUDA step the whole cache (static shapes, no host
+        # sync); in a chunk or a CPU step those up to its last position. A chunk at one position in every sequence
+        # needs no mask (causal_attention).
+        S = T if input_pos is None else self.max_seq_len
+        causal = input_pos is None
         if input_pos is not None and (T > 1 or not tokens.is_cuda):
             lo, hi = torch.stack(start.aminmax()).tolist()
             S = hi + T

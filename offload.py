@@ -104,7 +104,7 @@ class HostKVCache(nn.Module):
             return self.k, self.v
         if bool((pos[:, 0] == 0).all()):  # fresh prefill: positions 0..T-1 are exactly k, v
             return k, v
-        end = int(pos.max()) + 1  # a later prefill chunk: forward's mask ends there too
+        end = int(pos.max()) + 1  # a later prefill chunk: forward attends up to here (Transformer.forward's S)
         copy = partial(torch.clone, memory_format=torch.contiguous_format)  # on CUDA: one GPU copy, read over PCIe
         return copy(self.k[:, :, :end]), copy(self.v[:, :, :end])  # (B, Hkv, end, D) each
 

@@ -115,14 +115,30 @@ def test_causal_attention(B, H, Hkv, T, S, D):
         causal_attention(q, k[:, :, :T - 1], v[:, :, :T - 1])  # a negative S - T would slice from the end
 
 
+def test_merge_attention():
+    """The cuDNN path's merge, which only a GPU reaches inside causal_attention: the outputs and log-sum-exps of
+    the cached keys (unmasked) and of the chunk's own (causal) give one masked softmax over both. fp32, CPU."""
+    B, H, Hkv, T, S, D = 2, 6, 2, 5, 12, 16
+    q, k, v = chunk_inputs(B, H, Hkv, T, S, D, torch.float32, "cpu")
+    def part(keys, values, hidden):  # attention over some of the keys: output (B, H, T, D), lse (B, H, T)
+        keys, values = (x.repeat_interleave(H // Hkv, 1) for x in (keys, values))
+        logits = (q @ keys.transpose(-1, -2) / D ** 0.5).masked_fill(hidden, float("-inf"))
+        return logits.softmax(-1) @ values, logits.logsumexp(-1)
+    old = part(k[:, :, :S - T], v[:, :, :S - T], torch.zeros(T, S - T, dtype=torch.bool))
+    new = part(k[:, :, S - T:], v[:, :, S - T:], torch.ones(T, T, dtype=torch.bool).triu(1))
+    merged = model_module.merge_attention(*old, *new)
+    torch.testing.assert_close(merged.double(), masked_attention_ref(q, k, v), atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H,Hkv,D,T,S", [(32, 8, 128, 3, 1000), (32, 8, 128, 2, 4098), (32, 8, 128, 257, 4099),
-                                         (32, 8, 128, 4095, 4097), (9, 3, 64, 4096, 12288), (4, 4, 64, 2, 3)])
+                                         (32, 8, 128, 1023, 1025), (9, 3, 64, 2048, 6144), (4, 4, 64, 2, 3)])
 def test_causal_attention_cuda(monkeypatch, H, Hkv, D, T, S):
-    """bf16 on CUDA: the two cuDNN passes merged by their log-sum-exps (when cuDNN takes the inputs) against
-    float64, within flash-attention's rule for the same masked pass in bf16 (2x torch's error + 1e-5) plus the
-    two passes' own bf16 roundings: each pass's output, a mean of values, is rounded to bf16 before the merge
-    (half an ulp: 2^-8 of max |v| at most), and the merge weights them by shares that sum to 1."""
+    """bf16 on CUDA: the two cuDNN passes merged by their log-sum-exps (when cuDNN takes the inputs; without
+    autograd, as in the engine) against float64, within flash-attention's rule for the same masked pass in bf16
+    (2x torch's error + 1e-5) plus the two passes' own bf16 roundings: each pass's output, a mean of values, is
+    rounded to bf16 before the merge (half an ulp: 2^-8 of max |v| at most), and the merge weights them by shares
+    that sum to 1."""
     verdicts = []
     def spy(params):
         verdicts.append(can_use(params))
@@ -132,10 +148,11 @@ def test_causal_attention_cuda(monkeypatch, H, Hkv, D, T, S):
     q, k, v = chunk_inputs(2, H, Hkv, T, S, D, torch.bfloat16, "cuda")
     ref = masked_attention_ref(q, k, v)
     visible = torch.ones(T, S, dtype=torch.bool, device="cuda").tril(S - T)
-    err_torch = (F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=H != Hkv) - ref).abs().max()
-    err = (causal_attention(q, k, v) - ref).abs().max()
+    with torch.no_grad():
+        y_torch = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=H != Hkv)
+        err, err_torch = ((y - ref).abs().max() for y in (causal_attention(q, k, v), y_torch))
     assert err <= 2 * err_torch + 1e-5 + 2 ** -8 * v.abs().max(), (err, err_torch)
-    if S > T and not verdicts[0]:
+    if S > T and not any(verdicts):
         pytest.skip("cuDNN attention does not take these inputs here: only the masked pass was tested")
 
 
