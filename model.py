@@ -192,8 +192,8 @@ def causal_attention(q, keys, values):
         return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
     old = keys[:, :, :S - T], values[:, :, :S - T]  # (B, Hkv, S - T, D) each: the cached keys
     new = keys[:, :, S - T:], values[:, :, S - T:]  # (B, Hkv, T, D) each: the chunk's own
-    sdpa = SDPAParams(q, *old, None, 0.0, False, gqa)  # attn_mask, dropout_p, is_causal, enable_gqa
-    if q.is_cuda and not torch.is_grad_enabled() and can_use_cudnn_attention(sdpa):  # the op's lse has no gradient
+    params = SDPAParams(q, *old, None, 0.0, False, gqa)  # attn_mask, dropout_p, is_causal, enable_gqa
+    if q.is_cuda and not torch.is_grad_enabled() and can_use_cudnn_attention(params):  # the op's lse has no gradient
         cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention  # SDPA's cuDNN op: it also returns the lse
         y_old, lse_old = cudnn(q, *old, attn_bias=None, compute_log_sumexp=True)[:2]  # (B, H, T, D), (B, H, T) fp32
         y_new, lse_new = cudnn(q, *new, attn_bias=None, compute_log_sumexp=True, is_causal=True)[:2]
