@@ -178,6 +178,20 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+def cudnn_lse_attention():
+    """SDPA's cuDNN op, which also returns the log-sum-exp that SDPA drops, or None where this torch lacks it or
+    its signature differs from the one causal_attention calls (the op is private: a release may change it, and then
+    later prefill chunks take the masked pass instead of breaking)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+    schema = op.default._schema if op is not None else None
+    if schema is None or not {"attn_bias", "compute_log_sumexp", "is_causal"} <= {a.name for a in schema.arguments}:
+        return None
+    return op if [r.name for r in schema.returns[:2]] == ["output", "logsumexp"] else None
+
+
+CUDNN_LSE_ATTENTION = cudnn_lse_attention()
+
+
 def causal_attention(q, keys, values):
     """Causal attention of T queries at the last T of S key positions (a prefill chunk): q (B, H, T, D); keys,
     values (B, Hkv, S, D), S >= T. Query i sees keys 0 .. S - T + i. S = T is a fresh prefill. A later chunk
@@ -193,8 +207,8 @@ def causal_attention(q, keys, values):
     old = keys[:, :, :S - T], values[:, :, :S - T]  # (B, Hkv, S - T, D) each: the cached keys
     new = keys[:, :, S - T:], values[:, :, S - T:]  # (B, Hkv, T, D) each: the chunk's own
     params = SDPAParams(q, *old, None, 0.0, False, gqa)  # attn_mask, dropout_p, is_causal, enable_gqa
-    if q.is_cuda and not torch.is_grad_enabled() and can_use_cudnn_attention(params):  # the op's lse has no gradient
-        cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention  # SDPA's cuDNN op: it also returns the lse
+    cudnn = CUDNN_LSE_ATTENTION
+    if cudnn and q.is_cuda and not torch.is_grad_enabled() and can_use_cudnn_attention(params):  # lse: no gradient
         y_old, lse_old = cudnn(q, *old, attn_bias=None, compute_log_sumexp=True)[:2]  # (B, H, T, D), (B, H, T) fp32
         y_new, lse_new = cudnn(q, *new, attn_bias=None, compute_log_sumexp=True, is_causal=True)[:2]
         return merge_attention(y_old, lse_old, y_new, lse_new)

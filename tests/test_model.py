@@ -6,6 +6,7 @@ import json
 import os
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -128,6 +129,22 @@ def test_merge_attention():
     new = part(k[:, :, S - T:], v[:, :, S - T:], torch.ones(T, T, dtype=torch.bool).triu(1))
     merged = model_module.merge_attention(*old, *new)
     torch.testing.assert_close(merged.double(), masked_attention_ref(q, k, v), atol=1e-5, rtol=0)
+
+
+def test_cudnn_lse_attention_checks_the_private_op(monkeypatch):
+    """The pinned torch has SDPA's cuDNN op with the arguments and results causal_attention uses; a torch without
+    the op, or with another signature, gets None (later chunks take the masked pass) rather than a failing call."""
+    assert model_module.CUDNN_LSE_ATTENTION is not None
+    def fake(schema):
+        return SimpleNamespace(default=SimpleNamespace(_schema=torch._C.parse_schema(schema)))
+    ours = "aten::op(Tensor query, Tensor key, Tensor value, Tensor? attn_bias, bool compute_log_sumexp, " \
+           "bool is_causal=False) -> (Tensor output, Tensor logsumexp)"
+    for schema, found in [(ours, True), (ours.replace("attn_bias", "attn_mask"), False),
+                          (ours.replace("logsumexp", "lse"), False)]:
+        monkeypatch.setattr(torch.ops, "aten", SimpleNamespace(_scaled_dot_product_cudnn_attention=fake(schema)))
+        assert (model_module.cudnn_lse_attention() is not None) == found, schema
+    monkeypatch.setattr(torch.ops, "aten", SimpleNamespace())
+    assert model_module.cudnn_lse_attention() is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
