@@ -211,6 +211,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
 
 
+def note_ignored(args, parser, off):
+    """One note on stderr naming the flags given (not left at the parser's defaults) that this run ignores, with
+    the reasons: off is [(flags, ignored in this run?, why)]. (engine.py, eval.py and train_hash.py.)"""
+    given = {"--" + k.replace("_", "-") for k, v in vars(args).items() if v != parser.get_default(k)}
+    notes = [f"{', '.join(hit)} ({why})" for flags, on, why in off if on and (hit := [f for f in flags if f in given])]
+    if notes:
+        print(f"note: ignored in this run: {'; '.join(notes)}", file=sys.stderr)
+
+
 def parse_budget(text):
     """'2048' -> 2048 tokens; '0.0625' or '1/16' -> a fraction of the cache; out of HataArgs' range: one line."""
     try:
@@ -355,8 +364,7 @@ def run(args):
     if (args.offload or args.kv_gpu_gb is not None) and device.type != "cuda":
         raise ValueError("--offload and --kv-gpu-gb move K/V from GPU to host memory; on the CPU it is there already "
                          "(drop them, or use --device cuda)")
-    hata, default = hata_args(args), build_parser().get_default
-    given = {"--" + k.replace("_", "-") for k, v in vars(args).items() if v != default(k)}  # not left at the default
+    hata = hata_args(args)
     codes_off = "--dense reads no hash codes" if args.dense else f"--selector {args.selector} reads no hash codes"
     off = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense, "--dense: no sparse layer"),
            (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash", codes_off),
@@ -366,9 +374,7 @@ def run(args):
            (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights,
             "--random-weights decodes random tokens"),
            (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
-    notes = [f"{', '.join(hit)} ({why})" for flags, on, why in off if on and (hit := [f for f in flags if f in given])]
-    if notes:
-        print(f"note: ignored in this run: {'; '.join(notes)}", file=sys.stderr)
+    note_ignored(args, build_parser(), off)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
     texts = list(args.prompt or [])

@@ -33,14 +33,16 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine import (Parser, cli, decode_one_token, default_checkpoint, device_name, parse_budget, positive_int,
-                    prefill, shipped_hash_weights)
-from model import HataArgs, from_checkpoint, load_hash_projections
+from engine import (Parser, cli, decode_one_token, default_checkpoint, device_name, note_ignored, parse_budget,
+                    positive_int, prefill, shipped_hash_weights)
+from model import HataArgs, from_checkpoint, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, load_corpus, refuse_to_replace, split_corpus  # the hash report's budgets
-N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits
+N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
+# one of up to N_DIGITS tokens is decoded one step further (an answer followed by a digit is another number)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it at the end.\n\n")
@@ -243,6 +245,8 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         if expect.shape[1] > N_DIGITS + 1:  # the prompt is C - N_DIGITS tokens, and prefill stops one short
             raise ValueError(f"the tokenizer spends {expect.shape[1]} tokens on a {N_DIGITS}-digit key; the cache "
                              f"leaves room for {N_DIGITS + 1}")
+        # one step past the longest answer where the cache has room: a digit after the key makes another number
+        expect = F.pad(expect, (0, min(expect.shape[1] + 1, N_DIGITS + 1) - expect.shape[1]), value=-1)
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
         for b, ((_, task, h, d, _), (_, key, _)) in enumerate(zip(group, prompts)):
             got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
@@ -314,6 +318,13 @@ def load_results(path):
         raise ValueError(f"{path} is not a results file of eval.py")
     if results.get("perplexity") and "ppl_context" not in results:  # the report states the perplexity's context
         raise ValueError(f"{path} has perplexity results but no ppl_context (an older file): add \"ppl_context\": N")
+    recs, ppl = results.get("retrieval") or [], results.get("perplexity") or {}  # what report() and merge() read
+    fields = {"context", "task", "haystack", "depth", "answer", "correct"}
+    if not (isinstance(recs, list) and all(isinstance(r, dict) and fields <= set(r) and isinstance(r["correct"], dict)
+                                           and "dense" in r["correct"] for r in recs)
+            and isinstance(ppl, dict) and (not ppl or "dense" in ppl)
+            and all(isinstance(v, dict) and {"nll", "ppl", "agree", "positions"} <= set(v) for v in ppl.values())):
+        raise ValueError(f"{path}: a retrieval or perplexity record lacks what the report reads (a damaged file?)")
     return results
 
 
@@ -331,6 +342,7 @@ def merge(runs):
     out = runs[0]
     for r in runs[1:]:
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
+        out.pop("retrieval_cut", None)
         model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
         setup = lambda x: (x.get("model", model), x.get("rbit", 128), x.get("n_dense", 2))
         if setup(r) != setup(out):
@@ -375,8 +387,9 @@ def report(results):
     if recs:
         ran, contexts = recs[0]["correct"], sorted({r["context"] for r in recs})
         acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / len(rs):.0f}%" if rs else "-"
-        planned = results.get("retrieval_planned", 0)  # more than ran: --minutes ended the run early
-        cut = f" (of {planned}: the --minutes limit cut the rest)" if planned > len(recs) else ""
+        planned = results.get("retrieval_planned", 0)  # more than ran: --minutes cut the run, or it stopped early
+        why = "the --minutes limit cut the rest" if results.get("retrieval_cut") else "the run stopped before the rest"
+        cut = f" (of {planned}: {why})" if planned > len(recs) else ""
         md += [f"### Retrieval: {len(recs)} samples{cut}; dense accuracy", ""]
         md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
         for C in contexts + [None]:
@@ -516,8 +529,21 @@ def main(argv=None):
     return cli(run, args)
 
 
+RUN_ONLY = ("--checkpoint", "--text", "--hash-weights", "--budgets", "--selectors", "--sink", "--rbit", "--n-dense",
+            "--quest", "--quest-budgets", "--tasks", "--batch", "--seed", "--device", "--threads", "--minutes")
+TASK_FLAGS = {"retrieval": ("--contexts", "--samples"), "perplexity": ("--ppl-context", "--ppl-docs", "--ppl-tokens")}
+
+
 def run(args):  # args from parse_args, which applies --quick's sizes
     name = args.name or ("eval_quick" if args.quick else "eval")
+    defaults = build_parser()
+    defaults.set_defaults(**QUICK if args.quick else {})  # --quick's sizes are not flags given
+    fresh = not args.report  # a run, not a report rebuilt from results files
+    note_ignored(args, defaults, [(RUN_ONLY + sum(TASK_FLAGS.values(), ()), args.report,
+                                   "--report rebuilds the report from results files")]
+                 + [(flags, fresh and task not in args.tasks, f"no {task} task") for task, flags in TASK_FLAGS.items()]
+                 + [(("--hash-weights",), fresh and "trained" not in args.selectors, "no trained selector"),
+                    (("--quest", "--quest-budgets"), fresh and "quest" not in args.selectors, "no quest selector")])
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
@@ -526,6 +552,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
+        if len(set(map(os.path.realpath, args.report))) < len(args.report):  # its samples and seconds twice
+            raise ValueError(f"--report names one file more than once: {' '.join(args.report)}")
         results = merge([load_results(path) for path in args.report])
         if not own:
             write_json(json_path, results)
@@ -536,8 +564,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
     if lengths["--contexts"] and len(set(args.contexts)) < len(args.contexts):
         raise ValueError(f"--contexts {' '.join(map(str, args.contexts))} repeats a length: give each once")
-    if lengths["--ppl-context"] and args.ppl_tokens >= args.ppl_context:
-        raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be below --ppl-context {args.ppl_context}")
+    if lengths["--ppl-context"] and args.ppl_tokens > args.ppl_context - 2:  # run_teacher_forced's prefill: C - n - 1
+        raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be at most --ppl-context - 2 ({args.ppl_context - 2}): "
+                         "the scored tokens follow a prompt of at least one token, which predicts the first of them")
     if lengths["--contexts"] and not (min(args.contexts) >= 128 and args.minutes > 0):
         raise ValueError("retrieval needs --contexts >= 128 (intro, needles, question: ~100 tokens), --minutes > 0")
     if args.sink < 0:
@@ -562,6 +591,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         if len(hays["prose"].ids) < max(args.contexts):  # before the model, not after perplexity
             raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
                              f"{max(args.contexts)}; give more --text")
+    if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
+        windows = text_windows(tok, docs, args.ppl_context, args.ppl_docs)
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))
@@ -581,20 +612,23 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         results[task], results["seconds"][task] = res, round(time.perf_counter() - t0)
         write_json(json_path, results)
     if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
-        windows = text_windows(tok, docs, args.ppl_context, args.ppl_docs)
         run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch,
                            partial(save, "perplexity", time.perf_counter()))
     if "retrieval" in args.tasks:
         specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
-        results["retrieval_planned"] = len(specs)
-        run_retrieval(model, tok, hays, specs, pols, args.batch, partial(save, "retrieval", time.perf_counter()),
-                      deadline)
+        results["retrieval_planned"] = len(specs)  # a file saved midway holds fewer: the run stopped early
+        records = run_retrieval(model, tok, hays, specs, pols, args.batch,
+                                partial(save, "retrieval", time.perf_counter()), deadline)
+        results["retrieval_cut"] = len(records) < len(specs)  # only --minutes skips samples of a finished run
+        write_json(json_path, results)
     write_report(results, args.out_dir, name)
 
 
-def write_json(path, results):
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+def write_json(path, results):  # whole or not at all: it holds every batch so far
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+    write_whole(path, write)
 
 
 def write_report(results, out_dir, name):

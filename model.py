@@ -538,8 +538,20 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
     tensors = {f"layers.{i}.hash_proj": p.detach().float().contiguous().cpu() for i, p in projs.items()}
     if not all(t.isfinite().all() for t in tensors.values()):
         raise ValueError(f"the projections for {path} are not finite (NaN or inf): not saved")
-    save_file(tensors, path, metadata={"model": args.describe(), "rbit": str(hata.rbit),
-                                       "n_dense": str(hata.n_dense)})
+    meta = {"model": args.describe(), "rbit": str(hata.rbit), "n_dense": str(hata.n_dense)}
+    write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_whole(path, write):
+    """write(a new file) beside path, then rename it over path: a crash, Ctrl-C or full disk midway leaves the old
+    file as it was, not a cut one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_hash_file(path, with_tensors=True):

@@ -40,7 +40,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import Parser, cli, default_checkpoint, device_name, is_default_model, positive_int
+from engine import Parser, cli, default_checkpoint, device_name, is_default_model, note_ignored, positive_int
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
                    read_hash_file, rope_frequencies, save_hash_projections)
@@ -477,32 +477,33 @@ def build_parser():
     p.add_argument("--rbit", type=int, nargs="+", help=f"hash bits R, several: one file each (default {h.rbit}); "
                    "--report: the shipped files of these sizes (default: all), else random projections of them")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
-    p.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training prefill")
-    p.add_argument("--n-seqs", type=positive_int, default=16, help="training prefills")
-    p.add_argument("--queries", type=positive_int, default=64, help="query positions per training sequence")
-    p.add_argument("--query-from", type=float, default=0.25, help="queries at positions in [this * seq-len, seq-len)")
-    p.add_argument("--val-seqs", type=int, default=2, help="per-head guard's prefills (unused training text); 0: off")
-    p.add_argument("--steps", type=positive_int, default=300, help="SGD steps per layer")
-    p.add_argument("--batch", type=positive_int, default=2, help="sequences per SGD step")
-    p.add_argument("--keys", type=positive_int, default=512, help="key positions sampled per SGD step")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--wd", type=float, default=1e-6, help="SGD weight decay")
-    p.add_argument("--sigma", type=float, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1 (default: "
-                   + ", ".join(f"{n} {d['sigma']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
-    p.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance (pair loss only)")
-    p.add_argument("--lam", type=float, default=1.0, help="weight of the bit-balance term")
-    p.add_argument("--eta", type=float, help="weight of the orthogonality term (default: "
-                   + ", ".join(f"{n} {d['eta']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
-    p.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="listwise",
-                   help="listwise: KL to the group-summed softmax; pair: HATA's labelled pairs")
-    p.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
-    p.add_argument("--shift", type=int, default=8192,
-                   help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows, queries and training draws (the random "
                    "baseline is the engine's own seeded projection)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
+    t = p.add_argument_group("training (--out)")
+    t.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training prefill")
+    t.add_argument("--n-seqs", type=positive_int, default=16, help="training prefills")
+    t.add_argument("--queries", type=positive_int, default=64, help="query positions per training sequence")
+    t.add_argument("--query-from", type=float, default=0.25, help="queries at positions in [this * seq-len, seq-len)")
+    t.add_argument("--val-seqs", type=int, default=2, help="per-head guard's prefills (unused training text); 0: off")
+    t.add_argument("--steps", type=positive_int, default=300, help="SGD steps per layer")
+    t.add_argument("--batch", type=positive_int, default=2, help="sequences per SGD step")
+    t.add_argument("--keys", type=positive_int, default=512, help="key positions sampled per SGD step")
+    t.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    t.add_argument("--wd", type=float, default=1e-6, help="SGD weight decay")
+    t.add_argument("--sigma", type=float, help="relaxation slope of h(x) = 2 sigmoid(sigma x P) - 1 (default: "
+                   + ", ".join(f"{n} {d['sigma']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
+    t.add_argument("--eps", type=float, default=0.01, help="weight of the labelled pair distance (pair loss only)")
+    t.add_argument("--lam", type=float, default=1.0, help="weight of the bit-balance term")
+    t.add_argument("--eta", type=float, help="weight of the orthogonality term (default: "
+                   + ", ".join(f"{n} {d['eta']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
+    t.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="listwise",
+                   help="listwise: KL to the group-summed softmax; pair: HATA's labelled pairs")
+    t.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
+    t.add_argument("--shift", type=int, default=8192,
+                   help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
     g = p.add_argument_group("report (held-out selection quality)")
     g.add_argument("--report", action="store_true", help="measure trained vs random vs oracle selection")
     g.add_argument("--hash-weights", nargs="+", help="projection files to report (default: the shipped ones)")
@@ -520,10 +521,17 @@ def main(argv=None):
     return cli(run, args)
 
 
+TRAINING = ("--seq-len", "--n-seqs", "--queries", "--query-from", "--val-seqs", "--steps", "--batch", "--keys", "--lr",
+            "--momentum", "--wd", "--sigma", "--eps", "--lam", "--eta", "--loss", "--alpha", "--shift")
+REPORT = ("--hash-weights", "--eval-seqs", "--eval-len", "--eval-queries", "--report-dir")  # the report's group
+
+
 def run(args):
     from tokenizer import Tokenizer
     if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
+    note_ignored(args, build_parser(), [(TRAINING, args.report, "--report trains nothing"),
+                                        (REPORT, not args.report, "they set up --report; this run trains")])
     train_rbits = list(dict.fromkeys(args.rbit or [HataArgs.rbit]))  # each size once
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
         raise ValueError("several --rbit values need '{rbit}' in --out")

@@ -108,6 +108,21 @@ def test_answers_take_as_many_steps_as_the_longest():  # a tokenizer may group d
     assert ev.pad_answers([[714, 32], [123]]).tolist() == [[714, 32], [123, -1]]
 
 
+@pytest.mark.parametrize("after, correct", [("7", False), (".", True)])
+def test_retrieval_decodes_one_step_past_the_answer(tok, monkeypatch, after, correct):
+    """A key followed by a digit is another number: retrieval decodes one step past the answer (expected: -1),
+    and the model's output there decides."""
+    hays = {"noise": ev.Haystack(tok, ev.NOISE * 300)}
+    answer = ev.retrieval_prompt(tok, hays["noise"], "single", 512 - ev.N_DIGITS, 0.5, random.Random(1))[2]
+    seen = []
+    def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect, bar):
+        seen.append(expect[0].tolist())
+        return {("dense", None): (torch.tensor([(answer + tok.encode(after, bos=False))[:steps]]), None)}
+    monkeypatch.setattr(ev, "run_policies", run_policies)
+    recs = ev.run_retrieval(None, tok, hays, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
+    assert seen == [answer + [-1]] and recs[0]["correct"]["dense"] is correct, recs[0]["dense_output"]
+
+
 def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
     bos_tok = copy.copy(tok)
     bos_tok.add_bos = True
@@ -272,13 +287,31 @@ def test_selectors_share_the_files_rbit_and_n_dense():
 
 
 def test_report_says_when_the_time_limit_cut_retrieval():
+    """A finished run that --minutes cut says so; a file saved midway (a run stopped by Ctrl-C or a crash) says
+    only that the run stopped; a merge has no plan."""
     rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
            "correct": {"dense": True, "oracle 1/8": True}}
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": [rec] * 4}
     assert "### Retrieval: 4 samples; dense accuracy" in ev.report({**results, "retrieval_planned": 4})
     assert "### Retrieval: 4 samples (of 8: the --minutes limit cut the rest)" in ev.report(
+        {**results, "retrieval_planned": 8, "retrieval_cut": True})
+    assert "### Retrieval: 4 samples (of 8: the run stopped before the rest)" in ev.report(
         {**results, "retrieval_planned": 8})
-    assert "retrieval_planned" not in ev.merge([{**results, "retrieval_planned": 8}, copy.deepcopy(results)])
+    merged = ev.merge([{**results, "retrieval_planned": 8, "retrieval_cut": True}, copy.deepcopy(results)])
+    assert "retrieval_planned" not in merged and "retrieval_cut" not in merged
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The results file, rewritten after every batch, goes through a file beside it: a dump cut short (Ctrl-C, a
+    full disk) leaves the earlier results as they were, and no scrap."""
+    ev.write_json(path := str(tmp_path / "r.json"), {"batches": 1})
+    def cut(obj, f, **kwargs):
+        f.write('{"batches": ')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev.json, "dump", cut)
+    with pytest.raises(KeyboardInterrupt):
+        ev.write_json(path, {"batches": 2})
+    assert os.listdir(tmp_path) == ["r.json"] and json.loads(open(path).read()) == {"batches": 1}
 
 
 def test_report_of_a_run_cut_before_any_result(tmp_path, capsys):
@@ -294,8 +327,8 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
 @pytest.mark.parametrize("argv, words", [(["--budgets", "16"], FRACTION), (["--budgets", "1/0"], FRACTION),
                                          (["--budgets", "0"], FRACTION), (["--quest-budgets", "abc"], FRACTION),
                                          (["--batch", "0"], "--batch: invalid positive_int value: '0'"),
-                                         (["--ppl-tokens", "256", "--ppl-context", "256"], "must be below"),
-                                         (["--quick", "--ppl-tokens", "2000"], "--ppl-context 1024"),  # kept
+                                         (["--ppl-tokens", "255", "--ppl-context", "256"], "at most --ppl-context - 2 (254)"),
+                                         (["--quick", "--ppl-tokens", "2000"], "--ppl-context - 2 (1022)"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
                                          (["--contexts", "40", "--samples", "1"], "--contexts >= 128"),
                                          (["--minutes", "0"], "--minutes > 0"), (["--sink", "-1"], "--sink -1"),
@@ -330,7 +363,8 @@ def test_flags_are_checked_against_the_model_for_the_tasks_that_run(smol, tok, m
 
 
 def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys, tmp_path):
-    """Retrieval's haystacks are checked against the longest context before anything runs, the perplexity first."""
+    """Retrieval's haystacks are checked against the longest context before anything runs, and so is the
+    perplexity text against its windows."""
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # must not be reached
     (tmp_path / "short.txt").write_text(PROSE * 20)  # its held-out last fifth: ~500 tokens
@@ -338,9 +372,12 @@ def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys,
                     "x.gguf", "--out-dir", str(tmp_path)]) == 2
     assert "fewer than --contexts 1024; give more --text" in capsys.readouterr().err
     (tmp_path / "plain.txt").write_text("words without a sentence end " * 400)  # no haystack: perplexity takes it
+    ppl = ["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "4",
+           "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
+    assert ev.main(ppl + ["--ppl-docs", "4"]) == 2  # its held-out fifth holds one window of 256 tokens
+    assert "the text holds 1 windows of 256 tokens, 4 needed; give more text" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # the model loads
-        ev.main(["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256",
-                 "--ppl-tokens", "4", "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)])
+        ev.main(ppl + ["--ppl-docs", "1"])
 
 
 def test_a_run_records_the_argv_it_was_given(smol, tok, monkeypatch, tmp_path):
@@ -400,17 +437,40 @@ def test_quick_sizes_are_defaults_that_given_flags_override():
     assert ev.parse_args([]).ppl_context == 8192
 
 
+@pytest.mark.parametrize("argv, ignored", [
+    (["--report", "x.json", "--contexts", "512", "--threads", "2"],
+     "--checkpoint, --threads, --contexts (--report rebuilds the report from results files)"),
+    (["--tasks", "perplexity", "--samples", "3", "--selectors", "oracle", "--quest", "4:4", "--hash-weights", "w"],
+     "--samples (no retrieval task); --hash-weights (no trained selector); --quest (no quest selector)"),
+    (["--quick", "--tasks", "retrieval"], None)])  # --quick's sizes are not flags given
+def test_flags_a_run_ignores_are_noted(argv, ignored, capsys, tmp_path):
+    assert ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"note: ignored in this run: {ignored}\n" in err if ignored else "ignored" not in err
+    flags = {f for a in ev.build_parser()._actions for f in a.option_strings}
+    assert set(ev.RUN_ONLY + sum(ev.TASK_FLAGS.values(), ())) < flags  # every one a real flag
+
+
 def test_report_from_bad_files_names_them(capsys, tmp_path):
+    """A file that is not JSON, not eval.py's, missing, from before ppl_context, or with a record the report cannot
+    read: one error naming it, and the output file untouched. One file named twice would count its samples twice."""
     (tmp_path / "bad.json").write_text("{bad")
     (tmp_path / "other.json").write_text('{"a": 1}')
     (tmp_path / "eval_results.json").write_text("kept")  # the output a failed --report must not overwrite
     no_context = {"command": "t", "selectors": [], "budgets": [], "seconds": {}, "perplexity": {"dense": {}}}
     (tmp_path / "no_context.json").write_text(json.dumps(no_context))
+    (tmp_path / "damaged.json").write_text(json.dumps({**no_context, "ppl_context": 64}))  # its record lacks "nll" ...
+    rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "correct": {}}
+    (tmp_path / "no_dense.json").write_text(json.dumps({**no_context, "perplexity": {}, "retrieval": [rec]}))
     for name, words in [("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
-                        ("none.json", "none.json"), ("no_context.json", "has perplexity results but no ppl_context")
-                        ]:
+                        ("none.json", "none.json"), ("no_context.json", "has perplexity results but no ppl_context"),
+                        ("damaged.json", "damaged.json: a retrieval or perplexity record lacks what the report reads"),
+                        ("no_dense.json", "no_dense.json: a retrieval or perplexity record lacks")]:
         assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--overwrite"]) == 2
         assert words in capsys.readouterr().err
+    twice = [str(tmp_path / "no_dense.json"), str(tmp_path / ".." / tmp_path.name / "no_dense.json")]
+    assert ev.main(["--report", *twice, "--out-dir", str(tmp_path), "--overwrite"]) == 2  # its samples twice
+    assert "--report names one file more than once" in capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
     (tmp_path / "b.json").write_text("kept too")
     ev.main(["--report", str(tmp_path / "eval_results.json"), str(tmp_path / "b.json"), "--out-dir", str(tmp_path)])

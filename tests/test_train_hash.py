@@ -212,6 +212,23 @@ def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path)
         assert recall["trained"] > recall["random"], (f, recall)
 
 
+def test_a_save_that_fails_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
+    """save_hash_projections writes a file beside --out and renames it over: a save cut short (Ctrl-C, a full disk)
+    leaves the earlier projections as they were, and no scrap."""
+    import safetensors.torch
+    args, hata = PRESETS["tiny"], HataArgs(rbit=32, n_dense=2)
+    projs = {l: torch.randn(args.n_kv_heads, args.head_dim, 32) for l in range(2, args.n_layers)}
+    save_hash_projections(path := str(tmp_path / "p.safetensors"), projs, args, hata)
+    def cut(tensors, where, metadata=None):
+        open(where, "wb").write(b"\0" * 10)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", cut)
+    with pytest.raises(KeyboardInterrupt):
+        save_hash_projections(path, {l: p + 1 for l, p in projs.items()}, args, hata)
+    assert os.listdir(tmp_path) == ["p.safetensors"]
+    torch.testing.assert_close(load_hash_projections(path, args, hata), projs, atol=0, rtol=0)
+
+
 def test_selection_quality_by_hand():
     """One query over 16 keys of which the last 4 come after it: the oracle's recall is 1 and its mass is the dense
     softmax mass of its top K; a zero projection ties every key, so it keeps the newest K; future keys never count."""
@@ -289,6 +306,21 @@ def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and named in err  # the message names the bad value
     assert "nonexistent" not in err  # the arguments fail, not the missing checkpoint
+
+
+@pytest.mark.parametrize("argv, ignored", [
+    (["--report", "--seq-len", "64", "--lr", "0.5"], "--seq-len, --lr (--report trains nothing)"),
+    (["--out", "p.safetensors", "--eval-len", "64", "--report-dir", "r"],
+     "--eval-len, --report-dir (they set up --report; this run trains)"),
+    (["--out", "p.safetensors", "--seq-len", "64"], None)])
+def test_the_other_modes_flags_are_noted_as_ignored(argv, ignored, capsys, tmp_path):
+    """Training reads no report flag and --report no training flag: a run names those given, before loading."""
+    where = ["--report-dir", str(tmp_path)] if "--report" in argv else []
+    assert th.main(argv + where + ["--checkpoint", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" in err and (f"note: ignored in this run: {ignored}\n" in err if ignored else "note" not in err)
+    flags = {f for a in th.build_parser()._actions for f in a.option_strings}
+    assert set(th.TRAINING + th.REPORT) < flags  # every one a real flag
 
 
 def test_listwise_needs_only_the_query_positions(tiny_model):
