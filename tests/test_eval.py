@@ -170,7 +170,7 @@ def test_dense_passkey_at_1k_and_report(smol, tok, tmp_path):
 
 def test_teacher_forced_pass_matches_a_dense_forward(smol, tok):
     C, N = 192, 24
-    windows = ev.text_windows(tok, [("prose", PROSE * 4)], C, 2)  # (2, C)
+    windows = ev.token_windows(tok, [("prose", PROSE * 4)], C, 2)  # (2, C)
     full = [("dense", None, None), ("dense again", None, None)]
     # budget C - 1 covers every decode position (lengths <= C - 1) but stays below the capacity C, so the sparse
     # path runs and must select everything: oracle and hash then equal dense up to rounding
@@ -375,7 +375,7 @@ def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys,
     ppl = ["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "4",
            "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
     assert ev.main(ppl + ["--ppl-docs", "4"]) == 2  # its held-out fifth holds one window of 256 tokens
-    assert "the text holds 1 windows of 256 tokens, 4 needed; give more text" in capsys.readouterr().err
+    assert "the text holds 1 windows of 256 tokens, 4 needed: give more text" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # the model loads
         ev.main(ppl + ["--ppl-docs", "1"])
 

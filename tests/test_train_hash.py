@@ -3,6 +3,7 @@ trip through model.py, and a short training run on a tiny random model that beat
 import math
 import os
 import shlex
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,6 +149,24 @@ def test_random_projections_are_the_models_draw():
     assert sorted(want) == [1, 2, 3]
     for l, P in want.items():
         torch.testing.assert_close(model.layers[l].attention.hash_proj, P)
+
+
+def test_token_windows_in_turn_or_drawn(capsys):
+    """Non-overlapping windows, never across documents: in turn (each document's first, then the second ones:
+    eval.py's perplexity) or drawn by a generator without replacement, kept in document order (training)."""
+    tok = SimpleNamespace(encode=lambda text: [int(t) for t in text.split()])
+    docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 5 and 2 windows of 2, tails cut
+    assert th.token_windows(tok, docs, 2, 4).tolist() == [[0, 1], [100, 101], [2, 3], [102, 103]]
+    every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
+    pick = torch.randperm(7, generator=torch.Generator().manual_seed(3))[:4].sort().values.tolist()
+    drawn = th.token_windows(tok, docs, 2, 4, torch.Generator().manual_seed(3)).tolist()
+    assert drawn == [every[i] for i in pick] and "warning" not in capsys.readouterr().err
+    assert th.token_windows(tok, docs, 2, 9).shape == (7, 2)
+    assert "warning: only 7 windows of 2 tokens; using all of them" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the text holds 7 windows of 2 tokens, 8 needed"):
+        th.token_windows(tok, docs, 2, 8, need=8)
+    with pytest.raises(ValueError, match="the text holds 0 windows of 12 tokens, 1 needed"):
+        th.token_windows(tok, docs, 12, 1, torch.Generator())
 
 
 def test_split_corpus_by_document():
@@ -402,7 +421,7 @@ def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_pat
     (tmp_path / "small.txt").write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 300)
     base = ["--report", "--text", str(tmp_path / "small.txt"), "--eval-seqs", "1", "--report-dir", str(tmp_path)]
     assert th.main(base + ["--eval-len", "64", "4096"]) == 2
-    assert "has 4096 tokens" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["small.txt"]
+    assert "0 windows of 4096 tokens" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["small.txt"]
     assert th.main(base + ["--eval-len", "64", "--eval-queries", "40", "--n-dense", "3", "--rbit", "64"]) == 0
     text, err = (tmp_path / "hash_quality.md").read_text(), capsys.readouterr().err
     assert "1 windows, 32 queries each" in text and "trained R=" not in text and "random R=64" in text
