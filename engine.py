@@ -60,6 +60,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     whose probability reaches top_p (nucleus sampling)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)  # 1e-50 is 0 in fp32: x / 0 would give NaN
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)  # (B, V); no inf - inf
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
