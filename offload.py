@@ -245,7 +245,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
         # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
         # so while any layer is offloaded the cap holds one layer's K/V more: offloading n frees n - 1 layers.
         n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu - cap) / layer_bytes) + 1)
-        fix = f"raise --kv-gpu-gb to {all_gpu / GiB:.3g} (nothing offloaded)"
+        fix = f"raise --kv-gpu-gb to {math.ceil((all_gpu + 1) / GiB * 1000) / 1000:g} (nothing offloaded)"  # up
     if n and hata.budget_tokens(max_seq_len) >= max_seq_len:  # (with --kv-gpu-gb too: such layers never select)
         raise ValueError(f"offloading gains nothing: the budget covers the whole {max_seq_len}-token cache, so every "
                          f"step is dense and would read all of K/V from host memory; lower --budget or {fix}")

@@ -151,12 +151,13 @@ def test_offload_refuses_a_budget_that_covers_the_cache(capsys):
     layer would go (--offload) or a cap asks for some (--kv-gpu-gb); and set_hata warns about layers already out."""
     model = tiny(hata=HataArgs(budget=64, n_dense=1))
     layer = 2 * 1 * 2 * 64 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=64, D=16, fp32
-    for cap, fix in ((None, "drop --offload"), (3 * layer / GiB, "raise --kv-gpu-gb to 6.1e-05 (nothing offloaded)"),
-                     (1e-9, "raise --kv-gpu-gb to 6.1e-05")):  # a cap too small for any plan: this, not the bytes
+    for cap, fix in ((None, "drop --offload"), (3 * layer / GiB, "raise --kv-gpu-gb to 0.001 (nothing offloaded)"),
+                     (1e-9, "raise --kv-gpu-gb to 0.001")):  # a cap too small for any plan: this, not the bytes
         with pytest.raises(ValueError, match=re.escape(f"64-token cache, so every step is dense and would read all of "
                                                        f"K/V from host memory; lower --budget or {fix}")):
             plan_offload(model, 1, 64, kv_gpu_gb=cap, host_bytes=GiB)
     assert plan_offload(model, 1, 64, kv_gpu_gb=100).layers == []  # it all fits: nothing to refuse
+    assert plan_offload(model, 1, 64, kv_gpu_gb=0.001).layers == []  # so does the cap advised: rounded up, not down
     model = tiny()  # K = 8: layers 1-3 out, and no warning
     apply_offload(model, 1, 64)
     model.setup_caches(1, 64)
