@@ -240,6 +240,13 @@ def positive_int(text):
     return int(text)
 
 
+def torch_seed(text):
+    """argparse type for seeds: a whole number in the range torch's generators take."""
+    if not -2 ** 63 <= int(text) < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"seed {text} is outside -2^63 .. 2^64 - 1, the range torch's generators take")
+    return int(text)
+
+
 def device_name(text):
     """argparse type for --device: a device torch knows that this machine has; cuda:N becomes the current device
     (CUDA graphs, streams and Triton launch on the current one)."""
@@ -270,7 +277,7 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (and of --random-weights' prompt)")
+    p.add_argument("--seed", type=torch_seed, default=0, help="seed of the sampling (and of --random-weights' prompt)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, help="(default: bfloat16 on CUDA, float32 on CPU)")

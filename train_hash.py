@@ -41,7 +41,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import Parser, cli, default_checkpoint, device_name, is_default_model, note_ignored, positive_int
+from engine import (Parser, cli, default_checkpoint, device_name, is_default_model, note_ignored, positive_int,
+                    torch_seed)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
                    read_hash_file, rope_frequencies, save_hash_projections)
@@ -486,7 +487,7 @@ def build_parser():
     p.add_argument("--rbit", type=int, nargs="+", help=f"hash bits R, several: one file each (default {h.rbit}); "
                    "--report: the shipped files of these sizes (default: all), else random projections of them")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the windows, queries and training draws (the random "
+    p.add_argument("--seed", type=torch_seed, default=0, help="seed of the windows, queries and training draws (the random "
                    "baseline is the engine's own seeded projection)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")

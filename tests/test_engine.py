@@ -122,6 +122,7 @@ def test_unknown_dtype(capsys):
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
+    ("--seed", str(2 ** 64), f"seed {2 ** 64} is outside -2^63 .. 2^64 - 1"),
 ])
 def test_bad_flags(capsys, flag, value, words):
     code, _, err = run_cli(capsys, "--prompt", "hi", flag, value)

@@ -315,7 +315,8 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--steps", "0"], "--steps: invalid positive_int value: '0'"),
                                          (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
                                          (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
-                                         (["--report"], "either --out")])
+                                         (["--report"], "either --out"), (["--seed", "1.5"], "invalid torch_seed value"),
+                                         (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     try:  # argparse's own errors exit through SystemExit
         code = th.main(["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"] + argv)
