@@ -21,7 +21,7 @@ from dataclasses import fields
 import torch
 from tqdm import tqdm
 
-from model import PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_format, from_checkpoint, read_hash_file
+from model import PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_context, from_checkpoint, read_hash_file
 from offload import host_available, offload_from_args
 from tokenizer import Tokenizer
 
@@ -398,24 +398,22 @@ def run(args):
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
 
     checkpoint = args.checkpoint or default_checkpoint()
-    checkpoint_format(checkpoint)  # before the tokenizer, which fails less clearly on a wrong --checkpoint
+    context = checkpoint_context(checkpoint)  # its metadata: before the tokenizer, which fails less clearly on a
+    # wrong --checkpoint, and before the weights, so that a prompt too long for the model is refused at once
     t0 = time.perf_counter()  # the tokenizer's load counts: from a GGUF it reads the file as the model does
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
         raise ValueError(f"prompt {[len(p) for p in prompts].index(0) + 1} is empty (0 tokens); give some text")
     longest = max(len(p) for p in prompts)
-    if args.max_seq_len is not None and longest > args.max_seq_len:
-        raise ValueError(f"the prompt has {longest} tokens but --max-seq-len is {args.max_seq_len}; "
-                         f"raise --max-seq-len or shorten the prompt")
+    max_seq_len, max_new = cache_size(args, longest, context)
     if hata is not None and hata.hash_weights is None:
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
-    context, top = model.args.max_seq_len, max(max(p) for p in prompts)
+    top = max(max(p) for p in prompts)
     if top >= model.args.vocab_size:
         raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {model.args.vocab_size} "
                          f"tokens: the tokenizer does not belong to this checkpoint")
-    max_seq_len, max_new = cache_size(args, longest, context)
     setup(model, args, len(prompts), max_seq_len)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
@@ -442,7 +440,7 @@ def cache_size(args, longest, context, what=None):
     the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit."""
     if (args.max_seq_len or 0) > context:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
-    if longest > (cache := args.max_seq_len or context):  # (run() refuses one over --max-seq-len before loading)
+    if longest > (cache := args.max_seq_len or context):
         limit = f"--max-seq-len is {cache}" if args.max_seq_len else f"the model's context is {cache} tokens"
         raise ValueError(f"{what or 'the prompt has ' + plural(longest)} but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)

@@ -15,6 +15,7 @@ ever sees a key at a position later than its own.
 Internally Q and K use the Hugging Face "half-split" RoPE layout; GGUF and Meta checkpoints store Q/K rows in
 Meta's interleaved layout and are un-permuted on load. Hash projections act on post-RoPE keys in this layout.
 """
+import contextlib
 import glob
 import json
 import math
@@ -642,8 +643,10 @@ def checkpoint_format(path):
     64 bytes (engine.py asks first, so that a wrong --checkpoint is not met as an error of its tokenizer)."""
     if not os.path.exists(path := os.fspath(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    for fmt, name in (("hf", "config.json"), ("meta", "params.json")):
-        if os.path.isfile(os.path.join(path, name)):
+    ggufs = os.path.isdir(path) and any(name.endswith(".gguf") for name in os.listdir(path))
+    for fmt, name, weights in (("hf", "config.json", "model*.safetensors*"), ("meta", "params.json", "consolidated.*")):
+        # a Hugging Face GGUF repository holds a config.json beside its .gguf file and no other weights
+        if os.path.isfile(os.path.join(path, name)) and not (ggufs and not glob.glob(os.path.join(path, weights))):
             return fmt, path
     how = "pass a .gguf file or a checkpoint directory"
     path, head = file_head(path, missing=ValueError(  # a directory: its one .gguf (the default model's package)
@@ -653,16 +656,40 @@ def checkpoint_format(path):
     return "gguf", path
 
 
+@contextlib.contextmanager
+def reading(path):
+    """A reader meets a missing config field, metadata key or tensor as a KeyError, a field of the wrong kind as a
+    TypeError or AttributeError: each becomes one ValueError naming the checkpoint."""
+    try:
+        yield
+    except KeyError as e:
+        raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed checkpoint ({e})") from None
+
+
+def checkpoint_context(path):
+    """The checkpoint's context length, from its metadata alone (a GGUF's keys, config.json, params.json), with
+    its architecture and settings checked there: engine.py asks before the tokenizer and the weights load, so that
+    another model's checkpoint, or a prompt longer than the context, is one line at once (not an error of the
+    tokenizer, or one after minutes of loading)."""
+    fmt, path = checkpoint_format(path)
+    with reading(path):
+        if fmt == "gguf":
+            return gguf_args(path, gguf_reader(path, keep=True))[0].max_seq_len  # kept for the tokenizer and loader
+        if fmt == "hf":
+            return hf_args(path)[0].max_seq_len
+        p = read_json(os.path.join(path, "params.json"))
+        refuse_unsupported(os.path.join(path, "params.json"), "meta", p.get, None)
+        return meta_context(p)
+
+
 def load_checkpoint(path, dtype=torch.float32):
     """Returns (ModelArgs, {Meta's name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None). A GGUF's weights
     are dequantized into `dtype` one by one, never all in float32 (the default model, bf16: 0.8 GB peak, not 1.2)."""
     fmt, path = checkpoint_format(path)
-    try:  # a reader meets a missing config field, metadata key or tensor as a KeyError
+    with reading(path):
         args, raw = read_gguf(path, dtype) if fmt == "gguf" else read_hf(path) if fmt == "hf" else read_meta(path)
-    except KeyError as e:
-        raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
-    except (TypeError, AttributeError) as e:  # a config field or a weights file of the wrong kind
-        raise ValueError(f"{path}: malformed checkpoint ({e})") from None
     if bad := sorted(name for name, w in raw.items() if not isinstance(w, torch.Tensor)):
         raise ValueError(f"{path}: {bad[:4]} are not tensors; is it a Llama checkpoint?")
     rope_factors = raw.pop("rope_freqs.weight", None)  # GGUF bakes llama3 RoPE scaling into this tensor
@@ -688,13 +715,24 @@ def load_checkpoint(path, dtype=torch.float32):
     return args, sd, rope_factors
 
 
-def read_gguf(path, dtype=torch.float32):
-    import gguf
+def gguf_reader(path, keep):
     try:
-        reader = open_gguf(path, keep=False)  # every tensor is copied out below: no one needs the mapping after
+        return open_gguf(path, keep)
     except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
 
+
+def read_gguf(path, dtype=torch.float32):
+    import gguf
+    reader = gguf_reader(path, keep=False)  # every tensor is copied out below: no one needs the mapping after
+    args, shapes = gguf_args(path, reader)
+    raw = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]).copy())
+           .to(torch.float32 if t.name == "rope_freqs.weight" else dtype) for t in reader.tensors}  # numpy fp32 first
+    return args, raw
+
+
+def gguf_args(path, reader):
+    """(ModelArgs, {tensor: shape}) from a GGUF's metadata; its architecture and settings checked."""
     def meta(key, default=...):  # no default: a required key
         if key not in reader.fields and default is ...:
             raise KeyError(key)
@@ -721,13 +759,11 @@ def read_gguf(path, dtype=torch.float32):
                      tie_embeddings="output.weight" not in shapes,
                      head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
     refuse_unsupported(path, "gguf", lambda key: meta(key, None), args)
-    raw = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]).copy())
-           .to(torch.float32 if t.name == "rope_freqs.weight" else dtype) for t in reader.tensors}  # numpy fp32 first
-    return args, raw
+    return args, shapes
 
 
-def read_hf(path):
-    from safetensors import safe_open
+def hf_args(path):
+    """(ModelArgs, the config) from config.json; its model type and settings checked."""
     cfg = read_json(os.path.join(path, "config.json"))
     if cfg.get("model_type") != "llama":
         raise ValueError(f"{path}: unsupported model_type {cfg.get('model_type')!r}; hata runs Llama models")
@@ -745,6 +781,12 @@ def read_hf(path):
                                      cfg.get("sliding_window") or math.inf),  # within the window: full attention
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
     refuse_unsupported(os.path.join(path, "config.json"), "hf", {**rope, **cfg}.get, args)  # v5: rope_parameters
+    return args, cfg
+
+
+def read_hf(path):
+    from safetensors import safe_open
+    args = hf_args(path)[0]
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
@@ -819,12 +861,15 @@ def read_meta(path):
                      rope_theta=p.get("rope_theta", 10000.0),
                      rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "factor": factor,
                                    "high_freq_factor": p.get("rope_high_freq_factor", 4.0)} if scaled else None,
-                     # params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Code Llama
-                     # (Llama 2 with RoPE theta 1e6) 16K, Llama 2 4K
-                     max_seq_len=p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000
-                                                          else 16384 if p.get("rope_theta", 0) >= 1e6 else 4096),
-                     tie_embeddings="output.weight" not in raw)
+                     max_seq_len=meta_context(p), tie_embeddings="output.weight" not in raw)
     return args, raw
+
+
+def meta_context(p):
+    """params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Code Llama (Llama 2 with RoPE
+    theta 1e6) 16K, Llama 2 4K."""
+    return p.get("max_seq_len") or (131072 if p.get("use_scaled_rope", False) else 8192 if p.get("vocab_size", 0)
+                                    > 100000 else 16384 if p.get("rope_theta", 0) >= 1e6 else 4096)
 
 
 def fused_weights(args):

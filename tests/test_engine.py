@@ -2,6 +2,7 @@
 status 2, raised before the model is loaded where it can be."""
 import argparse
 import functools
+import json
 import math
 import os
 import shutil
@@ -69,7 +70,9 @@ def test_a_wrong_checkpoint_gets_the_loaders_error_not_the_tokenizers(capsys, tm
         code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(path))
         assert code == 2 and error_line(err) == f"error: {loader.value}", err
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({  # a Llama config: its checks pass before the tokenizer
+        "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 16,
+        "intermediate_size": 16, "rms_norm_eps": 1e-5}))
     code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(tmp_path / "hf"))
     assert code == 2 and "no tokenizer.model, tokenizer.json or .gguf in directory" in error_line(err)
 
@@ -109,6 +112,8 @@ def test_prompt_longer_than_max_seq_len(capsys):
     code, _, err = run_cli(capsys, "--prompt", "one two three four five six", "--max-seq-len", "4")
     line = error_line(err)
     assert code == 2 and "--max-seq-len is 4" in line and "loaded" not in err  # refused before loading
+    code, _, err = run_cli(capsys, "--prompt", "hello world " * 4200)  # the model's context, read from its metadata
+    assert code == 2 and "the model's context is 8192 tokens" in error_line(err) and "loaded" not in err
 
 
 def test_unknown_dtype(capsys):

@@ -424,6 +424,35 @@ def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
         load_checkpoint(str(tmp_path / "model.safetensors"))
 
 
+def test_checkpoint_context_from_metadata_alone(tmp_path):
+    """engine.py asks before the tokenizer and the weights: the context length from the metadata, with the
+    architecture checked there. A Hugging Face GGUF repository (config.json beside the .gguf, no safetensors) is
+    its GGUF."""
+    gguf = pytest.importorskip("gguf")
+    path = write_model_gguf(tmp_path / "m.gguf", {})
+    assert model_module.checkpoint_context(path) == 64
+    (repo := tmp_path / "repo").mkdir()
+    (repo / "m.gguf").write_bytes(open(path, "rb").read())
+    (repo / "config.json").write_text('{"model_type": "llama"}')
+    assert model_module.checkpoint_format(repo) == ("gguf", str(repo / "m.gguf"))
+    (repo / "model.safetensors").write_bytes(b"")
+    assert model_module.checkpoint_format(repo)[0] == "hf"
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    writer.add_uint32("qwen2.context_length", 64)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported architecture 'qwen2'"):
+        model_module.checkpoint_context(str(tmp_path / "q.gguf"))
+    (hf := tmp_path / "hf").mkdir()
+    (hf / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(ValueError, match="unsupported model_type 'qwen2'"):
+        model_module.checkpoint_context(str(hf))
+    (meta := tmp_path / "meta").mkdir()
+    (meta / "params.json").write_text('{"dim": 64, "use_scaled_rope": true}')
+    assert model_module.checkpoint_context(str(meta)) == 131072
+
+
 def test_directory_holding_one_gguf(tmp_path):
     """A directory without config.json or params.json (a GGUF's pip package) loads its one .gguf file; with several
     it names them and asks which; with none it says what it looked for."""
