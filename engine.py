@@ -398,9 +398,9 @@ def run(args):
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
 
     checkpoint = args.checkpoint or default_checkpoint()
+    t0 = time.perf_counter()  # the metadata and tokenizer reads count: from a GGUF they parse what the model does
     context = checkpoint_context(checkpoint)  # its metadata: before the tokenizer, which fails less clearly on a
     # wrong --checkpoint, and before the weights, so that a prompt too long for the model is refused at once
-    t0 = time.perf_counter()  # the tokenizer's load counts: from a GGUF it reads the file as the model does
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):

@@ -487,8 +487,8 @@ def build_parser():
     p.add_argument("--rbit", type=int, nargs="+", help=f"hash bits R, several: one file each (default {h.rbit}); "
                    "--report: the shipped files of these sizes (default: all), else random projections of them")
     p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
-    p.add_argument("--seed", type=torch_seed, default=0, help="seed of the windows, queries and training draws (the random "
-                   "baseline is the engine's own seeded projection)")
+    p.add_argument("--seed", type=torch_seed, default=0, help="seed of the windows, queries and training draws "
+                   "(the random baseline is the engine's own seeded projection)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     t = p.add_argument_group("training (--out)")

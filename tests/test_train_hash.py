@@ -315,7 +315,8 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--steps", "0"], "--steps: invalid positive_int value: '0'"),
                                          (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
                                          (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
-                                         (["--report"], "either --out"), (["--seed", "1.5"], "invalid torch_seed value"),
+                                         (["--report"], "either --out"),
+                                         (["--seed", "1.5"], "invalid torch_seed value"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     try:  # argparse's own errors exit through SystemExit
@@ -338,7 +339,8 @@ def test_the_other_modes_flags_are_noted_as_ignored(argv, ignored, capsys, tmp_p
     where = ["--report-dir", str(tmp_path)] if "--report" in argv else []
     assert th.main(argv + where + ["--checkpoint", "/nonexistent.gguf"]) == 2
     err = capsys.readouterr().err
-    assert "nonexistent" in err and (f"note: ignored in this run: {ignored}\n" in err if ignored else "note" not in err)
+    assert "nonexistent" in err
+    assert f"note: ignored in this run: {ignored}\n" in err if ignored else "note" not in err
     flags = {f for a in th.build_parser()._actions for f in a.option_strings}
     assert set(th.TRAINING + th.REPORT) < flags  # every one a real flag
 
