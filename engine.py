@@ -289,12 +289,12 @@ def build_parser():
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"], help="tokens attended per KV head: a count, "
                    "or a fraction like 1/16 of the cache (the longest prompt + --max-new-tokens, or --max-seq-len)")
-    g.add_argument("--rbit", type=int, default=h["rbit"], help="hash bits per code (hash selector only; a "
-                   "--hash-weights file's own when left at the default)")
+    g.add_argument("--rbit", type=int, help="hash bits per code (hash selector only) (default: a --hash-weights "
+                   f"file's own, else {h['rbit']})")
     g.add_argument("--hash-weights", help="trained hash projections (.safetensors); default: the shipped ones "
                                           "for the default model, else seeded random projections")
-    g.add_argument("--n-dense", type=int, default=h["n_dense"], help="leading layers that stay dense (a "
-                   "--hash-weights file's own when left at the default)")
+    g.add_argument("--n-dense", type=int, help="leading layers that stay dense (default: a --hash-weights file's "
+                   f"own, else {h['n_dense']})")
     g.add_argument("--sink", type=int, default=h["n_sink"], help="first positions always attended")
     g.add_argument("--recent", type=int, default=h["n_recent"], help="last positions always attended")
     g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms (hash selector only)")
@@ -362,7 +362,7 @@ def run(args):
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
     if bad := [f"--{flag} {n}" for flag, n in (("n-dense", args.n_dense), ("sink", args.sink), ("recent", args.recent))
-               if n < 0]:
+               if n is not None and n < 0]:
         raise ValueError(f"{', '.join(bad)}: must be >= 0")
     if args.kv_gpu_gb is not None and not (math.isfinite(args.kv_gpu_gb) and args.kv_gpu_gb > 0):
         raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {args.kv_gpu_gb}")
@@ -468,12 +468,13 @@ def setup(model, args, batch, max_seq_len):
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
     if args.dense:
         return None
-    rbit, n_dense = args.rbit, args.n_dense
-    if args.hash_weights and args.selector == "hash":  # the file's settings, where the flags are left at the default
+    rbit, n_dense = args.rbit, args.n_dense  # None: not given
+    if args.hash_weights and args.selector == "hash":  # the file's settings, where the flags are not given
         meta = read_hash_file(args.hash_weights, with_tensors=False)[0]
-        rbit = int(meta["rbit"]) if rbit == HataArgs.rbit else rbit
-        n_dense = int(meta["n_dense"]) if n_dense == HataArgs.n_dense else n_dense
-    return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
+        rbit = int(meta["rbit"]) if rbit is None else rbit
+        n_dense = int(meta["n_dense"]) if n_dense is None else n_dense
+    rbit = rbit if rbit is not None and args.selector == "hash" else HataArgs.rbit
+    return HataArgs(rbit=rbit, budget=args.budget, n_dense=HataArgs.n_dense if n_dense is None else n_dense,
                     n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
                     hash_weights=args.hash_weights)
 

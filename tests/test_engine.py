@@ -268,8 +268,10 @@ def test_a_hash_weights_file_sets_the_bits_and_dense_layers_left_at_the_default(
     shipped = os.path.join(engine.HERE, "weights", "smollm2-135m-r64.safetensors")
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--budget", "2", "--max-new-tokens", "2")
     assert code == 0 and "budget 2 of up to 3 tokens, smollm2-135m-r64.safetensors" in err, err
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--rbit", "256", "--max-new-tokens", "2")
-    assert code == 2 and "have rbit=64 but rbit=256 was asked for; pass --rbit 64" in error_line(err)
+    for rbit in ("256", "128"):  # given, even at 128 (HataArgs' default), --rbit is not replaced by the file's
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--rbit", rbit, "--max-new-tokens",
+                               "2")
+        assert code == 2 and f"have rbit=64 but rbit={rbit} was asked for; pass --rbit 64" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(tmp_path / "none.safetensors"))
     assert code == 2 and "hash weights file not found" in error_line(err) and "loaded" not in err
 
@@ -293,7 +295,7 @@ def test_bad_hash_weights_file(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    (["engine.py"], ["(default: 2048)", "(default: 128)", "(default: 200)", "(default: hash)", "(default: 0)"]),
+    (["engine.py"], ["(default: 2048)", "file's own, else 128)", "(default: 200)", "(default: hash)", "(default: 0)"]),
     (["eval.py"], ["(default: 0.125 0.0625 0.03125 0.015625)", "(default: 1024 2048 4096 8192)", "(default: 16:16)"]),
     (["bench.py", "e2e"], ["(default: 0.015625 2048)", "(default: llama-3.1-8b)", "(default: 32768 131072)"]),
     (["train_hash.py"], ["(default: 300)", "(default: 4096 8192)", "(default: 1e-06)"]),
@@ -570,7 +572,8 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--dense", "--budget", "1/4", "--sink", "4", "--use-norm", "--n-dense", "3", "--selector", "oracle", "--recent",
       "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent (--dense: no sparse layer); --rbit, "
      "--use-norm (--dense reads no hash codes)"),
-    (["--dense", "--budget", "2048", "--rbit", "128"], None),  # given, but at their defaults
+    (["--dense", "--budget", "2048"], None),  # given, but at its default
+    (["--dense", "--rbit", "128"], "--rbit (--dense reads no hash codes)"),  # no default: a file's own, else 128
     (["--selector", "quest", "--rbit", "100"], "--rbit (--selector quest reads no hash codes)"),  # not refused
     (["--selector", "oracle", "--use-norm"], "--use-norm (--selector oracle reads no hash codes)"),
     (["--rbit", "64", "--use-norm"], None),
