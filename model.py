@@ -678,7 +678,7 @@ def checkpoint_context(path):
         if fmt == "gguf":
             return gguf_args(path, gguf_reader(path, keep=True))[0].max_seq_len  # kept for the tokenizer and loader
         if fmt == "hf":
-            return hf_args(path)[0].max_seq_len
+            return hf_args(path).max_seq_len
         p = read_json(os.path.join(path, "params.json"))
         refuse_unsupported(os.path.join(path, "params.json"), "meta", p.get, None)
         return meta_context(p)
@@ -763,7 +763,7 @@ def gguf_args(path, reader):
 
 
 def hf_args(path):
-    """(ModelArgs, the config) from config.json; its model type and settings checked."""
+    """ModelArgs from config.json; its model type and settings checked."""
     cfg = read_json(os.path.join(path, "config.json"))
     if cfg.get("model_type") != "llama":
         raise ValueError(f"{path}: unsupported model_type {cfg.get('model_type')!r}; hata runs Llama models")
@@ -781,12 +781,12 @@ def hf_args(path):
                                      cfg.get("sliding_window") or math.inf),  # within the window: full attention
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
     refuse_unsupported(os.path.join(path, "config.json"), "hf", {**rope, **cfg}.get, args)  # v5: rope_parameters
-    return args, cfg
+    return args
 
 
 def read_hf(path):
     from safetensors import safe_open
-    args = hf_args(path)[0]
+    args = hf_args(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
