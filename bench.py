@@ -622,8 +622,9 @@ def report_plot_path(args, mode_parser):
     return None
 
 
-def main(argv=None):
-    from engine import Parser, cli, parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
+def build_parser():
+    """The parser and its modes' subparsers (each mode's defaults are its plot's points)."""
+    from engine import Parser, parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
     from model import PRESETS
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -662,6 +663,12 @@ def main(argv=None):
         if mode != "offload":
             p.add_argument("--plot", help=f"PNG to write (default: report/bench_{mode}.png, for a run of the default "
                                           "points only)")
+    return parser, sub
+
+
+def main(argv=None):
+    from engine import cli
+    parser, sub = build_parser()
     args = parser.parse_args(argv)
     if args.mode != "offload" and args.plot is None:
         args.plot = report_plot_path(args, sub.choices[args.mode])
