@@ -336,9 +336,13 @@ def random_model(preset, hata, device, dtype, seed=0):
 
 
 def cli(run, args):
-    """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130)."""
+    """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130), a
+    reader that stops (`| head`) ends it quietly (141, as a shell tool killed by SIGPIPE)."""
     try:
         run(args)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush of stdout would fail again
+        return 141
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

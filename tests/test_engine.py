@@ -554,6 +554,23 @@ def test_interrupt_and_cpu_compile_notes(capsys, monkeypatch):
     assert "--compile is for CUDA" in capsys.readouterr().err
 
 
+def test_closed_pipe_ends_quietly():
+    """`engine.py ... | head`: the reader stops, and the run ends with status 141 and nothing on stderr (before: an
+    error line, then Python's own complaint when its exit flushed stdout)."""
+    import subprocess
+    writer = ("import sys, engine\n"
+              "def run(args):\n"
+              "    while True:\n"
+              "        print('token ' * 100, flush=True)\n"
+              "sys.exit(engine.cli(run, None))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", writer], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # as head does after its bytes
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == b""
+
+
 @pytest.mark.usefixtures("gguf_path")
 def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     """Each output of a batch is headed by its prompt's first 60 characters, with … where the prompt goes on."""
