@@ -73,6 +73,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 # --------------------------------------------------------------------------------------------------------------
 # Prefill and decode
 
+@torch.inference_mode()  # a forward outside it would link every cache write into one autograd graph
 def prefill(model, tokens, lengths, chunk=4096, progress=False):
     """tokens (B, T) right-padded prompts; lengths (B,) their true lengths. Fills the caches for positions
     0 .. T-1 in chunks of `chunk` tokens (the first one a plain causal pass) and returns the logits (B, V) at each
@@ -139,6 +140,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+@torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False):
     """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, timing: prefill_s,
@@ -427,9 +429,8 @@ def run(args):
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok) if len(prompts) == 1 else None
-    with torch.inference_mode():
-        new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p, generator,
-                               on_token=streamer, progress=True)
+    new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p, generator,
+                           on_token=streamer, progress=True)
     if streamer is not None:
         streamer.finish()
     else:
@@ -496,9 +497,8 @@ def run_random(args, hata, device, dtype):
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, args.prompt_len), generator=gen)
-    with torch.inference_mode():  # no stop token: every step runs; sampling as asked
-        _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,
-                             torch.Generator(device=device).manual_seed(args.seed))
+    _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,  # no stop token:
+                         torch.Generator(device=device).manual_seed(args.seed))  # every step runs; sampling as asked
     report_speed(timing)
 
 

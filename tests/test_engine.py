@@ -346,6 +346,18 @@ def test_generate_refuses_empty_prompts():
             engine.generate(model, prompts, 3)
 
 
+def test_generate_keeps_no_autograd_graph():
+    """Called from a script in grad mode, prefill and generate still build no autograd graph: before, every cache
+    write linked into one graph that held each step's activations (memory growing with every token)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    assert torch.is_grad_enabled() and model.output.weight.requires_grad
+    logits = engine.prefill(model, torch.tensor([[3, 4, 5]]), torch.tensor([3]))
+    engine.generate(model, [[3, 4, 5]], 4)
+    cache = model.layers[0].attention.kv_cache
+    assert not (logits.requires_grad or cache.k.requires_grad or cache.v.requires_grad)
+
+
 def test_prefill_refuses_lengths_outside_the_prompts_and_short_chunks():
     """A length of 0 or past the padded width would get no row of logits (uninitialised memory came back); a chunk
     under 3 tokens could leave a 1-token chunk. Errors, not asserts (python -O drops those)."""
