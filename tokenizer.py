@@ -50,6 +50,17 @@ LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - le
 LLAMA3_VOCAB = 128000  # the ranks of Meta's tiktoken file; its special tokens come after them
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
+# tiktoken's regex overflows its stack on a run of ~1M whitespace characters; cut every run at 25K characters, as
+# Meta's Llama 3 tokenizer does (only the run starts try the scan: linear in the text)
+RUN_CAP = 25_000
+LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
+
+
+def _cut_runs(text: str) -> list[str]:
+    """text in pieces cut every RUN_CAP characters of a longer run of whitespace or non-whitespace; ordinary text
+    stays one piece. No token crosses a cut."""
+    cuts = [c for m in LONG_RUN.finditer(text) for c in range(m.start() + RUN_CAP, m.end(), RUN_CAP)]
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
 def _vocab_bytes(token: str, where: str) -> bytes:
@@ -362,11 +373,13 @@ class Tokenizer:
     # --- encode / decode ---
 
     def _text(self, text: str) -> list[int]:
-        if self.sp is not None:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # a lone surrogate (an undecodable
+        if self.sp is not None:  # byte of argv) becomes U+FFFD, as tiktoken makes it; sentencepiece would fail
             return self.sp.encode(text)
         parts = self.plain.split(text) if self.plain else [text]  # odd parts: added tokens that are not special
         ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else
-                                                           self.enc.encode_ordinary(part))]
+                                                           [i for piece in _cut_runs(part)
+                                                            for i in self.enc.encode_ordinary(piece)])]
         # Ids past the vocabulary stand for bytes it lacks (see _bpe); drop them as HF does.
         return [i for i in ids if i < self.vocab_size] if self.enc.n_vocab > self.vocab_size else ids
 

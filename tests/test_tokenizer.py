@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import package_file, write_gguf
-from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, open_gguf
+from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, _cut_runs, open_gguf
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,17 @@ def test_gguf_metadata(smol):
     assert (smol.vocab_size, smol.bos_id, smol.eos_ids) == (49152, 1, frozenset({0, 2}))
     assert smol.encode("Hello world") == smol.encode("Hello world", bos=False) == [19556, 905]
     assert smol.encode("Hello world", bos=True, eos=True) == [1, 19556, 905, 2]
+
+
+def test_huge_runs_are_cut_instead_of_crashing(smol, llama3):
+    """A run of ~1M whitespace characters overflowed tiktoken's regex stack: a Rust panic that no `except` caught.
+    Runs are cut every 25K characters, as Meta's tokenizer does; ordinary text stays one piece."""
+    assert _cut_runs("ab c\n") == ["ab c\n"] and _cut_runs("") == [""]
+    assert [len(p) for p in _cut_runs("x" + " " * 60001 + "y")] == [25001, 25000, 10002]
+    assert [len(p) for p in _cut_runs(" " + "z" * 50000)] == [25001, 25000]
+    for tok in (smol, llama3):
+        for text in (" " * 1_000_000, "x" + "\n\t" * 500_000 + "y"):
+            assert tok.decode(tok.encode(text, bos=False)) == text
 
 
 def test_special_text_is_plain(smol, llama3):
@@ -130,6 +141,7 @@ def test_sentencepiece(sp_model):
         assert ids[0] == 1 and 1 not in ids[1:] and ids[-1] != 2
         assert tok.decode(ids) == text
     assert tok.encode("the fox", bos=False, eos=True) == tok.encode("the fox")[1:] + [2]
+    assert tok.encode("a\udcff b") == tok.encode("a\ufffd b")  # an undecodable argv byte: U+FFFD, as tiktoken's
     ids = tok.encode_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
                            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
     assert ids == (tok.encode("[INST] <<SYS>>\nS\n<</SYS>>\n\na [/INST] b ", eos=True) + tok.encode("[INST] c [/INST]"))
