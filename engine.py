@@ -449,6 +449,10 @@ def cache_size(args, longest, context, what=None):
         limit = f"--max-seq-len is {cache}" if args.max_seq_len else f"the model's context is {cache} tokens"
         raise ValueError(f"{what or 'the prompt has ' + plural(longest)} but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
+    K = HataArgs(budget=args.budget).budget_tokens(max_seq_len)  # more positions forced than K: the newest would win
+    if not args.dense and K < max_seq_len and args.sink + args.recent > K:  # (not the first tokens --sink promises)
+        raise ValueError(f"--sink {args.sink} + --recent {args.recent} exceed the budget of {plural(K)}: the positions "
+                         "always attended must fit in it; lower them or raise --budget")
     max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
     if max_new < args.max_new_tokens:
         print(f"note: at most {plural(max_new, 'new token')}: the cache holds {plural(max_seq_len)} and the prompt "

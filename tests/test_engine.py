@@ -134,6 +134,20 @@ def test_bad_flags(capsys, flag, value, words):
     assert code == 2 and words in error_line(err) and "loaded" not in err  # refused before loading
 
 
+def test_forced_positions_must_fit_the_budget(capsys):
+    """More --sink + --recent positions than K: the newest forced ones won, so --sink 20 --budget 8 attended to
+    positions 12..19 (neither the first tokens nor the query's own). Refused before the load; equal to K, or with a
+    budget covering the cache (dense), they run."""
+    tiny = ["--random-weights", "--preset", "tiny", "--prompt-len", "16", "--max-new-tokens", "4", "--device", "cpu"]
+    for flags in (["--sink", "20"], ["--sink", "6", "--recent", "6"], ["--budget", "1/4", "--recent", "6"]):
+        code, _, err = run_cli(capsys, *tiny, "--budget", "8", *flags)
+        assert code == 2 and "the positions always attended must fit in it" in error_line(err) and "random weights" \
+            not in err
+    for flags in (["--budget", "8", "--sink", "4", "--recent", "4"], ["--budget", "20", "--sink", "25"]):
+        code, _, err = run_cli(capsys, *tiny, *flags)
+        assert code == 0, err
+
+
 def test_offload_needs_a_gpu(capsys):
     for flags in (["--offload"], ["--kv-gpu-gb", "1"]):
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cpu", *flags)
