@@ -162,6 +162,13 @@ class Haystack:
 # --------------------------------------------------------------------------------------------------------------
 # Retrieval
 
+def continuation(tok, text):
+    """text's ids as they continue a sentence (after '.'): encoded alone, a sentencepiece model would open them with
+    its word-start '▁', a second space before ' The pass key' and a stray one before '\n\n'."""
+    alone, full = tok.encode(".", bos=False), tok.encode("." + text, bos=False)
+    return full[len(alone):] if full[:len(alone)] == alone else tok.encode(text, bos=False)  # '.' + '\n' merged
+
+
 def retrieval_prompt(tok, hay, task, length, depth, rng):
     """A prompt of exactly `length` tokens: intro, haystack with the needle(s), completion question.
     Returns (ids, answer digits, the answer's tokens as they follow the prompt). The target needle sits at the
@@ -178,10 +185,10 @@ def retrieval_prompt(tok, hay, task, length, depth, rng):
         question = f"\n\nThe pass key for {names[0]} is "
     # the question, and the answer as it continues the question: encoded alone, sentencepiece would give the key
     # a leading '▁' (the question's last token); a tokenizer that joins a space to digits takes the space from it
-    after, asked = tok.encode(question + key, bos=False), tok.encode(question, bos=False)
+    after, asked = continuation(tok, question + key), continuation(tok, question)
     n = next((i for i, (x, y) in enumerate(zip(after, asked)) if x != y), len(asked))  # the common prefix
     head, tail, answer = tok.encode(INTRO), after[:n], after[n:]
-    needle_ids = [(d, tok.encode(t, bos=False)) for d, t in needles]  # the prompt's only BOS (if any) leads head
+    needle_ids = [(d, continuation(tok, t)) for d, t in needles]  # the prompt's only BOS (if any) leads head
     n_hay = length - len(head) - len(tail) - sum(len(ids) for _, ids in needle_ids)
     if n_hay < 0:
         raise ValueError(f"a {task} retrieval prompt needs more than {length} tokens; raise --contexts")

@@ -84,7 +84,8 @@ def test_prompt_has_one_bos_at_its_start(tok):
 
 def test_answer_tokens_follow_the_question_with_sentencepiece(tmp_path):
     """Llama 2's sentencepiece encodes a key alone as '▁' '7' '1' ...; after the question's '▁' the model writes
-    '7' '1' ... (split_digits, as Llama 2)."""
+    '7' '1' ... (split_digits, as Llama 2). The needle and the question continue the text: encoded alone, each had
+    the word-start '▁' too (two spaces before ' The pass key', one before '\n\n')."""
     spm = pytest.importorskip("sentencepiece")
     (tmp_path / "corpus.txt").write_text("\n".join(f"{PROSE} {i} {i * 7919}." for i in range(200)))
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
@@ -94,6 +95,9 @@ def test_answer_tokens_follow_the_question_with_sentencepiece(tmp_path):
     sp = Tokenizer.from_path(tmp_path)
     ids, key, answer = ev.retrieval_prompt(sp, ev.Haystack(sp, PROSE * 40), "single", 700, 0.5, random.Random(1))
     assert [sp.decode([t]) for t in answer] == list(key) and ids.count(sp.bos_id) == 1
+    text = sp.decode(ids)
+    assert f". The pass key is {key}. Remember it." in text and "  The" not in text and " \n" not in text
+    assert text.endswith("\n\nThe pass key is ")
 
 
 def test_seeds_draw_streams_no_other_seed_draws():
