@@ -229,13 +229,13 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     host_available() finds less HOST_KEEP_*) cannot hold the offloaded layers."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
-    if not sparse:
+    if not sparse and kv_gpu_gb is None:  # (with a cap, a dense model is only checked against it)
         raise ValueError("nothing to offload: no layer decodes sparsely (--dense, or --n-dense covers every layer)")
     esize = model.output.weight.dtype.itemsize
     layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
-    per_token = hata.rbit // 8 + 4 * hata.use_norm  # R / 8 bytes of code (+ an fp32 norm) per token and KV head
-    codes = hata.reads_codes(max_seq_len)  # set_hata keeps codes only where they are read: the hash selector, K < S
-    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token if codes else 0
+    codes = sparse and hata.reads_codes(max_seq_len)  # set_hata keeps codes only where read: hash selector, K < S
+    per_token = hata.rbit // 8 + 4 * hata.use_norm if codes else 0  # R / 8 bytes of code (+ an fp32 norm) a token
+    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token  # and KV head
     all_gpu = args.n_layers * layer_bytes + code_bytes
     n, fix = len(sparse), "drop --offload"
     if kv_gpu_gb is not None:
@@ -252,11 +252,11 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     if n and hata.selector != "hash":
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
                          f"reads every key each step, all of it over PCIe: use --selector hash, or {fix}")
-    if kv_gpu_gb is not None and all_gpu - max(0, n - 1) * layer_bytes > cap:
-        raise ValueError(f"the KV cache needs {all_gpu - (n - 1) * layer_bytes} bytes on the GPU even with all {n} "
-                         f"sparse layers offloaded (dense layers, hash codes and a later prefill chunk's copy of one "
-                         f"offloaded layer), but --kv-gpu-gb {kv_gpu_gb} allows {cap} bytes; raise it, or lower "
-                         "--max-seq-len or the batch")
+    if kv_gpu_gb is not None and (gpu := all_gpu - max(0, n - 1) * layer_bytes) > cap:
+        held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes and a later prefill chunk's copy "
+                "of one offloaded layer)" if sparse else "and no layer decodes sparsely, so none can be offloaded")
+        raise ValueError(f"the KV cache needs {gpu} bytes on the GPU {held}, but --kv-gpu-gb {kv_gpu_gb} allows {cap} "
+                         "bytes; raise it, or lower --max-seq-len or the batch")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need = n * layer_bytes
     where = "are available"

@@ -185,9 +185,15 @@ def test_refuses_when_host_memory_is_too_small(monkeypatch):
         else:
             with pytest.raises(ValueError, match=rf"but {room} bytes .* may be pinned \(.* GiB available; 10%"):
                 apply_offload(tiny(), 1, 256)
+    layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
     for hata in (None, HataArgs(budget=8, n_dense=4)):  # --dense, or n_dense covering all 4 layers
-        with pytest.raises(ValueError, match="no layer decodes sparsely"):
+        with pytest.raises(ValueError, match="nothing to offload: no layer decodes sparsely"):
             apply_offload(tiny(hata=hata), 1, 256)
+        plan = apply_offload(tiny(hata=hata), 1, 256, kv_gpu_gb=4 * layer / GiB)  # a cap they fit: nothing to do
+        assert plan.layers == [] and plan.gpu_bytes == 4 * layer
+        with pytest.raises(ValueError, match=f"needs {4 * layer} bytes on the GPU and no layer decodes sparsely, so "
+                                             f"none can be offloaded, but .* allows {4 * layer - 1} bytes"):
+            apply_offload(tiny(hata=hata), 1, 256, kv_gpu_gb=(4 * layer - 1) / GiB)
     with pytest.raises(ValueError, match="the budget covers the whole 8-token cache, so every step is dense"):
         apply_offload(tiny(), 1, 8)  # K = 8 >= S_max: reading every row over PCIe, for nothing
     model = tiny()
