@@ -413,7 +413,7 @@ def run(args):
         raise ValueError(f"prompt {[len(p) for p in prompts].index(0) + 1} is empty (0 tokens); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
-    if hata is not None and hata.hash_weights is None:
+    if hata is not None and hata.hash_weights is None and hata.reads_codes(max_seq_len):  # (else no codes: no note)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     top = max(max(p) for p in prompts)

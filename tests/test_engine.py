@@ -295,8 +295,9 @@ def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "3", "--budget", "2", "--max-new-tokens", "2")
     assert code == 0 and "projections are for --n-dense 2 and --rbit 64, 128 or 256, not --n-dense 3 --rbit 128" in err
     assert "no hash weights given; using seeded random projections" in err
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--budget", "2", "--max-new-tokens", "2")  # shipped: no note
-    assert code == 0 and "projections are for" not in err and "random projections" not in err
+    for flags in (["--budget", "2"], ["--n-dense", "3"]):  # the shipped ones; or none read (K covers the cache)
+        code, _, err = run_cli(capsys, "--prompt", "hi", *flags, "--max-new-tokens", "2")
+        assert code == 0 and "projections are for" not in err and "random projections" not in err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
