@@ -346,7 +346,7 @@ def bench_offload(args):
     print_header(args.mode)
     hata = HataArgs(budget=args.budget)
     model = random_model(args.preset, hata, dev, torch.bfloat16)
-    host_bytes = None if args.host_gb is None else args.host_gb * offload.GiB
+    host_bytes = None if args.host_gb is None else int(args.host_gb * offload.GiB)
     try:  # the plan's host-memory check now, not after the GPU's timings
         offload.plan_offload(model, B, S, host_bytes=host_bytes)
     except ValueError as e:
@@ -506,9 +506,10 @@ def bench_e2e(args):
             tps.setdefault(f"dense, B={B}", {})[S] = 1000 * B / dense
             tps.setdefault(f"HATA, B={B}, {k}", {})[S] = 1000 * B / ms
             speedup.setdefault(f"B={B}, {k}", {})[S] = dense / ms
-    plot_speed(args.plot, [(f"{args.preset}: decode tokens/s", "tokens/s", "log",
+    how = "--compile" if args.compile else "eager"
+    plot_speed(args.plot, [(f"{args.preset}: decode tokens/s ({how})", "tokens/s", "log",
                             {n: list(v.items()) for n, v in tps.items()}, None),
-                           (f"{args.preset}: speedup of HATA over dense", "dense ms / HATA ms", "linear",
+                           (f"{args.preset}: speedup of HATA over dense ({how})", "dense ms / HATA ms", "linear",
                             {n: list(v.items()) for n, v in speedup.items()}, 1)])
 
     T, result = args.prefill_len, {}
@@ -613,12 +614,14 @@ def print_header(mode):
 
 def report_plot_path(args, mode_parser):
     """report/bench_MODE.png, committed, is the plot of the mode's default points (contexts, batches, budgets,
-    shapes): a run of other points leaves it alone, with a note, and draws nothing unless given --plot."""
+    shapes; e2e's with --compile, as the README shows it): a run of other points leaves it alone, with a note, and
+    draws nothing unless given --plot."""
     points = ("shapes", "seqlens", "batches", "budgets", "budget", "preset", "rbit")
-    if all(getattr(args, k) == mode_parser.get_default(k) for k in points if hasattr(args, k)):
+    if getattr(args, "compile", True) and all(getattr(args, k) == mode_parser.get_default(k) for k in points
+                                              if hasattr(args, k)):
         return os.path.join(HERE, "report", f"bench_{args.mode}.png")
-    print(f"note: not the default points, so report/bench_{args.mode}.png stays as it is; --plot PATH draws this run",
-          file=sys.stderr)
+    print(f"note: not the default points{' with --compile' if args.mode == 'e2e' else ''}, so "
+          f"report/bench_{args.mode}.png stays as it is; --plot PATH draws this run", file=sys.stderr)
     return None
 
 
@@ -643,7 +646,7 @@ def build_parser():
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per mode (dense: a tenth)")
     p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float,
-                   help="host memory the offload plan may pin (default: what is available, less 10%%, at least 1 GiB)")
+                   help="host memory the offload plan may pin (default: what is available less max(10%%, 1 GiB))")
     p = add_mode("e2e", "whole-model decode tokens/s and prefill overhead, dense vs HATA")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072], help="cached tokens S")
@@ -670,10 +673,13 @@ def main(argv=None):
     from engine import cli
     parser, sub = build_parser()
     args = parser.parse_args(argv)
-    if args.mode != "offload" and args.plot is None:
-        args.plot = report_plot_path(args, sub.choices[args.mode])
     if args.mode != "cpu" and not torch.cuda.is_available():
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
+    if args.mode != "offload" and args.plot is None:
+        args.plot = report_plot_path(args, sub.choices[args.mode])
+    elif args.mode != "offload" and not (args.plot.lower().endswith(".png")
+                                         and os.path.isdir(os.path.dirname(os.path.abspath(args.plot)))):
+        parser.error(f"--plot {args.plot!r}: give a .png file in an existing folder (checked before the timings)")
     return cli({"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode],
                args)  # e.g. a context longer than the model's: one line
 

@@ -107,3 +107,16 @@ def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys)
                        (["cpu", "--budget", "1/4"], None), (["cpu", "--seqlens", "16", "--plot", "x.png"], "x.png")):
         assert bench.main(argv) == 0 and plots[-1] == want, argv
         assert ("stays as it is; --plot PATH draws this run" in capsys.readouterr().err) == (want is None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_e2e", lambda args: plots.append(args.plot) or 0)
+    for argv, want in ((["e2e"], None), (["e2e", "--compile"], f"{bench.HERE}/report/bench_e2e.png")):
+        assert bench.main(argv) == 0 and plots[-1] == want, argv  # the README's plot is of --compile steps
+        assert ("not the default points with --compile" in capsys.readouterr().err) == (want is None)
+
+
+@pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg"])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bench_cpu", lambda args: pytest.fail("timed before refusing --plot"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["cpu", "--plot", plot])
+    assert e.value.code == 2 and "give a .png file in an existing folder" in capsys.readouterr().err
