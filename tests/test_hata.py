@@ -61,6 +61,21 @@ def test_a_cpu_step_whose_budget_covers_its_keys_is_dense(smol_weights, use_norm
                                                                                        attn.hash_proj), rtol=0, atol=0)
 
 
+def test_a_step_over_one_key_more_than_the_budget_is_sparse(monkeypatch):
+    """K = S - 1, the first step that drops a key: every sparse layer selects (its K indices all used), where a
+    step with K = S attends densely (the test above)."""
+    model = Transformer(PRESETS["tiny"], HataArgs(budget=6, n_dense=1)).eval()
+    model.setup_caches(1, 16)
+    picked = []
+    monkeypatch.setattr(model_module, "sparse_decode_attention",
+                        lambda q, k, v, idx: picked.append(idx) or hk.sparse_decode_attention(q, k, v, idx))
+    with torch.inference_mode():
+        prefill(model, torch.tensor([[3, 4, 5, 6, 7, 8]]), torch.tensor([6]))  # positions 0-5
+        assert not picked
+        decode_one_token(model, torch.tensor([9]), torch.tensor([6]))  # 7 keys, K = 6
+    assert len(picked) == PRESETS["tiny"].n_layers - 1 and all((idx >= 0).sum() == 2 * 6 for idx in picked)
+
+
 @pytest.mark.parametrize("use_norm, chunk", [(False, 4096), (True, 4096), (False, 4), (True, 5)])
 def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chunk):
     """Every decode step of every sparse layer against HATA written out from the refs: the layer's
