@@ -377,11 +377,12 @@ class Tokenizer:
         if self.sp is not None:  # byte of argv) becomes U+FFFD, as tiktoken makes it; sentencepiece would fail
             return self.sp.encode(text)
         parts = self.plain.split(text) if self.plain else [text]  # odd parts: added tokens that are not special
-        ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else
-                                                           [i for piece in _cut_runs(part)
-                                                            for i in self.enc.encode_ordinary(piece)])]
+        ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else self._ordinary(part))]
         # Ids past the vocabulary stand for bytes it lacks (see _bpe); drop them as HF does.
         return [i for i in ids if i < self.vocab_size] if self.enc.n_vocab > self.vocab_size else ids
+
+    def _ordinary(self, text: str) -> list[int]:  # tiktoken, a piece at a time (see RUN_CAP)
+        return [i for piece in _cut_runs(text) for i in self.enc.encode_ordinary(piece)]
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         bos = self.add_bos if bos is None else bos
