@@ -194,6 +194,20 @@ def test_teacher_forced_pass_matches_a_dense_forward(smol, tok):
     assert abs(res["dense"]["nll"] - ref) < 1e-3
 
 
+def test_teacher_forced_scores_pool_every_batch(monkeypatch):
+    """Four windows in batches of two: the NLL is the plain mean of every position's, and agreement is over all 12
+    positions (a selector that agrees in the first batch only: 50%), not over the last batch."""
+    def policies(model, tokens, n_prefill, steps, capacity, pols, bar=None):  # (B, steps) tokens and log-probs
+        first, top = bool(tokens[0, 0] == 0), torch.zeros(2, steps, dtype=torch.long)
+        return {("dense", None): (top, torch.full((2, steps), -1.0 if first else -2.0)),
+                ("oracle", 0.5): (top if first else top + 1, torch.full((2, steps), -3.0))}
+    monkeypatch.setattr(ev, "run_policies", policies)
+    windows = torch.tensor([[0] * 8] * 2 + [[1] * 8] * 2)  # (4, 8)
+    res = ev.run_teacher_forced(None, windows, 3, [("dense", None, None), ("oracle", 0.5, None)], batch=2)
+    assert res["dense"] == {"nll": 1.5, "ppl": math.exp(1.5), "positions": 12, "agree": 1.0}
+    assert res["oracle 1/2"] == {"nll": 3.0, "ppl": math.exp(3.0), "positions": 12, "agree": 0.5}
+
+
 def test_merge_joins_selectors_over_the_same_samples():
     def run(sel, answers):
         recs = [{"context": 1024, "task": "single", "haystack": "noise", "depth": d, "answer": "12345",
@@ -246,6 +260,17 @@ def test_merge_states_the_context_of_its_perplexity_runs():
     assert ev.merge([copy.deepcopy(ppl), copy.deepcopy(retrieval)])["ppl_context"] == 1024
     with pytest.raises(ValueError, match=r"perplexity contexts differ \(\[1024, 2048\]\)"):
         ev.merge([copy.deepcopy(ppl), {**copy.deepcopy(ppl), "ppl_context": 2048}])
+    def oracle(p):  # two runs of one policy: the first run's result counts, as for retrieval
+        return {**copy.deepcopy(ppl), "perplexity": {**dense, "oracle 1/8": {"nll": 0.8, "ppl": p, "agree": 0.9,
+                                                                              "positions": 8}}}
+    assert ev.merge([oracle(2.2), oracle(3.0)])["perplexity"]["oracle 1/8"]["ppl"] == 2.2
+
+
+def test_report_states_the_perplexity_increase_over_dense():
+    ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
+           "oracle 1/8": {"ppl": 2.5, "agree": 0.875, "nll": 0.92, "positions": 8}}
+    md = ev.report({"selectors": ["oracle"], "budgets": [1 / 8], "ppl_context": 1024, "perplexity": ppl})
+    assert "| oracle | 2.500 (+25.0%) | 87.5% |" in md
 
 
 def test_merge_refuses_what_would_join_two_things_under_one_key():
