@@ -231,6 +231,44 @@ def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path)
         assert recall["trained"] > recall["random"], (f, recall)
 
 
+def test_training_starts_from_the_seeded_random_projections_scaled(monkeypatch):
+    """Each layer starts from random_hash_projections' draw over sqrt(head_dim): unit-norm columns in expectation."""
+    args, starts = PRESETS["tiny"], {}
+    monkeypatch.setattr(th, "train_layer", lambda P0, sample, *a: (starts.setdefault(sample, P0), [0.0], [0.0] * 4))
+    th.train(Transformer(args), {2: 2, 3: 3}, 32, 2, steps=1, batch=1, keys=1, seed=0, hp={})
+    for l, P in th.random_hash_projections(args, 32, 2, 0).items():
+        torch.testing.assert_close(starts[l], P / math.sqrt(args.head_dim), rtol=0, atol=0)
+
+
+def test_evaluate_takes_means_over_every_window(tiny_model):
+    """Two windows: the oracle's recall is exactly 1 and no mass above 1 (a count of one window's queries gave 2)."""
+    windows = torch.randint(PRESETS["tiny"].vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    res = th.evaluate(tiny_model, windows, {"oracle": None}, 2, queries=4, seed=0)
+    for f in th.BUDGETS:
+        for mass, recall in res["oracle", f].values():
+            assert recall == 1.0 and (mass <= 1 + 1e-9).all()
+
+
+def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeypatch, tmp_path):
+    """The guard's windows are never trained on, and the file records the run's --rbit and --n-dense."""
+    args, seen = PRESETS["tiny"], {}
+    monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, n, gen: torch.arange(n)[:, None].repeat(1, L))
+    monkeypatch.setattr(th, "collect_samples", lambda model, windows, *a, **k: seen.setdefault("train", windows))
+    projs = {l: torch.randn(args.n_kv_heads, args.head_dim, 32) for l in range(1, args.n_layers)}
+    monkeypatch.setattr(th, "train", lambda *a: projs)
+    def guard(model, trained, val, *a):  # every head kept
+        seen["val"] = val
+        return {r: (p, []) for r, p in trained.items()}
+    monkeypatch.setattr(th, "guard_heads", guard)
+    run = SimpleNamespace(seq_len=16, n_seqs=4, val_seqs=2, n_dense=1, queries=2, query_from=0.25, loss="listwise",
+                          steps=1, batch=1, keys=4, seed=0)
+    out = str(tmp_path / "p.safetensors")
+    th.train_files(run, Transformer(args), None, [], {32: out}, {}, torch.Generator().manual_seed(0), 0.0)
+    train, val = set(seen["train"][:, 0].tolist()), set(seen["val"][:, 0].tolist())
+    assert len(train) == 4 and len(val) == 2 and not train & val
+    assert load_hash_projections(out, args, HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
+
+
 def test_a_save_that_fails_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
     """save_hash_projections writes a file beside --out and renames it over: a save cut short (Ctrl-C, a full disk)
     leaves the earlier projections as they were, and no scrap."""
