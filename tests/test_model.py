@@ -634,7 +634,8 @@ def test_rope_scaling():
 
 def test_rope_scaling_and_shards_from_checkpoints(small_smol, tmp_path):
     """A Hugging Face config's rope_scaling (Llama 3.1's) and a Meta params.json's use_scaled_rope both give
-    Llama 3.1's scaling; a Meta checkpoint split over two model-parallel shards loads as the single file does."""
+    Llama 3.1's scaling; a transformers v5 config keeps rope_theta in rope_parameters only; a Meta checkpoint split
+    over two model-parallel shards (the embedding split as Llama 2's or Llama 3's) loads as the single file does."""
     args, sd = small_smol
     write_hf(tmp_path / "hf", args, sd)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -643,6 +644,10 @@ def test_rope_scaling_and_shards_from_checkpoints(small_smol, tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     llama31 = PRESETS["llama-3.1-8b"].rope_scaling
     assert load_checkpoint(str(tmp_path / "hf"))[0].rope_scaling == llama31
+    del cfg["rope_scaling"]
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(str(tmp_path / "hf"))[0].rope_theta == 100000.0  # SmolLM2's, not a default of 10000
     meta, ids = tmp_path / "meta", [504, 3575, 282, 4649, 314]
     write_meta(meta, args, sd)
     whole = logits_of(from_checkpoint(str(meta)), ids)
@@ -651,15 +656,11 @@ def test_rope_scaling_and_shards_from_checkpoints(small_smol, tmp_path):
     (meta / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
     assert load_checkpoint(str(meta))[0].rope_scaling == llama31
     (meta / "params.json").write_text(json.dumps(params))
-    shards = [{}, {}]  # column-parallel weights split on dim 0, row-parallel (wo, w2, the embedding) on dim 1
-    for name, w in one.items():
-        dim = 1 if name.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")) else 0
-        for shard, part in zip(shards, w.chunk(2, dim) if w.dim() == 2 else (w, w)):
-            shard[name] = part.contiguous()
-    os.remove(meta / "consolidated.00.pth")
-    for i, shard in enumerate(shards):
-        torch.save(shard, meta / f"consolidated.0{i}.pth")
-    torch.testing.assert_close(logits_of(from_checkpoint(str(meta)), ids), whole, atol=1e-5, rtol=0)
+    for rows in (("wo.weight", "w2.weight", "tok_embeddings.weight"), ("wo.weight", "w2.weight")):  # Llama 2, 3
+        for i in range(2):  # row-parallel weights split on dim 1, the others on dim 0; norms whole in each shard
+            torch.save({name: (w.chunk(2, 1 if name.endswith(rows) else 0)[i] if w.dim() == 2 else w).contiguous()
+                        for name, w in one.items()}, meta / f"consolidated.0{i}.pth")
+        torch.testing.assert_close(logits_of(from_checkpoint(str(meta)), ids), whole, atol=1e-5, rtol=0)
 
 
 def test_hata_args_take_whole_numbers():
