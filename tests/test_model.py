@@ -612,6 +612,18 @@ def test_dtypes_run_close_to_fp64(dtype, bound):
     assert (got.double() - ref).abs().max() <= bound * ref.abs().max()
 
 
+def test_rms_norm_by_hand():
+    """x / sqrt(mean(x^2) + eps) * weight, in fp32 whatever the input dtype; activations of 1e-3 make eps count."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = 1e-3 * torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
+    norm = model_module.RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+        torch.testing.assert_close(norm(x), want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(norm(x.double()), want.double(), rtol=1e-6, atol=0)
+
+
 def test_rope_scaling():
     base = PRESETS["tiny"]
     plain = rope_frequencies(base)
