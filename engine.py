@@ -297,7 +297,8 @@ def build_parser():
                                           "for the default model, else seeded random projections")
     g.add_argument("--n-dense", type=int, help="leading layers that stay dense (default: a --hash-weights file's "
                    f"own, else {h['n_dense']})")
-    g.add_argument("--sink", type=int, default=h["n_sink"], help="first positions always attended")
+    g.add_argument("--sink", type=int, default=h["n_sink"],
+                   help="first positions always attended (with --recent, within the budget)")
     g.add_argument("--recent", type=int, default=h["n_recent"], help="last positions always attended")
     g.add_argument("--use-norm", action="store_true", help="weight Hamming scores by key norms (hash selector only)")
     g.add_argument("--selector", choices=SELECTORS, default=h["selector"], help="hash: HATA; oracle: exact top-K "
