@@ -8,7 +8,7 @@ cached positions (capacity), K the budget.
 Each op is a triple, side by side:
     _op_kernel   Triton kernel, or _op-prefixed kernels, one a launch (GPU; on the CPU under TRITON_INTERPRET=1)
     op()         input checks (ValueError, one line) + dispatch
-    op_ref()     pure torch, the definition; runs anywhere
+    op_ref()     torch, the definition; runs anywhere (on the CPU, numpy counts bits and partitions)
 
 Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref; on CUDA, hash_encode
 takes cuBLAS for long prefills with W not a power of two and cache_write the ref for D not a power of two; the
