@@ -214,6 +214,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
 
 
+class InOrder(argparse.Action):
+    """--prompt and --prompt-file: each appends to its own list, and (flag dest, value) to args.inputs, the batch in
+    command-line order."""
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, (getattr(namespace, self.dest) or []) + [value])
+        namespace.inputs = namespace.inputs + [(self.dest, value)]
+
+
 def note_ignored(args, parser, off):
     """One note on stderr naming the flags given (not left at the parser's defaults) that this run ignores, with
     the reasons: off is [(flags, ignored in this run?, why)]. (engine.py, eval.py and train_hash.py.)"""
@@ -271,9 +279,10 @@ def device_name(text):
 def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
     p = Parser(prog="engine.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", action="append", help="read a prompt from this file ('-': standard input), less "
-                   "one trailing newline (as llama.cpp -f); repeat for a batch")
+    p.add_argument("--prompt", action=InOrder, help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", action=InOrder, help="read a prompt from this file ('-': standard input), less "
+                   "one trailing newline (as llama.cpp -f); repeat for a batch (in order with --prompt)")
+    p.set_defaults(inputs=[])
     p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
@@ -392,15 +401,7 @@ def run(args):
     note_ignored(args, build_parser(), off)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
-    texts = list(args.prompt or [])
-    for path in args.prompt_file or []:  # "-": standard input; a pipe or /dev/stdin will do too
-        if path != "-" and (os.path.isdir(path) or not os.path.exists(path)):
-            raise FileNotFoundError(f"prompt file not found (or a directory): {path}")
-        try:
-            with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8", closefd=path != "-") as f:
-                texts.append(f.read().removesuffix("\n"))  # text mode reads "\r\n" as "\n"
-        except UnicodeDecodeError as e:
-            raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None
+    texts = [text if flag == "prompt" else read_prompt_file(text) for flag, text in args.inputs]
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
 
@@ -439,6 +440,16 @@ def run(args):
             answer = tok.decode([t for t in ids if t not in tok.eos_ids])
             print(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}")  # the prompt's start, … where it goes on
     report_speed(timing)
+
+
+def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do too
+    if path != "-" and (os.path.isdir(path) or not os.path.exists(path)):
+        raise FileNotFoundError(f"prompt file not found (or a directory): {path}")
+    try:
+        with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8", closefd=path != "-") as f:
+            return f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None
 
 
 def cache_size(args, longest, context, what=None):

@@ -240,6 +240,18 @@ def test_prompt_files_repeat_into_a_batch_and_dash_is_stdin(capsys, tmp_path, mo
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_the_batch_keeps_the_command_lines_order(capsys, tmp_path, monkeypatch):
+    """--prompt and --prompt-file mixed: the batch, and its outputs, in the order given (before: every --prompt
+    first, then the files)."""
+    (tmp_path / "b.txt").write_text("from a file")
+    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: ([[1]] * len(prompts), {}))
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    code, out, _ = run_cli(capsys, "--prompt", "first", "--prompt-file", str(tmp_path / "b.txt"), "--prompt", "last")
+    heads = [line for line in out.splitlines() if line.startswith("--- ")]
+    assert code == 0 and heads == ["--- 'first'", "--- 'from a file'", "--- 'last'"]
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
     """`echo TEXT > FILE` reads as TEXT, as with llama.cpp's -f (and a CRLF ending too, which text mode reads as "\n"):
     the same tokens and answer as --prompt TEXT. Only one newline goes: a blank line at the end stays in the prompt."""
