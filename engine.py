@@ -28,6 +28,7 @@ from tokenizer import Tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HERE = os.path.dirname(os.path.abspath(__file__))
+PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer prompt: several chunks)
 
 
 def default_checkpoint():
@@ -74,7 +75,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 # Prefill and decode
 
 @torch.inference_mode()  # a forward outside it would link every cache write into one autograd graph
-def prefill(model, tokens, lengths, chunk=4096, progress=False):
+def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
     """tokens (B, T) right-padded prompts; lengths (B,) their true lengths. Fills the caches for positions
     0 .. T-1 in chunks of `chunk` tokens (the first one a plain causal pass) and returns the logits (B, V) at each
     sequence's last prompt token. A chunk after the first is never 1 token long: the model takes a 1-token
@@ -422,7 +423,7 @@ def run(args):
     if top >= model.args.vocab_size:
         raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {model.args.vocab_size} "
                          f"tokens: the tokenizer does not belong to this checkpoint")
-    setup(model, args, len(prompts), max_seq_len)
+    setup(model, args, len(prompts), max_seq_len, longest)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
@@ -476,9 +477,9 @@ def plural(n, what="token"):  # "1 token", "2 tokens"
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
-def setup(model, args, batch, max_seq_len):
+def setup(model, args, batch, max_seq_len, prompt_len):
     """The caches (in host memory for the sparse layers with --offload), then --compile."""
-    offload_from_args(model, args, batch, max_seq_len)
+    offload_from_args(model, args, batch, max_seq_len, chunked=prompt_len > PREFILL_CHUNK)
     model.setup_caches(batch, max_seq_len)
     if args.compile:
         if model.output.weight.device.type == "cpu":
@@ -507,7 +508,7 @@ def run_random(args, hata, device, dtype):
     args.prompt_len = args.prompt_len or min(1024, context // 2)  # the tiny preset's context is 1024: room to decode
     max_seq_len, max_new = cache_size(args, args.prompt_len, context, f"--prompt-len is {args.prompt_len}")
     model = random_model(args.preset, hata, device, dtype)
-    setup(model, args, batch, max_seq_len)
+    setup(model, args, batch, max_seq_len, args.prompt_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}), for speed only: "
           f"the output is noise; {plural(batch, 'random prompt')} of {args.prompt_len} tokens{unused}; "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)

@@ -172,12 +172,13 @@ class OffloadPlan:
     layer_bytes: int  # K + V of one layer
     gpu_bytes: int  # what the KV cache keeps on the GPU: the other layers' K/V and the sparse layers' codes (if any)
     host_bytes: int  # what the offloaded layers take in host memory
+    copy_bytes: int = 0  # a later prefill chunk's GPU copy of one offloaded layer (none for a one-chunk prompt)
 
     def __str__(self):
         return (f"offload: K/V of {len(self.layers)} sparse layers in host memory ({self.host_bytes / GiB:.2f} GiB); "
                 f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (the layers kept there, hash codes)"
-                + (f", + {self.layer_bytes / GiB:.2f} GiB while a later prefill chunk copies one back" if self.layers
-                   else ""))
+                + (f", + {self.copy_bytes / GiB:.2f} GiB while a later prefill chunk copies one back"
+                   if self.copy_bytes else ""))
 
 
 CGROUP_FILES = [("memory.max", "memory.current", "inactive_file "),  # v2: cap, use, reclaimable page cache
@@ -223,10 +224,11 @@ def _own_cgroups(table="/proc/self/cgroup"):
             [f"/sys/fs/cgroup/memory{path}" for _, kinds, path in lines if "memory" in kinds.split(",")])
 
 
-def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None):
+def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, chunked=True):
     """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
     layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default what
-    host_available() finds less HOST_KEEP_*) cannot hold the offloaded layers."""
+    host_available() finds less HOST_KEEP_*) cannot hold the offloaded layers. chunked: a prompt may take more than
+    one prefill chunk, whose attention over an offloaded layer needs a GPU copy of it (HostKVCache.update)."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse and kv_gpu_gb is None:  # (with a cap, a dense model is only checked against it)
@@ -244,7 +246,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
         cap = int(kv_gpu_gb * GiB)
         # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
         # so while any layer is offloaded the cap holds one layer's K/V more: offloading n frees n - 1 layers.
-        n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu - cap) / layer_bytes) + 1)
+        n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu - cap) / layer_bytes) + chunked)
         fix = f"raise --kv-gpu-gb to {math.ceil((all_gpu + 1) / GiB * 1000) / 1000:g} (nothing offloaded)"  # up
     if n and hata.budget_tokens(max_seq_len) >= max_seq_len:  # (with --kv-gpu-gb too: such layers never select)
         raise ValueError(f"offloading gains nothing: the budget covers the whole {max_seq_len}-token cache, so every "
@@ -252,9 +254,11 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     if n and hata.selector != "hash":
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
                          f"reads every key each step, all of it over PCIe: use --selector hash, or {fix}")
-    if kv_gpu_gb is not None and (gpu := all_gpu - max(0, n - 1) * layer_bytes) > cap:
-        held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes and a later prefill chunk's copy "
-                "of one offloaded layer)" if sparse else "and no layer decodes sparsely, so none can be offloaded")
+    copy = layer_bytes if chunked and n else 0
+    if kv_gpu_gb is not None and (gpu := all_gpu - n * layer_bytes + copy) > cap:
+        held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes"
+                + (" and a later prefill chunk's copy of one offloaded layer)" if copy else ")") if sparse else
+                "and no layer decodes sparsely, so none can be offloaded")
         raise ValueError(f"the KV cache needs {gpu} bytes on the GPU {held}, but --kv-gpu-gb {kv_gpu_gb} allows {cap} "
                          "bytes; raise it, or lower --max-seq-len or the batch")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
@@ -269,21 +273,21 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
                          f"GiB) but {host_bytes} bytes ({host_bytes / GiB:.2f} GiB) {where}; lower "
                          f"--max-seq-len or the batch")
-    return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, need)
+    return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, need, copy)
 
 
-def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None):
+def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, chunked=True):
     """Plan, then make the planned layers allocate their K/V in host memory at the next setup_caches (call it
     before setup_caches so the GPU never holds them). Returns the plan."""
-    plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_bytes)
+    plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_bytes, chunked)
     host_cache = partial(HostKVCache, max_bytes=plan.layer_bytes)  # a larger setup_caches needs a new plan
     for i, layer in enumerate(model.layers):
         layer.attention.kv_cache_cls = host_cache if i in plan.layers else KVCache
     return plan
 
 
-def offload_from_args(model, args, max_batch_size, max_seq_len):
+def offload_from_args(model, args, max_batch_size, max_seq_len, chunked=True):
     """engine.py's hook, before setup_caches: --offload offloads every sparse layer, --kv-gpu-gb GiB only as many
-    as the cap needs. Prints the plan to stderr."""
+    as the cap needs (chunked: see plan_offload). Prints the plan to stderr."""
     if args.offload or args.kv_gpu_gb is not None:
-        print(apply_offload(model, max_batch_size, max_seq_len, args.kv_gpu_gb), file=sys.stderr)
+        print(apply_offload(model, max_batch_size, max_seq_len, args.kv_gpu_gb, chunked=chunked), file=sys.stderr)

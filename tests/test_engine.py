@@ -589,7 +589,7 @@ def test_interrupt_and_cpu_compile_notes(capsys, monkeypatch):
     model = engine.random_model("tiny", None, "cpu", torch.float32)
     args = argparse.Namespace(compile=True, offload=False, kv_gpu_gb=None)
     monkeypatch.setattr(model, "compile_pointwise", lambda: None)
-    engine.setup(model, args, 1, 16)
+    engine.setup(model, args, 1, 16, 8)
     assert "--compile is for CUDA" in capsys.readouterr().err
 
 

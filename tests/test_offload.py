@@ -1,6 +1,7 @@
 """offload.py: the same tokens with the sparse layers' K/V in host memory as with the whole cache on the device;
 the memory plan (cap, refusals); the staged fetch against the ref. On the CPU host memory plays the far memory and
 the Triton kernels run in the interpreter; the GPU tests (pinned host memory read through UVA) skip without CUDA."""
+import argparse
 import re
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import hata_kernels as hk
 import offload
-from engine import decode_one_token, generate, prefill, random_model
+from engine import PREFILL_CHUNK, decode_one_token, generate, prefill, random_model, setup
 from model import KVCache, HataArgs
 from offload import (GiB, HostKVCache, apply_offload, gather_rows, host_available, host_buffer, plan_offload,
                      staged_sparse_attention)
@@ -83,6 +84,10 @@ def test_cap_offloads_only_what_does_not_fit():
     assert plan_offload(model, 1, 256, kv_gpu_gb=(3 * layer + codes - 1) / GiB).layers == [1, 2, 3]
     assert plan_offload(model, 1, 256, kv_gpu_gb=(4 * layer + codes) / GiB).layers == []  # all fit: no copy
     assert "copies" not in str(plan_offload(model, 1, 256, kv_gpu_gb=100))
+    one = plan_offload(model, 1, 256, kv_gpu_gb=cap, chunked=False)  # a one-chunk prompt: no copy, one layer fewer
+    assert one.layers == [3] and one.gpu_bytes == 3 * layer + codes and "copies" not in str(one)
+    with pytest.raises(ValueError, match=rf"needs {layer + codes} bytes .* offloaded \(dense layers, hash codes\), "):
+        plan_offload(model, 1, 256, kv_gpu_gb=(layer + codes - 1) / GiB, chunked=False)
     with pytest.raises(ValueError, match=f"needs {2 * layer + codes} bytes on the GPU") as e:
         plan_offload(model, 1, 256, kv_gpu_gb=(2 * layer + codes - 1) / GiB)  # the dense layer and one copy: no
     assert "\n" not in str(e.value)
@@ -91,6 +96,15 @@ def test_cap_offloads_only_what_does_not_fit():
             plan_offload(model, 1, 256, kv_gpu_gb=bad)
     normed = tiny(hata=HataArgs(budget=8, n_dense=1, use_norm=True))  # + an fp32 key norm a token and KV head
     assert plan_offload(normed, 1, 256, kv_gpu_gb=100).gpu_bytes == 4 * layer + codes + 3 * 1 * 2 * 256 * 4
+
+
+def test_the_engine_reserves_a_chunk_copy_only_for_a_longer_prompt(capsys):
+    """A prompt of one prefill chunk never copies an offloaded layer back, so --kv-gpu-gb offloads one layer fewer."""
+    layer, codes = 2 * 1 * 2 * 256 * 16 * 4, 3 * 1 * 2 * 256 * 16  # as above
+    args = argparse.Namespace(compile=False, offload=False, kv_gpu_gb=(3 * layer + codes) / GiB)
+    for prompt_len, n in ((PREFILL_CHUNK, 1), (PREFILL_CHUNK + 1, 2)):
+        setup(tiny(), args, 1, 256, prompt_len)
+        assert f"K/V of {n} sparse layers" in capsys.readouterr().err
 
 
 def test_plan_counts_the_codes_set_hata_keeps():
