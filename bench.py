@@ -620,8 +620,8 @@ def report_plot_path(args, mode_parser):
     if getattr(args, "compile", True) and all(getattr(args, k) == mode_parser.get_default(k) for k in points
                                               if hasattr(args, k)):
         return os.path.join(HERE, "report", f"bench_{args.mode}.png")
-    print(f"note: not the default points{' with --compile' if args.mode == 'e2e' else ''}, so "
-          f"report/bench_{args.mode}.png stays as it is; --plot PATH draws this run", file=sys.stderr)
+    print(f"note: not the default points{' with --compile' if args.mode == 'e2e' else ''}, so this run does not "
+          f"draw report/bench_{args.mode}.png; --plot PATH draws it", file=sys.stderr)
     return None
 
 

@@ -6,8 +6,8 @@ With no --checkpoint it runs the default model, SmolLM2-135M-Instruct, from the 
 file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal attention and fills the KV and
 hash caches; `decode_one_token()` runs one step, where every layer from `n_dense` on attends only to the top-K
 cached tokens chosen by Hamming distance between hash codes (model.py); a budget that covers the whole cache (the
-default 2048 tokens, for a short prompt) is dense attention, so try --budget 1/4. Tokens stream to stdout; prefill
-and decode speed go to stderr.
+default 2048 tokens, for a short prompt) is dense attention, so try --budget 16. Tokens stream to stdout; prefill
+and decode speed go to stderr, with the number of steps that had more cached keys than the budget.
 """
 import argparse
 import filecmp
@@ -187,9 +187,11 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     t3 = time.perf_counter()
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
     new = [[t for t in row if t >= 0] for row in rows]
+    steps, K = max(len(out) - 1, 0), next((l.attention.budget for l in model.layers if l.attention.hata), None)
     timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if step_fn is not decode_one_token else None,
-              "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": max(len(out) - 1, 0),
-              "decode_tokens": sum(max(len(t) - 1, 0) for t in new)}
+              "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": steps,
+              "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K,  # step s attends to T + s + 1 keys
+              "selecting_steps": None if K is None else max(0, steps - max(0, K - T))}  # (the longest sequence's)
     return new, timing
 
 
@@ -245,9 +247,9 @@ def parse_budget(text):
 
 
 def positive_int(text):
-    """argparse type for counts and lengths: a whole number >= 1 (a ValueError reads "invalid positive_int value")."""
-    if int(text) < 1:
-        raise ValueError(text)
+    """argparse type for counts and lengths: a whole number >= 1."""
+    if not (text.strip().lstrip("+").isdecimal() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return int(text)
 
 
@@ -402,6 +404,8 @@ def run(args):
     note_ignored(args, build_parser(), off)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
+    if args.inputs.count(("prompt_file", "-")) > 1:  # the second read would find it empty
+        raise ValueError("--prompt-file - reads standard input, which holds one prompt: give it once")
     texts = [text if flag == "prompt" else read_prompt_file(text) for flag, text in args.inputs]
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
@@ -525,6 +529,9 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
               f"{1000 * secs / steps:.1f} ms/step)" if steps else
               "no steps (each sequence ended with its first token, or there was room for one)")
     graph = f"; CUDA graph capture {timing['graph_s']:.2f}s" if timing.get("graph_s") is not None else ""
+    if steps and timing.get("selecting_steps") is not None:  # how many steps HATA's budget left keys out of
+        decode += (f"; {timing['selecting_steps']} of them with more cached keys than the budget of "
+                   f"{plural(timing['budget'])} (the others attend to every key)")
     print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s){graph}; decode: {decode}", file=sys.stderr)
 

@@ -206,6 +206,11 @@ def test_bad_prompt_files(capsys, tmp_path):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_standard_input_is_one_prompt(capsys):
+    code, _, err = run_cli(capsys, "--prompt-file", "-", "--prompt", "x", "--prompt-file", "-")
+    assert code == 2 and "--prompt-file - reads standard input, which holds one prompt: give it once" in error_line(err)
+
+
 def test_prompt_file_may_be_a_pipe(capsys, tmp_path):
     """`--prompt-file <(...)` or `--prompt-file /dev/stdin` reads a pipe, which is no regular file."""
     fifo = tmp_path / "fifo"
@@ -385,6 +390,21 @@ def test_generate_keeps_no_autograd_graph():
     assert not (logits.requires_grad or cache.k.requires_grad or cache.v.requires_grad)
 
 
+def test_timing_counts_the_steps_past_the_budget(capsys):
+    """Step s of a 3-token prompt attends to 4 + s keys: with K = 6, steps 3.. select (4 of 7); stderr says so.
+    A dense model has no budget to count against."""
+    model = engine.random_model("tiny", HataArgs(budget=6, n_dense=1), "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    _, timing = engine.generate(model, [[3, 4, 5]], 8)
+    assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (7, 6, 4)
+    engine.report_speed(timing)
+    err = capsys.readouterr().err
+    assert "7 steps in" in err and "; 4 of them with more cached keys than the budget of 6 tokens (the others" in err
+    dense = engine.random_model("tiny", None, "cpu", torch.float32)
+    dense.setup_caches(1, 16)
+    assert engine.generate(dense, [[3, 4, 5]], 8)[1]["selecting_steps"] is None
+
+
 def test_prefill_refuses_lengths_outside_the_prompts_and_short_chunks():
     """A length of 0 or past the padded width would get no row of logits (uninitialised memory came back); a chunk
     under 3 tokens could leave a 1-token chunk. Errors, not asserts (python -O drops those)."""
@@ -481,7 +501,7 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     assert code == 2 and error_line(err) == "error: --max-seq-len 2000 exceeds the model's context of 1024 tokens"
     for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
         code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", bad, "--device", "cpu")
-        assert code == 2 and "--max-seq-len: invalid positive_int value" in err
+        assert code == 2 and "--max-seq-len: must be a whole number >= 1" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -669,7 +689,7 @@ def test_threads_sets_torchs_threads(capsys, monkeypatch):
     assert run_cli(capsys, *argv, "--threads", "1")[0] == 0 and set_to == [1]
     assert run_cli(capsys, *argv)[0] == 0 and set_to == [1]  # unset: torch's own
     code, _, err = run_cli(capsys, *argv, "--threads", "0")
-    assert code == 2 and "--threads: invalid positive_int value: '0'" in error_line(err)
+    assert code == 2 and "--threads: must be a whole number >= 1, got '0'" in error_line(err)
 
 
 @pytest.mark.parametrize("n_gpus", [0, 1])
