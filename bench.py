@@ -211,7 +211,9 @@ def plot_speed(path, panels):
     plt.switch_backend("Agg")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, ylabel, yscale, lines, ref) in zip(axes[0], panels):
-        for label, pts in lines.items():
+        for label, pts in lines.items():  # (a line with no points, e.g. HATA where K covers every S: no legend)
+            if not pts:
+                continue
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
         if ref is not None:
             ax.axhline(ref, color="gray", linestyle="--")

@@ -449,7 +449,8 @@ def run(args):
 
 def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do too
     if path != "-" and (os.path.isdir(path) or not os.path.exists(path)):
-        raise FileNotFoundError(f"prompt file not found (or a directory): {path}")
+        raise FileNotFoundError(f"prompt file {path} is a directory" if os.path.isdir(path) else
+                                f"prompt file not found: {path}")
     try:
         with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8", closefd=path != "-") as f:
             return f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"

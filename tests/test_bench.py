@@ -40,6 +40,16 @@ def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_line_with_no_points_is_left_out_of_the_plot(tmp_path, monkeypatch):
+    """HATA at contexts its K covers has no points: no empty line, and no legend entry for one."""
+    import matplotlib.axes
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k["label"]) or plot(ax, *a, **k))
+    bench.plot_speed(str(tmp_path / "x.png"), [("t", "ms", "linear", {"dense": [(16, 1.0), (64, 2.0)], "HATA": []},
+                                                 None)])
+    assert drawn == ["dense"] and (tmp_path / "x.png").exists()
+
+
 def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys):
     """--budget 1/4 as engine.py reads it: K = ceil(S / 4) at each context, sparse at both (2 of 8, 12 of 48)."""
     png = tmp_path / "cpu.png"

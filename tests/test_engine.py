@@ -202,7 +202,9 @@ def test_bad_prompt_files(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "latin1.txt"))
     assert code == 2 and "latin1.txt is not UTF-8" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path))
-    assert code == 2 and "prompt file not found (or a directory)" in error_line(err)
+    assert code == 2 and f"prompt file {tmp_path} is a directory" in error_line(err)
+    code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "none.txt"))
+    assert code == 2 and "prompt file not found: " in error_line(err)
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
