@@ -29,6 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer prompt: several chunks)
+PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
 
 
 def default_checkpoint():
@@ -79,8 +80,8 @@ def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
     """tokens (B, T) right-padded prompts; lengths (B,) their true lengths. Fills the caches for positions
     0 .. T-1 in chunks of `chunk` tokens (the first one a plain causal pass) and returns the logits (B, V) at each
     sequence's last prompt token. A chunk after the first is never 1 token long: the model takes a 1-token
-    forward for a decode step, which a sparse layer would attend sparsely. `progress`: a bar on stderr when the
-    prompt takes more than one chunk."""
+    forward for a decode step, which a sparse layer would attend sparsely. `progress`: a bar on stderr, a step per
+    layer of each chunk, for a prompt of PROGRESS_TOKENS or more (seconds on a CPU)."""
     B, T = tokens.shape
     if chunk < min(3, T):
         raise ValueError(f"prefill chunks of at least 3 tokens, got {chunk}: a 1-token remainder takes a token from "
@@ -91,7 +92,12 @@ def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
     bounds = list(range(0, T, chunk)) + [T]
     if len(bounds) > 2 and T - bounds[-2] == 1:
         bounds[-2] -= 1  # ... 4096 + 1 tokens: the last chunks take 4095 and 2
-    bar = tqdm(total=T, desc="prefill", unit="tok", disable=not progress or len(bounds) <= 2, leave=False)
+    bar = tqdm(total=(len(bounds) - 1) * len(model.layers), desc=f"prefill {T} tokens", unit="layer", leave=False,
+               disable=not progress or T < PROGRESS_TOKENS)
+    def layer_done(*_):
+        synchronize(tokens.device)  # the bar follows the GPU, not the launches
+        bar.update()
+    hooks = [] if bar.disable else [layer.register_forward_hook(layer_done) for layer in model.layers]
     for start, end in zip(bounds, bounds[1:]):
         piece = tokens[:, start:end]  # (B, T_chunk)
         idx = (lengths - 1 - start).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
@@ -99,9 +105,8 @@ def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
         logits = model(piece, input_pos, output_idx=idx)  # (B, V)
         here = (lengths - 1 >= start) & (lengths - 1 < start + piece.shape[1])  # (B,)
         last = torch.where(here[:, None], logits, last)
-        if not bar.disable:
-            synchronize(tokens.device)  # the bar follows the GPU, not the launches
-            bar.update(end - start)
+    for hook in hooks:
+        hook.remove()
     bar.close()
     return last
 

@@ -555,19 +555,20 @@ def test_the_default_model_named_gets_its_trained_projections(capsys, gguf_path,
     assert code == 0 and "smollm2-135m-r128.safetensors" in err and "random projections" not in err
 
 
-def test_prefill_progress_bar_for_a_prompt_of_several_chunks(capsys):
-    """A bar on stderr (tqdm) when the prompt takes more than one chunk, none for one chunk; the logits are the
-    same either way."""
-    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)
+def test_prefill_progress_bar_for_a_long_prompt(capsys, monkeypatch):
+    """A bar on stderr (tqdm), a step per layer of each chunk, for a prompt of PROGRESS_TOKENS or more (before: only
+    for more than one chunk, so a 3000-token prompt on a CPU was seconds of silence); the logits are the same."""
+    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)  # 4 layers
     tokens, lengths = torch.arange(3, 13)[None], torch.tensor([10])
     logits = []
-    for chunk, bar in ((4, True), (16, False)):
+    for chunk, at_least, bar in ((4, 10, "/12 ["), (16, 10, "/4 ["), (16, 11, None)):  # chunks 4 + 4 + 2, or one
+        monkeypatch.setattr(engine, "PROGRESS_TOKENS", at_least)
         model.setup_caches(1, 16)
-        with torch.inference_mode():
-            logits.append(engine.prefill(model, tokens, lengths, chunk=chunk, progress=True))
+        logits.append(engine.prefill(model, tokens, lengths, chunk=chunk, progress=True))
         err = capsys.readouterr().err
-        assert ("prefill:" in err and "/10 [" in err) == bar, err
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+        assert ("prefill 10 tokens:" in err and bar in err) if bar else "prefill" not in err, err
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], atol=1e-5, rtol=0)
 
 
 def test_decode_progress_bar_for_a_batch(capsys, monkeypatch):

@@ -136,7 +136,7 @@ def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
 
 
 def test_the_prefill_shows_its_progress(smol, tok, monkeypatch):
-    """run_policies asks prefill for its bar (shown for prompts longer than one chunk: the long ones)."""
+    """run_policies asks prefill for its bar (shown for prompts of engine.PROGRESS_TOKENS or more)."""
     asked, real = [], ev.prefill
 
     def prefill(*args, **kwargs):
