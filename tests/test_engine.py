@@ -299,7 +299,8 @@ def test_n_dense_covering_every_layer_says_dense(capsys):
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_a_hash_weights_file_sets_the_bits_and_dense_layers_left_at_the_default(capsys, tmp_path):
     shipped = os.path.join(engine.HERE, "weights", "smollm2-135m-r64.safetensors")
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--budget", "2", "--max-new-tokens", "2")
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--budget", "2",
+                           "--max-new-tokens", "2")
     assert code == 0 and "budget 2 of up to 3 tokens, smollm2-135m-r64.safetensors" in err, err
     for rbit in ("256", "128"):  # given, even at 128 (HataArgs' default), --rbit is not replaced by the file's
         code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--rbit", rbit, "--max-new-tokens",
