@@ -207,12 +207,12 @@ def test_bad_prompt_files(capsys, tmp_path):
     assert code == 2 and "prompt file not found: " in error_line(err)
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_standard_input_is_one_prompt(capsys):
     code, _, err = run_cli(capsys, "--prompt-file", "-", "--prompt", "x", "--prompt-file", "-")
     assert code == 2 and "--prompt-file - reads standard input, which holds one prompt: give it once" in error_line(err)
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_file_may_be_a_pipe(capsys, tmp_path):
     """`--prompt-file <(...)` or `--prompt-file /dev/stdin` reads a pipe, which is no regular file."""
     fifo = tmp_path / "fifo"
