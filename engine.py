@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import fields
+from fractions import Fraction
 
 import torch
 from tqdm import tqdm
@@ -436,7 +437,7 @@ def run(args):
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
-        print(f"note: --budget {args.budget:g} is of the batch's cache ({max_seq_len} tokens, sized by the longest "
+        print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache ({max_seq_len} tokens, sized by the longest "
               "prompt): alone, a shorter prompt gets a smaller K; --max-seq-len fixes the cache", file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)

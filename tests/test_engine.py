@@ -259,6 +259,15 @@ def test_the_batch_keeps_the_command_lines_order(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_fraction_of_a_batchs_cache_is_noted_as_typed(capsys):
+    """Prompts of different lengths share one cache, so a fraction gives a short prompt the long one's K: noted,
+    with the budget as the user wrote it (1/4, not 0.25)."""
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--prompt", "a longer prompt than that", "--budget", "1/4",
+                           "--max-new-tokens", "1")
+    assert code == 0 and "note: --budget 1/4 is of the batch's cache (" in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
     """`echo TEXT > FILE` reads as TEXT, as with llama.cpp's -f (and a CRLF ending too, which text mode reads as "\n"):
     the same tokens and answer as --prompt TEXT. Only one newline goes: a blank line at the end stays in the prompt."""
