@@ -373,9 +373,8 @@ class Tokenizer:
     # --- encode / decode ---
 
     def _text(self, text: str) -> list[int]:
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # a lone surrogate (an undecodable
-        if self.sp is not None:  # byte of argv) becomes U+FFFD, as tiktoken makes it; sentencepiece would fail
-            return self.sp.encode(text)
+        if self.sp is not None:  # a lone surrogate (an undecodable byte of argv) becomes U+FFFD, as tiktoken itself
+            return self.sp.encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # makes it
         parts = self.plain.split(text) if self.plain else [text]  # odd parts: added tokens that are not special
         ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else self._ordinary(part))]
         # Ids past the vocabulary stand for bytes it lacks (see _bpe); drop them as HF does.
