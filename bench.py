@@ -387,16 +387,17 @@ def bench_offload(args):
     for name, ms, nbytes in (("HATA, KV on GPU", gpu_ms, 0), ("HATA, KV offloaded", off_ms, fetched),
                              ("dense, KV offloaded (all rows fetched)", all_ms, n_sparse * B * (S - 1) * row)):
         print(f"| {name} | {ms:.2f} | {1000 / ms:.1f} | {gpu_ms / ms:.2f}x | {nbytes / 2**20:.0f} MiB |")
-    print(f"\nHATA offloaded vs dense offloaded: {all_ms / off_ms:.1f}x faster (target >= 20x); vs HATA on GPU: "
-          f"{gpu_ms / off_ms:.2f} of its speed (target >= 0.33); fetch rate above the GPU step: "
+    print(f"\nHATA offloaded vs dense offloaded: {all_ms / off_ms:.1f}x faster; vs HATA on GPU: "
+          f"{gpu_ms / off_ms:.2f} of its speed; fetch rate above the GPU step: "
           f"{fetched / max(off_ms - gpu_ms, 1e-6) / 1e6:.1f} GB/s\n")
+    shape = model.args.n_heads, model.args.n_kv_heads, model.args.head_dim
     del model
     torch.cuda.empty_cache()
-    bench_offload_fetch(args, S, hata.budget_tokens(S))
+    bench_offload_fetch(args, S, hata.budget_tokens(S), *shape)
 
 
-def bench_offload_fetch(args, S, K, H=32, Hkv=8, D=128, B=1):
-    """One layer's attention at Llama-3.1-8B shapes over K random rows: from GPU memory, zero-copy from host
+def bench_offload_fetch(args, S, K, H, Hkv, D, B=1):
+    """One layer's attention at the preset's shapes over K random rows: from GPU memory, zero-copy from host
     memory, staged (gather into a GPU buffer, then attend), and the gather alone; every row; a DMA copy."""
     import offload
     timer = Timer(args.reps)
