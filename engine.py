@@ -60,7 +60,8 @@ def is_default_model(checkpoint):
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """logits (B, V) fp32 -> next tokens (B,). temperature 0 is greedy; top_p keeps the smallest set of tokens
-    whose probability reaches top_p (nucleus sampling)."""
+    whose probability reaches top_p (nucleus sampling). `generator`: one torch.Generator for the batch, or a list
+    of B (row b draws from the b-th: its tokens do not depend on the other rows)."""
     if temperature <= 0:
         return logits.argmax(-1)
     temperature = max(temperature, torch.finfo(logits.dtype).tiny)  # 1e-50 is 0 in fp32: x / 0 would give NaN
@@ -70,7 +71,15 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         before = torch.cat([torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(-1)[:, :-1]], -1)  # (B, V) exclusive
         drop = before >= top_p  # the tokens before already reach top_p (not cumsum - p: it rounds)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator, strict=True)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def row_generators(seed, n, device):
+    """n generators on `device`, row i's seeded with seed + i (wrapped to torch's 64 bits): a prompt samples the same
+    text alone with --seed s as at row i of a batch with --seed s - i (up to the batch's rounding)."""
+    return [torch.Generator(device=device).manual_seed((seed + i) % 2 ** 64) for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,7 +306,8 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
-    p.add_argument("--seed", type=torch_seed, default=0, help="seed of the sampling (and of --random-weights' prompt)")
+    p.add_argument("--seed", type=torch_seed, default=0,
+                   help="seed of the sampling (prompt i of a batch draws with seed + i) and of the random prompts")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, help="(default: bfloat16 on CUDA, float32 on CPU)")
@@ -437,13 +447,12 @@ def run(args):
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
-        print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache ({max_seq_len} tokens, sized by the longest "
-              "prompt): alone, a shorter prompt gets a smaller K; --max-seq-len fixes the cache", file=sys.stderr)
+        print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache "
+              f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; --max-seq-len fixes the cache", file=sys.stderr)
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = Streamer(tok) if len(prompts) == 1 else None
-    new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p, generator,
-                           on_token=streamer, progress=True)
+    new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p,
+                           row_generators(args.seed, len(prompts), device), on_token=streamer, progress=True)
     if streamer is not None:
         streamer.finish()
     else:
@@ -526,7 +535,7 @@ def run_random(args, hata, device, dtype):
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, args.prompt_len), generator=gen)
     _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,  # no stop token:
-                         torch.Generator(device=device).manual_seed(args.seed))  # every step runs; sampling as asked
+                         row_generators(args.seed, batch, device))  # every step runs; sampling as asked
     report_speed(timing)
 
 

@@ -460,6 +460,23 @@ def test_generate_stops_each_sequence_at_its_stop_token():
     assert timing["decode_tokens"] == len(got[0]) - 1 + 9  # a finished sequence's idle steps are not its tokens
 
 
+def test_sampled_rows_do_not_depend_on_their_neighbours():
+    """With row_generators a prompt samples the same tokens alone (seed s + i) as at row i of a batch (seed s),
+    and two copies of one prompt in a batch draw different samples."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    prompts, seed = [[5, 6, 7], [9, 10, 11, 12, 13], [5, 6, 7]], 2 ** 64 - 2  # row 2's seed wraps to 0
+    model.setup_caches(3, 32)
+    both, _ = engine.generate(model, prompts, 12, temperature=1.5, generator=engine.row_generators(seed, 3, "cpu"))
+    for i, prompt in enumerate(prompts):
+        model.setup_caches(1, 32)
+        alone, _ = engine.generate(model, [prompt], 12, temperature=1.5,
+                                   generator=engine.row_generators((seed + i) % 2 ** 64, 1, "cpu"))
+        assert alone == [both[i]], i
+    assert both[0] != both[2]
+    with pytest.raises(ValueError):  # a generator for every row, not fewer
+        sample(torch.zeros(2, 5), 1.0, 1.0, engine.row_generators(0, 1, "cpu"))
+
+
 def test_status_lines(capsys):
     oracle = HataArgs(selector="oracle", budget=4, hash_weights="w/proj.safetensors")
     assert "proj" not in engine.describe_policy(oracle, 64, 4)  # oracle and Quest read no projections

@@ -332,7 +332,8 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     projs[3][1] = 0.0
     projs[2] = 3 * projs[2]
     windows = torch.randint(args.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
-    other = {l: P / math.sqrt(args.head_dim) for l, P in th.random_hash_projections(args, 2 * R, n_dense, seed=0).items()}
+    other = th.random_hash_projections(args, 2 * R, n_dense, seed=0)
+    other = {l: P / math.sqrt(args.head_dim) for l, P in other.items()}
     out, back = th.guard_heads(model, {R: projs}, windows, n_dense, query_from=0.25, seed=0, queries=8)[R]
     assert [(l, h) for l, h, _ in back] == [(3, 1)] and back[0][2] < 0
     torch.testing.assert_close(out[2], projs[2], rtol=0, atol=0)
