@@ -606,6 +606,21 @@ def test_gguf_without_pre_tokenizer(tmp_path, capsys):
         assert (warning in err) if warning else err == "", (pre, size, err)
 
 
+def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
+    """An isolating Split keeps the text its regex does not match as pieces of their own (tiktoken would drop
+    it: "ab 12!" with a letters-only regex encoded as "ab"); each gap is one piece, so a merge inside it applies."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    vocab = {to_char[b]: b for b in range(256)} | {"Ġ1": 256}
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{L}+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": vocab, "merges": ["Ġ 1"]}, "pre_tokenizer": pre}))
+    tok = Tokenizer.from_path(tmp_path)
+    assert tok.encode("ab 12!\ncd") == [97, 98, 256, 50, 33, 10, 99, 100]
+    assert tok.decode(tok.encode(" 1 x\n\n")) == " 1 x\n\n"
+
+
 def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_path):
     """tiktoken splits by one regex: a chain of Splits (DeepSeek's), a normalizer or a prefix space would split or
     drop text otherwise (a chain's second Split used to be ignored, and text its first regex missed lost), so such a
