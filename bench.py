@@ -13,7 +13,7 @@
 Both sides run as captured CUDA graphs, the L2 is flushed with a large read before every run, and each
 HATA result is checked against the refs before it is timed. Prints a markdown table (medians) and plots latency
 and speedup against the context length (report/bench_attention.png for the default points, else only to --plot;
-e2e and cpu plot theirs the same way).
+cpu plots its own the same way, e2e only with --compile).
 The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q, the new key; over
 4.27 TB/s (the H200's bandwidth measured by a device-to-device copy, read + write).
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
@@ -668,7 +668,7 @@ def build_parser():
     for mode, p in sub.choices.items():
         if mode != "offload":
             p.add_argument("--plot", help=f"PNG to write (default: report/bench_{mode}.png, for a run of the default "
-                                          "points only)")
+                                          f"points{' with --compile' if mode == 'e2e' else ''} only)")
     return parser, sub
 
 

@@ -6,8 +6,9 @@ With no --checkpoint it runs the default model, SmolLM2-135M-Instruct, from the 
 file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal attention and fills the KV and
 hash caches; `decode_one_token()` runs one step, where every layer from `n_dense` on attends only to the top-K
 cached tokens chosen by Hamming distance between hash codes (model.py); a budget that covers the whole cache (the
-default 2048 tokens, for a short prompt) is dense attention, so try --budget 16. Tokens stream to stdout; prefill
-and decode speed go to stderr, with the number of steps that had more cached keys than the budget.
+default 2048 tokens, for a short prompt) is dense attention, so try --budget 16. A single prompt's tokens stream
+to stdout (a batch's answers print at the end); prefill and decode speed go to stderr, with the number of steps
+that had more cached keys than the budget.
 """
 import argparse
 import filecmp
@@ -314,7 +315,8 @@ def build_parser():
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core; when other work "
                    "keeps the cores busy, 1 can be many times faster: waiting threads spin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: prompt + max-new-tokens)")
+    p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
+                   "--max-new-tokens, within the model's context)")
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"], help="tokens attended per KV head: a count, "
@@ -448,7 +450,8 @@ def run(args):
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
         print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache "
-              f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; --max-seq-len fixes the cache", file=sys.stderr)
+              f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; "
+              "--max-seq-len fixes the cache", file=sys.stderr)
 
     streamer = Streamer(tok) if len(prompts) == 1 else None
     new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p,

@@ -339,12 +339,13 @@ class Attention(nn.Module):
         return sparse_decode_attention(q, keys, values, idx)
 
     def group_probs(self, q, keys, lengths):
-        """Dense softmax probabilities summed over the G query heads of each KV head: (B, Hkv, S_max) fp32."""
+        """Dense softmax probabilities summed over the G query heads of each KV head: (B, Hkv, S) fp32, for keys
+        (B, Hkv, S, D)."""
         B, H, D = q.shape
-        Hkv, S_max = keys.shape[1], keys.shape[2]
+        Hkv, S = keys.shape[1], keys.shape[2]
         qg = q.float().view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
-        logits = qg @ keys.float().transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, S_max)
-        valid = torch.arange(S_max, device=q.device) < lengths[:, None]  # (B, S_max)
+        logits = qg @ keys.float().transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, S)
+        valid = torch.arange(S, device=q.device) < lengths[:, None]  # (B, S)
         logits = logits.masked_fill(~valid[:, None, None], float("-inf"))
         return logits.softmax(-1).sum(2)
 
@@ -352,18 +353,19 @@ class Attention(nn.Module):
         """Quest (Tang et al., ICML 2024) as a comparison selector: each page of QUEST_PAGE tokens gets the upper
         bound of q.k from its per-channel key min/max, summed over the G query heads; every token carries its
         page's bound, so the top-K tokens are the best pages (ties: the newer page first). The bounds are taken
-        from the cache every step: an accuracy baseline, not a fast path. Returns (B, Hkv, S_max) fp32."""
+        from the cache every step: an accuracy baseline, not a fast path. Returns (B, Hkv, S) fp32, for keys
+        (B, Hkv, S, D)."""
         B, H, D = q.shape
-        Hkv, S_max = keys.shape[1], keys.shape[2]
-        n_pages = -(-S_max // QUEST_PAGE)
+        Hkv, S = keys.shape[1], keys.shape[2]
+        n_pages = -(-S // QUEST_PAGE)
         valid = (torch.arange(n_pages * QUEST_PAGE, device=q.device) < lengths[:, None])[:, None, :, None]
-        k = F.pad(keys.float(), (0, 0, 0, n_pages * QUEST_PAGE - S_max))  # (B, Hkv, P * page, D)
+        k = F.pad(keys.float(), (0, 0, 0, n_pages * QUEST_PAGE - S))  # (B, Hkv, P * page, D)
         k_max = k.masked_fill(~valid, -torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amax(3)  # (B, Hkv, P, D)
         k_min = k.masked_fill(~valid, torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amin(3)  # (B, Hkv, P, D)
         k_max, k_min = k_max.clamp(min=-1e30), k_min.clamp(max=1e30)  # empty pages: finite (never selected)
         qg = q.float().view(B, Hkv, H // Hkv, 1, D)  # (B, Hkv, G, 1, D)
         bound = torch.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None]).sum(-1).sum(2)  # (B, Hkv, P)
-        return bound.repeat_interleave(QUEST_PAGE, dim=-1)[..., :S_max]  # (B, Hkv, S_max)
+        return bound.repeat_interleave(QUEST_PAGE, dim=-1)[..., :S]  # (B, Hkv, S)
 
 
 class FeedForward(nn.Module):
@@ -470,7 +472,8 @@ class Transformer(nn.Module):
         """tokens (B, T); input_pos (B,) the cache position of each sequence's first token, or None when every
         sequence starts at 0 (a fresh prefill: causal attention, right padding allowed); output_idx (B,) the index
         in T whose logits to return, or None for all. Returns logits (B, T, V) or (B, V) in fp32. A chunk's positions
-        (T > 1) are checked against the caches; a decode step's (T == 1) are the caller's to keep inside them."""
+        (T > 1) and a CPU decode step's are checked against the caches; a CUDA decode step's (T == 1; no host sync,
+        for CUDA graphs) are the caller's to keep inside them."""
         B, T = tokens.shape
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before forward")
