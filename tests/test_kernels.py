@@ -143,6 +143,7 @@ def test_hamming_score_ref(S, G, R):
     ref = hk.hamming_score_ref(q, k, lengths)
     assert ref.dtype == torch.int32 and ref.shape == (B, Hkv, S)
     assert torch.equal(ref, brute_hamming_score(q, k, lengths))
+    assert hk._popcount_lut("cpu").tolist() == [bin(i).count("1") for i in range(256)]  # the ref's off the CPU
 
 
 @pytest.mark.parametrize("S", [1, 63, 257])
@@ -308,8 +309,9 @@ def attention_tolerance(q, k, v, idx, out):
     assert err <= 2 * err_torch + 1e-5, (err, err_torch)
 
 
-@pytest.mark.parametrize("G,R,D,T", [(1, 32, 16, 1), (3, 128, 32, 5), (4, 64, 16, 17), (2, 128, 16, 40)])
-def test_hash_encode_triton(G, R, D, T):  # T = 17, 40: over 64 rows, two code words a program
+@pytest.mark.parametrize("G,R,D,T", [(1, 32, 16, 1), (3, 128, 32, 5), (4, 64, 16, 17), (2, 128, 16, 40),
+                                     (4, 128, 16, 40), (2, 96, 16, 40), (1, 256, 64, 130)])
+def test_hash_encode_triton(G, R, D, T):  # G * T over 64 rows: 2 words a program (W = 3: 1), over 128: 2 row blocks
     gen = torch.Generator().manual_seed(G + R + T)
     Hkv = 2
     proj = torch.randn(Hkv, D, R, generator=gen).to(DEV)
@@ -391,8 +393,8 @@ def assert_codes_match(codes, x, proj):
 
 
 @pytest.mark.parametrize("S,G,R", [(1, 1, 32), (63, 3, 128), (257, 4, 64), (40, 8, 256), (33, 5, 96), (17, 2, 160),
-                                   (9, 16, 128)])
-def test_hamming_score_triton(S, G, R):
+                                   (9, 16, 128), (1100, 4, 64)])
+def test_hamming_score_triton(S, G, R):  # S = 1100: past the interpreter's one block of 1024 keys
     gen = torch.Generator().manual_seed(S + G + R)
     B, Hkv, W = 2, 2, R // 32
     q = random_codes(B, Hkv * G, W, gen=gen)
@@ -404,8 +406,8 @@ def test_hamming_score_triton(S, G, R):
 
 @pytest.mark.parametrize("S,budget,n_sink,n_recent,dtype", [
     (1, 4, 0, 0, torch.int32), (63, 8, 2, 3, torch.int32), (257, 40, 4, 16, torch.float32),
-    (100, 300, 1, 1, torch.float16), (70, 5, 4, 4, torch.int32)])
-def test_select_topk_triton(S, budget, n_sink, n_recent, dtype):
+    (100, 300, 1, 1, torch.float16), (70, 5, 4, 4, torch.int32), (1200, 1100, 2, 8, torch.int32)])
+def test_select_topk_triton(S, budget, n_sink, n_recent, dtype):  # 1100: -1s past the first 1024 slots (S // 3 = 400)
     gen = torch.Generator().manual_seed(S + budget)
     B, Hkv = 2, 2
     if dtype.is_floating_point:
@@ -420,8 +422,8 @@ def test_select_topk_triton(S, budget, n_sink, n_recent, dtype):
 @pytest.mark.parametrize("B,Hkv,S,G,R,budget,n_sink,n_recent", [
     (2, 2, 1, 1, 32, 4, 0, 0), (2, 2, 63, 3, 128, 8, 2, 3), (2, 2, 257, 4, 64, 40, 4, 16),
     (2, 2, 300, 2, 32, 300, 0, 0), (2, 2, 257, 4, 32, 5, 4, 4), (1, 1, 129, 3, 64, 7, 1, 2),
-    (3, 1, 65, 8, 32, 9, 0, 1)])
-def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):
+    (3, 1, 65, 8, 32, 9, 0, 1), (2, 1, 1200, 2, 32, 1100, 1, 4)])
+def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):  # 1100: -1s past the first 1024 slots
     gen = torch.Generator().manual_seed(S + G + budget)
     W = R // 32
     q = random_codes(B, Hkv * G, W, gen=gen)
@@ -675,24 +677,27 @@ def test_cuda_sparse_attention(B, H, Hkv, D, dtype):
     attention_tolerance(q, k, v, idx, out)
 
 
-@needs_cuda
-def test_cuda_full_budget_is_dense():
-    """Budget >= length: the HATA step reproduces dense attention (per-sequence lengths)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    B, H, Hkv, D, R, S = 3, 32, 8, 128, 128, 5000
-    q = torch.randn(B, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    k = torch.randn(B, Hkv, S, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    v = torch.randn(B, Hkv, S, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    proj = torch.randn(Hkv, D, R, device="cuda", generator=gen)
-    lengths = torch.tensor([S, 1234, 1], device="cuda")
-    idx = hk.hamming_topk(hk.hash_encode(q[:, :, None], proj)[:, :, 0], hk.hash_encode(k, proj), lengths, S)
-    out = hk.sparse_decode_attention(q, k, v, idx)
+@pytest.mark.parametrize("H,Hkv,D,R,S,dtype", [(6, 2, 16, 64, 37, torch.float32), (6, 2, 16, 64, 37, torch.float16),
+                                               pytest.param(32, 8, 128, 128, 5000, torch.bfloat16, marks=needs_cuda)])
+def test_full_budget_is_dense(H, Hkv, D, R, S, dtype):
+    """Budget >= length: the HATA step's kernels (hash, select, attend) reproduce dense attention over each
+    sequence's own keys (lengths S, about S / 4 and 1)."""
+    gen = torch.Generator().manual_seed(0)
+    B = 3
+    q = torch.randn(B, H, D, generator=gen).to(DEV, dtype)
+    k = torch.randn(B, Hkv, S, D, generator=gen).to(DEV, dtype)
+    v = torch.randn(B, Hkv, S, D, generator=gen).to(DEV, dtype)
+    proj = torch.randn(Hkv, D, R, generator=gen).to(DEV)
+    lengths = torch.tensor([S, S // 4, 1], device=DEV)
+    q_codes = hk.hash_encode(q[:, :, None], proj, use_triton=True)[:, :, 0]
+    idx = hk.hamming_topk(q_codes, hk.hash_encode(k, proj, use_triton=True), lengths, S, use_triton=True)
+    out = hk.sparse_decode_attention(q, k, v, idx, use_triton=True)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for b in range(B):
         n = int(lengths[b])
         qkv = (q[b:b + 1, :, None], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
         dense = sdpa(*(x.double() for x in qkv), enable_gqa=True)[0, :, 0]          # (H, D) fp64
-        err_torch = (sdpa(*qkv, enable_gqa=True)[0, :, 0].double() - dense).abs().max().item()  # bf16 SDPA's error
+        err_torch = (sdpa(*qkv, enable_gqa=True)[0, :, 0].double() - dense).abs().max().item()  # SDPA in dtype
         assert (out[b].double() - dense).abs().max().item() <= 2 * err_torch + 1e-5
 
 

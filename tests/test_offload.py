@@ -230,8 +230,8 @@ def far_inputs(device, B=2, H=6, Hkv=3, S=37, K=13, D=16, dtype=torch.float32):
     return q, k, v, idx.to(device)
 
 
-def check_staged(device):
-    q, k, v, idx = far_inputs(device)
+def check_staged(device, **sizes):
+    q, k, v, idx = far_inputs(device, **sizes)
     k_sel, v_sel, local = gather_rows(k, v, idx, use_triton=True)
     ref_k, ref_v, ref_local = gather_rows(k, v, idx, use_triton=False)
     assert torch.equal(k_sel, ref_k) and torch.equal(v_sel, ref_v) and torch.equal(local, ref_local)
@@ -242,8 +242,9 @@ def check_staged(device):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is on only without CUDA (conftest)")
-def test_staged_fetch_matches_ref_cpu():
-    check_staged(torch.device("cpu"))
+@pytest.mark.parametrize("S,K", [(37, 13), (150, 100)])  # K = 100: two blocks of slots
+def test_staged_fetch_matches_ref_cpu(S, K):
+    check_staged(torch.device("cpu"), S=S, K=K)
 
 
 # --------------------------------------------------------------------------------------------------------------
