@@ -458,6 +458,20 @@ def test_generate_stops_each_sequence_at_its_stop_token():
     got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop})
     assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["decode_steps"] == 9
     assert timing["decode_tokens"] == len(got[0]) - 1 + 9  # a finished sequence's idle steps are not its tokens
+    stops = {free[0][2], free[1][3]}  # both stop now: the loop ends at the later stop, not at max_new_tokens
+    ends = [next(i for i, t in enumerate(row) if t in stops) for row in free]
+    model.setup_caches(2, 32)
+    got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids=stops)
+    assert got == [row[:end + 1] for row, end in zip(free, ends)] and timing["decode_steps"] == max(ends) <= 3
+
+
+def test_command_line_settings_reach_hata_args():
+    args = engine.build_parser().parse_args(["--prompt", "x", "--budget", "1/8", "--sink", "3", "--recent", "5",
+                                             "--use-norm", "--n-dense", "1", "--rbit", "64", "--selector", "oracle"])
+    assert engine.hata_args(args) == HataArgs(rbit=HataArgs.rbit, budget=1 / 8, n_dense=1, n_sink=3, n_recent=5,
+                                              use_norm=True, selector="oracle")  # oracle: no codes, --rbit unused
+    args.selector = "hash"
+    assert engine.hata_args(args) == HataArgs(rbit=64, budget=1 / 8, n_dense=1, n_sink=3, n_recent=5, use_norm=True)
 
 
 def test_sampled_rows_do_not_depend_on_their_neighbours():
