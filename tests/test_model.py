@@ -173,6 +173,18 @@ def test_causal_attention_cuda(monkeypatch, H, Hkv, D, T, S):
         pytest.skip("cuDNN attention does not take these inputs here: only the masked pass was tested")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper (sm_90) or newer CUDA GPU, where the two-pass prefill was measured")
+def test_cuda_later_prefill_chunks_take_the_two_cudnn_passes():
+    """The test above skips a case that cuDNN does not take: here a torch without the cuDNN op (or one refusing the
+    engine's chunk shapes) fails instead of turning those cases into skips, and the 1.8-2.5x goes unnoticed."""
+    assert model_module.CUDNN_LSE_ATTENTION is not None, "this torch has no cuDNN attention returning its lse"
+    for H, Hkv, D, T, S in ((32, 8, 128, 4096, 8192), (9, 3, 64, 2048, 6144)):  # Llama-3.1-8B's, the default model's
+        q, k, v = chunk_inputs(1, H, Hkv, T, S, D, torch.bfloat16, "cuda")
+        params = model_module.SDPAParams(q, k[:, :, :S - T], v[:, :, :S - T], None, 0.0, False, H != Hkv)
+        assert model_module.can_use_cudnn_attention(params), (H, Hkv, D, T, S)
+
+
 def test_cpu_decode_reads_the_cache_up_to_its_last_position(smol):
     """On the CPU a decode step attends over the cache up to the batch's last position, not all of it (a cache sized
     for 8000 new tokens made every step 2-3x slower): NaN past it changes nothing. A step outside the caches is one
