@@ -119,8 +119,8 @@ class HataArgs:
         ints = {k: getattr(self, k) for k in ("rbit", "n_dense", "n_sink", "n_recent")}
         if bad := {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)}:
             raise TypeError(f"{', '.join(bad)} must be whole numbers (int), got {', '.join(map(repr, bad.values()))}")
-        if self.rbit <= 0 or self.rbit % 32:
-            raise ValueError(f"rbit must be a positive multiple of 32, got {self.rbit}")
+        if not 0 < self.rbit <= 1024 or self.rbit % 32:  # 1024 bits: 128 bytes a code, half a 128-dim bf16 key
+            raise ValueError(f"rbit must be a multiple of 32 in [32, 1024], got {self.rbit}")
         real = isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool)  # not "1/4", not True
         if not (real and (0 < self.budget < 1 or (self.budget >= 1 and float(self.budget).is_integer()))):
             raise ValueError(f"budget must be a token count >= 1 or a fraction in (0, 1), got {self.budget}")
@@ -548,14 +548,36 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
 
 def write_whole(path, write):
     """write(a new file) beside path, then rename it over path: a crash, Ctrl-C or full disk midway leaves the old
-    file as it was, not a cut one."""
+    file as it was, not a cut one. A failed write is an OSError naming path (safetensors raises its own type)."""
+    from safetensors import SafetensorError
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path}: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path, text):  # whole or not at all (write_whole)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_whole(path, write)
+
+
+def check_writable(folder, flag):
+    """Make `folder` and write a scratch file in it: an output place that cannot be written fails before the work,
+    not after it (os.access says yes to root on a read-only mount, and nothing of a full disk)."""
+    import tempfile
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder or "."):
+            pass
+    except OSError as e:
+        raise OSError(f"{flag}: cannot write in {folder or '.'} ({e.strerror or e})") from None
 
 
 def read_hash_file(path, with_tensors=True):

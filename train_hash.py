@@ -36,6 +36,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 
 import torch
@@ -44,8 +45,9 @@ from tqdm import tqdm
 from engine import (Parser, cli, default_checkpoint, device_name, is_default_model, note_ignored, positive_int,
                     torch_seed)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
-                   read_hash_file, rope_frequencies, save_hash_projections)
+from model import (HataArgs, apply_rope, check_writable, from_checkpoint, load_hash_projections,
+                   random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections, write_text,
+                   write_whole)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
@@ -82,7 +84,10 @@ def load_corpus(paths=None):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"text file not found: {p}")
             with open(p, encoding="utf-8", errors="replace") as f:
-                docs.append((os.path.basename(p), f.read()))
+                text = f.read()
+            if "\0" in text or text.count("\ufffd") > len(text) // 100:  # NUL, or over 1% not UTF-8
+                raise ValueError(f"{p} is not UTF-8 text (a binary file, or another encoding)")
+            docs.append((os.path.basename(p), text))
         return docs
     spec = importlib.util.find_spec("bible")
     path = spec and os.path.join(spec.submodule_search_locations[0], "data", "kjv.jsonl")
@@ -459,7 +464,7 @@ def report_plot(results, mean, n_dense, n_layers, path):
     ax2.set(xlabel="layer", ylabel="captured attention mass", title="Per layer, budget 1/32")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -550,27 +555,28 @@ def run(args):
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
     if args.hash_weights and args.rbit:
         raise ValueError("--rbit picks the shipped files or random sizes; --hash-weights files carry their own R")
-    if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and args.shift >= 0):
-        raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} and "
-                         f"--shift {args.shift} must be >= 0")
+    if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and 0 <= args.shift < 2 ** 31):
+        raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} >= 0 and "
+                         f"--shift {args.shift} in [0, 2^31)")
+    if args.out and args.batch > args.n_seqs:  # each step draws its sequences from the training windows
+        raise ValueError(f"--batch {args.batch} exceeds --n-seqs {args.n_seqs}, the training windows a step draws from")
     hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
     hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
                for n in ("sigma", "eta")})
     rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
              "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
-    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not ok]:  # checked now, not after the prefills
+    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and math.isfinite(hp[n]))]:  # now, not after
         raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
-                         "--lam, --eta >= 0")
+                         "--lam, --eta >= 0, each finite")  # the prefills
     outs = {r: args.out.replace("{rbit}", str(r)) for r in train_rbits} if args.out else {}
     for out in outs.values():  # a bad --out fails now, not after the training
         if os.path.isdir(out) or out.endswith(("/", os.sep)):
             raise ValueError(f"--out {out} is a directory; give a .safetensors file")
         refuse_to_replace([out], args.overwrite, "another --out")
-        os.makedirs(folder := os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"--out {out}: {folder} is not writable")
+        check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}")
     if args.report:  # the tables now; the plots, named by window lengths cut to the model's context, once it loads
         refuse_to_replace(report_files(args.report_dir, []), args.overwrite, "another --report-dir")
+        check_writable(args.report_dir, "--report-dir")
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
@@ -606,14 +612,23 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
                for r in outs}
     guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}
+    unsaved = []
     for r, projs in trained.items():
         if n_val:
             projs, back = guarded[r]
             print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
                   "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
                   file=sys.stderr)
-        save_hash_projections(outs[r], projs, margs, HataArgs(rbit=r, n_dense=args.n_dense))
-        print(f"saved {outs[r]} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
+        hata = HataArgs(rbit=r, n_dense=args.n_dense)
+        try:
+            save_hash_projections(outs[r], projs, margs, hata)
+            print(f"saved {outs[r]} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
+        except OSError as e:  # a full disk after the training: the projections go to the temp folder, not lost
+            keep = os.path.join(tempfile.gettempdir(), f"unsaved-{os.getpid()}-{os.path.basename(outs[r])}")
+            save_hash_projections(keep, projs, margs, hata)
+            unsaved.append(f"{e}; the trained projections are saved in {keep}")
+    if unsaved:
+        raise OSError("; ".join(unsaved))
 
 
 def write_hash_report(args, model, tok, docs, gen, t0):
@@ -655,8 +670,7 @@ def write_hash_report(args, model, tok, docs, gen, t0):
                  f"positions in [{seq_len // 2}, {seq_len}). Plot: {png}\n\n{table}\n")
         report_plot(res, mean, args.n_dense, margs.n_layers, os.path.join(args.report_dir, png))
     print(text)
-    with open(os.path.join(args.report_dir, "hash_quality.md"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
     print(f"wrote {args.report_dir}/hash_quality.md and its plots ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
 

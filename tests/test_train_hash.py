@@ -2,6 +2,7 @@
 trip through model.py, and a short training run on a tiny random model that beats random projections."""
 import math
 import os
+import re
 import shlex
 from types import SimpleNamespace
 
@@ -169,6 +170,18 @@ def test_token_windows_in_turn_or_drawn(capsys):
         th.token_windows(tok, docs, 12, 1, torch.Generator())
 
 
+def test_a_binary_or_other_encoding_text_file_is_refused(tmp_path):
+    """--text reads UTF-8: a binary file (NUL bytes) or a Latin-1 one (over 1% undecodable) is one error naming it,
+    where it used to be trained on (or measured) as text full of U+FFFD."""
+    (tmp_path / "ls").write_bytes(b"\x7fELF\x02\x01\x01\x00" + b"text " * 100)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e. ".encode("latin-1") * 50)
+    (tmp_path / "ok.txt").write_text(text := "na\u00efve caf\u00e9, \u65e5\u672c\u8a9e.\n" * 10, encoding="utf-8")
+    for name in ("ls", "latin1.txt"):
+        with pytest.raises(ValueError, match=f"{name} is not UTF-8 text"):
+            th.load_corpus([str(tmp_path / name)])
+    assert th.load_corpus([str(tmp_path / "ok.txt")]) == [("ok.txt", text)]
+
+
 def test_split_corpus_by_document():
     docs = [(f"d{i}", f"text {i}") for i in range(10)]
     train, held = th.split_corpus(docs)
@@ -249,9 +262,10 @@ def test_evaluate_takes_means_over_every_window(tiny_model):
             assert recall == 1.0 and (mass <= 1 + 1e-9).all()
 
 
-def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeypatch, tmp_path):
-    """The guard's windows are never trained on, and the file records the run's --rbit and --n-dense."""
-    args, seen = PRESETS["tiny"], {}
+def fake_training(monkeypatch, seen):
+    """train_files' steps replaced by stand-ins for the tiny preset (windows numbered by their first token): returns
+    the projections every --rbit 'trains' to and the run's arguments."""
+    args = PRESETS["tiny"]
     monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, n, gen: torch.arange(n)[:, None].repeat(1, L))
     monkeypatch.setattr(th, "collect_samples", lambda model, windows, *a, **k: seen.setdefault("train", windows))
     projs = {l: torch.randn(args.n_kv_heads, args.head_dim, 32) for l in range(1, args.n_layers)}
@@ -260,13 +274,40 @@ def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeyp
         seen["val"] = val
         return {r: (p, []) for r, p in trained.items()}
     monkeypatch.setattr(th, "guard_heads", guard)
-    run = SimpleNamespace(seq_len=16, n_seqs=4, val_seqs=2, n_dense=1, queries=2, query_from=0.25, loss="listwise",
-                          steps=1, batch=1, keys=4, seed=0)
+    return projs, SimpleNamespace(seq_len=16, n_seqs=4, val_seqs=2, n_dense=1, queries=2, query_from=0.25,
+                                  loss="listwise", steps=1, batch=1, keys=4, seed=0)
+
+
+def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeypatch, tmp_path):
+    """The guard's windows are never trained on, and the file records the run's --rbit and --n-dense."""
+    seen = {}
+    projs, run = fake_training(monkeypatch, seen)
     out = str(tmp_path / "p.safetensors")
-    th.train_files(run, Transformer(args), None, [], {32: out}, {}, torch.Generator().manual_seed(0), 0.0)
+    th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator().manual_seed(0), 0.0)
     train, val = set(seen["train"][:, 0].tolist()), set(seen["val"][:, 0].tolist())
     assert len(train) == 4 and len(val) == 2 and not train & val
-    assert load_hash_projections(out, args, HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
+    assert load_hash_projections(out, PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
+
+
+def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch, tmp_path):
+    """A full disk at the end of the training: one OSError naming the file, and the projections saved in the temp
+    folder instead of lost (safetensors' own error type is an OSError too, whatever it writes)."""
+    import safetensors.torch
+    projs, run = fake_training(monkeypatch, {})
+    real, out = safetensors.torch.save_file, str(tmp_path / "p.safetensors")
+    def full(tensors, where, metadata=None):
+        if where.startswith(out):
+            raise safetensors.SafetensorError("I/O error: No space left on device (os error 28)")
+        real(tensors, where, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(th.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    with pytest.raises(OSError, match=f"cannot write {re.escape(out)}: I/O error: No space left on device .*; the "
+                                      "trained projections are saved in .*unsaved-.*p.safetensors") as e:
+        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
+    kept = str(e.value).rsplit(" ", 1)[-1]
+    assert load_hash_projections(kept, PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
+    assert os.listdir(tmp_path) == ["tmp"]
 
 
 def test_a_save_that_fails_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
@@ -354,6 +395,12 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
                                          (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
                                          (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
+                                         (["--lr", "inf"], "--lr inf"), (["--wd", "nan"], "--wd nan"),
+                                         (["--shift", str(2 ** 31)], "--shift 2147483648 in [0, 2^31)"),
+                                         (["--batch", "5", "--n-seqs", "4"], "--batch 5 exceeds --n-seqs 4"),
+                                         (["--rbit", "2048"], "in [32, 1024], got 2048"),
+                                         (["--report", "--out", "", "--report-dir", "/dev/null/r"],
+                                          "--report-dir: cannot write in /dev/null/r"),
                                          (["--report"], "either --out"),
                                          (["--seed", "1.5"], "invalid torch_seed value"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
