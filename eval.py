@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import (Parser, cli, decode_one_token, default_checkpoint, device_name, note_ignored, parse_budget,
-                    positive_int, prefill, shipped_hash_weights)
-from model import HataArgs, from_checkpoint, load_hash_projections, write_whole
+                    positive_int, prefill, shipped_hash_weights, thread_count)
+from model import HataArgs, check_writable, from_checkpoint, load_hash_projections, write_text, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
@@ -306,6 +306,11 @@ def load_results(path):
         raise ValueError(f"{path} is not a JSON file ({e})") from None
     if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
         raise ValueError(f"{path} is not a results file of eval.py")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not (isinstance(results["budgets"], list) and all(number(f) and 0 < f < 1 for f in results["budgets"])
+            and isinstance(results["selectors"], list) and all(isinstance(s, str) for s in results["selectors"])
+            and isinstance(results["seconds"], dict) and all(map(number, results["seconds"].values()))):
+        raise ValueError(f"{path}: its budgets (fractions in (0, 1)), selectors (names) or seconds are damaged")
     if results.get("perplexity") and "ppl_context" not in results:  # the report states the perplexity's context
         raise ValueError(f"{path} has perplexity results but no ppl_context (an older file): add \"ppl_context\": N")
     recs, ppl = results.get("retrieval") or [], results.get("perplexity") or {}  # what report() and merge() read
@@ -313,7 +318,9 @@ def load_results(path):
     if not (isinstance(recs, list) and all(isinstance(r, dict) and fields <= set(r) and isinstance(r["correct"], dict)
                                            and "dense" in r["correct"] for r in recs)
             and isinstance(ppl, dict) and (not ppl or "dense" in ppl)
-            and all(isinstance(v, dict) and {"nll", "ppl", "agree", "positions"} <= set(v) for v in ppl.values())):
+            and all(isinstance(v, dict) and {"nll", "ppl", "agree", "positions"} <= set(v) and number(v["ppl"])
+                    and v["ppl"] > 0 and all(map(number, (v["nll"], v["agree"], v["positions"])))
+                    for v in ppl.values())):
         raise ValueError(f"{path}: a retrieval or perplexity record lacks what the report reads (a damaged file?)")
     return results
 
@@ -333,6 +340,7 @@ def merge(runs):
     for r in runs[1:]:
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         out.pop("retrieval_cut", None)
+        out.pop("perplexity_planned", None)
         model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
         setup = lambda x: (x.get("model", model), x.get("rbit", 128), x.get("n_dense", 2))
         if setup(r) != setup(out):
@@ -403,8 +411,9 @@ def report(results):
                 md.append(f"| {name} | {frac(f)} | " + " | ".join(cells) + " |")
         md.append("")
     if ppl:
-        d = ppl["dense"]
-        md += [f"### Perplexity and top-1 agreement: {d['positions']} teacher-forced positions, context "
+        d, planned = ppl["dense"], results.get("perplexity_planned", 0)
+        cut = f" (of {planned}: the run stopped before the rest)" if planned > d["positions"] else ""
+        md += [f"### Perplexity and top-1 agreement: {d['positions']} teacher-forced positions{cut}, context "
                f"{results['ppl_context']}; dense perplexity {d['ppl']:.3f} (NLL {d['nll']:.4f})", ""]
         md += head(["selector"] + [f"ppl {frac(f)}" for f in budgets] + [f"agree {frac(f)}" for f in budgets])
         for name in names:
@@ -445,7 +454,7 @@ def plot(results, path):
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return True
 
@@ -495,7 +504,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the retrieval samples' pass keys and distractors")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (fp32 either way)")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
     p.add_argument("--minutes", type=float, default=math.inf, help="time limit (skips late retrieval) (default: none)")
     p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "report"), help="where the results and plots go")
@@ -534,8 +543,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                  + [(flags, fresh and task not in args.tasks, f"no {task} task") for task, flags in TASK_FLAGS.items()]
                  + [(("--hash-weights",), fresh and "trained" not in args.selectors, "no trained selector"),
                     (("--quest", "--quest-budgets"), fresh and "quest" not in args.selectors, "no quest selector")])
-    os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
+    check_writable(os.path.dirname(json_path), "--out-dir / --name")  # now, not after the first batch
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
     scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
     refuse_to_replace([json_path], own or scratch or args.overwrite, "--name / --out-dir")  # report/: the full run's
@@ -545,9 +554,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         if len(set(map(os.path.realpath, args.report))) < len(args.report):  # its samples and seconds twice
             raise ValueError(f"--report names one file more than once: {' '.join(args.report)}")
         results = merge([load_results(path) for path in args.report])
-        if not own:
-            write_json(json_path, results)
-        return write_report(results, args.out_dir, name)
+        return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
     if lengths["--contexts"] and len(args.samples) != len(args.contexts):
@@ -563,6 +570,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError(f"--sink {args.sink} must be >= 0")
     check_labels(args.budgets + args.quest_budgets)
     hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
+    HataArgs(**hata)  # a bad --rbit now, not after the first policy
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
         weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)
         if weights and not os.path.isfile(weights):
@@ -597,11 +605,13 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata}
     deadline = time.time() + 60 * args.minutes
+    so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # json_path's earlier run: kept till the end
 
     def save(task, t0, res):  # the task's results so far, after every batch
         results[task], results["seconds"][task] = res, round(time.perf_counter() - t0)
-        write_json(json_path, results)
+        write_json(so_far, results)
     if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
+        results["perplexity_planned"] = windows.shape[0] * args.ppl_tokens  # a file saved midway holds fewer
         run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch,
                            partial(save, "perplexity", time.perf_counter()))
     if "retrieval" in args.tasks:
@@ -610,8 +620,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         records = run_retrieval(model, tok, hays, specs, pols, args.batch,
                                 partial(save, "retrieval", time.perf_counter()), deadline)
         results["retrieval_cut"] = len(records) < len(specs)  # only --minutes skips samples of a finished run
-        write_json(json_path, results)
-    write_report(results, args.out_dir, name)
+    write_report(results, args.out_dir, name, json_path)
+    if os.path.exists(so_far):  # (none if no batch ran)
+        os.remove(so_far)
 
 
 def write_json(path, results):  # whole or not at all: it holds every batch so far
@@ -621,11 +632,15 @@ def write_json(path, results):  # whole or not at all: it holds every batch so f
     write_whole(path, write)
 
 
-def write_report(results, out_dir, name):
+def write_report(results, out_dir, name, json_path=None):
+    """The report's markdown and plot, and the results to json_path (if given): each file whole, none until the
+    report is built."""
     md, png = report(results), os.path.join(out_dir, f"{name}_scores.png")
     plotted = plot(results, png)
-    with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
-        f.write(f"Command: `{results['command']}`; seconds: {results['seconds']}\n\n{md}\n")
+    if json_path:
+        write_json(json_path, results)
+    write_text(os.path.join(out_dir, f"{name}_results.md"), f"Command: `{results['command']}`; seconds: "
+                                                            f"{results['seconds']}\n\n{md}\n")
     print(md)
     also = f" and {png}" if plotted else ""
     print(f"wrote {out_dir}/{name}_results.md{also} (results: {name}_results.json)", file=sys.stderr)

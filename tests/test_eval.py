@@ -368,7 +368,10 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--budgets", "0.12345678901", "0.12345678902"], "both labelled 0.123"),
                                          (["--budgets", "0.1234567890001", "--quest-budgets", "0.1234567890002"],
                                           "both labelled 0.123456789"),
-                                         (["--contexts", "1024", "1024", "--samples", "4", "8"], "repeats a length")])
+                                         (["--contexts", "1024", "1024", "--samples", "4", "8"], "repeats a length"),
+                                         (["--name", "/dev/null/x"], "--out-dir / --name: cannot write in /dev/null"),
+                                         (["--rbit", "2048"], "in [32, 1024], got 2048"),
+                                         (["--threads", "100000"], "--threads: must be at most")])
 def test_bad_flags_fail_before_loading(argv, words, capsys, tmp_path):
     try:  # argparse's own errors exit through SystemExit
         code = ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)])
@@ -418,10 +421,41 @@ def test_a_run_records_the_argv_it_was_given(smol, tok, monkeypatch, tmp_path):
     argv = ["--tasks", "perplexity", "--selectors", "oracle", "--budgets", "1/8", "--text",
             str(tmp_path / "my text.txt"), "--ppl-context", "128", "--ppl-tokens", "4", "--ppl-docs", "1",
             "--checkpoint", "x.gguf", "--out-dir", str(tmp_path), "--name", "argv"]
-    assert ev.main(argv) == 0
+    assert ev.main(argv) == 0 and not (tmp_path / "argv_results.partial.json").exists()
     results = json.loads((tmp_path / "argv_results.json").read_text())
     assert results["command"] == "python eval.py " + shlex.join(argv) and "'" in results["command"]
     assert "context lengths" in ev.build_parser().format_help()  # --contexts: the cache, not the prompt (C - 5)
+
+
+def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, monkeypatch, tmp_path):
+    """Until a run ends its results go to NAME_results.partial.json, so a run stopped midway (Ctrl-C, a crash) with
+    --overwrite leaves the earlier NAME_results.json whole; the partial file's report says the run stopped."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    real = ev.run_teacher_forced
+    def stopped(model, windows, *a):  # the first batch's results, then Ctrl-C
+        real(model, windows[:1], *a)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "run_teacher_forced", stopped)
+    (tmp_path / "text.txt").write_text(PROSE * 10)
+    (tmp_path / "eval_results.json").write_text("kept")
+    argv = ["--tasks", "perplexity", "--selectors", "oracle", "--budgets", "1/8", "--text", str(tmp_path / "text.txt"),
+            "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "2", "--batch", "1", "--checkpoint", "x.gguf",
+            "--out-dir", str(tmp_path), "--overwrite"]
+    assert ev.main(argv) == 130
+    assert (tmp_path / "eval_results.json").read_text() == "kept"
+    partial = ev.load_results(str(tmp_path / "eval_results.partial.json"))
+    assert partial["perplexity"]["dense"]["positions"] == 4 and partial["perplexity_planned"] == 8
+    assert "4 teacher-forced positions (of 8: the run stopped before the rest)" in ev.report(partial)
+
+
+def test_a_report_that_cannot_be_built_writes_nothing(monkeypatch, tmp_path):
+    results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
+    (tmp_path / "a.json").write_text(json.dumps(results))
+    monkeypatch.setattr(ev, "plot", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ev.main(["--report", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "b"])
+    assert os.listdir(tmp_path) == ["a.json"]
 
 
 def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
@@ -492,7 +526,16 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     (tmp_path / "damaged.json").write_text(json.dumps({**no_context, "ppl_context": 64}))  # its record lacks "nll" ...
     rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "correct": {}}
     (tmp_path / "no_dense.json").write_text(json.dumps({**no_context, "perplexity": {}, "retrieval": [rec]}))
-    for name, words in [("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
+    base, dense = {"command": "t", "selectors": ["oracle"], "budgets": [0.25], "seconds": {}}, "damaged: its budgets"
+    zero = {"ppl_context": 64, "perplexity": {"dense": {"nll": 0, "ppl": 0, "agree": 1, "positions": 4}}}
+    for name, damage in [("none", {"budgets": None}), ("zero", {"budgets": [0, 0.25]}), ("five", {"selectors": 5}),
+                         ("seconds", {"seconds": {"retrieval": "x"}}), ("ppl0", zero)]:
+        (tmp_path / f"{name}_damaged.json").write_text(json.dumps({**base, **damage}))
+    for name, words in [("none_damaged.json", "none_damaged.json: its budgets (fractions in (0, 1)), selectors"),
+                        ("zero_damaged.json", "zero_damaged.json: its budgets"),
+                        ("five_damaged.json", "five_damaged.json: its budgets"),
+                        ("seconds_damaged.json", "seconds_damaged.json: its budgets"),
+                        ("ppl0_damaged.json", "ppl0_damaged.json: a retrieval or perplexity record lacks"),("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
                         ("none.json", "none.json"), ("no_context.json", "has perplexity results but no ppl_context"),
                         ("damaged.json", "damaged.json: a retrieval or perplexity record lacks what the report reads"),
                         ("no_dense.json", "no_dense.json: a retrieval or perplexity record lacks")]:
