@@ -225,8 +225,9 @@ def plot_speed(path, panels):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
+    from model import write_whole
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     print(f"\nwrote {path}")
 
@@ -630,7 +631,7 @@ def report_plot_path(args, mode_parser):
 
 def build_parser():
     """The parser and its modes' subparsers (each mode's defaults are its plot's points)."""
-    from engine import Parser, parse_budget, positive_int  # argparse refuses 0, negatives and '1/0' in one line
+    from engine import Parser, parse_budget, positive_int, thread_count  # argparse refuses 0, negatives and '1/0' in one line
     from model import PRESETS
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -664,7 +665,7 @@ def build_parser():
     p.add_argument("--budget", type=parse_budget, default=512, help="HATA's K: tokens, or a fraction of S like 1/16")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
-    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="torch threads (default: torch's choice)")
     for mode, p in sub.choices.items():
         if mode != "offload":
             p.add_argument("--plot", help=f"PNG to write (default: report/bench_{mode}.png, for a run of the default "

@@ -269,6 +269,14 @@ def positive_int(text):
     return int(text)
 
 
+def thread_count(text):
+    """argparse type for --threads: 1 to 4 per core (torch crashes on a count far above the machine's)."""
+    n, cap = positive_int(text), 4 * (os.cpu_count() or 1)
+    if n > cap:
+        raise argparse.ArgumentTypeError(f"must be at most {cap} (4 per core of this machine), got {text!r}")
+    return n
+
+
 def torch_seed(text):
     """argparse type for seeds: a whole number in the range torch's generators take."""
     if not -2 ** 63 <= int(text) < 2 ** 64:
@@ -312,7 +320,7 @@ def build_parser():
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, help="(default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's, one per core; when other work "
+    p.add_argument("--threads", type=thread_count, help="CPU threads (default: torch's, one per core; when other work "
                    "keeps the cores busy, 1 can be many times faster: waiting threads spin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
