@@ -8,7 +8,7 @@ cached positions (capacity), K the budget.
 Each op is a triple, side by side:
     _op_kernel   Triton kernel, or _op-prefixed kernels, one a launch (GPU; on the CPU under TRITON_INTERPRET=1)
     op()         input checks (ValueError, one line) + dispatch
-    op_ref()     torch, the definition; runs anywhere (on the CPU, numpy counts bits and partitions)
+    op_ref()     torch, the definition; runs anywhere (on the CPU, numpy counts bits)
 
 Dispatch: op(..., use_triton=None) picks Triton when the inputs are CUDA tensors, else the ref; on CUDA, hash_encode
 takes cuBLAS for long prefills with W not a power of two and cache_write the ref for D not a power of two; the
@@ -497,8 +497,7 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
     where order() is the score itself for integer scores (|score| < 2^31) and _order_key_int32 for floats
     (fp32 order, as in the Triton path). The keys of a row's valid positions are distinct (those past the length
     tie at 2^62 and come out as -1), so its K_eff smallest are one set, whichever partial selection finds them
-    (numpy's argpartition on the CPU, 3-5x faster there than torch.topk at 8K keys with numpy 2.4 and torch 2.13;
-    torch.topk elsewhere). Memory: reads score (B*Hkv*S), builds the int64 keys (B*Hkv*S*8 B) in a few passes, writes
+    (torch.topk). Memory: reads score (B*Hkv*S), builds the int64 keys (B*Hkv*S*8 B) in a few passes, writes
     (B*Hkv*K*4 B)."""
     B, Hkv, S = score.shape
     dev = score.device
@@ -510,10 +509,7 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
     key = order * S + (2**31 * S + S - 1 - pos)                                # (B, Hkv, S) int64
     key = torch.where(forced, -2**62 + (S - 1 - pos), key).masked_fill(~valid, 2**62)
     n = min(budget, S)
-    if key.device.type == "cpu":                                               # the n smallest, ascending
-        sel = torch.from_numpy(np.sort(np.argpartition(key.numpy(), n - 1, axis=-1)[..., :n], axis=-1))
-    else:
-        sel = torch.topk(key, n, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
+    sel = torch.topk(key, n, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values  # n smallest, ascending
     sel = torch.nn.functional.pad(sel, (0, budget - n), value=S)               # (B, Hkv, K)
     return torch.where(sel < length, sel, -1).to(torch.int32)  # past the length (only when K > length): unused
 
