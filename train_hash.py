@@ -82,7 +82,7 @@ def load_corpus(paths=None):
         docs = []
         for p in paths:
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"text file not found: {p}")
+                raise FileNotFoundError(f"text file not found (or a directory): {p}")
             with open(p, encoding="utf-8", errors="replace") as f:
                 text = f.read()
             if "\0" in text or text.count("\ufffd") > len(text) // 100:  # NUL, or over 1% not UTF-8

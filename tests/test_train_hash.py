@@ -325,6 +325,9 @@ def test_a_save_that_fails_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
         save_hash_projections(path, {l: p + 1 for l, p in projs.items()}, args, hata)
     assert os.listdir(tmp_path) == ["p.safetensors"]
     torch.testing.assert_close(load_hash_projections(path, args, hata), projs, atol=0, rtol=0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not safetensors' private 0600
 
 
 def test_selection_quality_by_hand():
