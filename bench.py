@@ -631,7 +631,7 @@ def report_plot_path(args, mode_parser):
 
 def build_parser():
     """The parser and its modes' subparsers (each mode's defaults are its plot's points)."""
-    from engine import Parser, parse_budget, positive_int, thread_count  # argparse refuses 0, negatives and '1/0' in one line
+    from engine import Parser, parse_budget, positive_int, thread_count  # argparse refuses 0, negatives, '1/0'
     from model import PRESETS
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)

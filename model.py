@@ -572,8 +572,9 @@ def write_text(path, text):  # whole or not at all (write_whole)
 
 
 def check_writable(folder, flag):
-    """Make `folder` and write a scratch file in it: an output place that cannot be written fails before the work,
-    not after it (os.access says yes to root on a read-only mount, and nothing of a full disk)."""
+    """Make `folder` and create a scratch file in it: a folder that takes no new file fails before the work, not
+    after it (os.access says yes to root where no file can be made, as in /proc). A disk that fills up later still
+    fails at the save."""
     import tempfile
     try:
         os.makedirs(folder or ".", exist_ok=True)

@@ -535,7 +535,8 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
                         ("zero_damaged.json", "zero_damaged.json: its budgets"),
                         ("five_damaged.json", "five_damaged.json: its budgets"),
                         ("seconds_damaged.json", "seconds_damaged.json: its budgets"),
-                        ("ppl0_damaged.json", "ppl0_damaged.json: a retrieval or perplexity record lacks"),("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
+                        ("ppl0_damaged.json", "ppl0_damaged.json: a retrieval or perplexity record lacks"),
+                        ("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
                         ("none.json", "none.json"), ("no_context.json", "has perplexity results but no ppl_context"),
                         ("damaged.json", "damaged.json: a retrieval or perplexity record lacks what the report reads"),
                         ("no_dense.json", "no_dense.json: a retrieval or perplexity record lacks")]:
