@@ -526,7 +526,7 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     (tmp_path / "damaged.json").write_text(json.dumps({**no_context, "ppl_context": 64}))  # its record lacks "nll" ...
     rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "correct": {}}
     (tmp_path / "no_dense.json").write_text(json.dumps({**no_context, "perplexity": {}, "retrieval": [rec]}))
-    base, dense = {"command": "t", "selectors": ["oracle"], "budgets": [0.25], "seconds": {}}, "damaged: its budgets"
+    base = {"command": "t", "selectors": ["oracle"], "budgets": [0.25], "seconds": {}}
     zero = {"ppl_context": 64, "perplexity": {"dense": {"nll": 0, "ppl": 0, "agree": 1, "positions": 4}}}
     for name, damage in [("none", {"budgets": None}), ("zero", {"budgets": [0, 0.25]}), ("five", {"selectors": 5}),
                          ("seconds", {"seconds": {"retrieval": "x"}}), ("ppl0", zero)]:
