@@ -590,7 +590,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
                              f"{max(args.contexts)}; give more --text")
     if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
-        windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, need=args.ppl_docs)
+        windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, need=args.ppl_docs, what="the held-out "
+                                "text (every fifth document, or the last fifth of each of fewer than five)")
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))

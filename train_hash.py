@@ -112,7 +112,7 @@ def split_corpus(docs, every=5):
             [d for i, d in enumerate(docs) if i % every == every - 1])
 
 
-def token_windows(tok, docs, seq_len, n, gen=None, need=1):
+def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
     """n windows (n, seq_len) of consecutive tokens from the non-overlapping seq_len windows of every document
     (documents never mix inside a window): drawn without replacement by `gen`, else the first window of each
     document, then the second ones, ... An error when fewer than `need` exist; fewer than n: all, with a warning."""
@@ -124,7 +124,7 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1):
         pool = [w for ws in per_doc for w in ws]
         windows = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:n].sort().values.tolist()]
     if len(windows) < need:
-        raise ValueError(f"the text holds {len(windows)} windows of {seq_len} tokens, {need} needed: give more text "
+        raise ValueError(f"{what} holds {len(windows)} windows of {seq_len} tokens, {need} needed: give more text "
                          "or shorter windows")
     if len(windows) < n:
         print(f"warning: only {len(windows)} windows of {seq_len} tokens; using all of them", file=sys.stderr)

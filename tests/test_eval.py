@@ -408,7 +408,8 @@ def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys,
     ppl = ["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "4",
            "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
     assert ev.main(ppl + ["--ppl-docs", "4"]) == 2  # its held-out fifth holds one window of 256 tokens
-    assert "the text holds 1 windows of 256 tokens, 4 needed: give more text" in capsys.readouterr().err
+    assert ("the held-out text (every fifth document, or the last fifth of each of fewer than five) holds 1 windows "
+            "of 256 tokens, 4 needed") in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # the model loads
         ev.main(ppl + ["--ppl-docs", "1"])
 
