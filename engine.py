@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import fields
 from fractions import Fraction
@@ -23,7 +24,8 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from model import PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_context, from_checkpoint, read_hash_file
+from model import (PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_context, from_checkpoint, read_hash_file,
+                   write_whole)
 from offload import host_available, offload_from_args
 from tokenizer import Tokenizer
 
@@ -391,6 +393,25 @@ def cli(run, args):
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def write_text(path, text):  # whole or not at all (write_whole)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_whole(path, write)
+
+
+def check_writable(folder, flag):
+    """Make `folder` and create a scratch file in it: a folder that takes no new file fails before the work, not
+    after it (os.access says yes to root where no file can be made, as in /proc). A disk that fills up later still
+    fails at the save."""
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder or "."):
+            pass
+    except OSError as e:
+        raise OSError(f"{flag}: cannot write in {folder or '.'} ({e.strerror or e})") from None
 
 
 def main(argv=None):

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine import (Parser, cli, decode_one_token, default_checkpoint, device_name, note_ignored, parse_budget,
-                    positive_int, prefill, shipped_hash_weights, thread_count)
-from model import HataArgs, check_writable, from_checkpoint, load_hash_projections, write_text, write_whole
+from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, note_ignored,
+                    parse_budget, positive_int, prefill, shipped_hash_weights, thread_count, write_text)
+from model import HataArgs, from_checkpoint, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
@@ -336,11 +336,11 @@ def merge(runs):
     if len({r.get("needle_rule", 1) for r in runs if r.get("retrieval")}) > 1:  # 2: none mid-sentence (2026-12-03)
         raise ValueError("the runs place needles by different rules (before 2026-12-03 the ones at depth 100% went "
                          "mid-sentence): one sample's spec would join two prompts")
+    planned = max((r.get("perplexity_planned", 0) for r in runs if r.get("perplexity")), default=0)  # (one pass)
     out = runs[0]
     for r in runs[1:]:
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         out.pop("retrieval_cut", None)
-        out.pop("perplexity_planned", None)
         model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
         setup = lambda x: (x.get("model", model), x.get("rbit", 128), x.get("n_dense", 2))
         if setup(r) != setup(out):
@@ -369,6 +369,9 @@ def merge(runs):
             y["correct"] = {**x["correct"], **y["correct"]}
         out.setdefault("model", r.get("model"))
         out["retrieval"] = list(joined.values())
+    out.pop("perplexity_planned", None)
+    if planned:  # the perplexity runs share their dense pass, so their plan too
+        out["perplexity_planned"] = planned
     every = set().union(*(x["correct"] for x in out.get("retrieval", [])))
     out["retrieval"] = [x for x in out.get("retrieval", []) if set(x["correct"]) == every]
     if ppl_contexts:
@@ -544,10 +547,11 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                  + [(("--hash-weights",), fresh and "trained" not in args.selectors, "no trained selector"),
                     (("--quest", "--quest-budgets"), fresh and "quest" not in args.selectors, "no quest selector")])
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
+    so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # a run's results until it ends
     check_writable(os.path.dirname(json_path), "--out-dir / --name")  # now, not after the first batch
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
     scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
-    refuse_to_replace([json_path], own or scratch or args.overwrite, "--name / --out-dir")  # report/: the full run's
+    refuse_to_replace([json_path] + [so_far] * fresh, own or scratch or args.overwrite, "--name / --out-dir")
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
@@ -606,7 +610,6 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata}
     deadline = time.time() + 60 * args.minutes
-    so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # json_path's earlier run: kept till the end
 
     def save(task, t0, res):  # the task's results so far, after every batch
         results[task], results["seconds"][task] = res, round(time.perf_counter() - t0)

@@ -564,26 +564,6 @@ def write_whole(path, write):
             os.remove(tmp)
 
 
-def write_text(path, text):  # whole or not at all (write_whole)
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_whole(path, write)
-
-
-def check_writable(folder, flag):
-    """Make `folder` and create a scratch file in it: a folder that takes no new file fails before the work, not
-    after it (os.access says yes to root where no file can be made, as in /proc). A disk that fills up later still
-    fails at the save."""
-    import tempfile
-    try:
-        os.makedirs(folder or ".", exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder or "."):
-            pass
-    except OSError as e:
-        raise OSError(f"{flag}: cannot write in {folder or '.'} ({e.strerror or e})") from None
-
-
 def read_hash_file(path, with_tensors=True):
     """(metadata: "model", "rbit", "n_dense"; {name: tensor} or {}) of a projection file, or one clear error."""
     from safetensors import safe_open

@@ -162,8 +162,10 @@ def _pre_split(pre, normalizer, path):
     if plain and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
         return SMOLLM_PATTERN
     if plain and isinstance(regex, str) and split.get("behavior") == "Isolated" and not split.get("invert") \
-            and not last.get("use_regex", True):  # text between its matches is a piece too (tiktoken would drop it)
-        return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
+            and not last.get("use_regex", True):
+        # the text between its matches is a piece too (tiktoken would drop it), cut every RUN_CAP characters (one
+        # longer piece overflows fancy-regex's stack)
+        return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S]){{1,{RUN_CAP}}}"
     raise ValueError(f"{path!r}: its pre-tokenizer ({' + '.join(map(str, kinds))}" + (", a normalizer" if normalizer
                      else "") + ") is not one hata reproduces (ByteLevel; Digits + ByteLevel; one Split + ByteLevel)")
 

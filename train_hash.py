@@ -42,12 +42,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import (Parser, cli, default_checkpoint, device_name, is_default_model, note_ignored, positive_int,
-                    torch_seed)
+from engine import (Parser, check_writable, cli, default_checkpoint, device_name, is_default_model, note_ignored,
+                    positive_int, torch_seed, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import (HataArgs, apply_rope, check_writable, from_checkpoint, load_hash_projections,
-                   random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections, write_text,
-                   write_whole)
+from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
+                   read_hash_file, rope_frequencies, save_hash_projections, write_whole)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
@@ -558,16 +557,14 @@ def run(args):
     if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and 0 <= args.shift < 2 ** 31):
         raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} >= 0 and "
                          f"--shift {args.shift} in [0, 2^31)")
-    if args.out and args.batch > args.n_seqs:  # each step draws its sequences from the training windows
-        raise ValueError(f"--batch {args.batch} exceeds --n-seqs {args.n_seqs}, the training windows a step draws from")
     hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
     hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
                for n in ("sigma", "eta")})
     rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
              "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
-    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and math.isfinite(hp[n]))]:  # now, not after
+    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and math.isfinite(hp[n]))]:  # before prefills
         raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
-                         "--lam, --eta >= 0, each finite")  # the prefills
+                         "--lam, --eta >= 0, each finite")
     outs = {r: args.out.replace("{rbit}", str(r)) for r in train_rbits} if args.out else {}
     for out in outs.values():  # a bad --out fails now, not after the training
         if os.path.isdir(out) or out.endswith(("/", os.sep)):
@@ -605,6 +602,8 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     if args.val_seqs and not n_val:
         print("warning: no window left for validation; the per-head guard is off", file=sys.stderr)
     windows, val = windows[n_val:], windows[:n_val]
+    if args.batch > windows.shape[0]:  # (a step draws with replacement: more would repeat windows in every step)
+        raise ValueError(f"--batch {args.batch} exceeds the {windows.shape[0]} training windows a step draws from")
     print(f"training text: {windows.shape[0]} windows of {seq_len} tokens, {args.queries} queries each, {n_val} "
           "validation windows", file=sys.stderr)
     samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
@@ -624,9 +623,12 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
             save_hash_projections(outs[r], projs, margs, hata)
             print(f"saved {outs[r]} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
         except OSError as e:  # a full disk after the training: the projections go to the temp folder, not lost
-            keep = os.path.join(tempfile.gettempdir(), f"unsaved-{os.getpid()}-{os.path.basename(outs[r])}")
-            save_hash_projections(keep, projs, margs, hata)
-            unsaved.append(f"{e}; the trained projections are saved in {keep}")
+            keep = os.path.join(tempfile.gettempdir(), f"unsaved-{os.getpid()}-r{r}-{os.path.basename(outs[r])}")
+            try:
+                save_hash_projections(keep, projs, margs, hata)
+                unsaved.append(f"{e}; the R={r} projections are saved in {keep}")
+            except OSError as e2:
+                unsaved.append(f"{e}; and {e2}: the R={r} projections are lost")
     if unsaved:
         raise OSError("; ".join(unsaved))
 

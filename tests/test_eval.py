@@ -428,9 +428,10 @@ def test_a_run_records_the_argv_it_was_given(smol, tok, monkeypatch, tmp_path):
     assert "context lengths" in ev.build_parser().format_help()  # --contexts: the cache, not the prompt (C - 5)
 
 
-def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, monkeypatch, tmp_path):
+def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, monkeypatch, tmp_path, capsys):
     """Until a run ends its results go to NAME_results.partial.json, so a run stopped midway (Ctrl-C, a crash) with
-    --overwrite leaves the earlier NAME_results.json whole; the partial file's report says the run stopped."""
+    --overwrite leaves the earlier NAME_results.json whole; the partial file's report (merged or not) says the run
+    stopped, and the next run replaces the partial file only with --overwrite."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     real = ev.run_teacher_forced
@@ -448,6 +449,11 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, m
     partial = ev.load_results(str(tmp_path / "eval_results.partial.json"))
     assert partial["perplexity"]["dense"]["positions"] == 4 and partial["perplexity_planned"] == 8
     assert "4 teacher-forced positions (of 8: the run stopped before the rest)" in ev.report(partial)
+    retrieval = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
+    assert "4 teacher-forced positions (of 8: the run stopped" in ev.report(ev.merge([retrieval, partial]))
+    os.remove(tmp_path / "eval_results.json")
+    capsys.readouterr()
+    assert ev.main(argv[:-1]) == 2 and "eval_results.partial.json exists: pass --overwrite" in capsys.readouterr().err
 
 
 def test_a_report_that_cannot_be_built_writes_nothing(monkeypatch, tmp_path):

@@ -619,6 +619,8 @@ def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
     tok = Tokenizer.from_path(tmp_path)
     assert tok.encode("ab 12!\ncd") == [97, 98, 256, 50, 33, 10, 99, 100]
     assert tok.decode(tok.encode(" 1 x\n\n")) == " 1 x\n\n"
+    gap = "1 " * 500_000  # one gap of 1M characters: cut into pieces, not a Rust panic (stack overflow)
+    assert tok.decode(tok.encode(gap)) == gap
 
 
 def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_path):

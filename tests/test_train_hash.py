@@ -287,6 +287,9 @@ def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeyp
     train, val = set(seen["train"][:, 0].tolist()), set(seen["val"][:, 0].tolist())
     assert len(train) == 4 and len(val) == 2 and not train & val
     assert load_hash_projections(out, PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
+    run.batch = 5  # more than the 4 training windows: refused before the prefills (collect_samples)
+    with pytest.raises(ValueError, match="--batch 5 exceeds the 4 training windows"):
+        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
 
 
 def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch, tmp_path):
@@ -303,7 +306,7 @@ def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch,
     monkeypatch.setattr(th.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
     with pytest.raises(OSError, match=f"cannot write {re.escape(out)}: I/O error: No space left on device .*; the "
-                                      "trained projections are saved in .*unsaved-.*p.safetensors") as e:
+                                      "R=32 projections are saved in .*unsaved-.*-r32-p.safetensors") as e:
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
     kept = str(e.value).rsplit(" ", 1)[-1]
     assert load_hash_projections(kept, PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
@@ -400,7 +403,6 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
                                          (["--lr", "inf"], "--lr inf"), (["--wd", "nan"], "--wd nan"),
                                          (["--shift", str(2 ** 31)], "--shift 2147483648 in [0, 2^31)"),
-                                         (["--batch", "5", "--n-seqs", "4"], "--batch 5 exceeds --n-seqs 4"),
                                          (["--rbit", "2048"], "in [32, 1024], got 2048"),
                                          (["--report", "--out", "", "--report-dir", "/dev/null/r"],
                                           "--report-dir: cannot write in /dev/null/r"),
