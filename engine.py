@@ -24,8 +24,8 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from model import (PRESETS, SELECTORS, HataArgs, Transformer, checkpoint_context, from_checkpoint, read_hash_file,
-                   write_whole)
+from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, Transformer, checkpoint_context, from_checkpoint,
+                   read_hash_file, write_whole)
 from offload import host_available, offload_from_args
 from tokenizer import Tokenizer
 
@@ -598,7 +598,10 @@ def describe_policy(hata, max_seq_len, n_layers):
         return (f"{selector}, but --sink {hata.n_sink} + --recent {hata.n_recent} fill the budget of {plural(K)}: a "
                 "fixed window of the cache, no selection")
     weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"
-    return f"{selector}, budget {K} of up to {max_seq_len} tokens" + (f", {weights}" if hata.selector == "hash" else "")
+    extra = f", {weights}" if hata.selector == "hash" else ""
+    if hata.selector == "quest" and K < QUEST_PAGE:
+        extra = f" (less than one {QUEST_PAGE}-token page: part of the best page each step)"
+    return f"{selector}, budget {K} of up to {max_seq_len} tokens{extra}"
 
 
 def shipped_hash_weights(hata, checkpoint=None):

@@ -497,6 +497,10 @@ def test_status_lines(capsys):
     assert "proj.safetensors" in engine.describe_policy(HataArgs(budget=4, hash_weights="w/proj.safetensors"), 64, 4)
     assert "--sink 1 + --recent 3 fill the budget of 4 tokens: a fixed window" in engine.describe_policy(
         HataArgs(budget=4, n_sink=1, n_recent=3), 64, 4)
+    quest = [engine.describe_policy(HataArgs(budget=K, selector="quest"), 64, 4) for K in (8, 16)]
+    assert quest == ["sparse decode: Quest pages (a baseline), budget 8 of up to 64 tokens (less than one 16-token "
+                     "page: part of the best page each step)", "sparse decode: Quest pages (a baseline), budget 16 of "
+                     "up to 64 tokens"]
     engine.report_speed({"prefill_s": 0.5, "prefill_tokens": 3, "decode_s": 0.0, "decode_steps": 0, "decode_tokens": 0})
     assert "decode: no steps (each sequence ended with its first token" in capsys.readouterr().err
     engine.report_speed({"prefill_s": 0.5, "prefill_tokens": 1, "decode_s": 0.1, "decode_steps": 1, "decode_tokens": 1})
