@@ -1,5 +1,8 @@
 """bench.py on the CPU: its cpu mode end to end (table and plot), and how it labels budgets. The GPU modes run
 only on a GPU (BENCHMARKS.md has their output)."""
+import statistics
+import types
+
 import pytest
 import torch
 
@@ -124,9 +127,70 @@ def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys)
         assert ("not the default points with --compile" in capsys.readouterr().err) == (want is None)
 
 
-@pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg"])
+@pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg", "xpng"])
 def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_cpu", lambda args: pytest.fail("timed before refusing --plot"))
     with pytest.raises(SystemExit) as e:
         bench.main(["cpu", "--plot", plot])
     assert e.value.code == 2 and "give a .png file in an existing folder" in capsys.readouterr().err
+
+
+def test_budget_label_of_one_token():
+    assert bench.budget_label(1) == "K = 1" and bench.budget_label(2048.0) == "K = 2048"
+
+
+def test_kernel_bytes():
+    """B=2, Hkv=3 (6 rows), G=4, D=64, S=1000, W=4, K=100 (two 64-row splits), bf16."""
+    assert bench.kernel_bytes(2, 3, 4, 64, 1000, 4, 100, 2) == {
+        "topk.score": 6 * 1000 * (4 * 4 + 2),                        # codes in, int16 keys out
+        "topk.compact": 6 * 1000 * 2 + 6 * 100 * 4,                  # keys in, int32 indices out
+        "attn.split": 6 * 100 * (2 * 64 * 2 + 4) + 6 * 2 * 4 * 65 * 4}  # K, V rows + indices; fp32 partials + lse
+
+
+def test_attention_tables():
+    row = dict(shape="llama8b", B=1, S=131072, budget=2048, dense_ms=2.0, hata_ms=0.5, floor_ms=0.25,
+               dense_floor_ms=1.0, per_kernel={"hash": 0.01, "topk.score": 0.1}, kernel_bytes={"topk.score": 4e8})
+    assert [bench.fmt_s(S) for S in (131072, 1024, 1000, 48)] == ["128K", "1K", "1000", "48"]
+    assert bench.table([row]).splitlines()[2] == \
+        "| llama8b | 1 | 128K | 2048 | 2.0000 | 0.5000 | 4.00x | 0.2500 | 50% | 2.00x |"
+    lines = bench.breakdown_table([row]).splitlines()
+    assert lines[2] == "| shape | B | S | budget | hash | topk.score |"
+    assert lines[4] == "| llama8b | 1 | 128K | 2048 | 0.0100 | 0.1000 (4.00) |"  # 4e8 bytes in 0.1 ms: 4 TB/s
+
+
+def test_attention_rbit_is_one_of_the_plots_points(monkeypatch, capsys):
+    plots = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_attention", lambda args: plots.append(args.plot) or 0)
+    report = f"{bench.HERE}/report/bench_attention.png"  # the default points; --reps is not one of them
+    for argv, want in ((["attention"], report), (["attention", "--rbit", "64"], None),
+                       (["attention", "--reps", "5"], report)):
+        assert bench.main(argv) == 0 and plots[-1] == want, argv
+
+
+class Checked(Exception):
+    """print_header reached: the sizes passed every check."""
+
+
+@pytest.mark.parametrize("argv", [["cpu", "--seqlens", "8192"],
+                                  ["offload", "--preset", "tiny", "--seqlen", "1024", "--budget", "64"],
+                                  ["e2e", "--preset", "tiny", "--seqlens", "1024", "--prefill-len", "1024"]])
+def test_a_size_at_the_models_context_is_accepted(argv, gguf_path, monkeypatch):
+    """A context exactly the model's passes each mode's size checks (they refuse one token more)."""
+    def reached(mode):
+        raise Checked()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "print_header", reached)
+    with pytest.raises(Checked):
+        bench.main(argv)
+
+
+def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse(gguf_path, monkeypatch, capsys):
+    panels, sizes = [], []
+    monkeypatch.setattr(bench, "plot_speed", lambda path, p: panels.extend(p))
+    monkeypatch.setattr(bench, "statistics", types.SimpleNamespace(
+        median=lambda xs: sizes.append(len(xs)) or statistics.median(xs)))
+    bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "2", "--plot", "x.png"])
+    assert sizes == [2] * 4  # dense and HATA at each context: rounds x steps, the warm-up step left out
+    (_, _, _, lines, _), = panels
+    assert [S for S, _ in lines["dense"]] == [16, 48] and [S for S, _ in lines["HATA, K = 20"]] == [48]

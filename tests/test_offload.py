@@ -281,3 +281,29 @@ def test_offload_gives_the_same_tokens_cuda():
     with torch.inference_mode():
         got, _ = generate(model, PROMPTS, 12)
     assert got == ref and torch.equal(tokens, ref_tokens)
+
+
+def test_offload_a_chunk_at_mixed_positions():
+    """A chunk (T > 1) whose sequences start at different positions, one of them 0: not a fresh prefill, so the
+    host cache answers with its rows up to the chunk's end (the mask's S), not with the chunk's own k, v."""
+    model, tokens = tiny(), torch.tensor([list(range(3, 11)), list(range(20, 28))])  # (2, 8)
+    logits = []
+    for off in (False, True):
+        if off:
+            apply_offload(model, 2, 64)
+        model.setup_caches(2, 64)
+        with torch.inference_mode():
+            model(tokens[:, :5], input_pos=torch.tensor([0, 0]))  # both sequences: positions 0-4
+            logits.append(model(tokens[:, 5:], input_pos=torch.tensor([0, 5])))  # (2, 3, V): from 0 and from 5
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+
+
+def test_a_large_host_keeps_a_tenth_free(monkeypatch):
+    """Above 10 GiB available, the 10% share (not the 1 GiB floor) stays free."""
+    monkeypatch.setattr(offload, "host_available", lambda: 20 * GiB)
+    need = 3 * 2 * 1 * 2 * 2**25 * 16 * 4  # 3 sparse layers' K/V at S_max = 2^25: 24 GiB
+    with pytest.raises(ValueError, match=rf"needs {need} bytes .* but {18 * GiB} bytes \(18.00 GiB\) may be pinned"):
+        plan_offload(tiny(), 1, 2**25)
+    monkeypatch.setattr(offload, "host_available", lambda: 13 * GiB)  # 11.7 GiB may be pinned: 12 GiB does not fit
+    with pytest.raises(ValueError, match=r"but \d+ bytes \(11.70 GiB\) may be pinned"):
+        plan_offload(tiny(), 1, 2**24)
