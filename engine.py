@@ -542,15 +542,20 @@ def setup(model, args, batch, max_seq_len, prompt_len):
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
     if args.dense:
         return None
-    rbit, n_dense = args.rbit, args.n_dense  # None: not given
-    if args.hash_weights and args.selector == "hash":  # the file's settings, where the flags are not given
-        meta = read_hash_file(args.hash_weights, with_tensors=False)[0]
-        rbit = int(meta["rbit"]) if rbit is None else rbit
-        n_dense = int(meta["n_dense"]) if n_dense is None else n_dense
+    rbit, n_dense = file_settings(args.hash_weights if args.selector == "hash" else None, args.rbit, args.n_dense)
     rbit = rbit if rbit is not None and args.selector == "hash" else HataArgs.rbit
     return HataArgs(rbit=rbit, budget=args.budget, n_dense=HataArgs.n_dense if n_dense is None else n_dense,
                     n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
                     hash_weights=args.hash_weights)
+
+
+def file_settings(path, rbit, n_dense):
+    """(rbit, n_dense): the flags where given (not None), else the projection file's own (no path: the flags)."""
+    if path:
+        meta = read_hash_file(path, with_tensors=False)[0]
+        rbit = int(meta["rbit"]) if rbit is None else rbit
+        n_dense = int(meta["n_dense"]) if n_dense is None else n_dense
+    return rbit, n_dense
 
 
 def run_random(args, hata, device, dtype):
@@ -598,7 +603,7 @@ def describe_policy(hata, max_seq_len, n_layers):
         return (f"{selector}, but --sink {hata.n_sink} + --recent {hata.n_recent} fill the budget of {plural(K)}: a "
                 "fixed window of the cache, no selection")
     weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"
-    extra = f", {weights}" if hata.selector == "hash" else ""
+    extra = f", {weights} (R = {hata.rbit}, --n-dense {hata.n_dense})" if hata.selector == "hash" else ""
     if hata.selector == "quest" and K < QUEST_PAGE:
         extra = f" (less than one {QUEST_PAGE}-token page: part of the best page each step)"
     return f"{selector}, budget {K} of up to {max_seq_len} tokens{extra}"

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, note_ignored,
-                    parse_budget, positive_int, prefill, shipped_hash_weights, thread_count, write_text)
+from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, file_settings,
+                    note_ignored, parse_budget, positive_int, prefill, shipped_hash_weights, thread_count, write_text)
 from model import HataArgs, from_checkpoint, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
@@ -489,10 +489,11 @@ def build_parser():
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
-    p.add_argument("--rbit", type=positive_int, default=HataArgs.rbit,
-                   help="hash bits (as the --hash-weights file was trained)")
-    p.add_argument("--n-dense", type=int, default=HataArgs.n_dense,
-                   help="first layers dense, for every selector (as trained)")
+    p.add_argument("--rbit", type=positive_int,
+                   help=f"hash bits (default: a --hash-weights file's own, else {HataArgs.rbit})")
+    p.add_argument("--n-dense", type=int,
+                   help=f"first layers dense, for every selector (default: a --hash-weights file's own, else "
+                        f"{HataArgs.n_dense})")
     p.add_argument("--quest", type=parse_quest, nargs="+", default=[(16, 16)],
                    help="Quest rows, sink:recent (default: 16:16)")
     p.add_argument("--quest-budgets", type=parse_frac, nargs="*", default=[1 / 4], help="extra budgets for Quest")
@@ -573,7 +574,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if args.sink < 0:
         raise ValueError(f"--sink {args.sink} must be >= 0")
     check_labels(args.budgets + args.quest_budgets)
-    hata, weights = dict(rbit=args.rbit, n_dense=args.n_dense), None
+    rbit, n_dense = file_settings(args.hash_weights if args.hash_weights != "none" and "trained" in args.selectors
+                                  else None, args.rbit, args.n_dense)  # as engine.py: the file's, where not given
+    hata = dict(rbit=HataArgs.rbit if rbit is None else rbit, n_dense=HataArgs.n_dense if n_dense is None else n_dense)
+    weights = None
     HataArgs(**hata)  # a bad --rbit now, not after the first policy
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
         weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)
@@ -599,8 +603,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata))
-    if not 0 <= args.n_dense < model.args.n_layers:  # else no layer is sparse: every selector would be dense
-        raise ValueError(f"--n-dense {args.n_dense} must be in [0, {model.args.n_layers})")
+    if not 0 <= hata["n_dense"] < model.args.n_layers:  # else no layer is sparse: every selector would be dense
+        raise ValueError(f"--n-dense {hata['n_dense']} must be in [0, {model.args.n_layers})")
+    print(f"loaded {checkpoint} ({model.args.describe()}); R = {hata['rbit']}, {hata['n_dense']} dense layers"
+          + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
     for flag, Cs in lengths.items():
         if Cs and max(Cs) > model.args.max_seq_len:
             raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {model.args.max_seq_len} tokens")
@@ -614,16 +620,22 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     def save(task, t0, res):  # the task's results so far, after every batch
         results[task], results["seconds"][task] = res, round(time.perf_counter() - t0)
         write_json(so_far, results)
-    if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
-        results["perplexity_planned"] = windows.shape[0] * args.ppl_tokens  # a file saved midway holds fewer
-        run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch,
-                           partial(save, "perplexity", time.perf_counter()))
-    if "retrieval" in args.tasks:
-        specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
-        results["retrieval_planned"] = len(specs)  # a file saved midway holds fewer: the run stopped early
-        records = run_retrieval(model, tok, hays, specs, pols, args.batch,
-                                partial(save, "retrieval", time.perf_counter()), deadline)
-        results["retrieval_cut"] = len(records) < len(specs)  # only --minutes skips samples of a finished run
+    try:
+        if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
+            results["perplexity_planned"] = windows.shape[0] * args.ppl_tokens  # a file saved midway holds fewer
+            run_teacher_forced(model, windows, args.ppl_tokens, pols, args.batch,
+                               partial(save, "perplexity", time.perf_counter()))
+        if "retrieval" in args.tasks:
+            specs = retrieval_specs(dict(zip(args.contexts, args.samples)), args.seed)
+            results["retrieval_planned"] = len(specs)  # a file saved midway holds fewer: the run stopped early
+            records = run_retrieval(model, tok, hays, specs, pols, args.batch,
+                                    partial(save, "retrieval", time.perf_counter()), deadline)
+            results["retrieval_cut"] = len(records) < len(specs)  # only --minutes skips samples of a finished run
+    except KeyboardInterrupt:  # the batches so far are in so_far: say where
+        if os.path.exists(so_far):
+            print(f"\nresults so far: {so_far} (eval.py --report reads it; a rerun of --name {name} needs "
+                  "--overwrite)", file=sys.stderr)
+        raise
     write_report(results, args.out_dir, name, json_path)
     if os.path.exists(so_far):  # (none if no batch ran)
         os.remove(so_far)

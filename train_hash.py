@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, cli, default_checkpoint, device_name, is_default_model, note_ignored,
-                    positive_int, torch_seed, write_text)
+                    plural, positive_int, torch_seed, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
                    read_hash_file, rope_frequencies, save_hash_projections, write_whole)
@@ -123,8 +123,8 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
         pool = [w for ws in per_doc for w in ws]
         windows = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:n].sort().values.tolist()]
     if len(windows) < need:
-        raise ValueError(f"{what} holds {len(windows)} windows of {seq_len} tokens, {need} needed: give more text "
-                         "or shorter windows")
+        raise ValueError(f"{what} holds {plural(len(windows), 'window')} of {seq_len} tokens, {need} needed: give "
+                         "more text or shorter windows")
     if len(windows) < n:
         print(f"warning: only {len(windows)} windows of {seq_len} tokens; using all of them", file=sys.stderr)
     return torch.tensor(windows[:n])
@@ -365,7 +365,7 @@ def selection_quality(attn, q, k, lengths, selectors):
     return out
 
 
-def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5):
+def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5, desc="report"):
     """Windows (N, S) of tokens (held out, or the guard's validation); per window `queries` positions t
     (query_positions). selectors:
     {name: {layer: proj (Hkv, D, R)}, or None for the oracle}. Returns {(name, f): {layer: (mass, recall)}},
@@ -373,7 +373,7 @@ def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5):
     gen = torch.Generator().manual_seed(seed)
     S = windows.shape[1]
     sums, count = {}, 0
-    for i in tqdm(range(windows.shape[0]), desc="report", unit="seq"):
+    for i in tqdm(range(windows.shape[0]), desc=desc, unit="seq"):
         ts = query_positions(S, queries, query_from, gen)  # (nq,)
         count += len(ts)
         for l, (q, k) in enumerate(capture_qk(model, windows[i])):
@@ -398,7 +398,7 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     gap < 0: the mean over the budgets of the captured-mass difference, trained - random."""
     start = {r: random_hash_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
-    res = evaluate(model, windows, selectors, n_dense, queries, seed + 1, query_from)
+    res = evaluate(model, windows, selectors, n_dense, queries, seed + 1, query_from, desc="guard")
     out = {}
     for r, projs in trained.items():
         out[r] = kept, back = {}, []
@@ -604,7 +604,8 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     windows, val = windows[n_val:], windows[:n_val]
     if args.batch > windows.shape[0]:  # (a step draws with replacement: more would repeat windows in every step)
         raise ValueError(f"--batch {args.batch} exceeds the {windows.shape[0]} training windows a step draws from")
-    print(f"training text: {windows.shape[0]} windows of {seq_len} tokens, {args.queries} queries each, {n_val} "
+    queries = min(args.queries, seq_len - int(args.query_from * seq_len))  # query_positions' count
+    print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} queries each, {n_val} "
           "validation windows", file=sys.stderr)
     samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
                               labels=args.loss == "pair")
@@ -668,8 +669,8 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     for seq_len, res in results.items():  # nothing is written until every length is measured
         table, mean = report_tables(res, args.n_dense, margs.n_layers)
         png, queries = f"hash_quality_{seq_len}.png", min(args.eval_queries, seq_len - seq_len // 2)
-        text += (f"\n## {seq_len}-token windows\n\n{windows[seq_len].shape[0]} windows, {queries} queries each at "
-                 f"positions in [{seq_len // 2}, {seq_len}). Plot: {png}\n\n{table}\n")
+        text += (f"\n## {seq_len}-token windows\n\n{plural(windows[seq_len].shape[0], 'window')}, {queries} queries "
+                 f"each at positions in [{seq_len // 2}, {seq_len}). Plot: {png}\n\n{table}\n")
         report_plot(res, mean, args.n_dense, margs.n_layers, os.path.join(args.report_dir, png))
     print(text)
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)

@@ -512,10 +512,12 @@ def test_status_lines(capsys):
 
 def test_status_line_names_the_selector():
     """HATA is the hash selector; the oracle and Quest are named as what they are (an upper bound, a baseline)."""
-    line = {s: engine.describe_policy(HataArgs(budget=4, selector=s), 64, 4) for s in ("hash", "oracle", "quest")}
-    assert line["hash"] == "HATA decode: hash selector, budget 4 of up to 64 tokens, random projections"
-    assert line["oracle"] == "sparse decode: oracle selector (exact top-K, an upper bound), budget 4 of up to 64 tokens"
-    assert line["quest"] == "sparse decode: Quest pages (a baseline), budget 4 of up to 64 tokens"
+    line = {s: engine.describe_policy(HataArgs(budget=20, selector=s), 64, 4) for s in ("hash", "oracle", "quest")}
+    assert line["hash"] == ("HATA decode: hash selector, budget 20 of up to 64 tokens, random projections (R = 128, "
+                            "--n-dense 2)")
+    assert line["oracle"] == ("sparse decode: oracle selector (exact top-K, an upper bound), budget 20 of up to 64 "
+                              "tokens")
+    assert line["quest"] == "sparse decode: Quest pages (a baseline), budget 20 of up to 64 tokens"
     assert "HATA" not in engine.describe_policy(HataArgs(budget=64, selector="quest"), 64, 4)  # covers the cache
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eval as ev
-from model import HataArgs
+from model import HataArgs, save_hash_projections
 from tokenizer import Tokenizer
 
 PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
@@ -408,7 +408,7 @@ def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys,
     ppl = ["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "4",
            "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
     assert ev.main(ppl + ["--ppl-docs", "4"]) == 2  # its held-out fifth holds one window of 256 tokens
-    assert ("the held-out text (every fifth document, or the last fifth of each of fewer than five) holds 1 windows "
+    assert ("the held-out text (every fifth document, or the last fifth of each of fewer than five) holds 1 window "
             "of 256 tokens, 4 needed") in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # the model loads
         ev.main(ppl + ["--ppl-docs", "1"])
@@ -445,6 +445,8 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, m
             "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "2", "--batch", "1", "--checkpoint", "x.gguf",
             "--out-dir", str(tmp_path), "--overwrite"]
     assert ev.main(argv) == 130
+    assert f"results so far: {tmp_path / 'eval_results.partial.json'} (eval.py --report reads it" in \
+        capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
     partial = ev.load_results(str(tmp_path / "eval_results.partial.json"))
     assert partial["perplexity"]["dense"]["positions"] == 4 and partial["perplexity_planned"] == 8
@@ -454,6 +456,25 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, m
     os.remove(tmp_path / "eval_results.json")
     capsys.readouterr()
     assert ev.main(argv[:-1]) == 2 and "eval_results.partial.json exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(smol, tok, monkeypatch, tmp_path, capsys):
+    """As engine.py: --rbit and --n-dense default to the file's own (R = 64, 3 dense layers here); given, they must
+    match it (load_hash_projections says so)."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    projs = {l: torch.randn(smol.args.n_kv_heads, smol.args.head_dim, 64) for l in range(3, smol.args.n_layers)}
+    save_hash_projections(path := str(tmp_path / "p.safetensors"), projs, smol.args, HataArgs(rbit=64, n_dense=3))
+    (tmp_path / "text.txt").write_text(PROSE * 10)
+    argv = ["--tasks", "perplexity", "--selectors", "trained", "--budgets", "1/8", "--text", str(tmp_path / "text.txt"),
+            "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "1", "--hash-weights", path, "--checkpoint",
+            "x.gguf", "--out-dir", str(tmp_path)]
+    assert ev.main(argv) == 0
+    assert "R = 64, 3 dense layers, hata-trained: " + path in capsys.readouterr().err
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert (results["rbit"], results["n_dense"]) == (64, 3) and "hata-trained 1/8" in results["perplexity"]
+    assert ev.main(argv + ["--n-dense", "2", "--name", "other"]) == 2
+    assert "pass --n-dense 3" in capsys.readouterr().err
 
 
 def test_a_report_that_cannot_be_built_writes_nothing(monkeypatch, tmp_path):

@@ -518,5 +518,5 @@ def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_pat
     assert "0 windows of 4096 tokens" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["small.txt"]
     assert th.main(base + ["--eval-len", "64", "--eval-queries", "40", "--n-dense", "3", "--rbit", "64"]) == 0
     text, err = (tmp_path / "hash_quality.md").read_text(), capsys.readouterr().err
-    assert "1 windows, 32 queries each" in text and "trained R=" not in text and "random R=64" in text
+    assert "1 window, 32 queries each" in text and "trained R=" not in text and "random R=64" in text
     assert "note: the shipped projections are for --n-dense 2" in err
