@@ -58,19 +58,24 @@ def test_offload_gives_the_same_tokens_cpu(chunk, capsys):
     assert "layers [1] keep their K/V in host memory" in capsys.readouterr().err
 
 
+def assert_offload_changes_nothing(B, run):
+    """run(model) of a tiny model with its caches on the device, then offloaded: the same logits."""
+    model, logits = tiny(), []
+    for offload in (False, True):
+        if offload:
+            apply_offload(model, B, 64)
+        model.setup_caches(B, 64)
+        with torch.inference_mode():
+            logits.append(run(model))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+
+
 def test_offload_prefill_from_an_explicit_zero_position():
     """forward with input_pos = 0 (a mask over S_max) and T > 1: the host cache's prefill answers with k, v
     themselves, which the mask is cut to; then a chunk at 5 over the GPU copy of positions 0-4."""
-    model, tokens = tiny(), torch.tensor([list(range(3, 10))])  # (1, 7)
-    logits = []
-    for offload in (False, True):
-        if offload:
-            apply_offload(model, 1, 64)
-        model.setup_caches(1, 64)
-        with torch.inference_mode():
-            logits.append(torch.cat([model(tokens[:, :5], input_pos=torch.tensor([0])),
-                                     model(tokens[:, 5:], input_pos=torch.tensor([5]))], 1))  # (1, 7, V)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    tokens = torch.tensor([list(range(3, 10))])  # (1, 7)
+    assert_offload_changes_nothing(1, lambda model: torch.cat([
+        model(tokens[:, :5], input_pos=torch.tensor([0])), model(tokens[:, 5:], input_pos=torch.tensor([5]))], 1))
 
 
 def test_cap_offloads_only_what_does_not_fit():
@@ -286,16 +291,11 @@ def test_offload_gives_the_same_tokens_cuda():
 def test_offload_a_chunk_at_mixed_positions():
     """A chunk (T > 1) whose sequences start at different positions, one of them 0: not a fresh prefill, so the
     host cache answers with its rows up to the chunk's end (the mask's S), not with the chunk's own k, v."""
-    model, tokens = tiny(), torch.tensor([list(range(3, 11)), list(range(20, 28))])  # (2, 8)
-    logits = []
-    for off in (False, True):
-        if off:
-            apply_offload(model, 2, 64)
-        model.setup_caches(2, 64)
-        with torch.inference_mode():
-            model(tokens[:, :5], input_pos=torch.tensor([0, 0]))  # both sequences: positions 0-4
-            logits.append(model(tokens[:, 5:], input_pos=torch.tensor([0, 5])))  # (2, 3, V): from 0 and from 5
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    tokens = torch.tensor([list(range(3, 11)), list(range(20, 28))])  # (2, 8)
+    def run(model):
+        model(tokens[:, :5], input_pos=torch.tensor([0, 0]))  # both sequences: positions 0-4
+        return model(tokens[:, 5:], input_pos=torch.tensor([0, 5]))  # (2, 3, V): from 0 and from 5
+    assert_offload_changes_nothing(2, run)
 
 
 def test_a_large_host_keeps_a_tenth_free(monkeypatch):
