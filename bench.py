@@ -225,9 +225,9 @@ def plot_speed(path, panels):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    from model import write_whole
+    from engine import write_png
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_png(path, fig)
     plt.close(fig)
     print(f"\nwrote {path}")
 

@@ -402,6 +402,10 @@ def write_text(path, text):  # whole or not at all (write_whole)
     write_whole(path, write)
 
 
+def write_png(path, fig):  # a matplotlib figure, whole or not at all (the scratch name has no .png to go by)
+    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def check_writable(folder, flag):
     """Make `folder` and create a scratch file in it: a folder that takes no new file fails before the work, not
     after it (os.access says yes to root where no file can be made, as in /proc). A disk that fills up later still
@@ -543,18 +547,16 @@ def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as
     if args.dense:
         return None
     rbit, n_dense = file_settings(args.hash_weights if args.selector == "hash" else None, args.rbit, args.n_dense)
-    rbit = rbit if rbit is not None and args.selector == "hash" else HataArgs.rbit
-    return HataArgs(rbit=rbit, budget=args.budget, n_dense=HataArgs.n_dense if n_dense is None else n_dense,
+    return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
                     n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
                     hash_weights=args.hash_weights)
 
 
 def file_settings(path, rbit, n_dense):
-    """(rbit, n_dense): the flags where given (not None), else the projection file's own (no path: the flags)."""
-    if path:
-        meta = read_hash_file(path, with_tensors=False)[0]
-        rbit = int(meta["rbit"]) if rbit is None else rbit
-        n_dense = int(meta["n_dense"]) if n_dense is None else n_dense
+    """(rbit, n_dense): the flags where given (not None), else the projection file's own, else HataArgs' defaults."""
+    meta = read_hash_file(path, with_tensors=False)[0] if path else {}
+    rbit = int(meta.get("rbit", HataArgs.rbit)) if rbit is None else rbit
+    n_dense = int(meta.get("n_dense", HataArgs.n_dense)) if n_dense is None else n_dense
     return rbit, n_dense
 
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, file_settings,
-                    note_ignored, parse_budget, positive_int, prefill, shipped_hash_weights, thread_count, write_text)
+                    note_ignored, parse_budget, positive_int, prefill, shipped_hash_weights, thread_count, write_png,
+                    write_text)
 from model import HataArgs, from_checkpoint, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
@@ -457,7 +458,7 @@ def plot(results, path):
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_png(path, fig)
     plt.close(fig)
     return True
 
@@ -576,8 +577,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     check_labels(args.budgets + args.quest_budgets)
     rbit, n_dense = file_settings(args.hash_weights if args.hash_weights != "none" and "trained" in args.selectors
                                   else None, args.rbit, args.n_dense)  # as engine.py: the file's, where not given
-    hata = dict(rbit=HataArgs.rbit if rbit is None else rbit, n_dense=HataArgs.n_dense if n_dense is None else n_dense)
-    weights = None
+    hata, weights = dict(rbit=rbit, n_dense=n_dense), None
     HataArgs(**hata)  # a bad --rbit now, not after the first policy
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
         weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)

@@ -43,10 +43,10 @@ import torch
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, cli, default_checkpoint, device_name, is_default_model, note_ignored,
-                    plural, positive_int, torch_seed, write_text)
+                    plural, positive_int, torch_seed, write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
-                   read_hash_file, rope_frequencies, save_hash_projections, write_whole)
+                   read_hash_file, rope_frequencies, save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
@@ -163,9 +163,13 @@ def make_labels(q, k, t, top=0.1):
 
 
 def query_positions(S, queries, query_from, gen):
-    """min(queries, S - lo) distinct positions t uniform in [lo, S), lo = int(query_from * S), sorted: (nq,)."""
+    """n_queries(...) distinct positions t uniform in [lo, S), lo = int(query_from * S), sorted: (nq,)."""
     lo = int(query_from * S)
     return (lo + torch.randperm(S - lo, generator=gen)[:queries]).sort().values
+
+
+def n_queries(S, queries, query_from):  # how many query_positions gives: no more than [lo, S) holds
+    return min(queries, S - int(query_from * S))
 
 
 def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, labels=True):
@@ -463,7 +467,7 @@ def report_plot(results, mean, n_dense, n_layers, path):
     ax2.set(xlabel="layer", ylabel="captured attention mass", title="Per layer, budget 1/32")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_png(path, fig)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -604,7 +608,7 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     windows, val = windows[n_val:], windows[:n_val]
     if args.batch > windows.shape[0]:  # (a step draws with replacement: more would repeat windows in every step)
         raise ValueError(f"--batch {args.batch} exceeds the {windows.shape[0]} training windows a step draws from")
-    queries = min(args.queries, seq_len - int(args.query_from * seq_len))  # query_positions' count
+    queries = n_queries(seq_len, args.queries, args.query_from)
     print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} queries each, {n_val} "
           "validation windows", file=sys.stderr)
     samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
@@ -668,7 +672,7 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     results = {L: evaluate(model, w, selectors, args.n_dense, args.eval_queries, args.seed) for L, w in windows.items()}
     for seq_len, res in results.items():  # nothing is written until every length is measured
         table, mean = report_tables(res, args.n_dense, margs.n_layers)
-        png, queries = f"hash_quality_{seq_len}.png", min(args.eval_queries, seq_len - seq_len // 2)
+        png, queries = f"hash_quality_{seq_len}.png", n_queries(seq_len, args.eval_queries, 0.5)  # evaluate's
         text += (f"\n## {seq_len}-token windows\n\n{plural(windows[seq_len].shape[0], 'window')}, {queries} queries "
                  f"each at positions in [{seq_len // 2}, {seq_len}). Plot: {png}\n\n{table}\n")
         report_plot(res, mean, args.n_dense, margs.n_layers, os.path.join(args.report_dir, png))
