@@ -42,8 +42,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import (Parser, check_writable, cli, default_checkpoint, device_name, is_default_model, note_ignored,
-                    plural, positive_int, torch_seed, write_png, write_text)
+from engine import (Parser, check_writable, cli, default_checkpoint, device_name, file_settings, is_default_model,
+                    note_ignored, plural, positive_int, torch_seed, write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
                    read_hash_file, rope_frequencies, save_hash_projections)
@@ -494,7 +494,8 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or report")
     p.add_argument("--rbit", type=int, nargs="+", help=f"hash bits R, several: one file each (default {h.rbit}); "
                    "--report: the shipped files of these sizes (default: all), else random projections of them")
-    p.add_argument("--n-dense", type=int, default=h.n_dense, help="leading dense layers (no projection)")
+    p.add_argument("--n-dense", type=int, help=f"leading dense layers (no projection; default: the --hash-weights "
+                   f"files' own, else {h.n_dense})")
     p.add_argument("--seed", type=torch_seed, default=0, help="seed of the windows, queries and training draws "
                    "(the random baseline is the engine's own seeded projection)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -551,6 +552,7 @@ def run(args):
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
     note_ignored(args, build_parser(), [(TRAINING, args.report, "--report trains nothing"),
                                         (REPORT, not args.report, "they set up --report; this run trains")])
+    args.n_dense = resolve_n_dense(args.hash_weights if args.report else None, args.n_dense)
     train_rbits = list(dict.fromkeys(args.rbit or [HataArgs.rbit]))  # each size once
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
         raise ValueError("several --rbit values need '{rbit}' in --out")
@@ -587,13 +589,24 @@ def run(args):
     margs = model.args
     if not 0 <= args.n_dense < margs.n_layers:
         raise ValueError(f"--n-dense {args.n_dense} must be in [0, {margs.n_layers})")
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); text: {len(train_docs)} "
-          f"training documents, {len(heldout_docs)} held out", file=sys.stderr)
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); text: "
+          f"{plural(len(train_docs), 'training document')}, {len(heldout_docs)} held out", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     if args.report:
         write_hash_report(args, model, tok, heldout_docs, gen, t0)
     else:
         train_files(args, model, tok, train_docs, outs, hp, gen, t0)
+
+
+def resolve_n_dense(paths, n_dense):
+    """--n-dense where given, else the --hash-weights files' own, else HataArgs'; each file must match it."""
+    own = {path: file_settings(path, None, None)[1] for path in paths or []}  # reads each file's header now
+    want = n_dense if n_dense is not None else next(iter(own.values()), None)
+    for path, nd in own.items():
+        if nd != want:
+            raise ValueError(f"{path} has n_dense={nd}, but " + (f"--n-dense is {want}: leave it out" if n_dense
+                             is not None else f"{paths[0]} has {want}: report them in separate runs"))
+    return HataArgs.n_dense if want is None else want
 
 
 def train_files(args, model, tok, docs, outs, hp, gen, t0):
@@ -653,9 +666,7 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     selectors = {"oracle": None}
     for path in files or []:
         meta = read_hash_file(path, with_tensors=False)[0]
-        r, nd = int(meta["rbit"]), int(meta["n_dense"])
-        if nd != args.n_dense:
-            raise ValueError(f"{path} has n_dense={nd}; pass --n-dense {nd}")
+        r, nd = int(meta["rbit"]), int(meta["n_dense"])  # nd == args.n_dense: report_n_dense checked it
         stem = os.path.splitext(os.path.basename(path))[0]
         name = f"trained R={r}" if f"trained R={r}" not in selectors else f"trained R={r} ({stem})"
         selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd))
@@ -666,7 +677,7 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     lengths = list(dict.fromkeys(min(L, margs.max_seq_len) for L in args.eval_len))  # once each, cut to the context
     refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
     os.makedirs(args.report_dir, exist_ok=True)
-    text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {len(docs)} documents; "
+    text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {plural(len(docs), 'document')}; "
             f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {args.command}\n")
     windows = {L: token_windows(tok, docs, L, args.eval_seqs, gen) for L in lengths}  # all checked first
     results = {L: evaluate(model, w, selectors, args.n_dense, args.eval_queries, args.seed) for L, w in windows.items()}

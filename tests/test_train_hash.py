@@ -420,6 +420,25 @@ def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     assert "nonexistent" not in err  # the arguments fail, not the missing checkpoint
 
 
+def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys):
+    """--report --hash-weights reads --n-dense from the files when it is not given, as engine.py and eval.py do;
+    files that disagree with each other or with --n-dense are refused before the model loads."""
+    args = PRESETS["tiny"]
+    for nd in (1, 2):
+        projs = th.random_hash_projections(args, 32, nd)
+        save_hash_projections(str(tmp_path / f"nd{nd}.safetensors"), projs, args, HataArgs(rbit=32, n_dense=nd))
+    one, two = str(tmp_path / "nd1.safetensors"), str(tmp_path / "nd2.safetensors")
+    assert th.resolve_n_dense([one], None) == 1 and th.resolve_n_dense([one], 1) == 1
+    assert th.resolve_n_dense(None, None) == HataArgs.n_dense and th.resolve_n_dense(None, 3) == 3
+    base = ["--report", "--report-dir", str(tmp_path), "--checkpoint", "/nonexistent.gguf", "--hash-weights"]
+    for argv, named in [([one, two], f"{two} has n_dense=2, but {one} has 1: report them in separate runs"),
+                        ([two, "--n-dense", "1"], f"{two} has n_dense=2, but --n-dense is 1: leave it out"),
+                        ([one], "nonexistent")]:  # agreeing files: on to the model
+        assert th.main(base + argv) == 2
+        err = capsys.readouterr().err
+        assert named in err and ("nonexistent" in err) == (named == "nonexistent")
+
+
 @pytest.mark.parametrize("argv, ignored", [
     (["--report", "--seq-len", "64", "--lr", "0.5"], "--seq-len, --lr (--report trains nothing)"),
     (["--out", "p.safetensors", "--eval-len", "64", "--report-dir", "r"],
@@ -519,4 +538,5 @@ def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_pat
     assert th.main(base + ["--eval-len", "64", "--eval-queries", "40", "--n-dense", "3", "--rbit", "64"]) == 0
     text, err = (tmp_path / "hash_quality.md").read_text(), capsys.readouterr().err
     assert "1 window, 32 queries each" in text and "trained R=" not in text and "random R=64" in text
+    assert "Held-out text: 1 document;" in text and "text: 1 training document, 1 held out" in err
     assert "note: the shipped projections are for --n-dense 2" in err
