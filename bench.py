@@ -226,7 +226,6 @@ def plot_speed(path, panels):
         ax.legend(fontsize=8)
     fig.tight_layout()
     from engine import write_png
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_png(path, fig)
     plt.close(fig)
     print(f"\nwrote {path}")

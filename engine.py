@@ -407,15 +407,19 @@ def write_png(path, fig):  # a matplotlib figure, whole or not at all (the scrat
 
 
 def check_writable(folder, flag):
-    """Make `folder` and create a scratch file in it: a folder that takes no new file fails before the work, not
-    after it (os.access says yes to root where no file can be made, as in /proc). A disk that fills up later still
-    fails at the save."""
+    """Create a scratch file in `folder`, or where it does not exist yet, in the nearest folder above it that does
+    (write_whole makes the rest when it saves): a folder that takes no new file fails before the work, not after it,
+    and a run that fails leaves no empty folder behind. (os.access says yes to root where no file can be made, as in
+    /proc.) A disk that fills up later still fails at the save."""
+    folder = os.path.abspath(folder or ".")
+    there = folder
+    while not os.path.lexists(there):
+        there = os.path.dirname(there)
     try:
-        os.makedirs(folder or ".", exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder or "."):
+        with tempfile.TemporaryFile(dir=there):
             pass
     except OSError as e:
-        raise OSError(f"{flag}: cannot write in {folder or '.'} ({e.strerror or e})") from None
+        raise OSError(f"{flag}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def main(argv=None):

@@ -549,11 +549,12 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
 def write_whole(path, write):
     """write(a new file) beside path, then rename it over path: a crash, Ctrl-C or full disk midway leaves the old
     file as it was, not a cut one. A failed write is an OSError naming path (safetensors raises its own type). The
-    file gets the mode open() gives (safetensors' own temporary file is private: 0600)."""
+    file gets the mode open() gives (safetensors' own temporary file is private: 0600). Makes path's folder."""
     from safetensors import SafetensorError
     tmp, umask = f"{path}.{os.getpid()}.tmp", os.umask(0)
     os.umask(umask)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)

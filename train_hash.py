@@ -676,7 +676,6 @@ def write_hash_report(args, model, tok, docs, gen, t0):
             selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
     lengths = list(dict.fromkeys(min(L, margs.max_seq_len) for L in args.eval_len))  # once each, cut to the context
     refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
-    os.makedirs(args.report_dir, exist_ok=True)
     text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {plural(len(docs), 'document')}; "
             f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {args.command}\n")
     windows = {L: token_windows(tok, docs, L, args.eval_seqs, gen) for L in lengths}  # all checked first

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eval as ev
+from engine import write_text
 from model import HataArgs, save_hash_projections
 from tokenizer import Tokenizer
 
@@ -379,6 +380,16 @@ def test_bad_flags_fail_before_loading(argv, words, capsys, tmp_path):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and words in err and "nonexistent" not in err
+
+
+def test_a_run_that_fails_leaves_no_new_folder_behind(tmp_path, capsys):
+    """--out-dir is tried by a scratch file in its nearest existing folder, not made: the run fails at the
+    checkpoint and leaves nothing behind; the first save makes the folders it needs."""
+    out = tmp_path / "new" / "deeper"
+    assert ev.main(["--checkpoint", "/nonexistent.gguf", "--out-dir", str(out)]) == 2
+    assert "nonexistent" in capsys.readouterr().err and os.listdir(tmp_path) == []
+    write_text(str(out / "x.md"), "kept")
+    assert (out / "x.md").read_text() == "kept"
 
 
 def test_flags_are_checked_against_the_model_for_the_tasks_that_run(smol, tok, monkeypatch, capsys, tmp_path):
