@@ -15,6 +15,7 @@ import filecmp
 import importlib.util
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -230,6 +231,7 @@ class Parser(argparse.ArgumentParser):
     """Every command line's parser (engine, eval, train_hash, bench): --help shows the defaults, errors are one line."""
     def __init__(self, **kwargs):
         super().__init__(formatter_class=ShowDefaults, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")  # -1/4, -5% or -1e-3: a bad value, not a flag
 
     def error(self, message):  # one line a person can act on, not a usage dump
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")

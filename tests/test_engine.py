@@ -124,6 +124,7 @@ def test_unknown_dtype(capsys):
 @pytest.mark.parametrize("flag, value, words", [
     ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
     ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"),
+    ("--budget", "-1/4", "budget '-1/4' is not"), ("--temperature", "-1e-3", "--temperature must"),  # not flags
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
