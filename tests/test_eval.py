@@ -355,7 +355,8 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
 
 
 @pytest.mark.parametrize("argv, words", [(["--budgets", "16"], FRACTION), (["--budgets", "1/0"], FRACTION),
-                                         (["--budgets", "0"], FRACTION), (["--budgets", "1/4", "-1/8"], FRACTION), (["--quest-budgets", "abc"], FRACTION),
+                                         (["--budgets", "0"], FRACTION), (["--budgets", "1/4", "-1/8"], FRACTION),
+                                         (["--quest-budgets", "abc"], FRACTION),
                                          (["--batch", "0"], "--batch: must be a whole number >= 1, got '0'"),
                                          (["--ppl-tokens", "255", "--ppl-context", "256"],
                                           "at most --ppl-context - 2 (254)"),
