@@ -38,7 +38,7 @@ from tqdm import tqdm
 from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, file_settings,
                     note_ignored, parse_budget, positive_int, prefill, shipped_hash_weights, thread_count, write_png,
                     write_text)
-from model import HataArgs, from_checkpoint, load_hash_projections, write_whole
+from model import HataArgs, from_checkpoint, key_signature, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
@@ -602,7 +602,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                                 "text (every fifth document, or the last fifth of each of fewer than five)")
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
-        load_hash_projections(weights, model.args, HataArgs(**hata))
+        load_hash_projections(weights, model.args, HataArgs(**hata), key_signature(model, hata["n_dense"]))
     if not 0 <= hata["n_dense"] < model.args.n_layers:  # else no layer is sparse: every selector would be dense
         raise ValueError(f"--n-dense {hata['n_dense']} must be in [0, {model.args.n_layers})")
     print(f"loaded {checkpoint} ({model.args.describe()}); R = {hata['rbit']}, {hata['n_dense']} dense layers"

@@ -457,7 +457,7 @@ class Transformer(nn.Module):
             return
         if not hata.reads_codes(self.max_seq_len):  # oracle, Quest, a K that covers the cache, or no cache yet
             if hata.selector == "hash" and hata.hash_weights:  # a wrong file is an error whatever the budget
-                load_hash_projections(hata.hash_weights, self.args, hata)
+                load_hash_projections(hata.hash_weights, self.args, hata, key_signature(self, hata.n_dense))
             return
         self.set_hash_projections(hata.hash_weights)
         for attn in self.sparse_layers():
@@ -524,7 +524,7 @@ class Transformer(nn.Module):
                 self.warned_random_projections = True
             projs = random_hash_projections(args, hata.rbit, hata.n_dense, seed)
         else:
-            projs = load_hash_projections(path, args, hata)
+            projs = load_hash_projections(path, args, hata, key_signature(self, hata.n_dense))
         for i in range(hata.n_dense, args.n_layers):  # the sparse layers
             self.layers[i].attention.hash_proj = projs[i].float().to(self.output.weight.device)
 
@@ -536,13 +536,29 @@ def random_hash_projections(args: ModelArgs, rbit, n_dense, seed=0):
     return {i: torch.randn(args.n_kv_heads, args.head_dim, rbit, generator=gen) for i in range(n_dense, args.n_layers)}
 
 
-def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs):
-    """projs: {layer: (Hkv, D, R) tensor} for every sparse layer."""
+def key_signature(model, n_dense, probes=16):
+    """{layer: (probes,) fp32} for each sparse layer: key outputs, spread over the KV heads, for a fixed random input.
+    A projection file records its model's, so that another model of the same shape is refused. A quantized copy or
+    a light fine-tune of the model stays within load_hash_projections' tolerance."""
+    args = model.args
+    x = torch.randn(args.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = args.n_heads * args.head_dim + torch.arange(probes) * args.n_kv_heads * args.head_dim // probes  # wk's
+    signature = {}
+    for i in range(n_dense, args.n_layers):
+        w = model.layers[i].attention.wqkv.weight.detach()  # (dim of q|k|v, dim)
+        signature[i] = (w[rows.to(w.device)].cpu().double() @ x).float()
+    return signature
+
+
+def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs, signature=None):
+    """projs: {layer: (Hkv, D, R) tensor} for every sparse layer; signature: key_signature of their model."""
     from safetensors.torch import save_file
     tensors = {f"layers.{i}.hash_proj": p.detach().float().contiguous().cpu() for i, p in projs.items()}
     if not all(t.isfinite().all() for t in tensors.values()):
         raise ValueError(f"the projections for {path} are not finite (NaN or inf): not saved")
     meta = {"model": args.describe(), "rbit": str(hata.rbit), "n_dense": str(hata.n_dense)}
+    if signature is not None:
+        meta["key_signature"] = json.dumps({i: [float(f"{v:.6g}") for v in s.tolist()] for i, s in signature.items()})
     write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -581,8 +597,9 @@ def read_hash_file(path, with_tensors=True):
     return meta, tensors
 
 
-def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
-    """Read and check a projection file against the model and HataArgs; returns {layer: (Hkv, D, R)}."""
+def load_hash_projections(path, args: ModelArgs, hata: HataArgs, signature=None):
+    """Read and check a projection file against the model (its shape; its weights where the file and the caller give
+    a key_signature) and HataArgs; returns {layer: (Hkv, D, R)}."""
     meta, tensors = read_hash_file(path)
     where = f"hash weights {path}"
     if meta["model"] != args.describe():
@@ -603,6 +620,18 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs):
             raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
         if not (t.is_floating_point() and t.isfinite().all()):
             raise ValueError(f"{where}: {name} must hold finite floating-point values, not {t.dtype} or NaN/inf")
+    if signature is not None and "key_signature" in meta:  # (files written before it have none: not checked)
+        try:
+            saved = {int(i): torch.tensor(v, dtype=torch.float32) for i, v in json.loads(meta["key_signature"]).items()}
+        except (ValueError, TypeError, AttributeError):  # not JSON, not {layer: [numbers]}
+            saved = {}
+        if saved.keys() != signature.keys() or not all(saved[i].shape == signature[i].shape and saved[i].isfinite()
+                                                       .all() for i in saved):
+            raise ValueError(f"{where}: its key_signature metadata is damaged")
+        similar = min(torch.cosine_similarity(saved[i], signature[i], dim=0).item() for i in saved)
+        if similar < 0.9:
+            raise ValueError(f"{where} were trained on another model of this shape: its key weights differ (cosine "
+                             f"{similar:.2f} of 1 in the least similar layer); train_hash.py makes projections for it")
     return {i: tensors[f"layers.{i}.hash_proj"] for i in range(hata.n_dense, args.n_layers)}
 
 

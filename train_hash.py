@@ -45,8 +45,8 @@ from tqdm import tqdm
 from engine import (Parser, check_writable, cli, default_checkpoint, device_name, file_settings, is_default_model,
                     note_ignored, plural, positive_int, torch_seed, write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import (HataArgs, apply_rope, from_checkpoint, load_hash_projections, random_hash_projections,
-                   read_hash_file, rope_frequencies, save_hash_projections)
+from model import (HataArgs, apply_rope, from_checkpoint, key_signature, load_hash_projections,
+                   random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
@@ -629,7 +629,7 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
                for r in outs}
     guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}
-    unsaved = []
+    unsaved, signature = [], key_signature(model, args.n_dense)  # the file records which weights it was made for
     for r, projs in trained.items():
         if n_val:
             projs, back = guarded[r]
@@ -638,12 +638,12 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
                   file=sys.stderr)
         hata = HataArgs(rbit=r, n_dense=args.n_dense)
         try:
-            save_hash_projections(outs[r], projs, margs, hata)
+            save_hash_projections(outs[r], projs, margs, hata, signature)
             print(f"saved {outs[r]} ({time.perf_counter() - t0:.0f}s since start)", file=sys.stderr)
         except OSError as e:  # a full disk after the training: the projections go to the temp folder, not lost
             keep = os.path.join(tempfile.gettempdir(), f"unsaved-{os.getpid()}-r{r}-{os.path.basename(outs[r])}")
             try:
-                save_hash_projections(keep, projs, margs, hata)
+                save_hash_projections(keep, projs, margs, hata, signature)
                 unsaved.append(f"{e}; the R={r} projections are saved in {keep}")
             except OSError as e2:
                 unsaved.append(f"{e}; and {e2}: the R={r} projections are lost")
@@ -666,10 +666,10 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     selectors = {"oracle": None}
     for path in files or []:
         meta = read_hash_file(path, with_tensors=False)[0]
-        r, nd = int(meta["rbit"]), int(meta["n_dense"])  # nd == args.n_dense: report_n_dense checked it
+        r, nd = int(meta["rbit"]), int(meta["n_dense"])  # nd == args.n_dense: resolve_n_dense checked it
         stem = os.path.splitext(os.path.basename(path))[0]
         name = f"trained R={r}" if f"trained R={r}" not in selectors else f"trained R={r} ({stem})"
-        selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd))
+        selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd), key_signature(model, nd))
         selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
     for r in args.rbit or ([] if files else [HataArgs.rbit]):  # sizes asked for without a file: random ones
         if f"random R={r}" not in selectors:

@@ -1,5 +1,6 @@
 """HATA inside the model (reference path on the CPU): with K >= S it is dense attention; selection is per sequence;
 the oracle selector keeps the model's tokens; hash projections save, load and refuse what does not fit."""
+import json
 import math
 
 import pytest
@@ -225,6 +226,38 @@ def test_a_hash_weights_file_is_checked_whatever_the_budget(tmp_path):
     model = Transformer(args, HataArgs(budget=8, n_dense=1, selector="oracle", hash_weights=path))
     model.setup_caches(1, 64)
     assert all(layer.attention.hash_proj is None for layer in model.layers)
+
+
+def test_a_hash_weights_file_is_refused_for_another_models_weights(tmp_path):
+    """A file records the key weights it was trained on (key_signature): another model of the same shape is refused,
+    before any work, while the same weights in bf16 or with a quantization's noise (3%) load; a file without the
+    record (made before it) is not checked; a damaged record is an error."""
+    args, path, hata = PRESETS["tiny"], str(tmp_path / "p.safetensors"), HataArgs(rbit=64, n_dense=1)
+    torch.manual_seed(0)
+    model, other = Transformer(args), Transformer(args)
+    projs = {i: torch.randn(args.n_kv_heads, args.head_dim, 64) for i in range(1, args.n_layers)}
+    save_hash_projections(path, projs, args, hata, model_module.key_signature(model, 1))
+    noisy = Transformer(args).to(torch.bfloat16)
+    noisy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in noisy.layers:
+            layer.attention.wqkv.weight.mul_(1 + 0.03 * torch.randn_like(layer.attention.wqkv.weight))
+    for same in (model, noisy):
+        load_hash_projections(path, args, hata, model_module.key_signature(same, 1))
+    with pytest.raises(ValueError, match="trained on another model of this shape: its key weights differ"):
+        load_hash_projections(path, args, hata, model_module.key_signature(other, 1))
+    other.hata = HataArgs(rbit=64, budget=4, n_dense=1, hash_weights=path)  # the model checks its own weights
+    with pytest.raises(ValueError, match="trained on another model of this shape"):
+        other.setup_caches(1, 8)
+    nan = json.dumps({i: [math.nan] * 16 for i in range(1, args.n_layers)})  # the right shape, not numbers
+    for record, fits in [(None, True), ("[1, 2]", False), ('{"1": [1.0]}', False), ("{", False), (nan, False)]:
+        meta = {"model": args.describe(), "rbit": "64", "n_dense": "1"} | ({"key_signature": record} if record else {})
+        save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path, metadata=meta)
+        if fits:
+            load_hash_projections(path, args, hata, model_module.key_signature(other, 1))
+        else:
+            with pytest.raises(ValueError, match="key_signature metadata is damaged"):
+                load_hash_projections(path, args, hata, model_module.key_signature(other, 1))
 
 
 def test_bad_hata_values():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_hash as th
-from model import PRESETS, HataArgs, Transformer, load_hash_projections, save_hash_projections
+from model import PRESETS, HataArgs, Transformer, key_signature, load_hash_projections, save_hash_projections
 
 
 def h(x, P, sigma):
@@ -282,11 +282,14 @@ def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeyp
     """The guard's windows are never trained on, and the file records the run's --rbit and --n-dense."""
     seen = {}
     projs, run = fake_training(monkeypatch, seen)
-    out = str(tmp_path / "p.safetensors")
-    th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator().manual_seed(0), 0.0)
+    out, model = str(tmp_path / "p.safetensors"), Transformer(PRESETS["tiny"])
+    th.train_files(run, model, None, [], {32: out}, {}, torch.Generator().manual_seed(0), 0.0)
     train, val = set(seen["train"][:, 0].tolist()), set(seen["val"][:, 0].tolist())
     assert len(train) == 4 and len(val) == 2 and not train & val
-    assert load_hash_projections(out, PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
+    hata = HataArgs(rbit=32, n_dense=1)
+    assert load_hash_projections(out, PRESETS["tiny"], hata, key_signature(model, 1)).keys() == projs.keys()
+    with pytest.raises(ValueError, match="trained on another model"):  # the file records the model's weights
+        load_hash_projections(out, PRESETS["tiny"], hata, key_signature(Transformer(PRESETS["tiny"]), 1))
     run.batch = 5  # more than the 4 training windows: refused before the prefills (collect_samples)
     with pytest.raises(ValueError, match="--batch 5 exceeds the 4 training windows"):
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
