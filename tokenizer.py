@@ -52,6 +52,7 @@ END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|en
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
 # tiktoken's regex overflows its stack on a run of ~1M whitespace characters; cut every run at 25K characters, as
 # Meta's Llama 3 tokenizer does (only the run starts try the scan: linear in the text)
+EMPTY_PROBE = "Ab c1 23!? \u00e9\u4e00 \n\t\r\n x"  # _check_split_regex
 RUN_CAP = 25_000
 LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
 
@@ -96,7 +97,12 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Enco
     # Those get ids past the vocabulary, and Tokenizer drops them as HF does (it has no unknown-byte token).
     if len(set(ranks.values())) < len(ranks) or len(set(specials.values())) < len(specials):
         raise ValueError(f"{name!r}: two tokens share one id; the tokenizer file is corrupt")
-    n = max([*ranks.values(), *specials.values()]) + 1
+    ids = [*ranks.values(), *specials.values()]
+    room = 2 * len(ids) + 1024  # a few unused ids are fine; an id of 10^9 would make this a set of 10^9
+    if bad := [i for i in ids if type(i) is not int or not 0 <= i < room][:1]:
+        raise ValueError(f"{name!r}: token id {bad[0]!r} is not a whole number in [0, {room}) for its {len(ids)} "
+                         "tokens; the tokenizer file is corrupt")
+    n = max(ids) + 1
     ranks = {**{bytes([b]): n + b for b in range(256)}, **ranks}
     blank = set(range(n)) - set(ranks.values()) - set(specials.values())
     return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
@@ -148,6 +154,20 @@ def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritte
     return Reader(path)
 
 
+def _check_split_regex(pattern, path):
+    """tiktoken panics (a Rust panic, past any `except Exception`) on a regex that matches the empty string, so such
+    a Split regex is refused here. `regex` is the engine tiktoken's Python side uses too; the probe text has letters,
+    digits, marks, space and line ends, where an empty match would show."""
+    import regex
+    try:
+        empty = regex.fullmatch(pattern, "") or any(m.start() == m.end() for m in regex.finditer(pattern, EMPTY_PROBE))
+    except regex.error as e:
+        raise ValueError(f"{path!r}: its Split regex {pattern!r} does not compile ({e}); the file is corrupt") from None
+    if empty:
+        raise ValueError(f"{path!r}: its Split regex {pattern!r} matches the empty string, which hata's tiktoken-based "
+                         "BPE cannot split by; this tokenizer is not supported")
+
+
 def _pre_split(pre, normalizer, path):
     """The one regex (tiktoken splits by one) that is a tokenizer.json's pre-tokenizer: ByteLevel's GPT-2 regex,
     Digits(individual) + ByteLevel (SmolLM2), or one isolating Split + ByteLevel without its own regex (Llama 3).
@@ -163,6 +183,7 @@ def _pre_split(pre, normalizer, path):
         return SMOLLM_PATTERN
     if plain and isinstance(regex, str) and split.get("behavior") == "Isolated" and not split.get("invert") \
             and not last.get("use_regex", True):
+        _check_split_regex(regex, path)
         # the text between its matches is a piece too (tiktoken would drop it), cut every RUN_CAP characters (one
         # longer piece overflows fancy-regex's stack)
         return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S]){{1,{RUN_CAP}}}"
@@ -274,8 +295,9 @@ class Tokenizer:
         if pre not in GGUF_PRE:
             raise ValueError(f"{path!r}: unknown GGUF pre-tokenizer {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
         tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
-        if tokens is None or types is None:
-            raise ValueError(f"{path!r}: the GGUF file has no tokenizer.ggml.tokens or token_type list")
+        if tokens is None or types is None or len(tokens) != len(types):
+            raise ValueError(f"{path!r}: the GGUF file has no tokenizer.ggml.tokens or token_type list, or they differ "
+                             "in length; the file is corrupt")
         # Types 1 NORMAL: byte-level strings; 3 CONTROL, 4 USER_DEFINED (found in plain text too): raw text.
         ranks = {_vocab_bytes(tok, path): i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == 1}
         specials = {tok: i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ in (3, 4)}

@@ -213,10 +213,12 @@ def test_hf_tokenizer_json(tmp_path):
     assert tok.decode([262, 264, 264 + 62, 50000, -1]) == "hello"  # a model's padded rows decode to nothing
     (tmp_path / "tokenizer_config.json").write_text("{}")
     broken = [{"content": "<|x|>"}, {"id": "1", "content": "<|im_start|>"}, None]  # no id; id a string; null
-    for entries in (broken[:1], broken[1:2], None, [{"id": 1, "content": "a"}, {"id": 1, "content": "b"}]):
+    far = [[{"id": i, "content": "<|x|>"}] for i in (-1, 10 ** 9, 1.5, True)]  # 10^9: not a set of 10^9 ids
+    for entries in (broken[:1], broken[1:2], None, [{"id": 1, "content": "a"}, {"id": 1, "content": "b"}], *far):
         (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": merges},
                                                              "added_tokens": entries, "pre_tokenizer": pre}))
-        with pytest.raises(ValueError, match="malformed tokenizer|two tokens share one id") as e:
+        with pytest.raises(ValueError, match="malformed tokenizer|two tokens share one id|is not a whole number in "
+                                             r"\[0, 15\d\d\) for its 26\d tokens") as e:
             Tokenizer.from_path(tmp_path)
         assert "\n" not in str(e.value)
     nl, sys_ids = 3 + 10, [3 + ord(c) for c in "system\nBe nice"]
@@ -367,6 +369,10 @@ def test_config_and_gguf_errors(tmp_path, llama3):
         first = open_gguf(path)
         assert open_gguf(path) is first  # the model's loader gets the tokenizer's parse
         assert open_gguf(path, keep=False) is first and open_gguf(path) is not first  # the last reader lets it go
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    short = _write_gguf(tmp_path / "short.gguf", [to_char[b] for b in range(256)], [1] * 100)  # zip dropped the rest
+    with pytest.raises(ValueError, match="or they differ in length; the file is corrupt"):
+        Tokenizer.from_path(short)
     lines = package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
     assert Tokenizer.from_path(tmp_path / "tik.model").encode("hi there") == llama3.encode("hi there")
@@ -621,6 +627,13 @@ def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
     assert tok.decode(tok.encode(" 1 x\n\n")) == " 1 x\n\n"
     gap = "1 " * 500_000  # one gap of 1M characters: cut into pieces, not a Rust panic (stack overflow)
     assert tok.decode(tok.encode(gap)) == gap
+    for regex, words in [("", "matches the empty string"), ("\\p{L}*", "matches the empty string"),
+                         ("(?=x)", "matches the empty string"), ("((", "does not compile")]:  # not a Rust panic
+        pre["pretokenizers"][0]["pattern"]["Regex"] = regex
+        (tmp_path / "tokenizer.json").write_text(json.dumps(
+            {"model": {"type": "BPE", "vocab": vocab, "merges": ["Ġ 1"]}, "pre_tokenizer": pre}))
+        with pytest.raises(ValueError, match=f"its Split regex .* {words}"):
+            Tokenizer.from_path(tmp_path)
 
 
 def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_path):
