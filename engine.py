@@ -266,6 +266,13 @@ def parse_budget(text):
     return int(value) if value >= 1 else value
 
 
+def path_name(text):
+    """argparse type for a file or folder flag: an empty one is an unset shell variable, not the default."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return text
+
+
 def positive_int(text):
     """argparse type for counts and lengths: a whole number >= 1."""
     if not (text.strip().lstrip("+").isdecimal() and int(text) >= 1):
@@ -314,8 +321,10 @@ def build_parser():
     p.add_argument("--prompt-file", action=InOrder, help="read a prompt from this file ('-': standard input), less "
                    "one trailing newline (as llama.cpp -f); repeat for a batch (in order with --prompt)")
     p.set_defaults(inputs=[])
-    p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's own)")
+    p.add_argument("--checkpoint", type=path_name, help="GGUF file or checkpoint directory (default: "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", type=path_name, help="tokenizer file or directory (default: the checkpoint's "
+                   "own)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
@@ -335,8 +344,8 @@ def build_parser():
                    "or a fraction like 1/16 of the cache (the longest prompt + --max-new-tokens, or --max-seq-len)")
     g.add_argument("--rbit", type=int, help="hash bits per code (hash selector only) (default: a --hash-weights "
                    f"file's own, else {h['rbit']})")
-    g.add_argument("--hash-weights", help="trained hash projections (.safetensors); default: the shipped ones "
-                                          "for the default model, else seeded random projections")
+    g.add_argument("--hash-weights", type=path_name, help="trained hash projections (.safetensors); default: the "
+                   "shipped ones for the default model, else seeded random projections")
     g.add_argument("--n-dense", type=int, help="leading layers that stay dense (default: a --hash-weights file's "
                    f"own, else {h['n_dense']})")
     g.add_argument("--sink", type=int, default=h["n_sink"],
@@ -508,8 +517,10 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
     if path != "-" and (os.path.isdir(path) or not os.path.exists(path)):
         raise FileNotFoundError(f"prompt file {path} is a directory" if os.path.isdir(path) else
                                 f"prompt file not found: {path}")
-    try:
-        with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8", closefd=path != "-") as f:
+    if path == "-" and sys.stdin is None:
+        raise ValueError("--prompt-file -: standard input is closed")
+    try:  # utf-8-sig: a byte order mark (Windows editors write one) is no part of the prompt
+        with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", closefd=path != "-") as f:
             return f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"
     except UnicodeDecodeError as e:
         raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None

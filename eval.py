@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, file_settings,
-                    note_ignored, parse_budget, positive_int, prefill, shipped_hash_weights, thread_count, write_png,
-                    write_text)
+                    note_ignored, parse_budget, path_name, positive_int, prefill, shipped_hash_weights, thread_count,
+                    write_png, write_text)
 from model import HataArgs, from_checkpoint, key_signature, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
@@ -482,10 +482,12 @@ def parse_frac(text):  # engine's budget parser, but its errors offer token coun
 def build_parser():
     p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on 2 CPU cores")
-    p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--text", nargs="+", help="text files; train_hash.py's held-out part is used (default: its corpus)")
-    p.add_argument("--hash-weights", help="trained projections (default: the shipped file of --rbit, --n-dense; "
-                   "'none': no trained)")
+    p.add_argument("--checkpoint", type=path_name, help="GGUF file or checkpoint directory (default: "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--text", type=path_name, nargs="+", help="text files; train_hash.py's held-out part is used "
+                   "(default: its corpus)")
+    p.add_argument("--hash-weights", type=path_name, help="trained projections (default: the shipped file of --rbit, "
+                   "--n-dense; 'none': no trained)")
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")

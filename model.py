@@ -61,8 +61,10 @@ class ModelArgs:
     def __post_init__(self):
         sizes = "dim n_layers n_heads n_kv_heads vocab_size ffn_dim max_seq_len".split()
         num = lambda v, kind: isinstance(v, kind) and not isinstance(v, bool)  # JSON's true is no number here
-        if bad := {k: v for k in sizes if not num(v := getattr(self, k), numbers.Integral) or v < 1}:
-            raise ValueError(f"the model's sizes must be whole numbers >= 1, got {bad}")
+        if bad := {k: v for k in sizes if not num(v := getattr(self, k), numbers.Integral) or not 1 <= v < 2 ** 31}:
+            raise ValueError(f"the model's sizes must be whole numbers in [1, 2^31), got {bad}")
+        if not isinstance(self.tie_embeddings, bool):  # JSON's "false" is a string, and true in Python
+            raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_embeddings!r}")
         scaling = self.rope_scaling or {}
         if (kind := scaling.get("type", "default")) not in ROPE_SCALING:
             raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: {', '.join(ROPE_SCALING)})")
@@ -698,13 +700,17 @@ def checkpoint_format(path):
 @contextlib.contextmanager
 def reading(path):
     """A reader meets a missing config field, metadata key or tensor as a KeyError, a field of the wrong kind as a
-    TypeError or AttributeError: each becomes one ValueError naming the checkpoint."""
+    TypeError or AttributeError, a bad value as a ValueError: each becomes one ValueError naming the checkpoint."""
     try:
         yield
     except KeyError as e:
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
     except (TypeError, AttributeError) as e:
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
+    except ValueError as e:  # ModelArgs' checks name no file
+        if path in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from None
 
 
 def checkpoint_context(path):
@@ -736,6 +742,8 @@ def load_checkpoint(path, dtype=torch.float32):
         raise ValueError(f"{path}: rope_freqs.weight must hold head_dim / 2 = {args.head_dim // 2} factors, each > 0; "
                          f"it has shape {tuple(rope_factors.shape)}")
     raw = {name: w for name, w in raw.items() if not name.endswith(DERIVED)}
+    if len(raw) < args.n_layers:  # (before a name table of n_layers rows: 10^9 layers would fill the memory)
+        raise ValueError(f"{path}: {args.n_layers} layers in its metadata, but only {len(raw)} tensors")
     col = FORMATS.index(fmt)
     table = {row[col].format(i=i): row[0].format(i=i)
              for row in WEIGHT_NAMES for i in (range(args.n_layers) if "{i}" in row[0] else [0])}
@@ -907,8 +915,11 @@ def read_meta(path):
 def meta_context(p):
     """params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Code Llama (Llama 2 with RoPE
     theta 1e6) 16K, Llama 2 4K."""
-    return p.get("max_seq_len") or (131072 if p.get("use_scaled_rope", False) else 8192 if p.get("vocab_size", 0)
-                                    > 100000 else 16384 if p.get("rope_theta", 0) >= 1e6 else 4096)
+    context = p.get("max_seq_len") or (131072 if p.get("use_scaled_rope", False) else 8192 if p.get("vocab_size", 0)
+                                       > 100000 else 16384 if p.get("rope_theta", 0) >= 1e6 else 4096)
+    if type(context) is not int or context < 1:
+        raise ValueError(f"params.json's max_seq_len must be a whole number >= 1, got {context!r}")
+    return context
 
 
 def fused_weights(args):

