@@ -25,8 +25,8 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, Transformer, checkpoint_context, from_checkpoint,
-                   read_hash_file, write_whole)
+from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, checkpoint_context,
+                   from_checkpoint, read_hash_file, write_whole)
 from offload import host_available, offload_from_args
 from tokenizer import Tokenizer
 
@@ -553,11 +553,28 @@ def plural(n, what="token"):  # "1 token", "2 tokens"
 def setup(model, args, batch, max_seq_len, prompt_len):
     """The caches (in host memory for the sparse layers with --offload), then --compile."""
     offload_from_args(model, args, batch, max_seq_len, chunked=prompt_len > PREFILL_CHUNK)
+    check_cache_memory(model, batch, max_seq_len)
     model.setup_caches(batch, max_seq_len)
     if args.compile:
         if model.output.weight.device.type == "cpu":
             print("note: --compile is for CUDA; on the CPU it makes this engine's decode steps slower", file=sys.stderr)
         model.compile_pointwise()
+
+
+def check_cache_memory(model, batch, max_seq_len):
+    """Refuse, before allocating them, caches on the device that would not fit in its free memory (0: unknown). An
+    8B model's KV cache on the CPU with --max-new-tokens 200000 (34 GB) ended in the OOM killer, with no message."""
+    args, weight, hata = model.args, model.output.weight, model.hata
+    kv_layers = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)  # not --offload's host ones
+    per_position = 2 * kv_layers * args.n_kv_heads * args.head_dim * weight.dtype.itemsize
+    if hata is not None and hata.selector == "hash" and hata.reads_codes(max_seq_len):  # the key codes (and norms)
+        per_position += len(model.sparse_layers()) * args.n_kv_heads * 4 * (hata.rbit // 32 + hata.use_norm)
+    need = batch * max_seq_len * per_position
+    free = torch.cuda.mem_get_info(weight.device)[0] if weight.device.type == "cuda" else host_available()
+    if free and need > free:
+        raise ValueError(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')} take "
+                         f"{need / 2**30:.1f} GiB in {weight.dtype} but {weight.device} has {free / 2**30:.1f} GiB "
+                         "free; lower --max-new-tokens or --max-seq-len" + (" (or --offload)" if weight.is_cuda else ""))
 
 
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked

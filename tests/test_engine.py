@@ -184,6 +184,29 @@ def test_random_weights_that_do_not_fit_are_refused(monkeypatch, capsys):
     assert engine.random_model("tiny", None, "cpu", torch.float32).args.dim > 0
 
 
+def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, capsys):
+    """The KV cache, and the key codes where HATA reads them, against the device's free memory (an 8B model on the
+    CPU with a long --max-new-tokens was killed by the OOM killer): tiny, fp32, 4 layers x 2 KV heads x 16 dims x
+    K and V = 1024 bytes a position, + 3 sparse layers x 2 heads x 2 words of R = 64 = 48 bytes."""
+    model = engine.random_model("tiny", HataArgs(rbit=64, budget=4, n_dense=1), "cpu", torch.float32)
+    need = 2 * 64 * (1024 + 48)  # B = 2, S = 64
+    for free, fits in ((need, True), (need - 1, False), (0, True)):  # 0: unknown
+        monkeypatch.setattr(engine, "host_available", lambda: free)
+        if fits:
+            engine.check_cache_memory(model, 2, 64)
+        else:
+            with pytest.raises(ValueError, match=r"the caches for 2 sequences of 64 positions take 0.0 GiB in "
+                                                 r"torch.float32 but cpu has 0.0 GiB free; lower --max-new-tokens"):
+                engine.check_cache_memory(model, 2, 64)
+    model.set_hata(HataArgs(rbit=64, budget=4, n_dense=1, use_norm=True))  # + a key norm: 3 x 2 x 4 bytes
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48 + 24) - 1)
+    with pytest.raises(ValueError, match="the caches for 2 sequences"):
+        engine.check_cache_memory(model, 2, 64)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 ** 20)  # the weights fit, a cache of 1024 positions not
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1000", "--budget", "8")
+    assert code == 2 and "the caches for 1 sequence of 1024 positions take" in error_line(err)
+
+
 def test_random_weights_are_built_in_their_dtype(monkeypatch):
     """No float32 model first and a cast after (a 7B shape in bf16 was 25 GiB before its 12.6): the weights are made
     in the dtype asked for, and the default dtype is restored."""
