@@ -590,12 +590,20 @@ def read_hash_file(path, with_tensors=True):
         raise FileNotFoundError(f"hash weights file not found (or a directory): {path}")
     try:
         with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
+            meta, names = f.metadata() or {}, list(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names} if with_tensors else {}
     except Exception as e:
         raise ValueError(f"cannot read hash weights {path}: not a .safetensors file, or a cut one ({e})") from None
     if not ({"model", "rbit", "n_dense"} <= set(meta) and meta["rbit"].isdecimal() and meta["n_dense"].isdecimal()):
         raise ValueError(f"hash weights {path} lack train_hash.py's metadata (model, rbit, n_dense: whole numbers)")
+    try:  # the settings engine.py takes from the file where no flag gives them: checked here, naming the file
+        HataArgs(rbit=int(meta["rbit"]), n_dense=int(meta["n_dense"]))
+    except ValueError as e:
+        raise ValueError(f"hash weights {path}: {e}") from None
+    layers = [int(i) for name in names if (i := name.removeprefix("layers.").removesuffix(".hash_proj")).isdecimal()]
+    if min(layers, default=None) != int(meta["n_dense"]):  # (else n_dense=40 decoded densely, the tensors unread)
+        raise ValueError(f"hash weights {path}: n_dense={meta['n_dense']} in its metadata, but its first projection "
+                         f"is for layer {min(layers, default=None)}; the file is corrupt")
     return meta, tensors
 
 

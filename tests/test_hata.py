@@ -2,6 +2,7 @@
 the oracle selector keeps the model's tokens; hash projections save, load and refuse what does not fit."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -324,6 +325,12 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path, metadata=meta)
         with pytest.raises(ValueError, match="lack train_hash.py's metadata"):
             load_hash_projections(path, args, hata)
+    for meta, words in [({"n_dense": "3"}, "n_dense=3 in its metadata, but its first projection is for layer 1"),
+                        ({"rbit": "33"}, "rbit must be a multiple of 32 in \\[32, 1024\\], got 33")]:  # named
+        save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path,
+                  metadata={"model": args.describe(), "rbit": "64", "n_dense": "1", **meta})
+        with pytest.raises(ValueError, match=f"hash weights {re.escape(path)}: {words}"):
+            model_module.read_hash_file(path, with_tensors=False)
     open(path, "wb").write(b"\xff" * 64)
     with pytest.raises(ValueError, match="cannot read hash weights .*: not a .safetensors file, or a cut one"):
         load_hash_projections(path, args, hata)
