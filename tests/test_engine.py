@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import engine
 from engine import parse_budget, sample
-from model import HataArgs
+from model import PRESETS, HataArgs, save_hash_projections
 from tests.helpers import package_file
 
 
@@ -126,7 +126,7 @@ def test_unknown_dtype(capsys):
     ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"),
     ("--budget", "-1/4", "budget '-1/4' is not"), ("--temperature", "-1e-3", "--temperature must"),  # not flags
     ("--temperature", "nan", "--temperature"),
-    ("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
+    ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
     ("--seed", str(2 ** 64), f"seed {2 ** 64} is outside -2^63 .. 2^64 - 1"),
 ])
@@ -394,12 +394,25 @@ def test_parse_budget():
             parse_budget(bad)
 
 
+def test_file_settings_take_the_files_own_unless_a_flag_gives_them(tmp_path):
+    """--rbit and --n-dense come from a --hash-weights file where they are not given (its n_dense 3, not the
+    default 2, which then refused the user's own file), from the flags where given, else HataArgs' defaults."""
+    args, path = PRESETS["tiny"], str(tmp_path / "p.safetensors")
+    projs = {i: torch.randn(args.n_kv_heads, args.head_dim, 64) for i in range(3, args.n_layers)}
+    save_hash_projections(path, projs, args, HataArgs(rbit=64, n_dense=3))
+    assert engine.file_settings(path, None, None) == (64, 3)
+    assert engine.file_settings(path, 128, 1) == (128, 1)  # the flags win (load_hash_projections then refuses)
+    assert engine.file_settings(None, None, None) == (HataArgs.rbit, HataArgs.n_dense)
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
     draws = {int(sample(logits, 1.0, 0.7, gen)) for _ in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are outside the nucleus
     assert int(sample(logits, 0.0)) == 0
+    tie = torch.tensor([[1.0, 1.0, 0.0]])  # greedy is argmax, whose first index wins a tie: never a draw
+    assert {int(sample(tie, 0.0, 1.0, gen)) for _ in range(50)} == {0}
     probs = torch.softmax(logits, -1)
     for k in (1, 2, 3):  # top_p exactly the mass of the first k tokens (0.8 and 0.95 are not exact in fp32)
         top = float(probs.cumsum(-1)[0, k - 1])  # as sample() sums them: already in descending order

@@ -42,6 +42,13 @@ def test_capital_of_france(smol):
     assert new[0][0] == 7042  # " Paris"
 
 
+def test_caches_hold_at_most_the_models_context():
+    model = Transformer(PRESETS["tiny"])  # context 1024
+    model.setup_caches(1, 1024)  # the limit itself
+    with pytest.raises(ValueError, match="max_seq_len 1025 exceeds the model's context length 1024"):
+        model.setup_caches(1, 1025)
+
+
 def test_kv_cache_decode_equals_full_rerun(smol):
     """20 decode steps through the cache against a fresh full forward pass over the whole sequence each step."""
     ids = load_file(GOLDEN)["ids_b"][:30].tolist()

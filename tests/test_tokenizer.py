@@ -160,7 +160,7 @@ def test_streamer_prints_what_decode_gives_from_a_few_tokens_a_step(which, smol,
     tok.decode = lambda part: decoded.append(len(part)) or decode(part)  # instance attribute: this test's only
     try:
         streamer = Streamer(tok)
-        for t in ids + [-1]:  # -1: a finished sequence's filler
+        for t in ids + [-1, *sorted(tok.eos_ids)]:  # -1: a finished sequence's filler; a stop token: not printed
             streamer([t])
         streamer.finish()
     finally:
