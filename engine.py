@@ -181,7 +181,11 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
 
     t0 = time.perf_counter()
-    cur = sample(prefill(model, tokens, lengths, progress=progress), temperature, top_p, generator)  # (B,)
+    logits = prefill(model, tokens, lengths, progress=progress)  # (B, V)
+    if not bool(logits.isfinite().all()):  # checked once, here (sampling would fail on it, greedy print nothing)
+        raise ValueError("the model's output for the prompt is NaN or inf: its weights hold NaN/inf values, or float16 "
+                         "overflows in this model (try --dtype bfloat16 or float32)")
+    cur = sample(logits, temperature, top_p, generator)  # (B,)
     synchronize(device)
     t1 = time.perf_counter()
     step_fn = decode_one_token
@@ -493,6 +497,9 @@ def run(args):
     if top >= model.args.vocab_size:
         raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {model.args.vocab_size} "
                          f"tokens: the tokenizer does not belong to this checkpoint")
+    if not model.args.vocab_size // 2 <= tok.vocab_size <= model.args.vocab_size:  # (a model may pad its rows)
+        print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model {model.args.vocab_size}: is "
+              f"{args.tokenizer or checkpoint} this checkpoint's tokenizer?", file=sys.stderr)
     setup(model, args, len(prompts), max_seq_len, longest)
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)

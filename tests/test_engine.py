@@ -326,6 +326,20 @@ def test_prompts_the_model_cannot_take(capsys, argv, words):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_tokenizer_of_another_size_than_the_model_is_warned_of(capsys, tmp_path):
+    """A foreign tokenizer whose ids all fit the model (256 bytes for SmolLM2's 49,152 tokens) ran and printed
+    garbage without a word; the run goes on (a model may pad its rows), with a warning naming the file."""
+    from tokenizer import _CHAR_TO_BYTE
+    vocab = {c: b for c, b in _CHAR_TO_BYTE.items()}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                                         "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}))
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--tokenizer", str(tmp_path), "--max-new-tokens", "1")
+    assert code == 0 and f"warning: the tokenizer has 256 tokens but the model 49152: is {tmp_path} this" in err
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "1")
+    assert code == 0 and "warning" not in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_max_new_tokens_capped_by_the_cache_says_so(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--max-seq-len", "3", "--max-new-tokens", "20")
     assert code == 0 and "at most 3 new tokens" in err  # 1 prompt token + 2 cached: the last is never cached
@@ -403,6 +417,17 @@ def test_file_settings_take_the_files_own_unless_a_flag_gives_them(tmp_path):
     assert engine.file_settings(path, None, None) == (64, 3)
     assert engine.file_settings(path, 128, 1) == (128, 1)  # the flags win (load_hash_projections then refuses)
     assert engine.file_settings(None, None, None) == (HataArgs.rbit, HataArgs.n_dense)
+
+
+def test_a_model_that_outputs_nan_is_an_error_not_an_empty_answer():
+    """NaN or inf weights (or a float16 overflow): greedy decoding printed nothing and exited 0, sampling failed in
+    torch.multinomial; the prefill's logits are checked once."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    with torch.no_grad():
+        model.layers[1].attention_norm.weight[3] = math.inf
+    with pytest.raises(ValueError, match="the model's output for the prompt is NaN or inf: its weights hold NaN/inf"):
+        engine.generate(model, [[1, 2, 3]], 4)
 
 
 def test_top_p_keeps_only_the_nucleus():
