@@ -487,7 +487,9 @@ def run(args):
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
-        raise ValueError(f"prompt {[len(p) for p in prompts].index(0) + 1} is empty (0 tokens); give some text")
+        i = [len(p) for p in prompts].index(0)
+        raise ValueError(f"prompt {i + 1} is empty (0 tokens" + ("; the tokenizer has none of its characters" if
+                                                                  texts[i] else "") + "); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
     if hata is not None and hata.hash_weights is None and hata.reads_codes(max_seq_len):  # (else no codes: no note)

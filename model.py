@@ -747,8 +747,10 @@ def load_checkpoint(path, dtype=torch.float32):
         raise ValueError(f"{path}: {bad[:4]} are not tensors; is it a Llama checkpoint?")
     rope_factors = raw.pop("rope_freqs.weight", None)  # GGUF bakes llama3 RoPE scaling into this tensor
     if rope_factors is not None and not (rope_factors.shape == (args.head_dim // 2,) and (rope_factors > 0).all()):
+        found = (f"it has shape {tuple(rope_factors.shape)}" if rope_factors.shape != (args.head_dim // 2,) else
+                 "some are not (zero, negative or NaN)")
         raise ValueError(f"{path}: rope_freqs.weight must hold head_dim / 2 = {args.head_dim // 2} factors, each > 0; "
-                         f"it has shape {tuple(rope_factors.shape)}")
+                         f"{found}")
     raw = {name: w for name, w in raw.items() if not name.endswith(DERIVED)}
     if len(raw) < args.n_layers:  # (before a name table of n_layers rows: 10^9 layers would fill the memory)
         raise ValueError(f"{path}: {args.n_layers} layers in its metadata, but only {len(raw)} tensors")
@@ -781,8 +783,15 @@ def read_gguf(path, dtype=torch.float32):
     import gguf
     reader = gguf_reader(path, keep=False)  # every tensor is copied out below: no one needs the mapping after
     args, shapes = gguf_args(path, reader)
-    raw = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[t.name]).copy())
-           .to(torch.float32 if t.name == "rope_freqs.weight" else dtype) for t in reader.tensors}  # numpy fp32 first
+    raw = {}
+    for t in reader.tensors:
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy fp32 first
+        except NotImplementedError as e:  # e.g. an I32 tensor: no weight of a Llama model
+            raise ValueError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot make "
+                             f"floats of ({e})") from None
+        raw[t.name] = torch.from_numpy(w.reshape(shapes[t.name]).copy()).to(
+            torch.float32 if t.name == "rope_freqs.weight" else dtype)
     return args, raw
 
 
@@ -964,8 +973,8 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
         sd["output.weight"] = sd.get("tok_embeddings.weight")
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: {len(missing)} tensors missing, e.g. {missing[:4]}; {len(unexpected)} "
-                         f"unexpected, e.g. {unexpected[:4]}")
+        raise ValueError(f"{where}: " + "; ".join(f"{len(names)} tensors {what}, e.g. {names[:4]}" for what, names
+                                                  in (("missing", missing), ("unexpected", unexpected)) if names))
     for name, w in sd.items():
         if tuple(w.shape) != expected[name]:
             raise ValueError(f"{where}: {name} has shape {tuple(w.shape)}, the model expects {expected[name]}")

@@ -211,8 +211,11 @@ def _hf_config(directory):
     template = template if isinstance(template, str) else None
     jinja = os.path.join(directory, "chat_template.jinja")
     if template is None and os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            template = f.read()
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                template = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja!r} is not UTF-8 text ({e})") from None
     return cfg, template
 
 

@@ -315,7 +315,8 @@ def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 @pytest.mark.parametrize("argv, words", [
-    (["--prompt", "hi", "--prompt", ""], "prompt 2 is empty"),
+    (["--prompt", "hi", "--prompt", ""], "prompt 2 is empty (0 tokens); give some text"),
+    (["--prompt", "\x04"], "prompt 1 is empty (0 tokens; the tokenizer has none of its characters)"),
     (["--prompt", "hi", "--tokenizer", "llama3"], "does not belong to this checkpoint"),  # ids up to 128000
     (["--prompt", "hi", "--max-seq-len", "100000"], "--max-seq-len 100000 exceeds the model's context of 8192 tokens"),
 ])

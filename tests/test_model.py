@@ -309,8 +309,9 @@ def test_missing_and_extra_keys(small_smol, tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
               tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"missing.*layers\.1\.feed_forward\.w3"):
+    with pytest.raises(ValueError, match=r"missing.*layers\.1\.feed_forward\.w3") as e:
         from_checkpoint(str(tmp_path))
+    assert "unexpected" not in str(e.value)  # no "0 tensors unexpected, e.g. []" tail
     save_file({**tensors, "model.layers.1.mlp.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"does not use.*mlp\.extra"):
         from_checkpoint(str(tmp_path))
@@ -544,6 +545,10 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"rope_freqs.weight must hold head_dim / 2 = 2 factors.*shape \(1,\)"):
         load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(1))]))
+    with pytest.raises(ValueError, match=r"2 factors, each > 0; some are not \(zero, negative or NaN\)"):
+        load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.tensor([1.0, float("nan")]))]))
+    with pytest.raises(ValueError, match="tensor t is of type I32, which gguf cannot make floats of"):  # named
+        load_checkpoint(write("i.gguf", {}, [("t", torch.ones(2, dtype=torch.int32))]))
     assert torch.equal(load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(2))]))[2], torch.ones(2))
     _, sd, factors = load_checkpoint(str(tmp_path / "f.gguf"), torch.bfloat16)
     assert sd["tok_embeddings.weight"].dtype == torch.bfloat16 and factors.dtype == torch.float32  # RoPE stays fp32

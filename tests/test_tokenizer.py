@@ -361,6 +361,11 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     (tmp_path / "tokenizer_config.json").write_text("{bos_token: <s>}")
     with pytest.raises(ValueError, match="tokenizer_config.json' is not valid JSON"):
         Tokenizer.from_path(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ \xff }}")  # named, not a bare codec error
+    with pytest.raises(ValueError, match="chat_template.jinja' is not UTF-8 text"):
+        Tokenizer.from_path(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink()
     for kind, words in (("gpt2", "no tokenizer.ggml.tokens or token_type list"),
                         ("llama", "GGUF tokenizer type 'llama' is not supported")):  # the same path rewritten
         path = write_gguf(tmp_path / "t.gguf", lambda writer: writer.add_tokenizer_model(kind))
