@@ -583,7 +583,7 @@ def check_cache_memory(model, batch, max_seq_len):
     if free and need > free:
         raise ValueError(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')} take "
                          f"{need / 2**30:.1f} GiB in {weight.dtype} but {weight.device} has {free / 2**30:.1f} GiB "
-                         "free; lower --max-new-tokens or --max-seq-len" + (" (or --offload)" if weight.is_cuda else ""))
+                         "free; lower --max-new-tokens or --max-seq-len" + " (or --offload)" * weight.is_cuda)
 
 
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked

@@ -126,7 +126,8 @@ def test_unknown_dtype(capsys):
     ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"),
     ("--budget", "-1/4", "budget '-1/4' is not"), ("--temperature", "-1e-3", "--temperature must"),  # not flags
     ("--temperature", "nan", "--temperature"),
-    ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"), ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
+    ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"),
+    ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
     ("--seed", str(2 ** 64), f"seed {2 ** 64} is outside -2^63 .. 2^64 - 1"),
 ])
