@@ -204,6 +204,11 @@ def _hf_config(directory):
         raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path!r} holds no JSON object")
+    for key in ("bos_token", "eos_token"):  # a name, or {"content": name, ...} (AddedToken), or none
+        value = cfg.get(key)
+        if not (value is None or isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"),
+                                                                                                  str)):
+            raise ValueError(f"{cfg_path!r}: {key} must be a token's name, got {value!r}")
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates (transformers' list form): the one named "default"
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),

@@ -361,6 +361,9 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     (tmp_path / "tokenizer_config.json").write_text("{bos_token: <s>}")
     with pytest.raises(ValueError, match="tokenizer_config.json' is not valid JSON"):
         Tokenizer.from_path(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ["x"]}')  # not tokenizer.json's fault
+    with pytest.raises(ValueError, match="tokenizer_config.json': eos_token must be a token's name, got \\['x'\\]"):
+        Tokenizer.from_path(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text("{}")
     (tmp_path / "chat_template.jinja").write_bytes(b"{{ \xff }}")  # named, not a bare codec error
     with pytest.raises(ValueError, match="chat_template.jinja' is not UTF-8 text"):
