@@ -25,8 +25,8 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, checkpoint_context,
-                   from_checkpoint, read_hash_file, write_whole)
+from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model,
+                   checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
 from offload import host_available, offload_from_args
 from tokenizer import Tokenizer
 
@@ -482,8 +482,8 @@ def run(args):
 
     checkpoint = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()  # the metadata and tokenizer reads count: from a GGUF they parse what the model does
-    context = checkpoint_context(checkpoint)  # its metadata: before the tokenizer, which fails less clearly on a
-    # wrong --checkpoint, and before the weights, so that a prompt too long for the model is refused at once
+    context, shape = checkpoint_metadata(checkpoint)  # before the tokenizer, which fails less clearly on a wrong
+    # --checkpoint, and before the weights: a prompt too long for the model, or its shape's hash weights, at once
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
@@ -494,6 +494,8 @@ def run(args):
     max_seq_len, max_new = cache_size(args, longest, context)
     if hata is not None and hata.hash_weights is None and hata.reads_codes(max_seq_len):  # (else no codes: no note)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
+    if hata is not None and hata.hash_weights and shape is not None:  # another model's file: now, not after the load
+        check_hash_model(read_hash_file(hata.hash_weights, with_tensors=False)[0], shape, hata.hash_weights)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     top = max(max(p) for p in prompts)
     if top >= model.args.vocab_size:

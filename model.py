@@ -607,13 +607,17 @@ def read_hash_file(path, with_tensors=True):
     return meta, tensors
 
 
+def check_hash_model(meta, args: ModelArgs, path):  # a projection file's metadata against the model's shape
+    if meta["model"] != args.describe():
+        raise ValueError(f"hash weights {path} were made for '{meta['model']}', not this model ('{args.describe()}')")
+
+
 def load_hash_projections(path, args: ModelArgs, hata: HataArgs, signature=None):
     """Read and check a projection file against the model (its shape; its weights where the file and the caller give
     a key_signature) and HataArgs; returns {layer: (Hkv, D, R)}."""
     meta, tensors = read_hash_file(path)
     where = f"hash weights {path}"
-    if meta["model"] != args.describe():
-        raise ValueError(f"{where} were made for '{meta['model']}', not this model ('{args.describe()}')")
+    check_hash_model(meta, args, path)
     if int(meta["rbit"]) != hata.rbit:
         raise ValueError(f"{where} have rbit={meta['rbit']} but rbit={hata.rbit} was asked for; "
                          f"pass --rbit {meta['rbit']}")
@@ -721,20 +725,23 @@ def reading(path):
         raise ValueError(f"{path}: {e}") from None
 
 
-def checkpoint_context(path):
-    """The checkpoint's context length, from its metadata alone (a GGUF's keys, config.json, params.json), with
-    its architecture and settings checked there: engine.py asks before the tokenizer and the weights load, so that
-    another model's checkpoint, or a prompt longer than the context, is one line at once (not an error of the
-    tokenizer, or one after minutes of loading)."""
+def checkpoint_metadata(path):
+    """(the context length, ModelArgs or None) from the checkpoint's metadata alone (a GGUF's keys, config.json,
+    params.json), with its architecture and settings checked there: engine.py asks before the tokenizer and the
+    weights load, so that another model's checkpoint, a prompt longer than the context or another model's hash
+    weights is one line at once (not an error of the tokenizer, or one after minutes of loading). A Meta
+    checkpoint's ModelArgs need its weights (params.json may leave the vocabulary size to them): None."""
     fmt, path = checkpoint_format(path)
     with reading(path):
         if fmt == "gguf":
-            return gguf_args(path, gguf_reader(path, keep=True))[0].max_seq_len  # kept for the tokenizer and loader
+            args = gguf_args(path, gguf_reader(path, keep=True))[0]  # the parse kept for the tokenizer and loader
+            return args.max_seq_len, args
         if fmt == "hf":
-            return hf_args(path).max_seq_len
+            args = hf_args(path)
+            return args.max_seq_len, args
         p = read_json(os.path.join(path, "params.json"))
         refuse_unsupported(os.path.join(path, "params.json"), "meta", p.get, None)
-        return meta_context(p)
+        return meta_context(p), None
 
 
 def load_checkpoint(path, dtype=torch.float32):

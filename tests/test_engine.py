@@ -378,12 +378,14 @@ def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_bad_hash_weights_file(capsys, tmp_path):
+def test_bad_hash_weights_file(capsys, tmp_path, monkeypatch):
+    """Another model's file is refused from the checkpoint's metadata, before its weights load."""
     bad = tmp_path / "proj.safetensors"
     save_file({"layers.2.hash_proj": torch.zeros(3, 64, 128)}, bad, metadata={"model": "llama dim=1", "rbit": "128",
                                                                        "n_dense": "2"})
+    monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: 1 / 0)  # not reached
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(bad), "--max-new-tokens", "1")
-    assert code == 2 and "not this model" in error_line(err)
+    assert code == 2 and "were made for 'llama dim=1', not this model" in error_line(err)
 
 
 @pytest.mark.parametrize("argv, shown", [

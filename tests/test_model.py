@@ -448,13 +448,13 @@ def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
         load_checkpoint(str(tmp_path / "model.safetensors"))
 
 
-def test_checkpoint_context_from_metadata_alone(tmp_path):
+def test_checkpoint_metadata_alone(tmp_path):
     """engine.py asks before the tokenizer and the weights: the context length from the metadata, with the
     architecture checked there. A Hugging Face GGUF repository (config.json beside the .gguf, no safetensors) is
     its GGUF."""
     gguf = pytest.importorskip("gguf")
     path = write_model_gguf(tmp_path / "m.gguf", {})
-    assert model_module.checkpoint_context(path) == 64
+    assert model_module.checkpoint_metadata(path)[0] == 64
     (repo := tmp_path / "repo").mkdir()
     (repo / "m.gguf").write_bytes(open(path, "rb").read())
     (repo / "config.json").write_text('{"model_type": "llama"}')
@@ -467,18 +467,18 @@ def test_checkpoint_context_from_metadata_alone(tmp_path):
     writer.write_kv_data_to_file()
     writer.close()
     with pytest.raises(ValueError, match="unsupported architecture 'qwen2'"):
-        model_module.checkpoint_context(str(tmp_path / "q.gguf"))
+        model_module.checkpoint_metadata(str(tmp_path / "q.gguf"))
     (hf := tmp_path / "hf").mkdir()
     (hf / "config.json").write_text('{"model_type": "qwen2"}')
     with pytest.raises(ValueError, match="unsupported model_type 'qwen2'"):
-        model_module.checkpoint_context(str(hf))
+        model_module.checkpoint_metadata(str(hf))
     (meta := tmp_path / "meta").mkdir()
     (meta / "params.json").write_text('{"dim": 64, "use_scaled_rope": true}')
-    assert model_module.checkpoint_context(str(meta)) == 131072
+    assert model_module.checkpoint_metadata(str(meta)) == (131072, None)
     for bad in ('"4096"', "-1", "100.5"):  # a TypeError later, "exceeds the model's context of -1", after the load
         (meta / "params.json").write_text(f'{{"dim": 64, "max_seq_len": {bad}}}')
         with pytest.raises(ValueError, match=f"meta: params.json's max_seq_len must be a whole number >= 1, got "):
-            model_module.checkpoint_context(str(meta))
+            model_module.checkpoint_metadata(str(meta))
 
 
 def test_directory_holding_one_gguf(tmp_path):
