@@ -204,7 +204,8 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64)
     monkeypatch.setattr(engine, "host_available", lambda: 2 ** 20)  # the weights fit, a cache of 1024 positions not
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1000", "--budget", "8")
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1000", "--budget", "8",
+                           "--device", "cpu")  # (on a GPU machine the default is cuda)
     assert code == 2 and "the caches for 1 sequence of 1024 positions take" in error_line(err)
 
 
