@@ -696,7 +696,11 @@ def checkpoint_format(path):
     64 bytes (engine.py asks first, so that a wrong --checkpoint is not met as an error of its tokenizer)."""
     if not os.path.exists(path := os.fspath(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ggufs = os.path.isdir(path) and any(name.endswith(".gguf") for name in os.listdir(path))
+    names = os.listdir(path) if os.path.isdir(path) else []
+    if broken := [n for n in names if not os.path.exists(os.path.join(path, n))]:  # links to nothing (a HF snapshot)
+        raise FileNotFoundError(f"{path}: {', '.join(sorted(broken)[:3])} link to files that do not exist; an "
+                                "incomplete download?")
+    ggufs = any(name.endswith(".gguf") for name in names)
     for fmt, name, weights in (("hf", "config.json", "model*.safetensors*"), ("meta", "params.json", "consolidated.*")):
         # a Hugging Face GGUF repository holds a config.json beside its .gguf file and no other weights
         if os.path.isfile(os.path.join(path, name)) and not (ggufs and not glob.glob(os.path.join(path, weights))):

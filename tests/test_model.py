@@ -498,6 +498,12 @@ def test_directory_holding_one_gguf(tmp_path):
     with pytest.raises(ValueError) as e:
         load_checkpoint(str(tmp_path))
     assert str(e.value) == f"{str(tmp_path)!r} holds several .gguf files (a.gguf, m.gguf); pass the one to use"
+    (hf := tmp_path / "snapshot").mkdir()  # a Hugging Face snapshot whose blobs did not all arrive
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    os.symlink(tmp_path / "blobs" / "abc", hf / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="snapshot: model.safetensors link to files that do not exist; an "
+                                                "incomplete download"):
+        load_checkpoint(str(hf))
 
 
 def test_git_lfs_pointers_are_named(tmp_path):
