@@ -235,7 +235,9 @@ class Parser(argparse.ArgumentParser):
     """Every command line's parser (engine, eval, train_hash, bench): --help shows the defaults, errors are one line."""
     def __init__(self, **kwargs):
         super().__init__(formatter_class=ShowDefaults, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-\.?\d")  # -1/4, -5% or -1e-3: a bad value, not a flag
+        # argparse's private test for "a value, not a flag", as newer Pythons' argparse has it: -1/4, -5% or -1e-3
+        # are bad values, which the flag's own check names, not unknown flags ("expected one argument")
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):  # one line a person can act on, not a usage dump
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
@@ -378,10 +380,7 @@ def random_model(preset, hata, device, dtype, seed=0):
     with torch.device("meta"):
         need = sum(p.numel() for p in Transformer(PRESETS[preset]).parameters()) * dtype.itemsize
     device = torch.device(device)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available()  # 0: unknown
-    if free and need > free:
-        raise ValueError(f"the {preset} shape's weights take {need / 2**30:.1f} GiB in {dtype} but {device} has "
-                         f"{free / 2**30:.1f} GiB free; choose a smaller --preset")
+    check_fits(f"the {preset} shape's weights", need, dtype, device, "choose a smaller --preset")
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in dtype: no float32 copy first (7B in bf16: 12.6 GiB, not 25 + 12.6)
@@ -488,13 +487,14 @@ def run(args):
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
         i = [len(p) for p in prompts].index(0)
-        raise ValueError(f"prompt {i + 1} is empty (0 tokens" + ("; the tokenizer has none of its characters" if
+        raise ValueError(f"prompt {i + 1} is empty (0 tokens" + ("; the tokenizer knows none of its characters" if
                                                                   texts[i] else "") + "); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
     if hata is not None and hata.hash_weights is None and hata.reads_codes(max_seq_len):  # (else no codes: no note)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
-    if hata is not None and hata.hash_weights and shape is not None:  # another model's file: now, not after the load
+    if hata and hata.selector == "hash" and hata.hash_weights and shape and hata.n_dense < shape.n_layers:  # as
+        # set_hata checks a file (whatever the budget), but now, not after the load: another model's is one line
         check_hash_model(read_hash_file(hata.hash_weights, with_tensors=False)[0], shape, hata.hash_weights)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     top = max(max(p) for p in prompts)
@@ -573,19 +573,30 @@ def setup(model, args, batch, max_seq_len, prompt_len):
 
 
 def check_cache_memory(model, batch, max_seq_len):
-    """Refuse, before allocating them, caches on the device that would not fit in its free memory (0: unknown). An
-    8B model's KV cache on the CPU with --max-new-tokens 200000 (34 GB) ended in the OOM killer, with no message."""
-    args, weight, hata = model.args, model.output.weight, model.hata
-    kv_layers = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)  # not --offload's host ones
-    per_position = 2 * kv_layers * args.n_kv_heads * args.head_dim * weight.dtype.itemsize
-    if hata is not None and hata.selector == "hash" and hata.reads_codes(max_seq_len):  # the key codes (and norms)
-        per_position += len(model.sparse_layers()) * args.n_kv_heads * 4 * (hata.rbit // 32 + hata.use_norm)
-    need = batch * max_seq_len * per_position
-    free = torch.cuda.mem_get_info(weight.device)[0] if weight.device.type == "cuda" else host_available()
-    if free and need > free:
-        raise ValueError(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')} take "
-                         f"{need / 2**30:.1f} GiB in {weight.dtype} but {weight.device} has {free / 2**30:.1f} GiB "
-                         "free; lower --max-new-tokens or --max-seq-len" + " (or --offload)" * weight.is_cuda)
+    """Refuse, before allocating them, caches on the device that would not fit in its free memory. An 8B model's KV
+    cache on the CPU with --max-new-tokens 200000 (34 GB) ended in the OOM killer, with no message. Layers whose K/V
+    --offload keeps in host memory count once, for the GPU copy a later prefill chunk makes of one of them."""
+    layer_bytes, code_bytes = model.cache_bytes(batch, max_seq_len)
+    on_device = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)
+    need = (on_device + (on_device < model.args.n_layers)) * layer_bytes + code_bytes
+    weight = model.output.weight
+    check_fits(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')}", need, weight.dtype,
+               weight.device, "lower --max-new-tokens or --max-seq-len, or give fewer prompts"
+               + " (or --offload)" * weight.is_cuda)
+
+
+def device_free(device):
+    """Bytes free for new tensors on `device` (0: unknown): CUDA's free memory and what PyTorch holds unused, or the
+    host's available memory."""
+    if device.type != "cuda":
+        return host_available()
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def check_fits(what, need, dtype, device, fix):  # `need` bytes (in dtype) that `device` has no room for: refused
+    if (free := device_free(device)) and need > free:
+        raise ValueError(f"{what} take {need / 2**30:.1f} GiB in {dtype} but {device} has {free / 2**30:.1f} GiB "
+                         f"free; {fix}")
 
 
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked

@@ -16,6 +16,7 @@ Internally Q and K use the Hugging Face "half-split" RoPE layout; GGUF and Meta 
 Meta's interleaved layout and are un-permuted on load. Hash projections act on post-RoPE keys in this layout.
 """
 import contextlib
+import fnmatch
 import glob
 import json
 import math
@@ -411,6 +412,13 @@ class Transformer(nn.Module):
     def sparse_layers(self):
         return [layer.attention for layer in self.layers if layer.attention.hata is not None]
 
+    def cache_bytes(self, max_batch_size, max_seq_len):
+        """(one layer's K/V, every sparse layer's key codes and norms) in bytes: what setup_caches would allocate."""
+        args, hata, sparse = self.args, self.hata, self.sparse_layers()
+        layer = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * self.output.weight.dtype.itemsize
+        per_token = hata.rbit // 8 + 4 * hata.use_norm if sparse and hata.reads_codes(max_seq_len) else 0  # a head's
+        return layer, len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
+
     def setup_caches(self, max_batch_size, max_seq_len):
         """Allocate the KV (and hash) caches and the RoPE table: self.max_seq_len positions (not args.max_seq_len, the
         context the model was trained for, which bounds it) for exactly self.max_batch_size sequences a forward, on
@@ -584,7 +592,8 @@ def write_whole(path, write):
 
 
 def read_hash_file(path, with_tensors=True):
-    """(metadata: "model", "rbit", "n_dense"; {name: tensor} or {}) of a projection file, or one clear error."""
+    """(metadata: "model", "rbit", "n_dense" and, since 2026-12-04, "key_signature"; {name: tensor} or {}) of a
+    projection file, or one clear error."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"hash weights file not found (or a directory): {path}")
@@ -697,9 +706,11 @@ def checkpoint_format(path):
     if not os.path.exists(path := os.fspath(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     names = os.listdir(path) if os.path.isdir(path) else []
-    if broken := [n for n in names if not os.path.exists(os.path.join(path, n))]:  # links to nothing (a HF snapshot)
-        raise FileNotFoundError(f"{path}: {', '.join(sorted(broken)[:3])} link to files that do not exist; an "
-                                "incomplete download?")
+    read = ("config.json", "params.json", "*.gguf", "model*.safetensors*", "consolidated.*", "tokenizer*")
+    if broken := sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in read)  # a link to nothing: an
+                        and not os.path.exists(os.path.join(path, n))):  # incomplete Hugging Face snapshot
+        raise FileNotFoundError(f"{path}: {', '.join(broken[:3])} " + ("links to a file that does" if len(broken) == 1
+                                else "link to files that do") + " not exist; an incomplete download?")
     ggufs = any(name.endswith(".gguf") for name in names)
     for fmt, name, weights in (("hf", "config.json", "model*.safetensors*"), ("meta", "params.json", "consolidated.*")):
         # a Hugging Face GGUF repository holds a config.json beside its .gguf file and no other weights
@@ -723,8 +734,8 @@ def reading(path):
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
     except (TypeError, AttributeError) as e:
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
-    except ValueError as e:  # ModelArgs' checks name no file
-        if path in str(e):
+    except ValueError as e:  # ModelArgs' checks name no file; the readers' own errors start with it
+        if str(e).startswith((path, repr(path))):
             raise
         raise ValueError(f"{path}: {e}") from None
 

@@ -233,11 +233,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse and kv_gpu_gb is None:  # (with a cap, a dense model is only checked against it)
         raise ValueError("nothing to offload: no layer decodes sparsely (--dense, or --n-dense covers every layer)")
-    esize = model.output.weight.dtype.itemsize
-    layer_bytes = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * esize
-    codes = sparse and hata.reads_codes(max_seq_len)  # set_hata keeps codes only where read: hash selector, K < S
-    per_token = hata.rbit // 8 + 4 * hata.use_norm if codes else 0  # R / 8 bytes of code (+ an fp32 norm) a token
-    code_bytes = len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token  # and KV head
+    layer_bytes, code_bytes = model.cache_bytes(max_batch_size, max_seq_len)
     all_gpu = args.n_layers * layer_bytes + code_bytes
     n, fix = len(sparse), "drop --offload"
     if kv_gpu_gb is not None:

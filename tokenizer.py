@@ -52,7 +52,6 @@ END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|en
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
 # tiktoken's regex overflows its stack on a run of ~1M whitespace characters; cut every run at 25K characters, as
 # Meta's Llama 3 tokenizer does (only the run starts try the scan: linear in the text)
-EMPTY_PROBE = "Ab c1 23!? \u00e9\u4e00 \n\t\r\n x"  # _check_split_regex
 RUN_CAP = 25_000
 LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
 
@@ -105,8 +104,12 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Enco
     n = max(ids) + 1
     ranks = {**{bytes([b]): n + b for b in range(256)}, **ranks}
     blank = set(range(n)) - set(ranks.values()) - set(specials.values())
-    return tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens=specials), n, blank
+    try:
+        enc = tiktoken.Encoding(name=os.path.basename(name), pat_str=pattern, mergeable_ranks=ranks,
+                                special_tokens=specials)
+    except ValueError as e:  # a tokenizer.json's Split regex that fancy-regex cannot read
+        raise ValueError(f"{name!r}: its pre-tokenizer regex does not compile ({e})") from None
+    return enc, n, blank
 
 
 def open_gguf(path, keep=True):
@@ -154,16 +157,20 @@ def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritte
     return Reader(path)
 
 
+EMPTY_PROBE = "Ab c1 23!? \u00e9\u4e00 \n\t\r\n x"  # where _check_split_regex looks for an empty match
+
+
 def _check_split_regex(pattern, path):
     """tiktoken panics (a Rust panic, past any `except Exception`) on a regex that matches the empty string, so such
-    a Split regex is refused here. `regex` is the engine tiktoken's Python side uses too; the probe text has letters,
-    digits, marks, space and line ends, where an empty match would show."""
+    a Split regex is refused here, by a probe text of letters, digits, marks, spaces and line ends through the
+    `regex` module (in its V1 mode, which reads nested classes as Oniguruma, HF's engine, does). A pattern `regex`
+    cannot read is left to tiktoken's own parser."""
     import regex
     try:
-        empty = regex.fullmatch(pattern, "") or any(m.start() == m.end() for m in regex.finditer(pattern, EMPTY_PROBE))
-    except regex.error as e:
-        raise ValueError(f"{path!r}: its Split regex {pattern!r} does not compile ({e}); the file is corrupt") from None
-    if empty:
+        found = regex.compile(pattern, regex.V1)
+    except regex.error:
+        return
+    if found.fullmatch("") or any(m.start() == m.end() for m in found.finditer(EMPTY_PROBE)):
         raise ValueError(f"{path!r}: its Split regex {pattern!r} matches the empty string, which hata's tiktoken-based "
                          "BPE cannot split by; this tokenizer is not supported")
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import engine
 from engine import parse_budget, sample
-from model import PRESETS, HataArgs, save_hash_projections
+from model import PRESETS, HataArgs, KVCache, save_hash_projections
 from tests.helpers import package_file
 
 
@@ -197,8 +197,18 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
             engine.check_cache_memory(model, 2, 64)
         else:
             with pytest.raises(ValueError, match=r"the caches for 2 sequences of 64 positions take 0.0 GiB in "
-                                                 r"torch.float32 but cpu has 0.0 GiB free; lower --max-new-tokens"):
+                                                 r"torch.float32 but cpu has 0.0 GiB free; lower --max-new-tokens or "
+                                                 r"--max-seq-len, or give fewer prompts"):
                 engine.check_cache_memory(model, 2, 64)
+    for layer in model.layers[2:]:  # --offload's layers: one GPU copy for a prefill chunk (3 of 4 layers' K/V)
+        layer.attention.kv_cache_cls = functools.partial(KVCache)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48) - 1)
+    with pytest.raises(ValueError, match="the caches for 2 sequences"):
+        engine.check_cache_memory(model, 2, 64)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48))
+    engine.check_cache_memory(model, 2, 64)
+    for layer in model.layers:
+        layer.attention.kv_cache_cls = KVCache
     model.set_hata(HataArgs(rbit=64, budget=4, n_dense=1, use_norm=True))  # + a key norm: 3 x 2 x 4 bytes
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48 + 24) - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
@@ -318,7 +328,7 @@ def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 @pytest.mark.parametrize("argv, words", [
     (["--prompt", "hi", "--prompt", ""], "prompt 2 is empty (0 tokens); give some text"),
-    (["--prompt", "\x04"], "prompt 1 is empty (0 tokens; the tokenizer has none of its characters)"),
+    (["--prompt", "\x04"], "prompt 1 is empty (0 tokens; the tokenizer knows none of its characters)"),
     (["--prompt", "hi", "--tokenizer", "llama3"], "does not belong to this checkpoint"),  # ids up to 128000
     (["--prompt", "hi", "--max-seq-len", "100000"], "--max-seq-len 100000 exceeds the model's context of 8192 tokens"),
 ])
@@ -387,6 +397,10 @@ def test_bad_hash_weights_file(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: 1 / 0)  # not reached
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(bad), "--max-new-tokens", "1")
     assert code == 2 and "were made for 'llama dim=1', not this model" in error_line(err)
+    monkeypatch.undo()
+    for flags in (["--selector", "quest"], ["--n-dense", "30"]):  # a file the run does not read is only noted
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(bad), "--max-new-tokens", "1", *flags)
+        assert code == 0, err
 
 
 @pytest.mark.parametrize("argv, shown", [

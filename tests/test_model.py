@@ -321,7 +321,7 @@ def test_missing_and_extra_keys(small_smol, tmp_path):
 
 
 
-def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
+def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
     """Config fields of the wrong kind, another activation, integer weights, a tensor in two shards, a pickled
     object in a Meta checkpoint: each a ValueError naming the problem, before any model is built."""
     args, sd = small_smol
@@ -346,6 +346,11 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path):
         with pytest.raises(ValueError, match=re.escape(words)) as e:
             from_checkpoint(str(tmp_path))
         assert str(e.value).startswith(str(tmp_path))  # the file is named
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
+    os.symlink(tmp_path, tmp_path / "m")  # a short name, "m", that the message holds anyway ("model's")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^m: the model's sizes"):
+        from_checkpoint("m")
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
         from_checkpoint(str(tmp_path))
@@ -501,7 +506,8 @@ def test_directory_holding_one_gguf(tmp_path):
     (hf := tmp_path / "snapshot").mkdir()  # a Hugging Face snapshot whose blobs did not all arrive
     (hf / "config.json").write_text('{"model_type": "llama"}')
     os.symlink(tmp_path / "blobs" / "abc", hf / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="snapshot: model.safetensors link to files that do not exist; an "
+    os.symlink(tmp_path / "old-run", hf / "latest")  # a link the loader does not read: in nobody's way
+    with pytest.raises(FileNotFoundError, match="snapshot: model.safetensors links to a file that does not exist; an "
                                                 "incomplete download"):
         load_checkpoint(str(hf))
 
