@@ -405,6 +405,29 @@ def test_gguf_reader_over_plain_arrays_reads_what_the_library_reads(gguf_path):
     assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
 
 
+def test_decode_at_the_edges_of_the_vocabulary(tmp_path, llama3):
+    """Id 0 is a token; a byte the vocabulary lacks gets the id past it and is dropped (here byte 0, at id 255 =
+    vocab_size); a cut UTF-8 character decodes to U+FFFD; special and added tokens decode to their text (a model's
+    <think> is shown); a folder with both tokenizer.model and tokenizer.json (a Llama 2 repository) reads the .model."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    assert llama3.encode("!", bos=False) == [0] and llama3.decode([0]) == "!"
+    assert llama3.encode("🤗", bos=False) == [9468, 97, 245] and llama3.decode([9468]) == "\ufffd"
+    vocab = {to_char[b]: b - 1 for b in range(1, 256)}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                                         "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}))
+    tok = Tokenizer.from_path(tmp_path)
+    assert tok.vocab_size == 255 and tok.encode("\x00a") == [ord("a") - 1]
+    (tmp_path / "tokenizer.model").write_bytes(open(package_file("llama_models", "llama3", "tokenizer.model"),
+                                                    "rb").read())
+    tok = Tokenizer.from_path(tmp_path)
+    assert tok.vocab_size == 128256 and tok.encode("hi there") == llama3.encode("hi there")
+    names = ["<|begin_of_text|>", "<|eot_id|>", "<think>"]
+    path = _write_gguf(tmp_path / "t.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3, 3, 4],
+                       pre="llama-bpe", bos=256)
+    tok = Tokenizer.from_path(path)
+    assert tok.decode([258, ord("a")]) == "<think>a" and tok.decode([257]) == "<|eot_id|>"
+
+
 def test_unused_ids_decode_to_nothing_and_the_template_picks_the_format(tmp_path):
     """A GGUF's UNUSED slots (convert_hf_to_gguf's [PAD] fillers) decode to nothing instead of failing; a template
     in ChatML makes a vocabulary that also holds Llama 3's header tokens chat in ChatML (Hermes-2-Pro-Llama-3);
@@ -482,6 +505,10 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
             assert tok.encode_chat(messages, add_generation_prompt=prompt) == want, text
     date = "26 Jul 2024" if version == "3.1" else datetime.datetime.now().strftime("%d %b %Y")
     assert tok.opening == f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+    bare = '{{ "Cutting Knowledge Date: December 2023\\n" }}{{ "Today Date: " + date_string + "\\n\\n" }}'
+    path = _write_gguf(tmp_path / "bare.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
+                       pre="llama-bpe", bos=256, template=bare)  # a date set nowhere: Meta's default
+    assert Tokenizer.from_path(path).opening == "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
     """BOS found in the post-processor although json.dumps would escape its name (DeepSeek-R1-Distill-Llama's);
@@ -635,7 +662,12 @@ def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
     assert tok.decode(tok.encode(" 1 x\n\n")) == " 1 x\n\n"
     gap = "1 " * 500_000  # one gap of 1M characters: cut into pieces, not a Rust panic (stack overflow)
     assert tok.decode(tok.encode(gap)) == gap
+    vocab_gap = vocab | {"!a": 257}  # a merge across a gap and the match after it: never made
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": vocab_gap, "merges": ["Ġ 1", "! a"]}, "pre_tokenizer": pre}))
+    assert Tokenizer.from_path(tmp_path).encode("1!a") == [49, 33, 97]
     for regex, words in [("", "Split regex '' matches the empty string"), ("(?=x)", "matches the empty string"),
+                         ("(?m:^$)", "matches the empty string"),  # only between two line ends
                          ("\\p{L}*", "matches the empty string"),  # not a Rust panic
                          ("((", "its pre-tokenizer regex does not compile"),  # tiktoken's message, with the file
                          (" ?[^(\\s|[.,!?…。，、।۔،])]+", None), ("\\x{4E00}+|\\S+|\\s+", None)]:  # BLOOM's; loaded
@@ -664,7 +696,12 @@ def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_pa
             ({"type": "Sequence", "pretokenizers": [split, byte_level]}, {"type": "NFC"}, "a normalizer"),
             ({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}, None, "(ByteLevel)"),
             ({"type": "Sequence", "pretokenizers": [{**split, "invert": True}, byte_level]}, None,
-             "(Split + ByteLevel)")):
+             "(Split + ByteLevel)"),
+            ({"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": True}]}, None,  # 2 regexes
+             "(Split + ByteLevel)"),
+            ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
+                                                    {**byte_level, "use_regex": True}]}, None, "(Digits + ByteLevel)"),
+            (byte_level, None, "(ByteLevel)")):  # no regex at all: not GPT-2's
         path = tmp_path / "tokenizer.json"
         path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "pre_tokenizer": pre,
                                     "normalizer": normalizer}))
