@@ -735,7 +735,7 @@ def reading(path):
     except (TypeError, AttributeError) as e:
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
     except ValueError as e:  # ModelArgs' checks name no file; the readers' own errors start with it
-        if str(e).startswith((path, repr(path))):
+        if str(e).lstrip("'").startswith(path):
             raise
         raise ValueError(f"{path}: {e}") from None
 
