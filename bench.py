@@ -673,16 +673,21 @@ def build_parser():
 
 
 def main(argv=None):
-    from engine import cli
+    from engine import check_writable, cli
     parser, sub = build_parser()
     args = parser.parse_args(argv)
     if args.mode != "cpu" and not torch.cuda.is_available():
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
     if args.mode != "offload" and args.plot is None:
         args.plot = report_plot_path(args, sub.choices[args.mode])
-    elif args.mode != "offload" and not (args.plot.lower().endswith(".png")
-                                         and os.path.isdir(os.path.dirname(os.path.abspath(args.plot)))):
-        parser.error(f"--plot {args.plot!r}: give a .png file in an existing folder (checked before the timings)")
+    elif args.mode != "offload":  # checked before the timings: a folder named x.png, or one that takes no file
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not (args.plot.lower().endswith(".png") and os.path.isdir(folder) and not os.path.isdir(args.plot)):
+            parser.error(f"--plot {args.plot!r}: give a .png file in an existing folder (checked before the timings)")
+        try:
+            check_writable(folder, "--plot")
+        except OSError as e:
+            parser.error(str(e))
     return cli({"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode],
                args)  # e.g. a context longer than the model's: one line
 

@@ -437,7 +437,9 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
     panels, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
-    if recs:
+    if recs and not kept(recs, "dense")[1]:  # a share of none: no retrieval panel (the table says so too)
+        print("no retrieval plot: dense answered no sample right", file=sys.stderr)
+    elif recs:
         panels.append(("retrieval: dense-correct samples kept (%)", "linear", recs[0]["correct"],
                        lambda k: 100 * kept(recs, k)[0] if k != "dense" else 100))
     if ppl:
@@ -513,10 +515,12 @@ def build_parser():
                    help="cpu, cuda or cuda:N (fp32 either way)")
     p.add_argument("--threads", type=thread_count, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
     p.add_argument("--minutes", type=float, default=math.inf, help="time limit (skips late retrieval) (default: none)")
-    p.add_argument("--name", help="output file prefix (default: eval, or eval_quick with --quick)")
-    p.add_argument("--out-dir", default=os.path.join(HERE, "report"), help="where the results and plots go")
+    p.add_argument("--name", type=path_name, help="output file prefix (default: eval, or eval_quick with --quick)")
+    p.add_argument("--out-dir", type=path_name, default=os.path.join(HERE, "report"),
+                   help="where the results and plots go")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run of this --name")
-    p.add_argument("--report", metavar="JSON", nargs="+", help="only rebuild the report from results files")
+    p.add_argument("--report", type=path_name, metavar="JSON", nargs="+",
+                   help="only rebuild the report from results files")
     return p
 
 
@@ -556,6 +560,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
     scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
     refuse_to_replace([json_path] + [so_far] * fresh, own or scratch or args.overwrite, "--name / --out-dir")
+    refuse_to_replace([os.path.join(args.out_dir, f"{name}_{end}") for end in ("results.md", "scores.png")], True,
+                      "--name / --out-dir")  # replaced with the results, but not where a folder stands
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
@@ -651,14 +657,14 @@ def write_json(path, results):  # whole or not at all: it holds every batch so f
 
 
 def write_report(results, out_dir, name, json_path=None):
-    """The report's markdown and plot, and the results to json_path (if given): each file whole, none until the
-    report is built."""
+    """The results to json_path (if given), the report's markdown, then its plot: each file whole, none until the
+    report is built, and a plot that fails costs neither."""
     md, png = report(results), os.path.join(out_dir, f"{name}_scores.png")
-    plotted = plot(results, png)
     if json_path:
         write_json(json_path, results)
     write_text(os.path.join(out_dir, f"{name}_results.md"), f"Command: `{results['command']}`; seconds: "
                                                             f"{results['seconds']}\n\n{md}\n")
+    plotted = plot(results, png)
     print(md)
     also = f" and {png}" if plotted else ""
     print(f"wrote {out_dir}/{name}_results.md{also} (results: {name}_results.json)", file=sys.stderr)

@@ -479,8 +479,11 @@ def report_files(report_dir, lengths):
 
 
 def refuse_to_replace(paths, overwrite, keep_both):
-    """An earlier run's file (shipped projections, a committed report or eval results): kept without --overwrite."""
+    """An earlier run's file (shipped projections, a committed report or eval results): kept without --overwrite; a
+    folder in a file's place: refused."""
     for path in paths:
+        if os.path.isdir(path):  # no --overwrite makes a file of it: refused before the work, not at the save
+            raise IsADirectoryError(f"{path} is a folder, where this run would write a file; give {keep_both}")
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists: pass --overwrite to replace it, or {keep_both} to keep both")
 
@@ -533,7 +536,8 @@ def build_parser():
     g.add_argument("--eval-len", type=positive_int, nargs="+", default=[4096, 8192],
                    help="tokens per held-out prefill (queries in the 2nd half); several: one table each")
     g.add_argument("--eval-queries", type=positive_int, default=16, help="query positions per held-out prefill")
-    g.add_argument("--report-dir", default=os.path.join(HERE, "report"), help="where the report and plots go")
+    g.add_argument("--report-dir", type=path_name, default=os.path.join(HERE, "report"),
+                   help="where the report and plots go")
     return p
 
 

@@ -127,12 +127,15 @@ def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys)
         assert ("not the default points with --compile" in capsys.readouterr().err) == (want is None)
 
 
-@pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg", "xpng"])
-def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, monkeypatch, capsys):
+@pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg", "xpng", "folder.png", "/proc/x.png"])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, monkeypatch, capsys, tmp_path):
+    """Also a folder named x.png, and a folder that takes no file (/proc): before, both failed after the timings."""
     monkeypatch.setattr(bench, "bench_cpu", lambda args: pytest.fail("timed before refusing --plot"))
+    (tmp_path / "folder.png").mkdir()
     with pytest.raises(SystemExit) as e:
-        bench.main(["cpu", "--plot", plot])
-    assert e.value.code == 2 and "give a .png file in an existing folder" in capsys.readouterr().err
+        bench.main(["cpu", "--plot", str(tmp_path / plot) if plot == "folder.png" else plot])
+    words = "--plot: cannot write in /proc" if plot.startswith("/proc") else "give a .png file in an existing folder"
+    assert e.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_budget_label_of_one_token():

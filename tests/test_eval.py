@@ -374,6 +374,7 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--name", "/dev/null/x"], "--out-dir / --name: cannot write in /dev/null"),
                                          (["--rbit", "2048"], "in [32, 1024], got 2048"),
                                          (["--text", "a.txt", ""], "--text: an empty path"),
+                                         (["--name", ""], "--name: an empty path"),
                                          (["--threads", "100000"], "--threads: must be at most")])
 def test_bad_flags_fail_before_loading(argv, words, capsys, tmp_path):
     try:  # argparse's own errors exit through SystemExit
@@ -490,13 +491,31 @@ def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(smol, tok, mo
     assert "pass --n-dense 3" in capsys.readouterr().err
 
 
-def test_a_report_that_cannot_be_built_writes_nothing(monkeypatch, tmp_path):
+def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_costs_no_results(monkeypatch, tmp_path,
+                                                                                              capsys):
+    """A report that fails to build writes no file; a plot that fails (matplotlib on odd data) comes after the
+    results and the markdown are written. Dense with no retrieval sample right has no plot (no share of none), where
+    matplotlib's log axis failed, after a whole run, with the final results unwritten."""
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
     (tmp_path / "a.json").write_text(json.dumps(results))
-    monkeypatch.setattr(ev, "plot", lambda *a: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        ev.main(["--report", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "b"])
-    assert os.listdir(tmp_path) == ["a.json"]
+    for stage in ("report", "plot"):
+        monkeypatch.setattr(ev, stage, lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            ev.main(["--report", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "b"])
+        monkeypatch.undo()
+        if stage == "report":
+            assert os.listdir(tmp_path) == ["a.json"]
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b_results.json", "b_results.md"]
+    (tmp_path / "e_scores.png").mkdir()  # a folder where the plot would go: refused before anything is written
+    assert ev.main(["--report", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "e"]) == 2
+    assert "e_scores.png is a folder, where this run would write a file" in capsys.readouterr().err
+    assert not (tmp_path / "e_results.json").exists()
+    rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
+           "correct": {"dense": False, "oracle 1/8": False}}
+    (tmp_path / "c.json").write_text(json.dumps({**results, "retrieval": [rec] * 2}))
+    assert ev.main(["--report", str(tmp_path / "c.json"), "--out-dir", str(tmp_path), "--name", "d"]) == 0
+    assert "no retrieval plot: dense answered no sample right" in capsys.readouterr().err
+    assert (tmp_path / "d_results.md").exists() and not (tmp_path / "d_scores.png").exists()
 
 
 def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
