@@ -606,7 +606,10 @@ def run(args):
 
 
 def resolve_n_dense(paths, n_dense):
-    """--n-dense where given, else the --hash-weights files' own, else HataArgs'; each file must match it."""
+    """--n-dense where given, else the --hash-weights files' own, else HataArgs'; each file must match it, and be
+    named once."""
+    if paths and len(set(map(os.path.realpath, paths))) < len(paths):  # its rows twice
+        raise ValueError(f"--hash-weights names one file more than once: {' '.join(paths)}")
     own = {path: file_settings(path, None, None)[1] for path in paths or []}  # reads each file's header now
     want = n_dense if n_dense is not None else next(iter(own.values()), None)
     for path, nd in own.items():
@@ -674,8 +677,9 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     for path in files or []:
         meta = read_hash_file(path, with_tensors=False)[0]
         r, nd = int(meta["rbit"]), int(meta["n_dense"])  # nd == args.n_dense: resolve_n_dense checked it
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name = f"trained R={r}" if f"trained R={r}" not in selectors else f"trained R={r} ({stem})"
+        stem = os.path.splitext(os.path.basename(path))[0]  # a second file of an R by its name, a third by its path
+        name = next(n for n in (f"trained R={r}", f"trained R={r} ({stem})", f"trained R={r} ({path})")
+                    if n not in selectors)
         selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd), key_signature(model, nd))
         selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
     for r in args.rbit or ([] if files else [HataArgs.rbit]):  # sizes asked for without a file: random ones

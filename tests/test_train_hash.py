@@ -4,6 +4,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -436,6 +437,7 @@ def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys
     assert th.resolve_n_dense(None, None) == HataArgs.n_dense and th.resolve_n_dense(None, 3) == 3
     base = ["--report", "--report-dir", str(tmp_path), "--checkpoint", "/nonexistent.gguf", "--hash-weights"]
     for argv, named in [([one, two], f"{two} has n_dense=2, but {one} has 1: report them in separate runs"),
+                        ([one, one], "--hash-weights names one file more than once"),
                         ([two, "--n-dense", "1"], f"{two} has n_dense=2, but --n-dense is 1: leave it out"),
                         ([one], "nonexistent")]:  # agreeing files: on to the model
         assert th.main(base + argv) == 2
@@ -529,6 +531,20 @@ def test_the_report_reads_the_asked_sizes_each_length_once_and_records_its_comma
     assert text.count("\n## ") == 1 and "## 64-token windows" in text
     cells = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]  # the first column
     assert {cell for cell in cells if "R=" in cell} == {"trained R=64", "random R=64", "random R=32"}
+
+
+def test_files_of_one_size_each_get_a_row(gguf_path, tmp_path):
+    """Three files of R = 64 with one name in three folders: three rows (the third replaced the second before)."""
+    copies = []
+    for d in ("d1", "d2", "d3"):
+        (tmp_path / d).mkdir()
+        copies.append(str(tmp_path / d / "x.safetensors"))
+        shutil.copy(f"{th.HERE}/weights/smollm2-135m-r64.safetensors", copies[-1])
+    assert th.main(["--report", "--hash-weights", *copies, "--eval-len", "64", "--eval-seqs", "1", "--eval-queries",
+                    "2", "--report-dir", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "hash_quality.md").read_text()
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| trained")}
+    assert rows == {"trained R=64", "trained R=64 (x)", f"trained R=64 ({copies[2]})"}
 
 
 def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_path, capsys):
