@@ -303,8 +303,8 @@ def load_results(path):
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a JSON file ({e})") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, a 5000-digit number, nesting 10^5 deep
+        raise ValueError(f"{path} is not a JSON file eval.py wrote ({e})") from None
     if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
         raise ValueError(f"{path} is not a results file of eval.py")
     number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -314,10 +314,15 @@ def load_results(path):
         raise ValueError(f"{path}: its budgets (fractions in (0, 1)), selectors (names) or seconds are damaged")
     if results.get("perplexity") and "ppl_context" not in results:  # the report states the perplexity's context
         raise ValueError(f"{path} has perplexity results but no ppl_context (an older file): add \"ppl_context\": N")
-    recs, ppl = results.get("retrieval") or [], results.get("perplexity") or {}  # what report() and merge() read
+    whole = lambda x: type(x) is int and x >= 0
+    counts = ("ppl_context", "retrieval_planned", "perplexity_planned")
+    if not (isinstance(results["command"], str) and all(whole(results[k]) for k in counts if k in results)):
+        raise ValueError(f"{path}: its command (text), ppl_context or planned counts (whole numbers) are damaged")
+    recs, ppl = results.get("retrieval", []), results.get("perplexity", {})  # what report() and merge() read
     fields = {"context", "task", "haystack", "depth", "answer", "correct"}
     if not (isinstance(recs, list) and all(isinstance(r, dict) and fields <= set(r) and isinstance(r["correct"], dict)
-                                           and "dense" in r["correct"] for r in recs)
+                                           and "dense" in r["correct"] and whole(r["context"]) and number(r["depth"])
+                                           and all(type(c) is bool for c in r["correct"].values()) for r in recs)
             and isinstance(ppl, dict) and (not ppl or "dense" in ppl)
             and all(isinstance(v, dict) and {"nll", "ppl", "agree", "positions"} <= set(v) and number(v["ppl"])
                     and v["ppl"] > 0 and all(map(number, (v["nll"], v["agree"], v["positions"])))
@@ -446,7 +451,8 @@ def plot(results, path):
         panels.append(("perplexity / dense perplexity", "log", ppl, lambda k: ppl[k]["ppl"] / ppl["dense"]["ppl"]))
         panels.append(("top-1 agreement with dense (%)", "linear", ppl, lambda k: 100 * ppl[k]["agree"]))
     budgets = sorted(results["budgets"], reverse=True)
-    if not panels:  # every retrieval batch was past the time limit, and no perplexity
+    panels = [p for p in panels if any(pkey(name, f) in p[2] for name in results["selectors"] for f in budgets)]
+    if not panels:  # every retrieval batch was past the time limit, and no perplexity (or no policy's results)
         return print("nothing to plot", file=sys.stderr)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, yscale, ran, score) in zip(axes[0], panels):

@@ -516,6 +516,10 @@ def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_cost
     assert ev.main(["--report", str(tmp_path / "c.json"), "--out-dir", str(tmp_path), "--name", "d"]) == 0
     assert "no retrieval plot: dense answered no sample right" in capsys.readouterr().err
     assert (tmp_path / "d_results.md").exists() and not (tmp_path / "d_scores.png").exists()
+    rec["correct"]["dense"] = True  # budgets none of the records hold: no point to plot (the same failure)
+    (tmp_path / "f.json").write_text(json.dumps({**results, "budgets": [0.5], "retrieval": [rec] * 2}))
+    assert ev.main(["--report", str(tmp_path / "f.json"), "--out-dir", str(tmp_path), "--name", "f"]) == 0
+    assert "nothing to plot" in capsys.readouterr().err and (tmp_path / "f_results.md").exists()
 
 
 def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
@@ -589,13 +593,22 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     base = {"command": "t", "selectors": ["oracle"], "budgets": [0.25], "seconds": {}}
     zero = {"ppl_context": 64, "perplexity": {"dense": {"nll": 0, "ppl": 0, "agree": 1, "positions": 4}}}
     for name, damage in [("none", {"budgets": None}), ("zero", {"budgets": [0, 0.25]}), ("five", {"selectors": 5}),
-                         ("seconds", {"seconds": {"retrieval": "x"}}), ("ppl0", zero)]:
+                         ("seconds", {"seconds": {"retrieval": "x"}}), ("ppl0", zero), ("command", {"command": 5}),
+                         ("context", {"ppl_context": "64"}), ("planned", {"retrieval_planned": "8"}),
+                         ("null", {"retrieval": None}), ("yes", {"retrieval": [{**rec, "correct": {"dense": "yes"}}]}),
+                         ("at", {"retrieval": [{**rec, "context": None, "correct": {"dense": True}}]})]:
         (tmp_path / f"{name}_damaged.json").write_text(json.dumps({**base, **damage}))
+    (tmp_path / "big.json").write_text('{"command": ' + "9" * 5000 + "}")  # (each of these a traceback before)
     for name, words in [("none_damaged.json", "none_damaged.json: its budgets (fractions in (0, 1)), selectors"),
                         ("zero_damaged.json", "zero_damaged.json: its budgets"),
                         ("five_damaged.json", "five_damaged.json: its budgets"),
                         ("seconds_damaged.json", "seconds_damaged.json: its budgets"),
                         ("ppl0_damaged.json", "ppl0_damaged.json: a retrieval or perplexity record lacks"),
+                        *[(f"{n}_damaged.json", f"{n}_damaged.json: its command (text), ppl_context or planned counts")
+                          for n in ("command", "context", "planned")],
+                        *[(f"{n}_damaged.json", f"{n}_damaged.json: a retrieval or perplexity record lacks")
+                          for n in ("null", "yes", "at")],
+                        ("big.json", "big.json is not a JSON file eval.py wrote (Exceeds the limit"),
                         ("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
                         ("none.json", "none.json"), ("no_context.json", "has perplexity results but no ppl_context"),
                         ("damaged.json", "damaged.json: a retrieval or perplexity record lacks what the report reads"),
