@@ -435,7 +435,9 @@ def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys
     one, two = str(tmp_path / "nd1.safetensors"), str(tmp_path / "nd2.safetensors")
     assert th.resolve_n_dense([one], None) == 1 and th.resolve_n_dense([one], 1) == 1
     assert th.resolve_n_dense(None, None) == HataArgs.n_dense and th.resolve_n_dense(None, 3) == 3
-    base = ["--report", "--report-dir", str(tmp_path), "--checkpoint", "/nonexistent.gguf", "--hash-weights"]
+    (tmp_path / "a.txt").write_text("some text " * 50)  # not the default corpus, which a machine may lack
+    base = ["--report", "--report-dir", str(tmp_path), "--checkpoint", "/nonexistent.gguf", "--text",
+            str(tmp_path / "a.txt"), "--hash-weights"]
     for argv, named in [([one, two], f"{two} has n_dense=2, but {one} has 1: report them in separate runs"),
                         ([one, one], "--hash-weights names one file more than once"),
                         ([two, "--n-dense", "1"], f"{two} has n_dense=2, but --n-dense is 1: leave it out"),
@@ -453,7 +455,8 @@ def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys
 def test_the_other_modes_flags_are_noted_as_ignored(argv, ignored, capsys, tmp_path):
     """Training reads no report flag and --report no training flag: a run names those given, before loading."""
     where = ["--report-dir", str(tmp_path)] if "--report" in argv else []
-    assert th.main(argv + where + ["--checkpoint", "/nonexistent.gguf"]) == 2
+    (tmp_path / "a.txt").write_text("some text " * 50)  # not the default corpus, which a machine may lack
+    assert th.main(argv + where + ["--checkpoint", "/nonexistent.gguf", "--text", str(tmp_path / "a.txt")]) == 2
     err = capsys.readouterr().err
     assert "nonexistent" in err
     assert f"note: ignored in this run: {ignored}\n" in err if ignored else "note" not in err
