@@ -567,17 +567,10 @@ def run(args):
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
     if args.hash_weights and args.rbit:
         raise ValueError("--rbit picks the shipped files or random sizes; --hash-weights files carry their own R")
-    if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and 0 <= args.shift < 2 ** 31):
-        raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} >= 0 and "
-                         f"--shift {args.shift} in [0, 2^31)")
-    hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
-    hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
-               for n in ("sigma", "eta")})
-    rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
-             "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
-    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and math.isfinite(hp[n]))]:  # before prefills
-        raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
-                         "--lam, --eta >= 0, each finite")
+    hp = None if args.report else training_settings(args)  # (--report notes the training flags as ignored)
+    if args.report and min(args.eval_len) < (least := round(1 / min(BUDGETS))):
+        raise ValueError(f"--eval-len {min(args.eval_len)}: at least {least}, where the report's smallest budget, "
+                         f"1/{least}, is one token")
     outs = {r: args.out.replace("{rbit}", str(r)) for r in train_rbits} if args.out else {}
     for out in outs.values():  # a bad --out fails now, not after the training
         if os.path.isdir(out) or out.endswith(("/", os.sep)):
@@ -603,6 +596,22 @@ def run(args):
         write_hash_report(args, model, tok, heldout_docs, gen, t0)
     else:
         train_files(args, model, tok, train_docs, outs, hp, gen, t0)
+
+
+def training_settings(args):
+    """The training's hyperparameters from the flags (the loss's defaults for --sigma, --eta), each checked."""
+    if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and 0 <= args.shift < 2 ** 31):
+        raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} >= 0 and "
+                         f"--shift {args.shift} in [0, 2^31)")
+    hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
+    hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
+               for n in ("sigma", "eta")})
+    rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
+             "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
+    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and math.isfinite(hp[n]))]:  # before prefills
+        raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
+                         "--lam, --eta >= 0, each finite")
+    return hp
 
 
 def resolve_n_dense(paths, n_dense):

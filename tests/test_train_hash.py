@@ -411,6 +411,8 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--report", "--out", "", "--report-dir", "/dev/null/r"],
                                           "--report-dir: cannot write in /dev/null/r"),
                                          (["--report"], "either --out"),
+                                         (["--report", "--out", "", "--eval-len", "32", "64"],
+                                          "--eval-len 32: at least 64, where the report's smallest budget, 1/64"),
                                          (["--checkpoint", ""], "--checkpoint: an empty path"),
                                          (["--seed", "1.5"], "invalid torch_seed value"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
@@ -449,6 +451,7 @@ def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys
 
 @pytest.mark.parametrize("argv, ignored", [
     (["--report", "--seq-len", "64", "--lr", "0.5"], "--seq-len, --lr (--report trains nothing)"),
+    (["--report", "--lr", "-1", "--shift", "-1"], "--lr, --shift (--report trains nothing)"),  # noted, not refused
     (["--out", "p.safetensors", "--eval-len", "64", "--report-dir", "r"],
      "--eval-len, --report-dir (they set up --report; this run trains)"),
     (["--out", "p.safetensors", "--seq-len", "64"], None)])
