@@ -684,8 +684,9 @@ def main(argv=None):
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not (args.plot.lower().endswith(".png") and os.path.isdir(folder) and not os.path.isdir(args.plot)):
             parser.error(f"--plot {args.plot!r}: give a .png file in an existing folder (checked before the timings)")
+    if getattr(args, "plot", None):  # the default report/ too (a read-only checkout); offload draws none
         try:
-            check_writable(folder, "--plot")
+            check_writable(os.path.dirname(os.path.abspath(args.plot)), "--plot")
         except OSError as e:
             parser.error(str(e))
     return cli({"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode],

@@ -650,9 +650,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             print(f"\nresults so far: {so_far} (eval.py --report reads it; a rerun of --name {name} needs "
                   "--overwrite)", file=sys.stderr)
         raise
-    write_report(results, args.out_dir, name, json_path)
-    if os.path.exists(so_far):  # (none if no batch ran)
-        os.remove(so_far)
+    write_report(results, args.out_dir, name, json_path, so_far)
 
 
 def write_json(path, results):  # whole or not at all: it holds every batch so far
@@ -662,15 +660,19 @@ def write_json(path, results):  # whole or not at all: it holds every batch so f
     write_whole(path, write)
 
 
-def write_report(results, out_dir, name, json_path=None):
-    """The results to json_path (if given), the report's markdown, then its plot: each file whole, none until the
-    report is built, and a plot that fails costs neither."""
+def write_report(results, out_dir, name, json_path=None, partial_path=None):
+    """The results to json_path (if given; then the run's partial file goes), the report's markdown, then its plot:
+    each file whole, none until the report is built, and a plot that fails costs neither. An earlier plot of this
+    name that this report does not redraw goes too (it would stand beside results it does not show)."""
     md, png = report(results), os.path.join(out_dir, f"{name}_scores.png")
     if json_path:
         write_json(json_path, results)
+        if partial_path and os.path.exists(partial_path):  # (none if no batch ran)
+            os.remove(partial_path)
     write_text(os.path.join(out_dir, f"{name}_results.md"), f"Command: `{results['command']}`; seconds: "
                                                             f"{results['seconds']}\n\n{md}\n")
-    plotted = plot(results, png)
+    if not (plotted := plot(results, png)) and os.path.exists(png):
+        os.remove(png)
     print(md)
     also = f" and {png}" if plotted else ""
     print(f"wrote {out_dir}/{name}_results.md{also} (results: {name}_results.json)", file=sys.stderr)

@@ -706,7 +706,8 @@ def checkpoint_format(path):
     if not os.path.exists(path := os.fspath(path)):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     names = os.listdir(path) if os.path.isdir(path) else []
-    read = ("config.json", "params.json", "*.gguf", "model*.safetensors*", "consolidated.*", "tokenizer*")
+    read = ("config.json", "params.json", "*.gguf", "model*.safetensors*", "consolidated.*", "tokenizer*",
+            "chat_template*")
     if broken := sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in read)  # a link to nothing: an
                         and not os.path.exists(os.path.join(path, n))):  # incomplete Hugging Face snapshot
         raise FileNotFoundError(f"{path}: {', '.join(broken[:3])} " + ("links to a file that does" if len(broken) == 1
@@ -798,7 +799,7 @@ def gguf_reader(path, keep):
     try:
         return open_gguf(path, keep)
     except Exception as e:
-        raise ValueError(f"cannot read GGUF file {path}: {e} (is the file complete?)") from None
+        raise ValueError(f"{path}: cannot read it as a GGUF file ({e}); is the file complete?") from None
 
 
 def read_gguf(path, dtype=torch.float32):
@@ -893,7 +894,7 @@ def read_hf(path):
                     raise ValueError(f"it repeats tensors of another shard, e.g. {sorted(again)[:3]}")
                 raw.update({k: f.get_tensor(k) for k in f.keys()})
         except Exception as e:
-            raise ValueError(f"cannot read {file}: {e}") from None
+            raise ValueError(f"{file}: cannot read it ({e})") from None
     if args.tie_embeddings:
         raw.pop("lm_head.weight", None)  # a tied copy some exporters write: consumed, not used
     return args, raw
@@ -924,8 +925,9 @@ def read_meta(path):
                 raise ValueError("empty, cut short, or not a torch zip file")
             parts.append(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:  # torch's message would suggest weights_only=False: never, for a file from elsewhere
-            why = "it holds objects other than tensors" if "Weights only" in str(e) else str(e).splitlines()[0]
-            raise ValueError(f"cannot read {shard}: {why}; re-download it") from None
+            why = "it holds objects other than tensors" if "Weights only" in str(e) else (
+                f"cannot read it ({str(e).splitlines()[0]})")
+            raise ValueError(f"{shard}: {why}; re-download it") from None
     if not all(isinstance(part, dict) for part in parts):
         raise ValueError(f"{path}: malformed checkpoint (a consolidated.*.pth holds no {{name: tensor}} dict)")
     if any(part.keys() != parts[0].keys() for part in parts):

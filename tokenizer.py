@@ -160,17 +160,27 @@ def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritte
 EMPTY_PROBE = "Ab c1 23!? \u00e9\u4e00 \n\t\r\n x"  # where _check_split_regex looks for an empty match
 
 
-def _check_split_regex(pattern, path):
+def _check_split_regex(pattern, wrapped, path):
     """tiktoken panics (a Rust panic, past any `except Exception`) on a regex that matches the empty string, so such
     a Split regex is refused here, by a probe text of letters, digits, marks, spaces and line ends through the
-    `regex` module (in its V1 mode, which reads nested classes as Oniguruma, HF's engine, does). A pattern `regex`
-    cannot read is left to tiktoken's own parser."""
+    `regex` module (in its V1 mode, which reads nested classes as Oniguruma, HF's engine, does). A pattern only
+    fancy-regex reads is probed through tiktoken itself (`wrapped`, the pattern tiktoken gets), its panic caught."""
     import regex
     try:
         found = regex.compile(pattern, regex.V1)
+        empty = found.fullmatch("") or any(m.start() == m.end() for m in found.finditer(EMPTY_PROBE))
     except regex.error:
-        return
-    if found.fullmatch("") or any(m.start() == m.end() for m in found.finditer(EMPTY_PROBE)):
+        try:
+            tiktoken.Encoding("probe", pat_str=wrapped, mergeable_ranks={bytes([b]): b for b in range(256)},
+                              special_tokens={}).encode_ordinary(EMPTY_PROBE)
+            empty = False
+        except ValueError:  # fancy-regex cannot read it either: _bpe names it
+            return
+        except BaseException as e:  # pyo3's PanicException: an empty match
+            if type(e).__name__ != "PanicException":
+                raise
+            empty = True
+    if empty:
         raise ValueError(f"{path!r}: its Split regex {pattern!r} matches the empty string, which hata's tiktoken-based "
                          "BPE cannot split by; this tokenizer is not supported")
 
@@ -190,10 +200,11 @@ def _pre_split(pre, normalizer, path):
         return SMOLLM_PATTERN
     if plain and isinstance(regex, str) and split.get("behavior") == "Isolated" and not split.get("invert") \
             and not last.get("use_regex", True):
-        _check_split_regex(regex, path)
         # the text between its matches is a piece too (tiktoken would drop it), cut every RUN_CAP characters (one
         # longer piece overflows fancy-regex's stack)
-        return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S]){{1,{RUN_CAP}}}"
+        wrapped = f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S]){{1,{RUN_CAP}}}"
+        _check_split_regex(regex, wrapped, path)
+        return wrapped
     raise ValueError(f"{path!r}: its pre-tokenizer ({' + '.join(map(str, kinds))}" + (", a normalizer" if normalizer
                      else "") + ") is not one hata reproduces (ByteLevel; Digits + ByteLevel; one Split + ByteLevel)")
 

@@ -683,12 +683,13 @@ def write_hash_report(args, model, tok, docs, gen, t0):
                   "(--hash-weights names others)", file=sys.stderr)
             files = []
     selectors = {"oracle": None}
-    for path in files or []:
-        meta = read_hash_file(path, with_tensors=False)[0]
+    metas = {path: read_hash_file(path, with_tensors=False)[0] for path in files or []}
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0]
+    for path, meta in metas.items():
         r, nd = int(meta["rbit"]), int(meta["n_dense"])  # nd == args.n_dense: resolve_n_dense checked it
-        stem = os.path.splitext(os.path.basename(path))[0]  # a second file of an R by its name, a third by its path
-        name = next(n for n in (f"trained R={r}", f"trained R={r} ({stem})", f"trained R={r} ({path})")
-                    if n not in selectors)
+        stems = [stem(p) for p, m in metas.items() if m["rbit"] == meta["rbit"]]  # this R's files: each by its
+        label = stem(path) if stems.count(stem(path)) == 1 else path  # name, or its path where names repeat
+        name = f"trained R={r}" + ("" if len(stems) == 1 else f" ({label})")
         selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd), key_signature(model, nd))
         selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
     for r in args.rbit or ([] if files else [HataArgs.rbit]):  # sizes asked for without a file: random ones

@@ -207,6 +207,8 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
         engine.check_cache_memory(model, 2, 64)
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48))
     engine.check_cache_memory(model, 2, 64)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48))  # one prefill chunk: no copy
+    engine.check_cache_memory(model, 2, 64, chunked=False)
     for layer in model.layers:
         layer.attention.kv_cache_cls = KVCache
     model.set_hata(HataArgs(rbit=64, budget=4, n_dense=1, use_norm=True))  # + a key norm: 3 x 2 x 4 bytes

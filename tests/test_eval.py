@@ -506,6 +506,13 @@ def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_cost
         if stage == "report":
             assert os.listdir(tmp_path) == ["a.json"]
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b_results.json", "b_results.md"]
+    (tmp_path / "b_results.partial.json").write_text("a run's results so far")  # gone once the results are written
+    monkeypatch.setattr(ev, "plot", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ev.write_report(results, str(tmp_path), "b", str(tmp_path / "b_results.json"),
+                        str(tmp_path / "b_results.partial.json"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b_results.json", "b_results.md"]
     (tmp_path / "e_scores.png").mkdir()  # a folder where the plot would go: refused before anything is written
     assert ev.main(["--report", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "e"]) == 2
     assert "e_scores.png is a folder, where this run would write a file" in capsys.readouterr().err
@@ -518,8 +525,10 @@ def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_cost
     assert (tmp_path / "d_results.md").exists() and not (tmp_path / "d_scores.png").exists()
     rec["correct"]["dense"] = True  # budgets none of the records hold: no point to plot (the same failure)
     (tmp_path / "f.json").write_text(json.dumps({**results, "budgets": [0.5], "retrieval": [rec] * 2}))
+    (tmp_path / "f_scores.png").write_bytes(b"an earlier run's plot")  # not left beside results it does not show
     assert ev.main(["--report", str(tmp_path / "f.json"), "--out-dir", str(tmp_path), "--name", "f"]) == 0
     assert "nothing to plot" in capsys.readouterr().err and (tmp_path / "f_results.md").exists()
+    assert not (tmp_path / "f_scores.png").exists()
 
 
 def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):

@@ -668,6 +668,7 @@ def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
     assert Tokenizer.from_path(tmp_path).encode("1!a") == [49, 33, 97]
     for regex, words in [("", "Split regex '' matches the empty string"), ("(?=x)", "matches the empty string"),
                          ("(?m:^$)", "matches the empty string"),  # only between two line ends
+                         ("(?U)a*", "matches the empty string"),  # a flag only fancy-regex reads: probed by tiktoken
                          ("\\p{L}*", "matches the empty string"),  # not a Rust panic
                          ("((", "its pre-tokenizer regex does not compile"),  # tiktoken's message, with the file
                          (" ?[^(\\s|[.,!?…。，、।۔،])]+", None), ("\\x{4E00}+|\\S+|\\s+", None)]:  # BLOOM's; loaded
