@@ -493,9 +493,8 @@ def run(args):
     max_seq_len, max_new = cache_size(args, longest, context)
     if hata is not None and hata.hash_weights is None and hata.reads_codes(max_seq_len):  # (else no codes: no note)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
-    if hata and hata.selector == "hash" and hata.hash_weights and shape and hata.n_dense < shape.n_layers:  # as
-        # set_hata checks a file (whatever the budget), but now, not after the load: another model's is one line
-        check_hash_model(read_hash_file(hata.hash_weights, with_tensors=False)[0], shape, hata.hash_weights)
+    if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata checks, but now, before
+        check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load: another model's
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     top = max(max(p) for p in prompts)
     if top >= model.args.vocab_size:

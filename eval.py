@@ -40,7 +40,8 @@ from engine import (Parser, check_writable, cli, decode_one_token, default_check
                     write_png, write_text)
 from model import HataArgs, from_checkpoint, key_signature, load_hash_projections, write_whole
 from tokenizer import Tokenizer
-from train_hash import BUDGETS, HERE, frac, load_corpus, refuse_to_replace, split_corpus, token_windows
+from train_hash import (BUDGETS, HERE, frac, load_corpus, refuse_repeats, refuse_to_replace, split_corpus,
+                        token_windows)
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
 # one of up to N_DIGITS tokens is decoded one step further (an answer followed by a digit is another number)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -571,8 +572,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
-        if len(set(map(os.path.realpath, args.report))) < len(args.report):  # its samples and seconds twice
-            raise ValueError(f"--report names one file more than once: {' '.join(args.report)}")
+        refuse_repeats(args.report, "--report")  # its samples and seconds twice
         results = merge([load_results(path) for path in args.report])
         return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],

@@ -142,6 +142,9 @@ class HataArgs:
     def reads_codes(self, capacity):  # whether sparse layers select by hash codes (need projections, code caches)
         return self.selector == "hash" and self.budget_tokens(capacity) < capacity  # K >= capacity: dense
 
+    def checked_file(self, n_layers):  # the projection file a model of n_layers checks, whatever the budget (or None)
+        return self.hash_weights if self.selector == "hash" and self.n_dense < n_layers else None
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Layers
@@ -466,8 +469,8 @@ class Transformer(nn.Module):
         if hata is None or not self.sparse_layers():
             return
         if not hata.reads_codes(self.max_seq_len):  # oracle, Quest, a K that covers the cache, or no cache yet
-            if hata.selector == "hash" and hata.hash_weights:  # a wrong file is an error whatever the budget
-                load_hash_projections(hata.hash_weights, self.args, hata, key_signature(self, hata.n_dense))
+            if path := hata.checked_file(self.args.n_layers):  # a wrong file is an error whatever the budget
+                load_hash_projections(path, self.args, hata, key_signature(self, hata.n_dense))
             return
         self.set_hash_projections(hata.hash_weights)
         for attn in self.sparse_layers():

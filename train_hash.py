@@ -478,6 +478,11 @@ def report_files(report_dir, lengths):
     return [os.path.join(report_dir, f) for f in ["hash_quality.md"] + [f"hash_quality_{L}.png" for L in lengths]]
 
 
+def refuse_repeats(paths, flag):  # one file given twice (by another name, too)
+    if len(set(map(os.path.realpath, paths))) < len(paths):
+        raise ValueError(f"{flag} names one file more than once: {' '.join(paths)}")
+
+
 def refuse_to_replace(paths, overwrite, keep_both):
     """An earlier run's file (shipped projections, a committed report or eval results): kept without --overwrite; a
     folder in a file's place: refused."""
@@ -617,8 +622,7 @@ def training_settings(args):
 def resolve_n_dense(paths, n_dense):
     """--n-dense where given, else the --hash-weights files' own, else HataArgs'; each file must match it, and be
     named once."""
-    if paths and len(set(map(os.path.realpath, paths))) < len(paths):  # its rows twice
-        raise ValueError(f"--hash-weights names one file more than once: {' '.join(paths)}")
+    refuse_repeats(paths or [], "--hash-weights")  # its rows twice
     own = {path: file_settings(path, None, None)[1] for path in paths or []}  # reads each file's header now
     want = n_dense if n_dense is not None else next(iter(own.values()), None)
     for path, nd in own.items():
