@@ -563,7 +563,7 @@ def plural(n, what="token"):  # "1 token", "2 tokens"
 def setup(model, args, batch, max_seq_len, prompt_len):
     """The caches (in host memory for the sparse layers with --offload), then --compile."""
     offload_from_args(model, args, batch, max_seq_len, chunked=prompt_len > PREFILL_CHUNK)
-    check_cache_memory(model, batch, max_seq_len, chunked=prompt_len > PREFILL_CHUNK)
+    check_cache_memory(model, batch, max_seq_len, prompt_len)
     model.setup_caches(batch, max_seq_len)
     if args.compile:
         if model.output.weight.device.type == "cpu":
@@ -571,18 +571,21 @@ def setup(model, args, batch, max_seq_len, prompt_len):
         model.compile_pointwise()
 
 
-def check_cache_memory(model, batch, max_seq_len, chunked=True):
-    """Refuse, before allocating them, caches on the device that would not fit in its free memory. An 8B model's KV
-    cache on the CPU with --max-new-tokens 200000 (34 GB) ended in the OOM killer, with no message. Layers whose K/V
-    --offload keeps in host memory count once if `chunked` (a prompt of several prefill chunks), for the GPU copy a
+def check_cache_memory(model, batch, max_seq_len, prompt_len):
+    """Refuse, before allocating them, caches on the device that would not fit in its free memory beside a prefill
+    chunk's working memory. An 8B model's KV cache on the CPU with --max-new-tokens 200000 (34 GB) ended in the OOM
+    killer, with no message; 8 prompts of 100K tokens on an H200 filled it with caches and ran out in the prefill.
+    Layers whose K/V --offload keeps in host memory count once for a prompt of several chunks, for the GPU copy a
     later chunk makes of one of them (as plan_offload counts it)."""
     layer_bytes, code_bytes = model.cache_bytes(batch, max_seq_len)
     on_device = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)
+    chunked = prompt_len > PREFILL_CHUNK
     need = (on_device + (chunked and on_device < model.args.n_layers)) * layer_bytes + code_bytes
+    need += model.forward_bytes(batch, min(prompt_len, PREFILL_CHUNK), prompt_len)  # the last chunk sees the prompt
     weight = model.output.weight
-    check_fits(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')}", need, weight.dtype,
-               weight.device, "lower --max-new-tokens or --max-seq-len, or give fewer prompts"
-               + " (or --offload)" * weight.is_cuda)
+    check_fits(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')} and a prefill "
+               "chunk's working memory", need, weight.dtype, weight.device,
+               "lower --max-new-tokens or --max-seq-len, or give fewer prompts" + " (or --offload)" * weight.is_cuda)
 
 
 def device_free(device):

@@ -188,37 +188,57 @@ def test_random_weights_that_do_not_fit_are_refused(monkeypatch, capsys):
 def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, capsys):
     """The KV cache, and the key codes where HATA reads them, against the device's free memory (an 8B model on the
     CPU with a long --max-new-tokens was killed by the OOM killer): tiny, fp32, 4 layers x 2 KV heads x 16 dims x
-    K and V = 1024 bytes a position, + 3 sparse layers x 2 heads x 2 words of R = 64 = 48 bytes."""
+    K and V = 1024 bytes a position, + 3 sparse layers x 2 heads x 2 words of R = 64 = 48 bytes; and beside them a
+    prefill chunk's working memory (8 prompts of 100K tokens filled an H200 with caches, then ran out in the
+    prefill)."""
     model = engine.random_model("tiny", HataArgs(rbit=64, budget=4, n_dense=1), "cpu", torch.float32)
-    need = 2 * 64 * (1024 + 48)  # B = 2, S = 64
+    work = model.forward_bytes(2, 3, 3)  # a 3-token prompt's one chunk
+    need = 2 * 64 * (1024 + 48) + work  # B = 2, S = 64
     for free, fits in ((need, True), (need - 1, False), (0, True)):  # 0: unknown
         monkeypatch.setattr(engine, "host_available", lambda: free)
         if fits:
-            engine.check_cache_memory(model, 2, 64)
+            engine.check_cache_memory(model, 2, 64, 3)
         else:
-            with pytest.raises(ValueError, match=r"the caches for 2 sequences of 64 positions take 0.0 GiB in "
-                                                 r"torch.float32 but cpu has 0.0 GiB free; lower --max-new-tokens or "
-                                                 r"--max-seq-len, or give fewer prompts"):
-                engine.check_cache_memory(model, 2, 64)
-    for layer in model.layers[2:]:  # --offload's layers: one GPU copy for a prefill chunk (3 of 4 layers' K/V)
-        layer.attention.kv_cache_cls = functools.partial(KVCache)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48) - 1)
+            with pytest.raises(ValueError, match=r"the caches for 2 sequences of 64 positions and a prefill chunk's "
+                                                 r"working memory take 0.0 GiB in torch.float32 but cpu has 0.0 GiB "
+                                                 r"free; lower --max-new-tokens or --max-seq-len, or give fewer "
+                                                 r"prompts"):
+                engine.check_cache_memory(model, 2, 64, 3)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)  # a 20-token prompt: chunks of 8, the last one seeing all 20
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48) + model.forward_bytes(2, 8, 20) - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
-        engine.check_cache_memory(model, 2, 64)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48))
-    engine.check_cache_memory(model, 2, 64)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48))  # one prefill chunk: no copy
-    engine.check_cache_memory(model, 2, 64, chunked=False)
+        engine.check_cache_memory(model, 2, 64, 20)
+    for layer in model.layers[2:]:  # --offload's layers: one GPU copy for a later prefill chunk (3 of 4 layers' K/V)
+        layer.attention.kv_cache_cls = functools.partial(KVCache)
+    work = model.forward_bytes(2, 8, 20)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48) + work - 1)
+    with pytest.raises(ValueError, match="the caches for 2 sequences"):
+        engine.check_cache_memory(model, 2, 64, 20)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48) + work)
+    engine.check_cache_memory(model, 2, 64, 20)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + model.forward_bytes(2, 8, 8))
+    engine.check_cache_memory(model, 2, 64, 8)  # one prefill chunk: no copy
     for layer in model.layers:
         layer.attention.kv_cache_cls = KVCache
     model.set_hata(HataArgs(rbit=64, budget=4, n_dense=1, use_norm=True))  # + a key norm: 3 x 2 x 4 bytes
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48 + 24) - 1)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48 + 24) + model.forward_bytes(2, 8, 8) - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
-        engine.check_cache_memory(model, 2, 64)
+        engine.check_cache_memory(model, 2, 64, 8)
     monkeypatch.setattr(engine, "host_available", lambda: 2 ** 20)  # the weights fit, a cache of 1024 positions not
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1000", "--budget", "8",
                            "--device", "cpu")  # (on a GPU machine the default is cuda)
-    assert code == 2 and "the caches for 1 sequence of 1024 positions take" in error_line(err)
+    assert code == 2 and "the caches for 1 sequence of 1024 positions and a prefill chunk's" in error_line(err)
+
+
+def test_forward_bytes_counts_the_mlp_the_residual_stream_the_logits_and_a_cpu_mask():
+    """A prefill chunk's working memory (Transformer.forward_bytes): tiny (ffn 160, dim 64, vocab 512), fp32, B = 2,
+    T = 8: 2 x 8 x (4 x 160 + 4 x 64) x 4 bytes of activations + 2 x 512 x 10 of logits; a later chunk on the CPU
+    also makes its (8, 20) mask float (on CUDA its two cuDNN passes take none)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    assert model.forward_bytes(2, 8, 8) == 2 * 8 * 896 * 4 + 10240
+    assert model.forward_bytes(2, 8, 20) == 2 * 8 * 896 * 4 + 8 * 20 * 4 + 10240
+    model.to(torch.bfloat16)
+    assert model.forward_bytes(1, 8, 8) == 8 * 896 * 2 + 5120
 
 
 def test_random_weights_are_built_in_their_dtype(monkeypatch):
