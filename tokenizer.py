@@ -134,6 +134,8 @@ def file_head(path, names=(), missing: Exception | None = None):
         if not found:
             raise missing or FileNotFoundError(f"no .gguf file in directory {path!r}")
         path = os.path.join(path, found[0])
+    if not os.path.isfile(path):  # a pipe would hang the read below until something wrote to it
+        raise ValueError(f"{path!r} is not a regular file (a pipe or a device?): pass the file itself")
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"version https://git-lfs.github.com/spec/v1"):  # a clone made without git-lfs

@@ -535,6 +535,23 @@ def test_git_lfs_pointers_are_named(tmp_path):
                                "`git lfs pull` (or download the file)"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_or_device_is_refused_not_read(tmp_path):
+    """A named pipe given as the checkpoint or the tokenizer hung the first read until something wrote to it; a
+    device such as /dev/zero was read as a file. Both are refused by what they are, before any read."""
+    from tokenizer import Tokenizer
+    os.mkfifo(pipe := tmp_path / "m.gguf")
+    held = os.open(pipe, os.O_RDWR | os.O_NONBLOCK)  # a writer with bytes waiting: a regression fails, not hangs
+    try:
+        os.write(held, b"x" * 4096)
+        for load in (model_module.checkpoint_metadata, load_checkpoint, Tokenizer.from_path):
+            with pytest.raises(ValueError, match=r"m.gguf' is not a regular file \(a pipe or a device\?\): pass the "
+                                                 "file itself"):
+                load(str(pipe))
+    finally:
+        os.close(held)
+
+
 def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     """As llama.cpp reads a GGUF: a RoPE factor without a type (or in the older rope.scale_linear key) is linear
     scaling; a mixture-of-experts model is refused before its tensors are read; rope_freqs must fit head_dim."""
