@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -473,8 +474,9 @@ def run(args):
     note_ignored(args, build_parser(), off)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
-    if args.inputs.count(("prompt_file", "-")) > 1:  # the second read would find it empty
-        raise ValueError("--prompt-file - reads standard input, which holds one prompt: give it once")
+    streams = [k for flag, text in args.inputs if flag == "prompt_file" and (k := read_once(text)) is not None]
+    if len(streams) > len(set(streams)):  # the second read would find it empty
+        raise ValueError("--prompt-file names standard input (or one pipe) twice, which holds one prompt: give it once")
     texts = [text if flag == "prompt" else read_prompt_file(text) for flag, text in args.inputs]
     if not texts:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
@@ -521,6 +523,18 @@ def run(args):
             answer = tok.decode([t for t in ids if t not in tok.eos_ids])
             print(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}")  # the prompt's start, … where it goes on
     report_speed(timing)
+
+
+def read_once(path):
+    """What reading prompt file `path` uses up: (device, inode) of standard input ("-", /dev/stdin) or a pipe, "-"
+    for standard input redirected from a file; None for a file that reads the same each time, or none there."""
+    try:
+        st = os.fstat(sys.stdin.fileno()) if path == "-" else os.stat(path)
+    except (OSError, AttributeError, ValueError):  # (closed, or pytest's stand-in, which has no file number)
+        return "-" if path == "-" else None
+    if stat.S_ISREG(st.st_mode):
+        return "-" if path == "-" else None
+    return st.st_dev, st.st_ino
 
 
 def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do too

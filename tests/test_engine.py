@@ -265,9 +265,22 @@ def test_bad_prompt_files(capsys, tmp_path):
     assert code == 2 and "prompt file not found: " in error_line(err)
 
 
-def test_standard_input_is_one_prompt(capsys, monkeypatch):
+def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
+    """Standard input or a pipe read twice gave "prompt 2 is empty": "-" and /dev/stdin (here /dev/fd/N) are one."""
+    once = "--prompt-file names standard input (or one pipe) twice, which holds one prompt: give it once"
     code, _, err = run_cli(capsys, "--prompt-file", "-", "--prompt", "x", "--prompt-file", "-")
-    assert code == 2 and "--prompt-file - reads standard input, which holds one prompt: give it once" in error_line(err)
+    assert code == 2 and once in error_line(err)
+    read, write = os.pipe()
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        monkeypatch.setattr(sys, "stdin", pipe)
+        code, _, err = run_cli(capsys, "--prompt-file", "-", "--prompt-file", f"/dev/fd/{read}")
+        assert code == 2 and once in error_line(err)
+    os.mkfifo(fifo := tmp_path / "fifo")  # refused before it is opened (which would wait for a writer)
+    code, _, err = run_cli(capsys, "--prompt-file", str(fifo), "--prompt-file", str(fifo))
+    assert code == 2 and once in error_line(err)
+    (text := tmp_path / "p.txt").write_text("x")  # a file reads the same twice
+    assert engine.read_once(str(text)) is None
     monkeypatch.setattr(sys, "stdin", None)  # `<&-`: Python's sys.stdin is None
     code, _, err = run_cli(capsys, "--prompt-file", "-")
     assert code == 2 and "--prompt-file -: standard input is closed" in error_line(err)
