@@ -521,7 +521,7 @@ def run(args):
     else:
         for text, ids in zip(texts, new):
             answer = tok.decode([t for t in ids if t not in tok.eos_ids])
-            print(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}")  # the prompt's start, … where it goes on
+            show(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}\n")  # the prompt's start, … where it goes on
     report_speed(timing)
 
 
@@ -530,11 +530,11 @@ def read_once(path):
     for standard input redirected from a file; None for a file that reads the same each time, or none there."""
     try:
         st = os.fstat(sys.stdin.fileno()) if path == "-" else os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return st.st_dev, st.st_ino
     except (OSError, AttributeError, ValueError):  # (closed, or pytest's stand-in, which has no file number)
-        return "-" if path == "-" else None
-    if stat.S_ISREG(st.st_mode):
-        return "-" if path == "-" else None
-    return st.st_dev, st.st_ino
+        pass
+    return "-" if path == "-" else None
 
 
 def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do too
@@ -697,6 +697,15 @@ def shipped_hash_weights(hata, checkpoint=None):
     return None
 
 
+def show(text):  # the answers, on standard output; a failed write (a full disk) says where, not only "[Errno 28]"
+    try:
+        print(text, end="", flush=True)
+    except BrokenPipeError:  # a reader that stopped: cli ends quietly
+        raise
+    except OSError as e:
+        raise OSError(f"cannot write standard output: {e}") from None
+
+
 class Streamer:
     """Prints one sequence's text as tokens arrive, holding back bytes that do not yet form a character. A step
     decodes only the ids from CONTEXT tokens before the last print (all of them each step: time growing with the
@@ -713,12 +722,12 @@ class Streamer:
         self.ids.append(t)
         text = self.tok.decode(self.ids[self.start:])
         if not text.endswith("\ufffd"):
-            print(text[len(self.printed):], end="", flush=True)
+            show(text[len(self.printed):])
             self.start = max(self.start, len(self.ids) - self.CONTEXT)
             self.printed = self.tok.decode(self.ids[self.start:])
 
     def finish(self):
-        print(self.tok.decode(self.ids[self.start:])[len(self.printed):], flush=True)
+        show(self.tok.decode(self.ids[self.start:])[len(self.printed):] + "\n")
 
 
 if __name__ == "__main__":

@@ -597,7 +597,7 @@ def write_whole(path, write):
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except SafetensorError as e:
+    except (SafetensorError, OSError) as e:  # a full disk's OSError names no file
         raise OSError(f"cannot write {path}: {e}") from None
     finally:
         if os.path.exists(tmp):

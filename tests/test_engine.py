@@ -791,17 +791,30 @@ def test_closed_pipe_ends_quietly():
     """`engine.py ... | head`: the reader stops, and the run ends with status 141 and nothing on stderr (before: an
     error line, then Python's own complaint when its exit flushed stdout)."""
     import subprocess
-    writer = ("import sys, engine\n"
-              "def run(args):\n"
-              "    while True:\n"
-              "        print('token ' * 100, flush=True)\n"
-              "sys.exit(engine.cli(run, None))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", writer], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", ANSWERS], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.read(10)
     proc.stdout.close()  # as head does after its bytes
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_full_standard_output_is_named():
+    """Answers written to a full disk (here /dev/full) said only "error: [Errno 28] No space left on device"."""
+    import subprocess
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-c", ANSWERS], cwd=ROOT, stdout=full, stderr=subprocess.PIPE,
+                              timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == b"error: cannot write standard output: [Errno 28] No space left on device\n"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANSWERS = ("import sys, engine\n"  # a run that writes answers until its output fails
+           "def run(args):\n"
+           "    while True:\n"
+           "        engine.show('token ' * 100 + '\\n')\n"
+           "sys.exit(engine.cli(run, None))\n")
 
 
 @pytest.mark.usefixtures("gguf_path")

@@ -535,6 +535,20 @@ def test_git_lfs_pointers_are_named(tmp_path):
                                "`git lfs pull` (or download the file)"
 
 
+def test_a_failed_save_names_its_file_and_keeps_the_old_one(tmp_path):
+    """A full disk's OSError names no file ("[Errno 28] No space left on device"): write_whole names it, and the
+    file saved before stays whole, with no scratch file left beside it."""
+    (path := tmp_path / "results.json").write_text("old")
+
+    def full(tmp):
+        with open(tmp, "w") as f:
+            f.write("new, cut")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match=f"^cannot write {re.escape(str(path))}: \\[Errno 28\\] No space left on device$"):
+        model_module.write_whole(str(path), full)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_pipe_or_device_is_refused_not_read(tmp_path):
     """A named pipe given as the checkpoint or the tokenizer hung the first read until something wrote to it; a
