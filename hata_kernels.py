@@ -6,7 +6,9 @@ sequences, H query heads, Hkv KV heads, G = H / Hkv, D head dim, R hash bits, W 
 cached positions (capacity), K the budget.
 
 Each op is a triple, side by side:
-    _op_kernel   Triton kernel, or _op-prefixed kernels, one a launch (GPU; on the CPU under TRITON_INTERPRET=1)
+    _op_kernel   Triton kernel(s), one a launch (GPU; on the CPU under TRITON_INTERPRET=1): hamming_topk's are
+                 _topk_{score,threshold,compact}_kernel, sparse_decode_attention's _sparse_attn_{split,merge}_kernel,
+                 and hash_encode_step runs _hash_encode_kernel with its KEY row
     op()         input checks (ValueError, one line) + dispatch
     op_ref()     torch, the definition; runs anywhere (on the CPU, numpy counts bits)
 
@@ -18,7 +20,7 @@ hashing and attention kernels refuse (ValueError) a head dim D that is not a pow
     hash_encode_step(q, k, proj, code_cache, pos) -> q codes (B, H, W); the new keys' codes into the cache
     hamming_score(q_codes, k_codes, lengths)    -> score (B, Hkv, S) int32
     select_topk(score, lengths, budget, ...)    -> idx   (B, Hkv, budget) int32, -1 = unused slot
-    hamming_topk(q_codes, k_codes, lengths, budget, ...)  fused score + select (the hash selector)
+    hamming_topk(q_codes, k_codes, lengths, budget, ...)  score + select in 3 launches (the hash selector)
     sparse_decode_attention(q, k_cache, v_cache, idx)     -> out (B, H, D)
     cache_write(k, v, k_cache, v_cache, pos)    a decode step's new K and V rows into the caches, one launch
 
@@ -133,7 +135,7 @@ def _hash_encode_kernel(
     """Program (row block, b * Hkv + h, word block) writes NW words of BLOCK_R rows r = (g, t) of the G heads
     that use proj[h]: each projection slice is loaded once per KV head. Up to 64 rows (decode), or W not a power of
     two: NW = 1, spread over B * Hkv * W programs; more rows: NW = min(W, 2) (the (D, 64) proj slice and a 128-row
-    block fit in registers: 3x faster than the fp32 matmul of the ref for 32K keys of 8 heads, R = 128).
+    block fit in registers: 2.4-3x faster than the fp32 matmul of the ref for 32K keys of 8 heads, R = 128).
     KEY (decode, T = 1): one more row, r = G, is the KV head's new key; its code goes to the cache at pos[b], so
     a decode step hashes its queries and its key in one launch."""
     pid_r = tl.program_id(0)
@@ -316,6 +318,8 @@ def _hamming_score_kernel(
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, R: tl.constexpr,
     BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
+    """Program (block of BLOCK_S positions, b * Hkv + h): each position's group-summed score, G * R + 1 past the
+    length. Only the use_norm path reads it; the hash selector scores inside _topk_score_kernel."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -515,7 +519,7 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. hamming_topk: fused score + counting select (the hash selector of the model)
+# 4. hamming_topk: score + counting select in three launches (the hash selector of the model)
 
 
 def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
@@ -543,8 +547,9 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 #                              m_b <= x < m_b + WIN - 2, bin WIN - 1 = everything above (never needed, see B)
 #   B  _topk_threshold_kernel  per row: the windows, shifted to the row's smallest key gmin, add up to exact
 #                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
-#                              key) almost always lies there (it sits ~3 standard deviations of the score
-#                              above the minimum); if not, B counts the stored keys (exact: a coarse histogram
+#                              key) lies there for random codes (~3 standard deviations of the score above
+#                              the minimum); trained codes spread wider (BENCHMARKS.md: up to 106 of a reach of
+#                              125 at 8K), and a row past it has B count the stored keys (exact: a coarse histogram
 #                              of <= 64 bins, a fine one of 2 << CSHIFT, then a count pass per block).
 #                              Then per block: keys < t, ties at t to take (newest first), output offset.
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
@@ -872,7 +877,7 @@ def _sparse_attn_split_kernel(
     v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + d[None, :] * svd,
                 mask=used[:, None], other=0.0)                                 # (BLOCK_N, D)
     LOG2E: tl.constexpr = 1.4426950408889634
-    if IEEE:
+    if IEEE:  # fp32 inputs: exact products (tl.dot's default would round them to tf32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")                     # (G_P2, BLOCK_N) fp32
     else:
         s = tl.dot(q, tl.trans(k))
@@ -884,7 +889,7 @@ def _sparse_attn_split_kernel(
     if IEEE:
         acc = tl.dot(p, v.to(tl.float32), input_precision="ieee")              # (G_P2, D) fp32
     else:
-        acc = tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v)                                         # p rounded to V's bf16/fp16
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]
     lse = tl.where(l > 0, m_safe + tl.log2(l_safe), -float("inf"))                  # (G_P2,) log2 units
@@ -987,7 +992,7 @@ def _cache_write_kernel(
 def cache_write(k, v, k_cache, v_cache, pos, use_triton=None):
     """k, v (B, Hkv, D) -> k_cache[b, :, pos[b]] = k[b] and v_cache[b, :, pos[b]] = v[b] for the caches' first B
     sequences, (B', Hkv, S_max, D) with B' >= B. One launch on CUDA (D a power of two; else the ref): torch's
-    index_put takes one per tensor plus an arange (13 us for the two on the H200 with a cold L2), and with this
+    index_put takes one per tensor plus an arange (64 kernels, 234 us of a 128K step's kernel time), and with this
     kernel in every layer a 128K decode step of Llama-3.1-8B's shape took 0.26-0.35 ms less at B=1 (0.32-0.59 ms at
     B=4). pos must lie in [0, S_max) (not checked: a host sync)."""
     _check(k.dim() == 3 and v.shape == k.shape, f"cache_write: k and v must both be (B, Hkv, D), got "
