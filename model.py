@@ -426,8 +426,8 @@ class Transformer(nn.Module):
         """Estimated working memory, in bytes, of a forward of `tokens` new positions of `batch` sequences over `keys`
         cached ones (a prefill chunk), beyond weights and caches: the MLP's (B, T, 2F) projection, gate and product,
         the (B, T, dim) residual stream, the (B, V) logits, and on the CPU a later chunk's (T, S) mask made float.
-        engine.prefill's peaks: up to 5% below it on an H200 (bf16; B 1-8; Llama-3.1-8B, SmolLM2), up to 30% above
-        on the CPU (fp32, resident memory; 2026-12-04)."""
+        engine.prefill's peaks: up to 5% below it on an H200 (bf16; B 1-8; Llama-3.1-8B, SmolLM2), up to 1.5x of it
+        on the CPU (fp32, resident memory; BENCHMARKS.md, 2026-12-04)."""
         a, weight = self.args, self.output.weight
         mask = tokens * keys * 4 if keys > tokens and not weight.is_cuda else 0
         return batch * tokens * (4 * a.ffn_dim + 4 * a.dim) * weight.dtype.itemsize + mask + batch * a.vocab_size * 10
