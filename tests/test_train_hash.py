@@ -413,6 +413,8 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--report"], "either --out"),
                                          (["--report", "--out", "", "--eval-len", "32", "64"],
                                           "--eval-len 32: at least 64, where the report's smallest budget, 1/64"),
+                                         (["--seq-len", "63"], "--seq-len 63: at least 64, where the smallest "
+                                                                   "budget, 1/64, is one key"),
                                          (["--checkpoint", ""], "--checkpoint: an empty path"),
                                          (["--seed", "1.5"], "invalid torch_seed value"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
