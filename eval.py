@@ -38,7 +38,7 @@ from tqdm import tqdm
 from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, file_settings,
                     note_ignored, parse_budget, path_name, positive_int, prefill, shipped_hash_weights, thread_count,
                     write_png, write_text)
-from model import HataArgs, from_checkpoint, key_signature, load_hash_projections, write_whole
+from model import HataArgs, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import (BUDGETS, HERE, frac, load_corpus, refuse_repeats, refuse_to_replace, split_corpus,
                         token_windows)
@@ -603,6 +603,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or default_checkpoint()
+    context = checkpoint_metadata(checkpoint)[0]  # before the text is read and the model loads
+    for flag, Cs in lengths.items():
+        if Cs and max(Cs) > context:
+            raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {context} tokens")
     tok = Tokenizer.from_path(checkpoint)
     docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
     if lengths["--contexts"]:  # the haystacks (perplexity alone takes any text, with sentence ends or without)
@@ -621,9 +625,6 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError(f"--n-dense {hata['n_dense']} must be in [0, {model.args.n_layers})")
     print(f"loaded {checkpoint} ({model.args.describe()}); R = {hata['rbit']}, {hata['n_dense']} dense layers"
           + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
-    for flag, Cs in lengths.items():
-        if Cs and max(Cs) > model.args.max_seq_len:
-            raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {model.args.max_seq_len} tokens")
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + args.command, "selectors": list(sels),

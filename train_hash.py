@@ -609,7 +609,8 @@ def training_settings(args):
         raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} >= 0 and "
                          f"--shift {args.shift} in [0, 2^31)")
     if args.seq_len < (least := round(1 / min(BUDGETS))):  # (--seq-len 1 trained on one key and saved the result)
-        raise ValueError(f"--seq-len {args.seq_len}: at least {least}, where the smallest budget, 1/{least}, is one key")
+        raise ValueError(f"--seq-len {args.seq_len}: at least {least}, where the smallest budget, 1/{least}, is one "
+                         "key")
     hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
     hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
                for n in ("sigma", "eta")})

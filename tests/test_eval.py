@@ -395,32 +395,39 @@ def test_a_run_that_fails_leaves_no_new_folder_behind(tmp_path, capsys):
     assert (out / "x.md").read_text() == "kept"
 
 
-def test_flags_are_checked_against_the_model_for_the_tasks_that_run(smol, tok, monkeypatch, capsys, tmp_path):
+def test_flags_are_checked_against_the_model_for_the_tasks_that_run(
+        gguf_path, smol, tok, monkeypatch, capsys, tmp_path):
     """--n-dense must leave a sparse layer (else every selector is dense); a length is checked only if its task runs."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     monkeypatch.setattr(ev, "selectors", lambda *a, **k: 1 / 0)  # what follows the checks: must not be reached
-    base = ["--selectors", "oracle", "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
-    for argv, words in [(["--n-dense", "30"], "--n-dense 30 must be in [0, 30)"),
-                        (["--tasks", "retrieval", "--contexts", "9000", "--samples", "1"], "--contexts 9000 exceeds"),
-                        (["--tasks", "perplexity", "--ppl-context", "9000"], "--ppl-context 9000 exceeds")]:
+    base = ["--selectors", "oracle", "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]
+    assert ev.main(["--n-dense", "30"] + base) == 2 and "--n-dense 30 must be in [0, 30)" in capsys.readouterr().err
+    real_corpus = ev.load_corpus
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # the context: from the metadata, before it
+    monkeypatch.setattr(ev, "load_corpus", lambda *a, **k: 1 / 0)  # and before the text (it asked for more)
+    for argv, words in [(["--tasks", "retrieval", "--contexts", "9000", "--samples", "1"], "--contexts 9000 exceeds"),
+                        (["--tasks", "perplexity", "--ppl-context", "100000"], "--ppl-context 100000 exceeds the "
+                                                                              "model's context of 8192 tokens")]:
         assert ev.main(argv + base) == 2 and words in capsys.readouterr().err
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev, "load_corpus", real_corpus)
     with pytest.raises(ZeroDivisionError):  # the checks pass: the other task's lengths and counts are not its own
         ev.main(["--tasks", "perplexity", "--contexts", "40", "--samples", "1", "2"] + base)
 
 
-def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys, tmp_path):
+def test_a_short_haystack_fails_before_the_model_loads(gguf_path, tok, monkeypatch, capsys, tmp_path):
     """Retrieval's haystacks are checked against the longest context before anything runs, and so is the
     perplexity text against its windows."""
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # must not be reached
     (tmp_path / "short.txt").write_text(PROSE * 20)  # its held-out last fifth: ~500 tokens
     assert ev.main(["--text", str(tmp_path / "short.txt"), "--contexts", "1024", "--samples", "1", "--checkpoint",
-                    "x.gguf", "--out-dir", str(tmp_path)]) == 2
+                    gguf_path, "--out-dir", str(tmp_path)]) == 2
     assert "fewer than --contexts 1024; give more --text" in capsys.readouterr().err
     (tmp_path / "plain.txt").write_text("words without a sentence end " * 400)  # no haystack: perplexity takes it
     ppl = ["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "4",
-           "--checkpoint", "x.gguf", "--out-dir", str(tmp_path)]
+           "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]
     assert ev.main(ppl + ["--ppl-docs", "4"]) == 2  # its held-out fifth holds one window of 256 tokens
     assert ("the held-out text (every fifth document, or the last fifth of each of fewer than five) holds 1 window "
             "of 256 tokens, 4 needed") in capsys.readouterr().err
@@ -428,21 +435,22 @@ def test_a_short_haystack_fails_before_the_model_loads(tok, monkeypatch, capsys,
         ev.main(ppl + ["--ppl-docs", "1"])
 
 
-def test_a_run_records_the_argv_it_was_given(smol, tok, monkeypatch, tmp_path):
+def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, tmp_path):
     """The results' command is main's argv (quoted as a shell would need it), not the process's."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     (tmp_path / "my text.txt").write_text(PROSE * 10)
     argv = ["--tasks", "perplexity", "--selectors", "oracle", "--budgets", "1/8", "--text",
             str(tmp_path / "my text.txt"), "--ppl-context", "128", "--ppl-tokens", "4", "--ppl-docs", "1",
-            "--checkpoint", "x.gguf", "--out-dir", str(tmp_path), "--name", "argv"]
+            "--checkpoint", gguf_path, "--out-dir", str(tmp_path), "--name", "argv"]
     assert ev.main(argv) == 0 and not (tmp_path / "argv_results.partial.json").exists()
     results = json.loads((tmp_path / "argv_results.json").read_text())
     assert results["command"] == "python eval.py " + shlex.join(argv) and "'" in results["command"]
     assert "context lengths" in ev.build_parser().format_help()  # --contexts: the cache, not the prompt (C - 5)
 
 
-def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, monkeypatch, tmp_path, capsys):
+def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
+        gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
     """Until a run ends its results go to NAME_results.partial.json, so a run stopped midway (Ctrl-C, a crash) with
     --overwrite leaves the earlier NAME_results.json whole; the partial file's report (merged or not) says the run
     stopped, and the next run replaces the partial file only with --overwrite."""
@@ -456,7 +464,7 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, m
     (tmp_path / "text.txt").write_text(PROSE * 10)
     (tmp_path / "eval_results.json").write_text("kept")
     argv = ["--tasks", "perplexity", "--selectors", "oracle", "--budgets", "1/8", "--text", str(tmp_path / "text.txt"),
-            "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "2", "--batch", "1", "--checkpoint", "x.gguf",
+            "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "2", "--batch", "1", "--checkpoint", gguf_path,
             "--out-dir", str(tmp_path), "--overwrite"]
     assert ev.main(argv) == 130
     assert f"results so far: {tmp_path / 'eval_results.partial.json'} (eval.py --report reads it" in \
@@ -472,7 +480,7 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(smol, tok, m
     assert ev.main(argv[:-1]) == 2 and "eval_results.partial.json exists: pass --overwrite" in capsys.readouterr().err
 
 
-def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(smol, tok, monkeypatch, tmp_path, capsys):
+def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
     """As engine.py: --rbit and --n-dense default to the file's own (R = 64, 3 dense layers here); given, they must
     match it (load_hash_projections says so)."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
@@ -482,7 +490,7 @@ def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(smol, tok, mo
     (tmp_path / "text.txt").write_text(PROSE * 10)
     argv = ["--tasks", "perplexity", "--selectors", "trained", "--budgets", "1/8", "--text", str(tmp_path / "text.txt"),
             "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "1", "--hash-weights", path, "--checkpoint",
-            "x.gguf", "--out-dir", str(tmp_path)]
+            gguf_path, "--out-dir", str(tmp_path)]
     assert ev.main(argv) == 0
     assert "R = 64, 3 dense layers, hata-trained: " + path in capsys.readouterr().err
     results = json.loads((tmp_path / "eval_results.json").read_text())
