@@ -573,7 +573,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
         refuse_repeats(args.report, "--report")  # its samples and seconds twice
-        results = merge([load_results(path) for path in args.report])
+        runs = [load_results(path) for path in args.report]
+        if copy := next((i for i, r in enumerate(runs) if r in runs[:i]), None):  # a file's copy: seconds twice
+            raise ValueError(f"{args.report[copy]} holds the same run as {args.report[runs.index(runs[copy])]}")
+        results = merge(runs)
         return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run

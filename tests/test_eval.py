@@ -635,6 +635,12 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     twice = [str(tmp_path / "no_dense.json"), str(tmp_path / ".." / tmp_path.name / "no_dense.json")]
     assert ev.main(["--report", *twice, "--out-dir", str(tmp_path), "--overwrite"]) == 2  # its samples twice
     assert "--report names one file more than once" in capsys.readouterr().err
+    run = open(os.path.join(os.path.dirname(__file__), "..", "report", "eval_results.json")).read()  # a whole run
+    for name in ("run.json", "copy.json"):  # ... and a copy of it: its seconds counted twice in the merge
+        (tmp_path / name).write_text(run)
+    assert ev.main(["--report", str(tmp_path / "run.json"), str(tmp_path / "copy.json"), "--out-dir", str(tmp_path),
+                    "--overwrite"]) == 2
+    assert f"{tmp_path / 'copy.json'} holds the same run as {tmp_path / 'run.json'}" in capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
     (tmp_path / "b.json").write_text("kept too")
     ev.main(["--report", str(tmp_path / "eval_results.json"), str(tmp_path / "b.json"), "--out-dir", str(tmp_path)])
