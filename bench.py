@@ -594,7 +594,8 @@ def bench_cpu(args):
         dense, sparse = statistics.median(times["dense"]), statistics.median(times["hata"])
         rows.append((S, K, dense, sparse))
         print(f"  S={S}: dense {dense:.1f} ms, HATA {sparse:.1f} ms", flush=True)
-    print(f"\ndefault model decode step, fp32, CPU ({torch.get_num_threads()} threads), median of {args.rounds} x "
+    n = torch.get_num_threads()
+    print(f"\ndefault model decode step, fp32, CPU ({n} thread{'s' * (n > 1)}), median of {args.rounds} x "
           f"{args.steps} steps; HATA: {budget_label(args.budget)}, R = {hata.rbit}, n_dense {hata.n_dense}\n\n"
           "| context | dense ms/token | HATA ms/token | speedup |\n|---|---|---|---|")
     for S, K, dense, sparse in rows:
@@ -635,14 +636,14 @@ def build_parser():
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     add_mode = lambda name, text: sub.add_parser(name, help=text, description=text)  # `bench.py MODE --help` too
-    p = add_mode("attention", "one layer's decode attention: dense SDPA vs the HATA step")
+    p = add_mode("attention", "one layer's decode attention: dense SDPA vs the HATA step (CUDA)")
     p.add_argument("--shapes", nargs="+", default=["llama8b", "default"], choices=sorted(SHAPES),
                    help="llama8b: H=32, Hkv=8, D=128; default: the default model's H=9, Hkv=3, D=64")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[8192, 32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8], help="batch sizes B")
     p.add_argument("--rbit", type=positive_int, default=128, help="hash bits R")
     p.add_argument("--reps", type=positive_int, default=50, help="timed replays per measurement (median)")
-    p = add_mode("offload", "decode tokens/s with the sparse layers' KV cache in host memory")
+    p = add_mode("offload", "decode tokens/s with the sparse layers' KV cache in host memory (CUDA)")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlen", type=positive_int, default=131072, help="S_max; every step attends at S_max - 1")
     p.add_argument("--budget", type=positive_int, default=2048, help="HATA's K in tokens")
@@ -650,7 +651,7 @@ def build_parser():
     p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float,
                    help="host memory the offload plan may pin (default: what is available less max(10%%, 1 GiB))")
-    p = add_mode("e2e", "whole-model decode tokens/s and prefill overhead, dense vs HATA")
+    p = add_mode("e2e", "whole-model decode tokens/s and prefill overhead, dense vs HATA (CUDA)")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4], help="batch sizes B")
@@ -664,7 +665,8 @@ def build_parser():
     p.add_argument("--budget", type=parse_budget, default=512, help="HATA's K: tokens, or a fraction of S like 1/16")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
-    p.add_argument("--threads", type=thread_count, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="torch threads (default: torch's choice; 1 when other work "
+                   "keeps the cores busy, where 2 spin)")
     for mode, p in sub.choices.items():
         if mode != "offload":
             p.add_argument("--plot", help=f"PNG to write (default: report/bench_{mode}.png, for a run of the default "

@@ -348,7 +348,7 @@ def build_parser():
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"], help="tokens attended per KV head: a count, "
-                   "or a fraction like 1/16 of the cache (the longest prompt + --max-new-tokens, or --max-seq-len)")
+                   "or a fraction like 1/16 or 0.25 of the cache (longest prompt + --max-new-tokens, or --max-seq-len)")
     g.add_argument("--rbit", type=int, help="hash bits per code (hash selector only) (default: a --hash-weights "
                    f"file's own, else {h['rbit']})")
     g.add_argument("--hash-weights", type=path_name, help="trained hash projections (.safetensors); default: the "
@@ -640,6 +640,7 @@ def run_random(args, hata, device, dtype):
     args.prompt_len = args.prompt_len or min(1024, context // 2)  # the tiny preset's context is 1024: room to decode
     max_seq_len, max_new = cache_size(args, args.prompt_len, context, f"--prompt-len is {args.prompt_len}")
     model = random_model(args.preset, hata, device, dtype)
+    model.warned_random_projections = True  # (the start line says so) trained ones would select no better here
     setup(model, args, batch, max_seq_len, args.prompt_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}), for speed only: "
           f"the output is noise; {plural(batch, 'random prompt')} of {args.prompt_len} tokens{unused}; "
@@ -657,9 +658,10 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
               f"{1000 * secs / steps:.1f} ms/step)" if steps else
               "no steps (each sequence ended with its first token, or there was room for one)")
     graph = f"; CUDA graph capture {timing['graph_s']:.2f}s" if timing.get("graph_s") is not None else ""
-    if steps and timing.get("selecting_steps") is not None:  # how many steps HATA's budget left keys out of
-        decode += (f"; {timing['selecting_steps']} of them with more cached keys than the budget of "
-                   f"{plural(timing['budget'])} (the others attend to every key)")
+    if steps and (selecting := timing.get("selecting_steps")) is not None:  # the steps HATA's budget left keys out of
+        budget = f"the budget of {plural(timing['budget'])}"
+        decode += (f"; {selecting} of them with more cached keys than {budget} (the others attend to every key)"
+                   if selecting else f"; every step attended to every key: none had more cached keys than {budget}")
     print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s){graph}; decode: {decode}", file=sys.stderr)
 

@@ -536,6 +536,9 @@ def test_timing_counts_the_steps_past_the_budget(capsys):
     engine.report_speed(timing)
     err = capsys.readouterr().err
     assert "7 steps in" in err and "; 4 of them with more cached keys than the budget of 6 tokens (the others" in err
+    engine.report_speed({**timing, "selecting_steps": 0})  # "0 of them ... (the others ...)" read oddly
+    assert "; every step attended to every key: none had more cached keys than the budget of 6 tokens\n" in \
+        capsys.readouterr().err
     dense = engine.random_model("tiny", None, "cpu", torch.float32)
     dense.setup_caches(1, 16)
     assert engine.generate(dense, [[3, 4, 5]], 8)[1]["selecting_steps"] is None
@@ -867,6 +870,9 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt
     assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "4",
+                           "--device", "cpu", "--budget", "4")  # sparse, with random projections: said once, no warning
+    assert code == 0 and "random projections (R = 128" in err and "warning" not in err, err
 
 
 def test_threads_sets_torchs_threads(capsys, monkeypatch):
