@@ -506,7 +506,8 @@ def run(args):
         print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model {model.args.vocab_size}: is "
               f"{args.tokenizer or checkpoint} this checkpoint's tokenizer?", file=sys.stderr)
     setup(model, args, len(prompts), max_seq_len, longest)
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
+    shown = checkpoint if args.checkpoint else f"the default model, {os.path.basename(checkpoint)},"  # (its path: noise)
+    print(f"loaded {shown} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
         print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache "

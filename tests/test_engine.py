@@ -414,6 +414,15 @@ def test_a_hash_weights_file_sets_the_bits_and_dense_layers_left_at_the_default(
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_the_start_line_names_the_default_model_without_its_path(capsys, gguf_path):
+    """Its site-packages path made the first stderr line ~300 characters long; a checkpoint given is shown as given."""
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 0 and "loaded the default model, SmolLM2-135M-Instruct.Q4_1.gguf, in " in err and gguf_path not in err
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--checkpoint", gguf_path)
+    assert code == 0 and f"loaded {gguf_path} in " in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "3", "--budget", "2", "--max-new-tokens", "2")
     assert code == 0 and "projections are for --n-dense 2 and --rbit 64, 128 or 256, not --n-dense 3 --rbit 128" in err
