@@ -497,14 +497,11 @@ def run(args):
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata checks, but now, before
         check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load: another model's
+    if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
+        check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
-    top = max(max(p) for p in prompts)
-    if top >= model.args.vocab_size:
-        raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {model.args.vocab_size} "
-                         f"tokens: the tokenizer does not belong to this checkpoint")
-    if not model.args.vocab_size // 2 <= tok.vocab_size <= model.args.vocab_size:  # (a model may pad its rows)
-        print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model {model.args.vocab_size}: is "
-              f"{args.tokenizer or checkpoint} this checkpoint's tokenizer?", file=sys.stderr)
+    if not shape:  # a Meta checkpoint's, known from its weights
+        check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
     setup(model, args, len(prompts), max_seq_len, longest)
     shown = checkpoint if args.checkpoint else f"the default model, {os.path.basename(checkpoint)},"  # (its path: noise)
     print(f"loaded {shown} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
@@ -524,6 +521,15 @@ def run(args):
             answer = tok.decode([t for t in ids if t not in tok.eos_ids])
             show(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}\n")  # the prompt's start, … where it goes on
     report_speed(timing)
+
+
+def check_vocab(tok, prompts, vocab_size, name):  # the tokenizer `name` against a model of vocab_size tokens
+    if (top := max(max(p) for p in prompts)) >= vocab_size:
+        raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {vocab_size} tokens: the "
+                         "tokenizer does not belong to this checkpoint")
+    if not vocab_size // 2 <= tok.vocab_size <= vocab_size:  # (a model may pad its rows)
+        print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: is {name} this "
+              "checkpoint's tokenizer?", file=sys.stderr)
 
 
 def read_once(path):

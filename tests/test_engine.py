@@ -367,10 +367,22 @@ def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
     (["--prompt", "hi", "--tokenizer", "llama3"], "does not belong to this checkpoint"),  # ids up to 128000
     (["--prompt", "hi", "--max-seq-len", "100000"], "--max-seq-len 100000 exceeds the model's context of 8192 tokens"),
 ])
-def test_prompts_the_model_cannot_take(capsys, argv, words):
+def test_prompts_the_model_cannot_take(capsys, monkeypatch, argv, words):
+    """Each refused before the weights load (a GGUF's metadata has the context and the vocabulary)."""
     argv = [package_file("llama_models", "llama3", "tokenizer.model") if a == "llama3" else a for a in argv]
+    monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: 1 / 0)
     code, _, err = run_cli(capsys, *argv, "--max-new-tokens", "1")
     assert code == 2 and words in error_line(err)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_meta_checkpoints_vocabulary_is_checked_once_its_weights_load(capsys, monkeypatch):
+    """params.json may leave the vocabulary to the weights: such a checkpoint's tokenizer is checked after the load."""
+    tiny = engine.random_model("tiny", None, "cpu", torch.float32)  # 512 tokens; the prompt's ids reach 4649
+    monkeypatch.setattr(engine, "checkpoint_metadata", lambda path: (1024, None))  # as a Meta checkpoint's
+    monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: tiny)
+    code, _, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "1")
+    assert code == 2 and "up to 4649 but the model has 512 tokens: the tokenizer does not belong" in error_line(err)
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
