@@ -46,6 +46,10 @@ def default_checkpoint():
     return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
 
 
+def checkpoint_label(given):  # a start line's name for --checkpoint: as given, or the default model by its file
+    return given or f"the default model ({os.path.basename(default_checkpoint())})"  # (its site-packages path: noise)
+
+
 def is_default_model(checkpoint):
     """No --checkpoint, the default model's own file (or its directory) named, or a byte-identical copy of that
     file: the shipped hash projections were trained on it."""
@@ -503,9 +507,8 @@ def run(args):
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
     setup(model, args, len(prompts), max_seq_len, longest)
-    shown = checkpoint if args.checkpoint else f"the default model, {os.path.basename(checkpoint)},"  # (its path: noise)
-    print(f"loaded {shown} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, {dtype}, {device}); "
-          f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
+    print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, "
+          f"{dtype}, {device}); {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
         print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache "
               f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; "
@@ -533,11 +536,11 @@ def check_vocab(tok, prompts, vocab_size, name):  # the tokenizer `name` against
 
 
 def read_once(path):
-    """What reading prompt file `path` uses up: (device, inode) of standard input ("-", /dev/stdin) or a pipe, "-"
-    for standard input redirected from a file; None for a file that reads the same each time, or none there."""
+    """What reading prompt file `path` uses up: (device, inode) of a pipe or socket, standard input's too ("-",
+    /dev/stdin); "-" for standard input otherwise (a file, a terminal); None for a file or device, or none there."""
     try:
         st = os.fstat(sys.stdin.fileno()) if path == "-" else os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
             return st.st_dev, st.st_ino
     except (OSError, AttributeError, ValueError):  # (closed, or pytest's stand-in, which has no file number)
         pass

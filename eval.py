@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine import (Parser, check_writable, cli, decode_one_token, default_checkpoint, device_name, file_settings,
-                    note_ignored, parse_budget, path_name, positive_int, prefill, shipped_hash_weights, thread_count,
-                    write_png, write_text)
+from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_token, default_checkpoint, device_name,
+                    file_settings, note_ignored, parse_budget, path_name, positive_int, prefill, shipped_hash_weights,
+                    thread_count, write_png, write_text)
 from model import HataArgs, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import (BUDGETS, HERE, frac, load_corpus, refuse_repeats, refuse_to_replace, split_corpus,
@@ -626,8 +626,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         load_hash_projections(weights, model.args, HataArgs(**hata), key_signature(model, hata["n_dense"]))
     if not 0 <= hata["n_dense"] < model.args.n_layers:  # else no layer is sparse: every selector would be dense
         raise ValueError(f"--n-dense {hata['n_dense']} must be in [0, {model.args.n_layers})")
-    print(f"loaded {checkpoint} ({model.args.describe()}); R = {hata['rbit']}, {hata['n_dense']} dense layers"
-          + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
+    print(f"loaded {checkpoint_label(args.checkpoint)} ({model.args.describe()}); R = {hata['rbit']}, "
+          f"{hata['n_dense']} dense layers" + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + args.command, "selectors": list(sels),

@@ -424,13 +424,15 @@ class Transformer(nn.Module):
 
     def forward_bytes(self, batch, tokens, keys):
         """Estimated working memory, in bytes, of a forward of `tokens` new positions of `batch` sequences over `keys`
-        cached ones (a prefill chunk), beyond weights and caches: the MLP's (B, T, 2F) projection, gate and product,
-        the (B, T, dim) residual stream, the (B, V) logits, and on the CPU a later chunk's (T, S) mask made float.
-        engine.prefill's peaks: up to 5% below it on an H200 (bf16; B 1-8; Llama-3.1-8B, SmolLM2), up to 1.5x of it
-        on the CPU (fp32, resident memory; BENCHMARKS.md, 2026-12-04)."""
+        cached ones (a prefill chunk), beyond weights and caches. engine.prefill's peaks: up to 5% below it on an
+        H200 (bf16, eager; up to 25% below with --compile; B 1-8; Llama-3.1-8B, SmolLM2), up to 1.5x of it on the
+        CPU (fp32, resident memory; BENCHMARKS.md, 2026-12-04)."""
         a, weight = self.args, self.output.weight
-        mask = tokens * keys * 4 if keys > tokens and not weight.is_cuda else 0
-        return batch * tokens * (4 * a.ffn_dim + 4 * a.dim) * weight.dtype.itemsize + mask + batch * a.vocab_size * 10
+        cudnn = weight.is_cuda and CUDNN_LSE_ATTENTION and weight.dtype in (torch.bfloat16, torch.float16)
+        mask = tokens * keys * 4 if keys > tokens and not cudnn else 0  # a later chunk's masked pass: its (T, S) mask
+        per_token = 4 * a.ffn_dim + 4 * a.dim  # the MLP's peak: (B, T, 2F) projection, gate, product; 4 x (B, T, dim)
+        logits = batch * a.vocab_size * 10  # (B, V): the chunk's in the dtype and in fp32, and prefill's fp32 `last`
+        return batch * tokens * per_token * weight.dtype.itemsize + mask + logits
 
     def setup_caches(self, max_batch_size, max_seq_len):
         """Allocate the KV (and hash) caches and the RoPE table: self.max_seq_len positions (not args.max_seq_len, the

@@ -134,7 +134,7 @@ def file_head(path, names=(), missing: Exception | None = None):
         if not found:
             raise missing or FileNotFoundError(f"no .gguf file in directory {path!r}")
         path = os.path.join(path, found[0])
-    if not os.path.isfile(path):  # a pipe would hang the read below until something wrote to it
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe would hang the read below until written to
         raise ValueError(f"{path!r} is not a regular file (a pipe or a device?): pass the file itself")
     with open(path, "rb") as f:
         head = f.read(64)

@@ -42,8 +42,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import (Parser, check_writable, cli, default_checkpoint, device_name, file_settings, is_default_model,
-                    note_ignored, path_name, plural, positive_int, torch_seed, write_png, write_text)
+from engine import (Parser, check_writable, checkpoint_label, cli, default_checkpoint, device_name, file_settings,
+                    is_default_model, note_ignored, path_name, plural, positive_int, torch_seed, write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, key_signature, load_hash_projections,
                    random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections)
@@ -594,8 +594,8 @@ def run(args):
     margs = model.args
     if not 0 <= args.n_dense < margs.n_layers:
         raise ValueError(f"--n-dense {args.n_dense} must be in [0, {margs.n_layers})")
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); text: "
-          f"{plural(len(train_docs), 'training document')}, {len(heldout_docs)} held out", file=sys.stderr)
+    print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); "
+          f"text: {plural(len(train_docs), 'training document')}, {len(heldout_docs)} held out", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     if args.report:
         write_hash_report(args, model, tok, heldout_docs, gen, t0)

@@ -552,7 +552,8 @@ def test_a_failed_save_names_its_file_and_keeps_the_old_one(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_pipe_or_device_is_refused_not_read(tmp_path):
     """A named pipe given as the checkpoint or the tokenizer hung the first read until something wrote to it; a
-    device such as /dev/zero was read as a file. Both are refused by what they are, before any read."""
+    device such as /dev/zero was read as a file. Both are refused by what they are, before any read; a missing file
+    stays one."""
     from tokenizer import Tokenizer
     os.mkfifo(pipe := tmp_path / "m.gguf")
     held = os.open(pipe, os.O_RDWR | os.O_NONBLOCK)  # a writer with bytes waiting: a regression fails, not hangs
@@ -564,6 +565,11 @@ def test_a_pipe_or_device_is_refused_not_read(tmp_path):
                 load(str(pipe))
     finally:
         os.close(held)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ValueError, match=r"'/dev/zero' is not a regular file"):
+            load_checkpoint("/dev/zero")
+    with pytest.raises(FileNotFoundError):  # a link to nothing (an incomplete download) is missing, not a device
+        Tokenizer.from_path(str(tmp_path / "none.gguf"))
 
 
 def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
