@@ -193,7 +193,13 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
     monkeypatch.setattr(bench, "plot_speed", lambda path, p: panels.extend(p))
     monkeypatch.setattr(bench, "statistics", types.SimpleNamespace(
         median=lambda xs: sizes.append(len(xs)) or statistics.median(xs)))
-    bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "2", "--plot", "x.png"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "2", "--plot", "x.png",
+                    "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert sizes == [2] * 4  # dense and HATA at each context: rounds x steps, the warm-up step left out
+    assert "CPU (1 thread)" in capsys.readouterr().out
     (_, _, _, lines, _), = panels
     assert [S for S, _ in lines["dense"]] == [16, 48] and [S for S, _ in lines["HATA, K = 20"]] == [48]

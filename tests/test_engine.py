@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -208,6 +209,10 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48) + model.forward_bytes(2, 8, 20) - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64, 20)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48) + model.forward_bytes(2, 8, 20))
+    engine.check_cache_memory(model, 2, 64, 20)  # every layer on the device: no copy for a later chunk
+    with pytest.raises(ValueError, match="and a prefill chunk's working memory"):  # setup passes the prompt's length
+        engine.setup(model, argparse.Namespace(compile=False, offload=False, kv_gpu_gb=None), 2, 64, 21)
     for layer in model.layers[2:]:  # --offload's layers: one GPU copy for a later prefill chunk (3 of 4 layers' K/V)
         layer.attention.kv_cache_cls = functools.partial(KVCache)
     work = model.forward_bytes(2, 8, 20)
@@ -292,6 +297,18 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
     assert code == 2 and "--prompt-file -: standard input is closed" in error_line(err)
     (text := tmp_path / "p.txt").write_text("x")  # a file reads the same twice; so does a device such as /dev/null
     assert engine.read_once(str(text)) is None and engine.read_once(os.devnull) is None
+    read, write = os.pipe()
+    os.write(write, b"hi")
+    os.close(write)
+    with os.fdopen(read) as pipe:  # "--prompt -" is a prompt's text; a file named twice reads the same twice
+        monkeypatch.setattr(sys, "stdin", pipe)
+        for argv in (["--prompt", "-", "--prompt-file", "-"], ["--prompt-file", str(text), "--prompt-file", str(text)]):
+            code, _, err = run_cli(capsys, *argv, "--checkpoint", "/nonexistent.gguf")  # read as asked
+            assert code == 2 and "nonexistent" in err and "names standard input" not in err
+    broken = open(os.devnull)
+    broken.close()  # a closed file object as stdin: counted as "-" (its fileno() raises ValueError)
+    monkeypatch.setattr(sys, "stdin", broken)
+    assert engine.read_once("-") == "-"
     os.mkfifo(fifo := tmp_path / "fifo")  # refused before it is opened (which would wait for a writer)
     monkeypatch.setattr(engine, "read_prompt_file", lambda path: pytest.fail(f"{path} read before the check"))
     code, _, err = run_cli(capsys, "--prompt-file", str(fifo), "--prompt-file", str(fifo))
@@ -573,6 +590,12 @@ def test_timing_counts_the_steps_past_the_budget(capsys):
     engine.report_speed({**timing, "selecting_steps": 0})  # "0 of them ... (the others ...)" read oddly
     assert "; every step attended to every key: none had more cached keys than the budget of 6 tokens\n" in \
         capsys.readouterr().err
+    engine.report_speed({**timing, "decode_steps": 0, "selecting_steps": 0})  # no steps: nothing to count
+    err = capsys.readouterr().err
+    assert "decode: no steps (" in err and "every step" not in err
+    engine.report_speed({**timing, "selecting_steps": 0})
+    assert "; every step attended to every key: none had more cached keys than the budget of 6 tokens\n" in \
+        capsys.readouterr().err
     dense = engine.random_model("tiny", None, "cpu", torch.float32)
     dense.setup_caches(1, 16)
     assert engine.generate(dense, [[3, 4, 5]], 8)[1]["selecting_steps"] is None
@@ -809,7 +832,7 @@ def test_batch_shows_a_decode_bar_and_a_single_prompt_streams(capsys):
         argv = [a for p in prompts for a in ("--prompt", p)]
         code, out, err = run_cli(capsys, *argv, "--max-new-tokens", "3", "--dense")
         assert code == 0 and ("decode:" in err and "/3 [" in err) == bar, err
-        assert out.count("--- ") == (len(prompts) if bar else 0)
+        assert out.count("--- ") == (len(prompts) if bar else 0) and out.endswith("\n")  # the shell's prompt after it
 
 
 def test_interrupt_and_cpu_compile_notes(capsys, monkeypatch):
@@ -833,6 +856,15 @@ def test_closed_pipe_ends_quietly():
     proc.stdout.close()  # as head does after its bytes
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == b""
+
+
+def test_answers_are_flushed_as_they_come(monkeypatch):
+    """A streamed token must reach a pipe at once, not when Python's buffer fills."""
+    calls = []
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(write=lambda t: calls.append(t), flush=lambda: calls.append(
+        "flush")))
+    engine.show("tok")
+    assert "".join(calls[:-1]) == "tok" and calls[-1] == "flush"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")

@@ -406,9 +406,10 @@ def test_flags_are_checked_against_the_model_for_the_tasks_that_run(
     real_corpus = ev.load_corpus
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # the context: from the metadata, before it
     monkeypatch.setattr(ev, "load_corpus", lambda *a, **k: 1 / 0)  # and before the text (it asked for more)
-    for argv, words in [(["--tasks", "retrieval", "--contexts", "9000", "--samples", "1"], "--contexts 9000 exceeds"),
-                        (["--tasks", "perplexity", "--ppl-context", "100000"], "--ppl-context 100000 exceeds the "
-                                                                              "model's context of 8192 tokens")]:
+    for argv, words in [(["--tasks", "retrieval", "--contexts", "1000", "9000", "--samples", "1", "1"],
+                         "--contexts 9000 exceeds"),
+                        (["--tasks", "perplexity", "--ppl-context", "8193"], "--ppl-context 8193 exceeds the "
+                                                                            "model's context of 8192 tokens")]:
         assert ev.main(argv + base) == 2 and words in capsys.readouterr().err
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev, "load_corpus", real_corpus)
@@ -638,8 +639,9 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     run = open(os.path.join(os.path.dirname(__file__), "..", "report", "eval_results.json")).read()  # a whole run
     for name in ("run.json", "copy.json"):  # ... and a copy of it: its seconds counted twice in the merge
         (tmp_path / name).write_text(run)
-    assert ev.main(["--report", str(tmp_path / "run.json"), str(tmp_path / "copy.json"), "--out-dir", str(tmp_path),
-                    "--overwrite"]) == 2
+    (tmp_path / "other.json").write_text(json.dumps({**json.loads(run), "command": "another run"}))
+    assert ev.main(["--report", *(str(tmp_path / n) for n in ("run.json", "other.json", "copy.json")), "--out-dir",
+                    str(tmp_path), "--overwrite"]) == 2
     assert f"{tmp_path / 'copy.json'} holds the same run as {tmp_path / 'run.json'}" in capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
     (tmp_path / "b.json").write_text("kept too")
