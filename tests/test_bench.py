@@ -195,8 +195,8 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
         median=lambda xs: sizes.append(len(xs)) or statistics.median(xs)))
     threads = torch.get_num_threads()
     try:
-        bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "2", "--plot", "x.png",
-                    "--threads", "1"])
+        bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "2", "--plot",
+                    "x.png", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     assert sizes == [2] * 4  # dense and HATA at each context: rounds x steps, the warm-up step left out

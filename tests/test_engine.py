@@ -861,8 +861,8 @@ def test_closed_pipe_ends_quietly():
 def test_answers_are_flushed_as_they_come(monkeypatch):
     """A streamed token must reach a pipe at once, not when Python's buffer fills."""
     calls = []
-    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(write=lambda t: calls.append(t), flush=lambda: calls.append(
-        "flush")))
+    out = types.SimpleNamespace(write=calls.append, flush=lambda: calls.append("flush"))
+    monkeypatch.setattr(sys, "stdout", out)
     engine.show("tok")
     assert "".join(calls[:-1]) == "tok" and calls[-1] == "flush"
 
