@@ -112,7 +112,8 @@ class HataArgs:
     rbit: int = 128  # hash bits R per code
     budget: float = 2048  # K: a token count (int >= 1) or a fraction of the cache capacity in (0, 1)
     n_dense: int = 2  # the first n_dense layers always decode densely
-    n_sink: int = 0  # the first n_sink positions are always selected (they count toward K)
+    n_sink: int = 0  # the first n_sink positions are always selected (they count toward K; engine.py refuses
+    # n_sink + n_recent > K, where select_topk would keep only the newest K of them)
     n_recent: int = 0  # the last n_recent positions are always selected (they count toward K)
     use_norm: bool = False  # score = (G - 2 ham / R) * ||k|| (HATA's released scripts) instead of plain ham
     selector: str = "hash"  # "hash" (HATA); "oracle": the exact top-K by attention probability; "quest": pages
@@ -180,7 +181,8 @@ def rope_frequencies(args: ModelArgs, rope_factors=None):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, nh, T, D); cos, sin (B, 1, T, D/2). Half-split layout: dim i pairs with dim i + D/2."""
+    """x (B, heads, T, D), e.g. H + Hkv heads; cos, sin (B, 1, T, D/2). Half-split layout: dim i pairs with dim
+    i + D/2. Returns x's shape and dtype."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
@@ -204,7 +206,7 @@ def causal_attention(q, keys, values):
     values (B, Hkv, S, D), S >= T. Query i sees keys 0 .. S - T + i. S = T is a fresh prefill. A later chunk
     (S > T) on CUDA, without autograd, is two cuDNN passes, the S - T cached keys unmasked and the chunk's own T
     keys causally, merged by their log-sum-exps: 1.8-2.5x faster than one masked pass per layer at 32K-128K
-    (BENCHMARKS.md). Elsewhere it is one pass with the mask."""
+    (BENCHMARKS.md). Elsewhere it is one pass with the mask. Returns (B, H, T, D)."""
     T, S = q.shape[2], keys.shape[2]
     if S < T:
         raise ValueError(f"causal_attention: {T} queries at the last positions of {S} keys (needs S >= T)")
@@ -226,12 +228,12 @@ def causal_attention(q, keys, values):
 def merge_attention(y_a, lse_a, y_b, lse_b):
     """Attention over the union of two disjoint key sets, from each one's output y (B, H, T, D) and log-sum-exp of
     its logits lse (B, H, T): the union's softmax weights each output by its set's share of the mass."""
-    share = torch.sigmoid(lse_a - lse_b).view(*y_a.shape[:3], 1)  # (B, H, T, 1): set a's share
+    share = torch.sigmoid(lse_a - lse_b).view(*y_a.shape[:3], 1)  # (B, H, T, 1): e^a / (e^a + e^b), set a's share
     return torch.lerp(y_b.float(), y_a.float(), share).to(y_a.dtype)
 
 
 def write_kv(k, v, k_cache, v_cache, pos):
-    """k, v (B, Hkv, T, D) into the caches (B', Hkv, S_max, D) at pos (B, T): a decode step (T = 1) in one launch
+    """k, v (B, Hkv, T, D) into the caches (B' >= B, Hkv, S_max, D) at pos (B, T): a decode step (T = 1) in one launch
     on CUDA (cache_write), a longer chunk by index_put."""
     if k.shape[2] == 1:
         cache_write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, pos[:, 0])
@@ -244,6 +246,7 @@ def write_kv(k, v, k_cache, v_cache, pos):
 class KVCache(nn.Module):
     def __init__(self, B, Hkv, S_max, D, dtype, device=None):
         super().__init__()
+        # k, v: (B, Hkv, S_max, D) each
         self.register_buffer("k", torch.zeros(B, Hkv, S_max, D, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(B, Hkv, S_max, D, dtype=dtype, device=device), persistent=False)
 
@@ -259,8 +262,8 @@ class HashCache(nn.Module):
     def __init__(self, B, Hkv, S_max, W, use_norm, device=None):
         super().__init__()
         self.register_buffer("codes", torch.zeros(B, Hkv, S_max, W, dtype=torch.int32, device=device),
-                             persistent=False)
-        norms = torch.zeros(B, Hkv, S_max, device=device) if use_norm else None
+                             persistent=False)  # (B, Hkv, S_max, W) int32
+        norms = torch.zeros(B, Hkv, S_max, device=device) if use_norm else None  # (B, Hkv, S_max) fp32
         self.register_buffer("norms", norms, persistent=False)
 
     def update(self, pos, codes, norms=None):
@@ -293,10 +296,11 @@ class Attention(nn.Module):
         additive float mask (0 or -inf), or None when every sequence's T tokens sit at positions S - T .. S - 1 (a
         prefill chunk: causal attention); lengths (B,) valid cache positions after this step (pos[:, -1] + 1,
         computed once a step for every layer); S the cache positions to attend over: S_max in a CUDA decode step
-        (static shapes), else the last position + 1 (a chunk's end, or a CPU step's longest sequence)."""
+        (static shapes), else the last position + 1 (a chunk's end, or a CPU step's longest sequence). Returns (B, T,
+        dim)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v = self.wqkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        qk, v = self.wqkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)  # (B, T, (H + Hkv) * D), (B, T, Hkv * D)
         qk = self.apply_rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)  # (B, H + Hkv, T, D): one pass
         q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
@@ -313,7 +317,7 @@ class Attention(nn.Module):
             else:
                 self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
-        if self.hata is not None and T == 1 and self.budget < S:  # K covering the keys: dense (every key selected)
+        if self.hata is not None and T == 1 and self.budget < S:  # a sparse decode step (K >= S: dense, the same)
             y = self.sparse_decode(q[:, :, 0], q_codes, keys[:, :, :S], values[:, :, :S], lengths)[:, :, None]
         elif mask is None:  # a prefill chunk, at the same positions in every sequence
             y = causal_attention(q, keys[:, :, :S], values[:, :, :S])  # (B, H, T, D)
@@ -322,7 +326,7 @@ class Attention(nn.Module):
                                                attn_mask=mask).view(B, H, 1, D)  # 1.4x faster at 8K (3x slower on CUDA)
         else:  # CUDA decode (the mask S_max long), or a chunk whose sequences start at different positions
             y = F.scaled_dot_product_attention(q, keys[:, :, :S], values[:, :, :S], attn_mask=mask, enable_gqa=H != Hkv)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, dim)
 
     def sparse_decode(self, q, q_codes, keys, values, lengths):
         """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S, D), S <= S_max the positions that
@@ -334,11 +338,11 @@ class Attention(nn.Module):
             idx = select_topk(-self.quest_bounds(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
         else:
             S = keys.shape[2]
-            codes, norms = self.hash_cache.codes[:, :, :S], self.hash_cache.norms  # (B, Hkv, S, W), (B, Hkv, S_max)
+            codes = self.hash_cache.codes[:, :, :S]  # (B, Hkv, S, W) int32
             if hata.use_norm:
                 G, R = self.n_heads // self.n_kv_heads, hata.rbit
                 ham = hamming_score(q_codes, codes, lengths)  # (B, Hkv, S) int32
-                score = -(G - 2 * ham.float() / R) * norms[:, :, :S]  # (B, Hkv, S) fp32, smaller is closer
+                score = -(G - 2 * ham.float() / R) * self.hash_cache.norms[:, :, :S]  # (B, Hkv, S) fp32, small: close
                 idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
             else:
                 idx = hamming_topk(q_codes, codes, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
@@ -365,12 +369,14 @@ class Attention(nn.Module):
         Hkv, S = keys.shape[1], keys.shape[2]
         n_pages = -(-S // QUEST_PAGE)
         valid = (torch.arange(n_pages * QUEST_PAGE, device=q.device) < lengths[:, None])[:, None, :, None]
-        k = F.pad(keys.float(), (0, 0, 0, n_pages * QUEST_PAGE - S))  # (B, Hkv, P * page, D)
-        k_max = k.masked_fill(~valid, -torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amax(3)  # (B, Hkv, P, D)
-        k_min = k.masked_fill(~valid, torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amin(3)  # (B, Hkv, P, D)
-        k_max, k_min = k_max.clamp(min=-1e30), k_min.clamp(max=1e30)  # empty pages: finite (never selected)
+        k = F.pad(keys.float(), (0, 0, 0, n_pages * QUEST_PAGE - S))  # (B, Hkv, n_pages * page, D)
+        k_max = k.masked_fill(~valid, -torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amax(3)  # (B, Hkv, n_pages, D)
+        k_min = k.masked_fill(~valid, torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amin(3)  # (B, Hkv, n_pages, D)
+        # an empty page's max / min are -inf / inf, and 0 * inf is NaN: kept finite (its bound is huge, but its
+        # positions lie past every length, which select_topk never takes)
+        k_max, k_min = k_max.clamp(min=-1e30), k_min.clamp(max=1e30)
         qg = q.float().view(B, Hkv, H // Hkv, 1, D)  # (B, Hkv, G, 1, D)
-        bound = torch.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None]).sum(-1).sum(2)  # (B, Hkv, P)
+        bound = torch.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None]).sum(-1).sum(2)  # (B, Hkv, n_pages)
         return bound.repeat_interleave(QUEST_PAGE, dim=-1)[..., :S]  # (B, Hkv, S)
 
 
@@ -419,7 +425,8 @@ class Transformer(nn.Module):
         """(one layer's K/V, every sparse layer's key codes and norms) in bytes: what setup_caches would allocate."""
         args, hata, sparse = self.args, self.hata, self.sparse_layers()
         layer = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * self.output.weight.dtype.itemsize
-        per_token = hata.rbit // 8 + 4 * hata.use_norm if sparse and hata.reads_codes(max_seq_len) else 0  # a head's
+        codes = sparse and hata.reads_codes(max_seq_len)  # a position's code bytes per KV head, and an fp32 norm
+        per_token = (hata.rbit // 8 + 4 * hata.use_norm) if codes else 0
         return layer, len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
 
     def forward_bytes(self, batch, tokens, keys):
@@ -521,7 +528,8 @@ class Transformer(nn.Module):
             causal = T > 1 and lo == hi  # a prefill chunk at one position in every sequence: no mask
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D/2)
         mask = None
-        if not causal:  # the cache may hold a prefix: query at position p sees keys at positions <= p
+        if not causal:  # the cache may hold a prefix: query at position p sees keys at positions <= p. Additive (0 /
+            # -inf) in the weights' dtype, made once a step: SDPA would convert a bool mask again in every layer
             visible = torch.arange(S, device=tokens.device) <= pos[:, :, None]  # (B, T, S)
             mask = torch.zeros(visible.shape, dtype=self.output.weight.dtype,
                                device=tokens.device).masked_fill(~visible, float("-inf"))[:, None]  # (B, 1, T, S)
