@@ -343,8 +343,8 @@ def bench_offload(args):
     if not args.budget < S <= PRESETS[args.preset].max_seq_len:  # now, not after the GPU's timings
         raise ValueError(f"--budget {args.budget} must be below --seqlen {S}, which must fit the {args.preset} "
                          f"context of {PRESETS[args.preset].max_seq_len}")
-    if args.host_gb is not None and not args.host_gb > 0:
-        raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")
+    if args.host_gb is not None and not 0 < args.host_gb < math.inf:
+        raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")  # (finite: int(inf) fails)
     print_header(args.mode)
     hata = HataArgs(budget=args.budget)
     model = random_model(args.preset, hata, dev, torch.bfloat16)

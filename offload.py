@@ -78,7 +78,8 @@ def host_buffer(shape, dtype, device):
     pages = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages of its own: two registrations never share one
     raw = torch.zeros(pages + mmap.PAGESIZE, dtype=torch.uint8)
     host = raw[-raw.data_ptr() % mmap.PAGESIZE:][:pages]  # (pages,) bytes from a page boundary
-    view = torch.as_tensor(_Mapped(host), device=device)  # described as ints: numpy has no bfloat16
+    with torch.cuda.device(device):  # the current device sees the view (another would copy it)
+        view = torch.as_tensor(_Mapped(host), device=device)  # described as ints: numpy has no bfloat16
     assert view.data_ptr() == host.data_ptr(), "torch copied the host memory instead of viewing it"
     return view[:n].view(dtype).view(shape)
 
@@ -97,7 +98,7 @@ class HostKVCache(nn.Module):
         self.k, self.v = kv[0], kv[1]  # (B, Hkv, S_max, D) each, in host memory
 
     def update(self, pos, k, v):
-        """pos (B, T); k, v (B, Hkv, T, D) on the GPU. Returns what Attention.forward attends over."""
+        """pos (B, T); k, v (B, Hkv, T, D) on the model's device. Returns what Attention.forward attends over."""
         write_kv(k, v, self.k, self.v, pos)  # store kernels writing through PCIe: no host sync, graph-safe
         T = k.shape[2]
         if T == 1:  # decode: forward reads only the selected rows (or every row, if this layer decodes densely)
@@ -105,7 +106,9 @@ class HostKVCache(nn.Module):
         if bool((pos[:, 0] == 0).all()):  # fresh prefill: positions 0..T-1 are exactly k, v
             return k, v
         end = int(pos.max()) + 1  # a later prefill chunk: forward attends up to here (Transformer.forward's S)
-        copy = partial(torch.clone, memory_format=torch.contiguous_format)  # on CUDA: one GPU copy, read over PCIe
+        # on CUDA: one GPU copy, read over PCIe. A clone, not .contiguous(): a slice to S_max is contiguous already,
+        # and .contiguous() would return the host view itself, which attention would then read over PCIe
+        copy = partial(torch.clone, memory_format=torch.contiguous_format)
         return copy(self.k[:, :, :end]), copy(self.v[:, :, :end])  # (B, Hkv, end, D) each
 
 
@@ -175,7 +178,8 @@ class OffloadPlan:
     copy_bytes: int = 0  # a later prefill chunk's GPU copy of one offloaded layer (none for a one-chunk prompt)
 
     def __str__(self):
-        return (f"offload: K/V of {len(self.layers)} sparse layers in host memory ({self.host_bytes / GiB:.2f} GiB); "
+        n = len(self.layers)
+        return (f"offload: K/V of {n} sparse layer{'s' * (n != 1)} in host memory ({self.host_bytes / GiB:.2f} GiB); "
                 f"KV cache on the GPU {self.gpu_bytes / GiB:.2f} GiB (the layers kept there, hash codes)"
                 + (f", + {self.copy_bytes / GiB:.2f} GiB while a later prefill chunk copies one back"
                    if self.copy_bytes else ""))
@@ -239,7 +243,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     if kv_gpu_gb is not None:
         if not (math.isfinite(kv_gpu_gb) and kv_gpu_gb > 0):
             raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {kv_gpu_gb}")
-        cap = int(kv_gpu_gb * GiB)
+        cap = int(min(kv_gpu_gb * GiB, 2 ** 62))  # (1e300 GiB: no cap, not an overflow)
         # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
         # so while any layer is offloaded the cap holds one layer's K/V more: offloading n frees n - 1 layers.
         n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu - cap) / layer_bytes) + chunked)
@@ -260,12 +264,12 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need = n * layer_bytes
     where = "are available"
-    if host_bytes is None:  # page-locked memory cannot be swapped or reclaimed: leave the machine some room
-        found = host_available()
+    if host_bytes is None and (found := host_available()):  # (0: unknown, no /proc/meminfo: not checked, as in
+        # engine.check_fits) page-locked memory cannot be swapped or reclaimed: leave the machine some room
         host_bytes = int(max(0, found - max(HOST_KEEP_SHARE * found, HOST_KEEP_MIN)))
         where = (f"may be pinned ({found / GiB:.2f} GiB available; {HOST_KEEP_SHARE:.0%}, at least "
                  f"{HOST_KEEP_MIN / GiB:g} GiB, stays free)")
-    if not need <= host_bytes:  # (a NaN cap refuses too)
+    if host_bytes is not None and not need <= host_bytes:  # (a NaN cap refuses too)
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
                          f"GiB) but {host_bytes} bytes ({host_bytes / GiB:.2f} GiB) {where}; lower "
                          f"--max-seq-len or the batch")

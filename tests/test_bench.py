@@ -97,6 +97,8 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
                                          (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
                                           "--host-gb must be a number of GiB > 0, got 0.0"),
+                                         (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "inf"],
+                                          "--host-gb must be a number of GiB > 0, got inf"),  # (int(inf): a traceback)
                                          (["e2e", "--seqlens", "512", "--budgets", "512", "2048",
                                            "--prefill-len", "512"],
                                           "no --budgets is below any of --seqlens"),

@@ -9,7 +9,7 @@ import torch
 
 import hata_kernels as hk
 import offload
-from engine import PREFILL_CHUNK, decode_one_token, generate, prefill, random_model, setup
+from engine import PREFILL_CHUNK, decode_one_token, generate, plural, prefill, random_model, setup
 from model import KVCache, HataArgs
 from offload import (GiB, HostKVCache, apply_offload, gather_rows, host_available, host_buffer, plan_offload,
                      staged_sparse_attention)
@@ -107,9 +107,9 @@ def test_the_engine_reserves_a_chunk_copy_only_for_a_longer_prompt(capsys):
     """A prompt of one prefill chunk never copies an offloaded layer back, so --kv-gpu-gb offloads one layer fewer."""
     layer, codes = 2 * 1 * 2 * 256 * 16 * 4, 3 * 1 * 2 * 256 * 16  # as above
     args = argparse.Namespace(compile=False, offload=False, kv_gpu_gb=(3 * layer + codes) / GiB)
-    for prompt_len, n in ((PREFILL_CHUNK, 1), (PREFILL_CHUNK + 1, 2)):
-        setup(tiny(), args, 1, 256, prompt_len)
-        assert f"K/V of {n} sparse layers" in capsys.readouterr().err
+    for prompt_len, n in ((PREFILL_CHUNK, 1), (PREFILL_CHUNK + 1, 2)):  # (only the prompt's chunk count matters
+        setup(tiny(), args, 1, 256, prompt_len)  # here, not that it is longer than this 256-position cache)
+        assert f"K/V of {plural(n, 'sparse layer')} in host memory" in capsys.readouterr().err
 
 
 def test_plan_counts_the_codes_set_hata_keeps():
@@ -204,6 +204,9 @@ def test_refuses_when_host_memory_is_too_small(monkeypatch):
         else:
             with pytest.raises(ValueError, match=rf"but {room} bytes .* may be pinned \(.* GiB available; 10%"):
                 apply_offload(tiny(), 1, 256)
+    monkeypatch.setattr(offload, "host_available", lambda: 0)  # unknown (no /proc/meminfo): not checked, as the
+    assert apply_offload(tiny(), 1, 256).host_bytes == 196608  # engine's cache check does ("0 bytes may be pinned")
+    assert apply_offload(tiny(), 1, 256, kv_gpu_gb=1e300).layers == []  # no cap in effect: an overflow before
     layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
     for hata in (None, HataArgs(budget=8, n_dense=4)):  # --dense, or n_dense covering all 4 layers
         with pytest.raises(ValueError, match="nothing to offload: no layer decodes sparsely"):
