@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model,
                    checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
-from offload import host_available, offload_from_args
+from offload import host_available, offload_from_args, plan_offload
 from tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -503,6 +503,7 @@ def run(args):
         check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load: another model's
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
+        check_offload(args, shape, hata, len(prompts), max_seq_len, longest, dtype)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
@@ -524,6 +525,16 @@ def run(args):
             answer = tok.decode([t for t in ids if t not in tok.eos_ids])
             show(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}\n")  # the prompt's start, … where it goes on
     report_speed(timing)
+
+
+def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
+    """--offload / --kv-gpu-gb planned before the weights load, on a model of no memory (the meta device) in their
+    dtype, as setup() will plan the real one: its refusals (no sparse layer, a budget that covers the cache, too
+    little host memory) come at once."""
+    if args.offload or args.kv_gpu_gb is not None:
+        with torch.device("meta"):
+            model = Transformer(shape, hata).to(dtype)
+        plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, chunked=prompt_len > PREFILL_CHUNK)
 
 
 def check_vocab(tok, prompts, vocab_size, name):  # the tokenizer `name` against a model of vocab_size tokens

@@ -166,6 +166,23 @@ def test_offload_flags_are_checked_before_the_model_loads(capsys):
         assert code == 2 and words in error_line(err) and "loaded" not in err, (flags, err)
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_an_offload_plan_that_gains_nothing_is_refused_before_the_weights_load(capsys, monkeypatch):
+    """The plan is made from the checkpoint's metadata on a model of no memory: --n-dense covering every layer, or a
+    budget covering the cache, was refused only after the load (here a CUDA device is pretended; nothing loads)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: 1 / 0)
+    for flags, words in [(["--n-dense", "30"], "nothing to offload: no layer decodes sparsely"),
+                         (["--budget", "1024"], "offloading gains nothing: the budget covers the whole 17-token "
+                                                "cache")]:
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--offload", "--max-new-tokens", "16",
+                               *flags)
+        assert code == 2 and words in error_line(err), err
+    args = argparse.Namespace(offload=False, kv_gpu_gb=1e-9)  # a cap: the plan's own arithmetic, in bf16
+    with pytest.raises(ValueError, match=r"the KV cache needs \d+ bytes on the GPU even with all 3 sparse layers"):
+        engine.check_offload(args, PRESETS["tiny"], HataArgs(n_dense=1, budget=8), 1, 64, 8, torch.bfloat16)
+
+
 def test_bad_device(capsys):
     n = torch.cuda.device_count()
     for device, words in [("xyz", "invalid device_name value: 'xyz'"), (f"cuda:{n}", f"this machine has {n} CUDA"),
