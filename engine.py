@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model,
                    checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
-from offload import host_available, offload_from_args, plan_offload
+from offload import copy_bytes, host_available, offload_from_args, plan_offload
 from tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -534,7 +534,7 @@ def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
     if args.offload or args.kv_gpu_gb is not None:
         with torch.device("meta"):
             model = Transformer(shape, hata).to(dtype)
-        plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, chunked=prompt_len > PREFILL_CHUNK)
+        plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len))
 
 
 def check_vocab(tok, prompts, vocab_size, name):  # the tokenizer `name` against a model of vocab_size tokens
@@ -595,9 +595,13 @@ def plural(n, what="token"):  # "1 token", "2 tokens"
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
+def chunk_copy(prompt_len):  # the positions a later prefill chunk copies back from an offloaded layer (0: one chunk)
+    return prompt_len if prompt_len > PREFILL_CHUNK else 0
+
+
 def setup(model, args, batch, max_seq_len, prompt_len):
     """The caches (in host memory for the sparse layers with --offload), then --compile."""
-    offload_from_args(model, args, batch, max_seq_len, chunked=prompt_len > PREFILL_CHUNK)
+    offload_from_args(model, args, batch, max_seq_len, copy_len=chunk_copy(prompt_len))
     check_cache_memory(model, batch, max_seq_len, prompt_len)
     model.setup_caches(batch, max_seq_len)
     if args.compile:
@@ -608,14 +612,13 @@ def setup(model, args, batch, max_seq_len, prompt_len):
 
 def check_cache_memory(model, batch, max_seq_len, prompt_len):
     """Refuse, before allocating them, caches on the device that would not fit in its free memory beside a prefill
-    chunk's working memory. An 8B model's KV cache on the CPU with --max-new-tokens 200000 (34 GB) ended in the OOM
-    killer, with no message; 8 prompts of 100K tokens on an H200 filled it with caches and ran out in the prefill.
-    Layers whose K/V --offload keeps in host memory count once for a prompt of several chunks, for the GPU copy a
-    later chunk makes of one of them (as plan_offload counts it)."""
+    chunk's working memory (an 8B model's cache on the CPU met the OOM killer; 8 prompts of 100K tokens filled an
+    H200 and ran out in the prefill). With --offload, a prompt of several chunks adds a later chunk's GPU copy of an
+    offloaded layer up to the prompt's end (as plan_offload counts it)."""
     layer_bytes, code_bytes = model.cache_bytes(batch, max_seq_len)
     on_device = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)
-    chunked = prompt_len > PREFILL_CHUNK
-    need = (on_device + (chunked and on_device < model.args.n_layers)) * layer_bytes + code_bytes
+    copy = copy_bytes(layer_bytes, max_seq_len, chunk_copy(prompt_len)) if on_device < model.args.n_layers else 0
+    need = on_device * layer_bytes + copy + code_bytes
     need += model.forward_bytes(batch, min(prompt_len, PREFILL_CHUNK), prompt_len)  # the last chunk sees the prompt
     weight = model.output.weight
     check_fits(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')} and a prefill "

@@ -228,11 +228,17 @@ def _own_cgroups(table="/proc/self/cgroup"):
             [f"/sys/fs/cgroup/memory{path}" for _, kinds, path in lines if "memory" in kinds.split(",")])
 
 
-def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, chunked=True):
+def copy_bytes(layer_bytes, max_seq_len, copy_len=None):
+    """Bytes of a later prefill chunk's GPU copy of an offloaded layer (HostKVCache.update: its K/V up to the chunk's
+    end): copy_len positions of max_seq_len (None: all; 0: a one-chunk prompt, which makes no copy)."""
+    return layer_bytes * min(max_seq_len if copy_len is None else copy_len, max_seq_len) // max_seq_len
+
+
+def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, copy_len=None):
     """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
     layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default what
-    host_available() finds less HOST_KEEP_*) cannot hold the offloaded layers. chunked: a prompt may take more than
-    one prefill chunk, whose attention over an offloaded layer needs a GPU copy of it (HostKVCache.update)."""
+    host_available() finds less HOST_KEEP_*) cannot hold the offloaded layers. copy_len: the prompt's positions
+    that a later prefill chunk copies back from an offloaded layer (copy_bytes; engine.py: the prompt's length)."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse and kv_gpu_gb is None:  # (with a cap, a dense model is only checked against it)
@@ -245,8 +251,9 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
             raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {kv_gpu_gb}")
         cap = int(min(kv_gpu_gb * GiB, 2 ** 62))  # (1e300 GiB: no cap, not an overflow)
         # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
-        # so while any layer is offloaded the cap holds one layer's K/V more: offloading n frees n - 1 layers.
-        n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu - cap) / layer_bytes) + chunked)
+        # so while any layer is offloaded the cap holds that copy too (a whole layer's for a prompt that fills it).
+        copy = copy_bytes(layer_bytes, max_seq_len, copy_len)
+        n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu + copy - cap) / layer_bytes))
         fix = f"raise --kv-gpu-gb to {math.ceil((all_gpu + 1) / GiB * 1000) / 1000:g} (nothing offloaded)"  # up
     if n and hata.budget_tokens(max_seq_len) >= max_seq_len:  # (with --kv-gpu-gb too: such layers never select)
         raise ValueError(f"offloading gains nothing: the budget covers the whole {max_seq_len}-token cache, so every "
@@ -254,7 +261,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     if n and hata.selector != "hash":
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
                          f"reads every key each step, all of it over PCIe: use --selector hash, or {fix}")
-    copy = layer_bytes if chunked and n else 0
+    copy = copy_bytes(layer_bytes, max_seq_len, copy_len) if n else 0
     if kv_gpu_gb is not None and (gpu := all_gpu - n * layer_bytes + copy) > cap:
         held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes"
                 + (" and a later prefill chunk's copy of one offloaded layer)" if copy else ")") if sparse else
@@ -276,18 +283,18 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, need, copy)
 
 
-def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, chunked=True):
+def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, copy_len=None):
     """Plan, then make the planned layers allocate their K/V in host memory at the next setup_caches (call it
     before setup_caches so the GPU never holds them). Returns the plan."""
-    plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_bytes, chunked)
+    plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_bytes, copy_len)
     host_cache = partial(HostKVCache, max_bytes=plan.layer_bytes)  # a larger setup_caches needs a new plan
     for i, layer in enumerate(model.layers):
         layer.attention.kv_cache_cls = host_cache if i in plan.layers else KVCache
     return plan
 
 
-def offload_from_args(model, args, max_batch_size, max_seq_len, chunked=True):
+def offload_from_args(model, args, max_batch_size, max_seq_len, copy_len=None):
     """engine.py's hook, before setup_caches: --offload offloads every sparse layer, --kv-gpu-gb GiB only as many
-    as the cap needs (chunked: see plan_offload). Prints the plan to stderr."""
+    as the cap needs (copy_len: see plan_offload). Prints the plan to stderr."""
     if args.offload or args.kv_gpu_gb is not None:
-        print(apply_offload(model, max_batch_size, max_seq_len, args.kv_gpu_gb, chunked=chunked), file=sys.stderr)
+        print(apply_offload(model, max_batch_size, max_seq_len, args.kv_gpu_gb, copy_len=copy_len), file=sys.stderr)

@@ -230,13 +230,13 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     engine.check_cache_memory(model, 2, 64, 20)  # every layer on the device: no copy for a later chunk
     with pytest.raises(ValueError, match="and a prefill chunk's working memory"):  # setup passes the prompt's length
         engine.setup(model, argparse.Namespace(compile=False, offload=False, kv_gpu_gb=None), 2, 64, 21)
-    for layer in model.layers[2:]:  # --offload's layers: one GPU copy for a later prefill chunk (3 of 4 layers' K/V)
-        layer.attention.kv_cache_cls = functools.partial(KVCache)
+    for layer in model.layers[2:]:  # --offload's layers: 2 of 4 layers' K/V on the device, and a later prefill
+        layer.attention.kv_cache_cls = functools.partial(KVCache)  # chunk's copy of one, up to the prompt's 20
     work = model.forward_bytes(2, 8, 20)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48) + work - 1)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 2 * 20 * 256 + work - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64, 20)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (768 + 48) + work)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 2 * 20 * 256 + work)
     engine.check_cache_memory(model, 2, 64, 20)
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + model.forward_bytes(2, 8, 8))
     engine.check_cache_memory(model, 2, 64, 8)  # one prefill chunk: no copy

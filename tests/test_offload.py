@@ -89,10 +89,15 @@ def test_cap_offloads_only_what_does_not_fit():
     assert plan_offload(model, 1, 256, kv_gpu_gb=(3 * layer + codes - 1) / GiB).layers == [1, 2, 3]
     assert plan_offload(model, 1, 256, kv_gpu_gb=(4 * layer + codes) / GiB).layers == []  # all fit: no copy
     assert "copies" not in str(plan_offload(model, 1, 256, kv_gpu_gb=100))
-    one = plan_offload(model, 1, 256, kv_gpu_gb=cap, chunked=False)  # a one-chunk prompt: no copy, one layer fewer
+    one = plan_offload(model, 1, 256, kv_gpu_gb=cap, copy_len=0)  # a one-chunk prompt: no copy, one layer fewer
     assert one.layers == [3] and one.gpu_bytes == 3 * layer + codes and "copies" not in str(one)
     with pytest.raises(ValueError, match=rf"needs {layer + codes} bytes .* offloaded \(dense layers, hash codes\), "):
-        plan_offload(model, 1, 256, kv_gpu_gb=(layer + codes - 1) / GiB, chunked=False)
+        plan_offload(model, 1, 256, kv_gpu_gb=(layer + codes - 1) / GiB, copy_len=0)
+    copy = 2 * 1 * 2 * 20 * 16 * 4  # a 20-token prompt's copy holds its 20 positions, not the layer's 256
+    part = plan_offload(model, 1, 256, kv_gpu_gb=(3 * layer + codes + copy) / GiB, copy_len=20)
+    assert part.layers == [3] and part.copy_bytes == copy and part.gpu_bytes == 3 * layer + codes
+    assert plan_offload(model, 1, 256, kv_gpu_gb=(3 * layer + codes + copy - 1) / GiB, copy_len=20).layers == [2, 3]
+    assert plan_offload(model, 1, 256, kv_gpu_gb=(3 * layer + codes + copy) / GiB).layers == [2, 3]  # a whole copy
     with pytest.raises(ValueError, match=f"needs {2 * layer + codes} bytes on the GPU") as e:
         plan_offload(model, 1, 256, kv_gpu_gb=(2 * layer + codes - 1) / GiB)  # the dense layer and one copy: no
     assert "\n" not in str(e.value)
