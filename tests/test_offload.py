@@ -58,6 +58,21 @@ def test_offload_gives_the_same_tokens_cpu(chunk, capsys):
     assert "layers [1] keep their K/V in host memory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("hata, steps, partial", [
+    (HATA, 10, True),  # a cap that keeps layer 1 on the device: the plan offloads layers 2 and 3 only
+    (HataArgs(budget=8, n_dense=1, use_norm=True, n_sink=2, n_recent=2), 10, False),  # key norms, forced positions
+    (HATA, 28, False)])  # decoding up to the cache's last position (37 + 27 = 64)
+def test_offload_gives_the_same_tokens_for_other_plans_policies_and_a_full_cache(hata, steps, partial):
+    model = tiny(hata=hata)
+    ref_tokens, ref_logits = decode(model, PROMPTS, steps, 16)
+    layer, codes = model.cache_bytes(2, 64)
+    plan = apply_offload(model, 2, 64, kv_gpu_gb=(3 * layer + codes) / GiB if partial else None)
+    assert plan.layers == ([2, 3] if partial else [1, 2, 3])
+    tokens, logits = decode(model, PROMPTS, steps, 16)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
 def assert_offload_changes_nothing(B, run):
     """run(model) of a tiny model with its caches on the device, then offloaded: the same logits."""
     model, logits = tiny(), []
