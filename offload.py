@@ -129,7 +129,7 @@ def _gather_rows_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) slots
     d = tl.arange(0, D)                                                        # (D,)
     rows = tl.load(idx_ptr + pid_bh * K + n, mask=n < K, other=-1)             # (BLOCK_N,) int32
-    used = rows >= 0
+    used = rows >= 0                                                           # (BLOCK_N,); k, v: (BLOCK_N, D)
     rows = tl.where(used, rows, 0).to(tl.int64)
     k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * sks + d[None, :], mask=used[:, None], other=0.0)
     v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + d[None, :], mask=used[:, None], other=0.0)
@@ -141,7 +141,7 @@ def _gather_rows_kernel(
 def gather_rows(k_far, v_far, idx, use_triton=None):
     """k_far, v_far (B, Hkv, S_max, D) with unit stride along D; idx (B, Hkv, K) int32, -1 = unused. Returns
     k_sel, v_sel (B, Hkv, K, D) on idx's device (zeros in unused slots) and their own index (B, Hkv, K) int32:
-    slot n holds row n, unused slots stay -1."""
+    slot n of k_sel holds row idx[..., n], so local[..., n] = n, and -1 where idx is."""
     B, Hkv, K = idx.shape
     D = k_far.shape[-1]
     slots = torch.arange(K, dtype=torch.int32, device=idx.device)
