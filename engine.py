@@ -735,7 +735,7 @@ def show(text):  # the answers, on standard output; a failed write (a full disk)
 class Streamer:
     """Prints one sequence's text as tokens arrive, holding back bytes that do not yet form a character. A step
     decodes only the ids from CONTEXT tokens before the last print (all of them, every step, would cost time growing
-    with the length squared); the context keeps what a token's text owes its neighbours (sentencepiece's first space)."""
+    with the length squared); the context keeps what a token's text owes its neighbours (sentencepiece's 1st space)."""
     CONTEXT = 4
 
     def __init__(self, tok):
