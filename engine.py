@@ -493,7 +493,8 @@ def run(args):
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
-        why = "; the tokenizer knows none of its characters" if texts[(i := [len(p) for p in prompts].index(0))] else ""
+        i = [len(p) for p in prompts].index(0)
+        why = "; the tokenizer knows none of its characters" if texts[i] else ""
         raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
@@ -529,8 +530,7 @@ def run(args):
 
 def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
     """--offload / --kv-gpu-gb planned before the weights load, on a model of no memory (the meta device) in their
-    dtype, as setup() will plan the real one: its refusals (no sparse layer, a budget that covers the cache, too
-    little host memory) come at once."""
+    dtype, as setup() will plan the real one: a plan that gains nothing or does not fit is refused at once."""
     if args.offload or args.kv_gpu_gb is not None:
         with torch.device("meta"):
             model = Transformer(shape, hata).to(dtype)
