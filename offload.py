@@ -245,14 +245,13 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
         raise ValueError("nothing to offload: no layer decodes sparsely (--dense, or --n-dense covers every layer)")
     layer_bytes, code_bytes = model.cache_bytes(max_batch_size, max_seq_len)
     all_gpu = args.n_layers * layer_bytes + code_bytes
-    n, fix = len(sparse), "drop --offload"
+    n, fix, copy = len(sparse), "drop --offload", copy_bytes(layer_bytes, max_seq_len, copy_len)
     if kv_gpu_gb is not None:
         if not (math.isfinite(kv_gpu_gb) and kv_gpu_gb > 0):
             raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {kv_gpu_gb}")
         cap = int(min(kv_gpu_gb * GiB, 2 ** 62))  # (1e300 GiB: no cap, not an overflow)
         # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
         # so while any layer is offloaded the cap holds that copy too (a whole layer's for a prompt that fills it).
-        copy = copy_bytes(layer_bytes, max_seq_len, copy_len)
         n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu + copy - cap) / layer_bytes))
         fix = f"raise --kv-gpu-gb to {math.ceil((all_gpu + 1) / GiB * 1000) / 1000:g} (nothing offloaded)"  # up
     if n and hata.budget_tokens(max_seq_len) >= max_seq_len:  # (with --kv-gpu-gb too: such layers never select)
@@ -261,7 +260,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     if n and hata.selector != "hash":
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
                          f"reads every key each step, all of it over PCIe: use --selector hash, or {fix}")
-    copy = copy_bytes(layer_bytes, max_seq_len, copy_len) if n else 0
+    copy = copy if n else 0  # (nothing offloaded: nothing copied back)
     if kv_gpu_gb is not None and (gpu := all_gpu - n * layer_bytes + copy) > cap:
         held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes"
                 + (" and a later prefill chunk's copy of one offloaded layer)" if copy else ")") if sparse else
