@@ -560,10 +560,10 @@ def bench_e2e(args):
 
 
 def bench_cpu(args):
-    """Whole-model decode ms/token of the default model (real weights, fp32) on the CPU: dense against HATA at
-    --budget (tokens or a fraction of S) with the shipped projections, at each context S. The caches hold random K/V
-    (a step costs the same whatever the values) and every step decodes at position S - 1. Dense and HATA alternate
-    for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
+    """Decode ms/token of the default model on the CPU (real weights, fp32): dense against HATA at --budget with
+    the shipped projections, at each context S: a step at position S - 1 of a cache one slot longer (as every
+    engine.py step but a full cache's last), with random K/V (the values do not change the cost). Dense and HATA
+    alternate for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
     from engine import default_checkpoint, shipped_hash_weights
     from model import HataArgs, from_checkpoint
 
@@ -576,9 +576,10 @@ def bench_cpu(args):
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []
     for S in args.seqlens:
-        K = hata.budget_tokens(S)  # the cache holds S tokens: a fraction is of S
+        S_max = min(S + 1, model.args.max_seq_len)  # a step attends over a prefix of its cache, as in engine.py
+        K = hata.budget_tokens(S_max)  # a fraction is of the cache, as in engine.py
         model.set_hata(None)
-        model.setup_caches(1, S)
+        model.setup_caches(1, S_max)
         fill_random_kv(model)
         cur, pos = torch.tensor([[1]]), torch.tensor([S - 1])
         times = {"dense": [], "hata": []}
@@ -662,7 +663,7 @@ def build_parser():
     p.add_argument("--profile", action="store_true", help="also a kernel census of one replay of each step")
     p = add_mode("cpu", "the default model's decode ms/token on the CPU, dense vs HATA")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[16, 1024, 4096, 8192], help="cached tokens S")
-    p.add_argument("--budget", type=parse_budget, default=512, help="HATA's K: tokens, or a fraction of S like 1/16")
+    p.add_argument("--budget", type=parse_budget, default=512, help="HATA's K: tokens or a fraction of the cache, 1/16")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
     p.add_argument("--threads", type=thread_count, help="torch threads (default: torch's choice; 1 when other work "

@@ -35,14 +35,15 @@ Conventions (the contract with model.py):
   The refs return positions ascending, then the -1s, and so do the Triton kernels today; callers should
   still treat a selection as a set (a kernel may change its order).
 - Strides: every op accepts non-contiguous inputs. The Triton paths read x, q, k_cache, v_cache and idx
-  through their strides (cache views k_cache[:, :, :S] cost nothing); k_codes may be any view whose (S, W)
-  rows are packed (codes[:, :, :S] of a (B, Hkv, S_max, W) buffer is), anything else is copied first.
+  through their strides (views k_cache[:, :, :S] cost nothing; the attention ref copies them); k_codes may be
+  any view whose (S, W) rows are packed (codes[:, :, :S] of a (B, Hkv, S_max, W) buffer is), else a copy.
 """
 import math
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -102,8 +103,7 @@ def _planes(G):
 def _popcount(x, HW_POPC: tl.constexpr):
     """popcount of each int32 lane. SWAR bit trick (exact, also in the interpreter) or the PTX popc."""
     if HW_POPC:
-        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True,
-                                         pack=1)
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
     else:
         # bit counts of 2-bit fields, then 4-bit fields, then bytes; the two folds add the four byte counts into
         # the low byte (<= 32). Arithmetic right shifts are harmless: every mask clears the sign-extended bits
@@ -261,10 +261,13 @@ def hash_encode_ref(x, proj):
 
 
 def hash_encode_step_ref(q, k, proj, code_cache, pos):
-    """Definition: hash_encode_ref of the queries, and of the keys into the cache at pos."""
-    b = torch.arange(k.shape[0], device=k.device)                              # (B,)
-    code_cache[b, :, pos.long()] = hash_encode_ref(k[:, :, None], proj)[:, :, 0]  # (B, Hkv, W) into the cache
-    return hash_encode_ref(q[:, :, None], proj)[:, :, 0]                       # (B, H, W) int32
+    """Definition: hash_encode_ref of the queries, and of the keys into the cache at pos: the G query heads of a KV
+    head and its key are G + 1 rows of that head's projection, one encode (as the kernel's one launch)."""
+    (B, H, D), Hkv = q.shape, k.shape[1]
+    x = torch.cat([q.view(B, Hkv, H // Hkv, D), k[:, :, None]], dim=2)        # (B, Hkv, G + 1, D)
+    codes = hash_encode_ref(x, proj)                                           # (B, Hkv, G + 1, W) int32
+    code_cache[torch.arange(B, device=k.device), :, pos.long()] = codes[:, :, -1]  # (B, Hkv, W) into the cache
+    return codes[:, :, :-1].reshape(B, H, -1)                                  # (B, H, W) int32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -824,25 +827,22 @@ def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=Non
 
 def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     """Definition. Memory: gathers the K selected key and value rows per KV head (2*B*Hkv*K*D*itemsize B; reshape
-    copies a non-contiguous cache view first), writes B*H*D. Accumulates in fp32 (fp64 for fp64 inputs)."""
+    copies a [:, :, :S] view first: pass whole caches), writes B*H*D. Accumulates in fp32 (fp64 for fp64 inputs)."""
     B, H, D = q.shape
     _, Hkv, S_max, _ = k_cache.shape
-    K = idx.shape[-1]
-    G = H // Hkv
+    K, G = idx.shape[-1], H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     used = idx >= 0                                                            # (B, Hkv, K) bool
     bh = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1)                # (B, Hkv, 1)
     rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
-    v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
-    v_sel = v_sel.masked_fill(~used[..., None], 0.0)                           # (B, Hkv, K, D); -1's row 0: maybe NaN
+    v_sel = v_cache.reshape(-1, D).index_select(0, rows)                       # (B*Hkv*K, D)
+    v_sel = v_sel.index_fill_(0, (~used).flatten().nonzero()[:, 0], 0.0)       # -1 read row 0 (maybe NaN): zeros
+    v_sel = v_sel.view(B, Hkv, K, D).to(acc)                                   # (B, Hkv, K, D)
     qg = q.view(B, Hkv, G, D).to(acc)                                          # (B, Hkv, G, D)
-    s = (qg @ k_sel.transpose(-1, -2)) * scale                                 # (B, Hkv, G, K)
-    s = s.masked_fill(~used[:, :, None, :], -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                               # rows with nothing selected: 0
-    out = p @ v_sel                                                            # (B, Hkv, G, D)
-    return out.reshape(B, H, D).to(q.dtype)                                    # (B, H, D)
+    out = F.scaled_dot_product_attention(qg, k_sel, v_sel, attn_mask=used[:, :, None, :], scale=scale)  # (B, Hkv, G, D)
+    return out.nan_to_num(0.0).reshape(B, H, D).to(q.dtype)  # (B, H, D); nothing selected: NaN or 0 by backend -> 0
 
 
 # Split-K decode attention over gathered rows: program (split, b*Hkv + h) gathers BLOCK_N selected rows of K

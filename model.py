@@ -318,7 +318,7 @@ class Attention(nn.Module):
                 self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
 
         if self.hata is not None and T == 1 and self.budget < S:  # a sparse decode step (K >= S: dense, the same)
-            y = self.sparse_decode(q[:, :, 0], q_codes, keys[:, :, :S], values[:, :, :S], lengths)[:, :, None]
+            y = self.sparse_decode(q[:, :, 0], q_codes, keys, values, S, lengths)[:, :, None]  # (B, H, 1, D)
         elif mask is None:  # a prefill chunk, at the same positions in every sequence
             y = causal_attention(q, keys[:, :, :S], values[:, :, :S])  # (B, H, T, D)
         elif T == 1 and not q.is_cuda:  # CPU dense decode: the G query heads of a KV head form one (G, D) block
@@ -328,16 +328,17 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, keys[:, :, :S], values[:, :, :S], attn_mask=mask, enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, dim)
 
-    def sparse_decode(self, q, q_codes, keys, values, lengths):
-        """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S, D), S <= S_max the positions that
-        may be valid; lengths (B,). Returns (B, H, D)."""
+    def sparse_decode(self, q, q_codes, keys, values, S, lengths):
+        """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S_max, D), the whole caches; S <= S_max
+        the positions that may be valid; lengths (B,). Returns (B, H, D). The attention gets the whole caches, not
+        their [:, :, :S] view: it reads only the selected rows, and a view would make the refs copy the first S rows
+        of each (B, Hkv) first, as many bytes as dense attention reads."""
         hata, K = self.hata, self.budget
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
-            idx = select_topk(-self.group_probs(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
+            idx = select_topk(-self.group_probs(q, keys[:, :, :S], lengths), lengths, K, hata.n_sink, hata.n_recent)
         elif hata.selector == "quest":
-            idx = select_topk(-self.quest_bounds(q, keys, lengths), lengths, K, hata.n_sink, hata.n_recent)
+            idx = select_topk(-self.quest_bounds(q, keys[:, :, :S], lengths), lengths, K, hata.n_sink, hata.n_recent)
         else:
-            S = keys.shape[2]
             codes = self.hash_cache.codes[:, :, :S]  # (B, Hkv, S, W) int32
             if hata.use_norm:
                 G, R = self.n_heads // self.n_kv_heads, hata.rbit

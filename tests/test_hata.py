@@ -366,6 +366,21 @@ def test_decode_through_the_kernels_matches_the_refs(monkeypatch, use_norm, dtyp
     assert torch.equal(runs[1].argmax(-1), runs[0].argmax(-1))
 
 
+def test_sparse_decode_attends_over_the_whole_caches(monkeypatch):
+    """A sparse step hands the attention the caches themselves, not their [:, :, :S] view: the refs would copy a
+    view's first S rows (as many bytes as dense attention reads) before gathering the K selected ones."""
+    model = Transformer(PRESETS["tiny"], HataArgs(budget=4, n_dense=0))
+    model.setup_caches(2, 32)
+    seen = []
+    monkeypatch.setattr(model_module, "sparse_decode_attention", lambda q, k, v, idx: seen.append((k, v)) or q)
+    lengths = torch.tensor([9, 6])
+    with torch.inference_mode():
+        prefill(model, torch.randint(0, 64, (2, 9)), lengths)
+        decode_one_token(model, torch.tensor([1, 2]), lengths)
+    caches = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in model.layers]
+    assert len(seen) == len(caches) and all(k is ck and v is cv for (k, v), (ck, cv) in zip(seen, caches))
+
+
 def test_oracle_scores_are_the_group_summed_attention(monkeypatch):
     """The oracle's score, written out in float64 loops: softmax(q_j . k_s / sqrt(D)) over the valid positions,
     summed over the G query heads j of the KV head; its top K (the newest first on ties) is what the layer's
@@ -379,7 +394,7 @@ def test_oracle_scores_are_the_group_summed_attention(monkeypatch):
     G, gen = H // Hkv, torch.Generator().manual_seed(3)
     q, keys, lengths = torch.randn(B, H, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen), [23, 9]
     probs = attn.group_probs(q, keys, torch.tensor(lengths))  # (B, Hkv, S)
-    attn.sparse_decode(q, None, keys, keys, torch.tensor(lengths))
+    attn.sparse_decode(q, None, keys, keys, S, torch.tensor(lengths))
     for b in range(B):
         for h in range(Hkv):
             want = [0.0] * S
