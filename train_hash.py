@@ -49,13 +49,13 @@ from model import (HataArgs, apply_rope, from_checkpoint, key_signature, load_ha
                    random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # report budgets, fractions of the context
+BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # fractions of the keys a query sees (report) or of the cache (eval.py)
+LOSS_DEFAULTS = {"listwise": dict(sigma=80.0, eta=0.5), "pair": dict(sigma=0.1, eta=2.0)}  # (EVAL.md)
 
 
 def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20", 0.1234567 -> "0.1234567"
     q = fractions.Fraction(f).limit_denominator(10 ** 6)
     return f"{q.numerator}/{q.denominator}" if float(q) == f else f"{f:.10g}"
-LOSS_DEFAULTS = {"listwise": dict(sigma=80.0, eta=0.5), "pair": dict(sigma=0.1, eta=2.0)}  # (EVAL.md)
 
 
 @contextlib.contextmanager
@@ -184,7 +184,7 @@ def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, label
         for l, (q, k) in enumerate(capture_qk(model, windows[i])):
             if l < n_dense:
                 continue
-            q, k = q.float().cpu(), k.float().cpu()  # (H, S, D), (Hkv, S, D): plain tensors, outside inference
+            q, k = q.float().cpu(), k.float().cpu()  # (H, S, D), (Hkv, S, D); copied into the buffers below
             if l not in samples:
                 samples[l] = {"q": torch.empty(N, len(ts), q.shape[0], q.shape[2]),
                               "k": torch.empty(N, *k.shape, dtype=torch.float16),
@@ -208,12 +208,14 @@ def relax(x, P, sigma):
     return torch.tanh((0.5 * sigma) * (x @ P))  # (..., Hkv, n, R)
 
 
-def hash_loss(P, q, k, labels, sigma=0.1, eps=0.01, lam=1.0, eta=2.0, loss="pair", alpha=10.0):
+def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="listwise", alpha=15.0):
     """P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple.
     Query head j pairs with the keys of KV head j // G. Returns (loss, (pair, balance, ortho)):
     pair = eps sum(label ||h(q) - h(k)||^2) / N, balance = lam ||mean(h(q) + h(k)) / R||^2 (means over the N
     triples), ortho = eta sum over KV heads of ||P^T P - I||_F. loss="listwise" replaces pair by
-    listwise_term(alpha) and relaxes unit vectors (a code does not change with the length of x)."""
+    listwise_term(alpha) and relaxes unit vectors (a code does not change with the length of x). The defaults are
+    the command line's: sigma and eta None take LOSS_DEFAULTS[loss]."""
+    sigma, eta = (LOSS_DEFAULTS[loss][n] if x is None else x for n, x in (("sigma", sigma), ("eta", eta)))
     b, nq, H, D = q.shape
     Hkv, S, R = k.shape[1], k.shape[2], P.shape[2]
     G = H // Hkv
@@ -266,7 +268,7 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
     Returns (P, [loss terms at the first step], [mean loss terms over the last 10%])."""
     P = P0.clone().requires_grad_()
     opt = torch.optim.SGD([P], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
-    dev, history, loss_name = P.device, [], hp.get("loss", "pair")
+    dev, history, loss_name = P.device, [], hp["loss"]
     (N, nq, H, _), S = sample["q"].shape, sample["k"].shape[2]
     if "labels" not in sample and loss_name == "pair":
         raise ValueError("the pair loss needs labels: collect_samples(..., labels=True)")
@@ -284,8 +286,7 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
             continue
         if hp.get("shift"):
             q, k = shift_positions(q, k, torch.randint(hp["shift"], (batch,), generator=gen), inv_freq)
-        loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"], loss_name,
-                                hp.get("alpha", 10.0))
+        loss, terms = hash_loss(P, q, k, lab, hp["sigma"], hp["eps"], hp["lam"], hp["eta"], loss_name, hp["alpha"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -307,14 +308,13 @@ def shift_positions(q, k, offsets, inv_freq):
 
 
 def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
-    """Train every sparse layer from the seeded random projections, scaled to unit-norm columns (the
-    orthogonality term's diagonal; for R > D it cannot reach 0, its minimum P P^T = I_D has columns of norm
-    sqrt(D / R)). Returns {layer: (Hkv, D, R)}."""
+    """Train every sparse layer from its seeded random projection over sqrt(D) (columns of unit norm in expectation;
+    for R > D the orthogonality term's minimum P P^T = I_D has norms sqrt(D / R)). Returns {layer: (Hkv, D, R)}."""
     args, dev = model.args, model.output.weight.device
     gen = torch.Generator().manual_seed(seed)
     inv_freq = rope_frequencies(args, model.rope_factors)  # (D/2,) for hp["shift"]
     projs = {}
-    print(f"layer  loss(first -> last)   {hp.get('loss', 'pair'):9s} balance   ortho    (R={rbit})")  # ranking term
+    print(f"layer  loss(first -> last)   {hp['loss']:9s} balance   ortho    (R={rbit})")  # ranking term
     for l, P0 in tqdm(random_hash_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
         with one_thread(dev):
             P, first, last = train_layer(P0.to(dev) / math.sqrt(args.head_dim), samples[l], steps, batch, keys,
@@ -402,7 +402,7 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     gap < 0: the mean over the budgets of the captured-mass difference, trained - random."""
     start = {r: random_hash_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
-    res = evaluate(model, windows, selectors, n_dense, queries, seed + 1, query_from, desc="guard")
+    res = evaluate(model, windows, selectors, n_dense, queries, (seed + 1) % 2**64, query_from, desc="guard")  # <2^64
     out = {}
     for r, projs in trained.items():
         out[r] = kept, back = {}, []
@@ -507,7 +507,7 @@ def build_parser():
     p.add_argument("--n-dense", type=int, help=f"leading dense layers (no projection; default: the --hash-weights "
                    f"files' own, else {h.n_dense})")
     p.add_argument("--seed", type=torch_seed, default=0, help="seed of the windows, queries and training draws "
-                   "(the random baseline is the engine's own seeded projection)")
+                   "(--report's random baseline is the engine's own seeded projection, seed 0)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
     t = p.add_argument_group("training (--out)")
@@ -558,7 +558,7 @@ REPORT = ("--hash-weights", "--eval-seqs", "--eval-len", "--eval-queries", "--re
 
 
 def run(args):
-    """Every flag checked before anything loads; then the model, and one of the two modes."""
+    """Every flag checked before anything loads (--n-dense's upper bound: after the model); then one of the modes."""
     from tokenizer import Tokenizer
     if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
@@ -605,9 +605,11 @@ def run(args):
 
 def training_settings(args):
     """The training's hyperparameters from the flags (the loss's defaults for --sigma, --eta), each checked."""
-    if not (0 <= args.query_from < 1 and args.val_seqs >= 0 and 0 <= args.shift < 2 ** 31):
-        raise ValueError(f"--query-from {args.query_from} must lie in [0, 1), --val-seqs {args.val_seqs} >= 0 and "
-                         f"--shift {args.shift} in [0, 2^31)")
+    limits = ((0 <= args.query_from < 1, f"--query-from {args.query_from} must lie in [0, 1)"),
+              (args.val_seqs >= 0, f"--val-seqs {args.val_seqs} must be >= 0"),
+              (0 <= args.shift < 2 ** 31, f"--shift {args.shift} must lie in [0, 2^31)"))
+    if bad := [msg for ok, msg in limits if not ok]:
+        raise ValueError("; ".join(bad))
     if args.seq_len < (least := round(1 / min(BUDGETS))):  # (--seq-len 1 trained on one key and saved the result)
         raise ValueError(f"--seq-len {args.seq_len}: at least {least}, where the smallest budget, 1/{least}, is one "
                          "key")
@@ -680,8 +682,7 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
 def write_hash_report(args, model, tok, docs, gen, t0):
     """Selection quality on windows of the held-out documents: the oracle, the trained files (--hash-weights, else
     the shipped ones for the default model) and random projections of their sizes; tables and plots to --report-dir."""
-    margs = model.args
-    files = args.hash_weights
+    margs, files = model.args, args.hash_weights
     if files is None and is_default_model(args.checkpoint):  # the shipped projections, made with --n-dense 2
         files = [p for r in args.rbit or (64, 128, 256)
                  if os.path.isfile(p := f"{HERE}/weights/smollm2-135m-r{r}.safetensors")]
@@ -705,7 +706,8 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     lengths = list(dict.fromkeys(min(L, margs.max_seq_len) for L in args.eval_len))  # once each, cut to the context
     refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
     text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {plural(len(docs), 'document')}; "
-            f"budget K = ceil(f * context) per KV head.\nCommand: python train_hash.py {args.command}\n")
+            "budget K = ceil(f * (t + 1)) per KV head, for a query at t (the keys it sees).\n"
+            f"Command: python train_hash.py {args.command}\n")
     windows = {L: token_windows(tok, docs, L, args.eval_seqs, gen) for L in lengths}  # all checked first
     results = {L: evaluate(model, w, selectors, args.n_dense, args.eval_queries, args.seed) for L, w in windows.items()}
     for seq_len, res in results.items():  # nothing is written until every length is measured

@@ -45,7 +45,7 @@ def tiny_batch():
 def test_pair_and_balance_terms_by_hand(tiny_batch):
     P, q, k, labels = tiny_batch
     sigma, eps, lam, R = 0.3, 0.05, 2.0, P.shape[2]
-    _, (pair, balance, _) = th.hash_loss(P, q, k, labels, sigma=sigma, eps=eps, lam=lam, eta=0.0)
+    _, (pair, balance, _) = th.hash_loss(P, q, k, labels, sigma=sigma, eps=eps, lam=lam, eta=0.0, loss="pair")
     ts = list(triples(q, k, labels))
     want_pair = eps * sum(y * (h(x, P[g], sigma) - h(z, P[g], sigma)).square().sum() for g, x, z, y in ts) / len(ts)
     mean = sum(h(x, P[g], sigma) + h(z, P[g], sigma) for g, x, z, _ in ts) / len(ts)  # (R,)
@@ -80,11 +80,24 @@ def test_listwise_term_by_hand(tiny_batch):
     torch.testing.assert_close(kl, torch.stack(want).mean())
 
 
+@pytest.mark.parametrize("loss", ["pair", "listwise"])
+def test_the_loss_defaults_are_the_command_lines(tiny_batch, loss):
+    """hash_loss's defaults are train_hash.py's: sigma and eta from LOSS_DEFAULTS[loss], eps, lam and alpha the
+    parser's (the listwise loss once ran at the pair loss's sigma 0.1, on unit vectors: nearly flat codes)."""
+    P, q, k, labels = tiny_batch
+    d, parser = th.LOSS_DEFAULTS[loss], th.build_parser()
+    assert parser.get_default("loss") == "listwise"
+    flags = [parser.get_default(n) for n in ("eps", "lam", "alpha")]
+    want = th.hash_loss(P, q, k, labels, d["sigma"], flags[0], flags[1], d["eta"], loss, flags[2])
+    got = th.hash_loss(P, q, k, labels, loss=loss)
+    assert all(torch.equal(a, b) for a, b in zip([want[0], *want[1]], [got[0], *got[1]]))
+
+
 def test_orthogonality_term_by_hand():
     D = R = 8
     P = torch.stack([torch.eye(D), 2 * torch.eye(D)]).double()  # head 0: P^T P = I, head 1: 4 I
     q, k, labels = torch.zeros(1, 1, 2, D).double(), torch.zeros(1, 2, 3, D).double(), -torch.ones(1, 1, 2, 3)
-    _, (_, _, ortho) = th.hash_loss(P, q, k, labels.double(), eta=2.0)
+    _, (_, _, ortho) = th.hash_loss(P, q, k, labels.double(), eta=2.0, loss="pair")
     torch.testing.assert_close(ortho, torch.tensor(2.0 * 3 * math.sqrt(R)).double())  # ||3 I||_F = 3 sqrt(R)
 
 
@@ -199,7 +212,7 @@ def test_steps_without_a_visible_key_are_skipped():
     g = torch.Generator().manual_seed(0)
     sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 64, 8, generator=g),
               "t": torch.zeros(2, 1, dtype=torch.long)}
-    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise")
+    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0)
     P0 = torch.randn(2, 8, 32, generator=g)
     P, first, _ = th.train_layer(P0, sample, 40, 2, 4, torch.Generator().manual_seed(0), hp)
     assert P.isfinite().all() and not torch.equal(P, P0) and math.isfinite(first[0])
@@ -225,7 +238,7 @@ def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path)
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(args.vocab_size, (8, 192), generator=gen)  # (N, S) random tokens
     samples = th.collect_samples(model, windows, n_dense, queries=8, gen=gen)
-    hp = dict(lr=0.1, momentum=0.9, wd=1e-6, sigma=0.1, eps=0.01, lam=1.0, eta=2.0)
+    hp = dict(lr=0.1, momentum=0.9, wd=1e-6, sigma=0.1, eps=0.01, lam=1.0, eta=2.0, loss="pair", alpha=15.0)
     projs = th.train(model, samples, R, n_dense, steps=100, batch=4, keys=128, seed=0, hp=hp)
 
     path = str(tmp_path / "tiny.safetensors")
@@ -249,7 +262,7 @@ def test_training_starts_from_the_seeded_random_projections_scaled(monkeypatch):
     """Each layer starts from random_hash_projections' draw over sqrt(head_dim): unit-norm columns in expectation."""
     args, starts = PRESETS["tiny"], {}
     monkeypatch.setattr(th, "train_layer", lambda P0, sample, *a: (starts.setdefault(sample, P0), [0.0], [0.0] * 4))
-    th.train(Transformer(args), {2: 2, 3: 3}, 32, 2, steps=1, batch=1, keys=1, seed=0, hp={})
+    th.train(Transformer(args), {2: 2, 3: 3}, 32, 2, steps=1, batch=1, keys=1, seed=0, hp={"loss": "listwise"})
     for l, P in th.random_hash_projections(args, 32, 2, 0).items():
         torch.testing.assert_close(starts[l], P / math.sqrt(args.head_dim), rtol=0, atol=0)
 
@@ -395,6 +408,16 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     assert all(torch.equal(both[R][0][l], out[l]) for l in out)
 
 
+def test_the_guard_takes_the_largest_seed(tiny_model):
+    """--seed 2^64 - 1, the largest a torch generator takes: the guard draws its validation queries with the next
+    seed, wrapped (2^64 overflowed after the whole training, before the save). Heads equal to their start stay."""
+    model, args, R, n_dense, seed = tiny_model, PRESETS["tiny"], 32, 2, 2 ** 64 - 1
+    projs = {l: P / math.sqrt(args.head_dim) for l, P in th.random_hash_projections(args, R, n_dense, seed).items()}
+    windows = torch.randint(args.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
+    out, back = th.guard_heads(model, {R: projs}, windows, n_dense, query_from=0.25, seed=seed, queries=8)[R]
+    assert back == [] and all(torch.equal(out[l], P) for l, P in projs.items())
+
+
 @pytest.mark.parametrize("argv, named", [(["--query-from", "1.5"], "--query-from 1.5"),
                                          (["--query-from", "-0.1"], "--query-from -0.1"),
                                          (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100"),
@@ -406,7 +429,7 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
                                          (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
                                          (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
                                          (["--lr", "inf"], "--lr inf"), (["--wd", "nan"], "--wd nan"),
-                                         (["--shift", str(2 ** 31)], "--shift 2147483648 in [0, 2^31)"),
+                                         (["--shift", str(2 ** 31)], "--shift 2147483648 must lie in [0, 2^31)"),
                                          (["--rbit", "2048"], "in [32, 1024], got 2048"),
                                          (["--report", "--out", "", "--report-dir", "/dev/null/r"],
                                           "--report-dir: cannot write in /dev/null/r"),
@@ -427,6 +450,13 @@ def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and named in err  # the message names the bad value
     assert "nonexistent" not in err  # the arguments fail, not the missing checkpoint
+
+
+def test_a_value_out_of_range_names_only_its_flag(capsys):
+    """--query-from 1.5 is named alone (the message once restated --val-seqs and --shift, whose values were fine)."""
+    assert th.main(["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf", "--query-from", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --query-from 1.5 must lie in [0, 1)\n" in err and "--val-seqs" not in err
 
 
 def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys):
@@ -477,7 +507,8 @@ def test_listwise_needs_only_the_query_positions(tiny_model):
                                       query_from=0.25, labels=lab) for lab in (True, False))
     assert "labels" not in light[2] and torch.equal(full[2]["t"], light[2]["t"])
     assert int(full[2]["t"].min()) >= 24
-    hp = dict(lr=0.1, momentum=0.9, wd=1e-6, sigma=80.0, eps=0.01, lam=1.0, eta=0.5, shift=0, loss="listwise")
+    hp = dict(lr=0.1, momentum=0.9, wd=1e-6, sigma=80.0, eps=0.01, lam=1.0, eta=0.5, shift=0, loss="listwise",
+              alpha=15.0)
     P0 = th.random_hash_projections(args, 32, 2)[2] / math.sqrt(args.head_dim)
     Pa, Pb = (th.train_layer(P0, s[2], 5, 2, 40, torch.Generator().manual_seed(1), hp)[0] for s in (full, light))
     torch.testing.assert_close(Pa, Pb, rtol=0, atol=0)
@@ -567,5 +598,6 @@ def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_pat
     assert th.main(base + ["--eval-len", "64", "--eval-queries", "40", "--n-dense", "3", "--rbit", "64"]) == 0
     text, err = (tmp_path / "hash_quality.md").read_text(), capsys.readouterr().err
     assert "1 window, 32 queries each" in text and "trained R=" not in text and "random R=64" in text
-    assert "Held-out text: 1 document;" in text and "text: 1 training document, 1 held out" in err
+    assert "Held-out text: 1 document; budget K = ceil(f * (t + 1)) per KV head, for a query at t" in text  # not C
+    assert "text: 1 training document, 1 held out" in err
     assert "note: the shipped projections are for --n-dense 2" in err
