@@ -158,10 +158,14 @@ def test_kept_share_counts_only_dense_correct_samples():
 def test_dense_passkey_at_1k_and_report(smol, tok, tmp_path):
     hays = {"noise": ev.Haystack(tok, ev.NOISE * 300)}
     specs = [(1024, "single", "noise", 0.5, 1), (1024, "multikey", "noise", 0.2, 2)]
+    trained = f"{ev.HERE}/weights/smollm2-135m-r128.safetensors"
     pols = [("dense", None, None), ("oracle", 1 / 8, HataArgs(selector="oracle", budget=1 / 8))]
+    pols += [("hata-trained", f, HataArgs(budget=f, hash_weights=trained)) for f in (1 / 16, 1 / 32)]
     recs = ev.run_retrieval(smol, tok, hays, specs, pols, batch=2)
     assert [r["correct"]["dense"] for r in recs] == [True, True], [r["dense_output"] for r in recs]
     assert [r["correct"]["oracle 1/8"] for r in recs] == [True, True]  # the exact top 1/8 keeps the key
+    # the shipped codes find the key at K = 64 and 32 of 1024 (codes left at 0, a recent window, do not)
+    assert [r["correct"][f"hata-trained {f}"] for r in recs for f in ("1/16", "1/32")] == [True] * 4
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "ppl_context": 0, "seconds": {},
                "retrieval": recs}
     (tmp_path / "eval_test_results.json").write_text(text := json.dumps(results))

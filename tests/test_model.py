@@ -64,6 +64,7 @@ def test_kv_cache_decode_equals_full_rerun(smol):
             cached.append(smol(torch.tensor([[seq[pos]]]), torch.tensor([pos]))[0, -1])
         full = logits_of(smol, seq[:len(ids) + 20])[len(ids):]  # (20, V)
     torch.testing.assert_close(torch.stack(cached), full, atol=1e-4, rtol=0)
+    assert full.argmax(-1).tolist() == new[0][1:21]  # generate's greedy tokens are the full passes' too
 
 
 def test_prefill_after_cached_prefix(smol, monkeypatch):
