@@ -479,7 +479,7 @@ def _order_key_int32(score):
 
 
 def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
-    """score (B, Hkv, S) any real dtype, smaller is closer -> idx (B, Hkv, budget) int32 ascending, -1 padded.
+    """score (B, Hkv, S) any real dtype, smaller is closer -> idx (B, Hkv, budget) int32, -1 padded: a set.
     Both paths order float scores by their fp32 value; integer scores must fit in int32."""
     _check(score.dim() == 3, f"select_topk: score must be (B, Hkv, S), got shape {tuple(score.shape)}")
     _check(score.dtype != torch.bool and not score.is_complex(), f"select_topk: score must be real, got {score.dtype}")
