@@ -352,22 +352,26 @@ def test_a_save_that_fails_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
 
 def test_selection_quality_by_hand():
     """One query over 16 keys of which the last 4 come after it: the oracle's recall is 1 and its mass is the dense
-    softmax mass of its top K; a zero projection ties every key, so it keeps the newest K; future keys never count."""
+    softmax mass of its top K; a zero projection ties every key, so it keeps the newest K; a random one keeps the K
+    smallest group-summed Hamming distances of sign bits, written out here (ties: newest); future keys never count."""
     args = PRESETS["tiny"]  # H = 4, Hkv = 2, D = 16
     attn = Transformer(args).layers[0].attention
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, args.n_heads, args.head_dim, generator=gen)  # (nq, H, D)
     k = torch.randn(1, 2, 16, args.head_dim, generator=gen)  # (1, Hkv, S, D)
     n = 12
-    zero = torch.zeros(2, args.head_dim, 32)
-    res = th.selection_quality(attn, q, k, torch.tensor([n]), {"oracle": None, "zero": zero})
+    zero, rand = torch.zeros(2, args.head_dim, 32), torch.randn(2, args.head_dim, 32, generator=gen)
+    res = th.selection_quality(attn, q, k, torch.tensor([n]), {"oracle": None, "zero": zero, "rand": rand})
     probs = (q.view(2, 2, 1, -1) @ k[0, :, :n].transpose(-1, -2)[:, None] / math.sqrt(args.head_dim)).softmax(-1)
     probs = probs[:, :, 0]  # (Hkv, G, n) dense attention over the visible keys
+    dist = [[sum(int(((q[0, 2 * h + g] @ rand[h] > 0) != (k[0, h, s] @ rand[h] > 0)).sum()) for g in range(2))
+             for s in range(n)] for h in range(2)]  # (Hkv, n) Hamming distance summed over the group
     for f in th.BUDGETS:
         K = math.ceil(f * n)
         best = probs.sum(1).topk(K).indices  # (Hkv, K) the oracle's set
         newest = torch.arange(n - K, n).expand(2, K)
-        for name, sel, recall in (("oracle", best, 1.0), ("zero", newest, None)):
+        hashed = torch.tensor([sorted(range(n), key=lambda s: (dist[h][s], -s))[:K] for h in range(2)])  # (Hkv, K)
+        for name, sel, recall in (("oracle", best, 1.0), ("zero", newest, None), ("rand", hashed, None)):
             mass, got_recall = res[name, f]
             torch.testing.assert_close(mass, probs.gather(2, sel[:, None].expand(-1, 2, -1)).sum(2).mean(1).double())
             want = recall if recall is not None else sum(len(set(s.tolist()) & set(b.tolist()))
