@@ -43,7 +43,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -840,9 +839,10 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     v_sel = v_cache.reshape(-1, D).index_select(0, rows)                       # (B*Hkv*K, D)
     v_sel = v_sel.index_fill_(0, (~used).flatten().nonzero()[:, 0], 0.0)       # -1 read row 0 (maybe NaN): zeros
     v_sel = v_sel.view(B, Hkv, K, D).to(acc)                                   # (B, Hkv, K, D)
-    qg = q.view(B, Hkv, G, D).to(acc)                                          # (B, Hkv, G, D)
-    out = F.scaled_dot_product_attention(qg, k_sel, v_sel, attn_mask=used[:, :, None, :], scale=scale)  # (B, Hkv, G, D)
-    return out.nan_to_num(0.0).reshape(B, H, D).to(q.dtype)  # (B, H, D); nothing selected: NaN or 0 by backend -> 0
+    s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
+    s = s.masked_fill(~used[:, :, None, :], -math.inf)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                               # rows with nothing selected: 0
+    return (p @ v_sel).reshape(B, H, D).to(q.dtype)                            # (B, Hkv, G, D) -> (B, H, D)
 
 
 # Split-K decode attention over gathered rows: program (split, b*Hkv + h) gathers BLOCK_N selected rows of K
