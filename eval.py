@@ -100,17 +100,17 @@ def policies(sels, budgets, quest_budgets=()):
 @torch.inference_mode()
 def decode(model, tokens, pos0, steps, expect=None):
     """Run `steps` decode steps under the model's current policy from positions pos0 (B,). Step i feeds
-    tokens[:, i] while tokens (B, F) has one (teacher forcing), else the argmax of step i - 1 (greedy).
-    Returns the argmax (B, steps) and the log-probabilities (B, F - 1) the steps gave to tokens[:, 1:].
+    tokens[:, i] while tokens (B, n_fed) has one (teacher forcing), else the argmax of step i - 1 (greedy).
+    Returns the argmax (B, steps) and the log-probabilities (B, n_fed - 1) the steps gave to tokens[:, 1:].
     With `expect` (B, steps), greedy decoding stops once every sequence has left it (every answer is wrong,
     whatever follows; the steps not run are -1)."""
-    B, F = tokens.shape
+    B, n_fed = tokens.shape
     top = torch.full((B, steps), -1, dtype=torch.long, device=tokens.device)
     logp, cur = [], tokens[:, 0]
     for i in range(steps):
         logits = decode_one_token(model, cur, pos0 + i)  # (B, V)
         top[:, i] = logits.argmax(-1)
-        if i + 1 < F:
+        if i + 1 < n_fed:
             cur = tokens[:, i + 1]
             logp.append(logits.log_softmax(-1).gather(1, cur[:, None])[:, 0])
         else:
@@ -247,7 +247,7 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         expect = pad_answers([answer for _, _, answer in prompts])  # (B, steps): one per token of the answer
         if expect.shape[1] > N_DIGITS + 1:  # the prompt is C - N_DIGITS tokens, and prefill stops one short
             raise ValueError(f"the tokenizer spends {expect.shape[1]} tokens on a {N_DIGITS}-digit key; the cache "
-                             f"leaves room for {N_DIGITS + 1}")
+                             f"leaves room for {N_DIGITS + 1}: retrieval cannot score it (use --tasks perplexity)")
         # one step past the longest answer where the cache has room: a digit after the key makes another number
         expect = F.pad(expect, (0, min(expect.shape[1] + 1, N_DIGITS + 1) - expect.shape[1]), value=-1)
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
@@ -587,8 +587,11 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--ppl-context"] and args.ppl_tokens > args.ppl_context - 2:  # run_teacher_forced's prefill: C - n - 1
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be at most --ppl-context - 2 ({args.ppl_context - 2}): "
                          "the scored tokens follow a prompt of at least one token, which predicts the first of them")
-    if lengths["--contexts"] and not (min(args.contexts) >= 128 and args.minutes > 0):
-        raise ValueError("retrieval needs --contexts >= 128 (intro, needles, question: ~100 tokens), --minutes > 0")
+    if lengths["--contexts"] and min(args.contexts) < 128:
+        raise ValueError(f"--contexts {min(args.contexts)} is too short: retrieval needs --contexts >= 128 (~100 tokens "
+                         "of intro, needles and question)")
+    if lengths["--contexts"] and not args.minutes > 0:
+        raise ValueError(f"--minutes {args.minutes}: retrieval needs --minutes > 0")
     if args.sink < 0:
         raise ValueError(f"--sink {args.sink} must be >= 0")
     check_labels(args.budgets + args.quest_budgets)
@@ -597,9 +600,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     hata, weights = dict(rbit=rbit, n_dense=n_dense), None
     HataArgs(**hata)  # a bad --rbit now, not after the first policy
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
-        weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)
-        if weights and not os.path.isfile(weights):
-            raise FileNotFoundError(f"hash weights not found: {weights}")
+        weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)  # (read: it exists)
     if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
         if set(args.selectors) == {"trained"}:
             raise ValueError("only dense would run: no trained projections; give --hash-weights FILE or more selectors")

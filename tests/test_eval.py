@@ -366,8 +366,10 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                           "at most --ppl-context - 2 (254)"),
                                          (["--quick", "--ppl-tokens", "2000"], "--ppl-context - 2 (1022)"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
-                                         (["--contexts", "40", "--samples", "1"], "--contexts >= 128"),
-                                         (["--minutes", "0"], "--minutes > 0"), (["--sink", "-1"], "--sink -1"),
+                                         (["--contexts", "40", "--samples", "1"],
+                                          "--contexts 40 is too short: retrieval needs --contexts >= 128"),
+                                         (["--minutes", "0"], "--minutes 0.0: retrieval needs --minutes > 0"),
+                                         (["--sink", "-1"], "--sink -1"),
                                          (["--device", "xyz"], "--device: invalid device_name value: 'xyz'"),
                                          (["--selectors", "trained", "--hash-weights", "none"], "only dense would run"),
                                          (["--selectors", "trained", "--tasks", "perplexity"], "only dense would run"),
