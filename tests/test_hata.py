@@ -13,8 +13,7 @@ import model as model_module
 from engine import decode_one_token, generate, prefill
 from model import PRESETS, HataArgs, Transformer, from_state_dict, load_hash_projections, save_hash_projections
 from tests.test_kernels import DEV, as_sets
-
-GOLDEN = "tests/data/golden_smollm2.safetensors"
+from tests.test_model import GOLDEN  # by this file's path: pytest may start in another directory
 
 
 def prompt(n):

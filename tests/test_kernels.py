@@ -2,6 +2,7 @@
 against its ref (on the CPU through the Triton interpreter), CUDA tests at realistic sizes, bad input."""
 import math
 import os
+import re
 
 import torch
 
@@ -252,52 +253,42 @@ def test_sparse_attention_ref_is_dense_when_all_selected():
 
 
 def test_bad_input():
+    """Each check fires with its own words (a bare ValueError could come from another check)."""
     c = torch.zeros(1, 4, 2, 4, dtype=torch.int32)
     q = torch.zeros(1, 8, 4, dtype=torch.int32)
     L = torch.tensor([2])
-    with pytest.raises(ValueError):
-        hk.hash_encode(torch.zeros(1, 2, 1, 8, dtype=torch.int32), torch.zeros(2, 8, 32))   # wrong dtype
-    with pytest.raises(ValueError):
-        hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 16, 32))                     # D mismatch
-    with pytest.raises(ValueError):
-        hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8, 48))                      # R % 32 != 0
-    with pytest.raises(ValueError):
-        hk.hash_encode(torch.zeros(1, 3, 1, 8), torch.zeros(2, 8, 32))                      # Hx % Hkv != 0
     cache, pos = torch.zeros(1, 2, 4, 1, dtype=torch.int32), torch.tensor([0])
-    with pytest.raises(ValueError):
-        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.zeros(2, 8, 64), cache, pos)  # W
-    with pytest.raises(ValueError):
-        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 3, 8), torch.zeros(2, 8, 32), cache, pos)  # Hkv
-    with pytest.raises(ValueError):
-        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.zeros(2, 8, 32), cache,
-                            torch.tensor([0.0]))                                                         # pos dtype
-    with pytest.raises(ValueError):
-        hk.hamming_score(q.long(), c, L)                                                    # wrong dtype
-    with pytest.raises(ValueError):
-        hk.hamming_score(q[:, :, :2], c, L)                                                 # W mismatch
-    with pytest.raises(ValueError):
-        hk.hamming_score(q, c, torch.tensor([2, 2]))                                        # lengths shape
-    with pytest.raises(ValueError):
-        hk.select_topk(torch.zeros(1, 4, 2), L, 0)                                          # budget < 1
-    with pytest.raises(ValueError):
-        hk.select_topk(torch.zeros(1, 4, 2), L, 2, n_sink=-1)
-    with pytest.raises(ValueError):
-        hk.hamming_topk(q, c, L, 0)
-    with pytest.raises(ValueError, match="budget must be an int"):
-        hk.hamming_topk(q, c, L, True)                                                   # not budget 1
-    with pytest.raises(ValueError, match="different devices"):
-        hk.hash_encode_step(torch.zeros(1, 4, 8), torch.zeros(1, 2, 8, device="meta"), torch.zeros(2, 8, 32), cache,
-                            pos)
+    q8, k8 = torch.zeros(1, 4, 8), torch.zeros(1, 2, 8)
     qf, kf = torch.zeros(1, 8, 16), torch.zeros(1, 4, 5, 16)
     idx = torch.zeros(1, 4, 3, dtype=torch.int32)
-    with pytest.raises(ValueError):
-        hk.sparse_decode_attention(qf, kf, kf, idx.long())                                  # idx dtype
-    with pytest.raises(ValueError):
-        hk.sparse_decode_attention(qf, kf.half(), kf.half(), idx)                           # dtype mismatch
-    with pytest.raises(ValueError):
-        hk.sparse_decode_attention(qf[:, :6], kf[:, :4], kf[:, :4], idx)                    # H % Hkv
-    with pytest.raises(ValueError):
-        hk.sparse_decode_attention(qf, kf, kf, idx[:, :2])                                  # idx heads
+    cases = [
+        (lambda: hk.hash_encode(torch.zeros(1, 2, 1, 8, dtype=torch.int32), torch.zeros(2, 8, 32)),
+         "x must be fp32/bf16/fp16, got torch.int32"),
+        (lambda: hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 16, 32)), "proj head dim 16 != x head dim 8"),
+        (lambda: hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8, 48)), "R = 48 hash bits must be"),
+        (lambda: hk.hash_encode(torch.zeros(1, 3, 1, 8), torch.zeros(2, 8, 32)), "x heads 3 must be a multiple"),
+        (lambda: hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 64), cache, pos), "code_cache must be (B, Hkv, S_max"),
+        (lambda: hk.hash_encode_step(q8, torch.zeros(1, 3, 8), torch.zeros(2, 8, 32), cache, pos),
+         "k must be (B, Hkv, D) = (1, 2, 8)"),
+        (lambda: hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 32), cache, torch.tensor([0.0])),
+         "pos must be (B,) = (1,) integers"),
+        (lambda: hk.hash_encode_step(q8, torch.zeros(1, 2, 8, device="meta"), torch.zeros(2, 8, 32), cache, pos),
+         "different devices"),
+        (lambda: hk.hamming_score(q.long(), c, L), "codes must be int32"),
+        (lambda: hk.hamming_score(q[:, :, :2], c, L), "disagree on B or W"),
+        (lambda: hk.hamming_score(q, c, torch.tensor([2, 2])), "lengths must be an integer (B,) = (1,) tensor"),
+        (lambda: hk.select_topk(torch.zeros(1, 4, 2), L, 0), "budget must be an int >= 1, got 0"),
+        (lambda: hk.select_topk(torch.zeros(1, 4, 2), L, 2, n_sink=-1), "n_sink must be an int >= 0, got -1"),
+        (lambda: hk.hamming_topk(q, c, L, 0), "budget must be an int >= 1, got 0"),
+        (lambda: hk.hamming_topk(q, c, L, True), "budget must be an int >= 1, got True"),  # not budget 1
+        (lambda: hk.sparse_decode_attention(qf, kf, kf, idx.long()), "idx must be (B, Hkv, K) int32"),
+        (lambda: hk.sparse_decode_attention(qf, kf.half(), kf.half(), idx), "must share one float dtype"),
+        (lambda: hk.sparse_decode_attention(qf[:, :6], kf, kf, idx), "query heads 6 must be a multiple of KV heads 4"),
+        (lambda: hk.sparse_decode_attention(qf, kf, kf, idx[:, :2]), "must start with (B, Hkv) = (1, 4)"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            call()
 
 
 # ----------------------------------------------------------------------------------------------------------
