@@ -329,10 +329,9 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, dim)
 
     def sparse_decode(self, q, q_codes, keys, values, S, lengths):
-        """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S_max, D), the whole caches; S <= S_max
-        the positions that may be valid; lengths (B,). Returns (B, H, D). The attention gets the whole caches, not
-        their [:, :, :S] view: it reads only the selected rows, and a view would make the refs copy the first S rows
-        of each (B, Hkv) first, as many bytes as dense attention reads."""
+        """HATA decode: q (B, H, D); q_codes (B, H, W); keys, values (B, Hkv, S_max, D), the whole caches (a [:, :, :S]
+        view would make the attention ref copy its S rows first: dense's bytes); S <= S_max the positions that may
+        be valid; lengths (B,). Returns (B, H, D)."""
         hata, K = self.hata, self.budget
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
             idx = select_topk(-self.group_probs(q, keys[:, :, :S], lengths), lengths, K, hata.n_sink, hata.n_recent)
@@ -562,6 +561,9 @@ class Transformer(nn.Module):
         for i in range(hata.n_dense, args.n_layers):  # the sparse layers
             self.layers[i].attention.hash_proj = projs[i].float().to(self.output.weight.device)
 
+
+# --------------------------------------------------------------------------------------------------------------
+# Hash projections: the seeded random draw, and the trained files (save, read, check against the model, load)
 
 def random_hash_projections(args: ModelArgs, rbit, n_dense, seed=0):
     """Seeded Gaussian projections (plain LSH), what a model uses without a file and what training starts from:

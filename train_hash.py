@@ -130,6 +130,9 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
     return torch.tensor(windows[:n])
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Samples: a window's dense prefill, its queries at drawn positions, all its keys (shared), the pair loss's labels
+
 def capture_qk(model, tokens):
     """One dense prefill of tokens (T,); returns [(q (H, T, D), k (Hkv, T, D))] post-RoPE, one per layer."""
     model.setup_caches(1, tokens.shape[0])
@@ -143,9 +146,6 @@ def capture_qk(model, tokens):
         layer.attention.keep_qk, layer.attention.qk = False, None
     return out
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Samples: (q, k, label) triples, stored per sequence so that the queries of a sequence share its keys
 
 def make_labels(q, k, t, top=0.1):
     """q (H, D) the queries at position t; k (Hkv, S, D). Returns labels (H, S): for each query head, the top
