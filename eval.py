@@ -588,8 +588,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be at most --ppl-context - 2 ({args.ppl_context - 2}): "
                          "the scored tokens follow a prompt of at least one token, which predicts the first of them")
     if lengths["--contexts"] and min(args.contexts) < 128:
-        raise ValueError(f"--contexts {min(args.contexts)} is too short: retrieval needs --contexts >= 128 (~100 tokens "
-                         "of intro, needles and question)")
+        raise ValueError(f"--contexts {min(args.contexts)} is too short: retrieval needs --contexts >= 128 (~100 "
+                         "tokens of intro, needles and question)")
     if lengths["--contexts"] and not args.minutes > 0:
         raise ValueError(f"--minutes {args.minutes}: retrieval needs --minutes > 0")
     if args.sink < 0:

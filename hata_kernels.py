@@ -260,8 +260,8 @@ def hash_encode_ref(x, proj):
 
 
 def hash_encode_step_ref(q, k, proj, code_cache, pos):
-    """Definition: hash_encode_ref of the queries, and of the keys into the cache at pos: the G query heads of a KV
-    head and its key are G + 1 rows of that head's projection, one encode (as the kernel's one launch)."""
+    """Definition: hash_encode_ref of the queries and the keys (into the cache at pos), as G + 1 rows of each KV
+    head's projection in one encode (rounding depends on a matmul's rows: a projection near 0 may take either sign)."""
     (B, H, D), Hkv = q.shape, k.shape[1]
     x = torch.cat([q.view(B, Hkv, H // Hkv, D), k[:, :, None]], dim=2)        # (B, Hkv, G + 1, D)
     codes = hash_encode_ref(x, proj)                                           # (B, Hkv, G + 1, W) int32
@@ -837,7 +837,7 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     v_sel = v_cache.reshape(-1, D).index_select(0, rows)                       # (B*Hkv*K, D)
-    v_sel = v_sel.index_fill_(0, (~used).flatten().nonzero()[:, 0], 0.0)       # -1 read row 0 (maybe NaN): zeros
+    v_sel = v_sel.index_fill_(0, (~used).flatten().nonzero()[:, 0], 0.0)       # -1 read row 0 (maybe NaN); host sync
     v_sel = v_sel.view(B, Hkv, K, D).to(acc)                                   # (B, Hkv, K, D)
     s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)

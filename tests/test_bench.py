@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import model as model_module
 
 
 def test_budget_labels():
@@ -54,7 +55,7 @@ def test_a_line_with_no_points_is_left_out_of_the_plot(tmp_path, monkeypatch):
 
 
 def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys):
-    """--budget 1/4 as engine.py reads it: K = ceil(S / 4) at each context, sparse at both (2 of 8, 12 of 48)."""
+    """--budget 1/4 as engine.py reads it, of the cache (S + 1 slots): sparse at both contexts (3 of 8, 13 of 48)."""
     png = tmp_path / "cpu.png"
     bench.main(["cpu", "--seqlens", "8", "48", "--budget", "1/4", "--rounds", "1", "--steps", "1", "--plot", str(png)])
     out = capsys.readouterr().out
@@ -191,8 +192,12 @@ def test_a_size_at_the_models_context_is_accepted(argv, gguf_path, monkeypatch):
 
 
 def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse(gguf_path, monkeypatch, capsys):
-    panels, sizes = [], []
+    """... in caches one slot longer than the context, as engine.py's steps attend over a prefix of theirs."""
+    panels, sizes, caches = [], [], []
     monkeypatch.setattr(bench, "plot_speed", lambda path, p: panels.extend(p))
+    setup = model_module.Transformer.setup_caches
+    monkeypatch.setattr(model_module.Transformer, "setup_caches",
+                        lambda model, B, S: caches.append((B, S)) or setup(model, B, S))
     monkeypatch.setattr(bench, "statistics", types.SimpleNamespace(
         median=lambda xs: sizes.append(len(xs)) or statistics.median(xs)))
     threads = torch.get_num_threads()
@@ -202,6 +207,7 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
     finally:
         torch.set_num_threads(threads)
     assert sizes == [2] * 4  # dense and HATA at each context: rounds x steps, the warm-up step left out
+    assert caches == [(1, 17), (1, 49)]
     assert "CPU (1 thread)" in capsys.readouterr().out
     (_, _, _, lines, _), = panels
     assert [S for S, _ in lines["dense"]] == [16, 48] and [S for S, _ in lines["HATA, K = 20"]] == [48]

@@ -1,5 +1,6 @@
 """train_hash.py: each loss term against a hand computation, the labels, one SGD step, the projection file round
 trip through model.py, and a short training run on a tiny random model that beats random projections."""
+import inspect
 import math
 import os
 import re
@@ -86,7 +87,8 @@ def test_the_loss_defaults_are_the_command_lines(tiny_batch, loss):
     parser's (the listwise loss once ran at the pair loss's sigma 0.1, on unit vectors: nearly flat codes)."""
     P, q, k, labels = tiny_batch
     d, parser = th.LOSS_DEFAULTS[loss], th.build_parser()
-    assert parser.get_default("loss") == "listwise"
+    signature = inspect.signature(th.hash_loss).parameters
+    assert all(signature[n].default == parser.get_default(n) for n in ("eps", "lam", "alpha", "loss"))
     flags = [parser.get_default(n) for n in ("eps", "lam", "alpha")]
     want = th.hash_loss(P, q, k, labels, d["sigma"], flags[0], flags[1], d["eta"], loss, flags[2])
     got = th.hash_loss(P, q, k, labels, loss=loss)
