@@ -225,7 +225,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: the parser and its argument types
 
 class ShowDefaults(argparse.HelpFormatter):
     """--help adds each option's default as one would type it: "(default: 1024 2048)", not "[1024, 2048]"."""
@@ -380,23 +380,8 @@ def build_parser():
     return p
 
 
-def random_model(preset, hata, device, dtype, seed=0):
-    """A model in a preset's shape with random weights, built directly on the device; refused at once when the
-    weights would not fit in the device's free memory (e.g. the default 8B shape on a CPU machine)."""
-    with torch.device("meta"):
-        need = sum(p.numel() for p in Transformer(PRESETS[preset]).parameters()) * dtype.itemsize
-    device = torch.device(device)
-    check_fits(f"the {preset} shape's weights", need, dtype, device, "choose a smaller --preset")
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in dtype: no float32 copy first (7B in bf16: 12.6 GiB, not 25 + 12.6)
-    try:
-        with torch.device(device):
-            model = Transformer(PRESETS[preset], hata)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
-
+# --------------------------------------------------------------------------------------------------------------
+# Running a command: one-line errors, files written whole, the run
 
 def cli(run, args):
     """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130), a
@@ -528,6 +513,9 @@ def run(args):
     report_speed(timing)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Before the work: the checks (offload plan, vocabulary, prompt files, cache and memory), setup, projection files
+
 def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
     """--offload / --kv-gpu-gb planned before the weights load, on a model of no memory (the meta device) in their
     dtype, as setup() will plan the real one: a plan that gains nothing or does not fit is refused at once."""
@@ -657,6 +645,40 @@ def file_settings(path, rbit, n_dense):
     return rbit, n_dense
 
 
+def shipped_hash_weights(hata, checkpoint=None):
+    """The repository's trained projections for these settings, if `checkpoint` is the default model's; a note
+    when it is and the hash selector's settings have none."""
+    path = os.path.join(HERE, "weights", f"smollm2-135m-r{hata.rbit}.safetensors")
+    if not is_default_model(checkpoint) or hata.selector != "hash":
+        return None
+    if os.path.isfile(path) and hata.n_dense == HataArgs.n_dense:
+        return path
+    print(f"note: the default model's trained projections are for --n-dense {HataArgs.n_dense} and --rbit 64, 128 or "
+          f"256, not --n-dense {hata.n_dense} --rbit {hata.rbit}", file=sys.stderr)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --random-weights, and what a run prints
+
+def random_model(preset, hata, device, dtype, seed=0):
+    """A model in a preset's shape with random weights, built directly on the device; refused at once when the
+    weights would not fit in the device's free memory (e.g. the default 8B shape on a CPU machine)."""
+    with torch.device("meta"):
+        need = sum(p.numel() for p in Transformer(PRESETS[preset]).parameters()) * dtype.itemsize
+    device = torch.device(device)
+    check_fits(f"the {preset} shape's weights", need, dtype, device, "choose a smaller --preset")
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype: no float32 copy first (7B in bf16: 12.6 GiB, not 25 + 12.6)
+    try:
+        with torch.device(device):
+            model = Transformer(PRESETS[preset], hata)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
 def run_random(args, hata, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
     batch, unused = len(args.prompt or [None]), " (one per --prompt, its text unused)" if args.prompt else ""
@@ -708,19 +730,6 @@ def describe_policy(hata, max_seq_len, n_layers):
     if hata.selector == "quest" and K < QUEST_PAGE:
         extra = f" (less than one {QUEST_PAGE}-token page: part of the best page each step)"
     return f"{selector}, budget {K} of up to {max_seq_len} tokens{extra}"
-
-
-def shipped_hash_weights(hata, checkpoint=None):
-    """The repository's trained projections for these settings, if `checkpoint` is the default model's; a note
-    when it is and the hash selector's settings have none."""
-    path = os.path.join(HERE, "weights", f"smollm2-135m-r{hata.rbit}.safetensors")
-    if not is_default_model(checkpoint) or hata.selector != "hash":
-        return None
-    if os.path.isfile(path) and hata.n_dense == HataArgs.n_dense:
-        return path
-    print(f"note: the default model's trained projections are for --n-dense {HataArgs.n_dense} and --rbit 64, 128 or "
-          f"256, not --n-dense {hata.n_dense} --rbit {hata.rbit}", file=sys.stderr)
-    return None
 
 
 def show(text):  # the answers, on standard output; a failed write (a full disk) says where, not only "[Errno 28]"
