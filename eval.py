@@ -21,7 +21,6 @@ Budgets are fractions f of the cache capacity C = the context length: K = ceil(f
 import argparse
 import contextlib
 from functools import partial
-import io
 import json
 import math
 import os
@@ -130,14 +129,14 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, b
     model.setup_caches(B, capacity)
     pos0 = torch.full((B,), n_prefill, device=dev)
     prefill(model, tokens[:, :n_prefill], pos0, progress=True)
+    model.warned_random_projections = True  # hata-random is random by design: no warning
     out = {}
-    for name, f, hata in pols + [(None, None, None)]:  # the last switch leaves the model dense
-        with contextlib.redirect_stderr(io.StringIO()):  # hata-random is random by design: no warning at each switch
-            model.set_hata(hata)
-        if name is not None:
-            out[(name, f)] = tuple(t.cpu() for t in decode(model, tokens[:, n_prefill:], pos0, steps, expect))
-            if bar is not None:
-                bar.update()
+    for name, f, hata in pols:
+        model.set_hata(hata)
+        out[(name, f)] = tuple(t.cpu() for t in decode(model, tokens[:, n_prefill:], pos0, steps, expect))
+        if bar is not None:
+            bar.update()
+    model.set_hata(None)  # leave the model dense
     return out
 
 
