@@ -571,7 +571,7 @@ def run(args):
     for r in train_rbits:
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
     if args.hash_weights and args.rbit:
-        raise ValueError("--rbit picks the shipped files or random sizes; --hash-weights files carry their own R")
+        raise ValueError("--hash-weights files carry their own R: drop --rbit (it picks shipped or random sizes)")
     hp = None if args.report else training_settings(args)  # (--report notes the training flags as ignored)
     if args.report and min(args.eval_len) < (least := round(1 / min(BUDGETS))):
         raise ValueError(f"--eval-len {min(args.eval_len)}: at least {least}, where the report's smallest budget, "
@@ -648,7 +648,7 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
         print("warning: no window left for validation; the per-head guard is off", file=sys.stderr)
     windows, val = windows[n_val:], windows[:n_val]
     if args.batch > windows.shape[0]:  # (a step draws with replacement: more would repeat windows in every step)
-        raise ValueError(f"--batch {args.batch} exceeds the {windows.shape[0]} training windows a step draws from")
+        raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or raise --n-seqs")
     queries = n_queries(seq_len, args.queries, args.query_from)
     print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} queries each, {n_val} "
           "validation windows", file=sys.stderr)

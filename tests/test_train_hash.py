@@ -307,7 +307,7 @@ def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeyp
     with pytest.raises(ValueError, match="trained on another model"):  # the file records the model's weights
         load_hash_projections(out, PRESETS["tiny"], hata, key_signature(Transformer(PRESETS["tiny"]), 1))
     run.batch = 5  # more than the 4 training windows: refused before the prefills (collect_samples)
-    with pytest.raises(ValueError, match="--batch 5 exceeds the 4 training windows"):
+    with pytest.raises(ValueError, match="--batch 5 > 4, the training windows: lower it or raise --n-seqs"):
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
 
 
@@ -429,7 +429,7 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100"),
                                          (["--shift", "-5"], "--shift -5"), (["--out", "."], "is a directory"),
                                          (["--out", "new/"], "--out new/ is a directory"),
-                                         (["--rbit", "64", "--hash-weights", "w.safetensors"], "their own R"),
+                                         (["--rbit", "64", "--hash-weights", "w.safetensors"], "their own R: drop --rbit"),
                                          (["--queries", "0"], "--queries: must be a whole number >= 1, got '0'"),
                                          (["--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
                                          (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
