@@ -458,6 +458,7 @@ def test_a_tokenizer_of_another_size_than_the_model_is_warned_of(capsys, tmp_pat
 def test_max_new_tokens_capped_by_the_cache_says_so(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--max-seq-len", "3", "--max-new-tokens", "20")
     assert code == 0 and "at most 3 new tokens" in err  # 1 prompt token + 2 cached: the last is never cached
+    assert "decode: 2 steps in" in err  # and 3 made: the prefill's and two steps
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -744,6 +745,7 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
                            "--max-new-tokens", "10", "--device", "cpu")
     assert code == 0 and "at most 3 new tokens: the cache holds 12 tokens and the prompt 10" in err  # as run() does
+    assert "prefill: 10 tokens in" in err and "decode: 2 steps in" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1024", "--device", "cpu")
     assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err  # 1024 + 200 > 1024
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # the default: half

@@ -801,6 +801,8 @@ def test_meta_rope_factor_bad_positions_and_stray_shards(small_smol, tmp_path):
         model.set_hata(HataArgs(budget=4, use_norm=True))
         model.to(torch.bfloat16)  # the norms' buffer follows; a prefill still writes them
         model(torch.zeros(1, 5, dtype=torch.long))
+    norms = model.layers[-1].attention.hash_cache.norms  # (B, Hkv, S_max)
+    assert norms.dtype == torch.bfloat16 and (norms[:, :, :5] > 0).all() and not norms[:, :, 5:].any()
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
