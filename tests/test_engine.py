@@ -115,6 +115,13 @@ def test_hf_directory_generates(capsys, tmp_path, smol_weights, gguf_path):
     code, out, err = run_cli(capsys, "--prompt", "Hello", "--checkpoint", path, "--tokenizer", gguf_path,
                              "--max-new-tokens", "2")
     assert code == 0 and "n_layers=2" in err
+    from model import from_checkpoint
+    from tokenizer import Tokenizer
+    model, tok = from_checkpoint(path), Tokenizer.from_path(gguf_path)  # the same two layers, run by hand
+    model.setup_caches(1, 8)
+    with torch.inference_mode():
+        new, _ = engine.generate(model, [tok.encode("Hello")], 2)
+    assert out == tok.decode(new[0]) + "\n"
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
