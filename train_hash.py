@@ -402,7 +402,7 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     gap < 0: the mean over the budgets of the captured-mass difference, trained - random."""
     start = {r: random_hash_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
-    res = evaluate(model, windows, selectors, n_dense, queries, (seed + 1) % 2**64, query_from, desc="guard")  # <2^64
+    res = evaluate(model, windows, selectors, n_dense, queries, (seed + 1) % 2**64, query_from, desc="guard")
     out = {}
     for r, projs in trained.items():
         out[r] = kept, back = {}, []
