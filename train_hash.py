@@ -133,17 +133,19 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
 # --------------------------------------------------------------------------------------------------------------
 # Samples: a window's dense prefill, its queries at drawn positions, all its keys (shared), the pair loss's labels
 
-def capture_qk(model, tokens):
-    """One dense prefill of tokens (T,); returns [(q (H, T, D), k (Hkv, T, D))] post-RoPE, one per layer."""
+def capture_qk(model, tokens, n_dense):
+    """One dense prefill of tokens (T,); returns {layer: (q (H, T, D), k (Hkv, T, D))} post-RoPE, fp32 on the CPU,
+    for the sparse layers (n_dense on): the others' are not kept."""
+    sparse = {l: model.layers[l].attention for l in range(n_dense, len(model.layers))}
     model.setup_caches(1, tokens.shape[0])
-    for layer in model.layers:
-        layer.attention.keep_qk = True
+    for a in sparse.values():
+        a.keep_qk = True
     with torch.inference_mode():
         dev = model.output.weight.device  # logits of the last position only: the others cost 12% of a prefill
         model(tokens[None].to(dev), output_idx=torch.tensor([tokens.shape[0] - 1], device=dev))
-    out = [(a.qk[0][0], a.qk[1][0]) for a in (layer.attention for layer in model.layers)]
-    for layer in model.layers:
-        layer.attention.keep_qk, layer.attention.qk = False, None
+    out = {l: (a.qk[0][0].float().cpu(), a.qk[1][0].float().cpu()) for l, a in sparse.items()}
+    for a in sparse.values():
+        a.keep_qk, a.qk = False, None
     return out
 
 
@@ -181,10 +183,7 @@ def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, label
     samples = {}
     for i in tqdm(range(N), desc="prefill", unit="seq"):
         ts = query_positions(S, queries, query_from, gen)  # (nq,)
-        for l, (q, k) in enumerate(capture_qk(model, windows[i])):
-            if l < n_dense:
-                continue
-            q, k = q.float().cpu(), k.float().cpu()  # (H, S, D), (Hkv, S, D); copied into the buffers below
+        for l, (q, k) in capture_qk(model, windows[i], n_dense).items():  # (H, S, D), (Hkv, S, D): copied below
             if l not in samples:
                 samples[l] = {"q": torch.empty(N, len(ts), q.shape[0], q.shape[2]),
                               "k": torch.empty(N, *k.shape, dtype=torch.float16),
@@ -307,18 +306,21 @@ def shift_positions(q, k, offsets, inv_freq):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def start_projections(args, rbit, n_dense, seed):
+    """Where training starts and the guard goes back to: the seeded random projections over sqrt(D), columns of unit
+    norm in expectation (for R > D the orthogonality term's minimum P P^T = I_D has norms sqrt(D / R))."""
+    return {l: P / math.sqrt(args.head_dim) for l, P in random_hash_projections(args, rbit, n_dense, seed).items()}
+
+
 def train(model, samples, rbit, n_dense, steps, batch, keys, seed, hp):
-    """Train every sparse layer from its seeded random projection over sqrt(D) (columns of unit norm in expectation;
-    for R > D the orthogonality term's minimum P P^T = I_D has norms sqrt(D / R)). Returns {layer: (Hkv, D, R)}."""
-    args, dev = model.args, model.output.weight.device
+    """Train every sparse layer from its start_projections. Returns {layer: (Hkv, D, R)}."""
+    args, dev, projs = model.args, model.output.weight.device, {}
     gen = torch.Generator().manual_seed(seed)
     inv_freq = rope_frequencies(args, model.rope_factors)  # (D/2,) for hp["shift"]
-    projs = {}
     print(f"layer  loss(first -> last)   {hp['loss']:9s} balance   ortho    (R={rbit})")  # ranking term
-    for l, P0 in tqdm(random_hash_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
+    for l, P0 in tqdm(start_projections(args, rbit, n_dense, seed).items(), desc=f"train R={rbit}", unit="layer"):
         with one_thread(dev):
-            P, first, last = train_layer(P0.to(dev) / math.sqrt(args.head_dim), samples[l], steps, batch, keys,
-                                         gen, hp, inv_freq)
+            P, first, last = train_layer(P0.to(dev), samples[l], steps, batch, keys, gen, hp, inv_freq)
         projs[l] = P.cpu()
         tqdm.write(f"{l:5d}  {first[0]:8.4f} -> {last[0]:8.4f}  {last[1]:+.5f}  {last[2]:.2e}  {last[3]:.4f}")
     return projs
@@ -380,10 +382,8 @@ def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5, 
     for i in tqdm(range(windows.shape[0]), desc=desc, unit="seq"):
         ts = query_positions(S, queries, query_from, gen)  # (nq,)
         count += len(ts)
-        for l, (q, k) in enumerate(capture_qk(model, windows[i])):
-            if l < n_dense:
-                continue
-            q, k = q[:, ts].transpose(0, 1).float().cpu(), k[None].float().cpu()  # (nq, H, D), (1, Hkv, S, D)
+        for l, (q, k) in capture_qk(model, windows[i], n_dense).items():
+            q, k = q[:, ts].transpose(0, 1), k[None]  # (nq, H, D), (1, Hkv, S, D)
             with one_thread("cpu"):
                 per = selection_quality(model.layers[l].attention, q, k, ts + 1,
                                         {name: None if p is None else p[l] for name, p in selectors.items()})
@@ -400,7 +400,7 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     documents not trained on, summed over the budgets; else go back to the starting point. trained: {rbit: {layer:
     (Hkv, D, R)}}, judged in one pass. Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head, gap)])},
     gap < 0: the mean over the budgets of the captured-mass difference, trained - random."""
-    start = {r: random_hash_projections(model.args, r, n_dense, seed) for r in trained}
+    start = {r: start_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
     res = evaluate(model, windows, selectors, n_dense, queries, (seed + 1) % 2**64, query_from, desc="guard")
     out = {}
@@ -409,7 +409,7 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
         for l, P in projs.items():
             gap = sum(res[f"trained {r}", f][l][0] - res[f"random {r}", f][l][0] for f in BUDGETS)  # (Hkv,) float64
             keep = gap >= 0
-            kept[l] = torch.where(keep[:, None, None], P, start[r][l] / math.sqrt(model.args.head_dim))
+            kept[l] = torch.where(keep[:, None, None], P, start[r][l])
             back += [(l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h]]
     return out
 
