@@ -98,16 +98,14 @@ def hf_dir(tmp_path, smol_weights, drop=None, extra=None):
     return str(tmp_path)
 
 
-def test_safetensors_missing_key(capsys, tmp_path, smol_weights, gguf_path):
-    path = hf_dir(tmp_path, smol_weights, drop="model.layers.1.self_attn.k_proj.weight")
+@pytest.mark.parametrize("change, words", [(dict(drop="model.layers.1.self_attn.k_proj.weight"),
+                                            ("missing", "layers.1.attention.wk")),
+                                           (dict(extra={"model.layers.0.self_attn.q_bias": torch.zeros(3)}),
+                                            ("does not use", "q_bias"))])
+def test_safetensors_missing_or_extra_key(capsys, tmp_path, smol_weights, gguf_path, change, words):
+    path = hf_dir(tmp_path, smol_weights, **change)
     code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", path, "--tokenizer", gguf_path)
-    assert code == 2 and "missing" in error_line(err) and "layers.1.attention.wk" in err
-
-
-def test_safetensors_extra_key(capsys, tmp_path, smol_weights, gguf_path):
-    path = hf_dir(tmp_path, smol_weights, extra={"model.layers.0.self_attn.q_bias": torch.zeros(3)})
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", path, "--tokenizer", gguf_path)
-    assert code == 2 and "does not use" in error_line(err) and "q_bias" in err
+    assert code == 2 and words[0] in error_line(err) and words[1] in err
 
 
 def test_hf_directory_generates(capsys, tmp_path, smol_weights, gguf_path):

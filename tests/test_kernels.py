@@ -433,6 +433,14 @@ def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):  # 1100
     assert as_sets(tri) == as_sets(ref)
 
 
+def assert_topk_matches_ref(q, k, lengths, budget, n_sink, n_recent, window):
+    """The three top-k launches with a given histogram window and 16-key blocks select the ref's set."""
+    idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, window=window, block_s=16)
+    for _, launch in launches:
+        launch()
+    assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
+
+
 @pytest.mark.parametrize("window,G,W", [(4, 3, 4), (16, 3, 4), (32, 3, 4), (4, 1, 1), (4, 8, 8)])
 def test_hamming_topk_triton_window_fallback(window, G, W):
     """A window too narrow for the threshold sends rows down the slow exact path (windows 4 and 16 with budget 60;
@@ -445,11 +453,7 @@ def test_hamming_topk_triton_window_fallback(window, G, W):
     k[0, 1, 40:] = k[0, 1, 0]                                                  # ties at t across many blocks
     k, lengths = k.to(DEV), torch.tensor([S, 77], device=DEV)
     for budget, n_sink, n_recent in ((60, 2, 5), (3, 0, 0)):
-        idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, window=window,
-                                                  block_s=16)
-        for _, launch in launches:
-            launch()
-        assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
+        assert_topk_matches_ref(q, k, lengths, budget, n_sink, n_recent, window=window)
 
 
 @pytest.mark.parametrize("window", [64, 4])
@@ -462,10 +466,7 @@ def test_hamming_topk_triton_many_blocks(window):
     k = random_codes(B, Hkv, S, W, gen=gen)
     k[0, 0, 1000:] = k[0, 0, 3]                                                # ties in the second chunk
     q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, 1030], device=DEV)
-    idx, launches = hk._hamming_topk_launches(q, k, lengths, 70, 1, 2, window=window, block_s=16)
-    for _, launch in launches:
-        launch()
-    assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, 70, 1, 2))
+    assert_topk_matches_ref(q, k, lengths, 70, 1, 2, window=window)
 
 
 def test_hamming_topk_triton_outlier_blocks():
@@ -482,10 +483,7 @@ def test_hamming_topk_triton_outlier_blocks():
     k[1, 0, 100:140] = best[1, 0]                                              # ties at the minimum
     q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, 257], device=DEV)
     for budget, n_sink, n_recent in ((30, 0, 0), (50, 2, 3), (3, 0, 0)):
-        idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, window=32, block_s=16)
-        for _, launch in launches:
-            launch()
-        assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
+        assert_topk_matches_ref(q, k, lengths, budget, n_sink, n_recent, window=32)
 
 
 @pytest.mark.parametrize("G,D,K,dtype", [(1, 16, 5, torch.float32), (3, 32, 37, torch.float16),
