@@ -2,8 +2,8 @@
 
 Implements the decode step of HATA (Hash-Aware Top-k Attention, Gong et al., ACL 2025, arXiv 2506.02572,
 Sec. 3: learned binary hash codes, Hamming-distance scoring, top-k sparse attention). Shape comments name B
-sequences, H query heads, Hkv KV heads, G = H / Hkv, D head dim, R hash bits, W = R / 32 code words, S (S_max)
-cached positions (capacity), K the budget.
+sequences, H query heads, Hkv KV heads, G = H / Hkv, D head dim, R hash bits, W = R / 32 code words, S the cached
+positions an op sees (lengths[b] of them valid), S_max the caches' capacity, K (`budget`) the slots selected.
 
 Each op is a triple, side by side:
     _op_kernel   Triton kernel(s), one a launch (GPU; on the CPU under TRITON_INTERPRET=1): hamming_topk's are
@@ -105,7 +105,8 @@ def _popcount(x, HW_POPC: tl.constexpr):
         return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
     else:
         # bit counts of 2-bit fields, then 4-bit fields, then bytes; the two folds add the four byte counts into
-        # the low byte (<= 32). Arithmetic right shifts are harmless: every mask clears the sign-extended bits
+        # the low byte (<= 32). Arithmetic right shifts are harmless: the first three masks clear the sign-extended
+        # bits, and after `& 0x0F0F0F0F` x >= 0, so the two unmasked folds shift in zeros
         x = x - ((x >> 1) & 0x55555555)
         x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
         x = (x + (x >> 4)) & 0x0F0F0F0F
@@ -283,7 +284,8 @@ def _group_score(k_ptrs, k_mask, qc_ptr, G: tl.constexpr, W: tl.constexpr, W_P2:
     query codes that have bit i set, score = C0 + sum_i k_i * (G - 2 c_i), C0 = sum_i c_i. Write G - 2 c_i =
     2 v_i + (G odd), v_i in [-ceil(G/2), floor(G/2)], and split v_i into NPL two's-complement bit planes
     (the same for every key; NPL = _planes(G)): score = C0 + (G odd) * popc(k) + 2 * sum_j +-2^j popc(k & plane_j)
-    (minus for the top plane, the sign)."""
+    (minus for the top plane, the sign). plane_j is a word mask whose bit i is bit j of v_i, so sum_i k_i v_i =
+    sum_j +-2^j popc(k & plane_j). G = 4: v in {2, 1, 0, -1, -2}, 3 planes, 12 popcounts a key at R = 128, not 16."""
     wi = tl.arange(0, W_P2)                                                    # (W_P2,)
     k = tl.load(k_ptrs, mask=k_mask & (wi[None, :] < W), other=0)              # (BLOCK_S, W_P2) int32
     if NPL + G % 2 < G:                                                        # popcounts per word: planes vs G
@@ -415,8 +417,8 @@ def _select_topk_kernel(
     Hkv, S,
     budget, n_sink, n_recent, BLOCK_S: tl.constexpr, FILL: tl.constexpr,
 ):
-    """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (about 32
-    counting passes), then compacts: keys below it, plus the newest ties, in ascending position order."""
+    """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (33 counting passes
+    over the row), then counts and compacts: keys below it, plus the newest ties, in ascending position order."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
@@ -526,7 +528,7 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 
 def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     """q_codes (B, H, W), k_codes (B, Hkv, S, W) int32, lengths (B,) -> idx (B, Hkv, budget) int32, -1 padded.
-    Same selection as select_topk(hamming_score(...)); the Triton path may order the positions differently."""
+    Same selection as select_topk(hamming_score(...)), a set (the Triton path's order is ascending today too)."""
     _check_codes(q_codes, k_codes, lengths, "hamming_topk")
     _check_select(lengths, budget, n_sink, n_recent, q_codes.shape[0], q_codes.device, "hamming_topk")
     if not _use_triton(use_triton, q_codes, k_codes, lengths):
@@ -543,10 +545,11 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 # be captured in a CUDA graph). The group-summed score is an integer in [0, G*R]; for even G every score of a
 # row has the same parity (popcount(k ^ q_g) mod 2 = parity(k) ^ parity(q_g), summed over an even number of heads),
 # so score >> 1 keeps order and ties exactly and halves the range (SHIFT = 1 for even G). Order keys, per row:
-#     0 = sink or recent (always selected), 1 + (score >> SHIFT) = scored position, KMAX + 1 = past the length.
+#     0 = sink or recent (selected first; past the budget, the newest), 1 + (score >> SHIFT) = scored position,
+#     KMAX + 1 = past the length.
 #   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the block's smallest scored key m_b
 #                              and a windowed histogram: bin 0 = forced, bin 1 + x - m_b = key x for keys
-#                              m_b <= x < m_b + WIN - 2, bin WIN - 1 = everything above (never needed, see B)
+#                              m_b <= x < m_b + WIN - 2, bin WIN - 1 = everything above or past the length
 #   B  _topk_threshold_kernel  per row: the windows, shifted to the row's smallest key gmin, add up to exact
 #                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
 #                              key) lies there for random codes (~3 standard deviations of the score above
@@ -567,6 +570,9 @@ def _topk_score_kernel(
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, SHIFT: tl.constexpr,
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
+    """Program (block of BLOCK_S positions, b*Hkv + h): the block's int16 order keys, its smallest scored key m_b,
+    and a WIN-bin histogram of its keys relative to m_b (bin 0 forced, bin WIN - 1 above the window or past the
+    length). Only these small windows, not the keys, go to the threshold kernel's fast path."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -594,7 +600,8 @@ def _topk_score_kernel(
 @triton.jit
 def _window_tile(hist_ptr, min_ptr, row, blk, nblk, NBLK, j, gmin, WIN: tl.constexpr):
     """(BLK_CHUNK, WIN) counts of the blocks blk (< nblk valid of NBLK) at row-relative bins j: j = 0 forced,
-    j >= 1 key gmin + j - 1. Exact for j <= WIN - 2: every block's window reaches key gmin + WIN - 3."""
+    j >= 1 key gmin + j - 1. Exact for j <= WIN - 2: every block's window reaches key gmin + WIN - 3. Key x sits in
+    block bin x - m_b + 1 = j + gmin - m_b; a block bin < 1 means x < m_b, a key the block does not hold (0)."""
     m_b = tl.load(min_ptr + row * NBLK + blk, mask=blk < nblk, other=0)       # (BLK_CHUNK,)
     bb = tl.where(j[None, :] == 0, 0, j[None, :] + gmin - m_b[:, None])        # (BLK_CHUNK, WIN) block bin
     ok = (blk[:, None] < nblk) & (j[None, :] <= WIN - 2) & ((j[None, :] == 0) | (bb >= 1))
@@ -624,6 +631,10 @@ def _topk_threshold_kernel(
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, BLK_CHUNK: tl.constexpr,
     CSHIFT: tl.constexpr, NC: tl.constexpr, HIST_CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):
+    """One program per row. Finds t, the K_eff-th smallest key, from the blocks' windows (fast) or by counting the
+    stored keys (slow), then writes each block's (offset, skip, count, t): count = its keys < t plus the ties at t
+    it takes (the newest blocks' ties first), offset = the earlier blocks' counts, skip = its oldest ties left out.
+    With these the compaction places every block's positions without seeing the others; slots >= K_eff get -1."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
@@ -643,7 +654,7 @@ def _topk_threshold_kernel(
                                      WIN),
                         axis=0)
     cum = tl.cumsum(total, axis=0)                                             # (WIN,) inclusive
-    tj = tl.sum((cum < k_eff).to(tl.int32))                                    # threshold bin
+    tj = tl.sum((cum < k_eff).to(tl.int32))  # bins before the K_eff-th key's; > WIN - 2: past the window, slow path
     ip = info_ptr + pid_bh * NBLK * 4
     off = tl.zeros([], dtype=tl.int32)                                         # running output offset
     eq_seen = tl.zeros([], dtype=tl.int32)                                     # ties in earlier blocks
@@ -706,8 +717,8 @@ def _topk_compact_kernel(
     """Writes the block's selected positions, ascending, into its slots [offset, offset + count) of the row.
     One scan ranks both the keys below t and the ties at t (the block takes its newest `count - less` ties).
     No branches: the length, the block's info and its keys load at once, and an idle block (past the length, or
-    nothing selected) masks its stores (branching on the length first made them three dependent loads: 0.8 us more
-    at B=1, S=128K on the H200). (An atomic cursor instead of the scan measured slower: 33 vs 24 us at B=8.)"""
+    nothing selected) masks its stores (branching on the length first made them three dependent loads; BENCHMARKS.md,
+    History). (An atomic cursor instead of the scan measured slower: 33 vs 24 us at B=8.)"""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     length = tl.minimum(tl.load(len_ptr + pid_bh // Hkv), S).to(tl.int32)
@@ -860,6 +871,8 @@ def _sparse_attn_split_kernel(
     sib, sih, sik,
     G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Program (split n, b*Hkv + h): softmax attention of the G query heads over this split's BLOCK_N selected rows;
+    stores o_n = sum p v / l_n and lse_n = log2 l_n (its max folded in) per head, for the merge."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)                                           # a (B, Hkv, S_max, D) cache may
@@ -905,6 +918,8 @@ def _sparse_attn_merge_kernel(
     sob, soh,
     G: tl.constexpr, D: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
+    """out = sum_n 2^lse_n o_n / sum_n 2^lse_n over the splits, accumulated with a running max m as online softmax
+    does: what came before is rescaled by alpha = 2^(m_old - m_new)."""
     pid = tl.program_id(0)                                                     # one query head of one sequence
     b = pid // H
     j = pid % H
@@ -939,8 +954,8 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale):
     _check(q.dtype != torch.float64, "sparse_decode_attention: Triton path takes fp32/bf16/fp16, got float64")
     block_n = 64 if not _INTERPRET else 16                                     # selected rows a split program reads
     nsplit = triton.cdiv(K, block_n)
-    o = torch.empty(B * Hkv, nsplit, G, D, dtype=torch.float32, device=q.device)  # partial outputs
-    lse = torch.empty(B * Hkv, nsplit, G, dtype=torch.float32, device=q.device)   # partial log2-sum-exp
+    o = torch.empty(B * Hkv, nsplit, G, D, dtype=torch.float32, device=q.device)  # (B*Hkv, NSPLIT, G, D) partial outs
+    lse = torch.empty(B * Hkv, nsplit, G, dtype=torch.float32, device=q.device)   # (B*Hkv, NSPLIT, G) log2-sum-exp
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)                  # (B, H, D)
 
     def split():
@@ -992,9 +1007,9 @@ def _cache_write_kernel(
 def cache_write(k, v, k_cache, v_cache, pos, use_triton=None):
     """k, v (B, Hkv, D) -> k_cache[b, :, pos[b]] = k[b] and v_cache[b, :, pos[b]] = v[b] for the caches' first B
     sequences, (B', Hkv, S_max, D) with B' >= B. One launch on CUDA (D a power of two; else the ref): torch's
-    index_put takes one per tensor plus an arange (64 kernels, 234 us of a 128K step's kernel time), and with this
-    kernel in every layer a 128K decode step of Llama-3.1-8B's shape took 0.26-0.35 ms less at B=1 (0.32-0.59 ms at
-    B=4). pos must lie in [0, S_max) (not checked: a host sync)."""
+    index_put takes two kernels a layer (64 in 32 layers) plus an arange (234 us of a 128K step's kernel time);
+    with this kernel in every layer a 128K decode step of Llama-3.1-8B's shape took 0.26-0.35 ms less at B=1
+    (0.32-0.59 ms at B=4). pos must lie in [0, S_max) (not checked: a host sync)."""
     _check(k.dim() == 3 and v.shape == k.shape, f"cache_write: k and v must both be (B, Hkv, D), got "
            f"{tuple(k.shape)} and {tuple(v.shape)}")
     B, Hkv, D = k.shape
