@@ -66,6 +66,10 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
+def _is_int(t):  # lengths and positions: an integer dtype (a bool True would read as length 1)
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def _check_triton_head_dim(D, op):
     """The kernels tile the head dim with tl.arange (a power of two) and tl.dot (at least 16)."""
     _check((D & (D - 1)) == 0 and D >= 16, f"{op}: Triton path needs D a power of two >= 16, got {D}")
@@ -73,8 +77,7 @@ def _check_triton_head_dim(D, op):
 
 def _popcount_lut(device):
     """(256,) int32: popcount of every byte value; the ref popcounts int32 words byte by byte."""
-    b = torch.arange(256, device=device)
-    return sum((b >> i) & 1 for i in range(8)).to(torch.int32)
+    return sum((torch.arange(256, device=device) >> i) & 1 for i in range(8)).to(torch.int32)
 
 
 def _check_int32_rows(t, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
@@ -236,9 +239,10 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
     _check(code_cache.dim() == 4 and code_cache.dtype == torch.int32 and code_cache.shape[:2] == (B, Hkv)
            and code_cache.shape[3] * 32 == R, f"hash_encode_step: code_cache must be (B, Hkv, S_max, W) = ({B}, "
            f"{Hkv}, S_max, {R // 32}) int32, got {code_cache.dtype} {tuple(code_cache.shape)}")
-    _check(pos.shape == (B,) and not pos.is_floating_point(), f"hash_encode_step: pos must be (B,) = ({B},) "
+    _check(pos.shape == (B,) and _is_int(pos), f"hash_encode_step: pos must be (B,) = ({B},) "
            f"integers, got {pos.dtype} {tuple(pos.shape)}")
-    _check(k.device == code_cache.device == pos.device == q.device, "hash_encode_step: inputs on different devices")
+    _check(k.device == code_cache.device == pos.device == q.device, f"hash_encode_step: inputs on different devices "
+           f"(q {q.device}, k {k.device}, code_cache {code_cache.device}, pos {pos.device})")
     if not _use_triton(use_triton, q, k, proj, code_cache, pos):
         return hash_encode_step_ref(q, k, proj, code_cache, pos)
     _check_triton_head_dim(D, "hash_encode_step")
@@ -347,9 +351,10 @@ def _check_codes(q_codes, k_codes, lengths, op):
     _check(Bk == B and Wk == W, f"{op}: q_codes {tuple(q_codes.shape)} and k_codes {tuple(k_codes.shape)} "
            "disagree on B or W")
     _check(H % Hkv == 0, f"{op}: query heads {H} must be a multiple of KV heads {Hkv}")
-    _check(lengths.dim() == 1 and lengths.shape[0] == B and not lengths.is_floating_point(),
+    _check(lengths.dim() == 1 and lengths.shape[0] == B and _is_int(lengths),
            f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
-    _check(q_codes.device == k_codes.device == lengths.device, f"{op}: inputs on different devices")
+    _check(q_codes.device == k_codes.device == lengths.device, f"{op}: inputs on different devices (q_codes "
+           f"{q_codes.device}, k_codes {k_codes.device}, lengths {lengths.device})")
 
 
 def hamming_score(q_codes, k_codes, lengths, use_triton=None):
@@ -395,7 +400,7 @@ def hamming_score_ref(q_codes, k_codes, lengths):
 
 
 def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
-    _check(lengths.dim() == 1 and lengths.shape[0] == B and not lengths.is_floating_point(),
+    _check(lengths.dim() == 1 and lengths.shape[0] == B and _is_int(lengths),
            f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
     _check(lengths.device == device, f"{op}: lengths on {lengths.device}, scores/codes on {device}")
     _check(type(budget) is int and budget >= 1, f"{op}: budget must be an int >= 1, got {budget!r}")  # not True
@@ -825,8 +830,8 @@ def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=Non
     _check(H % Hkv == 0, f"sparse_decode_attention: query heads {H} must be a multiple of KV heads {Hkv}")
     _check(idx.shape[:2] == (B, Hkv), f"sparse_decode_attention: idx {tuple(idx.shape)} must start with "
            f"(B, Hkv) = ({B}, {Hkv})")
-    _check(q.device == k_cache.device == v_cache.device == idx.device,
-           "sparse_decode_attention: inputs on different devices")
+    _check(q.device == k_cache.device == v_cache.device == idx.device, f"sparse_decode_attention: inputs on different "
+           f"devices (q {q.device}, k_cache {k_cache.device}, v_cache {v_cache.device}, idx {idx.device})")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not _use_triton(use_triton, q, k_cache, v_cache, idx):
         return sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale)
@@ -1018,7 +1023,7 @@ def cache_write(k, v, k_cache, v_cache, pos, use_triton=None):
            f"S_max, {D}) with B' >= {B}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     _check(k.dtype == v.dtype == k_cache.dtype == v_cache.dtype, f"cache_write: k, v and the caches must share "
            f"one dtype, got {k.dtype}, {v.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    _check(pos.shape == (B,) and not pos.is_floating_point(), f"cache_write: pos must be (B,) = ({B},) integers, "
+    _check(pos.shape == (B,) and _is_int(pos), f"cache_write: pos must be (B,) = ({B},) integers, "
            f"got {pos.dtype} {tuple(pos.shape)}")
     if not _use_triton(use_triton, k, v, k_cache, v_cache, pos) or (D & (D - 1)) != 0:
         return cache_write_ref(k, v, k_cache, v_cache, pos)
