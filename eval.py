@@ -599,7 +599,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     hata, weights = dict(rbit=rbit, n_dense=n_dense), None
     HataArgs(**hata)  # a bad --rbit now, not after the first policy
     if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
-        weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)  # file_settings read it
+        weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)  # read, or shipped
     if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
         if set(args.selectors) == {"trained"}:
             raise ValueError("only dense would run: no trained projections; give --hash-weights FILE or more selectors")

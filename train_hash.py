@@ -133,9 +133,9 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
 # --------------------------------------------------------------------------------------------------------------
 # Samples: a window's dense prefill, its queries at drawn positions, all its keys (shared), the pair loss's labels
 
-def capture_qk(model, tokens, n_dense):
-    """One dense prefill of tokens (T,); returns {layer: (q (H, T, D), k (Hkv, T, D))} post-RoPE, fp32 on the CPU,
-    for the sparse layers (n_dense on): the others' are not kept."""
+def capture_qk(model, tokens, n_dense, ts):
+    """One dense prefill of tokens (T,); returns {layer: (q (nq, H, D) at the query positions ts, k (Hkv, T, D))}
+    post-RoPE, on the model's device, for the sparse layers (n_dense on): the others' are not kept."""
     sparse = {l: model.layers[l].attention for l in range(n_dense, len(model.layers))}
     model.setup_caches(1, tokens.shape[0])
     for a in sparse.values():
@@ -143,7 +143,7 @@ def capture_qk(model, tokens, n_dense):
     with torch.inference_mode():
         dev = model.output.weight.device  # logits of the last position only: the others cost 12% of a prefill
         model(tokens[None].to(dev), output_idx=torch.tensor([tokens.shape[0] - 1], device=dev))
-    out = {l: (a.qk[0][0].float().cpu(), a.qk[1][0].float().cpu()) for l, a in sparse.items()}
+    out = {l: (a.qk[0][0][:, ts].transpose(0, 1), a.qk[1][0]) for l, a in sparse.items()}
     for a in sparse.values():
         a.keep_qk, a.qk = False, None
     return out
@@ -179,22 +179,22 @@ def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, label
     the command line's default is 0.25). Returns per sparse
     layer l: {"q": (N, nq, H, D) fp32, "k": (N, Hkv, S, D) fp16, "t": (N, nq) int64, and with `labels` (the pair
     loss; the listwise loss needs only t) "labels": (N, nq, H, S) fp16 (make_labels)}."""
-    N, S = windows.shape
-    samples = {}
+    (N, S), samples = windows.shape, {}
     for i in tqdm(range(N), desc="prefill", unit="seq"):
         ts = query_positions(S, queries, query_from, gen)  # (nq,)
-        for l, (q, k) in capture_qk(model, windows[i], n_dense).items():  # (H, S, D), (Hkv, S, D): copied below
+        for l, (q, k) in capture_qk(model, windows[i], n_dense, ts).items():
+            q, k = q.float().cpu(), k.float().cpu()  # (nq, H, D), (Hkv, S, D): one layer at a time, copied below
             if l not in samples:
-                samples[l] = {"q": torch.empty(N, len(ts), q.shape[0], q.shape[2]),
+                samples[l] = {"q": torch.empty(N, *q.shape),
                               "k": torch.empty(N, *k.shape, dtype=torch.float16),
                               "t": torch.empty(N, len(ts), dtype=torch.long)}
                 if labels:  # 28 layers x 64 queries x 8K keys x 9 heads x 16 windows: 4.2 GB
-                    samples[l]["labels"] = torch.empty(N, len(ts), q.shape[0], S, dtype=torch.float16)
-            samples[l]["q"][i] = q[:, ts].transpose(0, 1)
+                    samples[l]["labels"] = torch.empty(N, len(ts), q.shape[1], S, dtype=torch.float16)
+            samples[l]["q"][i] = q
             samples[l]["k"][i] = k.half()
             samples[l]["t"][i] = ts
             if labels:
-                samples[l]["labels"][i] = torch.stack([make_labels(q[:, t], k, int(t)) for t in ts]).half()
+                samples[l]["labels"][i] = torch.stack([make_labels(q[n], k, int(t)) for n, t in enumerate(ts)]).half()
     return samples
 
 
@@ -382,8 +382,8 @@ def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5, 
     for i in tqdm(range(windows.shape[0]), desc=desc, unit="seq"):
         ts = query_positions(S, queries, query_from, gen)  # (nq,)
         count += len(ts)
-        for l, (q, k) in capture_qk(model, windows[i], n_dense).items():
-            q, k = q[:, ts].transpose(0, 1), k[None]  # (nq, H, D), (1, Hkv, S, D)
+        for l, (q, k) in capture_qk(model, windows[i], n_dense, ts).items():
+            q, k = q.float().cpu(), k[None].float().cpu()  # (nq, H, D), (1, Hkv, S, D): one layer at a time
             with one_thread("cpu"):
                 per = selection_quality(model.layers[l].attention, q, k, ts + 1,
                                         {name: None if p is None else p[l] for name, p in selectors.items()})

@@ -13,7 +13,7 @@ import torch
 
 import eval as ev
 from engine import write_text
-from model import HataArgs, save_hash_projections
+from model import PRESETS, HataArgs, Transformer, save_hash_projections
 from tokenizer import Tokenizer
 
 PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
@@ -134,6 +134,16 @@ def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
     hays = {"noise": ev.Haystack(bos_tok, ev.NOISE * 300)}
     recs = ev.run_retrieval(smol, bos_tok, hays, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
     assert recs[0]["correct"]["dense"], recs[0]["dense_output"]
+
+
+def test_policies_run_quietly_and_leave_the_model_dense(tok, capsys):
+    """hata-random is random by design: no warning about random projections; after the policies, every layer is
+    dense again (the next prefill must not select)."""
+    model = Transformer(PRESETS["tiny"])
+    tokens = torch.tensor([tok.encode(PROSE)[:20]]) % model.args.vocab_size
+    out = ev.run_policies(model, tokens, 16, 3, 24, [("hata-random", 1 / 8, HataArgs(budget=2))])
+    assert out[("hata-random", 1 / 8)][0].shape == (1, 3) and "warning" not in capsys.readouterr().err
+    assert all(layer.attention.hata is None for layer in model.layers)
 
 
 def test_the_prefill_shows_its_progress(smol, tok, monkeypatch):
