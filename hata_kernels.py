@@ -268,7 +268,7 @@ def hash_encode_step_ref(q, k, proj, code_cache, pos):
     """Definition: hash_encode_ref of the queries and the keys (into the cache at pos), as G + 1 rows of each KV
     head's projection in one encode (rounding depends on a matmul's rows: a projection near 0 may take either sign)."""
     (B, H, D), Hkv = q.shape, k.shape[1]
-    x = torch.cat([q.view(B, Hkv, H // Hkv, D), k[:, :, None]], dim=2)        # (B, Hkv, G + 1, D)
+    x = torch.cat([q.reshape(B, Hkv, H // Hkv, D), k[:, :, None]], dim=2)     # (B, Hkv, G + 1, D)
     codes = hash_encode_ref(x, proj)                                           # (B, Hkv, G + 1, W) int32
     code_cache[torch.arange(B, device=k.device), :, pos.long()] = codes[:, :, -1]  # (B, Hkv, W) into the cache
     return codes[:, :, :-1].reshape(B, H, -1)                                  # (B, H, W) int32
