@@ -453,7 +453,8 @@ def plot(results, path):
     budgets = sorted(results["budgets"], reverse=True)
     panels = [p for p in panels if any(pkey(name, f) in p[2] for name in results["selectors"] for f in budgets)]
     if not panels:  # every retrieval batch was past the time limit, and no perplexity (or no policy's results)
-        return print("nothing to plot", file=sys.stderr)
+        print("nothing to plot", file=sys.stderr)
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, yscale, ran, score) in zip(axes[0], panels):
         for name in results["selectors"]:
