@@ -66,6 +66,11 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
+def _check_devices(op, **ts):  # one device for every input; the message is built only when they differ
+    if len({t.device for t in ts.values()}) > 1:
+        raise ValueError(f"{op}: inputs on different devices ({', '.join(f'{n} {t.device}' for n, t in ts.items())})")
+
+
 def _is_int(t):  # lengths and positions: an integer dtype (a bool True would read as length 1)
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
@@ -107,9 +112,8 @@ def _popcount(x, HW_POPC: tl.constexpr):
     if HW_POPC:
         return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        # bit counts of 2-bit fields, then 4-bit fields, then bytes; the two folds add the four byte counts into
-        # the low byte (<= 32). Arithmetic right shifts are harmless: the first three masks clear the sign-extended
-        # bits, and after `& 0x0F0F0F0F` x >= 0, so the two unmasked folds shift in zeros
+        # bit counts of 2-bit fields, 4-bit fields, bytes; two folds add the byte counts into the low byte (<= 32).
+        # Arithmetic shifts are harmless: three masks clear the sign bits, after which x >= 0 (the folds add zeros)
         x = x - ((x >> 1) & 0x55555555)
         x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
         x = (x + (x >> 4)) & 0x0F0F0F0F
@@ -241,8 +245,7 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
            f"{Hkv}, S_max, {R // 32}) int32, got {code_cache.dtype} {tuple(code_cache.shape)}")
     _check(pos.shape == (B,) and _is_int(pos), f"hash_encode_step: pos must be (B,) = ({B},) "
            f"integers, got {pos.dtype} {tuple(pos.shape)}")
-    _check(k.device == code_cache.device == pos.device == q.device, f"hash_encode_step: inputs on different devices "
-           f"(q {q.device}, k {k.device}, code_cache {code_cache.device}, pos {pos.device})")
+    _check_devices("hash_encode_step", q=q, k=k, code_cache=code_cache, pos=pos)
     if not _use_triton(use_triton, q, k, proj, code_cache, pos):
         return hash_encode_step_ref(q, k, proj, code_cache, pos)
     _check_triton_head_dim(D, "hash_encode_step")
@@ -353,8 +356,7 @@ def _check_codes(q_codes, k_codes, lengths, op):
     _check(H % Hkv == 0, f"{op}: query heads {H} must be a multiple of KV heads {Hkv}")
     _check(lengths.dim() == 1 and lengths.shape[0] == B and _is_int(lengths),
            f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
-    _check(q_codes.device == k_codes.device == lengths.device, f"{op}: inputs on different devices (q_codes "
-           f"{q_codes.device}, k_codes {k_codes.device}, lengths {lengths.device})")
+    _check_devices(op, q_codes=q_codes, k_codes=k_codes, lengths=lengths)
 
 
 def hamming_score(q_codes, k_codes, lengths, use_triton=None):
@@ -830,8 +832,7 @@ def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=Non
     _check(H % Hkv == 0, f"sparse_decode_attention: query heads {H} must be a multiple of KV heads {Hkv}")
     _check(idx.shape[:2] == (B, Hkv), f"sparse_decode_attention: idx {tuple(idx.shape)} must start with "
            f"(B, Hkv) = ({B}, {Hkv})")
-    _check(q.device == k_cache.device == v_cache.device == idx.device, f"sparse_decode_attention: inputs on different "
-           f"devices (q {q.device}, k_cache {k_cache.device}, v_cache {v_cache.device}, idx {idx.device})")
+    _check_devices("sparse_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, idx=idx)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not _use_triton(use_triton, q, k_cache, v_cache, idx):
         return sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale)
@@ -953,8 +954,7 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale):
     """Allocate the output and partials, return (out, [(name, launch), ...]); bench.py times each launch."""
     B, H, D = q.shape
     _, Hkv, S_max, _ = k_cache.shape
-    K = idx.shape[-1]
-    G = H // Hkv
+    K, G = idx.shape[-1], H // Hkv
     _check_triton_head_dim(D, "sparse_decode_attention")
     _check(q.dtype != torch.float64, "sparse_decode_attention: Triton path takes fp32/bf16/fp16, got float64")
     block_n = 64 if not _INTERPRET else 16                                     # selected rows a split program reads
