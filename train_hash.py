@@ -458,9 +458,9 @@ def report_plot(results, mean, n_dense, n_layers, path):
         ax1.plot([1 / f for f in BUDGETS], [mean[name, f][0] for f in BUDGETS], label=name, **style)
         ax2.plot(range(n_dense, n_layers), [results[name, 1 / 32][l][0].mean() for l in range(n_dense, n_layers)],
                  **style)
-    ax1.set(xscale="log", xlabel="context / budget K", ylabel="captured attention mass",
-            title="Mean over sparse layers (held-out text)")
-    ax1.set_xticks([1 / f for f in BUDGETS], [f"{round(1 / f)}" for f in BUDGETS])
+    ax1.set_xscale("log", base=2)  # as eval.py's plots: the budget's fraction, smaller to the right
+    ax1.set(xlabel="budget K / context", ylabel="captured attention mass", title="Mean over sparse layers (held out)")
+    ax1.set_xticks([1 / f for f in BUDGETS], [frac(f) for f in BUDGETS])
     ax1.minorticks_off()
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)

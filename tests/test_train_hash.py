@@ -610,3 +610,16 @@ def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_pat
     assert "Held-out text: 1 document; budget K = ceil(f * (t + 1)) per KV head, for a query at t" in text  # not C
     assert "text: 1 training document, 1 held out" in err
     assert "note: the shipped projections are for --n-dense 2" in err
+
+
+def test_the_report_plot_labels_budgets_as_evals_plots_do(monkeypatch):
+    """The x axis shows the budget's fraction, 1/8 .. 1/64, as eval.py's plots (it used to show 8 .. 64 as context /
+    budget K, the other way up)."""
+    figs = []
+    monkeypatch.setattr(th, "write_png", lambda path, fig: figs.append(fig))
+    names = ["oracle", "trained R=64", "random R=64"]
+    results = {(name, f): [(torch.rand(3),)] * 4 for name in names for f in th.BUDGETS}  # 4 layers, per-head mass
+    th.report_plot(results, {key: (0.5,) for key in results}, 1, 4, "unused.png")
+    ax = figs[0].axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert ax.get_xlabel() == "budget K / context" and labels == ["1/8", "1/16", "1/32", "1/64"]
