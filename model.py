@@ -803,22 +803,25 @@ def load_checkpoint(path, dtype=torch.float32):
     raw = {name: w for name, w in raw.items() if not name.endswith(DERIVED)}
     if len(raw) < args.n_layers:  # (before a name table of n_layers rows: 10^9 layers would fill the memory)
         raise ValueError(f"{path}: {args.n_layers} layers in its metadata, but only {len(raw)} tensors")
-    col = FORMATS.index(fmt)
-    table = {row[col].format(i=i): row[0].format(i=i)
-             for row in WEIGHT_NAMES for i in (range(args.n_layers) if "{i}" in row[0] else [0])}
+    table = weight_names(fmt, args.n_layers)
     if leftovers := sorted(set(raw) - set(table)):
         raise ValueError(f"{path}: {len(leftovers)} tensors this model does not use, e.g. {leftovers[:4]}")
-    sd = {table[name]: w for name, w in raw.items()}
-    if fmt != "hf":  # Meta's interleaved RoPE pairs (2i, 2i+1) -> half-split pairs (i, i + D/2)
-        for i in range(args.n_layers):
-            for w, n in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
-                name = f"layers.{i}.attention.{w}.weight"
-                if name in sd:
-                    if (t := sd[name]).shape != (n * args.head_dim, args.dim):  # before its rows are regrouped
-                        raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects "
-                                         f"{(n * args.head_dim, args.dim)}")
-                    sd[name] = t.view(n, t.shape[0] // n // 2, 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
+    sd = {}
+    for name, t in raw.items():
+        sd[ours := table[name]] = t
+        if fmt != "hf" and ours.endswith((".wq.weight", ".wk.weight")):  # Meta's interleaved RoPE pairs (2i, 2i+1)
+            n = args.n_heads if ours.endswith(".wq.weight") else args.n_kv_heads  # -> half-split pairs (i, i + D/2)
+            if t.shape != (n * args.head_dim, args.dim):  # before its rows are regrouped
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects "
+                                 f"{(n * args.head_dim, args.dim)}")
+            sd[ours] = t.view(n, t.shape[0] // n // 2, 2, t.shape[1]).transpose(1, 2).reshape(t.shape)
     return args, sd, rope_factors
+
+
+def weight_names(fmt, n_layers):
+    """{the name in a `fmt` checkpoint: ours} for every weight of an n_layers Llama."""
+    col, layers = FORMATS.index(fmt), lambda row: range(n_layers) if "{i}" in row[0] else [0]
+    return {row[col].format(i=i): row[0].format(i=i) for row in WEIGHT_NAMES for i in layers(row)}
 
 
 def gguf_reader(path, keep):
@@ -1004,13 +1007,16 @@ def fused_weights(args):
 
 def from_checkpoint(path, hata: HataArgs | None = None, device="cpu", dtype=torch.float32):
     args, sd, rope_factors = load_checkpoint(path, dtype)
-    return from_state_dict(args, sd, hata, device, dtype, rope_factors, where=path)
+    theirs = {ours: name for name, ours in weight_names(checkpoint_format(path)[0], args.n_layers).items()}
+    return from_state_dict(args, sd, hata, device, dtype, rope_factors, where=path, names=theirs)
 
 
-def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope_factors=None, where="checkpoint"):
+def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope_factors=None, where="checkpoint",
+                    names=None):
     """Build the model on the meta device and load `sd` (our names) into it: no double allocation, and tensors
     already of the right device and dtype are used as they are (models built from one `sd` share them), except
-    the stacked wqkv and w13 (see fused_weights)."""
+    the stacked wqkv and w13 (see fused_weights). Errors name a tensor as `names` ({ours: the file's}) does."""
+    named = lambda name: (names or {}).get(name, name)
     sd = dict(sd)
     with torch.device("meta"):
         model = Transformer(args, hata)
@@ -1023,13 +1029,15 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
         sd["output.weight"] = sd.get("tok_embeddings.weight")
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: " + "; ".join(f"{len(names)} tensors {what}, e.g. {names[:4]}" for what, names
-                                                  in (("missing", missing), ("unexpected", unexpected)) if names))
+        said = [f"{len(ns)} tensor{'s' * (len(ns) > 1)} {what}, e.g. {[named(n) for n in ns[:4]]}"
+                for what, ns in (("missing", missing), ("unexpected", unexpected)) if ns]
+        untied = " (the config says tie_word_embeddings: false)" * (missing == ["output.weight"])
+        raise ValueError(f"{where}: {'; '.join(said)}{untied}")
     for name, w in sd.items():
         if tuple(w.shape) != expected[name]:
-            raise ValueError(f"{where}: {name} has shape {tuple(w.shape)}, the model expects {expected[name]}")
+            raise ValueError(f"{where}: {named(name)} has shape {tuple(w.shape)}, the model expects {expected[name]}")
         if not w.is_floating_point():
-            raise ValueError(f"{where}: {name} holds {w.dtype}, not floating-point weights")
+            raise ValueError(f"{where}: {named(name)} holds {w.dtype}, not floating-point weights")
     sd = {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
     for name, parts in fused.items():
         sd[name] = torch.cat([sd.pop(part) for part, _ in parts])

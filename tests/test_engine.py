@@ -99,7 +99,7 @@ def hf_dir(tmp_path, smol_weights, drop=None, extra=None):
 
 
 @pytest.mark.parametrize("change, words", [(dict(drop="model.layers.1.self_attn.k_proj.weight"),
-                                            ("missing", "layers.1.attention.wk")),
+                                            ("missing", "model.layers.1.self_attn.k_proj.weight")),
                                            (dict(extra={"model.layers.0.self_attn.q_bias": torch.zeros(3)}),
                                             ("does not use", "q_bias"))])
 def test_safetensors_missing_or_extra_key(capsys, tmp_path, smol_weights, gguf_path, change, words):
