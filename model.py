@@ -787,8 +787,9 @@ def checkpoint_metadata(path):
 
 
 def load_checkpoint(path, dtype=torch.float32):
-    """Returns (ModelArgs, {Meta's name: fp32/bf16/fp16 tensor on the CPU}, rope_factors or None). A GGUF's weights
-    are dequantized into `dtype` one by one, never all in float32 (the default model, bf16: 0.8 GB peak, not 1.2)."""
+    """Returns (ModelArgs, {Meta's name: tensor on the CPU}, rope_factors or None): a safetensors or .pth file's
+    tensors in their own dtype (from_state_dict converts them); a GGUF's weights dequantized into `dtype` one by
+    one, never all in float32 (the default model, bf16: 0.8 GB peak, not 1.2)."""
     fmt, path = checkpoint_format(path)
     with reading(path):
         args, raw = read_gguf(path, dtype) if fmt == "gguf" else read_hf(path) if fmt == "hf" else read_meta(path)

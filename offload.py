@@ -12,8 +12,8 @@ is mapped into the GPU's unified address space (UVA) at its host address, so a k
 directly, over PCIe.
 `host_buffer` wraps such memory as a CUDA tensor over the same bytes, and Attention.forward runs unchanged:
   decode   the new K/V row is stored through the view by the cache_write kernel inside the CUDA graph (no host sync);
-           hamming_topk selects on the GPU from the codes; sparse_decode_attention's split kernel gathers the
-           selected rows straight from host memory (zero-copy) and attends on the GPU.
+           the selection runs on the GPU from the codes (and norms); sparse_decode_attention's split kernel gathers
+           the selected rows straight from host memory (zero-copy) and attends on the GPU.
   prefill  the rows are written through the view as the chunks go; a fresh prefill (every sequence from position
            0) attends over the new k, v themselves, on the GPU; a later chunk over a GPU copy of positions 0 through
            its own last one, made for that layer and dropped after it (host syncs are fine in prefill; the copy is
