@@ -271,10 +271,10 @@ def parse_budget(text):
     try:
         num, _, den = text.partition("/")
         value = HataArgs(budget=float(num) / float(den) if den else float(num)).budget
-        if den and value >= 1:  # '2/1' is no fraction of the cache
+        if value >= 1 and (den or not num.strip().lstrip("+").isdecimal()):  # '2/1', '1e30': no count as typed
             raise ValueError(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a count >= 1 or a fraction in (0, 1) like 1/16")
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a whole count >= 1 or a fraction in (0, 1) like 1/16")
     return int(value) if value >= 1 else value
 
 

@@ -68,8 +68,8 @@ def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys
 @pytest.mark.parametrize("argv, words", [(["cpu", "--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
                                          (["cpu", "--seqlens", "16", "-4"], "--seqlens: must be a whole number >= 1"),
                                          (["e2e", "--batches", "0"], "--batches: must be a whole number >= 1"),
-                                         (["e2e", "--budgets", "0"], "budget '0' is not a count >= 1"),
-                                         (["cpu", "--budget", "2/1"], "budget '2/1' is not a count >= 1")])
+                                         (["e2e", "--budgets", "0"], "budget '0' is not a whole count >= 1"),
+                                         (["cpu", "--budget", "2/1"], "budget '2/1' is not a whole count >= 1")])
 def test_bad_flags_get_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)

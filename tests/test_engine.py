@@ -540,8 +540,8 @@ def test_help_shows_the_defaults_as_typed(capsys, argv, shown):  # and nothing a
 def test_parse_budget():
     assert parse_budget("2048") == 2048 and isinstance(parse_budget("2048"), int)
     assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
-    for bad in ("0", "-1", "2.5", "nan", "inf", "1/0", "abc"):  # HataArgs' range, checked by argparse
-        with pytest.raises(argparse.ArgumentTypeError, match="not a count >= 1 or a fraction in"):
+    for bad in ("0", "-1", "2.5", "nan", "inf", "1/0", "abc", "1e30", "2/1"):  # HataArgs' range, checked by argparse
+        with pytest.raises(argparse.ArgumentTypeError, match="not a whole count >= 1 or a fraction in"):
             parse_budget(bad)
 
 
