@@ -434,7 +434,7 @@ def report(results):
             md.append(f"| {name} | " + " | ".join(cells) + " |")
         md.append("")
     if any("†" in line for line in md):
-        md += ["† sink + recent positions fill the budget (at some of these contexts): a fixed window.", ""]
+        md += ["† sink + recent positions fill (or exceed) the budget at some of these contexts: a fixed window.", ""]
     return "\n".join(md)
 
 
