@@ -607,12 +607,12 @@ def training_settings(args):
     """The training's hyperparameters from the flags (the loss's defaults for --sigma, --eta), each checked."""
     limits = ((0 <= args.query_from < 1, f"--query-from {args.query_from} must lie in [0, 1)"),
               (args.val_seqs >= 0, f"--val-seqs {args.val_seqs} must be >= 0"),
-              (0 <= args.shift < 2 ** 31, f"--shift {args.shift} must lie in [0, 2^31)"))
+              (0 <= args.shift < 2 ** 31, f"--shift {args.shift} must lie in [0, 2^31)"),
+              (args.batch <= args.n_seqs, f"--batch {args.batch} must be <= --n-seqs {args.n_seqs}"))
     if bad := [msg for ok, msg in limits if not ok]:
         raise ValueError("; ".join(bad))
     if args.seq_len < (least := round(1 / min(BUDGETS))):  # (--seq-len 1 trained on one key and saved the result)
-        raise ValueError(f"--seq-len {args.seq_len}: at least {least}, where the smallest budget, 1/{least}, is one "
-                         "key")
+        raise ValueError(f"--seq-len {args.seq_len}: at least {least}, where the smallest budget, 1/{least}, is one key")
     hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
     hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
                for n in ("sigma", "eta")})
@@ -643,9 +643,9 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     seq_len = min(args.seq_len, margs.max_seq_len)
     windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen)
     windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
-    n_val = min(args.val_seqs, max(0, windows.shape[0] - args.n_seqs))  # training takes its windows first
+    n_val = min(args.val_seqs, windows.shape[0] - 1)  # short text: the guard's windows first, training the rest
     if args.val_seqs and not n_val:
-        print("warning: no window left for validation; the per-head guard is off", file=sys.stderr)
+        print("warning: one window only, for training; the per-head guard is off", file=sys.stderr)
     windows, val = windows[n_val:], windows[:n_val]
     if args.batch > windows.shape[0]:  # (a step draws with replacement: more would repeat windows in every step)
         raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or raise --n-seqs")

@@ -311,6 +311,20 @@ def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeyp
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
 
 
+def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
+    """Fewer windows than --n-seqs + --val-seqs: the guard still gets its --val-seqs (it used to get none, silently
+    off but for a warning, while training took them all); a single window trains, and says the guard is off."""
+    seen = {}
+    _, run = fake_training(monkeypatch, seen)
+    for n, n_train, n_val in [(3, 1, 2), (1, 1, 0)]:
+        monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, _, gen: torch.arange(n)[:, None].repeat(1, L))
+        seen.clear()
+        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / f"{n}.safetensors")}, {},
+                       torch.Generator().manual_seed(0), 0.0)
+        assert (len(seen["train"]), len(seen.get("val", []))) == (n_train, n_val)
+    assert "warning: one window only, for training; the per-head guard is off" in capsys.readouterr().err
+
+
 def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch, tmp_path):
     """A full disk at the end of the training: one OSError naming the file, and the projections saved in the temp
     folder instead of lost (safetensors' own error type is an OSError too, whatever it writes)."""
@@ -448,6 +462,7 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                                                    "budget, 1/64, is one key"),
                                          (["--checkpoint", ""], "--checkpoint: an empty path"),
                                          (["--seed", "1.5"], "invalid torch_seed value"),
+                                         (["--batch", "17"], "--batch 17 must be <= --n-seqs 16"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     try:  # argparse's own errors exit through SystemExit
