@@ -34,6 +34,7 @@ import time
 import torch
 
 import hata_kernels as hk
+from model import PRESETS, HataArgs, from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COPY_BW = 4.27e12                     # bytes/s, H200 device-to-device copy (read + write)
@@ -149,7 +150,6 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
 
 
 def bench_attention(args):
-    from model import HataArgs
     if args.rbit % 32:
         raise ValueError(f"--rbit must be a multiple of 32 (whole int32 code words), got {args.rbit}")
     Ks = {S: sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}) for S in args.seqlens}
@@ -198,7 +198,6 @@ def budget_label(b):
 
 def budget_labels(K, S, budgets):
     """The budget arguments (fractions of S or token counts) that give K tokens at context S, as line labels."""
-    from model import HataArgs
     return [budget_label(b) for b in budgets if HataArgs(budget=b).budget_tokens(S) == K]
 
 
@@ -337,7 +336,6 @@ def bench_offload(args):
     S - 1 positions through the same path, the dense baseline). Then one layer's fetch: zero-copy vs staged."""
     import offload
     from engine import GraphedDecode, random_model
-    from model import PRESETS, HataArgs
 
     S, B, dev = args.seqlen, 1, "cuda"
     if not args.budget < S <= PRESETS[args.preset].max_seq_len:  # now, not after the GPU's timings
@@ -444,7 +442,6 @@ def bench_e2e(args):
     the chunks engine.prefill takes by default (a later chunk attends over the cache up to its end: model's
     causal_attention)."""
     from engine import GraphedDecode, prefill, random_model
-    from model import PRESETS, HataArgs
 
     if (L := max(args.seqlens + [args.prefill_len])) > (context := PRESETS[args.preset].max_seq_len):
         raise ValueError(f"{L} tokens (--seqlens, --prefill-len) exceed the {args.preset} context of {context}")
@@ -565,8 +562,9 @@ def bench_cpu(args):
     engine.py step but a full cache's last), with random K/V (the values do not change the cost). Dense and HATA
     alternate for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
     from engine import default_checkpoint, shipped_hash_weights
-    from model import HataArgs, from_checkpoint
 
+    if not any(HataArgs(budget=args.budget).budget_tokens(S + 1) < S for S in args.seqlens):  # (a cache of S + 1)
+        raise ValueError("--budget is below none of --seqlens: the model would decode every step densely")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = from_checkpoint(default_checkpoint())
     if max(args.seqlens) > model.args.max_seq_len:
@@ -633,7 +631,6 @@ def report_plot_path(args, mode_parser):
 def build_parser():
     """The parser and its modes' subparsers (each mode's defaults are its plot's points)."""
     from engine import Parser, parse_budget, positive_int, thread_count  # argparse refuses 0, negatives, '1/0'
-    from model import PRESETS
     parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     add_mode = lambda name, text: sub.add_parser(name, help=text, description=text)  # `bench.py MODE --help` too

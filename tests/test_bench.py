@@ -88,6 +88,9 @@ def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
     out, err = capsys.readouterr()
     assert "error: --seqlens 16384 exceed the default model's context, 8192" in err
     assert out == ""  # refused before anything is printed, the header line included
+    assert bench.main(["cpu", "--seqlens", "16", "512"]) == 2  # K = 512 of each: dense, no comparison (no load)
+    assert "error: --budget is below none of --seqlens: the model would decode every step densely" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048", "--prefill-len", "512"],
