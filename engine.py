@@ -483,7 +483,8 @@ def run(args):
         raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
-    if hata is not None and hata.hash_weights is None and hata.reads_codes(max_seq_len):  # (else no codes: no note)
+    sparse = hata is not None and hata.reads_codes(max_seq_len) and not (shape and hata.n_dense >= shape.n_layers)
+    if sparse and hata.hash_weights is None:  # (no layer that reads codes: no file, and no note that it has none)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata would check: now, before
         check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load (another model's file)
