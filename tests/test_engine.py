@@ -468,7 +468,8 @@ def test_max_new_tokens_capped_by_the_cache_says_so(capsys):
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_n_dense_covering_every_layer_says_dense(capsys):
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "30", "--budget", "2", "--max-new-tokens", "1")
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "30", "--budget", "2", "--max-seq-len", "64",
+                           "--max-new-tokens", "1")
     assert code == 0 and "dense decode: --n-dense 30 covers all 30 layers" in err
     assert "trained projections" not in err  # no layer would use them: no note that none fit --n-dense 30
 
