@@ -594,8 +594,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                          "tokens of intro, needles and question)")
     if lengths["--contexts"] and not args.minutes > 0:
         raise ValueError(f"--minutes {args.minutes}: retrieval needs --minutes > 0")
-    if args.sink < 0:
-        raise ValueError(f"--sink {args.sink} must be >= 0")
+    if bad := [f"--{flag} {n}" for flag, n in (("sink", args.sink), ("n-dense", args.n_dense)) if (n or 0) < 0]:
+        raise ValueError(f"{', '.join(bad)}: must be >= 0")  # (as engine.py; HataArgs would say n_dense)
     check_labels(args.budgets + args.quest_budgets)
     rbit, n_dense = file_settings(args.hash_weights if args.hash_weights != "none" and "trained" in args.selectors
                                   else None, args.rbit, args.n_dense)  # as engine.py: the file's, where not given

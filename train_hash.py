@@ -612,7 +612,7 @@ def training_settings(args):
     if bad := [msg for ok, msg in limits if not ok]:
         raise ValueError("; ".join(bad))
     if args.seq_len < (least := round(1 / min(BUDGETS))):  # (--seq-len 1 trained on one key and saved the result)
-        raise ValueError(f"--seq-len {args.seq_len}: at least {least}, where the smallest budget, 1/{least}, is one key")
+        raise ValueError(f"--seq-len {args.seq_len}: at least {least}, where the budget 1/{least} is one key")
     hp = {n: getattr(args, n) for n in ("lr", "momentum", "wd", "eps", "lam", "shift", "loss", "alpha")}
     hp.update({n: LOSS_DEFAULTS[args.loss][n] if getattr(args, n) is None else getattr(args, n)
                for n in ("sigma", "eta")})

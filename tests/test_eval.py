@@ -380,7 +380,8 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--contexts", "40", "--samples", "1"],
                                           "--contexts 40 is too short: retrieval needs --contexts >= 128"),
                                          (["--minutes", "0"], "--minutes 0.0: retrieval needs --minutes > 0"),
-                                         (["--sink", "-1"], "--sink -1"),
+                                         (["--sink", "-1"], "--sink -1: must be >= 0"),
+                                         (["--n-dense", "-1"], "--n-dense -1: must be >= 0"),
                                          (["--device", "xyz"], "--device: invalid device_name value: 'xyz'"),
                                          (["--selectors", "trained", "--hash-weights", "none"], "only dense would run"),
                                          (["--selectors", "trained", "--tasks", "perplexity"], "only dense would run"),
@@ -646,7 +647,8 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
                         ("big.json", "big.json is not a JSON file eval.py wrote (Exceeds the limit"),
                         ("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
                         ("none.json", f"results file not found (or a directory): {tmp_path / 'none.json'}"),
-                        (".", f"results file not found (or a directory): {tmp_path / '.'}"), ("no_context.json", "has perplexity results but no ppl_context"),
+                        (".", f"results file not found (or a directory): {tmp_path / '.'}"),
+                        ("no_context.json", "has perplexity results but no ppl_context"),
                         ("damaged.json", "damaged.json: a retrieval or perplexity record lacks what the report reads"),
                         ("no_dense.json", "no_dense.json: a retrieval or perplexity record lacks")]:
         assert ev.main(["--report", str(tmp_path / name), "--out-dir", str(tmp_path), "--overwrite"]) == 2

@@ -458,8 +458,8 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--out", ""], "--out: an empty path"),
                                          (["--report", "--eval-len", "32", "64"],
                                           "--eval-len 32: at least 64, where the report's smallest budget, 1/64"),
-                                         (["--seq-len", "63"], "--seq-len 63: at least 64, where the smallest "
-                                                                   "budget, 1/64, is one key"),
+                                         (["--seq-len", "63"],
+                                          "--seq-len 63: at least 64, where the budget 1/64 is one key"),
                                          (["--checkpoint", ""], "--checkpoint: an empty path"),
                                          (["--seed", "1.5"], "invalid torch_seed value"),
                                          (["--batch", "17"], "--batch 17 must be <= --n-seqs 16"),
