@@ -149,8 +149,9 @@ class Haystack:
     def __init__(self, tok, text):
         self.ids = tok.encode(text, bos=False)
         self.ends = [i + 1 for i, t in enumerate(self.ids) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
-        if not self.ends:
-            raise ValueError("haystack text has no sentence end (. ! ?), so no place between sentences for a needle")
+        if not self.ends:  # (an empty --text, or spaces only: said so)
+            raise ValueError("the haystack text is empty" if not text.strip() else "haystack text has no sentence end "
+                             "(. ! ?), so no place between sentences for a needle")
 
     def piece(self, n, rng):
         """n consecutive tokens starting after a sentence end, and the sentence ends in them (0; n if it is one)."""

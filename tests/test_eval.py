@@ -72,6 +72,8 @@ def test_needles_go_only_between_sentences(tok):
         assert text[:text.index(f" The pass key is {key}")].rstrip().endswith("."), text
     with pytest.raises(ValueError, match="no sentence end"):  # --text without one: no place for a needle
         ev.Haystack(tok, "words and words " * 50)
+    with pytest.raises(ValueError, match="^the haystack text is empty$"):  # not "no sentence end"
+        ev.Haystack(tok, " \n")
 
 
 def test_prompt_has_one_bos_at_its_start(tok):
