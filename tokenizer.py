@@ -50,8 +50,9 @@ LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - le
 LLAMA3_VOCAB = 128000  # the ranks of Meta's tiktoken file; its special tokens come after them
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
-# tiktoken's regex overflows its stack on a run of ~1M whitespace characters; cut every run at 25K characters, as
-# Meta's Llama 3 tokenizer does (only the run starts try the scan: linear in the text)
+# tiktoken's regex overflows its stack on a run of ~1M whitespace characters: every BPE backend cuts runs every 25K
+# characters, as Meta's Llama 3 tokenizer (which also cuts text every 400K; hata does not); at a cut in 25K letters
+# without a space a token may differ from HF's (only the run starts try the scan: linear in the text)
 RUN_CAP = 25_000
 LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
 
@@ -92,8 +93,7 @@ def _check_merges(where, merges, vocab: dict, ranks: dict):
 
 def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Encoding, int, set]:
     """(the encoding, the vocab size, the ids below it that are no token: a GGUF's unused slots, decoded to nothing)"""
-    # tiktoken needs every single byte; vocabularies may lack a few (SmolLM2: some control bytes, 0xF1).
-    # Those get ids past the vocabulary, and Tokenizer drops them as HF does (it has no unknown-byte token).
+    # tiktoken needs all 256 bytes; a vocabulary may lack some (SmolLM2: 0xF1, control bytes): ids past it (see _text)
     if len(set(ranks.values())) < len(ranks) or len(set(specials.values())) < len(specials):
         raise ValueError(f"{name!r}: two tokens share one id; the tokenizer file is corrupt")
     ids = [*ranks.values(), *specials.values()]
@@ -305,7 +305,7 @@ class Tokenizer:
             if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
                 return cls._from_tiktoken(path)
             return cls._from_sentencepiece(path)
-        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong kind
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing, of the wrong kind, empty
             raise ValueError(f"{path!r}: malformed tokenizer ({type(e).__name__}: {e}); {HOW}") from None
 
     @classmethod
@@ -357,8 +357,9 @@ class Tokenizer:
             model, pre = tj["model"], tj.get("pre_tokenizer") or {}
             if not (isinstance(model, dict) and isinstance(pre, dict)):
                 raise TypeError("'model' and 'pre_tokenizer' must be objects")
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({e}); re-download it")
+        except (ValueError, KeyError, TypeError) as e:  # no 'model' (config.json?): another file, not a bad download
+            raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({e}); " + ("pass tokenizer.json or the "
+                             "checkpoint directory" if isinstance(e, KeyError) else "re-download it"))
         if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
             raise ValueError(f"{path!r}: only byte-level BPE tokenizer.json is supported; for Llama 2 "
                              "use the directory's tokenizer.model")
@@ -429,7 +430,7 @@ class Tokenizer:
             return self.sp.encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # makes it
         parts = self.plain.split(text) if self.plain else [text]  # odd parts: added tokens that are not special
         ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else self._ordinary(part))]
-        # Ids past the vocabulary stand for bytes it lacks (see _bpe); drop them as HF does.
+        # ids past the vocabulary (bytes it lacks, _bpe) go after the merges: '=\x04=' is '=', '=' (HF's BPE: '==')
         return [i for i in ids if i < self.vocab_size] if self.enc.n_vocab > self.vocab_size else ids
 
     def _ordinary(self, text: str) -> list[int]:  # tiktoken, a piece at a time (see RUN_CAP)

@@ -287,7 +287,14 @@ def test_errors(tmp_path, gguf_path):
     with pytest.raises(ValueError, match="only byte-level BPE tokenizer.json is supported"):
         Tokenizer.from_path(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text(json.dumps({"model": "BPE", "pre_tokenizer": []}))
-    with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json.*must be objects"):
+    with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json.*must be objects.*re-download it"):
+        Tokenizer.from_path(tmp_path / "bad.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # the checkpoint's other JSON file
+    with pytest.raises(ValueError, match=r"not a Hugging Face tokenizer.json \('model'\); pass tokenizer.json or the"):
+        Tokenizer.from_path(tmp_path / "config.json")
+    empty = {"type": "Sequence", "pretokenizers": [], "from": "ByteLevel"}  # no step: one line, not an IndexError
+    (tmp_path / "bad.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": empty}))
+    with pytest.raises(ValueError, match=r"malformed tokenizer \(IndexError"):
         Tokenizer.from_path(tmp_path / "bad.json")
 
 
