@@ -563,18 +563,19 @@ def bench_cpu(args):
     alternate for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
     from engine import default_checkpoint, shipped_hash_weights
 
-    if not any(HataArgs(budget=args.budget).budget_tokens(S + 1) < S for S in args.seqlens):  # (a cache of S + 1)
-        raise ValueError("--budget is below none of --seqlens: the model would decode every step densely")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = from_checkpoint(default_checkpoint())
     if max(args.seqlens) > model.args.max_seq_len:
         raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {model.args.max_seq_len}")
-    print_header(args.mode)
     hata = HataArgs(budget=args.budget)
+    caches = {S: min(S + 1, model.args.max_seq_len) for S in args.seqlens}  # a step attends over a prefix of its
+    if all(hata.budget_tokens(S_max) >= S for S, S_max in caches.items()):  # cache, as in engine.py
+        raise ValueError(f"the budget ({budget_label(args.budget)}) covers every --seqlens: HATA would decode every "
+                         "step densely; give a longer --seqlens or a smaller --budget")
+    print_header(args.mode)
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []
-    for S in args.seqlens:
-        S_max = min(S + 1, model.args.max_seq_len)  # a step attends over a prefix of its cache, as in engine.py
+    for S, S_max in caches.items():
         K = hata.budget_tokens(S_max)  # a fraction is of the cache, as in engine.py
         model.set_hata(None)
         model.setup_caches(1, S_max)

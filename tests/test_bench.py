@@ -1,5 +1,6 @@
 """bench.py on the CPU: its cpu mode end to end (table and plot), and how it labels budgets. The GPU modes run
 only on a GPU (BENCHMARKS.md has their output)."""
+import re
 import statistics
 import types
 
@@ -83,14 +84,18 @@ def test_e2e_budgets_take_fractions(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err  # parsed: only the missing GPU stops it
 
 
-def test_a_context_beyond_the_model_is_one_error_line(gguf_path, capsys):
+def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_error_line(gguf_path, capsys, tmp_path):
     assert bench.main(["cpu", "--seqlens", "16", "16384", "--rounds", "1", "--steps", "1", "--plot", "unused.png"]) == 2
     out, err = capsys.readouterr()
     assert "error: --seqlens 16384 exceed the default model's context, 8192" in err
     assert out == ""  # refused before anything is printed, the header line included
-    assert bench.main(["cpu", "--seqlens", "16", "512"]) == 2  # K = 512 of each: dense, no comparison (no load)
-    assert "error: --budget is below none of --seqlens: the model would decode every step densely" in (
-        capsys.readouterr().err)
+    assert bench.main(["cpu", "--seqlens", "16", "512", "--plot", "unused.png"]) == 2  # K = 512: dense at both
+    out, err = capsys.readouterr()
+    assert "error: the budget (K = 512) covers every --seqlens: HATA would decode every step densely" in err
+    assert out == ""  # before any timing
+    assert bench.main(["cpu", "--seqlens", "8192", "--budget", "8191", "--rounds", "1", "--steps", "1", "--plot",
+                       str(tmp_path / "p.png")]) == 0  # K = 8191 of the full 8192-token cache: sparse, not refused
+    assert re.search(r"^\| 8192 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", capsys.readouterr().out, re.M)  # not "dense"
 
 
 @pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048", "--prefill-len", "512"],
