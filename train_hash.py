@@ -643,12 +643,12 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     seq_len = min(args.seq_len, margs.max_seq_len)
     windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen)
     windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
-    n_val = min(args.val_seqs, windows.shape[0] - 1)  # short text: the guard's windows first, training the rest
-    if args.val_seqs and not n_val:
-        print("warning: one window only, for training; the per-head guard is off", file=sys.stderr)
+    n_val = max(0, min(args.val_seqs, windows.shape[0] - args.batch))  # short text: the guard's windows, where
+    if args.val_seqs and not n_val:  # --batch windows are left to train on
+        print(f"warning: no window left for validation beside --batch {args.batch}: the guard is off", file=sys.stderr)
     windows, val = windows[n_val:], windows[:n_val]
-    if args.batch > windows.shape[0]:  # (a step draws with replacement: more would repeat windows in every step)
-        raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or raise --n-seqs")
+    if args.batch > windows.shape[0]:  # short text (a step draws with replacement: more would repeat windows)
+        raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or give more text")
     queries = n_queries(seq_len, args.queries, args.query_from)
     print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} queries each, {n_val} "
           "validation windows", file=sys.stderr)

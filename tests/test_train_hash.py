@@ -306,23 +306,24 @@ def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeyp
     assert load_hash_projections(out, PRESETS["tiny"], hata, key_signature(model, 1)).keys() == projs.keys()
     with pytest.raises(ValueError, match="trained on another model"):  # the file records the model's weights
         load_hash_projections(out, PRESETS["tiny"], hata, key_signature(Transformer(PRESETS["tiny"]), 1))
-    run.batch = 5  # more than the 4 training windows: refused before the prefills (collect_samples)
-    with pytest.raises(ValueError, match="--batch 5 > 4, the training windows: lower it or raise --n-seqs"):
+    run.batch = 7  # more than all 6 windows (short text; --n-seqs >= --batch is checked by the command line)
+    with pytest.raises(ValueError, match="--batch 7 > 6, the training windows: lower it or give more text"):
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
 
 
 def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
-    """Fewer windows than --n-seqs + --val-seqs: the guard still gets its --val-seqs (it used to get none, silently
-    off but for a warning, while training took them all); a single window trains, and says the guard is off."""
+    """Fewer windows than --n-seqs + --val-seqs: the guard still gets its --val-seqs where --batch windows are left
+    to train on (it used to get none, off but for a warning, while training took them all); else as many as are
+    left; a single window trains, and says the guard is off."""
     seen = {}
     _, run = fake_training(monkeypatch, seen)
-    for n, n_train, n_val in [(3, 1, 2), (1, 1, 0)]:
+    for n, run.batch, n_train, n_val in [(3, 1, 1, 2), (3, 2, 2, 1), (2, 2, 2, 0), (1, 1, 1, 0)]:
         monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, _, gen: torch.arange(n)[:, None].repeat(1, L))
         seen.clear()
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / f"{n}.safetensors")}, {},
                        torch.Generator().manual_seed(0), 0.0)
         assert (len(seen["train"]), len(seen.get("val", []))) == (n_train, n_val)
-    assert "warning: one window only, for training; the per-head guard is off" in capsys.readouterr().err
+    assert "warning: no window left for validation beside --batch 1: the guard is off" in capsys.readouterr().err
 
 
 def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch, tmp_path):
