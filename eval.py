@@ -306,8 +306,8 @@ def load_results(path):
             results = json.load(f)
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, a 5000-digit number, nesting 10^5 deep
         raise ValueError(f"{path} is not a JSON file eval.py wrote ({e})") from None
-    except (FileNotFoundError, IsADirectoryError):
-        raise FileNotFoundError(f"results file not found (or a directory): {path}") from None
+    except FileNotFoundError:  # (a directory: the OS error says so)
+        raise FileNotFoundError(f"results file not found: {path}") from None
     if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
         raise ValueError(f"{path} is not a results file of eval.py")
     number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

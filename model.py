@@ -806,7 +806,8 @@ def load_checkpoint(path, dtype=torch.float32):
         raise ValueError(f"{path}: {args.n_layers} layers in its metadata, but only {len(raw)} tensors")
     table = weight_names(fmt, args.n_layers)
     if leftovers := sorted(set(raw) - set(table)):
-        raise ValueError(f"{path}: {len(leftovers)} tensors this model does not use, e.g. {leftovers[:4]}")
+        raise ValueError(f"{path}: {len(leftovers)} tensor{'s' * (len(leftovers) > 1)} this model does not use, e.g. "
+                         f"{leftovers[:4]}")
     sd = {}
     for name, t in raw.items():
         sd[ours := table[name]] = t
@@ -1032,7 +1033,7 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
     if missing or unexpected:
         said = [f"{len(ns)} tensor{'s' * (len(ns) > 1)} {what}, e.g. {[named(n) for n in ns[:4]]}"
                 for what, ns in (("missing", missing), ("unexpected", unexpected)) if ns]
-        untied = " (the config says tie_word_embeddings: false)" * (missing == ["output.weight"])
+        untied = " (config.json's tie_word_embeddings is false or absent)" * (missing == ["output.weight"])
         raise ValueError(f"{where}: {'; '.join(said)}{untied}")
     for name, w in sd.items():
         if tuple(w.shape) != expected[name]:

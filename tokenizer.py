@@ -191,7 +191,7 @@ def _pre_split(pre, normalizer, path):
     """The one regex (tiktoken splits by one) that is a tokenizer.json's pre-tokenizer: ByteLevel's GPT-2 regex,
     Digits(individual) + ByteLevel (SmolLM2), or one isolating Split + ByteLevel without its own regex (Llama 3).
     Another chain (several Splits, as DeepSeek's), a normalizer or a prefix space would split or drop text otherwise."""
-    steps = pre.get("pretokenizers", [pre])
+    steps = pre.get("pretokenizers") or [pre]  # (an empty Sequence: refused below by its own name)
     kinds, last = [s.get("type") for s in steps], steps[-1]
     plain = normalizer is None and kinds[-1] == "ByteLevel" and not last.get("add_prefix_space", False)
     split = steps[0] if kinds == ["Split", "ByteLevel"] else {}
@@ -305,7 +305,7 @@ class Tokenizer:
             if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
                 return cls._from_tiktoken(path)
             return cls._from_sentencepiece(path)
-        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing, of the wrong kind, empty
+        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong kind
             raise ValueError(f"{path!r}: malformed tokenizer ({type(e).__name__}: {e}); {HOW}") from None
 
     @classmethod

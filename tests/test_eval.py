@@ -648,8 +648,8 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
                           for n in ("null", "yes", "at")],
                         ("big.json", "big.json is not a JSON file eval.py wrote (Exceeds the limit"),
                         ("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
-                        ("none.json", f"results file not found (or a directory): {tmp_path / 'none.json'}"),
-                        (".", f"results file not found (or a directory): {tmp_path / '.'}"),
+                        ("none.json", f"results file not found: {tmp_path / 'none.json'}"),
+                        (".", f"Is a directory: '{tmp_path}'"),
                         ("no_context.json", "has perplexity results but no ppl_context"),
                         ("damaged.json", "damaged.json: a retrieval or perplexity record lacks what the report reads"),
                         ("no_dense.json", "no_dense.json: a retrieval or perplexity record lacks")]:
