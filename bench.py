@@ -152,10 +152,8 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
 def bench_attention(args):
     if args.rbit % 32:
         raise ValueError(f"--rbit must be a multiple of 32 (whole int32 code words), got {args.rbit}")
+    refuse_all_dense(BUDGETS, {S: S for S in args.seqlens}, None)
     Ks = {S: sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}) for S in args.seqlens}
-    if not any(K < S for S in Ks for K in Ks[S]):
-        raise ValueError(f"--seqlens {' '.join(map(str, args.seqlens))}: no budget is below S (the model would decode "
-                         "densely); give a longer S")
     print_header(args.mode)
     torch.manual_seed(0)
     timer = Timer(args.reps)
@@ -194,6 +192,13 @@ def budget_label(b):
     if b >= 1:
         return f"K = {int(b)}"
     return f"K = S/{round(1 / b)}" if math.isclose(1 / b, round(1 / b)) else f"K = {b:g} S"  # 1/(1/49): 49.00..01
+
+
+def refuse_all_dense(budgets, caches, flag):  # caches {S: S_max}; no budget below any S: HATA's rows would be dense
+    if not any(HataArgs(budget=b).budget_tokens(S_max) < S for b in budgets for S, S_max in caches.items()):
+        raise ValueError(f"no budget ({', '.join(map(budget_label, budgets))}) is below any of --seqlens "
+                         f"{' '.join(map(str, caches))}: the model would decode every step densely; give a longer "
+                         f"--seqlens{f' or a smaller {flag}' if flag else ''}")
 
 
 def budget_labels(K, S, budgets):
@@ -448,8 +453,7 @@ def bench_e2e(args):
     hashed = HataArgs(budget=1 / 64)  # the prefill timing's policy: codes exist only where K < the cache
     if not hashed.reads_codes(args.prefill_len):
         raise ValueError(f"--prefill-len {args.prefill_len}: too short for HATA to hash its keys (K = 1/64 of it)")
-    if not any(HataArgs(budget=b).budget_tokens(S) < S for b in args.budgets for S in args.seqlens):
-        raise ValueError("no --budgets is below any of --seqlens: the model would decode every step densely")
+    refuse_all_dense(args.budgets, {S: S for S in args.seqlens}, "--budgets")
     print_header(args.mode)
     dev, model, timer = "cuda", random_model(args.preset, None, "cuda", torch.bfloat16), Timer(args.steps)
     a = model.args
@@ -569,9 +573,7 @@ def bench_cpu(args):
         raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {model.args.max_seq_len}")
     hata = HataArgs(budget=args.budget)
     caches = {S: min(S + 1, model.args.max_seq_len) for S in args.seqlens}  # a step attends over a prefix of its
-    if all(hata.budget_tokens(S_max) >= S for S, S_max in caches.items()):  # cache, as in engine.py
-        raise ValueError(f"the budget ({budget_label(args.budget)}) covers every --seqlens: HATA would decode every "
-                         "step densely; give a longer --seqlens or a smaller --budget")
+    refuse_all_dense([args.budget], caches, "--budget")  # cache, as in engine.py
     print_header(args.mode)
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []

@@ -91,7 +91,8 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
     assert out == ""  # refused before anything is printed, the header line included
     assert bench.main(["cpu", "--seqlens", "16", "512", "--plot", "unused.png"]) == 2  # K = 512: dense at both
     out, err = capsys.readouterr()
-    assert "error: the budget (K = 512) covers every --seqlens: HATA would decode every step densely" in err
+    assert ("error: no budget (K = 512) is below any of --seqlens 16 512: the model would decode every step densely; "
+            "give a longer --seqlens or a smaller --budget") in err
     assert out == ""  # before any timing
     assert bench.main(["cpu", "--seqlens", "8192", "--budget", "8191", "--rounds", "1", "--steps", "1", "--plot",
                        str(tmp_path / "p.png")]) == 0  # K = 8191 of the full 8192-token cache: sparse, not refused
@@ -110,10 +111,14 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
                                           "--host-gb must be a number of GiB > 0, got inf"),  # (int(inf): a traceback)
                                          (["e2e", "--seqlens", "512", "--budgets", "512", "2048",
                                            "--prefill-len", "512"],
-                                          "no --budgets is below any of --seqlens"),
+                                          "no budget (K = 512, K = 2048) is below any of --seqlens 512: the model "
+                                          "would decode every step densely; give a longer --seqlens or a smaller "
+                                          "--budgets"),
                                          (["attention", "--rbit", "48"],
                                           "--rbit must be a multiple of 32 (whole int32 code words), got 48"),
-                                         (["attention", "--seqlens", "1"], "--seqlens 1: no budget is below S")])
+                                         (["attention", "--seqlens", "1"],
+                                          "no budget (K = S/64, K = 2048) is below any of --seqlens 1: the model "
+                                          "would decode every step densely; give a longer --seqlens\n")])
 def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks come before any CUDA work
     assert bench.main(argv + (["--preset", "tiny"] if argv[0] != "attention" else [])) == 2
