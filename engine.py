@@ -490,8 +490,8 @@ def run(args):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Before the work, in the order run() takes them: settings and projection files, prompts, the cache, the default
-# model, vocabulary, offload plan, setup and memory
+# Before the work, in about the order run() takes them: settings and projection files, prompts, the cache, the
+# default model's files, vocabulary, offload plan, setup and memory
 
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
     if args.dense:

@@ -643,15 +643,15 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     seq_len = min(args.seq_len, margs.max_seq_len)
     windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen)
     windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
-    n_val = max(0, min(args.val_seqs, windows.shape[0] - args.batch))  # short text: the guard's windows, where
-    if args.val_seqs and not n_val:  # --batch windows are left to train on
-        print(f"warning: no window left for validation beside --batch {args.batch}: the guard is off", file=sys.stderr)
-    windows, val = windows[n_val:], windows[:n_val]
     if args.batch > windows.shape[0]:  # short text (a step draws with replacement: more would repeat windows)
         raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or give more text")
-    queries = n_queries(seq_len, args.queries, args.query_from)
-    print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} queries each, {n_val} "
-          "validation windows", file=sys.stderr)
+    n_val = min(args.val_seqs, windows.shape[0] - args.batch)  # short text: the guard's windows, where --batch are left
+    if args.val_seqs and not n_val:
+        print(f"warning: no window left for validation beside --batch {args.batch}: the guard is off", file=sys.stderr)
+    windows, val = windows[n_val:], windows[:n_val]
+    queries, short = n_queries(seq_len, args.queries, args.query_from), f" (of --val-seqs {args.val_seqs})"
+    print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} queries each, "
+          f"{plural(n_val, 'validation window')}{short * (0 < n_val < args.val_seqs)}", file=sys.stderr)
     samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
                               labels=args.loss == "pair")
     trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)

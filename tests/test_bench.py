@@ -94,8 +94,8 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
     assert ("error: no budget (K = 512) is below any of --seqlens 16 512: the model would decode every step densely; "
             "give a longer --seqlens or a smaller --budget") in err
     assert out == ""  # before any timing
-    assert bench.main(["cpu", "--seqlens", "8192", "--budget", "8191", "--rounds", "1", "--steps", "1", "--plot",
-                       str(tmp_path / "p.png")]) == 0  # K = 8191 of the full 8192-token cache: sparse, not refused
+    assert bench.main(["cpu", "--seqlens", "8192", "--budget", "8191/8192", "--rounds", "1", "--steps", "1", "--plot",
+                       str(tmp_path / "p.png")]) == 0  # K = 8191 of the full 8192-token cache (not of 8193: refused)
     assert re.search(r"^\| 8192 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", capsys.readouterr().out, re.M)  # not "dense"
 
 

@@ -306,9 +306,6 @@ def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeyp
     assert load_hash_projections(out, PRESETS["tiny"], hata, key_signature(model, 1)).keys() == projs.keys()
     with pytest.raises(ValueError, match="trained on another model"):  # the file records the model's weights
         load_hash_projections(out, PRESETS["tiny"], hata, key_signature(Transformer(PRESETS["tiny"]), 1))
-    run.batch = 7  # more than all 6 windows (short text; --n-seqs >= --batch is checked by the command line)
-    with pytest.raises(ValueError, match="--batch 7 > 6, the training windows: lower it or give more text"):
-        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
 
 
 def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
@@ -323,7 +320,14 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / f"{n}.safetensors")}, {},
                        torch.Generator().manual_seed(0), 0.0)
         assert (len(seen["train"]), len(seen.get("val", []))) == (n_train, n_val)
-    assert "warning: no window left for validation beside --batch 1: the guard is off" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: no window left for validation beside --batch 1: the guard is off" in err
+    assert "2 windows of 16 tokens, 2 queries each, 1 validation window (of --val-seqs 2)" in err  # (3, 2, 2, 1)
+    run.batch = 2  # more than the text's one window (--n-seqs 4 >= --batch 2): refused, before any warning
+    with pytest.raises(ValueError, match="--batch 2 > 1, the training windows: lower it or give more text"):
+        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / "x.safetensors")}, {},
+                       torch.Generator(), 0.0)
+    assert "guard is off" not in capsys.readouterr().err
 
 
 def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch, tmp_path):
