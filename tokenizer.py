@@ -226,8 +226,7 @@ def _hf_config(directory):
         raise ValueError(f"{cfg_path!r} holds no JSON object")
     for key in ("bos_token", "eos_token"):  # a name, or {"content": name, ...} (AddedToken), or none
         value = cfg.get(key)
-        if not (value is None or isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"),
-                                                                                                  str)):
+        if value is not None and not isinstance(value.get("content") if isinstance(value, dict) else value, str):
             raise ValueError(f"{cfg_path!r}: {key} must be a token's name, got {value!r}")
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates (transformers' list form): the one named "default"
@@ -396,9 +395,11 @@ class Tokenizer:
             raise ValueError(f"{path!r} holds {len(ranks)} token ranks, not Meta's Llama 3 tokens 0..{LLAMA3_VOCAB - 1}"
                              " each once: a cut or corrupt file (re-download it), or not Llama 3's tokenizer")
         specials = {t: LLAMA3_VOCAB + i for i, t in enumerate(LLAMA3_SPECIALS)}
+        template = _hf_config(os.path.dirname(path))[1]  # a Hugging Face folder's chat template, as the other formats
         enc, n, blank = _bpe(path, ranks, specials, LLAMA3_PATTERN)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=specials["<|begin_of_text|>"],
-                   eos_id=specials["<|end_of_text|>"], add_bos=True, chat="llama3")
+                   eos_id=specials["<|end_of_text|>"], add_bos=True, chat=cls._chat_of(specials, template),
+                   opening=_dated_opening(template))
 
     @classmethod
     def _from_sentencepiece(cls, path):

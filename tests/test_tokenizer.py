@@ -517,6 +517,23 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
                        pre="llama-bpe", bos=256, template=bare)  # a date set nowhere: Meta's default
     assert Tokenizer.from_path(path).opening == "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
+def test_a_meta_tokenizer_model_takes_its_folders_chat_template(tmp_path):
+    """Meta's tiktoken tokenizer.model beside a tokenizer_config.json takes its chat template, as a tokenizer.json
+    or a sentencepiece model does: Llama 3.2's opens every chat with the cutoff and the date; another template (a
+    Llama 3 vocabulary with its own format, as DeepSeek-R1-Distill-Llama's) is no Llama 3 chat. Alone: Llama 3's."""
+    (tmp_path / "tokenizer.model").write_bytes(open(package_file("llama_models", "llama3", "tokenizer.model"),
+                                                    "rb").read())
+    tok = Tokenizer.from_path(tmp_path)
+    assert (tok.chat, tok.opening) == ("llama3", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA32_TEMPLATE}))
+    tok = Tokenizer.from_path(tmp_path)
+    date = datetime.datetime.now().strftime("%d %b %Y")
+    assert (tok.chat, tok.opening) == ("llama3", f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n")
+    other = "{% for m in messages %}<｜User｜>{{ m['content'] }}<｜Assistant｜>{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": other}))
+    assert Tokenizer.from_path(tmp_path).chat is None
+
+
 def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
     """BOS found in the post-processor although json.dumps would escape its name (DeepSeek-R1-Distill-Llama's);
     transformers' list form of chat_template gives its "default" entry; an added token that is not special (its
