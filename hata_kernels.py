@@ -48,6 +48,7 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +90,12 @@ def _check_int32_rows(t, op):  # score and select kernels: int32 row offsets (in
     n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # elements from the first to the last
     _check(n < 2 ** 31, f"{op}: the Triton path indexes with int32 offsets and this input spans {n} >= 2^31 elements; "
            "split the batch")
+
+
+def _launch(out, launches):  # an op's (name, launch) list in order (bench.py times each); returns its output
+    for _, launch in launches:
+        launch()
+    return out
 
 
 def _next_pow2(n):
@@ -476,11 +483,9 @@ def _select_topk_kernel(
 
 def _order_key_int32(score):
     """Map any real score to an int32 key with the same order (and the same ties) where exact:
-    integers as they are (must fit int32: checked, a host sync, for int64), floats through their fp32 bit pattern
-    (-0.0 as 0.0: equal scores tie)."""
+    integers as they are (select_topk has checked that they fit int32), floats through their fp32 bit pattern
+    (-0.0 as 0.0: equal scores tie; a NaN with the sign bit set, as x86 makes them, ranks first, +NaN last)."""
     if not score.is_floating_point():
-        fits = score.dtype != torch.int64 or score.numel() == 0 or (score.min() >= -2 ** 31 and score.max() < 2 ** 31)
-        _check(fits, "select_topk: the Triton path needs integer scores that fit in int32")
         return score.to(torch.int32)
     bits = score.float().view(torch.int32)                                     # (B, Hkv, S) int32
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)                   # negative floats: minus magnitude
@@ -490,7 +495,10 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     """score (B, Hkv, S) any real dtype, smaller is closer -> idx (B, Hkv, budget) int32, -1 padded: a set.
     Both paths order float scores by their fp32 value; integer scores must fit in int32."""
     _check(score.dim() == 3, f"select_topk: score must be (B, Hkv, S), got shape {tuple(score.shape)}")
-    _check(score.dtype != torch.bool and not score.is_complex(), f"select_topk: score must be real, got {score.dtype}")
+    _check(score.is_floating_point() or score.dtype in _INTS, f"select_topk: score must be a float or a signed integer "
+           f"(or uint8) tensor, got {score.dtype}")  # torch has few ops for uint16/32/64
+    _check(score.dtype != torch.int64 or score.numel() == 0 or (score.min() >= -2 ** 31 and score.max() < 2 ** 31),
+           "select_topk: integer scores must fit in int32 (as both paths order them)")  # a host sync, for int64 only
     B, Hkv, S = score.shape
     _check_select(lengths, budget, n_sink, n_recent, B, score.device, "select_topk")
     if not _use_triton(use_triton, score, lengths):
@@ -540,7 +548,7 @@ def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_tr
     _check_select(lengths, budget, n_sink, n_recent, q_codes.shape[0], q_codes.device, "hamming_topk")
     if not _use_triton(use_triton, q_codes, k_codes, lengths):
         return hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink, n_recent)
-    return _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent)
+    return _launch(*_hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent))
 
 
 def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
@@ -801,13 +809,6 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     return idx, [("topk.score", score), ("topk.threshold", threshold), ("topk.compact", compact)]
 
 
-def _hamming_topk_triton(q_codes, k_codes, lengths, budget, n_sink, n_recent):
-    idx, launches = _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent)
-    for _, launch in launches:
-        launch()
-    return idx
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 5. sparse_decode_attention: softmax(q K_sel^T * scale) V_sel over the selected rows
 
@@ -838,7 +839,7 @@ def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=Non
         return sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale)
     _check(not (_INTERPRET and q.dtype == torch.bfloat16), "sparse_decode_attention: the Triton interpreter computes "
            "bf16 tl.dot wrongly (triton#11584): on the CPU use fp16, fp32 or the ref")
-    return _sparse_attention_triton(q, k_cache, v_cache, idx, scale)
+    return _launch(*_sparse_attention_launches(q, k_cache, v_cache, idx, scale))
 
 
 def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
@@ -977,13 +978,6 @@ def _sparse_attention_launches(q, k_cache, v_cache, idx, scale):
                                             **({} if _INTERPRET else {"num_warps": 1}))
 
     return out, [("attn.split", split), ("attn.merge", merge)]
-
-
-def _sparse_attention_triton(q, k_cache, v_cache, idx, scale):
-    out, launches = _sparse_attention_launches(q, k_cache, v_cache, idx, scale)
-    for _, launch in launches:
-        launch()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -562,12 +562,20 @@ def test_odd_layouts_and_edges():
 
 
 def test_refused_inputs(monkeypatch):
-    """int64 scores beyond int32 (the Triton select orders int32 keys: they would wrap), and use_triton=True on
-    CPU tensors outside the interpreter: one ValueError each, not a wrong answer or an error deep in Triton."""
+    """int64 scores beyond int32 (the Triton select orders int32 keys: they would wrap; the ref's int64 keys
+    overflow at 2^61 and dropped the sink below), unsigned 32-bit ones (the kernel wrapped them), and use_triton=True
+    on CPU tensors outside the interpreter: one ValueError each, not a wrong answer or an error deep in Triton."""
     lengths = torch.tensor([3], device=DEV)
     big = torch.tensor([[[0, 2 ** 31, -1]]], device=DEV)                      # (1, 1, 3) int64
-    with pytest.raises(ValueError, match="fit in int32"):
-        hk.select_topk(big, lengths, 2, use_triton=True)
+    huge = torch.tensor([[[0, 5, -2 ** 61, 7]]], device=DEV)
+    for use_triton in (True, False):
+        with pytest.raises(ValueError, match="fit in int32"):
+            hk.select_topk(big, lengths, 2, use_triton=use_triton)
+        with pytest.raises(ValueError, match="fit in int32"):
+            hk.select_topk(huge, lengths + 1, 1, n_sink=1, use_triton=use_triton)
+        for dtype in (torch.uint32, torch.bool):
+            with pytest.raises(ValueError, match=f"a float or a signed integer .* got {dtype}"):
+                hk.select_topk(big.clamp(min=0).to(dtype), lengths, 1, use_triton=use_triton)
     codes = torch.zeros(1, 1, 1024, dtype=torch.int32, device=DEV)           # G = 1, R = 32768: keys past int16
     with pytest.raises(ValueError, match="too large for the int16 order keys"):
         hk.hamming_topk(codes, codes[:, :, None].expand(1, 1, 4, 1024), lengths, 2, use_triton=True)
