@@ -26,6 +26,7 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
+from hata_kernels import triton_head_dim
 from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model,
                    checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
 from offload import copy_bytes, host_available, offload_from_args, plan_offload
@@ -458,7 +459,11 @@ def run(args):
         raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
     longest = max(len(p) for p in prompts)
     max_seq_len, max_new = cache_size(args, longest, context)
-    reads_codes = hata is not None and hata.reads_codes(max_seq_len) and not (shape and hata.n_dense >= shape.n_layers)
+    sparse = hata and hata.budget_tokens(max_seq_len) < max_seq_len and not (shape and hata.n_dense >= shape.n_layers)
+    if sparse and shape and device.type == "cuda" and not triton_head_dim(shape.head_dim):  # (a prefill would fail)
+        raise ValueError(f"HATA's GPU kernels need a head dim that is a power of two >= 16, and this model's is "
+                         f"{shape.head_dim}: decode with --dense, or on the CPU (--device cpu)")
+    reads_codes = sparse and hata.reads_codes(max_seq_len)
     if reads_codes and hata.hash_weights is None:  # (no layer that reads codes: no file, and no note that it has none)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata would check: now, before

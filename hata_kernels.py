@@ -76,9 +76,14 @@ def _is_int(t):  # lengths and positions: an integer dtype (a bool True would re
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
+def triton_head_dim(D):
+    """Whether the hashing and attention kernels take head dim D: they tile it with tl.arange (a power of two) and
+    tl.dot (at least 16). engine.py asks before a model loads on CUDA."""
+    return (D & (D - 1)) == 0 and D >= 16
+
+
 def _check_triton_head_dim(D, op):
-    """The kernels tile the head dim with tl.arange (a power of two) and tl.dot (at least 16)."""
-    _check((D & (D - 1)) == 0 and D >= 16, f"{op}: Triton path needs D a power of two >= 16, got {D}")
+    _check(triton_head_dim(D), f"{op}: Triton path needs D a power of two >= 16, got {D}")
 
 
 def _popcount_lut(device):

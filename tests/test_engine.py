@@ -1,6 +1,7 @@
 """The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
 status 2, raised before the model is loaded where it can be."""
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -195,6 +196,27 @@ def test_an_offload_plan_that_gains_nothing_is_refused_before_the_weights_load(c
     args = argparse.Namespace(offload=False, kv_gpu_gb=1e-9)  # a cap: the plan's own arithmetic, in bf16
     with pytest.raises(ValueError, match=r"the KV cache needs \d+ bytes on the GPU even with all 3 sparse layers"):
         engine.check_offload(args, PRESETS["tiny"], HataArgs(n_dense=1, budget=8), 1, 64, 8, torch.bfloat16)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
+def test_a_head_dim_the_gpu_kernels_cannot_tile_is_refused_before_the_load(capsys, monkeypatch):
+    """On CUDA the hashing and attention kernels need a head dim that is a power of two >= 16: OpenLLaMA-3B's 100
+    failed in the first prefill, after the weights had loaded. Refused from the metadata now, for any selector;
+    runs with no sparse step go on to the load (a CUDA device is pretended; nothing loads)."""
+    def load(*args, **kwargs):
+        raise ValueError("the load")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(engine, "from_checkpoint", load)
+    shape = dataclasses.replace(PRESETS["tiny"], head_dim=100, vocab_size=49152)  # the default model's tokenizer
+    monkeypatch.setattr(engine, "checkpoint_metadata", lambda path: (1024, shape))
+    for flags in (["--budget", "4"], ["--budget", "1/8", "--selector", "oracle"], ["--budget", "64", "--selector",
+                                                                                   "quest"]):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", *flags)
+        assert code == 2 and "a power of two >= 16, and this model's is 100: decode with --dense" in error_line(err)
+    for flags in (["--dense"], ["--n-dense", "4"], ["--budget", "2048"],
+                  ["--device", "cpu", "--budget", "4", "--selector", "oracle"]):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", *flags)
+        assert code == 2 and error_line(err) == "error: the load", err
 
 
 def test_bad_device(capsys):
