@@ -76,9 +76,8 @@ def _is_int(t):  # lengths and positions: an integer dtype (a bool True would re
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def triton_head_dim(D):
-    """Whether the hashing and attention kernels take head dim D: they tile it with tl.arange (a power of two) and
-    tl.dot (at least 16). engine.py asks before a model loads on CUDA."""
+def triton_head_dim(D):  # engine.py asks before a model loads on CUDA
+    """Whether the hashing and attention kernels take head dim D: tl.arange tiles a power of two, tl.dot >= 16."""
     return (D & (D - 1)) == 0 and D >= 16
 
 
@@ -267,8 +266,9 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
 
 
 def hash_encode_ref(x, proj):
-    """Definition. Memory: reads x (B*Hx*T*D elements), proj (Hkv*D*R*4 B); the fp32 x @ proj (B*Hx*T*R*4 B)
-    dominates; writes codes (B*Hx*T*R/8 B)."""
+    """Definition. Memory: reads x (B*Hx*T*D elements) and proj (Hkv*D*R*4 B); writes an fp32 copy of x (unless it
+    is contiguous fp32), the fp32 x @ proj (B*Hx*T*R*4 B, as large at D = R), two R-byte 0/1 tensors a row (bits and
+    weighted bits), and the codes (B*Hx*T*R/8 B)."""
     B, Hx, T, D = x.shape
     Hkv, _, R = proj.shape
     xg = x.float().reshape(B, Hkv, Hx // Hkv * T, D)                          # (B, Hkv, G*T, D): row heads of proj h
@@ -391,9 +391,10 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
 
 
 def hamming_score_ref(q_codes, k_codes, lengths):
-    """Definition. Memory: reads k_codes (B*Hkv*S*W*4 B, 16 B/token/head at R=128) once; writes the XOR with
-    the G query codes of its head as (B, Hkv, G, W, S) words (S innermost: long, fast loops on the CPU), their
-    popcounts (numpy's bitwise_count on the CPU, a 256-entry byte table elsewhere), and the score (B*Hkv*S*4 B)."""
+    """Definition. Memory: reads k_codes (B*Hkv*S*W*4 B, 16 B/token/head at R=128) once, into a transposed copy as
+    large; writes the XOR with the G query codes of its head as (B, Hkv, G, W, S) words (S innermost: long, fast
+    loops on the CPU), their popcounts (numpy's bitwise_count on the CPU, 1 B a word; elsewhere a 256-entry byte
+    table through int64 byte indices, 32 B a word, then 16 B of counts and an 8 B sum), and the score (B*Hkv*S*4 B)."""
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G = H // Hkv
@@ -661,7 +662,8 @@ def _topk_threshold_kernel(
     k_eff = tl.minimum(length, budget)
     nblk = (length + BLOCK_S - 1) // BLOCK_S                                   # blocks holding valid keys
     blk0 = tl.arange(0, BLK_CHUNK)                                             # the first chunk's minima load
-    m0 = tl.load(min_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)  # NBLK: no wait on lengths[b]
+    # masked by NBLK, known at launch, not nblk: the load need not wait for lengths[b]; the where drops blocks >= nblk
+    m0 = tl.load(min_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)
     gmin = tl.min(tl.where(blk0 < nblk, m0, KMAX + 1))
     for c in range(BLK_CHUNK, nblk, BLK_CHUNK):
         blk = c + tl.arange(0, BLK_CHUNK)
@@ -959,7 +961,7 @@ def _sparse_attn_merge_kernel(
 def _sparse_attention_launches(q, k_cache, v_cache, idx, scale):
     """Allocate the output and partials, return (out, [(name, launch), ...]); bench.py times each launch."""
     B, H, D = q.shape
-    _, Hkv, S_max, _ = k_cache.shape
+    _, Hkv, _, _ = k_cache.shape
     K, G = idx.shape[-1], H // Hkv
     _check_triton_head_dim(D, "sparse_decode_attention")
     _check(q.dtype != torch.float64, "sparse_decode_attention: Triton path takes fp32/bf16/fp16, got float64")
@@ -1024,6 +1026,7 @@ def cache_write(k, v, k_cache, v_cache, pos, use_triton=None):
            f"one dtype, got {k.dtype}, {v.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     _check(pos.shape == (B,) and _is_int(pos), f"cache_write: pos must be (B,) = ({B},) integers, "
            f"got {pos.dtype} {tuple(pos.shape)}")
+    _check_devices("cache_write", k=k, v=v, k_cache=k_cache, v_cache=v_cache, pos=pos)
     if not _use_triton(use_triton, k, v, k_cache, v_cache, pos) or (D & (D - 1)) != 0:
         return cache_write_ref(k, v, k_cache, v_cache, pos)
     _cache_write_kernel[(B,)](

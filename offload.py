@@ -148,8 +148,8 @@ def gather_rows(k_far, v_far, idx, use_triton=None):
     local = torch.where(idx >= 0, slots, -1)  # (B, Hkv, K) int32
     if not (idx.is_cuda if use_triton is None else use_triton):
         gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
-        keep = (idx >= 0)[..., None]
-        return k_far.gather(2, gi) * keep, v_far.gather(2, gi) * keep, local
+        keep = (idx >= 0)[..., None]  # zeros, whatever row 0 holds (a NaN * 0 is NaN)
+        return torch.where(keep, k_far.gather(2, gi), 0), torch.where(keep, v_far.gather(2, gi), 0), local
     assert k_far.stride(3) == 1 and v_far.stride(3) == 1
     k_sel = torch.empty(B, Hkv, K, D, dtype=k_far.dtype, device=idx.device)  # (B, Hkv, K, D) staging
     v_sel = torch.empty(B, Hkv, K, D, dtype=v_far.dtype, device=idx.device)
@@ -236,9 +236,10 @@ def copy_bytes(layer_bytes, max_seq_len, copy_len=None):
 
 def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, copy_len=None):
     """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
-    layer). Refuses with one line when the GPU part cannot fit or host memory (host_bytes, default what
-    host_available() finds less HOST_KEEP_*) cannot hold the offloaded layers. copy_len: the prompt's positions
-    that a later prefill chunk copies back from an offloaded layer (copy_bytes; engine.py: the prompt's length)."""
+    layer). Refuses with one line an offload that gains nothing (no sparse layer, a budget covering the cache, a
+    selector other than hash), a GPU part that cannot fit, and host memory (host_bytes, default what host_available()
+    finds less HOST_KEEP_*) that cannot hold the offloaded layers. copy_len: the prompt's positions that a later
+    prefill chunk copies back from an offloaded layer (copy_bytes; engine.py: the prompt's length)."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse and kv_gpu_gb is None:  # (with a cap, a dense model is only checked against it)
@@ -270,8 +271,8 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need = n * layer_bytes
     where = "are available"
-    if host_bytes is None and (found := host_available()):  # (0: unknown, no /proc/meminfo: not checked, as in
-        # engine.check_fits) page-locked memory cannot be swapped or reclaimed: leave the machine some room
+    if host_bytes is None and (found := host_available()):  # (0: unknown, no /proc/meminfo: not checked)
+        # page-locked memory cannot be swapped or reclaimed: leave the machine some room
         host_bytes = int(max(0, found - max(HOST_KEEP_SHARE * found, HOST_KEEP_MIN)))
         where = (f"may be pinned ({found / GiB:.2f} GiB available; {HOST_KEEP_SHARE:.0%}, at least "
                  f"{HOST_KEEP_MIN / GiB:g} GiB, stays free)")

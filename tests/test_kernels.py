@@ -280,6 +280,8 @@ def test_bad_input():
         (lambda: hk.select_topk(torch.zeros(1, 4, 2), torch.tensor([True]), 2), "lengths must be an integer (B,)"),
         (lambda: hk.cache_write(qf[:, :4], qf[:, :4], kf, kf, torch.tensor([True])),
          "pos must be (B,) = (1,) integers, got torch.bool"),
+        (lambda: hk.cache_write(qf[:, :4], qf[:, :4], kf, kf.to("meta"), L), "different devices (k cpu, v cpu, "
+         "k_cache cpu, v_cache meta, pos cpu)"),
         (lambda: hk.hamming_topk(q, c, L.to("meta"), 2), "different devices (q_codes cpu, k_codes cpu, lengths meta)"),
         (lambda: hk.sparse_decode_attention(qf, kf, kf, idx.to("meta")), "idx meta)"),
         (lambda: hk.hamming_score(q.long(), c, L), "codes must be int32"),

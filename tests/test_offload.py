@@ -2,6 +2,7 @@
 the memory plan (cap, refusals); the staged fetch against the ref. On the CPU host memory plays the far memory and
 the Triton kernels run in the interpreter; the GPU tests (pinned host memory read through UVA) skip without CUDA."""
 import argparse
+import math
 import re
 
 import pytest
@@ -246,7 +247,8 @@ def test_refuses_when_host_memory_is_too_small(monkeypatch):
 
 
 def far_inputs(device, B=2, H=6, Hkv=3, S=37, K=13, D=16, dtype=torch.float32):
-    """q, far k/v in host memory (as seen from device), idx with unused slots and a sequence that selects nothing."""
+    """q, far k/v in host memory (as seen from device), idx with unused slots and a sequence that selects nothing
+    (its row 0, which the unused slots read, holds inf and NaN: they must not reach an output)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, H, D, generator=g).to(device, dtype)
     k, v = host_buffer((B, Hkv, S, D), dtype, device), host_buffer((B, Hkv, S, D), dtype, device)
@@ -255,6 +257,7 @@ def far_inputs(device, B=2, H=6, Hkv=3, S=37, K=13, D=16, dtype=torch.float32):
     idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * Hkv)]).view(B, Hkv, K).int()
     idx[0, 1, 9:] = -1
     idx[1, 2] = -1
+    k[1, 2, 0], v[1, 2, 0] = math.inf, math.nan
     return q, k, v, idx.to(device)
 
 
@@ -263,6 +266,7 @@ def check_staged(device, **sizes):
     k_sel, v_sel, local = gather_rows(k, v, idx, use_triton=True)
     ref_k, ref_v, ref_local = gather_rows(k, v, idx, use_triton=False)
     assert torch.equal(k_sel, ref_k) and torch.equal(v_sel, ref_v) and torch.equal(local, ref_local)
+    assert not ref_k[1, 2].any() and not ref_v[1, 2].any()  # zeros in unused slots (a multiply kept NaN * 0)
     out = staged_sparse_attention(q, k, v, idx)
     ref = hk.sparse_decode_attention_ref(q.double(), k.double(), v.double(), idx)
     err_torch = (hk.sparse_decode_attention_ref(q, k, v, idx).double() - ref).abs().max()
