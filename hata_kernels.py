@@ -90,7 +90,7 @@ def _popcount_lut(device):
     return sum((torch.arange(256, device=device) >> i) & 1 for i in range(8)).to(torch.int32)
 
 
-def _check_int32_rows(t, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
+def _check_int32_span(t, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
     n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))  # elements from the first to the last
     _check(n < 2 ** 31, f"{op}: the Triton path indexes with int32 offsets and this input spans {n} >= 2^31 elements; "
            "split the batch")
@@ -192,7 +192,7 @@ def hash_encode(x, proj, use_triton=None):
     W = R // 32
     rows = T * Hx // Hkv
     if use_triton is None:  # prefill rows without the tensor-core path (W not a power of two): cuBLAS + packing
-        use_triton = _use_triton(None, x, proj) and (rows <= 64 or _tensor_core_rows(rows, W))
+        use_triton = _use_triton(None, x, proj) and (rows <= 64 or _uses_tensor_cores(rows, W))
     if not _use_triton(use_triton, x, proj) or x.numel() == 0:
         return hash_encode_ref(x, proj)
     _check_triton_head_dim(D, "hash_encode")
@@ -213,7 +213,7 @@ def _check_hash(x, proj, op):
     _check(x.device == proj.device, f"{op}: x on {x.device} but proj on {proj.device}")
 
 
-def _tensor_core_rows(rows, W):
+def _uses_tensor_cores(rows, W):
     """Whether hash_encode's kernel takes the prefill configuration for `rows` rows of W words each."""
     return rows > 64 and (W & (W - 1)) == 0
 
@@ -231,7 +231,7 @@ def _hash_encode_into(x, proj, codes, key=None):
     assert codes.stride(3) == 1 and (key is None or T == 1)
     G, W = Hx // Hkv, R // 32
     rows = G * T + (key is not None)
-    if _tensor_core_rows(rows, W):
+    if _uses_tensor_cores(rows, W):
         BLOCK_R, NW, precision = 128, min(W, 2), "tf32x3"                   # fastest on the H200 (0.24 ms, 32K x 8)
     else:
         BLOCK_R, NW, precision = (16 if rows <= 16 else 64), 1, "ieee"         # tl.dot needs >= 16 rows
@@ -379,7 +379,7 @@ def hamming_score(q_codes, k_codes, lengths, use_triton=None):
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     k_codes = _rows_contiguous(k_codes)
-    _check_int32_rows(k_codes, "hamming_score")
+    _check_int32_span(k_codes, "hamming_score")
     out = torch.empty(B, Hkv, S, dtype=torch.int32, device=q_codes.device)    # (B, Hkv, S) int32
     BLOCK_S = 1024 if not _INTERPRET else max(16, min(1024, _next_pow2(S)))
     grid = (triton.cdiv(S, BLOCK_S), B * Hkv)
@@ -435,7 +435,7 @@ def _select_key64(key, s, length, n_sink, n_recent):
 def _select_topk_kernel(
     key_ptr, len_ptr, idx_ptr,             # key (B, Hkv, S) int32 order key, lengths (B,), idx (B, Hkv, budget)
     Hkv, S,
-    budget, n_sink, n_recent, BLOCK_S: tl.constexpr, FILL: tl.constexpr,
+    budget, n_sink, n_recent, BLOCK_S: tl.constexpr, FILL_BLOCK: tl.constexpr,
 ):
     """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (32 counting passes
     over the row, 33 near int32's ends), then counts and compacts: keys below it, plus the newest ties, ascending."""
@@ -482,9 +482,9 @@ def _select_topk_kernel(
         tl.store(out + rank, s, mask=sel)
         n_out += tl.sum(sel.to(tl.int32))
         eq_seen += tl.sum(eq.to(tl.int32))
-    for start in range(0, budget, FILL):
-        k = start + tl.arange(0, FILL)
-        tl.store(out + k, tl.full([FILL], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
+    for start in range(0, budget, FILL_BLOCK):
+        k = start + tl.arange(0, FILL_BLOCK)
+        tl.store(out + k, tl.full([FILL_BLOCK], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
 
 
 def _order_key_int32(score):
@@ -509,12 +509,12 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
     _check_select(lengths, budget, n_sink, n_recent, B, score.device, "select_topk")
     if not _use_triton(use_triton, score, lengths):
         return select_topk_ref(score, lengths, budget, n_sink, n_recent)
-    _check_int32_rows(score, "select_topk")
+    _check_int32_span(score, "select_topk")
     key = _order_key_int32(score).contiguous()                                 # (B, Hkv, S) int32
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=score.device)  # (B, Hkv, K) int32
     BLOCK_S = 1024 if not _INTERPRET else 256
     _select_topk_kernel[(B * Hkv,)](key, lengths.contiguous(), idx, Hkv, S, budget, n_sink, n_recent, BLOCK_S=BLOCK_S,
-                                    FILL=min(1024, max(16, _next_pow2(budget))))
+                                    FILL_BLOCK=min(1024, max(16, _next_pow2(budget))))
     return idx
 
 
@@ -650,7 +650,7 @@ def _topk_threshold_kernel(
     len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, m_b, hist,
     Hkv, S, NBLK, budget,                                    # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget)
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, BLK_CHUNK: tl.constexpr,
-    CSHIFT: tl.constexpr, NC: tl.constexpr, HIST_CHUNK: tl.constexpr, FILL: tl.constexpr,
+    CSHIFT: tl.constexpr, NC: tl.constexpr, HIST_CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr,
 ):
     """One program per row. Finds t, the K_eff-th smallest key, from the blocks' windows (fast) or by counting the
     stored keys (slow), then writes each valid block's (offset, skip, count, t): count = its keys < t plus the ties
@@ -725,9 +725,9 @@ def _topk_threshold_kernel(
             less = tl.sum((key < t).to(tl.int32), axis=1)                      # (PB,)
             eq = tl.sum((key == t).to(tl.int32), axis=1)                       # (PB,)
             off, eq_seen = _block_info(ip, blk, nblk, less, eq, k_eff - n_less, n_eq, eq_seen, off, t)
-    for c in range(0, budget, FILL):
-        k = c + tl.arange(0, FILL)
-        tl.store(idx_ptr + pid_bh * budget + k, tl.full([FILL], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
+    for c in range(0, budget, FILL_BLOCK):
+        k = c + tl.arange(0, FILL_BLOCK)
+        tl.store(idx_ptr + pid_bh * budget + k, tl.full([FILL_BLOCK], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
 
 
 @triton.jit
@@ -776,7 +776,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
         sigma_key = math.sqrt(G * R) / 2 / 2 ** shift
         window = min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
     k_codes = _rows_contiguous(k_codes)
-    _check_int32_rows(k_codes, "hamming_topk")
+    _check_int32_span(k_codes, "hamming_topk")
     q_codes, lengths = q_codes.contiguous(), lengths.contiguous()              # the kernels read lengths[b]
     kmax = (G * R >> shift) + 1                                                # largest key of a valid position
     _check(kmax < 2 ** 15 - 1, f"hamming_topk: G * R = {G * R} is too large for the int16 order keys")
@@ -806,7 +806,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
             lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             BLK_CHUNK=max(2, min(64, _next_pow2(nblk))), CSHIFT=cshift, NC=_next_pow2(((kmax + 1) >> cshift) + 1),
             HIST_CHUNK=block_s * (1 if _INTERPRET else max(1, 8192 // block_s)),
-            FILL=max(16, min(1024, _next_pow2(budget))), **({} if _INTERPRET else {"num_warps": 8}),
+            FILL_BLOCK=max(16, min(1024, _next_pow2(budget))), **({} if _INTERPRET else {"num_warps": 8}),
         )
 
     def compact():

@@ -108,8 +108,8 @@ class HostKVCache(nn.Module):
         end = int(pos.max()) + 1  # a later prefill chunk: forward attends up to here (Transformer.forward's S)
         # on CUDA: one GPU copy, read over PCIe. A clone, not .contiguous(): a slice to S_max is contiguous already,
         # and .contiguous() would return the host view itself, which attention would then read over PCIe
-        copy = partial(torch.clone, memory_format=torch.contiguous_format)
-        return copy(self.k[:, :, :end]), copy(self.v[:, :, :end])  # (B, Hkv, end, D) each
+        clone = partial(torch.clone, memory_format=torch.contiguous_format)
+        return clone(self.k[:, :, :end]), clone(self.v[:, :, :end])  # (B, Hkv, end, D) each
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -610,7 +610,7 @@ def test_refused_past_int32_offsets(monkeypatch):
                  lambda: hk.select_topk(codes.view(B, Hkv, S * W), lengths, 2048, use_triton=True)):
         with pytest.raises(ValueError, match="int32 offsets"):
             call()
-    hk._check_int32_rows(torch.empty(2 ** 31 - 1, device="meta"), "x")       # one element fewer passes
+    hk._check_int32_span(torch.empty(2 ** 31 - 1, device="meta"), "x")       # one element fewer passes
 
 
 def test_lengths_past_int32_select_the_whole_row():
