@@ -546,22 +546,6 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 # ----------------------------------------------------------------------------------------------------------
 # 4. hamming_topk: score + counting select in three launches (the hash selector of the model)
 
-
-def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
-    """q_codes (B, H, W), k_codes (B, Hkv, S, W) int32, lengths (B,) -> idx (B, Hkv, budget) int32, -1 padded.
-    Same selection as select_topk(hamming_score(...)), a set (the Triton path's order is ascending today too)."""
-    _check_codes(q_codes, k_codes, lengths, "hamming_topk")
-    _check_select(lengths, budget, n_sink, n_recent, q_codes.shape[0], q_codes.device, "hamming_topk")
-    if not _use_triton(use_triton, q_codes, k_codes, lengths):
-        return hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink, n_recent)
-    return _launch(*_hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent))
-
-
-def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
-    """Definition: select_topk_ref(hamming_score_ref(...)). Memory: the sum of the two."""
-    return select_topk_ref(hamming_score_ref(q_codes, k_codes, lengths), lengths, budget, n_sink, n_recent)
-
-
 # The Triton path is a counting select in three launches, all on the device (no host round trip, so it can
 # be captured in a CUDA graph). The group-summed score is an integer in [0, G*R]; for even G every score of a
 # row has the same parity (popcount(k ^ q_g) mod 2 = parity(k) ^ parity(q_g), summed over an even number of heads),
@@ -581,6 +565,21 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
 # popcount per owned bin, so its cost grows with the number of bins.
+
+
+def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
+    """q_codes (B, H, W), k_codes (B, Hkv, S, W) int32, lengths (B,) -> idx (B, Hkv, budget) int32, -1 padded.
+    Same selection as select_topk(hamming_score(...)), a set (the Triton path's order is ascending today too)."""
+    _check_codes(q_codes, k_codes, lengths, "hamming_topk")
+    _check_select(lengths, budget, n_sink, n_recent, q_codes.shape[0], q_codes.device, "hamming_topk")
+    if not _use_triton(use_triton, q_codes, k_codes, lengths):
+        return hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink, n_recent)
+    return _launch(*_hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent))
+
+
+def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
+    """Definition: select_topk_ref(hamming_score_ref(...)). Memory: the sum of the two."""
+    return select_topk_ref(hamming_score_ref(q_codes, k_codes, lengths), lengths, budget, n_sink, n_recent)
 
 
 @triton.jit
@@ -819,6 +818,10 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
 # ----------------------------------------------------------------------------------------------------------
 # 5. sparse_decode_attention: softmax(q K_sel^T * scale) V_sel over the selected rows
 
+# The Triton path is split-K attention over the gathered rows: program (split, b*Hkv + h) gathers BLOCK_N selected
+# rows of K and V straight from the cache (no materialized copy) and serves all G query heads of KV head h with
+# them; a small merge kernel then combines the splits' partial outputs by log-sum-exp.
+
 
 def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=None):
     """q (B, H, D), k_cache/v_cache (B, Hkv, S_max, D), idx (B, Hkv, K) int32 (-1 = unused) -> (B, H, D)
@@ -868,11 +871,6 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     s = s.masked_fill(~used[:, :, None, :], -math.inf)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)                               # rows with nothing selected: 0
     return (p @ v_sel).reshape(B, H, D).to(q.dtype)                            # (B, Hkv, G, D) -> (B, H, D)
-
-
-# Split-K decode attention over gathered rows: program (split, b*Hkv + h) gathers BLOCK_N selected rows of K
-# and V straight from the cache (no materialized copy) and serves all G query heads of KV head h with them;
-# a small merge kernel then combines the splits' partial outputs by log-sum-exp.
 
 
 @triton.jit
