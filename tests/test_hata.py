@@ -276,6 +276,10 @@ def test_bad_hata_values():
     assert HataArgs(budget=1 / 64).budget_tokens(8192) == 128
     assert HataArgs(budget=1 / 64).budget_tokens(8193) == 129  # rounded up
     assert HataArgs(budget=0.001).budget_tokens(63) == 1  # at least one token
+    assert HataArgs(budget=1e-9).budget_tokens(63) == 1  # even where the fraction rounds to 0 tokens
+    model = Transformer(PRESETS["tiny"], HataArgs(budget=1 / 4, n_dense=1))  # a context of 1024 tokens
+    model.setup_caches(1, 32)
+    assert [attn.budget for attn in model.sparse_layers()] == [8, 8, 8]  # a fraction of the cache, not the context
     assert HataArgs(budget=9 / 11).budget_tokens(77) == 63  # not 64: 9/11 * 77 is 63.00000000000001 in floats
     assert HataArgs(budget=5).budget_tokens(3) == 5  # a count stays a count
 
@@ -427,3 +431,25 @@ def test_quest_selects_whole_pages_by_bound():
     torch.testing.assert_close(bounds[0, 0, ::16], torch.tensor([0.0, 3.0, 4.0]) * G)  # page 2: 1 + 3
     idx = hk.select_topk(-bounds, torch.tensor([40]), 16)  # page 2's 8 valid tokens, then the newest 8 of page 1
     assert as_sets(idx) == [[(list(range(24, 40)), 0)] * args.n_kv_heads]
+
+
+@pytest.mark.parametrize("selector", ["oracle", "quest"])
+def test_oracle_and_quest_keep_the_sink_and_recent_windows(monkeypatch, selector):
+    """--sink and --recent bind every selector: the layer's selection is select_topk of its scores with the windows
+    (a layer that passed them as 0, or swapped, still agreed with itself batched and alone: all a test checked)."""
+    args = PRESETS["tiny"]
+    B, S = 2, 40
+    attn = Transformer(args, HataArgs(budget=7, selector=selector, n_dense=0, n_sink=2, n_recent=3)).layers[0].attention
+    attn.budget, seen = 7, []
+    monkeypatch.setattr(model_module, "sparse_decode_attention", lambda q, k, v, idx: seen.append(idx) or q)
+    gen = torch.Generator().manual_seed(5)
+    q, keys = torch.randn(B, args.n_heads, args.head_dim, generator=gen), torch.randn(B, args.n_kv_heads, S,
+                                                                                    args.head_dim, generator=gen)
+    keys[:, :, :2] *= 0.01  # sinks that would not win on their scores
+    lengths = torch.tensor([37, 9])
+    scores = attn.group_probs(q, keys, lengths) if selector == "oracle" else attn.quest_bounds(q, keys, lengths)
+    attn.sparse_decode(q, None, keys, keys, S, lengths)
+    assert as_sets(seen[0]) == as_sets(hk.select_topk_ref(-scores, lengths, 7, 2, 3))
+    for b, length in enumerate(lengths.tolist()):
+        for h in range(args.n_kv_heads):
+            assert {0, 1, length - 3, length - 2, length - 1} <= set(seen[0][b, h].tolist())

@@ -125,12 +125,13 @@ def test_hash_encode_ref(G, R):
 
 
 def test_hash_encode_packing():
-    """A vector whose projection is positive exactly at dims 0, 31, 33 (and 127): bit 31 is the sign bit; the
-    kernel packs the same words."""
+    """A vector whose projection is positive exactly at dims 0, 31, 33 (and 127), and 0 at dim 5: bit 31 is the sign
+    bit, a bit is set only where x.P > 0; the kernel packs the same words."""
     D, R = 16, 128
     proj = -torch.ones(1, D, R)
     for r in (0, 31, 33, 127):
         proj[0, :, r] = 1.0
+    proj[0, :, 5] = 0.0                                                        # x.P exactly 0: bit 5 clear (> 0)
     x = torch.ones(1, 1, 1, D)
     codes = hk.hash_encode_ref(x, proj)[0, 0, 0].tolist()
     assert codes == [1 | -2**31, 2, 0, -2**31]
@@ -353,10 +354,21 @@ def test_hash_encode_step(G, R, D):
     assert torch.equal(tri_cache.cpu(), want)                                          # no other slot written
 
 
-@pytest.mark.parametrize("Hkv,D,dtype", [(3, 16, torch.float32), (1, 64, torch.bfloat16), (5, 32, torch.float16)])
-def test_cache_write(Hkv, D, dtype):
+class Launches:
+    """A Triton kernel that records its grids: kernel[grid](...) as the ops launch it."""
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("Hkv,D,dtype", [(3, 16, torch.float32), (1, 64, torch.bfloat16), (5, 32, torch.float16),
+                                         (2, 24, torch.float32)])             # D = 24: the ref, on every device
+def test_cache_write(Hkv, D, dtype, monkeypatch):
     """A decode step's K and V rows land at each sequence's own position of the first B sequences' caches, nothing
-    else changes; the ref against a loop, the kernel against the ref (a copy: exact)."""
+    else changes; the ref against a loop, the kernel against the ref (a copy: exact), launched once where it tiles D."""
     gen = torch.Generator().manual_seed(Hkv + D)
     B, S_max = 2, 9
     k = torch.randn(B, 1, Hkv, D, generator=gen).to(dtype).transpose(1, 2)[:, :, 0]  # (B, Hkv, D) strided, as in
@@ -370,8 +382,11 @@ def test_cache_write(Hkv, D, dtype):
     hk.cache_write_ref(k, v, *ref, pos)
     assert all(torch.equal(r, w) for r, w in zip(ref, want))
     tri = [c.to(DEV) for c in caches]
+    launches = []
+    monkeypatch.setattr(hk, "_cache_write_kernel", Launches(hk._cache_write_kernel, launches))
     hk.cache_write(k.to(DEV), v.to(DEV), *tri, pos.to(DEV), use_triton=True)
     assert all(torch.equal(t.cpu(), w) for t, w in zip(tri, want))
+    assert len(launches) == (D & (D - 1) == 0)                                # the kernel, or the ref for its D
 
 
 def test_cache_write_rejects_bad_input():
@@ -407,6 +422,11 @@ def test_hamming_score_triton(S, G, R):  # S = 1100: past the interpreter's one 
     lengths = torch.tensor([S, max(1, S // 2)])
     q, k, lengths = q.to(DEV), k.to(DEV), lengths.to(DEV)
     assert torch.equal(hk.hamming_score(q, k, lengths, use_triton=True), hk.hamming_score_ref(q, k, lengths))
+    if S == 63:  # words not packed along W (a transposed buffer): the kernel reads a packed copy
+        k_t = k.transpose(2, 3).contiguous().transpose(2, 3)                  # (B, Hkv, S, W), stride 1 along S
+        assert torch.equal(hk.hamming_score(q, k_t, lengths, use_triton=True), hk.hamming_score_ref(q, k, lengths))
+        assert as_sets(hk.hamming_topk(q, k_t, lengths, 9, 1, 2, use_triton=True)) == as_sets(
+            hk.hamming_topk_ref(q, k, lengths, 9, 1, 2))
 
 
 @pytest.mark.parametrize("S,budget,n_sink,n_recent,dtype", [
@@ -477,6 +497,23 @@ def test_hamming_topk_triton_many_blocks(window):
     k[0, 0, 1000:] = k[0, 0, 3]                                                # ties in the second chunk
     q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, 1030], device=DEV)
     assert_topk_matches_ref(q, k, lengths, 70, 1, 2, window=window)
+
+
+@pytest.mark.parametrize("G", [1, 2, 3])
+def test_hamming_topk_triton_keys_at_the_largest_score(G):
+    """Keys whose code is the complement of every query code of the group score G * R, the top of the order keys'
+    range (one more than the largest key would read as past the length): selected like any other, never out of
+    range. Budgets below, at and above the length; the default window and a 4-bin one (the slow path)."""
+    gen = torch.Generator().manual_seed(G)
+    B, Hkv, W, S = 1, 1, 1, 40
+    q = random_codes(B, Hkv, W, gen=gen).repeat(1, G, 1)                       # G equal query codes
+    k = (~q[:, :1, None]).repeat(1, 1, S, 1)                                   # (B, Hkv, S, W) all at distance R
+    k[:, :, :10] = q[:, :1, None]                                              # ten at distance 0
+    q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([33], device=DEV)
+    for budget in (20, 33, 40):
+        ref = hk.hamming_topk_ref(q, k, lengths, budget)
+        assert as_sets(hk.hamming_topk(q, k, lengths, budget, use_triton=True)) == as_sets(ref)
+        assert_topk_matches_ref(q, k, lengths, budget, 0, 0, window=4)
 
 
 def test_hamming_topk_triton_outlier_blocks():
