@@ -150,8 +150,8 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
 
 
 def bench_attention(args):
-    if args.rbit % 32:
-        raise ValueError(f"--rbit must be a multiple of 32 (whole int32 code words), got {args.rbit}")
+    if args.rbit % 32 or not 0 < args.rbit <= 1024:  # as HataArgs: the model would refuse another
+        raise ValueError(f"--rbit must be a multiple of 32 (whole int32 code words) in [32, 1024], got {args.rbit}")
     refuse_all_dense(BUDGETS, {S: S for S in args.seqlens}, None)
     Ks = {S: sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}) for S in args.seqlens}
     print_header(args.mode)

@@ -115,7 +115,9 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
                                           "would decode every step densely; give a longer --seqlens or a smaller "
                                           "--budgets"),
                                          (["attention", "--rbit", "48"],
-                                          "--rbit must be a multiple of 32 (whole int32 code words), got 48"),
+                                          "--rbit must be a multiple of 32 (whole int32 code words) in [32, 1024], "
+                                          "got 48"),
+                                         (["attention", "--rbit", "2048"], "in [32, 1024], got 2048"),
                                          (["attention", "--seqlens", "1"],
                                           "no budget (K = S/64, K = 2048) is below any of --seqlens 1: the model "
                                           "would decode every step densely; give a longer --seqlens\n")])
