@@ -695,3 +695,29 @@ def test_a_run_never_overwrites_earlier_results_unless_told(capsys, tmp_path):
     assert ev.main(report + ["--overwrite"]) == 0
     assert json.loads((tmp_path / "eval_results.json").read_text()) == results
     assert ev.main(["--report", str(tmp_path / "eval_results.json"), "--out-dir", str(tmp_path)]) == 0  # a rebuild
+
+
+def test_retrieval_decoding_goes_on_while_any_sequence_still_follows_its_answer(monkeypatch):
+    """A batch stops decoding its answers only when every sequence has left its own: one wrong sequence must not cut
+    the others' digits short (they would read as -1, scored wrong), nor one right sequence keep a wrong one going."""
+    expect = torch.tensor([[3, 4, 5], [3, 4, 5]])
+
+    def step(model, cur, pos):  # row 0 writes its answer, row 1 is wrong from the first step
+        logits = torch.zeros(2, 10)
+        logits[0, expect[0, int(pos[0])]], logits[1, 7] = 1, 1
+        return logits
+    monkeypatch.setattr(ev, "decode_one_token", step)
+    top, _ = ev.decode(None, torch.tensor([[1], [1]]), torch.zeros(2, dtype=torch.long), 3, expect)
+    assert top.tolist() == [[3, 4, 5], [7, 7, 7]]
+
+
+def test_perplexity_is_the_mean_over_positions_whatever_the_batches(monkeypatch):
+    """Three windows in batches of 2 and 1: the NLL is the mean over all 9 scored positions (a mean of the batches'
+    means would weigh the short last batch's 3 positions as much as the first batch's 6)."""
+    def policies(model, tokens, n_prefill, steps, capacity, pols, bar=None):  # -1 a position, then -4
+        B = tokens.shape[0]
+        return {("dense", None): (torch.zeros(B, steps, dtype=torch.long), torch.full((B, steps), -1.0 if B == 2
+                                                                                       else -4.0))}
+    monkeypatch.setattr(ev, "run_policies", policies)
+    res = ev.run_teacher_forced(None, torch.zeros(3, 8, dtype=torch.long), 3, [("dense", None, None)], batch=2)
+    assert res["dense"]["nll"] == pytest.approx((6 * 1 + 3 * 4) / 9)

@@ -738,3 +738,15 @@ def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_pa
         path = _write_gguf(tmp_path / f"{chat}.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
                            pre="llama-bpe", bos=256, template=template)
         assert Tokenizer.from_path(path).chat == chat
+
+
+def test_llama2_chat_strips_each_turn(sp_model):
+    """Meta's Llama 2 format strips the user's text inside [INST] ... [/INST]."""
+    tok = Tokenizer.from_path(sp_model)
+    assert tok.encode_chat([{"role": "user", "content": "  a \n"}]) == tok.encode("[INST] a [/INST]")
+
+
+def test_the_longest_added_token_wins(smol):
+    """Added tokens that share a start: "<x>y" is one token, not "<x>" and then "y"."""
+    tok = Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size, specials={"<x>": 5, "<x>y": 6}, plain=["<x>", "<x>y"])
+    assert tok.encode("a<x>y", bos=False) == [smol.encode("a")[0], 6]

@@ -101,16 +101,19 @@ def test_orthogonality_term_by_hand():
     q, k, labels = torch.zeros(1, 1, 2, D).double(), torch.zeros(1, 2, 3, D).double(), -torch.ones(1, 1, 2, 3)
     _, (_, _, ortho) = th.hash_loss(P, q, k, labels.double(), eta=2.0, loss="pair")
     torch.testing.assert_close(ortho, torch.tensor(2.0 * 3 * math.sqrt(R)).double())  # ||3 I||_F = 3 sqrt(R)
+    P = torch.cat([torch.eye(4), torch.zeros(4, 4)], 1)[None].double()  # R = 8 > D = 4: P P^T = I_4, P^T P is not I_8
+    _, (_, _, ortho) = th.hash_loss(P, q[..., :1, :4], k[:, :1, :, :4], labels[..., :1, :].double(), eta=1.0,
+                                    loss="pair")
+    torch.testing.assert_close(ortho, torch.tensor(2.0).double())  # ||P^T P - I_8||_F = ||diag(0 x4, -1 x4)|| = 2
 
 
-@pytest.mark.parametrize("t", [0, 9, 49, 62])
-def test_labels(t):
+@pytest.mark.parametrize("t, n_pos", [(0, 1), (9, 1), (14, 2), (34, 4), (49, 5), (62, 6)])  # round(n / 10), >= 1
+def test_labels(t, n_pos):
     g = torch.Generator().manual_seed(t)
     H, Hkv, S, D = 6, 2, 63, 8
     q, k = torch.randn(H, D, generator=g), torch.randn(Hkv, S, D, generator=g)
     labels = th.make_labels(q, k, t)
     n = t + 1
-    n_pos = max(1, round(0.1 * n))
     assert labels.shape == (H, S)
     assert (labels[:, n:] == 0).all()
     for j in range(H):
@@ -156,6 +159,7 @@ def test_report_flags_a_head_below_random():
     text, mean = th.report_tables(results, 2, 4)
     assert mean["trained R=32", 1 / 8][0] == pytest.approx(0.775) and mean["random R=32", 1 / 8][0] == 0.6875
     assert "| trained R=32 | -0.050 | -0.050 | -0.050 | -0.050 | 1 | 1 | 1 | 1 |" in text
+    assert "| 2 | 0.750 | 0.675 |" in text  # the per-layer table: means over the heads
 
 
 def test_random_projections_are_the_models_draw():
@@ -643,3 +647,55 @@ def test_the_report_plot_labels_budgets_as_evals_plots_do(monkeypatch):
     ax = figs[0].axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert ax.get_xlabel() == "budget K / context" and labels == ["1/8", "1/16", "1/32", "1/64"]
+
+
+def test_listwise_ignores_a_query_that_sees_no_drawn_key(tiny_batch):
+    """A query whose drawn keys all lie after it has no distribution to match: the KL term is the mean over the
+    other queries (a mean over all would take its NaN)."""
+    P, q, k, _ = tiny_batch
+    labels = -torch.ones(2, 2, 4, 5, dtype=torch.float64)
+    labels[0, 1] = 0  # sequence 0's query 1: every drawn key after it
+    _, (kl, _, _) = th.hash_loss(P, q, k, labels, loss="listwise")
+    alone = [th.hash_loss(P, q[i:i + 1, n:n + 1], k[i:i + 1], labels[i:i + 1, n:n + 1], loss="listwise")[1][0]
+             for i, n in ((0, 0), (1, 0), (1, 1))]
+    torch.testing.assert_close(kl, torch.stack(alone).mean())
+
+
+def test_a_text_of_whole_windows_gives_every_one():
+    """A document of exactly n windows' tokens gives n windows (the last one ends at the text's end)."""
+    tok = SimpleNamespace(encode=lambda text: [int(t) for t in text.split()])
+    assert th.token_windows(tok, [("a", "0 1 2 3")], 2, 2).tolist() == [[0, 1], [2, 3]]
+    assert th.token_windows(tok, [("a", "0 1")], 2, 1).tolist() == [[0, 1]]
+
+
+def test_the_guard_sums_every_budget_and_reports_the_mean_gap(monkeypatch):
+    """A head that wins at 1/8 but loses more at the other budgets goes back to random; its gap is the mean over
+    the four budgets. The other head, level with random, keeps its trained projection."""
+    args, R = PRESETS["tiny"], 32
+    start = th.start_projections(args, R, 2, 0)
+    trained = {layer: P + 1 for layer, P in start.items()}
+
+    def evaluate(model, windows, selectors, n_dense, queries, seed, query_from, desc):  # (mass per head, recall)
+        def mass(name, f):  # trained head 0: +0.05 at 1/8, -0.1 at the other budgets; head 1 level with random
+            return torch.tensor([0.5 + (0.05 if f == 1 / 8 else -0.1) * (name == "trained"), 0.5], dtype=torch.float64)
+        return {(f"{name} {R}", f): {layer: (mass(name, f), 0.0) for layer in start}
+                for name in ("trained", "random") for f in th.BUDGETS}
+    monkeypatch.setattr(th, "evaluate", evaluate)
+    out, back = th.guard_heads(SimpleNamespace(args=args), {R: trained}, None, 2, 0.25, 0)[R]
+    assert [(layer, h) for layer, h, _ in back] == [(layer, 0) for layer in start]
+    assert all(gap == pytest.approx((0.05 - 3 * 0.1) / 4) for *_, gap in back)
+    assert all(torch.equal(out[layer][0], start[layer][0]) and torch.equal(out[layer][1], trained[layer][1])
+               for layer in start)
+
+
+def test_evaluate_lets_each_query_see_its_own_key(monkeypatch):
+    """A query at position t sees t + 1 keys, its own among them: the lengths selection_quality gets."""
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"]).eval()
+    seen, real = [], th.selection_quality
+    monkeypatch.setattr(th, "selection_quality", lambda a, q, k, lengths, s: seen.append(lengths) or real(a, q, k,
+                                                                                                          lengths, s))
+    windows = torch.randint(PRESETS["tiny"].vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    th.evaluate(model, windows, {"oracle": None}, 2, queries=4, seed=0)
+    ts = th.query_positions(64, 4, 0.5, torch.Generator().manual_seed(0))
+    assert seen and all(torch.equal(lengths, ts + 1) for lengths in seen)
