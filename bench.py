@@ -282,13 +282,17 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
 
     esize = k_cache.element_size()
     k_eff = min(budget, S)
-    floor_bytes = (B * Hkv * S * W * 4                                        # codes
-                   + 2 * B * Hkv * k_eff * D * esize                          # selected K and V rows
-                   + Hkv * D * R * 4 + B * (H + Hkv) * D * esize)             # projection, q, k_new
-    dense_bytes = 2 * B * Hkv * S * D * esize
+    hata_bytes, dense_bytes = floor_bytes(B, Hkv, G, D, S, W, k_eff, esize)
     return dict(shape=shape, B=B, S=S, budget=budget, dense_ms=dense_ms, hata_ms=hata_ms,
-                floor_ms=floor_bytes / COPY_BW * 1e3, dense_floor_ms=dense_bytes / COPY_BW * 1e3,
+                floor_ms=hata_bytes / COPY_BW * 1e3, dense_floor_ms=dense_bytes / COPY_BW * 1e3,
                 per_kernel=per_kernel, kernel_bytes=kernel_bytes(B, Hkv, G, D, S, W, k_eff, esize))
+
+
+def floor_bytes(B, Hkv, G, D, S, W, K, esize):
+    """(the bytes a HATA step must read: every code, the K selected K and V rows, the fp32 projection, the G query
+    heads and the new key of each KV head; the bytes dense attention reads: the whole K and V caches)."""
+    return (B * Hkv * (S * W * 4 + 2 * K * D * esize + (G + 1) * D * esize) + Hkv * D * 32 * W * 4,
+            2 * B * Hkv * S * D * esize)
 
 
 def kernel_bytes(B, Hkv, G, D, S, W, K, esize):

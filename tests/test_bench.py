@@ -168,6 +168,15 @@ def test_kernel_bytes():
         "attn.split": 6 * 100 * (2 * 64 * 2 + 4) + 6 * 2 * 4 * 65 * 4}  # K, V rows + indices; fp32 partials + lse
 
 
+def test_floor_bytes():
+    """Llama-3.1-8B's shape (Hkv=8, G=4, D=128, R=128: W=4), bf16, 128K keys, K=2048, B=1 and 8, by hand."""
+    for B in (1, 8):
+        codes, rows, proj, q_k = B * 8 * 131072 * 16, 2 * B * 8 * 2048 * 128 * 2, 8 * 128 * 128 * 4, B * 40 * 128 * 2
+        assert bench.floor_bytes(B, 8, 4, 128, 131072, 4, 2048, 2) == (codes + rows + proj + q_k,
+                                                                       2 * B * 8 * 131072 * 128 * 2)
+    assert bench.floor_bytes(1, 8, 4, 128, 131072, 4, 2048, 2) == (25_700_352, 536_870_912)
+
+
 def test_attention_tables():
     row = dict(shape="llama8b", B=1, S=131072, budget=2048, dense_ms=2.0, hata_ms=0.5, floor_ms=0.25,
                dense_floor_ms=1.0, per_kernel={"hash": 0.01, "topk.score": 0.1}, kernel_bytes={"topk.score": 4e8})
