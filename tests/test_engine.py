@@ -213,7 +213,7 @@ def test_a_head_dim_the_gpu_kernels_cannot_tile_is_refused_before_the_load(capsy
                                                                                    "quest"]):
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", *flags)
         assert code == 2 and "a power of two >= 16, and this model's is 100: decode with --dense" in error_line(err)
-    for flags in (["--dense"], ["--n-dense", "4"], ["--budget", "2048"],
+    for flags in (["--dense"], ["--n-dense", "4", "--budget", "4"], ["--budget", "2048"],
                   ["--device", "cpu", "--budget", "4", "--selector", "oracle"]):
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", *flags)
         assert code == 2 and error_line(err) == "error: the load", err

@@ -698,17 +698,18 @@ def test_a_run_never_overwrites_earlier_results_unless_told(capsys, tmp_path):
 
 
 def test_retrieval_decoding_goes_on_while_any_sequence_still_follows_its_answer(monkeypatch):
-    """A batch stops decoding its answers only when every sequence has left its own: one wrong sequence must not cut
-    the others' digits short (they would read as -1, scored wrong), nor one right sequence keep a wrong one going."""
+    """A batch stops decoding its answers only when every sequence has left its own (the steps not run are -1): one
+    wrong sequence must not cut the others' digits short (they would read as -1, scored wrong)."""
     expect = torch.tensor([[3, 4, 5], [3, 4, 5]])
-
-    def step(model, cur, pos):  # row 0 writes its answer, row 1 is wrong from the first step
-        logits = torch.zeros(2, 10)
-        logits[0, expect[0, int(pos[0])]], logits[1, 7] = 1, 1
-        return logits
-    monkeypatch.setattr(ev, "decode_one_token", step)
-    top, _ = ev.decode(None, torch.tensor([[1], [1]]), torch.zeros(2, dtype=torch.long), 3, expect)
-    assert top.tolist() == [[3, 4, 5], [7, 7, 7]]
+    for right, want in (([True, False], [[3, 4, 5], [7, 7, 7]]), ([False, False], [[7, -1, -1], [7, -1, -1]])):
+        def step(model, cur, pos):  # a right row writes its answer, a wrong one 7 from the first step
+            logits = torch.zeros(2, 10)
+            for b in range(2):
+                logits[b, expect[b, int(pos[b])] if right[b] else 7] = 1
+            return logits
+        monkeypatch.setattr(ev, "decode_one_token", step)
+        top, _ = ev.decode(None, torch.tensor([[1], [1]]), torch.zeros(2, dtype=torch.long), 3, expect)
+        assert top.tolist() == want
 
 
 def test_perplexity_is_the_mean_over_positions_whatever_the_batches(monkeypatch):
