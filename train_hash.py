@@ -570,7 +570,7 @@ def run(args):
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in train_rbits:
         HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
-    if args.hash_weights and args.rbit:
+    if args.report and args.hash_weights and args.rbit:  # (training notes --hash-weights as ignored)
         raise ValueError("--hash-weights files carry their own R: drop --rbit (it picks shipped or random sizes)")
     hp = None if args.report else training_settings(args)  # (--report notes the training flags as ignored)
     if args.report and min(args.eval_len) < (least := round(1 / min(BUDGETS))):

@@ -552,7 +552,9 @@ def test_listwise_needs_only_the_query_positions(tiny_model):
 @pytest.mark.parametrize("argv, existing", [(["--out", "{tmp}/p.safetensors"], "p.safetensors"),
                                             (["--rbit", "64", "128", "--out", "{tmp}/p-{rbit}.safetensors"],
                                              "p-128.safetensors"),
-                                            (["--report", "--report-dir", "{tmp}"], "hash_quality.md")])
+                                            (["--report", "--report-dir", "{tmp}"], "hash_quality.md"),
+                                            (["--out", "{tmp}/p.safetensors", "--rbit", "64", "--hash-weights",
+                                              "{tmp}/w.safetensors"], "p.safetensors")])  # (--hash-weights: noted)
 def test_an_earlier_runs_file_needs_overwrite(argv, existing, tmp_path, capsys):
     """eval.py's rule: a file the run would write that exists already is refused before anything loads, and kept;
     with --overwrite the run goes on (here to the missing checkpoint)."""
