@@ -21,6 +21,7 @@ Budgets are fractions f of the cache capacity C = the context length: K = ceil(f
 import argparse
 import contextlib
 from functools import partial
+import hashlib
 import json
 import math
 import os
@@ -335,9 +336,10 @@ def load_results(path):
 
 
 def merge(runs):
-    """One results dict from several runs. Retrieval samples are joined by their spec: runs over the same samples
-    add selectors, runs with another seed add samples; a sample counts once every policy has run on it; where two
-    runs hold the same policy's result, the first run's counts (noted when their trained projections differ).
+    """One results dict from several runs of one setup (model and its weights, held-out text, rbit, n_dense: else
+    refused). Retrieval samples are joined by their spec: runs over the same samples add selectors, runs with
+    another seed add samples; a sample counts once every policy has run on it; where two runs hold the same
+    policy's result, the first run's counts (noted when their trained projections differ).
     Perplexity runs must share their windows (the same dense pass) and context, which the merge records."""
     ppl_contexts = {r["ppl_context"] for r in runs if r.get("perplexity")}  # a retrieval-only run records one too
     if len(ppl_contexts) > 1:
@@ -350,11 +352,11 @@ def merge(runs):
     for r in runs[1:]:
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         out.pop("retrieval_cut", None)
-        model = out.get("model") or r.get("model")  # files from before these were recorded: any model, 128, 2
-        setup = lambda x: (x.get("model", model), x.get("rbit", 128), x.get("n_dense", 2))
+        known = {k: out.get(k) or r.get(k) for k in ("model", "weights", "text")}  # older files lack some: any
+        setup = lambda x: tuple(x.get(k) or v for k, v in known.items()) + (x.get("rbit", 128), x.get("n_dense", 2))
         if setup(r) != setup(out):
-            raise ValueError(f"the runs differ in model, rbit or n_dense ({setup(out)}, {setup(r)}): their rows "
-                             "would mix two setups")
+            raise ValueError(f"the runs differ in model, weights, text, rbit or n_dense ({setup(out)}, {setup(r)}): "
+                             "their rows would mix two setups")
         files = out.get("hash_weights"), r.get("hash_weights")
         if "hata-trained" in set(out["selectors"]) & set(r["selectors"]) and files[0] != files[1]:
             print(f"note: where both ran a policy, hata-trained is {files[0]}'s, not {files[1]}'s (the first run's "
@@ -376,7 +378,7 @@ def merge(runs):
             if y["correct"]["dense"] != x["correct"]["dense"]:
                 raise ValueError(f"the runs' dense answers differ on {key(x)}")
             y["correct"] = {**x["correct"], **y["correct"]}
-        out.setdefault("model", r.get("model"))
+        out.update({k: v for k, v in known.items() if v})
         out["retrieval"] = list(joined.values())
     out.pop("perplexity_planned", None)
     if planned:  # the perplexity runs share their dense pass, so their plan too
@@ -636,7 +638,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     pols = policies(sels, args.budgets, args.quest_budgets)
     results = {"command": "python eval.py " + args.command, "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
-               "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata}
+               "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata,
+               "weights": digest(t.numpy().tobytes() for t in key_signature(model, 0).values()),  # another checkpoint
+               "text": digest(text.encode() for _, text in docs)}  # other --text: a merge refuses to join them
     deadline = time.time() + 60 * args.minutes
 
     def save(task, t0, res):  # the task's results so far, after every batch
@@ -659,6 +663,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                   "--overwrite)", file=sys.stderr)
         raise
     write_report(results, args.out_dir, name, json_path, so_far)
+
+
+def digest(chunks):  # a run's weights or held-out text, as a merge compares them
+    return hashlib.sha256(b"\0".join(chunks)).hexdigest()[:16]
 
 
 def write_json(path, results):  # whole or not at all: it holds every batch so far

@@ -245,12 +245,12 @@ def test_merge_joins_selectors_over_the_same_samples():
     other["retrieval"][0]["correct"]["dense"] = False
     with pytest.raises(ValueError, match="dense answers differ"):
         ev.merge([run("oracle", [True, True]), other])
-    for key, value in (("n_dense", 3), ("rbit", 64), ("model", "llama dim=64")):
-        with pytest.raises(ValueError, match="differ in model, rbit or n_dense"):
-            ev.merge([{**run("oracle", [True, True]), "model": "llama dim=576"}, {**run("quest", [True, True]),
-                                                                               key: value}])
-    assert len(ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128,
-                                                       "model": "llama dim=576"}])["selectors"]) == 2
+    setup = {"model": "llama dim=576", "weights": "5e0f", "text": "a1b2"}  # another checkpoint of the same shape, or
+    for key, value in (("n_dense", 3), ("rbit", 64), ("model", "llama dim=64"), ("weights", "9d3c"), ("text", "77aa")):
+        with pytest.raises(ValueError, match="differ in model, weights, text, rbit or n_dense"):  # other --text
+            ev.merge([{**run("oracle", [True, True]), **setup}, {**run("quest", [True, True]), **setup, key: value}])
+    merged = ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128, **setup}])
+    assert len(merged["selectors"]) == 2 and all(merged[k] == v for k, v in setup.items())  # (older files: any)
 
 
 def test_merge_notes_trained_rows_of_other_projections(capsys):
@@ -456,8 +456,9 @@ def test_a_short_haystack_fails_before_the_model_loads(gguf_path, tok, monkeypat
         ev.main(ppl + ["--ppl-docs", "1"])
 
 
-def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, tmp_path):
-    """The results' command is main's argv (quoted as a shell would need it), not the process's."""
+def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
+    """The results' command is main's argv (quoted as a shell would need it), not the process's; the weights and the
+    held-out text are recorded as digests, which a merge compares."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     (tmp_path / "my text.txt").write_text(PROSE * 10)
@@ -468,6 +469,14 @@ def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, 
     results = json.loads((tmp_path / "argv_results.json").read_text())
     assert results["command"] == "python eval.py " + shlex.join(argv) and "'" in results["command"]
     assert "context lengths" in ev.build_parser().format_help()  # --contexts: the cache, not the prompt (C - 5)
+    (tmp_path / "other.txt").write_text(PROSE[::-1] * 10)  # and the weights and text it read: another text is
+    argv = [str(tmp_path / "other.txt") if a.endswith("my text.txt") else "other" if a == "argv" else a for a in argv]
+    assert ev.main(argv) == 0  # not joined to its rows by a merge
+    other = json.loads((tmp_path / "other_results.json").read_text())
+    assert other["weights"] == results["weights"] and other["text"] != results["text"]
+    assert ev.main(["--report", str(tmp_path / "argv_results.json"), str(tmp_path / "other_results.json"),
+                    "--out-dir", str(tmp_path), "--name", "both"]) == 2
+    assert "differ in model, weights, text, rbit or n_dense" in capsys.readouterr().err
 
 
 def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
