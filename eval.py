@@ -553,7 +553,8 @@ def main(argv=None):
 
 RUN_ONLY = ("--checkpoint", "--text", "--hash-weights", "--budgets", "--selectors", "--sink", "--rbit", "--n-dense",
             "--quest", "--quest-budgets", "--tasks", "--batch", "--seed", "--device", "--threads", "--minutes")
-TASK_FLAGS = {"retrieval": ("--contexts", "--samples"), "perplexity": ("--ppl-context", "--ppl-docs", "--ppl-tokens")}
+TASK_FLAGS = {"retrieval": ("--contexts", "--samples", "--minutes", "--seed"),
+              "perplexity": ("--ppl-context", "--ppl-docs", "--ppl-tokens")}
 
 
 def run(args):  # args from parse_args, which applies --quick's sizes

@@ -258,12 +258,12 @@ def listwise_term(hq, hk, q, k, valid, G, alpha):
 
 
 def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
-    """SGD on one layer's projection from P0 (Hkv, D, R); each step takes `batch` random sequences with all their
-    queries and `keys` random key positions (pair loss: an unbiased sample of the triples; listwise: the KL over
-    that random subset of keys, not all of them; the cost of a step is set by the keys, and a few hundred keys per
-    query give a good gradient). With hp["shift"] > 0 each sequence's q and k
-    turn by the RoPE angles (inv_freq (D/2,)) of one random offset in [0, shift): q.k and so the labels stay the
-    same, but the codes see the absolute positions of every context length up to the shift.
+    """SGD on one layer's projection from P0 (Hkv, D, R); each step draws `batch` sequences (with replacement),
+    all their queries and `keys` random key positions (pair loss: an unbiased sample of the triples; listwise: the
+    KL over that random subset of keys, not all of them; the cost of a step is set by the keys, and a few hundred
+    keys per query give a good gradient). With hp["shift"] > 0 each sequence's q and k turn by the RoPE angles
+    (inv_freq (D/2,)) of one random offset in [0, shift): q.k and so the labels stay the same, but the codes see the
+    absolute positions of every context length up to the shift.
     Returns (P, [loss terms at the first step], [mean loss terms over the last 10%])."""
     P = P0.clone().requires_grad_()
     opt = torch.optim.SGD([P], lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
@@ -563,7 +563,9 @@ def run(args):
     if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
     note_ignored(args, build_parser(), [(TRAINING, args.report, "--report trains nothing"),
-                                        (REPORT, not args.report, "they set up --report; this run trains")])
+                                        (REPORT, not args.report, "they set up --report; this run trains"),
+                                        ({"pair": ("--alpha",), "listwise": ("--eps",)}[args.loss], not args.report,
+                                         f"--loss {args.loss} has no such term")])
     args.n_dense = resolve_n_dense(args.hash_weights if args.report else None, args.n_dense)
     train_rbits = list(dict.fromkeys(args.rbit or [HataArgs.rbit]))  # each size once
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
@@ -643,7 +645,7 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
     seq_len = min(args.seq_len, margs.max_seq_len)
     windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen)
     windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
-    if args.batch > windows.shape[0]:  # short text (a step draws with replacement: more would repeat windows)
+    if args.batch > windows.shape[0]:  # short text (a step draws --batch with replacement: more repeat in every step)
         raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or give more text")
     n_val = min(args.val_seqs, windows.shape[0] - args.batch)  # short text: the guard's windows, where --batch are left
     if args.val_seqs and not n_val:

@@ -617,6 +617,7 @@ def test_quick_sizes_are_defaults_that_given_flags_override():
      "--checkpoint, --threads, --contexts (--report rebuilds the report from results files)"),
     (["--tasks", "perplexity", "--samples", "3", "--selectors", "oracle", "--quest", "4:4", "--hash-weights", "w"],
      "--samples (no retrieval task); --hash-weights (no trained selector); --quest (no quest selector)"),
+    (["--tasks", "perplexity", "--minutes", "5", "--seed", "3"], "--minutes, --seed (no retrieval task)"),
     (["--quick", "--tasks", "retrieval"], None)])  # --quick's sizes are not flags given
 def test_flags_a_run_ignores_are_noted(argv, ignored, capsys, tmp_path):
     assert ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2

@@ -452,7 +452,8 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100"),
                                          (["--shift", "-5"], "--shift -5"), (["--out", "."], "is a directory"),
                                          (["--out", "new/"], "--out new/ is a directory"),
-                                         (["--rbit", "64", "--hash-weights", "w.safetensors"],
+                                         (["--report", "--rbit", "64", "--hash-weights",
+                                           os.path.join(th.HERE, "weights", "smollm2-135m-r128.safetensors")],
                                           "their own R: drop --rbit"),
                                          (["--queries", "0"], "--queries: must be a whole number >= 1, got '0'"),
                                          (["--steps", "0"], "--steps: must be a whole number >= 1, got '0'"),
@@ -519,7 +520,10 @@ def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys
     (["--report", "--lr", "-1", "--shift", "-1"], "--lr, --shift (--report trains nothing)"),  # noted, not refused
     (["--out", "p.safetensors", "--eval-len", "64", "--report-dir", "r"],
      "--eval-len, --report-dir (they set up --report; this run trains)"),
-    (["--out", "p.safetensors", "--seq-len", "64"], None)])
+    (["--out", "p.safetensors", "--seq-len", "64"], None),
+    (["--out", "p.safetensors", "--eps", "0.1"], "--eps (--loss listwise has no such term)"),
+    (["--out", "p.safetensors", "--loss", "pair", "--alpha", "3", "--eps", "0.1"], "--alpha (--loss pair has no such "
+                                                                                   "term)")])
 def test_the_other_modes_flags_are_noted_as_ignored(argv, ignored, capsys, tmp_path):
     """Training reads no report flag and --report no training flag: a run names those given, before loading."""
     where = ["--report-dir", str(tmp_path)] if "--report" in argv else []
