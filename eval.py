@@ -102,8 +102,8 @@ def decode(model, tokens, pos0, steps, expect=None):
     """Run `steps` decode steps under the model's current policy from positions pos0 (B,). Step i feeds
     tokens[:, i] while tokens (B, n_fed) has one (teacher forcing), else the argmax of step i - 1 (greedy).
     Returns the argmax (B, steps) and the log-probabilities (B, n_fed - 1) the steps gave to tokens[:, 1:].
-    With `expect` (B, steps), greedy decoding stops once every sequence has left it (every answer is wrong,
-    whatever follows; the steps not run are -1)."""
+    With `expect` (B, steps), greedy decoding stops once every sequence has left it, token by token (an answer
+    written in other tokens than the key's own is cut there and scored wrong; the steps not run are -1)."""
     B, n_fed = tokens.shape
     top = torch.full((B, steps), -1, dtype=torch.long, device=tokens.device)
     logp, cur = [], tokens[:, 0]
