@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from engine import generate
 import model as model_module
-from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, Transformer, causal_attention, from_checkpoint,
-                   load_checkpoint, rope_frequencies)
+from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, RMSNorm, Transformer, causal_attention,
+                   checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta, rope_frequencies)
 from tests.helpers import write_gguf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
@@ -819,3 +819,120 @@ def test_meta_rope_factor_bad_positions_and_stray_shards(small_smol, tmp_path):
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../other/model.safetensors"}}))
     with pytest.raises(ValueError, match="names files outside the directory"):
         load_checkpoint(str(hf))
+
+
+# Hugging Face's names for our tensors, written out by hand (not read from model.WEIGHT_NAMES)
+HF_BY_HAND = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
+              "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+              "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
+              "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
+              "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
+              "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
+              "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
+              "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
+              "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight"}
+
+
+def test_hf_names_written_by_hand_give_the_gguf_logits(small_smol, tmp_path):
+    """The export in test_three_loaders_agree reads model.WEIGHT_NAMES, so a swap inside its Hugging Face column
+    (gate/up, the two norms, q/k) round-trips unseen; here the file's names are Hugging Face's, typed out."""
+    args, sd = small_smol
+    ref = logits_of(from_state_dict(replace(args, n_layers=3), sd), [504, 3575, 282, 4649, 314])
+    write_hf(tmp_path, args, sd)  # config.json (tied); its safetensors replaced below
+    tensors = {hf.format(i=i): sd[ours.format(i=i)].contiguous() for ours, hf in HF_BY_HAND.items()
+               for i in (range(3) if "{i}" in ours else [0])}
+    save_file(tensors, tmp_path / "model.safetensors")
+    got = logits_of(from_checkpoint(str(tmp_path)), [504, 3575, 282, 4649, 314])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tie", ["absent", False])
+def test_an_untied_hf_checkpoint_keeps_its_lm_head(small_smol, tmp_path, tie):
+    """config.json without tie_word_embeddings (transformers' default: false) or false, and an lm_head of its own:
+    the output layer is lm_head, not the embedding."""
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("tie_word_embeddings")
+    if tie is False:
+        cfg["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    head = torch.randn(args.vocab_size, args.dim, generator=torch.Generator().manual_seed(0))
+    save_file({**load_file(tmp_path / "model.safetensors"), "lm_head.weight": head}, tmp_path / "model.safetensors")
+    model = from_checkpoint(str(tmp_path))
+    assert not model.args.tie_embeddings
+    assert torch.equal(model.output.weight, head)
+
+
+def test_an_untied_meta_checkpoint_keeps_its_output(small_smol, tmp_path):
+    args, sd = small_smol
+    write_meta(tmp_path, args, sd)
+    one = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    head = torch.randn(args.vocab_size, args.dim, generator=torch.Generator().manual_seed(0))
+    torch.save({**one, "output.weight": head}, tmp_path / "consolidated.00.pth")
+    model = from_checkpoint(str(tmp_path))
+    assert not model.args.tie_embeddings and torch.equal(model.output.weight, head)
+
+
+def test_tied_weights_stay_one_tensor_after_a_dtype_change(small_smol):
+    """A tied model converted on load (bf16 file, fp32 model) holds one embedding matrix, not two copies."""
+    args, sd = small_smol
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    model = from_state_dict(replace(args, n_layers=3), bf16, dtype=torch.float32)
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_meta_scaled_rope_factor_and_context_by_family(tmp_path):
+    """params.json may omit rope_scaling_factor: Llama 3.2 1B (dim 2048, 16 layers) and 3B (3072, 28) take 32,
+    Llama 3.1 8; without max_seq_len a Llama 3 vocabulary (> 100K) means 8K context. read_meta needs only the two
+    tensors it reads sizes from."""
+    tensors = {"tok_embeddings.weight": torch.zeros(16, 2), "layers.0.feed_forward.w1.weight": torch.zeros(8, 2)}
+    torch.save(tensors, tmp_path / "consolidated.00.pth")
+    for (dim, n_layers), factor in (((2048, 16), 32.0), ((3072, 28), 32.0), ((4096, 32), 8.0)):
+        (tmp_path / "params.json").write_text(json.dumps({"dim": dim, "n_layers": n_layers, "n_heads": 32,
+                                                          "use_scaled_rope": True}))
+        args = read_meta(str(tmp_path))[0]
+        assert args.rope_scaling["factor"] == factor and args.norm_eps == 1e-5, (dim, n_layers)  # Meta's default eps
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32, "n_heads": 32,
+                                                      "vocab_size": 128256, "rope_theta": 500000.0}))
+    assert checkpoint_metadata(str(tmp_path)) == (8192, None)
+
+
+def test_hf_rope_scaling_in_the_older_type_key(tmp_path):
+    """Configs before transformers 4.45 spell rope_scaling's kind as "type" (Code Llama, Llama 2 long-context)."""
+    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5,
+           "rope_scaling": {"type": "linear", "factor": 2.0}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert checkpoint_metadata(str(tmp_path))[1].rope_scaling == {"type": "linear", "factor": 2.0}
+
+
+def test_a_stored_rotary_inv_freq_is_consumed(small_smol, tmp_path):
+    """Older transformers saved each layer's rotary_emb.inv_freq; the loader recomputes it and drops the table."""
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    tensors = load_file(tmp_path / "model.safetensors")
+    inv = torch.ones(args.head_dim // 2)
+    save_file({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": inv}, tmp_path / "model.safetensors")
+    assert from_checkpoint(str(tmp_path)).args.n_layers == 3
+
+
+def test_every_norm_takes_the_models_eps():
+    """SmolLM2 and the tiny preset both use 1e-5, so a hard-coded eps passes the golden logits."""
+    model = Transformer(replace(PRESETS["tiny"], norm_eps=0.25))
+    eps = [m.eps for m in model.modules() if isinstance(m, RMSNorm)]
+    assert len(eps) == 2 * 4 + 1 and set(eps) == {0.25}
+
+
+def test_config_defaults_when_keys_are_absent(tmp_path):
+    """Keys older configs leave out: num_key_value_heads (Llama 2 7B: multi-head, Hkv = H), max_position_embeddings
+    (transformers' LlamaConfig default 2048); a GGUF without llama.rope.freq_base (llama.cpp's default 10000)."""
+    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    context, args = checkpoint_metadata(str(tmp_path))
+    assert (args.n_kv_heads, context, args.rope_theta, args.tie_embeddings) == (2, 2048, 10000.0, False)
+    pytest.importorskip("gguf")
+    args = checkpoint_metadata(write_model_gguf(tmp_path / "m.gguf", {}))[1]
+    assert (args.rope_theta, args.n_kv_heads) == (10000.0, 2)
