@@ -15,7 +15,7 @@ HATA result is checked against the refs before it is timed. Prints a markdown ta
 and speedup against the context length (report/bench_attention.png for the default points, else only to --plot;
 cpu plots its own the same way, e2e only with --compile).
 The byte floor counts what the step must read: the codes, the selected K/V rows, the projection, q, the new key; over
-4.27 TB/s (the H200's bandwidth measured by a device-to-device copy, read + write).
+the read bandwidth measured in the same run (a plain read of 512 MiB, L2 flushed: Timer.read_bw).
 `offload` times whole decode steps of a preset with random weights and the KV cache in host memory (offload.py):
 HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then one layer's fetch, zero-copy vs staged.
 `e2e` times whole decode steps of a preset with random weights, each a CUDA graph, dense vs HATA at each budget,
@@ -37,7 +37,6 @@ import hata_kernels as hk
 from model import PRESETS, HataArgs, from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COPY_BW = 4.27e12                     # bytes/s, H200 device-to-device copy (read + write)
 BUDGETS = [1 / 64, 2048]              # HATA's K: a fraction of the context, or tokens (attention; e2e's default)
 SHAPES = {                            # name: (H, Hkv, D)
     "llama8b": (32, 8, 128),          # Llama-3.1-8B
@@ -119,15 +118,25 @@ class Timer:
             fn()
         return g
 
-    def time(self, fn):
-        """Median milliseconds of one replay of fn's graph, L2 flushed before each."""
-        g = self.graph(fn)
-        g.replay()
-        ts = []
+    def time(self, *fns):
+        """Median milliseconds of one replay of each fn's graph, L2 flushed before each. Several fns' replays
+        alternate, so a drifting GPU slows each alike. One fn: a number; several: a list."""
+        graphs = [self.graph(fn) for fn in fns]
+        ts = [[] for _ in fns]
+        for g in graphs:
+            g.replay()
         for _ in range(self.reps):
-            self.sink += self.flush_buf.sum()  # flush the L2 with a read: no dirty lines left behind
-            ts.append(event_ms(g.replay))
-        return statistics.median(ts)
+            for g, t in zip(graphs, ts):
+                self.sink += self.flush_buf.sum()  # flush the L2 with a read: no dirty lines left behind
+                t.append(event_ms(g.replay))
+        medians = [statistics.median(t) for t in ts]
+        return medians[0] if len(fns) == 1 else medians
+
+    def read_bw(self):
+        """Bytes/s of a plain read in this run: the sum of the flush buffer's first half (512 MiB, which the flush's
+        second half evicts from the L2). The attention floors' denominator."""
+        half = self.flush_buf[: self.flush_buf.numel() // 2]
+        return half.nbytes / self.time(half.sum) * 1e3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,6 +167,8 @@ def bench_attention(args):
     torch.manual_seed(0)
     timer = Timer(args.reps)
     dtype = torch.bfloat16
+    bw = timer.read_bw()
+    print(f"  read bandwidth (a 512 MiB sum, L2 flushed; the floors' denominator): {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for shape in args.shapes:
         H, Hkv, D = SHAPES[shape]
@@ -167,7 +178,7 @@ def bench_attention(args):
                     print(f"  S={fmt_s(S)} K={', '.join(map(str, dense_Ks))}: K >= S, the model decodes densely; "
                           "not timed", flush=True)
                 for budget in (K for K in Ks[S] if K < S):
-                    rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
+                    rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype, bw))
                     torch.cuda.empty_cache()
     print(f"{table(rows)}\n\n{breakdown_table(rows)}\n")
     floor_us = timer.time(lambda: timer.sink.add_(0)) * 1e3
@@ -235,7 +246,7 @@ def plot_speed(path, panels):
     print(f"\nwrote {path}")
 
 
-def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
+def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype, bw):
     dev = "cuda"
     G = H // Hkv
     k_cache = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)              # (B, Hkv, S, D)
@@ -276,15 +287,14 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
     def dense():
         return torch.nn.functional.scaled_dot_product_attention(q4, k_cache, v_cache, enable_gqa=True)
 
-    dense_ms = timer.time(dense)
-    hata_ms = timer.time(hata_step)
+    dense_ms, hata_ms = timer.time(dense, hata_step)
     per_kernel = {name: timer.time(launch) for name, launch in stages}
 
     esize = k_cache.element_size()
     k_eff = min(budget, S)
     hata_bytes, dense_bytes = floor_bytes(B, Hkv, G, D, S, W, k_eff, esize)
     return dict(shape=shape, B=B, S=S, budget=budget, dense_ms=dense_ms, hata_ms=hata_ms,
-                floor_ms=hata_bytes / COPY_BW * 1e3, dense_floor_ms=dense_bytes / COPY_BW * 1e3,
+                floor_ms=hata_bytes / bw * 1e3, dense_floor_ms=dense_bytes / bw * 1e3,
                 per_kernel=per_kernel, kernel_bytes=kernel_bytes(B, Hkv, G, D, S, W, k_eff, esize))
 
 

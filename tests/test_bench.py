@@ -188,6 +188,21 @@ def test_attention_tables():
     assert lines[4] == "| llama8b | 1 | 128K | 2048 | 0.0100 | 0.1000 (4.00) |"  # 4e8 bytes in 0.1 ms: 4 TB/s
 
 
+def test_timer_alternates_its_graphs_and_measures_the_read_bandwidth(monkeypatch):
+    """Several fns' replays alternate, each after a flush of the L2, and each gets its own median; the read
+    bandwidth is the flush buffer's first half over the median time of its sum. (No GPU: graphs replay the fn.)"""
+    log, ms = [], iter([1.0, 10.0, 3.0, 30.0, 2.0, 20.0, 0.5, 0.25, 2.0])
+    monkeypatch.setattr(bench.Timer, "graph", lambda self, fn: types.SimpleNamespace(replay=fn))
+    monkeypatch.setattr(bench, "event_ms", lambda replay: (replay(), next(ms))[1])
+    timer = bench.Timer.__new__(bench.Timer)
+    timer.reps, timer.sink = 3, torch.zeros((), dtype=torch.int64)
+    timer.flush_buf = types.SimpleNamespace(sum=lambda: log.append("flush") or 0)
+    assert timer.time(lambda: log.append("a"), lambda: log.append("b")) == [2.0, 20.0]
+    assert log == ["a", "b"] + ["flush", "a", "flush", "b"] * 3  # one warm-up replay each, then alternating
+    timer.flush_buf = torch.zeros(1024, dtype=torch.int32)
+    assert timer.read_bw() == 2048 / 0.5e-3  # 2 KiB read in the median 0.5 ms
+
+
 def test_attention_rbit_is_one_of_the_plots_points(monkeypatch, capsys):
     plots = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
