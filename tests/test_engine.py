@@ -789,6 +789,9 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     assert code == 2 and error_line(err) == "error: --prompt-len is 20 but --max-seq-len is 12"
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", "2000", "--device", "cpu")
     assert code == 2 and error_line(err) == "error: --max-seq-len 2000 exceeds the model's context of 1024 tokens"
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len",
+                           "1024", "--max-new-tokens", "2", "--device", "cpu")
+    assert code == 0 and "decode: 1 step in" in err  # the whole context is a cache size
     for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
         code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", bad, "--device", "cpu")
         assert code == 2 and "--max-seq-len: must be a whole number >= 1" in err

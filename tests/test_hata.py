@@ -245,6 +245,19 @@ def test_a_hash_weights_file_is_refused_for_another_models_weights(tmp_path):
         load_hash_projections(path, args, hata, model_module.key_signature(same, 1))
     with pytest.raises(ValueError, match="trained on another model of this shape: its key weights differ"):
         load_hash_projections(path, args, hata, model_module.key_signature(other, 1))
+    qd = args.n_heads * args.head_dim  # wqkv's rows: wq's, then wk's, then wv's
+    for rows, loads in [(slice(0, qd), True), (slice(qd, qd + args.n_kv_heads * args.head_dim), False), (None, False)]:
+        mixed = Transformer(args)  # the model with wq's or wk's rows swapped for another's, or half of each (cos 0.7)
+        mixed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for layer, o in zip(mixed.layers, other.layers):
+                w, w_other = layer.attention.wqkv.weight, o.attention.wqkv.weight
+                w[rows] = w_other[rows] if rows else w + w_other
+        if loads:  # the signature reads the key weights only
+            load_hash_projections(path, args, hata, model_module.key_signature(mixed, 1))
+        else:
+            with pytest.raises(ValueError, match="trained on another model of this shape"):
+                load_hash_projections(path, args, hata, model_module.key_signature(mixed, 1))
     other.hata = HataArgs(rbit=64, budget=4, n_dense=1, hash_weights=path)  # the model checks its own weights
     with pytest.raises(ValueError, match="trained on another model of this shape"):
         other.setup_caches(1, 8)
