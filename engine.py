@@ -97,16 +97,18 @@ def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
         synchronize(tokens.device)  # the bar follows the GPU, not the launches
         bar.update()
     hooks = [] if bar.disable else [layer.register_forward_hook(layer_done) for layer in model.layers]
-    for start, end in zip(bounds, bounds[1:]):
-        piece = tokens[:, start:end]  # (B, T_chunk)
-        idx = (lengths - 1 - start).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
-        input_pos = None if start == 0 else torch.full((B,), start, device=tokens.device)
-        logits = model(piece, input_pos, output_idx=idx)  # (B, V)
-        here = (lengths - 1 >= start) & (lengths - 1 < start + piece.shape[1])  # (B,)
-        last = torch.where(here[:, None], logits, last)
-    for hook in hooks:
-        hook.remove()
-    bar.close()
+    try:  # (an error or Ctrl-C must not leave the hooks behind: later forwards would sync and draw a stale bar)
+        for start, end in zip(bounds, bounds[1:]):
+            piece = tokens[:, start:end]  # (B, T_chunk)
+            idx = (lengths - 1 - start).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
+            input_pos = None if start == 0 else torch.full((B,), start, device=tokens.device)
+            logits = model(piece, input_pos, output_idx=idx)  # (B, V)
+            here = (lengths - 1 >= start) & (lengths - 1 < start + piece.shape[1])  # (B,)
+            last = torch.where(here[:, None], logits, last)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        bar.close()
     return last
 
 
@@ -155,7 +157,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         raise ValueError("generate needs at least one prompt, each of at least one token")
     B, T = len(prompts), max(len(p) for p in prompts)
     if (need := T + max(max_new_tokens - 1, 0)) > model.max_seq_len:  # the cache's capacity; the last token: no slot
-        raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots; the cache has {model.max_seq_len}")
+        raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots (the last new token is never cached); "
+                         f"the cache has {model.max_seq_len}")
     tokens = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right-padded
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
@@ -246,6 +249,8 @@ def parse_budget(text):
     """'2048' -> 2048 tokens; '0.0625' or '1/16' -> a fraction of the cache; out of HataArgs' range: one line."""
     try:
         num, _, den = text.partition("/")
+        if den and min(float(num), float(den)) < 0:  # '-1/-4': a sign in either part, not only the quotient's
+            raise ValueError(text)
         value = HataArgs(budget=float(num) / float(den) if den else float(num)).budget
         if value >= 1 and (den or not num.strip().lstrip("+").isdecimal()):  # '2/1', '1e30': no count as typed
             raise ValueError(text)
@@ -458,8 +463,9 @@ def run(args):
         why = "; the tokenizer knows none of its characters" if texts[i] else ""
         raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
     longest = max(len(p) for p in prompts)
-    max_seq_len, max_new = cache_size(args, longest, context)
-    sparse = hata and hata.budget_tokens(max_seq_len) < max_seq_len and not (shape and hata.n_dense >= shape.n_layers)
+    all_dense = bool(hata and shape and hata.n_dense >= shape.n_layers)  # --n-dense covers every layer
+    max_seq_len, max_new = cache_size(args, longest, context, all_dense=all_dense)
+    sparse = hata and hata.budget_tokens(max_seq_len) < max_seq_len and not all_dense
     if sparse and shape and device.type == "cuda" and not triton_head_dim(shape.head_dim):  # (a prefill would fail)
         raise ValueError(f"HATA's GPU kernels need a head dim that is a power of two >= 16, and this model's is "
                          f"{shape.head_dim}: decode with --dense, or on the CPU (--device cpu)")
@@ -540,9 +546,10 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
         raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None
 
 
-def cache_size(args, longest, context, what=None):
+def cache_size(args, longest, context, what=None, all_dense=False):
     """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens within the model's context;
-    the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit."""
+    the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit,
+    or if a sparse layer's budget cannot hold --sink + --recent (all_dense: --n-dense covers every layer, no check)."""
     if (args.max_seq_len or 0) > context:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
     if longest > (cache := args.max_seq_len or context):
@@ -550,7 +557,7 @@ def cache_size(args, longest, context, what=None):
         raise ValueError(f"{what or 'the prompt has ' + plural(longest)} but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     K = HataArgs(budget=args.budget).budget_tokens(max_seq_len)  # more positions forced than K: the newest would win
-    if not args.dense and K < max_seq_len and args.sink + args.recent > K:  # (not the first tokens --sink promises)
+    if not (args.dense or all_dense) and K < max_seq_len and args.sink + args.recent > K:  # (not the first sinks)
         raise ValueError(f"--sink {args.sink} + --recent {args.recent} exceed the budget of {plural(K)}: the positions "
                          "always attended must fit in it; lower them or raise --budget")
     max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
@@ -690,7 +697,8 @@ def run_random(args, hata, device, dtype):
     batch, unused = len(args.prompt or [None]), " (one per --prompt, its text unused)" if args.prompt else ""
     context = PRESETS[args.preset].max_seq_len
     args.prompt_len = args.prompt_len or min(1024, context // 2)  # the tiny preset's context is 1024: room to decode
-    max_seq_len, max_new = cache_size(args, args.prompt_len, context, f"--prompt-len is {args.prompt_len}")
+    max_seq_len, max_new = cache_size(args, args.prompt_len, context, f"--prompt-len is {args.prompt_len}",
+                                      bool(hata) and hata.n_dense >= PRESETS[args.preset].n_layers)
     model = random_model(args.preset, hata, device, dtype)
     model.warned_random_projections = True  # (the start line says so) trained ones would select no better here
     setup(model, args, batch, max_seq_len, args.prompt_len)

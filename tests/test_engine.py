@@ -140,7 +140,8 @@ def test_unknown_dtype(capsys):
 @pytest.mark.parametrize("flag, value, words", [
     ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
     ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "multiple of 32"),
-    ("--budget", "-1/4", "budget '-1/4' is not"), ("--temperature", "-1e-3", "--temperature must"),  # not flags
+    ("--budget", "-1/4", "budget '-1/4' is not"), ("--budget", "-1/-4", "budget '-1/-4' is not"),
+    ("--temperature", "-1e-3", "--temperature must"),  # not flags
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"),
     ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
@@ -155,13 +156,14 @@ def test_bad_flags(capsys, flag, value, words):
 def test_forced_positions_must_fit_the_budget(capsys):
     """More --sink + --recent positions than K: the newest forced ones won, so --sink 20 --budget 8 attended to
     positions 12..19 (neither the first tokens nor the query's own). Refused before the load; equal to K, or with a
-    budget covering the cache (dense), they run."""
+    budget covering the cache or --n-dense covering every layer (dense), they run."""
     tiny = ["--random-weights", "--preset", "tiny", "--prompt-len", "16", "--max-new-tokens", "4", "--device", "cpu"]
     for flags in (["--sink", "20"], ["--sink", "6", "--recent", "6"], ["--budget", "1/4", "--recent", "6"]):
         code, _, err = run_cli(capsys, *tiny, "--budget", "8", *flags)
         assert code == 2 and "the positions always attended must fit in it" in error_line(err) and "random weights" \
             not in err
-    for flags in (["--budget", "8", "--sink", "4", "--recent", "4"], ["--budget", "20", "--sink", "25"]):
+    for flags in (["--budget", "8", "--sink", "4", "--recent", "4"], ["--budget", "20", "--sink", "25"],
+                  ["--budget", "8", "--sink", "20", "--n-dense", "4"]):  # every layer dense: no budget to fit
         code, _, err = run_cli(capsys, *tiny, *flags)
         assert code == 0, err
 
@@ -767,7 +769,8 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     model = engine.random_model("tiny", None, "cpu", torch.float32)
     model.setup_caches(1, 8)
     assert len(engine.generate(model, [[1, 2, 3]], max_new_tokens=6)[0][0]) == 6  # 3 + 6 - 1 = 8 slots: fits
-    with pytest.raises(ValueError, match="3 \\+ 7 tokens need 9 cache slots; the cache has 8"):
+    with pytest.raises(ValueError, match=r"3 \+ 7 tokens need 9 cache slots \(the last new token is never cached\); the "
+                                         "cache has 8"):
         engine.generate(model, [[1, 2, 3]], max_new_tokens=7)
     with pytest.raises(ValueError, match="9 \\+ 0 tokens need 9 cache slots"):  # the prompt alone must fit
         engine.generate(model, [list(range(9))], max_new_tokens=0)
@@ -860,6 +863,18 @@ def test_prefill_progress_bar_for_a_long_prompt(capsys, monkeypatch):
         assert ("prefill 10 tokens:" in err and bar in err) if bar else "prefill" not in err, err
     for other in logits[1:]:
         torch.testing.assert_close(other, logits[0], atol=1e-5, rtol=0)
+
+
+def test_prefill_removes_its_progress_hooks_after_an_error(monkeypatch):
+    """A prefill stopped by an error (or Ctrl-C) in a layer leaves no progress hooks on the model (before: every
+    later forward synchronized and drew on the dead bar)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    monkeypatch.setattr(engine, "PROGRESS_TOKENS", 1)
+    monkeypatch.setattr(model.layers[2], "forward", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        engine.prefill(model, torch.arange(3, 13)[None], torch.tensor([10]), progress=True)
+    assert not any(layer._forward_hooks for layer in model.layers)
 
 
 def test_decode_progress_bar_for_a_batch(capsys, monkeypatch):
