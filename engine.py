@@ -312,7 +312,8 @@ def build_parser():
     p = Parser(prog="engine.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action=InOrder, help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", action=InOrder, help="read a prompt from this file ('-': standard input), less "
-                   "one trailing newline (as llama.cpp -f); repeat for a batch (in order with --prompt)")
+                   "one trailing newline (as llama.cpp -f; unlike it, a \\r\\n or \\r reads as \\n); repeat for a "
+                   "batch (in order with --prompt)")
     p.set_defaults(inputs=[])
     p.add_argument("--checkpoint", type=path_name, help="GGUF file or checkpoint directory (default: "
                    "SmolLM2-135M-Instruct)")
