@@ -195,10 +195,11 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
     new = [[t for t in row if t >= 0] for row in rows]
     steps, K = max(len(out) - 1, 0), next((l.attention.budget for l in model.layers if l.attention.hata), None)
+    # decode step s (from 0) attends to T + s + 1 keys (the longest sequence's): K leaves keys out from s = K - T on
+    selecting = None if K is None else max(0, steps - max(0, K - T))
     timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if step_fn is not decode_one_token else None,
               "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": steps,
-              "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K,  # step s attends to T + s + 1 keys
-              "selecting_steps": None if K is None else max(0, steps - max(0, K - T))}  # (the longest sequence's)
+              "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting}
     return new, timing
 
 

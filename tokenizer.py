@@ -46,6 +46,7 @@ GGUF_PRE = {"llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "smollm": SMO
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+# Meta reserves 256 special ids; the named ones above hold reserved tokens 0 and 1, the rest count on from 2
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
 LLAMA3_VOCAB = 128000  # the ranks of Meta's tiktoken file; its special tokens come after them
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
@@ -193,14 +194,15 @@ def _pre_split(pre, normalizer, path):
     Another chain (several Splits, as DeepSeek's), a normalizer or a prefix space would split or drop text otherwise."""
     steps = pre.get("pretokenizers") or [pre]  # (an empty Sequence: refused below by its own name)
     kinds, last = [s.get("type") for s in steps], steps[-1]
-    plain = normalizer is None and kinds[-1] == "ByteLevel" and not last.get("add_prefix_space", False)
+    byte_level = normalizer is None and kinds[-1] == "ByteLevel" and not last.get("add_prefix_space", False)
     split = steps[0] if kinds == ["Split", "ByteLevel"] else {}
     regex = (split.get("pattern") or {}).get("Regex")
-    if plain and kinds == ["ByteLevel"] and last.get("use_regex", True):
+    if byte_level and kinds == ["ByteLevel"] and last.get("use_regex", True):
         return GPT2_PATTERN
-    if plain and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
+    if byte_level and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
+            and last.get("use_regex", True):
         return SMOLLM_PATTERN
-    if plain and isinstance(regex, str) and split.get("behavior") == "Isolated" and not split.get("invert") \
+    if byte_level and isinstance(regex, str) and split.get("behavior") == "Isolated" and not split.get("invert") \
             and not last.get("use_regex", True):
         # the text between its matches is a piece too (tiktoken would drop it), cut every RUN_CAP characters (one
         # longer piece overflows fancy-regex's stack)
@@ -276,13 +278,13 @@ def _dated_opening(template: str | None) -> str | None:
 class Tokenizer:
     """Build with `Tokenizer.from_path`; the constructor takes what a loader read."""
 
-    def __init__(self, *, enc=None, vocab_size=None, blank=(), sp=None, specials=None, plain=(), bos_id=None,
+    def __init__(self, *, enc=None, vocab_size=None, blank=(), sp=None, specials=None, in_text=(), bos_id=None,
                  eos_id=None, add_bos=False, chat=None, system=None, opening=None):
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
-        longest = sorted(filter(None, plain), key=len, reverse=True)  # added tokens found in plain text too (as in HF)
-        self.plain = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
+        longest = sorted(filter(None, in_text), key=len, reverse=True)  # added tokens found in text too (as in HF)
+        self.in_text = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos                      # encode()'s default for bos
         self.eos_ids = frozenset({i for t, i in self.specials.items() if t in END_TOKENS} | ({eos_id} - {None}))
@@ -343,7 +345,7 @@ class Tokenizer:
         template = get("tokenizer.chat_template")
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos,
-                   plain=[t for t, typ in zip(tokens, types) if typ == 4],
+                   in_text=[t for t, typ in zip(tokens, types) if typ == 4],
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", pattern is LLAMA3_PATTERN)),  # llama.cpp's
                    chat=cls._chat_of(specials, template), system=_default_system(template),
                    opening=_dated_opening(template))
@@ -375,7 +377,7 @@ class Tokenizer:
         add_bos = bos is not None and bos_name in json.dumps(tj.get("post_processor"), ensure_ascii=False)
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
-                   plain=[t["content"] for t in tj.get("added_tokens", []) if t.get("special") is False],
+                   in_text=[t["content"] for t in tj.get("added_tokens", []) if t.get("special") is False],
                    chat=cls._chat_of(specials, template), system=_default_system(template),
                    opening=_dated_opening(template))
 
@@ -427,9 +429,9 @@ class Tokenizer:
     # --- encode / decode ---
 
     def _text(self, text: str) -> list[int]:
-        if self.sp is not None:  # a lone surrogate (an undecodable byte of argv) becomes U+FFFD, as tiktoken itself
-            return self.sp.encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))  # makes it
-        parts = self.plain.split(text) if self.plain else [text]  # odd parts: added tokens that are not special
+        if self.sp is not None:  # a lone surrogate (an undecodable byte of argv) becomes U+FFFD, as tiktoken makes it
+            return self.sp.encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+        parts = self.in_text.split(text) if self.in_text else [text]  # odd parts: added tokens that are not special
         ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else self._ordinary(part))]
         # ids past the vocabulary (bytes it lacks, _bpe) go after the merges: '=\x04=' is '=', '=' (HF's BPE: '==')
         return [i for i in ids if i < self.vocab_size] if self.enc.n_vocab > self.vocab_size else ids

@@ -748,5 +748,5 @@ def test_llama2_chat_strips_each_turn(sp_model):
 
 def test_the_longest_added_token_wins(smol):
     """Added tokens that share a start: "<x>y" is one token, not "<x>" and then "y"."""
-    tok = Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size, specials={"<x>": 5, "<x>y": 6}, plain=["<x>", "<x>y"])
+    tok = Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size, specials={"<x>": 5, "<x>y": 6}, in_text=["<x>", "<x>y"])
     assert tok.encode("a<x>y", bos=False) == [smol.encode("a")[0], 6]
