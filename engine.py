@@ -156,9 +156,9 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
     B, T = len(prompts), max(len(p) for p in prompts)
-    if (need := T + max(max_new_tokens - 1, 0)) > model.max_seq_len:  # the cache's capacity; the last token: no slot
-        raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots (the last new token is never cached); "
-                         f"the cache has {model.max_seq_len}")
+    if (need := T + max(max_new_tokens - 1, 0)) > (cap := model.max_seq_len):  # the cache's capacity
+        why = " (the last new token is never cached)" * (max_new_tokens > 0)
+        raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots{why}; the cache has {cap}")
     tokens = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right-padded
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)

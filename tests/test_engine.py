@@ -168,6 +168,17 @@ def test_forced_positions_must_fit_the_budget(capsys):
         assert code == 0, err
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_forced_positions_of_a_checkpoint_with_every_layer_dense(capsys):
+    """A checkpoint's layer count from its metadata: --n-dense 30 covers the default model's 30 layers, so --sink 20
+    over a budget of 8 runs; --n-dense 29 leaves one sparse layer and is refused before the load."""
+    for n_dense, want in (("30", 0), ("29", 2)):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--max-seq-len", "64", "--budget",
+                               "8", "--sink", "20", "--n-dense", n_dense)
+        assert code == want and ("the positions always attended" in err) == (want == 2) and ("loaded" in err) == \
+            (want == 0), err
+
+
 def test_offload_needs_a_gpu(capsys):
     for flags in (["--offload"], ["--kv-gpu-gb", "1"]):
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cpu", *flags)
@@ -769,10 +780,10 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     model = engine.random_model("tiny", None, "cpu", torch.float32)
     model.setup_caches(1, 8)
     assert len(engine.generate(model, [[1, 2, 3]], max_new_tokens=6)[0][0]) == 6  # 3 + 6 - 1 = 8 slots: fits
-    with pytest.raises(ValueError, match=r"3 \+ 7 tokens need 9 cache slots \(the last new token is never cached\); the "
-                                         "cache has 8"):
+    with pytest.raises(ValueError, match=r"3 \+ 7 tokens need 9 cache slots \(the last new token is never "
+                                         r"cached\); the cache has 8"):
         engine.generate(model, [[1, 2, 3]], max_new_tokens=7)
-    with pytest.raises(ValueError, match="9 \\+ 0 tokens need 9 cache slots"):  # the prompt alone must fit
+    with pytest.raises(ValueError, match="^9 \\+ 0 tokens need 9 cache slots; the cache"):  # the prompt must fit
         engine.generate(model, [list(range(9))], max_new_tokens=0)
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
                            "--max-new-tokens", "10", "--device", "cpu")
