@@ -196,11 +196,20 @@ def test_timer_alternates_its_graphs_and_measures_the_read_bandwidth(monkeypatch
     monkeypatch.setattr(bench, "event_ms", lambda replay: (replay(), next(ms))[1])
     timer = bench.Timer.__new__(bench.Timer)
     timer.reps, timer.sink = 3, torch.zeros((), dtype=torch.int64)
-    timer.flush_buf = types.SimpleNamespace(sum=lambda: log.append("flush") or 0)
+    timer.flush_buf = types.SimpleNamespace(sum=lambda dtype: log.append("flush") or 0)
     assert timer.time(lambda: log.append("a"), lambda: log.append("b")) == [2.0, 20.0]
     assert log == ["a", "b"] + ["flush", "a", "flush", "b"] * 3  # one warm-up replay each, then alternating
     timer.flush_buf = torch.zeros(1024, dtype=torch.int32)
     assert timer.read_bw() == 2048 / 0.5e-3  # 2 KiB read in the median 0.5 ms
+
+
+def test_floors_are_over_the_fastest_read_of_the_run():
+    """SDPA reading its cache faster than the plain read (5 against 4 TB/s): the floors are over SDPA's rate, so that
+    no row's dense time beats its floor; a faster plain read wins in turn."""
+    rows = [dict(dense_bytes=4e9, dense_ms=1.0, hata_bytes=1e9), dict(dense_bytes=2e9, dense_ms=0.4, hata_bytes=5e8)]
+    assert bench.add_floors(rows, 4e12) == 5e12
+    assert [(r["floor_ms"], r["dense_floor_ms"]) for r in rows] == [(0.2, 0.8), (0.1, 0.4)]
+    assert bench.add_floors(rows, 10e12) == 5e12 and rows[0]["dense_floor_ms"] == 0.4
 
 
 def test_attention_rbit_is_one_of_the_plots_points(monkeypatch, capsys):
