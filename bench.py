@@ -134,7 +134,7 @@ class Timer:
 
     def read_bw(self):
         """Bytes/s of a plain read in this run: the sum of the flush buffer's first half (512 MiB, which the flush's
-        second half evicts from the L2), in int32 (4.15 TB/s on the H200; an int64 sum, torch's default, 0.76)."""
+        second half evicts from the L2), in int32 (4.15-4.21 TB/s on the H200; in int64, torch's default, 0.76)."""
         half = self.flush_buf[: self.flush_buf.numel() // 2]
         return half.nbytes / self.time(lambda: half.sum(dtype=torch.int32)) * 1e3
 
@@ -302,7 +302,7 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
 
 def add_floors(rows, read):
     """Each row's floors (ms) over the fastest read seen in the run: `read`, a plain read's bytes/s, or dense SDPA's
-    over its whole cache, which can beat a torch reduction (H200: 4.53 against 4.15 TB/s). Returns SDPA's best."""
+    over its whole cache, which can beat a torch reduction (H200: 4.63 against 4.21 TB/s). Returns SDPA's best."""
     sdpa = max(r["dense_bytes"] / r["dense_ms"] * 1e3 for r in rows)
     for r in rows:
         r["floor_ms"], r["dense_floor_ms"] = (r[k] / max(read, sdpa) * 1e3 for k in ("hata_bytes", "dense_bytes"))

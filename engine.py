@@ -559,7 +559,7 @@ def cache_size(args, longest, context, what=None, all_dense=False):
         raise ValueError(f"{what or 'the prompt has ' + plural(longest)} but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
     K = HataArgs(budget=args.budget).budget_tokens(max_seq_len)  # more positions forced than K: the newest would win
-    if not (args.dense or all_dense) and K < max_seq_len and args.sink + args.recent > K:  # (not the first sinks)
+    if not (args.dense or all_dense) and K < max_seq_len and args.sink + args.recent > K:
         raise ValueError(f"--sink {args.sink} + --recent {args.recent} exceed the budget of {plural(K)}: the positions "
                          "always attended must fit in it; lower them or raise --budget")
     max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
@@ -700,7 +700,7 @@ def run_random(args, hata, device, dtype):
     context = PRESETS[args.preset].max_seq_len
     args.prompt_len = args.prompt_len or min(1024, context // 2)  # the tiny preset's context is 1024: room to decode
     max_seq_len, max_new = cache_size(args, args.prompt_len, context, f"--prompt-len is {args.prompt_len}",
-                                      bool(hata) and hata.n_dense >= PRESETS[args.preset].n_layers)
+                                      all_dense=bool(hata) and hata.n_dense >= PRESETS[args.preset].n_layers)
     model = random_model(args.preset, hata, device, dtype)
     model.warned_random_projections = True  # (the start line says so) trained ones would select no better here
     setup(model, args, batch, max_seq_len, args.prompt_len)
