@@ -1,9 +1,9 @@
 """Speed harness: decode latency, dense attention vs the HATA step, against the memory floor.
 
-    python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8]
+    python bench.py attention [--shapes llama8b default] [--seqlens 8192 32768 131072] [--batches 1 8] [--rbit 128]
     python bench.py offload [--preset llama-3.1-8b] [--seqlen 131072] [--budget 2048]
     python bench.py e2e [--preset llama-3.1-8b] [--seqlens 32768 131072] [--batches 1 4] [--prefill-len 32768]
-                        [--profile]
+                        [--budgets 1/64 2048] [--compile] [--profile]      (`bench.py MODE --help`: every flag)
     python bench.py cpu [--seqlens 16 1024 4096 8192] [--budget 512 or 1/16] (no GPU needed)
 
 `attention` times one layer's decode attention (the decode step of a sparse layer):
@@ -638,7 +638,7 @@ def bench_cpu(args):
 
 
 def print_header(mode):
-    """Every mode's first line, printed once its arguments are checked: the machine, the time, torch."""
+    """Every mode's first line (the machine, the time, torch), after the checks that need no model (memory: later)."""
     device = torch.cuda.get_device_name() if mode != "cpu" else platform.processor() or platform.machine()
     print(f"# {device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}")
 
@@ -673,7 +673,7 @@ def build_parser():
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlen", type=positive_int, default=131072, help="S_max; every step attends at S_max - 1")
     p.add_argument("--budget", type=positive_int, default=2048, help="HATA's K in tokens")
-    p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per mode (dense: a tenth)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per mode (dense: a tenth, >= 2)")
     p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float,
                    help="host memory the offload plan may pin (default: what is available less max(10%%, 1 GiB))")
@@ -682,7 +682,7 @@ def build_parser():
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4], help="batch sizes B")
     p.add_argument("--budgets", nargs="+", type=parse_budget, default=BUDGETS, help="1/64 (of the context) or tokens")
-    p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per measurement (median)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps (median), also one-layer SDPA's replays")
     p.add_argument("--prefill-len", type=positive_int, default=32768, help="prompt tokens of the prefill timing")
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")
     p.add_argument("--profile", action="store_true", help="also a kernel census of one replay of each step")
