@@ -624,10 +624,10 @@ def bench_cpu(args):
     n = torch.get_num_threads()
     print(f"\ndefault model decode step, fp32, CPU ({n} thread{'s' * (n > 1)}), median of {args.rounds} x "
           f"{args.steps} steps; HATA: {budget_label(args.budget)}, R = {hata.rbit}, n_dense {hata.n_dense}\n\n"
-          "| context | dense ms/token | HATA ms/token | speedup |\n|---|---|---|---|")
+          "| context | K | dense ms/token | HATA ms/token | speedup |\n|---|---|---|---|---|")
     for S, K, dense, sparse in rows:
         note = f"{dense / sparse:.2f}x" if K < S else "- (K >= S: dense)"
-        print(f"| {S} | {dense:.1f} | {sparse:.1f} | {note} |")
+        print(f"| {S} | {K} | {dense:.1f} | {sparse:.1f} | {note} |")
     plot_speed(args.plot, [("default model decode on the CPU", "ms / token (median)", "linear",
                             {"dense": [(S, d) for S, _, d, _ in rows],
                              f"HATA, {budget_label(args.budget)}": [(S, h) for S, K, _, h in rows if K < S]}, None)])

@@ -40,7 +40,8 @@ def test_cpu_mode_prints_a_table_and_writes_a_plot(gguf_path, tmp_path, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 16 |") or line.startswith("| 48 |")]
     assert len(rows) == 2 and "K >= S: dense" in rows[0] and rows[1].endswith("x |")
-    dense, hata, speedup = (float(c.strip(" x")) for c in rows[1].split("|")[2:5])  # | 48 | dense | HATA | ratio |
+    assert rows[0].startswith("| 16 | 20 |") and rows[1].startswith("| 48 | 20 |")  # K of each step
+    dense, hata, speedup = (float(c.strip(" x")) for c in rows[1].split("|")[3:6])  # | 48 | K | dense | HATA | ratio |
     assert abs(speedup - dense / hata) <= 0.02 * dense / hata + 0.01  # the ratio of the printed (rounded) columns
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -63,6 +64,7 @@ def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys
     assert "HATA: K = S/4, R = 128" in out
     rows = [line for line in out.splitlines() if line.startswith(("| 8 |", "| 48 |"))]
     assert len(rows) == 2 and all(row.endswith("x |") for row in rows)  # K < S at both: a speedup, not "dense"
+    assert rows[0].startswith("| 8 | 3 |") and rows[1].startswith("| 48 | 13 |")  # the table says which K
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
