@@ -368,9 +368,9 @@ def bench_offload(args):
     from engine import GraphedDecode, random_model
 
     S, B, dev = args.seqlen, 1, "cuda"
-    if not args.budget < S <= PRESETS[args.preset].max_seq_len:  # now, not after the GPU's timings
-        raise ValueError(f"--budget {args.budget} must be below --seqlen {S}, which must fit the {args.preset} "
-                         f"context of {PRESETS[args.preset].max_seq_len}")
+    if not (K := HataArgs(budget=args.budget).budget_tokens(S)) < S <= PRESETS[args.preset].max_seq_len:  # now
+        raise ValueError(f"--budget {args.budget} ({K} tokens) must be below --seqlen {S}, which must fit the "
+                         f"{args.preset} context of {PRESETS[args.preset].max_seq_len}")
     if args.host_gb is not None and not 0 < args.host_gb < math.inf:
         raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")  # (finite: int(inf) fails)
     print_header(args.mode)
@@ -672,7 +672,7 @@ def build_parser():
     p = add_mode("offload", "decode tokens/s with the sparse layers' KV cache in host memory (CUDA)")
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlen", type=positive_int, default=131072, help="S_max; every step attends at S_max - 1")
-    p.add_argument("--budget", type=positive_int, default=2048, help="HATA's K in tokens")
+    p.add_argument("--budget", type=parse_budget, default=2048, help="HATA's K: tokens or a fraction of --seqlen")
     p.add_argument("--steps", type=positive_int, default=20, help="timed decode steps per mode (dense: a tenth, >= 2)")
     p.add_argument("--reps", type=positive_int, default=20, help="timed replays per one-layer measurement (median)")
     p.add_argument("--host-gb", type=float,

@@ -98,7 +98,7 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
     assert out == ""  # before any timing
     assert bench.main(["cpu", "--seqlens", "8192", "--budget", "8191/8192", "--rounds", "1", "--steps", "1", "--plot",
                        str(tmp_path / "p.png")]) == 0  # K = 8191 of the full 8192-token cache (not of 8193: refused)
-    assert re.search(r"^\| 8192 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", capsys.readouterr().out, re.M)  # not "dense"
+    assert re.search(r"^\| 8192 \| 8191 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", capsys.readouterr().out, re.M)  # sparse
 
 
 @pytest.mark.parametrize("argv, words", [(["e2e", "--seqlens", "512", "2048", "--prefill-len", "512"],
@@ -106,7 +106,10 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
                                          (["e2e", "--seqlens", "512", "--prefill-len", "4096"], "4096 tokens"),
                                          (["e2e", "--seqlens", "512", "--prefill-len", "1"],
                                           "--prefill-len 1: too short for HATA to hash its keys"),
-                                         (["offload", "--seqlen", "512", "--budget", "512"], "--budget 512 must be"),
+                                         (["offload", "--seqlen", "512", "--budget", "512"],
+                                          "--budget 512 (512 tokens) must be"),
+                                         (["offload", "--seqlen", "512", "--budget", "0.999"],  # as e2e's --budgets
+                                          "--budget 0.999 (512 tokens) must be below --seqlen 512"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
                                           "--host-gb must be a number of GiB > 0, got 0.0"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "inf"],
@@ -230,6 +233,7 @@ class Checked(Exception):
 
 @pytest.mark.parametrize("argv", [["cpu", "--seqlens", "8192"],
                                   ["offload", "--preset", "tiny", "--seqlen", "1024", "--budget", "64"],
+                                  ["offload", "--preset", "tiny", "--seqlen", "1024", "--budget", "1/64"],
                                   ["e2e", "--preset", "tiny", "--seqlens", "1024", "--prefill-len", "1024"]])
 def test_a_size_at_the_models_context_is_accepted(argv, gguf_path, monkeypatch):
     """A context exactly the model's passes each mode's size checks (they refuse one token more)."""
