@@ -304,8 +304,9 @@ def add_floors(rows, read):
     """Each row's floors (ms) over the fastest read seen in the run: `read`, a plain read's bytes/s, or dense SDPA's
     over its whole cache, which can beat a torch reduction (H200: 4.63 against 4.21 TB/s). Returns SDPA's best."""
     sdpa = max(r["dense_bytes"] / r["dense_ms"] * 1e3 for r in rows)
+    bw = max(read, sdpa)
     for r in rows:
-        r["floor_ms"], r["dense_floor_ms"] = (r[k] / max(read, sdpa) * 1e3 for k in ("hata_bytes", "dense_bytes"))
+        r["floor_ms"], r["dense_floor_ms"] = r["hata_bytes"] / bw * 1e3, r["dense_bytes"] / bw * 1e3
     return sdpa
 
 
@@ -367,14 +368,13 @@ def bench_offload(args):
     import offload
     from engine import GraphedDecode, random_model
 
-    S, B, dev = args.seqlen, 1, "cuda"
-    if not (K := HataArgs(budget=args.budget).budget_tokens(S)) < S <= PRESETS[args.preset].max_seq_len:  # now
+    S, B, dev, hata = args.seqlen, 1, "cuda", HataArgs(budget=args.budget)
+    if not (K := hata.budget_tokens(S)) < S <= PRESETS[args.preset].max_seq_len:  # now, not after the GPU's timings
         raise ValueError(f"--budget {args.budget} ({K} tokens) must be below --seqlen {S}, which must fit the "
                          f"{args.preset} context of {PRESETS[args.preset].max_seq_len}")
     if args.host_gb is not None and not 0 < args.host_gb < math.inf:
         raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")  # (finite: int(inf) fails)
     print_header(args.mode)
-    hata = HataArgs(budget=args.budget)
     model = random_model(args.preset, hata, dev, torch.bfloat16)
     host_bytes = None if args.host_gb is None else int(args.host_gb * offload.GiB)
     try:  # the plan's host-memory check now, not after the GPU's timings
@@ -406,7 +406,7 @@ def bench_offload(args):
     diff = (off_logits - gpu_logits).abs().max().item()
     assert diff <= 0.05 * gpu_logits.abs().max().item(), f"offloaded logits differ from the GPU's by {diff}"
     all_ms, _ = decode_ms("every row", HataArgs(budget=S - 1), max(2, args.steps // 10))
-    K, n_sparse = hata.budget_tokens(S), len(plan.layers)
+    n_sparse = len(plan.layers)
     row = 2 * model.args.n_kv_heads * model.args.head_dim * 2  # K + V bytes of one token, one layer, bf16
     fetched = n_sparse * B * K * row
     print(f"\n{args.preset}, B={B}, S={fmt_s(S)}, budget {K}, bf16; {n_sparse} of {model.args.n_layers} layers "
@@ -421,7 +421,7 @@ def bench_offload(args):
     shape = model.args.n_heads, model.args.n_kv_heads, model.args.head_dim
     del model
     torch.cuda.empty_cache()
-    bench_offload_fetch(args, S, hata.budget_tokens(S), *shape)
+    bench_offload_fetch(args, S, K, *shape)
 
 
 def bench_offload_fetch(args, S, K, H, Hkv, D, B=1):
