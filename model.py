@@ -55,7 +55,7 @@ class ModelArgs:
     rope_theta: float = 500000.0
     rope_scaling: dict | None = None  # None, {"type": "linear", "factor"}, or {"type": "llama3", "factor",
     #                                   "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    max_seq_len: int = 131072  # the context length the model was trained for
+    max_seq_len: int = 8192  # the context length the model was trained for (the defaults: Llama 3 8B)
     tie_embeddings: bool = False
     head_dim: int = 0  # 0 means dim // n_heads
 
@@ -65,10 +65,12 @@ class ModelArgs:
         if bad := {k: v for k in sizes if not num(v := getattr(self, k), numbers.Integral) or not 1 <= v < 2 ** 31}:
             raise ValueError(f"the model's sizes must be whole numbers in [1, 2^31), got {bad}")
         if not isinstance(self.tie_embeddings, bool):  # JSON's "false" is a string, and true in Python
-            raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_embeddings!r}")
-        scaling = self.rope_scaling or {}
-        if (kind := scaling.get("type", "default")) not in ROPE_SCALING:
-            raise ValueError(f"unsupported RoPE scaling {kind!r} (supported: {', '.join(ROPE_SCALING)})")
+            raise ValueError(f"tie_embeddings (config.json: tie_word_embeddings) must be true or false, got "
+                             f"{self.tie_embeddings!r}")
+        scaling = self.rope_scaling or {"type": "default"}
+        if (kind := scaling.get("type")) not in ROPE_SCALING:  # (config.json's "rope_type" is read by hf_args)
+            raise ValueError(f"unsupported RoPE scaling {kind!r}, the 'type' of {scaling} (supported: "
+                             f"{', '.join(ROPE_SCALING)})")
         if missing := sorted(set(ROPE_SCALING[kind]) - set(scaling)):
             raise ValueError(f"{kind} RoPE scaling needs {', '.join(missing)}")
         reals = dict(norm_eps=self.norm_eps, rope_theta=self.rope_theta, **{k: scaling[k] for k in ROPE_SCALING[kind]})
@@ -76,10 +78,11 @@ class ModelArgs:
             raise ValueError(f"the model's {', '.join(bad)} must be finite numbers > 0, got {bad}")
         if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:  # else the bands invert
             raise ValueError(f"llama3 RoPE scaling needs low_freq_factor < high_freq_factor, got {scaling}")
+        derived = " (dim // n_heads)" * (self.head_dim == 0)
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if not num(self.head_dim, numbers.Integral) or self.head_dim < 2 or self.head_dim % 2:  # RoPE rotates pairs
-            raise ValueError(f"head_dim must be an even whole number >= 2, got {self.head_dim!r}")
+            raise ValueError(f"head_dim must be an even whole number >= 2, got {self.head_dim!r}{derived}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -333,19 +336,17 @@ class Attention(nn.Module):
         view would make the attention ref copy its S rows first: dense's bytes); S <= S_max the positions that may
         be valid; lengths (B,). Returns (B, H, D)."""
         hata, K = self.hata, self.budget
+        if hata.selector == "hash" and not hata.use_norm:  # HATA: the fused score + counting select
+            idx = hamming_topk(q_codes, self.hash_cache.codes[:, :, :S], lengths, K, hata.n_sink, hata.n_recent)
+            return sparse_decode_attention(q, keys, values, idx)  # idx (B, Hkv, K) int32
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
-            idx = select_topk(-self.group_probs(q, keys[:, :, :S], lengths), lengths, K, hata.n_sink, hata.n_recent)
+            score = -self.group_probs(q, keys[:, :, :S], lengths)  # (B, Hkv, S) fp32, smaller = selected first
         elif hata.selector == "quest":
-            idx = select_topk(-self.quest_bounds(q, keys[:, :, :S], lengths), lengths, K, hata.n_sink, hata.n_recent)
-        else:
-            codes = self.hash_cache.codes[:, :, :S]  # (B, Hkv, S, W) int32
-            if hata.use_norm:
-                G, R = self.n_heads // self.n_kv_heads, hata.rbit
-                ham = hamming_score(q_codes, codes, lengths)  # (B, Hkv, S) int32
-                score = -(G - 2 * ham.float() / R) * self.hash_cache.norms[:, :, :S]  # (B, Hkv, S) fp32, small: close
-                idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
-            else:
-                idx = hamming_topk(q_codes, codes, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
+            score = -self.quest_bounds(q, keys[:, :, :S], lengths)
+        else:  # the hash selector with use_norm (HATA's released scripts): small scores are close
+            ham = hamming_score(q_codes, self.hash_cache.codes[:, :, :S], lengths)  # (B, Hkv, S) int32
+            score = -(self.n_heads // self.n_kv_heads - 2 * ham.float() / hata.rbit) * self.hash_cache.norms[:, :, :S]
+        idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
         return sparse_decode_attention(q, keys, values, idx)
 
     def group_probs(self, q, keys, lengths):
@@ -446,8 +447,9 @@ class Transformer(nn.Module):
         context the model was trained for, which bounds it) for exactly self.max_batch_size sequences a forward, on
         the weights' device and in their dtype: call it after moving the model (the RoPE tables stay where made)."""
         args = self.args
-        if max_seq_len > args.max_seq_len:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context length {args.max_seq_len}")
+        if not (max_batch_size >= 1 and 1 <= max_seq_len <= args.max_seq_len):  # (0 would read as "no caches")
+            raise ValueError(f"setup_caches({max_batch_size}, {max_seq_len}): a batch of at least 1 and a length in "
+                             f"[1, {args.max_seq_len}], the model's context length")
         device, dtype = self.output.weight.device, self.output.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
@@ -507,6 +509,9 @@ class Transformer(nn.Module):
         (T > 1) and a CPU decode step's are checked against the caches; a CUDA decode step's (T == 1; no host sync,
         for CUDA graphs) are the caller's to keep inside them."""
         B, T = tokens.shape
+        if input_pos is not None and (input_pos.shape != (B,) or input_pos.is_floating_point()):  # no host sync
+            raise ValueError(f"input_pos must be an integer (B,) = ({B},) tensor, got {input_pos.dtype} "
+                             f"{tuple(input_pos.shape)}")
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before forward")
         if B != self.max_batch_size:  # the caches' rows are the batch's sequences
@@ -589,6 +594,10 @@ def key_signature(model, n_dense, probes=16):
 def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs, signature=None):
     """projs: {layer: (Hkv, D, R) tensor} for every sparse layer; signature: key_signature of their model."""
     from safetensors.torch import save_file
+    shape, shapes = (args.n_kv_heads, args.head_dim, hata.rbit), {tuple(p.shape) for p in projs.values()}
+    if sorted(projs) != list(range(hata.n_dense, args.n_layers)) or shapes - {shape}:  # a file that loads refuse
+        raise ValueError(f"the projections for {path} must be one {shape} tensor for each layer {hata.n_dense}.."
+                         f"{args.n_layers - 1}, got layers {sorted(projs)} of shapes {sorted(shapes)}: not saved")
     tensors = {f"layers.{i}.hash_proj": p.detach().float().contiguous().cpu() for i, p in projs.items()}
     if not all(t.isfinite().all() for t in tensors.values()):
         raise ValueError(f"the projections for {path} are not finite (NaN or inf): not saved")

@@ -319,7 +319,11 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         load_hash_projections(path, args, HataArgs(rbit=64, n_dense=2))
     bad = dict(projs)
     bad[2] = torch.randn(args.n_kv_heads, args.head_dim + 1, 64)
-    save_hash_projections(path, bad, args, hata)
+    for wrong in (bad, {i: projs[i] for i in (1, 2)}, {**projs, 0: projs[1]}):  # a shape, a layer short, a dense one
+        with pytest.raises(ValueError, match=r"must be one \(2, 16, 64\) tensor for each layer 1..3, got layers"):
+            save_hash_projections(path, wrong, args, hata)  # (before: written, then refused by every load)
+    save_file({f"layers.{i}.hash_proj": p for i, p in bad.items()}, path,
+              metadata={"model": args.describe(), "rbit": "64", "n_dense": "1"})
     with pytest.raises(ValueError, match=r"layers\.2\.hash_proj has shape"):
         load_hash_projections(path, args, hata)
     with pytest.raises(FileNotFoundError):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import generate
 import model as model_module
-from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, RMSNorm, Transformer, causal_attention,
+from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta, rope_frequencies)
 from tests.helpers import write_gguf
 
@@ -45,8 +45,29 @@ def test_capital_of_france(smol):
 def test_caches_hold_at_most_the_models_context():
     model = Transformer(PRESETS["tiny"])  # context 1024
     model.setup_caches(1, 1024)  # the limit itself
-    with pytest.raises(ValueError, match="max_seq_len 1025 exceeds the model's context length 1024"):
-        model.setup_caches(1, 1025)
+    for size in ((1, 1025), (1, 0), (0, 16)):  # (before: a length 0 was taken, and forward said "call setup_caches")
+        with pytest.raises(ValueError, match=re.escape(f"setup_caches{size}: a batch of at least 1 and a length in "
+                                                       "[1, 1024], the model's context length")):
+            model.setup_caches(*size)
+    model.setup_caches(2, 16)
+    for pos in (torch.tensor(3), torch.tensor([3.0, 3.0]), torch.tensor([3])):  # before: IndexErrors deep inside,
+        with pytest.raises(ValueError, match=r"input_pos must be an integer \(B,\) = \(2,\) tensor"):  # or a
+            model(torch.zeros(2, 1, dtype=torch.long), pos)  # kernel's "cache_write: pos must be (B,)"
+
+
+def test_model_args_name_what_is_wrong():
+    """A RoPE scaling dict without a "type" (Hugging Face's own spelling is "rope_type", which hf_args reads) is
+    refused, not decoded as unscaled RoPE; a head dim of 0 from dim // n_heads says where it came from; the
+    defaults are Llama 3 8B's shape and context (before: 131072 tokens without Llama 3.1's RoPE scaling)."""
+    llama3 = dict(PRESETS["llama-3.1-8b"].rope_scaling)
+    llama3["rope_type"] = llama3.pop("type")
+    with pytest.raises(ValueError, match="unsupported RoPE scaling None, the 'type' of"):
+        ModelArgs(rope_scaling=llama3)
+    with pytest.raises(ValueError, match=re.escape("head_dim must be an even whole number >= 2, got 0 (dim // n_h")):
+        ModelArgs(dim=4, n_heads=8, n_kv_heads=8)
+    with pytest.raises(ValueError, match=r"tie_embeddings \(config.json: tie_word_embeddings\) must be true"):
+        ModelArgs(tie_embeddings=1)
+    assert ModelArgs().max_seq_len == 8192 and ModelArgs().rope_scaling is None
 
 
 def test_kv_cache_decode_equals_full_rerun(smol):
@@ -338,7 +359,7 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
                           ({"hidden_size": "576"}, "whole numbers in [1, 2^31), got {'dim': '576'}"),
                           ({"vocab_size": 10 ** 30}, "got {'vocab_size': " + str(10 ** 30)),  # not a TypeError
                           ({"num_hidden_layers": 10 ** 9}, "1000000000 layers in its metadata, but only"),  # not OOM
-                          ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+                          ({"tie_word_embeddings": "false"}, "tie_word_embeddings) must be true or false, got 'false'"),
                           ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling needs factor"),
                           ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported RoPE scaling 'yarn'"),
                           ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
