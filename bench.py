@@ -376,9 +376,9 @@ def bench_offload(args):
         raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")  # (finite: int(inf) fails)
     print_header(args.mode)
     model = random_model(args.preset, hata, dev, torch.bfloat16)
-    host_bytes = None if args.host_gb is None else int(args.host_gb * offload.GiB)
+    host_limit = None if args.host_gb is None else int(args.host_gb * offload.GiB)
     try:  # the plan's host-memory check now, not after the GPU's timings
-        offload.plan_offload(model, B, S, host_bytes=host_bytes)
+        offload.plan_offload(model, B, S, host_limit=host_limit)
     except ValueError as e:
         raise ValueError(f"{e} (here: --seqlen, or --host-gb)") from None
     cur = torch.randint(0, model.args.vocab_size, (B,), device=dev)
@@ -399,7 +399,7 @@ def bench_offload(args):
     model.setup_caches(B, S)
     gpu_ms, gpu_logits = decode_ms("HATA", hata, args.steps)
     torch.cuda.empty_cache()
-    plan = offload.apply_offload(model, B, S, host_bytes=host_bytes)
+    plan = offload.apply_offload(model, B, S, host_limit=host_limit)
     model.setup_caches(B, S)  # frees the GPU caches, allocates the offloaded ones in host memory
     torch.cuda.empty_cache()
     off_ms, off_logits = decode_ms("HATA", hata, args.steps)

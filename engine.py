@@ -661,7 +661,7 @@ def check_cache_memory(model, batch, max_seq_len, prompt_len):
 
 
 def device_free(device):
-    """Bytes free for new tensors on `device` (0: unknown): CUDA's free memory and what PyTorch holds unused, or the
+    """Bytes free for new tensors on `device` (None: unknown): CUDA's free memory and what PyTorch holds unused, or the
     host's available memory."""
     if device.type != "cuda":
         return host_available()
@@ -669,7 +669,7 @@ def device_free(device):
 
 
 def check_fits(what, need, dtype, device, fix):  # `need` bytes (in dtype) that `device` has no room for: refused
-    if (free := device_free(device)) and need > free:
+    if (free := device_free(device)) is not None and need > free:
         raise ValueError(f"{what} take {need / 2**30:.1f} GiB in {dtype} but {device} has {free / 2**30:.1f} GiB "
                          f"free; {fix}")
 

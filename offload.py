@@ -35,7 +35,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from hata_kernels import _INTERPRET, sparse_decode_attention
+from hata_kernels import _INTERPRET, _check, sparse_decode_attention
 from model import KVCache, write_kv
 
 GiB = 2**30
@@ -142,17 +142,18 @@ def gather_rows(k_far, v_far, idx, use_triton=None):
     """k_far, v_far (B, Hkv, S_max, D) with unit stride along D; idx (B, Hkv, K) int32, -1 = unused. Returns
     k_sel, v_sel (B, Hkv, K, D) on idx's device (zeros in unused slots) and their own index (B, Hkv, K) int32:
     slot n of k_sel holds row idx[..., n], so local[..., n] = n, and -1 where idx is."""
-    B, Hkv, K = idx.shape
-    D = k_far.shape[-1]
+    _check(idx.dim() == 3 and idx.dtype == torch.int32 and k_far.dim() == 4 and v_far.shape == k_far.shape
+           and k_far.shape[:2] == idx.shape[:2] and k_far.stride(3) == v_far.stride(3) == 1,  # (the kernel's reads)
+           f"gather_rows: k_far, v_far must be (B, Hkv, S_max, D), unit stride along D, and idx (B, Hkv, K) int32; "
+           f"got {tuple(k_far.shape)}, {tuple(v_far.shape)} and {idx.dtype} {tuple(idx.shape)}")
+    (B, Hkv, K), D = idx.shape, k_far.shape[-1]
     slots = torch.arange(K, dtype=torch.int32, device=idx.device)
     local = torch.where(idx >= 0, slots, -1)  # (B, Hkv, K) int32
     if not (idx.is_cuda if use_triton is None else use_triton):
         gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
         keep = (idx >= 0)[..., None]  # zeros, whatever row 0 holds (a NaN * 0 is NaN)
         return torch.where(keep, k_far.gather(2, gi), 0), torch.where(keep, v_far.gather(2, gi), 0), local
-    assert k_far.stride(3) == 1 and v_far.stride(3) == 1
-    k_sel = torch.empty(B, Hkv, K, D, dtype=k_far.dtype, device=idx.device)  # (B, Hkv, K, D) staging
-    v_sel = torch.empty(B, Hkv, K, D, dtype=v_far.dtype, device=idx.device)
+    k_sel, v_sel = (torch.empty(B, Hkv, K, D, dtype=t.dtype, device=idx.device) for t in (k_far, v_far))  # staging
     block_n = 64 if not _INTERPRET else max(16, min(64, triton.next_power_of_2(K)))
     _gather_rows_kernel[(triton.cdiv(K, block_n), B * Hkv)](
         k_far, v_far, idx.contiguous(), k_sel, v_sel, Hkv, K, *k_far.stride()[:3], *v_far.stride()[:3],
@@ -194,12 +195,12 @@ HOST_KEEP_SHARE, HOST_KEEP_MIN = 0.1, GiB  # of the available host memory, what 
 def host_available(meminfo="/proc/meminfo", cgroup=None):
     """Bytes of host memory available now: MemAvailable, or less where this process's cgroup (a container, a
     systemd or Slurm scope) or one above it caps memory below that (its cap - its use + its reclaimable page cache;
-    cgroup v2's memory.max and memory.high, or v1's limit); 0 where /proc/meminfo is missing."""
+    cgroup v2's memory.max and memory.high, or v1's limit); None (unknown) where /proc/meminfo is missing."""
     try:
         with open(meminfo) as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        return 0
+        return None
     for path in [cgroup] if cgroup else _own_cgroups():
         while path != os.path.dirname(path):  # this cgroup, then each one above it (a file missing: no cap there)
             for cap_file, used_file, cache in CGROUP_FILES:
@@ -234,10 +235,10 @@ def copy_bytes(layer_bytes, max_seq_len, copy_len=None):
     return layer_bytes * min(max_seq_len if copy_len is None else copy_len, max_seq_len) // max_seq_len
 
 
-def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, copy_len=None):
+def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_limit=None, copy_len=None):
     """Which sparse layers to offload so that the KV cache's GPU part fits kv_gpu_gb (None: offload every sparse
     layer). Refuses with one line an offload that gains nothing (no sparse layer, a budget covering the cache, a
-    selector other than hash), a GPU part that cannot fit, and host memory (host_bytes, default what host_available()
+    selector other than hash), a GPU part that cannot fit, and host memory (host_limit, default what host_available()
     finds less HOST_KEEP_*) that cannot hold the offloaded layers. copy_len: the prompt's positions that a later
     prefill chunk copies back from an offloaded layer (copy_bytes; engine.py: the prompt's length)."""
     args, hata = model.args, model.hata
@@ -263,30 +264,29 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=
                          f"reads every key each step, all of it over PCIe: use --selector hash, or {fix}")
     copy = copy if n else 0  # (nothing offloaded: nothing copied back)
     if kv_gpu_gb is not None and (gpu := all_gpu - n * layer_bytes + copy) > cap:
-        held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes"
-                + (" and a later prefill chunk's copy of one offloaded layer)" if copy else ")") if sparse else
+        chunk = " and a later prefill chunk's copy of one offloaded layer" * bool(copy)
+        held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes{chunk})" if sparse else
                 "and no layer decodes sparsely, so none can be offloaded")
         raise ValueError(f"the KV cache needs {gpu} bytes on the GPU {held}, but --kv-gpu-gb {kv_gpu_gb} allows {cap} "
                          "bytes; raise it, or lower --max-seq-len or the batch")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
-    need = n * layer_bytes
-    where = "are available"
-    if host_bytes is None and (found := host_available()):  # (0: unknown, no /proc/meminfo: not checked)
+    need, where = n * layer_bytes, "are available"
+    if host_limit is None and (found := host_available()) is not None:  # (None: no /proc/meminfo, not checked)
         # page-locked memory cannot be swapped or reclaimed: leave the machine some room
-        host_bytes = int(max(0, found - max(HOST_KEEP_SHARE * found, HOST_KEEP_MIN)))
+        host_limit = int(max(0, found - max(HOST_KEEP_SHARE * found, HOST_KEEP_MIN)))
         where = (f"may be pinned ({found / GiB:.2f} GiB available; {HOST_KEEP_SHARE:.0%}, at least "
                  f"{HOST_KEEP_MIN / GiB:g} GiB, stays free)")
-    if host_bytes is not None and not need <= host_bytes:  # (a NaN cap refuses too)
+    if host_limit is not None and not need <= host_limit:  # (a NaN cap refuses too)
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
-                         f"GiB) but {host_bytes} bytes ({host_bytes / GiB:.2f} GiB) {where}; lower "
-                         f"--max-seq-len or the batch")
+                         f"GiB) but {host_limit} bytes ({host_limit / GiB:.2f} GiB) {where}; lower "
+                         f"--max-seq-len or the batch" + ", or offload fewer layers (--kv-gpu-gb)" * (n > 1))
     return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, need, copy)
 
 
-def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_bytes=None, copy_len=None):
+def apply_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_limit=None, copy_len=None):
     """Plan, then make the planned layers allocate their K/V in host memory at the next setup_caches (call it
     before setup_caches so the GPU never holds them). Returns the plan."""
-    plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_bytes, copy_len)
+    plan = plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb, host_limit, copy_len)
     host_cache = partial(HostKVCache, max_bytes=plan.layer_bytes)  # a larger setup_caches needs a new plan
     for i, layer in enumerate(model.layers):
         layer.attention.kv_cache_cls = host_cache if i in plan.layers else KVCache

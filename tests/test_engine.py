@@ -248,7 +248,10 @@ def test_random_weights_that_do_not_fit_are_refused(monkeypatch, capsys):
         engine.random_model("tiny", None, "cpu", torch.float32)
     code, _, err = run_cli(capsys, "--random-weights", "--device", "cpu")  # the default preset: Llama-3.1-8B
     assert code == 2 and "llama-3.1-8b shape's weights take 29.9 GiB" in error_line(err)
-    monkeypatch.setattr(engine, "host_available", lambda: 0)  # unknown (no /proc/meminfo): built
+    monkeypatch.setattr(engine, "host_available", lambda: 0)  # none left (a full cgroup): refused, not read as unknown
+    with pytest.raises(ValueError, match=r"but cpu has 0.0 GiB free"):
+        engine.random_model("tiny", None, "cpu", torch.float32)
+    monkeypatch.setattr(engine, "host_available", lambda: None)  # unknown (no /proc/meminfo): built
     assert engine.random_model("tiny", None, "cpu", torch.float32).args.dim > 0
 
 
@@ -261,7 +264,7 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     model = engine.random_model("tiny", HataArgs(rbit=64, budget=4, n_dense=1), "cpu", torch.float32)
     work = model.forward_bytes(2, 3, 3)  # a 3-token prompt's one chunk
     need = 2 * 64 * (1024 + 48) + work  # B = 2, S = 64
-    for free, fits in ((need, True), (need - 1, False), (0, True)):  # 0: unknown
+    for free, fits in ((need, True), (need - 1, False), (None, True), (0, False)):  # None: unknown; 0: none left
         monkeypatch.setattr(engine, "host_available", lambda: free)
         if fits:
             engine.check_cache_memory(model, 2, 64, 3)

@@ -162,7 +162,7 @@ def test_host_memory_counts_a_containers_cap(tmp_path):
         (cg / "memory.high").write_text(high)
         assert host_available(meminfo, str(cg)) == want
     (cg / "memory.high").unlink()
-    assert host_available(str(tmp_path / "none"), str(cg)) == 0
+    assert host_available(str(tmp_path / "none"), str(cg)) is None  # unknown; a full cgroup's 0 is above
     leaf = cg / "step_0" / "task_0"  # a Slurm job's cap sits above the task's cgroup, which has none
     leaf.mkdir(parents=True)
     for name, text in (("memory.max", "max\n"), ("memory.current", "100\n"), ("memory.stat", "inactive_file 0\n")):
@@ -182,7 +182,7 @@ def test_offload_refuses_selectors_that_read_every_key():
     for selector in ("oracle", "quest"):
         model = random_model("tiny", HataArgs(budget=4, n_dense=1, selector=selector), "cpu", torch.float32)
         with pytest.raises(ValueError, match=f"the {selector} selector reads every key"):
-            plan_offload(model, 1, 64, host_bytes=GiB)
+            plan_offload(model, 1, 64, host_limit=GiB)
         assert plan_offload(model, 1, 64, kv_gpu_gb=100).layers == []  # nothing offloaded: nothing to refuse
 
 
@@ -195,7 +195,7 @@ def test_offload_refuses_a_budget_that_covers_the_cache(capsys):
                      (1e-9, "raise --kv-gpu-gb to 0.001")):  # a cap too small for any plan: this, not the bytes
         with pytest.raises(ValueError, match=re.escape(f"64-token cache, so every step is dense and would read all of "
                                                        f"K/V from host memory; lower --budget or {fix}")):
-            plan_offload(model, 1, 64, kv_gpu_gb=cap, host_bytes=GiB)
+            plan_offload(model, 1, 64, kv_gpu_gb=cap, host_limit=GiB)
     assert plan_offload(model, 1, 64, kv_gpu_gb=100).layers == []  # it all fits: nothing to refuse
     assert plan_offload(model, 1, 64, kv_gpu_gb=0.001).layers == []  # so does the cap advised: rounded up, not down
     model = tiny()  # K = 8: layers 1-3 out, and no warning
@@ -215,18 +215,19 @@ def test_own_cgroups_v2_v1_and_hybrid(tmp_path):
 
 def test_refuses_when_host_memory_is_too_small(monkeypatch):
     with pytest.raises(ValueError, match=r"needs 196608 bytes of host memory .* but 1000 bytes") as e:
-        apply_offload(tiny(), 1, 256, host_bytes=1000)
+        apply_offload(tiny(), 1, 256, host_limit=1000)
     assert "\n" not in str(e.value)
     # What host_available() finds is not all pinned: 10% of it, and at least 1 GiB, stays free for the machine.
-    for found, room in ((GiB + 196608, 196608), (10 * GiB, 9 * GiB), (GiB + 196607, 196607), (GiB // 2, 0)):
+    for found, room in ((GiB + 196608, 196608), (10 * GiB, 9 * GiB), (GiB + 196607, 196607), (GiB // 2, 0), (0, 0)):
         monkeypatch.setattr(offload, "host_available", lambda: found)
         if room >= 196608:
             assert apply_offload(tiny(), 1, 256).host_bytes == 196608
         else:
             with pytest.raises(ValueError, match=rf"but {room} bytes .* may be pinned \(.* GiB available; 10%"):
                 apply_offload(tiny(), 1, 256)
-    monkeypatch.setattr(offload, "host_available", lambda: 0)  # unknown (no /proc/meminfo): not checked, as the
-    assert apply_offload(tiny(), 1, 256).host_bytes == 196608  # engine's cache check does ("0 bytes may be pinned")
+    monkeypatch.setattr(offload, "host_available", lambda: None)  # unknown (no /proc/meminfo): not checked, as the
+    assert apply_offload(tiny(), 1, 256).host_bytes == 196608  # engine's cache check does; a full cgroup's 0 is
+    # refused (before: read as unknown, so a container with no memory left was let pin more)
     assert apply_offload(tiny(), 1, 256, kv_gpu_gb=1e300).layers == []  # no cap in effect: an overflow before
     layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
     for hata in (None, HataArgs(budget=8, n_dense=4)):  # --dense, or n_dense covering all 4 layers
@@ -240,7 +241,7 @@ def test_refuses_when_host_memory_is_too_small(monkeypatch):
     with pytest.raises(ValueError, match="the budget covers the whole 8-token cache, so every step is dense"):
         apply_offload(tiny(), 1, 8)  # K = 8 >= S_max: reading every row over PCIe, for nothing
     model = tiny()
-    apply_offload(model, 1, 256, host_bytes=10 ** 6)
+    apply_offload(model, 1, 256, host_limit=10 ** 6)
     model.setup_caches(1, 128)  # smaller than planned: fine
     with pytest.raises(ValueError, match="the offload plan allowed 65536: call apply_offload again"):
         model.setup_caches(2, 256)  # twice the plan's host memory, never checked against what is available
@@ -271,6 +272,17 @@ def check_staged(device, **sizes):
     ref = hk.sparse_decode_attention_ref(q.double(), k.double(), v.double(), idx)
     err_torch = (hk.sparse_decode_attention_ref(q, k, v, idx).double() - ref).abs().max()
     assert (out.double() - ref).abs().max() <= 2 * err_torch + 1e-5
+
+
+def test_gather_rows_refuses_inputs_the_kernel_would_read_past():
+    """idx of other heads than k_far's, a v of another shape, int64 idx or D not of unit stride: one error, on both
+    paths (before: the kernel read past k_far's heads, and the stride was an assert, gone under python -O)."""
+    q, k, v, idx = far_inputs(torch.device("cpu"), S=37, K=13)
+    for bad in ((k[:, :1], v[:, :1], idx), (k, v[:, :, :20], idx), (k, v, idx.long()),
+                (k.transpose(2, 3).contiguous().transpose(2, 3), v, idx)):
+        for use_triton in (False, True):
+            with pytest.raises(ValueError, match=r"gather_rows: k_far, v_far must be \(B, Hkv, S_max, D\), unit st"):
+                gather_rows(*bad, use_triton=use_triton)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is on only without CUDA (conftest)")
