@@ -102,8 +102,9 @@ def decode(model, tokens, pos0, steps, expect=None):
     """Run `steps` decode steps under the model's current policy from positions pos0 (B,). Step i feeds
     tokens[:, i] while tokens (B, n_fed) has one (teacher forcing), else the argmax of step i - 1 (greedy).
     Returns the argmax (B, steps) and the log-probabilities (B, n_fed - 1) the steps gave to tokens[:, 1:].
-    With `expect` (B, steps), greedy decoding stops once every sequence has left it, token by token (an answer
-    written in other tokens than the key's own is cut there and scored wrong; the steps not run are -1)."""
+    With `expect` (B, steps), greedy decoding stops once every sequence has left it, token by token, and each row
+    is cut after its own first token off it, whatever its batch decoded on (an answer written in other tokens than
+    the key's own is scored wrong; the steps not run or cut are -1)."""
     B, n_fed = tokens.shape
     top = torch.full((B, steps), -1, dtype=torch.long, device=tokens.device)
     logp, cur = [], tokens[:, 0]
@@ -117,6 +118,8 @@ def decode(model, tokens, pos0, steps, expect=None):
             cur = top[:, i]
         if expect is not None and bool((top[:, :i + 1] != expect[:, :i + 1]).any(1).all()):
             break
+    if expect is not None:  # (before: a row that left its answer kept decoding beside one that had not)
+        top = top.masked_fill((off := top != expect).cumsum(1) > off.long(), -1)  # past each row's first miss
     return top, torch.stack(logp, 1) if logp else torch.zeros(B, 0)
 
 
@@ -250,12 +253,12 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
             raise ValueError(f"the tokenizer spends {expect.shape[1]} tokens on a {N_DIGITS}-digit key; the cache "
                              f"leaves room for {N_DIGITS + 1}: retrieval cannot score it (use --tasks perplexity)")
         # one step past the longest answer where the cache has room: a digit after the key makes another number
-        expect = F.pad(expect, (0, min(expect.shape[1] + 1, N_DIGITS + 1) - expect.shape[1]), value=-1)
+        expect = F.pad(expect, (0, int(expect.shape[1] <= N_DIGITS)), value=-1)
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
-        for b, ((_, task, h, d, _), (_, key, _)) in enumerate(zip(group, prompts)):
+        for b, ((_, task, h, d, sd), (_, key, _)) in enumerate(zip(group, prompts)):
             got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
                    for (name, f), (top, _) in out.items()}
-            records.append({"context": C, "task": task, "haystack": h, "depth": d, "answer": key,
+            records.append({"context": C, "task": task, "haystack": h, "depth": d, "answer": key, "seed": sd,
                             "correct": {k: g == key for k, g in got.items()}, "dense_output": got["dense"]})
         took[C] = time.time() - t0
         if log:
@@ -369,9 +372,11 @@ def merge(runs):
         if r.get("perplexity"):
             a, b = out.get("perplexity", r["perplexity"])["dense"], r["perplexity"]["dense"]
             if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
-                raise ValueError("the runs' dense perplexity passes differ: not the same windows")
+                raise ValueError(f"the runs' dense perplexity passes differ ({a['positions']} positions, NLL "
+                                 f"{a['nll']:.4f}; {b['positions']}, {b['nll']:.4f}): other windows, or a run stopped")
             out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
-        key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"])
+        seeded = all("seed" in x for x in out.get("retrieval", []) + r.get("retrieval", []))  # (older files: none)
+        key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"], x["seed"] if seeded else 0)
         joined = {key(x): x for x in out.get("retrieval", [])}
         for x in r.get("retrieval", []):
             y = joined.setdefault(key(x), x)
@@ -383,8 +388,10 @@ def merge(runs):
     out.pop("perplexity_planned", None)
     if planned:  # the perplexity runs share their dense pass, so their plan too
         out["perplexity_planned"] = planned
-    every = set().union(*(x["correct"] for x in out.get("retrieval", [])))
-    out["retrieval"] = [x for x in out.get("retrieval", []) if set(x["correct"]) == every]
+    every, recs = set().union(*(x["correct"] for x in out.get("retrieval", []))), out.get("retrieval", [])
+    if lacking := sum(set(x["correct"]) != every for x in recs):  # a table needs every policy on every sample
+        print(f"note: {lacking} of {len(recs)} retrieval samples lack some policy's result: left out", file=sys.stderr)
+    out["retrieval"] = [x for x in recs if set(x["correct"]) == every]
     if ppl_contexts:
         out["ppl_context"] = ppl_contexts.pop()
     return out
@@ -601,12 +608,11 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if bad := [f"--{flag} {n}" for flag, n in (("sink", args.sink), ("n-dense", args.n_dense)) if (n or 0) < 0]:
         raise ValueError(f"{', '.join(bad)}: must be >= 0")  # (as engine.py; HataArgs would say n_dense)
     check_labels(args.budgets + args.quest_budgets)
-    rbit, n_dense = file_settings(args.hash_weights if args.hash_weights != "none" and "trained" in args.selectors
-                                  else None, args.rbit, args.n_dense)  # as engine.py: the file's, where not given
-    hata, weights = dict(rbit=rbit, n_dense=n_dense), None
-    HataArgs(**hata)  # a bad --rbit now, not after the first policy
-    if "trained" in args.selectors and args.hash_weights != "none":  # the default model's shipped file by default
-        weights = args.hash_weights or shipped_hash_weights(HataArgs(**hata), args.checkpoint)  # read, or shipped
+    trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default
+    rbit, n_dense = file_settings(args.hash_weights if trained else None, args.rbit, args.n_dense)  # as engine.py:
+    hata = dict(rbit=rbit, n_dense=n_dense)  # the file's, where not given
+    checked = HataArgs(**hata)  # a bad --rbit now, not after the first policy
+    weights = (args.hash_weights or shipped_hash_weights(checked, args.checkpoint)) if trained else None
     if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
         if set(args.selectors) == {"trained"}:
             raise ValueError("only dense would run: no trained projections; give --hash-weights FILE or more selectors")
@@ -626,7 +632,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
                              f"{max(args.contexts)}; give more --text")
     if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
-        windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, need=args.ppl_docs, what="the held-out "
+        windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, what="the held-out "
                                 "text (every fifth document, or the last fifth of each of fewer than five)")
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
@@ -658,8 +664,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             records = run_retrieval(model, tok, hays, specs, pols, args.batch,
                                     partial(save, "retrieval", time.perf_counter()), deadline)
             results["retrieval_cut"] = len(records) < len(specs)  # only --minutes skips samples of a finished run
-    except KeyboardInterrupt:  # the batches so far are in so_far: say where
-        if os.path.exists(so_far):
+    except BaseException:  # Ctrl-C or an error: the batches so far are in so_far (this run's), say where
+        if "perplexity" in results or "retrieval" in results:
             print(f"\nresults so far: {so_far} (eval.py --report reads it; a rerun of --name {name} needs "
                   "--overwrite)", file=sys.stderr)
         raise

@@ -127,7 +127,7 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
         raise ValueError(f"{what} holds {plural(len(windows), 'window')} of {seq_len} tokens, {need} needed: give "
                          "more text or shorter windows")
     if len(windows) < n:
-        print(f"warning: only {len(windows)} windows of {seq_len} tokens; using all of them", file=sys.stderr)
+        print(f"warning: only {plural(len(windows), 'window')} of {seq_len} tokens; using all of them", file=sys.stderr)
     return torch.tensor(windows[:n])
 
 

@@ -10,6 +10,7 @@ import shlex
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import eval as ev
 from engine import write_text
@@ -128,6 +129,21 @@ def test_retrieval_decodes_one_step_past_the_answer(tok, monkeypatch, after, cor
     monkeypatch.setattr(ev, "run_policies", run_policies)
     recs = ev.run_retrieval(None, tok, hays, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
     assert seen == [answer + [-1]] and recs[0]["correct"]["dense"] is correct, recs[0]["dense_output"]
+
+
+def test_a_rows_answer_is_cut_at_its_own_first_miss_whatever_its_batch(monkeypatch):
+    """Greedy decoding with `expect` runs while any row still matches; each row is then cut after its own first
+    token off its answer (before: row 0, off at its first token, decoded on beside row 1 and wrote the key, which
+    scored right in that batch and wrong alone). A row's miss itself is kept: a digit after the key counts."""
+    scripts = {0: [10, 7, 1, 4, 3, 2], 1: [7, 1, 4, 3, 2, 10], 2: [7, 1, 4, 3, 2, 9]}  # 10: a space, 9: a digit
+    monkeypatch.setattr(ev, "decode_one_token", lambda model, cur, pos: F.one_hot(torch.tensor(
+        [scripts[r][int(pos[0]) - 100] for r in model]), 11).float())  # the model: the rows' scripts
+    key = [7, 1, 4, 3, 2, -1]
+    for rows in ([0], [0, 1], [2, 1]):
+        top, _ = ev.decode(rows, torch.tensor([[r] for r in rows]), torch.full((len(rows),), 100), 6,
+                           torch.tensor([key] * len(rows)))
+        want = {0: [10] + [-1] * 5, 1: scripts[1], 2: scripts[2]}
+        assert top.tolist() == [want[r] for r in rows], rows
 
 
 def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
@@ -251,6 +267,28 @@ def test_merge_joins_selectors_over_the_same_samples():
             ev.merge([{**run("oracle", [True, True]), **setup}, {**run("quest", [True, True]), **setup, key: value}])
     merged = ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128, **setup}])
     assert len(merged["selectors"]) == 2 and all(merged[k] == v for k, v in setup.items())  # (older files: any)
+
+
+def test_merge_keeps_two_seeds_prompts_of_one_key_apart_and_notes_what_it_leaves_out(capsys):
+    """Seeds 1 and 19 each draw a sample of one context, task, haystack, depth and key: two prompts, kept apart by
+    the seed a record holds (before: joined as one sample, or "dense answers differ" where dense did). Files without
+    seeds still join by the rest. Samples that lack a policy's result are left out with a note (before: silently,
+    the whole table when two seeds ran different selectors)."""
+    def run(sel, seed, dense=True):
+        rec = {"context": 1024, "task": "single", "haystack": "prose", "depth": 0.7, "answer": "40698",
+               "correct": {"dense": dense, f"{sel} 1/8": True}, **({"seed": seed} if seed is not None else {})}
+        return {"command": sel, "selectors": [sel], "budgets": [1 / 8], "seconds": {}, "retrieval": [rec]}
+    assert len(ev.merge([run("oracle", 1), run("oracle", 19, dense=False)])["retrieval"]) == 2
+    assert len(ev.merge([run("oracle", 1), run("quest", 1)])["retrieval"]) == 1  # one sample, two selectors
+    assert len(ev.merge([run("oracle", None), run("quest", 1)])["retrieval"]) == 1  # an older file: no seeds
+    assert capsys.readouterr().err == ""
+    assert ev.merge([run("oracle", 1), run("quest", 19)])["retrieval"] == []
+    assert "note: 2 of 2 retrieval samples lack some policy's result: left out" in capsys.readouterr().err
+    a, b = ({**run("oracle", 1), "ppl_context": 64, "perplexity": {"dense": {"positions": n, "nll": 3.0}}}
+            for n in (8, 4))
+    with pytest.raises(ValueError, match=r"passes differ \(8 positions, NLL 3.0000; 4, 3.0000\): other windows, or "
+                                         "a run stopped"):
+        ev.merge([a, b])
 
 
 def test_merge_notes_trained_rows_of_other_projections(capsys):
@@ -449,11 +487,12 @@ def test_a_short_haystack_fails_before_the_model_loads(gguf_path, tok, monkeypat
     (tmp_path / "plain.txt").write_text("words without a sentence end " * 400)  # no haystack: perplexity takes it
     ppl = ["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "4",
            "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]
-    assert ev.main(ppl + ["--ppl-docs", "4"]) == 2  # its held-out fifth holds one window of 256 tokens
-    assert ("the held-out text (every fifth document, or the last fifth of each of fewer than five) holds 1 window "
-            "of 256 tokens, 4 needed") in capsys.readouterr().err
-    with pytest.raises(ZeroDivisionError):  # the model loads
-        ev.main(ppl + ["--ppl-docs", "1"])
+    assert ev.main(ppl + ["--ppl-context", "2048"]) == 2  # its held-out fifth holds no window of 2048 tokens
+    assert ("the held-out text (every fifth document, or the last fifth of each of fewer than five) holds 0 windows "
+            "of 2048 tokens, 1 needed") in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # fewer windows than --ppl-docs: all of them, with a warning (before: an
+        ev.main(ppl + ["--ppl-docs", "4"])  # error, so a book's held-out fifth of 3 windows of 8K could not run)
+    assert "warning: only 1 window of 256 tokens; using all of them" in capsys.readouterr().err
 
 
 def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
@@ -501,6 +540,15 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
         capsys.readouterr().err
     assert (tmp_path / "eval_results.json").read_text() == "kept"
     partial = ev.load_results(str(tmp_path / "eval_results.partial.json"))
+    for stop, code in ((RuntimeError("CUDA out of memory"), 2), (KeyboardInterrupt(), 130)):  # --overwrite, stopped
+        monkeypatch.setattr(ev, "run_teacher_forced", lambda *a: (_ for _ in ()).throw(stop))  # before its first
+        assert ev.main(argv) == code and "results so far" not in capsys.readouterr().err  # batch: the partial file is
+        # the earlier run's, and is not named
+    def failed(model, windows, *a):  # after its first batch, an error (not Ctrl-C): its results so far are named
+        real(model, windows[:1], *a)
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(ev, "run_teacher_forced", failed)
+    assert ev.main(argv) == 2 and "results so far: " in capsys.readouterr().err
     assert partial["perplexity"]["dense"]["positions"] == 4 and partial["perplexity_planned"] == 8
     assert "4 teacher-forced positions (of 8: the run stopped before the rest)" in ev.report(partial)
     retrieval = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
@@ -709,9 +757,10 @@ def test_a_run_never_overwrites_earlier_results_unless_told(capsys, tmp_path):
 
 def test_retrieval_decoding_goes_on_while_any_sequence_still_follows_its_answer(monkeypatch):
     """A batch stops decoding its answers only when every sequence has left its own (the steps not run are -1): one
-    wrong sequence must not cut the others' digits short (they would read as -1, scored wrong)."""
+    wrong sequence must not cut the others' digits short (they would read as -1, scored wrong); it is cut itself
+    after its first miss."""
     expect = torch.tensor([[3, 4, 5], [3, 4, 5]])
-    for right, want in (([True, False], [[3, 4, 5], [7, 7, 7]]), ([False, False], [[7, -1, -1], [7, -1, -1]])):
+    for right, want in (([True, False], [[3, 4, 5], [7, -1, -1]]), ([False, False], [[7, -1, -1], [7, -1, -1]])):
         def step(model, cur, pos):  # a right row writes its answer, a wrong one 7 from the first step
             logits = torch.zeros(2, 10)
             for b in range(2):
