@@ -648,11 +648,12 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata,
                "weights": digest(t.numpy().tobytes() for t in key_signature(model, 0).values()),  # another checkpoint
                "text": digest(text.encode() for _, text in docs)}  # other --text: a merge refuses to join them
-    deadline = time.time() + 60 * args.minutes
+    deadline, written = time.time() + 60 * args.minutes, []
 
     def save(task, t0, res):  # the task's results so far, after every batch
         results[task], results["seconds"][task] = res, round(time.perf_counter() - t0)
         write_json(so_far, results)
+        written.append(task)  # (so_far is this run's only once a write succeeds)
     try:
         if "perplexity" in args.tasks:  # first: its cost is fixed, while retrieval can stop at the time limit
             results["perplexity_planned"] = windows.shape[0] * args.ppl_tokens  # a file saved midway holds fewer
@@ -665,7 +666,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                                     partial(save, "retrieval", time.perf_counter()), deadline)
             results["retrieval_cut"] = len(records) < len(specs)  # only --minutes skips samples of a finished run
     except BaseException:  # Ctrl-C or an error: the batches so far are in so_far (this run's), say where
-        if "perplexity" in results or "retrieval" in results:
+        if written:
             print(f"\nresults so far: {so_far} (eval.py --report reads it; a rerun of --name {name} needs "
                   "--overwrite)", file=sys.stderr)
         raise

@@ -169,7 +169,7 @@ def rope_frequencies(args: ModelArgs, rope_factors=None):
     D = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
     scaling = args.rope_scaling or {"type": "default"}
-    kind = scaling.get("type", "default")
+    kind = scaling["type"]  # (ModelArgs refuses a dict without one)
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
@@ -509,7 +509,8 @@ class Transformer(nn.Module):
         (T > 1) and a CPU decode step's are checked against the caches; a CUDA decode step's (T == 1; no host sync,
         for CUDA graphs) are the caller's to keep inside them."""
         B, T = tokens.shape
-        if input_pos is not None and (input_pos.shape != (B,) or input_pos.is_floating_point()):  # no host sync
+        if input_pos is not None and (input_pos.shape != (B,) or input_pos.is_floating_point()
+                                      or input_pos.dtype == torch.bool):  # (a bool True would read as 1) no host sync
             raise ValueError(f"input_pos must be an integer (B,) = ({B},) tensor, got {input_pos.dtype} "
                              f"{tuple(input_pos.shape)}")
         if self.max_seq_len == 0:

@@ -139,16 +139,16 @@ def _gather_rows_kernel(
 
 
 def gather_rows(k_far, v_far, idx, use_triton=None):
-    """k_far, v_far (B, Hkv, S_max, D) with unit stride along D; idx (B, Hkv, K) int32, -1 = unused. Returns
-    k_sel, v_sel (B, Hkv, K, D) on idx's device (zeros in unused slots) and their own index (B, Hkv, K) int32:
-    slot n of k_sel holds row idx[..., n], so local[..., n] = n, and -1 where idx is."""
+    """k_far, v_far (B, Hkv, S_max, D) with unit stride along D; idx (B, Hkv, K) int32 in [0, S_max) (not checked: a
+    host sync), -1 = unused. Returns k_sel, v_sel (B, Hkv, K, D) on idx's device (zeros in unused slots) and their
+    own index (B, Hkv, K) int32: slot n of k_sel holds row idx[..., n], so local[..., n] = n, and -1 where idx is."""
     _check(idx.dim() == 3 and idx.dtype == torch.int32 and k_far.dim() == 4 and v_far.shape == k_far.shape
            and k_far.shape[:2] == idx.shape[:2] and k_far.stride(3) == v_far.stride(3) == 1,  # (the kernel's reads)
            f"gather_rows: k_far, v_far must be (B, Hkv, S_max, D), unit stride along D, and idx (B, Hkv, K) int32; "
-           f"got {tuple(k_far.shape)}, {tuple(v_far.shape)} and {idx.dtype} {tuple(idx.shape)}")
+           f"got {tuple(k_far.shape)}, {tuple(v_far.shape)} (strides {k_far.stride()}, {v_far.stride()}) and "
+           f"{idx.dtype} {tuple(idx.shape)}")
     (B, Hkv, K), D = idx.shape, k_far.shape[-1]
-    slots = torch.arange(K, dtype=torch.int32, device=idx.device)
-    local = torch.where(idx >= 0, slots, -1)  # (B, Hkv, K) int32
+    local = torch.where(idx >= 0, torch.arange(K, dtype=torch.int32, device=idx.device), -1)  # (B, Hkv, K) int32
     if not (idx.is_cuda if use_triton is None else use_triton):
         gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
         keep = (idx >= 0)[..., None]  # zeros, whatever row 0 holds (a NaN * 0 is NaN)
@@ -279,7 +279,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_limit=
     if host_limit is not None and not need <= host_limit:  # (a NaN cap refuses too)
         raise ValueError(f"offloading the K/V of {n} layers needs {need} bytes of host memory ({need / GiB:.2f} "
                          f"GiB) but {host_limit} bytes ({host_limit / GiB:.2f} GiB) {where}; lower "
-                         f"--max-seq-len or the batch" + ", or offload fewer layers (--kv-gpu-gb)" * (n > 1))
+                         f"--max-seq-len or the batch")
     return OffloadPlan(layers, layer_bytes, all_gpu - n * layer_bytes, need, copy)
 
 

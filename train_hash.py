@@ -399,8 +399,9 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
     attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
     documents not trained on, summed over the budgets; else go back to the starting point. trained: {rbit: {layer:
-    (Hkv, D, R)}}, judged in one pass. Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head, gap)])},
-    gap < 0: the mean over the budgets of the captured-mass difference, trained - random."""
+    (Hkv, D, R)}}, all judged in one pass (train_files passes one size at a time). Returns {rbit: (kept {layer:
+    (Hkv, D, R)}, back [(layer, KV head, gap)])}, gap < 0: the mean over the budgets of the captured-mass difference,
+    trained - random."""
     start = {r: start_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
     res = evaluate(model, windows, selectors, n_dense, queries, (seed + 1) % 2**64, query_from, desc="guard")
@@ -676,6 +677,7 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
                 unsaved.append(f"{e}; the R={r} projections are saved in {keep}")
             except OSError as e2:
                 unsaved.append(f"{e}; and {e2}: the R={r} projections are lost")
+            print(f"warning: {unsaved[-1]}", file=sys.stderr)  # now, in case a later size fails before the end
     if unsaved:
         raise OSError("; ".join(unsaved))
 

@@ -129,6 +129,7 @@ def test_retrieval_decodes_one_step_past_the_answer(tok, monkeypatch, after, cor
     monkeypatch.setattr(ev, "run_policies", run_policies)
     recs = ev.run_retrieval(None, tok, hays, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
     assert seen == [answer + [-1]] and recs[0]["correct"]["dense"] is correct, recs[0]["dense_output"]
+    assert recs[0]["seed"] == 1  # the sample's own, which a merge joins on
 
 
 def test_a_rows_answer_is_cut_at_its_own_first_miss_whatever_its_batch(monkeypatch):
@@ -549,6 +550,9 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
         raise RuntimeError("CUDA out of memory")
     monkeypatch.setattr(ev, "run_teacher_forced", failed)
     assert ev.main(argv) == 2 and "results so far: " in capsys.readouterr().err
+    monkeypatch.setattr(ev, "write_json", lambda *a: (_ for _ in ()).throw(OSError("No space left on device")))
+    assert ev.main(argv) == 2 and "results so far" not in capsys.readouterr().err  # its first write failed: the file
+    # there is the earlier run's
     assert partial["perplexity"]["dense"]["positions"] == 4 and partial["perplexity_planned"] == 8
     assert "4 teacher-forced positions (of 8: the run stopped before the rest)" in ev.report(partial)
     retrieval = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}

@@ -50,9 +50,9 @@ def test_caches_hold_at_most_the_models_context():
                                                        "[1, 1024], the model's context length")):
             model.setup_caches(*size)
     model.setup_caches(2, 16)
-    for pos in (torch.tensor(3), torch.tensor([3.0, 3.0]), torch.tensor([3])):  # before: IndexErrors deep inside,
-        with pytest.raises(ValueError, match=r"input_pos must be an integer \(B,\) = \(2,\) tensor"):  # or a
-            model(torch.zeros(2, 1, dtype=torch.long), pos)  # kernel's "cache_write: pos must be (B,)"
+    for pos in (torch.tensor(3), torch.tensor([3.0, 3.0]), torch.tensor([3]), torch.tensor([True, True])):  # before:
+        with pytest.raises(ValueError, match=r"input_pos must be an integer \(B,\) = \(2,\) tensor"):  # IndexErrors
+            model(torch.zeros(2, 1, dtype=torch.long), pos)  # deep inside, "cache_write: pos must be (B,)", position 1
 
 
 def test_model_args_name_what_is_wrong():

@@ -373,7 +373,7 @@ def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch,
     assert os.listdir(tmp_path) == ["tmp"]
 
 
-def test_a_later_size_that_fails_keeps_the_earlier_sizes_file(monkeypatch, tmp_path):
+def test_a_later_size_that_fails_keeps_the_earlier_sizes_file(monkeypatch, tmp_path, capsys):
     """--rbit 32 64: R=64's training failing (a diverged loss, Ctrl-C, out of memory) leaves R=32's file saved
     (before: every size was trained before any was guarded and saved, so one failure lost them all)."""
     projs, run = fake_training(monkeypatch, {})
@@ -383,6 +383,13 @@ def test_a_later_size_that_fails_keeps_the_earlier_sizes_file(monkeypatch, tmp_p
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], outs, {}, torch.Generator().manual_seed(0), 0.0)
     assert os.listdir(tmp_path) == ["p32.safetensors"]
     assert load_hash_projections(outs[32], PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
+    os.remove(outs[32])
+    os.makedirs(outs[32])  # R=32's save fails (a folder in its place), then R=64's training: where R=32's went is said
+    monkeypatch.setattr(th.tempfile, "gettempdir", lambda: str(tmp_path))
+    with pytest.raises(ZeroDivisionError):
+        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], outs, {}, torch.Generator().manual_seed(0), 0.0)
+    assert re.search(r"warning: .*; the R=32 projections are saved in .*unsaved-.*-r32-p32.safetensors",
+                     capsys.readouterr().err)
 
 
 def test_a_save_that_fails_midway_keeps_the_earlier_file(tmp_path, monkeypatch):
