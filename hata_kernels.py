@@ -72,8 +72,8 @@ def _check_devices(op, **ts):  # one device for every input; the message is buil
         raise ValueError(f"{op}: inputs on different devices ({', '.join(f'{n} {t.device}' for n, t in ts.items())})")
 
 
-def _is_int(t):  # lengths and positions: an integer dtype (a bool True would read as length 1)
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+def _is_int(t):  # lengths and positions: int32 or int64 (a bool True reads as 1; uint8 and int8 wrap, in the refs'
+    return t.dtype in (torch.int32, torch.int64)  # `length - n_recent` and clamps, past 127 or 255)
 
 
 def triton_head_dim(D):  # engine.py asks before a model loads on CUDA
@@ -255,7 +255,7 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
            and code_cache.shape[3] * 32 == R, f"hash_encode_step: code_cache must be (B, Hkv, S_max, W) = ({B}, "
            f"{Hkv}, S_max, {R // 32}) int32, got {code_cache.dtype} {tuple(code_cache.shape)}")
     _check(pos.shape == (B,) and _is_int(pos), f"hash_encode_step: pos must be (B,) = ({B},) "
-           f"integers, got {pos.dtype} {tuple(pos.shape)}")
+           f"int32 or int64, got {pos.dtype} {tuple(pos.shape)}")
     _check_devices("hash_encode_step", q=q, k=k, code_cache=code_cache, pos=pos)
     if not _use_triton(use_triton, q, k, proj, code_cache, pos):
         return hash_encode_step_ref(q, k, proj, code_cache, pos)
@@ -286,7 +286,7 @@ def hash_encode_step_ref(q, k, proj, code_cache, pos):
     x = torch.cat([q.reshape(B, Hkv, H // Hkv, D), k[:, :, None]], dim=2)     # (B, Hkv, G + 1, D)
     codes = hash_encode_ref(x, proj)                                           # (B, Hkv, G + 1, W) int32
     code_cache[torch.arange(B, device=k.device), :, pos.long()] = codes[:, :, -1]  # (B, Hkv, W) into the cache
-    return codes[:, :, :-1].reshape(B, H, -1)                                  # (B, H, W) int32
+    return codes[:, :, :-1].reshape(B, H, codes.shape[-1])                     # (B, H, W) int32 (also for B = 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def _check_codes(q_codes, k_codes, lengths, op):
            "disagree on B or W")
     _check(H % Hkv == 0, f"{op}: query heads {H} must be a multiple of KV heads {Hkv}")
     _check(lengths.dim() == 1 and lengths.shape[0] == B and _is_int(lengths),
-           f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
+           f"{op}: lengths must be an int32 or int64 (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
     _check_devices(op, q_codes=q_codes, k_codes=k_codes, lengths=lengths)
 
 
@@ -416,7 +416,7 @@ def hamming_score_ref(q_codes, k_codes, lengths):
 
 def _check_select(lengths, budget, n_sink, n_recent, B, device, op):
     _check(lengths.dim() == 1 and lengths.shape[0] == B and _is_int(lengths),
-           f"{op}: lengths must be an integer (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
+           f"{op}: lengths must be an int32 or int64 (B,) = ({B},) tensor, got {lengths.dtype} {tuple(lengths.shape)}")
     _check(lengths.device == device, f"{op}: lengths on {lengths.device}, scores/codes on {device}")
     _check(type(budget) is int and budget >= 1, f"{op}: budget must be an int >= 1, got {budget!r}")  # not True
     _check(type(n_sink) is int and n_sink >= 0, f"{op}: n_sink must be an int >= 0, got {n_sink!r}")
@@ -490,10 +490,10 @@ def _select_topk_kernel(
 def _order_key_int32(score):
     """Map any real score to an int32 key with the same order (and the same ties) where exact:
     integers as they are (select_topk has checked that they fit int32), floats through their fp32 bit pattern
-    (-0.0 as 0.0: equal scores tie; a NaN with the sign bit set, as x86 makes them, ranks first, +NaN last)."""
+    (-0.0 as 0.0: equal scores tie; every NaN ranks last: torch keeps or drops a NaN's sign bit by where it lies)."""
     if not score.is_floating_point():
         return score.to(torch.int32)
-    bits = score.float().view(torch.int32)                                     # (B, Hkv, S) int32
+    bits = torch.where(score.isnan(), 0x7FFFFFFF, score.float().view(torch.int32))  # (B, Hkv, S) int32; NaN: +NaN
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)                   # negative floats: minus magnitude
 
 
@@ -1022,7 +1022,7 @@ def cache_write(k, v, k_cache, v_cache, pos, use_triton=None):
            f"S_max, {D}) with B' >= {B}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     _check(k.dtype == v.dtype == k_cache.dtype == v_cache.dtype, f"cache_write: k, v and the caches must share "
            f"one dtype, got {k.dtype}, {v.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    _check(pos.shape == (B,) and _is_int(pos), f"cache_write: pos must be (B,) = ({B},) integers, "
+    _check(pos.shape == (B,) and _is_int(pos), f"cache_write: pos must be (B,) = ({B},) int32 or int64, "
            f"got {pos.dtype} {tuple(pos.shape)}")
     _check_devices("cache_write", k=k, v=v, k_cache=k_cache, v_cache=v_cache, pos=pos)
     if not _use_triton(use_triton, k, v, k_cache, v_cache, pos) or (D & (D - 1)) != 0:

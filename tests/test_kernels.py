@@ -179,6 +179,15 @@ def test_select_topk_ref_float_scores():
     for use_triton in (False, True):
         picked = hk.select_topk(signed.to(DEV), torch.tensor([6], device=DEV), 2, use_triton=use_triton)
         assert sorted_sets(picked).tolist() == [[[2, 4]]]
+    neg_nan = torch.tensor([-512], dtype=torch.int16).view(torch.float16)      # 0xFE00: a NaN with the sign bit
+    for n in (3, 8):  # every NaN ranks last (before: first in a row of 8, last in a row of 3, by where torch's fp16
+        score = torch.cat([neg_nan, torch.arange(1, n, dtype=torch.float16)]).view(1, 1, n)  # -> fp32 kept the sign)
+        for use_triton in (False, True):
+            assert hk.select_topk(score.to(DEV), torch.tensor([n], device=DEV), 1, use_triton=use_triton).tolist() == \
+                [[[1]]]
+    q0, k0, codes0 = torch.randn(0, 2, 16), torch.randn(0, 1, 16), torch.zeros(0, 1, 4, 1, dtype=torch.int32)
+    assert hk.hash_encode_step_ref(q0, k0, torch.randn(1, 16, 32), codes0, torch.zeros(0, dtype=torch.long)).shape == \
+        (0, 2, 1)  # B = 0, as the kernel (before: the ref's reshape(B, H, -1) of no elements raised)
 
 
 def test_select_topk_ref_rules():
@@ -272,22 +281,24 @@ def test_bad_input():
         (lambda: hk.hash_encode_step(q8, torch.zeros(1, 3, 8), torch.zeros(2, 8, 32), cache, pos),
          "k must be (B, Hkv, D) = (1, 2, 8)"),
         (lambda: hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 32), cache, torch.tensor([0.0])),
-         "pos must be (B,) = (1,) integers"),
+         "pos must be (B,) = (1,) int32 or int64"),
         (lambda: hk.hash_encode_step(q8, torch.zeros(1, 2, 8, device="meta"), torch.zeros(2, 8, 32), cache, pos),
          "inputs on different devices (q cpu, k meta, code_cache cpu, pos cpu)"),
         (lambda: hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 32), cache, torch.tensor([True])),
-         "pos must be (B,) = (1,) integers, got torch.bool"),
-        (lambda: hk.hamming_score(q, c, torch.tensor([True])), "lengths must be an integer (B,) = (1,) tensor"),
-        (lambda: hk.select_topk(torch.zeros(1, 4, 2), torch.tensor([True]), 2), "lengths must be an integer (B,)"),
+         "pos must be (B,) = (1,) int32 or int64, got torch.bool"),
+        (lambda: hk.hamming_score(q, c, torch.tensor([True])), "lengths must be an int32 or int64 (B,) = (1,) tensor"),
+        (lambda: hk.select_topk(torch.zeros(1, 4, 2), torch.tensor([True]), 2), "lengths must be an int32 or int64"),
         (lambda: hk.cache_write(qf[:, :4], qf[:, :4], kf, kf, torch.tensor([True])),
-         "pos must be (B,) = (1,) integers, got torch.bool"),
+         "pos must be (B,) = (1,) int32 or int64, got torch.bool"),
         (lambda: hk.cache_write(qf[:, :4], qf[:, :4], kf, kf.to("meta"), L), "different devices (k cpu, v cpu, "
          "k_cache cpu, v_cache meta, pos cpu)"),
         (lambda: hk.hamming_topk(q, c, L.to("meta"), 2), "different devices (q_codes cpu, k_codes cpu, lengths meta)"),
         (lambda: hk.sparse_decode_attention(qf, kf, kf, idx.to("meta")), "idx meta)"),
         (lambda: hk.hamming_score(q.long(), c, L), "codes must be int32"),
         (lambda: hk.hamming_score(q[:, :, :2], c, L), "disagree on B or W"),
-        (lambda: hk.hamming_score(q, c, torch.tensor([2, 2])), "lengths must be an integer (B,) = (1,) tensor"),
+        (lambda: hk.hamming_score(q, c, torch.tensor([2, 2])), "lengths must be an int32 or int64 (B,) = (1,) tensor"),
+        (lambda: hk.select_topk(torch.zeros(1, 4, 256), torch.tensor([5], dtype=torch.uint8), 3),  # the ref's clamp
+         "lengths must be an int32 or int64 (B,) = (1,) tensor, got torch.uint8"),  # to S = 256 overflowed uint8
         (lambda: hk.select_topk(torch.zeros(1, 4, 2), L, 0), "budget must be an int >= 1, got 0"),
         (lambda: hk.select_topk(torch.zeros(1, 4, 2), L, 2, n_sink=-1), "n_sink must be an int >= 0, got -1"),
         (lambda: hk.hamming_topk(q, c, L, 0), "budget must be an int >= 1, got 0"),
