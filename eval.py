@@ -375,7 +375,10 @@ def merge(runs):
                 raise ValueError(f"the runs' dense perplexity passes differ ({a['positions']} positions, NLL "
                                  f"{a['nll']:.4f}; {b['positions']}, {b['nll']:.4f}): other windows, or a run stopped")
             out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
-        seeded = all("seed" in x for x in out.get("retrieval", []) + r.get("retrieval", []))  # (older files: none)
+        both = out.get("retrieval", []) + r.get("retrieval", [])
+        if not (seeded := all("seed" in x for x in both)) and any("seed" in x for x in both):  # older files: none
+            print("note: a run without sample seeds (before 2026-12-05): samples are joined by context, task, "
+                  "haystack, depth and key alone", file=sys.stderr)  # (two seeds' prompts of one key would join)
         key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"], x["seed"] if seeded else 0)
         joined = {key(x): x for x in out.get("retrieval", [])}
         for x in r.get("retrieval", []):

@@ -281,8 +281,9 @@ def test_merge_keeps_two_seeds_prompts_of_one_key_apart_and_notes_what_it_leaves
         return {"command": sel, "selectors": [sel], "budgets": [1 / 8], "seconds": {}, "retrieval": [rec]}
     assert len(ev.merge([run("oracle", 1), run("oracle", 19, dense=False)])["retrieval"]) == 2
     assert len(ev.merge([run("oracle", 1), run("quest", 1)])["retrieval"]) == 1  # one sample, two selectors
-    assert len(ev.merge([run("oracle", None), run("quest", 1)])["retrieval"]) == 1  # an older file: no seeds
     assert capsys.readouterr().err == ""
+    assert len(ev.merge([run("oracle", None), run("quest", 1)])["retrieval"]) == 1  # an older file: no seeds
+    assert "note: a run without sample seeds (before 2026-12-05)" in capsys.readouterr().err
     assert ev.merge([run("oracle", 1), run("quest", 19)])["retrieval"] == []
     assert "note: 2 of 2 retrieval samples lack some policy's result: left out" in capsys.readouterr().err
     a, b = ({**run("oracle", 1), "ppl_context": 64, "perplexity": {"dense": {"positions": n, "nll": 3.0}}}
