@@ -29,8 +29,8 @@ Conventions (the contract with model.py):
 - Score: sum over the G query heads of a KV head of popcount(k_code XOR q_code); smaller is closer.
   Positions s >= lengths[b] score G*R + 1 (worse than any real score).
 - Selection: per (b, h) the K_eff = min(budget, lengths[b], S) positions with the smallest score; ties go to
-  the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len) are always
-  selected and count toward the budget: they rank before every scored position, and if they alone exceed
+  the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len) are selected
+  first and count toward the budget: they rank before every scored position, and if they alone exceed
   the budget the newest of them win (the same "newer wins" rule). Slots beyond K_eff hold -1.
   The refs return positions ascending, then the -1s, and so do the Triton kernels today; callers should
   still treat a selection as a set (a kernel may change its order).
@@ -151,9 +151,9 @@ def _hash_encode_kernel(
     KEY: tl.constexpr,
 ):
     """Program (row block, b * Hkv + h, word block) writes NW words of BLOCK_R rows r = (g, t) of the G heads
-    that use proj[h]: each projection slice is loaded once per KV head. Up to 64 rows (decode), or W not a power of
-    two: NW = 1, spread over B * Hkv * W programs; more rows: NW = min(W, 2) (the (D, 64) proj slice and a 128-row
-    block fit in registers: 2.4-3x faster than the fp32 matmul of the ref for 32K keys of 8 heads, R = 128).
+    that use proj[h]: each projection slice is loaded once a program. Up to 64 rows (decode), or W not a power of
+    two: NW = 1, over cdiv(rows, BLOCK_R) * B * Hkv * W programs; more rows: NW = min(W, 2) (the (D, 64) proj
+    slice and a 128-row block fit in registers: 2.4-3x faster than the ref's fp32 matmul, 32K keys, 8 heads, R 128).
     KEY (decode, T = 1): one more row, r = G, is the KV head's new key; its code goes to the cache at pos[b], so
     a decode step hashes its queries and its key in one launch."""
     pid_r = tl.program_id(0)
@@ -342,7 +342,7 @@ def _hamming_score_kernel(
     BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     """Program (block of BLOCK_S positions, b * Hkv + h): each position's group-summed score, G * R + 1 past the
-    length. Only the use_norm path reads it; the hash selector scores inside _topk_score_kernel."""
+    length. Only model.py's use_norm selector reads it; the hash selector scores inside _topk_score_kernel."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -438,7 +438,7 @@ def _select_topk_kernel(
     budget, n_sink, n_recent, BLOCK_S: tl.constexpr, FILL_BLOCK: tl.constexpr,
 ):
     """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (32 counting passes
-    over the row, 33 near int32's ends), then counts and compacts: keys below it, plus the newest ties, ascending."""
+    over the row, 33 for a NaN threshold), then counts and compacts: keys below it, plus the newest ties, ascending."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
@@ -555,12 +555,12 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 #   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the block's smallest scored key m_b
 #                              and a windowed histogram: bin 0 = forced, bin 1 + x - m_b = key x for keys
 #                              m_b <= x < m_b + WIN - 2, bin WIN - 1 = everything above or past the length
-#   B  _topk_threshold_kernel  per row: the windows, shifted to the row's smallest key gmin, add up to exact
+#   B  _topk_threshold_kernel  per row: the windows, shifted to the least m_b (gmin), add up to exact
 #                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
 #                              key) lies there for random codes (~3 standard deviations of the score above
-#                              the minimum); trained codes spread wider (BENCHMARKS.md: up to 106 of a reach of
-#                              125 at 8K), and a row past it has B count the stored keys (exact: a coarse histogram
-#                              of <= 64 bins, a fine one of 2 << CSHIFT, then a count pass per block).
+#                              the minimum); trained codes spread wider (BENCHMARKS.md, default model at 8K: 106
+#                              above gmin of the WIN - 3 = 125 reached), and a row past it has B count the stored
+#                              keys (exact: coarse bins <= 64, fine ones 2 << CSHIFT, then a count pass per block).
 #                              Then per block: keys < t, ties at t to take (newest first), output offset.
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
@@ -695,8 +695,8 @@ def _topk_threshold_kernel(
     else:
         # slow exact path: the threshold lies beyond some block's window. Three passes over the row's stored
         # keys: key >> CSHIFT finds the threshold's coarse bin tc, the low bits of the keys in tc find t, then
-        # each block counts its keys below and at t. (Coarse bins <= 64: one pass over every key value,
-        # KMAX + 2 bins, took 191 instead of 116 us at 128K; 8 cut points a pass instead, 163-287 us.)
+        # each block counts its keys below and at t. (Rejected: one pass over every key value, KMAX + 2 bins,
+        # took 191 instead of 116 us at 128K; 8 cut points a pass instead, 163-287 us.)
         row = key_ptr + pid_bh * S
         NF: tl.constexpr = 1 << CSHIFT                                         # key values per coarse bin
         vc = tl.arange(0, NC)                                                  # (NC,) coarse bins
@@ -706,7 +706,7 @@ def _topk_threshold_kernel(
             n_c += tl.histogram(tl.load(row + s, mask=s < length, other=KMAX + 1).to(tl.int32) >> CSHIFT, NC)
         tc = tl.sum((tl.cumsum(n_c, axis=0) < k_eff).to(tl.int32))            # coarse bin of the threshold
         below = tl.sum(tl.where(vc < tc, n_c, 0))                              # keys in lower coarse bins
-        vf = tl.arange(0, 2 * NF)                                              # (2 NF,) bins NF.. = other keys
+        vf = tl.arange(0, 2 * NF)                                              # (2 NF,) NF + 1 used, bin NF = others
         n_f = tl.zeros([2 * NF], dtype=tl.int32)
         for c in range(0, length, HIST_CHUNK):
             s = c + tl.arange(0, HIST_CHUNK)
@@ -820,7 +820,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
 
 # The Triton path is split-K attention over the gathered rows: program (split, b*Hkv + h) gathers BLOCK_N selected
 # rows of K and V straight from the cache (no materialized copy) and serves all G query heads of KV head h with
-# them; a small merge kernel then combines the splits' partial outputs by log-sum-exp.
+# them; a small merge kernel then combines the splits' partial outputs by log-sum-exp (in log2 units: exp2).
 
 
 def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=None):
