@@ -745,7 +745,8 @@ def describe_policy(hata, max_seq_len, n_layers):
     extra = f", {weights} (R = {hata.rbit}, --n-dense {hata.n_dense})" if hata.selector == "hash" else ""
     if hata.selector == "quest" and K < QUEST_PAGE:
         extra = f" (less than one {QUEST_PAGE}-token page: part of the best page each step)"
-    return f"{selector}, budget {K} of up to {max_seq_len} tokens{extra}"
+    window = f" (--sink {hata.n_sink}, --recent {hata.n_recent} of them)" * bool(hata.n_sink or hata.n_recent)
+    return f"{selector}, budget {K}{window} of up to {max_seq_len} tokens{extra}"
 
 
 def show(text):  # the answers, on standard output; a failed write (a full disk) says where, not only "[Errno 28]"

@@ -644,7 +644,8 @@ def resolve_n_dense(paths, n_dense):
 def train_files(args, model, tok, docs, outs, hp, gen, t0):
     """Train one projection per --rbit on windows of the training documents, guard them, save each to outs[R]."""
     margs = model.args
-    seq_len = min(args.seq_len, margs.max_seq_len)
+    if (seq_len := min(args.seq_len, margs.max_seq_len)) < args.seq_len:  # (the default, 8192, past a short context)
+        print(f"note: --seq-len {args.seq_len} cut to the model's context, {seq_len} tokens", file=sys.stderr)
     windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen)
     windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
     if args.batch > windows.shape[0]:  # short text (a step draws --batch with replacement: more repeat in every step)

@@ -750,6 +750,8 @@ def test_status_lines(capsys):
     assert "proj.safetensors" in engine.describe_policy(HataArgs(budget=4, hash_weights="w/proj.safetensors"), 64, 4)
     assert "--sink 1 + --recent 3 fill the budget of 4 tokens: a fixed window" in engine.describe_policy(
         HataArgs(budget=4, n_sink=1, n_recent=3), 64, 4)
+    assert "hash selector, budget 16 (--sink 4, --recent 0 of them) of up to 64 tokens" in engine.describe_policy(
+        HataArgs(budget=16, n_sink=4), 64, 4)  # (before: the line did not say they were taken)
     quest = [engine.describe_policy(HataArgs(budget=K, selector="quest"), 64, 4) for K in (8, 16)]
     assert quest == ["sparse decode: Quest pages (a baseline), budget 8 of up to 64 tokens (less than one 16-token "
                      "page: part of the best page each step)", "sparse decode: Quest pages (a baseline), budget 16 of "

@@ -345,6 +345,11 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: no window left for validation beside --batch 1: the guard is off" in err
     assert "2 windows of 16 tokens, 2 queries each, 1 validation window (of --val-seqs 2)" in err  # (3, 2, 2, 1)
+    run.seq_len, run.batch = 2000, 1  # past the tiny preset's 1024-token context: cut, and said (before: silently)
+    th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / "cut.safetensors")}, {},
+                   torch.Generator().manual_seed(0), 0.0)
+    assert "note: --seq-len 2000 cut to the model's context, 1024 tokens" in capsys.readouterr().err
+    run.seq_len = 16
     run.batch = 2  # more than the text's one window (--n-seqs 4 >= --batch 2): refused, before any warning
     with pytest.raises(ValueError, match="--batch 2 > 1, the training windows: lower it or give more text"):
         th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / "x.safetensors")}, {},
