@@ -7,9 +7,9 @@
 
 Every score comes *out of the sparse decode path* (model.py, `Attention.sparse_decode`):
 - retrieval (RULER-style, Hsieh et al. 2024): a 5-digit pass key (single), or the key of one name among four
-  (multi-key), at a depth of 0-100% of the haystack, RULER's noise sentences or prose. Prompts are completions ("... The pass
-  key is "): this small model fails as a chat even densely past ~1K tokens (tried before this was built). Score:
-  exact match of the generated digits; a selector keeps a share of the samples dense gets right.
+  (multi-key), at a depth of 0-100% of the haystack, RULER's noise sentences or prose. Prompts are completions
+  ("... The pass key is "): this small model fails as a chat even densely past ~1K tokens (tried before this was
+  built). Score: exact match of the generated digits; a selector keeps a share of the samples dense gets right.
 - perplexity: NLL of the last N tokens of held-out 8K windows, fed one by one after a prefill of the rest.
 - agreement: the same pass; the share of positions where a selector's argmax equals dense's.
 
