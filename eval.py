@@ -391,10 +391,11 @@ def merge(runs):
     out.pop("perplexity_planned", None)
     if planned:  # the perplexity runs share their dense pass, so their plan too
         out["perplexity_planned"] = planned
-    every, recs = set().union(*(x["correct"] for x in out.get("retrieval", []))), out.get("retrieval", [])
-    if lacking := sum(set(x["correct"]) != every for x in recs):  # a table needs every policy on every sample
+    recs = out.get("retrieval", [])
+    every = set().union(*(x["correct"] for x in recs))
+    out["retrieval"] = [x for x in recs if set(x["correct"]) == every]  # a table needs every policy on every sample
+    if lacking := len(recs) - len(out["retrieval"]):
         print(f"note: {lacking} of {len(recs)} retrieval samples lack some policy's result: left out", file=sys.stderr)
-    out["retrieval"] = [x for x in recs if set(x["correct"]) == every]
     if ppl_contexts:
         out["ppl_context"] = ppl_contexts.pop()
     return out
