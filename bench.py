@@ -645,15 +645,14 @@ def print_header(mode):
 
 def report_plot_path(args, mode_parser):
     """report/bench_MODE.png, committed, is the plot of the mode's default points (contexts, batches, budgets,
-    shapes; e2e's with --compile, as the README shows it): a run of other points leaves it alone, with a note, and
-    draws nothing unless given --plot."""
+    shapes; e2e's with --compile, as the README shows it): a run of other points leaves it alone and draws nothing
+    unless given --plot. Returns (path, None) or (None, the note to print after the run)."""
     points = ("shapes", "seqlens", "batches", "budgets", "budget", "preset", "rbit")
     if getattr(args, "compile", True) and all(getattr(args, k) == mode_parser.get_default(k) for k in points
                                               if hasattr(args, k)):
-        return os.path.join(HERE, "report", f"bench_{args.mode}.png")
-    print(f"note: not the default points{' with --compile' if args.mode == 'e2e' else ''}, so this run does not "
-          f"draw report/bench_{args.mode}.png; --plot PATH draws it", file=sys.stderr)
-    return None
+        return os.path.join(HERE, "report", f"bench_{args.mode}.png"), None
+    return None, (f"note: not the default points{' with --compile' if args.mode == 'e2e' else ''}, so this run "
+                  f"did not draw report/bench_{args.mode}.png; --plot PATH draws it")
 
 
 def build_parser():
@@ -706,19 +705,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.mode != "cpu" and not torch.cuda.is_available():
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
+    mode_parser, note = sub.choices[args.mode], None  # its errors point to `bench.py MODE --help`
     if args.mode != "offload" and args.plot is None:
-        args.plot = report_plot_path(args, sub.choices[args.mode])
+        args.plot, note = report_plot_path(args, mode_parser)
     elif args.mode != "offload":  # checked before the timings: a folder named x.png, or one that takes no file
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not (args.plot.lower().endswith(".png") and os.path.isdir(folder) and not os.path.isdir(args.plot)):
-            parser.error(f"--plot {args.plot!r}: give a .png file in an existing folder (checked before the timings)")
+            mode_parser.error(f"--plot {args.plot!r}: give a .png file in an existing folder")
     if getattr(args, "plot", None):  # the default report/ too (a read-only checkout); offload draws none
         try:
             check_writable(os.path.dirname(os.path.abspath(args.plot)), "--plot")
         except OSError as e:
-            parser.error(str(e))
-    return cli({"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode],
-               args)  # e.g. a context longer than the model's: one line
+            mode_parser.error(str(e))
+    run = {"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode]
+    status = cli(run, args)  # e.g. a context longer than the model's: one line
+    if note and status == 0:  # after the table, not before a refused run
+        print(note, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

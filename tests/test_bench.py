@@ -76,7 +76,8 @@ def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys
 def test_bad_flags_get_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
-    assert e.value.code == 2 and words in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and f"(see python bench.py {argv[0]} --help)" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the e2e run would start")
@@ -142,12 +143,17 @@ def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys)
     for argv, want in ((["cpu"], report), (["cpu", "--rounds", "1"], report), (["cpu", "--seqlens", "16"], None),
                        (["cpu", "--budget", "1/4"], None), (["cpu", "--seqlens", "16", "--plot", "x.png"], "x.png")):
         assert bench.main(argv) == 0 and plots[-1] == want, argv
-        assert ("does not draw report/bench_" in capsys.readouterr().err) == (want is None)
+        assert ("did not draw report/bench_" in capsys.readouterr().err) == (want is None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "bench_e2e", lambda args: plots.append(args.plot) or 0)
     for argv, want in ((["e2e"], None), (["e2e", "--compile"], f"{bench.HERE}/report/bench_e2e.png")):
         assert bench.main(argv) == 0 and plots[-1] == want, argv  # the README's plot is of --compile steps
         assert ("not the default points with --compile" in capsys.readouterr().err) == (want is None)
+    def refused(args):
+        raise ValueError("--seqlens 16384 exceed the context")
+    monkeypatch.setattr(bench, "bench_cpu", refused)
+    assert bench.main(["cpu", "--seqlens", "16384"]) == 2  # a refused run: its error only, no note about a plot
+    assert capsys.readouterr().err == "error: --seqlens 16384 exceed the context\n"
 
 
 @pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg", "xpng", "folder.png", "/proc/x.png"])
@@ -158,7 +164,8 @@ def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, 
     with pytest.raises(SystemExit) as e:
         bench.main(["cpu", "--plot", str(tmp_path / plot) if plot == "folder.png" else plot])
     words = "--plot: cannot write in /proc" if plot.startswith("/proc") else "give a .png file in an existing folder"
-    assert e.value.code == 2 and words in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and "(see python bench.py cpu --help)" in err  # the mode's options
 
 
 def test_budget_label_of_one_token():
