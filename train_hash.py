@@ -582,8 +582,8 @@ def run(args):
                          f"1/{least}, is one token")
     outs = {r: args.out.replace("{rbit}", str(r)) for r in train_rbits} if args.out else {}
     for out in outs.values():  # a bad --out fails now, not after the training
-        if os.path.isdir(out) or out.endswith(("/", os.sep)):
-            raise ValueError(f"--out {out} is a directory; give a .safetensors file")
+        if os.path.isdir(out) or not out.endswith(".safetensors"):  # (a .pt name says pickle to other tools)
+            raise ValueError(f"--out {out}: give a .safetensors file{' (it is a directory)' * os.path.isdir(out)}")
         refuse_to_replace([out], args.overwrite, "another --out")
         check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}")
     if args.report:  # the tables now; the plots, named by window lengths cut to the model's context, once it loads
