@@ -51,9 +51,10 @@ LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - le
 LLAMA3_VOCAB = 128000  # the ranks of Meta's tiktoken file; its special tokens come after them
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
-# tiktoken's regex overflows its stack on a run of ~1M whitespace characters: every BPE backend cuts runs every 25K
-# characters, as Meta's Llama 3 tokenizer (which also cuts text every 400K; hata does not); at a cut in 25K letters
-# without a space a token may differ from HF's (only the run starts try the scan: linear in the text)
+# tiktoken's regex overflows its stack on a run of ~1M whitespace characters. So every BPE backend cuts a run of 25K
+# or more spaces, or of other characters with no space, every 25K characters, as Meta's Llama 3 tokenizer does (it
+# also cuts text every 400K; hata does not). A token at a cut may differ from HF's or llama.cpp's. (Only the run
+# starts try the scan: linear in the text.)
 RUN_CAP = 25_000
 LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
 
@@ -255,9 +256,10 @@ def _template_first(post) -> str | None:
 
 
 def _default_system(template: str | None) -> str | None:
-    """The literal system prompt a ChatML Jinja template inserts when the chat has none (SmolLM2 has one)."""
+    """The literal system prompt a ChatML Jinja template inserts when the chat has none (SmolLM2 has one), with the
+    string's escapes (\\n, \\t, \\\\) undone as Jinja renders them."""
     m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template or "")
-    return m.group(1) if m else None
+    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e[1], e[1]), m[1]) if m else None
 
 
 def _dated_opening(template: str | None) -> str | None:
@@ -286,7 +288,7 @@ class Tokenizer:
         longest = sorted(filter(None, in_text), key=len, reverse=True)  # added tokens found in text too (as in HF)
         self.in_text = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
-        self.add_bos = add_bos                      # encode()'s default for bos
+        self.add_bos = add_bos and bos_id is not None  # encode()'s default (a GGUF may ask for a BOS it lacks)
         self.eos_ids = frozenset({i for t, i in self.specials.items() if t in END_TOKENS} | ({eos_id} - {None}))
         self.chat, self.system = chat, system       # "llama3" | "chatml" | "llama2" | None; ChatML's default system
         self.opening = opening                      # Llama 3.1+: what every chat's system turn starts with
@@ -298,10 +300,10 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer at {path!r}: {HOW}")
         path, head = file_head(path, ("tokenizer.model", "tokenizer.json"), FileNotFoundError(
             f"no tokenizer.model, tokenizer.json or .gguf in directory {path!r}: {HOW}"))
-        try:  # the format by what the file holds; a .json by its name
+        try:  # the format by what the file holds (a .json also by its name)
             if head[:4] == b"GGUF":
                 return cls._from_gguf(path)
-            if path.endswith(".json"):
+            if path.endswith(".json") or re.match(rb'\s*\{\s*"', head):  # a renamed tokenizer.json too
                 return cls._from_hf_json(path)
             if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
                 return cls._from_tiktoken(path)
@@ -417,7 +419,7 @@ class Tokenizer:
         added = {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
                  if isinstance(t, dict) and str(i).isdigit() and int(i) >= sp.get_piece_size()}
         return cls(sp=sp, specials=added, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
-                   add_bos=bos >= 0, chat="llama2" if template is None or "[INST]" in template else None)
+                   add_bos=bos >= 0, chat="llama2" if template is None or "<<SYS>>" in template else None)
 
     @staticmethod
     def _chat_of(specials, template):  # the template's format (None: another), else the vocabulary's

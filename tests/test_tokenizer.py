@@ -106,6 +106,9 @@ def test_llama3_known_ids(llama3):
     assert llama3.encode("This is a test sentence.")[0] == 128000  # BOS by default
     assert (llama3.vocab_size, llama3.bos_id) == (128256, 128000)
     assert llama3.eos_ids == {128001, 128008, 128009}  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+    specials = llama3.specials  # Meta's numbering past <|eot_id|> (llama-models' tokenizer.py)
+    assert (specials["<|python_tag|>"], specials["<|reserved_special_token_2|>"]) == (128010, 128011)
+    assert specials["<|reserved_special_token_246|>"] == 128255 and len(specials) == 256
     text = "Hello, wörld!\n\n  12345 def f(): return 'ok'"
     assert llama3.decode(llama3.encode(text, bos=False)) == text
 
@@ -170,10 +173,13 @@ def test_streamer_prints_what_decode_gives_from_a_few_tokens_a_step(which, smol,
 
 
 def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
-    """Llama 2's [INST] only where the checkpoint's tokenizer_config.json has none or an [INST] one."""
+    """Llama 2's [INST] only where the checkpoint's tokenizer_config.json has none or a Llama 2 one (its <<SYS>>
+    block). Mistral's [INST] template has none: one BOS a chat, no system turn, so it is refused, not misread."""
     (tmp_path / "tokenizer.model").write_bytes((sp_model / "tokenizer.model").read_bytes())
     chat = [{"role": "user", "content": "a"}]
-    for template, works in [("{{ '[INST] ' + m['content'] + ' [/INST]' }}", True), ("<|user|>\n{{ m }}</s>", False)]:
+    llama2 = "{% if s %}{{ '<<SYS>>\\n' + s + '\\n<</SYS>>\\n\\n' }}{% endif %}{{ '[INST] ' + m + ' [/INST]' }}"
+    mistral = "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
+    for template, works in [(llama2, True), (mistral, False), ("<|user|>\n{{ m }}</s>", False)]:
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
         tok = Tokenizer.from_path(tmp_path)
         if works:
@@ -203,7 +209,7 @@ def test_hf_tokenizer_json(tmp_path):
                                                  {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": merges},
                                                          "added_tokens": added, "pre_tokenizer": pre}))
-    template = "{{ '<|im_start|>system\\nBe nice<|im_end|>\\n' }}{% for m in messages %}...{% endfor %}"
+    template = "{{ '<|im_start|>system\\nBe nice,\\n\\tnot terse<|im_end|>\\n' }}{% for m in messages %}{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template}))
     tok = Tokenizer.from_path(tmp_path)
@@ -211,6 +217,10 @@ def test_hf_tokenizer_json(tmp_path):
     assert tok.encode("hello 12 w") == [262, 3 + 32, 3 + ord("1"), 3 + ord("2"), 263]
     assert tok.decode(tok.encode("hello wörld")) == "hello wörld"
     assert tok.decode([262, 264, 264 + 62, 50000, -1]) == "hello"  # a model's padded rows decode to nothing
+    (tmp_path / "renamed").write_bytes((tmp_path / "tokenizer.json").read_bytes())  # known by its content
+    assert Tokenizer.from_path(tmp_path / "renamed").encode("hello 12 w") == tok.encode("hello 12 w")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_start|>"}}))
+    assert Tokenizer.from_path(tmp_path).eos_ids == {0, 1, 2}  # the config's EOS, a name no built-in list holds
     (tmp_path / "tokenizer_config.json").write_text("{}")
     broken = [{"content": "<|x|>"}, {"id": "1", "content": "<|im_start|>"}, None]  # no id; id a string; null
     far = [[{"id": i, "content": "<|x|>"}] for i in (-1, 10 ** 9, 1.5, True)]  # 10^9: not a set of 10^9 ids
@@ -221,7 +231,7 @@ def test_hf_tokenizer_json(tmp_path):
                                              r"\[0, 15\d\d\) for its 26\d tokens") as e:
             Tokenizer.from_path(tmp_path)
         assert "\n" not in str(e.value)
-    nl, sys_ids = 3 + 10, [3 + ord(c) for c in "system\nBe nice"]
+    nl, sys_ids = 3 + 10, [3 + ord(c) for c in "system\nBe nice,\n\tnot terse"]  # the escapes as Jinja renders
     assert tok.encode_chat([{"role": "user", "content": "he"}], add_generation_prompt=False) == [
         1, *sys_ids, 2, nl, 1, *[3 + ord(c) for c in "user\n"], 259, 2, nl]
 
@@ -355,6 +365,13 @@ def test_gguf_bos_default_follows_llama_cpp(tmp_path):
                             ("llama-bpe", False, False)):
         path = _write_gguf(tmp_path / f"{pre}-{flag}.gguf", tokens, [1] * 256 + [3], pre=pre, bos=256, add_bos=flag)
         assert Tokenizer.from_path(path).encode("hi") == [256] * want + [ord("h"), ord("i")], (pre, flag)
+    heads = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # Llama 3's chat format
+    for flag in (None, True):  # BOS asked for (llama-bpe's default, or the key) but no BOS id: encoded without one
+        path = _write_gguf(tmp_path / f"nobos-{flag}.gguf", tokens + heads, [1] * 256 + [3] * 4, pre="llama-bpe",
+                           add_bos=flag)
+        tok = Tokenizer.from_path(path)
+        assert tok.encode("hi") == [ord("h"), ord("i")]
+        assert tok.encode_chat([{"role": "user", "content": "x"}])[:2] == [257, *b"u"]  # before: None, 257
 
 
 def test_config_and_gguf_errors(tmp_path, llama3):
@@ -490,8 +507,8 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
     jinja2 = pytest.importorskip("jinja2.sandbox")
     template = LLAMA32_TEMPLATE
     if version == "3.1":
-        template = re.sub(r"(?s){%- if strftime_now.*?{%- endif %}\n", '{%- set date_string = "26 Jul 2024" %}\n',
-                          template, count=1)
+        template = re.sub(r"(?s){%- if strftime_now.*?{%- endif %}\n", '{%- set date_string = "23 Jul 2024" %}\n',
+                          template, count=1)  # 3.1's own is 26 Jul 2024, the fallback: another date shows it read
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     names = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     path = _write_gguf(tmp_path / "llama.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
@@ -510,7 +527,7 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
             want = [i for part in re.split("(" + "|".join(map(re.escape, names)) + ")", text)
                     for i in ([specials[part]] if part in specials else part.encode())]
             assert tok.encode_chat(messages, add_generation_prompt=prompt) == want, text
-    date = "26 Jul 2024" if version == "3.1" else datetime.datetime.now().strftime("%d %b %Y")
+    date = "23 Jul 2024" if version == "3.1" else datetime.datetime.now().strftime("%d %b %Y")
     assert tok.opening == f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
     bare = '{{ "Cutting Knowledge Date: December 2023\\n" }}{{ "Today Date: " + date_string + "\\n\\n" }}'
     path = _write_gguf(tmp_path / "bare.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
@@ -738,6 +755,9 @@ def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_pa
         path = _write_gguf(tmp_path / f"{chat}.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
                            pre="llama-bpe", bos=256, template=template)
         assert Tokenizer.from_path(path).chat == chat
+    path = _write_gguf(tmp_path / "qwen2.gguf", [to_char[b] for b in range(256)], [1] * 256, pre="qwen2")
+    with pytest.raises(ValueError, match="unknown GGUF pre-tokenizer 'qwen2'; add its regex to GGUF_PRE"):
+        Tokenizer.from_path(path)  # not split some other way
 
 
 def test_llama2_chat_strips_each_turn(sp_model):
