@@ -67,9 +67,9 @@ def fill_random_kv(model):
 
 
 def kernel_kind(name):
-    """A GPU kernel's part of a decode step, from its name: 'HATA' (hata_kernels.py's Triton kernels), 'SDPA'
-    (torch's flash, memory-efficient or cuDNN attention), 'GEMV/GEMM' (cuBLAS, CUTLASS), or 'other' (norms, RoPE, SiLU,
-    casts, cache writes: inductor's and torch's elementwise kernels)."""
+    """A GPU kernel's part of a decode step, from its name: 'HATA' (hata_kernels.py's Triton kernels of the sparse
+    step), 'SDPA' (torch's flash, memory-efficient or cuDNN attention), 'GEMV/GEMM' (cuBLAS, CUTLASS), or 'other'
+    (norms, RoPE, SiLU, casts, cache writes, hata_kernels' cache_write too: dense steps run it as well)."""
     if name.startswith(("_hash_encode", "_hamming_score", "_select_topk", "_topk_", "_sparse_attn")):
         return "HATA"
     if any(w in name.lower() for w in ("flash", "fmha", "attention", "sdpa")):
@@ -119,9 +119,9 @@ class Timer:
         return g
 
     def time(self, *fns):
-        """Median milliseconds of one replay of each fn's graph, L2 flushed before each. Several fns' replays
-        alternate, so a drifting GPU slows each alike. One fn: a number; several: a list."""
-        graphs = [self.graph(fn) for fn in fns]
+        """Median milliseconds of one replay of each fn's graph (or of a graph given), L2 flushed before each. Several
+        fns' replays alternate, so a drifting GPU slows each alike. One fn: a number; several: a list."""
+        graphs = [fn if isinstance(fn, torch.cuda.CUDAGraph) else self.graph(fn) for fn in fns]
         ts = [[] for _ in fns]
         for g in graphs:
             g.replay()
@@ -151,7 +151,7 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
         assert differ <= 1, f"hash codes differ from the ref in {differ} words"
     ref = hk.hamming_topk_ref(q_codes, codes, lengths, budget)
     assert torch.equal(torch.sort(idx, -1).values, torch.sort(ref, -1).values), "hamming_topk != ref"
-    ref_out = hk.sparse_decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), idx)
+    ref_out = hk.sparse_decode_attention_ref(q.double(), k_cache, v_cache, idx)  # fp64 q: only the K rows upcast
     torch_out = hk.sparse_decode_attention_ref(q, k_cache, v_cache, idx)
     err = (out.double() - ref_out).abs().max().item()
     err_torch = (torch_out.double() - ref_out).abs().max().item()
@@ -176,7 +176,9 @@ def bench_attention(args):
                     print(f"  S={fmt_s(S)} K={', '.join(map(str, dense_Ks))}: K >= S, the model decodes densely; "
                           "not timed", flush=True)
                 for budget in (K for K in Ks[S] if K < S):
-                    rows.append(bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
+                    rows.append(r := bench_one(timer, shape, H, Hkv, D, S, B, budget, args.rbit, dtype))
+                    print(f"  {shape} S={fmt_s(S)} B={B} K={budget}: dense {r['dense_ms']:.4f} ms, HATA "
+                          f"{r['hata_ms']:.4f} ms", flush=True)
                     torch.cuda.empty_cache()
     read = timer.read_bw()
     sdpa = add_floors(rows, read)
@@ -278,18 +280,19 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
     hata_step()
     torch.cuda.synchronize()
     check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes[:, :, 0], idx, out)
-    checked, graph = [t.clone() for t in (q_codes, idx, out)], timer.graph(hata_step)  # the timed path: a graph
-    for t in (q_codes, idx, out):  # poisoned: one replay must write them again, as the checked launches did
+    written = (q_codes, codes[:, :, -1], idx, out)  # what the step writes: the new key's code too
+    checked, graph = [t.clone() for t in written], timer.graph(hata_step)  # the timed path: this graph
+    for t in written:  # poisoned: one replay must write them again, as the checked launches did
         t.fill_(-1 if t.dtype == torch.int32 else math.nan)
     graph.replay()
-    assert all(map(torch.equal, checked, (q_codes, idx, out))), "the HATA step's graph replay differs from the check"
+    assert all(map(torch.equal, checked, written)), "the HATA step's graph replay differs from the check"
 
     q4 = q[:, :, None]                                                        # (B, H, 1, D)
 
     def dense():
         return torch.nn.functional.scaled_dot_product_attention(q4, k_cache, v_cache, enable_gqa=True)
 
-    dense_ms, hata_ms = timer.time(dense, hata_step)
+    dense_ms, hata_ms = timer.time(dense, graph)
     per_kernel = {name: timer.time(launch) for name, launch in stages}
 
     esize = k_cache.element_size()
@@ -415,9 +418,9 @@ def bench_offload(args):
     for name, ms, nbytes in (("HATA, KV on GPU", gpu_ms, 0), ("HATA, KV offloaded", off_ms, fetched),
                              ("dense, KV offloaded (all rows fetched)", all_ms, n_sparse * B * (S - 1) * row)):
         print(f"| {name} | {ms:.2f} | {1000 / ms:.1f} | {gpu_ms / ms:.2f}x | {nbytes / 2**20:.0f} MiB |")
+    rate = f"{fetched / (off_ms - gpu_ms) / 1e6:.1f} GB/s" if off_ms > gpu_ms else "n/a (the step was not slower)"
     print(f"\nHATA offloaded vs dense offloaded: {all_ms / off_ms:.1f}x faster; vs HATA on GPU: "
-          f"{gpu_ms / off_ms:.2f} of its speed; fetch rate above the GPU step: "
-          f"{fetched / max(off_ms - gpu_ms, 1e-6) / 1e6:.1f} GB/s\n")
+          f"{gpu_ms / off_ms:.2f} of its speed; fetch rate above the GPU step: {rate}\n")
     shape = model.args.n_heads, model.args.n_kv_heads, model.args.head_dim
     del model
     torch.cuda.empty_cache()
@@ -494,6 +497,7 @@ def bench_e2e(args):
     def step_ms(B, S, policy):
         with torch.inference_mode():
             replay = graphed(B, S, policy)
+            replay()  # untimed, as Timer.time's first replay
             return statistics.median([event_ms(replay) for _ in range(args.steps)])
 
     def sdpa_ms(B, S, masked):  # one layer's dense decode attention, the model's masked form or plain
@@ -644,9 +648,9 @@ def print_header(mode):
 
 
 def report_plot_path(args, mode_parser):
-    """report/bench_MODE.png, committed, is the plot of the mode's default points (contexts, batches, budgets,
-    shapes; e2e's with --compile, as the README shows it): a run of other points leaves it alone and draws nothing
-    unless given --plot. Returns (path, None) or (None, the note to print after the run)."""
+    """report/bench_MODE.png (committed for attention and e2e) is the plot of the mode's default points (contexts,
+    batches, budgets, shapes; e2e's with --compile, as the README shows it): a run of other points leaves it alone
+    and draws nothing unless given --plot. Returns (path, None) or (None, the note to print after the run)."""
     points = ("shapes", "seqlens", "batches", "budgets", "budget", "preset", "rbit")
     if getattr(args, "compile", True) and all(getattr(args, k) == mode_parser.get_default(k) for k in points
                                               if hasattr(args, k)):

@@ -272,3 +272,50 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
     assert "CPU (1 thread)" in capsys.readouterr().out
     (_, _, _, lines, _), = panels
     assert [S for S, _ in lines["dense"]] == [16, 48] and [S for S, _ in lines["HATA, K = 20"]] == [48]
+
+
+def test_check_hata_passes_the_refs_and_catches_each_kind_of_error():
+    """The gate before every attention timing, with the refs standing in for the kernels (odd sizes, G = 3): it
+    passes their results and refuses a changed index, an output off by 1e-3 and two differing code words."""
+    import hata_kernels as hk
+    torch.manual_seed(0)
+    B, H, Hkv, D, S, R, budget = 2, 6, 2, 16, 37, 64, 7
+    k_cache, v_cache, q = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D), torch.randn(B, H, D)
+    proj, lengths = torch.randn(Hkv, D, R), torch.tensor([S, 29])
+    codes, q_codes = hk.hash_encode_ref(k_cache, proj), hk.hash_encode_ref(q[:, :, None], proj)[:, :, 0]
+    idx = hk.hamming_topk_ref(q_codes, codes, lengths, budget)
+    out = hk.sparse_decode_attention_ref(q, k_cache, v_cache, idx)
+    check = lambda **kw: bench.check_hata(**{**dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_cache[:, :, -1],
+                                                     codes=codes, lengths=lengths, proj=proj, budget=budget,
+                                                     q_codes=q_codes, idx=idx, out=out), **kw})
+    check()
+    check(idx=idx.flip(-1))  # a selection is a set: its order does not matter
+    wrong = idx.clone()
+    wrong[1, 0, 0] = (set(range(29)) - set(idx[1, 0].tolist())).pop()  # one token the ref did not select
+    two = q_codes.clone()
+    two[0, 0, 0] ^= 1
+    two[1, 4, 1] ^= 1  # (one word may differ: an fp32 projection within rounding of zero)
+    for kw, words in ((dict(idx=wrong), "hamming_topk != ref"), (dict(out=out + 1e-3), "attention error"),
+                      (dict(q_codes=two), "hash codes differ from the ref in 2 words")):
+        with pytest.raises(AssertionError, match=words):
+            check(**kw)
+
+
+def test_kernel_census_sums_kernels_by_kind_and_leaves_out_runtime_calls(monkeypatch):
+    """e2e --profile's census, on a stand-in profiler: cudaGraphLaunch's time holds the graph's kernels, so it is
+    left out (else counted twice); hata_kernels' cache_write is 'other' (dense steps run it too)."""
+    us = {"_topk_score_kernel": 30.0, "_sparse_attn_merge_kernel": 4.0, "_hash_encode_kernel": 6.0,
+          "cudaGraphLaunch": 900.0, "nvjet_tst_gemv": 500.0, "flash_fwd_splitkv_kernel": 40.0,
+          "triton_poi_fused_rms_norm_0": 8.0, "_cache_write_kernel": 2.0, "Memcpy DtoD": 0.0}
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+        __enter__ = lambda self: self
+        __exit__ = lambda self, *exc: None
+        key_averages = lambda self: [types.SimpleNamespace(key=k, self_device_time_total=t) for k, t in us.items()]
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    kinds, hata = bench.kernel_census(lambda: None)
+    assert kinds == pytest.approx({"HATA": 0.040, "GEMV/GEMM": 0.5, "SDPA": 0.04, "other": 0.010})
+    assert hata == pytest.approx({"score": 0.030, "merge": 0.004, "hash_encode": 0.006})
