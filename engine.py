@@ -312,9 +312,9 @@ def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
     p = Parser(prog="engine.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action=InOrder, help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", action=InOrder, help="read a prompt from this file ('-': standard input), less "
-                   "one trailing newline (as llama.cpp -f; unlike it, a \\r\\n or \\r reads as \\n); repeat for a "
-                   "batch (in order with --prompt)")
+    p.add_argument("--prompt-file", action=InOrder, type=path_name, help="read a prompt from this file ('-': "
+                   "standard input), less one trailing newline (as llama.cpp -f; unlike it, a \\r\\n or \\r reads "
+                   "as \\n); repeat for a batch (in order with --prompt)")
     p.set_defaults(inputs=[])
     p.add_argument("--checkpoint", type=path_name, help="GGUF file or checkpoint directory (default: "
                    "SmolLM2-135M-Instruct)")
@@ -443,6 +443,7 @@ def run(args):
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights,
                 "--random-weights decodes random tokens"),
+               (("--hash-weights",), args.random_weights, "random weights take random projections"),
                (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
     note_ignored(args, build_parser(), ignored)
     if args.random_weights:
@@ -456,8 +457,9 @@ def run(args):
 
     checkpoint = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()  # the metadata and tokenizer reads count: from a GGUF they parse what the model does
-    context, shape = checkpoint_metadata(checkpoint)  # before the tokenizer, which fails less clearly on a wrong
-    # --checkpoint, and before the weights: a prompt too long for the model, or its shape's hash weights, at once
+    # before the tokenizer, which fails less clearly on a wrong --checkpoint, and before the weights: a prompt too
+    # long for the model, or hash weights of another shape, are refused at once
+    context, shape = checkpoint_metadata(checkpoint)
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
@@ -474,8 +476,9 @@ def run(args):
     reads_codes = sparse and hata.reads_codes(max_seq_len)
     if reads_codes and hata.hash_weights is None:  # (no layer that reads codes: no file, and no note that it has none)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
-    if hata and shape and (path := hata.checked_file(shape.n_layers)):  # the file set_hata would check: now, before
-        check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)  # the load (another model's file)
+    # the file set_hata would check (another model's projections), checked now, before the weights load
+    if hata and shape and (path := hata.checked_file(shape.n_layers)):
+        check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
         check_offload(args, shape, hata, len(prompts), max_seq_len, longest, dtype)
@@ -485,7 +488,7 @@ def run(args):
     setup(model, args, len(prompts), max_seq_len, longest)
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, "
           f"{dtype}, {device}); {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
-    if hata and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
+    if sparse and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
         print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache "
               f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; "
               "--max-seq-len fixes the cache", file=sys.stderr)
@@ -509,10 +512,11 @@ def run(args):
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
     if args.dense:
         return None
-    rbit, n_dense = file_settings(args.hash_weights if args.selector == "hash" else None, args.rbit, args.n_dense)
+    path = args.hash_weights if args.selector == "hash" and not args.random_weights else None  # (their file: noted)
+    rbit, n_dense = file_settings(path, args.rbit, args.n_dense)
     return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
                     n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
-                    hash_weights=args.hash_weights)
+                    hash_weights=path)
 
 
 def file_settings(path, rbit, n_dense):
@@ -524,8 +528,9 @@ def file_settings(path, rbit, n_dense):
 
 
 def read_once(path):
-    """What reading prompt file `path` uses up: (device, inode) of a pipe or socket, standard input's too ("-",
-    /dev/stdin); "-" for standard input otherwise (a file, a terminal); None for a file or device, or none there."""
+    """A key naming the one-shot stream that reading prompt file `path` uses up, so that two flags naming it are
+    refused: (device, inode) of a pipe or socket, standard input's too ("-", /dev/stdin); "-" for standard input
+    that is a file or a terminal; None for a file, a device, or a path with nothing there."""
     try:
         st = os.fstat(sys.stdin.fileno()) if path == "-" else os.stat(path)
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
@@ -718,12 +723,13 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
     steps, secs = timing["decode_steps"], timing["decode_s"]
     decode = (f"{plural(steps, 'step')} in {secs:.2f}s ({timing['decode_tokens'] / secs:.1f} tok/s, "
               f"{1000 * secs / steps:.1f} ms/step)" if steps else
-              "no steps (each sequence ended with its first token, or there was room for one)")
+              "no steps (each sequence ended with its first token: --max-new-tokens 1, room for one, or a stop)")
     graph = f"; CUDA graph capture {timing['graph_s']:.2f}s" if timing.get("graph_s") is not None else ""
     if steps and (selecting := timing.get("selecting_steps")) is not None:  # the steps HATA's budget left keys out of
         budget = f"the budget of {plural(timing['budget'])}"
-        decode += (f"; {selecting} of them with more cached keys than {budget} (the others attend to every key)"
-                   if selecting else f"; every step attended to every key: none had more cached keys than {budget}")
+        others = " (the others attend to every key)" * (selecting < steps)
+        decode += (f"; {selecting} of them with more cached keys than {budget}{others}" if selecting
+                   else f"; every step attended to every key: none had more cached keys than {budget}")
     print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s){graph}; decode: {decode}", file=sys.stderr)
 
@@ -742,7 +748,8 @@ def describe_policy(hata, max_seq_len, n_layers):
         return (f"{selector}, but --sink {hata.n_sink} + --recent {hata.n_recent} fill the budget of {plural(K)}: a "
                 "fixed window of the cache, no selection")
     weights = os.path.basename(hata.hash_weights) if hata.hash_weights else "random projections"
-    extra = f", {weights} (R = {hata.rbit}, --n-dense {hata.n_dense})" if hata.selector == "hash" else ""
+    norm = ", --use-norm" * hata.use_norm
+    extra = f", {weights} (R = {hata.rbit}, --n-dense {hata.n_dense}{norm})" if hata.selector == "hash" else ""
     if hata.selector == "quest" and K < QUEST_PAGE:
         extra = f" (less than one {QUEST_PAGE}-token page: part of the best page each step)"
     window = f" (--sink {hata.n_sink}, --recent {hata.n_recent} of them)" * bool(hata.n_sink or hata.n_recent)

@@ -382,7 +382,7 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(engine, "read_prompt_file", lambda path: pytest.fail(f"{path} read before the check"))
     code, _, err = run_cli(capsys, "--prompt-file", str(fifo), "--prompt-file", str(fifo))
     assert code == 2 and once in error_line(err)
-    for flag in ("--checkpoint", "--tokenizer", "--hash-weights"):  # not the default's "": an unset shell variable
+    for flag in ("--checkpoint", "--tokenizer", "--hash-weights", "--prompt-file"):  # "": an unset shell variable
         code, _, err = run_cli(capsys, "--prompt", "x", flag, "")
         assert code == 2 and f"argument {flag}: an empty path (an unset shell variable?)" in error_line(err)
 
@@ -440,6 +440,10 @@ def test_a_fraction_of_a_batchs_cache_is_noted_as_typed(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--prompt", "a longer prompt than that", "--budget", "1/4",
                            "--max-new-tokens", "1")
     assert code == 0 and "note: --budget 1/4 is of the batch's cache (" in err
+    for dense in (["--budget", "99/100"], ["--budget", "1/4", "--n-dense", "30"]):  # K covers the cache; no layer
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--prompt", "a longer prompt than that", *dense,
+                               "--max-new-tokens", "1")  # is sparse: the fraction picks nothing
+        assert code == 0 and "dense" in err and "is of the batch's cache" not in err, dense
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -659,6 +663,8 @@ def test_timing_counts_the_steps_past_the_budget(capsys):
     engine.report_speed(timing)
     err = capsys.readouterr().err
     assert "7 steps in" in err and "; 4 of them with more cached keys than the budget of 6 tokens (the others" in err
+    engine.report_speed({**timing, "selecting_steps": 7})  # all of them: no others to speak of
+    assert capsys.readouterr().err.endswith("; 7 of them with more cached keys than the budget of 6 tokens\n")
     engine.report_speed({**timing, "selecting_steps": 0})  # "0 of them ... (the others ...)" read oddly
     assert "; every step attended to every key: none had more cached keys than the budget of 6 tokens\n" in \
         capsys.readouterr().err
@@ -777,6 +783,8 @@ def test_status_line_names_the_selector():
                               "tokens")
     assert line["quest"] == "sparse decode: Quest pages (a baseline), budget 20 of up to 64 tokens"
     assert "HATA" not in engine.describe_policy(HataArgs(budget=64, selector="quest"), 64, 4)  # covers the cache
+    assert engine.describe_policy(HataArgs(budget=20, use_norm=True), 64, 4).endswith("(R = 128, --n-dense 2, "
+                                                                                      "--use-norm)")  # said, too
 
 
 def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
@@ -1030,6 +1038,11 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "4",
                            "--device", "cpu", "--budget", "4")  # sparse, with random projections: said once, no warning
     assert code == 0 and "random projections (R = 128" in err and "warning" not in err, err
+    shipped = os.path.join(engine.HERE, "weights", "smollm2-135m-r128.safetensors")  # trained for other weights
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "smollm2-135m", "--prompt-len", "8",
+                           "--max-new-tokens", "3", "--device", "cpu", "--budget", "4", "--hash-weights", shipped)
+    assert code == 0 and "--hash-weights (random weights take random projections)" in err, err  # before: refused
+    assert "random projections (R = 128, --n-dense 2)" in err  # once the random model and its caches were built
 
 
 def test_threads_sets_torchs_threads(capsys, monkeypatch):
