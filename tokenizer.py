@@ -491,5 +491,5 @@ class Tokenizer:
                     ids += self.encode(turn, bos=True)
         else:
             raise ValueError("this tokenizer has no chat format hata writes (Llama 3's or ChatML's tokens, or Llama "
-                             "2's [INST] for sentencepiece); use a plain prompt instead of chat mode")
+                             "2's [INST] with <<SYS>> for sentencepiece, not Mistral's); use a plain prompt instead")
         return ids
