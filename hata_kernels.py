@@ -85,9 +85,12 @@ def _check_triton_head_dim(D, op):
     _check(triton_head_dim(D), f"{op}: Triton path needs D a power of two >= 16, got {D}")
 
 
-def _popcount_lut(device):
-    """(256,) int32: popcount of every byte value; the ref popcounts int32 words byte by byte."""
-    return sum((torch.arange(256, device=device) >> i) & 1 for i in range(8)).to(torch.int32)
+def _popcount_words(words, lut=None):
+    """Set bits of each int32 word: numpy's bitwise_count on the CPU; else (lut=True: on the CPU too) a byte table."""
+    if lut is False or (lut is None and words.device.type == "cpu"):
+        return torch.from_numpy(np.bitwise_count(words.numpy().view(np.uint32)))
+    table = sum((torch.arange(256, device=words.device) >> i) & 1 for i in range(8)).to(torch.int32)  # (256,)
+    return table[words.view(torch.uint8).long()].view(*words.shape, 4).sum(-1)
 
 
 def _check_int32_span(t, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
@@ -400,10 +403,7 @@ def hamming_score_ref(q_codes, k_codes, lengths):
     G = H // Hkv
     k_rows = k_codes.transpose(-1, -2).contiguous()                            # (B, Hkv, W, S): one strided pass
     xor = k_rows[:, :, None] ^ q_codes.view(B, Hkv, G, W, 1)                   # (B, Hkv, G, W, S) int32
-    if xor.device.type == "cpu":
-        count = torch.from_numpy(np.bitwise_count(xor.numpy().view(np.uint32)))  # (B, Hkv, G, W, S) uint8
-    else:
-        count = _popcount_lut(xor.device)[xor.view(torch.uint8).long()].view(B, Hkv, G, W, S, 4).sum(-1)
+    count = _popcount_words(xor)                                               # (B, Hkv, G, W, S)
     score = count.view(B, Hkv, G * W, S).sum(2, dtype=torch.int32)            # (B, Hkv, S) int32
     valid = torch.arange(S, device=k_codes.device) < lengths.view(B, 1, 1)    # (B, 1, S) bool
     return torch.where(valid, score, G * 32 * W + 1)                           # (B, Hkv, S) int32
