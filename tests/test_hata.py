@@ -448,6 +448,8 @@ def test_quest_selects_whole_pages_by_bound():
     torch.testing.assert_close(bounds[0, 0, ::16], torch.tensor([0.0, 3.0, 4.0]) * G)  # page 2: 1 + 3
     idx = hk.select_topk(-bounds, torch.tensor([40]), 16)  # page 2's 8 valid tokens, then the newest 8 of page 1
     assert as_sets(idx) == [[(list(range(24, 40)), 0)] * args.n_kv_heads]
+    empty = attn.quest_bounds(q, keys, torch.tensor([30]))  # page 2 holds no valid key: max -inf, min inf, and
+    assert torch.isfinite(empty).all()  # the zero query channels' 0 * inf must not make its bound NaN
 
 
 @pytest.mark.parametrize("selector", ["oracle", "quest"])
