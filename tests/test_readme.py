@@ -38,7 +38,7 @@ def documented_commands():
     for doc in ("README.md", "EVAL.md", "BENCHMARKS.md"):
         with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
             text = f.read()
-        for cmd in re.findall(r"`python3? ((?:engine|eval|train_hash|bench)\.py(?: [^`]*)?)`", text):
+        for cmd in re.findall(r"`python3?\s((?:engine|eval|train_hash|bench)\.py(?:\s[^`]*)?)`", text):  # (wrapped too)
             if "..." not in cmd and "--help" not in cmd:
                 found.append((doc, " ".join(cmd.split())))
     return found
