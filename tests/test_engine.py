@@ -584,6 +584,7 @@ def test_help_shows_the_defaults_as_typed(capsys, argv, shown):  # and nothing a
 def test_parse_budget():
     assert parse_budget("2048") == 2048 and isinstance(parse_budget("2048"), int)
     assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
+    assert parse_budget("+2048") == 2048 and parse_budget(" 64 ") == 64  # as int() and positive_int read them
     for bad in ("0", "-1", "2.5", "nan", "inf", "1/0", "abc", "1e30", "2/1"):  # HataArgs' range, checked by argparse
         with pytest.raises(argparse.ArgumentTypeError, match="not a whole count >= 1 or a fraction in"):
             parse_budget(bad)
@@ -651,6 +652,23 @@ def test_generate_keeps_no_autograd_graph():
     engine.generate(model, [[3, 4, 5]], 4)
     cache = model.layers[0].attention.kv_cache
     assert not (logits.requires_grad or cache.k.requires_grad or cache.v.requires_grad)
+
+
+def test_generate_equals_a_full_forward_each_step():
+    """Greedy generate (a batch of two lengths, through the cache) against a fresh forward over the whole sequence
+    for every new token. A random model's tokens turn on every position: a step at the wrong one (its K/V over the
+    previous token's) changed them here, while the default model's greedy text stayed the same."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    model.setup_caches(2, 16)
+    new, _ = engine.generate(model, prompts, 6)
+    for prompt, tokens in zip(prompts, new):
+        seq = list(prompt)
+        for _ in range(6):
+            model.setup_caches(1, len(seq))
+            with torch.inference_mode():
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert tokens == seq[len(prompt):], prompt
 
 
 def test_timing_counts_the_steps_past_the_budget(capsys):

@@ -61,6 +61,19 @@ def test_prompt_has_exact_length_and_the_needle_at_its_depth(tok):
                 assert abs(where - depth) < 0.1, (depth, where)
 
 
+def test_a_needles_depth_is_its_share_of_the_haystack(tok):
+    """Depth d puts the needle at the sentence end nearest d of the haystack's tokens (not of the whole prompt, whose
+    instructions and question come before and after it): measured between depth 0 and 1, in characters, within
+    one short sentence of the noise (about 0.5% of it here)."""
+    hay = ev.Haystack(tok, ev.NOISE * 200)
+    at = {}
+    for depth in (0.0, 0.25, 0.5, 0.9, 1.0):
+        ids, key, _ = ev.retrieval_prompt(tok, hay, "single", 1018, depth, random.Random(3))
+        at[depth] = tok.decode(ids).index(key)
+    for depth in (0.25, 0.5, 0.9):
+        assert abs((at[depth] - at[0.0]) / (at[1.0] - at[0.0]) - depth) < 0.02, (depth, at)
+
+
 def test_needles_go_only_between_sentences(tok):
     """A piece's boundaries are its start and sentence ends: its end only when it ends a sentence, so a needle at
     depth 100% follows a sentence, not the middle of one."""
@@ -136,14 +149,14 @@ def test_a_rows_answer_is_cut_at_its_own_first_miss_whatever_its_batch(monkeypat
     """Greedy decoding with `expect` runs while any row still matches; each row is then cut after its own first
     token off its answer (before: row 0, off at its first token, decoded on beside row 1 and wrote the key, which
     scored right in that batch and wrong alone). A row's miss itself is kept: a digit after the key counts."""
-    scripts = {0: [10, 7, 1, 4, 3, 2], 1: [7, 1, 4, 3, 2, 10], 2: [7, 1, 4, 3, 2, 9]}  # 10: a space, 9: a digit
+    scripts = {0: [10, 7, 1, 4, 3, 2], 1: [7, 1, 4, 3, 2, 10], 2: [7, 1, 4, 3, 2, 9], 3: [7, 1, 5, 3, 2, 10]}
     monkeypatch.setattr(ev, "decode_one_token", lambda model, cur, pos: F.one_hot(torch.tensor(
         [scripts[r][int(pos[0]) - 100] for r in model]), 11).float())  # the model: the rows' scripts
     key = [7, 1, 4, 3, 2, -1]
-    for rows in ([0], [0, 1], [2, 1]):
+    for rows in ([0], [0, 1], [2, 1], [3, 1]):  # (10: a space, 9: a digit; row 3 misses its third digit)
         top, _ = ev.decode(rows, torch.tensor([[r] for r in rows]), torch.full((len(rows),), 100), 6,
                            torch.tensor([key] * len(rows)))
-        want = {0: [10] + [-1] * 5, 1: scripts[1], 2: scripts[2]}
+        want = {0: [10] + [-1] * 5, 1: scripts[1], 2: scripts[2], 3: [7, 1, 5] + [-1] * 3}
         assert top.tolist() == [want[r] for r in rows], rows
 
 
@@ -321,6 +334,11 @@ def test_merge_states_the_context_of_its_perplexity_runs():
         return {**copy.deepcopy(ppl), "perplexity": {**dense, "oracle 1/8": {"nll": 0.8, "ppl": p, "agree": 0.9,
                                                                               "positions": 8}}}
     assert ev.merge([oracle(2.2), oracle(3.0)])["perplexity"]["oracle 1/8"]["ppl"] == 2.2
+    other = {**copy.deepcopy(ppl), "perplexity": {"dense": {**dense["dense"], "nll": 0.9}}}  # the same positions
+    with pytest.raises(ValueError, match=r"dense perplexity passes differ \(8 positions, NLL 0.7000; 8, 0.9000\)"):
+        ev.merge([copy.deepcopy(ppl), other])  # other windows: their rows would not compare
+    timed = [{**copy.deepcopy(retrieval), "seconds": {"retrieval": s, "perplexity": 1.5}} for s in (10, 7)]
+    assert ev.merge(timed)["seconds"] == {"retrieval": 17, "perplexity": 3.0}  # the runs' times add up
 
 
 def test_report_states_the_perplexity_increase_over_dense():

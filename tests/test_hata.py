@@ -295,6 +295,7 @@ def test_bad_hata_values():
     assert [attn.budget for attn in model.sparse_layers()] == [8, 8, 8]  # a fraction of the cache, not the context
     assert HataArgs(budget=9 / 11).budget_tokens(77) == 63  # not 64: 9/11 * 77 is 63.00000000000001 in floats
     assert HataArgs(budget=5).budget_tokens(3) == 5  # a count stays a count
+    assert HataArgs(budget=1).budget_tokens(64) == 1  # 1 is one token, not the whole cache
 
 
 def test_hash_projections_round_trip_and_checks(tmp_path):

@@ -687,6 +687,8 @@ def test_gguf_unsupported_math_is_refused(tmp_path, monkeypatch):
         args = load_checkpoint(write_model_gguf(path, {"llama.rope.dimension_count": 4,
                                                        "llama.attention.sliding_window": window}))[0]
         assert args.head_dim == 4 and args.max_seq_len == context
+    wide = write_model_gguf(path, {"llama.attention.key_length": 8, "llama.attention.value_length": 8})
+    assert load_checkpoint(wide)[0].head_dim == 8  # a head dim the file states, not dim / heads (4)
 
 
 def test_gguf_dequantizes_into_the_asked_dtype(gguf_path, smol_weights):
@@ -727,12 +729,13 @@ def test_rms_norm_by_hand():
     """x / sqrt(mean(x^2) + eps) * weight, in fp32 whatever the input dtype; activations of 1e-3 make eps count."""
     gen = torch.Generator().manual_seed(0)
     x, w = 1e-3 * torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
-    norm = model_module.RMSNorm(8, eps=1e-5)
-    with torch.no_grad():
-        norm.weight.copy_(w)
-        want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
-        torch.testing.assert_close(norm(x), want, rtol=1e-6, atol=0)
-        torch.testing.assert_close(norm(x.double()), want.double(), rtol=1e-6, atol=0)
+    for eps in (1e-5, 1e-6):  # the norm's own eps, not a fixed 1e-5 (Llama 1 used 1e-6)
+        norm = model_module.RMSNorm(8, eps=eps)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+            want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+            torch.testing.assert_close(norm(x), want, rtol=1e-6, atol=0)
+            torch.testing.assert_close(norm(x.double()), want.double(), rtol=1e-6, atol=0)
 
 
 def test_rope_scaling():
