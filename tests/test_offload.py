@@ -217,6 +217,8 @@ def test_refuses_when_host_memory_is_too_small(monkeypatch):
     with pytest.raises(ValueError, match=r"needs 196608 bytes of host memory .* but 1000 bytes") as e:
         apply_offload(tiny(), 1, 256, host_limit=1000)
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"needs 196608 bytes of host memory"):
+        apply_offload(tiny(), 1, 256, host_limit=float("nan"))  # no limit to compare with: refused, not let through
     # What host_available() finds is not all pinned: 10% of it, and at least 1 GiB, stays free for the machine.
     for found, room in ((GiB + 196608, 196608), (10 * GiB, 9 * GiB), (GiB + 196607, 196607), (GiB // 2, 0), (0, 0)):
         monkeypatch.setattr(offload, "host_available", lambda: found)

@@ -95,6 +95,10 @@ def test_chatml(smol):
         1, 9690, 198, 6077, 5453, 30, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198,
         1, 520, 9531, 198, 36, 2, 198, 1, 4093, 198, 16937, 17, 2, 198, 1, 520, 9531, 198]
     assert smol.encode_chat(dialog, add_generation_prompt=False) == smol.encode_chat(dialog)[:-4]
+    opens = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi"}]  # no system turn first:
+    assert smol.encode_chat(opens) == smol.encode_chat([{"role": "system", "content": smol.system}, *opens])  # default
+    with pytest.raises(ValueError, match="no BOS/EOS token"):
+        Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size).encode("ab", eos=True)  # not [.., None]
 
 
 # --- Llama 3 tiktoken file ---------------------------------------------------------------------------------

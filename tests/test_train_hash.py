@@ -208,11 +208,28 @@ def test_split_corpus_by_document():
     docs = [(f"d{i}", f"text {i}") for i in range(10)]
     train, held = th.split_corpus(docs)
     assert [n for n, _ in held] == ["d4", "d9"] and len(train) == 8
+    assert [n for n, _ in th.split_corpus(docs[:5])[1]] == ["d4"]  # five: one whole document held out, not cut
     (_, a), (_, b) = th.split_corpus([("one", "x" * 100)])[0][0], th.split_corpus([("one", "x" * 100)])[1][0]
     assert len(a) == 80 and len(b) == 20
     train, held = th.split_corpus([("one", "x" * 100), ("two", "y" * 50)])  # too few to hold whole ones out
     assert [(n, len(t)) for n, t in train] == [("one", 80), ("two", 40)]
     assert [(n, len(t)) for n, t in held] == [("one (end)", 20), ("two (end)", 10)]
+
+
+def test_a_size_given_twice_is_one_size(capsys):
+    """--rbit 64 64 trains 64 once: one --out needs no '{rbit}' (the run goes on, here to the missing checkpoint)."""
+    assert th.main(["--rbit", "64", "64", "--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" in err and "{rbit}" not in err
+
+
+def test_each_loss_trains_with_its_own_sigma_and_eta_unless_given():
+    for loss, defaults in th.LOSS_DEFAULTS.items():
+        hp = th.training_settings(th.build_parser().parse_args(["--out", "x.safetensors", "--loss", loss]))
+        assert {n: hp[n] for n in ("sigma", "eta")} == defaults, loss
+        hp = th.training_settings(th.build_parser().parse_args(["--out", "x.safetensors", "--loss", loss,
+                                                                "--sigma", "3", "--eta", "0"]))
+        assert (hp["sigma"], hp["eta"], hp["loss"]) == (3.0, 0.0, loss)
 
 
 def test_steps_without_a_visible_key_are_skipped():
@@ -228,6 +245,19 @@ def test_steps_without_a_visible_key_are_skipped():
         th.train_layer(P0, sample, 2, 2, 1, torch.Generator().manual_seed(1), hp)
     with pytest.raises(ValueError, match="the loss is not finite at step [0-9]+: lower --lr"):  # diverges
         th.train_layer(P0, sample, 40, 2, 64, torch.Generator().manual_seed(0), {**hp, "lr": 1e30})
+
+
+def test_each_sequence_of_a_step_turns_by_its_own_offset(monkeypatch):
+    """--shift: one random RoPE offset per sequence of the batch (one for the whole batch augments less)."""
+    g = torch.Generator().manual_seed(0)
+    sample = {"q": torch.randn(3, 2, 4, 8, generator=g), "k": torch.randn(3, 2, 64, 8, generator=g),
+              "t": torch.full((3, 2), 63)}
+    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0,
+              shift=8192)
+    offsets, turn = [], th.shift_positions
+    monkeypatch.setattr(th, "shift_positions", lambda q, k, off, inv: offsets.append(off) or turn(q, k, off, inv))
+    th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 3, 2, 16, g, hp, torch.ones(4))
+    assert len(offsets) == 3 and all(o.shape == (2,) and o.unique().numel() == 2 for o in offsets)
 
 
 def test_a_diverged_loss_names_the_step_it_came_at(monkeypatch):
@@ -493,6 +523,7 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--query-from", "-0.1"], "--query-from -0.1"),
                                          (["--val-seqs", "-1"], "--val-seqs -1"), (["--rbit", "100"], "got 100"),
                                          (["--shift", "-5"], "--shift -5"), (["--out", "."], "(it is a directory)"),
+                                         (["--query-from", "1"], "--query-from 1.0 must lie in [0, 1)"),  # none left
                                          (["--out", "new/"], "--out new/: give a .safetensors file"),
                                          (["--out", "p.pt"], "--out p.pt: give a .safetensors file"),
                                          (["--out", "p.safetensors.d"], "give a .safetensors file"),
