@@ -443,7 +443,8 @@ def run(args):
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights,
                 "--random-weights decodes random tokens"),
-               (("--hash-weights",), args.random_weights, "random weights take random projections"),
+               (("--hash-weights",), args.random_weights and not args.dense and args.selector == "hash",
+                "random weights take random projections"),  # (else noted above: no codes read)
                (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
     note_ignored(args, build_parser(), ignored)
     if args.random_weights:

@@ -1061,6 +1061,9 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
                            "--max-new-tokens", "3", "--device", "cpu", "--budget", "4", "--hash-weights", shipped)
     assert code == 0 and "--hash-weights (random weights take random projections)" in err, err  # before: refused
     assert "random projections (R = 128, --n-dense 2)" in err  # once the random model and its caches were built
+    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens",
+                           "2", "--device", "cpu", "--dense", "--hash-weights", shipped)
+    assert code == 0 and "note: ignored in this run: --hash-weights (--dense reads no hash codes)\n" in err  # once
 
 
 def test_threads_sets_torchs_threads(capsys, monkeypatch):
