@@ -192,9 +192,12 @@ def test_floor_bytes():
 def test_attention_tables():
     row = dict(shape="llama8b", B=1, S=131072, budget=2048, dense_ms=2.0, hata_ms=0.5, floor_ms=0.25,
                dense_floor_ms=1.0, per_kernel={"hash": 0.01, "topk.score": 0.1}, kernel_bytes={"topk.score": 4e8})
-    assert [bench.fmt_s(S) for S in (131072, 1024, 1000, 48)] == ["128K", "1K", "1000", "48"]
+    assert [bench.fmt_s(S) for S in (131072, 1024, 1000, 48, 1536, 3072)] == ["128K", "1K", "1000", "48", "1536",
+                                                                               "3K"]
     assert bench.table([row]).splitlines()[2] == \
         "| llama8b | 1 | 128K | 2048 | 2.0000 | 0.5000 | 4.00x | 0.2500 | 50% | 2.00x |"
+    assert bench.table([{**row, "floor_ms": 0.1}]).splitlines()[2] == \
+        "| llama8b | 1 | 128K | 2048 | 2.0000 | 0.5000 | 4.00x | 0.1000 | 20% | 2.00x |"  # dense's own floor ratio
     lines = bench.breakdown_table([row]).splitlines()
     assert lines[2] == "| shape | B | S | budget | hash | topk.score |"
     assert lines[4] == "| llama8b | 1 | 128K | 2048 | 0.0100 | 0.1000 (4.00) |"  # 4e8 bytes in 0.1 ms: 4 TB/s
@@ -269,9 +272,13 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
         torch.set_num_threads(threads)
     assert sizes == [2] * 4  # dense and HATA at each context: rounds x steps, the warm-up step left out
     assert caches == [(1, 17), (1, 49)]
-    assert "CPU (1 thread)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "CPU (1 thread)" in out
     (_, _, _, lines, _), = panels
     assert [S for S, _ in lines["dense"]] == [16, 48] and [S for S, _ in lines["HATA, K = 20"]] == [48]
+    rows = {int(r.split("|")[1]): r.split("|")[3:5] for r in out.splitlines() if r.startswith(("| 16 |", "| 48 |"))}
+    assert [f"{ms:.1f}" for _, ms in lines["dense"]] == [rows[16][0].strip(), rows[48][0].strip()]  # the table's
+    assert f"{lines['HATA, K = 20'][0][1]:.1f}" == rows[48][1].strip()  # dense and HATA columns, each on its line
 
 
 def test_check_hata_passes_the_refs_and_catches_each_kind_of_error():

@@ -310,10 +310,20 @@ def test_bad_input():
         (lambda: hk.sparse_decode_attention(qf, kf.half(), kf.half(), idx), "must share one float dtype"),
         (lambda: hk.sparse_decode_attention(qf[:, :6], kf, kf, idx), "query heads 6 must be a multiple of KV heads 4"),
         (lambda: hk.sparse_decode_attention(qf, kf, kf, idx[:, :2]), "must start with (B, Hkv) = (1, 4)"),
+        (lambda: hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8, 0)), "R = 0 hash bits must be"),
+        (lambda: hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8, 32, device="meta")),
+         "x on cpu but proj on meta"),
+        (lambda: hk.hamming_score(q.expand(2, -1, -1), c, torch.tensor([2, 2])), "disagree on B or W"),
+        (lambda: hk.hamming_score(q[:, :6], c, L), "query heads 6 must be a multiple of KV heads 4"),
+        (lambda: hk.select_topk(torch.zeros(1, 4, 2), L.to("meta"), 2), "lengths on meta, scores/codes on cpu"),
+        (lambda: hk.sparse_decode_attention(qf, kf.expand(2, -1, -1, -1), kf.expand(2, -1, -1, -1), idx),
+         "disagree on B or D"),  # (else the first B cached sequences, silently)
+        (lambda: hk.sparse_decode_attention(qf, kf, kf.half(), idx), "must share one float dtype"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
             call()
+    assert [hk.triton_head_dim(D) for D in (8, 16, 24, 32, 100, 128)] == [False, True, False, True, False, True]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -374,6 +374,8 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=re.escape(words)) as e:
             from_checkpoint(str(tmp_path))
         assert str(e.value).startswith(str(tmp_path))  # the file is named
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "swish"}))  # SiLU's other name
+    assert checkpoint_metadata(str(tmp_path))[1].dim == args.dim
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
     os.symlink(tmp_path, tmp_path / "m")  # a short name, "m", that the message holds anyway ("model's")
     monkeypatch.chdir(tmp_path)
@@ -624,6 +626,8 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
         load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.ones(1))]))
     with pytest.raises(ValueError, match=r"2 factors, each > 0; some are not \(zero, negative or NaN\)"):
         load_checkpoint(write("f.gguf", {}, [("rope_freqs.weight", torch.tensor([1.0, float("nan")]))]))
+    with pytest.raises(ValueError, match=r"some are not \(zero, negative or NaN\)"):  # 1 / 0: an infinite frequency
+        load_checkpoint(write("z.gguf", {}, [("rope_freqs.weight", torch.tensor([1.0, 0.0]))]))
     with pytest.raises(ValueError, match="tensor t is of type I32, which gguf cannot make floats of"):  # named
         load_checkpoint(write("i.gguf", {}, [("t", torch.ones(2, dtype=torch.int32))]))
     with pytest.raises(ValueError, match=re.escape(": blk.0.attn_k.weight has shape (3, 8), the model expects (8, 8)")):
@@ -754,6 +758,15 @@ def test_rope_scaling():
     smooth = (8192 / wavelen[mid] - 1) / (4 - 1)  # Meta's apply_scaling (llama3 repository), written out
     assert mid.any()
     torch.testing.assert_close(f[mid], ((1 - smooth) * raw[mid] / 8 + smooth * raw[mid]).float())
+    other = {"type": "llama3", "factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+             "original_max_position_embeddings": 32768}  # every field read: waves < 32768/8 kept, > 32768/2 / 16
+    f = rope_frequencies(l3.__class__(**{**l3.__dict__, "rope_scaling": other}))
+    assert torch.equal(f[wavelen < 4096], raw[wavelen < 4096])
+    torch.testing.assert_close(f[wavelen > 16384], raw[wavelen > 16384] / 16)
+    mid = (wavelen > 4096) & (wavelen < 16384)
+    smooth = (32768 / wavelen[mid] - 2) / (8 - 2)
+    assert mid.any()
+    torch.testing.assert_close(f[mid], ((1 - smooth) * raw[mid] / 16 + smooth * raw[mid]).float())
     factors = torch.linspace(1, 4, base.head_dim // 2)  # GGUF's rope_freqs tensor divides the frequencies
     torch.testing.assert_close(rope_frequencies(base, factors), plain / factors)
 
@@ -905,6 +918,9 @@ def test_tied_weights_stay_one_tensor_after_a_dtype_change(small_smol):
     bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
     model = from_state_dict(replace(args, n_layers=3), bf16, dtype=torch.float32)
     assert model.output.weight is model.tok_embeddings.weight
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # converted, every weight
+    model = from_state_dict(replace(args, n_layers=3), sd, dtype=torch.bfloat16)  # and the other way
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_meta_scaled_rope_factor_and_context_by_family(tmp_path):
