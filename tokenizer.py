@@ -53,8 +53,7 @@ END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|en
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
 # tiktoken's regex overflows its stack on a run of ~1M whitespace characters. So every BPE backend cuts a run of 25K
 # or more spaces, or of other characters with no space, every 25K characters, as Meta's Llama 3 tokenizer does (it
-# also cuts text every 400K; hata does not). A token at a cut may differ from HF's or llama.cpp's. (Only the run
-# starts try the scan: linear in the text.)
+# also cuts text every 400K; hata does not); a token at a cut may differ from HF's or llama.cpp's. (The scan is linear.)
 RUN_CAP = 25_000
 LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
 
@@ -257,9 +256,9 @@ def _template_first(post) -> str | None:
 
 def _default_system(template: str | None) -> str | None:
     """The literal system prompt a ChatML Jinja template inserts when the chat has none (SmolLM2 has one), with the
-    string's escapes (\\n, \\t, \\\\) undone as Jinja renders them."""
+    string's escapes \\n, \\t, \\r and \\\\ undone as Jinja renders them (another, such as \\q, stays as written)."""
     m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template or "")
-    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e[1], e[1]), m[1]) if m else None
+    return re.sub(r"\\([ntr\\])", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e[1], e[1]), m[1]) if m else None
 
 
 def _dated_opening(template: str | None) -> str | None:
@@ -418,8 +417,9 @@ class Tokenizer:
         # matter here, to stop generation (they decode to nothing, as every id past the vocabulary)
         added = {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
                  if isinstance(t, dict) and str(i).isdigit() and int(i) >= sp.get_piece_size()}
+        llama2 = template is None or "[INST]" in template and "<<SYS>>" in template  # not Mistral's [INST]
         return cls(sp=sp, specials=added, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
-                   add_bos=bos >= 0, chat="llama2" if template is None or "<<SYS>>" in template else None)
+                   add_bos=bos >= 0, chat="llama2" if llama2 else None)
 
     @staticmethod
     def _chat_of(specials, template):  # the template's format (None: another), else the vocabulary's

@@ -183,7 +183,7 @@ def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
     chat = [{"role": "user", "content": "a"}]
     llama2 = "{% if s %}{{ '<<SYS>>\\n' + s + '\\n<</SYS>>\\n\\n' }}{% endif %}{{ '[INST] ' + m + ' [/INST]' }}"
     mistral = "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
-    for template, works in [(llama2, True), (mistral, False), ("<|user|>\n{{ m }}</s>", False)]:
+    for template, works in [(llama2, True), (mistral, False), ("<|user|>\n{{ m }}</s>", False), ("<<SYS>>", False)]:
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
         tok = Tokenizer.from_path(tmp_path)
         if works:
@@ -213,7 +213,8 @@ def test_hf_tokenizer_json(tmp_path):
                                                  {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": merges},
                                                          "added_tokens": added, "pre_tokenizer": pre}))
-    template = "{{ '<|im_start|>system\\nBe nice,\\n\\tnot terse<|im_end|>\\n' }}{% for m in messages %}{% endfor %}"
+    template = ("{{ '<|im_start|>system\\nBe nice,\\n\\tnot a\\\\b \\q<|im_end|>\\n' }}"  # (\\q: no escape, kept)
+                "{% for m in messages %}...{% endfor %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template}))
     tok = Tokenizer.from_path(tmp_path)
@@ -235,7 +236,7 @@ def test_hf_tokenizer_json(tmp_path):
                                              r"\[0, 15\d\d\) for its 26\d tokens") as e:
             Tokenizer.from_path(tmp_path)
         assert "\n" not in str(e.value)
-    nl, sys_ids = 3 + 10, [3 + ord(c) for c in "system\nBe nice,\n\tnot terse"]  # the escapes as Jinja renders
+    nl, sys_ids = 3 + 10, [3 + ord(c) for c in "system\nBe nice,\n\tnot a\\b \\q"]  # the escapes as Jinja renders
     assert tok.encode_chat([{"role": "user", "content": "he"}], add_generation_prompt=False) == [
         1, *sys_ids, 2, nl, 1, *[3 + ord(c) for c in "user\n"], 259, 2, nl]
 
