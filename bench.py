@@ -151,7 +151,7 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
         assert differ <= 1, f"hash codes differ from the ref in {differ} words"
     ref = hk.hamming_topk_ref(q_codes, codes, lengths, budget)
     assert torch.equal(torch.sort(idx, -1).values, torch.sort(ref, -1).values), "hamming_topk != ref"
-    ref_out = hk.sparse_decode_attention_ref(q.double(), k_cache, v_cache, idx)  # fp64 q: only the K rows upcast
+    ref_out = hk.sparse_decode_attention_ref(q.double(), k_cache, v_cache, idx)  # fp64 q: selected K/V rows upcast
     torch_out = hk.sparse_decode_attention_ref(q, k_cache, v_cache, idx)
     err = (out.double() - ref_out).abs().max().item()
     err_torch = (torch_out.double() - ref_out).abs().max().item()
