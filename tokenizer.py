@@ -417,7 +417,7 @@ class Tokenizer:
         # matter here, to stop generation (they decode to nothing, as every id past the vocabulary)
         added = {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
                  if isinstance(t, dict) and str(i).isdigit() and int(i) >= sp.get_piece_size()}
-        llama2 = template is None or "[INST]" in template and "<<SYS>>" in template  # not Mistral's [INST]
+        llama2 = template is None or ("[INST]" in template and "<<SYS>>" in template)  # not Mistral's [INST]
         return cls(sp=sp, specials=added, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
                    add_bos=bos >= 0, chat="llama2" if llama2 else None)
 
