@@ -613,8 +613,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError(f"{', '.join(bad)}: must be >= 0")  # (as engine.py; HataArgs would say n_dense)
     check_labels(args.budgets + args.quest_budgets)
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default
-    rbit, n_dense = file_settings(args.hash_weights if trained else None, args.rbit, args.n_dense)  # as engine.py:
-    hata = dict(rbit=rbit, n_dense=n_dense)  # the file's, where not given
+    rbit, n_dense = file_settings(args.hash_weights if trained else None, args.rbit, args.n_dense)  # as engine.py
+    hata = dict(rbit=rbit, n_dense=n_dense)  # the flags', else the projection file's
     checked = HataArgs(**hata)  # a bad --rbit now, not after the first policy
     weights = (args.hash_weights or shipped_hash_weights(checked, args.checkpoint)) if trained else None
     if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
