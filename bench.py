@@ -684,7 +684,7 @@ def build_parser():
     p.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS), help="shape (random weights)")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[32768, 131072], help="cached tokens S")
     p.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4], help="batch sizes B")
-    p.add_argument("--budgets", nargs="+", type=parse_budget, default=BUDGETS, help="1/64 (of the context) or tokens")
+    p.add_argument("--budgets", nargs="+", type=parse_budget, default=BUDGETS, help="fractions like 1/64, or tokens")
     p.add_argument("--steps", type=positive_int, default=20, help="timed steps (median), also one-layer SDPA's replays")
     p.add_argument("--prefill-len", type=positive_int, default=32768, help="prompt tokens of the prefill timing")
     p.add_argument("--compile", action="store_true", help="Transformer.compile_pointwise first (both sides)")

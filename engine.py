@@ -207,12 +207,19 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
 # Command line: the parser and its argument types
 
 class ShowDefaults(argparse.HelpFormatter):
-    """--help adds each option's default as one would type it: "(default: 1024 2048)", not "[1024, 2048]"."""
+    """--help adds each option's default as one would type it: "(default: 1/64 2048)", not "[0.015625, 2048]"."""
     def _get_help_string(self, action):
         d, text = action.default, action.help
         if d is None or d is False or d is argparse.SUPPRESS or text is None or "(default" in text:
             return text
-        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+
+        def typed(v):  # a fraction as 1/64 where the option's own type reads that back (budgets; not a float's)
+            f = str(Fraction(v).limit_denominator(10 ** 6)) if isinstance(v, float) and 0 < v < 1 else None
+            try:
+                return f if f and action.type(f) == v else str(v)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                return str(v)
+        shown = " ".join(map(typed, d)) if isinstance(d, (list, tuple)) else typed(d)
         return f"{text} (default: {shown.replace('%', '%%')})"  # argparse %-formats the help text
 
 

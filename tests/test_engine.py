@@ -567,9 +567,10 @@ def test_bad_hash_weights_file(capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, shown", [
     (["engine.py"], ["(default: 2048)", "file's own, else 128)", "(default: 200)", "(default: hash)", "(default: 0)"]),
-    (["eval.py"], ["(default: 0.125 0.0625 0.03125 0.015625)", "(default: 1024 2048 4096 8192)", "(default: 16:16)"]),
-    (["bench.py", "e2e"], ["(default: 0.015625 2048)", "(default: llama-3.1-8b)", "(default: 32768 131072)"]),
-    (["train_hash.py"], ["(default: 300)", "(default: 4096 8192)", "(default: 1e-06)"]),
+    (["eval.py"], ["(default: 1/8 1/16 1/32 1/64)", "(default: 1024 2048 4096 8192)", "(default: 16:16)",
+                  "Quest (default: 1/4)"]),  # budgets as fractions, as typed
+    (["bench.py", "e2e"], ["(default: 1/64 2048)", "(default: llama-3.1-8b)", "(default: 32768 131072)"]),
+    (["train_hash.py"], ["(default: 300)", "(default: 4096 8192)", "(default: 1e-06)", "seq-len) (default: 0.25)"]),
 ])
 def test_help_shows_the_defaults_as_typed(capsys, argv, shown):  # and nothing argparse would print as a repr
     import bench, eval as ev, train_hash
