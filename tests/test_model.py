@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from engine import generate
 import model as model_module
 from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, ModelArgs, RMSNorm, Transformer, causal_attention,
-                   checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta, rope_frequencies)
+                   checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
+                   rope_frequencies)
 from tests.helpers import write_gguf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
@@ -976,3 +977,38 @@ def test_config_defaults_when_keys_are_absent(tmp_path):
     pytest.importorskip("gguf")
     args = checkpoint_metadata(write_model_gguf(tmp_path / "m.gguf", {}))[1]
     assert (args.rope_theta, args.n_kv_heads) == (10000.0, 2)
+
+
+def test_checkpoint_folders_read_by_their_weights(small_smol, tmp_path):
+    """A Meta download holding a config.json loads as Meta (the format whose weights are there); folder names with
+    glob characters are names, not patterns; shards whose pieces do not fit, a tensor name that is not a string and
+    one part of a split GGUF are each one ValueError naming what is wrong."""
+    args, sd = small_smol
+    meta, hf = tmp_path / "llama [8b]", tmp_path / "hf[1]"
+    write_meta(meta, args, sd, n_layers=1)
+    write_hf(hf, args, sd, n_layers=1)
+    (hf / "m.gguf").write_bytes(b"GGUF")  # a stray .gguf beside a Hugging Face checkpoint's own weights
+    (meta / "config.json").write_text((hf / "config.json").read_text())
+    assert checkpoint_format(str(meta)) == ("meta", str(meta)) and checkpoint_format(str(hf)) == ("hf", str(hf))
+    want = load_checkpoint(str(hf))[1]
+    got = load_checkpoint(str(meta))[1]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    one = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    for i in range(2):  # row-parallel weights split on dim 1, the others on dim 0
+        torch.save({name: (w.chunk(2, 1 if name.endswith(("wo.weight", "w2.weight")) else 0)[i] if w.dim() == 2
+                           else w).contiguous() for name, w in one.items()}, meta / f"consolidated.0{i}.pth")
+    w2 = torch.load(meta / "consolidated.01.pth", weights_only=True)
+    torch.save({**w2, "layers.0.feed_forward.w2.weight": w2["layers.0.feed_forward.w2.weight"][:-1]},  # a row short
+               meta / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=r"llama \[8b\]: layers.0.feed_forward.w2.weight: the consolidated.\*.pth "
+                                         r"shards' pieces do not fit together \(.*\); re-download them"):
+        load_checkpoint(str(meta))
+    torch.save({**w2, 7: torch.zeros(2)}, meta / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=r"malformed checkpoint \(a consolidated.\*.pth holds no \{name: tensor\}"):
+        load_checkpoint(str(meta))
+    pytest.importorskip("gguf")
+    part = write_model_gguf(tmp_path / "m-00001-of-00002.gguf", {"split.count": 2, "split.no": 0})
+    for read in (load_checkpoint, checkpoint_metadata):
+        with pytest.raises(ValueError, match=r"m-00001-of-00002.gguf: part 1 of a GGUF split into 2 files; merge "
+                                             r"them first \(llama-gguf-split --merge\)"):
+            read(part)
