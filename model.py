@@ -921,12 +921,12 @@ def read_hf(path):
     from safetensors import safe_open
     args = hf_args(path)
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    if os.path.isfile(os.path.join(path, "model.safetensors")):  # before an index, as transformers reads them
+        files = ["model.safetensors"]
+    elif os.path.isfile(index):
         files = sorted(set(read_json(index)["weight_map"].values()))
         if bad := [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]:
             raise ValueError(f"{index}: its weight_map names files outside the directory ({bad[0]!r})")
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
     else:
         raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (pickled .bin "
                          f"checkpoints are not loaded; convert them to safetensors)")
