@@ -903,7 +903,7 @@ def hf_args(path):
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"{path}: unsupported hidden_act {cfg['hidden_act']!r}; Llama's MLP is SwiGLU (silu)")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = rope.get("rope_type", rope.get("type", None if "factor" in rope else "default"))  # a factor alone: refused
     scaling = None if kind == "default" else {"type": kind, **{k: v for k, v in rope.items()
                                                               if k not in ("rope_type", "type", "rope_theta")}}
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],

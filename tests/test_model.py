@@ -944,12 +944,16 @@ def test_meta_scaled_rope_factor_and_context_by_family(tmp_path):
 
 
 def test_hf_rope_scaling_in_the_older_type_key(tmp_path):
-    """Configs before transformers 4.45 spell rope_scaling's kind as "type" (Code Llama, Llama 2 long-context)."""
+    """Configs before transformers 4.45 spell rope_scaling's kind as "type" (Code Llama, Llama 2 long-context); a
+    factor with no kind is refused (transformers fails on it too), not read as no scaling."""
     cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
            "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5,
            "rope_scaling": {"type": "linear", "factor": 2.0}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert checkpoint_metadata(str(tmp_path))[1].rope_scaling == {"type": "linear", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"factor": 2.0}}))
+    with pytest.raises(ValueError, match=r"unsupported RoPE scaling None, the 'type' of"):
+        checkpoint_metadata(str(tmp_path))
 
 
 def test_a_stored_rotary_inv_freq_is_consumed(small_smol, tmp_path):
