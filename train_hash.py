@@ -45,7 +45,7 @@ from engine import (Parser, check_writable, checkpoint_label, cli, default_check
                     frac, is_default_model, note_ignored, path_name, plural, positive_int, torch_seed, write_png,
                     write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import (HataArgs, apply_rope, from_checkpoint, key_signature, load_hash_projections,
+from model import (HataArgs, apply_rope, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections,
                    random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -586,6 +586,7 @@ def run(args):
         check_writable(args.report_dir, "--report-dir")
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
+    checkpoint_metadata(checkpoint)  # a wrong --checkpoint fails as itself, not as its tokenizer (as engine.py)
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
     t0 = time.perf_counter()
     tok = Tokenizer.from_path(checkpoint)

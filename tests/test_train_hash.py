@@ -561,6 +561,13 @@ def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     assert "nonexistent" not in err  # the arguments fail, not the missing checkpoint
 
 
+def test_a_wrong_checkpoint_fails_as_itself_not_as_its_tokenizer(tmp_path, capsys):
+    """A folder holding another model's config.json (and so no tokenizer this reads) is named for the model."""
+    (tmp_path / "config.json").write_text('{"model_type": "mistral"}')
+    assert th.main(["--out", str(tmp_path / "p.safetensors"), "--checkpoint", str(tmp_path)]) == 2
+    assert "unsupported model_type 'mistral'; hata runs Llama models" in capsys.readouterr().err
+
+
 def test_a_value_out_of_range_names_only_its_flag(capsys):
     """--query-from 1.5 is named alone (the message once restated --val-seqs and --shift, whose values were fine)."""
     assert th.main(["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf", "--query-from", "1.5"]) == 2
