@@ -749,12 +749,14 @@ def checkpoint_format(path):
         raise FileNotFoundError(f"{path}: {', '.join(broken[:3])} " + ("links to a file that does" if len(broken) == 1
                                 else "link to files that do") + " not exist; an incomplete download?")
     ggufs = any(name.endswith(".gguf") for name in names)
+    # the format whose weights are there first (a Meta download may hold a config.json too); a Hugging Face GGUF
+    # repository holds a config.json beside its .gguf file and no other weights: it is read as the .gguf
     found = [(fmt, any(fnmatch.fnmatch(n, weights) for n in names)) for fmt, name, weights in
              (("hf", "config.json", "model*.safetensors*"), ("meta", "params.json", "consolidated.*.pth"))
              if os.path.isfile(os.path.join(path, name))]
-    for fmt, has_weights in sorted(found, key=lambda f: not f[1]):  # the format whose weights are there first (a
-        if has_weights or not ggufs:  # Meta download may hold a config.json); a Hugging Face GGUF repository holds a
-            return fmt, path          # config.json beside its .gguf file and no other weights: the .gguf
+    for fmt, has_weights in sorted(found, key=lambda f: not f[1]):
+        if has_weights or not ggufs:
+            return fmt, path
     how = "pass a .gguf file or a checkpoint directory"
     path, head = file_head(path, missing=ValueError(  # a directory: its one .gguf (the default model's package)
         f"{path} has no config.json (Hugging Face), params.json (Meta) or .gguf file; {how}"))
