@@ -94,6 +94,20 @@ def test_offload_prefill_from_an_explicit_zero_position():
         model(tokens[:, :5], input_pos=torch.tensor([0])), model(tokens[:, 5:], input_pos=torch.tensor([5]))], 1))
 
 
+def test_host_cache_answers_a_prefill_with_its_own_or_copied_rows():
+    """A fresh prefill attends over k, v themselves (no copy: the plan budgets none for a one-chunk prompt); a
+    later chunk over a copy of the rows up to its end, never the host memory itself (on CUDA: read over PCIe)."""
+    cache = HostKVCache(1, 2, 16, 4, torch.float32)
+    k, v = torch.randn(2, 1, 2, 5, 4).unbind(0)
+    out = cache.update(torch.arange(5)[None], k, v)
+    assert out[0] is k and out[1] is v
+    k2, v2 = torch.randn(2, 1, 2, 3, 4).unbind(0)
+    out = cache.update(torch.arange(5, 8)[None], k2, v2)
+    assert torch.equal(out[0], torch.cat([k, k2], 2)) and torch.equal(out[1], torch.cat([v, v2], 2))
+    assert all(o.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+               for o, h in zip(out, (cache.k, cache.v)))
+
+
 def test_cap_offloads_only_what_does_not_fit():
     model = tiny()
     layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
@@ -104,7 +118,8 @@ def test_cap_offloads_only_what_does_not_fit():
     assert "+ 0.00 GiB while a later prefill chunk copies one back" in str(plan)
     assert plan_offload(model, 1, 256, kv_gpu_gb=(3 * layer + codes - 1) / GiB).layers == [1, 2, 3]
     assert plan_offload(model, 1, 256, kv_gpu_gb=(4 * layer + codes) / GiB).layers == []  # all fit: no copy
-    assert "copies" not in str(plan_offload(model, 1, 256, kv_gpu_gb=100))
+    none = str(plan_offload(model, 1, 256, kv_gpu_gb=100))
+    assert none.startswith("offload: K/V of 0 sparse layers in host") and "copies" not in none
     one = plan_offload(model, 1, 256, kv_gpu_gb=cap, copy_len=0)  # a one-chunk prompt: no copy, one layer fewer
     assert one.layers == [3] and one.gpu_bytes == 3 * layer + codes and "copies" not in str(one)
     with pytest.raises(ValueError, match=rf"needs {layer + codes} bytes .* offloaded \(dense layers, hash codes\), "):
@@ -176,6 +191,19 @@ def test_host_memory_counts_a_containers_cap(tmp_path):
     for cap, want in (("9223372036854771712\n", 50 * 1024), ("30000\n", 23000)):
         (v1 / "memory.limit_in_bytes").write_text(cap)
         assert host_available(meminfo, str(v1)) == want
+
+
+def test_host_memory_skips_damaged_files(tmp_path):
+    """A /proc/meminfo without MemAvailable (old kernels, some containers) is unknown; a cgroup file that is empty
+    or lacks its line caps nothing: neither is an exception out of the plan."""
+    (tmp_path / "meminfo").write_text("MemTotal: 1000 kB\n")
+    assert host_available(str(tmp_path / "meminfo"), str(tmp_path / "none")) is None
+    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable: 50 kB\n")
+    (cg := tmp_path / "cg").mkdir()
+    for current, stat in (("", "inactive_file 0\n"), ("50\n", "anon 5\n")):  # empty; no inactive_file line
+        for name, text in (("memory.max", "100\n"), ("memory.current", current), ("memory.stat", stat)):
+            (cg / name).write_text(text)
+        assert host_available(str(tmp_path / "meminfo"), str(cg)) == 50 * 1024
 
 
 def test_offload_refuses_selectors_that_read_every_key():
