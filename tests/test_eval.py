@@ -145,6 +145,19 @@ def test_retrieval_decodes_one_step_past_the_answer(tok, monkeypatch, after, cor
     assert recs[0]["seed"] == 1  # the sample's own, which a merge joins on
 
 
+def test_a_key_longer_than_the_caches_slack_is_refused(monkeypatch):
+    """The prompt is C - N_DIGITS tokens and prefill stops one short: an answer of N_DIGITS + 1 tokens fits, one
+    more does not (it would decode past the cache)."""
+    monkeypatch.setattr(ev, "run_policies", lambda *a: 1 / 0)  # what follows the check
+    spec, pols = [(512, "single", "noise", 0.5, 1)], [("dense", None, None)]
+    for n, stop, words in ((ev.N_DIGITS + 1, ZeroDivisionError, None),
+                           (ev.N_DIGITS + 2, ValueError, f"spends {ev.N_DIGITS + 2} tokens on a 5-digit key")):
+        monkeypatch.setattr(ev, "retrieval_prompt", lambda tok, hay, task, length, depth, rng: ([1] * length, "12345",
+                                                                                              list(range(n))))
+        with pytest.raises(stop, match=words):
+            ev.run_retrieval(None, None, {"noise": None}, spec, pols, 1)
+
+
 def test_a_rows_answer_is_cut_at_its_own_first_miss_whatever_its_batch(monkeypatch):
     """Greedy decoding with `expect` runs while any row still matches; each row is then cut after its own first
     token off its answer (before: row 0, off at its first token, decoded on beside row 1 and wrote the key, which
@@ -348,6 +361,37 @@ def test_report_states_the_perplexity_increase_over_dense():
     assert "| oracle | 2.500 (+25.0%) | 87.5% |" in md
 
 
+def test_report_rows_read_their_own_context_and_plan(tmp_path):
+    """The kept-share table splits by context; a finished perplexity run claims no cut; no † without a forced row;
+    results.md's first line records the command and seconds."""
+    recs = [{"context": C, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
+             "correct": {"dense": True, "oracle 1/8": C == 2048}} for C in (1024, 2048)]
+    ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
+           "oracle 1/8": {"ppl": 2.5, "agree": 0.875, "nll": 0.92, "positions": 8}}
+    results = {"command": "c", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {"retrieval": 3},
+               "ppl_context": 1024, "retrieval": recs, "perplexity": ppl, "perplexity_planned": 8}
+    md = ev.report(results)
+    assert "| oracle | 1/8 | 0% of 1 | 100% of 1 |" in md
+    assert "stopped" not in md and "†" not in md
+    ev.write_report(results, str(tmp_path), "x")
+    assert (tmp_path / "x_results.md").read_text().startswith("Command: `c`; seconds: {'retrieval': 3}\n")
+
+
+def test_plot_draws_the_tables_numbers(monkeypatch):
+    """Kept share in %, perplexity over dense's, each point at 1 / budget (on its tick)."""
+    figs = []
+    monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
+    recs = [{"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
+             "correct": {"dense": True, "oracle 1/8": ok, "oracle 1/16": False}} for ok in (True, False)]
+    ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
+           "oracle 1/8": {"ppl": 2.5, "agree": 0.5, "nll": 0.92, "positions": 8},
+           "oracle 1/16": {"ppl": 3.0, "agree": 0.25, "nll": 1.1, "positions": 8}}
+    assert ev.plot({"selectors": ["oracle"], "budgets": [1 / 8, 1 / 16], "retrieval": recs, "perplexity": ppl}, "x")
+    kept, rel, agree = (ax.lines[0] for ax in figs[0].axes)
+    assert list(kept.get_xdata()) == [8.0, 16.0] and list(kept.get_ydata()) == [50.0, 0.0]
+    assert list(rel.get_ydata()) == [1.25, 1.5] and list(agree.get_ydata()) == [50.0, 25.0]
+
+
 def test_merge_refuses_what_would_join_two_things_under_one_key():
     """Retrieval runs from before needles at depth 100% went between sentences (no needle_rule) do not join newer ones
     (one spec, two prompts); budgets whose labels collide (0.12345678901 and ...02) do not share their columns."""
@@ -437,6 +481,11 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                           "at most --ppl-context - 2 (254)"),
                                          (["--quick", "--ppl-tokens", "2000"], "--ppl-context - 2 (1022)"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
+                                         (["--quest", "16:16x"], "must be n_sink:n_recent"),
+                                         (["--budgets", "1"], FRACTION),  # one token is no fraction
+                                         (["--contexts", "1024", "--samples", "4", "4"],
+                                          "--samples needs one count per --contexts length (1)"),
+                                         (["--contexts", "127", "--samples", "1"], "retrieval needs --contexts >= 128"),
                                          (["--contexts", "40", "--samples", "1"],
                                           "--contexts 40 is too short: retrieval needs --contexts >= 128"),
                                          (["--minutes", "0"], "--minutes 0.0: retrieval needs --minutes > 0"),
@@ -481,6 +530,8 @@ def test_flags_are_checked_against_the_model_for_the_tasks_that_run(
     monkeypatch.setattr(ev, "selectors", lambda *a, **k: 1 / 0)  # what follows the checks: must not be reached
     base = ["--selectors", "oracle", "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]
     assert ev.main(["--n-dense", "30"] + base) == 2 and "--n-dense 30 must be in [0, 30)" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # every layer sparse: allowed
+        ev.main(["--n-dense", "0"] + base)
     real_corpus = ev.load_corpus
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # the context: from the metadata, before it
     monkeypatch.setattr(ev, "load_corpus", lambda *a, **k: 1 / 0)  # and before the text (it asked for more)
@@ -536,6 +587,26 @@ def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, 
     assert ev.main(["--report", str(tmp_path / "argv_results.json"), str(tmp_path / "other_results.json"),
                     "--out-dir", str(tmp_path), "--name", "both"]) == 2
     assert "differ in model, weights, text, rbit or n_dense" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_not_marked_cut_and_its_own_file_rebuilds_by_any_spelling(
+        gguf_path, smol, tok, monkeypatch, tmp_path):
+    """retrieval_cut is true only where --minutes skipped samples; --report given the run's own results file as a
+    relative path rebuilds the report and leaves the file as it is (no --overwrite needed)."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    monkeypatch.setattr(ev, "run_retrieval", lambda model, tok, hays, specs, *a: [
+        {"context": C, "task": t, "haystack": h, "depth": d, "seed": sd, "answer": "1",
+         "correct": {"dense": True, "oracle 1/8": True}} for C, t, h, d, sd in specs])
+    (tmp_path / "text.txt").write_text(PROSE * 10)
+    assert ev.main(["--tasks", "retrieval", "--selectors", "oracle", "--budgets", "1/8", "--contexts", "128",
+                    "--samples", "2", "--text", str(tmp_path / "text.txt"), "--checkpoint", gguf_path,
+                    "--out-dir", str(tmp_path), "--name", "x"]) == 0
+    text = (tmp_path / "x_results.json").read_text()
+    assert json.loads(text)["retrieval_cut"] is False and json.loads(text)["retrieval_planned"] == 2
+    monkeypatch.chdir(tmp_path)
+    assert ev.main(["--report", "x_results.json", "--out-dir", str(tmp_path), "--name", "x"]) == 0
+    assert (tmp_path / "x_results.json").read_text() == text
 
 
 def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
@@ -711,15 +782,19 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
     (tmp_path / "no_dense.json").write_text(json.dumps({**no_context, "perplexity": {}, "retrieval": [rec]}))
     base = {"command": "t", "selectors": ["oracle"], "budgets": [0.25], "seconds": {}}
     zero = {"ppl_context": 64, "perplexity": {"dense": {"nll": 0, "ppl": 0, "agree": 1, "positions": 4}}}
-    for name, damage in [("none", {"budgets": None}), ("zero", {"budgets": [0, 0.25]}), ("five", {"selectors": 5}),
+    for name, damage in [("none", {"budgets": None}), ("zero", {"budgets": [0, 0.25]}), ("one", {"budgets": [1.0]}),
+                         ("five", {"selectors": 5}),
                          ("seconds", {"seconds": {"retrieval": "x"}}), ("ppl0", zero), ("command", {"command": 5}),
                          ("context", {"ppl_context": "64"}), ("planned", {"retrieval_planned": "8"}),
                          ("null", {"retrieval": None}), ("yes", {"retrieval": [{**rec, "correct": {"dense": "yes"}}]}),
                          ("at", {"retrieval": [{**rec, "context": None, "correct": {"dense": True}}]})]:
         (tmp_path / f"{name}_damaged.json").write_text(json.dumps({**base, **damage}))
     (tmp_path / "big.json").write_text('{"command": ' + "9" * 5000 + "}")  # (each of these a traceback before)
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
     for name, words in [("none_damaged.json", "none_damaged.json: its budgets (fractions in (0, 1)), selectors"),
                         ("zero_damaged.json", "zero_damaged.json: its budgets"),
+                        ("one_damaged.json", "one_damaged.json: its budgets"),
+                        ("deep.json", "deep.json is not a JSON file eval.py wrote"),
                         ("five_damaged.json", "five_damaged.json: its budgets"),
                         ("seconds_damaged.json", "seconds_damaged.json: its budgets"),
                         ("ppl0_damaged.json", "ppl0_damaged.json: a retrieval or perplexity record lacks"),
