@@ -54,6 +54,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = torch.cat([torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(-1)[:, :-1]], -1)  # (B, V) exclusive
         drop = before >= top_p  # the tokens before already reach top_p (not cumsum - p: it rounds)
+        drop[:, 0] = False  # the top token always stays (a top_p below fp32's range compares as 0: before >= it)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     if isinstance(generator, (list, tuple)):
         return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator, strict=True)])
@@ -370,7 +371,7 @@ def build_parser():
                    help="build the --preset shape with random weights on the device, for speed measurement only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama-3.1-8b", help="shape for --random-weights")
     p.add_argument("--prompt-len", type=positive_int, help="random prompt tokens with --random-weights (default: "
-                   "1024, or half the preset's context if less)")
+                   "1024, or half the cache if less: --max-seq-len, else the preset's context)")
     return p
 
 
@@ -716,14 +717,14 @@ def run_random(args, hata, device, dtype):
     """--random-weights: time prefill and decode of a preset's shape; the tokens are noise and not printed."""
     batch, unused = len(args.prompt or [None]), " (one per --prompt, its text unused)" if args.prompt else ""
     context = PRESETS[args.preset].max_seq_len
-    args.prompt_len = args.prompt_len or min(1024, context // 2)  # the tiny preset's context is 1024: room to decode
+    args.prompt_len = args.prompt_len or max(1, min(1024, (args.max_seq_len or context) // 2))  # room to decode
     max_seq_len, max_new = cache_size(args, args.prompt_len, context, f"--prompt-len is {args.prompt_len}",
                                       all_dense=bool(hata) and hata.n_dense >= PRESETS[args.preset].n_layers)
     model = random_model(args.preset, hata, device, dtype)
     model.warned_random_projections = True  # (the start line says so) trained ones would select no better here
     setup(model, args, batch, max_seq_len, args.prompt_len)
     print(f"random weights in the {args.preset} shape ({model.args.describe()}, {dtype}, {device}), for speed only: "
-          f"the output is noise; {plural(batch, 'random prompt')} of {args.prompt_len} tokens{unused}; "
+          f"the output is noise; {plural(batch, 'random prompt')} of {plural(args.prompt_len)}{unused}; "
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, args.prompt_len), generator=gen)

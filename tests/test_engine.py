@@ -825,6 +825,10 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err  # 1024 + 200 > 1024
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # the default: half
     assert code == 0 and "1 random prompt of 512 tokens" in err and "at most" not in err  # of the context, not 1024
+    for cache, prompt in (("100", "50 tokens"), ("1", "1 token")):  # of the cache asked for, where it is given
+        code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", cache,
+                               "--device", "cpu")
+        assert code == 0 and f"1 random prompt of {prompt};" in err
     args = argparse.Namespace(max_seq_len=None, max_new_tokens=5)  # a real prompt: its length, not a flag
     with pytest.raises(ValueError, match="^the prompt has 2000 tokens but the model's context is 1024 tokens$"):
         engine.cache_size(args, 2000, 1024)
@@ -868,6 +872,7 @@ def test_sampling_temperature():
     assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations: 0.029
     for tiny in (1e-39, 1e-50, 5e-324):  # logits / T overflows (not inf - inf); T is 0 in fp32 (not 0 / 0)
         assert sample(torch.tensor([[0.0, 1.0, 3.0]]), tiny).tolist() == [2]
+        assert sample(torch.tensor([[0.0, 1.0, 3.0]]), 1.0, top_p=tiny).tolist() == [2]  # 0 in fp32: the top stays
 
 
 @pytest.mark.usefixtures("gguf_path")
