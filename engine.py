@@ -296,6 +296,8 @@ def thread_count(text):
 
 def torch_seed(text):
     """argparse type for seeds: a whole number in the range torch's generators take."""
+    if not re.fullmatch(r"\s*[+-]?\d+\s*", text):  # as int() reads it, less its underscores
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}")
     if not -2 ** 63 <= int(text) < 2 ** 64:
         raise argparse.ArgumentTypeError(f"seed {text} is outside -2^63 .. 2^64 - 1, the range torch's generators take")
     return int(text)

@@ -546,7 +546,7 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--seq-len", "63"],
                                           "--seq-len 63: at least 64, where the budget 1/64 is one key"),
                                          (["--checkpoint", ""], "--checkpoint: an empty path"),
-                                         (["--seed", "1.5"], "invalid torch_seed value"),
+                                         (["--seed", "1.5"], "--seed: must be a whole number, got '1.5'"),
                                          (["--batch", "17"], "--batch 17 must be <= --n-seqs 16"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
