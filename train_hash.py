@@ -45,12 +45,14 @@ from engine import (Parser, check_writable, checkpoint_label, cli, default_check
                     frac, is_default_model, note_ignored, path_name, plural, positive_int, torch_seed, write_png,
                     write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import (HataArgs, apply_rope, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections,
-                   random_hash_projections, read_hash_file, rope_frequencies, save_hash_projections)
+from model import (HataArgs, apply_rope, check_hash_model, checkpoint_metadata, from_checkpoint, key_signature,
+                   load_hash_projections, random_hash_projections, read_hash_file, rope_frequencies,
+                   save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = (1 / 8, 1 / 16, 1 / 32, 1 / 64)  # fractions of the keys a query sees (report) or of the cache (eval.py)
 LOSS_DEFAULTS = {"listwise": dict(sigma=80.0, eta=0.5), "pair": dict(sigma=0.1, eta=2.0)}  # (EVAL.md)
+NO_SUCH_TERM = {"listwise": "eps", "pair": "alpha"}  # each loss's flag the other loss reads: noted, never checked
 
 
 @contextlib.contextmanager
@@ -561,8 +563,10 @@ def run(args):
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
     note_ignored(args, build_parser(), [(TRAINING, args.report, "--report trains nothing"),
                                         (REPORT, not args.report, "they set up --report; this run trains"),
-                                        ({"pair": ("--alpha",), "listwise": ("--eps",)}[args.loss], not args.report,
+                                        ((f"--{NO_SUCH_TERM[args.loss]}",), not args.report,
                                          f"--loss {args.loss} has no such term")])
+    if (args.n_dense or 0) < 0:  # (HataArgs would name n_dense, not the flag)
+        raise ValueError(f"--n-dense {args.n_dense}: must be >= 0")
     args.n_dense = resolve_n_dense(args.hash_weights if args.report else None, args.n_dense)
     train_rbits = list(dict.fromkeys(args.rbit or [HataArgs.rbit]))  # each size once
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
@@ -592,6 +596,9 @@ def run(args):
     tok = Tokenizer.from_path(checkpoint)
     model = from_checkpoint(checkpoint, None, device=args.device)
     margs = model.args
+    # another model's projection file is named as such, not as the --n-dense it carries
+    for path in (args.hash_weights or []) if args.report else []:
+        check_hash_model(read_hash_file(path, with_tensors=False)[0], margs, path)
     if not 0 <= args.n_dense < margs.n_layers:
         raise ValueError(f"--n-dense {args.n_dense} must be in [0, {margs.n_layers})")
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); "
@@ -618,6 +625,7 @@ def training_settings(args):
                for n in ("sigma", "eta")})
     rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
              "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
+    rules.pop(NO_SUCH_TERM[args.loss])
     if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and math.isfinite(hp[n]))]:  # before prefills
         raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
                          "--lam, --eta >= 0, each finite")
@@ -695,9 +703,12 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     stem = lambda path: os.path.splitext(os.path.basename(path))[0]
     for path, meta in metas.items():
         r, nd = int(meta["rbit"]), int(meta["n_dense"])  # nd == args.n_dense: resolve_n_dense checked it
-        stems = [stem(p) for p, m in metas.items() if m["rbit"] == meta["rbit"]]  # this R's files: each by its
-        label = stem(path) if stems.count(stem(path)) == 1 else path  # name, or its path where names repeat
-        name = f"trained R={r}" + ("" if len(stems) == 1 else f" ({label})")
+        # this R's files, each labelled by its name, or by its path where names repeat (every one by its path where
+        # a path would read as another file's name)
+        same = [p for p, m in metas.items() if m["rbit"] == meta["rbit"]]
+        labels = [stem(p) if [stem(q) for q in same].count(stem(p)) == 1 else p for p in same]
+        label = labels[same.index(path)] if len(set(labels)) == len(labels) else path
+        name = f"trained R={r}" + ("" if len(same) == 1 else f" ({label})")
         selectors[name] = load_hash_projections(path, margs, HataArgs(rbit=r, n_dense=nd), key_signature(model, nd))
         selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
     for r in args.rbit or ([] if files else [HataArgs.rbit]):  # sizes asked for without a file: random ones

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import train_hash as th
-from model import PRESETS, HataArgs, Transformer, key_signature, load_hash_projections, save_hash_projections
+from model import (PRESETS, HataArgs, Transformer, key_signature, load_hash_projections, random_hash_projections,
+                   save_hash_projections)
 
 
 def h(x, P, sigma):
@@ -547,6 +548,7 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                           "--seq-len 63: at least 64, where the budget 1/64 is one key"),
                                          (["--checkpoint", ""], "--checkpoint: an empty path"),
                                          (["--seed", "1.5"], "--seed: must be a whole number, got '1.5'"),
+                                         (["--n-dense", "-1"], "--n-dense -1: must be >= 0"),
                                          (["--batch", "17"], "--batch 17 must be <= --n-seqs 16"),
                                          (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
@@ -605,7 +607,9 @@ def test_the_report_takes_n_dense_from_its_files_before_loading(tmp_path, capsys
     (["--out", "p.safetensors", "--seq-len", "64"], None),
     (["--out", "p.safetensors", "--eps", "0.1"], "--eps (--loss listwise has no such term)"),
     (["--out", "p.safetensors", "--loss", "pair", "--alpha", "3", "--eps", "0.1"], "--alpha (--loss pair has no such "
-                                                                                   "term)")])
+                                                                                   "term)"),
+    (["--out", "p.safetensors", "--eps", "-1"], "--eps (--loss listwise has no such term)"),  # noted, not refused
+    (["--out", "p.safetensors", "--loss", "pair", "--alpha", "0"], "--alpha (--loss pair has no such term)")])
 def test_the_other_modes_flags_are_noted_as_ignored(argv, ignored, capsys, tmp_path):
     """Training reads no report flag and --report no training flag: a run names those given, before loading."""
     where = ["--report-dir", str(tmp_path)] if "--report" in argv else []
@@ -693,9 +697,22 @@ def test_the_report_reads_the_asked_sizes_each_length_once_and_records_its_comma
     assert {cell for cell in cells if "R=" in cell} == {"trained R=64", "random R=64", "random R=32"}
 
 
-def test_files_of_one_size_each_get_a_row(gguf_path, tmp_path):
+def test_a_report_names_another_models_file_not_the_n_dense_it_carries(gguf_path, tmp_path, capsys):
+    """A file made for Llama 2 7B (32 layers, n_dense 31) against the default model (30 layers): the file is named,
+    not an --n-dense the run was never given."""
+    big = PRESETS["llama-2-7b"]
+    save_hash_projections(path := str(tmp_path / "other.safetensors"), random_hash_projections(big, 32, 31), big,
+                          HataArgs(rbit=32, n_dense=31))
+    assert th.main(["--report", "--hash-weights", path, "--eval-len", "64", "--eval-seqs", "1", "--eval-queries", "2",
+                    "--report-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"hash weights {path} were made for 'llama dim=4096" in err and "--n-dense" not in err
+
+
+def test_files_of_one_size_each_get_a_row(gguf_path, tmp_path, monkeypatch):
     """Three files of R = 64 with one name in three folders: three rows, each named by its path (the third
-    replaced the second before, and the second's "(x)" did not tell it from the first)."""
+    replaced the second before, and the second's "(x)" did not tell it from the first); so too where one file's
+    name (x.safetensors.safetensors: "x.safetensors") is another's path."""
     copies = []
     for d in ("d1", "d2", "d3"):
         (tmp_path / d).mkdir()
@@ -706,6 +723,17 @@ def test_files_of_one_size_each_get_a_row(gguf_path, tmp_path):
     text = (tmp_path / "r" / "hash_quality.md").read_text()
     rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| trained")}
     assert rows == {f"trained R=64 ({path})" for path in copies}
+    copies[2] = copies[0] + ".safetensors"  # d1/x.safetensors.safetensors: its name is the others' path's end
+    shutil.copy(copies[0], copies[2])
+    monkeypatch.chdir(tmp_path)
+    names = [os.path.relpath(p, tmp_path) for p in copies]  # d1/x.safetensors, d2/..., d1/x.safetensors.safetensors
+    names[0] = os.path.basename(copies[0])  # and one given as x.safetensors, the third's name
+    shutil.copy(copies[0], tmp_path / names[0])
+    assert th.main(["--report", "--hash-weights", *names, "--eval-len", "64", "--eval-seqs", "1", "--eval-queries",
+                    "2", "--report-dir", str(tmp_path / "r2")]) == 0
+    text = (tmp_path / "r2" / "hash_quality.md").read_text()
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| trained")}
+    assert rows == {f"trained R=64 ({name})" for name in names}  # three rows, each by its path
 
 
 def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_path, capsys):
