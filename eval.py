@@ -341,7 +341,7 @@ def merge(runs):
     """One results dict from several runs of one setup (model and its weights, held-out text, rbit, n_dense: else
     refused). Retrieval samples are joined by their spec: runs over the same samples add selectors, runs with
     another seed add samples; a sample counts once every policy has run on it; where two runs hold the same
-    policy's result, the first run's counts (noted when their trained projections differ).
+    policy's result, the first run's counts (where their trained projections differ, none of the second's).
     Perplexity runs must share their windows (the same dense pass) and context, which the merge records."""
     ppl_contexts = {r["ppl_context"] for r in runs if r.get("perplexity")}  # a retrieval-only run records one too
     if len(ppl_contexts) > 1:
@@ -361,8 +361,11 @@ def merge(runs):
                              "their rows would mix two setups")
         files = out.get("hash_weights"), r.get("hash_weights")
         if "hata-trained" in set(out["selectors"]) & set(r["selectors"]) and files[0] != files[1]:
-            print(f"note: where both ran a policy, hata-trained is {files[0]}'s, not {files[1]}'s (the first run's "
-                  "results win)", file=sys.stderr)
+            print(f"note: hata-trained is {files[0]}'s; {files[1]}'s results are left out (one file a row)",
+                  file=sys.stderr)
+            for correct in [x["correct"] for x in r.get("retrieval", [])] + [r.get("perplexity", {})]:
+                for k in [k for k in correct if k.startswith("hata-trained ")]:
+                    del correct[k]
         out["selectors"] += [s for s in r["selectors"] if s not in out["selectors"]]
         out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
         check_labels(out["budgets"])
@@ -406,11 +409,13 @@ def report(results):
     names, budgets = results["selectors"], sorted(results["budgets"], reverse=True)
     md, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
     head = lambda cols: ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    planned = results.get("retrieval_planned", 0)  # more than ran: --minutes cut the run, or it stopped early
+    why = "the --minutes limit cut the rest" if results.get("retrieval_cut") else "the run stopped before the rest"
+    if not recs and planned:  # no batch ran
+        md += [f"### Retrieval: 0 samples (of {planned}: {why})", ""]
     if recs:
         ran, contexts = recs[0]["correct"], sorted({r["context"] for r in recs})
         acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / len(rs):.0f}%" if rs else "-"
-        planned = results.get("retrieval_planned", 0)  # more than ran: --minutes cut the run, or it stopped early
-        why = "the --minutes limit cut the rest" if results.get("retrieval_cut") else "the run stopped before the rest"
         cut = f" (of {planned}: {why})" if planned > len(recs) else ""
         md += [f"### Retrieval: {len(recs)} samples{cut}; dense accuracy", ""]
         md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
@@ -608,6 +613,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                          "tokens of intro, needles and question)")
     if lengths["--contexts"] and not args.minutes > 0:
         raise ValueError(f"--minutes {args.minutes}: retrieval needs --minutes > 0")
+    fs = sorted(set(args.budgets) | set(args.quest_budgets if "quest" in args.selectors else []))
+    if dense := [(f, C) for f in fs for C in sum(lengths.values(), []) if HataArgs(budget=f).budget_tokens(C) >= C]:
+        raise ValueError(f"budget {frac(dense[0][0])} of a {dense[0][1]}-token context is all of it: every step would "
+                         "decode densely under a sparse label")
     if bad := [f"--{flag} {n}" for flag, n in (("sink", args.sink), ("n-dense", args.n_dense)) if (n or 0) < 0]:
         raise ValueError(f"{', '.join(bad)}: must be >= 0")  # (as engine.py; HataArgs would say n_dense)
     check_labels(args.budgets + args.quest_budgets)
@@ -629,7 +638,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     tok = Tokenizer.from_path(checkpoint)
     docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
     if lengths["--contexts"]:  # the haystacks (perplexity alone takes any text, with sentence ends or without)
-        noise = NOISE * (4 * max(args.contexts) // len(tok.encode(NOISE)) + 2)
+        # sized by the model's context, not --contexts: a sample's seed picks its piece of this one haystack
+        noise = NOISE * (4 * context // len(tok.encode(NOISE)) + 2)
         hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
         if len(hays["prose"].ids) < max(args.contexts):  # before the model, not after perplexity
             raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import eval as ev
 from engine import write_text
-from model import PRESETS, HataArgs, Transformer, save_hash_projections
+from model import PRESETS, Attention, HataArgs, Transformer, save_hash_projections
 from tokenizer import Tokenizer
 
 PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
@@ -232,20 +232,27 @@ def test_dense_passkey_at_1k_and_report(smol, tok, tmp_path):
     assert (tmp_path / "eval_test_scores.png").stat().st_size > 10_000
 
 
-def test_teacher_forced_pass_matches_a_dense_forward(smol, tok):
+def test_teacher_forced_pass_matches_a_dense_forward(smol, tok, monkeypatch):
     C, N = 192, 24
     windows = ev.token_windows(tok, [("prose", PROSE * 4)], C, 2)  # (2, C)
     full = [("dense", None, None), ("dense again", None, None)]
-    # budget C - 1 covers every decode position (lengths <= C - 1) but stays below the capacity C, so the sparse
-    # path runs and must select everything: oracle and hash then equal dense up to rounding
+    # budget C - 1 covers every decode position (lengths <= C - 1): on the CPU such a step decodes densely (the
+    # sparse path runs where K < the current length), so oracle and hash equal dense up to rounding; at C - N - 1
+    # every scored step runs the sparse path and leaves out 1 to N keys of 168 to 191: close to dense
     full += [(name, None, HataArgs(selector=sel, budget=C - 1)) for name, sel in (("oracle", "oracle"),
                                                                                    ("hash", "hash"))]
+    full += [(f"{sel} sparse", None, HataArgs(selector=sel, budget=C - N - 1)) for sel in ("oracle", "hash")]
+    sparse_steps, real = [], Attention.sparse_decode
+    monkeypatch.setattr(Attention, "sparse_decode", lambda self, *a: sparse_steps.append(1) or real(self, *a))
     res = ev.run_teacher_forced(smol, windows, N, full, batch=2)
     assert res["dense"]["positions"] == 2 * N
     assert res["dense again"]["agree"] == 1.0 and res["dense again"]["nll"] == res["dense"]["nll"]
     for name in ("oracle", "hash"):
         assert res[name]["agree"] == 1.0
         assert abs(res[name]["nll"] - res["dense"]["nll"]) < 1e-4
+        sparse = res[f"{name} sparse"]
+        assert sparse["agree"] >= 0.95 and abs(sparse["nll"] - res["dense"]["nll"]) < 0.01
+    assert len(sparse_steps) == 2 * N * (smol.args.n_layers - HataArgs.n_dense)  # the two sparse policies' steps
     # the decode bookkeeping: the same NLL as one dense forward over the whole window
     smol.setup_caches(2, C)
     with torch.inference_mode():
@@ -320,15 +327,19 @@ def test_merge_keeps_two_seeds_prompts_of_one_key_apart_and_notes_what_it_leaves
 
 
 def test_merge_notes_trained_rows_of_other_projections(capsys):
-    """Two runs of hata-trained with different --hash-weights: the first run's results count, and the merge says so."""
-    def run(weights):
-        rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
-               "correct": {"dense": True, "hata-trained 1/8": weights == "a.safetensors"}}
+    """Two runs of hata-trained with different --hash-weights: only the first run's results count, also on the
+    samples only the second run holds (another seed: left out, not joined into the row), and the merge says so."""
+    def run(weights, seeds=(0,)):
+        recs = [{"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "seed": seed,
+                 "correct": {"dense": True, "hata-trained 1/8": weights == "a.safetensors"}} for seed in seeds]
+        ppl = {k: {"ppl": p, "agree": 1.0, "nll": 0.7, "positions": 8}
+               for k, p in (("dense", 2.0), ("hata-trained 1/8", 2.5 if weights == "a.safetensors" else 3.5))}
         return {"command": weights, "selectors": ["hata-trained"], "budgets": [1 / 8], "seconds": {},
-                "hash_weights": weights, "retrieval": [rec]}
-    merged = ev.merge([run("a.safetensors"), run("b.safetensors")])
-    assert ev.kept(merged["retrieval"], "hata-trained 1/8")[0] == 1.0
-    assert "hata-trained is a.safetensors's, not b.safetensors's" in capsys.readouterr().err
+                "hash_weights": weights, "retrieval": recs, "ppl_context": 64, "perplexity": ppl}
+    merged = ev.merge([run("a.safetensors"), run("b.safetensors", seeds=(0, 1))])
+    assert [x["seed"] for x in merged["retrieval"]] == [0] and ev.kept(merged["retrieval"], "hata-trained 1/8")[0] == 1
+    assert merged["perplexity"]["hata-trained 1/8"]["ppl"] == 2.5
+    assert "hata-trained is a.safetensors's; b.safetensors's results are left out" in capsys.readouterr().err
     ev.merge([run("a.safetensors"), run("a.safetensors")])
     assert capsys.readouterr().err == ""
 
@@ -450,6 +461,12 @@ def test_report_says_when_the_time_limit_cut_retrieval():
     assert "retrieval_planned" not in merged and "retrieval_cut" not in merged
 
 
+def test_report_of_a_run_whose_limit_cut_every_retrieval_sample():
+    results = {"command": "t", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval_planned": 4,
+               "retrieval_cut": True}
+    assert "### Retrieval: 0 samples (of 4: the --minutes limit cut the rest)" in ev.report(results)
+
+
 def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """The results file, rewritten after every batch, goes through a file beside it: a dump cut short (Ctrl-C, a
     full disk) leaves the earlier results as they were, and no scrap."""
@@ -486,6 +503,12 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--contexts", "1024", "--samples", "4", "4"],
                                           "--samples needs one count per --contexts length (1)"),
                                          (["--contexts", "127", "--samples", "1"], "retrieval needs --contexts >= 128"),
+                                         (["--contexts", "128", "--samples", "1", "--budgets", "0.995"],
+                                          "budget 199/200 of a 128-token context is all of it: every step would "
+                                          "decode densely"),
+                                         (["--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "8",
+                                           "--selectors", "quest", "--quest-budgets", "0.999"],
+                                          "budget 999/1000 of a 256-token context is all of it"),
                                          (["--contexts", "40", "--samples", "1"],
                                           "--contexts 40 is too short: retrieval needs --contexts >= 128"),
                                          (["--minutes", "0"], "--minutes 0.0: retrieval needs --minutes > 0"),
@@ -607,6 +630,25 @@ def test_a_finished_run_is_not_marked_cut_and_its_own_file_rebuilds_by_any_spell
     monkeypatch.chdir(tmp_path)
     assert ev.main(["--report", "x_results.json", "--out-dir", str(tmp_path), "--name", "x"]) == 0
     assert (tmp_path / "x_results.json").read_text() == text
+
+
+def test_a_samples_prompt_does_not_depend_on_the_other_contexts(gguf_path, smol, tok, monkeypatch, tmp_path):
+    """The noise haystack is sized by the model's context, so a sample (context, task, depth, seed) gets the same
+    prompt whatever the other --contexts are (a merge joins samples by that spec)."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    prompts = []
+    def prompts_of(model, tok, hays, specs, *a):  # the prompts of the 128-token samples, instead of running them
+        prompts.append([ev.retrieval_prompt(tok, hays[h], t, C - ev.N_DIGITS, d, random.Random(sd))[0]
+                        for C, t, h, d, sd in specs if C == 128])
+        return []
+    monkeypatch.setattr(ev, "run_retrieval", prompts_of)
+    (tmp_path / "text.txt").write_text(PROSE * 20)
+    for contexts in (["128"], ["128", "256"]):
+        assert ev.main(["--tasks", "retrieval", "--selectors", "oracle", "--budgets", "1/8", "--contexts", *contexts,
+                        "--samples", *["4"] * len(contexts), "--text", str(tmp_path / "text.txt"),
+                        "--checkpoint", gguf_path, "--out-dir", str(tmp_path), "--name", str(len(contexts))]) == 0
+    assert len(prompts[0]) == 4 and prompts[0] == prompts[1]
 
 
 def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
