@@ -156,6 +156,20 @@ def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys)
     assert capsys.readouterr().err == "error: --seqlens 16384 exceed the context\n"
 
 
+def test_points_given_twice_or_out_of_order_run_once_along_s(monkeypatch):
+    """--seqlens 1024 16 16 times 16 then 1024 (an unsorted list drew its plot's lines back and forth); each shape,
+    batch and budget once, in the order given."""
+    seen = []
+    monkeypatch.setattr(bench, "bench_cpu", lambda args: seen.append(args.seqlens) or 0)
+    assert bench.main(["cpu", "--seqlens", "1024", "16", "16", "--plot", "x.png"]) == 0 and seen == [[16, 1024]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_attention", lambda args: seen.append((args.shapes, args.batches)) or 0)
+    assert bench.main(["attention", "--shapes", "default", "llama8b", "default", "--batches", "8", "1", "8"]) == 0
+    assert seen[-1] == (["default", "llama8b"], [1, 8])
+    monkeypatch.setattr(bench, "bench_e2e", lambda args: seen.append(args.budgets) or 0)
+    assert bench.main(["e2e", "--budgets", "2048", "1/64", "2048"]) == 0 and seen[-1] == [2048, 1 / 64]
+
+
 @pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg", "xpng", "folder.png", "/proc/x.png"])
 def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, monkeypatch, capsys, tmp_path):
     """Also a folder named x.png, and a folder that takes no file (/proc): before, both failed after the timings."""
