@@ -710,8 +710,9 @@ def main(argv=None):
     if args.mode != "cpu" and not torch.cuda.is_available():
         parser.error(f"bench.py {args.mode} needs a CUDA GPU")
     mode_parser, note = sub.choices[args.mode], None  # its errors point to `bench.py MODE --help`
-    for name in ("seqlens", "batches", "shapes", "budgets"):  # each point once; contexts and batches ascending,
-        if hasattr(args, name):  # so the tables' rows and the plots' lines run along S
+    # each point once; contexts and batches ascending, so the tables' rows and the plots' lines run along S
+    for name in ("seqlens", "batches", "shapes", "budgets"):
+        if hasattr(args, name):
             once = list(dict.fromkeys(getattr(args, name)))
             setattr(args, name, sorted(once) if name in ("seqlens", "batches") else once)
     if args.mode != "offload" and args.plot is None:

@@ -243,6 +243,13 @@ class InOrder(argparse.Action):
         namespace.inputs = namespace.inputs + [(self.dest, value)]
 
 
+def refuse_negative(**flags):
+    """{flag: value or None}: one error naming each negative one by its flag, "--n-dense -1, --sink -2: must be >= 0"
+    (HataArgs would say n_dense). engine.py, eval.py and train_hash.py."""
+    if bad := [f"--{k.replace('_', '-')} {n}" for k, n in flags.items() if n is not None and n < 0]:
+        raise ValueError(f"{', '.join(bad)}: must be >= 0")
+
+
 def note_ignored(args, parser, ignored):
     """One note on stderr naming the flags given (not left at the parser's defaults) that this run ignores, with
     the reasons: ignored is [(flags, ignored in this run?, why)]. (engine.py, eval.py and train_hash.py.)"""
@@ -437,9 +444,7 @@ def run(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    if bad := [f"--{flag} {n}" for flag, n in (("n-dense", args.n_dense), ("sink", args.sink), ("recent", args.recent))
-               if n is not None and n < 0]:
-        raise ValueError(f"{', '.join(bad)}: must be >= 0")
+    refuse_negative(n_dense=args.n_dense, sink=args.sink, recent=args.recent)
     if args.kv_gpu_gb is not None and not (math.isfinite(args.kv_gpu_gb) and args.kv_gpu_gb > 0):
         raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {args.kv_gpu_gb}")
     if args.offload and (args.dense or args.selector != "hash"):  # (before the load; --kv-gpu-gb may offload none)

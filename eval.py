@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_token, default_checkpoint, device_name,
-                    file_settings, frac, note_ignored, parse_budget, path_name, positive_int, prefill,
-                    shipped_hash_weights, thread_count, write_png, write_text)
+                    file_settings, frac, note_ignored, parse_budget, path_name, positive_int, prefill, refuse_negative,
+                    shipped_hash_weights, thread_count, torch_seed, write_png, write_text)
 from model import HataArgs, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections, write_whole
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, load_corpus, refuse_repeats, refuse_to_replace, split_corpus, token_windows
@@ -321,7 +321,7 @@ def load_results(path):
     if results.get("perplexity") and "ppl_context" not in results:  # the report states the perplexity's context
         raise ValueError(f"{path} has perplexity results but no ppl_context (an older file): add \"ppl_context\": N")
     whole = lambda x: type(x) is int and x >= 0
-    counts = ("ppl_context", "retrieval_planned", "perplexity_planned")
+    counts = ("ppl_context", "retrieval_planned", "perplexity_planned", "noise_context")
     if not (isinstance(results["command"], str) and all(whole(results[k]) for k in counts if k in results)):
         raise ValueError(f"{path}: its command (text), ppl_context or planned counts (whole numbers) are damaged")
     recs, ppl = results.get("retrieval", []), results.get("perplexity", {})  # what report() and merge() read
@@ -349,6 +349,10 @@ def merge(runs):
     if len({r.get("needle_rule", 1) for r in runs if r.get("retrieval")}) > 1:  # 2: none mid-sentence (2026-12-03)
         raise ValueError("the runs place needles by different rules (before 2026-12-03 the ones at depth 100% went "
                          "mid-sentence): one sample's spec would join two prompts")
+    noise = {r.get("noise_context", max(x["context"] for x in r["retrieval"])) for r in runs if r.get("retrieval")}
+    if len(noise) > 1:  # a seed's piece of the noise haystack depends on the haystack's size
+        raise ValueError(f"the runs' noise haystacks were sized for different contexts ({sorted(noise)}): one "
+                         "sample's spec would join two prompts")
     planned = max((r.get("perplexity_planned", 0) for r in runs if r.get("perplexity")), default=0)  # (one pass)
     out = runs[0]
     for r in runs[1:]:
@@ -359,6 +363,8 @@ def merge(runs):
         if setup(r) != setup(out):
             raise ValueError(f"the runs differ in model, weights, text, rbit or n_dense ({setup(out)}, {setup(r)}): "
                              "their rows would mix two setups")
+        if "hata-trained" in set(r["selectors"]) - set(out["selectors"]):  # the first run to bring it: its file
+            out["hash_weights"] = r.get("hash_weights")
         files = out.get("hash_weights"), r.get("hash_weights")
         if "hata-trained" in set(out["selectors"]) & set(r["selectors"]) and files[0] != files[1]:
             print(f"note: hata-trained is {files[0]}'s; {files[1]}'s results are left out (one file a row)",
@@ -400,6 +406,8 @@ def merge(runs):
         print(f"note: {lacking} of {len(recs)} retrieval samples lack some policy's result: left out", file=sys.stderr)
     if ppl_contexts:
         out["ppl_context"] = ppl_contexts.pop()
+    if noise:
+        out["noise_context"] = noise.pop()
     return out
 
 
@@ -537,7 +545,8 @@ def build_parser():
     p.add_argument("--ppl-context", type=positive_int, default=8192, help="window length of the perplexity text")
     p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=positive_int, default=256, help="scored tokens at the end of each window")
-    p.add_argument("--seed", type=int, default=0, help="seed of the retrieval samples' pass keys and distractors")
+    p.add_argument("--seed", type=torch_seed, default=0,
+                   help="seed of the retrieval samples' pass keys and distractors")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (fp32 either way)")
     p.add_argument("--threads", type=thread_count, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
@@ -617,8 +626,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if dense := [(f, C) for f in fs for C in sum(lengths.values(), []) if HataArgs(budget=f).budget_tokens(C) >= C]:
         raise ValueError(f"budget {frac(dense[0][0])} of a {dense[0][1]}-token context is all of it: every step would "
                          "decode densely under a sparse label")
-    if bad := [f"--{flag} {n}" for flag, n in (("sink", args.sink), ("n-dense", args.n_dense)) if (n or 0) < 0]:
-        raise ValueError(f"{', '.join(bad)}: must be >= 0")  # (as engine.py; HataArgs would say n_dense)
+    refuse_negative(sink=args.sink, n_dense=args.n_dense)
     check_labels(args.budgets + args.quest_budgets)
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default
     rbit, n_dense = file_settings(args.hash_weights if trained else None, args.rbit, args.n_dense)  # as engine.py
@@ -659,6 +667,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     results = {"command": "python eval.py " + args.command, "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata,
+               "noise_context": context,  # the noise haystack's size (before 2026-12-05: the longest --contexts)
                "weights": digest(t.numpy().tobytes() for t in key_signature(model, 0).values()),  # another checkpoint
                "text": digest(text.encode() for _, text in docs)}  # other --text: a merge refuses to join them
     deadline, written = time.time() + 60 * args.minutes, []

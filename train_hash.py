@@ -42,8 +42,8 @@ import torch
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, default_checkpoint, device_name, file_settings,
-                    frac, is_default_model, note_ignored, path_name, plural, positive_int, torch_seed, write_png,
-                    write_text)
+                    frac, is_default_model, note_ignored, path_name, plural, positive_int, refuse_negative, torch_seed,
+                    write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, check_hash_model, checkpoint_metadata, from_checkpoint, key_signature,
                    load_hash_projections, random_hash_projections, read_hash_file, rope_frequencies,
@@ -565,8 +565,7 @@ def run(args):
                                         (REPORT, not args.report, "they set up --report; this run trains"),
                                         ((f"--{NO_SUCH_TERM[args.loss]}",), not args.report,
                                          f"--loss {args.loss} has no such term")])
-    if (args.n_dense or 0) < 0:  # (HataArgs would name n_dense, not the flag)
-        raise ValueError(f"--n-dense {args.n_dense}: must be >= 0")
+    refuse_negative(n_dense=args.n_dense)
     args.n_dense = resolve_n_dense(args.hash_weights if args.report else None, args.n_dense)
     train_rbits = list(dict.fromkeys(args.rbit or [HataArgs.rbit]))  # each size once
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:

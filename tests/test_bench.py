@@ -157,8 +157,8 @@ def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys)
 
 
 def test_points_given_twice_or_out_of_order_run_once_along_s(monkeypatch):
-    """--seqlens 1024 16 16 times 16 then 1024 (an unsorted list drew its plot's lines back and forth); each shape,
-    batch and budget once, in the order given."""
+    """--seqlens 1024 16 16 runs 16, then 1024 (an unsorted list drew its plot's lines back and forth); batches once
+    and ascending; each shape and budget once, in the order given."""
     seen = []
     monkeypatch.setattr(bench, "bench_cpu", lambda args: seen.append(args.seqlens) or 0)
     assert bench.main(["cpu", "--seqlens", "1024", "16", "16", "--plot", "x.png"]) == 0 and seen == [[16, 1024]]

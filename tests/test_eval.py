@@ -340,8 +340,28 @@ def test_merge_notes_trained_rows_of_other_projections(capsys):
     assert [x["seed"] for x in merged["retrieval"]] == [0] and ev.kept(merged["retrieval"], "hata-trained 1/8")[0] == 1
     assert merged["perplexity"]["hata-trained 1/8"]["ppl"] == 2.5
     assert "hata-trained is a.safetensors's; b.safetensors's results are left out" in capsys.readouterr().err
+    # a first run without hata-trained: the file of the first run that brings it is the row's
+    oracle = {k: v for k, v in run(None, seeds=(0, 1)).items() if k != "perplexity"}
+    oracle.update(command="o", selectors=["oracle"])
+    for x in oracle["retrieval"]:
+        x["correct"] = {"dense": True, "oracle 1/8": True}
+    merged = ev.merge([oracle, run("b.safetensors"), {**run("b.safetensors", seeds=(1,)), "command": "b2"}])
+    assert [x["seed"] for x in merged["retrieval"]] == [0, 1] and merged["hash_weights"] == "b.safetensors"
+    assert "left out" not in capsys.readouterr().err
     ev.merge([run("a.safetensors"), run("a.safetensors")])
     assert capsys.readouterr().err == ""
+
+
+def test_merge_refuses_runs_whose_noise_haystacks_differ_in_size():
+    """A sample's piece of the noise haystack depends on the haystack's size: since 2026-12-05 the model's context
+    (recorded), before the run's longest --contexts (read from its records)."""
+    rec = lambda C: {"context": C, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "seed": C,
+                     "correct": {"dense": True, "oracle 1/8": True}}
+    run = lambda Cs, **kw: {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {},
+                            "retrieval": [rec(C) for C in Cs], **kw}
+    assert ev.merge([run([1024, 8192]), run([2048], noise_context=8192)])["noise_context"] == 8192
+    with pytest.raises(ValueError, match=r"noise haystacks were sized for different contexts \(\[2048, 8192\]\)"):
+        ev.merge([run([1024, 2048]), run([2048], noise_context=8192)])
 
 
 def test_merge_states_the_context_of_its_perplexity_runs():
@@ -513,6 +533,7 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                           "--contexts 40 is too short: retrieval needs --contexts >= 128"),
                                          (["--minutes", "0"], "--minutes 0.0: retrieval needs --minutes > 0"),
                                          (["--sink", "-1"], "--sink -1: must be >= 0"),
+                                         (["--seed", "1.5"], "--seed: must be a whole number, got '1.5'"),
                                          (["--n-dense", "-1"], "--n-dense -1: must be >= 0"),
                                          (["--device", "xyz"], "--device: invalid device_name value: 'xyz'"),
                                          (["--selectors", "trained", "--hash-weights", "none"], "only dense would run"),

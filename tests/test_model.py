@@ -324,8 +324,9 @@ def test_sharded_hf_index(small_smol, tmp_path):
         json.dump({"weight_map": {n: file for file, part in halves.items() for n in part}}, f)
     model = from_checkpoint(str(tmp_path))
     assert torch.equal(model.layers[2].feed_forward.w2.weight, sd["layers.2.feed_forward.w2.weight"])
-    embed = tensors["model.embed_tokens.weight"] + 1  # a model.safetensors beside the index is read first, as
-    save_file({**tensors, "model.embed_tokens.weight": embed}, tmp_path / "model.safetensors")  # transformers does
+    # a model.safetensors beside the index is read first, as transformers does
+    embed = tensors["model.embed_tokens.weight"] + 1
+    save_file({**tensors, "model.embed_tokens.weight": embed}, tmp_path / "model.safetensors")
     assert torch.equal(load_checkpoint(str(tmp_path))[1]["tok_embeddings.weight"], embed)
 
 
