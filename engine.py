@@ -353,11 +353,11 @@ def build_parser():
                    "keeps the cores busy, 1 can be many times faster: waiting threads spin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
-                   "--max-new-tokens, within the model's context)")
+                   "--max-new-tokens - 1, the last token never being cached, within the model's context)")
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"], help="tokens attended per KV head: a count, "
-                   "or a fraction like 1/16 or 0.25 of the cache (longest prompt + --max-new-tokens, or --max-seq-len)")
+                   "or a fraction like 1/16 or 0.25 of the cache (see --max-seq-len)")
     g.add_argument("--rbit", type=int, help="hash bits per code (hash selector only) (default: a --hash-weights "
                    f"file's own, else {h['rbit']})")
     g.add_argument("--hash-weights", type=path_name, help="trained hash projections (.safetensors); default: the "
@@ -574,7 +574,7 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
 
 
 def cache_size(args, longest, context, what=None, all_dense=False):
-    """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens within the model's context;
+    """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens - 1 within the model's context;
     the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit,
     or if a sparse layer's budget cannot hold --sink + --recent (all_dense: --n-dense covers every layer, no check)."""
     if (args.max_seq_len or 0) > context:
@@ -582,12 +582,12 @@ def cache_size(args, longest, context, what=None, all_dense=False):
     if longest > (cache := args.max_seq_len or context):
         limit = f"--max-seq-len is {cache}" if args.max_seq_len else f"the model's context is {cache} tokens"
         raise ValueError(f"{what or 'the prompt has ' + plural(longest)} but {limit}")
-    max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens)
+    max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens - 1)  # the last token is never cached
     K = HataArgs(budget=args.budget).budget_tokens(max_seq_len)  # more positions forced than K: the newest would win
     if not (args.dense or all_dense) and K < max_seq_len and args.sink + args.recent > K:
         raise ValueError(f"--sink {args.sink} + --recent {args.recent} exceed the budget of {plural(K)}: the positions "
                          "always attended must fit in it; lower them or raise --budget")
-    max_new = min(args.max_new_tokens, max_seq_len - longest + 1)  # the last token is never cached
+    max_new = min(args.max_new_tokens, max_seq_len - longest + 1)
     if max_new < args.max_new_tokens:
         print(f"note: at most {plural(max_new, 'new token')}: the cache holds {plural(max_seq_len)} and the prompt "
               f"{longest}", file=sys.stderr)

@@ -201,7 +201,7 @@ def test_an_offload_plan_that_gains_nothing_is_refused_before_the_weights_load(c
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: 1 / 0)
     for flags, words in [(["--n-dense", "30"], "nothing to offload: no layer decodes sparsely"),
-                         (["--budget", "1024"], "offloading gains nothing: the budget covers the whole 17-token "
+                         (["--budget", "1024"], "offloading gains nothing: the budget covers the whole 16-token "
                                                 "cache")]:
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--offload", "--max-new-tokens", "16",
                                *flags)
@@ -520,7 +520,7 @@ def test_n_dense_covering_every_layer_says_dense(capsys):
 def test_a_hash_weights_file_sets_the_bits_and_dense_layers_left_at_the_default(capsys, tmp_path):
     shipped = os.path.join(engine.HERE, "weights", "smollm2-135m-r64.safetensors")
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--budget", "2",
-                           "--max-new-tokens", "2")
+                           "--max-new-tokens", "3")
     assert code == 0 and "budget 2 of up to 3 tokens, smollm2-135m-r64.safetensors" in err, err
     for rbit in ("256", "128"):  # given, even at 128 (HataArgs' default), --rbit is not replaced by the file's
         code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--rbit", rbit, "--max-new-tokens",
@@ -542,7 +542,7 @@ def test_the_start_line_names_the_default_model_without_its_path(capsys, gguf_pa
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "3", "--budget", "2", "--max-new-tokens", "2")
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "3", "--budget", "2", "--max-new-tokens", "3")
     assert code == 0 and "projections are for --n-dense 2 and --rbit 64, 128 or 256, not --n-dense 3 --rbit 128" in err
     assert "no hash weights given; using seeded random projections" in err
     for flags in (["--budget", "2"], ["--n-dense", "3"]):  # the shipped ones; or none read (K covers the cache)
@@ -804,6 +804,17 @@ def test_status_line_names_the_selector():
     assert "HATA" not in engine.describe_policy(HataArgs(budget=64, selector="quest"), 64, 4)  # covers the cache
     assert engine.describe_policy(HataArgs(budget=20, use_norm=True), 64, 4).endswith("(R = 128, --n-dense 2, "
                                                                                       "--use-norm)")  # said, too
+
+
+def test_the_default_cache_holds_the_positions_the_steps_use_so_a_sparse_label_means_selecting_steps(capsys):
+    """Prompt + new tokens - 1 positions: the cache held one more that no step used, so a budget of that many minus
+    one was labelled HATA decode while every step attended to every key."""
+    tiny = ["--random-weights", "--preset", "tiny", "--prompt-len", "3", "--max-new-tokens", "4", "--device", "cpu"]
+    for budget, start, end in [("6", "covers the whole 6-token cache: all dense", "every step attended to every key"),
+                               ("5", "budget 5 of up to 6 tokens", "1 of them with more cached keys than the budget"),
+                               ("1/2", "budget 3 of up to 6 tokens", "3 of them with more cached keys than")]:
+        code, _, err = run_cli(capsys, *tiny, "--budget", budget)
+        assert code == 0 and start in err and "decode: 3 steps in" in err and end in err, err
 
 
 def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
