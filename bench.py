@@ -34,7 +34,7 @@ import time
 import torch
 
 import hata_kernels as hk
-from model import PRESETS, HataArgs, from_checkpoint
+from model import PRESETS, HataArgs, Transformer, checkpoint_metadata, from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = [1 / 64, 2048]              # HATA's K: a fraction of the context, or tokens (attention; e2e's default)
@@ -377,13 +377,15 @@ def bench_offload(args):
                          f"{args.preset} context of {PRESETS[args.preset].max_seq_len}")
     if args.host_gb is not None and not 0 < args.host_gb < math.inf:
         raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")  # (finite: int(inf) fails)
-    print_header(args.mode)
-    model = random_model(args.preset, hata, dev, torch.bfloat16)
     host_limit = None if args.host_gb is None else int(args.host_gb * offload.GiB)
-    try:  # the plan's host-memory check now, not after the GPU's timings
-        offload.plan_offload(model, B, S, host_limit=host_limit)
+    with torch.device("meta"):  # the plan's host-memory check before the weights are built, on a model of no memory
+        shape_only = Transformer(PRESETS[args.preset], hata).to(torch.bfloat16)
+    try:
+        offload.plan_offload(shape_only, B, S, host_limit=host_limit)
     except ValueError as e:
         raise ValueError(f"{e} (here: --seqlen, or --host-gb)") from None
+    print_header(args.mode)
+    model = random_model(args.preset, hata, dev, torch.bfloat16)
     cur = torch.randint(0, model.args.vocab_size, (B,), device=dev)
     pos = torch.full((B,), S - 1, device=dev)  # the last slot: every step attends over all S positions
 
@@ -597,9 +599,9 @@ def bench_cpu(args):
     from engine import default_checkpoint, shipped_hash_weights
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if max(args.seqlens) > (context := checkpoint_metadata(default_checkpoint())[0]):  # before the weights load
+        raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {context}")
     model = from_checkpoint(default_checkpoint())
-    if max(args.seqlens) > model.args.max_seq_len:
-        raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {model.args.max_seq_len}")
     hata = HataArgs(budget=args.budget)
     caches = {S: min(S + 1, model.args.max_seq_len) for S in args.seqlens}  # a step attends over a prefix of its
     refuse_all_dense([args.budget], caches, "--budget")  # cache, as in engine.py

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import engine
 import model as model_module
 
 
@@ -87,11 +88,15 @@ def test_e2e_budgets_take_fractions(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err  # parsed: only the missing GPU stops it
 
 
-def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_error_line(gguf_path, capsys, tmp_path):
-    assert bench.main(["cpu", "--seqlens", "16", "16384", "--rounds", "1", "--steps", "1", "--plot", "unused.png"]) == 2
-    out, err = capsys.readouterr()
-    assert "error: --seqlens 16384 exceed the default model's context, 8192" in err
-    assert out == ""  # refused before anything is printed, the header line included
+def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_error_line(gguf_path, capsys, tmp_path,
+                                                                                          monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(bench, "from_checkpoint", lambda *a, **k: 1 / 0)  # the context is checked before the weights load
+        argv = ["cpu", "--seqlens", "16", "16384", "--rounds", "1", "--steps", "1", "--plot", "unused.png"]
+        assert bench.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert "error: --seqlens 16384 exceed the default model's context, 8192" in err
+        assert out == ""  # refused before anything is printed, the header line included
     assert bench.main(["cpu", "--seqlens", "16", "512", "--plot", "unused.png"]) == 2  # K = 512: dense at both
     out, err = capsys.readouterr()
     assert ("error: no budget (K = 512) is below any of --seqlens 16 512: the model would decode every step densely; "
@@ -115,6 +120,9 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
                                           "--host-gb must be a number of GiB > 0, got 0.0"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "inf"],
                                           "--host-gb must be a number of GiB > 0, got inf"),  # (int(inf): a traceback)
+                                         (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "1e-9"],
+                                          "GiB) are available; lower --max-seq-len or the batch (here: --seqlen, or "
+                                          "--host-gb)"),
                                          (["e2e", "--seqlens", "512", "--budgets", "512", "2048",
                                            "--prefill-len", "512"],
                                           "no budget (K = 512, K = 2048) is below any of --seqlens 512: the model "
@@ -129,6 +137,7 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
                                           "would decode every step densely; give a longer --seqlens\n")])
 def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks come before any CUDA work
+    monkeypatch.setattr(engine, "random_model", lambda *a, **k: 1 / 0)  # and before the weights are built
     assert bench.main(argv + (["--preset", "tiny"] if argv[0] != "attention" else [])) == 2
     out, err = capsys.readouterr()
     assert words in err and out == ""  # refused before anything is printed, the header line included
