@@ -288,8 +288,9 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         loss.backward()
         opt.step()
         history.append([loss.item()] + [x.item() for x in terms])
-        if not math.isfinite(history[-1][0]):
-            raise ValueError(f"the loss is not finite at step {step + 1}: lower --lr (or check the samples)")
+        if not math.isfinite(history[-1][0]):  # at the first trained step, before any update: not --lr's doing
+            why = "lower --lr" if len(history) > 1 else "before any update: lower --sigma, --lam, --eta or --alpha"
+            raise ValueError(f"the loss is not finite at step {step + 1}: {why} (or check the samples)")
     if not history:
         raise ValueError(f"no step saw a key at or before its query: raise --keys (now {keys})")
     tail = torch.tensor(history[-max(1, steps // 10):]).mean(0).tolist()

@@ -246,6 +246,8 @@ def test_steps_without_a_visible_key_are_skipped():
         th.train_layer(P0, sample, 2, 2, 1, torch.Generator().manual_seed(1), hp)
     with pytest.raises(ValueError, match="the loss is not finite at step [0-9]+: lower --lr"):  # diverges
         th.train_layer(P0, sample, 40, 2, 64, torch.Generator().manual_seed(0), {**hp, "lr": 1e30})
+    with pytest.raises(ValueError, match="step 1: before any update: lower --sigma, --lam, --eta or --alpha"):
+        th.train_layer(P0, sample, 40, 2, 64, torch.Generator().manual_seed(0), {**hp, "eta": 1e308})  # (not --lr)
 
 
 def test_each_sequence_of_a_step_turns_by_its_own_offset(monkeypatch):
@@ -273,7 +275,7 @@ def test_a_diverged_loss_names_the_step_it_came_at(monkeypatch):
     steps = [bool((torch.randint(2, (2,), generator=replay), torch.randperm(64, generator=replay)[:1] == 0)[1])
              for _ in range(400)]
     assert 1 < (first := steps.index(True) + 1) < 400
-    with pytest.raises(ValueError, match=f"the loss is not finite at step {first}: lower --lr"):
+    with pytest.raises(ValueError, match=f"the loss is not finite at step {first}: before any update: lower --sigma"):
         th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 400, 2, 1, torch.Generator().manual_seed(0), hp)
 
 
