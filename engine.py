@@ -286,6 +286,15 @@ def path_name(text):
     return text
 
 
+def prompt_text(text):
+    """argparse type for --prompt: UTF-8 text, as a prompt file must be (Python holds each byte of argv that is not
+    UTF-8 as a lone surrogate, U+DC00 + the byte, which the tokenizer would read as U+FFFD)."""
+    if (i := next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)) is not None:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text (byte 0x{ord(text[i]) - 0xdc00:02x} at character {i}): "
+                                         "convert it, e.g. with iconv -t utf-8")
+    return text
+
+
 def positive_int(text):
     """argparse type for counts and lengths: a whole number >= 1."""
     if not (text.strip().lstrip("+").isdecimal() and int(text) >= 1):
@@ -332,7 +341,7 @@ def device_name(text):
 def build_parser():
     h = {f.name: f.default for f in fields(HataArgs)}
     p = Parser(prog="engine.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", action=InOrder, help="prompt text; repeat for a batch")
+    p.add_argument("--prompt", action=InOrder, type=prompt_text, help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", action=InOrder, type=path_name, help="read a prompt from this file ('-': "
                    "standard input), less one trailing newline (as llama.cpp -f; unlike it, a \\r\\n or \\r reads "
                    "as \\n); repeat for a batch (in order with --prompt)")

@@ -466,6 +466,7 @@ def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--prompt", "hi", "--prompt", ""], "prompt 2 is empty (0 tokens); give some text"),
     (["--prompt", "\x04"], "prompt 1 is empty (0 tokens; the tokenizer knows none of its characters)"),
+    (["--prompt", "caf\udce9 \u00e9"], "argument --prompt: not UTF-8 text (byte 0xe9 at character 3): convert it"),
     (["--prompt", "hi", "--tokenizer", "llama3"], "does not belong to this checkpoint"),  # ids up to 128000
     (["--prompt", "hi", "--max-seq-len", "100000"], "--max-seq-len 100000 exceeds the model's context of 8192 tokens"),
 ])
