@@ -112,9 +112,12 @@ def split_corpus(docs, every=5):
 def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
     """n windows (n, seq_len) of consecutive tokens from the non-overlapping seq_len windows of every document
     (documents never mix inside a window): drawn without replacement by `gen`, else the first window of each
-    document, then the second ones, ... An error when fewer than `need` exist; fewer than n: all, with a warning."""
-    per_doc = [[ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-               for ids in (tok.encode(text) for _, text in docs)]
+    document, then the second ones, ... An error when fewer than `need` exist; fewer than n: all, with a warning.
+    Where the tokenizer opens a prompt with BOS (Llama 3), every window opens with it, not only a document's first."""
+    bos = [tok.bos_id] if getattr(tok, "add_bos", False) else []
+    n_text = seq_len - len(bos)
+    per_doc = [[bos + ids[i:i + n_text] for i in range(0, len(ids) - n_text + 1, n_text)]
+               for ids in (tok.encode(text, bos=False) for _, text in docs)]
     if gen is None:
         windows = [ws[rank] for rank in range(max(map(len, per_doc), default=0)) for ws in per_doc if rank < len(ws)]
     else:  # in document order

@@ -176,7 +176,7 @@ def test_random_projections_are_the_models_draw():
 def test_token_windows_in_turn_or_drawn(capsys):
     """Non-overlapping windows, never across documents: in turn (each document's first, then the second ones:
     eval.py's perplexity) or drawn by a generator without replacement, kept in document order (training)."""
-    tok = SimpleNamespace(encode=lambda text: [int(t) for t in text.split()])
+    tok = SimpleNamespace(encode=lambda text, bos: [int(t) for t in text.split()])
     docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 5 and 2 windows of 2, tails cut
     assert th.token_windows(tok, docs, 2, 4).tolist() == [[0, 1], [100, 101], [2, 3], [102, 103]]
     every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
@@ -189,6 +189,9 @@ def test_token_windows_in_turn_or_drawn(capsys):
         th.token_windows(tok, docs, 2, 8, need=8)
     with pytest.raises(ValueError, match="the text holds 0 windows of 12 tokens, 1 needed"):
         th.token_windows(tok, docs, 12, 1, torch.Generator())
+    bos = SimpleNamespace(add_bos=True, bos_id=1000, encode=tok.encode)  # each window opens as a prompt does
+    assert th.token_windows(bos, docs, 3, 9).tolist() == [[1000, 0, 1], [1000, 100, 101], [1000, 2, 3],
+                                                          [1000, 102, 103], [1000, 4, 5], [1000, 6, 7], [1000, 8, 9]]
 
 
 def test_a_binary_or_other_encoding_text_file_is_refused(tmp_path):
@@ -781,7 +784,7 @@ def test_listwise_ignores_a_query_that_sees_no_drawn_key(tiny_batch):
 
 def test_a_text_of_whole_windows_gives_every_one():
     """A document of exactly n windows' tokens gives n windows (the last one ends at the text's end)."""
-    tok = SimpleNamespace(encode=lambda text: [int(t) for t in text.split()])
+    tok = SimpleNamespace(encode=lambda text, bos: [int(t) for t in text.split()])
     assert th.token_windows(tok, [("a", "0 1 2 3")], 2, 2).tolist() == [[0, 1], [2, 3]]
     assert th.token_windows(tok, [("a", "0 1")], 2, 1).tolist() == [[0, 1]]
 
