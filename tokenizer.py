@@ -236,7 +236,7 @@ def _hf_config(directory):
                         None)
     template = template if isinstance(template, str) else None
     jinja = os.path.join(directory, "chat_template.jinja")
-    if template is None and os.path.exists(jinja):
+    if os.path.exists(jinja):  # the file's template wins over the config's, as in transformers
         try:
             with open(jinja, encoding="utf-8") as f:
                 template = f.read()
@@ -256,9 +256,11 @@ def _template_first(post) -> str | None:
 
 def _default_system(template: str | None) -> str | None:
     """The literal system prompt a ChatML Jinja template inserts when the chat has none (SmolLM2 has one), with the
-    string's escapes \\n, \\t, \\r and \\\\ undone as Jinja renders them (another, such as \\q, stays as written)."""
-    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template or "")
-    return re.sub(r"\\([ntr\\])", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e[1], e[1]), m[1]) if m else None
+    string's escapes \\n, \\t, \\r, \\\\ and quotes undone as Jinja renders them (another, such as \\q, stays as
+    written). Where the string opens at <|im_start|>, the other quote may stand in it ("You're a helpful ...")."""
+    m = re.search(r"""(['"]?)<\|im_start\|>system(?:\n|\\n)((?:\\.|[^'"{}\\]|(?!\1)['"])*?)<\|im_end\|>""",
+                  template or "")
+    return re.sub(r"\\([ntr\\'\"])", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e[1], e[1]), m[2]) if m else None
 
 
 def _dated_opening(template: str | None) -> str | None:
@@ -307,7 +309,7 @@ class Tokenizer:
             if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
                 return cls._from_tiktoken(path)
             return cls._from_sentencepiece(path)
-        except (KeyError, TypeError, AttributeError) as e:  # a field missing or of the wrong kind
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:  # a field missing or malformed
             raise ValueError(f"{path!r}: malformed tokenizer ({type(e).__name__}: {e}); {HOW}") from None
 
     @classmethod

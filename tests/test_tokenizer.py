@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import package_file, write_gguf
-from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, _cut_runs, open_gguf
+from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, _cut_runs, _default_system, open_gguf
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +410,9 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     short = _write_gguf(tmp_path / "short.gguf", [to_char[b] for b in range(256)], [1] * 100)  # zip dropped the rest
     with pytest.raises(ValueError, match="or they differ in length; the file is corrupt"):
         Tokenizer.from_path(short)
+    flipped = _write_gguf(tmp_path / "flip.gguf", [to_char[b] for b in range(255)] + [b"\xff\xfe"], [1] * 256)
+    with pytest.raises(ValueError, match="flip.gguf': malformed tokenizer \\(UnicodeDecodeError: "):  # not bare
+        Tokenizer.from_path(flipped)
     lines = package_file("llama_models", "llama3", "tokenizer.model")
     (tmp_path / "tik.model").write_bytes(open(lines, "rb").read() + b"\n")
     assert Tokenizer.from_path(tmp_path / "tik.model").encode("hi there") == llama3.encode("hi there")
@@ -419,6 +422,27 @@ def test_config_and_gguf_errors(tmp_path, llama3):
         (tmp_path / f"{name}.model").write_bytes(b"".join(kept))
         with pytest.raises(ValueError, match=r"not Meta's Llama 3 tokens 0..127999 each once: a cut or corrupt file"):
             Tokenizer.from_path(tmp_path / f"{name}.model")
+
+
+def test_the_default_system_prompt_and_the_template_file(tmp_path):
+    """ChatML's default system prompt may hold the other quote, or its own escaped (before: an apostrophe dropped the
+    system turn); chat_template.jinja wins over the config's template, as in transformers (before: the config's)."""
+    for literal, want in (("\"<|im_start|>system\\nYou're nice.<|im_end|>\\n\"", "You're nice."),
+                          ("'<|im_start|>system\\nYou\\'re \"nice\".<|im_end|>\\n'", 'You\'re "nice".'),
+                          ("'<|im_start|>system\\nYou're<|im_end|>'", None),  # not a Jinja string: not read
+                          ("'x' + '<|im_start|>system\\n' + m + '<|im_end|>'", None)):
+        assert _default_system("{{ " + literal + " }}") == want, literal
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    heads = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
+        "added_tokens": [{"id": 256 + i, "content": t, "special": True} for i, t in enumerate(heads)],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    chatml = "{% for m in messages %}<|im_start|>...{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
+    assert Tokenizer.from_path(tmp_path).chat == "chatml"
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}<|start_header_id|>...{% endfor %}")
+    assert Tokenizer.from_path(tmp_path).chat == "llama3"
 
 
 def test_gguf_reader_over_plain_arrays_reads_what_the_library_reads(gguf_path):
