@@ -402,9 +402,9 @@ def hamming_score_ref(q_codes, k_codes, lengths):
     _, Hkv, S, _ = k_codes.shape
     G = H // Hkv
     k_rows = k_codes.transpose(-1, -2).contiguous()                            # (B, Hkv, W, S): one strided pass
-    xor = k_rows[:, :, None] ^ q_codes.view(B, Hkv, G, W, 1)                   # (B, Hkv, G, W, S) int32
+    xor = k_rows[:, :, None] ^ q_codes.reshape(B, Hkv, G, W, 1)                # (B, Hkv, G, W, S) int32
     count = _popcount_words(xor)                                               # (B, Hkv, G, W, S) uint8 / int64
-    score = count.view(B, Hkv, G * W, S).sum(2, dtype=torch.int32)            # (B, Hkv, S) int32
+    score = count.reshape(B, Hkv, G * W, S).sum(2, dtype=torch.int32)         # (B, Hkv, S) int32
     valid = torch.arange(S, device=k_codes.device) < lengths.view(B, 1, 1)    # (B, 1, S) bool
     return torch.where(valid, score, G * 32 * W + 1)                           # (B, Hkv, S) int32
 

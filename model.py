@@ -508,11 +508,12 @@ class Transformer(nn.Module):
         in T whose logits to return, or None for all. Returns logits (B, T, V) or (B, V) in fp32. A chunk's positions
         (T > 1) and a CPU decode step's are checked against the caches; a CUDA decode step's (T == 1; no host sync,
         for CUDA graphs) are the caller's to keep inside them."""
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a (B, T) tensor with T >= 1, got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
-        if input_pos is not None and (input_pos.shape != (B,) or input_pos.is_floating_point()
-                                      or input_pos.dtype == torch.bool):  # (a bool True would read as 1) no host sync
-            raise ValueError(f"input_pos must be an integer (B,) = ({B},) tensor, got {input_pos.dtype} "
-                             f"{tuple(input_pos.shape)}")
+        for name, idx in (("input_pos", input_pos), ("output_idx", output_idx)):  # no host sync; a bool reads as 1
+            if idx is not None and (idx.shape != (B,) or idx.is_floating_point() or idx.dtype == torch.bool):
+                raise ValueError(f"{name} must be an integer (B,) = ({B},) tensor, got {idx.dtype} {tuple(idx.shape)}")
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before forward")
         if B != self.max_batch_size:  # the caches' rows are the batch's sequences

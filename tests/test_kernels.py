@@ -149,6 +149,8 @@ def test_hamming_score_ref(S, G, R):
     ref = hk.hamming_score_ref(q, k, lengths)
     assert ref.dtype == torch.int32 and ref.shape == (B, Hkv, S)
     assert torch.equal(ref, brute_hamming_score(q, k, lengths))
+    for dims in ((0, 1), (1, 2)):  # the same codes with B or W out of place (before: an error from .view)
+        assert torch.equal(hk.hamming_score_ref(q.transpose(*dims).contiguous().transpose(*dims), k, lengths), ref)
     words = torch.tensor([0, -1, -2**31, 2**31 - 1, 0x0F0F0F0F, 0x00FF0001], dtype=torch.int32)
     for lut in (False, True):  # numpy's count (the CPU), the byte table (the ref off the CPU), each on every byte
         assert hk._popcount_words(words, lut=lut).tolist() == [0, 32, 1, 31, 16, 9], lut

@@ -51,9 +51,16 @@ def test_caches_hold_at_most_the_models_context():
                                                        "[1, 1024], the model's context length")):
             model.setup_caches(*size)
     model.setup_caches(2, 16)
-    for pos in (torch.tensor(3), torch.tensor([3.0, 3.0]), torch.tensor([3]), torch.tensor([True, True])):  # before:
-        with pytest.raises(ValueError, match=r"input_pos must be an integer \(B,\) = \(2,\) tensor"):  # IndexErrors
-            model(torch.zeros(2, 1, dtype=torch.long), pos)  # deep inside, "cache_write: pos must be (B,)", position 1
+    # before: IndexErrors deep inside, "cache_write: pos must be (B,)", position 1
+    for pos in (torch.tensor(3), torch.tensor([3.0, 3.0]), torch.tensor([3]), torch.tensor([True, True])):
+        with pytest.raises(ValueError, match=r"input_pos must be an integer \(B,\) = \(2,\) tensor"):
+            model(torch.zeros(2, 1, dtype=torch.long), pos)
+    for idx in (torch.tensor([2]), torch.tensor([2.0, 2.0])):  # before: a (1,) index served every sequence
+        with pytest.raises(ValueError, match=r"output_idx must be an integer \(B,\) = \(2,\) tensor"):
+            model(torch.zeros(2, 3, dtype=torch.long), output_idx=idx)
+    for tokens in (torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, dtype=torch.long)):  # before: bare index errors
+        with pytest.raises(ValueError, match=r"tokens must be a \(B, T\) tensor with T >= 1, got shape \(2,"):
+            model(tokens)
 
 
 def test_model_args_name_what_is_wrong():
