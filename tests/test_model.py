@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine import generate
+import hata_kernels as hk
 import model as model_module
 from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
@@ -1027,3 +1028,21 @@ def test_checkpoint_folders_read_by_their_weights(small_smol, tmp_path):
         with pytest.raises(ValueError, match=r"m-00001-of-00002.gguf: part 1 of a GGUF split into 2 files; merge "
                                              r"them first \(llama-gguf-split --merge\)"):
             read(part)
+
+
+def test_codes_and_norms_after_a_chunk_that_follows_decode_steps():
+    """A multi-turn cache: a prefill, decode steps, then a chunk at each sequence's own position. Every cached key's
+    code and norm is what hashing the key cache from scratch gives (the decode steps write theirs one at a time)."""
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"], HataArgs(budget=4, n_dense=1, use_norm=True)).eval()
+    model.setup_caches(2, 32)
+    with torch.inference_mode():
+        model(torch.randint(0, 512, (2, 9)))  # both at 9 cached positions
+        for step in range(3):  # positions 9..11, and 8..10 in the second sequence (its 9th token redrawn)
+            model(torch.randint(0, 512, (2, 1)), torch.tensor([9 + step, 8 + step]))
+        model(torch.randint(0, 512, (2, 5)), torch.tensor([12, 11]))  # the next turn: a chunk at 12.. and 11..
+    assert model.sparse_layers()
+    for attn in model.sparse_layers():
+        keys = attn.kv_cache.k[:, :, :16]  # (B, Hkv, 16, D): positions 0..15 written in both sequences
+        assert torch.equal(attn.hash_cache.codes[:, :, :16], hk.hash_encode_ref(keys, attn.hash_proj))
+        torch.testing.assert_close(attn.hash_cache.norms[:, :, :16], keys.float().norm(dim=-1), rtol=1e-6, atol=0)
