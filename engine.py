@@ -361,6 +361,8 @@ def build_parser():
     p.add_argument("--threads", type=thread_count, help="CPU threads (default: torch's, one per core; when other work "
                    "keeps the cores busy, 1 can be many times faster: waiting threads spin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", type=prompt_text, help="with --chat: the system message (default: the template's own, "
+                   "if it writes one)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
                    "--max-new-tokens - 1, the last token never being cached, within the model's context)")
     g = p.add_argument_group("HATA (sparse decode attention)")
@@ -469,8 +471,9 @@ def run(args):
                (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
                (("--top-p",), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
-               (("--checkpoint", "--tokenizer", "--chat", "--prompt-file"), args.random_weights,
+               (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file"), args.random_weights,
                 "--random-weights decodes random tokens"),
+               (("--system",), not args.chat and not args.random_weights, "it is a chat's message: add --chat"),
                (("--hash-weights",), args.random_weights and not args.dense and args.selector == "hash",
                 "random weights take random projections"),  # (else noted above: no codes read)
                (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
@@ -490,7 +493,8 @@ def run(args):
     # long for the model, or hash weights of another shape, are refused at once
     context, shape = checkpoint_metadata(checkpoint)
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
-    prompts = [tok.encode_chat([{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    prompts = [tok.encode_chat(system + [{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
     if not all(prompts):
         i = [len(p) for p in prompts].index(0)
         why = "; the tokenizer knows none of its characters" if texts[i] else ""

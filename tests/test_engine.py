@@ -49,10 +49,15 @@ def test_generates_paris(capsys):
 @pytest.mark.usefixtures("gguf_path")
 def test_chat_wraps_the_prompt_in_the_models_template(capsys):
     """--chat: the question goes through the checkpoint's chat template (37 tokens, not the bare question's 7), and
-    the instruct model answers it."""
+    the instruct model answers it; --system replaces the template's default system message."""
     code, out, err = run_cli(capsys, "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "8",
                              "--dense")
     assert code == 0 and out == "The capital of France is Paris.\n" and "prefill: 37 tokens in" in err
+    code, out, err = run_cli(capsys, "--chat", "--system", "Answer in French.", "--prompt",
+                             "What is the capital of France?", "--max-new-tokens", "1", "--dense")
+    assert code == 0 and "prefill: 25 tokens in" in err  # the system message given, not the template's own
+    code, _, err = run_cli(capsys, "--system", "Be brief.", "--prompt", "hi", "--max-new-tokens", "1")
+    assert code == 0 and "note: ignored in this run: --system (it is a chat's message: add --chat)" in err
 
 
 def test_missing_checkpoint(capsys, tmp_path):
