@@ -494,7 +494,8 @@ def run(args):
     context, shape = checkpoint_metadata(checkpoint)
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    prompts = [tok.encode_chat(system + [{"role": "user", "content": t}]) if args.chat else tok.encode(t) for t in texts]
+    prompts = [tok.encode_chat([*system, {"role": "user", "content": t}]) if args.chat else tok.encode(t)
+               for t in texts]
     if not all(prompts):
         i = [len(p) for p in prompts].index(0)
         why = "; the tokenizer knows none of its characters" if texts[i] else ""
