@@ -424,6 +424,7 @@ def report(results):
     if recs:
         ran, contexts = recs[0]["correct"], sorted({r["context"] for r in recs})
         acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / len(rs):.0f}%" if rs else "-"
+        pct = lambda share, digits: "-" if math.isnan(share) else f"{100 * share:.{digits}f}%"  # nan: none to keep
         cut = f" (of {planned}: {why})" if planned > len(recs) else ""
         md += [f"### Retrieval: {len(recs)} samples{cut}; dense accuracy", ""]
         md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
@@ -435,15 +436,15 @@ def report(results):
         md += ["", "### Retrieval: share of the dense-correct samples each selector keeps (its accuracy in brackets)",
                ""] + head(["selector"] + [frac(f) for f in budgets])
         for name in names:
-            cells = [f"{100 * kept(recs, k)[0]:.1f}% ({acc(recs, k)})" + "†" * any(forced_only(name, f, C)
-                                                                                   for C in contexts)
+            cells = [f"{pct(kept(recs, k)[0], 1)} ({acc(recs, k)})" + "†" * any(forced_only(name, f, C)
+                                                                                for C in contexts)
                      if k in ran else "-" for f, k in zip(budgets, [pkey(name, f) for f in budgets])]
             md.append(f"| {name} | " + " | ".join(cells) + " |")
         md += ["", "Kept share by context length (of n dense-correct samples):", ""]
         md += head(["selector", "budget"] + [str(C) for C in contexts])
         for name in names:
             for f in (f for f in budgets if pkey(name, f) in ran):
-                cells = ["{:.0f}% of {}".format(100 * k, n) + "†" * forced_only(name, f, C) for C in contexts
+                cells = [f"{pct(k, 0)} of {n}" + "†" * forced_only(name, f, C) for C in contexts
                          for k, n in [kept([r for r in recs if r["context"] == C], pkey(name, f))]]
                 md.append(f"| {name} | {frac(f)} | " + " | ".join(cells) + " |")
         md.append("")

@@ -406,6 +406,11 @@ def test_report_rows_read_their_own_context_and_plan(tmp_path):
     assert "stopped" not in md and "†" not in md
     ev.write_report(results, str(tmp_path), "x")
     assert (tmp_path / "x_results.md").read_text().startswith("Command: `c`; seconds: {'retrieval': 3}\n")
+    recs[0]["correct"]["dense"] = False  # a context where dense answers nothing: no share to keep (before: "nan%")
+    md = ev.report(results)
+    assert "| oracle | 1/8 | - of 0 | 100% of 1 |" in md and "| oracle | 100.0% (50%) |" in md
+    recs[1]["correct"]["dense"] = False
+    assert "| oracle | - (50%) |" in ev.report(results) and "nan" not in ev.report(results)
 
 
 def test_plot_draws_the_tables_numbers(monkeypatch):
