@@ -594,7 +594,7 @@ def bench_e2e(args):
 def bench_cpu(args):
     """Decode ms/token of the default model on the CPU (real weights, fp32): dense against HATA at --budget with
     the shipped projections, at each context S: a step at position S - 1 of a cache one slot longer (as every
-    engine.py step but a full cache's last), with random K/V (the values do not change the cost). Dense and HATA
+    engine.py step but one that fills the cache), with random K/V (the values do not change the cost). Dense and HATA
     alternate for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
     from engine import default_checkpoint, shipped_hash_weights
 
