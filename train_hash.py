@@ -113,8 +113,8 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
     """n windows (n, seq_len) of consecutive tokens from the non-overlapping seq_len windows of every document
     (documents never mix inside a window): drawn without replacement by `gen`, else the first window of each
     document, then the second ones, ... An error when fewer than `need` exist; fewer than n: all, with a warning.
-    Where the tokenizer opens a prompt with BOS (Llama 3), every window opens with it, not only a document's first."""
-    bos = [tok.bos_id] if getattr(tok, "add_bos", False) else []
+    Where the tokenizer opens a prompt with BOS (Llama 2, 3), every window opens with it, not a document's first."""
+    bos = [tok.bos_id] if tok.add_bos else []
     n_text = seq_len - len(bos)
     per_doc = [[bos + ids[i:i + n_text] for i in range(0, len(ids) - n_text + 1, n_text)]
                for ids in (tok.encode(text, bos=False) for _, text in docs)]
@@ -292,7 +292,8 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         opt.step()
         history.append([loss.item()] + [x.item() for x in terms])
         if not math.isfinite(history[-1][0]):  # at the first trained step, before any update: not --lr's doing
-            why = "lower --lr" if len(history) > 1 else "before any update: lower --sigma, --lam, --eta or --alpha"
+            weights = "--eps" if loss_name == "pair" else "--alpha"  # the loss's own weight, and those they share
+            why = "lower --lr" if len(history) > 1 else f"before any update: lower --sigma, {weights}, --lam or --eta"
             raise ValueError(f"the loss is not finite at step {step + 1}: {why} (or check the samples)")
     if not history:
         raise ValueError(f"no step saw a key at or before its query: raise --keys (now {keys})")

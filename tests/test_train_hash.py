@@ -176,7 +176,7 @@ def test_random_projections_are_the_models_draw():
 def test_token_windows_in_turn_or_drawn(capsys):
     """Non-overlapping windows, never across documents: in turn (each document's first, then the second ones:
     eval.py's perplexity) or drawn by a generator without replacement, kept in document order (training)."""
-    tok = SimpleNamespace(encode=lambda text, bos: [int(t) for t in text.split()])
+    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
     docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 5 and 2 windows of 2, tails cut
     assert th.token_windows(tok, docs, 2, 4).tolist() == [[0, 1], [100, 101], [2, 3], [102, 103]]
     every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
@@ -249,7 +249,7 @@ def test_steps_without_a_visible_key_are_skipped():
         th.train_layer(P0, sample, 2, 2, 1, torch.Generator().manual_seed(1), hp)
     with pytest.raises(ValueError, match="the loss is not finite at step [0-9]+: lower --lr"):  # diverges
         th.train_layer(P0, sample, 40, 2, 64, torch.Generator().manual_seed(0), {**hp, "lr": 1e30})
-    with pytest.raises(ValueError, match="step 1: before any update: lower --sigma, --lam, --eta or --alpha"):
+    with pytest.raises(ValueError, match="step 1: before any update: lower --sigma, --alpha, --lam or --eta"):
         th.train_layer(P0, sample, 40, 2, 64, torch.Generator().manual_seed(0), {**hp, "eta": 1e308})  # (not --lr)
 
 
@@ -280,6 +280,9 @@ def test_a_diverged_loss_names_the_step_it_came_at(monkeypatch):
     assert 1 < (first := steps.index(True) + 1) < 400
     with pytest.raises(ValueError, match=f"the loss is not finite at step {first}: before any update: lower --sigma"):
         th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 400, 2, 1, torch.Generator().manual_seed(0), hp)
+    labelled = {**sample, "labels": torch.ones(2, 1, 4, 64)}  # the pair loss: its own weight named, not --alpha's
+    with pytest.raises(ValueError, match="step 1: before any update: lower --sigma, --eps, --lam or --eta"):
+        th.train_layer(torch.randn(2, 8, 32, generator=g), labelled, 9, 2, 1, torch.Generator(), {**hp, "loss": "pair"})
 
 
 @pytest.fixture(scope="module")
@@ -784,7 +787,7 @@ def test_listwise_ignores_a_query_that_sees_no_drawn_key(tiny_batch):
 
 def test_a_text_of_whole_windows_gives_every_one():
     """A document of exactly n windows' tokens gives n windows (the last one ends at the text's end)."""
-    tok = SimpleNamespace(encode=lambda text, bos: [int(t) for t in text.split()])
+    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
     assert th.token_windows(tok, [("a", "0 1 2 3")], 2, 2).tolist() == [[0, 1], [2, 3]]
     assert th.token_windows(tok, [("a", "0 1")], 2, 1).tolist() == [[0, 1]]
 
