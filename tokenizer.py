@@ -236,7 +236,7 @@ def _hf_config(directory):
                         None)
     template = template if isinstance(template, str) else None
     jinja = os.path.join(directory, "chat_template.jinja")
-    if os.path.exists(jinja):  # the file's template wins over the config's, as in transformers
+    if os.path.isfile(jinja):  # the file's template wins over the config's, as in transformers
         try:
             with open(jinja, encoding="utf-8") as f:
                 template = f.read()

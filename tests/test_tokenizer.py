@@ -440,7 +440,9 @@ def test_the_default_system_prompt_and_the_template_file(tmp_path):
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
     chatml = "{% for m in messages %}<|im_start|>...{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
+    (tmp_path / "chat_template.jinja").mkdir()  # a folder of that name is no template
     assert Tokenizer.from_path(tmp_path).chat == "chatml"
+    (tmp_path / "chat_template.jinja").rmdir()
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}<|start_header_id|>...{% endfor %}")
     assert Tokenizer.from_path(tmp_path).chat == "llama3"
 
