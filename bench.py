@@ -34,7 +34,7 @@ import time
 import torch
 
 import hata_kernels as hk
-from model import PRESETS, HataArgs, Transformer, checkpoint_metadata, from_checkpoint
+from model import PRESETS, HataArgs, checkpoint_metadata, from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = [1 / 64, 2048]              # HATA's K: a fraction of the context, or tokens (attention; e2e's default)
@@ -369,7 +369,7 @@ def bench_offload(args):
     the sparse layers' K/V in host memory (offload.py), and every row fetched from host memory (a selection of
     S - 1 positions through the same path, the dense baseline). Then one layer's fetch: zero-copy vs staged."""
     import offload
-    from engine import GraphedDecode, random_model
+    from engine import GraphedDecode, meta_model, random_model
 
     S, B, dev, hata = args.seqlen, 1, "cuda", HataArgs(budget=args.budget)
     if not (K := hata.budget_tokens(S)) < S <= PRESETS[args.preset].max_seq_len:  # now, not after the GPU's timings
@@ -378,10 +378,8 @@ def bench_offload(args):
     if args.host_gb is not None and not 0 < args.host_gb < math.inf:
         raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")  # (finite: int(inf) fails)
     host_limit = None if args.host_gb is None else int(args.host_gb * offload.GiB)
-    with torch.device("meta"):  # the plan's host-memory check before the weights are built, on a model of no memory
-        shape_only = Transformer(PRESETS[args.preset], hata).to(torch.bfloat16)
-    try:
-        offload.plan_offload(shape_only, B, S, host_limit=host_limit)
+    try:  # the plan's host-memory check before the weights are built
+        offload.plan_offload(meta_model(PRESETS[args.preset], hata, torch.bfloat16), B, S, host_limit=host_limit)
     except ValueError as e:
         raise ValueError(f"{e} (here: --seqlen, or --host-gb)") from None
     print_header(args.mode)
@@ -593,8 +591,8 @@ def bench_e2e(args):
 
 def bench_cpu(args):
     """Decode ms/token of the default model on the CPU (real weights, fp32): dense against HATA at --budget with
-    the shipped projections, at each context S: a step at position S - 1 of a cache one slot longer (as every
-    engine.py step but one that fills the cache), with random K/V (the values do not change the cost). Dense and HATA
+    the shipped projections, at each context S: a step at position S - 1 of a cache one slot longer (a prefix of its
+    cache, as every engine.py step before the last), with random K/V (the values do not change the cost). Dense and HATA
     alternate for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
     from engine import default_checkpoint, shipped_hash_weights
 
@@ -603,8 +601,9 @@ def bench_cpu(args):
         raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {context}")
     model = from_checkpoint(default_checkpoint())
     hata = HataArgs(budget=args.budget)
-    caches = {S: min(S + 1, model.args.max_seq_len) for S in args.seqlens}  # a step attends over a prefix of its
-    refuse_all_dense([args.budget], caches, "--budget")  # cache, as in engine.py
+    # a step attends over a prefix of its cache, as every engine.py step before the last
+    caches = {S: min(S + 1, model.args.max_seq_len) for S in args.seqlens}
+    refuse_all_dense([args.budget], caches, "--budget")
     print_header(args.mode)
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []

@@ -664,8 +664,7 @@ def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
     """--offload / --kv-gpu-gb planned before the weights load, on a model of no memory (the meta device) in their
     dtype, as setup() will plan the real one: a plan that gains nothing or does not fit is refused at once."""
     if args.offload or args.kv_gpu_gb is not None:
-        with torch.device("meta"):
-            model = Transformer(shape, hata).to(dtype)
+        model = meta_model(shape, hata, dtype)
         plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len))
 
 
@@ -716,11 +715,16 @@ def check_fits(what, need, dtype, device, fix):  # `need` bytes (in dtype) that 
 # --------------------------------------------------------------------------------------------------------------
 # --random-weights, and what a run prints
 
+def meta_model(shape, hata, dtype):
+    """A model of no memory (the meta device) in `dtype`: its sizes and plans before any weights exist."""
+    with torch.device("meta"):
+        return Transformer(shape, hata).to(dtype)
+
+
 def random_model(preset, hata, device, dtype, seed=0):
     """A model in a preset's shape with random weights, built directly on the device; refused at once when the
     weights would not fit in the device's free memory (e.g. the default 8B shape on a CPU machine)."""
-    with torch.device("meta"):
-        need = sum(p.numel() for p in Transformer(PRESETS[preset]).parameters()) * dtype.itemsize
+    need = sum(p.numel() for p in meta_model(PRESETS[preset], None, dtype).parameters()) * dtype.itemsize
     device = torch.device(device)
     check_fits(f"the {preset} shape's weights", need, dtype, device, "choose a smaller --preset")
     torch.manual_seed(seed)

@@ -136,8 +136,9 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
                                           "no budget (K = S/64, K = 2048) is below any of --seqlens 1: the model "
                                           "would decode every step densely; give a longer --seqlens\n")])
 def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks come before any CUDA work
-    monkeypatch.setattr(engine, "random_model", lambda *a, **k: 1 / 0)  # and before the weights are built
+    # the checks come before any CUDA work, and before the weights are built
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine, "random_model", lambda *a, **k: 1 / 0)
     assert bench.main(argv + (["--preset", "tiny"] if argv[0] != "attention" else [])) == 2
     out, err = capsys.readouterr()
     assert words in err and out == ""  # refused before anything is printed, the header line included
