@@ -1,5 +1,6 @@
 """HATA inside the model (reference path on the CPU): with K >= S it is dense attention; selection is per sequence;
-the oracle selector keeps the model's tokens; hash projections save, load and refuse what does not fit."""
+the oracle selector keeps the model's tokens; hash projections save, load and refuse what does not fit; the caches'
+sizes, policy switches, half precision and head grouping that a mutation run of model.py found untested."""
 import json
 import math
 import re
@@ -11,9 +12,10 @@ from safetensors.torch import load_file, save_file
 import hata_kernels as hk
 import model as model_module
 from engine import decode_one_token, generate, prefill
-from model import PRESETS, HataArgs, Transformer, from_state_dict, load_hash_projections, save_hash_projections
+from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, from_state_dict, load_hash_projections,
+                   random_hash_projections, save_hash_projections)
 from tests.test_kernels import DEV, as_sets
-from tests.test_model import GOLDEN  # by this file's path: pytest may start in another directory
+from tests.test_model import GOLDEN, random_ids, tiny_model  # by this file's path: pytest may start elsewhere
 
 
 def prompt(n):
@@ -473,3 +475,144 @@ def test_oracle_and_quest_keep_the_sink_and_recent_windows(monkeypatch, selector
     for b, length in enumerate(lengths.tolist()):
         for h in range(args.n_kv_heads):
             assert {0, 1, length - 3, length - 2, length - 1} <= set(seen[0][b, h].tolist())
+
+
+def allocated(model):
+    """(bytes of one layer's K and V caches, bytes of every layer's hash codes and norms) that setup_caches made."""
+    kv = [a.kv_cache.k.nbytes + a.kv_cache.v.nbytes for a in (layer.attention for layer in model.layers)]
+    assert len(set(kv)) == 1
+    codes = sum(a.hash_cache.codes.nbytes + (a.hash_cache.norms.nbytes if a.hash_cache.norms is not None else 0)
+                for a in (layer.attention for layer in model.layers) if a.hash_cache is not None)
+    return kv[0], codes
+
+
+@pytest.mark.parametrize("hata, dtype", [
+    (None, torch.float32), (HataArgs(budget=8, n_dense=1), torch.float32),
+    (HataArgs(budget=8, n_dense=1, use_norm=True, rbit=64), torch.bfloat16),
+    (HataArgs(budget=8, n_dense=2, selector="oracle"), torch.float32),  # oracle: no codes
+    (HataArgs(budget=64, n_dense=1), torch.float16),  # K covers the cache: no codes
+    (HataArgs(budget=0.25, n_dense=1, use_norm=True), torch.float32)])
+def test_cache_bytes_is_what_setup_caches_allocates(hata, dtype):
+    """cache_bytes (engine's memory check and offload's plan read it) equals the bytes the caches setup_caches
+    makes really hold: K and V of one layer in the weights' dtype, and R/8 code bytes (+ a 4-byte norm with
+    use_norm) per position and KV head in each sparse layer that reads codes, none otherwise."""
+    model = tiny_model(hata, dtype)
+    want = model.cache_bytes(2, 64)
+    model.setup_caches(2, 64)
+    assert want == allocated(model)
+    if hata is None or not hata.reads_codes(64):
+        assert want[1] == 0
+
+
+def test_set_hata_back_to_dense_or_oracle_drops_the_hash_caches():
+    """After a hash policy that read codes, set_hata(None) or an oracle policy leaves no hash cache or projection
+    behind, and the next decode steps are those of a model that was dense (or oracle) from the start (a stale hash
+    cache made a dense layer's forward read self.hata.use_norm of None)."""
+    ids = random_ids(1, 12)
+    for policy in (None, HataArgs(budget=4, n_dense=1, selector="oracle")):
+        hashed, ref = tiny_model(HataArgs(budget=4, n_dense=1, use_norm=True)), tiny_model(policy)  # the same weights
+        hashed.warned_random_projections = True
+        hashed.setup_caches(1, 32)
+        ref.setup_caches(1, 32)
+        assert all(attn.hash_cache is not None for attn in hashed.sparse_layers())
+        with torch.inference_mode():
+            hashed(ids)
+            ref(ids)
+            hashed.set_hata(policy)
+            assert all(layer.attention.hash_cache is None and layer.attention.hash_proj is None
+                       for layer in hashed.layers)
+            for step in range(3):
+                tok, pos = torch.tensor([[5 + step]]), torch.tensor([12 + step])
+                torch.testing.assert_close(hashed(tok, pos), ref(tok, pos), rtol=0, atol=0)
+
+
+def test_random_projections_are_the_seed_0_draw():
+    """Without a file the sparse layers use random_hash_projections(args, rbit, n_dense) with its default seed 0:
+    what train_hash.py starts from and compares as "random", so a model and the trainer hash alike."""
+    hata = HataArgs(budget=4, n_dense=1, rbit=64)
+    model = tiny_model(hata)
+    model.warned_random_projections = True  # (no warning on stderr)
+    model.setup_caches(1, 16)
+    want = random_hash_projections(PRESETS["tiny"], 64, 1)
+    for i in range(1, PRESETS["tiny"].n_layers):
+        assert torch.equal(model.layers[i].attention.hash_proj, want[i])
+
+
+def test_a_bf16_projection_file_is_used_in_fp32(tmp_path):
+    """A projection file holding bf16 tensors (safetensors from elsewhere; save_hash_projections writes fp32) loads
+    as fp32 projections, which the hash kernels require, and the model decodes with them."""
+    tiny = PRESETS["tiny"]
+    projs = {i: torch.randn(tiny.n_kv_heads, tiny.head_dim, 64, generator=torch.Generator().manual_seed(i))
+             for i in range(1, tiny.n_layers)}
+    path = str(tmp_path / "p.safetensors")
+    save_file({f"layers.{i}.hash_proj": p.bfloat16() for i, p in projs.items()}, path,
+              metadata={"model": tiny.describe(), "rbit": "64", "n_dense": "1"})
+    model = tiny_model(HataArgs(budget=4, n_dense=1, rbit=64, hash_weights=path))
+    model.setup_caches(1, 16)
+    for i in range(1, tiny.n_layers):
+        proj = model.layers[i].attention.hash_proj
+        assert proj.dtype == torch.float32 and torch.equal(proj, projs[i].bfloat16().float())
+    with torch.inference_mode():
+        model(random_ids(1, 8))
+        assert torch.isfinite(model(torch.tensor([[3]]), torch.tensor([8]))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_oracle_scores_in_half_precision_models(dtype):
+    """The oracle's group-summed softmax is computed in fp32 whatever the cache dtype: a bf16/fp16 model's keys give
+    the probabilities of their fp32 copies (a half-precision key cache against fp32 queries was a dtype error)."""
+    model = tiny_model(HataArgs(budget=4, n_dense=0, selector="oracle"), dtype)
+    attn = model.layers[0].attention
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, PRESETS["tiny"].n_heads, PRESETS["tiny"].head_dim, generator=gen).to(dtype)
+    keys = torch.randn(2, PRESETS["tiny"].n_kv_heads, 12, PRESETS["tiny"].head_dim, generator=gen).to(dtype)
+    lengths = torch.tensor([12, 7])
+    got = attn.group_probs(q, keys, lengths)
+    want = attn.group_probs(q.float(), keys.float(), lengths)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    model.setup_caches(2, 16)  # and a whole oracle decode step runs
+    with torch.inference_mode():
+        model(random_ids(2, 8))
+        assert torch.isfinite(model(torch.tensor([[3], [4]]), torch.tensor([8, 8]))).all()
+
+
+def test_key_norms_keep_fp32_precision_in_a_bf16_model():
+    """use_norm's key norms are taken of the fp32 keys in a prefill chunk and in a decode step alike, as set_hata's
+    rehash takes them: a bf16 model's norm cache equals keys.float().norm() to fp32 rounding, not bf16's."""
+    model = tiny_model(HataArgs(budget=4, n_dense=1, use_norm=True), torch.bfloat16)
+    model.setup_caches(2, 32)
+    with torch.inference_mode():
+        model(random_ids(2, 9))
+        for step in range(2):
+            model(torch.tensor([[7], [8]]), torch.tensor([9 + step, 9 + step]))
+    for attn in model.sparse_layers():
+        keys = attn.kv_cache.k[:, :, :11]
+        torch.testing.assert_close(attn.hash_cache.norms[:, :, :11], keys.float().norm(dim=-1), rtol=1e-6, atol=0)
+
+
+def test_oracle_and_quest_scores_group_query_heads_when_G_differs_from_Hkv():
+    """The oracle's probabilities and Quest's page bounds sum over the G query heads h*G .. h*G + G - 1 of KV head h,
+    written out per head here for 8 query heads on 2 KV heads (G = 4; the presets the other tests use have G = Hkv,
+    where the heads grouped the other way round give the same sums)."""
+    args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_dim=96, rope_theta=10000.0,
+                     max_seq_len=64)
+    attn = Transformer(args, HataArgs(budget=4, n_dense=0, selector="oracle")).layers[0].attention
+    H, Hkv, D, G, S = 8, 2, args.head_dim, 4, 2 * QUEST_PAGE
+    gen = torch.Generator().manual_seed(4)
+    q, keys = torch.randn(2, H, D, generator=gen), torch.randn(2, Hkv, S, D, generator=gen)
+    lengths = torch.tensor([S, 21])
+    probs, bounds = attn.group_probs(q, keys, lengths), attn.quest_bounds(q, keys, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        for h in range(Hkv):
+            want_p, want_b = torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
+            for j in range(h * G, (h + 1) * G):
+                qj, k = q[b, j].double(), keys[b, h, :n].double()
+                want_p[:n] += (k @ qj / math.sqrt(D)).softmax(0)
+                for page in range(S // QUEST_PAGE):
+                    kp = k[page * QUEST_PAGE:(page + 1) * QUEST_PAGE]
+                    if len(kp):
+                        want_b[page * QUEST_PAGE:(page + 1) * QUEST_PAGE] += torch.maximum(
+                            qj * kp.amax(0), qj * kp.amin(0)).sum()
+            torch.testing.assert_close(probs[b, h].double(), want_p, rtol=0, atol=1e-6)
+            torch.testing.assert_close(bounds[b, h, :n].double(), want_b[:n], rtol=1e-5, atol=1e-5)

@@ -1046,3 +1046,83 @@ def test_codes_and_norms_after_a_chunk_that_follows_decode_steps():
         keys = attn.kv_cache.k[:, :, :16]  # (B, Hkv, 16, D): positions 0..15 written in both sequences
         assert torch.equal(attn.hash_cache.codes[:, :, :16], hk.hash_encode_ref(keys, attn.hash_proj))
         torch.testing.assert_close(attn.hash_cache.norms[:, :, :16], keys.float().norm(dim=-1), rtol=1e-6, atol=0)
+
+
+def tiny_model(hata=None, dtype=torch.float32, seed=0):  # the tiny preset with seeded random weights
+    torch.manual_seed(seed)
+    return Transformer(PRESETS["tiny"], hata).to(dtype).eval()
+
+
+def random_ids(B, T, seed=1):  # (B, T) token ids of the tiny preset's vocabulary
+    return torch.randint(0, PRESETS["tiny"].vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_keep_qk_hands_over_the_post_rope_queries_then_keys():
+    """train_hash.py reads attn.qk as (q, k) after a forward with keep_qk: q (B, H, T, D), k (B, Hkv, T, D), the
+    key being exactly what went into the KV cache; without keep_qk nothing is kept."""
+    model = tiny_model()
+    model.setup_caches(1, 16)
+    attn = model.layers[1].attention
+    attn.keep_qk = True
+    with torch.inference_mode():
+        model(random_ids(1, 6))
+    q, k = attn.qk
+    tiny = PRESETS["tiny"]
+    assert q.shape == (1, tiny.n_heads, 6, tiny.head_dim) and k.shape == (1, tiny.n_kv_heads, 6, tiny.head_dim)
+    assert torch.equal(k, attn.kv_cache.k[:, :, :6])
+    assert model.layers[0].attention.qk is None
+
+
+def test_setup_caches_builds_rope_from_the_checkpoints_rope_factors():
+    """A GGUF's rope_freqs (model.rope_factors) divides the RoPE frequencies of the table setup_caches builds, and
+    changes the logits; without it the table is the plain one."""
+    model = tiny_model()
+    ids = random_ids(1, 10)
+    model.setup_caches(1, 16)
+    with torch.inference_mode():
+        plain = model(ids)
+    factors = torch.linspace(1.0, 4.0, PRESETS["tiny"].head_dim // 2)
+    model.rope_factors = factors
+    model.setup_caches(1, 16)
+    angles = torch.outer(torch.arange(16, dtype=torch.float32), rope_frequencies(PRESETS["tiny"], factors))
+    torch.testing.assert_close(model.rope_cos, angles.cos(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.rope_sin, angles.sin(), rtol=0, atol=1e-6)
+    with torch.inference_mode():
+        assert (model(ids) - plain).abs().max() > 1e-3
+
+
+def test_positions_from_zero_to_the_caches_last():
+    """input_pos may name position 0 (a chunk at the cache's start gives the fresh prefill's logits) and a decode
+    step may write the cache's last position (max_seq_len - 1), giving the logits of one pass over all of it."""
+    model = tiny_model()
+    ids = random_ids(1, 8)
+    model.setup_caches(1, 8)
+    with torch.inference_mode():
+        whole = model(ids)[0]
+        model.setup_caches(1, 8)
+        torch.testing.assert_close(model(ids[:, :7], torch.tensor([0]))[0], whole[:7], rtol=0, atol=1e-5)
+        last = model(ids[:, 7:], torch.tensor([7]))[0, 0]
+    torch.testing.assert_close(last, whole[7], rtol=0, atol=1e-5)
+
+
+def test_cpu_decode_groups_query_heads_by_kv_head_when_G_differs_from_Hkv():
+    """The CPU decode step's (G, D) blocks take query heads h*G .. h*G + G - 1 for KV head h. Both presets the other
+    tests use have G = Hkv (tiny 4/2, SmolLM2 9/3), where grouping the heads the other way round gives the same
+    result; with 8 query heads on 2 KV heads (G = 4) a decode step must still give the logits of a full pass, in a
+    batch at different positions too (the masked path)."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_dim=96, rope_theta=10000.0,
+                     max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    ids = random_ids(2, 10)
+    model.setup_caches(2, 16)
+    with torch.inference_mode():
+        whole = model(ids)  # (2, 10, V)
+        model.setup_caches(2, 16)
+        model(ids[:, :8])
+        step = model(torch.stack([ids[0, 8:9], ids[1, 8:9]]), torch.tensor([8, 8]))[:, 0]
+        torch.testing.assert_close(step, whole[:, 8], rtol=0, atol=1e-5)
+        model.setup_caches(2, 16)
+        model(ids[:, :9])
+        step = model(torch.stack([ids[0, 9:10], ids[1, 8:9]]), torch.tensor([9, 8]))[:, 0]  # its own position each
+    torch.testing.assert_close(step, torch.stack([whole[0, 9], whole[1, 8]]), rtol=0, atol=1e-5)
