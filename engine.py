@@ -548,6 +548,8 @@ def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as
         return None
     path = args.hash_weights if args.selector == "hash" and not args.random_weights else None  # (their file: noted)
     rbit, n_dense = file_settings(path, args.rbit, args.n_dense)
+    if args.selector == "hash" and args.rbit is not None and not (32 <= args.rbit <= 1024 and args.rbit % 32 == 0):
+        raise ValueError(f"--rbit {args.rbit} must be a multiple of 32 in [32, 1024] (whole int32 code words)")
     return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
                     n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
                     hash_weights=path)
