@@ -292,7 +292,7 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         opt.step()
         history.append([loss.item()] + [x.item() for x in terms])
         if not math.isfinite(history[-1][0]):  # at the first trained step, before any update: not --lr's doing
-            weights = "--eps" if loss_name == "pair" else "--alpha"  # the loss's own weight, and those they share
+            weights = f"--{({'eps', 'alpha'} - {NO_SUCH_TERM[loss_name]}).pop()}"  # of the two, the one it reads
             why = "lower --lr" if len(history) > 1 else f"before any update: lower --sigma, {weights}, --lam or --eta"
             raise ValueError(f"the loss is not finite at step {step + 1}: {why} (or check the samples)")
     if not history:

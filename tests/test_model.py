@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine import generate
+from engine import generate, random_model
 import hata_kernels as hk
 import model as model_module
 from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, ModelArgs, RMSNorm, Transformer, causal_attention,
@@ -1049,8 +1049,7 @@ def test_codes_and_norms_after_a_chunk_that_follows_decode_steps():
 
 
 def tiny_model(hata=None, dtype=torch.float32, seed=0):  # the tiny preset with seeded random weights
-    torch.manual_seed(seed)
-    return Transformer(PRESETS["tiny"], hata).to(dtype).eval()
+    return random_model("tiny", hata, "cpu", dtype, seed)
 
 
 def random_ids(B, T, seed=1):  # (B, T) token ids of the tiny preset's vocabulary
