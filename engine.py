@@ -42,12 +42,15 @@ PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progres
 # --------------------------------------------------------------------------------------------------------------
 # Sampling
 
-def sample(logits, temperature=0.0, top_p=1.0, generator=None):
-    """logits (B, V) fp32 -> next tokens (B,). temperature 0 is greedy; top_p keeps the smallest set of tokens
-    whose probability reaches top_p (nucleus sampling). `generator`: one torch.Generator for the batch, or a list
-    of B (row b draws from the b-th: its tokens do not depend on the other rows)."""
+def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
+    """logits (B, V) fp32 -> next tokens (B,). temperature 0 is greedy; top_k > 0 keeps the k likeliest tokens
+    (and any tied with the k-th, as transformers does), then top_p the smallest set of those whose probability
+    reaches top_p (nucleus sampling). `generator`: one torch.Generator for the batch, or a list of B (row b draws
+    from the b-th: its tokens do not depend on the other rows)."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)
     temperature = max(temperature, torch.finfo(logits.dtype).tiny)  # 1e-50 is 0 in fp32: x / 0 would give NaN
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)  # (B, V); no inf - inf
     if top_p < 1.0:
@@ -145,7 +148,7 @@ class GraphedDecode:
 
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
-             on_token=None, cuda_graph=True, progress=False):
+             on_token=None, cuda_graph=True, progress=False, top_k=0):
     """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, up to and with its
     stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None without one), decode_s, prefill_tokens,
     decode_steps, decode_tokens, budget (the sparse layers' K, or None) and selecting_steps (steps with more cached
@@ -170,7 +173,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     if not bool(logits.isfinite().all()):  # checked once, here (sampling would fail on it, greedy print nothing)
         raise ValueError("the model's output for the prompt is NaN or inf: its weights hold NaN/inf values, or float16 "
                          "overflows in this model (try --dtype bfloat16 or float32)")
-    cur = sample(logits, temperature, top_p, generator)  # (B,)
+    cur = sample(logits, temperature, top_p, generator, top_k)  # (B,)
     synchronize(device)
     t1 = time.perf_counter()
     step_fn = decode_one_token
@@ -189,7 +192,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         if step == max_new_tokens - 1 or finished == B:
             break
         bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
-        cur = sample(step_fn(model, cur, lengths + step), temperature, top_p, generator)
+        cur = sample(step_fn(model, cur, lengths + step), temperature, top_p, generator, top_k)
     bar.close()
     synchronize(device)
     t3 = time.perf_counter()
@@ -352,6 +355,7 @@ def build_parser():
                    "own)")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
     p.add_argument("--seed", type=torch_seed, default=0,
                    help="seed of the sampling (prompt i of a batch draws with seed + i) and of the random prompts")
@@ -455,7 +459,7 @@ def run(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    refuse_negative(n_dense=args.n_dense, sink=args.sink, recent=args.recent)
+    refuse_negative(top_k=args.top_k, n_dense=args.n_dense, sink=args.sink, recent=args.recent)
     if args.kv_gpu_gb is not None and not (math.isfinite(args.kv_gpu_gb) and args.kv_gpu_gb > 0):
         raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {args.kv_gpu_gb}")
     if args.offload and (args.dense or args.selector != "hash"):  # (before the load; --kv-gpu-gb may offload none)
@@ -469,7 +473,7 @@ def run(args):
     ignored = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense, "--dense: no sparse layer"),
                (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash", codes_off),
                (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
-               (("--top-p",), args.temperature == 0, "--temperature 0 decodes greedily"),
+               (("--top-k", "--top-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file"), args.random_weights,
                 "--random-weights decodes random tokens"),
@@ -529,7 +533,8 @@ def run(args):
 
     streamer = Streamer(tok) if len(prompts) == 1 else None
     new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p,
-                           row_generators(args.seed, len(prompts), device), on_token=streamer, progress=True)
+                           row_generators(args.seed, len(prompts), device), on_token=streamer, progress=True,
+                           top_k=args.top_k)
     if streamer is not None:
         streamer.finish()
     else:
@@ -755,8 +760,9 @@ def run_random(args, hata, device, dtype):
           f"{describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, args.prompt_len), generator=gen)
-    _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,  # no stop token:
-                         row_generators(args.seed, batch, device))  # every step runs; sampling as asked
+    # no stop token: every step runs; sampling as asked
+    _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,
+                         row_generators(args.seed, batch, device), top_k=args.top_k)
     report_speed(timing)
 
 

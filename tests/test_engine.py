@@ -150,7 +150,7 @@ def test_unknown_dtype(capsys):
     ("--temperature", "-1e-3", "--temperature must"),  # not flags
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"),
-    ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"),
+    ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"), ("--top-k", "-1", "--top-k -1: must be >= 0"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
     ("--seed", str(2 ** 64), f"seed {2 ** 64} is outside -2^63 .. 2^64 - 1"),
 ])
@@ -634,6 +634,31 @@ def test_top_p_keeps_only_the_nucleus():
         assert {int(sample(logits, 1.0, top, gen)) for _ in range(300)} == set(range(k)), k
 
 
+def test_top_k_keeps_the_k_likeliest_and_their_ties():
+    """top_k keeps the k highest logits (any tied with the k-th too), before top_p; 0, or k >= V, keeps every
+    token; greedy decoding ignores it."""
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample(logits, 1.0, 1.0, gen, top_k=2).tolist() for _ in range(300)]
+    assert {d[0] for d in draws} == {1, 3} and {d[1] for d in draws} == {0, 1, 2, 3}  # row 1: four tied at the top
+    assert {int(sample(logits[:1], 1.0, 1.0, gen, top_k=1)) for _ in range(50)} == {1}
+    for k in (0, 4, 9):
+        assert {int(sample(logits[:1], 1.0, 1.0, gen, top_k=k)) for _ in range(300)} == {0, 1, 2, 3}, k
+    assert {int(sample(logits[:1], 1.0, 0.5, gen, top_k=3)) for _ in range(300)} == {1, 3}  # of 0.4 + 0.3 + 0.2
+    assert int(sample(logits[:1], 0.0, 1.0, gen, top_k=3)) == 1
+
+
+def test_top_k_reaches_the_sampler(capsys, monkeypatch):
+    """--top-k is passed to generate(), with --random-weights too."""
+    seen = []
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: (seen.append(k["top_k"]), ([[1]], {}))[1])
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "5")
+    run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "4", "--max-new-tokens", "2",
+            "--device", "cpu", "--temperature", "1", "--top-k", "7")
+    assert seen == [5, 7]
+
+
 def test_help_survives_a_percent_sign_in_a_default(capsys, monkeypatch):
     import eval as ev
     monkeypatch.setattr(ev, "HERE", "/tmp/100%d")  # --out-dir's default is under the checkout
@@ -1046,6 +1071,7 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--selector", "quest", "--hash-weights", "w.st"], "--hash-weights (--selector quest reads no hash codes)"),
     (["--top-p", "0.9"], "--top-p (--temperature 0 decodes greedily)"),
     (["--top-p", "0.9", "--temperature", "1"], None),
+    (["--top-k", "40", "--top-p", "0.9"], "--top-k, --top-p (--temperature 0 decodes greedily)"),
     (["--dense", "--budget", "1/4", "--sink", "4", "--use-norm", "--n-dense", "3", "--selector", "oracle", "--recent",
       "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent (--dense: no sparse layer); --rbit, "
      "--use-norm (--dense reads no hash codes)"),
