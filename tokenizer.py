@@ -15,7 +15,8 @@ the vocabulary's: <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatM
 written in the checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the
 checkpoint's template is another one). A Llama 3.1+ template opens every chat with a system turn that starts with
 its knowledge cutoff and a date (3.1: a fixed one; 3.2+: today's); hata writes that turn too. Jinja itself is not run.
-`eos_ids` holds every id that ends generation (EOS plus <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present).
+`eos_ids` holds every id that ends generation: EOS, <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present, and the
+ids the file names (a GGUF's EOT and EOM, generation_config.json's eos_token_id).
 """
 import base64
 import datetime
@@ -213,19 +214,29 @@ def _pre_split(pre, normalizer, path):
                      else "") + ") is not one hata reproduces (ByteLevel; Digits + ByteLevel; one Split + ByteLevel)")
 
 
-def _hf_config(directory):
-    """tokenizer_config.json in `directory` ({} if none) and the chat template: the config's, else the
-    chat_template.jinja beside it (where transformers 5 saves it), else None."""
-    cfg_path = os.path.join(directory, "tokenizer_config.json")
+def _json_object(path) -> dict:
+    """The JSON object in the file at `path` ({} if there is none)."""
     try:
-        cfg = {}
-        if os.path.exists(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
+        obj = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
     except ValueError as e:
-        raise ValueError(f"{cfg_path!r} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path!r} holds no JSON object")
+        raise ValueError(f"{path!r} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds no JSON object")
+    return obj
+
+
+def _hf_config(directory):
+    """tokenizer_config.json in `directory` ({} if none); the chat template: the config's, else the
+    chat_template.jinja beside it (where transformers 5 saves it), else None; and the ids generation ends at by
+    generation_config.json (eos_token_id: an id or a list)."""
+    cfg_path, gen_path = (os.path.join(directory, f) for f in ("tokenizer_config.json", "generation_config.json"))
+    cfg, stops = _json_object(cfg_path), _json_object(gen_path).get("eos_token_id")
+    stops = [] if stops is None else stops if isinstance(stops, list) else [stops]
+    if not all(type(i) is int and i >= 0 for i in stops):
+        raise ValueError(f"{gen_path!r}: eos_token_id must be a token id or a list of them, got {stops!r}")
     for key in ("bos_token", "eos_token"):  # a name, or {"content": name, ...} (AddedToken), or none
         value = cfg.get(key)
         if value is not None and not isinstance(value.get("content") if isinstance(value, dict) else value, str):
@@ -242,7 +253,7 @@ def _hf_config(directory):
                 template = f.read()
         except UnicodeDecodeError as e:
             raise ValueError(f"{jinja!r} is not UTF-8 text ({e})") from None
-    return cfg, template
+    return cfg, template, stops
 
 
 def _template_first(post) -> str | None:
@@ -282,7 +293,7 @@ class Tokenizer:
     """Build with `Tokenizer.from_path`; the constructor takes what a loader read."""
 
     def __init__(self, *, enc=None, vocab_size=None, blank=(), sp=None, specials=None, in_text=(), bos_id=None,
-                 eos_id=None, add_bos=False, chat=None, system=None, opening=None):
+                 eos_id=None, stops=(), add_bos=False, chat=None, system=None, opening=None):
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
@@ -290,7 +301,7 @@ class Tokenizer:
         self.in_text = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos and bos_id is not None  # encode()'s default (a GGUF may ask for a BOS it lacks)
-        self.eos_ids = frozenset({i for t, i in self.specials.items() if t in END_TOKENS} | ({eos_id} - {None}))
+        self.eos_ids = frozenset({i for t, i in self.specials.items() if t in END_TOKENS} | {eos_id, *stops} - {None})
         self.chat, self.system = chat, system       # "llama3" | "chatml" | "llama2" | None; ChatML's default system
         self.opening = opening                      # Llama 3.1+: what every chat's system turn starts with
         self.vocab_size = sp.get_piece_size() if sp is not None else vocab_size
@@ -348,6 +359,7 @@ class Tokenizer:
         template = get("tokenizer.chat_template")
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos,
+                   stops=[get("tokenizer.ggml.eot_token_id"), get("tokenizer.ggml.eom_token_id")],
                    in_text=[t for t, typ in zip(tokens, types) if typ == 4],
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", pattern is LLAMA3_PATTERN)),  # llama.cpp's
                    chat=cls._chat_of(specials, template), system=_default_system(template),
@@ -371,7 +383,7 @@ class Tokenizer:
         specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         ranks = {_vocab_bytes(t, path): i for t, i in model["vocab"].items() if t not in specials}
         _check_merges(path, model.get("merges"), model["vocab"], ranks)
-        cfg, template = _hf_config(os.path.dirname(path))  # bos/eos names and the chat template
+        cfg, template, stops = _hf_config(os.path.dirname(path))  # bos/eos names, the chat template, stop ids
         name = lambda t: t.get("content") if isinstance(t, dict) else t
         # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not); without a config, BOS is
         # the special token that template puts first
@@ -379,9 +391,9 @@ class Tokenizer:
         bos, eos = specials.get(bos_name), specials.get(name(cfg.get("eos_token")))
         add_bos = bos is not None and bos_name in json.dumps(tj.get("post_processor"), ensure_ascii=False)
         enc, n, blank = _bpe(path, ranks, specials, pattern)
-        return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, add_bos=add_bos,
+        return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, stops=stops,
+                   add_bos=add_bos, chat=cls._chat_of(specials, template), system=_default_system(template),
                    in_text=[t["content"] for t in tj.get("added_tokens", []) if t.get("special") is False],
-                   chat=cls._chat_of(specials, template), system=_default_system(template),
                    opening=_dated_opening(template))
 
     @classmethod
@@ -400,11 +412,11 @@ class Tokenizer:
             raise ValueError(f"{path!r} holds {len(ranks)} token ranks, not Meta's Llama 3 tokens 0..{LLAMA3_VOCAB - 1}"
                              " each once: a cut or corrupt file (re-download it), or not Llama 3's tokenizer")
         specials = {t: LLAMA3_VOCAB + i for i, t in enumerate(LLAMA3_SPECIALS)}
-        template = _hf_config(os.path.dirname(path))[1]  # a Hugging Face folder's chat template, as the other formats
+        _, template, stops = _hf_config(os.path.dirname(path))  # a Hugging Face folder's, as the other formats
         enc, n, blank = _bpe(path, ranks, specials, LLAMA3_PATTERN)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=specials["<|begin_of_text|>"],
-                   eos_id=specials["<|end_of_text|>"], add_bos=True, chat=cls._chat_of(specials, template),
-                   opening=_dated_opening(template))
+                   eos_id=specials["<|end_of_text|>"], stops=stops, add_bos=True,
+                   chat=cls._chat_of(specials, template), opening=_dated_opening(template))
 
     @classmethod
     def _from_sentencepiece(cls, path):
@@ -414,14 +426,14 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"{path!r} is neither a sentencepiece nor a tiktoken tokenizer.model ({e}); {HOW}")
         bos, eos = sp.bos_id(), sp.eos_id()
-        cfg, template = _hf_config(os.path.dirname(path))  # Llama 2's [INST], unless the checkpoint says otherwise
+        cfg, template, stops = _hf_config(os.path.dirname(path))  # Llama 2's [INST], unless the folder says otherwise
         # A fine-tune's tokens past the sentencepiece vocabulary (ChatML's <|im_end|> at 32000): only their end tokens
         # matter here, to stop generation (they decode to nothing, as every id past the vocabulary)
         added = {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
                  if isinstance(t, dict) and str(i).isdigit() and int(i) >= sp.get_piece_size()}
         llama2 = template is None or ("[INST]" in template and "<<SYS>>" in template)  # not Mistral's [INST]
         return cls(sp=sp, specials=added, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
-                   add_bos=bos >= 0, chat="llama2" if llama2 else None)
+                   stops=stops, add_bos=bos >= 0, chat="llama2" if llama2 else None)
 
     @staticmethod
     def _chat_of(specials, template):  # the template's format (None: another), else the vocabulary's

@@ -198,6 +198,8 @@ def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
     tok = Tokenizer.from_path(tmp_path)  # a ChatML fine-tune of Llama 2: its added <|im_end|> ends generation too
     assert tok.eos_ids == frozenset({2, 300}) and tok.decode([300, 301]) == ""
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 301]}))
+    assert Tokenizer.from_path(tmp_path).eos_ids == {2, 300, 301}  # generation_config.json's ids too
 
 
 # --- Hugging Face tokenizer.json (byte-level BPE) ----------------------------------------------------------
@@ -226,6 +228,15 @@ def test_hf_tokenizer_json(tmp_path):
     assert Tokenizer.from_path(tmp_path / "renamed").encode("hello 12 w") == tok.encode("hello 12 w")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_start|>"}}))
     assert Tokenizer.from_path(tmp_path).eos_ids == {0, 1, 2}  # the config's EOS, a name no built-in list holds
+    for ids, want in (([5, 2], {0, 1, 2, 5}), (7, {0, 1, 2, 7}), (None, {0, 1, 2})):  # generation_config's ids too
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ids, "max_length": 8}))
+        assert Tokenizer.from_path(tmp_path).eos_ids == want, ids
+    for text, words in (('{"eos_token_id": "2"}', "eos_token_id must be a token id or a list"),
+                        ('{"eos_token_id": [2, -1]}', "eos_token_id must be"), ("{", "is not valid JSON")):
+        (tmp_path / "generation_config.json").write_text(text)
+        with pytest.raises(ValueError, match=words):
+            Tokenizer.from_path(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
     (tmp_path / "tokenizer_config.json").write_text("{}")
     broken = [{"content": "<|x|>"}, {"id": "1", "content": "<|im_start|>"}, None]  # no id; id a string; null
     far = [[{"id": i, "content": "<|x|>"}] for i in (-1, 10 ** 9, 1.5, True)]  # 10^9: not a set of 10^9 ids
@@ -377,6 +388,17 @@ def test_gguf_bos_default_follows_llama_cpp(tmp_path):
         tok = Tokenizer.from_path(path)
         assert tok.encode("hi") == [ord("h"), ord("i")]
         assert tok.encode_chat([{"role": "user", "content": "x"}])[:2] == [257, *b"u"]  # before: None, 257
+
+
+def test_gguf_end_of_turn_ids_stop_generation(tmp_path):
+    """A GGUF's tokenizer.ggml.eot_token_id and eom_token_id end generation, whatever the tokens' names (the file
+    names them; llama.cpp stops at them too)."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    tokens, types = [to_char[b] for b in range(256)] + ["<end_of_turn>", "<eom>", "</s>"], [1] * 256 + [3] * 3
+    path = _write_gguf(tmp_path / "plain.gguf", tokens, types, pre="smollm")
+    assert Tokenizer.from_path(path).eos_ids == {258}  # by name only
+    path = _write_gguf(tmp_path / "eot.gguf", tokens, types, pre="smollm", eot=256, eom=257)
+    assert Tokenizer.from_path(path).eos_ids == {256, 257, 258}
 
 
 def test_config_and_gguf_errors(tmp_path, llama3):
@@ -566,8 +588,8 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
     assert Tokenizer.from_path(path).opening == "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 def test_a_meta_tokenizer_model_takes_its_folders_chat_template(tmp_path):
-    """Meta's tiktoken tokenizer.model beside a tokenizer_config.json takes its chat template, as a tokenizer.json
-    or a sentencepiece model does: Llama 3.2's opens every chat with the cutoff and the date; another template (a
+    """Meta's tiktoken tokenizer.model beside a tokenizer_config.json takes its chat template (and beside a
+    generation_config.json its stop ids), as a tokenizer.json or a sentencepiece model does: Llama 3.2's opens every chat with the cutoff and the date; another template (a
     Llama 3 vocabulary with its own format, as DeepSeek-R1-Distill-Llama's) is no Llama 3 chat. Alone: Llama 3's."""
     (tmp_path / "tokenizer.model").write_bytes(open(package_file("llama_models", "llama3", "tokenizer.model"),
                                                     "rb").read())
@@ -580,6 +602,8 @@ def test_a_meta_tokenizer_model_takes_its_folders_chat_template(tmp_path):
     other = "{% for m in messages %}<｜User｜>{{ m['content'] }}<｜Assistant｜>{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": other}))
     assert Tokenizer.from_path(tmp_path).chat is None
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128011]}))
+    assert Tokenizer.from_path(tmp_path).eos_ids == {128001, 128008, 128009, 128011}  # the folder's stop ids too
 
 
 def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
@@ -627,7 +651,8 @@ def _hf_bpe_ref(word: str, merges: list[str]) -> list[str]:
     return parts
 
 
-def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None, add_bos=None, template=None) -> str:
+def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None, add_bos=None, template=None, eot=None,
+                eom=None) -> str:
     """A GGUF file holding only a byte-level BPE tokenizer; the keys left None are not written."""
     def fill(writer):
         writer.add_tokenizer_model("gpt2")
@@ -643,6 +668,10 @@ def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None, add_bos=None
             writer.add_add_bos_token(add_bos)
         if template is not None:
             writer.add_chat_template(template)
+        if eot is not None:
+            writer.add_eot_token_id(eot)
+        if eom is not None:
+            writer.add_eom_token_id(eom)
     return write_gguf(path, fill)
 
 
