@@ -34,7 +34,7 @@ import time
 import torch
 
 import hata_kernels as hk
-from model import PRESETS, HataArgs, checkpoint_metadata, from_checkpoint
+from model import PRESETS, HataArgs, check_rbit, checkpoint_metadata, from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUDGETS = [1 / 64, 2048]              # HATA's K: a fraction of the context, or tokens (attention; e2e's default)
@@ -159,8 +159,7 @@ def check_hata(q, k_cache, v_cache, k_new, codes, lengths, proj, budget, q_codes
 
 
 def bench_attention(args):
-    if args.rbit % 32 or not 0 < args.rbit <= 1024:  # as HataArgs: the model would refuse another
-        raise ValueError(f"--rbit must be a multiple of 32 (whole int32 code words) in [32, 1024], got {args.rbit}")
+    check_rbit(args.rbit, "--rbit")
     refuse_all_dense(BUDGETS, {S: S for S in args.seqlens}, None)
     Ks = {S: sorted({HataArgs(budget=b).budget_tokens(S) for b in BUDGETS}) for S in args.seqlens}
     print_header(args.mode)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from hata_kernels import triton_head_dim
-from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model,
+from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model, check_rbit,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
 from offload import copy_bytes, host_available, offload_from_args, plan_offload
 from tokenizer import Tokenizer
@@ -553,8 +553,8 @@ def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as
         return None
     path = args.hash_weights if args.selector == "hash" and not args.random_weights else None  # (their file: noted)
     rbit, n_dense = file_settings(path, args.rbit, args.n_dense)
-    if args.selector == "hash" and args.rbit is not None and not (32 <= args.rbit <= 1024 and args.rbit % 32 == 0):
-        raise ValueError(f"--rbit {args.rbit} must be a multiple of 32 in [32, 1024] (whole int32 code words)")
+    if args.selector == "hash" and args.rbit is not None:
+        check_rbit(args.rbit, "--rbit")
     return HataArgs(rbit=rbit if args.selector == "hash" else HataArgs.rbit, budget=args.budget, n_dense=n_dense,
                     n_sink=args.sink, n_recent=args.recent, use_norm=args.use_norm, selector=args.selector,
                     hash_weights=path)

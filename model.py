@@ -109,6 +109,11 @@ SELECTORS = ("hash", "oracle", "quest")
 QUEST_PAGE = 16  # tokens per page of the Quest selector
 
 
+def check_rbit(rbit, name="rbit"):  # HataArgs', engine's and bench's rule: 1024 bits a code at most (128 bytes)
+    if not 0 < rbit <= 1024 or rbit % 32:
+        raise ValueError(f"{name} must be a multiple of 32 (whole int32 code words) in [32, 1024], got {rbit}")
+
+
 @dataclass
 class HataArgs:
     """How sparse decode layers pick their tokens. A model built with `hata=None` is dense everywhere."""
@@ -126,8 +131,7 @@ class HataArgs:
         ints = {k: getattr(self, k) for k in ("rbit", "n_dense", "n_sink", "n_recent")}
         if bad := {k: v for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)}:
             raise TypeError(f"{', '.join(bad)} must be whole numbers (int), got {', '.join(map(repr, bad.values()))}")
-        if not 0 < self.rbit <= 1024 or self.rbit % 32:  # 1024 bits: 128 bytes a code, half a 128-dim bf16 key
-            raise ValueError(f"rbit must be a multiple of 32 in [32, 1024], got {self.rbit}")
+        check_rbit(self.rbit)
         real = isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool)  # not "1/4", not True
         if not (real and (0 < self.budget < 1 or (self.budget >= 1 and float(self.budget).is_integer()))):
             raise ValueError(f"budget must be a token count >= 1 or a fraction in (0, 1), got {self.budget}")

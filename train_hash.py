@@ -45,8 +45,8 @@ from engine import (Parser, check_writable, checkpoint_label, cli, default_check
                     frac, is_default_model, note_ignored, path_name, plural, positive_int, refuse_negative, torch_seed,
                     write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
-from model import (HataArgs, apply_rope, check_hash_model, checkpoint_metadata, from_checkpoint, key_signature,
-                   load_hash_projections, random_hash_projections, read_hash_file, rope_frequencies,
+from model import (HataArgs, apply_rope, check_hash_model, check_rbit, checkpoint_metadata, from_checkpoint,
+                   key_signature, load_hash_projections, random_hash_projections, read_hash_file, rope_frequencies,
                    save_hash_projections)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -576,7 +576,7 @@ def run(args):
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in train_rbits:
-        HataArgs(rbit=r, n_dense=args.n_dense)  # fails early on a bad rbit
+        check_rbit(r, "--rbit")  # early
     if args.report and args.hash_weights and args.rbit:  # (training notes --hash-weights as ignored)
         raise ValueError("--hash-weights files carry their own R: drop --rbit (it picks shipped or random sizes)")
     hp = None if args.report else training_settings(args)  # (--report notes the training flags as ignored)

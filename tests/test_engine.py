@@ -144,8 +144,8 @@ def test_unknown_dtype(capsys):
 
 @pytest.mark.parametrize("flag, value, words", [
     ("--budget", "0", "budget"), ("--budget", "-5", "budget"), ("--budget", "abc", "budget"),
-    ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "--rbit 48 must be a multiple of 32"),
-    ("--rbit", "-32", "--rbit -32 must be a multiple of 32 in [32, 1024]"),
+    ("--budget", "1/0", "budget"), ("--budget", "2/1", "budget"), ("--rbit", "48", "--rbit must be a multiple of 32"),
+    ("--rbit", "-32", "--rbit must be a multiple of 32 (whole int32 code words) in [32, 1024], got -32"),
     ("--budget", "-1/4", "budget '-1/4' is not"), ("--budget", "-1/-4", "budget '-1/-4' is not"),
     ("--temperature", "-1e-3", "--temperature must"),  # not flags
     ("--temperature", "nan", "--temperature"),

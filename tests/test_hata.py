@@ -348,7 +348,8 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         with pytest.raises(ValueError, match="lack train_hash.py's metadata"):
             load_hash_projections(path, args, hata)
     for meta, words in [({"n_dense": "3"}, "n_dense=3 in its metadata, but its first projection is for layer 1"),
-                        ({"rbit": "33"}, "rbit must be a multiple of 32 in \\[32, 1024\\], got 33")]:  # named
+                        ({"rbit": "33"}, r"rbit must be a multiple of 32 \(whole int32 code words\) in \[32, 1024\], "
+                                         "got 33")]:  # named
         save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path,
                   metadata={"model": args.describe(), "rbit": "64", "n_dense": "1", **meta})
         with pytest.raises(ValueError, match=f"hash weights {re.escape(path)}: {words}"):

@@ -545,7 +545,9 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
                                          (["--lr", "inf"], "--lr inf"), (["--wd", "nan"], "--wd nan"),
                                          (["--shift", str(2 ** 31)], "--shift 2147483648 must lie in [0, 2^31)"),
-                                         (["--rbit", "2048"], "in [32, 1024], got 2048"),
+                                         (["--rbit", "2048"],
+                                          "--rbit must be a multiple of 32 (whole int32 code words) in [32, 1024], "
+                                          "got 2048"),
                                          (["--report", "--report-dir", "/dev/null/r"],
                                           "--report-dir: cannot write in /dev/null/r"),
                                          (["--report", "--out", "x.safetensors"], "either --out"),
