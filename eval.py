@@ -38,7 +38,8 @@ from tqdm import tqdm
 from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_token, default_checkpoint, device_name,
                     file_settings, frac, note_ignored, parse_budget, path_name, positive_int, prefill, refuse_negative,
                     shipped_hash_weights, thread_count, torch_seed, write_png, write_text)
-from model import HataArgs, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections, write_whole
+from model import (HataArgs, check_rbit, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections,
+                   write_whole)
 from tokenizer import Tokenizer
 from train_hash import BUDGETS, HERE, load_corpus, refuse_repeats, refuse_to_replace, split_corpus, token_windows
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
@@ -354,7 +355,7 @@ def merge(runs):
         raise ValueError(f"the runs' noise haystacks were sized for different contexts ({sorted(noise)}): one "
                          "sample's spec would join two prompts")
     planned = max((r.get("perplexity_planned", 0) for r in runs if r.get("perplexity")), default=0)  # (one pass)
-    out = runs[0]
+    out, trained = runs[0], lambda x: any(s.split(" ")[0] == "hata-trained" for s in x["selectors"])  # or "... s4"
     for r in runs[1:]:
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         out.pop("retrieval_cut", None)
@@ -363,10 +364,12 @@ def merge(runs):
         if setup(r) != setup(out):
             raise ValueError(f"the runs differ in model, weights, text, rbit or n_dense ({setup(out)}, {setup(r)}): "
                              "their rows would mix two setups")
-        if "hata-trained" in set(r["selectors"]) - set(out["selectors"]):  # the first run to bring it: its file
-            out["hash_weights"] = r.get("hash_weights")
+        if trained(r) and not trained(out):  # the first run to bring it: its file
+            out["hash_weights"], out["hash_digest"] = r.get("hash_weights"), r.get("hash_digest")
         files = out.get("hash_weights"), r.get("hash_weights")
-        if "hata-trained" in set(out["selectors"]) & set(r["selectors"]) and files[0] != files[1]:
+        same = (out["hash_digest"] == r["hash_digest"] if out.get("hash_digest") and r.get("hash_digest")
+                else files[0] == files[1])  # by content: one file by two paths (relative, the default's) is one
+        if trained(out) and trained(r) and not same:
             print(f"note: hata-trained is {files[0]}'s; {files[1]}'s results are left out (one file a row)",
                   file=sys.stderr)
             for correct in [x["correct"] for x in r.get("retrieval", [])] + [r.get("perplexity", {})]:
@@ -591,7 +594,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                                    "--report rebuilds the report from results files")]
                  + [(flags, fresh and task not in args.tasks, f"no {task} task") for task, flags in TASK_FLAGS.items()]
                  + [(("--hash-weights",), fresh and "trained" not in args.selectors, "no trained selector"),
-                    (("--quest", "--quest-budgets"), fresh and "quest" not in args.selectors, "no quest selector")])
+                    (("--quest", "--quest-budgets"), fresh and "quest" not in args.selectors, "no quest selector"),
+                    (("--sink",), fresh and not {"oracle", "trained", "random"} & set(args.selectors),
+                     "no oracle or HATA selector: Quest's are --quest")])
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # a run's results until it ends
     check_writable(os.path.dirname(json_path), "--out-dir / --name")  # now, not after the first batch
@@ -632,7 +637,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default
     rbit, n_dense = file_settings(args.hash_weights if trained else None, args.rbit, args.n_dense)  # as engine.py
     hata = dict(rbit=rbit, n_dense=n_dense)  # the flags', else the projection file's
-    checked = HataArgs(**hata)  # a bad --rbit now, not after the first policy
+    if args.rbit is not None:  # a bad one now, named as the flag, not after the first policy
+        check_rbit(args.rbit, "--rbit")
+    checked = HataArgs(**hata)
     weights = (args.hash_weights or shipped_hash_weights(checked, args.checkpoint)) if trained else None
     if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
         if set(args.selectors) == {"trained"}:
@@ -665,8 +672,13 @@ def run(args):  # args from parse_args, which applies --quick's sizes
           f"{hata['n_dense']} dense layers" + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
+    hash_digest = None
+    if weights:  # the projection file's bytes, as merge compares them
+        with open(weights, "rb") as f:
+            hash_digest = digest([f.read()])
     results = {"command": "python eval.py " + args.command, "selectors": list(sels),
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
+               "hash_digest": hash_digest,
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata,
                "noise_context": context,  # the noise haystack's size (before 2026-12-05: the longest --contexts)
                "weights": digest(t.numpy().tobytes() for t in key_signature(model, 0).values()),  # another checkpoint

@@ -1,6 +1,7 @@
 """eval.py on tiny sizes: the digit scorer, the prompt builder, the kept-share arithmetic, and the shared
 prefill/decode machinery against dense attention (the same functions the full run uses)."""
 import copy
+import hashlib
 import json
 import math
 import os
@@ -326,27 +327,34 @@ def test_merge_keeps_two_seeds_prompts_of_one_key_apart_and_notes_what_it_leaves
         ev.merge([a, b])
 
 
-def test_merge_notes_trained_rows_of_other_projections(capsys):
+@pytest.mark.parametrize("sel", ["hata-trained", "hata-trained s4"])  # s4: --sink 4's row
+def test_merge_notes_trained_rows_of_other_projections(capsys, sel):
     """Two runs of hata-trained with different --hash-weights: only the first run's results count, also on the
-    samples only the second run holds (another seed: left out, not joined into the row), and the merge says so."""
-    def run(weights, seeds=(0,)):
+    samples only the second run holds (another seed: left out, not joined into the row), and the merge says so.
+    The files are compared by their bytes' digest where both runs recorded one (one file by two paths is one)."""
+    def run(weights, seeds=(0,), digest=None):
         recs = [{"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "seed": seed,
-                 "correct": {"dense": True, "hata-trained 1/8": weights == "a.safetensors"}} for seed in seeds]
+                 "correct": {"dense": True, f"{sel} 1/8": weights == "a.safetensors"}} for seed in seeds]
         ppl = {k: {"ppl": p, "agree": 1.0, "nll": 0.7, "positions": 8}
-               for k, p in (("dense", 2.0), ("hata-trained 1/8", 2.5 if weights == "a.safetensors" else 3.5))}
-        return {"command": weights, "selectors": ["hata-trained"], "budgets": [1 / 8], "seconds": {},
+               for k, p in (("dense", 2.0), (f"{sel} 1/8", 2.5 if weights == "a.safetensors" else 3.5))}
+        return {"command": weights, "selectors": [sel], "budgets": [1 / 8], "seconds": {}, "hash_digest": digest,
                 "hash_weights": weights, "retrieval": recs, "ppl_context": 64, "perplexity": ppl}
     merged = ev.merge([run("a.safetensors"), run("b.safetensors", seeds=(0, 1))])
-    assert [x["seed"] for x in merged["retrieval"]] == [0] and ev.kept(merged["retrieval"], "hata-trained 1/8")[0] == 1
-    assert merged["perplexity"]["hata-trained 1/8"]["ppl"] == 2.5
+    assert [x["seed"] for x in merged["retrieval"]] == [0] and ev.kept(merged["retrieval"], f"{sel} 1/8")[0] == 1
+    assert merged["perplexity"][f"{sel} 1/8"]["ppl"] == 2.5
     assert "hata-trained is a.safetensors's; b.safetensors's results are left out" in capsys.readouterr().err
+    merged = ev.merge([run("a.safetensors", digest="d1"), {**run("/w/a.safetensors", (1,), "d1"), "command": "b"}])
+    assert [x["seed"] for x in merged["retrieval"]] == [0, 1] and "left out" not in capsys.readouterr().err
+    merged = ev.merge([run("a.safetensors", digest="d1"), {**run("a.safetensors", (1,), "d2"), "command": "b"}])
+    assert [x["seed"] for x in merged["retrieval"]] == [0] and "left out" in capsys.readouterr().err
     # a first run without hata-trained: the file of the first run that brings it is the row's
     oracle = {k: v for k, v in run(None, seeds=(0, 1)).items() if k != "perplexity"}
     oracle.update(command="o", selectors=["oracle"])
     for x in oracle["retrieval"]:
         x["correct"] = {"dense": True, "oracle 1/8": True}
-    merged = ev.merge([oracle, run("b.safetensors"), {**run("b.safetensors", seeds=(1,)), "command": "b2"}])
-    assert [x["seed"] for x in merged["retrieval"]] == [0, 1] and merged["hash_weights"] == "b.safetensors"
+    merged = ev.merge([oracle, run("b.safetensors", digest="d2"), {**run("b.safetensors", (1,)), "command": "b2"}])
+    assert [x["seed"] for x in merged["retrieval"]] == [0, 1]
+    assert (merged["hash_weights"], merged["hash_digest"]) == ("b.safetensors", "d2")
     assert "left out" not in capsys.readouterr().err
     ev.merge([run("a.safetensors"), run("a.safetensors")])
     assert capsys.readouterr().err == ""
@@ -548,7 +556,8 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                           "both labelled 0.123456789"),
                                          (["--contexts", "1024", "1024", "--samples", "4", "8"], "repeats a length"),
                                          (["--name", "/dev/null/x"], "--out-dir / --name: cannot write in /dev/null"),
-                                         (["--rbit", "2048"], "in [32, 1024], got 2048"),
+                                         (["--rbit", "2048"], "--rbit must be a multiple of 32 (whole int32 code "
+                                                               "words) in [32, 1024], got 2048"),
                                          (["--text", "a.txt", ""], "--text: an empty path"),
                                          (["--name", ""], "--name: an empty path"),
                                          (["--threads", "100000"], "--threads: must be at most")])
@@ -735,6 +744,7 @@ def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, sm
     assert "R = 64, 3 dense layers, hata-trained: " + path in capsys.readouterr().err
     results = json.loads((tmp_path / "eval_results.json").read_text())
     assert (results["rbit"], results["n_dense"]) == (64, 3) and "hata-trained 1/8" in results["perplexity"]
+    assert results["hash_digest"] == hashlib.sha256((tmp_path / "p.safetensors").read_bytes()).hexdigest()[:16]
     assert ev.main(argv + ["--n-dense", "2", "--name", "other"]) == 2
     assert "pass --n-dense 3" in capsys.readouterr().err
 
@@ -828,6 +838,8 @@ def test_quick_sizes_are_defaults_that_given_flags_override():
     (["--tasks", "perplexity", "--samples", "3", "--selectors", "oracle", "--quest", "4:4", "--hash-weights", "w"],
      "--samples (no retrieval task); --hash-weights (no trained selector); --quest (no quest selector)"),
     (["--tasks", "perplexity", "--minutes", "5", "--seed", "3"], "--minutes, --seed (no retrieval task)"),
+    (["--sink", "4", "--selectors", "quest"], "--sink (no oracle or HATA selector: Quest's are --quest)"),
+    (["--sink", "4", "--selectors", "quest", "random"], None),
     (["--quick", "--tasks", "retrieval"], None)])  # --quick's sizes are not flags given
 def test_flags_a_run_ignores_are_noted(argv, ignored, capsys, tmp_path):
     assert ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2
