@@ -544,7 +544,8 @@ def build_parser():
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"],
                    help="pass-key retrieval (kept answers); perplexity and agreement with dense on held-out text")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="context lengths")
-    p.add_argument("--samples", type=positive_int, nargs="+", default=[120, 100, 56, 28], help="per --contexts length")
+    p.add_argument("--samples", type=positive_int, nargs="+", default=[120, 100, 56, 28],
+                   help="per --contexts length (one count: for each)")
     p.add_argument("--batch", type=positive_int, default=4, help="sequences prefilled and decoded together")
     p.add_argument("--ppl-context", type=positive_int, default=8192, help="window length of the perplexity text")
     p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
@@ -616,8 +617,11 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
-    if lengths["--contexts"] and len(args.samples) != len(args.contexts):
-        raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)})")
+    if lengths["--contexts"] and len(args.samples) not in (1, len(args.contexts)):
+        default = args.samples == defaults.get_default("samples")  # of the default (or --quick's) --contexts
+        raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"
+                         + "; give --samples: its default is for the default --contexts" * default)
+    args.samples = args.samples * len(args.contexts) if len(args.samples) == 1 else args.samples
     if lengths["--contexts"] and len(set(args.contexts)) < len(args.contexts):
         raise ValueError(f"--contexts {' '.join(map(str, args.contexts))} repeats a length: give each once")
     if lengths["--ppl-context"] and args.ppl_tokens > args.ppl_context - 2:  # run_teacher_forced's prefill: C - n - 1

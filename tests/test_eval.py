@@ -534,7 +534,7 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--quest", "16:16x"], "must be n_sink:n_recent"),
                                          (["--budgets", "1"], FRACTION),  # one token is no fraction
                                          (["--contexts", "1024", "--samples", "4", "4"],
-                                          "--samples needs one count per --contexts length (1)"),
+                                          "--samples needs one count per --contexts length (1), or one for each"),
                                          (["--contexts", "127", "--samples", "1"], "retrieval needs --contexts >= 128"),
                                          (["--contexts", "128", "--samples", "1", "--budgets", "0.995"],
                                           "budget 199/200 of a 128-token context is all of it: every step would "
@@ -727,6 +727,20 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
     os.remove(tmp_path / "eval_results.json")
     capsys.readouterr()
     assert ev.main(argv[:-1]) == 2 and "eval_results.partial.json exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
+    """--samples with one count takes that many samples at each --contexts length; --contexts alone, with the
+    default counts of other lengths, is refused and told to give --samples."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    seen = []
+    monkeypatch.setattr(ev, "retrieval_specs", lambda counts, seed: seen.append(counts) or [])
+    (tmp_path / "text.txt").write_text(PROSE * 20)
+    argv = ["--tasks", "retrieval", "--selectors", "oracle", "--text", str(tmp_path / "text.txt"), "--checkpoint",
+            gguf_path, "--out-dir", str(tmp_path), "--contexts", "128", "256"]
+    assert ev.main(argv) == 2 and "give --samples: its default is for the default --contexts" in capsys.readouterr().err
+    assert ev.main(argv + ["--samples", "3"]) == 0 and seen == [{128: 3, 256: 3}]
 
 
 def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
