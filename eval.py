@@ -355,7 +355,8 @@ def merge(runs):
         raise ValueError(f"the runs' noise haystacks were sized for different contexts ({sorted(noise)}): one "
                          "sample's spec would join two prompts")
     planned = max((r.get("perplexity_planned", 0) for r in runs if r.get("perplexity")), default=0)  # (one pass)
-    out, trained = runs[0], lambda x: any(s.split(" ")[0] == "hata-trained" for s in x["selectors"])  # or "... s4"
+    # a run with hata-trained: "hata-trained", or with --sink 4 "hata-trained s4"
+    out, trained = runs[0], lambda x: any(s.split(" ")[0] == "hata-trained" for s in x["selectors"])
     for r in runs[1:]:
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         out.pop("retrieval_cut", None)
