@@ -54,7 +54,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
     temperature = max(temperature, torch.finfo(logits.dtype).tiny)  # 1e-50 is 0 in fp32: x / 0 would give NaN
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)  # (B, V); no inf - inf
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # ties: the lowest id first
         before = torch.cat([torch.zeros_like(sorted_p[:, :1]), sorted_p.cumsum(-1)[:, :-1]], -1)  # (B, V) exclusive
         drop = before >= top_p  # the tokens before already reach top_p (not cumsum - p: it rounds)
         drop[:, 0] = False  # the top token always stays (a top_p below fp32's range compares as 0: before >= it)

@@ -913,7 +913,7 @@ def test_sampling_temperature():
     share = sum(int(sample(logits, 0.5, 1.0, gen)) == 0 for _ in range(n)) / n
     p = 0.36 / 0.52
     assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard deviations: 0.029
-    for tiny in (1e-39, 1e-50, 5e-324):  # logits / T overflows (not inf - inf); T is 0 in fp32 (not 0 / 0)
+    for tiny in (1e-39, 1e-50, 5e-324):  # under fp32's smallest normal: T is clamped to it, no x / 0
         assert sample(torch.tensor([[0.0, 1.0, 3.0]]), tiny).tolist() == [2]
         assert sample(torch.tensor([[0.0, 1.0, 3.0]]), 1.0, top_p=tiny).tolist() == [2]  # 0 in fp32: the top stays
 
@@ -1139,3 +1139,203 @@ def test_every_scripts_device_defaults_as_engines(monkeypatch, n_gpus):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
     want = "cuda" if n_gpus else "cpu"
     assert [m.build_parser().parse_args([]).device for m in (engine, ev, th)] == [want] * 3
+
+
+def test_a_tiny_temperature_subtracts_the_max_before_dividing():
+    """logits / T past fp32's largest value (5 / 1.2e-38 is inf): the max is subtracted first, so the top token is
+    drawn, not a NaN from inf - inf inside the softmax."""
+    gen = torch.Generator().manual_seed(0)
+    for logits, top in (([[0.0, 1.0, 5.0]], 2), ([[-7.0, 40.0, 39.0]], 1)):
+        assert sample(torch.tensor(logits), 1e-39, 1.0, gen).tolist() == [top]
+        assert sample(torch.tensor(logits), 1e-39, 0.5, gen).tolist() == [top]
+
+
+def test_a_tuple_of_row_generators_draws_as_the_list_does():
+    logits = torch.zeros(2, 50)
+    draws = [sample(logits, 1.0, 1.0, kind(engine.row_generators(7, 2, "cpu"))).tolist() for kind in (list, tuple)]
+    assert draws[0] == draws[1]
+
+
+def test_generate_with_no_new_tokens_and_a_cpu_batchs_timing():
+    """max_new_tokens 0 (the capacity check allows it): empty answers and no steps, not a crash in torch.stack or
+    -1 tokens per sequence; prefill_tokens counts each prompt's own tokens, not the padded width; on the CPU there is
+    no CUDA graph (graph_s None: report_speed would print a capture time)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(2, 8)
+    new, timing = engine.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=0)
+    assert new == [[], []] and (timing["decode_steps"], timing["decode_tokens"]) == (0, 0)
+    model.setup_caches(2, 8)
+    new, timing = engine.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=3)
+    assert [len(t) for t in new] == [3, 3] and (timing["prefill_tokens"], timing["decode_tokens"]) == (5, 4)
+    assert timing["graph_s"] is None
+
+
+def test_token_id_0_is_a_token_of_the_answer(monkeypatch):
+    """-1 marks a finished sequence's steps; 0 is a token like any other (a vocabulary's first entry)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 8)
+    monkeypatch.setattr(engine, "sample", lambda logits, *a: torch.zeros(len(logits), dtype=torch.long))
+    new, timing = engine.generate(model, [[1, 2, 3]], max_new_tokens=3)
+    assert new == [[0, 0, 0]] and timing["decode_tokens"] == 2
+
+
+def test_selecting_steps_with_a_budget_below_the_prompt():
+    """K = 2 under a 3-token prompt: every step selects, and no more steps than were run are counted."""
+    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    _, timing = engine.generate(model, [[3, 4, 5]], 5)
+    assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (4, 2, 4)
+
+
+def test_on_token_streams_minus_one_for_a_finished_sequence():
+    """A batch streamed through on_token: each step's tokens, -1 in a row whose sequence has stopped."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    model.setup_caches(2, 32)
+    free, _ = engine.generate(model, prompts, max_new_tokens=10)
+    stop = next(t for t in free[0] if t not in free[1])  # ends sequence 0 only, before the last step
+    end = free[0].index(stop)
+    assert end < 8
+    streamed = []
+    model.setup_caches(2, 32)
+    engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop}, on_token=lambda t: streamed.append(t.tolist()))
+    assert [s[0] for s in streamed] == free[0][:end + 1] + [-1] * (9 - end)
+    assert [s[1] for s in streamed] == free[1]
+
+
+def test_a_single_non_finite_logit_is_an_error_too():
+    """One token's logit NaN (an inf in its output row), the others finite: refused as when every logit is NaN."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    with torch.no_grad():
+        model.output.weight[5] = math.inf
+    with pytest.raises(ValueError, match="the model's output for the prompt is NaN or inf"):
+        engine.generate(model, [[1, 2, 3]], 4)
+
+
+def test_forced_positions_are_checked_against_the_whole_caches_budget(capsys):
+    """A 16-token prompt + 4 new tokens: a 19-token cache. A budget of exactly 19 covers it (dense: --sink 25 runs);
+    a fraction is of the cache, not of the prompt: 1/4 is K = 5, which --recent 5 fits and --recent 6 does not."""
+    tiny = ["--random-weights", "--preset", "tiny", "--prompt-len", "16", "--max-new-tokens", "4", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *tiny, "--budget", "19", "--sink", "25")
+    assert code == 0 and "covers the whole 19-token cache" in err, err
+    code, _, err = run_cli(capsys, *tiny, "--budget", "1/4", "--recent", "5")
+    assert code == 0 and "fill the budget of 5 tokens" in err, err
+    code, _, err = run_cli(capsys, *tiny, "--budget", "1/4", "--recent", "6")
+    assert code == 2 and "exceed the budget of 5 tokens" in error_line(err)
+
+
+def test_parse_budget_takes_no_count_written_as_a_fraction_or_a_float():
+    for bad in ("1/1", "1.0", "3/3"):  # 1 as a fraction or a float: not the count 1 as typed
+        with pytest.raises(argparse.ArgumentTypeError, match="not a whole count >= 1 or a fraction in"):
+            parse_budget(bad)
+    assert parse_budget("1") == 1 and isinstance(parse_budget("1"), int)
+
+
+def test_count_and_seed_types_accept_their_whole_range(monkeypatch):
+    assert engine.positive_int("+5") == 5 and engine.positive_int(" 7 ") == 7
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert engine.thread_count("8") == 8  # 4 per core
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at most 8"):
+        engine.thread_count("9")
+    for ok in ("-1", str(-2 ** 63), str(2 ** 64 - 1), "0"):
+        assert engine.torch_seed(ok) == int(ok)
+    with pytest.raises(argparse.ArgumentTypeError, match="outside -2\\^63"):
+        engine.torch_seed(str(-2 ** 63 - 1))
+
+
+def test_a_negative_recent_is_named_by_its_flag(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--recent", "-3")
+    assert code == 2 and "--recent -3: must be >= 0" in error_line(err) and "loaded" not in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_an_empty_system_message_replaces_the_templates_own(capsys, monkeypatch, gguf_path):
+    """--system "" is a system message given (empty), not --system left out: the template's default one goes."""
+    from tokenizer import Tokenizer
+    seen = []
+
+    def generate(model, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return [[1]] * len(prompts), {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    code, _, err = run_cli(capsys, "--chat", "--system", "", "--prompt", "hi", "--max-new-tokens", "2")
+    tok = Tokenizer.from_path(gguf_path)
+    user = {"role": "user", "content": "hi"}
+    assert code == 0 and seen == [tok.encode_chat([{"role": "system", "content": ""}, user])], err
+    assert seen[0] != tok.encode_chat([user])  # the template's default system message
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_fraction_is_noted_only_where_the_batchs_cache_decides_it(capsys):
+    """The note on --budget 1/4 is for a batch of different lengths sized by its longest prompt: a single prompt's
+    own cache, or a cache that --max-seq-len fixes, gets none."""
+    batch = ["--prompt", "hi", "--prompt", "a longer prompt than that", "--max-seq-len", "64"]
+    for argv in (["--prompt", "hi"], batch):
+        code, _, err = run_cli(capsys, *argv, "--budget", "1/4", "--max-new-tokens", "4")
+        assert code == 0 and "HATA decode" in err and "is of the batch's cache" not in err, err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_batch_answers_leave_out_their_stop_token(capsys, monkeypatch):
+    """A batch's answers print at the end, each without the stop token that ended it (SmolLM2 decodes id 2 as
+    <|im_end|>)."""
+    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: ([[504, 2], [504]], {}))
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    code, out, _ = run_cli(capsys, "--prompt", "a", "--prompt", "b", "--max-new-tokens", "2")
+    assert code == 0 and out == "--- 'a'\nThe\n--- 'b'\nThe\n", out
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_batchs_rows_sample_with_the_seed_plus_their_index(capsys, monkeypatch):
+    """--seed s: prompt i of a batch draws from its own generator seeded s + i (as it would alone with --seed s + i),
+    with the --temperature and --top-p given."""
+    seen = []
+
+    def generate(model, prompts, max_new, stop_ids, temperature, top_p, generator, **kwargs):
+        seen.append((temperature, top_p, [g.initial_seed() for g in generator]))
+        return [[504]] * len(prompts), {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--temperature", "0.7",
+                           "--top-p", "0.9", "--seed", "5", "--max-new-tokens", "2")
+    assert code == 0 and seen == [(0.7, 0.9, [5, 6, 7])], err
+
+
+def test_a_token_id_equal_to_the_models_vocabulary_size_is_refused(capsys):
+    tok = types.SimpleNamespace(vocab_size=512)
+    with pytest.raises(ValueError, match="token ids up to 512 but the model has 512 tokens"):
+        engine.check_vocab(tok, [[3], [0, 512]], 512, "t")
+    engine.check_vocab(tok, [[3], [0, 511]], 512, "t")  # the last id fits
+    engine.check_vocab(types.SimpleNamespace(vocab_size=256), [[3]], 512, "t")  # half the rows: a model may pad them
+    assert capsys.readouterr().err == ""
+    engine.check_vocab(types.SimpleNamespace(vocab_size=255), [[3]], 512, "t")
+    assert "warning: the tokenizer has 255 tokens but the model 512: is t this" in capsys.readouterr().err
+
+
+def test_rbit_takes_1024_bits_at_most():
+    args = engine.build_parser().parse_args(["--prompt", "x", "--rbit", "1024"])
+    assert engine.hata_args(args).rbit == 1024
+    args.rbit = 1056
+    with pytest.raises(ValueError, match="--rbit must be a multiple of 32 .* in \\[32, 1024\\], got 1056"):
+        engine.hata_args(args)
+
+
+def test_top_p_1_draws_from_the_whole_distribution(monkeypatch):
+    """top_p 1.0 truncates nothing: tokens after a head whose fp32 mass already rounds to 1 keep their (tiny)
+    probability (a nucleus pass would drop them: the mass before them compares >= 1)."""
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n, generator=None: seen.append(p.clone()) or
+                        multinomial(p, n, generator=generator))
+    assert sample(torch.tensor([[0.0, -18.0, -19.0]]), 1.0, 1.0).tolist() == [0]
+    assert len(seen) == 1 and bool((seen[0] > 0).all()), seen
+
+
+def test_top_p_keeps_the_first_of_tokens_tied_at_its_cut():
+    """Tokens of equal probability at the nucleus's edge: the one of the lowest id stays (a stable sort), the same
+    on every device, not whichever an unstable sort puts first."""
+    logits = torch.zeros(1, 20)
+    logits[0, 10] = 3.0  # e^3 / (e^3 + 19) = 0.514 of the mass: 0.53 needs one more, of 19 tied
+    gen = torch.Generator().manual_seed(0)
+    assert {int(sample(logits, 1.0, 0.53, gen)) for _ in range(200)} == {0, 10}
