@@ -18,7 +18,8 @@ weights linspace(20, 1) in rank order; the rest -1) and minimise the labelled re
 head. `--loss listwise` (the default) trains what selection does: a KV head's keys are ranked by the Hamming
 distance summed over its G query heads, so the loss is the KL from the group's mean dense softmax to
 softmax(-alpha x that summed distance). Both keep the recipe's bit-balance and orthogonality terms.
-Departures from the recipe, each measured (EVAL.md, "Training the projections"): 64 queries per 8K-token window
+Departures from the recipe, each measured (EVAL.md, "Training the projections"): the bit balance is one mean
+over a layer's KV heads (HATA's code takes one a head, which trained no better); 64 queries per 8K-token window
 at positions in [S/4, S) (queries are cheap, prefills are not; the early ones cover shorter contexts); each
 sequence's q and k turned by a random RoPE offset below `--shift` (q.k unchanged, so the codes cannot fit the
 training positions); and a per-head guard: a (layer, KV head) whose trained projection captures less attention
@@ -212,9 +213,9 @@ def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="li
     """P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple.
     Query head j pairs with the keys of KV head j // G. Returns (loss, (pair, balance, ortho)):
     pair = eps sum(label ||h(q) - h(k)||^2) / N, balance = lam ||mean(h(q) + h(k)) / R||^2 (means over the N
-    triples), ortho = eta sum over KV heads of ||P^T P - I||_F. loss="listwise" replaces pair by
-    listwise_term(alpha) and relaxes unit vectors (a code does not change with the length of x). The defaults are
-    the command line's: sigma and eta None take LOSS_DEFAULTS[loss]."""
+    triples of every KV head: one for the layer), ortho = eta sum over KV heads of ||P^T P - I||_F.
+    loss="listwise" replaces pair by listwise_term(alpha) and relaxes unit vectors (a code does not change with the
+    length of x). The defaults are the command line's: sigma and eta None take LOSS_DEFAULTS[loss]."""
     sigma, eta = (LOSS_DEFAULTS[loss][n] if x is None else x for n, x in (("sigma", sigma), ("eta", eta)))
     b, nq, H, D = q.shape
     Hkv, S, R = k.shape[1], k.shape[2], P.shape[2]
