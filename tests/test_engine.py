@@ -648,6 +648,7 @@ def test_top_k_keeps_the_k_likeliest_and_their_ties():
     assert int(sample(logits[:1], 0.0, 1.0, gen, top_k=3)) == 1
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_top_k_reaches_the_sampler(capsys, monkeypatch):
     """--top-k is passed to generate(), with --random-weights too."""
     seen = []
