@@ -215,10 +215,10 @@ def _pre_split(pre, normalizer, path):
 
 
 def _json_object(path) -> dict:
-    """The JSON object in the file at `path` ({} if there is none)."""
+    """The JSON object in the file at `path` ({} if there is none, or a folder of that name)."""
     try:
         obj = {}
-        if os.path.exists(path):
+        if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
     except ValueError as e:
@@ -385,11 +385,12 @@ class Tokenizer:
         _check_merges(path, model.get("merges"), model["vocab"], ranks)
         cfg, template, stops = _hf_config(os.path.dirname(path))  # bos/eos names, the chat template, stop ids
         name = lambda t: t.get("content") if isinstance(t, dict) else t
-        # HF adds BOS through the post-processor template (Llama 3 does, SmolLM2 does not); without a config, BOS is
-        # the special token that template puts first
-        bos_name = name(cfg.get("bos_token")) or _template_first(tj.get("post_processor"))
+        # HF adds BOS as the special token the post-processor's template puts first (Llama 3 does, SmolLM2 does not:
+        # a template that only appends it adds no BOS); without a config, BOS is that first token
+        first = _template_first(tj.get("post_processor"))
+        bos_name = name(cfg.get("bos_token")) or first
         bos, eos = specials.get(bos_name), specials.get(name(cfg.get("eos_token")))
-        add_bos = bos is not None and bos_name in json.dumps(tj.get("post_processor"), ensure_ascii=False)
+        add_bos = bos is not None and first == bos_name
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, stops=stops,
                    add_bos=add_bos, chat=cls._chat_of(specials, template), system=_default_system(template),

@@ -4,12 +4,13 @@ import base64
 import datetime
 import json
 import re
+import time
 
 import numpy as np
 import pytest
 
 from tests.helpers import package_file, write_gguf
-from tokenizer import LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, _cut_runs, _default_system, open_gguf
+from tokenizer import GGUF_PRE, LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, _cut_runs, _default_system, open_gguf
 
 
 @pytest.fixture(scope="module")
@@ -463,6 +464,7 @@ def test_the_default_system_prompt_and_the_template_file(tmp_path):
     chatml = "{% for m in messages %}<|im_start|>...{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
     (tmp_path / "chat_template.jinja").mkdir()  # a folder of that name is no template
+    (tmp_path / "generation_config.json").mkdir()  # nor a config
     assert Tokenizer.from_path(tmp_path).chat == "chatml"
     (tmp_path / "chat_template.jinja").rmdir()
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}<|start_header_id|>...{% endfor %}")
@@ -589,8 +591,9 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
 
 def test_a_meta_tokenizer_model_takes_its_folders_chat_template(tmp_path):
     """Meta's tiktoken tokenizer.model beside a tokenizer_config.json takes its chat template (and beside a
-    generation_config.json its stop ids), as a tokenizer.json or a sentencepiece model does: Llama 3.2's opens every chat with the cutoff and the date; another template (a
-    Llama 3 vocabulary with its own format, as DeepSeek-R1-Distill-Llama's) is no Llama 3 chat. Alone: Llama 3's."""
+    generation_config.json its stop ids), as a tokenizer.json or a sentencepiece model does: Llama 3.2's opens
+    every chat with the cutoff and the date; another template (a Llama 3 vocabulary with its own format, as
+    DeepSeek-R1-Distill-Llama's) is no Llama 3 chat. Alone: Llama 3's."""
     (tmp_path / "tokenizer.model").write_bytes(open(package_file("llama_models", "llama3", "tokenizer.model"),
                                                     "rb").read())
     tok = Tokenizer.from_path(tmp_path)
@@ -830,3 +833,216 @@ def test_the_longest_added_token_wins(smol):
     """Added tokens that share a start: "<x>y" is one token, not "<x>" and then "y"."""
     tok = Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size, specials={"<x>": 5, "<x>y": 6}, in_text=["<x>", "<x>y"])
     assert tok.encode("a<x>y", bos=False) == [smol.encode("a")[0], 6]
+
+
+def test_byte_level_map_is_gpt2s():
+    """The byte <-> character map is GPT-2's bytes_to_unicode (openai/gpt-2 encoder.py), every byte once; the other
+    tests build their vocabularies through _CHAR_TO_BYTE itself, so only this pins it (0xFF is 'ÿ', 0xAD is 'Ń')."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    assert _CHAR_TO_BYTE == {chr(c): b for b, c in zip(bs, cs)}
+    assert [_CHAR_TO_BYTE[c] for c in "ĀĉĊĠÿŃ!~"] == [0, 9, 10, 32, 255, 173, 33, 126]
+
+
+def test_llama3_matches_metas_own_tokenizer(llama3):
+    """Ids against Meta's reference tokenizer (llama_models), on text where Llama 3's regex matters: digits in
+    groups of three, contractions matched case-insensitively ("'LL" of "'LLAMA" is a piece), line ends."""
+    meta_tok = pytest.importorskip("llama_models.llama3.tokenizer")
+    import pathlib
+    meta = meta_tok.Tokenizer(pathlib.Path(package_file("llama_models", "llama3", "tokenizer.model")))
+    for text in ["12345 1234567 3.14159", "HE'LLO 'LLAMA DON'TS I'M WE'VE they'RE", "a\r\n\n  b\t\tc  \n",
+                 "naïve café 日本語 🤗 !!?? ...", "x=  42;\n    if y > 7:"]:
+        assert llama3.encode(text, bos=False) == meta.encode(text, bos=False, eos=False), text
+
+
+@pytest.mark.parametrize("pre", sorted(GGUF_PRE))
+def test_gguf_pre_names_pick_their_regex(tmp_path, pre):
+    """Each tokenizer.ggml.pre name splits " 1234" its own way: GPT-2 keeps " 1234" whole, Llama 3 keeps the space
+    apart and digits in threes, SmolLM2 every digit apart. Merges "Ġ 1", "1 2", "3 4" show the pieces."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    tokens = [to_char[b] for b in range(256)] + ["Ġ1", "12", "34"]
+    path = _write_gguf(tmp_path / "t.gguf", tokens, [1] * 259, ["Ġ 1", "1 2", "3 4"], pre=pre)
+    want = {"llama-bpe": [32, 257, 51, 52], "llama3": [32, 257, 51, 52], "smollm": [32, 49, 50, 51, 52],
+            "gpt-2": [256, 50, 258], "gpt2": [256, 50, 258], "default": [256, 50, 258]}
+    assert Tokenizer.from_path(path).encode(" 1234", bos=False) == want[pre]
+
+
+def test_digits_individual_split_every_digit(tmp_path):
+    """Digits(individual_digits) + ByteLevel (SmolLM2's tokenizer.json) splits digits one by one even where the
+    vocabulary has a token for a run of them."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    vocab = {to_char[b]: b for b in range(256)} | {"12": 256}
+    pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                 {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": vocab, "merges": ["1 2"]}, "pre_tokenizer": pre}))
+    assert Tokenizer.from_path(tmp_path).encode("x12") == [ord("x"), ord("1"), ord("2")]
+
+
+def test_cutting_runs_scans_text_once():
+    """_cut_runs looks for long runs only where a run starts: without its lookbehinds a run just under RUN_CAP is
+    scanned again from each of its characters (here 8 runs of 24,999: about 10 s instead of milliseconds)."""
+    text = ("x" * 24_999 + " ") * 8
+    start = time.perf_counter()
+    assert _cut_runs(text) == [text]
+    assert time.perf_counter() - start < 1.0
+
+
+def test_malformed_merges_and_vocabularies_are_refused(tmp_path):
+    """A merge of three parts (even if its first and last join to a token), one with a doubled space, two vocabulary
+    tokens on one id, and an id at the bound (2 x tokens + 1024) are refused as a corrupt file."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    byte_vocab = {to_char[b]: b for b in range(256)}
+    pre = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    cases = [({**byte_vocab, "ab": 256}, ["a c b"], [], "merge 0 'a c b' is not two tokens"),
+             ({**byte_vocab, "ab": 256}, ["a  b"], [], "merge 0 'a  b' is not two tokens"),
+             ({**byte_vocab, "ab": 255}, ["a b"], [], "two tokens share one id"),
+             (byte_vocab, [], [{"id": 2 * 257 + 1024, "content": "<x>", "special": True}],
+              r"token id 1538 is not a whole number in \[0, 1538\)")]
+    for vocab, merges, added, words in cases:
+        (tmp_path / "tokenizer.json").write_text(json.dumps(
+            {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "added_tokens": added, "pre_tokenizer": pre}))
+        with pytest.raises(ValueError, match=words):
+            Tokenizer.from_path(tmp_path)
+
+
+def test_split_behaviours_other_than_isolated_are_refused(tmp_path):
+    """HF's Split drops its matches ("Removed") or glues them to a neighbour ("MergedWithPrevious", ...): only
+    "Isolated" is what hata's one regex does."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    for behavior in ("Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous"):
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": behavior, "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(
+            {"model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
+             "pre_tokenizer": pre}))
+        with pytest.raises(ValueError, match=r"\(Split \+ ByteLevel\) is not one hata reproduces"):
+            Tokenizer.from_path(tmp_path)
+
+
+def test_a_directory_is_searched_for_dot_gguf_files_only(tmp_path):
+    """A file whose name merely ends in "gguf" (no dot) is no GGUF file to pick."""
+    (tmp_path / "model-gguf").write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model, tokenizer.json or .gguf in directory"):
+        Tokenizer.from_path(tmp_path)
+
+
+def test_a_device_is_refused_not_read():
+    """A path that exists but is no regular file (a pipe would block the read until written to) is refused by name."""
+    with pytest.raises(ValueError, match="is not a regular file"):
+        Tokenizer.from_path("/dev/null")
+
+
+def test_added_tokens_are_found_as_literal_text(smol):
+    """An added token's text is matched literally: "<|t|>" holds regex metacharacters, so "a<b" stays plain text."""
+    tok = Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size, specials={"<|t|>": 7, "a.c": 8}, in_text=["<|t|>", "a.c"])
+    assert tok.encode("a<b|abc", bos=False) == smol.encode("a<b|abc", bos=False)
+    assert tok.encode("x<|t|>a.c", bos=False) == [smol.encode("x")[0], 7, 8]
+
+
+def test_named_templates_take_the_one_named_default(tmp_path):
+    """transformers' list form of chat_template: the entry named "default", wherever it stands, not another."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    heads = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
+        "added_tokens": [{"id": 256 + i, "content": t, "special": True} for i, t in enumerate(heads)],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    named = [{"name": "rag", "template": "<|im_start|>..."}, {"name": "default", "template": "<|start_header_id|>..."}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert Tokenizer.from_path(tmp_path).chat == "llama3"
+
+
+def test_default_system_undoes_a_carriage_return_escape():
+    assert _default_system("{{ '<|im_start|>system\\nA\\rB\\tC<|im_end|>\\n' }}") == "A\rB\tC"
+
+
+def test_a_cutoff_without_a_date_line_is_no_dated_opening():
+    """Only a template that writes both the knowledge cutoff and "Today Date: " opens chats with them."""
+    from tokenizer import _dated_opening
+    assert _dated_opening('{{ "Cutting Knowledge Date: December 2023\\n" }}') is None
+    assert _dated_opening('{{ "Cutting Knowledge Date: December 2023\\n" }}{{ "Today Date: " + date_string }}') == \
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+
+
+def test_the_configs_bos_token_rules_over_the_post_processor(tmp_path):
+    """BOS is tokenizer_config.json's bos_token when it names one; the post-processor's first token only without it.
+    Here the post-processor does not add the config's BOS, so encode adds none."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    added = [{"id": 256, "content": "<s>", "special": True}, {"id": 257, "content": "<|im_start|>", "special": True}]
+    post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                                     {"Sequence": {"id": "A", "type_id": 0}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []}, "added_tokens": added,
+        "post_processor": post, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    tok = Tokenizer.from_path(tmp_path)
+    assert (tok.bos_id, tok.add_bos, tok.encode("hi")) == (256, False, [ord("h"), ord("i")])
+
+
+def test_a_bpe_tokenizer_json_without_byte_level_is_named_as_such(tmp_path):
+    """A sentencepiece-style BPE tokenizer.json (Metaspace: Llama 2's, Mistral's) is refused with the hint to use
+    tokenizer.model, not as an unknown pre-tokenizer."""
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {"▁a": 0}, "merges": []},
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}}))
+    with pytest.raises(ValueError, match="only byte-level BPE tokenizer.json is supported; for Llama 2"):
+        Tokenizer.from_path(tmp_path)
+
+
+def test_bos_asked_of_a_tokenizer_without_one_is_refused(smol):
+    with pytest.raises(ValueError, match="no BOS/EOS token"):
+        Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size).encode("ab", bos=True)  # not [None, ..]
+
+
+def test_chatml_writes_an_empty_default_system_prompt(smol):
+    """A template whose default system turn is empty ("<|im_start|>system\\n<|im_end|>") still writes that turn."""
+    assert _default_system("{{ '<|im_start|>system\\n<|im_end|>\\n' }}") == ""
+    tok = Tokenizer(enc=smol.enc, vocab_size=smol.vocab_size, specials=smol.specials, chat="chatml", system="")
+    assert tok.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == [
+        1, *smol.encode("system\n"), 2, *smol.encode("\n"), 1, *smol.encode("user\nHi"), 2, *smol.encode("\n")]
+
+
+def test_chatml_splits_role_and_content_as_one_text(tmp_path):
+    """ChatML's "role\\ncontent" is one text, as the template renders it: with Llama 3's regex (Hermes-2-Pro-Llama-3)
+    a content that opens with a line end makes one "\\n\\n" piece with the role's line end."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    names = ["ĊĊ", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
+    path = _write_gguf(tmp_path / "t.gguf", [to_char[b] for b in range(256)] + names, [1] * 257 + [3] * 3,
+                       ["Ċ Ċ"], pre="llama-bpe", bos=257, template="{% for m in messages %}<|im_start|>...")
+    tok = Tokenizer.from_path(path)
+    assert tok.encode_chat([{"role": "user", "content": "\nx"}], add_generation_prompt=False) == [
+        257, 258, *b"user", 256, ord("x"), 259, ord("\n")]
+
+
+def test_llama2_chat_strips_answers_but_not_the_system_prompt(sp_model):
+    """Meta's Llama 2 format (llama-models' chat_completion): the answer is stripped, the system prompt inside
+    <<SYS>> is written as given (only the whole first turn is stripped at its ends)."""
+    tok = Tokenizer.from_path(sp_model)
+    ids = tok.encode_chat([{"role": "system", "content": " S "}, {"role": "user", "content": "a"},
+                           {"role": "assistant", "content": "  b \n"}, {"role": "user", "content": "c"}])
+    want = tok.encode("[INST] <<SYS>>\n S \n<</SYS>>\n\na [/INST] b ", eos=True) + tok.encode("[INST] c [/INST]")
+    assert ids == want
+
+
+def test_a_post_processor_that_appends_the_bos_token_adds_no_bos(tmp_path):
+    """bos_token = eos_token = <|endoftext|> and a template that appends it ("$A <|endoftext|>"): it is not put
+    first, so encode adds no BOS (HF's ids are the text's, then that token, which encode(eos=True) appends)."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    post = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                                     {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
+        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "special": True}], "post_processor": post,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>",
+                                                               "eos_token": "<|endoftext|>"}))
+    tok = Tokenizer.from_path(tmp_path)
+    assert (tok.bos_id, tok.add_bos, tok.encode("hi"), tok.encode("hi", eos=True)) == (256, False, [104, 105],
+                                                                                      [104, 105, 256])
