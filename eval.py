@@ -371,8 +371,8 @@ def merge(runs):
         same = (out["hash_digest"] == r["hash_digest"] if out.get("hash_digest") and r.get("hash_digest")
                 else files[0] == files[1])  # by content: one file by two paths (relative, the default's) is one
         if trained(out) and trained(r) and not same:
-            print(f"note: hata-trained is {files[0]}'s; {files[1]}'s results are left out (one file a row)",
-                  file=sys.stderr)
+            why = f"{files[0]} changed between the runs" if files[0] == files[1] else f"hata-trained is {files[0]}'s"
+            print(f"note: {why}; {files[1]}'s results are left out (one file a row)", file=sys.stderr)
             for correct in [x["correct"] for x in r.get("retrieval", [])] + [r.get("perplexity", {})]:
                 for k in [k for k in correct if k.startswith("hata-trained ")]:
                     del correct[k]
@@ -621,7 +621,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--contexts"] and len(args.samples) not in (1, len(args.contexts)):
         default = args.samples == defaults.get_default("samples")  # of the default (or --quick's) --contexts
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"
-                         + "; give --samples: its default is for the default --contexts" * default)
+                         + " (its default is one per default --contexts length)" * default)
     args.samples = args.samples * len(args.contexts) if len(args.samples) == 1 else args.samples
     if lengths["--contexts"] and len(set(args.contexts)) < len(args.contexts):
         raise ValueError(f"--contexts {' '.join(map(str, args.contexts))} repeats a length: give each once")

@@ -109,7 +109,7 @@ SELECTORS = ("hash", "oracle", "quest")
 QUEST_PAGE = 16  # tokens per page of the Quest selector
 
 
-def check_rbit(rbit, name="rbit"):  # HataArgs', engine's and bench's rule: 1024 bits a code at most (128 bytes)
+def check_rbit(rbit, name="rbit"):  # the one rule for HataArgs and every script's --rbit: 1024 bits (128 bytes) at most
     if not 0 < rbit <= 1024 or rbit % 32:
         raise ValueError(f"{name} must be a multiple of 32 (whole int32 code words) in [32, 1024], got {rbit}")
 

@@ -257,7 +257,8 @@ def _hf_config(directory):
 
 
 def _template_first(post) -> str | None:
-    """The special token a tokenizer.json post-processor's template puts first (how HF adds BOS), if any."""
+    """The special token a tokenizer.json post-processor's template puts first (how HF adds BOS), if any (BERT's and
+    RoBERTa's post-processors, which no Llama tokenizer uses, give none)."""
     for step in post.get("processors", [post]) if isinstance(post, dict) else []:
         first = (step.get("single") or [None])[0] if isinstance(step, dict) else None
         if isinstance(first, dict) and isinstance(first.get("SpecialToken"), dict):

@@ -346,7 +346,9 @@ def test_merge_notes_trained_rows_of_other_projections(capsys, sel):
     merged = ev.merge([run("a.safetensors", digest="d1"), {**run("/w/a.safetensors", (1,), "d1"), "command": "b"}])
     assert [x["seed"] for x in merged["retrieval"]] == [0, 1] and "left out" not in capsys.readouterr().err
     merged = ev.merge([run("a.safetensors", digest="d1"), {**run("a.safetensors", (1,), "d2"), "command": "b"}])
-    assert [x["seed"] for x in merged["retrieval"]] == [0] and "left out" in capsys.readouterr().err
+    assert [x["seed"] for x in merged["retrieval"]] == [0]  # one path, other bytes: the file changed in between
+    assert "note: a.safetensors changed between the runs; a.safetensors's results are left out" in \
+        capsys.readouterr().err
     # a first run without hata-trained: the file of the first run that brings it is the row's
     oracle = {k: v for k, v in run(None, seeds=(0, 1)).items() if k != "perplexity"}
     oracle.update(command="o", selectors=["oracle"])
@@ -731,7 +733,7 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
 
 def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
     """--samples with one count takes that many samples at each --contexts length; --contexts alone, with the
-    default counts of other lengths, is refused and told to give --samples."""
+    default counts of other lengths, is refused, saying whose lengths the default counts are for."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     seen = []
@@ -739,7 +741,8 @@ def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatc
     (tmp_path / "text.txt").write_text(PROSE * 20)
     argv = ["--tasks", "retrieval", "--selectors", "oracle", "--text", str(tmp_path / "text.txt"), "--checkpoint",
             gguf_path, "--out-dir", str(tmp_path), "--contexts", "128", "256"]
-    assert ev.main(argv) == 2 and "give --samples: its default is for the default --contexts" in capsys.readouterr().err
+    assert ev.main(argv) == 2
+    assert "or one for each (its default is one per default --contexts length)" in capsys.readouterr().err
     assert ev.main(argv + ["--samples", "3"]) == 0 and seen == [{128: 3, 256: 3}]
 
 
