@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shlex
+import types
 
 import pytest
 import torch
@@ -976,3 +977,266 @@ def test_perplexity_is_the_mean_over_positions_whatever_the_batches(monkeypatch)
     monkeypatch.setattr(ev, "run_policies", policies)
     res = ev.run_teacher_forced(None, torch.zeros(3, 8, dtype=torch.long), 3, [("dense", None, None)], batch=2)
     assert res["dense"]["nll"] == pytest.approx((6 * 1 + 3 * 4) / 9)
+
+
+class WordTok:
+    """A toy tokenizer: a word with the space before it is one token (' 71432', as Llama 3 joins a space to
+    digits), and sentence-ending punctuation with the newlines after it is one ('.\\n', as tiktoken vocabularies)."""
+    bos_id, add_bos = None, False
+
+    def __init__(self):
+        self.ids, self.words = {}, []
+
+    def encode(self, text, bos=None):
+        out = []
+        for w in re.findall(r" ?\w+|[.!?]\n*|\s|[^\w\s]", text):
+            out.append(self.ids.setdefault(w, len(self.words)))
+            if out[-1] == len(self.words):
+                self.words.append(w)
+        return out
+
+    def decode(self, ids):
+        return "".join(self.words[i] for i in ids)
+
+
+def test_selectors_carry_the_sink_tag_and_their_own_settings():
+    """--sink S: oracle and HATA rows are "... sS" and select the first S positions; Quest keeps its own
+    sink:recent (not swapped, not the --sink); hata-random has no file, hata-trained needs one; Quest alone also
+    runs at the --quest-budgets; `which` leaves the others out."""
+    sels = ev.selectors("w.safetensors", [(4, 8)], sink=2, rbit=64, n_dense=3)
+    assert list(sels) == ["oracle s2", "hata-trained s2", "hata-random s2", "quest s4 r8"]
+    pols = {(name, f): h for name, f, h in ev.policies(sels, [1 / 8], [1 / 4])}
+    assert set(pols) == {("dense", None), ("oracle s2", 1 / 8), ("hata-trained s2", 1 / 8), ("hata-random s2", 1 / 8),
+                         ("quest s4 r8", 1 / 8), ("quest s4 r8", 1 / 4)} and pols[("dense", None)] is None
+    got = {name: (h.selector, h.n_sink, h.n_recent, h.hash_weights) for (name, f), h in pols.items() if f == 1 / 8}
+    assert got == {"oracle s2": ("oracle", 2, 0, None), "hata-trained s2": ("hash", 2, 0, "w.safetensors"),
+                   "hata-random s2": ("hash", 2, 0, None), "quest s4 r8": ("quest", 4, 8, None)}
+    assert list(ev.selectors(None, [(16, 16)])) == ["oracle", "hata-random", "quest s16 r16"]  # no file: no trained
+    assert list(ev.selectors("w.safetensors", [(16, 16)], which=("random",))) == ["hata-random"]
+
+
+def test_a_fixed_window_is_marked_only_where_it_fills_the_budget():
+    """† where sink + recent >= K: quest s16 r16 at K = 32 (1/32 of 1K), not s16 r15 there; oracle s4 at K = 4."""
+    assert ev.forced_only("quest s16 r16", 1 / 32, 1024) and not ev.forced_only("quest s16 r15", 1 / 32, 1024)
+    assert ev.forced_only("oracle s4", 1 / 256, 1024) and not ev.forced_only("oracle s3", 1 / 256, 1024)
+    assert not ev.forced_only("oracle", 1 / 256, 1024)
+
+
+def test_sentence_ends_are_any_of_the_three_marks_with_their_whitespace():
+    """'?' and '!' end sentences too, and so does a token that joins '.' and a newline."""
+    assert ev.Haystack(WordTok(), "One.\nTwo? Three! Four").ends == [2, 4, 6]
+
+
+def test_a_piece_starts_at_the_text_or_a_sentence_end_and_lists_both_of_its_ends(tok):
+    """Every start that fits is a candidate: 0, and each sentence end with n tokens after it (the last such one
+    included); the piece's boundaries are 0, its sentence ends, and n where it ends a sentence. A haystack of
+    exactly n tokens gives its one piece."""
+    hay = ev.Haystack(tok, (ev.NOISE * 3).rstrip())  # it ends with a sentence
+    options = []
+    last = types.SimpleNamespace(choice=lambda xs: options.append(xs) or xs[-1])  # the latest start on offer
+    n = len(hay.ids) - hay.ends[0]  # from the first sentence end to the end of the text (a sentence end)
+    piece, ends = hay.piece(n, last)
+    assert options[0] == [0, hay.ends[0]] and piece == hay.ids[hay.ends[0]:]
+    assert ends == [0] + [e - hay.ends[0] for e in hay.ends[1:]] and ends[-1] == n
+    piece, ends = hay.piece(len(hay.ids), random.Random(0))
+    assert piece == hay.ids and ends == [0] + hay.ends
+
+
+def test_keys_have_five_digits_and_multikey_distractors_are_other_keys_elsewhere(tok):
+    """The key is a 5-digit number (never a shorter one); in a multikey prompt the other three names get their own
+    keys (this seed: all different), at their own depths (not stacked beside the asked one)."""
+    hay = ev.Haystack(tok, ev.NOISE * 200)
+    for seed in range(40):
+        _, key, _ = ev.retrieval_prompt(tok, hay, "single", 200, 0.5, random.Random(seed))
+        assert re.fullmatch(r"[1-9]\d{4}", key), (seed, key)
+    ids, key, _ = ev.retrieval_prompt(tok, hay, "multikey", 1018, 0.5, random.Random(3))
+    text = tok.decode(ids)
+    needles = [(m.start(), m[1], m[2]) for m in re.finditer(r"The pass key for (\w+) is (\d+)\.", text)]
+    asked = re.search(r"The pass key for (\w+) is $", text)[1]
+    assert len(needles) == 4 and len({name for _, name, _ in needles}) == 4
+    assert {name: k for _, name, k in needles}[asked] == key and len({k for *_, k in needles}) == 4
+    at = sorted(a for a, *_ in needles)
+    assert max(b - a for a, b in zip(at, at[1:])) > 500, at  # not one block of needles
+
+
+def test_needles_and_question_continue_the_text_without_a_stray_period(tok):
+    ids, key, _ = ev.retrieval_prompt(tok, ev.Haystack(tok, ev.NOISE * 50), "single", 300, 0.5, random.Random(1))
+    text = tok.decode(ids)
+    assert ".." not in text and f"again. The pass key is {key}. Remember it. {key} is the pass key. The" in text
+
+
+def test_a_key_whose_tokens_take_the_space_before_it_follows_a_question_without_it():
+    """A tokenizer that joins the space to the digits (' 71432'): the prompt ends at 'is', the answer is ' 71432'."""
+    wt = WordTok()
+    ids, key, answer = ev.retrieval_prompt(wt, ev.Haystack(wt, ev.NOISE * 30), "single", 200, 0.5, random.Random(1))
+    assert len(ids) == 200 and wt.decode(answer) == f" {key}"
+    assert wt.decode(ids).endswith("\n\nThe pass key is") and wt.decode(ids + answer).endswith(f"is {key}")
+
+
+def test_the_shortest_prompt_holds_no_haystack(tok):
+    """A length that leaves 0 haystack tokens is enough (intro, needle, question); one token less is refused."""
+    hay = ev.Haystack(tok, ev.NOISE * 50)
+    length = next(n for n in range(40, 200) if not isinstance(_prompt_or_error(tok, hay, n), ValueError))
+    ids, key, _ = ev.retrieval_prompt(tok, hay, "single", length, 0.5, random.Random(1))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+    assert tok.decode(ids) == ev.INTRO + needle + "\n\nThe pass key is "
+
+
+def _prompt_or_error(tok, hay, n):
+    try:
+        return ev.retrieval_prompt(tok, hay, "single", n, 0.5, random.Random(1))
+    except ValueError as e:
+        return e
+
+
+def test_specs_cycle_every_depth_and_every_task_and_haystack_pair():
+    """Every 11 samples cover the 11 depths (100% too); every 4 the four task / haystack pairs."""
+    specs = ev.retrieval_specs({1024: 44}, 0)
+    assert all(sorted(s[3] for s in specs[i:i + 11]) == list(ev.DEPTHS) for i in range(0, 44, 11))
+    assert all({(s[1], s[2]) for s in specs[i:i + 4]} == {(t, h) for t in ev.TASKS for h in ev.HAYSTACKS}
+               for i in range(0, 44, 4))
+
+
+def _fake_retrieval(monkeypatch, seconds):
+    """run_retrieval without a model: each batch takes `seconds[C]` of a fake clock; returns the calls' log."""
+    clock, calls = [1000.0], []
+    monkeypatch.setattr(ev, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(ev, "retrieval_prompt", lambda tok, hay, task, length, depth, rng: ([1] * length, "12345",
+                                                                                           [1, 2, 3, 4, 5]))
+    def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect, bar):
+        calls.append((capacity, tokens.shape, n_prefill))
+        clock[0] += seconds[capacity]
+        return {("dense", None): (torch.tensor([[1, 2, 3, 4, 5, -1]] * tokens.shape[0]), None)}
+    monkeypatch.setattr(ev, "run_policies", run_policies)
+    return clock, calls
+
+
+def test_retrieval_batches_interleave_lengths_and_skip_what_the_limit_would_cut(monkeypatch):
+    """Batch i of a length's n runs (i + 1/2) / n of the way; a last short batch runs too; the prompt is C - 5
+    tokens in a cache of C; a length not yet run is guessed from another's time scaled by (C / c) ** 1.2."""
+    tok = types.SimpleNamespace(decode=lambda ids: "".join(map(str, ids)))
+    pols = [("dense", None, None)]
+    clock, calls = _fake_retrieval(monkeypatch, {1024: 10, 2048: 10})
+    specs = [(C, "single", "noise", 0.5, i) for C, n in ((1024, 4), (2048, 2)) for i in range(n)]
+    recs = ev.run_retrieval(None, tok, {"noise": None}, specs, pols, 1)
+    assert [r["context"] for r in recs] == [1024, 2048, 1024, 1024, 2048, 1024] and all(r["correct"]["dense"]
+                                                                                       for r in recs)
+    assert calls[:2] == [(1024, (1, 1019), 1018), (2048, (1, 2043), 2042)]
+    assert len(ev.run_retrieval(None, tok, {"noise": None}, specs[:3], pols, 2)) == 3  # batches of 2 and 1
+    for minutes, ran in ((30, [1024]), (35, [1024, 2048])):  # 2048's guess: 10 s * 2 ** 1.2 = 23 s after 1024's 10
+        clock, calls = _fake_retrieval(monkeypatch, {1024: 10, 2048: 10})
+        specs = [(1024, "single", "noise", 0.5, 0), (2048, "single", "noise", 0.5, 1)]
+        recs = ev.run_retrieval(None, tok, {"noise": None}, specs, pols, 1, deadline=clock[0] + minutes)
+        assert [r["context"] for r in recs] == ran, minutes
+
+
+def test_merge_counts_each_policy_plan_selector_budget_and_second_once():
+    """Two perplexity runs of one pass plan it once; a selector both ran is listed once; budgets and timed tasks
+    of either run are kept; where both runs hold one policy's result on a sample, the first run's counts."""
+    dense = {"nll": 0.7, "ppl": 2.0, "agree": 1.0, "positions": 8}
+    def run(sel, budget, ok, **kw):
+        rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "seed": 7,
+               "correct": {"dense": True, f"{sel} {ev.frac(budget)}": ok}}
+        return {"command": sel, "selectors": [sel], "budgets": [budget], "ppl_context": 64, "retrieval": [rec],
+                "perplexity": {"dense": dense}, "perplexity_planned": 8, **kw}
+    merged = ev.merge([run("oracle", 1 / 8, True, seconds={"retrieval": 3}),
+                       run("oracle", 1 / 8, False, seconds={"perplexity": 5}),
+                       run("oracle", 1 / 16, True, seconds={})])
+    assert merged["perplexity_planned"] == 8 and merged["selectors"] == ["oracle"]
+    assert merged["budgets"] == [1 / 16, 1 / 8] and merged["seconds"] == {"retrieval": 3, "perplexity": 5}
+    assert merged["retrieval"][0]["correct"] == {"dense": True, "oracle 1/8": True, "oracle 1/16": True}
+
+
+def test_merge_leaves_out_other_projections_perplexity_rows_at_every_budget(capsys):
+    """hata-trained rows of a second projection file are left out of perplexity too, also at a budget the first
+    run did not run (not brought in as the first file's)."""
+    def run(weights, budget):
+        ppl = {"dense": {"nll": 0.7, "ppl": 2.0, "agree": 1.0, "positions": 8},
+               f"hata-trained {ev.frac(budget)}": {"nll": 0.9, "ppl": 2.5, "agree": 0.9, "positions": 8}}
+        return {"command": weights, "selectors": ["hata-trained"], "budgets": [budget], "seconds": {},
+                "hash_weights": weights, "hash_digest": weights, "ppl_context": 64, "perplexity": ppl}
+    merged = ev.merge([run("a", 1 / 8), run("b", 1 / 16)])
+    assert set(merged["perplexity"]) == {"dense", "hata-trained 1/8"} and "left out" in capsys.readouterr().err
+
+
+def test_report_and_plot_of_perplexity_alone():
+    """No retrieval in the results: no retrieval heading; the plot's dense line is at 100% for retrieval."""
+    ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
+           "oracle 1/8": {"ppl": 2.5, "agree": 0.875, "nll": 0.92, "positions": 8}}
+    md = ev.report({"selectors": ["oracle"], "budgets": [1 / 8], "ppl_context": 1024, "perplexity": ppl})
+    assert "Retrieval" not in md and md.startswith("### Perplexity")
+
+
+def test_the_plots_dense_lines(monkeypatch):
+    figs = []
+    monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
+    recs = [{"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1",
+             "correct": {"dense": True, "oracle 1/8": ok}} for ok in (True, False)]
+    ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
+           "oracle 1/8": {"ppl": 2.5, "agree": 0.5, "nll": 0.92, "positions": 8}}
+    assert ev.plot({"selectors": ["oracle"], "budgets": [1 / 8], "retrieval": recs, "perplexity": ppl}, "x")
+    assert [list(ax.lines[-1].get_ydata()) for ax in figs[0].axes] == [[100, 100], [1.0, 1.0], [100.0, 100.0]]
+
+
+def test_report_refuses_records_with_a_damaged_depth_or_agreement(capsys, tmp_path):
+    rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": "half", "answer": "1",
+           "correct": {"dense": True}}
+    base = {"command": "t", "selectors": ["oracle"], "budgets": [0.25], "seconds": {}, "ppl_context": 64}
+    ppl = {"dense": {"nll": 0.7, "ppl": 2.0, "agree": "all", "positions": 8}}
+    for name, results in (("depth", {**base, "retrieval": [rec]}), ("agree", {**base, "perplexity": ppl})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(results))
+        assert ev.main(["--report", str(tmp_path / f"{name}.json"), "--out-dir", str(tmp_path), "--overwrite"]) == 2
+        assert f"{name}.json: a retrieval or perplexity record lacks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "254"],  # the most --ppl-tokens allowed
+    ["--contexts", "128", "--samples", "1", "--selectors", "oracle", "--quest-budgets", "0.999"],  # Quest does not run
+    ["--selectors", "oracle", "trained", "--hash-weights", "none"]])  # trained left out (a note), oracle runs
+def test_flags_at_their_limits_pass_the_checks(argv, capsys, tmp_path):
+    assert ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2
+    assert "nonexistent" in capsys.readouterr().err
+
+
+def test_the_prose_must_hold_the_longest_context(gguf_path, tok, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # must not be reached
+    (tmp_path / "short.txt").write_text(PROSE * 20)  # its held-out last fifth: ~500 tokens
+    assert ev.main(["--text", str(tmp_path / "short.txt"), "--contexts", "128", "1024", "--samples", "1",
+                    "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]) == 2
+    assert "fewer than --contexts 1024; give more --text" in capsys.readouterr().err
+
+
+def test_a_run_records_its_budgets_plan_and_haystack_rules(gguf_path, smol, tok, monkeypatch, tmp_path):
+    """The results' budgets are every one a policy ran (Quest's own too); a text of fewer windows than --ppl-docs
+    plans the windows it has (the report then claims no stop); retrieval records its needle rule and the noise
+    haystack's size (the model's context)."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    def run_retrieval(model, tok, hays, specs, pols, batch, log, deadline):  # every policy right, saved once
+        log(recs := [{"context": C, "task": t, "haystack": h, "depth": d, "seed": sd, "answer": "1",
+                      "correct": {"dense": True, **{ev.pkey(n, f): True for n, f, _ in pols[1:]}}}
+                     for C, t, h, d, sd in specs])
+        return recs
+    monkeypatch.setattr(ev, "run_retrieval", run_retrieval)
+    (tmp_path / "text.txt").write_text(PROSE * 10)
+    assert ev.main(["--selectors", "quest", "--budgets", "1/8", "--quest-budgets", "1/4", "--contexts", "128",
+                    "--samples", "1", "--ppl-context", "128", "--ppl-tokens", "2", "--ppl-docs", "3", "--text",
+                    str(tmp_path / "text.txt"), "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results["budgets"] == [1 / 8, 1 / 4] and "quest s16 r16 1/4" in results["perplexity"]
+    assert results["perplexity_planned"] == results["perplexity"]["dense"]["positions"] == 2  # one window
+    assert "stopped" not in (tmp_path / "eval_results.md").read_text()
+    assert (results["needle_rule"], results["noise_context"]) == (2, smol.args.max_seq_len)
+
+
+def test_the_committed_runs_noise_prompts_stay_the_same(tok):
+    """Seed 0's first noise samples at 1K: their keys are those of report/eval_results.json, and their prompts (ids,
+    key, answer) are pinned by a digest, so a change to how a seed draws its piece, key, names or depths shows."""
+    hay = ev.Haystack(tok, ev.NOISE * (4 * 8192 // len(tok.encode(ev.NOISE)) + 2))  # as run() sizes it for 8K
+    specs = [s for s in ev.retrieval_specs({1024: 8}, 0) if s[2] == "noise"]
+    prompts = [ev.retrieval_prompt(tok, hay, t, C - ev.N_DIGITS, d, random.Random(sd)) for C, t, h, d, sd in specs]
+    committed = json.load(open(os.path.join(ev.HERE, "report", "eval_results.json")))["retrieval"]
+    assert [(r["context"], r["haystack"]) for r in committed[:2]] == [(1024, "noise")] * 2  # samples 0 and 1
+    assert [p[1] for p in prompts[:2]] == [r["answer"] for r in committed[:2]] == ["45572", "48212"]
+    assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16] == "5ced186c4e26225e"
