@@ -455,12 +455,7 @@ def test_the_default_system_prompt_and_the_template_file(tmp_path):
                           ("'<|im_start|>system\\nYou're<|im_end|>'", None),  # not a Jinja string: not read
                           ("'x' + '<|im_start|>system\\n' + m + '<|im_end|>'", None)):
         assert _default_system("{{ " + literal + " }}") == want, literal
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    heads = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    (tmp_path / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
-        "added_tokens": [{"id": 256 + i, "content": t, "special": True} for i, t in enumerate(heads)],
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    _write_byte_json(tmp_path, ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     chatml = "{% for m in messages %}<|im_start|>...{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
     # folders named like the template and a config are skipped
@@ -653,6 +648,16 @@ def _hf_bpe_ref(word: str, merges: list[str]) -> list[str]:
             break
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts
+
+
+def _write_byte_json(folder, specials=(), **fields):
+    """A byte-level BPE tokenizer.json in `folder`: the 256 byte tokens, no merges, the special tokens `specials`
+    from id 256 on, and any other top-level `fields` (a post_processor)."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
+        "added_tokens": [{"id": 256 + i, "content": t, "special": True} for i, t in enumerate(specials)],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, **fields}))
 
 
 def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None, add_bos=None, template=None, eot=None,
@@ -949,12 +954,7 @@ def test_added_tokens_are_found_as_literal_text(smol):
 
 def test_named_templates_take_the_one_named_default(tmp_path):
     """transformers' list form of chat_template: the entry named "default", wherever it stands, not another."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    heads = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    (tmp_path / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
-        "added_tokens": [{"id": 256 + i, "content": t, "special": True} for i, t in enumerate(heads)],
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    _write_byte_json(tmp_path, ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     named = [{"name": "rag", "template": "<|im_start|>..."}, {"name": "default", "template": "<|start_header_id|>..."}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
     assert Tokenizer.from_path(tmp_path).chat == "llama3"
@@ -975,13 +975,9 @@ def test_a_cutoff_without_a_date_line_is_no_dated_opening():
 def test_the_configs_bos_token_rules_over_the_post_processor(tmp_path):
     """BOS is tokenizer_config.json's bos_token when it names one; the post-processor's first token only without it.
     Here the post-processor does not add the config's BOS, so encode adds none."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    added = [{"id": 256, "content": "<s>", "special": True}, {"id": 257, "content": "<|im_start|>", "special": True}]
     post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
                                                      {"Sequence": {"id": "A", "type_id": 0}}]}
-    (tmp_path / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []}, "added_tokens": added,
-        "post_processor": post, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    _write_byte_json(tmp_path, ["<s>", "<|im_start|>"], post_processor=post)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     tok = Tokenizer.from_path(tmp_path)
     assert (tok.bos_id, tok.add_bos, tok.encode("hi")) == (256, False, [ord("h"), ord("i")])
@@ -1035,13 +1031,9 @@ def test_llama2_chat_strips_answers_but_not_the_system_prompt(sp_model):
 def test_a_post_processor_that_appends_the_bos_token_adds_no_bos(tmp_path):
     """bos_token = eos_token = <|endoftext|> and a template that appends it ("$A <|endoftext|>"): it is not put
     first, so encode adds no BOS (HF's ids are the text's, then that token, which encode(eos=True) appends)."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     post = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
                                                      {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}]}
-    (tmp_path / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
-        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "special": True}], "post_processor": post,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    _write_byte_json(tmp_path, ["<|endoftext|>"], post_processor=post)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>",
                                                                "eos_token": "<|endoftext|>"}))
     tok = Tokenizer.from_path(tmp_path)
