@@ -255,11 +255,14 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
         # one step past the longest answer where the cache has room: a digit after the key makes another number
         expect = F.pad(expect, (0, int(expect.shape[1] <= N_DIGITS)), value=-1)
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
-        for b, ((_, task, h, d, sd), (_, key, _)) in enumerate(zip(group, prompts)):
-            got = {pkey(name, f): parse_digits(tok.decode([t for t in top[b].tolist() if t >= 0]))
-                   for (name, f), (top, _) in out.items()}
+        for b, ((_, task, h, d, sd), (_, key, answer)) in enumerate(zip(group, prompts)):
+            rows = {pkey(name, f): [t for t in top[b].tolist() if t >= 0] for (name, f), (top, _) in out.items()}
+            got = {k: parse_digits(tok.decode(row)) for k, row in rows.items()}
+            # right: the key's own tokens, then no digit; the text alone could read right from another split of the
+            # digits ('12345' as one token where the key's are '123' '45': the first token off it, which is kept)
             records.append({"context": C, "task": task, "haystack": h, "depth": d, "answer": key, "seed": sd,
-                            "correct": {k: g == key for k, g in got.items()}, "dense_output": got["dense"]})
+                            "correct": {k: got[k] == key and rows[k][:len(answer)] == answer for k in rows},
+                            "dense_output": got["dense"]})
         took[C] = time.time() - t0
         if log:
             log(records)

@@ -160,6 +160,20 @@ def test_a_key_longer_than_the_caches_slack_is_refused(monkeypatch):
             ev.run_retrieval(None, None, {"noise": None}, spec, pols, 1)
 
 
+@pytest.mark.parametrize("top, correct, text", [([1, 2, 9], True, "12345"), ([3, -1, -1], False, "12345"),
+                                                ([1, 4, -1], False, "1234")])
+def test_a_key_written_in_other_tokens_than_its_own_is_wrong(monkeypatch, top, correct, text):
+    """A tokenizer that groups digits can write the key '12345' as one token where its own are '123' '45': decode
+    keeps that first token off the answer, whose text alone reads right (it scored right before)."""
+    words = {1: "123", 2: "45", 3: "12345", 4: "4", 9: "."}
+    tok = type("Tok", (), {"decode": lambda self, ids: "".join(words[i] for i in ids)})()
+    monkeypatch.setattr(ev, "retrieval_prompt", lambda tok, hay, task, length, depth, rng: ([5] * length, "12345",
+                                                                                          [1, 2]))
+    monkeypatch.setattr(ev, "run_policies", lambda *a: {("dense", None): (torch.tensor([top]), None)})
+    recs = ev.run_retrieval(None, tok, {"noise": None}, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
+    assert recs[0]["correct"] == {"dense": correct} and recs[0]["dense_output"] == text
+
+
 def test_a_rows_answer_is_cut_at_its_own_first_miss_whatever_its_batch(monkeypatch):
     """Greedy decoding with `expect` runs while any row still matches; each row is then cut after its own first
     token off its answer (before: row 0, off at its first token, decoded on beside row 1 and wrote the key, which
