@@ -166,14 +166,18 @@ def make_labels(q, k, t, top=0.1):
     return labels.scatter_(1, best, torch.linspace(20, 1, n_pos).expand(H, n_pos))
 
 
+def query_start(S, query_from):  # query_from * S rounded down as typed (0.29 of 100: 29, where the float gave 28)
+    return min(math.floor(round(query_from * S, 6)), S - 1)
+
+
 def query_positions(S, queries, query_from, gen):
-    """n_queries(...) distinct positions t uniform in [lo, S), lo = int(query_from * S), sorted: (nq,)."""
-    lo = int(query_from * S)
+    """n_queries(...) distinct positions t uniform in [query_start(S, query_from), S), sorted: (nq,)."""
+    lo = query_start(S, query_from)
     return (lo + torch.randperm(S - lo, generator=gen)[:queries]).sort().values
 
 
 def n_queries(S, queries, query_from):  # how many query_positions gives: no more than [lo, S) holds
-    return min(queries, S - int(query_from * S))
+    return min(queries, S - query_start(S, query_from))
 
 
 def collect_samples(model, windows, n_dense, queries, gen, query_from=0.5, labels=True):

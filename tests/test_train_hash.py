@@ -495,6 +495,15 @@ def test_query_positions_are_distinct_and_in_range():
     assert torch.equal(th.query_positions(8, 9, 0.25, gen), torch.arange(2, 8))  # no more than there are
 
 
+def test_query_positions_start_where_the_fraction_says_as_typed():
+    """0.29 of 100 positions starts at 29 (the float product 28.999999999999996 truncated to 28); a fraction just
+    below 1 still leaves the last position; 0.5 of 33 rounds down to 16."""
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(th.query_positions(100, 80, 0.29, gen), torch.arange(29, 100))
+    assert th.n_queries(100, 80, 0.29) == 71 and th.n_queries(33, 80, 0.5) == 17
+    assert th.n_queries(100, 80, 0.9999999999) == 1 and th.query_positions(100, 1, 0.9999999999, gen).tolist() == [99]
+
+
 def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     """A head whose projection ignores the keys (zero: every code equal, so selection keeps the newest keys)
     captures less than random on the validation windows and goes back; a head with the same codes as its start
