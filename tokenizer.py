@@ -16,7 +16,7 @@ written in the checkpoint's own Jinja template, if any); a sentencepiece model -
 checkpoint's template is another one). A Llama 3.1+ template opens every chat with a system turn that starts with
 its knowledge cutoff and a date (3.1: a fixed one; 3.2+: today's); hata writes that turn too. Jinja itself is not run.
 `eos_ids` holds every id that ends generation: EOS, <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present, and the
-ids the file names (a GGUF's EOT and EOM, generation_config.json's eos_token_id).
+ids the files name (a GGUF's EOT and EOM, generation_config.json's eos_token_id, tokenizer_config.json's eos_token).
 """
 import base64
 import datetime
@@ -237,9 +237,10 @@ def _hf_config(directory):
     stops = [] if stops is None else stops if isinstance(stops, list) else [stops]
     if not all(type(i) is int and i >= 0 for i in stops):
         raise ValueError(f"{gen_path!r}: eos_token_id must be a token id or a list of them, got {stops!r}")
-    for key in ("bos_token", "eos_token"):  # a name, or {"content": name, ...} (AddedToken), or none
+    for key in ("bos_token", "eos_token"):  # a name, or {"content": name, ...} (AddedToken), or none: the name
         value = cfg.get(key)
-        if value is not None and not isinstance(value.get("content") if isinstance(value, dict) else value, str):
+        cfg[key] = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(cfg[key], str):
             raise ValueError(f"{cfg_path!r}: {key} must be a token's name, got {value!r}")
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates (transformers' list form): the one named "default"
@@ -385,12 +386,11 @@ class Tokenizer:
         ranks = {_vocab_bytes(t, path): i for t, i in model["vocab"].items() if t not in specials}
         _check_merges(path, model.get("merges"), model["vocab"], ranks)
         cfg, template, stops = _hf_config(os.path.dirname(path))  # bos/eos names, the chat template, stop ids
-        name = lambda t: t.get("content") if isinstance(t, dict) else t
         # HF adds BOS as the special token the post-processor's template puts first (Llama 3 does, SmolLM2 does not:
         # a template that only appends it adds no BOS); without a config, BOS is that first token
         first = _template_first(tj.get("post_processor"))
-        bos_name = name(cfg.get("bos_token")) or first
-        bos, eos = specials.get(bos_name), specials.get(name(cfg.get("eos_token")))
+        bos_name = cfg.get("bos_token") or first
+        bos, eos = specials.get(bos_name), specials.get(cfg.get("eos_token"))
         add_bos = bos is not None and first == bos_name
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos, stops=stops,
@@ -433,6 +433,9 @@ class Tokenizer:
         # matter here, to stop generation (they decode to nothing, as every id past the vocabulary)
         added = {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
                  if isinstance(t, dict) and str(i).isdigit() and int(i) >= sp.get_piece_size()}
+        # and its own pieces that end a turn (Yi's <|im_end|> at 7); the config's EOS (transformers' eos_token) too
+        ends = [t for t in (*END_TOKENS, cfg.get("eos_token")) if t is not None]
+        stops += [i for i in map(sp.piece_to_id, ends) if i != sp.unk_id()] + [added[t] for t in ends if t in added]
         llama2 = template is None or ("[INST]" in template and "<<SYS>>" in template)  # not Mistral's [INST]
         return cls(sp=sp, specials=added, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
                    stops=stops, add_bos=bos >= 0, chat="llama2" if llama2 else None)

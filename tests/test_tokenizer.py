@@ -203,6 +203,20 @@ def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
     assert Tokenizer.from_path(tmp_path).eos_ids == {2, 300, 301}  # generation_config.json's ids too
 
 
+def test_a_sentencepiece_models_own_end_pieces_and_its_configs_eos_stop_generation(sp_model, tmp_path):
+    """An end token among the model's own pieces (Yi's <|im_end|> at 7, here a control symbol at 3), and the piece or
+    added token tokenizer_config.json names as eos_token (transformers' EOS), end generation too."""
+    spm = pytest.importorskip("sentencepiece")
+    spm.SentencePieceTrainer.train(input=str(sp_model / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=300, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   control_symbols=["<|im_end|>"])
+    assert Tokenizer.from_path(tmp_path).eos_ids == {2, 3}
+    piece = Tokenizer.from_path(tmp_path).sp.id_to_piece(100)
+    for eos, added, stop in ((piece, {}, 100), ({"content": "<|end|>"}, {"300": {"content": "<|end|>"}}, 300)):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos, "added_tokens_decoder": added}))
+        assert Tokenizer.from_path(tmp_path).eos_ids == {2, 3, stop}, eos
+
+
 # --- Hugging Face tokenizer.json (byte-level BPE) ----------------------------------------------------------
 
 def test_hf_tokenizer_json(tmp_path):
