@@ -8,12 +8,14 @@ file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal 
 from `n_dense` on attends only to the top-K cached tokens chosen by Hamming distance between hash codes (model.py);
 a budget that covers the whole cache (the default 2048 tokens, for a short prompt) is dense attention, so try
 --budget 16. A single prompt's tokens stream to stdout (a batch's answers print at the end); prefill and decode
-speed go to stderr, with the number of steps that had more cached keys than the budget.
+speed go to stderr, with the number of steps that had more cached keys than the budget. `--interactive` chats turn
+by turn (`converse()`): the cache keeps the conversation, and each turn prefills only its own tokens after it.
 """
 import argparse
 import filecmp
 import fractions
 import importlib.util
+import itertools
 import math
 import os
 import re
@@ -79,12 +81,13 @@ def synchronize(device):
 
 
 @torch.inference_mode()  # a forward outside it would link every cache write into one autograd graph
-def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
+def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False, start=0):
     """tokens (B, T) right-padded prompts; lengths (B,) their true lengths. Fills the caches for positions
-    0 .. T-1 in chunks of `chunk` tokens (the first one a plain causal pass) and returns the logits (B, V) at each
-    sequence's last prompt token. A chunk after the first is never 1 token long: the model takes a 1-token
-    forward for a decode step, which a sparse layer would attend sparsely. `progress`: a bar on stderr, a step per
-    layer of each chunk, for a prompt of PROGRESS_TOKENS or more (seconds on a CPU)."""
+    start .. start + T - 1 in chunks of `chunk` tokens (from 0, the first one a plain causal pass; after `start`
+    cached positions, the chunks attend to those too) and returns the logits (B, V) at each sequence's last prompt
+    token. A chunk after position 0 is never 1 token long: the model takes a 1-token forward for a decode step,
+    which a sparse layer would attend sparsely (so give 2 or more tokens after `start`). `progress`: a bar on
+    stderr, a step per layer of each chunk, for a prompt of PROGRESS_TOKENS or more (seconds on a CPU)."""
     B, T = tokens.shape
     if chunk < min(3, T):
         raise ValueError(f"prefill chunks of at least 3 tokens, got {chunk}: a 1-token remainder takes a token from "
@@ -102,12 +105,12 @@ def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False):
         bar.update()
     hooks = [] if bar.disable else [layer.register_forward_hook(layer_done) for layer in model.layers]
     try:  # (an error or Ctrl-C must not leave the hooks behind: later forwards would sync and draw a stale bar)
-        for start, end in zip(bounds, bounds[1:]):
-            piece = tokens[:, start:end]  # (B, T_chunk)
-            idx = (lengths - 1 - start).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
-            input_pos = None if start == 0 else torch.full((B,), start, device=tokens.device)
+        for at, end in zip(bounds, bounds[1:]):
+            piece = tokens[:, at:end]  # (B, T_chunk)
+            idx = (lengths - 1 - at).clamp(0, piece.shape[1] - 1)  # (B,) last real token inside this chunk
+            input_pos = None if at + start == 0 else torch.full((B,), at + start, device=tokens.device)
             logits = model(piece, input_pos, output_idx=idx)  # (B, V)
-            here = (lengths - 1 >= start) & (lengths - 1 < start + piece.shape[1])  # (B,)
+            here = (lengths - 1 >= at) & (lengths - 1 < at + piece.shape[1])  # (B,)
             last = torch.where(here[:, None], logits, last)
     finally:
         for hook in hooks:
@@ -148,28 +151,30 @@ class GraphedDecode:
 
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
-             on_token=None, cuda_graph=True, progress=False, top_k=0):
-    """prompts: lists of token ids (any lengths >= 1). Returns (the new tokens of each prompt, up to and with its
-    stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None without one), decode_s, prefill_tokens,
-    decode_steps, decode_tokens, budget (the sparse layers' K, or None) and selecting_steps (steps with more cached
-    keys than K)). Each sequence decodes at its own positions and stops at its own stop token; on_token(tokens (B,),
-    -1 where a sequence has stopped) is called after every step (streaming). On CUDA the step is a CUDA graph unless
-    cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the decode's (steps, and
-    sequences finished) unless on_token streams them."""
+             on_token=None, cuda_graph=True, progress=False, top_k=0, start=0):
+    """prompts: lists of token ids (any lengths >= 1; >= 2 after start > 0, see prefill), which continue the `start`
+    positions the caches hold (0: fresh prompts; in a chat, the turn's tokens after its history). Returns (the new
+    tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None
+    without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None) and
+    selecting_steps (steps with more cached keys than K)). Each sequence decodes at its own positions and stops at
+    its own stop token; on_token(tokens (B,), -1 where a sequence has stopped) is called after every step
+    (streaming). On CUDA the step is a CUDA graph unless cuda_graph is False. `progress`: bars on stderr, the
+    prefill's for a long prompt and the decode's (steps, and sequences finished) unless on_token streams them."""
     device = model.output.weight.device
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
     B, T = len(prompts), max(len(p) for p in prompts)
-    if (need := T + max(max_new_tokens - 1, 0)) > (cap := model.max_seq_len):  # the cache's capacity
+    if (need := start + T + max(max_new_tokens - 1, 0)) > (cap := model.max_seq_len):  # the cache's capacity
         why = " (the last new token is never cached)" * (max_new_tokens > 0)
-        raise ValueError(f"{T} + {max_new_tokens} tokens need {need} cache slots{why}; the cache has {cap}")
+        raise ValueError(f"{start + T} + {max_new_tokens} tokens need {need} cache slots{why}; the cache has {cap}")
     tokens = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right-padded
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
 
     t0 = time.perf_counter()
-    logits = prefill(model, tokens, lengths, progress=progress)  # (B, V)
+    logits = prefill(model, tokens, lengths, progress=progress, start=start)  # (B, V)
+    ends = lengths + start  # (B,) each sequence's cached positions: the first decode step's
     if not bool(logits.isfinite().all()):  # checked once, here (sampling would fail on it, greedy print nothing)
         raise ValueError("the model's output for the prompt is NaN or inf: its weights hold NaN/inf values, or float16 "
                          "overflows in this model (try --dtype bfloat16 or float32)")
@@ -179,7 +184,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     step_fn = decode_one_token
     # The capture is setup, timed apart: a long generation pays it once (on a first run Triton compiles there too).
     if cuda_graph and device.type == "cuda" and max_new_tokens > 1:
-        step_fn = GraphedDecode(model, cur, lengths)
+        step_fn = GraphedDecode(model, cur, ends)
         synchronize(device)
     t2 = time.perf_counter()
     bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
@@ -192,15 +197,15 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         if step == max_new_tokens - 1 or finished == B:
             break
         bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
-        cur = sample(step_fn(model, cur, lengths + step), temperature, top_p, generator, top_k)
+        cur = sample(step_fn(model, cur, ends + step), temperature, top_p, generator, top_k)
     bar.close()
     synchronize(device)
     t3 = time.perf_counter()
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
     new = [[t for t in row if t >= 0] for row in rows]
     steps, K = max(len(out) - 1, 0), next((l.attention.budget for l in model.layers if l.attention.hata), None)
-    # decode step s (from 0) attends to T + s + 1 keys (the longest sequence's): K leaves keys out from s = K - T on
-    selecting = None if K is None else max(0, steps - max(0, K - T))
+    # decode step s (from 0) attends to start + T + s + 1 keys (the longest sequence's): K leaves keys out from there
+    selecting = None if K is None else max(0, steps - max(0, K - start - T))
     timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if step_fn is not decode_one_token else None,
               "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": steps,
               "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting}
@@ -367,6 +372,9 @@ def build_parser():
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", type=prompt_text, help="with --chat: the system message (default: the template's own, "
                    "if it writes one)")
+    p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
+                   "standard input is your next message, after any --prompt; the KV cache keeps the conversation, so "
+                   "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
                    "--max-new-tokens - 1, the last token never being cached, within the model's context)")
     g = p.add_argument_group("HATA (sparse decode attention)")
@@ -475,9 +483,11 @@ def run(args):
                (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
                (("--top-k", "--top-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
-               (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file"), args.random_weights,
+               (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive"),
+                args.random_weights,
                 "--random-weights decodes random tokens"),
-               (("--system",), not args.chat and not args.random_weights, "it is a chat's message: add --chat"),
+               (("--system",), not (args.chat or args.interactive or args.random_weights),
+                "it is a chat's message: add --chat"),
                (("--hash-weights",), args.random_weights and not args.dense and args.selector == "hash",
                 "random weights take random projections"),  # (else noted above: no codes read)
                (("--preset", "--prompt-len"), not args.random_weights, "they shape a --random-weights run")]
@@ -488,8 +498,12 @@ def run(args):
     if len(streams) > len(set(streams)):  # the second read would find it empty
         raise ValueError("--prompt-file names standard input (or one pipe) twice, which holds one prompt: give it once")
     texts = [text if flag == "prompt" else read_prompt_file(text) for flag, text in args.inputs]
-    if not texts:
+    if not texts and not args.interactive:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
+    if args.interactive and (streams or sys.stdin is None):
+        raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None
+                         else "--interactive reads your messages from standard input: give a first one with --prompt, "
+                         "or a --prompt-file that is not standard input")
 
     checkpoint = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()  # the metadata and tokenizer reads count: from a GGUF they parse what the model does
@@ -498,15 +512,19 @@ def run(args):
     context, shape = checkpoint_metadata(checkpoint)
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    prompts = [tok.encode_chat([*system, {"role": "user", "content": t}]) if args.chat else tok.encode(t)
-               for t in texts]
+    chat = args.chat or args.interactive  # (an interactive run's first turn, or its opening alone, for the checks)
+    prompts = [tok.encode_chat([*system, {"role": "user", "content": t}]) if chat else tok.encode(t)
+               for t in (texts[:1] or [""] if args.interactive else texts)]
     if not all(prompts):
         i = [len(p) for p in prompts].index(0)
         why = "; the tokenizer knows none of its characters" if texts[i] else ""
         raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
     longest = max(len(p) for p in prompts)
+    if args.interactive:  # a conversation grows: a cache of the model's whole context unless told
+        args.max_seq_len = args.max_seq_len or context
     all_dense = bool(hata and shape and hata.n_dense >= shape.n_layers)  # --n-dense covers every layer
     max_seq_len, max_new = cache_size(args, longest, context, all_dense=all_dense)
+    planned = max_seq_len if args.interactive else longest  # the prompt length offload and memory plan for
     sparse = hata and hata.budget_tokens(max_seq_len) < max_seq_len and not all_dense
     if sparse and shape and device.type == "cuda" and not triton_head_dim(shape.head_dim):  # (a prefill would fail)
         raise ValueError(f"HATA's GPU kernels need a head dim that is a power of two >= 16, and this model's is "
@@ -519,17 +537,19 @@ def run(args):
         check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
-        check_offload(args, shape, hata, len(prompts), max_seq_len, longest, dtype)
+        check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
-    setup(model, args, len(prompts), max_seq_len, longest)
+    setup(model, args, len(prompts), max_seq_len, planned)
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, "
           f"{dtype}, {device}); {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if sparse and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
         print(f"note: --budget {frac(args.budget)} is of the batch's cache "
               f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; "
               "--max-seq-len fixes the cache", file=sys.stderr)
+    if args.interactive:
+        return converse(model, tok, args, texts, system)
 
     streamer = Streamer(tok) if len(prompts) == 1 else None
     new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p,
@@ -542,6 +562,39 @@ def run(args):
             answer = tok.decode([t for t in ids if t not in tok.eos_ids])
             show(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}\n")  # the prompt's start, … where it goes on
     report_speed(timing)
+
+
+def converse(model, tok, args, openings, system):
+    """--interactive: a chat, turn by turn: the --prompt texts first, then each line of standard input, to its end.
+    The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
+    (the reply's own, where the template writes it as it was decoded; at least 2, see prefill)."""
+    messages, held = list(system), []  # held: the token ids at the cached positions
+    generator = row_generators(args.seed, 1, model.output.weight.device)
+    for text in itertools.chain(openings, typed_turns()):
+        messages.append({"role": "user", "content": text})
+        ids = tok.encode_chat(messages)
+        if (room := model.max_seq_len - len(ids) + 1) < 1:
+            raise ValueError(f"the conversation has {plural(len(ids))} and the cache holds {model.max_seq_len}: start "
+                             "a new one (a larger --max-seq-len holds more)")
+        same = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+        start = max(0, min(same, len(ids) - 2))
+        streamer = Streamer(tok)
+        new, timing = generate(model, [ids[start:]], min(args.max_new_tokens, room), tok.eos_ids, args.temperature,
+                               args.top_p, generator, on_token=streamer, top_k=args.top_k, start=start)
+        streamer.finish()
+        report_speed(timing)
+        held = ids + new[0][:-1]  # (the last new token is never cached)
+        messages.append({"role": "assistant", "content": tok.decode([t for t in new[0] if t not in tok.eos_ids])})
+
+
+def typed_turns():  # --interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal)
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        if not (line := sys.stdin.readline()):
+            return
+        if line.strip():
+            yield line.removesuffix("\n")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -427,6 +427,50 @@ def test_prompt_files_repeat_into_a_batch_and_dash_is_stdin(capsys, tmp_path, mo
     assert code == 0 and "--- 'The capital of France is'\n Paris" in out and "--- 'Hello'" in out, err
 
 
+def stdin_of(monkeypatch, text):  # a pipe holding `text` as standard input
+    read, write = os.pipe()
+    os.write(write, text.encode())
+    os.close(write)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read))
+
+
+def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, smol, gguf_path):
+    """--interactive: a --prompt, then standard input's lines (a blank one skipped) are the user's turns. Each reply
+    is greedy generate's over the whole conversation from scratch, while a turn prefills only what follows the
+    cached tokens (the reply as decoded, less its last token)."""
+    from tokenizer import Tokenizer
+    tok, replies, ids = Tokenizer.from_path(gguf_path), [], []
+    turns = ["What is the capital of France?", "And Germany's?"]
+    for turn in turns:
+        ids.append(tok.encode_chat([m for t, r in zip(turns, replies) for m in ({"role": "user", "content": t},
+                                    {"role": "assistant", "content": r})] + [{"role": "user", "content": turn}]))
+        smol.setup_caches(1, len(ids[-1]) + 11)
+        new = engine.generate(smol, [ids[-1]], 12, tok.eos_ids)[0][0]
+        replies.append(tok.decode([t for t in new if t not in tok.eos_ids]))
+    stdin_of(monkeypatch, f"\n{turns[1]}\n")
+    code, out, err = run_cli(capsys, "--interactive", "--prompt", turns[0], "--max-new-tokens", "12")
+    prefilled = [int(line.split()[1]) for line in err.splitlines() if line.startswith("prefill:")]
+    assert code == 0 and out == "".join(r + "\n" for r in replies) and "Berlin" in replies[1], err
+    assert prefilled[0] == len(ids[0]) and 2 <= prefilled[1] < len(ids[1]) - len(ids[0]), err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_interactive_ends_where_the_conversation_outgrows_the_cache(capsys, monkeypatch):
+    """A turn the cache cannot hold ends the run with one line (after the first turn's reply, its room noted)."""
+    stdin_of(monkeypatch, "Tell me more.\n")
+    code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--max-seq-len", "48", "--max-new-tokens",
+                             "200", "--dense")
+    assert code == 2 and "error: the conversation has " in err and "the cache holds 48: start a new one" in err, err
+    assert out.strip() and err.count("prefill:") == 1 and "note: at most 18 new tokens" in err  # the first turn's
+
+
+def test_interactive_reads_its_turns_from_an_open_standard_input(capsys, monkeypatch):
+    stdin_of(monkeypatch, "")
+    assert "give a first one with --prompt" in error_line(run_cli(capsys, "--interactive", "--prompt-file", "-")[2])
+    monkeypatch.setattr(sys, "stdin", None)
+    assert "standard input, which is closed" in error_line(run_cli(capsys, "--interactive")[2])
+
+
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_the_batch_keeps_the_command_lines_order(capsys, tmp_path, monkeypatch):
     """--prompt and --prompt-file mixed: the batch, and its outputs, in the order given (before: every --prompt
@@ -687,6 +731,29 @@ def test_generate_keeps_no_autograd_graph():
     engine.generate(model, [[3, 4, 5]], 4)
     cache = model.layers[0].attention.kv_cache
     assert not (logits.requires_grad or cache.k.requires_grad or cache.v.requires_grad)
+
+
+@pytest.mark.parametrize("chunk", [4096, 4, 3])
+def test_a_prefill_after_cached_positions_continues_them(chunk):
+    """5 tokens, then 6 more at start=5 (in chunks of 4 or 3 too: 4 + 2, 3 + 3): the logits of one prefill of all 11,
+    and generate from there decodes the tokens of one generate over all 11, counting its steps past the budget from
+    the cache's 11 positions (budget 8: every step selects; from the 6 new tokens alone, two would not)."""
+    model = engine.random_model("tiny", HataArgs(budget=8, n_dense=1), "cpu", torch.float32)
+    tokens = torch.arange(3, 14)[None]
+    model.setup_caches(1, 32)
+    whole = engine.prefill(model, tokens, torch.tensor([11]), chunk=chunk)
+    model.setup_caches(1, 32)
+    engine.prefill(model, tokens[:, :5], torch.tensor([5]), chunk=chunk)
+    torch.testing.assert_close(engine.prefill(model, tokens[:, 5:], torch.tensor([6]), chunk=chunk, start=5), whole,
+                               atol=1e-5, rtol=0)
+    model.setup_caches(1, 32)
+    want, _ = engine.generate(model, [tokens[0].tolist()], 8)
+    model.setup_caches(1, 32)
+    engine.generate(model, [tokens[0, :5].tolist()], 1)
+    got, timing = engine.generate(model, [tokens[0, 5:].tolist()], 8, start=5)
+    assert got == want and timing["prefill_tokens"] == 6 and timing["selecting_steps"] == timing["decode_steps"] == 7
+    with pytest.raises(ValueError, match="11 \\+ 30 tokens need 40 cache slots"):
+        engine.generate(model, [tokens[0, 5:].tolist()], 30, start=5)
 
 
 def test_generate_equals_a_full_forward_each_step():
