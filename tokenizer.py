@@ -50,6 +50,8 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
 # Meta reserves 256 special ids; the named ones above hold reserved tokens 0 and 1, the rest count on from 2
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
 LLAMA3_VOCAB = 128000  # the ranks of Meta's tiktoken file; its special tokens come after them
+CHAT_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"),  # the special tokens each chat format writes, opener first
+               "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
 # tiktoken's regex overflows its stack on a run of ~1M whitespace characters. So every BPE backend cuts a run of 25K
@@ -357,11 +359,15 @@ class Tokenizer:
             print(f"warning: {path!r} names no pre-tokenizer (tokenizer.ggml.pre: {pre!r}); splitting text GPT-2's "
                   "way, not as llama.cpp or the model does; re-convert the file with a current llama.cpp",
                   file=sys.stderr)
-        bos, eos = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
+        ids = {k: get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom")}
+        for k, i in ids.items():  # a damaged field would fail far from here, or name the wrong file
+            if i is not None and not (type(i) is int and 0 <= i < len(tokens)):
+                raise ValueError(f"{path!r}: tokenizer.ggml.{k}_token_id must be a token id below {len(tokens)}, got "
+                                 f"{i!r}; the file is corrupt")
         template = get("tokenizer.chat_template")
         enc, n, blank = _bpe(path, ranks, specials, pattern)
-        return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=bos, eos_id=eos,
-                   stops=[get("tokenizer.ggml.eot_token_id"), get("tokenizer.ggml.eom_token_id")],
+        return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=ids["bos"], eos_id=ids["eos"],
+                   stops=[ids["eot"], ids["eom"]],
                    in_text=[t for t, typ in zip(tokens, types) if typ == 4],
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", pattern is LLAMA3_PATTERN)),  # llama.cpp's
                    chat=cls._chat_of(specials, template), system=_default_system(template),
@@ -442,7 +448,7 @@ class Tokenizer:
 
     @staticmethod
     def _chat_of(specials, template):  # the template's format (None: another), else the vocabulary's
-        formats = [(c, t) for c, t in (("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>")) if t in specials]
+        formats = [(c, ts[0]) for c, ts in CHAT_TOKENS.items() if all(t in specials for t in ts)]  # all it writes
         if template is not None:  # e.g. DeepSeek-R1-Distill-Llama: Llama 3's vocabulary, its own chat format
             return next((chat for chat, t in formats if t in template), None)
         return formats[-1][0] if formats else None

@@ -416,6 +416,36 @@ def test_gguf_end_of_turn_ids_stop_generation(tmp_path):
     assert Tokenizer.from_path(path).eos_ids == {256, 257, 258}
 
 
+def test_a_gguf_token_id_that_is_no_token_is_named(tmp_path):
+    """BOS, EOS, EOT and EOM ids are checked against the token list: before, a string id failed later in a
+    comparison (a bare TypeError), and one past the list blamed the tokenizer for not belonging to its own file."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    tokens, types = [to_char[b] for b in range(256)] + ["<s>"], [1] * 256 + [3]
+    for key, kw, got in (("bos", dict(bos=257), "257"), ("eot", dict(eot=4000000000), "4000000000"),
+                         ("eos", dict(strings=[("tokenizer.ggml.eos_token_id", "2")]), "'2'")):
+        path = _write_gguf(tmp_path / f"{key}.gguf", tokens, types, pre="smollm", **kw)
+        with pytest.raises(ValueError, match=f"tokenizer.ggml.{key}_token_id must be a token id below 257, got {got}"):
+            Tokenizer.from_path(path)
+    assert Tokenizer.from_path(_write_gguf(tmp_path / "ok.gguf", tokens, types, pre="smollm", bos=256)).bos_id == 256
+
+
+def test_a_chat_format_needs_every_token_it_writes(tmp_path):
+    """A vocabulary with ChatML's opener but no <|im_end|>, or Llama 3's header tokens but no <|eot_id|>, has no
+    chat format hata writes: before, it wrote None into the prompt (a bare TypeError later)."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    for name, extra in (("chatml", ["<|im_start|>", "<|im_end|>"]),
+                        ("llama3", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])):
+        for whole in (True, False):
+            specials = extra if whole else extra[:-1] + ["<|other|>"]
+            path = _write_gguf(tmp_path / f"{name}{whole}.gguf", [to_char[b] for b in range(256)] + specials,
+                               [1] * 256 + [3] * len(extra), pre="smollm")
+            tok = Tokenizer.from_path(path)
+            assert tok.chat == (name if whole else None), (name, whole)
+            if not whole:
+                with pytest.raises(ValueError, match="no chat format hata writes"):
+                    tok.encode_chat([{"role": "user", "content": "x"}])
+
+
 def test_config_and_gguf_errors(tmp_path, llama3):
     """A corrupt tokenizer_config.json is named; a GGUF without a token list says so; a tiktoken file may end in a
     blank line."""
@@ -675,9 +705,12 @@ def _write_byte_json(folder, specials=(), **fields):
 
 
 def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None, add_bos=None, template=None, eot=None,
-                eom=None) -> str:
-    """A GGUF file holding only a byte-level BPE tokenizer; the keys left None are not written."""
+                eom=None, strings=()) -> str:
+    """A GGUF file holding only a byte-level BPE tokenizer; the keys left None are not written; `strings`: (key,
+    text) pairs written as they are."""
     def fill(writer):
+        for key, text in strings:
+            writer.add_string(key, text)
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
