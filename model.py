@@ -74,15 +74,19 @@ class ModelArgs:
         if missing := sorted(set(ROPE_SCALING[kind]) - set(scaling)):
             raise ValueError(f"{kind} RoPE scaling needs {', '.join(missing)}")
         reals = dict(norm_eps=self.norm_eps, rope_theta=self.rope_theta, **{k: scaling[k] for k in ROPE_SCALING[kind]})
-        if bad := {k: v for k, v in reals.items() if not num(v, numbers.Real) or not 0 < v < math.inf}:
+        if bad := {k: v for k, v in reals.items() if not num(v, numbers.Real) or not 0 < v <= sys.float_info.max}:
             raise ValueError(f"the model's {', '.join(bad)} must be finite numbers > 0, got {bad}")
+        # as floats: torch takes a whole number as int64, which 1e30 written as one overflows
+        self.norm_eps, self.rope_theta = float(self.norm_eps), float(self.rope_theta)
+        if self.rope_scaling:
+            self.rope_scaling = {**scaling, **{k: float(scaling[k]) for k in ROPE_SCALING[kind]}}
         if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:  # else the bands invert
             raise ValueError(f"llama3 RoPE scaling needs low_freq_factor < high_freq_factor, got {scaling}")
         derived = " (dim // n_heads)" * (self.head_dim == 0)
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
-        if not num(self.head_dim, numbers.Integral) or self.head_dim < 2 or self.head_dim % 2:  # RoPE rotates pairs
-            raise ValueError(f"head_dim must be an even whole number >= 2, got {self.head_dim!r}{derived}")
+        if not num(self.head_dim, numbers.Integral) or not 2 <= self.head_dim < 2 ** 31 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be an even whole number in [2, 2^31), got {self.head_dim!r}{derived}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -890,6 +894,15 @@ def gguf_args(path, reader):
         raise ValueError(f"{path}: unsupported RoPE scaling {kind!r}")
     scaling = {"type": "linear", "factor": factor} if kind == "linear" and factor not in (0.0, 1.0) else None
     shapes = {t.name: [int(d) for d in reversed(t.shape)] for t in reader.tensors}  # GGUF lists dims reversed
+    at = reader.data_offset  # ggml's layout, which it checks too: each tensor where the last ends, padded
+    for t in reader.tensors:  # (an offset or type damaged: another tensor's bytes, read without a word)
+        if t.data_offset != at:
+            raise ValueError(f"{path}: tensor {t.name} starts at byte {t.data_offset}, not at {at} where the tensors "
+                             "before it end: the file is corrupt; re-download it")
+        at += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
+    if shapes["token_embd.weight"][1:] != [meta("llama.embedding_length")]:  # before the settings it would garble
+        raise ValueError(f"{path}: llama.embedding_length {meta('llama.embedding_length')} is not the width of "
+                         f"token_embd.weight {shapes['token_embd.weight']}: the file is corrupt; re-download it")
     args = ModelArgs(dim=meta("llama.embedding_length"), n_layers=meta("llama.block_count"), n_heads=n_heads,
                      n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
                      vocab_size=shapes["token_embd.weight"][0], ffn_dim=meta("llama.feed_forward_length"),
@@ -1013,6 +1026,8 @@ def read_meta(path):
 def meta_context(p):
     """params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Code Llama (Llama 2 with RoPE
     theta 1e6) 16K, Llama 2 4K."""
+    if type(scaled := p.get("use_scaled_rope", False)) is not bool:  # JSON's "false" is a string, and true in Python
+        raise ValueError(f"params.json's use_scaled_rope must be true or false, got {scaled!r}")
     context = p.get("max_seq_len") or (131072 if p.get("use_scaled_rope", False) else 8192 if p.get("vocab_size", 0)
                                        > 100000 else 16384 if p.get("rope_theta", 0) >= 1e6 else 4096)
     if type(context) is not int or context < 1:

@@ -72,8 +72,12 @@ def test_model_args_name_what_is_wrong():
     llama3["rope_type"] = llama3.pop("type")
     with pytest.raises(ValueError, match="unsupported RoPE scaling None, the 'type' of"):
         ModelArgs(rope_scaling=llama3)
-    with pytest.raises(ValueError, match=re.escape("head_dim must be an even whole number >= 2, got 0 (dim // n_h")):
+    with pytest.raises(ValueError, match=re.escape("an even whole number in [2, 2^31), got 0 (dim // n_heads)")):
         ModelArgs(dim=4, n_heads=8, n_kv_heads=8)
+    # whole numbers, read as floats (before: torch took them as int64, which they overflow)
+    big = ModelArgs(rope_theta=10 ** 30, rope_scaling={"type": "linear", "factor": 10 ** 30})
+    assert torch.equal(rope_frequencies(big), rope_frequencies(ModelArgs(rope_theta=1e30, rope_scaling={
+        "type": "linear", "factor": 1e30})))
     with pytest.raises(ValueError, match=r"tie_embeddings \(config.json: tie_word_embeddings\) must be true"):
         ModelArgs(tie_embeddings=1)
     assert ModelArgs().max_seq_len == 8192 and ModelArgs().rope_scaling is None
@@ -377,8 +381,10 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
                           ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported RoPE scaling 'yarn'"),
                           ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
                           ({"rope_scaling": [1]}, "malformed checkpoint"),
-                          ({"head_dim": "16"}, "head_dim must be an even whole number >= 2, got '16'"),
-                          ({"head_dim": 63}, "head_dim must be an even whole number >= 2, got 63"),
+                          ({"head_dim": "16"}, "head_dim must be an even whole number in [2, 2^31), got '16'"),
+                          ({"head_dim": 63}, "head_dim must be an even whole number in [2, 2^31), got 63"),
+                          ({"head_dim": 10 ** 30}, f"in [2, 2^31), got {10 ** 30}"),  # not torch's overflow
+                          ({"rope_theta": 10 ** 400}, "rope_theta must be finite numbers > 0"),  # not OverflowError
                           ({"rms_norm_eps": "1e-5"}, "norm_eps must be finite numbers > 0, got {'norm_eps': '1e-5'}"),
                           ({"rope_theta": -1.0}, "rope_theta must be finite numbers > 0"),
                           ({"rms_norm_eps": True}, "got {'norm_eps': True}"),  # JSON's true is no number
@@ -527,6 +533,9 @@ def test_checkpoint_metadata_alone(tmp_path):
         (meta / "params.json").write_text(f'{{"dim": 64, "max_seq_len": {bad}}}')
         with pytest.raises(ValueError, match=f"meta: params.json's max_seq_len must be a whole number >= 1, got "):
             model_module.checkpoint_metadata(str(meta))
+    (meta / "params.json").write_text('{"dim": 64, "use_scaled_rope": "false"}')  # before: a 128K Llama 3.1 read
+    with pytest.raises(ValueError, match="params.json's use_scaled_rope must be true or false, got 'false'"):
+        model_module.checkpoint_metadata(str(meta))
 
 
 def test_directory_holding_one_gguf(tmp_path):
@@ -706,6 +715,26 @@ def test_gguf_unsupported_math_is_refused(tmp_path, monkeypatch):
         assert args.head_dim == 4 and args.max_seq_len == context
     wide = write_model_gguf(path, {"llama.attention.key_length": 8, "llama.attention.value_length": 8})
     assert load_checkpoint(wide)[0].head_dim == 8  # a head dim the file states, not dim / heads (4)
+
+
+def test_a_gguf_with_a_damaged_layout_is_refused(tmp_path):
+    """A tensor's offset pointed at another tensor's bytes (or a type change leaving a gap) loaded the wrong weights
+    without a word, and an embedding_length that is not the embedding's width was blamed on partial RoPE: ggml's own
+    layout (each tensor where the one before it ends, padded to the alignment) and the width are checked."""
+    gguf = pytest.importorskip("gguf")
+    path = write_model_gguf(tmp_path / "m.gguf", {}, [("blk.0.attn_norm.weight", torch.ones(8)),
+                                                      ("output_norm.weight", torch.ones(8))])
+    assert load_checkpoint(path)[1]["layers.0.attention_norm.weight"].tolist() == [1.0] * 8
+    reader = gguf.GGUFReader(path, "r+")
+    reader.tensors[1].field.parts[-1][0] = reader.tensors[2].field.parts[-1][0]  # attn_norm at output_norm's bytes
+    reader.data.flush()
+    del reader
+    with pytest.raises(ValueError, match="tensor blk.0.attn_norm.weight starts at byte .*, not at .* where the tensors "
+                                         "before it end: the file is corrupt"):
+        checkpoint_metadata(path)
+    with pytest.raises(ValueError, match=re.escape("llama.embedding_length 6 is not the width of token_embd.weight "
+                                                   "[16, 8]: the file is corrupt")):
+        load_checkpoint(write_model_gguf(tmp_path / "e.gguf", {"llama.embedding_length": 6}))
 
 
 def test_gguf_dequantizes_into_the_asked_dtype(gguf_path, smol_weights):
