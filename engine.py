@@ -579,8 +579,16 @@ def converse(model, tok, args, openings, system):
         same = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
         start = max(0, min(same, len(ids) - 2))
         streamer = Streamer(tok)
-        new, timing = generate(model, [ids[start:]], min(args.max_new_tokens, room), tok.eos_ids, args.temperature,
-                               args.top_p, generator, on_token=streamer, top_k=args.top_k, start=start)
+        try:
+            new, timing = generate(model, [ids[start:]], min(args.max_new_tokens, room), tok.eos_ids,
+                                   args.temperature, args.top_p, generator, on_token=streamer, top_k=args.top_k,
+                                   start=start)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
+            streamer.finish()
+            print("(reply stopped)", file=sys.stderr)
+            held = held[:start]  # the positions from `start` on may be half written: the next turn prefills them
+            messages.append({"role": "assistant", "content": tok.decode(streamer.ids)})
+            continue
         streamer.finish()
         report_speed(timing)
         held = ids + new[0][:-1]  # (the last new token is never cached)

@@ -455,6 +455,30 @@ def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, sm
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
+    """Ctrl-C during a reply keeps what it wrote (shown, and in the conversation) and reads the next message; the
+    caches from the interrupted turn on may be half written, so the next turn prefills from there (here: all)."""
+    from tokenizer import Tokenizer
+    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+
+    def generate(model, prompts, n, stops, *args, on_token=None, start=0, **kwargs):
+        calls.append((prompts[0], start))
+        if len(calls) == 1:  # writes "Hello" and is interrupted
+            for t in tok.encode("Hello", bos=False):
+                on_token(torch.tensor([t]))
+            raise KeyboardInterrupt
+        return [[min(stops)]], {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    stdin_of(monkeypatch, "Go on.\n")
+    code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi")
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Go on."}]
+    assert code == 0 and out == "Hello\n\n" and "(reply stopped)" in err, err
+    assert calls[1] == (tok.encode_chat(turns), 0)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_interactive_ends_where_the_conversation_outgrows_the_cache(capsys, monkeypatch):
     """A turn the cache cannot hold ends the run with one line (after the first turn's reply, its room noted)."""
     stdin_of(monkeypatch, "Tell me more.\n")
