@@ -44,11 +44,12 @@ PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progres
 # --------------------------------------------------------------------------------------------------------------
 # Sampling
 
-def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
+def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0, min_p=0.0):
     """logits (B, V) fp32 -> next tokens (B,). temperature 0 is greedy; top_k > 0 keeps the k likeliest tokens
     (and any tied with the k-th, as transformers does), then top_p the smallest set of those whose probability
-    reaches top_p (nucleus sampling). `generator`: one torch.Generator for the batch, or a list of B (row b draws
-    from the b-th: its tokens do not depend on the other rows)."""
+    reaches top_p (nucleus sampling), then min_p > 0 those at least min_p times as likely as the likeliest (as
+    transformers orders them). `generator`: one torch.Generator for the batch, or a list of B (row b draws from the
+    b-th: its tokens do not depend on the other rows)."""
     if temperature <= 0:
         return logits.argmax(-1)
     if 0 < top_k < logits.shape[-1]:
@@ -61,9 +62,17 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0):
         drop = before >= top_p  # the tokens before already reach top_p (not cumsum - p: it rounds)
         drop[:, 0] = False  # the top token always stays (a top_p below fp32's range compares as 0: before >= it)
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
     if isinstance(generator, (list, tuple)):
         return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator, strict=True)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def penalize(logits, seen, penalty):
+    """The repetition penalty of CTRL and transformers: where seen (B, V) is True (a token the sequence holds), a
+    logit > 0 is divided by `penalty` and one < 0 multiplied by it (> 1: less likely, whatever its sign)."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def row_generators(seed, n, device):
@@ -151,15 +160,16 @@ class GraphedDecode:
 
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
-             on_token=None, cuda_graph=True, progress=False, top_k=0, start=0):
+             on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0):
     """prompts: lists of token ids (any lengths >= 1; >= 2 after start > 0, see prefill), which continue the `start`
     positions the caches hold (0: fresh prompts; in a chat, the turn's tokens after its history). Returns (the new
     tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None
     without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None) and
     selecting_steps (steps with more cached keys than K)). Each sequence decodes at its own positions and stops at
     its own stop token; on_token(tokens (B,), -1 where a sequence has stopped) is called after every step
-    (streaming). On CUDA the step is a CUDA graph unless cuda_graph is False. `progress`: bars on stderr, the
-    prefill's for a long prompt and the decode's (steps, and sequences finished) unless on_token streams them."""
+    (streaming). repetition_penalty (see penalize) covers the prompt's tokens and those generated. On CUDA the step
+    is a CUDA graph unless cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the
+    decode's (steps, and sequences finished) unless on_token streams them."""
     device = model.output.weight.device
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -171,6 +181,18 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+    seen = None  # (B, V): the tokens each sequence holds, for the repetition penalty
+    if repetition_penalty != 1.0:
+        held = (torch.arange(T, device=device) < lengths[:, None]).float()  # (B, T): not the padding
+        seen = torch.zeros(B, model.args.vocab_size, device=device).scatter_reduce_(1, tokens, held, "amax") > 0
+
+    def pick(logits):  # the next tokens (B,) under the sampling settings
+        if seen is not None:
+            logits = penalize(logits, seen, repetition_penalty)
+        cur = sample(logits, temperature, top_p, generator, top_k, min_p)
+        if seen is not None:
+            seen.scatter_(1, cur[:, None], True)
+        return cur
 
     t0 = time.perf_counter()
     logits = prefill(model, tokens, lengths, progress=progress, start=start)  # (B, V)
@@ -178,7 +200,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     if not bool(logits.isfinite().all()):  # checked once, here (sampling would fail on it, greedy print nothing)
         raise ValueError("the model's output for the prompt is NaN or inf: its weights hold NaN/inf values, or float16 "
                          "overflows in this model (try --dtype bfloat16 or float32)")
-    cur = sample(logits, temperature, top_p, generator, top_k)  # (B,)
+    cur = pick(logits)  # (B,)
     synchronize(device)
     t1 = time.perf_counter()
     step_fn = decode_one_token
@@ -197,7 +219,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         if step == max_new_tokens - 1 or finished == B:
             break
         bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
-        cur = sample(step_fn(model, cur, ends + step), temperature, top_p, generator, top_k)
+        cur = pick(step_fn(model, cur, ends + step))
     bar.close()
     synchronize(device)
     t3 = time.perf_counter()
@@ -362,6 +384,11 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="keep the tokens at least this share as likely as the "
+                   "likeliest (0 = all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits (> 0; multiply those < 0) "
+                   "of the tokens already in the prompt or the reply by this, greedy too (1 = none; 1.1-1.3 curbs "
+                   "loops), as transformers does")
     p.add_argument("--seed", type=torch_seed, default=0,
                    help="seed of the sampling (prompt i of a batch draws with seed + i) and of the random prompts")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -467,6 +494,10 @@ def run(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if not 0 <= args.min_p <= 1:
+        raise ValueError(f"--min-p must lie in [0, 1], got {args.min_p}")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        raise ValueError(f"--repetition-penalty must be a finite number > 0 (1 = none), got {args.repetition_penalty}")
     refuse_negative(top_k=args.top_k, n_dense=args.n_dense, sink=args.sink, recent=args.recent)
     if args.kv_gpu_gb is not None and not (math.isfinite(args.kv_gpu_gb) and args.kv_gpu_gb > 0):
         raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {args.kv_gpu_gb}")
@@ -481,7 +512,7 @@ def run(args):
     ignored = [(("--budget", "--selector", "--n-dense", "--sink", "--recent"), args.dense, "--dense: no sparse layer"),
                (("--rbit", "--use-norm", "--hash-weights"), args.dense or args.selector != "hash", codes_off),
                (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
-               (("--top-k", "--top-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
+               (("--top-k", "--top-p", "--min-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive"),
                 args.random_weights,
@@ -552,9 +583,8 @@ def run(args):
         return converse(model, tok, args, texts, system)
 
     streamer = Streamer(tok) if len(prompts) == 1 else None
-    new, timing = generate(model, prompts, max_new, tok.eos_ids, args.temperature, args.top_p,
-                           row_generators(args.seed, len(prompts), device), on_token=streamer, progress=True,
-                           top_k=args.top_k)
+    new, timing = generate(model, prompts, max_new, tok.eos_ids, generator=row_generators(args.seed, len(prompts),
+                           device), on_token=streamer, progress=True, **sampling(args))
     if streamer is not None:
         streamer.finish()
     else:
@@ -581,8 +611,7 @@ def converse(model, tok, args, openings, system):
         streamer = Streamer(tok)
         try:
             new, timing = generate(model, [ids[start:]], min(args.max_new_tokens, room), tok.eos_ids,
-                                   args.temperature, args.top_p, generator, on_token=streamer, top_k=args.top_k,
-                                   start=start)
+                                   generator=generator, on_token=streamer, start=start, **sampling(args))
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
             streamer.finish()
             print("(reply stopped)", file=sys.stderr)
@@ -608,6 +637,11 @@ def typed_turns():  # --interactive's messages: standard input's lines (a "> " p
 # --------------------------------------------------------------------------------------------------------------
 # Before the work, in about the order run() takes them: settings and projection files, prompts, the cache, the
 # default model's files, vocabulary, offload plan, setup and memory
+
+def sampling(args):  # generate()'s sampling settings, from the flags
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty)
+
 
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
     if args.dense:
@@ -822,8 +856,8 @@ def run_random(args, hata, device, dtype):
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, args.prompt_len), generator=gen)
     # no stop token: every step runs; sampling as asked
-    _, timing = generate(model, prompts.tolist(), max_new, (), args.temperature, args.top_p,
-                         row_generators(args.seed, batch, device), top_k=args.top_k)
+    _, timing = generate(model, prompts.tolist(), max_new, (), generator=row_generators(args.seed, batch, device),
+                         **sampling(args))
     report_speed(timing)
 
 

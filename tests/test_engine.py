@@ -151,6 +151,9 @@ def test_unknown_dtype(capsys):
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"),
     ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"), ("--top-k", "-1", "--top-k -1: must be >= 0"),
+    ("--min-p", "1.5", "--min-p must lie in [0, 1], got 1.5"), ("--min-p", "-0.1", "--min-p must lie in [0, 1]"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be a finite number > 0 (1 = none), got 0.0"),
+    ("--repetition-penalty", "nan", "--repetition-penalty must"), ("--repetition-penalty", "inf", "--repetition-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
     ("--seed", str(2 ** 64), f"seed {2 ** 64} is outside -2^63 .. 2^64 - 1"),
 ])
@@ -718,15 +721,43 @@ def test_top_k_keeps_the_k_likeliest_and_their_ties():
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_top_k_reaches_the_sampler(capsys, monkeypatch):
-    """--top-k is passed to generate(), with --random-weights too."""
+def test_sampling_flags_reach_the_sampler(capsys, monkeypatch):
+    """--top-k, --min-p and --repetition-penalty are passed to generate(), with --random-weights too."""
     seen = []
-    monkeypatch.setattr(engine, "generate", lambda *a, **k: (seen.append(k["top_k"]), ([[1]], {}))[1])
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: (seen.append(
+        (k["top_k"], k["min_p"], k["repetition_penalty"])), ([[1]], {}))[1])
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
-    run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "5")
+    run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "5", "--min-p", "0.1",
+            "--repetition-penalty", "1.3")
     run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "4", "--max-new-tokens", "2",
             "--device", "cpu", "--temperature", "1", "--top-k", "7")
-    assert seen == [5, 7]
+    assert seen == [(5, 0.1, 1.3), (7, 0.0, 1.0)]
+
+
+def test_min_p_keeps_the_tokens_near_the_likeliest():
+    """min_p 0.35 of the likeliest's 0.5: 0.3 stays, 0.15 and 0.05 go; after the temperature (at 0.5 the
+    probabilities sharpen to 0.25 / 0.09 / 0.0225 over 0.3625: 0.3 is 0.36 of the top, 0.15 is 0.09)."""
+    logits, gen = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), torch.Generator().manual_seed(0)
+    assert {int(sample(logits, 1.0, 1.0, gen, min_p=0.35)) for _ in range(300)} == {0, 1}
+    assert {int(sample(logits, 1.0, 1.0, gen, min_p=0.0)) for _ in range(600)} == {0, 1, 2, 3}
+    assert {int(sample(logits, 0.5, 1.0, gen, min_p=0.35)) for _ in range(300)} == {0, 1}
+    assert {int(sample(logits, 0.5, 1.0, gen, min_p=0.37)) for _ in range(300)} == {0}
+
+
+def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding(monkeypatch):
+    """Logits favour token 0 (1.0), then 1 (0.9), then 2 (0.85): at penalty 2 a sequence takes the first it does
+    not hold yet, and then 0 again (0.5 against 0.45 and 0.425; a held token's -1 falls to -2). Row 1's prompt is one
+    token, padded with 0s that are not its own; row 0's holds 0. Penalty 1 changes nothing."""
+    logits = torch.full((512,), -1.0)
+    logits[:3] = torch.tensor([1.0, 0.9, 0.85])
+    monkeypatch.setattr(engine, "prefill", lambda model, tokens, *a, **k: logits.expand(len(tokens), 512).clone())
+    monkeypatch.setattr(engine, "decode_one_token", lambda model, cur, pos: logits.expand(len(cur), 512).clone())
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(2, 16)
+    assert engine.generate(model, [[0, 3, 3], [3]], 4, repetition_penalty=2.0)[0] == [[1, 2, 0, 0], [0, 1, 2, 0]]
+    assert engine.generate(model, [[0, 3, 3], [3]], 2)[0] == [[0, 0], [0, 0]]
+    assert engine.penalize(torch.tensor([2.0, -2.0, 2.0, -2.0]), torch.tensor([True, True, False, False]),
+                           2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
 
 
 def test_help_survives_a_percent_sign_in_a_default(capsys, monkeypatch):
@@ -1168,6 +1199,8 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--top-p", "0.9"], "--top-p (--temperature 0 decodes greedily)"),
     (["--top-p", "0.9", "--temperature", "1"], None),
     (["--top-k", "40", "--top-p", "0.9"], "--top-k, --top-p (--temperature 0 decodes greedily)"),
+    (["--min-p", "0.1"], "--min-p (--temperature 0 decodes greedily)"),
+    (["--repetition-penalty", "1.2"], None),  # greedy decoding takes it too
     (["--dense", "--budget", "1/4", "--sink", "4", "--use-norm", "--n-dense", "3", "--selector", "oracle", "--recent",
       "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent (--dense: no sparse layer); --rbit, "
      "--use-norm (--dense reads no hash codes)"),
