@@ -164,8 +164,9 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     """prompts: lists of token ids (any lengths >= 1; >= 2 after start > 0, see prefill), which continue the `start`
     positions the caches hold (0: fresh prompts; in a chat, the turn's tokens after its history). Returns (the new
     tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None
-    without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None) and
-    selecting_steps (steps with more cached keys than K)). Each sequence decodes at its own positions and stops at
+    without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None),
+    selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens ended before a stop
+    token; None without stop_ids)). Each sequence decodes at its own positions and stops at
     its own stop token; on_token(tokens (B,), -1 where a sequence has stopped) is called after every step
     (streaming). repetition_penalty (see penalize) covers the prompt's tokens and those generated. On CUDA the step
     is a CUDA graph unless cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the
@@ -230,7 +231,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     selecting = None if K is None else max(0, steps - max(0, K - start - T))
     timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if step_fn is not decode_one_token else None,
               "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": steps,
-              "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting}
+              "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting,
+              "cut": sum(not t or t[-1] not in stop_ids for t in new) if stop_ids else None}
     return new, timing
 
 
@@ -872,6 +874,8 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
         others = " (the others attend to every key)" * (selecting < steps)
         decode += (f"; {selecting} of them with more cached keys than {budget}{others}" if selecting
                    else f"; every step attended to every key: none had more cached keys than {budget}")
+    if cut := timing.get("cut"):  # why generation ended, where the stop token did not end it
+        decode += f"; {plural(cut, 'sequence')} reached the new-token limit before a stop token"
     print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s){graph}; decode: {decode}", file=sys.stderr)
 

@@ -885,7 +885,7 @@ def test_chunked_prefill_stays_dense(lengths):
     assert all(not torch.allclose(logits[0][0], logits[0][b]) for b in range(1, len(lengths)))  # rows differ
 
 
-def test_generate_stops_each_sequence_at_its_stop_token():
+def test_generate_stops_each_sequence_at_its_stop_token(capsys):
     model = engine.random_model("tiny", None, "cpu", torch.float32)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     model.setup_caches(2, 32)
@@ -894,12 +894,16 @@ def test_generate_stops_each_sequence_at_its_stop_token():
     model.setup_caches(2, 32)
     got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop})
     assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["decode_steps"] == 9
+    assert timing["cut"] == 1 and engine.generate(model, prompts, 10)[1]["cut"] is None  # no stop ids: nothing cut
+    engine.report_speed(timing)  # why the other one ended
+    assert "; 1 sequence reached the new-token limit before a stop token\n" in capsys.readouterr().err
     assert timing["decode_tokens"] == len(got[0]) - 1 + 9  # a finished sequence's idle steps are not its tokens
     stops = {free[0][2], free[1][3]}  # both stop now: the loop ends at the later stop, not at max_new_tokens
     ends = [next(i for i, t in enumerate(row) if t in stops) for row in free]
     model.setup_caches(2, 32)
     got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids=stops)
     assert got == [row[:end + 1] for row, end in zip(free, ends)] and timing["decode_steps"] == max(ends) <= 3
+    assert timing["cut"] == 0
 
 
 def test_command_line_settings_reach_hata_args():
