@@ -160,13 +160,15 @@ class GraphedDecode:
 
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
-             on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0):
+             on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0,
+             stop_when=None):
     """prompts: lists of token ids (any lengths >= 1; >= 2 after start > 0, see prefill), which continue the `start`
     positions the caches hold (0: fresh prompts; in a chat, the turn's tokens after its history). Returns (the new
     tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None
     without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None),
-    selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens ended before a stop
-    token; None without stop_ids)). Each sequence decodes at its own positions and stops at
+    selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens ended, not a stop;
+    None without stop_ids or stop_when)). stop_when(ids) -> bool, where given, ends a sequence too: ids its new
+    tokens so far (engine's --stop strings). Each sequence decodes at its own positions and stops at
     its own stop token; on_token(tokens (B,), -1 where a sequence has stopped) is called after every step
     (streaming). repetition_penalty (see penalize) covers the prompt's tokens and those generated. On CUDA the step
     is a CUDA graph unless cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the
@@ -211,9 +213,14 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         synchronize(device)
     t2 = time.perf_counter()
     bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
+    replies = [[] for _ in prompts]  # host copies of the new tokens, for stop_when
     for step in bar:
         out.append(torch.where(done, -1, cur))
         done |= torch.isin(cur, stop)
+        if stop_when is not None:
+            for row, t in zip(replies, out[-1].tolist()):
+                row += [t] * (t >= 0)
+            done |= torch.tensor([bool(row) and stop_when(row) for row in replies], device=device)
         if on_token is not None:
             on_token(out[-1])
         finished = int(done.sum())  # the step's one wait for the device
@@ -232,7 +239,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if step_fn is not decode_one_token else None,
               "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": steps,
               "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting,
-              "cut": sum(not t or t[-1] not in stop_ids for t in new) if stop_ids else None}
+              "cut": B - int(done.sum()) if stop_ids or stop_when else None}
     return new, timing
 
 
@@ -386,6 +393,8 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
+    p.add_argument("--stop", action="append", type=prompt_text, default=[], help="end a reply where its text "
+                   "first shows this (not printed), as at the model's stop tokens; repeat for several")
     p.add_argument("--min-p", type=float, default=0.0, help="keep the tokens at least this share as likely as the "
                    "likeliest (0 = all)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits (> 0; multiply those < 0) "
@@ -496,6 +505,8 @@ def run(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if "" in args.stop:  # it would end every reply before its first token
+        raise ValueError("--stop needs some text: an empty one would end every reply at once")
     if not 0 <= args.min_p <= 1:
         raise ValueError(f"--min-p must lie in [0, 1], got {args.min_p}")
     if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
@@ -581,22 +592,27 @@ def run(args):
         print(f"note: --budget {frac(args.budget)} is of the batch's cache "
               f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; "
               "--max-seq-len fixes the cache", file=sys.stderr)
+    stops = StopStrings(tok, args.stop) if args.stop else None
     if args.interactive:
-        return converse(model, tok, args, texts, system)
+        return converse(model, tok, args, texts, system, stops)
 
-    streamer = Streamer(tok) if len(prompts) == 1 else None
+    streamer = Streamer(tok, stops) if len(prompts) == 1 else None
     new, timing = generate(model, prompts, max_new, tok.eos_ids, generator=row_generators(args.seed, len(prompts),
-                           device), on_token=streamer, progress=True, **sampling(args))
+                           device), on_token=streamer, progress=True, stop_when=stops, **sampling(args))
     if streamer is not None:
         streamer.finish()
     else:
-        for text, ids in zip(texts, new):
-            answer = tok.decode([t for t in ids if t not in tok.eos_ids])
-            show(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{answer}\n")  # the prompt's start, … where it goes on
+        for text, ids in zip(texts, new):  # the prompt's start, … where it goes on
+            show(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{reply_text(tok, ids, stops)}\n")
     report_speed(timing)
 
 
-def converse(model, tok, args, openings, system):
+def reply_text(tok, ids, stops=None):  # a reply's new tokens as text: no stop token, nothing from a --stop string on
+    text = tok.decode([t for t in ids if t not in tok.eos_ids])
+    return stops.cut(text) if stops else text
+
+
+def converse(model, tok, args, openings, system, stops=None):
     """--interactive: a chat, turn by turn: the --prompt texts first, then each line of standard input, to its end.
     The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
     (the reply's own, where the template writes it as it was decoded; at least 2, see prefill)."""
@@ -610,20 +626,21 @@ def converse(model, tok, args, openings, system):
                              "a new one (a larger --max-seq-len holds more)")
         same = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
         start = max(0, min(same, len(ids) - 2))
-        streamer = Streamer(tok)
+        streamer = Streamer(tok, stops)
         try:
             new, timing = generate(model, [ids[start:]], min(args.max_new_tokens, room), tok.eos_ids,
-                                   generator=generator, on_token=streamer, start=start, **sampling(args))
+                                   generator=generator, on_token=streamer, start=start, stop_when=stops,
+                                   **sampling(args))
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
             streamer.finish()
             print("(reply stopped)", file=sys.stderr)
             held = held[:start]  # the positions from `start` on may be half written: the next turn prefills them
-            messages.append({"role": "assistant", "content": tok.decode(streamer.ids)})
+            messages.append({"role": "assistant", "content": reply_text(tok, streamer.ids, stops)})
             continue
         streamer.finish()
         report_speed(timing)
         held = ids + new[0][:-1]  # (the last new token is never cached)
-        messages.append({"role": "assistant", "content": tok.decode([t for t in new[0] if t not in tok.eos_ids])})
+        messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
 
 
 def typed_turns():  # --interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal)
@@ -917,8 +934,9 @@ class Streamer:
     with the length squared); the context keeps what a token's text owes its neighbours (sentencepiece's 1st space)."""
     CONTEXT = 4
 
-    def __init__(self, tok):
+    def __init__(self, tok, stops=None):
         self.tok, self.ids, self.start, self.printed = tok, [], 0, ""  # printed = decode(ids[start:]) shown so far
+        self.stops, self.held, self.stopped = stops, "", False  # held: text that may begin a --stop string
 
     def __call__(self, tokens):
         t = int(tokens[0])
@@ -927,12 +945,40 @@ class Streamer:
         self.ids.append(t)
         text = self.tok.decode(self.ids[self.start:])
         if not text.endswith("\ufffd"):
-            show(text[len(self.printed):])
+            self.emit(text[len(self.printed):])
             self.start = max(self.start, len(self.ids) - self.CONTEXT)
             self.printed = self.tok.decode(self.ids[self.start:])
 
+    def emit(self, new, last=False):  # shows new text up to a --stop string, holding back what may begin one
+        if self.stops is None:
+            return show(new)
+        if not self.stopped:
+            text = self.stops.cut(self.held + new)
+            self.stopped = len(text) < len(self.held + new)
+            keep = 0 if self.stopped or last else self.stops.unsure(text)
+            show(text[:len(text) - keep])
+            self.held = text[len(text) - keep:]
+
     def finish(self):
-        show(self.tok.decode(self.ids[self.start:])[len(self.printed):] + "\n")
+        self.emit(self.tok.decode(self.ids[self.start:])[len(self.printed):], last=True)
+        show("\n")
+
+
+class StopStrings:
+    """--stop: a reply ends where its text first shows one of `texts`, which is not printed."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts = tok, texts
+        self.tail = 4 * max(map(len, texts)) + 4  # tokens enough to spell the longest (byte tokens: 4 a character)
+
+    def __call__(self, ids):  # generate's stop_when: the newest tokens' text holds one
+        return any(t in self.tok.decode(ids[-self.tail:]) for t in self.texts)
+
+    def cut(self, text):  # text before the first stop string
+        return min((text[:text.index(t)] for t in self.texts if t in text), key=len, default=text)
+
+    def unsure(self, text):  # how many of text's last characters could begin a stop string
+        return max((k for t in self.texts for k in range(1, len(t)) if text.endswith(t[:k])), default=0)
 
 
 if __name__ == "__main__":

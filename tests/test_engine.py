@@ -151,7 +151,7 @@ def test_unknown_dtype(capsys):
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"),
     ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"), ("--top-k", "-1", "--top-k -1: must be >= 0"),
-    ("--min-p", "1.5", "--min-p must lie in [0, 1], got 1.5"), ("--min-p", "-0.1", "--min-p must lie in [0, 1]"),
+    ("--stop", "", "--stop needs some text"), ("--min-p", "1.5", "--min-p must lie in [0, 1], got 1.5"), ("--min-p", "-0.1", "--min-p must lie in [0, 1]"),
     ("--repetition-penalty", "0", "--repetition-penalty must be a finite number > 0 (1 = none), got 0.0"),
     ("--repetition-penalty", "nan", "--repetition-penalty must"), ("--repetition-penalty", "inf", "--repetition-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
@@ -883,6 +883,41 @@ def test_chunked_prefill_stays_dense(lengths):
     for other in logits[1:]:
         torch.testing.assert_close(other, logits[0], atol=1e-5, rtol=0)
     assert all(not torch.allclose(logits[0][0], logits[0][b]) for b in range(1, len(lengths)))  # rows differ
+
+
+def test_generate_ends_a_sequence_where_stop_when_says():
+    """stop_when sees each sequence's new tokens so far (host copies; a finished one's -1s are not its tokens): here
+    row 0 ends at its 2nd token and row 1 at its 4th, and neither counts as cut by max_new_tokens."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    prompts, seen = [[5, 6, 7], [9, 10, 11, 12, 13]], []
+    model.setup_caches(2, 32)
+    free, _ = engine.generate(model, prompts, 8)
+    model.setup_caches(2, 32)
+    got, timing = engine.generate(model, prompts, 8, stop_when=lambda ids: seen.append(list(ids)) or
+                                  len(ids) == (2 if ids[:2] == free[0][:2] else 4))
+    assert got == [free[0][:2], free[1][:4]] and timing["decode_steps"] == 3 and timing["cut"] == 0
+    assert free[1][:4] in seen and free[0][:3] not in seen and all(t >= 0 for ids in seen for t in ids)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_stop_strings_cut_the_text_where_it_first_shows_one(capsys):
+    """--stop strings: StopStrings finds them in the newest tokens' text; the streamer prints up to the first one,
+    holding back text that may begin one (released when it does not); a batch's answers are cut the same way."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_path(engine.default_checkpoint())
+    stops = engine.StopStrings(tok, ["Q:", "\n\n"])
+    assert stops.cut("a Q b\n\nQ: c") == "a Q b" and stops.cut("no stop") == "no stop"
+    assert stops.unsure("a Q") == 1 and stops.unsure("b\n") == 1 and stops.unsure("a Q b") == 0
+    text = "Paris. Q is a letter. Q"
+    for end, printed in ((": next", "Paris. Q is a letter. "), ("ueen", text + "ueen")):
+        ids = tok.encode(text + end, bos=False)
+        assert stops(ids) is (end == ": next") and not stops(ids[:-3])
+        streamer = engine.Streamer(tok, stops)
+        for t in ids:
+            streamer(torch.tensor([t]))
+        streamer.finish()
+        assert capsys.readouterr().out == printed + "\n"
+        assert engine.reply_text(tok, ids, stops) == printed
 
 
 def test_generate_stops_each_sequence_at_its_stop_token(capsys):
