@@ -410,6 +410,8 @@ def build_parser():
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", type=prompt_text, help="with --chat: the system message (default: the template's own, "
                    "if it writes one)")
+    p.add_argument("--special", action="store_true", help="read special-token text in prompts and messages as those "
+                   "tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
                    "standard input is your next message, after any --prompt; the KV cache keeps the conversation, so "
                    "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
@@ -527,7 +529,7 @@ def run(args):
                (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
                (("--top-k", "--top-p", "--min-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
-               (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive"),
+               (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive", "--special"),
                 args.random_weights,
                 "--random-weights decodes random tokens"),
                (("--system",), not (args.chat or args.interactive or args.random_weights),
@@ -555,6 +557,7 @@ def run(args):
     # long for the model, or hash weights of another shape, are refused at once
     context, shape = checkpoint_metadata(checkpoint)
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
+    tok.parse_special = args.special
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     chat = args.chat or args.interactive  # (an interactive run's first turn, or its opening alone, for the checks)
     prompts = [tok.encode_chat([*system, {"role": "user", "content": t}]) if chat else tok.encode(t)

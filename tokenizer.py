@@ -8,13 +8,14 @@ One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what t
   the model was trained with. tiktoken joins by token id, not by the merges list; loading checks that the merges
   make tokens in id order (SmolLM2's 48,900 do), without which the two join in different orders.
 
-`encode` never parses special-token text ("<|im_end|>" typed by a user stays plain text; only added tokens that
-are not special, like DeepSeek-R1-Distill's <think>, are found in text, as HF does); special tokens come only from
-`encode_chat` and encode's BOS/EOS. The chat format is the one whose tokens the checkpoint's template writes, else
-the vocabulary's: <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt
-written in the checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the
-checkpoint's template is another one). A Llama 3.1+ template opens every chat with a system turn that starts with
-its knowledge cutoff and a date (3.1: a fixed one; 3.2+: today's); hata writes that turn too. Jinja itself is not run.
+`encode` parses no special-token text unless `parse_special` is set (engine's --special): "<|im_end|>" typed by a
+user stays plain text, and only added tokens that are not special, like DeepSeek-R1-Distill's <think>, are found in
+text (transformers and llama.cpp parse them all); special tokens come from `encode_chat` and encode's BOS/EOS. The
+chat format is the one whose tokens the checkpoint's template writes, else the vocabulary's: <|start_header_id|> ->
+Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt written in the checkpoint's own Jinja
+template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the checkpoint's template is another one).
+A Llama 3.1+ template opens every chat with a system turn that starts with its knowledge cutoff and a date (3.1: a
+fixed one; 3.2+: today's); hata writes that turn too. Jinja itself is not run.
 `eos_ids` holds every id that ends generation: EOS, <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present, and the
 ids the files name (a GGUF's EOT and EOM, generation_config.json's eos_token_id, tokenizer_config.json's eos_token).
 """
@@ -230,6 +231,11 @@ def _json_object(path) -> dict:
     return obj
 
 
+def _alternatives(names):  # a regex that finds any of `names` (the longest first), capturing it; None for none
+    longest = sorted(set(filter(None, names)), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
+
+
 def _hf_config(directory):
     """tokenizer_config.json in `directory` ({} if none); the chat template: the config's, else the
     chat_template.jinja beside it (where transformers 5 saves it), else None; and the ids generation ends at by
@@ -301,8 +307,9 @@ class Tokenizer:
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
-        longest = sorted(filter(None, in_text), key=len, reverse=True)  # added tokens found in text too (as in HF)
-        self.in_text = re.compile("(" + "|".join(map(re.escape, longest)) + ")") if longest else None
+        # added tokens found in text too (as in HF); with parse_special (engine's --special) every special token
+        self.in_text, self.any_special = (_alternatives(names) for names in (in_text, [*in_text, *self.specials]))
+        self.parse_special = False
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
         self.add_bos = add_bos and bos_id is not None  # encode()'s default (a GGUF may ask for a BOS it lacks)
         self.eos_ids = frozenset({i for t, i in self.specials.items() if t in END_TOKENS} | {eos_id, *stops} - {None})
@@ -456,14 +463,16 @@ class Tokenizer:
     # --- encode / decode ---
 
     def _text(self, text: str) -> list[int]:
-        if self.sp is not None:  # a lone surrogate (an undecodable byte of argv) becomes U+FFFD, as tiktoken makes it
-            return self.sp.encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
-        parts = self.in_text.split(text) if self.in_text else [text]  # odd parts: added tokens that are not special
+        found = self.any_special if self.parse_special else self.in_text
+        parts = found.split(text) if found else [text]  # odd parts: the tokens found
         ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else self._ordinary(part))]
         # ids past the vocabulary (bytes it lacks, _bpe) go after the merges: '=\x04=' is '=', '=' (HF's BPE: '==')
-        return [i for i in ids if i < self.vocab_size] if self.enc.n_vocab > self.vocab_size else ids
+        past = self.sp is None and self.enc.n_vocab > self.vocab_size
+        return [i for i in ids if i < self.vocab_size] if past else ids
 
-    def _ordinary(self, text: str) -> list[int]:  # tiktoken, a piece at a time (see RUN_CAP)
+    def _ordinary(self, text: str) -> list[int]:  # tiktoken, a piece at a time (see RUN_CAP); or sentencepiece
+        if self.sp is not None:  # a lone surrogate (an undecodable byte of argv) becomes U+FFFD, as tiktoken makes it
+            return self.sp.encode(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
         return [i for piece in _cut_runs(text) for i in self.enc.encode_ordinary(piece)]
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:

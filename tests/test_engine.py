@@ -734,6 +734,17 @@ def test_sampling_flags_reach_the_sampler(capsys, monkeypatch):
     assert seen == [(5, 0.1, 1.3), (7, 0.0, 1.0)]
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_special_reads_special_token_text_as_the_tokens(capsys, monkeypatch):
+    """--special: '<|im_end|>' in a prompt is the token (2 in the default model's vocabulary); without it, text."""
+    seen = []
+    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: (seen.append(prompts[0]), ([[1]], {}))[1])
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    for flags in ([], ["--special"]):
+        assert run_cli(capsys, "--prompt", "Hi<|im_end|>", "--max-new-tokens", "2", *flags)[0] == 0
+    assert 2 not in seen[0] and seen[1][-1] == 2 and seen[1][:-1] == seen[0][:1]
+
+
 def test_min_p_keeps_the_tokens_near_the_likeliest():
     """min_p 0.35 of the likeliest's 0.5: 0.3 stays, 0.15 and 0.05 go; after the temperature (at 0.5 the
     probabilities sharpen to 0.25 / 0.09 / 0.0225 over 0.3625: 0.3 is 0.36 of the top, 0.15 is 0.09)."""

@@ -1,6 +1,7 @@
 """Tests for tokenizer.py: each backend against ids from an independent implementation, chat templates
 token by token, and the error messages for bad paths and files."""
 import base64
+import copy
 import datetime
 import json
 import re
@@ -65,6 +66,24 @@ def test_gguf_metadata(smol):
     assert (smol.vocab_size, smol.bos_id, smol.eos_ids) == (49152, 1, frozenset({0, 2}))
     assert smol.encode("Hello world") == smol.encode("Hello world", bos=False) == [19556, 905]
     assert smol.encode("Hello world", bos=True, eos=True) == [1, 19556, 905, 2]
+
+
+def test_special_token_text_is_parsed_only_when_asked(smol, sp_model, tmp_path):
+    """parse_special (engine's --special) reads special-token text as the tokens, in encode and in a chat's messages,
+    the longest name first; by default it stays text. A sentencepiece model's added tokens too."""
+    text = "<|im_start|>user\nHi<|im_end|><|endoftext|>"
+    plain = smol.encode(text)
+    tok = copy.copy(smol)
+    tok.parse_special = True
+    assert plain == smol.encode("<|im_start|>") + smol.encode("user\nHi<|im_end|><|endoftext|>") and 1 not in plain
+    assert tok.encode(text) == [1, *smol.encode("user\nHi"), 2, 0]
+    chat = [{"role": "user", "content": "a<|im_end|>"}]
+    assert tok.encode_chat(chat).count(2) == smol.encode_chat(chat).count(2) + 1  # the message's own <|im_end|>
+    (tmp_path / "tokenizer.model").write_bytes((sp_model / "tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"300": {"content": "<x>"}}}))
+    sp = Tokenizer.from_path(tmp_path)
+    sp.parse_special = True
+    assert sp.encode("the<x>fox", bos=False) == sp.encode("the", bos=False) + [300] + sp.encode("fox", bos=False)
 
 
 def test_huge_runs_are_cut_instead_of_crashing(smol, llama3):
