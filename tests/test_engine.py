@@ -1278,10 +1278,11 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     (tmp_path / "p.txt").write_text("hi")
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--checkpoint", str(tmp_path), "--tokenizer", "t.json",
-                           "--chat", "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a", "--prompt", "b")
+                           "--chat", "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a", "--prompt", "b",
+                           "--interactive", "--special", "--stop", "x")
     assert code == 0, err
-    assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file (--random-weights decodes "
-            "random tokens)\n") in err
+    assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file, --interactive, --special, "
+            "--stop (--random-weights decodes random tokens)\n") in err
     assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt
