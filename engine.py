@@ -162,32 +162,35 @@ class GraphedDecode:
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0,
              stop_when=None):
-    """prompts: lists of token ids (any lengths >= 1; >= 2 after start > 0, see prefill), which continue the `start`
-    positions the caches hold (0: fresh prompts; in a chat, the turn's tokens after its history). Returns (the new
-    tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's capture, None
-    without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None),
-    selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens ended, not a stop;
-    None without stop_ids or stop_when)). stop_when(ids) -> bool, where given, ends a sequence too: ids its new
-    tokens so far (engine's --stop strings). Each sequence decodes at its own positions and stops at
-    its own stop token; on_token(tokens (B,), -1 where a sequence has stopped) is called after every step
-    (streaming). repetition_penalty (see penalize) covers the prompt's tokens and those generated. On CUDA the step
-    is a CUDA graph unless cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the
-    decode's (steps, and sequences finished) unless on_token streams them."""
+    """prompts: lists of token ids, of which the caches already hold the first `start` (0: fresh prompts; in a chat,
+    the conversation so far): only the rest is prefilled, 1 token or more (2 after start > 0, see prefill). Returns
+    (the new tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's
+    capture, None without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K,
+    or None), selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens ended, not a
+    stop; None without stop_ids or stop_when)). Each sequence decodes at its own positions and stops at its own stop
+    token, or where stop_when(ids), if given, is true of its new tokens so far (engine's --stop strings); on_token(
+    tokens (B,), -1 where a sequence has stopped) is called after every step (streaming). repetition_penalty (see
+    penalize) covers each whole prompt's tokens and those generated. On CUDA the step is a CUDA graph unless
+    cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the decode's (steps, and
+    sequences finished) unless on_token streams them."""
     device = model.output.weight.device
-    if not prompts or not all(prompts):
-        raise ValueError("generate needs at least one prompt, each of at least one token")
+    if not prompts or any(len(p) < start + 1 + (start > 0) for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token" + (
+            f" past the {start} the caches hold (2, for a dense prefill)" if start else ""))
+    whole, prompts = prompts, [list(p[start:]) for p in prompts]
     B, T = len(prompts), max(len(p) for p in prompts)
     if (need := start + T + max(max_new_tokens - 1, 0)) > (cap := model.max_seq_len):  # the cache's capacity
         why = " (the last new token is never cached)" * (max_new_tokens > 0)
         raise ValueError(f"{start + T} + {max_new_tokens} tokens need {need} cache slots{why}; the cache has {cap}")
-    tokens = torch.tensor([list(p) + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right-padded
+    tokens = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T) right-padded
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     seen = None  # (B, V): the tokens each sequence holds, for the repetition penalty
     if repetition_penalty != 1.0:
-        held = (torch.arange(T, device=device) < lengths[:, None]).float()  # (B, T): not the padding
-        seen = torch.zeros(B, model.args.vocab_size, device=device).scatter_reduce_(1, tokens, held, "amax") > 0
+        seen = torch.zeros(B, model.args.vocab_size, dtype=torch.bool, device=device)
+        for b, p in enumerate(whole):
+            seen[b, list(p)] = True
 
     def pick(logits):  # the next tokens (B,) under the sampling settings
         if seen is not None:
@@ -416,7 +419,8 @@ def build_parser():
                    "standard input is your next message, after any --prompt; the KV cache keeps the conversation, so "
                    "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
-                   "--max-new-tokens - 1, the last token never being cached, within the model's context)")
+                   "--max-new-tokens - 1, the last token never being cached, within the model's context; with "
+                   "--interactive the model's context)")
     g = p.add_argument_group("HATA (sparse decode attention)")
     g.add_argument("--dense", action="store_true", help="decode with dense attention in every layer")
     g.add_argument("--budget", type=parse_budget, default=h["budget"], help="tokens attended per KV head: a count, "
@@ -583,11 +587,11 @@ def run(args):
         check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
-        check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype)
+        check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype, args.interactive)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
-    setup(model, args, len(prompts), max_seq_len, planned)
+    setup(model, args, len(prompts), max_seq_len, planned, args.interactive)
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, "
           f"{dtype}, {device}); {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if sparse and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
@@ -604,8 +608,9 @@ def run(args):
     if streamer is not None:
         streamer.finish()
     else:
-        for text, ids in zip(texts, new):  # the prompt's start, … where it goes on
-            show(f"--- {text[:60]!r}{'…' * (len(text) > 60)}\n{reply_text(tok, ids, stops)}\n")
+        for text, ids in zip(texts, new):
+            head = f"{text[:60]!r}{'…' * (len(text) > 60)}"  # the prompt's start, … where it goes on
+            show(f"--- {head}\n{reply_text(tok, ids, stops)}\n")
     report_speed(timing)
 
 
@@ -630,18 +635,17 @@ def converse(model, tok, args, openings, system, stops=None):
         start = max(0, min(same, len(ids) - 2))
         streamer = Streamer(tok, stops)
         try:
-            new, timing = generate(model, [ids[start:]], min(args.max_new_tokens, room), tok.eos_ids,
-                                   generator=generator, on_token=streamer, start=start, stop_when=stops,
-                                   **sampling(args))
+            new, timing = generate(model, [ids], min(args.max_new_tokens, room), tok.eos_ids, generator=generator,
+                                   on_token=streamer, start=start, stop_when=stops, **sampling(args))
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
-            streamer.finish()
+            new, timing = [streamer.ids], None
+        streamer.finish()
+        if timing is None:
             print("(reply stopped)", file=sys.stderr)
             held = held[:start]  # the positions from `start` on may be half written: the next turn prefills them
-            messages.append({"role": "assistant", "content": reply_text(tok, streamer.ids, stops)})
-            continue
-        streamer.finish()
-        report_speed(timing)
-        held = ids + new[0][:-1]  # (the last new token is never cached)
+        else:
+            report_speed(timing)
+            held = ids + new[0][:-1]  # (the last new token is never cached)
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
 
 
@@ -783,22 +787,25 @@ def check_vocab(tok, prompts, vocab_size, name):  # the tokenizer `name` against
               "checkpoint's tokenizer?", file=sys.stderr)
 
 
-def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype):
+def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype, continued=False):
     """--offload / --kv-gpu-gb planned before the weights load, on a model of no memory (the meta device) in their
     dtype, as setup() will plan the real one: a plan that gains nothing or does not fit is refused at once."""
     if args.offload or args.kv_gpu_gb is not None:
         model = meta_model(shape, hata, dtype)
-        plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len))
+        plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len, continued))
 
 
-def chunk_copy(prompt_len):  # the positions a later prefill chunk copies back from an offloaded layer (0: one chunk)
-    return prompt_len if prompt_len > PREFILL_CHUNK else 0
+def chunk_copy(prompt_len, continued=False):
+    """The positions a later prefill chunk copies back from an offloaded layer: none for a prompt of one chunk,
+    unless the prefill continues a cache (--interactive's turns after the first)."""
+    return prompt_len if continued or prompt_len > PREFILL_CHUNK else 0
 
 
-def setup(model, args, batch, max_seq_len, prompt_len):
-    """Plan --offload, refuse caches that will not fit, allocate them, then apply --compile."""
-    offload_from_args(model, args, batch, max_seq_len, copy_len=chunk_copy(prompt_len))
-    check_cache_memory(model, batch, max_seq_len, prompt_len)
+def setup(model, args, batch, max_seq_len, prompt_len, continued=False):
+    """Plan --offload, refuse caches that will not fit, allocate them, then apply --compile. `continued`: prefills
+    will continue the cache (see chunk_copy)."""
+    offload_from_args(model, args, batch, max_seq_len, copy_len=chunk_copy(prompt_len, continued))
+    check_cache_memory(model, batch, max_seq_len, prompt_len, continued)
     model.setup_caches(batch, max_seq_len)
     if args.compile:
         if model.output.weight.device.type == "cpu":
@@ -806,14 +813,14 @@ def setup(model, args, batch, max_seq_len, prompt_len):
         model.compile_pointwise()
 
 
-def check_cache_memory(model, batch, max_seq_len, prompt_len):
+def check_cache_memory(model, batch, max_seq_len, prompt_len, continued=False):
     """Refuse, before allocating them, caches on the device that would not fit in its free memory beside a prefill
     chunk's working memory (an 8B model's cache on the CPU met the OOM killer; 8 prompts of 100K tokens filled an
     H200 and ran out in the prefill). With --offload, a prompt of several chunks adds a later chunk's GPU copy of an
     offloaded layer up to the prompt's end (as plan_offload counts it)."""
     layer_bytes, code_bytes = model.cache_bytes(batch, max_seq_len)
     on_device = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)
-    copy = copy_bytes(layer_bytes, max_seq_len, chunk_copy(prompt_len)) if on_device < model.args.n_layers else 0
+    copy = copy_bytes(layer_bytes, max_seq_len, chunk_copy(prompt_len, continued)) * (on_device < model.args.n_layers)
     need = on_device * layer_bytes + copy + code_bytes
     need += model.forward_bytes(batch, min(prompt_len, PREFILL_CHUNK), prompt_len)  # the last chunk sees the prompt
     weight = model.output.weight
@@ -893,8 +900,8 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
         others = " (the others attend to every key)" * (selecting < steps)
         decode += (f"; {selecting} of them with more cached keys than {budget}{others}" if selecting
                    else f"; every step attended to every key: none had more cached keys than {budget}")
-    if cut := timing.get("cut"):  # why generation ended, where the stop token did not end it
-        decode += f"; {plural(cut, 'sequence')} reached the new-token limit before a stop token"
+    if cut := timing.get("cut"):  # why generation ended, where no stop (token or --stop string) ended it
+        decode += f"; {plural(cut, 'sequence')} ended at its new-token limit, not at a stop"
     print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s){graph}; decode: {decode}", file=sys.stderr)
 

@@ -894,8 +894,10 @@ def gguf_args(path, reader):
         raise ValueError(f"{path}: unsupported RoPE scaling {kind!r}")
     scaling = {"type": "linear", "factor": factor} if kind == "linear" and factor not in (0.0, 1.0) else None
     shapes = {t.name: [int(d) for d in reversed(t.shape)] for t in reader.tensors}  # GGUF lists dims reversed
-    at = reader.data_offset  # ggml's layout, which it checks too: each tensor where the last ends, padded
-    for t in reader.tensors:  # (an offset or type damaged: another tensor's bytes, read without a word)
+    # ggml's layout, which it checks too: each tensor where the one before it ends, padded to the alignment (a damaged
+    # offset or type would read another tensor's bytes without a word)
+    at = reader.data_offset
+    for t in reader.tensors:
         if t.data_offset != at:
             raise ValueError(f"{path}: tensor {t.name} starts at byte {t.data_offset}, not at {at} where the tensors "
                              "before it end: the file is corrupt; re-download it")

@@ -301,6 +301,9 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     engine.check_cache_memory(model, 2, 64, 20)
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + model.forward_bytes(2, 8, 8))
     engine.check_cache_memory(model, 2, 64, 8)  # one prefill chunk: no copy
+    # unless it continues the cache (a chat's later turns): then the copy up to its end counts
+    with pytest.raises(ValueError, match="the caches for 2 sequences"):
+        engine.check_cache_memory(model, 2, 64, 8, continued=True)
     for layer in model.layers:
         layer.attention.kv_cache_cls = KVCache
     model.set_hata(HataArgs(rbit=64, budget=4, n_dense=1, use_norm=True))  # + a key norm: 3 x 2 x 4 bytes
@@ -439,8 +442,8 @@ def stdin_of(monkeypatch, text):  # a pipe holding `text` as standard input
 
 def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, smol, gguf_path):
     """--interactive: a --prompt, then standard input's lines (a blank one skipped) are the user's turns. Each reply
-    is greedy generate's over the whole conversation from scratch, while a turn prefills only what follows the
-    cached tokens (the reply as decoded, less its last token)."""
+    is greedy generate's over the whole conversation from scratch (its repetition penalty over all of it), while a
+    turn prefills only what follows the cached tokens (the reply as decoded, less its last token)."""
     from tokenizer import Tokenizer
     tok, replies, ids = Tokenizer.from_path(gguf_path), [], []
     turns = ["What is the capital of France?", "And Germany's?"]
@@ -448,10 +451,11 @@ def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, sm
         ids.append(tok.encode_chat([m for t, r in zip(turns, replies) for m in ({"role": "user", "content": t},
                                     {"role": "assistant", "content": r})] + [{"role": "user", "content": turn}]))
         smol.setup_caches(1, len(ids[-1]) + 11)
-        new = engine.generate(smol, [ids[-1]], 12, tok.eos_ids)[0][0]
+        new = engine.generate(smol, [ids[-1]], 12, tok.eos_ids, repetition_penalty=1.3)[0][0]
         replies.append(tok.decode([t for t in new if t not in tok.eos_ids]))
     stdin_of(monkeypatch, f"\n{turns[1]}\n")
-    code, out, err = run_cli(capsys, "--interactive", "--prompt", turns[0], "--max-new-tokens", "12")
+    code, out, err = run_cli(capsys, "--interactive", "--prompt", turns[0], "--max-new-tokens", "12",
+                             "--repetition-penalty", "1.3")
     prefilled = [int(line.split()[1]) for line in err.splitlines() if line.startswith("prefill:")]
     assert code == 0 and out == "".join(r + "\n" for r in replies) and "Berlin" in replies[1], err
     assert prefilled[0] == len(ids[0]) and 2 <= prefilled[1] < len(ids[1]) - len(ids[0]), err
@@ -802,9 +806,10 @@ def test_generate_keeps_no_autograd_graph():
 @pytest.mark.parametrize("chunk, device", [(4096, "cpu"), (4, "cpu"), (3, "cpu"), (4, "cuda")])
 def test_a_prefill_after_cached_positions_continues_them(chunk, device):
     """5 tokens, then 6 more at start=5 (in chunks of 4 or 3 too: 4 + 2, 3 + 3): the logits of one prefill of all 11,
-    and generate from there decodes the tokens of one generate over all 11, counting its steps past the budget from
-    the cache's 11 positions (budget 8: every step selects; from the 6 new tokens alone, two would not). On CUDA
-    through the Triton kernels and the CUDA graph, captured at the continued positions."""
+    and generate from there decodes the tokens of one generate over all 11 (with a repetition penalty too, over all
+    11), counting its steps past the budget from the cache's 11 positions (budget 8: every step selects; from the 6
+    new tokens alone, two would not). On CUDA through the Triton kernels and the CUDA graph, captured at the continued
+    positions."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model = engine.random_model("tiny", HataArgs(budget=8, n_dense=1), device, torch.float32)
@@ -815,14 +820,19 @@ def test_a_prefill_after_cached_positions_continues_them(chunk, device):
     engine.prefill(model, tokens[:, :5], lengths[1], chunk=chunk)
     torch.testing.assert_close(engine.prefill(model, tokens[:, 5:], lengths[2], chunk=chunk, start=5), whole,
                                atol=1e-4 if device == "cuda" else 1e-5, rtol=0)  # (CUDA: TF32 matmuls may differ)
-    model.setup_caches(1, 32)
-    want, _ = engine.generate(model, [tokens[0].tolist()], 8)
-    model.setup_caches(1, 32)
-    engine.generate(model, [tokens[0, :5].tolist()], 1)
-    got, timing = engine.generate(model, [tokens[0, 5:].tolist()], 8, start=5)
-    assert got == want and timing["prefill_tokens"] == 6 and timing["selecting_steps"] == timing["decode_steps"] == 7
+    ids = tokens[0].tolist()
+    for penalty in (1.0, 1.5):  # the penalty counts the cached tokens too (before: only the 6 new ones)
+        model.setup_caches(1, 32)
+        want, _ = engine.generate(model, [ids], 8, repetition_penalty=penalty)
+        model.setup_caches(1, 32)
+        engine.generate(model, [ids[:5]], 1)
+        got, timing = engine.generate(model, [ids], 8, start=5, repetition_penalty=penalty)
+        assert got == want and timing["prefill_tokens"] == 6 and timing["selecting_steps"] == 7, penalty
+        assert timing["decode_steps"] == 7
     with pytest.raises(ValueError, match="11 \\+ 30 tokens need 40 cache slots"):
-        engine.generate(model, [tokens[0, 5:].tolist()], 30, start=5)
+        engine.generate(model, [ids], 30, start=5)
+    with pytest.raises(ValueError, match="at least one token past the 10 the caches hold \\(2, for a dense prefill"):
+        engine.generate(model, [ids], 4, start=10)  # one token: a decode step, not a prefill
 
 
 def test_generate_equals_a_full_forward_each_step():
@@ -942,7 +952,7 @@ def test_generate_stops_each_sequence_at_its_stop_token(capsys):
     assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["decode_steps"] == 9
     assert timing["cut"] == 1 and engine.generate(model, prompts, 10)[1]["cut"] is None  # no stop ids: nothing cut
     engine.report_speed(timing)  # why the other one ended
-    assert "; 1 sequence reached the new-token limit before a stop token\n" in capsys.readouterr().err
+    assert "; 1 sequence ended at its new-token limit, not at a stop\n" in capsys.readouterr().err
     assert timing["decode_tokens"] == len(got[0]) - 1 + 9  # a finished sequence's idle steps are not its tokens
     stops = {free[0][2], free[1][3]}  # both stop now: the loop ends at the later stop, not at max_new_tokens
     ends = [next(i for i, t in enumerate(row) if t in stops) for row in free]
