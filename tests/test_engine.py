@@ -151,7 +151,8 @@ def test_unknown_dtype(capsys):
     ("--temperature", "nan", "--temperature"),
     ("--temperature", "-1", "--temperature"), ("--temperature", "inf", "--temperature must be a finite number"),
     ("--top-p", "0", "--top-p"), ("--top-p", "1.5", "--top-p"), ("--top-k", "-1", "--top-k -1: must be >= 0"),
-    ("--stop", "", "--stop needs some text"), ("--min-p", "1.5", "--min-p must lie in [0, 1], got 1.5"), ("--min-p", "-0.1", "--min-p must lie in [0, 1]"),
+    ("--stop", "", "--stop needs some text"), ("--min-p", "1.5", "--min-p must lie in [0, 1], got 1.5"),
+    ("--min-p", "-0.1", "--min-p must lie in [0, 1]"),
     ("--repetition-penalty", "0", "--repetition-penalty must be a finite number > 0 (1 = none), got 0.0"),
     ("--repetition-penalty", "nan", "--repetition-penalty must"), ("--repetition-penalty", "inf", "--repetition-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
@@ -462,6 +463,51 @@ def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, sm
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkeypatch):
+    """With a stub generate (each reply "Hello" and <|im_end|>), two --prompt texts are two turns of one chat, whose
+    caches are planned as one sequence of the whole cache, continued. Each turn gets the cache's room (the cache less
+    its tokens, + 1: the last new token is never cached) and the --stop strings; the second starts after the cached
+    tokens, the first reply less its last token. A turn past the cache's end ends the chat with one line."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_path(engine.default_checkpoint())
+    hello, calls, plans = tok.encode("Hello", bos=False), [], []
+
+    def generate(model, prompts, n, stop_ids, *args, start=0, stop_when=None, **kwargs):
+        calls.append((len(prompts[0]), n, start, stop_when.texts))
+        return [hello + [2]], {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    monkeypatch.setattr(engine, "check_cache_memory", lambda model, *plan: plans.append(plan))
+    first = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    both = tok.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                            {"role": "user", "content": "Again"}])
+    for size in (len(both), len(both) - 1):
+        stdin_of(monkeypatch, "")
+        code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--prompt", "Again", "--max-seq-len",
+                               str(size), "--stop", "X")
+        assert plans.pop() == (1, size, size, True)
+        assert calls.pop(0) == (len(first), size - len(first) + 1, 0, ["X"])
+        if size == len(both):
+            assert code == 0 and calls.pop(0) == (len(both), 1, len(first) + len(hello), ["X"]), err
+        else:
+            assert code == 2 and f"the conversation has {size + 1} tokens and the cache holds {size}" in err
+        assert calls == []
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_stop_strings_end_the_default_models_text(capsys):
+    """--stop ',' on a counting prompt: the text stops before the first comma, and generation stops there too (no
+    new-token limit reached); a batch's answers are cut the same way."""
+    code, out, err = run_cli(capsys, "--prompt", "Count: 1, 2, 3,", "--stop", ",", "--max-new-tokens", "20",
+                             "--dense")
+    assert code == 0 and out.strip() and "," not in out and "new-token limit" not in err, (out, err)
+    code, out, err = run_cli(capsys, "--prompt", "Count: 1, 2, 3,", "--prompt", "Say: a, b, c,", "--stop", ",",
+                             "--max-new-tokens", "20", "--dense")
+    answers = [line for line in out.splitlines() if not line.startswith("--- ")]
+    assert code == 0 and len(answers) == 2 and not any("," in a for a in answers), out
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
     """Ctrl-C during a reply keeps what it wrote (shown, and in the conversation) and reads the next message; the
     caches from the interrupted turn on may be half written, so the next turn prefills from there (here: all)."""
@@ -757,6 +803,8 @@ def test_min_p_keeps_the_tokens_near_the_likeliest():
     assert {int(sample(logits, 1.0, 1.0, gen, min_p=0.0)) for _ in range(600)} == {0, 1, 2, 3}
     assert {int(sample(logits, 0.5, 1.0, gen, min_p=0.35)) for _ in range(300)} == {0, 1}
     assert {int(sample(logits, 0.5, 1.0, gen, min_p=0.37)) for _ in range(300)} == {0}
+    exact = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))  # 0.25 is exactly 0.5 of the top: kept ("at least")
+    assert {int(sample(exact, 1.0, 1.0, gen, min_p=0.5)) for _ in range(300)} == {0, 1, 2}
 
 
 def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding(monkeypatch):
@@ -771,6 +819,8 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
     model.setup_caches(2, 16)
     assert engine.generate(model, [[0, 3, 3], [3]], 4, repetition_penalty=2.0)[0] == [[1, 2, 0, 0], [0, 1, 2, 0]]
     assert engine.generate(model, [[0, 3, 3], [3]], 2)[0] == [[0, 0], [0, 0]]
+    model.setup_caches(1, 16)  # below 1 it favours what the sequence holds: 2's 0.85 becomes 1.7
+    assert engine.generate(model, [[2]], 2, repetition_penalty=0.5)[0] == [[2, 2]]
     assert engine.penalize(torch.tensor([2.0, -2.0, 2.0, -2.0]), torch.tensor([True, True, False, False]),
                            2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
 
@@ -918,6 +968,10 @@ def test_generate_ends_a_sequence_where_stop_when_says():
                                   len(ids) == (2 if ids[:2] == free[0][:2] else 4))
     assert got == [free[0][:2], free[1][:4]] and timing["decode_steps"] == 3 and timing["cut"] == 0
     assert free[1][:4] in seen and free[0][:3] not in seen and all(t >= 0 for ids in seen for t in ids)
+    stop = next(t for t in free[0] if t not in free[1])  # ends row 0, and a stop_when that never fires keeps it so
+    model.setup_caches(2, 32)
+    got, timing = engine.generate(model, prompts, 8, stop_ids={stop}, stop_when=lambda ids: False)
+    assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["cut"] == 1
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -929,6 +983,12 @@ def test_stop_strings_cut_the_text_where_it_first_shows_one(capsys):
     stops = engine.StopStrings(tok, ["Q:", "\n\n"])
     assert stops.cut("a Q b\n\nQ: c") == "a Q b" and stops.cut("no stop") == "no stop"
     assert stops.unsure("a Q") == 1 and stops.unsure("b\n") == 1 and stops.unsure("a Q b") == 0
+    assert engine.StopStrings(tok, ["\n\nQ"]).unsure("a\n\n") == 2  # the longest start of one it could be
+    streamer = engine.Streamer(tok, stops)
+    for t in tok.encode("Paris. Q", bos=False):  # ends in what may begin "Q:": held back, then shown at the end
+        streamer(torch.tensor([t]))
+    streamer.finish()
+    assert capsys.readouterr().out == "Paris. Q\n"
     text = "Paris. Q is a letter. Q"
     for end, printed in ((": next", "Paris. Q is a letter. "), ("ueen", text + "ueen")):
         ids = tok.encode(text + end, bos=False)
@@ -1260,6 +1320,8 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--top-p", "0.9", "--temperature", "1"], None),
     (["--top-k", "40", "--top-p", "0.9"], "--top-k, --top-p (--temperature 0 decodes greedily)"),
     (["--min-p", "0.1"], "--min-p (--temperature 0 decodes greedily)"),
+    (["--min-p", "1", "--temperature", "1"], None),  # 1 is in range: the likeliest tokens only
+    (["--interactive", "--system", "x"], None),  # an --interactive chat takes the system message
     (["--repetition-penalty", "1.2"], None),  # greedy decoding takes it too
     (["--dense", "--budget", "1/4", "--sink", "4", "--use-norm", "--n-dense", "3", "--selector", "oracle", "--recent",
       "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent (--dense: no sparse layer); --rbit, "

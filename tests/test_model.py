@@ -723,8 +723,10 @@ def test_a_gguf_with_a_damaged_layout_is_refused(tmp_path):
     layout (each tensor where the one before it ends, padded to the alignment) and the width are checked."""
     gguf = pytest.importorskip("gguf")
     path = write_model_gguf(tmp_path / "m.gguf", {}, [("blk.0.attn_norm.weight", torch.ones(8)),
-                                                      ("output_norm.weight", torch.ones(8))])
-    assert load_checkpoint(path)[1]["layers.0.attention_norm.weight"].tolist() == [1.0] * 8
+                                                      ("output_norm.weight", torch.ones(8)),
+                                                      ("rope_freqs.weight", torch.ones(2)),  # 8 bytes, padded to 32
+                                                      ("blk.0.ffn_norm.weight", torch.ones(8))])
+    assert load_checkpoint(path)[1]["layers.0.ffn_norm.weight"].tolist() == [1.0] * 8  # after the padding
     reader = gguf.GGUFReader(path, "r+")
     reader.tensors[1].field.parts[-1][0] = reader.tensors[2].field.parts[-1][0]  # attn_norm at output_norm's bytes
     reader.data.flush()

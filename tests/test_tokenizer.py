@@ -454,12 +454,12 @@ def test_a_chat_format_needs_every_token_it_writes(tmp_path):
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     for name, extra in (("chatml", ["<|im_start|>", "<|im_end|>"]),
                         ("llama3", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])):
-        for whole in (True, False):
-            specials = extra if whole else extra[:-1] + ["<|other|>"]
-            path = _write_gguf(tmp_path / f"{name}{whole}.gguf", [to_char[b] for b in range(256)] + specials,
+        for whole, gap in [(True, None)] + [(False, i) for i in range(1, len(extra))]:  # each token but the opener
+            specials = extra if whole else extra[:gap] + ["<|other|>"] + extra[gap + 1:]
+            path = _write_gguf(tmp_path / f"{name}{gap}.gguf", [to_char[b] for b in range(256)] + specials,
                                [1] * 256 + [3] * len(extra), pre="smollm")
             tok = Tokenizer.from_path(path)
-            assert tok.chat == (name if whole else None), (name, whole)
+            assert tok.chat == (name if whole else None), (name, gap)
             if not whole:
                 with pytest.raises(ValueError, match="no chat format hata writes"):
                     tok.encode_chat([{"role": "user", "content": "x"}])
