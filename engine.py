@@ -416,7 +416,8 @@ def build_parser():
     p.add_argument("--special", action="store_true", help="read special-token text in prompts and messages as those "
                    "tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
-                   "standard input is your next message, after any --prompt; the KV cache keeps the conversation, so "
+                   "standard input is your next message, after any --prompt (a line ending in \\ goes on in the "
+                   "next); the KV cache keeps the conversation, so "
                    "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
                    "--max-new-tokens - 1, the last token never being cached, within the model's context; with "
@@ -649,14 +650,23 @@ def converse(model, tok, args, openings, system, stops=None):
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
 
 
-def typed_turns():  # --interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal)
+def typed_turns():
+    """--interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal); a line that ends in
+    a backslash goes on in the next, as in llama.cpp (the message holds a newline there)."""
+    message = ""
     while True:
         if sys.stdin.isatty():
-            print("> ", end="", file=sys.stderr, flush=True)
-        if not (line := sys.stdin.readline()):
+            print("> " if not message else ". ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        message += line.removesuffix("\n")
+        if message.endswith("\\") and line:
+            message = message[:-1] + "\n"
+            continue
+        if message.strip():
+            yield message
+        if not line:
             return
-        if line.strip():
-            yield line.removesuffix("\n")
+        message = ""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -541,6 +541,13 @@ def test_interactive_ends_where_the_conversation_outgrows_the_cache(capsys, monk
     assert out.strip() and err.count("prefill:") == 1 and "note: at most 18 new tokens" in err  # the first turn's
 
 
+def test_interactive_turns_are_lines_and_a_backslash_goes_on_in_the_next(monkeypatch):
+    """Each line of standard input is a message, blank ones skipped; one ending in a backslash goes on in the next
+    (llama.cpp's rule), with a newline there; the last line needs no newline, nor a continued one a next line."""
+    stdin_of(monkeypatch, "one\\\ntwo\n\n  \nthree\nfour\\")
+    assert list(engine.typed_turns()) == ["one\ntwo", "three", "four\n"]
+
+
 def test_interactive_reads_its_turns_from_an_open_standard_input(capsys, monkeypatch):
     stdin_of(monkeypatch, "")
     assert "give a first one with --prompt" in error_line(run_cli(capsys, "--interactive", "--prompt-file", "-")[2])
