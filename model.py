@@ -1030,8 +1030,8 @@ def meta_context(p):
     theta 1e6) 16K, Llama 2 4K."""
     if type(scaled := p.get("use_scaled_rope", False)) is not bool:  # JSON's "false" is a string, and true in Python
         raise ValueError(f"params.json's use_scaled_rope must be true or false, got {scaled!r}")
-    context = p.get("max_seq_len") or (131072 if p.get("use_scaled_rope", False) else 8192 if p.get("vocab_size", 0)
-                                       > 100000 else 16384 if p.get("rope_theta", 0) >= 1e6 else 4096)
+    context = p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000 else 16384
+                                       if p.get("rope_theta", 0) >= 1e6 else 4096)
     if type(context) is not int or context < 1:
         raise ValueError(f"params.json's max_seq_len must be a whole number >= 1, got {context!r}")
     return context
