@@ -413,8 +413,8 @@ def build_parser():
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", type=prompt_text, help="with --chat: the system message (default: the template's own, "
                    "if it writes one)")
-    p.add_argument("--special", action="store_true", help="read special-token text in prompts and messages as those "
-                   "tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
+    p.add_argument("--parse-special", action="store_true", help="read special-token text in prompts and messages as "
+                   "those tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
                    "standard input is your next message, after any --prompt (a line ending in \\ goes on in the "
                    "next); the KV cache keeps the conversation, so "
@@ -534,8 +534,8 @@ def run(args):
                (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
                (("--top-k", "--top-p", "--min-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
-               (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive", "--special",
-                 "--stop"), args.random_weights, "--random-weights decodes random tokens"),
+               (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive",
+                 "--parse-special", "--stop"), args.random_weights, "--random-weights decodes random tokens"),
                (("--system",), not (args.chat or args.interactive or args.random_weights),
                 "it is a chat's message: add --chat"),
                (("--hash-weights",), args.random_weights and not args.dense and args.selector == "hash",
@@ -561,7 +561,7 @@ def run(args):
     # long for the model, or hash weights of another shape, are refused at once
     context, shape = checkpoint_metadata(checkpoint)
     tok = Tokenizer.from_path(args.tokenizer or checkpoint)
-    tok.parse_special = args.special
+    tok.parse_special = args.parse_special
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     chat = args.chat or args.interactive  # (an interactive run's first turn, or its opening alone, for the checks)
     prompts = [tok.encode_chat([*system, {"role": "user", "content": t}]) if chat else tok.encode(t)
@@ -658,7 +658,7 @@ def typed_turns():
         if sys.stdin.isatty():
             print("> " if not message else ". ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
-        message += line.removesuffix("\n")
+        message += line.removesuffix("\n").removesuffix("\r")  # (a terminal's or file's \r\n: sys.stdin keeps the \r)
         if message.endswith("\\") and line:
             message = message[:-1] + "\n"
             continue
@@ -826,8 +826,9 @@ def setup(model, args, batch, max_seq_len, prompt_len, continued=False):
 def check_cache_memory(model, batch, max_seq_len, prompt_len, continued=False):
     """Refuse, before allocating them, caches on the device that would not fit in its free memory beside a prefill
     chunk's working memory (an 8B model's cache on the CPU met the OOM killer; 8 prompts of 100K tokens filled an
-    H200 and ran out in the prefill). With --offload, a prompt of several chunks adds a later chunk's GPU copy of an
-    offloaded layer up to the prompt's end (as plan_offload counts it)."""
+    H200 and ran out in the prefill). With --offload, a prompt of several chunks, or a prefill that continues the
+    cache (`continued`), adds a later chunk's GPU copy of an offloaded layer up to the prompt's end (as plan_offload
+    counts it)."""
     layer_bytes, code_bytes = model.cache_bytes(batch, max_seq_len)
     on_device = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)
     copy = copy_bytes(layer_bytes, max_seq_len, chunk_copy(prompt_len, continued)) * (on_device < model.args.n_layers)

@@ -753,8 +753,9 @@ def checkpoint_format(path):
     names = os.listdir(path) if os.path.isdir(path) else []
     read = ("config.json", "params.json", "*.gguf", "model*.safetensors*", "consolidated.*", "tokenizer*",
             "chat_template*")
-    if broken := sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in read)  # a link to nothing: an
-                        and not os.path.exists(os.path.join(path, n))):  # incomplete Hugging Face snapshot
+    # a link to nothing: an incomplete Hugging Face snapshot
+    if broken := sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in read)
+                        and not os.path.exists(os.path.join(path, n))):
         raise FileNotFoundError(f"{path}: {', '.join(broken[:3])} " + ("links to a file that does" if len(broken) == 1
                                 else "link to files that do") + " not exist; an incomplete download?")
     ggufs = any(name.endswith(".gguf") for name in names)
@@ -1005,8 +1006,9 @@ def read_meta(path):
         if len(parts) == 1 or w.dim() == 1:
             raw[name] = w
         else:
-            row = name.endswith(("wo.weight", "w2.weight")) or (name == "tok_embeddings.weight"  # Llama 2 cuts
-                                                              and w.shape[1] != p["dim"])  # it on dim, 3 on vocab
+            # row-parallel: wo, w2, and the embedding where it is cut on dim (Llama 2; Llama 3 cuts it on vocab)
+            row = name.endswith(("wo.weight", "w2.weight")) or (name == "tok_embeddings.weight"
+                                                              and w.shape[1] != p["dim"])
             try:
                 raw[name] = torch.cat([part[name] for part in parts], dim=1 if row else 0)
             except RuntimeError as e:

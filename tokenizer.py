@@ -8,7 +8,7 @@ One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what t
   the model was trained with. tiktoken joins by token id, not by the merges list; loading checks that the merges
   make tokens in id order (SmolLM2's 48,900 do), without which the two join in different orders.
 
-`encode` parses no special-token text unless `parse_special` is set (engine's --special): "<|im_end|>" typed by a
+`encode` parses no special-token text unless `parse_special` is set (engine's --parse-special): "<|im_end|>" typed by a
 user stays plain text, and only added tokens that are not special, like DeepSeek-R1-Distill's <think>, are found in
 text (transformers and llama.cpp parse them all); special tokens come from `encode_chat` and encode's BOS/EOS. The
 chat format is the one whose tokens the checkpoint's template writes, else the vocabulary's: <|start_header_id|> ->
@@ -307,7 +307,7 @@ class Tokenizer:
         self.enc, self.sp = enc, sp                 # exactly one backend: a tiktoken.Encoding or sentencepiece
         self.blank = frozenset(blank)               # ids below vocab_size that are no token (see _bpe)
         self.specials = dict(specials or {})        # special-token text -> id
-        # added tokens found in text too (as in HF); with parse_special (engine's --special) every special token
+        # added tokens found in text too (as in HF); with parse_special (engine's --parse-special) every special token
         self.in_text, self.any_special = (_alternatives(names) for names in (in_text, [*in_text, *self.specials]))
         self.parse_special = False
         self.bos_id, self.eos_id = bos_id, eos_id   # eos_id: what encode(eos=True) appends
@@ -442,15 +442,18 @@ class Tokenizer:
             raise ValueError(f"{path!r} is neither a sentencepiece nor a tiktoken tokenizer.model ({e}); {HOW}")
         bos, eos = sp.bos_id(), sp.eos_id()
         cfg, template, stops = _hf_config(os.path.dirname(path))  # Llama 2's [INST], unless the folder says otherwise
-        # A fine-tune's tokens past the sentencepiece vocabulary (ChatML's <|im_end|> at 32000): only their end tokens
-        # matter here, to stop generation (they decode to nothing, as every id past the vocabulary)
-        added = {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
-                 if isinstance(t, dict) and str(i).isdigit() and int(i) >= sp.get_piece_size()}
-        # and its own pieces that end a turn (Yi's <|im_end|> at 7); the config's EOS (transformers' eos_token) too
+        # Its special tokens: its own control pieces (<s>, </s>), and those tokenizer_config.json lists, a fine-tune's
+        # past the vocabulary too (ChatML's <|im_end|> at 32000, which decodes to nothing, as every id past the
+        # vocabulary). Those that end a turn stop generation, and --parse-special finds them all in text.
+        specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+        specials |= {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
+                     if isinstance(t, dict) and str(i).isdigit()}
+        # end pieces that are no control piece (Yi's <|im_end|> at 7), and the config's EOS (transformers' eos_token)
         ends = [t for t in (*END_TOKENS, cfg.get("eos_token")) if t is not None]
-        stops += [i for i in map(sp.piece_to_id, ends) if i != sp.unk_id()] + [added[t] for t in ends if t in added]
+        stops += [i for i in map(sp.piece_to_id, ends) if i != sp.unk_id()]
+        stops += [specials[t] for t in ends if t in specials]
         llama2 = template is None or ("[INST]" in template and "<<SYS>>" in template)  # not Mistral's [INST]
-        return cls(sp=sp, specials=added, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
+        return cls(sp=sp, specials=specials, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
                    stops=stops, add_bos=bos >= 0, chat="llama2" if llama2 else None)
 
     @staticmethod
@@ -479,7 +482,9 @@ class Tokenizer:
         bos = self.add_bos if bos is None else bos
         if (bos and self.bos_id is None) or (eos and self.eos_id is None):
             raise ValueError("this tokenizer has no BOS/EOS token; call encode() with bos=False, eos=False")
-        return [self.bos_id] * bos + self._text(text) + [self.eos_id] * eos
+        ids = self._text(text)
+        bos = bos and ids[:1] != [self.bos_id]  # text that opens with it (parse_special) gets no second one
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         """Ids past the vocabulary (a model's padded rows, or another tokenizer's) or of no token decode to nothing."""

@@ -292,8 +292,10 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     engine.check_cache_memory(model, 2, 64, 20)  # every layer on the device: no copy for a later chunk
     with pytest.raises(ValueError, match="and a prefill chunk's working memory"):  # setup passes the prompt's length
         engine.setup(model, argparse.Namespace(compile=False, offload=False, kv_gpu_gb=None), 2, 64, 21)
-    for layer in model.layers[2:]:  # --offload's layers: 2 of 4 layers' K/V on the device, and a later prefill
-        layer.attention.kv_cache_cls = functools.partial(KVCache)  # chunk's copy of one, up to the prompt's 20
+    # --offload's layers: 2 of 4 layers' K/V on the device, and a later prefill chunk's copy of one, up to the
+    # prompt's 20
+    for layer in model.layers[2:]:
+        layer.attention.kv_cache_cls = functools.partial(KVCache)
     work = model.forward_bytes(2, 8, 20)
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 2 * 20 * 256 + work - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
@@ -315,6 +317,21 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1000", "--budget", "8",
                            "--device", "cpu")  # (on a GPU machine the default is cuda)
     assert code == 2 and "the caches for 1 sequence of 1024 positions and a prefill chunk's" in error_line(err)
+
+
+def test_offload_plans_count_a_continued_prefills_copy(monkeypatch):
+    """A one-chunk prompt copies nothing back from an offloaded layer, unless its prefill continues the cache (a
+    chat's later turns): the plans before the weights load and at setup are told so."""
+    copies = []
+    monkeypatch.setattr(engine, "plan_offload", lambda *a, copy_len: copies.append(copy_len))
+    monkeypatch.setattr(engine, "offload_from_args", lambda *a, copy_len: copies.append(copy_len))
+    monkeypatch.setattr(engine, "check_cache_memory", lambda *a: copies.append(a[-1]))
+    model = types.SimpleNamespace(setup_caches=lambda *a: None)
+    plan = argparse.Namespace(offload=True, kv_gpu_gb=None, compile=False)
+    for continued in (False, True):
+        engine.check_offload(plan, PRESETS["tiny"], HataArgs(n_dense=1, budget=8), 2, 64, 8, torch.float32, continued)
+        engine.setup(model, plan, 2, 64, 8, continued)
+    assert copies == [0, 0, False, 8, 8, True]
 
 
 def test_forward_bytes_counts_the_mlp_the_residual_stream_the_logits_and_a_cpu_mask():
@@ -546,6 +563,11 @@ def test_interactive_turns_are_lines_and_a_backslash_goes_on_in_the_next(monkeyp
     (llama.cpp's rule), with a newline there; the last line needs no newline, nor a continued one a next line."""
     stdin_of(monkeypatch, "one\\\ntwo\n\n  \nthree\nfour\\")
     assert list(engine.typed_turns()) == ["one\ntwo", "three", "four\n"]
+    read, write = os.pipe()  # \r\n lines, which sys.stdin keeps as they are on Linux
+    os.write(write, b"one\\\r\ntwo\r\nthree\r\n")
+    os.close(write)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read, newline="\n"))
+    assert list(engine.typed_turns()) == ["one\ntwo", "three"]
 
 
 def test_interactive_reads_its_turns_from_an_open_standard_input(capsys, monkeypatch):
@@ -793,11 +815,12 @@ def test_sampling_flags_reach_the_sampler(capsys, monkeypatch):
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_special_reads_special_token_text_as_the_tokens(capsys, monkeypatch):
-    """--special: '<|im_end|>' in a prompt is the token (2 in the default model's vocabulary); without it, text."""
+    """--parse-special: '<|im_end|>' in a prompt is the token (2 in the default model's vocabulary); without it,
+    text."""
     seen = []
     monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: (seen.append(prompts[0]), ([[1]], {}))[1])
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
-    for flags in ([], ["--special"]):
+    for flags in ([], ["--parse-special"]):
         assert run_cli(capsys, "--prompt", "Hi<|im_end|>", "--max-new-tokens", "2", *flags)[0] == 0
     assert 2 not in seen[0] and seen[1][-1] == 2 and seen[1][:-1] == seen[0][:1]
 
@@ -828,6 +851,8 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
     assert engine.generate(model, [[0, 3, 3], [3]], 2)[0] == [[0, 0], [0, 0]]
     model.setup_caches(1, 16)  # below 1 it favours what the sequence holds: 2's 0.85 becomes 1.7
     assert engine.generate(model, [[2]], 2, repetition_penalty=0.5)[0] == [[2, 2]]
+    # a prompt whose first token the caches hold already: the penalty counts it too (0 held: 1 comes first)
+    assert engine.generate(model, [[0, 3, 3]], 2, start=1, repetition_penalty=2.0)[0] == [[1, 2]]
     assert engine.penalize(torch.tensor([2.0, -2.0, 2.0, -2.0]), torch.tensor([True, True, False, False]),
                            2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
 
@@ -1358,10 +1383,10 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--checkpoint", str(tmp_path), "--tokenizer", "t.json",
                            "--chat", "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a", "--prompt", "b",
-                           "--interactive", "--special", "--stop", "x")
+                           "--interactive", "--parse-special", "--stop", "x")
     assert code == 0, err
-    assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file, --interactive, --special, "
-            "--stop (--random-weights decodes random tokens)\n") in err
+    assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file, --interactive, "
+            "--parse-special, --stop (--random-weights decodes random tokens)\n") in err
     assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt

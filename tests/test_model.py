@@ -675,8 +675,9 @@ def test_unsupported_math_is_refused(small_smol, tmp_path):
     for file, change, words in [
             ("config.json", {"partial_rotary_factor": 0.5}, f"partial_rotary_factor=0.5 is not supported; hata "
                                                             f"implements {whole_head} (1)"),
-            ("config.json", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e5,  # transformers v5 puts it
-                                                 "partial_rotary_factor": 0.25}}, "partial_rotary_factor=0.25"),  # here
+            # transformers v5 puts it in rope_parameters
+            ("config.json", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e5,
+                                                 "partial_rotary_factor": 0.25}}, "partial_rotary_factor=0.25"),
             ("config.json", {"rotary_dim": 32}, f"rotary_dim=32 is not supported; hata implements {whole_head} (64)"),
             ("config.json", {"attention_logit_softcapping": 50.0}, "attention_logit_softcapping=50.0 is not supported"),
             ("config.json", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
@@ -694,8 +695,8 @@ def test_unsupported_math_is_refused(small_smol, tmp_path):
                                                   "attention_chunk_size": None}))
     for path in (hf, meta):
         assert load_checkpoint(str(path))[0] == replace(args, n_layers=3), path
-    for window, context in ((args.max_seq_len + 1, args.max_seq_len), (4096, 4096)):  # a window caps the context:
-        (hf / "config.json").write_text(json.dumps({**cfg, "sliding_window": window}))  # within it, attention is whole
+    for window, context in ((args.max_seq_len + 1, args.max_seq_len), (4096, 4096)):  # a window caps the context
+        (hf / "config.json").write_text(json.dumps({**cfg, "sliding_window": window}))  # (within it: whole attention)
         assert load_checkpoint(hf)[0].max_seq_len == context  # (a Path: load_checkpoint takes one too)
 
 

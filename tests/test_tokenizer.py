@@ -69,7 +69,7 @@ def test_gguf_metadata(smol):
 
 
 def test_special_token_text_is_parsed_only_when_asked(smol, sp_model, tmp_path):
-    """parse_special (engine's --special) reads special-token text as the tokens, in encode and in a chat's messages,
+    """parse_special (engine's --parse-special) reads special-token text as the tokens, in encode and in a chat's messages,
     the longest name first; by default it stays text. A sentencepiece model's added tokens too."""
     text = "<|im_start|>user\nHi<|im_end|><|endoftext|>"
     plain = smol.encode(text)
@@ -84,6 +84,17 @@ def test_special_token_text_is_parsed_only_when_asked(smol, sp_model, tmp_path):
     sp = Tokenizer.from_path(tmp_path)
     sp.parse_special = True
     assert sp.encode("the<x>fox", bos=False) == sp.encode("the", bos=False) + [300] + sp.encode("fox", bos=False)
+    # its own control pieces too (before: only tokens past the vocabulary); a text that opens with the BOS gets one
+    assert sp.encode("fox</s>", bos=False)[-1] == 2 and sp.encode("<s>fox") == [1, *sp.encode("fox", bos=False)]
+
+
+def test_a_llama3_prompt_that_opens_with_its_bos_gets_one(llama3):
+    """Parsed special text that opens with <|begin_of_text|> takes the place of the BOS encode adds (two were
+    written before; llama.cpp warns of that)."""
+    tok = copy.copy(llama3)
+    tok.parse_special = True
+    assert tok.encode("<|begin_of_text|>Hello") == tok.encode("Hello") == [128000, 9906]
+    assert llama3.encode("<|begin_of_text|>Hello")[:2] == [128000, 27]  # not parsed: text after the BOS
 
 
 def test_huge_runs_are_cut_instead_of_crashing(smol, llama3):
