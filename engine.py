@@ -565,7 +565,7 @@ def run(args):
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     chat = args.chat or args.interactive  # (an interactive run's first turn, or its opening alone, for the checks)
     prompts = [tok.encode_chat([*system, {"role": "user", "content": t}]) if chat else tok.encode(t)
-               for t in (texts[:1] or [""] if args.interactive else texts)]
+               for t in ((texts[:1] or [""]) if args.interactive else texts)]
     if not all(prompts):
         i = [len(p) for p in prompts].index(0)
         why = "; the tokenizer knows none of its characters" if texts[i] else ""
@@ -973,8 +973,8 @@ class Streamer:
         if self.stops is None:
             return show(new)
         if not self.stopped:
-            text = self.stops.cut(self.held + new)
-            self.stopped = len(text) < len(self.held + new)
+            text = self.stops.cut(whole := self.held + new)
+            self.stopped = len(text) < len(whole)
             keep = 0 if self.stopped or last else self.stops.unsure(text)
             show(text[:len(text) - keep])
             self.held = text[len(text) - keep:]
