@@ -137,8 +137,9 @@ class GraphedDecode:
     """decode_one_token captured once as a CUDA graph and replayed every step. Eager launches cost more host time
     than the GPU work of a HATA step, so on CUDA this is what makes sparse decoding fast. The shapes are static
     (the caches are preallocated, K is fixed) and nothing in the step synchronises with the host, so one capture
-    serves the whole generation. The warm-up runs the step for real (twice) at the first step's own inputs, and
-    the capture only records it; the first replay then repeats cache writes already made."""
+    serves the whole generation, and the next ones on the same caches (a chat's turns: generate's `graphs`). The
+    warm-up runs the step for real (twice) at the first step's own inputs, and the capture only records it; the
+    first replay then repeats cache writes already made."""
     def __init__(self, model, cur, input_pos):
         self.model, self.cur, self.input_pos = model, cur.clone(), input_pos.clone()  # static inputs (B,)
         side = torch.cuda.Stream()
@@ -161,18 +162,20 @@ class GraphedDecode:
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0,
-             stop_when=None):
+             stop_when=None, graphs=None):
     """prompts: lists of token ids, of which the caches already hold the first `start` (0: fresh prompts; in a chat,
     the conversation so far): only the rest is prefilled, 1 token or more (2 after start > 0, see prefill). Returns
     (the new tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's
-    capture, None without one), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K,
-    or None), selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens ended, not a
-    stop; None without stop_ids or stop_when)). Each sequence decodes at its own positions and stops at its own stop
-    token, or where stop_when(ids), if given, is true of its new tokens so far (engine's --stop strings); on_token(
-    tokens (B,), -1 where a sequence has stopped) is called after every step (streaming). repetition_penalty (see
-    penalize) covers each whole prompt's tokens and those generated. On CUDA the step is a CUDA graph unless
-    cuda_graph is False. `progress`: bars on stderr, the prefill's for a long prompt and the decode's (steps, and
-    sequences finished) unless on_token streams them."""
+    capture, None where none was made), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse
+    layers' K, or None), selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens
+    ended, not a stop; None without stop_ids or stop_when)). Each sequence decodes at its own positions and stops at
+    its own stop token, or where stop_when(ids), if given, is true of its new tokens so far (engine's --stop strings);
+    on_token(tokens (B,), -1 where a sequence has stopped) is called after every step (streaming).
+    repetition_penalty (see penalize) covers each whole prompt's tokens and those generated. On CUDA the step is a
+    CUDA graph unless cuda_graph is False; `graphs`, a dict passed to every generate on the same caches and policy
+    (a chat's turns), keeps it by batch size for the next, so one capture serves them all. `progress`: bars on
+    stderr, the prefill's for a long prompt and the decode's (steps, and sequences finished) unless on_token streams
+    them."""
     device = model.output.weight.device
     if not prompts or any(len(p) < start + 1 + (start > 0) for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token" + (
@@ -209,11 +212,13 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     cur = pick(logits)  # (B,)
     synchronize(device)
     t1 = time.perf_counter()
-    step_fn = decode_one_token
+    step_fn, captured, graphs = decode_one_token, False, {} if graphs is None else graphs
     # The capture is setup, timed apart: a long generation pays it once (on a first run Triton compiles there too).
     if cuda_graph and device.type == "cuda" and max_new_tokens > 1:
-        step_fn = GraphedDecode(model, cur, ends)
-        synchronize(device)
+        if (step_fn := graphs.get(B)) is None:
+            step_fn, captured = GraphedDecode(model, cur, ends), True
+            graphs[B] = step_fn
+            synchronize(device)
     t2 = time.perf_counter()
     bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
     replies = [[] for _ in prompts]  # host copies of the new tokens, for stop_when
@@ -239,7 +244,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     steps, K = max(len(out) - 1, 0), next((l.attention.budget for l in model.layers if l.attention.hata), None)
     # decode step s (from 0) attends to start + T + s + 1 keys (the longest sequence's): K leaves keys out from there
     selecting = None if K is None else max(0, steps - max(0, K - start - T))
-    timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if step_fn is not decode_one_token else None,
+    timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if captured else None,
               "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": steps,
               "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting,
               "cut": B - int(done.sum()) if stop_ids or stop_when else None}
@@ -623,8 +628,9 @@ def reply_text(tok, ids, stops=None):  # a reply's new tokens as text: no stop t
 def converse(model, tok, args, openings, system, stops=None):
     """--interactive: a chat, turn by turn: the --prompt texts first, then each line of standard input, to its end.
     The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
-    (the reply's own, where the template writes it as it was decoded; at least 2, see prefill)."""
-    messages, held = list(system), []  # held: the token ids at the cached positions
+    (the reply's own, where the template writes it as it was decoded; at least 2, see prefill). On CUDA one captured
+    decode step serves every turn."""
+    messages, held, graphs = list(system), [], {}  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     for text in itertools.chain(openings, typed_turns()):
         messages.append({"role": "user", "content": text})
@@ -637,7 +643,7 @@ def converse(model, tok, args, openings, system, stops=None):
         streamer = Streamer(tok, stops)
         try:
             new, timing = generate(model, [ids], min(args.max_new_tokens, room), tok.eos_ids, generator=generator,
-                                   on_token=streamer, start=start, stop_when=stops, **sampling(args))
+                                   on_token=streamer, start=start, stop_when=stops, graphs=graphs, **sampling(args))
         except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
             new, timing = [streamer.ids], None
         streamer.finish()

@@ -484,13 +484,15 @@ def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkey
     """With a stub generate (each reply "Hello" and <|im_end|>), two --prompt texts are two turns of one chat, whose
     caches are planned as one sequence of the whole cache, continued. Each turn gets the cache's room (the cache less
     its tokens, + 1: the last new token is never cached) and the --stop strings; the second starts after the cached
-    tokens, the first reply less its last token. A turn past the cache's end ends the chat with one line."""
+    tokens, the first reply less its last token, and gets the first's kept CUDA graphs (one capture for the chat). A
+    turn past the cache's end ends the chat with one line."""
     from tokenizer import Tokenizer
     tok = Tokenizer.from_path(engine.default_checkpoint())
-    hello, calls, plans = tok.encode("Hello", bos=False), [], []
+    hello, calls, plans, kept = tok.encode("Hello", bos=False), [], [], []
 
-    def generate(model, prompts, n, stop_ids, *args, start=0, stop_when=None, **kwargs):
+    def generate(model, prompts, n, stop_ids, *args, start=0, stop_when=None, graphs=None, **kwargs):
         calls.append((len(prompts[0]), n, start, stop_when.texts))
+        kept.append(graphs)
         return [hello + [2]], {}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
@@ -506,6 +508,7 @@ def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkey
         assert calls.pop(0) == (len(first), size - len(first) + 1, 0, ["X"])
         if size == len(both):
             assert code == 0 and calls.pop(0) == (len(both), 1, len(first) + len(hello), ["X"]), err
+            assert isinstance(kept[0], dict) and kept[1] is kept[0]
         else:
             assert code == 2 and f"the conversation has {size + 1} tokens and the cache holds {size}" in err
         assert calls == []
@@ -1183,6 +1186,23 @@ def test_cuda_graph_decode_equals_eager():
         timings.append(timing["graph_s"])
     assert out[0] == out[1] and [len(t) for t in out[0]] == [10, 10]
     assert timings[0] is None and timings[1] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_kept_cuda_graph_serves_the_next_turn():
+    """generate's `graphs` (a chat's turns): the second generate on the same caches, continued after the first's
+    cached tokens, replays the first's captured step (no capture of its own) and decodes the eager step's tokens."""
+    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cuda", torch.float32)
+    first, out = [5, 6, 7, 8, 9, 10, 11], []
+    for graph in (False, True):
+        graphs = {}
+        model.setup_caches(1, 40)
+        new, timing = engine.generate(model, [first], 6, cuda_graph=graph, graphs=graphs)
+        turn = first + new[0][:-1] + [12, 13, 14]  # the cache holds 7 + 5 (the last new token is never cached)
+        again, later = engine.generate(model, [turn], 8, cuda_graph=graph, graphs=graphs, start=len(first) + 5)
+        out.append((new, again))
+        assert [timing["graph_s"] is None, later["graph_s"] is None, len(graphs)] == [not graph, True, graph]
+    assert out[0] == out[1] and [len(t) for t in out[0][1]] == [8]
 
 
 def test_sampling_temperature():
