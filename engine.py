@@ -159,6 +159,13 @@ class GraphedDecode:
         return self.logits
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in generate's decode loop, with `new`: each sequence's new tokens so far, as generate returns them."""
+    def __init__(self, new):
+        super().__init__()
+        self.new = new
+
+
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0,
@@ -175,7 +182,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     CUDA graph unless cuda_graph is False; `graphs`, a dict passed to every generate on the same caches and policy
     (a chat's turns), keeps it by batch size for the next, so one capture serves them all. `progress`: bars on
     stderr, the prefill's for a long prompt and the decode's (steps, and sequences finished) unless on_token streams
-    them."""
+    them. Ctrl-C while decoding raises Interrupted, which holds the new tokens so far."""
     device = model.output.weight.device
     if not prompts or any(len(p) < start + 1 + (start > 0) for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token" + (
@@ -222,25 +229,32 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     t2 = time.perf_counter()
     bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
     replies = [[] for _ in prompts]  # host copies of the new tokens, for stop_when
-    for step in bar:
-        out.append(torch.where(done, -1, cur))
-        done |= torch.isin(cur, stop)
-        if stop_when is not None:
-            for row, t in zip(replies, out[-1].tolist()):
-                row += [t] * (t >= 0)
-            done |= torch.tensor([bool(row) and stop_when(row) for row in replies], device=device)
-        if on_token is not None:
-            on_token(out[-1])
-        finished = int(done.sum())  # the step's one wait for the device
-        if step == max_new_tokens - 1 or finished == B:
-            break
-        bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
-        cur = pick(step_fn(model, cur, ends + step))
-    bar.close()
+
+    def so_far():  # each sequence's new tokens, to its stop
+        rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
+        return [[t for t in row if t >= 0] for row in rows]
+    try:
+        for step in bar:
+            out.append(torch.where(done, -1, cur))
+            done |= torch.isin(cur, stop)
+            if stop_when is not None:
+                for row, t in zip(replies, out[-1].tolist()):
+                    row += [t] * (t >= 0)
+                done |= torch.tensor([bool(row) and stop_when(row) for row in replies], device=device)
+            if on_token is not None:
+                on_token(out[-1])
+            finished = int(done.sum())  # the step's one wait for the device
+            if step == max_new_tokens - 1 or finished == B:
+                break
+            bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
+            cur = pick(step_fn(model, cur, ends + step))
+    except KeyboardInterrupt:
+        raise Interrupted(so_far()) from None
+    finally:
+        bar.close()
     synchronize(device)
     t3 = time.perf_counter()
-    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
-    new = [[t for t in row if t >= 0] for row in rows]
+    new = so_far()
     steps, K = max(len(out) - 1, 0), next((l.attention.budget for l in model.layers if l.attention.hata), None)
     # decode step s (from 0) attends to start + T + s + 1 keys (the longest sequence's): K leaves keys out from there
     selecting = None if K is None else max(0, steps - max(0, K - start - T))
@@ -609,14 +623,19 @@ def run(args):
         return converse(model, tok, args, texts, system, stops)
 
     streamer = Streamer(tok, stops) if len(prompts) == 1 else None
-    new, timing = generate(model, prompts, max_new, tok.eos_ids, generator=row_generators(args.seed, len(prompts),
-                           device), on_token=streamer, progress=True, stop_when=stops, **sampling(args))
+    try:
+        new, timing = generate(model, prompts, max_new, tok.eos_ids, generator=row_generators(args.seed, len(prompts),
+                               device), on_token=streamer, progress=True, stop_when=stops, **sampling(args))
+    except Interrupted as stopped:  # Ctrl-C while decoding: the text so far is shown, then the run ends (status 130)
+        new, timing = stopped.new, None
     if streamer is not None:
         streamer.finish()
     else:
         for text, ids in zip(texts, new):
             head = f"{text[:60]!r}{'…' * (len(text) > 60)}"  # the prompt's start, … where it goes on
             show(f"--- {head}\n{reply_text(tok, ids, stops)}\n")
+    if timing is None:
+        raise KeyboardInterrupt
     report_speed(timing)
 
 

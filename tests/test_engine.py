@@ -1188,6 +1188,50 @@ def test_cuda_graph_decode_equals_eager():
     assert timings[0] is None and timings[1] > 0
 
 
+def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
+    """Ctrl-C in the decode loop (here in the 3rd step) raises Interrupted holding each sequence's new tokens so far:
+    the prefill's and two steps', those of an uninterrupted generate; a sequence that stopped before holds its own."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    prompts, step, calls = [[5, 6, 7], [9, 10, 11, 12, 13]], engine.decode_one_token, []
+    model.setup_caches(2, 16)
+    whole, _ = engine.generate(model, prompts, 6)
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args)
+    monkeypatch.setattr(engine, "decode_one_token", interrupted_step)
+    for stop in ((), [whole[1][1]]):
+        calls.clear()
+        model.setup_caches(2, 16)
+        with pytest.raises(engine.Interrupted) as caught:
+            engine.generate(model, prompts, 6, stop)
+        assert caught.value.new == [whole[0][:3], whole[1][:3 - len(stop)]], stop
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_ctrl_c_shows_the_answers_so_far(capsys, monkeypatch):
+    """Ctrl-C while a batch decodes shows each prompt's answer so far, then ends the run (status 130); one prompt's
+    streamed text ends its line."""
+    step, calls = engine.decode_one_token, []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return step(*args)
+    monkeypatch.setattr(engine, "decode_one_token", interrupted_step)
+    code, out, err = run_cli(capsys, "--prompt", "The capital of France is", "--prompt", "Once upon a time",
+                             "--max-new-tokens", "50", "--dense")
+    answers = out.split("--- ")[1:]
+    assert code == 130 and "interrupted" in err and "prefill:" not in err, err
+    assert len(answers) == 2 and all(a.split("\n", 1)[1].strip() for a in answers), out
+    calls.clear()
+    code, out, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "50", "--dense")
+    assert code == 130 and out.strip() and out.endswith("\n") and "interrupted" in err, (out, err)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_kept_cuda_graph_serves_the_next_turn():
     """generate's `graphs` (a chat's turns): the second generate on the same caches, continued after the first's
