@@ -14,6 +14,7 @@ by turn (`converse()`): the cache keeps the conversation, and each turn prefills
 import argparse
 import filecmp
 import fractions
+import hashlib
 import importlib.util
 import itertools
 import math
@@ -38,6 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer prompt: several chunks)
+PROMPT_CACHE = "hata prompt cache 1"  # --prompt-cache files' format, in their metadata
 PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
 
 
@@ -438,6 +440,9 @@ def build_parser():
                    "standard input is your next message, after any --prompt (a line ending in \\ goes on in the "
                    "next); the KV cache keeps the conversation, so "
                    "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
+    p.add_argument("--prompt-cache", type=path_name, help="a file for the prompt's K/V: a run whose prompt begins "
+                   "with the tokens it holds prefills only the rest, and then writes its own prompt's there (one "
+                   "prompt, or --interactive's first turn; as llama.cpp's --prompt-cache)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
                    "--max-new-tokens - 1, the last token never being cached, within the model's context; with "
                    "--interactive the model's context)")
@@ -554,7 +559,8 @@ def run(args):
                (("--top-k", "--top-p", "--min-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive",
-                 "--parse-special", "--stop"), args.random_weights, "--random-weights decodes random tokens"),
+                 "--parse-special", "--stop", "--prompt-cache"), args.random_weights,
+                "--random-weights decodes random tokens"),
                (("--system",), not (args.chat or args.interactive or args.random_weights),
                 "it is a chat's message: add --chat"),
                (("--hash-weights",), args.random_weights and not args.dense and args.selector == "hash",
@@ -569,6 +575,12 @@ def run(args):
     texts = [text if flag == "prompt" else read_prompt_file(text) for flag, text in args.inputs]
     if not texts and not args.interactive:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
+    if args.prompt_cache:  # written after the work: a folder that takes no file is refused before it
+        if len(texts) > 1 and not args.interactive:
+            raise ValueError("--prompt-cache keeps one prompt's K/V: give one prompt, not a batch")
+        if os.path.isdir(args.prompt_cache):
+            raise ValueError(f"--prompt-cache {args.prompt_cache} is a folder: name a file")
+        check_writable(os.path.dirname(args.prompt_cache), "--prompt-cache")
     if args.interactive and (streams or sys.stdin is None):
         raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None
                          else "--interactive reads your messages from standard input: give a first one with --prompt, "
@@ -595,6 +607,7 @@ def run(args):
     all_dense = bool(hata and shape and hata.n_dense >= shape.n_layers)  # --n-dense covers every layer
     max_seq_len, max_new = cache_size(args, longest, context, all_dense=all_dense)
     planned = max_seq_len if args.interactive else longest  # the prompt length offload and memory plan for
+    continued = args.interactive or bool(args.prompt_cache)  # prefills may continue cached positions
     sparse = hata and hata.budget_tokens(max_seq_len) < max_seq_len and not all_dense
     if sparse and shape and device.type == "cuda" and not triton_head_dim(shape.head_dim):  # (a prefill would fail)
         raise ValueError(f"HATA's GPU kernels need a head dim that is a power of two >= 16, and this model's is "
@@ -607,11 +620,11 @@ def run(args):
         check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
-        check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype, args.interactive)
+        check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype, continued)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
-    setup(model, args, len(prompts), max_seq_len, planned, args.interactive)
+    setup(model, args, len(prompts), max_seq_len, planned, continued)
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({model.args.describe()}, "
           f"{dtype}, {device}); {describe_policy(hata, max_seq_len, model.args.n_layers)}", file=sys.stderr)
     if sparse and hata.budget < 1 and not args.max_seq_len and len({len(p) for p in prompts}) > 1:
@@ -619,13 +632,16 @@ def run(args):
               f"({max_seq_len} tokens, sized by the longest prompt): alone, a shorter prompt gets a smaller K; "
               "--max-seq-len fixes the cache", file=sys.stderr)
     stops = StopStrings(tok, args.stop) if args.stop else None
+    held = load_prompt_cache(args.prompt_cache, model) if args.prompt_cache else []  # the tokens at cached positions
     if args.interactive:
-        return converse(model, tok, args, texts, system, stops)
+        return converse(model, tok, args, texts, system, stops, held)
 
     streamer = Streamer(tok, stops) if len(prompts) == 1 else None
+    start = continue_at(held, prompts[0])
     try:
         new, timing = generate(model, prompts, max_new, tok.eos_ids, generator=row_generators(args.seed, len(prompts),
-                               device), on_token=streamer, progress=True, stop_when=stops, **sampling(args))
+                               device), on_token=streamer, progress=True, stop_when=stops, start=start,
+                               **sampling(args))
     except Interrupted as stopped:  # Ctrl-C while decoding: the text so far is shown, then the run ends (status 130)
         new, timing = stopped.new, None
     if streamer is not None:
@@ -634,6 +650,8 @@ def run(args):
         for text, ids in zip(texts, new):
             head = f"{text[:60]!r}{'…' * (len(text) > 60)}"  # the prompt's start, … where it goes on
             show(f"--- {head}\n{reply_text(tok, ids, stops)}\n")
+    if args.prompt_cache:  # (after a Ctrl-C too: the prompt was prefilled whole)
+        save_prompt_cache(args.prompt_cache, model, prompts[0], held)
     if timing is None:
         raise KeyboardInterrupt
     report_speed(timing)
@@ -644,21 +662,21 @@ def reply_text(tok, ids, stops=None):  # a reply's new tokens as text: no stop t
     return stops.cut(text) if stops else text
 
 
-def converse(model, tok, args, openings, system, stops=None):
+def converse(model, tok, args, openings, system, stops=None, held=()):
     """--interactive: a chat, turn by turn: the --prompt texts first, then each line of standard input, to its end.
     The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
     (the reply's own, where the template writes it as it was decoded; at least 2, see prefill). On CUDA one captured
-    decode step serves every turn."""
-    messages, held, graphs = list(system), [], {}  # held: the token ids at the cached positions
+    decode step serves every turn. `held`: the tokens at the cached positions before the first turn (--prompt-cache),
+    whose K/V the first turn's prompt is written over after its reply."""
+    messages, held, graphs = list(system), list(held), {}  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
-    for text in itertools.chain(openings, typed_turns()):
+    for turn, text in enumerate(itertools.chain(openings, typed_turns())):
         messages.append({"role": "user", "content": text})
         ids = tok.encode_chat(messages)
         if (room := model.max_seq_len - len(ids) + 1) < 1:
             raise ValueError(f"the conversation has {plural(len(ids))} and the cache holds {model.max_seq_len}: start "
                              "a new one (a larger --max-seq-len holds more)")
-        same = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
-        start = max(0, min(same, len(ids) - 2))
+        start = continue_at(held, ids)
         streamer = Streamer(tok, stops)
         try:
             new, timing = generate(model, [ids], min(args.max_new_tokens, room), tok.eos_ids, generator=generator,
@@ -671,8 +689,17 @@ def converse(model, tok, args, openings, system, stops=None):
             held = held[:start]  # the positions from `start` on may be half written: the next turn prefills them
         else:
             report_speed(timing)
+            if args.prompt_cache and turn == 0:
+                save_prompt_cache(args.prompt_cache, model, ids, held)
             held = ids + new[0][:-1]  # (the last new token is never cached)
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
+
+
+def continue_at(held, ids):
+    """Where a prefill of the tokens `ids` starts when the caches hold the tokens `held`: after the tokens they share,
+    less what would leave fewer than 2 to prefill (1 token would be a sparse decode step, see generate)."""
+    same = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+    return max(0, min(same, len(ids) - 2))
 
 
 def typed_turns():
@@ -971,6 +998,67 @@ def show(text):  # the answers, on standard output; a failed write (a full disk)
         raise
     except OSError as e:
         raise OSError(f"cannot write standard output: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --prompt-cache: a prompt's K/V in a safetensors file, for a later run whose prompt starts the same (a long document
+# asked about again). The hash codes are not kept: the policy may differ, and they are made again from the keys.
+
+def model_fingerprint(model):  # what a prompt cache's maker must match: the shape, the dtype, some of the weights
+    some = (model.tok_embeddings.weight[:8], model.layers[-1].attention.wqkv.weight[:8])
+    digest = hashlib.sha256(b"".join(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() for w in some))
+    return f"{model.args.describe()}; {model.output.weight.dtype}; weights {digest.hexdigest()[:16]}"
+
+
+def load_prompt_cache(path, model):
+    """The tokens whose K/V --prompt-cache's file holds, copied into the caches' first positions (as many as they
+    hold; [] where there is no file yet). A file that is not one, or another model's, is an error and is kept."""
+    from safetensors import safe_open
+    if not os.path.lexists(path):
+        return []
+    try:
+        with safe_open(path, "pt") as f:
+            meta, names = f.metadata() or {}, set(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names} if meta.get("format") == PROMPT_CACHE else {}
+    except Exception as e:
+        raise ValueError(f"--prompt-cache {path} is no prompt cache: not a .safetensors file, or a cut one ({e}); "
+                         "name another file (this one is kept)") from None
+    n_layers, dtype = model.args.n_layers, model.output.weight.dtype
+    if meta.get("format") != PROMPT_CACHE:
+        raise ValueError(f"--prompt-cache {path} is a .safetensors file but no prompt cache: name another file (this "
+                         "one is kept)")
+    if meta.get("model") != (mine := model_fingerprint(model)):
+        raise ValueError(f"--prompt-cache {path} holds another model's K/V ({meta.get('model')}), not this one's "
+                         f"({mine}): name another file (this one is kept)")
+    tokens = tensors.get("tokens", torch.zeros(0))
+    shape = (model.args.n_kv_heads, len(tokens), model.args.head_dim)
+    if not (tokens.dtype == torch.int64 and tokens.dim() == 1 and len(tokens) > 0 and names == {"tokens"} | {
+            f"layers.{i}.{kv}" for i in range(n_layers) for kv in "kv"} and all(
+            t.shape == shape and t.dtype == dtype for name, t in tensors.items() if name != "tokens")):
+        raise ValueError(f"--prompt-cache {path} is corrupt: it lacks a tensor of this model's, or one has another "
+                         "shape or type")
+    n = min(len(tokens), model.max_seq_len)
+    for i, layer in enumerate(model.layers):
+        layer.attention.kv_cache.k[0, :, :n] = tensors[f"layers.{i}.k"][:, :n]
+        layer.attention.kv_cache.v[0, :, :n] = tensors[f"layers.{i}.v"][:, :n]
+    model.set_hata(model.hata)  # the sparse layers' hash codes, of the loaded keys
+    print(f"prompt cache: the K/V of {plural(n)} read from {path}", file=sys.stderr)
+    return tokens[:n].tolist()
+
+
+def save_prompt_cache(path, model, ids, held):
+    """Write the K/V of the prompt `ids` (the caches' first positions) to --prompt-cache's file, unless it holds them
+    already (`held`, the file's tokens, start with ids)."""
+    from safetensors.torch import save_file
+    if ids == held[:len(ids)]:
+        return
+    n = len(ids)
+    tensors = {"tokens": torch.tensor(ids)}
+    for i, layer in enumerate(model.layers):
+        tensors[f"layers.{i}.k"] = layer.attention.kv_cache.k[0, :, :n].cpu().contiguous()  # (Hkv, n, D)
+        tensors[f"layers.{i}.v"] = layer.attention.kv_cache.v[0, :, :n].cpu().contiguous()
+    write_whole(path, lambda tmp: save_file(tensors, tmp, {"format": PROMPT_CACHE, "model": model_fingerprint(model)}))
+    print(f"prompt cache: the prompt's {plural(n)} written to {path}", file=sys.stderr)
 
 
 class Streamer:

@@ -1687,3 +1687,78 @@ def test_top_p_keeps_the_first_of_tokens_tied_at_its_cut():
     logits[0, 10] = 3.0  # e^3 / (e^3 + 19) = 0.514 of the mass: 0.53 needs one more, of 19 tied
     gen = torch.Generator().manual_seed(0)
     assert {int(sample(logits, 1.0, 0.53, gen)) for _ in range(200)} == {0, 10}
+
+
+def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path):
+    """save_prompt_cache, then load_prompt_cache into fresh caches: a prompt that starts with the saved tokens prefills
+    only the rest, and decodes the tokens of a fresh run (HATA with a budget of 4: its codes are made again from the
+    loaded keys). A prompt that shares 10 continues after them; a smaller cache takes what it holds."""
+    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cpu", torch.float32)
+    path, first = str(tmp_path / "p.safetensors"), list(range(5, 25))
+    model.setup_caches(1, 40)
+    engine.generate(model, [first], 4)
+    engine.save_prompt_cache(path, model, first, [])
+    for prompt, shared in ((first + [30, 31, 32], 20), (first[:10] + [40, 41, 42], 10), (first[:19], 17)):
+        model.setup_caches(1, 40)
+        want, _ = engine.generate(model, [prompt], 8)
+        model.setup_caches(1, 40)
+        held = engine.load_prompt_cache(path, model)
+        assert held == first and engine.continue_at(held, prompt) == shared
+        got, timing = engine.generate(model, [prompt], 8, start=shared)
+        assert got == want and timing["prefill_tokens"] == len(prompt) - shared, prompt
+    model.setup_caches(1, 12)
+    assert engine.load_prompt_cache(path, model) == first[:12]
+    assert engine.load_prompt_cache(str(tmp_path / "none"), model) == []  # no file yet: nothing cached
+
+
+def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
+    """Not safetensors, a safetensors file of something else, another model's K/V (other weights; other dtype), a
+    tensor missing: each one error naming the file, which stays as it was."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    good = str(tmp_path / "good")
+    engine.save_prompt_cache(good, model, [5, 6, 7], [])
+    meta = {"format": engine.PROMPT_CACHE, "model": engine.model_fingerprint(model)}
+    tensors = load_file(good)
+    del tensors["layers.3.v"]
+    save_file(tensors, tmp_path / "cut", meta)
+    (tmp_path / "text").write_bytes(b"not a cache")
+    save_file({"x": torch.zeros(2)}, tmp_path / "other")
+    cases = [("text", None, "is no prompt cache: not a .safetensors file"),
+             ("other", None, "is a .safetensors file but no prompt cache"),
+             ("good", engine.random_model("tiny", None, "cpu", torch.float32, seed=1), "holds another model's K/V"),
+             ("good", engine.random_model("tiny", None, "cpu", torch.float64), "holds another model's K/V"),
+             ("cut", None, "is corrupt")]
+    for name, other, message in cases:
+        before = (tmp_path / name).read_bytes()
+        (other or model).setup_caches(1, 16)
+        with pytest.raises(ValueError, match=message):
+            engine.load_prompt_cache(str(tmp_path / name), other or model)
+        assert (tmp_path / name).read_bytes() == before, name
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
+    """--prompt-cache: the first run writes its prompt's K/V; a second whose prompt goes on from it prefills only its
+    own new tokens and prints what a run without the file prints; a prompt the file holds already is not written
+    again. An --interactive chat's first turn is kept the same way. A batch and a folder are refused at once."""
+    path, base = str(tmp_path / "doc.cache"), "The capital of France is a city that"
+    flags = ("--max-new-tokens", "6", "--budget", "4", "--prompt-cache", path)
+    code, _, err = run_cli(capsys, "--prompt", base, *flags)
+    assert code == 0 and "prompt cache: the prompt's 8 tokens written to" in err, err
+    code, want, err = run_cli(capsys, "--prompt", base + " has many", *flags[:-2])
+    code, out, err = run_cli(capsys, "--prompt", base + " has many", *flags)
+    assert code == 0 and out == want and "the K/V of 8 tokens read" in err and "prefill: 2 tokens" in err, err
+    assert "written to" in err  # the longer prompt replaces the file's
+    code, out, err = run_cli(capsys, "--prompt", base, *flags)
+    assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err  # (at least 2: see generate)
+    stdin_of(monkeypatch, "")
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", *flags)
+    assert code == 0 and "written to" in err, err
+    stdin_of(monkeypatch, "")
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", *flags)
+    assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err
+    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", *flags)
+    assert code == 2 and "give one prompt, not a batch" in err
+    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", str(tmp_path))
+    assert code == 2 and "is a folder: name a file" in err
