@@ -1689,11 +1689,18 @@ def test_top_p_keeps_the_first_of_tokens_tied_at_its_cut():
     assert {int(sample(logits, 1.0, 0.53, gen)) for _ in range(200)} == {0, 10}
 
 
-def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path):
+@pytest.mark.parametrize("device, offload", [("cpu", False), ("cuda", False), ("cuda", True)])
+def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path, device, offload):
     """save_prompt_cache, then load_prompt_cache into fresh caches: a prompt that starts with the saved tokens prefills
     only the rest, and decodes the tokens of a fresh run (HATA with a budget of 4: its codes are made again from the
-    loaded keys). A prompt that shares 10 continues after them; a smaller cache takes what it holds."""
-    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cpu", torch.float32)
+    loaded keys). A prompt that shares 10 continues after them; a smaller cache takes what it holds. On CUDA through
+    the Triton kernels and the CUDA graph, and with the sparse layers' K/V in host memory (offload.py)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from offload import apply_offload
+    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), device, torch.float32)
+    if offload:
+        apply_offload(model, 1, 40)
     path, first = str(tmp_path / "p.safetensors"), list(range(5, 25))
     model.setup_caches(1, 40)
     engine.generate(model, [first], 4)
@@ -1706,6 +1713,9 @@ def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path):
         assert held == first and engine.continue_at(held, prompt) == shared
         got, timing = engine.generate(model, [prompt], 8, start=shared)
         assert got == want and timing["prefill_tokens"] == len(prompt) - shared, prompt
+    if offload:
+        assert type(model.layers[-1].attention.kv_cache).__name__ == "HostKVCache"
+        apply_offload(model, 1, 12)
     model.setup_caches(1, 12)
     assert engine.load_prompt_cache(path, model) == first[:12]
     assert engine.load_prompt_cache(str(tmp_path / "none"), model) == []  # no file yet: nothing cached
