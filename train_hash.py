@@ -81,7 +81,7 @@ def load_corpus(paths=None):
         for p in paths:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"text file not found (or a directory): {p}")
-            with open(p, encoding="utf-8", errors="replace") as f:
+            with open(p, encoding="utf-8-sig", errors="replace") as f:  # (a BOM is no text)
                 text = f.read()
             if "\0" in text or text.count("\ufffd") > len(text) // 100:  # NUL, or over 1% not UTF-8
                 raise ValueError(f"{p} is not UTF-8 text (a binary file, or another encoding)")
@@ -100,6 +100,9 @@ def load_corpus(paths=None):
     return [(name, " ".join(verses)) for name, verses in books.items()]
 
 
+HELD_OUT = "the held-out text (every fifth document, or the last fifth of each of fewer than five)"
+
+
 def split_corpus(docs, every=5):
     """(train, held-out) by document: every `every`-th document is held out. Fewer than `every` documents are
     split instead: the last 1/every of each text is held out."""
@@ -110,7 +113,7 @@ def split_corpus(docs, every=5):
             [d for i, d in enumerate(docs) if i % every == every - 1])
 
 
-def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
+def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text", flag=None):
     """n windows (n, seq_len) of consecutive tokens from the non-overlapping seq_len windows of every document
     (documents never mix inside a window): drawn without replacement by `gen`, else the first window of each
     document, then the second ones, ... An error when fewer than `need` exist; fewer than n: all, with a warning.
@@ -126,7 +129,7 @@ def token_windows(tok, docs, seq_len, n, gen=None, need=1, what="the text"):
         windows = [pool[i] for i in torch.randperm(len(pool), generator=gen)[:n].sort().values.tolist()]
     if len(windows) < need:
         raise ValueError(f"{what} holds {plural(len(windows), 'window')} of {seq_len} tokens, {need} needed: give "
-                         "more text or shorter windows")
+                         f"more text or {f'a shorter {flag}' if flag else 'shorter windows'}")
     if len(windows) < n:
         print(f"warning: only {plural(len(windows), 'window')} of {seq_len} tokens; using all of them", file=sys.stderr)
     return torch.tensor(windows[:n])
@@ -599,10 +602,14 @@ def run(args):
         check_writable(args.report_dir, "--report-dir")
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
-    checkpoint_metadata(checkpoint)  # a wrong --checkpoint fails as itself, not as its tokenizer (as engine.py)
+    context = checkpoint_metadata(checkpoint)[0]  # a wrong --checkpoint fails as itself, not as its tokenizer
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
     t0 = time.perf_counter()
     tok = Tokenizer.from_path(checkpoint)
+    gen = torch.Generator().manual_seed(args.seed)
+    # the windows before the model: too little text is one line at once, not after minutes of loading
+    windows = report_windows(args, tok, heldout_docs, context, gen) if args.report else \
+        training_windows(args, tok, train_docs, context, gen)
     model = from_checkpoint(checkpoint, None, device=args.device)
     margs = model.args
     # another model's projection file is named as such, not as the --n-dense it carries
@@ -612,11 +619,10 @@ def run(args):
         raise ValueError(f"--n-dense {args.n_dense} must be in [0, {margs.n_layers})")
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); "
           f"text: {plural(len(train_docs), 'training document')}, {len(heldout_docs)} held out", file=sys.stderr)
-    gen = torch.Generator().manual_seed(args.seed)
     if args.report:
-        write_hash_report(args, model, tok, heldout_docs, gen, t0)
+        write_hash_report(args, model, windows, len(heldout_docs), t0)
     else:
-        train_files(args, model, tok, train_docs, outs, hp, gen, t0)
+        train_files(args, model, windows, outs, hp, gen, t0)
 
 
 def training_settings(args):
@@ -654,13 +660,18 @@ def resolve_n_dense(paths, n_dense):
     return HataArgs.n_dense if want is None else want
 
 
-def train_files(args, model, tok, docs, outs, hp, gen, t0):
-    """Train one projection per --rbit on windows of the training documents, guard them, save each to outs[R]."""
-    margs = model.args
-    if (seq_len := min(args.seq_len, margs.max_seq_len)) < args.seq_len:  # (the default, 8192, past a short context)
+def training_windows(args, tok, docs, context, gen):
+    """The training's and the guard's windows (N, S) of the training documents, in an order drawn by gen."""
+    if (seq_len := min(args.seq_len, context)) < args.seq_len:  # (the default, 8192, past a short context)
         print(f"note: --seq-len {args.seq_len} cut to the model's context, {seq_len} tokens", file=sys.stderr)
-    windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen)
-    windows = windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
+    windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen, what="the training text",
+                            flag="--seq-len")
+    return windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
+
+
+def train_files(args, model, windows, outs, hp, gen, t0):
+    """Train one projection per --rbit on `windows` (N, S) (training_windows), guard them, save each to outs[R]."""
+    margs, seq_len = model.args, windows.shape[1]
     if args.batch > windows.shape[0]:  # short text (a step draws --batch with replacement: more repeat in every step)
         raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or give more text")
     n_val = min(args.val_seqs, windows.shape[0] - args.batch)  # short text: the guard's windows, where --batch are left
@@ -696,9 +707,18 @@ def train_files(args, model, tok, docs, outs, hp, gen, t0):
         raise OSError("; ".join(unsaved))
 
 
-def write_hash_report(args, model, tok, docs, gen, t0):
-    """Selection quality on windows of the held-out documents: the oracle, the trained files (--hash-weights, else
-    the shipped ones for the default model) and random projections of their sizes; tables and plots to --report-dir."""
+def report_windows(args, tok, docs, context, gen):
+    """{L: windows (n, L)} of the held-out documents for each --eval-len, cut to the model's context (once each).
+    The files a report of these lengths writes are refused first, unless --overwrite."""
+    lengths = list(dict.fromkeys(min(L, context) for L in args.eval_len))
+    refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
+    return {L: token_windows(tok, docs, L, args.eval_seqs, gen, what=HELD_OUT, flag="--eval-len") for L in lengths}
+
+
+def write_hash_report(args, model, windows, n_docs, t0):
+    """Selection quality on `windows` of the n_docs held-out documents (report_windows): the oracle, the trained
+    files (--hash-weights, else the shipped ones for the default model) and random projections of their sizes;
+    tables and plots to --report-dir."""
     margs, files = model.args, args.hash_weights
     if files is None and is_default_model(args.checkpoint):  # the shipped projections, made with --n-dense 2
         files = [p for r in args.rbit or (64, 128, 256)
@@ -723,21 +743,21 @@ def write_hash_report(args, model, tok, docs, gen, t0):
     for r in args.rbit or ([] if files else [HataArgs.rbit]):  # sizes asked for without a file: random ones
         if f"random R={r}" not in selectors:
             selectors[f"random R={r}"] = random_hash_projections(margs, r, args.n_dense)
-    lengths = list(dict.fromkeys(min(L, margs.max_seq_len) for L in args.eval_len))  # once each, cut to the context
-    refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
-    text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {plural(len(docs), 'document')}; "
+    text = (f"# Hash selection quality: {margs.describe()}\n\nHeld-out text: {plural(n_docs, 'document')}; "
             "budget K = ceil(f * (t + 1)) per KV head, for a query at t (the keys it sees).\n"
             f"Command: python train_hash.py {args.command}\n")
-    windows = {L: token_windows(tok, docs, L, args.eval_seqs, gen) for L in lengths}  # all checked first
     results = {L: evaluate(model, w, selectors, args.n_dense, args.eval_queries, args.seed) for L, w in windows.items()}
-    for seq_len, res in results.items():  # nothing is written until every length is measured
+    plots = []  # nothing is written until every length is measured, and the tables before the plots
+    for seq_len, res in results.items():
         table, mean = report_tables(res, args.n_dense, margs.n_layers)
         png, queries = f"hash_quality_{seq_len}.png", n_queries(seq_len, args.eval_queries, 0.5)  # evaluate's
         text += (f"\n## {seq_len}-token windows\n\n{plural(windows[seq_len].shape[0], 'window')}, {queries} queries "
                  f"each at positions in [{seq_len // 2}, {seq_len}). Plot: {png}\n\n{table}\n")
-        report_plot(res, mean, args.n_dense, margs.n_layers, os.path.join(args.report_dir, png))
+        plots.append((res, mean, os.path.join(args.report_dir, png)))
     print(text)
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
+    for res, mean, path in plots:  # (a plot that cannot be written loses no number)
+        report_plot(res, mean, args.n_dense, margs.n_layers, path)
     print(f"wrote {args.report_dir}/hash_quality.md and its plots ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
 

@@ -188,7 +188,7 @@ def test_token_windows_in_turn_or_drawn(capsys):
     with pytest.raises(ValueError, match="the text holds 7 windows of 2 tokens, 8 needed"):
         th.token_windows(tok, docs, 2, 8, need=8)
     with pytest.raises(ValueError, match="the text holds 0 windows of 12 tokens, 1 needed"):
-        th.token_windows(tok, docs, 12, 1, torch.Generator())
+        th.token_windows(tok, docs, 12, 1)
     bos = SimpleNamespace(add_bos=True, bos_id=1000, encode=tok.encode)  # each window opens as a prompt does
     assert th.token_windows(bos, docs, 3, 9).tolist() == [[1000, 0, 1], [1000, 100, 101], [1000, 2, 3],
                                                           [1000, 102, 103], [1000, 4, 5], [1000, 6, 7], [1000, 8, 9]]
@@ -343,7 +343,7 @@ def fake_training(monkeypatch, seen):
     """train_files' steps replaced by stand-ins for the tiny preset (windows numbered by their first token): returns
     the projections every --rbit 'trains' to and the run's arguments."""
     args = PRESETS["tiny"]
-    monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, n, gen: torch.arange(n)[:, None].repeat(1, L))
+    monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, n, gen, **k: torch.arange(n)[:, None].repeat(1, L))
     monkeypatch.setattr(th, "collect_samples", lambda model, windows, *a, **k: seen.setdefault("train", windows))
     projs = {l: torch.randn(args.n_kv_heads, args.head_dim, 32) for l in range(1, args.n_layers)}
     monkeypatch.setattr(th, "train", lambda *a: projs)
@@ -355,12 +355,17 @@ def fake_training(monkeypatch, seen):
                                   loss="listwise", steps=1, batch=1, keys=4, seed=0)
 
 
+def train_files(run, model, outs, gen=None):  # training_windows, then train_files, as main calls them
+    gen = torch.Generator().manual_seed(0) if gen is None else gen
+    th.train_files(run, model, th.training_windows(run, None, [], model.args.max_seq_len, gen), outs, {}, gen, 0.0)
+
+
 def test_train_files_holds_out_validation_windows_and_saves_the_settings(monkeypatch, tmp_path):
     """The guard's windows are never trained on, and the file records the run's --rbit and --n-dense."""
     seen = {}
     projs, run = fake_training(monkeypatch, seen)
     out, model = str(tmp_path / "p.safetensors"), Transformer(PRESETS["tiny"])
-    th.train_files(run, model, None, [], {32: out}, {}, torch.Generator().manual_seed(0), 0.0)
+    train_files(run, model, {32: out})
     train, val = set(seen["train"][:, 0].tolist()), set(seen["val"][:, 0].tolist())
     assert len(train) == 4 and len(val) == 2 and not train & val
     hata = HataArgs(rbit=32, n_dense=1)
@@ -376,23 +381,20 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
     seen = {}
     _, run = fake_training(monkeypatch, seen)
     for n, run.batch, n_train, n_val in [(3, 1, 1, 2), (3, 2, 2, 1), (2, 2, 2, 0), (1, 1, 1, 0)]:
-        monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, _, gen: torch.arange(n)[:, None].repeat(1, L))
+        monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, *a, **k: torch.arange(n)[:, None].repeat(1, L))
         seen.clear()
-        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / f"{n}.safetensors")}, {},
-                       torch.Generator().manual_seed(0), 0.0)
+        train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / f"{n}.safetensors")})
         assert (len(seen["train"]), len(seen.get("val", []))) == (n_train, n_val)
     err = capsys.readouterr().err
     assert "warning: no window left for validation beside --batch 1: the guard is off" in err
     assert "2 windows of 16 tokens, 2 queries each, 1 validation window (of --val-seqs 2)" in err  # (3, 2, 2, 1)
     run.seq_len, run.batch = 2000, 1  # past the tiny preset's 1024-token context: cut, and said (before: silently)
-    th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / "cut.safetensors")}, {},
-                   torch.Generator().manual_seed(0), 0.0)
+    train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "cut.safetensors")})
     assert "note: --seq-len 2000 cut to the model's context, 1024 tokens" in capsys.readouterr().err
     run.seq_len = 16
     run.batch = 2  # more than the text's one window (--n-seqs 4 >= --batch 2): refused, before any warning
     with pytest.raises(ValueError, match="--batch 2 > 1, the training windows: lower it or give more text"):
-        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: str(tmp_path / "x.safetensors")}, {},
-                       torch.Generator(), 0.0)
+        train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "x.safetensors")})
     assert "guard is off" not in capsys.readouterr().err
 
 
@@ -411,7 +413,7 @@ def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch,
     os.makedirs(tmp_path / "tmp")
     with pytest.raises(OSError, match=f"cannot write {re.escape(out)}: I/O error: No space left on device .*; the "
                                       "R=32 projections are saved in .*unsaved-.*-r32-p.safetensors") as e:
-        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], {32: out}, {}, torch.Generator(), 0.0)
+        train_files(run, Transformer(PRESETS["tiny"]), {32: out})
     kept = str(e.value).rsplit(" ", 1)[-1]
     assert load_hash_projections(kept, PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
     assert os.listdir(tmp_path) == ["tmp"]
@@ -424,14 +426,14 @@ def test_a_later_size_that_fails_keeps_the_earlier_sizes_file(monkeypatch, tmp_p
     monkeypatch.setattr(th, "train", lambda model, samples, r, *a: projs if r == 32 else 1 / 0)
     outs = {r: str(tmp_path / f"p{r}.safetensors") for r in (32, 64)}
     with pytest.raises(ZeroDivisionError):
-        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], outs, {}, torch.Generator().manual_seed(0), 0.0)
+        train_files(run, Transformer(PRESETS["tiny"]), outs)
     assert os.listdir(tmp_path) == ["p32.safetensors"]
     assert load_hash_projections(outs[32], PRESETS["tiny"], HataArgs(rbit=32, n_dense=1)).keys() == projs.keys()
     os.remove(outs[32])
     os.makedirs(outs[32])  # R=32's save fails (a folder in its place), then R=64's training: where R=32's went is said
     monkeypatch.setattr(th.tempfile, "gettempdir", lambda: str(tmp_path))
     with pytest.raises(ZeroDivisionError):
-        th.train_files(run, Transformer(PRESETS["tiny"]), None, [], outs, {}, torch.Generator().manual_seed(0), 0.0)
+        train_files(run, Transformer(PRESETS["tiny"]), outs)
     assert re.search(r"warning: .*; the R=32 projections are saved in .*unsaved-.*-r32-p32.safetensors",
                      capsys.readouterr().err)
 
@@ -834,3 +836,46 @@ def test_evaluate_lets_each_query_see_its_own_key(monkeypatch):
     th.evaluate(model, windows, {"oracle": None}, 2, queries=4, seed=0)
     ts = th.query_positions(64, 4, 0.5, torch.Generator().manual_seed(0))
     assert seen and all(torch.equal(lengths, ts + 1) for lengths in seen)
+
+
+def test_a_utf8_byte_order_mark_is_no_text(tmp_path):
+    """A file saved with a UTF-8 BOM (Windows' editors) reads as its text alone (before: 3 tokens of junk)."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffIn the beginning".encode("utf-8"))
+    assert th.load_corpus([str(tmp_path / "bom.txt")]) == [("bom.txt", "In the beginning")]
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_too_little_text_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Training windows longer than the training text, and report windows longer than the held-out text, are refused
+    before the weights load, naming the text and the flag that sets the windows."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+    monkeypatch.setattr(th, "from_checkpoint", load)
+    (tmp_path / "small.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    text = ["--text", str(tmp_path / "small.txt")]
+    assert th.main(["--out", str(tmp_path / "p.safetensors"), "--seq-len", "4096", *text]) == 2
+    assert ("error: the training text holds 0 windows of 4096 tokens, 1 needed: give more text or a shorter "
+            "--seq-len") in capsys.readouterr().err
+    assert th.main(["--report", "--report-dir", str(tmp_path / "r"), "--eval-len", "4096", *text]) == 2
+    assert "error: the held-out text (every fifth document" in (err := capsys.readouterr().err), err
+    assert "a shorter --eval-len" in err and not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_plot_that_cannot_be_written_loses_no_table(tmp_path, capsys, monkeypatch):
+    """The report prints its tables and writes hash_quality.md before its plots: a full disk at the second plot
+    leaves the numbers (before: nothing printed, no tables, and one plot in the next run's way)."""
+    plot, calls = th.report_plot, []
+
+    def full_disk(*args):
+        calls.append(args[-1])
+        if len(calls) == 2:
+            raise OSError(f"cannot write {args[-1]}: [Errno 28] No space left on device")
+        plot(*args)
+    monkeypatch.setattr(th, "report_plot", full_disk)
+    argv = ["--report", "--rbit", "64", "--eval-len", "64", "128", "--eval-seqs", "1", "--eval-queries", "2",
+            "--report-dir", str(tmp_path)]
+    assert th.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "No space left" in err and "## 64-token windows" in out and "## 128-token windows" in out
+    assert "## 128-token windows" in (tmp_path / "hash_quality.md").read_text()
