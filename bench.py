@@ -699,8 +699,10 @@ def build_parser():
                    "keeps the cores busy, where 2 spin)")
     for mode, p in sub.choices.items():
         if mode != "offload":
-            p.add_argument("--plot", help=f"PNG to write (default: report/bench_{mode}.png, for a run of the default "
-                                          f"points{' with --compile' if mode == 'e2e' else ''} only)")
+            e2e = " with --compile" if mode == "e2e" else ""
+            p.add_argument("--plot", help=f"PNG to write, replacing one there: a plot is remade from its run, and the "
+                                          f"tables on stdout are the record (default: report/bench_{mode}.png, for a "
+                                          f"run of the default points{e2e} only)")
     return parser, sub
 
 

@@ -36,12 +36,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_token, default_checkpoint, device_name,
-                    file_settings, frac, note_ignored, parse_budget, path_name, positive_int, prefill, refuse_negative,
-                    shipped_hash_weights, thread_count, torch_seed, write_png, write_text)
+                    file_settings, frac, note_ignored, parse_budget, path_name, plural, positive_int, prefill,
+                    refuse_negative, shipped_hash_weights, thread_count, torch_seed, write_png, write_text)
 from model import (HataArgs, check_rbit, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections,
                    write_whole)
 from tokenizer import Tokenizer
-from train_hash import BUDGETS, HERE, load_corpus, refuse_repeats, refuse_to_replace, split_corpus, token_windows
+from train_hash import (BUDGETS, HELD_OUT, HERE, load_corpus, refuse_repeats, refuse_to_replace, split_corpus,
+                        token_windows)
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
 # one of up to N_DIGITS tokens is decoded one step further (an answer followed by a digit is another number)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -433,7 +434,7 @@ def report(results):
         acc = lambda rs, k: f"{100 * sum(r['correct'][k] for r in rs) / len(rs):.0f}%" if rs else "-"
         pct = lambda share, digits: "-" if math.isnan(share) else f"{100 * share:.{digits}f}%"  # nan: none to keep
         cut = f" (of {planned}: {why})" if planned > len(recs) else ""
-        md += [f"### Retrieval: {len(recs)} samples{cut}; dense accuracy", ""]
+        md += [f"### Retrieval: {plural(len(recs), 'sample')}{cut}; dense accuracy", ""]
         md += head(["context", "samples"] + [f"{t} / {h}" for t in TASKS for h in HAYSTACKS] + ["all"])
         for C in contexts + [None]:
             rs = [r for r in recs if C in (None, r["context"])]
@@ -669,8 +670,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
                              f"{max(args.contexts)}; give more --text")
     if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
-        windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, what="the held-out "
-                                "text (every fifth document, or the last fifth of each of fewer than five)")
+        windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, what=HELD_OUT, flag="--ppl-context")
     model = from_checkpoint(checkpoint, None, device=args.device)
     if weights:  # a file for another model or settings: one line now, not after the first prefill
         load_hash_projections(weights, model.args, HataArgs(**hata), key_signature(model, hata["n_dense"]))

@@ -507,6 +507,8 @@ def test_report_says_when_the_time_limit_cut_retrieval():
         {**results, "retrieval_planned": 8, "retrieval_cut": True})
     assert "### Retrieval: 4 samples (of 8: the run stopped before the rest)" in ev.report(
         {**results, "retrieval_planned": 8})
+    assert "### Retrieval: 1 sample (of 8: the run stopped before the rest)" in ev.report(
+        {**results, "retrieval": [rec], "retrieval_planned": 8})  # (before: "1 samples")
     merged = ev.merge([{**results, "retrieval_planned": 8, "retrieval_cut": True}, copy.deepcopy(results)])
     assert "retrieval_planned" not in merged and "retrieval_cut" not in merged
 
