@@ -10,6 +10,7 @@ a budget that covers the whole cache (the default 2048 tokens, for a short promp
 --budget 16. A single prompt's tokens stream to stdout (a batch's answers print at the end); prefill and decode
 speed go to stderr, with the number of steps that had more cached keys than the budget. `--interactive` chats turn
 by turn (`converse()`): the cache keeps the conversation, and each turn prefills only its own tokens after it.
+`--prompt-cache FILE` keeps a prompt's K/V for a later run whose prompt starts the same (a long document).
 """
 import argparse
 import filecmp
