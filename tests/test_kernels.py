@@ -487,6 +487,7 @@ def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):  # 1100
     tri = hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=True)
     assert tri.shape == ref.shape and tri.dtype == torch.int32
     assert as_sets(tri) == as_sets(ref)
+    assert torch.equal(hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=False), ref)  # dispatch
 
 
 def assert_topk_matches_ref(q, k, lengths, budget, n_sink, n_recent, window):

@@ -96,7 +96,8 @@ def test_offload_prefill_from_an_explicit_zero_position():
 
 def test_host_cache_answers_a_prefill_with_its_own_or_copied_rows():
     """A fresh prefill attends over k, v themselves (no copy: the plan budgets none for a one-chunk prompt); a
-    later chunk over a copy of the rows up to its end, never the host memory itself (on CUDA: read over PCIe)."""
+    later chunk over a copy of the rows up to its end, never the host memory itself (on CUDA: read over PCIe); a
+    decode step over the host memory (a copy would cross PCIe whole every step, and its length sync the host)."""
     cache = HostKVCache(1, 2, 16, 4, torch.float32)
     k, v = torch.randn(2, 1, 2, 5, 4).unbind(0)
     out = cache.update(torch.arange(5)[None], k, v)
@@ -106,6 +107,8 @@ def test_host_cache_answers_a_prefill_with_its_own_or_copied_rows():
     assert torch.equal(out[0], torch.cat([k, k2], 2)) and torch.equal(out[1], torch.cat([v, v2], 2))
     assert all(o.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
                for o, h in zip(out, (cache.k, cache.v)))
+    out = cache.update(torch.tensor([[8]]), k2[:, :, :1], v2[:, :, :1])  # a decode step: the host memory itself
+    assert out[0] is cache.k and out[1] is cache.v and torch.equal(cache.k[:, :, 8], k2[:, :, 0])
 
 
 def test_cap_offloads_only_what_does_not_fit():
@@ -317,8 +320,14 @@ def test_gather_rows_refuses_inputs_the_kernel_would_read_past():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is on only without CUDA (conftest)")
 @pytest.mark.parametrize("S,K", [(37, 13), (150, 100)])  # K = 100: two blocks of slots
-def test_staged_fetch_matches_ref_cpu(S, K):
+def test_staged_fetch_matches_ref_cpu(S, K, monkeypatch):
+    """Under the interpreter; use_triton=True launches the kernel on the CPU too (else the check compared the ref
+    with itself)."""
+    kernel, launches = offload._gather_rows_kernel, []
+    monkeypatch.setattr(offload, "_gather_rows_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
     check_staged(torch.device("cpu"), S=S, K=K)
+    assert len(launches) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------

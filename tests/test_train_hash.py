@@ -211,7 +211,8 @@ def test_a_binary_or_other_encoding_text_file_is_refused(tmp_path):
 def test_split_corpus_by_document():
     docs = [(f"d{i}", f"text {i}") for i in range(10)]
     train, held = th.split_corpus(docs)
-    assert [n for n, _ in held] == ["d4", "d9"] and len(train) == 8
+    assert [n for n, _ in held] == ["d4", "d9"] and [n for n, _ in train] == ["d0", "d1", "d2", "d3", "d5", "d6",
+                                                                                "d7", "d8"]
     assert [n for n, _ in th.split_corpus(docs[:5])[1]] == ["d4"]  # five: one whole document held out, not cut
     (_, a), (_, b) = th.split_corpus([("one", "x" * 100)])[0][0], th.split_corpus([("one", "x" * 100)])[1][0]
     assert len(a) == 80 and len(b) == 20
@@ -294,6 +295,39 @@ def tiny_model():
         for layer in model.layers:  # the q and k rows of the stacked wq|wk|wv
             layer.attention.wqkv.weight[:(args.n_heads + args.n_kv_heads) * args.head_dim].mul_(4)
     return model
+
+
+def test_capture_qk_takes_each_query_at_its_own_position(tiny_model):
+    """The queries capture_qk returns are those at the positions asked for: each equals the last query of a prefill
+    of the tokens up to it (the keys, all of the window's), the first position's too."""
+    tokens, ts = torch.arange(3, 15), torch.tensor([0, 5, 11])
+    out = th.capture_qk(tiny_model, tokens, 1, ts)
+    for T in (1, 6, 12):
+        attn = tiny_model.layers[2].attention
+        tiny_model.setup_caches(1, T)
+        attn.keep_qk = True
+        with torch.inference_mode():
+            tiny_model(tokens[None, :T])
+        (q, k), (attn.keep_qk, attn.qk) = attn.qk, (False, None)
+        torch.testing.assert_close(out[2][0][ts.tolist().index(T - 1)], q[0, :, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[2][1], k[0], atol=1e-5, rtol=0)
+
+
+def test_the_last_losses_are_the_mean_of_the_last_tenth_of_the_steps(monkeypatch):
+    """train_layer's third value is each loss term's mean over the last 10% of the steps (20 steps: the last 2),
+    its second the first step's."""
+    calls = []
+
+    def loss(P, *args):  # the step's number, as the loss and its one term
+        calls.append(1)
+        return P.sum() * 0 + len(calls), [torch.tensor(float(len(calls)))]
+    monkeypatch.setattr(th, "hash_loss", loss)
+    g = torch.Generator().manual_seed(0)
+    sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 16, 8, generator=g),
+              "t": torch.full((2, 1), 15)}
+    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0)
+    _, first, last = th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 20, 2, 16, g, hp)
+    assert first == [1.0, 1.0] and last == [19.5, 19.5]
 
 
 def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path):
