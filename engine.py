@@ -41,6 +41,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer prompt: several chunks)
 PROMPT_CACHE = "hata prompt cache 1"  # --prompt-cache files' format, in their metadata
+KEPT = "name another file (this one is kept)"  # what an error about a --prompt-cache file ends in
 PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
 
 
@@ -441,9 +442,10 @@ def build_parser():
                    "standard input is your next message, after any --prompt (a line ending in \\ goes on in the "
                    "next); the KV cache keeps the conversation, so "
                    "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
-    p.add_argument("--prompt-cache", type=path_name, help="a file for the prompt's K/V: a run whose prompt begins "
-                   "with the tokens it holds prefills only the rest, and then writes its own prompt's there (one "
-                   "prompt, or --interactive's first turn; as llama.cpp's --prompt-cache)")
+    p.add_argument("--prompt-cache", type=path_name, help="a file for the prompt's K/V: a run reuses the K/V of the "
+                   "leading tokens its prompt shares with the file's and prefills only the rest, then writes its own "
+                   "prompt's there unless the file holds them already (one prompt, or --interactive's first turn; "
+                   "as llama.cpp's --prompt-cache)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
                    "--max-new-tokens - 1, the last token never being cached, within the model's context; with "
                    "--interactive the model's context)")
@@ -579,7 +581,7 @@ def run(args):
     if args.prompt_cache:  # written after the work: a folder that takes no file is refused before it
         if len(texts) > 1 and not args.interactive:
             raise ValueError("--prompt-cache keeps one prompt's K/V: give one prompt, not a batch")
-        if os.path.isdir(args.prompt_cache):
+        if os.path.isdir(args.prompt_cache) or args.prompt_cache.endswith(("/", os.sep)):
             raise ValueError(f"--prompt-cache {args.prompt_cache} is a folder: name a file")
         check_writable(os.path.dirname(args.prompt_cache), "--prompt-cache")
     if args.interactive and (streams or sys.stdin is None):
@@ -622,6 +624,8 @@ def run(args):
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
         check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype, continued)
+    if args.prompt_cache:  # all but the weights' part of the check (load_prompt_cache)
+        check_prompt_cache(args.prompt_cache, shape, dtype)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
@@ -667,8 +671,8 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     """--interactive: a chat, turn by turn: the --prompt texts first, then each line of standard input, to its end.
     The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
     (the reply's own, where the template writes it as it was decoded; at least 2, see prefill). On CUDA one captured
-    decode step serves every turn. `held`: the tokens at the cached positions before the first turn (--prompt-cache),
-    whose K/V the first turn's prompt is written over after its reply."""
+    decode step serves every turn. `held`: the tokens at the cached positions before the first turn (--prompt-cache);
+    the file is rewritten with the first turn's prompt once that is prefilled."""
     messages, held, graphs = list(system), list(held), {}  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     for turn, text in enumerate(itertools.chain(openings, typed_turns())):
@@ -678,20 +682,20 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             raise ValueError(f"the conversation has {plural(len(ids))} and the cache holds {model.max_seq_len}: start "
                              "a new one (a larger --max-seq-len holds more)")
         start = continue_at(held, ids)
-        streamer = Streamer(tok, stops)
+        streamer, prefilled = Streamer(tok, stops), True
         try:
             new, timing = generate(model, [ids], min(args.max_new_tokens, room), tok.eos_ids, generator=generator,
                                    on_token=streamer, start=start, stop_when=stops, graphs=graphs, **sampling(args))
-        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
-            new, timing = [streamer.ids], None
+        except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
+            new, timing, prefilled = [streamer.ids], None, isinstance(e, Interrupted)
         streamer.finish()
+        if args.prompt_cache and turn == 0 and prefilled:
+            save_prompt_cache(args.prompt_cache, model, ids, held)
         if timing is None:
             print("(reply stopped)", file=sys.stderr)
             held = held[:start]  # the positions from `start` on may be half written: the next turn prefills them
         else:
             report_speed(timing)
-            if args.prompt_cache and turn == 0:
-                save_prompt_cache(args.prompt_cache, model, ids, held)
             held = ids + new[0][:-1]  # (the last new token is never cached)
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
 
@@ -1005,43 +1009,66 @@ def show(text):  # the answers, on standard output; a failed write (a full disk)
 # --prompt-cache: a prompt's K/V in a safetensors file, for a later run whose prompt starts the same (a long document
 # asked about again). The hash codes are not kept: the policy may differ, and they are made again from the keys.
 
-def model_fingerprint(model):  # what a prompt cache's maker must match: the shape, the dtype, some of the weights
-    some = (model.tok_embeddings.weight[:8], model.layers[-1].attention.wqkv.weight[:8])
-    digest = hashlib.sha256(b"".join(w.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() for w in some))
-    return f"{model.args.describe()}; {model.output.weight.dtype}; weights {digest.hexdigest()[:16]}"
+def weights_digest(model):  # a prompt cache's maker's weights: 256 values of every tensor, spread over it
+    h = hashlib.sha256()
+    for w in [*model.state_dict().values(), *[model.rope_factors] * (model.rope_factors is not None)]:
+        h.update(w.detach().flatten()[::max(1, w.numel() // 256)].contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def check_prompt_cache(path, args, dtype):
+    """--prompt-cache's file from its header alone, before the weights load: an error unless it is one, made by a
+    model of these settings (ModelArgs; None: not known yet) in `dtype`. Returns its metadata, or None (no file)."""
+    from safetensors import safe_open
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"--prompt-cache {path} is a link to {os.readlink(path)}, which does not exist: {KEPT}")
+    if not os.path.lexists(path):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta, shapes = f.metadata() or {}, {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f"--prompt-cache {path} is no prompt cache: not a .safetensors file, or a cut one ({e}); "
+                         f"{KEPT}") from None
+    if meta.get("format") != PROMPT_CACHE:
+        raise ValueError(f"--prompt-cache {path} is a .safetensors file but no prompt cache: {KEPT}")
+    if meta.get("dtype") != str(dtype):
+        flag = next((k for k, v in DTYPES.items() if str(v) == meta.get("dtype")), None)
+        raise ValueError(f"--prompt-cache {path} holds K/V in {meta.get('dtype')}, not {dtype}: " + (
+            f"run with --dtype {flag}, or {KEPT}" if flag else KEPT))
+    if args is None:
+        return meta
+    if meta.get("model") != repr(args):
+        raise ValueError(f"--prompt-cache {path} holds another model's K/V ({meta.get('model')}), not this one's "
+                         f"({args!r}): {KEPT}")
+    n = shapes.get("tokens", [0])
+    if not (len(n) == 1 and n[0] > 0 and set(shapes) == {"tokens"} | {
+            f"layers.{i}.{kv}" for i in range(args.n_layers) for kv in "kv"} and all(
+            shape == [args.n_kv_heads, n[0], args.head_dim] for name, shape in shapes.items() if name != "tokens")):
+        raise ValueError(f"--prompt-cache {path} is corrupt: it lacks a tensor of this model's, or one has another "
+                         f"shape; {KEPT}")
+    return meta
 
 
 def load_prompt_cache(path, model):
-    """The tokens whose K/V --prompt-cache's file holds, copied into the caches' first positions (as many as they
-    hold; [] where there is no file yet). A file that is not one, or another model's, is an error and is kept."""
+    """The tokens whose K/V --prompt-cache's file holds (check_prompt_cache), copied into the caches' first
+    positions (as many as they hold; [] where there is no file yet). Another model's file is an error, and kept."""
     from safetensors import safe_open
-    if not os.path.lexists(path):
+    dtype = model.output.weight.dtype
+    if (meta := check_prompt_cache(path, model.args, dtype)) is None:
         return []
-    try:
-        with safe_open(path, "pt") as f:
-            meta, names = f.metadata() or {}, set(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names} if meta.get("format") == PROMPT_CACHE else {}
-    except Exception as e:
-        raise ValueError(f"--prompt-cache {path} is no prompt cache: not a .safetensors file, or a cut one ({e}); "
-                         "name another file (this one is kept)") from None
-    n_layers, dtype = model.args.n_layers, model.output.weight.dtype
-    if meta.get("format") != PROMPT_CACHE:
-        raise ValueError(f"--prompt-cache {path} is a .safetensors file but no prompt cache: name another file (this "
-                         "one is kept)")
-    if meta.get("model") != (mine := model_fingerprint(model)):
-        raise ValueError(f"--prompt-cache {path} holds another model's K/V ({meta.get('model')}), not this one's "
-                         f"({mine}): name another file (this one is kept)")
-    tokens = tensors.get("tokens", torch.zeros(0))
-    shape = (model.args.n_kv_heads, len(tokens), model.args.head_dim)
-    if not (tokens.dtype == torch.int64 and tokens.dim() == 1 and len(tokens) > 0 and names == {"tokens"} | {
-            f"layers.{i}.{kv}" for i in range(n_layers) for kv in "kv"} and all(
-            t.shape == shape and t.dtype == dtype for name, t in tensors.items() if name != "tokens")):
-        raise ValueError(f"--prompt-cache {path} is corrupt: it lacks a tensor of this model's, or one has another "
-                         "shape or type")
-    n = min(len(tokens), model.max_seq_len)
-    for i, layer in enumerate(model.layers):
-        layer.attention.kv_cache.k[0, :, :n] = tensors[f"layers.{i}.k"][:, :n]
-        layer.attention.kv_cache.v[0, :, :n] = tensors[f"layers.{i}.v"][:, :n]
+    if meta.get("weights") != weights_digest(model):
+        raise ValueError(f"--prompt-cache {path} holds the K/V of a model of this shape but other weights: {KEPT}")
+    with safe_open(path, "pt") as f:
+        tokens = f.get_tensor("tokens")
+        if tokens.dtype != torch.int64:
+            raise ValueError(f"--prompt-cache {path} is corrupt: its tokens are {tokens.dtype}; {KEPT}")
+        n = min(len(tokens), model.max_seq_len)
+        for i, layer in enumerate(model.layers):
+            for kv in "kv":
+                if (t := f.get_slice(f"layers.{i}.{kv}")[:, :n]).dtype != dtype:
+                    raise ValueError(f"--prompt-cache {path} is corrupt: its K/V are {t.dtype}, not {dtype}; {KEPT}")
+                getattr(layer.attention.kv_cache, kv)[0, :, :n] = t
     model.set_hata(model.hata)  # the sparse layers' hash codes, of the loaded keys
     print(f"prompt cache: the K/V of {plural(n)} read from {path}", file=sys.stderr)
     return tokens[:n].tolist()
@@ -1058,7 +1085,9 @@ def save_prompt_cache(path, model, ids, held):
     for i, layer in enumerate(model.layers):
         tensors[f"layers.{i}.k"] = layer.attention.kv_cache.k[0, :, :n].cpu().contiguous()  # (Hkv, n, D)
         tensors[f"layers.{i}.v"] = layer.attention.kv_cache.v[0, :, :n].cpu().contiguous()
-    write_whole(path, lambda tmp: save_file(tensors, tmp, {"format": PROMPT_CACHE, "model": model_fingerprint(model)}))
+    meta = {"format": PROMPT_CACHE, "model": repr(model.args), "dtype": str(model.output.weight.dtype),
+            "weights": weights_digest(model)}
+    write_whole(os.path.realpath(path), lambda tmp: save_file(tensors, tmp, meta))  # (a link's target)
     print(f"prompt cache: the prompt's {plural(n)} written to {path}", file=sys.stderr)
 
 

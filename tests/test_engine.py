@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -1211,9 +1212,9 @@ def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_ctrl_c_shows_the_answers_so_far(capsys, monkeypatch):
+def test_ctrl_c_shows_the_answers_so_far(capsys, monkeypatch, tmp_path):
     """Ctrl-C while a batch decodes shows each prompt's answer so far, then ends the run (status 130); one prompt's
-    streamed text ends its line."""
+    streamed text ends its line, and its --prompt-cache is written (as a chat's first turn's)."""
     step, calls = engine.decode_one_token, []
 
     def interrupted_step(*args):
@@ -1228,8 +1229,14 @@ def test_ctrl_c_shows_the_answers_so_far(capsys, monkeypatch):
     assert code == 130 and "interrupted" in err and "prefill:" not in err, err
     assert len(answers) == 2 and all(a.split("\n", 1)[1].strip() for a in answers), out
     calls.clear()
-    code, out, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "50", "--dense")
+    code, out, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "50", "--dense",
+                             "--prompt-cache", str(tmp_path / "p.cache"))
     assert code == 130 and out.strip() and out.endswith("\n") and "interrupted" in err, (out, err)
+    assert "the prompt's 5 tokens written" in err  # the prompt was prefilled whole
+    calls.clear()
+    stdin_of(monkeypatch, "")  # a chat's first turn too
+    code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--prompt-cache", str(tmp_path / "c.cache"))
+    assert code == 0 and "(reply stopped)" in err and "written to" in err, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1722,29 +1729,43 @@ def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path, device, o
 
 
 def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
-    """Not safetensors, a safetensors file of something else, another model's K/V (other weights; other dtype), a
-    tensor missing: each one error naming the file, which stays as it was."""
+    """Not safetensors, a safetensors file of something else, K/V in another dtype (named as the flag that fits), of
+    another model's settings (RoPE's theta), of other weights (one layer's K rows), a tensor missing, a link to
+    nothing: each one error naming the file, which stays as it was. A link to a cache is written through."""
     model = engine.random_model("tiny", None, "cpu", torch.float32)
     model.setup_caches(1, 16)
     good = str(tmp_path / "good")
     engine.save_prompt_cache(good, model, [5, 6, 7], [])
-    meta = {"format": engine.PROMPT_CACHE, "model": engine.model_fingerprint(model)}
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
     tensors = load_file(good)
     del tensors["layers.3.v"]
     save_file(tensors, tmp_path / "cut", meta)
     (tmp_path / "text").write_bytes(b"not a cache")
     save_file({"x": torch.zeros(2)}, tmp_path / "other")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    theta = engine.random_model("tiny", None, "cpu", torch.float32)
+    theta.args = dataclasses.replace(theta.args, rope_theta=100.0)
+    k_rows = engine.random_model("tiny", None, "cpu", torch.float32)
+    with torch.no_grad():
+        k_rows.layers[0].attention.wqkv.weight[64:96] += 1  # the K rows (H * D = 64 query rows first)
     cases = [("text", None, "is no prompt cache: not a .safetensors file"),
              ("other", None, "is a .safetensors file but no prompt cache"),
-             ("good", engine.random_model("tiny", None, "cpu", torch.float32, seed=1), "holds another model's K/V"),
-             ("good", engine.random_model("tiny", None, "cpu", torch.float64), "holds another model's K/V"),
-             ("cut", None, "is corrupt")]
+             ("good", engine.random_model("tiny", None, "cpu", torch.bfloat16),
+              "holds K/V in torch.float32, not torch.bfloat16: run with --dtype float32, or name another file"),
+             ("good", engine.random_model("tiny", None, "cpu", torch.float64), "holds K/V in torch.float32, not"),
+             ("good", theta, "holds another model's K/V"),
+             ("good", k_rows, "holds the K/V of a model of this shape but other weights"),
+             ("cut", None, "is corrupt"), ("dangling", None, "is a link to .*gone, which does not exist")]
     for name, other, message in cases:
-        before = (tmp_path / name).read_bytes()
+        before = (tmp_path / name).read_bytes() if name != "dangling" else None
         (other or model).setup_caches(1, 16)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message + ".*this one is kept"):
             engine.load_prompt_cache(str(tmp_path / name), other or model)
-        assert (tmp_path / name).read_bytes() == before, name
+        assert name == "dangling" or (tmp_path / name).read_bytes() == before, name
+    os.symlink(good, tmp_path / "link")
+    engine.save_prompt_cache(str(tmp_path / "link"), model, [5, 6, 8], [5, 6, 7])
+    assert os.path.islink(tmp_path / "link") and load_file(good)["tokens"].tolist() == [5, 6, 8]
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -1770,5 +1791,10 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err
     code, _, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", *flags)
     assert code == 2 and "give one prompt, not a batch" in err
-    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", str(tmp_path))
-    assert code == 2 and "is a folder: name a file" in err
+    for folder in (str(tmp_path), str(tmp_path / "new") + "/"):
+        code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", folder)
+        assert code == 2 and "is a folder: name a file" in err
+    (tmp_path / "notes.txt").write_text("my notes")  # refused before the weights load, and kept
+    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", str(tmp_path / "notes.txt"))
+    assert code == 2 and "is no prompt cache" in err and "loaded" not in err
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
