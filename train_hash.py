@@ -608,8 +608,8 @@ def run(args):
     tok = Tokenizer.from_path(checkpoint)
     gen = torch.Generator().manual_seed(args.seed)
     # the windows before the model: too little text is one line at once, not after minutes of loading
-    windows = report_windows(args, tok, heldout_docs, context, gen) if args.report else \
-        training_windows(args, tok, train_docs, context, gen)
+    windows = (report_windows(args, tok, heldout_docs, context, gen) if args.report
+               else training_windows(args, tok, train_docs, context, gen))
     model = from_checkpoint(checkpoint, None, device=args.device)
     margs = model.args
     # another model's projection file is named as such, not as the --n-dense it carries
