@@ -1211,6 +1211,14 @@ def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
         assert caught.value.new == [whole[0][:3], whole[1][:3 - len(stop)]], stop
 
 
+def test_token_zero_is_a_token(monkeypatch):
+    """Token id 0 is returned as any other (-1, not 0, marks the steps after a stop)."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 8)
+    monkeypatch.setattr(engine, "sample", lambda logits, *args: torch.zeros(logits.shape[0], dtype=torch.long))
+    assert engine.generate(model, [[5, 6]], 3)[0] == [[0, 0, 0]]
+
+
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_ctrl_c_shows_the_answers_so_far(capsys, monkeypatch, tmp_path):
     """Ctrl-C while a batch decodes shows each prompt's answer so far, then ends the run (status 130); one prompt's
@@ -1725,6 +1733,9 @@ def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path, device, o
         apply_offload(model, 1, 12)
     model.setup_caches(1, 12)
     assert engine.load_prompt_cache(path, model) == first[:12]
+    assert engine.check_prompt_cache(path, None, torch.float32)["format"] == engine.PROMPT_CACHE  # before the load
+    assert [engine.continue_at(held, ids) for held, ids in (([], [5]), ([], [5, 6, 7]), ([5], [5]), ([5, 6], [5, 7]),
+                                                             ([5, 6, 7, 8], [5, 6, 7]))] == [0, 0, 0, 0, 1]
     assert engine.load_prompt_cache(str(tmp_path / "none"), model) == []  # no file yet: nothing cached
 
 
@@ -1763,6 +1774,24 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
         with pytest.raises(ValueError, match=message + ".*this one is kept"):
             engine.load_prompt_cache(str(tmp_path / name), other or model)
         assert name == "dangling" or (tmp_path / name).read_bytes() == before, name
+    for name, change in (("int32 tokens", {"tokens": tensors["tokens"].int()}),
+                         ("an extra tensor", {"x": torch.zeros(1)}),
+                         ("bf16 K/V", {"layers.0.k": load_file(good)["layers.0.k"].bfloat16()})):
+        save_file({**load_file(good), **change}, tmp_path / "bad", meta)
+        with pytest.raises(ValueError, match="is corrupt"):
+            engine.load_prompt_cache(str(tmp_path / "bad"), model)
+    empty = {name: x[:, :0] if x.dim() == 3 else x[:0] for name, x in load_file(good).items()}
+    save_file(empty, tmp_path / "empty", meta)
+    with pytest.raises(ValueError, match="is corrupt"):
+        engine.load_prompt_cache(str(tmp_path / "empty"), model)
+    digest = engine.weights_digest(model)  # every tensor counts, and a GGUF's RoPE factors
+    for name, w in model.state_dict().items():
+        with torch.no_grad():
+            w.view(-1)[0] += 1
+            assert engine.weights_digest(model) != digest, name
+            w.view(-1)[0] -= 1
+    model.rope_factors = torch.ones(8)
+    assert engine.weights_digest(model) != digest
     os.symlink(good, tmp_path / "link")
     engine.save_prompt_cache(str(tmp_path / "link"), model, [5, 6, 8], [5, 6, 7])
     assert os.path.islink(tmp_path / "link") and load_file(good)["tokens"].tolist() == [5, 6, 8]
@@ -1784,8 +1813,11 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     code, out, err = run_cli(capsys, "--prompt", base, *flags)
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err  # (at least 2: see generate)
     stdin_of(monkeypatch, "")
-    code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", *flags)
-    assert code == 0 and "written to" in err, err
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--prompt", "More", *flags)
+    assert code == 0 and err.count("written to") == 1, err  # the first turn's prompt, not each turn's
+    from tokenizer import Tokenizer
+    first = Tokenizer.from_path(engine.default_checkpoint()).encode_chat([{"role": "user", "content": "Hi"}])
+    assert load_file(path)["tokens"].tolist() == first
     stdin_of(monkeypatch, "")
     code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", *flags)
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err
@@ -1798,3 +1830,29 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", str(tmp_path / "notes.txt"))
     assert code == 2 and "is no prompt cache" in err and "loaded" not in err
     assert (tmp_path / "notes.txt").read_text() == "my notes"
+    with safe_open(path, "pt") as f:  # another model's settings: refused before the weights load too
+        meta = f.metadata()
+    save_file(load_file(path), tmp_path / "other.cache", {**meta, "model": meta["model"].replace("dim=576", "dim=5")})
+    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", str(tmp_path / "other.cache"))
+    assert code == 2 and "holds another model's K/V" in err and "loaded" not in err, err
+    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", "/dev/null/p.cache")  # a folder takes no file
+    assert code == 2 and "--prompt-cache: cannot write in /dev/null" in err and "loaded" not in err, err
+
+
+def test_a_prompt_cache_is_kept_only_for_a_whole_prompt_and_plans_a_continued_prefill(capsys, monkeypatch, tmp_path):
+    """A chat's first turn stopped by Ctrl-C in its prefill (a plain KeyboardInterrupt, not Interrupted) writes no
+    file: its K/V may be half made. The memory and offload plans of a run with --prompt-cache count a continued
+    prefill's copy."""
+    plans = []
+
+    def generate(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "check_cache_memory", lambda model, *plan: plans.append(plan))
+    stdin_of(monkeypatch, "")
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--prompt-cache", str(tmp_path / "c"),
+                           "--max-seq-len", "64")
+    assert code == 0 and "(reply stopped)" in err and "written" not in err and not os.path.exists(tmp_path / "c")
+    assert plans == [(1, 64, 64, True)]
+    code, _, err = run_cli(capsys, "--prompt", "Hi there", "--prompt-cache", str(tmp_path / "c"))
+    assert code == 130 and plans[-1][-1] is True, err

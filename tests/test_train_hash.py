@@ -424,7 +424,8 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
     assert "2 windows of 16 tokens, 2 queries each, 1 validation window (of --val-seqs 2)" in err  # (3, 2, 2, 1)
     run.seq_len, run.batch = 2000, 1  # past the tiny preset's 1024-token context: cut, and said (before: silently)
     train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "cut.safetensors")})
-    assert "note: --seq-len 2000 cut to the model's context, 1024 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: --seq-len 2000 cut to the model's context, 1024 tokens" in err and "window of 1024 tokens" in err
     run.seq_len = 16
     run.batch = 2  # more than the text's one window (--n-seqs 4 >= --batch 2): refused, before any warning
     with pytest.raises(ValueError, match="--batch 2 > 1, the training windows: lower it or give more text"):
@@ -913,3 +914,22 @@ def test_a_plot_that_cannot_be_written_loses_no_table(tmp_path, capsys, monkeypa
     out, err = capsys.readouterr()
     assert "No space left" in err and "## 64-token windows" in out and "## 128-token windows" in out
     assert "## 128-token windows" in (tmp_path / "hash_quality.md").read_text()
+    assert [os.path.basename(path) for path in calls] == ["hash_quality_64.png", "hash_quality_128.png"]
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_training_reads_the_training_documents_and_the_report_the_held_out_ones(tmp_path, monkeypatch):
+    """Of five --text files, training draws its windows from the first four, the report from the fifth."""
+    seen = []
+
+    def windows(tok, docs, *args, **kwargs):
+        seen.append([name for name, _ in docs])
+        raise ValueError("enough")
+    monkeypatch.setattr(th, "token_windows", windows)
+    files = []
+    for i in range(5):
+        (tmp_path / f"d{i}.txt").write_text(f"Document {i}. " * 50)
+        files.append(str(tmp_path / f"d{i}.txt"))
+    assert th.main(["--out", str(tmp_path / "p.safetensors"), "--text", *files]) == 2
+    assert th.main(["--report", "--report-dir", str(tmp_path / "r"), "--eval-len", "64", "--text", *files]) == 2
+    assert seen == [["d0.txt", "d1.txt", "d2.txt", "d3.txt"], ["d4.txt"]]
