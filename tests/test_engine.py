@@ -1189,20 +1189,26 @@ def test_cuda_graph_decode_equals_eager():
     assert timings[0] is None and timings[1] > 0
 
 
+def ctrl_c_at_step(monkeypatch, n):  # decode steps raise KeyboardInterrupt at the n-th call (clear the list: again)
+    step, calls = engine.decode_one_token, []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return step(*args)
+    monkeypatch.setattr(engine, "decode_one_token", interrupted_step)
+    return calls
+
+
 def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
     """Ctrl-C in the decode loop (here in the 3rd step) raises Interrupted holding each sequence's new tokens so far:
     the prefill's and two steps', those of an uninterrupted generate; a sequence that stopped before holds its own."""
     model = engine.random_model("tiny", None, "cpu", torch.float32)
-    prompts, step, calls = [[5, 6, 7], [9, 10, 11, 12, 13]], engine.decode_one_token, []
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     model.setup_caches(2, 16)
     whole, _ = engine.generate(model, prompts, 6)
-
-    def interrupted_step(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return step(*args)
-    monkeypatch.setattr(engine, "decode_one_token", interrupted_step)
+    calls = ctrl_c_at_step(monkeypatch, 3)
     for stop in ((), [whole[1][1]]):
         calls.clear()
         model.setup_caches(2, 16)
@@ -1223,14 +1229,7 @@ def test_token_zero_is_a_token(monkeypatch):
 def test_ctrl_c_shows_the_answers_so_far(capsys, monkeypatch, tmp_path):
     """Ctrl-C while a batch decodes shows each prompt's answer so far, then ends the run (status 130); one prompt's
     streamed text ends its line, and its --prompt-cache is written (as a chat's first turn's)."""
-    step, calls = engine.decode_one_token, []
-
-    def interrupted_step(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return step(*args)
-    monkeypatch.setattr(engine, "decode_one_token", interrupted_step)
+    calls = ctrl_c_at_step(monkeypatch, 5)
     code, out, err = run_cli(capsys, "--prompt", "The capital of France is", "--prompt", "Once upon a time",
                              "--max-new-tokens", "50", "--dense")
     answers = out.split("--- ")[1:]
