@@ -671,17 +671,20 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     """--interactive: a chat, turn by turn: the --prompt texts first, then each line of standard input, to its end.
     The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
     (the reply's own, where the template writes it as it was decoded; at least 2, see prefill). On CUDA one captured
-    decode step serves every turn. `held`: the tokens at the cached positions before the first turn (--prompt-cache);
-    the file is rewritten with the first turn's prompt once that is prefilled."""
-    messages, held, graphs = list(system), list(held), {}  # held: the token ids at the cached positions
+    decode step serves every turn. A conversation that would leave a reply less than --max-new-tokens forgets its
+    oldest exchanges; a message the cache cannot hold alone is not sent. `held`: the tokens at the cached positions
+    before the first turn (--prompt-cache); the file is rewritten with the first sent turn's prompt once prefilled."""
+    messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
-    for turn, text in enumerate(itertools.chain(openings, typed_turns())):
+    for text in itertools.chain(openings, typed_turns()):
         messages.append({"role": "user", "content": text})
-        ids = tok.encode_chat(messages)
-        if (room := model.max_seq_len - len(ids) + 1) < 1:
-            raise ValueError(f"the conversation has {plural(len(ids))} and the cache holds {model.max_seq_len}: start "
-                             "a new one (a larger --max-seq-len holds more)")
-        start = continue_at(held, ids)
+        ids = fit_conversation(tok, messages, len(system), model.max_seq_len - args.max_new_tokens + 1)
+        if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the chat goes on
+            print(f"error: this message takes {plural(len(ids))} in the chat's format and the cache holds "
+                  f"{model.max_seq_len}: not sent (a larger --max-seq-len holds more)", file=sys.stderr)
+            messages.pop()
+            continue
+        start, sent = continue_at(held, ids), sent + 1
         streamer, prefilled = Streamer(tok, stops), True
         try:
             new, timing = generate(model, [ids], min(args.max_new_tokens, room), tok.eos_ids, generator=generator,
@@ -689,7 +692,7 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
         except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
             new, timing, prefilled = [streamer.ids], None, isinstance(e, Interrupted)
         streamer.finish()
-        if args.prompt_cache and turn == 0 and prefilled:
+        if args.prompt_cache and sent == 1 and prefilled:
             save_prompt_cache(args.prompt_cache, model, ids, held)
         if timing is None:
             print("(reply stopped)", file=sys.stderr)
@@ -698,6 +701,20 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             report_speed(timing)
             held = ids + new[0][:-1]  # (the last new token is never cached)
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
+
+
+def fit_conversation(tok, messages, n_system, limit):
+    """The chat encoding of `messages` in at most `limit` tokens (the room for a whole reply), forgetting the oldest
+    exchanges, a user's message and its reply, as it must (in place; the system message and the newest one kept)."""
+    ids, forgot = tok.encode_chat(messages), 0
+    while len(ids) > limit and len(messages) > n_system + 1:
+        del messages[n_system:n_system + 2]
+        ids, forgot = tok.encode_chat(messages), forgot + 1
+    if forgot:
+        which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
+        print(f"note: the conversation forgets {which} to leave the reply room in the cache (a larger --max-seq-len "
+              "holds more)", file=sys.stderr)
+    return ids
 
 
 def continue_at(held, ids):

@@ -486,7 +486,8 @@ def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkey
     caches are planned as one sequence of the whole cache, continued. Each turn gets the cache's room (the cache less
     its tokens, + 1: the last new token is never cached) and the --stop strings; the second starts after the cached
     tokens, the first reply less its last token, and gets the first's kept CUDA graphs (one capture for the chat). A
-    turn past the cache's end ends the chat with one line."""
+    cache one token short of the whole conversation forgets the first exchange: the second turn is its own message
+    alone, after the system turn the caches share."""
     from tokenizer import Tokenizer
     tok = Tokenizer.from_path(engine.default_checkpoint())
     hello, calls, plans, kept = tok.encode("Hello", bos=False), [], [], []
@@ -498,20 +499,22 @@ def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkey
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     monkeypatch.setattr(engine, "check_cache_memory", lambda model, *plan: plans.append(plan))
-    first = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    first, again = (tok.encode_chat([{"role": "user", "content": t}]) for t in ("Hi", "Again"))
     both = tok.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                             {"role": "user", "content": "Again"}])
+    system = next(i for i, (a, b) in enumerate(zip(first, again)) if a != b)  # the tokens before the user's turn
     for size in (len(both), len(both) - 1):
         stdin_of(monkeypatch, "")
         code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--prompt", "Again", "--max-seq-len",
-                               str(size), "--stop", "X")
-        assert plans.pop() == (1, size, size, True)
-        assert calls.pop(0) == (len(first), size - len(first) + 1, 0, ["X"])
+                               str(size), "--max-new-tokens", "1", "--stop", "X")
+        assert code == 0 and plans.pop() == (1, size, size, True), err
+        assert calls.pop(0) == (len(first), 1, 0, ["X"])
         if size == len(both):
-            assert code == 0 and calls.pop(0) == (len(both), 1, len(first) + len(hello), ["X"]), err
+            assert calls.pop(0) == (len(both), 1, len(first) + len(hello), ["X"]) and "forgets" not in err, err
             assert isinstance(kept[0], dict) and kept[1] is kept[0]
         else:
-            assert code == 2 and f"the conversation has {size + 1} tokens and the cache holds {size}" in err
+            assert calls.pop(0) == (len(again), 1, system, ["X"]), err
+            assert "note: the conversation forgets its oldest exchange to leave the reply room" in err, err
         assert calls == []
 
 
@@ -553,13 +556,30 @@ def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_interactive_ends_where_the_conversation_outgrows_the_cache(capsys, monkeypatch):
-    """A turn the cache cannot hold ends the run with one line (after the first turn's reply, its room noted)."""
-    stdin_of(monkeypatch, "Tell me more.\n")
-    code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--max-seq-len", "48", "--max-new-tokens",
-                             "200", "--dense")
-    assert code == 2 and "error: the conversation has " in err and "the cache holds 48: start a new one" in err, err
-    assert out.strip() and err.count("prefill:") == 1 and "note: at most 18 new tokens" in err  # the first turn's
+def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_system_and_newest(capsys):
+    """A stub encoding of one token a character: exchanges go, oldest first, until the rest fits or only the newest
+    message is left (which may not fit: converse does not send it), after the system message if there is one."""
+    tok = type("Chars", (), {"encode_chat": lambda self, ms: list("".join(m["content"] for m in ms))})()
+    roles = ["system", "user", "assistant", "user", "assistant", "user"]
+    two = "its 2 oldest exchanges"
+    for limit, n_system, kept, forgot in ((12, 1, "S aa bb ccc ddd e", ""), (11, 1, "S ccc ddd e", "its oldest exchange"),
+                                          (7, 1, "S e", two), (1, 1, "S e", two), (1, 0, "e", two)):
+        messages = [{"role": r, "content": c} for r, c in zip(roles, "S aa bb ccc ddd e".split())][1 - n_system:]
+        ids = engine.fit_conversation(tok, messages, n_system, limit)
+        assert [m["content"] for m in messages] == kept.split() and ids == list(kept.replace(" ", ""))
+        err = capsys.readouterr().err
+        assert (f"note: the conversation forgets {forgot} to leave" in err) if forgot else not err, err
+
+
+def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch):
+    """A conversation that would leave its reply less room than --max-new-tokens forgets its oldest exchange; a message
+    the cache cannot hold alone is not sent, with one line, and the chat goes on (before: both ended it)."""
+    stdin_of(monkeypatch, "Tell me more.\n" + "word " * 40 + "\n")
+    code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--max-seq-len", "40", "--max-new-tokens", "4",
+                             "--dense")
+    assert code == 0 and len(out.splitlines()) == 2 and err.count("prefill:") == 2, (out, err)
+    assert "note: the conversation forgets its oldest exchange to leave the reply room in the cache" in err, err
+    assert "error: this message takes " in err and "in the chat's format and the cache holds 40: not sent" in err, err
 
 
 def test_interactive_turns_are_lines_and_a_backslash_goes_on_in_the_next(monkeypatch):
@@ -1800,7 +1820,7 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
 def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     """--prompt-cache: the first run writes its prompt's K/V; a second whose prompt goes on from it prefills only its
     own new tokens and prints what a run without the file prints; a prompt the file holds already is not written
-    again. An --interactive chat's first turn is kept the same way. A batch and a folder are refused at once."""
+    again. An --interactive chat's first turn sent is kept the same way. A batch and a folder are refused at once."""
     path, base = str(tmp_path / "doc.cache"), "The capital of France is a city that"
     flags = ("--max-new-tokens", "6", "--budget", "4", "--prompt-cache", path)
     code, _, err = run_cli(capsys, "--prompt", base, *flags)
@@ -1820,6 +1840,11 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     stdin_of(monkeypatch, "")
     code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", *flags)
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err
+    stdin_of(monkeypatch, "word " * 40 + "\nHello\n")  # a first message too long is not sent: the next is kept
+    code, _, err = run_cli(capsys, "--interactive", "--max-seq-len", "40", *flags)
+    assert code == 0 and "not sent" in err and err.count("written to") == 1, err
+    assert load_file(path)["tokens"].tolist() == Tokenizer.from_path(engine.default_checkpoint()).encode_chat(
+        [{"role": "user", "content": "Hello"}])
     code, _, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", *flags)
     assert code == 2 and "give one prompt, not a batch" in err
     for folder in (str(tmp_path), str(tmp_path / "new") + "/"):
