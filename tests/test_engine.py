@@ -561,8 +561,8 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
     message is left (which may not fit: converse does not send it), after the system message if there is one."""
     tok = type("Chars", (), {"encode_chat": lambda self, ms: list("".join(m["content"] for m in ms))})()
     roles = ["system", "user", "assistant", "user", "assistant", "user"]
-    two = "its 2 oldest exchanges"
-    for limit, n_system, kept, forgot in ((12, 1, "S aa bb ccc ddd e", ""), (11, 1, "S ccc ddd e", "its oldest exchange"),
+    one, two = "its oldest exchange", "its 2 oldest exchanges"
+    for limit, n_system, kept, forgot in ((12, 1, "S aa bb ccc ddd e", ""), (11, 1, "S ccc ddd e", one),
                                           (7, 1, "S e", two), (1, 1, "S e", two), (1, 0, "e", two)):
         messages = [{"role": r, "content": c} for r, c in zip(roles, "S aa bb ccc ddd e".split())][1 - n_system:]
         ids = engine.fit_conversation(tok, messages, n_system, limit)
@@ -1756,6 +1756,48 @@ def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path, device, o
     assert [engine.continue_at(held, ids) for held, ids in (([], [5]), ([], [5, 6, 7]), ([5], [5]), ([5, 6], [5, 7]),
                                                              ([5, 6, 7, 8], [5, 6, 7]))] == [0, 0, 0, 0, 1]
     assert engine.load_prompt_cache(str(tmp_path / "none"), model) == []  # no file yet: nothing cached
+
+
+def test_write_safetensors_writes_what_safetensors_reads():
+    """A tensor at a time, in safetensors' layout: the library reads back each tensor (of every dtype the caches take,
+    and the tokens' int64) and the metadata; a tensor that is not what the header said is an error."""
+    import tempfile
+    tensors = {"tokens": torch.tensor([3, 1, 4]), "a": torch.randn(2, 3, 5), "b": torch.randn(7).half(),
+               "c": torch.randn(1, 1, 3).bfloat16(), "d": torch.randn(4, 6)[:, ::2]}  # d: not contiguous
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.safetensors")
+        engine.write_safetensors(path, {k: (v.dtype, v.shape, lambda v=v: v) for k, v in tensors.items()}, {"x": "1"})
+        with safe_open(path, "pt") as f:
+            assert f.metadata() == {"x": "1"} and sorted(f.keys()) == sorted(tensors)
+            assert all(torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype for k, v in tensors.items())
+        for bad in ((torch.float32, (2, 3, 4)), (torch.float16, (2, 3, 5))):
+            with pytest.raises(ValueError, match=r"write_safetensors: a is torch.float32 \(2, 3, 5\), its header says"):
+                engine.write_safetensors(path, {"a": (*bad, lambda: tensors["a"])}, {})
+
+
+def test_a_prompt_cache_is_written_one_layer_at_a_time():
+    """Host memory while a prompt cache is written (its own process, for the peak) rises by about one layer's K, not
+    by the whole K/V (safetensors' save_file: a copy of every tensor, then of their bytes: 241 MiB here, and with two
+    copies alive at once, 113; now 50, on a 2-core CPU VM)."""
+    import subprocess
+    import tempfile
+    script = """if True:
+        import resource, sys, torch, engine
+        from model import ModelArgs, Transformer
+        model = Transformer(ModelArgs(dim=256, n_layers=2, n_heads=2, n_kv_heads=2, vocab_size=64, ffn_dim=64,
+                                      max_seq_len=65536))
+        model.setup_caches(1, 65536)
+        for layer in model.layers:  # touched: pages in host memory, as a prefill leaves them
+            layer.attention.kv_cache.k.normal_(), layer.attention.kv_cache.v.normal_()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        engine.save_prompt_cache(sys.argv[1], model, [5] * 65000, [])
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)"""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", script, os.path.join(tmp, "p.cache")], cwd=ROOT, text=True,
+                             capture_output=True)
+        assert out.returncode == 0 and os.path.getsize(os.path.join(tmp, "p.cache")) > 4 * 65000 * 256 * 4, out.stderr
+    kv = 2 * 2 * 65536 * 256 * 4  # layers x (K, V) x positions x Hkv * D x 4 bytes: 256 MiB
+    assert int(out.stdout) < kv * 3 / 8, (int(out.stdout) / 2**20, out.stderr)  # one layer's K: kv / 4
 
 
 def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
