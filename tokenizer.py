@@ -330,6 +330,9 @@ class Tokenizer:
                 return cls._from_hf_json(path)
             if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
                 return cls._from_tiktoken(path)
+            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[8:10] == b'{"':  # (sentencepiece reads it all)
+                raise ValueError(f"{path!r} holds model weights (PyTorch's zip, a pickle or safetensors), not a "
+                                 f"tokenizer; {HOW}")
             return cls._from_sentencepiece(path)
         except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:  # a field missing or malformed
             raise ValueError(f"{path!r}: malformed tokenizer ({type(e).__name__}: {e}); {HOW}") from None

@@ -354,6 +354,12 @@ def test_errors(tmp_path, gguf_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01garbage" * 10)
     with pytest.raises(ValueError, match="neither a sentencepiece nor a tiktoken tokenizer.model"):
         Tokenizer.from_path(tmp_path)
+    weights = {"w.pth": b"PK\x03\x04archive/data.pkl", "w.bin": b"\x80\x02}q\x00", "w.safetensors":
+               (12).to_bytes(8, "little") + b'{"a":{}}    '}  # refused by their first bytes, not read whole
+    for name, head in weights.items():
+        (tmp_path / name).write_bytes(head + bytes(100))
+        with pytest.raises(ValueError, match=r"holds model weights \(PyTorch's zip, a pickle or safetensors\), not a"):
+            Tokenizer.from_path(tmp_path / name)
     (tmp_path / "bad.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(ValueError, match="only byte-level BPE tokenizer.json is supported"):
         Tokenizer.from_path(tmp_path / "bad.json")
