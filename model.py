@@ -22,6 +22,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -950,6 +951,9 @@ def read_hf(path):
         files = sorted(set(read_json(index)["weight_map"].values()))
         if bad := [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]:
             raise ValueError(f"{index}: its weight_map names files outside the directory ({bad[0]!r})")
+    elif shards := sorted(n for n in os.listdir(path) if re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)):
+        raise ValueError(f"{path}: {shards[0]} and the other shards need model.safetensors.index.json, which says "
+                         "what each holds: download it too")
     else:
         raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (pickled .bin "
                          f"checkpoints are not loaded; convert them to safetensors)")

@@ -336,7 +336,12 @@ def test_sharded_hf_index(small_smol, tmp_path):
         json.dump({"weight_map": {n: file for file, part in halves.items() for n in part}}, f)
     model = from_checkpoint(str(tmp_path))
     assert torch.equal(model.layers[2].feed_forward.w2.weight, sd["layers.2.feed_forward.w2.weight"])
-    # a model.safetensors beside the index is read first, as transformers does
+    os.remove(tmp_path / "model.safetensors.index.json")  # shards without their index: the index is asked for
+    for i, file in enumerate(halves):
+        os.rename(tmp_path / file, tmp_path / f"model-0000{i + 1}-of-00002.safetensors")
+    with pytest.raises(ValueError, match="model-00001-of-00002.safetensors and the other shards need model.safet"):
+        from_checkpoint(str(tmp_path))
+    # a model.safetensors is read first, before an index, as transformers does
     embed = tensors["model.embed_tokens.weight"] + 1
     save_file({**tensors, "model.embed_tokens.weight": embed}, tmp_path / "model.safetensors")
     assert torch.equal(load_checkpoint(str(tmp_path))[1]["tok_embeddings.weight"], embed)
