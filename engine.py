@@ -777,11 +777,14 @@ def file_settings(path, rbit, n_dense):
 def read_once(path):
     """A key naming the one-shot stream that reading prompt file `path` uses up, so that two flags naming it are
     refused: (device, inode) of a pipe or socket, standard input's too ("-", /dev/stdin); "-" for standard input
-    that is a file or a terminal; None for a file, a device, or a path with nothing there."""
+    that is a file or a terminal, by any name (/dev/stdin: --interactive reads it too); None for a file, a device,
+    or a path with nothing there."""
     try:
         st = os.fstat(sys.stdin.fileno()) if path == "-" else os.stat(path)
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
             return st.st_dev, st.st_ino
+        if os.path.samestat(st, os.fstat(sys.stdin.fileno())):
+            return "-"
     except (OSError, AttributeError, ValueError):  # (closed, or pytest's stand-in, which has no file number)
         pass
     return "-" if path == "-" else None

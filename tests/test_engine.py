@@ -405,6 +405,13 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
         for argv in (["--prompt", "-", "--prompt-file", "-"], ["--prompt-file", str(text), "--prompt-file", str(text)]):
             code, _, err = run_cli(capsys, *argv, "--checkpoint", "/nonexistent.gguf")  # read as asked
             assert code == 2 and "nonexistent" in err and "names standard input" not in err
+    # `< p.txt`: /dev/stdin is standard input, which --interactive reads (before: the file was its first message,
+    # then each of its lines one more)
+    with open(text) as redirected:
+        monkeypatch.setattr(sys, "stdin", redirected)
+        assert engine.read_once(f"/dev/fd/{redirected.fileno()}") == "-" and engine.read_once(str(text)) == "-"
+        code, _, err = run_cli(capsys, "--interactive", "--prompt-file", f"/dev/fd/{redirected.fileno()}")
+        assert code == 2 and "a --prompt-file that is not standard input" in error_line(err), err
     broken = open(os.devnull)
     broken.close()  # a closed file object as stdin: counted as "-" (its fileno() raises ValueError)
     monkeypatch.setattr(sys, "stdin", broken)
