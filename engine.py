@@ -278,7 +278,7 @@ class ShowDefaults(argparse.HelpFormatter):
     """--help adds each option's default as one would type it: "(default: 1/64 2048)", not "[0.015625, 2048]"."""
     def _get_help_string(self, action):
         d, text = action.default, action.help
-        if d is None or d is False or d is argparse.SUPPRESS or text is None or "(default" in text:
+        if d is None or d is False or d == [] or d is argparse.SUPPRESS or text is None or "(default" in text:
             return text
 
         def typed(v):  # a fraction as 1/64 where the option's own type reads that back (budgets; not a float's)
@@ -590,6 +590,9 @@ def run(args):
         raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None
                          else "--interactive reads your messages from standard input: give a first one with --prompt, "
                          "or a --prompt-file that is not standard input")
+    blank = [i for i, t in enumerate(texts) if not t.strip()] if args.chat or args.interactive else []
+    if blank:  # (as a typed blank line is skipped)
+        raise ValueError(f"prompt {blank[0] + 1} is empty: a chat's message needs some text")
 
     checkpoint = args.checkpoint or default_checkpoint()
     t0 = time.perf_counter()  # the metadata and tokenizer reads count: from a GGUF they parse what the model does
@@ -610,7 +613,8 @@ def run(args):
     if args.interactive:  # a conversation grows: a cache of the model's whole context unless told
         args.max_seq_len = args.max_seq_len or context
     all_dense = bool(hata and shape and hata.n_dense >= shape.n_layers)  # --n-dense covers every layer
-    max_seq_len, max_new = cache_size(args, longest, context, all_dense=all_dense)
+    opening = None if texts or not args.interactive else f"the chat's format alone has {plural(longest)}"
+    max_seq_len, max_new = cache_size(args, longest, context, opening, all_dense=all_dense)
     planned = max_seq_len if args.interactive else longest  # the prompt length offload and memory plan for
     continued = args.interactive or bool(args.prompt_cache)  # prefills may continue cached positions
     sparse = hata and hata.budget_tokens(max_seq_len) < max_seq_len and not all_dense
@@ -687,6 +691,7 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             messages.pop()
             continue
         start, sent = continue_at(held, ids), sent + 1
+        note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
         streamer, prefilled = Streamer(tok, stops), True
         try:
             new, timing = generate(model, [ids], min(args.max_new_tokens, room), tok.eos_ids, generator=generator,
@@ -818,10 +823,15 @@ def cache_size(args, longest, context, what=None, all_dense=False):
         raise ValueError(f"--sink {args.sink} + --recent {args.recent} exceed the budget of {plural(K)}: the positions "
                          "always attended must fit in it; lower them or raise --budget")
     max_new = min(args.max_new_tokens, max_seq_len - longest + 1)
-    if max_new < args.max_new_tokens:
-        print(f"note: at most {plural(max_new, 'new token')}: the cache holds {plural(max_seq_len)} and the prompt "
-              f"{longest}", file=sys.stderr)
+    if not args.interactive:  # (a chat notes each turn's own room)
+        note_room(args, max_new, max_seq_len, f"the prompt {longest}")
     return max_seq_len, max_new
+
+
+def note_room(args, max_new, cache, taken):  # fewer new tokens than --max-new-tokens: said, and why
+    if max_new < args.max_new_tokens:
+        print(f"note: at most {plural(max_new, 'new token')}: the cache holds {plural(cache)} and {taken}",
+              file=sys.stderr)
 
 
 def plural(n, what="token"):  # "1 token", "2 tokens"
@@ -991,7 +1001,8 @@ def report_speed(timing):  # tok/s counts each sequence's tokens up to its stop,
         decode += (f"; {selecting} of them with more cached keys than {budget}{others}" if selecting
                    else f"; every step attended to every key: none had more cached keys than {budget}")
     if cut := timing.get("cut"):  # why generation ended, where no stop (token or --stop string) ended it
-        decode += f"; {plural(cut, 'sequence')} ended at its new-token limit, not at a stop"
+        whose = "its" if cut == 1 else "their"
+        decode += f"; {plural(cut, 'sequence')} ended at {whose} new-token limit, not at a stop"
     print(f"prefill: {plural(timing['prefill_tokens'])} in {timing['prefill_s']:.2f}s "
           f"({timing['prefill_tokens'] / timing['prefill_s']:.1f} tok/s){graph}; decode: {decode}", file=sys.stderr)
 

@@ -580,13 +580,32 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
 
 def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch):
     """A conversation that would leave its reply less room than --max-new-tokens forgets its oldest exchange; a message
-    the cache cannot hold alone is not sent, with one line, and the chat goes on (before: both ended it)."""
-    stdin_of(monkeypatch, "Tell me more.\n" + "word " * 40 + "\n")
+    the cache cannot hold alone is not sent, with one line, and the chat goes on (before: both ended it). A turn left
+    less room than asked says so; a chat without a first message names the template's own tokens, not a prompt."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_path(engine.default_checkpoint())
+    size = lambda text: len(tok.encode_chat([{"role": "user", "content": text}]))
+    near = next(m for k in range(1, 40) if size(m := "word " * k) == 39)  # alone, it leaves a reply 2 tokens
+    stdin_of(monkeypatch, "Tell me more.\n" + "word " * 40 + "\n" + near + "\n")
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--max-seq-len", "40", "--max-new-tokens", "4",
                              "--dense")
-    assert code == 0 and len(out.splitlines()) == 2 and err.count("prefill:") == 2, (out, err)
+    assert code == 0 and len(out.splitlines()) == 3 and err.count("prefill:") == 3, (out, err)
     assert "note: the conversation forgets its oldest exchange to leave the reply room in the cache" in err, err
     assert "error: this message takes " in err and "in the chat's format and the cache holds 40: not sent" in err, err
+    assert err.count("note: at most") == 1, err
+    assert "note: at most 2 new tokens: the cache holds 40 tokens and the conversation 39" in err, err
+    stdin_of(monkeypatch, "Hi\n")
+    code, _, err = run_cli(capsys, "--interactive", "--max-seq-len", "20")
+    assert code == 2 and "the chat's format alone has 30 tokens but --max-seq-len is 20" in error_line(err), err
+
+
+def test_a_chats_blank_message_is_refused(capsys, monkeypatch):
+    """--chat or --interactive with an empty or blank --prompt (an unset shell variable) is refused at once, as a
+    plain empty prompt is; before, the chat answered an empty message."""
+    stdin_of(monkeypatch, "")
+    for n, flags in ((1, ["--chat", "--prompt", ""]), (2, ["--interactive", "--prompt", "Hi", "--prompt", " \n"])):
+        code, _, err = run_cli(capsys, *flags, "--checkpoint", "/nonexistent.gguf")
+        assert code == 2 and f"prompt {n} is empty: a chat's message needs some text" in error_line(err), err
 
 
 def test_interactive_turns_are_lines_and_a_backslash_goes_on_in_the_next(monkeypatch):
@@ -767,7 +786,8 @@ def test_help_shows_the_defaults_as_typed(capsys, argv, shown):  # and nothing a
         main[argv[0]](argv[1:] + ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
     assert e.value.code == 0 and all(s in text for s in shown), text
-    assert not any(s in text for s in ("(default: None)", "(default: False)", "(default: ==SUPPRESS==)", "(default: ["))
+    assert not any(s in text for s in ("(default: None)", "(default: False)", "(default: ==SUPPRESS==)", "(default: [",
+                                       "(default: )"))  # (an empty list: --stop's)
 
 
 def test_parse_budget():
@@ -983,6 +1003,9 @@ def test_timing_counts_the_steps_past_the_budget(capsys):
     engine.report_speed({**timing, "decode_steps": 0, "selecting_steps": 0})  # no steps: nothing to count
     err = capsys.readouterr().err
     assert "decode: no steps (" in err and "every step" not in err
+    for cut, whose in ((1, "1 sequence ended at its"), (2, "2 sequences ended at their")):
+        engine.report_speed({**timing, "cut": cut})
+        assert f"; {whose} new-token limit, not at a stop" in capsys.readouterr().err
     dense = engine.random_model("tiny", None, "cpu", torch.float32)
     dense.setup_caches(1, 16)
     assert engine.generate(dense, [[3, 4, 5]], 8)[1]["selecting_steps"] is None
