@@ -550,7 +550,7 @@ def build_parser():
                    help="pass-key retrieval (kept answers); perplexity and agreement with dense on held-out text")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="context lengths")
     p.add_argument("--samples", type=positive_int, nargs="+", default=[120, 100, 56, 28],
-                   help="per --contexts length (one count: for each)")
+                   help="per --contexts length (one count: for each; default lengths alone get their own counts)")
     p.add_argument("--batch", type=positive_int, default=4, help="sequences prefilled and decoded together")
     p.add_argument("--ppl-context", type=positive_int, default=8192, help="window length of the perplexity text")
     p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
@@ -622,8 +622,11 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
+    counts = dict(zip(defaults.get_default("contexts"), defaults.get_default("samples")))  # (or --quick's)
+    if args.samples == defaults.get_default("samples") and all(c in counts for c in args.contexts):
+        args.samples = [counts[c] for c in args.contexts]  # default lengths given: each its default count
     if lengths["--contexts"] and len(args.samples) not in (1, len(args.contexts)):
-        default = args.samples == defaults.get_default("samples")  # of the default (or --quick's) --contexts
+        default = args.samples == defaults.get_default("samples")
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"
                          + " (its default is one per default --contexts length)" * default)
     args.samples = args.samples * len(args.contexts) if len(args.samples) == 1 else args.samples

@@ -750,7 +750,8 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
 
 def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
     """--samples with one count takes that many samples at each --contexts length; --contexts alone, with the
-    default counts of other lengths, is refused, saying whose lengths the default counts are for."""
+    default counts of other lengths, is refused, saying whose lengths the default counts are for. Default lengths
+    alone get their default counts, --quick's too (before: refused)."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     seen = []
@@ -761,6 +762,10 @@ def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatc
     assert ev.main(argv) == 2
     assert "or one for each (its default is one per default --contexts length)" in capsys.readouterr().err
     assert ev.main(argv + ["--samples", "3"]) == 0 and seen == [{128: 3, 256: 3}]
+    (tmp_path / "text.txt").write_text(PROSE * 200)
+    argv[-2:] = ["4096", "1024"]
+    assert ev.main(argv + ["--overwrite"]) == 0 and seen[-1] == {4096: 56, 1024: 120}
+    assert ev.main(argv[:-2] + ["1024", "--quick", "--overwrite"]) == 0 and seen[-1] == {1024: 4}
 
 
 def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
