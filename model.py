@@ -34,7 +34,7 @@ from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
 
 from hata_kernels import (cache_write, hamming_score, hamming_topk, hash_encode, hash_encode_step, select_topk,
                           sparse_decode_attention)
-from tokenizer import file_head, open_gguf  # open_gguf: the reader the tokenizer parsed, if it read this GGUF
+from tokenizer import file_head, open_gguf, read_json  # open_gguf: the reader the tokenizer parsed, if it read a GGUF
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -971,17 +971,6 @@ def read_hf(path):
     if args.tie_embeddings:
         raw.pop("lm_head.weight", None)  # a tied copy some exporters write: consumed, not used
     return args, raw
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object of settings")
-    return obj
 
 
 def read_meta(path):

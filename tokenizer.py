@@ -217,17 +217,18 @@ def _pre_split(pre, normalizer, path):
                      else "") + ") is not one hata reproduces (ByteLevel; Digits + ByteLevel; one Split + ByteLevel)")
 
 
-def _json_object(path) -> dict:
-    """The JSON object in the file at `path` ({} if there is none, or a folder of that name)."""
+def read_json(path, optional=False) -> dict:
+    """The JSON object in the file at `path` (tokenizer and checkpoint settings); optional: {} where there is no file
+    (or a folder of that name)."""
+    if optional and not os.path.isfile(path):
+        return {}
     try:
-        obj = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path!r} is not valid JSON ({e})") from None
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds no JSON object")
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object of settings")
     return obj
 
 
@@ -241,7 +242,7 @@ def _hf_config(directory):
     chat_template.jinja beside it (where transformers 5 saves it), else None; and the ids generation ends at by
     generation_config.json (eos_token_id: an id or a list)."""
     cfg_path, gen_path = (os.path.join(directory, f) for f in ("tokenizer_config.json", "generation_config.json"))
-    cfg, stops = _json_object(cfg_path), _json_object(gen_path).get("eos_token_id")
+    cfg, stops = read_json(cfg_path, optional=True), read_json(gen_path, optional=True).get("eos_token_id")
     stops = [] if stops is None else stops if isinstance(stops, list) else [stops]
     if not all(type(i) is int and i >= 0 for i in stops):
         raise ValueError(f"{gen_path!r}: eos_token_id must be a token id or a list of them, got {stops!r}")
