@@ -1188,11 +1188,14 @@ class StopStrings:
     """--stop: a reply ends where its text first shows one of `texts`, which is not printed."""
 
     def __init__(self, tok, texts):
-        self.tok, self.texts = tok, texts
-        self.tail = 4 * max(map(len, texts)) + 4  # tokens enough to spell the longest (byte tokens: 4 a character)
+        self.tok, self.texts, self.longest = tok, texts, max(map(len, texts))
+        self.tail = 4 * self.longest + 4  # tokens enough to spell the longest (byte tokens: 4 a character)
 
     def __call__(self, ids):  # generate's stop_when: the newest tokens' text holds one
-        return any(t in self.tok.decode(ids[-self.tail:]) for t in self.texts)
+        n = self.tail
+        while n < len(ids) and len(self.tok.decode(ids[-n:-1])) < self.longest:  # tokens of no text (<s>): more
+            n *= 2
+        return any(t in self.tok.decode(ids[-n:]) for t in self.texts)
 
     def cut(self, text):  # text before the first stop string
         return min((text[:text.index(t)] for t in self.texts if t in text), key=len, default=text)

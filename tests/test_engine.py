@@ -1070,6 +1070,9 @@ def test_stop_strings_cut_the_text_where_it_first_shows_one(capsys):
     assert stops.cut("a Q b\n\nQ: c") == "a Q b" and stops.cut("no stop") == "no stop"
     assert stops.unsure("a Q") == 1 and stops.unsure("b\n") == 1 and stops.unsure("a Q b") == 0
     assert engine.StopStrings(tok, ["\n\nQ"]).unsure("a\n\n") == 2  # the longest start of one it could be
+    x, ab = tok.encode("xab", bos=False)  # 20 ids of no text (past the vocabulary) inside "xa": found (before: not)
+    assert engine.StopStrings(tok, ["xa"])([x] + [tok.vocab_size] * 20 + [ab])
+    assert not engine.StopStrings(tok, ["xa"])([x] + [tok.vocab_size] * 20)
     streamer = engine.Streamer(tok, stops)
     for t in tok.encode("Paris. Q", bos=False):  # ends in what may begin "Q:": held back, then shown at the end
         streamer(torch.tensor([t]))
