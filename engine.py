@@ -683,13 +683,17 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     for text in itertools.chain(openings, typed_turns()):
-        messages.append({"role": "user", "content": text})
-        ids = fit_conversation(tok, messages, len(system), model.max_seq_len - args.max_new_tokens + 1)
-        if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the chat goes on
+        kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], len(system),
+                                             model.max_seq_len - args.max_new_tokens + 1)
+        if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the conversation kept
             print(f"error: this message takes {plural(len(ids))} in the chat's format and the cache holds "
                   f"{model.max_seq_len}: not sent (a larger --max-seq-len holds more)", file=sys.stderr)
-            messages.pop()
             continue
+        if forgot:
+            which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
+            print(f"note: the conversation forgets {which} to leave the reply room in the cache (a larger "
+                  "--max-seq-len holds more)", file=sys.stderr)
+        messages = kept
         start, sent = continue_at(held, ids), sent + 1
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
         streamer, prefilled = Streamer(tok, stops), True
@@ -711,17 +715,13 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
 
 
 def fit_conversation(tok, messages, n_system, limit):
-    """The chat encoding of `messages` in at most `limit` tokens (the room for a whole reply), forgetting the oldest
-    exchanges, a user's message and its reply, as it must (in place; the system message and the newest one kept)."""
-    ids, forgot = tok.encode_chat(messages), 0
-    while len(ids) > limit and len(messages) > n_system + 1:
-        del messages[n_system:n_system + 2]
-        ids, forgot = tok.encode_chat(messages), forgot + 1
-    if forgot:
-        which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
-        print(f"note: the conversation forgets {which} to leave the reply room in the cache (a larger --max-seq-len "
-              "holds more)", file=sys.stderr)
-    return ids
+    """(the messages, their chat encoding, the exchanges forgotten): the oldest exchanges, a user's message and its
+    reply, left out as they must be for the encoding to fit in `limit` tokens (the room for a whole reply); the
+    system message and the newest one are kept, so the encoding may still be longer."""
+    forgot = 0
+    while len(ids := tok.encode_chat(messages)) > limit and len(messages) > n_system + 1:
+        messages, forgot = messages[:n_system] + messages[n_system + 2:], forgot + 1
+    return messages, ids, forgot
 
 
 def continue_at(held, ids):

@@ -563,19 +563,53 @@ def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_system_and_newest(capsys):
+def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_system_and_newest():
     """A stub encoding of one token a character: exchanges go, oldest first, until the rest fits or only the newest
-    message is left (which may not fit: converse does not send it), after the system message if there is one."""
+    message is left (which may not fit: converse does not send it), after the system message if there is one. The
+    messages given are left as they were."""
     tok = type("Chars", (), {"encode_chat": lambda self, ms: list("".join(m["content"] for m in ms))})()
     roles = ["system", "user", "assistant", "user", "assistant", "user"]
-    one, two = "its oldest exchange", "its 2 oldest exchanges"
-    for limit, n_system, kept, forgot in ((12, 1, "S aa bb ccc ddd e", ""), (11, 1, "S ccc ddd e", one),
-                                          (7, 1, "S e", two), (1, 1, "S e", two), (1, 0, "e", two)):
+    for limit, n_system, kept, forgot in ((12, 1, "S aa bb ccc ddd e", 0), (11, 1, "S ccc ddd e", 1),
+                                          (7, 1, "S e", 2), (1, 1, "S e", 2), (1, 0, "e", 2)):
         messages = [{"role": r, "content": c} for r, c in zip(roles, "S aa bb ccc ddd e".split())][1 - n_system:]
-        ids = engine.fit_conversation(tok, messages, n_system, limit)
-        assert [m["content"] for m in messages] == kept.split() and ids == list(kept.replace(" ", ""))
-        err = capsys.readouterr().err
-        assert (f"note: the conversation forgets {forgot} to leave" in err) if forgot else not err, err
+        given = list(messages)
+        out, ids, n = engine.fit_conversation(tok, messages, n_system, limit)
+        assert [m["content"] for m in out] == kept.split() and ids == list(kept.replace(" ", "")) and n == forgot
+        assert messages == given
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_system_message(capsys, monkeypatch):
+    """--system, with a stub generate (each reply "Hello"): a message one token too long for the cache is not sent,
+    and the conversation before it stays whole (before: the exchanges forgotten for it were lost, with a note); a
+    cache one token short of the whole conversation forgets the first exchange, not the system message. A first
+    turn left less room than asked is noted once, for the turn (not also as a prompt's)."""
+    from tokenizer import Tokenizer
+    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+    hello = tok.encode("Hello", bos=False)
+
+    def generate(model, prompts, n, stop_ids, *args, start=0, **kwargs):
+        calls.append(prompts[0])
+        return [hello + [2]], {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    turn = lambda *texts: tok.encode_chat([{"role": "system", "content": "Be brief."}, *(
+        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 3, texts))])
+    whole = turn("Hi", "Hello", "Again")
+    over = next(m for k in range(1, 99) if len(turn(m := "word " * k)) == len(whole) + 1)
+    flags = ["--interactive", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "1", "--max-seq-len"]
+    stdin_of(monkeypatch, over + "\nAgain\n")
+    code, _, err = run_cli(capsys, *flags, str(len(whole)))
+    assert code == 0 and calls == [turn("Hi"), whole] and f"takes {len(whole) + 1} tokens" in err, err
+    assert "forgets" not in err and "note: at most" not in err, err
+    calls.clear()
+    stdin_of(monkeypatch, "Again\n")
+    code, _, err = run_cli(capsys, *flags, str(len(whole) - 1))
+    assert code == 0 and calls == [turn("Hi"), turn("Again")] and "forgets its oldest exchange" in err, err
+    calls.clear()
+    stdin_of(monkeypatch, "")
+    code, _, err = run_cli(capsys, *flags[:-3], "--max-new-tokens", "3", "--max-seq-len", str(len(turn("Hi")) + 1))
+    assert code == 0 and err.count("note: at most") == 1 and f"the conversation {len(turn('Hi'))}" in err, err
 
 
 def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch):
@@ -1799,13 +1833,31 @@ def test_write_safetensors_writes_what_safetensors_reads():
                "c": torch.randn(1, 1, 3).bfloat16(), "d": torch.randn(4, 6)[:, ::2]}  # d: not contiguous
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "t.safetensors")
-        engine.write_safetensors(path, {k: (v.dtype, v.shape, lambda v=v: v) for k, v in tensors.items()}, {"x": "1"})
-        with safe_open(path, "pt") as f:
-            assert f.metadata() == {"x": "1"} and sorted(f.keys()) == sorted(tensors)
-            assert all(torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype for k, v in tensors.items())
+        for x in ("1" * n for n in range(1, 9)):  # headers of every length mod 8
+            engine.write_safetensors(path, {k: (v.dtype, v.shape, lambda v=v: v) for k, v in tensors.items()}, {"x": x})
+            with open(path, "rb") as f:  # the data starts 8-byte aligned, as save_file writes it
+                assert int.from_bytes(f.read(8), "little") % 8 == 0
+            with safe_open(path, "pt") as f:
+                assert f.metadata() == {"x": x} and sorted(f.keys()) == sorted(tensors)
+                assert all(torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype
+                           for k, v in tensors.items())
         for bad in ((torch.float32, (2, 3, 4)), (torch.float16, (2, 3, 5))):
             with pytest.raises(ValueError, match=r"write_safetensors: a is torch.float32 \(2, 3, 5\), its header says"):
                 engine.write_safetensors(path, {"a": (*bad, lambda: tensors["a"])}, {})
+
+
+def test_a_bfloat16_prompt_cache_keeps_its_dtype(tmp_path):
+    """A bf16 model's prompt cache holds bf16 K/V (the model's dtype, named in the file) and loads them back exactly."""
+    model = engine.random_model("tiny", None, "cpu", torch.bfloat16)
+    model.setup_caches(1, 16)
+    engine.generate(model, [list(range(5, 15))], 2)
+    engine.save_prompt_cache(path := str(tmp_path / "p.cache"), model, list(range(5, 15)), [])
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["dtype"] == "torch.bfloat16" and f.get_tensor("layers.0.k").dtype == torch.bfloat16
+    k = model.layers[3].attention.kv_cache.k[0, :, :10].clone()
+    model.setup_caches(1, 16)
+    assert engine.load_prompt_cache(path, model) == list(range(5, 15))
+    assert torch.equal(model.layers[3].attention.kv_cache.k[0, :, :10], k) and k.abs().sum() > 0
 
 
 def test_a_prompt_cache_is_written_one_layer_at_a_time():
