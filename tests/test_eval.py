@@ -766,6 +766,8 @@ def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatc
     argv[-2:] = ["4096", "1024"]
     assert ev.main(argv + ["--overwrite"]) == 0 and seen[-1] == {4096: 56, 1024: 120}
     assert ev.main(argv[:-2] + ["1024", "--quick", "--overwrite"]) == 0 and seen[-1] == {1024: 4}
+    assert ev.main(argv[:-2] + ["1024", "512", "--overwrite"]) == 2  # 512 has no default count: give them all
+    assert "(its default is one per default --contexts length)" in capsys.readouterr().err
 
 
 def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):

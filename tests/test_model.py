@@ -341,6 +341,11 @@ def test_sharded_hf_index(small_smol, tmp_path):
         os.rename(tmp_path / file, tmp_path / f"model-0000{i + 1}-of-00002.safetensors")
     with pytest.raises(ValueError, match="model-00001-of-00002.safetensors and the other shards need model.safet"):
         from_checkpoint(str(tmp_path))
+    for file in os.listdir(tmp_path):  # a download's leftover is no shard
+        if file.startswith("model-"):
+            os.rename(tmp_path / file, tmp_path / f"{file}.part")
+    with pytest.raises(ValueError, match="no model.safetensors or model.safetensors.index.json"):
+        from_checkpoint(str(tmp_path))
     # a model.safetensors is read first, before an index, as transformers does
     embed = tensors["model.embed_tokens.weight"] + 1
     save_file({**tensors, "model.embed_tokens.weight": embed}, tmp_path / "model.safetensors")
