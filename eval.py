@@ -623,8 +623,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
     counts = dict(zip(defaults.get_default("contexts"), defaults.get_default("samples")))  # (or --quick's)
-    if args.samples == defaults.get_default("samples") and all(c in counts for c in args.contexts):
-        args.samples = [counts[c] for c in args.contexts]  # default lengths given: each its default count
+    if (args.samples == defaults.get_default("samples") and len(args.samples) != len(args.contexts)
+            and all(c in counts for c in args.contexts)):  # default lengths alone: each its default count
+        args.samples = [counts[c] for c in args.contexts]
     if lengths["--contexts"] and len(args.samples) not in (1, len(args.contexts)):
         default = args.samples == defaults.get_default("samples")
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"

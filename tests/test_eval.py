@@ -768,6 +768,10 @@ def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatc
     assert ev.main(argv[:-2] + ["1024", "--quick", "--overwrite"]) == 0 and seen[-1] == {1024: 4}
     assert ev.main(argv[:-2] + ["1024", "512", "--overwrite"]) == 2  # 512 has no default count: give them all
     assert "(its default is one per default --contexts length)" in capsys.readouterr().err
+    (tmp_path / "text.txt").write_text(PROSE * 340)
+    argv[-2:] = ["8192", "1024", "2048", "4096"]  # counts as many as the lengths: taken as given, in their order
+    assert ev.main(argv + ["--samples", "120", "100", "56", "28", "--overwrite"]) == 0
+    assert seen[-1] == {8192: 120, 1024: 100, 2048: 56, 4096: 28}
 
 
 def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
