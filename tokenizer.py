@@ -226,9 +226,9 @@ def read_json(path, optional=False) -> dict:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError)
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise ValueError(f"{path!r} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object of settings")
+        raise ValueError(f"{path!r} holds a JSON {type(obj).__name__}, not an object of settings")
     return obj
 
 

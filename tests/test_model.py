@@ -468,7 +468,7 @@ def test_incomplete_checkpoint_metadata(tmp_path):
     with pytest.raises(ValueError, match="has no 'hidden_size'"):
         from_checkpoint(str(hf))
     (hf / "config.json").write_text("{model_type: llama}")
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    with pytest.raises(ValueError, match="config.json' is not valid JSON"):
         from_checkpoint(str(hf))
     (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
     torch.save({}, meta / "consolidated.00.pth")

@@ -223,7 +223,7 @@ def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
             with pytest.raises(ValueError, match="no chat format hata writes"):
                 tok.encode_chat(chat)
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="tokenizer_config.json holds a JSON list, not an object"):
+    with pytest.raises(ValueError, match="tokenizer_config.json' holds a JSON list, not an object"):
         Tokenizer.from_path(tmp_path)
     added = {"2": {"content": "</s>"}, "300": {"content": "<|im_end|>"}, "301": {"content": "<|im_start|>"}}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
@@ -491,7 +491,7 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
                                                          "pre_tokenizer": pre}))
     (tmp_path / "tokenizer_config.json").write_text("{bos_token: <s>}")
-    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+    with pytest.raises(ValueError, match="tokenizer_config.json' is not valid JSON"):
         Tokenizer.from_path(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ["x"]}')  # not tokenizer.json's fault
     with pytest.raises(ValueError, match="tokenizer_config.json': eos_token must be a token's name, got \\['x'\\]"):
