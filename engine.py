@@ -586,7 +586,7 @@ def run(args):
         if os.path.isdir(args.prompt_cache) or args.prompt_cache.endswith(("/", os.sep)):
             raise ValueError(f"--prompt-cache {args.prompt_cache} is a folder: name a file")
         check_writable(os.path.dirname(args.prompt_cache), "--prompt-cache")
-    if args.interactive and (streams or sys.stdin is None):
+    if args.interactive and (streams or sys.stdin is None or any(is_stdin(p) for f, p in args.inputs if f != "prompt")):
         raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None
                          else "--interactive reads your messages from standard input: give a first one with --prompt, "
                          "or a --prompt-file that is not standard input")
@@ -613,7 +613,10 @@ def run(args):
     if args.interactive:  # a conversation grows: a cache of the model's whole context unless told
         args.max_seq_len = args.max_seq_len or context
     all_dense = bool(hata and shape and hata.n_dense >= shape.n_layers)  # --n-dense covers every layer
-    opening = None if texts or not args.interactive else f"the chat's format alone has {plural(longest)}"
+    opening = None  # what a cache too small names: a chat's first message, or its template alone
+    if args.interactive:
+        opening = (f"the first message takes {plural(longest)} in the chat's format" if texts
+                   else f"the chat's format alone has {plural(longest)}")
     max_seq_len, max_new = cache_size(args, longest, context, opening, all_dense=all_dense)
     planned = max_seq_len if args.interactive else longest  # the prompt length offload and memory plan for
     continued = args.interactive or bool(args.prompt_cache)  # prefills may continue cached positions
@@ -683,16 +686,18 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     for text in itertools.chain(openings, typed_turns()):
-        kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], len(system),
-                                             model.max_seq_len - args.max_new_tokens + 1)
+        half = model.max_seq_len // 2  # a reply's room: --max-new-tokens, up to half the cache
+        limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)
+        kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], len(system), limit,
+                                             min(limit, half))
         if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the conversation kept
-            print(f"error: this message takes {plural(len(ids))} in the chat's format and the cache holds "
-                  f"{model.max_seq_len}: not sent (a larger --max-seq-len holds more)", file=sys.stderr)
+            print(f"warning: this message takes {plural(len(ids))} in the chat's format and the cache holds "
+                  f"{plural(model.max_seq_len)}: not sent (a larger --max-seq-len holds more)", file=sys.stderr)
             continue
         if forgot:
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
-            print(f"note: the conversation forgets {which} to leave the reply room in the cache (a larger "
-                  "--max-seq-len holds more)", file=sys.stderr)
+            print(f"note: the conversation forgets {which} to leave the reply room in the cache; this turn prefills "
+                  f"all {plural(len(ids))} again (a larger --max-seq-len holds more)", file=sys.stderr)
         messages = kept
         start, sent = continue_at(held, ids), sent + 1
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
@@ -714,14 +719,20 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
 
 
-def fit_conversation(tok, messages, n_system, limit):
-    """(the messages, their chat encoding, the exchanges forgotten): the oldest exchanges, a user's message and its
-    reply, left out as they must be for the encoding to fit in `limit` tokens (the room for a whole reply); the
-    system message and the newest one are kept, so the encoding may still be longer."""
-    forgot = 0
-    while len(ids := tok.encode_chat(messages)) > limit and len(messages) > n_system + 1:
-        messages, forgot = messages[:n_system] + messages[n_system + 2:], forgot + 1
-    return messages, ids, forgot
+def fit_conversation(tok, messages, n_system, limit, keep):
+    """(the messages, their chat encoding, the exchanges forgotten). An encoding longer than `limit` tokens (the room
+    for a reply) forgets the fewest oldest exchanges, a user's message and its reply each, that leave it `keep`
+    tokens or fewer (half the cache: the turns after it fit again, each prefilling only its own tokens, as llama.cpp's
+    context shift frees half); the system message and the newest one are kept, so it may stay longer."""
+    ids, pairs = tok.encode_chat(messages), (len(messages) - n_system - 1) // 2
+    if len(ids) <= limit or pairs < 1:
+        return messages, ids, 0
+    without = lambda k: messages[:n_system] + messages[n_system + 2 * k:]  # the k oldest exchanges forgotten
+    lo, hi = 1, pairs  # the fewest that fit, by bisection (each try encodes the whole conversation)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(tok.encode_chat(without(mid))) <= keep else (mid + 1, hi)
+    return without(lo), tok.encode_chat(without(lo)), lo
 
 
 def continue_at(held, ids):
@@ -782,17 +793,21 @@ def file_settings(path, rbit, n_dense):
 def read_once(path):
     """A key naming the one-shot stream that reading prompt file `path` uses up, so that two flags naming it are
     refused: (device, inode) of a pipe or socket, standard input's too ("-", /dev/stdin); "-" for standard input
-    that is a file or a terminal, by any name (/dev/stdin: --interactive reads it too); None for a file, a device,
-    or a path with nothing there."""
+    that is a file or a terminal; None for a file, a device, or a path with nothing there."""
     try:
         st = os.fstat(sys.stdin.fileno()) if path == "-" else os.stat(path)
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
             return st.st_dev, st.st_ino
-        if os.path.samestat(st, os.fstat(sys.stdin.fileno())):
-            return "-"
     except (OSError, AttributeError, ValueError):  # (closed, or pytest's stand-in, which has no file number)
         pass
     return "-" if path == "-" else None
+
+
+def is_stdin(path):  # the file standard input reads, by another name (/dev/stdin, or the file of a `<` redirect)
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdin.fileno()))
+    except (OSError, AttributeError, ValueError):
+        return False
 
 
 def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do too
@@ -810,7 +825,8 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
 
 def cache_size(args, longest, context, what=None, all_dense=False):
     """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens - 1 within the model's context;
-    the new tokens it leaves room for, with a note when fewer than asked). An error if the cache or prompt won't fit,
+    the new tokens it leaves room for, with a note when fewer than asked, but for --interactive, whose turns note
+    their own). An error if the cache or prompt won't fit,
     or if a sparse layer's budget cannot hold --sink + --recent (all_dense: --n-dense covers every layer, no check)."""
     if (args.max_seq_len or 0) > context:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
@@ -1144,7 +1160,7 @@ def write_safetensors(path, tensors, meta):
             if (t := make().cpu().contiguous()).dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"write_safetensors: {name} is {t.dtype} {tuple(t.shape)}, its header says {dtype} "
                                  f"{tuple(shape)}")
-            f.write(t.view(torch.uint8).numpy().data)
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t  # before the next is made: one copy at a time
 
 

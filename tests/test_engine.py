@@ -409,9 +409,12 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
     # then each of its lines one more)
     with open(text) as redirected:
         monkeypatch.setattr(sys, "stdin", redirected)
-        assert engine.read_once(f"/dev/fd/{redirected.fileno()}") == "-" and engine.read_once(str(text)) == "-"
-        code, _, err = run_cli(capsys, "--interactive", "--prompt-file", f"/dev/fd/{redirected.fileno()}")
-        assert code == 2 and "a --prompt-file that is not standard input" in error_line(err), err
+        for name in (f"/dev/fd/{redirected.fileno()}", str(text)):
+            code, _, err = run_cli(capsys, "--interactive", "--prompt-file", name)
+            assert code == 2 and "a --prompt-file that is not standard input" in error_line(err), err
+        code, _, err = run_cli(capsys, "--prompt-file", str(text), "--prompt-file", str(text), "--checkpoint",
+                               "/nonexistent.gguf")  # a file, read twice alike: not one stream
+        assert code == 2 and "nonexistent" in err and "names standard input" not in err, err
     broken = open(os.devnull)
     broken.close()  # a closed file object as stdin: counted as "-" (its fileno() raises ValueError)
     monkeypatch.setattr(sys, "stdin", broken)
@@ -490,8 +493,8 @@ def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, sm
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkeypatch):
     """With a stub generate (each reply "Hello" and <|im_end|>), two --prompt texts are two turns of one chat, whose
-    caches are planned as one sequence of the whole cache, continued. Each turn gets the cache's room (the cache less
-    its tokens, + 1: the last new token is never cached) and the --stop strings; the second starts after the cached
+    caches are planned as one sequence of the whole cache, continued. Each turn gets --max-new-tokens (here 1, which
+    the cache has room for) and the --stop strings; the second starts after the cached
     tokens, the first reply less its last token, and gets the first's kept CUDA graphs (one capture for the chat). A
     cache one token short of the whole conversation forgets the first exchange: the second turn is its own message
     alone, after the system turn the caches share."""
@@ -562,20 +565,23 @@ def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
     assert calls[1] == (tok.encode_chat(turns), 0)
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_system_and_newest():
-    """A stub encoding of one token a character: exchanges go, oldest first, until the rest fits or only the newest
-    message is left (which may not fit: converse does not send it), after the system message if there is one. The
-    messages given are left as they were."""
+    """A stub encoding of one token a character: past `limit`, the fewest oldest exchanges go that leave `keep` tokens
+    or fewer, or all but the newest message (which may not fit: converse does not send it), after the system message
+    if there is one. The messages given are left as they were."""
     tok = type("Chars", (), {"encode_chat": lambda self, ms: list("".join(m["content"] for m in ms))})()
     roles = ["system", "user", "assistant", "user", "assistant", "user"]
-    for limit, n_system, kept, forgot in ((12, 1, "S aa bb ccc ddd e", 0), (11, 1, "S ccc ddd e", 1),
-                                          (7, 1, "S e", 2), (1, 1, "S e", 2), (1, 0, "e", 2)):
+    for limit, keep, n_system, kept, forgot in ((12, 12, 1, "S aa bb ccc ddd e", 0), (11, 11, 1, "S ccc ddd e", 1),
+                                                (11, 5, 1, "S e", 2), (12, 5, 1, "S aa bb ccc ddd e", 0),
+                                                (7, 7, 1, "S e", 2), (1, 1, 1, "S e", 2), (1, 1, 0, "e", 2)):
         messages = [{"role": r, "content": c} for r, c in zip(roles, "S aa bb ccc ddd e".split())][1 - n_system:]
         given = list(messages)
-        out, ids, n = engine.fit_conversation(tok, messages, n_system, limit)
+        out, ids, n = engine.fit_conversation(tok, messages, n_system, limit, keep)
         assert [m["content"] for m in out] == kept.split() and ids == list(kept.replace(" ", "")) and n == forgot
         assert messages == given
+    many = [{"role": "system", "content": "S"}] + [{"role": r, "content": "x"} for r in roles[1:3] * 40 + ["user"]]
+    out, ids, n = engine.fit_conversation(tok, many, 1, 60, 30)  # 82 tokens: 26 exchanges go, leaving 30
+    assert (len(ids), n, len(out)) == (30, 26, 30)
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -585,11 +591,12 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
     cache one token short of the whole conversation forgets the first exchange, not the system message. A first
     turn left less room than asked is noted once, for the turn (not also as a prompt's)."""
     from tokenizer import Tokenizer
-    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+    tok, calls, room = Tokenizer.from_path(engine.default_checkpoint()), [], []
     hello = tok.encode("Hello", bos=False)
 
     def generate(model, prompts, n, stop_ids, *args, start=0, **kwargs):
         calls.append(prompts[0])
+        room.append(n)
         return [hello + [2]], {}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
@@ -600,7 +607,7 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
     flags = ["--interactive", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "1", "--max-seq-len"]
     stdin_of(monkeypatch, over + "\nAgain\n")
     code, _, err = run_cli(capsys, *flags, str(len(whole)))
-    assert code == 0 and calls == [turn("Hi"), whole] and f"takes {len(whole) + 1} tokens" in err, err
+    assert code == 0 and calls == [turn("Hi"), whole] and f"warning: this message takes {len(whole) + 1} tok" in err
     assert "forgets" not in err and "note: at most" not in err, err
     calls.clear()
     stdin_of(monkeypatch, "Again\n")
@@ -610,8 +617,14 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
     stdin_of(monkeypatch, "")
     code, _, err = run_cli(capsys, *flags[:-3], "--max-new-tokens", "3", "--max-seq-len", str(len(turn("Hi")) + 1))
     assert code == 0 and err.count("note: at most") == 1 and f"the conversation {len(turn('Hi'))}" in err, err
+    assert room[-1] == 2  # the cache's room: the cache less the turn's tokens, + 1 (the last is never cached)
+    calls.clear()  # --max-new-tokens 200, past the cache: a reply's room is half of it, and the history is kept
+    stdin_of(monkeypatch, "Again\n")
+    code, _, err = run_cli(capsys, *flags[:-3], "--max-seq-len", str(2 * len(whole)))
+    assert code == 0 and calls == [turn("Hi"), whole] and "forgets" not in err, err
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch):
     """A conversation that would leave its reply less room than --max-new-tokens forgets its oldest exchange; a message
     the cache cannot hold alone is not sent, with one line, and the chat goes on (before: both ended it). A turn left
@@ -625,7 +638,7 @@ def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too
                              "--dense")
     assert code == 0 and len(out.splitlines()) == 3 and err.count("prefill:") == 3, (out, err)
     assert "note: the conversation forgets its oldest exchange to leave the reply room in the cache" in err, err
-    assert "error: this message takes " in err and "in the chat's format and the cache holds 40: not sent" in err, err
+    assert "warning: this message takes " in err and "chat's format and the cache holds 40 tokens: not sent" in err
     assert err.count("note: at most") == 1, err
     assert "note: at most 2 new tokens: the cache holds 40 tokens and the conversation 39" in err, err
     stdin_of(monkeypatch, "Hi\n")
@@ -1830,7 +1843,8 @@ def test_write_safetensors_writes_what_safetensors_reads():
     and the tokens' int64) and the metadata; a tensor that is not what the header said is an error."""
     import tempfile
     tensors = {"tokens": torch.tensor([3, 1, 4]), "a": torch.randn(2, 3, 5), "b": torch.randn(7).half(),
-               "c": torch.randn(1, 1, 3).bfloat16(), "d": torch.randn(4, 6)[:, ::2]}  # d: not contiguous
+               "c": torch.randn(1, 1, 3).bfloat16(), "d": torch.randn(4, 6)[:, ::2], "e": torch.tensor(2.5),
+               "f": torch.zeros(0, 3)}  # d: not contiguous; e: no dimension; f: no elements
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "t.safetensors")
         for x in ("1" * n for n in range(1, 9)):  # headers of every length mod 8
@@ -1860,6 +1874,7 @@ def test_a_bfloat16_prompt_cache_keeps_its_dtype(tmp_path):
     assert torch.equal(model.layers[3].attention.kv_cache.k[0, :, :10], k) and k.abs().sum() > 0
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss counts KiB on Linux (bytes on macOS)")
 def test_a_prompt_cache_is_written_one_layer_at_a_time():
     """Host memory while a prompt cache is written (its own process, for the peak) rises by about one layer's K, not
     by the whole K/V (safetensors' save_file: a copy of every tensor, then of their bytes: 241 MiB here, and with two
