@@ -696,8 +696,8 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             continue
         if forgot:
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
-            print(f"note: the conversation forgets {which} to leave the reply room in the cache; this turn prefills "
-                  f"all {plural(len(ids))} again (a larger --max-seq-len holds more)", file=sys.stderr)
+            print(f"note: the conversation forgets {which} to leave the reply room in the cache (a larger "
+                  "--max-seq-len holds more)", file=sys.stderr)
         messages = kept
         start, sent = continue_at(held, ids), sent + 1
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
