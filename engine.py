@@ -686,18 +686,18 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     for text in itertools.chain(openings, typed_turns()):
-        half = model.max_seq_len // 2  # a reply's room: --max-new-tokens, up to half the cache
+        half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
         limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)
         kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], len(system), limit,
-                                             min(limit, half))
+                                             half)
         if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the conversation kept
             print(f"warning: this message takes {plural(len(ids))} in the chat's format and the cache holds "
                   f"{plural(model.max_seq_len)}: not sent (a larger --max-seq-len holds more)", file=sys.stderr)
             continue
         if forgot:
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
-            print(f"note: the conversation forgets {which} to leave the reply room in the cache (a larger "
-                  "--max-seq-len holds more)", file=sys.stderr)
+            print(f"note: the conversation forgets {which}, down to half the cache, to leave this and later replies "
+                  "room (a larger --max-seq-len holds more)", file=sys.stderr)
         messages = kept
         start, sent = continue_at(held, ids), sent + 1
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
@@ -723,16 +723,21 @@ def fit_conversation(tok, messages, n_system, limit, keep):
     """(the messages, their chat encoding, the exchanges forgotten). An encoding longer than `limit` tokens (the room
     for a reply) forgets the fewest oldest exchanges, a user's message and its reply each, that leave it `keep`
     tokens or fewer (half the cache: the turns after it fit again, each prefilling only its own tokens, as llama.cpp's
-    context shift frees half); the system message and the newest one are kept, so it may stay longer."""
+    context shift frees half), else `limit` or fewer (a newest message past `keep`); the system message and the
+    newest one are kept, so it may stay longer. By bisection: the encoding shortens as exchanges go (Llama 2's, which
+    folds the system prompt into the first turn left, keeps that turn's leading spaces: there it may forget more)."""
     ids, pairs = tok.encode_chat(messages), (len(messages) - n_system - 1) // 2
     if len(ids) <= limit or pairs < 1:
         return messages, ids, 0
     without = lambda k: messages[:n_system] + messages[n_system + 2 * k:]  # the k oldest exchanges forgotten
-    lo, hi = 1, pairs  # the fewest that fit, by bisection (each try encodes the whole conversation)
+    fits = {pairs: tok.encode_chat(without(pairs))}  # (each try encodes the whole conversation)
+    target = keep if len(fits[pairs]) <= keep else limit
+    lo, hi = 1, pairs  # the fewest that fit `target`, else all
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if len(tok.encode_chat(without(mid))) <= keep else (mid + 1, hi)
-    return without(lo), tok.encode_chat(without(lo)), lo
+        fits[mid] = tok.encode_chat(without(mid))
+        lo, hi = (lo, mid) if len(fits[mid]) <= target else (mid + 1, hi)
+    return without(lo), fits[lo], lo
 
 
 def continue_at(held, ids):
@@ -793,7 +798,8 @@ def file_settings(path, rbit, n_dense):
 def read_once(path):
     """A key naming the one-shot stream that reading prompt file `path` uses up, so that two flags naming it are
     refused: (device, inode) of a pipe or socket, standard input's too ("-", /dev/stdin); "-" for standard input
-    that is a file or a terminal; None for a file, a device, or a path with nothing there."""
+    that is a file or a terminal; None for a file, a device, or a path with nothing there (a terminal named twice,
+    "-" and /dev/stdin, is read twice, to each Ctrl-D)."""
     try:
         st = os.fstat(sys.stdin.fileno()) if path == "-" else os.stat(path)
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):

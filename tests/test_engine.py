@@ -524,7 +524,7 @@ def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkey
             assert isinstance(kept[0], dict) and kept[1] is kept[0]
         else:
             assert calls.pop(0) == (len(again), 1, system, ["X"]), err
-            assert "note: the conversation forgets its oldest exchange to leave the reply room" in err, err
+            assert "note: the conversation forgets its oldest exchange, down to half the cache" in err, err
         assert calls == []
 
 
@@ -579,6 +579,9 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
         out, ids, n = engine.fit_conversation(tok, messages, n_system, limit, keep)
         assert [m["content"] for m in out] == kept.split() and ids == list(kept.replace(" ", "")) and n == forgot
         assert messages == given
+    long = [{"role": r, "content": c} for r, c in zip(roles, ["S", "a", "b", "c", "d", "eeeeee"])]
+    out, ids, n = engine.fit_conversation(tok, long, 1, 10, 5)  # past `keep` alone: the fewest that fit `limit`
+    assert (len(ids), n) == (9, 1)
     many = [{"role": "system", "content": "S"}] + [{"role": r, "content": "x"} for r in roles[1:3] * 40 + ["user"]]
     out, ids, n = engine.fit_conversation(tok, many, 1, 60, 30)  # 82 tokens: 26 exchanges go, leaving 30
     assert (len(ids), n, len(out)) == (30, 26, 30)
@@ -601,7 +604,7 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     turn = lambda *texts: tok.encode_chat([{"role": "system", "content": "Be brief."}, *(
-        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 3, texts))])
+        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 9, texts))])
     whole = turn("Hi", "Hello", "Again")
     over = next(m for k in range(1, 99) if len(turn(m := "word " * k)) == len(whole) + 1)
     flags = ["--interactive", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "1", "--max-seq-len"]
@@ -622,6 +625,13 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
     stdin_of(monkeypatch, "Again\n")
     code, _, err = run_cli(capsys, *flags[:-3], "--max-seq-len", str(2 * len(whole)))
     assert code == 0 and calls == [turn("Hi"), whole] and "forgets" not in err, err
+    calls.clear()  # a full cache forgets down to half of it (3 exchanges here), not just enough for one reply
+    stdin_of(monkeypatch, "Hi\n" * 5)
+    code, _, err = run_cli(capsys, *flags[:-3], "--max-new-tokens", "20", "--max-seq-len", "80")
+    chat = lambda k: turn(*["Hi", "Hello"] * (k - 1), "Hi")  # k turns
+    assert [len(chat(k)) for k in (4, 5, 2)] == [57, 70, 31]  # 70 > the limit, 81 - 20; down to 40: 31
+    assert code == 0 and calls == [chat(1), chat(2), chat(3), chat(4), chat(2), chat(3)], [len(c) for c in calls]
+    assert "forgets its 3 oldest exchanges, down to half the cache" in err and room[-6:] == [20] * 6, err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -637,7 +647,7 @@ def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--max-seq-len", "40", "--max-new-tokens", "4",
                              "--dense")
     assert code == 0 and len(out.splitlines()) == 3 and err.count("prefill:") == 3, (out, err)
-    assert "note: the conversation forgets its oldest exchange to leave the reply room in the cache" in err, err
+    assert "note: the conversation forgets its oldest exchange, down to half the cache, to leave this" in err, err
     assert "warning: this message takes " in err and "chat's format and the cache holds 40 tokens: not sent" in err
     assert err.count("note: at most") == 1, err
     assert "note: at most 2 new tokens: the cache holds 40 tokens and the conversation 39" in err, err
