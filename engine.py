@@ -685,9 +685,9 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     before the first turn (--prompt-cache); the file is rewritten with the first sent turn's prompt once prefilled."""
     messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
+    half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
+    limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)  # the longest conversation that leaves it
     for text in itertools.chain(openings, typed_turns()):
-        half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
-        limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)
         kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], len(system), limit,
                                              half)
         if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the conversation kept
@@ -832,8 +832,8 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
 def cache_size(args, longest, context, what=None, all_dense=False):
     """(the KV cache's capacity: --max-seq-len, else the longest prompt + new tokens - 1 within the model's context;
     the new tokens it leaves room for, with a note when fewer than asked, but for --interactive, whose turns note
-    their own). An error if the cache or prompt won't fit,
-    or if a sparse layer's budget cannot hold --sink + --recent (all_dense: --n-dense covers every layer, no check)."""
+    their own). An error if the cache or prompt won't fit, or if a sparse layer's budget cannot hold --sink +
+    --recent (all_dense: --n-dense covers every layer, no check)."""
     if (args.max_seq_len or 0) > context:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
     if longest > (cache := args.max_seq_len or context):
