@@ -444,6 +444,8 @@ def build_parser():
                    "standard input is your next message, after any --prompt (a line ending in \\ goes on in the "
                    "next); the KV cache keeps the conversation, so "
                    "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
+    p.add_argument("--keep-first", action="store_true", help="with --interactive: a full chat forgets its oldest "
+                   "exchanges but the first, so a document asked about stays in the cache (as llama.cpp's --keep)")
     p.add_argument("--prompt-cache", type=path_name, help="a file for the prompt's K/V: a run reuses the K/V of the "
                    "leading tokens its prompt shares with the file's and prefills only the rest, then writes its own "
                    "prompt's there unless the file holds them already (one prompt, or --interactive's first turn; "
@@ -564,8 +566,9 @@ def run(args):
                (("--top-k", "--top-p", "--min-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive",
-                 "--parse-special", "--stop", "--prompt-cache"), args.random_weights,
+                 "--parse-special", "--stop", "--prompt-cache", "--keep-first"), args.random_weights,
                 "--random-weights decodes random tokens"),
+               (("--keep-first",), not (args.interactive or args.random_weights), "only --interactive forgets"),
                (("--system",), not (args.chat or args.interactive or args.random_weights),
                 "it is a chat's message: add --chat"),
                (("--hash-weights",), args.random_weights and not args.dense and args.selector == "hash",
@@ -681,23 +684,28 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
     (the reply's own, where the template writes it as it was decoded; at least 2, see prefill). On CUDA one captured
     decode step serves every turn. A conversation that would leave a reply less than --max-new-tokens forgets its
-    oldest exchanges; a message the cache cannot hold alone is not sent. `held`: the tokens at the cached positions
-    before the first turn (--prompt-cache); the file is rewritten with the first sent turn's prompt once prefilled."""
+    oldest exchanges (--keep-first: but the first, which stays cached); a message the cache cannot hold is not sent.
+    `held`: the tokens at the cached positions before the first turn (--prompt-cache); the file is rewritten with the
+    first sent turn's prompt once prefilled."""
     messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
     limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)  # the longest conversation that leaves it
+    first = " after the first" if args.keep_first else ""
+    n_kept = len(system) + 2 * args.keep_first  # the messages never forgotten (an exchange is 2)
     for text in itertools.chain(openings, typed_turns()):
-        kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], len(system), limit,
-                                             half)
+        kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], n_kept, limit, half)
         if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the conversation kept
-            print(f"warning: this message takes {plural(len(ids))} in the chat's format and the cache holds "
+            what = "this message and the first exchange take" if first and sent else "this message takes"
+            print(f"warning: {what} {plural(len(ids))} in the chat's format and the cache holds "
                   f"{plural(model.max_seq_len)}: not sent (a larger --max-seq-len holds more)", file=sys.stderr)
             continue
         if forgot:
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
-            print(f"note: the conversation forgets {which}, down to half the cache, to leave this and later replies "
-                  "room (a larger --max-seq-len holds more)", file=sys.stderr)
+            why = (" to leave this reply" if len(ids) > half  # (a newest message, or a first kept, past half)
+                   else ", down to half the cache, to leave this and later replies")
+            print(f"note: the conversation forgets {which}{first}{why} room (a larger --max-seq-len holds more)",
+                  file=sys.stderr)
         messages = kept
         start, sent = continue_at(held, ids), sent + 1
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
@@ -719,17 +727,18 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
 
 
-def fit_conversation(tok, messages, n_system, limit, keep):
+def fit_conversation(tok, messages, n_kept, limit, keep):
     """(the messages, their chat encoding, the exchanges forgotten). An encoding longer than `limit` tokens (the room
     for a reply) forgets the fewest oldest exchanges, a user's message and its reply each, that leave it `keep`
     tokens or fewer (half the cache: the turns after it fit again, each prefilling only its own tokens, as llama.cpp's
-    context shift frees half), else `limit` or fewer (a newest message past `keep`); the system message and the
-    newest one are kept, so it may stay longer. By bisection: the encoding shortens as exchanges go (Llama 2's, which
-    folds the system prompt into the first turn left, keeps that turn's leading spaces: there it may forget more)."""
-    ids, pairs = tok.encode_chat(messages), (len(messages) - n_system - 1) // 2
+    context shift frees half), else `limit` or fewer (a newest message past `keep`); the first `n_kept` messages (the
+    system message; --keep-first's exchange) and the newest one are kept, so it may stay longer. By bisection: the
+    encoding shortens as exchanges go (Llama 2's, which folds the system prompt into the first turn left, keeps that
+    turn's leading spaces: there it may forget more)."""
+    ids, pairs = tok.encode_chat(messages), (len(messages) - n_kept - 1) // 2
     if len(ids) <= limit or pairs < 1:
         return messages, ids, 0
-    without = lambda k: messages[:n_system] + messages[n_system + 2 * k:]  # the k oldest exchanges forgotten
+    without = lambda k: messages[:n_kept] + messages[n_kept + 2 * k:]  # the k oldest exchanges after those forgotten
     fits = {pairs: tok.encode_chat(without(pairs))}  # (each try encodes the whole conversation)
     target = keep if len(fits[pairs]) <= keep else limit
     lo, hi = 1, pairs  # the fewest that fit `target`, else all

@@ -524,7 +524,7 @@ def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkey
             assert isinstance(kept[0], dict) and kept[1] is kept[0]
         else:
             assert calls.pop(0) == (len(again), 1, system, ["X"]), err
-            assert "note: the conversation forgets its oldest exchange, down to half the cache" in err, err
+            assert "note: the conversation forgets its oldest exchange to leave this reply room" in err, err  # > half
         assert calls == []
 
 
@@ -635,10 +635,57 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(capsys, monkeypatch):
+    """--keep-first, with a stub generate (each reply "Hello"): a full chat forgets its oldest exchanges after the
+    first (a document asked about), and the turn prefills from after that exchange, which the caches still hold. A
+    message too long beside the first exchange is not sent, and the line says the exchange is counted."""
+    from tokenizer import Tokenizer
+    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+    hello = tok.encode("Hello", bos=False)
+
+    def generate(model, prompts, n, stop_ids, *args, start=0, **kwargs):
+        calls.append((prompts[0], start))
+        return [hello + [2]], {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    turn = lambda *texts: tok.encode_chat([{"role": "system", "content": "Be brief."}, *(
+        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 9, texts))])
+    chat = lambda *asked: turn(*[m for text in asked[:-1] for m in (text, "Hello")], asked[-1])
+    asked = ["Doc", "A", "B", "C", "D"]
+    size = len(chat(*asked)) + 15  # the whole chat leaves a reply 16 tokens, not 20: the first + 1 fit in half
+    assert len(chat("Doc", "C", "D")) > size // 2 >= len(chat("Doc", "D"))
+    flags = ["--interactive", "--system", "Be brief.", "--prompt", "Doc", "--max-new-tokens", "20", "--max-seq-len",
+             str(size)]
+    stdin_of(monkeypatch, "A\nB\nC\nD\n")
+    code, _, err = run_cli(capsys, *flags, "--keep-first")
+    assert code == 0 and [c for c, _ in calls] == [chat(*asked[:k]) for k in range(1, 5)] + [chat("Doc", "D")], err
+    assert "note: the conversation forgets its 3 oldest exchanges after the first, down to half" in err, err
+    parts = lambda x, y: next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)  # where two encodings differ
+    assert calls[-1][1] == parts(chat(*asked[:4]), chat("Doc", "D")) > len(chat("Doc")), calls[-1][1]  # the reply's
+    calls.clear()  # without it, the first exchange goes first, and the turn prefills from the first user message
+    stdin_of(monkeypatch, "A\nB\nC\nD\n")
+    code, _, err = run_cli(capsys, *flags)
+    assert code == 0 and calls[-1] == (chat("C", "D"), parts(chat(*asked[:4]), chat("C", "D"))) and calls[-1][1] < len(
+        chat("Doc")) and "forgets its 3 oldest exchanges, down" in err, err
+    calls.clear()  # a message that fits the cache alone, but not beside the first exchange
+    over = next(m for k in range(1, 99) if len(chat("Doc", m := "word " * k)) == size + 1)
+    stdin_of(monkeypatch, f"{over}\nA\n")
+    code, _, err = run_cli(capsys, *flags, "--keep-first")
+    assert code == 0 and [c for c, _ in calls] == [chat("Doc"), chat("Doc", "A")], err
+    assert f"warning: this message and the first exchange take {size + 1} tokens in the chat's format" in err, err
+    long = "word " * 40  # a first message past half the cache: forgetting leaves the reply its room, not half
+    stdin_of(monkeypatch, "A\nB\n")
+    code, _, err = run_cli(capsys, *flags[:4], long, *flags[5:-1], str(len(chat(long, "A", "B")) + 15), "--keep-first")
+    assert code == 0 and calls[-1][0] == chat(long, "B") and len(chat(long, "B")) > len(chat(long, "A", "B")) // 2
+    assert "note: the conversation forgets its oldest exchange after the first to leave this reply room (a" in err, err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch):
-    """A conversation that would leave its reply less room than --max-new-tokens forgets its oldest exchange; a message
-    the cache cannot hold alone is not sent, with one line, and the chat goes on (before: both ended it). A turn left
-    less room than asked says so; a chat without a first message names the template's own tokens, not a prompt."""
+    """A conversation that would leave its reply less room than --max-new-tokens forgets its oldest exchange (what is
+    left is past half the cache: the note does not say "down to half"); a message the cache cannot hold alone is not
+    sent, with one line, and the chat goes on (before: both ended it). A turn left less room than asked says so; a
+    chat without a first message names the template's own tokens, not a prompt."""
     from tokenizer import Tokenizer
     tok = Tokenizer.from_path(engine.default_checkpoint())
     size = lambda text: len(tok.encode_chat([{"role": "user", "content": text}]))
@@ -647,7 +694,7 @@ def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--max-seq-len", "40", "--max-new-tokens", "4",
                              "--dense")
     assert code == 0 and len(out.splitlines()) == 3 and err.count("prefill:") == 3, (out, err)
-    assert "note: the conversation forgets its oldest exchange, down to half the cache, to leave this" in err, err
+    assert "note: the conversation forgets its oldest exchange to leave this reply room (a larger" in err, err
     assert "warning: this message takes " in err and "chat's format and the cache holds 40 tokens: not sent" in err
     assert err.count("note: at most") == 1, err
     assert "note: at most 2 new tokens: the cache holds 40 tokens and the conversation 39" in err, err
@@ -1554,6 +1601,8 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--preset", "tiny", "--prompt-len", "8", "--seed", "3"],  # no --random-weights
      "--seed (nothing is drawn at random); --preset, --prompt-len (they shape a --random-weights run)"),
     (["--seed", "3", "--temperature", "0.7"], None),
+    (["--keep-first"], "--keep-first (only --interactive forgets)"),
+    (["--keep-first", "--interactive"], None),
 ])
 def test_flags_that_change_nothing_say_so(capsys, argv, ignored):
     """HATA's settings with --dense, the hash selector's with another selector (an --rbit they read nothing of is
@@ -1571,10 +1620,10 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--checkpoint", str(tmp_path), "--tokenizer", "t.json",
                            "--chat", "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a", "--prompt", "b",
-                           "--interactive", "--parse-special", "--stop", "x")
+                           "--interactive", "--parse-special", "--stop", "x", "--keep-first")
     assert code == 0, err
     assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file, --interactive, "
-            "--parse-special, --stop (--random-weights decodes random tokens)\n") in err
+            "--parse-special, --stop, --keep-first (--random-weights decodes random tokens)\n") in err
     assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
                            "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt
