@@ -34,6 +34,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -711,6 +712,9 @@ def report_windows(args, tok, docs, context, gen):
     """{L: windows (n, L)} of the held-out documents for each --eval-len, cut to the model's context (once each).
     The files a report of these lengths writes are refused first, unless --overwrite."""
     lengths = list(dict.fromkeys(min(L, context) for L in args.eval_len))
+    if cut := [L for L in args.eval_len if L > context]:
+        print(f"note: --eval-len {' '.join(map(str, cut))} cut to the model's context, {context} tokens",
+              file=sys.stderr)
     refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
     return {L: token_windows(tok, docs, L, args.eval_seqs, gen, what=HELD_OUT, flag="--eval-len") for L in lengths}
 
@@ -718,7 +722,7 @@ def report_windows(args, tok, docs, context, gen):
 def write_hash_report(args, model, windows, n_docs, t0):
     """Selection quality on `windows` of the n_docs held-out documents (report_windows): the oracle, the trained
     files (--hash-weights, else the shipped ones for the default model) and random projections of their sizes;
-    tables and plots to --report-dir."""
+    tables and plots to --report-dir, where an earlier report's plots of other lengths go."""
     margs, files = model.args, args.hash_weights
     if files is None and is_default_model(args.checkpoint):  # the shipped projections, made with --n-dense 2
         files = [p for r in args.rbit or (64, 128, 256)
@@ -758,6 +762,9 @@ def write_hash_report(args, model, windows, n_docs, t0):
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
     for res, mean, path in plots:  # (a plot that cannot be written loses no number)
         report_plot(res, mean, args.n_dense, margs.n_layers, path)
+    for name in set(os.listdir(args.report_dir)) - {os.path.basename(path) for *_, path in plots}:
+        if re.fullmatch(r"hash_quality_\d+\.png", name):  # an earlier report's, of another length: not this one's
+            os.remove(os.path.join(args.report_dir, name))
     print(f"wrote {args.report_dir}/hash_quality.md and its plots ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
 

@@ -737,7 +737,8 @@ def test_a_window_cut_to_the_context_is_checked_again(gguf_path, tmp_path, capsy
     (tmp_path / "a.txt").write_text("some text")
     argv = ["--report", "--report-dir", str(tmp_path), "--eval-len", "10000", "--text", str(tmp_path / "a.txt")]
     assert th.main(argv) == 2
-    assert f"{tmp_path / 'hash_quality_8192.png'} exists: pass --overwrite" in capsys.readouterr().err
+    assert f"{tmp_path / 'hash_quality_8192.png'} exists: pass --overwrite" in (err := capsys.readouterr().err)
+    assert "note: --eval-len 10000 cut to the model's context, 8192 tokens" in err, err  # (as --seq-len's)
     assert (tmp_path / "hash_quality_8192.png").read_bytes() == b"earlier run"
 
 
@@ -916,6 +917,18 @@ def test_a_plot_that_cannot_be_written_loses_no_table(tmp_path, capsys, monkeypa
     assert "No space left" in err and "## 64-token windows" in out and "## 128-token windows" in out
     assert "## 128-token windows" in (tmp_path / "hash_quality.md").read_text()
     assert [os.path.basename(path) for path in calls] == ["hash_quality_64.png", "hash_quality_128.png"]
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_report_written_over_another_removes_its_plots_of_other_lengths(tmp_path, capsys):
+    """--overwrite of a report of 64- and 128-token windows with one of 96: their plots go (they would stand beside
+    tables that do not show them); other files stay."""
+    for name in ("hash_quality.md", "hash_quality_64.png", "hash_quality_128.png", "hash_quality_mine.png", "a.png"):
+        (tmp_path / name).write_bytes(b"earlier")
+    argv = ["--report", "--rbit", "64", "--eval-len", "96", "--eval-seqs", "1", "--eval-queries", "2",
+            "--report-dir", str(tmp_path), "--overwrite"]
+    assert th.main(argv) == 0, capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "hash_quality.md", "hash_quality_96.png", "hash_quality_mine.png"]
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
