@@ -127,8 +127,10 @@ def decode(model, tokens, pos0, steps, expect=None):
 @torch.inference_mode()
 def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, bar=None):
     """tokens (B, T): prefill the first n_prefill densely, once; then for each policy decode `steps` steps
-    feeding tokens[:, n_prefill:] (a tqdm `bar` moves one a policy). Returns {(name, budget): (argmax (B, steps),
-    logp (B, T - n_prefill - 1))}."""
+    feeding tokens[:, n_prefill:] (a tqdm `bar` moves one a policy), the sparse ones stopping at `expect` (decode);
+    dense decodes every step, so what it wrote is kept whole (scored the same: a cut keeps the first token off the
+    answer, and parse_digits reads only the first digits). Returns {(name, budget): (argmax (B, steps), logp
+    (B, T - n_prefill - 1))}."""
     B, dev = tokens.shape[0], model.output.weight.device
     tokens, expect = tokens.to(dev), None if expect is None else expect.to(dev)
     model.setup_caches(B, capacity)
@@ -138,7 +140,8 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, b
     out = {}
     for name, f, hata in pols:
         model.set_hata(hata)
-        out[(name, f)] = tuple(t.cpu() for t in decode(model, tokens[:, n_prefill:], pos0, steps, expect))
+        out[(name, f)] = tuple(t.cpu() for t in decode(model, tokens[:, n_prefill:], pos0, steps,
+                                                        None if hata is None else expect))
         if bar is not None:
             bar.update()
     model.set_hata(None)  # leave the model dense
@@ -343,11 +346,12 @@ def load_results(path):
 
 
 def merge(runs):
-    """One results dict from several runs of one setup (model and its weights, held-out text, rbit, n_dense: else
-    refused). Retrieval samples are joined by their spec: runs over the same samples add selectors, runs with
-    another seed add samples; a sample counts once every policy has run on it; where two runs hold the same
-    policy's result, the first run's counts (where their trained projections differ, none of the second's).
-    Perplexity runs must share their windows (the same dense pass) and context, which the merge records."""
+    """One results dict from several runs of one setup (model and its weights, held-out text, rbit where both runs
+    have a HATA selector, n_dense: else refused). Retrieval samples are joined by their spec: runs over the same
+    samples add selectors, runs with another seed add samples; a sample counts once every policy has run on it; where
+    two runs hold the same policy's result, the first run's counts (where their trained projections differ, none of
+    the second's). Perplexity runs must share their windows (the same dense pass) and context, which the merge
+    records."""
     ppl_contexts = {r["ppl_context"] for r in runs if r.get("perplexity")}  # a retrieval-only run records one too
     if len(ppl_contexts) > 1:
         raise ValueError(f"the runs' perplexity contexts differ ({sorted(ppl_contexts)}): not the same windows")
@@ -365,10 +369,13 @@ def merge(runs):
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         out.pop("retrieval_cut", None)
         known = {k: out.get(k) or r.get(k) for k in ("model", "weights", "text")}  # older files lack some: any
-        setup = lambda x: tuple(x.get(k) or v for k, v in known.items()) + (x.get("rbit", 128), x.get("n_dense", 2))
+        rbit = out.get("rbit", 128) or r.get("rbit", 128)  # None: a run without HATA selectors, which reads no codes
+        setup = lambda x: tuple(x.get(k) or v for k, v in known.items()) + (x.get("rbit", 128) or rbit,
+                                                                            x.get("n_dense", 2))
         if setup(r) != setup(out):
             raise ValueError(f"the runs differ in model, weights, text, rbit or n_dense ({setup(out)}, {setup(r)}): "
                              "their rows would mix two setups")
+        out["rbit"] = rbit
         if trained(r) and not trained(out):  # the first run to bring it: its file
             out["hash_weights"], out["hash_digest"] = r.get("hash_weights"), r.get("hash_digest")
         files = out.get("hash_weights"), r.get("hash_weights")
@@ -386,7 +393,7 @@ def merge(runs):
         out["command"] += " ; " + r["command"]
         out["seconds"] = {k: out["seconds"].get(k, 0) + r["seconds"].get(k, 0) for k in out["seconds"] | r["seconds"]}
         if r.get("perplexity"):
-            a, b = out.get("perplexity", r["perplexity"])["dense"], r["perplexity"]["dense"]
+            a, b = (out.get("perplexity") or r["perplexity"])["dense"], r["perplexity"]["dense"]  # ({}: none)
             if a["positions"] != b["positions"] or abs(a["nll"] - b["nll"]) > 1e-4:
                 raise ValueError(f"the runs' dense perplexity passes differ ({a['positions']} positions, NLL "
                                  f"{a['nll']:.4f}; {b['positions']}, {b['nll']:.4f}): other windows, or a run stopped")
@@ -602,7 +609,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                  + [(("--hash-weights",), fresh and "trained" not in args.selectors, "no trained selector"),
                     (("--quest", "--quest-budgets"), fresh and "quest" not in args.selectors, "no quest selector"),
                     (("--sink",), fresh and not {"oracle", "trained", "random"} & set(args.selectors),
-                     "no oracle or HATA selector: Quest's are --quest")])
+                     "no oracle or HATA selector: Quest's are --quest"),
+                    (("--rbit",), fresh and not {"trained", "random"} & set(args.selectors),
+                     "no HATA selector: oracle and Quest read no hash codes")])
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # a run's results until it ends
     check_writable(os.path.dirname(json_path), "--out-dir / --name")  # now, not after the first batch
@@ -642,9 +651,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--contexts"] and not args.minutes > 0:
         raise ValueError(f"--minutes {args.minutes}: retrieval needs --minutes > 0")
     fs = sorted(set(args.budgets) | set(args.quest_budgets if "quest" in args.selectors else []))
-    if dense := [(f, C) for f in fs for C in sum(lengths.values(), []) if HataArgs(budget=f).budget_tokens(C) >= C]:
-        raise ValueError(f"budget {frac(dense[0][0])} of a {dense[0][1]}-token context is all of it: every step would "
-                         "decode densely under a sparse label")
+    # a scored step sees C - 1 keys at most (perplexity's last, and the key's last digit; the step past it C)
+    if dense := [(f, C) for f in fs for C in sum(lengths.values(), []) if HataArgs(budget=f).budget_tokens(C) >= C - 1]:
+        raise ValueError(f"budget {frac(dense[0][0])} of a {dense[0][1]}-token context keeps every key a scored step "
+                         f"sees ({dense[0][1] - 1} at most): it would decode densely under a sparse label")
     refuse_negative(sink=args.sink, n_dense=args.n_dense)
     check_labels(args.budgets + args.quest_budgets)
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default
@@ -680,9 +690,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         load_hash_projections(weights, model.args, HataArgs(**hata), key_signature(model, hata["n_dense"]))
     if not 0 <= hata["n_dense"] < model.args.n_layers:  # else no layer is sparse: every selector would be dense
         raise ValueError(f"--n-dense {hata['n_dense']} must be in [0, {model.args.n_layers})")
-    print(f"loaded {checkpoint_label(args.checkpoint)} ({model.args.describe()}); R = {hata['rbit']}, "
-          f"{hata['n_dense']} dense layers" + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
+    rbit = hata["rbit"] if any(kw["selector"] == "hash" for kw in sels.values()) else None  # (None: no codes read)
+    print(f"loaded {checkpoint_label(args.checkpoint)} ({model.args.describe()}); " + f"R = {rbit}, " * bool(rbit)
+          + f"{hata['n_dense']} dense layers" + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
     pols = policies(sels, args.budgets, args.quest_budgets)
     hash_digest = None
     if weights:  # the projection file's bytes, as merge compares them
@@ -692,6 +703,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
                "hash_digest": hash_digest,
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata,
+               "rbit": rbit,  # a merge compares it only between runs with a HATA selector
                "noise_context": context,  # the noise haystack's size (before 2026-12-05: the longest --contexts)
                "weights": digest(t.numpy().tobytes() for t in key_signature(model, 0).values()),  # another checkpoint
                "text": digest(text.encode() for _, text in docs)}  # other --text: a merge refuses to join them

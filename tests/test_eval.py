@@ -189,6 +189,21 @@ def test_a_rows_answer_is_cut_at_its_own_first_miss_whatever_its_batch(monkeypat
         assert top.tolist() == [want[r] for r in rows], rows
 
 
+def test_dense_decodes_every_step_so_its_whole_answer_is_kept(monkeypatch):
+    """run_policies: the sparse policies stop at `expect`, dense does not (before: its recorded answer was cut after
+    its first token off the key, '8' where it wrote '82293')."""
+    seen = []
+    monkeypatch.setattr(ev, "prefill", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ev, "decode", lambda model, tokens, pos0, steps, expect: seen.append(expect) or (
+        torch.zeros(1, steps, dtype=torch.long), torch.zeros(1, 0)))
+    weight = types.SimpleNamespace(weight=torch.zeros(1))
+    model = types.SimpleNamespace(output=weight, setup_caches=lambda *args: None, set_hata=lambda hata: None)
+    expect = torch.tensor([[1, 2, -1]])
+    pols = [("dense", None, None), ("oracle", 0.5, HataArgs(selector="oracle", budget=0.5))]
+    out = ev.run_policies(model, torch.ones(1, 5, dtype=torch.long), 4, 3, 8, pols, expect)
+    assert seen[0] is None and torch.equal(seen[1], expect) and list(out) == [("dense", None), ("oracle", 0.5)]
+
+
 def test_dense_passkey_with_a_bos_tokenizer(smol, tok):
     bos_tok = copy.copy(tok)
     bos_tok.add_bos = True
@@ -317,6 +332,13 @@ def test_merge_joins_selectors_over_the_same_samples():
             ev.merge([{**run("oracle", [True, True]), **setup}, {**run("quest", [True, True]), **setup, key: value}])
     merged = ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128, **setup}])
     assert len(merged["selectors"]) == 2 and all(merged[k] == v for k, v in setup.items())  # (older files: any)
+    # a run without a HATA selector records no rbit: it joins a run of any (before: refused unless both were 128)
+    for a, b, both in ((None, 64, 64), (64, None, 64), (None, None, None)):
+        merged = ev.merge([{**run("oracle", [True, True]), "rbit": a}, {**run("hata-random", [True, True]), "rbit": b}])
+        assert merged["rbit"] == both and merged["selectors"] == ["oracle", "hata-random"]
+    with pytest.raises(ValueError, match="differ in model, weights, text, rbit or n_dense"):
+        ev.merge([{**run("oracle", [True, True]), "rbit": None}, {**run("hata-random", [True, True]), "rbit": 64},
+                  {**run("quest", [True, True]), "rbit": 128}])
 
 
 def test_merge_keeps_two_seeds_prompts_of_one_key_apart_and_notes_what_it_leaves_out(capsys):
@@ -397,6 +419,8 @@ def test_merge_states_the_context_of_its_perplexity_runs():
     ppl = {**retrieval, "command": "p", "ppl_context": 1024, "perplexity": dense}
     assert ev.merge([copy.deepcopy(retrieval), copy.deepcopy(ppl)])["ppl_context"] == 1024
     assert ev.merge([copy.deepcopy(ppl), copy.deepcopy(retrieval)])["ppl_context"] == 1024
+    empty = {**copy.deepcopy(retrieval), "perplexity": {}}  # (load_results takes it; before: a KeyError)
+    assert ev.merge([empty, copy.deepcopy(ppl)])["perplexity"] == dense
     with pytest.raises(ValueError, match=r"perplexity contexts differ \(\[1024, 2048\]\)"):
         ev.merge([copy.deepcopy(ppl), {**copy.deepcopy(ppl), "ppl_context": 2048}])
     def oracle(p):  # two runs of one policy: the first run's result counts, as for retrieval
@@ -556,11 +580,13 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                           "--samples needs one count per --contexts length (1), or one for each"),
                                          (["--contexts", "127", "--samples", "1"], "retrieval needs --contexts >= 128"),
                                          (["--contexts", "128", "--samples", "1", "--budgets", "0.995"],
-                                          "budget 199/200 of a 128-token context is all of it: every step would "
-                                          "decode densely"),
+                                          "budget 199/200 of a 128-token context keeps every key a scored step sees "
+                                          "(127 at most): it would decode densely under a sparse label"),
                                          (["--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "8",
                                            "--selectors", "quest", "--quest-budgets", "0.999"],
-                                          "budget 999/1000 of a 256-token context is all of it"),
+                                          "budget 999/1000 of a 256-token context keeps every key"),
+                                         (["--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "8",
+                                           "--budgets", "255/256"], "budget 255/256 of a 256-token context keeps"),
                                          (["--contexts", "40", "--samples", "1"],
                                           "--contexts 40 is too short: retrieval needs --contexts >= 128"),
                                          (["--minutes", "0"], "--minutes 0.0: retrieval needs --minutes > 0"),
@@ -655,6 +681,7 @@ def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, 
     assert ev.main(argv) == 0 and not (tmp_path / "argv_results.partial.json").exists()
     results = json.loads((tmp_path / "argv_results.json").read_text())
     assert results["command"] == "python eval.py " + shlex.join(argv) and "'" in results["command"]
+    assert results["rbit"] is None and results["n_dense"] == HataArgs.n_dense  # oracle alone reads no hash codes
     assert "context lengths" in ev.build_parser().format_help()  # --contexts: the cache, not the prompt (C - 5)
     (tmp_path / "other.txt").write_text(PROSE[::-1] * 10)  # and the weights and text it read: another text is
     argv = [str(tmp_path / "other.txt") if a.endswith("my text.txt") else "other" if a == "argv" else a for a in argv]
@@ -885,6 +912,9 @@ def test_quick_sizes_are_defaults_that_given_flags_override():
     (["--tasks", "perplexity", "--minutes", "5", "--seed", "3"], "--minutes, --seed (no retrieval task)"),
     (["--sink", "4", "--selectors", "quest"], "--sink (no oracle or HATA selector: Quest's are --quest)"),
     (["--sink", "4", "--selectors", "quest", "random"], None),
+    (["--rbit", "64", "--selectors", "oracle", "quest"], "--rbit (no HATA selector: oracle and Quest read no hash "
+     "codes)"),
+    (["--rbit", "64", "--selectors", "oracle", "random"], None),
     (["--quick", "--tasks", "retrieval"], None)])  # --quick's sizes are not flags given
 def test_flags_a_run_ignores_are_noted(argv, ignored, capsys, tmp_path):
     assert ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2
