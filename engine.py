@@ -1150,7 +1150,7 @@ def save_prompt_cache(path, model, ids, held):
             cache = getattr(layer.attention.kv_cache, kv)
             tensors[f"layers.{i}.{kv}"] = (dtype, (Hkv, n, D), lambda cache=cache: cache[0, :, :n])
     meta = {"format": PROMPT_CACHE, "model": repr(model.args), "dtype": str(dtype), "weights": weights_digest(model)}
-    write_whole(os.path.realpath(path), lambda tmp: write_safetensors(tmp, tensors, meta))  # (a link's target)
+    write_whole(path, lambda tmp: write_safetensors(tmp, tensors, meta))
     print(f"prompt cache: the prompt's {plural(n)} written to {path}", file=sys.stderr)
 
 

@@ -620,16 +620,19 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs, signatur
 
 def write_whole(path, write):
     """write(a new file) beside path, then rename it over path: a crash, Ctrl-C or full disk midway leaves the old
-    file as it was, not a cut one. A failed write is an OSError naming path (safetensors raises its own type). The
-    file gets the mode open() gives (safetensors' own temporary file is private: 0600). Makes path's folder."""
+    file as it was, not a cut one. A failed write is an OSError naming path (safetensors raises its own type). As
+    open() would: a link's target is written (not the link replaced by a file), a file replaced keeps its mode, a new
+    one gets the umask's (safetensors' own temporary file is private: 0600). Makes path's folder."""
     from safetensors import SafetensorError
-    tmp, umask = f"{path}.{os.getpid()}.tmp", os.umask(0)
+    folder, name = os.path.split(os.path.realpath(path))
+    tmp, umask = os.path.join(folder, f".{name[:200]}.{os.getpid()}.tmp"), os.umask(0)  # (a name of 255 bytes fits)
     os.umask(umask)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
+        old = os.stat(os.path.join(folder, name)).st_mode & 0o7777 if os.path.exists(path) else None
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~umask if old is None else old)
+        os.replace(tmp, os.path.join(folder, name))
     except (SafetensorError, OSError) as e:  # a full disk's OSError names no file
         raise OSError(f"cannot write {path}: {e}") from None
     finally:

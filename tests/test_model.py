@@ -611,6 +611,28 @@ def test_a_failed_save_names_its_file_and_keeps_the_old_one(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="links and modes as POSIX has them")
+def test_write_whole_writes_as_open_would(tmp_path):
+    """A link's target is written (before: the link was replaced by a file, the target left old); a file replaced
+    keeps its mode (before: a 0600 file came back 0644), a new one gets the umask's; a name of 250 bytes is written
+    (before: its scratch file's longer name failed)."""
+    write = lambda text: lambda tmp: open(tmp, "w").write(text)
+    (tmp_path / "real").mkdir()
+    (target := tmp_path / "real" / "p.json").write_text("old")
+    os.symlink(target, link := tmp_path / "link.json")
+    target.chmod(0o600)
+    model_module.write_whole(str(link), write("new"))
+    assert link.is_symlink() and target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0o022)
+    try:
+        model_module.write_whole(str(long := tmp_path / ("x" * 250)), write("long"))
+    finally:
+        os.umask(umask)
+    assert long.read_text() == "long" and long.stat().st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real", "x" * 250] and os.listdir(tmp_path / "real") == [
+        "p.json"]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_pipe_or_device_is_refused_not_read(tmp_path):
     """A named pipe given as the checkpoint or the tokenizer hung the first read until something wrote to it; a
