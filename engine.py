@@ -691,7 +691,7 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     generator = row_generators(args.seed, 1, model.output.weight.device)
     half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
     limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)  # the longest conversation that leaves it
-    first = " after the first" if args.keep_first else ""
+    first, hint = (" after the first", "") if args.keep_first else ("", "; --keep-first keeps the first exchange")
     n_kept = len(system) + 2 * args.keep_first  # the messages never forgotten (an exchange is 2)
     for text in itertools.chain(openings, typed_turns()):
         kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], n_kept, limit, half)
@@ -704,8 +704,9 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
             why = (" to leave this reply" if len(ids) > half  # (a newest message, or a first kept, past half)
                    else ", down to half the cache, to leave this and later replies")
-            print(f"note: the conversation forgets {which}{first}{why} room (a larger --max-seq-len holds more)",
+            print(f"note: the conversation forgets {which}{first}{why} room (a larger --max-seq-len holds more{hint})",
                   file=sys.stderr)
+            hint = ""  # (said once)
         messages = kept
         start, sent = continue_at(held, ids), sent + 1
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")

@@ -660,13 +660,16 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     code, _, err = run_cli(capsys, *flags, "--keep-first")
     assert code == 0 and [c for c, _ in calls] == [chat(*asked[:k]) for k in range(1, 5)] + [chat("Doc", "D")], err
     assert "note: the conversation forgets its 3 oldest exchanges after the first, down to half" in err, err
+    assert "--keep-first keeps" not in err, err
     parts = lambda x, y: next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)  # where two encodings differ
     assert calls[-1][1] == parts(chat(*asked[:4]), chat("Doc", "D")) > len(chat("Doc")), calls[-1][1]  # the reply's
     calls.clear()  # without it, the first exchange goes first, and the turn prefills from the first user message
-    stdin_of(monkeypatch, "A\nB\nC\nD\n")
+    stdin_of(monkeypatch, "A\nB\nC\nD\nE\nF\nG\nH\n")
     code, _, err = run_cli(capsys, *flags)
-    assert code == 0 and calls[-1] == (chat("C", "D"), parts(chat(*asked[:4]), chat("C", "D"))) and calls[-1][1] < len(
+    assert code == 0 and calls[4] == (chat("C", "D"), parts(chat(*asked[:4]), chat("C", "D"))) and calls[4][1] < len(
         chat("Doc")) and "forgets its 3 oldest exchanges, down" in err, err
+    assert err.count("note: the conversation forgets") == 2 and err.count(  # the flag, named once
+        "(a larger --max-seq-len holds more; --keep-first keeps the first exchange)") == 1, err
     calls.clear()  # a message that fits the cache alone, but not beside the first exchange
     over = next(m for k in range(1, 99) if len(chat("Doc", m := "word " * k)) == size + 1)
     stdin_of(monkeypatch, f"{over}\nA\n")
