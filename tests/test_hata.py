@@ -79,14 +79,16 @@ def test_a_step_over_one_key_more_than_the_budget_is_sparse(monkeypatch):
     assert len(picked) == PRESETS["tiny"].n_layers - 1 and all((idx >= 0).sum() == 2 * 6 for idx in picked)
 
 
-@pytest.mark.parametrize("use_norm, chunk", [(False, 4096), (True, 4096), (False, 4), (True, 5)])
-def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chunk):
+@pytest.mark.parametrize("use_norm, chunk, windows", [(False, 4096, (1, 2)), (True, 4096, (1, 2)), (False, 4, (1, 2)),
+                                                      (True, 5, (1, 2)), (True, 4096, (0, 0))])
+def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chunk, windows):
     """Every decode step of every sparse layer against HATA written out from the refs: the layer's
     projection hashes the queries and every cached key, the score is the Hamming distance summed over the G query
     heads of a KV head (use_norm: -(G - 2 ham / R) * ||k||), and the top K, with the sinks and the recent window,
     are what the layer attends to; per sequence, with the keys of decoded tokens too, after a prefill in one
-    chunk or several (each chunk's codes at its own positions)."""
-    args, hata = PRESETS["tiny"], HataArgs(budget=5, n_sink=1, n_recent=2, n_dense=1, use_norm=use_norm)
+    chunk or several (each chunk's codes at its own positions); without the windows, the newest key is scored too."""
+    args = PRESETS["tiny"]
+    hata = HataArgs(budget=5, n_sink=windows[0], n_recent=windows[1], n_dense=1, use_norm=use_norm)
     torch.manual_seed(0)
     model = Transformer(args, hata).eval()
     seen = []  # (q, keys, values, idx) of each sparse layer's attention, in layer order
@@ -111,7 +113,7 @@ def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chu
                         torch.testing.assert_close(attn.hash_cache.norms[b, :, :n[b]], keys[b, :, :n[b]].norm(dim=-1))
                 ham = hk.hamming_score_ref(hk.hash_encode_ref(q[:, :, None], attn.hash_proj)[:, :, 0], codes, n)
                 score = -(G - 2 * ham / R) * keys.norm(dim=-1) if use_norm else ham  # (B, Hkv, S_max)
-                assert as_sets(idx) == as_sets(hk.select_topk_ref(score, n, 5, 1, 2))
+                assert as_sets(idx) == as_sets(hk.select_topk_ref(score, n, 5, *windows))
 
 
 def test_oracle_at_half_budget_keeps_greedy_tokens(smol_weights):
