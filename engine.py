@@ -693,8 +693,9 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)  # the longest conversation that leaves it
     first, hint = (" after the first", "") if args.keep_first else ("", "; --keep-first keeps the first exchange")
     n_kept = len(system) + 2 * args.keep_first  # the messages never forgotten (an exchange is 2)
+    keep, down = half, "half the cache"  # forgetting goes down to `keep` tokens where it can
     for text in itertools.chain(openings, typed_turns()):
-        kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], n_kept, limit, half)
+        kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], n_kept, limit, keep)
         if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the conversation kept
             what = "this message and the first exchange take" if first and sent else "this message takes"
             print(f"warning: {what} {plural(len(ids))} in the chat's format and the cache holds "
@@ -702,8 +703,8 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             continue
         if forgot:
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
-            why = (" to leave this reply" if len(ids) > half  # (a newest message, or a first kept, past half)
-                   else ", down to half the cache, to leave this and later replies")
+            why = (" to leave this reply" if len(ids) > keep  # (a newest message past it)
+                   else f", down to {down}, to leave this and later replies")
             print(f"note: the conversation forgets {which}{first}{why} room (a larger --max-seq-len holds more{hint})",
                   file=sys.stderr)
             hint = ""  # (said once)
@@ -726,6 +727,8 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             report_speed(timing)
             held = ids + new[0][:-1]  # (the last new token is never cached)
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
+        if args.keep_first and sent == 1:  # then half of what follows the first exchange (llama.cpp's --keep)
+            keep, down = (n := len(tok.encode_chat(messages))) + (model.max_seq_len - n) // 2, "half the cache past it"
 
 
 def fit_conversation(tok, messages, n_kept, limit, keep):

@@ -637,8 +637,10 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(capsys, monkeypatch):
     """--keep-first, with a stub generate (each reply "Hello"): a full chat forgets its oldest exchanges after the
-    first (a document asked about), and the turn prefills from after that exchange, which the caches still hold. A
-    message too long beside the first exchange is not sent, and the line says the exchange is counted."""
+    first (a document asked about), down to half the cache past it (llama.cpp's --keep), and the turn prefills from
+    after that exchange, which the caches still hold. A first exchange past half the cache still leaves later turns
+    room (before: each forgot just enough for its own reply, prefilling all after the document again). A message too
+    long beside the first exchange is not sent, and the line says the exchange is counted."""
     from tokenizer import Tokenizer
     tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
     hello = tok.encode("Hello", bos=False)
@@ -652,17 +654,18 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
         {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 9, texts))])
     chat = lambda *asked: turn(*[m for text in asked[:-1] for m in (text, "Hello")], asked[-1])
     asked = ["Doc", "A", "B", "C", "D"]
-    size = len(chat(*asked)) + 15  # the whole chat leaves a reply 16 tokens, not 20: the first + 1 fit in half
-    assert len(chat("Doc", "C", "D")) > size // 2 >= len(chat("Doc", "D"))
+    size = len(chat(*asked)) + 15  # the whole chat leaves a reply 16 tokens, not 20
+    keep = lambda first, size: len(turn(first, "Hello")) + (size - len(turn(first, "Hello"))) // 2  # half past it
+    assert len(chat("Doc", "B", "C", "D")) > keep("Doc", size) >= len(chat("Doc", "C", "D"))
     flags = ["--interactive", "--system", "Be brief.", "--prompt", "Doc", "--max-new-tokens", "20", "--max-seq-len",
              str(size)]
     stdin_of(monkeypatch, "A\nB\nC\nD\n")
     code, _, err = run_cli(capsys, *flags, "--keep-first")
-    assert code == 0 and [c for c, _ in calls] == [chat(*asked[:k]) for k in range(1, 5)] + [chat("Doc", "D")], err
-    assert "note: the conversation forgets its 3 oldest exchanges after the first, down to half" in err, err
+    assert code == 0 and [c for c, _ in calls] == [chat(*asked[:k]) for k in range(1, 5)] + [chat("Doc", "C", "D")]
+    assert "forgets its 2 oldest exchanges after the first, down to half the cache past it, to leave" in err, err
     assert "--keep-first keeps" not in err, err
     parts = lambda x, y: next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)  # where two encodings differ
-    assert calls[-1][1] == parts(chat(*asked[:4]), chat("Doc", "D")) > len(chat("Doc")), calls[-1][1]  # the reply's
+    assert calls[-1][1] == parts(chat(*asked[:4]), chat("Doc", "C", "D")) > len(chat("Doc")), calls[-1][1]
     calls.clear()  # without it, the first exchange goes first, and the turn prefills from the first user message
     stdin_of(monkeypatch, "A\nB\nC\nD\nE\nF\nG\nH\n")
     code, _, err = run_cli(capsys, *flags)
@@ -676,11 +679,14 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     code, _, err = run_cli(capsys, *flags, "--keep-first")
     assert code == 0 and [c for c, _ in calls] == [chat("Doc"), chat("Doc", "A")], err
     assert f"warning: this message and the first exchange take {size + 1} tokens in the chat's format" in err, err
-    long = "word " * 40  # a first message past half the cache: forgetting leaves the reply its room, not half
-    stdin_of(monkeypatch, "A\nB\n")
-    code, _, err = run_cli(capsys, *flags[:4], long, *flags[5:-1], str(len(chat(long, "A", "B")) + 15), "--keep-first")
-    assert code == 0 and calls[-1][0] == chat(long, "B") and len(chat(long, "B")) > len(chat(long, "A", "B")) // 2
-    assert "note: the conversation forgets its oldest exchange after the first to leave this reply room (a" in err, err
+    calls.clear()  # a first exchange past half the cache: one forgetting in 10 turns, where each took one before
+    long, size = "word " * 60, 160
+    assert len(turn(long, "Hello")) > size // 2 and len(chat(long, *"ABCDEF")) <= size - 3 < len(chat(long, *"ABCDEFG"))
+    stdin_of(monkeypatch, "".join(f"{c}\n" for c in "ABCDEFGHI"))  # (--max-new-tokens 4: room for size - 3)
+    code, _, err = run_cli(capsys, *flags[:4], long, *flags[5:6], "4", flags[7], str(size), "--keep-first")
+    assert code == 0 and len(calls) == 10 and calls[7][0] == chat(long, *"EFG"), [len(c) for c, _ in calls]
+    assert len(chat(long, *"DEFG")) > keep(long, size) >= len(chat(long, *"EFG"))
+    assert err.count("note: the conversation forgets") == 1 and "forgets its 4 oldest exchanges after the first" in err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
