@@ -441,9 +441,9 @@ def build_parser():
     p.add_argument("--parse-special", action="store_true", help="read special-token text in prompts and messages as "
                    "those tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
-                   "standard input is your next message, after any --prompt (a line ending in \\ goes on in the "
-                   "next); the KV cache keeps the conversation, so "
-                   "a turn prefills only its own tokens (default --max-seq-len: the model's context)")
+                   "standard input is your next message, after any --prompt or --prompt-file (a line ending in \\ "
+                   "goes on in the next); the KV cache keeps the conversation, so a turn prefills only its own tokens "
+                   "(default --max-seq-len: the model's context)")
     p.add_argument("--keep-first", action="store_true", help="with --interactive: a full chat forgets its oldest "
                    "exchanges but the first, so a document asked about stays in the cache (as llama.cpp's --keep)")
     p.add_argument("--prompt-cache", type=path_name, help="a file for the prompt's K/V: a run reuses the K/V of the "
@@ -697,9 +697,11 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     for text in itertools.chain(openings, typed_turns()):
         kept, ids, forgot = fit_conversation(tok, [*messages, {"role": "user", "content": text}], n_kept, limit, keep)
         if (room := model.max_seq_len - len(ids) + 1) < 1:  # the message alone: not sent, the conversation kept
-            what = "this message and the first exchange take" if first and sent else "this message takes"
+            what, kept_first = ("this message and the first exchange take", "; without --keep-first the chat "
+                                "forgets that exchange") if args.keep_first and sent else ("this message takes", "")
             print(f"warning: {what} {plural(len(ids))} in the chat's format and the cache holds "
-                  f"{plural(model.max_seq_len)}: not sent (a larger --max-seq-len holds more)", file=sys.stderr)
+                  f"{plural(model.max_seq_len)}: not sent (a larger --max-seq-len holds more{kept_first})",
+                  file=sys.stderr)
             continue
         if forgot:
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
@@ -727,18 +729,19 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             report_speed(timing)
             held = ids + new[0][:-1]  # (the last new token is never cached)
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
-        if args.keep_first and sent == 1:  # then half of what follows the first exchange (llama.cpp's --keep)
-            keep, down = (n := len(tok.encode_chat(messages))) + (model.max_seq_len - n) // 2, "half the cache past it"
+        if args.keep_first and sent == 1:  # then half the room past the first exchange (llama.cpp's --keep)
+            keep, down = (n := len(tok.encode_chat(messages))) + (limit - n) // 2, "half the room past it"
 
 
 def fit_conversation(tok, messages, n_kept, limit, keep):
     """(the messages, their chat encoding, the exchanges forgotten). An encoding longer than `limit` tokens (the room
     for a reply) forgets the fewest oldest exchanges, a user's message and its reply each, that leave it `keep`
-    tokens or fewer (half the cache: the turns after it fit again, each prefilling only its own tokens, as llama.cpp's
-    context shift frees half), else `limit` or fewer (a newest message past `keep`); the first `n_kept` messages (the
-    system message; --keep-first's exchange) and the newest one are kept, so it may stay longer. By bisection: the
-    encoding shortens as exchanges go (Llama 2's, which folds the system prompt into the first turn left, keeps that
-    turn's leading spaces: there it may forget more)."""
+    tokens or fewer (half the cache, or with --keep-first half the room past the first exchange: the turns after it
+    fit again, each prefilling only its own tokens, as llama.cpp's context shift frees half), else `limit` or fewer
+    (a newest message past `keep`); the first `n_kept` messages (the system message; --keep-first's exchange) and
+    the newest one are kept, so it may stay longer. By bisection: the encoding shortens as exchanges go (Llama 2's,
+    which folds the system prompt into the first turn left, keeps that turn's leading spaces: there it may forget
+    more)."""
     ids, pairs = tok.encode_chat(messages), (len(messages) - n_kept - 1) // 2
     if len(ids) <= limit or pairs < 1:
         return messages, ids, 0

@@ -642,11 +642,12 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     room (before: each forgot just enough for its own reply, prefilling all after the document again). A message too
     long beside the first exchange is not sent, and the line says the exchange is counted."""
     from tokenizer import Tokenizer
-    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+    tok, calls, rooms = Tokenizer.from_path(engine.default_checkpoint()), [], []
     hello = tok.encode("Hello", bos=False)
 
     def generate(model, prompts, n, stop_ids, *args, start=0, **kwargs):
         calls.append((prompts[0], start))
+        rooms.append(n)
         return [hello + [2]], {}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
@@ -655,14 +656,15 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     chat = lambda *asked: turn(*[m for text in asked[:-1] for m in (text, "Hello")], asked[-1])
     asked = ["Doc", "A", "B", "C", "D"]
     size = len(chat(*asked)) + 15  # the whole chat leaves a reply 16 tokens, not 20
-    keep = lambda first, size: len(turn(first, "Hello")) + (size - len(turn(first, "Hello"))) // 2  # half past it
-    assert len(chat("Doc", "B", "C", "D")) > keep("Doc", size) >= len(chat("Doc", "C", "D"))
+    def keep(first, size, new):  # half the room past the first exchange, which leaves a reply `new` tokens
+        return len(turn(first, "Hello")) + (size + 1 - min(new, size // 2) - len(turn(first, "Hello"))) // 2
+    assert len(chat("Doc", "B", "C", "D")) > keep("Doc", size, 20) >= len(chat("Doc", "C", "D"))
     flags = ["--interactive", "--system", "Be brief.", "--prompt", "Doc", "--max-new-tokens", "20", "--max-seq-len",
              str(size)]
     stdin_of(monkeypatch, "A\nB\nC\nD\n")
     code, _, err = run_cli(capsys, *flags, "--keep-first")
     assert code == 0 and [c for c, _ in calls] == [chat(*asked[:k]) for k in range(1, 5)] + [chat("Doc", "C", "D")]
-    assert "forgets its 2 oldest exchanges after the first, down to half the cache past it, to leave" in err, err
+    assert "forgets its 2 oldest exchanges after the first, down to half the room past it, to leave" in err, err
     assert "--keep-first keeps" not in err, err
     parts = lambda x, y: next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)  # where two encodings differ
     assert calls[-1][1] == parts(chat(*asked[:4]), chat("Doc", "C", "D")) > len(chat("Doc")), calls[-1][1]
@@ -679,14 +681,20 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     code, _, err = run_cli(capsys, *flags, "--keep-first")
     assert code == 0 and [c for c, _ in calls] == [chat("Doc"), chat("Doc", "A")], err
     assert f"warning: this message and the first exchange take {size + 1} tokens in the chat's format" in err, err
+    assert "(a larger --max-seq-len holds more; without --keep-first the chat forgets that exchange)" in err, err
     calls.clear()  # a first exchange past half the cache: one forgetting in 10 turns, where each took one before
     long, size = "word " * 60, 160
     assert len(turn(long, "Hello")) > size // 2 and len(chat(long, *"ABCDEF")) <= size - 3 < len(chat(long, *"ABCDEFG"))
     stdin_of(monkeypatch, "".join(f"{c}\n" for c in "ABCDEFGHI"))  # (--max-new-tokens 4: room for size - 3)
     code, _, err = run_cli(capsys, *flags[:4], long, *flags[5:6], "4", flags[7], str(size), "--keep-first")
     assert code == 0 and len(calls) == 10 and calls[7][0] == chat(long, *"EFG"), [len(c) for c, _ in calls]
-    assert len(chat(long, *"DEFG")) > keep(long, size) >= len(chat(long, *"EFG"))
+    assert len(chat(long, *"DEFG")) > keep(long, size, 4) >= len(chat(long, *"EFG"))
     assert err.count("note: the conversation forgets") == 1 and "forgets its 4 oldest exchanges after the first" in err
+    rooms.clear()  # a reply's room past half the rest of the cache: forgetting leaves it whole (before: 49 of 50)
+    stdin_of(monkeypatch, "A\nB\nC\nword word word\nD\n")
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "word " * 40, "--max-new-tokens", "50", "--max-seq-len",
+                           "160", "--keep-first")  # (the template's own system message)
+    assert code == 0 and rooms == [50] * 6 and "forgets" in err, (rooms, err)
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
