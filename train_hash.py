@@ -99,7 +99,11 @@ def load_corpus(paths=None):
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f.read().splitlines(), 1):
+                if not line.strip():  # (a blank line holds no verse)
+                    continue
                 verse = json.loads(line)
+                if not isinstance(verse["text"], str):
+                    raise TypeError(f"its text is {type(verse['text']).__name__}")
                 books.setdefault(verse["book"], []).append(verse["text"])
     except (ValueError, KeyError, TypeError) as e:  # not UTF-8 (no line yet), a cut line, another layout
         raise ValueError(f"{broken}; {f'line {n}: ' * bool(n)}{type(e).__name__}: {e}") from None
@@ -498,6 +502,13 @@ def report_files(report_dir, lengths):
     return [os.path.join(report_dir, f) for f in ["hash_quality.md"] + [f"hash_quality_{L}.png" for L in lengths]]
 
 
+def other_plots(report_dir, lengths):
+    """An earlier report's plots of other lengths, which --report removes: beside its tables they would mislead."""
+    names = os.listdir(report_dir) if os.path.isdir(report_dir) else []
+    return [os.path.join(report_dir, n) for n in sorted(names) if re.fullmatch(r"hash_quality_\d+\.png", n)
+            and n not in {f"hash_quality_{L}.png" for L in lengths}]
+
+
 def refuse_repeats(paths, flag):  # one file given twice (by another name, too)
     if len(set(map(os.path.realpath, paths))) < len(paths):
         raise ValueError(f"{flag} names one file more than once: {' '.join(paths)}")
@@ -722,7 +733,8 @@ def report_windows(args, tok, docs, context, gen):
     if cut := [L for L in args.eval_len if L > context]:
         print(f"note: --eval-len {' '.join(map(str, cut))} cut to the model's context, {context} tokens",
               file=sys.stderr)
-    refuse_to_replace(report_files(args.report_dir, lengths), args.overwrite, "another --report-dir")
+    refuse_to_replace(report_files(args.report_dir, lengths) + other_plots(args.report_dir, lengths), args.overwrite,
+                      "another --report-dir")
     return {L: token_windows(tok, docs, L, args.eval_seqs, gen, what=HELD_OUT, flag="--eval-len") for L in lengths}
 
 
@@ -769,9 +781,8 @@ def write_hash_report(args, model, windows, n_docs, t0):
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
     for res, mean, path in plots:  # (a plot that cannot be written loses no number)
         report_plot(res, mean, args.n_dense, margs.n_layers, path)
-    for name in set(os.listdir(args.report_dir)) - {os.path.basename(path) for *_, path in plots}:
-        if re.fullmatch(r"hash_quality_\d+\.png", name):  # an earlier report's, of another length: not this one's
-            os.remove(os.path.join(args.report_dir, name))
+    for path in other_plots(args.report_dir, results):  # (refused by report_windows without --overwrite)
+        os.remove(path)
     print(f"wrote {args.report_dir}/hash_quality.md and its plots ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
 

