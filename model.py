@@ -624,15 +624,15 @@ def write_whole(path, write):
     open() would: a link's target is written (not the link replaced by a file), a file replaced keeps its mode, a new
     one gets the umask's (safetensors' own temporary file is private: 0600). Makes path's folder."""
     from safetensors import SafetensorError
-    folder, name = os.path.split(os.path.realpath(path))
-    tmp, umask = os.path.join(folder, f".{name[:200]}.{os.getpid()}.tmp"), os.umask(0)  # (a name of 255 bytes fits)
+    folder, name = os.path.split(real := os.path.realpath(path))
+    tmp, umask = os.path.join(folder, f".{name[:50]}.{os.getpid()}.tmp"), os.umask(0)  # (50 characters: 200 bytes)
     os.umask(umask)
     try:
         os.makedirs(folder, exist_ok=True)
-        old = os.stat(os.path.join(folder, name)).st_mode & 0o7777 if os.path.exists(path) else None
+        old = os.stat(real).st_mode & 0o7777 if os.path.exists(real) else None
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask if old is None else old)
-        os.replace(tmp, os.path.join(folder, name))
+        os.replace(tmp, real)
     except (SafetensorError, OSError) as e:  # a full disk's OSError names no file
         raise OSError(f"cannot write {path}: {e}") from None
     finally:

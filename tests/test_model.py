@@ -614,8 +614,8 @@ def test_a_failed_save_names_its_file_and_keeps_the_old_one(tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="links and modes as POSIX has them")
 def test_write_whole_writes_as_open_would(tmp_path):
     """A link's target is written (before: the link was replaced by a file, the target left old); a file replaced
-    keeps its mode (before: a 0600 file came back 0644), a new one gets the umask's; a name of 250 bytes is written
-    (before: its scratch file's longer name failed)."""
+    keeps its mode (before: a 0600 file came back 0644), a new one gets the umask's; a name of 250 bytes is written,
+    ASCII or not (before: its scratch file's longer name failed)."""
     write = lambda text: lambda tmp: open(tmp, "w").write(text)
     (tmp_path / "real").mkdir()
     (target := tmp_path / "real" / "p.json").write_text("old")
@@ -629,8 +629,10 @@ def test_write_whole_writes_as_open_would(tmp_path):
     finally:
         os.umask(umask)
     assert long.read_text() == "long" and long.stat().st_mode & 0o777 == 0o644
-    assert sorted(os.listdir(tmp_path)) == ["link.json", "real", "x" * 250] and os.listdir(tmp_path / "real") == [
-        "p.json"]
+    model_module.write_whole(str(wide := tmp_path / ("é" * 125)), write("wide"))  # 250 bytes in UTF-8
+    assert wide.read_text() == "wide"
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real", "x" * 250, "é" * 125] and os.listdir(
+        tmp_path / "real") == ["p.json"]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
