@@ -692,7 +692,7 @@ def build_parser():
     p = add_mode("cpu", "the default model's decode ms/token on the CPU, dense vs HATA")
     p.add_argument("--seqlens", nargs="+", type=positive_int, default=[16, 1024, 4096, 8192], help="cached tokens S")
     p.add_argument("--budget", type=parse_budget, default=512,
-                   help="HATA's K: tokens, or a fraction of the cache like 1/16 (--seqlens it covers decode densely)")
+                   help="HATA's K: tokens, or a fraction of the cache like 1/16 (an S it covers decodes densely)")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating dense / HATA rounds")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
     p.add_argument("--threads", type=thread_count, help="torch threads (default: torch's choice; 1 when other work "

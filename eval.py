@@ -369,8 +369,9 @@ def merge(runs):
         out.pop("retrieval_planned", None)  # one run's plan: a merge of runs has none
         out.pop("retrieval_cut", None)
         known = {k: out.get(k) or r.get(k) for k in ("model", "weights", "text")}  # older files lack some: any
-        rbit = out.get("rbit", 128) or r.get("rbit", 128)  # None: a run without HATA selectors, which reads no codes
-        setup = lambda x: tuple(x.get(k) or v for k, v in known.items()) + (x.get("rbit", 128) or rbit,
+        hashes = lambda x: any(s.startswith("hata-") for s in x["selectors"])  # else its rbit reads no codes
+        rbit = next((x.get("rbit", 128) for x in (out, r) if hashes(x)), None)  # (files before 2026-12-06: 128)
+        setup = lambda x: tuple(x.get(k) or v for k, v in known.items()) + (x.get("rbit", 128) if hashes(x) else rbit,
                                                                             x.get("n_dense", 2))
         if setup(r) != setup(out):
             raise ValueError(f"the runs differ in model, weights, text, rbit or n_dense ({setup(out)}, {setup(r)}): "

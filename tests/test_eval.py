@@ -327,18 +327,18 @@ def test_merge_joins_selectors_over_the_same_samples():
     with pytest.raises(ValueError, match="dense answers differ"):
         ev.merge([run("oracle", [True, True]), other])
     setup = {"model": "llama dim=576", "weights": "5e0f", "text": "a1b2"}  # another checkpoint of the same shape, or
-    for key, value in (("n_dense", 3), ("rbit", 64), ("model", "llama dim=64"), ("weights", "9d3c"), ("text", "77aa")):
+    for key, value in (("n_dense", 3), ("model", "llama dim=64"), ("weights", "9d3c"), ("text", "77aa")):
         with pytest.raises(ValueError, match="differ in model, weights, text, rbit or n_dense"):  # other --text
             ev.merge([{**run("oracle", [True, True]), **setup}, {**run("quest", [True, True]), **setup, key: value}])
     merged = ev.merge([run("oracle", [True, True]), {**run("quest", [True, True]), "rbit": 128, **setup}])
     assert len(merged["selectors"]) == 2 and all(merged[k] == v for k, v in setup.items())  # (older files: any)
-    # a run without a HATA selector records no rbit: it joins a run of any (before: refused unless both were 128)
-    for a, b, both in ((None, 64, 64), (64, None, 64), (None, None, None)):
+    # a run without a HATA selector records no rbit (older files: 128): it joins a run of any (before: refused)
+    for a, b, both in ((None, 64, 64), (128, 64, 64), (None, None, None)):
         merged = ev.merge([{**run("oracle", [True, True]), "rbit": a}, {**run("hata-random", [True, True]), "rbit": b}])
         assert merged["rbit"] == both and merged["selectors"] == ["oracle", "hata-random"]
-    with pytest.raises(ValueError, match="differ in model, weights, text, rbit or n_dense"):
+    with pytest.raises(ValueError, match="differ in model, weights, text, rbit or n_dense"):  # two that hash
         ev.merge([{**run("oracle", [True, True]), "rbit": None}, {**run("hata-random", [True, True]), "rbit": 64},
-                  {**run("quest", [True, True]), "rbit": 128}])
+                  {**run("quest", [True, True]), "rbit": 128}, {**run("hata-trained", [True, True]), "rbit": 128}])
 
 
 def test_merge_keeps_two_seeds_prompts_of_one_key_apart_and_notes_what_it_leaves_out(capsys):
