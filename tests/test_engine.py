@@ -587,60 +587,10 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
     assert (len(ids), n, len(out)) == (30, 26, 30)
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_system_message(capsys, monkeypatch):
-    """--system, with a stub generate (each reply "Hello"): a message one token too long for the cache is not sent,
-    and the conversation before it stays whole (before: the exchanges forgotten for it were lost, with a note); a
-    cache one token short of the whole conversation forgets the first exchange, not the system message. A first
-    turn left less room than asked is noted once, for the turn (not also as a prompt's)."""
-    from tokenizer import Tokenizer
-    tok, calls, room = Tokenizer.from_path(engine.default_checkpoint()), [], []
-    hello = tok.encode("Hello", bos=False)
-
-    def generate(model, prompts, n, stop_ids, *args, start=0, **kwargs):
-        calls.append(prompts[0])
-        room.append(n)
-        return [hello + [2]], {}
-    monkeypatch.setattr(engine, "generate", generate)
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
-    turn = lambda *texts: tok.encode_chat([{"role": "system", "content": "Be brief."}, *(
-        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 9, texts))])
-    whole = turn("Hi", "Hello", "Again")
-    over = next(m for k in range(1, 99) if len(turn(m := "word " * k)) == len(whole) + 1)
-    flags = ["--interactive", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "1", "--max-seq-len"]
-    stdin_of(monkeypatch, over + "\nAgain\n")
-    code, _, err = run_cli(capsys, *flags, str(len(whole)))
-    assert code == 0 and calls == [turn("Hi"), whole] and f"warning: this message takes {len(whole) + 1} tok" in err
-    assert "forgets" not in err and "note: at most" not in err, err
-    calls.clear()
-    stdin_of(monkeypatch, "Again\n")
-    code, _, err = run_cli(capsys, *flags, str(len(whole) - 1))
-    assert code == 0 and calls == [turn("Hi"), turn("Again")] and "forgets its oldest exchange" in err, err
-    calls.clear()
-    stdin_of(monkeypatch, "")
-    code, _, err = run_cli(capsys, *flags[:-3], "--max-new-tokens", "3", "--max-seq-len", str(len(turn("Hi")) + 1))
-    assert code == 0 and err.count("note: at most") == 1 and f"the conversation {len(turn('Hi'))}" in err, err
-    assert room[-1] == 2  # the cache's room: the cache less the turn's tokens, + 1 (the last is never cached)
-    calls.clear()  # --max-new-tokens 200, past the cache: a reply's room is half of it, and the history is kept
-    stdin_of(monkeypatch, "Again\n")
-    code, _, err = run_cli(capsys, *flags[:-3], "--max-seq-len", str(2 * len(whole)))
-    assert code == 0 and calls == [turn("Hi"), whole] and "forgets" not in err, err
-    calls.clear()  # a full cache forgets down to half of it (3 exchanges here), not just enough for one reply
-    stdin_of(monkeypatch, "Hi\n" * 5)
-    code, _, err = run_cli(capsys, *flags[:-3], "--max-new-tokens", "20", "--max-seq-len", "80")
-    chat = lambda k: turn(*["Hi", "Hello"] * (k - 1), "Hi")  # k turns
-    assert [len(chat(k)) for k in (4, 5, 2)] == [57, 70, 31]  # 70 > the limit, 81 - 20; down to 40: 31
-    assert code == 0 and calls == [chat(1), chat(2), chat(3), chat(4), chat(2), chat(3)], [len(c) for c in calls]
-    assert "forgets its 3 oldest exchanges, down to half the cache" in err and room[-6:] == [20] * 6, err
-
-
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(capsys, monkeypatch):
-    """--keep-first, with a stub generate (each reply "Hello"): a full chat forgets its oldest exchanges after the
-    first (a document asked about), down to half the cache past it (llama.cpp's --keep), and the turn prefills from
-    after that exchange, which the caches still hold. A first exchange past half the cache still leaves later turns
-    room (before: each forgot just enough for its own reply, prefilling all after the document again). A message too
-    long beside the first exchange is not sent, and the line says the exchange is counted."""
+def stub_replies(monkeypatch):
+    """engine.generate stubbed, each reply "Hello" (and <|im_end|>): (the calls [(prompt ids, start)], each call's
+    new-token limit, turn(*texts): the default model's chat encoding of the system message "Be brief." and `texts`
+    as alternating user and assistant messages)."""
     from tokenizer import Tokenizer
     tok, calls, rooms = Tokenizer.from_path(engine.default_checkpoint()), [], []
     hello = tok.encode("Hello", bos=False)
@@ -653,6 +603,54 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     turn = lambda *texts: tok.encode_chat([{"role": "system", "content": "Be brief."}, *(
         {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 9, texts))])
+    return calls, rooms, turn
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_system_message(capsys, monkeypatch):
+    """--system, with a stub generate (each reply "Hello"): a message one token too long for the cache is not sent,
+    and the conversation before it stays whole (before: the exchanges forgotten for it were lost, with a note); a
+    cache one token short of the whole conversation forgets the first exchange, not the system message. A first
+    turn left less room than asked is noted once, for the turn (not also as a prompt's)."""
+    calls, room, turn = stub_replies(monkeypatch)
+    sent = lambda: [prompt for prompt, _ in calls]
+    whole = turn("Hi", "Hello", "Again")
+    over = next(m for k in range(1, 99) if len(turn(m := "word " * k)) == len(whole) + 1)
+    flags = ["--interactive", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "1", "--max-seq-len"]
+    stdin_of(monkeypatch, over + "\nAgain\n")
+    code, _, err = run_cli(capsys, *flags, str(len(whole)))
+    assert code == 0 and sent() == [turn("Hi"), whole] and f"warning: this message takes {len(whole) + 1} tok" in err
+    assert "forgets" not in err and "note: at most" not in err, err
+    calls.clear()
+    stdin_of(monkeypatch, "Again\n")
+    code, _, err = run_cli(capsys, *flags, str(len(whole) - 1))
+    assert code == 0 and sent() == [turn("Hi"), turn("Again")] and "forgets its oldest exchange" in err, err
+    calls.clear()
+    stdin_of(monkeypatch, "")
+    code, _, err = run_cli(capsys, *flags[:-3], "--max-new-tokens", "3", "--max-seq-len", str(len(turn("Hi")) + 1))
+    assert code == 0 and err.count("note: at most") == 1 and f"the conversation {len(turn('Hi'))}" in err, err
+    assert room[-1] == 2  # the cache's room: the cache less the turn's tokens, + 1 (the last is never cached)
+    calls.clear()  # --max-new-tokens 200, past the cache: a reply's room is half of it, and the history is kept
+    stdin_of(monkeypatch, "Again\n")
+    code, _, err = run_cli(capsys, *flags[:-3], "--max-seq-len", str(2 * len(whole)))
+    assert code == 0 and sent() == [turn("Hi"), whole] and "forgets" not in err, err
+    calls.clear()  # a full cache forgets down to half of it (3 exchanges here), not just enough for one reply
+    stdin_of(monkeypatch, "Hi\n" * 5)
+    code, _, err = run_cli(capsys, *flags[:-3], "--max-new-tokens", "20", "--max-seq-len", "80")
+    chat = lambda k: turn(*["Hi", "Hello"] * (k - 1), "Hi")  # k turns
+    assert [len(chat(k)) for k in (4, 5, 2)] == [57, 70, 31]  # 70 > the limit, 81 - 20; down to 40: 31
+    assert code == 0 and sent() == [chat(1), chat(2), chat(3), chat(4), chat(2), chat(3)], [len(c) for c in sent()]
+    assert "forgets its 3 oldest exchanges, down to half the cache" in err and room[-6:] == [20] * 6, err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(capsys, monkeypatch):
+    """--keep-first, with a stub generate (each reply "Hello"): a full chat forgets its oldest exchanges after the
+    first (a document asked about), down to half the cache past it (llama.cpp's --keep), and the turn prefills from
+    after that exchange, which the caches still hold. A first exchange past half the cache still leaves later turns
+    room (before: each forgot just enough for its own reply, prefilling all after the document again). A message too
+    long beside the first exchange is not sent, and the line says the exchange is counted."""
+    calls, rooms, turn = stub_replies(monkeypatch)
     chat = lambda *asked: turn(*[m for text in asked[:-1] for m in (text, "Hello")], asked[-1])
     asked = ["Doc", "A", "B", "C", "D"]
     size = len(chat(*asked)) + 15  # the whole chat leaves a reply 16 tokens, not 20
@@ -2081,6 +2079,7 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     assert code == 2 and "--prompt-cache: cannot write in /dev/null" in err and "loaded" not in err, err
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_a_prompt_cache_is_kept_only_for_a_whole_prompt_and_plans_a_continued_prefill(capsys, monkeypatch, tmp_path):
     """A chat's first turn stopped by Ctrl-C in its prefill (a plain KeyboardInterrupt, not Interrupted) writes no
     file: its K/V may be half made. The memory and offload plans of a run with --prompt-cache count a continued
