@@ -504,9 +504,9 @@ def report_files(report_dir, lengths):
 
 def other_plots(report_dir, lengths):
     """An earlier report's plots of other lengths, which --report removes: beside its tables they would mislead."""
-    names = os.listdir(report_dir) if os.path.isdir(report_dir) else []
-    return [os.path.join(report_dir, n) for n in sorted(names) if re.fullmatch(r"hash_quality_\d+\.png", n)
-            and n not in {f"hash_quality_{L}.png" for L in lengths}]
+    names, ours = (os.listdir(report_dir) if os.path.isdir(report_dir) else []), report_files(report_dir, lengths)
+    return [p for n in sorted(names) if re.fullmatch(r"hash_quality_\d+\.png", n)
+            and (p := os.path.join(report_dir, n)) not in ours]
 
 
 def refuse_repeats(paths, flag):  # one file given twice (by another name, too)

@@ -208,20 +208,14 @@ def test_select_topk_ref_rules():
     assert hk.select_topk_ref(score, L, 5, n_sink=20, n_recent=20).tolist() == [[[3, 4, 5, 6, 7]]]
 
 
-def test_select_topk_score_outranks_any_age():
+@pytest.mark.parametrize("score", [torch.tensor([[[0, 2, 1, 1]]], dtype=torch.int32),
+                                   torch.tensor([[[math.inf, math.nan]]])])
+def test_select_topk_ranks_by_score_before_age_and_nan_last(score):
     """The score decides before the position at any distance: the oldest key of the smallest score beats the newest
-    of the next score (an order key that packed positions into S - 1 values per score made those two tie)."""
-    score = torch.tensor([[[0, 2, 1, 1]]], dtype=torch.int32)
+    of the next score (an order key that packed positions into S - 1 values per score made those two tie). Every NaN
+    ranks last, after +inf too (a NaN keyed as +inf ties with it, and the newer NaN would win)."""
     for use_triton in (False, True):
-        picked = hk.select_topk(score.to(DEV), torch.tensor([4], device=DEV), 1, use_triton=use_triton)
-        assert picked.tolist() == [[[0]]]
-
-
-def test_select_topk_nan_ranks_after_inf():
-    """Every NaN ranks last, after +inf too (a NaN keyed as +inf ties with it, and the newer NaN would win)."""
-    score = torch.tensor([[[math.inf, math.nan]]])
-    for use_triton in (False, True):
-        picked = hk.select_topk(score.to(DEV), torch.tensor([2], device=DEV), 1, use_triton=use_triton)
+        picked = hk.select_topk(score.to(DEV), torch.tensor([score.shape[-1]], device=DEV), 1, use_triton=use_triton)
         assert picked.tolist() == [[[0]]]
 
 
