@@ -724,10 +724,11 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             save_prompt_cache(args.prompt_cache, model, ids, held)
         if timing is None:
             print("(reply stopped)", file=sys.stderr)
-            held = held[:start]  # the positions from `start` on may be half written: the next turn prefills them
         else:
             report_speed(timing)
-            held = ids + new[0][:-1]  # (the last new token is never cached)
+        # the positions written whole: the prompt's, and one a decode step but the last (the newest token is never
+        # cached; an Interrupted's last step may be half done), else, after a Ctrl-C in the prefill, those before it
+        held = ids + new[0][:-1] if prefilled else held[:start]
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
         if args.keep_first and sent == 1:  # then half the room past the first exchange (llama.cpp's --keep)
             keep, down = (n := len(tok.encode_chat(messages))) + (limit - n) // 2, "half the room past it"

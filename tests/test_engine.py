@@ -565,6 +565,32 @@ def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
     assert calls[1] == (tok.encode_chat(turns), 0)
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_ctrl_c_in_a_replys_decode_keeps_its_prompt_cached(capsys, monkeypatch):
+    """Ctrl-C in a reply's decode loop (Interrupted: the prompt was prefilled whole) leaves the prompt and the reply's
+    steps but the last cached, as a whole reply does: the next turn prefills only what follows them, not the first
+    message again (a document asked about)."""
+    from tokenizer import Tokenizer
+    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+    reply = tok.encode("Hello there, my friend", bos=False)
+
+    def generate(model, prompts, n, stops, *args, on_token=None, start=0, **kwargs):
+        calls.append((prompts[0], start))
+        if len(calls) == 1:
+            for t in reply:
+                on_token(torch.tensor([t]))
+            raise engine.Interrupted([reply])
+        return [[min(stops)]], {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    stdin_of(monkeypatch, "Go on.\n")
+    code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi")
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, my friend"},
+             {"role": "user", "content": "Go on."}]
+    assert code == 0 and out == "Hello there, my friend\n\n" and "(reply stopped)" in err, err
+    assert len(reply) > 2 and calls[1] == (tok.encode_chat(turns), len(calls[0][0]) + len(reply) - 1)
+
+
 def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_system_and_newest():
     """A stub encoding of one token a character: past `limit`, the fewest oldest exchanges go that leave `keep` tokens
     or fewer, or all but the newest message (which may not fit: converse does not send it), after the system message
@@ -1387,6 +1413,36 @@ def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
         with pytest.raises(engine.Interrupted) as caught:
             engine.generate(model, prompts, 6, stop)
         assert caught.value.new == [whole[0][:3], whole[1][:3 - len(stop)]], stop
+
+
+def test_after_ctrl_c_the_prompt_and_each_step_but_the_last_stay_cached(monkeypatch):
+    """What a chat's next turn reuses after an Interrupted (converse): the prompt and the positions of each decode step
+    but the last, whose step the Ctrl-C may have cut half way (here its position's K/V and codes are spoilt in every
+    layer). Continued from there, the next turn decodes what a fresh cache does (a sparse layer reads the codes)."""
+    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cpu", torch.float32)
+    model.setup_caches(1, 24)
+    calls, step = [], engine.decode_one_token
+
+    def half_done_step(model, cur, input_pos):
+        calls.append(1)
+        if len(calls) == 3:
+            for layer in model.layers:
+                layer.attention.kv_cache.k[:, :, int(input_pos[0]):] = float("nan")
+                if layer.attention.hash_cache is not None:
+                    layer.attention.hash_cache.codes[:, :, int(input_pos[0]):] = -1
+            raise KeyboardInterrupt
+        return step(model, cur, input_pos)
+    monkeypatch.setattr(engine, "decode_one_token", half_done_step)
+    prompt = [5, 6, 7, 8]
+    with pytest.raises(engine.Interrupted) as caught:
+        engine.generate(model, [prompt], 6)
+    monkeypatch.setattr(engine, "decode_one_token", step)
+    held, new = prompt + caught.value.new[0][:-1], prompt + caught.value.new[0] + [9, 10]
+    start = engine.continue_at(held, new)
+    assert start == len(held) == 6
+    continued, _ = engine.generate(model, [new], 5, start=start)
+    model.setup_caches(1, 24)
+    assert continued == engine.generate(model, [new], 5)[0]
 
 
 def test_token_zero_is_a_token(monkeypatch):
