@@ -873,8 +873,8 @@ def note_room(args, max_new, cache, taken):  # fewer new tokens than --max-new-t
               file=sys.stderr)
 
 
-def plural(n, what="token"):  # "1 token", "2 tokens"
-    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+def plural(n, what="token", whats=None):  # "1 token", "2 tokens"; whats: an irregular plural ("queries")
+    return f"{n} {what}" if n == 1 else f"{n} {whats or what + 's'}"
 
 
 def default_checkpoint():

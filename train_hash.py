@@ -441,8 +441,7 @@ def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
 def report_tables(results, n_dense, n_layers):
     """Markdown: mean over sparse layers of captured mass and recall per selector and budget, the captured mass
     per layer at each budget, then each file's worst (layer, KV head) against random. Returns (markdown, mean)."""
-    names = list(dict.fromkeys(name for name, _ in results))
-    layers = range(n_dense, n_layers)
+    names, layers = list(dict.fromkeys(name for name, _ in results)), range(n_dense, n_layers)
     mean = {key: [sum(float(per[l][0].mean()) for l in layers) / len(layers),
                   sum(per[l][1] for l in layers) / len(layers)] for key, per in results.items()}
     lines = ["Mean over sparse layers: captured attention mass | recall of the oracle's top-K", "",
@@ -469,7 +468,7 @@ def report_tables(results, n_dense, n_layers):
     return "\n".join(lines), mean
 
 
-def report_plot(results, mean, n_dense, n_layers, path):
+def report_plot(results, mean, n_dense, n_layers, seq_len, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -483,7 +482,8 @@ def report_plot(results, mean, n_dense, n_layers, path):
         ax2.plot(range(n_dense, n_layers), [results[name, 1 / 32][l][0].mean() for l in range(n_dense, n_layers)],
                  **style)
     ax1.set_xscale("log", base=2)  # as eval.py's plots: the budget's fraction, smaller to the right
-    ax1.set(xlabel="budget K / context", ylabel="captured attention mass", title="Mean over sparse layers (held out)")
+    ax1.set(xlabel="budget K / context", ylabel="captured attention mass",
+            title=f"Mean over sparse layers ({seq_len}-token windows, held out)")
     ax1.set_xticks([1 / f for f in BUDGETS], [frac(f) for f in BUDGETS])
     ax1.minorticks_off()
     ax1.grid(alpha=0.3)
@@ -525,8 +525,7 @@ def refuse_to_replace(paths, overwrite, keep_both):
 
 
 def build_parser():
-    h = HataArgs()
-    p = Parser(prog="train_hash.py", description=__doc__.split("\n\n")[0])
+    h, p = HataArgs(), Parser(prog="train_hash.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=path_name, help="GGUF file or checkpoint directory (default: "
                    "SmolLM2-135M-Instruct)")
     p.add_argument("--text", type=path_name, nargs="+", help="text files, one document each (default: the KJV from "
@@ -624,8 +623,7 @@ def run(args):
     context = checkpoint_metadata(checkpoint)[0]  # a wrong --checkpoint fails as itself, not as its tokenizer
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
     t0 = time.perf_counter()
-    tok = Tokenizer.from_path(checkpoint)
-    gen = torch.Generator().manual_seed(args.seed)
+    tok, gen = Tokenizer.from_path(checkpoint), torch.Generator().manual_seed(args.seed)
     # the windows before the model: too little text is one line at once, not after minutes of loading
     windows = (report_windows(args, tok, heldout_docs, context, gen) if args.report
                else training_windows(args, tok, train_docs, context, gen))
@@ -697,9 +695,10 @@ def train_files(args, model, windows, outs, hp, gen, t0):
     if args.val_seqs and not n_val:
         print(f"warning: no window left for validation beside --batch {args.batch}: the guard is off", file=sys.stderr)
     windows, val = windows[n_val:], windows[:n_val]
-    queries, short = n_queries(seq_len, args.queries, args.query_from), f" (of --val-seqs {args.val_seqs})"
-    print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} queries each, "
-          f"{plural(n_val, 'validation window')}{short * (0 < n_val < args.val_seqs)}", file=sys.stderr)
+    queries = plural(n_queries(seq_len, args.queries, args.query_from), "query", "queries")
+    short = f" (of --val-seqs {args.val_seqs})" * (0 < n_val < args.val_seqs)
+    print(f"training text: {plural(windows.shape[0], 'window')} of {seq_len} tokens, {queries} each, "
+          f"{plural(n_val, 'validation window')}{short}", file=sys.stderr)
     samples = collect_samples(model, windows, args.n_dense, args.queries, gen, args.query_from,
                               labels=args.loss == "pair")
     unsaved, signature = [], key_signature(model, args.n_dense)  # the file records which weights it was made for
@@ -708,7 +707,7 @@ def train_files(args, model, windows, outs, hp, gen, t0):
         if n_val:
             projs, back = guard_heads(model, {r: projs}, val, args.n_dense, args.query_from, args.seed)[r]
             print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
-                  "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.1f} points)" for l, h, m in back),
+                  "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.2g} points)" for l, h, m in back),
                   file=sys.stderr)
         hata = HataArgs(rbit=r, n_dense=args.n_dense)
         try:
@@ -774,13 +773,14 @@ def write_hash_report(args, model, windows, n_docs, t0):
     for seq_len, res in results.items():
         table, mean = report_tables(res, args.n_dense, margs.n_layers)
         png, queries = f"hash_quality_{seq_len}.png", n_queries(seq_len, args.eval_queries, 0.5)  # evaluate's
-        text += (f"\n## {seq_len}-token windows\n\n{plural(windows[seq_len].shape[0], 'window')}, {queries} queries "
-                 f"each at positions in [{seq_len // 2}, {seq_len}). Plot: {png}\n\n{table}\n")
-        plots.append((res, mean, os.path.join(args.report_dir, png)))
+        text += (f"\n## {seq_len}-token windows\n\n{plural(windows[seq_len].shape[0], 'window')}, "
+                 f"{plural(queries, 'query', 'queries')} each at positions in [{seq_len // 2}, {seq_len}). "
+                 f"Plot: {png}\n\n{table}\n")
+        plots.append((res, mean, seq_len, os.path.join(args.report_dir, png)))
     print(text)
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
-    for res, mean, path in plots:  # (a plot that cannot be written loses no number)
-        report_plot(res, mean, args.n_dense, margs.n_layers, path)
+    for res, mean, seq_len, path in plots:  # (a plot that cannot be written loses no number)
+        report_plot(res, mean, args.n_dense, margs.n_layers, seq_len, path)
     for path in other_plots(args.report_dir, results):  # (refused by report_windows without --overwrite)
         os.remove(path)
     print(f"wrote {args.report_dir}/hash_quality.md and its plots ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)

@@ -457,6 +457,18 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
     assert "guard is off" not in capsys.readouterr().err
 
 
+def test_the_training_lines_say_one_query_and_a_small_gap(monkeypatch, tmp_path, capsys):
+    """One query a window is "1 query", and a guarded head's gap under 0.05 points shows its size, not "-0.0"."""
+    _, run = fake_training(monkeypatch, {})
+    monkeypatch.setattr(th, "guard_heads", lambda model, trained, *a: {r: (p, [(1, 0, -0.0004), (2, 1, -0.0123)])
+                                                                       for r, p in trained.items()})
+    run.queries = 1
+    train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "p.safetensors")})
+    err = capsys.readouterr().err
+    assert "4 windows of 16 tokens, 1 query each, 2 validation windows" in err, err
+    assert "2 of 6 (layer, KV head) projections went back to random; 1/0 (-0.04 points); 2/1 (-1.2 points)" in err
+
+
 def test_a_save_that_fails_after_the_training_keeps_the_projections(monkeypatch, tmp_path):
     """A full disk at the end of the training: one OSError naming the file, and the projections saved in the temp
     folder instead of lost (safetensors' own error type is an OSError too, whatever it writes)."""
@@ -840,10 +852,11 @@ def test_the_report_plot_labels_budgets_as_evals_plots_do(monkeypatch):
     monkeypatch.setattr(th, "write_png", lambda path, fig: figs.append(fig))
     names = ["oracle", "trained R=64", "random R=64"]
     results = {(name, f): [(torch.rand(3),)] * 4 for name in names for f in th.BUDGETS}  # 4 layers, per-head mass
-    th.report_plot(results, {key: (0.5,) for key in results}, 1, 4, "unused.png")
+    th.report_plot(results, {key: (0.5,) for key in results}, 1, 4, 256, "unused.png")
     ax = figs[0].axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert ax.get_xlabel() == "budget K / context" and labels == ["1/8", "1/16", "1/32", "1/64"]
+    assert ax.get_title() == "Mean over sparse layers (256-token windows, held out)"  # (each length has a plot)
 
 
 def test_listwise_ignores_a_query_that_sees_no_drawn_key(tiny_batch):
