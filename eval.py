@@ -502,9 +502,10 @@ def plot(results, path):
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, yscale, ran, score) in zip(axes[0], panels):
-        for name in results["selectors"]:
+        for i, name in enumerate(results["selectors"]):  # each its own shape, smaller in turn: equal scores hide none
             fs = [f for f in budgets if pkey(name, f) in ran]
-            ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="o", label=name)
+            ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="osD^v<>"[i % 7],
+                    ms=max(3, 9 - 2 * i), label=name)
         ax.axhline(score("dense"), color="gray", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1 / f for f in budgets], [frac(f) for f in budgets])

@@ -1235,6 +1235,20 @@ def test_the_plots_dense_lines(monkeypatch):
     assert [list(ax.lines[-1].get_ydata()) for ax in figs[0].axes] == [[100, 100], [1.0, 1.0], [100.0, 100.0]]
 
 
+def test_the_plots_selectors_that_score_alike_stay_visible(monkeypatch):
+    """Selectors with equal scores draw one line over another: each has its own marker, smaller than the one before,
+    so the first stays visible around the next (before: all "o" of one size, only the last seen)."""
+    figs = []
+    monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
+    names = ["oracle", "quest s0 r0", "hata-trained"]
+    ppl = {k: {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8} for k in ["dense", *(f"{n} 1/8" for n in names)]}
+    assert ev.plot({"selectors": names, "budgets": [1 / 8], "perplexity": ppl}, "x")
+    lines = figs[0].axes[0].lines[:3]
+    assert len({line.get_marker() for line in lines}) == 3
+    assert [line.get_markersize() for line in lines] == sorted((line.get_markersize() for line in lines), reverse=True)
+    assert len({line.get_markersize() for line in lines}) == 3
+
+
 def test_report_refuses_records_with_a_damaged_depth_or_agreement(capsys, tmp_path):
     rec = {"context": 1024, "task": "single", "haystack": "noise", "depth": "half", "answer": "1",
            "correct": {"dense": True}}
