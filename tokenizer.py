@@ -10,12 +10,14 @@ One `Tokenizer` over three backends, picked by `Tokenizer.from_path` from what t
 
 `encode` parses no special-token text unless `parse_special` is set (engine's --parse-special): "<|im_end|>" typed by a
 user stays plain text, and only added tokens that are not special, like DeepSeek-R1-Distill's <think>, are found in
-text (transformers and llama.cpp parse them all); special tokens come from `encode_chat` and encode's BOS/EOS. The
-chat format is the one whose tokens the checkpoint's template writes, else the vocabulary's: <|start_header_id|> ->
-Llama 3 instruct; <|im_start|> -> ChatML (with the default system prompt written in the checkpoint's own Jinja
-template, if any); a sentencepiece model -> Llama 2 `[INST]` (none when the checkpoint's template is another one).
-A Llama 3.1+ template opens every chat with a system turn that starts with its knowledge cutoff and a date (3.1: a
-fixed one; 3.2+: today's); hata writes that turn too. Jinja itself is not run.
+text (transformers and llama.cpp parse them all); special tokens come from `encode_chat` and encode's BOS/EOS. (A
+sentencepiece model's user-defined pieces, such as some models' <|im_end|>, the library itself finds in any text,
+as transformers' slow tokenizers do.) The chat format is the one whose tokens the checkpoint's template writes,
+else the vocabulary's: <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system
+prompt written in the checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none
+when the checkpoint's template is another one). A Llama 3.1+ template opens every chat with a system turn that
+starts with its knowledge cutoff and a date (3.1: a fixed one; 3.2+: today's); hata writes that turn too. Jinja
+itself is not run.
 `eos_ids` holds every id that ends generation: EOS, <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present, and the
 ids the files name (a GGUF's EOT and EOM, generation_config.json's eos_token_id, tokenizer_config.json's eos_token).
 """
