@@ -166,14 +166,14 @@ def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritte
     return Reader(path)
 
 
-EMPTY_PROBE = "Ab c1 23!? \u00e9\u4e00 \n\t\r\n x"  # where _check_split_regex looks for an empty match
+EMPTY_PROBE = " ".join(map(chr, range(33, 127))) + " \u00e9e\u0301\u4e00 \n\t\r\n x"  # where _check_split_regex looks
 
 
 def _check_split_regex(pattern, wrapped, path):
-    """tiktoken panics (a Rust panic, past any `except Exception`) on a regex that matches the empty string, so such
-    a Split regex is refused here, by a probe text of letters, digits, marks, spaces and line ends through the
-    `regex` module (in its V1 mode, which reads nested classes as Oniguruma, HF's engine, does). A pattern only
-    fancy-regex reads is probed through tiktoken itself (`wrapped`, the pattern tiktoken gets), its panic caught."""
+    """tiktoken panics (a Rust panic, past any `except Exception`) on a regex that matches the empty string, so a
+    Split regex that does so in a probe text (printable ASCII each alone, letters, a mark, line ends: no probe finds
+    all) is refused, through `regex` (V1 reads nested classes as Oniguruma, HF's engine, does) or, for a pattern only
+    fancy-regex reads, through tiktoken itself (`wrapped`, the pattern tiktoken gets), its panic caught."""
     import regex
     try:
         found = regex.compile(pattern, regex.V1)

@@ -863,6 +863,8 @@ def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
                          ("(?m:^$)", "matches the empty string"),  # only between two line ends
                          ("(?U)a*", "matches the empty string"),  # a flag only fancy-regex reads: probed by tiktoken
                          ("\\p{L}*", "matches the empty string"),  # not a Rust panic
+                         ("\\p{L}+|(?=\\.)", "matches the empty string"),  # only before a '.': it lost the '.'
+                         ("(?=q)|\\p{L}+", "matches the empty string"),  # only before a 'q': a Rust panic
                          ("((", "its pre-tokenizer regex does not compile"),  # tiktoken's message, with the file
                          (" ?[^(\\s|[.,!?…。，、।۔،])]+", None), ("\\x{4E00}+|\\S+|\\s+", None)]:  # BLOOM's; loaded
         pre["pretokenizers"][0]["pattern"]["Regex"] = regex
