@@ -467,9 +467,10 @@ def bench_offload_fetch(args, S, K, H, Hkv, D, B=1):
 
 def bench_e2e(args):
     """Whole-model decode tokens/s of a preset (random weights, bf16) at each context and batch: dense against HATA
-    at each budget, every step a CUDA graph (engine.GraphedDecode), in one run. The caches are filled with random
-    K/V instead of a prefill per context (as `fill_random_kv`: fast-path timings; set_hata rehashes the keys).
-    Every sequence decodes at position S - 1, so each step attends over S tokens. Then prefill time at
+    at each budget, every step a CUDA graph (engine.GraphedDecode), in one run, their replays alternating (Timer.time:
+    each after an L2 flush; dense is timed beside each budget, so each row has its own). The caches are filled with
+    random K/V instead of a prefill per context (as `fill_random_kv`: fast-path timings; set_hata rehashes the
+    keys). Every sequence decodes at position S - 1, so each step attends over S tokens. Then prefill time at
     --prefill-len tokens, B = 1, without and with key hashing (HATA's only prefill cost), in one causal pass and in
     the chunks engine.prefill takes by default (a later chunk attends over the cache up to its end: model's
     causal_attention)."""
@@ -487,17 +488,11 @@ def bench_e2e(args):
     if args.compile:
         model.compile_pointwise()
 
-    def graphed(B, S, policy):  # one decode step at position S - 1, captured; returns its replay
+    def graphed(B, S, policy):  # one decode step at position S - 1, captured (its .graph replays it)
         model.set_hata(policy)  # rehash the cached keys for this policy
         cur, pos = torch.randint(0, a.vocab_size, (B,), device=dev), torch.full((B,), S - 1, device=dev)
-        step = GraphedDecode(model, cur, pos)
-        return lambda: step(model, cur, pos)
-
-    def step_ms(B, S, policy):
         with torch.inference_mode():
-            replay = graphed(B, S, policy)
-            replay()  # untimed, as Timer.time's first replay
-            return statistics.median([event_ms(replay) for _ in range(args.steps)])
+            return GraphedDecode(model, cur, pos)
 
     def sdpa_ms(B, S, masked):  # one layer's dense decode attention, the model's masked form or plain
         k = model.layers[0].attention.kv_cache.k
@@ -517,16 +512,17 @@ def bench_e2e(args):
             model.set_hata(None)
             model.setup_caches(B, S)
             fill_random_kv(model)
-            dense = step_ms(B, S, None)
+            dense_step = graphed(B, S, None)  # (a later set_hata leaves what its graph reads: the K/V caches)
             layer_ms = (sdpa_ms(B, S, True), sdpa_ms(B, S, False))
-            for K in sparse_Ks:
-                ms = step_ms(B, S, HataArgs(budget=K))
+            for K in sparse_Ks:  # dense and HATA replays alternate, so a drifting GPU slows both alike
+                hata_step = graphed(B, S, HataArgs(budget=K))
+                dense, ms = timer.time(dense_step.graph, hata_step.graph)
                 rows.append((S, B, K, dense, ms, layer_ms))
                 print(f"  S={fmt_s(S)} B={B} K={K}: dense {dense:.2f} ms, HATA {ms:.2f} ms", flush=True)
             model.setup_caches(1, 16)  # free the big caches before the next size
             torch.cuda.empty_cache()
     print(f"\n{args.preset} decode step (CUDA graph{', norms/MLP/RoPE compiled' if args.compile else ''}), bf16, "
-          f"random weights, median of {args.steps} steps\n")
+          f"random weights, median of {args.steps} steps, dense and HATA alternating\n")
     print("| S | B | K | dense ms | dense tok/s | HATA ms | HATA tok/s | speedup | layer SDPA masked / plain ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for S, B, K, dense, ms, (masked, plain) in rows:
@@ -574,8 +570,9 @@ def bench_e2e(args):
             same = [r for r in rows if r[:2] == (S, B)]
             for name, policy, step in [("dense", None, same[0][3])] + [(f"HATA K={K}", HataArgs(budget=K), ms)
                                                                        for _, _, K, _, ms, _ in same]:
+                graph = graphed(B, S, policy)  # (kept: its graph reads its static inputs)
                 with torch.inference_mode():
-                    kinds, hata = kernel_census(graphed(B, S, policy))
+                    kinds, hata = kernel_census(graph.graph.replay)
                 parts = ", ".join(f"{n} {t:.2f}" for n, t in sorted(hata.items(), key=lambda x: -x[1]))
                 print(f"| {fmt_s(S)} | {B} | {name} | {step:.2f} | {sum(kinds.values()):.2f} | "
                       f"{kinds.get('GEMV/GEMM', 0):.2f} | {kinds.get('HATA', 0):.2f}{f' ({parts})' if parts else ''} | "

@@ -144,6 +144,22 @@ def test_gpu_modes_refuse_bad_sizes_before_any_work(argv, words, capsys, monkeyp
     assert words in err and out == ""  # refused before anything is printed, the header line included
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_e2e_times_dense_and_hata_replays_alternating(capsys, tmp_path, monkeypatch):
+    """The tiny preset end to end on the GPU: each HATA budget's graph is timed beside the dense one (Timer.time, two
+    graphs) after set_hata has changed the policy, and the rows, the census and the prefill lines come out."""
+    timed = []
+    time = bench.Timer.time
+    monkeypatch.setattr(bench.Timer, "time", lambda self, *fns: timed.append(len(fns)) or time(self, *fns))
+    assert bench.main(["e2e", "--preset", "tiny", "--seqlens", "512", "--batches", "1", "2", "--budgets", "16", "64",
+                       "--steps", "3", "--prefill-len", "512", "--profile", "--plot", str(tmp_path / "e2e.png")]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if re.match(r"\| 512 \| [12] \| ", line)]
+    assert [(r[1], r[2]) for r in rows if len(r) == 9] == [("1", "16"), ("1", "64"), ("2", "16"), ("2", "64")]
+    assert timed.count(2) == 4 and "dense and HATA alternating" in out and "with key hashing" in out, out
+    assert (tmp_path / "e2e.png").exists()
+
+
 def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys):
     """report/bench_MODE.png is the default points' plot: a run of other contexts, batches or budgets does not
     overwrite it (it draws only to a given --plot); other flags (rounds, steps) keep the default points."""
