@@ -727,7 +727,7 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
         else:
             report_speed(timing)
         # the positions whose K/V are whole: the prompt's and every new token's but the last (never cached, or in a
-        # step an Interrupted may have cut); after a Ctrl-C in the prefill, only those before `start`
+        # step an Interrupted may have cut); after another Ctrl-C (the prefill, a capture), only those before `start`
         held = ids + new[0][:-1] if prefilled else held[:start]
         messages.append({"role": "assistant", "content": reply_text(tok, new[0], stops)})
         if args.keep_first and sent == 1:  # then half the room past the first exchange (llama.cpp's --keep)

@@ -543,26 +543,24 @@ def test_stop_strings_end_the_default_models_text(capsys):
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
-    """Ctrl-C during a reply keeps what it wrote (shown, and in the conversation) and reads the next message; the
-    caches from the interrupted turn on may be half written, so the next turn prefills from there (here: all)."""
+    """Ctrl-C in a turn's prefill (a plain KeyboardInterrupt, not generate's Interrupted) stops that reply and the
+    chat reads the next message; the turn's positions from where its prefill started may be half written, so the
+    next turn prefills from there again, the earlier turns' positions kept."""
     from tokenizer import Tokenizer
     tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+    hello = tok.encode("Hello", bos=False)
 
     def generate(model, prompts, n, stops, *args, on_token=None, start=0, **kwargs):
         calls.append((prompts[0], start))
-        if len(calls) == 1:  # writes "Hello" and is interrupted
-            for t in tok.encode("Hello", bos=False):
-                on_token(torch.tensor([t]))
+        if len(calls) == 2:  # the second turn, in its prefill
             raise KeyboardInterrupt
-        return [[min(stops)]], {}
+        return [hello + [min(stops)]], {}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
-    stdin_of(monkeypatch, "Go on.\n")
+    stdin_of(monkeypatch, "Go on.\nAgain.\n")
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi")
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-             {"role": "user", "content": "Go on."}]
-    assert code == 0 and out == "Hello\n\n" and "(reply stopped)" in err, err
-    assert calls[1] == (tok.encode_chat(turns), 0)
+    assert code == 0 and err.count("(reply stopped)") == 1, err
+    assert len(calls) == 3 and 0 < calls[1][1] == calls[2][1] and calls[2][0][:calls[1][1]] == calls[1][0][:calls[1][1]]
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -599,7 +597,8 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
     roles = ["system", "user", "assistant", "user", "assistant", "user"]
     for limit, keep, n_system, kept, forgot in ((12, 12, 1, "S aa bb ccc ddd e", 0), (11, 11, 1, "S ccc ddd e", 1),
                                                 (11, 5, 1, "S e", 2), (12, 5, 1, "S aa bb ccc ddd e", 0),
-                                                (7, 7, 1, "S e", 2), (1, 1, 1, "S e", 2), (1, 1, 0, "e", 2)):
+                                                (7, 7, 1, "S e", 2), (1, 1, 1, "S e", 2), (1, 1, 0, "e", 2),
+                                                (11, 2, 1, "S e", 2)):  # all gone leaves exactly `keep`: its target
         messages = [{"role": r, "content": c} for r, c in zip(roles, "S aa bb ccc ddd e".split())][1 - n_system:]
         given = list(messages)
         out, ids, n = engine.fit_conversation(tok, messages, n_system, limit, keep)
@@ -811,6 +810,13 @@ def test_prompt_file_drops_one_trailing_newline(capsys, tmp_path):
         assert code == 0, err
         runs.append((out, err.split("prefill: ")[1].split(" in ")[0]))
     assert runs[1] == runs[2] == runs[0] == (runs[0][0], "5 tokens") and runs[3][1] == "6 tokens"
+
+
+def test_a_prompt_file_reads_with_standard_input_closed(tmp_path, monkeypatch):
+    """`engine --prompt-file p.txt <&-`: a named file needs no standard input; only "-" does."""
+    (path := tmp_path / "p.txt").write_text("The capital of France is\n")
+    monkeypatch.setattr(sys, "stdin", None)
+    assert engine.read_prompt_file(str(path)) == "The capital of France is"
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -1218,6 +1224,8 @@ def test_stop_strings_cut_the_text_where_it_first_shows_one(capsys):
     x, ab = tok.encode("xab", bos=False)  # 20 ids of no text (past the vocabulary) inside "xa": found (before: not)
     assert engine.StopStrings(tok, ["xa"])([x] + [tok.vocab_size] * 20 + [ab])
     assert not engine.StopStrings(tok, ["xa"])([x] + [tok.vocab_size] * 20)
+    euro = [tok.enc.encode_single_token(bytes([b])) for b in "€".encode()] + tok.encode("a", bos=False)
+    assert tok.decode(euro) == "€a" and engine.StopStrings(tok, ["€a"])(euro)  # byte tokens: 3 for one character
     streamer = engine.Streamer(tok, stops)
     for t in tok.encode("Paris. Q", bos=False):  # ends in what may begin "Q:": held back, then shown at the end
         streamer(torch.tensor([t]))

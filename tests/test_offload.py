@@ -242,6 +242,8 @@ def test_own_cgroups_v2_v1_and_hybrid(tmp_path):
     table.write_text("9:name=systemd:/\n4:cpuacct,memory:/docker/abc\n3:cpu:/\nbroken\n0::/user.slice/x\n")
     assert offload._own_cgroups(str(table)) == ["/sys/fs/cgroup/user.slice/x", "/sys/fs/cgroup/memory/docker/abc"]
     assert offload._own_cgroups(str(tmp_path / "none")) == []
+    table.write_text("5:name=nomemory:/x\n6:memory_extra:/y\n0::/z\n")  # named hierarchies, not the controller
+    assert offload._own_cgroups(str(table)) == ["/sys/fs/cgroup/z"]
 
 
 def test_refuses_when_host_memory_is_too_small(monkeypatch):
@@ -305,6 +307,21 @@ def check_staged(device, **sizes):
     ref = hk.sparse_decode_attention_ref(q.double(), k.double(), v.double(), idx)
     err_torch = (hk.sparse_decode_attention_ref(q, k, v, idx).double() - ref).abs().max()
     assert (out.double() - ref).abs().max() <= 2 * err_torch + 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is on only without CUDA (conftest)")
+def test_staged_fetch_uses_the_kernel_by_default_for_device_indices(monkeypatch):
+    """use_triton=None: the kernel wherever idx is on the GPU (staged_sparse_attention, bench.py), not the torch ref.
+    On the CPU an idx that reports is_cuda stands in for one."""
+    class DeviceIdx(torch.Tensor):
+        is_cuda = property(lambda self: True)
+    kernel, launches = offload._gather_rows_kernel, []
+    monkeypatch.setattr(offload, "_gather_rows_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    q, k, v, idx = far_inputs(torch.device("cpu"))
+    got = gather_rows(k, v, idx.as_subclass(DeviceIdx))
+    ref = gather_rows(k, v, idx, use_triton=False)
+    assert len(launches) == 1 and all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
 def test_gather_rows_refuses_inputs_the_kernel_would_read_past():
