@@ -166,14 +166,14 @@ def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritte
     return Reader(path)
 
 
-EMPTY_PROBE = " ".join(map(chr, range(33, 127))) + " \u00e9e\u0301\u4e00 \n\t\r\n x"  # where _check_split_regex looks
+EMPTY_PROBE = ("Ab c1 23!? \u00e9e\u0301\u4e00 \n\t\r\n x "  # where _check_split_regex looks; printable ASCII too
+               + " ".join(map(chr, range(33, 127))) + "".join(map(chr, range(32, 127))))
 
 
 def _check_split_regex(pattern, wrapped, path):
-    """tiktoken panics (a Rust panic, past any `except Exception`) on a regex that matches the empty string, so a
-    Split regex that does so in a probe text (printable ASCII each alone, letters, a mark, line ends: no probe finds
-    all) is refused, through `regex` (V1 reads nested classes as Oniguruma, HF's engine, does) or, for a pattern only
-    fancy-regex reads, through tiktoken itself (`wrapped`, the pattern tiktoken gets), its panic caught."""
+    """tiktoken panics (a Rust panic, past any `except Exception`) on a regex that matches the empty string: a Split
+    regex that does so in EMPTY_PROBE (no probe finds all) is refused, read by `regex` (V1 reads nested classes as
+    Oniguruma, HF's engine, does) or, if only fancy-regex reads it, by tiktoken itself (`wrapped`), its panic caught."""
     import regex
     try:
         found = regex.compile(pattern, regex.V1)

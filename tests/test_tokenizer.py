@@ -865,6 +865,7 @@ def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
                          ("\\p{L}*", "matches the empty string"),  # not a Rust panic
                          ("\\p{L}+|(?=\\.)", "matches the empty string"),  # only before a '.': it lost the '.'
                          ("(?=q)|\\p{L}+", "matches the empty string"),  # only before a 'q': a Rust panic
+                         ("\\p{L}+|(?<=\\p{L})(?=\\p{N})", "matches the empty string"),  # between a letter, a digit
                          ("((", "its pre-tokenizer regex does not compile"),  # tiktoken's message, with the file
                          (" ?[^(\\s|[.,!?…。，、।۔،])]+", None), ("\\x{4E00}+|\\S+|\\s+", None)]:  # BLOOM's; loaded
         pre["pretokenizers"][0]["pattern"]["Regex"] = regex
