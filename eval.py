@@ -505,7 +505,7 @@ def plot(results, path):
         for i, name in enumerate(results["selectors"]):  # each its own shape, smaller in turn: equal scores hide none
             fs = [f for f in budgets if pkey(name, f) in ran]
             ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="osD^v<>"[i % 7],
-                    ms=max(3, 9 - 2 * i), label=name)
+                    ms=9 - 6 * i / max(1, len(results["selectors"]) - 1), label=name)
         ax.axhline(score("dense"), color="gray", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1 / f for f in budgets], [frac(f) for f in budgets])

@@ -707,7 +707,7 @@ def train_files(args, model, windows, outs, hp, gen, t0):
         if n_val:
             projs, back = guard_heads(model, {r: projs}, val, args.n_dense, args.query_from, args.seed)[r]
             print(f"guard, R={r}: {len(back)} of {len(projs) * margs.n_kv_heads} (layer, KV head) projections "
-                  "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.2g} points)" for l, h, m in back),
+                  "went back to random" + "".join(f"; {l}/{h} ({100 * m:+.3g} points)" for l, h, m in back),
                   file=sys.stderr)
         hata = HataArgs(rbit=r, n_dense=args.n_dense)
         try:

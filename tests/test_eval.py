@@ -1240,13 +1240,13 @@ def test_the_plots_selectors_that_score_alike_stay_visible(monkeypatch):
     so the first stays visible around the next (before: all "o" of one size, only the last seen)."""
     figs = []
     monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
-    names = ["oracle", "quest s0 r0", "hata-trained"]
+    names = ["oracle", "quest s0 r0", "hata-trained", "hata-random", "quest s16 r16"]  # (5: sizes 9 down to 3)
     ppl = {k: {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8} for k in ["dense", *(f"{n} 1/8" for n in names)]}
     assert ev.plot({"selectors": names, "budgets": [1 / 8], "perplexity": ppl}, "x")
-    lines = figs[0].axes[0].lines[:3]
-    assert len({line.get_marker() for line in lines}) == 3
+    lines = figs[0].axes[0].lines[:5]
+    assert len({line.get_marker() for line in lines}) == 5
     assert [line.get_markersize() for line in lines] == sorted((line.get_markersize() for line in lines), reverse=True)
-    assert len({line.get_markersize() for line in lines}) == 3
+    assert len({line.get_markersize() for line in lines}) == 5
 
 
 def test_report_refuses_records_with_a_damaged_depth_or_agreement(capsys, tmp_path):
