@@ -77,8 +77,10 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0, min_p=0.
 
 def penalize(logits, seen, penalty):
     """The repetition penalty of CTRL and transformers: where seen (B, V) is True (a token the sequence holds), a
-    logit > 0 is divided by `penalty` and one < 0 multiplied by it (> 1: less likely, whatever its sign)."""
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    logit > 0 is divided by `penalty` and one < 0 multiplied by it (> 1: less likely, whatever its sign). A result past
+    the dtype's range is its largest finite value (an inf would make sampling's softmax NaN: a penalty of 1e-40)."""
+    big = torch.finfo(logits.dtype).max
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits).clamp(-big, big)
 
 
 def row_generators(seed, n, device):

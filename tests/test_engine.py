@@ -1057,6 +1057,13 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
     assert engine.generate(model, [[0, 3, 3]], 2, start=1, repetition_penalty=2.0)[0] == [[1, 2]]
     assert engine.penalize(torch.tensor([2.0, -2.0, 2.0, -2.0]), torch.tensor([True, True, False, False]),
                            2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
+    big = torch.finfo(torch.float32).max  # a penalty that overflows: the largest finite logit, so sampling draws
+    for penalty, held in ((1e-40, 1.0), (1e40, -1.0)):  # held tokens only (before: NaN probabilities, an error)
+        assert engine.penalize(torch.tensor([held, 0.5]), torch.tensor([True, False]), penalty).tolist() == [
+            math.copysign(big, held), 0.5]
+    model.setup_caches(1, 16)
+    assert engine.generate(model, [[1, 2]], 3, temperature=0.7, repetition_penalty=1e-40,
+                           generator=torch.Generator().manual_seed(0))[0][0][0] in (1, 2)
 
 
 def test_help_survives_a_percent_sign_in_a_default(capsys, monkeypatch):
