@@ -358,10 +358,15 @@ def path_name(text):
 def prompt_text(text):
     """argparse type for --prompt: UTF-8 text, as a prompt file must be (Python holds each byte of argv that is not
     UTF-8 as a lone surrogate, U+DC00 + the byte, which the tokenizer would read as U+FFFD)."""
-    if (i := next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)) is not None:
-        raise argparse.ArgumentTypeError(f"not UTF-8 text (byte 0x{ord(text[i]) - 0xdc00:02x} at character {i}): "
-                                         "convert it, e.g. with iconv -t utf-8")
+    if why := not_utf8(text):
+        raise argparse.ArgumentTypeError(why)
     return text
+
+
+def not_utf8(text):  # words naming the first byte that was not UTF-8 (a lone surrogate, see prompt_text), else None
+    if (i := next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)) is not None:
+        return (f"not UTF-8 text (byte 0x{ord(text[i]) - 0xdc00:02x} at character {i}): convert it, e.g. with "
+                "iconv -t utf-8")
 
 
 def positive_int(text):
@@ -768,7 +773,10 @@ def continue_at(held, ids):
 
 def typed_turns():
     """--interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal); a line that ends in
-    a backslash goes on in the next, as in llama.cpp (the message holds a newline there)."""
+    a backslash goes on in the next, as in llama.cpp (the message holds a newline there). They are read as UTF-8, as a
+    prompt file is (a leading byte order mark dropped); a message that is not is named and not sent."""
+    if hasattr(sys.stdin, "reconfigure"):  # (else one bad byte, under a strict locale, ended the whole chat)
+        sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape")
     message = ""
     while True:
         if sys.stdin.isatty():
@@ -778,7 +786,9 @@ def typed_turns():
         if message.endswith("\\") and line:
             message = message[:-1] + "\n"
             continue
-        if message.strip():
+        if message.strip() and (why := not_utf8(message)):
+            print(f"warning: this message is {why}; not sent", file=sys.stderr)
+        elif message.strip():
             yield message
         if not line:
             return

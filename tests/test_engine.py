@@ -764,6 +764,19 @@ def test_interactive_turns_are_lines_and_a_backslash_goes_on_in_the_next(monkeyp
     assert list(engine.typed_turns()) == ["one\ntwo", "three"]
 
 
+def test_interactive_turns_are_utf8_without_a_byte_order_mark_and_a_bad_byte_costs_one_message(monkeypatch, capsys):
+    """Standard input is read as UTF-8 whatever the locale, as a prompt file is: a leading byte order mark (Windows'
+    `type file | ...`) is no part of the first message, and a message with a byte that is not UTF-8 is named and not
+    sent, the others are (before: a strict locale's decoder ended the chat with a traceback's last line, the lines
+    before it in the same read unanswered; another sent the byte as U+FFFD)."""
+    read, write = os.pipe()
+    os.write(write, b"\xef\xbb\xbfHello\nab\xffcd\nBye \xc3\xa9\n")
+    os.close(write)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read, encoding="latin-1", errors="strict"))  # another locale's
+    assert list(engine.typed_turns()) == ["Hello", "Bye \u00e9"]
+    assert "warning: this message is not UTF-8 text (byte 0xff at character 2): convert it" in capsys.readouterr().err
+
+
 def test_interactive_reads_its_turns_from_an_open_standard_input(capsys, monkeypatch):
     stdin_of(monkeypatch, "")
     assert "give a first one with --prompt" in error_line(run_cli(capsys, "--interactive", "--prompt-file", "-")[2])
