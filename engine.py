@@ -60,7 +60,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0, min_p=0.
         return logits.argmax(-1)
     if 0 < top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)
-    temperature = max(temperature, torch.finfo(logits.dtype).tiny)  # 1e-50 is 0 in fp32: x / 0 would give NaN
+    # 1e-50 and 1e300 are 0 and inf in fp32, where x / 0 and top-k's -inf / inf would give NaN
+    temperature = min(max(temperature, torch.finfo(logits.dtype).tiny), torch.finfo(logits.dtype).max)
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)  # (B, V); no inf - inf
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # ties: the lowest id first
@@ -78,8 +79,9 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None, top_k=0, min_p=0.
 def penalize(logits, seen, penalty):
     """The repetition penalty of CTRL and transformers: where seen (B, V) is True (a token the sequence holds), a
     logit > 0 is divided by `penalty` and one < 0 multiplied by it (> 1: less likely, whatever its sign). A result past
-    the dtype's range is its largest finite value (an inf would make sampling's softmax NaN: a penalty of 1e-40)."""
-    big = torch.finfo(logits.dtype).max
+    the dtype's range is its largest finite value (an inf would make sampling's softmax NaN: a penalty of 1e-40), so
+    such held tokens tie there (greedy takes the lowest id, as it did among infs)."""
+    big, penalty = torch.finfo(logits.dtype).max, max(penalty, torch.finfo(logits.dtype).tiny)  # (0 would make 0 / 0)
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits).clamp(-big, big)
 
 
@@ -587,6 +589,11 @@ def run(args):
     streams = [k for flag, text in args.inputs if flag == "prompt_file" and (k := read_once(text)) is not None]
     if len(streams) > len(set(streams)):  # the second read would find it empty
         raise ValueError("--prompt-file names standard input (or one pipe) twice, which holds one prompt: give it once")
+    from_stdin = any(p == "-" or is_stdin(p) for f, p in args.inputs if f != "prompt")  # (not another pipe: <(...))
+    if args.interactive and (sys.stdin is None or from_stdin):
+        raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None
+                         else "--interactive reads your messages from standard input: give a first one with --prompt, "
+                         "or a --prompt-file that is not standard input")  # (before reading it: a terminal's Ctrl-D)
     texts = [text if flag == "prompt" else read_prompt_file(text) for flag, text in args.inputs]
     if not texts and not args.interactive:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
@@ -596,10 +603,6 @@ def run(args):
         if os.path.isdir(args.prompt_cache) or args.prompt_cache.endswith(("/", os.sep)):
             raise ValueError(f"--prompt-cache {args.prompt_cache} is a folder: name a file")
         check_writable(os.path.dirname(args.prompt_cache), "--prompt-cache")
-    if args.interactive and (streams or sys.stdin is None or any(is_stdin(p) for f, p in args.inputs if f != "prompt")):
-        raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None
-                         else "--interactive reads your messages from standard input: give a first one with --prompt, "
-                         "or a --prompt-file that is not standard input")
     blank = [i for i, t in enumerate(texts) if not t.strip()] if args.chat or args.interactive else []
     if blank:  # (as a typed blank line is skipped)
         raise ValueError(f"prompt {blank[0] + 1} is empty: a chat's message needs some text")

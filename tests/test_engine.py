@@ -449,6 +449,23 @@ def test_prompt_file_may_be_a_pipe(capsys, tmp_path):
     assert code == 0 and "prefill: 5 tokens" in err and out.startswith(" Paris"), err
 
 
+def test_interactive_takes_another_pipe_as_its_first_message_and_refuses_stdin_before_reading_it(capsys, tmp_path,
+                                                                                                monkeypatch):
+    """`--interactive --prompt-file <(...)`: a pipe that is not standard input is the first message (before: refused
+    as standard input); `--prompt-file -` is refused before standard input is read (before: after, which at a
+    terminal waited for a Ctrl-D first)."""
+    stdin_of(monkeypatch, "Hi\n")
+    code, _, err = run_cli(capsys, "--interactive", "--prompt-file", "-")
+    assert code == 2 and "a --prompt-file that is not standard input" in error_line(err) and sys.stdin.read() == "Hi\n"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("Hello\n",))
+    writer.start()
+    code, _, err = run_cli(capsys, "--interactive", "--prompt-file", str(fifo), "--checkpoint", "/nonexistent.gguf")
+    writer.join()
+    assert code == 2 and "nonexistent" in error_line(err), err  # read, then the checkpoint refused
+
+
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_files_repeat_into_a_batch_and_dash_is_stdin(capsys, tmp_path, monkeypatch):
     (tmp_path / "b.txt").write_text("Hello")
@@ -1071,9 +1088,12 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
     assert engine.penalize(torch.tensor([2.0, -2.0, 2.0, -2.0]), torch.tensor([True, True, False, False]),
                            2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
     big = torch.finfo(torch.float32).max  # a penalty that overflows: the largest finite logit, so sampling draws
-    for penalty, held in ((1e-40, 1.0), (1e40, -1.0)):  # held tokens only (before: NaN probabilities, an error)
+    for penalty, held in ((1e-40, 10.0), (1e40, -1.0)):  # held tokens only (before: NaN probabilities, an error)
         assert engine.penalize(torch.tensor([held, 0.5]), torch.tensor([True, False]), penalty).tolist() == [
             math.copysign(big, held), 0.5]
+    assert engine.penalize(torch.tensor([0.0, 10.0]), torch.tensor([True, True]), 1e-50).tolist() == [0.0, big]  # 0/0
+    top2 = torch.tensor([[3.0, 2.0, 1.0]])  # a temperature past fp32's range with top-k: -inf / inf was NaN
+    assert engine.sample(top2, 1e300, top_k=2, generator=torch.Generator().manual_seed(0)).item() in (0, 1)
     model.setup_caches(1, 16)
     assert engine.generate(model, [[1, 2]], 3, temperature=0.7, repetition_penalty=1e-40,
                            generator=torch.Generator().manual_seed(0))[0][0][0] in (1, 2)
