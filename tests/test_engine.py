@@ -1087,8 +1087,9 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
     assert engine.generate(model, [[0, 3, 3]], 2, start=1, repetition_penalty=2.0)[0] == [[1, 2]]
     assert engine.penalize(torch.tensor([2.0, -2.0, 2.0, -2.0]), torch.tensor([True, True, False, False]),
                            2.0).tolist() == [1.0, -4.0, 2.0, -2.0]
-    big = torch.finfo(torch.float32).max  # a penalty that overflows: the largest finite logit, so sampling draws
-    for penalty, held in ((1e-40, 10.0), (1e40, -1.0)):  # held tokens only (before: NaN probabilities, an error)
+    # a penalty that overflows gives the largest finite logit: sampling draws held tokens only (before: NaN, an error)
+    big = torch.finfo(torch.float32).max
+    for penalty, held in ((1e-40, 10.0), (1e40, -1.0)):
         assert engine.penalize(torch.tensor([held, 0.5]), torch.tensor([True, False]), penalty).tolist() == [
             math.copysign(big, held), 0.5]
     assert engine.penalize(torch.tensor([0.0, 10.0]), torch.tensor([True, True]), 1e-50).tolist() == [0.0, big]  # 0/0
