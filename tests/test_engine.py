@@ -563,17 +563,10 @@ def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
     """Ctrl-C in a turn's prefill (a plain KeyboardInterrupt, not generate's Interrupted) stops that reply and the
     chat reads the next message; the turn's positions from where its prefill started may be half written, so the
     next turn prefills from there again, the earlier turns' positions kept."""
-    from tokenizer import Tokenizer
-    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
-    hello = tok.encode("Hello", bos=False)
-
-    def generate(model, prompts, n, stops, *args, on_token=None, start=0, **kwargs):
-        calls.append((prompts[0], start))
-        if len(calls) == 2:  # the second turn, in its prefill
+    def instead(n, on_token):
+        if n == 2:  # the second turn, in its prefill
             raise KeyboardInterrupt
-        return [hello + [min(stops)]], {}
-    monkeypatch.setattr(engine, "generate", generate)
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    calls, _, _ = stub_replies(monkeypatch, instead)
     stdin_of(monkeypatch, "Go on.\nAgain.\n")
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi")
     assert code == 0 and err.count("(reply stopped)") == 1, err
@@ -586,18 +579,16 @@ def test_ctrl_c_in_a_replys_decode_keeps_its_prompt_cached(capsys, monkeypatch):
     steps but the last cached, as a whole reply does: the next turn prefills only what follows them, not the first
     message again (a document asked about)."""
     from tokenizer import Tokenizer
-    tok, calls = Tokenizer.from_path(engine.default_checkpoint()), []
+    tok = Tokenizer.from_path(engine.default_checkpoint())
     reply = tok.encode("Hello there, my friend", bos=False)
 
-    def generate(model, prompts, n, stops, *args, on_token=None, start=0, **kwargs):
-        calls.append((prompts[0], start))
-        if len(calls) == 1:
+    def instead(n, on_token):  # the first reply stopped after its text, the second one empty
+        if n == 1:
             for t in reply:
                 on_token(torch.tensor([t]))
             raise engine.Interrupted([reply])
-        return [[min(stops)]], {}
-    monkeypatch.setattr(engine, "generate", generate)
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+        return []
+    calls, _, _ = stub_replies(monkeypatch, instead)
     stdin_of(monkeypatch, "Go on.\n")
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi")
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, my friend"},
@@ -629,18 +620,20 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
     assert (len(ids), n, len(out)) == (30, 26, 30)
 
 
-def stub_replies(monkeypatch):
-    """engine.generate stubbed, each reply "Hello" (and <|im_end|>): (the calls [(prompt ids, start)], each call's
-    new-token limit, turn(*texts): the default model's chat encoding of the system message "Be brief." and `texts`
-    as alternating user and assistant messages)."""
+def stub_replies(monkeypatch, instead=None):
+    """engine.generate stubbed, each reply "Hello" (and <|im_end|>), unless instead(the call's number from 1, its
+    on_token) raises (a Ctrl-C) or returns other reply tokens: (the calls [(prompt ids, start)], each call's new-token
+    limit, turn(*texts): the default model's chat encoding of the system message "Be brief." and `texts` as
+    alternating user and assistant messages)."""
     from tokenizer import Tokenizer
     tok, calls, rooms = Tokenizer.from_path(engine.default_checkpoint()), [], []
     hello = tok.encode("Hello", bos=False)
 
-    def generate(model, prompts, n, stop_ids, *args, start=0, **kwargs):
+    def generate(model, prompts, n, stop_ids, *args, start=0, on_token=None, **kwargs):
         calls.append((prompts[0], start))
         rooms.append(n)
-        return [hello + [2]], {}
+        reply = None if instead is None else instead(len(calls), on_token)
+        return [(hello if reply is None else reply) + [2]], {}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     turn = lambda *texts: tok.encode_chat([{"role": "system", "content": "Be brief."}, *(
