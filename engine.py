@@ -13,10 +13,12 @@ by turn (`converse()`): the cache keeps the conversation, and each turn prefills
 `--prompt-cache FILE` keeps a prompt's K/V for a later run whose prompt starts the same (a long document).
 """
 import argparse
+import contextlib
 import filecmp
 import fractions
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -778,8 +780,10 @@ def typed_turns():
     """--interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal); a line that ends in
     a backslash goes on in the next, as in llama.cpp (the message holds a newline there). They are read as UTF-8, as a
     prompt file is (a leading byte order mark dropped); a message that is not is named and not sent."""
-    if hasattr(sys.stdin, "reconfigure"):  # (else one bad byte, under a strict locale, ended the whole chat)
-        sys.stdin.reconfigure(encoding="utf-8-sig", errors="surrogateescape")
+    utf8 = ("utf-8-sig", "surrogateescape")  # (else one bad byte, under a strict locale, ended the whole chat)
+    if hasattr(sys.stdin, "reconfigure") and (sys.stdin.encoding, sys.stdin.errors) != utf8:
+        with contextlib.suppress(io.UnsupportedOperation):  # (read before in another encoding: Python keeps it)
+            sys.stdin.reconfigure(encoding=utf8[0], errors=utf8[1])
     message = ""
     while True:
         if sys.stdin.isatty():

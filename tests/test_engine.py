@@ -787,6 +787,16 @@ def test_interactive_turns_are_utf8_without_a_byte_order_mark_and_a_bad_byte_cos
     assert "warning: this message is not UTF-8 text (byte 0xff at character 2): convert it" in capsys.readouterr().err
 
 
+def test_a_second_chat_reads_on_from_standard_input(monkeypatch):
+    """A library caller's second chat in one process (the first stopped early) reads on where the first stopped;
+    before, setting standard input's encoding again after a read raised io.UnsupportedOperation. Input read before
+    in another encoding stays in it."""
+    stdin_of(monkeypatch, "one\ntwo\n")
+    assert next(engine.typed_turns()) == "one" and list(engine.typed_turns()) == ["two"]
+    stdin_of(monkeypatch, "one\ntwo\n")
+    assert sys.stdin.readline() == "one\n" and list(engine.typed_turns()) == ["two"]
+
+
 def test_interactive_reads_its_turns_from_an_open_standard_input(capsys, monkeypatch):
     stdin_of(monkeypatch, "")
     assert "give a first one with --prompt" in error_line(run_cli(capsys, "--interactive", "--prompt-file", "-")[2])
