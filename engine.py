@@ -194,7 +194,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     CUDA graph unless cuda_graph is False; `graphs`, a dict passed to every generate on the same caches and policy
     (a chat's turns), keeps it by batch size for the next, so one capture serves them all. `progress`: bars on
     stderr, the prefill's for a long prompt and the decode's (steps, and sequences finished) unless on_token streams
-    them. Ctrl-C while decoding raises Interrupted, which holds the new tokens so far."""
+    them. Ctrl-C while decoding raises Interrupted, which holds the new tokens so far; logits that hold NaN or inf
+    (the prefill's, or a step's in a row not yet stopped) raise ValueError."""
     device = model.output.weight.device
     if not prompts or any(len(p) < start + 1 + (start > 0) for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token" + (
@@ -208,13 +209,17 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+    spoilt = torch.zeros(B, dtype=torch.bool, device=device)  # the rows whose last logits held NaN or inf
     seen = None  # (B, V): the tokens each sequence holds, for the repetition penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, model.args.vocab_size, dtype=torch.bool, device=device)
         for b, p in enumerate(whole):
             seen[b, list(p)] = True
 
+
     def pick(logits):  # the next tokens (B,) under the sampling settings
+        spoilt.copy_(~logits.isfinite().all(-1) & ~done)  # (checked at the step's wait; a finished row's are unused)
+        logits = logits.nan_to_num(0.0, 0.0, 0.0)  # (so that sampling gets that far; the rest are unchanged)
         if seen is not None:
             logits = penalize(logits, seen, repetition_penalty)
         cur = sample(logits, temperature, top_p, generator, top_k, min_p)
@@ -225,10 +230,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     t0 = time.perf_counter()
     logits = prefill(model, tokens, lengths, progress=progress, start=start)  # (B, V)
     ends = lengths + start  # (B,) each sequence's cached positions: the first decode step's
-    if not bool(logits.isfinite().all()):  # checked once, here (sampling would fail on it, greedy print nothing)
-        raise ValueError("the model's output for the prompt is NaN or inf: its weights hold NaN/inf values, or float16 "
-                         "overflows in this model (try --dtype bfloat16 or float32)")
     cur = pick(logits)  # (B,)
+    check_finite(spoilt.any(), "for the prompt")
     synchronize(device)
     t1 = time.perf_counter()
     step_fn, captured, graphs = decode_one_token, False, {} if graphs is None else graphs
@@ -253,9 +256,10 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
                 for row, t in zip(replies, out[-1].tolist()):
                     row += [t] * (t >= 0)
                 done |= torch.tensor([bool(row) and stop_when(row) for row in replies], device=device)
+            finished, bad = torch.stack([done.sum(), spoilt.any()]).tolist()  # the step's one wait for the device
+            check_finite(bad, f"at decode step {step}")  # (its token, drawn from NaN, is not shown)
             if on_token is not None:
                 on_token(out[-1])
-            finished = int(done.sum())  # the step's one wait for the device
             if step == max_new_tokens - 1 or finished == B:
                 break
             bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
@@ -275,6 +279,12 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
               "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting,
               "cut": B - int(done.sum()) if stop_ids or stop_when else None}
     return new, timing
+
+
+def check_finite(bad, where):  # (sampling would fail on NaN logits, greedy print nothing)
+    if bad:
+        raise ValueError(f"the model's output {where} is NaN or inf: its weights hold NaN/inf values, or float16 "
+                         "overflows in this model (try --dtype bfloat16 or float32)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1857,6 +1857,35 @@ def test_a_single_non_finite_logit_is_an_error_too():
         engine.generate(model, [[1, 2, 3]], 4)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_decode_step_whose_output_is_nan_is_an_error_unless_its_row_has_finished(monkeypatch, temperature):
+    """The logits of every decode step are checked, not only the prefill's (a float16 overflow may come later):
+    greedy went on with argmax's pick of a NaN, sampling failed in torch.multinomial. The token drawn from them is
+    not streamed. A row that has stopped decodes on unseen, so its NaN is no error."""
+    model, real = engine.random_model("tiny", None, "cpu", torch.float32), engine.decode_one_token
+    steps = []
+
+    def spoilt_at_3(row):  # decode_one_token, with `row`'s logits NaN from the third decode step on
+        def step(model, cur, ends):
+            logits = real(model, cur, ends)
+            steps.append(None)
+            logits[row] = math.nan if len(steps) >= 3 else logits[row]
+            return logits
+        return step
+    def kw():  # a generator a row: row 0's draws do not depend on row 1's logits
+        return dict(temperature=temperature, generator=engine.row_generators(0, 2, "cpu"))
+    model.setup_caches(2, 32)
+    free, _ = engine.generate(model, [[1, 2, 3], [4, 5]], 8, **kw())
+    monkeypatch.setattr(engine, "decode_one_token", spoilt_at_3(1))
+    streamed = []
+    with pytest.raises(ValueError, match="the model's output at decode step 3 is NaN or inf: its weights hold"):
+        engine.generate(model, [[1, 2, 3], [4, 5]], 8, on_token=lambda t: streamed.append(t.tolist()), **kw())
+    assert len(streamed) == 3
+    steps.clear()
+    new, _ = engine.generate(model, [[1, 2, 3], [4, 5]], 8, stop_ids={free[1][1]}, **kw())  # row 1 stops at step 1
+    assert new == [free[0], free[1][:2]]
+
+
 def test_forced_positions_are_checked_against_the_whole_caches_budget(capsys):
     """A 16-token prompt + 4 new tokens: a 19-token cache. A budget of exactly 19 covers it (dense: --sink 25 runs);
     a fraction is of the cache, not of the prompt: 1/4 is K = 5, which --recent 5 fits and --recent 6 does not."""
