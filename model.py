@@ -728,7 +728,8 @@ FORMATS = ("meta", "hf", "gguf")  # the columns of WEIGHT_NAMES
 DERIVED = ("rope.freqs", ".rotary_emb.inv_freq")  # endings of tables some checkpoints store; we recompute them
 # Settings for math hata does not implement, refused rather than run as something else: (key, the test its harmless
 # values pass, what hata does). Bias tensors, experts and quantized weights need no row: WEIGHT_NAMES refuses them.
-# A sliding window needs none either: it caps the context (read_hf, read_gguf), within which attention is whole.
+# A sliding window needs none either: it caps the context (hf_args, gguf_args, meta_context), within which attention
+# is whole.
 NEVER = lambda v, a: False
 UNSUPPORTED = {
     "hf": [("partial_rotary_factor", lambda v, a: v == 1, "RoPE on the whole head (1)"),
@@ -790,7 +791,8 @@ def reading(path):
     except (TypeError, AttributeError) as e:
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
     except ValueError as e:  # ModelArgs' checks name no file; the readers' own errors start with it
-        if str(e).lstrip("'").startswith(path):
+        said = str(e).lstrip("'")  # (named where its next character ends the name: not "t", the start of "the")
+        if said.startswith(path) and (path.endswith(os.sep) or said[len(path):][:1] in (":", os.sep)):
             raise
         raise ValueError(f"{path}: {e}") from None
 
@@ -884,6 +886,9 @@ def gguf_args(path, reader):
             raise KeyError(key)
         return reader.fields[key].contents() if key in reader.fields else default
 
+    if reader.byte_order == "S":  # gguf swaps the header's numbers, not its dequantized tensors: NaN weights
+        raise ValueError(f"{path}: a big-endian GGUF, which llama.cpp does not read here either; convert it "
+                         "(python -m gguf.scripts.gguf_convert_endian FILE little)")
     if (parts := meta("split.count", 1)) > 1:  # llama-gguf-split's output: its first part lacks most tensors
         raise ValueError(f"{path}: part {meta('split.no', 0) + 1} of a GGUF split into {parts} files; merge them "
                          f"first (llama-gguf-split --merge)")
@@ -915,7 +920,8 @@ def gguf_args(path, reader):
                      vocab_size=shapes["token_embd.weight"][0], ffn_dim=meta("llama.feed_forward_length"),
                      norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
                      rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
-                     max_seq_len=min(meta("llama.context_length"), meta("llama.attention.sliding_window", math.inf)),
+                     max_seq_len=min(meta("llama.context_length"),  # a window of 0: none, as config.json's
+                                     meta("llama.attention.sliding_window", 0) or math.inf),
                      tie_embeddings="output.weight" not in shapes,
                      head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
     refuse_unsupported(path, "gguf", lambda key: meta(key, None), args)
@@ -936,7 +942,8 @@ def hf_args(path):
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                      n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                      vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
+                     rope_theta=cfg["rope_theta"] if "rope_theta" in cfg else rope.get("rope_theta", 10000.0),
+                     rope_scaling=scaling,
                      max_seq_len=min(cfg.get("max_position_embeddings", 2048),  # transformers' LlamaConfig default
                                      cfg.get("sliding_window") or math.inf),  # within the window: full attention
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
@@ -1012,27 +1019,29 @@ def read_meta(path):
                                  f"re-download them") from None
     scaled = p.get("use_scaled_rope", False)  # Llama 3.1+: llama3 scaling by llama-models' factor, which params.json
     # may omit: 32 for Llama 3.2 1B and 3B (meta-llama/llama-models#166), else 8 (Llama 3.1)
-    factor = p.get("rope_scaling_factor") or (32.0 if (p["dim"], p["n_layers"]) in ((2048, 16), (3072, 28)) else 8.0)
+    if (factor := p.get("rope_scaling_factor")) is None:  # (null as llama-models' default; 0 is refused)
+        factor = 32.0 if (p["dim"], p["n_layers"]) in ((2048, 16), (3072, 28)) else 8.0
     args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
                      n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=raw["tok_embeddings.weight"].shape[0],
                      ffn_dim=raw["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
                      rope_theta=p.get("rope_theta", 10000.0),
                      rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "factor": factor,
                                    "high_freq_factor": p.get("rope_high_freq_factor", 4.0)} if scaled else None,
-                     max_seq_len=meta_context(p), tie_embeddings="output.weight" not in raw)
+                     max_seq_len=meta_context(p), tie_embeddings="output.weight" not in raw,
+                     head_dim=p.get("head_dim") or 0)
     return args, raw
 
 
 def meta_context(p):
     """params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Code Llama (Llama 2 with RoPE
-    theta 1e6) 16K, Llama 2 4K."""
+    theta 1e6) 16K, Llama 2 4K; within a sliding_window (as config.json's), where attention is whole."""
     if type(scaled := p.get("use_scaled_rope", False)) is not bool:  # JSON's "false" is a string, and true in Python
         raise ValueError(f"params.json's use_scaled_rope must be true or false, got {scaled!r}")
     context = p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000 else 16384
                                        if p.get("rope_theta", 0) >= 1e6 else 4096)
     if type(context) is not int or context < 1:
         raise ValueError(f"params.json's max_seq_len must be a whole number >= 1, got {context!r}")
-    return context
+    return min(context, p.get("sliding_window") or math.inf)
 
 
 def fused_weights(args):
@@ -1079,8 +1088,8 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
     for name, w in sd.items():
         if tuple(w.shape) != expected[name]:
             raise ValueError(f"{where}: {named(name)} has shape {tuple(w.shape)}, the model expects {expected[name]}")
-        if not w.is_floating_point():
-            raise ValueError(f"{where}: {named(name)} holds {w.dtype}, not floating-point weights")
+        if not w.is_floating_point() or w.dtype.itemsize < 2:  # float8: scaled by tensors of its own (Meta's, FP8)
+            raise ValueError(f"{where}: {named(name)} holds {w.dtype}, not 16- or 32-bit floating-point weights")
     sd = {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
     for name, parts in fused.items():
         sd[name] = torch.cat([sd.pop(part) for part, _ in parts])

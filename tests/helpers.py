@@ -16,11 +16,12 @@ def package_file(package, *parts):
     return path if os.path.exists(path) else pytest.skip(f"{path} is missing")
 
 
-def write_gguf(path, fill):
-    """Writes a GGUF file (architecture "llama") holding what fill(writer) adds through the gguf package's
-    GGUFWriter; returns its path as a str. The test skips without gguf (the GPU machine lacks it)."""
+def write_gguf(path, fill, big_endian=False):
+    """Writes a GGUF file (architecture "llama"; big-endian with big_endian) holding what fill(writer) adds through
+    the gguf package's GGUFWriter; returns its path as a str. The test skips without gguf (the GPU machine lacks it)."""
     gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG if big_endian else
+                             gguf.GGUFEndian.LITTLE)
     fill(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

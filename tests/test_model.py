@@ -417,7 +417,7 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
     tensors = load_file(tmp_path / "model.safetensors")
     save_file({**tensors, "model.norm.weight": tensors["model.norm.weight"].to(torch.int8)},
               tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="norm.weight holds torch.int8, not floating-point"):
+    with pytest.raises(ValueError, match="norm.weight holds torch.int8, not 16- or 32-bit floating-point"):
         from_checkpoint(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     save_file(tensors, tmp_path / "a.safetensors")
@@ -480,7 +480,7 @@ def test_incomplete_checkpoint_metadata(tmp_path):
         from_checkpoint(bare)
 
 
-def write_model_gguf(path, keys, tensors=()):
+def write_model_gguf(path, keys, tensors=(), big_endian=False):
     """A one-layer GGUF (dim 8, 2 heads: head_dim 4, context 64) with `keys` over those and only the embedding and
     `tensors`: enough for load_checkpoint, which checks no tensor set."""
     def fill(writer):
@@ -490,7 +490,7 @@ def write_model_gguf(path, keys, tensors=()):
         writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
         for t_name, t in [("token_embd.weight", torch.zeros(16, 8)), *tensors]:
             writer.add_tensor(t_name, t.numpy())
-    return write_gguf(path, fill)
+    return write_gguf(path, fill, big_endian)
 
 
 def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
@@ -1016,6 +1016,43 @@ def test_meta_scaled_rope_factor_and_context_by_family(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32, "n_heads": 32,
                                                       "vocab_size": 128256, "rope_theta": 500000.0}))
     assert checkpoint_metadata(str(tmp_path)) == (8192, None)
+
+
+def test_settings_a_reader_once_took_wrongly(tmp_path):
+    """From a hunt of the loaders: a big-endian GGUF loaded with NaN weights (gguf swaps the header, not the
+    dequantized tensors); a GGUF's sliding_window 0 (no window, as config.json's) was a context of 0; config.json's
+    rope_theta 0 or null and params.json's rope_scaling_factor 0 ran with defaults; params.json's sliding_window and
+    head_dim were not read; an error from a checkpoint whose name starts its message ("t", "the ...") was not named."""
+    with pytest.raises(ValueError, match="a big-endian GGUF, which llama.cpp does not read here either"):
+        load_checkpoint(write_model_gguf(tmp_path / "big.gguf", {}, big_endian=True))
+    for window, context in ((0, 64), (16, 16)):
+        path = write_model_gguf(tmp_path / f"w{window}.gguf", {"llama.attention.sliding_window": window})
+        assert load_checkpoint(path)[0].max_seq_len == context
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for theta in (0, None):
+        (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "vocab_size": 16, "intermediate_size": 16,
+                                                    "rms_norm_eps": 1e-5, "rope_theta": theta}))
+        with pytest.raises(ValueError, match=r"rope_theta must be finite numbers > 0"):
+            checkpoint_metadata(str(hf))
+    tensors = {"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64)}
+    torch.save(tensors, tmp_path / "consolidated.00.pth")
+    params = {"dim": 64, "n_layers": 1, "n_heads": 4, "max_seq_len": 256}
+    (tmp_path / "params.json").write_text(json.dumps({**params, "sliding_window": 16, "head_dim": 32}))
+    assert checkpoint_metadata(str(tmp_path))[0] == 16 and read_meta(str(tmp_path))[0].head_dim == 32
+    (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True, "rope_scaling_factor": 0}))
+    with pytest.raises(ValueError, match=r"factor must be finite numbers > 0"):
+        read_meta(str(tmp_path))
+    with pytest.raises(ValueError, match="^t: the model's sizes"), model_module.reading("t"):
+        raise ValueError("the model's sizes must be whole numbers")
+
+
+def test_float8_weights_are_refused(small_smol):
+    """Meta's FP8 checkpoints hold float8 weights whose scales are other files: they loaded unscaled."""
+    args, sd = small_smol
+    with pytest.raises(ValueError, match="norm.weight holds torch.float8_e4m3fn, not 16- or 32-bit floating-point"):
+        from_state_dict(replace(args, n_layers=3), {**sd, "norm.weight": sd["norm.weight"].to(torch.float8_e4m3fn)})
 
 
 def test_hf_rope_scaling_in_the_older_type_key(tmp_path):
