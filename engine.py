@@ -218,8 +218,10 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
 
 
     def pick(logits):  # the next tokens (B,) under the sampling settings
-        spoilt.copy_(~logits.isfinite().all(-1) & ~done)  # (checked at the step's wait; a finished row's are unused)
-        logits = logits.nan_to_num(0.0, 0.0, 0.0)  # (so that sampling gets that far; the rest are unchanged)
+        bad = ~logits.sum(-1).isfinite()  # a NaN or inf anywhere makes the sum one (isfinite().all(): slower on CPUs)
+        spoilt.copy_(bad & ~done)  # (checked at the step's wait, where a finished row's are unused)
+        if temperature > 0:  # (sampling would fail on them first: it draws from such a row's zeros, never shown)
+            logits = torch.where(bad[:, None], 0.0, logits)
         if seen is not None:
             logits = penalize(logits, seen, repetition_penalty)
         cur = sample(logits, temperature, top_p, generator, top_k, min_p)
