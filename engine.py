@@ -216,7 +216,6 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         for b, p in enumerate(whole):
             seen[b, list(p)] = True
 
-
     def pick(logits):  # the next tokens (B,) under the sampling settings
         bad = ~logits.sum(-1).isfinite()  # a NaN or inf anywhere makes the sum one (isfinite().all(): slower on CPUs)
         spoilt.copy_(bad & ~done)  # (checked at the step's wait, where a finished row's are unused)

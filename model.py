@@ -792,7 +792,7 @@ def reading(path):
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
     except ValueError as e:  # ModelArgs' checks name no file; the readers' own errors start with it
         said = str(e).lstrip("'")  # (named where its next character ends the name: not "t", the start of "the")
-        if said.startswith(path) and (path.endswith(os.sep) or said[len(path):][:1] in (":", os.sep)):
+        if said.startswith(path) and (path.endswith(("/", os.sep)) or said[len(path):][:1] in (":", "/", os.sep)):
             raise
         raise ValueError(f"{path}: {e}") from None
 
@@ -886,7 +886,7 @@ def gguf_args(path, reader):
             raise KeyError(key)
         return reader.fields[key].contents() if key in reader.fields else default
 
-    if reader.byte_order == "S":  # gguf swaps the header's numbers, not its dequantized tensors: NaN weights
+    if reader.endianess.name == "BIG":  # gguf swaps the header's numbers, not its dequantized tensors: NaN weights
         raise ValueError(f"{path}: a big-endian GGUF, which llama.cpp does not read here either; convert it "
                          "(python -m gguf.scripts.gguf_convert_endian FILE little)")
     if (parts := meta("split.count", 1)) > 1:  # llama-gguf-split's output: its first part lacks most tensors
@@ -939,11 +939,12 @@ def hf_args(path):
     kind = rope.get("rope_type", rope.get("type", None if "factor" in rope else "default"))  # a factor alone: refused
     scaling = None if kind == "default" else {"type": kind, **{k: v for k, v in rope.items()
                                                               if k not in ("rope_type", "type", "rope_theta")}}
+    if (theta := cfg.get("rope_theta")) is None:  # (transformers v5 may write null here, the value in rope_parameters)
+        theta = rope.get("rope_theta", None if "rope_theta" in cfg else 10000.0)  # (a null alone is refused)
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                      n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                      vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=cfg["rope_theta"] if "rope_theta" in cfg else rope.get("rope_theta", 10000.0),
-                     rope_scaling=scaling,
+                     rope_theta=theta, rope_scaling=scaling,
                      max_seq_len=min(cfg.get("max_position_embeddings", 2048),  # transformers' LlamaConfig default
                                      cfg.get("sliding_window") or math.inf),  # within the window: full attention
                      tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
@@ -1039,9 +1040,11 @@ def meta_context(p):
         raise ValueError(f"params.json's use_scaled_rope must be true or false, got {scaled!r}")
     context = p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000 else 16384
                                        if p.get("rope_theta", 0) >= 1e6 else 4096)
-    if type(context) is not int or context < 1:
-        raise ValueError(f"params.json's max_seq_len must be a whole number >= 1, got {context!r}")
-    return min(context, p.get("sliding_window") or math.inf)
+    window = p.get("sliding_window") or context  # (0 or null: none)
+    for key, value in (("max_seq_len", context), ("sliding_window", window)):
+        if type(value) is not int or value < 1:
+            raise ValueError(f"params.json's {key} must be a whole number >= 1, got {value!r}")
+    return min(context, window)
 
 
 def fused_weights(args):
@@ -1089,7 +1092,7 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
         if tuple(w.shape) != expected[name]:
             raise ValueError(f"{where}: {named(name)} has shape {tuple(w.shape)}, the model expects {expected[name]}")
         if not w.is_floating_point() or w.dtype.itemsize < 2:  # float8: scaled by tensors of its own (Meta's, FP8)
-            raise ValueError(f"{where}: {named(name)} holds {w.dtype}, not 16- or 32-bit floating-point weights")
+            raise ValueError(f"{where}: {named(name)} holds {w.dtype}, not floating-point weights of 16 bits or more")
     sd = {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
     for name, parts in fused.items():
         sd[name] = torch.cat([sd.pop(part) for part, _ in parts])

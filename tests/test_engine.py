@@ -1848,13 +1848,19 @@ def test_on_token_streams_minus_one_for_a_finished_sequence():
 
 
 def test_a_single_non_finite_logit_is_an_error_too():
-    """One token's logit NaN (an inf in its output row), the others finite: refused as when every logit is NaN."""
+    """One token's logit NaN (an inf in its output row), the others finite: refused as when every logit is NaN; one
+    logit inf (one inf weight), with a repetition penalty, whose clamp would make it finite: refused too."""
     model = engine.random_model("tiny", None, "cpu", torch.float32)
     model.setup_caches(1, 16)
     with torch.no_grad():
         model.output.weight[5] = math.inf
     with pytest.raises(ValueError, match="the model's output for the prompt is NaN or inf"):
         engine.generate(model, [[1, 2, 3]], 4)
+    with torch.no_grad():
+        model.output.weight[5] = 0.0
+        model.output.weight[5, 0] = math.inf
+    with pytest.raises(ValueError, match="the model's output for the prompt is NaN or inf"):
+        engine.generate(model, [[1, 2, 3]], 4, repetition_penalty=1.3)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -1869,9 +1875,11 @@ def test_a_decode_step_whose_output_is_nan_is_an_error_unless_its_row_has_finish
         def step(model, cur, ends):
             logits = real(model, cur, ends)
             steps.append(None)
-            logits[row] = math.nan if len(steps) >= 3 else logits[row]
+            if len(steps) >= 3:
+                logits[row] = math.nan
             return logits
         return step
+
     def kw():  # a generator a row: row 0's draws do not depend on row 1's logits
         return dict(temperature=temperature, generator=engine.row_generators(0, 2, "cpu"))
     model.setup_caches(2, 32)

@@ -417,7 +417,7 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
     tensors = load_file(tmp_path / "model.safetensors")
     save_file({**tensors, "model.norm.weight": tensors["model.norm.weight"].to(torch.int8)},
               tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="norm.weight holds torch.int8, not 16- or 32-bit floating-point"):
+    with pytest.raises(ValueError, match="norm.weight holds torch.int8, not floating-point weights"):
         from_checkpoint(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     save_file(tensors, tmp_path / "a.safetensors")
@@ -1021,8 +1021,9 @@ def test_meta_scaled_rope_factor_and_context_by_family(tmp_path):
 def test_settings_a_reader_once_took_wrongly(tmp_path):
     """From a hunt of the loaders: a big-endian GGUF loaded with NaN weights (gguf swaps the header, not the
     dequantized tensors); a GGUF's sliding_window 0 (no window, as config.json's) was a context of 0; config.json's
-    rope_theta 0 or null and params.json's rope_scaling_factor 0 ran with defaults; params.json's sliding_window and
-    head_dim were not read; an error from a checkpoint whose name starts its message ("t", "the ...") was not named."""
+    rope_theta 0 or null (not beside a value in rope_parameters) and params.json's rope_scaling_factor 0 ran with
+    defaults; params.json's sliding_window (a bad one refused) and head_dim were not read; an error from a checkpoint
+    whose name starts its message ("t", "the ...") was not named, and one from inside "d/" was named twice."""
     with pytest.raises(ValueError, match="a big-endian GGUF, which llama.cpp does not read here either"):
         load_checkpoint(write_model_gguf(tmp_path / "big.gguf", {}, big_endian=True))
     for window, context in ((0, 64), (16, 16)):
@@ -1030,28 +1031,37 @@ def test_settings_a_reader_once_took_wrongly(tmp_path):
         assert load_checkpoint(path)[0].max_seq_len == context
     hf = tmp_path / "hf"
     hf.mkdir()
+    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
     for theta in (0, None):
-        (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
-                                                    "num_attention_heads": 2, "vocab_size": 16, "intermediate_size": 16,
-                                                    "rms_norm_eps": 1e-5, "rope_theta": theta}))
+        (hf / "config.json").write_text(json.dumps({**cfg, "rope_theta": theta}))
         with pytest.raises(ValueError, match=r"rope_theta must be finite numbers > 0"):
             checkpoint_metadata(str(hf))
+    nested = {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}  # transformers v5
+    (hf / "config.json").write_text(json.dumps({**cfg, **nested}))
+    assert checkpoint_metadata(str(hf))[1].rope_theta == 5e5
     tensors = {"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64)}
     torch.save(tensors, tmp_path / "consolidated.00.pth")
     params = {"dim": 64, "n_layers": 1, "n_heads": 4, "max_seq_len": 256}
     (tmp_path / "params.json").write_text(json.dumps({**params, "sliding_window": 16, "head_dim": 32}))
     assert checkpoint_metadata(str(tmp_path))[0] == 16 and read_meta(str(tmp_path))[0].head_dim == 32
+    for window in (-3, 16.5, True):
+        (tmp_path / "params.json").write_text(json.dumps({**params, "sliding_window": window}))
+        with pytest.raises(ValueError, match="params.json's sliding_window must be a whole number >= 1"):
+            checkpoint_metadata(str(tmp_path))
     (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True, "rope_scaling_factor": 0}))
     with pytest.raises(ValueError, match=r"factor must be finite numbers > 0"):
         read_meta(str(tmp_path))
     with pytest.raises(ValueError, match="^t: the model's sizes"), model_module.reading("t"):
         raise ValueError("the model's sizes must be whole numbers")
+    with pytest.raises(ValueError, match="^d/config.json: bad"), model_module.reading("d/"):  # named once
+        raise ValueError("d/config.json: bad")
 
 
 def test_float8_weights_are_refused(small_smol):
     """Meta's FP8 checkpoints hold float8 weights whose scales are other files: they loaded unscaled."""
     args, sd = small_smol
-    with pytest.raises(ValueError, match="norm.weight holds torch.float8_e4m3fn, not 16- or 32-bit floating-point"):
+    with pytest.raises(ValueError, match="norm.weight holds torch.float8_e4m3fn, not floating-point weights of 16"):
         from_state_dict(replace(args, n_layers=3), {**sd, "norm.weight": sd["norm.weight"].to(torch.float8_e4m3fn)})
 
 
