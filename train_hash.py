@@ -658,9 +658,9 @@ def training_settings(args):
     rules = {"lr": hp["lr"] > 0, "momentum": 0 <= hp["momentum"] < 1, "sigma": hp["sigma"] > 0,
              "alpha": hp["alpha"] > 0, **{n: hp[n] >= 0 for n in ("wd", "eps", "lam", "eta")}}
     rules.pop(NO_SUCH_TERM[args.loss])
-    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and math.isfinite(hp[n]))]:  # before prefills
+    if bad := [f"--{n} {hp[n]}" for n, ok in rules.items() if not (ok and torch.tensor(float(hp[n])).isfinite())]:
         raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
-                         "--lam, --eta >= 0, each finite")
+                         "--lam, --eta >= 0, each finite in float32 (at most 3.4e38)")
     return hp
 
 

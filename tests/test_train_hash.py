@@ -626,6 +626,7 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--lr", "0"], "--lr 0.0"), (["--momentum", "1"], "--momentum 1.0"),
                                          (["--sigma", "-2"], "--sigma -2.0"), (["--eta", "-1"], "--eta -1.0"),
                                          (["--lr", "inf"], "--lr inf"), (["--wd", "nan"], "--wd nan"),
+                                         (["--lr", "1e308"], "--lr 1e+308: --lr, --sigma"),
                                          (["--shift", str(2 ** 31)], "--shift 2147483648 must lie in [0, 2^31)"),
                                          (["--rbit", "2048"],
                                           "--rbit must be a multiple of 32 (whole int32 code words) in [32, 1024], "
