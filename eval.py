@@ -660,9 +660,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     refuse_negative(sink=args.sink, n_dense=args.n_dense)
     check_labels(args.budgets + args.quest_budgets)
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default
-    rbit, n_dense = file_settings(args.hash_weights if trained else None, args.rbit, args.n_dense)  # as engine.py
+    hashing = {"trained", "random"} & set(args.selectors)  # else --rbit is noted as ignored, not checked (engine's)
+    rbit, n_dense = file_settings(args.hash_weights if trained else None, args.rbit if hashing else None, args.n_dense)
     hata = dict(rbit=rbit, n_dense=n_dense)  # the flags', else the projection file's
-    if args.rbit is not None:  # a bad one now, named as the flag, not after the first policy
+    if args.rbit is not None and hashing:  # a bad one now, named as the flag, not after the first policy
         check_rbit(args.rbit, "--rbit")
     checked = HataArgs(**hata)
     weights = (args.hash_weights or shipped_hash_weights(checked, args.checkpoint)) if trained else None
@@ -697,6 +698,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     print(f"loaded {checkpoint_label(args.checkpoint)} ({model.args.describe()}); " + f"R = {rbit}, " * bool(rbit)
           + f"{hata['n_dense']} dense layers" + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
     pols = policies(sels, args.budgets, args.quest_budgets)
+    if far := next((n for n, _, h in pols[1:] if max(h.n_sink, h.n_recent) > max(sum(lengths.values(), []))), None):
+        raise ValueError(f"{far}: its sink or recent window is longer than any context; lower --sink or --quest")
     hash_digest = None
     if weights:  # the projection file's bytes, as merge compares them
         with open(weights, "rb") as f:

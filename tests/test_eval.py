@@ -867,6 +867,25 @@ def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
                     "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "nonexistent" in err and "hash weights" not in err and "no trained projections" not in err
+    # a bad --rbit too: noted as ignored, as engine.py's is (before, noted, then refused)
+    assert ev.main(["--rbit", "100", "--selectors", "oracle", "quest", "--checkpoint", "/nonexistent.gguf",
+                    "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" in err and "--rbit (no HATA selector" in err and "multiple of 32" not in err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_sink_or_window_past_every_context_is_refused_before_a_prefill(capsys, tmp_path):
+    """A --sink or --quest window longer than every context is refused before any work; a huge one overflowed in
+    the kernels after the first prefill, with a traceback."""
+    small = ["--tasks", "perplexity", "--ppl-context", "128", "--ppl-tokens", "8", "--ppl-docs", "1", "--budgets",
+             "1/8", "--out-dir", str(tmp_path)]
+    for flags, name in ((["--selectors", "oracle", "--sink", str(10 ** 30)], "oracle s" + str(10 ** 30)),
+                        (["--selectors", "quest", "--quest", "0:129"], "quest s0 r129")):
+        assert ev.main(flags + small) == 2
+        err = capsys.readouterr().err
+        assert f"error: {name}: its sink or recent window is longer than any context" in err, err
+        assert not os.listdir(tmp_path)
 
 
 def test_default_and_given_flags_parse_to_what_run_uses():
