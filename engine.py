@@ -536,11 +536,12 @@ def write_png(path, fig):  # a matplotlib figure, whole or not at all (the scrat
     write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
-def check_writable(folder, flag):
+def check_writable(folder, flag, name=""):
     """Create a scratch file in `folder`, or where it does not exist yet, in the nearest folder above it that does
-    (write_whole makes the rest when it saves): a folder that takes no new file fails before the work, not after it,
-    and a run that fails leaves no empty folder behind. (os.access says yes to root where no file can be made, as in
-    /proc.) A disk that fills up later still fails at the save."""
+    (write_whole makes the rest when it saves), and check that file `name` fits its file system's names: a folder that
+    takes no new file, or a name too long, fails before the work, not after it, and a run that fails leaves no empty
+    folder behind. (os.access says yes to root where no file can be made, as in /proc.) A disk that fills up later
+    still fails at the save."""
     folder = os.path.abspath(folder or ".")
     there = folder
     while not os.path.lexists(there):
@@ -548,6 +549,8 @@ def check_writable(folder, flag):
     try:
         with tempfile.TemporaryFile(dir=there):
             pass
+        if len(os.fsencode(name)) > (most := os.pathconf(there, "PC_NAME_MAX")):
+            raise OSError(f"a name of {len(os.fsencode(name))} bytes, {name[:20]}…, where it takes {most}")
     except OSError as e:
         raise OSError(f"{flag}: cannot write in {folder} ({e.strerror or e})") from None
 
@@ -615,7 +618,7 @@ def run(args):
             raise ValueError("--prompt-cache keeps one prompt's K/V: give one prompt, not a batch")
         if os.path.isdir(args.prompt_cache) or args.prompt_cache.endswith(("/", os.sep)):
             raise ValueError(f"--prompt-cache {args.prompt_cache} is a folder: name a file")
-        check_writable(os.path.dirname(args.prompt_cache), "--prompt-cache")
+        check_writable(os.path.dirname(args.prompt_cache), "--prompt-cache", os.path.basename(args.prompt_cache))
     blank = [i for i, t in enumerate(texts) if not t.strip()] if args.chat or args.interactive else []
     if blank:  # (as a typed blank line is skipped)
         raise ValueError(f"prompt {blank[0] + 1} is empty: a chat's message needs some text")

@@ -196,14 +196,17 @@ def test_points_given_twice_or_out_of_order_run_once_along_s(monkeypatch):
     assert bench.main(["e2e", "--budgets", "2048", "1/64", "2048"]) == 0 and seen[-1] == [2048, 1 / 64]
 
 
-@pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg", "xpng", "folder.png", "/proc/x.png"])
+@pytest.mark.parametrize("plot", ["", "report", "/nonexistent-dir/x.png", "x.svg", "xpng", "folder.png", "/proc/x.png",
+                                  "x" * 300 + ".png"])
 def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, monkeypatch, capsys, tmp_path):
-    """Also a folder named x.png, and a folder that takes no file (/proc): before, both failed after the timings."""
+    """Also a folder named x.png, a folder that takes no file (/proc) and a name longer than the file system takes:
+    before, each failed after the timings."""
     monkeypatch.setattr(bench, "bench_cpu", lambda args: pytest.fail("timed before refusing --plot"))
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(SystemExit) as e:
         bench.main(["cpu", "--plot", str(tmp_path / plot) if plot == "folder.png" else plot])
-    words = "--plot: cannot write in /proc" if plot.startswith("/proc") else "give a .png file in an existing folder"
+    words = ("--plot: cannot write in /proc" if plot.startswith("/proc") else "(a name of 304 bytes" if len(plot) > 300
+             else "give a .png file in an existing folder")
     err = capsys.readouterr().err
     assert e.value.code == 2 and words in err and "(see python bench.py cpu --help)" in err  # the mode's options
 

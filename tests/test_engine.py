@@ -2222,6 +2222,8 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     assert code == 2 and "holds another model's K/V" in err and "loaded" not in err, err
     code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", "/dev/null/p.cache")  # a folder takes no file
     assert code == 2 and "--prompt-cache: cannot write in /dev/null" in err and "loaded" not in err, err
+    code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", str(tmp_path / ("p" * 300)))  # (after the run)
+    assert code == 2 and "cannot write in" in err and "a name of 300 bytes" in err and "loaded" not in err, err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed

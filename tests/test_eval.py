@@ -601,6 +601,7 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                           "both labelled 0.123456789"),
                                          (["--contexts", "1024", "1024", "--samples", "4", "8"], "repeats a length"),
                                          (["--name", "/dev/null/x"], "--out-dir / --name: cannot write in /dev/null"),
+                                         (["--name", "n" * 300], "(a name of 321 bytes, nnnn"),  # its .partial.json
                                          (["--rbit", "2048"], "--rbit must be a multiple of 32 (whole int32 code "
                                                                "words) in [32, 1024], got 2048"),
                                          (["--text", "a.txt", ""], "--text: an empty path"),

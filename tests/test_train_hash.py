@@ -618,6 +618,7 @@ def test_the_guard_takes_the_largest_seed(tiny_model):
                                          (["--out", "new/"], "--out new/: give a .safetensors file"),
                                          (["--out", "p.pt"], "--out p.pt: give a .safetensors file"),
                                          (["--out", "p.safetensors.d"], "give a .safetensors file"),
+                                         (["--out", "p" * 300 + ".safetensors"], "(a name of 312 bytes, pppp"),
                                          (["--report", "--rbit", "64", "--hash-weights",
                                            os.path.join(th.HERE, "weights", "smollm2-135m-r128.safetensors")],
                                           "their own R: drop --rbit"),
