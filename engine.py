@@ -348,7 +348,7 @@ def parse_budget(text):
     """'2048' -> 2048 tokens; '0.0625' or '1/16' -> a fraction of the cache; out of HataArgs' range: one line."""
     try:
         num, _, den = text.partition("/")
-        if den and min(float(num), float(den)) < 0:  # '-1/-4': a sign in either part, not only the quotient's
+        if "_" in text or den and min(float(num), float(den)) < 0:  # '1_0/16' (float's 10), '-1/-4': a sign in a part
             raise ValueError(text)
         value = HataArgs(budget=float(num) / float(den) if den else float(num)).budget
         if value >= 1 and (den or not num.strip().lstrip("+").isdecimal()):  # '2/1', '1e30': no count as typed
