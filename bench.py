@@ -371,9 +371,10 @@ def bench_offload(args):
     from engine import GraphedDecode, meta_model, random_model
 
     S, B, dev, hata = args.seqlen, 1, "cuda", HataArgs(budget=args.budget)
-    if not (K := hata.budget_tokens(S)) < S <= PRESETS[args.preset].max_seq_len:  # now, not after the GPU's timings
-        raise ValueError(f"--budget {args.budget} ({K} tokens) must be below --seqlen {S}, which must fit the "
-                         f"{args.preset} context of {PRESETS[args.preset].max_seq_len}")
+    if S > (context := PRESETS[args.preset].max_seq_len):  # now, not after the GPU's timings
+        raise ValueError(f"--seqlen {S} exceeds the {args.preset} context of {context} tokens")
+    if (K := hata.budget_tokens(S)) >= S:
+        raise ValueError(f"--budget {args.budget} ({K} tokens) must be below --seqlen {S}")
     if args.host_gb is not None and not 0 < args.host_gb < math.inf:
         raise ValueError(f"--host-gb must be a number of GiB > 0, got {args.host_gb}")  # (finite: int(inf) fails)
     host_limit = None if args.host_gb is None else int(args.host_gb * offload.GiB)

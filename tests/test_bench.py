@@ -116,6 +116,8 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
                                           "--budget 512 (512 tokens) must be"),
                                          (["offload", "--seqlen", "512", "--budget", "0.999"],  # as e2e's --budgets
                                           "--budget 0.999 (512 tokens) must be below --seqlen 512"),
+                                         (["offload", "--seqlen", "4096"],  # (before: named the budget, which is fine)
+                                          "--seqlen 4096 exceeds the tiny context of 1024 tokens"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "0"],
                                           "--host-gb must be a number of GiB > 0, got 0.0"),
                                          (["offload", "--seqlen", "512", "--budget", "64", "--host-gb", "inf"],
