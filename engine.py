@@ -510,7 +510,10 @@ def build_parser():
 
 def cli(run, args):
     """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130), a
-    reader that stops (`| head`) ends it quietly (141, as a shell tool killed by SIGPIPE)."""
+    reader that stops (`| head`) ends it quietly (141, as a shell tool killed by SIGPIPE). A character standard
+    output's encoding lacks (a latin-1 terminal) prints as "?", not an error that loses the answers."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     try:
         run(args)
     except BrokenPipeError:
@@ -618,7 +621,8 @@ def run(args):
             raise ValueError("--prompt-cache keeps one prompt's K/V: give one prompt, not a batch")
         if os.path.isdir(args.prompt_cache) or args.prompt_cache.endswith(("/", os.sep)):
             raise ValueError(f"--prompt-cache {args.prompt_cache} is a folder: name a file")
-        check_writable(os.path.dirname(args.prompt_cache), "--prompt-cache", os.path.basename(args.prompt_cache))
+        if not os.path.exists(args.prompt_cache):  # (a file there may serve as it is: checked once it is read)
+            writable_cache(args.prompt_cache)
     blank = [i for i, t in enumerate(texts) if not t.strip()] if args.chat or args.interactive else []
     if blank:  # (as a typed blank line is skipped)
         raise ValueError(f"prompt {blank[0] + 1} is empty: a chat's message needs some text")
@@ -676,6 +680,8 @@ def run(args):
               "--max-seq-len fixes the cache", file=sys.stderr)
     stops = StopStrings(tok, args.stop) if args.stop else None
     held = load_prompt_cache(args.prompt_cache, model) if args.prompt_cache else []  # the tokens at cached positions
+    if held and not (prompts and prompts[0] == held[:len(prompts[0])]):  # to be rewritten (one that serves: read)
+        writable_cache(args.prompt_cache)
     if args.interactive:
         return converse(model, tok, args, texts, system, stops, held)
 
@@ -1121,6 +1127,11 @@ def weights_digest(model):  # a prompt cache's maker's weights: 256 values of ev
     return h.hexdigest()[:16]
 
 
+def writable_cache(path):  # --prompt-cache's file can be written (where a link leads: write_whole writes there)
+    real = os.path.realpath(path)
+    check_writable(os.path.dirname(real), "--prompt-cache", os.path.basename(real))
+
+
 def check_prompt_cache(path, args, dtype):
     """--prompt-cache's file from its header alone, before the weights load: an error unless it is one, made by a
     model of these settings (ModelArgs; None: not known yet) in `dtype`. Returns its metadata, or None (no file)."""
@@ -1129,6 +1140,8 @@ def check_prompt_cache(path, args, dtype):
         raise ValueError(f"--prompt-cache {path} is a link to {os.readlink(path)}, which does not exist: {KEPT}")
     if not os.path.lexists(path):
         return None
+    if not os.path.isfile(path):  # (safe_open waits forever on a named pipe)
+        raise ValueError(f"--prompt-cache {path} is not a file (a device or a pipe): {KEPT}")
     try:
         with safe_open(path, "pt") as f:
             meta, shapes = f.metadata() or {}, {name: f.get_slice(name).get_shape() for name in f.keys()}

@@ -3,6 +3,7 @@ status 2, raised before the model is loaded where it can be."""
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -2227,6 +2228,43 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_prompt_cache_that_serves_is_read_where_no_file_can_be_written(capsys, tmp_path, monkeypatch):
+    """A --prompt-cache that serves the prompt as it is needs no writable folder (a read-only mount, faked: root
+    writes anywhere); one to be rewritten is refused once read, before the generation. The folder checked is where
+    a link leads, where the file is written (before: the link's, and a read-only target failed after the answer). A
+    named pipe is refused (safe_open waited on it forever)."""
+    os.mkdir(tmp_path / "ro")
+    path, link, base = str(tmp_path / "ro" / "doc.cache"), str(tmp_path / "doc.cache"), "The capital of France is"
+    flags = ("--max-new-tokens", "2", "--prompt-cache", link)
+    assert run_cli(capsys, "--prompt", base, *flags[:-1], path)[0] == 0
+    os.symlink(path, link)
+    checked = []
+
+    def read_only(folder, flag, name=""):
+        checked.append(folder)
+        raise OSError(f"{flag}: cannot write in {folder} (Read-only file system)")
+    monkeypatch.setattr(engine, "check_writable", read_only)
+    code, out, err = run_cli(capsys, "--prompt", base, *flags)
+    assert code == 0 and out and "the K/V of" in err and not checked, err
+    code, out, err = run_cli(capsys, "--prompt", base + " a city", *flags)
+    assert code == 2 and not out and f"cannot write in {tmp_path / 'ro'} (Read-only" in err and "loaded" in err, err
+    os.mkfifo(fifo := tmp_path / "fifo")  # a writer that comes if it is opened, so that a regression fails, not hangs
+    threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True).start()
+    code, _, err = run_cli(capsys, "--prompt", base, "--prompt-cache", str(fifo))
+    assert code == 2 and "is not a file (a device or a pipe)" in err and "loaded" not in err, err
+
+
+def test_an_answer_the_terminals_encoding_cannot_show_prints_with_question_marks(monkeypatch):
+    """A character standard output's encoding lacks (PYTHONIOENCODING=latin-1, a latin-1 terminal) prints as "?";
+    before, the encoder's error ended the run, and a batch lost every answer."""
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="latin-1"))
+    assert engine.cli(lambda args: engine.show("\u65e5\u672c caf\u00e9\n"), None) == 0
+    sys.stdout.flush()
+    assert out.getvalue() == "?? caf\u00e9\n".encode("latin-1")
+
+
 def test_a_prompt_cache_is_kept_only_for_a_whole_prompt_and_plans_a_continued_prefill(capsys, monkeypatch, tmp_path):
     """A chat's first turn stopped by Ctrl-C in its prefill (a plain KeyboardInterrupt, not Interrupted) writes no
     file: its K/V may be half made. The memory and offload plans of a run with --prompt-cache count a continued
