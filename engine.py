@@ -113,6 +113,8 @@ def prefill(model, tokens, lengths, chunk=PREFILL_CHUNK, progress=False, start=0
     if chunk < min(3, T):
         raise ValueError(f"prefill chunks of at least 3 tokens, got {chunk}: a 1-token remainder takes a token from "
                          "the chunk before, which must keep 2")
+    if start and T < 2:  # (the model would take it for a decode step: see above)
+        raise ValueError(f"prefill after {start} cached positions needs 2 or more tokens, got {T}")
     if not ((lengths >= 1) & (lengths <= T)).all():  # a length outside 1..T would get no row of logits
         raise ValueError(f"prompt lengths must lie in 1..{T} (the padded prompts' width), got {lengths.tolist()}")
     last = torch.empty(B, model.args.vocab_size, device=tokens.device)
@@ -200,6 +202,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     if not prompts or any(len(p) < start + 1 + (start > 0) for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token" + (
             f" past the {start} the caches hold (2, for a dense prefill)" if start else ""))
+    if max_new_tokens < 0 or min(map(min, prompts)) < 0 or max(map(max, prompts)) >= model.args.vocab_size:
+        raise ValueError(f"max_new_tokens must be >= 0 and token ids in [0, {model.args.vocab_size})")
     whole, prompts = prompts, [list(p[start:]) for p in prompts]
     B, T = len(prompts), max(len(p) for p in prompts)
     if (need := start + T + max(max_new_tokens - 1, 0)) > (cap := model.max_seq_len):  # the cache's capacity

@@ -1118,6 +1118,12 @@ def test_generate_refuses_empty_prompts():
     for prompts in ([], [[5, 6], []]):  # an empty one would sample from uninitialised logits
         with pytest.raises(ValueError, match="at least one prompt, each of at least one token"):
             engine.generate(model, prompts, 3)
+    for prompts, n in (([[5, 512], [6]], 3), ([[-1, 5], [6]], 3), ([[5, 6], [6]], -1)):  # (an IndexError; [[]])
+        with pytest.raises(ValueError, match=r"max_new_tokens must be >= 0 and token ids in \[0, 512\)"):
+            engine.generate(model, prompts, n)
+    engine.prefill(model, torch.tensor([[5, 6], [7, 8]]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="prefill after 2 cached positions needs 2 or more tokens, got 1"):
+        engine.prefill(model, torch.tensor([[7], [8]]), torch.tensor([1, 1]), start=2)  # (taken for a decode step)
 
 
 def test_generate_keeps_no_autograd_graph():
