@@ -1331,3 +1331,51 @@ def test_the_committed_runs_noise_prompts_stay_the_same(tok):
     assert [(r["context"], r["haystack"]) for r in committed[:2]] == [(1024, "noise")] * 2  # samples 0 and 1
     assert [p[1] for p in prompts[:2]] == [r["answer"] for r in committed[:2]] == ["45572", "48212"]
     assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16] == "5ced186c4e26225e"
+
+
+# From a mutation run of eval.py's checks and merge (2026-12-06): behaviour no test held before
+
+MERGE_REC = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "seed": 0,
+       "correct": {"dense": True, "oracle 1/8": True}}
+MERGE_RUN = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": [MERGE_REC]}
+
+
+def test_quick_without_a_name_never_writes_the_full_runs_files(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps(MERGE_RUN))
+    assert ev.main(["--quick", "--report", str(tmp_path / "r.json"), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "eval_quick_results.md").exists() and not (tmp_path / "eval_results.json").exists()
+
+
+def test_sink_with_oracle_alone_is_not_noted_as_ignored(capsys, tmp_path):
+    assert ev.main(["--sink", "4", "--selectors", "oracle", "--checkpoint", "/nonexistent.gguf",
+                    "--out-dir", str(tmp_path)]) == 2
+    assert "ignored" not in capsys.readouterr().err
+
+
+def test_report_rebuilds_from_the_partial_file_a_stopped_run_names(tmp_path):
+    (partial := tmp_path / "eval_results.partial.json").write_text(json.dumps(MERGE_RUN))  # "results so far: ..."
+    assert ev.main(["--report", str(partial), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "eval_results.md").exists()
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model
+def test_the_default_model_gets_its_shipped_projections(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(ev, "checkpoint_metadata", lambda *a: 1 / 0)  # reached once the projections are chosen
+    with pytest.raises(ZeroDivisionError):
+        ev.main(["--selectors", "trained", "--tasks", "perplexity", "--out-dir", str(tmp_path)])
+    assert "no trained projections" not in capsys.readouterr().err
+
+
+def ppl_run(nll=0.7, **kw):
+    return {"command": "p", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "ppl_context": 64,
+            "perplexity": {"dense": {"nll": nll, "ppl": 2.0, "agree": 1.0, "positions": 8}}, **kw}
+
+
+def test_merge_keeps_the_plan_an_older_file_lacks(tmp_path):
+    assert ev.merge([ppl_run(), ppl_run(perplexity_planned=16)])["perplexity_planned"] == 16
+
+
+def test_merge_refuses_dense_passes_a_thousandth_of_a_nat_apart():
+    with pytest.raises(ValueError, match="dense perplexity passes differ"):
+        ev.merge([ppl_run(0.7), ppl_run(0.701)])
+    assert ev.merge([ppl_run(0.7), ppl_run(0.70001)])["perplexity"]["dense"]["nll"] == 0.7

@@ -1238,3 +1238,123 @@ def test_cpu_decode_groups_query_heads_by_kv_head_when_G_differs_from_Hkv():
         model(ids[:, :9])
         step = model(torch.stack([ids[0, 9:10], ids[1, 8:9]]), torch.tensor([9, 8]))[:, 0]  # its own position each
     torch.testing.assert_close(step, torch.stack([whole[0, 9], whole[1, 8]]), rtol=0, atol=1e-5)
+
+
+# From a mutation run of the loaders (2026-12-06): behaviour no test held before
+
+def test_sizes_and_head_dim_stop_below_2_to_the_31():
+    for kw in (dict(vocab_size=2 ** 31), dict(max_seq_len=2 ** 31)):
+        with pytest.raises(ValueError, match=re.escape("whole numbers in [1, 2^31)")):
+            ModelArgs(**kw)
+    assert ModelArgs(max_seq_len=2 ** 31 - 1).max_seq_len == 2 ** 31 - 1
+    words = re.escape(f"head_dim must be an even whole number in [2, 2^31), got {2 ** 31}")
+    with pytest.raises(ValueError, match=words):
+        ModelArgs(head_dim=2 ** 31)
+
+
+def test_query_heads_must_be_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="n_heads=6 is not a multiple of n_kv_heads=4"):
+        ModelArgs(dim=48, n_heads=6, n_kv_heads=4)
+
+
+def test_a_zero_valued_unsupported_setting_is_still_refused(tmp_path):
+    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5, "partial_rotary_factor": 0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="partial_rotary_factor=0 is not supported"):
+        checkpoint_metadata(str(tmp_path))
+
+
+def test_meta_metadata_alone_refuses_unsupported_settings(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "use_qk_norm": True}))
+    with pytest.raises(ValueError, match="use_qk_norm=True is not supported"):  # no weights needed: none are there
+        checkpoint_metadata(str(tmp_path))
+
+
+def test_a_meta_checkpoints_stored_rope_freqs_is_consumed(small_smol, tmp_path):
+    args, sd = small_smol
+    write_meta(tmp_path, args, sd)
+    ids = [504, 3575, 282, 4649, 314]
+    want = logits_of(from_checkpoint(str(tmp_path)), ids)
+    one = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    torch.save({**one, "rope.freqs": torch.ones(args.head_dim // 2)}, tmp_path / "consolidated.00.pth")  # Llama 2's
+    torch.testing.assert_close(logits_of(from_checkpoint(str(tmp_path)), ids), want, atol=0, rtol=0)
+
+
+def test_a_gguf_rope_scaling_type_none_is_no_scaling(tmp_path):
+    def fill(writer):
+        for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
+                           "llama.feed_forward_length": 16, "llama.context_length": 64}.items():
+            writer.add_uint32(key, value)
+        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        writer.add_string("llama.rope.scaling.type", "none")  # what convert_hf_to_gguf writes for no scaling
+        writer.add_tensor("token_embd.weight", torch.zeros(16, 8).numpy())
+    args = checkpoint_metadata(write_gguf(tmp_path / "n.gguf", fill))[1]
+    assert args.rope_scaling is None
+
+
+HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
+
+
+def test_a_gguf_without_its_rms_epsilon_is_incomplete(tmp_path):
+    def fill(writer):
+        for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
+                           "llama.feed_forward_length": 16, "llama.context_length": 64}.items():
+            writer.add_uint32(key, value)
+        writer.add_tensor("token_embd.weight", torch.zeros(16, 8).numpy())
+    with pytest.raises(ValueError, match="has no 'llama.attention.layer_norm_rms_epsilon'"):
+        checkpoint_metadata(write_gguf(tmp_path / "e.gguf", fill))
+
+
+def test_config_nulls_mean_the_transformers_defaults(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CFG, "num_key_value_heads": None, "head_dim": None}))
+    args = checkpoint_metadata(str(tmp_path))[1]
+    assert (args.n_kv_heads, args.head_dim) == (2, 4)
+
+
+def test_model_safetensors_wins_over_a_stale_index(small_smol, tmp_path):
+    from tests.test_model import write_hf
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    assert load_checkpoint(str(tmp_path))[0].n_layers == 3
+
+
+def test_params_json_without_weights_is_one_error(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
+    with pytest.raises(ValueError, match=r"params.json but no consolidated.\*.pth weights"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_params_json_defaults_and_nulls(tmp_path):
+    torch.save({"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64)},
+               tmp_path / "consolidated.00.pth")
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": None}))
+    args = model_module.read_meta(str(tmp_path))[0]
+    assert (args.rope_theta, args.n_kv_heads, args.max_seq_len) == (10000.0, 4, 4096)  # Llama 2's
+    for nulls in ({"max_seq_len": None}, {"sliding_window": None}, {"sliding_window": 0}):
+        (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, **nulls}))
+        assert checkpoint_metadata(str(tmp_path)) == (4096, None), nulls
+
+
+def test_integer_weights_of_16_bits_or_more_are_refused(small_smol):
+    args, sd = small_smol
+    with pytest.raises(ValueError, match="norm.weight holds torch.int32, not floating-point weights"):
+        from_state_dict(replace(args, n_layers=3), {**sd, "norm.weight": sd["norm.weight"].to(torch.int32)})
+
+
+def test_the_checkpoints_rope_factors_reach_the_model(small_smol):
+    from dataclasses import replace
+    args, sd = small_smol
+    factors = torch.linspace(1, 4, args.head_dim // 2)
+    assert model_module.from_state_dict(replace(args, n_layers=3), sd, rope_factors=factors).rope_factors is factors
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "chat_template.jinja"])
+def test_a_dangling_tokenizer_or_template_link_is_an_incomplete_download(tmp_path, name):
+    (tmp_path / "config.json").write_text(json.dumps(HF_CFG))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / name).symlink_to(tmp_path / "blobs" / "abc")
+    with pytest.raises(FileNotFoundError, match=f"{name} links to a file that does not exist"):
+        model_module.checkpoint_format(str(tmp_path))
