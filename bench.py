@@ -724,7 +724,7 @@ def main(argv=None):
             mode_parser.error(f"--plot {args.plot!r}: give a .png file in an existing folder")
     if getattr(args, "plot", None):  # the default report/ too (a read-only checkout); offload draws none
         try:
-            check_writable(os.path.dirname(os.path.abspath(args.plot)), "--plot", os.path.basename(args.plot))
+            check_writable(args.plot, "--plot")
         except OSError as e:
             mode_parser.error(str(e))
     run = {"attention": bench_attention, "offload": bench_offload, "e2e": bench_e2e, "cpu": bench_cpu}[args.mode]

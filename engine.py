@@ -543,12 +543,13 @@ def write_png(path, fig):  # a matplotlib figure, whole or not at all (the scrat
     write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
-def check_writable(folder, flag, name=""):
-    """Create a scratch file in `folder`, or where it does not exist yet, in the nearest folder above it that does
-    (write_whole makes the rest when it saves), and check that file `name` fits its file system's names: a folder that
-    takes no new file, or a name too long, fails before the work, not after it, and a run that fails leaves no empty
-    folder behind. (os.access says yes to root where no file can be made, as in /proc.) A disk that fills up later
-    still fails at the save."""
+def check_writable(path, flag):
+    """For the file `path` (a folder: ending in a separator), create a scratch file in its folder, or where that does
+    not exist yet, in the nearest folder above it that does (write_whole makes the rest when it saves), and check that
+    its name fits the file system's names: a folder that takes no new file, or a name too long, fails before the work,
+    not after it, and a run that fails leaves no empty folder behind. (os.access says yes to root where no file can be
+    made, as in /proc.) A disk that fills up later still fails at the save."""
+    folder, name = os.path.split(path)
     folder = os.path.abspath(folder or ".")
     there = folder
     while not os.path.lexists(there):
@@ -1132,8 +1133,7 @@ def weights_digest(model):  # a prompt cache's maker's weights: 256 values of ev
 
 
 def writable_cache(path):  # --prompt-cache's file can be written (where a link leads: write_whole writes there)
-    real = os.path.realpath(path)
-    check_writable(os.path.dirname(real), "--prompt-cache", os.path.basename(real))
+    check_writable(os.path.realpath(path), "--prompt-cache")
 
 
 def check_prompt_cache(path, args, dtype):

@@ -616,7 +616,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                      "no HATA selector: oracle and Quest read no hash codes")])
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # a run's results until it ends
-    check_writable(os.path.dirname(so_far), "--out-dir / --name", os.path.basename(so_far))  # not after a batch
+    check_writable(so_far, "--out-dir / --name")  # now, not after the first batch
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
     scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
     refuse_to_replace([json_path] + [so_far] * fresh, own or scratch or args.overwrite, "--name / --out-dir")

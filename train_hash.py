@@ -614,10 +614,10 @@ def run(args):
         if os.path.isdir(out) or not out.endswith(".safetensors"):  # (a .pt name says pickle to other tools)
             raise ValueError(f"--out {out}: give a .safetensors file{' (it is a directory)' * os.path.isdir(out)}")
         refuse_to_replace([out], args.overwrite, "another --out")
-        check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}", os.path.basename(out))
+        check_writable(out, f"--out {out}")
     if args.report:  # the tables now; the plots, named by window lengths cut to the context, by report_windows
         refuse_to_replace(report_files(args.report_dir, []), args.overwrite, "another --report-dir")
-        check_writable(args.report_dir, "--report-dir")
+        check_writable(os.path.join(args.report_dir, ""), "--report-dir")  # (a folder)
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     context = checkpoint_metadata(checkpoint)[0]  # a wrong --checkpoint fails as itself, not as its tokenizer

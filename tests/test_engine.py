@@ -2247,8 +2247,8 @@ def test_a_prompt_cache_that_serves_is_read_where_no_file_can_be_written(capsys,
     os.symlink(path, link)
     checked = []
 
-    def read_only(folder, flag, name=""):
-        checked.append(folder)
+    def read_only(path, flag):
+        checked.append(folder := os.path.dirname(path))
         raise OSError(f"{flag}: cannot write in {folder} (Read-only file system)")
     monkeypatch.setattr(engine, "check_writable", read_only)
     code, out, err = run_cli(capsys, "--prompt", base, *flags)

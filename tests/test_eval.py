@@ -1336,7 +1336,7 @@ def test_the_committed_runs_noise_prompts_stay_the_same(tok):
 # From a mutation run of eval.py's checks and merge (2026-12-06): behaviour no test held before
 
 MERGE_REC = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "seed": 0,
-       "correct": {"dense": True, "oracle 1/8": True}}
+             "correct": {"dense": True, "oracle 1/8": True}}
 MERGE_RUN = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": [MERGE_REC]}
 
 

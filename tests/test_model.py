@@ -485,9 +485,10 @@ def write_model_gguf(path, keys, tensors=(), big_endian=False):
     `tensors`: enough for load_checkpoint, which checks no tensor set."""
     def fill(writer):
         for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
-                           "llama.feed_forward_length": 16, "llama.context_length": 64, **keys}.items():
-            (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
-        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+                           "llama.feed_forward_length": 16, "llama.context_length": 64,
+                           "llama.attention.layer_norm_rms_epsilon": 1e-5, **keys}.items():  # a value None: left out
+            if value is not None:
+                {int: writer.add_uint32, float: writer.add_float32, str: writer.add_string}[type(value)](key, value)
         for t_name, t in [("token_embd.weight", torch.zeros(16, 8)), *tensors]:
             writer.add_tensor(t_name, t.numpy())
     return write_gguf(path, fill, big_endian)
@@ -1282,15 +1283,8 @@ def test_a_meta_checkpoints_stored_rope_freqs_is_consumed(small_smol, tmp_path):
 
 
 def test_a_gguf_rope_scaling_type_none_is_no_scaling(tmp_path):
-    def fill(writer):
-        for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
-                           "llama.feed_forward_length": 16, "llama.context_length": 64}.items():
-            writer.add_uint32(key, value)
-        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-        writer.add_string("llama.rope.scaling.type", "none")  # what convert_hf_to_gguf writes for no scaling
-        writer.add_tensor("token_embd.weight", torch.zeros(16, 8).numpy())
-    args = checkpoint_metadata(write_gguf(tmp_path / "n.gguf", fill))[1]
-    assert args.rope_scaling is None
+    path = write_model_gguf(tmp_path / "n.gguf", {"llama.rope.scaling.type": "none"})  # convert_hf_to_gguf's
+    assert checkpoint_metadata(path)[1].rope_scaling is None
 
 
 HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -1298,13 +1292,8 @@ HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_
 
 
 def test_a_gguf_without_its_rms_epsilon_is_incomplete(tmp_path):
-    def fill(writer):
-        for key, value in {"llama.block_count": 1, "llama.embedding_length": 8, "llama.attention.head_count": 2,
-                           "llama.feed_forward_length": 16, "llama.context_length": 64}.items():
-            writer.add_uint32(key, value)
-        writer.add_tensor("token_embd.weight", torch.zeros(16, 8).numpy())
     with pytest.raises(ValueError, match="has no 'llama.attention.layer_norm_rms_epsilon'"):
-        checkpoint_metadata(write_gguf(tmp_path / "e.gguf", fill))
+        checkpoint_metadata(write_model_gguf(tmp_path / "e.gguf", {"llama.attention.layer_norm_rms_epsilon": None}))
 
 
 def test_config_nulls_mean_the_transformers_defaults(tmp_path):
@@ -1314,7 +1303,6 @@ def test_config_nulls_mean_the_transformers_defaults(tmp_path):
 
 
 def test_model_safetensors_wins_over_a_stale_index(small_smol, tmp_path):
-    from tests.test_model import write_hf
     args, sd = small_smol
     write_hf(tmp_path, args, sd)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
@@ -1331,7 +1319,7 @@ def test_params_json_defaults_and_nulls(tmp_path):
     torch.save({"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64)},
                tmp_path / "consolidated.00.pth")
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": None}))
-    args = model_module.read_meta(str(tmp_path))[0]
+    args = read_meta(str(tmp_path))[0]
     assert (args.rope_theta, args.n_kv_heads, args.max_seq_len) == (10000.0, 4, 4096)  # Llama 2's
     for nulls in ({"max_seq_len": None}, {"sliding_window": None}, {"sliding_window": 0}):
         (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, **nulls}))
@@ -1345,10 +1333,9 @@ def test_integer_weights_of_16_bits_or_more_are_refused(small_smol):
 
 
 def test_the_checkpoints_rope_factors_reach_the_model(small_smol):
-    from dataclasses import replace
     args, sd = small_smol
     factors = torch.linspace(1, 4, args.head_dim // 2)
-    assert model_module.from_state_dict(replace(args, n_layers=3), sd, rope_factors=factors).rope_factors is factors
+    assert from_state_dict(replace(args, n_layers=3), sd, rope_factors=factors).rope_factors is factors
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "chat_template.jinja"])
@@ -1357,4 +1344,4 @@ def test_a_dangling_tokenizer_or_template_link_is_an_incomplete_download(tmp_pat
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / name).symlink_to(tmp_path / "blobs" / "abc")
     with pytest.raises(FileNotFoundError, match=f"{name} links to a file that does not exist"):
-        model_module.checkpoint_format(str(tmp_path))
+        checkpoint_format(str(tmp_path))
