@@ -20,6 +20,7 @@ Budgets are fractions f of the cache capacity C = the context length: K = ceil(f
 """
 import argparse
 import contextlib
+from datetime import datetime, timezone
 from functools import partial
 import hashlib
 import json
@@ -330,8 +331,11 @@ def load_results(path):
         raise ValueError(f"{path} has perplexity results but no ppl_context (an older file): add \"ppl_context\": N")
     whole = lambda x: type(x) is int and x >= 0
     counts = ("ppl_context", "retrieval_planned", "perplexity_planned", "noise_context")
-    if not (isinstance(results["command"], str) and all(whole(results[k]) for k in counts if k in results)):
-        raise ValueError(f"{path}: its command (text), ppl_context or planned counts (whole numbers) are damaged")
+    started = results.get("started", [])  # when each of its runs started (files before 2026-12-06: none)
+    if not (isinstance(results["command"], str) and all(whole(results[k]) for k in counts if k in results)
+            and isinstance(started, list) and all(isinstance(t, str) for t in started)):
+        raise ValueError(f"{path}: its command or start times (text), ppl_context or planned counts (whole numbers) "
+                         "are damaged")
     recs, ppl = results.get("retrieval", []), results.get("perplexity", {})  # what report() and merge() read
     fields = {"context", "task", "haystack", "depth", "answer", "correct"}
     if not (isinstance(recs, list) and all(isinstance(r, dict) and fields <= set(r) and isinstance(r["correct"], dict)
@@ -392,6 +396,7 @@ def merge(runs):
         out["budgets"] = sorted(set(out["budgets"]) | set(r["budgets"]))
         check_labels(out["budgets"])
         out["command"] += " ; " + r["command"]
+        out["started"] = out.get("started", []) + r.get("started", [])
         out["seconds"] = {k: out["seconds"].get(k, 0) + r["seconds"].get(k, 0) for k in out["seconds"] | r["seconds"]}
         if r.get("perplexity"):
             a, b = (out.get("perplexity") or r["perplexity"])["dense"], r["perplexity"]["dense"]  # ({}: none)
@@ -627,8 +632,11 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
         refuse_repeats(args.report, "--report")  # its samples and seconds twice
         runs = [load_results(path) for path in args.report]
-        if copy := next((i for i, r in enumerate(runs) if r in runs[:i]), None):  # a file's copy: seconds twice
-            raise ValueError(f"{args.report[copy]} holds the same run as {args.report[runs.index(runs[copy])]}")
+        # a file's copy, a run's partial file beside its final one, a merge beside one of its runs: seconds twice
+        for i, j in ((i, j) for i in range(len(runs)) for j in range(i)):
+            if runs[i] == runs[j] or set(runs[i].get("started", [])) & set(runs[j].get("started", [])):
+                raise ValueError(f"{args.report[i]} holds the same run as {args.report[j]} (a copy, its partial file "
+                                 "or a merge of it): give each run once")
         results = merge(runs)
         return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
@@ -642,6 +650,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"
                          + " (its default is one per default --contexts length)" * default)
     args.samples = args.samples * len(args.contexts) if len(args.samples) == 1 else args.samples
+    if lengths["--contexts"] and max(args.samples) > 1000:  # (and a count like 10**17 built its list for ever)
+        raise ValueError(f"--samples {max(args.samples)}: at most 1000 a context length (sample i of length C draws "
+                         "from seed 1000 * C + i, plus --seed * 2**32, which must stay below the next length's)")
     if lengths["--contexts"] and len(set(args.contexts)) < len(args.contexts):
         raise ValueError(f"--contexts {' '.join(map(str, args.contexts))} repeats a length: give each once")
     if lengths["--ppl-context"] and args.ppl_tokens > args.ppl_context - 2:  # run_teacher_forced's prefill: C - n - 1
@@ -653,10 +664,19 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--contexts"] and not args.minutes > 0:
         raise ValueError(f"--minutes {args.minutes}: retrieval needs --minutes > 0")
     fs = sorted(set(args.budgets) | set(args.quest_budgets if "quest" in args.selectors else []))
-    # a scored step sees C - 1 keys at most (perplexity's last, and the key's last digit; the step past it C)
-    if dense := [(f, C) for f in fs for C in sum(lengths.values(), []) if HataArgs(budget=f).budget_tokens(C) >= C - 1]:
-        raise ValueError(f"budget {frac(dense[0][0])} of a {dense[0][1]}-token context keeps every key a scored step "
-                         f"sees ({dense[0][1] - 1} at most): it would decode densely under a sparse label")
+    # a step whose cache holds at most K keys decodes densely (K >= S in the model, as any top-K would): refused where
+    # every scored step would (the last sees C - 1 keys), noted where the first would (C - n: --ppl-tokens, the key's)
+    first = ([(C, C - args.ppl_tokens) for C in lengths["--ppl-context"]]
+             + [(C, C - N_DIGITS) for C in lengths["--contexts"]])
+    for C, S in first:
+        for f, K in ((f, HataArgs(budget=f).budget_tokens(C)) for f in fs):
+            if K >= C - 1:
+                raise ValueError(f"budget {frac(f)} of a {C}-token context keeps every key a scored step sees "
+                                 f"({C - 1} at most): it would decode densely under a sparse label")
+            if K >= S:
+                print(f"note: budget {frac(f)} of a {C}-token context is {K} tokens, which covers the keys of the "
+                      f"first {plural(K - S + 1, 'scored step')} of each window or sample: they decode densely "
+                      f"(budgets below {frac(S / C)} keep every scored step sparse)", file=sys.stderr)
     refuse_negative(sink=args.sink, n_dense=args.n_dense)
     check_labels(args.budgets + args.quest_budgets)
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default
@@ -704,9 +724,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if weights:  # the projection file's bytes, as merge compares them
         with open(weights, "rb") as f:
             hash_digest = digest([f.read()])
-    results = {"command": "python eval.py " + args.command, "selectors": list(sels),
-               "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights, "checkpoint": checkpoint,
-               "hash_digest": hash_digest,
+    results = {"command": "python eval.py " + args.command, "started": [datetime.now(timezone.utc).isoformat()],
+               "selectors": list(sels), "budgets": sorted({f for _, f, _ in pols if f}), "hash_weights": weights,
+               "checkpoint": checkpoint, "hash_digest": hash_digest,
                "ppl_context": args.ppl_context, "seconds": {}, "model": model.args.describe(), "needle_rule": 2, **hata,
                "rbit": rbit,  # a merge compares it only between runs with a HATA selector
                "noise_context": context,  # the noise haystack's size (before 2026-12-05: the longest --contexts)

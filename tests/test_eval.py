@@ -1,6 +1,7 @@
 """eval.py on tiny sizes: the digit scorer, the prompt builder, the kept-share arithmetic, and the shared
 prefill/decode machinery against dense attention (the same functions the full run uses)."""
 import copy
+from datetime import datetime, timezone
 import hashlib
 import json
 import math
@@ -587,6 +588,10 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                           "budget 999/1000 of a 256-token context keeps every key"),
                                          (["--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "8",
                                            "--budgets", "255/256"], "budget 255/256 of a 256-token context keeps"),
+                                         (["--contexts", "128", "--samples", "1001"],
+                                          "--samples 1001: at most 1000 a context length"),
+                                         (["--contexts", "128", "256", "--samples", "4", "10" + "0" * 17],
+                                          "--samples 1000000000000000000: at most 1000"),  # it built its list for ever
                                          (["--contexts", "40", "--samples", "1"],
                                           "--contexts 40 is too short: retrieval needs --contexts >= 128"),
                                          (["--minutes", "0"], "--minutes 0.0: retrieval needs --minutes > 0"),
@@ -683,6 +688,8 @@ def test_a_run_records_the_argv_it_was_given(gguf_path, smol, tok, monkeypatch, 
     results = json.loads((tmp_path / "argv_results.json").read_text())
     assert results["command"] == "python eval.py " + shlex.join(argv) and "'" in results["command"]
     assert results["rbit"] is None and results["n_dense"] == HataArgs.n_dense  # oracle alone reads no hash codes
+    (started,) = results["started"]  # when, in UTC: a merge knows the run by it
+    assert 0 <= (datetime.now(timezone.utc) - datetime.fromisoformat(started)).total_seconds() < 600
     assert "context lengths" in ev.build_parser().format_help()  # --contexts: the cache, not the prompt (C - 5)
     (tmp_path / "other.txt").write_text(PROSE[::-1] * 10)  # and the weights and text it read: another text is
     argv = [str(tmp_path / "other.txt") if a.endswith("my text.txt") else "other" if a == "argv" else a for a in argv]
@@ -961,6 +968,7 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
                          ("five", {"selectors": 5}),
                          ("seconds", {"seconds": {"retrieval": "x"}}), ("ppl0", zero), ("command", {"command": 5}),
                          ("context", {"ppl_context": "64"}), ("planned", {"retrieval_planned": "8"}),
+                         ("started", {"started": "2026-12-06"}), ("start", {"started": [1]}),
                          ("null", {"retrieval": None}), ("yes", {"retrieval": [{**rec, "correct": {"dense": "yes"}}]}),
                          ("at", {"retrieval": [{**rec, "context": None, "correct": {"dense": True}}]})]:
         (tmp_path / f"{name}_damaged.json").write_text(json.dumps({**base, **damage}))
@@ -973,8 +981,8 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
                         ("five_damaged.json", "five_damaged.json: its budgets"),
                         ("seconds_damaged.json", "seconds_damaged.json: its budgets"),
                         ("ppl0_damaged.json", "ppl0_damaged.json: a retrieval or perplexity record lacks"),
-                        *[(f"{n}_damaged.json", f"{n}_damaged.json: its command (text), ppl_context or planned counts")
-                          for n in ("command", "context", "planned")],
+                        *[(f"{n}_damaged.json", f"{n}_damaged.json: its command or start times (text), ppl_context "
+                           "or planned counts") for n in ("command", "context", "planned", "started", "start")],
                         *[(f"{n}_damaged.json", f"{n}_damaged.json: a retrieval or perplexity record lacks")
                           for n in ("null", "yes", "at")],
                         ("big.json", "big.json is not a JSON file eval.py wrote (Exceeds the limit"),
@@ -1289,6 +1297,18 @@ def test_flags_at_their_limits_pass_the_checks(argv, capsys, tmp_path):
     assert "nonexistent" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, note", [
+    (["--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "8", "--budgets", "1/64", "249/256"],
+     "budget 249/256 of a 256-token context is 249 tokens, which covers the keys of the first 2 scored steps of each "
+     "window or sample: they decode densely (budgets below 31/32 keep every scored step sparse)"),  # 248, 249
+    (["--contexts", "128", "--samples", "1000", "--budgets", "123/128"], "is 123 tokens, which covers the keys of "
+                                                                          "the first 1 scored step of each")])
+def test_a_budget_covering_some_scored_steps_is_noted(argv, note, capsys, tmp_path):
+    assert ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert note in err and "nonexistent" in err and err.count("note: budget") == 1  # 1/64 and 122/128 are not
+
+
 def test_the_prose_must_hold_the_longest_context(gguf_path, tok, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # must not be reached
@@ -1338,6 +1358,25 @@ def test_the_committed_runs_noise_prompts_stay_the_same(tok):
 MERGE_REC = {"context": 1024, "task": "single", "haystack": "noise", "depth": 0.5, "answer": "1", "seed": 0,
              "correct": {"dense": True, "oracle 1/8": True}}
 MERGE_RUN = {"command": "r", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": [MERGE_REC]}
+
+
+def test_one_run_is_merged_once_whichever_files_hold_it(tmp_path, capsys):
+    """A run's partial file beside its final one, or a merge beside one of its runs, would join the samples once but
+    add the run's seconds twice: refused, by the start times a run records (a file's plain copy: by its content)."""
+    run = lambda started, n: {**MERGE_RUN, "started": started, "seconds": {"retrieval": 10},
+                              "retrieval": [{**MERGE_REC, "seed": i} for i in range(n)]}
+    files = {"partial.json": run(["t1"], 1), "final.json": run(["t1"], 2), "other.json": run(["t2"], 2)}
+    for name, results in files.items():
+        (tmp_path / name).write_text(json.dumps(results))
+    path = lambda *names: [str(tmp_path / n) for n in names]
+    assert ev.main(["--report", *path("final.json", "partial.json"), "--out-dir", str(tmp_path)]) == 2
+    assert (f"{tmp_path / 'partial.json'} holds the same run as {tmp_path / 'final.json'} (a copy, its partial file "
+            "or a merge of it): give each run once") in capsys.readouterr().err
+    assert ev.main(["--report", *path("final.json", "other.json"), "--name", "both", "--out-dir", str(tmp_path)]) == 0
+    both = json.loads((tmp_path / "both_results.json").read_text())
+    assert both["started"] == ["t1", "t2"] and both["seconds"] == {"retrieval": 20} and len(both["retrieval"]) == 2
+    assert ev.main(["--report", *path("both_results.json", "partial.json"), "--name", "again", "--out-dir",
+                    str(tmp_path)]) == 2 and "holds the same run as" in capsys.readouterr().err
 
 
 def test_quick_without_a_name_never_writes_the_full_runs_files(tmp_path):
