@@ -546,9 +546,9 @@ def write_png(path, fig):  # a matplotlib figure, whole or not at all (the scrat
 def check_writable(path, flag):
     """For the file `path` (a folder: ending in a separator), create a scratch file in its folder, or where that does
     not exist yet, in the nearest folder above it that does (write_whole makes the rest when it saves), and check that
-    its name fits the file system's names: a folder that takes no new file, or a name too long, fails before the work,
-    not after it, and a run that fails leaves no empty folder behind. (os.access says yes to root where no file can be
-    made, as in /proc.) A disk that fills up later still fails at the save."""
+    its name fits the file system's names: a folder that takes no new file, a name too long or a read-only file fails
+    before the work, not after it, and a run that fails leaves no empty folder behind. (os.access says yes to root
+    where no file can be made, as in /proc.) A disk that fills up later still fails at the save."""
     folder, name = os.path.split(path)
     folder = os.path.abspath(folder or ".")
     there = folder
@@ -561,6 +561,8 @@ def check_writable(path, flag):
             raise OSError(f"a name of {len(os.fsencode(name))} bytes, {name[:20]}…, where it takes {most}")
     except OSError as e:
         raise OSError(f"{flag}: cannot write in {folder} ({e.strerror or e})") from None
+    if os.path.isfile(path) and not os.access(path, os.W_OK):  # open() would refuse it (root's: not), as write_whole
+        raise OSError(f"{flag}: {path} is read-only")
 
 
 def main(argv=None):

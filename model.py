@@ -621,8 +621,9 @@ def save_hash_projections(path, projs, args: ModelArgs, hata: HataArgs, signatur
 def write_whole(path, write):
     """write(a new file) beside path, then rename it over path: a crash, Ctrl-C or full disk midway leaves the old
     file as it was, not a cut one. A failed write is an OSError naming path (safetensors raises its own type). As
-    open() would: a link's target is written (not the link replaced by a file), a file replaced keeps its mode, a new
-    one gets the umask's (safetensors' own temporary file is private: 0600). Makes path's folder."""
+    open() would: a link's target is written (not the link replaced by a file), a read-only file is refused, a file
+    replaced keeps its mode, a new one gets the umask's (safetensors' own temporary file is private: 0600). Makes
+    path's folder."""
     from safetensors import SafetensorError
     folder, name = os.path.split(real := os.path.realpath(path))
     tmp, umask = os.path.join(folder, f".{name[:50]}.{os.getpid()}.tmp"), os.umask(0)  # (50 characters: 200 bytes)
@@ -630,6 +631,8 @@ def write_whole(path, write):
     try:
         os.makedirs(folder, exist_ok=True)
         old = os.stat(real).st_mode & 0o7777 if os.path.exists(real) else None
+        if old is not None and not os.access(real, os.W_OK):  # read-only: open() would refuse it (root's: not)
+            raise PermissionError("the file is read-only")
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask if old is None else old)
         os.replace(tmp, real)

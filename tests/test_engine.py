@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import threading
@@ -2231,6 +2232,20 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     assert code == 2 and "--prompt-cache: cannot write in /dev/null" in err and "loaded" not in err, err
     code, _, err = run_cli(capsys, "--prompt", "a", "--prompt-cache", str(tmp_path / ("p" * 300)))  # (after the run)
     assert code == 2 and "cannot write in" in err and "a name of 300 bytes" in err and "loaded" not in err, err
+
+
+def test_a_read_only_file_is_refused_before_the_work(tmp_path, monkeypatch):
+    """A file that open() would not write (0444, for a user other than root) fails check_writable, as write_whole
+    would fail at the save; a writable one, and a new name, pass."""
+    (ro := tmp_path / "ro.json").write_text("kept")
+    (rw := tmp_path / "rw.json").write_text("old")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (str(p) == str(ro) and mode == os.W_OK))
+    with pytest.raises(OSError, match=f"^--out: {re.escape(str(ro))} is read-only$"):
+        engine.check_writable(str(ro), "--out")
+    engine.check_writable(str(rw), "--out")
+    engine.check_writable(str(tmp_path / "new.json"), "--out")
+    assert ro.read_text() == "kept"
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed

@@ -636,6 +636,17 @@ def test_write_whole_writes_as_open_would(tmp_path):
         tmp_path / "real") == ["p.json"]
 
 
+def test_write_whole_refuses_a_read_only_file_as_open_would(tmp_path, monkeypatch):
+    """A file open() would not write (0444, for a user other than root: os.access says so) is kept and named; before,
+    the rename replaced it."""
+    (path := tmp_path / "ro.json").write_text("kept")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (p == str(path) and mode == os.W_OK))
+    with pytest.raises(OSError, match=f"^cannot write {re.escape(str(path))}: the file is read-only$"):
+        model_module.write_whole(str(path), lambda tmp: open(tmp, "w").write("new"))
+    assert path.read_text() == "kept" and os.listdir(tmp_path) == ["ro.json"]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_pipe_or_device_is_refused_not_read(tmp_path):
     """A named pipe given as the checkpoint or the tokenizer hung the first read until something wrote to it; a
