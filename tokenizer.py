@@ -29,6 +29,7 @@ import os
 import re
 import sys
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 import tiktoken
 
 # --- byte-level BPE: vocabulary strings -> bytes, and the pre-split regexes --------------------------------
@@ -279,12 +280,17 @@ def _template_first(post) -> str | None:
 
 
 def _default_system(template: str | None) -> str | None:
-    """The literal system prompt a ChatML Jinja template inserts when the chat has none (SmolLM2 has one), with the
-    string's escapes \\n, \\t, \\r, \\\\ and quotes undone as Jinja renders them (another, such as \\q, stays as
-    written). Where the string opens at <|im_start|>, the other quote may stand in it ("You're a helpful ...")."""
-    m = re.search(r"""(['"]?)<\|im_start\|>system(?:\n|\\n)((?:\\.|[^'"{}\\]|(?!\1)['"])*?)<\|im_end\|>""",
-                  template or "")
-    return re.sub(r"\\([ntr\\'\"])", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e[1], e[1]), m[2]) if m else None
+    """The system prompt a ChatML Jinja template writes when the chat has none (SmolLM2's), from the template rendered
+    as transformers does (sandboxed) for one user message; None where it writes none or does not render here."""
+    if "<|im_start|>system" not in (template or ""):
+        return None
+    try:
+        text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+            messages=[{"role": "user", "content": "\0"}], add_generation_prompt=False, bos_token="", eos_token="")
+    except Exception:  # (jinja2's errors, and a template's own: raise_exception and strftime_now are undefined here)
+        return None
+    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text.partition("\0")[0], flags=re.S)
+    return m[1] if m else None
 
 
 def _dated_opening(template: str | None) -> str | None:

@@ -249,6 +249,7 @@ def test_a_sentencepiece_models_own_end_pieces_and_its_configs_eos_stop_generati
 
 # --- Hugging Face tokenizer.json (byte-level BPE) ----------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:invalid escape sequence")  # the template's \q, which Jinja keeps as written
 def test_hf_tokenizer_json(tmp_path):
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
@@ -528,13 +529,23 @@ def test_config_and_gguf_errors(tmp_path, llama3):
 
 
 def test_the_default_system_prompt_and_the_template_file(tmp_path):
-    """ChatML's default system prompt may hold the other quote, or its own escaped (before: an apostrophe dropped the
-    system turn); chat_template.jinja wins over the config's template, as in transformers (before: the config's)."""
-    for literal, want in (("\"<|im_start|>system\\nYou're nice.<|im_end|>\\n\"", "You're nice."),
-                          ("'<|im_start|>system\\nYou\\'re \"nice\".<|im_end|>\\n'", 'You\'re "nice".'),
-                          ("'<|im_start|>system\\nYou're<|im_end|>'", None),  # not a Jinja string: not read
-                          ("'x' + '<|im_start|>system\\n' + m + '<|im_end|>'", None)):
-        assert _default_system("{{ " + literal + " }}") == want, literal
+    """ChatML's default system prompt is what the template renders for a chat without one: a string holding the other
+    quote or its own escaped (before: an apostrophe dropped the system turn), one kept in a variable, written as the
+    template's text, or with a \\u escape (before: none of these three read, or the escape left as written); a
+    template that does not render (a syntax error, its own raise_exception), or writes only the chat's own system
+    message, has none. chat_template.jinja wins over the config's template, as in transformers (before: the config's)."""
+    user = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    for template, want in (("{{ \"<|im_start|>system\\nYou're nice.<|im_end|>\\n\" }}", "You're nice."),
+                           ("{{ '<|im_start|>system\\nYou\\'re \"nice\".<|im_end|>\\n' }}", 'You\'re "nice".'),
+                           ("{{ '<|im_start|>system\\nYou're<|im_end|>' }}", None),  # not a Jinja string
+                           ("{% set d = 'Be nice.' %}{{ '<|im_start|>system\\n' + d + '<|im_end|>\\n' }}" + user,
+                            "Be nice."),
+                           ("<|im_start|>system\nYou're nice.<|im_end|>\n" + user, "You're nice."),
+                           ("{{ '<|im_start|>system\\ncaf\\u00e9<|im_end|>' }}", "caf\u00e9"),
+                           ("{{ raise_exception('no') }}<|im_start|>system\nX<|im_end|>", None),
+                           ("{% for m in messages %}{% if m.role == 'system' %}<|im_start|>system\n{{ m.content }}"
+                            "<|im_end|>{% endif %}{% endfor %}", None)):
+        assert _default_system(template) == want, template
     _write_byte_json(tmp_path, ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     chatml = "{% for m in messages %}<|im_start|>...{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
