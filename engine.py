@@ -1187,12 +1187,15 @@ def load_prompt_cache(path, model):
         tokens = f.get_tensor("tokens")
         if tokens.dtype != torch.int64:
             raise ValueError(f"--prompt-cache {path} is corrupt: its tokens are {tokens.dtype}; {KEPT}")
-        n = min(len(tokens), model.max_seq_len)
+        n, finite = min(len(tokens), model.max_seq_len), True
         for i, layer in enumerate(model.layers):
             for kv in "kv":
                 if (t := f.get_slice(f"layers.{i}.{kv}")[:, :n]).dtype != dtype:
                     raise ValueError(f"--prompt-cache {path} is corrupt: its K/V are {t.dtype}, not {dtype}; {KEPT}")
-                getattr(layer.attention.kv_cache, kv)[0, :, :n] = t
+                (cache := getattr(layer.attention.kv_cache, kv)[0, :, :n]).copy_(t)
+                finite = cache.isfinite().all() & finite  # (on the device: read once, below)
+    if not finite:  # (else the prompt's logits came out NaN, blamed on the weights)
+        raise ValueError(f"--prompt-cache {path} is corrupt: its K/V hold NaN or inf; {KEPT}")
     model.set_hata(model.hata)  # the sparse layers' hash codes, of the loaded keys
     print(f"prompt cache: the K/V of {plural(n)} read from {path}", file=sys.stderr)
     return tokens[:n].tolist()

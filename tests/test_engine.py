@@ -2168,6 +2168,10 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
         save_file({**load_file(good), **change}, tmp_path / "bad", meta)
         with pytest.raises(ValueError, match="is corrupt"):
             engine.load_prompt_cache(str(tmp_path / "bad"), model)
+    (nan := load_file(good)["layers.2.v"])[0, 1, 0] = float("nan")  # (before: the prompt's logits NaN, "its weights")
+    save_file({**load_file(good), "layers.2.v": nan}, tmp_path / "nan", meta)
+    with pytest.raises(ValueError, match="is corrupt: its K/V hold NaN or inf; .*this one is kept"):
+        engine.load_prompt_cache(str(tmp_path / "nan"), model)
     empty = {name: x[:, :0] if x.dim() == 3 else x[:0] for name, x in load_file(good).items()}
     save_file(empty, tmp_path / "empty", meta)
     with pytest.raises(ValueError, match="is corrupt"):
