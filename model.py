@@ -460,11 +460,15 @@ class Transformer(nn.Module):
             raise ValueError(f"setup_caches({max_batch_size}, {max_seq_len}): a batch of at least 1 and a length in "
                              f"[1, {args.max_seq_len}], the model's context length")
         device, dtype = self.output.weight.device, self.output.weight.dtype
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # none of the old caches stays, and no new one serves until every layer has its own: a call refused midway
+        # (offload's size check, memory) leaves a model that asks for setup_caches, not a mix of old and new caches
+        self.max_batch_size = self.max_seq_len = 0
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old caches before allocating new ones
+        for layer in self.layers:
             layer.attention.kv_cache = layer.attention.kv_cache_cls(max_batch_size, args.n_kv_heads, max_seq_len,
                                                                     args.head_dim, dtype, device)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         inv_freq = rope_frequencies(args, self.rope_factors)  # (D/2,)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S_max, D/2)
         self.rope_cos, self.rope_sin = angles.cos().to(device), angles.sin().to(device)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from engine import generate, random_model
 import hata_kernels as hk
 import model as model_module
-from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, ModelArgs, RMSNorm, Transformer, causal_attention,
+from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
                    rope_frequencies)
 from tests.helpers import write_gguf
@@ -42,6 +42,32 @@ def test_capital_of_france(smol):
     with torch.inference_mode():
         new, _ = generate(smol, [[504, 3575, 282, 4649, 314]], max_new_tokens=2)  # "The capital of France is"
     assert new[0][0] == 7042  # " Paris"
+
+
+def test_a_refused_setup_caches_leaves_no_mix_of_caches():
+    """A cache class that refuses midway (offload's plan for a smaller batch, memory) leaves a model without caches,
+    which asks for setup_caches; before, it said it held the new batch over layers of old, new and no caches."""
+    model = Transformer(PRESETS["tiny"])
+    model.setup_caches(1, 16)
+    made = []
+
+    def refused(*a):  # the third layer's cache is refused
+        if len(made) == 2:
+            raise ValueError("the offload plan allowed fewer bytes")
+        made.append(KVCache(*a))
+        return made[-1]
+    for layer in model.layers:
+        layer.attention.kv_cache_cls = refused
+    with pytest.raises(ValueError, match="the offload plan allowed fewer bytes"):
+        model.setup_caches(2, 16)
+    assert (model.max_batch_size, model.max_seq_len) == (0, 0)
+    assert all(layer.attention.kv_cache in (None, *made) for layer in model.layers)
+    with pytest.raises(RuntimeError, match=re.escape("call setup_caches(max_batch_size, max_seq_len) before forward")):
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([3]))
+    for layer in model.layers:
+        layer.attention.kv_cache_cls = KVCache
+    model.setup_caches(2, 16)  # and it can be set up again
+    assert model(torch.zeros(2, 2, dtype=torch.long)).shape[0] == 2
 
 
 def test_caches_hold_at_most_the_models_context():
