@@ -25,7 +25,6 @@ import math
 import os
 import re
 import stat
-import struct
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from tqdm import tqdm
 
 from hata_kernels import triton_head_dim
 from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model, check_rbit,
-                   checkpoint_format, checkpoint_metadata, from_checkpoint, read_hash_file, write_whole)
+                   checkpoint_format, checkpoint_metadata, from_checkpoint, read_hash_file, write_safetensors,
+                   write_whole)
 from offload import copy_bytes, host_available, offload_from_args, plan_offload
 from tokenizer import Tokenizer
 
@@ -1215,31 +1215,6 @@ def save_prompt_cache(path, model, ids, held):
     meta = {"format": PROMPT_CACHE, "model": repr(model.args), "dtype": str(dtype), "weights": weights_digest(model)}
     write_whole(path, lambda tmp: write_safetensors(tmp, tensors, meta))
     print(f"prompt cache: the prompt's {plural(n)} written to {path}", file=sys.stderr)
-
-
-SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def write_safetensors(path, tensors, meta):
-    """A safetensors file written a tensor at a time: {name: (dtype, shape, a function giving the tensor)} and the
-    metadata {str: str}. safetensors' save_file takes every tensor at once and copies each to bytes, twice the K/V in
-    host memory (32 GiB for Llama-3.1-8B's 128K prompt in bf16). The layout is the format's: the header's length (8
-    bytes, little-endian), the JSON header, padded with spaces to 8 bytes, then each tensor's bytes in its order."""
-    header, at = {"__metadata__": meta}, 0
-    for name, (dtype, shape, _) in tensors.items():
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
-        at += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for name, (dtype, shape, make) in tensors.items():
-            if (t := make().cpu().contiguous()).dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"write_safetensors: {name} is {t.dtype} {tuple(t.shape)}, its header says {dtype} "
-                                 f"{tuple(shape)}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            del t  # before the next is made: one copy at a time
 
 
 class Streamer:

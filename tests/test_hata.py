@@ -310,6 +310,10 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
     save_hash_projections(path, projs, args, hata)
     back = load_hash_projections(path, args, hata)
     assert all(torch.equal(back[i], projs[i]) for i in projs)
+    signature = {i: torch.arange(16.0) for i in projs}  # four metadata keys
+    for again in ("a", "b", "c", "d"):  # the same projections, the same bytes (before: the metadata's order varied)
+        save_hash_projections(str(tmp_path / again), projs, args, hata, signature)
+    assert len({(tmp_path / again).read_bytes() for again in "abcd"}) == 1
 
     model = Transformer(args, HataArgs(rbit=64, budget=4, n_dense=1, hash_weights=path))  # K below the cache's 8
     model.setup_caches(1, 8)
