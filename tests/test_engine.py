@@ -2307,3 +2307,79 @@ def test_a_prompt_cache_is_kept_only_for_a_whole_prompt_and_plans_a_continued_pr
     assert plans == [(1, 64, 64, True)]
     code, _, err = run_cli(capsys, "--prompt", "Hi there", "--prompt-cache", str(tmp_path / "c"))
     assert code == 130 and plans[-1][-1] is True, err
+
+
+# From a mutation run of engine.py's generation and chat (2026-12-06)
+
+def test_generate_names_the_cached_positions_when_too_few_tokens_follow_them():
+    """A prompt of only start + 1 tokens is refused in generate's own words (2 past the cached ones), not prefill's."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    with pytest.raises(ValueError, match=r"at least one token past the 2 the caches hold \(2, for a dense prefill\)"):
+        engine.generate(model, [[5, 6, 7]], 2, start=2)
+
+
+def test_stop_when_is_handed_token_id_0(monkeypatch):
+    """stop_when sees every new token, 0 included (only -1 marks a finished row's steps): here it ends at the 2nd."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 8)
+    monkeypatch.setattr(engine, "sample", lambda logits, *a: torch.zeros(len(logits), dtype=torch.long))
+    seen = []
+    new, timing = engine.generate(model, [[1, 2, 3]], 4, stop_when=lambda ids: seen.append(list(ids)) or len(ids) == 2)
+    assert new == [[0, 0]] and seen == [[0], [0, 0]] and timing["cut"] == 0
+
+
+def test_selecting_steps_count_the_positions_cached_before_start():
+    """After 4 cached positions and 2 prompt tokens, step s attends to 7 + s keys: with K = 8, 2 of 4 steps select."""
+    model = engine.random_model("tiny", HataArgs(budget=8, n_dense=1), "cpu", torch.float32)
+    model.setup_caches(1, 32)
+    prompt = [3, 4, 5, 6, 7, 8]
+    engine.generate(model, [prompt], 1)  # the caches hold the prompt
+    _, timing = engine.generate(model, [prompt], 5, start=4)
+    assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (4, 8, 2)
+
+
+def test_min_p_1_and_top_p_1_are_in_their_ranges(capsys):
+    """--min-p 1 (only tokens as likely as the likeliest) and --top-p 1 pass the checks: the run goes on."""
+    for flag, value in (("--min-p", "1"), ("--top-p", "1"), ("--min-p", "0")):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", "/nonexistent.gguf", "--temperature", "1",
+                               flag, value)
+        assert code == 2 and "checkpoint not found" in error_line(err), err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
+def test_a_stop_string_spelled_in_byte_tokens_is_found():
+    """StopStrings looks back over enough tokens for byte pieces (3 for a €): '€€' in 6 byte tokens is found."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_path(engine.default_checkpoint())
+    euro = [tok.enc.encode_single_token(bytes([b])) for b in "€".encode()]
+    ids = tok.encode("Price:", bos=False) + euro * 2
+    assert tok.decode(ids) == "Price:€€" and engine.StopStrings(tok, ["€€"])(ids)
+    assert not engine.StopStrings(tok, ["€€"])(ids[:-1])
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_keep_first_without_a_system_message_keeps_the_first_reply(capsys, monkeypatch):
+    """--keep-first with no --system (the template's own): the first message and its own reply stay, whole later
+    exchanges go (stub replies R1, R2, ...: R1 is still sent after a forgetting, R2 not)."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_path(engine.default_checkpoint())
+    calls, _, _ = stub_replies(monkeypatch, lambda n, on_token: tok.encode(f"R{n}", bos=False))
+    stdin_of(monkeypatch, "A\nB\nC\nD\nE\n")
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "Doc", "--max-new-tokens", "8", "--max-seq-len", "80",
+                           "--keep-first")
+    last = tok.decode(calls[-1][0])
+    assert code == 0 and "forgets" in err and "Doc" in last and "R1" in last and "R2" not in last, (last, err)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
+def test_the_streamer_shows_the_text_before_a_stop_that_ends_in_the_start_of_another(capsys):
+    """A stop ("\\n") found in the step after text that may begin another ("Q:"): the text before it is shown whole."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_path(engine.default_checkpoint())
+    stops = engine.StopStrings(tok, ["Q:", "\n"])
+    streamer, ids = engine.Streamer(tok, stops), tok.encode("Paris. Q\nmore", bos=False)  # ' Q' held, then '\n'
+    for t in ids:
+        streamer(torch.tensor([t]))
+    streamer.finish()
+    assert capsys.readouterr().out == "Paris. Q\n" and engine.reply_text(tok, ids, stops) == "Paris. Q"
