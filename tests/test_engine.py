@@ -2290,6 +2290,7 @@ def test_an_answer_the_terminals_encoding_cannot_show_prints_with_question_marks
     assert out.getvalue() == "?? caf\u00e9\n".encode("latin-1")
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed (it failed there)
 def test_a_prompt_cache_is_kept_only_for_a_whole_prompt_and_plans_a_continued_prefill(capsys, monkeypatch, tmp_path):
     """A chat's first turn stopped by Ctrl-C in its prefill (a plain KeyboardInterrupt, not Interrupted) writes no
     file: its K/V may be half made. The memory and offload plans of a run with --prompt-cache count a continued
