@@ -29,6 +29,7 @@ import os
 import re
 import sys
 
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 import tiktoken
 
@@ -279,14 +280,32 @@ def _template_first(post) -> str | None:
     return None
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's sandbox as transformers renders chat templates (loop controls too), where a repeat or a power whose
+    result would pass 10^6 items or bits is refused: a template read at load must not fill the memory with one
+    operation (a loop that does not end is stopped by Ctrl-C)."""
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":  # 'ab' * 3, [x] * 3: items
+            size = max((len(a) * b for a, b in ((left, right), (right, left))
+                        if isinstance(a, (str, list, tuple)) and isinstance(b, int)), default=0)
+        else:  # 3 ** 4: bits
+            size = left.bit_length() * right if isinstance(left, int) and isinstance(right, int) else 0
+        if size > 10 ** 6:
+            raise SecurityError(f"a {operator} of more than 10^6 items or bits")
+        return super().call_binop(context, operator, left, right)
+
+
 def _default_system(template: str | None) -> str | None:
     """The system prompt a ChatML Jinja template writes when the chat has none (SmolLM2's), from the template rendered
     as transformers does (sandboxed) for one user message; None where it writes none or does not render here."""
     if "<|im_start|>system" not in (template or ""):
         return None
     try:
-        text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
-            messages=[{"role": "user", "content": "\0"}], add_generation_prompt=False, bos_token="", eos_token="")
+        text = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]).from_string(
+            template).render(messages=[{"role": "user", "content": "\0"}], add_generation_prompt=False,
+                             bos_token="", eos_token="")
     except Exception:  # (jinja2's errors, and a template's own: raise_exception and strftime_now are undefined here)
         return None
     m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text.partition("\0")[0], flags=re.S)

@@ -532,8 +532,9 @@ def test_the_default_system_prompt_and_the_template_file(tmp_path):
     """ChatML's default system prompt is what the template renders for a chat without one: a string holding the other
     quote or its own escaped (before: an apostrophe dropped the system turn), one kept in a variable, written as the
     template's text, or with a \\u escape (before: none of these three read, or the escape left as written); a
-    template that does not render (a syntax error, its own raise_exception), or writes only the chat's own system
-    message, has none. chat_template.jinja wins over the config's template, as in transformers (before: the config's)."""
+    template that does not render (a syntax error, its own raise_exception, a repeat or power past 10^6 items or
+    bits), or writes only the chat's own system message, has none; loop controls render, as in transformers.
+    chat_template.jinja wins over the config's template, as in transformers (before: the config's)."""
     user = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     for template, want in (("{{ \"<|im_start|>system\\nYou're nice.<|im_end|>\\n\" }}", "You're nice."),
                            ("{{ '<|im_start|>system\\nYou\\'re \"nice\".<|im_end|>\\n' }}", 'You\'re "nice".'),
@@ -543,6 +544,10 @@ def test_the_default_system_prompt_and_the_template_file(tmp_path):
                            ("<|im_start|>system\nYou're nice.<|im_end|>\n" + user, "You're nice."),
                            ("{{ '<|im_start|>system\\ncaf\\u00e9<|im_end|>' }}", "caf\u00e9"),
                            ("{{ raise_exception('no') }}<|im_start|>system\nX<|im_end|>", None),
+                           ("{{ '<|im_start|>system\\n' + 'ab' * 2 + '<|im_end|>' }}", "abab"),
+                           ("{{ 'a' * 10 ** 9 }}<|im_start|>system\nX<|im_end|>", None),  # refused, not a GB made
+                           ("{{ (2 ** 2000000) % 7 }}<|im_start|>system\nX<|im_end|>", None),
+                           ("{% for m in messages %}{% break %}{% endfor %}<|im_start|>system\nGo.<|im_end|>", "Go."),
                            ("{% for m in messages %}{% if m.role == 'system' %}<|im_start|>system\n{{ m.content }}"
                             "<|im_end|>{% endif %}{% endfor %}", None)):
         assert _default_system(template) == want, template
