@@ -621,12 +621,13 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                      "no HATA selector: oracle and Quest read no hash codes")])
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # a run's results until it ends
-    check_writable(so_far, "--out-dir / --name")  # now, not after the first batch
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
+    report = [os.path.join(args.out_dir, f"{name}_{end}") for end in ("results.md", "scores.png")]
+    for path in [so_far] * fresh + [json_path] * (not own) + report:  # now, not after the work
+        check_writable(path, "--out-dir / --name")
     scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
     refuse_to_replace([json_path] + [so_far] * fresh, own or scratch or args.overwrite, "--name / --out-dir")
-    refuse_to_replace([os.path.join(args.out_dir, f"{name}_{end}") for end in ("results.md", "scores.png")], True,
-                      "--name / --out-dir")  # replaced with the results, but not where a folder stands
+    refuse_to_replace(report, True, "--name / --out-dir")  # replaced with the results, but not where a folder stands
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
@@ -674,9 +675,10 @@ def run(args):  # args from parse_args, which applies --quick's sizes
                 raise ValueError(f"budget {frac(f)} of a {C}-token context keeps every key a scored step sees "
                                  f"({C - 1} at most): it would decode densely under a sparse label")
             if K >= S:
+                steps = "first scored step" if K == S else f"first {K - S + 1} scored steps"
                 print(f"note: budget {frac(f)} of a {C}-token context is {K} tokens, which covers the keys of the "
-                      f"first {plural(K - S + 1, 'scored step')} of each window or sample: they decode densely "
-                      f"(budgets below {frac(S / C)} keep every scored step sparse)", file=sys.stderr)
+                      f"{steps} of each window or sample: decoded densely (budgets of at most {frac((S - 1) / C)}, "
+                      f"{S - 1} tokens, keep every scored step sparse)", file=sys.stderr)
     refuse_negative(sink=args.sink, n_dense=args.n_dense)
     check_labels(args.budgets + args.quest_budgets)
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default

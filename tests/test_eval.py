@@ -1300,9 +1300,10 @@ def test_flags_at_their_limits_pass_the_checks(argv, capsys, tmp_path):
 @pytest.mark.parametrize("argv, note", [
     (["--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "8", "--budgets", "1/64", "249/256"],
      "budget 249/256 of a 256-token context is 249 tokens, which covers the keys of the first 2 scored steps of each "
-     "window or sample: they decode densely (budgets below 31/32 keep every scored step sparse)"),  # 248, 249
-    (["--contexts", "128", "--samples", "1000", "--budgets", "123/128"], "is 123 tokens, which covers the keys of "
-                                                                          "the first 1 scored step of each")])
+     "window or sample: decoded densely (budgets of at most 247/256, 247 tokens, keep every scored step sparse)"),
+    (["--contexts", "128", "--samples", "1000", "--budgets", "0.96"],  # ceil(122.88): 123 tokens, though 0.96 < 123/128
+     "budget 24/25 of a 128-token context is 123 tokens, which covers the keys of the first scored step of each window "
+     "or sample: decoded densely (budgets of at most 61/64, 122 tokens,")])
 def test_a_budget_covering_some_scored_steps_is_noted(argv, note, capsys, tmp_path):
     assert ev.main(argv + ["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -1377,6 +1378,24 @@ def test_one_run_is_merged_once_whichever_files_hold_it(tmp_path, capsys):
     assert both["started"] == ["t1", "t2"] and both["seconds"] == {"retrieval": 20} and len(both["retrieval"]) == 2
     assert ev.main(["--report", *path("both_results.json", "partial.json"), "--name", "again", "--out-dir",
                     str(tmp_path)]) == 2 and "holds the same run as" in capsys.readouterr().err
+
+
+def test_read_only_outputs_fail_before_the_run_and_a_read_only_input_is_read(tmp_path, monkeypatch, capsys):
+    """A read-only results file that a run would replace fails before the work (before: after it, the partial file
+    left); the partial file of a stopped run, read-only, is read by --report, which writes no partial file."""
+    (results := tmp_path / "eval_results.json").write_text("kept")
+    (partial := tmp_path / "eval_results.partial.json").write_text(json.dumps(MERGE_RUN))
+    access = os.access
+    read_only = lambda p: os.path.realpath(p) in (os.path.realpath(results), os.path.realpath(partial))
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (mode == os.W_OK and read_only(p)))
+    os.remove(partial)  # (a fresh run refuses to replace it)
+    assert ev.main(["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir / --name: {results} is read-only" in err and "nonexistent" not in err, err
+    partial.write_text(json.dumps(MERGE_RUN))
+    results.unlink()  # (else the report's own results file, read-only, is refused)
+    assert ev.main(["--report", str(partial), "--out-dir", str(tmp_path)]) == 0  # before: "... is read-only"
+    assert json.loads(results.read_text())["retrieval"] == MERGE_RUN["retrieval"] and partial.exists()
 
 
 def test_quick_without_a_name_never_writes_the_full_runs_files(tmp_path):
