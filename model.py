@@ -464,8 +464,8 @@ class Transformer(nn.Module):
         # none of the old caches stays, and no new one serves until every layer has its own: a call refused midway
         # (offload's size check, memory) leaves a model that asks for setup_caches, not a mix of old and new caches
         self.max_batch_size = self.max_seq_len = 0
-        for layer in self.layers:
-            layer.attention.kv_cache = None  # free the old caches before allocating new ones
+        for layer in self.layers:  # free the old caches before allocating new ones (set_hata makes the hash caches)
+            layer.attention.kv_cache = layer.attention.hash_cache = None
         for layer in self.layers:
             layer.attention.kv_cache = layer.attention.kv_cache_cls(max_batch_size, args.n_kv_heads, max_seq_len,
                                                                     args.head_dim, dtype, device)
