@@ -478,7 +478,7 @@ class Tokenizer:
         # vocabulary). Those that end a turn stop generation, and --parse-special finds them all in text.
         specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
         specials |= {t.get("content"): int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items()
-                     if isinstance(t, dict) and str(i).isdigit()}
+                     if isinstance(t, dict) and str(i).isdecimal()}
         # end pieces that are no control piece (Yi's <|im_end|> at 7), and the config's EOS (transformers' eos_token)
         ends = [t for t in (*END_TOKENS, cfg.get("eos_token")) if t is not None]
         stops += [i for i in map(sp.piece_to_id, ends) if i != sp.unk_id()]

@@ -1141,3 +1141,65 @@ def test_a_post_processor_that_appends_the_bos_token_adds_no_bos(tmp_path):
     tok = Tokenizer.from_path(tmp_path)
     assert (tok.bos_id, tok.add_bos, tok.encode("hi"), tok.encode("hi", eos=True)) == (256, False, [104, 105],
                                                                                       [104, 105, 256])
+
+
+# From a mutation run of tokenizer.py (2026-12-06)
+
+def test_generation_config_eos_id_zero_is_an_id_and_true_is_not(tmp_path):
+    """generation_config.json's eos_token_id 0 is a token id (GPT-2-style <|endoftext|>); a JSON true is no id."""
+    _write_byte_json(tmp_path, ["<|im_end|>"])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 256]}))
+    assert Tokenizer.from_path(tmp_path).eos_ids == {0, 256}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": True}))
+    with pytest.raises(ValueError, match="eos_token_id must be a token id or a list of them, got \\[True\\]"):
+        Tokenizer.from_path(tmp_path)
+
+
+def test_a_system_turn_written_after_the_messages_is_no_default_system_prompt():
+    """Only a system turn the template writes before the chat's first message is its default system prompt."""
+    late = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" \
+           "<|im_start|>system\nLate<|im_end|>\n"
+    assert _default_system(late) is None
+
+
+def test_a_tiktoken_file_with_crlf_line_ends_loads(tmp_path, llama3):
+    """Meta's tiktoken file saved with Windows line ends ("base64 rank\\r\\n") is still read as tiktoken."""
+    lines = package_file("llama_models", "llama3", "tokenizer.model")
+    (tmp_path / "crlf.model").write_bytes(open(lines, "rb").read().replace(b"\n", b"\r\n"))
+    assert Tokenizer.from_path(tmp_path / "crlf.model").encode("hi there") == llama3.encode("hi there")
+
+
+def test_a_tiktoken_file_with_a_repeated_rank_or_a_bad_base64_line_is_refused(tmp_path):
+    """A tiktoken line whose rank repeats another's (the count still 128,000), or whose token is not clean base64
+    (a stray character that a lenient decoder would skip), is a corrupt file."""
+    whole = open(package_file("llama_models", "llama3", "tokenizer.model"), "rb").read().splitlines(keepends=True)
+    tok, _ = whole[-1].split()
+    for name, kept, words in (("dup", whole[:-1] + [tok + b" 5\n"], "not Meta's Llama 3 tokens 0..127999 each once"),
+                              ("b64", whole[:1] + [b"I*g== 1\n"] + whole[2:], "line 2 is not 'base64 rank'")):
+        (tmp_path / f"{name}.model").write_bytes(b"".join(kept))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            Tokenizer.from_path(tmp_path / f"{name}.model")
+
+
+def test_a_sentencepiece_bos_at_id_0_is_added(sp_model, tmp_path):
+    """A sentencepiece model whose BOS is id 0 (unk elsewhere) has a BOS: id 0 is a token; only -1 means none."""
+    spm = pytest.importorskip("sentencepiece")
+    spm.SentencePieceTrainer.train(input=str(sp_model / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=300, model_type="bpe", byte_fallback=True, bos_id=0, eos_id=2, unk_id=1)
+    tok = Tokenizer.from_path(tmp_path)
+    assert (tok.bos_id, tok.add_bos) == (0, True) and tok.encode("the fox")[0] == 0
+
+
+def test_an_empty_chatml_chat_is_only_the_generation_prompt(smol):
+    """ChatML with no messages writes no default system turn (SmolLM2's template writes it with the first message)."""
+    assert smol.encode_chat([]) == [1, *smol.encode("assistant\n")]
+
+
+def test_added_tokens_decoder_keys_that_are_no_ids_are_skipped(sp_model, tmp_path):
+    """tokenizer_config.json's added_tokens_decoder entries whose key is not a number are skipped, not a crash."""
+    (tmp_path / "tokenizer.model").write_bytes((sp_model / "tokenizer.model").read_bytes())
+    # (\u00b2, superscript 2, is a digit to isdigit() but not to int(): before, a bare ValueError naming no file)
+    added = {"x": {"content": "<y>"}, "\u00b2": {"content": "<y>"}, "300": {"content": "<|im_end|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    tok = Tokenizer.from_path(tmp_path)
+    assert "<y>" not in tok.specials and tok.specials["<|im_end|>"] == 300 and 300 in tok.eos_ids
