@@ -35,7 +35,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from hata_kernels import _INTERPRET, _check, sparse_decode_attention
+from hata_kernels import _INTERPRET, _check, _check_triton_head_dim, sparse_decode_attention
 from model import KVCache, write_kv
 
 GiB = 2**30
@@ -153,6 +153,7 @@ def gather_rows(k_far, v_far, idx, use_triton=None):
         gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
         keep = (idx >= 0)[..., None]  # zeros, whatever row 0 holds (a NaN * 0 is NaN)
         return torch.where(keep, k_far.gather(2, gi), 0), torch.where(keep, v_far.gather(2, gi), 0), local
+    _check_triton_head_dim(D, "gather_rows")  # (tl.arange's tile: else the interpreter's or compiler's own error)
     k_sel, v_sel = (torch.empty(B, Hkv, K, D, dtype=t.dtype, device=idx.device) for t in (k_far, v_far))  # staging
     block_n = 64 if not _INTERPRET else max(16, min(64, triton.next_power_of_2(K)))
     _gather_rows_kernel[(triton.cdiv(K, block_n), B * Hkv)](

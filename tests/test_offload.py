@@ -347,6 +347,15 @@ def test_staged_fetch_matches_ref_cpu(S, K, monkeypatch):
     assert len(launches) == 1
 
 
+def test_the_gather_kernel_names_a_head_dim_it_cannot_tile():
+    """D = 20 on the kernel path: the wrappers' own message (before: Triton's "arange's range must be a power of 2");
+    the torch path takes any D."""
+    _, k, v, idx = far_inputs(torch.device("cpu"), D=20)
+    with pytest.raises(ValueError, match=r"gather_rows: Triton path needs D a power of two >= 16, got 20"):
+        gather_rows(k, v, idx, use_triton=True)
+    assert gather_rows(k, v, idx, use_triton=False)[0].shape[-1] == 20
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPU: pinned host memory read and written through UVA
 
