@@ -1000,3 +1000,139 @@ def test_training_reads_the_training_documents_and_the_report_the_held_out_ones(
     assert th.main(["--out", str(tmp_path / "p.safetensors"), "--text", *files]) == 2
     assert th.main(["--report", "--report-dir", str(tmp_path / "r"), "--eval-len", "64", "--text", *files]) == 2
     assert seen == [["d0.txt", "d1.txt", "d2.txt", "d3.txt"], ["d4.txt"]]
+
+
+# From a mutation run of train_hash.py (2026-12-06)
+
+def test_train_layer_steps_with_the_given_momentum_and_weight_decay(monkeypatch):
+    """train_layer's optimizer is SGD with hp's lr, momentum and weight decay: its P is plain SGD's on the same loss."""
+    monkeypatch.setattr(th, "hash_loss", lambda P, *a: ((P - 1).square().sum(), [P.sum() * 0] * 3))
+    g = torch.Generator().manual_seed(0)
+    sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 16, 8, generator=g),
+              "t": torch.full((2, 1), 15)}
+    hp = dict(lr=0.1, momentum=0.5, wd=0.2, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0)
+    P0 = torch.randn(2, 8, 32, generator=g)
+    P, _, _ = th.train_layer(P0, sample, 3, 2, 16, g, hp)
+    want = P0.clone().requires_grad_()
+    opt = torch.optim.SGD([want], lr=0.1, momentum=0.5, weight_decay=0.2)
+    for _ in range(3):
+        opt.zero_grad()
+        (want - 1).square().sum().backward()
+        opt.step()
+    torch.testing.assert_close(P, want.detach())
+
+
+def test_the_guard_measures_at_the_training_query_range_with_its_own_seed(monkeypatch):
+    """guard_heads scores 16 validation queries a window at positions from --query-from, drawn with seed + 1."""
+    args, R, calls = PRESETS["tiny"], 32, []
+
+    def evaluate(model, windows, selectors, n_dense, queries, seed, query_from, desc):
+        calls.append((windows, queries, seed, query_from))
+        return {(name, f): {l: (torch.zeros(args.n_kv_heads, dtype=torch.float64), 0.0) for l in (2, 3)}
+                for name in selectors for f in th.BUDGETS}
+    monkeypatch.setattr(th, "evaluate", evaluate)
+    trained = th.start_projections(args, R, 2, 7)
+    th.guard_heads(SimpleNamespace(args=args), {R: trained}, "val", 2, 0.25, 7)
+    assert calls == [("val", 16, 8, 0.25)]
+
+
+def test_only_the_pair_loss_collects_labels(monkeypatch, tmp_path):
+    """The listwise loss reads only the query positions: train_files asks collect_samples for labels (4 GB at the
+    default sizes) only with --loss pair."""
+    seen, asked = {}, []
+    _, run = fake_training(monkeypatch, seen)
+    monkeypatch.setattr(th, "collect_samples", lambda model, windows, *a, labels=True: asked.append(labels))
+    for run.loss in ("listwise", "pair"):
+        train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / f"{run.loss}.safetensors")})
+    assert asked == [False, True]
+
+
+def test_no_validation_window_left_runs_no_guard(monkeypatch, tmp_path, capsys):
+    """Where --batch takes every window, the guard is off: it is not called on an empty set of windows (the real
+    one would find no query to measure)."""
+    seen = {}
+    _, run = fake_training(monkeypatch, seen)
+    monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, *a, **k: torch.arange(2)[:, None].repeat(1, L))
+    run.batch = 2
+    train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "p.safetensors")})
+    assert "val" not in seen and "guard, R=" not in capsys.readouterr().err
+
+
+def test_the_training_flags_take_their_boundary_values():
+    """--batch equal to --n-seqs, --shift 0 (off), --momentum 0 (plain SGD) and --seq-len 64 (the budget 1/64 is one
+    key) are in range."""
+    argv = ["--out", "x.safetensors", "--batch", "16", "--n-seqs", "16", "--shift", "0", "--momentum", "0",
+            "--seq-len", "64"]
+    hp = th.training_settings(th.build_parser().parse_args(argv))
+    assert (hp["shift"], hp["momentum"]) == (0, 0.0)
+
+
+def test_an_n_dense_of_every_layer_is_refused(gguf_path, tmp_path, capsys):
+    """--n-dense 30 on the default model's 30 layers leaves no layer to train: refused once the model is loaded."""
+    (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["--out", str(tmp_path / "p.safetensors"), "--text", str(tmp_path / "a.txt"), "--seq-len", "64",
+            "--n-dense", "30", "--device", "cpu"]
+    assert th.main(argv) == 2
+    assert "error: --n-dense 30 must be in [0, 30)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p.safetensors")
+
+
+def test_the_report_plot_shows_budget_1_32_per_layer_and_random_dashed(monkeypatch):
+    """The per-layer panel, titled budget 1/32, plots each layer's mean mass at 1/32; random projections dashed."""
+    figs = []
+    monkeypatch.setattr(th, "write_png", lambda path, fig: figs.append(fig))
+    names = ["oracle", "trained R=64", "random R=64"]
+    results = {(name, f): {l: (torch.full((3,), f + l / 100),) for l in range(4)} for name in names for f in th.BUDGETS}
+    th.report_plot(results, {key: (0.5,) for key in results}, 1, 4, 256, "unused.png")
+    ax = figs[0].axes[1]
+    assert ax.get_title() == "Per layer, budget 1/32"
+    for line, name in zip(ax.get_lines(), names):
+        assert list(line.get_ydata()) == pytest.approx([1 / 32 + l / 100 for l in (1, 2, 3)])
+        assert line.get_linestyle() == ("--" if name.startswith("random") else "-"), name
+
+
+def test_one_thread_gives_the_threads_back():
+    """Training and scoring run on one CPU thread; the prefill after them gets every thread back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # (more than one, on any machine)
+    try:
+        with th.one_thread("cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_capture_qk_lets_go_of_the_tensors(tiny_model):
+    """After capture_qk no attention keeps its q and k (a whole window's, every sparse layer) nor asks for them."""
+    th.capture_qk(tiny_model, torch.arange(3, 15), 1, torch.tensor([5, 11]))
+    assert all(not layer.attention.keep_qk and layer.attention.qk is None for layer in tiny_model.layers)
+
+
+def test_queries_start_at_a_quarter_of_the_window_by_default():
+    """--query-from's default is 0.25, as collect_samples and EVAL.md say (HATA's 0.5 covers only long contexts)."""
+    assert th.build_parser().get_default("query_from") == 0.25
+
+
+def test_a_text_with_a_few_percent_undecodable_bytes_is_refused(tmp_path):
+    """Over 1% of the text not UTF-8 (here 1 byte in 20, 5%) is refused; a single stray byte is read."""
+    (tmp_path / "some.txt").write_bytes(("abcdefghijklmnopqrs".encode() + b"\xe9") * 50)
+    with pytest.raises(ValueError, match="some.txt is not UTF-8 text"):
+        th.load_corpus([str(tmp_path / "some.txt")])
+    (tmp_path / "one.txt").write_bytes(b"abcdefghijklmnopqrs" * 50 + b"\xe9")
+    assert th.load_corpus([str(tmp_path / "one.txt")])[0][1].endswith("\ufffd")
+
+
+def test_several_sizes_need_rbit_in_out(capsys):
+    """--rbit 64 128 with one --out would write both sizes to one file (the second over the first): refused."""
+    assert th.main(["--rbit", "64", "128", "--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "several --rbit values need '{rbit}' in --out" in err and "nonexistent" not in err
+
+
+def test_collect_samples_draws_queries_from_query_from(tiny_model):
+    """collect_samples' queries lie in [query_from * S, S): with --query-from 0.25 and 48 queries of a 64-token
+    window, every position from 16 on (0.5 would start at 32)."""
+    windows = torch.randint(PRESETS["tiny"].vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    samples = th.collect_samples(tiny_model, windows, 2, 48, torch.Generator().manual_seed(0), 0.25, labels=False)
+    assert samples[2]["t"][0].tolist() == list(range(16, 64))
