@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 import hata_kernels as hk
 import model as model_module
 from engine import decode_one_token, generate, prefill
-from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, from_state_dict, load_hash_projections,
-                   random_hash_projections, save_hash_projections)
+from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, causal_attention, from_state_dict,
+                   load_hash_projections, random_hash_projections, save_hash_projections)
 from tests.test_kernels import DEV, as_sets
 from tests.test_model import GOLDEN, random_ids, tiny_model  # by this file's path: pytest may start elsewhere
 
@@ -623,3 +623,43 @@ def test_oracle_and_quest_scores_group_query_heads_when_G_differs_from_Hkv():
                             qj * kp.amax(0), qj * kp.amin(0)).sum()
             torch.testing.assert_close(probs[b, h].double(), want_p, rtol=0, atol=1e-6)
             torch.testing.assert_close(bounds[b, h, :n].double(), want_b[:n], rtol=1e-5, atol=1e-5)
+
+
+# From a mutation run of model.py's decode path (2026-12-06)
+
+def test_hamming_scores_sum_the_query_heads_of_their_own_kv_head():
+    """hamming_score_ref, counted bit by bit: KV head h's score of a key sums popcount(q_j ^ k) over query heads
+    j = h*G .. h*G + G - 1 (8 query heads on 2 KV heads), and a position past the length scores G*R + 1."""
+    gen = torch.Generator().manual_seed(6)
+    B, H, Hkv, S, W, G = 2, 8, 2, 5, 2, 4
+    q = torch.randint(-2 ** 31, 2 ** 31, (B, H, W), generator=gen).to(torch.int32)
+    k = torch.randint(-2 ** 31, 2 ** 31, (B, Hkv, S, W), generator=gen).to(torch.int32)
+    lengths = [5, 3]
+    got = hk.hamming_score_ref(q, k, torch.tensor(lengths))
+    for b in range(B):
+        for h in range(Hkv):
+            for s in range(S):
+                want = sum(bin((int(q[b, j, w]) ^ int(k[b, h, s, w])) & 0xFFFFFFFF).count("1")
+                           for j in range(h * G, (h + 1) * G) for w in range(W)) if s < lengths[b] else G * 32 * W + 1
+                assert int(got[b, h, s]) == want, (b, h, s)
+
+
+def test_causal_attention_refuses_fewer_keys_than_queries_even_one_query_over_no_keys():
+    """causal_attention names its S >= T rule for a single query over an empty key set too (T = 1, S = 0)."""
+    for T, S in [(1, 0), (3, 2)]:
+        with pytest.raises(ValueError, match="needs S >= T"):
+            causal_attention(torch.randn(1, 2, T, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8))
+
+
+def test_a_cpu_decode_step_takes_the_grouped_dense_path_not_causal_attention(monkeypatch):
+    """A CPU decode step (T = 1, every sequence at one position) attends through the additive mask's grouped SDPA,
+    not causal_attention (a prefill chunk's path), and gives a full rerun's last logits."""
+    model = tiny_model()
+    model.setup_caches(2, 16)
+    ids = random_ids(2, 7)
+    with torch.inference_mode():
+        want = model(ids)[:, -1]
+        model(ids[:, :6])
+        monkeypatch.setattr(model_module, "causal_attention", lambda *a: pytest.fail("causal_attention in a decode"))
+        got = model(ids[:, 6:], torch.tensor([6, 6]))[:, -1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
