@@ -663,3 +663,12 @@ def test_a_cpu_decode_step_takes_the_grouped_dense_path_not_causal_attention(mon
         monkeypatch.setattr(model_module, "causal_attention", lambda *a: pytest.fail("causal_attention in a decode"))
         got = model(ids[:, 6:], torch.tensor([6, 6]))[:, -1]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_select_topk_ref_clamps_a_length_past_the_row_to_the_row():
+    """select_topk_ref reads a length past the row (S) as S, as the kernels do: the recent window ends at the row's
+    last position, so lengths S + 3 and S select the same keys (sinks, recent, then the smallest newest scores)."""
+    score = torch.tensor([[[5, 1, 1, 1, 9, 1, 9, 9]]], dtype=torch.int32)     # (1, 1, 8)
+    for n in (8, 11, 2 ** 40):
+        assert hk.select_topk_ref(score, torch.tensor([n]), 3, n_recent=2).tolist() == [[[5, 6, 7]]], n
+        assert hk.select_topk_ref(score, torch.tensor([n]), 4, n_sink=1, n_recent=1).tolist() == [[[0, 3, 5, 7]]], n
