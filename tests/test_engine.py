@@ -22,7 +22,7 @@ from tqdm import tqdm
 import engine
 from engine import parse_budget, sample
 from model import PRESETS, HataArgs, KVCache, save_hash_projections
-from tests.helpers import package_file
+from tests.helpers import package_file, read_only
 
 
 def run_cli(capsys, *argv):
@@ -2243,8 +2243,7 @@ def test_a_read_only_file_is_refused_before_the_work(tmp_path, monkeypatch):
     would fail at the save; a writable one, and a new name, pass."""
     (ro := tmp_path / "ro.json").write_text("kept")
     (rw := tmp_path / "rw.json").write_text("old")
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (str(p) == str(ro) and mode == os.W_OK))
+    read_only(monkeypatch, ro)
     with pytest.raises(OSError, match=f"^--out: {re.escape(str(ro))} is read-only$"):
         engine.check_writable(str(ro), "--out")
     engine.check_writable(str(rw), "--out")

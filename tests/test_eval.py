@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import eval as ev
 from engine import write_text
 from model import PRESETS, Attention, HataArgs, Transformer, save_hash_projections
+from tests.helpers import read_only
 from tokenizer import Tokenizer
 
 PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
@@ -1385,9 +1386,7 @@ def test_read_only_outputs_fail_before_the_run_and_a_read_only_input_is_read(tmp
     left); the partial file of a stopped run, read-only, is read by --report, which writes no partial file."""
     (results := tmp_path / "eval_results.json").write_text("kept")
     (partial := tmp_path / "eval_results.partial.json").write_text(json.dumps(MERGE_RUN))
-    access = os.access
-    read_only = lambda p: os.path.realpath(p) in (os.path.realpath(results), os.path.realpath(partial))
-    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (mode == os.W_OK and read_only(p)))
+    read_only(monkeypatch, results, partial)
     os.remove(partial)  # (a fresh run refuses to replace it)
     assert ev.main(["--checkpoint", "/nonexistent.gguf", "--out-dir", str(tmp_path), "--overwrite"]) == 2
     err = capsys.readouterr().err

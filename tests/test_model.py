@@ -19,7 +19,7 @@ import model as model_module
 from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
                    rope_frequencies)
-from tests.helpers import write_gguf
+from tests.helpers import read_only, write_gguf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
 
@@ -668,9 +668,7 @@ def test_write_whole_refuses_a_read_only_file_as_open_would(tmp_path, monkeypatc
     """A file open() would not write (0444, for a user other than root: os.access says so) is kept and named; before,
     the rename replaced it."""
     (path := tmp_path / "ro.json").write_text("kept")
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (
-        os.path.realpath(p) == os.path.realpath(path) and mode == os.W_OK))  # (write_whole asks for the real path)
+    read_only(monkeypatch, path)
     with pytest.raises(OSError, match=f"^cannot write {re.escape(str(path))}: the file is read-only$"):
         model_module.write_whole(str(path), lambda tmp: open(tmp, "w").write("new"))
     assert path.read_text() == "kept" and os.listdir(tmp_path) == ["ro.json"]
