@@ -1262,8 +1262,8 @@ class StopStrings:
 
     def __call__(self, ids):  # generate's stop_when: the newest tokens' text holds one
         n = self.tail
-        while n < len(ids) and len(self.tok.decode(ids[-n:-1])) < self.longest:  # tokens of no text (<s>): more
-            n *= 2
+        while n < len(ids) and len(self.tok.decode(ids[-n:-1]).lstrip("\ufffd")) < self.longest:
+            n *= 2  # tokens of no text (<s>), or a window that opens inside a character's bytes (U+FFFD): more
         return any(t in self.tok.decode(ids[-n:]) for t in self.texts)
 
     def cut(self, text):  # text before the first stop string

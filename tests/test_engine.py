@@ -2349,13 +2349,18 @@ def test_min_p_1_and_top_p_1_are_in_their_ranges(capsys):
 
 @pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
 def test_a_stop_string_spelled_in_byte_tokens_is_found():
-    """StopStrings looks back over enough tokens for byte pieces (3 for a €): '€€' in 6 byte tokens is found."""
+    """StopStrings looks back over enough tokens for byte pieces (3 for a €): '€€' in 6 byte tokens is found, and a
+    look-back that opens inside a character (its last bytes decode to U+FFFD, not text) looks further."""
     from tokenizer import Tokenizer
     tok = Tokenizer.from_path(engine.default_checkpoint())
     euro = [tok.enc.encode_single_token(bytes([b])) for b in "€".encode()]
     ids = tok.encode("Price:", bos=False) + euro * 2
     assert tok.decode(ids) == "Price:€€" and engine.StopStrings(tok, ["€€"])(ids)
     assert not engine.StopStrings(tok, ["€€"])(ids[:-1])
+    emoji = [tok.enc.encode_single_token(bytes([b])) for b in "😀".encode()]  # 8 ids of no text after it, then "!"
+    ids = tok.encode("Hi ", bos=False) + emoji + [tok.vocab_size] * 8 + tok.encode("!", bos=False)
+    assert tok.decode(ids) == "Hi 😀!" and engine.StopStrings(tok, ["😀!"])(ids)  # before: the look-back opened
+    assert not engine.StopStrings(tok, ["😀!"])(ids[:-1])  # inside the emoji, whose 3 last bytes read as 3 U+FFFD
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
