@@ -1264,7 +1264,8 @@ class StopStrings:
         n = self.tail
         while n < len(ids) and len(self.tok.decode(ids[-n:-1]).lstrip("\ufffd")) < self.longest:
             n *= 2  # tokens of no text (<s>), or a window that opens inside a character's bytes (U+FFFD): more
-        return any(t in self.tok.decode(ids[-n:]) for t in self.texts)
+        text = self.tok.decode(ids[-n:]).strip("\ufffd")  # (bytes of a character cut at either end: not text)
+        return any(t in text for t in self.texts)
 
     def cut(self, text):  # text before the first stop string
         return min((text[:text.index(t)] for t in self.texts if t in text), key=len, default=text)

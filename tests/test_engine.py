@@ -2350,7 +2350,8 @@ def test_min_p_1_and_top_p_1_are_in_their_ranges(capsys):
 @pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
 def test_a_stop_string_spelled_in_byte_tokens_is_found():
     """StopStrings looks back over enough tokens for byte pieces (3 for a €): '€€' in 6 byte tokens is found, and a
-    look-back that opens inside a character (its last bytes decode to U+FFFD, not text) looks further."""
+    look-back that opens inside a character (its last bytes decode to U+FFFD, not text) looks further; a character's
+    bytes cut at either end of the look-back are not a U+FFFD of the text (--stop $'\\ufffd')."""
     from tokenizer import Tokenizer
     tok = Tokenizer.from_path(engine.default_checkpoint())
     euro = [tok.enc.encode_single_token(bytes([b])) for b in "€".encode()]
@@ -2361,6 +2362,9 @@ def test_a_stop_string_spelled_in_byte_tokens_is_found():
     ids = tok.encode("Hi ", bos=False) + emoji + [tok.vocab_size] * 8 + tok.encode("!", bos=False)
     assert tok.decode(ids) == "Hi 😀!" and engine.StopStrings(tok, ["😀!"])(ids)  # before: the look-back opened
     assert not engine.StopStrings(tok, ["😀!"])(ids[:-1])  # inside the emoji, whose 3 last bytes read as 3 U+FFFD
+    for cut in (ids[:5], [tok.vocab_size] * 40 + ids[4:]):  # the emoji's first 3 bytes at the end, or its last 2 first
+        assert "\ufffd" in tok.decode(cut) and not engine.StopStrings(tok, ["\ufffd"])(cut)  # not a U+FFFD in text
+    assert engine.StopStrings(tok, ["\ufffd"])(tok.encode("a\ufffdb", bos=False))  # as the model writes it: found
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
