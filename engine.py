@@ -667,9 +667,9 @@ def run(args):
     reads_codes = sparse and hata.reads_codes(max_seq_len)
     if reads_codes and hata.hash_weights is None:  # (no layer that reads codes: no file, and no note that it has none)
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
-    # the file set_hata would check (another model's projections), checked now, before the weights load
+    # the file set_hata would check (another model's projections, other bits), checked now, before the weights load
     if hata and shape and (path := hata.checked_file(shape.n_layers)):
-        check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path)
+        check_hash_model(read_hash_file(path, with_tensors=False)[0], shape, path, hata)
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
         check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype, continued)

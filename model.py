@@ -696,9 +696,14 @@ def read_hash_file(path, with_tensors=True):
     return meta, tensors
 
 
-def check_hash_model(meta, args: ModelArgs, path):  # a projection file's metadata against the model's shape
+def check_hash_model(meta, args: ModelArgs, path, hata: HataArgs | None = None):
+    """A projection file's metadata against the model's shape and, given `hata`, its bits and dense layers."""
     if meta["model"] != args.describe():
         raise ValueError(f"hash weights {path} were made for '{meta['model']}', not this model ('{args.describe()}')")
+    for key, flag in (("rbit", "--rbit"), ("n_dense", "--n-dense")) if hata else ():
+        if int(meta[key]) != getattr(hata, key):
+            raise ValueError(f"hash weights {path} have {key}={meta[key]} but {key}={getattr(hata, key)} was asked "
+                             f"for; pass {flag} {meta[key]}")
 
 
 def load_hash_projections(path, args: ModelArgs, hata: HataArgs, signature=None):
@@ -706,13 +711,7 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs, signature=None)
     a key_signature) and HataArgs; returns {layer: (Hkv, D, R)}."""
     meta, tensors = read_hash_file(path)
     where = f"hash weights {path}"
-    check_hash_model(meta, args, path)
-    if int(meta["rbit"]) != hata.rbit:
-        raise ValueError(f"{where} have rbit={meta['rbit']} but rbit={hata.rbit} was asked for; "
-                         f"pass --rbit {meta['rbit']}")
-    if int(meta["n_dense"]) != hata.n_dense:
-        raise ValueError(f"{where} have n_dense={meta['n_dense']} but n_dense={hata.n_dense} was asked for; "
-                         f"pass --n-dense {meta['n_dense']}")
+    check_hash_model(meta, args, path, hata)
     want = {f"layers.{i}.hash_proj" for i in range(hata.n_dense, args.n_layers)}
     if set(tensors) != want:
         raise ValueError(f"{where}: missing {sorted(want - set(tensors))[:3]}, unexpected "

@@ -910,15 +910,20 @@ def test_n_dense_covering_every_layer_says_dense(capsys):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_a_hash_weights_file_sets_the_bits_and_dense_layers_left_at_the_default(capsys, tmp_path):
+def test_a_hash_weights_file_sets_the_bits_and_dense_layers_left_at_the_default(capsys, tmp_path, monkeypatch):
+    """--rbit and --n-dense default to the file's; given and other than the file's, they are refused from its
+    metadata before the weights load (before: after the load, minutes for an 8B model)."""
     shipped = os.path.join(engine.HERE, "weights", "smollm2-135m-r64.safetensors")
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--budget", "2",
                            "--max-new-tokens", "3")
     assert code == 0 and "budget 2 of up to 3 tokens, smollm2-135m-r64.safetensors" in err, err
+    monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: 1 / 0)  # refused before the weights load
     for rbit in ("256", "128"):  # given, even at 128 (HataArgs' default), --rbit is not replaced by the file's
         code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--rbit", rbit, "--max-new-tokens",
                                "2")
         assert code == 2 and f"have rbit=64 but rbit={rbit} was asked for; pass --rbit 64" in error_line(err)
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", shipped, "--n-dense", "3", "--budget", "2")
+    assert code == 2 and "have n_dense=2 but n_dense=3 was asked for; pass --n-dense 2" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt", "hi", "--hash-weights", str(tmp_path / "none.safetensors"))
     assert code == 2 and "hash weights file not found" in error_line(err) and "loaded" not in err
 
