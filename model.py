@@ -1100,7 +1100,8 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
                     names=None):
     """Build the model on the meta device and load `sd` (our names) into it: no double allocation, and tensors
     already of the right device and dtype are used as they are (models built from one `sd` share them), except
-    the stacked wqkv and w13 (see fused_weights). Errors name a tensor as `names` ({ours: the file's}) does."""
+    the stacked wqkv and w13 (see fused_weights); every weight must be finite in `dtype`. Errors name a tensor as
+    `names` ({ours: the file's}) does."""
     named = lambda name: (names or {}).get(name, name)
     sd = dict(sd)
     with torch.device("meta"):
@@ -1123,7 +1124,14 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
             raise ValueError(f"{where}: {named(name)} has shape {tuple(w.shape)}, the model expects {expected[name]}")
         if not w.is_floating_point() or w.dtype.itemsize < 2:  # float8: scaled by tensors of its own (Meta's, FP8)
             raise ValueError(f"{where}: {named(name)} holds {w.dtype}, not floating-point weights of 16 bits or more")
-    sd = {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
+    given, sd = sd, {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
+    finite = torch.stack([w.isfinite().all() for w in sd.values()]).tolist()  # (one wait for the GPU)
+    if not all(finite):  # (else NaN keys made all-NaN scores, which attention turns to 0: wrong text, no error)
+        name = list(sd)[finite.index(False)]
+        if given[name].isfinite().all():
+            raise ValueError(f"{where}: {named(name)} overflows {dtype} (values past {torch.finfo(dtype).max:.0f}); "
+                             "load it in bfloat16 or float32 (engine.py --dtype)")
+        raise ValueError(f"{where}: {named(name)} holds NaN or inf; the file is corrupt")
     for name, parts in fused.items():
         sd[name] = torch.cat([sd.pop(part) for part, _ in parts])
     model.load_state_dict(sd, assign=True)

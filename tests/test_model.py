@@ -3,6 +3,7 @@ transformers loading the same GGUF, see make_golden.py), the KV cache against re
 batches against single prompts, and the three checkpoint loaders against each other on real weights."""
 import fractions
 import json
+import math
 import os
 import re
 from dataclasses import replace
@@ -484,6 +485,24 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="consolidated.00.pth: cannot read it \\(.*\\); re-download it") as e:
         from_checkpoint(str(meta))
     assert "\n" not in str(e.value) and str(e.value).count(str(meta)) == 1  # (reading() adds no second path)
+
+
+def test_weights_that_are_not_finite_are_refused_at_load(small_smol, tmp_path):
+    """One NaN in a key projection made every score of its head NaN, which attention turned to 0: wrong text, exit
+    status 0. A NaN or inf weight is refused naming the tensor, and so is one that float16 cannot hold."""
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.self_attn.k_proj.weight"
+    for bad, dtype, words in ((math.nan, torch.float32, f"{name} holds NaN or inf; the file is corrupt"),
+                              (-math.inf, torch.bfloat16, f"{name} holds NaN or inf"),
+                              (1e5, torch.float16, f"{name} overflows torch.float16 (values past 65504)")):
+        w = tensors[name].clone()
+        w[0, 0] = bad
+        save_file({**tensors, name: w}, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match=re.escape(words)):
+            from_checkpoint(str(tmp_path), dtype=dtype)
+    assert from_checkpoint(str(tmp_path), dtype=torch.bfloat16).layers[0].attention.wqkv.weight.isfinite().all()
 
 
 def test_incomplete_checkpoint_metadata(tmp_path):
