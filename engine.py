@@ -673,8 +673,10 @@ def run(args):
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
         check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype, continued)
-    if args.prompt_cache:  # all but the weights' part of the check (load_prompt_cache)
-        check_prompt_cache(args.prompt_cache, shape, dtype)
+    # all but the weights' part of the check (load_prompt_cache); a file to be rewritten must be writable
+    if args.prompt_cache and check_prompt_cache(args.prompt_cache, shape, dtype) and not cache_serves(
+            args.prompt_cache, prompts[0]):
+        writable_cache(args.prompt_cache)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
@@ -687,8 +689,6 @@ def run(args):
               "--max-seq-len fixes the cache", file=sys.stderr)
     stops = StopStrings(tok, args.stop) if args.stop else None
     held = load_prompt_cache(args.prompt_cache, model) if args.prompt_cache else []  # the tokens at cached positions
-    if held and not (prompts and prompts[0] == held[:len(prompts[0])]):  # to be rewritten (one that serves: read)
-        writable_cache(args.prompt_cache)
     if args.interactive:
         return converse(model, tok, args, texts, system, stops, held)
 
@@ -1136,6 +1136,12 @@ def weights_digest(model):  # a prompt cache's maker's weights: 256 values of ev
 
 def writable_cache(path):  # --prompt-cache's file can be written (where a link leads: write_whole writes there)
     check_writable(os.path.realpath(path), "--prompt-cache")
+
+
+def cache_serves(path, ids):  # --prompt-cache's file starts with the tokens `ids`: it is read, not rewritten
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return f.get_tensor("tokens")[:len(ids)].tolist() == ids
 
 
 def check_prompt_cache(path, args, dtype):
