@@ -814,3 +814,120 @@ def test_cuda_caches_past_2_31_elements():
     codes = hk.hash_encode(k_cache, proj)                                      # (B, Hkv, S, W): set_hata's rehash
     for rows in ends:
         assert_codes_match(codes[:, :, rows].contiguous(), k_cache[:, :, rows], proj)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From a mutation run of hata_kernels.py's wrappers and refs (2026-12-06)
+
+TRITON_KERNELS = ["_hash_encode_kernel", "_hamming_score_kernel", "_select_topk_kernel", "_topk_score_kernel",
+                  "_topk_threshold_kernel", "_topk_compact_kernel", "_sparse_attn_split_kernel",
+                  "_sparse_attn_merge_kernel"]
+
+
+def test_use_triton_true_launches_the_kernels_and_false_none(monkeypatch):
+    """use_triton=True runs each op's own Triton kernels, one launch each, and use_triton=False none of them: a wrapper
+    that sent both to the ref would pass every kernel-against-ref test above."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hkv, G, S, D = 1, 2, 2, 20, 16
+    x, proj = torch.randn(B, Hkv * G, 1, D, generator=gen).to(DEV), torch.randn(Hkv, D, 32, generator=gen).to(DEV)
+    k, kv = torch.randn(B, Hkv, D, generator=gen).to(DEV), torch.randn(B, Hkv, S, D, generator=gen).to(DEV)
+    cache, pos = torch.zeros(B, Hkv, S, 1, dtype=torch.int32, device=DEV), torch.tensor([3], device=DEV)
+    qc, kc = random_codes(B, Hkv * G, 1, gen=gen).to(DEV), random_codes(B, Hkv, S, 1, gen=gen).to(DEV)
+    lengths, idx = torch.tensor([S], device=DEV), torch.tensor([[[0, 5, -1], [2, 3, 4]]], dtype=torch.int32, device=DEV)
+    score = hk.hamming_score_ref(qc, kc, lengths)
+    ops = [  # (the op called with use_triton, the kernels its Triton path launches)
+        (lambda t: hk.hash_encode(x, proj, use_triton=t), ["_hash_encode_kernel"]),
+        (lambda t: hk.hash_encode_step(x[:, :, 0], k, proj, cache, pos, use_triton=t), ["_hash_encode_kernel"]),
+        (lambda t: hk.hamming_score(qc, kc, lengths, use_triton=t), ["_hamming_score_kernel"]),
+        (lambda t: hk.select_topk(score, lengths, 5, 1, 2, use_triton=t), ["_select_topk_kernel"]),
+        (lambda t: hk.hamming_topk(qc, kc, lengths, 5, 1, 2, use_triton=t),
+         ["_topk_score_kernel", "_topk_threshold_kernel", "_topk_compact_kernel"]),
+        (lambda t: hk.sparse_decode_attention(x[:, :, 0], kv, kv, idx, use_triton=t),
+         ["_sparse_attn_split_kernel", "_sparse_attn_merge_kernel"]),
+    ]
+    grids = {name: [] for name in TRITON_KERNELS}
+    for name in TRITON_KERNELS:
+        monkeypatch.setattr(hk, name, Launches(getattr(hk, name), grids[name]))
+    for call, kernels in ops:
+        for use_triton in (False, True):
+            for g in grids.values():
+                g.clear()
+            call(use_triton)
+            assert {n: len(g) for n, g in grids.items()} == {n: int(use_triton and n in kernels) for n in grids}, \
+                (kernels, use_triton)
+
+
+def test_cpu_tensors_take_the_refs_outside_the_interpreter(monkeypatch):
+    """Without TRITON_INTERPRET, CPU tensors with use_triton None or False go to the ref; only True is refused."""
+    monkeypatch.setattr(hk, "_INTERPRET", False)
+    score, lengths = torch.tensor([[[3, 1, 2, 0]]]), torch.tensor([3])
+    for use_triton in (None, False):
+        assert hk.select_topk(score, lengths, 2, use_triton=use_triton).tolist() == [[[1, 2]]]
+    with pytest.raises(ValueError, match="use_triton=True needs CUDA tensors"):
+        hk.select_topk(score, lengths, 2, use_triton=True)
+
+
+def test_score_and_topk_kernels_read_strided_codes_as_the_refs():
+    """Codes that are views, not packed buffers: q_codes a slice of wider rows (the kernels index (B, H, W) packed
+    words, so they need a copy) and k_codes every other position of a buffer (words packed, rows 2W apart: not the
+    (S, W) rows the kernels read in place). Scores and selections equal the refs' of packed copies."""
+    gen = torch.Generator().manual_seed(12)
+    B, Hkv, G, S, W = 2, 2, 3, 37, 2
+    q = random_codes(B, Hkv * G, 2 * W, gen=gen).to(DEV)[:, :, :W]             # (B, H, W) row stride 2W
+    k = random_codes(B, Hkv, 2 * S, W, gen=gen).to(DEV)[:, :, ::2]             # (B, Hkv, S, W) position stride 2W
+    lengths = torch.tensor([S, 20], device=DEV)
+    packed = q.contiguous(), k.contiguous()
+    assert torch.equal(hk.hamming_score(q, k, lengths, use_triton=True), hk.hamming_score_ref(*packed, lengths))
+    assert as_sets(hk.hamming_topk(q, k, lengths, 9, 1, 2, use_triton=True)) == as_sets(
+        hk.hamming_topk_ref(*packed, lengths, 9, 1, 2))
+
+
+def test_triton_paths_refuse_a_head_dim_they_cannot_tile():
+    """use_triton=True with D = 24 (not a power of two: tl.arange) or 8 (below tl.dot's 16) raises one ValueError that
+    names the op and D, for both hashing ops and the attention, before any launch."""
+    for D in (24, 8):
+        x, proj = torch.randn(1, 2, 1, D, device=DEV), torch.randn(2, D, 32, device=DEV)
+        cache, pos = torch.zeros(1, 2, 4, 1, dtype=torch.int32, device=DEV), torch.tensor([0], device=DEV)
+        kv, idx = torch.randn(1, 2, 4, D, device=DEV), torch.zeros(1, 2, 3, dtype=torch.int32, device=DEV)
+        for op, call in (
+                ("hash_encode", lambda: hk.hash_encode(x, proj, use_triton=True)),
+                ("hash_encode_step", lambda: hk.hash_encode_step(x[:, :, 0], x[:, :, 0], proj, cache, pos,
+                                                                 use_triton=True)),
+                ("sparse_decode_attention", lambda: hk.sparse_decode_attention(x[:, :, 0], kv, kv, idx,
+                                                                               use_triton=True))):
+            with pytest.raises(ValueError, match=re.escape(f"{op}: Triton path needs D a power of two >= 16, got {D}")):
+                call()
+
+
+def test_sparse_attention_takes_float64_through_the_ref_only():
+    """float64 q, k, v pass the wrapper's checks and take the ref (the brute-force answer, fp64 accumulation);
+    use_triton=True refuses them with the dtype named."""
+    gen = torch.Generator().manual_seed(13)
+    B, Hkv, G, S, D = 1, 2, 3, 9, 16
+    q = torch.randn(B, Hkv * G, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    idx = torch.tensor([[[0, 4, 8, -1], [7, -1, 1, 2]]], dtype=torch.int32)
+    out = hk.sparse_decode_attention(q, k, v, idx, use_triton=False)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, brute_attention(q, k, v, idx, 1 / math.sqrt(D)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="Triton path takes fp32/bf16/fp16, got float64"):
+        hk.sparse_decode_attention(q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV), use_triton=True)
+
+
+def test_bad_input_of_key_dtype_recent_window_and_sink_count():
+    """Keys hashed in another dtype than the queries, a negative recent window, a sink count that is not an int:
+    each refused with its own words, by every op that takes them."""
+    q, proj = torch.zeros(1, 2, 16, dtype=torch.float16), torch.zeros(1, 16, 32)
+    cache, pos = torch.zeros(1, 1, 4, 1, dtype=torch.int32), torch.tensor([0])
+    with pytest.raises(ValueError, match=re.escape("k must be (B, Hkv, D) = (1, 1, 16) torch.float16 like q, got "
+                                                   "torch.float32")):
+        hk.hash_encode_step(q, torch.zeros(1, 1, 16), proj, cache, pos)
+    codes, L = torch.zeros(1, 2, 1, dtype=torch.int32), torch.tensor([4])
+    k_codes = torch.zeros(1, 1, 4, 1, dtype=torch.int32)
+    for select in (lambda **kw: hk.select_topk(torch.zeros(1, 1, 4), L, 2, **kw),
+                   lambda **kw: hk.hamming_topk(codes, k_codes, L, 2, **kw)):
+        with pytest.raises(ValueError, match="n_recent must be an int >= 0, got -1"):
+            select(n_recent=-1)
+        for n_sink in (2.0, True):
+            with pytest.raises(ValueError, match=f"n_sink must be an int >= 0, got {n_sink}"):
+                select(n_sink=n_sink)
