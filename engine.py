@@ -359,7 +359,7 @@ def parse_budget(text):
             raise ValueError(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"budget {text!r} is not a whole count >= 1 or a fraction in (0, 1) like 1/16")
-    return int(value) if value >= 1 else value
+    return int(num) if value >= 1 else value  # (a count as typed: int(value) rounded one past 2^53 through float)
 
 
 def frac(f):  # a budget's label: 0.015625 -> "1/64", 0.15 -> "3/20", 0.1234567 -> "0.1234567"

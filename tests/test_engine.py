@@ -985,6 +985,7 @@ def test_parse_budget():
     assert parse_budget("2048") == 2048 and isinstance(parse_budget("2048"), int)
     assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
     assert parse_budget("+2048") == 2048 and parse_budget(" 64 ") == 64  # as int() and positive_int read them
+    assert parse_budget(str(10 ** 22 + 1)) == 10 ** 22 + 1  # as typed (before: 10^22, through a float)
     for bad in ("0", "-1", "2.5", "nan", "inf", "1/0", "abc", "1e30", "2/1", "1_0/16", "0.2_5"):  # (float reads _)
         with pytest.raises(argparse.ArgumentTypeError, match="not a whole count >= 1 or a fraction in"):
             parse_budget(bad)
