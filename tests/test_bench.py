@@ -10,6 +10,7 @@ import torch
 import bench
 import engine
 import model as model_module
+import offload
 
 
 def test_budget_labels():
@@ -371,3 +372,61 @@ def test_kernel_census_sums_kernels_by_kind_and_leaves_out_runtime_calls(monkeyp
     kinds, hata = bench.kernel_census(lambda: None)
     assert kinds == pytest.approx({"HATA": 0.040, "GEMV/GEMM": 0.5, "SDPA": 0.04, "other": 0.010})
     assert hata == pytest.approx({"score": 0.030, "merge": 0.004, "hash_encode": 0.006})
+
+
+# From a mutation run of bench.py's CPU paths (arithmetic, tables, plot, checks): behaviour no test held before
+
+
+def test_a_plot_draws_s_on_a_log2_axis_labelled_as_the_table_and_the_reference_only_where_given(monkeypatch):
+    """Each panel: the context S on a log2 axis with the table's labels (1K, 3K, 1000), the panel's own y scale, and a
+    dashed reference line only where the panel gives one (the speedup panel's 1)."""
+    figs = []
+    monkeypatch.setattr(engine, "write_png", lambda path, fig: figs.append(fig))
+    bench.plot_speed("x.png", [("latency", "ms", "log", {"dense": [(1000, 3.0), (1024, 1.0), (3072, 2.0)]}, None),
+                               ("speedup", "dense / HATA", "linear", {"B=1": [(1024, 2.0)]}, 1)])
+    latency, speedup = figs[0].axes
+    assert [t.get_text() for t in latency.get_xticklabels()] == ["1000", "1K", "3K"]
+    assert (latency.get_xscale(), latency.xaxis.get_transform().base, latency.get_yscale()) == ("log", 2, "log")
+    assert speedup.get_yscale() == "linear" and len(latency.lines) == 1  # the latency panel: its data line alone
+    assert len(speedup.lines) == 2 and list(speedup.lines[-1].get_ydata()) == [1, 1]
+
+
+def test_a_plot_path_in_capitals_is_a_png(monkeypatch, tmp_path):
+    """--plot X.PNG is a .png file like x.png (the extension is read case-blind)."""
+    plots = []
+    monkeypatch.setattr(bench, "bench_cpu", lambda args: plots.append(args.plot) or 0)
+    assert bench.main(["cpu", "--plot", str(tmp_path / "X.PNG")]) == 0 and plots == [str(tmp_path / "X.PNG")]
+
+
+def test_kernel_kinds_are_read_whatever_the_case():
+    """A kernel's kind is read from its name whatever the case: 'FlashAttn...' is SDPA, 'Gemv...' a GEMV."""
+    assert bench.kernel_kind("FlashAttnFwdSm90<Flash_fwd_kernel_traits<128>>") == "SDPA"
+    assert bench.kernel_kind("GemvKernel<bf16>") == "GEMV/GEMM"
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model
+def test_cpu_mode_reports_milliseconds_per_step(monkeypatch, capsys):
+    """A clock that moves 4 ms between the two readings around each step: 4.0 ms/token in both columns, speedup 1."""
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: 0.004 * next(clock)))
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["cpu", "--seqlens", "48", "--budget", "20", "--rounds", "1", "--steps", "1",
+                           "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "| 48 | 20 | 4.0 | 4.0 | 1.00x |" in capsys.readouterr().out.splitlines()
+
+
+def test_offload_host_gb_is_gibibytes(monkeypatch):
+    """--host-gb 1.5 lets the offload plan pin 1.5 * 2**30 bytes (not 1.5e9), as its help and errors say GiB."""
+    limits = []
+
+    def plan(model, B, S, host_limit=None):
+        limits.append(host_limit)
+        raise Checked()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(offload, "plan_offload", plan)
+    with pytest.raises(Checked):
+        bench.main(["offload", "--preset", "tiny", "--seqlen", "512", "--budget", "64", "--host-gb", "1.5"])
+    assert limits == [3 * 2 ** 29]

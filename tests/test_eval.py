@@ -1436,3 +1436,73 @@ def test_merge_refuses_dense_passes_a_thousandth_of_a_nat_apart():
     with pytest.raises(ValueError, match="dense perplexity passes differ"):
         ev.merge([ppl_run(0.7), ppl_run(0.701)])
     assert ev.merge([ppl_run(0.7), ppl_run(0.70001)])["perplexity"]["dense"]["nll"] == 0.7
+
+
+# From a mutation run of eval.py's run paths (seeding, scoring, result files, --report): behaviour no test held before
+
+
+def test_merge_refuses_dense_passes_half_a_thousandth_of_a_nat_apart():
+    """The dense passes of two runs over the same windows agree to 1e-4 nats: 5e-4 apart they are other windows."""
+    with pytest.raises(ValueError, match="dense perplexity passes differ"):
+        ev.merge([ppl_run(0.7), ppl_run(0.7005)])
+
+
+def test_another_seeds_streams_are_fixed_too():
+    """Seed N's sample i of length C draws from N * 2**32 + 1000 C + i: a rerun of --seed 1 draws the prompts an
+    earlier one did (a merge joins their samples by it), as seed 0's are the committed runs'."""
+    assert [s[4] for s in ev.retrieval_specs({1024: 2, 2048: 1}, 1)] == [2 ** 32 + 1024000, 2 ** 32 + 1024001,
+                                                                          2 ** 32 + 2048000]
+
+
+def test_a_length_of_one_batch_runs_halfway_through_the_others(monkeypatch):
+    """One batch of 1K beside four of 2K: 2K's run at 1/8, 3/8, 5/8 and 7/8 of the way, 1K's at 1/2 (not first)."""
+    tok = types.SimpleNamespace(decode=lambda ids: "".join(map(str, ids)))
+    _fake_retrieval(monkeypatch, {1024: 1, 2048: 1})
+    specs = [(C, "single", "noise", 0.5, i) for C, n in ((1024, 1), (2048, 4)) for i in range(n)]
+    recs = ev.run_retrieval(None, tok, {"noise": None}, specs, [("dense", None, None)], 1)
+    assert [r["context"] for r in recs] == [2048, 2048, 1024, 2048, 2048]
+
+
+def test_a_run_gives_retrieval_its_minutes_as_a_deadline_and_records_each_tasks_seconds(
+        gguf_path, smol, tok, monkeypatch, tmp_path):
+    """--minutes 2: run_retrieval's deadline is 120 s after the run's start (time.time()); the results record the
+    task's seconds, rounded, from its start to its last save."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(ev, "time", types.SimpleNamespace(time=lambda: 1000.0,
+                                                           perf_counter=lambda: 7.4 * next(clock)))
+    deadlines = []
+
+    def run_retrieval(model, tok, hays, specs, pols, batch, log, deadline):
+        deadlines.append(deadline)
+        log(recs := [{"context": C, "task": t, "haystack": h, "depth": d, "seed": sd, "answer": "1",
+                      "correct": {"dense": True, "oracle 1/8": True}} for C, t, h, d, sd in specs])
+        return recs
+    monkeypatch.setattr(ev, "run_retrieval", run_retrieval)
+    (tmp_path / "text.txt").write_text(PROSE * 10)
+    assert ev.main(["--tasks", "retrieval", "--selectors", "oracle", "--budgets", "1/8", "--contexts", "128",
+                    "--samples", "1", "--minutes", "2", "--text", str(tmp_path / "text.txt"), "--checkpoint",
+                    gguf_path, "--out-dir", str(tmp_path)]) == 0
+    assert deadlines == [1120.0]
+    assert json.loads((tmp_path / "eval_results.json").read_text())["seconds"] == {"retrieval": 7}
+
+
+def test_a_runs_noise_haystack_gives_the_committed_runs_prompts(gguf_path, smol, tok, monkeypatch, tmp_path):
+    """run() sizes the noise haystack by the model's context, as the committed runs did: its noise samples at 1K
+    (seed 0) are the prompts test_the_committed_runs_noise_prompts_stay_the_same pins, so a rerun's join them."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    prompts = []
+
+    def prompts_of(model, tok, hays, specs, *a):
+        prompts.extend(ev.retrieval_prompt(tok, hays[h], t, C - ev.N_DIGITS, d, random.Random(sd))
+                       for C, t, h, d, sd in specs if h == "noise")
+        return []
+    monkeypatch.setattr(ev, "run_retrieval", prompts_of)
+    (tmp_path / "text.txt").write_text(PROSE * 200)
+    assert ev.main(["--tasks", "retrieval", "--selectors", "oracle", "--budgets", "1/8", "--contexts", "1024",
+                    "--samples", "8", "--text", str(tmp_path / "text.txt"), "--checkpoint", gguf_path,
+                    "--out-dir", str(tmp_path)]) == 0
+    assert [p[1] for p in prompts[:2]] == ["45572", "48212"]
+    assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16] == "5ced186c4e26225e"
