@@ -889,7 +889,8 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
         with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", closefd=path != "-") as f:
             return f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"
     except UnicodeDecodeError as e:
-        raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None
+        what = "standard input (--prompt-file -)" if path == "-" else f"prompt file {path}"
+        raise ValueError(f"{what} is not UTF-8 text ({e}); convert it, e.g. with iconv -t utf-8") from None
 
 
 def cache_size(args, longest, context, what=None, all_dense=False):
