@@ -596,11 +596,11 @@ def bench_cpu(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if max(args.seqlens) > (context := checkpoint_metadata(default_checkpoint())[0]):  # before the weights load
         raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {context}")
-    model = from_checkpoint(default_checkpoint())
     hata = HataArgs(budget=args.budget)
     # a step attends over a prefix of its cache, as every engine.py step before the last
-    caches = {S: min(S + 1, model.args.max_seq_len) for S in args.seqlens}
-    refuse_all_dense([args.budget], caches, "--budget")
+    caches = {S: min(S + 1, context) for S in args.seqlens}
+    refuse_all_dense([args.budget], caches, "--budget")  # (before the weights load too)
+    model = from_checkpoint(default_checkpoint())
     print_header(args.mode)
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []

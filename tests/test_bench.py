@@ -98,11 +98,11 @@ def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_er
         out, err = capsys.readouterr()
         assert "error: --seqlens 16384 exceed the default model's context, 8192" in err
         assert out == ""  # refused before anything is printed, the header line included
-    assert bench.main(["cpu", "--seqlens", "16", "512", "--plot", "unused.png"]) == 2  # K = 512: dense at both
-    out, err = capsys.readouterr()
-    assert ("error: no budget (K = 512) is below any of --seqlens 16 512: the model would decode every step densely; "
-            "give a longer --seqlens or a smaller --budget") in err
-    assert out == ""  # before any timing
+        assert bench.main(["cpu", "--seqlens", "16", "512", "--plot", "unused.png"]) == 2  # K = 512: dense at both
+        out, err = capsys.readouterr()  # (before the weights load too; before: after)
+        assert ("error: no budget (K = 512) is below any of --seqlens 16 512: the model would decode every step "
+                "densely; give a longer --seqlens or a smaller --budget") in err
+        assert out == ""  # before any timing
     assert bench.main(["cpu", "--seqlens", "8192", "--budget", "8191/8192", "--rounds", "1", "--steps", "1", "--plot",
                        str(tmp_path / "p.png")]) == 0  # K = 8191 of the full 8192-token cache (not of 8193: refused)
     assert re.search(r"^\| 8192 \| 8191 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", capsys.readouterr().out, re.M)  # sparse
