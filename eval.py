@@ -43,8 +43,8 @@ from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_to
 from model import (HataArgs, check_rbit, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections,
                    write_whole)
 from tokenizer import Tokenizer
-from train_hash import (BUDGETS, HELD_OUT, HERE, load_corpus, refuse_repeats, refuse_to_replace, split_corpus,
-                        token_windows)
+from train_hash import (BUDGETS, HELD_OUT, HERE, check_shape, load_corpus, refuse_repeats, refuse_to_replace,
+                        split_corpus, token_windows)
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
 # one of up to N_DIGITS tokens is decoded one step further (an answer followed by a digit is another number)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -695,10 +695,16 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or default_checkpoint()
-    context = checkpoint_metadata(checkpoint)[0]  # before the text is read and the model loads
+    context, shape = checkpoint_metadata(checkpoint)  # before the text is read and the model loads
     for flag, Cs in lengths.items():
         if Cs and max(Cs) > context:
             raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {context} tokens")
+    if shape:  # another model's projections, other bits, an --n-dense past the layers (a Meta checkpoint's: later)
+        check_shape([weights] * bool(weights), n_dense, shape, checked)
+    sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
+    pols = policies(sels, args.budgets, args.quest_budgets)
+    if far := next((n for n, _, h in pols[1:] if max(h.n_sink, h.n_recent) > max(sum(lengths.values(), []))), None):
+        raise ValueError(f"{far}: its sink or recent window is longer than any context; lower --sink or --quest")
     tok = Tokenizer.from_path(checkpoint)
     docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
     if lengths["--contexts"]:  # the haystacks (perplexity alone takes any text, with sentence ends or without)
@@ -711,17 +717,13 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
         windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, what=HELD_OUT, flag="--ppl-context")
     model = from_checkpoint(checkpoint, None, device=args.device)
-    if weights:  # a file for another model or settings: one line now, not after the first prefill
-        load_hash_projections(weights, model.args, HataArgs(**hata), key_signature(model, hata["n_dense"]))
-    if not 0 <= hata["n_dense"] < model.args.n_layers:  # else no layer is sparse: every selector would be dense
-        raise ValueError(f"--n-dense {hata['n_dense']} must be in [0, {model.args.n_layers})")
-    sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
+    if not shape:
+        check_shape([], n_dense, model.args)
+    if weights:  # a file trained on other weights of this shape: one line now, not after the first prefill
+        load_hash_projections(weights, model.args, checked, key_signature(model, n_dense))
     rbit = hata["rbit"] if any(kw["selector"] == "hash" for kw in sels.values()) else None  # (None: no codes read)
     print(f"loaded {checkpoint_label(args.checkpoint)} ({model.args.describe()}); " + f"R = {rbit}, " * bool(rbit)
           + f"{hata['n_dense']} dense layers" + (f", hata-trained: {weights}" if weights else ""), file=sys.stderr)
-    pols = policies(sels, args.budgets, args.quest_budgets)
-    if far := next((n for n, _, h in pols[1:] if max(h.n_sink, h.n_recent) > max(sum(lengths.values(), []))), None):
-        raise ValueError(f"{far}: its sink or recent window is longer than any context; lower --sink or --quest")
     hash_digest = None
     if weights:  # the projection file's bytes, as merge compares them
         with open(weights, "rb") as f:

@@ -588,7 +588,8 @@ REPORT = ("--hash-weights", "--eval-seqs", "--eval-len", "--eval-queries", "--re
 
 
 def run(args):
-    """Every flag checked before anything loads (--n-dense's upper bound: after the model); then one of the modes."""
+    """Every flag checked before anything loads (--n-dense's upper bound and the files' shape from the checkpoint's
+    metadata; a Meta checkpoint's, which may give no shape, after its weights); then one of the modes."""
     from tokenizer import Tokenizer
     if bool(args.report) == bool(args.out):  # --report trains nothing: an --out beside it would not be written
         raise ValueError("give either --out PATH.safetensors (train) or --report (measure)")
@@ -610,6 +611,7 @@ def run(args):
         raise ValueError(f"--eval-len {min(args.eval_len)}: at least {least}, where the report's smallest budget, "
                          f"1/{least}, is one token")
     outs = {r: args.out.replace("{rbit}", str(r)) for r in train_rbits} if args.out else {}
+    refuse_repeats(list(outs.values()), "--out")  # ('d{rbit}/../w.safetensors': the first size lost)
     for out in outs.values():  # a bad --out fails now, not after the training
         if os.path.isdir(out) or not out.endswith(".safetensors"):  # (a .pt name says pickle to other tools)
             raise ValueError(f"--out {out}: give a .safetensors file{' (it is a directory)' * os.path.isdir(out)}")
@@ -620,7 +622,9 @@ def run(args):
         check_writable(os.path.join(args.report_dir, ""), "--report-dir")  # (a folder)
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
-    context = checkpoint_metadata(checkpoint)[0]  # a wrong --checkpoint fails as itself, not as its tokenizer
+    context, shape = checkpoint_metadata(checkpoint)  # a wrong --checkpoint fails as itself, not as its tokenizer
+    if shape:
+        check_shape(args.hash_weights if args.report else [], args.n_dense, shape)
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
     t0 = time.perf_counter()
     tok, gen = Tokenizer.from_path(checkpoint), torch.Generator().manual_seed(args.seed)
@@ -629,11 +633,8 @@ def run(args):
                else training_windows(args, tok, train_docs, context, gen))
     model = from_checkpoint(checkpoint, None, device=args.device)
     margs = model.args
-    # another model's projection file is named as such, not as the --n-dense it carries
-    for path in (args.hash_weights or []) if args.report else []:
-        check_hash_model(read_hash_file(path, with_tensors=False)[0], margs, path)
-    if not 0 <= args.n_dense < margs.n_layers:
-        raise ValueError(f"--n-dense {args.n_dense} must be in [0, {margs.n_layers})")
+    if not shape:
+        check_shape(args.hash_weights if args.report else [], args.n_dense, margs)
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); "
           f"text: {plural(len(train_docs), 'training document')}, {len(heldout_docs)} held out", file=sys.stderr)
     if args.report:
@@ -662,6 +663,16 @@ def training_settings(args):
         raise ValueError(f"{', '.join(bad)}: --lr, --sigma, --alpha must be > 0, --momentum in [0, 1), --wd, --eps, "
                          "--lam, --eta >= 0, each finite in float32 (at most 3.4e38)")
     return hp
+
+
+def check_shape(paths, n_dense, margs, hata=None):
+    """Projection files and --n-dense against the model's shape (ModelArgs): another model's file is named as such,
+    not as the --n-dense it carries (with `hata`, its bits and dense layers are checked too); --n-dense must leave a
+    sparse layer."""
+    for path in paths or []:
+        check_hash_model(read_hash_file(path, with_tensors=False)[0], margs, path, hata)
+    if not 0 <= n_dense < margs.n_layers:  # else no layer is sparse: every selector would be dense
+        raise ValueError(f"--n-dense {n_dense} must be in [0, {margs.n_layers})")
 
 
 def resolve_n_dense(paths, n_dense):

@@ -634,12 +634,16 @@ def test_a_run_that_fails_leaves_no_new_folder_behind(tmp_path, capsys):
 
 def test_flags_are_checked_against_the_model_for_the_tasks_that_run(
         gguf_path, smol, tok, monkeypatch, capsys, tmp_path):
-    """--n-dense must leave a sparse layer (else every selector is dense); a length is checked only if its task runs."""
+    """--n-dense must leave a sparse layer (else every selector is dense), checked from the checkpoint's metadata
+    before the text and the weights load (before: after); a length is checked only if its task runs."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     monkeypatch.setattr(ev, "selectors", lambda *a, **k: 1 / 0)  # what follows the checks: must not be reached
     base = ["--selectors", "oracle", "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]
-    assert ev.main(["--n-dense", "30"] + base) == 2 and "--n-dense 30 must be in [0, 30)" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(ev, "load_corpus", lambda *a, **k: 1 / 0)
+        assert ev.main(["--n-dense", "30"] + base) == 2
+        assert "--n-dense 30 must be in [0, 30)" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # every layer sparse: allowed
         ev.main(["--n-dense", "0"] + base)
     real_corpus = ev.load_corpus
@@ -826,6 +830,7 @@ def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, sm
     results = json.loads((tmp_path / "eval_results.json").read_text())
     assert (results["rbit"], results["n_dense"]) == (64, 3) and "hata-trained 1/8" in results["perplexity"]
     assert results["hash_digest"] == hashlib.sha256((tmp_path / "p.safetensors").read_bytes()).hexdigest()[:16]
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # refused from the metadata (before: after)
     assert ev.main(argv + ["--n-dense", "2", "--name", "other"]) == 2
     assert "pass --n-dense 3" in capsys.readouterr().err
 
@@ -884,9 +889,10 @@ def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_a_sink_or_window_past_every_context_is_refused_before_a_prefill(capsys, tmp_path):
-    """A --sink or --quest window longer than every context is refused before any work; a huge one overflowed in
-    the kernels after the first prefill, with a traceback."""
+def test_a_sink_or_window_past_every_context_is_refused_before_a_prefill(capsys, tmp_path, monkeypatch):
+    """A --sink or --quest window longer than every context is refused before any work, the weights' load included
+    (before: after it); a huge one overflowed in the kernels after the first prefill, with a traceback."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)
     small = ["--tasks", "perplexity", "--ppl-context", "128", "--ppl-tokens", "8", "--ppl-docs", "1", "--budgets",
              "1/8", "--out-dir", str(tmp_path)]
     for flags, name in ((["--selectors", "oracle", "--sink", str(10 ** 30)], "oracle s" + str(10 ** 30)),

@@ -804,9 +804,10 @@ def test_the_report_reads_the_asked_sizes_each_length_once_and_records_its_comma
     assert {cell for cell in cells if "R=" in cell} == {"trained R=64", "random R=64", "random R=32"}
 
 
-def test_a_report_names_another_models_file_not_the_n_dense_it_carries(gguf_path, tmp_path, capsys):
+def test_a_report_names_another_models_file_not_the_n_dense_it_carries(gguf_path, tmp_path, capsys, monkeypatch):
     """A file made for Llama 2 7B (32 layers, n_dense 31) against the default model (30 layers): the file is named,
-    not an --n-dense the run was never given."""
+    not an --n-dense the run was never given, from the checkpoint's metadata before the weights load (before: after)."""
+    monkeypatch.setattr(th, "from_checkpoint", lambda *a, **k: 1 / 0)
     big = PRESETS["llama-2-7b"]
     save_hash_projections(path := str(tmp_path / "other.safetensors"), random_hash_projections(big, 32, 31), big,
                           HataArgs(rbit=32, n_dense=31))
@@ -1067,8 +1068,10 @@ def test_the_training_flags_take_their_boundary_values():
     assert (hp["shift"], hp["momentum"]) == (0, 0.0)
 
 
-def test_an_n_dense_of_every_layer_is_refused(gguf_path, tmp_path, capsys):
-    """--n-dense 30 on the default model's 30 layers leaves no layer to train: refused once the model is loaded."""
+def test_an_n_dense_of_every_layer_is_refused(gguf_path, tmp_path, capsys, monkeypatch):
+    """--n-dense 30 on the default model's 30 layers leaves no layer to train: refused from the checkpoint's metadata,
+    before the text's windows and the weights (before: once the model was loaded)."""
+    monkeypatch.setattr(th, "from_checkpoint", lambda *a, **k: 1 / 0)
     (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     argv = ["--out", str(tmp_path / "p.safetensors"), "--text", str(tmp_path / "a.txt"), "--seq-len", "64",
             "--n-dense", "30", "--device", "cpu"]
@@ -1128,6 +1131,16 @@ def test_several_sizes_need_rbit_in_out(capsys):
     assert th.main(["--rbit", "64", "128", "--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf"]) == 2
     err = capsys.readouterr().err
     assert "several --rbit values need '{rbit}' in --out" in err and "nonexistent" not in err
+
+
+def test_several_sizes_whose_out_names_are_one_file_are_refused(capsys, tmp_path):
+    """'d{rbit}/../w.safetensors' holds {rbit} but names one file for both sizes: before, R=64 was saved, then
+    replaced by R=128 without a word."""
+    os.makedirs(tmp_path / "d64"), os.makedirs(tmp_path / "d128")
+    assert th.main(["--rbit", "64", "128", "--out", str(tmp_path / "d{rbit}" / ".." / "w.safetensors"),
+                    "--checkpoint", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "--out names one file more than once" in err and "nonexistent" not in err
 
 
 def test_collect_samples_draws_queries_from_query_from(tiny_model):
