@@ -4,6 +4,7 @@ sizes, policy switches, half precision and head grouping that a mutation run of 
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -672,3 +673,35 @@ def test_select_topk_ref_clamps_a_length_past_the_row_to_the_row():
     for n in (8, 11, 2 ** 40):
         assert hk.select_topk_ref(score, torch.tensor([n]), 3, n_recent=2).tolist() == [[[5, 6, 7]]], n
         assert hk.select_topk_ref(score, torch.tensor([n]), 4, n_sink=1, n_recent=1).tolist() == [[[0, 3, 5, 7]]], n
+
+
+def test_rbit_stops_at_32_and_1024():
+    """rbit 0 is a multiple of 32 but no code at all: refused; 1024 bits (128 bytes), the limit, is taken."""
+    with pytest.raises(ValueError, match=re.escape("in [32, 1024], got 0")):
+        HataArgs(rbit=0)
+    assert HataArgs(rbit=1024).rbit == 1024
+
+
+def test_a_model_dense_in_every_layer_checks_no_hash_file():
+    """n_dense = n_layers: no layer selects, so the projection file is not checked; one sparse layer checks it."""
+    assert HataArgs(n_dense=4, hash_weights="p.safetensors").checked_file(4) is None
+    assert HataArgs(n_dense=3, hash_weights="p.safetensors").checked_file(4) == "p.safetensors"
+
+
+def test_a_hash_weights_file_with_a_tensor_for_no_layer_of_the_model_is_refused(tmp_path):
+    """A projection for layer 4, which the 4-layer tiny model lacks (a deeper model's file with this one's metadata),
+    is named as unexpected, not ignored."""
+    args, path = PRESETS["tiny"], str(tmp_path / "p.safetensors")
+    projs = {f"layers.{i}.hash_proj": torch.randn(2, 16, 64) for i in range(1, 5)}
+    save_file(projs, path, metadata={"model": args.describe(), "rbit": "64", "n_dense": "1"})
+    with pytest.raises(ValueError, match=re.escape("missing [], unexpected ['layers.4.hash_proj']")):
+        load_hash_projections(path, args, HataArgs(rbit=64, n_dense=1))
+
+
+def test_a_hash_weights_file_of_another_query_head_count_is_refused(tmp_path):
+    """The file's whole model line is compared: a model with the same key shape (layers, KV heads, head_dim) but
+    twice the query heads is another model, refused before its projections load."""
+    args, path, hata = PRESETS["tiny"], str(tmp_path / "p.safetensors"), HataArgs(rbit=64, n_dense=1)
+    save_hash_projections(path, {i: torch.randn(2, 16, 64) for i in (1, 2, 3)}, args, hata)
+    with pytest.raises(ValueError, match=r"were made for '.* n_heads=4 .*', not this model \('.* n_heads=8 "):
+        load_hash_projections(path, replace(args, n_heads=8), hata)

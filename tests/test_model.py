@@ -1402,3 +1402,42 @@ def test_a_dangling_tokenizer_or_template_link_is_an_incomplete_download(tmp_pat
     (tmp_path / name).symlink_to(tmp_path / "blobs" / "abc")
     with pytest.raises(FileNotFoundError, match=f"{name} links to a file that does not exist"):
         checkpoint_format(str(tmp_path))
+
+
+# From a mutation run of checkpoint loading and configuration (2026-12-06): behaviour no test held before
+
+def test_fewer_model_dims_than_heads_is_a_head_dim_of_zero():
+    """dim // n_heads is 0 for a dim below the head count: refused naming the derived head_dim, not a model with
+    empty heads."""
+    words = "head_dim must be an even whole number in [2, 2^31), got 0 (dim // n_heads)"
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ModelArgs(dim=2, n_heads=4, n_kv_heads=4)
+
+
+def test_whole_numbers_past_int64_are_kept_as_floats():
+    """A JSON rope_theta or RoPE factor written as a whole number past int64 (10^20) reaches torch as a float: the
+    frequencies are those of 1e20 (an int there is torch's "int too big to convert")."""
+    base = replace(PRESETS["tiny"], rope_theta=1e20, rope_scaling={"type": "linear", "factor": 1e20})
+    whole = replace(base, rope_theta=10 ** 20, rope_scaling={"type": "linear", "factor": 10 ** 20})
+    assert torch.equal(rope_frequencies(whole), rope_frequencies(base))
+
+
+def test_a_file_that_starts_almost_like_a_gguf_is_a_wrong_argument(tmp_path):
+    """All four bytes of the magic are read: "GGUX" is not a GGUF file, named as such (not a GGUF reader's error)."""
+    (path := tmp_path / "model.bin").write_bytes(b"GGUX" + b"\0" * 60)
+    with pytest.raises(ValueError, match=r"is not a GGUF file \(it does not start with 'GGUF'\): pass a .gguf file"):
+        load_checkpoint(str(path))
+
+
+def test_a_gguf_linear_rope_factor_of_one_is_no_scaling(tmp_path):
+    """A linear factor of 1 scales nothing: read as no scaling, as a factor of 0 or a type "none" is."""
+    assert checkpoint_metadata(write_model_gguf(tmp_path / "one.gguf", {"llama.rope.scaling.factor": 1.0}))[1] \
+        .rope_scaling is None
+
+
+def test_a_config_without_its_rms_epsilon_is_incomplete(tmp_path):
+    """As a GGUF without its epsilon: refused naming the key, not run with a guessed one (transformers' default is
+    1e-6; Llama 2's and 3's own 1e-5)."""
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in HF_CFG.items() if k != "rms_norm_eps"}))
+    with pytest.raises(ValueError, match="has no 'rms_norm_eps'"):
+        checkpoint_metadata(str(tmp_path))

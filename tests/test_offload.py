@@ -411,3 +411,13 @@ def test_a_large_host_keeps_a_tenth_free(monkeypatch):
     monkeypatch.setattr(offload, "host_available", lambda: 13 * GiB)  # 11.7 GiB may be pinned: 12 GiB does not fit
     with pytest.raises(ValueError, match=r"but \d+ bytes \(11.70 GiB\) may be pinned"):
         plan_offload(tiny(), 1, 2**24)
+
+
+def test_a_second_plan_brings_offloaded_layers_back():
+    """apply_offload sets every layer's cache class: a plan that offloads nothing after one that offloaded layers 1-3
+    leaves no layer in host memory."""
+    model = tiny()
+    assert apply_offload(model, 1, 64).layers == [1, 2, 3]
+    assert apply_offload(model, 1, 64, kv_gpu_gb=100).layers == []
+    model.setup_caches(1, 64)
+    assert all(type(layer.attention.kv_cache) is KVCache for layer in model.layers)
