@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import threading
 import types
@@ -2402,3 +2403,144 @@ def test_the_streamer_shows_the_text_before_a_stop_that_ends_in_the_start_of_ano
         streamer(torch.tensor([t]))
     streamer.finish()
     assert capsys.readouterr().out == "Paris. Q\n" and engine.reply_text(tok, ids, stops) == "Paris. Q"
+
+
+# From a mutation run of engine.py's setup and command-line paths (2026-12-06)
+
+def test_a_prompt_that_fills_the_cache_gets_the_prefills_one_token(capsys):
+    """A prompt exactly as long as --max-seq-len fits: the prefill's token is all it has room for (the last token is
+    never cached), and a note says so; one token more of prompt is refused."""
+    tiny = ["--random-weights", "--preset", "tiny", "--max-seq-len", "8", "--max-new-tokens", "4", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *tiny, "--prompt-len", "8")
+    assert code == 0 and "note: at most 1 new token: the cache holds 8 tokens and the prompt 8" in err, err
+    assert "decode: no steps" in err
+    code, _, err = run_cli(capsys, *tiny, "--prompt-len", "9")
+    assert code == 2 and "--prompt-len is 9 but --max-seq-len is 8" in error_line(err)
+
+
+def test_plural_is_singular_for_one_alone():
+    """"0 tokens", "1 token", "2 tokens"; an irregular plural is taken as given."""
+    assert [engine.plural(n) for n in (0, 1, 2)] == ["0 tokens", "1 token", "2 tokens"]
+    assert [engine.plural(n, "query", "queries") for n in (0, 1, 3)] == ["0 queries", "1 query", "3 queries"]
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_the_shipped_projections_are_only_the_default_models(capsys):
+    """The repository's projections were trained on SmolLM2-135M: the default model gets the file of its --rbit,
+    another checkpoint none (and no note: it has no shipped ones to miss), nor does a selector that reads no codes."""
+    weights = os.path.join(engine.HERE, "weights")
+    assert engine.shipped_hash_weights(HataArgs(budget=4)) == os.path.join(weights, "smollm2-135m-r128.safetensors")
+    assert engine.shipped_hash_weights(HataArgs(budget=4, rbit=64)) == os.path.join(weights,
+                                                                                     "smollm2-135m-r64.safetensors")
+    assert engine.shipped_hash_weights(HataArgs(budget=4), __file__) is None  # (a file of another size: not read)
+    assert engine.shipped_hash_weights(HataArgs(budget=4, selector="quest")) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_a_cuda_devices_free_memory_counts_what_pytorch_holds_unused(monkeypatch):
+    """On CUDA, the driver's free bytes and the bytes PyTorch has reserved but not handed out (it makes new tensors
+    there): 1000 + (300 - 200); on the CPU, the host's available memory. (CUDA is pretended: no GPU is needed.)"""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 8000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 200)
+    monkeypatch.setattr(engine, "host_available", lambda: 5000)
+    assert engine.device_free(torch.device("cuda:0")) == 1100 and engine.device_free(torch.device("cpu")) == 5000
+
+
+def test_random_weights_are_sized_in_their_dtype(monkeypatch):
+    """The size check of --random-weights counts the dtype's bytes a value: Llama-3.1-8B's shape takes 29.9 GiB in
+    float32 and half that in bfloat16 (which a 24 GiB host holds)."""
+    monkeypatch.setattr(engine, "host_available", lambda: 1000)
+    for dtype, gib in ((torch.float32, "29.9"), (torch.bfloat16, "15.0")):
+        with pytest.raises(ValueError, match=rf"the llama-3.1-8b shape's weights take {gib} GiB in {dtype} but cpu"):
+            engine.random_model("llama-3.1-8b", None, "cpu", dtype)
+
+
+def test_random_prompts_default_to_half_the_cache_and_come_from_the_seed(capsys, monkeypatch):
+    """--random-weights without --prompt-len: half the cache (--max-seq-len, else the preset's context of 1024),
+    leaving room to decode; the prompt's tokens are drawn from --seed: the same seed draws the same, another others."""
+    seen = []
+
+    def generate(model, prompts, *args, **kwargs):
+        seen.append(prompts)
+        return [[1]] * len(prompts), {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    tiny = ["--random-weights", "--preset", "tiny", "--max-new-tokens", "2", "--device", "cpu", "--dense"]
+    for flags, n in ((["--max-seq-len", "64"], 32), ([], 512)):
+        code, _, err = run_cli(capsys, *tiny, *flags)
+        assert code == 0 and f"1 random prompt of {n} tokens;" in err and [len(p) for p in seen[-1]] == [n], err
+    for seed in ("3", "3", "4"):
+        assert run_cli(capsys, *tiny, "--prompt-len", "16", "--seed", seed)[0] == 0
+    assert seen[-3] == seen[-2] != seen[-1]
+
+
+def test_the_status_line_names_a_recent_window_without_a_sink():
+    """The positions always attended are named whichever of --sink and --recent gives them."""
+    assert "hash selector, budget 16 (--sink 0, --recent 4 of them) of up to 64 tokens" in engine.describe_policy(
+        HataArgs(budget=16, n_recent=4), 64, 4)
+    assert "(--sink" not in engine.describe_policy(HataArgs(budget=16), 64, 4)
+
+
+def test_a_socket_as_standard_input_is_one_stream_too(capsys, monkeypatch):
+    """A socket read as standard input (a service's, or `socat ... -`) holds one prompt, as a pipe does: "-" and
+    /dev/fd/N naming it twice are refused before either is read."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs, ours.makefile() as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        key = engine.read_once("-")
+        assert key is not None and key == engine.read_once(f"/dev/fd/{ours.fileno()}")
+        monkeypatch.setattr(engine, "read_prompt_file", lambda path: pytest.fail(f"{path} read before the check"))
+        code, _, err = run_cli(capsys, "--prompt-file", "-", "--prompt-file", f"/dev/fd/{ours.fileno()}")
+        assert code == 2 and "--prompt-file names standard input (or one pipe) twice" in error_line(err)
+
+
+def test_a_prompt_cache_serves_every_prompt_it_starts(tmp_path):
+    """cache_serves: a file whose tokens start with the prompt's holds the prompt's K/V (it is read, not rewritten,
+    so no writable folder is needed), a longer file too; a prompt that goes on past the file's, or differs, not."""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model.setup_caches(1, 16)
+    ids = list(range(5, 15))
+    engine.generate(model, [ids], 2)
+    engine.save_prompt_cache(path := str(tmp_path / "p.cache"), model, ids, [])
+    assert [engine.cache_serves(path, p) for p in (ids, ids[:3], ids + [20], ids[:3] + [20])] == [True, True, False,
+                                                                                                 False]
+
+
+def test_a_name_as_long_as_the_file_system_takes_is_writable(tmp_path):
+    """check_writable refuses a name longer than the folder's file system takes (NAME_MAX: 255 bytes on most), not a
+    name of that many bytes, which opens."""
+    most = os.pathconf(tmp_path, "PC_NAME_MAX")
+    engine.check_writable(str(tmp_path / ("p" * most)), "--out")
+    (tmp_path / ("p" * most)).write_text("fits")
+    with pytest.raises(OSError, match=f"^--out: cannot write in .*a name of {most + 1} bytes, p"):
+        engine.check_writable(str(tmp_path / ("p" * (most + 1))), "--out")
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
+def test_a_budget_of_the_whole_cache_needs_no_gpu_kernels(capsys, monkeypatch):
+    """A budget of exactly the cache's positions (a 1-token prompt + 300 new tokens - 1) attends to every key: no
+    step is sparse, so a head dim the GPU kernels cannot tile goes on to the load; a budget of one position less is
+    refused from the metadata (a CUDA device is pretended; nothing loads)."""
+    def load(*args, **kwargs):
+        raise ValueError("the load")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(engine, "from_checkpoint", load)
+    shape = dataclasses.replace(PRESETS["tiny"], head_dim=100, vocab_size=49152)  # the default model's tokenizer
+    monkeypatch.setattr(engine, "checkpoint_metadata", lambda path: (1024, shape))
+    for budget, words in (("300", "error: the load"), ("299", "a power of two >= 16, and this model's is 100")):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", "--budget",
+                               budget)
+        assert code == 2 and words in error_line(err), (budget, err)
+
+
+def test_a_prompt_caches_weights_digest_counts_the_rope_factors():
+    """A GGUF's RoPE factors (rope_freqs) turn every key: models alike but for them have other digests, so one's
+    prompt cache is refused by the other. (The check in test_a_prompt_cache_file_of_another_kind_is_refused_and_kept
+    passes without them: its weights come back from + 1 - 1 rounded.)"""
+    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    digests = [engine.weights_digest(model)]
+    for factors in (torch.full((8,), 2.0), torch.full((8,), 4.0)):
+        model.rope_factors = factors
+        digests.append(engine.weights_digest(model))
+    assert len(set(digests)) == 3 and engine.weights_digest(model) == digests[-1]
