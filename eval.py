@@ -689,16 +689,17 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         check_rbit(args.rbit, "--rbit")
     checked = HataArgs(**hata)
     weights = (args.hash_weights or shipped_hash_weights(checked, args.checkpoint)) if trained else None
-    if "trained" in args.selectors and not weights:  # left out; were it the only one, the table would be empty
-        if set(args.selectors) == {"trained"}:
-            raise ValueError("only dense would run: no trained projections; give --hash-weights FILE or more selectors")
-        print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
+    left_out = "trained" in args.selectors and not weights  # were it the only one, the table would be empty
+    if left_out and set(args.selectors) == {"trained"}:
+        raise ValueError("only dense would run: no trained projections; give --hash-weights FILE or more selectors")
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or default_checkpoint()
     context, shape = checkpoint_metadata(checkpoint)  # before the text is read and the model loads
     for flag, Cs in lengths.items():
         if Cs and max(Cs) > context:
             raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {context} tokens")
+    if left_out:  # (after the checkpoint's check: a missing one is named alone, not as one without projections)
+        print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
     if shape:  # another model's projections, other bits, an --n-dense past the layers (a Meta checkpoint's: later)
         check_shape([weights] * bool(weights), n_dense, shape, checked)
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)

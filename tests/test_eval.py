@@ -886,6 +886,10 @@ def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
                     "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "nonexistent" in err and "--rbit (no HATA selector" in err and "multiple of 32" not in err
+    assert ev.main(["--selectors", "trained", "oracle", "--checkpoint", "/nonexistent.gguf", "--out-dir",
+                    str(tmp_path)]) == 2  # not the default model: no projections, but the checkpoint's error alone
+    err = capsys.readouterr().err
+    assert "checkpoint not found: /nonexistent.gguf" in err and "no trained projections" not in err, err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
