@@ -784,9 +784,9 @@ def write_report(results, out_dir, name, json_path=None, partial_path=None):
             os.remove(partial_path)
     write_text(os.path.join(out_dir, f"{name}_results.md"), f"Command: `{results['command']}`; seconds: "
                                                             f"{results['seconds']}\n\n{md}\n")
+    print(md)  # (before the plot: one that fails costs no table either)
     if not (plotted := plot(results, png)) and os.path.exists(png):
         os.remove(png)
-    print(md)
     also = f" and {png}" if plotted else ""
     print(f"wrote {out_dir}/{name}_results.md{also} (results: {name}_results.json)", file=sys.stderr)
 

@@ -838,7 +838,7 @@ def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, sm
 def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_costs_no_results(monkeypatch, tmp_path,
                                                                                               capsys):
     """A report that fails to build writes no file; a plot that fails (matplotlib on odd data) comes after the
-    results and the markdown are written. Dense with no retrieval sample right has no plot (no share of none), where
+    results and the markdown are written, and the table shown. Dense with no retrieval sample right has no plot (no share of none), where
     matplotlib's log axis failed, after a whole run, with the final results unwritten."""
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
     (tmp_path / "a.json").write_text(json.dumps(results))
@@ -851,12 +851,14 @@ def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_cost
             assert os.listdir(tmp_path) == ["a.json"]
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b_results.json", "b_results.md"]
     (tmp_path / "b_results.partial.json").write_text("a run's results so far")  # gone once the results are written
+    capsys.readouterr()
     monkeypatch.setattr(ev, "plot", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ev.write_report(results, str(tmp_path), "b", str(tmp_path / "b_results.json"),
                         str(tmp_path / "b_results.partial.json"))
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b_results.json", "b_results.md"]
+    assert capsys.readouterr().out == ev.report(results) + "\n"  # the table is shown (before: not, as the plot failed)
     (tmp_path / "e_scores.png").mkdir()  # a folder where the plot would go: refused before anything is written
     assert ev.main(["--report", str(tmp_path / "a.json"), "--out-dir", str(tmp_path), "--name", "e"]) == 2
     assert "e_scores.png is a folder, where this run would write a file" in capsys.readouterr().err
