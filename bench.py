@@ -709,7 +709,7 @@ def main(argv=None):
     parser, sub = build_parser()
     args = parser.parse_args(argv)
     if args.mode != "cpu" and not torch.cuda.is_available():
-        parser.error(f"bench.py {args.mode} needs a CUDA GPU")
+        parser.error(f"bench.py {args.mode} needs a CUDA GPU; on the CPU, bench.py cpu times the default model")
     mode_parser, note = sub.choices[args.mode], None  # its errors point to `bench.py MODE --help`
     # each point once; contexts and batches ascending, so the tables' rows and the plots' lines run along S
     for name in ("seqlens", "batches", "shapes", "budgets"):

@@ -86,7 +86,8 @@ def test_bad_flags_get_one_line(argv, words, capsys):
 def test_e2e_budgets_take_fractions(capsys):
     with pytest.raises(SystemExit):
         bench.main(["e2e", "--budgets", "1/64", "2048"])
-    assert "needs a CUDA GPU" in capsys.readouterr().err  # parsed: only the missing GPU stops it
+    err = capsys.readouterr().err  # parsed: only the missing GPU stops it, naming the mode that runs here
+    assert "bench.py e2e needs a CUDA GPU; on the CPU, bench.py cpu times the default model" in err
 
 
 def test_a_context_beyond_the_model_or_every_context_within_the_budget_is_one_error_line(gguf_path, capsys, tmp_path,
