@@ -503,6 +503,8 @@ def test_weights_that_are_not_finite_are_refused_at_load(small_smol, tmp_path):
         with pytest.raises(ValueError, match=re.escape(words)):
             from_checkpoint(str(tmp_path), dtype=dtype)
     assert from_checkpoint(str(tmp_path), dtype=torch.bfloat16).layers[0].attention.wqkv.weight.isfinite().all()
+    save_file({**tensors, name: torch.full_like(tensors[name], 6e4)}, tmp_path / "model.safetensors")
+    assert from_checkpoint(str(tmp_path), dtype=torch.float16)  # finite in float16, only their sum is not
 
 
 def test_incomplete_checkpoint_metadata(tmp_path):
