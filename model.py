@@ -700,7 +700,9 @@ def check_hash_model(meta, args: ModelArgs, path, hata: HataArgs | None = None):
     """A projection file's metadata against the model's shape and, given `hata`, its bits and dense layers."""
     if meta["model"] != args.describe():
         raise ValueError(f"hash weights {path} were made for '{meta['model']}', not this model ('{args.describe()}')")
-    for key, flag in (("rbit", "--rbit"), ("n_dense", "--n-dense")) if hata else ():
+    if hata is None:
+        return
+    for key, flag in (("rbit", "--rbit"), ("n_dense", "--n-dense")):
         if int(meta[key]) != getattr(hata, key):
             raise ValueError(f"hash weights {path} have {key}={meta[key]} but {key}={getattr(hata, key)} was asked "
                              f"for; pass {flag} {meta[key]}")
@@ -1125,14 +1127,18 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
         if not w.is_floating_point() or w.dtype.itemsize < 2:  # float8: scaled by tensors of its own (Meta's, FP8)
             raise ValueError(f"{where}: {named(name)} holds {w.dtype}, not floating-point weights of 16 bits or more")
     given, sd = sd, {name: w.to(device=device, dtype=dtype) for name, w in sd.items()}
-    # a NaN or inf makes its tensor's sum one (a tenth of isfinite's time; one wait for the GPU); else NaN keys made
-    # all-NaN scores, which attention turns to 0: wrong text, no error
-    sums = torch.stack([w.sum().isfinite() for w in sd.values()]).tolist()
-    if bad := [name for name, ok in zip(sd, sums) if not ok and not sd[name].isfinite().all()]:  # (or an overflow)
-        name = bad[0]
+    # a NaN or inf shows in its tensor's min or max (one pass, no copy: a twentieth of isfinite's time; one wait for
+    # the GPU); else NaN keys made all-NaN scores, which attention turns to 0: wrong text, no error
+    finite = torch.stack([torch.stack(torch.aminmax(w)).isfinite().all() for w in sd.values()]).tolist()
+    if not all(finite):
+        name = list(sd)[finite.index(False)]
+        wider = "; load it in bfloat16 or float32 (--dtype)" if dtype == torch.float16 else ""
         if given[name].isfinite().all():
-            raise ValueError(f"{where}: {named(name)} overflows {dtype} (values past {torch.finfo(dtype).max:.0f}); "
-                             "load it in bfloat16 or float32 (engine.py --dtype)")
+            raise ValueError(f"{where}: {named(name)} overflows {dtype} (values past "
+                             f"{torch.finfo(dtype).max:.4g}){wider}")
+        if wider:  # (a GGUF is dequantized into float16 itself: there an overflow looks like the file's own inf)
+            raise ValueError(f"{where}: {named(name)} holds NaN or inf in float16: a value past 65504, or a corrupt "
+                             f"file{wider}")
         raise ValueError(f"{where}: {named(name)} holds NaN or inf; the file is corrupt")
     for name, parts in fused.items():
         sd[name] = torch.cat([sd.pop(part) for part, _ in parts])

@@ -495,8 +495,11 @@ def test_weights_that_are_not_finite_are_refused_at_load(small_smol, tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     name = "model.layers.0.self_attn.k_proj.weight"
     for bad, dtype, words in ((math.nan, torch.float32, f"{name} holds NaN or inf; the file is corrupt"),
+                              (math.nan, torch.float16, f"{name} holds NaN or inf in float16: a value past 65504, "
+                                                        "or a corrupt file; load it in bfloat16"),
                               (-math.inf, torch.bfloat16, f"{name} holds NaN or inf"),
-                              (1e5, torch.float16, f"{name} overflows torch.float16 (values past 65504)")):
+                              (1e5, torch.float16, f"{name} overflows torch.float16 (values past 6.55e+04); load "
+                                                   "it in bfloat16 or float32 (--dtype)")):
         w = tensors[name].clone()
         w[0, 0] = bad
         save_file({**tensors, name: w}, tmp_path / "model.safetensors")
@@ -504,7 +507,7 @@ def test_weights_that_are_not_finite_are_refused_at_load(small_smol, tmp_path):
             from_checkpoint(str(tmp_path), dtype=dtype)
     assert from_checkpoint(str(tmp_path), dtype=torch.bfloat16).layers[0].attention.wqkv.weight.isfinite().all()
     save_file({**tensors, name: torch.full_like(tensors[name], 6e4)}, tmp_path / "model.safetensors")
-    assert from_checkpoint(str(tmp_path), dtype=torch.float16)  # finite in float16, only their sum is not
+    assert from_checkpoint(str(tmp_path), dtype=torch.float16)  # finite in float16 (their sum is not)
 
 
 def test_incomplete_checkpoint_metadata(tmp_path):
