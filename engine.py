@@ -1269,10 +1269,16 @@ class StopStrings:
 
     def __call__(self, ids):  # generate's stop_when: the newest tokens' text holds one
         n = self.tail
-        while n < len(ids) and len(self.tok.decode(ids[-n:-1]).lstrip("\ufffd")) < self.longest:
-            n *= 2  # tokens of no text (<s>), or a window that opens inside a character's bytes (U+FFFD): more
-        text = self.tok.decode(ids[-n:]).strip("\ufffd")  # (bytes of a character cut at either end: not text)
-        return any(t in text for t in self.texts)
+        while n < len(ids) and len(self.window(ids[:-1], n - 1)) < self.longest:  # tokens of no text (<s>): more
+            n *= 2
+        return any(t in self.window(ids, n) for t in self.texts)
+
+    def window(self, ids, n):
+        """The text of the last n ids less the U+FFFD of a character they cut: at most 3 at the start (its last
+        bytes; none at the reply's own start) and at the end (its first bytes, the rest to come)."""
+        text = self.tok.decode(ids[-n:])
+        head = min(3, len(text) - len(text.lstrip("\ufffd"))) if n < len(ids) else 0
+        return text[head:len(text) - min(3, len(text) - len(text.rstrip("\ufffd")))]
 
     def cut(self, text):  # text before the first stop string
         return min((text[:text.index(t)] for t in self.texts if t in text), key=len, default=text)

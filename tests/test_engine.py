@@ -2362,7 +2362,8 @@ def test_min_p_1_and_top_p_1_are_in_their_ranges(capsys):
 def test_a_stop_string_spelled_in_byte_tokens_is_found():
     """StopStrings looks back over enough tokens for byte pieces (3 for a €): '€€' in 6 byte tokens is found, and a
     look-back that opens inside a character (its last bytes decode to U+FFFD, not text) looks further; a character's
-    bytes cut at either end of the look-back are not a U+FFFD of the text (--stop $'\\ufffd')."""
+    bytes cut at either end of the look-back are not a U+FFFD of the text (--stop $'\\ufffd'), while one the model
+    writes is, at the reply's start or in a run of them."""
     from tokenizer import Tokenizer
     tok = Tokenizer.from_path(engine.default_checkpoint())
     euro = [tok.enc.encode_single_token(bytes([b])) for b in "€".encode()]
@@ -2373,9 +2374,11 @@ def test_a_stop_string_spelled_in_byte_tokens_is_found():
     ids = tok.encode("Hi ", bos=False) + emoji + [tok.vocab_size] * 8 + tok.encode("!", bos=False)
     assert tok.decode(ids) == "Hi 😀!" and engine.StopStrings(tok, ["😀!"])(ids)  # before: the look-back opened
     assert not engine.StopStrings(tok, ["😀!"])(ids[:-1])  # inside the emoji, whose 3 last bytes read as 3 U+FFFD
-    for cut in (ids[:5], [tok.vocab_size] * 40 + ids[4:]):  # the emoji's first 3 bytes at the end, or its last 2 first
-        assert "\ufffd" in tok.decode(cut) and not engine.StopStrings(tok, ["\ufffd"])(cut)  # not a U+FFFD in text
-    assert engine.StopStrings(tok, ["\ufffd"])(tok.encode("a\ufffdb", bos=False))  # as the model writes it: found
+    letters = [tok.encode(c, bos=False)[0] for c in "abcdefg"]  # the look-back: 8 ids, the emoji's last byte first
+    for cut in (ids[:5], ids[:6] + letters):  # the emoji's first 3 bytes at the end, its last byte at the start
+        assert "\ufffd" in tok.decode(cut[-8:]) and not engine.StopStrings(tok, ["\ufffd"])(cut)  # no U+FFFD in text
+    for text in ("a\ufffdb", "\ufffdb and more", "x" + "\ufffd" * 30):  # as the model writes it: found
+        assert engine.StopStrings(tok, ["\ufffd"])(tok.encode(text, bos=False)), text
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
