@@ -385,7 +385,7 @@ def prompt_text(text):
 def not_utf8(text):  # words naming the first byte that was not UTF-8 (a lone surrogate, see prompt_text), else None
     if (i := next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)) is not None:
         return (f"not UTF-8 text (byte 0x{ord(text[i]) - 0xdc00:02x} at character {i}): convert it, e.g. with "
-                "iconv -t utf-8")
+                "iconv -f latin1 -t utf-8 (-f: its encoding)")
 
 
 def positive_int(text):
@@ -890,7 +890,8 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
             return f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"
     except UnicodeDecodeError as e:
         what = "standard input (--prompt-file -)" if path == "-" else f"prompt file {path}"
-        raise ValueError(f"{what} is not UTF-8 text ({e}); convert it, e.g. with iconv -t utf-8") from None
+        raise ValueError(f"{what} is not UTF-8 text ({e}); convert it, e.g. with iconv -f latin1 -t "
+                         "utf-8 (-f: its encoding)") from None
 
 
 def cache_size(args, longest, context, what=None, all_dense=False):

@@ -85,8 +85,8 @@ def load_corpus(paths=None):
             with open(p, encoding="utf-8-sig", errors="replace") as f:  # (a BOM is no text)
                 text = f.read()
             if "\0" in text or text.count("\ufffd") > len(text) // 100:  # NUL, or over 1% not UTF-8
-                raise ValueError(f"--text {p} is not UTF-8 text (a binary file, or another encoding: convert it, e.g. "
-                                 "with iconv -t utf-8)")
+                raise ValueError(f"--text {p} is not UTF-8 text (a binary file, or another encoding); convert it, "
+                                 "e.g. with iconv -f latin1 -t utf-8 (-f: its encoding)")
             docs.append((os.path.basename(p), text))
         return docs
     spec = importlib.util.find_spec("bible")

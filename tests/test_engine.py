@@ -377,7 +377,7 @@ def test_random_weights_are_built_in_their_dtype(monkeypatch):
 def test_bad_prompt_files(capsys, tmp_path, monkeypatch):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "latin1.txt"))
-    assert code == 2 and "latin1.txt is not UTF-8" in error_line(err) and "e.g. with iconv -t utf-8" in err
+    assert code == 2 and "latin1.txt is not UTF-8" in error_line(err) and "e.g. with iconv -f latin1 -t utf-8" in err
     with open(tmp_path / "latin1.txt", "rb") as f:  # (before: "prompt file -", and no way to fix it)
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(f))
         code, _, err = run_cli(capsys, "--prompt-file", "-")
