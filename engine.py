@@ -673,10 +673,9 @@ def run(args):
     if shape:  # the model's vocabulary from its metadata: a wrong tokenizer is named before the weights load
         check_vocab(tok, prompts, shape.vocab_size, args.tokenizer or checkpoint)
         check_offload(args, shape, hata, len(prompts), max_seq_len, planned, dtype, continued)
-    # all but the weights' part of the check (load_prompt_cache); a file to be rewritten must be writable
-    if args.prompt_cache and check_prompt_cache(args.prompt_cache, shape, dtype) and not cache_serves(
-            args.prompt_cache, prompts[0]):
-        writable_cache(args.prompt_cache)
+    if args.prompt_cache and check_prompt_cache(args.prompt_cache, shape, dtype):  # all but its weights' check
+        if not cache_serves(args.prompt_cache, prompts[0]):  # to be rewritten: it must be writable
+            writable_cache(args.prompt_cache)
     model = from_checkpoint(checkpoint, hata, device=device, dtype=dtype)
     if not shape:  # a Meta checkpoint's, known from its weights
         check_vocab(tok, prompts, model.args.vocab_size, args.tokenizer or checkpoint)
@@ -1168,13 +1167,14 @@ def check_prompt_cache(path, args, dtype):
         flag = next((k for k, v in DTYPES.items() if str(v) == meta.get("dtype")), None)
         raise ValueError(f"--prompt-cache {path} holds K/V in {meta.get('dtype')}, not {dtype}: " + (
             f"run with --dtype {flag}, or {KEPT}" if flag else KEPT))
+    if len(n := shapes.get("tokens", [0])) != 1 or n[0] == 0:  # (cache_serves reads them, a Meta model's too)
+        raise ValueError(f"--prompt-cache {path} is corrupt: it holds no list of tokens; {KEPT}")
     if args is None:
         return meta
     if meta.get("model") != repr(args):
         raise ValueError(f"--prompt-cache {path} holds another model's K/V ({meta.get('model')}), not this one's "
                          f"({args!r}): {KEPT}")
-    n = shapes.get("tokens", [0])
-    if not (len(n) == 1 and n[0] > 0 and set(shapes) == {"tokens"} | {
+    if not (set(shapes) == {"tokens"} | {
             f"layers.{i}.{kv}" for i in range(args.n_layers) for kv in "kv"} and all(
             shape == [args.n_kv_heads, n[0], args.head_dim] for name, shape in shapes.items() if name != "tokens")):
         raise ValueError(f"--prompt-cache {path} is corrupt: it lacks a tensor of this model's, or one has another "

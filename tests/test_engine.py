@@ -2187,6 +2187,10 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
     save_file(empty, tmp_path / "empty", meta)
     with pytest.raises(ValueError, match="is corrupt"):
         engine.load_prompt_cache(str(tmp_path / "empty"), model)
+    for tokens in ({}, {"tokens": torch.tensor(5)}):  # a Meta model's check (no shape yet; cache_serves reads them)
+        save_file({**{k: v for k, v in tensors.items() if k != "tokens"}, **tokens}, tmp_path / "no tokens", meta)
+        with pytest.raises(ValueError, match="is corrupt: it holds no list of tokens; .*this one is kept"):
+            engine.check_prompt_cache(str(tmp_path / "no tokens"), None, torch.float32)
     digest = engine.weights_digest(model)  # every tensor counts, and a GGUF's RoPE factors
     for name, w in model.state_dict().items():
         with torch.no_grad():
