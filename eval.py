@@ -43,7 +43,7 @@ from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_to
 from model import (HataArgs, check_rbit, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections,
                    write_whole)
 from tokenizer import Tokenizer
-from train_hash import (BUDGETS, HELD_OUT, HERE, check_shape, load_corpus, refuse_repeats, refuse_to_replace,
+from train_hash import (BUDGETS, HELD_OUT, HERE, check_hash_files, load_corpus, refuse_repeats, refuse_to_replace,
                         split_corpus, token_windows)
 N_DIGITS = 5  # digits of a pass key; also the cache's slack: an answer of up to N_DIGITS + 1 tokens fits, and
 # one of up to N_DIGITS tokens is decoded one step further (an answer followed by a digit is another number)
@@ -701,7 +701,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if left_out:  # (after the checkpoint's check: a missing one is named alone, not as one without projections)
         print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
     if shape:  # another model's projections, other bits, an --n-dense past the layers (a Meta checkpoint's: later)
-        check_shape([weights] * bool(weights), n_dense, shape, checked)
+        check_hash_files([weights] * bool(weights), n_dense, shape, checked)
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
     if far := next((n for n, _, h in pols[1:] if max(h.n_sink, h.n_recent) > max(sum(lengths.values(), []))), None):
@@ -718,8 +718,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
         windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, what=HELD_OUT, flag="--ppl-context")
     model = from_checkpoint(checkpoint, None, device=args.device)
-    if not shape:
-        check_shape([], n_dense, model.args)
+    if not shape:  # (a Meta checkpoint's, known from its weights)
+        check_hash_files([weights] * bool(weights), n_dense, model.args, checked)
     if weights:  # a file trained on other weights of this shape: one line now, not after the first prefill
         load_hash_projections(weights, model.args, checked, key_signature(model, n_dense))
     rbit = hata["rbit"] if any(kw["selector"] == "hash" for kw in sels.values()) else None  # (None: no codes read)

@@ -625,7 +625,7 @@ def run(args):
     checkpoint = args.checkpoint or default_checkpoint()
     context, shape = checkpoint_metadata(checkpoint)  # a wrong --checkpoint fails as itself, not as its tokenizer
     if shape:
-        check_shape(args.hash_weights if args.report else [], args.n_dense, shape)
+        check_hash_files(args.hash_weights if args.report else [], args.n_dense, shape)
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
     t0 = time.perf_counter()
     tok, gen = Tokenizer.from_path(checkpoint), torch.Generator().manual_seed(args.seed)
@@ -635,7 +635,7 @@ def run(args):
     model = from_checkpoint(checkpoint, None, device=args.device)
     margs = model.args
     if not shape:
-        check_shape(args.hash_weights if args.report else [], args.n_dense, margs)
+        check_hash_files(args.hash_weights if args.report else [], args.n_dense, margs)
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); "
           f"text: {plural(len(train_docs), 'training document')}, {len(heldout_docs)} held out", file=sys.stderr)
     if args.report:
@@ -666,7 +666,7 @@ def training_settings(args):
     return hp
 
 
-def check_shape(paths, n_dense, margs, hata=None):
+def check_hash_files(paths, n_dense, margs, hata=None):
     """Projection files and --n-dense against the model's shape (ModelArgs): another model's file is named as such,
     not as the --n-dense it carries (with `hata`, its bits and dense layers are checked too); --n-dense must leave a
     sparse layer."""

@@ -2510,8 +2510,8 @@ def test_a_prompt_cache_serves_every_prompt_it_starts(tmp_path):
     ids = list(range(5, 15))
     engine.generate(model, [ids], 2)
     engine.save_prompt_cache(path := str(tmp_path / "p.cache"), model, ids, [])
-    assert [engine.cache_serves(path, p) for p in (ids, ids[:3], ids + [20], ids[:3] + [20])] == [True, True, False,
-                                                                                                 False]
+    served = [engine.cache_serves(path, p) for p in (ids, ids[:3], ids + [20], ids[:3] + [20])]
+    assert served == [True, True, False, False]
 
 
 def test_a_name_as_long_as_the_file_system_takes_is_writable(tmp_path):

@@ -838,8 +838,8 @@ def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, sm
 def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_costs_no_results(monkeypatch, tmp_path,
                                                                                               capsys):
     """A report that fails to build writes no file; a plot that fails (matplotlib on odd data) comes after the
-    results and the markdown are written, and the table shown. Dense with no retrieval sample right has no plot (no share of none), where
-    matplotlib's log axis failed, after a whole run, with the final results unwritten."""
+    results and the markdown are written, and the table shown. Dense with no retrieval sample right has no plot (no
+    share of none), where matplotlib's log axis failed, after a whole run, with the final results unwritten."""
     results = {"command": "test", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "retrieval": []}
     (tmp_path / "a.json").write_text(json.dumps(results))
     for stage in ("report", "plot"):

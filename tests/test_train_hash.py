@@ -1072,6 +1072,7 @@ def test_an_n_dense_of_every_layer_is_refused(gguf_path, tmp_path, capsys, monke
     """--n-dense 30 on the default model's 30 layers leaves no layer to train: refused from the checkpoint's metadata,
     before the text's windows and the weights (before: once the model was loaded)."""
     monkeypatch.setattr(th, "from_checkpoint", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(th, "training_windows", lambda *a, **k: 1 / 0)
     (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     argv = ["--out", str(tmp_path / "p.safetensors"), "--text", str(tmp_path / "a.txt"), "--seq-len", "64",
             "--n-dense", "30", "--device", "cpu"]
@@ -1136,7 +1137,8 @@ def test_several_sizes_need_rbit_in_out(capsys):
 def test_several_sizes_whose_out_names_are_one_file_are_refused(capsys, tmp_path):
     """'d{rbit}/../w.safetensors' holds {rbit} but names one file for both sizes: before, R=64 was saved, then
     replaced by R=128 without a word."""
-    os.makedirs(tmp_path / "d64"), os.makedirs(tmp_path / "d128")
+    for rbit in (64, 128):
+        os.makedirs(tmp_path / f"d{rbit}")
     assert th.main(["--rbit", "64", "128", "--out", str(tmp_path / "d{rbit}" / ".." / "w.safetensors"),
                     "--checkpoint", "/nonexistent.gguf"]) == 2
     err = capsys.readouterr().err
