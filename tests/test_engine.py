@@ -229,7 +229,8 @@ def test_an_offload_plan_that_gains_nothing_is_refused_before_the_weights_load(c
 def test_a_head_dim_the_gpu_kernels_cannot_tile_is_refused_before_the_load(capsys, monkeypatch):
     """On CUDA the hashing and attention kernels need a head dim that is a power of two >= 16: OpenLLaMA-3B's 100
     failed in the first prefill, after the weights had loaded. Refused from the metadata now, for any selector;
-    runs with no sparse step go on to the load (a CUDA device is pretended; nothing loads)."""
+    runs with no sparse step (a budget of the whole cache, 300 positions, too) go on to the load (a CUDA device is
+    pretended; nothing loads)."""
     def load(*args, **kwargs):
         raise ValueError("the load")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -237,10 +238,11 @@ def test_a_head_dim_the_gpu_kernels_cannot_tile_is_refused_before_the_load(capsy
     shape = dataclasses.replace(PRESETS["tiny"], head_dim=100, vocab_size=49152)  # the default model's tokenizer
     monkeypatch.setattr(engine, "checkpoint_metadata", lambda path: (1024, shape))
     for flags in (["--budget", "4"], ["--budget", "1/8", "--selector", "oracle"], ["--budget", "64", "--selector",
-                                                                                   "quest"]):
+                                                                                   "quest"], ["--budget", "299"]):
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", *flags)
         assert code == 2 and "a power of two >= 16, and this model's is 100: decode with --dense" in error_line(err)
     for flags in (["--dense"], ["--n-dense", "4", "--budget", "4"], ["--budget", "2048"],
+                  ["--budget", "300"],  # every position of the cache (1 + 300 - 1): no sparse step
                   ["--device", "cpu", "--budget", "4", "--selector", "oracle"]):
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", *flags)
         assert code == 2 and error_line(err) == "error: the load", err
@@ -625,6 +627,18 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
     many = [{"role": "system", "content": "S"}] + [{"role": r, "content": "x"} for r in roles[1:3] * 40 + ["user"]]
     out, ids, n = engine.fit_conversation(tok, many, 1, 60, 30)  # 82 tokens: 26 exchanges go, leaving 30
     assert (len(ids), n, len(out)) == (30, 26, 30)
+
+
+def record_prompts(monkeypatch):
+    """engine.generate stubbed, each prompt answered with one token: returns the list of each call's prompts."""
+    seen = []
+
+    def generate(model, prompts, *args, **kwargs):
+        seen.append(prompts)
+        return [[1]] * len(prompts), {}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    return seen
 
 
 def stub_replies(monkeypatch, instead=None):
@@ -1953,18 +1967,12 @@ def test_a_negative_recent_is_named_by_its_flag(capsys):
 def test_an_empty_system_message_replaces_the_templates_own(capsys, monkeypatch, gguf_path):
     """--system "" is a system message given (empty), not --system left out: the template's default one goes."""
     from tokenizer import Tokenizer
-    seen = []
-
-    def generate(model, prompts, *args, **kwargs):
-        seen.extend(prompts)
-        return [[1]] * len(prompts), {}
-    monkeypatch.setattr(engine, "generate", generate)
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    seen = record_prompts(monkeypatch)
     code, _, err = run_cli(capsys, "--chat", "--system", "", "--prompt", "hi", "--max-new-tokens", "2")
     tok = Tokenizer.from_path(gguf_path)
     user = {"role": "user", "content": "hi"}
-    assert code == 0 and seen == [tok.encode_chat([{"role": "system", "content": ""}, user])], err
-    assert seen[0] != tok.encode_chat([user])  # the template's default system message
+    assert code == 0 and seen == [[tok.encode_chat([{"role": "system", "content": ""}, user])]], err
+    assert seen[0][0] != tok.encode_chat([user])  # the template's default system message
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -2466,13 +2474,7 @@ def test_random_weights_are_sized_in_their_dtype(monkeypatch):
 def test_random_prompts_default_to_half_the_cache_and_come_from_the_seed(capsys, monkeypatch):
     """--random-weights without --prompt-len: half the cache (--max-seq-len, else the preset's context of 1024),
     leaving room to decode; the prompt's tokens are drawn from --seed: the same seed draws the same, another others."""
-    seen = []
-
-    def generate(model, prompts, *args, **kwargs):
-        seen.append(prompts)
-        return [[1]] * len(prompts), {}
-    monkeypatch.setattr(engine, "generate", generate)
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    seen = record_prompts(monkeypatch)
     tiny = ["--random-weights", "--preset", "tiny", "--max-new-tokens", "2", "--device", "cpu", "--dense"]
     for flags, n in ((["--max-seq-len", "64"], 32), ([], 512)):
         code, _, err = run_cli(capsys, *tiny, *flags)
@@ -2522,23 +2524,6 @@ def test_a_name_as_long_as_the_file_system_takes_is_writable(tmp_path):
     (tmp_path / ("p" * most)).write_text("fits")
     with pytest.raises(OSError, match=f"^--out: cannot write in .*a name of {most + 1} bytes, p"):
         engine.check_writable(str(tmp_path / ("p" * (most + 1))), "--out")
-
-
-@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
-def test_a_budget_of_the_whole_cache_needs_no_gpu_kernels(capsys, monkeypatch):
-    """A budget of exactly the cache's positions (a 1-token prompt + 300 new tokens - 1) attends to every key: no
-    step is sparse, so a head dim the GPU kernels cannot tile goes on to the load; a budget of one position less is
-    refused from the metadata (a CUDA device is pretended; nothing loads)."""
-    def load(*args, **kwargs):
-        raise ValueError("the load")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(engine, "from_checkpoint", load)
-    shape = dataclasses.replace(PRESETS["tiny"], head_dim=100, vocab_size=49152)  # the default model's tokenizer
-    monkeypatch.setattr(engine, "checkpoint_metadata", lambda path: (1024, shape))
-    for budget, words in (("300", "error: the load"), ("299", "a power of two >= 16, and this model's is 100")):
-        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--max-new-tokens", "300", "--budget",
-                               budget)
-        assert code == 2 and words in error_line(err), (budget, err)
 
 
 def test_a_prompt_caches_weights_digest_counts_the_rope_factors():
