@@ -700,8 +700,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             raise ValueError(f"{flag} {max(Cs)} exceeds the model's context of {context} tokens")
     if left_out:  # (after the checkpoint's check: a missing one is named alone, not as one without projections)
         print("note: no trained projections; the hata-trained selector is left out", file=sys.stderr)
+    files = [weights] * bool(weights)
     if shape:  # another model's projections, other bits, an --n-dense past the layers (a Meta checkpoint's: later)
-        check_hash_files([weights] * bool(weights), n_dense, shape, checked)
+        check_hash_files(files, n_dense, shape, checked)
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
     if far := next((n for n, _, h in pols[1:] if max(h.n_sink, h.n_recent) > max(sum(lengths.values(), []))), None):
@@ -719,7 +720,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, what=HELD_OUT, flag="--ppl-context")
     model = from_checkpoint(checkpoint, None, device=args.device)
     if not shape:  # (a Meta checkpoint's, known from its weights)
-        check_hash_files([weights] * bool(weights), n_dense, model.args, checked)
+        check_hash_files(files, n_dense, model.args, checked)
     if weights:  # a file trained on other weights of this shape: one line now, not after the first prefill
         load_hash_projections(weights, model.args, checked, key_signature(model, n_dense))
     rbit = hata["rbit"] if any(kw["selector"] == "hash" for kw in sels.values()) else None  # (None: no codes read)

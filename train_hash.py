@@ -624,8 +624,9 @@ def run(args):
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     context, shape = checkpoint_metadata(checkpoint)  # a wrong --checkpoint fails as itself, not as its tokenizer
+    files = args.hash_weights if args.report else []  # (training notes --hash-weights as ignored)
     if shape:
-        check_hash_files(args.hash_weights if args.report else [], args.n_dense, shape)
+        check_hash_files(files, args.n_dense, shape)
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
     t0 = time.perf_counter()
     tok, gen = Tokenizer.from_path(checkpoint), torch.Generator().manual_seed(args.seed)
@@ -635,7 +636,7 @@ def run(args):
     model = from_checkpoint(checkpoint, None, device=args.device)
     margs = model.args
     if not shape:
-        check_hash_files(args.hash_weights if args.report else [], args.n_dense, margs)
+        check_hash_files(files, args.n_dense, margs)
     print(f"loaded {checkpoint_label(args.checkpoint)} in {time.perf_counter() - t0:.1f}s ({margs.describe()}); "
           f"text: {plural(len(train_docs), 'training document')}, {len(heldout_docs)} held out", file=sys.stderr)
     if args.report:
