@@ -67,8 +67,7 @@ class ModelArgs:
         if bad := {k: v for k in sizes if not num(v := getattr(self, k), numbers.Integral) or not 1 <= v < 2 ** 31}:
             raise ValueError(f"the model's sizes must be whole numbers in [1, 2^31), got {bad}")
         if not isinstance(self.tie_embeddings, bool):  # JSON's "false" is a string, and true in Python
-            raise ValueError(f"tie_embeddings (config.json: tie_word_embeddings) must be true or false, got "
-                             f"{self.tie_embeddings!r}")
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         scaling = self.rope_scaling or {"type": "default"}
         if (kind := scaling.get("type")) not in ROPE_SCALING:  # (config.json's "rope_type" is read by hf_args)
             raise ValueError(f"unsupported RoPE scaling {kind!r}, the 'type' of {scaling} (supported: "
@@ -91,6 +90,15 @@ class ModelArgs:
             raise ValueError(f"head_dim must be an even whole number in [2, 2^31), got {self.head_dim!r}{derived}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def read(cls, where, names, **fields):
+        """ModelArgs(**fields) from the file `where`, its errors in the file's own words (`names`: field -> key)."""
+        try:
+            return cls(**fields)
+        except ValueError as e:
+            theirs = re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: names[m[1]], str(e))
+            raise ValueError(f"{where}: {theirs}") from None
 
     def describe(self):
         """The architecture in one line; hash-projection files record it to refuse another model's projections."""
@@ -947,15 +955,20 @@ def gguf_args(path, reader):
     if shapes["token_embd.weight"][1:] != [meta("llama.embedding_length")]:  # before the settings it would garble
         raise ValueError(f"{path}: llama.embedding_length {meta('llama.embedding_length')} is not the width of "
                          f"token_embd.weight {shapes['token_embd.weight']}: the file is corrupt; re-download it")
-    args = ModelArgs(dim=meta("llama.embedding_length"), n_layers=meta("llama.block_count"), n_heads=n_heads,
-                     n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
-                     vocab_size=shapes["token_embd.weight"][0], ffn_dim=meta("llama.feed_forward_length"),
-                     norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-                     rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
-                     max_seq_len=min(meta("llama.context_length"),  # a window of 0: none, as config.json's
-                                     meta("llama.attention.sliding_window", 0) or math.inf),
-                     tie_embeddings="output.weight" not in shapes,
-                     head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
+    context, window = meta("llama.context_length"), meta("llama.attention.sliding_window", 0) or math.inf  # 0: none
+    names = dict(dim="embedding_length", n_layers="block_count", n_heads="attention.head_count",
+                 n_kv_heads="attention.head_count_kv", ffn_dim="feed_forward_length", rope_theta="rope.freq_base",
+                 norm_eps="attention.layer_norm_rms_epsilon", factor="rope.scaling.factor",
+                 head_dim="attention.key_length",
+                 max_seq_len="attention.sliding_window" if window < context else "context_length")
+    args = ModelArgs.read(path, {k: "llama." + v for k, v in names.items()}, dim=meta("llama.embedding_length"),
+                          n_layers=meta("llama.block_count"), n_heads=n_heads,
+                          n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
+                          vocab_size=shapes["token_embd.weight"][0], ffn_dim=meta("llama.feed_forward_length"),
+                          norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+                          rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
+                          max_seq_len=min(context, window), tie_embeddings="output.weight" not in shapes,
+                          head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
     refuse_unsupported(path, "gguf", lambda key: meta(key, None), args)
     return args, shapes
 
@@ -973,13 +986,19 @@ def hf_args(path):
                                                               if k not in ("rope_type", "type", "rope_theta")}}
     if (theta := cfg.get("rope_theta")) is None:  # (transformers v5 may write null here, the value in rope_parameters)
         theta = rope.get("rope_theta", None if "rope_theta" in cfg else 10000.0)  # (a null alone is refused)
-    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                     n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                     vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=theta, rope_scaling=scaling,
-                     max_seq_len=min(cfg.get("max_position_embeddings", 2048),  # transformers' LlamaConfig default
-                                     cfg.get("sliding_window") or math.inf),  # within the window: full attention
-                     tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim") or 0)
+    context = cfg.get("max_position_embeddings", 2048)  # transformers' LlamaConfig default
+    window = cfg.get("sliding_window") or math.inf  # within the window: full attention
+    names = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                 n_kv_heads="num_key_value_heads", ffn_dim="intermediate_size", norm_eps="rms_norm_eps",
+                 tie_embeddings="tie_word_embeddings",
+                 max_seq_len="sliding_window" if window < context else "max_position_embeddings")
+    args = ModelArgs.read(os.path.join(path, "config.json"), names, dim=cfg["hidden_size"],
+                          n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                          n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                          vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"],
+                          norm_eps=cfg["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
+                          max_seq_len=min(context, window), tie_embeddings=cfg.get("tie_word_embeddings", False),
+                          head_dim=cfg.get("head_dim") or 0)
     refuse_unsupported(os.path.join(path, "config.json"), "hf", {**rope, **cfg}.get, args)  # v5: rope_parameters
     return args
 
@@ -1054,14 +1073,16 @@ def read_meta(path):
     # may omit: 32 for Llama 3.2 1B and 3B (meta-llama/llama-models#166), else 8 (Llama 3.1)
     if (factor := p.get("rope_scaling_factor")) is None:  # (null as llama-models' default; 0 is refused)
         factor = 32.0 if (p["dim"], p["n_layers"]) in ((2048, 16), (3072, 28)) else 8.0
-    args = ModelArgs(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-                     n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=raw["tok_embeddings.weight"].shape[0],
-                     ffn_dim=raw["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
-                     rope_theta=p.get("rope_theta", 10000.0),
-                     rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "factor": factor,
-                                   "high_freq_factor": p.get("rope_high_freq_factor", 4.0)} if scaled else None,
-                     max_seq_len=meta_context(p), tie_embeddings="output.weight" not in raw,
-                     head_dim=p.get("head_dim") or 0)
+    names = dict(factor="rope_scaling_factor", high_freq_factor="rope_high_freq_factor")  # the rest: ours
+    args = ModelArgs.read(os.path.join(path, "params.json"), names, dim=p["dim"], n_layers=p["n_layers"],
+                          n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
+                          vocab_size=raw["tok_embeddings.weight"].shape[0],
+                          ffn_dim=raw["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
+                          rope_theta=p.get("rope_theta", 10000.0),
+                          rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "factor": factor,
+                                        "high_freq_factor": p.get("rope_high_freq_factor", 4.0)} if scaled else None,
+                          max_seq_len=meta_context(p), tie_embeddings="output.weight" not in raw,
+                          head_dim=p.get("head_dim") or 0)
     return args, raw
 
 

@@ -107,7 +107,7 @@ def test_model_args_name_what_is_wrong():
     big = ModelArgs(rope_theta=10 ** 30, rope_scaling={"type": "linear", "factor": 10 ** 30})
     assert torch.equal(rope_frequencies(big), rope_frequencies(ModelArgs(rope_theta=1e30, rope_scaling={
         "type": "linear", "factor": 1e30})))
-    with pytest.raises(ValueError, match=r"tie_embeddings \(config.json: tie_word_embeddings\) must be true"):
+    with pytest.raises(ValueError, match="tie_embeddings must be true"):
         ModelArgs(tie_embeddings=1)
     assert ModelArgs().max_seq_len == 8192 and ModelArgs().rope_scaling is None
 
@@ -411,11 +411,11 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
     args, sd = small_smol
     write_hf(tmp_path, args, sd)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    for change, words in [({"num_attention_heads": 0}, "whole numbers in [1, 2^31), got {'n_heads': 0}"),
-                          ({"hidden_size": "576"}, "whole numbers in [1, 2^31), got {'dim': '576'}"),
+    for change, words in [({"num_attention_heads": 0}, "whole numbers in [1, 2^31), got {'num_attention_heads': 0}"),
+                          ({"hidden_size": "576"}, "whole numbers in [1, 2^31), got {'hidden_size': '576'}"),
                           ({"vocab_size": 10 ** 30}, "got {'vocab_size': " + str(10 ** 30)),  # not a TypeError
                           ({"num_hidden_layers": 10 ** 9}, "1000000000 layers in its metadata, but only"),  # not OOM
-                          ({"tie_word_embeddings": "false"}, "tie_word_embeddings) must be true or false, got 'false'"),
+                          ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
                           ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling needs factor"),
                           ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported RoPE scaling 'yarn'"),
                           ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
@@ -424,10 +424,14 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
                           ({"head_dim": 63}, "head_dim must be an even whole number in [2, 2^31), got 63"),
                           ({"head_dim": 10 ** 30}, f"in [2, 2^31), got {10 ** 30}"),  # not torch's overflow
                           ({"rope_theta": 10 ** 400}, "rope_theta must be finite numbers > 0"),  # not OverflowError
-                          ({"rms_norm_eps": "1e-5"}, "norm_eps must be finite numbers > 0, got {'norm_eps': '1e-5'}"),
+                          ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be finite numbers > 0, got {'rms_norm_eps': "),
                           ({"rope_theta": -1.0}, "rope_theta must be finite numbers > 0"),
-                          ({"rms_norm_eps": True}, "got {'norm_eps': True}"),  # JSON's true is no number
-                          ({"num_hidden_layers": True}, "got {'n_layers': True}")]:
+                          ({"rms_norm_eps": True}, "got {'rms_norm_eps': True}"),  # JSON's true is no number
+                          ({"num_hidden_layers": True}, "got {'num_hidden_layers': True}"),
+                          ({"max_position_embeddings": 0}, "got {'max_position_embeddings': 0}"),  # config.json's names
+                          ({"sliding_window": -1}, "got {'sliding_window': -1}"),
+                          ({"num_key_value_heads": 2},
+                           "num_attention_heads=9 is not a multiple of num_key_value_heads=2")]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=re.escape(words)) as e:
             from_checkpoint(str(tmp_path))
@@ -437,7 +441,7 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
     os.symlink(tmp_path, tmp_path / "m")  # a short name, "m", that the message holds anyway ("model's")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"^m: the model's sizes"):
+    with pytest.raises(ValueError, match=r"^m/config.json: the model's sizes"):
         from_checkpoint("m")
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
@@ -737,8 +741,12 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: dequantized.append(a) or 1 / 0)
     with pytest.raises(ValueError, match="a mixture-of-experts model"):
         from_checkpoint(write("moe.gguf", {"llama.expert_count": 8}, [("blk.0.ffn_gate_exps.weight", torch.zeros(1))]))
-    with pytest.raises(ValueError, match="factor must be finite numbers > 0"):  # ModelArgs' checks: before too
-        from_checkpoint(write("neg.gguf", {"llama.rope.scaling.factor": -1.0}))
+    for keys, words in [({"llama.rope.scaling.factor": -1.0}, "llama.rope.scaling.factor must be finite numbers > 0"),
+                        ({"llama.context_length": 0}, "got {'llama.context_length': 0}"),  # the GGUF's keys
+                        ({"llama.attention.head_count_kv": 3}, "llama.attention.head_count=2 is not a multiple of "
+                                                               "llama.attention.head_count_kv=3")]:
+        with pytest.raises(ValueError, match=re.escape(words)):  # ModelArgs' checks: before the tensors too
+            from_checkpoint(write("neg.gguf", keys))
     assert dequantized == []
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"rope_freqs.weight must hold head_dim / 2 = 2 factors.*shape \(1,\)"):
@@ -1113,7 +1121,7 @@ def test_settings_a_reader_once_took_wrongly(tmp_path):
         with pytest.raises(ValueError, match="params.json's sliding_window must be a whole number >= 1"):
             checkpoint_metadata(str(tmp_path))
     (tmp_path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True, "rope_scaling_factor": 0}))
-    with pytest.raises(ValueError, match=r"factor must be finite numbers > 0"):
+    with pytest.raises(ValueError, match=r"params.json: the model's rope_scaling_factor must be finite numbers > 0"):
         read_meta(str(tmp_path))
     with pytest.raises(ValueError, match="^t: the model's sizes"), model_module.reading("t"):
         raise ValueError("the model's sizes must be whole numbers")
