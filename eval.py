@@ -156,17 +156,17 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, b
 class Haystack:
     """A long token stream and where its sentences end (needles go only between sentences)."""
 
-    def __init__(self, tok, text):
-        self.ids = tok.encode(text, bos=False)
+    def __init__(self, tok, text, what="the haystack text"):
+        self.ids, self.what = tok.encode(text, bos=False), what
         self.ends = [i + 1 for i, t in enumerate(self.ids) if tok.decode([t]).rstrip().endswith((".", "!", "?"))]
         if not self.ends:  # (an empty --text, or spaces only: said so)
-            raise ValueError("the haystack text is empty" if not text.strip() else "haystack text has no sentence end "
-                             "(. ! ?), so no place between sentences for a needle")
+            raise ValueError(f"{what} is empty" if not text.strip() else f"{what} has no sentence end (. ! ?), so no "
+                             "place between sentences for a needle")
 
     def piece(self, n, rng):
         """n consecutive tokens starting after a sentence end, and the sentence ends in them (0; n if it is one)."""
         if len(self.ids) < n:
-            raise ValueError(f"haystack text has {len(self.ids)} tokens, fewer than the {n} needed; give more text")
+            raise ValueError(f"{self.what} has {len(self.ids)} tokens, fewer than the {n} needed; give more text")
         s = rng.choice([0] + [e for e in self.ends if e + n <= len(self.ids)])
         return self.ids[s:s + n], [0] + [e - s for e in self.ends if s < e <= s + n]
 
@@ -319,8 +319,11 @@ def load_results(path):
             results = json.load(f)
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, a 5000-digit number, nesting 10^5 deep
         raise ValueError(f"{path} is not a JSON file eval.py wrote ({e})") from None
-    except FileNotFoundError:  # (a directory: the OS error says so)
+    except FileNotFoundError:
         raise FileNotFoundError(f"results file not found: {path}") from None
+    except IsADirectoryError:
+        files = os.path.join(path, "*.json")
+        raise ValueError(f"{path} is a directory; pass the results files in it ({files})") from None
     if not (isinstance(results, dict) and {"command", "selectors", "budgets", "seconds"} <= set(results)):
         raise ValueError(f"{path} is not a results file of eval.py")
     number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -712,7 +715,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--contexts"]:  # the haystacks (perplexity alone takes any text, with sentence ends or without)
         # sized by the model's context, not --contexts: a sample's seed picks its piece of this one haystack
         noise = NOISE * (4 * context // len(tok.encode(NOISE)) + 2)
-        hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs))}
+        prose = HELD_OUT + " of --text" * bool(args.text)  # (the default corpus has sentence ends)
+        hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs), prose)}
         if len(hays["prose"].ids) < max(args.contexts):  # before the model, not after perplexity
             raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
                              f"{max(args.contexts)}; give more --text")

@@ -669,6 +669,11 @@ def test_a_short_haystack_fails_before_the_model_loads(gguf_path, tok, monkeypat
     assert ev.main(["--text", str(tmp_path / "short.txt"), "--contexts", "1024", "--samples", "1", "--checkpoint",
                     gguf_path, "--out-dir", str(tmp_path)]) == 2
     assert "fewer than --contexts 1024; give more --text" in capsys.readouterr().err
+    for text, words in (("", "is empty"), ("words without a sentence end " * 400, "has no sentence end (. ! ?)")):
+        (tmp_path / "bad.txt").write_text(text)  # the file's held-out part is named, not "the haystack text"
+        assert ev.main(["--text", str(tmp_path / "bad.txt"), "--contexts", "128", "--samples", "1", "--checkpoint",
+                        gguf_path, "--out-dir", str(tmp_path)]) == 2
+        assert f"the last fifth of each of fewer than five) of --text {words}" in capsys.readouterr().err
     (tmp_path / "plain.txt").write_text("words without a sentence end " * 400)  # no haystack: perplexity takes it
     ppl = ["--text", str(tmp_path / "plain.txt"), "--tasks", "perplexity", "--ppl-context", "256", "--ppl-tokens", "4",
            "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]
@@ -833,6 +838,21 @@ def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, sm
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # refused from the metadata (before: after)
     assert ev.main(argv + ["--n-dense", "2", "--name", "other"]) == 2
     assert "pass --n-dense 3" in capsys.readouterr().err
+
+
+def test_a_meta_checkpoints_n_dense_is_checked_once_its_weights_load(gguf_path, smol, tok, monkeypatch, tmp_path,
+                                                                      capsys):
+    """params.json may give no shape before the weights (checkpoint_metadata's None): --n-dense past the layers is
+    refused once they load, before any text is scored (all 30 dense: every selector would be dense)."""
+    monkeypatch.setattr(ev, "checkpoint_metadata", lambda path: (8192, None))
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    monkeypatch.setattr(ev, "run_teacher_forced", lambda *a, **k: 1 / 0)  # must not be reached
+    (tmp_path / "text.txt").write_text(PROSE * 10)
+    assert ev.main(["--tasks", "perplexity", "--selectors", "oracle", "--budgets", "1/8", "--text",
+                    str(tmp_path / "text.txt"), "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "1",
+                    "--n-dense", "30", "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]) == 2
+    assert "--n-dense 30 must be in [0, 30)" in capsys.readouterr().err
 
 
 def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_costs_no_results(monkeypatch, tmp_path,
@@ -1001,7 +1021,7 @@ def test_report_from_bad_files_names_them(capsys, tmp_path):
                         ("big.json", "big.json is not a JSON file eval.py wrote (Exceeds the limit"),
                         ("bad.json", "bad.json is not a JSON file"), ("other.json", "not a results file of eval.py"),
                         ("none.json", f"results file not found: {tmp_path / 'none.json'}"),
-                        (".", f"Is a directory: '{tmp_path}'"),
+                        (".", f"{tmp_path} is a directory; pass the results files in it ({tmp_path / '*.json'})"),
                         ("no_context.json", "has perplexity results but no ppl_context"),
                         ("damaged.json", "damaged.json: a retrieval or perplexity record lacks what the report reads"),
                         ("no_dense.json", "no_dense.json: a retrieval or perplexity record lacks")]:
