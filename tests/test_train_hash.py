@@ -804,15 +804,24 @@ def test_the_report_reads_the_asked_sizes_each_length_once_and_records_its_comma
     assert {cell for cell in cells if "R=" in cell} == {"trained R=64", "random R=64", "random R=32"}
 
 
-def test_a_report_names_another_models_file_not_the_n_dense_it_carries(gguf_path, tmp_path, capsys, monkeypatch):
+def test_a_report_names_another_models_file_not_the_n_dense_it_carries(gguf_path, smol, tmp_path, capsys,
+                                                                         monkeypatch):
     """A file made for Llama 2 7B (32 layers, n_dense 31) against the default model (30 layers): the file is named,
-    not an --n-dense the run was never given, from the checkpoint's metadata before the weights load (before: after)."""
+    not an --n-dense the run was never given, from the checkpoint's metadata before the weights load (before: after);
+    a Meta checkpoint's, with no shape before its weights, once they load."""
     monkeypatch.setattr(th, "from_checkpoint", lambda *a, **k: 1 / 0)
     big = PRESETS["llama-2-7b"]
     save_hash_projections(path := str(tmp_path / "other.safetensors"), random_hash_projections(big, 32, 31), big,
                           HataArgs(rbit=32, n_dense=31))
-    assert th.main(["--report", "--hash-weights", path, "--eval-len", "64", "--eval-seqs", "1", "--eval-queries", "2",
-                    "--report-dir", str(tmp_path / "r")]) == 2
+    argv = ["--report", "--hash-weights", path, "--eval-len", "64", "--eval-seqs", "1", "--eval-queries", "2",
+            "--report-dir", str(tmp_path / "r")]
+    assert th.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"hash weights {path} were made for 'llama dim=4096" in err and "--n-dense" not in err
+    monkeypatch.setattr(th, "checkpoint_metadata", lambda path: (8192, None))
+    monkeypatch.setattr(th, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(th, "write_hash_report", lambda *a, **k: 1 / 0)  # must not be reached
+    assert th.main(argv) == 2
     err = capsys.readouterr().err
     assert f"hash weights {path} were made for 'llama dim=4096" in err and "--n-dense" not in err
 
