@@ -805,16 +805,30 @@ def continue_at(held, ids):
 def typed_turns():
     """--interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal); a line that ends in
     a backslash goes on in the next, as in llama.cpp (the message holds a newline there). They are read as UTF-8, as a
-    prompt file is (a leading byte order mark dropped); a message that is not is named and not sent."""
+    prompt file is (a leading byte order mark dropped); a message that is not is named and not sent. At a terminal
+    GNU readline reads them: arrow keys edit, Up recalls, and a pasted line may pass the 4095 bytes a terminal's own
+    line editing keeps (it dropped the rest without a word)."""
     utf8 = ("utf-8-sig", "surrogateescape")  # (else one bad byte, under a strict locale, ended the whole chat)
     if hasattr(sys.stdin, "reconfigure") and (sys.stdin.encoding, sys.stdin.errors) != utf8:
         with contextlib.suppress(io.UnsupportedOperation):  # (read before in another encoding: Python keeps it)
             sys.stdin.reconfigure(encoding=utf8[0], errors=utf8[1])
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()  # input() edits a line only there (its prompt: stdout)
+    if terminal:
+        with contextlib.suppress(ImportError):  # (here, not at the top: it sets up the terminal as it loads)
+            import readline  # noqa: F401  input() reads through it once it is loaded
     message = ""
     while True:
-        if sys.stdin.isatty():
-            print("> " if not message else ". ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        prompt = "> " if not message else ". "
+        if terminal:
+            try:
+                line = input(prompt) + "\n"
+            except EOFError:  # Ctrl-D: the shell's prompt on a line of its own
+                line = ""
+                print(file=sys.stderr)
+        else:
+            if sys.stdin.isatty():
+                print(prompt, end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
         message += line.removesuffix("\n").removesuffix("\r")  # (a terminal's or file's \r\n: sys.stdin keeps the \r)
         if message.endswith("\\") and line:
             message = message[:-1] + "\n"

@@ -1,6 +1,7 @@
 """The command line: it generates on the default model, and bad input gets one clear line on stderr and exit
 status 2, raised before the model is loaded where it can be."""
 import argparse
+import contextlib
 import dataclasses
 import functools
 import io
@@ -10,8 +11,10 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -806,6 +809,49 @@ def test_interactive_turns_are_utf8_without_a_byte_order_mark_and_a_bad_byte_cos
     monkeypatch.setattr(sys, "stdin", os.fdopen(read, encoding="latin-1", errors="strict"))  # another locale's
     assert list(engine.typed_turns()) == ["Hello", "Bye \u00e9"]
     assert "warning: this message is not UTF-8 text (byte 0xff at character 2): convert it" in capsys.readouterr().err
+
+
+def test_interactive_turns_at_a_terminal_are_read_by_readline():
+    """At a terminal GNU readline reads a message: a pasted line of 6004 characters arrives whole (the terminal's own
+    line editing kept 4095 bytes and dropped the rest without a word), Left moves the cursor and Up recalls the last
+    message (before: their escape codes went to the model as text), and Ctrl-D ends the chat."""
+    pytest.importorskip("readline")
+    main, sub = os.openpty()
+    script = "import engine\nfor m in engine.typed_turns(): print('got', len(m), repr(m[-12:]), flush=True)"
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=sub, stdout=sub, stderr=sub,
+                            env={**os.environ, "TERM": "xterm"})
+    os.close(sub)
+    seen = bytearray()
+
+    def drain():  # the terminal's output (the echo, the prompts, the messages) read as it comes, until it closes
+        with contextlib.suppress(OSError):  # EIO once the process has closed its end
+            while chunk := os.read(main, 65536):
+                seen.extend(chunk)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+
+    def wait_for(text, times=1):
+        deadline = time.monotonic() + 120
+        while seen.count(text.encode()) < times:
+            assert time.monotonic() < deadline and proc.poll() is None, f"no {text!r} in {bytes(seen[-300:])!r}"
+            time.sleep(0.05)
+    try:
+        wait_for("> ")
+        for i in range(0, 6004, 500):  # as a paste arrives
+            os.write(main, (("x" * 6000 + " END")[i:i + 500]).encode())
+            time.sleep(0.02)
+        os.write(main, b"\r")
+        wait_for("got 6004 'xxxxxxxx END'")
+        os.write(main, b"Frnace" + b"\x1b[D" * 3 + b"?\r")  # three times Left, then "?"
+        wait_for("got 7 'Frn?ace'")
+        os.write(main, b"\x1b[A\r")  # Up: the last message again
+        wait_for("got 7 'Frn?ace'", times=2)
+        os.write(main, b"\x04")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        reader.join(timeout=10)
+        os.close(main)
 
 
 def test_a_second_chat_reads_on_from_standard_input(monkeypatch):
@@ -1690,7 +1736,6 @@ def test_interrupt_and_cpu_compile_notes(capsys, monkeypatch):
 def test_closed_pipe_ends_quietly():
     """`engine.py ... | head`: the reader stops, and the run ends with status 141 and nothing on stderr (before: an
     error line, then Python's own complaint when its exit flushed stdout)."""
-    import subprocess
     proc = subprocess.Popen([sys.executable, "-c", ANSWERS], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.read(10)
     proc.stdout.close()  # as head does after its bytes
@@ -1710,7 +1755,6 @@ def test_answers_are_flushed_as_they_come(monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
 def test_a_full_standard_output_is_named():
     """Answers written to a full disk (here /dev/full) said only "error: [Errno 28] No space left on device"."""
-    import subprocess
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-c", ANSWERS], cwd=ROOT, stdout=full, stderr=subprocess.PIPE,
                               timeout=60)
@@ -2125,7 +2169,6 @@ def test_a_prompt_cache_is_written_one_layer_at_a_time():
     """Host memory while a prompt cache is written (its own process, for the peak) rises by about one layer's K, not
     by the whole K/V (safetensors' save_file: a copy of every tensor, then of their bytes: 241 MiB here, and with two
     copies alive at once, 113; now 50, on a 2-core CPU VM)."""
-    import subprocess
     import tempfile
     script = """if True:
         import resource, sys, torch, engine
