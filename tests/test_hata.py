@@ -3,6 +3,7 @@ the oracle selector keeps the model's tokens; hash projections save, load and re
 sizes, policy switches, half precision and head grouping that a mutation run of model.py found untested."""
 import json
 import math
+import os
 import re
 from dataclasses import replace
 
@@ -15,7 +16,9 @@ import model as model_module
 from engine import decode_one_token, generate, prefill
 from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, causal_attention, from_state_dict,
                    load_hash_projections, random_hash_projections, save_hash_projections)
-from tests.test_kernels import DEV, as_sets
+from tokenizer import Tokenizer
+from train_hash import load_corpus
+from tests.test_kernels import DEV, as_sets, assert_topk_matches_ref
 from tests.test_model import GOLDEN, random_ids, tiny_model  # by this file's path: pytest may start elsewhere
 
 
@@ -33,6 +36,31 @@ def decode_logits(model, ids, steps, capacity=96):
         model(torch.tensor([ids]))
         logits = [model(torch.tensor([[t]]), torch.tensor([len(ids) + i]))[0, -1] for i, t in enumerate(new[0][:steps])]
     return torch.stack(logits), new[0]
+
+
+def test_the_kernels_select_the_refs_sets_from_real_trained_codes(smol_weights, gguf_path, monkeypatch):
+    """The default model's shipped projections on 400 tokens of the Bible: trained codes spread wider than the
+    random ones of tests/test_kernels.py (a row's K-th score may lie far from its minimum), and in every sparse layer
+    the Triton score + select kernels (the interpreter on the CPU) pick the ref's sets, on the fast path and the
+    slow one."""
+    args, sd = smol_weights
+    ids = Tokenizer.from_path(gguf_path).encode(load_corpus()[0][1])[:400]
+    calls, ref = [], model_module.hamming_topk
+    monkeypatch.setattr(model_module, "hamming_topk", lambda *a: calls.append(a) or ref(*a))
+    shipped = os.path.join(os.path.dirname(model_module.__file__), "weights", "smollm2-135m-r128.safetensors")
+    model = from_state_dict(args, sd, HataArgs(budget=64, n_sink=4, n_recent=16, hash_weights=shipped))
+    model.setup_caches(1, len(ids))
+    with torch.inference_mode():
+        model(torch.tensor([ids[:-1]]))
+        model(torch.tensor([ids[-1:]]), torch.tensor([len(ids) - 1]))  # one decode step: a selection per layer
+    assert len(calls) == args.n_layers - HataArgs.n_dense
+    for layer, (q_codes, k_codes, lengths, K, n_sink, n_recent) in enumerate(calls):
+        q_codes, k_codes, lengths = q_codes.to(DEV), k_codes.to(DEV), lengths.to(DEV)
+        want = hk.hamming_topk_ref(q_codes, k_codes, lengths, K, n_sink, n_recent)
+        got = hk.hamming_topk(q_codes, k_codes, lengths, K, n_sink, n_recent, use_triton=True)
+        assert as_sets(got) == as_sets(want)
+        if layer % 7 == 0:  # and down the threshold kernel's slow path (a window of 4 bins), in blocks of 16 keys
+            assert_topk_matches_ref(q_codes, k_codes, lengths, K, n_sink, n_recent, window=4)
 
 
 def test_budget_at_least_capacity_is_dense(smol_weights):
