@@ -383,6 +383,8 @@ def prompt_text(text):
 
 
 def not_utf8(text):  # words naming the first byte that was not UTF-8 (a lone surrogate, see prompt_text), else None
+    if text.startswith(("\udcff\udcfe", "\udcfe\udcff")) or "\x00" in text:  # a byte order mark, or zero bytes
+        return "UTF-16 text (or not text at all), not UTF-8: convert it, e.g. with iconv -f utf-16 -t utf-8"
     if (i := next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)) is not None:
         return (f"not UTF-8 text (byte 0x{ord(text[i]) - 0xdc00:02x} at character {i}): convert it, e.g. with "
                 "iconv -f latin1 -t utf-8 (-f: its encoding)")
@@ -898,13 +900,13 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
                                 f"prompt file not found: {path}")
     if path == "-" and sys.stdin is None:
         raise ValueError("--prompt-file -: standard input is closed")
-    try:  # utf-8-sig: a byte order mark (Windows editors write one) is no part of the prompt
-        with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", closefd=path != "-") as f:
-            return f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"
-    except UnicodeDecodeError as e:
-        what = "standard input (--prompt-file -)" if path == "-" else f"prompt file {path}"
-        raise ValueError(f"{what} is not UTF-8 text ({e}); convert it, e.g. with iconv -f latin1 -t "
-                         "utf-8 (-f: its encoding)") from None
+    # utf-8-sig: a byte order mark (Windows editors write one) is no part of the prompt
+    with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", errors="surrogateescape",
+              closefd=path != "-") as f:
+        text = f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"
+    if why := not_utf8(text):  # (PowerShell's > writes UTF-16)
+        raise ValueError(f"{'standard input (--prompt-file -)' if path == '-' else f'prompt file {path}'} is {why}")
+    return text
 
 
 def cache_size(args, longest, context, what=None, all_dense=False):

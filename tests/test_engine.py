@@ -387,6 +387,11 @@ def test_bad_prompt_files(capsys, tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(f))
         code, _, err = run_cli(capsys, "--prompt-file", "-")
     assert code == 2 and error_line(err).startswith("error: standard input (--prompt-file -) is not UTF-8"), err
+    for encoding in ("utf-16", "utf-16-le"):  # PowerShell's > writes the first; the second has no byte order mark
+        (tmp_path / "wide.txt").write_bytes("The capital of France is".encode(encoding))  # (read as UTF-8: NULs)
+        code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "wide.txt"))
+        assert code == 2 and "wide.txt is UTF-16 text (or not text at all), not UTF-8: convert it, e.g. with iconv " \
+                             "-f utf-16 -t utf-8" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path))
     assert code == 2 and f"prompt file {tmp_path} is a directory" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "none.txt"))
@@ -809,6 +814,14 @@ def test_interactive_turns_are_utf8_without_a_byte_order_mark_and_a_bad_byte_cos
     monkeypatch.setattr(sys, "stdin", os.fdopen(read, encoding="latin-1", errors="strict"))  # another locale's
     assert list(engine.typed_turns()) == ["Hello", "Bye \u00e9"]
     assert "warning: this message is not UTF-8 text (byte 0xff at character 2): convert it" in capsys.readouterr().err
+    stdin_of(monkeypatch, "")
+    read, write = os.pipe()  # UTF-16 piped in: its byte order mark, then lines of NULs and letters
+    os.write(write, "Hello\nBye\n".encode("utf-16") + b"\n")
+    os.close(write)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read))
+    assert list(engine.typed_turns()) == []  # (before: "\x00B\x00y\x00e\x00" sent)
+    warned = capsys.readouterr().err.count("warning: this message is UTF-16 text (or not text at all), not UTF-8")
+    assert warned == 3  # "\xff\xfeH\x00e...", "\x00B\x00y\x00e\x00" and the last newline's "\x00"
 
 
 def test_interactive_turns_at_a_terminal_are_read_by_readline():
