@@ -931,3 +931,137 @@ def test_bad_input_of_key_dtype_recent_window_and_sink_count():
         for n_sink in (2.0, True):
             with pytest.raises(ValueError, match=f"n_sink must be an int >= 0, got {n_sink}"):
                 select(n_sink=n_sink)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From a mutation run of hata_kernels.py's Triton kernel bodies (2026-12-06): each test below fails on a kernel
+# mutant that every test above let through
+
+
+def popcount_codes(scores):
+    """(..., S) list of scores in [0, 32] -> (1, 1, S, 1) int32 key codes at exactly those Hamming distances from the
+    all-zero query code (G = 1, W = 1): key code s has its lowest scores[s] bits set."""
+    return torch.tensor([to_int32((1 << p) - 1) for p in scores], dtype=torch.int32).view(1, 1, -1, 1)
+
+
+def test_select_topk_triton_selects_nan_scores_when_the_budget_needs_them():
+    """A budget beyond the non-NaN scores takes NaNs too (they rank last, newest first): the bisection's threshold is
+    then the NaN key, int32's maximum, which an upper bound of 2^31 - 1 could never reach (too few selected)."""
+    nan = math.nan
+    score = torch.tensor([[[nan, 1.0, nan, 2.0, nan, nan, 0.5]]])
+    lengths = torch.tensor([7])
+    for budget, n_sink in ((5, 0), (7, 0), (4, 1)):
+        ref = hk.select_topk_ref(score, lengths, budget, n_sink)
+        tri = hk.select_topk(score.to(DEV), lengths.to(DEV), budget, n_sink, use_triton=True)
+        assert as_sets(tri) == as_sets(ref), (budget, n_sink)
+    assert as_sets(hk.select_topk_ref(score, lengths, 5)) == [[([1, 3, 4, 5, 6], 0)]]     # the two newest NaNs
+
+
+def test_hamming_topk_triton_forced_rank_before_score_zero():
+    """Keys equal to the query code score 0; the sinks and the recent window still rank before them (order key 0
+    is theirs alone, scored keys start at 1), and forced positions beyond the budget keep the newest forced ones,
+    not the newest score-0 keys."""
+    scores = [0] * 10 + [5, 7, 3, 9, 4, 6, 8, 2, 7, 5]                         # S = 20; positions 0..9 score 0
+    q, k = torch.zeros(1, 1, 1, dtype=torch.int32).to(DEV), popcount_codes(scores).to(DEV)
+    lengths = torch.tensor([20], device=DEV)
+    for budget, n_sink, n_recent in ((3, 2, 2), (5, 2, 2), (6, 3, 1), (12, 0, 3)):
+        ref = hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent)
+        assert as_sets(hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=True)) == as_sets(ref)
+        assert_topk_matches_ref(q, k, lengths, budget, n_sink, n_recent, window=4)
+    assert as_sets(hk.hamming_topk_ref(q, k, lengths, 3, 2, 2)) == [[([1, 18, 19], 0)]]
+
+
+@pytest.mark.parametrize("scores,budget", [([3, 4] + [9] * 14, 3), ([3, 4, 4] + [9] * 13, 4), ([3] + [4] * 15, 2)])
+def test_hamming_topk_triton_window_edge(scores, budget):
+    """A 4-bin window holds forced, key m_b, key m_b + 1 and everything above: the threshold just past the last exact
+    bin (slow path) or in it (fast path), with the keys above the window in the same block."""
+    q, k = torch.zeros(1, 1, 1, dtype=torch.int32).to(DEV), popcount_codes(scores).to(DEV)
+    assert_topk_matches_ref(q, k, torch.tensor([16], device=DEV), budget, 0, 0, window=4)
+
+
+def test_hamming_topk_triton_row_minimum_in_a_later_chunk():
+    """Rows of more than 64 blocks: the smallest scores lie only in blocks of the second chunk, which the threshold
+    kernel reads after the first; the row minimum must come from every chunk, or the windows miss those keys."""
+    gen = torch.Generator().manual_seed(21)
+    S = 16 * 70 + 5                                                            # 71 blocks of 16 keys
+    scores = (10 + torch.randint(0, 5, (S,), generator=gen)).tolist()
+    for s in (16 * 66 + 3, 16 * 66 + 9, 16 * 68 + 1):
+        scores[s] = 2
+    q, k = torch.zeros(1, 1, 1, dtype=torch.int32).to(DEV), popcount_codes(scores).to(DEV)
+    for budget in (2, 3, 40):
+        assert_topk_matches_ref(q, k, torch.tensor([S], device=DEV), budget, 1, 1, window=32)
+
+
+def test_sparse_attention_triton_separate_layouts_and_unwritten_rows():
+    """K and V caches in different layouts (every stride differs, D strided in both), and NaN in rows nothing selects
+    (an unwritten torch.empty cache; -1 slots must not read them into the sum): the ref's answer."""
+    gen = torch.Generator().manual_seed(31)
+    B, Hkv, G, D, S = 2, 2, 3, 16, 40
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEV)
+    k = torch.randn(B, Hkv, S, 2 * D, generator=gen).to(DEV)[..., ::2]             # strides (., ., 2D, 2)
+    v = torch.randn(S, B, 3 * D, Hkv, generator=gen).to(DEV).permute(1, 3, 0, 2)[..., ::3]  # (B, Hkv, S, D) permuted
+    idx = torch.randint(1, S, (B, Hkv, 37), generator=gen, dtype=torch.int32)
+    idx[0, 0, 5:] = -1
+    idx[1, 1, ::2] = -1
+    k[:, :, 0], v[:, :, 0] = math.nan, math.nan                                 # row 0: never selected
+    idx = idx.to(DEV)
+    out = hk.sparse_decode_attention(q, k, v, idx, use_triton=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, hk.sparse_decode_attention_ref(q, k.contiguous(), v.contiguous(), idx),
+                               atol=1e-5, rtol=0)                               # fp32 in, fp32 accumulation
+
+
+def test_sparse_attention_triton_keeps_heads_apart():
+    """A selected V row holding inf makes its own KV head's output non-finite and no other's: the merge reads a
+    power-of-two chunk of splits (4 for 3 here), and the slots past the last split, the next head's, must stay out
+    of the sum (a zero weight times inf is NaN)."""
+    gen = torch.Generator().manual_seed(34)
+    B, Hkv, G, D, S, K = 2, 2, 2, 16, 60, 37                                   # 3 splits of 16 rows
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEV)
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen).to(DEV) for _ in range(2))
+    idx = torch.randint(0, S, (B, Hkv, K), generator=gen, dtype=torch.int32).to(DEV)
+    for b, h in ((0, 1), (1, 0)):
+        v[b, h, idx[b, h, 0]] = math.inf
+    out = hk.sparse_decode_attention(q, k, v, idx, use_triton=True)
+    ref = hk.sparse_decode_attention_ref(q, k, v, idx)
+    for b, h in ((0, 0), (1, 1)):                                              # the heads without inf
+        heads = slice(h * G, (h + 1) * G)
+        assert torch.isfinite(out[b, heads]).all()
+        torch.testing.assert_close(out[b, heads], ref[b, heads], atol=1e-5, rtol=0)
+
+
+def test_sparse_attention_triton_merge_after_an_empty_chunk():
+    """More splits than the merge reads at once (32 of 16 rows), with every slot of the middle chunk unused: the
+    running max must survive a chunk that adds nothing (the third chunk rescales what the first summed)."""
+    gen = torch.Generator().manual_seed(32)
+    B, Hkv, D, S, K = 1, 1, 16, 1100, 1100
+    q = torch.randn(B, Hkv, D, generator=gen).to(DEV)
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen).to(DEV) for _ in range(2))
+    idx = torch.randperm(S, generator=gen)[:K].int().view(B, Hkv, K)
+    idx[..., 512:1024] = -1                                                     # splits 32..63: the second chunk
+    idx = idx.to(DEV)
+    out = hk.sparse_decode_attention(q, k, v, idx, use_triton=True)
+    torch.testing.assert_close(out, hk.sparse_decode_attention_ref(q, k, v, idx), atol=1e-5, rtol=0)
+
+
+def test_hash_encode_step_and_cache_write_read_strided_inputs():
+    """The model's new keys are views k[:, :, 0] of a wider tensor: k strided along D for the hashing step and for
+    cache_write, whose K and V caches also differ in layout. Results equal the refs' on contiguous copies."""
+    gen = torch.Generator().manual_seed(33)
+    B, Hkv, G, D, R, S_max = 2, 2, 2, 16, 64, 6
+    proj = torch.randn(Hkv, D, R, generator=gen).to(DEV)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEV)
+    k = torch.randn(B, Hkv, 3 * D, generator=gen).to(DEV)[..., ::3]               # D stride 3
+    pos = torch.tensor([5, 2], device=DEV)
+    cache = random_codes(B, Hkv, S_max, R // 32, gen=gen).to(DEV)
+    want = cache.clone()
+    q_ref = hk.hash_encode_step_ref(q, k.contiguous(), proj, want, pos)
+    assert torch.equal(hk.hash_encode_step(q, k, proj, cache, pos, use_triton=True), q_ref)
+    assert torch.equal(cache, want)
+    v = torch.randn(B, Hkv, 2 * D, generator=gen).to(DEV)[..., ::2]
+    k_cache = torch.randn(B, Hkv, S_max, D, generator=gen).to(DEV)
+    v_cache = torch.randn(S_max, Hkv, B, D, generator=gen).to(DEV).permute(2, 1, 0, 3)  # other strides than k_cache
+    ref = [k_cache.clone(), v_cache.clone()]
+    hk.cache_write_ref(k.contiguous(), v.contiguous(), *ref, pos)
+    hk.cache_write(k, v, k_cache, v_cache, pos, use_triton=True)
+    assert torch.equal(k_cache, ref[0]) and torch.equal(v_cache, ref[1])
