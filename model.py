@@ -26,7 +26,7 @@ import re
 import struct
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -60,14 +60,17 @@ class ModelArgs:
     max_seq_len: int = 8192  # the context length the model was trained for (the defaults: Llama 3 8B)
     tie_embeddings: bool = False
     head_dim: int = 0  # 0 means dim // n_heads
+    # the checkpoint's own name of a field, for errors (config.json's max_position_embeddings for max_seq_len)
+    names: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        key = lambda k: (self.names or {}).get(k, k)
         sizes = "dim n_layers n_heads n_kv_heads vocab_size ffn_dim max_seq_len".split()
         num = lambda v, kind: isinstance(v, kind) and not isinstance(v, bool)  # JSON's true is no number here
-        if bad := {k: v for k in sizes if not num(v := getattr(self, k), numbers.Integral) or not 1 <= v < 2 ** 31}:
+        if bad := {key(k): v for k in sizes if not num(v := getattr(self, k), numbers.Integral) or not 1 <= v < 2**31}:
             raise ValueError(f"the model's sizes must be whole numbers in [1, 2^31), got {bad}")
         if not isinstance(self.tie_embeddings, bool):  # JSON's "false" is a string, and true in Python
-            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+            raise ValueError(f"{key('tie_embeddings')} must be true or false, got {self.tie_embeddings!r}")
         scaling = self.rope_scaling or {"type": "default"}
         if (kind := scaling.get("type")) not in ROPE_SCALING:  # (config.json's "rope_type" is read by hf_args)
             raise ValueError(f"unsupported RoPE scaling {kind!r}, the 'type' of {scaling} (supported: "
@@ -75,30 +78,32 @@ class ModelArgs:
         if missing := sorted(set(ROPE_SCALING[kind]) - set(scaling)):
             raise ValueError(f"{kind} RoPE scaling needs {', '.join(missing)}")
         reals = dict(norm_eps=self.norm_eps, rope_theta=self.rope_theta, **{k: scaling[k] for k in ROPE_SCALING[kind]})
-        if bad := {k: v for k, v in reals.items() if not num(v, numbers.Real) or not 0 < v <= sys.float_info.max}:
+        if bad := {key(k): v for k, v in reals.items() if not num(v, numbers.Real) or not 0 < v <= sys.float_info.max}:
             raise ValueError(f"the model's {', '.join(bad)} must be finite numbers > 0, got {bad}")
         # as floats: torch takes a whole number as int64, which 1e30 written as one overflows
         self.norm_eps, self.rope_theta = float(self.norm_eps), float(self.rope_theta)
         if self.rope_scaling:
             self.rope_scaling = {**scaling, **{k: float(scaling[k]) for k in ROPE_SCALING[kind]}}
         if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:  # else the bands invert
-            raise ValueError(f"llama3 RoPE scaling needs low_freq_factor < high_freq_factor, got {scaling}")
-        derived = " (dim // n_heads)" * (self.head_dim == 0)
+            raise ValueError(f"llama3 RoPE scaling needs {key('low_freq_factor')} < {key('high_freq_factor')}, got "
+                             f"{scaling}")
+        derived = f" ({key('dim')} // {key('n_heads')})" * (self.head_dim == 0)  # (then the file has no key for it)
+        name = "head_dim" if derived else key("head_dim")
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if not num(self.head_dim, numbers.Integral) or not 2 <= self.head_dim < 2 ** 31 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be an even whole number in [2, 2^31), got {self.head_dim!r}{derived}")
+            raise ValueError(f"{name} must be an even whole number in [2, 2^31), got {self.head_dim!r}{derived}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"{key('n_heads')}={self.n_heads} is not a multiple of {key('n_kv_heads')}="
+                             f"{self.n_kv_heads}")
 
     @classmethod
     def read(cls, where, names, **fields):
-        """ModelArgs(**fields) from the file `where`, its errors in the file's own words (`names`: field -> key)."""
+        """ModelArgs(**fields) from the file `where`, its errors naming the file and its keys (`names`)."""
         try:
-            return cls(**fields)
+            return cls(**fields, names=names)
         except ValueError as e:
-            theirs = re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: names[m[1]], str(e))
-            raise ValueError(f"{where}: {theirs}") from None
+            raise ValueError(f"{where}: {e}") from None
 
     def describe(self):
         """The architecture in one line; hash-projection files record it to refuse another model's projections."""

@@ -418,6 +418,7 @@ def test_malformed_checkpoints_are_one_error(small_smol, tmp_path, monkeypatch):
                           ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
                           ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling needs factor"),
                           ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "unsupported RoPE scaling 'yarn'"),
+                          ({"rope_scaling": {"rope_type": "dim"}}, "RoPE scaling 'dim', the 'type' of {'type': 'dim'}"),
                           ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
                           ({"rope_scaling": [1]}, "malformed checkpoint"),
                           ({"head_dim": "16"}, "head_dim must be an even whole number in [2, 2^31), got '16'"),
