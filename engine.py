@@ -383,11 +383,12 @@ def prompt_text(text):
 
 
 def not_utf8(text):  # words naming the first byte that was not UTF-8 (a lone surrogate, see prompt_text), else None
-    if text.startswith(("\udcff\udcfe", "\udcfe\udcff")) or "\x00" in text:  # a byte order mark, or zero bytes
+    # (UTF-16 is told by its byte order mark or its zero bytes: UTF-16 without either, all of it outside ASCII, is not)
+    if text.startswith(("\udcff\udcfe", "\udcfe\udcff")) or "\x00" in text:
         return "UTF-16 text (or not text at all), not UTF-8: convert it, e.g. with iconv -f utf-16 -t utf-8"
-    if (i := next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)) is not None:
-        return (f"not UTF-8 text (byte 0x{ord(text[i]) - 0xdc00:02x} at character {i}): convert it, e.g. with "
-                "iconv -f latin1 -t utf-8 (-f: its encoding)")
+    if bad := re.search("[\udc80-\udcff]", text):
+        return (f"not UTF-8 text (byte 0x{ord(bad[0]) - 0xdc00:02x} at character {bad.start()}): convert it, e.g. "
+                "with iconv -f latin1 -t utf-8 (-f: its encoding)")
 
 
 def positive_int(text):
@@ -805,11 +806,12 @@ def continue_at(held, ids):
 
 
 def typed_turns():
-    """--interactive's messages: standard input's lines (a "> " prompt on stderr at a terminal); a line that ends in
-    a backslash goes on in the next, as in llama.cpp (the message holds a newline there). They are read as UTF-8, as a
-    prompt file is (a leading byte order mark dropped); a message that is not is named and not sent. At a terminal
-    GNU readline reads them: arrow keys edit, Up recalls, and a pasted line may pass the 4095 bytes a terminal's own
-    line editing keeps (it dropped the rest without a word)."""
+    """--interactive's messages: standard input's lines (a "> " prompt at a terminal); a line that ends in a
+    backslash goes on in the next, as in llama.cpp (the message holds a newline there). They are read as UTF-8, as a
+    prompt file is (a leading byte order mark dropped); a message that is not is named and not sent. With standard
+    input and output a terminal, GNU readline reads them (its prompt on standard output): arrow keys edit, Up
+    recalls, and a pasted line may pass the 4095 bytes the terminal's own line editing keeps. With standard output
+    elsewhere the terminal reads them, and a line it may have cut is named and not sent."""
     utf8 = ("utf-8-sig", "surrogateescape")  # (else one bad byte, under a strict locale, ended the whole chat)
     if hasattr(sys.stdin, "reconfigure") and (sys.stdin.encoding, sys.stdin.errors) != utf8:
         with contextlib.suppress(io.UnsupportedOperation):  # (read before in another encoding: Python keeps it)
@@ -826,11 +828,16 @@ def typed_turns():
                 line = input(prompt) + "\n"
             except EOFError:  # Ctrl-D: the shell's prompt on a line of its own
                 line = ""
-                print(file=sys.stderr)
+                print()
         else:
             if sys.stdin.isatty():
                 print(prompt, end="", file=sys.stderr, flush=True)
             line = sys.stdin.readline()
+            if sys.stdin.isatty() and len(line.encode(errors="surrogateescape")) >= 4096:  # 4095 bytes and "\n"
+                print("warning: the terminal keeps 4095 bytes of a line and this one has as many: it may be cut; not "
+                      "sent (with standard output on the terminal too, a line may be longer)", file=sys.stderr)
+                message = ""
+                continue
         message += line.removesuffix("\n").removesuffix("\r")  # (a terminal's or file's \r\n: sys.stdin keeps the \r)
         if message.endswith("\\") and line:
             message = message[:-1] + "\n"

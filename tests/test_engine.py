@@ -824,24 +824,36 @@ def test_interactive_turns_are_utf8_without_a_byte_order_mark_and_a_bad_byte_cos
     assert warned == 3  # "\xff\xfeH\x00e...", "\x00B\x00y\x00e\x00" and the last newline's "\x00"
 
 
-def test_interactive_turns_at_a_terminal_are_read_by_readline():
-    """At a terminal GNU readline reads a message: a pasted line of 6004 characters arrives whole (the terminal's own
-    line editing kept 4095 bytes and dropped the rest without a word), Left moves the cursor and Up recalls the last
-    message (before: their escape codes went to the model as text), and Ctrl-D ends the chat."""
-    pytest.importorskip("readline")
-    main, sub = os.openpty()
-    script = "import engine\nfor m in engine.typed_turns(): print('got', len(m), repr(m[-12:]), flush=True)"
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=sub, stdout=sub, stderr=sub,
-                            env={**os.environ, "TERM": "xterm"})
+TURNS = "import engine\nfor m in engine.typed_turns(): print('got', len(m), repr(m[-12:]), flush=True)"
+
+
+@contextlib.contextmanager
+def turns_at_a_terminal(piped=False):
+    """typed_turns() in a process whose standard input is a new terminal, and its output too (its error stream
+    dropped), or else a pipe (its error stream the terminal). Yields (type, wait_for, seen): type(bytes) is the user
+    typing; wait_for(text, times=1) waits until the terminal (or the pipe) has shown text that many times; seen holds
+    all they showed."""
+    readline = pytest.importorskip("readline")
+    if "libedit" in (readline.__doc__ or ""):
+        pytest.skip("libedit's readline binds other keys")
+    try:
+        main, sub = os.openpty()
+    except OSError as e:
+        pytest.skip(f"no terminal to open: {e}")
+    env = {**os.environ, "TERM": "xterm", "INPUTRC": "/dev/null"}  # (not the user's key bindings)
+    proc = subprocess.Popen([sys.executable, "-c", TURNS], cwd=ROOT, stdin=sub, env=env,
+                            stdout=subprocess.PIPE if piped else sub, stderr=sub if piped else subprocess.DEVNULL)
     os.close(sub)
     seen = bytearray()
 
-    def drain():  # the terminal's output (the echo, the prompts, the messages) read as it comes, until it closes
+    def drain(fd):  # what the terminal (or pipe) shows, read as it comes until it closes
         with contextlib.suppress(OSError):  # EIO once the process has closed its end
-            while chunk := os.read(main, 65536):
+            while chunk := os.read(fd, 65536):
                 seen.extend(chunk)
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    readers = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in
+               (main, *([proc.stdout.fileno()] if piped else []))]
+    for reader in readers:
+        reader.start()
 
     def wait_for(text, times=1):
         deadline = time.monotonic() + 120
@@ -849,22 +861,48 @@ def test_interactive_turns_at_a_terminal_are_read_by_readline():
             assert time.monotonic() < deadline and proc.poll() is None, f"no {text!r} in {bytes(seen[-300:])!r}"
             time.sleep(0.05)
     try:
-        wait_for("> ")
-        for i in range(0, 6004, 500):  # as a paste arrives
-            os.write(main, (("x" * 6000 + " END")[i:i + 500]).encode())
-            time.sleep(0.02)
-        os.write(main, b"\r")
-        wait_for("got 6004 'xxxxxxxx END'")
-        os.write(main, b"Frnace" + b"\x1b[D" * 3 + b"?\r")  # three times Left, then "?"
-        wait_for("got 7 'Frn?ace'")
-        os.write(main, b"\x1b[A\r")  # Up: the last message again
-        wait_for("got 7 'Frn?ace'", times=2)
-        os.write(main, b"\x04")
+        yield functools.partial(os.write, main), wait_for, seen
+        os.write(main, b"\x04")  # Ctrl-D: the chat ends
         assert proc.wait(timeout=60) == 0
+        assert piped or seen.endswith(b"> \r\n")  # and the shell's prompt comes on a line of its own
     finally:
         proc.kill()
-        reader.join(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
         os.close(main)
+
+
+def test_interactive_turns_at_a_terminal_are_read_by_readline():
+    """At a terminal GNU readline reads a message: a pasted line of 6004 characters arrives whole (the terminal's own
+    line editing kept 4095 bytes and dropped the rest without a word), Left moves the cursor and Up recalls the last
+    message (before: their escape codes went to the model as text), and Ctrl-D ends the chat."""
+    with turns_at_a_terminal() as (type_, wait_for, _):
+        wait_for("> ")
+        for i in range(0, 6004, 500):  # as a paste arrives
+            type_((("x" * 6000 + " END")[i:i + 500]).encode())
+            time.sleep(0.02)
+        type_(b"\r")
+        wait_for("got 6004 'xxxxxxxx END'")
+        type_(b"Frnace" + b"\x1b[D" * 3 + b"?\r")  # three times Left, then "?"
+        wait_for("got 7 'Frn?ace'")
+        type_(b"\x1b[A\r")  # Up: the last message again
+        wait_for("got 7 'Frn?ace'", times=2)
+
+
+def test_a_line_the_terminal_may_have_cut_is_not_sent():
+    """Standard input a terminal, standard output a pipe (`engine.py --interactive | tee log`): the terminal's own
+    line editing reads the lines, which keeps 4095 bytes of each; a line that long is named and not sent (before: its
+    first 4095 bytes were, without a word), and the next one is."""
+    with turns_at_a_terminal(piped=True) as (type_, wait_for, seen):
+        wait_for("> ")
+        for i in range(0, 5000, 500):
+            type_(b"x" * 500)
+            time.sleep(0.02)
+        type_(b"\r")
+        wait_for("it may be cut; not sent")
+        type_(b"short\r")
+        wait_for("got 5 'short'")
+    assert b"got 4095" not in seen
 
 
 def test_a_second_chat_reads_on_from_standard_input(monkeypatch):
