@@ -718,7 +718,7 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         prose = HELD_OUT + " of --text" * bool(args.text)  # (the default corpus has sentence ends)
         hays = {"noise": Haystack(tok, noise), "prose": Haystack(tok, "\n\n".join(t for _, t in docs), prose)}
         if len(hays["prose"].ids) < max(args.contexts):  # before the model, not after perplexity
-            raise ValueError(f"the held-out prose has {len(hays['prose'].ids)} tokens, fewer than --contexts "
+            raise ValueError(f"{prose} has {len(hays['prose'].ids)} tokens, fewer than --contexts "
                              f"{max(args.contexts)}; give more --text")
     if lengths["--ppl-context"]:  # before the model: too little text is one line, not a wait and a traceback
         windows = token_windows(tok, docs, args.ppl_context, args.ppl_docs, what=HELD_OUT, flag="--ppl-context")
