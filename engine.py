@@ -383,7 +383,7 @@ def prompt_text(text):
 
 
 def not_utf8(text):  # words naming the first byte that was not UTF-8 (a lone surrogate, see prompt_text), else None
-    # (UTF-16 is told by its byte order mark or its zero bytes: UTF-16 without either, all of it outside ASCII, is not)
+    # (UTF-16 is told by its byte order mark or its zero bytes; UTF-16 with neither, none of it ASCII, goes unnoticed)
     if text.startswith(("\udcff\udcfe", "\udcfe\udcff")) or "\x00" in text:
         return "UTF-16 text (or not text at all), not UTF-8: convert it, e.g. with iconv -f utf-16 -t utf-8"
     if bad := re.search("[\udc80-\udcff]", text):
