@@ -816,7 +816,8 @@ def typed_turns():
     if hasattr(sys.stdin, "reconfigure") and (sys.stdin.encoding, sys.stdin.errors) != utf8:
         with contextlib.suppress(io.UnsupportedOperation):  # (read before in another encoding: Python keeps it)
             sys.stdin.reconfigure(encoding=utf8[0], errors=utf8[1])
-    terminal = sys.stdin.isatty() and sys.stdout.isatty()  # input() edits a line only there (its prompt: stdout)
+    tty = sys.stdin.isatty()
+    terminal = tty and sys.stdout.isatty()  # input() edits a line only there (its prompt: stdout)
     if terminal:
         with contextlib.suppress(ImportError):  # (here, not at the top: it sets up the terminal as it loads)
             import readline  # noqa: F401  input() reads through it once it is loaded
@@ -830,10 +831,10 @@ def typed_turns():
                 line = ""
                 print()
         else:
-            if sys.stdin.isatty():
+            if tty:
                 print(prompt, end="", file=sys.stderr, flush=True)
             line = sys.stdin.readline()
-            if sys.stdin.isatty() and len(line.encode(errors="surrogateescape")) >= 4096:  # 4095 bytes and "\n"
+            if tty and len(line.encode(errors="surrogateescape")) >= 4096:  # 4095 bytes and "\n"
                 print("warning: the terminal keeps 4095 bytes of a line and this one has as many: it may be cut; not "
                       "sent (with standard output on the terminal too, a line may be longer)", file=sys.stderr)
                 message = ""

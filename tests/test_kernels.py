@@ -938,10 +938,11 @@ def test_bad_input_of_key_dtype_recent_window_and_sink_count():
 # mutant that every test above let through
 
 
-def popcount_codes(scores):
-    """(..., S) list of scores in [0, 32] -> (1, 1, S, 1) int32 key codes at exactly those Hamming distances from the
-    all-zero query code (G = 1, W = 1): key code s has its lowest scores[s] bits set."""
-    return torch.tensor([to_int32((1 << p) - 1) for p in scores], dtype=torch.int32).view(1, 1, -1, 1)
+def codes_at_distances(scores):
+    """A list of S scores in [0, 32] -> the all-zero query code (1, 1, 1) and (1, 1, S, 1) int32 key codes at exactly
+    those Hamming distances from it (G = 1, W = 1: key code s has its lowest scores[s] bits set), on DEV."""
+    k = torch.tensor([to_int32((1 << p) - 1) for p in scores], dtype=torch.int32).view(1, 1, -1, 1)
+    return torch.zeros(1, 1, 1, dtype=torch.int32).to(DEV), k.to(DEV)
 
 
 def test_select_topk_triton_selects_nan_scores_when_the_budget_needs_them():
@@ -962,7 +963,7 @@ def test_hamming_topk_triton_forced_rank_before_score_zero():
     is theirs alone, scored keys start at 1), and forced positions beyond the budget keep the newest forced ones,
     not the newest score-0 keys."""
     scores = [0] * 10 + [5, 7, 3, 9, 4, 6, 8, 2, 7, 5]                         # S = 20; positions 0..9 score 0
-    q, k = torch.zeros(1, 1, 1, dtype=torch.int32).to(DEV), popcount_codes(scores).to(DEV)
+    q, k = codes_at_distances(scores)
     lengths = torch.tensor([20], device=DEV)
     for budget, n_sink, n_recent in ((3, 2, 2), (5, 2, 2), (6, 3, 1), (12, 0, 3)):
         ref = hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent)
@@ -975,7 +976,7 @@ def test_hamming_topk_triton_forced_rank_before_score_zero():
 def test_hamming_topk_triton_window_edge(scores, budget):
     """A 4-bin window holds forced, key m_b, key m_b + 1 and everything above: the threshold just past the last exact
     bin (slow path) or in it (fast path), with the keys above the window in the same block."""
-    q, k = torch.zeros(1, 1, 1, dtype=torch.int32).to(DEV), popcount_codes(scores).to(DEV)
+    q, k = codes_at_distances(scores)
     assert_topk_matches_ref(q, k, torch.tensor([16], device=DEV), budget, 0, 0, window=4)
 
 
@@ -987,7 +988,7 @@ def test_hamming_topk_triton_row_minimum_in_a_later_chunk():
     scores = (10 + torch.randint(0, 5, (S,), generator=gen)).tolist()
     for s in (16 * 66 + 3, 16 * 66 + 9, 16 * 68 + 1):
         scores[s] = 2
-    q, k = torch.zeros(1, 1, 1, dtype=torch.int32).to(DEV), popcount_codes(scores).to(DEV)
+    q, k = codes_at_distances(scores)
     for budget in (2, 3, 40):
         assert_topk_matches_ref(q, k, torch.tensor([S], device=DEV), budget, 1, 1, window=32)
 
