@@ -164,6 +164,24 @@ def test_e2e_times_dense_and_hata_replays_alternating(capsys, tmp_path, monkeypa
     assert (tmp_path / "e2e.png").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_e2e_names_a_point_out_of_gpu_memory_and_times_the_others(capsys, monkeypatch, tmp_path):
+    """A point whose caches do not fit (B=4 at 128K on an 80 GB H100) is named, not the end of the run: the
+    table and the prefill lines come out for the others."""
+    fill = bench.fill_random_kv
+
+    def fill_or_fail(model):
+        if model.max_batch_size == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        fill(model)
+    monkeypatch.setattr(bench, "fill_random_kv", fill_or_fail)
+    assert bench.main(["e2e", "--preset", "tiny", "--seqlens", "512", "--batches", "1", "2", "--budgets", "16",
+                       "--steps", "3", "--prefill-len", "512", "--plot", str(tmp_path / "e2e.png")]) == 0
+    out = capsys.readouterr().out
+    assert "S=512 B=2: out of GPU memory; not timed" in out and "with key hashing" in out, out
+    assert [line.split(" | ")[1] for line in out.splitlines() if line.startswith("| 512 |")] == ["1"]
+
+
 def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys):
     """report/bench_MODE.png is the default points' plot: a run of other contexts, batches or budgets does not
     overwrite it (it draws only to a given --plot); other flags (rounds, steps) keep the default points."""
