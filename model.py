@@ -915,7 +915,8 @@ def read_gguf(path, dtype=torch.float32):
     raw = {}
     for t in reader.tensors:
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy fp32 first
+            f64 = t.tensor_type == gguf.GGMLQuantizationType.F64  # (ggml's, which gguf's dequantize lacks)
+            w = t.data.astype("float32") if f64 else gguf.quants.dequantize(t.data, t.tensor_type)  # numpy fp32 first
         except NotImplementedError as e:  # e.g. an I32 tensor: no weight of a Llama model
             raise ValueError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot make "
                              f"floats of ({e})") from None
@@ -993,16 +994,18 @@ def hf_args(path):
         theta = rope.get("rope_theta", None if "rope_theta" in cfg else 10000.0)  # (a null alone is refused)
     context = cfg.get("max_position_embeddings", 2048)  # transformers' LlamaConfig default
     window = cfg.get("sliding_window") or math.inf  # within the window: full attention
+    narrower = type(context) in (int, float) and window < context  # (a context of another type: named below)
     names = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
                  n_kv_heads="num_key_value_heads", ffn_dim="intermediate_size", norm_eps="rms_norm_eps",
                  tie_embeddings="tie_word_embeddings",
-                 max_seq_len="sliding_window" if window < context else "max_position_embeddings")
+                 max_seq_len="sliding_window" if narrower else "max_position_embeddings")
     args = ModelArgs.read(os.path.join(path, "config.json"), names, dim=cfg["hidden_size"],
                           n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                           n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                           vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"],
                           norm_eps=cfg["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
-                          max_seq_len=min(context, window), tie_embeddings=cfg.get("tie_word_embeddings", False),
+                          max_seq_len=window if narrower else context,
+                          tie_embeddings=cfg.get("tie_word_embeddings", False),
                           head_dim=cfg.get("head_dim") or 0)
     refuse_unsupported(os.path.join(path, "config.json"), "hf", {**rope, **cfg}.get, args)  # v5: rope_parameters
     return args
@@ -1024,6 +1027,9 @@ def read_hf(path):
     else:
         raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (pickled .bin "
                          f"checkpoints are not loaded; convert them to safetensors)")
+    if len(files) > 1 and (gone := [f for f in files if not os.path.exists(os.path.join(path, f))]):  # before any read
+        raise ValueError(f"{path}: the download is incomplete; model.safetensors.index.json names {len(files)} shards "
+                         f"and {len(gone)} are missing ({', '.join(gone[:3])}{', ...' * (len(gone) > 3)})")
     raw = {}
     for file in (os.path.join(path, name) for name in files):
         if os.path.isfile(file):  # a Git LFS pointer is named as one, not read as a bad safetensors header
@@ -1093,11 +1099,13 @@ def read_meta(path):
 
 def meta_context(p):
     """params.json has no context length: Llama 3.1+ (scaled RoPE) 128K, Llama 3 8K, Code Llama (Llama 2 with RoPE
-    theta 1e6) 16K, Llama 2 4K; within a sliding_window (as config.json's), where attention is whole."""
+    theta 1e6) 16K, LLaMA 1 (norm_eps 1e-6) 2K, Llama 2 4K; within a sliding_window (as config.json's), where
+    attention is whole."""
     if type(scaled := p.get("use_scaled_rope", False)) is not bool:  # JSON's "false" is a string, and true in Python
         raise ValueError(f"params.json's use_scaled_rope must be true or false, got {scaled!r}")
     context = p.get("max_seq_len") or (131072 if scaled else 8192 if p.get("vocab_size", 0) > 100000 else 16384
-                                       if p.get("rope_theta", 0) >= 1e6 else 4096)
+                                       if p.get("rope_theta", 0) >= 1e6 else 2048 if p.get("norm_eps") == 1e-6
+                                       else 4096)
     window = p.get("sliding_window") or context  # (0 or null: none)
     for key, value in (("max_seq_len", context), ("sliding_window", window)):
         if type(value) is not int or value < 1:

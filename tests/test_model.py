@@ -1373,6 +1373,45 @@ def test_config_nulls_mean_the_transformers_defaults(tmp_path):
     assert (args.n_kv_heads, args.head_dim) == (2, 4)
 
 
+def test_a_context_of_null_or_text_is_named_by_its_key(tmp_path):
+    """A context length that is no number, beside a sliding window (which it was compared with first): the key."""
+    for bad in (None, "4096"):
+        (tmp_path / "config.json").write_text(json.dumps({**HF_CFG, "max_position_embeddings": bad,
+                                                           "sliding_window": 4096}))
+        with pytest.raises(ValueError, match=re.escape(f"got {{'max_position_embeddings': {bad!r}}}")):
+            checkpoint_metadata(str(tmp_path))
+
+
+def test_a_missing_shard_is_named_before_any_shard_is_read(small_smol, tmp_path, monkeypatch):
+    """An index naming a shard that was never downloaded: the incomplete download is named at once, not after
+    reading the others (an 8B model's first shards: ~12 GB)."""
+    args, sd = small_smol
+    write_hf(tmp_path, args, sd)
+    tensors = load_file(tmp_path / "model.safetensors")
+    os.remove(tmp_path / "model.safetensors")
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[::2]}, tmp_path / "model-00001-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}}))
+    monkeypatch.setattr("safetensors.safe_open", lambda *a, **k: pytest.fail("a shard was read"))
+    with pytest.raises(ValueError, match=r"the download is incomplete; model.safetensors.index.json names 2 shards "
+                                         r"and 1 are missing \(model-00002-of-00002.safetensors\)"):
+        from_checkpoint(str(tmp_path))
+
+
+def test_a_gguf_of_f64_tensors_loads(tmp_path):
+    """ggml's F64, which gguf's dequantize lacks, is read as its floats (the README takes floats of 16 bits or more)."""
+    norm = torch.arange(8, dtype=torch.float64) / 3
+    _, raw, _ = load_checkpoint(write_model_gguf(tmp_path / "f.gguf", {}, [("output_norm.weight", norm)]))
+    assert torch.equal(raw["norm.weight"], norm.float())
+
+
+def test_params_json_of_llama_1_has_its_2k_context():
+    """LLaMA 1's params.json is Llama 2's but for norm_eps (1e-6, not 1e-5); neither names its context."""
+    assert model_module.meta_context({"dim": 4096, "norm_eps": 1e-6, "vocab_size": -1}) == 2048
+    assert model_module.meta_context({"dim": 4096, "norm_eps": 1e-5, "vocab_size": -1}) == 4096
+
+
 def test_model_safetensors_wins_over_a_stale_index(small_smol, tmp_path):
     args, sd = small_smol
     write_hf(tmp_path, args, sd)
