@@ -971,7 +971,8 @@ def is_default_model(checkpoint):
     path = checkpoint_format(checkpoint)[1] if os.path.isdir(checkpoint) else checkpoint  # a folder: its one .gguf
     if os.path.realpath(path) == os.path.realpath(default):
         return True
-    return os.path.isfile(path) and filecmp.cmp(path, default, shallow=False)  # (other sizes: no read)
+    # (other sizes: no read; the package's file deleted: no default model to be)
+    return os.path.isfile(path) and os.path.isfile(default) and filecmp.cmp(path, default, shallow=False)
 
 
 def shipped_hash_weights(hata, checkpoint=None):

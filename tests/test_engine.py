@@ -1686,6 +1686,16 @@ def test_sampling_temperature():
 
 
 @pytest.mark.usefixtures("gguf_path")
+def test_another_checkpoint_runs_with_the_default_models_file_gone(tmp_path, monkeypatch):
+    """The default model's package installed but its .gguf deleted (to save its 93 MB): another checkpoint is not
+    the default model, and needs no file of it (a sparse run on it failed with the deleted file's [Errno 2])."""
+    monkeypatch.setattr(engine, "default_checkpoint", lambda: str(tmp_path / "gone.gguf"))
+    (mine := tmp_path / "mine.gguf").write_bytes(b"GGUF")
+    assert not engine.is_default_model(str(mine))
+    assert engine.shipped_hash_weights(HataArgs(budget=0.5), str(mine)) is None
+
+
+@pytest.mark.usefixtures("gguf_path")
 def test_the_default_model_named_gets_its_trained_projections(capsys, gguf_path, tmp_path):
     """--checkpoint naming the default model's own file (or its directory, or a link to it, or a folder holding only
     a link to it) loads the shipped projections, as leaving --checkpoint out does, and so does a copy of its bytes;
