@@ -449,3 +449,26 @@ def test_offload_host_gb_is_gibibytes(monkeypatch):
     with pytest.raises(Checked):
         bench.main(["offload", "--preset", "tiny", "--seqlen", "512", "--budget", "64", "--host-gb", "1.5"])
     assert limits == [3 * 2 ** 29]
+
+
+# From a mutation run of the table and plot helpers: behaviour no test held before
+
+
+def test_each_attention_tables_separator_has_a_cell_per_column():
+    row = dict(shape="llama8b", B=1, S=131072, budget=2048, dense_ms=2.0, hata_ms=0.5, floor_ms=0.25,
+               dense_floor_ms=1.0, per_kernel={"hash": 0.01, "topk.score": 0.1}, kernel_bytes={})
+    for lines in (bench.table([row]).splitlines(), bench.breakdown_table([row]).splitlines()[2:]):
+        assert lines[1].count("|") == lines[0].count("|") == lines[2].count("|"), lines
+
+
+def test_a_budget_of_no_1_n_fraction_is_labelled_to_6_significant_digits():
+    assert bench.budget_label(2 / 3) == "K = 0.666667 S"  # not 0.6666666666666666
+
+
+def test_each_plot_panel_has_a_legend_of_its_lines(monkeypatch):
+    figs = []
+    monkeypatch.setattr(engine, "write_png", lambda path, fig: figs.append(fig))
+    bench.plot_speed("x.png", [("latency", "ms", "log", {"dense": [(1024, 1.0)], "HATA": [(1024, 0.5)]}, None),
+                               ("speedup", "dense / HATA", "linear", {"B=1": [(1024, 2.0)]}, 1)])
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figs[0].axes] == [["dense", "HATA"],
+                                                                                             ["B=1"]]

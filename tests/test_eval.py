@@ -1538,3 +1538,110 @@ def test_a_runs_noise_haystack_gives_the_committed_runs_prompts(gguf_path, smol,
                     "--out-dir", str(tmp_path)]) == 0
     assert [p[1] for p in prompts[:2]] == ["45572", "48212"]
     assert hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16] == "5ced186c4e26225e"
+
+
+# From a mutation run of eval.py's report side (load_results, merge, report, plot, digest): behaviour no test held
+
+
+PPL_REC = {"nll": 0.7, "ppl": 2.0, "agree": 1.0, "positions": 8}
+
+
+@pytest.mark.parametrize("damage, words", [
+    ({"seconds": {"retrieval": True}}, "its budgets (fractions in (0, 1)), selectors (names) or seconds are damaged"),
+    ({"seconds": {"retrieval": math.inf}}, "its budgets (fractions in (0, 1)), selectors (names) or seconds"),
+    ({"perplexity_planned": "8"}, "its command or start times (text), ppl_context or planned counts"),
+    ({"noise_context": -1}, "its command or start times (text), ppl_context or planned counts"),
+    ({"perplexity": {"oracle 1/8": PPL_REC}}, "a retrieval or perplexity record lacks"),  # no dense row
+    ({"perplexity": {"dense": {k: v for k, v in PPL_REC.items() if k != "agree"}}}, "a retrieval or perplexity"),
+    ({"retrieval": [{k: v for k, v in MERGE_REC.items() if k != "answer"}]}, "a retrieval or perplexity record")])
+def test_a_damaged_count_time_or_record_is_refused_naming_its_file(damage, words, tmp_path):
+    """A bool or an infinite number is no time; a planned count or haystack size is a whole number; a perplexity
+    result needs its dense row and every field the report reads; a retrieval record needs the key a merge joins by:
+    each one line naming the file (before: accepted, or a KeyError later)."""
+    (path := tmp_path / "r.json").write_text(json.dumps({**MERGE_RUN, "ppl_context": 64, **damage}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
+        ev.load_results(str(path))
+
+
+def test_a_json_list_of_the_fields_names_is_no_results_file(tmp_path):
+    (path := tmp_path / "r.json").write_text(json.dumps(["command", "selectors", "budgets", "seconds"]))
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a results file of eval.py")):
+        ev.load_results(str(path))
+
+
+def test_merge_joins_an_older_perplexity_run_to_a_newer_retrieval_run_and_lists_both_commands():
+    """The needle rule concerns retrieval runs alone: a perplexity-only file from before it joins a newer run."""
+    merged = ev.merge([ppl_run(), {**copy.deepcopy(MERGE_RUN), "needle_rule": 2}])
+    assert len(merged["retrieval"]) == 1 and merged["perplexity"]["dense"] == PPL_REC
+    assert merged["command"] == "p ; r"
+
+
+def test_merge_without_seeds_keeps_samples_of_another_context_task_or_haystack_apart(capsys):
+    """Files without sample seeds join samples by context, task, haystack, depth and key: each of them tells two
+    samples apart (those of one key and depth here)."""
+    base = {k: v for k, v in MERGE_REC.items() if k != "seed"}
+    recs = [base, {**base, "context": 2048}, {**base, "task": "multikey"}, {**base, "haystack": "prose"}]
+    def run(sel):
+        return {**MERGE_RUN, "command": sel, "selectors": [sel],
+                "retrieval": [{**x, "correct": {"dense": True, f"{sel} 1/8": True}} for x in recs]}
+    merged = ev.merge([run("oracle"), run("quest s16 r16")])
+    assert sorted((x["context"], x["task"], x["haystack"]) for x in merged["retrieval"]) == [
+        (1024, "multikey", "noise"), (1024, "single", "noise"), (1024, "single", "prose"), (2048, "single", "noise")]
+    assert all(len(x["correct"]) == 3 for x in merged["retrieval"])
+
+
+def test_report_states_the_perplexity_context_and_dense_nll_and_marks_a_fixed_window():
+    """The heading gives the perplexity windows' context (not the positions again) and dense's NLL to 4 places; a
+    perplexity cell whose budget the sink and recent window fill at that context is marked too."""
+    ppl = {"dense": {**PPL_REC, "nll": 0.6931}, "quest s16 r16 1/16": {**PPL_REC, "ppl": 2.5},
+           "quest s16 r16 1/32": {**PPL_REC, "ppl": 3.0}}
+    md = ev.report({"selectors": ["quest s16 r16"], "budgets": [1 / 16, 1 / 32], "ppl_context": 1024,
+                    "perplexity": ppl})
+    assert ("### Perplexity and top-1 agreement: 8 teacher-forced positions, context 1024; dense perplexity 2.000 "
+            "(NLL 0.6931)") in md
+    assert "| quest s16 r16 | 2.500 (+25.0%) | 3.000 (+50.0%)† | 100.0% | 100.0% |" in md  # K = 64, then 32 = 16 + 16
+    assert "† sink + recent positions fill" in md
+
+
+def test_every_report_table_has_a_separator_cell_for_each_column():
+    recs = [{**MERGE_REC, "correct": {"dense": True, "oracle 1/8": True}}]
+    md = ev.report({**MERGE_RUN, "retrieval": recs, "ppl_context": 64,
+                    "perplexity": {"dense": PPL_REC, "oracle 1/8": PPL_REC}})
+    lines = md.splitlines()
+    seps = [i for i, line in enumerate(lines) if line.startswith("|---")]
+    assert len(seps) == 4  # dense accuracy, kept share, kept share by context, perplexity
+    for i in seps:
+        assert lines[i].count("|") == lines[i - 1].count("|") == lines[i + 1].count("|"), lines[i - 1:i + 2]
+
+
+def test_dense_accuracy_cells_sit_under_their_task_and_haystack_and_contexts_go_up():
+    """Columns single / noise, single / prose, multikey / noise, multikey / prose; rows by context, shortest first,
+    whatever order the records come in (a merge's follow its runs)."""
+    recs = [{**MERGE_REC, "context": 2048, "task": "multikey", "haystack": "noise",
+             "correct": {"dense": True, "oracle 1/8": True}},
+            {**MERGE_REC, "context": 1024, "task": "single", "haystack": "prose",
+             "correct": {"dense": False, "oracle 1/8": False}}]
+    md = ev.report({**MERGE_RUN, "retrieval": recs})
+    assert "| context | samples | single / noise | single / prose | multikey / noise | multikey / prose | all |" in md
+    assert "| 1024 | 1 | - | 0% | - | - | 0% |\n| 2048 | 1 | - | - | 100% | - | 100% |\n| all | 2 |" in md
+    assert "| selector | budget | 1024 | 2048 |\n|---|---|---|---|\n| oracle | 1/8 | - of 0 | 100% of 1 |" in md
+
+
+def test_the_plots_axes_ticks_legend_and_a_selector_that_ran_at_some_budgets(monkeypatch):
+    """Perplexity over dense on a log axis, agreement on a linear one; budgets on a log2 axis ticked by their labels;
+    one legend; Quest at its extra budget beside oracle, which did not run there, still gets its panels."""
+    figs = []
+    monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
+    ppl = {k: PPL_REC for k in ("dense", "oracle 1/8", "quest s16 r16 1/4", "quest s16 r16 1/8")}
+    assert ev.plot({"selectors": ["oracle", "quest s16 r16"], "budgets": [1 / 4, 1 / 8], "perplexity": ppl}, "x")
+    rel, agree = figs[0].axes
+    assert (rel.get_yscale(), agree.get_yscale()) == ("log", "linear")
+    assert rel.xaxis.get_transform().base == 2 and agree.xaxis.get_transform().base == 2
+    assert [t.get_text() for t in rel.get_xticklabels()] == ["1/4", "1/8"] and list(rel.get_xticks()) == [4, 8]
+    assert [t.get_text() for t in rel.get_legend().get_texts()] == ["oracle", "quest s16 r16", "dense"]
+    assert [list(line.get_xdata()) for line in rel.lines[:2]] == [[8.0], [4.0, 8.0]]
+
+
+def test_digests_tell_where_one_chunk_ends_and_the_next_begins():
+    """Held-out text of documents "ab" is not that of "a" and "b": a merge compares the runs' texts by digest."""
+    assert ev.digest([b"ab"]) != ev.digest([b"a", b"b"]) and len(ev.digest([b"a", b"b"])) == 16
