@@ -344,6 +344,8 @@ def load_results(path):
     fields = {"context", "task", "haystack", "depth", "answer", "correct"}
     if not (isinstance(recs, list) and all(isinstance(r, dict) and fields <= set(r) and isinstance(r["correct"], dict)
                                            and "dense" in r["correct"] and whole(r["context"]) and number(r["depth"])
+                                           and all(isinstance(r[k], str) for k in ("task", "haystack", "answer"))
+                                           and type(r.get("seed", 0)) is int  # (merge's keys: hashable)
                                            and all(type(c) is bool for c in r["correct"].values()) for r in recs)
             and isinstance(ppl, dict) and (not ppl or "dense" in ppl)
             and all(isinstance(v, dict) and {"nll", "ppl", "agree", "positions"} <= set(v) and number(v["ppl"])

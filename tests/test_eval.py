@@ -1553,11 +1553,13 @@ PPL_REC = {"nll": 0.7, "ppl": 2.0, "agree": 1.0, "positions": 8}
     ({"noise_context": -1}, "its command or start times (text), ppl_context or planned counts"),
     ({"perplexity": {"oracle 1/8": PPL_REC}}, "a retrieval or perplexity record lacks"),  # no dense row
     ({"perplexity": {"dense": {k: v for k, v in PPL_REC.items() if k != "agree"}}}, "a retrieval or perplexity"),
-    ({"retrieval": [{k: v for k, v in MERGE_REC.items() if k != "answer"}]}, "a retrieval or perplexity record")])
+    ({"retrieval": [{k: v for k, v in MERGE_REC.items() if k != "answer"}]}, "a retrieval or perplexity record"),
+    ({"retrieval": [{**MERGE_REC, "seed": [1]}]}, "a retrieval or perplexity record"),  # (merge: a TypeError)
+    ({"retrieval": [{**MERGE_REC, "task": {"name": "single"}}]}, "a retrieval or perplexity record")])
 def test_a_damaged_count_time_or_record_is_refused_naming_its_file(damage, words, tmp_path):
     """A bool or an infinite number is no time; a planned count or haystack size is a whole number; a perplexity
-    result needs its dense row and every field the report reads; a retrieval record needs the key a merge joins by:
-    each one line naming the file (before: accepted, or a KeyError later)."""
+    result needs its dense row and every field the report reads; a retrieval record needs the key a merge joins by,
+    of hashable types: each one line naming the file (before: accepted, or a KeyError or TypeError later)."""
     (path := tmp_path / "r.json").write_text(json.dumps({**MERGE_RUN, "ppl_context": 64, **damage}))
     with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
         ev.load_results(str(path))
