@@ -552,29 +552,34 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 # so score >> 1 keeps order and ties exactly and halves the range (SHIFT = 1 for even G). Order keys, per row:
 #     0 = sink or recent (selected first; past the budget, the newest), 1 + (score >> SHIFT) = scored position,
 #     KMAX + 1 = past the length.
-#   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the block's smallest scored key m_b
-#                              and a windowed histogram: bin 0 = forced, bin 1 + x - m_b = key x for keys
-#                              m_b <= x < m_b + WIN - 2, bin WIN - 1 = everything above or past the length
-#   B  _topk_threshold_kernel  per row: the windows, shifted to the least m_b (gmin), add up to exact
-#                              counts for every key < gmin + WIN - 2. The threshold t (the K_eff-th smallest
+#   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the window's base (the row's anchor
+#                              from the last step, else the block's smallest scored key m_b) and a windowed
+#                              histogram: bin 0 = forced, bin 1 = keys below the base, bin 2 + x - base = key x
+#                              for base <= x < base + WIN - 3, bin WIN - 1 = everything above or past the length
+#   B  _topk_threshold_kernel  per row: the windows, shifted to the least base (gmin), add up to exact
+#                              counts for every key < gmin + WIN - 3. The threshold t (the K_eff-th smallest
 #                              key) lies there for random codes (~3 standard deviations of the score above
-#                              the minimum); trained codes spread wider (BENCHMARKS.md, default model at 8K: 106
-#                              above gmin of the WIN - 3 = 125 reached), and a row past it has B count the stored
-#                              keys (exact: coarse bins <= 64, fine ones 2 << CSHIFT, then a count pass per block).
-#                              Then per block: keys < t, ties at t to take (newest first), output offset.
+#                              the minimum); trained codes spread wider (BENCHMARKS.md: 1 to 3 of the default
+#                              model's 28 sparse layers at 8K reach past m_b + WIN - 4), and a row whose t lies
+#                              outside has B count the stored keys (exact: coarse bins <= 64, fine ones 2 << CSHIFT,
+#                              then a count pass per block). Then per block: keys < t, ties at t to take (newest
+#                              first), output offset; and the row's anchor for the next step, t - (WIN - 4) // 2:
+#                              a decode step's threshold lies near the last one's, wherever the row's minimum is.
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
 # popcount per owned bin, so its cost grows with the number of bins.
 
 
-def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
+def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_triton=None, anchor=None):
     """q_codes (B, H, W), k_codes (B, Hkv, S, W) int32, lengths (B,) -> idx (B, Hkv, budget) int32, -1 padded.
-    Same selection as select_topk(hamming_score(...)), a set (the Triton path's order is ascending today too)."""
+    Same selection as select_topk(hamming_score(...)), a set (the Triton path's order is ascending today too).
+    anchor (B, Hkv) int32, the Triton path's state between decode steps (-1: none yet): where each row's window
+    starts, set from this step's threshold; it changes the speed (the fast path), never the selection."""
     _check_codes(q_codes, k_codes, lengths, "hamming_topk")
     _check_select(lengths, budget, n_sink, n_recent, q_codes.shape[0], q_codes.device, "hamming_topk")
     if not _use_triton(use_triton, q_codes, k_codes, lengths):
         return hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink, n_recent)
-    return _launch(*_hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent))
+    return _launch(*_hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, anchor))
 
 
 def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
@@ -584,20 +589,22 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 
 @triton.jit
 def _topk_score_kernel(
-    qc_ptr, kc_ptr, len_ptr, key_ptr, min_ptr, hist_ptr,  # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
-    Hkv, S, NBLK, n_sink, n_recent,                       # keys (B*Hkv, S) int16, m_b (B*Hkv, NBLK),
-    skb, skh,                                             # hist (B*Hkv, NBLK, WIN) int32
+    qc_ptr, kc_ptr, len_ptr, anc_ptr, key_ptr, min_ptr,   # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
+    hist_ptr, Hkv, S, NBLK, n_sink, n_recent,             # anchors (B*Hkv,), keys (B*Hkv, S) int16, bases
+    skb, skh,                                             # (B*Hkv, NBLK), hist (B*Hkv, NBLK, WIN) int32
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, SHIFT: tl.constexpr,
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
-    """Program (block of BLOCK_S positions, b*Hkv + h): the block's int16 order keys, its smallest scored key m_b,
-    and a WIN-bin histogram of its keys relative to m_b (bin 0 forced, bin WIN - 1 above the window or past the
-    length). Only these small windows, not the keys, go to the threshold kernel's fast path."""
+    """Program (block of BLOCK_S positions, b*Hkv + h): the block's int16 order keys, its window's base (the row's
+    anchor, else the block's smallest scored key m_b) and a WIN-bin histogram of its keys relative to the base (bin
+    0 forced, bin 1 below the base, bin WIN - 1 above the window or past the length). Only these small windows, not
+    the keys, go to the threshold kernel's fast path."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
+    anchor = tl.load(anc_ptr + pid_bh)                                         # -1: none
     if pid_s * BLOCK_S < length:                                               # blocks past the length: idle
         s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)                            # (BLOCK_S,)
         valid = s < length
@@ -609,22 +616,23 @@ def _topk_score_kernel(
         key = tl.where(valid, key, KMAX + 1)                                   # past the length
         tl.store(key_ptr + pid_bh * S + s, key.to(tl.int16), mask=s < S)
         scored = valid & (key > 0)
-        m_b = tl.min(tl.where(scored, key, KMAX + 1))                          # smallest scored key
-        rel = tl.where(scored, tl.minimum(key - m_b + 1, WIN - 1), 0)          # window bin (forced -> 0)
+        base = tl.where(anchor >= 0, anchor, tl.min(tl.where(scored, key, KMAX + 1)))  # else m_b: none below
+        rel = tl.where(scored, tl.minimum(tl.maximum(key - base + 2, 1), WIN - 1), 0)  # window bin (forced -> 0)
         rel = tl.where(valid, rel, WIN - 1)
         hist = tl.histogram(rel, WIN)                                          # (WIN,) int32
-        tl.store(min_ptr + pid_bh * NBLK + pid_s, m_b)
+        tl.store(min_ptr + pid_bh * NBLK + pid_s, base)
         tl.store(hist_ptr + (pid_bh * NBLK + pid_s) * WIN + tl.arange(0, WIN), hist)
 
 
 @triton.jit
 def _window_tile(hist_ptr, min_ptr, row, blk, nblk, NBLK, j, gmin, WIN: tl.constexpr):
-    """(BLK_CHUNK, WIN) counts of the blocks blk (< nblk valid of NBLK) at row-relative bins j: j = 0 forced,
-    j >= 1 key gmin + j - 1. Exact for j <= WIN - 2: every block's window reaches key gmin + WIN - 3. Key x sits in
-    block bin x - m_b + 1 = j + gmin - m_b; a block bin < 1 means x < m_b, a key the block does not hold (0)."""
-    m_b = tl.load(min_ptr + row * NBLK + blk, mask=blk < nblk, other=0)       # (BLK_CHUNK,)
-    bb = tl.where(j[None, :] == 0, 0, j[None, :] + gmin - m_b[:, None])        # (BLK_CHUNK, WIN) block bin
-    ok = (blk[:, None] < nblk) & (j[None, :] <= WIN - 2) & ((j[None, :] == 0) | (bb >= 1))
+    """(BLK_CHUNK, WIN) counts of the blocks blk (< nblk valid of NBLK) at row-relative bins j: j = 0 forced, j = 1
+    below gmin, j >= 2 key gmin + j - 2. Exact for j <= WIN - 2: every block's window reaches key gmin + WIN - 4.
+    Key x sits in block bin x - base + 2 = j + gmin - base; a block bin < 2 means x < base, which the block does not
+    hold (0) when its base is its m_b. A row's anchor is every block's base: gmin, and bin 1 the keys below it."""
+    base = tl.load(min_ptr + row * NBLK + blk, mask=blk < nblk, other=0)      # (BLK_CHUNK,)
+    bb = tl.where(j[None, :] <= 1, j[None, :], j[None, :] + gmin - base[:, None])  # (BLK_CHUNK, WIN) block bin
+    ok = (blk[:, None] < nblk) & (j[None, :] <= WIN - 2) & ((j[None, :] <= 1) | (bb >= 2))
     return tl.load(hist_ptr + (row * NBLK + blk[:, None]) * WIN + bb, mask=ok, other=0)
 
 
@@ -646,15 +654,16 @@ def _block_info(ip, blk, nblk, less, eq, need, n_eq, eq_seen, off, t):
 
 @triton.jit
 def _topk_threshold_kernel(
-    len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, m_b, hist,
-    Hkv, S, NBLK, budget,                                    # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget)
+    len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, bases, hist,
+    anc_ptr, Hkv, S, NBLK, budget,                           # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget), anchors
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, BLK_CHUNK: tl.constexpr,
     CSHIFT: tl.constexpr, NC: tl.constexpr, HIST_CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr,
 ):
     """One program per row. Finds t, the K_eff-th smallest key, from the blocks' windows (fast) or by counting the
     stored keys (slow), then writes each valid block's (offset, skip, count, t): count = its keys < t plus the ties
     it takes (the newest blocks' ties first), offset = the earlier blocks' counts, skip = its oldest ties left out.
-    With these the compaction places every block's positions without seeing the others; slots >= K_eff get -1."""
+    With these the compaction places every block's positions without seeing the others; slots >= K_eff get -1.
+    The row's anchor becomes max(1, t - (WIN - 4) // 2): the next step's window, with t in its middle."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
@@ -675,13 +684,13 @@ def _topk_threshold_kernel(
                                      WIN),
                         axis=0)
     cum = tl.cumsum(total, axis=0)                                             # (WIN,) inclusive
-    tj = tl.sum((cum < k_eff).to(tl.int32))  # bins before the K_eff-th key's; > WIN - 2: past the window, slow path
+    tj = tl.sum((cum < k_eff).to(tl.int32))  # bins before the K_eff-th key's; 1 or > WIN - 2: slow path
     ip = info_ptr + pid_bh * NBLK * 4
     off = tl.zeros([], dtype=tl.int32)                                         # running output offset
     eq_seen = tl.zeros([], dtype=tl.int32)                                     # ties in earlier blocks
-    if tj <= WIN - 2:
+    if (tj <= WIN - 2) & (tj != 1):
         # fast path: per block, counts below and at the threshold from the windows
-        t = tl.where(tj == 0, 0, gmin + tj - 1)                                # threshold key
+        t = tl.where(tj == 0, 0, gmin + tj - 2)                                # threshold key
         n_less = tl.sum(tl.where(j < tj, total, 0))
         n_eq = tl.sum(tl.where(j == tj, total, 0))
         for c in range(0, nblk, BLK_CHUNK):
@@ -727,6 +736,7 @@ def _topk_threshold_kernel(
     for c in range(0, budget, FILL_BLOCK):
         k = c + tl.arange(0, FILL_BLOCK)
         tl.store(idx_ptr + pid_bh * budget + k, tl.full([FILL_BLOCK], -1, tl.int32), mask=(k >= k_eff) & (k < budget))
+    tl.store(anc_ptr + pid_bh, tl.maximum(t - (WIN - 4) // 2, 1))  # the next step's window: t in its middle
 
 
 @triton.jit
@@ -761,8 +771,15 @@ def _topk_compact_kernel(
     tl.store(idx_ptr + pid_bh * budget + off + rank, s, mask=sel)
 
 
-def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, window=None, block_s=None):
+def _hamming_topk_window(G, R):  # _hamming_topk_launches' default window (its docstring says why)
+    sigma_key = math.sqrt(G * R) / 2 / 2 ** int(G % 2 == 0)
+    return min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
+
+
+def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, anchor=None, window=None,
+                           block_s=None):
     """Allocate the outputs and scratch, return (idx, [(name, launch), ...]); bench.py times each launch.
+    anchor: hamming_topk's (read by the score kernel, written by the threshold kernel), or None: a fresh one.
     window: histogram bins per block, a power of two >= 4 (tests shrink it to exercise the slow path). The default:
     8 standard deviations of the key for independent random codes (sqrt(G * R) / 2 score units, halved for even G),
     rounded up to a power of two in 32..128 (64 bins, 11 sigma, for Llama-3.1-8B; 128, 13 sigma, for the default
@@ -771,9 +788,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     _, Hkv, S, _ = k_codes.shape
     G, R = H // Hkv, 32 * W
     shift = int(G % 2 == 0)                                # even G: a row's scores share one parity, drop that bit
-    if window is None:
-        sigma_key = math.sqrt(G * R) / 2 / 2 ** shift
-        window = min(128, max(32, _next_pow2(math.ceil(8 * sigma_key))))
+    window = window or _hamming_topk_window(G, R)
     k_codes = _rows_contiguous(k_codes)
     _check_int32_span(k_codes, "hamming_topk")
     q_codes, lengths = q_codes.contiguous(), lengths.contiguous()              # the kernels read lengths[b]
@@ -784,10 +799,14 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     nblk = triton.cdiv(S, block_s)
     dev = q_codes.device
     keys = torch.empty(B * Hkv, S, dtype=torch.int16, device=dev)             # (B*Hkv, S) order keys
-    mins = torch.empty(B * Hkv, nblk, dtype=torch.int32, device=dev)          # (B*Hkv, NBLK) m_b
+    mins = torch.empty(B * Hkv, nblk, dtype=torch.int32, device=dev)          # (B*Hkv, NBLK) window bases
     hist = torch.empty(B * Hkv, nblk, window, dtype=torch.int32, device=dev)  # (B*Hkv, NBLK, WIN) windows
     info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # offset, skip, count, t
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
+    if anchor is None:
+        anchor = torch.full((B, Hkv), -1, dtype=torch.int32, device=dev)       # (B, Hkv): no window to follow yet
+    _check(anchor.shape == (B, Hkv) and anchor.dtype == torch.int32 and anchor.is_contiguous() and anchor.device == dev,
+           f"hamming_topk: anchor must be a contiguous ({B}, {Hkv}) int32 tensor on {dev}")
     # launch configurations measured on the H200 (llama8b, S = 128K): the score kernel capped at 96 registers a
     # thread (4 blocks per SM instead of 3) takes 53.6 instead of 58.9 us at B = 8; R = 256 codes need more
     nw = {} if _INTERPRET else {"num_warps": 4}
@@ -795,14 +814,14 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
 
     def score():
         _topk_score_kernel[(nblk, B * Hkv)](
-            q_codes, k_codes, lengths, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:2],
+            q_codes, k_codes, lengths, anchor, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:2],
             G=G, W=W, W_P2=_next_pow2(W), NPL=_planes(G), SHIFT=shift, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             HW_POPC=not _INTERPRET, **score_cfg,
         )
 
     def threshold():  # 8 warps: the slow path 116 instead of 139 us at 128K, the fast path the same
         _topk_threshold_kernel[(B * Hkv,)](
-            lengths, keys, mins, hist, info, idx, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
+            lengths, keys, mins, hist, info, idx, anchor, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             BLK_CHUNK=max(2, min(64, _next_pow2(nblk))), CSHIFT=cshift, NC=_next_pow2(((kmax + 1) >> cshift) + 1),
             HIST_CHUNK=block_s * (1 if _INTERPRET else max(1, 8192 // block_s)),
             FILL_BLOCK=max(16, min(1024, _next_pow2(budget))), **({} if _INTERPRET else {"num_warps": 8}),

@@ -283,12 +283,14 @@ class KVCache(nn.Module):
 
 
 class HashCache(nn.Module):
-    """The key codes of every cached position (and key norms for `use_norm`), next to the KV cache."""
+    """The key codes of every cached position (and key norms for `use_norm`), next to the KV cache, and each row's
+    anchor: where the selector's window starts at the next decode step (hamming_topk; -1: not known yet)."""
 
     def __init__(self, B, Hkv, S_max, W, use_norm, device=None):
         super().__init__()
         self.register_buffer("codes", torch.zeros(B, Hkv, S_max, W, dtype=torch.int32, device=device),
                              persistent=False)  # (B, Hkv, S_max, W) int32
+        self.register_buffer("anchor", torch.full((B, Hkv), -1, dtype=torch.int32, device=device), persistent=False)
         norms = torch.zeros(B, Hkv, S_max, device=device) if use_norm else None  # (B, Hkv, S_max) fp32
         self.register_buffer("norms", norms, persistent=False)
 
@@ -360,7 +362,8 @@ class Attention(nn.Module):
         be valid; lengths (B,). Returns (B, H, D)."""
         hata, K = self.hata, self.budget
         if hata.selector == "hash" and not hata.use_norm:  # HATA: the fused score + counting select
-            idx = hamming_topk(q_codes, self.hash_cache.codes[:, :, :S], lengths, K, hata.n_sink, hata.n_recent)
+            idx = hamming_topk(q_codes, self.hash_cache.codes[:, :, :S], lengths, K, hata.n_sink, hata.n_recent,
+                               anchor=self.hash_cache.anchor)
             return sparse_decode_attention(q, keys, values, idx)  # idx (B, Hkv, K) int32
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
             score = -self.group_probs(q, keys[:, :, :S], lengths)  # (B, Hkv, S) fp32, smaller = selected first
@@ -446,12 +449,13 @@ class Transformer(nn.Module):
         return [layer.attention for layer in self.layers if layer.attention.hata is not None]
 
     def cache_bytes(self, max_batch_size, max_seq_len):
-        """(one layer's K/V, every sparse layer's key codes and norms) in bytes: what setup_caches would allocate."""
+        """(one layer's K/V, every sparse layer's key codes, norms and anchors) in bytes: what setup_caches would
+        allocate."""
         args, hata, sparse = self.args, self.hata, self.sparse_layers()
         layer = 2 * max_batch_size * args.n_kv_heads * max_seq_len * args.head_dim * self.output.weight.dtype.itemsize
         codes = sparse and hata.reads_codes(max_seq_len)  # a position's code bytes per KV head, and an fp32 norm
-        per_token = (hata.rbit // 8 + 4 * hata.use_norm) if codes else 0
-        return layer, len(sparse) * max_batch_size * args.n_kv_heads * max_seq_len * per_token
+        per_row = (max_seq_len * (hata.rbit // 8 + 4 * hata.use_norm) + 4) if codes else 0  # (+ the int32 anchor)
+        return layer, len(sparse) * max_batch_size * args.n_kv_heads * per_row
 
     def forward_bytes(self, batch, tokens, keys):
         """Estimated working memory, in bytes, of a forward of `tokens` new positions of `batch` sequences over `keys`

@@ -277,12 +277,13 @@ def test_random_weights_that_do_not_fit_are_refused(monkeypatch, capsys):
 def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, capsys):
     """The KV cache, and the key codes where HATA reads them, against the device's free memory (an 8B model on the
     CPU with a long --max-new-tokens was killed by the OOM killer): tiny, fp32, 4 layers x 2 KV heads x 16 dims x
-    K and V = 1024 bytes a position, + 3 sparse layers x 2 heads x 2 words of R = 64 = 48 bytes; and beside them a
-    prefill chunk's working memory (8 prompts of 100K tokens filled an H200 with caches, then ran out in the
-    prefill)."""
+    K and V = 1024 bytes a position, + 3 sparse layers x 2 heads x 2 words of R = 64 = 48 bytes (and an int32
+    anchor per sequence and KV head, 24 bytes); and beside them a prefill chunk's working memory (8 prompts of 100K
+    tokens filled an H200 with caches, then ran out in the prefill)."""
     model = engine.random_model("tiny", HataArgs(rbit=64, budget=4, n_dense=1), "cpu", torch.float32)
     work = model.forward_bytes(2, 3, 3)  # a 3-token prompt's one chunk
-    need = 2 * 64 * (1024 + 48) + work  # B = 2, S = 64
+    caches = 2 * 64 * (1024 + 48) + 2 * 24  # B = 2, S = 64
+    need = caches + work
     for free, fits in ((need, True), (need - 1, False), (None, True), (0, False)):  # None: unknown; 0: none left
         monkeypatch.setattr(engine, "host_available", lambda: free)
         if fits:
@@ -294,10 +295,10 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
                                                  r"prompts"):
                 engine.check_cache_memory(model, 2, 64, 3)
     monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)  # a 20-token prompt: chunks of 8, the last one seeing all 20
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48) + model.forward_bytes(2, 8, 20) - 1)
+    monkeypatch.setattr(engine, "host_available", lambda: caches + model.forward_bytes(2, 8, 20) - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64, 20)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48) + model.forward_bytes(2, 8, 20))
+    monkeypatch.setattr(engine, "host_available", lambda: caches + model.forward_bytes(2, 8, 20))
     engine.check_cache_memory(model, 2, 64, 20)  # every layer on the device: no copy for a later chunk
     with pytest.raises(ValueError, match="and a prefill chunk's working memory"):  # setup passes the prompt's length
         engine.setup(model, argparse.Namespace(compile=False, offload=False, kv_gpu_gb=None), 2, 64, 21)
@@ -306,12 +307,12 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     for layer in model.layers[2:]:
         layer.attention.kv_cache_cls = functools.partial(KVCache)
     work = model.forward_bytes(2, 8, 20)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 2 * 20 * 256 + work - 1)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 48 + 2 * 20 * 256 + work - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64, 20)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 2 * 20 * 256 + work)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 48 + 2 * 20 * 256 + work)
     engine.check_cache_memory(model, 2, 64, 20)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + model.forward_bytes(2, 8, 8))
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 48 + model.forward_bytes(2, 8, 8))
     engine.check_cache_memory(model, 2, 64, 8)  # one prefill chunk: no copy
     # unless it continues the cache (a chat's later turns): then the copy up to its end counts
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
@@ -319,7 +320,8 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     for layer in model.layers:
         layer.attention.kv_cache_cls = KVCache
     model.set_hata(HataArgs(rbit=64, budget=4, n_dense=1, use_norm=True))  # + a key norm: 3 x 2 x 4 bytes
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48 + 24) + model.forward_bytes(2, 8, 8) - 1)
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (1024 + 48 + 24) + 48 + model.forward_bytes(2, 8, 8)
+                        - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64, 8)
     monkeypatch.setattr(engine, "host_available", lambda: 2 ** 20)  # the weights fit, a cache of 1024 positions not
@@ -1567,6 +1569,8 @@ def test_cuda_graph_decode_equals_eager():
         timings.append(timing["graph_s"])
     assert out[0] == out[1] and [len(t) for t in out[0]] == [10, 10]
     assert timings[0] is None and timings[1] > 0
+    for layer in model.layers[1:]:  # the captured threshold kernel set where each row's next window starts
+        assert (layer.attention.hash_cache.anchor >= 1).all()
 
 
 def ctrl_c_at_step(monkeypatch, n):  # decode steps raise KeyboardInterrupt at the n-th call (clear the list: again)

@@ -46,7 +46,7 @@ def test_the_kernels_select_the_refs_sets_from_real_trained_codes(smol_weights, 
     args, sd = smol_weights
     ids = Tokenizer.from_path(gguf_path).encode(load_corpus()[0][1])[:400]
     calls, ref = [], model_module.hamming_topk
-    monkeypatch.setattr(model_module, "hamming_topk", lambda *a: calls.append(a) or ref(*a))
+    monkeypatch.setattr(model_module, "hamming_topk", lambda *a, **k: calls.append(a) or ref(*a, **k))
     shipped = os.path.join(os.path.dirname(model_module.__file__), "weights", "smollm2-135m-r128.safetensors")
     model = from_state_dict(args, sd, HataArgs(budget=64, n_sink=4, n_recent=16, hash_weights=shipped))
     model.setup_caches(1, len(ids))
@@ -514,11 +514,12 @@ def test_oracle_and_quest_keep_the_sink_and_recent_windows(monkeypatch, selector
 
 
 def allocated(model):
-    """(bytes of one layer's K and V caches, bytes of every layer's hash codes and norms) that setup_caches made."""
+    """(bytes of one layer's K and V caches, bytes of every layer's hash codes, norms and anchors) that setup_caches
+    made."""
     kv = [a.kv_cache.k.nbytes + a.kv_cache.v.nbytes for a in (layer.attention for layer in model.layers)]
     assert len(set(kv)) == 1
-    codes = sum(a.hash_cache.codes.nbytes + (a.hash_cache.norms.nbytes if a.hash_cache.norms is not None else 0)
-                for a in (layer.attention for layer in model.layers) if a.hash_cache is not None)
+    codes = sum(b.nbytes for a in (layer.attention for layer in model.layers) if a.hash_cache is not None
+                for b in a.hash_cache.buffers())
     return kv[0], codes
 
 
@@ -531,7 +532,8 @@ def allocated(model):
 def test_cache_bytes_is_what_setup_caches_allocates(hata, dtype):
     """cache_bytes (engine's memory check and offload's plan read it) equals the bytes the caches setup_caches
     makes really hold: K and V of one layer in the weights' dtype, and R/8 code bytes (+ a 4-byte norm with
-    use_norm) per position and KV head in each sparse layer that reads codes, none otherwise."""
+    use_norm) per position and KV head, and a 4-byte anchor per KV head, in each sparse layer that reads codes,
+    none otherwise."""
     model = tiny_model(hata, dtype)
     want = model.cache_bytes(2, 64)
     model.setup_caches(2, 64)

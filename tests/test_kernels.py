@@ -509,6 +509,44 @@ def assert_topk_matches_ref(q, k, lengths, budget, n_sink, n_recent, window):
     assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
 
 
+def order_thresholds(q, k, lengths, budget, n_sink, n_recent):
+    """(B, Hkv): each row's t, the K_eff-th smallest order key (0 forced, 1 + (score >> shift) scored)."""
+    S, G = k.shape[2], q.shape[1] // k.shape[1]
+    pos, length = torch.arange(S), lengths.cpu().clamp(max=S).view(-1, 1, 1)  # (S,), (B, 1, 1)
+    key = 1 + (hk.hamming_score_ref(q, k, lengths).cpu().long() >> int(G % 2 == 0))
+    key = torch.where((pos < n_sink) | (pos >= length - n_recent), 0, key).masked_fill(pos >= length, 2**20)
+    k_eff = length.clamp(max=budget).expand(-1, k.shape[1], 1)                 # (B, Hkv, 1)
+    return key.sort(-1).values.gather(-1, k_eff - 1)[..., 0]
+
+
+@pytest.mark.parametrize("window", [16, 128])
+def test_hamming_topk_triton_follows_each_rows_threshold_by_its_anchor(window):
+    """A row's anchor (where its window starts; -1: none, the blocks' minima) changes only the path: anchors
+    with the threshold in the window, at its start, past its end (the slow path) or below it (every key in bin 1,
+    the slow path) select the ref's set. Then each row's anchor puts its threshold t in the middle of its window,
+    max(1, t - (window - 4) // 2), for the next step, whose query is close to this one's."""
+    gen = torch.Generator().manual_seed(window)
+    B, Hkv, G, W, S = 2, 2, 3, 4, 150
+    q = random_codes(B, Hkv * G, W, gen=gen)
+    k = random_codes(B, Hkv, S, W, gen=gen)
+    k[1, 0, 60:] = k[1, 0, 5]                                                  # ties at t
+    q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, 90], device=DEV)
+    for budget, n_sink, n_recent in ((40, 2, 3), (1, 0, 0), (120, 0, 1)):
+        ref = as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
+        t = order_thresholds(q, k, lengths, budget, n_sink, n_recent)
+        after = (t - (window - 4) // 2).clamp(min=1)
+        for start in (-1, 1, 10**4, t, t + 1, after, (t - window + 4).clamp(min=1), (t - window + 3).clamp(min=1)):
+            anchor = torch.as_tensor(start, dtype=torch.int32).expand(B, Hkv).contiguous().to(DEV)
+            idx, launches = hk._hamming_topk_launches(q, k, lengths, budget, n_sink, n_recent, anchor=anchor,
+                                                      window=window, block_s=16)
+            for _, launch in launches:
+                launch()
+            assert as_sets(idx) == ref and torch.equal(anchor.cpu(), after), (budget, start)
+        anchor = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEV)
+        assert as_sets(hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=True, anchor=anchor)) == ref
+        assert torch.equal(anchor.cpu(), (t - (hk._hamming_topk_window(G, 32 * W) - 4) // 2).clamp(min=1))
+
+
 @pytest.mark.parametrize("window,G,W", [(4, 3, 4), (16, 3, 4), (32, 3, 4), (4, 1, 1), (4, 8, 8)])
 def test_hamming_topk_triton_window_fallback(window, G, W):
     """A window too narrow for the threshold sends rows down the slow exact path (windows 4 and 16 with budget 60;

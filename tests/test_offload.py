@@ -114,7 +114,7 @@ def test_host_cache_answers_a_prefill_with_its_own_or_copied_rows():
 def test_cap_offloads_only_what_does_not_fit():
     model = tiny()
     layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
-    codes = 3 * 1 * 2 * 256 * 16  # 128-bit codes of the 3 sparse layers
+    codes = 3 * 1 * 2 * (256 * 16 + 4)  # 128-bit codes of the 3 sparse layers, and their rows' int32 anchors
     cap = (3 * layer + codes) / GiB  # room for three layers' K/V on the GPU: two kept, and a prefill chunk's copy
     plan = plan_offload(model, 1, 256, kv_gpu_gb=cap)
     assert plan.layers == [2, 3] and plan.layer_bytes == layer and plan.gpu_bytes == 2 * layer + codes
@@ -144,7 +144,7 @@ def test_cap_offloads_only_what_does_not_fit():
 
 def test_the_engine_reserves_a_chunk_copy_only_for_a_longer_prompt(capsys):
     """A prompt of one prefill chunk never copies an offloaded layer back, so --kv-gpu-gb offloads one layer fewer."""
-    layer, codes = 2 * 1 * 2 * 256 * 16 * 4, 3 * 1 * 2 * 256 * 16  # as above
+    layer, codes = 2 * 1 * 2 * 256 * 16 * 4, 3 * 1 * 2 * (256 * 16 + 4)  # as above
     args = argparse.Namespace(compile=False, offload=False, kv_gpu_gb=(3 * layer + codes) / GiB)
     for prompt_len, n in ((PREFILL_CHUNK, 1), (PREFILL_CHUNK + 1, 2)):  # (only the prompt's chunk count matters
         setup(tiny(), args, 1, 256, prompt_len)  # here, not that it is longer than this 256-position cache)
@@ -155,7 +155,7 @@ def test_plan_counts_the_codes_set_hata_keeps():
     """Hash codes stay on the GPU only where they are read: the plan counts what setup_caches allocates, so a cap
     that holds every layer's K/V fits the oracle, or a K that covers the cache, without offloading (or refusing)."""
     layer = 2 * 1 * 2 * 256 * 16 * 4  # K + V of one layer: B=1, Hkv=2, S_max=256, D=16, fp32
-    for hata, codes in ((HataArgs(budget=8, n_dense=1), 3 * 2 * 256 * 16), (HataArgs(budget=256, n_dense=1), 0),
+    for hata, codes in ((HataArgs(budget=8, n_dense=1), 3 * 2 * (256 * 16 + 4)), (HataArgs(budget=256, n_dense=1), 0),
                         (HataArgs(budget=8, n_dense=1, selector="oracle"), 0)):
         model = tiny(hata=hata)
         assert plan_offload(model, 1, 256, kv_gpu_gb=(4 * layer + codes) / GiB).layers == []
