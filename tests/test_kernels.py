@@ -531,7 +531,7 @@ def test_hamming_topk_triton_follows_each_rows_threshold_by_its_anchor(window):
     k = random_codes(B, Hkv, S, W, gen=gen)
     k[1, 0, 60:] = k[1, 0, 5]                                                  # ties at t
     q, k, lengths = q.to(DEV), k.to(DEV), torch.tensor([S, 90], device=DEV)
-    for budget, n_sink, n_recent in ((40, 2, 3), (1, 0, 0), (120, 0, 1)):
+    for budget, n_sink, n_recent in ((40, 2, 3), (3, 2, 3), (120, 0, 1)):  # (3: t = 0, among the forced keys)
         ref = as_sets(hk.hamming_topk_ref(q, k, lengths, budget, n_sink, n_recent))
         t = order_thresholds(q, k, lengths, budget, n_sink, n_recent)
         after = (t - (window - 4) // 2).clamp(min=1)
