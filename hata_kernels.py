@@ -560,7 +560,7 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 #                              counts for every key < gmin + WIN - 3. The threshold t (the K_eff-th smallest
 #                              key) lies there for random codes (~3 standard deviations of the score above
 #                              the minimum); trained codes spread wider (BENCHMARKS.md: 1 to 3 of the default
-#                              model's 28 sparse layers at 8K reach past m_b + WIN - 4), and a row whose t lies
+#                              model's 28 sparse layers at 8K reach past gmin + WIN - 4), and a row whose t lies
 #                              outside has B count the stored keys (exact: coarse bins <= 64, fine ones 2 << CSHIFT,
 #                              then a count pass per block). Then per block: keys < t, ties at t to take (newest
 #                              first), output offset; and the row's anchor for the next step, t - (WIN - 4) // 2:
@@ -702,10 +702,10 @@ def _topk_threshold_kernel(
             eq = tl.sum(tl.where(j[None, :] == tj, tile, 0), axis=1)           # (BLK_CHUNK,)
             off, eq_seen = _block_info(ip, blk, nblk, less, eq, k_eff - n_less, n_eq, eq_seen, off, t)
     else:
-        # slow exact path: the threshold lies beyond some block's window. Three passes over the row's stored
-        # keys: key >> CSHIFT finds the threshold's coarse bin tc, the low bits of the keys in tc find t, then
-        # each block counts its keys below and at t. (Rejected: one pass over every key value, KMAX + 2 bins,
-        # took 191 instead of 116 us at 128K; 8 cut points a pass instead, 163-287 us.)
+        # slow exact path: the threshold lies past some block's window (or below the row's anchor). Three passes
+        # over the row's stored keys: key >> CSHIFT finds the threshold's coarse bin tc, the low bits of the keys in
+        # tc find t, then each block counts its keys below and at t. (Rejected: one pass over every key value,
+        # KMAX + 2 bins, took 191 instead of 116 us at 128K; 8 cut points a pass instead, 163-287 us.)
         row = key_ptr + pid_bh * S
         NF: tl.constexpr = 1 << CSHIFT                                         # key values per coarse bin
         vc = tl.arange(0, NC)                                                  # (NC,) coarse bins

@@ -547,6 +547,35 @@ def test_hamming_topk_triton_follows_each_rows_threshold_by_its_anchor(window):
         assert torch.equal(anchor.cpu(), (t - (hk._hamming_topk_window(G, 32 * W) - 4) // 2).clamp(min=1))
 
 
+def test_an_anchor_keeps_a_wide_row_on_the_fast_path(monkeypatch):
+    """What the anchor is for: a row whose threshold lies past its blocks' windows (16 bins: 12 keys above the
+    row's minimum) takes the slow path, which counts the stored keys; anchored 6 keys below its threshold, the fast
+    path, which reads only the windows. Seen by spoiling the stored keys between the score and threshold launches
+    (every one reads as forced): only the slow path then finds another threshold, and leaves another anchor."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = random_codes(1, 3, 4, gen=gen).to(DEV), random_codes(1, 1, 150, 4, gen=gen).to(DEV)
+    lengths = torch.tensor([150], device=DEV)
+    t, low = (order_thresholds(q, k, lengths, K, 0, 0) for K in (40, 1))
+    assert t - low > 12  # past the blocks' windows
+    ref = as_sets(hk.hamming_topk_ref(q, k, lengths, 40))
+    for start, fast in ((-1, False), (t - 6, True)):
+        anchor = torch.as_tensor(start, dtype=torch.int32).reshape(1, 1).to(DEV)
+        made, empty = [], torch.empty
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", lambda *a, **kw: made.append(empty(*a, **kw)) or made[-1])
+            idx, (score, threshold, compact) = hk._hamming_topk_launches(q, k, lengths, 40, 0, 0, anchor=anchor,
+                                                                         window=16, block_s=16)
+        keys = next(x for x in made if x.dtype == torch.int16)                 # the order keys' scratch
+        score[1]()
+        kept = keys.clone()
+        keys.fill_(0)
+        threshold[1]()
+        assert torch.equal(anchor.cpu(), t - 6) == fast, (start, anchor, t)
+        keys.copy_(kept)
+        compact[1]()
+        assert (as_sets(idx) == ref) == fast
+
+
 @pytest.mark.parametrize("window,G,W", [(4, 3, 4), (16, 3, 4), (32, 3, 4), (4, 1, 1), (4, 8, 8)])
 def test_hamming_topk_triton_window_fallback(window, G, W):
     """A window too narrow for the threshold sends rows down the slow exact path (windows 4 and 16 with budget 60;
