@@ -998,6 +998,8 @@ def hf_args(path):
         theta = rope.get("rope_theta", None if "rope_theta" in cfg else 10000.0)  # (a null alone is refused)
     context = cfg.get("max_position_embeddings", 2048)  # transformers' LlamaConfig default
     window = cfg.get("sliding_window") or math.inf  # within the window: full attention
+    if type(window) not in (int, float):
+        raise ValueError(f"{path}: config.json's sliding_window must be a whole number or null, got {window!r}")
     narrower = type(context) in (int, float) and window < context  # (a context of another type: named below)
     names = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
                  n_kv_heads="num_key_value_heads", ffn_dim="intermediate_size", norm_eps="rms_norm_eps",
@@ -1031,9 +1033,10 @@ def read_hf(path):
     else:
         raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (pickled .bin "
                          f"checkpoints are not loaded; convert them to safetensors)")
-    if len(files) > 1 and (gone := [f for f in files if not os.path.exists(os.path.join(path, f))]):  # before any read
-        raise ValueError(f"{path}: the download is incomplete; model.safetensors.index.json names {len(files)} shards "
-                         f"and {len(gone)} are missing ({', '.join(gone[:3])}{', ...' * (len(gone) > 3)})")
+    if gone := [f for f in files if not os.path.exists(os.path.join(path, f))]:  # before any read
+        raise ValueError(f"{path}: the download is incomplete; model.safetensors.index.json names {len(files)} "
+                         f"shard files and {len(gone)} of them are missing ({', '.join(gone[:3])}"
+                         f"{', ...' * (len(gone) > 3)})")
     raw = {}
     for file in (os.path.join(path, name) for name in files):
         if os.path.isfile(file):  # a Git LFS pointer is named as one, not read as a bad safetensors header

@@ -1374,12 +1374,16 @@ def test_config_nulls_mean_the_transformers_defaults(tmp_path):
 
 
 def test_a_context_of_null_or_text_is_named_by_its_key(tmp_path):
-    """A context length that is no number, beside a sliding window (which it was compared with first): the key."""
+    """A context length that is no number, beside a sliding window (which it was compared with first), or a window
+    that is none: the key."""
     for bad in (None, "4096"):
         (tmp_path / "config.json").write_text(json.dumps({**HF_CFG, "max_position_embeddings": bad,
                                                            "sliding_window": 4096}))
         with pytest.raises(ValueError, match=re.escape(f"got {{'max_position_embeddings': {bad!r}}}")):
             checkpoint_metadata(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CFG, "sliding_window": "4096"}))
+    with pytest.raises(ValueError, match="config.json's sliding_window must be a whole number or null, got '4096'"):
+        checkpoint_metadata(str(tmp_path))
 
 
 def test_a_missing_shard_is_named_before_any_shard_is_read(small_smol, tmp_path, monkeypatch):
@@ -1394,9 +1398,12 @@ def test_a_missing_shard_is_named_before_any_shard_is_read(small_smol, tmp_path,
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}}))
     monkeypatch.setattr("safetensors.safe_open", lambda *a, **k: pytest.fail("a shard was read"))
-    with pytest.raises(ValueError, match=r"the download is incomplete; model.safetensors.index.json names 2 shards "
-                                         r"and 1 are missing \(model-00002-of-00002.safetensors\)"):
+    with pytest.raises(ValueError, match=r"the download is incomplete; model.safetensors.index.json names 2 shard "
+                                         r"files and 1 of them are missing \(model-00002-of-00002.safetensors\)"):
         from_checkpoint(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model.safetensors"}}))
+    with pytest.raises(ValueError, match=r"names 1 shard files and 1 of them are missing \(model.safetensors\)"):
+        from_checkpoint(str(tmp_path))  # an index of one shard too
 
 
 def test_a_gguf_of_f64_tensors_loads(tmp_path):
