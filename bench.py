@@ -304,7 +304,8 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
 
 def add_floors(rows, read):
     """Each row's floors (ms) over the fastest read seen in the run: `read`, a plain read's bytes/s, or dense SDPA's
-    over its whole cache, which can beat a torch reduction (H200: 4.53-4.63 against 4.13-4.21 TB/s). Returns SDPA's best."""
+    over its whole cache, which can beat a torch reduction (H200: 4.53-4.63 against 4.13-4.21 TB/s). Returns SDPA's
+    best."""
     sdpa = max(r["dense_bytes"] / r["dense_ms"] * 1e3 for r in rows)
     bw = max(read, sdpa)
     for r in rows:
