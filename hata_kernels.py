@@ -578,8 +578,15 @@ def hamming_topk(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0, use_tr
     _check_codes(q_codes, k_codes, lengths, "hamming_topk")
     _check_select(lengths, budget, n_sink, n_recent, q_codes.shape[0], q_codes.device, "hamming_topk")
     if not _use_triton(use_triton, q_codes, k_codes, lengths):
+        if anchor is not None:  # the ref has no use for it, but takes only what the Triton path takes
+            _check_anchor(anchor, *k_codes.shape[:2], q_codes.device)
         return hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink, n_recent)
     return _launch(*_hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, anchor))
+
+
+def _check_anchor(anchor, B, Hkv, dev):
+    _check(anchor.shape == (B, Hkv) and anchor.dtype == torch.int32 and anchor.is_contiguous() and anchor.device == dev,
+           f"hamming_topk: anchor must be a contiguous ({B}, {Hkv}) int32 tensor on {dev}")
 
 
 def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
@@ -805,8 +812,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
     if anchor is None:
         anchor = torch.full((B, Hkv), -1, dtype=torch.int32, device=dev)       # (B, Hkv): no window to follow yet
-    _check(anchor.shape == (B, Hkv) and anchor.dtype == torch.int32 and anchor.is_contiguous() and anchor.device == dev,
-           f"hamming_topk: anchor must be a contiguous ({B}, {Hkv}) int32 tensor on {dev}")
+    _check_anchor(anchor, B, Hkv, dev)
     # launch configurations measured on the H200 (llama8b, S = 128K): the score kernel capped at 96 registers a
     # thread (4 blocks per SM instead of 3) takes 53.6 instead of 58.9 us at B = 8; R = 256 codes need more
     nw = {} if _INTERPRET else {"num_warps": 4}

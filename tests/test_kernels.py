@@ -332,6 +332,10 @@ def test_bad_input():
         (lambda: hk.sparse_decode_attention(qf, kf.expand(2, -1, -1, -1), kf.expand(2, -1, -1, -1), idx),
          "disagree on B or D"),  # (else the first B cached sequences, silently)
         (lambda: hk.sparse_decode_attention(qf, kf, kf.half(), idx), "must share one float dtype"),
+        (lambda: hk.hamming_topk(q, c, L, 2, anchor=torch.zeros(1, 3, dtype=torch.int32)),  # the ref's path too
+         "anchor must be a contiguous (1, 4) int32 tensor on cpu"),
+        (lambda: hk._hamming_topk_launches(q, c, L, 2, 0, 0, anchor=torch.zeros(1, 4, dtype=torch.int64)),
+         "anchor must be a contiguous (1, 4) int32 tensor on cpu"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
