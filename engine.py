@@ -642,7 +642,10 @@ def run(args):
     # before the tokenizer, which fails less clearly on a wrong --checkpoint, and before the weights: a prompt too
     # long for the model, or hash weights of another shape, are refused at once
     context, shape = checkpoint_metadata(checkpoint)
-    tok = Tokenizer.from_path(args.tokenizer or checkpoint)
+    try:
+        tok = Tokenizer.from_path(args.tokenizer or checkpoint)
+    except FileNotFoundError as e:  # a checkpoint without its tokenizer: say how to give one
+        raise FileNotFoundError(f"{e}{'; or name one with --tokenizer' * (args.tokenizer is None)}") from None
     tok.parse_special = args.parse_special
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     chat = args.chat or args.interactive  # (an interactive run's first turn, or its opening alone, for the checks)

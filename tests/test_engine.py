@@ -98,6 +98,7 @@ def test_a_wrong_checkpoint_gets_the_loaders_error_not_the_tokenizers(capsys, tm
         "intermediate_size": 16, "rms_norm_eps": 1e-5}))
     code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(tmp_path / "hf"))
     assert code == 2 and "no tokenizer.model, tokenizer.json or .gguf in directory" in error_line(err)
+    assert error_line(err).endswith("holding one; or name one with --tokenizer"), err
 
 
 def hf_dir(tmp_path, smol_weights, drop=None, extra=None):
