@@ -34,9 +34,10 @@ Conventions (the contract with model.py):
   the budget the newest of them win (the same "newer wins" rule). Slots beyond K_eff hold -1.
   The refs return positions ascending, then the -1s, and so do the Triton kernels today; callers should
   still treat a selection as a set (a kernel may change its order).
-- Strides: every op accepts non-contiguous inputs. The Triton paths read x, q, k_cache, v_cache and idx
-  through their strides (views k_cache[:, :, :S] cost nothing; the attention ref copies them); k_codes may be
-  any view whose (S, W) rows are packed (codes[:, :, :S] of a (B, Hkv, S_max, W) buffer is), else a copy.
+- Strides: every op accepts non-contiguous inputs (not hamming_topk's anchor: state it rewrites). The Triton
+  paths read x, q, k_cache, v_cache and idx through their strides (views k_cache[:, :, :S] cost nothing; the
+  attention ref copies them); k_codes may be any view whose (S, W) rows are packed (codes[:, :, :S] of a
+  (B, Hkv, S_max, W) buffer is), else a copy.
 """
 import math
 import os
@@ -204,16 +205,16 @@ def hash_encode(x, proj, use_triton=None):
     return codes
 
 
-def _check_hash(x, proj, op):
+def _check_hash(x, proj, op, x_name="x"):  # x_name: what the op calls x (hash_encode_step's q)
     _check(x.dim() == 4, f"{op}: x must be (B, Hx, T, D), got shape {tuple(x.shape)}")
     _check(proj.dim() == 3, f"{op}: proj must be (Hkv, D, R), got shape {tuple(proj.shape)}")
-    _check(x.dtype in _FLOATS, f"{op}: x must be fp32/bf16/fp16, got {x.dtype}")
+    _check(x.dtype in _FLOATS, f"{op}: {x_name} must be fp32/bf16/fp16, got {x.dtype}")
     _check(proj.dtype == torch.float32, f"{op}: proj must be float32, got {proj.dtype}")
     D, (Hkv, Dp, R) = x.shape[3], proj.shape
-    _check(Dp == D, f"{op}: proj head dim {Dp} != x head dim {D}")
+    _check(Dp == D, f"{op}: proj head dim {Dp} != {x_name} head dim {D}")
     _check(R % 32 == 0 and R > 0, f"{op}: R = {R} hash bits must be a positive multiple of 32")
-    _check(x.shape[1] % Hkv == 0, f"{op}: x heads {x.shape[1]} must be a multiple of proj heads {Hkv}")
-    _check(x.device == proj.device, f"{op}: x on {x.device} but proj on {proj.device}")
+    _check(x.shape[1] % Hkv == 0, f"{op}: {x_name} heads {x.shape[1]} must be a multiple of proj heads {Hkv}")
+    _check(x.device == proj.device, f"{op}: {x_name} on {x.device} but proj on {proj.device}")
 
 
 def _uses_tensor_cores(rows, W):
@@ -250,7 +251,7 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
     (B, Hkv, S_max, W) int32, pos (B,) -> q codes (B, H, W) int32, and code_cache[b, :, pos[b]] = the keys'
     codes. One launch on CUDA (the model's decode). pos must lie in [0, S_max) (not checked: a host sync)."""
     _check(q.dim() == 3, f"hash_encode_step: q must be (B, H, D), got shape {tuple(q.shape)}")
-    _check_hash(q[:, :, None], proj, "hash_encode_step")
+    _check_hash(q[:, :, None], proj, "hash_encode_step", "q")
     (B, H, D), (Hkv, _, R) = q.shape, proj.shape
     _check(k.shape == (B, Hkv, D) and k.dtype == q.dtype, f"hash_encode_step: k must be (B, Hkv, D) = ({B}, {Hkv}, "
            f"{D}) {q.dtype} like q, got {k.dtype} {tuple(k.shape)}")
@@ -549,9 +550,12 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 # The Triton path is a counting select in three launches, all on the device (no host round trip, so it can
 # be captured in a CUDA graph). The group-summed score is an integer in [0, G*R]; for even G every score of a
 # row has the same parity (popcount(k ^ q_g) mod 2 = parity(k) ^ parity(q_g), summed over an even number of heads),
-# so score >> 1 keeps order and ties exactly and halves the range (SHIFT = 1 for even G). Order keys, per row:
+# so score >> 1 keeps order and ties exactly and halves the range (SHIFT = 1 for even G). A row is one (b, KV
+# head); its order keys:
 #     0 = sink or recent (selected first; past the budget, the newest), 1 + (score >> SHIFT) = scored position,
-#     KMAX + 1 = past the length.
+#     KMAX + 1 = past the length (KMAX = (G*R >> SHIFT) + 1, the largest key of a valid position).
+# WIN, the bins of a block's histogram (a power of two, _hamming_topk_launches'), is a window of keys, not the
+# recent window; CSHIFT sets the slow path's coarse bins.
 #   A  _topk_score_kernel      per block of BLOCK_S keys: int16 order keys, the window's base (the row's anchor
 #                              from the last step, else the block's smallest scored key m_b) and a windowed
 #                              histogram: bin 0 = forced, bin 1 = keys below the base, bin 2 + x - base = key x
@@ -560,11 +564,12 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
 #                              counts for every key < gmin + WIN - 3. The threshold t (the K_eff-th smallest
 #                              key) lies there for random codes (~3 standard deviations of the score above
 #                              the minimum); trained codes spread wider (BENCHMARKS.md: 1 to 3 of the default
-#                              model's 28 sparse layers at 8K reach past gmin + WIN - 4), and a row whose t lies
-#                              outside has B count the stored keys (exact: coarse bins <= 64, fine ones 2 << CSHIFT,
-#                              then a count pass per block). Then per block: keys < t, ties at t to take (newest
-#                              first), output offset; and the row's anchor for the next step, t - (WIN - 4) // 2:
-#                              a decode step's threshold lies near the last one's, wherever the row's minimum is.
+#                              model's 28 sparse layers at 8K reached past it before rows had anchors), and a row
+#                              whose t lies outside has B count the stored keys (exact: coarse bins <= 64, fine ones
+#                              2 << CSHIFT, then a count pass per block). Then per block: keys < t, ties at t to take
+#                              (newest first), output offset; and the row's anchor for the next step, max(1, t -
+#                              (WIN - 4) // 2): a decode step's threshold lies near the last one's, wherever the
+#                              row's minimum is (BENCHMARKS.md: no measured step of the default model left it).
 #   C  _topk_compact_kernel    per block: write positions with key < t and the block's share of ties at t.
 # A small window keeps the histogram cheap: Triton builds it from one warp ballot per bin-index bit and a
 # popcount per owned bin, so its cost grows with the number of bins.
@@ -596,7 +601,7 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 
 @triton.jit
 def _topk_score_kernel(
-    qc_ptr, kc_ptr, len_ptr, anc_ptr, key_ptr, min_ptr,   # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
+    qc_ptr, kc_ptr, len_ptr, anc_ptr, key_ptr, base_ptr,  # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
     hist_ptr, Hkv, S, NBLK, n_sink, n_recent,             # anchors (B*Hkv,), keys (B*Hkv, S) int16, bases
     skb, skh,                                             # (B*Hkv, NBLK), hist (B*Hkv, NBLK, WIN) int32
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, SHIFT: tl.constexpr,
@@ -627,17 +632,17 @@ def _topk_score_kernel(
         rel = tl.where(scored, tl.minimum(tl.maximum(key - base + 2, 1), WIN - 1), 0)  # window bin (forced -> 0)
         rel = tl.where(valid, rel, WIN - 1)
         hist = tl.histogram(rel, WIN)                                          # (WIN,) int32
-        tl.store(min_ptr + pid_bh * NBLK + pid_s, base)
+        tl.store(base_ptr + pid_bh * NBLK + pid_s, base)
         tl.store(hist_ptr + (pid_bh * NBLK + pid_s) * WIN + tl.arange(0, WIN), hist)
 
 
 @triton.jit
-def _window_tile(hist_ptr, min_ptr, row, blk, nblk, NBLK, j, gmin, WIN: tl.constexpr):
+def _window_tile(hist_ptr, base_ptr, row, blk, nblk, NBLK, j, gmin, WIN: tl.constexpr):
     """(BLK_CHUNK, WIN) counts of the blocks blk (< nblk valid of NBLK) at row-relative bins j: j = 0 forced, j = 1
     below gmin, j >= 2 key gmin + j - 2. Exact for j <= WIN - 2: every block's window reaches key gmin + WIN - 4.
     Key x sits in block bin x - base + 2 = j + gmin - base; a block bin < 2 means x < base, which the block does not
     hold (0) when its base is its m_b. A row's anchor is every block's base: gmin, and bin 1 the keys below it."""
-    base = tl.load(min_ptr + row * NBLK + blk, mask=blk < nblk, other=0)      # (BLK_CHUNK,)
+    base = tl.load(base_ptr + row * NBLK + blk, mask=blk < nblk, other=0)      # (BLK_CHUNK,)
     bb = tl.where(j[None, :] <= 1, j[None, :], j[None, :] + gmin - base[:, None])  # (BLK_CHUNK, WIN) block bin
     ok = (blk[:, None] < nblk) & (j[None, :] <= WIN - 2) & ((j[None, :] <= 1) | (bb >= 2))
     return tl.load(hist_ptr + (row * NBLK + blk[:, None]) * WIN + bb, mask=ok, other=0)
@@ -661,7 +666,7 @@ def _block_info(ip, blk, nblk, less, eq, need, n_eq, eq_seen, off, t):
 
 @triton.jit
 def _topk_threshold_kernel(
-    len_ptr, key_ptr, min_ptr, hist_ptr, info_ptr, idx_ptr,  # lengths, keys (B*Hkv, S) int16, bases, hist,
+    len_ptr, key_ptr, base_ptr, hist_ptr, info_ptr, idx_ptr, # lengths, keys (B*Hkv, S) int16, bases, hist,
     anc_ptr, Hkv, S, NBLK, budget,                           # info (B*Hkv, NBLK, 4), idx (B*Hkv, budget), anchors
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, BLK_CHUNK: tl.constexpr,
     CSHIFT: tl.constexpr, NC: tl.constexpr, HIST_CHUNK: tl.constexpr, FILL_BLOCK: tl.constexpr,
@@ -676,18 +681,18 @@ def _topk_threshold_kernel(
     length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
     k_eff = tl.minimum(length, budget)
     nblk = (length + BLOCK_S - 1) // BLOCK_S                                   # blocks holding valid keys
-    blk0 = tl.arange(0, BLK_CHUNK)                                             # the first chunk's minima load
+    blk0 = tl.arange(0, BLK_CHUNK)                                             # the first chunk's bases load
     # masked by NBLK, known at launch, not nblk: the load need not wait for lengths[b]; the where drops blocks >= nblk
-    m0 = tl.load(min_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)
-    gmin = tl.min(tl.where(blk0 < nblk, m0, KMAX + 1))
+    base0 = tl.load(base_ptr + pid_bh * NBLK + blk0, mask=blk0 < NBLK, other=KMAX + 1)
+    gmin = tl.min(tl.where(blk0 < nblk, base0, KMAX + 1))
     for c in range(BLK_CHUNK, nblk, BLK_CHUNK):
         blk = c + tl.arange(0, BLK_CHUNK)
-        gmin = tl.minimum(gmin, tl.min(tl.load(min_ptr + pid_bh * NBLK + blk, mask=blk < nblk, other=KMAX + 1)))
+        gmin = tl.minimum(gmin, tl.min(tl.load(base_ptr + pid_bh * NBLK + blk, mask=blk < nblk, other=KMAX + 1)))
     j = tl.arange(0, WIN)                                                      # (WIN,) row-relative bins
-    tile0 = _window_tile(hist_ptr, min_ptr, pid_bh, blk0, nblk, NBLK, j, gmin, WIN)
+    tile0 = _window_tile(hist_ptr, base_ptr, pid_bh, blk0, nblk, NBLK, j, gmin, WIN)
     total = tl.sum(tile0, axis=0)                                              # (WIN,) the first chunk's, kept
     for c in range(BLK_CHUNK, nblk, BLK_CHUNK):
-        total += tl.sum(_window_tile(hist_ptr, min_ptr, pid_bh, c + tl.arange(0, BLK_CHUNK), nblk, NBLK, j, gmin,
+        total += tl.sum(_window_tile(hist_ptr, base_ptr, pid_bh, c + tl.arange(0, BLK_CHUNK), nblk, NBLK, j, gmin,
                                      WIN),
                         axis=0)
     cum = tl.cumsum(total, axis=0)                                             # (WIN,) inclusive
@@ -704,7 +709,7 @@ def _topk_threshold_kernel(
             blk = c + tl.arange(0, BLK_CHUNK)                                  # (BLK_CHUNK,)
             tile = tile0                                                       # the first chunk's, from the totals
             if c > 0:                                                          # later chunks (past 64 blocks) reload
-                tile = _window_tile(hist_ptr, min_ptr, pid_bh, blk, nblk, NBLK, j, gmin, WIN)
+                tile = _window_tile(hist_ptr, base_ptr, pid_bh, blk, nblk, NBLK, j, gmin, WIN)
             less = tl.sum(tl.where(j[None, :] < tj, tile, 0), axis=1)          # (BLK_CHUNK,)
             eq = tl.sum(tl.where(j[None, :] == tj, tile, 0), axis=1)           # (BLK_CHUNK,)
             off, eq_seen = _block_info(ip, blk, nblk, less, eq, k_eff - n_less, n_eq, eq_seen, off, t)
@@ -806,7 +811,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     nblk = triton.cdiv(S, block_s)
     dev = q_codes.device
     keys = torch.empty(B * Hkv, S, dtype=torch.int16, device=dev)             # (B*Hkv, S) order keys
-    mins = torch.empty(B * Hkv, nblk, dtype=torch.int32, device=dev)          # (B*Hkv, NBLK) window bases
+    bases = torch.empty(B * Hkv, nblk, dtype=torch.int32, device=dev)          # (B*Hkv, NBLK) window bases
     hist = torch.empty(B * Hkv, nblk, window, dtype=torch.int32, device=dev)  # (B*Hkv, NBLK, WIN) windows
     info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # offset, skip, count, t
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
@@ -820,14 +825,14 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
 
     def score():
         _topk_score_kernel[(nblk, B * Hkv)](
-            q_codes, k_codes, lengths, anchor, keys, mins, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:2],
+            q_codes, k_codes, lengths, anchor, keys, bases, hist, Hkv, S, nblk, n_sink, n_recent, *k_codes.stride()[:2],
             G=G, W=W, W_P2=_next_pow2(W), NPL=_planes(G), SHIFT=shift, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             HW_POPC=not _INTERPRET, **score_cfg,
         )
 
     def threshold():  # 8 warps: the slow path 116 instead of 139 us at 128K, the fast path the same
         _topk_threshold_kernel[(B * Hkv,)](
-            lengths, keys, mins, hist, info, idx, anchor, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
+            lengths, keys, bases, hist, info, idx, anchor, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             BLK_CHUNK=max(2, min(64, _next_pow2(nblk))), CSHIFT=cshift, NC=_next_pow2(((kmax + 1) >> cshift) + 1),
             HIST_CHUNK=block_s * (1 if _INTERPRET else max(1, 8192 // block_s)),
             FILL_BLOCK=max(16, min(1024, _next_pow2(budget))), **({} if _INTERPRET else {"num_warps": 8}),

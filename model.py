@@ -230,9 +230,10 @@ CUDNN_LSE_ATTENTION = cudnn_lse_attention()
 def causal_attention(q, keys, values):
     """Causal attention of T queries at the last T of S key positions (a prefill chunk): q (B, H, T, D); keys,
     values (B, Hkv, S, D), S >= T. Query i sees keys 0 .. S - T + i. S = T is a fresh prefill. A later chunk
-    (S > T) on CUDA, without autograd, is two cuDNN passes, the S - T cached keys unmasked and the chunk's own T
-    keys causally, merged by their log-sum-exps: 1.8-2.5x faster than one masked pass per layer at 32K-128K
-    (BENCHMARKS.md). Elsewhere it is one pass with the mask. Returns (B, H, T, D)."""
+    (S > T) on CUDA, without autograd, in bf16/fp16 (where cuDNN's SDPA takes the shapes) is two cuDNN passes, the
+    S - T cached keys unmasked and the chunk's own T keys causally, merged by their log-sum-exps: 1.8-2.5x faster
+    than one masked pass per layer at 32K-128K (BENCHMARKS.md). Elsewhere (CPU, fp32, autograd) it is one pass
+    with the mask. Returns (B, H, T, D)."""
     T, S = q.shape[2], keys.shape[2]
     if S < T:
         raise ValueError(f"causal_attention: {T} queries at the last positions of {S} keys (needs S >= T)")
@@ -283,8 +284,9 @@ class KVCache(nn.Module):
 
 
 class HashCache(nn.Module):
-    """The key codes of every cached position (and key norms for `use_norm`), next to the KV cache, and each row's
-    anchor: where the selector's window starts at the next decode step (hamming_topk; -1: not known yet)."""
+    """The key codes of every cached position (and key norms for `use_norm`), next to the KV cache, and a (B, Hkv)
+    anchor: the order key (1 + score, halved for even G) where hamming_topk's histogram window starts at the next
+    decode step, written by its Triton path (-1: not yet); it changes the speed, never the selection."""
 
     def __init__(self, B, Hkv, S_max, W, use_norm, device=None):
         super().__init__()
@@ -361,7 +363,7 @@ class Attention(nn.Module):
         view would make the attention ref copy its S rows first: dense's bytes); S <= S_max the positions that may
         be valid; lengths (B,). Returns (B, H, D)."""
         hata, K = self.hata, self.budget
-        if hata.selector == "hash" and not hata.use_norm:  # HATA: the fused score + counting select
+        if hata.selector == "hash" and not hata.use_norm:  # HATA (on CUDA the fused score + counting select)
             idx = hamming_topk(q_codes, self.hash_cache.codes[:, :, :S], lengths, K, hata.n_sink, hata.n_recent,
                                anchor=self.hash_cache.anchor)
             return sparse_decode_attention(q, keys, values, idx)  # idx (B, Hkv, K) int32
@@ -776,7 +778,8 @@ WEIGHT_NAMES = [  # (Meta's: what from_state_dict takes, Hugging Face, GGUF); {i
 FORMATS = ("meta", "hf", "gguf")  # the columns of WEIGHT_NAMES
 DERIVED = ("rope.freqs", ".rotary_emb.inv_freq")  # endings of tables some checkpoints store; we recompute them
 # Settings for math hata does not implement, refused rather than run as something else: (key, the test its harmless
-# values pass, what hata does). Bias tensors, experts and quantized weights need no row: WEIGHT_NAMES refuses them.
+# values pass, what hata does). Bias tensors, experts and quantized safetensors (qweight, scales) need no row:
+# WEIGHT_NAMES refuses them (a GGUF's quantized types are dequantized).
 # A sliding window needs none either: it caps the context (hf_args, gguf_args, meta_context), within which attention
 # is whole.
 NEVER = lambda v, a: False

@@ -294,6 +294,9 @@ def test_bad_input():
         (lambda: hk.hash_encode(torch.zeros(1, 2, 1, 8), torch.zeros(2, 8, 48)), "R = 48 hash bits must be"),
         (lambda: hk.hash_encode(torch.zeros(1, 3, 1, 8), torch.zeros(2, 8, 32)), "x heads 3 must be a multiple"),
         (lambda: hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 64), cache, pos), "code_cache must be (B, Hkv, S_max"),
+        (lambda: hk.hash_encode_step(q8.double(), k8, torch.zeros(2, 8, 32), cache, pos),  # its own argument's name
+         "hash_encode_step: q must be fp32/bf16/fp16, got torch.float64"),
+        (lambda: hk.hash_encode_step(q8[:, :3], k8, torch.zeros(2, 8, 32), cache, pos), "q heads 3 must be a multiple"),
         (lambda: hk.hash_encode_step(q8, torch.zeros(1, 3, 8), torch.zeros(2, 8, 32), cache, pos),
          "k must be (B, Hkv, D) = (1, 2, 8)"),
         (lambda: hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 32), cache, torch.tensor([0.0])),
