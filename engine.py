@@ -489,7 +489,7 @@ def build_parser():
     g.add_argument("--rbit", type=int, help="hash bits per code (hash selector only) (default: a --hash-weights "
                    f"file's own, else {h['rbit']})")
     g.add_argument("--hash-weights", type=path_name, help="trained hash projections (.safetensors); default: the "
-                   "shipped ones for the default model, else seeded random projections")
+                   "shipped ones for the default model at --n-dense 2, else seeded random projections")
     g.add_argument("--n-dense", type=int, help="leading layers that stay dense (default: a --hash-weights file's "
                    f"own, else {h['n_dense']})")
     g.add_argument("--sink", type=int, default=h["n_sink"],
@@ -500,8 +500,8 @@ def build_parser():
                    "by attention (an upper bound); quest: Quest-style 16-token pages (a baseline)")
     g.add_argument("--offload", action="store_true",
                    help="CUDA only: keep the sparse layers' K/V cache in host memory, fetch only the selected rows")
-    g.add_argument("--kv-gpu-gb", type=float, help="CUDA only: cap the KV cache's GPU memory; offload sparse layers "
-                   "until it fits (implies --offload)")
+    g.add_argument("--kv-gpu-gb", type=float, help="CUDA only: cap the KV cache's GPU memory; offload as many sparse "
+                   "layers as the cap needs, possibly none (implies --offload)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the norms, MLP and RoPE (faster decode on CUDA after a one-time compile)")
     p.add_argument("--random-weights", action="store_true",
@@ -513,7 +513,7 @@ def build_parser():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Running a command: one-line errors, files written whole (for train_hash.py and bench.py), the run
+# Running a command: one-line errors, files written whole (for train_hash.py, eval.py and bench.py), the run
 
 def cli(run, args):
     """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130), a
@@ -724,13 +724,13 @@ def reply_text(tok, ids, stops=None):  # a reply's new tokens as text: no stop t
 
 
 def converse(model, tok, args, openings, system, stops=None, held=()):
-    """--interactive: a chat, turn by turn: the --prompt texts first, then each line of standard input, to its end.
+    """--interactive: a chat, turn by turn: the --prompt(-file) texts first, then each line of standard input.
     The caches keep the conversation: a turn prefills only the tokens of its encoding after the ones the caches hold
     (the reply's own, where the template writes it as it was decoded; at least 2, see prefill). On CUDA one captured
-    decode step serves every turn. A conversation that would leave a reply less than --max-new-tokens forgets its
-    oldest exchanges (--keep-first: but the first, which stays cached); a message the cache cannot hold is not sent.
-    `held`: the tokens at the cached positions before the first turn (--prompt-cache); the file is rewritten with the
-    first sent turn's prompt once prefilled."""
+    decode step serves every turn. A conversation that would leave a reply less than --max-new-tokens (at most half
+    the cache) forgets its oldest exchanges (--keep-first: but the first, which stays cached); a message the cache
+    cannot hold is not sent. `held`: the tokens at the cached positions before the first turn (--prompt-cache); the
+    file is rewritten with the first sent turn's prompt once prefilled."""
     messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
@@ -779,11 +779,11 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
 
 
 def fit_conversation(tok, messages, n_kept, limit, keep):
-    """(the messages, their chat encoding, the exchanges forgotten). An encoding longer than `limit` tokens (the room
-    for a reply) forgets the fewest oldest exchanges, a user's message and its reply each, that leave it `keep`
-    tokens or fewer (half the cache, or with --keep-first half the room past the first exchange: the turns after it
-    fit again, each prefilling only its own tokens, as llama.cpp's context shift frees half), else `limit` or fewer
-    (a newest message past `keep`); the first `n_kept` messages (the system message; --keep-first's exchange) and
+    """(the messages, their chat encoding, the exchanges forgotten). An encoding longer than `limit` tokens (the longest
+    that leaves a reply its room) forgets the fewest oldest exchanges, a user's message and its reply each, that leave
+    it `keep` tokens or fewer (half the cache, or with --keep-first half the room past the first exchange: the turns
+    after it fit again, each prefilling only its own tokens, as llama.cpp's context shift frees half), else `limit` or
+    fewer (a newest message past `keep`); the first `n_kept` messages (the system message; --keep-first's exchange) and
     the newest one are kept, so it may stay longer. By bisection: the encoding shortens as exchanges go (Llama 2's,
     which folds the system prompt into the first turn left, keeps that turn's leading spaces: there it may forget
     more)."""
@@ -1010,7 +1010,7 @@ def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype, cont
 
 def chunk_copy(prompt_len, continued=False):
     """The positions a later prefill chunk copies back from an offloaded layer: none for a prompt of one chunk,
-    unless the prefill continues a cache (--interactive's turns after the first)."""
+    unless prefills may continue a cache (--interactive, --prompt-cache: then every chunk may be a later one)."""
     return prompt_len if continued or prompt_len > PREFILL_CHUNK else 0
 
 

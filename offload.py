@@ -177,7 +177,7 @@ class OffloadPlan:
     layer_bytes: int  # K + V of one layer
     gpu_bytes: int  # what the KV cache keeps on the GPU: the other layers' K/V and the sparse layers' codes (if any)
     host_bytes: int  # what the offloaded layers take in host memory
-    copy_bytes: int = 0  # a later prefill chunk's GPU copy of one offloaded layer (none for a one-chunk prompt)
+    copy_bytes: int = 0  # a later prefill chunk's GPU copy of one offloaded layer (none for a fresh one-chunk prompt)
 
     def __str__(self):
         n = len(self.layers)
@@ -241,7 +241,7 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_limit=
     layer). Refuses with one line an offload that gains nothing (no sparse layer, a budget covering the cache, a
     selector other than hash), a GPU part that cannot fit, and host memory (host_limit, default what host_available()
     finds less HOST_KEEP_*) that cannot hold the offloaded layers. copy_len: the prompt's positions that a later
-    prefill chunk copies back from an offloaded layer (copy_bytes; engine.py: the prompt's length)."""
+    prefill chunk copies back from an offloaded layer (copy_bytes; engine.py: chunk_copy's)."""
     args, hata = model.args, model.hata
     sparse = [i for i, layer in enumerate(model.layers) if layer.attention.hata is not None]
     if not sparse and kv_gpu_gb is None:  # (with a cap, a dense model is only checked against it)

@@ -19,7 +19,8 @@ when the checkpoint's template is another one). A Llama 3.1+ template opens ever
 starts with its knowledge cutoff and a date (3.1: a fixed one; 3.2+: today's); hata writes that turn too. Jinja
 itself is not run.
 `eos_ids` holds every id that ends generation: EOS, <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present, and the
-ids the files name (a GGUF's EOT and EOM, generation_config.json's eos_token_id, tokenizer_config.json's eos_token).
+ids the files name (a GGUF's EOT and EOM, generation_config.json's eos_token_id, and for tokenizer.json and
+sentencepiece tokenizer_config.json's eos_token).
 """
 import base64
 import datetime
@@ -60,8 +61,9 @@ CHAT_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"),  # the special tokens e
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
 # tiktoken's regex overflows its stack on a run of ~1M whitespace characters. So every BPE backend cuts a run of 25K
-# or more spaces, or of other characters with no space, every 25K characters, as Meta's Llama 3 tokenizer does (it
-# also cuts text every 400K; hata does not); a token at a cut may differ from HF's or llama.cpp's. (The scan is linear.)
+# or more whitespace characters, or of other characters with none, every 25K characters, as Meta's Llama 3 tokenizer
+# does (it also cuts text every 400K; hata does not); a token at a cut may differ from HF's or llama.cpp's. (The scan
+# is linear.)
 RUN_CAP = 25_000
 LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
 
@@ -242,9 +244,9 @@ def _alternatives(names):  # a regex that finds any of `names` (the longest firs
 
 
 def _hf_config(directory):
-    """tokenizer_config.json in `directory` ({} if none); the chat template: the config's, else the
-    chat_template.jinja beside it (where transformers 5 saves it), else None; and the ids generation ends at by
-    generation_config.json (eos_token_id: an id or a list)."""
+    """tokenizer_config.json in `directory` ({} if none); the chat template: the chat_template.jinja beside it
+    (where transformers 5 saves it; it wins, as in transformers), else the config's, else None; and the ids
+    generation ends at by generation_config.json (eos_token_id: an id or a list)."""
     cfg_path, gen_path = (os.path.join(directory, f) for f in ("tokenizer_config.json", "generation_config.json"))
     cfg, stops = read_json(cfg_path, optional=True), read_json(gen_path, optional=True).get("eos_token_id")
     stops = [] if stops is None else stops if isinstance(stops, list) else [stops]

@@ -560,14 +560,15 @@ def build_parser():
     t.add_argument("--eta", type=float, help="weight of the orthogonality term (default: "
                    + ", ".join(f"{n} {d['eta']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
     t.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="listwise",
-                   help="listwise: KL to the group-summed softmax; pair: HATA's labelled pairs")
+                   help="listwise: KL from the group's mean attention to softmax(-alpha x group-summed Hamming "
+                   "distance); pair: HATA's labelled pairs")
     t.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
     t.add_argument("--shift", type=int, default=8192,
                    help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
     g = p.add_argument_group("report (held-out selection quality)")
     g.add_argument("--report", action="store_true", help="measure trained vs random vs oracle selection")
     g.add_argument("--hash-weights", type=path_name, nargs="+", help="projection files to report (default: the "
-                   "shipped ones)")
+                   "shipped ones for the default model at --n-dense 2, else only random and oracle)")
     g.add_argument("--eval-seqs", type=positive_int, default=4, help="held-out prefills")
     g.add_argument("--eval-len", type=positive_int, nargs="+", default=[4096, 8192],
                    help="tokens per held-out prefill (queries in the 2nd half); several: one table each")
