@@ -184,20 +184,18 @@ class Interrupted(KeyboardInterrupt):
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0,
              stop_when=None, graphs=None):
-    """prompts: lists of token ids, of which the caches already hold the first `start` (0: fresh prompts; in a chat,
-    the conversation so far): only the rest is prefilled, 1 token or more (2 after start > 0, see prefill). Returns
-    (the new tokens of each prompt, up to and with its stop token; timing: prefill_s, graph_s (the CUDA graph's
-    capture, None where none was made), decode_s, prefill_tokens, decode_steps, decode_tokens, budget (the sparse
-    layers' K, or None), selecting_steps (steps with more cached keys than K) and cut (the sequences max_new_tokens
-    ended, not a stop; None without stop_ids or stop_when)). Each sequence decodes at its own positions and stops at
-    its own stop token, or where stop_when(ids), if given, is true of its new tokens so far (engine's --stop strings);
-    on_token(tokens (B,), -1 where a sequence has stopped) is called after every step (streaming).
-    repetition_penalty (see penalize) covers each whole prompt's tokens and those generated. On CUDA the step is a
-    CUDA graph unless cuda_graph is False; `graphs`, a dict passed to every generate on the same caches and policy
-    (a chat's turns), keeps it by batch size for the next, so one capture serves them all. `progress`: bars on
-    stderr, the prefill's for a long prompt and the decode's (steps, and sequences finished) unless on_token streams
-    them. Ctrl-C while decoding raises Interrupted, which holds the new tokens so far; logits that hold NaN or inf
-    (the prefill's, or a step's in a row not yet stopped) raise ValueError."""
+    """Prefill the prompts (lists of token ids), then decode one token a step, each sequence at its own positions, until
+    its stop token (stop_ids), stop_when(its new ids) (--stop strings) or max_new_tokens. Returns (new, timing): each
+    prompt's new tokens, up to and with its stop; timing: prefill_s, graph_s (None: no capture), decode_s,
+    prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None), selecting_steps (steps with
+    more cached keys than K), cut (sequences max_new_tokens ended; None without stop_ids or stop_when). start: the
+    caches already hold each prompt's first `start` tokens (a chat's conversation so far); the rest is prefilled (1
+    token or more; 2 after start > 0, see prefill). on_token(tokens (B,), -1 where a sequence has stopped) streams every
+    step. On CUDA the step is a CUDA graph (unless cuda_graph=False); `graphs`, one dict for every generate on the same
+    caches and policy (a chat's turns), keeps it by batch size. repetition_penalty (see penalize) covers the prompt and
+    the reply; progress: bars on stderr (none for the decode when on_token streams). Ctrl-C while decoding raises
+    Interrupted, which holds the new tokens so far; NaN or inf logits (the prefill's, or a step's in a row not yet
+    stopped) raise ValueError."""
     device = model.output.weight.device
     if not prompts or any(len(p) < start + 1 + (start > 0) for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token" + (
@@ -239,13 +237,13 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     check_finite(spoilt.any(), "for the prompt")
     synchronize(device)
     t1 = time.perf_counter()
-    step_fn, captured, graphs = decode_one_token, False, {} if graphs is None else graphs
-    # The capture is setup, timed apart: a long generation pays it once (on a first run Triton compiles there too).
+    step_fn, captured = decode_one_token, False  # a capture is setup, timed apart: a long generation pays it once
     if cuda_graph and device.type == "cuda" and max_new_tokens > 1:
-        if (step_fn := graphs.get(B)) is None:
-            step_fn, captured = GraphedDecode(model, cur, ends), True
-            graphs[B] = step_fn
+        graphs = {} if graphs is None else graphs
+        if captured := B not in graphs:  # the first generate of this batch on these caches (Triton compiles here too)
+            graphs[B] = GraphedDecode(model, cur, ends)
             synchronize(device)
+        step_fn = graphs[B]
     t2 = time.perf_counter()
     bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
     replies = [[] for _ in prompts]  # host copies of the new tokens, for stop_when

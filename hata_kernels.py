@@ -536,7 +536,7 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
     valid = pos < length                                                       # (B, 1, S)
     forced = valid & ((pos < n_sink) | (pos >= length - n_recent))             # (B, 1, S)
     order = score.long() if not score.is_floating_point() else _order_key_int32(score).long()
-    key = order * S + (2**31 * S + S - 1 - pos)                                # (B, Hkv, S) int64
+    key = (order + 2**31) * S + (S - 1 - pos)                                  # (B, Hkv, S) int64: the table's "scored"
     key = torch.where(forced, -2**62 + (S - 1 - pos), key).masked_fill(~valid, 2**62)
     n = min(budget, S)
     sel = torch.topk(key, n, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values  # n smallest, ascending
@@ -894,9 +894,8 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     bh = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1)                # (B, Hkv, 1)
     rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
-    v_sel = v_cache.reshape(-1, D).index_select(0, rows)                       # (B*Hkv*K, D)
-    v_sel = v_sel.index_fill_(0, (~used).flatten().nonzero()[:, 0], 0.0)       # -1 read row 0 (maybe NaN); host sync
-    v_sel = v_sel.view(B, Hkv, K, D).to(acc)                                   # (B, Hkv, K, D)
+    v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D)    # (B, Hkv, K, D)
+    v_sel = torch.where(used[..., None], v_sel, 0).to(acc)                     # -1 read row 0: zeroed (0 * NaN = NaN)
     s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)                               # rows with nothing selected: 0

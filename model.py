@@ -284,9 +284,9 @@ class KVCache(nn.Module):
 
 
 class HashCache(nn.Module):
-    """The key codes of every cached position (and key norms for `use_norm`), next to the KV cache, and a (B, Hkv)
-    anchor: the order key (1 + score, halved for even G) where hamming_topk's histogram window starts at the next
-    decode step, written by its Triton path (-1: not yet); it changes the speed, never the selection."""
+    """The hash code of every cached key (and its norm, for `use_norm`), beside the KV cache, plus `anchor`: state
+    that hamming_topk's Triton path carries from one decode step to the next (where its histogram window starts,
+    as an order key; -1: not yet). The anchor changes the speed, never the selection."""
 
     def __init__(self, B, Hkv, S_max, W, use_norm, device=None):
         super().__init__()
@@ -322,12 +322,11 @@ class Attention(nn.Module):
         self.keep_qk, self.qk = False, None  # keep_qk: forward keeps its post-RoPE (q, k) in qk (the hash trainer)
 
     def forward(self, x, cos, sin, pos, mask, lengths, S):
-        """x (B, T, dim); cos, sin (B, 1, T, D/2); pos (B, T) cache positions of the new tokens; mask (B, 1, T, S)
-        additive float mask (0 or -inf), or None when every sequence's T tokens sit at positions S - T .. S - 1 (a
-        prefill chunk: causal attention); lengths (B,) valid cache positions after this step (pos[:, -1] + 1,
-        computed once a step for every layer); S the cache positions to attend over: S_max in a CUDA decode step
-        (static shapes), else the last position + 1 (a chunk's end, or a CPU step's longest sequence). Returns (B, T,
-        dim)."""
+        """Project x to q, k, v, rotate q and k, write k, v (and k's hash codes) into the caches, then attend: HATA's
+        top-K in a sparse layer's decode step (T = 1, K < S), else dense. x (B, T, dim); cos, sin (B, 1, T, D/2);
+        pos (B, T) the new tokens' cache positions; lengths (B,) = pos[:, -1] + 1; S the positions to attend over
+        (S_max in a CUDA decode step: static shapes; else the last position + 1); mask (B, 1, T, S) additive (0 or
+        -inf), or None for a prefill chunk at S - T .. S - 1 in every sequence (causal). Returns (B, T, dim)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qk, v = self.wqkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)  # (B, T, (H + Hkv) * D), (B, T, Hkv * D)
@@ -336,18 +335,18 @@ class Attention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         self.qk = (q, k) if self.keep_qk else None
         keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each, or a prefix of S_max (offload.py)
-        q_codes = None
-        if self.hash_cache is not None:  # set_hata gave one to this layer: it selects by hash codes, K < S_max
+        q_codes = None  # (B, H, W) int32 in a decode step of a layer that selects by hash codes
+        if self.hash_cache is not None:  # set_hata gave one (K < S_max): hash every new key, even if K >= S now
             norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
             if T == 1:  # decode: the new key's code goes into the cache in the launch that hashes the queries
                 q_codes = hash_encode_step(q[:, :, 0], k[:, :, 0], self.hash_proj, self.hash_cache.codes,
                                            pos[:, 0])  # (B, H, W) int32
                 if norms is not None:
-                    self.hash_cache.update(pos, None, norms)
-            else:
+                    self.hash_cache.update(pos, codes=None, norms=norms)  # (the codes: written just above)
+            else:  # a prefill chunk
                 self.hash_cache.update(pos, hash_encode(k, self.hash_proj), norms)  # codes (B, Hkv, T, W) int32
-
-        if self.hata is not None and T == 1 and self.budget < S:  # a sparse decode step (K >= S: dense, the same)
+        # Attend: HATA's top-K in a sparse layer's decode step, else dense in the fastest form for the shape
+        if self.hata is not None and T == 1 and self.budget < S:  # (K >= S selects everything: dense, the same)
             y = self.sparse_decode(q[:, :, 0], q_codes, keys, values, S, lengths)[:, :, None]  # (B, H, 1, D)
         elif mask is None:  # a prefill chunk, at the same positions in every sequence
             y = causal_attention(q, keys[:, :, :S], values[:, :, :S])  # (B, H, T, D)
@@ -555,12 +554,12 @@ class Transformer(nn.Module):
             raise ValueError(f"{T} tokens but the caches hold {self.max_seq_len} positions: setup_caches(.., {T})")
         start = torch.zeros(B, dtype=torch.long, device=tokens.device) if input_pos is None else input_pos
         pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        # The keys a query may see: a fresh prefill's own T; in a CUDA step the whole cache (static shapes, no host
-        # sync); in a chunk or a CPU step those up to its last position. A chunk at one position in every sequence
-        # needs no mask (causal_attention).
-        S = T if input_pos is None else self.max_seq_len
-        causal = input_pos is None
-        if input_pos is not None and (T > 1 or not tokens.is_cuda):
+        # S: the cache positions a query may see; causal: no mask needed (causal_attention)
+        if input_pos is None:  # a fresh prefill: its own T keys
+            S, causal = T, True
+        elif T == 1 and tokens.is_cuda:  # a CUDA decode step: the whole cache (static shapes, no host sync)
+            S, causal = self.max_seq_len, False
+        else:  # a later prefill chunk or a CPU decode step: the keys up to its last position, checked
             lo, hi = torch.stack(start.aminmax()).tolist()
             S = hi + T
             if not (lo >= 0 and S <= self.max_seq_len):
