@@ -789,13 +789,14 @@ def _hamming_topk_window(G, R):  # _hamming_topk_launches' default window (its d
 
 
 def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, anchor=None, window=None,
-                           block_s=None):
+                           block_s=None, hist_chunk=None):
     """Allocate the outputs and scratch, return (idx, [(name, launch), ...]); bench.py times each launch.
     anchor: hamming_topk's (read by the score kernel, written by the threshold kernel), or None: a fresh one.
     window: histogram bins per block, a power of two >= 4 (tests shrink it to exercise the slow path). The default:
     8 standard deviations of the key for independent random codes (sqrt(G * R) / 2 score units, halved for even G),
     rounded up to a power of two in 32..128 (64 bins, 11 sigma, for Llama-3.1-8B; 128, 13 sigma, for the default
-    model); more bins cost every block (BENCHMARKS.md: 64 / 128 / 256 bins, selector 24 / 29 / 50 us, B=1/128K)."""
+    model); more bins cost every block (BENCHMARKS.md: 64 / 128 / 256 bins, selector 24 / 29 / 50 us, B=1/128K).
+    block_s, hist_chunk (the slow path's keys a step, a power-of-two multiple of block_s): tests' sizes."""
     B, H, W = q_codes.shape
     _, Hkv, S, _ = k_codes.shape
     G, R = H // Hkv, 32 * W
@@ -835,7 +836,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
         _topk_threshold_kernel[(B * Hkv,)](
             lengths, keys, bases, hist, info, idx, anchor, Hkv, S, nblk, budget, KMAX=kmax, WIN=window, BLOCK_S=block_s,
             BLK_CHUNK=max(2, min(64, _next_pow2(nblk))), CSHIFT=cshift, NC=_next_pow2(((kmax + 1) >> cshift) + 1),
-            HIST_CHUNK=block_s * (1 if _INTERPRET else max(1, 8192 // block_s)),
+            HIST_CHUNK=hist_chunk or block_s * (1 if _INTERPRET else max(1, 8192 // block_s)),
             FILL_BLOCK=max(16, min(1024, _next_pow2(budget))), **({} if _INTERPRET else {"num_warps": 8}),
         )
 
