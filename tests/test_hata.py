@@ -114,12 +114,15 @@ def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chu
     """Every decode step of every sparse layer against HATA written out from the refs: the layer's
     projection hashes the queries and every cached key, the score is the Hamming distance summed over the G query
     heads of a KV head (use_norm: -(G - 2 ham / R) * ||k||), and the top K, with the sinks and the recent window,
-    are what the layer attends to; per sequence, with the keys of decoded tokens too, after a prefill in one
-    chunk or several (each chunk's codes at its own positions); without the windows, the newest key is scored too."""
+    are what the layer attends to, with each head's own query; per sequence, with the keys of decoded tokens too, after
+    a prefill in one chunk or several (each chunk's codes at its own positions); without the windows, the newest key
+    is scored too."""
     args = PRESETS["tiny"]
     hata = HataArgs(budget=5, n_sink=windows[0], n_recent=windows[1], n_dense=1, use_norm=use_norm)
     torch.manual_seed(0)
     model = Transformer(args, hata).eval()
+    for layer in model.layers:
+        layer.attention.keep_qk = True  # its post-RoPE (q, k): the queries the attention must be given, head by head
     seen = []  # (q, keys, values, idx) of each sparse layer's attention, in layer order
     real = model_module.sparse_decode_attention
     monkeypatch.setattr(model_module, "sparse_decode_attention", lambda *a: seen.append(a) or real(*a))
@@ -135,6 +138,7 @@ def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chu
             assert len(seen) == len(attns) == args.n_layers - hata.n_dense
             n = lengths + step + 1  # valid positions after this step
             for attn, (q, keys, values, idx) in zip(attns, seen):
+                assert torch.equal(q, attn.qk[0][:, :, 0])  # (B, H, D)
                 codes = hk.hash_encode_ref(keys, attn.hash_proj)  # (B, Hkv, S_max, W)
                 for b in range(2):  # the code (and norm) cache holds every valid key's
                     assert torch.equal(attn.hash_cache.codes[b, :, :n[b]], codes[b, :, :n[b]])
