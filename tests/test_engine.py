@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import engine
 from engine import parse_budget, sample
-from model import PRESETS, HataArgs, KVCache, save_hash_projections
+from model import CUDNN_LSE_ATTENTION, PRESETS, HataArgs, KVCache, Transformer, save_hash_projections
 from tests.helpers import package_file, read_only
 
 
@@ -357,15 +357,16 @@ def test_forward_bytes_counts_the_mlp_the_residual_stream_the_logits_and_a_cpu_m
     assert model.forward_bytes(1, 8, 8) == 8 * 896 * 2 + 5120
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_forward_bytes_counts_the_mask_where_cuda_takes_the_masked_pass():
-    """On CUDA a later chunk in bf16 / fp16 is two cuDNN passes without a mask; in fp32 it is one masked pass."""
-    from model import CUDNN_LSE_ATTENTION
-    model = engine.random_model("tiny", None, "cuda", torch.bfloat16)
-    mask = 0 if CUDNN_LSE_ATTENTION else 8 * 20 * 4
-    assert model.forward_bytes(2, 8, 20) == 2 * 8 * 896 * 2 + mask + 10240
-    model.float()
-    assert model.forward_bytes(2, 8, 20) == 2 * 8 * 896 * 4 + 8 * 20 * 4 + 10240
+    """On CUDA a later chunk in bf16 / fp16 is two cuDNN passes without a mask; in fp32, or on the CPU, it is one
+    masked pass. (A stand-in for the model's weight says where it lives: the CPU runs the CUDA case too.)"""
+    mask = 8 * 20 * 4  # a later chunk of 8 tokens over 20 keys: the (T, S) fp32 mask
+    for is_cuda, dtype, masked in ((True, torch.bfloat16, not CUDNN_LSE_ATTENTION), (True, torch.float32, True),
+                                   (False, torch.bfloat16, True)):
+        weight = types.SimpleNamespace(is_cuda=is_cuda, dtype=dtype)
+        model = types.SimpleNamespace(args=PRESETS["tiny"], output=types.SimpleNamespace(weight=weight))
+        expected = 2 * 8 * 896 * dtype.itemsize + mask * masked + 10240
+        assert Transformer.forward_bytes(model, 2, 8, 20) == expected, (is_cuda, dtype)
 
 
 def test_random_weights_are_built_in_their_dtype(monkeypatch):
@@ -1197,6 +1198,10 @@ def test_min_p_keeps_the_tokens_near_the_likeliest():
     assert {int(sample(logits, 0.5, 1.0, gen, min_p=0.37)) for _ in range(300)} == {0}
     exact = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))  # 0.25 is exactly 0.5 of the top: kept ("at least")
     assert {int(sample(exact, 1.0, 1.0, gen, min_p=0.5)) for _ in range(300)} == {0, 1, 2}
+    rows = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.04, 0.03, 0.9, 0.03]]))  # each row by its own top (the
+    # batch's 0.9 would cut row 0 at 0.315, its 0.3 too)
+    drawn = torch.stack([sample(rows, 1.0, 1.0, gen, min_p=0.35) for _ in range(300)])  # (300, 2)
+    assert set(drawn[:, 0].tolist()) == {0, 1} and set(drawn[:, 1].tolist()) == {2}
 
 
 def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding(monkeypatch):
@@ -1352,7 +1357,7 @@ def test_prefill_refuses_lengths_outside_the_prompts_and_short_chunks():
         engine.prefill(model, tokens, torch.tensor([5, 5]), chunk=2)
 
 
-@pytest.mark.parametrize("lengths", [[5], [9], [6], [10], [9, 2, 6, 1], [2], [1]])  # 4 + 1, 8 + 1: a 1-token last chunk
+@pytest.mark.parametrize("lengths", [[5], [9], [6], [10], [9, 2, 6, 1]])  # 4 + 1, 8 + 1: a 1-token last chunk
 def test_chunked_prefill_stays_dense(lengths):
     """Chunks of 4 give the logits of one pass even when 1 token would be left over for the last chunk (the
     model takes a 1-token forward for a decode step, which the sparse layers, budget 2 here, attend sparsely), and
