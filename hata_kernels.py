@@ -603,7 +603,7 @@ def hamming_topk_ref(q_codes, k_codes, lengths, budget, n_sink=0, n_recent=0):
 def _topk_score_kernel(
     qc_ptr, kc_ptr, len_ptr, anc_ptr, key_ptr, base_ptr,  # q codes (B, H, W), k codes (B, Hkv, S, W), lengths,
     hist_ptr, Hkv, S, NBLK, n_sink, n_recent,             # anchors (B*Hkv,), keys (B*Hkv, S) int16, bases
-    skb, skh,                                             # (B*Hkv, NBLK), hist (B*Hkv, NBLK, WIN) int32
+    skb, skh,                                             # (B*Hkv, NBLK), hist (B*Hkv, NBLK, WIN + 1) int32
     G: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr, NPL: tl.constexpr, SHIFT: tl.constexpr,
     KMAX: tl.constexpr, WIN: tl.constexpr, BLOCK_S: tl.constexpr, HW_POPC: tl.constexpr,
 ):
@@ -809,12 +809,14 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     _check(kmax < 2 ** 15 - 1, f"hamming_topk: G * R = {G * R} is too large for the int16 order keys")
     cshift = max(0, (kmax + 1).bit_length() - 6)                               # slow path: <= 64 coarse bins
     block_s = block_s or (2048 if not _INTERPRET else max(16, min(128, _next_pow2(S))))
+    _check(hist_chunk is None or (hist_chunk >= block_s and _next_pow2(hist_chunk) == hist_chunk),
+           f"hamming_topk: hist_chunk must be a power of two >= block_s = {block_s}, got {hist_chunk}")
     nblk = triton.cdiv(S, block_s)
     dev = q_codes.device
     keys = torch.empty(B * Hkv, S, dtype=torch.int16, device=dev)             # (B*Hkv, S) order keys
     bases = torch.empty(B * Hkv, nblk, dtype=torch.int32, device=dev)          # (B*Hkv, NBLK) window bases
-    hist = torch.empty(B * Hkv, nblk, window + 1, dtype=torch.int32, device=dev)  # (B*Hkv, NBLK, WIN) windows, a
-    # pad int each: at a stride of WIN (a power of two) anchored rows' loads conflicted, 1.2-2.9 us at 128K (H100)
+    hist = torch.empty(B * Hkv, nblk, window + 1, dtype=torch.int32, device=dev)  # (B*Hkv, NBLK, WIN + 1) windows,
+    # a pad int each: at a stride of WIN (a power of two) anchored rows' loads conflicted, 1.2-2.9 us at 128K (H100)
     info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # offset, skip, count, t
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
     if anchor is None:

@@ -339,6 +339,8 @@ def test_bad_input():
          "anchor must be a contiguous (1, 4) int32 tensor on cpu"),
         (lambda: hk._hamming_topk_launches(q, c, L, 2, 0, 0, anchor=torch.zeros(1, 4, dtype=torch.int64)),
          "anchor must be a contiguous (1, 4) int32 tensor on cpu"),
+        (lambda: hk._hamming_topk_launches(q, c, L, 2, 0, 0, block_s=16, hist_chunk=48),
+         "hist_chunk must be a power of two >= block_s = 16, got 48"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
@@ -505,6 +507,7 @@ def test_hamming_topk_triton(B, Hkv, S, G, R, budget, n_sink, n_recent):  # 1100
     tri = hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=True)
     assert tri.shape == ref.shape and tri.dtype == torch.int32
     assert as_sets(tri) == as_sets(ref)
+    assert torch.equal(hk.hamming_topk(q, k, lengths, budget, n_sink, n_recent, use_triton=False), ref)  # its arguments
 
 
 def assert_topk_matches_ref(q, k, lengths, budget, n_sink, n_recent, window, hist_chunk=None):
