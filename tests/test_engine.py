@@ -1355,6 +1355,9 @@ def test_prefill_refuses_lengths_outside_the_prompts_and_short_chunks():
             engine.prefill(model, tokens, torch.tensor(lengths))
     with pytest.raises(ValueError, match="prefill chunks of at least 3 tokens, got 2"):
         engine.prefill(model, tokens, torch.tensor([5, 5]), chunk=2)
+    with torch.inference_mode():  # but a prompt of 2 tokens (or 1) is one chunk of its own length, not refused
+        whole = engine.prefill(model, tokens[:, :2], torch.tensor([2, 2]), chunk=4096)
+        assert torch.equal(engine.prefill(model, tokens[:, :2], torch.tensor([2, 2]), chunk=2), whole)
 
 
 @pytest.mark.parametrize("lengths", [[5], [9], [6], [10], [9, 2, 6, 1]])  # 4 + 1, 8 + 1: a 1-token last chunk
