@@ -24,6 +24,16 @@ def read_only(monkeypatch, *paths):
         mode == os.W_OK and os.path.realpath(p) in real))
 
 
+def markdown_tables(text):
+    """The number of markdown tables in text, each separator row checked to have a cell for every column of the rows
+    above and below it."""
+    lines = text.splitlines()
+    seps = [i for i, line in enumerate(lines) if line.startswith("|---")]
+    for i in seps:
+        assert lines[i].count("|") == lines[i - 1].count("|") == lines[i + 1].count("|"), lines[i - 1:i + 2]
+    return len(seps)
+
+
 def write_gguf(path, fill, big_endian=False):
     """Writes a GGUF file (architecture "llama"; big-endian with big_endian) holding what fill(writer) adds through
     the gguf package's GGUFWriter; returns its path as a str. The test skips without gguf (the GPU machine lacks it)."""
