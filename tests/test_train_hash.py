@@ -22,13 +22,14 @@ def h(x, P, sigma):
     return 2 / (1 + torch.exp(-sigma * (x @ P))) - 1
 
 
-def triples(q, k, labels):
-    """Every (q, k, label) triple by loops: q (b, nq, H, D), k (b, Hkv, S, D), labels (b, nq, H, S)."""
+def triples(q, k, labels, head=None):
+    """Every (q, k, label) triple by loops (of query head `head` alone, if given): q (b, nq, H, D), k (b, Hkv, S, D),
+    labels (b, nq, H, S)."""
     b, nq, H, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     for i in range(b):
         for n in range(nq):
-            for j in range(H):
+            for j in range(H) if head is None else [head]:
                 for s in range(S):
                     if labels[i, n, j, s] != 0:
                         yield j // (H // Hkv), q[i, n, j], k[i, j // (H // Hkv), s], labels[i, n, j, s]
@@ -46,13 +47,32 @@ def tiny_batch():
 
 
 def test_pair_and_balance_terms_by_hand(tiny_batch):
+    """As HATA's trainer (tasks/hash/learn_hash_weights.py) weights them: each query head's mean over its triples,
+    summed over the heads. Every head has the same triples' keys (as collect_samples' labels: the keys <= t)."""
     P, q, k, labels = tiny_batch
+    labels = labels.masked_fill(labels == 0, 1.0) * (labels[:, :, :1] != 0)  # head 0's zeros, and only they, in all
     sigma, eps, lam, R = 0.3, 0.05, 2.0, P.shape[2]
     _, (pair, balance, _) = th.hash_loss(P, q, k, labels, sigma=sigma, eps=eps, lam=lam, eta=0.0, loss="pair")
-    ts = list(triples(q, k, labels))
-    want_pair = eps * sum(y * (h(x, P[g], sigma) - h(z, P[g], sigma)).square().sum() for g, x, z, y in ts) / len(ts)
-    mean = sum(h(x, P[g], sigma) + h(z, P[g], sigma) for g, x, z, _ in ts) / len(ts)  # (R,)
+    want_pair = want_balance = 0
+    for j in range(q.shape[2]):
+        ts = list(triples(q, k, labels, head=j))
+        want_pair += eps * sum(y * (h(x, P[g], sigma) - h(z, P[g], sigma)).square().sum() for g, x, z, y in ts) / len(
+            ts)
+        mean = sum(h(x, P[g], sigma) + h(z, P[g], sigma) for g, x, z, _ in ts) / len(ts)  # (R,)
+        want_balance += lam * (mean / R).square().sum()
     torch.testing.assert_close(pair, want_pair)
+    torch.testing.assert_close(balance, want_balance)
+
+
+def test_listwise_balance_is_one_mean_over_every_triple(tiny_batch):
+    """The listwise loss's balance: one mean of h(q) + h(k) over all the layer's triples (EVAL.md: it trained as well
+    as one a head, and the shipped files were trained with it)."""
+    P, q, k, labels = tiny_batch
+    sigma, lam, R = 0.3, 2.0, P.shape[2]
+    _, (_, balance, _) = th.hash_loss(P, q, k, labels, sigma=sigma, lam=lam, eta=0.0, loss="listwise")
+    unit = lambda x: x / x.norm()
+    ts = list(triples(q, k, labels))
+    mean = sum(h(unit(x), P[g], sigma) + h(unit(z), P[g], sigma) for g, x, z, _ in ts) / len(ts)  # (R,)
     torch.testing.assert_close(balance, lam * (mean / R).square().sum())
 
 
@@ -99,10 +119,12 @@ def test_the_loss_defaults_are_the_command_lines(tiny_batch, loss):
 
 def test_orthogonality_term_by_hand():
     D = R = 8
-    P = torch.stack([torch.eye(D), 2 * torch.eye(D)]).double()  # head 0: P^T P = I, head 1: 4 I
+    P = torch.stack([math.sqrt(2) * torch.eye(D), 2 * torch.eye(D)]).double()  # P^T P - I: I and 3 I
     q, k, labels = torch.zeros(1, 1, 2, D).double(), torch.zeros(1, 2, 3, D).double(), -torch.ones(1, 1, 2, 3)
-    _, (_, _, ortho) = th.hash_loss(P, q, k, labels.double(), eta=2.0, loss="pair")
-    torch.testing.assert_close(ortho, torch.tensor(2.0 * 3 * math.sqrt(R)).double())  # ||3 I||_F = 3 sqrt(R)
+    _, (_, _, ortho) = th.hash_loss(P, q, k, labels.double(), eta=2.0, loss="pair")  # one norm: sqrt(R + 9 R)
+    torch.testing.assert_close(ortho, torch.tensor(2.0 * math.sqrt(10 * R)).double())
+    _, (_, _, ortho) = th.hash_loss(P, q, k, labels.double(), eta=2.0, loss="listwise")  # a norm a head, summed
+    torch.testing.assert_close(ortho, torch.tensor(2.0 * 4 * math.sqrt(R)).double())  # ||I|| + ||3 I||
     P = torch.cat([torch.eye(4), torch.zeros(4, 4)], 1)[None].double()  # R = 8 > D = 4: P P^T = I_4, P^T P is not I_8
     _, (_, _, ortho) = th.hash_loss(P, q[..., :1, :4], k[:, :1, :, :4], labels[..., :1, :].double(), eta=1.0,
                                     loss="pair")
