@@ -77,7 +77,8 @@ def host_buffer(shape, dtype, device):
     n = math.prod(shape) * dtype.itemsize
     pages = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages of its own: two registrations never share one
     raw = torch.zeros(pages + mmap.PAGESIZE, dtype=torch.uint8)
-    host = raw[-raw.data_ptr() % mmap.PAGESIZE:][:pages]  # (pages,) bytes from a page boundary
+    skip = -raw.data_ptr() % mmap.PAGESIZE  # (-p) % PAGESIZE: the bytes from p up to the next page boundary
+    host = raw[skip:skip + pages]  # (pages,) bytes from a page boundary
     with torch.cuda.device(device):  # the current device sees the view (another would copy it)
         view = torch.as_tensor(_Mapped(host), device=device)  # described as ints: numpy has no bfloat16
     assert view.data_ptr() == host.data_ptr(), "torch copied the host memory instead of viewing it"
@@ -89,7 +90,8 @@ class HostKVCache(nn.Module):
 
     def __init__(self, B, Hkv, S_max, D, dtype, device=None, max_bytes=None):
         super().__init__()
-        if max_bytes is not None and (nbytes := 2 * B * Hkv * S_max * D * dtype.itemsize) > max_bytes:
+        nbytes = 2 * B * Hkv * S_max * D * dtype.itemsize  # K and V
+        if max_bytes is not None and nbytes > max_bytes:
             raise ValueError(f"an offloaded layer's K/V would take {nbytes} bytes of host memory, but the offload "
                              f"plan allowed {max_bytes}: call apply_offload again for this batch and length")
         device = torch.device(device or "cpu")
@@ -110,62 +112,6 @@ class HostKVCache(nn.Module):
         # and .contiguous() would return the host view itself, which attention would then read over PCIe
         clone = partial(torch.clone, memory_format=torch.contiguous_format)
         return clone(self.k[:, :, :end]), clone(self.v[:, :, :end])  # (B, Hkv, end, D) each
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The staged fetch: copy the selected rows into a GPU buffer, then attend there
-
-@triton.jit
-def _gather_rows_kernel(
-    k_ptr, v_ptr, idx_ptr, ks_ptr, vs_ptr,  # k/v (B, Hkv, S_max, D) far, idx (B, Hkv, K), ks/vs (B, Hkv, K, D)
-    Hkv, K,
-    skb, skh, sks, svb, svh, svs,
-    D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)                                           # b * stride may pass 2^31
-    h = pid_bh % Hkv
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) slots
-    d = tl.arange(0, D)                                                        # (D,)
-    rows = tl.load(idx_ptr + pid_bh * K + n, mask=n < K, other=-1)             # (BLOCK_N,) int32
-    used = rows >= 0                                                           # (BLOCK_N,); k, v: (BLOCK_N, D)
-    rows = tl.where(used, rows, 0).to(tl.int64)
-    k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * sks + d[None, :], mask=used[:, None], other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + d[None, :], mask=used[:, None], other=0.0)
-    out = (pid_bh.to(tl.int64) * K + n)[:, None] * D + d[None, :]              # (BLOCK_N, D) staging offsets
-    tl.store(ks_ptr + out, k, mask=n[:, None] < K)
-    tl.store(vs_ptr + out, v, mask=n[:, None] < K)
-
-
-def gather_rows(k_far, v_far, idx, use_triton=None):
-    """k_far, v_far (B, Hkv, S_max, D) with unit stride along D; idx (B, Hkv, K) int32 in [0, S_max) (not checked: a
-    host sync), -1 = unused. Returns k_sel, v_sel (B, Hkv, K, D) on idx's device (zeros in unused slots) and their
-    own index (B, Hkv, K) int32: slot n of k_sel holds row idx[..., n], so local[..., n] = n, and -1 where idx is."""
-    _check(idx.dim() == 3 and idx.dtype == torch.int32 and k_far.dim() == 4 and v_far.shape == k_far.shape
-           and k_far.shape[:2] == idx.shape[:2] and k_far.stride(3) == v_far.stride(3) == 1,  # (the kernel's reads)
-           f"gather_rows: k_far, v_far must be (B, Hkv, S_max, D), unit stride along D, and idx (B, Hkv, K) int32; "
-           f"got {tuple(k_far.shape)}, {tuple(v_far.shape)} (strides {k_far.stride()}, {v_far.stride()}) and "
-           f"{idx.dtype} {tuple(idx.shape)}")
-    (B, Hkv, K), D = idx.shape, k_far.shape[-1]
-    local = torch.where(idx >= 0, torch.arange(K, dtype=torch.int32, device=idx.device), -1)  # (B, Hkv, K) int32
-    if not (idx.is_cuda if use_triton is None else use_triton):
-        gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
-        keep = (idx >= 0)[..., None]  # zeros, whatever row 0 holds (a NaN * 0 is NaN)
-        return torch.where(keep, k_far.gather(2, gi), 0), torch.where(keep, v_far.gather(2, gi), 0), local
-    _check_triton_head_dim(D, "gather_rows")  # (tl.arange's tile: else the interpreter's or compiler's own error)
-    k_sel, v_sel = (torch.empty(B, Hkv, K, D, dtype=t.dtype, device=idx.device) for t in (k_far, v_far))  # staging
-    block_n = 64 if not _INTERPRET else max(16, min(64, triton.next_power_of_2(K)))
-    _gather_rows_kernel[(triton.cdiv(K, block_n), B * Hkv)](
-        k_far, v_far, idx.contiguous(), k_sel, v_sel, Hkv, K, *k_far.stride()[:3], *v_far.stride()[:3],
-        D=D, BLOCK_N=block_n)
-    return k_sel, v_sel, local
-
-
-def staged_sparse_attention(q, k_far, v_far, idx):
-    """sparse_decode_attention with the staged fetch: q (B, H, D) -> (B, H, D)."""
-    k_sel, v_sel, local = gather_rows(k_far, v_far, idx)
-    return sparse_decode_attention(q, k_sel, v_sel, local)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,15 +193,17 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_limit=
     if not sparse and kv_gpu_gb is None:  # (with a cap, a dense model is only checked against it)
         raise ValueError("nothing to offload: no layer decodes sparsely (--dense, or --n-dense covers every layer)")
     layer_bytes, code_bytes = model.cache_bytes(max_batch_size, max_seq_len)
-    all_gpu = args.n_layers * layer_bytes + code_bytes
-    n, fix, copy = len(sparse), "drop --offload", copy_bytes(layer_bytes, max_seq_len, copy_len)
-    if kv_gpu_gb is not None:
+    all_gpu = args.n_layers * layer_bytes + code_bytes  # the whole KV cache on the GPU
+    copy = copy_bytes(layer_bytes, max_seq_len, copy_len)
+    if kv_gpu_gb is None:  # --offload: every sparse layer
+        n, fix = len(sparse), "drop --offload"
+    else:  # --kv-gpu-gb: the fewest sparse layers that bring the GPU part under the cap
         if not (math.isfinite(kv_gpu_gb) and kv_gpu_gb > 0):
             raise ValueError(f"--kv-gpu-gb must be a positive number of GiB, got {kv_gpu_gb}")
         cap = int(min(kv_gpu_gb * GiB, 2 ** 62))  # (1e300 GiB: no cap, not an overflow)
         # A prefill chunk after the first attends over a GPU copy of an offloaded layer's K/V (HostKVCache.update),
         # so while any layer is offloaded the cap holds that copy too (a whole layer's for a prompt that fills it).
-        n = 0 if all_gpu <= cap else min(n, math.ceil((all_gpu + copy - cap) / layer_bytes))
+        n = 0 if all_gpu <= cap else min(len(sparse), math.ceil((all_gpu + copy - cap) / layer_bytes))
         fix = f"raise --kv-gpu-gb to {math.ceil((all_gpu + 1) / GiB * 1000) / 1000:g} (nothing offloaded)"  # up
     if n and hata.budget_tokens(max_seq_len) >= max_seq_len:  # (with --kv-gpu-gb too: such layers never select)
         raise ValueError(f"offloading gains nothing: the budget covers the whole {max_seq_len}-token cache, so every "
@@ -264,7 +212,8 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_limit=
         raise ValueError(f"offload fetches only the rows HATA's hash codes select; the {hata.selector} selector "
                          f"reads every key each step, all of it over PCIe: use --selector hash, or {fix}")
     copy = copy if n else 0  # (nothing offloaded: nothing copied back)
-    if kv_gpu_gb is not None and (gpu := all_gpu - n * layer_bytes + copy) > cap:
+    gpu = all_gpu - n * layer_bytes + copy  # the KV cache's GPU part at its largest
+    if kv_gpu_gb is not None and gpu > cap:
         chunk = " and a later prefill chunk's copy of one offloaded layer" * bool(copy)
         held = (f"even with all {n} sparse layers offloaded (dense layers, hash codes{chunk})" if sparse else
                 "and no layer decodes sparsely, so none can be offloaded")
@@ -272,7 +221,8 @@ def plan_offload(model, max_batch_size, max_seq_len, kv_gpu_gb=None, host_limit=
                          "bytes; raise it, or lower --max-seq-len or the batch")
     layers = sparse[len(sparse) - n:]  # the last ones: any would do, every layer costs the same
     need, where = n * layer_bytes, "are available"
-    if host_limit is None and (found := host_available()) is not None:  # (None: no /proc/meminfo, not checked)
+    found = host_available() if host_limit is None else None  # (None: no /proc/meminfo, not checked)
+    if found is not None:
         # page-locked memory cannot be swapped or reclaimed: leave the machine some room
         host_limit = int(max(0, found - max(HOST_KEEP_SHARE * found, HOST_KEEP_MIN)))
         where = (f"may be pinned ({found / GiB:.2f} GiB available; {HOST_KEEP_SHARE:.0%}, at least "
@@ -299,3 +249,62 @@ def offload_from_args(model, args, max_batch_size, max_seq_len, copy_len=None):
     as the cap needs (copy_len: see plan_offload). Prints the plan to stderr."""
     if args.offload or args.kv_gpu_gb is not None:
         print(apply_offload(model, max_batch_size, max_seq_len, args.kv_gpu_gb, copy_len=copy_len), file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The staged fetch (bench.py offload compares it): copy the selected rows into a GPU buffer, then attend there
+
+@triton.jit
+def _gather_rows_kernel(
+    k_ptr, v_ptr, idx_ptr, ks_ptr, vs_ptr,  # k/v (B, Hkv, S_max, D) far, idx (B, Hkv, K), ks/vs (B, Hkv, K, D)
+    Hkv, K,
+    skb, skh, sks, svb, svh, svs,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)                                           # b * stride may pass 2^31
+    h = pid_bh % Hkv
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                                # (BLOCK_N,) slots
+    d = tl.arange(0, D)                                                        # (D,)
+    rows = tl.load(idx_ptr + pid_bh * K + n, mask=n < K, other=-1)             # (BLOCK_N,) int32
+    used = rows >= 0                                                           # (BLOCK_N,); k, v: (BLOCK_N, D)
+    rows = tl.where(used, rows, 0).to(tl.int64)
+    k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * sks + d[None, :], mask=used[:, None], other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svs + d[None, :], mask=used[:, None], other=0.0)
+    out = (pid_bh.to(tl.int64) * K + n)[:, None] * D + d[None, :]              # (BLOCK_N, D) staging offsets
+    tl.store(ks_ptr + out, k, mask=n[:, None] < K)
+    tl.store(vs_ptr + out, v, mask=n[:, None] < K)
+
+
+def gather_rows(k_far, v_far, idx, use_triton=None):
+    """Copy the K/V rows that idx selects out of far (host) memory into buffers on idx's device (the kernel where
+    idx is on CUDA, unless use_triton says). k_far, v_far (B, Hkv, S_max, D), unit stride along D; idx (B, Hkv, K)
+    int32 in [0, S_max) (not checked: a host sync), -1 = unused. Returns k_sel, v_sel (B, Hkv, K, D) (zeros in
+    unused slots) and local (B, Hkv, K) int32, their own index: local[..., n] = n where idx holds a row, else -1."""
+    _check(idx.dim() == 3 and idx.dtype == torch.int32 and k_far.dim() == 4 and v_far.shape == k_far.shape
+           and k_far.shape[:2] == idx.shape[:2] and k_far.stride(3) == v_far.stride(3) == 1,  # (the kernel's reads)
+           f"gather_rows: k_far, v_far must be (B, Hkv, S_max, D), unit stride along D, and idx (B, Hkv, K) int32; "
+           f"got {tuple(k_far.shape)}, {tuple(v_far.shape)} (strides {k_far.stride()}, {v_far.stride()}) and "
+           f"{idx.dtype} {tuple(idx.shape)}")
+    (B, Hkv, K), D = idx.shape, k_far.shape[-1]
+    local = torch.where(idx >= 0, torch.arange(K, dtype=torch.int32, device=idx.device), -1)  # (B, Hkv, K) int32
+    if use_triton is None:
+        use_triton = idx.is_cuda
+    if not use_triton:  # torch's gather
+        gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
+        keep = (idx >= 0)[..., None]  # zeros, whatever row 0 holds (a NaN * 0 is NaN)
+        return torch.where(keep, k_far.gather(2, gi), 0), torch.where(keep, v_far.gather(2, gi), 0), local
+    _check_triton_head_dim(D, "gather_rows")  # (tl.arange's tile: else the interpreter's or compiler's own error)
+    k_sel, v_sel = (torch.empty(B, Hkv, K, D, dtype=t.dtype, device=idx.device) for t in (k_far, v_far))  # staging
+    block_n = 64 if not _INTERPRET else max(16, min(64, triton.next_power_of_2(K)))
+    _gather_rows_kernel[(triton.cdiv(K, block_n), B * Hkv)](
+        k_far, v_far, idx.contiguous(), k_sel, v_sel, Hkv, K, *k_far.stride()[:3], *v_far.stride()[:3],
+        D=D, BLOCK_N=block_n)
+    return k_sel, v_sel, local
+
+
+def staged_sparse_attention(q, k_far, v_far, idx):
+    """sparse_decode_attention with the staged fetch: q (B, H, D) -> (B, H, D)."""
+    k_sel, v_sel, local = gather_rows(k_far, v_far, idx)
+    return sparse_decode_attention(q, k_sel, v_sel, local)

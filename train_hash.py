@@ -162,10 +162,10 @@ def capture_qk(model, tokens, n_dense, ts):
     with torch.inference_mode():
         dev = model.output.weight.device  # logits of the last position only: the others cost 12% of a prefill
         model(tokens[None].to(dev), output_idx=torch.tensor([tokens.shape[0] - 1], device=dev))
-    out = {l: (a.qk[0][0][:, ts].transpose(0, 1), a.qk[1][0]) for l, a in sparse.items()}
+    qk = {l: a.qk for l, a in sparse.items()}  # {layer: (q (1, H, T, D), k (1, Hkv, T, D))}
     for a in sparse.values():
         a.keep_qk, a.qk = False, None
-    return out
+    return {l: (q[0][:, ts].transpose(0, 1), k[0]) for l, (q, k) in qk.items()}  # (nq, H, D), (Hkv, T, D)
 
 
 def make_labels(q, k, t, top=0.1):
@@ -188,7 +188,7 @@ def query_start(S, query_from):  # query_from * S rounded down as typed (0.29 of
 
 
 def query_positions(S, queries, query_from, gen):
-    """n_queries(...) distinct positions t uniform in [query_start(S, query_from), S), sorted: (nq,)."""
+    """Sorted distinct positions t (nq,) uniform in [lo, S), lo = query_start(S, query_from): min(queries, S - lo)."""
     lo = query_start(S, query_from)
     return (lo + torch.randperm(S - lo, generator=gen)[:queries]).sort().values
 
@@ -231,16 +231,18 @@ def relax(x, P, sigma):
 
 
 def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="listwise", alpha=15.0):
-    """P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple.
-    Query head j pairs with the keys of KV head j // G; every head has the same n = N / H of the N triples.
-    Returns (loss, (pair, balance, ortho)), with loss="pair" weighted as HATA's trainer weights them:
+    """One layer's training loss, pair + balance + ortho, on b sequences; returns (loss, (pair, balance, ortho)).
+    P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple. Query head j
+    pairs with the keys of KV head j // G; every head has the same n = N / H of the N triples. loss="pair" weighs
+    the terms as HATA's trainer does:
     pair = eps sum(label ||h(q) - h(k)||^2) / n (each query head's mean, summed over the heads),
     balance = lam sum over query heads of ||mean_n(h(q) + h(k)) / R||^2, ortho = eta ||P^T P - I||_F of the stacked
     KV heads (I_R: HATA's code runs only R = D). loss="listwise" replaces pair by listwise_term(alpha), relaxes unit
     vectors (a code does not change with the length of x), takes one balance mean over all N triples and sums the
     KV heads' ortho norms (as the shipped files were trained: EVAL.md). The defaults are the command line's: sigma and
     eta None take LOSS_DEFAULTS[loss]."""
-    sigma, eta = (LOSS_DEFAULTS[loss][n] if x is None else x for n, x in (("sigma", sigma), ("eta", eta)))
+    sigma = LOSS_DEFAULTS[loss]["sigma"] if sigma is None else sigma
+    eta = LOSS_DEFAULTS[loss]["eta"] if eta is None else eta
     b, nq, H, D = q.shape
     Hkv, S, R = k.shape[1], k.shape[2], P.shape[2]
     G = H // Hkv
@@ -249,7 +251,7 @@ def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="li
     hq, hk = relax(unit(q), P, sigma), relax(unit(k), P, sigma)  # (b, Hkv, nq*G, R), (b, Hkv, S, R)
     lab = labels.view(b, nq, Hkv, G, S).transpose(1, 2).reshape(b, Hkv, nq * G, S)  # (b, Hkv, nq*G, S)
     valid = (lab != 0).to(lab.dtype)  # (b, Hkv, nq*G, S)
-    N = valid.sum()
+    N = valid.sum()  # () the number of (q, k) triples
     # balance: each query appears in as many triples as it has valid keys, each key in as many as it has queries
     if loss == "listwise":  # one balance mean over the layer's N triples
         pair = listwise_term(hq, hk, q, k, valid.bool(), G, alpha)
@@ -318,10 +320,10 @@ def train_layer(P0, sample, steps, batch, keys, gen, hp, inv_freq=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append([loss.item()] + [x.item() for x in terms])
-        if not math.isfinite(history[-1][0]):  # at the first trained step, before any update: not --lr's doing
-            weights = f"--{({'eps', 'alpha'} - {NO_SUCH_TERM[loss_name]}).pop()}"  # of the two, the one it reads
-            why = "lower --lr" if len(history) > 1 else f"before any update: lower --sigma, {weights}, --lam or --eta"
+        history.append([loss.item()] + [x.item() for x in terms])  # [loss, ranking term, balance, ortho]
+        if not math.isfinite(history[-1][0]):  # at the first step no update has run yet: --lr is not the cause
+            weight = "--alpha" if loss_name == "listwise" else "--eps"  # the weight of this loss's ranking term
+            why = "lower --lr" if len(history) > 1 else f"before any update: lower --sigma, {weight}, --lam or --eta"
             raise ValueError(f"the loss is not finite at step {step + 1}: {why} (or check the samples)")
     if not history:
         raise ValueError(f"no step saw a key at or before its query: raise --keys (now {keys})")
@@ -390,9 +392,9 @@ def selection_quality(attn, q, k, lengths, selectors):
         for f in BUDGETS:
             K = math.ceil(f * int(lengths[j]))
             idx = select_topk_ref(stacked, ln, K).long()  # (n_sel, Hkv, K)
-            best = idx[names.index("oracle")] if "oracle" in names else select_topk_ref(
-                oracle[j:j + 1], ln[:1], K)[0].long()  # (Hkv, K)
-            in_best = torch.zeros(Hkv, S, dtype=torch.bool).scatter_(1, best, True)  # (Hkv, S)
+            # best (Hkv, K): the oracle's top-K, already in idx where the oracle is one of the selectors
+            best = idx[names.index("oracle")] if "oracle" in names else select_topk_ref(oracle[j:j + 1], ln[:1], K)[0]
+            in_best = torch.zeros(Hkv, S, dtype=torch.bool).scatter_(1, best.long(), True)  # (Hkv, S)
             mass = probs[j][None].expand(len(names), -1, -1, -1).gather(
                 -1, idx[:, :, None].expand(-1, -1, G, -1)).sum(-1).mean(2)  # (n_sel, Hkv)
             recall = in_best[None].expand(len(names), -1, -1).gather(2, idx).float().mean((1, 2))  # (n_sel,)
@@ -425,24 +427,24 @@ def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5, 
 
 
 def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
-    """A mean over heads can rise while one head loses the tokens it needs, and such projections decode worse than
-    random ones (EVAL.md). Per (layer, KV head): keep the trained projection where it captures at least the
-    attention mass of its starting point (the seeded random one) on validation windows (N, S) of training
-    documents not trained on, summed over the budgets; else go back to the starting point. trained: {rbit: {layer:
-    (Hkv, D, R)}}, all judged in one pass (train_files passes one size at a time). Returns {rbit: (kept {layer:
-    (Hkv, D, R)}, back [(layer, KV head, gap)])}, gap < 0: the mean over the budgets of the captured-mass difference,
-    trained - random."""
+    """Per (layer, KV head), keep the trained projection where it captures at least the attention mass of its starting
+    point (the seeded random one), summed over the budgets, on validation windows (N, S) of training documents not
+    trained on; else go back to the starting point: a mean over heads can rise while one head loses the tokens it needs,
+    and such projections decode worse than random ones (EVAL.md). trained: {rbit: {layer: (Hkv, D, R)}}, judged in one
+    pass (train_files passes one size at a time). Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head,
+    gap)])}: gap < 0, the mean over the budgets of the captured-mass difference, trained - random."""
     start = {r: start_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
     res = evaluate(model, windows, selectors, n_dense, queries, (seed + 1) % 2**64, query_from, desc="guard")
     out = {}
     for r, projs in trained.items():
-        out[r] = kept, back = {}, []
+        kept, back = {}, []
         for l, P in projs.items():
             gap = sum(res[f"trained {r}", f][l][0] - res[f"random {r}", f][l][0] for f in BUDGETS)  # (Hkv,) float64
             keep = gap >= 0
             kept[l] = torch.where(keep[:, None, None], P, start[r][l])
             back += [(l, h, float(gap[h]) / len(BUDGETS)) for h in range(len(gap)) if not keep[h]]
+        out[r] = kept, back
     return out
 
 
@@ -607,13 +609,14 @@ def run(args):
                                         ((f"--{NO_SUCH_TERM[args.loss]}",), not args.report,
                                          f"--loss {args.loss} has no such term")])
     refuse_negative(n_dense=args.n_dense)
-    args.n_dense = resolve_n_dense(args.hash_weights if args.report else None, args.n_dense)
+    files = args.hash_weights if args.report else None  # what --report compares (training notes them as ignored)
+    args.n_dense = resolve_n_dense(files, args.n_dense)
     train_rbits = list(dict.fromkeys(args.rbit or [HataArgs.rbit]))  # each size once
     if args.out and len(train_rbits) > 1 and "{rbit}" not in args.out:
         raise ValueError("several --rbit values need '{rbit}' in --out")
     for r in train_rbits:
         check_rbit(r, "--rbit")  # early
-    if args.report and args.hash_weights and args.rbit:  # (training notes --hash-weights as ignored)
+    if files and args.rbit:
         raise ValueError("--hash-weights files carry their own R: drop --rbit (it picks shipped or random sizes)")
     hp = None if args.report else training_settings(args)  # (--report notes the training flags as ignored)
     if args.report and min(args.eval_len) < (least := round(1 / min(BUDGETS))):
@@ -632,7 +635,6 @@ def run(args):
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     context, shape = checkpoint_metadata(checkpoint)  # a wrong --checkpoint fails as itself, not as its tokenizer
-    files = args.hash_weights if args.report else []  # (training notes --hash-weights as ignored)
     if shape:
         check_hash_files(files, args.n_dense, shape)
     train_docs, heldout_docs = split_corpus(load_corpus(args.text))
