@@ -139,8 +139,7 @@ class HataArgs:
     rbit: int = 128  # hash bits R per code
     budget: float = 2048  # K: a token count (int >= 1) or a fraction of the cache capacity in (0, 1)
     n_dense: int = 2  # the first n_dense layers always decode densely
-    n_sink: int = 0  # the first n_sink positions are always selected (they count toward K; engine.py refuses
-    # n_sink + n_recent > K, where select_topk would keep only the newest K of them)
+    n_sink: int = 0  # the first n_sink positions are always selected (within K; engine.py refuses sink + recent > K)
     n_recent: int = 0  # the last n_recent positions are always selected (they count toward K)
     use_norm: bool = False  # score = (G - 2 ham / R) * ||k|| (HATA's released scripts) instead of plain ham
     selector: str = "hash"  # "hash" (HATA); "oracle": the exact top-K by attention probability; "quest": pages
@@ -161,7 +160,7 @@ class HataArgs:
 
     def budget_tokens(self, capacity):
         """K as a token count: a fraction is taken of the cache capacity, fixed for a whole generation so the
-        decode step keeps static shapes (CUDA graphs)."""
+        decode step keeps static shapes (CUDA graphs); HATA's released code takes it of each step's length."""
         if self.budget >= 1:
             return int(self.budget)
         return max(1, math.ceil(round(self.budget * capacity, 6)))  # round: 9/11 * 77 = 63.00000000000001 in floats
