@@ -27,6 +27,8 @@ import engine
 from engine import parse_budget, sample
 from model import CUDNN_LSE_ATTENTION, PRESETS, HataArgs, KVCache, Transformer, save_hash_projections
 from tests.helpers import package_file, read_only
+from tests.test_model import HF_CFG, tiny_model, write_hf
+from tokenizer import Tokenizer
 
 
 def run_cli(capsys, *argv):
@@ -37,6 +39,16 @@ def run_cli(capsys, *argv):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# a random model of the tiny preset, on the CPU (on a GPU machine the default device is cuda)
+TINY = ("--random-weights", "--preset", "tiny", "--device", "cpu")
+
+
+@pytest.fixture
+def tok(gguf_path):
+    """The default model's tokenizer: the test skips when the model is not installed."""
+    return Tokenizer.from_path(gguf_path)
 
 
 def error_line(err):
@@ -93,9 +105,7 @@ def test_a_wrong_checkpoint_gets_the_loaders_error_not_the_tokenizers(capsys, tm
         code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(path))
         assert code == 2 and error_line(err) == f"error: {loader.value}", err
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({  # a Llama config: its checks pass before the tokenizer
-        "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 16,
-        "intermediate_size": 16, "rms_norm_eps": 1e-5}))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(HF_CFG))  # a Llama config: passes before the tokenizer
     code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", str(tmp_path / "hf"))
     assert code == 2 and "no tokenizer.model, tokenizer.json or .gguf in directory" in error_line(err)
     assert error_line(err).endswith("holding one; or name one with --tokenizer"), err
@@ -103,7 +113,6 @@ def test_a_wrong_checkpoint_gets_the_loaders_error_not_the_tokenizers(capsys, tm
 
 def hf_dir(tmp_path, smol_weights, drop=None, extra=None):
     """A 2-layer Hugging Face directory of the default model's real weights (tokenizer passed separately)."""
-    from tests.test_model import write_hf
     args, sd = smol_weights
     write_hf(tmp_path, args, {k: v for k, v in sd.items() if k != "output.weight"}, n_layers=2)
     tensors = load_file(tmp_path / "model.safetensors")
@@ -122,14 +131,13 @@ def test_safetensors_missing_or_extra_key(capsys, tmp_path, smol_weights, gguf_p
     assert code == 2 and words[0] in error_line(err) and words[1] in err
 
 
-def test_hf_directory_generates(capsys, tmp_path, smol_weights, gguf_path):
+def test_hf_directory_generates(capsys, tmp_path, smol_weights, gguf_path, tok):
     path = hf_dir(tmp_path, smol_weights)
     code, out, err = run_cli(capsys, "--prompt", "Hello", "--checkpoint", path, "--tokenizer", gguf_path,
                              "--max-new-tokens", "2")
     assert code == 0 and "n_layers=2" in err
     from model import from_checkpoint
-    from tokenizer import Tokenizer
-    model, tok = from_checkpoint(path), Tokenizer.from_path(gguf_path)  # the same two layers, run by hand
+    model = from_checkpoint(path)  # the same two layers, run by hand
     model.setup_caches(1, 8)
     with torch.inference_mode():
         new, _ = engine.generate(model, [tok.encode("Hello")], 2)
@@ -164,6 +172,7 @@ def test_unknown_dtype(capsys):
     ("--repetition-penalty", "0", "--repetition-penalty must be a finite number > 0 (1 = none), got 0.0"),
     ("--repetition-penalty", "nan", "--repetition-penalty must"), ("--repetition-penalty", "inf", "--repetition-p"),
     ("--n-dense", "-1", "--n-dense -1: must be >= 0"), ("--sink", "-2", "--sink -2: must be >= 0"),
+    ("--recent", "-3", "--recent -3: must be >= 0"),
     ("--seed", str(2 ** 64), f"seed {2 ** 64} is outside -2^63 .. 2^64 - 1"),
 ])
 def test_bad_flags(capsys, flag, value, words):
@@ -175,7 +184,7 @@ def test_forced_positions_must_fit_the_budget(capsys):
     """More --sink + --recent positions than K: the newest forced ones won, so --sink 20 --budget 8 attended to
     positions 12..19 (neither the first tokens nor the query's own). Refused before the load; equal to K, or with a
     budget covering the cache or --n-dense covering every layer (dense), they run."""
-    tiny = ["--random-weights", "--preset", "tiny", "--prompt-len", "16", "--max-new-tokens", "4", "--device", "cpu"]
+    tiny = [*TINY, "--prompt-len", "16", "--max-new-tokens", "4"]
     for flags in (["--sink", "20"], ["--sink", "6", "--recent", "6"], ["--budget", "1/4", "--recent", "6"]):
         code, _, err = run_cli(capsys, *tiny, "--budget", "8", *flags)
         assert code == 2 and "the positions always attended must fit in it" in error_line(err) and "random weights" \
@@ -281,7 +290,7 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     K and V = 1024 bytes a position, + 3 sparse layers x 2 heads x 2 words of R = 64 = 48 bytes (and an int32
     anchor per sequence and KV head, 24 bytes); and beside them a prefill chunk's working memory (8 prompts of 100K
     tokens filled an H200 with caches, then ran out in the prefill)."""
-    model = engine.random_model("tiny", HataArgs(rbit=64, budget=4, n_dense=1), "cpu", torch.float32)
+    model = tiny_model(HataArgs(rbit=64, budget=4, n_dense=1))
     work = model.forward_bytes(2, 3, 3)  # a 3-token prompt's one chunk
     caches = 2 * 64 * (1024 + 48) + 2 * 24  # B = 2, S = 64
     need = caches + work
@@ -326,8 +335,7 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64, 8)
     monkeypatch.setattr(engine, "host_available", lambda: 2 ** 20)  # the weights fit, a cache of 1024 positions not
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1000", "--budget", "8",
-                           "--device", "cpu")  # (on a GPU machine the default is cuda)
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "1000", "--budget", "8")
     assert code == 2 and "the caches for 1 sequence of 1024 positions and a prefill chunk's" in error_line(err)
 
 
@@ -350,7 +358,7 @@ def test_forward_bytes_counts_the_mlp_the_residual_stream_the_logits_and_a_cpu_m
     """A prefill chunk's working memory (Transformer.forward_bytes): tiny (ffn 160, dim 64, vocab 512), fp32, B = 2,
     T = 8: 2 x 8 x (4 x 160 + 4 x 64) x 4 bytes of activations + 2 x 512 x 10 of logits; a later chunk on the CPU
     also makes its (8, 20) mask float (on CUDA its two cuDNN passes take none)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     assert model.forward_bytes(2, 8, 8) == 2 * 8 * 896 * 4 + 10240
     assert model.forward_bytes(2, 8, 20) == 2 * 8 * 896 * 4 + 8 * 20 * 4 + 10240
     model.to(torch.bfloat16)
@@ -507,12 +515,11 @@ def stdin_of(monkeypatch, text):  # a pipe holding `text` as standard input
     monkeypatch.setattr(sys, "stdin", os.fdopen(read))
 
 
-def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, smol, gguf_path):
+def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, smol, tok):
     """--interactive: a --prompt, then standard input's lines (a blank one skipped) are the user's turns. Each reply
     is greedy generate's over the whole conversation from scratch (its repetition penalty over all of it), while a
     turn prefills only what follows the cached tokens (the reply as decoded, less its last token)."""
-    from tokenizer import Tokenizer
-    tok, replies, ids = Tokenizer.from_path(gguf_path), [], []
+    replies, ids = [], []
     turns = ["What is the capital of France?", "And Germany's?"]
     for turn in turns:
         ids.append(tok.encode_chat([m for t, r in zip(turns, replies) for m in ({"role": "user", "content": t},
@@ -528,16 +535,13 @@ def test_interactive_answers_each_turn_on_the_kept_cache(capsys, monkeypatch, sm
     assert prefilled[0] == len(ids[0]) and 2 <= prefilled[1] < len(ids[1]) - len(ids[0]), err
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkeypatch):
+def test_interactive_hands_generate_each_turn_of_one_conversation(capsys, monkeypatch, tok):
     """With a stub generate (each reply "Hello" and <|im_end|>), two --prompt texts are two turns of one chat, whose
     caches are planned as one sequence of the whole cache, continued. Each turn gets --max-new-tokens (here 1, which
     the cache has room for) and the --stop strings; the second starts after the cached
     tokens, the first reply less its last token, and gets the first's kept CUDA graphs (one capture for the chat). A
     cache one token short of the whole conversation forgets the first exchange: the second turn is its own message
     alone, after the system turn the caches share."""
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_path(engine.default_checkpoint())
     hello, calls, plans, kept = tok.encode("Hello", bos=False), [], [], []
 
     def generate(model, prompts, n, stop_ids, *args, start=0, stop_when=None, graphs=None, **kwargs):
@@ -594,13 +598,10 @@ def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
     assert len(calls) == 3 and 0 < calls[1][1] == calls[2][1] and calls[2][0][:calls[1][1]] == calls[1][0][:calls[1][1]]
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_ctrl_c_in_a_replys_decode_keeps_its_prompt_cached(capsys, monkeypatch):
+def test_ctrl_c_in_a_replys_decode_keeps_its_prompt_cached(capsys, monkeypatch, tok):
     """Ctrl-C in a reply's decode loop (Interrupted: the prompt was prefilled whole) leaves the prompt and the reply's
     steps but the last cached, as a whole reply does: the next turn prefills only what follows them, not the first
     message again (a document asked about)."""
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_path(engine.default_checkpoint())
     reply = tok.encode("Hello there, my friend", bos=False)
 
     def instead(n, on_token):  # the first reply stopped after its text, the second one empty
@@ -641,13 +642,14 @@ def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_
     assert (len(ids), n, len(out)) == (30, 26, 30)
 
 
-def record_prompts(monkeypatch):
-    """engine.generate stubbed, each prompt answered with one token: returns the list of each call's prompts."""
+def record_prompts(monkeypatch, replies=None):
+    """engine.generate stubbed, each prompt answered with one token (or `replies`, a list of new tokens a prompt):
+    returns the list of each call's prompts."""
     seen = []
 
     def generate(model, prompts, *args, **kwargs):
         seen.append(prompts)
-        return [[1]] * len(prompts), {}
+        return replies or [[1]] * len(prompts), {}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     return seen
@@ -658,7 +660,6 @@ def stub_replies(monkeypatch, instead=None):
     on_token) raises (a Ctrl-C) or returns other reply tokens: (the calls [(prompt ids, start)], each call's new-token
     limit, turn(*texts): the default model's chat encoding of the system message "Be brief." and `texts` as
     alternating user and assistant messages)."""
-    from tokenizer import Tokenizer
     tok, calls, rooms = Tokenizer.from_path(engine.default_checkpoint()), [], []
     hello = tok.encode("Hello", bos=False)
 
@@ -763,14 +764,11 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     assert code == 0 and rooms == [50] * 6 and "forgets" in err, (rooms, err)
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch):
+def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch, tok):
     """A conversation that would leave its reply less room than --max-new-tokens forgets its oldest exchange (what is
     left is past half the cache: the note does not say "down to half"); a message the cache cannot hold alone is not
     sent, with one line, and the chat goes on (before: both ended it). A turn left less room than asked says so; a
     chat without a first message names the template's own tokens, not a prompt."""
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_path(engine.default_checkpoint())
     size = lambda text: len(tok.encode_chat([{"role": "user", "content": text}]))
     near = next(m for k in range(1, 40) if size(m := "word " * k) == 39)  # alone, it leaves a reply 2 tokens
     stdin_of(monkeypatch, "Tell me more.\n" + "word " * 40 + "\n" + near + "\n")
@@ -931,8 +929,7 @@ def test_the_batch_keeps_the_command_lines_order(capsys, tmp_path, monkeypatch):
     """--prompt and --prompt-file mixed: the batch, and its outputs, in the order given (before: every --prompt
     first, then the files)."""
     (tmp_path / "b.txt").write_text("from a file")
-    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: ([[1]] * len(prompts), {}))
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    record_prompts(monkeypatch)
     code, out, _ = run_cli(capsys, "--prompt", "first", "--prompt-file", str(tmp_path / "b.txt"), "--prompt", "last")
     heads = [line for line in out.splitlines() if line.startswith("--- ")]
     assert code == 0 and heads == ["--- 'first'", "--- 'from a file'", "--- 'last'"]
@@ -993,7 +990,7 @@ def test_prompts_the_model_cannot_take(capsys, monkeypatch, argv, words):
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_a_meta_checkpoints_vocabulary_is_checked_once_its_weights_load(capsys, monkeypatch):
     """params.json may leave the vocabulary to the weights: such a checkpoint's tokenizer is checked after the load."""
-    tiny = engine.random_model("tiny", None, "cpu", torch.float32)  # 512 tokens; the prompt's ids reach 4649
+    tiny = tiny_model()  # 512 tokens; the prompt's ids reach 4649
     monkeypatch.setattr(engine, "checkpoint_metadata", lambda path: (1024, None))  # as a Meta checkpoint's
     monkeypatch.setattr(engine, "from_checkpoint", lambda *a, **k: tiny)
     code, _, err = run_cli(capsys, "--prompt", "The capital of France is", "--max-new-tokens", "1")
@@ -1106,7 +1103,9 @@ def test_parse_budget():
     assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
     assert parse_budget("+2048") == 2048 and parse_budget(" 64 ") == 64  # as int() and positive_int read them
     assert parse_budget(str(10 ** 22 + 1)) == 10 ** 22 + 1  # as typed (before: 10^22, through a float)
-    for bad in ("0", "-1", "2.5", "nan", "inf", "1/0", "abc", "1e30", "2/1", "1_0/16", "0.2_5"):  # (float reads _)
+    assert parse_budget("1") == 1 and isinstance(parse_budget("1"), int)
+    for bad in ("0", "-1", "2.5", "nan", "inf", "1/0", "abc", "1e30", "2/1", "1_0/16", "0.2_5",  # (float reads _)
+                "1/1", "1.0", "3/3"):  # 1 as a fraction or a float: not the count 1 as typed
         with pytest.raises(argparse.ArgumentTypeError, match="not a whole count >= 1 or a fraction in"):
             parse_budget(bad)
 
@@ -1125,7 +1124,7 @@ def test_file_settings_take_the_files_own_unless_a_flag_gives_them(tmp_path):
 def test_a_model_that_outputs_nan_is_an_error_not_an_empty_answer():
     """NaN or inf weights (or a float16 overflow): greedy decoding printed nothing and exited 0, sampling failed in
     torch.multinomial; the prefill's logits are checked once."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 16)
     with torch.no_grad():
         model.layers[1].attention_norm.weight[3] = math.inf
@@ -1171,8 +1170,7 @@ def test_sampling_flags_reach_the_sampler(capsys, monkeypatch):
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "5", "--min-p", "0.1",
             "--repetition-penalty", "1.3")
-    run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "4", "--max-new-tokens", "2",
-            "--device", "cpu", "--temperature", "1", "--top-k", "7")
+    run_cli(capsys, *TINY, "--prompt-len", "4", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "7")
     assert seen == [(5, 0.1, 1.3), (7, 0.0, 1.0)]
 
 
@@ -1180,12 +1178,11 @@ def test_sampling_flags_reach_the_sampler(capsys, monkeypatch):
 def test_special_reads_special_token_text_as_the_tokens(capsys, monkeypatch):
     """--parse-special: '<|im_end|>' in a prompt is the token (2 in the default model's vocabulary); without it,
     text."""
-    seen = []
-    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: (seen.append(prompts[0]), ([[1]], {}))[1])
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    seen = record_prompts(monkeypatch)
     for flags in ([], ["--parse-special"]):
         assert run_cli(capsys, "--prompt", "Hi<|im_end|>", "--max-new-tokens", "2", *flags)[0] == 0
-    assert 2 not in seen[0] and seen[1][-1] == 2 and seen[1][:-1] == seen[0][:1]
+    (plain,), (special,) = seen
+    assert 2 not in plain and special[-1] == 2 and special[:-1] == plain[:1]
 
 
 def test_min_p_keeps_the_tokens_near_the_likeliest():
@@ -1212,7 +1209,7 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
     logits[:3] = torch.tensor([1.0, 0.9, 0.85])
     monkeypatch.setattr(engine, "prefill", lambda model, tokens, *a, **k: logits.expand(len(tokens), 512).clone())
     monkeypatch.setattr(engine, "decode_one_token", lambda model, cur, pos: logits.expand(len(cur), 512).clone())
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(2, 16)
     assert engine.generate(model, [[0, 3, 3], [3]], 4, repetition_penalty=2.0)[0] == [[1, 2, 0, 0], [0, 1, 2, 0]]
     assert engine.generate(model, [[0, 3, 3], [3]], 2)[0] == [[0, 0], [0, 0]]
@@ -1244,7 +1241,7 @@ def test_help_survives_a_percent_sign_in_a_default(capsys, monkeypatch):
 
 
 def test_generate_refuses_empty_prompts():
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(2, 16)
     for prompts in ([], [[5, 6], []]):  # an empty one would sample from uninitialised logits
         with pytest.raises(ValueError, match="at least one prompt, each of at least one token"):
@@ -1260,7 +1257,7 @@ def test_generate_refuses_empty_prompts():
 def test_generate_keeps_no_autograd_graph():
     """Called from a script in grad mode, prefill and generate still build no autograd graph: before, every cache
     write linked into one graph that held each step's activations (memory growing with every token)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 16)
     assert torch.is_grad_enabled() and model.output.weight.requires_grad
     logits = engine.prefill(model, torch.tensor([[3, 4, 5]]), torch.tensor([3]))
@@ -1278,7 +1275,7 @@ def test_a_prefill_after_cached_positions_continues_them(chunk, device):
     positions."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = engine.random_model("tiny", HataArgs(budget=8, n_dense=1), device, torch.float32)
+    model = tiny_model(HataArgs(budget=8, n_dense=1), device=device)
     tokens, lengths = torch.arange(3, 14, device=device)[None], torch.tensor([11, 5, 6], device=device)[:, None]
     model.setup_caches(1, 32)
     whole = engine.prefill(model, tokens, lengths[0], chunk=chunk)
@@ -1305,7 +1302,7 @@ def test_generate_equals_a_full_forward_each_step():
     """Greedy generate (a batch of two lengths, through the cache) against a fresh forward over the whole sequence
     for every new token. A random model's tokens turn on every position: a step at the wrong one (its K/V over the
     previous token's) changed them here, while the default model's greedy text stayed the same."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     model.setup_caches(2, 16)
     new, _ = engine.generate(model, prompts, 6)
@@ -1321,7 +1318,7 @@ def test_generate_equals_a_full_forward_each_step():
 def test_timing_counts_the_steps_past_the_budget(capsys):
     """Step s of a 3-token prompt attends to 4 + s keys: with K = 6, steps 3.. select (4 of 7); stderr says so.
     A dense model has no budget to count against."""
-    model = engine.random_model("tiny", HataArgs(budget=6, n_dense=1), "cpu", torch.float32)
+    model = tiny_model(HataArgs(budget=6, n_dense=1))
     model.setup_caches(1, 16)
     _, timing = engine.generate(model, [[3, 4, 5]], 8)
     assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (7, 6, 4)
@@ -1339,7 +1336,7 @@ def test_timing_counts_the_steps_past_the_budget(capsys):
     for cut, whose in ((1, "1 sequence ended at its"), (2, "2 sequences ended at their")):
         engine.report_speed({**timing, "cut": cut})
         assert f"; {whose} new-token limit, not at a stop" in capsys.readouterr().err
-    dense = engine.random_model("tiny", None, "cpu", torch.float32)
+    dense = tiny_model()
     dense.setup_caches(1, 16)
     assert engine.generate(dense, [[3, 4, 5]], 8)[1]["selecting_steps"] is None
 
@@ -1347,7 +1344,7 @@ def test_timing_counts_the_steps_past_the_budget(capsys):
 def test_prefill_refuses_lengths_outside_the_prompts_and_short_chunks():
     """A length of 0 or past the padded width would get no row of logits (uninitialised memory came back); a chunk
     under 3 tokens could leave a 1-token chunk. Errors, not asserts (python -O drops those)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(2, 16)
     tokens = torch.arange(3, 8).repeat(2, 1)  # (2, 5)
     for lengths in ([5, 0], [5, 6], [-1, 3]):
@@ -1365,7 +1362,7 @@ def test_chunked_prefill_stays_dense(lengths):
     """Chunks of 4 give the logits of one pass even when 1 token would be left over for the last chunk (the
     model takes a 1-token forward for a decode step, which the sparse layers, budget 2 here, attend sparsely), and
     each sequence of a right-padded batch gets the logits at its own last token, whichever chunk holds it."""
-    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)
+    model = tiny_model(HataArgs(budget=2, n_dense=1))
     T = max(lengths)
     tokens = torch.arange(3, 3 + T).repeat(len(lengths), 1)  # (B, T)
     logits = []
@@ -1378,30 +1375,36 @@ def test_chunked_prefill_stays_dense(lengths):
     assert all(not torch.allclose(logits[0][0], logits[0][b]) for b in range(1, len(lengths)))  # rows differ
 
 
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13]]  # a batch of two lengths for the tiny model
+
+
+def free_run(model, n=10):
+    """(the tiny model's n greedy tokens for each of PROMPTS, a token that ends row 0 only), the caches set up again
+    for the next run."""
+    model.setup_caches(2, 32)
+    free, _ = engine.generate(model, PROMPTS, n)
+    stop = next(t for t in free[0] if t not in free[1])
+    model.setup_caches(2, 32)
+    return free, stop
+
+
 def test_generate_ends_a_sequence_where_stop_when_says():
     """stop_when sees each sequence's new tokens so far (host copies; a finished one's -1s are not its tokens): here
     row 0 ends at its 2nd token and row 1 at its 4th, and neither counts as cut by max_new_tokens."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
-    prompts, seen = [[5, 6, 7], [9, 10, 11, 12, 13]], []
-    model.setup_caches(2, 32)
-    free, _ = engine.generate(model, prompts, 8)
-    model.setup_caches(2, 32)
+    model, prompts, seen = tiny_model(), PROMPTS, []
+    free, stop = free_run(model, 8)  # stop ends row 0, and a stop_when that never fires keeps it so
     got, timing = engine.generate(model, prompts, 8, stop_when=lambda ids: seen.append(list(ids)) or
                                   len(ids) == (2 if ids[:2] == free[0][:2] else 4))
     assert got == [free[0][:2], free[1][:4]] and timing["decode_steps"] == 3 and timing["cut"] == 0
     assert free[1][:4] in seen and free[0][:3] not in seen and all(t >= 0 for ids in seen for t in ids)
-    stop = next(t for t in free[0] if t not in free[1])  # ends row 0, and a stop_when that never fires keeps it so
     model.setup_caches(2, 32)
     got, timing = engine.generate(model, prompts, 8, stop_ids={stop}, stop_when=lambda ids: False)
     assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["cut"] == 1
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_stop_strings_cut_the_text_where_it_first_shows_one(capsys):
+def test_stop_strings_cut_the_text_where_it_first_shows_one(capsys, tok):
     """--stop strings: StopStrings finds them in the newest tokens' text; the streamer prints up to the first one,
     holding back text that may begin one (released when it does not); a batch's answers are cut the same way."""
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_path(engine.default_checkpoint())
     stops = engine.StopStrings(tok, ["Q:", "\n\n"])
     assert stops.cut("a Q b\n\nQ: c") == "a Q b" and stops.cut("no stop") == "no stop"
     assert stops.unsure("a Q") == 1 and stops.unsure("b\n") == 1 and stops.unsure("a Q b") == 0
@@ -1429,12 +1432,8 @@ def test_stop_strings_cut_the_text_where_it_first_shows_one(capsys):
 
 
 def test_generate_stops_each_sequence_at_its_stop_token(capsys):
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    model.setup_caches(2, 32)
-    free, _ = engine.generate(model, prompts, max_new_tokens=10)
-    stop = next(t for t in free[0] if t not in free[1])  # ends sequence 0 only
-    model.setup_caches(2, 32)
+    model, prompts = tiny_model(), PROMPTS
+    free, stop = free_run(model)
     got, timing = engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop})
     assert got == [free[0][:free[0].index(stop) + 1], free[1]] and timing["decode_steps"] == 9
     assert timing["cut"] == 1 and engine.generate(model, prompts, 10)[1]["cut"] is None  # no stop ids: nothing cut
@@ -1461,7 +1460,7 @@ def test_command_line_settings_reach_hata_args():
 def test_sampled_rows_do_not_depend_on_their_neighbours():
     """With row_generators a prompt samples the same tokens alone (seed s + i) as at row i of a batch (seed s),
     and two copies of one prompt in a batch draw different samples."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     prompts, seed = [[5, 6, 7], [9, 10, 11, 12, 13], [5, 6, 7]], 2 ** 64 - 2  # row 2's seed wraps to 0
     model.setup_caches(3, 32)
     both, _ = engine.generate(model, prompts, 12, temperature=1.5, generator=engine.row_generators(seed, 3, "cpu"))
@@ -1471,7 +1470,7 @@ def test_sampled_rows_do_not_depend_on_their_neighbours():
                                    generator=engine.row_generators((seed + i) % 2 ** 64, 1, "cpu"))
         assert alone == [both[i]], i
     assert both[0] != both[2]
-    with pytest.raises(ValueError):  # a generator for every row, not fewer
+    with pytest.raises(ValueError, match="shorter"):  # a generator for every row, not fewer
         sample(torch.zeros(2, 5), 1.0, 1.0, engine.row_generators(0, 1, "cpu"))
 
 
@@ -1515,7 +1514,7 @@ def test_status_line_names_the_selector():
 def test_the_default_cache_holds_the_positions_the_steps_use_so_a_sparse_label_means_selecting_steps(capsys):
     """Prompt + new tokens - 1 positions: the cache held one more that no step used, so a budget of that many minus
     one was labelled HATA decode while every step attended to every key."""
-    tiny = ["--random-weights", "--preset", "tiny", "--prompt-len", "3", "--max-new-tokens", "4", "--device", "cpu"]
+    tiny = [*TINY, "--prompt-len", "3", "--max-new-tokens", "4"]
     for budget, start, end in [("6", "covers the whole 6-token cache: all dense", "every step attended to every key"),
                                ("5", "budget 5 of up to 6 tokens", "1 of them with more cached keys than the budget"),
                                ("1/2", "budget 3 of up to 6 tokens", "3 of them with more cached keys than")]:
@@ -1526,7 +1525,7 @@ def test_the_default_cache_holds_the_positions_the_steps_use_so_a_sparse_label_m
 def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
     """Prompt + new tokens - 1 positions are cached (the last token is sampled, never fed back); one more is an
     error before any work, not an index past the cache (on CUDA, a write out of bounds)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 8)
     assert len(engine.generate(model, [[1, 2, 3]], max_new_tokens=6)[0][0]) == 6  # 3 + 6 - 1 = 8 slots: fits
     with pytest.raises(ValueError, match=r"3 \+ 7 tokens need 9 cache slots \(the last new token is never "
@@ -1534,33 +1533,29 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
         engine.generate(model, [[1, 2, 3]], max_new_tokens=7)
     with pytest.raises(ValueError, match="^9 \\+ 0 tokens need 9 cache slots; the cache"):  # the prompt must fit
         engine.generate(model, [list(range(9))], max_new_tokens=0)
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len", "12",
-                           "--max-new-tokens", "10", "--device", "cpu")
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "10", "--max-seq-len", "12", "--max-new-tokens", "10")
     assert code == 0 and "at most 3 new tokens: the cache holds 12 tokens and the prompt 10" in err  # as run() does
     assert "prefill: 10 tokens in" in err and "decode: 2 steps in" in err
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "1024", "--device", "cpu")
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "1024")
     assert code == 0 and "at most 1 new token: the cache holds 1024 tokens" in err  # 1024 + 200 > 1024
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--device", "cpu")  # the default: half
+    code, _, err = run_cli(capsys, *TINY)  # the default: half
     assert code == 0 and "1 random prompt of 512 tokens" in err and "at most" not in err  # of the context, not 1024
     for cache, prompt in (("100", "50 tokens"), ("1", "1 token")):  # of the cache asked for, where it is given
-        code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", cache,
-                               "--device", "cpu")
+        code, _, err = run_cli(capsys, *TINY, "--max-seq-len", cache)
         assert code == 0 and f"1 random prompt of {prompt};" in err
     args = argparse.Namespace(max_seq_len=None, max_new_tokens=5)  # a real prompt: its length, not a flag
     with pytest.raises(ValueError, match="^the prompt has 2000 tokens but the model's context is 1024 tokens$"):
         engine.cache_size(args, 2000, 1024)
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "2000", "--device", "cpu")
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "2000")
     assert code == 2 and error_line(err) == "error: --prompt-len is 2000 but the model's context is 1024 tokens"
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "20", "--max-seq-len", "12",
-                           "--device", "cpu")
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "20", "--max-seq-len", "12")
     assert code == 2 and error_line(err) == "error: --prompt-len is 20 but --max-seq-len is 12"
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", "2000", "--device", "cpu")
+    code, _, err = run_cli(capsys, *TINY, "--max-seq-len", "2000")
     assert code == 2 and error_line(err) == "error: --max-seq-len 2000 exceeds the model's context of 1024 tokens"
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "10", "--max-seq-len",
-                           "1024", "--max-new-tokens", "2", "--device", "cpu")
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "10", "--max-seq-len", "1024", "--max-new-tokens", "2")
     assert code == 0 and "decode: 1 step in" in err  # the whole context is a cache size
     for bad in ("0", "-4"):  # before: 0 was read as unset, -4 reached torch.zeros
-        code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--max-seq-len", bad, "--device", "cpu")
+        code, _, err = run_cli(capsys, *TINY, "--max-seq-len", bad)
         assert code == 2 and "--max-seq-len: must be a whole number >= 1" in err
 
 
@@ -1568,7 +1563,7 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
 def test_cuda_graph_decode_equals_eager():
     """The captured CUDA-graph step gives the eager step's tokens: HATA's Triton kernels, sequences of different
     lengths, up to the cache's last slot (7 + 10 - 1 = 16). The capture is timed apart from the prefill."""
-    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cuda", torch.float32)
+    model = tiny_model(HataArgs(budget=4, n_dense=1), device="cuda")
     prompts, out, timings = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], [], []
     for graph in (False, True):
         model.setup_caches(2, 16)
@@ -1597,7 +1592,7 @@ def ctrl_c_at_step(monkeypatch, n):  # decode steps raise KeyboardInterrupt at t
 def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
     """Ctrl-C in the decode loop (here in the 3rd step) raises Interrupted holding each sequence's new tokens so far:
     the prefill's and two steps', those of an uninterrupted generate; a sequence that stopped before holds its own."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     model.setup_caches(2, 16)
     whole, _ = engine.generate(model, prompts, 6)
@@ -1614,7 +1609,7 @@ def test_after_ctrl_c_the_prompt_and_each_step_but_the_last_stay_cached(monkeypa
     """What a chat's next turn reuses after an Interrupted (converse): the prompt and the positions of each decode step
     but the last, whose step the Ctrl-C may have cut half way (here its position's K/V and codes are spoilt in every
     layer). Continued from there, the next turn decodes what a fresh cache does (a sparse layer reads the codes)."""
-    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cpu", torch.float32)
+    model = tiny_model(HataArgs(budget=4, n_dense=1))
     model.setup_caches(1, 24)
     calls, step = [], engine.decode_one_token
 
@@ -1638,14 +1633,6 @@ def test_after_ctrl_c_the_prompt_and_each_step_but_the_last_stay_cached(monkeypa
     continued, _ = engine.generate(model, [new], 5, start=start)
     model.setup_caches(1, 24)
     assert continued == engine.generate(model, [new], 5)[0]
-
-
-def test_token_zero_is_a_token(monkeypatch):
-    """Token id 0 is returned as any other (-1, not 0, marks the steps after a stop)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
-    model.setup_caches(1, 8)
-    monkeypatch.setattr(engine, "sample", lambda logits, *args: torch.zeros(logits.shape[0], dtype=torch.long))
-    assert engine.generate(model, [[5, 6]], 3)[0] == [[0, 0, 0]]
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -1673,7 +1660,7 @@ def test_ctrl_c_shows_the_answers_so_far(capsys, monkeypatch, tmp_path):
 def test_a_kept_cuda_graph_serves_the_next_turn():
     """generate's `graphs` (a chat's turns): the second generate on the same caches, continued after the first's
     cached tokens, replays the first's captured step (no capture of its own) and decodes the eager step's tokens."""
-    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), "cuda", torch.float32)
+    model = tiny_model(HataArgs(budget=4, n_dense=1), device="cuda")
     first, out = [5, 6, 7, 8, 9, 10, 11], []
     for graph in (False, True):
         graphs = {}
@@ -1737,7 +1724,7 @@ def test_the_default_model_named_gets_its_trained_projections(capsys, gguf_path,
 def test_prefill_progress_bar_for_a_long_prompt(capsys, monkeypatch):
     """A bar on stderr (tqdm), a step per layer of each chunk, for a prompt of PROGRESS_TOKENS or more (before: only
     for more than one chunk, so a 3000-token prompt on a CPU was seconds of silence); the logits are the same."""
-    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)  # 4 layers
+    model = tiny_model(HataArgs(budget=2, n_dense=1))  # 4 layers
     tokens, lengths = torch.arange(3, 13)[None], torch.tensor([10])
     logits = []
     for chunk, at_least, bar in ((4, 10, "/12 ["), (16, 10, "/4 ["), (16, 11, None)):  # chunks 4 + 4 + 2, or one
@@ -1753,7 +1740,7 @@ def test_prefill_progress_bar_for_a_long_prompt(capsys, monkeypatch):
 def test_prefill_removes_its_progress_hooks_after_an_error(monkeypatch):
     """A prefill stopped by an error (or Ctrl-C) in a layer leaves no progress hooks on the model (before: every
     later forward synchronized and drew on the dead bar)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 16)
     monkeypatch.setattr(engine, "PROGRESS_TOKENS", 1)
     monkeypatch.setattr(model.layers[2], "forward", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -1766,12 +1753,9 @@ def test_decode_progress_bar_for_a_batch(capsys, monkeypatch):
     """generate(progress=True) draws a decode bar on stderr, with the sequences finished, unless on_token streams
     the tokens; without progress (bench, eval, tests) it draws nothing. The tokens are the same either way."""
     monkeypatch.setattr(engine, "tqdm", functools.partial(tqdm, mininterval=0))  # every step redraws, however fast
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    model.setup_caches(2, 32)
-    free, _ = engine.generate(model, prompts, max_new_tokens=10)
-    stop = next(t for t in free[0] if t not in free[1])  # ends sequence 0 only, before the last step
-    assert free[0].index(stop) < 8 and capsys.readouterr().err == ""
+    model, prompts = tiny_model(), PROMPTS
+    free, stop = free_run(model)
+    assert free[0].index(stop) < 8 and capsys.readouterr().err == ""  # before the last step
     runs = {"bar": dict(progress=True), "streamed": dict(progress=True, on_token=lambda tokens: None), "quiet": {}}
     for name, kwargs in runs.items():
         model.setup_caches(2, 32)
@@ -1800,7 +1784,7 @@ def test_interrupt_and_cpu_compile_notes(capsys, monkeypatch):
     monkeypatch.setattr(engine, "run", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
     code, _, err = run_cli(capsys, "--prompt", "hi")
     assert code == 130 and err.strip() == "interrupted"
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     args = argparse.Namespace(compile=True, offload=False, kv_gpu_gb=None)
     monkeypatch.setattr(model, "compile_pointwise", lambda: None)
     engine.setup(model, args, 1, 16, 8)
@@ -1848,8 +1832,7 @@ ANSWERS = ("import sys, engine\n"  # a run that writes answers until its output 
 def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     """Each output of a batch is headed by its prompt's first 60 characters, with … where the prompt goes on."""
     long, short = "a" * 61, "b" * 60
-    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: ([[1], [1]], {}))
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    record_prompts(monkeypatch)
     code, out, _ = run_cli(capsys, "--prompt", long, "--prompt", short, "--max-new-tokens", "2")
     assert code == 0 and f"--- {'a' * 60!r}…\n" in out and f"--- {short!r}\n" in out
 
@@ -1891,34 +1874,32 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     """--random-weights reads no checkpoint, tokenizer or text: those flags get the note, and --prompt only sets the
     batch size, as the start line says."""
     (tmp_path / "p.txt").write_text("hi")
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
-                           "--device", "cpu", "--dense", "--checkpoint", str(tmp_path), "--tokenizer", "t.json",
-                           "--chat", "--prompt-file", str(tmp_path / "p.txt"), "--prompt", "a", "--prompt", "b",
-                           "--interactive", "--parse-special", "--stop", "x", "--keep-first")
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "8", "--max-new-tokens", "2", "--dense", "--checkpoint",
+                           str(tmp_path), "--tokenizer", "t.json", "--chat", "--prompt-file", str(tmp_path / "p.txt"),
+                           "--prompt", "a", "--prompt", "b", "--interactive", "--parse-special", "--stop", "x",
+                           "--keep-first")
     assert code == 0, err
     assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file, --interactive, "
             "--parse-special, --stop, --keep-first (--random-weights decodes random tokens)\n") in err
     assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2",
-                           "--device", "cpu", "--dense", "--seed", "3")  # the seed draws the random prompt
-    assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "4",
-                           "--device", "cpu", "--budget", "4")  # sparse, with random projections: said once, no warning
-    assert code == 0 and "random projections (R = 128" in err and "warning" not in err, err
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "8", "--max-new-tokens", "2", "--dense", "--seed", "3")
+    assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err  # (--seed draws it)
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "8", "--max-new-tokens", "4", "--budget", "4")  # sparse,
+    assert code == 0 and "random projections (R = 128" in err and "warning" not in err, err  # said once, no warning
     shipped = os.path.join(engine.HERE, "weights", "smollm2-135m-r128.safetensors")  # trained for other weights
     code, _, err = run_cli(capsys, "--random-weights", "--preset", "smollm2-135m", "--prompt-len", "8",
                            "--max-new-tokens", "3", "--device", "cpu", "--budget", "4", "--hash-weights", shipped)
     assert code == 0 and "--hash-weights (random weights take random projections)" in err, err  # before: refused
     assert "random projections (R = 128, --n-dense 2)" in err  # once the random model and its caches were built
-    code, _, err = run_cli(capsys, "--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens",
-                           "2", "--device", "cpu", "--dense", "--hash-weights", shipped)
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "8", "--max-new-tokens", "2", "--dense", "--hash-weights",
+                           shipped)
     assert code == 0 and "note: ignored in this run: --hash-weights (--dense reads no hash codes)\n" in err  # once
 
 
 def test_threads_sets_torchs_threads(capsys, monkeypatch):
     set_to = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
-    argv = ["--random-weights", "--preset", "tiny", "--prompt-len", "8", "--max-new-tokens", "2", "--device", "cpu"]
+    argv = [*TINY, "--prompt-len", "8", "--max-new-tokens", "2"]
     assert run_cli(capsys, *argv, "--threads", "1")[0] == 0 and set_to == [1]
     assert run_cli(capsys, *argv)[0] == 0 and set_to == [1]  # unset: torch's own
     code, _, err = run_cli(capsys, *argv, "--threads", "0")
@@ -1955,7 +1936,7 @@ def test_generate_with_no_new_tokens_and_a_cpu_batchs_timing():
     """max_new_tokens 0 (the capacity check allows it): empty answers and no steps, not a crash in torch.stack or
     -1 tokens per sequence; prefill_tokens counts each prompt's own tokens, not the padded width; on the CPU there is
     no CUDA graph (graph_s None: report_speed would print a capture time)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(2, 8)
     new, timing = engine.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=0)
     assert new == [[], []] and (timing["decode_steps"], timing["decode_tokens"]) == (0, 0)
@@ -1965,18 +1946,19 @@ def test_generate_with_no_new_tokens_and_a_cpu_batchs_timing():
     assert timing["graph_s"] is None
 
 
-def test_token_id_0_is_a_token_of_the_answer(monkeypatch):
+@pytest.mark.parametrize("prompt", [[5, 6], [1, 2, 3]])
+def test_token_id_0_is_a_token_of_the_answer(monkeypatch, prompt):
     """-1 marks a finished sequence's steps; 0 is a token like any other (a vocabulary's first entry)."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 8)
     monkeypatch.setattr(engine, "sample", lambda logits, *a: torch.zeros(len(logits), dtype=torch.long))
-    new, timing = engine.generate(model, [[1, 2, 3]], max_new_tokens=3)
+    new, timing = engine.generate(model, [prompt], max_new_tokens=3)
     assert new == [[0, 0, 0]] and timing["decode_tokens"] == 2
 
 
 def test_selecting_steps_with_a_budget_below_the_prompt():
     """K = 2 under a 3-token prompt: every step selects, and no more steps than were run are counted."""
-    model = engine.random_model("tiny", HataArgs(budget=2, n_dense=1), "cpu", torch.float32)
+    model = tiny_model(HataArgs(budget=2, n_dense=1))
     model.setup_caches(1, 16)
     _, timing = engine.generate(model, [[3, 4, 5]], 5)
     assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (4, 2, 4)
@@ -1984,15 +1966,10 @@ def test_selecting_steps_with_a_budget_below_the_prompt():
 
 def test_on_token_streams_minus_one_for_a_finished_sequence():
     """A batch streamed through on_token: each step's tokens, -1 in a row whose sequence has stopped."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
-    model.setup_caches(2, 32)
-    free, _ = engine.generate(model, prompts, max_new_tokens=10)
-    stop = next(t for t in free[0] if t not in free[1])  # ends sequence 0 only, before the last step
+    model, prompts, streamed = tiny_model(), PROMPTS, []
+    free, stop = free_run(model)
     end = free[0].index(stop)
-    assert end < 8
-    streamed = []
-    model.setup_caches(2, 32)
+    assert end < 8  # before the last step
     engine.generate(model, prompts, max_new_tokens=10, stop_ids={stop}, on_token=lambda t: streamed.append(t.tolist()))
     assert [s[0] for s in streamed] == free[0][:end + 1] + [-1] * (9 - end)
     assert [s[1] for s in streamed] == free[1]
@@ -2001,7 +1978,7 @@ def test_on_token_streams_minus_one_for_a_finished_sequence():
 def test_a_single_non_finite_logit_is_an_error_too():
     """One token's logit NaN (an inf in its output row), the others finite: refused as when every logit is NaN; one
     logit inf (one inf weight), with a repetition penalty, whose clamp would make it finite: refused too."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 16)
     with torch.no_grad():
         model.output.weight[5] = math.inf
@@ -2019,7 +1996,7 @@ def test_a_decode_step_whose_output_is_nan_is_an_error_unless_its_row_has_finish
     """The logits of every decode step are checked, not only the prefill's (a float16 overflow may come later):
     greedy went on with argmax's pick of a NaN, sampling failed in torch.multinomial. The token drawn from them is
     not streamed. A row that has stopped decodes on unseen, so its NaN is no error."""
-    model, real = engine.random_model("tiny", None, "cpu", torch.float32), engine.decode_one_token
+    model, real = tiny_model(), engine.decode_one_token
     steps = []
 
     def spoilt_at_3(row):  # decode_one_token, with `row`'s logits NaN from the third decode step on
@@ -2048,20 +2025,13 @@ def test_a_decode_step_whose_output_is_nan_is_an_error_unless_its_row_has_finish
 def test_forced_positions_are_checked_against_the_whole_caches_budget(capsys):
     """A 16-token prompt + 4 new tokens: a 19-token cache. A budget of exactly 19 covers it (dense: --sink 25 runs);
     a fraction is of the cache, not of the prompt: 1/4 is K = 5, which --recent 5 fits and --recent 6 does not."""
-    tiny = ["--random-weights", "--preset", "tiny", "--prompt-len", "16", "--max-new-tokens", "4", "--device", "cpu"]
+    tiny = [*TINY, "--prompt-len", "16", "--max-new-tokens", "4"]
     code, _, err = run_cli(capsys, *tiny, "--budget", "19", "--sink", "25")
     assert code == 0 and "covers the whole 19-token cache" in err, err
     code, _, err = run_cli(capsys, *tiny, "--budget", "1/4", "--recent", "5")
     assert code == 0 and "fill the budget of 5 tokens" in err, err
     code, _, err = run_cli(capsys, *tiny, "--budget", "1/4", "--recent", "6")
     assert code == 2 and "exceed the budget of 5 tokens" in error_line(err)
-
-
-def test_parse_budget_takes_no_count_written_as_a_fraction_or_a_float():
-    for bad in ("1/1", "1.0", "3/3"):  # 1 as a fraction or a float: not the count 1 as typed
-        with pytest.raises(argparse.ArgumentTypeError, match="not a whole count >= 1 or a fraction in"):
-            parse_budget(bad)
-    assert parse_budget("1") == 1 and isinstance(parse_budget("1"), int)
 
 
 def test_count_and_seed_types_accept_their_whole_range(monkeypatch):
@@ -2076,18 +2046,10 @@ def test_count_and_seed_types_accept_their_whole_range(monkeypatch):
         engine.torch_seed(str(-2 ** 63 - 1))
 
 
-def test_a_negative_recent_is_named_by_its_flag(capsys):
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--recent", "-3")
-    assert code == 2 and "--recent -3: must be >= 0" in error_line(err) and "loaded" not in err
-
-
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_an_empty_system_message_replaces_the_templates_own(capsys, monkeypatch, gguf_path):
+def test_an_empty_system_message_replaces_the_templates_own(capsys, monkeypatch, tok):
     """--system "" is a system message given (empty), not --system left out: the template's default one goes."""
-    from tokenizer import Tokenizer
     seen = record_prompts(monkeypatch)
     code, _, err = run_cli(capsys, "--chat", "--system", "", "--prompt", "hi", "--max-new-tokens", "2")
-    tok = Tokenizer.from_path(gguf_path)
     user = {"role": "user", "content": "hi"}
     assert code == 0 and seen == [[tok.encode_chat([{"role": "system", "content": ""}, user])]], err
     assert seen[0][0] != tok.encode_chat([user])  # the template's default system message
@@ -2107,8 +2069,7 @@ def test_a_fraction_is_noted_only_where_the_batchs_cache_decides_it(capsys):
 def test_batch_answers_leave_out_their_stop_token(capsys, monkeypatch):
     """A batch's answers print at the end, each without the stop token that ended it (SmolLM2 decodes id 2 as
     <|im_end|>)."""
-    monkeypatch.setattr(engine, "generate", lambda model, prompts, *a, **k: ([[504, 2], [504]], {}))
-    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    record_prompts(monkeypatch, [[504, 2], [504]])
     code, out, _ = run_cli(capsys, "--prompt", "a", "--prompt", "b", "--max-new-tokens", "2")
     assert code == 0 and out == "--- 'a'\nThe\n--- 'b'\nThe\n", out
 
@@ -2176,7 +2137,7 @@ def test_a_prompt_cache_serves_a_prompt_that_starts_the_same(tmp_path, device, o
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from offload import apply_offload
-    model = engine.random_model("tiny", HataArgs(budget=4, n_dense=1), device, torch.float32)
+    model = tiny_model(HataArgs(budget=4, n_dense=1), device=device)
     if offload:
         apply_offload(model, 1, 40)
     path, first = str(tmp_path / "p.safetensors"), list(range(5, 25))
@@ -2226,7 +2187,7 @@ def test_write_safetensors_writes_what_safetensors_reads():
 
 def test_a_bfloat16_prompt_cache_keeps_its_dtype(tmp_path):
     """A bf16 model's prompt cache holds bf16 K/V (the model's dtype, named in the file) and loads them back exactly."""
-    model = engine.random_model("tiny", None, "cpu", torch.bfloat16)
+    model = tiny_model(dtype=torch.bfloat16)
     model.setup_caches(1, 16)
     engine.generate(model, [list(range(5, 15))], 2)
     engine.save_prompt_cache(path := str(tmp_path / "p.cache"), model, list(range(5, 15)), [])
@@ -2267,7 +2228,7 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
     """Not safetensors, a safetensors file of something else, K/V in another dtype (named as the flag that fits), of
     another model's settings (RoPE's theta), of other weights (one layer's K rows), a tensor missing, a link to
     nothing: each one error naming the file, which stays as it was. A link to a cache is written through."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 16)
     good = str(tmp_path / "good")
     engine.save_prompt_cache(good, model, [5, 6, 7], [])
@@ -2279,16 +2240,16 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
     (tmp_path / "text").write_bytes(b"not a cache")
     save_file({"x": torch.zeros(2)}, tmp_path / "other")
     os.symlink(tmp_path / "gone", tmp_path / "dangling")
-    theta = engine.random_model("tiny", None, "cpu", torch.float32)
+    theta = tiny_model()
     theta.args = dataclasses.replace(theta.args, rope_theta=100.0)
-    k_rows = engine.random_model("tiny", None, "cpu", torch.float32)
+    k_rows = tiny_model()
     with torch.no_grad():
         k_rows.layers[0].attention.wqkv.weight[64:96] += 1  # the K rows (H * D = 64 query rows first)
     cases = [("text", None, "is no prompt cache: not a .safetensors file"),
              ("other", None, "is a .safetensors file but no prompt cache"),
-             ("good", engine.random_model("tiny", None, "cpu", torch.bfloat16),
+             ("good", tiny_model(dtype=torch.bfloat16),
               "holds K/V in torch.float32, not torch.bfloat16: run with --dtype float32, or name another file"),
-             ("good", engine.random_model("tiny", None, "cpu", torch.float64), "holds K/V in torch.float32, not"),
+             ("good", tiny_model(dtype=torch.float64), "holds K/V in torch.float32, not"),
              ("good", theta, "holds another model's K/V"),
              ("good", k_rows, "holds the K/V of a model of this shape but other weights"),
              ("cut", None, "is corrupt"), ("dangling", None, "is a link to .*gone, which does not exist")]
@@ -2329,8 +2290,7 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
     assert os.path.islink(tmp_path / "link") and load_file(good)["tokens"].tolist() == [5, 6, 8]
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
+def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):
     """--prompt-cache: the first run writes its prompt's K/V; a second whose prompt goes on from it prefills only its
     own new tokens and prints what a run without the file prints; a prompt the file holds already is not written
     again. An --interactive chat's first turn sent is kept the same way. A batch and a folder are refused at once."""
@@ -2347,17 +2307,14 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch):
     stdin_of(monkeypatch, "")
     code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--prompt", "More", *flags)
     assert code == 0 and err.count("written to") == 1, err  # the first turn's prompt, not each turn's
-    from tokenizer import Tokenizer
-    first = Tokenizer.from_path(engine.default_checkpoint()).encode_chat([{"role": "user", "content": "Hi"}])
-    assert load_file(path)["tokens"].tolist() == first
+    assert load_file(path)["tokens"].tolist() == tok.encode_chat([{"role": "user", "content": "Hi"}])
     stdin_of(monkeypatch, "")
     code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", *flags)
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err
     stdin_of(monkeypatch, "word " * 40 + "\nHello\n")  # a first message too long is not sent: the next is kept
     code, _, err = run_cli(capsys, "--interactive", "--max-seq-len", "40", *flags)
     assert code == 0 and "not sent" in err and err.count("written to") == 1, err
-    assert load_file(path)["tokens"].tolist() == Tokenizer.from_path(engine.default_checkpoint()).encode_chat(
-        [{"role": "user", "content": "Hello"}])
+    assert load_file(path)["tokens"].tolist() == tok.encode_chat([{"role": "user", "content": "Hello"}])
     code, _, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", *flags)
     assert code == 2 and "give one prompt, not a batch" in err
     for folder in (str(tmp_path), str(tmp_path / "new") + "/"):
@@ -2391,7 +2348,6 @@ def test_a_read_only_file_is_refused_before_the_work(tmp_path, monkeypatch):
     assert ro.read_text() == "kept"
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_a_prompt_cache_that_serves_is_read_where_no_file_can_be_written(capsys, tmp_path, monkeypatch):
     """A --prompt-cache that serves the prompt as it is needs no writable folder (a read-only mount, faked: root
@@ -2453,7 +2409,7 @@ def test_a_prompt_cache_is_kept_only_for_a_whole_prompt_and_plans_a_continued_pr
 
 def test_generate_names_the_cached_positions_when_too_few_tokens_follow_them():
     """A prompt of only start + 1 tokens is refused in generate's own words (2 past the cached ones), not prefill's."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 16)
     with pytest.raises(ValueError, match=r"at least one token past the 2 the caches hold \(2, for a dense prefill\)"):
         engine.generate(model, [[5, 6, 7]], 2, start=2)
@@ -2461,7 +2417,7 @@ def test_generate_names_the_cached_positions_when_too_few_tokens_follow_them():
 
 def test_stop_when_is_handed_token_id_0(monkeypatch):
     """stop_when sees every new token, 0 included (only -1 marks a finished row's steps): here it ends at the 2nd."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 8)
     monkeypatch.setattr(engine, "sample", lambda logits, *a: torch.zeros(len(logits), dtype=torch.long))
     seen = []
@@ -2471,7 +2427,7 @@ def test_stop_when_is_handed_token_id_0(monkeypatch):
 
 def test_selecting_steps_count_the_positions_cached_before_start():
     """After 4 cached positions and 2 prompt tokens, step s attends to 7 + s keys: with K = 8, 2 of 4 steps select."""
-    model = engine.random_model("tiny", HataArgs(budget=8, n_dense=1), "cpu", torch.float32)
+    model = tiny_model(HataArgs(budget=8, n_dense=1))
     model.setup_caches(1, 32)
     prompt = [3, 4, 5, 6, 7, 8]
     engine.generate(model, [prompt], 1)  # the caches hold the prompt
@@ -2487,14 +2443,11 @@ def test_min_p_1_and_top_p_1_are_in_their_ranges(capsys):
         assert code == 2 and "checkpoint not found" in error_line(err), err
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
-def test_a_stop_string_spelled_in_byte_tokens_is_found():
+def test_a_stop_string_spelled_in_byte_tokens_is_found(tok):
     """StopStrings looks back over enough tokens for byte pieces (3 for a €): '€€' in 6 byte tokens is found, and a
     look-back that opens inside a character (its last bytes decode to U+FFFD, not text) looks further; a character's
     bytes cut at either end of the look-back are not a U+FFFD of the text (--stop $'\\ufffd'), while one the model
     writes is, at the reply's start or in a run of them."""
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_path(engine.default_checkpoint())
     euro = [tok.enc.encode_single_token(bytes([b])) for b in "€".encode()]
     ids = tok.encode("Price:", bos=False) + euro * 2
     assert tok.decode(ids) == "Price:€€" and engine.StopStrings(tok, ["€€"])(ids)
@@ -2510,12 +2463,9 @@ def test_a_stop_string_spelled_in_byte_tokens_is_found():
         assert engine.StopStrings(tok, ["\ufffd"])(tok.encode(text, bos=False)), text
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_keep_first_without_a_system_message_keeps_the_first_reply(capsys, monkeypatch):
+def test_keep_first_without_a_system_message_keeps_the_first_reply(capsys, monkeypatch, tok):
     """--keep-first with no --system (the template's own): the first message and its own reply stay, whole later
     exchanges go (stub replies R1, R2, ...: R1 is still sent after a forgetting, R2 not)."""
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_path(engine.default_checkpoint())
     calls, _, _ = stub_replies(monkeypatch, lambda n, on_token: tok.encode(f"R{n}", bos=False))
     stdin_of(monkeypatch, "A\nB\nC\nD\nE\n")
     code, _, err = run_cli(capsys, "--interactive", "--prompt", "Doc", "--max-new-tokens", "8", "--max-seq-len", "80",
@@ -2524,11 +2474,8 @@ def test_keep_first_without_a_system_message_keeps_the_first_reply(capsys, monke
     assert code == 0 and "forgets" in err and "Doc" in last and "R1" in last and "R2" not in last, (last, err)
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
-def test_the_streamer_shows_the_text_before_a_stop_that_ends_in_the_start_of_another(capsys):
+def test_the_streamer_shows_the_text_before_a_stop_that_ends_in_the_start_of_another(capsys, tok):
     """A stop ("\\n") found in the step after text that may begin another ("Q:"): the text before it is shown whole."""
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_path(engine.default_checkpoint())
     stops = engine.StopStrings(tok, ["Q:", "\n"])
     streamer, ids = engine.Streamer(tok, stops), tok.encode("Paris. Q\nmore", bos=False)  # ' Q' held, then '\n'
     for t in ids:
@@ -2542,7 +2489,7 @@ def test_the_streamer_shows_the_text_before_a_stop_that_ends_in_the_start_of_ano
 def test_a_prompt_that_fills_the_cache_gets_the_prefills_one_token(capsys):
     """A prompt exactly as long as --max-seq-len fits: the prefill's token is all it has room for (the last token is
     never cached), and a note says so; one token more of prompt is refused."""
-    tiny = ["--random-weights", "--preset", "tiny", "--max-seq-len", "8", "--max-new-tokens", "4", "--device", "cpu"]
+    tiny = [*TINY, "--max-seq-len", "8", "--max-new-tokens", "4"]
     code, _, err = run_cli(capsys, *tiny, "--prompt-len", "8")
     assert code == 0 and "note: at most 1 new token: the cache holds 8 tokens and the prompt 8" in err, err
     assert "decode: no steps" in err
@@ -2592,7 +2539,7 @@ def test_random_prompts_default_to_half_the_cache_and_come_from_the_seed(capsys,
     """--random-weights without --prompt-len: half the cache (--max-seq-len, else the preset's context of 1024),
     leaving room to decode; the prompt's tokens are drawn from --seed: the same seed draws the same, another others."""
     seen = record_prompts(monkeypatch)
-    tiny = ["--random-weights", "--preset", "tiny", "--max-new-tokens", "2", "--device", "cpu", "--dense"]
+    tiny = [*TINY, "--max-new-tokens", "2", "--dense"]
     for flags, n in ((["--max-seq-len", "64"], 32), ([], 512)):
         code, _, err = run_cli(capsys, *tiny, *flags)
         assert code == 0 and f"1 random prompt of {n} tokens;" in err and [len(p) for p in seen[-1]] == [n], err
@@ -2624,7 +2571,7 @@ def test_a_socket_as_standard_input_is_one_stream_too(capsys, monkeypatch):
 def test_a_prompt_cache_serves_every_prompt_it_starts(tmp_path):
     """cache_serves: a file whose tokens start with the prompt's holds the prompt's K/V (it is read, not rewritten,
     so no writable folder is needed), a longer file too; a prompt that goes on past the file's, or differs, not."""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     model.setup_caches(1, 16)
     ids = list(range(5, 15))
     engine.generate(model, [ids], 2)
@@ -2647,7 +2594,7 @@ def test_a_prompt_caches_weights_digest_counts_the_rope_factors():
     """A GGUF's RoPE factors (rope_freqs) turn every key: models alike but for them have other digests, so one's
     prompt cache is refused by the other. (The check in test_a_prompt_cache_file_of_another_kind_is_refused_and_kept
     passes without them: its weights come back from + 1 - 1 rounded.)"""
-    model = engine.random_model("tiny", None, "cpu", torch.float32)
+    model = tiny_model()
     digests = [engine.weights_digest(model)]
     for factors in (torch.full((8,), 2.0), torch.full((8,), 4.0)):
         model.rope_factors = factors

@@ -23,6 +23,17 @@ from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, KVCache, ModelArgs,
 from tests.helpers import read_only, write_gguf
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
+# config.json of a one-layer Llama of the smallest sizes: enough for checkpoint_metadata, which reads no weights
+HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
+
+
+def tiny_model(hata=None, dtype=torch.float32, seed=0, device="cpu"):  # the tiny preset with seeded random weights
+    return random_model("tiny", hata, device, dtype, seed)
+
+
+def random_ids(B, T, seed=1):  # (B, T) token ids of the tiny preset's vocabulary
+    return torch.randint(0, PRESETS["tiny"].vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def logits_of(model, ids):
@@ -314,7 +325,7 @@ def small_smol(smol_weights):
     args, sd = smol_weights
     keep = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < 3}
     keep.pop("output.weight", None)  # tied
-    return args, keep
+    return replace(args, n_layers=3), keep
 
 
 def write_hf(path, args, sd, n_layers=3):
@@ -341,11 +352,9 @@ def write_meta(path, args, sd, n_layers=3):
 
 def test_three_loaders_agree(small_smol, tmp_path):
     """GGUF (cut to 3 layers in memory), HF safetensors and Meta .pth directories give the same logits."""
-    from model import from_state_dict
     args, sd = small_smol
-    ref_args = PRESETS["smollm2-135m"].__class__(**{**args.__dict__, "n_layers": 3})
     ids = [504, 3575, 282, 4649, 314]
-    ref = logits_of(from_state_dict(ref_args, sd), ids)
+    ref = logits_of(from_state_dict(args, sd), ids)
     write_hf(tmp_path / "hf", args, sd)
     write_meta(tmp_path / "meta", args, sd)
     for path in (tmp_path / "hf", tmp_path / "meta"):
@@ -639,9 +648,7 @@ def test_git_lfs_pointers_are_named(tmp_path):
     hf, meta, own = tmp_path / "hf", tmp_path / "meta", tmp_path / "own"
     for folder in (hf, meta, own):
         folder.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
-                                                "num_attention_heads": 2, "vocab_size": 16, "intermediate_size": 16,
-                                                "rms_norm_eps": 1e-5}))
+    (hf / "config.json").write_text(json.dumps(HF_CFG))
     (meta / "params.json").write_text(json.dumps({"dim": 8, "n_layers": 1, "n_heads": 2}))
     pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"7f" * 32 + b"\nsize 538029408\n"
     for load, path, file in [(load_checkpoint, hf, hf / "model.safetensors"),
@@ -800,7 +807,7 @@ def test_unsupported_math_is_refused(small_smol, tmp_path):
     (meta / "params.json").write_text(json.dumps({**params, "use_qk_norm": False, "nope_layer_interval": None,
                                                   "attention_chunk_size": None}))
     for path in (hf, meta):
-        assert load_checkpoint(str(path))[0] == replace(args, n_layers=3), path
+        assert load_checkpoint(str(path))[0] == args, path
     for window, context in ((args.max_seq_len + 1, args.max_seq_len), (4096, 4096)):  # a window caps the context
         (hf / "config.json").write_text(json.dumps({**cfg, "sliding_window": window}))  # (within it: whole attention)
         assert load_checkpoint(hf)[0].max_seq_len == context  # (a Path: load_checkpoint takes one too)
@@ -1001,9 +1008,7 @@ def test_meta_rope_factor_bad_positions_and_stray_shards(small_smol, tmp_path):
     assert norms.dtype == torch.bfloat16 and (norms[:, :, :5] > 0).all() and not norms[:, :, 5:].any()
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
-                                                "num_attention_heads": 2, "vocab_size": 16, "intermediate_size": 16,
-                                                "rms_norm_eps": 1e-5}))
+    (hf / "config.json").write_text(json.dumps(HF_CFG))
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../other/model.safetensors"}}))
     with pytest.raises(ValueError, match="names files outside the directory"):
         load_checkpoint(str(hf))
@@ -1026,7 +1031,7 @@ def test_hf_names_written_by_hand_give_the_gguf_logits(small_smol, tmp_path):
     """The export in test_three_loaders_agree reads model.WEIGHT_NAMES, so a swap inside its Hugging Face column
     (gate/up, the two norms, q/k) round-trips unseen; here the file's names are Hugging Face's, typed out."""
     args, sd = small_smol
-    ref = logits_of(from_state_dict(replace(args, n_layers=3), sd), [504, 3575, 282, 4649, 314])
+    ref = logits_of(from_state_dict(args, sd), [504, 3575, 282, 4649, 314])
     write_hf(tmp_path, args, sd)  # config.json (tied); its safetensors replaced below
     tensors = {hf.format(i=i): sd[ours.format(i=i)].contiguous() for ours, hf in HF_BY_HAND.items()
                for i in (range(3) if "{i}" in ours else [0])}
@@ -1067,10 +1072,10 @@ def test_tied_weights_stay_one_tensor_after_a_dtype_change(small_smol):
     """A tied model converted on load (bf16 file, fp32 model) holds one embedding matrix, not two copies."""
     args, sd = small_smol
     bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
-    model = from_state_dict(replace(args, n_layers=3), bf16, dtype=torch.float32)
+    model = from_state_dict(args, bf16, dtype=torch.float32)
     assert model.output.weight is model.tok_embeddings.weight
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # converted, every weight
-    model = from_state_dict(replace(args, n_layers=3), sd, dtype=torch.bfloat16)  # and the other way
+    model = from_state_dict(args, sd, dtype=torch.bfloat16)  # and the other way
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
@@ -1103,14 +1108,12 @@ def test_settings_a_reader_once_took_wrongly(tmp_path):
         assert load_checkpoint(path)[0].max_seq_len == context
     hf = tmp_path / "hf"
     hf.mkdir()
-    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
     for theta in (0, None):
-        (hf / "config.json").write_text(json.dumps({**cfg, "rope_theta": theta}))
+        (hf / "config.json").write_text(json.dumps({**HF_CFG, "rope_theta": theta}))
         with pytest.raises(ValueError, match=r"rope_theta must be finite numbers > 0"):
             checkpoint_metadata(str(hf))
     nested = {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}  # transformers v5
-    (hf / "config.json").write_text(json.dumps({**cfg, **nested}))
+    (hf / "config.json").write_text(json.dumps({**HF_CFG, **nested}))
     assert checkpoint_metadata(str(hf))[1].rope_theta == 5e5
     tensors = {"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64)}
     torch.save(tensors, tmp_path / "consolidated.00.pth")
@@ -1130,19 +1133,21 @@ def test_settings_a_reader_once_took_wrongly(tmp_path):
         raise ValueError("d/config.json: bad")
 
 
-def test_float8_weights_are_refused(small_smol):
-    """Meta's FP8 checkpoints hold float8 weights whose scales are other files: they loaded unscaled."""
+@pytest.mark.parametrize("dtype, words", [(torch.int32, "norm.weight holds torch.int32, not floating-point weights"),
+                                          (torch.float8_e4m3fn, "norm.weight holds torch.float8_e4m3fn, not "
+                                                                "floating-point weights of 16")])
+def test_integer_and_float8_weights_are_refused(small_smol, dtype, words):
+    """Integers of 16 bits or more are no weights; Meta's FP8 checkpoints hold float8 weights whose scales are other
+    files: they loaded unscaled."""
     args, sd = small_smol
-    with pytest.raises(ValueError, match="norm.weight holds torch.float8_e4m3fn, not floating-point weights of 16"):
-        from_state_dict(replace(args, n_layers=3), {**sd, "norm.weight": sd["norm.weight"].to(torch.float8_e4m3fn)})
+    with pytest.raises(ValueError, match=words):
+        from_state_dict(args, {**sd, "norm.weight": sd["norm.weight"].to(dtype)})
 
 
 def test_hf_rope_scaling_in_the_older_type_key(tmp_path):
     """Configs before transformers 4.45 spell rope_scaling's kind as "type" (Code Llama, Llama 2 long-context); a
     factor with no kind is refused (transformers fails on it too), not read as no scaling."""
-    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5,
-           "rope_scaling": {"type": "linear", "factor": 2.0}}
+    cfg = {**HF_CFG, "rope_scaling": {"type": "linear", "factor": 2.0}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert checkpoint_metadata(str(tmp_path))[1].rope_scaling == {"type": "linear", "factor": 2.0}
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"factor": 2.0}}))
@@ -1170,9 +1175,7 @@ def test_every_norm_takes_the_models_eps():
 def test_config_defaults_when_keys_are_absent(tmp_path):
     """Keys older configs leave out: num_key_value_heads (Llama 2 7B: multi-head, Hkv = H), max_position_embeddings
     (transformers' LlamaConfig default 2048); a GGUF without llama.rope.freq_base (llama.cpp's default 10000)."""
-    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "config.json").write_text(json.dumps(HF_CFG))
     context, args = checkpoint_metadata(str(tmp_path))
     assert (args.n_kv_heads, context, args.rope_theta, args.tie_embeddings) == (2, 2048, 10000.0, False)
     pytest.importorskip("gguf")
@@ -1231,14 +1234,6 @@ def test_codes_and_norms_after_a_chunk_that_follows_decode_steps():
         keys = attn.kv_cache.k[:, :, :16]  # (B, Hkv, 16, D): positions 0..15 written in both sequences
         assert torch.equal(attn.hash_cache.codes[:, :, :16], hk.hash_encode_ref(keys, attn.hash_proj))
         torch.testing.assert_close(attn.hash_cache.norms[:, :, :16], keys.float().norm(dim=-1), rtol=1e-6, atol=0)
-
-
-def tiny_model(hata=None, dtype=torch.float32, seed=0):  # the tiny preset with seeded random weights
-    return random_model("tiny", hata, "cpu", dtype, seed)
-
-
-def random_ids(B, T, seed=1):  # (B, T) token ids of the tiny preset's vocabulary
-    return torch.randint(0, PRESETS["tiny"].vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_keep_qk_hands_over_the_post_rope_queries_then_keys():
@@ -1329,17 +1324,13 @@ def test_query_heads_must_be_a_multiple_of_kv_heads():
         ModelArgs(dim=48, n_heads=6, n_kv_heads=4)
 
 
-def test_a_zero_valued_unsupported_setting_is_still_refused(tmp_path):
-    cfg = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5, "partial_rotary_factor": 0}
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="partial_rotary_factor=0 is not supported"):
-        checkpoint_metadata(str(tmp_path))
-
-
-def test_meta_metadata_alone_refuses_unsupported_settings(tmp_path):
-    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "use_qk_norm": True}))
-    with pytest.raises(ValueError, match="use_qk_norm=True is not supported"):  # no weights needed: none are there
+@pytest.mark.parametrize("file, settings, words", [
+    ("config.json", {**HF_CFG, "partial_rotary_factor": 0}, "partial_rotary_factor=0 is not supported"),  # 0: a value
+    ("params.json", {"dim": 64, "n_layers": 1, "n_heads": 4, "use_qk_norm": True},
+     "use_qk_norm=True is not supported")])
+def test_metadata_alone_refuses_unsupported_settings(tmp_path, file, settings, words):
+    (tmp_path / file).write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=words):  # no weights needed: none are there
         checkpoint_metadata(str(tmp_path))
 
 
@@ -1349,17 +1340,18 @@ def test_a_meta_checkpoints_stored_rope_freqs_is_consumed(small_smol, tmp_path):
     ids = [504, 3575, 282, 4649, 314]
     want = logits_of(from_checkpoint(str(tmp_path)), ids)
     one = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
-    torch.save({**one, "rope.freqs": torch.ones(args.head_dim // 2)}, tmp_path / "consolidated.00.pth")  # Llama 2's
-    torch.testing.assert_close(logits_of(from_checkpoint(str(tmp_path)), ids), want, atol=0, rtol=0)
+    torch.save({**one, "rope.freqs": torch.full((args.head_dim // 2,), 2.0)}, tmp_path / "consolidated.00.pth")
+    torch.testing.assert_close(logits_of(from_checkpoint(str(tmp_path)), ids), want, atol=0, rtol=0)  # Llama 2's
+    # table, recomputed: dropped, not read as a GGUF's rope_freqs factors (with ones the two were the same)
 
 
-def test_a_gguf_rope_scaling_type_none_is_no_scaling(tmp_path):
-    path = write_model_gguf(tmp_path / "n.gguf", {"llama.rope.scaling.type": "none"})  # convert_hf_to_gguf's
-    assert checkpoint_metadata(path)[1].rope_scaling is None
-
-
-HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-          "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
+@pytest.mark.parametrize("keys", [{"llama.rope.scaling.type": "none"},  # convert_hf_to_gguf's
+                                  {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0},
+                                  {"llama.rope.scaling.factor": 1.0}])  # a linear factor of 1 scales nothing
+def test_a_gguf_rope_scaling_that_scales_nothing_is_no_scaling(tmp_path, keys):
+    """A type "none" (whatever the factor beside it), or a linear factor of 1: read as no scaling, as a factor of 0
+    is."""
+    assert checkpoint_metadata(write_model_gguf(tmp_path / "n.gguf", keys))[1].rope_scaling is None
 
 
 def test_a_gguf_without_its_rms_epsilon_is_incomplete(tmp_path):
@@ -1443,16 +1435,10 @@ def test_params_json_defaults_and_nulls(tmp_path):
         assert checkpoint_metadata(str(tmp_path)) == (4096, None), nulls
 
 
-def test_integer_weights_of_16_bits_or_more_are_refused(small_smol):
-    args, sd = small_smol
-    with pytest.raises(ValueError, match="norm.weight holds torch.int32, not floating-point weights"):
-        from_state_dict(replace(args, n_layers=3), {**sd, "norm.weight": sd["norm.weight"].to(torch.int32)})
-
-
 def test_the_checkpoints_rope_factors_reach_the_model(small_smol):
     args, sd = small_smol
     factors = torch.linspace(1, 4, args.head_dim // 2)
-    assert from_state_dict(replace(args, n_layers=3), sd, rope_factors=factors).rope_factors is factors
+    assert from_state_dict(args, sd, rope_factors=factors).rope_factors is factors
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "chat_template.jinja"])
@@ -1466,33 +1452,11 @@ def test_a_dangling_tokenizer_or_template_link_is_an_incomplete_download(tmp_pat
 
 # From a mutation run of checkpoint loading and configuration (2026-12-06): behaviour no test held before
 
-def test_fewer_model_dims_than_heads_is_a_head_dim_of_zero():
-    """dim // n_heads is 0 for a dim below the head count: refused naming the derived head_dim, not a model with
-    empty heads."""
-    words = "head_dim must be an even whole number in [2, 2^31), got 0 (dim // n_heads)"
-    with pytest.raises(ValueError, match=re.escape(words)):
-        ModelArgs(dim=2, n_heads=4, n_kv_heads=4)
-
-
-def test_whole_numbers_past_int64_are_kept_as_floats():
-    """A JSON rope_theta or RoPE factor written as a whole number past int64 (10^20) reaches torch as a float: the
-    frequencies are those of 1e20 (an int there is torch's "int too big to convert")."""
-    base = replace(PRESETS["tiny"], rope_theta=1e20, rope_scaling={"type": "linear", "factor": 1e20})
-    whole = replace(base, rope_theta=10 ** 20, rope_scaling={"type": "linear", "factor": 10 ** 20})
-    assert torch.equal(rope_frequencies(whole), rope_frequencies(base))
-
-
 def test_a_file_that_starts_almost_like_a_gguf_is_a_wrong_argument(tmp_path):
     """All four bytes of the magic are read: "GGUX" is not a GGUF file, named as such (not a GGUF reader's error)."""
     (path := tmp_path / "model.bin").write_bytes(b"GGUX" + b"\0" * 60)
     with pytest.raises(ValueError, match=r"is not a GGUF file \(it does not start with 'GGUF'\): pass a .gguf file"):
         load_checkpoint(str(path))
-
-
-def test_a_gguf_linear_rope_factor_of_one_is_no_scaling(tmp_path):
-    """A linear factor of 1 scales nothing: read as no scaling, as a factor of 0 or a type "none" is."""
-    assert checkpoint_metadata(write_model_gguf(tmp_path / "one.gguf", {"llama.rope.scaling.factor": 1.0}))[1] \
-        .rope_scaling is None
 
 
 def test_a_config_without_its_rms_epsilon_is_incomplete(tmp_path):
