@@ -2299,6 +2299,7 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):
     code, _, err = run_cli(capsys, "--prompt", base, *flags)
     assert code == 0 and "prompt cache: the prompt's 8 tokens written to" in err, err
     code, want, err = run_cli(capsys, "--prompt", base + " has many", *flags[:-2])
+    assert code == 0 and want, err  # the reference: the same prompt without the cache file
     code, out, err = run_cli(capsys, "--prompt", base + " has many", *flags)
     assert code == 0 and out == want and "the K/V of 8 tokens read" in err and "prefill: 2 tokens" in err, err
     assert "written to" in err  # the longer prompt replaces the file's
