@@ -570,7 +570,7 @@ def build_parser():
                    + ", ".join(f"{n} {d['eta']:g}" for n, d in LOSS_DEFAULTS.items()) + ")")
     t.add_argument("--loss", choices=list(LOSS_DEFAULTS), default="listwise",
                    help="listwise: KL from the group's mean attention to softmax(-alpha x group-summed Hamming "
-                   "distance); pair: HATA's labelled pairs")
+                   "distance); pair: HATA's labelled pairs, weighted as its authors' trainer weights them")
     t.add_argument("--alpha", type=float, default=15.0, help="listwise: softmax(-alpha d), d summed Hamming fraction")
     t.add_argument("--shift", type=int, default=8192,
                    help="turn each training sequence's q and k by a random RoPE offset below this (0: off)")
