@@ -33,3 +33,10 @@ def smol(smol_weights):
     """The default model, dense, fp32 on the CPU. Tests must call setup_caches themselves."""
     from model import from_state_dict
     return from_state_dict(*smol_weights)
+
+
+@pytest.fixture(scope="session")
+def tok(gguf_path):
+    """The default model's tokenizer: a test that takes it skips when the model is not installed."""
+    from tokenizer import Tokenizer
+    return Tokenizer.from_path(gguf_path)

@@ -45,12 +45,6 @@ def run_cli(capsys, *argv):
 TINY = ("--random-weights", "--preset", "tiny", "--device", "cpu")
 
 
-@pytest.fixture
-def tok(gguf_path):
-    """The default model's tokenizer: the test skips when the model is not installed."""
-    return Tokenizer.from_path(gguf_path)
-
-
 def error_line(err):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err

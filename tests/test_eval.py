@@ -38,11 +38,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def tok(gguf_path):
-    return Tokenizer.from_path(gguf_path)
-
-
 def test_parse_digits():
     assert ev.parse_digits("71432.") == "71432"
     assert ev.parse_digits(" 71432 is") == "71432"

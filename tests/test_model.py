@@ -112,7 +112,8 @@ def test_model_args_name_what_is_wrong():
     llama3["rope_type"] = llama3.pop("type")
     with pytest.raises(ValueError, match="unsupported RoPE scaling None, the 'type' of"):
         ModelArgs(rope_scaling=llama3)
-    with pytest.raises(ValueError, match=re.escape("an even whole number in [2, 2^31), got 0 (dim // n_heads)")):
+    words = "head_dim must be an even whole number in [2, 2^31), got 0 (dim // n_heads)"
+    with pytest.raises(ValueError, match=re.escape(words)):
         ModelArgs(dim=4, n_heads=8, n_kv_heads=8)
     # whole numbers, read as floats (before: torch took them as int64, which they overflow)
     big = ModelArgs(rope_theta=10 ** 30, rope_scaling={"type": "linear", "factor": 10 ** 30})
