@@ -113,16 +113,17 @@ def decode(model, tokens, pos0, steps, expect=None):
     logp, cur = [], tokens[:, 0]
     for i in range(steps):
         logits = decode_one_token(model, cur, pos0 + i)  # (B, V)
-        top[:, i] = logits.argmax(-1)
+        top[:, i] = logits.argmax(-1)  # (B,) greedy choice, also what agreement compares
         if i + 1 < n_fed:
             cur = tokens[:, i + 1]
-            logp.append(logits.log_softmax(-1).gather(1, cur[:, None])[:, 0])
+            logp.append(logits.log_softmax(-1).gather(1, cur[:, None])[:, 0])  # (B,) log p of the next fed token
         else:
             cur = top[:, i]
         if expect is not None and bool((top[:, :i + 1] != expect[:, :i + 1]).any(1).all()):
-            break
-    if expect is not None:  # (before: a row that left its answer kept decoding beside one that had not)
-        top = top.masked_fill((off := top != expect).cumsum(1) > off.long(), -1)  # past each row's first miss
+            break  # every row has left its answer: the rest of the steps would be cut anyway
+    if expect is not None:  # as if each row ran alone: its batch may have decoded on past the row's first miss
+        off = top != expect  # (B, steps) bool: True where it differs from the answer
+        top = top.masked_fill(off.cumsum(1) > off.long(), -1)  # (B, steps): -1 after each row's first miss
     return top, torch.stack(logp, 1) if logp else torch.zeros(B, 0)
 
 
@@ -136,7 +137,7 @@ def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect=None, b
     B, dev = tokens.shape[0], model.output.weight.device
     tokens, expect = tokens.to(dev), None if expect is None else expect.to(dev)
     model.setup_caches(B, capacity)
-    pos0 = torch.full((B,), n_prefill, device=dev)
+    pos0 = torch.full((B,), n_prefill, device=dev)  # (B,) prefill's prompt lengths = decode's first position
     prefill(model, tokens[:, :n_prefill], pos0, progress=True)
     model.warned_random_projections = True  # hata-random is random by design: no warning
     out = {}
@@ -239,7 +240,7 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
     groups = []
     for C in sorted({s[0] for s in specs}):
         same = [s for s in specs if s[0] == C]
-        n = -(-len(same) // batch)
+        n = -(-len(same) // batch)  # batches of this length: ceil(len(same) / batch)
         groups += [((i + 0.5) / n, C, same[i * batch:(i + 1) * batch]) for i in range(n)]
     records, took = [], {}  # took: context -> seconds its last batch took
     bar = tqdm(total=len(groups) * len(pols), desc="retrieval", unit="policy")  # batches x policies
@@ -259,7 +260,7 @@ def run_retrieval(model, tok, hays, specs, pols, batch, log=None, deadline=math.
             raise ValueError(f"the tokenizer spends {expect.shape[1]} tokens on a {N_DIGITS}-digit key; the cache "
                              f"leaves room for {N_DIGITS + 1}: retrieval cannot score it (use --tasks perplexity)")
         # one step past the longest answer where the cache has room: a digit after the key makes another number
-        expect = F.pad(expect, (0, int(expect.shape[1] <= N_DIGITS)), value=-1)
+        expect = F.pad(expect, (0, int(expect.shape[1] <= N_DIGITS)), value=-1)  # (B, steps + 1) if the cache has room
         out = run_policies(model, tokens, tokens.shape[1] - 1, expect.shape[1], C, pols, expect, bar)
         for b, ((_, task, h, d, sd), (_, key, answer)) in enumerate(zip(group, prompts)):
             rows = {pkey(name, f): [t for t in top[b].tolist() if t >= 0] for (name, f), (top, _) in out.items()}
@@ -293,12 +294,12 @@ def run_teacher_forced(model, windows, n_score, pols, batch, log=None):
     log(the result so far) after every batch."""
     C, tops, nlls, res = windows.shape[1], {}, {}, {}
     bar = tqdm(total=-(-len(windows) // batch) * len(pols), desc="perplexity", unit="policy")  # batches x policies
-    for i in range(0, len(windows), batch):
+    for i in range(0, len(windows), batch):  # prefill stops a token short: step 0 feeds it, predicting the first scored
         out = run_policies(model, windows[i:i + batch], C - n_score - 1, n_score, C, pols, bar=bar)
         for (name, f), (top, logp) in out.items():
-            tops.setdefault(pkey(name, f), []).append(top)
-            nlls.setdefault(pkey(name, f), []).append(-logp)
-        dense_top = torch.cat(tops["dense"])
+            tops.setdefault(pkey(name, f), []).append(top)  # (b, n_score) argmax at each scored position
+            nlls.setdefault(pkey(name, f), []).append(-logp)  # (b, n_score) NLL of the last n_score tokens
+        dense_top = torch.cat(tops["dense"])  # (windows so far, n_score)
         for k in tops:
             nll = torch.cat(nlls[k]).double().mean().item()
             res[k] = {"nll": nll, "ppl": math.exp(nll), "positions": dense_top.numel(),
@@ -710,7 +711,9 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         check_hash_files(files, n_dense, shape, checked)
     sels = selectors(weights, args.quest, args.selectors, args.sink, **hata)
     pols = policies(sels, args.budgets, args.quest_budgets)
-    if far := next((n for n, _, h in pols[1:] if max(h.n_sink, h.n_recent) > max(sum(lengths.values(), []))), None):
+    longest = max(sum(lengths.values(), []))  # the longest context of the tasks that run
+    far = next((n for n, _, h in pols[1:] if max(h.n_sink, h.n_recent) > longest), None)  # pols[0]: dense, no window
+    if far:
         raise ValueError(f"{far}: its sink or recent window is longer than any context; lower --sink or --quest")
     tok = Tokenizer.from_path(checkpoint)
     docs = split_corpus(load_corpus(args.text))[1]  # what train_hash.py holds out of the same text
