@@ -28,7 +28,6 @@ from engine import parse_budget, sample
 from model import CUDNN_LSE_ATTENTION, PRESETS, HataArgs, KVCache, Transformer, save_hash_projections
 from tests.helpers import package_file, read_only
 from tests.test_model import HF_CFG, tiny_model, write_hf
-from tokenizer import Tokenizer
 
 
 def run_cli(capsys, *argv):
@@ -577,15 +576,14 @@ def test_stop_strings_end_the_default_models_text(capsys):
     assert code == 0 and len(answers) == 2 and not any("," in a for a in answers), out
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch):
+def test_ctrl_c_stops_an_interactive_reply_not_the_chat(capsys, monkeypatch, tok):
     """Ctrl-C in a turn's prefill (a plain KeyboardInterrupt, not generate's Interrupted) stops that reply and the
     chat reads the next message; the turn's positions from where its prefill started may be half written, so the
     next turn prefills from there again, the earlier turns' positions kept."""
     def instead(n, on_token):
         if n == 2:  # the second turn, in its prefill
             raise KeyboardInterrupt
-    calls, _, _ = stub_replies(monkeypatch, instead)
+    calls, _, _ = stub_replies(monkeypatch, tok, instead)
     stdin_of(monkeypatch, "Go on.\nAgain.\n")
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi")
     assert code == 0 and err.count("(reply stopped)") == 1, err
@@ -604,7 +602,7 @@ def test_ctrl_c_in_a_replys_decode_keeps_its_prompt_cached(capsys, monkeypatch, 
                 on_token(torch.tensor([t]))
             raise engine.Interrupted([reply])
         return []
-    calls, _, _ = stub_replies(monkeypatch, instead)
+    calls, _, _ = stub_replies(monkeypatch, tok, instead)
     stdin_of(monkeypatch, "Go on.\n")
     code, out, err = run_cli(capsys, "--interactive", "--prompt", "Hi")
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, my friend"},
@@ -649,12 +647,12 @@ def record_prompts(monkeypatch, replies=None):
     return seen
 
 
-def stub_replies(monkeypatch, instead=None):
+def stub_replies(monkeypatch, tok, instead=None):
     """engine.generate stubbed, each reply "Hello" (and <|im_end|>), unless instead(the call's number from 1, its
     on_token) raises (a Ctrl-C) or returns other reply tokens: (the calls [(prompt ids, start)], each call's new-token
-    limit, turn(*texts): the default model's chat encoding of the system message "Be brief." and `texts` as
+    limit, turn(*texts): tok's (the default model's) chat encoding of the system message "Be brief." and `texts` as
     alternating user and assistant messages)."""
-    tok, calls, rooms = Tokenizer.from_path(engine.default_checkpoint()), [], []
+    calls, rooms = [], []
     hello = tok.encode("Hello", bos=False)
 
     def generate(model, prompts, n, stop_ids, *args, start=0, on_token=None, **kwargs):
@@ -669,13 +667,12 @@ def stub_replies(monkeypatch, instead=None):
     return calls, rooms, turn
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_system_message(capsys, monkeypatch):
+def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_system_message(capsys, monkeypatch, tok):
     """--system, with a stub generate (each reply "Hello"): a message one token too long for the cache is not sent,
     and the conversation before it stays whole (before: the exchanges forgotten for it were lost, with a note); a
     cache one token short of the whole conversation forgets the first exchange, not the system message. A first
     turn left less room than asked is noted once, for the turn (not also as a prompt's)."""
-    calls, room, turn = stub_replies(monkeypatch)
+    calls, room, turn = stub_replies(monkeypatch, tok)
     sent = lambda: [prompt for prompt, _ in calls]
     whole = turn("Hi", "Hello", "Again")
     over = next(m for k in range(1, 99) if len(turn(m := "word " * k)) == len(whole) + 1)
@@ -706,14 +703,13 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
     assert "forgets its 3 oldest exchanges, down to half the cache" in err and room[-6:] == [20] * 6, err
 
 
-@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(capsys, monkeypatch):
+def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(capsys, monkeypatch, tok):
     """--keep-first, with a stub generate (each reply "Hello"): a full chat forgets its oldest exchanges after the
     first (a document asked about), down to half the cache past it (llama.cpp's --keep), and the turn prefills from
     after that exchange, which the caches still hold. A first exchange past half the cache still leaves later turns
     room (before: each forgot just enough for its own reply, prefilling all after the document again). A message too
     long beside the first exchange is not sent, and the line says the exchange is counted."""
-    calls, rooms, turn = stub_replies(monkeypatch)
+    calls, rooms, turn = stub_replies(monkeypatch, tok)
     chat = lambda *asked: turn(*[m for text in asked[:-1] for m in (text, "Hello")], asked[-1])
     asked = ["Doc", "A", "B", "C", "D"]
     size = len(chat(*asked)) + 15  # the whole chat leaves a reply 16 tokens, not 20
@@ -2461,7 +2457,7 @@ def test_a_stop_string_spelled_in_byte_tokens_is_found(tok):
 def test_keep_first_without_a_system_message_keeps_the_first_reply(capsys, monkeypatch, tok):
     """--keep-first with no --system (the template's own): the first message and its own reply stay, whole later
     exchanges go (stub replies R1, R2, ...: R1 is still sent after a forgetting, R2 not)."""
-    calls, _, _ = stub_replies(monkeypatch, lambda n, on_token: tok.encode(f"R{n}", bos=False))
+    calls, _, _ = stub_replies(monkeypatch, tok, lambda n, on_token: tok.encode(f"R{n}", bos=False))
     stdin_of(monkeypatch, "A\nB\nC\nD\nE\n")
     code, _, err = run_cli(capsys, "--interactive", "--prompt", "Doc", "--max-new-tokens", "8", "--max-seq-len", "80",
                            "--keep-first")

@@ -16,7 +16,6 @@ import model as model_module
 from engine import decode_one_token, generate, prefill
 from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, causal_attention, from_state_dict,
                    load_hash_projections, random_hash_projections, save_hash_projections)
-from tokenizer import Tokenizer
 from train_hash import load_corpus
 from tests.test_kernels import DEV, as_sets, assert_topk_matches_ref
 from tests.test_model import GOLDEN, random_ids, tiny_model  # by this file's path: pytest may start elsewhere
@@ -38,13 +37,13 @@ def decode_logits(model, ids, steps, capacity=96):
     return torch.stack(logits), new[0]
 
 
-def test_the_kernels_select_the_refs_sets_from_real_trained_codes(smol_weights, gguf_path, monkeypatch):
+def test_the_kernels_select_the_refs_sets_from_real_trained_codes(smol_weights, tok, monkeypatch):
     """The default model's shipped projections on 400 tokens of the Bible: trained codes spread wider than the
     random ones of tests/test_kernels.py (a row's K-th score may lie far from its minimum), and in every sparse layer
     the Triton score + select kernels (the interpreter on the CPU) pick the ref's sets, on the fast path and the
     slow one."""
     args, sd = smol_weights
-    ids = Tokenizer.from_path(gguf_path).encode(load_corpus()[0][1])[:400]
+    ids = tok.encode(load_corpus()[0][1])[:400]
     calls, ref = [], model_module.hamming_topk
     monkeypatch.setattr(model_module, "hamming_topk", lambda *a, **k: calls.append(a) or ref(*a, **k))
     shipped = os.path.join(os.path.dirname(model_module.__file__), "weights", "smollm2-135m-r128.safetensors")

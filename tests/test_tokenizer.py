@@ -15,8 +15,8 @@ from tokenizer import GGUF_PRE, LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, _cut_r
 
 
 @pytest.fixture(scope="module")
-def smol(gguf_path):
-    return Tokenizer.from_path(gguf_path)  # ~4 s: the gguf reader parses the whole file header
+def smol(tok):  # the default model's tokenizer, read once a session (conftest.py): its GGUF header takes ~4 s
+    return tok
 
 
 @pytest.fixture(scope="module")
