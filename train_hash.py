@@ -234,14 +234,13 @@ def relax(x, P, sigma):
 def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="listwise", alpha=15.0):
     """One layer's training loss, pair + balance + ortho, on b sequences; returns (loss, (pair, balance, ortho)).
     P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple. Query head j
-    pairs with the keys of KV head j // G; every head has the same n = N / H of the N triples. loss="pair" weighs
-    the terms as HATA's trainer does:
-    pair = eps sum(label ||h(q) - h(k)||^2) / n (each query head's mean, summed over the heads),
-    balance = lam sum over query heads of ||mean_n(h(q) + h(k)) / R||^2, ortho = eta ||P^T P - I||_F of the stacked
-    KV heads (I_R: HATA's code runs only R = D). loss="listwise" replaces pair by listwise_term(alpha), relaxes unit
-    vectors (a code does not change with the length of x), takes one balance mean over all N triples and sums the
-    KV heads' ortho norms (as the shipped files were trained: EVAL.md). The defaults are the command line's: sigma and
-    eta None take LOSS_DEFAULTS[loss]."""
+    pairs with the keys of KV head j // G, in n_j of the N triples. loss="pair" weighs the terms as HATA's trainer
+    does: pair = eps sum_j (sum of label ||h(q) - h(k)||^2 over head j's triples) / n_j (each head's mean, summed),
+    balance = lam sum_j ||mean over head j's triples of (h(q) + h(k)) / R||^2 (a head without triples adds 0),
+    ortho = eta ||P^T P - I||_F of the stacked KV heads (I_R: HATA's code runs only R = D). loss="listwise" replaces
+    pair by listwise_term(alpha), relaxes unit vectors (a code does not change with the length of x), takes one
+    balance mean over all N triples and sums the KV heads' ortho norms (as the shipped files were trained: EVAL.md).
+    The defaults are the command line's: sigma and eta None take LOSS_DEFAULTS[loss]."""
     sigma = LOSS_DEFAULTS[loss]["sigma"] if sigma is None else sigma
     eta = LOSS_DEFAULTS[loss]["eta"] if eta is None else eta
     b, nq, H, D = q.shape
@@ -260,12 +259,15 @@ def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="li
         balance = lam * (total / N / R).square().sum()  # total (R,)
     else:  # sum(label ||hq - hk||^2) expanded, so no (query, key) tensor of distances is ever built:
         # sum_i |hq_i|^2 sum_s label_is + sum_s |hk_s|^2 sum_i label_is - 2 sum_i hq_i . (sum_s label_is hk_s)
-        pair = ((hq.square().sum(-1) * lab.sum(-1)).sum() + (hk.square().sum(-1) * lab.sum(2)).sum()
-                - 2 * (hq * (lab @ hk)).sum())
-        pair = eps * pair / (N / H)  # each query head's mean, summed
-        total = ((hq.view(b, Hkv, nq, G, R) * valid.sum(-1).view(b, Hkv, nq, G, 1)).sum((0, 2))
-                 + (valid.view(b, Hkv, nq, G, S).sum(2) @ hk).sum(0))  # (Hkv, G, R)
-        balance = lam * (total / (N / H) / R).square().sum()  # one mean a query head
+        per_head = lambda x: x.view(b, Hkv, nq, G, -1).sum((0, 2))  # (b, Hkv, nq*G, n) -> (Hkv, G, n)
+        n = per_head(valid.sum(-1, keepdim=True)).clamp_min(1)  # (Hkv, G, 1) each query head's triples
+        by_key = lambda w, x: (w.view(b, Hkv, nq, G, S).sum(2) @ x).sum(0)  # w (b, Hkv, nq*G, S), x (b, Hkv, S, n)
+        sq = lambda x: x.square().sum(-1, keepdim=True)  # (..., R) -> (..., 1)
+        pair = (per_head(sq(hq) * lab.sum(-1, keepdim=True) - 2 * (hq * (lab @ hk)).sum(-1, keepdim=True))
+                + by_key(lab, sq(hk)))  # (Hkv, G, 1)
+        pair = eps * (pair / n).sum()  # each query head's mean, summed
+        total = per_head(hq * valid.sum(-1, keepdim=True)) + by_key(valid, hk)
+        balance = lam * (total / n / R).square().sum()  # one mean a query head; total (Hkv, G, R)
     gram = P.transpose(1, 2) @ P - torch.eye(R, device=P.device)  # (Hkv, R, R)
     ortho = eta * (torch.linalg.matrix_norm(gram).sum() if loss == "listwise" else gram.norm())
     return pair + balance + ortho, (pair, balance, ortho)
