@@ -1,9 +1,21 @@
 """Helpers the test files share (conftest.py holds the fixtures): files shipped in installed packages, files made
-read-only as a user other than root sees them, and small GGUF files written with the gguf package."""
+read-only as a user other than root sees them, small GGUF files written with the gguf package, the tiny preset's
+models and prompts, and a state dict written as a Hugging Face or Meta checkpoint."""
 import importlib.util
+import json
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine import random_model
+from model import FORMATS, PRESETS, WEIGHT_NAMES
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
+# config.json of a one-layer Llama of the smallest sizes: enough for checkpoint_metadata, which reads no weights
+HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
 
 
 def package_file(package, *parts):
@@ -46,3 +58,53 @@ def write_gguf(path, fill, big_endian=False):
     writer.write_tensors_to_file()
     writer.close()
     return str(path)
+
+
+def tiny_model(hata=None, dtype=torch.float32, seed=0, device="cpu"):  # the tiny preset with seeded random weights
+    return random_model("tiny", hata, device, dtype, seed)
+
+
+def random_ids(B, T, seed=1):  # (B, T) token ids of the tiny preset's vocabulary
+    return torch.randint(0, PRESETS["tiny"].vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def to_interleaved(w, n_heads):
+    """Inverse of the loader's un-permute: half-split RoPE rows back to Meta's/GGUF's interleaved rows."""
+    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def export(sd, args, fmt, n_layers):
+    """Our state dict (first n_layers layers) under another format's names and RoPE layout."""
+    col = FORMATS.index(fmt)
+    out = {}
+    for row in WEIGHT_NAMES:
+        for i in (range(n_layers) if "{i}" in row[0] else [0]):
+            ours = row[0].format(i=i)
+            if ours in sd:
+                w = sd[ours]
+                if fmt == "meta" and ours.endswith(("wq.weight", "wk.weight")):
+                    w = to_interleaved(w, args.n_heads if "wq" in ours else args.n_kv_heads)
+                out[row[col].format(i=i)] = w.contiguous()
+    return out
+
+
+def write_hf(path, args, sd, n_layers=3):
+    os.makedirs(path, exist_ok=True)
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": args.dim,
+           "num_hidden_layers": n_layers, "num_attention_heads": args.n_heads,
+           "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "intermediate_size": args.ffn_dim,
+           "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+           "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": True}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(export(sd, args, "hf", n_layers), os.path.join(path, "model.safetensors"))
+
+
+def write_meta(path, args, sd, n_layers=3):
+    os.makedirs(path, exist_ok=True)
+    params = {"dim": args.dim, "n_layers": n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "max_seq_len": args.max_seq_len}
+    with open(os.path.join(path, "params.json"), "w") as f:
+        json.dump(params, f)
+    torch.save(export(sd, args, "meta", n_layers), os.path.join(path, "consolidated.00.pth"))

@@ -26,8 +26,7 @@ from tqdm import tqdm
 import engine
 from engine import parse_budget, sample
 from model import CUDNN_LSE_ATTENTION, PRESETS, HataArgs, KVCache, Transformer, save_hash_projections
-from tests.helpers import package_file, read_only
-from tests.test_model import HF_CFG, tiny_model, write_hf
+from tests.helpers import HF_CFG, package_file, read_only, tiny_model, write_hf
 
 
 def run_cli(capsys, *argv):

@@ -18,7 +18,7 @@ from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, causal
                    load_hash_projections, random_hash_projections, save_hash_projections)
 from train_hash import load_corpus
 from tests.test_kernels import DEV, as_sets, assert_topk_matches_ref
-from tests.test_model import GOLDEN, random_ids, tiny_model  # by this file's path: pytest may start elsewhere
+from tests.helpers import GOLDEN, random_ids, tiny_model
 
 
 def prompt(n):

@@ -14,26 +14,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine import generate, random_model
+from engine import generate
 import hata_kernels as hk
 import model as model_module
-from model import (FORMATS, PRESETS, WEIGHT_NAMES, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
+from model import (PRESETS, WEIGHT_NAMES, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
                    rope_frequencies)
-from tests.helpers import read_only, write_gguf
-
-GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
-# config.json of a one-layer Llama of the smallest sizes: enough for checkpoint_metadata, which reads no weights
-HF_CFG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-          "vocab_size": 16, "intermediate_size": 16, "rms_norm_eps": 1e-5}
-
-
-def tiny_model(hata=None, dtype=torch.float32, seed=0, device="cpu"):  # the tiny preset with seeded random weights
-    return random_model("tiny", hata, device, dtype, seed)
-
-
-def random_ids(B, T, seed=1):  # (B, T) token ids of the tiny preset's vocabulary
-    return torch.randint(0, PRESETS["tiny"].vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+from tests.helpers import GOLDEN, HF_CFG, random_ids, read_only, tiny_model, write_gguf, write_hf, write_meta
 
 
 def logits_of(model, ids):
@@ -300,26 +287,6 @@ def test_batch_equals_single(smol):
 # --------------------------------------------------------------------------------------------------------------
 # The three loaders on the same real weights
 
-def to_interleaved(w, n_heads):
-    """Inverse of the loader's un-permute: half-split RoPE rows back to Meta's/GGUF's interleaved rows."""
-    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
-
-
-def export(sd, args, fmt, n_layers):
-    """Our state dict (first n_layers layers) under another format's names and RoPE layout."""
-    col = FORMATS.index(fmt)
-    out = {}
-    for row in WEIGHT_NAMES:
-        for i in (range(n_layers) if "{i}" in row[0] else [0]):
-            ours = row[0].format(i=i)
-            if ours in sd:
-                w = sd[ours]
-                if fmt == "meta" and ours.endswith(("wq.weight", "wk.weight")):
-                    w = to_interleaved(w, args.n_heads if "wq" in ours else args.n_kv_heads)
-                out[row[col].format(i=i)] = w.contiguous()
-    return out
-
-
 @pytest.fixture(scope="module")
 def small_smol(smol_weights):
     """The default model cut to 3 layers (so the exported copies are quick to write and read)."""
@@ -327,28 +294,6 @@ def small_smol(smol_weights):
     keep = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < 3}
     keep.pop("output.weight", None)  # tied
     return replace(args, n_layers=3), keep
-
-
-def write_hf(path, args, sd, n_layers=3):
-    os.makedirs(path, exist_ok=True)
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": args.dim,
-           "num_hidden_layers": n_layers, "num_attention_heads": args.n_heads,
-           "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "intermediate_size": args.ffn_dim,
-           "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-           "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": True}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    save_file(export(sd, args, "hf", n_layers), os.path.join(path, "model.safetensors"))
-
-
-def write_meta(path, args, sd, n_layers=3):
-    os.makedirs(path, exist_ok=True)
-    params = {"dim": args.dim, "n_layers": n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "vocab_size": args.vocab_size, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "max_seq_len": args.max_seq_len}
-    with open(os.path.join(path, "params.json"), "w") as f:
-        json.dump(params, f)
-    torch.save(export(sd, args, "meta", n_layers), os.path.join(path, "consolidated.00.pth"))
 
 
 def test_three_loaders_agree(small_smol, tmp_path):

@@ -346,7 +346,7 @@ def test_a_diverged_loss_names_the_step_it_came_at(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def sharp_tiny():
     torch.manual_seed(0)
     args = PRESETS["tiny"]
     model = Transformer(args).eval()
@@ -356,17 +356,17 @@ def tiny_model():
     return model
 
 
-def test_capture_qk_takes_each_query_at_its_own_position(tiny_model):
+def test_capture_qk_takes_each_query_at_its_own_position(sharp_tiny):
     """The queries capture_qk returns are those at the positions asked for: each equals the last query of a prefill
     of the tokens up to it (the keys, all of the window's), the first position's too."""
     tokens, ts = torch.arange(3, 15), torch.tensor([0, 5, 11])
-    out = th.capture_qk(tiny_model, tokens, 1, ts)
+    out = th.capture_qk(sharp_tiny, tokens, 1, ts)
     for T in (1, 6, 12):
-        attn = tiny_model.layers[2].attention
-        tiny_model.setup_caches(1, T)
+        attn = sharp_tiny.layers[2].attention
+        sharp_tiny.setup_caches(1, T)
         attn.keep_qk = True
         with torch.inference_mode():
-            tiny_model(tokens[None, :T])
+            sharp_tiny(tokens[None, :T])
         (q, k), (attn.keep_qk, attn.qk) = attn.qk, (False, None)
         torch.testing.assert_close(out[2][0][ts.tolist().index(T - 1)], q[0, :, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[2][1], k[0], atol=1e-5, rtol=0)
@@ -389,8 +389,8 @@ def test_the_last_losses_are_the_mean_of_the_last_tenth_of_the_steps(monkeypatch
     assert first == [1.0, 1.0] and last == [19.5, 19.5]
 
 
-def test_training_beats_random_projections_and_round_trips(tiny_model, tmp_path):
-    model, args, R, n_dense = tiny_model, PRESETS["tiny"], 32, 2
+def test_training_beats_random_projections_and_round_trips(sharp_tiny, tmp_path):
+    model, args, R, n_dense = sharp_tiny, PRESETS["tiny"], 32, 2
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(args.vocab_size, (8, 192), generator=gen)  # (N, S) random tokens
     samples = th.collect_samples(model, windows, n_dense, queries=8, gen=gen)
@@ -423,10 +423,10 @@ def test_training_starts_from_the_seeded_random_projections_scaled(monkeypatch):
         torch.testing.assert_close(starts[l], P / math.sqrt(args.head_dim), rtol=0, atol=0)
 
 
-def test_evaluate_takes_means_over_every_window(tiny_model):
+def test_evaluate_takes_means_over_every_window(sharp_tiny):
     """Two windows: the oracle's recall is exactly 1 and no mass above 1 (a count of one window's queries gave 2)."""
     windows = torch.randint(PRESETS["tiny"].vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    res = th.evaluate(tiny_model, windows, {"oracle": None}, 2, queries=4, seed=0)
+    res = th.evaluate(sharp_tiny, windows, {"oracle": None}, 2, queries=4, seed=0)
     for f in th.BUDGETS:
         for mass, recall in res["oracle", f].values():
             assert recall == 1.0 and (mass <= 1 + 1e-9).all()
@@ -613,11 +613,11 @@ def test_query_positions_start_where_the_fraction_says_as_typed():
     assert th.n_queries(100, 80, 0.9999999999) == 1 and th.query_positions(100, 1, 0.9999999999, gen).tolist() == [99]
 
 
-def test_guard_sends_a_losing_head_back_to_random(tiny_model):
+def test_guard_sends_a_losing_head_back_to_random(sharp_tiny):
     """A head whose projection ignores the keys (zero: every code equal, so selection keeps the newest keys)
     captures less than random on the validation windows and goes back; a head with the same codes as its start
     (scaled 3x: a tie) and heads equal to their start stay as they are; two sizes judged in one pass, as alone."""
-    model, args, R, n_dense = tiny_model, PRESETS["tiny"], 32, 2
+    model, args, R, n_dense = sharp_tiny, PRESETS["tiny"], 32, 2
     start = th.random_hash_projections(args, R, n_dense, seed=0)
     projs = {l: P / math.sqrt(args.head_dim) for l, P in start.items()}
     projs[3] = projs[3].clone()
@@ -636,10 +636,10 @@ def test_guard_sends_a_losing_head_back_to_random(tiny_model):
     assert all(torch.equal(both[R][0][l], out[l]) for l in out)
 
 
-def test_the_guard_takes_the_largest_seed(tiny_model):
+def test_the_guard_takes_the_largest_seed(sharp_tiny):
     """--seed 2^64 - 1, the largest a torch generator takes: the guard draws its validation queries with the next
     seed, wrapped (2^64 overflowed after the whole training, before the save). Heads equal to their start stay."""
-    model, args, R, n_dense, seed = tiny_model, PRESETS["tiny"], 32, 2, 2 ** 64 - 1
+    model, args, R, n_dense, seed = sharp_tiny, PRESETS["tiny"], 32, 2, 2 ** 64 - 1
     projs = {l: P / math.sqrt(args.head_dim) for l, P in th.random_hash_projections(args, R, n_dense, seed).items()}
     windows = torch.randint(args.vocab_size, (2, 160), generator=torch.Generator().manual_seed(5))
     out, back = th.guard_heads(model, {R: projs}, windows, n_dense, query_from=0.25, seed=seed, queries=8)[R]
@@ -752,9 +752,9 @@ def test_the_other_modes_flags_are_noted_as_ignored(argv, ignored, capsys, tmp_p
     assert set(th.TRAINING + th.REPORT) < flags  # every one a real flag
 
 
-def test_listwise_needs_only_the_query_positions(tiny_model):
+def test_listwise_needs_only_the_query_positions(sharp_tiny):
     """The listwise loss reads the labels only as "key <= t": samples without labels train the same projection."""
-    model, args = tiny_model, PRESETS["tiny"]
+    model, args = sharp_tiny, PRESETS["tiny"]
     windows = torch.randint(args.vocab_size, (3, 96), generator=torch.Generator().manual_seed(2))
     full, light = (th.collect_samples(model, windows, 2, queries=5, gen=torch.Generator().manual_seed(0),
                                       query_from=0.25, labels=lab) for lab in (True, False))
@@ -1140,10 +1140,10 @@ def test_one_thread_gives_the_threads_back():
         torch.set_num_threads(threads)
 
 
-def test_capture_qk_lets_go_of_the_tensors(tiny_model):
+def test_capture_qk_lets_go_of_the_tensors(sharp_tiny):
     """After capture_qk no attention keeps its q and k (a whole window's, every sparse layer) nor asks for them."""
-    th.capture_qk(tiny_model, torch.arange(3, 15), 1, torch.tensor([5, 11]))
-    assert all(not layer.attention.keep_qk and layer.attention.qk is None for layer in tiny_model.layers)
+    th.capture_qk(sharp_tiny, torch.arange(3, 15), 1, torch.tensor([5, 11]))
+    assert all(not layer.attention.keep_qk and layer.attention.qk is None for layer in sharp_tiny.layers)
 
 
 def test_queries_start_at_a_quarter_of_the_window_by_default():
@@ -1178,9 +1178,9 @@ def test_several_sizes_whose_out_names_are_one_file_are_refused(capsys, tmp_path
     assert "--out names one file more than once" in err and "nonexistent" not in err
 
 
-def test_collect_samples_draws_queries_from_query_from(tiny_model):
+def test_collect_samples_draws_queries_from_query_from(sharp_tiny):
     """collect_samples' queries lie in [query_from * S, S): with --query-from 0.25 and 48 queries of a 64-token
     window, every position from 16 on (0.5 would start at 32)."""
     windows = torch.randint(PRESETS["tiny"].vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-    samples = th.collect_samples(tiny_model, windows, 2, 48, torch.Generator().manual_seed(0), 0.25, labels=False)
+    samples = th.collect_samples(sharp_tiny, windows, 2, 48, torch.Generator().manual_seed(0), 0.25, labels=False)
     assert samples[2]["t"][0].tolist() == list(range(16, 64))
