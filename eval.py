@@ -412,7 +412,8 @@ def merge(runs):
                                  f"{a['nll']:.4f}; {b['positions']}, {b['nll']:.4f}): other windows, or a run stopped")
             out["perplexity"] = {**r["perplexity"], **out.get("perplexity", {})}
         both = out.get("retrieval", []) + r.get("retrieval", [])
-        if not (seeded := all("seed" in x for x in both)) and any("seed" in x for x in both):  # older files: none
+        seeded = all("seed" in x for x in both)  # older files' samples have none
+        if not seeded and any("seed" in x for x in both):
             print("note: a run without sample seeds (before 2026-12-05): samples are joined by context, task, "
                   "haystack, depth and key alone", file=sys.stderr)  # (two seeds' prompts of one key would join)
         key = lambda x: (x["context"], x["task"], x["haystack"], x["depth"], x["answer"], x["seed"] if seeded else 0)
@@ -496,6 +497,8 @@ def report(results):
 
 
 def plot(results, path):
+    """The report's figure at `path` (PNG): a panel per measure (retrieval kept, perplexity ratio, agreement) against
+    the budget, a line per selector, dense's dashed. Returns False, writing nothing, if no panel has data."""
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
     panels, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
@@ -795,7 +798,8 @@ def write_report(results, out_dir, name, json_path=None, partial_path=None):
     write_text(os.path.join(out_dir, f"{name}_results.md"), f"Command: `{results['command']}`; seconds: "
                                                             f"{results['seconds']}\n\n{md}\n")
     print(md)  # (before the plot: one that fails costs no table either)
-    if not (plotted := plot(results, png)) and os.path.exists(png):
+    plotted = plot(results, png)
+    if not plotted and os.path.exists(png):  # (an earlier run's)
         os.remove(png)
     also = f" and {png}" if plotted else ""
     print(f"wrote {out_dir}/{name}_results.md{also} (results: {name}_results.json)", file=sys.stderr)
