@@ -234,7 +234,8 @@ def relax(x, P, sigma):
 def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="listwise", alpha=15.0):
     """One layer's training loss, pair + balance + ortho, on b sequences; returns (loss, (pair, balance, ortho)).
     P (Hkv, D, R); q (b, nq, H, D); k (b, Hkv, S, D); labels (b, nq, H, S), 0 where there is no triple. Query head j
-    pairs with the keys of KV head j // G, in n_j of the N triples. loss="pair" weighs the terms as HATA's trainer
+    pairs with the keys of KV head j // G, in n_j of the N triples (the same n_j for every head in HATA's trainer
+    and in collect_samples' labels; a head's own n_j is this code's). loss="pair" weighs the terms as HATA's trainer
     does: pair = eps sum_j (sum of label ||h(q) - h(k)||^2 over head j's triples) / n_j (each head's mean, summed),
     balance = lam sum_j ||mean over head j's triples of (h(q) + h(k)) / R||^2 (a head without triples adds 0),
     ortho = eta ||P^T P - I||_F of the stacked KV heads (I_R: HATA's code runs only R = D). loss="listwise" replaces
@@ -259,9 +260,9 @@ def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="li
         balance = lam * (total / N / R).square().sum()  # total (R,)
     else:  # sum(label ||hq - hk||^2) expanded, so no (query, key) tensor of distances is ever built:
         # sum_i |hq_i|^2 sum_s label_is + sum_s |hk_s|^2 sum_i label_is - 2 sum_i hq_i . (sum_s label_is hk_s)
-        per_head = lambda x: x.view(b, Hkv, nq, G, -1).sum((0, 2))  # (b, Hkv, nq*G, n) -> (Hkv, G, n)
+        per_head = lambda x: x.view(b, Hkv, nq, G, -1).sum((0, 2))  # (b, Hkv, nq*G, c) -> (Hkv, G, c)
         n = per_head(valid.sum(-1, keepdim=True)).clamp_min(1)  # (Hkv, G, 1) each query head's triples
-        by_key = lambda w, x: (w.view(b, Hkv, nq, G, S).sum(2) @ x).sum(0)  # w (b, Hkv, nq*G, S), x (b, Hkv, S, n)
+        by_key = lambda w, x: (w.view(b, Hkv, nq, G, S).sum(2) @ x).sum(0)  # w (b, Hkv, nq*G, S), x (b, Hkv, S, c)
         sq = lambda x: x.square().sum(-1, keepdim=True)  # (..., R) -> (..., 1)
         pair = (per_head(sq(hq) * lab.sum(-1, keepdim=True) - 2 * (hq * (lab @ hk)).sum(-1, keepdim=True))
                 + by_key(lab, sq(hk)))  # (Hkv, G, 1)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from engine import generate
 import hata_kernels as hk
 import model as model_module
-from model import (PRESETS, WEIGHT_NAMES, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
+from model import (PRESETS, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
                    rope_frequencies)
 from tests.helpers import GOLDEN, HF_CFG, random_ids, read_only, tiny_model, write_gguf, write_hf, write_meta

@@ -48,7 +48,8 @@ def tiny_batch():
 
 def test_pair_and_balance_terms_by_hand(tiny_batch):
     """As HATA's trainer (tasks/hash/learn_hash_weights.py) weights them: each query head's mean over its triples,
-    summed over the heads; here the heads have different numbers of triples, and head 3 none (it adds nothing)."""
+    summed over the heads; here the heads have different numbers of triples (HATA's never do), and head 3 none (it adds
+    nothing)."""
     P, q, k, labels = tiny_batch
     labels[:, :, 3] = 0
     sigma, eps, lam, R = 0.3, 0.05, 2.0, P.shape[2]
