@@ -902,7 +902,8 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     v_sel = torch.where(used[..., None], v_sel, 0).to(acc)                     # -1 read row 0: zeroed (0 * NaN = NaN)
     s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)                               # rows with nothing selected: 0
+    p = torch.where(used.any(-1)[:, :, None, None], torch.softmax(s, dim=-1), 0.0)  # nothing selected: 0 (a NaN
+    # input stays NaN, as in the kernel, for the engine's check of the logits)
     return (p @ v_sel).reshape(B, H, D).to(q.dtype)                            # (B, Hkv, G, D) -> (B, H, D)
 
 

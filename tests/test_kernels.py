@@ -245,6 +245,9 @@ def test_sparse_attention_ref(G):
     assert torch.allclose(out, brute_attention(q, k, v, idx, 0.3), atol=1e-12)
     v[1, 0] = math.nan                                                        # an unwritten cache (torch.empty)
     assert torch.all(hk.sparse_decode_attention_ref(q, k, v, idx, 0.3)[1, :G] == 0)
+    k[0, 1, idx[0, 1, 0]] = math.nan                                          # a selected key: NaN, as the kernel's
+    out = hk.sparse_decode_attention_ref(q, k, v, idx, 0.3)                    # (the engine's logits check sees it)
+    assert out[0, G:].isnan().all() and not out[0, :G].isnan().any() and torch.all(out[1, :G] == 0)
 
 
 def test_sparse_attention_ref_accumulates_half_inputs_in_fp32():
