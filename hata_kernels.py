@@ -860,7 +860,8 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
 def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=None):
     """q (B, H, D), k_cache/v_cache (B, Hkv, S_max, D), idx (B, Hkv, K) int32 (-1 = unused) -> (B, H, D)
     in q's dtype. Indices must lie in [0, S_max) or be -1 (not checked: that would need a host sync).
-    A query head whose KV head selects nothing gets zeros."""
+    A query head whose KV head selects nothing, or whose selected keys all score -inf, gets zeros; NaN stays NaN
+    (for the engine's check of the logits)."""
     _check(q.dim() == 3, f"sparse_decode_attention: q must be (B, H, D), got shape {tuple(q.shape)}")
     _check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape,
            f"sparse_decode_attention: k_cache/v_cache must both be (B, Hkv, S_max, D), got "
@@ -902,8 +903,8 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     v_sel = torch.where(used[..., None], v_sel, 0).to(acc)                     # -1 read row 0: zeroed (0 * NaN = NaN)
     s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)
-    p = torch.where(used.any(-1)[:, :, None, None], torch.softmax(s, dim=-1), 0.0)  # nothing selected: 0 (a NaN
-    # input stays NaN, as in the kernel, for the engine's check of the logits)
+    live = s.amax(-1, keepdim=True) != -math.inf                              # (B, Hkv, G, 1); a NaN row is live
+    p = torch.where(live, torch.softmax(s, dim=-1), 0.0)                       # (B, Hkv, G, K)
     return (p @ v_sel).reshape(B, H, D).to(q.dtype)                            # (B, Hkv, G, D) -> (B, H, D)
 
 

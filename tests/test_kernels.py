@@ -1113,6 +1113,24 @@ def test_sparse_attention_triton_keeps_heads_apart():
         torch.testing.assert_close(out[b, heads], ref[b, heads], atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on NaN and inf: expected here
+def test_sparse_attention_non_finite_scores_as_the_ref():
+    """Kernel and ref on non-finite scores (3 splits of 16 rows): a head whose selected keys all score -inf gets 0
+    (as one that selects nothing), -inf keys in only some splits get weight 0, and a NaN key makes its head NaN."""
+    gen = torch.Generator().manual_seed(35)
+    B, Hkv, G, D, S, K = 1, 3, 2, 16, 60, 37
+    q = torch.rand(B, Hkv * G, D, generator=gen).to(DEV) + 0.5                 # positive: -inf keys score -inf
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen).to(DEV) for _ in range(2))
+    idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(Hkv)]).view(B, Hkv, K).int().to(DEV)
+    k[0, 0, idx[0, 0].long(), 0] = -math.inf                                   # head 0: every selected key
+    k[0, 1, idx[0, 1, :20].long(), 0] = -math.inf                              # head 1: splits 0 and part of 1
+    k[0, 2, idx[0, 2, 30].long(), 1] = math.nan                                # head 2: one key
+    out = hk.sparse_decode_attention(q, k, v, idx, use_triton=True)
+    ref = hk.sparse_decode_attention_ref(q, k, v, idx)
+    assert torch.all(ref[0, :G] == 0) and torch.isfinite(ref[0, G:2 * G]).all() and ref[0, 2 * G:].isnan().all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0, equal_nan=True)
+
+
 def test_sparse_attention_triton_merge_after_an_empty_chunk():
     """More splits than the merge reads at once (32 of 16 rows), with every slot of the middle chunk unused: the
     running max must survive a chunk that adds nothing (the third chunk rescales what the first summed)."""
