@@ -809,10 +809,11 @@ def continue_at(held, ids):
 def typed_turns():
     """--interactive's messages: standard input's lines (a "> " prompt at a terminal); a line that ends in a
     backslash goes on in the next, as in llama.cpp (the message holds a newline there). They are read as UTF-8, as a
-    prompt file is (a leading byte order mark dropped); a message that is not is named and not sent. With standard
-    input and output a terminal, GNU readline reads them (its prompt on standard output): arrow keys edit, Up
-    recalls, and a pasted line may pass the 4095 bytes the terminal's own line editing keeps. With standard output
-    elsewhere the terminal reads them, and a line it may have cut is named and not sent."""
+    prompt file is (a leading byte order mark dropped); a message that is not is named and not sent (UTF-16 piped in
+    ends the chat: every line of it is). With standard input and output a terminal, GNU readline reads them (its
+    prompt on standard output): arrow keys edit, Up recalls, and a pasted line may pass the 4095 bytes the terminal's
+    own line editing keeps. With standard output elsewhere the terminal reads them, and a line it may have cut is
+    named and not sent."""
     utf8 = ("utf-8-sig", "surrogateescape")  # (else one bad byte, under a strict locale, ended the whole chat)
     if hasattr(sys.stdin, "reconfigure") and (sys.stdin.encoding, sys.stdin.errors) != utf8:
         with contextlib.suppress(io.UnsupportedOperation):  # (read before in another encoding: Python keeps it)
@@ -845,7 +846,11 @@ def typed_turns():
             message = message[:-1] + "\n"
             continue
         if message.strip() and (why := not_utf8(message)):
-            print(f"warning: this message is {why}; not sent", file=sys.stderr)
+            utf16 = "\x00" in message and not tty  # piped UTF-16 (or binary): so is every line after it
+            print(f"warning: {'standard input' if utf16 else 'this message'} is {why}; "
+                  f"{'the chat ends' if utf16 else 'not sent'}", file=sys.stderr)
+            if utf16:
+                return
         elif message.strip():
             yield message
         if not line:
