@@ -254,20 +254,21 @@ def hash_loss(P, q, k, labels, sigma=None, eps=0.01, lam=1.0, eta=None, loss="li
     valid = (lab != 0).to(lab.dtype)  # (b, Hkv, nq*G, S)
     N = valid.sum()  # () the number of (q, k) triples
     # balance: each query appears in as many triples as it has valid keys, each key in as many as it has queries
+    per_query = valid.sum(-1, keepdim=True)  # (b, Hkv, nq*G, 1) each query's triples
     if loss == "listwise":  # one balance mean over the layer's N triples
         pair = listwise_term(hq, hk, q, k, valid.bool(), G, alpha)
-        total = (hq * valid.sum(-1, keepdim=True)).sum((0, 1, 2)) + (valid.sum(2)[:, :, None] @ hk).sum((0, 1, 2))
+        total = (hq * per_query).sum((0, 1, 2)) + (valid.sum(2)[:, :, None] @ hk).sum((0, 1, 2))
         balance = lam * (total / N / R).square().sum()  # total (R,)
     else:  # sum(label ||hq - hk||^2) expanded, so no (query, key) tensor of distances is ever built:
         # sum_i |hq_i|^2 sum_s label_is + sum_s |hk_s|^2 sum_i label_is - 2 sum_i hq_i . (sum_s label_is hk_s)
         per_head = lambda x: x.view(b, Hkv, nq, G, -1).sum((0, 2))  # (b, Hkv, nq*G, c) -> (Hkv, G, c)
-        n = per_head(valid.sum(-1, keepdim=True)).clamp_min(1)  # (Hkv, G, 1) each query head's triples
+        n = per_head(per_query).clamp_min(1)  # (Hkv, G, 1) each query head's triples
         by_key = lambda w, x: (w.view(b, Hkv, nq, G, S).sum(2) @ x).sum(0)  # w (b, Hkv, nq*G, S), x (b, Hkv, S, c)
         sq = lambda x: x.square().sum(-1, keepdim=True)  # (..., R) -> (..., 1)
         pair = (per_head(sq(hq) * lab.sum(-1, keepdim=True) - 2 * (hq * (lab @ hk)).sum(-1, keepdim=True))
                 + by_key(lab, sq(hk)))  # (Hkv, G, 1)
         pair = eps * (pair / n).sum()  # each query head's mean, summed
-        total = per_head(hq * valid.sum(-1, keepdim=True)) + by_key(valid, hk)
+        total = per_head(hq * per_query) + by_key(valid, hk)
         balance = lam * (total / n / R).square().sum()  # one mean a query head; total (Hkv, G, R)
     gram = P.transpose(1, 2) @ P - torch.eye(R, device=P.device)  # (Hkv, R, R)
     ortho = eta * (torch.linalg.matrix_norm(gram).sum() if loss == "listwise" else gram.norm())
