@@ -1093,15 +1093,24 @@ def read_meta(path):
     if (factor := p.get("rope_scaling_factor")) is None:  # (null as llama-models' default; 0 is refused)
         factor = 32.0 if (p["dim"], p["n_layers"]) in ((2048, 16), (3072, 28)) else 8.0
     names = dict(factor="rope_scaling_factor", high_freq_factor="rope_high_freq_factor")  # the rest: ours
+    # Meta's model has an output layer of its own, loaded strictly (llama-models), so Meta's files always hold one:
+    # the tied Llama 3.2 1B and 3B a copy of the embedding, kept here as one matrix (as config.json's tie gives)
+    embedding, output = raw["tok_embeddings.weight"], raw.get("output.weight")
+    tied = output is not None and output.shape == embedding.shape and torch.equal(output, embedding)
     args = ModelArgs.read(os.path.join(path, "params.json"), names, dim=p["dim"], n_layers=p["n_layers"],
                           n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
-                          vocab_size=raw["tok_embeddings.weight"].shape[0],
+                          vocab_size=embedding.shape[0],
                           ffn_dim=raw["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=p.get("norm_eps", 1e-5),
                           rope_theta=p.get("rope_theta", 10000.0),
                           rope_scaling={**PRESETS["llama-3.1-8b"].rope_scaling, "factor": factor,
                                         "high_freq_factor": p.get("rope_high_freq_factor", 4.0)} if scaled else None,
-                          max_seq_len=meta_context(p), tie_embeddings="output.weight" not in raw,
-                          head_dim=p.get("head_dim") or 0)
+                          max_seq_len=meta_context(p), tie_embeddings=tied, head_dim=p.get("head_dim") or 0)
+    if output is None:  # cut short or not Meta's: never read as tied (an untied model would run on its embedding)
+        raise ValueError(f"{shards[0]}{' (and every other shard)' * (len(shards) > 1)}: no output.weight; Meta's "
+                         "checkpoints always hold it (Llama 3.2 1B and 3B: a copy of tok_embeddings.weight), so this "
+                         "one is incomplete or not Meta's; re-download it")
+    if tied:
+        del raw["output.weight"]  # consumed: the model's output layer is its embedding
     return args, raw
 
 

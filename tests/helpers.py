@@ -101,10 +101,13 @@ def write_hf(path, args, sd, n_layers=3):
 
 
 def write_meta(path, args, sd, n_layers=3):
+    """A Meta directory; a tied model's output.weight is written as a copy of the embedding, as Meta's files hold it."""
     os.makedirs(path, exist_ok=True)
     params = {"dim": args.dim, "n_layers": n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
               "vocab_size": args.vocab_size, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
               "max_seq_len": args.max_seq_len}
     with open(os.path.join(path, "params.json"), "w") as f:
         json.dump(params, f)
-    torch.save(export(sd, args, "meta", n_layers), os.path.join(path, "consolidated.00.pth"))
+    tensors = export(sd, args, "meta", n_layers)
+    tensors.setdefault("output.weight", tensors["tok_embeddings.weight"].clone())
+    torch.save(tensors, os.path.join(path, "consolidated.00.pth"))

@@ -1014,6 +1014,30 @@ def test_an_untied_meta_checkpoint_keeps_its_output(small_smol, tmp_path):
     assert not model.args.tie_embeddings and torch.equal(model.output.weight, head)
 
 
+def test_a_meta_checkpoint_without_output_weight_is_refused(small_smol, tmp_path):
+    """Meta's checkpoints always hold output.weight (a tied Llama 3.2 1B or 3B: a copy of the embedding, loaded as
+    one matrix), and Meta's loader needs it: a file without it is named, not read as tied (before: an untied model
+    ran on its embedding)."""
+    args, sd = small_smol
+    write_meta(tmp_path, args, sd)
+    whole = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    one = {name: w for name, w in whole.items() if name != "output.weight"}
+    torch.save(one, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: no output.weight; Meta's checkpoints always hold it"):
+        from_checkpoint(str(tmp_path))
+    for i in range(2):  # model-parallel shards, none holding it
+        torch.save({name: (w.chunk(2, 1 if name.endswith(("wo.weight", "w2.weight")) else 0)[i] if w.dim() == 2
+                           else w).contiguous() for name, w in one.items()}, tmp_path / f"consolidated.0{i}.pth")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth \(and every other shard\): no output.weight"):
+        load_checkpoint(str(tmp_path))
+    os.remove(tmp_path / "consolidated.01.pth")
+    torch.save(whole, tmp_path / "consolidated.00.pth")  # as Meta writes a tied model: tied again, one matrix
+    ids = [504, 3575, 282, 4649, 314]
+    model, want = from_checkpoint(str(tmp_path)), logits_of(from_state_dict(args, sd), ids)
+    assert model.args.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+    torch.testing.assert_close(logits_of(model, ids), want, atol=1e-5, rtol=0)
+
+
 def test_tied_weights_stay_one_tensor_after_a_dtype_change(small_smol):
     """A tied model converted on load (bf16 file, fp32 model) holds one embedding matrix, not two copies."""
     args, sd = small_smol
@@ -1028,8 +1052,9 @@ def test_tied_weights_stay_one_tensor_after_a_dtype_change(small_smol):
 def test_meta_scaled_rope_factor_and_context_by_family(tmp_path):
     """params.json may omit rope_scaling_factor: Llama 3.2 1B (dim 2048, 16 layers) and 3B (3072, 28) take 32,
     Llama 3.1 8; without max_seq_len a Llama 3 vocabulary (> 100K) means 8K context. read_meta needs only the two
-    tensors it reads sizes from."""
-    tensors = {"tok_embeddings.weight": torch.zeros(16, 2), "layers.0.feed_forward.w1.weight": torch.zeros(8, 2)}
+    tensors it reads sizes from, and output.weight."""
+    tensors = {"tok_embeddings.weight": torch.zeros(16, 2), "layers.0.feed_forward.w1.weight": torch.zeros(8, 2),
+               "output.weight": torch.zeros(16, 2)}
     torch.save(tensors, tmp_path / "consolidated.00.pth")
     for (dim, n_layers), factor in (((2048, 16), 32.0), ((3072, 28), 32.0), ((4096, 32), 8.0)):
         (tmp_path / "params.json").write_text(json.dumps({"dim": dim, "n_layers": n_layers, "n_heads": 32,
@@ -1061,7 +1086,8 @@ def test_settings_a_reader_once_took_wrongly(tmp_path):
     nested = {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}  # transformers v5
     (hf / "config.json").write_text(json.dumps({**HF_CFG, **nested}))
     assert checkpoint_metadata(str(hf))[1].rope_theta == 5e5
-    tensors = {"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64)}
+    tensors = {"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64),
+               "output.weight": torch.zeros(16, 64)}
     torch.save(tensors, tmp_path / "consolidated.00.pth")
     params = {"dim": 64, "n_layers": 1, "n_heads": 4, "max_seq_len": 256}
     (tmp_path / "params.json").write_text(json.dumps({**params, "sliding_window": 16, "head_dim": 32}))
@@ -1371,8 +1397,8 @@ def test_params_json_without_weights_is_one_error(tmp_path):
 
 
 def test_params_json_defaults_and_nulls(tmp_path):
-    torch.save({"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64)},
-               tmp_path / "consolidated.00.pth")
+    torch.save({"tok_embeddings.weight": torch.zeros(16, 64), "layers.0.feed_forward.w1.weight": torch.zeros(8, 64),
+                "output.weight": torch.zeros(16, 64)}, tmp_path / "consolidated.00.pth")
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": None}))
     args = read_meta(str(tmp_path))[0]
     assert (args.rope_theta, args.n_kv_heads, args.max_seq_len) == (10000.0, 4, 4096)  # Llama 2's
