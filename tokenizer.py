@@ -102,6 +102,18 @@ def _check_merges(where, merges, vocab: dict, ranks: dict):
         last = made
 
 
+def _default_token_types(path, tokens, named) -> list[int]:
+    """Token types for a GGUF without tokenizer.ggml.token_type (optional in llama.cpp, which then takes every token
+    as NORMAL and makes CONTROL the end-of-generation tokens it knows by name, END_TOKENS among them). hata also makes
+    CONTROL the ids the file names (BOS, EOS, EOT, EOM) and the tokens of the chat formats it writes, which it writes
+    by id (llama.cpp, parsing a rendered template, would split them as text). Other added tokens stay text."""
+    known = {*END_TOKENS, *(t for ts in CHAT_TOKENS.values() for t in ts)}
+    special = {i for i in named if i is not None} | {i for i, t in enumerate(tokens) if t in known}
+    print(f"warning: {path!r} has no tokenizer.ggml.token_type; every token is ordinary text, as llama.cpp reads it, "
+          f"but {', '.join(tokens[i] for i in sorted(special)) or 'none'} (special)", file=sys.stderr)
+    return [3 if i in special else 1 for i in range(len(tokens))]
+
+
 def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Encoding, int, set]:
     """(the encoding, the vocab size, the ids below it that are no token: a GGUF's unused slots, decoded to nothing)"""
     # tiktoken needs all 256 bytes; a vocabulary may lack some (SmolLM2: 0xF1, control bytes): ids past it (see _text)
@@ -382,9 +394,16 @@ class Tokenizer:
         if pre not in GGUF_PRE:
             raise ValueError(f"{path!r}: unknown GGUF pre-tokenizer {pre!r}; add its regex to GGUF_PRE in tokenizer.py")
         tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
-        if tokens is None or types is None or len(tokens) != len(types):
-            raise ValueError(f"{path!r}: the GGUF file has no tokenizer.ggml.tokens or token_type list, or they differ "
-                             "in length; the file is corrupt")
+        if tokens is None or (types is not None and len(tokens) != len(types)):
+            raise ValueError(f"{path!r}: the GGUF file has no tokenizer.ggml.tokens list, or its token_type list "
+                             "differs from it in length; the file is corrupt")
+        ids = {k: get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom")}
+        for k, i in ids.items():  # a damaged field would fail far from here, or name the wrong file
+            if i is not None and not (type(i) is int and 0 <= i < len(tokens)):
+                raise ValueError(f"{path!r}: tokenizer.ggml.{k}_token_id must be a token id below {len(tokens)}, got "
+                                 f"{i!r}; the file is corrupt")
+        if types is None:
+            types = _default_token_types(path, tokens, ids.values())
         # Types 1 NORMAL: byte-level strings; 3 CONTROL, 4 USER_DEFINED (found in plain text too): raw text.
         ranks = {_vocab_bytes(tok, path): i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == 1}
         specials = {tok: i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ in (3, 4)}
@@ -399,11 +418,6 @@ class Tokenizer:
             print(f"warning: {path!r} names no pre-tokenizer (tokenizer.ggml.pre: {pre!r}); splitting text GPT-2's "
                   "way, not as llama.cpp or the model does; re-convert the file with a current llama.cpp",
                   file=sys.stderr)
-        ids = {k: get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom")}
-        for k, i in ids.items():  # a damaged field would fail far from here, or name the wrong file
-            if i is not None and not (type(i) is int and 0 <= i < len(tokens)):
-                raise ValueError(f"{path!r}: tokenizer.ggml.{k}_token_id must be a token id below {len(tokens)}, got "
-                                 f"{i!r}; the file is corrupt")
         template = get("tokenizer.chat_template")
         enc, n, blank = _bpe(path, ranks, specials, pattern)
         return cls(enc=enc, vocab_size=n, blank=blank, specials=specials, bos_id=ids["bos"], eos_id=ids["eos"],

@@ -453,6 +453,25 @@ def test_gguf_end_of_turn_ids_stop_generation(tmp_path):
     assert Tokenizer.from_path(path).eos_ids == {256, 257, 258}
 
 
+def test_a_gguf_without_token_types_reads_as_llama_cpp_does(tmp_path, capsys):
+    """tokenizer.ggml.token_type is optional in llama.cpp: every token is NORMAL but the end-of-generation ones it
+    knows by name (CONTROL). hata reads such a file as one whose types say so, with CONTROL also for the ids the file
+    names and the chat tokens it writes, and says so in a warning; before, it refused the file as corrupt."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    tokens = [to_char[b] for b in range(256)] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "<think>", "ab"]
+    kw = dict(merges=["a b"], pre="smollm", bos=259, add_bos=True)
+    bare = Tokenizer.from_path(_write_gguf(tmp_path / "bare.gguf", tokens, None, **kw))
+    assert "bare.gguf' has no tokenizer.ggml.token_type" in capsys.readouterr().err
+    typed = Tokenizer.from_path(_write_gguf(tmp_path / "typed.gguf", tokens, [1] * 256 + [3, 3, 3, 3, 1, 1], **kw))
+    assert bare.specials == typed.specials == {"<|im_start|>": 256, "<|im_end|>": 257, "<|endoftext|>": 258,
+                                               "<s>": 259}
+    assert bare.eos_ids == typed.eos_ids == {257, 258} and bare.chat == typed.chat == "chatml"
+    chat = [{"role": "user", "content": "ab <think>"}]
+    assert bare.encode_chat(chat) == typed.encode_chat(chat) == [259, 256, *b"user\n", 261, *b" <think>", 257, 10,
+                                                                 256, *b"assistant\n"]
+    assert bare.decode([260, 257, 97]) == typed.decode([260, 257, 97]) == "<think><|im_end|>a"
+
+
 def test_a_gguf_token_id_that_is_no_token_is_named(tmp_path):
     """BOS, EOS, EOT and EOM ids are checked against the token list: before, a string id failed later in a
     comparison (a bare TypeError), and one past the list blamed the tokenizer for not belonging to its own file."""
@@ -502,7 +521,7 @@ def test_config_and_gguf_errors(tmp_path, llama3):
     with pytest.raises(ValueError, match="chat_template.jinja' is not UTF-8 text"):
         Tokenizer.from_path(tmp_path)
     (tmp_path / "chat_template.jinja").unlink()
-    for kind, words in (("gpt2", "no tokenizer.ggml.tokens or token_type list"),
+    for kind, words in (("gpt2", "no tokenizer.ggml.tokens list"),
                         ("llama", "GGUF tokenizer type 'llama' is not supported")):  # the same path rewritten
         path = write_gguf(tmp_path / "t.gguf", lambda writer: writer.add_tokenizer_model(kind))
         with pytest.raises(ValueError, match=words):  # the second file is parsed again, not served from the cache
@@ -512,7 +531,7 @@ def test_config_and_gguf_errors(tmp_path, llama3):
         assert open_gguf(path, keep=False) is first and open_gguf(path) is not first  # the last reader lets it go
     to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     short = _write_gguf(tmp_path / "short.gguf", [to_char[b] for b in range(256)], [1] * 100)  # zip dropped the rest
-    with pytest.raises(ValueError, match="or they differ in length; the file is corrupt"):
+    with pytest.raises(ValueError, match="its token_type list differs from it in length; the file is corrupt"):
         Tokenizer.from_path(short)
     flipped = _write_gguf(tmp_path / "flip.gguf", [to_char[b] for b in range(255)] + [b"\xff\xfe"], [1] * 256)
     with pytest.raises(ValueError, match="flip.gguf': malformed tokenizer \\(UnicodeDecodeError: "):  # not bare
@@ -758,14 +777,15 @@ def _write_byte_json(folder, specials=(), **fields):
 
 def _write_gguf(path, tokens, types, merges=(), pre=None, bos=None, add_bos=None, template=None, eot=None,
                 eom=None, strings=()) -> str:
-    """A GGUF file holding only a byte-level BPE tokenizer; the keys left None are not written; `strings`: (key,
-    text) pairs written as they are."""
+    """A GGUF file holding only a byte-level BPE tokenizer; the keys left None (types too) are not written;
+    `strings`: (key, text) pairs written as they are."""
     def fill(writer):
         for key, text in strings:
             writer.add_string(key, text)
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list(tokens)
-        writer.add_token_types(types)
+        if types is not None:
+            writer.add_token_types(types)
         if merges:
             writer.add_token_merges(merges)
         if pre is not None:
