@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import io
 import itertools
-import json
 import math
 import os
 import re
@@ -613,7 +612,7 @@ def run(args):
     note_ignored(args, build_parser(), ignored)
     if args.random_weights:
         return run_random(args, hata, device, dtype)
-    streams = [k for flag, text in args.inputs if flag == "prompt_file" and (k := read_once(text)) is not None]
+    streams = [k for flag, text in args.inputs if flag == "prompt_file" and (k := stream_key(text)) is not None]
     if len(streams) > len(set(streams)):  # the second read would find it empty
         raise ValueError("--prompt-file names standard input (or one pipe) twice, which holds one prompt: give it once")
     from_stdin = any(p == "-" or is_stdin(p) for f, p in args.inputs if f != "prompt")  # (not another pipe: <(...))
@@ -657,11 +656,11 @@ def run(args):
     if args.interactive:  # a conversation grows: a cache of the model's whole context unless told
         args.max_seq_len = args.max_seq_len or context
     all_dense = bool(hata and shape and hata.n_dense >= shape.n_layers)  # --n-dense covers every layer
-    opening = None  # what a cache too small names: a chat's first message, or its template alone
+    what = None  # what a cache too small names: a chat's first message, or its template alone
     if args.interactive:
-        opening = (f"the first message takes {plural(longest)} in the chat's format" if texts
-                   else f"the chat's format alone has {plural(longest)}")
-    max_seq_len, max_new = cache_size(args, longest, context, opening, all_dense=all_dense)
+        what = (f"the first message takes {plural(longest)} in the chat's format" if texts
+                else f"the chat's format alone has {plural(longest)}")
+    max_seq_len, max_new = cache_size(args, longest, context, what, all_dense=all_dense)
     planned = max_seq_len if args.interactive else longest  # the prompt length offload and memory plan for
     continued = args.interactive or bool(args.prompt_cache)  # prefills may continue cached positions
     sparse = hata and hata.budget_tokens(max_seq_len) < max_seq_len and not all_dense
@@ -887,7 +886,7 @@ def file_settings(path, rbit, n_dense):
     return rbit, n_dense
 
 
-def read_once(path):
+def stream_key(path):
     """A key naming the one-shot stream that reading prompt file `path` uses up, so that two flags naming it are
     refused: (device, inode) of a pipe or socket, standard input's too ("-", /dev/stdin); "-" for standard input
     that is a file or a terminal; None for a file, a device, or a path with nothing there (a terminal named twice,
@@ -1155,107 +1154,6 @@ def show(text):  # the answers, on standard output; a failed write (a full disk)
         raise OSError(f"cannot write standard output: {e}") from None
 
 
-# --------------------------------------------------------------------------------------------------------------
-# --prompt-cache: a prompt's K/V in a safetensors file, for a later run whose prompt starts the same (a long document
-# asked about again). The hash codes are not kept: the policy may differ, and they are made again from the keys.
-
-def weights_digest(model):  # a prompt cache's maker's weights: 256 values of every tensor, spread over it
-    h = hashlib.sha256()
-    for w in [*model.state_dict().values(), *[model.rope_factors] * (model.rope_factors is not None)]:
-        h.update(w.detach().flatten()[::max(1, w.numel() // 256)].contiguous().cpu().view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
-
-
-def writable_cache(path):  # --prompt-cache's file can be written (where a link leads: write_whole writes there)
-    check_writable(os.path.realpath(path), "--prompt-cache")
-
-
-def cache_serves(path, ids):  # --prompt-cache's file starts with the tokens `ids`: it is read, not rewritten
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return f.get_tensor("tokens")[:len(ids)].tolist() == ids
-
-
-def check_prompt_cache(path, args, dtype):
-    """--prompt-cache's file from its header alone, before the weights load: an error unless it is one, made by a
-    model of these settings (ModelArgs; None: not known yet) in `dtype`. Returns its metadata, or None (no file)."""
-    from safetensors import safe_open
-    if os.path.islink(path) and not os.path.exists(path):
-        raise ValueError(f"--prompt-cache {path} is a link to {os.readlink(path)}, which does not exist: {KEPT}")
-    if not os.path.lexists(path):
-        return None
-    if not os.path.isfile(path):  # (safe_open waits forever on a named pipe)
-        raise ValueError(f"--prompt-cache {path} is not a file (a device or a pipe): {KEPT}")
-    try:
-        with safe_open(path, "pt") as f:
-            meta, shapes = f.metadata() or {}, {name: f.get_slice(name).get_shape() for name in f.keys()}
-    except Exception as e:
-        raise ValueError(f"--prompt-cache {path} is no prompt cache: not a .safetensors file, or a cut one ({e}); "
-                         f"{KEPT}") from None
-    if meta.get("format") != PROMPT_CACHE:
-        raise ValueError(f"--prompt-cache {path} is a .safetensors file but no prompt cache: {KEPT}")
-    if meta.get("dtype") != str(dtype):
-        flag = next((k for k, v in DTYPES.items() if str(v) == meta.get("dtype")), None)
-        raise ValueError(f"--prompt-cache {path} holds K/V in {meta.get('dtype')}, not {dtype}: " + (
-            f"run with --dtype {flag}, or {KEPT}" if flag else KEPT))
-    if len(n := shapes.get("tokens", [0])) != 1 or n[0] == 0:  # (cache_serves reads them, a Meta model's too)
-        raise ValueError(f"--prompt-cache {path} is corrupt: it holds no list of tokens; {KEPT}")
-    if args is None:
-        return meta
-    if meta.get("model") != repr(args):
-        raise ValueError(f"--prompt-cache {path} holds another model's K/V ({meta.get('model')}), not this one's "
-                         f"({args!r}): {KEPT}")
-    if not (set(shapes) == {"tokens"} | {
-            f"layers.{i}.{kv}" for i in range(args.n_layers) for kv in "kv"} and all(
-            shape == [args.n_kv_heads, n[0], args.head_dim] for name, shape in shapes.items() if name != "tokens")):
-        raise ValueError(f"--prompt-cache {path} is corrupt: it lacks a tensor of this model's, or one has another "
-                         f"shape; {KEPT}")
-    return meta
-
-
-def load_prompt_cache(path, model):
-    """The tokens whose K/V --prompt-cache's file holds (check_prompt_cache), copied into the caches' first
-    positions (as many as they hold; [] where there is no file yet). Another model's file is an error, and kept."""
-    from safetensors import safe_open
-    dtype = model.output.weight.dtype
-    if (meta := check_prompt_cache(path, model.args, dtype)) is None:
-        return []
-    if meta.get("weights") != weights_digest(model):
-        raise ValueError(f"--prompt-cache {path} holds the K/V of a model of this shape but other weights: {KEPT}")
-    with safe_open(path, "pt") as f:
-        tokens = f.get_tensor("tokens")
-        if tokens.dtype != torch.int64:
-            raise ValueError(f"--prompt-cache {path} is corrupt: its tokens are {tokens.dtype}; {KEPT}")
-        n, finite = min(len(tokens), model.max_seq_len), True
-        for i, layer in enumerate(model.layers):
-            for kv in "kv":
-                if (t := f.get_slice(f"layers.{i}.{kv}")[:, :n]).dtype != dtype:
-                    raise ValueError(f"--prompt-cache {path} is corrupt: its K/V are {t.dtype}, not {dtype}; {KEPT}")
-                (cache := getattr(layer.attention.kv_cache, kv)[0, :, :n]).copy_(t)
-                finite = cache.isfinite().all() & finite  # (on the device: read once, below)
-    if not finite:  # (else the prompt's logits came out NaN, blamed on the weights)
-        raise ValueError(f"--prompt-cache {path} is corrupt: its K/V hold NaN or inf; {KEPT}")
-    model.set_hata(model.hata)  # the sparse layers' hash codes, of the loaded keys
-    print(f"prompt cache: the K/V of {plural(n)} read from {path}", file=sys.stderr)
-    return tokens[:n].tolist()
-
-
-def save_prompt_cache(path, model, ids, held):
-    """Write the K/V of the prompt `ids` (the caches' first positions) to --prompt-cache's file, unless it holds them
-    already (`held`, the file's tokens, start with ids). One layer's K or V at a time is copied to host memory."""
-    if ids == held[:len(ids)]:
-        return
-    n, (Hkv, D), dtype = len(ids), model.layers[0].attention.kv_cache.k.shape[1::2], model.output.weight.dtype
-    tensors = {"tokens": (torch.int64, (n,), lambda: torch.tensor(ids))}
-    for i, layer in enumerate(model.layers):
-        for kv in "kv":  # (Hkv, n, D), read when written
-            cache = getattr(layer.attention.kv_cache, kv)
-            tensors[f"layers.{i}.{kv}"] = (dtype, (Hkv, n, D), lambda cache=cache: cache[0, :, :n])
-    meta = {"format": PROMPT_CACHE, "model": repr(model.args), "dtype": str(dtype), "weights": weights_digest(model)}
-    write_whole(path, lambda tmp: write_safetensors(tmp, tensors, meta))
-    print(f"prompt cache: the prompt's {plural(n)} written to {path}", file=sys.stderr)
-
-
 class Streamer:
     """Prints one sequence's text as tokens arrive, holding back bytes that do not yet form a character. A step
     decodes only the ids from CONTEXT tokens before the last print (all of them, every step, would cost time growing
@@ -1317,6 +1215,107 @@ class StopStrings:
 
     def unsure(self, text):  # how many of text's last characters could begin a stop string
         return max((k for t in self.texts for k in range(1, len(t)) if text.endswith(t[:k])), default=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --prompt-cache: a prompt's K/V in a safetensors file, for a later run whose prompt starts the same (a long document
+# asked about again). The hash codes are not kept: the policy may differ, and they are made again from the keys.
+
+def weights_digest(model):  # a prompt cache's maker's weights: 256 values of every tensor, spread over it
+    h = hashlib.sha256()
+    for w in [*model.state_dict().values(), *[model.rope_factors] * (model.rope_factors is not None)]:
+        h.update(w.detach().flatten()[::max(1, w.numel() // 256)].contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def writable_cache(path):  # --prompt-cache's file can be written (where a link leads: write_whole writes there)
+    check_writable(os.path.realpath(path), "--prompt-cache")
+
+
+def cache_serves(path, ids):  # --prompt-cache's file starts with the tokens `ids`: it is read, not rewritten
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return f.get_tensor("tokens")[:len(ids)].tolist() == ids
+
+
+def check_prompt_cache(path, shape, dtype):
+    """--prompt-cache's file from its header alone, before the weights load: an error unless it is one, made by a
+    model of these settings (ModelArgs; None: not known yet) in `dtype`. Returns its metadata, or None (no file)."""
+    from safetensors import safe_open
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"--prompt-cache {path} is a link to {os.readlink(path)}, which does not exist: {KEPT}")
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isfile(path):  # (safe_open waits forever on a named pipe)
+        raise ValueError(f"--prompt-cache {path} is not a file (a device or a pipe): {KEPT}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta, shapes = f.metadata() or {}, {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f"--prompt-cache {path} is no prompt cache: not a .safetensors file, or a cut one ({e}); "
+                         f"{KEPT}") from None
+    if meta.get("format") != PROMPT_CACHE:
+        raise ValueError(f"--prompt-cache {path} is a .safetensors file but no prompt cache: {KEPT}")
+    if meta.get("dtype") != str(dtype):
+        flag = next((k for k, v in DTYPES.items() if str(v) == meta.get("dtype")), None)
+        raise ValueError(f"--prompt-cache {path} holds K/V in {meta.get('dtype')}, not {dtype}: " + (
+            f"run with --dtype {flag}, or {KEPT}" if flag else KEPT))
+    if len(n := shapes.get("tokens", [0])) != 1 or n[0] == 0:  # (cache_serves reads them, a Meta model's too)
+        raise ValueError(f"--prompt-cache {path} is corrupt: it holds no list of tokens; {KEPT}")
+    if shape is None:
+        return meta
+    if meta.get("model") != repr(shape):
+        raise ValueError(f"--prompt-cache {path} holds another model's K/V ({meta.get('model')}), not this one's "
+                         f"({shape!r}): {KEPT}")
+    if not (set(shapes) == {"tokens"} | {
+            f"layers.{i}.{kv}" for i in range(shape.n_layers) for kv in "kv"} and all(
+            dims == [shape.n_kv_heads, n[0], shape.head_dim] for name, dims in shapes.items() if name != "tokens")):
+        raise ValueError(f"--prompt-cache {path} is corrupt: it lacks a tensor of this model's, or one has another "
+                         f"shape; {KEPT}")
+    return meta
+
+
+def load_prompt_cache(path, model):
+    """The tokens whose K/V --prompt-cache's file holds (check_prompt_cache), copied into the caches' first
+    positions (as many as they hold; [] where there is no file yet). Another model's file is an error, and kept."""
+    from safetensors import safe_open
+    dtype = model.output.weight.dtype
+    if (meta := check_prompt_cache(path, model.args, dtype)) is None:
+        return []
+    if meta.get("weights") != weights_digest(model):
+        raise ValueError(f"--prompt-cache {path} holds the K/V of a model of this shape but other weights: {KEPT}")
+    with safe_open(path, "pt") as f:
+        tokens = f.get_tensor("tokens")
+        if tokens.dtype != torch.int64:
+            raise ValueError(f"--prompt-cache {path} is corrupt: its tokens are {tokens.dtype}; {KEPT}")
+        n, finite = min(len(tokens), model.max_seq_len), True
+        for i, layer in enumerate(model.layers):
+            for kv in "kv":
+                if (t := f.get_slice(f"layers.{i}.{kv}")[:, :n]).dtype != dtype:
+                    raise ValueError(f"--prompt-cache {path} is corrupt: its K/V are {t.dtype}, not {dtype}; {KEPT}")
+                (cache := getattr(layer.attention.kv_cache, kv)[0, :, :n]).copy_(t)
+                finite = cache.isfinite().all() & finite  # (on the device: read once, below)
+    if not finite:  # (else the prompt's logits came out NaN, blamed on the weights)
+        raise ValueError(f"--prompt-cache {path} is corrupt: its K/V hold NaN or inf; {KEPT}")
+    model.set_hata(model.hata)  # the sparse layers' hash codes, of the loaded keys
+    print(f"prompt cache: the K/V of {plural(n)} read from {path}", file=sys.stderr)
+    return tokens[:n].tolist()
+
+
+def save_prompt_cache(path, model, ids, held):
+    """Write the K/V of the prompt `ids` (the caches' first positions) to --prompt-cache's file, unless it holds them
+    already (`held`, the file's tokens, start with ids). One layer's K or V at a time is copied to host memory."""
+    if ids == held[:len(ids)]:
+        return
+    n, (Hkv, D), dtype = len(ids), model.layers[0].attention.kv_cache.k.shape[1::2], model.output.weight.dtype
+    tensors = {"tokens": (torch.int64, (n,), lambda: torch.tensor(ids))}
+    for i, layer in enumerate(model.layers):
+        for kv in "kv":  # (Hkv, n, D), read when written
+            cache = getattr(layer.attention.kv_cache, kv)
+            tensors[f"layers.{i}.{kv}"] = (dtype, (Hkv, n, D), lambda cache=cache: cache[0, :, :n])
+    meta = {"format": PROMPT_CACHE, "model": repr(model.args), "dtype": str(dtype), "weights": weights_digest(model)}
+    write_whole(path, lambda tmp: write_safetensors(tmp, tensors, meta))
+    print(f"prompt cache: the prompt's {plural(n)} written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -417,7 +417,7 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
     code, _, err = run_cli(capsys, "--prompt-file", "-")
     assert code == 2 and "--prompt-file -: standard input is closed" in error_line(err)
     (text := tmp_path / "p.txt").write_text("x")  # a file reads the same twice; so does a device such as /dev/null
-    assert engine.read_once(str(text)) is None and engine.read_once(os.devnull) is None
+    assert engine.stream_key(str(text)) is None and engine.stream_key(os.devnull) is None
     read, write = os.pipe()
     os.write(write, b"hi")
     os.close(write)
@@ -439,7 +439,7 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
     broken = open(os.devnull)
     broken.close()  # a closed file object as stdin: counted as "-" (its fileno() raises ValueError)
     monkeypatch.setattr(sys, "stdin", broken)
-    assert engine.read_once("-") == "-"
+    assert engine.stream_key("-") == "-"
     os.mkfifo(fifo := tmp_path / "fifo")  # refused before it is opened (which would wait for a writer)
     monkeypatch.setattr(engine, "read_prompt_file", lambda path: pytest.fail(f"{path} read before the check"))
     code, _, err = run_cli(capsys, "--prompt-file", str(fifo), "--prompt-file", str(fifo))
@@ -2552,8 +2552,8 @@ def test_a_socket_as_standard_input_is_one_stream_too(capsys, monkeypatch):
     ours, theirs = socket.socketpair()
     with ours, theirs, ours.makefile() as stdin:
         monkeypatch.setattr(sys, "stdin", stdin)
-        key = engine.read_once("-")
-        assert key is not None and key == engine.read_once(f"/dev/fd/{ours.fileno()}")
+        key = engine.stream_key("-")
+        assert key is not None and key == engine.stream_key(f"/dev/fd/{ours.fileno()}")
         monkeypatch.setattr(engine, "read_prompt_file", lambda path: pytest.fail(f"{path} read before the check"))
         code, _, err = run_cli(capsys, "--prompt-file", "-", "--prompt-file", f"/dev/fd/{ours.fileno()}")
         assert code == 2 and "--prompt-file names standard input (or one pipe) twice" in error_line(err)
