@@ -295,11 +295,10 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
     per_kernel = {name: timer.time(launch) for name, launch in stages}
 
     esize = k_cache.element_size()
-    k_eff = min(budget, S)
-    hata_bytes, dense_bytes = floor_bytes(B, Hkv, G, D, S, W, k_eff, esize)
+    hata_bytes, dense_bytes = floor_bytes(B, Hkv, G, D, S, W, budget, esize)  # budget < S: bench_attention's rows
     return dict(shape=shape, B=B, S=S, budget=budget, dense_ms=dense_ms, hata_ms=hata_ms,
                 hata_bytes=hata_bytes, dense_bytes=dense_bytes,
-                per_kernel=per_kernel, kernel_bytes=kernel_bytes(B, Hkv, G, D, S, W, k_eff, esize))
+                per_kernel=per_kernel, kernel_bytes=kernel_bytes(B, Hkv, G, D, S, W, budget, esize))
 
 
 def add_floors(rows, read):
@@ -371,7 +370,7 @@ def bench_offload(args):
     import offload
     from engine import GraphedDecode, meta_model, random_model
 
-    S, B, dev, hata = args.seqlen, 1, "cuda", HataArgs(budget=args.budget)
+    S, B, dev, hata, plan = args.seqlen, 1, "cuda", HataArgs(budget=args.budget), None  # plan: set once offloaded
     if S > (context := PRESETS[args.preset].max_seq_len):  # now, not after the GPU's timings
         raise ValueError(f"--seqlen {S} exceeds the {args.preset} context of {context} tokens")
     if (K := hata.budget_tokens(S)) >= S:
@@ -399,7 +398,6 @@ def bench_offload(args):
         print(f"  {name}, {plan or 'KV on the GPU'}: {ms:.3f} ms/step", flush=True)
         return ms, logits
 
-    plan = None
     model.setup_caches(B, S)
     gpu_ms, gpu_logits = decode_ms("HATA", hata, args.steps)
     torch.cuda.empty_cache()
@@ -555,8 +553,7 @@ def bench_e2e(args):
         for rep in range(4):  # the first round warms up (compilation, allocator): medians of the other three
             for name, policy in (("dense", None), ("HATA (keys hashed)", hashed)):
                 model.set_hata(policy, rehash=False)  # the prefill writes every code
-                with torch.inference_mode():
-                    ms = event_ms(lambda: prefill(model, tokens, lengths, **chunk))
+                ms = event_ms(lambda: prefill(model, tokens, lengths, **chunk))  # (prefill: in inference mode)
                 result.setdefault((name, way), []).extend([ms] if rep else [])
     result = {k: statistics.median(ts) for k, ts in result.items()}
     print()
@@ -577,8 +574,7 @@ def bench_e2e(args):
             for name, policy, step in [("dense", None, same[0][3])] + [(f"HATA K={K}", HataArgs(budget=K), ms)
                                                                        for _, _, K, _, ms, _ in same]:
                 graph = graphed(B, S, policy)  # (kept: its graph reads its static inputs)
-                with torch.inference_mode():
-                    kinds, hata = kernel_census(graph.graph.replay)
+                kinds, hata = kernel_census(graph.graph.replay)
                 parts = ", ".join(f"{n} {t:.2f}" for n, t in sorted(hata.items(), key=lambda x: -x[1]))
                 print(f"| {fmt_s(S)} | {B} | {name} | {step:.2f} | {sum(kinds.values()):.2f} | "
                       f"{kinds.get('GEMV/GEMM', 0):.2f} | {kinds.get('HATA', 0):.2f}{f' ({parts})' if parts else ''} | "
@@ -596,13 +592,12 @@ def bench_cpu(args):
     the shipped projections, at each context S: a step at position S - 1 of a cache one slot longer (a prefix of its
     cache, as every engine.py step before the last), with random K/V (the values do not change the cost). Dense and HATA
     alternate for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
-    from engine import default_checkpoint, shipped_hash_weights
+    from engine import decode_one_token, default_checkpoint, shipped_hash_weights
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if max(args.seqlens) > (context := checkpoint_metadata(default_checkpoint())[0]):  # before the weights load
         raise ValueError(f"--seqlens {max(args.seqlens)} exceed the default model's context, {context}")
     hata = HataArgs(budget=args.budget)
-    # a step attends over a prefix of its cache, as every engine.py step before the last
     caches = {S: min(S + 1, context) for S in args.seqlens}
     refuse_all_dense([args.budget], caches, "--budget")  # (before the weights load too)
     model = from_checkpoint(default_checkpoint())
@@ -614,7 +609,7 @@ def bench_cpu(args):
         model.set_hata(None)
         model.setup_caches(1, S_max)
         fill_random_kv(model)
-        cur, pos = torch.tensor([[1]]), torch.tensor([S - 1])
+        cur, pos = torch.tensor([1]), torch.tensor([S - 1])
         times = {"dense": [], "hata": []}
         with torch.inference_mode():
             for _ in range(args.rounds):
@@ -622,7 +617,7 @@ def bench_cpu(args):
                     model.set_hata(policy, rehash=policy is not None)
                     for i in range(args.steps + 1):  # the first step of a round warms up
                         t0 = time.perf_counter()
-                        model(cur, pos, output_idx=torch.zeros(1, dtype=torch.long))
+                        decode_one_token(model, cur, pos)
                         if i:
                             times[name].append(1000 * (time.perf_counter() - t0))
         dense, sparse = statistics.median(times["dense"]), statistics.median(times["hata"])
