@@ -116,7 +116,6 @@ def _default_token_types(path, tokens, named) -> list[int]:
 
 def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Encoding, int, set]:
     """(the encoding, the vocab size, the ids below it that are no token: a GGUF's unused slots, decoded to nothing)"""
-    # tiktoken needs all 256 bytes; a vocabulary may lack some (SmolLM2: 0xF1, control bytes): ids past it (see _text)
     if len(set(ranks.values())) < len(ranks) or len(set(specials.values())) < len(specials):
         raise ValueError(f"{name!r}: two tokens share one id; the tokenizer file is corrupt")
     ids = [*ranks.values(), *specials.values()]
@@ -125,6 +124,7 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Enco
         raise ValueError(f"{name!r}: token id {bad[0]!r} is not a whole number in [0, {room}) for its {len(ids)} "
                          "tokens; the tokenizer file is corrupt")
     n = max(ids) + 1
+    # tiktoken needs all 256 bytes; a vocabulary may lack some (SmolLM2: 0xF1, control bytes): ids past it (see _text)
     ranks = {**{bytes([b]): n + b for b in range(256)}, **ranks}
     blank = set(range(n)) - set(ranks.values()) - set(specials.values())
     try:
@@ -133,17 +133,6 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Enco
     except ValueError as e:  # a tokenizer.json's Split regex that fancy-regex cannot read
         raise ValueError(f"{name!r}: its pre-tokenizer regex does not compile ({e})") from None
     return enc, n, blank
-
-
-def open_gguf(path, keep=True):
-    """gguf.GGUFReader(path), kept for the next reader of the same unchanged file (unless not `keep`: the last
-    reader lets the file's mapping go with it): the tokenizer and the model read one GGUF, and parsing its metadata
-    takes a second (the default model's 49K token strings)."""
-    st = os.stat(path)
-    reader = _open_gguf(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if not keep:
-        _open_gguf.cache_clear()
-    return reader
 
 
 def file_head(path, names=(), missing: Exception | None = None):
@@ -168,6 +157,17 @@ def file_head(path, names=(), missing: Exception | None = None):
         raise ValueError(f"{path!r} is not a GGUF file (it does not start with 'GGUF'): truncated or corrupt; "
                          "re-download it")
     return path, head
+
+
+def open_gguf(path, keep=True):
+    """gguf.GGUFReader(path), kept for the next reader of the same unchanged file (unless not `keep`: the last
+    reader lets the file's mapping go with it): the tokenizer and the model read one GGUF, and parsing its metadata
+    takes a second (the default model's 49K token strings)."""
+    st = os.stat(path)
+    reader = _open_gguf(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if not keep:
+        _open_gguf.cache_clear()
+    return reader
 
 
 @functools.lru_cache(maxsize=1)
