@@ -840,7 +840,7 @@ def reading(path):
         raise ValueError(f"{path}: the checkpoint has no {e}; is it complete, and a Llama model?") from None
     except (TypeError, AttributeError) as e:
         raise ValueError(f"{path}: malformed checkpoint ({e})") from None
-    except ValueError as e:  # ModelArgs' checks name no file; the readers' own errors start with it
+    except ValueError as e:  # meta_context's and the libraries' errors name no file; the readers' own start with it
         said = str(e).lstrip("'")  # (named where its next character ends the name: not "t", the start of "the")
         if said.startswith(path) and (path.endswith(("/", os.sep)) or said[len(path):][:1] in (":", "/", os.sep)):
             raise
@@ -855,11 +855,8 @@ def checkpoint_metadata(path):
     checkpoint's ModelArgs need its weights (params.json may leave the vocabulary size to them): None."""
     fmt, path = checkpoint_format(path)
     with reading(path):
-        if fmt == "gguf":
-            args = gguf_args(path, gguf_reader(path, keep=True))[0]  # the parse kept for the tokenizer and loader
-            return args.max_seq_len, args
-        if fmt == "hf":
-            args = hf_args(path)
+        if fmt in ("gguf", "hf"):  # (a GGUF's parse kept for the tokenizer and the loader)
+            args = gguf_args(path, gguf_reader(path, keep=True))[0] if fmt == "gguf" else hf_args(path)
             return args.max_seq_len, args
         p = read_json(os.path.join(path, "params.json"))
         refuse_unsupported(os.path.join(path, "params.json"), "meta", p.get, None)
@@ -909,6 +906,8 @@ def weight_names(fmt, n_layers):
 def gguf_reader(path, keep):
     try:
         return open_gguf(path, keep)
+    except ImportError:  # no gguf package (pip install -r requirements.txt): not a fault of the file
+        raise
     except Exception as e:
         raise ValueError(f"{path}: cannot read it as a GGUF file ({e}); is the file complete?") from None
 
@@ -932,7 +931,7 @@ def read_gguf(path, dtype=torch.float32):
 
 def gguf_args(path, reader):
     """(ModelArgs, {tensor: shape}) from a GGUF's metadata; its architecture and settings checked."""
-    def meta(key, default=...):  # no default: a required key
+    def value(key, default=...):  # the metadata value of `key`; no default: a required key
         if key not in reader.fields and default is ...:
             raise KeyError(key)
         return reader.fields[key].contents() if key in reader.fields else default
@@ -940,17 +939,16 @@ def gguf_args(path, reader):
     if reader.endianess.name == "BIG":  # gguf swaps the header's numbers, not its dequantized tensors: NaN weights
         raise ValueError(f"{path}: a big-endian GGUF, which llama.cpp does not read here either; convert it "
                          "(python -m gguf.scripts.gguf_convert_endian FILE little)")
-    if (parts := meta("split.count", 1)) > 1:  # llama-gguf-split's output: its first part lacks most tensors
-        raise ValueError(f"{path}: part {meta('split.no', 0) + 1} of a GGUF split into {parts} files; merge them "
+    if (parts := value("split.count", 1)) > 1:  # llama-gguf-split's output: its first part lacks most tensors
+        raise ValueError(f"{path}: part {value('split.no', 0) + 1} of a GGUF split into {parts} files; merge them "
                          f"first (llama-gguf-split --merge)")
-    arch = meta("general.architecture", None)
-    if arch != "llama":
+    if (arch := value("general.architecture", None)) != "llama":
         raise ValueError(f"{path}: unsupported architecture {arch!r}; hata runs Llama-architecture models")
-    if meta("llama.expert_count", 0):
+    if value("llama.expert_count", 0):
         raise ValueError(f"{path}: a mixture-of-experts model (Mixtral); hata runs dense Llama models")
-    n_heads = meta("llama.attention.head_count")
-    kind = meta("llama.rope.scaling.type", "linear")  # as llama.cpp: a factor without a type is linear scaling
-    factor = meta("llama.rope.scaling.factor", meta("llama.rope.scale_linear", 0.0))  # the second: older converters
+    n_heads = value("llama.attention.head_count")
+    kind = value("llama.rope.scaling.type", "linear")  # as llama.cpp: a factor without a type is linear scaling
+    factor = value("llama.rope.scaling.factor", value("llama.rope.scale_linear", 0.0))  # the second: older converters
     if kind not in ("linear", "none"):
         raise ValueError(f"{path}: unsupported RoPE scaling {kind!r}")
     scaling = {"type": "linear", "factor": factor} if kind == "linear" and factor not in (0.0, 1.0) else None
@@ -963,24 +961,24 @@ def gguf_args(path, reader):
             raise ValueError(f"{path}: tensor {t.name} starts at byte {t.data_offset}, not at {at} where the tensors "
                              "before it end: the file is corrupt; re-download it")
         at += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
-    if shapes["token_embd.weight"][1:] != [meta("llama.embedding_length")]:  # before the settings it would garble
-        raise ValueError(f"{path}: llama.embedding_length {meta('llama.embedding_length')} is not the width of "
+    if shapes["token_embd.weight"][1:] != [value("llama.embedding_length")]:  # before the settings it would garble
+        raise ValueError(f"{path}: llama.embedding_length {value('llama.embedding_length')} is not the width of "
                          f"token_embd.weight {shapes['token_embd.weight']}: the file is corrupt; re-download it")
-    context, window = meta("llama.context_length"), meta("llama.attention.sliding_window", 0) or math.inf  # 0: none
+    context, window = value("llama.context_length"), value("llama.attention.sliding_window", 0) or math.inf  # 0: none
     names = dict(dim="embedding_length", n_layers="block_count", n_heads="attention.head_count",
                  n_kv_heads="attention.head_count_kv", ffn_dim="feed_forward_length", rope_theta="rope.freq_base",
                  norm_eps="attention.layer_norm_rms_epsilon", factor="rope.scaling.factor",
                  head_dim="attention.key_length",
                  max_seq_len="attention.sliding_window" if window < context else "context_length")
-    args = ModelArgs.read(path, {k: "llama." + v for k, v in names.items()}, dim=meta("llama.embedding_length"),
-                          n_layers=meta("llama.block_count"), n_heads=n_heads,
-                          n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
-                          vocab_size=shapes["token_embd.weight"][0], ffn_dim=meta("llama.feed_forward_length"),
-                          norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-                          rope_theta=meta("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
+    args = ModelArgs.read(path, {k: "llama." + v for k, v in names.items()}, dim=value("llama.embedding_length"),
+                          n_layers=value("llama.block_count"), n_heads=n_heads,
+                          n_kv_heads=value("llama.attention.head_count_kv", n_heads),
+                          vocab_size=shapes["token_embd.weight"][0], ffn_dim=value("llama.feed_forward_length"),
+                          norm_eps=value("llama.attention.layer_norm_rms_epsilon"),
+                          rope_theta=value("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
                           max_seq_len=min(context, window), tie_embeddings="output.weight" not in shapes,
-                          head_dim=meta("llama.attention.key_length", 0))  # checked before the tensors are dequantized
-    refuse_unsupported(path, "gguf", lambda key: meta(key, None), args)
+                          head_dim=value("llama.attention.key_length", 0))  # checked before the tensors are dequantized
+    refuse_unsupported(path, "gguf", lambda key: value(key, None), args)
     return args, shapes
 
 
@@ -1156,16 +1154,14 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
     the stacked wqkv and w13 (see fused_weights); every weight must be finite in `dtype`. Errors name a tensor as
     `names` ({ours: the file's}) does."""
     named = lambda name: (names or {}).get(name, name)
-    sd = dict(sd)
+    sd = {k: w for k, w in sd.items() if k != "output.weight" or not args.tie_embeddings}  # tied: the embedding's
     with torch.device("meta"):
         model = Transformer(args, hata)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in model.named_parameters()}  # tied: listed once, as the embedding
     fused = fused_weights(args)
     for name, parts in fused.items():  # checked as the checkpoint's separate tensors
         del expected[name]
         expected.update({part: (rows, args.dim) for part, rows in parts})
-    if args.tie_embeddings:
-        sd["output.weight"] = sd.get("tok_embeddings.weight")
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         said = [f"{len(ns)} tensor{'s' * (len(ns) > 1)} {what}, e.g. {[named(n) for n in ns[:4]]}"
@@ -1193,6 +1189,8 @@ def from_state_dict(args, sd, hata=None, device="cpu", dtype=torch.float32, rope
         raise ValueError(f"{where}: {named(name)} holds NaN or inf; the file is corrupt")
     for name, parts in fused.items():
         sd[name] = torch.cat([sd.pop(part) for part, _ in parts])
+    if args.tie_embeddings:  # load_state_dict wants both names; assign=True gives each a Parameter: tied again below
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

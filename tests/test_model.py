@@ -525,6 +525,13 @@ def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
         load_checkpoint(str(tmp_path / "model.safetensors"))
 
 
+def test_a_missing_gguf_package_is_named_not_blamed_on_the_file(gguf_path, monkeypatch):
+    """Without the gguf package, reading a GGUF's metadata says so (it said "is the file complete?")."""
+    monkeypatch.setattr(model_module, "open_gguf", lambda path, keep: __import__("no_such_module_gguf"))
+    with pytest.raises(ImportError, match="no_such_module_gguf"):
+        checkpoint_metadata(gguf_path)
+
+
 def test_checkpoint_metadata_alone(tmp_path):
     """engine.py asks before the tokenizer and the weights: the context length from the metadata, with the
     architecture checked there. A Hugging Face GGUF repository (config.json beside the .gguf, no safetensors) is
@@ -1038,11 +1045,16 @@ def test_a_meta_checkpoint_without_output_weight_is_refused(small_smol, tmp_path
     torch.testing.assert_close(logits_of(model, ids), want, atol=1e-5, rtol=0)
 
 
-def test_tied_weights_stay_one_tensor_after_a_dtype_change(small_smol):
-    """A tied model converted on load (bf16 file, fp32 model) holds one embedding matrix, not two copies."""
+def test_tied_weights_stay_one_tensor_after_a_dtype_change(small_smol, monkeypatch):
+    """A tied model converted on load (bf16 file, fp32 model) holds one embedding matrix, not two copies, and converts
+    it once (it was converted under both names, a second copy on the device until the load)."""
     args, sd = small_smol
     bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    to, converted = torch.Tensor.to, []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: converted.append(self) or to(self, *a, **kw))
     model = from_state_dict(args, bf16, dtype=torch.float32)
+    monkeypatch.undo()
+    assert sum(t is bf16["tok_embeddings.weight"] for t in converted) == 1
     assert model.output.weight is model.tok_embeddings.weight
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # converted, every weight
     model = from_state_dict(args, sd, dtype=torch.bfloat16)  # and the other way
