@@ -499,7 +499,7 @@ def _order_key_int32(score):
 
 
 def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
-    """score (B, Hkv, S) any real dtype, smaller is closer -> idx (B, Hkv, budget) int32, -1 padded: a set.
+    """score (B, Hkv, S) float, int8-int64 or uint8, smaller is closer -> idx (B, Hkv, budget) int32, -1 padded: a set.
     Both paths order float scores by their fp32 value; integer scores must fit in int32."""
     _check(score.dim() == 3, f"select_topk: score must be (B, Hkv, S), got shape {tuple(score.shape)}")
     _check(score.is_floating_point() or score.dtype in _INTS, f"select_topk: score must be a float or a signed integer "
@@ -889,9 +889,9 @@ def sparse_decode_attention(q, k_cache, v_cache, idx, scale=None, use_triton=Non
 
 def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     """Definition. Memory: gathers the K selected key and value rows per KV head (2*B*Hkv*K*D*itemsize B; reshape
-    copies a [:, :, :S] view first: pass whole caches), writes B*H*D. Accumulates in fp32 (fp64 for fp64 inputs)."""
-    B, H, D = q.shape
-    _, Hkv, S_max, _ = k_cache.shape
+    copies a [:, :, :S] view first: pass whole caches), then for bf16/fp16 casts them to the fp32 it accumulates in
+    (2*B*Hkv*K*D*4 B more; fp64 inputs accumulate in fp64); writes B*H*D."""
+    (B, H, D), (_, Hkv, S_max, _) = q.shape, k_cache.shape
     K, G = idx.shape[-1], H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -900,10 +900,10 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D)    # (B, Hkv, K, D)
-    v_sel = torch.where(used[..., None], v_sel, 0).to(acc)                     # -1 read row 0: zeroed (0 * NaN = NaN)
+    v_sel = v_sel.to(acc).masked_fill_(~used[..., None], 0)                    # -1 read row 0: zeroed (0 * NaN = NaN)
     s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)
-    live = s.amax(-1, keepdim=True) != -math.inf                              # (B, Hkv, G, 1); a NaN row is live
+    live = ~(s == -math.inf).all(-1, keepdim=True)                            # (B, Hkv, G, 1); a NaN row is live
     p = torch.where(live, torch.softmax(s, dim=-1), 0.0)                       # (B, Hkv, G, K)
     return (p @ v_sel).reshape(B, H, D).to(q.dtype)                            # (B, Hkv, G, D) -> (B, H, D)
 

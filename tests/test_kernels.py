@@ -250,6 +250,15 @@ def test_sparse_attention_ref(G):
     assert out[0, G:].isnan().all() and not out[0, :G].isnan().any() and torch.all(out[1, :G] == 0)
 
 
+def test_sparse_attention_with_no_slots_is_zeros_in_both_paths():
+    """K = 0 slots select nothing: zeros, as the kernel gives (the ref failed in amax over an empty dim)."""
+    q, k, v = torch.randn(1, 4, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    idx = torch.empty(1, 2, 0, dtype=torch.int32)
+    assert torch.equal(hk.sparse_decode_attention_ref(q, k, v, idx), torch.zeros(1, 4, 16))
+    tri = hk.sparse_decode_attention(q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV), use_triton=True)
+    assert torch.equal(tri.cpu(), torch.zeros(1, 4, 16))
+
+
 def test_sparse_attention_ref_accumulates_half_inputs_in_fp32():
     """fp16 q, k, v (large logits, values far from 0): the ref's result is within fp16 rounding of float64's, which
     it is only when it accumulates in fp32 (in fp16: 9e-3, against 2e-3). attention_tolerance measures the kernels
