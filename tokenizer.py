@@ -383,6 +383,8 @@ class Tokenizer:
     def _from_gguf(cls, path):
         try:
             fields = open_gguf(path).fields
+        except ImportError:  # no gguf package (pip install -r requirements.txt): not a fault of the file
+            raise
         except Exception as e:  # the reader fails with assorted errors on a cut or corrupt file
             raise ValueError(f"{path!r} is not a readable GGUF file, truncated or corrupt ({e}); re-download it")
         get = lambda k, default=None: fields[k].contents() if k in fields else default

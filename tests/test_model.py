@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from engine import generate
 import hata_kernels as hk
 import model as model_module
+import tokenizer as tokenizer_module
 from model import (PRESETS, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
                    rope_frequencies)
@@ -526,10 +527,14 @@ def test_gguf_named_file_without_magic_reads_as_the_tokenizer_says(tmp_path):
 
 
 def test_a_missing_gguf_package_is_named_not_blamed_on_the_file(gguf_path, monkeypatch):
-    """Without the gguf package, reading a GGUF's metadata says so (it said "is the file complete?")."""
-    monkeypatch.setattr(model_module, "open_gguf", lambda path, keep: __import__("no_such_module_gguf"))
+    """Without the gguf package, reading a GGUF's metadata or its tokenizer says so (they said "is the file
+    complete?" and "truncated or corrupt ...; re-download it")."""
+    for module in (model_module, tokenizer_module):
+        monkeypatch.setattr(module, "open_gguf", lambda path, keep=True: __import__("no_such_module_gguf"))
     with pytest.raises(ImportError, match="no_such_module_gguf"):
         checkpoint_metadata(gguf_path)
+    with pytest.raises(ImportError, match="no_such_module_gguf"):
+        tokenizer_module.Tokenizer.from_path(gguf_path)
 
 
 def test_checkpoint_metadata_alone(tmp_path):
