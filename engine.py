@@ -523,7 +523,7 @@ def cli(run, args):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush of stdout would fail again
         return 141
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError) as e:  # ImportError: a package missing (gguf)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

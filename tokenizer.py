@@ -172,7 +172,10 @@ def open_gguf(path, keep=True):
 
 @functools.lru_cache(maxsize=1)
 def _open_gguf(path, dev, inode, size, mtime_ns):  # a file replaced or rewritten is read again
-    import gguf
+    try:
+        import gguf
+    except ImportError as e:  # the environment's fault, not the file's: its readers let this through
+        raise ImportError(f"a GGUF file needs the gguf package ({e}): pip install -r requirements.txt") from None
     import numpy as np
 
     class Reader(gguf.GGUFReader):
