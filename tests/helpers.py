@@ -111,3 +111,11 @@ def write_meta(path, args, sd, n_layers=3):
     tensors = export(sd, args, "meta", n_layers)
     tensors.setdefault("output.weight", tensors["tok_embeddings.weight"].clone())
     torch.save(tensors, os.path.join(path, "consolidated.00.pth"))
+
+
+def write_meta_shards(folder, tensors, rows=("wo.weight", "w2.weight")):
+    """`tensors` as two model-parallel consolidated.0{0,1}.pth shards: names ending in `rows` split on dim 1 (row
+    parallel; Llama 2 cuts its embedding so too), other matrices on dim 0, vectors whole in each shard."""
+    for i in range(2):
+        torch.save({name: (w.chunk(2, 1 if name.endswith(rows) else 0)[i] if w.dim() == 2 else w).contiguous()
+                    for name, w in tensors.items()}, os.path.join(folder, f"consolidated.0{i}.pth"))

@@ -22,7 +22,8 @@ import tokenizer as tokenizer_module
 from model import (PRESETS, HataArgs, KVCache, ModelArgs, RMSNorm, Transformer, causal_attention,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, from_state_dict, load_checkpoint, read_meta,
                    rope_frequencies)
-from tests.helpers import GOLDEN, HF_CFG, random_ids, read_only, tiny_model, write_gguf, write_hf, write_meta
+from tests.helpers import (GOLDEN, HF_CFG, random_ids, read_only, tiny_model, write_gguf, write_hf, write_meta,
+                           write_meta_shards)
 
 
 def logits_of(model, ids):
@@ -912,9 +913,7 @@ def test_rope_scaling_and_shards_from_checkpoints(small_smol, tmp_path):
     assert load_checkpoint(str(meta))[0].rope_scaling == llama31
     (meta / "params.json").write_text(json.dumps(params))
     for rows in (("wo.weight", "w2.weight", "tok_embeddings.weight"), ("wo.weight", "w2.weight")):  # Llama 2, 3
-        for i in range(2):  # row-parallel weights split on dim 1, the others on dim 0; norms whole in each shard
-            torch.save({name: (w.chunk(2, 1 if name.endswith(rows) else 0)[i] if w.dim() == 2 else w).contiguous()
-                        for name, w in one.items()}, meta / f"consolidated.0{i}.pth")
+        write_meta_shards(meta, one, rows)
         torch.testing.assert_close(logits_of(from_checkpoint(str(meta)), ids), whole, atol=1e-5, rtol=0)
 
 
@@ -1037,9 +1036,7 @@ def test_a_meta_checkpoint_without_output_weight_is_refused(small_smol, tmp_path
     torch.save(one, tmp_path / "consolidated.00.pth")
     with pytest.raises(ValueError, match=r"consolidated.00.pth: no output.weight; Meta's checkpoints always hold it"):
         from_checkpoint(str(tmp_path))
-    for i in range(2):  # model-parallel shards, none holding it
-        torch.save({name: (w.chunk(2, 1 if name.endswith(("wo.weight", "w2.weight")) else 0)[i] if w.dim() == 2
-                           else w).contiguous() for name, w in one.items()}, tmp_path / f"consolidated.0{i}.pth")
+    write_meta_shards(tmp_path, one)  # model-parallel shards, none holding it
     with pytest.raises(ValueError, match=r"consolidated.00.pth \(and every other shard\): no output.weight"):
         load_checkpoint(str(tmp_path))
     os.remove(tmp_path / "consolidated.01.pth")
@@ -1187,9 +1184,7 @@ def test_checkpoint_folders_read_by_their_weights(small_smol, tmp_path):
     got = load_checkpoint(str(meta))[1]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     one = torch.load(meta / "consolidated.00.pth", weights_only=True)
-    for i in range(2):  # row-parallel weights split on dim 1, the others on dim 0
-        torch.save({name: (w.chunk(2, 1 if name.endswith(("wo.weight", "w2.weight")) else 0)[i] if w.dim() == 2
-                           else w).contiguous() for name, w in one.items()}, meta / f"consolidated.0{i}.pth")
+    write_meta_shards(meta, one)
     w2 = torch.load(meta / "consolidated.01.pth", weights_only=True)
     torch.save({**w2, "layers.0.feed_forward.w2.weight": w2["layers.0.feed_forward.w2.weight"][:-1]},  # a row short
                meta / "consolidated.01.pth")
