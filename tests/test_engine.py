@@ -402,13 +402,13 @@ def test_bad_prompt_files(capsys, tmp_path, monkeypatch):
     assert code == 2 and "prompt file not found: " in error_line(err)
 
 
-def test_a_missing_gguf_package_is_one_error_line(capsys, monkeypatch):
+def test_a_missing_gguf_package_is_one_error_line(capsys, monkeypatch, gguf_path):
     """engine.py without the gguf package: one line naming it (a traceback once the readers stopped taking it for a
     corrupt file, which they had said instead)."""
     from tokenizer import _open_gguf
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf fails, as without the package
     _open_gguf.cache_clear()  # (a reader kept from another test would hide it)
-    code, _, err = run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "1")
+    code, _, err = run_cli(capsys, "--checkpoint", gguf_path, "--prompt", "hi", "--max-new-tokens", "1")
     assert code == 2 and "a GGUF file needs the gguf package" in error_line(err)
 
 
