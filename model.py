@@ -1094,7 +1094,7 @@ def read_meta(path):
     # Meta's model has an output layer of its own, loaded strictly (llama-models), so Meta's files always hold one:
     # the tied Llama 3.2 1B and 3B a copy of the embedding, kept here as one matrix (as config.json's tie gives)
     embedding, output = raw["tok_embeddings.weight"], raw.get("output.weight")
-    tied = output is not None and output.shape == embedding.shape and torch.equal(output, embedding)
+    tied = output is not None and torch.equal(output, embedding)  # (False for another shape)
     args = ModelArgs.read(os.path.join(path, "params.json"), names, dim=p["dim"], n_layers=p["n_layers"],
                           n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
                           vocab_size=embedding.shape[0],
