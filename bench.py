@@ -21,7 +21,8 @@ HATA offloaded vs HATA on the GPU vs every row fetched from host memory; then on
 `e2e` times whole decode steps of a preset with random weights, each a CUDA graph, dense vs HATA at each budget,
 then prefills with and without key hashing (one causal pass; the engine's chunks); with --profile, where one
 replay of each step spends its time.
-`cpu` times the default model's decode steps on the CPU (real weights, fp32), dense vs HATA, alternating.
+`cpu` times the default model's decode steps on the CPU (real weights, fp32 or --dtype bfloat16), dense vs HATA,
+alternating.
 """
 import datetime
 import math
@@ -229,10 +230,10 @@ def plot_speed(path, panels):
     plt.switch_backend("Agg")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (title, ylabel, yscale, lines, ref) in zip(axes[0], panels):
-        for label, pts in lines.items():  # (a line with no points, e.g. HATA where K covers every S: no legend)
-            if not pts:
-                continue
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        for i, (label, pts) in enumerate(lines.items()):  # each its own marker, smaller in turn: equal lines (K =
+            if pts:  # S/64 and K = 2048 at 128K) hide none; a line with no points (HATA where K covers every S): none
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="osD^v<>"[i % 7],
+                        ms=9 - 5 * i / max(1, len(lines) - 1), label=label)
         if ref is not None:
             ax.axhline(ref, color="gray", linestyle="--")
         xs = sorted({x for pts in lines.values() for x, _ in pts})
@@ -588,11 +589,11 @@ def bench_e2e(args):
 
 
 def bench_cpu(args):
-    """Decode ms/token of the default model on the CPU (real weights, fp32): dense against HATA at --budget with
+    """Decode ms/token of the default model on the CPU (real weights in --dtype): dense against HATA at --budget with
     the shipped projections, at each context S: a step at position S - 1 of a cache one slot longer (a prefix of its
     cache, as every engine.py step before the last), with random K/V (the values do not change the cost). Dense and HATA
     alternate for --rounds rounds of --steps steps, so a noisy machine slows both alike; medians over all steps."""
-    from engine import decode_one_token, default_checkpoint, shipped_hash_weights
+    from engine import DTYPES, decode_one_token, default_checkpoint, shipped_hash_weights
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if max(args.seqlens) > (context := checkpoint_metadata(default_checkpoint())[0]):  # before the weights load
@@ -600,7 +601,7 @@ def bench_cpu(args):
     hata = HataArgs(budget=args.budget)
     caches = {S: min(S + 1, context) for S in args.seqlens}
     refuse_all_dense([args.budget], caches, "--budget")  # (before the weights load too)
-    model = from_checkpoint(default_checkpoint())
+    model = from_checkpoint(default_checkpoint(), dtype=DTYPES[args.dtype])
     print_header(args.mode)
     hata.hash_weights = shipped_hash_weights(hata)
     rows = []
@@ -624,13 +625,13 @@ def bench_cpu(args):
         rows.append((S, K, dense, sparse))
         print(f"  S={S}: dense {dense:.1f} ms, HATA {sparse:.1f} ms", flush=True)
     n = torch.get_num_threads()
-    print(f"\ndefault model decode step, fp32, CPU ({n} thread{'s' * (n > 1)}), median of {args.rounds} x "
+    print(f"\ndefault model decode step, {args.dtype}, CPU ({n} thread{'s' * (n > 1)}), median of {args.rounds} x "
           f"{args.steps} steps; HATA: {budget_label(args.budget)}, R = {hata.rbit}, n_dense {hata.n_dense}\n\n"
           "| context | K | dense ms/token | HATA ms/token | speedup |\n|---|---|---|---|---|")
     for S, K, dense, sparse in rows:
         note = f"{dense / sparse:.2f}x" if K < S else "- (K >= S: dense)"
         print(f"| {S} | {K} | {dense:.1f} | {sparse:.1f} | {note} |")
-    plot_speed(args.plot, [("default model decode on the CPU", "ms / token (median)", "linear",
+    plot_speed(args.plot, [(f"default model decode on the CPU, {args.dtype}", "ms / token (median)", "linear",
                             {"dense": [(S, d) for S, _, d, _ in rows],
                              f"HATA, {budget_label(args.budget)}": [(S, h) for S, K, _, h in rows if K < S]}, None)])
 
@@ -649,7 +650,7 @@ def report_plot_path(args, mode_parser):
     """report/bench_MODE.png (committed for attention and e2e) is the plot of the mode's default points (contexts,
     batches, budgets, shapes; e2e's with --compile, as the README shows it): a run of other points leaves it alone
     and draws nothing unless given --plot. Returns (path, None) or (None, the note to print after the run)."""
-    points = ("shapes", "seqlens", "batches", "budgets", "budget", "preset", "rbit")
+    points = ("shapes", "seqlens", "batches", "budgets", "budget", "preset", "rbit", "dtype")
     if getattr(args, "compile", True) and all(getattr(args, k) == mode_parser.get_default(k) for k in points
                                               if hasattr(args, k)):
         return os.path.join(HERE, "report", f"bench_{args.mode}.png"), None
@@ -695,6 +696,8 @@ def build_parser():
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
     p.add_argument("--threads", type=thread_count, help="torch threads (default: torch's choice; 1 when other work "
                    "keeps the cores busy, where 2 spin)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the weights' and caches' (bfloat16: faster on CPUs with bf16 instructions)")
     for mode, p in sub.choices.items():
         if mode != "offload":
             e2e = " with --compile" if mode == "e2e" else ""

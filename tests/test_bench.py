@@ -59,12 +59,26 @@ def test_a_line_with_no_points_is_left_out_of_the_plot(tmp_path, monkeypatch):
     assert drawn == ["dense"] and (tmp_path / "x.png").exists()
 
 
-def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys):
-    """--budget 1/4 as engine.py reads it, of the cache (S + 1 slots): sparse at both contexts (3 of 8, 13 of 48)."""
-    png = tmp_path / "cpu.png"
-    bench.main(["cpu", "--seqlens", "8", "48", "--budget", "1/4", "--rounds", "1", "--steps", "1", "--plot", str(png)])
+def test_plotted_lines_of_equal_values_differ_in_marker_and_size(tmp_path, monkeypatch):
+    """K = S/64 and K = 2048 time alike at 128K (the same K) or where latency binds: the later line, drawn over the
+    earlier, must not hide it."""
+    import matplotlib.axes
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k) or plot(ax, *a, **k))
+    same = [(8192, 1.0), (131072, 2.0)]
+    bench.plot_speed(str(tmp_path / "x.png"), [("t", "ms", "log", {"a": same, "b": same, "c": same}, None)])
+    assert len({k["marker"] for k in drawn}) == 3 and drawn[0]["ms"] > drawn[1]["ms"] > drawn[2]["ms"]
+
+
+def test_cpu_budget_takes_a_fraction_of_each_context(gguf_path, tmp_path, capsys, monkeypatch):
+    """--budget 1/4 as engine.py reads it, of the cache (S + 1 slots): sparse at both contexts (3 of 8, 13 of 48);
+    in bf16 (--dtype) every step, and the table says so."""
+    png, dtypes, step = tmp_path / "cpu.png", set(), engine.decode_one_token
+    monkeypatch.setattr(engine, "decode_one_token", lambda m, *a: dtypes.add(m.output.weight.dtype) or step(m, *a))
+    bench.main(["cpu", "--seqlens", "8", "48", "--budget", "1/4", "--rounds", "1", "--steps", "1", "--plot", str(png),
+                "--dtype", "bfloat16"])
     out = capsys.readouterr().out
-    assert "HATA: K = S/4, R = 128" in out
+    assert "HATA: K = S/4, R = 128" in out and "decode step, bfloat16, CPU" in out and dtypes == {torch.bfloat16}
     rows = [line for line in out.splitlines() if line.startswith(("| 8 |", "| 48 |"))]
     assert len(rows) == 2 and all(row.endswith("x |") for row in rows)  # K < S at both: a speedup, not "dense"
     assert rows[0].startswith("| 8 | 3 |") and rows[1].startswith("| 48 | 13 |")  # the table says which K
@@ -190,7 +204,8 @@ def test_a_run_of_other_points_leaves_the_report_plot_alone(monkeypatch, capsys)
     monkeypatch.setattr(bench, "bench_cpu", lambda args: plots.append(args.plot) or 0)
     report = f"{bench.HERE}/report/bench_cpu.png"
     for argv, want in ((["cpu"], report), (["cpu", "--rounds", "1"], report), (["cpu", "--seqlens", "16"], None),
-                       (["cpu", "--budget", "1/4"], None), (["cpu", "--seqlens", "16", "--plot", "x.png"], "x.png")):
+                       (["cpu", "--budget", "1/4"], None), (["cpu", "--dtype", "bfloat16"], None),
+                       (["cpu", "--seqlens", "16", "--plot", "x.png"], "x.png")):
         assert bench.main(argv) == 0 and plots[-1] == want, argv
         assert ("did not draw report/bench_" in capsys.readouterr().err) == (want is None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
