@@ -91,7 +91,7 @@ def _popcount_words(words, lut=None):
     if lut is False or (lut is None and words.device.type == "cpu"):
         return torch.from_numpy(np.bitwise_count(words.numpy().view(np.uint32)))
     table = sum((torch.arange(256, device=words.device) >> i) & 1 for i in range(8)).to(torch.int32)  # (256,)
-    return table[words.view(torch.uint8).long()].view(*words.shape, 4).sum(-1)
+    return table[words.view(torch.uint8).long()].view(*words.shape, 4).sum(-1)  # words' shape, int64
 
 
 def _check_int32_span(t, op):  # score and select kernels: int32 row offsets (int64 costs registers; score: maxnreg 96)
@@ -266,7 +266,7 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
     _check_triton_head_dim(D, "hash_encode_step")
     codes = torch.empty(B, H, 1, R // 32, dtype=torch.int32, device=q.device)  # (B, H, 1, W) int32
     _hash_encode_into(q[:, :, None], proj, codes, key=(k, pos.contiguous(), code_cache))
-    return codes[:, :, 0]                                                      # (B, H, W)
+    return codes[:, :, 0]                                                      # (B, H, W) int32
 
 
 def hash_encode_ref(x, proj):
@@ -278,7 +278,7 @@ def hash_encode_ref(x, proj):
     xg = x.float().reshape(B, Hkv, Hx // Hkv * T, D)                          # (B, Hkv, G*T, D): row heads of proj h
     y = (xg @ proj.float()).view(B, Hx, T, R)                                 # (B, Hx, T, R) fp32
     bits = (y > 0).view(B, Hx, T, R // 8, 8).view(torch.uint8)                 # (B, Hx, T, R/8, 8) 0 or 1
-    weight = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
+    weight = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)  # (8,) uint8
     packed = (bits * weight).sum(-1, dtype=torch.uint8)                       # (B, Hx, T, R/8) bytes
     return packed.view(torch.int32)  # (B, Hx, T, W): little-endian, byte j of a word holds bits 8j..8j+7
 
@@ -493,7 +493,7 @@ def _order_key_int32(score):
     integers as they are (select_topk has checked that they fit int32), floats through their fp32 bit pattern
     (-0.0 as 0.0: equal scores tie; every NaN ranks last: torch keeps or drops a NaN's sign bit by where it lies)."""
     if not score.is_floating_point():
-        return score.to(torch.int32)
+        return score.to(torch.int32)  # (B, Hkv, S) int32
     bits = torch.where(score.isnan(), 0x7FFFFFFF, score.float().view(torch.int32))  # (B, Hkv, S) int32; NaN: +NaN
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)                   # negative floats: minus magnitude
 
@@ -535,9 +535,9 @@ def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
     length = lengths.view(B, 1, 1).to(dev).clamp(max=S)                        # (B, 1, 1) as the kernels
     valid = pos < length                                                       # (B, 1, S)
     forced = valid & ((pos < n_sink) | (pos >= length - n_recent))             # (B, 1, S)
-    order = score.long() if not score.is_floating_point() else _order_key_int32(score).long()
+    order = score.long() if not score.is_floating_point() else _order_key_int32(score).long()  # (B, Hkv, S) int64
     key = (order + 2**31) * S + (S - 1 - pos)                                  # (B, Hkv, S) int64: the table's "scored"
-    key = torch.where(forced, -2**62 + (S - 1 - pos), key).masked_fill(~valid, 2**62)
+    key = torch.where(forced, -2**62 + (S - 1 - pos), key).masked_fill(~valid, 2**62)  # (B, Hkv, S) int64
     n = min(budget, S)
     sel = torch.topk(key, n, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values  # n smallest, ascending
     sel = torch.nn.functional.pad(sel, (0, budget - n), value=S)               # (B, Hkv, K)
@@ -817,7 +817,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
     bases = torch.empty(B * Hkv, nblk, dtype=torch.int32, device=dev)          # (B*Hkv, NBLK) window bases
     hist = torch.empty(B * Hkv, nblk, window + 1, dtype=torch.int32, device=dev)  # (B*Hkv, NBLK, WIN + 1) windows,
     # a pad int each: at a stride of WIN (a power of two) anchored rows' loads conflicted, 1.2-2.9 us at 128K (H100)
-    info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # offset, skip, count, t
+    info = torch.empty(B * Hkv, nblk, 4, dtype=torch.int32, device=dev)       # (B*Hkv, NBLK, 4) offset/skip/count/t
     idx = torch.empty(B, Hkv, budget, dtype=torch.int32, device=dev)          # (B, Hkv, K) int32
     if anchor is None:
         anchor = torch.full((B, Hkv), -1, dtype=torch.int32, device=dev)       # (B, Hkv): no window to follow yet
@@ -902,7 +902,7 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D)    # (B, Hkv, K, D)
     v_sel = v_sel.to(acc).masked_fill_(~used[..., None], 0)                    # -1 read row 0: zeroed (0 * NaN = NaN)
     s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
-    s = s.masked_fill(~used[:, :, None, :], -math.inf)
+    s = s.masked_fill(~used[:, :, None, :], -math.inf)  # (B, Hkv, G, K)
     live = ~(s == -math.inf).all(-1, keepdim=True)                            # (B, Hkv, G, 1); a NaN row is live
     p = torch.where(live, torch.softmax(s, dim=-1), 0.0)                       # (B, Hkv, G, K)
     return (p @ v_sel).reshape(B, H, D).to(q.dtype)                            # (B, Hkv, G, D) -> (B, H, D)

@@ -197,18 +197,18 @@ def rope_frequencies(args: ModelArgs, rope_factors=None):
     elif kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short waves
-        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        wavelen = 2 * math.pi / inv_freq  # (D/2,) fp64
+        smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)  # (D/2,); 0: long waves, 1: short waves
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq  # (D/2,)
     if rope_factors is not None:
-        inv_freq = inv_freq / rope_factors.double()
-    return inv_freq.float()
+        inv_freq = inv_freq / rope_factors.double()  # (D/2,)
+    return inv_freq.float()  # (D/2,) fp32
 
 
 def apply_rope(x, cos, sin):
     """x (B, heads, T, D), e.g. H + Hkv heads; cos, sin (B, 1, T, D/2). Half-split layout: dim i pairs with dim
     i + D/2. Returns x's shape and dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, heads, T, D/2) fp32 each
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
@@ -244,8 +244,8 @@ def causal_attention(q, keys, values):
     params = SDPAParams(q, *old, None, 0.0, False, gqa)  # attn_mask, dropout_p, is_causal, enable_gqa
     cudnn = CUDNN_LSE_ATTENTION
     if cudnn and q.is_cuda and not torch.is_grad_enabled() and can_use_cudnn_attention(params):  # lse: no gradient
-        y_old, lse_old = cudnn(q, *old, attn_bias=None, compute_log_sumexp=True)[:2]  # (B, H, T, D), (B, H, T) fp32
-        y_new, lse_new = cudnn(q, *new, attn_bias=None, compute_log_sumexp=True, is_causal=True)[:2]
+        y_old, lse_old = cudnn(q, *old, attn_bias=None, compute_log_sumexp=True)[:2]  # (B, H, T, D), lse (see merge)
+        y_new, lse_new = cudnn(q, *new, attn_bias=None, compute_log_sumexp=True, is_causal=True)[:2]  # the same shapes
         return merge_attention(y_old, lse_old, y_new, lse_new)
     visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
@@ -253,9 +253,9 @@ def causal_attention(q, keys, values):
 
 def merge_attention(y_a, lse_a, y_b, lse_b):
     """Attention over the union of two disjoint key sets, from each one's output y (B, H, T, D) and log-sum-exp of
-    its logits lse (B, H, T): the union's softmax weights each output by its set's share of the mass."""
+    its logits lse (B, H, T) or (B, H, T, 1): the union's softmax weights each output by its set's share of the mass."""
     share = torch.sigmoid(lse_a - lse_b).view(*y_a.shape[:3], 1)  # (B, H, T, 1): e^a / (e^a + e^b), set a's share
-    return torch.lerp(y_b.float(), y_a.float(), share).to(y_a.dtype)
+    return torch.lerp(y_b.float(), y_a.float(), share).to(y_a.dtype)  # (B, H, T, D)
 
 
 def write_kv(k, v, k_cache, v_cache, pos):
@@ -285,7 +285,7 @@ class KVCache(nn.Module):
 class HashCache(nn.Module):
     """The hash code of every cached key (and its norm, for `use_norm`), beside the KV cache, plus `anchor`: state
     that hamming_topk's Triton path carries from one decode step to the next (where its histogram window starts,
-    as an order key; -1: not yet). The anchor changes the speed, never the selection."""
+    as an order key; -1: not yet), (B, Hkv) int32. The anchor changes the speed, never the selection."""
 
     def __init__(self, B, Hkv, S_max, W, use_norm, device=None):
         super().__init__()
@@ -300,9 +300,9 @@ class HashCache(nn.Module):
         fp32 or None."""
         b = torch.arange(pos.shape[0], device=pos.device)[:, None]  # (B, 1)
         if codes is not None:
-            self.codes[b, :, pos] = codes.transpose(1, 2)
+            self.codes[b, :, pos] = codes.transpose(1, 2)  # indexed view (B, T, Hkv, W)
         if self.norms is not None:
-            self.norms[b, :, pos] = norms.transpose(1, 2).to(self.norms.dtype)
+            self.norms[b, :, pos] = norms.transpose(1, 2).to(self.norms.dtype)  # indexed view (B, T, Hkv)
 
 
 class Attention(nn.Module):
@@ -336,7 +336,7 @@ class Attention(nn.Module):
         keys, values = self.kv_cache.update(pos, k, v)  # (B, Hkv, S_max, D) each, or a prefix of S_max (offload.py)
         q_codes = None  # (B, H, W) int32 in a decode step of a layer that selects by hash codes
         if self.hash_cache is not None:  # set_hata gave one (K < S_max): hash every new key, even if K >= S now
-            norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T)
+            norms = k.float().norm(dim=-1) if self.hata.use_norm else None  # (B, Hkv, T) fp32
             if T == 1:  # decode: the new key's code goes into the cache in the launch that hashes the queries
                 q_codes = hash_encode_step(q[:, :, 0], k[:, :, 0], self.hash_proj, self.hash_cache.codes,
                                            pos[:, 0])  # (B, H, W) int32
@@ -363,17 +363,17 @@ class Attention(nn.Module):
         hata, K = self.hata, self.budget
         if hata.selector == "hash" and not hata.use_norm:  # HATA (on CUDA the fused score + counting select)
             idx = hamming_topk(q_codes, self.hash_cache.codes[:, :, :S], lengths, K, hata.n_sink, hata.n_recent,
-                               anchor=self.hash_cache.anchor)
-            return sparse_decode_attention(q, keys, values, idx)  # idx (B, Hkv, K) int32
+                               anchor=self.hash_cache.anchor)  # (B, Hkv, K) int32
+            return sparse_decode_attention(q, keys, values, idx)  # (B, H, D)
         if hata.selector == "oracle":  # the exact top-K by the attention probability summed over the group
             score = -self.group_probs(q, keys[:, :, :S], lengths)  # (B, Hkv, S) fp32, smaller = selected first
         elif hata.selector == "quest":
-            score = -self.quest_bounds(q, keys[:, :, :S], lengths)
+            score = -self.quest_bounds(q, keys[:, :, :S], lengths)  # (B, Hkv, S) fp32
         else:  # the hash selector with use_norm (HATA's released scripts): small scores are close
             ham = hamming_score(q_codes, self.hash_cache.codes[:, :, :S], lengths)  # (B, Hkv, S) int32
             score = -(self.n_heads // self.n_kv_heads - 2 * ham.float() / hata.rbit) * self.hash_cache.norms[:, :, :S]
         idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
-        return sparse_decode_attention(q, keys, values, idx)
+        return sparse_decode_attention(q, keys, values, idx)  # (B, H, D)
 
     def group_probs(self, q, keys, lengths):
         """Dense softmax probabilities summed over the G query heads of each KV head: (B, Hkv, S) fp32, for keys
@@ -383,8 +383,8 @@ class Attention(nn.Module):
         qg = q.float().view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
         logits = qg @ keys.float().transpose(-1, -2) / math.sqrt(D)  # (B, Hkv, G, S)
         valid = torch.arange(S, device=q.device) < lengths[:, None]  # (B, S)
-        logits = logits.masked_fill(~valid[:, None, None], float("-inf"))
-        return logits.softmax(-1).sum(2)
+        logits = logits.masked_fill(~valid[:, None, None], float("-inf"))  # (B, Hkv, G, S)
+        return logits.softmax(-1).sum(2)  # (B, Hkv, S) fp32
 
     def quest_bounds(self, q, keys, lengths):
         """Quest (Tang et al., ICML 2024) as a comparison selector: each page of QUEST_PAGE tokens gets the upper
@@ -396,12 +396,12 @@ class Attention(nn.Module):
         Hkv, S = keys.shape[1], keys.shape[2]
         n_pages = -(-S // QUEST_PAGE)
         valid = (torch.arange(n_pages * QUEST_PAGE, device=q.device) < lengths[:, None])[:, None, :, None]
-        k = F.pad(keys.float(), (0, 0, 0, n_pages * QUEST_PAGE - S))  # (B, Hkv, n_pages * page, D)
+        k = F.pad(keys.float(), (0, 0, 0, n_pages * QUEST_PAGE - S))  # (B, Hkv, n_pages * QUEST_PAGE, D)
         k_max = k.masked_fill(~valid, -torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amax(3)  # (B, Hkv, n_pages, D)
         k_min = k.masked_fill(~valid, torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amin(3)  # (B, Hkv, n_pages, D)
         # an empty page's max / min are -inf / inf, and 0 * inf is NaN: kept finite (its bound is huge, but its
         # positions lie past every length, which select_topk never takes)
-        k_max, k_min = k_max.clamp(min=-1e30), k_min.clamp(max=1e30)
+        k_max, k_min = k_max.clamp(min=-1e30), k_min.clamp(max=1e30)  # (B, Hkv, n_pages, D) each
         qg = q.float().view(B, Hkv, H // Hkv, 1, D)  # (B, Hkv, G, 1, D)
         bound = torch.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None]).sum(-1).sum(2)  # (B, Hkv, n_pages)
         return bound.repeat_interleave(QUEST_PAGE, dim=-1)[..., :S]  # (B, Hkv, S)
@@ -489,7 +489,7 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         inv_freq = rope_frequencies(args, self.rope_factors)  # (D/2,)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S_max, D/2)
-        self.rope_cos, self.rope_sin = angles.cos().to(device), angles.sin().to(device)
+        self.rope_cos, self.rope_sin = angles.cos().to(device), angles.sin().to(device)  # (S_max, D/2) each
         self.set_hata(self.hata, rehash=False)
 
     def compile_pointwise(self):

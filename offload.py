@@ -111,7 +111,7 @@ class HostKVCache(nn.Module):
         # on CUDA: one GPU copy, read over PCIe. A clone, not .contiguous(): a slice to S_max is contiguous already,
         # and .contiguous() would return the host view itself, which attention would then read over PCIe
         clone = partial(torch.clone, memory_format=torch.contiguous_format)
-        return clone(self.k[:, :, :end]), clone(self.v[:, :, :end])  # (B, Hkv, end, D) each
+        return clone(self.k[:, :, :end]), clone(self.v[:, :, :end])  # (B, Hkv, S, D) each
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def gather_rows(k_far, v_far, idx, use_triton=None):
         use_triton = idx.is_cuda
     if not use_triton:  # torch's gather
         gi = idx.clamp(min=0).long()[..., None].expand(B, Hkv, K, D)  # (B, Hkv, K, D)
-        keep = (idx >= 0)[..., None]  # zeros, whatever row 0 holds (a NaN * 0 is NaN)
+        keep = (idx >= 0)[..., None]  # (B, Hkv, K, 1) bool: zeros, whatever row 0 holds (a NaN * 0 is NaN)
         return torch.where(keep, k_far.gather(2, gi), 0), torch.where(keep, v_far.gather(2, gi), 0), local
     _check_triton_head_dim(D, "gather_rows")  # (tl.arange's tile: else the interpreter's or compiler's own error)
     k_sel, v_sel = (torch.empty(B, Hkv, K, D, dtype=t.dtype, device=idx.device) for t in (k_far, v_far))  # staging
