@@ -182,7 +182,7 @@ class Interrupted(KeyboardInterrupt):
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0,
-             stop_when=None, graphs=None):
+             stop_when=None, graphs=None, repeat_last_n=None, ban_ids=()):
     """Prefill the prompts (lists of token ids), then decode one token a step, each sequence at its own positions, until
     its stop token (stop_ids), stop_when(its new ids) (--stop strings) or max_new_tokens. Returns (new, timing): each
     prompt's new tokens, up to and with its stop; timing: prefill_s, graph_s (None: no capture), decode_s,
@@ -192,9 +192,9 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     token or more; 2 after start > 0, see prefill). on_token(tokens (B,), -1 where a sequence has stopped) streams every
     step. On CUDA the step is a CUDA graph (unless cuda_graph=False); `graphs`, one dict for every generate on the same
     caches and policy (a chat's turns), keeps it by batch size. repetition_penalty (see penalize) covers the prompt and
-    the reply; progress: bars on stderr (none for the decode when on_token streams). Ctrl-C while decoding raises
-    Interrupted, which holds the new tokens so far; NaN or inf logits (the prefill's, or a step's in a row not yet
-    stopped) raise ValueError."""
+    the reply, or their last repeat_last_n tokens; ban_ids are never drawn (--ignore-eos); progress: bars on stderr
+    (none for the decode when on_token streams). Ctrl-C while decoding raises Interrupted, which holds the new tokens so
+    far; NaN or inf logits (the prefill's, or a step's in a row not yet stopped) raise ValueError."""
     device = model.output.weight.device
     if not prompts or any(len(p) < start + 1 + (start > 0) for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token" + (
@@ -211,22 +211,34 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     spoilt = torch.zeros(B, dtype=torch.bool, device=device)  # the rows whose last logits held NaN or inf
-    seen = None  # (B, V): the tokens each sequence holds, for the repetition penalty
+    ban = torch.tensor(sorted(ban_ids), dtype=torch.long, device=device)
+    seen = ring = None  # (B, V) int32: each token's count in a sequence (its last repeat_last_n), for the penalty
     if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.args.vocab_size, dtype=torch.bool, device=device)
-        for b, p in enumerate(whole):
-            seen[b, list(p)] = True
+        recent = [list(p)[-repeat_last_n:] if repeat_last_n else list(p) for p in whole]
+        seen = torch.zeros(B, model.args.vocab_size, dtype=torch.int32, device=device)
+        for b, p in enumerate(recent):
+            seen[b].index_add_(0, torch.tensor(p, device=device), torch.ones(len(p), dtype=torch.int32, device=device))
+        if repeat_last_n:  # (B, N) the last N tokens, oldest first from column `head` on (-1: none yet)
+            ring = torch.tensor([[-1] * (repeat_last_n - len(p)) + p for p in recent], device=device)
+    head = 0
 
     def pick(logits):  # the next tokens (B,) under the sampling settings
+        nonlocal head
         bad = ~logits.sum(-1).isfinite()  # a NaN or inf anywhere makes the sum one (isfinite().all(): slower on CPUs)
         spoilt.copy_(bad & ~done)  # (checked at the step's wait, where a finished row's are unused)
         if temperature > 0:  # (sampling would fail on them first: it draws from such a row's zeros, never shown)
             logits = torch.where(bad[:, None], 0.0, logits)
         if seen is not None:
-            logits = penalize(logits, seen, repetition_penalty)
+            logits = penalize(logits, seen > 0, repetition_penalty)
+        if len(ban):
+            logits = logits.index_fill(-1, ban, -math.inf)
         cur = sample(logits, temperature, top_p, generator, top_k, min_p)
+        if ring is not None:  # the oldest token leaves the window
+            old = ring[:, head:head + 1]  # (B, 1)
+            seen.scatter_add_(1, old.clamp(min=0), -(old >= 0).int())
+            ring[:, head], head = cur, (head + 1) % repeat_last_n
         if seen is not None:
-            seen.scatter_(1, cur[:, None], True)
+            seen.scatter_add_(1, cur[:, None], torch.ones_like(cur[:, None], dtype=torch.int32))
         return cur
 
     t0 = time.perf_counter()
@@ -454,6 +466,10 @@ def build_parser():
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits (> 0; multiply those < 0) "
                    "of the tokens already in the prompt or the reply by this, greedy too (1 = none; 1.1-1.3 curbs "
                    "loops), as transformers does")
+    p.add_argument("--repeat-last-n", type=positive_int, help="the repetition penalty covers only the last N tokens of "
+                   "prompt and reply, as llama.cpp's (so a long document's words stay free to quote) (default: all)")
+    p.add_argument("--ignore-eos", action="store_true", help="never draw the end-of-sequence or end-of-turn tokens: "
+                   "each reply runs to --max-new-tokens or a --stop string (as llama.cpp's; for timing)")
     p.add_argument("--seed", type=torch_seed, default=0,
                    help="seed of the sampling (prompt i of a batch draws with seed + i) and of the random prompts")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -600,8 +616,9 @@ def run(args):
                (("--offload",), args.kv_gpu_gb is not None, "--kv-gpu-gb decides which layers go to host memory"),
                (("--top-k", "--top-p", "--min-p"), args.temperature == 0, "--temperature 0 decodes greedily"),
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
+               (("--repeat-last-n",), args.repetition_penalty == 1, "--repetition-penalty 1 penalizes nothing"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive",
-                 "--parse-special", "--stop", "--prompt-cache", "--keep-first"), args.random_weights,
+                 "--parse-special", "--stop", "--prompt-cache", "--keep-first", "--ignore-eos"), args.random_weights,
                 "--random-weights decodes random tokens"),
                (("--keep-first",), not (args.interactive or args.random_weights), "only --interactive forgets"),
                (("--system",), not (args.chat or args.interactive or args.random_weights),
@@ -696,10 +713,11 @@ def run(args):
 
     streamer = Streamer(tok, stops) if len(prompts) == 1 else None
     start = continue_at(held, prompts[0])
+    note_reuse(held, prompts[0], start)
     try:
-        new, timing = generate(model, prompts, max_new, tok.eos_ids, generator=row_generators(args.seed, len(prompts),
-                               device), on_token=streamer, progress=True, stop_when=stops, start=start,
-                               **sampling(args))
+        new, timing = generate(model, prompts, max_new, generator=row_generators(args.seed, len(prompts), device),
+                               on_token=streamer, progress=True, stop_when=stops, start=start,
+                               **sampling(args, tok.eos_ids))
     except Interrupted as stopped:  # Ctrl-C while decoding: the text so far is shown, then the run ends (status 130)
         new, timing = stopped.new, None
     if streamer is not None:
@@ -753,11 +771,13 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             hint = ""  # (said once)
         messages = kept
         start, sent = continue_at(held, ids), sent + 1
+        if sent == 1:  # (held: the --prompt-cache file's tokens, if any)
+            note_reuse(held, ids, start)
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
         streamer, prefilled = Streamer(tok, stops), True
         try:
-            new, timing = generate(model, [ids], min(args.max_new_tokens, room), tok.eos_ids, generator=generator,
-                                   on_token=streamer, start=start, stop_when=stops, graphs=graphs, **sampling(args))
+            new, timing = generate(model, [ids], min(args.max_new_tokens, room), generator=generator, on_token=streamer,
+                                   start=start, stop_when=stops, graphs=graphs, **sampling(args, tok.eos_ids))
         except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the chat (at the "> " prompt it ends the chat)
             new, timing, prefilled = [streamer.ids], None, isinstance(e, Interrupted)
         streamer.finish()
@@ -861,9 +881,10 @@ def typed_turns():
 # Before the work, in about the order run() takes them: settings and projection files, prompts, the cache, the
 # default model's files, vocabulary, offload plan, setup and memory
 
-def sampling(args):  # generate()'s sampling settings, from the flags
+def sampling(args, eos_ids=()):  # generate()'s stop tokens and sampling settings, from the flags
     return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty)
+                repetition_penalty=args.repetition_penalty, repeat_last_n=args.repeat_last_n,
+                stop_ids=() if args.ignore_eos else eos_ids, ban_ids=eos_ids if args.ignore_eos else ())
 
 
 def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as ignored, not checked
@@ -1100,7 +1121,7 @@ def run_random(args, hata, device, dtype):
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, model.args.vocab_size, (batch, args.prompt_len), generator=gen)
     # no stop token: every step runs; sampling as asked
-    _, timing = generate(model, prompts.tolist(), max_new, (), generator=row_generators(args.seed, batch, device),
+    _, timing = generate(model, prompts.tolist(), max_new, generator=row_generators(args.seed, batch, device),
                          **sampling(args))
     report_speed(timing)
 
@@ -1300,6 +1321,11 @@ def load_prompt_cache(path, model):
     model.set_hata(model.hata)  # the sparse layers' hash codes, of the loaded keys
     print(f"prompt cache: the K/V of {plural(n)} read from {path}", file=sys.stderr)
     return tokens[:n].tolist()
+
+
+def note_reuse(held, ids, start):  # after load_prompt_cache: how much of the file's K/V the prompt `ids` uses
+    if held:
+        print(f"prompt cache: {start} of the prompt's {plural(len(ids))} reused", file=sys.stderr)
 
 
 def save_prompt_cache(path, model, ids, held):

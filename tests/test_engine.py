@@ -1162,16 +1162,19 @@ def test_top_k_keeps_the_k_likeliest_and_their_ties():
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_sampling_flags_reach_the_sampler(capsys, monkeypatch):
-    """--top-k, --min-p and --repetition-penalty are passed to generate(), with --random-weights too."""
-    seen = []
+def test_sampling_flags_reach_the_sampler(capsys, monkeypatch, tok):
+    """--top-k, --min-p, --repetition-penalty and --repeat-last-n are passed to generate(), with --random-weights too;
+    --ignore-eos makes the stop tokens banned ones."""
+    seen, eos = [], tok.eos_ids
     monkeypatch.setattr(engine, "generate", lambda *a, **k: (seen.append(
-        (k["top_k"], k["min_p"], k["repetition_penalty"])), ([[1]], {}))[1])
+        (k["top_k"], k["min_p"], k["repetition_penalty"], k["repeat_last_n"], k["stop_ids"], k["ban_ids"])),
+        ([[1]], {}))[1])
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "5", "--min-p", "0.1",
-            "--repetition-penalty", "1.3")
+            "--repetition-penalty", "1.3", "--repeat-last-n", "64")
+    run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--ignore-eos")
     run_cli(capsys, *TINY, "--prompt-len", "4", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "7")
-    assert seen == [(5, 0.1, 1.3), (7, 0.0, 1.0)]
+    assert seen == [(5, 0.1, 1.3, 64, eos, ()), (0, 0.0, 1.0, None, (), eos), (7, 0.0, 1.0, None, (), ())]
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -1230,6 +1233,29 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
     model.setup_caches(1, 16)
     assert engine.generate(model, [[1, 2]], 3, temperature=0.7, repetition_penalty=1e-40,
                            generator=torch.Generator().manual_seed(0))[0][0][0] in (1, 2)
+
+
+def test_repeat_last_n_penalizes_the_last_n_tokens_and_banned_ids_are_never_drawn(monkeypatch):
+    """The logits of the test above, penalty 2 over the last 3 tokens of prompt and reply (--repeat-last-n): each
+    step's penalized set is exactly those tokens (all of a shorter prompt's), so a token that left the window is free
+    again (over all tokens, row 0 would take 0 from its third new token on). Banned ids (--ignore-eos): never drawn."""
+    logits = torch.full((512,), -1.0)
+    logits[:3] = torch.tensor([1.0, 0.9, 0.85])
+    monkeypatch.setattr(engine, "prefill", lambda model, tokens, *a, **k: logits.expand(len(tokens), 512).clone())
+    monkeypatch.setattr(engine, "decode_one_token", lambda model, cur, pos: logits.expand(len(cur), 512).clone())
+    masks, penalize = [], engine.penalize
+    monkeypatch.setattr(engine, "penalize", lambda x, seen, p: masks.append(seen.clone()) or penalize(x, seen, p))
+    model, prompts = tiny_model(), [[5, 6, 7, 8, 0], [9]]
+    model.setup_caches(2, 32)
+    new = engine.generate(model, prompts, 6, repetition_penalty=2.0, repeat_last_n=3)[0]
+    assert new == [[1, 2, 0, 0, 1, 2], [0, 1, 2, 0, 0, 1]]
+    assert len(masks) == 6  # the prefill's pick and 5 steps'
+    for step, mask in enumerate(masks):
+        for b, (prompt, reply) in enumerate(zip(prompts, new)):
+            assert set(mask[b].nonzero()[:, 0].tolist()) == set((prompt + reply[:step])[-3:]), (step, b)
+    assert engine.generate(model, prompts, 6, repetition_penalty=2.0)[0][0] == [1, 2, 0, 0, 0, 0]  # all tokens
+    assert engine.generate(model, prompts, 4, ban_ids=(0,))[0] == [[1, 1, 1, 1]] * 2
+    assert engine.generate(model, prompts, 4, repetition_penalty=2.0, ban_ids=(0,))[0][1] == [1, 2, 1, 1]
 
 
 def test_help_survives_a_percent_sign_in_a_default(capsys, monkeypatch):
@@ -1847,6 +1873,8 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--min-p", "1", "--temperature", "1"], None),  # 1 is in range: the likeliest tokens only
     (["--interactive", "--system", "x"], None),  # an --interactive chat takes the system message
     (["--repetition-penalty", "1.2"], None),  # greedy decoding takes it too
+    (["--repeat-last-n", "64"], "--repeat-last-n (--repetition-penalty 1 penalizes nothing)"),
+    (["--repeat-last-n", "64", "--repetition-penalty", "1.2"], None),
     (["--dense", "--budget", "1/4", "--sink", "4", "--use-norm", "--n-dense", "3", "--selector", "oracle", "--recent",
       "2", "--rbit", "64"], "--budget, --selector, --n-dense, --sink, --recent (--dense: no sparse layer); --rbit, "
      "--use-norm (--dense reads no hash codes)"),
@@ -2302,6 +2330,7 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):
     assert code == 0 and want, err  # the reference: the same prompt without the cache file
     code, out, err = run_cli(capsys, "--prompt", base + " has many", *flags)
     assert code == 0 and out == want and "the K/V of 8 tokens read" in err and "prefill: 2 tokens" in err, err
+    assert "prompt cache: 8 of the prompt's 10 tokens reused" in err
     assert "written to" in err  # the longer prompt replaces the file's
     code, out, err = run_cli(capsys, "--prompt", base, *flags)
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err  # (at least 2: see generate)
@@ -2312,6 +2341,9 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):
     stdin_of(monkeypatch, "")
     code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", *flags)
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err
+    assert err.count("tokens reused") == 1  # the first turn's
+    code, _, err = run_cli(capsys, "--prompt", "Paris is", *flags)  # no token in common: none reused, said so
+    assert code == 0 and "prompt cache: 0 of the prompt's 2 tokens reused" in err and "prefill: 2 tokens" in err, err
     stdin_of(monkeypatch, "word " * 40 + "\nHello\n")  # a first message too long is not sent: the next is kept
     code, _, err = run_cli(capsys, "--interactive", "--max-seq-len", "40", *flags)
     assert code == 0 and "not sent" in err and err.count("written to") == 1, err
