@@ -632,6 +632,8 @@ def run(args):
     streams = [k for flag, text in args.inputs if flag == "prompt_file" and (k := stream_key(text)) is not None]
     if len(streams) > len(set(streams)):  # the second read would find it empty
         raise ValueError("--prompt-file names standard input (or one pipe) twice, which holds one prompt: give it once")
+    if sys.stdout is None:  # (`>&-`: every answer would be dropped, and the run end as if it had worked)
+        raise ValueError("standard output is closed: the answers would have nowhere to go")
     from_stdin = any(p == "-" or is_stdin(p) for f, p in args.inputs if f != "prompt")  # (not another pipe: <(...))
     if args.interactive and (sys.stdin is None or from_stdin):
         raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None

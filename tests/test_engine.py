@@ -924,6 +924,13 @@ def test_interactive_reads_its_turns_from_an_open_standard_input(capsys, monkeyp
     assert "standard input, which is closed" in error_line(run_cli(capsys, "--interactive")[2])
 
 
+def test_a_closed_standard_output_is_refused_before_the_work(capsys, monkeypatch):
+    """`>&-`: print drops every answer silently, and the run ended with status 0; now an error, before the load."""
+    monkeypatch.setattr(sys, "stdout", None)
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--checkpoint", "/nonexistent.gguf")
+    assert code == 2 and error_line(err) == "error: standard output is closed: the answers would have nowhere to go"
+
+
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_the_batch_keeps_the_command_lines_order(capsys, tmp_path, monkeypatch):
     """--prompt and --prompt-file mixed: the batch, and its outputs, in the order given (before: every --prompt
