@@ -480,6 +480,9 @@ def build_parser():
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", type=prompt_text, help="with --chat: the system message (default: the template's own, "
                    "if it writes one)")
+    p.add_argument("--verbose-prompt", action="store_true", help="print each prompt as the model reads it (the chat "
+                   "template applied) and its token count on stderr, as llama.cpp's; with --interactive, each turn's "
+                   "new tokens")
     p.add_argument("--parse-special", action="store_true", help="read special-token text in prompts and messages as "
                    "those tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
@@ -618,7 +621,8 @@ def run(args):
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--repeat-last-n",), args.repetition_penalty == 1, "--repetition-penalty 1 penalizes nothing"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive",
-                 "--parse-special", "--stop", "--prompt-cache", "--keep-first", "--ignore-eos"), args.random_weights,
+                 "--parse-special", "--stop", "--prompt-cache", "--keep-first", "--ignore-eos", "--verbose-prompt"),
+                args.random_weights,
                 "--random-weights decodes random tokens"),
                (("--keep-first",), not (args.interactive or args.random_weights), "only --interactive forgets"),
                (("--system",), not (args.chat or args.interactive or args.random_weights),
@@ -671,6 +675,8 @@ def run(args):
         i = [len(p) for p in prompts].index(0)
         why = "; the tokenizer knows none of its characters" if texts[i] else ""
         raise ValueError(f"prompt {i + 1} is empty (0 tokens{why}); give some text")
+    for i, ids in enumerate(prompts if args.verbose_prompt and not args.interactive else []):  # (a chat's: each turn)
+        print(f"prompt {i + 1}, {plural(len(ids))}: {tok.decode(ids)!r}", file=sys.stderr)
     longest = max(len(p) for p in prompts)
     if args.interactive:  # a conversation grows: a cache of the model's whole context unless told
         args.max_seq_len = args.max_seq_len or context
@@ -775,6 +781,8 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
         start, sent = continue_at(held, ids), sent + 1
         if sent == 1:  # (held: the --prompt-cache file's tokens, if any)
             note_reuse(held, ids, start)
+        if args.verbose_prompt:  # what this turn prefills (the template's text around the message, too)
+            print(f"turn {sent}, {plural(len(ids) - start)} new: {tok.decode(ids[start:])!r}", file=sys.stderr)
         note_room(args, room, model.max_seq_len, f"the conversation {len(ids)}")
         streamer, prefilled = Streamer(tok, stops), True
         try:

@@ -924,6 +924,22 @@ def test_interactive_reads_its_turns_from_an_open_standard_input(capsys, monkeyp
     assert "standard input, which is closed" in error_line(run_cli(capsys, "--interactive")[2])
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_verbose_prompt_prints_what_the_model_reads(capsys, monkeypatch, tok):
+    """--verbose-prompt: each prompt of a batch as the model reads it (here the chat template with an empty system
+    message) and its token count; with --interactive, what each turn prefills. On stderr: the answers stay alone."""
+    code, out, err = run_cli(capsys, "--chat", "--system", "", "--prompt", "Hi", "--prompt", "Yo", "--verbose-prompt",
+                             "--max-new-tokens", "2")
+    for i, text in enumerate(["Hi", "Yo"]):
+        ids = tok.encode_chat([{"role": "system", "content": ""}, {"role": "user", "content": text}])
+        assert f"prompt {i + 1}, {len(ids)} tokens: {tok.decode(ids)!r}\n" in err and "<|im_start|>" not in out
+    stdin_of(monkeypatch, "Bye\n")
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "Hi", "--verbose-prompt", "--max-new-tokens", "2")
+    first = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    assert code == 0 and f"turn 1, {len(first)} tokens new: {tok.decode(first)!r}\n" in err, err
+    assert re.search(r"turn 2, \d+ tokens new: '.*<\|im_start\|>user\\nBye<\|im_end\|>", err), err
+
+
 def test_a_closed_standard_output_is_refused_before_the_work(capsys, monkeypatch):
     """`>&-`: print drops every answer silently, and the run ended with status 0; now an error, before the load."""
     monkeypatch.setattr(sys, "stdout", None)
@@ -1912,10 +1928,11 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     code, _, err = run_cli(capsys, *TINY, "--prompt-len", "8", "--max-new-tokens", "2", "--dense", "--checkpoint",
                            str(tmp_path), "--tokenizer", "t.json", "--chat", "--prompt-file", str(tmp_path / "p.txt"),
                            "--prompt", "a", "--prompt", "b", "--interactive", "--parse-special", "--stop", "x",
-                           "--keep-first")
+                           "--keep-first", "--ignore-eos", "--verbose-prompt")
     assert code == 0, err
     assert ("note: ignored in this run: --checkpoint, --tokenizer, --chat, --prompt-file, --interactive, "
-            "--parse-special, --stop, --keep-first (--random-weights decodes random tokens)\n") in err
+            "--parse-special, --stop, --keep-first, --ignore-eos, --verbose-prompt (--random-weights decodes random "
+            "tokens)\n") in err
     assert "2 random prompts of 8 tokens (one per --prompt, its text unused)" in err
     code, _, err = run_cli(capsys, *TINY, "--prompt-len", "8", "--max-new-tokens", "2", "--dense", "--seed", "3")
     assert code == 0 and "note" not in err and "1 random prompt of 8 tokens; dense decode" in err  # (--seed draws it)
