@@ -466,8 +466,9 @@ def build_parser():
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits (> 0; multiply those < 0) "
                    "of the tokens already in the prompt or the reply by this, greedy too (1 = none; 1.1-1.3 curbs "
                    "loops), as transformers does")
-    p.add_argument("--repeat-last-n", type=positive_int, help="the repetition penalty covers only the last N tokens of "
-                   "prompt and reply, as llama.cpp's (so a long document's words stay free to quote) (default: all)")
+    p.add_argument("--repeat-last-n", type=positive_int, metavar="N", help="the repetition penalty covers only the "
+                   "last N tokens of prompt and reply, as llama.cpp's (so a long document's words stay free to quote) "
+                   "(default: all)")
     p.add_argument("--ignore-eos", action="store_true", help="never draw the end-of-sequence or end-of-turn tokens: "
                    "each reply runs to --max-new-tokens or a --stop string (as llama.cpp's; for timing)")
     p.add_argument("--seed", type=torch_seed, default=0,
