@@ -213,6 +213,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     spoilt = torch.zeros(B, dtype=torch.bool, device=device)  # the rows whose last logits held NaN or inf
     ban = torch.tensor(sorted(ban_ids), dtype=torch.long, device=device)
     seen = ring = None  # (B, V) int32: each token's count in a sequence (its last repeat_last_n), for the penalty
+    if repeat_last_n and repeat_last_n >= max(map(len, whole)) + max_new_tokens:  # past every sequence's end: all
+        repeat_last_n = None  # its tokens, without a ring of N (--repeat-last-n 10**12: a MemoryError after the load)
     if repetition_penalty != 1.0:
         recent = [list(p)[-repeat_last_n:] if repeat_last_n else list(p) for p in whole]
         seen = torch.zeros(B, model.args.vocab_size, dtype=torch.int32, device=device)

@@ -1277,6 +1277,7 @@ def test_repeat_last_n_penalizes_the_last_n_tokens_and_banned_ids_are_never_draw
         for b, (prompt, reply) in enumerate(zip(prompts, new)):
             assert set(mask[b].nonzero()[:, 0].tolist()) == set((prompt + reply[:step])[-3:]), (step, b)
     assert engine.generate(model, prompts, 6, repetition_penalty=2.0)[0][0] == [1, 2, 0, 0, 0, 0]  # all tokens
+    assert engine.generate(model, prompts, 6, repetition_penalty=2.0, repeat_last_n=10**12)[0][0] == [1, 2, 0, 0, 0, 0]
     assert engine.generate(model, prompts, 4, ban_ids=(0,))[0] == [[1, 1, 1, 1]] * 2
     assert engine.generate(model, prompts, 4, repetition_penalty=2.0, ban_ids=(0,))[0][1] == [1, 2, 1, 1]
 
