@@ -1227,14 +1227,19 @@ def test_min_p_keeps_the_tokens_near_the_likeliest():
     assert set(drawn[:, 0].tolist()) == {0, 1} and set(drawn[:, 1].tolist()) == {2}
 
 
-def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding(monkeypatch):
-    """Logits favour token 0 (1.0), then 1 (0.9), then 2 (0.85): at penalty 2 a sequence takes the first it does
-    not hold yet, and then 0 again (0.5 against 0.45 and 0.425; a held token's -1 falls to -2). Row 1's prompt is one
-    token, padded with 0s that are not its own; row 0's holds 0. Penalty 1 changes nothing."""
+def favour_0_1_2(monkeypatch):
+    """Every forward's logits, for each row: token 0 at 1.0, 1 at 0.9, 2 at 0.85, the other 509 at -1."""
     logits = torch.full((512,), -1.0)
     logits[:3] = torch.tensor([1.0, 0.9, 0.85])
     monkeypatch.setattr(engine, "prefill", lambda model, tokens, *a, **k: logits.expand(len(tokens), 512).clone())
     monkeypatch.setattr(engine, "decode_one_token", lambda model, cur, pos: logits.expand(len(cur), 512).clone())
+
+
+def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding(monkeypatch):
+    """Logits favour token 0 (1.0), then 1 (0.9), then 2 (0.85): at penalty 2 a sequence takes the first it does
+    not hold yet, and then 0 again (0.5 against 0.45 and 0.425; a held token's -1 falls to -2). Row 1's prompt is one
+    token, padded with 0s that are not its own; row 0's holds 0. Penalty 1 changes nothing."""
+    favour_0_1_2(monkeypatch)
     model = tiny_model()
     model.setup_caches(2, 16)
     assert engine.generate(model, [[0, 3, 3], [3]], 4, repetition_penalty=2.0)[0] == [[1, 2, 0, 0], [0, 1, 2, 0]]
@@ -1259,13 +1264,10 @@ def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding
 
 
 def test_repeat_last_n_penalizes_the_last_n_tokens_and_banned_ids_are_never_drawn(monkeypatch):
-    """The logits of the test above, penalty 2 over the last 3 tokens of prompt and reply (--repeat-last-n): each
+    """favour_0_1_2's logits, penalty 2 over the last 3 tokens of prompt and reply (--repeat-last-n): each
     step's penalized set is exactly those tokens (all of a shorter prompt's), so a token that left the window is free
     again (over all tokens, row 0 would take 0 from its third new token on). Banned ids (--ignore-eos): never drawn."""
-    logits = torch.full((512,), -1.0)
-    logits[:3] = torch.tensor([1.0, 0.9, 0.85])
-    monkeypatch.setattr(engine, "prefill", lambda model, tokens, *a, **k: logits.expand(len(tokens), 512).clone())
-    monkeypatch.setattr(engine, "decode_one_token", lambda model, cur, pos: logits.expand(len(cur), 512).clone())
+    favour_0_1_2(monkeypatch)
     masks, penalize = [], engine.penalize
     monkeypatch.setattr(engine, "penalize", lambda x, seen, p: masks.append(seen.clone()) or penalize(x, seen, p))
     model, prompts = tiny_model(), [[5, 6, 7, 8, 0], [9]]
