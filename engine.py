@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import io
 import itertools
+import json
 import math
 import os
 import re
@@ -486,6 +487,10 @@ def build_parser():
     p.add_argument("--verbose-prompt", action="store_true", help="print each prompt as the model reads it (the chat "
                    "template applied) and its token count on stderr, as llama.cpp's; with --interactive, each turn's "
                    "new tokens")
+    p.add_argument("--json", action="store_true", help="print each reply as one JSON line when all are done, not "
+                   "streamed: prompt, text, finish_reason ('stop': a stop token or --stop string; 'length': "
+                   "--max-new-tokens; 'interrupted': Ctrl-C), prompt_tokens (the chat template's too), "
+                   "completion_tokens (a stop token too), as OpenAI's API names them; for scripts")
     p.add_argument("--parse-special", action="store_true", help="read special-token text in prompts and messages as "
                    "those tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
@@ -624,7 +629,8 @@ def run(args):
                (("--seed",), args.temperature == 0 and not args.random_weights, "nothing is drawn at random"),
                (("--repeat-last-n",), args.repetition_penalty == 1, "--repetition-penalty 1 penalizes nothing"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive",
-                 "--parse-special", "--stop", "--prompt-cache", "--keep-first", "--ignore-eos", "--verbose-prompt"),
+                 "--parse-special", "--stop", "--prompt-cache", "--keep-first", "--ignore-eos", "--verbose-prompt",
+                 "--json"),
                 args.random_weights,
                 "--random-weights decodes random tokens"),
                (("--keep-first",), not (args.interactive or args.random_weights), "only --interactive forgets"),
@@ -646,6 +652,9 @@ def run(args):
         raise ValueError("--interactive reads your messages from standard input, which is closed" if sys.stdin is None
                          else "--interactive reads your messages from standard input: give a first one with --prompt, "
                          "or a --prompt-file that is not standard input")  # (before reading it: a terminal's Ctrl-D)
+    if args.json and args.interactive:
+        raise ValueError("--json prints a batch's replies when all are done, and --interactive streams a chat's turn "
+                         "by turn: drop one")
     texts = [text if flag == "prompt" else read_prompt_file(text) for flag, text in args.inputs]
     if not texts and not args.interactive:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file PATH")
@@ -722,7 +731,7 @@ def run(args):
     if args.interactive:
         return converse(model, tok, args, texts, system, stops, held)
 
-    streamer = Streamer(tok, stops) if len(prompts) == 1 else None
+    streamer = Streamer(tok, stops) if len(prompts) == 1 and not args.json else None
     start = continue_at(held, prompts[0])
     note_reuse(held, prompts[0], start)
     try:
@@ -733,6 +742,10 @@ def run(args):
         new, timing = stopped.new, None
     if streamer is not None:
         streamer.finish()
+    elif args.json:
+        stop_ids = sampling(args, tok.eos_ids)["stop_ids"]
+        for text, ids, prompt in zip(texts, new, prompts):
+            show(reply_json(tok, text, prompt, ids, stop_ids, stops, interrupted=timing is None))
     else:
         for text, ids in zip(texts, new):
             head = f"{text[:60]!r}{'…' * (len(text) > 60)}"  # the prompt's start, … where it goes on
@@ -747,6 +760,13 @@ def run(args):
 def reply_text(tok, ids, stops=None):  # a reply's new tokens as text: no stop token, nothing from a --stop string on
     text = tok.decode([t for t in ids if t not in tok.eos_ids])
     return stops.cut(text) if stops else text
+
+
+def reply_json(tok, text, prompt, ids, stop_ids, stops, interrupted):  # --json: a reply's line, ids its new tokens
+    stopped = bool(ids) and (ids[-1] in stop_ids or bool(stops and stops(ids)))  # as generate's ends
+    reason = "stop" if stopped else "interrupted" if interrupted else "length"
+    return json.dumps({"prompt": text, "text": reply_text(tok, ids, stops), "finish_reason": reason,
+                       "prompt_tokens": len(prompt), "completion_tokens": len(ids)}) + "\n"
 
 
 def converse(model, tok, args, openings, system, stops=None, held=()):

@@ -2129,6 +2129,53 @@ def test_batch_answers_leave_out_their_stop_token(capsys, monkeypatch):
     assert code == 0 and out == "--- 'a'\nThe\n--- 'b'\nThe\n", out
 
 
+def json_lines(out):
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_json_prints_each_reply_and_why_it_ended(capsys, monkeypatch, tok):
+    """--json: one line a prompt, when all are done (one prompt too: not streamed): its text without the stop token or
+    from the --stop string on; finish_reason "stop" at a stop token or string, "length" at --max-new-tokens;
+    prompt_tokens as the model read them (the chat template's too), completion_tokens as drawn, a stop token too."""
+    seen = record_prompts(monkeypatch, [[504, 2], [504, 504]])  # 2: <|im_end|>
+    code, out, err = run_cli(capsys, "--prompt", "a", "--prompt", "b c", "--max-new-tokens", "2", "--json", "--chat")
+    n_a, n_bc = map(len, seen[0])
+    assert code == 0 and n_a > 20 and json_lines(out) == [
+        {"prompt": "a", "text": "The", "finish_reason": "stop", "prompt_tokens": n_a, "completion_tokens": 2},
+        {"prompt": "b c", "text": tok.decode([504, 504]), "finish_reason": "length", "prompt_tokens": n_bc,
+         "completion_tokens": 2}], err
+    record_prompts(monkeypatch, [[504]])
+    code, out, err = run_cli(capsys, "--prompt", "a", "--max-new-tokens", "3", "--json", "--stop", "he")
+    assert code == 0 and json_lines(out) == [
+        {"prompt": "a", "text": "T", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}], err
+
+
+def test_json_after_ctrl_c_prints_the_replies_so_far(capsys, monkeypatch):
+    """Ctrl-C while decoding: each reply so far as a JSON line, "interrupted" where no stop ended it; status 130."""
+    def generate(*args, **kwargs):
+        raise engine.Interrupted([[504, 2], [504]])
+    monkeypatch.setattr(engine, "generate", generate)
+    code, out, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", "--json")
+    assert code == 130 and [(r["text"], r["finish_reason"]) for r in json_lines(out)] == [
+        ("The", "stop"), ("The", "interrupted")] and err.endswith("interrupted\n"), err
+
+
+def test_json_is_refused_in_a_chat_turn_by_turn(capsys):
+    code, _, err = run_cli(capsys, "--prompt", "a", "--json", "--interactive")
+    assert code == 2 and "--json prints a batch's replies" in error_line(err)
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_json_text_is_the_streamed_text(capsys):
+    """The real model, greedy: the JSON line's text is what the same run streams, its "length" at the limit."""
+    argv = ("--prompt", "The capital of France is", "--max-new-tokens", "6")
+    code, streamed, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0 and json_lines(out) == [{"prompt": argv[1], "text": streamed[:-1], "finish_reason": "length",
+                                              "prompt_tokens": 5, "completion_tokens": 6}], err
+
+
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_a_batchs_rows_sample_with_the_seed_plus_their_index(capsys, monkeypatch):
     """--seed s: prompt i of a batch draws from its own generator seeded s + i (as it would alone with --seed s + i),
