@@ -894,6 +894,8 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     (B, H, D), (_, Hkv, S_max, _) = q.shape, k_cache.shape
     K, G = idx.shape[-1], H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if S_max == 0:  # an empty cache: every slot -1, nothing to gather (index_select would fail): zeros, as the kernel
+        return q.new_zeros(B, H, D)
     acc = torch.promote_types(q.dtype, torch.float32)
     used = idx >= 0                                                            # (B, Hkv, K) bool
     bh = torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1)                # (B, Hkv, 1)

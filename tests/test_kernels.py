@@ -250,10 +250,12 @@ def test_sparse_attention_ref(G):
     assert out[0, G:].isnan().all() and not out[0, :G].isnan().any() and torch.all(out[1, :G] == 0)
 
 
-def test_sparse_attention_with_no_slots_is_zeros_in_both_paths():
-    """K = 0 slots select nothing: zeros, as the kernel gives (the ref failed in amax over an empty dim)."""
-    q, k, v = torch.randn(1, 4, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    idx = torch.empty(1, 2, 0, dtype=torch.int32)
+@pytest.mark.parametrize("S_max, K", [(8, 0), (0, 3)])
+def test_sparse_attention_with_no_slots_is_zeros_in_both_paths(S_max, K):
+    """K = 0 slots, or K slots all -1 in an empty cache (S_max = 0), select nothing: zeros, as the kernel gives (the
+    ref failed in amax over an empty dim, and in index_select on an empty cache)."""
+    q, k, v = torch.randn(1, 4, 16), torch.randn(1, 2, S_max, 16), torch.randn(1, 2, S_max, 16)
+    idx = torch.full((1, 2, K), -1, dtype=torch.int32)
     assert torch.equal(hk.sparse_decode_attention_ref(q, k, v, idx), torch.zeros(1, 4, 16))
     tri = hk.sparse_decode_attention(q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV), use_triton=True)
     assert torch.equal(tri.cpu(), torch.zeros(1, 4, 16))
