@@ -488,9 +488,10 @@ def build_parser():
                    "template applied) and its token count on stderr, as llama.cpp's; with --interactive, each turn's "
                    "new tokens")
     p.add_argument("--json", action="store_true", help="print each reply as one JSON line when all are done, not "
-                   "streamed: prompt, text, finish_reason ('stop': a stop token or --stop string; 'length': "
-                   "--max-new-tokens; 'interrupted': Ctrl-C), prompt_tokens (the chat template's too), "
-                   "completion_tokens (a stop token too), as OpenAI's API names them; for scripts")
+                   "streamed: index (the prompt's, from 0), text, finish_reason ('stop': a stop token or --stop "
+                   "string; 'length': --max-new-tokens; 'interrupted': Ctrl-C), prompt_tokens (the chat template's "
+                   "and --system's too, and those --prompt-cache held), completion_tokens (a stop token's and a --stop "
+                   "string's too), as OpenAI names them; for scripts")
     p.add_argument("--parse-special", action="store_true", help="read special-token text in prompts and messages as "
                    "those tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
@@ -734,18 +735,17 @@ def run(args):
     streamer = Streamer(tok, stops) if len(prompts) == 1 and not args.json else None
     start = continue_at(held, prompts[0])
     note_reuse(held, prompts[0], start)
+    settings = sampling(args, tok.eos_ids)
     try:
         new, timing = generate(model, prompts, max_new, generator=row_generators(args.seed, len(prompts), device),
-                               on_token=streamer, progress=True, stop_when=stops, start=start,
-                               **sampling(args, tok.eos_ids))
+                               on_token=streamer, progress=True, stop_when=stops, start=start, **settings)
     except Interrupted as stopped:  # Ctrl-C while decoding: the text so far is shown, then the run ends (status 130)
         new, timing = stopped.new, None
     if streamer is not None:
         streamer.finish()
     elif args.json:
-        stop_ids = sampling(args, tok.eos_ids)["stop_ids"]
-        for text, ids, prompt in zip(texts, new, prompts):
-            show(reply_json(tok, text, prompt, ids, stop_ids, stops, interrupted=timing is None))
+        for i, (ids, prompt) in enumerate(zip(new, prompts)):
+            show(reply_json(tok, i, len(prompt), ids, settings["stop_ids"], stops, interrupted=timing is None))
     else:
         for text, ids in zip(texts, new):
             head = f"{text[:60]!r}{'…' * (len(text) > 60)}"  # the prompt's start, … where it goes on
@@ -762,11 +762,15 @@ def reply_text(tok, ids, stops=None):  # a reply's new tokens as text: no stop t
     return stops.cut(text) if stops else text
 
 
-def reply_json(tok, text, prompt, ids, stop_ids, stops, interrupted):  # --json: a reply's line, ids its new tokens
-    stopped = bool(ids) and (ids[-1] in stop_ids or bool(stops and stops(ids)))  # as generate's ends
-    reason = "stop" if stopped else "interrupted" if interrupted else "length"
-    return json.dumps({"prompt": text, "text": reply_text(tok, ids, stops), "finish_reason": reason,
-                       "prompt_tokens": len(prompt), "completion_tokens": len(ids)}) + "\n"
+def reply_json(tok, index, n_prompt, ids, stop_ids, stops, interrupted):
+    """--json: the reply to prompt `index` as one line (ASCII: no raw newline); ids its new tokens. Why they ended is
+    told from the last, by generate's own tests (a stop token, stops(ids)); neither: Ctrl-C or --max-new-tokens."""
+    if ids and (ids[-1] in stop_ids or (stops is not None and stops(ids))):
+        reason = "stop"
+    else:
+        reason = "interrupted" if interrupted else "length"
+    return json.dumps({"index": index, "text": reply_text(tok, ids, stops), "finish_reason": reason,
+                       "prompt_tokens": n_prompt, "completion_tokens": len(ids)}) + "\n"
 
 
 def converse(model, tok, args, openings, system, stops=None, held=()):

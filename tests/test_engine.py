@@ -2141,13 +2141,13 @@ def test_json_prints_each_reply_and_why_it_ended(capsys, monkeypatch, tok):
     code, out, err = run_cli(capsys, "--prompt", "a", "--prompt", "b c", "--max-new-tokens", "2", "--json", "--chat")
     n_a, n_bc = map(len, seen[0])
     assert code == 0 and n_a > 20 and json_lines(out) == [
-        {"prompt": "a", "text": "The", "finish_reason": "stop", "prompt_tokens": n_a, "completion_tokens": 2},
-        {"prompt": "b c", "text": tok.decode([504, 504]), "finish_reason": "length", "prompt_tokens": n_bc,
+        {"index": 0, "text": "The", "finish_reason": "stop", "prompt_tokens": n_a, "completion_tokens": 2},
+        {"index": 1, "text": tok.decode([504, 504]), "finish_reason": "length", "prompt_tokens": n_bc,
          "completion_tokens": 2}], err
     record_prompts(monkeypatch, [[504]])
     code, out, err = run_cli(capsys, "--prompt", "a", "--max-new-tokens", "3", "--json", "--stop", "he")
     assert code == 0 and json_lines(out) == [
-        {"prompt": "a", "text": "T", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}], err
+        {"index": 0, "text": "T", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}], err
 
 
 def test_json_after_ctrl_c_prints_the_replies_so_far(capsys, monkeypatch):
@@ -2172,7 +2172,7 @@ def test_json_text_is_the_streamed_text(capsys):
     code, streamed, err = run_cli(capsys, *argv)
     assert code == 0, err
     code, out, err = run_cli(capsys, *argv, "--json")
-    assert code == 0 and json_lines(out) == [{"prompt": argv[1], "text": streamed[:-1], "finish_reason": "length",
+    assert code == 0 and json_lines(out) == [{"index": 0, "text": streamed[:-1], "finish_reason": "length",
                                               "prompt_tokens": 5, "completion_tokens": 6}], err
 
 
