@@ -174,21 +174,23 @@ class GraphedDecode:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in generate's decode loop, with `new`: each sequence's new tokens so far, as generate returns them."""
-    def __init__(self, new):
+    """Ctrl-C in generate's decode loop, with `new`: each sequence's new tokens so far, as generate returns them (and
+    `logprobs`, theirs, if asked for)."""
+    def __init__(self, new, logprobs=None):
         super().__init__()
-        self.new = new
+        self.new, self.logprobs = new, logprobs
 
 
 @torch.inference_mode()  # (a caller's grad mode would keep every step's graph: memory growing with each token)
 def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p=1.0, generator=None,
              on_token=None, cuda_graph=True, progress=False, top_k=0, start=0, min_p=0.0, repetition_penalty=1.0,
-             stop_when=None, graphs=None, repeat_last_n=None, ban_ids=()):
+             stop_when=None, graphs=None, repeat_last_n=None, ban_ids=(), logprobs=False):
     """Prefill the prompts (lists of token ids), then decode one token a step, each sequence at its own positions, until
     its stop token (stop_ids), stop_when(its new ids) (--stop strings) or max_new_tokens. Returns (new, timing): each
     prompt's new tokens, up to and with its stop; timing: prefill_s, graph_s (None: no capture), decode_s,
     prefill_tokens, decode_steps, decode_tokens, budget (the sparse layers' K, or None), selecting_steps (steps with
-    more cached keys than K), cut (sequences max_new_tokens ended; None without stop_ids or stop_when). start: the
+    more cached keys than K), cut (sequences max_new_tokens ended; None without stop_ids or stop_when), logprobs (with
+    logprobs=True, each new token's log-probability under the model, before the sampling settings). start: the
     caches already hold each prompt's first `start` tokens (a chat's conversation so far); the rest is prefilled (1
     token or more; 2 after start > 0, see prefill). on_token(tokens (B,), -1 where a sequence has stopped) streams every
     step. On CUDA the step is a CUDA graph (unless cuda_graph=False); `graphs`, one dict for every generate on the same
@@ -224,9 +226,11 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         if repeat_last_n:  # (B, N) the last N tokens, oldest first from column `head` on (-1: none yet)
             ring = torch.tensor([[-1] * (repeat_last_n - len(p)) + p for p in recent], device=device)
     head = 0
+    drawn = [] if logprobs else None  # a (B,) fp32 tensor a pick: the drawn tokens' log-probabilities
 
     def pick(logits):  # the next tokens (B,) under the sampling settings
         nonlocal head
+        raw = logits  # the model's own, for the log-probabilities
         bad = ~logits.sum(-1).isfinite()  # a NaN or inf anywhere makes the sum one (isfinite().all(): slower on CPUs)
         spoilt.copy_(bad & ~done)  # (checked at the step's wait, where a finished row's are unused)
         if temperature > 0:  # (sampling would fail on them first: it draws from such a row's zeros, never shown)
@@ -236,6 +240,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         if len(ban):
             logits = logits.index_fill(-1, ban, -math.inf)
         cur = sample(logits, temperature, top_p, generator, top_k, min_p)
+        if drawn is not None:
+            drawn.append(raw.log_softmax(-1).gather(1, cur[:, None])[:, 0])
         if ring is not None:  # the oldest token leaves the window
             old = ring[:, head:head + 1]  # (B, 1)
             seen.scatter_add_(1, old.clamp(min=0), -(old >= 0).int())
@@ -262,9 +268,13 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
     bar = tqdm(range(max_new_tokens), "decode", unit="step", leave=False, disable=not progress or on_token is not None)
     replies = [[] for _ in prompts]  # host copies of the new tokens, for stop_when
 
-    def so_far():  # each sequence's new tokens, to its stop
+    def so_far():  # each sequence's new tokens, to its stop, and their log-probabilities (None unless asked for)
         rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]  # (B, steps), -1 after a stop
-        return [[t for t in row if t >= 0] for row in rows]
+        new = [[t for t in row if t >= 0] for row in rows]
+        if not logprobs:
+            return new, None
+        lps = torch.stack(drawn[:len(out)], 1).tolist() if out else rows  # (B, steps) (a Ctrl-C may follow a pick)
+        return new, [[lp for t, lp in zip(row, lp_row) if t >= 0] for row, lp_row in zip(rows, lps)]
     try:
         for step in bar:
             out.append(torch.where(done, -1, cur))
@@ -282,19 +292,19 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
             bar.set_postfix_str(f"{finished}/{B} finished", refresh=False)
             cur = pick(step_fn(model, cur, ends + step))
     except KeyboardInterrupt:
-        raise Interrupted(so_far()) from None
+        raise Interrupted(*so_far()) from None
     finally:
         bar.close()
     synchronize(device)
     t3 = time.perf_counter()
-    new = so_far()
+    new, lps = so_far()
     steps, K = max(len(out) - 1, 0), next((l.attention.budget for l in model.layers if l.attention.hata), None)
     # decode step s (from 0) attends to start + T + s + 1 keys (the longest sequence's): K leaves keys out from there
     selecting = None if K is None else max(0, steps - max(0, K - start - T))
     timing = {"prefill_s": t1 - t0, "graph_s": t2 - t1 if captured else None,
               "decode_s": t3 - t2, "prefill_tokens": int(lengths.sum()), "decode_steps": steps,
               "decode_tokens": sum(max(len(t) - 1, 0) for t in new), "budget": K, "selecting_steps": selecting,
-              "cut": B - int(done.sum()) if stop_ids or stop_when else None}
+              "cut": B - int(done.sum()) if stop_ids or stop_when else None, "logprobs": lps}
     return new, timing
 
 
@@ -492,6 +502,9 @@ def build_parser():
                    "string; 'length': --max-new-tokens; 'interrupted': Ctrl-C), prompt_tokens (the chat template's "
                    "and --system's too, and those --prompt-cache held), completion_tokens (a stop token's and a --stop "
                    "string's too), as OpenAI names them; for scripts")
+    p.add_argument("--logprobs", action="store_true", help="with --json: also each reply's token_ids and their "
+                   "logprobs, the log-probability the model gave each (before --temperature and the other sampling "
+                   "settings; compare a --dense run's)")
     p.add_argument("--parse-special", action="store_true", help="read special-token text in prompts and messages as "
                    "those tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
@@ -631,10 +644,11 @@ def run(args):
                (("--repeat-last-n",), args.repetition_penalty == 1, "--repetition-penalty 1 penalizes nothing"),
                (("--checkpoint", "--tokenizer", "--chat", "--system", "--prompt-file", "--interactive",
                  "--parse-special", "--stop", "--prompt-cache", "--keep-first", "--ignore-eos", "--verbose-prompt",
-                 "--json"),
+                 "--json", "--logprobs"),
                 args.random_weights,
                 "--random-weights decodes random tokens"),
                (("--keep-first",), not (args.interactive or args.random_weights), "only --interactive forgets"),
+               (("--logprobs",), not (args.json or args.random_weights), "only --json prints them"),
                (("--system",), not (args.chat or args.interactive or args.random_weights),
                 "it is a chat's message: add --chat"),
                (("--hash-weights",), args.random_weights and not args.dense and args.selector == "hash",
@@ -738,14 +752,17 @@ def run(args):
     settings = sampling(args, tok.eos_ids)
     try:
         new, timing = generate(model, prompts, max_new, generator=row_generators(args.seed, len(prompts), device),
-                               on_token=streamer, progress=True, stop_when=stops, start=start, **settings)
+                               on_token=streamer, progress=True, stop_when=stops, start=start,
+                               logprobs=args.json and args.logprobs, **settings)
+        logprobs = timing["logprobs"]
     except Interrupted as stopped:  # Ctrl-C while decoding: the text so far is shown, then the run ends (status 130)
-        new, timing = stopped.new, None
+        new, logprobs, timing = stopped.new, stopped.logprobs, None
     if streamer is not None:
         streamer.finish()
     elif args.json:
         for i, (ids, prompt) in enumerate(zip(new, prompts)):
-            show(reply_json(tok, i, len(prompt), ids, settings["stop_ids"], stops, interrupted=timing is None))
+            show(reply_json(tok, i, len(prompt), ids, settings["stop_ids"], stops, interrupted=timing is None,
+                            logprobs=logprobs and logprobs[i]))
     else:
         for text, ids in zip(texts, new):
             head = f"{text[:60]!r}{'…' * (len(text) > 60)}"  # the prompt's start, … where it goes on
@@ -762,15 +779,18 @@ def reply_text(tok, ids, stops=None):  # a reply's new tokens as text: no stop t
     return stops.cut(text) if stops else text
 
 
-def reply_json(tok, index, n_prompt, ids, stop_ids, stops, interrupted):
+def reply_json(tok, index, n_prompt, ids, stop_ids, stops, interrupted, logprobs=None):
     """--json: the reply to prompt `index` as one line (ASCII: no raw newline); ids its new tokens. Why they ended is
     told from the last, by generate's own tests (a stop token, stops(ids)); neither: Ctrl-C or --max-new-tokens."""
     if ids and (ids[-1] in stop_ids or (stops is not None and stops(ids))):
         reason = "stop"
     else:
         reason = "interrupted" if interrupted else "length"
-    return json.dumps({"index": index, "text": reply_text(tok, ids, stops), "finish_reason": reason,
-                       "prompt_tokens": n_prompt, "completion_tokens": len(ids)}) + "\n"
+    line = {"index": index, "text": reply_text(tok, ids, stops), "finish_reason": reason, "prompt_tokens": n_prompt,
+            "completion_tokens": len(ids)}
+    if logprobs is not None:  # (--logprobs)
+        line.update(token_ids=ids, logprobs=logprobs)
+    return json.dumps(line) + "\n"
 
 
 def converse(model, tok, args, openings, system, stops=None, held=()):

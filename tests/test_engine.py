@@ -650,7 +650,7 @@ def record_prompts(monkeypatch, replies=None):
 
     def generate(model, prompts, *args, **kwargs):
         seen.append(prompts)
-        return replies or [[1]] * len(prompts), {}
+        return replies or [[1]] * len(prompts), {"logprobs": None}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     return seen
@@ -1191,7 +1191,7 @@ def test_sampling_flags_reach_the_sampler(capsys, monkeypatch, tok):
     seen, eos = [], tok.eos_ids
     monkeypatch.setattr(engine, "generate", lambda *a, **k: (seen.append(
         (k["top_k"], k["min_p"], k["repetition_penalty"], k["repeat_last_n"], k["stop_ids"], k["ban_ids"])),
-        ([[1]], {}))[1])
+        ([[1]], {"logprobs": None}))[1])
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     run_cli(capsys, "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "1", "--top-k", "5", "--min-p", "0.1",
             "--repetition-penalty", "1.3", "--repeat-last-n", "64")
@@ -1228,11 +1228,12 @@ def test_min_p_keeps_the_tokens_near_the_likeliest():
 
 
 def favour_0_1_2(monkeypatch):
-    """Every forward's logits, for each row: token 0 at 1.0, 1 at 0.9, 2 at 0.85, the other 509 at -1."""
+    """Every forward's logits, for each row: token 0 at 1.0, 1 at 0.9, 2 at 0.85, the other 509 at -1 (returned)."""
     logits = torch.full((512,), -1.0)
     logits[:3] = torch.tensor([1.0, 0.9, 0.85])
     monkeypatch.setattr(engine, "prefill", lambda model, tokens, *a, **k: logits.expand(len(tokens), 512).clone())
     monkeypatch.setattr(engine, "decode_one_token", lambda model, cur, pos: logits.expand(len(cur), 512).clone())
+    return logits
 
 
 def test_the_repetition_penalty_covers_each_prompt_and_its_reply_not_the_padding(monkeypatch):
@@ -1613,17 +1614,20 @@ def test_generate_refuses_more_tokens_than_the_cache_holds(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_equals_eager():
-    """The captured CUDA-graph step gives the eager step's tokens: HATA's Triton kernels, sequences of different
-    lengths, up to the cache's last slot (7 + 10 - 1 = 16). The capture is timed apart from the prefill."""
+    """The captured CUDA-graph step gives the eager step's tokens and their log-probabilities (read from the graph's
+    output before the next replay): HATA's Triton kernels, sequences of different lengths, up to the cache's last slot
+    (7 + 10 - 1 = 16). The capture is timed apart from the prefill."""
     model = tiny_model(HataArgs(budget=4, n_dense=1), device="cuda")
-    prompts, out, timings = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], [], []
+    prompts, out, timings, logprobs = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]], [], [], []
     for graph in (False, True):
         model.setup_caches(2, 16)
         with torch.inference_mode():
-            new, timing = engine.generate(model, prompts, max_new_tokens=10, cuda_graph=graph)
+            new, timing = engine.generate(model, prompts, max_new_tokens=10, cuda_graph=graph, logprobs=True)
         out.append(new)
         timings.append(timing["graph_s"])
+        logprobs.append(torch.tensor(timing["logprobs"]))  # (2, 10)
     assert out[0] == out[1] and [len(t) for t in out[0]] == [10, 10]
+    torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-5, rtol=0)  # (fp32 logits)
     assert timings[0] is None and timings[1] > 0
     for layer in model.layers[1:]:  # the captured threshold kernel set where each row's next window starts
         assert (layer.attention.hash_cache.anchor >= 1).all()
@@ -1639,6 +1643,25 @@ def ctrl_c_at_step(monkeypatch, n):  # decode steps raise KeyboardInterrupt at t
         return step(*args)
     monkeypatch.setattr(engine, "decode_one_token", interrupted_step)
     return calls
+
+
+def test_logprobs_are_the_models_own_for_each_new_token(monkeypatch):
+    """generate(logprobs=True): each new token's log-probability under the model's logits (favour_0_1_2's), before
+    the sampling settings (a repetition penalty of 2 here, which draws 1 and 2 too); each sequence's list ends at its
+    stop token, and so does an Interrupted's (Ctrl-C in the 4th step). Not asked for: None."""
+    logp = favour_0_1_2(monkeypatch).log_softmax(-1)
+    model = tiny_model()
+    model.setup_caches(2, 16)
+    new, timing = engine.generate(model, [[0, 3, 3], [3]], 5, stop_ids={2}, repetition_penalty=2.0, logprobs=True)
+    assert new == [[1, 2], [0, 1, 2]]
+    assert timing["logprobs"] == [pytest.approx([logp[t].item() for t in row], abs=1e-6) for row in new]
+    assert engine.generate(model, [[3], [3]], 2)[1]["logprobs"] is None
+    ctrl_c_at_step(monkeypatch, 4)
+    with pytest.raises(engine.Interrupted) as stopped:
+        engine.generate(model, [[0, 3, 3], [3]], 8, stop_ids={4}, repetition_penalty=2.0, logprobs=True)
+    assert stopped.value.new == [[1, 2, 0, 0], [0, 1, 2, 0]]
+    assert stopped.value.logprobs == [pytest.approx([logp[t].item() for t in row], abs=1e-6)
+                                      for row in stopped.value.new]
 
 
 def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
@@ -1914,6 +1937,8 @@ def test_batch_headers_mark_a_cut_prompt(capsys, monkeypatch):
     (["--seed", "3", "--temperature", "0.7"], None),
     (["--keep-first"], "--keep-first (only --interactive forgets)"),
     (["--keep-first", "--interactive"], None),
+    (["--logprobs"], "--logprobs (only --json prints them)"),
+    (["--logprobs", "--json"], None),
 ])
 def test_flags_that_change_nothing_say_so(capsys, argv, ignored):
     """HATA's settings with --dense, the hash selector's with another selector (an --rbit they read nothing of is
@@ -2166,7 +2191,7 @@ def test_json_is_refused_in_a_chat_turn_by_turn(capsys):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
-def test_json_text_is_the_streamed_text(capsys):
+def test_json_text_is_the_streamed_text(capsys, tok):
     """The real model, greedy: the JSON line's text is what the same run streams, its "length" at the limit."""
     argv = ("--prompt", "The capital of France is", "--max-new-tokens", "6")
     code, streamed, err = run_cli(capsys, *argv)
@@ -2174,6 +2199,10 @@ def test_json_text_is_the_streamed_text(capsys):
     code, out, err = run_cli(capsys, *argv, "--json")
     assert code == 0 and json_lines(out) == [{"index": 0, "text": streamed[:-1], "finish_reason": "length",
                                               "prompt_tokens": 5, "completion_tokens": 6}], err
+    code, out, err = run_cli(capsys, *argv, "--json", "--logprobs")
+    (line,) = json_lines(out)
+    assert code == 0 and tok.decode(line["token_ids"]) == line["text"] and len(line["logprobs"]) == 6, err
+    assert all(-20 < lp < 0 for lp in line["logprobs"]), line
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -2184,7 +2213,7 @@ def test_a_batchs_rows_sample_with_the_seed_plus_their_index(capsys, monkeypatch
 
     def generate(model, prompts, max_new, stop_ids, temperature, top_p, generator, **kwargs):
         seen.append((temperature, top_p, [g.initial_seed() for g in generator]))
-        return [[504]] * len(prompts), {}
+        return [[504]] * len(prompts), {"logprobs": None}
     monkeypatch.setattr(engine, "generate", generate)
     monkeypatch.setattr(engine, "report_speed", lambda timing: None)
     code, _, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--temperature", "0.7",
