@@ -226,11 +226,11 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         if repeat_last_n:  # (B, N) the last N tokens, oldest first from column `head` on (-1: none yet)
             ring = torch.tensor([[-1] * (repeat_last_n - len(p)) + p for p in recent], device=device)
     head = 0
-    drawn = [] if logprobs else None  # a (B,) fp32 tensor a pick: the drawn tokens' log-probabilities
+    drawn = [] if logprobs else None  # one (B,) fp32 tensor per pick: the drawn tokens' log-probabilities
 
     def pick(logits):  # the next tokens (B,) under the sampling settings
         nonlocal head
-        raw = logits  # the model's own, for the log-probabilities
+        raw = logits  # the model's own, for the log-probabilities (the steps below make new tensors: never in place)
         bad = ~logits.sum(-1).isfinite()  # a NaN or inf anywhere makes the sum one (isfinite().all(): slower on CPUs)
         spoilt.copy_(bad & ~done)  # (checked at the step's wait, where a finished row's are unused)
         if temperature > 0:  # (sampling would fail on them first: it draws from such a row's zeros, never shown)
@@ -273,8 +273,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         new = [[t for t in row if t >= 0] for row in rows]
         if not logprobs:
             return new, None
-        lps = torch.stack(drawn[:len(out)], 1).tolist() if out else rows  # (B, steps) (a Ctrl-C may follow a pick)
-        return new, [[lp for t, lp in zip(row, lp_row) if t >= 0] for row, lp_row in zip(rows, lps)]
+        lps = torch.stack(drawn[:len(out)], 1).tolist() if out else rows  # (B, steps) (a Ctrl-C in pick: one more)
+        return new, [row[:len(ids)] for row, ids in zip(lps, new)]  # (a row's tokens are its first: done only grows)
     try:
         for step in bar:
             out.append(torch.where(done, -1, cur))
@@ -502,9 +502,9 @@ def build_parser():
                    "string; 'length': --max-new-tokens; 'interrupted': Ctrl-C), prompt_tokens (the chat template's "
                    "and --system's too, and those --prompt-cache held), completion_tokens (a stop token's and a --stop "
                    "string's too), as OpenAI names them; for scripts")
-    p.add_argument("--logprobs", action="store_true", help="with --json: also each reply's token_ids and their "
-                   "logprobs, the log-probability the model gave each (before --temperature and the other sampling "
-                   "settings; compare a --dense run's)")
+    p.add_argument("--logprobs", action="store_true", help="with --json: also each reply's token_ids (as "
+                   "completion_tokens counts them) and their logprobs, the log-probability the model gave each (before "
+                   "--temperature and the other sampling settings; a sparse run's beside a --dense one's shows HATA's)")
     p.add_argument("--parse-special", action="store_true", help="read special-token text in prompts and messages as "
                    "those tokens ('<|im_end|>' typed is the token, as transformers and llama.cpp read it), not as text")
     p.add_argument("--interactive", action="store_true", help="chat turn by turn (implies --chat): each line of "
@@ -762,7 +762,7 @@ def run(args):
     elif args.json:
         for i, (ids, prompt) in enumerate(zip(new, prompts)):
             show(reply_json(tok, i, len(prompt), ids, settings["stop_ids"], stops, interrupted=timing is None,
-                            logprobs=logprobs and logprobs[i]))
+                            logprobs=None if logprobs is None else logprobs[i]))
     else:
         for text, ids in zip(texts, new):
             head = f"{text[:60]!r}{'…' * (len(text) > 60)}"  # the prompt's start, … where it goes on
