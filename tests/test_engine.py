@@ -1650,18 +1650,18 @@ def test_logprobs_are_the_models_own_for_each_new_token(monkeypatch):
     the sampling settings (a repetition penalty of 2 here, which draws 1 and 2 too); each sequence's list ends at its
     stop token, and so does an Interrupted's (Ctrl-C in the 4th step). Not asked for: None."""
     logp = favour_0_1_2(monkeypatch).log_softmax(-1)
+    expected = lambda rows: [pytest.approx(logp[row].tolist(), abs=1e-6) for row in rows]  # each token's log_softmax
     model = tiny_model()
     model.setup_caches(2, 16)
     new, timing = engine.generate(model, [[0, 3, 3], [3]], 5, stop_ids={2}, repetition_penalty=2.0, logprobs=True)
     assert new == [[1, 2], [0, 1, 2]]
-    assert timing["logprobs"] == [pytest.approx([logp[t].item() for t in row], abs=1e-6) for row in new]
+    assert timing["logprobs"] == expected(new)
     assert engine.generate(model, [[3], [3]], 2)[1]["logprobs"] is None
     ctrl_c_at_step(monkeypatch, 4)
     with pytest.raises(engine.Interrupted) as stopped:
         engine.generate(model, [[0, 3, 3], [3]], 8, stop_ids={4}, repetition_penalty=2.0, logprobs=True)
     assert stopped.value.new == [[1, 2, 0, 0], [0, 1, 2, 0]]
-    assert stopped.value.logprobs == [pytest.approx([logp[t].item() for t in row], abs=1e-6)
-                                      for row in stopped.value.new]
+    assert stopped.value.logprobs == expected(stopped.value.new)
 
 
 def test_ctrl_c_in_generate_raises_with_the_tokens_so_far(monkeypatch):
