@@ -761,7 +761,8 @@ def run(args):
         streamer.finish()
     elif args.json:
         for i, (ids, prompt) in enumerate(zip(new, prompts)):
-            show(reply_json(tok, i, len(prompt), ids, settings["stop_ids"], stops, interrupted=timing is None,
+            cut = timing is None and len(ids) < max_new  # (a Ctrl-C can land after a reply's last token)
+            show(reply_json(tok, i, len(prompt), ids, settings["stop_ids"], stops, interrupted=cut,
                             logprobs=None if logprobs is None else logprobs[i]))
     else:
         for text, ids in zip(texts, new):

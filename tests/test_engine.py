@@ -2176,13 +2176,15 @@ def test_json_prints_each_reply_and_why_it_ended(capsys, monkeypatch, tok):
 
 
 def test_json_after_ctrl_c_prints_the_replies_so_far(capsys, monkeypatch):
-    """Ctrl-C while decoding: each reply so far as a JSON line, "interrupted" where no stop ended it; status 130."""
+    """Ctrl-C while decoding: each reply so far as a JSON line, "interrupted" where neither a stop nor
+    --max-new-tokens ended it (a Ctrl-C can land after a reply's last token); status 130."""
     def generate(*args, **kwargs):
-        raise engine.Interrupted([[504, 2], [504]])
+        raise engine.Interrupted([[504, 2], [504], [504, 504]])
     monkeypatch.setattr(engine, "generate", generate)
-    code, out, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", "--json")
+    code, out, err = run_cli(capsys, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--max-new-tokens", "2",
+                             "--json")
     assert code == 130 and [(r["text"], r["finish_reason"]) for r in json_lines(out)] == [
-        ("The", "stop"), ("The", "interrupted")] and err.endswith("interrupted\n"), err
+        ("The", "stop"), ("The", "interrupted"), ("TheThe", "length")] and err.endswith("interrupted\n"), err
 
 
 def test_json_is_refused_in_a_chat_turn_by_turn(capsys):
