@@ -2175,6 +2175,7 @@ def test_json_prints_each_reply_and_why_it_ended(capsys, monkeypatch, tok):
         {"index": 0, "text": "T", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}], err
 
 
+@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
 def test_json_after_ctrl_c_prints_the_replies_so_far(capsys, monkeypatch):
     """Ctrl-C while decoding: each reply so far as a JSON line, "interrupted" where neither a stop nor
     --max-new-tokens ended it (a Ctrl-C can land after a reply's last token); status 130."""
