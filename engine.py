@@ -1249,10 +1249,10 @@ class Streamer:
             return
         self.ids.append(t)
         text = self.tok.decode(self.ids[self.start:])
-        if not text.endswith("\ufffd"):
-            self.emit(text[len(self.printed):])
-            self.start = max(self.start, len(self.ids) - self.CONTEXT)
+        if not text.endswith("\ufffd"):  # state first: a Ctrl-C raised in show's write must not print it twice
+            new, self.start = text[len(self.printed):], max(self.start, len(self.ids) - self.CONTEXT)
             self.printed = self.tok.decode(self.ids[self.start:])
+            self.emit(new)
 
     def emit(self, new, last=False):  # shows new text up to a --stop string, holding back what may begin one
         if self.stops is None:
@@ -1261,8 +1261,8 @@ class Streamer:
             text = self.stops.cut(whole := self.held + new)
             self.stopped = len(text) < len(whole)
             keep = 0 if self.stopped or last else self.stops.unsure(text)
-            show(text[:len(text) - keep])
             self.held = text[len(text) - keep:]
+            show(text[:len(text) - keep])
 
     def finish(self):
         self.emit(self.tok.decode(self.ids[self.start:])[len(self.printed):], last=True)

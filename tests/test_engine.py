@@ -2623,6 +2623,27 @@ def test_the_streamer_shows_the_text_before_a_stop_that_ends_in_the_start_of_ano
     assert capsys.readouterr().out == "Paris. Q\n" and engine.reply_text(tok, ids, stops) == "Paris. Q"
 
 
+@pytest.mark.parametrize("stops", [None, ["zzz"]])
+def test_a_ctrl_c_raised_in_the_streamers_write_does_not_show_its_text_twice(capsys, monkeypatch, tok, stops):
+    """On a terminal, Ctrl-C's KeyboardInterrupt can surface inside print, after the token's text went out: finish()
+    (the rest of the reply) must not show that text again ("with a^C a")."""
+    writes = []
+
+    def show(text):  # writes, then is interrupted at the third token's text
+        print(text, end="")
+        writes.append(text)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "show", show)
+    streamer = engine.Streamer(tok, stops and engine.StopStrings(tok, stops))
+    ids = tok.encode("Once upon a time", bos=False)
+    with pytest.raises(KeyboardInterrupt):
+        for t in ids:
+            streamer(torch.tensor([t]))
+    streamer.finish()
+    assert capsys.readouterr().out == tok.decode(ids[:3]) + "\n"
+
+
 # From a mutation run of engine.py's setup and command-line paths (2026-12-06)
 
 def test_a_prompt_that_fills_the_cache_gets_the_prefills_one_token(capsys):
