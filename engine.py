@@ -807,6 +807,8 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
     limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)  # the longest conversation that leaves it
     first, hint = (" after the first", "") if args.keep_first else ("", "; --keep-first keeps the first exchange")
+    larger = ("a larger --max-seq-len holds more" if model.max_seq_len < model.args.max_seq_len  # (past the model's
+              else "the cache is the model's whole context")  # context, --max-seq-len is refused)
     n_kept = len(system) + 2 * args.keep_first  # the messages never forgotten (an exchange is 2)
     keep, down = half, "half the cache"  # forgetting goes down to `keep` tokens where it can
     for text in itertools.chain(openings, typed_turns()):
@@ -815,15 +817,13 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
             what, kept_first = ("this message and the first exchange take", "; without --keep-first the chat "
                                 "forgets that exchange") if args.keep_first and sent else ("this message takes", "")
             print(f"warning: {what} {plural(len(ids))} in the chat's format and the cache holds "
-                  f"{plural(model.max_seq_len)}: not sent (a larger --max-seq-len holds more{kept_first})",
-                  file=sys.stderr)
+                  f"{plural(model.max_seq_len)}: not sent ({larger}{kept_first})", file=sys.stderr)
             continue
         if forgot:
             which = "its oldest exchange" if forgot == 1 else f"its {forgot} oldest exchanges"
             why = (" to leave this reply" if len(ids) > keep  # (a newest message past it)
                    else f", down to {down}, to leave this and later replies")
-            print(f"note: the conversation forgets {which}{first}{why} room (a larger --max-seq-len holds more{hint})",
-                  file=sys.stderr)
+            print(f"note: the conversation forgets {which}{first}{why} room ({larger}{hint})", file=sys.stderr)
             hint = ""  # (said once)
         messages = kept
         start, sent = continue_at(held, ids), sent + 1
@@ -1009,7 +1009,7 @@ def cache_size(args, longest, context, what=None, all_dense=False):
     if (args.max_seq_len or 0) > context:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} tokens")
     if longest > (cache := args.max_seq_len or context):
-        limit = f"--max-seq-len is {cache}" if args.max_seq_len else f"the model's context is {cache} tokens"
+        limit = f"--max-seq-len is {cache}" if cache < context else f"the model's context is {cache} tokens"
         raise ValueError(f"{what or 'the prompt has ' + plural(longest)} but {limit}")
     max_seq_len = args.max_seq_len or min(context, longest + args.max_new_tokens - 1)  # the last token is never cached
     K = HataArgs(budget=args.budget).budget_tokens(max_seq_len)  # more positions forced than K: the newest would win

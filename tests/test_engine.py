@@ -143,6 +143,8 @@ def test_prompt_longer_than_max_seq_len(capsys):
     assert code == 2 and "--max-seq-len is 4" in line and "loaded" not in err  # refused before loading
     code, _, err = run_cli(capsys, "--prompt", "hello world " * 4200)  # the model's context, read from its metadata
     assert code == 2 and "the model's context is 8192 tokens" in error_line(err) and "loaded" not in err
+    code, _, err = run_cli(capsys, "--interactive", "--prompt", "hello world " * 4200)  # a chat's cache: the context,
+    assert code == 2 and "but the model's context is 8192 tokens" in error_line(err), err  # no --max-seq-len given
 
 
 def test_unknown_dtype(capsys):
@@ -710,6 +712,15 @@ def test_a_message_not_sent_keeps_the_conversation_and_forgetting_keeps_the_syst
     assert [len(chat(k)) for k in (4, 5, 2)] == [57, 70, 31]  # 70 > the limit, 81 - 20; down to 40: 31
     assert code == 0 and sent() == [chat(1), chat(2), chat(3), chat(4), chat(2), chat(3)], [len(c) for c in sent()]
     assert "forgets its 3 oldest exchanges, down to half the cache" in err and room[-6:] == [20] * 6, err
+
+
+def test_a_chat_over_the_models_whole_context_does_not_ask_for_a_larger_cache(capsys, monkeypatch, tok):
+    """--interactive without --max-seq-len caches the model's whole context: a message too long for it says so, not
+    "a larger --max-seq-len holds more" (which would be refused)."""
+    stub_replies(monkeypatch, tok)
+    stdin_of(monkeypatch, "word " * 8200 + "\nHi\n")
+    code, _, err = run_cli(capsys, "--interactive", "--system", "Be brief.", "--prompt", "Hi")
+    assert code == 0 and "not sent (the cache is the model's whole context)" in err, err
 
 
 def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(capsys, monkeypatch, tok):
