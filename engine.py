@@ -1377,7 +1377,8 @@ def load_prompt_cache(path, model):
     if not finite:  # (else the prompt's logits came out NaN, blamed on the weights)
         raise ValueError(f"--prompt-cache {path} is corrupt: its K/V hold NaN or inf; {KEPT}")
     model.set_hata(model.hata)  # the sparse layers' hash codes, of the loaded keys
-    print(f"prompt cache: the K/V of {plural(n)} read from {path}", file=sys.stderr)
+    part = f" (of the file's {len(tokens)}: the cache holds {n})" if n < len(tokens) else ""
+    print(f"prompt cache: the K/V of {plural(n)}{part} read from {path}", file=sys.stderr)
     return tokens[:n].tolist()
 
 
@@ -1399,7 +1400,8 @@ def save_prompt_cache(path, model, ids, held):
             tensors[f"layers.{i}.{kv}"] = (dtype, (Hkv, n, D), lambda cache=cache: cache[0, :, :n])
     meta = {"format": PROMPT_CACHE, "model": repr(model.args), "dtype": str(dtype), "weights": weights_digest(model)}
     write_whole(path, lambda tmp: write_safetensors(tmp, tensors, meta))
-    print(f"prompt cache: the prompt's {plural(n)} written to {path}", file=sys.stderr)
+    lost = ", in place of another prompt's K/V" if held and ids[:len(held)] != held else ""  # (not one it goes on from)
+    print(f"prompt cache: the prompt's {plural(n)} written to {path}{lost}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2448,7 +2448,7 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):
     code, out, err = run_cli(capsys, "--prompt", base + " has many", *flags)
     assert code == 0 and out == want and "the K/V of 8 tokens read" in err and "prefill: 2 tokens" in err, err
     assert "prompt cache: 8 of the prompt's 10 tokens reused" in err
-    assert "written to" in err  # the longer prompt replaces the file's
+    assert "written to" in err and "in place of" not in err  # the longer prompt replaces the file's, going on from it
     code, out, err = run_cli(capsys, "--prompt", base, *flags)
     assert code == 0 and "written to" not in err and "prefill: 2 tokens" in err, err  # (at least 2: see generate)
     stdin_of(monkeypatch, "")
@@ -2461,6 +2461,9 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):
     assert err.count("tokens reused") == 1  # the first turn's
     code, _, err = run_cli(capsys, "--prompt", "Paris is", *flags)  # no token in common: none reused, said so
     assert code == 0 and "prompt cache: 0 of the prompt's 2 tokens reused" in err and "prefill: 2 tokens" in err, err
+    n_hi = len(tok.encode_chat([{"role": "user", "content": "Hi"}]))  # the file's, more than the cache's 7
+    assert f"the K/V of 7 tokens (of the file's {n_hi}: the cache holds 7) read" in err, err
+    assert f"2 tokens written to {path}, in place of another prompt's K/V\n" in err, err  # said to be replaced
     stdin_of(monkeypatch, "word " * 40 + "\nHello\n")  # a first message too long is not sent: the next is kept
     code, _, err = run_cli(capsys, "--interactive", "--max-seq-len", "40", *flags)
     assert code == 0 and "not sent" in err and err.count("written to") == 1, err
