@@ -445,7 +445,7 @@ def device_name(text):
     except RuntimeError:
         if text.lower() in ("gpu", "cuda", "cpu"):
             raise argparse.ArgumentTypeError(f"{text!r}: did you mean {'cpu' if text.lower() == 'cpu' else 'cuda'}?")
-        raise ValueError(text) from None  # argparse: "invalid device_name value: 'xyz'"
+        raise argparse.ArgumentTypeError(f"{text!r} names no device; this engine runs on cpu or cuda[:N]") from None
     if device.type not in ("cpu", "cuda"):  # torch knows xpu, mps, meta, ...: this engine runs on two
         raise argparse.ArgumentTypeError(f"{text!r}: this engine runs on cpu or cuda[:N]")
     if device.type == "cuda" and (n := torch.cuda.device_count()) <= (device.index or 0):

@@ -594,7 +594,7 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--sink", "-1"], "--sink -1: must be >= 0"),
                                          (["--seed", "1.5"], "--seed: must be a whole number, got '1.5'"),
                                          (["--n-dense", "-1"], "--n-dense -1: must be >= 0"),
-                                         (["--device", "xyz"], "--device: invalid device_name value: 'xyz'"),
+                                         (["--device", "xyz"], "--device: 'xyz' names no device"),
                                          (["--selectors", "trained", "--hash-weights", "none"], "only dense would run"),
                                          (["--selectors", "trained", "--tasks", "perplexity"], "only dense would run"),
                                          (["--budgets", "0.12345678901", "0.12345678902"], "both labelled 0.123"),
