@@ -250,9 +250,13 @@ def test_a_plot_path_that_cannot_be_written_is_refused_before_the_timings(plot, 
 
 def test_a_plot_in_a_new_folder_is_drawn_there(monkeypatch, tmp_path):
     """--plot in a folder that does not exist yet: made at the save (as eval.py's --out-dir), none before the run."""
-    plot = tmp_path / "new" / "deeper" / "x.png"
     from matplotlib.figure import Figure
-    monkeypatch.setattr(bench, "bench_cpu", lambda args: engine.write_png(args.plot, Figure()))
+    plot = tmp_path / "new" / "deeper" / "x.png"
+
+    def bench_cpu(args):  # the run: no folder made yet
+        assert not (tmp_path / "new").exists()
+        engine.write_png(args.plot, Figure())
+    monkeypatch.setattr(bench, "bench_cpu", bench_cpu)
     assert bench.main(["cpu", "--plot", str(plot)]) == 0 and plot.read_bytes().startswith(b"\x89PNG")
 
 
