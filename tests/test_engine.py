@@ -258,7 +258,8 @@ def test_a_head_dim_the_gpu_kernels_cannot_tile_is_refused_before_the_load(capsy
 def test_bad_device(capsys):
     n = torch.cuda.device_count()
     for device, words in [("xyz", "'xyz' names no device"), ("cuda:x", "'cuda:x' names no device"),
-                          (f"cuda:{n}", f"this machine has {n} CUDA"), ("gpu", "'gpu': did you mean cuda?"), ("CPU", "'CPU': did you mean cpu?"),
+                          (f"cuda:{n}", f"this machine has {n} CUDA"), ("gpu", "'gpu': did you mean cuda?"),
+                          ("CPU", "'CPU': did you mean cpu?"),
                           ("meta", "runs on cpu or cuda[:N]"), ("xpu", "runs on cpu or cuda[:N]"),
                           *([] if n else [("cuda", "has 0 CUDA device(s)")])]:
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", device)
