@@ -1295,6 +1295,9 @@ def test_repeat_last_n_penalizes_the_last_n_tokens_and_banned_ids_are_never_draw
     assert engine.generate(model, prompts, 6, repetition_penalty=2.0, repeat_last_n=10**12)[0][0] == [1, 2, 0, 0, 0, 0]
     assert engine.generate(model, prompts, 4, ban_ids=(0,))[0] == [[1, 1, 1, 1]] * 2
     assert engine.generate(model, prompts, 4, repetition_penalty=2.0, ban_ids=(0,))[0][1] == [1, 2, 1, 1]
+    # token id 0 leaves the window too (the ring's -1 marks an empty slot, not id 0): a window of 1 over a prompt of 0
+    # penalizes only the last token, so the reply alternates 1, 0 (were 0 kept penalized, 2 would come second)
+    assert engine.generate(model, [[0], [0]], 4, repetition_penalty=2.0, repeat_last_n=1)[0] == [[1, 0, 1, 0]] * 2
 
 
 def test_help_survives_a_percent_sign_in_a_default(capsys, monkeypatch):
