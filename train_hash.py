@@ -709,16 +709,14 @@ def training_windows(args, tok, docs, context, gen):
     """The training's and the guard's windows (N, S) of the training documents, in an order drawn by gen."""
     if (seq_len := min(args.seq_len, context)) < args.seq_len:  # (the default, 8192, past a short context)
         print(f"note: --seq-len {args.seq_len} cut to the model's context, {seq_len} tokens", file=sys.stderr)
-    windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen, what="the training text",
-                            flag="--seq-len")
+    windows = token_windows(tok, docs, seq_len, args.n_seqs + args.val_seqs, gen, need=args.batch,  # (a step's)
+                            what="the training text", flag="--seq-len" + " or a smaller --batch" * (args.batch > 1))
     return windows[torch.randperm(windows.shape[0], generator=gen)]  # validation: any of the documents
 
 
 def train_files(args, model, windows, outs, hp, gen, t0):
     """Train one projection per --rbit on `windows` (N, S) (training_windows), guard them, save each to outs[R]."""
     margs, seq_len = model.args, windows.shape[1]
-    if args.batch > windows.shape[0]:  # short text (a step draws --batch with replacement: more repeat in every step)
-        raise ValueError(f"--batch {args.batch} > {windows.shape[0]}, the training windows: lower it or give more text")
     n_val = min(args.val_seqs, windows.shape[0] - args.batch)  # short text: the guard's windows, where --batch are left
     if args.val_seqs and not n_val:
         print(f"warning: no window left for validation beside --batch {args.batch}: the guard is off", file=sys.stderr)

@@ -487,11 +487,16 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
     train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "cut.safetensors")})
     err = capsys.readouterr().err
     assert "note: --seq-len 2000 cut to the model's context, 1024 tokens" in err and "window of 1024 tokens" in err
-    run.seq_len = 16
-    run.batch = 2  # more than the text's one window (--n-seqs 4 >= --batch 2): refused, before any warning
-    with pytest.raises(ValueError, match="--batch 2 > 1, the training windows: lower it or give more text"):
-        train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "x.safetensors")})
-    assert "guard is off" not in capsys.readouterr().err
+
+
+def test_too_few_windows_for_batch_are_refused_before_the_model_loads():
+    """--batch more than the text's windows (--n-seqs 4 >= --batch 3): one line from training_windows, which runs
+    before the model loads (it used to come from train_files, after the load)."""
+    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    run = SimpleNamespace(seq_len=2, n_seqs=4, val_seqs=2, batch=3)
+    why = "the training text holds 2 windows of 2 tokens, 3 needed: give more text or a shorter --seq-len or a smaller"
+    with pytest.raises(ValueError, match=why + " --batch"):
+        th.training_windows(run, tok, [("a", "1 2 3 4")], 1024, torch.Generator().manual_seed(0))
 
 
 def test_the_training_lines_say_one_query_and_a_small_gap(monkeypatch, tmp_path, capsys):
@@ -976,8 +981,8 @@ def test_too_little_text_is_refused_before_the_model_loads(tmp_path, capsys, mon
     (tmp_path / "small.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     text = ["--text", str(tmp_path / "small.txt")]
     assert th.main(["--out", str(tmp_path / "p.safetensors"), "--seq-len", "4096", *text]) == 2
-    assert ("error: the training text holds 0 windows of 4096 tokens, 1 needed: give more text or a shorter "
-            "--seq-len") in capsys.readouterr().err
+    assert ("error: the training text holds 0 windows of 4096 tokens, 2 needed: give more text or a shorter "
+            "--seq-len or a smaller --batch") in capsys.readouterr().err  # (--batch 2, the default)
     assert th.main(["--report", "--report-dir", str(tmp_path / "r"), "--eval-len", "4096", *text]) == 2
     assert "error: the held-out text (every fifth document" in (err := capsys.readouterr().err), err
     assert "a shorter --eval-len" in err and not os.path.exists(tmp_path / "r")
