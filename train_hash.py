@@ -490,14 +490,18 @@ def report_plot(results, mean, n_dense, n_layers, seq_len, path):
     names = list(dict.fromkeys(name for name, _ in results))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     sizes = list(dict.fromkeys(name.split("R=")[-1].split()[0] for name in names if "R=" in name))
+    trained = []  # the R of each trained file so far: a second file of one R draws dash-dot, a third dotted
     for name in names:  # one color per R: trained solid, random dashed
-        color = "black" if "R=" not in name else f"C{sizes.index(name.split('R=')[-1].split()[0])}"
-        style = dict(color=color, marker="o", ms=3, linestyle="--" if name.startswith("random") else "-")
+        r = name.split("R=")[-1].split()[0] if "R=" in name else None
+        n = trained.count(r) if name.startswith("trained") else 0
+        trained += [r] * name.startswith("trained")
+        style = dict(color="black" if r is None else f"C{sizes.index(r)}", marker="osD^v"[n % 5], ms=3 + (n > 0),
+                     linestyle="--" if name.startswith("random") else ("-", "-.", ":")[n % 3])
         ax1.plot([1 / f for f in BUDGETS], [mean[name, f][0] for f in BUDGETS], label=name, **style)
         ax2.plot(range(n_dense, n_layers), [results[name, 1 / 32][l][0].mean() for l in range(n_dense, n_layers)],
                  **style)
     ax1.set_xscale("log", base=2)  # as eval.py's plots: the budget's fraction, smaller to the right
-    ax1.set(xlabel="budget K / context", ylabel="captured attention mass",
+    ax1.set(xlabel="budget K / keys the query sees (t + 1)", ylabel="captured attention mass",
             title=f"Mean over sparse layers ({seq_len}-token windows, held out)")
     ax1.set_xticks([1 / f for f in BUDGETS], [frac(f) for f in BUDGETS])
     ax1.minorticks_off()

@@ -899,9 +899,9 @@ def test_a_report_cuts_every_length_first_and_states_what_ran(gguf_path, tmp_pat
     assert "note: the shipped projections are for --n-dense 2" in err
 
 
-def test_the_report_plot_labels_budgets_as_evals_plots_do(monkeypatch):
+def test_the_report_plot_labels_budgets_as_fractions_of_the_keys_a_query_sees(monkeypatch):
     """The x axis shows the budget's fraction, 1/8 .. 1/64, as eval.py's plots (it used to show 8 .. 64 as context /
-    budget K, the other way up)."""
+    budget K, the other way up), but of the t + 1 keys a query sees, as the report's K is (it said "/ context")."""
     figs = []
     monkeypatch.setattr(th, "write_png", lambda path, fig: figs.append(fig))
     names = ["oracle", "trained R=64", "random R=64"]
@@ -909,8 +909,21 @@ def test_the_report_plot_labels_budgets_as_evals_plots_do(monkeypatch):
     th.report_plot(results, {key: (0.5,) for key in results}, 1, 4, 256, "unused.png")
     ax = figs[0].axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert ax.get_xlabel() == "budget K / context" and labels == ["1/8", "1/16", "1/32", "1/64"]
+    # (the report's K is a fraction of the keys each query sees, t + 1, not of the context as in eval.py)
+    assert ax.get_xlabel() == "budget K / keys the query sees (t + 1)" and labels == ["1/8", "1/16", "1/32", "1/64"]
     assert ax.get_title() == "Mean over sparse layers (256-token windows, held out)"  # (each length has a plot)
+
+
+def test_the_report_plot_tells_two_files_of_one_rbit_apart(monkeypatch):
+    """Two trained files of one R share its color, but not their line style and marker (they drew the same line)."""
+    figs = []
+    monkeypatch.setattr(th, "write_png", lambda path, fig: figs.append(fig))
+    names = ["oracle", "trained R=64 (a)", "random R=64", "trained R=64 (b)", "trained R=640"]
+    results = {(name, f): [(torch.rand(3),)] * 4 for name in names for f in th.BUDGETS}
+    th.report_plot(results, {key: (0.5,) for key in results}, 1, 4, 256, "unused.png")
+    a, b, other = (line for line in figs[0].axes[0].get_lines() if line.get_label().startswith("trained"))
+    assert (a.get_linestyle(), a.get_marker()) != (b.get_linestyle(), b.get_marker())
+    assert (other.get_linestyle(), other.get_marker()) == (a.get_linestyle(), a.get_marker())  # (another R)
 
 
 def test_listwise_ignores_a_query_that_sees_no_drawn_key(tiny_batch):
