@@ -500,6 +500,7 @@ def plot(results, path):
     """The report's figure at `path` (PNG): a panel per measure (retrieval kept, perplexity ratio, agreement) against
     the budget, a line per selector, dense's dashed. Returns False, writing nothing, if no panel has data."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
     plt.switch_backend("Agg")
     panels, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
     if recs and not kept(recs, "dense")[1]:  # a share of none: no retrieval panel (the table says so too)
@@ -525,6 +526,9 @@ def plot(results, path):
         ax.set_xscale("log", base=2)
         ax.set_xticks([1 / f for f in budgets], [frac(f) for f in budgets])
         ax.set(title=title, xlabel="budget K / context", yscale=yscale)
+        if yscale == "log":  # plain 1.1, 1.2 (a ratio near 1 labels minor ticks, by default as 1.1x10^0)
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

@@ -1621,8 +1621,9 @@ def test_dense_accuracy_cells_sit_under_their_task_and_haystack_and_contexts_go_
 
 
 def test_the_plots_axes_ticks_legend_and_a_selector_that_ran_at_some_budgets(monkeypatch):
-    """Perplexity over dense on a log axis, agreement on a linear one; budgets on a log2 axis ticked by their labels;
-    one legend; Quest at its extra budget beside oracle, which did not run there, still gets its panels."""
+    """Perplexity over dense on a log axis labelled in plain numbers, agreement on a linear one; budgets on a log2 axis
+    ticked by their labels; one legend; Quest at its extra budget beside oracle, which did not run there, still gets
+    its panels."""
     figs = []
     monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
     ppl = {k: PPL_REC for k in ("dense", "oracle 1/8", "quest s16 r16 1/4", "quest s16 r16 1/8")}
@@ -1633,6 +1634,9 @@ def test_the_plots_axes_ticks_legend_and_a_selector_that_ran_at_some_budgets(mon
     assert [t.get_text() for t in rel.get_xticklabels()] == ["1/4", "1/8"] and list(rel.get_xticks()) == [4, 8]
     assert [t.get_text() for t in rel.get_legend().get_texts()] == ["oracle", "quest s16 r16", "dense"]
     assert [list(line.get_xdata()) for line in rel.lines[:2]] == [[8.0], [4.0, 8.0]]
+    figs[0].canvas.draw()  # the log axis's labels are plain numbers (they were 1.1x10^0, in mathtext)
+    labels = [t.get_text() for t in rel.get_yticklabels() + rel.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and not any("times" in text or "^" in text for text in labels), labels
 
 
 def test_digests_tell_where_one_chunk_ends_and_the_next_begins():
