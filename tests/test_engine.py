@@ -2778,3 +2778,24 @@ def test_a_prompt_caches_weights_digest_counts_the_rope_factors():
         model.rope_factors = factors
         digests.append(engine.weights_digest(model))
     assert len(set(digests)) == 3 and engine.weights_digest(model) == digests[-1]
+
+
+def test_a_prompt_cache_whose_k_or_v_has_another_shape_is_refused(tmp_path):
+    """A K/V tensor whose shape is not (n_kv_heads, the file's tokens, head_dim) is named corrupt and the file kept:
+    one KV head would be copied into every head of the cache (broadcast), positions past the file's tokens would be
+    taken as theirs, and too few positions or another head_dim would fail without naming the file."""
+    model = tiny_model()
+    model.setup_caches(1, 16)
+    good = str(tmp_path / "good")
+    engine.save_prompt_cache(good, model, [5, 6, 7], [])
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    k = load_file(good)["layers.1.k"]  # (Hkv, 3, D) = (2, 3, 16)
+    for what, bad in (("one KV head", k[:1]), ("a position more", torch.cat([k, k[:, :1]], 1)),
+                      ("a position less", k[:, :2]), ("another head_dim", torch.cat([k, k], 2))):
+        save_file({**load_file(good), "layers.1.k": bad.contiguous()}, tmp_path / "bad", meta)
+        before = (tmp_path / "bad").read_bytes()
+        model.setup_caches(1, 16)
+        with pytest.raises(ValueError, match="is corrupt: it lacks a tensor of this model's, or one has another shape"):
+            engine.load_prompt_cache(str(tmp_path / "bad"), model)
+        assert (tmp_path / "bad").read_bytes() == before, what

@@ -1642,3 +1642,18 @@ def test_the_plots_axes_ticks_legend_and_a_selector_that_ran_at_some_budgets(mon
 def test_digests_tell_where_one_chunk_ends_and_the_next_begins():
     """Held-out text of documents "ab" is not that of "a" and "b": a merge compares the runs' texts by digest."""
     assert ev.digest([b"ab"]) != ev.digest([b"a", b"b"]) and len(ev.digest([b"a", b"b"])) == 16
+
+
+def test_agreement_counts_the_first_scored_position_too(monkeypatch):
+    """Top-1 agreement is over every scored position, the first included: a selector that differs from dense at the
+    first of 4 steps only agrees on 3 of 4 (an agreement over the later steps alone would read 100%)."""
+    def policies(model, tokens, n_prefill, steps, capacity, pols, bar=None):
+        top, first_off = torch.zeros(2, steps, dtype=torch.long), torch.zeros(2, steps, dtype=torch.long)
+        first_off[:, 0] = 1
+        logp = torch.full((2, steps), -1.0)
+        return {("dense", None): (top, logp), ("oracle", 0.5): (first_off, logp)}
+    monkeypatch.setattr(ev, "run_policies", policies)
+    res = ev.run_teacher_forced(None, torch.zeros(2, 8, dtype=torch.long), 4,
+                                [("dense", None, None), ("oracle", 0.5, None)], batch=2)
+    assert res["dense"]["agree"] == 1.0 and res["oracle 1/2"]["positions"] == 8
+    assert res["oracle 1/2"]["agree"] == 0.75
