@@ -28,10 +28,10 @@ Conventions (the contract with model.py):
 - Packing: bit i of word w is (x @ P)[32*w + i] > 0; words are int32, bit 31 is the sign bit.
 - Score: sum over the G query heads of a KV head of popcount(k_code XOR q_code); smaller is closer.
   Positions s >= lengths[b] score G*R + 1 (worse than any real score).
-- Selection: per (b, h) the K_eff = min(budget, lengths[b], S) positions with the smallest score; ties go to
-  the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len) are selected
-  first and count toward the budget: they rank before every scored position, and if they alone exceed
-  the budget the newest of them win (the same "newer wins" rule). Slots beyond K_eff hold -1.
+- Selection: per (b, h), with len = min(lengths[b], S), the K_eff = min(budget, len) positions with the smallest
+  score; ties go to the newer (larger) position. Sinks [0, n_sink) and the recent window [len - n_recent, len),
+  both cut to [0, len), are selected first and count toward the budget: they rank before every scored position,
+  and if they alone exceed the budget the newest of them win ("newer wins" again). Slots beyond K_eff hold -1.
   The refs return positions ascending, then the -1s, and so do the Triton kernels today; callers should
   still treat a selection as a set (a kernel may change its order).
 - Strides: every op accepts non-contiguous inputs (not hamming_topk's anchor: state it rewrites). The Triton
@@ -117,7 +117,7 @@ def _rows_contiguous(codes):
 
 
 def _planes(G):
-    """Two's-complement bit planes of floor((G - 2c) / 2), c in [0, G] (see _group_score)."""
+    """How many two's-complement bit planes hold v = floor((G - 2c) / 2) for every c in [0, G] (see _group_score)."""
     return (G // 2).bit_length() + 1
 
 
@@ -271,8 +271,8 @@ def hash_encode_step(q, k, proj, code_cache, pos, use_triton=None):
 
 def hash_encode_ref(x, proj):
     """Definition. Memory: reads x (B*Hx*T*D elements) and proj (Hkv*D*R*4 B); writes an fp32 copy of x (unless it
-    is contiguous fp32), the fp32 x @ proj (B*Hx*T*R*4 B, as large at D = R), two R-byte 0/1 tensors a row (bits and
-    weighted bits), and the codes (B*Hx*T*R/8 B)."""
+    is contiguous fp32), the fp32 x @ proj (B*Hx*T*R*4 B, as large at D = R), two R-byte uint8 tensors a row (the 0/1
+    bits, then bit i times 2^(i % 8)), and the codes (B*Hx*T*R/8 B)."""
     B, Hx, T, D = x.shape
     Hkv, _, R = proj.shape
     xg = x.float().reshape(B, Hkv, Hx // Hkv * T, D)                          # (B, Hkv, G*T, D): row heads of proj h
@@ -438,8 +438,8 @@ def _select_topk_kernel(
     Hkv, S,
     budget, n_sink, n_recent, BLOCK_S: tl.constexpr, FILL_BLOCK: tl.constexpr,
 ):
-    """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (32 counting passes
-    over the row, 33 for a NaN threshold), then counts and compacts: keys below it, plus the newest ties, ascending."""
+    """One program per (b, h). Finds the K_eff-th smallest key by bisection on the int32 key (32 or 33 counting
+    passes over the row), then counts and compacts: keys below it, plus the newest ties, ascending."""
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
     length = tl.minimum(tl.load(len_ptr + b), S).to(tl.int32)
@@ -520,10 +520,10 @@ def select_topk(score, lengths, budget, n_sink=0, n_recent=0, use_triton=None):
 
 
 def select_topk_ref(score, lengths, budget, n_sink=0, n_recent=0):
-    """Definition. Every position gets one int64 order key, smaller = selected first:
+    """Definition. Every position gets one int64 order key, smaller = selected first (length = min(lengths[b], S)):
         forced (sink or recent)   -2^62 + (S - 1 - s)               newest first
         scored                    (order(score) + 2^31) * S + (S - 1 - s)   smallest score, then newest
-        past the length           2^62
+        past the length           2^62                              even a sink's: never selected
     where order() is the score itself for integer scores (|score| < 2^31) and _order_key_int32 for floats
     (fp32 order, as in the Triton path). The keys of a row's valid positions are distinct (those past the length
     tie at 2^62 and come out as -1), so its K_eff smallest are one set, whichever partial selection finds them
@@ -759,9 +759,10 @@ def _topk_compact_kernel(
 ):
     """Writes the block's selected positions, ascending, into its slots [offset, offset + count) of the row.
     One scan ranks both the keys below t and the ties at t (the block takes its newest `count - less` ties).
-    No branches: the length, the block's info and its keys load at once, and an idle block (past the length, or
-    nothing selected) masks its stores (branching on the length first made them three dependent loads; BENCHMARKS.md,
-    History). (An atomic cursor instead of the scan measured slower: 33 vs 24 us at B=8.)"""
+    No branches: the length, the block's info and its keys load at once, and a block past the length (whose info was
+    never written) masks its stores, as does one with a count of 0 (which would select nothing anyway); branching on
+    the length first made them three dependent loads (BENCHMARKS.md, History). (An atomic cursor instead of the scan
+    measured slower: 33 vs 24 us at B=8.)"""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     length = tl.minimum(tl.load(len_ptr + pid_bh // Hkv), S).to(tl.int32)
@@ -777,7 +778,7 @@ def _topk_compact_kernel(
     packed = tl.cumsum(less + (eq << 16), axis=0)                  # one scan: less below bit 16 (BLOCK_S < 2^16)
     less_before = (packed & 0xFFFF) - less
     eq_before = (packed >> 16) - eq
-    active = s < tl.where(cnt > 0, length, 0)                                  # idle blocks hold no valid info
+    active = s < tl.where(cnt > 0, length, 0)     # not past the length (info never written there), nor a count of 0
     sel = ((less == 1) | ((eq == 1) & (eq_before >= skip))) & active           # the oldest `skip` ties stay out
     rank = less_before + tl.maximum(eq_before - skip, 0)                       # taken ties are the last ones
     tl.store(idx_ptr + pid_bh * budget + off + rank, s, mask=sel)
