@@ -259,8 +259,8 @@ def merge_attention(y_a, lse_a, y_b, lse_b):
 
 
 def write_kv(k, v, k_cache, v_cache, pos):
-    """k, v (B, Hkv, T, D) into the caches (B' >= B, Hkv, S_max, D) at pos (B, T): a decode step (T = 1) in one launch
-    on CUDA (cache_write), a longer chunk by index_put."""
+    """k, v (B, Hkv, T, D) into the caches (B, Hkv, S_max, D) at pos (B, T): a decode step (T = 1) in one launch on
+    CUDA (cache_write), a longer chunk by index_put."""
     if k.shape[2] == 1:
         cache_write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, pos[:, 0])
     else:
@@ -350,8 +350,9 @@ class Attention(nn.Module):
         elif mask is None:  # a prefill chunk, at the same positions in every sequence
             y = causal_attention(q, keys[:, :, :S], values[:, :, :S])  # (B, H, T, D)
         elif T == 1 and not q.is_cuda:  # CPU dense decode: the G query heads of a KV head form one (G, D) block
+            # (vs enable_gqa at 8K: 1.45x faster for Llama-3.1-8B's 32 / 8 heads, the same for 9 / 3; on CUDA 3x slower)
             y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), keys[:, :, :S], values[:, :, :S],
-                                               attn_mask=mask).view(B, H, 1, D)  # 1.4x faster at 8K (3x slower on CUDA)
+                                               attn_mask=mask).view(B, H, 1, D)
         else:  # CUDA decode (the mask S_max long), or a chunk whose sequences start at different positions
             y = F.scaled_dot_product_attention(q, keys[:, :, :S], values[:, :, :S], attn_mask=mask, enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, dim)
@@ -369,7 +370,8 @@ class Attention(nn.Module):
             score = -self.group_probs(q, keys[:, :, :S], lengths)  # (B, Hkv, S) fp32, smaller = selected first
         elif hata.selector == "quest":
             score = -self.quest_bounds(q, keys[:, :, :S], lengths)  # (B, Hkv, S) fp32
-        else:  # the hash selector with use_norm (HATA's released scripts): small scores are close
+        else:  # use_norm (HATA's released scripts): 1 - 2 ham_j / R falls as the angle of q_j and k grows (LSH), so
+            # summed over the group and times ||k|| it is a proxy of sum_j q_j.k / ||q_j||; negated: small is close
             ham = hamming_score(q_codes, self.hash_cache.codes[:, :, :S], lengths)  # (B, Hkv, S) int32
             score = -(self.n_heads // self.n_kv_heads - 2 * ham.float() / hata.rbit) * self.hash_cache.norms[:, :, :S]
         idx = select_topk(score, lengths, K, hata.n_sink, hata.n_recent)  # (B, Hkv, K) int32
@@ -400,7 +402,7 @@ class Attention(nn.Module):
         k_max = k.masked_fill(~valid, -torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amax(3)  # (B, Hkv, n_pages, D)
         k_min = k.masked_fill(~valid, torch.inf).view(B, Hkv, n_pages, QUEST_PAGE, D).amin(3)  # (B, Hkv, n_pages, D)
         # an empty page's max / min are -inf / inf, and 0 * inf is NaN: kept finite (its bound is huge, but its
-        # positions lie past every length, which select_topk never takes)
+        # positions lie past its sequence's length, which select_topk never takes)
         k_max, k_min = k_max.clamp(min=-1e30), k_min.clamp(max=1e30)  # (B, Hkv, n_pages, D) each
         qg = q.float().view(B, Hkv, H // Hkv, 1, D)  # (B, Hkv, G, 1, D)
         bound = torch.maximum(qg * k_max[:, :, None], qg * k_min[:, :, None]).sum(-1).sum(2)  # (B, Hkv, n_pages)
@@ -458,10 +460,10 @@ class Transformer(nn.Module):
         return layer, len(sparse) * max_batch_size * args.n_kv_heads * per_row
 
     def forward_bytes(self, batch, tokens, keys):
-        """Estimated working memory, in bytes, of a forward of `tokens` new positions of `batch` sequences over `keys`
-        cached ones (a prefill chunk), beyond weights and caches. engine.prefill's peaks: up to 5% below it on an
-        H200 (bf16, eager; up to 25% below with --compile; B 1-8; Llama-3.1-8B, SmolLM2), up to 1.5x of it on the
-        CPU (fp32, resident memory; BENCHMARKS.md, 2026-12-04)."""
+        """Estimated working memory, in bytes, of a forward of `tokens` new positions (a prefill chunk, T) of `batch`
+        sequences over `keys` positions in all, its own included (S >= T; S > T: a later chunk), beyond weights and
+        caches. engine.prefill's peaks: up to 5% below it on an H200 (bf16, eager; up to 25% below with --compile; B
+        1-8; Llama-3.1-8B, SmolLM2), up to 1.5x of it on the CPU (fp32, resident memory; BENCHMARKS.md, 2026-12-04)."""
         a, weight = self.args, self.output.weight
         cudnn = weight.is_cuda and CUDNN_LSE_ATTENTION and weight.dtype in (torch.bfloat16, torch.float16)
         mask = tokens * keys * 4 if keys > tokens and not cudnn else 0  # a later chunk's masked pass: its (T, S) mask
@@ -493,9 +495,9 @@ class Transformer(nn.Module):
         self.set_hata(self.hata, rehash=False)
 
     def compile_pointwise(self):
-        """torch.compile the parts made of small elementwise kernels: the norms, the MLP's SiLU-gate and RoPE.
-        Inductor fuses them: 1.3 ms off a Llama-3.1-8B decode step on an H200 (7.1 -> 5.8 ms at a 16-token context;
-        BENCHMARKS.md, 2026-11-29). Attention stays eager: SDPA and the HATA kernels are fused already."""
+        """torch.compile the parts made of small elementwise kernels: the norms, the MLP module (for its SiLU gate)
+        and RoPE. Inductor fuses them: 1.3 ms off a Llama-3.1-8B decode step on an H200 (7.1 -> 5.8 ms at a 16-token
+        context; BENCHMARKS.md, 2026-11-29). Attention stays eager: SDPA and the HATA kernels are fused already."""
         rope = torch.compile(apply_rope)
         for layer in self.layers:
             layer.feed_forward.compile()
@@ -536,9 +538,11 @@ class Transformer(nn.Module):
     def forward(self, tokens, input_pos=None, output_idx=None):
         """tokens (B, T); input_pos (B,) the cache position of each sequence's first token, or None when every
         sequence starts at 0 (a fresh prefill: causal attention, right padding allowed); output_idx (B,) the index
-        in T whose logits to return, or None for all. Returns logits (B, T, V) or (B, V) in fp32. A chunk's positions
-        (T > 1) and a CPU decode step's are checked against the caches; a CUDA decode step's (T == 1; no host sync,
-        for CUDA graphs) are the caller's to keep inside them."""
+        in T whose logits to return, or None for all. Returns logits (B, T, V) or (B, V) in fp32. One token at
+        input_pos (T == 1) is a decode step: sparse layers attend to their top-K there once K < S (so a prefill chunk
+        after position 0 needs T >= 2, as engine.prefill keeps it). A chunk's positions (T > 1) and a CPU decode step's
+        are checked against the caches; a CUDA decode step's (no host sync, for CUDA graphs) are the caller's to keep
+        inside them."""
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a (B, T) tensor with T >= 1, got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -604,8 +608,8 @@ class Transformer(nn.Module):
 # Hash projections: the seeded random draw, and the trained files (save, read, check against the model, load)
 
 def random_hash_projections(args: ModelArgs, rbit, n_dense, seed=0):
-    """Seeded Gaussian projections (plain LSH), what a model uses without a file and what training starts from:
-    {layer: (Hkv, D, R)} for the layers from n_dense on."""
+    """Seeded Gaussian projections (plain LSH), what a model uses without a file and, over sqrt(D), what training
+    starts from (train_hash.start_projections): {layer: (Hkv, D, R)} for the layers from n_dense on."""
     gen = torch.Generator().manual_seed(seed)
     return {i: torch.randn(args.n_kv_heads, args.head_dim, rbit, generator=gen) for i in range(n_dense, args.n_layers)}
 
@@ -852,7 +856,8 @@ def checkpoint_metadata(path):
     params.json), with its architecture and settings checked there: engine.py asks before the tokenizer and the
     weights load, so that another model's checkpoint, a prompt longer than the context or another model's hash
     weights is one line at once (not an error of the tokenizer, or one after minutes of loading). A Meta
-    checkpoint's ModelArgs need its weights (params.json may leave the vocabulary size to them): None."""
+    checkpoint's ModelArgs need its weights (params.json has no ffn_dim and may give vocab_size -1: read_meta takes
+    both from the weights' shapes): None."""
     fmt, path = checkpoint_format(path)
     with reading(path):
         if fmt in ("gguf", "hf"):  # (a GGUF's parse kept for the tokenizer and the loader)
