@@ -7,9 +7,9 @@ file). The loop is gpt-fast's: `prefill()` runs the prompt through dense causal 
 (and the keys' hash codes, where a layer selects by them); `decode_one_token()` runs one step, where every layer
 from `n_dense` on attends only to the top-K cached tokens chosen by Hamming distance between hash codes (model.py);
 a budget that covers the whole cache (the default 2048 tokens, for a short prompt) is dense attention, so try
---budget 16. A single prompt's tokens stream to stdout (a batch's answers print at the end); prefill and decode
-speed go to stderr, with the number of steps that had more cached keys than the budget. `--interactive` chats turn
-by turn (`converse()`): the cache keeps the conversation, and each turn prefills only its own tokens after it.
+--budget 16. A single prompt's tokens stream to stdout (a batch's answers, and --json's lines, print at the end);
+prefill and decode speed go to stderr, with the number of steps that had more cached keys than the budget.
+`--interactive` chats turn by turn (`converse()`): the cache keeps the conversation, each turn prefilling only its own.
 `--prompt-cache FILE` keeps a prompt's K/V for a later run whose prompt starts the same (a long document).
 """
 import argparse
@@ -155,7 +155,8 @@ class GraphedDecode:
     warm-up runs the step for real (twice) at the first step's own inputs, and the capture only records it; the
     first replay then repeats cache writes already made."""
     def __init__(self, model, cur, input_pos):
-        self.model, self.cur, self.input_pos = model, cur.clone(), input_pos.clone()  # static inputs (B,)
+        self.cur, self.input_pos = cur.clone(), input_pos.clone()  # static inputs (B,)
+        self.model = model  # never read: held so that the caches and weights the graph reads outlive it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
@@ -166,7 +167,7 @@ class GraphedDecode:
         with torch.cuda.graph(self.graph):
             self.logits = decode_one_token(model, self.cur, self.input_pos)  # static output (B, V)
 
-    def __call__(self, model, cur, input_pos):
+    def __call__(self, model, cur, input_pos):  # `model` unused (the captured one runs): decode_one_token's signature
         self.cur.copy_(cur)
         self.input_pos.copy_(input_pos)
         self.graph.replay()
@@ -284,7 +285,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
                     row += [t] * (t >= 0)
                 done |= torch.tensor([bool(row) and stop_when(row) for row in replies], device=device)
             finished, bad = torch.stack([done.sum(), spoilt.any()]).tolist()  # the step's one wait for the device
-            check_finite(bad, f"at decode step {step}")  # (its token, drawn from NaN, is not shown)
+            check_finite(bad, f"at decode step {step}")  # (the last step_fn's, counted from 1; its token is not shown)
             if on_token is not None:
                 on_token(out[-1])
             if step == max_new_tokens - 1 or finished == B:
@@ -527,7 +528,8 @@ def build_parser():
     g.add_argument("--rbit", type=int, help="hash bits per code (hash selector only) (default: a --hash-weights "
                    f"file's own, else {h['rbit']})")
     g.add_argument("--hash-weights", type=path_name, help="trained hash projections (.safetensors); default: the "
-                   "shipped ones for the default model at --n-dense 2, else seeded random projections")
+                   "shipped ones for the default model at --n-dense 2 and --rbit 64, 128 or 256, else seeded random "
+                   "projections")
     g.add_argument("--n-dense", type=int, help="leading layers that stay dense (default: a --hash-weights file's "
                    f"own, else {h['n_dense']})")
     g.add_argument("--sink", type=int, default=h["n_sink"],
@@ -805,7 +807,7 @@ def converse(model, tok, args, openings, system, stops=None, held=()):
     messages, held, graphs, sent = list(system), list(held), {}, 0  # held: the token ids at the cached positions
     generator = row_generators(args.seed, 1, model.output.weight.device)
     half = max(1, model.max_seq_len // 2)  # a reply's room: --max-new-tokens, up to half the cache
-    limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)  # the longest conversation that leaves it
+    limit = model.max_seq_len + 1 - min(args.max_new_tokens, half)  # longest leaving it (+1: last not cached)
     first, hint = (" after the first", "") if args.keep_first else ("", "; --keep-first keeps the first exchange")
     larger = ("a larger --max-seq-len holds more" if model.max_seq_len < model.args.max_seq_len  # (past the model's
               else "the cache is the model's whole context")  # context, --max-seq-len is refused)
@@ -878,7 +880,7 @@ def fit_conversation(tok, messages, n_kept, limit, keep):
 
 def continue_at(held, ids):
     """Where a prefill of the tokens `ids` starts when the caches hold the tokens `held`: after the tokens they share,
-    less what would leave fewer than 2 to prefill (1 token would be a sparse decode step, see generate)."""
+    less what would leave fewer than 2 to prefill (1 token would be a sparse decode step, see prefill)."""
     same = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
     return max(0, min(same, len(ids) - 2))
 
@@ -1300,7 +1302,7 @@ class StopStrings:
 # --prompt-cache: a prompt's K/V in a safetensors file, for a later run whose prompt starts the same (a long document
 # asked about again). The hash codes are not kept: the policy may differ, and they are made again from the keys.
 
-def weights_digest(model):  # a prompt cache's maker's weights: 256 values of every tensor, spread over it
+def weights_digest(model):  # a prompt cache's maker's weights: every (n // 256)-th of a tensor's n values (256 to 511)
     h = hashlib.sha256()
     for w in [*model.state_dict().values(), *[model.rope_factors] * (model.rope_factors is not None)]:
         h.update(w.detach().flatten()[::max(1, w.numel() // 256)].contiguous().cpu().view(torch.uint8).numpy())
