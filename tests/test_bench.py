@@ -373,6 +373,22 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
     assert f"{lines['HATA, K = 20'][0][1]:.1f}" == rows[48][1].strip()  # dense and HATA columns, each on its line
 
 
+def test_cpu_mode_marks_a_context_the_budget_covers_as_dense_in_its_table(gguf_path, monkeypatch, capsys):
+    """A context S whose budget K equals it (--budget 16, S = 16) decodes densely, and its table row says so rather
+    than give a speedup of dense over dense; at S = 48 the same K selects, and the row gives HATA's speedup."""
+    monkeypatch.setattr(bench, "plot_speed", lambda path, panels: None)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["cpu", "--seqlens", "16", "48", "--budget", "16", "--rounds", "1", "--steps", "1", "--plot",
+                    "x.png", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = {r.split("|")[1].strip(): r for r in out.splitlines() if r.startswith(("| 16 |", "| 48 |"))}
+    assert rows["16"].startswith("| 16 | 16 |") and rows["16"].endswith("| - (K >= S: dense) |"), rows
+    assert rows["48"].startswith("| 48 | 16 |") and re.search(r"\| \d+\.\d\dx \|$", rows["48"]), rows
+
+
 def test_check_hata_passes_the_refs_and_catches_each_kind_of_error():
     """The gate before every attention timing, with the refs standing in for the kernels (odd sizes, G = 3): it
     passes their results and refuses a changed index, an output off by 1e-3 and two differing code words."""
@@ -394,8 +410,11 @@ def test_check_hata_passes_the_refs_and_catches_each_kind_of_error():
     two = q_codes.clone()
     two[0, 0, 0] ^= 1
     two[1, 4, 1] ^= 1  # (one word may differ: an fp32 projection within rounding of zero)
+    unwritten = codes.clone()
+    unwritten[:, :, -1].bitwise_not_()  # the new key's code, as bench_one spoils it before the step writes it
     for kw, words in ((dict(idx=wrong), "hamming_topk != ref"), (dict(out=out + 1e-3), "attention error"),
-                      (dict(q_codes=two), "hash codes differ from the ref in 2 words")):
+                      (dict(q_codes=two), "hash codes differ from the ref in 2 words"),
+                      (dict(codes=unwritten), "hash codes differ from the ref in 8 words")):
         with pytest.raises(AssertionError, match=words):
             check(**kw)
 

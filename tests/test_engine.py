@@ -775,6 +775,20 @@ def test_keep_first_forgets_the_exchanges_after_the_first_which_stays_cached(cap
     assert code == 0 and rooms == [50] * 6 and "forgets" in err, (rooms, err)
 
 
+def test_keep_first_counts_no_first_exchange_before_one_is_sent(capsys, monkeypatch, tok):
+    """--keep-first with no --prompt: a first typed message too long for the cache is not sent, and the warning
+    blames the message alone (no first exchange is cached yet to share the cache with it); the next one is sent."""
+    calls, _, turn = stub_replies(monkeypatch, tok)
+    size = len(turn("A")) + 12
+    over = next(m for k in range(1, 99) if len(turn(m := "word " * k)) == size + 1)
+    stdin_of(monkeypatch, f"{over}\nA\n")
+    code, _, err = run_cli(capsys, "--interactive", "--system", "Be brief.", "--max-new-tokens", "4", "--max-seq-len",
+                           str(size), "--keep-first")
+    assert code == 0 and [c for c, _ in calls] == [turn("A")], err
+    assert f"warning: this message takes {size + 1} tokens in the chat's format" in err, err
+    assert "first exchange" not in err, err
+
+
 def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too_long(capsys, monkeypatch, tok):
     """A conversation that would leave its reply less room than --max-new-tokens forgets its oldest exchange (what is
     left is past half the cache: the note does not say "down to half"); a message the cache cannot hold alone is not

@@ -376,8 +376,8 @@ def attention_tolerance(q, k, v, idx, out):
 
 
 @pytest.mark.parametrize("G,R,D,T", [(1, 32, 16, 1), (3, 128, 32, 5), (4, 64, 16, 17), (2, 128, 16, 40),
-                                     (4, 128, 16, 40), (2, 96, 16, 40), (1, 256, 64, 130)])
-def test_hash_encode_triton(G, R, D, T):  # G * T over 64 rows: 2 words a program (W = 3: 1), over 128: 2 row blocks
+                                     (4, 128, 16, 40), (2, 96, 16, 40), (1, 256, 64, 130), (1, 32, 16, 80)])
+def test_hash_encode_triton(G, R, D, T):  # G*T > 64 rows: 2 words a program (W = 3 or 1: 1); > 128: 2 row blocks
     gen = torch.Generator().manual_seed(G + R + T)
     Hkv = 2
     proj = torch.randn(Hkv, D, R, generator=gen).to(DEV)
@@ -388,8 +388,8 @@ def test_hash_encode_triton(G, R, D, T):  # G * T over 64 rows: 2 words a progra
     assert_codes_match(hk.hash_encode(x, proj, use_triton=True), x, proj)
 
 
-@pytest.mark.parametrize("G,R,D", [(1, 32, 16), (3, 96, 32), (4, 64, 16), (17, 64, 16)])
-def test_hash_encode_step(G, R, D):
+@pytest.mark.parametrize("G,R,D", [(1, 32, 16), (3, 96, 32), (4, 64, 16), (17, 64, 16), (16, 64, 16)])
+def test_hash_encode_step(G, R, D):  # G = 16: the key is row 17 of 17, one past a 16-row block
     """Decode hashing: the queries' codes returned, each new key's code in the cache at its own position and
     nothing else in the cache touched; the ref against the brute-force codes, the kernel against the ref."""
     gen = torch.Generator().manual_seed(G + R + D)
