@@ -14,10 +14,11 @@ text (transformers and llama.cpp parse them all); special tokens come from `enco
 sentencepiece model's user-defined pieces, such as some models' <|im_end|>, the library itself finds in any text,
 as transformers' slow tokenizers do.) The chat format is the one whose tokens the checkpoint's template writes,
 else the vocabulary's: <|start_header_id|> -> Llama 3 instruct; <|im_start|> -> ChatML (with the default system
-prompt written in the checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` (none
-when the checkpoint's template is another one). A Llama 3.1+ template opens every chat with a system turn that
-starts with its knowledge cutoff and a date (3.1: a fixed one; 3.2+: today's); hata writes that turn too. Jinja
-itself is not run.
+prompt written in the checkpoint's own Jinja template, if any); a sentencepiece model -> Llama 2 `[INST]` only
+(none when the checkpoint's template is another one, ChatML included). A Llama 3.1+ template opens every chat with
+a system turn that starts with its knowledge cutoff and a date (the template's own: fixed in 3.1 and 3.3, today's
+in 3.2); hata writes that turn too. Jinja is not run per chat: hata writes each format itself, and renders the
+template once at load (sandboxed) only for ChatML's default system prompt.
 `eos_ids` holds every id that ends generation: EOS, <|eot_id|>, <|eom_id|>, <|im_end|>, ... if present, and the
 ids the files name (a GGUF's EOT and EOM, generation_config.json's eos_token_id, and for tokenizer.json and
 sentencepiece tokenizer_config.json's eos_token).
@@ -52,7 +53,7 @@ GGUF_PRE = {"llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "smollm": SMO
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
-                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
 # Meta reserves 256 special ids; the named ones above hold reserved tokens 0 and 1, the rest count on from 2
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
 LLAMA3_VOCAB = 128000  # the ranks of Meta's tiktoken file; its special tokens come after them
@@ -60,10 +61,10 @@ CHAT_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"),  # the special tokens e
                "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
 END_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 HOW = "pass a .gguf file, a tokenizer.model / tokenizer.json file, or a checkpoint directory holding one"
-# tiktoken's regex overflows its stack on a run of ~1M whitespace characters. So every BPE backend cuts a run of 25K
-# or more whitespace characters, or of other characters with none, every 25K characters, as Meta's Llama 3 tokenizer
-# does (it also cuts text every 400K; hata does not); a token at a cut may differ from HF's or llama.cpp's. (The scan
-# is linear.)
+# tiktoken's regex overflows its stack on a run of ~1M whitespace characters. So the tiktoken backends (sentencepiece
+# needs no cut) cut a run of more than 25K whitespace characters, or of other characters with none, every 25K, as
+# Meta's Llama 3 tokenizer does (it also cuts text every 400K; hata does not); a token at a cut may differ from HF's
+# or llama.cpp's. (The scan is linear.)
 RUN_CAP = 25_000
 LONG_RUN = re.compile(rf"(?<!\s)\s{{{RUN_CAP},}}|(?<!\S)\S{{{RUN_CAP},}}")
 
@@ -513,7 +514,7 @@ class Tokenizer:
         formats = [(c, ts[0]) for c, ts in CHAT_TOKENS.items() if all(t in specials for t in ts)]  # all it writes
         if template is not None:  # e.g. DeepSeek-R1-Distill-Llama: Llama 3's vocabulary, its own chat format
             return next((chat for chat, t in formats if t in template), None)
-        return formats[-1][0] if formats else None
+        return formats[-1][0] if formats else None  # both in the vocabulary: Llama 3's (CHAT_TOKENS lists it last)
 
     # --- encode / decode ---
 
@@ -521,7 +522,7 @@ class Tokenizer:
         found = self.any_special if self.parse_special else self.in_text
         parts = found.split(text) if found else [text]  # odd parts: the tokens found
         ids = [i for n, part in enumerate(parts) for i in ([self.specials[part]] if n % 2 else self._ordinary(part))]
-        # ids past the vocabulary (bytes it lacks, _bpe) go after the merges: '=\x04=' is '=', '=' (HF's BPE: '==')
+        # bytes the vocabulary lacks (ids past it, _bpe) are dropped after merging: '=\x04=' is '=', '=' (HF's: '==')
         past = self.sp is None and self.enc.n_vocab > self.vocab_size
         return [i for i in ids if i < self.vocab_size] if past else ids
 
@@ -566,7 +567,8 @@ class Tokenizer:
             if add_generation_prompt:
                 ids += [sp("<|im_start|>"), *self._text("assistant\n")]
         elif self.chat == "llama2":
-            # Meta's format: the system prompt folds into the first user turn; each exchange is <s>...</s>.
+            # Meta's format: the system prompt folds into the first user turn; each exchange is <s>...</s>; the last
+            # user turn's "[INST] ... [/INST]" is the prompt, so add_generation_prompt has nothing to add.
             turns = [m["role"] for m in (messages[1:] if messages and messages[0]["role"] == "system" else messages)]
             if not turns or turns != [("user", "assistant")[i % 2] for i in range(len(turns))]:
                 raise ValueError("Llama 2's chat format takes turns user, assistant, user, ... (a system message "
@@ -581,6 +583,7 @@ class Tokenizer:
                 else:
                     ids += self.encode(turn, bos=True)
         else:
-            raise ValueError("this tokenizer has no chat format hata writes (Llama 3's or ChatML's tokens, or Llama "
-                             "2's [INST] with <<SYS>> for sentencepiece, not Mistral's); use a plain prompt instead")
+            raise ValueError("this tokenizer has no chat format hata writes (Llama 3's or ChatML's tokens in a byte-"
+                             "level BPE vocabulary, or Llama 2's [INST] with <<SYS>> for sentencepiece, not "
+                             "Mistral's); use a plain prompt instead")
         return ids

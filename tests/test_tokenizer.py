@@ -142,8 +142,9 @@ def test_llama3_known_ids(llama3):
     assert (llama3.vocab_size, llama3.bos_id) == (128256, 128000)
     assert llama3.eos_ids == {128001, 128008, 128009}  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
     specials = llama3.specials  # Meta's numbering past <|eot_id|> (llama-models' tokenizer.py)
-    assert (specials["<|python_tag|>"], specials["<|reserved_special_token_2|>"]) == (128010, 128011)
-    assert specials["<|reserved_special_token_246|>"] == 128255 and len(specials) == 256
+    assert [specials[t] for t in ("<|python_tag|>", "<|image|>", "<|reserved_special_token_2|>")] == [
+        128010, 128011, 128012]
+    assert specials["<|reserved_special_token_245|>"] == 128255 and len(specials) == 256
     text = "Hello, wörld!\n\n  12345 def f(): return 'ok'"
     assert llama3.decode(llama3.encode(text, bos=False)) == text
 
@@ -979,13 +980,15 @@ def test_byte_level_map_is_gpt2s():
 
 def test_llama3_matches_metas_own_tokenizer(llama3):
     """Ids against Meta's reference tokenizer (llama_models), on text where Llama 3's regex matters: digits in
-    groups of three, contractions matched case-insensitively ("'LL" of "'LLAMA" is a piece), line ends."""
+    groups of three, contractions matched case-insensitively ("'LL" of "'LLAMA" is a piece), line ends; and its
+    special tokens' names and ids (its <|image|> at 128011 was missing, which renumbered every reserved one)."""
     meta_tok = pytest.importorskip("llama_models.llama3.tokenizer")
     import pathlib
     meta = meta_tok.Tokenizer(pathlib.Path(package_file("llama_models", "llama3", "tokenizer.model")))
     for text in ["12345 1234567 3.14159", "HE'LLO 'LLAMA DON'TS I'M WE'VE they'RE", "a\r\n\n  b\t\tc  \n",
                  "naïve café 日本語 🤗 !!?? ...", "x=  42;\n    if y > 7:"]:
         assert llama3.encode(text, bos=False) == meta.encode(text, bos=False, eos=False), text
+    assert llama3.specials == meta.special_tokens
 
 
 @pytest.mark.parametrize("pre", sorted(GGUF_PRE))
