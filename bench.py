@@ -67,6 +67,12 @@ def fill_random_kv(model):
         layer.attention.kv_cache.v.normal_()
 
 
+def random_caches(model, B, S):  # dense first: setup_caches re-applies the policy (HATA: hash caches of B x S too)
+    model.set_hata(None)
+    model.setup_caches(B, S)
+    fill_random_kv(model)
+
+
 def kernel_kind(name):
     """A GPU kernel's part of a decode step, from its name: 'HATA' (hata_kernels.py's Triton kernels of the sparse
     step), 'SDPA' (torch's flash, memory-efficient or cuDNN attention), 'GEMV/GEMM' (cuBLAS, CUTLASS), or 'other'
@@ -262,7 +268,8 @@ def bench_one(timer, shape, H, Hkv, D, S, B, budget, R, dtype):
     k_new = k_cache[:, :, -1]                                                 # (B, Hkv, D) the step's new key
     scale = 1.0 / math.sqrt(D)
 
-    # the HATA step as explicit launches into fixed buffers, so each kernel can also be timed alone
+    # the HATA step as explicit launches into fixed buffers, so each kernel can also be timed alone; the 0, 0 of
+    # the select are n_sink, n_recent (HataArgs' defaults, as e2e's steps)
     W = R // 32
     q_codes = torch.empty(B, H, 1, W, device=dev, dtype=torch.int32)          # (B, H, 1, W)
     idx, topk_launches = hk._hamming_topk_launches(q_codes[:, :, 0], codes, lengths, budget, 0, 0)
@@ -314,20 +321,22 @@ def add_floors(rows, read):
 
 
 def floor_bytes(B, Hkv, G, D, S, W, K, esize):
-    """(the bytes a HATA step must read: every code, the K selected K and V rows, the fp32 projection, the G query
-    heads and the new key of each KV head; the bytes dense attention reads: the whole K and V caches)."""
+    """(the bytes a HATA step must read: every code, the K selected K and V rows, the G query heads and the new key
+    of each KV head, and the fp32 projection (Hkv, D, R = 32 W), once for the whole batch; the bytes dense attention
+    reads: the whole K and V caches)."""
     return (B * Hkv * (S * W * 4 + 2 * K * D * esize + (G + 1) * D * esize) + Hkv * D * 32 * W * 4,
             2 * B * Hkv * S * D * esize)
 
 
 def kernel_bytes(B, Hkv, G, D, S, W, K, esize):
-    """Bytes each streaming kernel must move (reads + writes), for its achieved bandwidth."""
+    """Bytes each streaming kernel must move (reads + writes), for its achieved bandwidth. A split is 64 selected rows
+    (_sparse_attention_launches' block_n), its output per query head D fp32 values and an fp32 log-sum-exp."""
     rows = B * Hkv
     return {
         "topk.score": rows * S * (W * 4 + 2),                                # codes in, int16 keys out
         "topk.compact": rows * S * 2 + rows * K * 4,                         # keys in, indices out
         "attn.split": (rows * K * (2 * D * esize + 4)                        # gathered K, V rows + indices,
-                       + rows * -(-K // 64) * G * (D + 1) * 4),              # fp32 partials of 64-row splits out
+                       + rows * -(-K // 64) * G * (D + 1) * 4),              # fp32 o, lse (D + 1) per split out
     }
 
 
@@ -511,9 +520,7 @@ def bench_e2e(args):
             if not (sparse_Ks := [K for K in Ks if K < S]):
                 continue
             try:  # a point too big for this GPU (B=4 at 128K on an 80 GB H100) is named; the others are timed
-                model.set_hata(None)
-                model.setup_caches(B, S)
-                fill_random_kv(model)
+                random_caches(model, B, S)
                 dense_step = graphed(B, S, None)  # (a later set_hata leaves what its graph reads: the K/V caches)
                 layer_ms = (sdpa_ms(B, S, True), sdpa_ms(B, S, False))
                 for K in sparse_Ks:  # dense and HATA replays alternate, so a drifting GPU slows both alike
@@ -568,9 +575,7 @@ def bench_e2e(args):
         print("| S | B | step | step ms | kernels ms | GEMV/GEMM | HATA kernels | SDPA | other | gaps |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for S, B in dict.fromkeys(r[:2] for r in rows):  # each context and batch: its caches once, dense once
-            model.set_hata(None)
-            model.setup_caches(B, S)
-            fill_random_kv(model)
+            random_caches(model, B, S)
             same = [r for r in rows if r[:2] == (S, B)]
             for name, policy, step in [("dense", None, same[0][3])] + [(f"HATA K={K}", HataArgs(budget=K), ms)
                                                                        for _, _, K, _, ms, _ in same]:
@@ -607,15 +612,13 @@ def bench_cpu(args):
     rows = []
     for S, S_max in caches.items():
         K = hata.budget_tokens(S_max)  # a fraction is of the cache, as in engine.py
-        model.set_hata(None)
-        model.setup_caches(1, S_max)
-        fill_random_kv(model)
+        random_caches(model, 1, S_max)
         cur, pos = torch.tensor([1]), torch.tensor([S - 1])
         times = {"dense": [], "hata": []}
         with torch.inference_mode():
             for _ in range(args.rounds):
                 for name, policy in (("dense", None), ("hata", hata if K < S else None)):
-                    model.set_hata(policy, rehash=policy is not None)
+                    model.set_hata(policy)  # HATA: rehash the random keys
                     for i in range(args.steps + 1):  # the first step of a round warms up
                         t0 = time.perf_counter()
                         decode_one_token(model, cur, pos)
@@ -647,9 +650,10 @@ def print_header(mode):
 
 
 def report_plot_path(args, mode_parser):
-    """report/bench_MODE.png (committed for attention and e2e) is the plot of the mode's default points (contexts,
-    batches, budgets, shapes; e2e's with --compile, as the README shows it): a run of other points leaves it alone
-    and draws nothing unless given --plot. Returns (path, None) or (None, the note to print after the run)."""
+    """report/bench_MODE.png (committed for attention and e2e) is the plot of the mode's default points (`points`:
+    contexts, batches, budgets, shapes, R, preset, dtype; e2e's with --compile, as the README shows it): a run of
+    other points leaves it alone and draws nothing unless given --plot. Returns (path, None) or (None, the note to
+    print after the run)."""
     points = ("shapes", "seqlens", "batches", "budgets", "budget", "preset", "rbit", "dtype")
     if getattr(args, "compile", True) and all(getattr(args, k) == mode_parser.get_default(k) for k in points
                                               if hasattr(args, k)):
