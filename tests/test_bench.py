@@ -347,6 +347,15 @@ def test_a_size_at_the_models_context_is_accepted(argv, gguf_path, monkeypatch):
         bench.main(argv)
 
 
+def run_cpu(*flags):
+    """bench.py cpu on one thread (this process's count restored after), at small sizes; returns main's code."""
+    threads = torch.get_num_threads()
+    try:
+        return bench.main(["cpu", "--rounds", "1", "--threads", "1", *flags])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse(gguf_path, monkeypatch, capsys):
     """... in caches one slot longer than the context, as engine.py's steps attend over a prefix of theirs."""
     panels, sizes, caches = [], [], []
@@ -356,12 +365,7 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
                         lambda model, B, S: caches.append((B, S)) or setup(model, B, S))
     monkeypatch.setattr(bench, "statistics", types.SimpleNamespace(
         median=lambda xs: sizes.append(len(xs)) or statistics.median(xs)))
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["cpu", "--seqlens", "16", "48", "--budget", "20", "--rounds", "1", "--steps", "2", "--plot",
-                    "x.png", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    run_cpu("--seqlens", "16", "48", "--budget", "20", "--steps", "2", "--plot", "x.png")
     assert sizes == [2] * 4  # dense and HATA at each context: rounds x steps, the warm-up step left out
     assert caches == [(1, 17), (1, 49)]
     out = capsys.readouterr().out
@@ -377,12 +381,7 @@ def test_cpu_mode_marks_a_context_the_budget_covers_as_dense_in_its_table(gguf_p
     """A context S whose budget K equals it (--budget 16, S = 16) decodes densely, and its table row says so rather
     than give a speedup of dense over dense; at S = 48 the same K selects, and the row gives HATA's speedup."""
     monkeypatch.setattr(bench, "plot_speed", lambda path, panels: None)
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["cpu", "--seqlens", "16", "48", "--budget", "16", "--rounds", "1", "--steps", "1", "--plot",
-                    "x.png", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    run_cpu("--seqlens", "16", "48", "--budget", "16", "--steps", "1", "--plot", "x.png")
     out = capsys.readouterr().out
     rows = {r.split("|")[1].strip(): r for r in out.splitlines() if r.startswith(("| 16 |", "| 48 |"))}
     assert rows["16"].startswith("| 16 | 16 |") and rows["16"].endswith("| - (K >= S: dense) |"), rows
@@ -474,12 +473,7 @@ def test_cpu_mode_reports_milliseconds_per_step(monkeypatch, capsys):
     """A clock that moves 4 ms between the two readings around each step: 4.0 ms/token in both columns, speedup 1."""
     clock = iter(range(10 ** 6))
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: 0.004 * next(clock)))
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["cpu", "--seqlens", "48", "--budget", "20", "--rounds", "1", "--steps", "1",
-                           "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_cpu("--seqlens", "48", "--budget", "20", "--steps", "1") == 0
     assert "| 48 | 20 | 4.0 | 4.0 | 1.00x |" in capsys.readouterr().out.splitlines()
 
 

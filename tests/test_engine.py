@@ -2387,16 +2387,21 @@ def test_a_prompt_cache_is_written_one_layer_at_a_time():
     assert int(out.stdout) < kv * 3 / 8, (int(out.stdout) / 2**20, out.stderr)  # one layer's K: kv / 4
 
 
-def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
-    """Not safetensors, a safetensors file of something else, K/V in another dtype (named as the flag that fits), of
-    another model's settings (RoPE's theta), of other weights (one layer's K rows), a tensor missing, a link to
-    nothing: each one error naming the file, which stays as it was. A link to a cache is written through."""
+def saved_prompt_cache(tmp_path):
+    """(the tiny model, a prompt-cache file of its K/V for tokens 5, 6, 7 at tmp_path/good, that file's metadata)."""
     model = tiny_model()
     model.setup_caches(1, 16)
     good = str(tmp_path / "good")
     engine.save_prompt_cache(good, model, [5, 6, 7], [])
     with safe_open(good, "pt") as f:
-        meta = f.metadata()
+        return model, good, f.metadata()
+
+
+def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
+    """Not safetensors, a safetensors file of something else, K/V in another dtype (named as the flag that fits), of
+    another model's settings (RoPE's theta), of other weights (one layer's K rows), a tensor missing, a link to
+    nothing: each one error naming the file, which stays as it was. A link to a cache is written through."""
+    model, good, meta = saved_prompt_cache(tmp_path)
     tensors = load_file(good)
     del tensors["layers.3.v"]
     save_file(tensors, tmp_path / "cut", meta)
@@ -2798,12 +2803,7 @@ def test_a_prompt_cache_whose_k_or_v_has_another_shape_is_refused(tmp_path):
     """A K/V tensor whose shape is not (n_kv_heads, the file's tokens, head_dim) is named corrupt and the file kept:
     one KV head would be copied into every head of the cache (broadcast), positions past the file's tokens would be
     taken as theirs, and too few positions or another head_dim would fail without naming the file."""
-    model = tiny_model()
-    model.setup_caches(1, 16)
-    good = str(tmp_path / "good")
-    engine.save_prompt_cache(good, model, [5, 6, 7], [])
-    with safe_open(good, "pt") as f:
-        meta = f.metadata()
+    model, good, meta = saved_prompt_cache(tmp_path)
     k = load_file(good)["layers.1.k"]  # (Hkv, 3, D) = (2, 3, 16)
     for what, bad in (("one KV head", k[:1]), ("a position more", torch.cat([k, k[:, :1]], 1)),
                       ("a position less", k[:, :2]), ("another head_dim", torch.cat([k, k], 2))):
