@@ -505,23 +505,28 @@ def plot(results, path):
     panels, recs, ppl = [], results.get("retrieval"), results.get("perplexity")
     if recs and not kept(recs, "dense")[1]:  # a share of none: no retrieval panel (the table says so too)
         print("no retrieval plot: dense answered no sample right", file=sys.stderr)
-    elif recs:
+    elif recs:  # (the last item: the contexts at which the tables' † is checked)
         panels.append(("retrieval: dense-correct samples kept (%)", "linear", recs[0]["correct"],
-                       lambda k: 100 * kept(recs, k)[0] if k != "dense" else 100))
+                       lambda k: 100 * kept(recs, k)[0] if k != "dense" else 100, {r["context"] for r in recs}))
     if ppl:
-        panels.append(("perplexity / dense perplexity", "log", ppl, lambda k: ppl[k]["ppl"] / ppl["dense"]["ppl"]))
-        panels.append(("top-1 agreement with dense (%)", "linear", ppl, lambda k: 100 * ppl[k]["agree"]))
+        panels.append(("perplexity / dense perplexity", "log", ppl, lambda k: ppl[k]["ppl"] / ppl["dense"]["ppl"],
+                       {results["ppl_context"]}))
+        panels.append(("top-1 agreement with dense (%)", "linear", ppl, lambda k: 100 * ppl[k]["agree"],
+                       {results["ppl_context"]}))
     budgets = sorted(results["budgets"], reverse=True)
     panels = [p for p in panels if any(pkey(name, f) in p[2] for name in results["selectors"] for f in budgets)]
     if not panels:  # every retrieval batch was past the time limit, and no perplexity (or no policy's results)
         print("nothing to plot", file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, yscale, ran, score) in zip(axes[0], panels):
+    for ax, (title, yscale, ran, score, contexts) in zip(axes[0], panels):
         for i, name in enumerate(results["selectors"]):  # each its own shape, smaller in turn: equal scores hide none
             fs = [f for f in budgets if pkey(name, f) in ran]
-            ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="osD^v<>"[i % 7],
-                    ms=9 - 6 * i / max(1, len(results["selectors"]) - 1), label=name)
+            line, = ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="osD^v<>"[i % 7],
+                            ms=9 - 6 * i / max(1, len(results["selectors"]) - 1), label=name)
+            fixed = [f for f in fs if any(forced_only(name, f, C) for C in contexts)]  # the tables' †: hollow
+            ax.plot([1 / f for f in fixed], [score(pkey(name, f)) for f in fixed], linestyle="none",
+                    marker=line.get_marker(), ms=line.get_markersize(), color=line.get_color(), mfc="white")
         ax.axhline(score("dense"), color="gray", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1 / f for f in budgets], [frac(f) for f in budgets])
@@ -530,7 +535,9 @@ def plot(results, path):
             ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, title="hollow: sink + recent fill the budget (†)" * any(
+        forced_only(name, f, C) for _, _, ran, _, contexts in panels for name in results["selectors"] for f in budgets
+        for C in contexts if pkey(name, f) in ran), title_fontsize=7)
     fig.tight_layout()
     write_png(path, fig)
     plt.close(fig)

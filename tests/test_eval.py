@@ -468,7 +468,8 @@ def test_plot_draws_the_tables_numbers(monkeypatch):
     ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
            "oracle 1/8": {"ppl": 2.5, "agree": 0.5, "nll": 0.92, "positions": 8},
            "oracle 1/16": {"ppl": 3.0, "agree": 0.25, "nll": 1.1, "positions": 8}}
-    assert ev.plot({"selectors": ["oracle"], "budgets": [1 / 8, 1 / 16], "retrieval": recs, "perplexity": ppl}, "x")
+    assert ev.plot({"selectors": ["oracle"], "budgets": [1 / 8, 1 / 16], "retrieval": recs, "perplexity": ppl,
+                    "ppl_context": 1024}, "x")
     kept, rel, agree = (ax.lines[0] for ax in figs[0].axes)
     assert list(kept.get_xdata()) == [8.0, 16.0] and list(kept.get_ydata()) == [50.0, 0.0]
     assert list(rel.get_ydata()) == [1.25, 1.5] and list(agree.get_ydata()) == [50.0, 25.0]
@@ -1287,7 +1288,8 @@ def test_the_plots_dense_lines(monkeypatch):
              "correct": {"dense": True, "oracle 1/8": ok}} for ok in (True, False)]
     ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
            "oracle 1/8": {"ppl": 2.5, "agree": 0.5, "nll": 0.92, "positions": 8}}
-    assert ev.plot({"selectors": ["oracle"], "budgets": [1 / 8], "retrieval": recs, "perplexity": ppl}, "x")
+    assert ev.plot({"selectors": ["oracle"], "budgets": [1 / 8], "retrieval": recs, "perplexity": ppl,
+                    "ppl_context": 1024}, "x")
     assert [list(ax.lines[-1].get_ydata()) for ax in figs[0].axes] == [[100, 100], [1.0, 1.0], [100.0, 100.0]]
 
 
@@ -1298,8 +1300,8 @@ def test_the_plots_selectors_that_score_alike_stay_visible(monkeypatch):
     monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
     names = ["oracle", "quest s0 r0", "hata-trained", "hata-random", "quest s16 r16"]  # (5: sizes 9 down to 3)
     ppl = {k: {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8} for k in ["dense", *(f"{n} 1/8" for n in names)]}
-    assert ev.plot({"selectors": names, "budgets": [1 / 8], "perplexity": ppl}, "x")
-    lines = figs[0].axes[0].lines[:5]
+    assert ev.plot({"selectors": names, "budgets": [1 / 8], "perplexity": ppl, "ppl_context": 1024}, "x")
+    lines = [line for line in figs[0].axes[0].lines if line.get_label() in names]
     assert len({line.get_marker() for line in lines}) == 5
     assert [line.get_markersize() for line in lines] == sorted((line.get_markersize() for line in lines), reverse=True)
     assert len({line.get_markersize() for line in lines}) == 5
@@ -1623,17 +1625,23 @@ def test_dense_accuracy_cells_sit_under_their_task_and_haystack_and_contexts_go_
 def test_the_plots_axes_ticks_legend_and_a_selector_that_ran_at_some_budgets(monkeypatch):
     """Perplexity over dense on a log axis labelled in plain numbers, agreement on a linear one; budgets on a log2 axis
     ticked by their labels; one legend; Quest at its extra budget beside oracle, which did not run there, still gets
-    its panels."""
+    its panels; a point the tables mark † (sink + recent fill the budget) is hollow, and the legend says so."""
     figs = []
     monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
     ppl = {k: PPL_REC for k in ("dense", "oracle 1/8", "quest s16 r16 1/4", "quest s16 r16 1/8")}
-    assert ev.plot({"selectors": ["oracle", "quest s16 r16"], "budgets": [1 / 4, 1 / 8], "perplexity": ppl}, "x")
+    assert ev.plot({"selectors": ["oracle", "quest s16 r16"], "budgets": [1 / 4, 1 / 8], "perplexity": ppl,
+                    "ppl_context": 256}, "x")  # Quest's 16 + 16 positions fill 1/8 of 256: the tables' †
     rel, agree = figs[0].axes
     assert (rel.get_yscale(), agree.get_yscale()) == ("log", "linear")
     assert rel.xaxis.get_transform().base == 2 and agree.xaxis.get_transform().base == 2
     assert [t.get_text() for t in rel.get_xticklabels()] == ["1/4", "1/8"] and list(rel.get_xticks()) == [4, 8]
     assert [t.get_text() for t in rel.get_legend().get_texts()] == ["oracle", "quest s16 r16", "dense"]
-    assert [list(line.get_xdata()) for line in rel.lines[:2]] == [[8.0], [4.0, 8.0]]
+    assert [list(line.get_xdata()) for line in rel.lines if line.get_label() in ("oracle", "quest s16 r16")] == [
+        [8.0], [4.0, 8.0]]
+    quest, = (line for line in rel.lines if line.get_label() == "quest s16 r16")
+    hollow = [line for line in rel.lines if line.get_markerfacecolor() == "white" and len(line.get_xdata())]
+    assert [(list(h.get_xdata()), h.get_color()) for h in hollow] == [([8.0], quest.get_color())]  # its † point
+    assert rel.get_legend().get_title().get_text() == "hollow: sink + recent fill the budget (†)"
     figs[0].canvas.draw()  # the log axis's labels are plain numbers (they were 1.1x10^0, in mathtext)
     labels = [t.get_text() for t in rel.get_yticklabels() + rel.get_yticklabels(minor=True) if t.get_text()]
     assert labels and not any("times" in text or "^" in text for text in labels), labels
