@@ -519,12 +519,14 @@ def plot(results, path):
         print("nothing to plot", file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    any_fixed = False  # a hollow point anywhere: the legend says what it means
     for ax, (title, yscale, ran, score, contexts) in zip(axes[0], panels):
         for i, name in enumerate(results["selectors"]):  # each its own shape, smaller in turn: equal scores hide none
             fs = [f for f in budgets if pkey(name, f) in ran]
             line, = ax.plot([1 / f for f in fs], [score(pkey(name, f)) for f in fs], marker="osD^v<>"[i % 7],
                             ms=9 - 6 * i / max(1, len(results["selectors"]) - 1), label=name)
             fixed = [f for f in fs if any(forced_only(name, f, C) for C in contexts)]  # the tables' †: hollow
+            any_fixed |= bool(fixed)
             ax.plot([1 / f for f in fixed], [score(pkey(name, f)) for f in fixed], linestyle="none",
                     marker=line.get_marker(), ms=line.get_markersize(), color=line.get_color(), mfc="white")
         ax.axhline(score("dense"), color="gray", linestyle="--", label="dense")
@@ -535,9 +537,7 @@ def plot(results, path):
             ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=8, title="hollow: sink + recent fill the budget (†)" * any(
-        forced_only(name, f, C) for _, _, ran, _, contexts in panels for name in results["selectors"] for f in budgets
-        for C in contexts if pkey(name, f) in ran), title_fontsize=7)
+    axes[0][0].legend(fontsize=8, title="hollow: sink + recent fill the budget (†)" * any_fixed, title_fontsize=7)
     fig.tight_layout()
     write_png(path, fig)
     plt.close(fig)
