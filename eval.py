@@ -567,8 +567,8 @@ def build_parser():
                    "SmolLM2-135M-Instruct)")
     p.add_argument("--text", type=path_name, nargs="+", help="text files; train_hash.py's held-out part is used "
                    "(default: its corpus)")
-    p.add_argument("--hash-weights", type=path_name, help="trained projections (default: the shipped file of --rbit, "
-                   "--n-dense; 'none': no trained)")
+    p.add_argument("--hash-weights", type=path_name, help="trained projections (default: the default model's shipped "
+                   "file of --rbit, --n-dense, else none; 'none': no trained)")
     p.add_argument("--budgets", type=parse_frac, nargs="+", default=list(BUDGETS), help="fractions like 1/16")
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
@@ -584,14 +584,14 @@ def build_parser():
     p.add_argument("--tasks", nargs="+", choices=("retrieval", "perplexity"), default=["retrieval", "perplexity"],
                    help="pass-key retrieval (kept answers); perplexity and agreement with dense on held-out text")
     p.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 2048, 4096, 8192], help="context lengths")
-    p.add_argument("--samples", type=positive_int, nargs="+", default=[120, 100, 56, 28],
+    p.add_argument("--samples", type=positive_int, nargs="+", default=SAMPLES,
                    help="per --contexts length (one count: for each; default lengths alone get their own counts)")
     p.add_argument("--batch", type=positive_int, default=4, help="sequences prefilled and decoded together")
     p.add_argument("--ppl-context", type=positive_int, default=8192, help="window length of the perplexity text")
     p.add_argument("--ppl-docs", type=positive_int, default=4, help="perplexity windows (one per document first)")
     p.add_argument("--ppl-tokens", type=positive_int, default=256, help="scored tokens at the end of each window")
     p.add_argument("--seed", type=torch_seed, default=0,
-                   help="seed of the retrieval samples' pass keys and distractors")
+                   help="seed of the retrieval samples: pass keys, names, distractors, haystack pieces")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (fp32 either way)")
     p.add_argument("--threads", type=thread_count, default=1, help="torch threads (2 spin on 2 busy cores: 30x slower)")
@@ -605,6 +605,7 @@ def build_parser():
     return p
 
 
+SAMPLES = [120, 100, 56, 28]  # --samples' default: argparse leaves this very list where the flag is not given (run())
 QUICK = dict(contexts=[1024, 2048], samples=[4, 4], ppl_context=1024, ppl_docs=2, ppl_tokens=32, quest_budgets=[])
 
 
@@ -643,12 +644,12 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     json_path = os.path.join(args.out_dir, f"{name}_results.json")
     so_far = os.path.join(args.out_dir, f"{name}_results.partial.json")  # a run's results until it ends
     own = os.path.realpath(json_path) in map(os.path.realpath, args.report or [])  # --report rebuilding from it
-    report = [os.path.join(args.out_dir, f"{name}_{end}") for end in ("results.md", "scores.png")]
-    for path in [so_far] * fresh + [json_path] * (not own) + report:  # now, not after the work
+    outputs = [os.path.join(args.out_dir, f"{name}_{end}") for end in ("results.md", "scores.png")]  # the report's
+    for path in [so_far] * fresh + [json_path] * (not own) + outputs:  # now, not after the work
         check_writable(path, "--out-dir / --name")
     scratch = args.quick and not args.name  # eval_quick_*: replaced run after run
     refuse_to_replace([json_path] + [so_far] * fresh, own or scratch or args.overwrite, "--name / --out-dir")
-    refuse_to_replace(report, True, "--name / --out-dir")  # replaced with the results, but not where a folder stands
+    refuse_to_replace(outputs, True, "--name / --out-dir")  # replaced with the results, but not where a folder stands
     if args.report:
         if own and len(args.report) > 1:  # a merge written over one of its inputs would compound on every rerun
             raise ValueError(f"--report would overwrite its input {json_path} with the merge; give --name or --out-dir")
@@ -664,9 +665,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
     counts = dict(zip(defaults.get_default("contexts"), defaults.get_default("samples")))  # (or --quick's)
-    if (args.samples == defaults.get_default("samples") and len(args.samples) != len(args.contexts)
-            and all(c in counts for c in args.contexts)):  # default lengths alone: each its default count
-        args.samples = [counts[c] for c in args.contexts]
+    if args.samples is defaults.get_default("samples") and all(c in counts for c in args.contexts):  # not given
+        args.samples = [counts[c] for c in args.contexts]  # default lengths alone: each its default count
     if lengths["--contexts"] and len(args.samples) not in (1, len(args.contexts)):
         default = args.samples == defaults.get_default("samples")
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"

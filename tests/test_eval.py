@@ -813,6 +813,8 @@ def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatc
     argv[-2:] = ["8192", "1024", "2048", "4096"]  # counts as many as the lengths: taken as given, in their order
     assert ev.main(argv + ["--samples", "120", "100", "56", "28", "--overwrite"]) == 0
     assert seen[-1] == {8192: 120, 1024: 100, 2048: 56, 4096: 28}
+    assert ev.main(argv + ["--overwrite"]) == 0  # not given: the default lengths in any order keep their own counts
+    assert seen[-1] == {8192: 28, 1024: 120, 2048: 100, 4096: 56}  # (before: 120 at 8192, positionally)
 
 
 def test_a_hash_weights_file_sets_rbit_and_n_dense_where_not_given(gguf_path, smol, tok, monkeypatch, tmp_path, capsys):
