@@ -433,11 +433,11 @@ def evaluate(model, windows, selectors, n_dense, queries, seed, query_from=0.5, 
 
 def guard_heads(model, trained, windows, n_dense, query_from, seed, queries=16):
     """Per (layer, KV head), keep the trained projection where it captures at least the attention mass of its starting
-    point (the seeded random one), summed over the budgets, on validation windows (N, S) of training documents not
-    trained on; else go back to the starting point: a mean over heads can rise while one head loses the tokens it needs,
-    and such projections decode worse than random ones (EVAL.md). trained: {rbit: {layer: (Hkv, D, R)}}, judged in one
-    pass (train_files passes one size at a time). Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV head,
-    gap)])}: gap < 0, the mean over the budgets of the captured-mass difference, trained - random."""
+    point (the seeded random one), summed over the budgets, on validation windows (N, S) of the training documents that
+    no SGD step saw; else go back to the starting point: a mean over heads can rise while one head loses the tokens it
+    needs, and such projections decode worse than random ones (EVAL.md). trained: {rbit: {layer: (Hkv, D, R)}}, judged
+    in one pass (train_files passes one size at a time). Returns {rbit: (kept {layer: (Hkv, D, R)}, back [(layer, KV
+    head, gap)])}: gap < 0, the mean over the budgets of the captured-mass difference, trained - random."""
     start = {r: start_projections(model.args, r, n_dense, seed) for r in trained}
     selectors = {f"{name} {r}": p[r] for r in trained for name, p in (("trained", trained), ("random", start))}
     res = evaluate(model, windows, selectors, n_dense, queries, (seed + 1) % 2**64, query_from, desc="guard")
@@ -811,7 +811,7 @@ def write_hash_report(args, model, windows, n_docs, t0):
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
     for res, mean, seq_len, path in plots:  # (a plot that cannot be written loses no number)
         report_plot(res, mean, args.n_dense, margs.n_layers, seq_len, path)
-    for path in other_plots(args.report_dir, results):  # (refused by report_windows without --overwrite)
+    for path in other_plots(args.report_dir, list(results)):  # (refused by report_windows without --overwrite)
         os.remove(path)
     print(f"wrote {args.report_dir}/hash_quality.md and its plots ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
