@@ -915,7 +915,8 @@ def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_a_sink_or_window_past_every_context_is_refused_before_a_prefill(capsys, tmp_path, monkeypatch):
     """A --sink or --quest window longer than every context is refused before any work, the weights' load included
-    (before: after it); a huge one overflowed in the kernels after the first prefill, with a traceback."""
+    (before: after it); a huge one overflowed in the kernels after the first prefill, with a traceback. One as long as
+    the context is not refused."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)
     small = ["--tasks", "perplexity", "--ppl-context", "128", "--ppl-tokens", "8", "--ppl-docs", "1", "--budgets",
              "1/8", "--out-dir", str(tmp_path)]
@@ -925,6 +926,9 @@ def test_a_sink_or_window_past_every_context_is_refused_before_a_prefill(capsys,
         err = capsys.readouterr().err
         assert f"error: {name}: its sink or recent window is longer than any context" in err, err
         assert not os.listdir(tmp_path)
+    for flags in (["--selectors", "oracle", "--sink", "128"], ["--selectors", "quest", "--quest", "0:128"]):
+        with pytest.raises(ZeroDivisionError):  # as long as the context, not longer: on to the weights' load
+            ev.main(flags + small)
 
 
 def test_default_and_given_flags_parse_to_what_run_uses():

@@ -421,3 +421,21 @@ def test_a_second_plan_brings_offloaded_layers_back():
     assert apply_offload(model, 1, 64, kv_gpu_gb=100).layers == []
     model.setup_caches(1, 64)
     assert all(type(layer.attention.kv_cache) is KVCache for layer in model.layers)
+
+
+def test_own_cgroups_take_only_hierarchy_0_as_v2(tmp_path):
+    """Only the line of hierarchy 0 ("0::/path") is cgroup v2's; v1's hierarchies, number 1 too, are read only for
+    their memory controller."""
+    table = tmp_path / "cgroup"
+    table.write_text("1:name=systemd:/init.scope\n2:cpu,cpuacct:/a\n0::/b\n")
+    assert offload._own_cgroups(str(table)) == ["/sys/fs/cgroup/b"]
+
+
+def test_caches_larger_than_the_plan_are_refused():
+    """A plan is for its batch and length: a setup_caches one position longer than planned is refused, not given
+    host memory the plan never counted."""
+    model = tiny()
+    apply_offload(model, 1, 256)
+    with pytest.raises(ValueError, match=r"would take 65792 bytes of host memory, but the offload plan allowed 65536"):
+        model.setup_caches(1, 257)
+    model.setup_caches(1, 256)  # as planned
