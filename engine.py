@@ -1329,6 +1329,7 @@ def check_prompt_cache(path, shape, dtype):
         return None
     if not os.path.isfile(path):  # (safe_open waits forever on a named pipe)
         raise ValueError(f"--prompt-cache {path} is not a file (a device or a pipe): {KEPT}")
+    open(path, "rb").close()  # no read access: open's error says so (safe_open's below says "No such file")
     try:
         with safe_open(path, "pt") as f:
             meta, shapes = f.metadata() or {}, {name: f.get_slice(name).get_shape() for name in f.keys()}

@@ -698,6 +698,7 @@ def read_hash_file(path, with_tensors=True):
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise FileNotFoundError(f"hash weights file not found (or a directory): {path}")
+    open(path, "rb").close()  # no read access: open's error says so (safe_open's below says "No such file")
     try:
         with safe_open(path, "pt") as f:
             meta, names = f.metadata() or {}, list(f.keys())

@@ -1,9 +1,13 @@
 """Helpers the test files share (conftest.py holds the fixtures): files shipped in installed packages, files made
-read-only as a user other than root sees them, small GGUF files written with the gguf package, the tiny preset's
-models and prompts, and a state dict written as a Hugging Face or Meta checkpoint."""
+read-only or unreadable as a user other than root sees them, standard output on a full disk, small GGUF files written
+with the gguf package, the tiny preset's models and prompts, and a state dict written as a Hugging Face or Meta
+checkpoint."""
+import errno
 import importlib.util
+import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -34,6 +38,37 @@ def read_only(monkeypatch, *paths):
     access, real = os.access, {os.path.realpath(p) for p in paths}
     monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (
         mode == os.W_OK and os.path.realpath(p) in real))
+
+
+def unreadable(monkeypatch, *paths):
+    """These files cannot be read, as a 0000 file for a user other than root (root reads any, and the tests may run as
+    root): open() refuses them, and safetensors' safe_open says "No such file or directory", as it does for such a
+    file."""
+    import builtins
+    import safetensors
+    real = {os.path.realpath(p) for p in paths}
+    hit = lambda file: isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in real
+    opener, safe_open = builtins.open, safetensors.safe_open
+
+    def refused(file, *args, **kwargs):
+        if hit(file):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return opener(file, *args, **kwargs)
+
+    def safe_refused(file, *args, **kwargs):
+        if hit(file):
+            raise FileNotFoundError(f"No such file or directory: {file}")
+        return safe_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", refused)
+    monkeypatch.setattr(safetensors, "safe_open", safe_refused)
+
+
+def full_stdout(monkeypatch):
+    """Standard output that takes no write, as `> file` on a full disk."""
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sys, "stdout", Full())
 
 
 def markdown_tables(text):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import engine
 from engine import parse_budget, sample
 from model import CUDNN_LSE_ATTENTION, PRESETS, HataArgs, KVCache, Transformer, save_hash_projections
-from tests.helpers import HF_CFG, package_file, read_only, tiny_model, write_hf
+from tests.helpers import HF_CFG, package_file, read_only, tiny_model, unreadable, write_hf
 
 
 def run_cli(capsys, *argv):
@@ -2456,6 +2456,19 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
     os.symlink(good, tmp_path / "link")
     engine.save_prompt_cache(str(tmp_path / "link"), model, [5, 6, 8], [5, 6, 7])
     assert os.path.islink(tmp_path / "link") and load_file(good)["tokens"].tolist() == [5, 6, 8]
+
+
+def test_an_unreadable_prompt_cache_is_named_as_unreadable_not_as_another_kind(tmp_path, monkeypatch):
+    """A prompt cache its user may not read is named so, and kept (before: "is no prompt cache: not a .safetensors
+    file, or a cut one (No such file or directory: ...)", safetensors' words for a file it cannot open)."""
+    model, good, _ = saved_prompt_cache(tmp_path)
+    unreadable(monkeypatch, good)
+    for check in (lambda: engine.check_prompt_cache(good, model.args, torch.float32),
+                  lambda: engine.load_prompt_cache(good, model)):
+        with pytest.raises(PermissionError, match=f"Permission denied: '{re.escape(good)}'"):
+            check()
+    monkeypatch.undo()
+    assert load_file(good)["tokens"].tolist() == [5, 6, 7]
 
 
 def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):

@@ -18,7 +18,7 @@ from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, causal
                    load_hash_projections, random_hash_projections, save_hash_projections)
 from train_hash import load_corpus
 from tests.test_kernels import DEV, as_sets, assert_topk_matches_ref
-from tests.helpers import GOLDEN, random_ids, tiny_model
+from tests.helpers import GOLDEN, random_ids, tiny_model, unreadable
 
 
 def prompt(n):
@@ -397,6 +397,18 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
         load_hash_projections(path, args, hata)
     with pytest.raises(FileNotFoundError, match="not found \\(or a directory\\)"):
         load_hash_projections(str(tmp_path), args, hata)
+
+
+def test_an_unreadable_hash_weights_file_is_named_as_unreadable(tmp_path, monkeypatch):
+    """A projection file its user may not read says so, naming it (before: "not a .safetensors file, or a cut one (No
+    such file or directory: ...)", safetensors' words for a file it cannot open: a good file called missing or cut)."""
+    args, hata = PRESETS["tiny"], HataArgs(rbit=64, n_dense=1)
+    save_hash_projections(path := str(tmp_path / "p.safetensors"), random_hash_projections(args, 64, 1), args, hata)
+    unreadable(monkeypatch, path)
+    with pytest.raises(PermissionError, match=f"Permission denied: '{re.escape(path)}'"):
+        model_module.read_hash_file(path, with_tensors=False)
+    with pytest.raises(PermissionError, match=f"Permission denied: '{re.escape(path)}'"):
+        load_hash_projections(path, args, hata)
 
 
 @pytest.mark.parametrize("use_norm, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float16)])
