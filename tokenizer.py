@@ -121,6 +121,8 @@ def _bpe(name, ranks: dict, specials: dict, pattern: str) -> tuple[tiktoken.Enco
         raise ValueError(f"{name!r}: two tokens share one id; the tokenizer file is corrupt")
     ids = [*ranks.values(), *specials.values()]
     room = 2 * len(ids) + 1024  # a few unused ids are fine; an id of 10^9 would make this a set of 10^9
+    if not ids:  # (a stub, or a cut download)
+        raise ValueError(f"{name!r}: no tokens; the tokenizer file is corrupt")
     if bad := [i for i in ids if type(i) is not int or not 0 <= i < room][:1]:
         raise ValueError(f"{name!r}: token id {bad[0]!r} is not a whole number in [0, {room}) for its {len(ids)} "
                          "tokens; the tokenizer file is corrupt")

@@ -1042,6 +1042,15 @@ def test_malformed_merges_and_vocabularies_are_refused(tmp_path):
             Tokenizer.from_path(tmp_path)
 
 
+def test_a_vocabulary_of_no_tokens_is_called_corrupt(tmp_path):
+    """A tokenizer.json whose vocabulary holds no token (a stub, or a cut download) is refused naming the file (before:
+    "max() arg is an empty sequence", naming nothing)."""
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"}}))
+    with pytest.raises(ValueError, match=r"tokenizer\.json': no tokens; the tokenizer file is corrupt"):
+        Tokenizer.from_path(tmp_path)
+
+
 def test_split_behaviours_other_than_isolated_are_refused(tmp_path):
     """HF's Split drops its matches ("Removed") or glues them to a neighbour ("MergedWithPrevious", ...): only
     "Isolated" is what hata's one regex does."""
