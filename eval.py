@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, decode_one_token, default_checkpoint, device_name,
                     file_settings, frac, note_ignored, parse_budget, path_name, plural, positive_int, prefill,
-                    refuse_negative, shipped_hash_weights, thread_count, torch_seed, write_png, write_text)
+                    refuse_negative, shipped_hash_weights, show, thread_count, torch_seed, write_png, write_text)
 from model import (HataArgs, check_rbit, checkpoint_metadata, from_checkpoint, key_signature, load_hash_projections,
                    write_whole)
 from tokenizer import Tokenizer
@@ -808,7 +808,7 @@ def write_report(results, out_dir, name, json_path=None, partial_path=None):
             os.remove(partial_path)
     write_text(os.path.join(out_dir, f"{name}_results.md"), f"Command: `{results['command']}`; seconds: "
                                                             f"{results['seconds']}\n\n{md}\n")
-    print(md)  # (before the plot: one that fails costs no table either)
+    show(md + "\n")  # (before the plot: one that fails costs no table either; a failed write names stdout)
     plotted = plot(results, png)
     if not plotted and os.path.exists(png):  # (an earlier run's)
         os.remove(png)

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, default_checkpoint, device_name, file_settings,
                     frac, is_default_model, note_ignored, path_name, plural, positive_int, refuse_negative, torch_seed,
-                    write_png, write_text)
+                    show, write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, check_hash_model, check_rbit, checkpoint_metadata, from_checkpoint,
                    key_signature, load_hash_projections, random_hash_projections, read_hash_file, rope_frequencies,
@@ -807,8 +807,8 @@ def write_hash_report(args, model, windows, n_docs, t0):
                  f"{plural(queries, 'query', 'queries')} each at positions in [{seq_len // 2}, {seq_len}). "
                  f"Plot: {png}\n\n{table}\n")
         plots.append((res, mean, seq_len, os.path.join(args.report_dir, png)))
-    print(text)
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
+    show(text + "\n")  # (after the file: standard output that cannot be written, a full disk, loses no table)
     for res, mean, seq_len, path in plots:  # (a plot that cannot be written loses no number)
         report_plot(res, mean, args.n_dense, margs.n_layers, seq_len, path)
     for path in other_plots(args.report_dir, list(results)):  # (refused by report_windows without --overwrite)

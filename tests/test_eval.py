@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import eval as ev
 from engine import write_text
 from model import PRESETS, Attention, HataArgs, Transformer, save_hash_projections
-from tests.helpers import markdown_tables, read_only
+from tests.helpers import full_stdout, markdown_tables, read_only
 from tokenizer import Tokenizer
 
 PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
@@ -851,6 +851,19 @@ def test_a_meta_checkpoints_n_dense_is_checked_once_its_weights_load(gguf_path, 
                     str(tmp_path / "text.txt"), "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "1",
                     "--n-dense", "30", "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]) == 2
     assert "--n-dense 30 must be in [0, 30)" in capsys.readouterr().err
+
+
+def test_tables_that_cannot_be_shown_name_standard_output(tmp_path, monkeypatch):
+    """Standard output that takes no write (a full disk under `> file`) is named as what failed, after the results and
+    the markdown are written (before: "[Errno 28] No space left on device", which names no file)."""
+    ppl = {"dense": {"ppl": 2.0, "agree": 1.0, "nll": 0.69, "positions": 8},
+           "oracle 1/8": {"ppl": 2.5, "agree": 0.875, "nll": 0.92, "positions": 8}}
+    results = {"command": "c", "selectors": ["oracle"], "budgets": [1 / 8], "seconds": {}, "ppl_context": 1024,
+               "perplexity": ppl}
+    full_stdout(monkeypatch)
+    with pytest.raises(OSError, match=r"cannot write standard output: \[Errno 28\] No space left on device"):
+        ev.write_report(results, str(tmp_path), "x", str(tmp_path / "x_results.json"))
+    assert sorted(os.listdir(tmp_path)) == ["x_results.json", "x_results.md"]
 
 
 def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_costs_no_results(monkeypatch, tmp_path,

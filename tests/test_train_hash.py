@@ -15,6 +15,7 @@ import torch
 import train_hash as th
 from model import (PRESETS, HataArgs, Transformer, key_signature, load_hash_projections, random_hash_projections,
                    save_hash_projections)
+from tests.helpers import full_stdout
 
 
 def h(x, P, sigma):
@@ -832,6 +833,17 @@ def test_the_report_reads_the_asked_sizes_each_length_once_and_records_its_comma
     assert text.count("\n## ") == 1 and "## 64-token windows" in text
     cells = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]  # the first column
     assert {cell for cell in cells if "R=" in cell} == {"trained R=64", "random R=64", "random R=32"}
+
+
+def test_a_report_whose_tables_cannot_be_shown_is_written_all_the_same(gguf_path, tmp_path, monkeypatch, capsys):
+    """Standard output that takes no write (a full disk under `> file`) fails the run naming it, once hash_quality.md
+    is written (before: the tables were printed first, so the measured report was lost, said as "[Errno 28] No space
+    left on device")."""
+    full_stdout(monkeypatch)
+    assert th.main(["--report", "--rbit", "64", "--eval-len", "64", "--eval-seqs", "1", "--eval-queries", "2",
+                    "--report-dir", str(tmp_path)]) == 2
+    assert "error: cannot write standard output: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert "## 64-token windows" in (tmp_path / "hash_quality.md").read_text()
 
 
 def test_a_report_names_another_models_file_not_the_n_dense_it_carries(gguf_path, smol, tmp_path, capsys,
