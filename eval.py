@@ -573,7 +573,7 @@ def build_parser():
     p.add_argument("--selectors", nargs="+", choices=("oracle", "trained", "random", "quest"),
                    default=["oracle", "trained", "random", "quest"], help="which to compare with dense")
     p.add_argument("--sink", type=int, default=0, help="first positions oracle and HATA always select")
-    p.add_argument("--rbit", type=positive_int,
+    p.add_argument("--rbit", type=int,  # checked as engine.py's: only where a HATA selector reads codes
                    help=f"hash bits (default: a --hash-weights file's own, else {HataArgs.rbit})")
     p.add_argument("--n-dense", type=int,
                    help=f"first layers dense, for every selector (default: a --hash-weights file's own, else "

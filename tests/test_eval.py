@@ -606,6 +606,8 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--name", "n" * 300], "(a name of 321 bytes, nnnn"),  # its .partial.json
                                          (["--rbit", "2048"], "--rbit must be a multiple of 32 (whole int32 code "
                                                                "words) in [32, 1024], got 2048"),
+                                         (["--rbit", "0"], "--rbit must be a multiple of 32 (whole int32 code "
+                                                            "words) in [32, 1024], got 0"),  # engine.py's words
                                          (["--text", "a.txt", ""], "--text: an empty path"),
                                          (["--name", ""], "--name: an empty path"),
                                          (["--threads", "100000"], "--threads: must be at most")])
@@ -919,6 +921,10 @@ def test_settings_without_the_trained_selector_need_no_file(capsys, tmp_path):
                     "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "nonexistent" in err and "--rbit (no HATA selector" in err and "multiple of 32" not in err
+    assert ev.main(["--rbit", "0", "--selectors", "oracle", "--checkpoint", "/nonexistent.gguf",  # 0 too (was refused)
+                    "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" in err and "--rbit (no HATA selector" in err and "whole number" not in err
     assert ev.main(["--selectors", "trained", "oracle", "--checkpoint", "/nonexistent.gguf", "--out-dir",
                     str(tmp_path)]) == 2  # not the default model: no projections, but the checkpoint's error alone
     err = capsys.readouterr().err
