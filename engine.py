@@ -529,7 +529,7 @@ def build_parser():
                    f"file's own, else {h['rbit']})")
     g.add_argument("--hash-weights", type=path_name, help="trained hash projections (.safetensors); default: the "
                    "shipped ones for the default model at --n-dense 2 and --rbit 64, 128 or 256, else seeded random "
-                   "projections")
+                   "projections ('none': those)")
     g.add_argument("--n-dense", type=int, help="leading layers that stay dense (default: a --hash-weights file's "
                    f"own, else {h['n_dense']})")
     g.add_argument("--sink", type=int, default=h["n_sink"],
@@ -722,7 +722,8 @@ def run(args):
         raise ValueError(f"HATA's GPU kernels need a head dim that is a power of two >= 16, and this model's is "
                          f"{shape.head_dim}: decode with --dense, or on the CPU (--device cpu)")
     reads_codes = sparse and hata.reads_codes(max_seq_len)
-    if reads_codes and hata.hash_weights is None:  # (no layer that reads codes: no file, and no note that it has none)
+    # (no layer that reads codes: no file, and no note that it has none; --hash-weights none: seeded random ones)
+    if reads_codes and hata.hash_weights is None and args.hash_weights != "none":
         hata.hash_weights = shipped_hash_weights(hata, args.checkpoint)
     # the file set_hata would check (another model's projections, other bits), checked now, before the weights load
     if hata and shape and (path := hata.checked_file(shape.n_layers)):
@@ -951,6 +952,7 @@ def hata_args(args):  # oracle and Quest read no codes: their --rbit is noted as
     if args.dense:
         return None
     path = args.hash_weights if args.selector == "hash" and not args.random_weights else None  # (their file: noted)
+    path = None if path == "none" else path  # seeded random projections, as eval.py's none (not the shipped ones)
     rbit, n_dense = file_settings(path, args.rbit, args.n_dense)
     if args.selector == "hash" and args.rbit is not None:
         check_rbit(args.rbit, "--rbit")

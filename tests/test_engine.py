@@ -1112,6 +1112,8 @@ def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
     for flags in (["--budget", "2"], ["--n-dense", "3"]):  # the shipped ones; or none read (K covers the cache)
         code, _, err = run_cli(capsys, "--prompt", "hi", *flags, "--max-new-tokens", "2")
         assert code == 0 and "projections are for" not in err and "random projections" not in err
+    code, _, err = run_cli(capsys, "--prompt", "hi", "--budget", "2", "--max-new-tokens", "3", "--hash-weights", "none")
+    assert code == 0 and "budget 2 of up to 3 tokens, random projections (R = 128, --n-dense 2)" in err, err  # as asked
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
