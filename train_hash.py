@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from engine import (Parser, check_writable, checkpoint_label, cli, default_checkpoint, device_name, file_settings,
                     frac, is_default_model, note_ignored, path_name, plural, positive_int, refuse_negative, torch_seed,
-                    show, write_png, write_text)
+                    show, thread_count, write_png, write_text)
 from hata_kernels import hamming_score_ref, hash_encode_ref, select_topk_ref
 from model import (HataArgs, apply_rope, check_hash_model, check_rbit, checkpoint_metadata, from_checkpoint,
                    key_signature, load_hash_projections, random_hash_projections, read_hash_file, rope_frequencies,
@@ -559,6 +559,8 @@ def build_parser():
                    "(--report's random baseline is the engine's own seeded projection, seed 0)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=thread_count, help="CPU threads of the prefills (default: torch's, one per core; "
+                   "the SGD steps and the report's scoring take one either way)")
     t = p.add_argument_group("training (--out)")
     t.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training prefill")
     t.add_argument("--n-seqs", type=positive_int, default=16, help="training prefills")
@@ -641,6 +643,7 @@ def run(args):
     if args.report:  # the tables now; the plots, named by window lengths cut to the context, by report_windows
         refuse_to_replace(report_files(args.report_dir, []), args.overwrite, "another --report-dir")
         check_writable(os.path.join(args.report_dir, ""), "--report-dir")  # (a folder)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(args.seed)
     checkpoint = args.checkpoint or default_checkpoint()
     context, shape = checkpoint_metadata(checkpoint)  # a wrong --checkpoint fails as itself, not as its tokenizer

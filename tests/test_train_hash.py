@@ -687,7 +687,8 @@ def test_the_guard_takes_the_largest_seed(sharp_tiny):
                                          (["--seed", "1.5"], "--seed: must be a whole number, got '1.5'"),
                                          (["--n-dense", "-1"], "--n-dense -1: must be >= 0"),
                                          (["--batch", "17"], "--batch 17 must be <= --n-seqs 16"),
-                                         (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1")])
+                                         (["--seed", str(-2 ** 63 - 1)], "is outside -2^63 .. 2^64 - 1"),
+                                         (["--threads", "0"], "--threads: must be a whole number >= 1")])
 def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     try:  # argparse's own errors exit through SystemExit
         out = [] if "--report" in argv else ["--out", "x.safetensors"]
@@ -698,6 +699,14 @@ def test_bad_arguments_fail_before_loading_anything(argv, named, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and named in err  # the message names the bad value
     assert "nonexistent" not in err  # the arguments fail, not the missing checkpoint
+
+
+def test_threads_sets_torchs_threads_before_the_work(monkeypatch, capsys):
+    """--threads is torch's thread count for the prefills, as engine.py's and eval.py's are (train_hash had none)."""
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert th.main(["--out", "x.safetensors", "--checkpoint", "/nonexistent.gguf", "--threads", "1"]) == 2
+    assert seen == [1] and "nonexistent" in capsys.readouterr().err  # set, then the checkpoint's error
 
 
 def test_a_wrong_checkpoint_fails_as_itself_not_as_its_tokenizer(tmp_path, capsys):
