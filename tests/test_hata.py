@@ -148,16 +148,27 @@ def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chu
                 assert as_sets(idx) == as_sets(hk.select_topk_ref(score, n, 5, *windows))
 
 
-def test_oracle_at_half_budget_keeps_greedy_tokens(smol_weights):
+def count_sparse_steps(monkeypatch):
+    """A list that grows by one for each sparse layer's sparse decode step (Attention.sparse_decode), so a test of a
+    selector can tell that it selected at all: a layer that silently decoded densely would pass a tokens check."""
+    calls, real = [], model_module.Attention.sparse_decode
+    monkeypatch.setattr(model_module.Attention, "sparse_decode", lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
+def test_oracle_at_half_budget_keeps_greedy_tokens(smol_weights, monkeypatch):
     args, sd = smol_weights
     ids = prompt(32)
     model = from_state_dict(args, sd)
     model.setup_caches(1, 48)
+    sparse_steps = count_sparse_steps(monkeypatch)
     with torch.inference_mode():
         dense, _ = generate(model, [ids], max_new_tokens=16)
+        assert not sparse_steps
         oracle = from_state_dict(args, sd, HataArgs(budget=16, selector="oracle"))  # S/2 of the prompt
         oracle.setup_caches(1, 48)
         sparse, _ = generate(oracle, [ids], max_new_tokens=16)
+    assert len(sparse_steps) == 15 * (args.n_layers - HataArgs.n_dense)  # every decode step of every sparse layer
     assert sparse == dense
 
 
@@ -171,12 +182,14 @@ def test_sparse_decode_really_selects(smol_weights):
 
 
 @pytest.mark.parametrize("selector", ["hash", "oracle", "quest"])
-def test_batch_selects_per_sequence(smol_weights, selector):
+def test_batch_selects_per_sequence(smol_weights, selector, monkeypatch):
     """Prompts of different lengths in one batch, budget smaller than every context: each sequence gets the
-    tokens it gets alone, so no sequence selects another's or a padded position."""
+    tokens it gets alone, so no sequence selects another's or a padded position. Every decode step of every sparse
+    layer does select (a selector that fell back to dense attention would agree with itself too)."""
     args, sd = smol_weights
     model = from_state_dict(args, sd, HataArgs(budget=6, n_sink=1, n_recent=2, selector=selector))
     prompts = [prompt(9), prompt(31)[5:], prompt(17)[3:]]
+    sparse_steps = count_sparse_steps(monkeypatch)
     with torch.inference_mode():
         alone = []
         for p in prompts:
@@ -184,6 +197,7 @@ def test_batch_selects_per_sequence(smol_weights, selector):
             alone.append(generate(model, [p], max_new_tokens=10)[0][0])
         model.setup_caches(3, 48)
         batch, _ = generate(model, prompts, max_new_tokens=10)
+    assert len(sparse_steps) == 4 * 9 * (args.n_layers - HataArgs.n_dense)  # 4 runs of 9 decode steps
     assert batch == alone
 
 

@@ -242,7 +242,7 @@ def test_sparse_attention_ref(G):
     idx[0, 1, 3:] = -1                                                        # partly unused
     idx[1, 0, :] = -1                                                         # nothing selected -> zeros
     out = hk.sparse_decode_attention_ref(q, k, v, idx, 0.3)
-    assert torch.allclose(out, brute_attention(q, k, v, idx, 0.3), atol=1e-12)
+    torch.testing.assert_close(out, brute_attention(q, k, v, idx, 0.3), atol=1e-12, rtol=0)  # (allclose: rtol 1e-5)
     v[1, 0] = math.nan                                                        # an unwritten cache (torch.empty)
     assert torch.all(hk.sparse_decode_attention_ref(q, k, v, idx, 0.3)[1, :G] == 0)
     k[0, 1, idx[0, 1, 0]] = math.nan                                          # a selected key: NaN, as the kernel's
