@@ -1,7 +1,7 @@
 """Helpers the test files share (conftest.py holds the fixtures): files shipped in installed packages, files made
-read-only or unreadable as a user other than root sees them, standard output on a full disk, small GGUF files written
-with the gguf package, the tiny preset's models and prompts, and a state dict written as a Hugging Face or Meta
-checkpoint."""
+read-only or unreadable as a user other than root sees them, standard output on a full disk, a count of the sparse
+decode steps, small GGUF files written with the gguf package, the tiny preset's models and prompts, and a state dict
+written as a Hugging Face or Meta checkpoint."""
 import errno
 import importlib.util
 import io
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine import random_model
-from model import FORMATS, PRESETS, WEIGHT_NAMES
+from model import FORMATS, PRESETS, WEIGHT_NAMES, Attention
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_smollm2.safetensors")
 # config.json of a one-layer Llama of the smallest sizes: enough for checkpoint_metadata, which reads no weights
@@ -69,6 +69,14 @@ def full_stdout(monkeypatch):
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(sys, "stdout", Full())
+
+
+def count_sparse_steps(monkeypatch):
+    """A list that grows by one for each sparse layer's sparse decode step (Attention.sparse_decode), so a test of a
+    selector can tell that it selected at all: a layer that silently decoded densely would pass a tokens check."""
+    calls, real = [], Attention.sparse_decode
+    monkeypatch.setattr(Attention, "sparse_decode", lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
 
 
 def markdown_tables(text):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import engine
 from engine import parse_budget, sample
 from model import CUDNN_LSE_ATTENTION, PRESETS, HataArgs, KVCache, Transformer, save_hash_projections
-from tests.helpers import HF_CFG, package_file, read_only, tiny_model, unreadable, write_hf
+from tests.helpers import HF_CFG, count_sparse_steps, package_file, read_only, tiny_model, unreadable, write_hf
 
 
 def run_cli(capsys, *argv):
@@ -1351,7 +1351,7 @@ def test_generate_keeps_no_autograd_graph():
 
 
 @pytest.mark.parametrize("chunk, device", [(4096, "cpu"), (4, "cpu"), (3, "cpu"), (4, "cuda")])
-def test_a_prefill_after_cached_positions_continues_them(chunk, device):
+def test_a_prefill_after_cached_positions_continues_them(chunk, device, monkeypatch):
     """5 tokens, then 6 more at start=5 (in chunks of 4 or 3 too: 4 + 2, 3 + 3): the logits of one prefill of all 11,
     and generate from there decodes the tokens of one generate over all 11 (with a repetition penalty too, over all
     11), counting its steps past the budget from the cache's 11 positions (budget 8: every step selects; from the 6
@@ -1373,8 +1373,11 @@ def test_a_prefill_after_cached_positions_continues_them(chunk, device):
         want, _ = engine.generate(model, [ids], 8, repetition_penalty=penalty)
         model.setup_caches(1, 32)
         engine.generate(model, [ids[:5]], 1)
+        sparse_steps = count_sparse_steps(monkeypatch)  # (both runs selecting: else dense == dense would pass)
         got, timing = engine.generate(model, [ids], 8, start=5, repetition_penalty=penalty)
         assert got == want and timing["prefill_tokens"] == 6 and timing["selecting_steps"] == 7, penalty
+        assert device == "cuda" or len(sparse_steps) == 7 * len(model.sparse_layers())  # (CUDA: graph replays)
+        monkeypatch.undo()
         assert timing["decode_steps"] == 7
     with pytest.raises(ValueError, match="11 \\+ 30 tokens need 40 cache slots"):
         engine.generate(model, [ids], 30, start=5)
@@ -1399,13 +1402,15 @@ def test_generate_equals_a_full_forward_each_step():
         assert tokens == seq[len(prompt):], prompt
 
 
-def test_timing_counts_the_steps_past_the_budget(capsys):
+def test_timing_counts_the_steps_past_the_budget(capsys, monkeypatch):
     """Step s of a 3-token prompt attends to 4 + s keys: with K = 6, steps 3.. select (4 of 7); stderr says so.
     A dense model has no budget to count against."""
     model = tiny_model(HataArgs(budget=6, n_dense=1))
     model.setup_caches(1, 16)
+    sparse_steps = count_sparse_steps(monkeypatch)
     _, timing = engine.generate(model, [[3, 4, 5]], 8)
     assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (7, 6, 4)
+    assert len(sparse_steps) == 4 * len(model.sparse_layers())  # the steps counted are the steps the model selected
     engine.report_speed(timing)
     err = capsys.readouterr().err
     assert "7 steps in" in err and "; 4 of them with more cached keys than the budget of 6 tokens (the others" in err
@@ -2067,12 +2072,14 @@ def test_token_id_0_is_a_token_of_the_answer(monkeypatch, prompt):
     assert new == [[0, 0, 0]] and timing["decode_tokens"] == 2
 
 
-def test_selecting_steps_with_a_budget_below_the_prompt():
+def test_selecting_steps_with_a_budget_below_the_prompt(monkeypatch):
     """K = 2 under a 3-token prompt: every step selects, and no more steps than were run are counted."""
     model = tiny_model(HataArgs(budget=2, n_dense=1))
     model.setup_caches(1, 16)
+    sparse_steps = count_sparse_steps(monkeypatch)
     _, timing = engine.generate(model, [[3, 4, 5]], 5)
     assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (4, 2, 4)
+    assert len(sparse_steps) == 4 * len(model.sparse_layers())
 
 
 def test_on_token_streams_minus_one_for_a_finished_sequence():
@@ -2616,14 +2623,16 @@ def test_stop_when_is_handed_token_id_0(monkeypatch):
     assert new == [[0, 0]] and seen == [[0], [0, 0]] and timing["cut"] == 0
 
 
-def test_selecting_steps_count_the_positions_cached_before_start():
+def test_selecting_steps_count_the_positions_cached_before_start(monkeypatch):
     """After 4 cached positions and 2 prompt tokens, step s attends to 7 + s keys: with K = 8, 2 of 4 steps select."""
     model = tiny_model(HataArgs(budget=8, n_dense=1))
     model.setup_caches(1, 32)
     prompt = [3, 4, 5, 6, 7, 8]
     engine.generate(model, [prompt], 1)  # the caches hold the prompt
+    sparse_steps = count_sparse_steps(monkeypatch)
     _, timing = engine.generate(model, [prompt], 5, start=4)
     assert (timing["decode_steps"], timing["budget"], timing["selecting_steps"]) == (4, 8, 2)
+    assert len(sparse_steps) == 2 * len(model.sparse_layers())
 
 
 def test_min_p_1_and_top_p_1_are_in_their_ranges(capsys):

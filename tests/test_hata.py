@@ -18,7 +18,7 @@ from model import (PRESETS, QUEST_PAGE, HataArgs, ModelArgs, Transformer, causal
                    load_hash_projections, random_hash_projections, save_hash_projections)
 from train_hash import load_corpus
 from tests.test_kernels import DEV, as_sets, assert_topk_matches_ref
-from tests.helpers import GOLDEN, random_ids, tiny_model, unreadable
+from tests.helpers import GOLDEN, count_sparse_steps, random_ids, tiny_model, unreadable
 
 
 def prompt(n):
@@ -146,14 +146,6 @@ def test_sparse_layers_select_what_the_algorithm_says(monkeypatch, use_norm, chu
                 ham = hk.hamming_score_ref(hk.hash_encode_ref(q[:, :, None], attn.hash_proj)[:, :, 0], codes, n)
                 score = -(G - 2 * ham / R) * keys.norm(dim=-1) if use_norm else ham  # (B, Hkv, S_max)
                 assert as_sets(idx) == as_sets(hk.select_topk_ref(score, n, 5, *windows))
-
-
-def count_sparse_steps(monkeypatch):
-    """A list that grows by one for each sparse layer's sparse decode step (Attention.sparse_decode), so a test of a
-    selector can tell that it selected at all: a layer that silently decoded densely would pass a tokens check."""
-    calls, real = [], model_module.Attention.sparse_decode
-    monkeypatch.setattr(model_module.Attention, "sparse_decode", lambda self, *a: calls.append(1) or real(self, *a))
-    return calls
 
 
 def test_oracle_at_half_budget_keeps_greedy_tokens(smol_weights, monkeypatch):

@@ -14,6 +14,7 @@ from engine import PREFILL_CHUNK, decode_one_token, generate, plural, prefill, r
 from model import KVCache, HataArgs
 from offload import (GiB, HostKVCache, apply_offload, gather_rows, host_available, host_buffer, plan_offload,
                      staged_sparse_attention)
+from tests.helpers import count_sparse_steps
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 HATA = HataArgs(budget=8, n_dense=1)  # tiny preset: layers 1-3 decode sparsely, 8 of up to 64 positions
@@ -45,12 +46,14 @@ PROMPTS = [list(range(3, 40)), list(range(100, 120))]  # 37 and 20 tokens: diffe
 
 
 @pytest.mark.parametrize("chunk", [4096, 16])  # a fresh prefill; chunks that attend over the cache with a mask
-def test_offload_gives_the_same_tokens_cpu(chunk, capsys):
+def test_offload_gives_the_same_tokens_cpu(chunk, capsys, monkeypatch):
     model = tiny()
     ref_tokens, ref_logits = decode(model, PROMPTS, 10, chunk)
     plan = apply_offload(model, 2, 64)
     assert plan.layers == [1, 2, 3]
+    sparse_steps = count_sparse_steps(monkeypatch)  # the offloaded layers select (K = 8 < S): not all of K/V read
     tokens, logits = decode(model, PROMPTS, 10, chunk)
+    assert len(sparse_steps) == 9 * 3  # 9 decode steps of the 3 sparse layers
     assert isinstance(model.layers[0].attention.kv_cache, KVCache)  # dense layers stay where they were
     assert all(isinstance(model.layers[i].attention.kv_cache, HostKVCache) for i in plan.layers)
     assert torch.equal(tokens, ref_tokens)
@@ -63,13 +66,15 @@ def test_offload_gives_the_same_tokens_cpu(chunk, capsys):
     (HATA, 10, True),  # a cap that keeps layer 1 on the device: the plan offloads layers 2 and 3 only
     (HataArgs(budget=8, n_dense=1, use_norm=True, n_sink=2, n_recent=2), 10, False),  # key norms, forced positions
     (HATA, 28, False)])  # decoding up to the cache's last position (37 + 27 = 64)
-def test_offload_gives_the_same_tokens_for_other_plans_policies_and_a_full_cache(hata, steps, partial):
+def test_offload_gives_the_same_tokens_for_other_plans_policies_and_a_full_cache(hata, steps, partial, monkeypatch):
     model = tiny(hata=hata)
     ref_tokens, ref_logits = decode(model, PROMPTS, steps, 16)
     layer, codes = model.cache_bytes(2, 64)
     plan = apply_offload(model, 2, 64, kv_gpu_gb=(3 * layer + codes) / GiB if partial else None)
     assert plan.layers == ([2, 3] if partial else [1, 2, 3])
+    sparse_steps = count_sparse_steps(monkeypatch)
     tokens, logits = decode(model, PROMPTS, steps, 16)
+    assert len(sparse_steps) == (steps - 1) * 3  # every decode step of every sparse layer selected
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
 
