@@ -664,13 +664,13 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
-    counts = dict(zip(defaults.get_default("contexts"), defaults.get_default("samples")))  # (or --quick's)
-    if args.samples is defaults.get_default("samples") and all(c in counts for c in args.contexts):  # not given
-        args.samples = [counts[c] for c in args.contexts]  # default lengths alone: each its default count
+    samples = defaults.get_default("samples")  # (or --quick's): the very list args holds where --samples is not given
+    counts = dict(zip(defaults.get_default("contexts"), samples))
+    if args.samples is samples and all(c in counts for c in args.contexts):  # default lengths alone: their own counts
+        args.samples = [counts[c] for c in args.contexts]
     if lengths["--contexts"] and len(args.samples) not in (1, len(args.contexts)):
-        default = args.samples == defaults.get_default("samples")
         raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"
-                         + " (its default is one per default --contexts length)" * default)
+                         + " (its default is one per default --contexts length)" * (args.samples == samples))
     args.samples = args.samples * len(args.contexts) if len(args.samples) == 1 else args.samples
     if lengths["--contexts"] and max(args.samples) > 1000:  # (and a count like 10**17 built its list for ever)
         raise ValueError(f"--samples {max(args.samples)}: at most 1000 a context length (sample i of length C draws "
