@@ -47,6 +47,7 @@ PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer 
 PROMPT_CACHE = "hata prompt cache 1"  # --prompt-cache files' format, in their metadata
 KEPT = "name another file (this one is kept)"  # what an error about a --prompt-cache file ends in
 PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
+PROMPT_CHARS = 1 << 26  # the longest prompt or typed line read (not all of /dev/zero): no model's context holds it
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -915,7 +916,11 @@ def typed_turns():
         else:
             if tty:
                 print(prompt, end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            line = sys.stdin.readline(PROMPT_CHARS + 1)
+            if len(line) > PROMPT_CHARS:
+                print(f"warning: a line of over {PROMPT_CHARS:,} characters, more than a model's context takes; the "
+                      "chat ends", file=sys.stderr)
+                return
             if tty and len(line.encode(errors="surrogateescape")) >= 4096:  # 4095 bytes and "\n"
                 print("warning: the terminal keeps 4095 bytes of a line and this one has as many: it may be cut; not "
                       "sent (with standard output on the terminal too, a line may be longer)", file=sys.stderr)
@@ -997,11 +1002,14 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
     if path == "-" and sys.stdin is None:
         raise ValueError("--prompt-file -: standard input is closed")
     # utf-8-sig: a byte order mark (Windows editors write one) is no part of the prompt
+    name = "standard input (--prompt-file -)" if path == "-" else f"prompt file {path}"
     with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", errors="surrogateescape",
               closefd=path != "-") as f:
-        text = f.read().removesuffix("\n")  # text mode reads "\r\n" as "\n"
-    if why := not_utf8(text):  # (PowerShell's > writes UTF-16)
-        raise ValueError(f"{'standard input (--prompt-file -)' if path == '-' else f'prompt file {path}'} is {why}")
+        text = f.read(PROMPT_CHARS + 1)  # text mode reads "\r\n" as "\n"
+    if len(text) > PROMPT_CHARS:
+        raise ValueError(f"{name} holds over {PROMPT_CHARS:,} characters, more than a model's context takes")
+    if why := not_utf8(text := text.removesuffix("\n")):  # (PowerShell's > writes UTF-16)
+        raise ValueError(f"{name} is {why}")
     return text
 
 

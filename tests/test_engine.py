@@ -462,6 +462,25 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
         assert code == 2 and f"argument {flag}: an empty path (an unset shell variable?)" in error_line(err)
 
 
+def test_a_prompt_or_typed_line_is_read_to_a_limit(capsys, tmp_path, monkeypatch):
+    """A prompt file or a typed line longer than PROMPT_CHARS is refused once that much is read (before: /dev/zero,
+    or a stray log of gigabytes, was read until memory ran out); one of PROMPT_CHARS characters is read whole."""
+    monkeypatch.setattr(engine, "PROMPT_CHARS", 100)
+    (tmp_path / "p.txt").write_text("x" * 100)
+    assert engine.read_prompt_file(str(tmp_path / "p.txt")) == "x" * 100
+    (tmp_path / "p.txt").write_text("x" * 101)
+    for path in [tmp_path / "p.txt"] + ["/dev/zero"] * os.path.exists("/dev/zero"):
+        code, _, err = run_cli(capsys, "--prompt-file", str(path))
+        assert code == 2 and error_line(err) == (f"error: prompt file {path} holds over 100 characters, more than "
+                                                 "a model's context takes"), err
+    stdin_of(monkeypatch, "Hi\n" + "y" * 101 + "\nBye\n")
+    assert list(engine.typed_turns()) == ["Hi"]
+    assert capsys.readouterr().err == ("warning: a line of over 100 characters, more than a model's context takes; "
+                                       "the chat ends\n")
+    stdin_of(monkeypatch, "y" * 100)
+    assert list(engine.typed_turns()) == ["y" * 100]
+
+
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_prompt_file_may_be_a_pipe(capsys, tmp_path):
     """`--prompt-file <(...)` or `--prompt-file /dev/stdin` reads a pipe, which is no regular file."""
