@@ -824,7 +824,7 @@ def _hamming_topk_launches(q_codes, k_codes, lengths, budget, n_sink, n_recent, 
         anchor = torch.full((B, Hkv), -1, dtype=torch.int32, device=dev)       # (B, Hkv): no window to follow yet
     _check_anchor(anchor, B, Hkv, dev)
     # launch configurations measured on the H200 (llama8b, S = 128K): the score kernel capped at 96 registers a
-    # thread (4 blocks per SM instead of 3) takes 53.6 instead of 58.9 us at B = 8; R = 256 codes need more
+    # thread (5 blocks per SM instead of 3) takes 53.6 instead of 58.9 us at B = 8; R = 256 codes need more
     nw = {} if _INTERPRET else {"num_warps": 4}
     score_cfg = {**nw, **({"maxnreg": 96} if W <= 4 and not _INTERPRET else {})}
 
