@@ -1449,3 +1449,24 @@ def test_a_config_without_its_rms_epsilon_is_incomplete(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in HF_CFG.items() if k != "rms_norm_eps"}))
     with pytest.raises(ValueError, match="has no 'rms_norm_eps'"):
         checkpoint_metadata(str(tmp_path))
+
+
+# From a test-strength review of the loaders (2026-12-07): GGUF settings no test held
+
+def test_an_untied_gguf_keeps_its_output_weight(tmp_path):
+    """A GGUF with an output.weight of its own is untied (as llama.cpp reads it); one without is tied. Read as tied,
+    an untied file ran on its embedding: from_state_dict drops a tied model's output.weight without a word."""
+    pytest.importorskip("gguf")
+    head = torch.arange(16 * 8, dtype=torch.float32).view(16, 8) / 100
+    args, sd, _ = load_checkpoint(write_model_gguf(tmp_path / "u.gguf", {}, [("output.weight", head)]))
+    assert not args.tie_embeddings and torch.equal(sd["output.weight"], head)
+    assert load_checkpoint(write_model_gguf(tmp_path / "t.gguf", {}))[0].tie_embeddings
+
+
+def test_a_gguf_rope_scaling_type_hata_does_not_implement_is_refused(tmp_path):
+    """llama.cpp's YaRN (any type but linear and none) is one error naming it, not run as no scaling."""
+    pytest.importorskip("gguf")
+    path = write_model_gguf(tmp_path / "y.gguf", {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unsupported RoPE scaling 'yarn'")):
+        checkpoint_metadata(path)
+
