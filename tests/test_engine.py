@@ -642,6 +642,16 @@ def test_ctrl_c_in_a_replys_decode_keeps_its_prompt_cached(capsys, monkeypatch, 
     assert len(reply) > 2 and calls[1] == (tok.encode_chat(turns), len(calls[0][0]) + len(reply) - 1)
 
 
+def test_a_chats_history_keeps_a_reply_cut_at_its_stop_string(capsys, monkeypatch, tok):
+    """--interactive --stop: the reply the next turn's prompt holds is the text shown, cut before the --stop string,
+    not the tokens the model drew past it."""
+    calls, _, turn = stub_replies(monkeypatch, tok, lambda n, on_token: tok.encode("Hello. Q: more", bos=False))
+    stdin_of(monkeypatch, "Again\n")
+    code, out, err = run_cli(capsys, "--interactive", "--system", "Be brief.", "--prompt", "Hi", "--stop", "Q:",
+                             "--max-new-tokens", "8")
+    assert code == 0 and [prompt for prompt, _ in calls] == [turn("Hi"), turn("Hi", "Hello. ", "Again")], err
+
+
 def test_fit_conversation_forgets_whole_exchanges_from_the_oldest_and_keeps_the_system_and_newest():
     """A stub encoding of one token a character: past `limit`, the fewest oldest exchanges go that leave `keep` tokens
     or fewer, or all but the newest message (which may not fit: converse does not send it), after the system message
@@ -2243,6 +2253,29 @@ def test_json_after_ctrl_c_prints_the_replies_so_far(capsys, monkeypatch):
                              "--json")
     assert code == 130 and [(r["text"], r["finish_reason"]) for r in json_lines(out)] == [
         ("The", "stop"), ("The", "interrupted"), ("TheThe", "length")] and err.endswith("interrupted\n"), err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
+def test_json_logprobs_are_each_replys_own_in_a_batch_and_after_ctrl_c(capsys, monkeypatch):
+    """--json --logprobs with a batch: each line's token_ids and logprobs are its own row's (not the first's), and
+    after Ctrl-C too (the Interrupted's log-probabilities, not dropped)."""
+    new, lps = [[504, 2], [504, 504]], [[-0.5, -0.25], [-1.5, -2.0]]
+
+    def generate(*args, logprobs=False, **kwargs):
+        assert logprobs
+        return new, {"logprobs": lps}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    argv = ("--prompt", "a", "--prompt", "b", "--max-new-tokens", "2", "--json", "--logprobs")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and [(r["token_ids"], r["logprobs"]) for r in json_lines(out)] == list(zip(new, lps)), err
+
+    def interrupted(*args, logprobs=False, **kwargs):
+        raise engine.Interrupted([[504, 2], [504]], [[-0.5, -0.25], [-1.5]])
+    monkeypatch.setattr(engine, "generate", interrupted)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 130 and [(r["token_ids"], r["logprobs"], r["finish_reason"]) for r in json_lines(out)] == [
+        ([504, 2], [-0.5, -0.25], "stop"), ([504], [-1.5], "interrupted")], out
 
 
 def test_json_is_refused_in_a_chat_turn_by_turn(capsys):
