@@ -470,11 +470,17 @@ def test_kernel_kinds_are_read_whatever_the_case():
 
 @pytest.mark.usefixtures("gguf_path")  # the default model
 def test_cpu_mode_reports_milliseconds_per_step(monkeypatch, capsys):
-    """A clock that moves 4 ms between the two readings around each step: 4.0 ms/token in both columns, speedup 1."""
-    clock = iter(range(10 ** 6))
-    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: 0.004 * next(clock)))
+    """A clock that moves 6 ms over a dense step and 4 ms over a HATA one: 6.0 and 4.0 ms/token, speedup 6 / 4."""
+    clock = [0.0]
+    real = engine.decode_one_token
+
+    def step(model, cur, pos):
+        clock[0] += 0.006 if model.hata is None else 0.004
+        return real(model, cur, pos)
+    monkeypatch.setattr(engine, "decode_one_token", step)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     assert run_cpu("--seqlens", "48", "--budget", "20", "--steps", "1") == 0
-    assert "| 48 | 20 | 4.0 | 4.0 | 1.00x |" in capsys.readouterr().out.splitlines()
+    assert "| 48 | 20 | 6.0 | 4.0 | 1.50x |" in capsys.readouterr().out.splitlines()
 
 
 def test_offload_host_gb_is_gibibytes(monkeypatch):
