@@ -593,8 +593,8 @@ class Transformer(nn.Module):
         hata, args = self.hata, self.args
         if path is None:
             if not self.warned_random_projections:
-                print(f"warning: no hash weights given; using seeded random projections (seed {seed}), which select "
-                      "less accurately than trained ones (pass --hash-weights; train_hash.py makes them)",
+                print(f"warning: seeded random projections (seed {seed}) make the hash codes; they select less "
+                      "accurately than trained ones (train_hash.py makes those, --hash-weights loads them)",
                       file=sys.stderr)
                 self.warned_random_projections = True
             projs = random_hash_projections(args, hata.rbit, hata.n_dense, seed)

@@ -1137,12 +1137,13 @@ def test_the_start_line_names_the_default_model_without_its_path(capsys, gguf_pa
 def test_settings_without_shipped_projections_say_why_they_are_random(capsys):
     code, _, err = run_cli(capsys, "--prompt", "hi", "--n-dense", "3", "--budget", "2", "--max-new-tokens", "3")
     assert code == 0 and "projections are for --n-dense 2 and --rbit 64, 128 or 256, not --n-dense 3 --rbit 128" in err
-    assert "no hash weights given; using seeded random projections" in err
+    assert "warning: seeded random projections (seed 0) make the hash codes" in err
     for flags in (["--budget", "2"], ["--n-dense", "3"]):  # the shipped ones; or none read (K covers the cache)
         code, _, err = run_cli(capsys, "--prompt", "hi", *flags, "--max-new-tokens", "2")
         assert code == 0 and "projections are for" not in err and "random projections" not in err
     code, _, err = run_cli(capsys, "--prompt", "hi", "--budget", "2", "--max-new-tokens", "3", "--hash-weights", "none")
     assert code == 0 and "budget 2 of up to 3 tokens, random projections (R = 128, --n-dense 2)" in err, err  # as asked
+    assert "no hash weights given" not in err and "random projections (seed 0) make the hash codes" in err  # (given)
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed

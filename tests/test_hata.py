@@ -244,7 +244,7 @@ def test_codes_only_where_the_hash_selector_reads_them(monkeypatch, capsys, sele
     assert sorted(set(calls)) == (["hash_encode", "hash_encode_step"] if hashed else [])
     err = capsys.readouterr().err
     if hashed:  # one line, naming where trained projections come from; once a model, however many policies follow
-        assert err.count("\n") == 1 and "no hash weights given" in err and "train_hash.py makes them" in err
+        assert err.count("\n") == 1 and "seeded random projections" in err and "train_hash.py makes those" in err
         model.set_hata(HataArgs(budget=16, n_dense=1, selector=selector))
         assert model.layers[1].attention.hash_proj is not None and capsys.readouterr().err == ""
     else:
