@@ -920,6 +920,7 @@ def gguf_reader(path, keep):
 
 def read_gguf(path, dtype=torch.float32):
     import gguf
+    import numpy as np
     reader = gguf_reader(path, keep=False)  # every tensor is copied out below: no one needs the mapping after
     args, shapes = gguf_args(path, reader)
     raw = {}
@@ -930,7 +931,8 @@ def read_gguf(path, dtype=torch.float32):
         except NotImplementedError as e:  # e.g. an I32 tensor: no weight of a Llama model
             raise ValueError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot make "
                              f"floats of ({e})") from None
-        raw[t.name] = torch.from_numpy(w.reshape(shapes[t.name]).copy()).to(
+        w = w.reshape(shapes[t.name])  # copied only where it is the mapping's (F32 tensors)
+        raw[t.name] = torch.from_numpy(w.copy() if np.may_share_memory(w, t.data) else w).to(
             torch.float32 if t.name == "rope_freqs.weight" else dtype)
     return args, raw
 

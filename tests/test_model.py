@@ -1470,3 +1470,16 @@ def test_a_gguf_rope_scaling_type_hata_does_not_implement_is_refused(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{path}: unsupported RoPE scaling 'yarn'")):
         checkpoint_metadata(path)
 
+
+
+def test_weights_read_from_a_gguf_are_copies_of_the_file(tmp_path):
+    """The weights read from a GGUF are copies, the F32 ones too (which gguf gives as views of its file mapping,
+    and only they are copied again): the file rewritten in place afterwards changes no weight."""
+    pytest.importorskip("gguf")
+    head = torch.full((16, 8), 0.5)
+    path = write_model_gguf(tmp_path / "m.gguf", {}, [("output.weight", head)])
+    sd = load_checkpoint(path)[1]
+    with open(path, "r+b") as f:  # the same file, its last tensor's bytes zeroed
+        f.seek(-head.numel() * 4, os.SEEK_END)
+        f.write(bytes(head.numel() * 4))
+    assert torch.equal(sd["output.weight"], head)
