@@ -195,6 +195,10 @@ def test_streamer_prints_what_decode_gives_from_a_few_tokens_a_step(which, smol,
     tok = smol if which == "gguf" else Tokenizer.from_path(sp_model)
     text = " ".join(["the lazy fox jumps, Ünïcödé 日本 🤗 and  two  spaces"] * 6) + " 12345"
     ids = tok.encode(text, bos=False)
+    # ids of no text (a model's padded rows, past the vocabulary) before some tokens: the context still holds the
+    # token before them, whose text keeps the next one's space (sentencepiece drops a first piece's)
+    pad = [tok.vocab_size] * 3
+    ids = [i for n, t in enumerate(ids) for i in (pad * (n % 7 == 3) + [t])]
     decoded, decode = [], tok.decode
     tok.decode = lambda part: decoded.append(len(part)) or decode(part)  # instance attribute: this test's only
     try:
@@ -205,7 +209,17 @@ def test_streamer_prints_what_decode_gives_from_a_few_tokens_a_step(which, smol,
     finally:
         del tok.decode
     assert capsys.readouterr().out == decode(ids) + "\n"
-    assert len(ids) > 60 and max(decoded) <= Streamer.CONTEXT + 4  # not the whole sequence each step
+    assert len(ids) > 60 and max(decoded) <= Streamer.CONTEXT + 4 + len(pad)  # not the whole sequence each step
+
+
+def test_the_streamer_prints_token_id_0(llama3, capsys):
+    """Id 0 is a token (Llama 3's "!", sentencepiece's unk): only negative ids are a finished sequence's filler."""
+    from engine import Streamer
+    streamer = Streamer(llama3)
+    for t in llama3.encode("Hi!", bos=False) + [-1]:
+        streamer([t])
+    streamer.finish()
+    assert llama3.encode("!", bos=False) == [0] and capsys.readouterr().out == "Hi!\n"
 
 
 def test_sentencepiece_follows_the_checkpoints_template(sp_model, tmp_path):
@@ -1156,10 +1170,11 @@ def test_llama2_chat_strips_answers_but_not_the_system_prompt(sp_model):
     """Meta's Llama 2 format (llama-models' chat_completion): the answer is stripped, the system prompt inside
     <<SYS>> is written as given (only the whole first turn is stripped at its ends)."""
     tok = Tokenizer.from_path(sp_model)
-    ids = tok.encode_chat([{"role": "system", "content": " S "}, {"role": "user", "content": "a"},
-                           {"role": "assistant", "content": "  b \n"}, {"role": "user", "content": "c"}])
-    want = tok.encode("[INST] <<SYS>>\n S \n<</SYS>>\n\na [/INST] b ", eos=True) + tok.encode("[INST] c [/INST]")
-    assert ids == want
+    chat = [{"role": "system", "content": " S "}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "  b \n"}, {"role": "user", "content": "c"}]
+    first = tok.encode("[INST] <<SYS>>\n S \n<</SYS>>\n\na [/INST] b ", eos=True)
+    assert tok.encode_chat(chat) == first + tok.encode("[INST] c [/INST]")
+    assert tok.encode_chat(chat[:3]) == first  # a chat that ends with the answer: the whole exchange, </s> too
 
 
 def test_a_post_processor_that_appends_the_bos_token_adds_no_bos(tmp_path):
@@ -1214,12 +1229,16 @@ def test_a_tiktoken_file_with_a_repeated_rank_or_a_bad_base64_line_is_refused(tm
 
 
 def test_a_sentencepiece_bos_at_id_0_is_added(sp_model, tmp_path):
-    """A sentencepiece model whose BOS is id 0 (unk elsewhere) has a BOS: id 0 is a token; only -1 means none."""
+    """A sentencepiece model whose BOS (or EOS) is id 0 (unk elsewhere) has one: id 0 is a token; only -1 means none."""
     spm = pytest.importorskip("sentencepiece")
     spm.SentencePieceTrainer.train(input=str(sp_model / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
                                    vocab_size=300, model_type="bpe", byte_fallback=True, bos_id=0, eos_id=2, unk_id=1)
     tok = Tokenizer.from_path(tmp_path)
     assert (tok.bos_id, tok.add_bos) == (0, True) and tok.encode("the fox")[0] == 0
+    spm.SentencePieceTrainer.train(input=str(sp_model / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=300, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=0, unk_id=2)
+    tok = Tokenizer.from_path(tmp_path)  # an EOS at id 0 too
+    assert tok.eos_id == 0 and 0 in tok.eos_ids and tok.encode("the fox", eos=True)[-1] == 0
 
 
 def test_an_empty_chatml_chat_is_only_the_generation_prompt(smol):
@@ -1228,10 +1247,11 @@ def test_an_empty_chatml_chat_is_only_the_generation_prompt(smol):
 
 
 def test_added_tokens_decoder_keys_that_are_no_ids_are_skipped(sp_model, tmp_path):
-    """tokenizer_config.json's added_tokens_decoder entries whose key is not a number are skipped, not a crash."""
+    """tokenizer_config.json's added_tokens_decoder entries whose key is not a number, or whose value is not an
+    object, are skipped, not a crash."""
     (tmp_path / "tokenizer.model").write_bytes((sp_model / "tokenizer.model").read_bytes())
     # (\u00b2, superscript 2, is a digit to isdigit() but not to int(): before, a bare ValueError naming no file)
-    added = {"x": {"content": "<y>"}, "\u00b2": {"content": "<y>"}, "300": {"content": "<|im_end|>"}}
+    added = {"x": {"content": "<y>"}, "\u00b2": {"content": "<y>"}, "300": {"content": "<|im_end|>"}, "301": "<y>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
     tok = Tokenizer.from_path(tmp_path)
     assert "<y>" not in tok.specials and tok.specials["<|im_end|>"] == 300 and 300 in tok.eos_ids
