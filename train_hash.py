@@ -80,15 +80,15 @@ def load_corpus(paths=None):
     one document per book (66, 0.4K-54K tokens each). The package is located, not imported."""
     if paths:
         refuse_repeats(paths, "--text")  # (a repeated file could land in both the training and the held-out half)
-        docs = []
+        docs, not_text = [], lambda text: "\0" in text or text.count("\ufffd") > len(text) // 100  # NUL, >1% not UTF-8
         for p in paths:
             if not os.path.exists(p) or os.path.isdir(p):  # (a pipe, <(...), is read)
                 raise FileNotFoundError(f"text file {'is a directory' if os.path.isdir(p) else 'not found'}: {p}")
             with open(p, encoding="utf-8-sig", errors="replace") as f:  # (a BOM is no text)
-                text = f.read()
-            if "\0" in text or text.count("\ufffd") > len(text) // 100:  # NUL, or over 1% not UTF-8
-                raise ValueError(f"--text {p} is not UTF-8 text (a binary file, or another encoding); convert it, "
-                                 "e.g. with iconv -f latin1 -t utf-8 (-f: its encoding)")
+                text = f.read(1 << 20)  # its first MiB tells a binary file, or /dev/zero, before the whole is read
+                if not_text(text) or not_text(text := text + f.read()):
+                    raise ValueError(f"--text {p} is not UTF-8 text (a binary file, or another encoding); convert "
+                                     "it, e.g. with iconv -f latin1 -t utf-8 (-f: its encoding)")
             docs.append((os.path.basename(p), text))
         return docs
     spec = importlib.util.find_spec("bible")

@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -237,6 +238,25 @@ def test_a_binary_or_other_encoding_text_file_is_refused(tmp_path):
     assert th.load_corpus([str(tmp_path / "ok.txt")]) == [("ok.txt", text)]
     with pytest.raises(ValueError, match="--text"):  # once: else it could be both trained on and held out
         th.load_corpus([str(tmp_path / "ok.txt"), str(tmp_path / ".." / tmp_path.name / "ok.txt")])
+
+
+def test_a_binary_stream_is_refused_from_its_first_mib_not_read_to_its_end():
+    """--text /dev/zero (or a pipe of binary data) is refused after its first MiB; it was read until memory ran
+    out. Here the writer holds its end open for 10 s after 1 MiB of NULs: a reader waiting for the end is late."""
+    read, write = os.pipe()
+    done, late = threading.Event(), []
+    def writer():
+        os.write(write, b"\0" * (1 << 20))  # (blocks while the pipe's 64 KiB buffer is full, until it is read)
+        late.append(not done.wait(10))
+        os.close(write)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        th.load_corpus([f"/dev/fd/{read}"])
+    done.set()
+    thread.join()
+    os.close(read)
+    assert late == [False]
 
 
 def test_a_text_from_a_pipe_is_read_and_a_missing_or_folder_one_named_as_such(tmp_path):
