@@ -916,10 +916,10 @@ def typed_turns():
         else:
             if tty:
                 print(prompt, end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline(PROMPT_CHARS + 1)
-            if len(line) > PROMPT_CHARS:
-                print(f"warning: a line of over {PROMPT_CHARS:,} characters, more than a model's context takes; the "
-                      "chat ends", file=sys.stderr)
+            line = sys.stdin.readline(PROMPT_CHARS + 1 - len(message))  # (message: the lines before a \ ended)
+            if len(message) + len(line) > PROMPT_CHARS:
+                print(f"warning: a message of over {PROMPT_CHARS:,} characters, more than a model's context takes; "
+                      "the chat ends", file=sys.stderr)
                 return
             if tty and len(line.encode(errors="surrogateescape")) >= 4096:  # 4095 bytes and "\n"
                 print("warning: the terminal keeps 4095 bytes of a line and this one has as many: it may be cut; not "

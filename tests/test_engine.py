@@ -462,8 +462,8 @@ def test_standard_input_is_one_prompt(capsys, monkeypatch, tmp_path):
         assert code == 2 and f"argument {flag}: an empty path (an unset shell variable?)" in error_line(err)
 
 
-def test_a_prompt_or_typed_line_is_read_to_a_limit(capsys, tmp_path, monkeypatch):
-    """A prompt file or a typed line longer than PROMPT_CHARS is refused once that much is read (before: /dev/zero,
+def test_a_prompt_or_typed_message_is_read_to_a_limit(capsys, tmp_path, monkeypatch):
+    """A prompt file or a typed message longer than PROMPT_CHARS is refused once that much is read (before: /dev/zero,
     or a stray log of gigabytes, was read until memory ran out); one of PROMPT_CHARS characters is read whole."""
     monkeypatch.setattr(engine, "PROMPT_CHARS", 100)
     (tmp_path / "p.txt").write_text("x" * 100)
@@ -473,12 +473,14 @@ def test_a_prompt_or_typed_line_is_read_to_a_limit(capsys, tmp_path, monkeypatch
         code, _, err = run_cli(capsys, "--prompt-file", str(path))
         assert code == 2 and error_line(err) == (f"error: prompt file {path} holds over 100 characters, more than "
                                                  "a model's context takes"), err
-    stdin_of(monkeypatch, "Hi\n" + "y" * 101 + "\nBye\n")
-    assert list(engine.typed_turns()) == ["Hi"]
-    assert capsys.readouterr().err == ("warning: a line of over 100 characters, more than a model's context takes; "
-                                       "the chat ends\n")
-    stdin_of(monkeypatch, "y" * 100)
-    assert list(engine.typed_turns()) == ["y" * 100]
+    for typed in ("y" * 101 + "\n", "y\\\n" * 60):  # one line, or lines continued with \ (each was bounded alone)
+        stdin_of(monkeypatch, "Hi\n" + typed + "Bye\n")
+        assert list(engine.typed_turns()) == ["Hi"]
+        assert capsys.readouterr().err == ("warning: a message of over 100 characters, more than a model's context "
+                                           "takes; the chat ends\n")
+    for typed in ("y" * 100, "y\\\n" * 49 + "yy"):  # (a line's "\n" counts)
+        stdin_of(monkeypatch, typed)
+        assert list(engine.typed_turns()) == [typed.replace("\\\n", "\n")]
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
