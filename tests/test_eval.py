@@ -55,9 +55,8 @@ def test_prompt_has_exact_length_and_the_needle_at_its_depth(tok):
             text = tok.decode(ids)
             assert len(ids) == 1018 and len(key) == ev.N_DIGITS and key in text
             assert text.endswith(" is ")
-            where = text.index(key) / len(text)
-            if task == "single":  # the only needle: its place in the text follows the depth
-                assert abs(where - depth) < 0.1, (depth, where)
+            where = text.index(key) / len(text)  # (multikey: the asked name's needle, its key's only place)
+            assert abs(where - depth) < 0.1, (task, depth, where)
 
 
 def test_a_needles_depth_is_its_share_of_the_haystack(tok):
@@ -142,6 +141,24 @@ def test_retrieval_decodes_one_step_past_the_answer(tok, monkeypatch, after, cor
     recs = ev.run_retrieval(None, tok, hays, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
     assert seen == [answer + [-1]] and recs[0]["correct"]["dense"] is correct, recs[0]["dense_output"]
     assert recs[0]["seed"] == 1  # the sample's own, which a merge joins on
+
+
+def test_each_sample_runs_the_prompt_its_spec_names(tok, monkeypatch):
+    """run_retrieval builds each sample's prompt from its own spec: a record saying "prose, multikey, depth 0.9,
+    seed s" ran that prompt (the other tests' stand-ins build the prompts themselves, or have one haystack)."""
+    hays = {"noise": ev.Haystack(tok, ev.NOISE * 300), "prose": ev.Haystack(tok, PROSE * 60)}
+    specs = [(512, t, h, d, sd) for sd, (t, h, d) in enumerate(
+        [("single", "noise", 0.0), ("multikey", "prose", 0.9), ("single", "prose", 0.3), ("multikey", "noise", 1.0)],
+        start=2 ** 32 + 512000)]
+    seen = []
+    def run_policies(model, tokens, n_prefill, steps, capacity, pols, expect, bar):
+        seen.append(tokens[0].tolist())
+        return {("dense", None): (expect.clamp(min=0), None)}
+    monkeypatch.setattr(ev, "run_policies", run_policies)
+    recs = ev.run_retrieval(None, tok, hays, specs, [("dense", None, None)], 1)
+    assert seen == [ev.retrieval_prompt(tok, hays[h], t, C - ev.N_DIGITS, d, random.Random(sd))[0]
+                    for C, t, h, d, sd in specs]
+    assert [(r["task"], r["haystack"], r["depth"], r["seed"]) for r in recs] == [s[1:] for s in specs]
 
 
 def test_a_key_longer_than_the_caches_slack_is_refused(monkeypatch):
@@ -746,6 +763,19 @@ def test_a_samples_prompt_does_not_depend_on_the_other_contexts(gguf_path, smol,
                         "--samples", *["4"] * len(contexts), "--text", str(tmp_path / "text.txt"),
                         "--checkpoint", gguf_path, "--out-dir", str(tmp_path), "--name", str(len(contexts))]) == 0
     assert len(prompts[0]) == 4 and prompts[0] == prompts[1]
+
+
+def test_the_seed_flag_reaches_the_samples(gguf_path, smol, tok, monkeypatch, tmp_path):
+    """--seed 7 draws seed 7's samples (the other --seed tests check its parsing and the note where it is unused)."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    got = []
+    monkeypatch.setattr(ev, "run_retrieval", lambda model, tok, hays, specs, *a: got.extend(specs) or [])
+    (tmp_path / "text.txt").write_text(PROSE * 20)
+    assert ev.main(["--tasks", "retrieval", "--selectors", "oracle", "--budgets", "1/8", "--contexts", "128",
+                    "--samples", "3", "--seed", "7", "--text", str(tmp_path / "text.txt"), "--checkpoint", gguf_path,
+                    "--out-dir", str(tmp_path)]) == 0
+    assert got == ev.retrieval_specs({128: 3}, 7) and got[0][4] == 7 * 2 ** 32 + 128000
 
 
 def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
