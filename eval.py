@@ -664,13 +664,20 @@ def run(args):  # args from parse_args, which applies --quick's sizes
         return write_report(results, args.out_dir, name, None if own else json_path)
     lengths = {"--ppl-context": [args.ppl_context] if "perplexity" in args.tasks else [],
                "--contexts": args.contexts if "retrieval" in args.tasks else []}  # of the tasks that run
+    if lengths["--contexts"] and min(args.contexts) < 128:
+        raise ValueError(f"--contexts {min(args.contexts)} is too short: retrieval needs --contexts >= 128 (~100 "
+                         "tokens of intro, needles and question)")
     samples = defaults.get_default("samples")  # (or --quick's): the very list args holds where --samples is not given
     counts = dict(zip(defaults.get_default("contexts"), samples))
     if args.samples is samples and all(c in counts for c in args.contexts):  # default lengths alone: their own counts
         args.samples = [counts[c] for c in args.contexts]
+    if lengths["--contexts"] and args.samples is samples:  # a length of no default count
+        raise ValueError(f"--contexts {' '.join(str(c) for c in args.contexts if c not in counts)}: no default "
+                         f"--samples count for it (the defaults are for {' '.join(map(str, counts))}); give "
+                         "--samples N for every length, or one count per length")
     if lengths["--contexts"] and len(args.samples) not in (1, len(args.contexts)):
-        raise ValueError(f"--samples needs one count per --contexts length ({len(args.contexts)}), or one for each"
-                         + " (its default is one per default --contexts length)" * (args.samples == samples))
+        raise ValueError(f"--samples gives {len(args.samples)} counts for {len(args.contexts)} --contexts lengths: "
+                         "give one count per length, or one for them all")
     args.samples = args.samples * len(args.contexts) if len(args.samples) == 1 else args.samples
     if lengths["--contexts"] and max(args.samples) > 1000:  # (and a count like 10**17 built its list for ever)
         raise ValueError(f"--samples {max(args.samples)}: at most 1000 a context length (sample i of length C draws "
@@ -680,9 +687,6 @@ def run(args):  # args from parse_args, which applies --quick's sizes
     if lengths["--ppl-context"] and args.ppl_tokens > args.ppl_context - 2:  # run_teacher_forced's prefill: C - n - 1
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} must be at most --ppl-context - 2 ({args.ppl_context - 2}): "
                          "the scored tokens follow a prompt of at least one token, which predicts the first of them")
-    if lengths["--contexts"] and min(args.contexts) < 128:
-        raise ValueError(f"--contexts {min(args.contexts)} is too short: retrieval needs --contexts >= 128 (~100 "
-                         "tokens of intro, needles and question)")
     if lengths["--contexts"] and not args.minutes > 0:
         raise ValueError(f"--minutes {args.minutes}: retrieval needs --minutes > 0")
     fs = sorted(set(args.budgets) | set(args.quest_budgets if "quest" in args.selectors else []))

@@ -592,7 +592,8 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--quest", "16:16x"], "must be n_sink:n_recent"),
                                          (["--budgets", "1"], FRACTION),  # one token is no fraction
                                          (["--contexts", "1024", "--samples", "4", "4"],
-                                          "--samples needs one count per --contexts length (1), or one for each"),
+                                          "--samples gives 2 counts for 1 --contexts lengths: give one count per "
+                                          "length, or one for them all"),
                                          (["--contexts", "127", "--samples", "1"], "retrieval needs --contexts >= 128"),
                                          (["--contexts", "128", "--samples", "1", "--budgets", "0.995"],
                                           "budget 199/200 of a 128-token context keeps every key a scored step sees "
@@ -833,14 +834,19 @@ def test_one_samples_count_serves_every_context(gguf_path, smol, tok, monkeypatc
     argv = ["--tasks", "retrieval", "--selectors", "oracle", "--text", str(tmp_path / "text.txt"), "--checkpoint",
             gguf_path, "--out-dir", str(tmp_path), "--contexts", "128", "256"]
     assert ev.main(argv) == 2
-    assert "or one for each (its default is one per default --contexts length)" in capsys.readouterr().err
+    assert ("error: --contexts 128 256: no default --samples count for it (the defaults are for 1024 2048 4096 8192); "
+            "give --samples N for every length, or one count per length\n") in capsys.readouterr().err
+    assert ev.main(argv + ["--quick"]) == 2  # 2 lengths beside --quick's 2 counts: not paired by place (they were)
+    assert "--contexts 128 256: no default --samples count" in capsys.readouterr().err
+    assert ev.main(["--quick", "--contexts", "10"]) == 2  # the length first: a count would not help
+    assert "--contexts 10 is too short: retrieval needs --contexts >= 128" in capsys.readouterr().err
     assert ev.main(argv + ["--samples", "3"]) == 0 and seen == [{128: 3, 256: 3}]
     (tmp_path / "text.txt").write_text(PROSE * 200)
     argv[-2:] = ["4096", "1024"]
     assert ev.main(argv + ["--overwrite"]) == 0 and seen[-1] == {4096: 56, 1024: 120}
     assert ev.main(argv[:-2] + ["1024", "--quick", "--overwrite"]) == 0 and seen[-1] == {1024: 4}
     assert ev.main(argv[:-2] + ["1024", "512", "--overwrite"]) == 2  # 512 has no default count: give them all
-    assert "(its default is one per default --contexts length)" in capsys.readouterr().err
+    assert "--contexts 512: no default --samples count for it" in capsys.readouterr().err
     (tmp_path / "text.txt").write_text(PROSE * 340)
     argv[-2:] = ["8192", "1024", "2048", "4096"]  # counts as many as the lengths: taken as given, in their order
     assert ev.main(argv + ["--samples", "120", "100", "56", "28", "--overwrite"]) == 0
