@@ -517,8 +517,8 @@ def build_parser():
                    "exchanges but the first, so a document asked about stays in the cache (as llama.cpp's --keep)")
     p.add_argument("--prompt-cache", type=path_name, help="a file for the prompt's K/V: a run reuses the K/V of the "
                    "leading tokens its prompt shares with the file's and prefills only the rest, then writes its own "
-                   "prompt's there unless the file holds them already (one prompt, or --interactive's first turn; "
-                   "as llama.cpp's --prompt-cache)")
+                   "prompt's there (its folder made) unless the file holds them already (one prompt, or "
+                   "--interactive's first turn; as llama.cpp's --prompt-cache)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV cache capacity (default: the longest prompt + "
                    "--max-new-tokens - 1, the last token never being cached, within the model's context; with "
                    "--interactive the model's context)")
