@@ -1483,3 +1483,50 @@ def test_weights_read_from_a_gguf_are_copies_of_the_file(tmp_path):
         f.seek(-head.numel() * 4, os.SEEK_END)
         f.write(bytes(head.numel() * 4))
     assert torch.equal(sd["output.weight"], head)
+
+
+def test_an_hf_config_head_dim_is_taken_not_derived(tmp_path):
+    """config.json's head_dim wins over hidden_size // num_attention_heads (models whose heads are wider or narrower
+    than the hidden size split n ways); without the key it is derived."""
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CFG, "head_dim": 8}))  # 8 // 2 heads would give 4
+    assert checkpoint_metadata(str(tmp_path))[1].head_dim == 8
+    (tmp_path / "config.json").write_text(json.dumps(HF_CFG))
+    assert checkpoint_metadata(str(tmp_path))[1].head_dim == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_decode_mask_is_made_in_the_weights_dtype(dtype, monkeypatch):
+    """A decode step's (and an uneven chunk's) additive mask is in the weights' dtype, so SDPA never converts it
+    again in every layer (and CUDA's fused kernels take it); checked at each SDPA call of a batch decoding at
+    different positions."""
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"]).to(dtype).eval()
+    model.setup_caches(2, 16)
+    seen, real = [], F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kw):
+        seen.append(None if attn_mask is None else attn_mask.dtype)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    with torch.inference_mode():
+        model(torch.randint(0, 512, (2, 6)))
+        monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+        model(torch.randint(0, 512, (2, 1)), torch.tensor([6, 4]))  # its own position each: a masked step
+    assert seen and set(seen) == {dtype}
+
+
+def test_the_smollm2_preset_is_the_installed_models_architecture(gguf_path):
+    """PRESETS["smollm2-135m"] (random-weight runs of the default model's shape, hash-file checks) holds the GGUF's
+    own settings: its RMSNorm eps (the dataclass default) and RoPE theta are in no other test."""
+    context, args = checkpoint_metadata(gguf_path)
+    preset = PRESETS["smollm2-135m"]
+    assert args.norm_eps == pytest.approx(preset.norm_eps, rel=1e-6)  # the GGUF stores it as float32
+    assert replace(args, norm_eps=preset.norm_eps) == preset and context == preset.max_seq_len
+
+
+def test_an_hf_rope_type_wins_over_the_older_type_key(tmp_path):
+    """transformers reads rope_scaling's "rope_type" first and falls back on the older "type": a config holding both
+    (an old "type" left beside a newer "rope_type") is read by its rope_type."""
+    rope = {"rope_type": "linear", "type": "dynamic", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps({**HF_CFG, "rope_scaling": rope}))
+    assert checkpoint_metadata(str(tmp_path))[1].rope_scaling["type"] == "linear"
