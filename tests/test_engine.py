@@ -1230,12 +1230,13 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def test_top_k_keeps_the_k_likeliest_and_their_ties():
-    """top_k keeps the k highest logits (any tied with the k-th too), before top_p; 0, or k >= V, keeps every
-    token; greedy decoding ignores it."""
-    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25]]))
+    """top_k keeps the k highest logits (any tied with the k-th too), each row by its own k-th, before top_p; 0, or
+    k >= V, keeps every token; greedy decoding ignores it."""
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]]))
     gen = torch.Generator().manual_seed(0)
     draws = [sample(logits, 1.0, 1.0, gen, top_k=2).tolist() for _ in range(300)]
     assert {d[0] for d in draws} == {1, 3} and {d[1] for d in draws} == {0, 1, 2, 3}  # row 1: four tied at the top
+    assert {d[2] for d in draws} == {0, 1, 2, 3}  # row 2: its k-th, 0.1, tied three ways (row 0's would keep 0 alone)
     assert {int(sample(logits[:1], 1.0, 1.0, gen, top_k=1)) for _ in range(50)} == {1}
     for k in (0, 4, 9):
         assert {int(sample(logits[:1], 1.0, 1.0, gen, top_k=k)) for _ in range(300)} == {0, 1, 2, 3}, k
@@ -1420,9 +1421,10 @@ def test_a_prefill_after_cached_positions_continues_them(chunk, device, monkeypa
 def test_generate_equals_a_full_forward_each_step():
     """Greedy generate (a batch of two lengths, through the cache) against a fresh forward over the whole sequence
     for every new token. A random model's tokens turn on every position: a step at the wrong one (its K/V over the
-    previous token's) changed them here, while the default model's greedy text stayed the same."""
+    previous token's) changed them here, while the default model's greedy text stayed the same. The lengths are 6
+    apart: the shorter row decoding at the longer's positions (over its padding) gave the same tokens 2 apart."""
     model = tiny_model()
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
     model.setup_caches(2, 16)
     new, _ = engine.generate(model, prompts, 6)
     for prompt, tokens in zip(prompts, new):
