@@ -2544,7 +2544,7 @@ def test_prompt_cache_runs(capsys, tmp_path, monkeypatch, tok):
     path, base = str(tmp_path / "doc.cache"), "The capital of France is a city that"
     flags = ("--max-new-tokens", "6", "--budget", "4", "--prompt-cache", path)
     code, _, err = run_cli(capsys, "--prompt", base, *flags)
-    assert code == 0 and "prompt cache: the prompt's 8 tokens written to" in err, err
+    assert code == 0 and "prompt cache: the prompt's 8 tokens written to" in err and "reused" not in err, err  # no file
     code, want, err = run_cli(capsys, "--prompt", base + " has many", *flags[:-2])
     assert code == 0 and want, err  # the reference: the same prompt without the cache file
     code, out, err = run_cli(capsys, "--prompt", base + " has many", *flags)
@@ -2894,3 +2894,44 @@ def test_a_prompt_cache_whose_k_or_v_has_another_shape_is_refused(tmp_path):
         with pytest.raises(ValueError, match="is corrupt: it lacks a tensor of this model's, or one has another shape"):
             engine.load_prompt_cache(str(tmp_path / "bad"), model)
         assert (tmp_path / "bad").read_bytes() == before, what
+
+
+def test_stop_strings_drop_the_u_fffd_of_a_character_cut_by_byte_tokens_one_a_byte():
+    """A sentencepiece tokenizer (Llama 2's byte fallback) decodes each byte of a cut character to its own U+FFFD, as
+    this stub does: a look-back ending in a 4-byte character's first 3 bytes holds no U+FFFD of the text (all 3 go);
+    one opening in its last 3 bytes drops those 3 but not a U+FFFD the model wrote after them; the reply's own start
+    drops none."""
+    tok = type("Bytes", (), {"decode": lambda self, ids: re.sub(
+        "[\udc80-\udcff]", "\ufffd", bytes(ids).decode(errors="surrogateescape"))})()
+    stops, emoji, fffd = engine.StopStrings(tok, ["\ufffd"]), list("😀".encode()), list("\ufffd".encode())
+    assert stops.tail == 8 and tok.decode(emoji[:3]) == tok.decode(emoji[1:]) == "\ufffd" * 3
+    assert not stops(list(b"abcde") + emoji[:3])  # 8 ids: the emoji's first bytes end the look-back
+    assert stops(list(b"a") + emoji + fffd + list(b"xy"))  # the look-back: the emoji's last 3 bytes, then U+FFFD
+    assert stops(emoji[1:] + list(b"abcde"))  # 8 ids, the whole reply: its own stray bytes are its text
+
+
+def test_chat_forgetting_at_its_boundaries_rounds_each_half_down(capsys, monkeypatch, tok):
+    """With stub replies ("Hello": each exchange 13 tokens here): a reply's room is half the cache rounded down (59: 29,
+    so a 31-token chat is sent whole, leaving exactly that); a forgetting that lands on exactly half the cache says it
+    went down to half the cache; --keep-first's target, half the room past the first exchange, rounds down too (here
+    3 exchanges go, where rounding up would forget 2)."""
+    calls, rooms, turn = stub_replies(monkeypatch, tok)
+    chat = lambda *asked: turn(*[m for text in asked[:-1] for m in (text, "Hello")], asked[-1])
+    assert [len(chat(*"H" * k)) for k in (1, 2, 3, 4, 5)] == [18, 31, 44, 57, 70]
+    flags = ["--interactive", "--system", "Be brief.", "--prompt"]
+    stdin_of(monkeypatch, "H\n")
+    code, _, err = run_cli(capsys, *flags, "H", "--max-new-tokens", "100", "--max-seq-len", "59")
+    assert code == 0 and [c for c, _ in calls] == [chat("H"), chat("H", "H")] and "forgets" not in err, err
+    assert rooms == [42, 29], rooms  # (the second: exactly the half it was left)
+    calls.clear()
+    stdin_of(monkeypatch, "H\nH\n")  # limit 43: the 44-token chat goes down to 31, exactly half of 62
+    code, _, err = run_cli(capsys, *flags, "H", "--max-new-tokens", "20", "--max-seq-len", "62")
+    assert code == 0 and [c for c, _ in calls] == [chat("H"), chat("H", "H"), chat("H", "H")], err
+    assert "forgets its oldest exchange, down to half the cache, to leave this and later replies room" in err, err
+    calls.clear()
+    n = len(turn("Doc", "Hello"))  # keep: n + (62 - n) // 2 (limit 82 - 20), which 44 tokens pass
+    assert len(chat("Doc", "C", "D")) == n + (62 - n) // 2 + 1 == n + (62 - n + 1) // 2
+    stdin_of(monkeypatch, "A\nB\nC\nD\n")
+    code, _, err = run_cli(capsys, *flags, "Doc", "--max-new-tokens", "20", "--max-seq-len", "81", "--keep-first")
+    assert code == 0 and calls[-1][0] == chat("Doc", "D"), [len(c) for c, _ in calls]
+    assert "forgets its 3 oldest exchanges after the first, down to half the room past it" in err, err
