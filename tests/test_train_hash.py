@@ -1157,10 +1157,10 @@ def test_no_validation_window_left_runs_no_guard(monkeypatch, tmp_path, capsys):
 
 
 def test_the_training_flags_take_their_boundary_values():
-    """--batch equal to --n-seqs, --shift 0 (off), --momentum 0 (plain SGD) and --seq-len 64 (the budget 1/64 is one
-    key) are in range."""
+    """--batch equal to --n-seqs, --shift 0 (off), --momentum 0 (plain SGD), --seq-len 64 (the budget 1/64 is one
+    key) and --query-from 0 (queries anywhere in the window) are in range."""
     argv = ["--out", "x.safetensors", "--batch", "16", "--n-seqs", "16", "--shift", "0", "--momentum", "0",
-            "--seq-len", "64"]
+            "--seq-len", "64", "--query-from", "0"]
     hp = th.training_settings(th.build_parser().parse_args(argv))
     assert (hp["shift"], hp["momentum"]) == (0, 0.0)
 
@@ -1248,3 +1248,65 @@ def test_collect_samples_draws_queries_from_query_from(sharp_tiny):
     windows = torch.randint(PRESETS["tiny"].vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     samples = th.collect_samples(sharp_tiny, windows, 2, 48, torch.Generator().manual_seed(0), 0.25, labels=False)
     assert samples[2]["t"][0].tolist() == list(range(16, 64))
+
+
+def test_token_windows_with_exactly_the_windows_needed():
+    """need=n where the text holds exactly n windows: all of them, in turn or drawn, no error."""
+    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    docs = [("a", "0 1 2 3 9"), ("b", "4 5")]  # 3 windows of 2
+    assert th.token_windows(tok, docs, 2, 3, need=3).tolist() == [[0, 1], [4, 5], [2, 3]]
+    drawn = th.token_windows(tok, docs, 2, 3, torch.Generator().manual_seed(0), need=3)
+    assert drawn.tolist() == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_train_files_passes_the_query_range_and_seed_on(monkeypatch, tmp_path):
+    """--queries and --query-from reach collect_samples, --seed the training, and the guard measures at
+    --query-from with --seed (not a default 0.5 or seed 0)."""
+    seen, calls = {}, {}
+    projs, run = fake_training(monkeypatch, seen)
+    run.queries, run.query_from, run.seed = 3, 0.375, 5
+
+    def collect(model, windows, n_dense, queries, gen, query_from=0.5, labels=True):
+        calls["collect"] = (n_dense, queries, query_from, labels)
+
+    def train(model, samples, r, n_dense, steps, batch, keys, seed, hp):
+        calls["train"] = (r, n_dense, steps, batch, keys, seed)
+        return projs
+
+    def guard(model, trained, val, n_dense, query_from, seed, queries=16):
+        calls["guard"] = (list(trained), n_dense, query_from, seed)
+        return {r: (p, []) for r, p in trained.items()}
+    monkeypatch.setattr(th, "collect_samples", collect)
+    monkeypatch.setattr(th, "train", train)
+    monkeypatch.setattr(th, "guard_heads", guard)
+    train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "p.safetensors")})
+    assert calls == {"collect": (1, 3, 0.375, False), "train": (32, 1, 1, 1, 4, 5), "guard": ([32], 1, 0.375, 5)}
+
+
+def test_report_windows_are_drawn_by_the_seed(tmp_path):
+    """The report's held-out windows are drawn by --seed's generator (as the training's), not each document's
+    first ones in turn."""
+    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 7 windows of 2
+    run = SimpleNamespace(eval_len=[2], eval_seqs=3, report_dir=str(tmp_path), overwrite=False)
+    every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
+    for seed in (0, 3):
+        pick = torch.randperm(7, generator=torch.Generator().manual_seed(seed))[:3].sort().values.tolist()
+        got = th.report_windows(run, tok, docs, 1024, torch.Generator().manual_seed(seed))
+        assert list(got) == [2] and got[2].tolist() == [every[i] for i in pick]
+
+
+def test_the_guard_off_by_flag_warns_of_nothing(monkeypatch, tmp_path, capsys):
+    """--val-seqs 0 turns the guard off without a warning (no window was asked for); where windows run out
+    instead, the warning comes and the training line does not cite the --val-seqs it did not get."""
+    seen = {}
+    _, run = fake_training(monkeypatch, seen)
+    run.val_seqs = 0
+    train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "a.safetensors")})
+    err = capsys.readouterr().err
+    assert "warning" not in err and "4 windows of 16 tokens, 2 queries each, 0 validation windows\n" in err, err
+    monkeypatch.setattr(th, "token_windows", lambda tok, docs, L, *a, **k: torch.arange(1)[:, None].repeat(1, L))
+    run.val_seqs = 2
+    train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "b.safetensors")})
+    err = capsys.readouterr().err
+    assert "guard is off" in err and "1 window of 16 tokens, 2 queries each, 0 validation windows\n" in err, err
