@@ -908,9 +908,10 @@ def sparse_decode_attention_ref(q, k_cache, v_cache, idx, scale=None):
     rows = (bh * S_max + idx.clamp(min=0)).reshape(-1)                         # (B*Hkv*K,) rows of the flat cache
     k_sel = k_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D).to(acc)  # (B, Hkv, K, D)
     v_sel = v_cache.reshape(-1, D).index_select(0, rows).view(B, Hkv, K, D)    # (B, Hkv, K, D)
+    # a -1 slot read row 0: its value row is zeroed (0 * NaN = NaN), those rows only (a masked_fill_ of all of v_sel
+    # took 8x the time on the CPU at K = 512)
     unused = (~used).reshape(-1).nonzero()[:, 0]                               # (n,) flat slots of -1: few or none
-    v_sel = v_sel.to(acc).view(-1, D).index_fill_(0, unused, 0).view(B, Hkv, K, D)  # -1 read row 0: zeroed (0 * NaN
-    # = NaN), only those rows (a masked_fill_ of all of v_sel: 8x the time on the CPU at K = 512)
+    v_sel = v_sel.to(acc).view(-1, D).index_fill_(0, unused, 0).view(B, Hkv, K, D)  # (B, Hkv, K, D)
     s = (q.view(B, Hkv, G, D).to(acc) @ k_sel.transpose(-1, -2)) * scale      # (B, Hkv, G, K)
     s = s.masked_fill(~used[:, :, None, :], -math.inf)  # (B, Hkv, G, K)
     live = ~(s == -math.inf).all(-1, keepdim=True)                            # (B, Hkv, G, 1); a NaN row is live

@@ -18,6 +18,8 @@ from model import (PRESETS, HataArgs, Transformer, key_signature, load_hash_proj
                    save_hash_projections)
 from tests.helpers import full_stdout
 
+IDS = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])  # "0 1 2": its ids
+
 
 def h(x, P, sigma):
     """The relaxed code of one vector, written out: 2 sigmoid(sigma x P) - 1."""
@@ -208,7 +210,7 @@ def test_random_projections_are_the_models_draw():
 def test_token_windows_in_turn_or_drawn(capsys):
     """Non-overlapping windows, never across documents: in turn (each document's first, then the second ones:
     eval.py's perplexity) or drawn by a generator without replacement, kept in document order (training)."""
-    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    tok = IDS
     docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 5 and 2 windows of 2, tails cut
     assert th.token_windows(tok, docs, 2, 4).tolist() == [[0, 1], [100, 101], [2, 3], [102, 103]]
     every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
@@ -517,7 +519,7 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
 def test_too_few_windows_for_batch_are_refused_before_the_model_loads():
     """--batch more than the text's windows (--n-seqs 4 >= --batch 3): one line from training_windows, which runs
     before the model loads (it used to come from train_files, after the load)."""
-    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    tok = IDS
     run = SimpleNamespace(seq_len=2, n_seqs=4, val_seqs=2, batch=3)
     why = "the training text holds 2 windows of 2 tokens, 3 needed: give more text or a shorter --seq-len or a smaller"
     with pytest.raises(ValueError, match=why + " --batch"):
@@ -985,7 +987,7 @@ def test_listwise_ignores_a_query_that_sees_no_drawn_key(tiny_batch):
 
 def test_a_text_of_whole_windows_gives_every_one():
     """A document of exactly n windows' tokens gives n windows (the last one ends at the text's end)."""
-    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    tok = IDS
     assert th.token_windows(tok, [("a", "0 1 2 3")], 2, 2).tolist() == [[0, 1], [2, 3]]
     assert th.token_windows(tok, [("a", "0 1")], 2, 1).tolist() == [[0, 1]]
 
@@ -1252,7 +1254,7 @@ def test_collect_samples_draws_queries_from_query_from(sharp_tiny):
 
 def test_token_windows_with_exactly_the_windows_needed():
     """need=n where the text holds exactly n windows: all of them, in turn or drawn, no error."""
-    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    tok = IDS
     docs = [("a", "0 1 2 3 9"), ("b", "4 5")]  # 3 windows of 2
     assert th.token_windows(tok, docs, 2, 3, need=3).tolist() == [[0, 1], [4, 5], [2, 3]]
     drawn = th.token_windows(tok, docs, 2, 3, torch.Generator().manual_seed(0), need=3)
@@ -1286,7 +1288,7 @@ def test_train_files_passes_the_query_range_and_seed_on(monkeypatch, tmp_path):
 def test_report_windows_are_drawn_by_the_seed(tmp_path):
     """The report's held-out windows are drawn by --seed's generator (as the training's), not each document's
     first ones in turn."""
-    tok = SimpleNamespace(add_bos=False, encode=lambda text, bos: [int(t) for t in text.split()])
+    tok = IDS
     docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 7 windows of 2
     run = SimpleNamespace(eval_len=[2], eval_seqs=3, report_dir=str(tmp_path), overwrite=False)
     every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
