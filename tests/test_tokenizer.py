@@ -1255,3 +1255,28 @@ def test_added_tokens_decoder_keys_that_are_no_ids_are_skipped(sp_model, tmp_pat
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
     tok = Tokenizer.from_path(tmp_path)
     assert "<y>" not in tok.specials and tok.specials["<|im_end|>"] == 300 and 300 in tok.eos_ids
+
+
+# From a mutation run of tokenizer.py's chat side (2026-12-07)
+
+def test_the_sandbox_sizes_a_repeat_either_way_round_and_a_power_by_its_bits():
+    """A repeat is refused past 10^6 items whichever side the count stands on, a tuple's too, and 10^6 itself
+    renders; a power is sized by its bits (base bits times exponent: 10 ** 600000 has 2.4 * 10^6), not their sum."""
+    for expr, renders in (("10 ** 7 * 'a'", False), ("((1,) * 2000000)|length", False),
+                          ("('a' * 1000000)|length", True), ("(10 ** 600000) % 7", False)):
+        want = "X" if renders else None
+        assert _default_system("{{ " + expr + " }}<|im_start|>system\nX<|im_end|>") == want, expr
+
+
+def test_the_default_system_prompt_renders_with_trimmed_blocks():
+    """The template renders as transformers renders it: trim_blocks drops the line end after a block tag,
+    lstrip_blocks the indent before one, so neither lands in the default system prompt."""
+    assert _default_system("<|im_start|>system\n  {% if true %}\nA<|im_end|>\n  {% endif %}") == "A"
+
+
+def test_the_default_system_prompt_ends_at_its_own_im_end():
+    """A template that writes a turn of its own after the default system turn (a greeting) keeps it out of the
+    system prompt: the prompt ends at the first <|im_end|>."""
+    user = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    greeting = "<|im_start|>system\nA<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n" + user
+    assert _default_system(greeting) == "A"
