@@ -590,6 +590,7 @@ FRACTION = "must be a fraction of the context in (0, 1)"  # never "a count": eva
                                          (["--quick", "--ppl-tokens", "2000"], "--ppl-context - 2 (1022)"),  # kept
                                          (["--quest", "16"], "must be n_sink:n_recent"),
                                          (["--quest", "16:16x"], "must be n_sink:n_recent"),
+                                         (["--quest", "16:"], "must be n_sink:n_recent"),
                                          (["--budgets", "1"], FRACTION),  # one token is no fraction
                                          (["--contexts", "1024", "--samples", "4", "4"],
                                           "--samples gives 2 counts for 1 --contexts lengths: give one count per "
@@ -1611,6 +1612,7 @@ PPL_REC = {"nll": 0.7, "ppl": 2.0, "agree": 1.0, "positions": 8}
     ({"noise_context": -1}, "its command or start times (text), ppl_context or planned counts"),
     ({"perplexity": {"oracle 1/8": PPL_REC}}, "a retrieval or perplexity record lacks"),  # no dense row
     ({"perplexity": {"dense": {k: v for k, v in PPL_REC.items() if k != "agree"}}}, "a retrieval or perplexity"),
+    ({"perplexity": {"dense": {**PPL_REC, "positions": "8"}}}, "a retrieval or perplexity"),  # (report: a TypeError)
     ({"retrieval": [{k: v for k, v in MERGE_REC.items() if k != "answer"}]}, "a retrieval or perplexity record"),
     ({"retrieval": [{**MERGE_REC, "seed": [1]}]}, "a retrieval or perplexity record"),  # (merge: a TypeError)
     ({"retrieval": [{**MERGE_REC, "task": {"name": "single"}}]}, "a retrieval or perplexity record")])
@@ -1726,3 +1728,38 @@ def test_agreement_counts_the_first_scored_position_too(monkeypatch):
                                 [("dense", None, None), ("oracle", 0.5, None)], batch=2)
     assert res["dense"]["agree"] == 1.0 and res["oracle 1/2"]["positions"] == 8
     assert res["oracle 1/2"]["agree"] == 0.75
+
+
+# From a mutation round of eval.py's result handling (load_results, merge, report, plot), 2026-12-07
+
+def test_merge_reads_an_older_files_missing_n_dense_as_two():
+    """Files from before n_dense was recorded ran 2 dense layers: they join a run of --n-dense 2, not one of 3."""
+    assert ev.merge([copy.deepcopy(MERGE_RUN), {**copy.deepcopy(MERGE_RUN), "command": "n", "n_dense": 2}])[
+        "command"] == "r ; n"
+    with pytest.raises(ValueError, match="differ in model, weights, text, rbit or n_dense"):
+        ev.merge([copy.deepcopy(MERGE_RUN), {**copy.deepcopy(MERGE_RUN), "n_dense": 3}])
+
+
+def test_report_agreement_cells_sit_under_their_own_budget():
+    """The perplexity table's agreement columns follow the budgets in the order of its ppl columns."""
+    ppl = {"dense": PPL_REC, "oracle 1/8": {**PPL_REC, "ppl": 2.5, "agree": 0.75},
+           "oracle 1/16": {**PPL_REC, "ppl": 3.0, "agree": 0.5}}
+    md = ev.report({**MERGE_RUN, "budgets": [1 / 16, 1 / 8], "retrieval": [], "ppl_context": 64, "perplexity": ppl})
+    assert "| selector | ppl 1/8 | ppl 1/16 | agree 1/8 | agree 1/16 |" in md
+    assert "| oracle | 2.500 (+25.0%) | 3.000 (+50.0%) | 75.0% | 50.0% |" in md
+
+
+def test_the_plots_hollow_points_are_the_tables_daggers_at_any_context(monkeypatch):
+    """Quest s16 r16 at 1/32 fills its budget at 1K (K = 32) but not at 2K (K = 64): the kept-share table marks it
+    (at some context), so its retrieval point is hollow too; 1/16 (K = 64, 128) is not."""
+    figs = []
+    monkeypatch.setattr(ev, "write_png", lambda path, fig: figs.append(fig))
+    recs = [{**MERGE_REC, "context": C, "seed": C,
+             "correct": {"dense": True, "quest s16 r16 1/16": True, "quest s16 r16 1/32": True}} for C in (1024, 2048)]
+    results = {**MERGE_RUN, "selectors": ["quest s16 r16"], "budgets": [1 / 16, 1 / 32], "retrieval": recs}
+    assert "| quest s16 r16 | 100.0% (100%) | 100.0% (100%)† |" in ev.report(results)
+    assert ev.plot(results, "x")
+    kept, = figs[0].axes
+    hollow = [list(line.get_xdata()) for line in kept.lines
+              if line.get_markerfacecolor() == "white" and len(line.get_xdata())]
+    assert hollow == [[32.0]]
