@@ -379,9 +379,15 @@ def test_cpu_mode_times_only_the_steps_after_warm_up_and_plots_hata_where_sparse
 
 def test_cpu_mode_marks_a_context_the_budget_covers_as_dense_in_its_table(gguf_path, monkeypatch, capsys):
     """A context S whose budget K equals it (--budget 16, S = 16) decodes densely, and its table row says so rather
-    than give a speedup of dense over dense; at S = 48 the same K selects, and the row gives HATA's speedup."""
+    than give a speedup of dense over dense; at S = 48 the same K selects, and the row gives HATA's speedup. Each
+    step decodes at position S - 1 (of an S + 1 slot cache)."""
+    seen, real = [], engine.decode_one_token
+    monkeypatch.setattr(engine, "decode_one_token", lambda model, cur, pos: seen.append((pos.tolist(), model.hata))
+                        or real(model, cur, pos))
     monkeypatch.setattr(bench, "plot_speed", lambda path, panels: None)
     run_cpu("--seqlens", "16", "48", "--budget", "16", "--steps", "1", "--plot", "x.png")
+    # dense, then HATA (a warm-up step and a timed one each): at S = 16 'HATA' runs with no policy, dense
+    assert [(pos, hata is None) for pos, hata in seen] == [([15], True)] * 4 + [([47], True)] * 2 + [([47], False)] * 2
     out = capsys.readouterr().out
     rows = {r.split("|")[1].strip(): r for r in out.splitlines() if r.startswith(("| 16 |", "| 48 |"))}
     assert rows["16"].startswith("| 16 | 16 |") and rows["16"].endswith("| - (K >= S: dense) |"), rows
@@ -517,3 +523,42 @@ def test_each_plot_panel_has_a_legend_of_its_lines(monkeypatch):
                                ("speedup", "dense / HATA", "linear", {"B=1": [(1024, 2.0)]}, 1)])
     assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figs[0].axes] == [["dense", "HATA"],
                                                                                              ["B=1"]]
+
+
+# From a mutation run of bench.py's CPU parts (labels, refusals, report points), 2026-12-07
+
+def test_a_1_n_budget_is_labelled_by_the_nearest_n():
+    """1 / (1/93) is 92.99999999999999 in floats: the label rounds it to 93 (truncating gave 'S/92')."""
+    assert bench.budget_label(1 / 93) == "K = S/93" and bench.budget_labels(1, 93, [1 / 93]) == ["K = S/93"]
+
+
+def test_the_all_dense_refusal_takes_a_fraction_of_the_cache_not_of_the_context():
+    """cpu's cache is S + 1 slots: 47/48 of 49 slots is K = 48 = S, every step dense, refused; of a 48-slot cache it
+    is 47 tokens, sparse."""
+    with pytest.raises(ValueError, match=r"no budget \(K = 0.979167 S\) is below any of --seqlens 48"):
+        bench.refuse_all_dense([47 / 48], {48: 49}, "--budget")
+    bench.refuse_all_dense([47 / 48], {48: 48}, "--budget")
+
+
+@pytest.mark.parametrize("argv", [["attention", "--shapes", "llama8b"], ["attention", "--batches", "1"],
+                                  ["e2e", "--compile", "--preset", "tiny"], ["e2e", "--compile", "--batches", "1"]])
+def test_each_point_off_its_default_leaves_the_report_plot_alone(argv, monkeypatch):
+    """Shapes, batches and the preset are points of the report plot as contexts and budgets are."""
+    plots = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, f"bench_{argv[0]}", lambda args: plots.append(args.plot) or 0)
+    assert bench.main(argv) == 0 and plots == [None]
+
+
+def test_the_usage_lines_give_each_modes_default_points():
+    """The docstring's `python bench.py MODE [--flag values]` lines are the default points the report plots show:
+    each flag's values there parse to the mode's default."""
+    _, sub = bench.build_parser()
+    usage = re.findall(r"python bench.py (\w+) ((?:\[[^\]]*\]\s*)+)", bench.__doc__)
+    assert [mode for mode, _ in usage] == ["attention", "offload", "e2e", "cpu"]
+    for mode, flags in usage:
+        for flag, values in re.findall(r"\[(--[\w-]+) ?([^\]]*)\]", flags):
+            if values:  # (--compile, --profile: switches, off by default)
+                dest = flag[2:].replace("-", "_")
+                parsed = getattr(sub.choices[mode].parse_args([flag, *values.split(" or ")[0].split()]), dest)
+                assert parsed == sub.choices[mode].get_default(dest), (mode, flag)
