@@ -919,7 +919,8 @@ TRITON_KERNELS = ["_hash_encode_kernel", "_hamming_score_kernel", "_select_topk_
 
 def test_use_triton_true_launches_the_kernels_and_false_none(monkeypatch):
     """use_triton=True runs each op's own Triton kernels, one launch each, and use_triton=False none of them: a wrapper
-    that sent both to the ref would pass every kernel-against-ref test above."""
+    that sent both to the ref would pass every kernel-against-ref test above. None launches them for CUDA tensors
+    only: on the CPU it takes the refs even where TRITON_INTERPRET=1 could run the kernels."""
     gen = torch.Generator().manual_seed(11)
     B, Hkv, G, S, D = 1, 2, 2, 20, 16
     x, proj = torch.randn(B, Hkv * G, 1, D, generator=gen).to(DEV), torch.randn(Hkv, D, 32, generator=gen).to(DEV)
@@ -942,11 +943,12 @@ def test_use_triton_true_launches_the_kernels_and_false_none(monkeypatch):
     for name in TRITON_KERNELS:
         monkeypatch.setattr(hk, name, Launches(getattr(hk, name), grids[name]))
     for call, kernels in ops:
-        for use_triton in (False, True):
+        for use_triton in (False, True, None):
             for g in grids.values():
                 g.clear()
             call(use_triton)
-            assert {n: len(g) for n, g in grids.items()} == {n: int(use_triton and n in kernels) for n in grids}, \
+            runs = CUDA if use_triton is None else use_triton
+            assert {n: len(g) for n, g in grids.items()} == {n: int(runs and n in kernels) for n in grids}, \
                 (kernels, use_triton)
 
 
@@ -1025,6 +1027,61 @@ def test_bad_input_of_key_dtype_recent_window_and_sink_count():
             with pytest.raises(ValueError, match=f"n_sink must be an int >= 0, got {n_sink}"):
                 select(n_sink=n_sink)
 
+
+
+# From a mutation run of hata_kernels.py's wrappers (2026-12-07)
+
+def test_bad_input_of_cache_width_anchor_layout_and_select_batch():
+    """A code cache wider than R / 32 words, an anchor that is a strided view, and select_topk's lengths for another
+    batch size: each refused with its own words (not an index_put shape error, a wrong-strided kernel read, or a
+    view error deep in the ref)."""
+    q8, k8, pos = torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.tensor([0])
+    wide = torch.zeros(1, 2, 4, 2, dtype=torch.int32)                         # W = 2 words, proj R = 32: one word
+    with pytest.raises(ValueError, match=re.escape("code_cache must be (B, Hkv, S_max, W) = (1, 2, S_max, 1)")):
+        hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 32), wide, pos)
+    q, c, L = torch.zeros(2, 8, 1, dtype=torch.int32), torch.zeros(2, 4, 3, 1, dtype=torch.int32), torch.tensor([3, 3])
+    strided = torch.zeros(4, 2, dtype=torch.int32).t()                        # (2, 4), strides (1, 2)
+    with pytest.raises(ValueError, match=re.escape("anchor must be a contiguous (2, 4) int32 tensor on cpu")):
+        hk.hamming_topk(q, c, L, 2, anchor=strided, use_triton=False)
+    with pytest.raises(ValueError, match=re.escape("lengths must be an int32 or int64 (B,) = (1,) tensor, got "
+                                                   "torch.int64 (2,)")):
+        hk.select_topk(torch.zeros(1, 4, 3), L, 2)
+
+
+def test_cache_write_refuses_caches_of_another_head_count():
+    """v of another head count than k, or caches with more (or fewer) KV heads than k and v: one ValueError naming
+    the shape they must have (without the check, an index_put shape error from the ref)."""
+    k, pos = torch.zeros(1, 2, 16), torch.tensor([0])
+    for hkv in (1, 3):
+        cache = torch.zeros(1, hkv, 4, 16)
+        with pytest.raises(ValueError, match=re.escape("caches must both be (B', 2, S_max, 16) with B' >= 1")):
+            hk.cache_write(k, k, cache, cache.clone(), pos)
+    with pytest.raises(ValueError, match=re.escape("k and v must both be (B, Hkv, D), got (1, 2, 16) and (1, 3, 16)")):
+        hk.cache_write(k, torch.zeros(1, 3, 16), torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16), pos)
+
+
+def test_sparse_attention_scale_zero_is_a_plain_mean():
+    """scale=0.0 is a scale (every selected key weighs the same: the mean of the selected values), not "the default
+    1/sqrt(D)"."""
+    gen = torch.Generator().manual_seed(43)
+    B, Hkv, G, S, D = 1, 2, 2, 9, 16
+    q = 10 * torch.randn(B, Hkv * G, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen) for _ in range(2))
+    idx = torch.tensor([[[0, 4, 8, -1], [7, -1, 1, 2]]], dtype=torch.int32)
+    want = torch.stack([v[0, 0, [0, 4, 8]].mean(0), v[0, 1, [7, 1, 2]].mean(0)]).repeat_interleave(G, 0)[None]
+    for use_triton in (False, True):
+        out = hk.sparse_decode_attention(q.to(DEV), k.to(DEV), v.to(DEV), idx.to(DEV), scale=0.0, use_triton=use_triton)
+        torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=0)  # fp32 in, fp32 accumulation
+
+
+def test_hamming_topk_takes_a_hist_chunk_of_one_block():
+    """hist_chunk may equal block_s (the slow path reads one block a step: the interpreter's default), not only a
+    larger power of two; the selection is the ref's (window 4: the slow path)."""
+    gen = torch.Generator().manual_seed(44)
+    q, k = random_codes(1, 3, 2, gen=gen).to(DEV), random_codes(1, 1, 40, 2, gen=gen).to(DEV)
+    lengths = torch.tensor([37], device=DEV)
+    idx = hk._launch(*hk._hamming_topk_launches(q, k, lengths, 9, 1, 2, window=4, block_s=16, hist_chunk=16))
+    assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, 9, 1, 2))
 
 # ----------------------------------------------------------------------------------------------------------
 # From a mutation run of hata_kernels.py's Triton kernel bodies (2026-12-06): each test below fails on a kernel
