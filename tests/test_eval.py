@@ -1554,15 +1554,16 @@ def test_a_length_of_one_batch_runs_halfway_through_the_others(monkeypatch):
     assert [r["context"] for r in recs] == [2048, 2048, 1024, 2048, 2048]
 
 
+@pytest.mark.parametrize("step, seconds", [(7.4, 7), (7.6, 8)])  # rounded, not cut: 7.6 s is 8
 def test_a_run_gives_retrieval_its_minutes_as_a_deadline_and_records_each_tasks_seconds(
-        gguf_path, smol, tok, monkeypatch, tmp_path):
+        step, seconds, gguf_path, smol, tok, monkeypatch, tmp_path):
     """--minutes 2: run_retrieval's deadline is 120 s after the run's start (time.time()); the results record the
     task's seconds, rounded, from its start to its last save."""
     monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
     monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
     clock = iter(range(10 ** 6))
     monkeypatch.setattr(ev, "time", types.SimpleNamespace(time=lambda: 1000.0,
-                                                           perf_counter=lambda: 7.4 * next(clock)))
+                                                           perf_counter=lambda: step * next(clock)))
     deadlines = []
 
     def run_retrieval(model, tok, hays, specs, pols, batch, log, deadline):
@@ -1576,7 +1577,7 @@ def test_a_run_gives_retrieval_its_minutes_as_a_deadline_and_records_each_tasks_
                     "--samples", "1", "--minutes", "2", "--text", str(tmp_path / "text.txt"), "--checkpoint",
                     gguf_path, "--out-dir", str(tmp_path)]) == 0
     assert deadlines == [1120.0]
-    assert json.loads((tmp_path / "eval_results.json").read_text())["seconds"] == {"retrieval": 7}
+    assert json.loads((tmp_path / "eval_results.json").read_text())["seconds"] == {"retrieval": seconds}
 
 
 def test_a_runs_noise_haystack_gives_the_committed_runs_prompts(gguf_path, smol, tok, monkeypatch, tmp_path):
@@ -1763,3 +1764,48 @@ def test_the_plots_hollow_points_are_the_tables_daggers_at_any_context(monkeypat
     hollow = [list(line.get_xdata()) for line in kept.lines
               if line.get_markerfacecolor() == "white" and len(line.get_xdata())]
     assert hollow == [[32.0]]
+
+
+# From a mutation round of eval.py's running side (run's checks, batching), 2026-12-07
+
+@pytest.mark.parametrize("argv", [
+    ["--tasks", "retrieval", "--ppl-tokens", "9000"],  # perplexity's limits: checked only where it runs
+    ["--tasks", "perplexity", "--minutes", "0"],  # retrieval's: noted as ignored, not refused
+    ["--tasks", "perplexity", "--samples", "1001"]])
+def test_a_flag_of_a_task_that_does_not_run_is_noted_not_checked(argv, capsys, tmp_path):
+    """A limit of a task the run leaves out is not refused: the run goes on to the checkpoint (here missing)."""
+    assert ev.main(argv + ["--selectors", "oracle", "--checkpoint", "/nonexistent.gguf", "--out-dir",
+                           str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" in err and "note: ignored in this run: " in err, err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_window_is_checked_against_the_longest_context_that_runs(capsys, tmp_path, monkeypatch):
+    """--sink 200 fits the 256-token perplexity windows though not the 128-token prompts; Quest's 100:100 has
+    neither window past 128 (only each window alone is checked); oracle alone leaves no trained selector out."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: 1 / 0)  # the checks passed: on to the weights' load
+    base = ["--contexts", "128", "--samples", "1", "--ppl-tokens", "8", "--ppl-docs", "1", "--budgets", "1/8",
+            "--quest-budgets", "--out-dir", str(tmp_path)]
+    for argv in (["--selectors", "oracle", "--sink", "200", "--ppl-context", "256"],
+                 ["--selectors", "quest", "--quest", "100:100", "--ppl-context", "128"]):
+        with pytest.raises(ZeroDivisionError):
+            ev.main(argv + base)
+        err = capsys.readouterr().err
+        assert "its sink or recent window" not in err and "no trained projections" not in err, err
+
+
+def test_the_batch_flag_reaches_both_tasks(gguf_path, smol, tok, monkeypatch, tmp_path):
+    """--batch 3 is the batch of the perplexity pass and of retrieval (the other --batch test checks its parsing)."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    batches = []
+    monkeypatch.setattr(ev, "run_teacher_forced", lambda model, windows, n, pols, batch, log: batches.append(
+        ("perplexity", batch)) or {})
+    monkeypatch.setattr(ev, "run_retrieval", lambda model, tok, hays, specs, pols, batch, log, deadline: batches.append(
+        ("retrieval", batch)) or [])
+    (tmp_path / "text.txt").write_text(PROSE * 20)
+    assert ev.main(["--selectors", "oracle", "--budgets", "1/8", "--contexts", "128", "--samples", "1",
+                    "--ppl-context", "128", "--ppl-tokens", "4", "--ppl-docs", "1", "--batch", "3", "--text",
+                    str(tmp_path / "text.txt"), "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]) == 0
+    assert batches == [("perplexity", 3), ("retrieval", 3)]
