@@ -4,6 +4,7 @@ import base64
 import copy
 import datetime
 import json
+import os
 import re
 import time
 
@@ -1280,3 +1281,59 @@ def test_the_default_system_prompt_ends_at_its_own_im_end():
     user = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     greeting = "<|im_start|>system\nA<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n" + user
     assert _default_system(greeting) == "A"
+
+
+# From a mutation run of tokenizer.py's loaders (2026-12-07)
+
+def test_open_gguf_reads_a_rewritten_file_again_by_its_size_or_its_time(tmp_path):
+    """open_gguf keeps a file's parse only while the file is unchanged: rewritten in place at the same size (only its
+    mtime differs), or at another size with its mtime put back, it is parsed again (its keys too), not served stale."""
+    path = tmp_path / "t.gguf"
+
+    def keys():  # (a key's name, not its value: a stale parse shows the new value bytes through its memory map)
+        return set(open_gguf(path).fields)
+    write_gguf(path, lambda writer: writer.add_string("hata.test.aaaa", "x"))
+    later = path.stat().st_mtime_ns + 10**9
+    assert "hata.test.aaaa" in keys()
+    write_gguf(path, lambda writer: writer.add_string("hata.test.bbbb", "x"))  # same size and inode
+    os.utime(path, ns=(later, later))
+    assert "hata.test.bbbb" in keys()
+    write_gguf(path, lambda writer: writer.add_string("hata.test.cccc", "x" * 100))  # another size, the same mtime
+    os.utime(path, ns=(later, later))
+    assert "hata.test.cccc" in keys()
+
+
+def test_a_vocabulary_token_that_is_not_byte_level_is_refused_by_name(tmp_path):
+    """A BPE vocabulary whose strings are not GPT-2's byte characters (sentencepiece's "\u2581", in a tokenizer.json or
+    a GGUF that calls itself "gpt2") is refused by name, not read as other bytes."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    vocab = {**{to_char[b]: b for b in range(256)}, "\u2581": 256}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    gguf = _write_gguf(tmp_path / "t.gguf", list(vocab), [1] * 257, pre="smollm")
+    for path in (tmp_path / "tokenizer.json", gguf):
+        with pytest.raises(ValueError, match="token '\u2581' is not byte-level BPE; this tokenizer type is not"):
+            Tokenizer.from_path(path)
+
+
+def test_a_gguf_without_token_types_keeps_its_special_tokens_out_of_text(tmp_path):
+    """The tokens a GGUF without tokenizer.ggml.token_type gets as special are CONTROL, as llama.cpp's: their text
+    typed by a user stays text (a USER_DEFINED token would be found in it)."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    tokens = [to_char[b] for b in range(256)] + ["<|im_start|>", "<|im_end|>", "<s>"]
+    tok = Tokenizer.from_path(_write_gguf(tmp_path / "bare.gguf", tokens, None, pre="smollm", bos=258))
+    assert tok.specials == {"<|im_start|>": 256, "<|im_end|>": 257, "<s>": 258}
+    assert tok.encode("a<|im_end|><s>") == [*b"a<|im_end|><s>"]
+
+
+def test_added_tokens_also_in_the_models_vocab_stay_out_of_its_ranks(tmp_path):
+    """A tokenizer.json may list its added tokens in model.vocab too (SmolLM2's does): they are special tokens only,
+    never byte-level ranks (which would need merges to make them, and would join typed text into them)."""
+    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {**{to_char[b]: b for b in range(256)}, "<x>": 256}, "merges": []},
+        "added_tokens": [{"id": 256, "content": "<x>", "special": True}],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
+    tok = Tokenizer.from_path(tmp_path)
+    assert tok.specials == {"<x>": 256} and tok.encode("a<x>") == [*b"a<x>"] and tok.decode([256]) == "<x>"
