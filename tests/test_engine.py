@@ -209,10 +209,23 @@ def test_offload_needs_a_gpu(capsys):
 def test_offload_flags_are_checked_before_the_model_loads(capsys):
     for flags, words in [(["--offload", "--dense"], "--offload fetches only the rows HATA's hash selector picks"),
                          (["--offload", "--selector", "oracle"], "--offload fetches only the rows"),
+                         (["--offload", "--selector", "quest"], "and --selector quest has none: drop one of them"),
                          *[(["--kv-gpu-gb", v], f"--kv-gpu-gb must be a positive number of GiB, got {float(v)}")
                            for v in ("-1", "0", "nan", "inf")]]:
         code, _, err = run_cli(capsys, "--prompt", "hi", *flags)
         assert code == 2 and words in error_line(err) and "loaded" not in err, (flags, err)
+
+
+def test_offload_is_noted_as_ignored_only_beside_kv_gpu_gb(capsys, monkeypatch):
+    """--kv-gpu-gb decides which layers go to host memory: an --offload beside it is noted; alone it is the plan (a
+    CUDA device is pretended; the checkpoint is missing, so nothing loads)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for flags, noted in ((["--offload", "--kv-gpu-gb", "1"], True), (["--offload"], False)):
+        code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--checkpoint", "/nonexistent.gguf",
+                               *flags)
+        assert code == 2 and "checkpoint not found" in error_line(err)
+        assert ("note: ignored in this run: --offload (--kv-gpu-gb decides which layers go to host memory)\n"
+                in err) == noted, err
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -2046,6 +2059,12 @@ def test_random_weights_notes_the_flags_it_ignores(capsys, tmp_path):
     assert code == 0 and "note: ignored in this run: --hash-weights (--dense reads no hash codes)\n" in err  # once
 
 
+def test_random_weights_note_logprobs_once(capsys):
+    """--random-weights prints no reply: --logprobs is noted for that reason alone, not a second time for --json."""
+    code, _, err = run_cli(capsys, *TINY, "--prompt-len", "8", "--max-new-tokens", "2", "--dense", "--logprobs")
+    assert code == 0 and "note: ignored in this run: --logprobs (--random-weights decodes random tokens)\n" in err, err
+
+
 def test_threads_sets_torchs_threads(capsys, monkeypatch):
     set_to = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
@@ -2218,6 +2237,17 @@ def test_a_fraction_is_noted_only_where_the_batchs_cache_decides_it(capsys):
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_a_batch_of_prompts_of_one_length_gets_no_fraction_note(capsys, monkeypatch):
+    """The note on --budget 1/4 is for prompts of different lengths (a shorter one alone would get a smaller K);
+    a batch whose prompts have one length gets the K each would alone."""
+    record_prompts(monkeypatch)
+    for prompts, noted in ((["a", "b"], False), (["a", "a longer prompt than that"], True)):
+        argv = [arg for p in prompts for arg in ("--prompt", p)]
+        code, _, err = run_cli(capsys, *argv, "--budget", "1/4", "--max-new-tokens", "4")
+        assert code == 0 and ("is of the batch's cache" in err) == noted, err
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_batch_answers_leave_out_their_stop_token(capsys, monkeypatch):
     """A batch's answers print at the end, each without the stop token that ended it (SmolLM2 decodes id 2 as
     <|im_end|>)."""
@@ -2301,6 +2331,29 @@ def test_json_text_is_the_streamed_text(capsys, tok):
     (line,) = json_lines(out)
     assert code == 0 and tok.decode(line["token_ids"]) == line["text"] and len(line["logprobs"]) == 6, err
     assert all(-20 < lp < 0 for lp in line["logprobs"]), line
+
+
+@pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
+def test_logprobs_are_asked_of_generate_only_with_json(capsys, monkeypatch):
+    """--logprobs without --json prints nothing of them (a note says so): generate is not asked to compute them."""
+    asked = []
+
+    def generate(model, prompts, *args, logprobs=False, **kwargs):
+        asked.append(logprobs)
+        return [[504]] * len(prompts), {"logprobs": [[-0.5]] * len(prompts) if logprobs else None}
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "report_speed", lambda timing: None)
+    for flags, want in ((["--logprobs"], False), (["--logprobs", "--json"], True)):
+        code, _, err = run_cli(capsys, "--prompt", "a", "--max-new-tokens", "2", *flags)
+        assert code == 0 and asked[-1] == want, (flags, err)
+
+
+def test_json_lines_are_ascii(capsys, monkeypatch, tok):
+    """--json escapes non-ASCII text (\\u00e9), so a line reads back the same through any terminal's encoding."""
+    ids = tok.encode(" café", bos=False)
+    record_prompts(monkeypatch, [ids])
+    code, out, err = run_cli(capsys, "--prompt", "a", "--max-new-tokens", str(len(ids)), "--json")
+    assert code == 0 and out.isascii() and json_lines(out)[0]["text"] == " café", (out, err)
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
@@ -2824,6 +2877,14 @@ def test_random_prompts_default_to_half_the_cache_and_come_from_the_seed(capsys,
     for seed in ("3", "3", "4"):
         assert run_cli(capsys, *tiny, "--prompt-len", "16", "--seed", seed)[0] == 0
     assert seen[-3] == seen[-2] != seen[-1]
+
+
+def test_random_prompts_default_to_at_most_1024_tokens(capsys, monkeypatch):
+    """Half the cache, up to 1024 tokens: a preset of a 4096-token context gets 1024, not 2048."""
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(PRESETS["tiny"], max_seq_len=4096))
+    seen = record_prompts(monkeypatch)
+    code, _, err = run_cli(capsys, *TINY, "--max-new-tokens", "2", "--dense")
+    assert code == 0 and "1 random prompt of 1024 tokens;" in err and [len(p) for p in seen[-1]] == [1024], err
 
 
 def test_the_status_line_names_a_recent_window_without_a_sink():
