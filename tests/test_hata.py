@@ -417,6 +417,39 @@ def test_an_unreadable_hash_weights_file_is_named_as_unreadable(tmp_path, monkey
         load_hash_projections(path, args, hata)
 
 
+def test_a_hash_weights_file_without_its_model_line_lacks_the_metadata(tmp_path):
+    """A file with rbit and n_dense but no "model" (the shape it was made for) is named as lacking train_hash.py's
+    metadata, before any check reads it (not a KeyError: 'model')."""
+    args, hata, path = PRESETS["tiny"], HataArgs(rbit=64, n_dense=1), str(tmp_path / "p.safetensors")
+    save_file({f"layers.{i}.hash_proj": p for i, p in random_hash_projections(args, 64, 1).items()}, path,
+              metadata={"rbit": "64", "n_dense": "1"})
+    for read in (lambda: model_module.read_hash_file(path, with_tensors=False),
+                 lambda: load_hash_projections(path, args, hata)):
+        with pytest.raises(ValueError, match="lack train_hash.py's metadata"):
+            read()
+
+
+def test_a_key_signature_is_checked_in_every_layer_and_every_value(tmp_path):
+    """One sparse layer of another model's key weights is enough to refuse the file (the least similar layer decides);
+    a record of every layer with too few values is damaged (not broadcast against the model's 16)."""
+    args, hata, path = PRESETS["tiny"], HataArgs(rbit=64, n_dense=1), str(tmp_path / "p.safetensors")
+    torch.manual_seed(0)
+    model, other = Transformer(args), Transformer(args)
+    projs = random_hash_projections(args, 64, 1)
+    save_hash_projections(path, projs, args, hata, model_module.key_signature(model, 1))
+    one = Transformer(args)  # the model with layer 3's wq|wk|wv another model's
+    one.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        one.layers[3].attention.wqkv.weight.copy_(other.layers[3].attention.wqkv.weight)
+    with pytest.raises(ValueError, match=r"its key weights differ \(cosine -?0\.\d\d of 1 in the least similar layer"):
+        load_hash_projections(path, args, hata, model_module.key_signature(one, 1))
+    short = json.dumps({i: [1.0] for i in range(1, args.n_layers)})  # every layer, one value each
+    save_file({f"layers.{i}.hash_proj": p for i, p in projs.items()}, path,
+              metadata={"model": args.describe(), "rbit": "64", "n_dense": "1", "key_signature": short})
+    with pytest.raises(ValueError, match="key_signature metadata is damaged"):
+        load_hash_projections(path, args, hata, model_module.key_signature(model, 1))
+
+
 @pytest.mark.parametrize("use_norm, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float16)])
 def test_decode_through_the_kernels_matches_the_refs(monkeypatch, use_norm, dtype):
     """The model's sparse decode (hash, select, attend, after a prefill in chunks) with every op dispatched to its
@@ -585,9 +618,10 @@ def test_set_hata_back_to_dense_or_oracle_drops_the_hash_caches():
                 torch.testing.assert_close(hashed(tok, pos), ref(tok, pos), rtol=0, atol=0)
 
 
-def test_random_projections_are_the_seed_0_draw():
+def test_random_projections_are_the_seed_0_draw_and_follow_their_seed():
     """Without a file the sparse layers use random_hash_projections(args, rbit, n_dense) with its default seed 0:
-    what train_hash.py starts from and compares as "random", so a model and the trainer hash alike."""
+    what train_hash.py starts from and compares as "random", so a model and the trainer hash alike. Another seed
+    (set_hash_projections(None, seed=5)) installs that seed's draw, not seed 0's again."""
     hata = HataArgs(budget=4, n_dense=1, rbit=64)
     model = tiny_model(hata)
     model.warned_random_projections = True  # (no warning on stderr)
@@ -595,6 +629,10 @@ def test_random_projections_are_the_seed_0_draw():
     want = random_hash_projections(PRESETS["tiny"], 64, 1)
     for i in range(1, PRESETS["tiny"].n_layers):
         assert torch.equal(model.layers[i].attention.hash_proj, want[i])
+    five = random_hash_projections(PRESETS["tiny"], 64, 1, seed=5)  # another seed draws others (train_hash's --seed)
+    model.set_hash_projections(None, seed=5)
+    for i in range(1, PRESETS["tiny"].n_layers):
+        assert torch.equal(model.layers[i].attention.hash_proj, five[i]) and not torch.equal(five[i], want[i])
 
 
 def test_a_bf16_projection_file_is_used_in_fp32(tmp_path):

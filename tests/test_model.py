@@ -708,6 +708,8 @@ def test_gguf_rope_scaling_experts_and_rope_freqs(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: dequantized.append(a) or 1 / 0)
     with pytest.raises(ValueError, match="a mixture-of-experts model"):
         from_checkpoint(write("moe.gguf", {"llama.expert_count": 8}, [("blk.0.ffn_gate_exps.weight", torch.zeros(1))]))
+    with pytest.raises(ValueError, match="a mixture-of-experts model"):  # one expert is that layout too
+        checkpoint_metadata(write("moe1.gguf", {"llama.expert_count": 1}))
     for keys, words in [({"llama.rope.scaling.factor": -1.0}, "llama.rope.scaling.factor must be finite numbers > 0"),
                         ({"llama.context_length": 0}, "got {'llama.context_length': 0}"),  # the GGUF's keys
                         ({"llama.attention.head_count_kv": 3}, "llama.attention.head_count=2 is not a multiple of "
