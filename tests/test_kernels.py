@@ -1028,7 +1028,6 @@ def test_bad_input_of_key_dtype_recent_window_and_sink_count():
                 select(n_sink=n_sink)
 
 
-
 # From a mutation run of hata_kernels.py's wrappers (2026-12-07)
 
 def test_bad_input_of_cache_width_anchor_layout_and_select_batch():
@@ -1082,6 +1081,7 @@ def test_hamming_topk_takes_a_hist_chunk_of_one_block():
     lengths = torch.tensor([37], device=DEV)
     idx = hk._launch(*hk._hamming_topk_launches(q, k, lengths, 9, 1, 2, window=4, block_s=16, hist_chunk=16))
     assert as_sets(idx) == as_sets(hk.hamming_topk_ref(q, k, lengths, 9, 1, 2))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # From a mutation run of hata_kernels.py's Triton kernel bodies (2026-12-06): each test below fails on a kernel
