@@ -355,6 +355,20 @@ def test_bad_input():
          "anchor must be a contiguous (1, 4) int32 tensor on cpu"),
         (lambda: hk._hamming_topk_launches(q, c, L, 2, 0, 0, block_s=16, hist_chunk=48),
          "hist_chunk must be a power of two >= block_s = 16, got 48"),
+        # (a too-wide code cache or another head count: an index_put shape error; a strided anchor: a wrong-strided
+        # kernel read; lengths of another batch: a view error deep in the ref)
+        (lambda: hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 32), torch.zeros(1, 2, 4, 2, dtype=torch.int32), pos),
+         "code_cache must be (B, Hkv, S_max, W) = (1, 2, S_max, 1)"),  # W = 2 words where R = 32 is one
+        (lambda: hk.hamming_topk(q, c, L, 2, anchor=torch.zeros(1, 8, dtype=torch.int32)[:, ::2], use_triton=False),
+         "anchor must be a contiguous (1, 4) int32 tensor on cpu"),
+        (lambda: hk.select_topk(torch.zeros(1, 4, 3), torch.tensor([3, 3]), 2),
+         "lengths must be an int32 or int64 (B,) = (1,) tensor, got torch.int64 (2,)"),
+        (lambda: hk.cache_write(qf[:, :4], qf[:, :4], kf[:, :3], kf[:, :3], L),
+         "caches must both be (B', 4, S_max, 16) with B' >= 1"),
+        (lambda: hk.cache_write(qf[:, :4], qf[:, :4], torch.zeros(1, 5, 5, 16), torch.zeros(1, 5, 5, 16), L),
+         "caches must both be (B', 4, S_max, 16) with B' >= 1"),
+        (lambda: hk.cache_write(qf[:, :4], qf[:, :3], kf, kf, L),
+         "k and v must both be (B, Hkv, D), got (1, 4, 16) and (1, 3, 16)"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
@@ -1029,35 +1043,6 @@ def test_bad_input_of_key_dtype_recent_window_and_sink_count():
 
 
 # From a mutation run of hata_kernels.py's wrappers (2026-12-07)
-
-def test_bad_input_of_cache_width_anchor_layout_and_select_batch():
-    """A code cache wider than R / 32 words, an anchor that is a strided view, and select_topk's lengths for another
-    batch size: each refused with its own words (not an index_put shape error, a wrong-strided kernel read, or a
-    view error deep in the ref)."""
-    q8, k8, pos = torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.tensor([0])
-    wide = torch.zeros(1, 2, 4, 2, dtype=torch.int32)                         # W = 2 words, proj R = 32: one word
-    with pytest.raises(ValueError, match=re.escape("code_cache must be (B, Hkv, S_max, W) = (1, 2, S_max, 1)")):
-        hk.hash_encode_step(q8, k8, torch.zeros(2, 8, 32), wide, pos)
-    q, c, L = torch.zeros(2, 8, 1, dtype=torch.int32), torch.zeros(2, 4, 3, 1, dtype=torch.int32), torch.tensor([3, 3])
-    strided = torch.zeros(4, 2, dtype=torch.int32).t()                        # (2, 4), strides (1, 2)
-    with pytest.raises(ValueError, match=re.escape("anchor must be a contiguous (2, 4) int32 tensor on cpu")):
-        hk.hamming_topk(q, c, L, 2, anchor=strided, use_triton=False)
-    with pytest.raises(ValueError, match=re.escape("lengths must be an int32 or int64 (B,) = (1,) tensor, got "
-                                                   "torch.int64 (2,)")):
-        hk.select_topk(torch.zeros(1, 4, 3), L, 2)
-
-
-def test_cache_write_refuses_caches_of_another_head_count():
-    """v of another head count than k, or caches with more (or fewer) KV heads than k and v: one ValueError naming
-    the shape they must have (without the check, an index_put shape error from the ref)."""
-    k, pos = torch.zeros(1, 2, 16), torch.tensor([0])
-    for hkv in (1, 3):
-        cache = torch.zeros(1, hkv, 4, 16)
-        with pytest.raises(ValueError, match=re.escape("caches must both be (B', 2, S_max, 16) with B' >= 1")):
-            hk.cache_write(k, k, cache, cache.clone(), pos)
-    with pytest.raises(ValueError, match=re.escape("k and v must both be (B, Hkv, D), got (1, 2, 16) and (1, 3, 16)")):
-        hk.cache_write(k, torch.zeros(1, 3, 16), torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16), pos)
-
 
 def test_sparse_attention_scale_zero_is_a_plain_mean():
     """scale=0.0 is a scale (every selected key weighs the same: the mean of the selected values), not "the default

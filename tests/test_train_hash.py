@@ -210,20 +210,19 @@ def test_random_projections_are_the_models_draw():
 def test_token_windows_in_turn_or_drawn(capsys):
     """Non-overlapping windows, never across documents: in turn (each document's first, then the second ones:
     eval.py's perplexity) or drawn by a generator without replacement, kept in document order (training)."""
-    tok = IDS
     docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 5 and 2 windows of 2, tails cut
-    assert th.token_windows(tok, docs, 2, 4).tolist() == [[0, 1], [100, 101], [2, 3], [102, 103]]
+    assert th.token_windows(IDS, docs, 2, 4).tolist() == [[0, 1], [100, 101], [2, 3], [102, 103]]
     every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
     pick = torch.randperm(7, generator=torch.Generator().manual_seed(3))[:4].sort().values.tolist()
-    drawn = th.token_windows(tok, docs, 2, 4, torch.Generator().manual_seed(3)).tolist()
+    drawn = th.token_windows(IDS, docs, 2, 4, torch.Generator().manual_seed(3)).tolist()
     assert drawn == [every[i] for i in pick] and "warning" not in capsys.readouterr().err
-    assert th.token_windows(tok, docs, 2, 9).shape == (7, 2)
+    assert th.token_windows(IDS, docs, 2, 9).shape == (7, 2)
     assert "warning: only 7 windows of 2 tokens; using all of them" in capsys.readouterr().err
     with pytest.raises(ValueError, match="the text holds 7 windows of 2 tokens, 8 needed"):
-        th.token_windows(tok, docs, 2, 8, need=8)
+        th.token_windows(IDS, docs, 2, 8, need=8)
     with pytest.raises(ValueError, match="the text holds 0 windows of 12 tokens, 1 needed"):
-        th.token_windows(tok, docs, 12, 1)
-    bos = SimpleNamespace(add_bos=True, bos_id=1000, encode=tok.encode)  # each window opens as a prompt does
+        th.token_windows(IDS, docs, 12, 1)
+    bos = SimpleNamespace(add_bos=True, bos_id=1000, encode=IDS.encode)  # each window opens as a prompt does
     assert th.token_windows(bos, docs, 3, 9).tolist() == [[1000, 0, 1], [1000, 100, 101], [1000, 2, 3],
                                                           [1000, 102, 103], [1000, 4, 5], [1000, 6, 7], [1000, 8, 9]]
 
@@ -519,11 +518,10 @@ def test_short_text_keeps_the_guards_windows(monkeypatch, tmp_path, capsys):
 def test_too_few_windows_for_batch_are_refused_before_the_model_loads():
     """--batch more than the text's windows (--n-seqs 4 >= --batch 3): one line from training_windows, which runs
     before the model loads (it used to come from train_files, after the load)."""
-    tok = IDS
     run = SimpleNamespace(seq_len=2, n_seqs=4, val_seqs=2, batch=3)
     why = "the training text holds 2 windows of 2 tokens, 3 needed: give more text or a shorter --seq-len or a smaller"
     with pytest.raises(ValueError, match=why + " --batch"):
-        th.training_windows(run, tok, [("a", "1 2 3 4")], 1024, torch.Generator().manual_seed(0))
+        th.training_windows(run, IDS, [("a", "1 2 3 4")], 1024, torch.Generator().manual_seed(0))
 
 
 def test_the_training_lines_say_one_query_and_a_small_gap(monkeypatch, tmp_path, capsys):
@@ -987,9 +985,8 @@ def test_listwise_ignores_a_query_that_sees_no_drawn_key(tiny_batch):
 
 def test_a_text_of_whole_windows_gives_every_one():
     """A document of exactly n windows' tokens gives n windows (the last one ends at the text's end)."""
-    tok = IDS
-    assert th.token_windows(tok, [("a", "0 1 2 3")], 2, 2).tolist() == [[0, 1], [2, 3]]
-    assert th.token_windows(tok, [("a", "0 1")], 2, 1).tolist() == [[0, 1]]
+    assert th.token_windows(IDS, [("a", "0 1 2 3")], 2, 2).tolist() == [[0, 1], [2, 3]]
+    assert th.token_windows(IDS, [("a", "0 1")], 2, 1).tolist() == [[0, 1]]
 
 
 def test_the_guard_sums_every_budget_and_reports_the_mean_gap(monkeypatch):
@@ -1254,10 +1251,9 @@ def test_collect_samples_draws_queries_from_query_from(sharp_tiny):
 
 def test_token_windows_with_exactly_the_windows_needed():
     """need=n where the text holds exactly n windows: all of them, in turn or drawn, no error."""
-    tok = IDS
     docs = [("a", "0 1 2 3 9"), ("b", "4 5")]  # 3 windows of 2
-    assert th.token_windows(tok, docs, 2, 3, need=3).tolist() == [[0, 1], [4, 5], [2, 3]]
-    drawn = th.token_windows(tok, docs, 2, 3, torch.Generator().manual_seed(0), need=3)
+    assert th.token_windows(IDS, docs, 2, 3, need=3).tolist() == [[0, 1], [4, 5], [2, 3]]
+    drawn = th.token_windows(IDS, docs, 2, 3, torch.Generator().manual_seed(0), need=3)
     assert drawn.tolist() == [[0, 1], [2, 3], [4, 5]]
 
 
@@ -1288,13 +1284,12 @@ def test_train_files_passes_the_query_range_and_seed_on(monkeypatch, tmp_path):
 def test_report_windows_are_drawn_by_the_seed(tmp_path):
     """The report's held-out windows are drawn by --seed's generator (as the training's), not each document's
     first ones in turn."""
-    tok = IDS
     docs = [("a", " ".join(map(str, range(11)))), ("b", "100 101 102 103 104")]  # 7 windows of 2
     run = SimpleNamespace(eval_len=[2], eval_seqs=3, report_dir=str(tmp_path), overwrite=False)
     every = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [100, 101], [102, 103]]
     for seed in (0, 3):
         pick = torch.randperm(7, generator=torch.Generator().manual_seed(seed))[:3].sort().values.tolist()
-        got = th.report_windows(run, tok, docs, 1024, torch.Generator().manual_seed(seed))
+        got = th.report_windows(run, IDS, docs, 1024, torch.Generator().manual_seed(seed))
         assert list(got) == [2] and got[2].tolist() == [every[i] for i in pick]
 
 
