@@ -44,6 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer prompt: several chunks)
+OFFLOAD_CHUNK = 16384  # the same with offloaded layers: each later chunk copies their prefixes back (BENCHMARKS.md)
 PROMPT_CACHE = "hata prompt cache 1"  # --prompt-cache files' format, in their metadata
 KEPT = "name another file (this one is kept)"  # what an error about a --prompt-cache file ends in
 PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
@@ -253,7 +254,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         return cur
 
     t0 = time.perf_counter()
-    logits = prefill(model, tokens, lengths, progress=progress, start=start)  # (B, V)
+    logits = prefill(model, tokens, lengths, prefill_chunk(model), progress, start)  # (B, V)
     ends = lengths + start  # (B,) each sequence's cached positions: the first decode step's
     cur = pick(logits)  # (B,)
     check_finite(spoilt.any(), "for the prompt")
@@ -1101,10 +1102,17 @@ def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype, cont
         plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len, continued))
 
 
+def prefill_chunk(model):
+    """generate's prefill chunk: with offloaded layers fewer, longer ones, since each later chunk copies an offloaded
+    layer's K/V up to its end back over PCIe (at 128K tokens 4096-token chunks copied ~250 GB; BENCHMARKS.md)."""
+    offloaded = any(layer.attention.kv_cache_cls is not KVCache for layer in model.layers)
+    return OFFLOAD_CHUNK if offloaded else PREFILL_CHUNK
+
+
 def chunk_copy(prompt_len, continued=False):
     """The positions a later prefill chunk copies back from an offloaded layer: none for a prompt of one chunk,
     unless prefills may continue a cache (--interactive, --prompt-cache: then every chunk may be a later one)."""
-    return prompt_len if continued or prompt_len > PREFILL_CHUNK else 0
+    return prompt_len if continued or prompt_len > OFFLOAD_CHUNK else 0
 
 
 def setup(model, args, batch, max_seq_len, prompt_len, continued=False):
@@ -1129,7 +1137,7 @@ def check_cache_memory(model, batch, max_seq_len, prompt_len, continued=False):
     on_device = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)
     copy = copy_bytes(layer_bytes, max_seq_len, chunk_copy(prompt_len, continued)) * (on_device < model.args.n_layers)
     need = on_device * layer_bytes + copy + code_bytes
-    need += model.forward_bytes(batch, min(prompt_len, PREFILL_CHUNK), prompt_len)  # the last chunk sees the prompt
+    need += model.forward_bytes(batch, min(prompt_len, prefill_chunk(model)), prompt_len)  # the last chunk: the prompt
     weight = model.output.weight
     check_fits(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')} and a prefill "
                "chunk's working memory", need, weight.dtype, weight.device,

@@ -10,7 +10,7 @@ import torch
 
 import hata_kernels as hk
 import offload
-from engine import PREFILL_CHUNK, decode_one_token, generate, plural, prefill, random_model, setup
+from engine import OFFLOAD_CHUNK, decode_one_token, generate, plural, prefill, random_model, setup
 from model import KVCache, HataArgs
 from offload import (GiB, HostKVCache, apply_offload, gather_rows, host_available, host_buffer, plan_offload,
                      staged_sparse_attention)
@@ -151,9 +151,25 @@ def test_the_engine_reserves_a_chunk_copy_only_for_a_longer_prompt(capsys):
     """A prompt of one prefill chunk never copies an offloaded layer back, so --kv-gpu-gb offloads one layer fewer."""
     layer, codes = 2 * 1 * 2 * 256 * 16 * 4, 3 * 1 * 2 * (256 * 16 + 4)  # as above
     args = argparse.Namespace(compile=False, offload=False, kv_gpu_gb=(3 * layer + codes) / GiB)
-    for prompt_len, n in ((PREFILL_CHUNK, 1), (PREFILL_CHUNK + 1, 2)):  # (only the prompt's chunk count matters
+    for prompt_len, n in ((OFFLOAD_CHUNK, 1), (OFFLOAD_CHUNK + 1, 2)):  # (only the prompt's chunk count matters
         setup(tiny(), args, 1, 256, prompt_len)  # here, not that it is longer than this 256-position cache)
         assert f"K/V of {plural(n, 'sparse layer')} in host memory" in capsys.readouterr().err
+
+
+def test_generate_prefills_an_offloaded_model_in_longer_chunks(monkeypatch):
+    """Each later chunk copies an offloaded layer's prefix back (over PCIe, on CUDA), so generate takes fewer,
+    longer chunks (OFFLOAD_CHUNK's) where layers are offloaded; the tokens are the same."""
+    monkeypatch.setattr("engine.PREFILL_CHUNK", 8)
+    monkeypatch.setattr("engine.OFFLOAD_CHUNK", 16)
+    model, widths = tiny(), []
+    model.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))  # tokens (B, T) a forward
+    model.setup_caches(2, 64)
+    ref, _ = generate(model, PROMPTS, 3)
+    assert widths == [8, 8, 8, 8, 5, 1, 1]  # PROMPTS pad to 37 tokens
+    apply_offload(model, 2, 64)
+    model.setup_caches(2, 64)
+    widths.clear()
+    assert generate(model, PROMPTS, 3)[0] == ref and widths == [16, 16, 5, 1, 1]
 
 
 def test_plan_counts_the_codes_set_hata_keeps():
