@@ -1307,3 +1307,92 @@ def test_the_guard_off_by_flag_warns_of_nothing(monkeypatch, tmp_path, capsys):
     train_files(run, Transformer(PRESETS["tiny"]), {32: str(tmp_path / "b.safetensors")})
     err = capsys.readouterr().err
     assert "guard is off" in err and "1 window of 16 tokens, 2 queries each, 0 validation windows\n" in err, err
+
+
+# From a mutation run of train_hash.py's training side (2026-12-07)
+
+def test_fewer_than_ten_steps_report_the_last_step_as_the_last_losses(monkeypatch):
+    """Under 10 steps the last 10% is the last step alone, not a mean over every step (history[-0:] is all of it)."""
+    calls = []
+
+    def loss(P, *args):  # the step's number, as the loss and its one term
+        calls.append(1)
+        return P.sum() * 0 + len(calls), [torch.tensor(float(len(calls)))]
+    monkeypatch.setattr(th, "hash_loss", loss)
+    g = torch.Generator().manual_seed(0)
+    sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 16, 8, generator=g),
+              "t": torch.full((2, 1), 15)}
+    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0)
+    _, first, last = th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 5, 2, 16, g, hp)
+    assert first == [1.0, 1.0] and last == [5.0, 5.0]
+
+
+def test_shift_moves_a_sequence_as_rope_at_a_later_position():
+    """shift_positions(offset) on q and k rotated at position p gives them as RoPE rotates them at p + offset (offset
+    0: unchanged): the augmentation is a true change of position, not some other q.k-keeping rotation."""
+    from model import apply_rope, rope_frequencies
+    g = torch.Generator().manual_seed(3)
+    inv_freq = rope_frequencies(PRESETS["tiny"])  # (D/2,)
+
+    def rope(x, pos):  # pos (b,): one position a sequence
+        angle = pos[:, None, None, None] * inv_freq
+        return apply_rope(x, angle.cos(), angle.sin())
+    q, k = torch.randn(2, 3, 4, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)  # raw, before RoPE
+    p, offsets = torch.tensor([5.0, 40.0]), torch.tensor([0, 123])
+    qs, ks = th.shift_positions(rope(q, p), rope(k, p), offsets, inv_freq)
+    torch.testing.assert_close(qs, rope(q, p + offsets), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ks, rope(k, p + offsets), atol=1e-4, rtol=1e-4)
+
+
+def test_the_listwise_loss_takes_a_zero_vector():
+    """The listwise loss relaxes unit vectors: a zero query or key (no direction) gives a finite loss and gradient,
+    not a 0 / 0 NaN that stops the training."""
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)  # G = 2
+    q[0, 1, 2], k[0, 0, 3] = 0.0, 0.0
+    P = torch.randn(2, 8, 32, generator=g).requires_grad_()
+    loss, terms = th.hash_loss(P, q, k, -torch.ones(1, 2, 4, 6), loss="listwise")
+    loss.backward()
+    assert loss.isfinite() and all(x.isfinite() for x in terms) and P.grad.isfinite().all()
+
+
+def test_train_hands_every_layer_its_steps_batch_keys_and_the_models_rope(monkeypatch):
+    """train passes --steps, --batch and --keys to train_layer in that order, with one generator for all the layers
+    and the model's own RoPE frequencies (a GGUF's rope_freqs factors included) for --shift."""
+    from model import rope_frequencies
+    args, seen = PRESETS["tiny"], {}
+    model = Transformer(args)
+    model.rope_factors = torch.linspace(1, 4, args.head_dim // 2)  # (D/2,) as a GGUF's rope_freqs
+
+    def train_layer(P0, sample, *rest):  # samples {layer: layer}: which layer's call this is
+        seen[sample] = rest
+        return P0, [0.0], [0.0] * 4
+    monkeypatch.setattr(th, "train_layer", train_layer)
+    th.train(model, {2: 2, 3: 3}, 32, 2, steps=7, batch=3, keys=5, seed=0, hp={"loss": "listwise"})
+    assert sorted(seen) == [2, 3] and seen[2][3] is seen[3][3]
+    for steps, batch, keys, gen, hp, inv_freq in seen.values():
+        assert (steps, batch, keys) == (7, 3, 5)
+        torch.testing.assert_close(inv_freq, rope_frequencies(args, model.rope_factors), rtol=0, atol=0)
+
+
+def test_a_step_hands_the_loss_its_keys_with_their_labels_and_shifts_q_and_k_alike(monkeypatch):
+    """Each step's labels are those of the keys it drew (key s carries s in its first dim and label s + 1 here), and
+    --shift turns q and k alike: the step's grouped q.k equals that of the same draws unshifted."""
+    seen = []
+    monkeypatch.setattr(th, "hash_loss", lambda P, q, k, lab, *a: seen.append((q, k, lab)) or (P.sum(), [P.sum()] * 3))
+    g = torch.Generator().manual_seed(0)
+    N, nq, H, Hkv, S, D = 3, 2, 4, 2, 16, 8
+    k = torch.randn(N, Hkv, S, D, generator=g)
+    k[..., 0] = torch.arange(S).float()
+    sample = {"q": torch.randn(N, nq, H, D, generator=g), "k": k, "t": torch.full((N, nq), S - 1),
+              "labels": (torch.arange(S) + 1.0).expand(N, nq, H, S)}
+    hp = dict(lr=0.01, momentum=0.0, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="pair", alpha=15.0)
+    th.train_layer(torch.randn(Hkv, D, 32, generator=g), sample, 1, 2, 5, torch.Generator().manual_seed(1), hp)
+    _, k_step, lab = seen[-1]  # (b, Hkv, keys, D), (b, nq, H, keys)
+    assert torch.equal(lab, (k_step[:, :1, None, :, 0] + 1).expand_as(lab))
+    for shift in (0, 1000):
+        th.train_layer(torch.randn(Hkv, D, 32, generator=g), sample, 1, 2, 5, torch.Generator().manual_seed(1),
+                       {**hp, "shift": shift}, torch.rand(D // 2))
+    dots = [qs.view(2, nq, Hkv, H // Hkv, D) @ ks[:, None].transpose(-1, -2) for qs, ks, _ in seen[-2:]]
+    torch.testing.assert_close(dots[1], dots[0], atol=1e-3, rtol=1e-4)  # (b, nq, Hkv, G, keys)
+    assert not torch.allclose(seen[-1][0], seen[-2][0])
