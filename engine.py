@@ -37,14 +37,14 @@ from hata_kernels import triton_head_dim
 from model import (PRESETS, QUEST_PAGE, SELECTORS, HataArgs, KVCache, Transformer, check_hash_model, check_rbit,
                    checkpoint_format, checkpoint_metadata, from_checkpoint, read_hash_file, write_safetensors,
                    write_whole)
-from offload import copy_bytes, host_available, offload_from_args, plan_offload
+from offload import HostKVCache, copy_bytes, host_available, offload_from_args, plan_offload
 from tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer prompt: several chunks)
-OFFLOAD_CHUNK = 16384  # the same with offloaded layers: each later chunk copies their prefixes back (BENCHMARKS.md)
+OFFLOAD_CHUNK = 16384  # the same where layers are offloaded and memory allows (engine.prefill_chunk)
 PROMPT_CACHE = "hata prompt cache 1"  # --prompt-cache files' format, in their metadata
 KEPT = "name another file (this one is kept)"  # what an error about a --prompt-cache file ends in
 PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
@@ -254,7 +254,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), temperature=0.0, top_p
         return cur
 
     t0 = time.perf_counter()
-    logits = prefill(model, tokens, lengths, prefill_chunk(model), progress, start)  # (B, V)
+    logits = prefill(model, tokens, lengths, prefill_chunk(model, B, T, start + T), progress, start)  # (B, V)
     ends = lengths + start  # (B,) each sequence's cached positions: the first decode step's
     cur = pick(logits)  # (B,)
     check_finite(spoilt.any(), "for the prompt")
@@ -1102,17 +1102,25 @@ def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype, cont
         plan_offload(model, batch, max_seq_len, args.kv_gpu_gb, copy_len=chunk_copy(prompt_len, continued))
 
 
-def prefill_chunk(model):
-    """generate's prefill chunk: with offloaded layers fewer, longer ones, since each later chunk copies an offloaded
-    layer's K/V up to its end back over PCIe (at 128K tokens 4096-token chunks copied ~250 GB; BENCHMARKS.md)."""
-    offloaded = any(layer.attention.kv_cache_cls is not KVCache for layer in model.layers)
-    return OFFLOAD_CHUNK if offloaded else PREFILL_CHUNK
+def prefill_chunk(model, batch, tokens, keys):
+    """generate's prefill chunk for `tokens` new positions of `batch` sequences, `keys` in all (its own included):
+    PREFILL_CHUNK, which check_cache_memory made room for, or where layers are offloaded OFFLOAD_CHUNK's longer ones
+    if the device has the memory for them. Each later chunk copies an offloaded layer's K/V up to its end back over
+    PCIe: at 131000 tokens, 4096-token chunks copied 265 GB (BENCHMARKS.md, "Longer chunks for an offloaded
+    prefill")."""
+    if tokens <= PREFILL_CHUNK or not any(isinstance(layer.attention.kv_cache, HostKVCache) for layer in model.layers):
+        return PREFILL_CHUNK
+    chunk, (layer_bytes, _) = min(tokens, OFFLOAD_CHUNK), model.cache_bytes(batch, model.max_seq_len)
+    copy = copy_bytes(layer_bytes, model.max_seq_len, keys) * (keys > chunk)  # a later chunk's copy of a layer, if any
+    free = device_free(model.output.weight.device)  # (None: unknown)
+    fits = free is None or model.forward_bytes(batch, chunk, keys) + copy <= free
+    return OFFLOAD_CHUNK if fits else PREFILL_CHUNK
 
 
 def chunk_copy(prompt_len, continued=False):
     """The positions a later prefill chunk copies back from an offloaded layer: none for a prompt of one chunk,
     unless prefills may continue a cache (--interactive, --prompt-cache: then every chunk may be a later one)."""
-    return prompt_len if continued or prompt_len > OFFLOAD_CHUNK else 0
+    return prompt_len if continued or prompt_len > PREFILL_CHUNK else 0
 
 
 def setup(model, args, batch, max_seq_len, prompt_len, continued=False):
@@ -1137,7 +1145,7 @@ def check_cache_memory(model, batch, max_seq_len, prompt_len, continued=False):
     on_device = sum(layer.attention.kv_cache_cls is KVCache for layer in model.layers)
     copy = copy_bytes(layer_bytes, max_seq_len, chunk_copy(prompt_len, continued)) * (on_device < model.args.n_layers)
     need = on_device * layer_bytes + copy + code_bytes
-    need += model.forward_bytes(batch, min(prompt_len, prefill_chunk(model)), prompt_len)  # the last chunk: the prompt
+    need += model.forward_bytes(batch, min(prompt_len, PREFILL_CHUNK), prompt_len)  # the last chunk sees the prompt
     weight = model.output.weight
     check_fits(f"the caches for {plural(batch, 'sequence')} of {plural(max_seq_len, 'position')} and a prefill "
                "chunk's working memory", need, weight.dtype, weight.device,

@@ -321,21 +321,20 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
     with pytest.raises(ValueError, match="and a prefill chunk's working memory"):  # setup passes the prompt's length
         engine.setup(model, argparse.Namespace(compile=False, offload=False, kv_gpu_gb=None), 2, 64, 21)
     # --offload's layers: 2 of 4 layers' K/V on the device, and a later prefill chunk's copy of one, up to the
-    # prompt's 20; the chunks are OFFLOAD_CHUNK's, longer (fewer copies)
-    monkeypatch.setattr(engine, "OFFLOAD_CHUNK", 12)
+    # prompt's 20
     for layer in model.layers[2:]:
         layer.attention.kv_cache_cls = functools.partial(KVCache)
-    work = model.forward_bytes(2, 12, 20)
+    work = model.forward_bytes(2, 8, 20)
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 48 + 2 * 20 * 256 + work - 1)
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
         engine.check_cache_memory(model, 2, 64, 20)
     monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 48 + 2 * 20 * 256 + work)
     engine.check_cache_memory(model, 2, 64, 20)
-    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 48 + model.forward_bytes(2, 12, 12))
-    engine.check_cache_memory(model, 2, 64, 12)  # one prefill chunk: no copy
+    monkeypatch.setattr(engine, "host_available", lambda: 2 * 64 * (512 + 48) + 48 + model.forward_bytes(2, 8, 8))
+    engine.check_cache_memory(model, 2, 64, 8)  # one prefill chunk: no copy
     # unless it continues the cache (a chat's later turns): then the copy up to its end counts
     with pytest.raises(ValueError, match="the caches for 2 sequences"):
-        engine.check_cache_memory(model, 2, 64, 12, continued=True)
+        engine.check_cache_memory(model, 2, 64, 8, continued=True)
     for layer in model.layers:
         layer.attention.kv_cache_cls = KVCache
     model.set_hata(HataArgs(rbit=64, budget=4, n_dense=1, use_norm=True))  # + a key norm: 3 x 2 x 4 bytes

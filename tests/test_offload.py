@@ -10,7 +10,7 @@ import torch
 
 import hata_kernels as hk
 import offload
-from engine import OFFLOAD_CHUNK, decode_one_token, generate, plural, prefill, random_model, setup
+from engine import PREFILL_CHUNK, decode_one_token, generate, plural, prefill, random_model, setup
 from model import KVCache, HataArgs
 from offload import (GiB, HostKVCache, apply_offload, gather_rows, host_available, host_buffer, plan_offload,
                      staged_sparse_attention)
@@ -151,14 +151,16 @@ def test_the_engine_reserves_a_chunk_copy_only_for_a_longer_prompt(capsys):
     """A prompt of one prefill chunk never copies an offloaded layer back, so --kv-gpu-gb offloads one layer fewer."""
     layer, codes = 2 * 1 * 2 * 256 * 16 * 4, 3 * 1 * 2 * (256 * 16 + 4)  # as above
     args = argparse.Namespace(compile=False, offload=False, kv_gpu_gb=(3 * layer + codes) / GiB)
-    for prompt_len, n in ((OFFLOAD_CHUNK, 1), (OFFLOAD_CHUNK + 1, 2)):  # (only the prompt's chunk count matters
+    for prompt_len, n in ((PREFILL_CHUNK, 1), (PREFILL_CHUNK + 1, 2)):  # (only the prompt's chunk count matters
         setup(tiny(), args, 1, 256, prompt_len)  # here, not that it is longer than this 256-position cache)
         assert f"K/V of {plural(n, 'sparse layer')} in host memory" in capsys.readouterr().err
 
 
-def test_generate_prefills_an_offloaded_model_in_longer_chunks(monkeypatch):
-    """Each later chunk copies an offloaded layer's prefix back (over PCIe, on CUDA), so generate takes fewer,
-    longer chunks (OFFLOAD_CHUNK's) where layers are offloaded; the tokens are the same."""
+def test_generate_prefills_an_offloaded_model_in_longer_chunks_where_they_fit(monkeypatch):
+    """Each later chunk copies an offloaded layer's K/V up to its end back (over PCIe, on CUDA), so where layers are
+    offloaded generate takes fewer, longer chunks (OFFLOAD_CHUNK's) if the device has room for one and, if a later
+    chunk comes, the copy up to the cached positions' end (a continued prefill's too), else the PREFILL_CHUNK that the
+    cache check made room for; the tokens are the same."""
     monkeypatch.setattr("engine.PREFILL_CHUNK", 8)
     monkeypatch.setattr("engine.OFFLOAD_CHUNK", 16)
     model, widths = tiny(), []
@@ -167,9 +169,21 @@ def test_generate_prefills_an_offloaded_model_in_longer_chunks(monkeypatch):
     ref, _ = generate(model, PROMPTS, 3)
     assert widths == [8, 8, 8, 8, 5, 1, 1]  # PROMPTS pad to 37 tokens
     apply_offload(model, 2, 64)
+    copy = 2 * 2 * 2 * 37 * 16 * 4  # K and V of 2 sequences x 2 KV heads x 37 positions x 16, fp32
+    room = model.forward_bytes(2, 16, 37) + copy
+    for free, start, chunks in ((room, 0, [16, 16, 5]), (room - 1, 0, [8, 8, 8, 8, 5]), (None, 0, [16, 16, 5]),
+                                (room, 4, [16, 15, 2]), (room - 1, 4, [8, 8, 8, 7, 2])):  # None: unknown
+        monkeypatch.setattr("engine.device_free", lambda device: free)
+        model.setup_caches(2, 64)
+        if start:  # a continued prefill: 4 positions cached, its 33 tokens copy up to position 37 as above
+            generate(model, [p[:start] for p in PROMPTS], 1)
+        widths.clear()
+        assert generate(model, PROMPTS, 3, start=start)[0] == ref and widths == chunks + [1, 1], (free, start)
+    monkeypatch.setattr("engine.OFFLOAD_CHUNK", 40)  # 37 tokens in one chunk: no copy to make room for
+    monkeypatch.setattr("engine.device_free", lambda device: model.forward_bytes(2, 37, 37))
     model.setup_caches(2, 64)
     widths.clear()
-    assert generate(model, PROMPTS, 3)[0] == ref and widths == [16, 16, 5, 1, 1]
+    assert generate(model, PROMPTS, 3)[0] == ref and widths == [37, 1, 1]
 
 
 def test_plan_counts_the_codes_set_hata_keeps():
