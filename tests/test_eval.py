@@ -1809,3 +1809,35 @@ def test_the_batch_flag_reaches_both_tasks(gguf_path, smol, tok, monkeypatch, tm
                     "--ppl-context", "128", "--ppl-tokens", "4", "--ppl-docs", "1", "--batch", "3", "--text",
                     str(tmp_path / "text.txt"), "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]) == 0
     assert batches == [("perplexity", 3), ("retrieval", 3)]
+
+
+# From a mutation round of eval.py's task building (prompts, scoring, perplexity windows), 2026-12-07
+
+def test_an_answer_token_of_id_0_is_kept(monkeypatch):
+    """Only the steps decode did not run or cut (-1) leave a row: id 0 is a token like any other (here a digit),
+    and dropping it would read the key '12345' as '1234'."""
+    words = {0: "5", 1: "1234", 9: "."}
+    tok = type("Tok", (), {"decode": lambda self, ids: "".join(words[i] for i in ids)})()
+
+    def prompt(tok, hay, task, length, depth, rng):  # (ids, the key, its answer tokens)
+        return [5] * length, "12345", [1, 0]
+    monkeypatch.setattr(ev, "retrieval_prompt", prompt)
+    monkeypatch.setattr(ev, "run_policies", lambda *a: {("dense", None): (torch.tensor([[1, 0, 9]]), None)})
+    recs = ev.run_retrieval(None, tok, {"noise": None}, [(512, "single", "noise", 0.5, 1)], [("dense", None, None)], 1)
+    assert recs[0]["correct"] == {"dense": True} and recs[0]["dense_output"] == "12345"
+
+
+def test_the_prose_haystack_is_the_held_out_documents_a_blank_line_apart(gguf_path, smol, tok, monkeypatch, tmp_path):
+    """run() joins the held-out documents with a blank line, as the committed runs did: a seed's prose prompt stays
+    the same from run to run (a merge joins samples by their seed), and no document runs into the next one."""
+    monkeypatch.setattr(ev, "from_checkpoint", lambda *a, **k: smol)
+    monkeypatch.setattr(ev.Tokenizer, "from_path", lambda *a, **k: tok)
+    seen = {}
+    monkeypatch.setattr(ev, "run_retrieval", lambda model, tok, hays, *a: seen.update(hays) or [])
+    paths = [str(tmp_path / f"{i}.txt") for i in range(2)]
+    for path, text in zip(paths, (PROSE * 20, PROSE.upper() * 20)):
+        write_text(path, text)
+    assert ev.main(["--tasks", "retrieval", "--selectors", "oracle", "--budgets", "1/8", "--contexts", "128",
+                    "--samples", "1", "--text", *paths, "--checkpoint", gguf_path, "--out-dir", str(tmp_path)]) == 0
+    docs = ev.split_corpus(ev.load_corpus(paths))[1]  # the last fifth of each file
+    assert len(docs) == 2 and seen["prose"].ids == tok.encode("\n\n".join(t for _, t in docs), bos=False)
