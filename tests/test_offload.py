@@ -114,6 +114,21 @@ def test_host_cache_answers_a_prefill_with_its_own_or_copied_rows():
                for o, h in zip(out, (cache.k, cache.v)))
     out = cache.update(torch.tensor([[8]]), k2[:, :, :1], v2[:, :, :1])  # a decode step: the host memory itself
     assert out[0] is cache.k and out[1] is cache.v and torch.equal(cache.k[:, :, 8], k2[:, :, 0])
+    k3, v3 = torch.randn(2, 1, 2, 7, 4).unbind(0)
+    out = cache.update(torch.arange(9, 16)[None], k3, v3)  # to S_max: a contiguous slice (.contiguous() would keep it)
+    assert torch.equal(out[0][:, :, 9:], k3) and torch.equal(out[1][:, :, 9:], v3)
+    assert all(o.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+               for o, h in zip(out, (cache.k, cache.v)))
+
+
+def test_host_buffer_on_the_cpu_is_zeroed_where_freed_memory_held_nan():
+    """Rows never written are read too (masked out, times zero): host memory that held NaN before must come back as
+    zeros, not as whatever the allocator hands out (glibc hands a freed block of the same size straight back)."""
+    for _ in range(20):
+        junk = torch.full((2, 1, 2, 37, 16), math.nan)
+        del junk
+        buf = host_buffer((2, 1, 2, 37, 16), torch.float32, torch.device("cpu"))
+        assert torch.equal(buf, torch.zeros(2, 1, 2, 37, 16))
 
 
 def test_cap_offloads_only_what_does_not_fit():
@@ -360,14 +375,27 @@ def test_staged_fetch_uses_the_kernel_by_default_for_device_indices(monkeypatch)
 
 
 def test_gather_rows_refuses_inputs_the_kernel_would_read_past():
-    """idx of other heads than k_far's, a v of another shape, int64 idx or D not of unit stride: one error, on both
-    paths (before: the kernel read past k_far's heads, and the stride was an assert, gone under python -O)."""
+    """idx of other heads than k_far's, a v of another shape, int64 idx or a k or v whose D is not of unit stride: one
+    error, on both paths (before: the kernel read past k_far's heads, and the stride was an assert, gone under
+    python -O)."""
     q, k, v, idx = far_inputs(torch.device("cpu"), S=37, K=13)
     for bad in ((k[:, :1], v[:, :1], idx), (k, v[:, :, :20], idx), (k, v, idx.long()),
-                (k.transpose(2, 3).contiguous().transpose(2, 3), v, idx)):
+                (k.transpose(2, 3).contiguous().transpose(2, 3), v, idx),
+                (k, v.transpose(2, 3).contiguous().transpose(2, 3), idx)):
         for use_triton in (False, True):
             with pytest.raises(ValueError, match=r"gather_rows: k_far, v_far must be \(B, Hkv, S_max, D\), unit st"):
                 gather_rows(*bad, use_triton=use_triton)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is on only without CUDA (conftest)")
+def test_gather_kernel_reads_k_and_v_by_their_own_strides():
+    """k and v of one shape but different layouts (v a slice of a longer cache): the kernel matches the torch path."""
+    _, k, v, idx = far_inputs(torch.device("cpu"))
+    longer = torch.zeros(2, 3, 50, 16)
+    longer[:, :, :37] = v
+    got = gather_rows(k, longer[:, :, :37], idx, use_triton=True)  # (B, Hkv, 37, D), strides of 50 positions
+    ref = gather_rows(k, v, idx, use_triton=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is on only without CUDA (conftest)")
@@ -456,6 +484,14 @@ def test_a_second_plan_brings_offloaded_layers_back():
     assert apply_offload(model, 1, 64, kv_gpu_gb=100).layers == []
     model.setup_caches(1, 64)
     assert all(type(layer.attention.kv_cache) is KVCache for layer in model.layers)
+
+
+def test_own_cgroups_keep_a_path_with_colons(tmp_path):
+    """Only the first two colons of a /proc/self/cgroup line separate its fields: a cgroup's name may hold more."""
+    table = tmp_path / "cgroup"
+    table.write_text("4:memory:/kubepods/pod:a:b\n0::/user.slice/app:1\n")
+    assert offload._own_cgroups(str(table)) == ["/sys/fs/cgroup/user.slice/app:1",
+                                                "/sys/fs/cgroup/memory/kubepods/pod:a:b"]
 
 
 def test_own_cgroups_take_only_hierarchy_0_as_v2(tmp_path):
