@@ -240,9 +240,12 @@ def test_an_offload_plan_that_gains_nothing_is_refused_before_the_weights_load(c
         code, _, err = run_cli(capsys, "--prompt", "hi", "--device", "cuda", "--offload", "--max-new-tokens", "16",
                                *flags)
         assert code == 2 and words in error_line(err), err
-    args = argparse.Namespace(offload=False, kv_gpu_gb=1e-9)  # a cap: the plan's own arithmetic, in bf16
-    with pytest.raises(ValueError, match=r"the KV cache needs \d+ bytes on the GPU even with all 3 sparse layers"):
-        engine.check_offload(args, PRESETS["tiny"], HataArgs(n_dense=1, budget=8), 1, 64, 8, torch.bfloat16)
+    hata = HataArgs(n_dense=1, budget=8)  # a cap: the plan's own arithmetic, in the run's dtype
+    layer, codes = engine.meta_model(PRESETS["tiny"], hata, torch.bfloat16).cache_bytes(1, 64)
+    args = argparse.Namespace(offload=False, kv_gpu_gb=(layer + codes) / 2**30)  # the dense layer and the codes
+    engine.check_offload(args, PRESETS["tiny"], hata, 1, 64, 8, torch.bfloat16)  # (an 8-token prompt: no copy)
+    with pytest.raises(ValueError, match=rf"needs {2 * layer + codes} bytes on the GPU even with all 3 sparse layers"):
+        engine.check_offload(args, PRESETS["tiny"], hata, 1, 64, 8, torch.float32)  # a layer twice bf16's
 
 
 @pytest.mark.usefixtures("gguf_path")  # the default model's tokenizer: skipped when it is not installed
@@ -318,6 +321,7 @@ def test_caches_that_do_not_fit_are_refused_before_they_are_made(monkeypatch, ca
         engine.check_cache_memory(model, 2, 64, 20)
     monkeypatch.setattr(engine, "host_available", lambda: caches + model.forward_bytes(2, 8, 20))
     engine.check_cache_memory(model, 2, 64, 20)  # every layer on the device: no copy for a later chunk
+    engine.check_cache_memory(model, 2, 64, 20, continued=True)  # nor for a continued prefill's
     with pytest.raises(ValueError, match="and a prefill chunk's working memory"):  # setup passes the prompt's length
         engine.setup(model, argparse.Namespace(compile=False, offload=False, kv_gpu_gb=None), 2, 64, 21)
     # --offload's layers: 2 of 4 layers' K/V on the device, and a later prefill chunk's copy of one, up to the
@@ -1829,6 +1833,10 @@ def test_a_kept_cuda_graph_serves_the_next_turn():
         out.append((new, again))
         assert [timing["graph_s"] is None, later["graph_s"] is None, len(graphs)] == [not graph, True, graph]
     assert out[0] == out[1] and [len(t) for t in out[0][1]] == [8]
+    graphs = {}
+    model.setup_caches(1, 40)
+    _, timing = engine.generate(model, [first], 1, graphs=graphs)  # the prefill's token only: no step to capture
+    assert timing["graph_s"] is None and graphs == {}
 
 
 def test_sampling_temperature():
@@ -2188,6 +2196,9 @@ def test_a_decode_step_whose_output_is_nan_is_an_error_unless_its_row_has_finish
     with pytest.raises(ValueError, match="the model's output at decode step 3 is NaN or inf: its weights hold"):
         engine.generate(model, [[1, 2, 3], [4, 5]], 8, on_token=lambda t: streamed.append(t.tolist()), **kw())
     assert len(streamed) == 3
+    steps.clear()
+    with pytest.raises(ValueError, match="at decode step 3 is NaN or inf"):  # the last step's too: its token is the 4th
+        engine.generate(model, [[1, 2, 3], [4, 5]], 4, **kw())
     steps.clear()
     new, _ = engine.generate(model, [[1, 2, 3], [4, 5]], 8, stop_ids={free[1][1]}, **kw())  # row 1 stops at step 1
     assert new == [free[0], free[1][:2]]
