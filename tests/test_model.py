@@ -1256,6 +1256,17 @@ def test_setup_caches_builds_rope_from_the_checkpoints_rope_factors():
         assert (model(ids) - plain).abs().max() > 1e-3
 
 
+def test_the_rope_table_is_fp32_cos_and_sin_of_position_times_frequency():
+    """setup_caches' RoPE table: cos and sin of position x inverse frequency, (S_max, D/2) in fp32 whatever the
+    weights' dtype (bf16 angles would be off by whole radians at long contexts)."""
+    model = tiny_model(dtype=torch.bfloat16)
+    model.setup_caches(1, 37)
+    angles = torch.arange(37.0)[:, None] * rope_frequencies(model.args)  # (37, D/2)
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    torch.testing.assert_close(model.rope_cos, angles.cos(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.rope_sin, angles.sin(), rtol=0, atol=1e-6)
+
+
 def test_positions_from_zero_to_the_caches_last():
     """input_pos may name position 0 (a chunk at the cache's start gives the fresh prefill's logits) and a decode
     step may write the cache's last position (max_seq_len - 1), giving the logits of one pass over all of it."""
