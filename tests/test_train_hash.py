@@ -399,9 +399,10 @@ def test_capture_qk_takes_each_query_at_its_own_position(sharp_tiny):
     torch.testing.assert_close(out[2][1], k[0], atol=1e-5, rtol=0)
 
 
-def test_the_last_losses_are_the_mean_of_the_last_tenth_of_the_steps(monkeypatch):
-    """train_layer's third value is each loss term's mean over the last 10% of the steps (20 steps: the last 2),
-    its second the first step's."""
+@pytest.mark.parametrize("steps,last", [(20, 19.5), (5, 5.0)])  # under 10 steps: the last alone (not history[-0:])
+def test_the_last_losses_are_the_mean_of_the_last_tenth_of_the_steps(monkeypatch, steps, last):
+    """train_layer's third value is each loss term's mean over the last 10% of the steps (20 steps: the last 2; 5:
+    the last one), its second the first step's."""
     calls = []
 
     def loss(P, *args):  # the step's number, as the loss and its one term
@@ -412,8 +413,8 @@ def test_the_last_losses_are_the_mean_of_the_last_tenth_of_the_steps(monkeypatch
     sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 16, 8, generator=g),
               "t": torch.full((2, 1), 15)}
     hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0)
-    _, first, last = th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 20, 2, 16, g, hp)
-    assert first == [1.0, 1.0] and last == [19.5, 19.5]
+    _, first, means = th.train_layer(torch.randn(2, 8, 32, generator=g), sample, steps, 2, 16, g, hp)
+    assert first == [1.0, 1.0] and means == [last, last]
 
 
 def test_training_beats_random_projections_and_round_trips(sharp_tiny, tmp_path):
@@ -1310,22 +1311,6 @@ def test_the_guard_off_by_flag_warns_of_nothing(monkeypatch, tmp_path, capsys):
 
 
 # From a mutation run of train_hash.py's training side (2026-12-07)
-
-def test_fewer_than_ten_steps_report_the_last_step_as_the_last_losses(monkeypatch):
-    """Under 10 steps the last 10% is the last step alone, not a mean over every step (history[-0:] is all of it)."""
-    calls = []
-
-    def loss(P, *args):  # the step's number, as the loss and its one term
-        calls.append(1)
-        return P.sum() * 0 + len(calls), [torch.tensor(float(len(calls)))]
-    monkeypatch.setattr(th, "hash_loss", loss)
-    g = torch.Generator().manual_seed(0)
-    sample = {"q": torch.randn(2, 1, 4, 8, generator=g), "k": torch.randn(2, 2, 16, 8, generator=g),
-              "t": torch.full((2, 1), 15)}
-    hp = dict(lr=0.01, momentum=0.9, wd=0.0, sigma=1.0, eps=1.0, lam=1.0, eta=1.0, loss="listwise", alpha=15.0)
-    _, first, last = th.train_layer(torch.randn(2, 8, 32, generator=g), sample, 5, 2, 16, g, hp)
-    assert first == [1.0, 1.0] and last == [5.0, 5.0]
-
 
 def test_shift_moves_a_sequence_as_rope_at_a_later_position():
     """shift_positions(offset) on q and k rotated at position p gives them as RoPE rotates them at p + offset (offset
