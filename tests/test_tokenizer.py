@@ -14,6 +14,9 @@ import pytest
 from tests.helpers import package_file, write_gguf
 from tokenizer import GGUF_PRE, LLAMA3_PATTERN, Tokenizer, _CHAR_TO_BYTE, _cut_runs, _default_system, open_gguf
 
+BYTE_CHARS = sorted(_CHAR_TO_BYTE, key=_CHAR_TO_BYTE.get)  # GPT-2's byte-level characters, of bytes 0..255 in order
+BYTE_VOCAB = {c: b for b, c in enumerate(BYTE_CHARS)}  # a byte-level vocabulary of exactly those 256 tokens
+
 
 @pytest.fixture(scope="module")
 def smol(tok):  # the default model's tokenizer, read once a session (conftest.py): its GGUF header takes ~4 s
@@ -267,9 +270,8 @@ def test_a_sentencepiece_models_own_end_pieces_and_its_configs_eos_stop_generati
 
 @pytest.mark.filterwarnings("ignore:invalid escape sequence")  # the template's \q, which Jinja keeps as written
 def test_hf_tokenizer_json(tmp_path):
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({to_char[b]: 3 + b for b in range(256)})
+    vocab.update({BYTE_CHARS[b]: 3 + b for b in range(256)})
     merges = ["h e", "l l", "he ll", "hell o", "Ġ w"]
     vocab.update({m.replace(" ", ""): 259 + i for i, m in enumerate(merges)})
     added = [{"id": i, "content": t, "special": True} for t, i in list(vocab.items())[:3]]
@@ -317,14 +319,13 @@ def test_hf_tokenizer_json(tmp_path):
 def test_hf_llama3_json_matches_tiktoken_file(tmp_path, llama3):
     # A Llama 3 HF directory: the same vocabulary as tokenizer.json with Meta's regex in a Split step, and BOS
     # added by the post-processor. It must tokenize exactly like Meta's tiktoken file.
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     path = package_file("llama_models", "llama3", "tokenizer.model")
     ranks = {}
     with open(path, "rb") as f:
         for line in f:
             tok, rank = line.split()
             ranks[base64.b64decode(tok)] = int(rank)
-    name = {rank: "".join(to_char[b] for b in tok) for tok, rank in ranks.items()}
+    name = {rank: "".join(BYTE_CHARS[b] for b in tok) for tok, rank in ranks.items()}
     vocab = {t: i for i, t in name.items()}
     # Merges as transformers' TikTokenConverter writes Llama 3's (280,147): every split of a token into two tokens,
     # in the order of the token's id; so ids repeat, and a part's id may be above its join's.
@@ -443,8 +444,7 @@ def test_git_lfs_pointers_are_named(tmp_path):
 def test_gguf_bos_default_follows_llama_cpp(tmp_path):
     """Without tokenizer.ggml.add_bos_token a byte-level GGUF adds BOS only for Llama 3's pre-tokenizers, as
     llama.cpp does (a ChatML model's BOS <|im_start|> must not open every prompt); the key, when present, rules."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    tokens = [to_char[b] for b in range(256)] + ["<s>"]
+    tokens = BYTE_CHARS + ["<s>"]
     for pre, flag, want in (("smollm", None, False), ("llama-bpe", None, True), ("smollm", True, True),
                             ("llama-bpe", False, False)):
         path = _write_gguf(tmp_path / f"{pre}-{flag}.gguf", tokens, [1] * 256 + [3], pre=pre, bos=256, add_bos=flag)
@@ -461,8 +461,7 @@ def test_gguf_bos_default_follows_llama_cpp(tmp_path):
 def test_gguf_end_of_turn_ids_stop_generation(tmp_path):
     """A GGUF's tokenizer.ggml.eot_token_id and eom_token_id end generation, whatever the tokens' names (the file
     names them; llama.cpp stops at them too)."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    tokens, types = [to_char[b] for b in range(256)] + ["<end_of_turn>", "<eom>", "</s>"], [1] * 256 + [3] * 3
+    tokens, types = BYTE_CHARS + ["<end_of_turn>", "<eom>", "</s>"], [1] * 256 + [3] * 3
     path = _write_gguf(tmp_path / "plain.gguf", tokens, types, pre="smollm")
     assert Tokenizer.from_path(path).eos_ids == {258}  # by name only
     path = _write_gguf(tmp_path / "eot.gguf", tokens, types, pre="smollm", eot=256, eom=257)
@@ -473,8 +472,7 @@ def test_a_gguf_without_token_types_reads_as_llama_cpp_does(tmp_path, capsys):
     """tokenizer.ggml.token_type is optional in llama.cpp: every token is NORMAL but the end-of-generation ones it
     knows by name (CONTROL). hata reads such a file as one whose types say so, with CONTROL also for the ids the file
     names and the chat tokens it writes, and says so in a warning; before, it refused the file as corrupt."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    tokens = [to_char[b] for b in range(256)] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "<think>", "ab"]
+    tokens = BYTE_CHARS + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "<think>", "ab"]
     kw = dict(merges=["a b"], pre="smollm", bos=259, add_bos=True)
     bare = Tokenizer.from_path(_write_gguf(tmp_path / "bare.gguf", tokens, None, **kw))
     assert "bare.gguf' has no tokenizer.ggml.token_type" in capsys.readouterr().err
@@ -491,8 +489,7 @@ def test_a_gguf_without_token_types_reads_as_llama_cpp_does(tmp_path, capsys):
 def test_a_gguf_token_id_that_is_no_token_is_named(tmp_path):
     """BOS, EOS, EOT and EOM ids are checked against the token list: before, a string id failed later in a
     comparison (a bare TypeError), and one past the list blamed the tokenizer for not belonging to its own file."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    tokens, types = [to_char[b] for b in range(256)] + ["<s>"], [1] * 256 + [3]
+    tokens, types = BYTE_CHARS + ["<s>"], [1] * 256 + [3]
     for key, kw, got in (("bos", dict(bos=257), "257"), ("eot", dict(eot=4000000000), "4000000000"),
                          ("eos", dict(strings=[("tokenizer.ggml.eos_token_id", "2")]), "'2'")):
         path = _write_gguf(tmp_path / f"{key}.gguf", tokens, types, pre="smollm", **kw)
@@ -504,12 +501,11 @@ def test_a_gguf_token_id_that_is_no_token_is_named(tmp_path):
 def test_a_chat_format_needs_every_token_it_writes(tmp_path):
     """A vocabulary with ChatML's opener but no <|im_end|>, or Llama 3's header tokens but no <|eot_id|>, has no
     chat format hata writes: before, it wrote None into the prompt (a bare TypeError later)."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     for name, extra in (("chatml", ["<|im_start|>", "<|im_end|>"]),
                         ("llama3", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])):
         for whole, gap in [(True, None)] + [(False, i) for i in range(1, len(extra))]:  # each token but the opener
             specials = extra if whole else extra[:gap] + ["<|other|>"] + extra[gap + 1:]
-            path = _write_gguf(tmp_path / f"{name}{gap}.gguf", [to_char[b] for b in range(256)] + specials,
+            path = _write_gguf(tmp_path / f"{name}{gap}.gguf", BYTE_CHARS + specials,
                                [1] * 256 + [3] * len(extra), pre="smollm")
             tok = Tokenizer.from_path(path)
             assert tok.chat == (name if whole else None), (name, gap)
@@ -521,8 +517,7 @@ def test_a_chat_format_needs_every_token_it_writes(tmp_path):
 def test_config_and_gguf_errors(tmp_path, llama3):
     """A corrupt tokenizer_config.json is named; a GGUF without a token list says so; a tiktoken file may end in a
     blank line."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    vocab = {to_char[b]: b for b in range(256)}
+    vocab = dict(BYTE_VOCAB)
     pre = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
                                                          "pre_tokenizer": pre}))
@@ -545,11 +540,10 @@ def test_config_and_gguf_errors(tmp_path, llama3):
         first = open_gguf(path)
         assert open_gguf(path) is first  # the model's loader gets the tokenizer's parse
         assert open_gguf(path, keep=False) is first and open_gguf(path) is not first  # the last reader lets it go
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    short = _write_gguf(tmp_path / "short.gguf", [to_char[b] for b in range(256)], [1] * 100)  # zip dropped the rest
+    short = _write_gguf(tmp_path / "short.gguf", BYTE_CHARS, [1] * 100)  # zip dropped the rest
     with pytest.raises(ValueError, match="its token_type list differs from it in length; the file is corrupt"):
         Tokenizer.from_path(short)
-    flipped = _write_gguf(tmp_path / "flip.gguf", [to_char[b] for b in range(255)] + [b"\xff\xfe"], [1] * 256)
+    flipped = _write_gguf(tmp_path / "flip.gguf", BYTE_CHARS[:255] + [b"\xff\xfe"], [1] * 256)
     with pytest.raises(ValueError, match="flip.gguf': malformed tokenizer \\(UnicodeDecodeError: "):  # not bare
         Tokenizer.from_path(flipped)
     lines = package_file("llama_models", "llama3", "tokenizer.model")
@@ -615,10 +609,9 @@ def test_decode_at_the_edges_of_the_vocabulary(tmp_path, llama3):
     """Id 0 is a token; a byte the vocabulary lacks gets the id past it and is dropped (here byte 0, at id 255 =
     vocab_size); a cut UTF-8 character decodes to U+FFFD; special and added tokens decode to their text (a model's
     <think> is shown); a folder with both tokenizer.model and tokenizer.json (a Llama 2 repository) reads the .model."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     assert llama3.encode("!", bos=False) == [0] and llama3.decode([0]) == "!"
     assert llama3.encode("🤗", bos=False) == [9468, 97, 245] and llama3.decode([9468]) == "\ufffd"
-    vocab = {to_char[b]: b - 1 for b in range(1, 256)}
+    vocab = {BYTE_CHARS[b]: b - 1 for b in range(1, 256)}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
                                                          "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}))
     tok = Tokenizer.from_path(tmp_path)
@@ -628,7 +621,7 @@ def test_decode_at_the_edges_of_the_vocabulary(tmp_path, llama3):
     tok = Tokenizer.from_path(tmp_path)
     assert tok.vocab_size == 128256 and tok.encode("hi there") == llama3.encode("hi there")
     names = ["<|begin_of_text|>", "<|eot_id|>", "<think>"]
-    path = _write_gguf(tmp_path / "t.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3, 3, 4],
+    path = _write_gguf(tmp_path / "t.gguf", BYTE_CHARS + names, [1] * 256 + [3, 3, 4],
                        pre="llama-bpe", bos=256)
     tok = Tokenizer.from_path(path)
     assert tok.decode([258, ord("a")]) == "<think>a" and tok.decode([257]) == "<|eot_id|>"
@@ -638,11 +631,10 @@ def test_unused_ids_decode_to_nothing_and_the_template_picks_the_format(tmp_path
     """A GGUF's UNUSED slots (convert_hf_to_gguf's [PAD] fillers) decode to nothing instead of failing; a template
     in ChatML makes a vocabulary that also holds Llama 3's header tokens chat in ChatML (Hermes-2-Pro-Llama-3);
     USER_DEFINED tokens are found in plain text, CONTROL tokens are not (llama.cpp without parse_special)."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     names = ["<|begin_of_text|>", "[PAD257]", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
              "<|im_start|>", "<|im_end|>", "<think>"]
     for template, chat in ((None, "llama3"), ("{{bos_token}}{% for m in messages %}<|im_start|>...", "chatml")):
-        path = _write_gguf(tmp_path / f"{chat}.gguf", [to_char[b] for b in range(256)] + names,
+        path = _write_gguf(tmp_path / f"{chat}.gguf", BYTE_CHARS + names,
                            [1] * 256 + [3, 5, 3, 3, 3, 3, 3, 4], pre="llama-bpe", bos=256, template=template)
         tok = Tokenizer.from_path(path)
         assert tok.decode([ord("h"), 257, ord("i")]) == "hi" and tok.chat == chat
@@ -691,9 +683,8 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
     if version == "3.1":
         template = re.sub(r"(?s){%- if strftime_now.*?{%- endif %}\n", '{%- set date_string = "23 Jul 2024" %}\n',
                           template, count=1)  # 3.1's own is 26 Jul 2024, the fallback: another date shows it read
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     names = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    path = _write_gguf(tmp_path / "llama.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
+    path = _write_gguf(tmp_path / "llama.gguf", BYTE_CHARS + names, [1] * 256 + [3] * 4,
                        pre="llama-bpe", bos=256, template=template)
     tok = Tokenizer.from_path(path)
     env = jinja2.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -712,7 +703,7 @@ def test_llama31_templates_open_with_the_cutoff_and_the_date(tmp_path, version):
     date = "23 Jul 2024" if version == "3.1" else datetime.datetime.now().strftime("%d %b %Y")
     assert tok.opening == f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
     bare = '{{ "Cutting Knowledge Date: December 2023\\n" }}{{ "Today Date: " + date_string + "\\n\\n" }}'
-    path = _write_gguf(tmp_path / "bare.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
+    path = _write_gguf(tmp_path / "bare.gguf", BYTE_CHARS + names, [1] * 256 + [3] * 4,
                        pre="llama-bpe", bos=256, template=bare)  # a date set nowhere: Meta's default
     assert Tokenizer.from_path(path).opening == "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
@@ -740,8 +731,7 @@ def test_hf_bos_beyond_ascii_a_named_template_and_plain_added_tokens(tmp_path):
     """BOS found in the post-processor although json.dumps would escape its name (DeepSeek-R1-Distill-Llama's);
     transformers' list form of chat_template gives its "default" entry; an added token that is not special (its
     <think>) is found in plain text, as HF does."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    bos, vocab = "<｜begin▁of▁sentence｜>", {to_char[b]: b for b in range(256)}
+    bos, vocab = "<｜begin▁of▁sentence｜>", dict(BYTE_VOCAB)
     added = [{"id": 256, "content": bos, "special": True}, {"id": 257, "content": "<|im_start|>", "special": True},
              {"id": 258, "content": "<|im_end|>", "special": True}, {"id": 259, "content": "<think>", "special": False},
              {"id": 260, "content": "", "special": False}]  # an empty one matches nothing
@@ -784,9 +774,8 @@ def _hf_bpe_ref(word: str, merges: list[str]) -> list[str]:
 def _write_byte_json(folder, specials=(), **fields):
     """A byte-level BPE tokenizer.json in `folder`: the 256 byte tokens, no merges, the special tokens `specials`
     from id 256 on, and any other top-level `fields` (a post_processor)."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     (folder / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
+        "model": {"type": "BPE", "vocab": dict(BYTE_VOCAB), "merges": []},
         "added_tokens": [{"id": 256 + i, "content": t, "special": True} for i, t in enumerate(specials)],
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, **fields}))
 
@@ -831,11 +820,10 @@ WORDS = ["abc", "abcabc", "cabbc", "ababc", "aabcab", "bcab", "c", "abbc", "cabc
 def test_merges_out_of_id_order_are_refused(tmp_path, form):
     """A vocabulary whose ids follow the merge order tokenizes as HF's BPE does; one whose ids do not (here "ab"
     and "bc" swapped, so tiktoken would split "abc" ab|c) is refused, naming the first merge out of order."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     in_order = {m.replace(" ", ""): 256 + n for n, m in enumerate(MERGES)}
     swapped = {**in_order, "bc": 257, "ab": 256}
     for made, ok in ((in_order, True), (swapped, False)):
-        vocab = {**{to_char[b]: b for b in range(256)}, **made}
+        vocab = {**BYTE_VOCAB, **made}
         if form == "gguf":
             tokens = sorted(vocab, key=vocab.get)  # a GGUF's ids are list positions
             path = _write_gguf(tmp_path / f"{ok}.gguf", tokens, [1] * len(vocab), MERGES, pre="gpt-2")
@@ -859,8 +847,7 @@ def test_merges_out_of_id_order_are_refused(tmp_path, form):
 def test_merges_must_make_tokens_and_exist(tmp_path):
     """A merge whose join is no token, or a vocabulary with multi-byte tokens but no merges (HF would never make
     them; llama.cpp refuses such a GGUF), is refused; a vocabulary of single bytes needs no merges."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    vocab = {**{to_char[b]: b for b in range(256)}, "ab": 256}
+    vocab = {**BYTE_VOCAB, "ab": 256}
     for merges, words in ((["a b", "a c"], "merge 1 'a c' is not two tokens whose join is in the vocabulary"),
                           (["a b c"], "merge 0 'a b c' is not two tokens"), ([], "multi-byte tokens but no merges"),
                           (None, "multi-byte tokens but no merges")):
@@ -878,8 +865,7 @@ def test_gguf_without_pre_tokenizer(tmp_path, capsys):
     vocabulary is Llama 3's (it holds <|start_header_id|>), and gets BOS as Llama 3 does; any other, or one naming
     "default" (llama.cpp's four regexes in turn), is split GPT-2's way with a warning. Llama 3's regex keeps " 1" as
     " " and "1"; GPT-2's keeps it whole."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    tokens = [to_char[b] for b in range(256)] + ["Ġ1", "<|begin_of_text|>", "<|start_header_id|>"]
+    tokens = BYTE_CHARS + ["Ġ1", "<|begin_of_text|>", "<|start_header_id|>"]
     types = [1] * 257 + [3, 3]
     cases = [(None, 259, [257, 32, 49], ""), (None, 258, [256], "names no pre-tokenizer"),
              ("default", 259, [257, 32, 49], ""), ("default", 258, [256], "not as llama.cpp or the model does"),
@@ -895,8 +881,7 @@ def test_gguf_without_pre_tokenizer(tmp_path, capsys):
 def test_split_regex_keeps_the_text_between_its_matches(tmp_path):
     """An isolating Split keeps the text its regex does not match as pieces of their own (tiktoken would drop
     it: "ab 12!" with a letters-only regex encoded as "ab"); each gap is one piece, so a merge inside it applies."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    vocab = {to_char[b]: b for b in range(256)} | {"Ġ1": 256}
+    vocab = BYTE_VOCAB | {"Ġ1": 256}
     pre = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": "\\p{L}+"}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
@@ -935,8 +920,7 @@ def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_pa
     drop text otherwise (a chain's second Split used to be ignored, and text its first regex missed lost), so such a
     tokenizer.json is refused by name. A template that writes neither ChatML nor Llama 3 (DeepSeek-R1-Distill-Llama,
     on Llama 3's vocabulary) leaves the chat format unknown (an error at --chat), not Llama 3's."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    vocab = {to_char[b]: b for b in range(256)}
+    vocab = dict(BYTE_VOCAB)
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
     split = {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False}
     for pre, normalizer, words in (
@@ -959,10 +943,10 @@ def test_pre_tokenizers_and_templates_hata_does_not_reproduce_are_refused(tmp_pa
     names = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     r1 = "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}<｜Assistant｜>{% endfor %}"
     for template, chat in ((r1, None), (None, "llama3")):
-        path = _write_gguf(tmp_path / f"{chat}.gguf", [to_char[b] for b in range(256)] + names, [1] * 256 + [3] * 4,
+        path = _write_gguf(tmp_path / f"{chat}.gguf", BYTE_CHARS + names, [1] * 256 + [3] * 4,
                            pre="llama-bpe", bos=256, template=template)
         assert Tokenizer.from_path(path).chat == chat
-    path = _write_gguf(tmp_path / "qwen2.gguf", [to_char[b] for b in range(256)], [1] * 256, pre="qwen2")
+    path = _write_gguf(tmp_path / "qwen2.gguf", BYTE_CHARS, [1] * 256, pre="qwen2")
     with pytest.raises(ValueError, match="unknown GGUF pre-tokenizer 'qwen2'; add its regex to GGUF_PRE"):
         Tokenizer.from_path(path)  # not split some other way
 
@@ -1010,8 +994,7 @@ def test_llama3_matches_metas_own_tokenizer(llama3):
 def test_gguf_pre_names_pick_their_regex(tmp_path, pre):
     """Each tokenizer.ggml.pre name splits " 1234" its own way: GPT-2 keeps " 1234" whole, Llama 3 keeps the space
     apart and digits in threes, SmolLM2 every digit apart. Merges "Ġ 1", "1 2", "3 4" show the pieces."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    tokens = [to_char[b] for b in range(256)] + ["Ġ1", "12", "34"]
+    tokens = BYTE_CHARS + ["Ġ1", "12", "34"]
     path = _write_gguf(tmp_path / "t.gguf", tokens, [1] * 259, ["Ġ 1", "1 2", "3 4"], pre=pre)
     want = {"llama-bpe": [32, 257, 51, 52], "llama3": [32, 257, 51, 52], "smollm": [32, 49, 50, 51, 52],
             "gpt-2": [256, 50, 258], "gpt2": [256, 50, 258], "default": [256, 50, 258]}
@@ -1021,8 +1004,7 @@ def test_gguf_pre_names_pick_their_regex(tmp_path, pre):
 def test_digits_individual_split_every_digit(tmp_path):
     """Digits(individual_digits) + ByteLevel (SmolLM2's tokenizer.json) splits digits one by one even where the
     vocabulary has a token for a run of them."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    vocab = {to_char[b]: b for b in range(256)} | {"12": 256}
+    vocab = BYTE_VOCAB | {"12": 256}
     pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                  {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(
@@ -1042,8 +1024,7 @@ def test_cutting_runs_scans_text_once():
 def test_malformed_merges_and_vocabularies_are_refused(tmp_path):
     """A merge of three parts (even if its first and last join to a token), one with a doubled space, two vocabulary
     tokens on one id, and an id at the bound (2 x tokens + 1024) are refused as a corrupt file."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    byte_vocab = {to_char[b]: b for b in range(256)}
+    byte_vocab = dict(BYTE_VOCAB)
     pre = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     cases = [({**byte_vocab, "ab": 256}, ["a c b"], [], "merge 0 'a c b' is not two tokens"),
              ({**byte_vocab, "ab": 256}, ["a  b"], [], "merge 0 'a  b' is not two tokens"),
@@ -1069,13 +1050,12 @@ def test_a_vocabulary_of_no_tokens_is_called_corrupt(tmp_path):
 def test_split_behaviours_other_than_isolated_are_refused(tmp_path):
     """HF's Split drops its matches ("Removed") or glues them to a neighbour ("MergedWithPrevious", ...): only
     "Isolated" is what hata's one regex does."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     for behavior in ("Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous"):
         pre = {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": behavior, "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
         (tmp_path / "tokenizer.json").write_text(json.dumps(
-            {"model": {"type": "BPE", "vocab": {to_char[b]: b for b in range(256)}, "merges": []},
+            {"model": {"type": "BPE", "vocab": dict(BYTE_VOCAB), "merges": []},
              "pre_tokenizer": pre}))
         with pytest.raises(ValueError, match=r"\(Split \+ ByteLevel\) is not one hata reproduces"):
             Tokenizer.from_path(tmp_path)
@@ -1158,9 +1138,8 @@ def test_chatml_writes_an_empty_default_system_prompt(smol):
 def test_chatml_splits_role_and_content_as_one_text(tmp_path):
     """ChatML's "role\\ncontent" is one text, as the template renders it: with Llama 3's regex (Hermes-2-Pro-Llama-3)
     a content that opens with a line end makes one "\\n\\n" piece with the role's line end."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     names = ["ĊĊ", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
-    path = _write_gguf(tmp_path / "t.gguf", [to_char[b] for b in range(256)] + names, [1] * 257 + [3] * 3,
+    path = _write_gguf(tmp_path / "t.gguf", BYTE_CHARS + names, [1] * 257 + [3] * 3,
                        ["Ċ Ċ"], pre="llama-bpe", bos=257, template="{% for m in messages %}<|im_start|>...")
     tok = Tokenizer.from_path(path)
     assert tok.encode_chat([{"role": "user", "content": "\nx"}], add_generation_prompt=False) == [
@@ -1306,8 +1285,7 @@ def test_open_gguf_reads_a_rewritten_file_again_by_its_size_or_its_time(tmp_path
 def test_a_vocabulary_token_that_is_not_byte_level_is_refused_by_name(tmp_path):
     """A BPE vocabulary whose strings are not GPT-2's byte characters (sentencepiece's "\u2581", in a tokenizer.json or
     a GGUF that calls itself "gpt2") is refused by name, not read as other bytes."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    vocab = {**{to_char[b]: b for b in range(256)}, "\u2581": 256}
+    vocab = {**BYTE_VOCAB, "\u2581": 256}
     (tmp_path / "tokenizer.json").write_text(json.dumps({
         "model": {"type": "BPE", "vocab": vocab, "merges": []},
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
@@ -1320,8 +1298,7 @@ def test_a_vocabulary_token_that_is_not_byte_level_is_refused_by_name(tmp_path):
 def test_a_gguf_without_token_types_keeps_its_special_tokens_out_of_text(tmp_path):
     """The tokens a GGUF without tokenizer.ggml.token_type gets as special are CONTROL, as llama.cpp's: their text
     typed by a user stays text (a USER_DEFINED token would be found in it)."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
-    tokens = [to_char[b] for b in range(256)] + ["<|im_start|>", "<|im_end|>", "<s>"]
+    tokens = BYTE_CHARS + ["<|im_start|>", "<|im_end|>", "<s>"]
     tok = Tokenizer.from_path(_write_gguf(tmp_path / "bare.gguf", tokens, None, pre="smollm", bos=258))
     assert tok.specials == {"<|im_start|>": 256, "<|im_end|>": 257, "<s>": 258}
     assert tok.encode("a<|im_end|><s>") == [*b"a<|im_end|><s>"]
@@ -1330,9 +1307,8 @@ def test_a_gguf_without_token_types_keeps_its_special_tokens_out_of_text(tmp_pat
 def test_added_tokens_also_in_the_models_vocab_stay_out_of_its_ranks(tmp_path):
     """A tokenizer.json may list its added tokens in model.vocab too (SmolLM2's does): they are special tokens only,
     never byte-level ranks (which would need merges to make them, and would join typed text into them)."""
-    to_char = {b: c for c, b in _CHAR_TO_BYTE.items()}
     (tmp_path / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {**{to_char[b]: b for b in range(256)}, "<x>": 256}, "merges": []},
+        "model": {"type": "BPE", "vocab": {**BYTE_VOCAB, "<x>": 256}, "merges": []},
         "added_tokens": [{"id": 256, "content": "<x>", "special": True}],
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}))
     tok = Tokenizer.from_path(tmp_path)
