@@ -104,21 +104,23 @@ def test_host_cache_answers_a_prefill_with_its_own_or_copied_rows():
     later chunk over a copy of the rows up to its end, never the host memory itself (on CUDA: read over PCIe); a
     decode step over the host memory (a copy would cross PCIe whole every step, and its length sync the host)."""
     cache = HostKVCache(1, 2, 16, 4, torch.float32)
+
+    def copied(out):  # K and V in storage of their own, not the host memory's
+        return all(o.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+                   for o, h in zip(out, (cache.k, cache.v)))
     k, v = torch.randn(2, 1, 2, 5, 4).unbind(0)
     out = cache.update(torch.arange(5)[None], k, v)
     assert out[0] is k and out[1] is v
     k2, v2 = torch.randn(2, 1, 2, 3, 4).unbind(0)
     out = cache.update(torch.arange(5, 8)[None], k2, v2)
     assert torch.equal(out[0], torch.cat([k, k2], 2)) and torch.equal(out[1], torch.cat([v, v2], 2))
-    assert all(o.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
-               for o, h in zip(out, (cache.k, cache.v)))
+    assert copied(out)
     out = cache.update(torch.tensor([[8]]), k2[:, :, :1], v2[:, :, :1])  # a decode step: the host memory itself
     assert out[0] is cache.k and out[1] is cache.v and torch.equal(cache.k[:, :, 8], k2[:, :, 0])
     k3, v3 = torch.randn(2, 1, 2, 7, 4).unbind(0)
     out = cache.update(torch.arange(9, 16)[None], k3, v3)  # to S_max: a contiguous slice (.contiguous() would keep it)
     assert torch.equal(out[0][:, :, 9:], k3) and torch.equal(out[1][:, :, 9:], v3)
-    assert all(o.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
-               for o, h in zip(out, (cache.k, cache.v)))
+    assert copied(out)
 
 
 def test_host_buffer_on_the_cpu_is_zeroed_where_freed_memory_held_nan():
