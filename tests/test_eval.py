@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import eval as ev
 from engine import write_text
 from model import PRESETS, Attention, HataArgs, Transformer, save_hash_projections
-from tests.helpers import full_stdout, markdown_tables, read_only
+from tests.helpers import full_stdout, markdown_tables, random_ids, read_only, tiny_model
 from tokenizer import Tokenizer
 
 PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
@@ -304,6 +304,20 @@ def test_teacher_forced_pass_matches_a_dense_forward(smol, tok, monkeypatch):
         logp = smol(windows).log_softmax(-1)  # (2, C, V)
     ref = -logp[:, C - N - 1:C - 1].gather(2, windows[:, C - N:, None]).mean().item()
     assert abs(res["dense"]["nll"] - ref) < 1e-3
+
+
+def test_teacher_forced_windows_score_the_last_tokens_as_one_forward():
+    """The quick form of the test above, on the tiny preset: three windows of 20 in batches of 2 and 1, the last 5
+    tokens scored: the NLL a dense forward over the whole window gives those 5 tokens (each predicted by the
+    position before it), whichever batch a window was in."""
+    model, windows, N = tiny_model(), random_ids(3, 20), 5
+    res = ev.run_teacher_forced(model, windows, N, [("dense", None, None)], batch=2)
+    assert res["dense"]["positions"] == 3 * N
+    model.setup_caches(3, 20)
+    with torch.inference_mode():
+        logp = model(windows).log_softmax(-1)  # (3, 20, V)
+    ref = -logp[:, -N - 1:-1].gather(2, windows[:, -N:, None]).double().mean().item()
+    assert res["dense"]["nll"] == pytest.approx(ref, abs=1e-5)
 
 
 def test_teacher_forced_scores_pool_every_batch(monkeypatch):
