@@ -1394,8 +1394,9 @@ def load_prompt_cache(path, model):
         raise ValueError(f"--prompt-cache {path} holds the K/V of a model of this shape but other weights: {KEPT}")
     with safe_open(path, "pt") as f:
         tokens = f.get_tensor("tokens")
-        if tokens.dtype != torch.int64:
-            raise ValueError(f"--prompt-cache {path} is corrupt: its tokens are {tokens.dtype}; {KEPT}")
+        if tokens.dtype != torch.int64 or not ((tokens >= 0) & (tokens < model.args.vocab_size)).all():
+            raise ValueError(f"--prompt-cache {path} is corrupt: its tokens are not ids of this model's vocabulary "
+                             f"({tokens.dtype}, of {model.args.vocab_size} ids); {KEPT}")
         n, finite = min(len(tokens), model.max_seq_len), True
         for i, layer in enumerate(model.layers):
             for kv in "kv":

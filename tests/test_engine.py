@@ -2557,11 +2557,14 @@ def test_a_prompt_cache_file_of_another_kind_is_refused_and_kept(tmp_path):
         with pytest.raises(ValueError, match=message + ".*this one is kept"):
             engine.load_prompt_cache(str(tmp_path / name), other or model)
         assert name == "dangling" or (tmp_path / name).read_bytes() == before, name
+    vocab = model.args.vocab_size  # (an id past it: a later run's prompt cache overwrote the file)
     for name, change in (("int32 tokens", {"tokens": tensors["tokens"].int()}),
+                         ("a token past the vocabulary", {"tokens": tensors["tokens"] + vocab}),
+                         ("a negative token", {"tokens": tensors["tokens"] * 0 - 1}),
                          ("an extra tensor", {"x": torch.zeros(1)}),
                          ("bf16 K/V", {"layers.0.k": load_file(good)["layers.0.k"].bfloat16()})):
         save_file({**load_file(good), **change}, tmp_path / "bad", meta)
-        with pytest.raises(ValueError, match="is corrupt"):
+        with pytest.raises(ValueError, match="is corrupt.*this one is kept"):
             engine.load_prompt_cache(str(tmp_path / "bad"), model)
     (nan := load_file(good)["layers.2.v"])[0, 1, 0] = float("nan")  # (before: the prompt's logits NaN, "its weights")
     save_file({**load_file(good), "layers.2.v": nan}, tmp_path / "nan", meta)
