@@ -409,8 +409,11 @@ def prompt_text(text):
 
 def not_utf8(text):  # words naming the first byte that was not UTF-8 (a lone surrogate, see prompt_text), else None
     # (UTF-16 is told by its byte order mark or its zero bytes; UTF-16 with neither, none of it ASCII, goes unnoticed)
-    if text.startswith(("\udcff\udcfe", "\udcfe\udcff")) or "\x00" in text:
-        return "UTF-16 text (or not text at all), not UTF-8: convert it, e.g. with iconv -f utf-16 -t utf-8"
+    if text.startswith(("\udcff\udcfe", "\udcfe\udcff")):
+        return "UTF-16 text, not UTF-8: convert it, e.g. with iconv -f utf-16 -t utf-8"
+    if "\x00" in text:  # (iconv's advice would garble a UTF-8 file that holds a zero byte)
+        return (f"not text: a zero byte at character {text.index(chr(0))} (a binary file; or UTF-16 without a byte "
+                "order mark: then convert it, e.g. with iconv -f utf-16 -t utf-8)")
     if bad := re.search("[\udc80-\udcff]", text):
         return (f"not UTF-8 text (byte 0x{ord(bad[0]) - 0xdc00:02x} at character {bad.start()}): convert it, e.g. "
                 "with iconv -f latin1 -t utf-8 (-f: its encoding)")

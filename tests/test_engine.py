@@ -411,11 +411,16 @@ def test_bad_prompt_files(capsys, tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(f))
         code, _, err = run_cli(capsys, "--prompt-file", "-")
     assert code == 2 and error_line(err).startswith("error: standard input (--prompt-file -) is not UTF-8"), err
-    for encoding in ("utf-16", "utf-16-le"):  # PowerShell's > writes the first; the second has no byte order mark
-        (tmp_path / "wide.txt").write_bytes("The capital of France is".encode(encoding))  # (read as UTF-8: NULs)
+    # PowerShell's > writes UTF-16 with a byte order mark; UTF-16-LE has none, and reads as UTF-8 with zero bytes, as
+    # a binary file does (before: all three "UTF-16 text", whose iconv would garble the last)
+    for text, why in (("The capital".encode("utf-16"), "is UTF-16 text, not UTF-8: convert it, e.g. with iconv -f "
+                                                       "utf-16 -t utf-8"),
+                      ("The capital".encode("utf-16-le"), "is not text: a zero byte at character 1 (a binary file; "
+                                                          "or UTF-16 without a byte order mark: then convert it"),
+                      (b"The\x00capital", "is not text: a zero byte at character 3 (a binary file;")):
+        (tmp_path / "wide.txt").write_bytes(text)
         code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "wide.txt"))
-        assert code == 2 and "wide.txt is UTF-16 text (or not text at all), not UTF-8: convert it, e.g. with iconv " \
-                             "-f utf-16 -t utf-8" in error_line(err)
+        assert code == 2 and f"wide.txt {why}" in error_line(err), err
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path))
     assert code == 2 and f"prompt file {tmp_path} is a directory" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "none.txt"))
@@ -896,8 +901,8 @@ def test_interactive_turns_are_utf8_without_a_byte_order_mark_and_a_bad_byte_cos
     monkeypatch.setattr(sys, "stdin", os.fdopen(read))
     assert list(engine.typed_turns()) == []  # (before: "\x00B\x00y\x00e\x00" sent)
     err = capsys.readouterr().err  # once, not for each line and the last newline's "\x00" too
-    assert err == ("warning: standard input is UTF-16 text (or not text at all), not UTF-8: convert it, e.g. with "
-                   "iconv -f utf-16 -t utf-8; the chat ends\n")
+    assert err == ("warning: standard input is UTF-16 text, not UTF-8: convert it, e.g. with iconv -f utf-16 -t "
+                   "utf-8; the chat ends\n")
 
 
 TURNS = "import engine\nfor m in engine.typed_turns(): print('got', len(m), repr(m[-12:]), flush=True)"
