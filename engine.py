@@ -1007,9 +1007,12 @@ def read_prompt_file(path):  # "-": standard input; a pipe or /dev/stdin will do
         raise ValueError("--prompt-file -: standard input is closed")
     # utf-8-sig: a byte order mark (Windows editors write one) is no part of the prompt
     name = "standard input (--prompt-file -)" if path == "-" else f"prompt file {path}"
-    with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", errors="surrogateescape",
-              closefd=path != "-") as f:
-        text = f.read(PROMPT_CHARS + 1)  # text mode reads "\r\n" as "\n"
+    try:
+        with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", errors="surrogateescape",
+                  closefd=path != "-") as f:
+            text = f.read(PROMPT_CHARS + 1)  # text mode reads "\r\n" as "\n"
+    except OSError as e:  # (a read's error names no file)
+        raise OSError(f"{name}: cannot read it ({e.strerror or e})") from None
     if len(text) > PROMPT_CHARS:
         raise ValueError(f"{name} holds over {PROMPT_CHARS:,} characters, more than a model's context takes")
     if why := not_utf8(text := text.removesuffix("\n")):  # (PowerShell's > writes UTF-16)

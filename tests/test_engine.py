@@ -425,6 +425,8 @@ def test_bad_prompt_files(capsys, tmp_path, monkeypatch):
     assert code == 2 and f"prompt file {tmp_path} is a directory" in error_line(err)
     code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "none.txt"))
     assert code == 2 and "prompt file not found: " in error_line(err)
+    code, _, err = run_cli(capsys, "--prompt-file", "/proc/self/mem")  # opens, but its first page cannot be read
+    assert code == 2 and error_line(err) == "error: prompt file /proc/self/mem: cannot read it (Input/output error)"
 
 
 def test_a_missing_gguf_package_is_one_error_line(capsys, monkeypatch, gguf_path):
