@@ -745,7 +745,8 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs, signature=None)
         if tuple(t.shape) != shape:
             raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
         if not (t.is_floating_point() and t.isfinite().all()):
-            raise ValueError(f"{where}: {name} must hold finite floating-point values, not {t.dtype} or NaN/inf")
+            why = "holds NaN or inf" if t.is_floating_point() else f"holds {t.dtype}, not floating-point values"
+            raise ValueError(f"{where}: {name} {why}")  # (before: one message, naming fp32 as if it were the fault)
     if signature is not None and "key_signature" in meta:  # (files written before it have none: not checked)
         try:
             saved = {int(i): torch.tensor(v, dtype=torch.float32) for i, v in json.loads(meta["key_signature"]).items()}
