@@ -715,10 +715,13 @@ def run(args):
     if args.interactive:  # a conversation grows: a cache of the model's whole context unless told
         args.max_seq_len = args.max_seq_len or context
     all_dense = bool(hata and shape and hata.n_dense >= shape.n_layers)  # --n-dense covers every layer
-    what = None  # what a cache too small names: a chat's first message, or its template alone
+    what = None  # what a cache too small names: a chat's first message, or its template alone; which prompt
     if args.interactive:
         what = (f"the first message takes {plural(longest)} in the chat's format" if texts
                 else f"the chat's format alone has {plural(longest)}")
+    elif len(prompts) > 1 or chat:  # (a one-word --chat prompt takes 30 tokens)
+        which = f"prompt {[len(p) for p in prompts].index(longest) + 1}" if len(prompts) > 1 else "the prompt"
+        what = f"{which} has {plural(longest)}" + " in the chat's format" * chat
     max_seq_len, max_new = cache_size(args, longest, context, what, all_dense=all_dense)
     planned = max_seq_len if args.interactive else longest  # the prompt length offload and memory plan for
     continued = args.interactive or bool(args.prompt_cache)  # prefills may continue cached positions

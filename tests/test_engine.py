@@ -862,6 +862,12 @@ def test_interactive_forgets_the_oldest_exchange_and_does_not_send_a_message_too
     stdin_of(monkeypatch, "Hi\n")
     code, _, err = run_cli(capsys, "--interactive", "--max-seq-len", "20")
     assert code == 2 and "the chat's format alone has 30 tokens but --max-seq-len is 20" in error_line(err), err
+    # a one-word --chat prompt, and which prompt of several (before: "the prompt has 31 tokens", "has 6 tokens")
+    code, _, err = run_cli(capsys, "--chat", "--prompt", "Hi", "--max-seq-len", "20")
+    assert code == 2 and error_line(err) == ("error: the prompt has 31 tokens in the chat's format but --max-seq-len "
+                                             "is 20")
+    code, _, err = run_cli(capsys, "--prompt", "Hi", "--prompt", "Hi there, how are you", "--max-seq-len", "3")
+    assert code == 2 and error_line(err) == "error: prompt 2 has 6 tokens but --max-seq-len is 3"
 
 
 def test_a_chats_blank_message_is_refused(capsys, monkeypatch):
