@@ -743,7 +743,8 @@ def load_hash_projections(path, args: ModelArgs, hata: HataArgs, signature=None)
     shape = (args.n_kv_heads, args.head_dim, hata.rbit)
     for name, t in tensors.items():
         if tuple(t.shape) != shape:
-            raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}")
+            raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape} (the model's KV heads and "
+                             f"head dim, and rbit={meta['rbit']} from the file's metadata); the file is corrupt")
         if not (t.is_floating_point() and t.isfinite().all()):
             why = "holds NaN or inf" if t.is_floating_point() else f"holds {t.dtype}, not floating-point values"
             raise ValueError(f"{where}: {name} {why}")  # (before: one message, naming fp32 as if it were the fault)

@@ -371,7 +371,9 @@ def test_hash_projections_round_trip_and_checks(tmp_path):
             save_hash_projections(path, wrong, args, hata)  # (before: written, then refused by every load)
     save_file({f"layers.{i}.hash_proj": p for i, p in bad.items()}, path,
               metadata={"model": args.describe(), "rbit": "64", "n_dense": "1"})
-    with pytest.raises(ValueError, match=r"layers\.2\.hash_proj has shape"):
+    shape = ("layers.2.hash_proj has shape (2, 17, 64), expected (2, 16, 64) (the model's KV heads and head dim, and "
+             "rbit=64 from the file's metadata); the file is corrupt")
+    with pytest.raises(ValueError, match=re.escape(shape)):
         load_hash_projections(path, args, hata)
     with pytest.raises(FileNotFoundError):
         load_hash_projections(str(tmp_path / "nope.safetensors"), args, hata)
