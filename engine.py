@@ -719,7 +719,7 @@ def run(args):
     if args.interactive:
         what = (f"the first message takes {plural(longest)} in the chat's format" if texts
                 else f"the chat's format alone has {plural(longest)}")
-    elif len(prompts) > 1 or chat:  # (a one-word --chat prompt takes 30 tokens)
+    elif len(prompts) > 1 or chat:  # (SmolLM2 takes a one-word --chat prompt as 31 tokens)
         which = f"prompt {[len(p) for p in prompts].index(longest) + 1}" if len(prompts) > 1 else "the prompt"
         what = f"{which} has {plural(longest)}" + " in the chat's format" * chat
     max_seq_len, max_new = cache_size(args, longest, context, what, all_dense=all_dense)
