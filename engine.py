@@ -24,9 +24,11 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import fields
 
@@ -560,12 +562,21 @@ def build_parser():
 # --------------------------------------------------------------------------------------------------------------
 # Running a command: one-line errors, files written whole (for train_hash.py, eval.py and bench.py), the run
 
+class Terminated(BaseException):  # SIGTERM, raised where the run is: not a Ctrl-C, which a chat's reply survives
+    pass
+
+
 def cli(run, args):
     """run(args) as every script's main: an error ends in one line on stderr (status 2), Ctrl-C in one word (130), a
-    reader that stops (`| head`) ends it quietly (141, as a shell tool killed by SIGPIPE). A character standard
+    reader that stops (`| head`) ends it quietly (141, as a shell tool killed by SIGPIPE), SIGTERM (kill, a job's time
+    limit) in one word (143) with the files being written removed, not left as scratch files. A character standard
     output's encoding lacks (a latin-1 terminal) prints as "?", not an error that loses the answers."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
+    def terminated(*_):
+        raise Terminated
+    main = threading.current_thread() is threading.main_thread()  # (only the main thread may set a handler)
+    term = signal.signal(signal.SIGTERM, terminated) if main else None
     try:
         run(args)
     except BrokenPipeError:
@@ -577,6 +588,12 @@ def cli(run, args):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return 143
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, term or signal.SIG_DFL)
     return 0
 
 

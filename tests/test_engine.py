@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -2005,6 +2006,24 @@ ANSWERS = ("import sys, engine\n"  # a run that writes answers until its output 
            "    while True:\n"
            "        engine.show('token ' * 100 + '\\n')\n"
            "sys.exit(engine.cli(run, None))\n")
+
+
+def test_sigterm_ends_a_run_in_one_word_and_leaves_no_scratch_file(tmp_path):
+    """SIGTERM (kill, a job's time limit) while a file is written: status 143 and one word, the file as it was and no
+    scratch file beside it (before: the process died at once and left its hidden .tmp file for good). In a child
+    process: where it is not handled, SIGTERM would end pytest too."""
+    (path := tmp_path / "out.txt").write_text("before")
+    script = ("import os, signal, sys, time, engine\n"
+              "def write(tmp):\n"
+              "    open(tmp, 'w').write('half')\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              f"sys.exit(engine.cli(lambda args: engine.write_whole({str(path)!r}, write), None))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (143, b"\nterminated\n")
+    assert os.listdir(tmp_path) == ["out.txt"] and path.read_text() == "before"
+    before = signal.getsignal(signal.SIGTERM)
+    assert engine.cli(lambda args: None, None) == 0 and signal.getsignal(signal.SIGTERM) is before  # (put back)
 
 
 @pytest.mark.usefixtures("gguf_path")
