@@ -432,7 +432,10 @@ def merge(runs):
     every = set().union(*(x["correct"] for x in recs))
     out["retrieval"] = [x for x in recs if set(x["correct"]) == every]  # a table needs every policy on every sample
     if lacking := len(recs) - len(out["retrieval"]):
-        print(f"note: {lacking} of {len(recs)} retrieval samples lack some policy's result: left out", file=sys.stderr)
+        none = ("; so no retrieval table (the runs share no sample: merge runs of one --seed, --contexts and --samples)"
+                if not out["retrieval"] else "")
+        print(f"note: {lacking} of {len(recs)} retrieval samples lack some policy's result: left out{none}",
+              file=sys.stderr)
     if ppl_contexts:
         out["ppl_context"] = ppl_contexts.pop()
     if noise:
