@@ -787,8 +787,8 @@ def run(args):  # args from parse_args, which applies --quick's sizes
             results["retrieval_cut"] = len(records) < len(specs)  # only --minutes skips samples of a finished run
     except BaseException:  # Ctrl-C or an error: the batches so far are in so_far (this run's), say where
         if written:
-            print(f"\nresults so far: {so_far} (eval.py --report reads it; a rerun of --name {name} needs "
-                  "--overwrite)", file=sys.stderr)
+            print(f"\nresults so far: {so_far} (eval.py --report reads it; a rerun of --name {name} with "
+                  "--overwrite replaces it: give another --name to keep it)", file=sys.stderr)
         raise
     write_report(results, args.out_dir, name, json_path, so_far)
 

@@ -814,8 +814,9 @@ def test_a_stopped_run_keeps_the_earlier_results_and_its_own_so_far(
             "--ppl-context", "64", "--ppl-tokens", "4", "--ppl-docs", "2", "--batch", "1", "--checkpoint", gguf_path,
             "--out-dir", str(tmp_path), "--overwrite"]
     assert ev.main(argv) == 130
-    assert f"results so far: {tmp_path / 'eval_results.partial.json'} (eval.py --report reads it" in \
-        capsys.readouterr().err
+    assert f"results so far: {tmp_path / 'eval_results.partial.json'} (eval.py --report reads it; a rerun of --name " \
+           "eval with --overwrite replaces it: give another --name to keep it)" in capsys.readouterr().err  # (before:
+    # "a rerun ... needs --overwrite", which then lost them)
     assert (tmp_path / "eval_results.json").read_text() == "kept"
     partial = ev.load_results(str(tmp_path / "eval_results.partial.json"))
     for stop, code in ((RuntimeError("CUDA out of memory"), 2), (KeyboardInterrupt(), 130)):  # --overwrite, stopped
