@@ -816,9 +816,9 @@ def write_report(results, out_dir, name, json_path=None, partial_path=None):
     write_text(os.path.join(out_dir, f"{name}_results.md"), f"Command: `{results['command']}`; seconds: "
                                                             f"{results['seconds']}\n\n{md}\n")
     show(md + "\n")  # (before the plot: one that fails costs no table either; a failed write names stdout)
-    plotted = plot(results, png)
-    if not plotted and os.path.exists(png):  # (an earlier run's)
+    if os.path.exists(png):  # an earlier run's: gone first, as an error or Ctrl-C in the plot would leave it
         os.remove(png)
+    plotted = plot(results, png)
     also = f" and {png}" if plotted else ""
     print(f"wrote {out_dir}/{name}_results.md{also} (results: {name}_results.json)", file=sys.stderr)
 

@@ -812,10 +812,12 @@ def write_hash_report(args, model, windows, n_docs, t0):
         plots.append((res, mean, seq_len, os.path.join(args.report_dir, png)))
     write_text(os.path.join(args.report_dir, "hash_quality.md"), text)
     show(text + "\n")  # (after the file: standard output that cannot be written, a full disk, loses no table)
+    # an earlier report's plots go first (refused by report_windows without --overwrite): a plot that fails, or
+    # Ctrl-C, leaves none of them beside these tables
+    for path in other_plots(args.report_dir, list(results)) + [p for *_, p in plots if os.path.exists(p)]:
+        os.remove(path)
     for res, mean, seq_len, path in plots:  # (a plot that cannot be written loses no number)
         report_plot(res, mean, args.n_dense, margs.n_layers, seq_len, path)
-    for path in other_plots(args.report_dir, list(results)):  # (refused by report_windows without --overwrite)
-        os.remove(path)
     print(f"wrote {args.report_dir}/hash_quality.md and its plots ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
 
 

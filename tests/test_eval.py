@@ -938,7 +938,8 @@ def test_a_report_that_cannot_be_built_writes_nothing_and_a_plot_that_fails_cost
             assert os.listdir(tmp_path) == ["a.json"]
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b_results.json", "b_results.md"]
     (tmp_path / "b_results.partial.json").write_text("a run's results so far")  # gone once the results are written
-    capsys.readouterr()
+    (tmp_path / "b_scores.png").write_bytes(b"an earlier run's plot")  # gone, though the new plot failed (before:
+    capsys.readouterr()                                                  # it stood beside the new results)
     monkeypatch.setattr(ev, "plot", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ev.write_report(results, str(tmp_path), "b", str(tmp_path / "b_results.json"),

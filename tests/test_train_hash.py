@@ -1049,7 +1049,10 @@ def test_too_little_text_is_refused_before_the_model_loads(tmp_path, capsys, mon
 @pytest.mark.usefixtures("gguf_path")  # the default model: skipped when it is not installed
 def test_a_plot_that_cannot_be_written_loses_no_table(tmp_path, capsys, monkeypatch):
     """The report prints its tables and writes hash_quality.md before its plots: a full disk at the second plot
-    leaves the numbers (before: nothing printed, no tables, and one plot in the next run's way)."""
+    leaves the numbers (before: nothing printed, no tables, and one plot in the next run's way), and none of an
+    earlier report's plots (before: its 128-token plot stood beside the new tables, and with Ctrl-C its others)."""
+    for n in (32, 128):
+        (tmp_path / f"hash_quality_{n}.png").write_bytes(b"earlier")
     plot, calls = th.report_plot, []
 
     def full_disk(*args):
@@ -1059,9 +1062,10 @@ def test_a_plot_that_cannot_be_written_loses_no_table(tmp_path, capsys, monkeypa
         plot(*args)
     monkeypatch.setattr(th, "report_plot", full_disk)
     argv = ["--report", "--rbit", "64", "--eval-len", "64", "128", "--eval-seqs", "1", "--eval-queries", "2",
-            "--report-dir", str(tmp_path)]
+            "--report-dir", str(tmp_path), "--overwrite"]
     assert th.main(argv) == 2
     out, err = capsys.readouterr()
+    assert sorted(os.listdir(tmp_path)) == ["hash_quality.md", "hash_quality_64.png"]
     assert "No space left" in err and "## 64-token windows" in out and "## 128-token windows" in out
     assert "## 128-token windows" in (tmp_path / "hash_quality.md").read_text()
     assert [os.path.basename(path) for path in calls] == ["hash_quality_64.png", "hash_quality_128.png"]
