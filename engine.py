@@ -46,7 +46,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFILL_CHUNK = 4096  # prompt tokens a prefill forward takes at once (a longer prompt: several chunks)
-OFFLOAD_CHUNK = 16384  # the same where layers are offloaded and memory allows (engine.prefill_chunk)
+LONG_CHUNK = 16384  # the same where memory allows (engine.prefill_chunk)
 PROMPT_CACHE = "hata prompt cache 1"  # --prompt-cache files' format, in their metadata
 KEPT = "name another file (this one is kept)"  # what an error about a --prompt-cache file ends in
 PROGRESS_TOKENS = 1024  # prompts this long show a prefill bar (generate(progress=True))
@@ -1130,17 +1130,19 @@ def check_offload(args, shape, hata, batch, max_seq_len, prompt_len, dtype, cont
 
 def prefill_chunk(model, batch, tokens, keys):
     """generate's prefill chunk for `tokens` new positions of `batch` sequences, `keys` in all (its own included):
-    PREFILL_CHUNK, which check_cache_memory made room for, or where layers are offloaded OFFLOAD_CHUNK's longer ones
-    if the device has the memory for them. Each later chunk copies an offloaded layer's K/V up to its end back over
-    PCIe: at 131000 tokens, 4096-token chunks copied 265 GB (BENCHMARKS.md, "Longer chunks for an offloaded
+    LONG_CHUNK if the device has the memory for it, else PREFILL_CHUNK, which check_cache_memory made room for.
+    Fewer chunks meet fewer attention shapes that a process has not run before (each costs about 0.1 s on an H100)
+    and, where layers are offloaded, copy fewer bytes back over PCIe: each later chunk copies an offloaded layer's K/V
+    up to its end, at 131000 tokens 265 GB in 4096-token chunks (BENCHMARKS.md, "Longer chunks for an offloaded
     prefill")."""
-    if tokens <= PREFILL_CHUNK or not any(isinstance(layer.attention.kv_cache, HostKVCache) for layer in model.layers):
+    if tokens <= PREFILL_CHUNK:
         return PREFILL_CHUNK
-    chunk, (layer_bytes, _) = min(tokens, OFFLOAD_CHUNK), model.cache_bytes(batch, model.max_seq_len)
-    copy = copy_bytes(layer_bytes, model.max_seq_len, keys) * (keys > chunk)  # a later chunk's copy of a layer, if any
+    chunk, (layer_bytes, _) = min(tokens, LONG_CHUNK), model.cache_bytes(batch, model.max_seq_len)
+    offloaded = any(isinstance(layer.attention.kv_cache, HostKVCache) for layer in model.layers)
+    copy = copy_bytes(layer_bytes, model.max_seq_len, keys) * (offloaded and keys > chunk)  # a later chunk's, if any
     free = device_free(model.output.weight.device)  # (None: unknown)
     fits = free is None or model.forward_bytes(batch, chunk, keys) + copy <= free
-    return OFFLOAD_CHUNK if fits else PREFILL_CHUNK
+    return LONG_CHUNK if fits else PREFILL_CHUNK
 
 
 def chunk_copy(prompt_len, continued=False):

@@ -173,21 +173,26 @@ def test_the_engine_reserves_a_chunk_copy_only_for_a_longer_prompt(capsys):
         assert f"K/V of {plural(n, 'sparse layer')} in host memory" in capsys.readouterr().err
 
 
-def test_generate_prefills_an_offloaded_model_in_longer_chunks_where_they_fit(monkeypatch):
-    """Each later chunk copies an offloaded layer's K/V up to its end back (over PCIe, on CUDA), so where layers are
-    offloaded generate takes fewer, longer chunks (OFFLOAD_CHUNK's) if the device has room for one and, if a later
-    chunk comes, the copy up to the cached positions' end (a continued prefill's too), else the PREFILL_CHUNK that the
-    cache check made room for; the tokens are the same."""
+def test_generate_prefills_in_longer_chunks_where_they_fit(monkeypatch):
+    """generate takes fewer, longer chunks (LONG_CHUNK's) if the device has room for one and, where layers are
+    offloaded and a later chunk comes, for the copy up to the cached positions' end (a continued prefill's too: each
+    later chunk copies an offloaded layer's K/V up to its end back, over PCIe on CUDA); else the PREFILL_CHUNK that
+    the cache check made room for. The tokens are the same."""
     monkeypatch.setattr("engine.PREFILL_CHUNK", 8)
-    monkeypatch.setattr("engine.OFFLOAD_CHUNK", 16)
+    monkeypatch.setattr("engine.LONG_CHUNK", 16)
     model, widths = tiny(), []
     model.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))  # tokens (B, T) a forward
-    model.setup_caches(2, 64)
-    ref, _ = generate(model, PROMPTS, 3)
-    assert widths == [8, 8, 8, 8, 5, 1, 1]  # PROMPTS pad to 37 tokens
+    work, ref = model.forward_bytes(2, 16, 37), None  # PROMPTS pad to 37 tokens
+    for free, chunks in ((work - 1, [8, 8, 8, 8, 5]), (work, [16, 16, 5])):  # every layer on the device: no copy
+        monkeypatch.setattr("engine.device_free", lambda device: free)
+        model.setup_caches(2, 64)
+        widths.clear()
+        out, _ = generate(model, PROMPTS, 3)
+        ref = ref or out
+        assert out == ref and widths == chunks + [1, 1], free
     apply_offload(model, 2, 64)
     copy = 2 * 2 * 2 * 37 * 16 * 4  # K and V of 2 sequences x 2 KV heads x 37 positions x 16, fp32
-    room = model.forward_bytes(2, 16, 37) + copy
+    room = work + copy
     for free, start, chunks in ((room, 0, [16, 16, 5]), (room - 1, 0, [8, 8, 8, 8, 5]), (None, 0, [16, 16, 5]),
                                 (room, 4, [16, 15, 2]), (room - 1, 4, [8, 8, 8, 7, 2])):  # None: unknown
         monkeypatch.setattr("engine.device_free", lambda device: free)
@@ -196,7 +201,7 @@ def test_generate_prefills_an_offloaded_model_in_longer_chunks_where_they_fit(mo
             generate(model, [p[:start] for p in PROMPTS], 1)
         widths.clear()
         assert generate(model, PROMPTS, 3, start=start)[0] == ref and widths == chunks + [1, 1], (free, start)
-    monkeypatch.setattr("engine.OFFLOAD_CHUNK", 40)  # 37 tokens in one chunk: no copy to make room for
+    monkeypatch.setattr("engine.LONG_CHUNK", 40)  # 37 tokens in one chunk: no copy to make room for
     monkeypatch.setattr("engine.device_free", lambda device: model.forward_bytes(2, 37, 37))
     model.setup_caches(2, 64)
     widths.clear()
