@@ -575,8 +575,8 @@ def cli(run, args):
         sys.stdout.reconfigure(errors="replace")
     def terminated(*_):
         raise Terminated
-    main = threading.current_thread() is threading.main_thread()  # (only the main thread may set a handler)
-    term = signal.signal(signal.SIGTERM, terminated) if main else None
+    in_main = threading.current_thread() is threading.main_thread()  # (only the main thread may set a handler)
+    term = signal.signal(signal.SIGTERM, terminated) if in_main else None
     try:
         run(args)
     except BrokenPipeError:
@@ -592,7 +592,7 @@ def cli(run, args):
         print("\nterminated", file=sys.stderr)
         return 143
     finally:
-        if main:
+        if in_main:
             signal.signal(signal.SIGTERM, term or signal.SIG_DFL)
     return 0
 
